@@ -1,0 +1,54 @@
+# Two commands: `make run` and `make test`. Everything else is here for them.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+TORCH_VERSION ?= 2.13.0
+DATA ?= data
+WORK ?= work
+PATIENTS ?= 120
+SEED ?= 20261126
+
+export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow/mlflow.db
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DO_NOT_TRACK ?= 1
+
+.PHONY: run test lint venv data bench clean help
+
+help:
+	@echo "make run   - set up .venv, generate the demo corpus if absent, run the pipeline flow"
+	@echo "make test  - set up .venv, run the test suite (not slow, not gpu, not integration)"
+	@echo "make lint  - ruff + mypy on dicomops/"
+	@echo "make bench - run the benchmarks in benchmarks/"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PIP) install -qq --upgrade pip
+	# CPU torch first: a bare 'torch' can pull a multi-GB CUDA build.
+	$(PIP) install -qq "torch==$(TORCH_VERSION)"
+	$(PIP) install -qq -e ".[dev,dask]"
+	@touch $(STAMP)
+
+data: $(STAMP)
+	$(PY) -m dicomops.cli data $(DATA) --patients $(PATIENTS) --seed $(SEED)
+
+run: data
+	$(VENV)/bin/dicomops run $(DATA) --work $(WORK)
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow and not gpu and not integration" -p no:cacheprovider
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check dicomops tasks flows tests benchmarks
+	$(VENV)/bin/mypy dicomops
+
+bench: $(STAMP)
+	$(PY) benchmarks/synth.py
+
+clean:
+	rm -rf $(WORK) .prefect mlflow/mlflow.db mlflow/artifacts

@@ -1,0 +1,126 @@
+"""The ``dicomops`` command line: each command parses options and calls a flow or library function.
+
+Exit codes: 0 done, 1 a gate failed, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from dicomops.config import SCENARIOS, PipelineConfig, SynthConfig
+
+app = typer.Typer(
+    name="dicomops",
+    help="Orchestrated MLOps for CT imaging: synthesise, ingest, preprocess, train, export, monitor.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+
+def _progress(description: str) -> Progress:
+    return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+
+
+def _synth_config(patients: int, seed: int, scenario: str, fault_rate: float, matrix: int,
+                  slices: int, workers: int) -> SynthConfig:
+    if scenario not in SCENARIOS:
+        raise typer.BadParameter(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
+    try:
+        return SynthConfig(patients=patients, seed=seed, scenario=scenario,
+                           fault_rate=fault_rate, matrix=matrix, slices=slices, workers=workers)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+
+
+PatientsOpt = Annotated[int, typer.Option(help="Patients (one CT series each).")]
+SeedOpt = Annotated[int, typer.Option(help="Seed; the same seed and options give identical files.")]
+ScenarioOpt = Annotated[str, typer.Option(help=f"One of: {', '.join(SCENARIOS)}.")]
+FaultOpt = Annotated[float, typer.Option(help="Share of series given an injected fault (listed in faults.csv).")]
+MatrixOpt = Annotated[int, typer.Option(help="Rows and columns per slice (512 for real size).")]
+SlicesOpt = Annotated[int, typer.Option(help="Slices per series.")]
+WorkersOpt = Annotated[int, typer.Option(help="Worker processes.")]
+_D = SynthConfig()
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="Empty or new folder to write the corpus into.")],
+    patients: PatientsOpt = _D.patients,
+    seed: SeedOpt = _D.seed,
+    scenario: ScenarioOpt = _D.scenario,
+    fault_rate: FaultOpt = _D.fault_rate,
+    matrix: MatrixOpt = _D.matrix,
+    slices: SlicesOpt = _D.slices,
+    workers: WorkersOpt = _D.workers,
+) -> None:
+    """Write a synthetic multi-vendor CT corpus with fake PHI, labels, masks and listed faults."""
+    from dicomops.synthetic import generate_corpus
+
+    cfg = _synth_config(patients, seed, scenario, fault_rate, matrix, slices, workers)
+    with _progress("synthesising series") as bar:
+        task = bar.add_task("synth", total=cfg.patients)
+        try:
+            summary = generate_corpus(out, cfg, progress=lambda d, t: bar.update(task, completed=d))
+        except ValueError as err:
+            raise typer.BadParameter(str(err)) from err
+    console.print(f"[green]wrote[/] {summary.files} files in {summary.series} series to {out} "
+                  f"({summary.positives} positive, {summary.faults} with faults; vendors "
+                  f"{summary.per_vendor})")
+
+
+@app.command()
+def data(
+    path: Annotated[Path, typer.Argument(help="Corpus folder tracked by <path>.dvc.")] = Path("data"),
+    patients: PatientsOpt = _D.patients,
+    seed: SeedOpt = _D.seed,
+    fault_rate: FaultOpt = _D.fault_rate,
+    strict: Annotated[bool, typer.Option(help="Fail if a regenerated corpus does not match the DVC hash.")] = False,
+) -> None:
+    """Make sure the demo corpus is present: keep it, pull it from the DVC remote, or regenerate it."""
+    from dicomops.versioning import ensure_corpus
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    cfg = _synth_config(patients, seed, "baseline", fault_rate, _D.matrix, _D.slices, _D.workers)
+    with _progress("preparing demo corpus") as bar:
+        task = bar.add_task("data", total=cfg.patients)
+        status = ensure_corpus(path, cfg, strict=strict,
+                               progress=lambda d, t: bar.update(task, completed=d))
+    verdict = {True: "matches data.dvc", False: "DOES NOT match data.dvc", None: "no pointer yet"}
+    console.print(f"corpus {status.path}: {status.source}, md5 {status.md5} ({verdict[status.matches_pointer]})")
+
+
+@app.command()
+def run(
+    src: Annotated[Path, typer.Argument(help="Folder of DICOM studies (the demo corpus is data/).")] = Path("data"),
+    work: Annotated[Path | None, typer.Option(help="Work directory (default: DICOMOPS_WORK_DIR or ./work).")] = None,
+    config: Annotated[Path | None, typer.Option(help="PipelineConfig YAML; defaults apply when absent.")] = None,
+) -> None:
+    """Run the whole pipeline flow on SRC with the embedded defaults (or --config)."""
+    from dicomops.errors import GateFailedError
+    from flows.pipeline import pipeline
+
+    cfg = PipelineConfig.from_yaml(config) if config else PipelineConfig()
+    if not src.is_dir():
+        raise typer.BadParameter(f"{src} is not a folder; generate one with 'dicomops data {src}'")
+    try:
+        result = pipeline(src=src.resolve(), config=cfg, work=work.resolve() if work else None)
+    except GateFailedError as err:
+        console.print(f"[red]gate failed:[/] {err}")
+        raise typer.Exit(1) from err
+    console.print(f"[green]pipeline finished[/]: {result}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""One ``PipelineConfig`` with a section per stage, and ``Settings`` for the environment.
+
+``PipelineConfig`` is the parameter of the top Prefect flow, so Prefect validates it and its UI shows
+it. ``Settings`` holds what differs between machines (work directory, tracking URI, secrets); it is
+read when a flow starts by calling :func:`load_settings`, never at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SCENARIOS = ("baseline", "baseline-new", "new-vendor", "protocol-shift", "low-dose")
+Scenario = Literal["baseline", "baseline-new", "new-vendor", "protocol-shift", "low-dose"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SynthConfig(_Section):
+    """The synthetic multi-vendor corpus (the embedded default data set)."""
+
+    patients: int = Field(120, ge=1, le=100_000, description="Patients, one CT series each.")
+    seed: int = Field(20261126, ge=0, description="Same seed and options give identical files.")
+    scenario: Scenario = "baseline"
+    fault_rate: float = Field(0.05, ge=0.0, le=1.0, description="Share of series given a fault.")
+    matrix: int = Field(256, ge=32, le=1024, description="Rows and Columns of each slice.")
+    slices: int = Field(60, ge=8, le=1000, description="Slices per series.")
+    workers: int = Field(2, ge=1, le=64)
+
+    @field_validator("matrix")
+    @classmethod
+    def _even_matrix(cls, value: int) -> int:
+        if value % 2:
+            raise ValueError(f"matrix must be even (got {value}); use e.g. 256 or 512")
+        return value
+
+
+class PipelineConfig(_Section):
+    """Everything a pipeline run can be told; one section per stage."""
+
+    synth: SynthConfig = SynthConfig()
+    experiment: str = Field("dicomops", description="MLflow experiment for pipeline runs.")
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> PipelineConfig:
+        """Load a config from YAML; keys that are not fields are an error, not ignored."""
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as err:
+            raise ValueError(f"config file {path} does not exist; pass an existing YAML file") from err
+        if not isinstance(raw, dict):
+            raise ValueError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+        return cls.model_validate(raw)
+
+
+def _project_dir() -> Path:
+    return Path.cwd()
+
+
+class Settings(BaseSettings):
+    """Values that belong to the machine, not the experiment. Read from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="DICOMOPS_", extra="ignore", frozen=True)
+
+    work_dir: Path = Field(default_factory=lambda: _project_dir() / "work")
+    mlflow_tracking_uri: str = Field(
+        default_factory=lambda: f"sqlite:///{_project_dir() / 'mlflow' / 'mlflow.db'}",
+        validation_alias="MLFLOW_TRACKING_URI",
+    )
+    mlflow_artifact_root: Path = Field(default_factory=lambda: _project_dir() / "mlflow" / "artifacts")
+    deid_key: SecretStr | None = Field(
+        None, description="Secret for UID remapping and pseudonyms; required outside the demo."
+    )
+
+
+def load_settings() -> Settings:
+    """Read the settings now (call it when a flow or command starts, not at import)."""
+    return Settings()

@@ -1,0 +1,19 @@
+"""The few domain exceptions; everything else is a ValueError or TypeError that says what to change."""
+
+from __future__ import annotations
+
+
+class DicomOpsError(Exception):
+    """Base class for the errors dicomops raises on purpose."""
+
+
+class GateFailedError(DicomOpsError):
+    """A quality gate refused the batch (too much quarantined, a critical expectation failed)."""
+
+
+class CorpusMismatchError(DicomOpsError):
+    """A regenerated corpus does not reproduce the hash its DVC pointer records."""
+
+
+class OptionalDependencyError(DicomOpsError, ImportError):
+    """An optional dependency is missing; the message names the extra to install."""

@@ -1,0 +1,301 @@
+"""Generate a multi-vendor synthetic CT corpus: DICOM files, labels, masks, faults and PHI list.
+
+Each series is drawn from its own seeded generator, so the output does not depend on how many
+worker processes write it, and the same seed and options reproduce every byte.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import json
+import zipfile
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from pydicom.uid import UID
+
+from dicomops.config import SCENARIOS, SynthConfig
+from dicomops.synthetic import phantom, writer
+from dicomops.synthetic.phi import PatientPHI, sample_phi
+from dicomops.synthetic.vendors import ALL_VENDORS, SCENARIO_SHIFTS, VENDORS, apply_scenario
+
+GENERATOR_VERSION = "1"
+LABEL_COLUMNS = ("SeriesInstanceUID", "StudyInstanceUID", "PatientID", "vendor", "label",
+                 "nodule_count", "nodule_diameters_mm", "nodules", "scenario", "series_dir",
+                 "mask_path", "slices")
+FAULT_COLUMNS = ("path", "fault", "scope", "detail", "SeriesInstanceUID")
+PHI_COLUMNS = ("PatientID", "field", "value")
+
+
+@dataclass(frozen=True)
+class SeriesPlan:
+    """Everything a worker needs to write one series; small enough to send to a process."""
+
+    index: int
+    seed: int
+    scenario: str
+    vendor: str
+    label: int
+    nodule_count: int
+    fault: str | None
+    fault_detail: str
+    matrix: int
+    slices: int
+
+    @property
+    def case(self) -> str:
+        return f"case-{self.index:05d}"
+
+
+@dataclass
+class SeriesResult:
+    label_row: dict[str, object]
+    fault_rows: list[dict[str, str]] = field(default_factory=list)
+    phi_rows: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CorpusSummary:
+    out: Path
+    series: int
+    files: int
+    faults: int
+    per_vendor: dict[str, int]
+    positives: int
+
+
+def _scenario_id(scenario: str) -> int:
+    return SCENARIOS.index(scenario)
+
+
+def plan_corpus(cfg: SynthConfig) -> list[SeriesPlan]:
+    """Decide vendor, label, nodule count and fault of every series, reproducibly."""
+    shift = SCENARIO_SHIFTS[cfg.scenario]
+    rng = np.random.default_rng([cfg.seed, _scenario_id(cfg.scenario), 0])
+    vendors = list(shift.vendors)
+    shares = np.array([ALL_VENDORS[v].share for v in vendors], dtype=float)
+    shares /= shares.sum()
+    # Largest-remainder allocation keeps each vendor's share exact, then a seeded shuffle.
+    counts = np.floor(shares * cfg.patients).astype(int)
+    for i in np.argsort(-(shares * cfg.patients - counts))[: cfg.patients - counts.sum()]:
+        counts[i] += 1
+    assigned = np.repeat(np.arange(len(vendors)), counts)
+    rng.shuffle(assigned)
+    fault_cycle = list(rng.permutation(len(writer.FAULTS)))
+    plans: list[SeriesPlan] = []
+    n_faults = 0
+    for i, v in enumerate(assigned):
+        vendor = vendors[int(v)]
+        label = int(rng.random() < ALL_VENDORS[vendor].positive_rate)
+        count = int(rng.integers(1, 4)) if label else 0
+        fault: str | None = None
+        detail = ""
+        if rng.random() < cfg.fault_rate:
+            fault = writer.FAULTS[fault_cycle[n_faults % len(fault_cycle)]]
+            if fault == "corrupt_pixel_data" and ALL_VENDORS[vendor].transfer_syntax.is_compressed:
+                fault = "truncated"  # a compressed frame has no fixed length to contradict
+            if fault == "missing_tag":
+                detail = writer.MISSING_TAG_CHOICES[n_faults % len(writer.MISSING_TAG_CHOICES)]
+            n_faults += 1
+        plans.append(SeriesPlan(
+            index=i + 1, seed=cfg.seed, scenario=cfg.scenario, vendor=vendor, label=label,
+            nodule_count=count, fault=fault, fault_detail=detail, matrix=cfg.matrix,
+            slices=cfg.slices,
+        ))
+    return plans
+
+
+@dataclass(frozen=True)
+class RenderedSeries:
+    """One series before it is written: geometry, truth and identity."""
+
+    plan: SeriesPlan
+    profile: writer.VendorProfile
+    grid: phantom.Grid
+    anatomy: phantom.Anatomy
+    nodules: list[phantom.Nodule]
+    acquisition: writer.Acquisition
+    mask: np.ndarray
+    regions: np.ndarray
+    phi: PatientPHI
+    identity: writer.SeriesIdentity
+    names: list[str]
+
+
+def render_series(plan: SeriesPlan) -> RenderedSeries:
+    """Draw patient, geometry and noise for `plan` and quantise it as the vendor would store it."""
+    rng = np.random.default_rng([plan.seed, _scenario_id(plan.scenario), 1, plan.index])
+    shift = SCENARIO_SHIFTS[plan.scenario]
+    profile = apply_scenario(ALL_VENDORS[plan.vendor], shift)
+    phi = sample_phi(rng, plan.index, shift.year)
+    spacing = float(rng.uniform(*profile.pixel_spacing_512)) * 512 / plan.matrix
+    spacing = round(spacing, 4)
+    z_center = round(float(rng.uniform(-420.0, -120.0)), 1)
+    extent = (plan.slices - 1) * profile.slice_spacing
+    z_first = round(z_center - profile.z_step_sign * extent / 2, 3)
+    z = np.round(z_first + profile.z_step_sign * profile.slice_spacing * np.arange(plan.slices), 3)
+    grid = phantom.Grid(rows=plan.matrix, cols=plan.matrix, row_spacing=spacing,
+                        col_spacing=spacing, z=z)
+    anatomy = phantom.sample_anatomy(rng, z_center)
+    nodules = phantom.sample_nodules(rng, anatomy, plan.nodule_count, z)
+    hu, regions, mask = phantom.render_phantom(anatomy, nodules, grid, contrast=shift.contrast)
+    hu += phantom.correlated_noise(rng, hu.shape, profile.noise_hu, profile.noise_corr_mm / spacing)
+    acquisition = writer.to_stored(hu, profile, grid.fov_mask())
+    entropy = [str(plan.seed), plan.scenario, str(plan.index)]
+    identity = writer.make_identity(entropy, plan.slices)
+    names = writer.file_names(profile, plan.slices, rng)
+    return RenderedSeries(plan, profile, grid, anatomy, nodules, acquisition, mask, regions, phi,
+                          identity, names)
+
+
+def write_series(plan: SeriesPlan, out: Path) -> SeriesResult:
+    """Render and write one series with its mask; return its rows for the corpus tables."""
+    r = render_series(plan)
+    series_dir = Path(r.plan.case) / "series-1"
+    template = writer.build_template(
+        r.profile, r.phi, r.identity, rows=r.grid.rows, cols=r.grid.cols,
+        row_spacing=r.grid.row_spacing, col_spacing=r.grid.col_spacing,
+        contrast=SCENARIO_SHIFTS[plan.scenario].contrast, series_number=2,
+    )
+    n = plan.slices
+    fault = plan.fault
+    fault_rows: list[dict[str, str]] = []
+    # File-level faults hit the last slice in z, so the rest of the series stays usable.
+    edge = n - 1
+    skip = n // 2 if fault == "missing_slice" else -1
+    paths: list[str] = []
+    for k in range(n):
+        if k == skip:
+            continue
+        ds = template
+        ds.SOPInstanceUID = r.identity.sop_uids[k]
+        ds.file_meta.MediaStorageSOPInstanceUID = UID(r.identity.sop_uids[k])
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = [writer._ds(r.grid.x0, 4), writer._ds(r.grid.y0, 4),
+                                   writer._ds(float(r.grid.z[k]), 3)]
+        ds.SliceLocation = writer._ds(float(r.grid.z[k]), 3)
+        header_fault = fault in ("missing_tag",) and k == edge
+        header_fault |= fault == "wrong_modality"
+        header_fault |= fault == "inconsistent_spacing" and k == n // 3
+        if header_fault:
+            ds = copy.deepcopy(template)
+            writer.apply_slice_fault(ds, str(fault), plan.fault_detail)
+        data = writer.write_slice(ds, r.acquisition.stored[k], r.profile)
+        if fault == "truncated" and k == edge:
+            data = data[: int(len(data) * 0.6)]
+        if fault == "corrupt_pixel_data" and k == edge:
+            data = writer.corrupt_pixel_data(data)
+        rel = series_dir / r.names[k]
+        writer.write_bytes(out / rel, data)
+        paths.append(rel.as_posix())
+        if fault in writer.FILE_FAULTS and fault not in ("not_dicom", "duplicated_slice") and k == edge:
+            fault_rows.append(_fault_row(rel.as_posix(), fault, "file", plan, r))
+        if fault == "duplicated_slice" and k == edge:
+            duplicate = series_dir / f"{r.names[k]}_copy"
+            writer.write_bytes(out / duplicate, data)
+            fault_rows.append(_fault_row(duplicate.as_posix(), fault, "file", plan, r))
+    if fault == "not_dicom":
+        name, payload = writer.NOT_DICOM_PAYLOADS[plan.index % len(writer.NOT_DICOM_PAYLOADS)]
+        writer.write_bytes(out / series_dir / name, payload)
+        fault_rows.append(_fault_row((series_dir / name).as_posix(), fault, "file", plan, r))
+    if fault in writer.SERIES_FAULTS:
+        fault_rows.extend(_fault_row(p, fault, "series", plan, r) for p in paths)
+
+    mask_rel = Path("masks") / f"{plan.case}.npz"
+    write_npz_deterministic(out / mask_rel, mask=r.mask, ipp_z=np.asarray(r.grid.z, dtype=np.float64))
+    diameters = ";".join(f"{nd.diameter_mm:g}" for nd in r.nodules)
+    nodules = json.dumps([{"center_mm": list(nd.center), "diameter_mm": nd.diameter_mm} for nd in r.nodules])
+    label_row: dict[str, object] = {
+        "SeriesInstanceUID": r.identity.series_uid, "StudyInstanceUID": r.identity.study_uid,
+        "PatientID": r.phi.patient_id, "vendor": plan.vendor, "label": plan.label,
+        "nodule_count": len(r.nodules), "nodule_diameters_mm": diameters, "nodules": nodules,
+        "scenario": plan.scenario, "series_dir": series_dir.as_posix(),
+        "mask_path": mask_rel.as_posix(), "slices": n,
+    }
+    phi_rows = [{"PatientID": r.phi.patient_id, "field": k, "value": v}
+                for k, v in r.phi.needles().items()]
+    return SeriesResult(label_row, fault_rows, phi_rows)
+
+
+def _fault_row(path: str, fault: str, scope: str, plan: SeriesPlan, r: RenderedSeries) -> dict[str, str]:
+    return {"path": path, "fault": fault, "scope": scope, "detail": plan.fault_detail,
+            "SeriesInstanceUID": r.identity.series_uid}
+
+
+def write_npz_deterministic(path: Path, **arrays: np.ndarray) -> None:
+    """Like ``np.savez_compressed`` but with fixed zip timestamps, so the bytes are reproducible."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with zf.open(info, "w") as fh:
+                np.lib.format.write_array(fh, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(columns), lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def generate_corpus(
+    out: Path, cfg: SynthConfig, progress: Callable[[int, int], None] | None = None
+) -> CorpusSummary:
+    """Write the corpus described by `cfg` into `out` (created; must be empty or absent).
+
+    Writes ``labels.csv``, ``faults.csv``, ``phi.csv`` (the PHI the corpus carries, for leak
+    tests), ``masks/`` and ``corpus.json`` beside the DICOM folders.
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty; choose an empty or new folder for the corpus")
+    out.mkdir(parents=True, exist_ok=True)
+    plans = plan_corpus(cfg)
+    results: list[SeriesResult] = []
+    if cfg.workers == 1:
+        for i, plan in enumerate(plans):
+            results.append(write_series(plan, out))
+            if progress:
+                progress(i + 1, len(plans))
+    else:
+        with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(write_series, plan, out) for plan in plans]
+            for i, fut in enumerate(futures):
+                results.append(fut.result())
+                if progress:
+                    progress(i + 1, len(plans))
+    labels = [r.label_row for r in results]
+    faults = [row for r in results for row in r.fault_rows]
+    _write_csv(out / "labels.csv", LABEL_COLUMNS, labels)
+    _write_csv(out / "faults.csv", FAULT_COLUMNS, faults)
+    _write_csv(out / "phi.csv", PHI_COLUMNS, [row for r in results for row in r.phi_rows])
+    manifest = {"generator_version": GENERATOR_VERSION, **cfg.model_dump(exclude={"workers"})}
+    (out / "corpus.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    files = sum(1 for p in out.glob("case-*/*/*") if p.is_file())
+    per_vendor: dict[str, int] = {}
+    for row in labels:
+        per_vendor[str(row["vendor"])] = per_vendor.get(str(row["vendor"]), 0) + 1
+    return CorpusSummary(out=out, series=len(labels), files=files,
+                         faults=len({f["SeriesInstanceUID"] for f in faults}),
+                         per_vendor=per_vendor, positives=sum(int(str(r["label"])) for r in labels))
+
+
+def corpus_digest(out: Path) -> str:
+    """sha256 over every file's relative path and bytes, in sorted order (a quick identity check)."""
+    h = hashlib.sha256()
+    for p in sorted(q for q in Path(out).rglob("*") if q.is_file()):
+        h.update(p.relative_to(out).as_posix().encode())
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
+__all__ = ["VENDORS", "CorpusSummary", "SeriesPlan", "generate_corpus", "plan_corpus", "render_series",
+           "write_series"]

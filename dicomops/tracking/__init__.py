@@ -1,0 +1,23 @@
+"""MLflow wiring: where runs go, and the lineage tags every run carries."""
+
+from __future__ import annotations
+
+from dicomops.tracking.lineage import (
+    dvc_directory_hash,
+    git_commit,
+    lineage_tags,
+    package_versions,
+    read_dvc_pointer,
+)
+from dicomops.tracking.runs import (
+    configure_mlflow,
+    end_run,
+    ensure_experiment,
+    flatten_params,
+    log_metrics,
+    start_run,
+)
+
+__all__ = ["configure_mlflow", "dvc_directory_hash", "end_run", "ensure_experiment",
+           "flatten_params", "git_commit", "lineage_tags", "log_metrics", "package_versions",
+           "read_dvc_pointer", "start_run"]

@@ -1,0 +1,29 @@
+"""The whole loop as one flow. Stages arrive one issue at a time; this file only wires them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from dicomops.config import PipelineConfig, load_settings
+from dicomops.tracking import flatten_params
+from tasks.tracking import close_run, hash_corpus, log_input_counts, open_run
+
+
+@flow(name="dicomops-pipeline", log_prints=True)
+def pipeline(src: Path, config: PipelineConfig = PipelineConfig(), work: Path | None = None) -> dict[str, str]:
+    """Run the pipeline on the DICOM folder `src`, writing under `work`."""
+    settings = load_settings()
+    work = Path(work or settings.work_dir)
+    uri = settings.mlflow_tracking_uri
+    data_hash = hash_corpus(src)
+    run_id = open_run(uri, config.experiment, settings.mlflow_artifact_root, "pipeline", data_hash,
+                      flatten_params(config.model_dump(mode="json")))
+    try:
+        log_input_counts(uri, run_id, src)
+    except BaseException:
+        close_run(uri, run_id, "FAILED")
+        raise
+    close_run(uri, run_id)
+    return {"mlflow_run_id": run_id, "data_dvc_md5": data_hash, "work": str(work)}

@@ -1,0 +1,33 @@
+"""Tasks that open, fill and close MLflow runs; they pass run ids, never clients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from dicomops import corpus_stats, tracking
+
+
+@task(name="hash-corpus")
+def hash_corpus(src: Path) -> str:
+    return tracking.dvc_directory_hash(src)
+
+
+@task(name="open-run", retries=2, retry_delay_seconds=[2, 10])
+def open_run(tracking_uri: str, experiment: str, artifact_root: Path, run_name: str,
+             data_hash: str, params: dict[str, object]) -> str:
+    return tracking.start_run(tracking_uri, experiment, artifact_root, run_name=run_name,
+                              tags=tracking.lineage_tags(data_hash), params=params)
+
+
+@task(name="log-input-counts", retries=2, retry_delay_seconds=[2, 10])
+def log_input_counts(tracking_uri: str, run_id: str, src: Path) -> dict[str, float]:
+    counts = corpus_stats.count_files(src)
+    tracking.log_metrics(tracking_uri, run_id, counts)
+    return counts
+
+
+@task(name="close-run", retries=2, retry_delay_seconds=[2, 10])
+def close_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    tracking.end_run(tracking_uri, run_id, status)

@@ -1,0 +1,51 @@
+"""Shared fixtures: small synthetic corpora (fixed seeds), a Prefect harness, MLflow in tmp."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from dicomops.config import SynthConfig
+from dicomops.synthetic import generate_corpus
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+SMALL = dict(matrix=64, slices=12, workers=1)
+
+
+@pytest.fixture(scope="session")
+def clean_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Eight patients, two per baseline vendor, no faults."""
+    out = tmp_path_factory.mktemp("clean") / "corpus"
+    generate_corpus(out, SynthConfig(patients=8, seed=7, fault_rate=0.0, **SMALL))
+    return out
+
+
+@pytest.fixture(scope="session")
+def faulty_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Sixteen patients, every series with a fault: each fault kind appears at least once."""
+    out = tmp_path_factory.mktemp("faulty") / "corpus"
+    generate_corpus(out, SynthConfig(patients=16, seed=11, fault_rate=1.0, **SMALL))
+    return out
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One ephemeral Prefect API for the whole session (it takes about 12 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture()
+def mlflow_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Point Settings (and so MLflow) at a SQLite store and work dir inside tmp_path."""
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DICOMOPS_MLFLOW_ARTIFACT_ROOT", str(tmp_path / "mlflow" / "artifacts"))
+    monkeypatch.setenv("DICOMOPS_WORK_DIR", str(tmp_path / "work"))
+    return uri
