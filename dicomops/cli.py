@@ -98,6 +98,37 @@ def data(
 
 
 @app.command()
+def ingest(
+    src: Annotated[Path, typer.Argument(help="Folder of DICOM files (any layout; non-DICOM files are quarantined).")],
+    work: Annotated[Path | None, typer.Option(help="Work directory (default: DICOMOPS_WORK_DIR or ./work).")] = None,
+    max_invalid_fraction: Annotated[float | None, typer.Option(
+        help="Fail (exit 1) when a larger share of files is quarantined. Default 0.2.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes for reading and writing.")] = None,
+    config: Annotated[Path | None, typer.Option(help="PipelineConfig YAML; its ingest section applies.")] = None,
+) -> None:
+    """Run the ingest gate: index headers, validate, check geometry, quarantine, de-identify."""
+    from dicomops.errors import GateFailedError
+    from flows.ingest import ingest as ingest_flow
+
+    if not src.is_dir():
+        raise typer.BadParameter(f"{src} is not a folder of DICOM files")
+    cfg = (PipelineConfig.from_yaml(config) if config else PipelineConfig()).ingest
+    updates = {k: v for k, v in {"max_invalid_fraction": max_invalid_fraction, "workers": workers}.items()
+               if v is not None}
+    try:
+        cfg = cfg.model_validate(cfg.model_dump() | updates)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    try:
+        result = ingest_flow(src=src.resolve(), work=work.resolve() if work else None, config=cfg)
+    except GateFailedError as err:
+        console.print(f"[red]gate failed:[/] {err}")
+        raise typer.Exit(1) from err
+    console.print(f"[green]ingest finished[/]: {result['accepted_series']} series accepted, "
+                  f"{result['quarantined_files']} files quarantined; outputs in {result['work']}/ingest")
+
+
+@app.command()
 def run(
     src: Annotated[Path, typer.Argument(help="Folder of DICOM studies (the demo corpus is data/).")] = Path("data"),
     work: Annotated[Path | None, typer.Option(help="Work directory (default: DICOMOPS_WORK_DIR or ./work).")] = None,

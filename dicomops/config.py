@@ -14,6 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from dicomops.validation.suite import ExpectationSpec
+
 SCENARIOS = ("baseline", "baseline-new", "new-vendor", "protocol-shift", "low-dose")
 Scenario = Literal["baseline", "baseline-new", "new-vendor", "protocol-shift", "low-dose"]
 
@@ -41,10 +43,54 @@ class SynthConfig(_Section):
         return value
 
 
+class GeometryConfig(_Section):
+    """Tolerances of the series geometry check (a series outside them is quarantined whole)."""
+
+    orientation: float = Field(1e-3, gt=0, description="Max difference of direction cosines.")
+    pixel_spacing_mm: float = Field(1e-3, gt=0)
+    spacing_relative: float = Field(0.1, gt=0, lt=1, description="Max |step - median| / median.")
+    duplicate_mm: float = Field(1e-3, gt=0)
+    max_tilt_degrees: float = Field(0.5, ge=0)
+    min_slices: int = Field(8, ge=1)
+
+
+class DeidConfig(_Section):
+    """De-identification. The key itself is a secret: it comes from Settings, never from here."""
+
+    table_version: str = Field("dicomfields_2026c", description="Annex E table of dicom-anonymizer.")
+    reid_key_path: Path | None = Field(
+        None, description="Where to write the pseudonym → PatientID key; must be outside the work dir.")
+
+
+def _default_expectations() -> list[ExpectationSpec]:
+    from dicomops.validation.suite import default_expectations
+
+    return default_expectations()
+
+
+class IngestConfig(_Section):
+    """The ingest gate: header index, geometry, Great Expectations, quarantine, de-identification."""
+
+    max_invalid_fraction: float = Field(0.2, ge=0, le=1, description="Gate: max quarantined share of files.")
+    workers: int = Field(2, ge=1, le=64)
+    allowed_modalities: tuple[str, ...] = ("CT",)
+    max_rows_columns: int = Field(8192, ge=16)
+    max_inflated_mb: int = Field(256, ge=1, description="Bound for deflated transfer syntaxes.")
+    seconds_per_file: float = Field(30.0, gt=0, description="A file taking longer is quarantined.")
+    sidecars: tuple[str, ...] = Field(
+        ("labels.csv", "faults.csv", "phi.csv", "corpus.json", "masks/*.npz"),
+        description="Paths (relative to SRC, glob) of known non-image files: listed in "
+                    "ingest/sidecars.csv, neither ingested nor quarantined.")
+    geometry: GeometryConfig = GeometryConfig()
+    expectations: list[ExpectationSpec] = Field(default_factory=_default_expectations)
+    deid: DeidConfig = DeidConfig()
+
+
 class PipelineConfig(_Section):
     """Everything a pipeline run can be told; one section per stage."""
 
     synth: SynthConfig = SynthConfig()
+    ingest: IngestConfig = IngestConfig()
     experiment: str = Field("dicomops", description="MLflow experiment for pipeline runs.")
 
     @classmethod

@@ -8,6 +8,7 @@ from prefect import flow
 
 from dicomops.config import PipelineConfig, load_settings
 from dicomops.tracking import flatten_params
+from flows.ingest import ingest
 from tasks.tracking import close_run, hash_corpus, log_input_counts, open_run
 
 
@@ -22,8 +23,10 @@ def pipeline(src: Path, config: PipelineConfig = PipelineConfig(), work: Path | 
                       flatten_params(config.model_dump(mode="json")))
     try:
         log_input_counts(uri, run_id, src)
+        gate = ingest(src, work, config.ingest, config.experiment, parent_run_id=run_id)
     except BaseException:
         close_run(uri, run_id, "FAILED")
         raise
     close_run(uri, run_id)
-    return {"mlflow_run_id": run_id, "data_dvc_md5": data_hash, "work": str(work)}
+    return {"mlflow_run_id": run_id, "data_dvc_md5": data_hash, "work": str(work),
+            "ingest_run_id": str(gate["mlflow_run_id"]), "accepted_series": str(gate["accepted_series"])}

@@ -16,9 +16,10 @@ def hash_corpus(src: Path) -> str:
 
 @task(name="open-run", retries=2, retry_delay_seconds=[2, 10])
 def open_run(tracking_uri: str, experiment: str, artifact_root: Path, run_name: str,
-             data_hash: str, params: dict[str, object]) -> str:
+             data_hash: str, params: dict[str, object], parent_run_id: str | None = None) -> str:
     return tracking.start_run(tracking_uri, experiment, artifact_root, run_name=run_name,
-                              tags=tracking.lineage_tags(data_hash), params=params)
+                              tags=tracking.lineage_tags(data_hash), params=params,
+                              parent_run_id=parent_run_id)
 
 
 @task(name="log-input-counts", retries=2, retry_delay_seconds=[2, 10])
@@ -31,3 +32,17 @@ def log_input_counts(tracking_uri: str, run_id: str, src: Path) -> dict[str, flo
 @task(name="close-run", retries=2, retry_delay_seconds=[2, 10])
 def close_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     tracking.end_run(tracking_uri, run_id, status)
+
+
+@task(name="log-ingest", retries=2, retry_delay_seconds=[2, 10])
+def log_ingest(tracking_uri: str, run_id: str, work: Path) -> dict[str, float]:
+    from dicomops import ingest
+
+    metrics = ingest.ingest_metrics(work)
+    tracking.log_metrics(tracking_uri, run_id, metrics)
+    paths = ingest.IngestPaths(work)
+    tracking.log_artifacts(tracking_uri, run_id, [paths.quarantine, paths.expectations, paths.summary,
+                                                  paths.validation, ingest.plot_ingest(work)], "ingest")
+    tracking.log_artifacts(tracking_uri, run_id, [paths.docs], "ingest")
+    tracking.set_tags(tracking_uri, run_id, {"deid.profile": "PS3.15 E.1 basic + 113107/113108/113109"})
+    return metrics

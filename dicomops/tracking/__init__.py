@@ -14,10 +14,24 @@ from dicomops.tracking.runs import (
     end_run,
     ensure_experiment,
     flatten_params,
+    log_artifacts,
     log_metrics,
+    set_tags,
     start_run,
 )
 
-__all__ = ["configure_mlflow", "dvc_directory_hash", "end_run", "ensure_experiment",
-           "flatten_params", "git_commit", "lineage_tags", "log_metrics", "package_versions",
-           "read_dvc_pointer", "start_run"]
+__all__ = [
+    "configure_mlflow",
+    "dvc_directory_hash",
+    "end_run",
+    "ensure_experiment",
+    "flatten_params",
+    "git_commit",
+    "lineage_tags",
+    "log_artifacts",
+    "log_metrics",
+    "package_versions",
+    "read_dvc_pointer",
+    "set_tags",
+    "start_run",
+]

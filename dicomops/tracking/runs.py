@@ -74,3 +74,20 @@ def flatten_params(config: dict[str, object], prefix: str = "") -> dict[str, obj
         else:
             flat[name] = value
     return flat
+
+
+def log_artifacts(tracking_uri: str, run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
+    """Attach files or folders to a run (folders keep their layout)."""
+    client = configure_mlflow(tracking_uri)
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            client.log_artifacts(run_id, str(path), f"{artifact_path}/{path.name}" if artifact_path else path.name)
+        elif path.exists():
+            client.log_artifact(run_id, str(path), artifact_path)
+
+
+def set_tags(tracking_uri: str, run_id: str, tags: dict[str, str]) -> None:
+    client = configure_mlflow(tracking_uri)
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)

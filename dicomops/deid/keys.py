@@ -1,0 +1,97 @@
+"""Keyed, consistent replacements: pseudonyms, UIDs and date offsets from one secret.
+
+The same key gives the same pseudonym, UID and date offset in every batch, so a patient links
+across batches without any mapping table; without the key nothing can be reversed.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+# Shifted dates land 8 to 10 years before the real ones: far enough that a shifted date can never
+# be mistaken for (or collide with) a real study date of the same era.
+DATE_SHIFT_MIN_DAYS = 2922
+DATE_SHIFT_SPAN_DAYS = 730
+MALFORMED_DATE = "malformed"
+
+
+class KeyedMapper:
+    """Deterministic replacements derived from a secret key with HMAC-SHA256."""
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) < 16:
+            raise ValueError("the de-identification key must be at least 16 bytes; set DICOMOPS_DEID_KEY "
+                             "to a long random string (e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`)")
+        self._key = key
+
+    def _digest(self, kind: str, value: str) -> bytes:
+        return hmac.new(self._key, f"{kind}\x1f{value}".encode(), hashlib.sha256).digest()
+
+    def pseudonym(self, patient_id: str) -> str:
+        """A stable patient pseudonym such as ``PX-3K7QZ2M9XA4D``."""
+        code = base64.b32encode(self._digest("patient", patient_id)).decode()[:12]
+        return f"PX-{code}"
+
+    def uid(self, uid: str) -> str:
+        """A stable replacement UID under the 2.25 root (a UUID written as an integer)."""
+        return f"2.25.{int.from_bytes(self._digest('uid', uid)[:16], 'big')}"
+
+    def date_offset_days(self, patient_id: str) -> int:
+        """Days to subtract from every date of this patient (the same in every batch)."""
+        n = int.from_bytes(self._digest("date", patient_id)[:4], "big")
+        return DATE_SHIFT_MIN_DAYS + n % DATE_SHIFT_SPAN_DAYS
+
+    def shift_date(self, value: str, patient_id: str) -> str:
+        """Shift a DA (``YYYYMMDD``) value; anything else becomes ``malformed``."""
+        text = str(value).strip()
+        try:
+            date = dt.datetime.strptime(text[:8], "%Y%m%d").date()
+        except ValueError:
+            return MALFORMED_DATE
+        if len(text) != 8:
+            return MALFORMED_DATE
+        return (date - dt.timedelta(days=self.date_offset_days(patient_id))).strftime("%Y%m%d")
+
+    def shift_datetime(self, value: str, patient_id: str) -> str:
+        """Shift the date part of a DT value and keep its time part."""
+        text = str(value).strip()
+        shifted = self.shift_date(text[:8], patient_id)
+        return MALFORMED_DATE if shifted == MALFORMED_DATE else shifted + text[8:]
+
+
+def default_key_path() -> Path:
+    base = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config"))
+    return base / "dicomops" / "deid.key"
+
+
+def load_or_create_key(secret: str | None, path: Path | None = None) -> bytes:
+    """The configured key, or this machine's key (created once, mode 0600, outside any work dir).
+
+    A site sets ``DICOMOPS_DEID_KEY``; the embedded default keeps one key per machine so that
+    batches ingested on it link to each other.
+    """
+    if secret:
+        return secret.encode()
+    path = path or default_key_path()
+    if path.exists():
+        return path.read_text().strip().encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_hex(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key + "\n")
+    return key.encode()
+
+
+def key_from_settings() -> bytes:
+    """The de-identification key for this process: DICOMOPS_DEID_KEY, else the machine's key."""
+    from dicomops.config import load_settings
+
+    secret = load_settings().deid_key
+    return load_or_create_key(secret.get_secret_value() if secret else None)

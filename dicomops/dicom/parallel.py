@@ -1,0 +1,114 @@
+"""Map a function over many inputs in worker processes, so that one input can only cost itself.
+
+A worker that crashes (segfault, out-of-memory kill) or hangs takes down its chunk, never the
+batch: the chunk is retried item by item in a fresh pool, and the item that kills or stalls a
+worker on its own gets a failure result instead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import get_context
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _run_chunk(func: Callable[..., R], chunk: Sequence[Any], args: tuple[Any, ...]) -> list[R]:
+    return [func(*item, *args) for item in chunk]
+
+
+def _kill(pool: ProcessPoolExecutor) -> None:
+    for proc in list(getattr(pool, "_processes", {}).values()):
+        proc.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def map_isolated(
+    func: Callable[..., R],
+    items: Sequence[tuple[Any, ...]],
+    *,
+    args: tuple[Any, ...] = (),
+    on_failure: Callable[[tuple[Any, ...], str], R],
+    workers: int = 2,
+    chunk_size: int = 64,
+    seconds_per_item: float = 30.0,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[R]:
+    """``[func(*item, *args) for item in items]``, in parallel and isolated; results keep item order.
+
+    Args:
+        func: a top-level function (it is pickled to the workers) that returns a small result.
+        items: argument tuples, one per call.
+        args: extra arguments appended to every call.
+        on_failure: builds the result for an item whose worker crashed (``"worker_crashed"``) or
+            ran past its time (``"timeout"``).
+        workers: processes; 1 runs in this process (no crash isolation, for tests and debugging).
+        chunk_size: items per task; small results per item keep pickling cheap.
+        seconds_per_item: a chunk may take ``len(chunk) * seconds_per_item`` seconds.
+        progress: called with (items done, items total).
+    """
+    total = len(items)
+    results: list[Any] = [None] * total
+    if workers <= 1:
+        for i, item in enumerate(items):
+            results[i] = func(*item, *args)
+            if progress and (i % 64 == 63 or i == total - 1):
+                progress(i + 1, total)
+        return results
+
+    queue: list[list[int]] = [list(range(i, min(i + chunk_size, total))) for i in range(0, total, chunk_size)]
+    suspects: list[int] = []  # items of a chunk that broke the pool: retried one at a time
+    ctx = get_context("spawn")
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    running: dict[Future[list[Any]], tuple[list[int], float, bool]] = {}
+
+    def submit(idx: list[int], suspect: bool) -> None:
+        fut = pool.submit(_run_chunk, func, [items[i] for i in idx], args)
+        running[fut] = (idx, time.monotonic() + seconds_per_item * len(idx), suspect)
+
+    try:
+        while queue or suspects or running:
+            if suspects:
+                if not running:
+                    submit([suspects.pop(0)], True)
+            else:
+                while queue and len(running) < workers:
+                    submit(queue.pop(0), False)
+            deadline = min(d for _, d, _ in running.values())
+            finished, _ = wait(running, timeout=max(deadline - time.monotonic(), 0.01),
+                               return_when=FIRST_COMPLETED)
+            broken = False
+            for fut in finished:
+                idx, _, suspect = running.pop(fut)
+                try:
+                    for i, r in zip(idx, fut.result(), strict=True):
+                        results[i] = r
+                except BrokenProcessPool:
+                    broken = True
+                    if suspect:
+                        results[idx[0]] = on_failure(items[idx[0]], "worker_crashed")
+                    else:
+                        suspects.extend(idx)
+            now = time.monotonic()
+            overdue = {f for f, (_, d, _) in running.items() if d <= now}
+            if broken or overdue:
+                for fut, (idx, _, _suspect) in running.items():
+                    if fut in overdue and len(idx) == 1:
+                        results[idx[0]] = on_failure(items[idx[0]], "timeout")
+                    elif fut in overdue or broken:
+                        suspects.extend(idx)
+                    else:
+                        queue.insert(0, idx)
+                running.clear()
+                _kill(pool)
+                pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+            if progress:
+                progress(sum(r is not None for r in results), total)
+    finally:
+        _kill(pool) if running else pool.shutdown(wait=True)
+    return results

@@ -1,0 +1,333 @@
+"""The ingest gate as stage functions over one work directory.
+
+Order: index headers (safe read, de-identified rows) → validate the table with Great Expectations →
+assemble series and check geometry → apply the gate → write the de-identified corpus → re-key
+labels and masks. Each function reads and writes files under ``WORK/ingest``, so Prefect tasks
+pass paths, and nothing with PHI is ever written: the raw header values never leave the worker
+that read them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from dicomops import io
+from dicomops.config import IngestConfig
+from dicomops.deid.keys import KeyedMapper
+from dicomops.dicom.parallel import map_isolated
+from dicomops.dicom.reader import ReadLimits, inspect_file, list_files
+from dicomops.dicom.series import GeometryTolerance, assemble_series
+from dicomops.errors import GateFailedError
+from dicomops.validation.suite import validate_table
+
+QUARANTINE_COLUMNS = ["source_path", "reason", "detail"]
+Progress = Callable[[int, int], None] | None
+
+
+@dataclass(frozen=True)
+class IngestPaths:
+    """Where each ingest output lives under the work directory."""
+
+    work: Path
+
+    @property
+    def root(self) -> Path:
+        return self.work / "ingest"
+
+    index = property(lambda self: self.root / "index.parquet")
+    index_quarantine = property(lambda self: self.root / "quarantine_headers.csv")
+    validation = property(lambda self: self.root / "validation.json")
+    expectations = property(lambda self: self.root / "expectations.csv")
+    validation_quarantine = property(lambda self: self.root / "quarantine_validation.csv")
+    instances = property(lambda self: self.root / "instances.parquet")
+    series = property(lambda self: self.root / "series.parquet")
+    geometry_quarantine = property(lambda self: self.root / "quarantine_geometry.csv")
+    quarantine = property(lambda self: self.root / "quarantine.csv")
+    accepted = property(lambda self: self.root / "accepted.parquet")
+    summary = property(lambda self: self.root / "summary.json")
+    docs = property(lambda self: self.work / "reports" / "validation")
+    deid = property(lambda self: self.work / "deid")
+
+
+def _limits(cfg: IngestConfig) -> ReadLimits:
+    return ReadLimits(max_inflated_bytes=cfg.max_inflated_mb * 1024**2,
+                      max_rows_columns=cfg.max_rows_columns,
+                      allowed_modalities=tuple(cfg.allowed_modalities))
+
+
+def _failed_read(item: tuple[Any, ...], reason: str) -> dict[str, Any]:
+    detail = "the worker reading it died" if reason == "worker_crashed" else "reading took too long"
+    return {"source_path": item[1], "reason": reason, "detail": detail}
+
+
+def split_sidecars(files: list[tuple[str, str]], patterns: tuple[str, ...] | list[str]
+                   ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Separate known non-image files (labels, masks) from the files to ingest."""
+    sidecars = [f for f in files if any(fnmatch.fnmatchcase(f[1], p) for p in patterns)]
+    chosen = set(sidecars)
+    return [f for f in files if f not in chosen], sidecars
+
+
+def index_headers(src: Path, work: Path, cfg: IngestConfig, key: bytes, progress: Progress = None) -> Path:
+    """Read every regular file's header under `src` in parallel; write the de-identified index.
+
+    Writes ``index.parquet`` (one row per readable, structurally sound file) and
+    ``quarantine_headers.csv`` (one row per rejected file).
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise ValueError(f"{src} is not a folder; pass the folder that holds the DICOM files")
+    paths = IngestPaths(Path(work))
+    files, sidecars = split_sidecars(list_files(src), cfg.sidecars)
+    io.write_csv(paths.root / "sidecars.csv", pd.DataFrame({"source_path": [rel for _, rel in sidecars]}))
+    rows = map_isolated(inspect_file, files, args=(key, _limits(cfg)), on_failure=_failed_read,
+                        workers=cfg.workers, chunk_size=128, seconds_per_item=cfg.seconds_per_file,
+                        progress=progress)
+    good = [r for r in rows if r.get("reason") is None]
+    bad = [{k: r.get(k, "") for k in QUARANTINE_COLUMNS} for r in rows if r.get("reason") is not None]
+    index = pd.DataFrame(good).drop(columns=["reason"], errors="ignore")
+    io.write_csv(paths.index_quarantine, pd.DataFrame(bad, columns=QUARANTINE_COLUMNS))
+    io.write_json(paths.root / "files.json", {"files": len(files)})
+    return io.write_parquet(paths.index, index)
+
+
+def validate_headers(work: Path, cfg: IngestConfig) -> Path:
+    """Run the expectation suite on the index; quarantine rows failing a critical expectation."""
+    paths = IngestPaths(Path(work))
+    index = pd.read_parquet(paths.index)
+    outcome = validate_table(index, list(cfg.expectations), paths.docs)
+    io.write_csv(paths.expectations, outcome.table)
+    io.write_json(paths.validation, {
+        "success": outcome.success, "success_share": outcome.success_share,
+        "expectations": len(outcome.table),
+        "failed_critical": sorted(outcome.failed_rows),
+        "docs": str(outcome.docs_index.relative_to(Path(work))) if outcome.docs_index else None,
+    })
+    first_failure: dict[int, str] = {}
+    for name in sorted(outcome.failed_rows):
+        for row in outcome.failed_rows[name]:
+            first_failure.setdefault(row, name)
+    rejected = pd.DataFrame(
+        [{"source_path": index.iloc[i]["source_path"], "reason": f"expectation:{name}",
+          "detail": "failed a critical expectation"} for i, name in sorted(first_failure.items())],
+        columns=QUARANTINE_COLUMNS)
+    return io.write_csv(paths.validation_quarantine, rejected)
+
+
+def assemble(work: Path, cfg: IngestConfig) -> Path:
+    """Group what passed validation into series, order slices, quarantine bad geometry."""
+    paths = IngestPaths(Path(work))
+    index = pd.read_parquet(paths.index)
+    failed = set(pd.read_csv(paths.validation_quarantine).source_path)
+    index = index[~index.source_path.isin(failed)]
+    g = cfg.geometry
+    result = assemble_series(index, GeometryTolerance(
+        orientation=g.orientation, pixel_spacing=g.pixel_spacing_mm, spacing_relative=g.spacing_relative,
+        duplicate_mm=g.duplicate_mm, max_tilt_degrees=g.max_tilt_degrees, min_slices=g.min_slices))
+    io.write_parquet(paths.series, result.series)
+    io.write_csv(paths.geometry_quarantine, result.quarantine)
+    return io.write_parquet(paths.instances, result.instances)
+
+
+@dataclass(frozen=True)
+class GateSummary:
+    files: int
+    accepted_files: int
+    quarantined_files: int
+    quarantined_share: float
+    accepted_series: int
+    reasons: dict[str, int]
+    passed: bool
+
+
+def apply_gate(work: Path, cfg: IngestConfig) -> GateSummary:
+    """Merge the quarantine lists, write ``quarantine.csv`` and ``summary.json``; fail if too much is bad.
+
+    Raises:
+        GateFailedError: the quarantined share exceeds ``cfg.max_invalid_fraction``; the message
+            names the most common reasons.
+    """
+    paths = IngestPaths(Path(work))
+    parts = [pd.read_csv(p, keep_default_na=False) for p in
+             (paths.index_quarantine, paths.validation_quarantine, paths.geometry_quarantine)]
+    quarantine = pd.concat(parts, ignore_index=True).sort_values("source_path", ignore_index=True)
+    io.write_csv(paths.quarantine, quarantine[QUARANTINE_COLUMNS])
+    files = int(io.read_json(paths.root / "files.json")["files"])
+    instances = pd.read_parquet(paths.instances)
+    reasons = quarantine.reason.value_counts().to_dict()
+    share = len(quarantine) / files if files else 0.0
+    summary = GateSummary(
+        files=files, accepted_files=len(instances), quarantined_files=len(quarantine),
+        quarantined_share=share,
+        accepted_series=int(instances.SeriesInstanceUID.nunique()) if len(instances) else 0,
+        reasons={str(k): int(v) for k, v in reasons.items()},
+        passed=share <= cfg.max_invalid_fraction and files > 0,
+    )
+    io.write_json(paths.summary, summary.__dict__ | {"max_invalid_fraction": cfg.max_invalid_fraction})
+    if not summary.passed:
+        top = ", ".join(f"{k} ({v})" for k, v in list(summary.reasons.items())[:3]) or "no files found"
+        raise GateFailedError(
+            f"{summary.quarantined_files} of {files} files quarantined ({share:.1%}), above the "
+            f"allowed {cfg.max_invalid_fraction:.1%}. Top reasons: {top}. See {paths.quarantine}; fix "
+            "the source or raise --max-invalid-fraction if this batch is acceptable.")
+    return summary
+
+
+_DEIDENTIFIERS: dict[tuple[bytes, str], Any] = {}
+
+
+def deidentify_file(source: str, dest: str, key: bytes, table_version: str) -> dict[str, str]:
+    """Worker: read one accepted file, de-identify it, write it atomically to `dest`."""
+    import pydicom
+
+    from dicomops.deid.profile import Deidentifier
+
+    try:
+        deid = _DEIDENTIFIERS.get((key, table_version))
+        if deid is None:
+            deid = _DEIDENTIFIERS[(key, table_version)] = Deidentifier(KeyedMapper(key), table_version)
+        ds = pydicom.dcmread(source)
+        deid.dataset(ds)
+        tmp = f"{dest}.{os.getpid()}.tmp"
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(tmp, enforce_file_format=True)
+        os.replace(tmp, dest)
+        return {"reason": ""}
+    except RecursionError:
+        return {"reason": "deid_failed", "detail": "sequences nested too deep"}
+    except Exception as err:
+        return {"reason": "deid_failed", "detail": type(err).__name__}
+
+
+def deidentify_corpus(src: Path, work: Path, cfg: IngestConfig, key: bytes, progress: Progress = None) -> Path:
+    """Write every accepted instance de-identified to ``WORK/deid`` and ``accepted.parquet``.
+
+    A series with any instance that fails to de-identify is quarantined whole (``deid_failed``).
+    """
+    paths = IngestPaths(Path(work))
+    instances = pd.read_parquet(paths.instances)
+    instances["deid_path"] = [
+        f"{p}/{s}/{i}.dcm" for p, s, i in
+        zip(instances.PatientID, instances.SeriesInstanceUID, instances.SOPInstanceUID, strict=True)]
+    items = [(str(Path(src) / s), str(paths.deid / d)) for s, d in
+             zip(instances.source_path, instances.deid_path, strict=True)]
+    results = map_isolated(
+        deidentify_file, items, args=(key, cfg.deid.table_version),
+        on_failure=lambda item, why: {"reason": "deid_failed", "detail": why},
+        workers=cfg.workers, chunk_size=64, seconds_per_item=cfg.seconds_per_file, progress=progress)
+    failed_series = {s for s, r in zip(instances.SeriesInstanceUID, results, strict=True) if r["reason"]}
+    if failed_series:
+        bad = instances[instances.SeriesInstanceUID.isin(failed_series)]
+        for d in bad.deid_path:
+            (paths.deid / d).unlink(missing_ok=True)
+        extra = bad[["source_path"]].assign(reason="deid_failed", detail="could not be de-identified")
+        quarantine = pd.concat([pd.read_csv(paths.quarantine, keep_default_na=False), extra])
+        io.write_csv(paths.quarantine, quarantine.sort_values("source_path", ignore_index=True))
+        instances = instances[~instances.SeriesInstanceUID.isin(failed_series)]
+    return io.write_parquet(paths.accepted, instances.reset_index(drop=True))
+
+
+def rekey_labels(src: Path, work: Path, key: bytes) -> Path | None:
+    """Copy ``labels.csv`` and masks for accepted series, keyed by pseudonym and remapped UID."""
+    src_labels = Path(src) / "labels.csv"
+    if not src_labels.exists():
+        return None
+    paths = IngestPaths(Path(work))
+    mapper = KeyedMapper(key)
+    labels = pd.read_csv(src_labels, keep_default_na=False)
+    labels["SeriesInstanceUID"] = labels.SeriesInstanceUID.map(mapper.uid)
+    labels["PatientID"] = labels.PatientID.map(mapper.pseudonym)
+    accepted = set(pd.read_parquet(paths.accepted, columns=["SeriesInstanceUID"]).SeriesInstanceUID)
+    labels = labels[labels.SeriesInstanceUID.isin(accepted)].copy()
+    new_masks = []
+    for row in labels.itertuples():
+        rel = f"masks/{row.SeriesInstanceUID}.npz"
+        source_mask = Path(src) / str(row.mask_path)
+        if source_mask.exists():
+            io.write_bytes(paths.deid / rel, source_mask.read_bytes())
+            new_masks.append(rel)
+        else:
+            new_masks.append("")
+    labels["mask_path"] = new_masks
+    keep = ["SeriesInstanceUID", "PatientID", "vendor", "label", "nodule_count",
+            "nodule_diameters_mm", "nodules", "scenario", "mask_path"]
+    return io.write_csv(paths.deid / "labels.csv", labels[[c for c in keep if c in labels]])
+
+
+def write_reid_key(src: Path, work: Path, cfg: IngestConfig, key: bytes) -> Path | None:
+    """Write pseudonym → original PatientID, only where the site configured a path outside WORK."""
+    target = cfg.deid.reid_key_path
+    if target is None:
+        return None
+    target, work = Path(target).resolve(), Path(work).resolve()
+    if target.is_relative_to(work):
+        raise ValueError(f"reid_key_path {target} is inside the work directory {work}; choose a "
+                         "location outside it (the work directory must stay free of PHI)")
+    mapper = KeyedMapper(key)
+    labels = Path(src) / "labels.csv"
+    ids = sorted(set(pd.read_csv(labels, keep_default_na=False).PatientID)) if labels.exists() else []
+    frame = pd.DataFrame({"pseudonym": [mapper.pseudonym(i) for i in ids], "PatientID": ids})
+    io.write_csv(target, frame)
+    os.chmod(target, 0o600)
+    return target
+
+
+def reset(work: Path) -> None:
+    """Remove the outputs of an earlier ingest in `work` (a new batch replaces them whole)."""
+    paths = IngestPaths(Path(work))
+    for folder in (paths.root, paths.deid, paths.docs):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def ingest_metrics(work: Path) -> dict[str, float]:
+    """Numbers worth a metric: counts, shares, validation success, per-reason counts."""
+    paths = IngestPaths(Path(work))
+    summary = io.read_json(paths.summary)
+    metrics = {
+        "ingest.files": float(summary["files"]),
+        "ingest.accepted_files": float(summary["accepted_files"]),
+        "ingest.quarantined_files": float(summary["quarantined_files"]),
+        "ingest.quarantined_share": float(summary["quarantined_share"]),
+        "ingest.accepted_series": float(summary["accepted_series"]),
+    }
+    if paths.validation.exists():
+        metrics["validation.success_share"] = float(io.read_json(paths.validation)["success_share"])
+    for reason, count in summary["reasons"].items():
+        metrics[f"quarantine.{reason.replace(':', '.')}"] = float(count)
+    return metrics
+
+
+def plot_ingest(work: Path) -> Path:
+    """A picture for reviewers: quarantine reasons, and accepted series per manufacturer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = IngestPaths(Path(work))
+    summary = io.read_json(paths.summary)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    reasons = summary["reasons"] or {"(none)": 0}
+    axes[0].barh(list(reasons), list(reasons.values()), color="#c0504d")
+    axes[0].set_title(f"Quarantined files: {summary['quarantined_files']} of {summary['files']}")
+    axes[0].invert_yaxis()
+    series_path = paths.series
+    if series_path.exists() and series_path.stat().st_size:
+        series = pd.read_parquet(series_path)
+        counts = series.Manufacturer.value_counts() if len(series) else pd.Series(dtype=int)
+        axes[1].bar(counts.index.astype(str), counts.to_numpy(), color="#4f81bd")
+    axes[1].set_title(f"Accepted series per manufacturer ({summary['accepted_series']})")
+    axes[1].tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    out = paths.root / "ingest_summary.png"
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out

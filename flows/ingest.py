@@ -1,0 +1,44 @@
+"""The ingest gate flow: header index → expectations → geometry → gate → de-identified corpus."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from dicomops.config import IngestConfig, load_settings
+from dicomops.errors import GateFailedError
+from dicomops.tracking import flatten_params
+from tasks import ingest as t
+from tasks.tracking import close_run, hash_corpus, log_ingest, open_run
+
+
+@flow(name="dicomops-ingest", log_prints=True)
+def ingest(src: Path, work: Path | None = None, config: IngestConfig = IngestConfig(),
+           experiment: str = "dicomops", parent_run_id: str | None = None) -> dict[str, object]:
+    """Accept or quarantine every file under `src`; write the de-identified corpus under `work`."""
+    settings = load_settings()
+    work = Path(work or settings.work_dir)
+    uri = settings.mlflow_tracking_uri
+    run_id = open_run(uri, experiment, settings.mlflow_artifact_root, "ingest", hash_corpus(src),
+                      flatten_params({"ingest": config.model_dump(mode="json", exclude={"expectations"})}),
+                      parent_run_id)
+    t.reset_ingest(work)
+    t.index_headers(src, work, config)
+    t.validate_headers(work, config)
+    t.assemble_series(work, config)
+    try:
+        gate = t.apply_gate(work, config)
+    except GateFailedError:
+        log_ingest(uri, run_id, work)
+        close_run(uri, run_id, "FAILED")
+        raise
+    t.deidentify_corpus(src, work, config)
+    t.rekey_labels(src, work, config)
+    log_ingest(uri, run_id, work)
+    close_run(uri, run_id)
+    print(f"ingest: {gate.accepted_files} files in {gate.accepted_series} series accepted, "
+          f"{gate.quarantined_files} quarantined ({gate.quarantined_share:.1%})")
+    return {"mlflow_run_id": run_id, "accepted_series": gate.accepted_series,
+            "quarantined_files": gate.quarantined_files, "work": str(work)}
+
