@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,13 @@ from dicomops.synthetic import generate_corpus
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+# Everything Prefect writes during the tests lands here, where the leak test can scan it.
+PREFECT_HOME = Path(tempfile.mkdtemp(prefix="dicomops-prefect-home-"))
+os.environ["PREFECT_HOME"] = str(PREFECT_HOME)
+os.environ["DICOMOPS_DEID_KEY"] = "test-suite-key-0123456789abcdef0123"
 
-SMALL = dict(matrix=64, slices=12, workers=1)
+SMALL = dict(matrix=128, slices=12, workers=1)
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +35,14 @@ def faulty_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Sixteen patients, every series with a fault: each fault kind appears at least once."""
     out = tmp_path_factory.mktemp("faulty") / "corpus"
     generate_corpus(out, SynthConfig(patients=16, seed=11, fault_rate=1.0, **SMALL))
+    return out
+
+
+@pytest.fixture(scope="session")
+def mixed_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Twelve patients, about a third of the series with a fault."""
+    out = tmp_path_factory.mktemp("mixed") / "corpus"
+    generate_corpus(out, SynthConfig(patients=12, seed=5, fault_rate=0.35, **SMALL))
     return out
 
 

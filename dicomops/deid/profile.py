@@ -49,7 +49,7 @@ RETAIN_DEVICE_IDENTITY = frozenset(Tag(k) for k in (
 KEEP_TEXT = frozenset(Tag(k) for k in ("DeidentificationMethod",))
 FREE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UC"})
 REMOVED_GROUPS = (0x5000, 0x6000)
-BIRTH_DATE = Tag("PatientBirthDate")
+NEVER_SHIFT = frozenset(Tag(k) for k in ("PatientBirthDate", "PatientDeathDateInAlternativeCalendar"))
 REMOVE_TIMES = frozenset(Tag(k) for k in ("PatientBirthTime",))  # curves and overlays: may carry text and drawings
 
 
@@ -58,7 +58,8 @@ def attribute_actions(version: str = TABLE_VERSION) -> tuple[dict[int, str], tup
     """The Annex E table as {tag: action} plus masked (repeating group) entries.
 
     Combined actions are resolved to the stricter one that keeps the IOD usable: Z/D → Z,
-    X/Z, X/D, X/Z/D → X, X/Z/U* → U for UIDs and X otherwise.
+    X/Z, X/D, X/Z/D → X, X/Z/U* → U for UIDs and reference sequences (cleaned, UIDs
+    remapped) and X otherwise.
     """
     from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
 
@@ -136,13 +137,15 @@ class Deidentifier:
                 continue
             vr = elem.VR
             action = _action_for(tag, self.exact, self.masked)
-            if vr in ("DA", "DT") and action != "X" and tag != BIRTH_DATE:
+            if vr in ("DA", "DT") and tag not in NEVER_SHIFT:
+                # The option modifies every date (C in its column of Table E.1-1), even those
+                # the basic profile would remove.
                 self._shift(elem, patient)
                 continue
             if vr == "TM" and action in ("Z", "D", "X") and tag not in REMOVE_TIMES:
                 continue  # times stay: with shifted dates they identify no one
-            if action == "XU":
-                action = "U" if vr == "UI" else "X"
+            if action == "XU":  # X/Z/U*: keep references, with every UID inside remapped
+                action = "U" if vr in ("UI", "SQ") else "X"
             if action == "X":
                 del ds[tag]
                 continue

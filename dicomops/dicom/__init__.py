@@ -1,10 +1,3 @@
-"""Safe DICOM reading, the header index, and series assembly with geometry checks."""
-
-from __future__ import annotations
-
-from dicomops.dicom.parallel import map_isolated
-from dicomops.dicom.reader import REQUIRED_TAGS, ReadLimits, inspect_file, list_files
-from dicomops.dicom.series import AssemblyResult, GeometryTolerance, assemble_series
-
-__all__ = ["REQUIRED_TAGS", "AssemblyResult", "GeometryTolerance", "ReadLimits", "assemble_series",
-           "inspect_file", "list_files", "map_isolated"]
+"""Safe DICOM reading (``reader``), the isolated parallel map (``parallel``), and series assembly
+with geometry checks (``series``). Import the submodule you need: worker processes import
+``reader`` alone, which keeps their start-up light."""

@@ -67,9 +67,14 @@ def map_isolated(
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
     running: dict[Future[list[Any]], tuple[list[int], float, bool]] = {}
 
+    # Two chunks per worker in flight keep workers busy while the main process unpickles results;
+    # a queued chunk's allowance therefore covers the chunk ahead of it too.
+    in_flight = 2 * workers
+
     def submit(idx: list[int], suspect: bool) -> None:
         fut = pool.submit(_run_chunk, func, [items[i] for i in idx], args)
-        running[fut] = (idx, time.monotonic() + seconds_per_item * len(idx), suspect)
+        allowance = seconds_per_item * len(idx) * (1 if suspect else 2)
+        running[fut] = (idx, time.monotonic() + allowance, suspect)
 
     try:
         while queue or suspects or running:
@@ -77,7 +82,7 @@ def map_isolated(
                 if not running:
                     submit([suspects.pop(0)], True)
             else:
-                while queue and len(running) < workers:
+                while queue and len(running) < in_flight:
                     submit(queue.pop(0), False)
             deadline = min(d for _, d, _ in running.values())
             finished, _ = wait(running, timeout=max(deadline - time.monotonic(), 0.01),

@@ -9,6 +9,7 @@ pseudonyms, UIDs are remapped, dates are shifted.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import struct
@@ -17,7 +18,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pydicom
 from pydicom.datadict import dictionary_VR, tag_for_keyword
@@ -25,7 +26,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -35,12 +36,14 @@ from pydicom.uid import (
 )
 
 from dicomops.deid.keys import KeyedMapper
+from dicomops.dicom.fastheader import read_fast
 
 PREAMBLE = 128
 EXECUTABLE_MAGIC = (b"MZ", b"\x7fELF")
 SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 PIXEL_DATA_TAG_BE = b"\x7f\xe0\x00\x10"
+_DEFLATED = DeflatedExplicitVRLittleEndian.encode()
 NATIVE_SYNTAXES = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian,
                    DeflatedExplicitVRLittleEndian}
 
@@ -59,6 +62,9 @@ INT_COLUMNS = ("Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "Pix
                "SamplesPerPixel", "NumberOfFrames", "InstanceNumber", "PixelPaddingValue")
 FLOAT_COLUMNS = ("SliceThickness", "SpacingBetweenSlices", "KVP", "RescaleSlope", "RescaleIntercept",
                  "XRayTubeCurrent", "GantryDetectorTilt", "PatientSize", "PatientWeight")
+# Every tag the index row reads; the fast reader keeps exactly these.
+WANTED_KEYWORDS = tuple(sorted(set(REQUIRED_TAGS) | set(UID_COLUMNS) | set(TEXT_COLUMNS) | set(INT_COLUMNS)
+                               | set(FLOAT_COLUMNS) | {"ImageType", "WindowCenter", "WindowWidth"}))
 
 
 @dataclass(frozen=True)
@@ -116,29 +122,46 @@ def _inspect(path: Path, source_path: str, mapper: KeyedMapper, limits: ReadLimi
         if len(head) < PREAMBLE + 4 or head[PREAMBLE:] != b"DICM":
             raise Rejected("not_dicom", "no DICM prefix after the 128-byte preamble")
         executable_preamble = head[:4].startswith(EXECUTABLE_MAGIC)
-        try:
-            meta = _read_file_meta_info(fh)  # leaves fh at the start of the dataset
-        except Exception as err:
-            raise Rejected("unreadable_header", f"file meta: {type(err).__name__}") from err
-        syntax = UID(str(meta.get("TransferSyntaxUID", "")))
-        if not syntax or not syntax.is_transfer_syntax:
-            raise Rejected("unsupported_transfer_syntax", "missing or unknown TransferSyntaxUID")
-        if syntax.is_compressed and not _decoder_available(syntax):
-            raise Rejected("unsupported_transfer_syntax", f"no decoder installed for {syntax.name}")
-        if syntax == DeflatedExplicitVRLittleEndian:
-            _check_inflated_size(fh, limits)
+        fast = read_fast(str(path), WANTED_KEYWORDS, size)
+        if fast is not None:
+            syntax = UID(fast.syntax)
+            if not syntax.is_transfer_syntax:
+                raise Rejected("unsupported_transfer_syntax", "missing or unknown TransferSyntaxUID")
+            if syntax.is_compressed and not _decoder_available(syntax):
+                raise Rejected("unsupported_transfer_syntax", f"no decoder installed for {syntax.name}")
+            pixel = None
+            if fast.pixel is not None:
+                length, start = fast.pixel
+                pixel = PixelElement(length, size - start, True)
+            return _index_row(fast, syntax, pixel, source_path, mapper, limits, executable_preamble, size)
+        # The file meta group is small; a deflated dataset must be bounded before pydicom inflates it.
+        if _DEFLATED in head + fh.read(1024):
+            fh.seek(PREAMBLE + 4)
+            try:
+                meta = _read_file_meta_info(fh)  # leaves fh at the start of the dataset
+            except Exception as err:
+                raise Rejected("unreadable_header", f"file meta: {type(err).__name__}") from err
+            if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+                _check_inflated_size(fh, limits)
         fh.seek(0)
         try:
             with _warnings_silenced():
                 ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=limits.defer_size)
         except InvalidDicomError as err:
             raise Rejected("not_dicom", "pydicom refused the file") from err
+        syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
+        if not syntax or not syntax.is_transfer_syntax:
+            raise Rejected("unsupported_transfer_syntax", "missing or unknown TransferSyntaxUID")
+        if syntax.is_compressed and not _decoder_available(syntax):
+            raise Rejected("unsupported_transfer_syntax", f"no decoder installed for {syntax.name}")
         header_end = fh.tell()
-        _check_declared_lengths(ds, size)
+        if syntax != DeflatedExplicitVRLittleEndian:  # offsets there are into the inflated stream
+            _check_declared_lengths(ds, size)
         pixel = _pixel_data_element(fh, header_end, size, syntax)
-    return _index_row(ds, syntax, pixel, source_path, mapper, limits, executable_preamble, size)
+    return _index_row(_DatasetHeader(ds), syntax, pixel, source_path, mapper, limits, executable_preamble, size)
 
 
+@functools.lru_cache(maxsize=64)
 def _decoder_available(syntax: UID) -> bool:
     try:
         from pydicom.pixels import get_decoder
@@ -159,14 +182,16 @@ def _check_inflated_size(fh: Any, limits: ReadLimits) -> None:
     """Inflate the deflated dataset under a bound before pydicom inflates it without one."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     total = 0
-    while chunk := fh.read(1 << 20):
+    while True:
+        pending = inflater.unconsumed_tail or fh.read(1 << 20)
+        if not pending:
+            return
         try:
-            total += len(inflater.decompress(chunk, limits.max_inflated_bytes - total + 1))
+            total += len(inflater.decompress(pending, 1 << 22))  # at most 4 MB in memory at once
         except zlib.error as err:
             raise Rejected("unreadable_header", "deflate stream is corrupt") from err
-        if total > limits.max_inflated_bytes or inflater.unconsumed_tail:
-            raise Rejected("bad_value:deflate_size",
-                           f"inflates past {limits.max_inflated_bytes} bytes")
+        if total > limits.max_inflated_bytes:
+            raise Rejected("bad_value:deflate_size", f"inflates past {limits.max_inflated_bytes} bytes")
 
 
 def _check_declared_lengths(ds: Dataset, size: int) -> None:
@@ -212,16 +237,35 @@ def _pixel_data_element(fh: Any, at: int, size: int, syntax: UID) -> PixelElemen
 _BINARY_FORMATS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
 
 
+@functools.lru_cache(maxsize=256)
+def _tag(keyword: str) -> BaseTag:
+    number = tag_for_keyword(keyword)
+    if number is None:
+        raise ValueError(f"{keyword} is not a DICOM keyword")
+    return Tag(number)
+
+
+class _DatasetHeader:
+    """The pydicom path's accessor: same `raw(keyword)` as the fast reader's."""
+
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+
+    def raw(self, keyword: str) -> list[Any] | None:
+        return _raw(self.ds, keyword)
+
+
+class HeaderSource(Protocol):
+    def raw(self, keyword: str) -> list[Any] | None: ...
+
+
 def _raw(ds: Dataset, keyword: str) -> list[Any] | None:
     """Values of a top-level element straight from its raw bytes, or None when absent or empty.
 
     Reading the raw element avoids pydicom's per-element conversion machinery, which dominates
     header-only reading; text values are split on backslashes, binary ones unpacked.
     """
-    number = tag_for_keyword(keyword)
-    if number is None:
-        return None
-    tag = Tag(number)
+    tag = _tag(keyword)
     elem = ds._dict.get(tag)
     if elem is None:
         return None
@@ -247,13 +291,13 @@ def _raw(ds: Dataset, keyword: str) -> list[Any] | None:
     return [v.strip(" \x00") for v in text.split("\\")]
 
 
-def _text(ds: Dataset, keyword: str) -> str | None:
-    values = _raw(ds, keyword)
+def _text(h: HeaderSource, keyword: str) -> str | None:
+    values = h.raw(keyword)
     return None if values is None else "\\".join(str(v) for v in values)
 
 
-def _number(ds: Dataset, keyword: str, cast: type) -> float | int | None:
-    values = _raw(ds, keyword)
+def _number(h: HeaderSource, keyword: str, cast: type) -> float | int | None:
+    values = h.raw(keyword)
     if values is None or values[0] == "":
         return None
     try:
@@ -265,8 +309,8 @@ def _number(ds: Dataset, keyword: str, cast: type) -> float | int | None:
     return int(number) if cast is int else number
 
 
-def _vector(ds: Dataset, keyword: str, n: int) -> list[float] | None:
-    values = _raw(ds, keyword)
+def _vector(h: HeaderSource, keyword: str, n: int) -> list[float] | None:
+    values = h.raw(keyword)
     if values is None:
         return None
     try:
@@ -278,16 +322,16 @@ def _vector(ds: Dataset, keyword: str, n: int) -> list[float] | None:
     return numbers
 
 
-def _index_row(ds: Dataset, syntax: UID, pixel: PixelElement | None, source_path: str,
+def _index_row(ds: HeaderSource, syntax: UID, pixel: PixelElement | None, source_path: str,
                mapper: KeyedMapper, limits: ReadLimits, executable_preamble: bool,
                size: int) -> dict[str, Any]:
-    for keyword in REQUIRED_TAGS:
-        if _raw(ds, keyword) is None:
-            raise Rejected(f"missing_tag:{keyword}")
     modality = _text(ds, "Modality") or ""
-    if modality not in limits.allowed_modalities:
-        raise Rejected("wrong_modality", f"Modality {modality!r} is not one of {limits.allowed_modalities}"
-                       if len(modality) <= 16 else "Modality not allowed")
+    if modality and modality not in limits.allowed_modalities:
+        # The value itself is not repeated: a hostile header can put anything there.
+        raise Rejected("wrong_modality", f"Modality is not one of {', '.join(limits.allowed_modalities)}")
+    for keyword in REQUIRED_TAGS:
+        if ds.raw(keyword) is None:
+            raise Rejected(f"missing_tag:{keyword}")
     image_type = (_text(ds, "ImageType") or "").upper()
     if "LOCALIZER" in image_type:
         raise Rejected("bad_value:ImageType", "localizer image")

@@ -63,7 +63,7 @@ def default_expectations() -> list[ExpectationSpec]:
         ExpectationSpec(name="sop_instance_uid_unique", kind="unique", column="SOPInstanceUID",
                         critical=False),
         ExpectationSpec(name="study_date_format", kind="regex", column="StudyDate",
-                        regex=r"^(19|20)\d{2}(0[1-9]|1[0-2])(0[1-9]|[12]\d|3[01])$"),
+                        regex=r"^(?:19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])$"),
     ]
     return specs
 

@@ -59,7 +59,7 @@ def test_every_file_reads_and_carries_its_vendor_profile(clean_corpus: Path) -> 
             n_windows = len(windows) if isinstance(windows, pydicom.multival.MultiValue) else 1
             assert n_windows == len(profile.windows)
             assert ds.SOPClassUID == pydicom.uid.CTImageStorage
-            assert ds.pixel_array.shape == (64, 64)
+            assert ds.pixel_array.shape == (128, 128)
 
 
 def test_file_names_do_not_follow_slice_order(clean_corpus: Path) -> None:
@@ -172,7 +172,7 @@ def test_every_fault_kind_is_written_as_listed(faulty_corpus: Path) -> None:
             continue
         ds = pydicom.dcmread(path)
         assert ds.Modality == "CT"
-        assert ds.pixel_array.shape == (64, 64)
+        assert ds.pixel_array.shape == (128, 128)
 
 
 def _flat_noise(rendered) -> float:
@@ -235,7 +235,7 @@ def test_labels_masks_and_phi_tables(clean_corpus: Path) -> None:
             "nodule_diameters_mm"} <= set(labels.columns)
     for row in labels.itertuples():
         with np.load(clean_corpus / row.mask_path) as npz:
-            assert npz["mask"].shape == (row.slices, 64, 64)
+            assert npz["mask"].shape == (row.slices, 128, 128)
             assert (npz["mask"].sum() > 0) == (row.nodule_count > 0) == bool(row.label)
     phi = pd.read_csv(clean_corpus / "phi.csv")
     assert set(phi.PatientID) == set(labels.PatientID)

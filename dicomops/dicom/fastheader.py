@@ -1,0 +1,216 @@
+"""A narrow, fast reader for the common case: little-endian files whose header fits in 64 KB.
+
+It walks the top-level elements of the header without building a pydicom Dataset, keeps the raw
+bytes of the tags the index needs, skips everything else by its declared length (nested
+sequences iteratively, never recursively), and stops at PixelData. Anything unusual (big endian,
+deflate, a value past the buffer, odd nesting) returns None, and the caller falls back to the
+pydicom path, which decides what is wrong with the file. Both paths feed the same row builder, and
+a test checks that they agree.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+from collections.abc import Iterable
+from typing import Any
+
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+HEADER_BYTES = 65536
+MAX_DEPTH = 32
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_BINARY = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
+_IMPLICIT_LE = "1.2.840.10008.1.2"
+_EXPLICIT_BE = "1.2.840.10008.1.2.2"
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+_PIXEL_DATA = 0x7FE00010
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+
+
+class FastHeader:
+    """Raw values of the wanted top-level tags plus where PixelData starts."""
+
+    def __init__(self, syntax: str, values: dict[int, tuple[str, bytes]],
+                 pixel: tuple[int | None, int] | None, size: int) -> None:
+        self.syntax = syntax
+        self._values = values
+        self.pixel = pixel  # (declared length or None when undefined, offset of the value)
+        self.size = size
+        self._decoded: dict[str, list[Any] | None] = {}
+
+    def raw(self, keyword: str) -> list[Any] | None:
+        """Decoded values of `keyword` (text split on backslashes, binary unpacked), or None."""
+        if keyword not in self._decoded:
+            self._decoded[keyword] = self._decode(keyword)
+        return self._decoded[keyword]
+
+    def _decode(self, keyword: str) -> list[Any] | None:
+        tag = _tag(keyword)
+        found = self._values.get(tag)
+        if found is None:
+            return None
+        vr, value = found
+        if not value:
+            return None
+        if vr == "US or SS":
+            rep = self._values.get(0x00280103)
+            vr = "SS" if rep is not None and rep[1][:1] == b"\x01" else "US"
+        if vr in _BINARY:
+            fmt = _BINARY[vr]
+            width = struct.calcsize(fmt)
+            count = len(value) // width
+            return list(struct.unpack(f"<{count}{fmt}", value[: count * width]))
+        text = value.decode("latin-1").strip(" \x00")
+        if not text:
+            return None
+        return [v.strip(" \x00") for v in text.split("\\")]
+
+
+@functools.lru_cache(maxsize=512)
+def _tag(keyword: str) -> int:
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise ValueError(f"{keyword} is not a DICOM keyword")
+    return int(tag)
+
+
+@functools.lru_cache(maxsize=1024)
+def _vr(tag: int) -> str:
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:
+        return "UN"
+
+
+def read_fast(path: str, wanted: Iterable[str], size: int) -> FastHeader | None:
+    """Read the header of `path` the fast way, or None when the file needs the careful path."""
+    tags = frozenset(_tag(k) for k in wanted)
+    with open(path, "rb") as fh:
+        buf = fh.read(HEADER_BYTES)
+        parsed = _parse(buf, tags, size)
+        if parsed is None:
+            return None
+        syntax, values, pixel, delimiter_at = parsed
+        if pixel is not None and pixel[0] is None:
+            fh.seek(size - 8)
+            if fh.read(8) != b"\xfe\xff\xdd\xe0\x00\x00\x00\x00":
+                return None  # let the careful path name the truncation
+        del delimiter_at
+    return FastHeader(syntax, values, pixel, size)
+
+
+def _parse(buf: bytes, tags: frozenset[int], size: int
+           ) -> tuple[str, dict[int, tuple[str, bytes]], tuple[int | None, int] | None, int] | None:
+    n = len(buf)
+    if n < 144 or buf[128:132] != b"DICM":
+        return None
+    pos = 132
+    syntax = ""
+    while pos + 8 <= n:  # file meta: explicit VR little endian, group 2
+        group, elem = struct.unpack_from("<HH", buf, pos)
+        if group != 2:
+            break
+        meta_vr = buf[pos + 4 : pos + 6]
+        if meta_vr in _LONG_VRS:
+            length = struct.unpack_from("<I", buf, pos + 8)[0]
+            start = pos + 12
+        else:
+            length = struct.unpack_from("<H", buf, pos + 6)[0]
+            start = pos + 8
+        if length == _UNDEFINED or start + length > n:
+            return None
+        if elem == 0x0010:
+            syntax = buf[start : start + length].decode("ascii", "replace").strip(" \x00")
+        pos = start + length
+    if not syntax or syntax in (_EXPLICIT_BE, _DEFLATED):
+        return None
+    implicit = syntax == _IMPLICIT_LE
+    values: dict[int, tuple[str, bytes]] = {}
+    last = 0
+    while pos + 8 <= n:
+        group, elem = struct.unpack_from("<HH", buf, pos)
+        tag = (group << 16) | elem
+        if tag <= last or group == 0xFFFE:
+            return None  # out of order or a stray item: not the common case
+        last = tag
+        if implicit:
+            vr = _vr(tag) if tag != _PIXEL_DATA else "OW"
+            length = struct.unpack_from("<I", buf, pos + 4)[0]
+            start = pos + 8
+        else:
+            raw_vr = buf[pos + 4 : pos + 6]
+            if raw_vr in _LONG_VRS:
+                if pos + 12 > n:
+                    return None
+                length = struct.unpack_from("<I", buf, pos + 8)[0]
+                start = pos + 12
+            else:
+                length = struct.unpack_from("<H", buf, pos + 6)[0]
+                start = pos + 8
+            vr = raw_vr.decode("latin-1")
+        if tag == _PIXEL_DATA:
+            if length == _UNDEFINED:
+                return syntax, values, (None, start), start
+            return syntax, values, (length, start), start
+        if length == _UNDEFINED:
+            end = _skip_sequence(buf, start, implicit)
+            if end is None:
+                return None
+            pos = end
+            continue
+        if start + length > min(n, size):
+            return None
+        if tag in tags:
+            values[tag] = (vr, bytes(buf[start : start + length]))
+        pos = start + length
+    if pos >= size:
+        return syntax, values, None, pos  # ended without pixel data
+    return None
+
+
+def _skip_sequence(buf: bytes, pos: int, implicit: bool) -> int | None:
+    """Position after the sequence delimiter of an undefined-length sequence starting at `pos`."""
+    n = len(buf)
+    stack = ["seq"]
+    while stack:
+        if pos + 8 > n or len(stack) > MAX_DEPTH:
+            return None
+        group, elem = struct.unpack_from("<HH", buf, pos)
+        tag = (group << 16) | elem
+        if tag == _ITEM:
+            length = struct.unpack_from("<I", buf, pos + 4)[0]
+            if length == _UNDEFINED:
+                stack.append("item")
+                pos += 8
+            else:
+                pos += 8 + length
+        elif tag == _ITEM_END:
+            if stack.pop() != "item":
+                return None
+            pos += 8
+        elif tag == _SEQ_END:
+            if stack.pop() != "seq":
+                return None
+            pos += 8
+        else:
+            if implicit:
+                length = struct.unpack_from("<I", buf, pos + 4)[0]
+                start = pos + 8
+            elif buf[pos + 4 : pos + 6] in _LONG_VRS:
+                if pos + 12 > n:
+                    return None
+                length = struct.unpack_from("<I", buf, pos + 8)[0]
+                start = pos + 12
+            else:
+                length = struct.unpack_from("<H", buf, pos + 6)[0]
+                start = pos + 8
+            if length == _UNDEFINED:
+                stack.append("seq")
+                pos = start
+            else:
+                pos = start + length
+        if pos > n:
+            return None
+    return pos

@@ -1,0 +1,74 @@
+"""The ingest flow for real: Prefect harness, MLflow in tmp_path, and a leak scan of everything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+import mlflow
+from dicomops.cli import app
+from dicomops.config import IngestConfig
+from dicomops.deid import scan_for_phi
+from flows.ingest import ingest
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def _needles(corpus: Path) -> set[str]:
+    """Every PHI value the generator wrote, plus the original UIDs (identifiers too)."""
+    phi = pd.read_csv(corpus / "phi.csv", keep_default_na=False)
+    labels = pd.read_csv(corpus / "labels.csv", keep_default_na=False)
+    return set(phi.value) | set(labels.SeriesInstanceUID) | set(labels.StudyInstanceUID)
+
+
+def _prefect_database() -> Path:
+    from prefect.settings import get_current_settings
+
+    url = str(get_current_settings().server.database.connection_url.get_secret_value())
+    return Path(url.split("///", 1)[1])
+
+
+def test_ingest_flow_accepts_quarantines_logs_and_leaks_nothing(
+        mixed_corpus: Path, mlflow_env: str, tmp_path: Path) -> None:
+    from tests.conftest import PREFECT_HOME
+
+    result = ingest(src=mixed_corpus, config=IngestConfig(workers=2))
+    work = Path(str(result["work"]))
+    faults = pd.read_csv(mixed_corpus / "faults.csv", keep_default_na=False)
+    quarantine = pd.read_csv(work / "ingest/quarantine.csv", keep_default_na=False)
+    assert set(quarantine.source_path) == set(faults.path) and len(faults) > 0
+    labels = pd.read_csv(mixed_corpus / "labels.csv")
+    assert result["accepted_series"] == len(labels) - faults[faults.scope == "series"].SeriesInstanceUID.nunique()
+
+    client = mlflow.tracking.MlflowClient(mlflow_env)
+    run = client.get_run(str(result["mlflow_run_id"]))
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["ingest.quarantined_files"] == len(quarantine)
+    assert 0 < run.data.metrics["validation.success_share"] <= 1
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "ingest")}
+    assert {"ingest/quarantine.csv", "ingest/expectations.csv", "ingest/ingest_summary.png",
+            "ingest/validation"} <= artifacts
+    docs = {a.path for a in client.list_artifacts(run.info.run_id, "ingest/validation")}
+    assert "ingest/validation/index.html" in docs
+
+    needles = _needles(mixed_corpus)
+    for place in (work, tmp_path / "mlflow", PREFECT_HOME, _prefect_database()):
+        hits = scan_for_phi(place, needles)
+        assert hits == [], f"PHI found under {place}: {hits[:5]}"
+    # The scan is not vacuous: the raw corpus is full of the same needles.
+    assert len(scan_for_phi(mixed_corpus / "case-00001", needles)) > 10
+
+
+def test_cli_ingest_exits_1_when_the_gate_fails(faulty_corpus: Path, mlflow_env: str, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["ingest", str(faulty_corpus), "--work", str(tmp_path / "w")])
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())  # rich wraps long lines
+    assert "gate failed" in text and "Top reasons: wrong_modality" in text
+    ok = CliRunner().invoke(app, ["ingest", str(faulty_corpus), "--work", str(tmp_path / "w"),
+                                  "--max-invalid-fraction", "1.0", "--workers", "1"])
+    assert ok.exit_code == 0, ok.output
+    bad = CliRunner().invoke(app, ["ingest", str(faulty_corpus), "--max-invalid-fraction", "3"])
+    assert bad.exit_code == 2

@@ -1,0 +1,159 @@
+"""De-identification: Annex E actions, options, nested sequences, private tags, UIDs, dates, keys."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pandas as pd
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+
+from dicomops.config import DeidConfig, IngestConfig
+from dicomops.deid import Deidentifier, KeyedMapper, scan_for_phi
+from dicomops.deid.keys import load_or_create_key
+from dicomops.ingest import write_reid_key
+from tests.hostile import ct_slice, to_bytes
+
+KEY = b"deid-test-key-0123456789abcdef01"
+
+
+def _rich_slice() -> Dataset:
+    ds = ct_slice(PatientName="DOE^JANE^Q", PatientBirthDate="19610203", AccessionNumber="ACC998877",
+                  InstitutionName="Saint Aldric General Hospital", ReferringPhysicianName="WHO^DR",
+                  StationName="CT-ROOM-2", DeviceSerialNumber="SN-4411", PatientAge="063Y",
+                  PatientSex="F", PatientWeight=71.5, ContentDate="20240102", StudyTime="101500",
+                  AcquisitionDateTime="20240102101510.5", PatientAddress="12 Juniper Lane, Millbrook",
+                  ImageComments="Patient Jane Doe, MRN 554433", FrameOfReferenceUID="1.2.3.4.99")
+    other = Dataset()
+    other.PatientID = "OLD-MRN-1"
+    other.IssuerOfPatientID = "HOSPITAL-A"
+    ds.OtherPatientIDsSequence = Sequence([other])
+    nested = Dataset()
+    nested.PersonName = "NURSE^BETTY"
+    nested.ReferencedSOPInstanceUID = "1.2.3.4.777"
+    nested.ReferencedSOPClassUID = pydicom.uid.CTImageStorage
+    nested.StudyDate = "20240102"
+    ds.ReferencedImageSequence = Sequence([nested])
+    block = ds.private_block(0x0009, "VENDOR X", create=True)
+    block.add_new(0x01, "LO", "DOE^JANE")
+    return ds
+
+
+@pytest.fixture()
+def deid() -> Deidentifier:
+    return Deidentifier(KeyedMapper(KEY))
+
+
+def test_identifiers_are_removed_and_characteristics_kept(deid: Deidentifier) -> None:
+    ds = deid.dataset(_rich_slice())
+    text = str(ds)
+    for value in ("DOE", "JANE", "19610203", "ACC998877", "Saint Aldric", "WHO^DR", "Juniper",
+                  "554433", "OLD-MRN-1", "NURSE", "HOSTILE-001", "VENDOR X"):
+        assert value not in text, value
+    assert ds.PatientID.startswith("PX-") and ds.PatientName == ds.PatientID
+    assert "PatientBirthDate" not in ds or ds.PatientBirthDate == ""
+    assert (ds.PatientAge, ds.PatientSex, float(ds.PatientWeight)) == ("063Y", "F", 71.5)
+    assert (ds.StationName, ds.DeviceSerialNumber) == ("CT-ROOM-2", "SN-4411")
+    assert ds.Manufacturer == "ACME" and float(ds.KVP) == 120 and ds.StudyTime == "101500"
+    assert ds.PatientIdentityRemoved == "YES"
+    codes = [item.CodeValue for item in ds.DeidentificationMethodCodeSequence]
+    assert codes == ["113100", "113107", "113108", "113109"]
+
+
+def test_private_tags_and_nested_sequences_are_cleaned(deid: Deidentifier) -> None:
+    ds = deid.dataset(_rich_slice())
+    assert not any(elem.tag.is_private for elem in ds.iterall())
+    assert "OtherPatientIDsSequence" not in ds  # X in Annex E
+    ref = ds.ReferencedImageSequence[0]
+    assert str(ref.PersonName) in ("", "ANONYMIZED")  # every person name, however deep
+    assert ref.ReferencedSOPInstanceUID == KeyedMapper(KEY).uid("1.2.3.4.777")
+    assert ref.ReferencedSOPClassUID == pydicom.uid.CTImageStorage  # standard UIDs stay
+    assert ref.StudyDate == KeyedMapper(KEY).shift_date("20240102", "HOSTILE-001")
+
+
+def test_uids_are_remapped_in_file_meta_and_consistently_across_batches() -> None:
+    first = Deidentifier(KeyedMapper(KEY)).dataset(_rich_slice())
+    original = _rich_slice()
+    second_batch = Deidentifier(KeyedMapper(KEY)).dataset(_rich_slice())
+    other_key = Deidentifier(KeyedMapper(b"another-key-0123456789abcdef012")).dataset(_rich_slice())
+    for uid in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+        assert first[uid].value == second_batch[uid].value != original[uid].value
+        assert first[uid].value != other_key[uid].value
+    assert first.file_meta.MediaStorageSOPInstanceUID == first.SOPInstanceUID != original.SOPInstanceUID
+    assert first.PatientID == second_batch.PatientID != other_key.PatientID
+
+
+def test_dates_shift_by_one_offset_per_patient(deid: Deidentifier) -> None:
+    ds = deid.dataset(_rich_slice())
+
+    def days(a: str, b: str) -> int:
+        return (dt.datetime.strptime(a[:8], "%Y%m%d") - dt.datetime.strptime(b[:8], "%Y%m%d")).days
+
+    shift = days("20240102", ds.StudyDate)
+    assert 2922 <= shift < 2922 + 730
+    assert days("20240102", ds.ContentDate) == shift
+    assert days("20240102", ds.AcquisitionDateTime) == shift and ds.AcquisitionDateTime.endswith("101510.5")
+    later = _rich_slice()
+    later.StudyDate, later.SeriesInstanceUID = "20240110", "1.2.3.4.6"  # same patient, next study
+    assert days("20240110", deid.dataset(later).StudyDate) == shift
+    mapper = KeyedMapper(KEY)
+    offsets = {mapper.date_offset_days(f"P{i}") for i in range(50)}
+    assert len(offsets) > 40  # per patient, not one global shift
+
+
+def test_written_file_reads_back_with_a_zero_preamble(deid: Deidentifier, tmp_path: Path) -> None:
+    ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(to_bytes(_rich_slice())))
+    ds.preamble = b"MZ" + b"\x90" * 126
+    deid.dataset(ds)
+    ds.save_as(tmp_path / "out.dcm", enforce_file_format=True)
+    raw = (tmp_path / "out.dcm").read_bytes()
+    assert raw[:128] == b"\x00" * 128
+    assert pydicom.dcmread(tmp_path / "out.dcm").PatientIdentityRemoved == "YES"
+
+
+def test_scan_for_phi_finds_values_in_every_format(tmp_path: Path) -> None:
+    (tmp_path / "a.dcm").write_bytes(to_bytes(_rich_slice()))
+    pd.DataFrame({"x": ["Jane Doe was here"] * 200}).to_parquet(tmp_path / "t.parquet")
+    import sqlite3
+
+    con = sqlite3.connect(tmp_path / "m.db")
+    con.execute("create table t (v text)")
+    con.execute("insert into t values ('ACC998877')")
+    con.commit()
+    con.close()
+    (tmp_path / "r.html").write_text("<td>Saint Aldric General Hospital</td>")
+    hits = scan_for_phi(tmp_path, ["DOE^JANE", "jane doe", "ACC998877", "saint aldric", "ab"])
+    found = {(Path(h.path).name, h.needle) for h in hits}
+    assert ("a.dcm", "doe^jane") in found and ("a.dcm", "acc998877") in found
+    assert ("t.parquet", "jane doe") in found and ("m.db", "acc998877") in found
+    assert ("r.html", "saint aldric") in found
+    assert not any(h.needle == "ab" for h in hits)  # too short to mean anything
+    assert scan_for_phi(tmp_path, ["nothing-like-this"]) == []
+
+
+def test_key_is_created_once_outside_the_work_dir(tmp_path: Path) -> None:
+    path = tmp_path / "cfg" / "deid.key"
+    first = load_or_create_key(None, path)
+    assert load_or_create_key(None, path) == first and len(first) == 64
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert load_or_create_key("explicit-secret-0123456789") == b"explicit-secret-0123456789"
+    with pytest.raises(ValueError, match="DICOMOPS_DEID_KEY"):
+        KeyedMapper(b"short")
+
+
+def test_reid_key_only_outside_work(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    pd.DataFrame({"PatientID": ["MRN1", "MRN2"]}).to_csv(src / "labels.csv", index=False)
+    inside = IngestConfig(deid=DeidConfig(reid_key_path=tmp_path / "work" / "key.csv"))
+    with pytest.raises(ValueError, match="inside the work directory"):
+        write_reid_key(src, tmp_path / "work", inside, KEY)
+    outside = IngestConfig(deid=DeidConfig(reid_key_path=tmp_path / "vault" / "key.csv"))
+    path = write_reid_key(src, tmp_path / "work", outside, KEY)
+    assert path is not None
+    table = pd.read_csv(path)
+    assert table.PatientID.tolist() == ["MRN1", "MRN2"]
+    assert table.pseudonym.tolist() == [KeyedMapper(KEY).pseudonym(p) for p in ("MRN1", "MRN2")]

@@ -1,0 +1,100 @@
+"""Series assembly: geometric order, gaps, duplicates, tilt, mixed orientation and spacing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from dicomops.dicom.series import GeometryTolerance, assemble_series
+
+
+def _series(z: list[float], uid: str = "S1", *, shift_x_per_slice: float = 0.0,
+            orientation: tuple[float, ...] = (1, 0, 0, 0, 1, 0), spacing: float = 0.7,
+            instance_numbers: list[int] | None = None) -> pd.DataFrame:
+    rows = []
+    for k, zk in enumerate(z):
+        rows.append({
+            "source_path": f"{uid}/{k:03d}", "SOPInstanceUID": f"{uid}.{k}", "SeriesInstanceUID": uid,
+            "StudyInstanceUID": "ST", "PatientID": "PX-A", "Rows": 64, "Columns": 64,
+            "PixelSpacing_0": spacing, "PixelSpacing_1": spacing,
+            "ImagePositionPatient_0": k * shift_x_per_slice, "ImagePositionPatient_1": 0.0,
+            "ImagePositionPatient_2": zk,
+            **{f"ImageOrientationPatient_{i}": float(v) for i, v in enumerate(orientation)},
+            "InstanceNumber": (instance_numbers or list(range(1, len(z) + 1)))[k],
+            "GantryDetectorTilt": 0.0, "Manufacturer": "ACME",
+        })
+    return pd.DataFrame(rows)
+
+
+TOL = GeometryTolerance(min_slices=4)
+
+
+def test_orders_by_position_not_by_instance_number_or_name() -> None:
+    z = [5.0, 1.0, 3.0, 2.0, 4.0]
+    result = assemble_series(_series(z, instance_numbers=[9, 3, 1, 7, 5]), TOL)
+    assert result.quarantine.empty
+    ordered = result.instances.sort_values("slice_index")
+    assert ordered.ImagePositionPatient_2.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert result.series.iloc[0].slice_spacing == 1.0
+
+
+def test_reversed_order_and_feet_first_normal() -> None:
+    # Orientation with the column direction flipped: the normal points to -z, so slice order
+    # follows descending z; a z-sorting implementation gets it backwards.
+    result = assemble_series(_series([0.0, 1.0, 2.0, 3.0], orientation=(1, 0, 0, 0, -1, 0)), TOL)
+    ordered = result.instances.sort_values("slice_index")
+    assert ordered.ImagePositionPatient_2.tolist() == [3.0, 2.0, 1.0, 0.0]
+    assert result.series.iloc[0].normal_2 == -1.0
+
+
+def test_true_spacing_differs_from_thickness() -> None:
+    result = assemble_series(_series(list(np.arange(8) * 0.625)), TOL)
+    assert abs(result.series.iloc[0].slice_spacing - 0.625) < 1e-9
+
+
+def test_gap_is_quarantined_as_a_whole_series() -> None:
+    result = assemble_series(_series([0.0, 1.0, 2.0, 4.0, 5.0]), TOL)
+    assert result.instances.empty
+    assert set(result.quarantine.reason) == {"geometry:gap"} and len(result.quarantine) == 5
+
+
+def test_duplicate_position() -> None:
+    result = assemble_series(_series([0.0, 1.0, 1.0, 2.0, 3.0]), TOL)
+    assert set(result.quarantine.reason) == {"geometry:duplicate_position"}
+
+
+def test_nonuniform_spacing() -> None:
+    result = assemble_series(_series([0.0, 1.0, 2.0, 3.3, 4.3, 5.3]), TOL)
+    assert set(result.quarantine.reason) == {"geometry:nonuniform_spacing"}
+
+
+def test_gantry_tilt_from_positions() -> None:
+    # 0.2 mm lateral drift per 1 mm slice is an 11 degree tilt.
+    result = assemble_series(_series([0.0, 1.0, 2.0, 3.0, 4.0], shift_x_per_slice=0.2), TOL)
+    assert set(result.quarantine.reason) == {"geometry:gantry_tilt"}
+    small = assemble_series(_series([0.0, 1.0, 2.0, 3.0, 4.0], shift_x_per_slice=0.001), TOL)
+    assert small.quarantine.empty and small.series.iloc[0].tilt_degrees < 0.1
+
+
+def test_mixed_orientation_and_pixel_spacing() -> None:
+    a = _series([0.0, 1.0, 2.0, 3.0])
+    a.loc[2, "ImageOrientationPatient_0"] = 0.9
+    assert set(assemble_series(a, TOL).quarantine.reason) == {"geometry:orientation"}
+    b = _series([0.0, 1.0, 2.0, 3.0])
+    b.loc[1, "PixelSpacing_0"] = 0.9
+    assert set(assemble_series(b, TOL).quarantine.reason) == {"geometry:pixel_spacing"}
+
+
+def test_duplicate_instance_keeps_the_first_copy() -> None:
+    frame = _series([0.0, 1.0, 2.0, 3.0])
+    copy = frame.iloc[[1]].assign(source_path="S1/zzz_copy")
+    result = assemble_series(pd.concat([frame, copy]), TOL)
+    assert result.quarantine.to_dict("records") == [
+        {"source_path": "S1/zzz_copy", "reason": "duplicate_instance",
+         "detail": "same SOPInstanceUID as an earlier file"}]
+    assert len(result.instances) == 4
+
+
+def test_too_few_slices() -> None:
+    result = assemble_series(_series([0.0, 1.0]), TOL)
+    assert set(result.quarantine.reason) == {"geometry:too_few_slices"}
