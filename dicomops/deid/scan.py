@@ -8,6 +8,7 @@ else), so a value hidden by compression or encoding is still found.
 from __future__ import annotations
 
 import io
+import re
 import sqlite3
 import zipfile
 from dataclasses import dataclass
@@ -88,20 +89,46 @@ def _texts(path: Path) -> list[tuple[str, str]]:
     return texts
 
 
-def scan_for_phi(root: Path, needles: list[str] | set[str]) -> list[Hit]:
-    """Every occurrence of any needle (case-insensitive) in any file under `root`.
+_TOKEN = re.compile(r"[a-z0-9]+")
 
-    Needles shorter than four characters are ignored: they would match by chance.
+
+class _Matcher:
+    """Finds needles as runs of whole alphanumeric tokens, in one pass over a text's tokens.
+
+    Token matching ignores separators (``DOE^JANE`` matches ``Doe Jane``) and never matches inside a
+    longer token, so a date such as ``20230915`` is not reported inside a numeric UID.
     """
-    wanted = sorted({n.strip().lower() for n in needles if len(n.strip()) >= MIN_NEEDLE})
+
+    def __init__(self, needles: list[str] | set[str]) -> None:
+        self.by_first: dict[str, list[tuple[tuple[str, ...], str]]] = {}
+        for needle in needles:
+            tokens = tuple(_TOKEN.findall(needle.lower()))
+            if not tokens or sum(map(len, tokens)) < MIN_NEEDLE:
+                continue
+            self.by_first.setdefault(tokens[0], []).append((tokens, needle))
+
+    def find(self, text: str) -> set[str]:
+        tokens = _TOKEN.findall(text.lower())
+        found: set[str] = set()
+        for i, token in enumerate(tokens):
+            for seq, needle in self.by_first.get(token, ()):
+                if len(seq) == 1 or tuple(tokens[i : i + len(seq)]) == seq:
+                    found.add(needle)
+        return found
+
+
+def scan_for_phi(root: Path, needles: list[str] | set[str]) -> list[Hit]:
+    """Every file under `root` holding any needle, matched case-insensitively on whole tokens.
+
+    Needles with fewer than four alphanumeric characters are ignored: they would match by chance.
+    """
+    matcher = _Matcher(needles)
     hits: list[Hit] = []
     root = Path(root)
-    if not root.exists():
+    if not root.exists() or not matcher.by_first:
         return hits
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         for where, text in _texts(path):
-            lowered = text.lower()
-            for needle in wanted:
-                if needle in lowered:
-                    hits.append(Hit(str(path), needle, where))
+            for needle in sorted(matcher.find(text)):
+                hits.append(Hit(str(path), needle, where))
     return hits

@@ -127,11 +127,17 @@ def test_scan_for_phi_finds_values_in_every_format(tmp_path: Path) -> None:
     (tmp_path / "r.html").write_text("<td>Saint Aldric General Hospital</td>")
     hits = scan_for_phi(tmp_path, ["DOE^JANE", "jane doe", "ACC998877", "saint aldric", "ab"])
     found = {(Path(h.path).name, h.needle) for h in hits}
-    assert ("a.dcm", "doe^jane") in found and ("a.dcm", "acc998877") in found
-    assert ("t.parquet", "jane doe") in found and ("m.db", "acc998877") in found
+    assert ("a.dcm", "DOE^JANE") in found and ("a.dcm", "ACC998877") in found
+    assert ("t.parquet", "jane doe") in found and ("m.db", "ACC998877") in found
     assert ("r.html", "saint aldric") in found
     assert not any(h.needle == "ab" for h in hits)  # too short to mean anything
     assert scan_for_phi(tmp_path, ["nothing-like-this"]) == []
+    # Whole tokens only: a date inside a long numeric UID is not a hit, the date alone is.
+    (tmp_path / "uid.txt").write_text("UID 2.25.232023091588184 and on 20230915 seen")
+    dates = {Path(h.path).name for h in scan_for_phi(tmp_path, ["20230915"])}
+    assert dates == {"uid.txt"}
+    (tmp_path / "uid.txt").write_text("UID 2.25.232023091588184")
+    assert scan_for_phi(tmp_path, ["20230915"]) == []
 
 
 def test_key_is_created_once_outside_the_work_dir(tmp_path: Path) -> None:
