@@ -129,6 +129,30 @@ def ingest(
 
 
 @app.command()
+def preprocess(
+    work: Annotated[Path | None, typer.Option(help="Work directory of an earlier ingest.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes (one series each).")] = None,
+    config: Annotated[Path | None, typer.Option(help="PipelineConfig YAML; its preprocess section applies.")] = None,
+) -> None:
+    """Turn accepted, de-identified series into cached 1 mm volumes, image features and 2.5D slabs."""
+    from flows.preprocess import preprocess as preprocess_flow
+
+    cfg = (PipelineConfig.from_yaml(config) if config else PipelineConfig()).preprocess
+    if workers is not None:
+        try:
+            cfg = cfg.model_validate(cfg.model_dump() | {"workers": workers})
+        except ValueError as err:
+            raise typer.BadParameter(str(err)) from err
+    try:
+        result = preprocess_flow(work=work.resolve() if work else None, config=cfg)
+    except ValueError as err:
+        console.print(f"[red]cannot preprocess:[/] {err}")
+        raise typer.Exit(2) from err
+    console.print(f"[green]preprocess finished[/]: {result['computed']} computed, {result['cached']} "
+                  f"cached, {result['failed']} failed; outputs in {result['work']}/preprocessed")
+
+
+@app.command()
 def run(
     src: Annotated[Path, typer.Argument(help="Folder of DICOM studies (the demo corpus is data/).")] = Path("data"),
     work: Annotated[Path | None, typer.Option(help="Work directory (default: DICOMOPS_WORK_DIR or ./work).")] = None,

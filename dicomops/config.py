@@ -86,11 +86,44 @@ class IngestConfig(_Section):
     deid: DeidConfig = DeidConfig()
 
 
+class PreprocessConfig(_Section):
+    """HU volumes at a fixed spacing, windowed and normalised, cropped around the body; 2.5D slabs."""
+
+    spacing_mm: tuple[float, float, float] = Field((1.0, 1.0, 1.0), description="Target voxel size (RAS).")
+    window: Literal["lung", "soft_tissue", "bone", "header", "custom", "none"] = Field(
+        "lung", description="A preset, the header's window, a custom one, or none (keep HU).")
+    window_center: float | None = None
+    window_width: float | None = None
+    header_window_index: int = Field(0, ge=0, description="Which header window when there are several.")
+    histogram_equalize: bool = False
+    crop_xy: int = Field(320, ge=8, le=1024, description="In-plane size in voxels, centred on the body.")
+    slab_slices: int = Field(3, ge=1, le=15, description="k adjacent slices as channels (odd).")
+    negative_ratio: float = Field(1.0, ge=0, description="Negative slices sampled per positive slice.")
+    min_positive_voxels: int = Field(3, ge=1, description="Mask voxels that make a slice positive.")
+    seed: int = 0
+    workers: int = Field(2, ge=1, le=64)
+
+    @field_validator("slab_slices")
+    @classmethod
+    def _odd_slab(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError(f"slab_slices must be odd so a slab has a centre slice, got {value}")
+        return value
+
+    @field_validator("spacing_mm")
+    @classmethod
+    def _positive_spacing(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(value) <= 0:
+            raise ValueError(f"spacing_mm must be positive, got {value}")
+        return value
+
+
 class PipelineConfig(_Section):
     """Everything a pipeline run can be told; one section per stage."""
 
     synth: SynthConfig = SynthConfig()
     ingest: IngestConfig = IngestConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
     experiment: str = Field("dicomops", description="MLflow experiment for pipeline runs.")
 
     @classmethod

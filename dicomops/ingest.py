@@ -10,6 +10,8 @@ that read them.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import io as io_module
 import os
 import shutil
 from collections.abc import Callable
@@ -109,7 +111,7 @@ def validate_headers(work: Path, cfg: IngestConfig) -> Path:
         "success": outcome.success, "success_share": outcome.success_share,
         "expectations": len(outcome.table),
         "failed_critical": sorted(outcome.failed_rows),
-        "docs": str(outcome.docs_index.relative_to(Path(work))) if outcome.docs_index else None,
+        "docs": str(outcome.docs_index.relative_to(Path(work).resolve())) if outcome.docs_index else None,
     })
     first_failure: dict[int, str] = {}
     for name in sorted(outcome.failed_rows):
@@ -196,11 +198,11 @@ def deidentify_file(source: str, dest: str, key: bytes, table_version: str) -> d
             deid = _DEIDENTIFIERS[(key, table_version)] = Deidentifier(KeyedMapper(key), table_version)
         ds = pydicom.dcmread(source)
         deid.dataset(ds)
-        tmp = f"{dest}.{os.getpid()}.tmp"
-        Path(dest).parent.mkdir(parents=True, exist_ok=True)
-        ds.save_as(tmp, enforce_file_format=True)
-        os.replace(tmp, dest)
-        return {"reason": ""}
+        buffer = io_module.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        data = buffer.getvalue()
+        io.write_bytes(Path(dest), data)
+        return {"reason": "", "sha256": hashlib.sha256(data).hexdigest()}
     except RecursionError:
         return {"reason": "deid_failed", "detail": "sequences nested too deep"}
     except Exception as err:
@@ -223,6 +225,7 @@ def deidentify_corpus(src: Path, work: Path, cfg: IngestConfig, key: bytes, prog
         deidentify_file, items, args=(key, cfg.deid.table_version),
         on_failure=lambda item, why: {"reason": "deid_failed", "detail": why},
         workers=cfg.workers, chunk_size=64, seconds_per_item=cfg.seconds_per_file, progress=progress)
+    instances["sha256"] = [r.get("sha256", "") for r in results]
     failed_series = {s for s, r in zip(instances.SeriesInstanceUID, results, strict=True) if r["reason"]}
     if failed_series:
         bad = instances[instances.SeriesInstanceUID.isin(failed_series)]

@@ -9,6 +9,7 @@ from prefect import flow
 from dicomops.config import PipelineConfig, load_settings
 from dicomops.tracking import flatten_params
 from flows.ingest import ingest
+from flows.preprocess import preprocess
 from tasks.tracking import close_run, hash_corpus, log_input_counts, open_run
 
 
@@ -24,9 +25,11 @@ def pipeline(src: Path, config: PipelineConfig = PipelineConfig(), work: Path | 
     try:
         log_input_counts(uri, run_id, src)
         gate = ingest(src, work, config.ingest, config.experiment, parent_run_id=run_id)
+        prepared = preprocess(work, config.preprocess, config.experiment, parent_run_id=run_id)
     except BaseException:
         close_run(uri, run_id, "FAILED")
         raise
     close_run(uri, run_id)
     return {"mlflow_run_id": run_id, "data_dvc_md5": data_hash, "work": str(work),
-            "ingest_run_id": str(gate["mlflow_run_id"]), "accepted_series": str(gate["accepted_series"])}
+            "ingest_run_id": str(gate["mlflow_run_id"]), "accepted_series": str(gate["accepted_series"]),
+            "preprocess_run_id": str(prepared["mlflow_run_id"])}

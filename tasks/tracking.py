@@ -46,3 +46,13 @@ def log_ingest(tracking_uri: str, run_id: str, work: Path) -> dict[str, float]:
     tracking.log_artifacts(tracking_uri, run_id, [paths.docs], "ingest")
     tracking.set_tags(tracking_uri, run_id, {"deid.profile": "PS3.15 E.1 basic + 113107/113108/113109"})
     return metrics
+
+
+@task(name="log-preprocess", retries=2, retry_delay_seconds=[2, 10])
+def log_preprocess(tracking_uri: str, run_id: str, work: Path, summary: dict[str, int]) -> None:
+    from dicomops.preprocessing import stage
+
+    tracking.log_metrics(tracking_uri, run_id, {f"preprocess.{k}": float(v) for k, v in summary.items()})
+    root = work / "preprocessed"
+    tracking.log_artifacts(tracking_uri, run_id, [root / "features.parquet", root / "failures.csv",
+                                                  stage.plot_samples(work)], "preprocess")

@@ -18,8 +18,22 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def _run_chunk(func: Callable[..., R], chunk: Sequence[Any], args: tuple[Any, ...]) -> list[R]:
-    return [func(*item, *args) for item in chunk]
+class _ItemError:
+    """An exception raised by the mapped function for one item (the rest of the chunk goes on)."""
+
+    def __init__(self, err: BaseException) -> None:
+        self.reason = f"worker_error:{type(err).__name__}"
+
+
+def _call(func: Callable[..., R], item: tuple[Any, ...], args: tuple[Any, ...]) -> R | _ItemError:
+    try:
+        return func(*item, *args)
+    except Exception as err:
+        return _ItemError(err)
+
+
+def _run_chunk(func: Callable[..., R], chunk: Sequence[Any], args: tuple[Any, ...]) -> list[R | _ItemError]:
+    return [_call(func, item, args) for item in chunk]
 
 
 def _kill(pool: ProcessPoolExecutor) -> None:
@@ -45,8 +59,8 @@ def map_isolated(
         func: a top-level function (it is pickled to the workers) that returns a small result.
         items: argument tuples, one per call.
         args: extra arguments appended to every call.
-        on_failure: builds the result for an item whose worker crashed (``"worker_crashed"``) or
-            ran past its time (``"timeout"``).
+        on_failure: builds the result for an item whose worker crashed (``"worker_crashed"``), ran
+            past its time (``"timeout"``) or raised (``"worker_error:<ExceptionType>"``).
         workers: processes; 1 runs in this process (no crash isolation, for tests and debugging).
         chunk_size: items per task; small results per item keep pickling cheap.
         seconds_per_item: a chunk may take ``len(chunk) * seconds_per_item`` seconds.
@@ -56,10 +70,10 @@ def map_isolated(
     results: list[Any] = [None] * total
     if workers <= 1:
         for i, item in enumerate(items):
-            results[i] = func(*item, *args)
+            results[i] = _call(func, item, args)
             if progress and (i % 64 == 63 or i == total - 1):
                 progress(i + 1, total)
-        return results
+        return _resolve(results, items, on_failure)
 
     queue: list[list[int]] = [list(range(i, min(i + chunk_size, total))) for i in range(0, total, chunk_size)]
     suspects: list[int] = []  # items of a chunk that broke the pool: retried one at a time
@@ -116,4 +130,10 @@ def map_isolated(
                 progress(sum(r is not None for r in results), total)
     finally:
         _kill(pool) if running else pool.shutdown(wait=True)
-    return results
+    return _resolve(results, items, on_failure)
+
+
+def _resolve(results: list[Any], items: Sequence[tuple[Any, ...]],
+             on_failure: Callable[[tuple[Any, ...], str], R]) -> list[R]:
+    return [on_failure(item, r.reason) if isinstance(r, _ItemError) else r
+            for item, r in zip(items, results, strict=True)]

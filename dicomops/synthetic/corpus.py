@@ -229,7 +229,11 @@ def _fault_row(path: str, fault: str, scope: str, plan: SeriesPlan, r: RenderedS
 
 
 def write_npz_deterministic(path: Path, **arrays: np.ndarray) -> None:
-    """Like ``np.savez_compressed`` but with fixed zip timestamps, so the bytes are reproducible."""
+    """Like ``np.savez_compressed`` but with fixed zip timestamps, so the bytes are reproducible.
+
+    The byte layout is part of the corpus hash recorded in ``data.dvc``: change it only with a
+    new ``GENERATOR_VERSION``.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for name, array in arrays.items():

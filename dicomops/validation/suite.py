@@ -113,7 +113,7 @@ def validate_table(table: pd.DataFrame, specs: list[ExpectationSpec], docs_dir: 
     for spec in specs:
         if spec.column not in frame:
             frame[spec.column] = None
-    docs_dir = Path(docs_dir)
+    docs_dir = Path(docs_dir).resolve()  # GX wants an absolute base directory
     docs_dir.mkdir(parents=True, exist_ok=True)
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)

@@ -1,0 +1,44 @@
+"""2.5D samples: k adjacent slices as channels, labelled by the nodule mask of the centre slice.
+
+Sampling: every positive slice (at least ``min_positive_voxels`` mask voxels) plus
+``negative_ratio`` times as many negative slices drawn at random with a seed, per series; a series
+without positives contributes negatives in the same proportion to the corpus average, so negative
+series are seen. Slab edges repeat the first or last slice.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+
+def slice_labels(mask: np.ndarray, min_voxels: int) -> np.ndarray:
+    """1 for slices (last axis) whose mask has at least `min_voxels` voxels."""
+    return (mask.reshape(-1, mask.shape[-1]).sum(axis=0) >= min_voxels).astype(np.int8)
+
+
+def slab(volume: np.ndarray, z: int, k: int) -> np.ndarray:
+    """Slices ``z - k//2 … z + k//2`` of a (X, Y, Z) volume as a (k, X, Y) array, edges repeated."""
+    idx = np.clip(np.arange(z - k // 2, z + k // 2 + 1), 0, volume.shape[-1] - 1)
+    return np.moveaxis(volume[..., idx], -1, 0)
+
+
+def sample_slabs(index: pd.DataFrame, labels_by_series: dict[str, np.ndarray], negative_ratio: float,
+                 seed: int) -> pd.DataFrame:
+    """The (series, z, slice_label, series_label) table that training draws from."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    positives_total = sum(int(v.sum()) for v in labels_by_series.values())
+    series_total = max(len(labels_by_series), 1)
+    per_negative_series = round(negative_ratio * positives_total / series_total)
+    for row in index.itertuples():
+        lab = labels_by_series[row.SeriesInstanceUID]
+        pos = np.flatnonzero(lab == 1)
+        neg = np.flatnonzero(lab == 0)
+        n_neg = round(negative_ratio * len(pos)) if len(pos) else per_negative_series
+        n_neg = min(max(n_neg, 1), len(neg))
+        chosen_neg = rng.choice(neg, size=n_neg, replace=False) if n_neg else np.array([], int)
+        for z in sorted(pos.tolist() + chosen_neg.tolist()):
+            rows.append({"SeriesInstanceUID": row.SeriesInstanceUID, "z": int(z),
+                         "slice_label": int(lab[z]), "series_label": int(row.label)})
+    return pd.DataFrame(rows, columns=["SeriesInstanceUID", "z", "slice_label", "series_label"])

@@ -1,0 +1,205 @@
+"""The preprocessing stage over a work directory: cache-aware, parallel over series.
+
+Reads only the gate's outputs (``ingest/accepted.parquet``, ``deid/``); writes
+``preprocessed/volumes/<key>.npz`` (image in [0, 1] as float16, nodule mask, affine) with a JSON
+of its metadata beside it, then ``preprocessed/index.parquet`` (one row per series),
+``features.parquet`` (header and image statistics for the drift monitor) and ``slabs.parquet``
+(the 2.5D samples for training).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dicomops import io
+from dicomops.config import PreprocessConfig
+from dicomops.dicom.parallel import map_isolated
+from dicomops.preprocessing.slabs import sample_slabs, slice_labels
+
+CODE_VERSION = "1"  # bump when a change alters preprocessed output; every cache entry is then stale
+VOLUME_FIELDS = ("spacing_mm", "window", "window_center", "window_width", "header_window_index",
+                 "histogram_equalize", "crop_xy", "min_positive_voxels")
+HEADER_FEATURES = ("Manufacturer", "ManufacturerModelName", "ConvolutionKernel", "KVP", "SliceThickness",
+                   "PixelSpacing_0", "slice_spacing", "XRayTubeCurrent")
+
+
+def series_content_hash(instances: pd.DataFrame) -> str:
+    """Hash of a series' de-identified files, in slice order (from the gate's per-file sha256)."""
+    h = hashlib.sha256()
+    for digest in instances.sort_values("slice_index")["sha256"]:
+        h.update(str(digest).encode())
+    return h.hexdigest()
+
+
+def cache_key(content_hash: str, cfg: PreprocessConfig) -> str:
+    """Content, the settings that change a volume, and the code version: any change, new key."""
+    settings = cfg.model_dump(mode="json", include=set(VOLUME_FIELDS))
+    blob = json.dumps({"content": content_hash, "config": settings, "code": CODE_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _aligned_mask(mask_file: Path, z_positions: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """The generator's mask (acquisition order) re-ordered to the volume's slices by z position."""
+    out = np.zeros(shape, dtype=np.uint8)
+    with np.load(mask_file) as npz:
+        mask, ipp_z = npz["mask"], npz["ipp_z"]
+    for k, z in enumerate(z_positions):
+        match = np.flatnonzero(np.abs(ipp_z - z) < 1e-3)
+        if match.size:
+            out[:, :, k] = mask[match[0]].T  # (rows, cols) -> (cols, rows)
+    return out
+
+
+def preprocess_one(records: list[dict[str, Any]], deid_root: str, mask_path: str, cfg_json: str,
+                   out_path: str) -> dict[str, Any]:
+    """Worker: assemble, transform and cache one series; return its metadata (small)."""
+    import torch
+    from monai.data import MetaTensor
+
+    from dicomops.preprocessing.features import image_features
+    from dicomops.preprocessing.transforms import build_transforms
+    from dicomops.preprocessing.volume import load_series
+
+    cfg = PreprocessConfig.model_validate_json(cfg_json)
+    instances = pd.DataFrame.from_records(records).sort_values("slice_index")
+    try:
+        volume = load_series(instances, Path(deid_root))
+    except Exception as err:
+        return {"reason": "unreadable_pixels", "detail": type(err).__name__}
+    features = image_features(volume.hu, volume.affine)
+    data: dict[str, Any] = {"image": MetaTensor(torch.from_numpy(volume.hu)[None], affine=torch.as_tensor(volume.affine)),
+                            "windows": volume.windows}
+    if mask_path:
+        mask = _aligned_mask(Path(mask_path), instances.ImagePositionPatient_2.to_numpy(float), volume.hu.shape)
+        data["mask"] = MetaTensor(torch.from_numpy(mask.astype(np.float32))[None], affine=torch.as_tensor(volume.affine))
+    out = build_transforms(cfg, train=False)(data)
+    image = out["image"][0].numpy().astype(np.float16)
+    mask_out = (out["mask"][0].numpy() > 0.5).astype(np.uint8) if "mask" in out else np.zeros(image.shape, np.uint8)
+    affine = np.asarray(out["image"].affine, dtype=np.float64)
+    path = Path(out_path)
+    io.write_npz(path, image=image, mask=mask_out, affine=affine)
+    labels = slice_labels(mask_out, cfg.min_positive_voxels)
+    meta = {"reason": "", "shape": list(image.shape), "window": list(out["window"]),
+            "slice_labels": labels.tolist(), "features": features}
+    io.write_json(path.with_suffix(".json"), meta)
+    return meta
+
+
+def preprocess_corpus(work: Path, cfg: PreprocessConfig,
+                      progress: Callable[[int, int], None] | None = None) -> dict[str, int]:
+    """Preprocess every accepted series that is not already cached; write the tables."""
+    work = Path(work)
+    accepted_path = work / "ingest" / "accepted.parquet"
+    if not accepted_path.exists():
+        raise ValueError(f"{accepted_path} does not exist; run 'dicomops ingest SRC --work {work}' first")
+    accepted = pd.read_parquet(accepted_path)
+    if "sha256" not in accepted:
+        raise ValueError(f"{accepted_path} comes from an older dicomops without file hashes; re-run "
+                         f"'dicomops ingest SRC --work {work}'")
+    labels_path = work / "deid" / "labels.csv"
+    labels = pd.read_csv(labels_path, keep_default_na=False).set_index("SeriesInstanceUID") \
+        if labels_path.exists() else pd.DataFrame()
+    out_dir = work / "preprocessed" / "volumes"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg_json = cfg.model_dump_json()
+    plan: list[tuple[str, str, pd.DataFrame]] = []
+    for uid, group in accepted.groupby("SeriesInstanceUID", sort=True):
+        plan.append((str(uid), cache_key(series_content_hash(group), cfg), group))
+    todo = [(uid, key, group) for uid, key, group in plan if not (out_dir / f"{key}.json").exists()]
+    items = []
+    for uid, key, group in todo:
+        mask = ""
+        if uid in labels.index and labels.loc[uid, "mask_path"]:
+            mask = str(work / "deid" / str(labels.loc[uid, "mask_path"]))
+        items.append((group.to_dict("records"), str(work / "deid"), mask, cfg_json, str(out_dir / f"{key}.npz")))
+    results = map_isolated(preprocess_one, items, on_failure=lambda item, why: {"reason": why, "detail": why},
+                           workers=cfg.workers, chunk_size=1, seconds_per_item=900, progress=progress)
+    failures = [{"SeriesInstanceUID": uid, "reason": r["reason"], "detail": r.get("detail", "")}
+                for (uid, _, _), r in zip(todo, results, strict=True) if r.get("reason")]
+    _write_tables(work, cfg, plan, labels, {f["SeriesInstanceUID"] for f in failures})
+    io.write_csv(work / "preprocessed" / "failures.csv",
+                 pd.DataFrame(failures, columns=["SeriesInstanceUID", "reason", "detail"]))
+    keep = {key for _, key, _ in plan}
+    for stale in out_dir.iterdir():
+        if stale.name.split(".")[0] not in keep:
+            stale.unlink()
+    return {"series": len(plan), "computed": len(todo) - len(failures), "cached": len(plan) - len(todo),
+            "failed": len(failures)}
+
+
+def _write_tables(work: Path, cfg: PreprocessConfig, plan: list[tuple[str, str, pd.DataFrame]],
+                  labels: pd.DataFrame, failed: set[str]) -> None:
+    rows, feature_rows, label_arrays = [], [], {}
+    for uid, key, group in plan:
+        if uid in failed:
+            continue
+        meta = io.read_json(work / "preprocessed" / "volumes" / f"{key}.json")
+        first = group.iloc[0]
+        label = int(labels.loc[uid, "label"]) if uid in labels.index else -1
+        vendor = str(labels.loc[uid, "vendor"]) if uid in labels.index and "vendor" in labels else str(first.Manufacturer)
+        arr = np.asarray(meta["slice_labels"], dtype=np.int8)
+        label_arrays[uid] = arr
+        rows.append({"SeriesInstanceUID": uid, "PatientID": first.PatientID, "vendor": vendor,
+                     "Manufacturer": first.Manufacturer, "label": label, "cache_key": key,
+                     "path": f"volumes/{key}.npz", "n_z": int(meta["shape"][-1]),
+                     "positive_slices": int(arr.sum()), "window_center": meta["window"][0],
+                     "window_width": meta["window"][1]})
+        header = {c: first.get(c) for c in HEADER_FEATURES}
+        header["n_slices"] = len(group)
+        feature_rows.append({"SeriesInstanceUID": uid, "vendor": vendor, **header, **meta["features"]})
+    index = pd.DataFrame(rows)
+    io.write_parquet(work / "preprocessed" / "index.parquet", index)
+    io.write_parquet(work / "preprocessed" / "features.parquet", pd.DataFrame(feature_rows))
+    labelled = index[index.label >= 0] if len(index) else index
+    slabs = sample_slabs(labelled, label_arrays, cfg.negative_ratio, cfg.seed) if len(labelled) else \
+        pd.DataFrame(columns=["SeriesInstanceUID", "z", "slice_label", "series_label"])
+    io.write_parquet(work / "preprocessed" / "slabs.parquet", slabs)
+
+
+def corpus_content_hash(work: Path) -> str:
+    """One hash over every accepted, de-identified file: what the preprocessed data derives from."""
+    accepted = pd.read_parquet(Path(work) / "ingest" / "accepted.parquet", columns=["deid_path", "sha256"])
+    h = hashlib.sha256()
+    for path, digest in sorted(zip(accepted.deid_path, accepted.sha256, strict=True)):
+        h.update(f"{path}:{digest}\n".encode())
+    return h.hexdigest()
+
+
+def plot_samples(work: Path, per_vendor: int = 2) -> Path:
+    """A grid of preprocessed slices per vendor (the most nodule-rich slice of positive series)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    root = Path(work) / "preprocessed"
+    index = pd.read_parquet(root / "index.parquet")
+    picks = (index.sort_values(["vendor", "positive_slices"], ascending=[True, False])
+             .groupby("vendor").head(per_vendor))
+    n = max(len(picks), 1)
+    cols = min(n, 4)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, row in zip(axes.ravel(), picks.itertuples(), strict=False):
+        with np.load(root / row.path) as npz:
+            image, mask = npz["image"].astype(np.float32), npz["mask"]
+        z = int(np.argmax(mask.sum(axis=(0, 1)))) if mask.any() else image.shape[-1] // 2
+        ax.imshow(image[:, :, z].T, cmap="gray", vmin=0, vmax=1, origin="lower")
+        if mask[:, :, z].any():
+            ax.contour(mask[:, :, z].T, levels=[0.5], colors="red", linewidths=0.8, origin="lower")
+        ax.set_title(f"{row.vendor} label={row.label} z={z}", fontsize=9)
+    fig.suptitle("Preprocessed slices (1 mm, lung window, RAS; red: nodule mask)")
+    fig.tight_layout()
+    out = root / "samples.png"
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out

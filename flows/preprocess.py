@@ -1,0 +1,34 @@
+"""The preprocessing flow: accepted, de-identified series → cached 1 mm volumes, features, slabs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from dicomops.config import PreprocessConfig, load_settings
+from dicomops.tracking import flatten_params
+from tasks.preprocess import hash_accepted_corpus, preprocess_series
+from tasks.tracking import close_run, log_preprocess, open_run
+
+
+@flow(name="dicomops-preprocess", log_prints=True)
+def preprocess(work: Path | None = None, config: PreprocessConfig = PreprocessConfig(),
+               experiment: str = "dicomops", parent_run_id: str | None = None) -> dict[str, object]:
+    """Preprocess every accepted series under `work` that is not cached yet."""
+    settings = load_settings()
+    work = Path(work or settings.work_dir)
+    uri = settings.mlflow_tracking_uri
+    run_id = open_run(uri, experiment, settings.mlflow_artifact_root, "preprocess",
+                      hash_accepted_corpus(work), flatten_params({"preprocess": config.model_dump(mode="json")}),
+                      parent_run_id)
+    try:
+        summary = preprocess_series(work, config)
+        log_preprocess(uri, run_id, work, summary)
+    except BaseException:
+        close_run(uri, run_id, "FAILED")
+        raise
+    close_run(uri, run_id)
+    print(f"preprocess: {summary['computed']} series computed, {summary['cached']} from cache, "
+          f"{summary['failed']} failed")
+    return {"mlflow_run_id": run_id, **summary, "work": str(work)}
