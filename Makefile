@@ -49,6 +49,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/synth.py
+	$(PY) benchmarks/ingest.py
+	$(PY) benchmarks/preprocess.py
 
 clean:
 	rm -rf $(WORK) .prefect mlflow/mlflow.db mlflow/artifacts

@@ -52,6 +52,7 @@ def map_isolated(
     chunk_size: int = 64,
     seconds_per_item: float = 30.0,
     progress: Callable[[int, int], None] | None = None,
+    initializer: Callable[[], None] | None = None,
 ) -> list[R]:
     """``[func(*item, *args) for item in items]``, in parallel and isolated; results keep item order.
 
@@ -65,6 +66,7 @@ def map_isolated(
         chunk_size: items per task; small results per item keep pickling cheap.
         seconds_per_item: a chunk may take ``len(chunk) * seconds_per_item`` seconds.
         progress: called with (items done, items total).
+        initializer: run once in each worker process (e.g. to pin library thread counts).
     """
     total = len(items)
     results: list[Any] = [None] * total
@@ -78,7 +80,7 @@ def map_isolated(
     queue: list[list[int]] = [list(range(i, min(i + chunk_size, total))) for i in range(0, total, chunk_size)]
     suspects: list[int] = []  # items of a chunk that broke the pool: retried one at a time
     ctx = get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=initializer)
     running: dict[Future[list[Any]], tuple[list[int], float, bool]] = {}
 
     # Two chunks per worker in flight keep workers busy while the main process unpickles results;
@@ -125,7 +127,7 @@ def map_isolated(
                         queue.insert(0, idx)
                 running.clear()
                 _kill(pool)
-                pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+                pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=initializer)
             if progress:
                 progress(sum(r is not None for r in results), total)
     finally:

@@ -57,6 +57,13 @@ def _aligned_mask(mask_file: Path, z_positions: np.ndarray, shape: tuple[int, in
     return out
 
 
+def single_threaded() -> None:
+    """Worker initializer: one thread per library, so N workers use N cores and no more."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def preprocess_one(records: list[dict[str, Any]], deid_root: str, mask_path: str, cfg_json: str,
                    out_path: str) -> dict[str, Any]:
     """Worker: assemble, transform and cache one series; return its metadata (small)."""
@@ -78,10 +85,10 @@ def preprocess_one(records: list[dict[str, Any]], deid_root: str, mask_path: str
                             "windows": volume.windows}
     if mask_path:
         mask = _aligned_mask(Path(mask_path), instances.ImagePositionPatient_2.to_numpy(float), volume.hu.shape)
-        data["mask"] = MetaTensor(torch.from_numpy(mask.astype(np.float32))[None], affine=torch.as_tensor(volume.affine))
+        data["mask"] = MetaTensor(torch.from_numpy(mask)[None], affine=torch.as_tensor(volume.affine))
     out = build_transforms(cfg, train=False)(data)
     image = out["image"][0].numpy().astype(np.float16)
-    mask_out = (out["mask"][0].numpy() > 0.5).astype(np.uint8) if "mask" in out else np.zeros(image.shape, np.uint8)
+    mask_out = (out["mask"][0].numpy() > 0).astype(np.uint8) if "mask" in out else np.zeros(image.shape, np.uint8)
     affine = np.asarray(out["image"].affine, dtype=np.float64)
     path = Path(out_path)
     io.write_npz(path, image=image, mask=mask_out, affine=affine)
@@ -120,7 +127,8 @@ def preprocess_corpus(work: Path, cfg: PreprocessConfig,
             mask = str(work / "deid" / str(labels.loc[uid, "mask_path"]))
         items.append((group.to_dict("records"), str(work / "deid"), mask, cfg_json, str(out_dir / f"{key}.npz")))
     results = map_isolated(preprocess_one, items, on_failure=lambda item, why: {"reason": why, "detail": why},
-                           workers=cfg.workers, chunk_size=1, seconds_per_item=900, progress=progress)
+                           workers=cfg.workers, chunk_size=1, seconds_per_item=900, progress=progress,
+                           initializer=single_threaded)
     failures = [{"SeriesInstanceUID": uid, "reason": r["reason"], "detail": r.get("detail", "")}
                 for (uid, _, _), r in zip(todo, results, strict=True) if r.get("reason")]
     _write_tables(work, cfg, plan, labels, {f["SeriesInstanceUID"] for f in failures})

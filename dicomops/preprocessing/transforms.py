@@ -172,7 +172,8 @@ class FastSpacing(Transform):
                 data = np.take(data, idx, axis=axis + 1)
             else:
                 data = _lerp_axis(data, axis + 1, coords)
-        out = MetaTensor(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), affine=torch.as_tensor(new_affine))
+        dtype = data.dtype if self.mode == "nearest" else np.float32  # labels keep their type
+        out = MetaTensor(torch.from_numpy(np.ascontiguousarray(data, dtype=dtype)), affine=torch.as_tensor(new_affine))
         out.meta.update({k: v for k, v in img.meta.items() if k not in ("affine", "original_affine")})
         return out
 

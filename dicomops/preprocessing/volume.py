@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pydicom
+from pydicom.uid import UID
+
+from dicomops.dicom.fastheader import read_fast
 
 AIR_HU = -1000.0
 MIN_HU = -1024.0
@@ -70,6 +73,20 @@ def _windows(center: object, width: object) -> list[tuple[float, float]]:
     return list(zip(centers, widths, strict=False))
 
 
+def read_pixels(path: Path, rows: int, cols: int, bits: int, signed: int) -> np.ndarray:
+    """One slice's stored values: native little-endian data straight from the file, anything
+    else (compressed, big endian, odd layouts) decoded by pydicom."""
+    if bits == 16:
+        header = read_fast(str(path), (), path.stat().st_size)
+        if header is not None and header.pixel is not None and header.pixel[0] == rows * cols * 2 \
+                and not UID(header.syntax).is_compressed:
+            with path.open("rb") as fh:
+                fh.seek(header.pixel[1])
+                raw = fh.read(rows * cols * 2)
+            return np.frombuffer(raw, dtype="<i2" if signed else "<u2").reshape(rows, cols)
+    return pydicom.dcmread(path).pixel_array  # decodes compressed syntaxes via the installed plugins
+
+
 def load_series(instances: pd.DataFrame, deid_root: Path) -> Volume:
     """Read one series' de-identified files (rows of ``accepted.parquet``) into a HU volume."""
     rows = instances.sort_values("slice_index")
@@ -77,8 +94,8 @@ def load_series(instances: pd.DataFrame, deid_root: Path) -> Volume:
     n_rows, n_cols = int(first.Rows), int(first.Columns)
     stored: np.ndarray | None = None
     for k, rel in enumerate(rows.deid_path):
-        ds = pydicom.dcmread(Path(deid_root) / rel)
-        pixels = ds.pixel_array  # decodes compressed syntaxes through the installed plugins
+        pixels = read_pixels(Path(deid_root) / rel, n_rows, n_cols, int(first.BitsAllocated),
+                             int(first.PixelRepresentation))
         if stored is None:
             stored = np.empty((len(rows), n_rows, n_cols), dtype=pixels.dtype)
         stored[k] = pixels
