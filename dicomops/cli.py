@@ -24,9 +24,9 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
-def _progress(description: str) -> Progress:
+def _progress(description: str, transient: bool = False) -> Progress:
     return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=False)
+                    console=console, transient=transient)
 
 
 def _synth_config(patients: int, seed: int, scenario: str, fault_rate: float, matrix: int,
@@ -89,7 +89,7 @@ def data(
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     cfg = _synth_config(patients, seed, "baseline", fault_rate, _D.matrix, _D.slices, _D.workers)
-    with _progress("preparing demo corpus") as bar:
+    with _progress("generating demo corpus", transient=True) as bar:  # shown only while it runs
         task = bar.add_task("data", total=cfg.patients)
         status = ensure_corpus(path, cfg, strict=strict,
                                progress=lambda d, t: bar.update(task, completed=d))
