@@ -1,0 +1,62 @@
+"""The promotion gate: when a new model version may replace the champion without a person.
+
+A new version is the ``challenger``. It becomes ``champion`` automatically only if its mean
+cross-validated AUC beats the champion's by ``margin`` and no vendor's AUC falls by more than
+``vendor_tolerance``; a first model must reach ``min_auc``. Otherwise it waits for a reviewer
+(``dicomops promote VERSION`` or the MLflow UI). The decision and every reason are recorded as tags
+on the version, so the MLflow page explains itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelScore:
+    """What the gate compares: mean CV AUC and each vendor's AUC."""
+
+    mean_auc: float
+    vendor_auc: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reasons: tuple[str, ...]
+
+    def tags(self) -> dict[str, str]:
+        return {"promotion.decision": "auto-promoted" if self.promote else "awaiting-review",
+                "promotion.reasons": "; ".join(self.reasons)}
+
+
+def decide_promotion(challenger: ModelScore, champion: ModelScore | None, *, margin: float = 0.005,
+                     vendor_tolerance: float = 0.02, min_auc: float = 0.8) -> Decision:
+    """Decide whether `challenger` replaces `champion` automatically, with the reasons."""
+    if margin < 0 or vendor_tolerance < 0:
+        raise ValueError("margin and vendor_tolerance must be non-negative")
+    if math.isnan(challenger.mean_auc):
+        return Decision(False, ("challenger mean AUC is undefined",))
+    if champion is None:
+        if challenger.mean_auc >= min_auc:
+            return Decision(True, (f"no champion yet; mean AUC {challenger.mean_auc:.4f} >= {min_auc:.4f}",))
+        return Decision(False, (f"no champion yet, but mean AUC {challenger.mean_auc:.4f} < {min_auc:.4f}",))
+    reasons: list[str] = []
+    ok = True
+    gain = challenger.mean_auc - champion.mean_auc
+    if gain > margin:
+        reasons.append(f"mean AUC {challenger.mean_auc:.4f} beats champion {champion.mean_auc:.4f} by {gain:+.4f}")
+    else:
+        ok = False
+        reasons.append(f"mean AUC {challenger.mean_auc:.4f} vs champion {champion.mean_auc:.4f}: "
+                       f"gain {gain:+.4f} not above margin {margin:.4f}")
+    for vendor, old in sorted(champion.vendor_auc.items()):
+        new = challenger.vendor_auc.get(vendor)
+        if new is None or math.isnan(new):
+            ok = False
+            reasons.append(f"{vendor}: not evaluated for the challenger")
+        elif not math.isnan(old) and old - new > vendor_tolerance:
+            ok = False
+            reasons.append(f"{vendor}: AUC drops {old:.4f} -> {new:.4f} (more than {vendor_tolerance:.4f})")
+    return Decision(ok, tuple(reasons))

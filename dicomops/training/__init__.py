@@ -1,0 +1,2 @@
+"""Training: cross-validation splits (``splits``), metrics (``metrics``); the model, loop and
+flow arrive with the training issue's remaining parts."""
