@@ -153,6 +153,42 @@ def preprocess(
 
 
 @app.command()
+def train(
+    work: Annotated[Path | None, typer.Option(help="Work directory of an earlier preprocess.")] = None,
+    config: Annotated[Path | None, typer.Option(help="PipelineConfig YAML; its train and preprocess sections apply.")] = None,
+) -> None:
+    """Four-fold vendor-stratified cross-validation, final model, registry version, promotion gate."""
+    from flows.train import train as train_flow
+
+    cfg = PipelineConfig.from_yaml(config) if config else PipelineConfig()
+    try:
+        result = train_flow(work=work.resolve() if work else None, config=cfg.train, preprocess_config=cfg.preprocess)
+    except ValueError as err:
+        console.print(f"[red]cannot train:[/] {err}")
+        raise typer.Exit(2) from err
+    console.print(f"[green]train finished[/]: version {result['version']} of {cfg.train.model_name}, mean CV AUC "
+                  f"{result['mean_auc']:.3f}; {'champion' if result['promoted'] else 'challenger, awaiting review'}")
+
+
+@app.command()
+def promote(
+    version: Annotated[str, typer.Argument(help="Model version to make champion.")],
+    reviewer: Annotated[str, typer.Option(help="Who decided (recorded on the version).")] = "reviewer",
+    model_name: Annotated[str, typer.Option(help="Registered model name.")] = "dicomops-ct-classifier",
+) -> None:
+    """A reviewer's decision: make VERSION the champion of the registered model."""
+    from dicomops.config import load_settings
+    from dicomops.tracking.registry import promote as promote_version
+
+    try:
+        promote_version(load_settings().mlflow_tracking_uri, model_name, version, reviewer)
+    except Exception as err:
+        console.print(f"[red]cannot promote:[/] {err}")
+        raise typer.Exit(2) from err
+    console.print(f"[green]{model_name} version {version} is now champion[/] (decided by {reviewer})")
+
+
+@app.command()
 def run(
     src: Annotated[Path, typer.Argument(help="Folder of DICOM studies (the demo corpus is data/).")] = Path("data"),
     work: Annotated[Path | None, typer.Option(help="Work directory (default: DICOMOPS_WORK_DIR or ./work).")] = None,

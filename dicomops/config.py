@@ -118,12 +118,35 @@ class PreprocessConfig(_Section):
         return value
 
 
+class TrainConfig(_Section):
+    """Four-fold vendor-stratified cross-validation of a 2.5D slice classifier, then a final model."""
+
+    architecture: Literal["resnet-slim", "resnet10", "densenet121"] = Field(
+        "resnet-slim", description="MONAI network, spatial_dims=2 over k-slice slabs.")
+    input_size: int = Field(128, ge=32, le=512, description="Slabs are resized to this square size.")
+    n_splits: int = Field(4, ge=2, le=10)
+    epochs: int = Field(6, ge=1, le=200)
+    batch_size: int = Field(32, ge=1, le=1024)
+    learning_rate: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    patience: int = Field(3, ge=1, description="Early stopping: epochs without a better validation AUC.")
+    loss: Literal["weighted_ce", "focal"] = "weighted_ce"
+    num_workers: int = Field(1, ge=0, le=16, description="DataLoader worker processes.")
+    top_k_slices: int = Field(3, ge=1, description="Series score: mean of the k highest slice scores.")
+    seed: int = 0
+    model_name: str = "dicomops-ct-classifier"
+    promotion_margin: float = Field(0.005, ge=0)
+    vendor_tolerance: float = Field(0.02, ge=0)
+    min_auc: float = Field(0.8, ge=0, le=1)
+
+
 class PipelineConfig(_Section):
     """Everything a pipeline run can be told; one section per stage."""
 
     synth: SynthConfig = SynthConfig()
     ingest: IngestConfig = IngestConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
+    train: TrainConfig = TrainConfig()
     experiment: str = Field("dicomops", description="MLflow experiment for pipeline runs.")
 
     @classmethod

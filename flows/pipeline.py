@@ -10,6 +10,7 @@ from dicomops.config import PipelineConfig, load_settings
 from dicomops.tracking import flatten_params
 from flows.ingest import ingest
 from flows.preprocess import preprocess
+from flows.train import train
 from tasks.tracking import close_run, hash_corpus, log_input_counts, open_run
 
 
@@ -26,10 +27,12 @@ def pipeline(src: Path, config: PipelineConfig = PipelineConfig(), work: Path | 
         log_input_counts(uri, run_id, src)
         gate = ingest(src, work, config.ingest, config.experiment, parent_run_id=run_id)
         prepared = preprocess(work, config.preprocess, config.experiment, parent_run_id=run_id)
+        trained = train(work, config.train, config.preprocess, config.experiment, parent_run_id=run_id)
     except BaseException:
         close_run(uri, run_id, "FAILED")
         raise
     close_run(uri, run_id)
     return {"mlflow_run_id": run_id, "data_dvc_md5": data_hash, "work": str(work),
             "ingest_run_id": str(gate["mlflow_run_id"]), "accepted_series": str(gate["accepted_series"]),
-            "preprocess_run_id": str(prepared["mlflow_run_id"])}
+            "preprocess_run_id": str(prepared["mlflow_run_id"]), "train_run_id": str(trained["mlflow_run_id"]),
+            "model_version": str(trained["version"])}

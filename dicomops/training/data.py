@@ -1,0 +1,83 @@
+"""Slab tensors for training and evaluation, built from the preprocessing cache.
+
+Every sampled slab of the training series is extracted once, resized to ``input_size`` and held in
+one float16 tensor, so an epoch is pure indexing plus augmentation: the DataLoader never waits on
+disk or decompression. Evaluation scores every slice of a series.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from dicomops.preprocessing.slabs import slab
+
+
+def load_volume(work: Path, path: str) -> np.ndarray:
+    with np.load(Path(work) / "preprocessed" / path) as npz:
+        return npz["image"]
+
+
+def _resize(batch: np.ndarray, size: int) -> torch.Tensor:
+    t = torch.from_numpy(batch.astype(np.float32))
+    if t.shape[-1] != size or t.shape[-2] != size:
+        t = F.interpolate(t, size=(size, size), mode="area")
+    return t
+
+
+def all_slabs(volume: np.ndarray, k: int, size: int) -> torch.Tensor:
+    """Every slice of a (X, Y, Z) volume as a (Z, k, size, size) float tensor."""
+    return _resize(np.stack([slab(volume, z, k) for z in range(volume.shape[-1])]), size)
+
+
+@dataclass
+class SlabSet:
+    x: torch.Tensor  # (N, k, S, S) float16
+    y: torch.Tensor  # (N,) int64 slice labels
+    series: list[str]
+    z: np.ndarray
+
+
+def build_slab_set(work: Path, index: pd.DataFrame, slabs: pd.DataFrame, series_ids: list[str],
+                   k: int, size: int) -> SlabSet:
+    """The sampled slabs of `series_ids`, extracted and resized once."""
+    paths = index.set_index("SeriesInstanceUID").path
+    chosen = slabs[slabs.SeriesInstanceUID.isin(set(series_ids))].sort_values(["SeriesInstanceUID", "z"])
+    xs, series, zs = [], [], []
+    for uid, group in chosen.groupby("SeriesInstanceUID", sort=True):
+        volume = load_volume(work, paths[uid])
+        batch = np.stack([slab(volume, int(z), k) for z in group.z])
+        xs.append(_resize(batch, size).half())
+        series += [str(uid)] * len(group)
+        zs.append(group.z.to_numpy())
+    x = torch.cat(xs) if xs else torch.zeros((0, k, size, size), dtype=torch.float16)
+    return SlabSet(x, torch.as_tensor(chosen.slice_label.to_numpy(), dtype=torch.long), series,
+                   np.concatenate(zs) if zs else np.zeros(0, int))
+
+
+class AugmentedSlabs(Dataset):
+    """Indexing into a :class:`SlabSet`, with flips, intensity jitter and noise when training."""
+
+    def __init__(self, data: SlabSet, train: bool) -> None:
+        self.data, self.train = data, train
+
+    def __len__(self) -> int:
+        return len(self.data.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Random draws come from torch's global generator, which the DataLoader seeds per worker
+        # and epoch from the seeded base generator: reproducible, yet different every epoch.
+        x = self.data.x[i].float()
+        if self.train:
+            if torch.rand(1) < 0.5:
+                x = torch.flip(x, dims=[-2])  # left-right
+            gamma = float(torch.empty(1).uniform_(0.85, 1.2))
+            x = x.clamp(0, 1) ** gamma
+            x = x + 0.02 * torch.randn(x.shape)
+        return x, self.data.y[i]

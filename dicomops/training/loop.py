@@ -1,0 +1,147 @@
+"""The training loop: AdamW, cosine schedule, class weights, early stopping on validation AUC,
+an atomic checkpoint every epoch, and resumption from the last complete one."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch.utils.data import DataLoader
+
+from dicomops.config import TrainConfig
+from dicomops.training.data import AugmentedSlabs, SlabSet
+from dicomops.training.model import build_loss, build_model
+
+EpochLogger = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class FitResult:
+    model: torch.nn.Module
+    best_epoch: int
+    best_auc: float
+    epochs_run: int
+    resumed_from: int  # 0 for a fresh start, else the epoch the checkpoint had completed
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def save_checkpoint(path: Path, state: dict[str, object]) -> None:
+    """Write atomically: a reader sees the previous checkpoint or this one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, object] | None:
+    if not path.exists():
+        return None
+    state: dict[str, object] = torch.load(path, weights_only=True)
+    return state
+
+
+def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 128) -> np.ndarray:
+    """Probability of the positive class for each slab."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            out.append(torch.softmax(model(x[i : i + batch_size].float()), dim=1)[:, 1])
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path, *, seed: int,
+        epochs: int | None = None, log: EpochLogger | None = None,
+        stop_after: int | None = None) -> FitResult:
+    """Train a fresh model (or resume the one in `checkpoint`) on `train`.
+
+    With `val`, stops early when the validation slice AUC has not improved for ``cfg.patience``
+    epochs and returns the best epoch's weights; without, trains ``epochs`` epochs.
+    `stop_after` ends the call after that many epochs of this call (a simulated interruption, for
+    tests); the checkpoint then lets the next call continue.
+    """
+    seed_everything(seed)
+    model = build_model(cfg, train.x.shape[1])
+    criterion = build_loss(cfg, train.y)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    total = epochs or cfg.epochs
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    start, best_auc, best_epoch, bad, history = 0, -1.0, 0, 0, []
+    best_state = None
+    state = load_checkpoint(checkpoint)
+    if state is not None:
+        model.load_state_dict(state["model"])  # type: ignore[arg-type]
+        optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
+        scheduler.load_state_dict(state["scheduler"])  # type: ignore[arg-type]
+        start = int(state["epoch"])  # type: ignore[call-overload]
+        best_auc, best_epoch, bad = float(state["best_auc"]), int(state["best_epoch"]), int(state["bad"])  # type: ignore[arg-type, call-overload]
+        history = list(state["history"])  # type: ignore[call-overload]
+        best_state = state.get("best_model")
+        torch.set_rng_state(state["rng"])  # type: ignore[arg-type]
+    resumed_from = start
+    generator = torch.Generator().manual_seed(seed + start)
+    loader = DataLoader(AugmentedSlabs(train, train=True), batch_size=cfg.batch_size,
+                        shuffle=True, generator=generator, num_workers=cfg.num_workers,
+                        persistent_workers=cfg.num_workers > 0, drop_last=len(train.y) > cfg.batch_size,
+                        multiprocessing_context="fork" if cfg.num_workers > 0 else None)
+    epoch = start
+    for epoch in range(start + 1, total + 1):
+        model.train()
+        wait = step = 0.0
+        seen, loss_sum = 0, 0.0
+        tick = time.perf_counter()
+        for x, y in loader:
+            got = time.perf_counter()
+            wait += got - tick
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(model(x), y)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(y)
+            seen += len(y)
+            tick = time.perf_counter()
+            step += tick - got
+        scheduler.step()
+        metrics: dict[str, float] = {"train_loss": loss_sum / max(seen, 1), "data_wait_share": wait / max(wait + step, 1e-9),
+                   "samples_per_second": seen / max(wait + step, 1e-9), "lr": float(scheduler.get_last_lr()[0])}
+        improved = False
+        if val is not None and len(val.y):
+            scores = predict(model, val.x)
+            auc = float(roc_auc_score(val.y.numpy(), scores)) if len(np.unique(val.y.numpy())) == 2 else float("nan")
+            metrics["val_slice_auc"] = auc
+            improved = auc > best_auc
+        else:
+            improved = True
+        if improved:
+            best_auc = metrics.get("val_slice_auc", best_auc)
+            best_epoch, bad = epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+        history.append({"epoch": float(epoch), **metrics})
+        if log:
+            log(epoch, metrics)
+        save_checkpoint(checkpoint, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "epoch": epoch, "best_auc": best_auc, "best_epoch": best_epoch, "bad": bad, "history": history,
+            "best_model": best_state, "rng": torch.get_rng_state()})
+        if val is not None and bad >= cfg.patience:
+            break
+        if stop_after is not None and epoch - resumed_from >= stop_after:
+            raise InterruptedError(f"stopped after epoch {epoch} as asked")
+    if best_state is not None:
+        model.load_state_dict(best_state)  # type: ignore[arg-type]
+    return FitResult(model, best_epoch, best_auc, epoch, resumed_from, history)

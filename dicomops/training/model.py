@@ -1,0 +1,52 @@
+"""The classifier: a MONAI network over 2.5D slabs (k slices as channels), two classes."""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.nets import DenseNet121, ResNet, resnet10
+
+from dicomops.config import TrainConfig
+
+
+def build_model(cfg: TrainConfig, in_channels: int) -> torch.nn.Module:
+    """A 2-D MONAI network for `in_channels`-slice slabs.
+
+    ``resnet-slim`` is MONAI's ResNet with one basic block per stage and widths 16–128: about
+    0.3 M parameters and 6 ms per training sample at 128×128 on two CPU cores, which keeps the
+    demo's cross-validation within minutes; ``resnet10`` and ``densenet121`` are the standard
+    MONAI networks for a GPU.
+    """
+    if cfg.architecture == "resnet-slim":
+        return ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=[16, 32, 64, 128],
+                      spatial_dims=2, n_input_channels=in_channels, num_classes=2)
+    if cfg.architecture == "resnet10":
+        return resnet10(spatial_dims=2, n_input_channels=in_channels, num_classes=2)
+    return DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=2)
+
+
+class FocalLoss(torch.nn.Module):
+    """Class-weighted focal loss (gamma 2) on two-class logits."""
+
+    def __init__(self, weight: torch.Tensor, gamma: float = 2.0) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.gamma = gamma
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(logits, dim=1).gather(1, target[:, None])[:, 0]
+        w = self.weight[target]
+        return (-w * (1 - logp.exp()) ** self.gamma * logp).sum() / w.sum()
+
+
+def class_weights(labels: torch.Tensor) -> torch.Tensor:
+    """Inverse-frequency weights normalised to mean 1, from one training fold's labels."""
+    counts = torch.bincount(labels, minlength=2).float().clamp(min=1)
+    weights = counts.sum() / (2 * counts)
+    return weights / weights.mean()
+
+
+def build_loss(cfg: TrainConfig, labels: torch.Tensor) -> torch.nn.Module:
+    weights = class_weights(labels)
+    if cfg.loss == "focal":
+        return FocalLoss(weights)
+    return torch.nn.CrossEntropyLoss(weight=weights)

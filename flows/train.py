@@ -1,0 +1,44 @@
+"""The training flow: folds → cross-validation summary → final model → registry → promotion gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from dicomops.config import PreprocessConfig, TrainConfig, load_settings
+from dicomops.tracking import flatten_params
+from tasks import train as t
+from tasks.preprocess import hash_accepted_corpus
+from tasks.tracking import close_run
+
+
+@flow(name="dicomops-train", log_prints=True)
+def train(work: Path | None = None, config: TrainConfig = TrainConfig(),
+          preprocess_config: PreprocessConfig = PreprocessConfig(), experiment: str = "dicomops",
+          parent_run_id: str | None = None) -> dict[str, object]:
+    """Cross-validate, train the final model, register it and run the promotion gate."""
+    settings = load_settings()
+    work = Path(work or settings.work_dir)
+    uri = settings.mlflow_tracking_uri
+    k = preprocess_config.slab_slices
+    _, split_hash = t.prepare_splits(work, config)
+    data_hash = hash_accepted_corpus(work)
+    params = flatten_params({"train": config.model_dump(mode="json"), "preprocess": preprocess_config.model_dump(mode="json")})
+    run_id = t.open_training_run(work, config, preprocess_config, split_hash, data_hash, uri, experiment,
+                                 settings.mlflow_artifact_root, params, parent_run_id)
+    try:
+        for fold in range(config.n_splits):
+            t.train_fold(work, config, k, fold, uri)
+        summary = t.summarise_cv(work, config, uri)
+        t.train_final_model(work, config, k, uri)
+        version = t.register_model(work, config, k, uri, data_hash, split_hash)
+        decision = t.promotion_gate(uri, config, version)
+    except BaseException:
+        close_run(uri, run_id, "FAILED")
+        raise
+    close_run(uri, run_id)
+    print(f"train: mean CV AUC {summary['mean_auc']:.3f} ± {summary['std_auc']:.3f}; version {version} "
+          f"{'promoted to champion' if decision['promoted'] else 'awaits review'}: {'; '.join(decision['reasons'])}")
+    return {"mlflow_run_id": run_id, "version": version, "mean_auc": summary["mean_auc"],
+            "vendor_auc": summary["vendor_auc"], "promoted": decision["promoted"], "work": str(work)}

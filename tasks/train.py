@@ -1,0 +1,54 @@
+"""Training tasks: one library call each; they pass paths, run ids and versions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from dicomops.config import PreprocessConfig, TrainConfig
+from dicomops.tracking import registry
+from dicomops.training import cv
+
+
+@task(name="prepare-splits")
+def prepare_splits(work: Path, cfg: TrainConfig) -> tuple[Path, str]:
+    return cv.prepare(work, cfg)
+
+
+@task(name="open-training-run", retries=2, retry_delay_seconds=[2, 10])
+def open_training_run(work: Path, cfg: TrainConfig, pre: PreprocessConfig, split_hash: str, data_hash: str,
+                      tracking_uri: str, experiment: str, artifact_root: Path, params: dict[str, object],
+                      parent_run_id: str | None) -> str:
+    key = cv.run_key(cfg, pre, split_hash, data_hash)
+    return cv.open_parent_run(work, key, tracking_uri, experiment, artifact_root,
+                              cv.training_tags(work, data_hash, split_hash), params, parent_run_id)
+
+
+@task(name="train-fold", tags=["cpu-heavy"])
+def train_fold(work: Path, cfg: TrainConfig, slab_slices: int, fold: int, tracking_uri: str) -> Path:
+    return cv.run_fold(work, cfg, slab_slices, fold, tracking_uri)
+
+
+@task(name="summarise-cross-validation")
+def summarise_cv(work: Path, cfg: TrainConfig, tracking_uri: str) -> dict[str, Any]:
+    return cv.summarise(work, cfg, tracking_uri)
+
+
+@task(name="train-final-model", tags=["cpu-heavy"])
+def train_final_model(work: Path, cfg: TrainConfig, slab_slices: int, tracking_uri: str) -> Path:
+    return cv.train_final(work, cfg, slab_slices, tracking_uri)
+
+
+@task(name="register-model", retries=2, retry_delay_seconds=[2, 10])
+def register_model(work: Path, cfg: TrainConfig, slab_slices: int, tracking_uri: str, data_hash: str,
+                   split_hash: str) -> str:
+    return cv.register(work, cfg, slab_slices, tracking_uri, {"data_sha256": data_hash, "split_sha256": split_hash})
+
+
+@task(name="promotion-gate")
+def promotion_gate(tracking_uri: str, cfg: TrainConfig, version: str) -> dict[str, Any]:
+    decision = registry.apply_promotion_gate(tracking_uri, cfg.model_name, version, margin=cfg.promotion_margin,
+                                             vendor_tolerance=cfg.vendor_tolerance, min_auc=cfg.min_auc)
+    return {"promoted": decision.promote, "reasons": list(decision.reasons)}

@@ -1,0 +1,110 @@
+"""Training for real, tiny: four folds through the Prefect flow, MLflow in tmp_path; resume; promote."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import mlflow
+from dicomops import ingest
+from dicomops.cli import app
+from dicomops.config import IngestConfig, PreprocessConfig, SynthConfig, TrainConfig
+from dicomops.preprocessing.stage import preprocess_corpus
+from dicomops.synthetic import generate_corpus
+from dicomops.training import cv
+from flows.train import train
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+KEY = b"train-test-key-0123456789abcdef0123"
+PRE = PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0), crop_xy=160, workers=1)
+TINY = TrainConfig(epochs=1, input_size=32, batch_size=16, num_workers=0, model_name="test-classifier")
+
+
+@pytest.fixture(scope="module")
+def train_work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Twenty patients ingested and preprocessed (2 mm, small crop), ready to train."""
+    root = tmp_path_factory.mktemp("train")
+    generate_corpus(root / "src", SynthConfig(patients=20, seed=17, fault_rate=0.0, matrix=128, slices=12, workers=1))
+    work, cfg = root / "work", IngestConfig(workers=1)
+    ingest.index_headers(root / "src", work, cfg, KEY)
+    ingest.validate_headers(work, cfg)
+    ingest.assemble(work, cfg)
+    ingest.apply_gate(work, cfg)
+    ingest.deidentify_corpus(root / "src", work, cfg, KEY)
+    ingest.rekey_labels(root / "src", work, KEY)
+    preprocess_corpus(work, PRE)
+    return work
+
+
+def _fresh(train_work: Path, tmp_path: Path) -> Path:
+    work = tmp_path / "work"
+    shutil.copytree(train_work, work)
+    return work
+
+
+def test_train_flow_registers_a_reviewable_version(train_work: Path, mlflow_env: str, tmp_path: Path) -> None:
+    work = _fresh(train_work, tmp_path)
+    result = train(work=work, config=TINY, preprocess_config=PRE, experiment="train-test")
+    client = mlflow.tracking.MlflowClient(mlflow_env)
+    parent = client.get_run(str(result["mlflow_run_id"]))
+    assert parent.info.status == "FINISHED"
+    tags = parent.data.tags
+    for key in ("git_commit", "data_dvc_md5", "split_sha256", "ingest.validation_success_share", "deid.profile",
+                "version.torch", "version.monai"):
+        assert tags.get(key), key
+    assert parent.data.params["train.epochs"] == "1"
+    assert "cv.mean_auc" in parent.data.metrics and "cv.auc.ge" in parent.data.metrics
+    folds = client.search_runs([parent.info.experiment_id],
+                               filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.info.run_name for r in folds) == ["fold-0", "fold-1", "fold-2", "fold-3"]
+    assert all(r.info.status == "FINISHED" and "train_loss" in r.data.metrics for r in folds)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "cv")}
+    assert {"cv/roc_by_vendor.png", "cv/roc_by_fold.png", "cv/confusion.png", "cv/samples.png",
+            "cv/fold_counts.csv", "cv/cv_summary.csv"} <= artifacts
+
+    version = client.get_model_version(TINY.model_name, str(result["version"]))
+    assert "cross-validation" in version.description and "| ge |" in version.description
+    assert float(version.tags["cv.mean_auc"]) == pytest.approx(result["mean_auc"], abs=1e-6)
+    assert version.tags["promotion.decision"] in ("auto-promoted", "awaiting-review")
+    assert str(client.get_model_version_by_alias(TINY.model_name, "challenger").version) == str(version.version)
+    model = mlflow.pytorch.load_model(f"models:/{TINY.model_name}/{version.version}")
+    assert model(torch.zeros(5, 3, 32, 32)).shape == (5, 2)  # the batch axis stayed dynamic
+
+    ok = CliRunner().invoke(app, ["promote", str(version.version), "--model-name", TINY.model_name, "--reviewer", "dr-who"])
+    assert ok.exit_code == 0, ok.output
+    champion = client.get_model_version_by_alias(TINY.model_name, "champion")
+    assert str(champion.version) == str(version.version) and champion.tags["promotion.reviewer"] == "dr-who"
+    assert CliRunner().invoke(app, ["promote", "999", "--model-name", TINY.model_name]).exit_code == 2
+
+    counts = pd.read_csv(work / "train/fold_counts.csv")
+    assert set(counts.fold) == {0, 1, 2, 3}
+
+
+def test_interrupted_fold_resumes_into_the_same_run(train_work: Path, mlflow_env: str, tmp_path: Path) -> None:
+    work = _fresh(train_work, tmp_path)
+    cfg = TINY.model_copy(update={"epochs": 3, "patience": 5})
+    _, split_hash = cv.prepare(work, cfg)
+    key = cv.run_key(cfg, PRE, split_hash, "data")
+    parent = cv.open_parent_run(work, key, mlflow_env, "resume-test", tmp_path / "art", {}, {}, None)
+    with pytest.raises(InterruptedError):
+        cv.run_fold(work, cfg, 3, 0, mlflow_env, stop_after=1)  # killed after its first epoch
+    client = mlflow.tracking.MlflowClient(mlflow_env)
+    state = cv.load_state(work)
+    fold_run = state["folds"]["0"]["run_id"]
+    assert client.get_run(fold_run).info.status == "FAILED"
+    checkpoint = torch.load(work / "train/fold-0/checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 1
+
+    assert cv.open_parent_run(work, key, mlflow_env, "resume-test", tmp_path / "art", {}, {}, None) == parent
+    cv.run_fold(work, cfg, 3, 0, mlflow_env)
+    run = client.get_run(fold_run)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["resumed_from_epoch"] == 1.0
+    epochs = [m.step for m in client.get_metric_history(fold_run, "train_loss")]
+    assert epochs == [1, 2, 3]  # continued at epoch 2, did not start over
+    assert cv.load_state(work)["folds"]["0"]["done"]
