@@ -47,25 +47,30 @@ class FastHeader:
         return self._decoded[keyword]
 
     def _decode(self, keyword: str) -> list[Any] | None:
-        tag = _tag(keyword)
-        found = self._values.get(tag)
+        found = self._values.get(_tag(keyword))
         if found is None:
             return None
         vr, value = found
-        if not value:
-            return None
         if vr == "US or SS":
             rep = self._values.get(0x00280103)
             vr = "SS" if rep is not None and rep[1][:1] == b"\x01" else "US"
-        if vr in _BINARY:
-            fmt = _BINARY[vr]
-            width = struct.calcsize(fmt)
-            count = len(value) // width
-            return list(struct.unpack(f"<{count}{fmt}", value[: count * width]))
-        text = value.decode("latin-1").strip(" \x00")
-        if not text:
-            return None
-        return [v.strip(" \x00") for v in text.split("\\")]
+        return decode_value(vr, value, little_endian=True)
+
+
+def decode_value(vr: str, value: bytes, little_endian: bool) -> list[Any] | None:
+    """Raw element bytes as values: binary VRs unpacked, text split on backslashes; None if empty."""
+    if not value:
+        return None
+    if vr in _BINARY:
+        fmt = _BINARY[vr]
+        width = struct.calcsize(fmt)
+        count = len(value) // width
+        endian = "<" if little_endian else ">"
+        return list(struct.unpack(f"{endian}{count}{fmt}", value[: count * width]))
+    text = value.decode("latin-1").strip(" \x00")
+    if not text:
+        return None
+    return [v.strip(" \x00") for v in text.split("\\")]
 
 
 @functools.lru_cache(maxsize=512)
@@ -135,21 +140,11 @@ def _parse(buf: bytes, tags: frozenset[int], size: int
         if tag <= last or group == 0xFFFE:
             return None  # out of order or a stray item: not the common case
         last = tag
-        if implicit:
-            vr = _vr(tag) if tag != _PIXEL_DATA else "OW"
-            length = struct.unpack_from("<I", buf, pos + 4)[0]
-            start = pos + 8
-        else:
-            raw_vr = buf[pos + 4 : pos + 6]
-            if raw_vr in _LONG_VRS:
-                if pos + 12 > n:
-                    return None
-                length = struct.unpack_from("<I", buf, pos + 8)[0]
-                start = pos + 12
-            else:
-                length = struct.unpack_from("<H", buf, pos + 6)[0]
-                start = pos + 8
-            vr = raw_vr.decode("latin-1")
+        header = _element_header(buf, pos, implicit)
+        if header is None:
+            return None
+        length, start = header
+        vr = (_vr(tag) if tag != _PIXEL_DATA else "OW") if implicit else buf[pos + 4 : pos + 6].decode("latin-1")
         if tag == _PIXEL_DATA:
             if length == _UNDEFINED:
                 return syntax, values, (None, start), start
@@ -168,6 +163,17 @@ def _parse(buf: bytes, tags: frozenset[int], size: int
     if pos >= size:
         return syntax, values, None, pos  # ended without pixel data
     return None
+
+
+def _element_header(buf: bytes, pos: int, implicit: bool) -> tuple[int, int] | None:
+    """(value length, value offset) of the little-endian element whose tag starts at `pos`."""
+    if implicit:
+        return struct.unpack_from("<I", buf, pos + 4)[0], pos + 8
+    if buf[pos + 4 : pos + 6] in _LONG_VRS:
+        if pos + 12 > len(buf):
+            return None
+        return struct.unpack_from("<I", buf, pos + 8)[0], pos + 12
+    return struct.unpack_from("<H", buf, pos + 6)[0], pos + 8
 
 
 def _skip_sequence(buf: bytes, pos: int, implicit: bool) -> int | None:
@@ -195,17 +201,10 @@ def _skip_sequence(buf: bytes, pos: int, implicit: bool) -> int | None:
                 return None
             pos += 8
         else:
-            if implicit:
-                length = struct.unpack_from("<I", buf, pos + 4)[0]
-                start = pos + 8
-            elif buf[pos + 4 : pos + 6] in _LONG_VRS:
-                if pos + 12 > n:
-                    return None
-                length = struct.unpack_from("<I", buf, pos + 8)[0]
-                start = pos + 12
-            else:
-                length = struct.unpack_from("<H", buf, pos + 6)[0]
-                start = pos + 8
+            header = _element_header(buf, pos, implicit)
+            if header is None:
+                return None
+            length, start = header
             if length == _UNDEFINED:
                 stack.append("seq")
                 pos = start

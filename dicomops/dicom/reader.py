@@ -36,7 +36,7 @@ from pydicom.uid import (
 )
 
 from dicomops.deid.keys import KeyedMapper
-from dicomops.dicom.fastheader import read_fast
+from dicomops.dicom.fastheader import decode_value, read_fast
 
 PREAMBLE = 128
 EXECUTABLE_MAGIC = (b"MZ", b"\x7fELF")
@@ -234,9 +234,6 @@ def _pixel_data_element(fh: Any, at: int, size: int, syntax: UID) -> PixelElemen
     return PixelElement(length, available, True)
 
 
-_BINARY_FORMATS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
-
-
 @functools.lru_cache(maxsize=256)
 def _tag(keyword: str) -> BaseTag:
     number = tag_for_keyword(keyword)
@@ -277,18 +274,10 @@ def _raw(ds: Dataset, keyword: str) -> list[Any] | None:
     if value is None or len(value) == 0:
         return None
     vr = elem.VR or dictionary_VR(tag)
-    if vr in _BINARY_FORMATS or vr == "US or SS":
-        if vr == "US or SS":
-            signed = ds._dict.get(Tag(0x00280103))
-            vr = "SS" if signed is not None and signed.value and signed.value[:1] == b"\x01" else "US"
-        fmt = _BINARY_FORMATS[vr]
-        count = len(value) // struct.calcsize(fmt)
-        endian = "<" if elem.is_little_endian else ">"
-        return list(struct.unpack(f"{endian}{count}{fmt}", value[: count * struct.calcsize(fmt)]))
-    text = value.decode("latin-1").strip(" \x00")
-    if not text:
-        return None
-    return [v.strip(" \x00") for v in text.split("\\")]
+    if vr == "US or SS":
+        signed = ds._dict.get(Tag(0x00280103))
+        vr = "SS" if signed is not None and signed.value and signed.value[:1] == b"\x01" else "US"
+    return decode_value(vr, value, bool(elem.is_little_endian))
 
 
 def _text(h: HeaderSource, keyword: str) -> str | None:

@@ -26,33 +26,27 @@ def _roc(ax: Any, frame: pd.DataFrame, label: str) -> None:
     ax.plot(fpr, tpr, label=f"{label} (AUC {roc_auc_score(frame.label, frame.score):.3f}, n={len(frame)})")
 
 
-def roc_by_vendor(preds: pd.DataFrame, out: Path) -> Path:
+def _roc_figure(curves: list[tuple[str, pd.DataFrame]], title: str, out: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    _roc(ax, preds, "all")
-    for vendor, part in preds.groupby("vendor"):
-        _roc(ax, part, str(vendor))
+    for label, frame in curves:
+        _roc(ax, frame, label)
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="Series-level ROC by vendor")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
+
+
+def roc_by_vendor(preds: pd.DataFrame, out: Path) -> Path:
+    curves = [("all", preds)] + [(str(v), part) for v, part in preds.groupby("vendor")]
+    return _roc_figure(curves, "Series-level ROC by vendor", out)
 
 
 def roc_by_fold(preds: pd.DataFrame, out: Path) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    for fold, part in preds.groupby("fold"):
-        _roc(ax, part, f"fold {fold}")
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="Series-level ROC by fold")
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return _roc_figure([(f"fold {f}", part) for f, part in preds.groupby("fold")], "Series-level ROC by fold", out)
 
 
 def confusion(preds: pd.DataFrame, threshold: float, out: Path) -> Path:
