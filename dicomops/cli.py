@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -22,6 +23,7 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(stderr=True)
+SectionT = TypeVar("SectionT", bound=BaseModel)
 
 
 def _progress(description: str, transient: bool = False) -> Progress:
@@ -36,6 +38,22 @@ def _synth_config(patients: int, seed: int, scenario: str, fault_rate: float, ma
     try:
         return SynthConfig(patients=patients, seed=seed, scenario=scenario,
                            fault_rate=fault_rate, matrix=matrix, slices=slices, workers=workers)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+
+
+def _pipeline_config(path: Path | None) -> PipelineConfig:
+    try:
+        return PipelineConfig.from_yaml(path) if path else PipelineConfig()
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+
+
+def _with_overrides(section: SectionT, **overrides: object) -> SectionT:
+    """A config section with the options the user gave on the command line, validated."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return section.model_validate(section.model_dump() | given)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
 
@@ -112,13 +130,8 @@ def ingest(
 
     if not src.is_dir():
         raise typer.BadParameter(f"{src} is not a folder of DICOM files")
-    cfg = (PipelineConfig.from_yaml(config) if config else PipelineConfig()).ingest
-    updates = {k: v for k, v in {"max_invalid_fraction": max_invalid_fraction, "workers": workers}.items()
-               if v is not None}
-    try:
-        cfg = cfg.model_validate(cfg.model_dump() | updates)
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from err
+    cfg = _with_overrides(_pipeline_config(config).ingest,
+                          max_invalid_fraction=max_invalid_fraction, workers=workers)
     try:
         result = ingest_flow(src=src.resolve(), work=work.resolve() if work else None, config=cfg)
     except GateFailedError as err:
@@ -137,12 +150,7 @@ def preprocess(
     """Turn accepted, de-identified series into cached 1 mm volumes, image features and 2.5D slabs."""
     from flows.preprocess import preprocess as preprocess_flow
 
-    cfg = (PipelineConfig.from_yaml(config) if config else PipelineConfig()).preprocess
-    if workers is not None:
-        try:
-            cfg = cfg.model_validate(cfg.model_dump() | {"workers": workers})
-        except ValueError as err:
-            raise typer.BadParameter(str(err)) from err
+    cfg = _with_overrides(_pipeline_config(config).preprocess, workers=workers)
     try:
         result = preprocess_flow(work=work.resolve() if work else None, config=cfg)
     except ValueError as err:
@@ -160,7 +168,7 @@ def train(
     """Four-fold vendor-stratified cross-validation, final model, registry version, promotion gate."""
     from flows.train import train as train_flow
 
-    cfg = PipelineConfig.from_yaml(config) if config else PipelineConfig()
+    cfg = _pipeline_config(config)
     try:
         result = train_flow(work=work.resolve() if work else None, config=cfg.train, preprocess_config=cfg.preprocess)
     except ValueError as err:
@@ -198,7 +206,7 @@ def run(
     from dicomops.errors import GateFailedError
     from flows.pipeline import pipeline
 
-    cfg = PipelineConfig.from_yaml(config) if config else PipelineConfig()
+    cfg = _pipeline_config(config)
     if not src.is_dir():
         raise typer.BadParameter(f"{src} is not a folder; generate one with 'dicomops data {src}'")
     try:

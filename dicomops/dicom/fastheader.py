@@ -51,16 +51,19 @@ class FastHeader:
         if found is None:
             return None
         vr, value = found
-        if vr == "US or SS":
-            rep = self._values.get(0x00280103)
-            vr = "SS" if rep is not None and rep[1][:1] == b"\x01" else "US"
-        return decode_value(vr, value, little_endian=True)
+        rep = self._values.get(0x00280103)
+        return decode_value(vr, value, little_endian=True, signed=rep is not None and rep[1][:1] == b"\x01")
 
 
-def decode_value(vr: str, value: bytes, little_endian: bool) -> list[Any] | None:
-    """Raw element bytes as values: binary VRs unpacked, text split on backslashes; None if empty."""
+def decode_value(vr: str, value: bytes, little_endian: bool, signed: bool = False) -> list[Any] | None:
+    """Raw element bytes as values: binary VRs unpacked, text split on backslashes; None if empty.
+
+    ``US or SS`` (e.g. PixelPaddingValue) follows PixelRepresentation, given as `signed`.
+    """
     if not value:
         return None
+    if vr == "US or SS":
+        vr = "SS" if signed else "US"
     if vr in _BINARY:
         fmt = _BINARY[vr]
         width = struct.calcsize(fmt)

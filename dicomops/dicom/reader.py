@@ -273,11 +273,11 @@ def _raw(ds: Dataset, keyword: str) -> list[Any] | None:
         return list(value) if isinstance(value, pydicom.multival.MultiValue | list | tuple) else [value]
     if value is None or len(value) == 0:
         return None
-    vr = elem.VR or dictionary_VR(tag)
-    if vr == "US or SS":
-        signed = ds._dict.get(Tag(0x00280103))
-        vr = "SS" if signed is not None and signed.value and signed.value[:1] == b"\x01" else "US"
-    return decode_value(vr, value, bool(elem.is_little_endian))
+    little = bool(elem.is_little_endian)
+    rep = ds._dict.get(Tag(0x00280103))
+    signed = (rep is not None and isinstance(rep.value, bytes) and len(rep.value) >= 2
+              and int.from_bytes(rep.value[:2], "little" if little else "big") == 1)
+    return decode_value(elem.VR or dictionary_VR(tag), value, little, signed)
 
 
 def _text(h: HeaderSource, keyword: str) -> str | None:
