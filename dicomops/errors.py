@@ -14,6 +14,3 @@ class GateFailedError(DicomOpsError):
 class CorpusMismatchError(DicomOpsError):
     """A regenerated corpus does not reproduce the hash its DVC pointer records."""
 
-
-class OptionalDependencyError(DicomOpsError, ImportError):
-    """An optional dependency is missing; the message names the extra to install."""

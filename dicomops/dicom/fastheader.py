@@ -47,7 +47,7 @@ class FastHeader:
         return self._decoded[keyword]
 
     def _decode(self, keyword: str) -> list[Any] | None:
-        found = self._values.get(_tag(keyword))
+        found = self._values.get(keyword_tag(keyword))
         if found is None:
             return None
         vr, value = found
@@ -77,7 +77,8 @@ def decode_value(vr: str, value: bytes, little_endian: bool, signed: bool = Fals
 
 
 @functools.lru_cache(maxsize=512)
-def _tag(keyword: str) -> int:
+def keyword_tag(keyword: str) -> int:
+    """The tag number of a DICOM keyword (cached: the readers ask for the same few every file)."""
     tag = tag_for_keyword(keyword)
     if tag is None:
         raise ValueError(f"{keyword} is not a DICOM keyword")
@@ -94,7 +95,7 @@ def _vr(tag: int) -> str:
 
 def read_fast(path: str, wanted: Iterable[str], size: int) -> FastHeader | None:
     """Read the header of `path` the fast way, or None when the file needs the careful path."""
-    tags = frozenset(_tag(k) for k in wanted)
+    tags = frozenset(keyword_tag(k) for k in wanted)
     with open(path, "rb") as fh:
         buf = fh.read(HEADER_BYTES)
         parsed = _parse(buf, tags, size)

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pydicom
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info
-from pydicom.tag import BaseTag, Tag
+from pydicom.tag import Tag
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -36,7 +36,7 @@ from pydicom.uid import (
 )
 
 from dicomops.deid.keys import KeyedMapper
-from dicomops.dicom.fastheader import decode_value, read_fast
+from dicomops.dicom.fastheader import decode_value, keyword_tag, read_fast
 
 PREAMBLE = 128
 EXECUTABLE_MAGIC = (b"MZ", b"\x7fELF")
@@ -167,7 +167,7 @@ def _decoder_available(syntax: UID) -> bool:
         from pydicom.pixels import get_decoder
 
         return bool(get_decoder(syntax).is_available)
-    except (NotImplementedError, ValueError, ImportError):
+    except (NotImplementedError, ValueError, ImportError):  # pydicom knows no decoder for it
         return False
 
 
@@ -234,14 +234,6 @@ def _pixel_data_element(fh: Any, at: int, size: int, syntax: UID) -> PixelElemen
     return PixelElement(length, available, True)
 
 
-@functools.lru_cache(maxsize=256)
-def _tag(keyword: str) -> BaseTag:
-    number = tag_for_keyword(keyword)
-    if number is None:
-        raise ValueError(f"{keyword} is not a DICOM keyword")
-    return Tag(number)
-
-
 class _DatasetHeader:
     """The pydicom path's accessor: same `raw(keyword)` as the fast reader's."""
 
@@ -262,7 +254,7 @@ def _raw(ds: Dataset, keyword: str) -> list[Any] | None:
     Reading the raw element avoids pydicom's per-element conversion machinery, which dominates
     header-only reading; text values are split on backslashes, binary ones unpacked.
     """
-    tag = _tag(keyword)
+    tag = Tag(keyword_tag(keyword))
     elem = ds._dict.get(tag)
     if elem is None:
         return None

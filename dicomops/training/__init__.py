@@ -1,2 +1,3 @@
-"""Training: cross-validation splits (``splits``), metrics (``metrics``); the model, loop and
-flow arrive with the training issue's remaining parts."""
+"""Training: cross-validation splits (``splits``), slab data (``data``), the MONAI model
+(``model``), the loop with checkpoints (``loop``), metrics (``metrics``), pictures (``plots``) and
+the cross-validation over a work directory (``cv``)."""
