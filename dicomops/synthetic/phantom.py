@@ -90,6 +90,7 @@ def sample_anatomy(rng: np.random.Generator, z_center: float) -> Anatomy:
     lung_a = float((body_a - fat) * rng.uniform(0.36, 0.42))
     lung_b = float((body_b - fat) * rng.uniform(0.70, 0.80))
     lung_dx = float((body_a - fat) * rng.uniform(0.45, 0.52))
+    lung_a, lung_b = _clear_of_ribs(body_a - fat, body_b - fat, lung_a, lung_b, lung_dx)
     vessels = []
     for side in (-1, 1):
         for _ in range(int(rng.integers(5, 9))):
@@ -110,16 +111,81 @@ def sample_anatomy(rng: np.random.Generator, z_center: float) -> Anatomy:
     )
 
 
+RIB_RADIUS_MM, RIB_INSET_MM, PLEURA_MM = 4.5, 7.0, 3.0
+RIB_ANGLES = np.linspace(0.12 * np.pi, 0.88 * np.pi, 8)
+
+
+def rib_centres(inner_a: float, inner_b: float) -> list[tuple[float, float]]:
+    """Centres of the 16 ribs in one axial plane, on an ellipse just inside the body wall."""
+    out = []
+    for angle in RIB_ANGLES:
+        cx, cy = (inner_a - RIB_INSET_MM) * np.cos(angle), (inner_b - RIB_INSET_MM) * np.sin(angle)
+        out += [(float(cx), float(cy)), (float(cx), float(-cy))]
+    return out
+
+
+def _clear_of_ribs(inner_a: float, inner_b: float, lung_a: float, lung_b: float,
+                   lung_dx: float) -> tuple[float, float]:
+    """Shrink the lungs until every rib lies outside them with a pleural gap.
+
+    A rib inside the lung outline is a bright round blob on the lung border: a juxtapleural
+    nodule look-alike that real anatomy never produces (ribs sit in the chest wall).
+    """
+    reach = RIB_RADIUS_MM + PLEURA_MM
+    for _ in range(100):
+        inside = any(((abs(cx) - lung_dx) / (lung_a + reach)) ** 2 + (cy / (lung_b + reach)) ** 2 < 1.0
+                     for cx, cy in rib_centres(inner_a, inner_b))
+        if not inside:
+            break
+        lung_a, lung_b = lung_a * 0.97, lung_b * 0.97
+    return lung_a, lung_b
+
+
 def lung_scale(anatomy: Anatomy, z: np.ndarray) -> np.ndarray:
     """Relative lung cross-section size along z: widest mid-chest, narrowing to the apex."""
     zrel = (np.asarray(z, dtype=np.float64) - anatomy.z_center) / 170.0
     return np.sqrt(np.clip(1.0 - zrel**2, 0.09, 1.0))
 
 
+def heart_radius(anatomy: Anatomy, z: np.ndarray) -> np.ndarray:
+    """Left-right semi-axis of the heart along z (0 outside it); the AP semi-axis is 0.85 of it."""
+    zrel = np.asarray(z, dtype=np.float64) - anatomy.z_center
+    return anatomy.heart_r * np.clip(1.0 - ((zrel + 30.0) / 120.0) ** 2, 0.0, 1.0)
+
+
+def heart_center(anatomy: Anatomy) -> tuple[float, float]:
+    return 0.25 * anatomy.heart_r, -0.15 * (anatomy.body_b - anatomy.fat_mm)
+
+
+def nodule_fits(anatomy: Anatomy, nodule: Nodule, clearance_mm: float = 2.0) -> bool:
+    """Whether the whole sphere lies in lung parenchyma: inside a lung, clear of the heart.
+
+    A nodule that overlaps the mediastinum has soft-tissue density on soft tissue and is invisible,
+    yet its series would be labelled positive: label noise that no model can learn.
+    """
+    (xc, yc, zc), r = nodule.center, nodule.diameter_mm / 2 + clearance_mm
+    zs = np.linspace(zc - r, zc + r, 5)
+    s = float(np.min(lung_scale(anatomy, zs)))
+    side = 1.0 if xc >= 0 else -1.0
+    # Distance to an ellipse's border is approximated by shrinking its semi-axes by r.
+    a, b = anatomy.lung_a * s - r, anatomy.lung_b * s - r
+    if a <= 0 or b <= 0 or ((xc - side * anatomy.lung_dx) / a) ** 2 + (yc / b) ** 2 > 1.0:
+        return False
+    hr = float(np.max(heart_radius(anatomy, zs)))
+    if hr <= 1.0:
+        return True
+    hx, hy = heart_center(anatomy)
+    return bool(((xc - hx) / (hr + r)) ** 2 + ((yc - hy) / (0.85 * hr + r)) ** 2 > 1.0)
+
+
 def sample_nodules(
-    rng: np.random.Generator, anatomy: Anatomy, count: int, z: np.ndarray
+    rng: np.random.Generator, anatomy: Anatomy, count: int, z: np.ndarray, attempts: int = 200
 ) -> list[Nodule]:
-    """Place `count` nodules of 4–15 mm inside the lungs, within the scanned z range."""
+    """Place `count` nodules of 4–15 mm in lung parenchyma, within the scanned z range.
+
+    Positions are drawn until one fits (:func:`nodule_fits`); the lateral edge of the lung away
+    from the heart is the fallback, and it always fits.
+    """
     lo, hi = float(np.min(z)), float(np.max(z))
     margin = 0.15 * (hi - lo)
     nodules: list[Nodule] = []
@@ -127,12 +193,20 @@ def sample_nodules(
         diameter = float(rng.uniform(4.0, 15.0))
         zc = float(rng.uniform(lo + margin, hi - margin))
         s = float(lung_scale(anatomy, np.array([zc]))[0])
-        side = 1 if rng.random() < 0.5 else -1
-        t = rng.uniform(0, 2 * np.pi)
-        rho = np.sqrt(rng.uniform(0.0, 1.0)) * 0.55
-        xc = side * anatomy.lung_dx + rho * anatomy.lung_a * s * np.cos(t)
-        yc = rho * anatomy.lung_b * s * np.sin(t)
-        nodules.append(Nodule((round(float(xc), 2), round(float(yc), 2), round(zc, 2)), round(diameter, 2)))
+        for _attempt in range(attempts):
+            side = 1 if rng.random() < 0.5 else -1
+            t = rng.uniform(0, 2 * np.pi)
+            rho = np.sqrt(rng.uniform(0.0, 1.0)) * 0.8
+            xc = side * anatomy.lung_dx + rho * anatomy.lung_a * s * np.cos(t)
+            yc = rho * anatomy.lung_b * s * np.sin(t)
+            candidate = Nodule((round(float(xc), 2), round(float(yc), 2), round(zc, 2)), round(diameter, 2))
+            if nodule_fits(anatomy, candidate):
+                break
+        else:
+            diameter = min(diameter, max(4.0, anatomy.lung_a * s * 0.5))
+            xc = -(anatomy.lung_dx + 0.4 * anatomy.lung_a * s)
+            candidate = Nodule((round(float(xc), 2), 0.0, round(zc, 2)), round(diameter, 2))
+        nodules.append(candidate)
     return nodules
 
 
@@ -174,8 +248,9 @@ def render_phantom(
         cy = vy * s + 3.0 * np.cos(zrel / 55.0 + phase)
         vessel = ((x - cx) ** 2 + (y - cy) ** 2 <= vr**2) & (regions == REGION_LUNG)
         regions[vessel] = REGION_VESSEL
-    heart_r = anatomy.heart_r * np.clip(1.0 - ((zrel + 30.0) / 120.0) ** 2, 0.0, 1.0)
-    heart = _ellipse(x, y, 0.25 * anatomy.heart_r, -0.15 * inner_b, heart_r + 1e-6, 0.85 * heart_r + 1e-6)
+    heart_r = heart_radius(anatomy, z)
+    hx, hy = heart_center(anatomy)
+    heart = _ellipse(x, y, hx, hy, heart_r + 1e-6, 0.85 * heart_r + 1e-6)
     regions[heart & (heart_r > 1.0)] = REGION_BLOOD
     aorta = (x + 0.0) ** 2 + (y - (anatomy.spine_y - anatomy.spine_r - 14.0)) ** 2 <= 12.0**2
     regions[np.broadcast_to(aorta, shape)] = REGION_BLOOD
@@ -185,12 +260,9 @@ def render_phantom(
     regions[spine & ~disc] = REGION_BONE
     regions[spine & disc] = REGION_SOFT
     rib_band = np.broadcast_to(np.sin(2 * np.pi * zrel / 26.0) > 0.2, shape)
-    for angle in np.linspace(0.12 * np.pi, 0.88 * np.pi, 8):
-        cx = (inner_a - 7.0) * np.cos(angle)
-        cy = (inner_b - 7.0) * np.sin(angle)
-        for cy_ in (cy, -cy):
-            rib = np.broadcast_to((x - cx) ** 2 + (y - cy_) ** 2 <= 4.5**2, shape)
-            regions[rib & rib_band] = REGION_BONE
+    for rib_x, rib_y in rib_centres(inner_a, inner_b):
+        rib = np.broadcast_to((x - rib_x) ** 2 + (y - rib_y) ** 2 <= RIB_RADIUS_MM**2, shape)
+        regions[rib & rib_band] = REGION_BONE
 
     lut = np.zeros(16, dtype=np.float32)
     lut[[REGION_AIR, REGION_FAT, REGION_SOFT, REGION_LUNG, REGION_BONE, REGION_TABLE,

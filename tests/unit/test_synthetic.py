@@ -229,6 +229,44 @@ def test_nodules_are_in_the_mask_with_their_size() -> None:
     assert abs(np.nanmedian(hu) - phantom.HU_NODULE) < 40  # soft tissue in the lung
 
 
+def test_every_nodule_is_visible_in_lung_parenchyma() -> None:
+    # A nodule overlapping the heart is soft tissue on soft tissue: labelled positive, yet invisible.
+    rng = np.random.default_rng(11)
+    grid = phantom.Grid(rows=160, cols=160, row_spacing=2.2, col_spacing=2.2, z=np.arange(-60.0, 60.0, 2.0))
+    hidden = []
+    for _ in range(40):
+        anatomy = phantom.sample_anatomy(rng, z_center=0.0)
+        nodules = phantom.sample_nodules(rng, anatomy, 2, grid.z)
+        assert all(phantom.nodule_fits(anatomy, n) for n in nodules)
+        _, regions, _ = phantom.render_phantom(anatomy, [], grid)
+        for n in nodules:
+            _, _, mask = phantom.render_phantom(anatomy, [n], grid)
+            background = regions[mask.astype(bool)]
+            hidden.append(np.isin(background, [phantom.REGION_BLOOD, phantom.REGION_SOFT, phantom.REGION_FAT,
+                                               phantom.REGION_BONE]).mean())
+    assert max(hidden) == 0.0
+
+
+def test_ribs_stay_in_the_chest_wall_clear_of_the_lungs() -> None:
+    # A rib inside the lung outline is a round bright blob on the lung border: a nodule look-alike.
+    rng = np.random.default_rng(5)
+    grid = phantom.Grid(rows=200, cols=200, row_spacing=1.8, col_spacing=1.8, z=np.arange(-40.0, 40.0, 4.0))
+    for _ in range(30):
+        _, regions, _ = phantom.render_phantom(phantom.sample_anatomy(rng, z_center=0.0), [], grid)
+        ribs = (regions == phantom.REGION_BONE)
+        near_ribs = ndimage.binary_dilation(ribs, structure=np.ones((1, 3, 3)), iterations=1)
+        assert not (near_ribs & (regions == phantom.REGION_LUNG)).any()
+
+
+def test_nodule_fits_rejects_the_heart_and_the_chest_wall() -> None:
+    anatomy = phantom.sample_anatomy(np.random.default_rng(2), z_center=0.0)
+    hx, hy = phantom.heart_center(anatomy)
+    assert not phantom.nodule_fits(anatomy, phantom.Nodule((hx, hy, 0.0), 8.0))
+    lateral = anatomy.lung_dx + anatomy.lung_a
+    assert not phantom.nodule_fits(anatomy, phantom.Nodule((-lateral, 0.0, 0.0), 8.0))
+    assert phantom.nodule_fits(anatomy, phantom.Nodule((-(anatomy.lung_dx + 0.3 * anatomy.lung_a), 0.0, 0.0), 6.0))
+
+
 def test_labels_masks_and_phi_tables(clean_corpus: Path) -> None:
     labels = pd.read_csv(clean_corpus / "labels.csv", keep_default_na=False)
     assert {"SeriesInstanceUID", "PatientID", "vendor", "label", "nodule_count",
