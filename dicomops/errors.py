@@ -14,3 +14,7 @@ class GateFailedError(DicomOpsError):
 class CorpusMismatchError(DicomOpsError):
     """A regenerated corpus does not reproduce the hash its DVC pointer records."""
 
+
+
+class ExportCheckError(DicomOpsError):
+    """An exported model does not compute what the trained model computes (parity, INT8 accuracy)."""

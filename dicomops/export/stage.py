@@ -1,0 +1,226 @@
+"""The export stage over a registered model version: ONNX → parity → INT8 → TensorRT → Triton,
+with every file's sha256 and every check's figure attached to the version in MLflow.
+
+Files go to ``WORK/export/v<version>/``; the version's source run (the training run that logged
+the model) receives them under ``export/`` so that the version page links to them, and the version
+carries ``export.*`` tags with the figures and hashes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dicomops import io
+from dicomops.config import ExportConfig
+from dicomops.export import onnx_export, quantize, tensorrt_engine, triton
+from dicomops.export.contract import METADATA_KEY, InputContract
+from dicomops.tracking import runs
+from dicomops.training.data import SlabSet, build_slab_set
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: str
+    run_id: str
+    contract: InputContract
+
+
+@dataclass
+class ExportReport:
+    version: str
+    folder: str
+    files: dict[str, str] = field(default_factory=dict)  # relative path → sha256
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    tensorrt: str = ""
+
+
+def resolve_version(tracking_uri: str, name: str, version: str | None, alias: str | None) -> ModelRef:
+    """The model version to export (by number or alias) and the contract it was registered with."""
+    import mlflow
+
+    client = runs.configure_mlflow(tracking_uri)
+    if (version is None) == (alias is None):
+        raise ValueError("give exactly one of --version or --alias")
+    mv = client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, str(alias))
+    info = mlflow.models.get_model_info(f"models:/{name}/{mv.version}")
+    raw = (info.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise ValueError(f"{name} version {mv.version} was registered without '{METADATA_KEY}' in its MLmodel "
+                         "metadata, so its input contract is unknown; retrain it with this dicomops")
+    return ModelRef(name, str(mv.version), str(mv.run_id), InputContract.from_mapping(raw))
+
+
+def load_torch_model(tracking_uri: str, ref: ModelRef) -> torch.nn.Module:
+    """The version's network rebuilt from its run's ``weights/`` (the same state dict MLflow logged)."""
+    from dicomops.tracking.registry import load_weights
+
+    model: torch.nn.Module = load_weights(tracking_uri, ref.run_id)[0]
+    return model
+
+
+def _sample(data: SlabSet, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.random.default_rng(seed).permutation(len(data.y))[:n]
+    idx.sort()
+    return data.x[idx].float().numpy(), data.y[idx].numpy()
+
+
+def fold_slabs(work: Path, contract: InputContract, fold: int = 0) -> tuple[SlabSet, SlabSet]:
+    """The training and validation slabs of one cross-validation fold, shaped as the contract says."""
+    folds = json.loads((Path(work) / "splits" / "folds.json").read_text())["folds"]
+    index = pd.read_parquet(Path(work) / "preprocessed" / "index.parquet")
+    slabs = pd.read_parquet(Path(work) / "preprocessed" / "slabs.parquet")
+    build = lambda ids: build_slab_set(work, index, slabs, list(ids), contract.channels, contract.height)  # noqa: E731
+    return build(folds[fold]["train"]), build(folds[fold]["val"])
+
+
+def _time_session(path: Path, shape: tuple[int, ...], batch: int, threads: int, repeats: int = 20) -> tuple[float, float]:
+    """Batch-1 latency (ms) and batch-`batch` throughput (samples/s) of an ONNX Runtime session."""
+    sess = onnx_export.session(path, threads)
+    rng = np.random.default_rng(0)
+    one, many = rng.random((1, *shape), np.float32), rng.random((batch, *shape), np.float32)
+    name = sess.get_inputs()[0].name
+    for _ in range(3):
+        sess.run(None, {name: one}), sess.run(None, {name: many})
+    start = time.perf_counter()
+    for _ in range(repeats):
+        sess.run(None, {name: one})
+    latency = (time.perf_counter() - start) / repeats * 1e3
+    start = time.perf_counter()
+    for _ in range(max(3, repeats // 4)):
+        sess.run(None, {name: many})
+    return latency, batch * max(3, repeats // 4) / (time.perf_counter() - start)
+
+
+def check_dynamic_batch(path: Path, x: np.ndarray, sizes: tuple[int, ...] = (1, 7, 32)) -> float:
+    """Max difference of per-sample outputs across batch sizes (zero for a correct dynamic axis)."""
+    sess = onnx_export.session(path)
+    reference = onnx_export.run_onnx(sess, x[: max(sizes)], batch_size=1)
+    worst = 0.0
+    for size in sizes:
+        got = onnx_export.run_onnx(sess, x[: max(sizes)], batch_size=size)
+        worst = max(worst, float(np.abs(got - reference).max()))
+    return worst
+
+
+def export_version(work: Path, tracking_uri: str, ref: ModelRef, cfg: ExportConfig, threads: int = 2) -> ExportReport:
+    """Export, check and package `ref`; raise :class:`ExportCheckError` when a check fails."""
+    folder = Path(work) / "export" / f"v{ref.version}"
+    if folder.exists():
+        shutil.rmtree(folder)  # a re-export starts clean: no stale engine or repository survives
+    folder.mkdir(parents=True)
+    report = ExportReport(ref.version, str(folder))
+    contract = ref.contract
+    model = load_torch_model(tracking_uri, ref)
+    torch.save(model.state_dict(), folder / "torch_state.pt")  # makes the folder benchmarkable on its own
+
+    log.info("export v%s: loading fold-0 slabs for parity, calibration and the INT8 check", ref.version)
+    train, val = fold_slabs(work, contract)
+    parity_x, _ = _sample(val, cfg.parity_samples, seed=1)
+    calib_x, _ = _sample(train, cfg.calibration_samples, seed=2)
+    val_x, val_y = val.x.float().numpy(), val.y.numpy()
+
+    fp32 = onnx_export.export_onnx(model, contract, folder / "model.onnx", cfg.opset, cfg.max_batch)
+    parity = onnx_export.check_parity(model, fp32, parity_x, cfg.parity_tolerance)
+    batch_spread = check_dynamic_batch(fp32, parity_x if len(parity_x) >= 32 else np.resize(parity_x, (32, *contract.input_shape)))
+    if batch_spread > cfg.parity_tolerance:
+        raise onnx_export.ExportCheckError(f"ONNX outputs differ by {batch_spread:.2e} across batch sizes 1, 7, 32")
+    int8 = quantize.quantize_int8(fp32, folder / "model.int8.onnx", calib_x)
+    int8_check = quantize.check_int8(fp32, int8, val_x, val_y, cfg.int8_max_auc_drop)
+    report.metrics.update({
+        "export.onnx.parity_max_abs_diff": parity.max_abs_diff, "export.onnx.parity_samples": parity.samples,
+        "export.onnx.batch_spread": batch_spread, "export.int8.auc_fp32": int8_check.auc_fp32,
+        "export.int8.auc_int8": int8_check.auc_int8, "export.int8.auc_drop": int8_check.auc_drop,
+        "export.int8.max_abs_diff": int8_check.max_abs_diff, "export.int8.validation_samples": int8_check.samples,
+    })
+    for label, path in (("ort_fp32", fp32), ("ort_int8", int8)):
+        latency, throughput = _time_session(path, contract.input_shape, cfg.max_batch, threads)
+        report.metrics[f"export.{label}.latency_ms_b1"] = latency
+        report.metrics[f"export.{label}.throughput_b{cfg.max_batch}"] = throughput
+
+    repo = folder / "model_repository"
+    triton.write_model(repo, ref.name, ref.version, "onnxruntime_onnx", fp32, contract, cfg.max_batch,
+                       cfg.preferred_batch_sizes, cfg.max_queue_delay_us)
+    report.tensorrt = _tensorrt(folder, ref, cfg, fp32, int8, parity_x, report)
+
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        report.files[str(path.relative_to(folder))] = onnx_export.sha256(path)
+    io.write_json(folder / "manifest.json", {"version": ref.version, "files": report.files,
+                                             "metrics": report.metrics, "tensorrt": report.tensorrt,
+                                             "contract": asdict(contract), "opset": cfg.opset})
+    report.tags = {"export.onnx.sha256": report.files["model.onnx"],
+                   "export.int8.sha256": report.files["model.int8.onnx"],
+                   "export.onnx.opset": str(cfg.opset), "export.tensorrt": report.tensorrt,
+                   "export.triton": f"{ref.name} (onnxruntime_onnx)" + (", " + ref.name + "-trt (tensorrt_plan)"
+                                                                         if "model.fp16.plan" in report.files else ""),
+                   **{k: f"{v:.6g}" for k, v in report.metrics.items()}}
+    return report
+
+
+def _tensorrt(folder: Path, ref: ModelRef, cfg: ExportConfig, fp32: Path, int8: Path, samples: np.ndarray,
+              report: ExportReport) -> str:
+    """Build, check and time the TensorRT engines, or say exactly why not."""
+    reason = tensorrt_engine.availability()
+    if reason is not None:
+        log.warning("tensorrt: skipped (%s)", reason)
+        return f"skipped ({reason})"
+    reference = onnx_export.run_onnx(onnx_export.session(fp32), samples)
+    built = []
+    for precision in cfg.tensorrt_precisions:
+        source = tensorrt_engine.engine_input(precision, fp32, int8, folder)
+        plan = tensorrt_engine.build_engine(source, folder / f"model.{precision}.plan", ref.contract, cfg.max_batch)
+        engine = tensorrt_engine.Engine(plan, ref.contract)
+        parity = onnx_export.compare(reference, tensorrt_engine.run_batches(engine, samples, cfg.max_batch),
+                                     cfg.tensorrt_parity_tolerance)
+        if not parity.ok:
+            raise onnx_export.ExportCheckError(
+                f"TensorRT {precision} parity failed: max |Δp| {parity.max_abs_diff:.2e} against ONNX Runtime "
+                f"(tolerance {cfg.tensorrt_parity_tolerance})")
+        timing = tensorrt_engine.time_engine(engine, precision, cfg.max_batch)
+        report.metrics.update({f"export.trt_{precision}.parity_max_abs_diff": parity.max_abs_diff,
+                               f"export.trt_{precision}.latency_ms_b1": timing.latency_ms_b1,
+                               f"export.trt_{precision}.throughput_b{cfg.max_batch}": timing.throughput_b})
+        built.append(precision)
+    if "fp16" in built:
+        triton.write_model(folder / "model_repository", f"{ref.name}-trt", ref.version, "tensorrt_plan",
+                           folder / "model.fp16.plan", ref.contract, cfg.max_batch, cfg.preferred_batch_sizes,
+                           cfg.max_queue_delay_us)
+    import tensorrt as trt
+
+    return f"built {', '.join(built)} (TensorRT {trt.__version__})"
+
+
+def attach(tracking_uri: str, ref: ModelRef, report: ExportReport) -> None:
+    """Attach the files to the version's source run under ``export/`` and tag the version."""
+    client = runs.configure_mlflow(tracking_uri)
+    client.log_artifacts(ref.run_id, report.folder, "export")
+    runs.log_metrics(tracking_uri, ref.run_id, report.metrics)
+    for key, value in report.tags.items():
+        client.set_model_version_tag(ref.name, ref.version, key, value)
+    client.set_model_version_tag(ref.name, ref.version, "export.artifacts",
+                                 f"runs:/{ref.run_id}/export (sha256 in manifest.json)")
+
+
+def summary_line(report: ExportReport) -> str:
+    m = report.metrics
+    return (f"export v{report.version}: ONNX parity {m['export.onnx.parity_max_abs_diff']:.1e}; INT8 AUC drop "
+            f"{m['export.int8.auc_drop']:+.4f}; ORT FP32 {m['export.ort_fp32.latency_ms_b1']:.1f} ms at batch 1; "
+            f"tensorrt: {report.tensorrt}")
+
+
+def describe(report: ExportReport) -> dict[str, Any]:
+    return {"version": report.version, "folder": report.folder, "tensorrt": report.tensorrt,
+            "metrics": report.metrics, "files": report.files}

@@ -1,0 +1,26 @@
+"""The export flow: a registered version → ONNX, INT8, TensorRT (where possible), Triton, all checked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from dicomops.config import ExportConfig, load_settings
+from dicomops.export.stage import describe, summary_line
+from tasks import export as t
+
+
+@flow(name="dicomops-export", log_prints=True)
+def export(work: Path | None = None, config: ExportConfig = ExportConfig(),
+           model_name: str = "dicomops-ct-classifier", version: str | None = None,
+           alias: str | None = None) -> dict[str, object]:
+    """Export `version` (or the version holding `alias`, by default the challenger) of `model_name`."""
+    settings = load_settings()
+    work = Path(work or settings.work_dir)
+    uri = settings.mlflow_tracking_uri
+    ref = t.resolve_version(uri, model_name, version, alias if version or alias else "challenger")
+    report = t.export_and_check(work, uri, ref, config)
+    t.attach(uri, ref, report)
+    print(summary_line(report))
+    return describe(report)
