@@ -1,0 +1,91 @@
+"""The monitored features of a set of series: header metadata, image statistics, the serving
+model's output probability and its penultimate-layer embedding.
+
+Header and image columns come from ``preprocessed/features.parquet`` (written by preprocessing, no
+PHI: de-identified UIDs are dropped here too). Model columns come from one pass of the model over
+every slice of each series: the series score exactly as training defines it (mean of the top-k
+slice probabilities) and the mean penultimate-layer activation over the slices.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dicomops.training.data import all_slabs, load_volume
+
+HEADER_NUMERIC = ("KVP", "SliceThickness", "PixelSpacing_0", "slice_spacing", "XRayTubeCurrent")
+HEADER_CATEGORICAL = ("Manufacturer", "ManufacturerModelName", "ConvolutionKernel")
+IMAGE_NUMERIC = ("body_area_cm2", "body_width_mm", "hu_p05", "hu_p25", "hu_p50", "hu_p75", "hu_p95",
+                 "lung_fraction", "noise_hu")
+OUTPUT_NUMERIC = ("probability",)
+EMBEDDING_PREFIX = "emb_"
+
+
+def numeric_columns() -> list[str]:
+    return [*HEADER_NUMERIC, *IMAGE_NUMERIC, *OUTPUT_NUMERIC]
+
+
+def categorical_columns() -> list[str]:
+    return list(HEADER_CATEGORICAL)
+
+
+def embedding_columns(table: pd.DataFrame) -> list[str]:
+    return [c for c in table.columns if c.startswith(EMBEDDING_PREFIX)]
+
+
+def _last_linear(model: torch.nn.Module) -> torch.nn.Linear:
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no Linear layer whose input could serve as the embedding")
+    return linears[-1]
+
+
+def model_outputs(model: torch.nn.Module, volumes: list[np.ndarray], k: int, size: int, top_k: int,
+                  batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Series scores (N,) and mean penultimate embeddings (N, D) for (X, Y, Z) volumes."""
+    captured: list[torch.Tensor] = []
+    hook = _last_linear(model).register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0].detach()))
+    model.eval()
+    scores, embeddings = [], []
+    try:
+        with torch.no_grad():
+            for volume in volumes:
+                x = all_slabs(volume, k, size)
+                probs, feats = [], []
+                for i in range(0, len(x), batch_size):
+                    captured.clear()
+                    probs.append(torch.softmax(model(x[i:i + batch_size]), dim=1)[:, 1])
+                    feats.append(captured[-1].flatten(1))
+                p = torch.cat(probs).numpy()
+                scores.append(float(np.sort(p)[-top_k:].mean()))
+                embeddings.append(torch.cat(feats).mean(0).numpy())
+    finally:
+        hook.remove()
+    return np.asarray(scores), np.stack(embeddings) if embeddings else np.zeros((0, 0))
+
+
+def feature_table(work: Path, model: torch.nn.Module, k: int, size: int, top_k: int,
+                  series: list[str] | None = None) -> pd.DataFrame:
+    """One row per preprocessed series (or those in `series`): the monitored columns, no identifiers."""
+    work = Path(work)
+    features = pd.read_parquet(work / "preprocessed" / "features.parquet")
+    index = pd.read_parquet(work / "preprocessed" / "index.parquet").set_index("SeriesInstanceUID")
+    if series is not None:
+        features = features[features.SeriesInstanceUID.isin(set(series))]
+    features = features.sort_values("SeriesInstanceUID").reset_index(drop=True)
+    volumes = [load_volume(work, index.loc[uid, "path"]) for uid in features.SeriesInstanceUID]
+    scores, embeddings = model_outputs(model, volumes, k, size, top_k)
+    table = features[[*HEADER_NUMERIC, *HEADER_CATEGORICAL, *IMAGE_NUMERIC]].copy()
+    for column in HEADER_NUMERIC + IMAGE_NUMERIC:
+        table[column] = pd.to_numeric(table[column], errors="coerce").astype(float)
+    for column in HEADER_CATEGORICAL:
+        table[column] = table[column].astype(str)
+    table["probability"] = scores
+    if len(embeddings):
+        emb = pd.DataFrame(embeddings, columns=[f"{EMBEDDING_PREFIX}{i}" for i in range(embeddings.shape[1])])
+        table = pd.concat([table, emb], axis=1)
+    return table

@@ -1,0 +1,71 @@
+"""Keep alert-driven retraining from storming: one retrain at a time (a lock file) and at most one
+per model per cooldown (a state file). Both live under ``WORK/monitoring/``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicomops import io
+
+
+@dataclass(frozen=True)
+class Verdict:
+    go: bool
+    reason: str
+
+
+def _state_path(work: Path) -> Path:
+    return Path(work) / "monitoring" / "retrain_state.json"
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def check_cooldown(work: Path, model: str, cooldown_hours: float, now: dt.datetime | None = None) -> Verdict:
+    now = now or _now()
+    path = _state_path(work)
+    last = io.read_json(path).get(model, {}).get("started") if path.exists() else None
+    if last is None:
+        return Verdict(True, "no earlier drift-triggered retrain")
+    elapsed = now - dt.datetime.fromisoformat(last)
+    if elapsed < dt.timedelta(hours=cooldown_hours):
+        wait = dt.timedelta(hours=cooldown_hours) - elapsed
+        return Verdict(False, f"skipped: cooldown, the last drift-triggered retrain of {model} started at {last}; "
+                              f"next allowed in {wait.total_seconds() / 3600:.1f} h (cooldown {cooldown_hours} h)")
+    return Verdict(True, f"cooldown over (last retrain {last})")
+
+
+def record_start(work: Path, model: str, monitoring_run_id: str, now: dt.datetime | None = None) -> None:
+    path = _state_path(work)
+    state = io.read_json(path) if path.exists() else {}
+    state[model] = {"started": (now or _now()).isoformat(timespec="seconds"), "monitoring_run_id": monitoring_run_id}
+    io.write_json(path, state)
+
+
+class RetrainLocked(RuntimeError):
+    """Another retrain holds the lock."""
+
+
+@contextmanager
+def retrain_lock(work: Path, stale_hours: float = 12.0) -> Iterator[Path]:
+    """An exclusive lock file; one older than `stale_hours` (a crashed holder) is taken over."""
+    path = Path(work) / "monitoring" / "retrain.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and _now().timestamp() - path.stat().st_mtime > stale_hours * 3600:
+        path.unlink(missing_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    except FileExistsError as err:
+        raise RetrainLocked(f"skipped: another retrain holds {path} ({path.read_text().strip()})") from err
+    try:
+        os.write(fd, f"pid {os.getpid()} since {_now().isoformat(timespec='seconds')}".encode())
+        os.close(fd)
+        yield path
+    finally:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,118 @@
+"""The monitoring stage between the flows: the batch's features, the reference at training time,
+the drift-share history picture, and the sources a retrain trains on."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from dicomops import io
+from dicomops.monitoring.features import feature_table
+from dicomops.monitoring.reference import build_reference, store_reference
+from dicomops.tracking import registry, runs
+
+
+def batch_dir(work: Path, batch_id: str) -> Path:
+    return Path(work) / "monitoring" / "batches" / batch_id
+
+
+def batch_features(batch_work: Path, tracking_uri: str, run_id: str) -> pd.DataFrame:
+    """Features of every preprocessed series of a batch, scored by the model of training run `run_id`."""
+    if not (Path(batch_work) / "preprocessed" / "features.parquet").exists():
+        return pd.DataFrame()
+    model, cfg, k = registry.load_weights(tracking_uri, run_id)
+    return feature_table(batch_work, model, k, cfg.input_size, cfg.top_k_slices)
+
+
+def reference_for_version(work: Path, tracking_uri: str, name: str, version: str) -> str:
+    """At training time: the training features scored by the new version, stored with it."""
+    mv = runs.configure_mlflow(tracking_uri).get_model_version(name, version)
+    model, cfg, k = registry.load_weights(tracking_uri, str(mv.run_id))
+    table = build_reference(work, model, k, cfg.input_size, cfg.top_k_slices)
+    summary = Path(work) / "ingest" / "summary.json"
+    if summary.exists():
+        share = io.read_json(summary)["quarantined_share"]
+        runs.configure_mlflow(tracking_uri).set_model_version_tag(name, version, "monitoring.reference_quarantine_share",
+                                                                  f"{share:.6f}")
+    return store_reference(tracking_uri, name, version, str(mv.run_id), table, Path(work) / "train")
+
+
+def quarantine_counts(batch_work: Path) -> tuple[int, int]:
+    summary = Path(batch_work) / "ingest" / "summary.json"
+    if not summary.exists():
+        return 0, 0
+    s = io.read_json(summary)
+    return int(s["quarantined_files"]), int(s["files"])
+
+
+def drift_history(tracking_uri: str, experiment: str, name: str, out: Path, threshold: float) -> Path | None:
+    """Drift share of the successive monitoring runs of model `name`, as a picture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    client = runs.configure_mlflow(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    found = client.search_runs([exp.experiment_id], filter_string=f"tags.model = '{name}' and tags.stage = 'monitor'",
+                               order_by=["attributes.start_time ASC"], max_results=500)
+    points = [(r.info.start_time, r.data.metrics["drift_share"], r.data.tags.get("drift.status", ""))
+              for r in found if "drift_share" in r.data.metrics]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    xs = list(range(1, len(points) + 1))
+    ax.plot(xs, [p[1] for p in points], "-", color="0.6")
+    for x, (_, share, status) in zip(xs, points, strict=True):
+        ax.plot(x, share, "o", color="tab:red" if status == "drift" else "tab:green")
+    ax.axhline(threshold, ls="--", color="tab:red", lw=1, label=f"drift share threshold {threshold}")
+    ax.set(xlabel="monitoring run", ylabel="share of drifted columns", ylim=(0, 1), title=f"Drift share, {name}")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def labelled_sources(work: Path, training_source: Path) -> list[Path]:
+    """The original corpus and every monitored batch whose labels have arrived (``labels.csv``)."""
+    sources = [Path(training_source)]
+    for record in sorted((Path(work) / "monitoring" / "batches").glob("*/batch.json")):
+        src = Path(io.read_json(record)["src"])
+        if (src / "labels.csv").exists() and src.resolve() != Path(training_source).resolve():
+            sources.append(src)
+    return sources
+
+
+def combine_sources(sources: list[Path], out: Path) -> Path:
+    """One folder over several labelled corpora: each under ``s<i>/`` as file symlinks (the ingest
+    walk does not follow directory links), one merged ``labels.csv`` and the masks in ``masks/``."""
+    import shutil
+
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    labels = []
+    for i, src in enumerate(sources):
+        prefix = f"s{i}"
+        table = pd.read_csv(src / "labels.csv", keep_default_na=False)
+        table["mask_path"] = [f"masks/{prefix}-{Path(str(p)).name}" if p else "" for p in table.mask_path]
+        table["series_dir"] = [f"{prefix}/{d}" for d in table.series_dir]
+        labels.append(table)
+        for dirpath, _, files in os.walk(src):
+            rel = Path(dirpath).relative_to(src)
+            is_mask = rel.parts[:1] == ("masks",)
+            target_dir = out / "masks" if is_mask else out / prefix / rel
+            for name in files:
+                if rel == Path(".") and name in ("labels.csv", "faults.csv", "phi.csv", "corpus.json"):
+                    continue
+                target_dir.mkdir(parents=True, exist_ok=True)
+                (target_dir / (f"{prefix}-{name}" if is_mask else name)).symlink_to(Path(dirpath).resolve() / name)
+    merged = pd.concat(labels, ignore_index=True)
+    io.write_csv(out / "labels.csv", merged)
+    return out

@@ -1,0 +1,56 @@
+"""The monitoring flow: a new batch → the same ingest gate and preprocessing → features → Evidently
+against the serving model's reference → decision → alert → (embedded default) retrain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from dicomops.config import PipelineConfig, load_settings
+from dicomops.errors import GateFailedError
+from dicomops.monitoring.drift import describe
+from flows.ingest import ingest
+from flows.preprocess import preprocess
+from flows.retrain import retrain
+from tasks import monitor as t
+from tasks.tracking import close_run, hash_corpus, open_run
+
+
+@flow(name="dicomops-monitor", log_prints=True)
+def monitor(src: Path, work: Path | None = None, config: PipelineConfig = PipelineConfig()) -> dict[str, object]:
+    """Check the DICOM folder `src` for drift against the model version holding ``monitor.alias``."""
+    settings = load_settings()
+    work = Path(work or settings.work_dir)
+    uri, cfg = settings.mlflow_tracking_uri, config.monitor
+    serving = t.load_serving_model(uri, config.train.model_name, cfg.alias)
+    data_hash = hash_corpus(src)
+    batch_id = data_hash.removesuffix(".dir")[:12]
+    t.record_batch(work, batch_id, src)
+    batch_work = work / "monitoring" / "batches" / batch_id
+    run_id = open_run(uri, cfg.experiment, settings.mlflow_artifact_root, "monitor", data_hash,
+                      {"monitor": cfg.model_dump(mode="json")})
+    try:
+        t.tag_run(uri, run_id, {"stage": "monitor", "model": serving.name, "model_version": serving.version,
+                                "model_alias": cfg.alias, "batch_id": batch_id})
+        try:
+            ingest(src, batch_work, config.ingest, cfg.experiment, parent_run_id=run_id)
+            preprocess(batch_work, config.preprocess, cfg.experiment, parent_run_id=run_id)
+        except GateFailedError as err:
+            print(f"monitor: the batch failed the ingest gate ({err}); judged on its quarantine alone")
+        current = t.batch_features(batch_work, uri, serving)
+        summary = t.compare(serving, current, batch_work, cfg, t.reference_quarantine_share(uri, serving))
+        t.log_monitoring(uri, run_id, summary, batch_work, cfg, serving.name)
+    except BaseException:
+        close_run(uri, run_id, "FAILED")
+        raise
+    close_run(uri, run_id)
+    print(f"monitor {serving.name} v{serving.version}, batch {batch_id}: {describe(summary)}")
+    result: dict[str, object] = {"status": summary.status, "drift_share": summary.drift_share,
+                                 "drifted_columns": summary.drifted_columns, "monitoring_run_id": run_id,
+                                 "batch_id": batch_id, "retrain": None}
+    if summary.drift:
+        t.raise_alert(work, summary, serving, run_id, batch_id, cfg)
+        if cfg.retrain == "subflow":
+            result["retrain"] = retrain(work=work, config=config, trigger="drift", monitoring_run_id=run_id)
+    return result

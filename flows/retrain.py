@@ -1,0 +1,66 @@
+"""Alert-driven retraining: all labelled data (the original corpus plus monitored batches whose
+labels have arrived) → ingest → preprocess → cross-validated training → export → promotion gate,
+every run tagged with its cause. A cooldown per model and a lock stop retrain storms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from dicomops.config import PipelineConfig, load_settings
+from dicomops.monitoring import guard
+from dicomops.monitoring.stage import combine_sources, labelled_sources
+from flows.export import export
+from flows.ingest import ingest
+from flows.preprocess import preprocess
+from flows.train import train
+from tasks.monitor import tag_run
+from tasks.tracking import close_run, hash_corpus, open_run
+
+
+@flow(name="dicomops-retrain", log_prints=True)
+def retrain(work: Path | None = None, config: PipelineConfig = PipelineConfig(), trigger: str = "manual",
+            monitoring_run_id: str = "") -> dict[str, object]:
+    """Retrain `config.train.model_name` on every labelled source; skip (and say why) inside the cooldown."""
+    settings = load_settings()
+    work = Path(work or settings.work_dir)
+    uri, name = settings.mlflow_tracking_uri, config.train.model_name
+    verdict = guard.check_cooldown(work, name, config.monitor.cooldown_hours) if trigger == "drift" \
+        else guard.Verdict(True, f"trigger={trigger} is not rate limited")
+    if not verdict.go:
+        print(f"retrain {verdict.reason}")
+        return {"status": "skipped", "reason": verdict.reason}
+    try:
+        with guard.retrain_lock(work):
+            if trigger == "drift":
+                guard.record_start(work, name, monitoring_run_id)
+            return _retrain(work, config, uri, settings.mlflow_artifact_root, trigger, monitoring_run_id)
+    except guard.RetrainLocked as err:
+        print(f"retrain {err}")
+        return {"status": "skipped", "reason": str(err)}
+
+
+def _retrain(work: Path, config: PipelineConfig, uri: str, artifact_root: Path, trigger: str,
+             monitoring_run_id: str) -> dict[str, object]:
+    sources = labelled_sources(work, config.monitor.training_source)
+    src = combine_sources(sources, work / "retrain" / "src")
+    retrain_work = work / "retrain" / "work"
+    cause = {"trigger": trigger, "monitoring_run_id": monitoring_run_id, "retrain.sources": str(len(sources))}
+    run_id = open_run(uri, config.experiment, artifact_root, "retrain", hash_corpus(src),
+                      {"retrain.sources": len(sources), "retrain.trigger": trigger})
+    try:
+        tag_run(uri, run_id, cause)
+        ingest(src, retrain_work, config.ingest, config.experiment, parent_run_id=run_id)
+        preprocess(retrain_work, config.preprocess, config.experiment, parent_run_id=run_id)
+        trained = train(retrain_work, config.train, config.preprocess, config.experiment, parent_run_id=run_id,
+                        run_tags=cause)
+        exported = export(retrain_work, config.export, config.train.model_name, version=str(trained["version"]))
+    except BaseException:
+        close_run(uri, run_id, "FAILED")
+        raise
+    close_run(uri, run_id)
+    print(f"retrain ({trigger}): version {trained['version']} from {len(sources)} labelled source(s), "
+          f"{'promoted' if trained['promoted'] else 'awaiting review'}; tensorrt: {exported['tensorrt']}")
+    return {"status": "retrained", "mlflow_run_id": run_id, "version": trained["version"],
+            "promoted": trained["promoted"], "sources": len(sources), "work": str(retrain_work)}

@@ -1,0 +1,137 @@
+"""Drift monitoring end to end, tiny: a champion with its stored reference; a same-distribution
+batch leaves everything alone; a protocol-shift batch raises the alert (event, alerts.jsonl) and
+starts exactly one retrain; a second drift inside the cooldown does not; a small batch is
+'insufficient data'; nothing PHI reaches the alert."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import mlflow
+from dicomops.config import (
+    ExportConfig,
+    IngestConfig,
+    MonitorConfig,
+    PipelineConfig,
+    PreprocessConfig,
+    SynthConfig,
+    TrainConfig,
+)
+from dicomops.deid.scan import scan_for_phi
+from dicomops.monitoring import alerts
+from dicomops.monitoring.reference import TAG, load_serving
+from dicomops.synthetic import generate_corpus
+from dicomops.tracking import registry
+from flows.monitor import monitor
+from flows.pipeline import pipeline
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+NAME = "monitor-test-classifier"
+
+
+def _config(source: Path) -> PipelineConfig:
+    return PipelineConfig(
+        ingest=IngestConfig(workers=1),
+        preprocess=PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0), crop_xy=160, workers=1),
+        train=TrainConfig(epochs=1, input_size=32, batch_size=16, num_workers=0, model_name=NAME, min_auc=0.0),
+        export=ExportConfig(parity_samples=16, calibration_samples=16, max_batch=8, preferred_batch_sizes=(8,),
+                            int8_max_auc_drop=1.0),
+        monitor=MonitorConfig(training_source=source, min_series=8),
+        experiment="monitor-test")
+
+
+def _synth(root: Path, name: str, patients: int, seed: int, scenario: str) -> Path:
+    out = root / name
+    generate_corpus(out, SynthConfig(patients=patients, seed=seed, scenario=scenario, fault_rate=0.0, matrix=128,
+                                     slices=12, workers=1))
+    return out
+
+
+def _needles(corpus: Path) -> set[str]:
+    phi = pd.read_csv(corpus / "phi.csv", keep_default_na=False)
+    labels = pd.read_csv(corpus / "labels.csv", keep_default_na=False)
+    return set(phi.value) | set(labels.SeriesInstanceUID) | set(labels.StudyInstanceUID) | set(labels.PatientID)
+
+
+def _drift_events(expected: int, timeout: float = 30.0) -> list[dict]:
+    """Drift events as the Prefect API stored them (events arrive a few seconds after emission)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    async def read() -> list[dict]:
+        async with get_client() as client:
+            page = await client.read_events(filter=EventFilter(event=EventNameFilter(name=[alerts.EVENT])), limit=50)
+            return [json.loads(e.model_dump_json()) for e in page.events]
+
+    deadline = time.monotonic() + timeout
+    while True:
+        events = asyncio.run(read())
+        if len(events) >= expected or time.monotonic() > deadline:
+            return events
+        time.sleep(1.0)
+
+
+def test_monitor_alerts_and_retrains_once_and_leaves_same_distribution_alone(tmp_path: Path, mlflow_env: str) -> None:
+    source = _synth(tmp_path, "data", 20, 17, "baseline")
+    cfg = _config(source)
+    work = tmp_path / "work"
+    trained = pipeline(src=source, config=cfg, work=work)
+    client = mlflow.tracking.MlflowClient(mlflow_env)
+    registry.promote(mlflow_env, NAME, trained["model_version"], "test")
+    champion = client.get_model_version_by_alias(NAME, "champion")
+    assert champion.tags[TAG] == f"runs:/{champion.run_id}/monitoring/reference.parquet"
+    serving = load_serving(mlflow_env, NAME)
+    assert serving.version == str(champion.version) and len(serving.reference) == 20
+    assert {"Manufacturer", "noise_hu", "probability", "emb_0"} <= set(serving.reference.columns)
+    assert not any("UID" in c or "Patient" in c for c in serving.reference.columns)
+
+    same = monitor(src=_synth(tmp_path, "same", 12, 41, "baseline-new"), work=work, config=cfg)
+    assert same["status"] == "no drift" and same["retrain"] is None
+    assert alerts.read_alerts(work) == []
+
+    small = monitor(src=_synth(tmp_path, "small", 4, 43, "protocol-shift"), work=work, config=cfg)
+    assert small["status"] == "insufficient data" and small["retrain"] is None
+
+    shifted_src = _synth(tmp_path, "shifted", 12, 42, "protocol-shift")
+    shifted = monitor(src=shifted_src, work=work, config=cfg)
+    assert shifted["status"] == "drift"
+    assert {"SliceThickness", "ConvolutionKernel"} <= set(shifted["drifted_columns"])
+    retrained = shifted["retrain"]
+    assert retrained["status"] == "retrained" and retrained["sources"] == 4  # corpus + the three labelled batches
+    version = client.get_model_version(NAME, str(retrained["version"]))
+    assert version.tags["trigger"] == "drift" and version.tags["monitoring_run_id"] == shifted["monitoring_run_id"]
+    assert version.tags["promotion.decision"] in ("auto-promoted", "awaiting-review")
+    assert version.tags["export.onnx.sha256"]
+    records = alerts.read_alerts(work)
+    assert len(records) == 1 and records[0]["monitoring_run_id"] == shifted["monitoring_run_id"]
+    assert "SliceThickness" in records[0]["drifted_columns"]
+    monitoring_run = client.get_run(str(shifted["monitoring_run_id"]))
+    assert monitoring_run.data.tags["drift.status"] == "drift"
+    assert {"drift/report.html", "drift/summary.json", "drift/drift_share_history.png"} <= \
+        {a.path for a in client.list_artifacts(monitoring_run.info.run_id, "drift")}
+
+    again = monitor(src=_synth(tmp_path, "shifted-2", 12, 44, "protocol-shift"), work=work, config=cfg)
+    assert again["status"] == "drift"
+    assert again["retrain"]["status"] == "skipped" and "cooldown" in again["retrain"]["reason"]
+    assert len(client.search_model_versions(f"name = '{NAME}'")) == 2  # exactly one retrain happened
+    assert len(alerts.read_alerts(work)) == 2
+
+    events = _drift_events(expected=2)
+    assert len(events) == 2
+    assert events[0]["resource"]["prefect.resource.id"] == f"dicomops.model.{NAME}"
+    needles = _needles(shifted_src) | _needles(source)
+    dump = tmp_path / "alert-dump"
+    dump.mkdir()
+    (dump / "events.json").write_text(json.dumps(events))
+    (dump / "alerts.jsonl").write_bytes((work / "alerts.jsonl").read_bytes())
+    for run in (monitoring_run.info.run_id,):
+        client.download_artifacts(run, "drift", str(dump))
+    assert scan_for_phi(dump, needles) == []
+    assert len(scan_for_phi(shifted_src / "case-00001", needles)) > 5  # the scan is not vacuous

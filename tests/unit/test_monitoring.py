@@ -1,0 +1,108 @@
+"""The drift monitor's parts: decision rules, quarantine test, cooldown and lock, alert payload,
+and a reduced version of benchmarks/drift.py (false alarms and detection on the generator's scenarios)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dicomops.config import (
+    IngestConfig,
+    MonitorConfig,
+    PipelineConfig,
+    PreprocessConfig,
+    SynthConfig,
+    TrainConfig,
+)
+from dicomops.monitoring import alerts, guard
+from dicomops.monitoring.drift import DriftSummary, compare, quarantine_check
+from dicomops.monitoring.evaluate import detection, featurise_batches, ingest_and_preprocess
+from dicomops.monitoring.features import categorical_columns, numeric_columns
+from dicomops.monitoring.reference import build_reference
+from dicomops.synthetic import generate_corpus
+from dicomops.training.model import build_model
+
+KEY = b"monitor-test-key-0123456789abcdef01"
+
+
+def _table(n: int, seed: int, shift: float = 0.0, vendor: str = "GE") -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    data = {c: rng.normal(shift, 1.0, n) for c in numeric_columns()}
+    data.update({c: rng.choice([vendor, "Siemens", "Philips"], n) for c in categorical_columns()})
+    emb = rng.normal(shift, 1.0, (n, 8))
+    data.update({f"emb_{i}": emb[:, i] for i in range(8)})
+    return pd.DataFrame(data)
+
+
+def test_too_few_series_is_insufficient_data_never_a_guess(tmp_path: Path) -> None:
+    summary = compare(_table(60, 0), _table(5, 1, shift=5.0), MonitorConfig(min_series=10), tmp_path)
+    assert summary.status == "insufficient data" and summary.columns == []
+    assert "fewer than min_series=10" in summary.reasons[0]
+
+
+def test_a_critical_column_alone_is_drift_and_the_summary_names_it(tmp_path: Path) -> None:
+    reference, current = _table(120, 0), _table(30, 1)
+    current["noise_hu"] += 4.0  # only the image noise moves
+    summary = compare(reference, current, MonitorConfig(), tmp_path)
+    assert summary.status == "drift" and summary.critical_drifted == ["noise_hu"]
+    assert summary.drift_share < 0.3 and any("noise_hu" in r for r in summary.reasons)
+    assert (tmp_path / "report.html").stat().st_size > 10_000 and (tmp_path / "summary.json").exists()
+    same = compare(reference, _table(30, 2), MonitorConfig(), tmp_path / "same")
+    assert same.status == "no drift", same.reasons
+
+
+def test_quarantine_share_is_tested_against_the_training_ingest() -> None:
+    cfg = MonitorConfig()
+    assert not quarantine_check(0.01, 2, 200, cfg)["drifted"]
+    flagged = quarantine_check(0.01, 40, 200, cfg)
+    assert flagged["drifted"] and flagged["p_value"] < 1e-6
+
+
+def test_cooldown_and_lock_stop_retrain_storms(tmp_path: Path) -> None:
+    t0 = dt.datetime(2026, 11, 27, 3, 0, tzinfo=dt.UTC)
+    assert guard.check_cooldown(tmp_path, "m", 24, now=t0).go
+    guard.record_start(tmp_path, "m", "run-1", now=t0)
+    inside = guard.check_cooldown(tmp_path, "m", 24, now=t0 + dt.timedelta(hours=5))
+    assert not inside.go and "cooldown" in inside.reason and "19.0 h" in inside.reason
+    assert guard.check_cooldown(tmp_path, "other-model", 24, now=t0).go
+    assert guard.check_cooldown(tmp_path, "m", 24, now=t0 + dt.timedelta(hours=25)).go
+    with guard.retrain_lock(tmp_path), pytest.raises(guard.RetrainLocked, match="another retrain holds"), \
+            guard.retrain_lock(tmp_path):
+        pass
+    with guard.retrain_lock(tmp_path):  # released after use
+        pass
+
+
+def test_alert_payload_has_counts_and_column_names_only(tmp_path: Path) -> None:
+    summary = DriftSummary("drift", 12, 120, 0.4, 0.3, ["SliceThickness"], ["SliceThickness"],
+                           reasons=["critical column(s) drifted: SliceThickness"])
+    record = alerts.payload(summary, "model", "3", "run-abc", "0123456789ab")
+    assert set(record) == {"model", "version", "monitoring_run_id", "batch_id", "status", "drift_share",
+                           "drifted_columns", "critical_columns", "n_series", "reasons"}
+    alerts.append_alert(tmp_path, record)
+    alerts.append_alert(tmp_path, record)
+    assert [r["monitoring_run_id"] for r in alerts.read_alerts(tmp_path)] == ["run-abc", "run-abc"]
+
+
+def test_reduced_detection_benchmark(tmp_path: Path) -> None:
+    """benchmarks/drift.py in small: no false alarm on same-distribution batches, every shift caught."""
+    synth = SynthConfig(patients=40, fault_rate=0.0, matrix=96, slices=16, workers=1)
+    cfg = PipelineConfig(ingest=IngestConfig(workers=1), preprocess=PreprocessConfig(workers=1, crop_xy=320))
+    train = TrainConfig(input_size=32)
+    torch.manual_seed(0)
+    model = build_model(train, 3).eval()  # untrained: speed; its embeddings still follow appearance
+    generate_corpus(tmp_path / "ref" / "src", synth)
+    quarantined, files = ingest_and_preprocess(tmp_path / "ref" / "src", tmp_path / "ref" / "work", cfg, KEY)
+    reference = build_reference(tmp_path / "ref" / "work", model, 3, 32, 3)
+    monitor = MonitorConfig()
+    for scenario, seeds, expected in (("baseline-new", [101, 102, 103], 0), ("new-vendor", [201, 202], 2),
+                                      ("protocol-shift", [301, 302], 2), ("low-dose", [401, 402], 2)):
+        batches = featurise_batches(tmp_path / "b", scenario, seeds, 12, synth, cfg, KEY, model, 3, 32, 3,
+                                    progress=lambda _m: None)
+        rates = detection(reference, batches, 12, monitor, quarantined / files, tmp_path / "r")
+        assert rates.drift == expected, (scenario, rates)
