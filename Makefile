@@ -51,6 +51,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/synth.py
 	$(PY) benchmarks/ingest.py
 	$(PY) benchmarks/preprocess.py
+	$(PY) benchmarks/inference.py
+	$(PY) benchmarks/drift.py
 
 clean:
 	rm -rf $(WORK) .prefect mlflow/mlflow.db mlflow/artifacts

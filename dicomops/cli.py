@@ -164,18 +164,25 @@ def preprocess(
 def train(
     work: Annotated[Path | None, typer.Option(help="Work directory of an earlier preprocess.")] = None,
     config: Annotated[Path | None, typer.Option(help="PipelineConfig YAML; its train and preprocess sections apply.")] = None,
+    leave_one_vendor_out: Annotated[bool | None, typer.Option(
+        "--leave-one-vendor-out/--no-leave-one-vendor-out",
+        help="Also evaluate on each vendor after training on the others (4 more trainings).")] = None,
 ) -> None:
     """Four-fold vendor-stratified cross-validation, final model, registry version, promotion gate."""
     from flows.train import train as train_flow
 
     cfg = _pipeline_config(config)
+    train_cfg = _with_overrides(cfg.train, leave_one_vendor_out=leave_one_vendor_out)
     try:
-        result = train_flow(work=work.resolve() if work else None, config=cfg.train, preprocess_config=cfg.preprocess)
+        result = train_flow(work=work.resolve() if work else None, config=train_cfg, preprocess_config=cfg.preprocess)
     except ValueError as err:
         console.print(f"[red]cannot train:[/] {err}")
         raise typer.Exit(2) from err
     console.print(f"[green]train finished[/]: version {result['version']} of {cfg.train.model_name}, mean CV AUC "
                   f"{result['mean_auc']:.3f}; {'champion' if result['promoted'] else 'challenger, awaiting review'}")
+    lovo = result.get("lovo_auc")
+    if isinstance(lovo, dict) and lovo:
+        console.print("leave one vendor out, AUC: " + ", ".join(f"{v} {a:.3f}" for v, a in lovo.items()))
 
 
 @app.command()
@@ -197,6 +204,74 @@ def promote(
 
 
 @app.command()
+def export(
+    work: Annotated[Path | None, typer.Option(help="Work directory of the training (slabs for the checks).")] = None,
+    version: Annotated[str | None, typer.Option(help="Model version to export.")] = None,
+    alias: Annotated[str | None, typer.Option(help="Export the version holding this alias instead.")] = None,
+    config: Annotated[Path | None, typer.Option(help="PipelineConfig YAML; its export section applies.")] = None,
+    model_name: Annotated[str, typer.Option(help="Registered model name.")] = "dicomops-ct-classifier",
+) -> None:
+    """ONNX with parity checks, INT8, TensorRT engines where possible, and a Triton repository."""
+    from dicomops.errors import ExportCheckError
+    from flows.export import export as export_flow
+
+    if version and alias:
+        raise typer.BadParameter("give --version or --alias, not both")
+    try:
+        result = export_flow(work=work.resolve() if work else None, config=_pipeline_config(config).export,
+                             model_name=model_name, version=version, alias=alias)
+    except ExportCheckError as err:
+        console.print(f"[red]export check failed:[/] {err}")
+        raise typer.Exit(1) from err
+    except ValueError as err:
+        console.print(f"[red]cannot export:[/] {err}")
+        raise typer.Exit(2) from err
+    console.print(f"[green]export finished[/]: version {result['version']} in {result['folder']}; "
+                  f"tensorrt: {result['tensorrt']}")
+
+
+@app.command()
+def monitor(
+    src: Annotated[Path, typer.Argument(help="Folder of new DICOM studies to check for drift.")],
+    work: Annotated[Path | None, typer.Option(help="Work directory (alerts.jsonl, batches, retraining).")] = None,
+    config: Annotated[Path | None, typer.Option(help="PipelineConfig YAML; its monitor section applies.")] = None,
+    retrain: Annotated[str | None, typer.Option(help="On drift: subflow (retrain now), event (leave it to the "
+                                                     "deployment trigger) or off.")] = None,
+) -> None:
+    """Drift of a new batch against the champion's training data; alert and retrain on drift."""
+    from flows.monitor import monitor as monitor_flow
+
+    cfg = _pipeline_config(config)
+    cfg = cfg.model_copy(update={"monitor": _with_overrides(cfg.monitor, retrain=retrain)})
+    if not src.is_dir():
+        raise typer.BadParameter(f"{src} is not a folder of DICOM files")
+    try:
+        result = monitor_flow(src=src.resolve(), work=work.resolve() if work else None, config=cfg)
+    except ValueError as err:
+        console.print(f"[red]cannot monitor:[/] {err}")
+        raise typer.Exit(2) from err
+    colour = "red" if result["status"] == "drift" else "green"
+    moved = result["drifted_columns"]
+    console.print(f"[{colour}]{result['status']}[/]: drift share {float(str(result['drift_share'])):.2f}, "
+                  f"moved: {', '.join(moved) if isinstance(moved, list) and moved else 'none'}; "
+                  f"monitoring run {result['monitoring_run_id']}")
+    if result.get("retrain"):
+        console.print(f"retrain: {result['retrain']}")
+
+
+@app.command()
+def retrain(
+    work: Annotated[Path | None, typer.Option(help="Work directory of the monitored deployment.")] = None,
+    config: Annotated[Path | None, typer.Option(help="PipelineConfig YAML.")] = None,
+) -> None:
+    """Retrain on the original corpus plus every monitored batch whose labels.csv has arrived."""
+    from flows.retrain import retrain as retrain_flow
+
+    result = retrain_flow(work=work.resolve() if work else None, config=_pipeline_config(config), trigger="manual")
+    console.print(f"retrain: {result}")
+
+
+@app.command()
 def run(
     src: Annotated[Path, typer.Argument(help="Folder of DICOM studies (the demo corpus is data/).")] = Path("data"),
     work: Annotated[Path | None, typer.Option(help="Work directory (default: DICOMOPS_WORK_DIR or ./work).")] = None,
@@ -215,6 +290,36 @@ def run(
         console.print(f"[red]gate failed:[/] {err}")
         raise typer.Exit(1) from err
     console.print(f"[green]pipeline finished[/]: {result}")
+
+
+@app.command()
+def serve(
+    port: Annotated[int, typer.Option(help="Prefect server port (bound to --host).")] = 4200,
+    host: Annotated[str, typer.Option(help="Interface to bind; keep 127.0.0.1 unless a proxy fronts it.")] = "127.0.0.1",
+    pool: Annotated[str, typer.Option(help="Process work pool the deployments run on.")] = "dicomops",
+) -> None:
+    """Run the deployments on this machine: a Prefect server, the deployments of prefect.yaml, a worker."""
+    import time
+
+    from dicomops.serving import start
+
+    console.print(f"starting the Prefect server on {host}:{port}, registering deployments, starting a worker...")
+    try:
+        stack = start(Path.cwd(), host, port, pool)
+    except (RuntimeError, TimeoutError) as err:
+        console.print(f"[red]cannot serve:[/] {err}")
+        raise typer.Exit(1) from err
+    console.print(f"[green]Prefect UI[/]: {stack.ui_url}  (deployments: pipeline (manual), monitor (nightly "
+                  "02:00 UTC), retrain (on dicomops.drift.detected))")
+    console.print("MLflow UI: bash mlflow/server.sh, then http://127.0.0.1:5000. Ctrl-C stops everything.")
+    try:
+        while all(p.poll() is None for p in stack.processes):
+            time.sleep(1)
+        console.print("[red]a Prefect process exited; stopping[/]")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.stop()
 
 
 def main() -> None:

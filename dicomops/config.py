@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dicomops.validation.suite import ExpectationSpec
@@ -132,12 +132,78 @@ class TrainConfig(_Section):
     patience: int = Field(3, ge=1, description="Early stopping: epochs without a better validation AUC.")
     loss: Literal["weighted_ce", "focal"] = "weighted_ce"
     num_workers: int = Field(1, ge=0, le=16, description="DataLoader worker processes.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: mixed precision on CUDA, bfloat16 autocast on CPUs with AMX/AVX-512 BF16, "
+                            "else float32.")
     top_k_slices: int = Field(3, ge=1, description="Series score: mean of the k highest slice scores.")
+    leave_one_vendor_out: bool = Field(False, description="Also train on all vendors but one and score the held-out one.")
     seed: int = 0
     model_name: str = "dicomops-ct-classifier"
     promotion_margin: float = Field(0.005, ge=0)
     vendor_tolerance: float = Field(0.02, ge=0)
     min_auc: float = Field(0.8, ge=0, le=1)
+
+
+class ExportConfig(_Section):
+    """ONNX export with parity checks, INT8 quantisation, TensorRT engines, a Triton repository."""
+
+    opset: int = Field(18, ge=13, le=23, description="ONNX opset of the export (recorded in the model).")
+    parity_samples: int = Field(256, ge=8, description="Validation slabs compared against the torch model.")
+    parity_tolerance: float = Field(1e-4, gt=0, description="Max |Δ probability| ONNX vs torch; above it fails.")
+    calibration_samples: int = Field(128, ge=8, description="Training slabs that calibrate INT8 ranges.")
+    int8_max_auc_drop: float = Field(0.01, ge=0, description="Max validation AUC lost by INT8; above it fails.")
+    max_batch: int = Field(32, ge=1, le=1024, description="Largest batch of the engines and of Triton.")
+    preferred_batch_sizes: tuple[int, ...] = Field((8, 16, 32), description="Triton dynamic batching.")
+    max_queue_delay_us: int = Field(2000, ge=0, description="Triton waits this long to fill a batch.")
+    tensorrt_precisions: tuple[Literal["fp16", "int8"], ...] = ("fp16", "int8")
+    tensorrt_parity_tolerance: float = Field(2e-2, gt=0, description="Max |Δ probability| TensorRT vs ONNX Runtime.")
+    triton_platform: Literal["onnxruntime", "tensorrt"] = Field(
+        "onnxruntime", description="What the Triton repository serves; tensorrt needs a built engine.")
+
+    @field_validator("preferred_batch_sizes")
+    @classmethod
+    def _sorted_positive(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(v < 1 for v in value):
+            raise ValueError("preferred_batch_sizes must be positive")
+        return tuple(sorted(set(value)))
+
+    @model_validator(mode="after")
+    def _preferred_within_max(self) -> ExportConfig:
+        if self.preferred_batch_sizes and max(self.preferred_batch_sizes) > self.max_batch:
+            raise ValueError(f"preferred_batch_sizes {self.preferred_batch_sizes} exceed max_batch {self.max_batch}")
+        return self
+
+
+class MonitorConfig(_Section):
+    """Drift monitoring of new batches against the serving model's training data, and the retrain it triggers.
+
+    Stat tests: two-sample Kolmogorov–Smirnov for numerical columns and chi-square for categorical
+    ones, both p-values, so the per-column false-alarm rate is the threshold whatever the batch size
+    (distance measures such as Wasserstein have a noise floor that grows as batches shrink). Critical
+    columns use a much smaller p-value and alone decide drift. Embeddings: a domain classifier whose
+    ROC AUC is compared with the 95th percentile of chance (Evidently's bootstrap model method).
+    """
+
+    experiment: str = Field("dicomops-monitoring", description="MLflow experiment of monitoring runs.")
+    alias: str = Field("champion", description="The model version being watched.")
+    min_series: int = Field(10, ge=2, description="Fewer series in a batch give 'insufficient data'.")
+    drift_share: float = Field(0.3, gt=0, le=1, description="Drift when this share of monitored columns drifts.")
+    numeric_test: Literal["ks", "wasserstein"] = "ks"
+    categorical_test: Literal["chisquare", "jensenshannon"] = "chisquare"
+    column_p_value: float = Field(0.05, gt=0, lt=1, description="A column drifts when its test's p-value is below.")
+    distance_threshold: float = Field(0.1, gt=0, description="For wasserstein/jensenshannon: drift at or above.")
+    critical_columns: tuple[str, ...] = Field(
+        ("Manufacturer", "ConvolutionKernel", "SliceThickness", "XRayTubeCurrent", "noise_hu"),
+        description="Columns whose drift alone is drift (scanner, protocol, dose, image noise).")
+    critical_p_value: float = Field(0.001, gt=0, lt=1, description="p-value threshold of critical columns.")
+    embedding_quantile: float = Field(0.95, gt=0.5, lt=1, description="Domain classifier AUC quantile of chance.")
+    quarantine_p_value: float = Field(0.001, gt=0, lt=1, description="Binomial test of the batch's quarantined share.")
+    notification_block: str | None = Field(None, description="Prefect notification block ('type/name') to notify.")
+    cooldown_hours: float = Field(24.0, ge=0, description="At most one drift-triggered retrain per model per cooldown.")
+    retrain: Literal["subflow", "event", "off"] = Field(
+        "subflow", description="On drift: run flows/retrain.py directly (embedded default), leave it to the "
+                               "deployment trigger on the event (server), or only alert.")
+    training_source: Path = Field(Path("data"), description="The original labelled corpus retraining starts from.")
 
 
 class PipelineConfig(_Section):
@@ -147,6 +213,8 @@ class PipelineConfig(_Section):
     ingest: IngestConfig = IngestConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     train: TrainConfig = TrainConfig()
+    export: ExportConfig = ExportConfig()
+    monitor: MonitorConfig = MonitorConfig()
     experiment: str = Field("dicomops", description="MLflow experiment for pipeline runs.")
 
     @classmethod

@@ -8,6 +8,7 @@ from prefect import flow
 
 from dicomops.config import PipelineConfig, load_settings
 from dicomops.tracking import flatten_params
+from flows.export import export
 from flows.ingest import ingest
 from flows.preprocess import preprocess
 from flows.train import train
@@ -28,6 +29,7 @@ def pipeline(src: Path, config: PipelineConfig = PipelineConfig(), work: Path | 
         gate = ingest(src, work, config.ingest, config.experiment, parent_run_id=run_id)
         prepared = preprocess(work, config.preprocess, config.experiment, parent_run_id=run_id)
         trained = train(work, config.train, config.preprocess, config.experiment, parent_run_id=run_id)
+        exported = export(work, config.export, config.train.model_name, version=str(trained["version"]))
     except BaseException:
         close_run(uri, run_id, "FAILED")
         raise
@@ -35,4 +37,4 @@ def pipeline(src: Path, config: PipelineConfig = PipelineConfig(), work: Path | 
     return {"mlflow_run_id": run_id, "data_dvc_md5": data_hash, "work": str(work),
             "ingest_run_id": str(gate["mlflow_run_id"]), "accepted_series": str(gate["accepted_series"]),
             "preprocess_run_id": str(prepared["mlflow_run_id"]), "train_run_id": str(trained["mlflow_run_id"]),
-            "model_version": str(trained["version"])}
+            "model_version": str(trained["version"]), "tensorrt": str(exported["tensorrt"])}

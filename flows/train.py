@@ -16,7 +16,7 @@ from tasks.tracking import close_run
 @flow(name="dicomops-train", log_prints=True)
 def train(work: Path | None = None, config: TrainConfig = TrainConfig(),
           preprocess_config: PreprocessConfig = PreprocessConfig(), experiment: str = "dicomops",
-          parent_run_id: str | None = None) -> dict[str, object]:
+          parent_run_id: str | None = None, run_tags: dict[str, str] | None = None) -> dict[str, object]:
     """Cross-validate, train the final model, register it and run the promotion gate."""
     settings = load_settings()
     work = Path(work or settings.work_dir)
@@ -26,13 +26,16 @@ def train(work: Path | None = None, config: TrainConfig = TrainConfig(),
     data_hash = hash_accepted_corpus(work)
     params = flatten_params({"train": config.model_dump(mode="json"), "preprocess": preprocess_config.model_dump(mode="json")})
     run_id = t.open_training_run(work, config, preprocess_config, split_hash, data_hash, uri, experiment,
-                                 settings.mlflow_artifact_root, params, parent_run_id)
+                                 settings.mlflow_artifact_root, params, parent_run_id, run_tags or {})
     try:
         for fold in range(config.n_splits):
             t.train_fold(work, config, k, fold, uri)
         summary = t.summarise_cv(work, config, uri)
+        if config.leave_one_vendor_out:
+            summary["lovo_auc"] = t.leave_one_vendor_out(work, config, k, uri)
         t.train_final_model(work, config, k, uri)
-        version = t.register_model(work, config, k, uri, data_hash, split_hash)
+        version = t.register_model(work, config, preprocess_config, uri, data_hash, split_hash, run_tags or {})
+        t.store_reference(work, uri, config.model_name, version)
         decision = t.promotion_gate(uri, config, version)
     except BaseException:
         close_run(uri, run_id, "FAILED")
@@ -41,4 +44,5 @@ def train(work: Path | None = None, config: TrainConfig = TrainConfig(),
     print(f"train: mean CV AUC {summary['mean_auc']:.3f} ± {summary['std_auc']:.3f}; version {version} "
           f"{'promoted to champion' if decision['promoted'] else 'awaits review'}: {'; '.join(decision['reasons'])}")
     return {"mlflow_run_id": run_id, "version": version, "mean_auc": summary["mean_auc"],
-            "vendor_auc": summary["vendor_auc"], "promoted": decision["promoted"], "work": str(work)}
+            "vendor_auc": summary["vendor_auc"], "promoted": decision["promoted"], "work": str(work),
+            "lovo_auc": summary.get("lovo_auc", {})}

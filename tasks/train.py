@@ -20,10 +20,10 @@ def prepare_splits(work: Path, cfg: TrainConfig) -> tuple[Path, str]:
 @task(name="open-training-run", retries=2, retry_delay_seconds=[2, 10])
 def open_training_run(work: Path, cfg: TrainConfig, pre: PreprocessConfig, split_hash: str, data_hash: str,
                       tracking_uri: str, experiment: str, artifact_root: Path, params: dict[str, object],
-                      parent_run_id: str | None) -> str:
+                      parent_run_id: str | None, run_tags: dict[str, str]) -> str:
     key = cv.run_key(cfg, pre, split_hash, data_hash)
     return cv.open_parent_run(work, key, tracking_uri, experiment, artifact_root,
-                              cv.training_tags(work, data_hash, split_hash), params, parent_run_id)
+                              cv.training_tags(work, data_hash, split_hash) | run_tags, params, parent_run_id)
 
 
 @task(name="train-fold", tags=["cpu-heavy"])
@@ -36,15 +36,30 @@ def summarise_cv(work: Path, cfg: TrainConfig, tracking_uri: str) -> dict[str, A
     return cv.summarise(work, cfg, tracking_uri)
 
 
+@task(name="leave-one-vendor-out", tags=["cpu-heavy"])
+def leave_one_vendor_out(work: Path, cfg: TrainConfig, slab_slices: int, tracking_uri: str) -> dict[str, float]:
+    table = cv.leave_one_vendor_out(work, cfg, slab_slices, tracking_uri)
+    return {str(r.held_out_vendor): float(r.auc) for r in table.itertuples()}
+
+
 @task(name="train-final-model", tags=["cpu-heavy"])
 def train_final_model(work: Path, cfg: TrainConfig, slab_slices: int, tracking_uri: str) -> Path:
     return cv.train_final(work, cfg, slab_slices, tracking_uri)
 
 
 @task(name="register-model", retries=2, retry_delay_seconds=[2, 10])
-def register_model(work: Path, cfg: TrainConfig, slab_slices: int, tracking_uri: str, data_hash: str,
-                   split_hash: str) -> str:
-    return cv.register(work, cfg, slab_slices, tracking_uri, {"data_sha256": data_hash, "split_sha256": split_hash})
+def register_model(work: Path, cfg: TrainConfig, pre: PreprocessConfig, tracking_uri: str, data_hash: str,
+                   split_hash: str, run_tags: dict[str, str]) -> str:
+    return cv.register(work, cfg, pre, tracking_uri,
+                       {"data_sha256": data_hash, "split_sha256": split_hash} | run_tags)
+
+
+@task(name="store-monitoring-reference", tags=["cpu-heavy"], retries=1, retry_delay_seconds=[5])
+def store_reference(work: Path, tracking_uri: str, model_name: str, version: str) -> str:
+    """Training features scored by the new version, kept with it for the drift monitor."""
+    from dicomops.monitoring.stage import reference_for_version
+
+    return reference_for_version(work, tracking_uri, model_name, version)
 
 
 @task(name="promotion-gate")

@@ -14,25 +14,32 @@ from dicomops.tracking.runs import configure_mlflow
 CHALLENGER, CHAMPION = "challenger", "champion"
 
 
-def version_description(summary: dict[str, Any], per_vendor: list[dict[str, Any]], per_fold: list[dict[str, Any]]) -> str:
+def version_description(summary: dict[str, Any], per_vendor: list[dict[str, Any]], per_fold: list[dict[str, Any]],
+                        lovo: list[dict[str, Any]] | None = None) -> str:
     """Markdown for the version page: the cross-validation by vendor and by fold."""
     lines = ["## Four-fold vendor-stratified cross-validation", "",
-             f"Mean AUC **{summary['mean_auc']:.3f} ± {summary['std_auc']:.3f}** (series level, out of fold); "
-             f"operating point {summary['threshold']:.3f} (Youden).", "",
-             "| vendor | AUC | sensitivity | specificity | F1 | kappa |", "|---|---|---|---|---|---|"]
+             f"Mean AUC over folds **{summary['mean_auc']:.3f} ± {summary['std_auc']:.3f}** (series level, out of "
+             f"fold); operating point {summary['threshold']:.3f} (Youden). Per vendor, the pooled out-of-fold AUC "
+             "decides (a fold holds only 5–10 series of a vendor); the across-fold mean ± std is beside it.", "",
+             "| vendor | AUC (pooled) | AUC (fold mean ± std) | sensitivity | specificity | F1 | kappa |",
+             "|---|---|---|---|---|---|---|"]
     for row in per_vendor:
-        lines.append("| {vendor} | {auc_mean:.3f} ± {auc_std:.3f} | {sensitivity_mean:.3f} | {specificity_mean:.3f} "
-                     "| {f1_mean:.3f} | {kappa_mean:.3f} |".format(**{k: (0.0 if isinstance(v, float) and math.isnan(v) else v)
-                                                                      for k, v in row.items()}))
+        lines.append("| {vendor} | {auc_pooled:.3f} | {auc_mean:.3f} ± {auc_std:.3f} | {sensitivity_mean:.3f} "
+                     "| {specificity_mean:.3f} | {f1_mean:.3f} | {kappa_mean:.3f} |".format(
+                         **{k: (0.0 if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}))
     lines += ["", "| fold | AUC (all) | n |", "|---|---|---|"]
     for row in per_fold:
         lines.append(f"| {row['fold']} | {row['auc']:.3f} | {int(row['n'])} |")
+    if lovo:
+        lines += ["", "Leave one vendor out (trained on the other vendors, scored on the held-out one):", "",
+                  "| held-out vendor | AUC | n |", "|---|---|---|"]
+        lines += [f"| {row['held_out_vendor']} | {row['auc']:.3f} | {int(row['n'])} |" for row in lovo]
     lines += ["", "Final model: trained on all labelled series for the median best epoch of the folds."]
     return "\n".join(lines)
 
 
 def register_model(tracking_uri: str, run_id: str, model: Any, example: np.ndarray, name: str,
-                   description: str, tags: dict[str, str]) -> str:
+                   description: str, tags: dict[str, str], metadata: dict[str, str] | None = None) -> str:
     """Log `model` to `run_id` with a signature and input example, register it, alias it challenger."""
     import mlflow.pytorch
     import monai
@@ -47,7 +54,7 @@ def register_model(tracking_uri: str, run_id: str, model: Any, example: np.ndarr
     signature = infer_signature(example, output)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
-            model, name="model", signature=signature, input_example=example, registered_model_name=name,
+            model, name="model", signature=signature, input_example=example, registered_model_name=name, metadata=metadata,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"monai=={monai.__version__}"])
     version = str(info.registered_model_version)
     client.update_model_version(name, version, description=description)
@@ -97,3 +104,23 @@ def load_state_dict(path: Path) -> dict[str, Any]:
 
     state: dict[str, Any] = torch.load(path, weights_only=True)
     return state
+
+
+def load_weights(tracking_uri: str, run_id: str) -> tuple[Any, Any, int]:
+    """The final model of training run `run_id` as an eval-mode ``torch.nn.Module``, rebuilt from the
+    ``weights/`` artifacts; with the ``TrainConfig`` that built it and its number of input channels."""
+    import json
+    import tempfile
+
+    from dicomops.config import TrainConfig
+    from dicomops.training.model import build_model
+
+    client = configure_mlflow(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(client.download_artifacts(run_id, "weights", tmp))
+        raw = json.loads((folder / "train_config.json").read_text())
+        in_channels = int(raw.pop("in_channels"))
+        cfg = TrainConfig.model_validate(raw)
+        model = build_model(cfg, in_channels)
+        model.load_state_dict(load_state_dict(folder / "model.pt"))
+    return model.eval(), cfg, in_channels

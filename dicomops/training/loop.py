@@ -38,6 +38,40 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass(frozen=True)
+class Precision:
+    """Where and in which precision the loop runs."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # None: full float32
+
+    @property
+    def name(self) -> str:
+        kind = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
+        return f"{self.device.type}-{kind}"
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """On the device, channels-last (oneDNN and cuDNN convolutions run faster in NHWC)."""
+        return x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+
+
+def choose_precision(setting: str) -> Precision:
+    """CUDA with mixed precision when present; on CPU, bfloat16 autocast where the CPU has native
+    bf16 matrix units (AMX or AVX-512 BF16), else float32. ``fp32`` forces full precision."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        dtype = None if setting == "fp32" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        return Precision(device, dtype)
+    native_bf16 = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    if setting == "bf16" or (setting == "auto" and native_bf16):
+        return Precision(torch.device("cpu"), torch.bfloat16)
+    return Precision(torch.device("cpu"), None)
+
+
 def save_checkpoint(path: Path, state: dict[str, object]) -> None:
     """Write atomically: a reader sees the previous checkpoint or this one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,13 +87,16 @@ def load_checkpoint(path: Path) -> dict[str, object] | None:
     return state
 
 
-def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 128) -> np.ndarray:
-    """Probability of the positive class for each slab."""
+def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 128,
+            precision: Precision | None = None) -> np.ndarray:
+    """Probability of the positive class for each slab (in `precision`, default float32 on CPU)."""
+    precision = precision or Precision(next(model.parameters()).device, None)
     model.eval()
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), precision.autocast():
         for i in range(0, len(x), batch_size):
-            out.append(torch.softmax(model(x[i : i + batch_size].float()), dim=1)[:, 1])
+            logits = model(precision.prepare(x[i : i + batch_size].float()))
+            out.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
@@ -74,8 +111,10 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
     tests); the checkpoint then lets the next call continue.
     """
     seed_everything(seed)
-    model = build_model(cfg, train.x.shape[1])
-    criterion = build_loss(cfg, train.y)
+    precision = choose_precision(cfg.precision)
+    model = build_model(cfg, train.x.shape[1]).to(precision.device)
+    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # NHWC: oneDNN/cuDNN run faster
+    criterion = build_loss(cfg, train.y).to(precision.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     total = epochs or cfg.epochs
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
@@ -92,11 +131,14 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
         best_state = state.get("best_model")
         torch.set_rng_state(state["rng"])  # type: ignore[arg-type]
     resumed_from = start
+    # Loss scaling is needed for float16 only (CUDA without bf16); a disabled scaler is a no-op.
+    scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.autocast_dtype == torch.float16)
     generator = torch.Generator().manual_seed(seed + start)
     loader = DataLoader(AugmentedSlabs(train, train=True), batch_size=cfg.batch_size,
                         shuffle=True, generator=generator, num_workers=cfg.num_workers,
                         persistent_workers=cfg.num_workers > 0, drop_last=len(train.y) > cfg.batch_size,
-                        multiprocessing_context="fork" if cfg.num_workers > 0 else None)
+                        multiprocessing_context="fork" if cfg.num_workers > 0 else None,
+                        pin_memory=precision.device.type == "cuda")
     epoch = start
     for epoch in range(start + 1, total + 1):
         model.train()
@@ -106,10 +148,15 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
         for x, y in loader:
             got = time.perf_counter()
             wait += got - tick
+            x = precision.prepare(x)
+            y = y.to(precision.device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            loss = criterion(model(x), y)
-            loss.backward()
-            optimizer.step()
+            with precision.autocast():
+                logits = model(x)
+            loss = criterion(logits.float(), y)  # the loss in float32 whatever the forward ran in
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             loss_sum += float(loss.detach()) * len(y)
             seen += len(y)
             tick = time.perf_counter()
@@ -119,7 +166,7 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
                    "samples_per_second": seen / max(wait + step, 1e-9), "lr": float(scheduler.get_last_lr()[0])}
         improved = False
         if val is not None and len(val.y):
-            scores = predict(model, val.x)
+            scores = predict(model, val.x, precision=precision)
             auc = float(roc_auc_score(val.y.numpy(), scores)) if len(np.unique(val.y.numpy())) == 2 else float("nan")
             metrics["val_slice_auc"] = auc
             improved = auc > best_auc
@@ -144,4 +191,6 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
             raise InterruptedError(f"stopped after epoch {epoch} as asked")
     if best_state is not None:
         model.load_state_dict(best_state)  # type: ignore[arg-type]
+    model = model.cpu()
+    model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     return FitResult(model, best_epoch, best_auc, epoch, resumed_from, history)

@@ -108,3 +108,42 @@ def test_interrupted_fold_resumes_into_the_same_run(train_work: Path, mlflow_env
     epochs = [m.step for m in client.get_metric_history(fold_run, "train_loss")]
     assert epochs == [1, 2, 3]  # continued at epoch 2, did not start over
     assert cv.load_state(work)["folds"]["0"]["done"]
+
+
+def test_leave_one_vendor_out_then_export_attaches_checked_files(train_work: Path, mlflow_env: str,
+                                                                  tmp_path: Path) -> None:
+    from dicomops.config import ExportConfig
+    from flows.export import export
+
+    work = _fresh(train_work, tmp_path)
+    cfg = TINY.model_copy(update={"leave_one_vendor_out": True, "model_name": "lovo-classifier"})
+    result = train(work=work, config=cfg, preprocess_config=PRE, experiment="lovo-test")
+    client = mlflow.tracking.MlflowClient(mlflow_env)
+    parent = client.get_run(str(result["mlflow_run_id"]))
+    nested = client.search_runs([parent.info.experiment_id],
+                                filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    vendors = set(pd.read_parquet(work / "preprocessed/index.parquet").query("label >= 0").vendor)
+    assert {r.info.run_name for r in nested} >= {f"lovo-{v}" for v in vendors}
+    lovo = pd.read_csv(work / "train/lovo.csv")
+    assert set(lovo.held_out_vendor) == vendors and (lovo.n > 0).all()
+    version = client.get_model_version(cfg.model_name, str(result["version"]))
+    assert "Leave one vendor out" in version.description
+
+    exported = export(work=work, config=ExportConfig(parity_samples=32, calibration_samples=32, max_batch=8,
+                                                     preferred_batch_sizes=(4, 8), int8_max_auc_drop=0.05),
+                      model_name=cfg.model_name, alias="challenger")
+    tags = client.get_model_version(cfg.model_name, str(result["version"])).tags
+    assert float(tags["export.onnx.parity_max_abs_diff"]) <= 1e-4
+    assert float(tags["export.int8.auc_drop"]) <= 0.05  # one-sided: INT8 may also score higher
+    assert tags["export.tensorrt"].startswith("skipped (") or tags["export.tensorrt"].startswith("built")
+    assert float(tags["export.ort_fp32.latency_ms_b1"]) > 0
+    folder = Path(str(exported["folder"]))
+    files = exported["files"]
+    assert isinstance(files, dict)
+    assert {"model.onnx", "model.int8.onnx", f"model_repository/{cfg.model_name}/config.pbtxt",
+            f"model_repository/{cfg.model_name}/{version.version}/model.onnx"} <= set(files)
+    assert tags["export.onnx.sha256"] == files["model.onnx"]
+    import hashlib
+    assert hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest() == files["model.onnx"]
+    listed = {a.path for a in client.list_artifacts(version.run_id, "export")}
+    assert {"export/model.onnx", "export/model.int8.onnx", "export/manifest.json", "export/model_repository"} <= listed

@@ -1,0 +1,4 @@
+-- One database per service, all owned by the compose user.
+CREATE DATABASE mlflow;
+CREATE DATABASE mlflow_auth;
+CREATE DATABASE prefect;
