@@ -16,11 +16,12 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: run test lint venv data bench clean help
+.PHONY: run test integration lint venv data bench clean help
 
 help:
 	@echo "make run   - set up .venv, generate the demo corpus if absent, run the pipeline flow"
 	@echo "make test  - set up .venv, run the test suite (not slow, not gpu, not integration)"
+	@echo "make integration - tests against real PostgreSQL, MLflow and Prefect servers"
 	@echo "make lint  - ruff + mypy on dicomops/"
 	@echo "make bench - run the benchmarks in benchmarks/"
 
@@ -31,7 +32,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -qq --upgrade pip
 	# CPU torch first: a bare 'torch' can pull a multi-GB CUDA build.
 	$(PIP) install -qq "torch==$(TORCH_VERSION)"
-	$(PIP) install -qq -e ".[dev,dask]"
+	$(PIP) install -qq -e ".[dev,dask,server]"
 	@touch $(STAMP)
 
 data: $(STAMP)
@@ -42,6 +43,12 @@ run: data
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow and not gpu and not integration" -p no:cacheprovider
+
+# Real PostgreSQL, MLflow server and Prefect server on loopback ports; installs PostgreSQL if absent.
+integration: $(STAMP)
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
+	$(PY) -m pytest -m integration -p no:cacheprovider tests/integration
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check dicomops tasks flows tests benchmarks

@@ -73,6 +73,8 @@ class IngestConfig(_Section):
 
     max_invalid_fraction: float = Field(0.2, ge=0, le=1, description="Gate: max quarantined share of files.")
     workers: int = Field(2, ge=1, le=64)
+    dask_address: str | None = Field(None, description="Run the per-file map steps on this Dask scheduler "
+                                                       "(tcp://host:8786) instead of local processes.")
     allowed_modalities: tuple[str, ...] = ("CT",)
     max_rows_columns: int = Field(8192, ge=16)
     max_inflated_mb: int = Field(256, ge=1, description="Bound for deflated transfer syntaxes.")
@@ -102,6 +104,8 @@ class PreprocessConfig(_Section):
     min_positive_voxels: int = Field(3, ge=1, description="Mask voxels that make a slice positive.")
     seed: int = 0
     workers: int = Field(2, ge=1, le=64)
+    dask_address: str | None = Field(None, description="Run the per-series map on this Dask scheduler instead "
+                                                       "of local processes.")
 
     @field_validator("slab_slices")
     @classmethod
@@ -243,7 +247,9 @@ class Settings(BaseSettings):
         default_factory=lambda: f"sqlite:///{_project_dir() / 'mlflow' / 'mlflow.db'}",
         validation_alias="MLFLOW_TRACKING_URI",
     )
-    mlflow_artifact_root: Path = Field(default_factory=lambda: _project_dir() / "mlflow" / "artifacts")
+    mlflow_artifact_root: Path | None = Field(
+        None, description="Where new experiments keep artifacts. Default: mlflow/artifacts beside the embedded "
+                          "SQLite store; with a tracking server, the server's own artifact store.")
     deid_key: SecretStr | None = Field(
         None, description="Secret for UID remapping and pseudonyms; required outside the demo."
     )
@@ -251,4 +257,7 @@ class Settings(BaseSettings):
 
 def load_settings() -> Settings:
     """Read the settings now (call it when a flow or command starts, not at import)."""
-    return Settings()
+    settings = Settings()
+    if settings.mlflow_artifact_root is None and settings.mlflow_tracking_uri.startswith(("sqlite:", "file:")):
+        return settings.model_copy(update={"mlflow_artifact_root": _project_dir() / "mlflow" / "artifacts"})
+    return settings

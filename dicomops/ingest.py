@@ -92,7 +92,7 @@ def index_headers(src: Path, work: Path, cfg: IngestConfig, key: bytes, progress
     io.write_csv(paths.root / "sidecars.csv", pd.DataFrame({"source_path": [rel for _, rel in sidecars]}))
     rows = map_isolated(inspect_file, files, args=(key, _limits(cfg)), on_failure=_failed_read,
                         workers=cfg.workers, chunk_size=128, seconds_per_item=cfg.seconds_per_file,
-                        progress=progress)
+                        progress=progress, dask_address=cfg.dask_address)
     good = [r for r in rows if r.get("reason") is None]
     bad = [{k: r.get(k, "") for k in QUARANTINE_COLUMNS} for r in rows if r.get("reason") is not None]
     index = pd.DataFrame(good).drop(columns=["reason"], errors="ignore")
@@ -224,7 +224,8 @@ def deidentify_corpus(src: Path, work: Path, cfg: IngestConfig, key: bytes, prog
     results = map_isolated(
         deidentify_file, items, args=(key, cfg.deid.table_version),
         on_failure=lambda item, why: {"reason": "deid_failed", "detail": why},
-        workers=cfg.workers, chunk_size=64, seconds_per_item=cfg.seconds_per_file, progress=progress)
+        workers=cfg.workers, chunk_size=64, seconds_per_item=cfg.seconds_per_file, progress=progress,
+        dask_address=cfg.dask_address)
     instances["sha256"] = [r.get("sha256", "") for r in results]
     failed_series = {s for s, r in zip(instances.SeriesInstanceUID, results, strict=True) if r["reason"]}
     if failed_series:

@@ -9,6 +9,7 @@ from prefect import flow
 from dicomops.config import ExportConfig, load_settings
 from dicomops.export.stage import describe, summary_line
 from tasks import export as t
+from tasks import stages
 
 
 @flow(name="dicomops-export", log_prints=True)
@@ -20,7 +21,17 @@ def export(work: Path | None = None, config: ExportConfig = ExportConfig(),
     work = Path(work or settings.work_dir)
     uri = settings.mlflow_tracking_uri
     ref = t.resolve_version(uri, model_name, version, alias if version or alias else "challenger")
+    stage = f"export-{ref.name}-v{ref.version}"
+    key = stages.stage_key("export", {"model": ref.name, "version": ref.version, "run": ref.run_id,
+                                      "config": config.model_dump(mode="json")})
+    if (cached := stages.completed(work, stage, key)) is not None:
+        print(f"export: {ref.name} version {ref.version} already exported and checked with these settings; skipped")
+        return {**cached, "skipped": True}
+    stages.started(work, stage)
     report = t.export_and_check(work, uri, ref, config)
     t.attach(uri, ref, report)
     print(summary_line(report))
-    return describe(report)
+    result = describe(report)
+    manifest = (Path(report.folder) / "manifest.json").resolve().relative_to(Path(work).resolve())
+    stages.done(work, stage, key, result, [str(manifest)])
+    return {**result, "skipped": False}

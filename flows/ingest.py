@@ -10,6 +10,7 @@ from dicomops.config import IngestConfig, load_settings
 from dicomops.errors import GateFailedError
 from dicomops.tracking import flatten_params
 from tasks import ingest as t
+from tasks import stages
 from tasks.tracking import close_run, hash_corpus, log_ingest, open_run
 
 
@@ -20,7 +21,14 @@ def ingest(src: Path, work: Path | None = None, config: IngestConfig = IngestCon
     settings = load_settings()
     work = Path(work or settings.work_dir)
     uri = settings.mlflow_tracking_uri
-    run_id = open_run(uri, experiment, settings.mlflow_artifact_root, "ingest", hash_corpus(src),
+    data_hash = hash_corpus(src)
+    runtime = {"workers", "dask_address"}  # where the work runs does not change what it produces
+    key = stages.stage_key("ingest", {"data": data_hash, "config": config.model_dump(mode="json", exclude=runtime)})
+    if (cached := stages.completed(work, "ingest", key)) is not None:
+        print(f"ingest: {src} and the settings are unchanged since the last run; skipped")
+        return {**cached, "skipped": True}
+    stages.started(work, "ingest")
+    run_id = open_run(uri, experiment, settings.mlflow_artifact_root, "ingest", data_hash,
                       flatten_params({"ingest": config.model_dump(mode="json", exclude={"expectations"})}),
                       parent_run_id)
     t.reset_ingest(work)
@@ -39,6 +47,8 @@ def ingest(src: Path, work: Path | None = None, config: IngestConfig = IngestCon
     close_run(uri, run_id)
     print(f"ingest: {gate.accepted_files} files in {gate.accepted_series} series accepted, "
           f"{gate.quarantined_files} quarantined ({gate.quarantined_share:.1%})")
-    return {"mlflow_run_id": run_id, "accepted_series": gate.accepted_series,
-            "quarantined_files": gate.quarantined_files, "work": str(work)}
+    result: dict[str, object] = {"mlflow_run_id": run_id, "accepted_series": gate.accepted_series,
+                                 "quarantined_files": gate.quarantined_files, "work": str(work)}
+    stages.done(work, "ingest", key, result, ["ingest/accepted.parquet", "ingest/summary.json", "deid"])
+    return {**result, "skipped": False}
 

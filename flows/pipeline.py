@@ -37,4 +37,7 @@ def pipeline(src: Path, config: PipelineConfig = PipelineConfig(), work: Path | 
     return {"mlflow_run_id": run_id, "data_dvc_md5": data_hash, "work": str(work),
             "ingest_run_id": str(gate["mlflow_run_id"]), "accepted_series": str(gate["accepted_series"]),
             "preprocess_run_id": str(prepared["mlflow_run_id"]), "train_run_id": str(trained["mlflow_run_id"]),
-            "model_version": str(trained["version"]), "tensorrt": str(exported["tensorrt"])}
+            "model_version": str(trained["version"]), "tensorrt": str(exported["tensorrt"]),
+            "skipped": ",".join(name for name, stage in (("ingest", gate), ("preprocess", prepared),
+                                                         ("train", trained), ("export", exported))
+                                if stage.get("skipped"))}

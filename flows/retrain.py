@@ -41,7 +41,7 @@ def retrain(work: Path | None = None, config: PipelineConfig = PipelineConfig(),
         return {"status": "skipped", "reason": str(err)}
 
 
-def _retrain(work: Path, config: PipelineConfig, uri: str, artifact_root: Path, trigger: str,
+def _retrain(work: Path, config: PipelineConfig, uri: str, artifact_root: Path | None, trigger: str,
              monitoring_run_id: str) -> dict[str, object]:
     sources = labelled_sources(work, config.monitor.training_source)
     src = combine_sources(sources, work / "retrain" / "src")

@@ -8,6 +8,7 @@ from prefect import flow
 
 from dicomops.config import PreprocessConfig, TrainConfig, load_settings
 from dicomops.tracking import flatten_params
+from tasks import stages
 from tasks import train as t
 from tasks.preprocess import hash_accepted_corpus
 from tasks.tracking import close_run
@@ -24,6 +25,13 @@ def train(work: Path | None = None, config: TrainConfig = TrainConfig(),
     k = preprocess_config.slab_slices
     _, split_hash = t.prepare_splits(work, config)
     data_hash = hash_accepted_corpus(work)
+    key = stages.stage_key("train", {"data": data_hash, "split": split_hash, "train": config.model_dump(mode="json"),
+                                     "preprocess": preprocess_config.model_dump(mode="json"),
+                                     "tags": run_tags or {}})
+    if (cached := stages.completed(work, "train", key)) is not None:
+        print(f"train: data, split, settings and code unchanged; version {cached['version']} stands, skipped")
+        return {**cached, "skipped": True}
+    stages.started(work, "train")
     params = flatten_params({"train": config.model_dump(mode="json"), "preprocess": preprocess_config.model_dump(mode="json")})
     run_id = t.open_training_run(work, config, preprocess_config, split_hash, data_hash, uri, experiment,
                                  settings.mlflow_artifact_root, params, parent_run_id, run_tags or {})
@@ -43,6 +51,8 @@ def train(work: Path | None = None, config: TrainConfig = TrainConfig(),
     close_run(uri, run_id)
     print(f"train: mean CV AUC {summary['mean_auc']:.3f} ± {summary['std_auc']:.3f}; version {version} "
           f"{'promoted to champion' if decision['promoted'] else 'awaits review'}: {'; '.join(decision['reasons'])}")
-    return {"mlflow_run_id": run_id, "version": version, "mean_auc": summary["mean_auc"],
-            "vendor_auc": summary["vendor_auc"], "promoted": decision["promoted"], "work": str(work),
-            "lovo_auc": summary.get("lovo_auc", {})}
+    result: dict[str, object] = {"mlflow_run_id": run_id, "version": version, "mean_auc": summary["mean_auc"],
+                                 "vendor_auc": summary["vendor_auc"], "promoted": decision["promoted"],
+                                 "work": str(work), "lovo_auc": summary.get("lovo_auc", {})}
+    stages.done(work, "train", key, result, ["train/summary.json", "train/final/model.pt"])
+    return {**result, "skipped": False}

@@ -15,7 +15,7 @@ def hash_corpus(src: Path) -> str:
 
 
 @task(name="open-run", retries=2, retry_delay_seconds=[2, 10])
-def open_run(tracking_uri: str, experiment: str, artifact_root: Path, run_name: str,
+def open_run(tracking_uri: str, experiment: str, artifact_root: Path | None, run_name: str,
              data_hash: str, params: dict[str, object], parent_run_id: str | None = None) -> str:
     return tracking.start_run(tracking_uri, experiment, artifact_root, run_name=run_name,
                               tags=tracking.lineage_tags(data_hash), params=params,

@@ -19,7 +19,7 @@ def prepare_splits(work: Path, cfg: TrainConfig) -> tuple[Path, str]:
 
 @task(name="open-training-run", retries=2, retry_delay_seconds=[2, 10])
 def open_training_run(work: Path, cfg: TrainConfig, pre: PreprocessConfig, split_hash: str, data_hash: str,
-                      tracking_uri: str, experiment: str, artifact_root: Path, params: dict[str, object],
+                      tracking_uri: str, experiment: str, artifact_root: Path | None, params: dict[str, object],
                       parent_run_id: str | None, run_tags: dict[str, str]) -> str:
     key = cv.run_key(cfg, pre, split_hash, data_hash)
     return cv.open_parent_run(work, key, tracking_uri, experiment, artifact_root,

@@ -53,6 +53,7 @@ def map_isolated(
     seconds_per_item: float = 30.0,
     progress: Callable[[int, int], None] | None = None,
     initializer: Callable[[], None] | None = None,
+    dask_address: str | None = None,
 ) -> list[R]:
     """``[func(*item, *args) for item in items]``, in parallel and isolated; results keep item order.
 
@@ -67,9 +68,15 @@ def map_isolated(
         seconds_per_item: a chunk may take ``len(chunk) * seconds_per_item`` seconds.
         progress: called with (items done, items total).
         initializer: run once in each worker process (e.g. to pin library thread counts).
+        dask_address: run the chunks on this Dask scheduler instead of local processes; a chunk
+            whose worker dies is retried item by item, and an item that kills a worker on its own,
+            or outlasts its allowance, gets a failure result, as with local processes.
     """
     total = len(items)
     results: list[Any] = [None] * total
+    if dask_address:
+        return _map_dask(func, items, args, on_failure, dask_address, chunk_size, seconds_per_item, progress,
+                         initializer)
     if workers <= 1:
         for i, item in enumerate(items):
             results[i] = _call(func, item, args)
@@ -139,3 +146,52 @@ def _resolve(results: list[Any], items: Sequence[tuple[Any, ...]],
              on_failure: Callable[[tuple[Any, ...], str], R]) -> list[R]:
     return [on_failure(item, r.reason) if isinstance(r, _ItemError) else r
             for item, r in zip(items, results, strict=True)]
+
+
+def _map_dask(func: Callable[..., R], items: Sequence[tuple[Any, ...]], args: tuple[Any, ...],
+              on_failure: Callable[[tuple[Any, ...], str], R], address: str, chunk_size: int,
+              seconds_per_item: float, progress: Callable[[int, int], None] | None,
+              initializer: Callable[[], None] | None) -> list[R]:
+    """`map_isolated` on a Dask cluster (``distributed``), with the same failure semantics."""
+    from distributed import Client, as_completed
+
+    total = len(items)
+    results: list[Any] = [None] * total
+    with Client(address) as client:
+        if initializer is not None:
+            client.run(initializer)
+
+        def submit(idx: list[int]) -> Any:
+            return client.submit(_run_chunk, func, [items[i] for i in idx], args, pure=False,
+                                 retries=0, key=f"dicomops-chunk-{idx[0]}-{len(idx)}-{time.monotonic_ns()}")
+
+        chunks = [list(range(i, min(i + chunk_size, total))) for i in range(0, total, chunk_size)]
+        for attempt in ("chunk", "item"):
+            futures = {submit(idx): idx for idx in chunks}
+            retry: list[list[int]] = []
+            deadline = time.monotonic() + seconds_per_item * max(chunk_size, 1) * 2 + 60
+            try:
+                for fut in as_completed(list(futures), timeout=max(deadline - time.monotonic(), 1)):
+                    idx = futures[fut]
+                    try:
+                        for i, r in zip(idx, fut.result(), strict=True):
+                            results[i] = r
+                    except Exception:  # KilledWorker, a worker lost mid-chunk: retry its items alone
+                        if attempt == "chunk" and len(idx) > 1:
+                            retry.extend([i] for i in idx)
+                        else:
+                            results[idx[0]] = on_failure(items[idx[0]], "worker_crashed")
+                    if progress:
+                        progress(sum(r is not None for r in results), total)
+            except TimeoutError:
+                for fut, idx in futures.items():
+                    if not fut.done():
+                        fut.cancel()
+                        for i in idx:
+                            results[i] = on_failure(items[i], "timeout")
+            chunks = retry
+            if not chunks:
+                break
+        for idx in chunks:  # still failing after the item-by-item pass
+            results[idx[0]] = on_failure(items[idx[0]], "worker_crashed")
+    return _resolve(results, items, on_failure)

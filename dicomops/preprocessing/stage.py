@@ -128,7 +128,7 @@ def preprocess_corpus(work: Path, cfg: PreprocessConfig,
         items.append((group.to_dict("records"), str(work / "deid"), mask, cfg_json, str(out_dir / f"{key}.npz")))
     results = map_isolated(preprocess_one, items, on_failure=lambda item, why: {"reason": why, "detail": why},
                            workers=cfg.workers, chunk_size=1, seconds_per_item=900, progress=progress,
-                           initializer=single_threaded)
+                           initializer=single_threaded, dask_address=cfg.dask_address)
     failures = [{"SeriesInstanceUID": uid, "reason": r["reason"], "detail": r.get("detail", "")}
                 for (uid, _, _), r in zip(todo, results, strict=True) if r.get("reason")]
     _write_tables(work, cfg, plan, labels, {f["SeriesInstanceUID"] for f in failures})

@@ -62,7 +62,7 @@ def save_state(work: Path, state: dict[str, Any]) -> None:
     io.write_json(train_dir(work) / "state.json", state)
 
 
-def open_parent_run(work: Path, key: str, tracking_uri: str, experiment: str, artifact_root: Path,
+def open_parent_run(work: Path, key: str, tracking_uri: str, experiment: str, artifact_root: Path | None,
                     tags: dict[str, str], params: dict[str, object], parent_run_id: str | None) -> str:
     """The cross-validation's parent run: the unfinished one with the same key, or a new one."""
     state = load_state(work)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 import mlflow
-from dicomops.config import PipelineConfig, PreprocessConfig, SynthConfig, TrainConfig
+from dicomops.config import ExportConfig, PipelineConfig, PreprocessConfig, SynthConfig, TrainConfig
 from dicomops.deid import scan_for_phi
 from dicomops.synthetic import generate_corpus
 from dicomops.tracking import dvc_directory_hash
@@ -46,6 +47,8 @@ def test_pipeline_runs_every_stage_with_lineage(corpus: Path, mlflow_env: str, t
     children = client.search_runs([run.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")
     assert {c.info.run_name for c in children} == {"ingest", "preprocess", "train"}
+    version = client.get_model_version("pipeline-test-model", result["model_version"])
+    assert version.tags["export.tensorrt"].startswith("skipped (") and version.tags["export.onnx.sha256"]
     prep = client.get_run(result["preprocess_run_id"])
     assert prep.data.metrics["preprocess.series"] == N and prep.data.metrics["preprocess.failed"] == 0
     assert client.get_model_version("pipeline-test-model", result["model_version"]).run_id == result["train_run_id"]
@@ -62,4 +65,63 @@ def test_pipeline_runs_every_stage_with_lineage(corpus: Path, mlflow_env: str, t
     assert scan_for_phi(tmp_path, set(phi.value)) == []
 
     again = preprocess(work=tmp_path / "work", config=config.preprocess)
-    assert again["computed"] == 0 and again["cached"] == N
+    assert again["skipped"] and again["mlflow_run_id"] == result["preprocess_run_id"]
+
+
+def _config(name: str) -> PipelineConfig:
+    return PipelineConfig(
+        experiment=name,
+        preprocess=PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0), crop_xy=160, workers=1),
+        train=TrainConfig(epochs=2, input_size=32, num_workers=0, model_name=f"{name}-model"),
+        export=ExportConfig(parity_samples=16, calibration_samples=16, max_batch=8, preferred_batch_sizes=(8,),
+                            int8_max_auc_drop=1.0))
+
+
+def test_rerun_of_a_completed_pipeline_skips_every_stage(corpus: Path, mlflow_env: str, tmp_path: Path) -> None:
+    config = _config("rerun-test")
+    start = time.perf_counter()
+    first = pipeline(src=corpus, config=config)
+    first_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    second = pipeline(src=corpus, config=config)
+    second_seconds = time.perf_counter() - start
+    assert second["model_version"] == first["model_version"]
+    assert second["skipped"] == "ingest,preprocess,train,export"
+    client = mlflow.tracking.MlflowClient(mlflow_env)
+    parent = client.get_run(second["mlflow_run_id"])
+    assert client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'") == []
+    assert len(client.search_model_versions("name = 'rerun-test-model'")) == 1
+    assert second_seconds < 0.25 * first_seconds, (first_seconds, second_seconds)
+
+
+def test_a_crash_mid_training_resumes_without_redoing_finished_work(
+        corpus: Path, mlflow_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicomops.training import cv
+
+    config = _config("crash-test")
+    real_run_fold = cv.run_fold
+
+    def dies_on_fold_2(work, cfg, k, fold, uri, stop_after=None):  # type: ignore[no-untyped-def]
+        if fold == 2:
+            raise RuntimeError("killed at 3 a.m.")
+        return real_run_fold(work, cfg, k, fold, uri, stop_after)
+
+    monkeypatch.setattr(cv, "run_fold", dies_on_fold_2)
+    with pytest.raises(RuntimeError, match="killed"):
+        pipeline(src=corpus, config=config)
+    work = tmp_path / "work"
+    assert (work / ".stages/ingest.json").exists() and (work / ".stages/preprocess.json").exists()
+    assert not (work / ".stages/train.json").exists()  # the crashed stage left no completion record
+    assert not list(work.rglob("*.tmp"))  # and no half-written file
+
+    monkeypatch.setattr(cv, "run_fold", real_run_fold)  # the machine is back
+    state = cv.load_state(work)
+    finished = {fold: state["folds"][fold]["run_id"] for fold in ("0", "1")}
+    resumed = pipeline(src=corpus, config=config)
+    assert resumed["skipped"] == "ingest,preprocess"
+    client = mlflow.tracking.MlflowClient(mlflow_env)
+    for fold, run_id in finished.items():  # the same runs, trained once: two epochs logged, not four
+        assert cv.load_state(work)["folds"][fold]["run_id"] == run_id
+        assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1, 2]
+    assert (work / ".stages/train.json").exists()
