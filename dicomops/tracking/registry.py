@@ -18,15 +18,13 @@ def version_description(summary: dict[str, Any], per_vendor: list[dict[str, Any]
                         lovo: list[dict[str, Any]] | None = None) -> str:
     """Markdown for the version page: the cross-validation by vendor and by fold."""
     lines = ["## Four-fold vendor-stratified cross-validation", "",
-             f"Mean AUC over folds **{summary['mean_auc']:.3f} ± {summary['std_auc']:.3f}** (series level, out of "
-             f"fold); operating point {summary['threshold']:.3f} (Youden). Per vendor, the pooled out-of-fold AUC "
-             "decides (a fold holds only 5–10 series of a vendor); the across-fold mean ± std is beside it.", "",
-             "| vendor | AUC (pooled) | AUC (fold mean ± std) | sensitivity | specificity | F1 | kappa |",
-             "|---|---|---|---|---|---|---|"]
+             f"Mean AUC **{summary['mean_auc']:.3f} ± {summary['std_auc']:.3f}** (series level, out of fold); "
+             f"operating point {summary['threshold']:.3f} (Youden).", "",
+             "| vendor | AUC | sensitivity | specificity | F1 | kappa |", "|---|---|---|---|---|---|"]
     for row in per_vendor:
-        lines.append("| {vendor} | {auc_pooled:.3f} | {auc_mean:.3f} ± {auc_std:.3f} | {sensitivity_mean:.3f} "
-                     "| {specificity_mean:.3f} | {f1_mean:.3f} | {kappa_mean:.3f} |".format(
-                         **{k: (0.0 if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}))
+        lines.append("| {vendor} | {auc_mean:.3f} ± {auc_std:.3f} | {sensitivity_mean:.3f} | {specificity_mean:.3f} "
+                     "| {f1_mean:.3f} | {kappa_mean:.3f} |".format(**{k: (0.0 if isinstance(v, float) and math.isnan(v) else v)
+                                                                      for k, v in row.items()}))
     lines += ["", "| fold | AUC (all) | n |", "|---|---|---|"]
     for row in per_fold:
         lines.append(f"| {row['fold']} | {row['auc']:.3f} | {int(row['n'])} |")

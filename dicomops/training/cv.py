@@ -161,25 +161,17 @@ def summarise(work: Path, cfg: TrainConfig, tracking_uri: str) -> dict[str, Any]
     per_fold = pd.concat([per_vendor_metrics(g, threshold).assign(fold=i) for i, g in preds.groupby("fold")],
                          ignore_index=True)
     summary = summarise_folds(per_fold)
-    # Per vendor, the folds hold 5–10 series (2–3 negatives): one fold's vendor AUC moves by 0.3 with
-    # one series, so the vendor figure that decides is the AUC of the pooled out-of-fold scores
-    # (24–36 series per vendor); the across-fold mean ± std stays in the table.
-    pooled = per_vendor_metrics(preds, threshold).set_index("vendor")
-    summary["auc_pooled"] = summary.vendor.map(pooled.auc)
     root = train_dir(work)
     io.write_csv(root / "per_fold_metrics.csv", per_fold)
     io.write_csv(root / "cv_summary.csv", summary)
     io.write_parquet(root / "oof_predictions.parquet", preds)
     by_vendor = summary.set_index("vendor")
     best_epochs = [int(state["folds"][str(i)]["best_epoch"]) for i in range(cfg.n_splits)]
-    vendor_auc = {str(v): float(by_vendor.loc[v, "auc_pooled"]) for v in by_vendor.index if v != "all"}
-    vendor_auc_fold_mean = {str(v): float(by_vendor.loc[v, "auc_mean"]) for v in by_vendor.index if v != "all"}
+    vendor_auc = {str(v): float(by_vendor.loc[v, "auc_mean"]) for v in by_vendor.index if v != "all"}
     result: dict[str, Any] = {
         "mean_auc": float(by_vendor.loc["all", "auc_mean"]),
         "std_auc": float(by_vendor.loc["all", "auc_std"]),
         "vendor_auc": vendor_auc,
-        "vendor_auc_fold_mean": vendor_auc_fold_mean,
-        "pooled_auc": float(by_vendor.loc["all", "auc_pooled"]),
         "threshold": threshold,
         "final_epochs": int(max(1, np.median(best_epochs))),
     }
@@ -189,8 +181,6 @@ def summarise(work: Path, cfg: TrainConfig, tracking_uri: str) -> dict[str, Any]
     io.write_csv(root / "fold_counts.csv", fold_counts(folds, series))
     metrics = {"cv.mean_auc": result["mean_auc"], "cv.std_auc": result["std_auc"], "cv.threshold": threshold}
     metrics.update({f"cv.auc.{v}": a for v, a in vendor_auc.items()})
-    metrics.update({f"cv.auc_fold_mean.{v}": a for v, a in vendor_auc_fold_mean.items() if not np.isnan(a)})
-    metrics["cv.pooled_auc"] = result["pooled_auc"]
     runs.log_metrics(tracking_uri, parent, metrics)
     pictures = [plots.roc_by_vendor(preds, root / "roc_by_vendor.png"),
                 plots.roc_by_fold(preds, root / "roc_by_fold.png"),
