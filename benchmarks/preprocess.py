@@ -74,13 +74,7 @@ def end_to_end(patients: int, workers: int) -> None:
     try:
         src, work = root / "src", root / "work"
         generate_corpus(src, SynthConfig(patients=patients, fault_rate=0.0, workers=workers))
-        cfg = IngestConfig(workers=workers)
-        ingest.index_headers(src, work, cfg, KEY)
-        ingest.validate_headers(work, cfg)
-        ingest.assemble(work, cfg)
-        ingest.apply_gate(work, cfg)
-        ingest.deidentify_corpus(src, work, cfg, KEY)
-        ingest.rekey_labels(src, work, KEY)
+        ingest.run(src, work, IngestConfig(workers=workers), KEY)
         accepted = pd.read_parquet(work / "ingest/accepted.parquet")
         series = [[work / "deid" / p for p in g.deid_path] for _, g in accepted.groupby("SeriesInstanceUID")]
         start = time.perf_counter()

@@ -127,13 +127,14 @@ def ingest(
     """Run the ingest gate: index headers, validate, check geometry, quarantine, de-identify."""
     from dicomops.errors import GateFailedError
     from flows.ingest import ingest as ingest_flow
+    from flows.runners import on_dask
 
     if not src.is_dir():
         raise typer.BadParameter(f"{src} is not a folder of DICOM files")
     cfg = _with_overrides(_pipeline_config(config).ingest,
                           max_invalid_fraction=max_invalid_fraction, workers=workers)
     try:
-        result = ingest_flow(src=src.resolve(), work=work.resolve() if work else None, config=cfg)
+        result = on_dask(ingest_flow, cfg.dask_address)(src=src.resolve(), work=work.resolve() if work else None, config=cfg)
     except GateFailedError as err:
         console.print(f"[red]gate failed:[/] {err}")
         raise typer.Exit(1) from err
@@ -149,10 +150,11 @@ def preprocess(
 ) -> None:
     """Turn accepted, de-identified series into cached 1 mm volumes, image features and 2.5D slabs."""
     from flows.preprocess import preprocess as preprocess_flow
+    from flows.runners import on_dask
 
     cfg = _with_overrides(_pipeline_config(config).preprocess, workers=workers)
     try:
-        result = preprocess_flow(work=work.resolve() if work else None, config=cfg)
+        result = on_dask(preprocess_flow, cfg.dask_address)(work=work.resolve() if work else None, config=cfg)
     except ValueError as err:
         console.print(f"[red]cannot preprocess:[/] {err}")
         raise typer.Exit(2) from err

@@ -284,6 +284,21 @@ def write_reid_key(src: Path, work: Path, cfg: IngestConfig, key: bytes) -> Path
     return target
 
 
+def run(src: Path, work: Path, cfg: IngestConfig, key: bytes) -> GateSummary:
+    """Every step of the gate in order, without Prefect (benchmarks, tests, batch evaluation).
+
+    Raises :class:`GateFailedError` when the gate refuses the batch, as the flow does.
+    """
+    reset(work)
+    index_headers(src, work, cfg, key)
+    validate_headers(work, cfg)
+    assemble(work, cfg)
+    gate = apply_gate(work, cfg)
+    deidentify_corpus(src, work, cfg, key)
+    rekey_labels(src, work, key)
+    return gate
+
+
 def reset(work: Path) -> None:
     """Remove the outputs of an earlier ingest in `work` (a new batch replaces them whole)."""
     paths = IngestPaths(Path(work))

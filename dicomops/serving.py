@@ -51,7 +51,7 @@ def wait_healthy(api_url: str, timeout: float = 180.0) -> None:
 
 
 def start(project: Path, host: str = "127.0.0.1", port: int = 4200, pool: str = "dicomops",
-          worker: bool = True, log: Path | None = None) -> Stack:
+          worker: bool = True, log: Path | None = None, cpu_heavy_limit: int = 1) -> Stack:
     """Start the server, register the deployments, start the worker; return the running stack."""
     api_url, ui_url = f"http://{host}:{port}/api", f"http://{host}:{port}"
     env = {**os.environ, "PREFECT_API_URL": api_url, "DICOMOPS_PROJECT_DIR": str(project.resolve()),
@@ -62,6 +62,9 @@ def start(project: Path, host: str = "127.0.0.1", port: int = 4200, pool: str = 
         stack.processes.append(subprocess.Popen(_prefect("server", "start", "--host", host, "--port", str(port)),
                                                 env=env, cwd=project, stdout=out, stderr=out))
         wait_healthy(api_url)
+        # One CPU-heavy task (training, preprocessing) at a time on this machine, whatever the flows.
+        subprocess.run(_prefect("concurrency-limit", "create", "cpu-heavy", str(cpu_heavy_limit)), env=env, cwd=project,
+                       capture_output=True, text=True)
         for args in (("work-pool", "create", pool, "--type", "process", "--overwrite"),
                      ("--no-prompt", "deploy", "--all")):
             result = subprocess.run(_prefect(*args), env=env, cwd=project, capture_output=True, text=True)

@@ -32,7 +32,7 @@ def ingest(src: Path, work: Path | None = None, config: IngestConfig = IngestCon
                       flatten_params({"ingest": config.model_dump(mode="json", exclude={"expectations"})}),
                       parent_run_id)
     t.reset_ingest(work)
-    t.index_headers(src, work, config)
+    t.index_headers.submit(src, work, config).result()  # on the flow's task runner (Dask when set)
     t.validate_headers(work, config)
     t.assemble_series(work, config)
     try:
@@ -41,7 +41,7 @@ def ingest(src: Path, work: Path | None = None, config: IngestConfig = IngestCon
         log_ingest(uri, run_id, work)
         close_run(uri, run_id, "FAILED")
         raise
-    t.deidentify_corpus(src, work, config)
+    t.deidentify_corpus.submit(src, work, config).result()
     t.rekey_labels(src, work, config)
     log_ingest(uri, run_id, work)
     close_run(uri, run_id)

@@ -13,6 +13,7 @@ from dicomops.monitoring.drift import describe
 from flows.ingest import ingest
 from flows.preprocess import preprocess
 from flows.retrain import retrain
+from flows.runners import on_dask
 from tasks import monitor as t
 from tasks.tracking import close_run, hash_corpus, open_run
 
@@ -34,8 +35,10 @@ def monitor(src: Path, work: Path | None = None, config: PipelineConfig = Pipeli
         t.tag_run(uri, run_id, {"stage": "monitor", "model": serving.name, "model_version": serving.version,
                                 "model_alias": cfg.alias, "batch_id": batch_id})
         try:
-            ingest(src, batch_work, config.ingest, cfg.experiment, parent_run_id=run_id)
-            preprocess(batch_work, config.preprocess, cfg.experiment, parent_run_id=run_id)
+            on_dask(ingest, config.ingest.dask_address)(
+                src, batch_work, config.ingest, cfg.experiment, parent_run_id=run_id)
+            on_dask(preprocess, config.preprocess.dask_address)(
+                batch_work, config.preprocess, cfg.experiment, parent_run_id=run_id)
         except GateFailedError as err:
             print(f"monitor: the batch failed the ingest gate ({err}); judged on its quarantine alone")
         current = t.batch_features(batch_work, uri, serving)

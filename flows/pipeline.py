@@ -11,6 +11,7 @@ from dicomops.tracking import flatten_params
 from flows.export import export
 from flows.ingest import ingest
 from flows.preprocess import preprocess
+from flows.runners import on_dask
 from flows.train import train
 from tasks.tracking import close_run, hash_corpus, log_input_counts, open_run
 
@@ -26,8 +27,10 @@ def pipeline(src: Path, config: PipelineConfig = PipelineConfig(), work: Path | 
                       flatten_params(config.model_dump(mode="json")))
     try:
         log_input_counts(uri, run_id, src)
-        gate = ingest(src, work, config.ingest, config.experiment, parent_run_id=run_id)
-        prepared = preprocess(work, config.preprocess, config.experiment, parent_run_id=run_id)
+        gate = on_dask(ingest, config.ingest.dask_address)(
+            src, work, config.ingest, config.experiment, parent_run_id=run_id)
+        prepared = on_dask(preprocess, config.preprocess.dask_address)(
+            work, config.preprocess, config.experiment, parent_run_id=run_id)
         trained = train(work, config.train, config.preprocess, config.experiment, parent_run_id=run_id)
         exported = export(work, config.export, config.train.model_name, version=str(trained["version"]))
     except BaseException:

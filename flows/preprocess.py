@@ -32,7 +32,7 @@ def preprocess(work: Path | None = None, config: PreprocessConfig = PreprocessCo
                       corpus_hash, flatten_params({"preprocess": config.model_dump(mode="json")}),
                       parent_run_id)
     try:
-        summary = preprocess_series(work, config)
+        summary = preprocess_series.submit(work, config).result()  # on the flow's task runner
         log_preprocess(uri, run_id, work, summary)
     except BaseException:
         close_run(uri, run_id, "FAILED")

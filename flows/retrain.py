@@ -14,6 +14,7 @@ from dicomops.monitoring.stage import combine_sources, labelled_sources
 from flows.export import export
 from flows.ingest import ingest
 from flows.preprocess import preprocess
+from flows.runners import on_dask
 from flows.train import train
 from tasks.monitor import tag_run
 from tasks.tracking import close_run, hash_corpus, open_run
@@ -51,8 +52,10 @@ def _retrain(work: Path, config: PipelineConfig, uri: str, artifact_root: Path |
                       {"retrain.sources": len(sources), "retrain.trigger": trigger})
     try:
         tag_run(uri, run_id, cause)
-        ingest(src, retrain_work, config.ingest, config.experiment, parent_run_id=run_id)
-        preprocess(retrain_work, config.preprocess, config.experiment, parent_run_id=run_id)
+        on_dask(ingest, config.ingest.dask_address)(
+            src, retrain_work, config.ingest, config.experiment, parent_run_id=run_id)
+        on_dask(preprocess, config.preprocess.dask_address)(
+            retrain_work, config.preprocess, config.experiment, parent_run_id=run_id)
         trained = train(retrain_work, config.train, config.preprocess, config.experiment, parent_run_id=run_id,
                         run_tags=cause)
         exported = export(retrain_work, config.export, config.train.model_name, version=str(trained["version"]))

@@ -153,11 +153,16 @@ def _map_dask(func: Callable[..., R], items: Sequence[tuple[Any, ...]], args: tu
               seconds_per_item: float, progress: Callable[[int, int], None] | None,
               initializer: Callable[[], None] | None) -> list[R]:
     """`map_isolated` on a Dask cluster (``distributed``), with the same failure semantics."""
-    from distributed import Client, as_completed
+    from distributed import Client, as_completed, get_worker, worker_client
 
     total = len(items)
     results: list[Any] = [None] * total
-    with Client(address) as client:
+    try:  # already on a Dask worker (a Prefect task on the DaskTaskRunner): fan out from here
+        get_worker()
+        connection: Any = worker_client()
+    except ValueError:
+        connection = Client(address)
+    with connection as client:
         if initializer is not None:
             client.run(initializer)
 

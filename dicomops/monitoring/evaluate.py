@@ -27,17 +27,11 @@ from dicomops.synthetic import generate_corpus
 
 def ingest_and_preprocess(src: Path, work: Path, cfg: PipelineConfig, key: bytes) -> tuple[int, int]:
     """The ingest gate and preprocessing of one corpus; returns (quarantined files, files)."""
-    ingest.reset(work)
-    ingest.index_headers(src, work, cfg.ingest, key)
-    ingest.validate_headers(work, cfg.ingest)
-    ingest.assemble(work, cfg.ingest)
     try:
-        gate = ingest.apply_gate(work, cfg.ingest)
+        gate = ingest.run(src, work, cfg.ingest, key)
     except GateFailedError:
         summary = pd.read_json(Path(work) / "ingest" / "summary.json", typ="series")
         return int(summary["quarantined_files"]), int(summary["files"])
-    ingest.deidentify_corpus(src, work, cfg.ingest, key)
-    ingest.rekey_labels(src, work, key)
     preprocess_corpus(work, cfg.preprocess)
     return gate.quarantined_files, gate.accepted_files + gate.quarantined_files
 

@@ -30,13 +30,8 @@ def train_work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Twenty patients ingested and preprocessed (2 mm, small crop), ready to train."""
     root = tmp_path_factory.mktemp("train")
     generate_corpus(root / "src", SynthConfig(patients=20, seed=17, fault_rate=0.0, matrix=128, slices=12, workers=1))
-    work, cfg = root / "work", IngestConfig(workers=1)
-    ingest.index_headers(root / "src", work, cfg, KEY)
-    ingest.validate_headers(work, cfg)
-    ingest.assemble(work, cfg)
-    ingest.apply_gate(work, cfg)
-    ingest.deidentify_corpus(root / "src", work, cfg, KEY)
-    ingest.rekey_labels(root / "src", work, KEY)
+    work = root / "work"
+    ingest.run(root / "src", work, IngestConfig(workers=1), KEY)
     preprocess_corpus(work, PRE)
     return work
 

@@ -38,6 +38,8 @@ def test_serve_registers_scheduled_and_triggered_deployments_and_a_worker(tmp_pa
         assert set(deployments) == {"pipeline", "monitor", "retrain"}
         (schedule,) = deployments["monitor"]["schedules"]
         assert schedule["schedule"]["cron"] == "0 2 * * *" and schedule["active"]
+        limits = _post(f"{stack.api_url}/concurrency_limits/filter", {})
+        assert {(c["tag"], c["concurrency_limit"]) for c in limits} == {("cpu-heavy", 1)}
         automations = _post(f"{stack.api_url}/automations/filter", {})
         assert any("dicomops.drift.detected" in json.dumps(a["trigger"]) for a in automations)
         deadline, workers = time.monotonic() + 60, []

@@ -31,13 +31,7 @@ def cluster():  # type: ignore[no-untyped-def]
 
 
 def _run(src: Path, work: Path, address: str | None) -> None:
-    cfg = IngestConfig(workers=2, dask_address=address)
-    ingest.index_headers(src, work, cfg, KEY)
-    ingest.validate_headers(work, cfg)
-    ingest.assemble(work, cfg)
-    ingest.apply_gate(work, cfg)
-    ingest.deidentify_corpus(src, work, cfg, KEY)
-    ingest.rekey_labels(src, work, KEY)
+    ingest.run(src, work, IngestConfig(workers=2, dask_address=address), KEY)
     preprocess_corpus(work, PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0), crop_xy=160, workers=2,
                                              dask_address=address))
 
@@ -60,3 +54,20 @@ def test_dask_runner_gives_the_default_runners_result(mixed_corpus: Path, tmp_pa
     for volume in (tmp_path / "local" / "preprocessed" / "volumes").glob("*.npz"):
         with np.load(volume) as a, np.load(tmp_path / "dask" / "preprocessed" / "volumes" / volume.name) as b:
             assert all(np.array_equal(a[k], b[k]) for k in a.files)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_flows_on_prefect_dasks_task_runner_match_the_default(mixed_corpus: Path, tmp_path: Path, mlflow_env: str,
+                                                              cluster: str) -> None:
+    from flows.ingest import ingest as ingest_flow
+    from flows.preprocess import preprocess as preprocess_flow
+    from flows.runners import on_dask
+
+    pre = PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0), crop_xy=160, workers=2)
+    for name, address in (("default", None), ("dask", cluster)):
+        work = tmp_path / name
+        on_dask(ingest_flow, address)(mixed_corpus, work, IngestConfig(workers=2, dask_address=address), "dask-test")
+        on_dask(preprocess_flow, address)(work, pre.model_copy(update={"dask_address": address}), "dask-test")
+    for table in ("ingest/accepted.parquet", "preprocessed/index.parquet", "preprocessed/features.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "default" / table),
+                                      pd.read_parquet(tmp_path / "dask" / table))

@@ -34,13 +34,7 @@ HU_ONLY = PreprocessConfig(window="none", crop_xy=400, workers=1)
 
 
 def _ingest(src: Path, work: Path) -> pd.DataFrame:
-    cfg = IngestConfig(workers=1)
-    ingest.index_headers(src, work, cfg, KEY)
-    ingest.validate_headers(work, cfg)
-    ingest.assemble(work, cfg)
-    ingest.apply_gate(work, cfg.model_copy(update={"max_invalid_fraction": 1.0}))
-    ingest.deidentify_corpus(src, work, cfg, KEY)
-    ingest.rekey_labels(src, work, KEY)
+    ingest.run(src, work, IngestConfig(workers=1, max_invalid_fraction=1.0), KEY)
     return pd.read_parquet(work / "ingest/accepted.parquet")
 
 

@@ -1,0 +1,19 @@
+"""Which task runner a stage flow uses: Prefect's default, or a Dask cluster through prefect-dask."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+F = TypeVar("F")
+
+
+def on_dask(flow: F, address: str | None) -> F:
+    """`flow` with its tasks submitted to the Dask scheduler at `address` (prefect-dask's
+    ``DaskTaskRunner``); the per-file and per-series maps inside those tasks then fan out over the
+    same cluster. Without an address, the flow as it is."""
+    if not address:
+        return flow
+    from prefect_dask import DaskTaskRunner
+
+    result: Any = flow.with_options(task_runner=DaskTaskRunner(address=address))  # type: ignore[attr-defined]
+    return result
