@@ -12,6 +12,7 @@ from typing import Annotated, TypeVar
 import typer
 from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dicomops.config import SCENARIOS, PipelineConfig, SynthConfig
@@ -229,7 +230,7 @@ def export(
         console.print(f"[red]cannot export:[/] {err}")
         raise typer.Exit(2) from err
     console.print(f"[green]export finished[/]: version {result['version']} in {result['folder']}; "
-                  f"tensorrt: {result['tensorrt']}")
+                  f"tensorrt: {escape(str(result['tensorrt']))}")
 
 
 @app.command()
@@ -258,7 +259,7 @@ def monitor(
                   f"moved: {', '.join(moved) if isinstance(moved, list) and moved else 'none'}; "
                   f"monitoring run {result['monitoring_run_id']}")
     if result.get("retrain"):
-        console.print(f"retrain: {result['retrain']}")
+        console.print(f"retrain: {escape(str(result['retrain']))}")
 
 
 @app.command()
@@ -270,7 +271,7 @@ def retrain(
     from flows.retrain import retrain as retrain_flow
 
     result = retrain_flow(work=work.resolve() if work else None, config=_pipeline_config(config), trigger="manual")
-    console.print(f"retrain: {result}")
+    console.print(f"retrain: {escape(str(result))}")
 
 
 @app.command()
@@ -291,7 +292,7 @@ def run(
     except GateFailedError as err:
         console.print(f"[red]gate failed:[/] {err}")
         raise typer.Exit(1) from err
-    console.print(f"[green]pipeline finished[/]: {result}")
+    console.print(f"[green]pipeline finished[/]: {escape(str(result))}")
 
 
 @app.command()
