@@ -154,7 +154,7 @@ def export_version(work: Path, tracking_uri: str, ref: ModelRef, cfg: ExportConf
     repo = folder / "model_repository"
     triton.write_model(repo, ref.name, ref.version, "onnxruntime_onnx", fp32, contract, cfg.max_batch,
                        cfg.preferred_batch_sizes, cfg.max_queue_delay_us)
-    report.tensorrt = _tensorrt(folder, ref, cfg, fp32, int8, parity_x, report)
+    report.tensorrt = _tensorrt(folder, ref, cfg, fp32, calib_x, parity_x, report)
 
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         report.files[str(path.relative_to(folder))] = onnx_export.sha256(path)
@@ -170,8 +170,8 @@ def export_version(work: Path, tracking_uri: str, ref: ModelRef, cfg: ExportConf
     return report
 
 
-def _tensorrt(folder: Path, ref: ModelRef, cfg: ExportConfig, fp32: Path, int8: Path, samples: np.ndarray,
-              report: ExportReport) -> str:
+def _tensorrt(folder: Path, ref: ModelRef, cfg: ExportConfig, fp32: Path, calibration: np.ndarray,
+              samples: np.ndarray, report: ExportReport) -> str:
     """Build, check and time the TensorRT engines, or say exactly why not."""
     reason = tensorrt_engine.availability()
     if reason is not None:
@@ -180,7 +180,7 @@ def _tensorrt(folder: Path, ref: ModelRef, cfg: ExportConfig, fp32: Path, int8: 
     reference = onnx_export.run_onnx(onnx_export.session(fp32), samples)
     built = []
     for precision in cfg.tensorrt_precisions:
-        source = tensorrt_engine.engine_input(precision, fp32, int8, folder)
+        source = tensorrt_engine.engine_input(precision, fp32, calibration, folder)
         plan = tensorrt_engine.build_engine(source, folder / f"model.{precision}.plan", ref.contract, cfg.max_batch)
         engine = tensorrt_engine.Engine(plan, ref.contract)
         parity = onnx_export.compare(reference, tensorrt_engine.run_batches(engine, samples, cfg.max_batch),

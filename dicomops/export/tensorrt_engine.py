@@ -137,7 +137,11 @@ def run_batches(engine: Engine, x: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate([engine(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
-def engine_input(precision: Precision, fp32: Path, int8: Path, scratch: Path) -> Path:
-    """The ONNX file an engine of `precision` is built from."""
-    return fp16_onnx(fp32, scratch / "model.fp16.onnx") if precision == "fp16" else int8
+def engine_input(precision: Precision, fp32: Path, calibration: np.ndarray, scratch: Path) -> Path:
+    """The ONNX file an engine of `precision` is built from: an FP16 copy, or a symmetric QDQ model."""
+    if precision == "fp16":
+        return fp16_onnx(fp32, scratch / "model.fp16.onnx")
+    from dicomops.export.quantize import quantize_int8
+
+    return quantize_int8(fp32, scratch / "model.int8-trt.onnx", calibration, for_tensorrt=True)
 

@@ -168,7 +168,7 @@ def test_tensorrt_skip_path_says_why(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     assert reason in ("no CUDA device",) or reason.startswith("tensorrt not installed")
     report = stage.ExportReport("1", str(tmp_path))
     ref = stage.ModelRef("m", "1", "run", CONTRACT)
-    text = stage._tensorrt(tmp_path, ref, ExportConfig(), tmp_path / "a.onnx", tmp_path / "b.onnx", _slabs(2), report)
+    text = stage._tensorrt(tmp_path, ref, ExportConfig(), tmp_path / "a.onnx", _slabs(2), _slabs(2), report)
     assert text == f"skipped ({reason})"
     assert not list(tmp_path.glob("*.plan"))
 
@@ -181,12 +181,11 @@ def test_tensorrt_engine_matches_onnx_runtime(exported: tuple[torch.nn.Module, P
     if reason is not None:
         pytest.skip(reason)
     _, path = exported
-    int8 = quantize.quantize_int8(path, tmp_path / "int8.onnx", _slabs(64, seed=4))
-    source = tensorrt_engine.engine_input(precision, path, int8, tmp_path)  # type: ignore[arg-type]
+    source = tensorrt_engine.engine_input(precision, path, _slabs(64, seed=4), tmp_path)  # type: ignore[arg-type]
     plan = tensorrt_engine.build_engine(source, tmp_path / f"model.{precision}.plan", CONTRACT, max_batch=32)
     engine = tensorrt_engine.Engine(plan, CONTRACT)
     x = _slabs(45)
-    reference = onnx_export.run_onnx(onnx_export.session(path if precision == "fp16" else int8), x)
+    reference = onnx_export.run_onnx(onnx_export.session(path if precision == "fp16" else source), x)
     for batch in (1, 7, 32):
         got = tensorrt_engine.run_batches(engine, x, batch)
         assert np.abs(got - reference).max() < 2e-2
