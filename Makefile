@@ -58,6 +58,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/synth.py
 	$(PY) benchmarks/ingest.py
 	$(PY) benchmarks/preprocess.py
+	$(PY) benchmarks/train.py --work $(WORK)
 	$(PY) benchmarks/inference.py
 	$(PY) benchmarks/drift.py
 

@@ -22,6 +22,7 @@ import torch
 
 from dicomops import io
 from dicomops.config import ExportConfig
+from dicomops.errors import ExportCheckError
 from dicomops.export import onnx_export, quantize, tensorrt_engine, triton
 from dicomops.export.contract import METADATA_KEY, InputContract
 from dicomops.tracking import runs
@@ -135,9 +136,10 @@ def export_version(work: Path, tracking_uri: str, ref: ModelRef, cfg: ExportConf
 
     fp32 = onnx_export.export_onnx(model, contract, folder / "model.onnx", cfg.opset, cfg.max_batch)
     parity = onnx_export.check_parity(model, fp32, parity_x, cfg.parity_tolerance)
-    batch_spread = check_dynamic_batch(fp32, parity_x if len(parity_x) >= 32 else np.resize(parity_x, (32, *contract.input_shape)))
+    batch_x = parity_x if len(parity_x) >= 32 else np.resize(parity_x, (32, *contract.input_shape))
+    batch_spread = check_dynamic_batch(fp32, batch_x)
     if batch_spread > cfg.parity_tolerance:
-        raise onnx_export.ExportCheckError(f"ONNX outputs differ by {batch_spread:.2e} across batch sizes 1, 7, 32")
+        raise ExportCheckError(f"ONNX outputs differ by {batch_spread:.2e} across batch sizes 1, 7, 32")
     int8 = quantize.quantize_int8(fp32, folder / "model.int8.onnx", calib_x)
     int8_check = quantize.check_int8(fp32, int8, val_x, val_y, cfg.int8_max_auc_drop)
     report.metrics.update({
@@ -186,7 +188,7 @@ def _tensorrt(folder: Path, ref: ModelRef, cfg: ExportConfig, fp32: Path, calibr
         parity = onnx_export.compare(reference, tensorrt_engine.run_batches(engine, samples, cfg.max_batch),
                                      cfg.tensorrt_parity_tolerance)
         if not parity.ok:
-            raise onnx_export.ExportCheckError(
+            raise ExportCheckError(
                 f"TensorRT {precision} parity failed: max |Δp| {parity.max_abs_diff:.2e} against ONNX Runtime "
                 f"(tolerance {cfg.tensorrt_parity_tolerance})")
         timing = tensorrt_engine.time_engine(engine, precision, cfg.max_batch)
