@@ -25,7 +25,9 @@ from dicomops.synthetic import phantom, writer
 from dicomops.synthetic.phi import PatientPHI, sample_phi
 from dicomops.synthetic.vendors import ALL_VENDORS, SCENARIO_SHIFTS, VENDORS, apply_scenario
 
-GENERATOR_VERSION = "1"
+# Recorded in corpus.json, so in the corpus hash: bump it whenever the same seed and options would
+# give other files. 2: nodules of 6-15 mm (were 4-15 mm).
+GENERATOR_VERSION = "2"
 LABEL_COLUMNS = ("SeriesInstanceUID", "StudyInstanceUID", "PatientID", "vendor", "label",
                  "nodule_count", "nodule_diameters_mm", "nodules", "scenario", "series_dir",
                  "mask_path", "slices")
