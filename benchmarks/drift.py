@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from dicomops.config import (
@@ -33,6 +32,7 @@ from dicomops.config import (
     SynthConfig,
     TrainConfig,
 )
+from dicomops.layout import WorkLayout
 from dicomops.monitoring.evaluate import Batch, detection, featurise_batches, ingest_and_preprocess
 from dicomops.monitoring.reference import build_reference
 from dicomops.training.data import build_slab_set
@@ -48,10 +48,9 @@ def _reference(root: Path, patients: int, synth: SynthConfig, cfg: PipelineConfi
 
     generate_corpus(src, synth.model_copy(update={"patients": patients}))
     quarantined, files = ingest_and_preprocess(src, work, cfg, KEY)
-    index = pd.read_parquet(work / "preprocessed" / "index.parquet")
-    slabs = pd.read_parquet(work / "preprocessed" / "slabs.parquet")
+    layout = WorkLayout(work)
     k = cfg.preprocess.slab_slices
-    data = build_slab_set(work, index, slabs, list(index[index.label >= 0].SeriesInstanceUID), k, train.input_size)
+    data = build_slab_set(layout, list(layout.labelled_series().SeriesInstanceUID), k, train.input_size)
     model = fit(data, None, train, root / "reference" / "checkpoint.pt", seed=0).model.eval()
     return build_reference(work, model, k, train.input_size, train.top_k_slices), model, quarantined / max(files, 1)
 

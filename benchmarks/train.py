@@ -10,17 +10,16 @@ fold's validation slabs). Without ``--work`` it builds slabs from a small genera
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from dicomops import ingest
 from dicomops.config import IngestConfig, PreprocessConfig, SynthConfig, TrainConfig
+from dicomops.layout import WorkLayout
 from dicomops.preprocessing.stage import preprocess_corpus
 from dicomops.synthetic import generate_corpus
 from dicomops.training.data import build_slab_set
@@ -30,18 +29,14 @@ KEY = b"train-benchmark-key-0123456789abcd"
 
 
 def _fold0(work: Path, size: int) -> tuple:
-    index = pd.read_parquet(work / "preprocessed" / "index.parquet")
-    slabs = pd.read_parquet(work / "preprocessed" / "slabs.parquet")
-    labelled = index[index.label >= 0]
-    folds_file = work / "splits" / "folds.json"
-    if folds_file.exists():
-        fold = json.loads(folds_file.read_text())["folds"][0]
-        train_ids, val_ids = fold["train"], fold["val"]
+    layout = WorkLayout(work)
+    if layout.folds_file.exists():
+        folds = layout.read_folds()
+        train_ids, val_ids = folds.train(0), folds.val(0)
     else:
-        ids = sorted(labelled.SeriesInstanceUID)
+        ids = sorted(layout.labelled_series().SeriesInstanceUID)
         train_ids, val_ids = ids[: len(ids) * 3 // 4], ids[len(ids) * 3 // 4:]
-    return (build_slab_set(work, index, slabs, list(train_ids), 3, size),
-            build_slab_set(work, index, slabs, list(val_ids), 3, size))
+    return (build_slab_set(layout, list(train_ids), 3, size), build_slab_set(layout, list(val_ids), 3, size))
 
 
 def main() -> None:

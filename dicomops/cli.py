@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from pydantic import BaseModel
@@ -25,6 +25,30 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 SectionT = TypeVar("SectionT", bound=BaseModel)
+
+
+def _flow(name: str, dask_address: str | None = None) -> Any:
+    """The Prefect flow `name`, found through the ``dicomops.flows`` entry point: the library
+    package never imports the orchestration layer that imports it."""
+    from importlib.metadata import entry_points
+
+    found = entry_points(group="dicomops", name="flows")
+    if not found:
+        console.print("[red]the flows are not installed[/]: the 'dicomops' entry point group has no 'flows'; "
+                      "reinstall the project (make venv, or pip install -e .)")
+        raise typer.Exit(2)
+    flow = next(iter(found)).load()(name, dask_address)
+
+    def call(**parameters: Any) -> Any:
+        from dicomops.errors import RegistryUnavailableError, WorkDirLockedError
+
+        try:
+            return flow(**parameters)
+        except (WorkDirLockedError, RegistryUnavailableError) as err:
+            console.print(f"[red]{name} stopped:[/] {escape(str(err))}")
+            raise typer.Exit(2) from err
+
+    return call
 
 
 def _progress(description: str, transient: bool = False) -> Progress:
@@ -127,15 +151,12 @@ def ingest(
 ) -> None:
     """Run the ingest gate: index headers, validate, check geometry, quarantine, de-identify."""
     from dicomops.errors import GateFailedError
-    from flows.ingest import ingest as ingest_flow
-    from flows.runners import on_dask
-
     if not src.is_dir():
         raise typer.BadParameter(f"{src} is not a folder of DICOM files")
     cfg = _with_overrides(_pipeline_config(config).ingest,
                           max_invalid_fraction=max_invalid_fraction, workers=workers)
     try:
-        result = on_dask(ingest_flow, cfg.dask_address)(src=src.resolve(), work=work.resolve() if work else None, config=cfg)
+        result = _flow("ingest", cfg.dask_address)(src=src.resolve(), work=work.resolve() if work else None, config=cfg)
     except GateFailedError as err:
         console.print(f"[red]gate failed:[/] {err}")
         raise typer.Exit(1) from err
@@ -150,12 +171,9 @@ def preprocess(
     config: Annotated[Path | None, typer.Option(help="PipelineConfig YAML; its preprocess section applies.")] = None,
 ) -> None:
     """Turn accepted, de-identified series into cached 1 mm volumes, image features and 2.5D slabs."""
-    from flows.preprocess import preprocess as preprocess_flow
-    from flows.runners import on_dask
-
     cfg = _with_overrides(_pipeline_config(config).preprocess, workers=workers)
     try:
-        result = on_dask(preprocess_flow, cfg.dask_address)(work=work.resolve() if work else None, config=cfg)
+        result = _flow("preprocess", cfg.dask_address)(work=work.resolve() if work else None, config=cfg)
     except ValueError as err:
         console.print(f"[red]cannot preprocess:[/] {err}")
         raise typer.Exit(2) from err
@@ -172,12 +190,10 @@ def train(
         help="Also evaluate on each vendor after training on the others (4 more trainings).")] = None,
 ) -> None:
     """Four-fold vendor-stratified cross-validation, final model, registry version, promotion gate."""
-    from flows.train import train as train_flow
-
     cfg = _pipeline_config(config)
     train_cfg = _with_overrides(cfg.train, leave_one_vendor_out=leave_one_vendor_out)
     try:
-        result = train_flow(work=work.resolve() if work else None, config=train_cfg, preprocess_config=cfg.preprocess)
+        result = _flow("train")(work=work.resolve() if work else None, config=train_cfg, preprocess_config=cfg.preprocess)
     except ValueError as err:
         console.print(f"[red]cannot train:[/] {err}")
         raise typer.Exit(2) from err
@@ -216,12 +232,11 @@ def export(
 ) -> None:
     """ONNX with parity checks, INT8, TensorRT engines where possible, and a Triton repository."""
     from dicomops.errors import ExportCheckError
-    from flows.export import export as export_flow
 
     if version and alias:
         raise typer.BadParameter("give --version or --alias, not both")
     try:
-        result = export_flow(work=work.resolve() if work else None, config=_pipeline_config(config).export,
+        result = _flow("export")(work=work.resolve() if work else None, config=_pipeline_config(config).export,
                              model_name=model_name, version=version, alias=alias)
     except ExportCheckError as err:
         console.print(f"[red]export check failed:[/] {err}")
@@ -242,14 +257,13 @@ def monitor(
                                                      "deployment trigger) or off.")] = None,
 ) -> None:
     """Drift of a new batch against the champion's training data; alert and retrain on drift."""
-    from flows.monitor import monitor as monitor_flow
 
     cfg = _pipeline_config(config)
     cfg = cfg.model_copy(update={"monitor": _with_overrides(cfg.monitor, retrain=retrain)})
     if not src.is_dir():
         raise typer.BadParameter(f"{src} is not a folder of DICOM files")
     try:
-        result = monitor_flow(src=src.resolve(), work=work.resolve() if work else None, config=cfg)
+        result = _flow("monitor")(src=src.resolve(), work=work.resolve() if work else None, config=cfg)
     except ValueError as err:
         console.print(f"[red]cannot monitor:[/] {err}")
         raise typer.Exit(2) from err
@@ -268,9 +282,8 @@ def retrain(
     config: Annotated[Path | None, typer.Option(help="PipelineConfig YAML.")] = None,
 ) -> None:
     """Retrain on the original corpus plus every monitored batch whose labels.csv has arrived."""
-    from flows.retrain import retrain as retrain_flow
 
-    result = retrain_flow(work=work.resolve() if work else None, config=_pipeline_config(config), trigger="manual")
+    result = _flow("retrain")(work=work.resolve() if work else None, config=_pipeline_config(config), trigger="manual")
     console.print(f"retrain: {escape(str(result))}")
 
 
@@ -282,13 +295,12 @@ def run(
 ) -> None:
     """Run the whole pipeline flow on SRC with the embedded defaults (or --config)."""
     from dicomops.errors import GateFailedError
-    from flows.pipeline import pipeline
 
     cfg = _pipeline_config(config)
     if not src.is_dir():
         raise typer.BadParameter(f"{src} is not a folder; generate one with 'dicomops data {src}'")
     try:
-        result = pipeline(src=src.resolve(), config=cfg, work=work.resolve() if work else None)
+        result = _flow("pipeline")(src=src.resolve(), config=cfg, work=work.resolve() if work else None)
     except GateFailedError as err:
         console.print(f"[red]gate failed:[/] {err}")
         raise typer.Exit(1) from err
@@ -302,27 +314,22 @@ def serve(
     pool: Annotated[str, typer.Option(help="Process work pool the deployments run on.")] = "dicomops",
 ) -> None:
     """Run the deployments on this machine: a Prefect server, the deployments of prefect.yaml, a worker."""
-    import time
-
-    from dicomops.serving import start
+    from dicomops.serving import interrupt_on, run_until_signal, start
 
     console.print(f"starting the Prefect server on {host}:{port}, registering deployments, starting a worker...")
-    try:
-        stack = start(Path.cwd(), host, port, pool)
-    except (RuntimeError, TimeoutError) as err:
-        console.print(f"[red]cannot serve:[/] {err}")
-        raise typer.Exit(1) from err
-    console.print(f"[green]Prefect UI[/]: {stack.ui_url}  (deployments: pipeline (manual), monitor (nightly "
-                  "02:00 UTC), retrain (on dicomops.drift.detected))")
-    console.print("MLflow UI: bash mlflow/server.sh, then http://127.0.0.1:5000. Ctrl-C stops everything.")
-    try:
-        while all(p.poll() is None for p in stack.processes):
-            time.sleep(1)
-        console.print("[red]a Prefect process exited; stopping[/]")
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stack.stop()
+    with interrupt_on():  # SIGTERM or SIGHUP while starting: start() stops what it started, as on Ctrl-C
+        try:
+            stack = start(Path.cwd(), host, port, pool)
+        except (RuntimeError, TimeoutError) as err:
+            console.print(f"[red]cannot serve:[/] {err}")
+            raise typer.Exit(1) from err
+        with stack:
+            console.print(f"[green]Prefect UI[/]: {stack.ui_url}  (deployments: pipeline (manual), monitor (nightly "
+                          "02:00 UTC), retrain (on dicomops.drift.detected))")
+            console.print("MLflow UI: bash mlflow/server.sh, then http://127.0.0.1:5000. Ctrl-C or SIGTERM stops "
+                          "everything.")
+            reason = run_until_signal(stack)
+    console.print(f"stopped ({reason})" if reason.startswith("SIG") else f"[red]{reason}; stopped the rest[/]")
 
 
 def main() -> None:

@@ -8,13 +8,14 @@ read when a flow starts by calling :func:`load_settings`, never at import time.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from dicomops.validation.suite import ExpectationSpec
+from dicomops.synthetic.sidecars import SIDECAR_PATTERNS
+from dicomops.validation.suite import ALLOWED_MODALITIES, ExpectationSpec, default_expectations
 
 SCENARIOS = ("baseline", "baseline-new", "new-vendor", "protocol-shift", "low-dose")
 Scenario = Literal["baseline", "baseline-new", "new-vendor", "protocol-shift", "low-dose"]
@@ -44,12 +45,15 @@ class SynthConfig(_Section):
 
 
 class GeometryConfig(_Section):
-    """Tolerances of the series geometry check (a series outside them is quarantined whole)."""
+    """Tolerances of the series geometry check (a series outside them is quarantined whole).
+
+    The only definition of these tolerances: ``dicomops.dicom.series`` takes this model as is.
+    """
 
     orientation: float = Field(1e-3, gt=0, description="Max difference of direction cosines.")
-    pixel_spacing_mm: float = Field(1e-3, gt=0)
+    pixel_spacing_mm: float = Field(1e-3, gt=0, description="Max difference of PixelSpacing between slices.")
     spacing_relative: float = Field(0.1, gt=0, lt=1, description="Max |step - median| / median.")
-    duplicate_mm: float = Field(1e-3, gt=0)
+    duplicate_mm: float = Field(1e-3, gt=0, description="Two slices closer than this share a position.")
     max_tilt_degrees: float = Field(0.5, ge=0)
     min_slices: int = Field(8, ge=1)
 
@@ -62,12 +66,6 @@ class DeidConfig(_Section):
         None, description="Where to write the pseudonym → PatientID key; must be outside the work dir.")
 
 
-def _default_expectations() -> list[ExpectationSpec]:
-    from dicomops.validation.suite import default_expectations
-
-    return default_expectations()
-
-
 class IngestConfig(_Section):
     """The ingest gate: header index, geometry, Great Expectations, quarantine, de-identification."""
 
@@ -75,17 +73,40 @@ class IngestConfig(_Section):
     workers: int = Field(2, ge=1, le=64)
     dask_address: str | None = Field(None, description="Run the per-file map steps on this Dask scheduler "
                                                        "(tcp://host:8786) instead of local processes.")
-    allowed_modalities: tuple[str, ...] = ("CT",)
+    allowed_modalities: tuple[str, ...] = Field(
+        ALLOWED_MODALITIES, min_length=1,
+        description="The only modality rule: the reader rejects other modalities and the Great "
+                    "Expectations suite's modality expectation is built from this list.")
     max_rows_columns: int = Field(8192, ge=16)
     max_inflated_mb: int = Field(256, ge=1, description="Bound for deflated transfer syntaxes.")
     seconds_per_file: float = Field(30.0, gt=0, description="A file taking longer is quarantined.")
     sidecars: tuple[str, ...] = Field(
-        ("labels.csv", "faults.csv", "phi.csv", "corpus.json", "masks/*.npz"),
+        SIDECAR_PATTERNS,
         description="Paths (relative to SRC, glob) of known non-image files: listed in "
                     "ingest/sidecars.csv, neither ingested nor quarantined.")
     geometry: GeometryConfig = GeometryConfig()
-    expectations: list[ExpectationSpec] = Field(default_factory=_default_expectations)
+    expectations: list[ExpectationSpec] = Field(default_factory=default_expectations)
     deid: DeidConfig = DeidConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expectations_from_modalities(cls, data: Any) -> Any:
+        """Without explicit expectations, build the default suite for the configured modalities."""
+        if isinstance(data, dict) and "expectations" not in data:
+            modalities = data.get("allowed_modalities", ALLOWED_MODALITIES)
+            if isinstance(modalities, list | tuple) and modalities:
+                return {**data, "expectations": default_expectations([str(m) for m in modalities])}
+        return data
+
+    @model_validator(mode="after")
+    def _one_modality_rule(self) -> IngestConfig:
+        for spec in self.expectations:
+            if spec.kind == "in_set" and spec.column == "Modality" \
+                    and set(spec.value_set or ()) != set(self.allowed_modalities):
+                raise ValueError(
+                    f"expectation {spec.name!r} allows Modality {spec.value_set} but allowed_modalities is "
+                    f"{list(self.allowed_modalities)}; set allowed_modalities only, the suite follows it")
+        return self
 
 
 class PreprocessConfig(_Section):
@@ -155,6 +176,9 @@ class ExportConfig(_Section):
     parity_samples: int = Field(256, ge=8, description="Validation slabs compared against the torch model.")
     parity_tolerance: float = Field(1e-4, gt=0, description="Max |Δ probability| ONNX vs torch; above it fails.")
     calibration_samples: int = Field(128, ge=8, description="Training slabs that calibrate INT8 ranges.")
+    check_fold: int = Field(0, ge=0, description=(
+        "Cross-validation fold whose training slabs calibrate INT8 and whose validation slabs check parity "
+        "and the INT8 AUC. The final model saw both: the figures measure export fidelity, not generalisation."))
     int8_max_auc_drop: float = Field(0.01, ge=0, description="Max validation AUC lost by INT8; above it fails.")
     max_batch: int = Field(32, ge=1, le=1024, description="Largest batch of the engines and of Triton.")
     preferred_batch_sizes: tuple[int, ...] = Field((8, 16, 32), description="Triton dynamic batching.")
@@ -253,6 +277,9 @@ class Settings(BaseSettings):
     deid_key: SecretStr | None = Field(
         None, description="Secret for UID remapping and pseudonyms; required outside the demo."
     )
+    work_lock_timeout_s: float = Field(
+        10.0, ge=0, description="How long a flow waits for another writer of the same work directory before "
+                                "it fails with the holder's name.")
 
 
 def load_settings() -> Settings:

@@ -15,6 +15,14 @@ class CorpusMismatchError(DicomOpsError):
     """A regenerated corpus does not reproduce the hash its DVC pointer records."""
 
 
-
 class ExportCheckError(DicomOpsError):
     """An exported model does not compute what the trained model computes (parity, INT8 accuracy)."""
+
+
+class RegistryUnavailableError(DicomOpsError):
+    """The model registry could not be read (a server down, a locked database): not the same as
+    an alias that no version holds, and never to be decided as if it were."""
+
+
+class WorkDirLockedError(DicomOpsError):
+    """Another process is writing the same work directory."""

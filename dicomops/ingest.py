@@ -26,37 +26,14 @@ from dicomops.config import IngestConfig
 from dicomops.deid.keys import KeyedMapper
 from dicomops.dicom.parallel import map_isolated
 from dicomops.dicom.reader import ReadLimits, inspect_file, list_files
-from dicomops.dicom.series import GeometryTolerance, assemble_series
+from dicomops.dicom.series import assemble_series
 from dicomops.errors import GateFailedError
+from dicomops.layout import WorkLayout
+from dicomops.synthetic.sidecars import LABELS_CSV, mask_path
 from dicomops.validation.suite import validate_table
 
 QUARANTINE_COLUMNS = ["source_path", "reason", "detail"]
 Progress = Callable[[int, int], None] | None
-
-
-@dataclass(frozen=True)
-class IngestPaths:
-    """Where each ingest output lives under the work directory."""
-
-    work: Path
-
-    @property
-    def root(self) -> Path:
-        return self.work / "ingest"
-
-    index = property(lambda self: self.root / "index.parquet")
-    index_quarantine = property(lambda self: self.root / "quarantine_headers.csv")
-    validation = property(lambda self: self.root / "validation.json")
-    expectations = property(lambda self: self.root / "expectations.csv")
-    validation_quarantine = property(lambda self: self.root / "quarantine_validation.csv")
-    instances = property(lambda self: self.root / "instances.parquet")
-    series = property(lambda self: self.root / "series.parquet")
-    geometry_quarantine = property(lambda self: self.root / "quarantine_geometry.csv")
-    quarantine = property(lambda self: self.root / "quarantine.csv")
-    accepted = property(lambda self: self.root / "accepted.parquet")
-    summary = property(lambda self: self.root / "summary.json")
-    docs = property(lambda self: self.work / "reports" / "validation")
-    deid = property(lambda self: self.work / "deid")
 
 
 def _limits(cfg: IngestConfig) -> ReadLimits:
@@ -87,9 +64,9 @@ def index_headers(src: Path, work: Path, cfg: IngestConfig, key: bytes, progress
     src = Path(src)
     if not src.is_dir():
         raise ValueError(f"{src} is not a folder; pass the folder that holds the DICOM files")
-    paths = IngestPaths(Path(work))
+    paths = WorkLayout(work).ingest
     files, sidecars = split_sidecars(list_files(src), cfg.sidecars)
-    io.write_csv(paths.root / "sidecars.csv", pd.DataFrame({"source_path": [rel for _, rel in sidecars]}))
+    io.write_csv(paths.sidecars, pd.DataFrame({"source_path": [rel for _, rel in sidecars]}))
     rows = map_isolated(inspect_file, files, args=(key, _limits(cfg)), on_failure=_failed_read,
                         workers=cfg.workers, chunk_size=128, seconds_per_item=cfg.seconds_per_file,
                         progress=progress, dask_address=cfg.dask_address)
@@ -97,13 +74,13 @@ def index_headers(src: Path, work: Path, cfg: IngestConfig, key: bytes, progress
     bad = [{k: r.get(k, "") for k in QUARANTINE_COLUMNS} for r in rows if r.get("reason") is not None]
     index = pd.DataFrame(good).drop(columns=["reason"], errors="ignore")
     io.write_csv(paths.index_quarantine, pd.DataFrame(bad, columns=QUARANTINE_COLUMNS))
-    io.write_json(paths.root / "files.json", {"files": len(files)})
+    io.write_json(paths.files, {"files": len(files)})
     return io.write_parquet(paths.index, index)
 
 
 def validate_headers(work: Path, cfg: IngestConfig) -> Path:
     """Run the expectation suite on the index; quarantine rows failing a critical expectation."""
-    paths = IngestPaths(Path(work))
+    paths = WorkLayout(work).ingest
     index = pd.read_parquet(paths.index)
     outcome = validate_table(index, list(cfg.expectations), paths.docs)
     io.write_csv(paths.expectations, outcome.table)
@@ -126,14 +103,11 @@ def validate_headers(work: Path, cfg: IngestConfig) -> Path:
 
 def assemble(work: Path, cfg: IngestConfig) -> Path:
     """Group what passed validation into series, order slices, quarantine bad geometry."""
-    paths = IngestPaths(Path(work))
+    paths = WorkLayout(work).ingest
     index = pd.read_parquet(paths.index)
     failed = set(pd.read_csv(paths.validation_quarantine).source_path)
     index = index[~index.source_path.isin(failed)]
-    g = cfg.geometry
-    result = assemble_series(index, GeometryTolerance(
-        orientation=g.orientation, pixel_spacing=g.pixel_spacing_mm, spacing_relative=g.spacing_relative,
-        duplicate_mm=g.duplicate_mm, max_tilt_degrees=g.max_tilt_degrees, min_slices=g.min_slices))
+    result = assemble_series(index, cfg.geometry)
     io.write_parquet(paths.series, result.series)
     io.write_csv(paths.geometry_quarantine, result.quarantine)
     return io.write_parquet(paths.instances, result.instances)
@@ -157,12 +131,12 @@ def apply_gate(work: Path, cfg: IngestConfig) -> GateSummary:
         GateFailedError: the quarantined share exceeds ``cfg.max_invalid_fraction``; the message
             names the most common reasons.
     """
-    paths = IngestPaths(Path(work))
+    paths = WorkLayout(work).ingest
     parts = [pd.read_csv(p, keep_default_na=False) for p in
              (paths.index_quarantine, paths.validation_quarantine, paths.geometry_quarantine)]
     quarantine = pd.concat(parts, ignore_index=True).sort_values("source_path", ignore_index=True)
     io.write_csv(paths.quarantine, quarantine[QUARANTINE_COLUMNS])
-    files = int(io.read_json(paths.root / "files.json")["files"])
+    files = int(io.read_json(paths.files)["files"])
     instances = pd.read_parquet(paths.instances)
     reasons = quarantine.reason.value_counts().to_dict()
     share = len(quarantine) / files if files else 0.0
@@ -214,7 +188,7 @@ def deidentify_corpus(src: Path, work: Path, cfg: IngestConfig, key: bytes, prog
 
     A series with any instance that fails to de-identify is quarantined whole (``deid_failed``).
     """
-    paths = IngestPaths(Path(work))
+    paths = WorkLayout(work).ingest
     instances = pd.read_parquet(paths.instances)
     instances["deid_path"] = [
         f"{p}/{s}/{i}.dcm" for p, s, i in
@@ -241,10 +215,10 @@ def deidentify_corpus(src: Path, work: Path, cfg: IngestConfig, key: bytes, prog
 
 def rekey_labels(src: Path, work: Path, key: bytes) -> Path | None:
     """Copy ``labels.csv`` and masks for accepted series, keyed by pseudonym and remapped UID."""
-    src_labels = Path(src) / "labels.csv"
+    src_labels = Path(src) / LABELS_CSV
     if not src_labels.exists():
         return None
-    paths = IngestPaths(Path(work))
+    paths = WorkLayout(work).ingest
     mapper = KeyedMapper(key)
     labels = pd.read_csv(src_labels, keep_default_na=False)
     labels["SeriesInstanceUID"] = labels.SeriesInstanceUID.map(mapper.uid)
@@ -253,7 +227,7 @@ def rekey_labels(src: Path, work: Path, key: bytes) -> Path | None:
     labels = labels[labels.SeriesInstanceUID.isin(accepted)].copy()
     new_masks = []
     for row in labels.itertuples():
-        rel = f"masks/{row.SeriesInstanceUID}.npz"
+        rel = mask_path(row.SeriesInstanceUID)
         source_mask = Path(src) / str(row.mask_path)
         if source_mask.exists():
             io.write_bytes(paths.deid / rel, source_mask.read_bytes())
@@ -263,7 +237,7 @@ def rekey_labels(src: Path, work: Path, key: bytes) -> Path | None:
     labels["mask_path"] = new_masks
     keep = ["SeriesInstanceUID", "PatientID", "vendor", "label", "nodule_count",
             "nodule_diameters_mm", "nodules", "scenario", "mask_path"]
-    return io.write_csv(paths.deid / "labels.csv", labels[[c for c in keep if c in labels]])
+    return io.write_csv(paths.deid / LABELS_CSV, labels[[c for c in keep if c in labels]])
 
 
 def write_reid_key(src: Path, work: Path, cfg: IngestConfig, key: bytes) -> Path | None:
@@ -276,7 +250,7 @@ def write_reid_key(src: Path, work: Path, cfg: IngestConfig, key: bytes) -> Path
         raise ValueError(f"reid_key_path {target} is inside the work directory {work}; choose a "
                          "location outside it (the work directory must stay free of PHI)")
     mapper = KeyedMapper(key)
-    labels = Path(src) / "labels.csv"
+    labels = Path(src) / LABELS_CSV
     ids = sorted(set(pd.read_csv(labels, keep_default_na=False).PatientID)) if labels.exists() else []
     frame = pd.DataFrame({"pseudonym": [mapper.pseudonym(i) for i in ids], "PatientID": ids})
     io.write_csv(target, frame)
@@ -301,14 +275,14 @@ def run(src: Path, work: Path, cfg: IngestConfig, key: bytes) -> GateSummary:
 
 def reset(work: Path) -> None:
     """Remove the outputs of an earlier ingest in `work` (a new batch replaces them whole)."""
-    paths = IngestPaths(Path(work))
+    paths = WorkLayout(work).ingest
     for folder in (paths.root, paths.deid, paths.docs):
         shutil.rmtree(folder, ignore_errors=True)
 
 
 def ingest_metrics(work: Path) -> dict[str, float]:
     """Numbers worth a metric: counts, shares, validation success, per-reason counts."""
-    paths = IngestPaths(Path(work))
+    paths = WorkLayout(work).ingest
     summary = io.read_json(paths.summary)
     metrics = {
         "ingest.files": float(summary["files"]),
@@ -331,7 +305,7 @@ def plot_ingest(work: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = IngestPaths(Path(work))
+    paths = WorkLayout(work).ingest
     summary = io.read_json(paths.summary)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     reasons = summary["reasons"] or {"(none)": 0}
@@ -346,7 +320,7 @@ def plot_ingest(work: Path) -> Path:
     axes[1].set_title(f"Accepted series per manufacturer ({summary['accepted_series']})")
     axes[1].tick_params(axis="x", rotation=20)
     fig.tight_layout()
-    out = paths.root / "ingest_summary.png"
+    out = paths.picture
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out

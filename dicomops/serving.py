@@ -2,17 +2,89 @@
 ``prefect.yaml`` registered with it, and a process worker on the ``dicomops`` pool.
 
 Prefect is driven through its CLI in subprocesses (the library itself never imports Prefect).
+Each of those processes leads its own process group, and stopping the stack stops the whole group
+and every descendant: ``prefect server start`` runs the API in a uvicorn child, and the worker runs
+each flow in a child of its own, so terminating only the direct children would orphan those.
+Ctrl-C, SIGTERM (systemd, ``docker stop``, ``kill``) and SIGHUP (a closed terminal) all stop the
+stack the same way; see :func:`run_until_signal`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
+from typing import IO, Any, cast
+
+# The signals that mean "stop" besides Ctrl-C's SIGINT (SIGHUP does not exist on Windows).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _family(pid: int) -> list[int]:
+    """Every other live process that `pid` started: its descendants and the members of the process
+    group it leads; empty where /proc is not available.
+
+    Both are needed. A child may start a session of its own (Prefect's worker does so for each flow
+    run), and then only the parent links make it ours; a child whose parent died before us was
+    re-parented, and then only its group does.
+    """
+    children: dict[int, list[int]] = {}
+    members: list[int] = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit() or int(entry.name) == pid:
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                    # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses
+                    _, ppid, pgrp = stat.read().rsplit(b")", 1)[1].split()[:3]
+            except (OSError, ValueError):
+                continue  # exited meanwhile
+            children.setdefault(int(ppid), []).append(int(entry.name))
+            if int(pgrp) == pid:
+                members.append(int(entry.name))
+    found, queue = [], list(children.get(pid, []))
+    while queue:
+        child = queue.pop(0)
+        found.append(child)
+        queue.extend(children.get(child, []))
+    return found + [m for m in members if m not in found]
+
+
+def _signal_tree(process: subprocess.Popen[bytes], pids: Sequence[int], sig: int) -> None:
+    """Send `sig` to the process group `process` leads and to each of `pids`."""
+    try:
+        if hasattr(os, "killpg"):
+            os.killpg(process.pid, sig)  # the group outlives its leader while members remain
+        elif process.poll() is None:
+            process.send_signal(sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"  # a zombie has stopped
+    except (OSError, IndexError):
+        return True  # no /proc: alive as far as we can tell
 
 
 @dataclass
@@ -20,16 +92,106 @@ class Stack:
     api_url: str
     ui_url: str
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    _stopped: set[int] = field(default_factory=set, repr=False)  # their group ids may be reused now
 
-    def stop(self) -> None:
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def spawn(self, args: Sequence[str], env: dict[str, str] | None = None, cwd: Path | None = None,
+              out: IO[bytes] | None = None) -> subprocess.Popen[bytes]:
+        """Start `args` as the leader of a new session and process group, and add it to the stack.
+
+        Its own group means a Ctrl-C in the terminal reaches only us, so the stack stops in order
+        (worker first), and :meth:`stop` can signal everything the process started.
+        """
+        process = subprocess.Popen(list(args), env=env, cwd=cwd, stdout=out, stderr=out, start_new_session=True)
+        self.processes.append(process)
+        return process
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the processes, the last started first, each with everything it started.
+
+        SIGTERM goes to the process's group and to each of its descendants; whatever still runs
+        after `timeout` seconds gets SIGKILL. Safe to call more than once.
+        """
         for process in reversed(self.processes):
-            if process.poll() is None:
-                process.terminate()
-        for process in reversed(self.processes):
+            if process.pid in self._stopped:
+                continue
+            family = _family(process.pid)  # read first: orphans lose the link to us
+            _signal_tree(process, family, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=timeout)
+            while any(_running(pid) for pid in family) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if process.poll() is None or any(_running(pid) for pid in family):
+                kill = getattr(signal, "SIGKILL", signal.SIGTERM)
+                _signal_tree(process, family + _family(process.pid), kill)
+                process.wait()
+            self._stopped.add(process.pid)
+
+
+class Interrupts:
+    """A signal handler that raises KeyboardInterrupt, as Ctrl-C does, for the first signal only
+    while `armed`; every signal is recorded in `received`."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.armed = True
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.received.append(signum)
+        if self.armed:
+            self.armed = False
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def interrupt_on(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[Interrupts]:
+    """Inside the block, the first of `signals` raises KeyboardInterrupt, as Ctrl-C does, so the
+    clean-up a Ctrl-C runs (``finally``, ``except BaseException``) runs for it too; later ones are
+    recorded and ignored, so they cannot cut that clean-up short. The previous handlers come back
+    when the block ends.
+
+    Only the main thread can install handlers; elsewhere the block changes nothing.
+    """
+    interrupts = Interrupts()
+    previous: dict[int, Any] = {}
+    try:
+        for sig in signals:
             try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+                previous[sig] = signal.signal(sig, interrupts)
+            except ValueError:  # not the main thread
+                break
+        yield interrupts
+    finally:
+        interrupts.armed = False
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_until_signal(stack: Stack, poll: float = 1.0) -> str:
+    """Wait while every process of `stack` runs; then stop the stack and return why.
+
+    It stops on Ctrl-C, on SIGTERM and SIGHUP (systemd, ``docker stop``, ``kill``, a closed
+    terminal) alike, and when one of its processes exits. Signals that arrive while the stack
+    stops are ignored; the handlers installed before come back before this returns.
+    """
+    with interrupt_on((signal.SIGINT, *STOP_SIGNALS)) as interrupts:
+        try:
+            while (exited := next((p for p in stack.processes if p.poll() is not None), None)) is None:
+                time.sleep(poll)
+            command = " ".join(cast(list[str], exited.args)[3:5])  # "server start" or "worker start"
+            reason = f"a Prefect process exited (prefect {command}, code {exited.returncode})"
+        except KeyboardInterrupt:
+            reason = signal.Signals(interrupts.received[0]).name if interrupts.received else "SIGINT"
+        finally:
+            interrupts.armed = False
+            stack.stop()
+    return reason
 
 
 def _prefect(*args: str) -> list[str]:
@@ -59,8 +221,7 @@ def start(project: Path, host: str = "127.0.0.1", port: int = 4200, pool: str = 
     out = open(log, "ab") if log else None  # noqa: SIM115 (lives as long as the processes)
     stack = Stack(api_url, ui_url)
     try:
-        stack.processes.append(subprocess.Popen(_prefect("server", "start", "--host", host, "--port", str(port)),
-                                                env=env, cwd=project, stdout=out, stderr=out))
+        stack.spawn(_prefect("server", "start", "--host", host, "--port", str(port)), env, project, out)
         wait_healthy(api_url)
         # One CPU-heavy task (training, preprocessing) at a time on this machine, whatever the flows.
         subprocess.run(_prefect("concurrency-limit", "create", "cpu-heavy", str(cpu_heavy_limit)), env=env, cwd=project,
@@ -71,8 +232,7 @@ def start(project: Path, host: str = "127.0.0.1", port: int = 4200, pool: str = 
             if result.returncode != 0:
                 raise RuntimeError(f"prefect {' '.join(args)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
         if worker:
-            stack.processes.append(subprocess.Popen(_prefect("worker", "start", "--pool", pool), env=env,
-                                                    cwd=project, stdout=out, stderr=out))
+            stack.spawn(_prefect("worker", "start", "--pool", pool), env, project, out)
     except BaseException:
         stack.stop()
         raise

@@ -14,34 +14,61 @@ what is on disk, so a deleted or edited work directory would still be a cache hi
 from __future__ import annotations
 
 import hashlib
-import inspect
+import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from dicomops import io
+from dicomops.layout import WorkLayout
+
+# The code each stage runs, by module or package name (a package counts with every module under it).
+# The same names key a stage's completion record and the per-item caches inside the stage, so a
+# change to that code re-runs the stage and recomputes its entries: there is no version to bump.
+STAGE_CODE: dict[str, tuple[str, ...]] = {
+    "ingest": ("dicomops.ingest", "dicomops.dicom", "dicomops.deid", "dicomops.validation"),
+    "preprocess": ("dicomops.preprocessing", "dicomops.dicom.fastheader"),
+    "train": ("dicomops.training", "dicomops.tracking", "dicomops.monitoring"),
+    "export": ("dicomops.export",),
+}
 
 
-def code_hash(*modules: ModuleType) -> str:
-    """sha256 over the source of `modules` (a package counts with every module file under it)."""
+def stage_modules(stage: str) -> tuple[str, ...]:
+    """The module names whose source keys `stage`."""
+    if stage not in STAGE_CODE:
+        raise ValueError(f"unknown stage {stage!r}; one of {', '.join(STAGE_CODE)}")
+    return STAGE_CODE[stage]
+
+
+def _source_files(name: str) -> list[Path]:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise ValueError(f"cannot find the source of module {name!r}")
+    origin = Path(spec.origin)
+    return sorted(origin.parent.rglob("*.py")) if origin.name == "__init__.py" else [origin]
+
+
+def code_hash(*modules: str) -> str:
+    """sha256 over the source of the named modules (a package counts with every module file under
+    it), found without importing them."""
     digest = hashlib.sha256()
-    for module in modules:
-        origin = Path(inspect.getfile(module))
-        files = sorted(origin.parent.rglob("*.py")) if origin.name == "__init__.py" else [origin]
-        for path in files:
-            digest.update(str(path.relative_to(origin.parent.parent)).encode())
+    root = Path(_source_files("dicomops")[0]).parent.parent
+    for name in modules:
+        for path in _source_files(name):
+            digest.update(str(path.relative_to(root) if path.is_relative_to(root) else path.name).encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
-def stage_key(stage: str, inputs: dict[str, Any], modules: tuple[ModuleType, ...]) -> str:
-    blob = json.dumps({"stage": stage, "inputs": inputs, "code": code_hash(*modules)}, sort_keys=True, default=str)
+def stage_key(stage: str, inputs: dict[str, Any]) -> str:
+    """The key of a stage's completion record: its inputs (content hashes, settings) and its code."""
+    blob = json.dumps({"stage": stage, "inputs": inputs, "code": code_hash(*stage_modules(stage))},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _path(work: Path, stage: str) -> Path:
-    return Path(work) / ".stages" / f"{stage}.json"
+    return WorkLayout(work).stage_record(stage)
 
 
 def completed(work: Path, stage: str, key: str) -> dict[str, Any] | None:
@@ -59,5 +86,8 @@ def clear(work: Path, stage: str) -> None:
     _path(work, stage).unlink(missing_ok=True)
 
 
-def mark_done(work: Path, stage: str, key: str, result: dict[str, Any], outputs: list[str]) -> None:
-    io.write_json(_path(work, stage), {"key": key, "result": result, "outputs": outputs})
+def mark_done(work: Path, stage: str, key: str, result: dict[str, Any], outputs: list[Path] | None = None) -> None:
+    """Record `stage` as finished with `key`; `outputs` default to the layout's list for the stage."""
+    layout = WorkLayout(work)
+    paths = outputs if outputs is not None else layout.stage_outputs(stage)
+    io.write_json(_path(work, stage), {"key": key, "result": result, "outputs": [layout.relative(p) for p in paths]})

@@ -8,6 +8,7 @@ from prefect import flow
 
 from dicomops.config import ExportConfig, load_settings
 from dicomops.export.stage import describe, summary_line
+from flows.scope import writing
 from tasks import export as t
 from tasks import stages
 
@@ -24,14 +25,15 @@ def export(work: Path | None = None, config: ExportConfig = ExportConfig(),
     stage = f"export-{ref.name}-v{ref.version}"
     key = stages.stage_key("export", {"model": ref.name, "version": ref.version, "run": ref.run_id,
                                       "config": config.model_dump(mode="json")})
-    if (cached := stages.completed(work, stage, key)) is not None:
-        print(f"export: {ref.name} version {ref.version} already exported and checked with these settings; skipped")
-        return {**cached, "skipped": True}
-    stages.started(work, stage)
-    report = t.export_and_check(work, uri, ref, config)
-    t.attach(uri, ref, report)
-    print(summary_line(report))
-    result = describe(report)
-    manifest = (Path(report.folder) / "manifest.json").resolve().relative_to(Path(work).resolve())
-    stages.done(work, stage, key, result, [str(manifest)])
+    with writing(work, "dicomops-export", settings):
+        if (cached := stages.completed(work, stage, key)) is not None:
+            print(f"export: {ref.name} version {ref.version} already exported and checked with these settings; "
+                  "skipped")
+            return {**cached, "skipped": True}
+        stages.started(work, stage)
+        report = t.export_and_check(work, uri, ref, config)
+        t.attach(uri, ref, report)
+        print(summary_line(report))
+        result = describe(report)
+        stages.done(work, stage, key, result, [Path(report.folder) / "manifest.json"])
     return {**result, "skipped": False}

@@ -9,9 +9,10 @@ from prefect import flow
 from dicomops.config import IngestConfig, load_settings
 from dicomops.errors import GateFailedError
 from dicomops.tracking import flatten_params
+from flows.scope import tracked, writing
 from tasks import ingest as t
 from tasks import stages
-from tasks.tracking import close_run, hash_corpus, log_ingest, open_run
+from tasks.tracking import hash_corpus, log_ingest, open_run
 
 
 @flow(name="dicomops-ingest", log_prints=True)
@@ -24,31 +25,30 @@ def ingest(src: Path, work: Path | None = None, config: IngestConfig = IngestCon
     data_hash = hash_corpus(src)
     runtime = {"workers", "dask_address"}  # where the work runs does not change what it produces
     key = stages.stage_key("ingest", {"data": data_hash, "config": config.model_dump(mode="json", exclude=runtime)})
-    if (cached := stages.completed(work, "ingest", key)) is not None:
-        print(f"ingest: {src} and the settings are unchanged since the last run; skipped")
-        return {**cached, "skipped": True}
-    stages.started(work, "ingest")
-    run_id = open_run(uri, experiment, settings.mlflow_artifact_root, "ingest", data_hash,
-                      flatten_params({"ingest": config.model_dump(mode="json", exclude={"expectations"})}),
-                      parent_run_id)
-    t.reset_ingest(work)
-    t.index_headers.submit(src, work, config).result()  # on the flow's task runner (Dask when set)
-    t.validate_headers(work, config)
-    t.assemble_series(work, config)
-    try:
-        gate = t.apply_gate(work, config)
-    except GateFailedError:
-        log_ingest(uri, run_id, work)
-        close_run(uri, run_id, "FAILED")
-        raise
-    t.deidentify_corpus.submit(src, work, config).result()
-    t.rekey_labels(src, work, config)
-    log_ingest(uri, run_id, work)
-    close_run(uri, run_id)
-    print(f"ingest: {gate.accepted_files} files in {gate.accepted_series} series accepted, "
-          f"{gate.quarantined_files} quarantined ({gate.quarantined_share:.1%})")
-    result: dict[str, object] = {"mlflow_run_id": run_id, "accepted_series": gate.accepted_series,
-                                 "quarantined_files": gate.quarantined_files, "work": str(work)}
-    stages.done(work, "ingest", key, result, ["ingest/accepted.parquet", "ingest/summary.json", "deid"])
+    with writing(work, "dicomops-ingest", settings):
+        if (cached := stages.completed(work, "ingest", key)) is not None:
+            print(f"ingest: {src} and the settings are unchanged since the last run; skipped")
+            return {**cached, "skipped": True}
+        stages.started(work, "ingest")
+        run_id = open_run(uri, experiment, settings.mlflow_artifact_root, "ingest", data_hash,
+                          flatten_params({"ingest": config.model_dump(mode="json", exclude={"expectations"})}),
+                          parent_run_id)
+        with tracked(uri, run_id):
+            t.reset_ingest(work)
+            t.index_headers.submit(src, work, config).result()  # on the flow's task runner (Dask when set)
+            t.validate_headers(work, config)
+            t.assemble_series(work, config)
+            try:
+                gate = t.apply_gate(work, config)
+            except GateFailedError:
+                log_ingest(uri, run_id, work)  # the quarantine and its reasons, for whoever fixes the batch
+                raise
+            t.deidentify_corpus.submit(src, work, config).result()
+            t.rekey_labels(src, work, config)
+            log_ingest(uri, run_id, work)
+        print(f"ingest: {gate.accepted_files} files in {gate.accepted_series} series accepted, "
+              f"{gate.quarantined_files} quarantined ({gate.quarantined_share:.1%})")
+        result: dict[str, object] = {"mlflow_run_id": run_id, "accepted_series": gate.accepted_series,
+                                     "quarantined_files": gate.quarantined_files, "work": str(work)}
+        stages.done(work, "ingest", key, result)
     return {**result, "skipped": False}
-

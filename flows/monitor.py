@@ -14,8 +14,9 @@ from flows.ingest import ingest
 from flows.preprocess import preprocess
 from flows.retrain import retrain
 from flows.runners import on_dask
+from flows.scope import tracked, writing
 from tasks import monitor as t
-from tasks.tracking import close_run, hash_corpus, open_run
+from tasks.tracking import hash_corpus, open_run
 
 
 @flow(name="dicomops-monitor", log_prints=True)
@@ -27,33 +28,29 @@ def monitor(src: Path, work: Path | None = None, config: PipelineConfig = Pipeli
     serving = t.load_serving_model(uri, config.train.model_name, cfg.alias)
     data_hash = hash_corpus(src)
     batch_id = data_hash.removesuffix(".dir")[:12]
-    t.record_batch(work, batch_id, src)
-    batch_work = work / "monitoring" / "batches" / batch_id
-    run_id = open_run(uri, cfg.experiment, settings.mlflow_artifact_root, "monitor", data_hash,
-                      {"monitor": cfg.model_dump(mode="json")})
-    try:
-        t.tag_run(uri, run_id, {"stage": "monitor", "model": serving.name, "model_version": serving.version,
-                                "model_alias": cfg.alias, "batch_id": batch_id})
-        try:
-            on_dask(ingest, config.ingest.dask_address)(
-                src, batch_work, config.ingest, cfg.experiment, parent_run_id=run_id)
-            on_dask(preprocess, config.preprocess.dask_address)(
-                batch_work, config.preprocess, cfg.experiment, parent_run_id=run_id)
-        except GateFailedError as err:
-            print(f"monitor: the batch failed the ingest gate ({err}); judged on its quarantine alone")
-        current = t.batch_features(batch_work, uri, serving)
-        summary = t.compare(serving, current, batch_work, cfg, t.reference_quarantine_share(uri, serving))
-        t.log_monitoring(uri, run_id, summary, batch_work, cfg, serving.name)
-    except BaseException:
-        close_run(uri, run_id, "FAILED")
-        raise
-    close_run(uri, run_id)
-    print(f"monitor {serving.name} v{serving.version}, batch {batch_id}: {describe(summary)}")
-    result: dict[str, object] = {"status": summary.status, "drift_share": summary.drift_share,
-                                 "drifted_columns": summary.drifted_columns, "monitoring_run_id": run_id,
-                                 "batch_id": batch_id, "retrain": None}
-    if summary.drift:
-        t.raise_alert(work, summary, serving, run_id, batch_id, cfg)
-        if cfg.retrain == "subflow":
-            result["retrain"] = retrain(work=work, config=config, trigger="drift", monitoring_run_id=run_id)
+    with writing(work, "dicomops-monitor", settings):
+        batch_work = t.record_batch(work, batch_id, src)
+        run_id = open_run(uri, cfg.experiment, settings.mlflow_artifact_root, "monitor", data_hash,
+                          {"monitor": cfg.model_dump(mode="json")})
+        with tracked(uri, run_id):
+            t.tag_run(uri, run_id, {"stage": "monitor", "model": serving.name, "model_version": serving.version,
+                                    "model_alias": cfg.alias, "batch_id": batch_id})
+            try:
+                on_dask(ingest, config.ingest.dask_address)(
+                    src, batch_work, config.ingest, cfg.experiment, parent_run_id=run_id)
+                on_dask(preprocess, config.preprocess.dask_address)(
+                    batch_work, config.preprocess, cfg.experiment, parent_run_id=run_id)
+            except GateFailedError as err:
+                print(f"monitor: the batch failed the ingest gate ({err}); judged on its quarantine alone")
+            current = t.batch_features(batch_work, uri, serving)
+            summary = t.compare(serving, current, batch_work, cfg, t.reference_quarantine_share(uri, serving))
+            t.log_monitoring(uri, run_id, summary, batch_work, cfg, serving.name)
+        print(f"monitor {serving.name} v{serving.version}, batch {batch_id}: {describe(summary)}")
+        result: dict[str, object] = {"status": summary.status, "drift_share": summary.drift_share,
+                                     "drifted_columns": summary.drifted_columns, "monitoring_run_id": run_id,
+                                     "batch_id": batch_id, "retrain": None}
+        if summary.drift:
+            t.raise_alert(work, summary, serving, run_id, batch_id, cfg)
+            if cfg.retrain == "subflow":
+                result["retrain"] = retrain(work=work, config=config, trigger="drift", monitoring_run_id=run_id)
     return result

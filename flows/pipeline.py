@@ -12,8 +12,9 @@ from flows.export import export
 from flows.ingest import ingest
 from flows.preprocess import preprocess
 from flows.runners import on_dask
+from flows.scope import tracked, writing
 from flows.train import train
-from tasks.tracking import close_run, hash_corpus, log_input_counts, open_run
+from tasks.tracking import hash_corpus, log_input_counts, open_run
 
 
 @flow(name="dicomops-pipeline", log_prints=True)
@@ -23,20 +24,17 @@ def pipeline(src: Path, config: PipelineConfig = PipelineConfig(), work: Path | 
     work = Path(work or settings.work_dir)
     uri = settings.mlflow_tracking_uri
     data_hash = hash_corpus(src)
-    run_id = open_run(uri, config.experiment, settings.mlflow_artifact_root, "pipeline", data_hash,
-                      flatten_params(config.model_dump(mode="json")))
-    try:
-        log_input_counts(uri, run_id, src)
-        gate = on_dask(ingest, config.ingest.dask_address)(
-            src, work, config.ingest, config.experiment, parent_run_id=run_id)
-        prepared = on_dask(preprocess, config.preprocess.dask_address)(
-            work, config.preprocess, config.experiment, parent_run_id=run_id)
-        trained = train(work, config.train, config.preprocess, config.experiment, parent_run_id=run_id)
-        exported = export(work, config.export, config.train.model_name, version=str(trained["version"]))
-    except BaseException:
-        close_run(uri, run_id, "FAILED")
-        raise
-    close_run(uri, run_id)
+    with writing(work, "dicomops-pipeline", settings):
+        run_id = open_run(uri, config.experiment, settings.mlflow_artifact_root, "pipeline", data_hash,
+                          flatten_params(config.model_dump(mode="json")))
+        with tracked(uri, run_id):
+            log_input_counts(uri, run_id, src)
+            gate = on_dask(ingest, config.ingest.dask_address)(
+                src, work, config.ingest, config.experiment, parent_run_id=run_id)
+            prepared = on_dask(preprocess, config.preprocess.dask_address)(
+                work, config.preprocess, config.experiment, parent_run_id=run_id)
+            trained = train(work, config.train, config.preprocess, config.experiment, parent_run_id=run_id)
+            exported = export(work, config.export, config.train.model_name, version=str(trained["version"]))
     return {"mlflow_run_id": run_id, "data_dvc_md5": data_hash, "work": str(work),
             "ingest_run_id": str(gate["mlflow_run_id"]), "accepted_series": str(gate["accepted_series"]),
             "preprocess_run_id": str(prepared["mlflow_run_id"]), "train_run_id": str(trained["mlflow_run_id"]),

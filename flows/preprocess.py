@@ -8,9 +8,10 @@ from prefect import flow
 
 from dicomops.config import PreprocessConfig, load_settings
 from dicomops.tracking import flatten_params
+from flows.scope import tracked, writing
 from tasks import stages
 from tasks.preprocess import hash_accepted_corpus, preprocess_series
-from tasks.tracking import close_run, log_preprocess, open_run
+from tasks.tracking import log_preprocess, open_run
 
 
 @flow(name="dicomops-preprocess", log_prints=True)
@@ -20,27 +21,23 @@ def preprocess(work: Path | None = None, config: PreprocessConfig = PreprocessCo
     settings = load_settings()
     work = Path(work or settings.work_dir)
     uri = settings.mlflow_tracking_uri
-    corpus_hash = hash_accepted_corpus(work)
-    runtime = {"workers", "dask_address"}  # where the work runs does not change what it produces
-    key = stages.stage_key("preprocess", {"corpus": corpus_hash,
-                                          "config": config.model_dump(mode="json", exclude=runtime)})
-    if (cached := stages.completed(work, "preprocess", key)) is not None:
-        print("preprocess: the accepted corpus and the settings are unchanged since the last run; skipped")
-        return {**cached, "skipped": True}
-    stages.started(work, "preprocess")
-    run_id = open_run(uri, experiment, settings.mlflow_artifact_root, "preprocess",
-                      corpus_hash, flatten_params({"preprocess": config.model_dump(mode="json")}),
-                      parent_run_id)
-    try:
-        summary = preprocess_series.submit(work, config).result()  # on the flow's task runner
-        log_preprocess(uri, run_id, work, summary)
-    except BaseException:
-        close_run(uri, run_id, "FAILED")
-        raise
-    close_run(uri, run_id)
-    print(f"preprocess: {summary['computed']} series computed, {summary['cached']} from cache, "
-          f"{summary['failed']} failed")
-    result: dict[str, object] = {"mlflow_run_id": run_id, **summary, "work": str(work)}
-    stages.done(work, "preprocess", key, result, ["preprocessed/index.parquet", "preprocessed/features.parquet",
-                                                  "preprocessed/slabs.parquet"])
+    with writing(work, "dicomops-preprocess", settings):
+        corpus_hash = hash_accepted_corpus(work)
+        runtime = {"workers", "dask_address"}  # where the work runs does not change what it produces
+        key = stages.stage_key("preprocess", {"corpus": corpus_hash,
+                                              "config": config.model_dump(mode="json", exclude=runtime)})
+        if (cached := stages.completed(work, "preprocess", key)) is not None:
+            print("preprocess: the accepted corpus and the settings are unchanged since the last run; skipped")
+            return {**cached, "skipped": True}
+        stages.started(work, "preprocess")
+        run_id = open_run(uri, experiment, settings.mlflow_artifact_root, "preprocess",
+                          corpus_hash, flatten_params({"preprocess": config.model_dump(mode="json")}),
+                          parent_run_id)
+        with tracked(uri, run_id):
+            summary = preprocess_series.submit(work, config).result()  # on the flow's task runner
+            log_preprocess(uri, run_id, work, summary)
+        print(f"preprocess: {summary['computed']} series computed, {summary['cached']} from cache, "
+              f"{summary['failed']} failed")
+        result: dict[str, object] = {"mlflow_run_id": run_id, **summary, "work": str(work)}
+        stages.done(work, "preprocess", key, result)
     return {**result, "skipped": False}

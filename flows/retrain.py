@@ -10,14 +10,15 @@ from prefect import flow
 
 from dicomops.config import PipelineConfig, load_settings
 from dicomops.monitoring import guard
-from dicomops.monitoring.stage import combine_sources, labelled_sources
+from dicomops.monitoring.stage import combine_sources, labelled_sources, retrain_folders
 from flows.export import export
 from flows.ingest import ingest
 from flows.preprocess import preprocess
 from flows.runners import on_dask
+from flows.scope import tracked, writing
 from flows.train import train
 from tasks.monitor import tag_run
-from tasks.tracking import close_run, hash_corpus, open_run
+from tasks.tracking import hash_corpus, open_run
 
 
 @flow(name="dicomops-retrain", log_prints=True)
@@ -33,7 +34,7 @@ def retrain(work: Path | None = None, config: PipelineConfig = PipelineConfig(),
         print(f"retrain {verdict.reason}")
         return {"status": "skipped", "reason": verdict.reason}
     try:
-        with guard.retrain_lock(work):
+        with writing(work, "dicomops-retrain", settings), guard.retrain_lock(work):
             if trigger == "drift":
                 guard.record_start(work, name, monitoring_run_id)
             return _retrain(work, config, uri, settings.mlflow_artifact_root, trigger, monitoring_run_id)
@@ -45,12 +46,12 @@ def retrain(work: Path | None = None, config: PipelineConfig = PipelineConfig(),
 def _retrain(work: Path, config: PipelineConfig, uri: str, artifact_root: Path | None, trigger: str,
              monitoring_run_id: str) -> dict[str, object]:
     sources = labelled_sources(work, config.monitor.training_source)
-    src = combine_sources(sources, work / "retrain" / "src")
-    retrain_work = work / "retrain" / "work"
+    src, retrain_work = retrain_folders(work)
+    src = combine_sources(sources, src)
     cause = {"trigger": trigger, "monitoring_run_id": monitoring_run_id, "retrain.sources": str(len(sources))}
     run_id = open_run(uri, config.experiment, artifact_root, "retrain", hash_corpus(src),
                       {"retrain.sources": len(sources), "retrain.trigger": trigger})
-    try:
+    with tracked(uri, run_id):
         tag_run(uri, run_id, cause)
         on_dask(ingest, config.ingest.dask_address)(
             src, retrain_work, config.ingest, config.experiment, parent_run_id=run_id)
@@ -59,10 +60,6 @@ def _retrain(work: Path, config: PipelineConfig, uri: str, artifact_root: Path |
         trained = train(retrain_work, config.train, config.preprocess, config.experiment, parent_run_id=run_id,
                         run_tags=cause)
         exported = export(retrain_work, config.export, config.train.model_name, version=str(trained["version"]))
-    except BaseException:
-        close_run(uri, run_id, "FAILED")
-        raise
-    close_run(uri, run_id)
     print(f"retrain ({trigger}): version {trained['version']} from {len(sources)} labelled source(s), "
           f"{'promoted' if trained['promoted'] else 'awaiting review'}; tensorrt: {exported['tensorrt']}")
     return {"status": "retrained", "mlflow_run_id": run_id, "version": trained["version"],

@@ -17,3 +17,18 @@ def on_dask(flow: F, address: str | None) -> F:
 
     result: Any = flow.with_options(task_runner=DaskTaskRunner(address=address))  # type: ignore[attr-defined]
     return result
+
+
+FLOWS = {name: f"flows.{name}:{name}" for name in
+         ("ingest", "preprocess", "train", "export", "monitor", "retrain", "pipeline")}
+
+
+def load_flow(name: str, dask_address: str | None = None) -> Any:
+    """The flow `name` (on Dask when `dask_address` is set): what the CLI calls through the
+    ``dicomops.flows`` entry point, so that the library never imports this package."""
+    import importlib
+
+    if name not in FLOWS:
+        raise ValueError(f"unknown flow {name!r}; one of {', '.join(FLOWS)}")
+    module, attribute = FLOWS[name].split(":")
+    return on_dask(getattr(importlib.import_module(module), attribute), dask_address)

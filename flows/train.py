@@ -8,10 +8,10 @@ from prefect import flow
 
 from dicomops.config import PreprocessConfig, TrainConfig, load_settings
 from dicomops.tracking import flatten_params
+from flows.scope import tracked, writing
 from tasks import stages
 from tasks import train as t
 from tasks.preprocess import hash_accepted_corpus
-from tasks.tracking import close_run
 
 
 @flow(name="dicomops-train", log_prints=True)
@@ -23,36 +23,36 @@ def train(work: Path | None = None, config: TrainConfig = TrainConfig(),
     work = Path(work or settings.work_dir)
     uri = settings.mlflow_tracking_uri
     k = preprocess_config.slab_slices
-    _, split_hash = t.prepare_splits(work, config)
-    data_hash = hash_accepted_corpus(work)
-    key = stages.stage_key("train", {"data": data_hash, "split": split_hash, "train": config.model_dump(mode="json"),
-                                     "preprocess": preprocess_config.model_dump(mode="json"),
-                                     "tags": run_tags or {}})
-    if (cached := stages.completed(work, "train", key)) is not None:
-        print(f"train: data, split, settings and code unchanged; version {cached['version']} stands, skipped")
-        return {**cached, "skipped": True}
-    stages.started(work, "train")
-    params = flatten_params({"train": config.model_dump(mode="json"), "preprocess": preprocess_config.model_dump(mode="json")})
-    run_id = t.open_training_run(work, config, preprocess_config, split_hash, data_hash, uri, experiment,
-                                 settings.mlflow_artifact_root, params, parent_run_id, run_tags or {})
-    try:
-        for fold in range(config.n_splits):
-            t.train_fold(work, config, k, fold, uri)
-        summary = t.summarise_cv(work, config, uri)
-        if config.leave_one_vendor_out:
-            summary["lovo_auc"] = t.leave_one_vendor_out(work, config, k, uri)
-        t.train_final_model(work, config, k, uri)
-        version = t.register_model(work, config, preprocess_config, uri, data_hash, split_hash, run_tags or {})
-        t.store_reference(work, uri, config.model_name, version)
-        decision = t.promotion_gate(uri, config, version)
-    except BaseException:
-        close_run(uri, run_id, "FAILED")
-        raise
-    close_run(uri, run_id)
-    print(f"train: mean CV AUC {summary['mean_auc']:.3f} ± {summary['std_auc']:.3f}; version {version} "
-          f"{'promoted to champion' if decision['promoted'] else 'awaits review'}: {'; '.join(decision['reasons'])}")
-    result: dict[str, object] = {"mlflow_run_id": run_id, "version": version, "mean_auc": summary["mean_auc"],
-                                 "vendor_auc": summary["vendor_auc"], "promoted": decision["promoted"],
-                                 "work": str(work), "lovo_auc": summary.get("lovo_auc", {})}
-    stages.done(work, "train", key, result, ["train/summary.json", "train/final/model.pt"])
+    with writing(work, "dicomops-train", settings):
+        _, split_hash = t.prepare_splits(work, config)
+        data_hash = hash_accepted_corpus(work)
+        key = stages.stage_key("train", {"data": data_hash, "split": split_hash,
+                                         "train": config.model_dump(mode="json"),
+                                         "preprocess": preprocess_config.model_dump(mode="json"),
+                                         "tags": run_tags or {}})
+        if (cached := stages.completed(work, "train", key)) is not None:
+            print(f"train: data, split, settings and code unchanged; version {cached['version']} stands, skipped")
+            return {**cached, "skipped": True}
+        stages.started(work, "train")
+        params = flatten_params({"train": config.model_dump(mode="json"),
+                                 "preprocess": preprocess_config.model_dump(mode="json")})
+        run_id = t.open_training_run(work, config, preprocess_config, split_hash, data_hash, uri, experiment,
+                                     settings.mlflow_artifact_root, params, parent_run_id, run_tags or {})
+        with tracked(uri, run_id):
+            for fold in range(config.n_splits):
+                t.train_fold(work, config, k, fold, uri)
+            summary = t.summarise_cv(work, config, uri)
+            if config.leave_one_vendor_out:
+                summary["lovo_auc"] = t.leave_one_vendor_out(work, config, k, uri)
+            t.train_final_model(work, config, k, uri)
+            version = t.register_model(work, config, preprocess_config, uri, data_hash, split_hash, run_tags or {})
+            t.store_reference(work, uri, config.model_name, version)
+            decision = t.promotion_gate(uri, config, version)
+        print(f"train: mean CV AUC {summary['mean_auc']:.3f} ± {summary['std_auc']:.3f}; version {version} "
+              f"{decision['decision']}: {'; '.join(decision['reasons'])}")
+        result: dict[str, object] = {"mlflow_run_id": run_id, "version": version, "mean_auc": summary["mean_auc"],
+                                     "vendor_auc": summary["vendor_auc"], "promoted": decision["promoted"],
+                                     "decision": decision["decision"], "work": str(work),
+                                     "lovo_auc": summary.get("lovo_auc", {})}
+        stages.done(work, "train", key, result)
     return {**result, "skipped": False}

@@ -9,6 +9,7 @@ from prefect import task
 from dicomops.config import ExportConfig
 from dicomops.export import stage
 from dicomops.export.stage import ExportReport, ModelRef
+from dicomops.layout import WorkLayout
 
 
 @task(name="resolve-model-version", retries=2, retry_delay_seconds=[2, 10])
@@ -18,7 +19,9 @@ def resolve_version(tracking_uri: str, name: str, version: str | None, alias: st
 
 @task(name="export-and-check", tags=["cpu-heavy"])
 def export_and_check(work: Path, tracking_uri: str, ref: ModelRef, cfg: ExportConfig) -> ExportReport:
-    return stage.export_version(work, tracking_uri, ref, cfg)
+    layout = WorkLayout(work)
+    calibration, validation = stage.check_data(layout, ref.contract, cfg.check_fold)
+    return stage.export_version(layout.export_dir(ref.version), tracking_uri, ref, cfg, calibration, validation)
 
 
 @task(name="attach-to-version", retries=2, retry_delay_seconds=[2, 10])

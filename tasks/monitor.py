@@ -10,6 +10,7 @@ from prefect import get_run_logger, task
 
 from dicomops import io
 from dicomops.config import MonitorConfig
+from dicomops.layout import WorkLayout
 from dicomops.monitoring import alerts, drift, stage
 from dicomops.monitoring.reference import ServingModel, load_serving
 from dicomops.tracking import runs
@@ -34,8 +35,11 @@ def reference_quarantine_share(tracking_uri: str, serving: ServingModel) -> floa
 
 @task(name="record-batch")
 def record_batch(work: Path, batch_id: str, src: Path) -> Path:
-    """Remember where a batch came from (kept in WORK only: a folder name may carry PHI)."""
-    return io.write_json(stage.batch_dir(work, batch_id) / "batch.json", {"batch_id": batch_id, "src": str(src)})
+    """Remember where a batch came from (kept in WORK only: a folder name may carry PHI); return the
+    batch's own work directory."""
+    batch = WorkLayout(work).batch(batch_id)
+    io.write_json(batch.batch_record, {"batch_id": batch_id, "src": str(src)})
+    return batch.root
 
 
 @task(name="batch-features", tags=["cpu-heavy"])
@@ -48,7 +52,7 @@ def compare(serving: ServingModel, current: Any, batch_work: Path, cfg: MonitorC
             reference_quarantine_share: float) -> drift.DriftSummary:
     quarantined, files = stage.quarantine_counts(batch_work)
     check = drift.quarantine_check(reference_quarantine_share, quarantined, files, cfg)
-    return drift.compare(serving.reference, current, cfg, Path(batch_work) / "drift", check)
+    return drift.compare(serving.reference, current, cfg, WorkLayout(batch_work).drift, check)
 
 
 @task(name="log-monitoring", retries=2, retry_delay_seconds=[2, 10])
@@ -62,7 +66,7 @@ def log_monitoring(tracking_uri: str, run_id: str, summary: drift.DriftSummary, 
     runs.log_metrics(tracking_uri, run_id, metrics)
     runs.set_tags(tracking_uri, run_id, {"drift.status": summary.status,
                                          "drift.columns": ",".join(summary.drifted_columns)[:4000]})
-    folder = Path(batch_work) / "drift"
+    folder = WorkLayout(batch_work).drift
     history = stage.drift_history(tracking_uri, cfg.experiment, model_name, folder / "drift_share_history.png",
                                   cfg.drift_share)
     runs.log_artifacts(tracking_uri, run_id, [folder / "report.html", folder / "summary.json",

@@ -10,24 +10,14 @@ from prefect import task
 
 from dicomops import stages
 
-STAGE_MODULES = {
-    "ingest": ("dicomops.ingest", "dicomops.dicom", "dicomops.deid", "dicomops.validation"),
-    "preprocess": ("dicomops.preprocessing",),
-    "train": ("dicomops.training", "dicomops.tracking", "dicomops.monitoring"),
-    "export": ("dicomops.export",),
-}
-
 
 @task(name="stage-key")
 def stage_key(stage: str, inputs: dict[str, Any]) -> str:
-    import importlib
-
-    modules = tuple(importlib.import_module(name) for name in STAGE_MODULES[stage])
     if stage == "ingest":  # pseudonyms depend on the de-identification key: a new key, a new ingest
         from dicomops.deid.keys import key_from_settings
 
         inputs = {**inputs, "deid_key_sha256": hashlib.sha256(key_from_settings()).hexdigest()}
-    return stages.stage_key(stage, inputs, modules)
+    return stages.stage_key(stage, inputs)
 
 
 @task(name="stage-completed")
@@ -41,5 +31,5 @@ def started(work: Path, stage: str) -> None:
 
 
 @task(name="stage-done")
-def done(work: Path, stage: str, key: str, result: dict[str, Any], outputs: list[str]) -> None:
+def done(work: Path, stage: str, key: str, result: dict[str, Any], outputs: list[Path] | None = None) -> None:
     stages.mark_done(work, stage, key, result, outputs)

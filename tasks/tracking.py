@@ -7,6 +7,8 @@ from pathlib import Path
 from prefect import task
 
 from dicomops import corpus_stats, tracking
+from dicomops.deid.profile import PROFILE_NAME, PROFILE_TAG
+from dicomops.layout import WorkLayout
 
 
 @task(name="hash-corpus")
@@ -40,11 +42,11 @@ def log_ingest(tracking_uri: str, run_id: str, work: Path) -> dict[str, float]:
 
     metrics = ingest.ingest_metrics(work)
     tracking.log_metrics(tracking_uri, run_id, metrics)
-    paths = ingest.IngestPaths(work)
+    paths = WorkLayout(work).ingest
     tracking.log_artifacts(tracking_uri, run_id, [paths.quarantine, paths.expectations, paths.summary,
                                                   paths.validation, ingest.plot_ingest(work)], "ingest")
     tracking.log_artifacts(tracking_uri, run_id, [paths.docs], "ingest")
-    tracking.set_tags(tracking_uri, run_id, {"deid.profile": "PS3.15 E.1 basic + 113107/113108/113109"})
+    tracking.set_tags(tracking_uri, run_id, {PROFILE_TAG: PROFILE_NAME})
     return metrics
 
 
@@ -53,6 +55,6 @@ def log_preprocess(tracking_uri: str, run_id: str, work: Path, summary: dict[str
     from dicomops.preprocessing import stage
 
     tracking.log_metrics(tracking_uri, run_id, {f"preprocess.{k}": float(v) for k, v in summary.items()})
-    root = work / "preprocessed"
-    tracking.log_artifacts(tracking_uri, run_id, [root / "features.parquet", root / "failures.csv",
+    pre = WorkLayout(work).preprocessed
+    tracking.log_artifacts(tracking_uri, run_id, [pre.features, pre.failures,
                                                   stage.plot_samples(work)], "preprocess")

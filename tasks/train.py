@@ -8,49 +8,54 @@ from typing import Any
 from prefect import task
 
 from dicomops.config import PreprocessConfig, TrainConfig
+from dicomops.layout import WorkLayout
 from dicomops.tracking import registry
-from dicomops.training import cv
+from dicomops.training import cv, mlflow_runs
+from dicomops.training import state as train_state
 
 
 @task(name="prepare-splits")
 def prepare_splits(work: Path, cfg: TrainConfig) -> tuple[Path, str]:
-    return cv.prepare(work, cfg)
+    layout = WorkLayout(work)
+    return layout.folds_file, cv.prepare(layout, cfg).sha256
 
 
 @task(name="open-training-run", retries=2, retry_delay_seconds=[2, 10])
 def open_training_run(work: Path, cfg: TrainConfig, pre: PreprocessConfig, split_hash: str, data_hash: str,
                       tracking_uri: str, experiment: str, artifact_root: Path | None, params: dict[str, object],
                       parent_run_id: str | None, run_tags: dict[str, str]) -> str:
-    key = cv.run_key(cfg, pre, split_hash, data_hash)
-    return cv.open_parent_run(work, key, tracking_uri, experiment, artifact_root,
-                              cv.training_tags(work, data_hash, split_hash) | run_tags, params, parent_run_id)
+    layout = WorkLayout(work)
+    key = train_state.run_key(cfg, pre, split_hash, data_hash)
+    return mlflow_runs.open_parent_run(layout, key, tracking_uri, experiment, artifact_root,
+                                       cv.training_tags(layout, data_hash, split_hash) | run_tags, params,
+                                       parent_run_id)
 
 
 @task(name="train-fold", tags=["cpu-heavy"])
 def train_fold(work: Path, cfg: TrainConfig, slab_slices: int, fold: int, tracking_uri: str) -> Path:
-    return cv.run_fold(work, cfg, slab_slices, fold, tracking_uri)
+    return cv.run_fold(WorkLayout(work), cfg, slab_slices, fold, tracking_uri)
 
 
 @task(name="summarise-cross-validation")
 def summarise_cv(work: Path, cfg: TrainConfig, tracking_uri: str) -> dict[str, Any]:
-    return cv.summarise(work, cfg, tracking_uri)
+    return cv.summarise(WorkLayout(work), cfg, tracking_uri)
 
 
 @task(name="leave-one-vendor-out", tags=["cpu-heavy"])
 def leave_one_vendor_out(work: Path, cfg: TrainConfig, slab_slices: int, tracking_uri: str) -> dict[str, float]:
-    table = cv.leave_one_vendor_out(work, cfg, slab_slices, tracking_uri)
+    table = cv.leave_one_vendor_out(WorkLayout(work), cfg, slab_slices, tracking_uri)
     return {str(r.held_out_vendor): float(r.auc) for r in table.itertuples()}
 
 
 @task(name="train-final-model", tags=["cpu-heavy"])
 def train_final_model(work: Path, cfg: TrainConfig, slab_slices: int, tracking_uri: str) -> Path:
-    return cv.train_final(work, cfg, slab_slices, tracking_uri)
+    return cv.train_final(WorkLayout(work), cfg, slab_slices, tracking_uri)
 
 
 @task(name="register-model", retries=2, retry_delay_seconds=[2, 10])
 def register_model(work: Path, cfg: TrainConfig, pre: PreprocessConfig, tracking_uri: str, data_hash: str,
                    split_hash: str, run_tags: dict[str, str]) -> str:
-    return cv.register(work, cfg, pre, tracking_uri,
+    return cv.register(WorkLayout(work), cfg, pre, tracking_uri,
                        {"data_sha256": data_hash, "split_sha256": split_hash} | run_tags)
 
 
@@ -66,4 +71,4 @@ def store_reference(work: Path, tracking_uri: str, model_name: str, version: str
 def promotion_gate(tracking_uri: str, cfg: TrainConfig, version: str) -> dict[str, Any]:
     decision = registry.apply_promotion_gate(tracking_uri, cfg.model_name, version, margin=cfg.promotion_margin,
                                              vendor_tolerance=cfg.vendor_tolerance, min_auc=cfg.min_auc)
-    return {"promoted": decision.promote, "reasons": list(decision.reasons)}
+    return {"promoted": decision.promote, "decision": decision.label, "reasons": list(decision.reasons)}

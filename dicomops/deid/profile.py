@@ -26,17 +26,21 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID_dictionary
 
 from dicomops import __version__
+from dicomops.config import DeidConfig
 from dicomops.deid.keys import KeyedMapper
 
-TABLE_VERSION = "dicomfields_2026c"
-PROFILE_NAME = ("PS3.15 E.1 Basic Application Level Confidentiality Profile; Retain Longitudinal "
-                "Temporal Information Modified Dates; Retain Patient Characteristics; "
-                "Retain Device Identity")
-# Code values of CID 7050 (De-identification Method) for the profile and the options applied.
+TABLE_VERSION: str = DeidConfig().table_version  # the config holds the one default
+# Code values of CID 7050 (De-identification Method) for the profile and the options applied: the
+# one definition of the profile. The header's DeidentificationMethod and code sequence, and the
+# name that lineage tags record under PROFILE_TAG, are all derived from it.
 METHOD_CODES = (("113100", "Basic Application Confidentiality Profile"),
                 ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
                 ("113108", "Retain Patient Characteristics Option"),
                 ("113109", "Retain Device Identity Option"))
+PROFILE_NAME = "PS3.15 E.1 " + "; ".join(meaning for _, meaning in METHOD_CODES)
+PROFILE_TAG = "deid.profile"  # the MLflow tag whose value is PROFILE_NAME
+# DeidentificationMethod is LO: at most 64 characters, hence the code values rather than the name.
+METHOD_TEXT = f"PS3.15 E.1 {' '.join(code for code, _ in METHOD_CODES)}; dicomops {__version__}"[:64]
 
 RETAIN_PATIENT_CHARACTERISTICS = frozenset(Tag(k) for k in (
     "PatientAge", "PatientSex", "PatientSize", "PatientWeight", "EthnicGroup", "SmokingStatus",
@@ -106,7 +110,7 @@ class Deidentifier:
         ds.PatientName = pseudonym
         ds.PatientIdentityRemoved = "YES"
         ds.LongitudinalTemporalInformationModified = "MODIFIED"
-        ds.DeidentificationMethod = f"PS3.15 E.1 113100 113107 113108 113109; dicomops {__version__}"[:64]
+        ds.DeidentificationMethod = METHOD_TEXT
         codes = []
         for value, meaning in METHOD_CODES:
             item = Dataset()

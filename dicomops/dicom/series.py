@@ -12,20 +12,13 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from dicomops.config import GeometryConfig
+
 IOP_COLUMNS = [f"ImageOrientationPatient_{i}" for i in range(6)]
 IPP_COLUMNS = [f"ImagePositionPatient_{i}" for i in range(3)]
 
-
-@dataclass(frozen=True)
-class GeometryTolerance:
-    """How far a series may stray from a perfect grid before it is quarantined."""
-
-    orientation: float = 1e-3  # max abs difference of direction cosines
-    pixel_spacing: float = 1e-3  # mm
-    spacing_relative: float = 0.1  # max |step - median step| / median step
-    duplicate_mm: float = 1e-3  # two slices closer than this are at the same position
-    max_tilt_degrees: float = 0.5
-    min_slices: int = 8
+# The tolerances are the config section itself, so their defaults and bounds exist once.
+GeometryTolerance = GeometryConfig
 
 
 @dataclass
@@ -65,7 +58,7 @@ def check_series(group: pd.DataFrame, tol: GeometryTolerance) -> tuple[str | Non
     if group["Rows"].nunique() > 1 or group["Columns"].nunique() > 1:
         return "geometry:matrix", "slices have different Rows or Columns", {}
     ps = group[["PixelSpacing_0", "PixelSpacing_1"]].to_numpy(dtype=float)
-    if np.abs(ps - ps[0]).max() > tol.pixel_spacing:
+    if np.abs(ps - ps[0]).max() > tol.pixel_spacing_mm:
         return "geometry:pixel_spacing", "slices have different PixelSpacing", {}
     try:
         normal = slice_normal(iop[0])

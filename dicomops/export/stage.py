@@ -8,7 +8,6 @@ carries ``export.*`` tags with the figures and hashes.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from dicomops import io
@@ -25,6 +23,7 @@ from dicomops.config import ExportConfig
 from dicomops.errors import ExportCheckError
 from dicomops.export import onnx_export, quantize, tensorrt_engine, triton
 from dicomops.export.contract import METADATA_KEY, InputContract
+from dicomops.layout import WorkLayout
 from dicomops.tracking import runs
 from dicomops.training.data import SlabSet, build_slab_set
 
@@ -67,10 +66,9 @@ def resolve_version(tracking_uri: str, name: str, version: str | None, alias: st
 
 def load_torch_model(tracking_uri: str, ref: ModelRef) -> torch.nn.Module:
     """The version's network rebuilt from its run's ``weights/`` (the same state dict MLflow logged)."""
-    from dicomops.tracking.registry import load_weights
+    from dicomops.training.model import load_trained
 
-    model: torch.nn.Module = load_weights(tracking_uri, ref.run_id)[0]
-    return model
+    return load_trained(tracking_uri, ref.run_id)[0]
 
 
 def _sample(data: SlabSet, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -79,13 +77,15 @@ def _sample(data: SlabSet, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return data.x[idx].float().numpy(), data.y[idx].numpy()
 
 
-def fold_slabs(work: Path, contract: InputContract, fold: int = 0) -> tuple[SlabSet, SlabSet]:
-    """The training and validation slabs of one cross-validation fold, shaped as the contract says."""
-    folds = json.loads((Path(work) / "splits" / "folds.json").read_text())["folds"]
-    index = pd.read_parquet(Path(work) / "preprocessed" / "index.parquet")
-    slabs = pd.read_parquet(Path(work) / "preprocessed" / "slabs.parquet")
-    build = lambda ids: build_slab_set(work, index, slabs, list(ids), contract.channels, contract.height)  # noqa: E731
-    return build(folds[fold]["train"]), build(folds[fold]["val"])
+def check_data(layout: WorkLayout, contract: InputContract, fold: int) -> tuple[SlabSet, SlabSet]:
+    """The slabs that calibrate and check an export: the training and validation parts of `fold`,
+    shaped as the contract says."""
+    folds = layout.read_folds()
+    if fold >= folds.n_splits:
+        raise ValueError(f"export.check_fold={fold} but {layout.folds_file} has {folds.n_splits} folds; "
+                         f"choose a fold below {folds.n_splits}")
+    return (build_slab_set(layout, folds.train(fold), contract.channels, contract.height),
+            build_slab_set(layout, folds.val(fold), contract.channels, contract.height))
 
 
 def _time_session(path: Path, shape: tuple[int, ...], batch: int, threads: int, repeats: int = 20) -> tuple[float, float]:
@@ -117,9 +117,11 @@ def check_dynamic_batch(path: Path, x: np.ndarray, sizes: tuple[int, ...] = (1, 
     return worst
 
 
-def export_version(work: Path, tracking_uri: str, ref: ModelRef, cfg: ExportConfig, threads: int = 2) -> ExportReport:
-    """Export, check and package `ref`; raise :class:`ExportCheckError` when a check fails."""
-    folder = Path(work) / "export" / f"v{ref.version}"
+def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportConfig, calibration: SlabSet,
+                   validation: SlabSet, threads: int = 2) -> ExportReport:
+    """Export, check and package `ref` into `folder`: INT8 ranges calibrated on `calibration`, parity
+    and the INT8 AUC checked on `validation`. Raise :class:`ExportCheckError` when a check fails."""
+    folder = Path(folder)
     if folder.exists():
         shutil.rmtree(folder)  # a re-export starts clean: no stale engine or repository survives
     folder.mkdir(parents=True)
@@ -128,11 +130,9 @@ def export_version(work: Path, tracking_uri: str, ref: ModelRef, cfg: ExportConf
     model = load_torch_model(tracking_uri, ref)
     torch.save(model.state_dict(), folder / "torch_state.pt")  # makes the folder benchmarkable on its own
 
-    log.info("export v%s: loading fold-0 slabs for parity, calibration and the INT8 check", ref.version)
-    train, val = fold_slabs(work, contract)
-    parity_x, _ = _sample(val, cfg.parity_samples, seed=1)
-    calib_x, _ = _sample(train, cfg.calibration_samples, seed=2)
-    val_x, val_y = val.x.float().numpy(), val.y.numpy()
+    parity_x, _ = _sample(validation, cfg.parity_samples, seed=1)
+    calib_x, _ = _sample(calibration, cfg.calibration_samples, seed=2)
+    val_x, val_y = validation.x.float().numpy(), validation.y.numpy()
 
     fp32 = onnx_export.export_onnx(model, contract, folder / "model.onnx", cfg.opset, cfg.max_batch)
     parity = onnx_export.check_parity(model, fp32, parity_x, cfg.parity_tolerance)

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dicomops.layout import WorkLayout
 from dicomops.monitoring.drift import DriftSummary
 
 EVENT = "dicomops.drift.detected"
@@ -30,7 +31,7 @@ def payload(summary: DriftSummary, name: str, version: str, monitoring_run_id: s
 
 def append_alert(work: Path, record: dict[str, Any]) -> Path:
     """Append one JSON line to ``WORK/alerts.jsonl`` (one write call; readers never see half a line)."""
-    path = Path(work) / "alerts.jsonl"
+    path = WorkLayout(work).alerts
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps({"time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "event": EVENT, **record},
                       sort_keys=True) + "\n"
@@ -43,7 +44,7 @@ def append_alert(work: Path, record: dict[str, Any]) -> Path:
 
 
 def read_alerts(work: Path) -> list[dict[str, Any]]:
-    path = Path(work) / "alerts.jsonl"
+    path = WorkLayout(work).alerts
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

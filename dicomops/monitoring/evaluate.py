@@ -19,6 +19,7 @@ import torch
 from dicomops import ingest
 from dicomops.config import MonitorConfig, PipelineConfig, SynthConfig
 from dicomops.errors import GateFailedError
+from dicomops.layout import WorkLayout
 from dicomops.monitoring.drift import compare, quarantine_check
 from dicomops.monitoring.features import feature_table
 from dicomops.preprocessing.stage import preprocess_corpus
@@ -30,7 +31,7 @@ def ingest_and_preprocess(src: Path, work: Path, cfg: PipelineConfig, key: bytes
     try:
         gate = ingest.run(src, work, cfg.ingest, key)
     except GateFailedError:
-        summary = pd.read_json(Path(work) / "ingest" / "summary.json", typ="series")
+        summary = pd.read_json(WorkLayout(work).ingest.summary, typ="series")
         return int(summary["quarantined_files"]), int(summary["files"])
     preprocess_corpus(work, cfg.preprocess)
     return gate.quarantined_files, gate.accepted_files + gate.quarantined_files
@@ -53,7 +54,7 @@ def featurise_batches(root: Path, scenario: str, seeds: list[int], patients: int
         src, work = root / f"{scenario}-{seed}" / "src", root / f"{scenario}-{seed}" / "work"
         generate_corpus(src, synth.model_copy(update={"patients": patients, "seed": seed, "scenario": scenario}))
         quarantined, files = ingest_and_preprocess(src, work, cfg, key)
-        table = feature_table(work, model, k, size, top_k) if (work / "preprocessed").exists() else pd.DataFrame()
+        table = feature_table(work, model, k, size, top_k) if WorkLayout(work).preprocessed.root.exists() else pd.DataFrame()
         out.append(Batch(scenario, seed, table, quarantined, files))
         progress(f"{scenario} seed {seed}: {len(table)} series featurised")
     return out

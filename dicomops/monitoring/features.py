@@ -15,12 +15,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dicomops.layout import WorkLayout
+from dicomops.preprocessing.features import HEADER_CATEGORICAL, HEADER_NUMERIC, IMAGE_NUMERIC
 from dicomops.training.data import all_slabs, load_volume
+from dicomops.training.scoring import series_score
 
-HEADER_NUMERIC = ("KVP", "SliceThickness", "PixelSpacing_0", "slice_spacing", "XRayTubeCurrent")
-HEADER_CATEGORICAL = ("Manufacturer", "ManufacturerModelName", "ConvolutionKernel")
-IMAGE_NUMERIC = ("body_area_cm2", "body_width_mm", "hu_p05", "hu_p25", "hu_p50", "hu_p75", "hu_p95",
-                 "lung_fraction", "noise_hu")
 OUTPUT_NUMERIC = ("probability",)
 EMBEDDING_PREFIX = "emb_"
 
@@ -61,7 +60,7 @@ def model_outputs(model: torch.nn.Module, volumes: list[np.ndarray], k: int, siz
                     probs.append(torch.softmax(model(x[i:i + batch_size]), dim=1)[:, 1])
                     feats.append(captured[-1].flatten(1))
                 p = torch.cat(probs).numpy()
-                scores.append(float(np.sort(p)[-top_k:].mean()))
+                scores.append(series_score(p, top_k))
                 embeddings.append(torch.cat(feats).mean(0).numpy())
     finally:
         hook.remove()
@@ -71,13 +70,13 @@ def model_outputs(model: torch.nn.Module, volumes: list[np.ndarray], k: int, siz
 def feature_table(work: Path, model: torch.nn.Module, k: int, size: int, top_k: int,
                   series: list[str] | None = None) -> pd.DataFrame:
     """One row per preprocessed series (or those in `series`): the monitored columns, no identifiers."""
-    work = Path(work)
-    features = pd.read_parquet(work / "preprocessed" / "features.parquet")
-    index = pd.read_parquet(work / "preprocessed" / "index.parquet").set_index("SeriesInstanceUID")
+    pre = WorkLayout(work).preprocessed
+    features = pre.read_features()
+    index = pre.read_index().set_index("SeriesInstanceUID")
     if series is not None:
         features = features[features.SeriesInstanceUID.isin(set(series))]
     features = features.sort_values("SeriesInstanceUID").reset_index(drop=True)
-    volumes = [load_volume(work, index.loc[uid, "path"]) for uid in features.SeriesInstanceUID]
+    volumes = [load_volume(pre.volume(index.loc[uid, "path"])) for uid in features.SeriesInstanceUID]
     scores, embeddings = model_outputs(model, volumes, k, size, top_k)
     table = features[[*HEADER_NUMERIC, *HEADER_CATEGORICAL, *IMAGE_NUMERIC]].copy()
     for column in HEADER_NUMERIC + IMAGE_NUMERIC:

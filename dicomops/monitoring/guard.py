@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicomops import io
+from dicomops.layout import WorkLayout
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,7 @@ class Verdict:
 
 
 def _state_path(work: Path) -> Path:
-    return Path(work) / "monitoring" / "retrain_state.json"
+    return WorkLayout(work).retrain_state
 
 
 def _now() -> dt.datetime:
@@ -55,7 +56,7 @@ class RetrainLocked(RuntimeError):
 @contextmanager
 def retrain_lock(work: Path, stale_hours: float = 12.0) -> Iterator[Path]:
     """An exclusive lock file; one older than `stale_hours` (a crashed holder) is taken over."""
-    path = Path(work) / "monitoring" / "retrain.lock"
+    path = WorkLayout(work).retrain_lock
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and _now().timestamp() - path.stat().st_mtime > stale_hours * 3600:
         path.unlink(missing_ok=True)

@@ -16,8 +16,10 @@ import pandas as pd
 import torch
 
 from dicomops import io
+from dicomops.layout import WorkLayout
 from dicomops.monitoring.features import feature_table
 from dicomops.tracking import runs
+from dicomops.tracking.registry import alias_version
 
 ARTIFACT = "monitoring/reference.parquet"
 TAG = "monitoring.reference"
@@ -25,11 +27,10 @@ TAG = "monitoring.reference"
 
 def build_reference(work: Path, model: torch.nn.Module, k: int, size: int, top_k: int) -> pd.DataFrame:
     """Features of every labelled training series; out-of-fold scores as the probability column."""
-    work = Path(work)
-    index = pd.read_parquet(work / "preprocessed" / "index.parquet")
-    labelled = sorted(index[index.label >= 0].SeriesInstanceUID)
+    layout = WorkLayout(work)
+    labelled = sorted(layout.labelled_series().SeriesInstanceUID)
     table = feature_table(work, model, k, size, top_k, series=labelled)
-    oof = work / "train" / "oof_predictions.parquet"
+    oof = layout.train.oof_predictions
     if oof.exists():
         scores = pd.read_parquet(oof).set_index("SeriesInstanceUID").score
         table["probability"] = scores.reindex(labelled).to_numpy()
@@ -60,11 +61,10 @@ class ServingModel:
 def load_serving(tracking_uri: str, name: str, alias: str = "champion") -> ServingModel:
     """The version holding `alias` and the reference stored with it."""
     client = runs.configure_mlflow(tracking_uri)
-    try:
-        mv = client.get_model_version_by_alias(name, alias)
-    except Exception as err:
+    mv = alias_version(client, name, alias)  # an unreadable registry raises RegistryUnavailableError
+    if mv is None:
         raise ValueError(f"no version of {name} holds the alias '{alias}'; train and promote a model first "
-                         f"(dicomops train, dicomops promote VERSION)") from err
+                         f"(dicomops train, dicomops promote VERSION)")
     uri = mv.tags.get(TAG)
     if not uri:
         raise ValueError(f"{name} version {mv.version} has no '{TAG}' tag: it was trained before monitoring "

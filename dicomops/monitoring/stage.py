@@ -9,38 +9,38 @@ from pathlib import Path
 import pandas as pd
 
 from dicomops import io
+from dicomops.layout import WorkLayout
 from dicomops.monitoring.features import feature_table
 from dicomops.monitoring.reference import build_reference, store_reference
-from dicomops.tracking import registry, runs
-
-
-def batch_dir(work: Path, batch_id: str) -> Path:
-    return Path(work) / "monitoring" / "batches" / batch_id
+from dicomops.synthetic.sidecars import LABELS_CSV, MASKS_DIR, SIDECAR_FILES, mask_path
+from dicomops.tracking import runs
+from dicomops.training.model import load_trained
 
 
 def batch_features(batch_work: Path, tracking_uri: str, run_id: str) -> pd.DataFrame:
     """Features of every preprocessed series of a batch, scored by the model of training run `run_id`."""
-    if not (Path(batch_work) / "preprocessed" / "features.parquet").exists():
+    if not WorkLayout(batch_work).preprocessed.features.exists():
         return pd.DataFrame()
-    model, cfg, k = registry.load_weights(tracking_uri, run_id)
+    model, cfg, k = load_trained(tracking_uri, run_id)
     return feature_table(batch_work, model, k, cfg.input_size, cfg.top_k_slices)
 
 
 def reference_for_version(work: Path, tracking_uri: str, name: str, version: str) -> str:
     """At training time: the training features scored by the new version, stored with it."""
     mv = runs.configure_mlflow(tracking_uri).get_model_version(name, version)
-    model, cfg, k = registry.load_weights(tracking_uri, str(mv.run_id))
+    model, cfg, k = load_trained(tracking_uri, str(mv.run_id))
     table = build_reference(work, model, k, cfg.input_size, cfg.top_k_slices)
-    summary = Path(work) / "ingest" / "summary.json"
+    layout = WorkLayout(work)
+    summary = layout.ingest.summary
     if summary.exists():
         share = io.read_json(summary)["quarantined_share"]
         runs.configure_mlflow(tracking_uri).set_model_version_tag(name, version, "monitoring.reference_quarantine_share",
                                                                   f"{share:.6f}")
-    return store_reference(tracking_uri, name, version, str(mv.run_id), table, Path(work) / "train")
+    return store_reference(tracking_uri, name, version, str(mv.run_id), table, layout.train.root)
 
 
 def quarantine_counts(batch_work: Path) -> tuple[int, int]:
-    summary = Path(batch_work) / "ingest" / "summary.json"
+    summary = WorkLayout(batch_work).ingest.summary
     if not summary.exists():
         return 0, 0
     s = io.read_json(summary)
@@ -79,12 +79,20 @@ def drift_history(tracking_uri: str, experiment: str, name: str, out: Path, thre
     return out
 
 
+def retrain_folders(work: Path) -> tuple[Path, Path]:
+    """Where a retrain combines its labelled sources, and its own work directory."""
+    layout = WorkLayout(work)
+    return layout.retrain_sources, layout.retrain_work.root
+
+
 def labelled_sources(work: Path, training_source: Path) -> list[Path]:
     """The original corpus and every monitored batch whose labels have arrived (``labels.csv``)."""
     sources = [Path(training_source)]
-    for record in sorted((Path(work) / "monitoring" / "batches").glob("*/batch.json")):
-        src = Path(io.read_json(record)["src"])
-        if (src / "labels.csv").exists() and src.resolve() != Path(training_source).resolve():
+    for batch in WorkLayout(work).batches():
+        if not batch.batch_record.exists():
+            continue
+        src = Path(io.read_json(batch.batch_record)["src"])
+        if (src / LABELS_CSV).exists() and src.resolve() != Path(training_source).resolve():
             sources.append(src)
     return sources
 
@@ -100,19 +108,19 @@ def combine_sources(sources: list[Path], out: Path) -> Path:
     labels = []
     for i, src in enumerate(sources):
         prefix = f"s{i}"
-        table = pd.read_csv(src / "labels.csv", keep_default_na=False)
-        table["mask_path"] = [f"masks/{prefix}-{Path(str(p)).name}" if p else "" for p in table.mask_path]
+        table = pd.read_csv(src / LABELS_CSV, keep_default_na=False)
+        table["mask_path"] = [mask_path(f"{prefix}-{Path(str(p)).stem}") if p else "" for p in table.mask_path]
         table["series_dir"] = [f"{prefix}/{d}" for d in table.series_dir]
         labels.append(table)
         for dirpath, _, files in os.walk(src):
             rel = Path(dirpath).relative_to(src)
-            is_mask = rel.parts[:1] == ("masks",)
-            target_dir = out / "masks" if is_mask else out / prefix / rel
+            is_mask = rel.parts[:1] == (MASKS_DIR,)
+            target_dir = out / MASKS_DIR if is_mask else out / prefix / rel
             for name in files:
-                if rel == Path(".") and name in ("labels.csv", "faults.csv", "phi.csv", "corpus.json"):
+                if rel == Path(".") and name in SIDECAR_FILES:
                     continue
                 target_dir.mkdir(parents=True, exist_ok=True)
                 (target_dir / (f"{prefix}-{name}" if is_mask else name)).symlink_to(Path(dirpath).resolve() / name)
     merged = pd.concat(labels, ignore_index=True)
-    io.write_csv(out / "labels.csv", merged)
+    io.write_csv(out / LABELS_CSV, merged)
     return out

@@ -13,6 +13,14 @@ BODY_HU = -500.0
 SOFT_TISSUE_HU = (-200.0, 200.0)
 PERCENTILES = (5, 25, 50, 75, 95)
 
+# The per-series feature columns of ``preprocessed/features.parquet``: preprocessing writes them,
+# the drift monitor reads them. Header columns are taken from the gate's instance table.
+HEADER_CATEGORICAL = ("Manufacturer", "ManufacturerModelName", "ConvolutionKernel")
+HEADER_NUMERIC = ("KVP", "SliceThickness", "PixelSpacing_0", "slice_spacing", "XRayTubeCurrent")
+HEADER_FEATURES = (*HEADER_CATEGORICAL, *HEADER_NUMERIC)
+IMAGE_NUMERIC = ("body_area_cm2", "body_width_mm", *(f"hu_p{p:02d}" for p in PERCENTILES),
+                 "lung_fraction", "noise_hu")
+
 
 def body_mask(hu: np.ndarray) -> np.ndarray:
     """Voxels inside the patient: the largest 3-D region above -500 HU, with its holes (lungs) filled.

@@ -18,16 +18,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dicomops import io
+from dicomops import io, stages
 from dicomops.config import PreprocessConfig
 from dicomops.dicom.parallel import map_isolated
+from dicomops.layout import PreprocessedPaths, WorkLayout
+from dicomops.preprocessing.features import HEADER_FEATURES
 from dicomops.preprocessing.slabs import sample_slabs, slice_labels
+from dicomops.synthetic.sidecars import LABELS_CSV
 
-CODE_VERSION = "1"  # bump when a change alters preprocessed output; every cache entry is then stale
 VOLUME_FIELDS = ("spacing_mm", "window", "window_center", "window_width", "header_window_index",
                  "histogram_equalize", "crop_xy", "min_positive_voxels")
-HEADER_FEATURES = ("Manufacturer", "ManufacturerModelName", "ConvolutionKernel", "KVP", "SliceThickness",
-                   "PixelSpacing_0", "slice_spacing", "XRayTubeCurrent")
 
 
 def series_content_hash(instances: pd.DataFrame) -> str:
@@ -38,10 +38,17 @@ def series_content_hash(instances: pd.DataFrame) -> str:
     return h.hexdigest()
 
 
-def cache_key(content_hash: str, cfg: PreprocessConfig) -> str:
-    """Content, the settings that change a volume, and the code version: any change, new key."""
+def code_hash() -> str:
+    """The source of the code that computes a cached entry: the preprocessing package (volume,
+    transforms, features, slabs) and the DICOM pixel reading under it. The same modules key the
+    stage's completion record, so the stage and its entries go stale together."""
+    return stages.code_hash(*stages.stage_modules("preprocess"))
+
+
+def cache_key(content_hash: str, cfg: PreprocessConfig, code: str) -> str:
+    """Content, the settings that change a volume, and the code: any change, new key."""
     settings = cfg.model_dump(mode="json", include=set(VOLUME_FIELDS))
-    blob = json.dumps({"content": content_hash, "config": settings, "code": CODE_VERSION}, sort_keys=True)
+    blob = json.dumps({"content": content_hash, "config": settings, "code": code}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -86,7 +93,7 @@ def preprocess_one(records: list[dict[str, Any]], deid_root: str, mask_path: str
     if mask_path:
         mask = _aligned_mask(Path(mask_path), instances.ImagePositionPatient_2.to_numpy(float), volume.hu.shape)
         data["mask"] = MetaTensor(torch.from_numpy(mask)[None], affine=torch.as_tensor(volume.affine))
-    out = build_transforms(cfg, train=False)(data)
+    out = build_transforms(cfg)(data)
     image = out["image"][0].numpy().astype(np.float16)
     mask_out = (out["mask"][0].numpy() > 0).astype(np.uint8) if "mask" in out else np.zeros(image.shape, np.uint8)
     affine = np.asarray(out["image"].affine, dtype=np.float64)
@@ -102,53 +109,55 @@ def preprocess_one(records: list[dict[str, Any]], deid_root: str, mask_path: str
 def preprocess_corpus(work: Path, cfg: PreprocessConfig,
                       progress: Callable[[int, int], None] | None = None) -> dict[str, int]:
     """Preprocess every accepted series that is not already cached; write the tables."""
-    work = Path(work)
-    accepted_path = work / "ingest" / "accepted.parquet"
+    layout = WorkLayout(work)
+    pre = layout.preprocessed
+    accepted_path = layout.ingest.accepted
     if not accepted_path.exists():
         raise ValueError(f"{accepted_path} does not exist; run 'dicomops ingest SRC --work {work}' first")
     accepted = pd.read_parquet(accepted_path)
     if "sha256" not in accepted:
         raise ValueError(f"{accepted_path} comes from an older dicomops without file hashes; re-run "
                          f"'dicomops ingest SRC --work {work}'")
-    labels_path = work / "deid" / "labels.csv"
+    labels_path = layout.ingest.deid / LABELS_CSV
     labels = pd.read_csv(labels_path, keep_default_na=False).set_index("SeriesInstanceUID") \
         if labels_path.exists() else pd.DataFrame()
-    out_dir = work / "preprocessed" / "volumes"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    pre.volumes.mkdir(parents=True, exist_ok=True)
     cfg_json = cfg.model_dump_json()
+    code = code_hash()
     plan: list[tuple[str, str, pd.DataFrame]] = []
     for uid, group in accepted.groupby("SeriesInstanceUID", sort=True):
-        plan.append((str(uid), cache_key(series_content_hash(group), cfg), group))
-    todo = [(uid, key, group) for uid, key, group in plan if not (out_dir / f"{key}.json").exists()]
+        plan.append((str(uid), cache_key(series_content_hash(group), cfg, code), group))
+    todo = [(uid, key, group) for uid, key, group in plan if not pre.entry(key).with_suffix(".json").exists()]
     items = []
+    deid = layout.ingest.deid
     for uid, key, group in todo:
         mask = ""
         if uid in labels.index and labels.loc[uid, "mask_path"]:
-            mask = str(work / "deid" / str(labels.loc[uid, "mask_path"]))
-        items.append((group.to_dict("records"), str(work / "deid"), mask, cfg_json, str(out_dir / f"{key}.npz")))
+            mask = str(deid / str(labels.loc[uid, "mask_path"]))
+        items.append((group.to_dict("records"), str(deid), mask, cfg_json, str(pre.entry(key))))
     results = map_isolated(preprocess_one, items, on_failure=lambda item, why: {"reason": why, "detail": why},
                            workers=cfg.workers, chunk_size=1, seconds_per_item=900, progress=progress,
                            initializer=single_threaded, dask_address=cfg.dask_address)
     failures = [{"SeriesInstanceUID": uid, "reason": r["reason"], "detail": r.get("detail", "")}
                 for (uid, _, _), r in zip(todo, results, strict=True) if r.get("reason")]
-    _write_tables(work, cfg, plan, labels, {f["SeriesInstanceUID"] for f in failures})
-    io.write_csv(work / "preprocessed" / "failures.csv",
+    _write_tables(pre, cfg, plan, labels, {f["SeriesInstanceUID"] for f in failures})
+    io.write_csv(pre.failures,
                  pd.DataFrame(failures, columns=["SeriesInstanceUID", "reason", "detail"]))
     keep = {key for _, key, _ in plan}
-    for stale in out_dir.iterdir():
+    for stale in pre.volumes.iterdir():
         if stale.name.split(".")[0] not in keep:
             stale.unlink()
     return {"series": len(plan), "computed": len(todo) - len(failures), "cached": len(plan) - len(todo),
             "failed": len(failures)}
 
 
-def _write_tables(work: Path, cfg: PreprocessConfig, plan: list[tuple[str, str, pd.DataFrame]],
+def _write_tables(pre: PreprocessedPaths, cfg: PreprocessConfig, plan: list[tuple[str, str, pd.DataFrame]],
                   labels: pd.DataFrame, failed: set[str]) -> None:
     rows, feature_rows, label_arrays = [], [], {}
     for uid, key, group in plan:
         if uid in failed:
             continue
-        meta = io.read_json(work / "preprocessed" / "volumes" / f"{key}.json")
+        meta = io.read_json(pre.entry(key).with_suffix(".json"))
         first = group.iloc[0]
         label = int(labels.loc[uid, "label"]) if uid in labels.index else -1
         vendor = str(labels.loc[uid, "vendor"]) if uid in labels.index and "vendor" in labels else str(first.Manufacturer)
@@ -156,24 +165,24 @@ def _write_tables(work: Path, cfg: PreprocessConfig, plan: list[tuple[str, str, 
         label_arrays[uid] = arr
         rows.append({"SeriesInstanceUID": uid, "PatientID": first.PatientID, "vendor": vendor,
                      "Manufacturer": first.Manufacturer, "label": label, "cache_key": key,
-                     "path": f"volumes/{key}.npz", "n_z": int(meta["shape"][-1]),
+                     "path": str(pre.entry(key).relative_to(pre.root)), "n_z": int(meta["shape"][-1]),
                      "positive_slices": int(arr.sum()), "window_center": meta["window"][0],
                      "window_width": meta["window"][1]})
         header = {c: first.get(c) for c in HEADER_FEATURES}
         header["n_slices"] = len(group)
         feature_rows.append({"SeriesInstanceUID": uid, "vendor": vendor, **header, **meta["features"]})
     index = pd.DataFrame(rows)
-    io.write_parquet(work / "preprocessed" / "index.parquet", index)
-    io.write_parquet(work / "preprocessed" / "features.parquet", pd.DataFrame(feature_rows))
+    io.write_parquet(pre.index, index)
+    io.write_parquet(pre.features, pd.DataFrame(feature_rows))
     labelled = index[index.label >= 0] if len(index) else index
     slabs = sample_slabs(labelled, label_arrays, cfg.negative_ratio, cfg.seed) if len(labelled) else \
         pd.DataFrame(columns=["SeriesInstanceUID", "z", "slice_label", "series_label"])
-    io.write_parquet(work / "preprocessed" / "slabs.parquet", slabs)
+    io.write_parquet(pre.slabs, slabs)
 
 
 def corpus_content_hash(work: Path) -> str:
     """One hash over every accepted, de-identified file: what the preprocessed data derives from."""
-    accepted = pd.read_parquet(Path(work) / "ingest" / "accepted.parquet", columns=["deid_path", "sha256"])
+    accepted = pd.read_parquet(WorkLayout(work).ingest.accepted, columns=["deid_path", "sha256"])
     h = hashlib.sha256()
     for path, digest in sorted(zip(accepted.deid_path, accepted.sha256, strict=True)):
         h.update(f"{path}:{digest}\n".encode())
@@ -187,8 +196,8 @@ def plot_samples(work: Path, per_vendor: int = 2) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    root = Path(work) / "preprocessed"
-    index = pd.read_parquet(root / "index.parquet")
+    pre = WorkLayout(work).preprocessed
+    index = pre.read_index()
     picks = (index.sort_values(["vendor", "positive_slices"], ascending=[True, False])
              .groupby("vendor").head(per_vendor))
     n = max(len(picks), 1)
@@ -198,7 +207,7 @@ def plot_samples(work: Path, per_vendor: int = 2) -> Path:
     for ax in axes.ravel():
         ax.axis("off")
     for ax, row in zip(axes.ravel(), picks.itertuples(), strict=False):
-        with np.load(root / row.path) as npz:
+        with np.load(pre.volume(row.path)) as npz:
             image, mask = npz["image"].astype(np.float32), npz["mask"]
         z = int(np.argmax(mask.sum(axis=(0, 1)))) if mask.any() else image.shape[-1] // 2
         ax.imshow(image[:, :, z].T, cmap="gray", vmin=0, vmax=1, origin="lower")
@@ -207,7 +216,7 @@ def plot_samples(work: Path, per_vendor: int = 2) -> Path:
         ax.set_title(f"{row.vendor} label={row.label} z={z}", fontsize=9)
     fig.suptitle("Preprocessed slices (1 mm, lung window, RAS; red: nodule mask)")
     fig.tight_layout()
-    out = root / "samples.png"
+    out = pre.samples
     fig.savefig(out, dpi=80)
     plt.close(fig)
     return out

@@ -1,6 +1,6 @@
 """MONAI-style transforms: an array transform plus a dictionary wrapper with a ``d`` suffix.
 
-``build_transforms(cfg, train)`` is the one chain used by caching, training, export parity checks
+``build_transforms(cfg)`` is the one chain used by caching, training, export parity checks
 and inference: orientation to RAS, resampling to the configured spacing, windowing, scaling to
 [0, 1], optional histogram equalisation, and crop/pad around the body.
 """
@@ -20,9 +20,6 @@ from monai.transforms import (
     EnsureTyped,
     MapTransform,
     Orientationd,
-    RandAdjustContrastd,
-    RandFlipd,
-    RandGaussianNoised,
     Spacing,
     Transform,
 )
@@ -236,13 +233,14 @@ def _crop_pad_xy(img: MetaTensor, i0: int, j0: int, size: int, pad_value: float)
     return MetaTensor(out, affine=torch.as_tensor(affine))
 
 
-def build_transforms(cfg: PreprocessConfig, train: bool = False) -> Compose:
+def build_transforms(cfg: PreprocessConfig) -> Compose:
     """The preprocessing chain for dictionaries with ``image`` (HU, channel first) and ``mask``.
 
     Input: ``{"image": MetaTensor (1, i, j, k) in HU with its RAS affine, "mask": same grid or
     absent, "windows": header windows}``. Output: image in [0, 1] at ``cfg.spacing_mm``, RAS,
     ``cfg.crop_xy`` voxels square in-plane around the body; the mask follows with nearest
-    neighbour. With ``train=True`` random flips, contrast and noise follow (for training only).
+    neighbour. The chain is deterministic: the cache holds its output once for every run;
+    augmentation runs on the cached slabs, in :mod:`dicomops.training.augment`, never here.
     """
     keys = [IMAGE, MASK]
     steps: list[Any] = [
@@ -256,10 +254,4 @@ def build_transforms(cfg: PreprocessConfig, train: bool = False) -> Compose:
     steps.append(HUWindowd(keys=[IMAGE], cfg=cfg))
     if cfg.histogram_equalize:
         steps.append(HistogramEqualized(keys=[IMAGE]))
-    if train:
-        steps += [
-            RandFlipd(keys=keys, prob=0.5, spatial_axis=0, allow_missing_keys=True),
-            RandAdjustContrastd(keys=[IMAGE], prob=0.3, gamma=(0.8, 1.25)),
-            RandGaussianNoised(keys=[IMAGE], prob=0.3, std=0.02),
-        ]
     return Compose(steps)

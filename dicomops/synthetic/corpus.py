@@ -21,7 +21,7 @@ import numpy as np
 from pydicom.uid import UID
 
 from dicomops.config import SCENARIOS, SynthConfig
-from dicomops.synthetic import phantom, writer
+from dicomops.synthetic import phantom, sidecars, writer
 from dicomops.synthetic.phi import PatientPHI, sample_phi
 from dicomops.synthetic.vendors import ALL_VENDORS, SCENARIO_SHIFTS, VENDORS, apply_scenario
 
@@ -209,7 +209,7 @@ def write_series(plan: SeriesPlan, out: Path) -> SeriesResult:
     if fault in writer.SERIES_FAULTS:
         fault_rows.extend(_fault_row(p, fault, "series", plan, r) for p in paths)
 
-    mask_rel = Path("masks") / f"{plan.case}.npz"
+    mask_rel = sidecars.mask_path(plan.case)
     write_npz_deterministic(out / mask_rel, mask=r.mask, ipp_z=np.asarray(r.grid.z, dtype=np.float64))
     diameters = ";".join(f"{nd.diameter_mm:g}" for nd in r.nodules)
     nodules = json.dumps([{"center_mm": list(nd.center), "diameter_mm": nd.diameter_mm} for nd in r.nodules])
@@ -218,7 +218,7 @@ def write_series(plan: SeriesPlan, out: Path) -> SeriesResult:
         "PatientID": r.phi.patient_id, "vendor": plan.vendor, "label": plan.label,
         "nodule_count": len(r.nodules), "nodule_diameters_mm": diameters, "nodules": nodules,
         "scenario": plan.scenario, "series_dir": series_dir.as_posix(),
-        "mask_path": mask_rel.as_posix(), "slices": n,
+        "mask_path": mask_rel, "slices": n,
     }
     phi_rows = [{"PatientID": r.phi.patient_id, "field": k, "value": v}
                 for k, v in r.phi.needles().items()]
@@ -280,11 +280,11 @@ def generate_corpus(
                     progress(i + 1, len(plans))
     labels = [r.label_row for r in results]
     faults = [row for r in results for row in r.fault_rows]
-    _write_csv(out / "labels.csv", LABEL_COLUMNS, labels)
-    _write_csv(out / "faults.csv", FAULT_COLUMNS, faults)
-    _write_csv(out / "phi.csv", PHI_COLUMNS, [row for r in results for row in r.phi_rows])
+    _write_csv(out / sidecars.LABELS_CSV, LABEL_COLUMNS, labels)
+    _write_csv(out / sidecars.FAULTS_CSV, FAULT_COLUMNS, faults)
+    _write_csv(out / sidecars.PHI_CSV, PHI_COLUMNS, [row for r in results for row in r.phi_rows])
     manifest = {"generator_version": GENERATOR_VERSION, **cfg.model_dump(exclude={"workers"})}
-    (out / "corpus.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    (out / sidecars.CORPUS_JSON).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     files = sum(1 for p in out.glob("case-*/*/*") if p.is_file())
     per_vendor: dict[str, int] = {}
     for row in labels:

@@ -23,12 +23,18 @@ class ModelScore:
 
 @dataclass(frozen=True)
 class Decision:
+    """The gate's verdict; `error` when it could not compare at all (the champion was unreadable)."""
+
     promote: bool
     reasons: tuple[str, ...]
+    error: bool = False
+
+    @property
+    def label(self) -> str:
+        return "gate-error" if self.error else "auto-promoted" if self.promote else "awaiting-review"
 
     def tags(self) -> dict[str, str]:
-        return {"promotion.decision": "auto-promoted" if self.promote else "awaiting-review",
-                "promotion.reasons": "; ".join(self.reasons)}
+        return {"promotion.decision": self.label, "promotion.reasons": "; ".join(self.reasons)}
 
 
 def decide_promotion(challenger: ModelScore, champion: ModelScore | None, *, margin: float = 0.005,

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dicomops.errors import RegistryUnavailableError
 from dicomops.tracking.promotion import Decision, ModelScore, decide_promotion
 from dicomops.tracking.runs import configure_mlflow
 
 CHALLENGER, CHAMPION = "challenger", "champion"
+WEIGHTS_ARTIFACT = "weights"
+ModelBuilder = Callable[[dict[str, Any]], Any]
 
 
 def version_description(summary: dict[str, Any], per_vendor: list[dict[str, Any]], per_fold: list[dict[str, Any]],
@@ -67,20 +71,57 @@ def _score(tags: dict[str, str]) -> ModelScore:
     return ModelScore(float(tags.get("cv.mean_auc", "nan")), vendors)
 
 
+def alias_version(client: Any, name: str, alias: str) -> Any | None:
+    """The version of `name` holding `alias`, or None when no version holds it (or the model is not
+    registered yet). Any other failure, such as a server that does not answer or a locked
+    database, raises :class:`RegistryUnavailableError`: an outage must never read as "no version".
+
+    The alias is looked up in the registered model's alias table rather than by catching the
+    error of ``get_model_version_by_alias``, whose "not found" is an INVALID_PARAMETER_VALUE that
+    cannot be told from other bad requests without parsing its message.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    def unavailable(err: Exception) -> RegistryUnavailableError:
+        cause = str(err) if isinstance(err, MlflowException) else f"{type(err).__name__}: {err}"
+        return RegistryUnavailableError(f"could not read which version of {name} holds '{alias}': {cause}")
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as err:
+        if err.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return None
+        raise unavailable(err) from err
+    except Exception as err:
+        raise unavailable(err) from err
+    version = (model.aliases or {}).get(alias)
+    if version is None:
+        return None
+    try:
+        return client.get_model_version(name, str(version))
+    except Exception as err:
+        raise unavailable(err) from err
+
+
 def apply_promotion_gate(tracking_uri: str, name: str, version: str, *, margin: float,
                          vendor_tolerance: float, min_auc: float) -> Decision:
-    """Compare the challenger with the champion; promote automatically or leave it for review."""
+    """Compare the challenger with the champion; promote automatically or leave it for review.
+
+    When the champion cannot be read, the gate does not decide: the version stays challenger and
+    its tags say why (``promotion.decision = gate-error``), for a reviewer or a re-run to settle.
+    """
     client = configure_mlflow(tracking_uri)
     challenger = client.get_model_version(name, version)
-    champion = None
     try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
-        if current.version != version:
-            champion = _score(current.tags)
-    except Exception:
-        champion = None
-    decision = decide_promotion(_score(challenger.tags), champion, margin=margin,
-                                vendor_tolerance=vendor_tolerance, min_auc=min_auc)
+        current = alias_version(client, name, CHAMPION)
+    except RegistryUnavailableError as err:
+        decision = Decision(False, (f"gate not applied: {err}; the version stays challenger (re-run the "
+                                    f"gate or decide with 'dicomops promote {version}')",), error=True)
+    else:
+        champion = _score(current.tags) if current is not None and str(current.version) != str(version) else None
+        decision = decide_promotion(_score(challenger.tags), champion, margin=margin,
+                                    vendor_tolerance=vendor_tolerance, min_auc=min_auc)
     for key, value in decision.tags().items():
         client.set_model_version_tag(name, version, key, value)
     if decision.promote:
@@ -97,28 +138,23 @@ def promote(tracking_uri: str, name: str, version: str, reviewer: str = "reviewe
     client.set_model_version_tag(name, version, "promotion.reviewer", reviewer)
 
 
-def load_state_dict(path: Path) -> dict[str, Any]:
-    import torch
+def load_weights(tracking_uri: str, run_id: str, build: ModelBuilder) -> tuple[Any, dict[str, Any]]:
+    """The model of training run `run_id` as an eval-mode ``torch.nn.Module``, with the raw config it
+    was logged with: `build` turns that config (the ``weights/`` artifact's ``train_config.json``)
+    into an untrained network, whose weights then come from ``weights/model.pt``.
 
-    state: dict[str, Any] = torch.load(path, weights_only=True)
-    return state
-
-
-def load_weights(tracking_uri: str, run_id: str) -> tuple[Any, Any, int]:
-    """The final model of training run `run_id` as an eval-mode ``torch.nn.Module``, rebuilt from the
-    ``weights/`` artifacts; with the ``TrainConfig`` that built it and its number of input channels."""
+    The registry does not know how networks are built; training passes its builder
+    (:func:`dicomops.training.model.model_from_config`).
+    """
     import json
     import tempfile
 
-    from dicomops.config import TrainConfig
-    from dicomops.training.model import build_model
+    import torch
 
     client = configure_mlflow(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(client.download_artifacts(run_id, "weights", tmp))
+        folder = Path(client.download_artifacts(run_id, WEIGHTS_ARTIFACT, tmp))
         raw = json.loads((folder / "train_config.json").read_text())
-        in_channels = int(raw.pop("in_channels"))
-        cfg = TrainConfig.model_validate(raw)
-        model = build_model(cfg, in_channels)
-        model.load_state_dict(load_state_dict(folder / "model.pt"))
-    return model.eval(), cfg, in_channels
+        model = build(dict(raw))
+        model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+    return model.eval(), raw

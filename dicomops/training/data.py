@@ -11,16 +11,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from dicomops.layout import WorkLayout
 from dicomops.preprocessing.slabs import slab
+from dicomops.training.augment import SlabAugmentation, draw_seed
 
 
-def load_volume(work: Path, path: str) -> np.ndarray:
-    with np.load(Path(work) / "preprocessed" / path) as npz:
+def load_volume(path: Path) -> np.ndarray:
+    """The image of one cached volume (``WorkLayout.preprocessed.volume(...)``), as stored."""
+    with np.load(path) as npz:
         return npz["image"]
 
 
@@ -44,14 +46,15 @@ class SlabSet:
     z: np.ndarray
 
 
-def build_slab_set(work: Path, index: pd.DataFrame, slabs: pd.DataFrame, series_ids: list[str],
-                   k: int, size: int) -> SlabSet:
+def build_slab_set(layout: WorkLayout, series_ids: list[str], k: int, size: int) -> SlabSet:
     """The sampled slabs of `series_ids`, extracted and resized once."""
+    pre = layout.preprocessed
+    index, slabs = pre.read_index(), pre.read_slabs()
     paths = index.set_index("SeriesInstanceUID").path
     chosen = slabs[slabs.SeriesInstanceUID.isin(set(series_ids))].sort_values(["SeriesInstanceUID", "z"])
     xs, series, zs = [], [], []
     for uid, group in chosen.groupby("SeriesInstanceUID", sort=True):
-        volume = load_volume(work, paths[uid])
+        volume = load_volume(pre.volume(paths[uid]))
         batch = np.stack([slab(volume, int(z), k) for z in group.z])
         xs.append(_resize(batch, size).half())
         series += [str(uid)] * len(group)
@@ -62,22 +65,19 @@ def build_slab_set(work: Path, index: pd.DataFrame, slabs: pd.DataFrame, series_
 
 
 class AugmentedSlabs(Dataset):
-    """Indexing into a :class:`SlabSet`, with flips, intensity jitter and noise when training."""
+    """Indexing into a :class:`SlabSet`, with the training augmentation (:mod:`.augment`) if `train`."""
 
     def __init__(self, data: SlabSet, train: bool) -> None:
         self.data, self.train = data, train
+        self.augment = SlabAugmentation() if train else None
 
     def __len__(self) -> int:
         return len(self.data.y)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # Random draws come from torch's global generator, which the DataLoader seeds per worker
+        # The seed comes from torch's global generator, which the DataLoader seeds per worker
         # and epoch from the seeded base generator: reproducible, yet different every epoch.
         x = self.data.x[i].float()
-        if self.train:
-            if torch.rand(1) < 0.5:
-                x = torch.flip(x, dims=[-2])  # left-right
-            gamma = float(torch.empty(1).uniform_(0.85, 1.2))
-            x = x.clamp(0, 1) ** gamma
-            x = x + 0.02 * torch.randn(x.shape)
+        if self.augment is not None:
+            x = self.augment(x, seed=draw_seed())
         return x, self.data.y[i]

@@ -2,10 +2,36 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 from monai.networks.nets import DenseNet121, ResNet, resnet10
 
 from dicomops.config import TrainConfig
+
+
+def model_from_config(raw: dict[str, Any]) -> torch.nn.Module:
+    """The untrained network described by a logged ``train_config.json`` (a ``TrainConfig`` plus
+    ``in_channels``): the builder the registry uses to rebuild a version's network."""
+    raw = dict(raw)
+    in_channels = int(raw.pop("in_channels"))
+    return build_model(TrainConfig.model_validate(raw), in_channels)
+
+
+def load_trained(tracking_uri: str, run_id: str) -> tuple[torch.nn.Module, TrainConfig, int]:
+    """The final model of training run `run_id` (eval mode), its ``TrainConfig`` and input channels."""
+    from dicomops.tracking.registry import load_weights
+
+    model, raw = load_weights(tracking_uri, run_id, model_from_config)
+    raw = dict(raw)
+    in_channels = int(raw.pop("in_channels"))
+    return model, TrainConfig.model_validate(raw), in_channels
+
+
+def load_state_dict(path: Path) -> dict[str, Any]:
+    state: dict[str, Any] = torch.load(path, weights_only=True)
+    return state
 
 
 def build_model(cfg: TrainConfig, in_channels: int) -> torch.nn.Module:

@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from dicomops.layout import WorkLayout
+
 
 def _plt() -> Any:
     import matplotlib
@@ -65,19 +67,20 @@ def confusion(preds: pd.DataFrame, threshold: float, out: Path) -> Path:
     return out
 
 
-def sample_grid(work: Path, preds: pd.DataFrame, out: Path, n: int = 8) -> Path:
+def sample_grid(layout: WorkLayout, preds: pd.DataFrame, out: Path, n: int = 8) -> Path:
     """The highest-scoring slice of a few series per outcome, with label and score."""
     from dicomops.training.data import load_volume
 
     plt = _plt()
-    index = pd.read_parquet(Path(work) / "preprocessed" / "index.parquet").set_index("SeriesInstanceUID")
+    pre = layout.preprocessed
+    index = pre.read_index().set_index("SeriesInstanceUID")
     picks = preds.sort_values("score", ascending=False)
     chosen = pd.concat([picks[picks.label == 1].head(n // 2), picks[picks.label == 0].head(n // 2)])
     fig, axes = plt.subplots(2, max(len(chosen) // 2, 1), figsize=(2.6 * max(len(chosen) // 2, 1), 5.6), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, row in zip(axes.ravel(), chosen.itertuples(), strict=False):
-        volume = load_volume(work, index.loc[row.SeriesInstanceUID, "path"])
+        volume = load_volume(pre.volume(index.loc[row.SeriesInstanceUID, "path"]))
         ax.imshow(volume[:, :, row.best_z].astype(np.float32).T, cmap="gray", vmin=0, vmax=1, origin="lower")
         ax.set_title(f"{row.vendor} y={row.label} p={row.score:.2f}", fontsize=8)
     fig.suptitle("Highest-scoring slice per series (top: nodule series, bottom: none)")

@@ -7,16 +7,10 @@ fold is refused.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
-
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from dicomops import io
-
-SPLIT_VERSION = 1
+from dicomops.layout import Folds, WorkLayout
 
 
 class LeakageError(ValueError):
@@ -72,23 +66,22 @@ def fold_counts(folds: list[dict[str, list[str]]], series: pd.DataFrame) -> pd.D
     return pd.DataFrame(rows)
 
 
-def load_or_create_folds(path: Path, series: pd.DataFrame, n_splits: int = 4,
-                         seed: int = 0) -> tuple[list[dict[str, list[str]]], str]:
-    """The folds in `path` if it exists (checked against `series`), else new ones written there.
-
-    Returns the folds and the sha256 of the file, for MLflow.
-    """
-    path = Path(path)
-    if path.exists():
-        doc = json.loads(path.read_text())
-        folds = doc["folds"]
-        known = {s for f in folds for s in f["val"]}
-        current = set(series.SeriesInstanceUID)
-        if known != current:
-            raise ValueError(f"{path} was made for other series ({len(known ^ current)} differ); delete it "
-                             "to split again, or train on the series it was made for")
-        check_no_leakage(folds, series)
-    else:
-        folds = make_folds(series, n_splits, seed)
-        io.write_json(path, {"version": SPLIT_VERSION, "n_splits": n_splits, "seed": seed, "folds": folds})
-    return folds, hashlib.sha256(path.read_bytes()).hexdigest()
+def load_or_create_folds(layout: WorkLayout, series: pd.DataFrame, n_splits: int = 4, seed: int = 0) -> Folds:
+    """The split in ``splits/folds.json`` if it exists (checked against `series`, `n_splits` and
+    `seed`), else a new one written there."""
+    path = layout.folds_file
+    if not path.exists():
+        return layout.write_folds(make_folds(series, n_splits, seed), n_splits, seed)
+    folds = layout.read_folds()
+    if (folds.n_splits, folds.seed) != (n_splits, seed):
+        raise ValueError(f"{path} holds a {folds.n_splits}-fold split made with seed {folds.seed}, but the "
+                         f"configuration asks for n_splits={n_splits}, seed={seed}; set train.n_splits="
+                         f"{folds.n_splits} and train.seed={folds.seed} to keep the split, or delete {path} to "
+                         "split again (earlier runs then stop being comparable fold by fold)")
+    known = {s for f in folds.folds for s in f["val"]}
+    current = set(series.SeriesInstanceUID)
+    if known != current:
+        raise ValueError(f"{path} was made for other series ({len(known ^ current)} differ); delete it "
+                         "to split again, or train on the series it was made for")
+    check_no_leakage(folds.folds, series)
+    return folds

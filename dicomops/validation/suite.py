@@ -8,6 +8,7 @@ Docs can carry PHI. Each expectation is critical (its failing rows are quarantin
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,11 +44,21 @@ REQUIRED_COLUMNS = (
 )
 
 
-def default_expectations() -> list[ExpectationSpec]:
-    """The header contract of the ingest gate."""
+# The modalities the ingest gate accepts: ``IngestConfig.allowed_modalities`` defaults to this, and
+# the suite's modality expectation is built from that config field (or from this by default).
+ALLOWED_MODALITIES: tuple[str, ...] = ("CT",)
+MODALITY_EXPECTATION = "modality_allowed"
+
+
+def default_expectations(allowed_modalities: Sequence[str] = ALLOWED_MODALITIES) -> list[ExpectationSpec]:
+    """The header contract of the ingest gate, accepting the modalities `allowed_modalities`."""
+    if isinstance(allowed_modalities, str) or not allowed_modalities:
+        raise ValueError(f"allowed_modalities must be a non-empty list of modalities such as ['CT'], "
+                         f"got {allowed_modalities!r}")
     specs = [ExpectationSpec(name=f"required_{c}", kind="not_null", column=c) for c in REQUIRED_COLUMNS]
     specs += [
-        ExpectationSpec(name="modality_allowed", kind="in_set", column="Modality", value_set=["CT"]),
+        ExpectationSpec(name=MODALITY_EXPECTATION, kind="in_set", column="Modality",
+                        value_set=list(allowed_modalities)),
         ExpectationSpec(name="pixel_spacing_row_range", kind="between", column="PixelSpacing_0",
                         min_value=0.2, max_value=5.0),
         ExpectationSpec(name="pixel_spacing_col_range", kind="between", column="PixelSpacing_1",

@@ -47,7 +47,15 @@ def test_ingest_flow_accepts_quarantines_logs_and_leaks_nothing(
     run = client.get_run(str(result["mlflow_run_id"]))
     assert run.info.status == "FINISHED"
     assert run.data.metrics["ingest.quarantined_files"] == len(quarantine)
-    assert 0 < run.data.metrics["validation.success_share"] <= 1
+    # Of the fixture's faults only the duplicated slice reaches the expectation suite (its copy repeats
+    # a SOPInstanceUID); a wrong modality, a missing tag and a truncated file are quarantined when the
+    # headers are read. So exactly one expectation of the suite fails.
+    assert set(faults.fault) == {"wrong_modality", "duplicated_slice", "truncated", "missing_tag"}
+    expectations = pd.read_csv(work / "ingest/expectations.csv")
+    assert expectations.expectation[~expectations.success].tolist() == ["sop_instance_uid_unique"]
+    n_expectations = len(IngestConfig().expectations)
+    assert len(expectations) == n_expectations
+    assert run.data.metrics["validation.success_share"] == pytest.approx(1 - 1 / n_expectations)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "ingest")}
     assert {"ingest/quarantine.csv", "ingest/expectations.csv", "ingest/ingest_summary.png",
             "ingest/validation"} <= artifacts

@@ -103,7 +103,9 @@ def test_rerun_of_a_completed_pipeline_skips_every_stage(corpus: Path, mlflow_en
 
 def test_a_crash_mid_training_resumes_without_redoing_finished_work(
         corpus: Path, mlflow_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicomops.layout import WorkLayout
     from dicomops.training import cv
+    from dicomops.training import state as train_state
 
     config = _config("crash-test")
     real_run_fold = cv.run_fold
@@ -122,12 +124,12 @@ def test_a_crash_mid_training_resumes_without_redoing_finished_work(
     assert not list(work.rglob("*.tmp"))  # and no half-written file
 
     monkeypatch.setattr(cv, "run_fold", real_run_fold)  # the machine is back
-    state = cv.load_state(work)
+    state = train_state.load_state(WorkLayout(work))
     finished = {fold: state["folds"][fold]["run_id"] for fold in ("0", "1")}
     resumed = pipeline(src=corpus, config=config)
     assert resumed["skipped"] == "ingest,preprocess"
     client = mlflow.tracking.MlflowClient(mlflow_env)
     for fold, run_id in finished.items():  # the same runs, trained once: two epochs logged, not four
-        assert cv.load_state(work)["folds"][fold]["run_id"] == run_id
+        assert train_state.load_state(WorkLayout(work))["folds"][fold]["run_id"] == run_id
         assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1, 2]
     assert (work / ".stages/train.json").exists()

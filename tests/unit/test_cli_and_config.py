@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 from pathlib import Path
 
 import pandas as pd
 import pydantic
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from dicomops.cli import app
@@ -15,11 +18,40 @@ from dicomops.config import PipelineConfig, Settings, SynthConfig
 runner = CliRunner()
 
 
+COMMANDS = ["synth", "data", "ingest", "preprocess", "train", "promote", "export", "monitor", "retrain", "run",
+            "serve"]
+WIDE = {"COLUMNS": "200"}  # rich cuts long option names short at 80 columns
+
+
+def _command_name(info: typer.models.CommandInfo) -> str:
+    assert info.callback is not None
+    return info.name or info.callback.__name__.replace("_", "-")
+
+
 def test_help_lists_every_command() -> None:
-    result = runner.invoke(app, ["--help"])
+    assert [_command_name(info) for info in app.registered_commands] == COMMANDS  # and no command twice
+    result = runner.invoke(app, ["--help"], env=WIDE)
     assert result.exit_code == 0
-    for command in ("synth", "data", "run"):
-        assert command in result.output
+    listed = re.findall(r"^│ ([a-z][a-z-]*)  ", result.output, flags=re.MULTILINE)  # the Commands panel
+    assert listed == COMMANDS
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_command_has_help_naming_each_argument_and_option(name: str) -> None:
+    command = typer.main.get_command(app).commands[name]
+    result = runner.invoke(app, [name, "--help"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert f"Usage: dicomops {name} " in text
+    assert " ".join(inspect.getdoc(command.callback).split("\n\n")[0].split()) in text
+    assert command.params, f"{name} takes no arguments or options"
+    for param in command.params:
+        if param.param_type_name == "option":
+            for opt in param.opts + param.secondary_opts:
+                assert re.search(rf"{re.escape(opt)}(?![\w-])", result.output), f"{name} --help omits {opt}"
+            assert param.help and " ".join(param.help.split()) in text, f"{name} --help omits the help of {param.name}"
+        else:
+            assert re.search(rf"[│*] +{param.name} ", result.output), f"{name} --help omits the argument {param.name}"
 
 
 def test_synth_help_explains_scenarios() -> None:

@@ -33,6 +33,7 @@ def _rich_slice() -> Dataset:
     ds.OtherPatientIDsSequence = Sequence([other])
     nested = Dataset()
     nested.PersonName = "NURSE^BETTY"
+    nested.EvaluatorName = "NURSE^CAROL"  # a person name Annex E does not list
     nested.ReferencedSOPInstanceUID = "1.2.3.4.777"
     nested.ReferencedSOPClassUID = pydicom.uid.CTImageStorage
     nested.StudyDate = "20240102"
@@ -54,7 +55,7 @@ def test_identifiers_are_removed_and_characteristics_kept(deid: Deidentifier) ->
                   "554433", "OLD-MRN-1", "NURSE", "HOSTILE-001", "VENDOR X"):
         assert value not in text, value
     assert ds.PatientID.startswith("PX-") and ds.PatientName == ds.PatientID
-    assert "PatientBirthDate" not in ds or ds.PatientBirthDate == ""
+    assert ds.PatientBirthDate == ""  # Z in Annex E: kept, zero length (birth dates are never shifted)
     assert (ds.PatientAge, ds.PatientSex, float(ds.PatientWeight)) == ("063Y", "F", 71.5)
     assert (ds.StationName, ds.DeviceSerialNumber) == ("CT-ROOM-2", "SN-4411")
     assert ds.Manufacturer == "ACME" and float(ds.KVP) == 120 and ds.StudyTime == "101500"
@@ -68,7 +69,8 @@ def test_private_tags_and_nested_sequences_are_cleaned(deid: Deidentifier) -> No
     assert not any(elem.tag.is_private for elem in ds.iterall())
     assert "OtherPatientIDsSequence" not in ds  # X in Annex E
     ref = ds.ReferencedImageSequence[0]
-    assert str(ref.PersonName) in ("", "ANONYMIZED")  # every person name, however deep
+    assert ref.PersonName == "ANONYMIZED"  # (0040,A123) is D in Annex E: a dummy name, however deep
+    assert ref.EvaluatorName == ""  # a name the table leaves out: the safety net empties it
     assert ref.ReferencedSOPInstanceUID == KeyedMapper(KEY).uid("1.2.3.4.777")
     assert ref.ReferencedSOPClassUID == pydicom.uid.CTImageStorage  # standard UIDs stay
     assert ref.StudyDate == KeyedMapper(KEY).shift_date("20240102", "HOSTILE-001")
@@ -163,3 +165,16 @@ def test_reid_key_only_outside_work(tmp_path: Path) -> None:
     table = pd.read_csv(path)
     assert table.PatientID.tolist() == ["MRN1", "MRN2"]
     assert table.pseudonym.tolist() == [KeyedMapper(KEY).pseudonym(p) for p in ("MRN1", "MRN2")]
+
+
+def test_the_profile_is_defined_once_and_written_from_that_definition(deid: Deidentifier) -> None:
+    from dicomops.deid.profile import METHOD_CODES, PROFILE_NAME, PROFILE_TAG, TABLE_VERSION
+
+    ds = deid.dataset(_rich_slice())
+    written = [(item.CodeValue, item.CodeMeaning) for item in ds.DeidentificationMethodCodeSequence]
+    assert written == list(METHOD_CODES)
+    assert ds.DeidentificationMethod.startswith("PS3.15 E.1 " + " ".join(c for c, _ in METHOD_CODES))
+    assert len(ds.DeidentificationMethod) <= 64  # LO
+    assert all(meaning in PROFILE_NAME for _, meaning in METHOD_CODES)
+    assert PROFILE_TAG == "deid.profile"
+    assert DeidConfig().table_version == TABLE_VERSION

@@ -98,3 +98,23 @@ def test_duplicate_instance_keeps_the_first_copy() -> None:
 def test_too_few_slices() -> None:
     result = assemble_series(_series([0.0, 1.0]), TOL)
     assert set(result.quarantine.reason) == {"geometry:too_few_slices"}
+
+
+def test_the_tolerances_are_the_config_section_with_its_defaults_and_bounds() -> None:
+    import pydantic
+    import pytest
+
+    from dicomops.config import GeometryConfig, IngestConfig
+
+    assert GeometryTolerance is GeometryConfig
+    assert IngestConfig().geometry == GeometryTolerance() and GeometryTolerance().min_slices == 8
+    with pytest.raises(pydantic.ValidationError, match="min_slices"):
+        GeometryTolerance(min_slices=0)
+    # A config value reaches the check: a 1.3 mm in-plane spacing change passes only when allowed.
+    frame = pd.concat([_series([0, 1, 2, 3], spacing=0.7), _series([4, 5], spacing=2.0)], ignore_index=True)
+    frame["SOPInstanceUID"] = [f"S1.{k}" for k in range(len(frame))]
+    frame["source_path"] = [f"S1/{k:03d}" for k in range(len(frame))]
+    strict = assemble_series(frame, IngestConfig(geometry={"min_slices": 4}).geometry)
+    loose = IngestConfig(geometry={"min_slices": 4, "pixel_spacing_mm": 2.0}).geometry
+    assert set(strict.quarantine.reason) == {"geometry:pixel_spacing"}
+    assert assemble_series(frame, loose).quarantine.empty

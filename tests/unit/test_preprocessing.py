@@ -238,3 +238,12 @@ def test_low_dose_noise_shows_in_the_features() -> None:
     f_low = image_features(np.nan_to_num(low.acquisition.hu, nan=-1000).transpose(2, 1, 0), affine)
     assert 2.3 < f_low["noise_hu"] / f_base["noise_hu"] < 3.5
     assert 200 < f_base["body_width_mm"] < 340
+
+
+def test_the_preprocessing_chain_is_deterministic_and_has_no_training_branch() -> None:
+    from monai.transforms import Randomizable
+
+    chain = build_transforms(HU_ONLY)
+    assert not [t for t in chain.transforms if isinstance(t, Randomizable)]
+    with pytest.raises(TypeError, match="train"):
+        build_transforms(HU_ONLY, train=True)  # type: ignore[call-arg]

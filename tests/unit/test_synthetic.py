@@ -289,3 +289,21 @@ def test_labels_masks_and_phi_tables(clean_corpus: Path) -> None:
     assert private[0x01].value == str(one.PatientName)
     assert one.RequestAttributesSequence[0].IssuerOfAccessionNumberSequence[0].LocalNamespaceEntityID
     assert one.OtherPatientIDsSequence[0].PatientID in values
+
+
+def test_sidecar_names_are_the_ones_the_ingest_gate_skips(clean_corpus: Path) -> None:
+    import fnmatch
+
+    from dicomops.config import IngestConfig
+    from dicomops.synthetic import sidecars
+
+    root_files = {p.name for p in clean_corpus.iterdir() if p.is_file()}
+    assert root_files == set(sidecars.SIDECAR_FILES)
+    assert IngestConfig().sidecars == sidecars.SIDECAR_PATTERNS
+    labels = pd.read_csv(clean_corpus / sidecars.LABELS_CSV, keep_default_na=False)
+    assert labels.mask_path.tolist() == [sidecars.mask_path(Path(d).parts[0]) for d in labels.series_dir]
+    masks = [p.relative_to(clean_corpus).as_posix() for p in (clean_corpus / sidecars.MASKS_DIR).iterdir()]
+    assert sorted(masks) == sorted(labels.mask_path)
+    assert all(any(fnmatch.fnmatchcase(m, pat) for pat in IngestConfig().sidecars) for m in masks)
+    with pytest.raises(ValueError, match="plain file stem"):
+        sidecars.mask_path("masks/case-00001")

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dicomops.layout import WorkLayout
 from dicomops.tracking.promotion import ModelScore, decide_promotion
 from dicomops.training.metrics import (
     binary_metrics,
@@ -67,12 +68,24 @@ def test_too_little_data_says_what_to_change() -> None:
 
 def test_split_file_is_made_once_and_reused(tmp_path: Path) -> None:
     series = _series(40)
-    path = tmp_path / "splits" / "folds.json"
-    folds, digest = load_or_create_folds(path, series, 4, seed=1)
-    again, digest2 = load_or_create_folds(path, series, 4, seed=99)  # the seed no longer matters
-    assert again == folds and digest == digest2 and len(digest) == 64
+    layout = WorkLayout(tmp_path)
+    first = load_or_create_folds(layout, series, 4, seed=1)
+    again = load_or_create_folds(layout, series, 4, seed=1)
+    assert again == first and len(first.sha256) == 64
+    assert first.folds == make_folds(series, 4, seed=1) and (first.n_splits, first.seed) == (4, 1)
     with pytest.raises(ValueError, match="made for other series"):
-        load_or_create_folds(path, series.iloc[:-1], 4)
+        load_or_create_folds(layout, series.iloc[:-1], 4, seed=1)
+
+
+def test_a_changed_fold_count_or_seed_against_the_split_file_names_the_fix(tmp_path: Path) -> None:
+    series = _series(40)
+    layout = WorkLayout(tmp_path)
+    load_or_create_folds(layout, series, 4, seed=1)
+    with pytest.raises(ValueError, match=r"4-fold split made with seed 1.*n_splits=5.*set train.n_splits=4"):
+        load_or_create_folds(layout, series, 5, seed=1)
+    with pytest.raises(ValueError, match=r"seed=7.*train.seed=1.*or delete .*folds.json"):
+        load_or_create_folds(layout, series, 4, seed=7)
+    assert layout.read_folds().n_splits == 4  # the file was left as it was
 
 
 def test_binary_metrics_against_hand_computed_values() -> None:
@@ -85,7 +98,23 @@ def test_binary_metrics_against_hand_computed_values() -> None:
     # AUC: of the 16 positive-negative pairs, 11 rank the positive higher (3 + 4 + 1 + 3)
     assert m["auc"] == pytest.approx(11 / 16)
     assert math.isnan(binary_metrics(np.zeros(4), np.arange(4), 0.5)["auc"])
-    assert youden_threshold(y, score) in set(score)
+    # J = TPR - FPR at each score: 0.25, 0, 0.25, 0.5 (at 0.6), 0.25, 0, 0.25, 0 from the top down
+    assert youden_threshold(y, score) == 0.6
+
+
+def test_youden_threshold_maximises_sensitivity_plus_specificity() -> None:
+    # Ten negatives, four positives: three positives just above six negatives, one far above all.
+    negatives = [0.02, 0.05, 0.10, 0.15, 0.20, 0.25, 0.40, 0.50, 0.60, 0.65]
+    positives = [0.30, 0.32, 0.35, 0.95]
+    y = np.array([0] * len(negatives) + [1] * len(positives))
+    score = np.array(negatives + positives)
+    # At 0.30: TPR 1, FPR 4/10, J 0.6, the one maximum. A naive choice scores lower: 0.5 gives J -0.05,
+    # the median (0.31) 0.35, the neighbouring scores 0.25 and 0.32 give 0.5 and 0.35, and the
+    # accuracy-maximising 0.95 (11 of 14 right, against 10 at 0.30) gives 0.25.
+    assert youden_threshold(y, score) == 0.30
+    m = binary_metrics(y, score, youden_threshold(y, score))
+    assert (m["sensitivity"], m["specificity"]) == (1.0, 0.6)
+    assert youden_threshold(y[::-1], score[::-1]) == 0.30  # the order of the rows does not matter
 
 
 def test_per_vendor_and_fold_summary() -> None:

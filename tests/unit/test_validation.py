@@ -60,3 +60,28 @@ def test_data_docs_sample_unexpected_values_from_the_table(tmp_path: Path) -> No
     assert len(pages) == 1
     html = pages[0].read_text(errors="ignore")
     assert "MR" in html and "Modality" in html
+
+
+def test_the_suite_allows_exactly_the_configured_modalities(tmp_path: Path) -> None:
+    from dicomops.config import IngestConfig
+    from dicomops.validation.suite import ALLOWED_MODALITIES, MODALITY_EXPECTATION
+
+    def allowed(cfg: IngestConfig) -> set[str]:
+        (spec,) = [s for s in cfg.expectations if s.name == MODALITY_EXPECTATION]
+        return set(spec.value_set or ())
+
+    assert allowed(IngestConfig()) == set(IngestConfig().allowed_modalities) == set(ALLOWED_MODALITIES) == {"CT"}
+    both = IngestConfig.model_validate({"allowed_modalities": ["CT", "PT"]})
+    assert allowed(both) == {"CT", "PT"}
+    table = _table(2)
+    table.loc[1, "Modality"] = "PT"
+    assert validate_table(table, IngestConfig().expectations, tmp_path / "ct").failed_rows == {
+        MODALITY_EXPECTATION: [1]}
+    assert validate_table(table, both.expectations, tmp_path / "ct-pt").success
+    try:
+        IngestConfig.model_validate({"allowed_modalities": ["CT", "PT"],
+                                     "expectations": [s.model_dump() for s in default_expectations()]})
+    except ValueError as err:
+        assert "allowed_modalities" in str(err)
+    else:
+        raise AssertionError("a suite that disagrees with allowed_modalities must be refused")

@@ -1,0 +1,238 @@
+"""The work directory contract: every path a stage reads or writes, and the readers and writers of
+the files that more than one stage shares.
+
+One ``WORK`` folder (``--work``, default ``./work``) holds everything a run writes::
+
+    WORK/
+      .stages/<stage>.json          completion records (dicomops.stages)
+      .lock                         the writers' lock (dicomops.locking)
+      ingest/                       header index, expectations, quarantine lists, accepted.parquet, summary.json
+      deid/                         the de-identified corpus, labels.csv and masks (pseudonymised)
+      reports/validation/           Great Expectations Data Docs
+      preprocessed/                 volumes/<cache key>.npz + .json, index, features, slabs, failures
+      splits/folds.json             the cross-validation split, made once (n_splits and seed inside)
+      train/                        state.json, fold-<i>/, lovo-<vendor>/, final/, CV tables and pictures
+      export/v<version>/            ONNX, INT8, TensorRT, Triton repository, manifest.json
+      monitoring/batches/<id>/      a monitored batch: its own ingest/, deid/, preprocessed/, drift/
+      monitoring/retrain_state.json cooldown of drift-triggered retraining
+      alerts.jsonl                  drift alerts, one JSON line each
+      retrain/                      the combined labelled sources and the retrain's own work directory
+
+Nothing else in the package spells these names: a stage asks its ``WorkLayout`` for a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from dicomops import io
+
+SPLIT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class IngestPaths:
+    """The ingest gate's outputs."""
+
+    work: Path
+
+    @property
+    def root(self) -> Path:
+        return self.work / "ingest"
+
+    files = property(lambda self: self.root / "files.json")
+    sidecars = property(lambda self: self.root / "sidecars.csv")
+    index = property(lambda self: self.root / "index.parquet")
+    index_quarantine = property(lambda self: self.root / "quarantine_headers.csv")
+    validation = property(lambda self: self.root / "validation.json")
+    expectations = property(lambda self: self.root / "expectations.csv")
+    validation_quarantine = property(lambda self: self.root / "quarantine_validation.csv")
+    instances = property(lambda self: self.root / "instances.parquet")
+    series = property(lambda self: self.root / "series.parquet")
+    geometry_quarantine = property(lambda self: self.root / "quarantine_geometry.csv")
+    quarantine = property(lambda self: self.root / "quarantine.csv")
+    accepted = property(lambda self: self.root / "accepted.parquet")
+    summary = property(lambda self: self.root / "summary.json")
+    picture = property(lambda self: self.root / "ingest_summary.png")
+    docs = property(lambda self: self.work / "reports" / "validation")
+    deid = property(lambda self: self.work / "deid")
+
+
+@dataclass(frozen=True)
+class PreprocessedPaths:
+    """The preprocessing cache and the tables derived from it."""
+
+    work: Path
+
+    @property
+    def root(self) -> Path:
+        return self.work / "preprocessed"
+
+    volumes = property(lambda self: self.root / "volumes")
+    index = property(lambda self: self.root / "index.parquet")
+    features = property(lambda self: self.root / "features.parquet")
+    slabs = property(lambda self: self.root / "slabs.parquet")
+    failures = property(lambda self: self.root / "failures.csv")
+    samples = property(lambda self: self.root / "samples.png")
+
+    def volume(self, relative: str) -> Path:
+        """A cached volume named by the index's ``path`` column (relative to this folder)."""
+        return self.root / relative
+
+    def entry(self, key: str) -> Path:
+        """The cached volume of cache key `key` (its metadata sits beside it as ``.json``)."""
+        return self.volumes / f"{key}.npz"
+
+    def read_index(self) -> pd.DataFrame:
+        return _read_parquet(self.index, "dicomops preprocess")
+
+    def read_features(self) -> pd.DataFrame:
+        return _read_parquet(self.features, "dicomops preprocess")
+
+    def read_slabs(self) -> pd.DataFrame:
+        return _read_parquet(self.slabs, "dicomops preprocess")
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    """Cross-validation state, per-fold folders, the final model and the CV tables."""
+
+    work: Path
+
+    @property
+    def root(self) -> Path:
+        return self.work / "train"
+
+    state = property(lambda self: self.root / "state.json")
+    summary = property(lambda self: self.root / "summary.json")
+    oof_predictions = property(lambda self: self.root / "oof_predictions.parquet")
+    per_fold_metrics = property(lambda self: self.root / "per_fold_metrics.csv")
+    cv_summary = property(lambda self: self.root / "cv_summary.csv")
+    fold_counts = property(lambda self: self.root / "fold_counts.csv")
+    lovo = property(lambda self: self.root / "lovo.csv")
+    final = property(lambda self: self.root / "final")
+    final_weights = property(lambda self: self.root / "final" / "model.pt")
+    final_config = property(lambda self: self.root / "final" / "train_config.json")
+
+    def fold(self, fold: int) -> Path:
+        return self.root / f"fold-{fold}"
+
+    def held_out(self, vendor: str) -> Path:
+        return self.root / f"lovo-{vendor}"
+
+    def picture(self, name: str) -> Path:
+        return self.root / name
+
+
+@dataclass(frozen=True)
+class Folds:
+    """The cross-validation split as written to ``splits/folds.json``."""
+
+    folds: list[dict[str, list[str]]]
+    n_splits: int
+    seed: int
+    sha256: str
+
+    def train(self, fold: int) -> list[str]:
+        return self.folds[fold]["train"]
+
+    def val(self, fold: int) -> list[str]:
+        return self.folds[fold]["val"]
+
+
+@dataclass(frozen=True)
+class WorkLayout:
+    """Every path under one work directory; the one owner of the work-directory contract."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def ingest(self) -> IngestPaths:
+        return IngestPaths(self.root)
+
+    @property
+    def preprocessed(self) -> PreprocessedPaths:
+        return PreprocessedPaths(self.root)
+
+    @property
+    def train(self) -> TrainPaths:
+        return TrainPaths(self.root)
+
+    stages = property(lambda self: self.root / ".stages")
+    lock = property(lambda self: self.root / ".lock")
+    folds_file = property(lambda self: self.root / "splits" / "folds.json")
+    alerts = property(lambda self: self.root / "alerts.jsonl")
+    monitoring = property(lambda self: self.root / "monitoring")
+    retrain_state = property(lambda self: self.root / "monitoring" / "retrain_state.json")
+    retrain_lock = property(lambda self: self.root / "monitoring" / "retrain.lock")
+    retrain_sources = property(lambda self: self.root / "retrain" / "src")
+
+    def stage_record(self, stage: str) -> Path:
+        return self.stages / f"{stage}.json"
+
+    def stage_outputs(self, stage: str) -> list[Path]:
+        """What a finished stage leaves behind; its completion record holds only while they exist."""
+        outputs = {"ingest": [self.ingest.accepted, self.ingest.summary, self.ingest.deid],
+                   "preprocess": [self.preprocessed.index, self.preprocessed.features, self.preprocessed.slabs],
+                   "train": [self.train.summary, self.train.final_weights]}
+        if stage not in outputs:
+            raise ValueError(f"stage {stage!r} names its outputs itself; one of {', '.join(outputs)} has them here")
+        return outputs[stage]
+
+    def export_dir(self, version: str) -> Path:
+        return self.root / "export" / f"v{version}"
+
+    def batch(self, batch_id: str) -> WorkLayout:
+        """A monitored batch: a work directory of its own inside this one."""
+        return WorkLayout(self.root / "monitoring" / "batches" / batch_id)
+
+    def batches(self) -> list[WorkLayout]:
+        folder = self.root / "monitoring" / "batches"
+        return [WorkLayout(p) for p in sorted(folder.iterdir()) if p.is_dir()] if folder.exists() else []
+
+    batch_record = property(lambda self: self.root / "batch.json")
+    drift = property(lambda self: self.root / "drift")
+
+    @property
+    def retrain_work(self) -> WorkLayout:
+        return WorkLayout(self.root / "retrain" / "work")
+
+    def relative(self, path: Path) -> str:
+        """`path` relative to the work directory, as stage records list their outputs."""
+        return str(Path(path).resolve().relative_to(self.root.resolve()))
+
+    # -- shared files ------------------------------------------------------------------------
+
+    def labelled_series(self) -> pd.DataFrame:
+        """The preprocessed series that carry a label: what training splits and learns from."""
+        index = self.preprocessed.read_index()
+        labelled = index[index.label >= 0].reset_index(drop=True)
+        if labelled.empty:
+            raise ValueError(f"no labelled series in {self.preprocessed.index}; training needs labels.csv in the source")
+        return labelled
+
+    def read_folds(self) -> Folds:
+        path = self.folds_file
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist; run 'dicomops train --work {self.root}' to make the split")
+        doc = json.loads(path.read_text())
+        return Folds(doc["folds"], int(doc.get("n_splits", len(doc["folds"]))), int(doc.get("seed", -1)),
+                     hashlib.sha256(path.read_bytes()).hexdigest())
+
+    def write_folds(self, folds: list[dict[str, list[str]]], n_splits: int, seed: int) -> Folds:
+        io.write_json(self.folds_file, {"version": SPLIT_VERSION, "n_splits": n_splits, "seed": seed, "folds": folds})
+        return self.read_folds()
+
+
+def _read_parquet(path: Path, producer: str) -> pd.DataFrame:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; run '{producer} --work {path.parent.parent}' first")
+    return pd.read_parquet(path)

@@ -1,0 +1,28 @@
+"""Names of the non-image files that sit beside the DICOM folders of a corpus.
+
+The generator writes them, the ingest gate lists them instead of ingesting them and re-keys the
+labels and masks into the de-identified corpus under the same names, preprocessing and retraining
+read them. Every one of those spells the names through these constants. This module imports
+nothing, so the config and the worker processes can import it cheaply.
+"""
+
+from __future__ import annotations
+
+LABELS_CSV = "labels.csv"  # one row per series: truth, vendor, series folder, mask path
+FAULTS_CSV = "faults.csv"  # one row per injected fault (file or series)
+PHI_CSV = "phi.csv"  # the fake PHI the corpus carries, for leak tests
+CORPUS_JSON = "corpus.json"  # generator version and options
+MASKS_DIR = "masks"  # one ``<name>.npz`` per series: nodule mask and slice positions
+MASK_SUFFIX = ".npz"
+
+SIDECAR_FILES = (LABELS_CSV, FAULTS_CSV, PHI_CSV, CORPUS_JSON)
+"""The sidecar files at the corpus root."""
+SIDECAR_PATTERNS = (*SIDECAR_FILES, f"{MASKS_DIR}/*{MASK_SUFFIX}")
+"""Globs, relative to the corpus root, of every sidecar (``IngestConfig.sidecars``)."""
+
+
+def mask_path(name: str) -> str:
+    """The relative path (POSIX) of the mask of series `name`, as ``labels.csv`` records it."""
+    if not name or "/" in name or "\\" in name:
+        raise ValueError(f"a mask name is a plain file stem such as 'case-00001', got {name!r}")
+    return f"{MASKS_DIR}/{name}{MASK_SUFFIX}"

@@ -1,0 +1,77 @@
+"""The cross-validation's MLflow side: the parent run, one nested run per fold or held-out vendor,
+per-epoch metric batches, and the tables and pictures attached to the parent.
+
+Runs are passed by id; every nested run ends FINISHED or FAILED, whatever interrupts it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from dicomops.layout import WorkLayout
+from dicomops.tracking import runs
+from dicomops.training import state as train_state
+
+StepLogger = Callable[[int, dict[str, float]], None]
+
+
+def open_parent_run(layout: WorkLayout, key: str, tracking_uri: str, experiment: str, artifact_root: Path | None,
+                    tags: dict[str, str], params: dict[str, object], parent_run_id: str | None) -> str:
+    """The cross-validation's parent run: the unfinished one with the same key, or a new one."""
+    if (run_id := train_state.resumable_run(layout, key)) is not None:
+        runs.configure_mlflow(tracking_uri).update_run(run_id, status="RUNNING")
+        return run_id
+    run_id = runs.start_run(tracking_uri, experiment, artifact_root, run_name="train", tags=tags,
+                            params=params, parent_run_id=parent_run_id)
+    train_state.start_fresh(layout, key, run_id, experiment)
+    return run_id
+
+
+def create_nested_run(tracking_uri: str, parent: str, name: str, tags: dict[str, str]) -> str:
+    client = runs.configure_mlflow(tracking_uri)
+    experiment_id = client.get_run(parent).info.experiment_id
+    return str(client.create_run(experiment_id, run_name=name, tags={"mlflow.parentRunId": parent, **tags}).info.run_id)
+
+
+def fold_run(layout: WorkLayout, tracking_uri: str, fold: int) -> str:
+    """The fold's nested run: the one a killed run left behind (reopened), or a new one."""
+    run_id = train_state.fold_entry(layout, fold).get("run_id")
+    if run_id is not None:
+        runs.configure_mlflow(tracking_uri).update_run(run_id, status="RUNNING")
+        return str(run_id)
+    run_id = create_nested_run(tracking_uri, train_state.parent_run(layout), f"fold-{fold}", {"fold": str(fold)})
+    train_state.update_fold(layout, fold, run_id=run_id, done=False)
+    return run_id
+
+
+@contextmanager
+def closing(tracking_uri: str, run_id: str) -> Iterator[str]:
+    """End `run_id` FINISHED when the block completes, FAILED on any exception or interrupt."""
+    client = runs.configure_mlflow(tracking_uri)
+    try:
+        yield run_id
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+
+
+def step_logger(tracking_uri: str, run_id: str, prefix: str = "") -> StepLogger:
+    """A callback for the training loop: one metric batch per epoch."""
+    def log(epoch: int, metrics: dict[str, float]) -> None:
+        runs.log_metrics(tracking_uri, run_id, {f"{prefix}{m}": v for m, v in metrics.items()}, step=epoch)
+
+    return log
+
+
+def log_results(tracking_uri: str, run_id: str, metrics: dict[str, float], files: list[Path],
+                artifact_path: str | None = None, tags: dict[str, str] | None = None) -> None:
+    """Metrics in one batch, files as artifacts, tags."""
+    if metrics:
+        runs.log_metrics(tracking_uri, run_id, metrics)
+    if files:
+        runs.log_artifacts(tracking_uri, run_id, files, artifact_path)
+    if tags:
+        runs.set_tags(tracking_uri, run_id, tags)

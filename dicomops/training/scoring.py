@@ -1,0 +1,88 @@
+"""Series-level scoring and cross-validation summaries: pure functions over models, arrays and
+tables, with no MLflow and no work directory.
+
+The series score is defined here once: the mean of the ``top_k`` highest slice probabilities. The
+cross-validation scores series with it, the drift monitor reads it as the model's output column,
+and the served model applies the same rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dicomops.training.data import all_slabs
+from dicomops.training.loop import predict
+from dicomops.training.metrics import per_vendor_metrics, summarise_folds, youden_threshold
+
+FOLD_METRICS = ("auc", "sensitivity", "specificity", "f1", "kappa")
+
+
+def series_score(slice_probabilities: np.ndarray, top_k: int) -> float:
+    """The series' score: the mean of its `top_k` highest slice probabilities."""
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    probs = np.asarray(slice_probabilities, dtype=float)
+    if probs.size == 0:
+        raise ValueError("a series without slices has no score")
+    return float(np.sort(probs)[-top_k:].mean())
+
+
+def score_series(model: torch.nn.Module, series: Iterable[Any], volumes: Iterable[np.ndarray], k: int, size: int,
+                 top_k: int) -> pd.DataFrame:
+    """One row per series (rows with ``SeriesInstanceUID``, ``vendor``, ``label``): its score and the
+    slice that scored highest."""
+    rows = []
+    for row, volume in zip(series, volumes, strict=True):
+        probs = predict(model, all_slabs(volume, k, size))
+        rows.append({"SeriesInstanceUID": row.SeriesInstanceUID, "vendor": row.vendor, "label": int(row.label),
+                     "score": series_score(probs, top_k), "best_z": int(np.argmax(probs))})
+    return pd.DataFrame(rows)
+
+
+def fold_metrics(preds: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, float]]:
+    """One fold's per-vendor table at its own Youden point, and the same figures as flat metrics."""
+    threshold = youden_threshold(preds.label.to_numpy(), preds.score.to_numpy()) if preds.label.nunique() == 2 else 0.5
+    table = per_vendor_metrics(preds, threshold)
+    by_vendor = table.set_index("vendor")
+    flat = {f"{m}.{v}": float(by_vendor.loc[v, m]) for v in table.vendor for m in FOLD_METRICS}
+    return table, {k: v for k, v in flat.items() if not np.isnan(v)}
+
+
+@dataclass(frozen=True)
+class CVSummary:
+    """The pooled out-of-fold predictions, summarised."""
+
+    threshold: float
+    per_fold: pd.DataFrame     # fold × vendor metrics at the pooled threshold
+    by_vendor: pd.DataFrame    # mean ± std across folds per vendor, and ``all``
+    result: dict[str, Any]     # mean_auc, std_auc, vendor_auc, threshold, final_epochs
+
+    def metrics(self) -> dict[str, float]:
+        out = {"cv.mean_auc": self.result["mean_auc"], "cv.std_auc": self.result["std_auc"],
+               "cv.threshold": self.threshold}
+        out.update({f"cv.auc.{v}": a for v, a in self.result["vendor_auc"].items()})
+        return out
+
+
+def summarise_predictions(preds: pd.DataFrame, best_epochs: list[int]) -> CVSummary:
+    """Per-fold × vendor metrics at the pooled Youden point, their mean ± std, and the epochs the
+    final model trains for (the median of the folds' best epochs)."""
+    threshold = youden_threshold(preds.label.to_numpy(), preds.score.to_numpy())
+    per_fold = pd.concat([per_vendor_metrics(g, threshold).assign(fold=i) for i, g in preds.groupby("fold")],
+                         ignore_index=True)
+    summary = summarise_folds(per_fold)
+    by_vendor = summary.set_index("vendor")
+    result: dict[str, Any] = {
+        "mean_auc": float(by_vendor.loc["all", "auc_mean"]),
+        "std_auc": float(by_vendor.loc["all", "auc_std"]),
+        "vendor_auc": {str(v): float(by_vendor.loc[v, "auc_mean"]) for v in by_vendor.index if v != "all"},
+        "threshold": threshold,
+        "final_epochs": int(max(1, np.median(best_epochs))),
+    }
+    return CVSummary(threshold, per_fold, summary, result)

@@ -1,0 +1,102 @@
+"""The training augmentation: one MONAI chain, the hand-written ranges, reproducible under torch's seed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor, get_track_meta
+from monai.transforms import AdjustContrast
+from torch.utils.data import DataLoader
+
+from dicomops.training.augment import GAMMA_RANGE, NOISE_STD, SlabAugmentation
+from dicomops.training.data import AugmentedSlabs, SlabSet
+
+
+def _slab(seed: int = 0, size: int = 32) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).random((3, size, size), dtype=np.float32))
+
+
+def _slab_set(n: int = 16, size: int = 32) -> SlabSet:
+    x = torch.from_numpy(np.random.default_rng(1).random((n, 3, size, size), dtype=np.float32)).half()
+    return SlabSet(x, torch.arange(n) % 2, ["s"] * n, np.arange(n))
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(np.corrcoef(a.flatten().numpy(), b.flatten().numpy())[0, 1])
+
+
+def test_flip_is_left_right_on_dim_minus_2_half_the_time() -> None:
+    aug, x = SlabAugmentation(), _slab()
+    flipped = 0
+    for seed in range(200):
+        out = aug(x, seed)
+        straight, lr, other = _corr(out, x), _corr(out, x.flip(-2)), _corr(out, x.flip(-1))
+        assert max(straight, lr) > 0.95 and abs(other) < 0.1
+        flipped += lr > straight
+    assert 70 <= flipped <= 130  # p = 0.5: 200 draws land here with probability > 0.999
+
+
+def test_gamma_in_range_every_time_and_noise_of_the_set_spread() -> None:
+    aug, x = SlabAugmentation(), _slab(size=64)
+    flip, _, gamma, _, _ = aug.chain.transforms
+    gammas = []
+    for seed in range(100):
+        out = aug(x, seed)
+        g = float(gamma.gamma_value)
+        assert GAMMA_RANGE[0] <= g <= GAMMA_RANGE[1] and gamma._do_transform
+        clean = AdjustContrast(g)(x.flip(-2) if flip._do_transform else x)
+        residual = out - clean
+        assert abs(float(residual.mean())) < 0.002
+        assert float(residual.std()) == pytest.approx(NOISE_STD, rel=0.05)
+        gammas.append(g)
+    assert min(gammas) < 0.9 and max(gammas) > 1.15  # drawn over the whole range, not a constant
+
+
+def test_clamps_to_unit_range_before_gamma() -> None:
+    x = torch.full((3, 16, 16), 1.7)
+    x[:, :8] = -0.6
+    out = SlabAugmentation()(x, seed=3)
+    # Without the clamp the chain would keep -0.6 and 1.7; noise adds at most ~6 standard deviations.
+    assert float(out.min()) > -6 * NOISE_STD and float(out.max()) < 1 + 6 * NOISE_STD
+
+
+def test_output_is_a_plain_float32_tensor_and_metadata_tracking_is_restored() -> None:
+    before = get_track_meta()
+    out = SlabAugmentation()(_slab().half().float(), seed=0)
+    assert type(out) is torch.Tensor and not isinstance(out, MetaTensor)
+    assert out.dtype == torch.float32 and out.shape == (3, 32, 32)
+    assert get_track_meta() == before
+
+
+def test_same_seed_same_slab_other_seed_other_slab() -> None:
+    aug, x = SlabAugmentation(), _slab()
+    assert torch.equal(aug(x, 7), aug(x, 7))
+    assert not torch.allclose(aug(x, 7), aug(x, 8))
+    with pytest.raises(ValueError, match="seed"):
+        aug(x, -1)
+    with pytest.raises(ValueError, match="shape"):
+        aug(x[None], 0)
+
+
+def _epochs(seed: int, num_workers: int, epochs: int = 2) -> list[torch.Tensor]:
+    torch.manual_seed(seed)
+    loader = DataLoader(AugmentedSlabs(_slab_set(), train=True), batch_size=4, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed), num_workers=num_workers,
+                        persistent_workers=num_workers > 0,
+                        multiprocessing_context="fork" if num_workers else None)
+    return [torch.cat([x for x, _ in loader]) for _ in range(epochs)]
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_dataloader_runs_are_reproducible_and_epochs_differ(num_workers: int) -> None:
+    first, again, other = _epochs(5, num_workers), _epochs(5, num_workers), _epochs(6, num_workers)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not torch.allclose(first[0], first[1])
+    assert not torch.allclose(first[0], other[0])
+
+
+def test_evaluation_items_are_not_augmented() -> None:
+    data = _slab_set()
+    x, y = AugmentedSlabs(data, train=False)[3]
+    assert torch.equal(x, data.x[3].float()) and int(y) == 1
