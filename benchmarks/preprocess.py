@@ -33,6 +33,7 @@ from scipy import ndimage
 
 from dicomops import ingest
 from dicomops.config import IngestConfig, PreprocessConfig, SynthConfig
+from dicomops.layout import WorkLayout
 from dicomops.preprocessing.stage import preprocess_corpus
 from dicomops.preprocessing.transforms import FastSpacing
 from dicomops.synthetic import generate_corpus
@@ -76,7 +77,7 @@ def end_to_end(patients: int, workers: int) -> None:
         generate_corpus(src, SynthConfig(patients=patients, fault_rate=0.0, workers=workers))
         ingest.run(src, work, IngestConfig(workers=workers), KEY)
         accepted = pd.read_parquet(work / "ingest/accepted.parquet")
-        series = [[work / "deid" / p for p in g.deid_path] for _, g in accepted.groupby("SeriesInstanceUID")]
+        series = [[WorkLayout(work).ingest.deid / p for p in g.deid_path] for _, g in accepted.groupby("SeriesInstanceUID")]
         start = time.perf_counter()
         for files in series:
             naive_series(files)
@@ -128,7 +129,7 @@ def memory(work: Path, rows: pd.DataFrame) -> None:
 
     table = work / "largest.parquet"
     rows.to_parquet(table)
-    out = subprocess.run([sys.executable, "-c", _PROBE, str(table), str(work / "deid"), str(work / "probe.npz")],
+    out = subprocess.run([sys.executable, "-c", _PROBE, str(table), str(WorkLayout(work).ingest.deid), str(work / "probe.npz")],
                          capture_output=True, text=True, check=True)
     m = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"3. worker memory on the largest series (second series in the worker): peak RSS growth {m['peak_kb'] / 1024:.0f} MB, 1 mm float32 "

@@ -46,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
-        work = args.work if args.work and (args.work / "preprocessed" / "index.parquet").exists() else None
+        work = args.work if args.work and WorkLayout(args.work).preprocessed.index.exists() else None
         if work is None:
             work = Path(tmp) / "work"
             generate_corpus(Path(tmp) / "src", SynthConfig(patients=24, fault_rate=0.0, workers=2))

@@ -32,6 +32,7 @@ def _flow(name: str, dask_address: str | None = None) -> Any:
     package never imports the orchestration layer that imports it."""
     from importlib.metadata import entry_points
 
+    _preflight()  # before Prefect is imported: its client reads the retry budget once
     found = entry_points(group="dicomops", name="flows")
     if not found:
         console.print("[red]the flows are not installed[/]: the 'dicomops' entry point group has no 'flows'; "
@@ -40,15 +41,32 @@ def _flow(name: str, dask_address: str | None = None) -> Any:
     flow = next(iter(found)).load()(name, dask_address)
 
     def call(**parameters: Any) -> Any:
-        from dicomops.errors import RegistryUnavailableError, WorkDirLockedError
+        from dicomops.errors import (
+            RegistryUnavailableError,
+            ServerUnreachableError,
+            WorkDirLockedError,
+        )
 
         try:
             return flow(**parameters)
-        except (WorkDirLockedError, RegistryUnavailableError) as err:
+        except (WorkDirLockedError, RegistryUnavailableError, ServerUnreachableError) as err:
             console.print(f"[red]{name} stopped:[/] {escape(str(err))}")
             raise typer.Exit(2) from err
 
     return call
+
+
+def _preflight() -> None:
+    """Check the servers the settings point at, within seconds; exit 2 naming the one that is down."""
+    from dicomops.config import load_settings
+    from dicomops.errors import ServerUnreachableError
+    from dicomops.preflight import preflight
+
+    try:
+        preflight(load_settings())
+    except (ServerUnreachableError, ValueError) as err:
+        console.print(f"[red]cannot start:[/] {escape(str(err))}", soft_wrap=True)
+        raise typer.Exit(2) from err
 
 
 def _progress(description: str, transient: bool = False) -> Progress:
@@ -214,6 +232,7 @@ def promote(
     from dicomops.config import load_settings
     from dicomops.tracking.registry import promote as promote_version
 
+    _preflight()
     try:
         promote_version(load_settings().mlflow_tracking_uri, model_name, version, reviewer)
     except Exception as err:

@@ -277,6 +277,9 @@ class Settings(BaseSettings):
     deid_key: SecretStr | None = Field(
         None, description="Secret for UID remapping and pseudonyms; required outside the demo."
     )
+    http_budget_s: float = Field(
+        120.0, ge=40, description="An outage of an HTTP server (MLflow, Prefect) ends a run within this many "
+                                  "seconds, client and task retries included.")
     work_lock_timeout_s: float = Field(
         10.0, ge=0, description="How long a flow waits for another writer of the same work directory before "
                                 "it fails with the holder's name.")

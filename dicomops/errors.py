@@ -26,3 +26,7 @@ class RegistryUnavailableError(DicomOpsError):
 
 class WorkDirLockedError(DicomOpsError):
     """Another process is writing the same work directory."""
+
+
+class ServerUnreachableError(DicomOpsError):
+    """A server the command needs does not answer; the message names it, its setting and the fix."""

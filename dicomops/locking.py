@@ -54,7 +54,7 @@ def hold(work: Path, holder: str, timeout: float = 10.0) -> Iterator[None]:
         except Timeout as err:
             who = describe_holder(work) or "another process (no description recorded)"
             raise WorkDirLockedError(
-                f"{layout.root} is being written by {who}; waited {timeout:.0f} s. Wait for it to finish, "
+                f"{layout.root} is being written by {who}; waited {timeout:g} s. Wait for it to finish, "
                 f"use another --work, or raise DICOMOPS_WORK_LOCK_TIMEOUT_S to wait longer") from err
         _holder_file(key).write_text(f"{holder} (pid {os.getpid()} on {socket.gethostname()}, since "
                                      f"{dt.datetime.now(dt.UTC).isoformat(timespec='seconds')})\n")

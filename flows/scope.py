@@ -1,5 +1,6 @@
-"""What every flow does around its body: hold the work directory, and end its MLflow run FAILED on
-any exception or interrupt (FINISHED otherwise)."""
+"""What every flow does around its body: check its servers and bound their clients' retries, hold
+the work directory, and end its MLflow run FAILED on any exception or interrupt (FINISHED
+otherwise)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ from pathlib import Path
 
 from dicomops import locking
 from dicomops.config import Settings
+from dicomops.preflight import preflight, reachable
 from tasks.tracking import close_run
 
 
 @contextmanager
 def writing(work: Path, flow: str, settings: Settings) -> Iterator[Path]:
-    """Hold `work`'s lock (re-entrant: a subflow on the same work directory does not wait)."""
+    """Preflight the servers, then hold `work`'s lock (re-entrant: a subflow on the same work
+    directory does not wait)."""
+    preflight(settings)
     with locking.hold(work, flow, settings.work_lock_timeout_s):
         yield Path(work)
 
@@ -25,6 +29,10 @@ def tracked(tracking_uri: str, run_id: str) -> Iterator[str]:
     try:
         yield run_id
     except BaseException:
-        close_run(tracking_uri, run_id, "FAILED")
+        if reachable(tracking_uri):
+            close_run.with_options(retries=0)(tracking_uri, run_id, "FAILED")
+        else:  # closing it would spend another retry budget on a server that is down
+            print(f"MLflow at {tracking_uri} does not answer: run {run_id} stays RUNNING there; "
+                  "the next run of this flow starts a new one")
         raise
     close_run(tracking_uri, run_id)

@@ -38,7 +38,10 @@ def _config(source: Path) -> PipelineConfig:
     return PipelineConfig(
         ingest=IngestConfig(workers=1),
         preprocess=PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0), crop_xy=160, workers=1),
-        train=TrainConfig(epochs=1, input_size=32, batch_size=16, num_workers=0, model_name=NAME, min_auc=0.0),
+        # The gate's outcomes are fixed: the first version has no champion to beat and min_auc 0, so it
+        # is promoted; a later one would have to beat it by more than 1.0 AUC, so it waits for review.
+        train=TrainConfig(epochs=1, input_size=32, batch_size=16, num_workers=0, model_name=NAME, min_auc=0.0,
+                          promotion_margin=1.0),
         export=ExportConfig(parity_samples=16, calibration_samples=16, max_batch=8, preferred_batch_sizes=(8,),
                             int8_max_auc_drop=1.0),
         monitor=MonitorConfig(training_source=source, min_series=8),
@@ -84,6 +87,9 @@ def test_monitor_alerts_and_retrains_once_and_leaves_same_distribution_alone(tmp
     work = tmp_path / "work"
     trained = pipeline(src=source, config=cfg, work=work)
     client = mlflow.tracking.MlflowClient(mlflow_env)
+    first = client.get_model_version(NAME, str(trained["model_version"]))
+    assert first.tags["promotion.decision"] == "auto-promoted"
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == str(first.version)
     registry.promote(mlflow_env, NAME, trained["model_version"], "test")
     champion = client.get_model_version_by_alias(NAME, "champion")
     assert champion.tags[TAG] == f"runs:/{champion.run_id}/monitoring/reference.parquet"
@@ -107,7 +113,9 @@ def test_monitor_alerts_and_retrains_once_and_leaves_same_distribution_alone(tmp
     assert retrained["status"] == "retrained" and retrained["sources"] == 4  # corpus + the three labelled batches
     version = client.get_model_version(NAME, str(retrained["version"]))
     assert version.tags["trigger"] == "drift" and version.tags["monitoring_run_id"] == shifted["monitoring_run_id"]
-    assert version.tags["promotion.decision"] in ("auto-promoted", "awaiting-review")
+    assert version.tags["promotion.decision"] == "awaiting-review" and retrained["promoted"] is False
+    assert "not above margin 1.0000" in version.tags["promotion.reasons"]
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == str(first.version)
     assert version.tags["export.onnx.sha256"]
     records = alerts.read_alerts(work)
     assert len(records) == 1 and records[0]["monitoring_run_id"] == shifted["monitoring_run_id"]

@@ -227,3 +227,75 @@ def test_the_cli_finds_every_flow_through_the_entry_point() -> None:
     assert {name: load(name).name for name in FLOWS} == {name: f"dicomops-{name}" for name in FLOWS}
     with pytest.raises(ValueError, match="unknown flow 'serve'"):
         load("serve")
+
+
+def test_only_the_layout_spells_the_work_directory() -> None:
+    import re
+
+    names = re.compile(r'"(preprocessed|splits|folds\.json|accepted\.parquet|index\.parquet|slabs\.parquet|'
+                       r'features\.parquet|oof_predictions\.parquet|state\.json|alerts\.jsonl|\.stages|deid)"')
+    offenders = [f"{p.relative_to(ROOT)}:{i}" for folder in ("dicomops", "tasks", "flows")
+                 for p in sorted((ROOT / folder).rglob("*.py")) if p.name != "layout.py"
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if names.search(line)]
+    assert offenders == []
+
+
+def test_the_layout_owns_the_paths_the_stages_share(tmp_path: Path) -> None:
+    layout = WorkLayout(tmp_path)
+    assert layout.preprocessed.volume("volumes/abc.npz") == tmp_path / "preprocessed/volumes/abc.npz"
+    assert layout.preprocessed.entry("abc") == tmp_path / "preprocessed/volumes/abc.npz"
+    assert layout.batch("b1").ingest.summary == tmp_path / "monitoring/batches/b1/ingest/summary.json"
+    assert layout.export_dir("3") == tmp_path / "export/v3"
+    assert layout.stage_outputs("ingest") == [tmp_path / "ingest/accepted.parquet", tmp_path / "ingest/summary.json",
+                                              tmp_path / "deid"]
+    with pytest.raises(FileNotFoundError, match=r"run 'dicomops train --work .*' to make the split"):
+        layout.read_folds()
+    with pytest.raises(FileNotFoundError, match=r"preprocessed/index.parquet does not exist; run 'dicomops preprocess"):
+        layout.labelled_series()
+
+
+def test_the_http_budget_bounds_one_retried_call() -> None:
+    from dicomops import preflight
+
+    for bound in (40, 120, 600):
+        env = preflight.http_budget(bound)
+        retries, timeout = int(env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]), float(env["MLFLOW_HTTP_REQUEST_TIMEOUT"])
+        factor, jitter = int(env["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"]), float(env["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"])
+        per_call = (retries + 1) * timeout + sum(factor * 2**i for i in range(1, retries)) + retries * jitter
+        worst = preflight.TASK_ATTEMPTS * per_call + preflight.TASK_RETRY_DELAYS_S + preflight.PROBE_TIMEOUT_S
+        assert worst <= bound, (bound, env)
+    assert preflight.http_budget(120)["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "10"  # not MLflow's 120 s
+    with pytest.raises(ValueError, match="DICOMOPS_HTTP_BUDGET_S=10 is too short"):
+        preflight.http_budget(10)
+
+
+def test_the_cli_names_a_server_that_does_not_answer(tmp_path: Path) -> None:
+    import socket
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    hung = socket.socket()  # listens, never answers: a server stuck at start-up
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(1)
+    cases = [({"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}, "MLflow tracking server", "MLFLOW_TRACKING_URI",
+              "bash mlflow/server.sh", "ConnectionRefusedError"),
+             ({"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{hung.getsockname()[1]}"}, "MLflow tracking server",
+              "MLFLOW_TRACKING_URI", "bash mlflow/server.sh", "timed out"),
+             ({"PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}, "Prefect API", "PREFECT_API_URL",
+              "dicomops serve", "ConnectionRefusedError")]
+    try:
+        for env, server, variable, fix, why in cases:
+            start = time.monotonic()
+            out = subprocess.run([sys.executable, "-m", "dicomops.cli", "ingest", str(tmp_path), "--work",
+                                  str(tmp_path / "w")], env={**__import__("os").environ, **env},
+                                 capture_output=True, text=True, timeout=60)
+            assert time.monotonic() - start < 15
+            assert out.returncode == 2, out.stderr
+            line = out.stderr.strip()
+            assert "\n" not in line, line  # one line
+            assert server in line and f"(from {variable})" in line and fix in line and why in line, line
+    finally:
+        hung.close()
+    assert not (tmp_path / "w").exists()

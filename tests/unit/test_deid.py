@@ -161,7 +161,10 @@ def test_reid_key_only_outside_work(tmp_path: Path) -> None:
         write_reid_key(src, tmp_path / "work", inside, KEY)
     outside = IngestConfig(deid=DeidConfig(reid_key_path=tmp_path / "vault" / "key.csv"))
     path = write_reid_key(src, tmp_path / "work", outside, KEY)
-    assert path is not None
+    assert path == (tmp_path / "vault" / "key.csv").resolve()
+    assert path.stat().st_mode & 0o777 == 0o600  # the one file linking pseudonyms to patients: owner only
+    assert not (tmp_path / "work").exists()
+    assert write_reid_key(src, tmp_path / "work", IngestConfig(), KEY) is None  # no path configured: no key file
     table = pd.read_csv(path)
     assert table.PatientID.tolist() == ["MRN1", "MRN2"]
     assert table.pseudonym.tolist() == [KeyedMapper(KEY).pseudonym(p) for p in ("MRN1", "MRN2")]

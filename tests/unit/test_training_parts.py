@@ -136,7 +136,10 @@ def test_promotion_gate_decisions() -> None:
     assert not decide_promotion(small_gain, champion, margin=0.005).promote
     vendor_drop = ModelScore(0.97, {"ge": 0.99, "siemens": 0.90})
     decision = decide_promotion(vendor_drop, champion, vendor_tolerance=0.02)
-    assert not decision.promote and any("siemens" in r for r in decision.reasons)
+    assert not decision.promote
+    # the gain itself is fine; siemens (0.94 -> 0.90) is the one vendor blamed, ge (0.96 -> 0.99) is not
+    assert [r.split(":")[0] for r in decision.reasons if r.startswith(("ge", "siemens"))] == ["siemens"]
+    assert decision.tags()["promotion.decision"] == "awaiting-review"
     missing = ModelScore(0.99, {"ge": 0.99})
     assert not decide_promotion(missing, champion).promote
     assert decide_promotion(ModelScore(0.9), None, min_auc=0.8).promote
