@@ -169,6 +169,7 @@ def ingest(
 ) -> None:
     """Run the ingest gate: index headers, validate, check geometry, quarantine, de-identify."""
     from dicomops.errors import GateFailedError
+
     if not src.is_dir():
         raise typer.BadParameter(f"{src} is not a folder of DICOM files")
     cfg = _with_overrides(_pipeline_config(config).ingest,

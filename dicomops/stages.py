@@ -52,12 +52,16 @@ def code_hash(*modules: str) -> str:
     """sha256 over the source of the named modules (a package counts with every module file under
     it), found without importing them."""
     digest = hashlib.sha256()
-    root = Path(_source_files("dicomops")[0]).parent.parent
+    root = Path(__file__).resolve().parent.parent  # paths are hashed relative to the project
     for name in modules:
         for path in _source_files(name):
             digest.update(str(path.relative_to(root) if path.is_relative_to(root) else path.name).encode())
-            digest.update(path.read_bytes())
+            digest.update(_read_source(path))
     return digest.hexdigest()
+
+
+def _read_source(path: Path) -> bytes:
+    return path.read_bytes()
 
 
 def stage_key(stage: str, inputs: dict[str, Any]) -> str:

@@ -29,10 +29,13 @@ def tracked(tracking_uri: str, run_id: str) -> Iterator[str]:
     try:
         yield run_id
     except BaseException:
-        if reachable(tracking_uri):
-            close_run.with_options(retries=0)(tracking_uri, run_id, "FAILED")
-        else:  # closing it would spend another retry budget on a server that is down
+        if not reachable(tracking_uri):  # closing it would spend another retry budget on a dead server
             print(f"MLflow at {tracking_uri} does not answer: run {run_id} stays RUNNING there; "
                   "the next run of this flow starts a new one")
+            raise
+        try:
+            close_run.with_options(retries=0)(tracking_uri, run_id, "FAILED")
+        except Exception as close_error:  # the flow's own error is the one to report
+            print(f"could not mark run {run_id} FAILED: {close_error}")
         raise
     close_run(tracking_uri, run_id)

@@ -118,19 +118,16 @@ def test_the_monitor_does_not_report_an_outage_as_a_missing_alias(tmp_path: Path
 
 
 def _edited_source(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, module_file: str, old: str, new: str) -> None:
-    """Make the code hash see `module_file` with `old` replaced by `new`, as after an edit."""
-    real = stages._source_files
-    original = ROOT / module_file
-    text = original.read_text()
-    assert old in text
-    edited = tmp_path / "edited" / original.name
-    edited.parent.mkdir(parents=True, exist_ok=True)
-    edited.write_text(text.replace(old, new))
+    """Make the code hash read `module_file` with `old` replaced by `new`, as after an edit."""
+    real = stages._read_source
+    original = (ROOT / module_file).resolve()
+    text = original.read_bytes()
+    assert old.encode() in text
 
-    def source_files(name: str) -> list[Path]:
-        return [edited if p == original else p for p in real(name)]
+    def read_source(path: Path) -> bytes:
+        return text.replace(old.encode(), new.encode()) if path.resolve() == original else real(path)
 
-    monkeypatch.setattr(stages, "_source_files", source_files)
+    monkeypatch.setattr(stages, "_read_source", read_source)
 
 
 def test_a_change_to_feature_code_recomputes_the_cached_series(clean_corpus: Path, tmp_path: Path,
