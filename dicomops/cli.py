@@ -48,12 +48,62 @@ def _flow(name: str, dask_address: str | None = None) -> Any:
         )
 
         try:
-            return flow(**parameters)
+            return _run_despite_lost_api(flow, parameters)
         except (WorkDirLockedError, RegistryUnavailableError, ServerUnreachableError) as err:
             console.print(f"[red]{name} stopped:[/] {escape(str(err))}")
             raise typer.Exit(2) from err
 
     return call
+
+
+def _run_despite_lost_api(flow: Any, parameters: dict[str, Any]) -> Any:
+    """Call `flow`; the exit code follows the flow body's own result, not Prefect's bookkeeping.
+
+    When the body has returned but Prefect's API is gone before the final state is recorded (the
+    ephemeral server stopped or died at the end of a long run), Prefect raises a connection error
+    in place of the result. The work is done: warn and return the body's result.
+    """
+    import functools
+    import inspect
+
+    import httpx
+
+    body, finished = flow.fn, []
+
+    @functools.wraps(body)
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        finished.append(body(*args, **kwargs))
+        return finished[-1]
+
+    # Prefect validates parameters against this signature in this module's namespace: resolve the
+    # body's string annotations now, in its own.
+    recorded.__signature__ = inspect.signature(body, eval_str=True)  # type: ignore[attr-defined]
+    flow.fn = recorded
+    try:
+        return flow(**parameters)
+    except httpx.TransportError as err:
+        if not finished:
+            raise
+        console.print(f"[yellow]warning:[/] the flow finished, but Prefect's API did not record its final "
+                      f"state ({type(err).__name__}: {escape(str(err))}); its outputs are complete")
+        return finished[-1]
+    finally:
+        flow.fn = body
+
+
+# Telemetry switches: Prefect's server heartbeat (which also writes to the ephemeral server's SQLite
+# database and shows up as 'database is locked'), Prefect's client analytics, MLflow and GX.
+TELEMETRY_OFF = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+                 "MLFLOW_DISABLE_TELEMETRY": "true", "GX_ANALYTICS_ENABLED": "false"}
+
+
+@app.callback()
+def _telemetry_off() -> None:
+    """Turn telemetry off before any command imports Prefect, MLflow or GX (an explicit setting wins)."""
+    import os
+
+    for name, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(name, value)
 
 
 def _preflight() -> None:

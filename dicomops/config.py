@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -272,8 +273,9 @@ class Settings(BaseSettings):
         validation_alias="MLFLOW_TRACKING_URI",
     )
     mlflow_artifact_root: Path | None = Field(
-        None, description="Where new experiments keep artifacts. Default: mlflow/artifacts beside the embedded "
-                          "SQLite store; with a tracking server, the server's own artifact store.")
+        None, description="Where new experiments keep artifacts. Default: the folder 'artifacts' beside the "
+                          "embedded store the tracking URI names (the SQLite file, or a file store's folder); "
+                          "with a tracking server, the server's own artifact store.")
     deid_key: SecretStr | None = Field(
         None, description="Secret for UID remapping and pseudonyms; required outside the demo."
     )
@@ -284,10 +286,49 @@ class Settings(BaseSettings):
         10.0, ge=0, description="How long a flow waits for another writer of the same work directory before "
                                 "it fails with the holder's name.")
 
+    @field_validator("mlflow_artifact_root", mode="before")
+    @classmethod
+    def _blank_root_is_unset(cls, value: Any) -> Any:
+        # An empty DICOMOPS_MLFLOW_ARTIFACT_ROOT would otherwise be Path(""), the current directory.
+        return None if isinstance(value, str) and not value.strip() else value
+
+
+def embedded_store_path(tracking_uri: str) -> Path | None:
+    """The file or folder of the embedded store `tracking_uri` names, absolute; None for a server.
+
+    ``sqlite:///rel.db`` is relative to the current directory and ``sqlite:////abs.db`` absolute, as
+    SQLAlchemy reads them; ``file:`` URIs and bare paths are MLflow file stores.
+
+    Raises:
+        ValueError: an in-memory SQLite URI, which has no place for artifacts to sit beside.
+    """
+    uri = tracking_uri.strip()
+    if uri.startswith("sqlite:"):
+        database = uri[len("sqlite:"):].removeprefix("//").removeprefix("/").split("?", 1)[0]
+        database = database.removeprefix("file:")  # SQLite's own URI filenames (?uri=true)
+        if not database or database == ":memory:":
+            raise ValueError(f"MLFLOW_TRACKING_URI {tracking_uri!r} is an in-memory SQLite store; name a file "
+                             "(sqlite:////abs/path/mlflow.db) or set DICOMOPS_MLFLOW_ARTIFACT_ROOT")
+        return Path(database).absolute()
+    parts = urlsplit(uri)
+    if parts.scheme == "file" and parts.netloc in ("", "localhost"):
+        return Path(unquote(parts.path)).absolute()
+    if not parts.scheme and uri and uri not in ("databricks", "databricks-uc"):  # MLflow's bare names
+        return Path(uri).absolute()
+    return None
+
 
 def load_settings() -> Settings:
-    """Read the settings now (call it when a flow or command starts, not at import)."""
+    """Read the settings now (call it when a flow or command starts, not at import).
+
+    Without DICOMOPS_MLFLOW_ARTIFACT_ROOT, an embedded store keeps its artifacts in the folder
+    ``artifacts`` beside it: ``sqlite:///<project>/mlflow/mlflow.db`` -> ``<project>/mlflow/artifacts``
+    (what ``make clean`` removes and ``mlflow/server.sh`` serves).
+    """
     settings = Settings()
-    if settings.mlflow_artifact_root is None and settings.mlflow_tracking_uri.startswith(("sqlite:", "file:")):
-        return settings.model_copy(update={"mlflow_artifact_root": _project_dir() / "mlflow" / "artifacts"})
-    return settings
+    if settings.mlflow_artifact_root is not None:
+        return settings.model_copy(update={"mlflow_artifact_root": settings.mlflow_artifact_root.absolute()})
+    store = embedded_store_path(settings.mlflow_tracking_uri)
+    if store is None:
+        return settings
+    return settings.model_copy(update={"mlflow_artifact_root": store.parent / "artifacts"})

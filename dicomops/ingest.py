@@ -72,7 +72,10 @@ def index_headers(src: Path, work: Path, cfg: IngestConfig, key: bytes, progress
                         progress=progress, dask_address=cfg.dask_address)
     good = [r for r in rows if r.get("reason") is None]
     bad = [{k: r.get(k, "") for k in QUARANTINE_COLUMNS} for r in rows if r.get("reason") is not None]
-    index = pd.DataFrame(good).drop(columns=["reason"], errors="ignore")
+    # Without a single readable file the index still has its key column, so later steps see an empty
+    # table rather than one without columns, and the gate reports the quarantine instead of crashing.
+    index = pd.DataFrame(good).drop(columns=["reason"], errors="ignore") if good else \
+        pd.DataFrame({c: pd.Series(dtype=str) for c in ("source_path", "SOPInstanceUID", "SeriesInstanceUID")})
     io.write_csv(paths.index_quarantine, pd.DataFrame(bad, columns=QUARANTINE_COLUMNS))
     io.write_json(paths.files, {"files": len(files)})
     return io.write_parquet(paths.index, index)
@@ -96,7 +99,7 @@ def validate_headers(work: Path, cfg: IngestConfig) -> Path:
             first_failure.setdefault(row, name)
     rejected = pd.DataFrame(
         [{"source_path": index.iloc[i]["source_path"], "reason": f"expectation:{name}",
-          "detail": "failed a critical expectation"} for i, name in sorted(first_failure.items())],
+          "detail": outcome.failed_details[name][i]} for i, name in sorted(first_failure.items())],
         columns=QUARANTINE_COLUMNS)
     return io.write_csv(paths.validation_quarantine, rejected)
 

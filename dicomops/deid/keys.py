@@ -56,7 +56,10 @@ class KeyedMapper:
             return MALFORMED_DATE
         if len(text) != 8:
             return MALFORMED_DATE
-        return (date - dt.timedelta(days=self.date_offset_days(patient_id))).strftime("%Y%m%d")
+        try:
+            return (date - dt.timedelta(days=self.date_offset_days(patient_id))).strftime("%Y%m%d")
+        except OverflowError:  # a year within a decade of 0001 cannot be shifted back
+            return MALFORMED_DATE
 
     def shift_datetime(self, value: str, patient_id: str) -> str:
         """Shift the date part of a DT value and keep its time part."""

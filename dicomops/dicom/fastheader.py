@@ -46,11 +46,18 @@ class FastHeader:
             self._decoded[keyword] = self._decode(keyword)
         return self._decoded[keyword]
 
+    def has(self, keyword: str) -> bool:
+        """Whether the element is present at the top level, even with an empty value."""
+        return keyword_tag(keyword) in self._values
+
     def _decode(self, keyword: str) -> list[Any] | None:
-        found = self._values.get(keyword_tag(keyword))
+        tag = keyword_tag(keyword)
+        found = self._values.get(tag)
         if found is None:
             return None
         vr, value = found
+        if vr == "UN":  # explicit VR UN (PS3.5 6.2.2): encoded as its dictionary VR
+            vr = _vr(tag)
         rep = self._values.get(0x00280103)
         return decode_value(vr, value, little_endian=True, signed=rep is not None and rep[1][:1] == b"\x01")
 
@@ -98,15 +105,11 @@ def read_fast(path: str, wanted: Iterable[str], size: int) -> FastHeader | None:
     tags = frozenset(keyword_tag(k) for k in wanted)
     with open(path, "rb") as fh:
         buf = fh.read(HEADER_BYTES)
-        parsed = _parse(buf, tags, size)
-        if parsed is None:
-            return None
-        syntax, values, pixel, delimiter_at = parsed
-        if pixel is not None and pixel[0] is None:
-            fh.seek(size - 8)
-            if fh.read(8) != b"\xfe\xff\xdd\xe0\x00\x00\x00\x00":
-                return None  # let the careful path name the truncation
-        del delimiter_at
+    parsed = _parse(buf, tags, size)
+    if parsed is None:
+        return None
+    # Encapsulated pixel data is not checked here: the caller walks its items (reader._scan_encapsulated).
+    syntax, values, pixel, _ = parsed
     return FastHeader(syntax, values, pixel, size)
 
 

@@ -24,11 +24,13 @@ import pydicom
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.encaps import parse_basic_offsets, parse_fragments
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info
 from pydicom.tag import Tag
 from pydicom.uid import (
     UID,
+    CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -37,19 +39,29 @@ from pydicom.uid import (
 
 from dicomops.deid.keys import KeyedMapper
 from dicomops.dicom.fastheader import decode_value, keyword_tag, read_fast
+from dicomops.validation.dates import STUDY_DATE_VERDICT, da_verdict
 
 PREAMBLE = 128
 EXECUTABLE_MAGIC = (b"MZ", b"\x7fELF")
 SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+TRAILING_PADDING_TAG = b"\xfc\xff\xfc\xff"  # (FFFC,FFFC) Data Set Trailing Padding, PS3.5 7.1
+# Groups a dataset without preamble may start with: file meta, or the SOP Common/General Study group.
+FIRST_GROUPS = (0x0002, 0x0008)
+_VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL "
+                 b"UN UR US UT UV".split())
+# Storage SOP classes the gate turns into volumes: single-frame CT Image Storage. Multi-frame
+# Enhanced CT would need per-frame functional groups for geometry, which the index does not read.
+SUPPORTED_SOP_CLASSES = (CTImageStorage,)
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 PIXEL_DATA_TAG_BE = b"\x7f\xe0\x00\x10"
 _DEFLATED = DeflatedExplicitVRLittleEndian.encode()
 NATIVE_SYNTAXES = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian,
                    DeflatedExplicitVRLittleEndian}
 
-# Tags a file must carry to be usable at all; their absence is `missing_tag:<Keyword>`.
+# Tags a file must carry to be usable at all; their absence is `missing_tag:<Keyword>`. StudyDate is
+# Type 2 (may be empty, as in the CQ500 files): its verdict column says whether it is valid or empty.
 REQUIRED_TAGS = (
-    "SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID", "StudyDate",
+    "SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID",
     "Modality", "Manufacturer", "PixelSpacing", "SliceThickness", "Rows", "Columns", "BitsAllocated",
     "BitsStored", "PixelRepresentation", "RescaleSlope", "RescaleIntercept", "ImagePositionPatient",
     "ImageOrientationPatient",
@@ -64,7 +76,7 @@ FLOAT_COLUMNS = ("SliceThickness", "SpacingBetweenSlices", "KVP", "RescaleSlope"
                  "XRayTubeCurrent", "GantryDetectorTilt", "PatientSize", "PatientWeight")
 # Every tag the index row reads; the fast reader keeps exactly these.
 WANTED_KEYWORDS = tuple(sorted(set(REQUIRED_TAGS) | set(UID_COLUMNS) | set(TEXT_COLUMNS) | set(INT_COLUMNS)
-                               | set(FLOAT_COLUMNS) | {"ImageType", "WindowCenter", "WindowWidth"}))
+                               | set(FLOAT_COLUMNS) | {"ImageType", "WindowCenter", "WindowWidth", "StudyDate"}))
 
 
 @dataclass(frozen=True)
@@ -77,6 +89,7 @@ class ReadLimits:
     max_rows_columns: int = 8192
     defer_size: int = 64 * 1024
     allowed_modalities: tuple[str, ...] = ("CT",)
+    supported_sop_classes: tuple[str, ...] = SUPPORTED_SOP_CLASSES
 
 
 class Rejected(Exception):
@@ -119,10 +132,17 @@ def _inspect(path: Path, source_path: str, mapper: KeyedMapper, limits: ReadLimi
         raise Rejected("bad_value:file_size", f"{size} bytes exceeds {limits.max_file_bytes}")
     with path.open("rb") as fh:
         head = fh.read(PREAMBLE + 4)
-        if len(head) < PREAMBLE + 4 or head[PREAMBLE:] != b"DICM":
-            raise Rejected("not_dicom", "no DICM prefix after the 128-byte preamble")
-        executable_preamble = head[:4].startswith(EXECUTABLE_MAGIC)
-        fast = read_fast(str(path), WANTED_KEYWORDS, size)
+        preamble = len(head) == PREAMBLE + 4 and head[PREAMBLE:] == b"DICM"
+        warned: list[str] = []
+        if not preamble:
+            # PS3.10 requires the preamble in files, but pydicom reads datasets without one
+            # (force=True); accept them only when they start like a dataset.
+            if not _starts_like_dataset(head, size):
+                raise Rejected("not_dicom", "no DICM prefix after the 128-byte preamble, and the file "
+                               "does not start with a DICOM data element")
+            warned.append("no_preamble")
+        executable_preamble = preamble and head[:4].startswith(EXECUTABLE_MAGIC)
+        fast = read_fast(str(path), WANTED_KEYWORDS, size) if preamble else None
         if fast is not None:
             syntax = UID(fast.syntax)
             if not syntax.is_transfer_syntax:
@@ -131,12 +151,13 @@ def _inspect(path: Path, source_path: str, mapper: KeyedMapper, limits: ReadLimi
                 raise Rejected("unsupported_transfer_syntax", f"no decoder installed for {syntax.name}")
             pixel = None
             if fast.pixel is not None:
-                length, start = fast.pixel
-                pixel = PixelElement(length, size - start, True)
-            return _index_row(fast, syntax, pixel, source_path, mapper, limits, executable_preamble, size)
+                pixel = _pixel_element(fh, fast.pixel[0], fast.pixel[1], size)
+            return _index_row(fast, syntax, pixel, source_path, mapper, limits, executable_preamble, size,
+                              warned)
+        dataset_start = PREAMBLE + 4 if preamble else 0
         # The file meta group is small; a deflated dataset must be bounded before pydicom inflates it.
         if _DEFLATED in head + fh.read(1024):
-            fh.seek(PREAMBLE + 4)
+            fh.seek(dataset_start)
             try:
                 meta = _read_file_meta_info(fh)  # leaves fh at the start of the dataset
             except Exception as err:
@@ -146,10 +167,11 @@ def _inspect(path: Path, source_path: str, mapper: KeyedMapper, limits: ReadLimi
         fh.seek(0)
         try:
             with _warnings_silenced():
-                ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=limits.defer_size)
+                ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=limits.defer_size,
+                                     force=not preamble)
         except InvalidDicomError as err:
             raise Rejected("not_dicom", "pydicom refused the file") from err
-        syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
+        syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", ""))) if preamble else _guessed_syntax(ds)
         if not syntax or not syntax.is_transfer_syntax:
             raise Rejected("unsupported_transfer_syntax", "missing or unknown TransferSyntaxUID")
         if syntax.is_compressed and not _decoder_available(syntax):
@@ -158,7 +180,36 @@ def _inspect(path: Path, source_path: str, mapper: KeyedMapper, limits: ReadLimi
         if syntax != DeflatedExplicitVRLittleEndian:  # offsets there are into the inflated stream
             _check_declared_lengths(ds, size)
         pixel = _pixel_data_element(fh, header_end, size, syntax)
-    return _index_row(_DatasetHeader(ds), syntax, pixel, source_path, mapper, limits, executable_preamble, size)
+    return _index_row(_DatasetHeader(ds), syntax, pixel, source_path, mapper, limits, executable_preamble,
+                      size, warned)
+
+
+def _starts_like_dataset(head: bytes, size: int) -> bool:
+    """Whether a file without preamble begins with a plausible little-endian data element.
+
+    Text, random bytes and other formats fail here, so they stay ``not_dicom`` without pydicom
+    guessing a dataset out of noise.
+    """
+    if len(head) < 12:
+        return False
+    group, _ = struct.unpack_from("<HH", head)
+    if group not in FIRST_GROUPS:
+        return False
+    if head[4:6] in _VRS:  # explicit VR
+        return True
+    length = struct.unpack_from("<I", head, 4)[0]  # implicit VR: a short first value
+    return group != 0x0002 and length <= min(size - 8, 1024)
+
+
+def _guessed_syntax(ds: Dataset) -> UID:
+    """The transfer syntax of a dataset read with force=True: its file meta's, else pydicom's guess."""
+    declared = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if declared:
+        return UID(str(declared))
+    implicit, little = ds.original_encoding
+    if little:
+        return ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    return ExplicitVRBigEndian if not implicit else UID("")
 
 
 @functools.lru_cache(maxsize=64)
@@ -208,7 +259,9 @@ def _check_declared_lengths(ds: Dataset, size: int) -> None:
 class PixelElement:
     length: int | None  # None: undefined length (encapsulated)
     available: int  # bytes of the file after the element header
-    delimited: bool  # encapsulated data ends with a sequence delimiter
+    fragments: int = 0  # encapsulated: fragment items after the Basic Offset Table
+    problem: tuple[str, str] | None = None  # encapsulated: (reason, detail) when the items are unsound
+    trailing: int = 0  # bytes after the sequence delimiter that are not Data Set Trailing Padding
 
 
 def _pixel_data_element(fh: Any, at: int, size: int, syntax: UID) -> PixelElement | None:
@@ -227,11 +280,61 @@ def _pixel_data_element(fh: Any, at: int, size: int, syntax: UID) -> PixelElemen
     else:
         length = struct.unpack(">H" if big else "<H", head[6:8])[0]
         header = 8
-    available = size - at - header
-    if length == 0xFFFFFFFF:
-        fh.seek(size - 8)
-        return PixelElement(None, available, fh.read(8) == SEQUENCE_DELIMITER)
-    return PixelElement(length, available, True)
+    return _pixel_element(fh, None if length == 0xFFFFFFFF else length, at + header, size)
+
+
+def _pixel_element(fh: Any, length: int | None, start: int, size: int) -> PixelElement:
+    """Describe the PixelData value starting at `start`; encapsulated items are walked, not read."""
+    if length is not None:
+        return PixelElement(length, size - start)
+    fragments, problem, trailing = _scan_encapsulated(fh, start, size)
+    return PixelElement(None, size - start, fragments, problem, trailing)
+
+
+def _scan_encapsulated(fh: Any, start: int, size: int) -> tuple[int, tuple[str, str] | None, int]:
+    """Walk the item headers of encapsulated pixel data (PS3.5 A.4) with pydicom's parsers.
+
+    Returns (fragment count, (reason, detail) or None, bytes after the sequence delimiter that are
+    not a Data Set Trailing Padding element). Only item headers are read, never the compressed
+    frames, so this costs a few reads per file whatever the image size.
+    """
+    fh.seek(start)
+    bot = fh.read(8)
+    if len(bot) < 8:
+        return 0, ("truncated", "encapsulated pixel data ends before its Basic Offset Table item"), 0
+    tag, bot_length = struct.unpack("<II", bot)
+    if tag != 0xE000FFFE:
+        return 0, ("bad_value:PixelData", "encapsulated pixel data does not start with the Basic "
+                   "Offset Table item (FFFE,E000)"), 0
+    if bot_length == 0xFFFFFFFF or start + 8 + bot_length > size:
+        return 0, ("truncated", f"the Basic Offset Table declares {bot_length} bytes, "
+                   f"{size - start - 8} present"), 0
+    fh.seek(start)
+    try:
+        parse_basic_offsets(fh)  # leaves fh at the first fragment item
+        count, offsets = parse_fragments(fh)
+    except (ValueError, struct.error) as err:
+        return 0, ("bad_value:PixelData", f"malformed encapsulated pixel data: {err}"), 0
+    if count == 0:
+        return 0, ("truncated", "encapsulated pixel data has no fragment items"), 0
+    last = offsets[-1]
+    fh.seek(last + 4)
+    last_length = struct.unpack("<I", fh.read(4))[0]
+    end = last + 8 + last_length
+    if end > size:
+        return count, ("truncated", f"fragment item {count} declares {last_length} bytes, "
+                       f"{size - last - 8} present, and no sequence delimiter follows"), 0
+    fh.seek(end)
+    if fh.read(8) != SEQUENCE_DELIMITER:
+        if end + 8 > size:
+            return count, ("truncated", f"the file ends after fragment item {count} without the "
+                           "sequence delimiter (FFFE,E0DD)"), 0
+        return count, ("bad_value:PixelData", f"the sequence delimiter after fragment item {count} "
+                       "has a non-zero length"), 0
+    trailing = size - end - 8
+    if trailing and fh.read(4) == TRAILING_PADDING_TAG:
+        trailing = 0  # Data Set Trailing Padding is legal after the last element
+    return count, None, trailing
 
 
 class _DatasetHeader:
@@ -243,9 +346,14 @@ class _DatasetHeader:
     def raw(self, keyword: str) -> list[Any] | None:
         return _raw(self.ds, keyword)
 
+    def has(self, keyword: str) -> bool:
+        return Tag(keyword_tag(keyword)) in self.ds._dict
+
 
 class HeaderSource(Protocol):
     def raw(self, keyword: str) -> list[Any] | None: ...
+
+    def has(self, keyword: str) -> bool: ...
 
 
 def _raw(ds: Dataset, keyword: str) -> list[Any] | None:
@@ -269,7 +377,9 @@ def _raw(ds: Dataset, keyword: str) -> list[Any] | None:
     rep = ds._dict.get(Tag(0x00280103))
     signed = (rep is not None and isinstance(rep.value, bytes) and len(rep.value) >= 2
               and int.from_bytes(rep.value[:2], "little" if little else "big") == 1)
-    return decode_value(elem.VR or dictionary_VR(tag), value, little, signed)
+    # Explicit VR UN (PS3.5 6.2.2): the value is encoded as its dictionary VR would be, so decode it so.
+    vr = elem.VR if elem.VR and elem.VR != "UN" else dictionary_VR(tag)
+    return decode_value(vr, value, little, signed)
 
 
 def _text(h: HeaderSource, keyword: str) -> str | None:
@@ -305,14 +415,21 @@ def _vector(h: HeaderSource, keyword: str, n: int) -> list[float] | None:
 
 def _index_row(ds: HeaderSource, syntax: UID, pixel: PixelElement | None, source_path: str,
                mapper: KeyedMapper, limits: ReadLimits, executable_preamble: bool,
-               size: int) -> dict[str, Any]:
+               size: int, warned: list[str]) -> dict[str, Any]:
+    """Check the header and build the row; `warned` collects legal-but-odd findings (``warnings``)."""
     modality = _text(ds, "Modality") or ""
     if modality and modality not in limits.allowed_modalities:
         # The value itself is not repeated: a hostile header can put anything there.
         raise Rejected("wrong_modality", f"Modality is not one of {', '.join(limits.allowed_modalities)}")
+    sop_class = _text(ds, "SOPClassUID")
+    if sop_class and sop_class not in limits.supported_sop_classes:
+        raise Rejected(*_unsupported_sop_class(sop_class, limits))
     for keyword in REQUIRED_TAGS:
         if ds.raw(keyword) is None:
-            raise Rejected(f"missing_tag:{keyword}")
+            tag = keyword_tag(keyword)
+            state = "present but empty" if ds.has(keyword) else "absent"
+            raise Rejected(f"missing_tag:{keyword}", f"{keyword} ({tag >> 16:04X},{tag & 0xFFFF:04X}) is "
+                           f"{state}; the gate needs a value")
     image_type = (_text(ds, "ImageType") or "").upper()
     if "LOCALIZER" in image_type:
         raise Rejected("bad_value:ImageType", "localizer image")
@@ -351,28 +468,56 @@ def _index_row(ds: HeaderSource, syntax: UID, pixel: PixelElement | None, source
         raise Rejected("bad_value:BitsAllocated" if bits not in (1, 8, 16, 32, 64) else "bad_value:NumberOfFrames",
                        "pixel geometry out of bounds")
     if pixel is None:
-        raise Rejected("missing_tag:PixelData")
+        raise Rejected("missing_tag:PixelData", "no PixelData (7FE0,0010) element after the header")
     if pixel.length is None:
         if not syntax.is_compressed:
-            raise Rejected("pixel_data_length", "undefined length in a native transfer syntax")
-        if not pixel.delimited:
-            raise Rejected("truncated", "encapsulated pixel data has no sequence delimiter")
+            raise Rejected("pixel_data_length", f"undefined length in a native transfer syntax ({syntax.name})")
+        if pixel.problem is not None:
+            raise Rejected(*pixel.problem)
+        if pixel.fragments < frames:
+            raise Rejected("pixel_data_length", f"{pixel.fragments} fragment items for {frames} frames "
+                           "(each frame needs at least one)")
+        if pixel.trailing:
+            warned.append(f"trailing_bytes:{pixel.trailing}")
     else:
         if pixel.length > pixel.available:
             raise Rejected("truncated", f"PixelData declares {pixel.length} bytes, {pixel.available} present")
+        if syntax.is_compressed:
+            raise Rejected("pixel_data_length", f"{syntax.name} needs encapsulated (undefined-length) "
+                           f"PixelData, found a defined length of {pixel.length} bytes")
         expected = (rows * cols * frames * samples * bits + 7) // 8
         expected += expected % 2
-        if syntax.is_compressed or pixel.length != expected:
+        if pixel.length < expected:
             raise Rejected("pixel_data_length", f"PixelData has {pixel.length} bytes, Rows x Columns x "
-                           f"BitsAllocated x frames needs {expected}")
+                           f"SamplesPerPixel x BitsAllocated x frames needs {expected} "
+                           f"({expected - pixel.length} missing)")
+        if pixel.length > expected:  # padding: pydicom and other readers ignore the excess
+            warned.append(f"pixel_data_excess:{pixel.length - expected}_bytes")
+    row["warnings"] = ";".join(warned)
 
     patient = _text(ds, "PatientID") or ""
     row["PatientID"] = mapper.pseudonym(patient)
     for keyword in UID_COLUMNS:
         raw = _text(ds, keyword)
         row[keyword] = mapper.uid(raw) if raw else None
-    row["StudyDate"] = mapper.shift_date(_text(ds, "StudyDate") or "", patient)
+    study_date = _text(ds, "StudyDate") or ""
+    row[STUDY_DATE_VERDICT] = da_verdict(study_date)  # judged before the shift; only the verdict travels
+    row["StudyDate"] = mapper.shift_date(study_date, patient) if study_date.strip() else ""
     return row
+
+
+def _unsupported_sop_class(uid: str, limits: ReadLimits) -> tuple[str, str]:
+    """Reason and detail for a SOP class the gate does not turn into volumes.
+
+    Only registered UIDs are named: a private or garbled value could carry anything.
+    """
+    known = UID(uid)
+    supported = ", ".join(UID(u).name for u in limits.supported_sop_classes)
+    if known.keyword:
+        return (f"unsupported_sop_class:{known.keyword}",
+                f"SOPClassUID is {known.name} ({uid}); the gate accepts {supported}")
+    return ("unsupported_sop_class:unknown",
+            f"SOPClassUID is not a registered DICOM SOP class; the gate accepts {supported}")
 
 
 def list_files(src: Path) -> list[tuple[str, str]]:

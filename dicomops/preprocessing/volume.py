@@ -73,17 +73,30 @@ def _windows(center: object, width: object) -> list[tuple[float, float]]:
     return list(zip(centers, widths, strict=False))
 
 
-def read_pixels(path: Path, rows: int, cols: int, bits: int, signed: int) -> np.ndarray:
+def read_pixels(path: Path, rows: int, cols: int, bits: int, signed: int,
+                bits_stored: int | None = None) -> np.ndarray:
     """One slice's stored values: native little-endian data straight from the file, anything
-    else (compressed, big endian, odd layouts) decoded by pydicom."""
+    else (compressed, big endian, odd layouts) decoded by pydicom.
+
+    PixelData longer than the matrix needs is padding the gate accepted: only the first
+    Rows x Columns values are read, and bits above BitsStored are ignored, as pydicom does
+    (scanners may leave other data there).
+    """
     if bits == 16:
         header = read_fast(str(path), (), path.stat().st_size)
-        if header is not None and header.pixel is not None and header.pixel[0] == rows * cols * 2 \
+        length, start = header.pixel if header is not None and header.pixel is not None else (None, 0)
+        if header is not None and length is not None and length >= rows * cols * 2 \
                 and not UID(header.syntax).is_compressed:
             with path.open("rb") as fh:
-                fh.seek(header.pixel[1])
+                fh.seek(start)
                 raw = fh.read(rows * cols * 2)
-            return np.frombuffer(raw, dtype="<i2" if signed else "<u2").reshape(rows, cols)
+            stored = np.frombuffer(raw, dtype="<i2" if signed else "<u2").reshape(rows, cols)
+            if bits_stored is None or not 0 < bits_stored < 16:
+                return stored
+            if signed:  # sign-extend from the top stored bit
+                shift = 16 - bits_stored
+                return (stored << shift) >> shift
+            return stored & np.uint16((1 << bits_stored) - 1)
     return pydicom.dcmread(path).pixel_array  # decodes compressed syntaxes via the installed plugins
 
 
@@ -95,7 +108,7 @@ def load_series(instances: pd.DataFrame, deid_root: Path) -> Volume:
     stored: np.ndarray | None = None
     for k, rel in enumerate(rows.deid_path):
         pixels = read_pixels(Path(deid_root) / rel, n_rows, n_cols, int(first.BitsAllocated),
-                             int(first.PixelRepresentation))
+                             int(first.PixelRepresentation), int(first.BitsStored))
         if stored is None:
             stored = np.empty((len(rows), n_rows, n_cols), dtype=pixels.dtype)
         stored[k] = pixels

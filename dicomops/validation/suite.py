@@ -2,7 +2,10 @@
 
 The table validated is the de-identified header index, so no unexpected-value sample in the Data
 Docs can carry PHI. Each expectation is critical (its failing rows are quarantined as
-``expectation:<name>``) or a warning (reported only).
+``expectation:<name>``) or a warning (reported only). A rule that must see an original value (the
+StudyDate format) is judged in the worker that reads the header; the index carries the verdict
+(``dicomops.validation.dates``) and the expectation checks that. Quarantine details name the column,
+the rule and the kind of value that failed, never the value.
 """
 
 from __future__ import annotations
@@ -14,7 +17,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+from dicomops.validation.dates import (
+    ACCEPTED,
+    NOT_JUDGED,
+    STUDY_DATE_VERDICT,
+    VERDICT_COLUMNS,
+    verdict_detail,
+)
 
 Kind = Literal["not_null", "in_set", "between", "unique", "regex"]
 ROW_ID = "row_id"
@@ -35,6 +46,9 @@ class ExpectationSpec(BaseModel):
     strict_min: bool = False
     regex: str | None = None
     mostly: float = 1.0
+    detail: str | None = Field(
+        None, description="What a failing value is, in words, for the quarantine detail "
+                          "('<column>: <detail>'); default: the rule. Never put a value from the data here.")
 
 
 REQUIRED_COLUMNS = (
@@ -48,6 +62,7 @@ REQUIRED_COLUMNS = (
 # the suite's modality expectation is built from that config field (or from this by default).
 ALLOWED_MODALITIES: tuple[str, ...] = ("CT",)
 MODALITY_EXPECTATION = "modality_allowed"
+STUDY_DATE_EXPECTATION = "study_date_format"
 
 
 def default_expectations(allowed_modalities: Sequence[str] = ALLOWED_MODALITIES) -> list[ExpectationSpec]:
@@ -73,8 +88,9 @@ def default_expectations(allowed_modalities: Sequence[str] = ALLOWED_MODALITIES)
                         min_value=0, strict_min=True),
         ExpectationSpec(name="sop_instance_uid_unique", kind="unique", column="SOPInstanceUID",
                         critical=False),
-        ExpectationSpec(name="study_date_format", kind="regex", column="StudyDate",
-                        regex=r"^(?:19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])$"),
+        # Judged on the original value before the date shift; see dicomops.validation.dates.
+        ExpectationSpec(name=STUDY_DATE_EXPECTATION, kind="in_set", column=STUDY_DATE_VERDICT,
+                        value_set=list(ACCEPTED)),
     ]
     return specs
 
@@ -86,6 +102,38 @@ class ValidationOutcome:
     table: pd.DataFrame  # one row per expectation: name, column, critical, success, unexpected
     failed_rows: dict[str, list[int]] = field(default_factory=dict)  # critical name -> row ids
     docs_index: Path | None = None
+    # critical name -> row id -> quarantine detail (column, rule, kind of value; never the value)
+    failed_details: dict[str, dict[int, str]] = field(default_factory=dict)
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:g}"
+
+
+def describe_failure(spec: ExpectationSpec, value: object = None) -> str:
+    """The quarantine detail of a row failing `spec`: ``'<column>: <what failed>'``.
+
+    `value` is read only when the column holds verdicts from a closed set (never PHI); every other
+    detail is built from the spec alone, so no value from the data can reach it.
+    """
+    from_verdict = verdict_detail(spec.column, value)
+    if from_verdict is not None:
+        return from_verdict
+    if spec.detail:
+        return f"{spec.column}: {spec.detail}"
+    if spec.kind == "not_null":
+        what = "missing or empty"
+    elif spec.kind == "in_set":
+        what = f"not one of the allowed values ({', '.join(str(v) for v in spec.value_set or [])})"
+    elif spec.kind == "between":
+        low = "" if spec.min_value is None else ("above " if spec.strict_min else "at least ") + _number(spec.min_value)
+        high = "" if spec.max_value is None else f"at most {_number(spec.max_value)}"
+        what = "a number outside the range (" + ", ".join(x for x in (low, high) if x) + ")"
+    elif spec.kind == "unique":
+        what = "a value shared with another instance (must be unique)"
+    else:
+        what = f"does not match the pattern {spec.regex}"
+    return f"{spec.column}: {what}"
 
 
 def _gx_expectation(spec: ExpectationSpec) -> Any:
@@ -124,6 +172,8 @@ def validate_table(table: pd.DataFrame, specs: list[ExpectationSpec], docs_dir: 
     for spec in specs:
         if spec.column not in frame:
             frame[spec.column] = None
+        if spec.column in VERDICT_COLUMNS:  # GX skips nulls; a missing verdict must fail, not pass
+            frame[spec.column] = frame[spec.column].astype(object).where(frame[spec.column].notna(), NOT_JUDGED)
     docs_dir = Path(docs_dir).resolve()  # GX wants an absolute base directory
     docs_dir.mkdir(parents=True, exist_ok=True)
     ctx = gx.get_context(mode="ephemeral")
@@ -148,6 +198,8 @@ def validate_table(table: pd.DataFrame, specs: list[ExpectationSpec], docs_dir: 
     result = checkpoint.run(batch_parameters={"dataframe": frame})
     rows: list[dict[str, Any]] = []
     failed: dict[str, list[int]] = {}
+    details: dict[str, dict[int, str]] = {}
+    by_name = {spec.name: spec for spec in specs}
     for run in result.run_results.values():
         for r in run.results:
             config = r.expectation_config
@@ -163,8 +215,11 @@ def validate_table(table: pd.DataFrame, specs: list[ExpectationSpec], docs_dir: 
                          "element_count": int(r.result.get("element_count") or len(frame))})
             if meta.get("critical") and not r.success:
                 failed[name] = unexpected
+                spec = by_name[name]
+                details[name] = {i: describe_failure(spec, frame.at[i, spec.column]) for i in unexpected}
     summary = pd.DataFrame(rows).sort_values("expectation", ignore_index=True)
     share = float(summary["success"].mean()) if len(summary) else 1.0
     index = docs_dir / "index.html"
     return ValidationOutcome(success=bool(result.success), success_share=share, table=summary,
-                             failed_rows=failed, docs_index=index if index.exists() else None)
+                             failed_rows=failed, docs_index=index if index.exists() else None,
+                             failed_details=details)

@@ -77,3 +77,15 @@ def test_deidentified_corpus_labels_and_masks(mixed_corpus: Path, tmp_path: Path
     # every slice index present once per series, in geometric order
     for _, group in accepted.groupby("SeriesInstanceUID"):
         assert sorted(group.slice_index) == list(range(len(group)))
+
+
+def test_a_batch_without_one_readable_file_is_quarantined_not_crashed(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "notes.txt").write_text("not an image")
+    (src / "empty.dcm").write_bytes(b"")
+    with pytest.raises(GateFailedError, match=r"2 of 2 files quarantined \(100.0%\).*Top reasons: not_dicom \(2\)"):
+        _run(src, tmp_path / "work", IngestConfig(workers=1))
+    quarantine = pd.read_csv(tmp_path / "work/ingest/quarantine.csv", keep_default_na=False)
+    assert dict(zip(quarantine.source_path, quarantine.reason, strict=True)) == {"notes.txt": "not_dicom",
+                                                                                  "empty.dcm": "not_dicom"}

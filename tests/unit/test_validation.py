@@ -14,7 +14,7 @@ def _table(n: int = 4) -> pd.DataFrame:
     row = {c: "x" for c in REQUIRED_COLUMNS}
     row.update({"PatientID": "PX-AAAA", "Modality": "CT", "PixelSpacing_0": 0.7, "PixelSpacing_1": 0.7,
                 "SliceThickness": 1.0, "KVP": 120.0, "BitsStored": 12, "RescaleSlope": 1.0,
-                "StudyDate": "20150102", "Rows": 512, "Columns": 512})
+                "StudyDate": "20150102", "StudyDate_verdict": "valid", "Rows": 512, "Columns": 512})
     rows = []
     for i in range(n):
         r = dict(row)
@@ -35,11 +35,15 @@ def test_missing_tag_and_bad_values_fail_their_expectations(tmp_path: Path) -> N
     table.loc[1, "PatientID"] = None
     table.loc[2, "SliceThickness"] = 10.0
     table.loc[3, "KVP"] = 200.0  # a warning: reported, never quarantined
-    table.loc[4, "StudyDate"] = "malformed"
+    table.loc[4, "StudyDate_verdict"] = "not_da"
     outcome = validate_table(table, default_expectations(), tmp_path / "docs")
     assert not outcome.success
     assert outcome.failed_rows == {"required_PatientID": [1], "slice_thickness_range": [2],
                                    "study_date_format": [4]}
+    assert outcome.failed_details == {
+        "required_PatientID": {1: "PatientID: missing or empty"},
+        "slice_thickness_range": {2: "SliceThickness: a number outside the range (at least 0.5, at most 5)"},
+        "study_date_format": {4: "StudyDate: not a valid DICOM DA date (YYYYMMDD)"}}
     failed = outcome.table.set_index("expectation")
     assert not failed.loc["kvp_range", "success"] and not failed.loc["kvp_range", "critical"]
     assert outcome.success_share == 1 - 4 / len(default_expectations())
