@@ -1,0 +1,45 @@
+"""Real scanner files through the ingest *flow*: the verdicts of the unit table hold, the Biograph
+series is accepted, and no PHI from those files reaches WORK, MLflow or Prefect."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import mlflow
+from dicomops.config import IngestConfig
+from dicomops.deid import scan_for_phi
+from flows.ingest import ingest
+from tests.flows.test_ingest_flow import _prefect_database
+from tests.unit.test_real_files import _needles, _subset, _write_cases, biograph  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def test_real_files_through_the_ingest_flow_leak_nothing(biograph: Path, mlflow_env: str,  # noqa: F811
+                                                         tmp_path: Path) -> None:
+    from tests.conftest import PREFECT_HOME
+
+    src = tmp_path / "src"
+    src.mkdir()
+    _subset(biograph, src / "biograph", 12)
+    expected = _write_cases(src / "single")
+    result = ingest(src=src, work=tmp_path / "work", config=IngestConfig(workers=2, max_invalid_fraction=1.0))
+    assert result["accepted_series"] == 1  # the Biograph slices; every single file is a series of one
+    quarantine = pd.read_csv(tmp_path / "work/ingest/quarantine.csv", keep_default_na=False)
+    rejected = {Path(p).name: r for p, r in zip(quarantine.source_path, quarantine.reason, strict=True)
+                if p.startswith("single/")}
+    header_verdicts = {k: r for k, (r, _) in expected.items() if r is not None}
+    assert {k: rejected[k] for k in header_verdicts} == header_verdicts
+    assert not any(p.startswith("biograph/") for p in quarantine.source_path)
+    run = mlflow.tracking.MlflowClient(mlflow_env).get_run(str(result["mlflow_run_id"]))
+    assert run.info.status == "FINISHED"
+
+    needles = _needles(sorted((src / "single").iterdir()) + sorted((src / "biograph").iterdir())[:3])
+    assert {"SIMPSON", "PANCREAS_0001", "An institute", "19800228"} <= needles
+    for place in (tmp_path / "work", tmp_path / "mlflow", PREFECT_HOME, _prefect_database()):
+        hits = scan_for_phi(place, needles)
+        assert hits == [], f"PHI found under {place}: {hits[:5]}"
+    assert len(scan_for_phi(src, needles)) > 5  # not vacuous
