@@ -8,7 +8,6 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from dicomops import io
 from dicomops.config import MonitorConfig
 from dicomops.layout import WorkLayout
 from dicomops.monitoring import alerts, drift, stage
@@ -35,11 +34,7 @@ def reference_quarantine_share(tracking_uri: str, serving: ServingModel) -> floa
 
 @task(name="record-batch")
 def record_batch(work: Path, batch_id: str, src: Path) -> Path:
-    """Remember where a batch came from (kept in WORK only: a folder name may carry PHI); return the
-    batch's own work directory."""
-    batch = WorkLayout(work).batch(batch_id)
-    io.write_json(batch.batch_record, {"batch_id": batch_id, "src": str(src)})
-    return batch.root
+    return stage.record_batch(work, batch_id, src)
 
 
 @task(name="batch-features", tags=["cpu-heavy"])

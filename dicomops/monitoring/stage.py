@@ -79,6 +79,14 @@ def drift_history(tracking_uri: str, experiment: str, name: str, out: Path, thre
     return out
 
 
+def record_batch(work: Path, batch_id: str, src: Path) -> Path:
+    """Remember where a batch came from (kept in WORK only: a folder name may carry PHI); return the
+    batch's own work directory."""
+    batch = WorkLayout(work).batch(batch_id)
+    io.write_json(batch.batch_record, {"batch_id": batch_id, "src": str(src)})
+    return batch.root
+
+
 def retrain_folders(work: Path) -> tuple[Path, Path]:
     """Where a retrain combines its labelled sources, and its own work directory."""
     layout = WorkLayout(work)

@@ -21,7 +21,7 @@ from dicomops.layout import Folds, WorkLayout
 from dicomops.tracking import registry
 from dicomops.training import mlflow_runs, plots, scoring
 from dicomops.training import state as train_state
-from dicomops.training.data import SlabSet, build_slab_set, load_volume
+from dicomops.training.data import build_slab_set, load_volume
 from dicomops.training.loop import choose_precision, fit
 from dicomops.training.model import build_model, load_state_dict
 from dicomops.training.splits import fold_counts, load_or_create_folds
@@ -30,10 +30,6 @@ from dicomops.training.splits import fold_counts, load_or_create_folds
 def prepare(layout: WorkLayout, cfg: TrainConfig) -> Folds:
     """Write or reuse ``splits/folds.json`` (checked against the labelled series and the config)."""
     return load_or_create_folds(layout, layout.labelled_series(), cfg.n_splits, cfg.seed)
-
-
-def _slabs(layout: WorkLayout, series_ids: list[str], k: int, size: int) -> SlabSet:
-    return build_slab_set(layout, series_ids, k, size)
 
 
 def score_series(model: torch.nn.Module, layout: WorkLayout, series: pd.DataFrame, k: int, size: int,
@@ -53,8 +49,8 @@ def run_fold(layout: WorkLayout, cfg: TrainConfig, k: int, fold: int, tracking_u
     with mlflow_runs.closing(tracking_uri, run_id):
         folds = layout.read_folds()
         series = layout.labelled_series().set_index("SeriesInstanceUID")
-        train = _slabs(layout, folds.train(fold), k, cfg.input_size)
-        val = _slabs(layout, folds.val(fold), k, cfg.input_size)
+        train = build_slab_set(layout, folds.train(fold), k, cfg.input_size)
+        val = build_slab_set(layout, folds.val(fold), k, cfg.input_size)
         mlflow_runs.log_results(tracking_uri, run_id, {}, [], tags={"precision": choose_precision(cfg.precision).name})
         result = fit(train, val, cfg, out / "checkpoint.pt", seed=cfg.seed + fold,
                      log=mlflow_runs.step_logger(tracking_uri, run_id), stop_after=stop_after)
@@ -115,7 +111,7 @@ def leave_one_vendor_out(layout: WorkLayout, cfg: TrainConfig, k: int, tracking_
                                                    {"held_out_vendor": str(vendor)})
             with mlflow_runs.closing(tracking_uri, run_id):
                 train_ids = list(series[series.vendor != vendor].SeriesInstanceUID)
-                result = fit(_slabs(layout, train_ids, k, cfg.input_size), None, cfg, out / "checkpoint.pt",
+                result = fit(build_slab_set(layout, train_ids, k, cfg.input_size), None, cfg, out / "checkpoint.pt",
                              seed=cfg.seed + 2000, epochs=epochs, log=mlflow_runs.step_logger(tracking_uri, run_id))
                 preds = score_series(result.model, layout, held.reset_index(drop=True), k, cfg.input_size,
                                      cfg.top_k_slices)
@@ -136,7 +132,7 @@ def leave_one_vendor_out(layout: WorkLayout, cfg: TrainConfig, k: int, tracking_
 def train_final(layout: WorkLayout, cfg: TrainConfig, k: int, tracking_uri: str) -> Path:
     """Train on every labelled series for the cross-validated number of epochs; save the weights."""
     summary = io.read_json(layout.train.summary)
-    data = _slabs(layout, list(layout.labelled_series().SeriesInstanceUID), k, cfg.input_size)
+    data = build_slab_set(layout, list(layout.labelled_series().SeriesInstanceUID), k, cfg.input_size)
     log = mlflow_runs.step_logger(tracking_uri, train_state.parent_run(layout), prefix="final.")
     result = fit(data, None, cfg, layout.train.final / "checkpoint.pt", seed=cfg.seed + 1000,
                  epochs=int(summary["final_epochs"]), log=log)
