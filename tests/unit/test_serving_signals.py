@@ -22,12 +22,14 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="ne
 ROOT = Path(__file__).resolve().parents[2]
 
 # A stand-in for `prefect server start` / `prefect worker start`: one grandchild in its group, one
-# that starts a session of its own; prints their pids, then waits.
+# that starts a session of its own; writes their pids to a file named after itself, then waits.
 CHILD = textwrap.dedent("""
-    import subprocess, sys, time
+    import os, pathlib, subprocess, sys, time
     same = subprocess.Popen(["sleep", "300"], stdout=subprocess.DEVNULL)
     alone = subprocess.Popen(["sleep", "300"], stdout=subprocess.DEVNULL, start_new_session=True)
-    print(same.pid, alone.pid, flush=True)
+    report = pathlib.Path(sys.argv[1]) / f"child-{os.getpid()}.json"
+    report.with_suffix(".tmp").write_text(f"[{same.pid}, {alone.pid}]")
+    report.with_suffix(".tmp").rename(report)
     time.sleep(300)
 """)
 
@@ -35,14 +37,16 @@ SCRIPT = textwrap.dedent("""
     import json, pathlib, signal, sys
     from dicomops.serving import Stack, run_until_signal
 
+    reports = pathlib.Path(sys.argv[2])
     stack = Stack("http://127.0.0.1:1/api", "http://127.0.0.1:1")
     for _ in range(2):
-        stack.spawn([sys.executable, "-c", sys.argv[1]])
+        stack.spawn([sys.executable, "-c", sys.argv[1], str(reports)])
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    print(json.dumps({"children": [p.pid for p in stack.processes]}), flush=True)
+    (reports / "script.tmp").write_text(json.dumps([p.pid for p in stack.processes]))
+    (reports / "script.tmp").rename(reports / "script.json")
     reason = run_until_signal(stack, poll=0.1)
     restored = all(signal.getsignal(s) is before[s] for s in before)
-    pathlib.Path(sys.argv[2]).write_text(json.dumps({"reason": reason, "restored": restored}))
+    (reports / "result.json").write_text(json.dumps({"reason": reason, "restored": restored}))
 """)
 
 
@@ -57,49 +61,31 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _launch(result: Path, seconds: float = 15.0) -> tuple[subprocess.Popen[str], list[int]] | None:
-    """Start the script; every pid it started (children and grandchildren) once all have reported,
-    or None (everything it started killed) if they have not within `seconds`."""
-    import select
+def _start_script(reports: Path) -> tuple[subprocess.Popen[bytes], list[int]]:
+    """The script with its stack running, and every pid it started (children, then grandchildren).
 
-    script = subprocess.Popen([sys.executable, "-c", SCRIPT, CHILD, str(result)], cwd=ROOT, stdout=subprocess.PIPE,
-                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                              start_new_session=True)  # no signal meant for the test runner's group reaches it
-    assert script.stdout is not None
-    children: list[int] = []
-    grandchildren: list[int] = []
-    deadline = time.monotonic() + seconds
-    while not children or len(grandchildren) < 4:  # the children share the script's stdout: any order
-        ready, _, _ = select.select([script.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        line = script.stdout.readline() if ready else ""
-        if not line:
-            for pid in [script.pid, *children, *grandchildren]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
-            script.wait()
-            script.stdout.close()
-            return None
-        if line.startswith("{"):
-            children = json.loads(line)["children"]
-        else:
-            grandchildren += [int(pid) for pid in line.split()]
-    return script, children + grandchildren
-
-
-def _start_script(result: Path) -> tuple[subprocess.Popen[str], list[int]]:
-    """The script with its stack running, and every pid it started.
-
-    Starting the harness is retried once: on a loaded 2-core CI machine it was seen, rarely, not to
-    come up (before any signal is sent, so not the behaviour under test).
+    The processes report through files written whole (write, then rename), not through a pipe: a
+    pipe read with select() misses lines already in the reader's buffer, which once made this
+    harness wait for output it had already received.
     """
-    started = _launch(result) or _launch(result)
-    assert started is not None, "the script's stack did not come up twice in a row"
-    script, pids = started
-    assert len(pids) == 6
-    deadline = time.monotonic() + 10
+    script = subprocess.Popen([sys.executable, "-c", SCRIPT, CHILD, str(reports)], cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              start_new_session=True)  # no signal meant for the test runner's group reaches it
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and script.poll() is None:
+        if (reports / "script.json").exists() and len(list(reports.glob("child-*.json"))) == 2:
+            break
+        time.sleep(0.05)
+    else:
+        script.kill()
+        pytest.fail(f"the script's stack did not come up (script exit code {script.poll()}); "
+                    f"reports: {sorted(p.name for p in reports.iterdir())}")
+    children = json.loads((reports / "script.json").read_text())
+    grandchildren = [pid for report in reports.glob("child-*.json") for pid in json.loads(report.read_text())]
+    assert sorted(int(r.stem.split("-")[1]) for r in reports.glob("child-*.json")) == sorted(children)
     while not _catches(script.pid, signal.SIGTERM) and time.monotonic() < deadline:
         time.sleep(0.02)  # until run_until_signal has installed its handlers
-    return script, pids
+    return script, children + grandchildren
 
 
 def _catches(pid: int, sig: int) -> bool:
@@ -110,7 +96,7 @@ def _catches(pid: int, sig: int) -> bool:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_a_stop_signal_stops_every_process_of_the_stack(sig: signal.Signals, tmp_path: Path) -> None:
-    script, pids = _start_script(tmp_path / "result.json")
+    script, pids = _start_script(tmp_path)
     try:
         assert all(_running(pid) for pid in pids)
         script.send_signal(sig)
@@ -122,8 +108,6 @@ def test_a_stop_signal_stops_every_process_of_the_stack(sig: signal.Signals, tmp
         assert [pid for pid in pids if _running(pid)] == []
     finally:
         script.kill()
-        if script.stdout:
-            script.stdout.close()
         for pid in pids:  # never leave a sleeper behind, whatever failed
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
