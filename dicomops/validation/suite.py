@@ -2,7 +2,10 @@
 
 The table validated is the de-identified header index, so no unexpected-value sample in the Data
 Docs can carry PHI. Each expectation is critical (its failing rows are quarantined as
-``expectation:<name>``) or a warning (reported only). A rule that must see an original value (the
+``expectation:<name>``) or a warning (reported only), and GX carries that as the expectation's
+``severity``; a run succeeds, in the outcome and in the Data Docs alike, when no critical
+expectation failed (``judge_by_severity``). The Data Docs render offline (``dicomops.validation.docs``).
+A rule that must see an original value (the
 StudyDate format) is judged in the worker that reads the header; the index carries the verdict
 (``dicomops.validation.dates``) and the expectation checks that. Quarantine details name the column,
 the rule and the kind of value that failed, never the value.
@@ -26,6 +29,7 @@ from dicomops.validation.dates import (
     VERDICT_COLUMNS,
     verdict_detail,
 )
+from dicomops.validation.docs import make_docs_offline
 
 Kind = Literal["not_null", "in_set", "between", "unique", "regex"]
 ROW_ID = "row_id"
@@ -62,6 +66,7 @@ REQUIRED_COLUMNS = (
 # the suite's modality expectation is built from that config field (or from this by default).
 ALLOWED_MODALITIES: tuple[str, ...] = ("CT",)
 MODALITY_EXPECTATION = "modality_allowed"
+DOCS_SITE = "validation"
 STUDY_DATE_EXPECTATION = "study_date_format"
 
 
@@ -97,7 +102,7 @@ def default_expectations(allowed_modalities: Sequence[str] = ALLOWED_MODALITIES)
 
 @dataclass
 class ValidationOutcome:
-    success: bool
+    success: bool  # no critical expectation failed; warnings never fail a run
     success_share: float  # share of expectations met
     table: pd.DataFrame  # one row per expectation: name, column, critical, success, unexpected
     failed_rows: dict[str, list[int]] = field(default_factory=dict)  # critical name -> row ids
@@ -139,21 +144,49 @@ def describe_failure(spec: ExpectationSpec, value: object = None) -> str:
 def _gx_expectation(spec: ExpectationSpec) -> Any:
     import great_expectations as gx
 
-    meta = {"name": spec.name, "critical": spec.critical}
+    common: dict[str, Any] = {"column": spec.column, "mostly": spec.mostly,
+                              "meta": {"name": spec.name, "critical": spec.critical},
+                              "severity": "critical" if spec.critical else "warning"}
     e = gx.expectations
     if spec.kind == "not_null":
-        return e.ExpectColumnValuesToNotBeNull(column=spec.column, mostly=spec.mostly, meta=meta)
+        return e.ExpectColumnValuesToNotBeNull(**common)
     if spec.kind == "in_set":
-        return e.ExpectColumnValuesToBeInSet(column=spec.column, value_set=spec.value_set or [],
-                                             mostly=spec.mostly, meta=meta)
+        return e.ExpectColumnValuesToBeInSet(value_set=spec.value_set or [], **common)
     if spec.kind == "between":
-        return e.ExpectColumnValuesToBeBetween(column=spec.column, min_value=spec.min_value,
-                                               max_value=spec.max_value, strict_min=spec.strict_min,
-                                               mostly=spec.mostly, meta=meta)
+        return e.ExpectColumnValuesToBeBetween(min_value=spec.min_value, max_value=spec.max_value,
+                                               strict_min=spec.strict_min, **common)
     if spec.kind == "unique":
-        return e.ExpectColumnValuesToBeUnique(column=spec.column, mostly=spec.mostly, meta=meta)
-    return e.ExpectColumnValuesToMatchRegex(column=spec.column, regex=spec.regex or ".*",
-                                            mostly=spec.mostly, meta=meta)
+        return e.ExpectColumnValuesToBeUnique(**common)
+    return e.ExpectColumnValuesToMatchRegex(regex=spec.regex or ".*", **common)
+
+
+def judge_by_severity(result: Any, store: Any) -> bool:
+    """Make each validation result of checkpoint `result` succeed unless a critical expectation
+    failed, save it again in `store`, and return whether all succeeded.
+
+    GX 1.x records each expectation's ``severity`` but still fails a result on any failure, so
+    its Data Docs said "Failed" for a duplicate UID (a warning) while the gate passed. The Data
+    Docs are built from the results saved here, so their status is the gate's verdict.
+    """
+    from great_expectations.expectations.metadata_types import FailureSeverity
+
+    verdicts = []
+    for key, run in result.run_results.items():
+        run.success = run.get_max_severity_failure() != FailureSeverity.CRITICAL
+        store.set(key, run)
+        verdicts.append(run.success)
+    return all(verdicts)
+
+
+def _site_config(docs_dir: Path) -> Any:  # GX's TypedDict omits site_section_builders, which it reads
+    return {
+        "class_name": "SiteBuilder",
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+        "site_section_builders": {"validations": {"renderer": {
+            "module_name": "dicomops.validation.renderer",
+            "class_name": "SeverityValidationResultsPageRenderer"}}},
+    }
 
 
 def validate_table(table: pd.DataFrame, specs: list[ExpectationSpec], docs_dir: Path,
@@ -161,7 +194,8 @@ def validate_table(table: pd.DataFrame, specs: list[ExpectationSpec], docs_dir: 
     """Validate `table` against `specs` in an ephemeral GX context and build Data Docs in `docs_dir`.
 
     Columns that a spec names but the table lacks are added as nulls, so a missing column fails
-    its expectation instead of crashing the checkpoint.
+    its expectation instead of crashing the checkpoint. The Data Docs load nothing from the network
+    (``docs.make_docs_offline``) and say "Failed" only when a critical expectation failed.
     """
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
@@ -178,11 +212,7 @@ def validate_table(table: pd.DataFrame, specs: list[ExpectationSpec], docs_dir: 
     docs_dir.mkdir(parents=True, exist_ok=True)
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
-    ctx.add_data_docs_site(site_name="validation", site_config={
-        "class_name": "SiteBuilder",
-        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
-    })
+    ctx.add_data_docs_site(site_name=DOCS_SITE, site_config=_site_config(docs_dir))
     asset = ctx.data_sources.add_pandas("dicom").add_dataframe_asset("header_index")
     batch = asset.add_batch_definition_whole_dataframe("all-instances")
     suite = ctx.suites.add(gx.ExpectationSuite(name=suite_name))
@@ -190,12 +220,15 @@ def validate_table(table: pd.DataFrame, specs: list[ExpectationSpec], docs_dir: 
         suite.add_expectation(_gx_expectation(spec))
     definition = ctx.validation_definitions.add(
         gx.ValidationDefinition(data=batch, suite=suite, name=f"{suite_name}-validation"))
+    # No UpdateDataDocsAction: the docs are built after judge_by_severity has saved the verdicts.
     checkpoint = ctx.checkpoints.add(gx.Checkpoint(
-        name=f"{suite_name}-checkpoint", validation_definitions=[definition],
-        actions=[gx.checkpoint.UpdateDataDocsAction(name="data-docs", site_names=["validation"])],
+        name=f"{suite_name}-checkpoint", validation_definitions=[definition], actions=[],
         result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [ROW_ID]},
     ))
     result = checkpoint.run(batch_parameters={"dataframe": frame})
+    success = judge_by_severity(result, ctx.validation_results_store)
+    ctx.build_data_docs(site_names=[DOCS_SITE])
+    make_docs_offline(docs_dir)
     rows: list[dict[str, Any]] = []
     failed: dict[str, list[int]] = {}
     details: dict[str, dict[int, str]] = {}
@@ -220,6 +253,6 @@ def validate_table(table: pd.DataFrame, specs: list[ExpectationSpec], docs_dir: 
     summary = pd.DataFrame(rows).sort_values("expectation", ignore_index=True)
     share = float(summary["success"].mean()) if len(summary) else 1.0
     index = docs_dir / "index.html"
-    return ValidationOutcome(success=bool(result.success), success_share=share, table=summary,
+    return ValidationOutcome(success=success, success_share=share, table=summary,
                              failed_rows=failed, docs_index=index if index.exists() else None,
                              failed_details=details)

@@ -49,6 +49,27 @@ def test_missing_tag_and_bad_values_fail_their_expectations(tmp_path: Path) -> N
     assert outcome.success_share == 1 - 4 / len(default_expectations())
 
 
+def test_a_failing_warning_is_reported_but_does_not_fail_the_run(tmp_path: Path) -> None:
+    table = _table(3)
+    table.loc[2, "SOPInstanceUID"] = table.loc[0, "SOPInstanceUID"]  # a duplicate UID: a warning
+    table.loc[1, "KVP"] = 200.0  # a warning too
+    outcome = validate_table(table, default_expectations(), tmp_path / "docs")
+    assert outcome.success and not outcome.failed_rows and not outcome.failed_details
+    failed = outcome.table[~outcome.table.success]
+    assert sorted(failed.expectation) == ["kvp_range", "sop_instance_uid_unique"]
+    assert not failed.critical.any()
+    assert outcome.success_share == 1 - 2 / len(default_expectations())
+
+
+def test_gx_carries_each_expectations_level_as_its_severity() -> None:
+    from dicomops.validation.suite import _gx_expectation
+
+    levels = {s.name: _gx_expectation(s).severity.value for s in default_expectations()}
+    assert levels["kvp_range"] == levels["sop_instance_uid_unique"] == "warning"
+    assert levels["required_PatientID"] == levels["study_date_format"] == "critical"
+    assert sorted(set(levels.values())) == ["critical", "warning"]
+
+
 def test_a_column_absent_from_the_table_fails_instead_of_crashing(tmp_path: Path) -> None:
     spec = ExpectationSpec(name="required_Foo", kind="not_null", column="Foo")
     outcome = validate_table(_table(2), [spec], tmp_path / "docs")
