@@ -1,5 +1,11 @@
 """What one machine needs to run the deployments: a local Prefect server, the deployments of
-``prefect.yaml`` registered with it, and a process worker on the ``dicomops`` pool.
+``prefect.yaml`` registered with it, a process worker on the ``dicomops`` pool, and the ``incoming/``
+folder the nightly monitor reads.
+
+The server keeps its state where ``make run``'s ephemeral Prefect does: in ``PREFECT_HOME``, by
+default ``<project>/.prefect`` (the Makefile's default), so the flow runs of ``make run`` show in the
+UI ``dicomops serve`` opens. Two servers may use that SQLite file at once (WAL, busy timeout), but
+while this one runs, ``PREFECT_API_URL`` pointed at it keeps a second one from starting at all.
 
 Prefect is driven through its CLI in subprocesses (the library itself never imports Prefect).
 Each of those processes leads its own process group, and stopping the stack stops the whole group
@@ -18,11 +24,18 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any, cast
+
+# The monitor deployment's ``src`` in prefect.yaml, relative to the project directory its runs start in.
+INCOMING = "incoming"
+# PREFECT_HOME when none is set, relative to the project directory: the Makefile's default.
+PREFECT_HOME_DEFAULT = ".prefect"
+# Either names the server's database in place of the SQLite file under PREFECT_HOME.
+DATABASE_URL_SETTINGS = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
 
 # The signals that mean "stop" besides Ctrl-C's SIGINT (SIGHUP does not exist on Windows).
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -93,6 +106,8 @@ class Stack:
     ui_url: str
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _stopped: set[int] = field(default_factory=set, repr=False)  # their group ids may be reused now
+    incoming: Path | None = None  # the folder the nightly monitor reads
+    database: str = ""  # where the server keeps flow runs, in words
 
     def __enter__(self) -> Stack:
         return self
@@ -212,14 +227,45 @@ def wait_healthy(api_url: str, timeout: float = 180.0) -> None:
                        "see its log above (is the port taken?)")
 
 
+def server_env(project: Path, api_url: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of the server, ``prefect deploy`` and the worker.
+
+    ``PREFECT_HOME`` defaults to ``<project>/.prefect`` as in the Makefile, so the server opens the
+    database ``make run`` writes; one set in `environ` (default: this process's) wins, as it does
+    for ``make``.
+    """
+    environ = os.environ if environ is None else environ
+    project = project.resolve()
+    home = Path(environ.get("PREFECT_HOME") or PREFECT_HOME_DEFAULT).expanduser()
+    return {**environ, "PREFECT_HOME": str(home if home.is_absolute() else project / home),
+            "PREFECT_API_URL": api_url, "DICOMOPS_PROJECT_DIR": str(project),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+def describe_database(env: Mapping[str, str]) -> str:
+    """Where a server started with `env` keeps its flow runs, in words (never a URL: it may hold a
+    password)."""
+    named = next((name for name in DATABASE_URL_SETTINGS if env.get(name)), None)
+    if named:
+        return f"the database {named} names"
+    return str(Path(env["PREFECT_HOME"]) / "prefect.db")
+
+
+def create_incoming(project: Path) -> Path:
+    """The folder the monitor deployment checks nightly (its ``src``), created if absent."""
+    incoming = project.resolve() / INCOMING
+    incoming.mkdir(parents=True, exist_ok=True)
+    return incoming
+
+
 def start(project: Path, host: str = "127.0.0.1", port: int = 4200, pool: str = "dicomops",
           worker: bool = True, log: Path | None = None, cpu_heavy_limit: int = 1) -> Stack:
-    """Start the server, register the deployments, start the worker; return the running stack."""
+    """Create ``incoming/``, start the server, register the deployments, start the worker; return
+    the running stack."""
     api_url, ui_url = f"http://{host}:{port}/api", f"http://{host}:{port}"
-    env = {**os.environ, "PREFECT_API_URL": api_url, "DICOMOPS_PROJECT_DIR": str(project.resolve()),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = server_env(project, api_url)
     out = open(log, "ab") if log else None  # noqa: SIM115 (lives as long as the processes)
-    stack = Stack(api_url, ui_url)
+    stack = Stack(api_url, ui_url, incoming=create_incoming(project), database=describe_database(env))
     try:
         stack.spawn(_prefect("server", "start", "--host", host, "--port", str(port)), env, project, out)
         wait_healthy(api_url)
