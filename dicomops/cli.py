@@ -278,6 +278,7 @@ def promote(
     version: Annotated[str, typer.Argument(help="Model version to make champion.")],
     reviewer: Annotated[str, typer.Option(help="Who decided (recorded on the version).")] = "reviewer",
     model_name: Annotated[str, typer.Option(help="Registered model name.")] = "dicomops-ct-classifier",
+    note: Annotated[str | None, typer.Option(help="Why (recorded on the version's card).")] = None,
 ) -> None:
     """A reviewer's decision: make VERSION the champion of the registered model."""
     from dicomops.config import load_settings
@@ -285,11 +286,31 @@ def promote(
 
     _preflight()
     try:
-        promote_version(load_settings().mlflow_tracking_uri, model_name, version, reviewer)
+        promote_version(load_settings().mlflow_tracking_uri, model_name, version, reviewer, note)
     except Exception as err:
         console.print(f"[red]cannot promote:[/] {err}")
         raise typer.Exit(2) from err
     console.print(f"[green]{model_name} version {version} is now champion[/] (decided by {reviewer})")
+
+
+@app.command()
+def reject(
+    version: Annotated[str, typer.Argument(help="Model version to reject.")],
+    reason: Annotated[str, typer.Option(help="Why (recorded on the version and its card).")],
+    reviewer: Annotated[str, typer.Option(help="Who decided (recorded on the version).")] = "reviewer",
+    model_name: Annotated[str, typer.Option(help="Registered model name.")] = "dicomops-ct-classifier",
+) -> None:
+    """A reviewer's decision: VERSION loses the challenger alias; the reason goes on its page."""
+    from dicomops.config import load_settings
+    from dicomops.tracking.registry import reject as reject_version
+
+    _preflight()
+    try:
+        reject_version(load_settings().mlflow_tracking_uri, model_name, version, reviewer, reason)
+    except Exception as err:
+        console.print(f"[red]cannot reject:[/] {err}")
+        raise typer.Exit(2) from err
+    console.print(f"{model_name} version {version} rejected by {reviewer}: {reason}")
 
 
 @app.command()
@@ -395,7 +416,13 @@ def serve(
             raise typer.Exit(1) from err
         with stack:
             console.print(f"[green]Prefect UI[/]: {stack.ui_url}  (deployments: pipeline (manual), monitor (nightly "
-                          "02:00 UTC), retrain (on dicomops.drift.detected))")
+                          "02:00 UTC), retrain (automation 'retrain on dicomops.drift.detected'))")
+            console.print(f"incoming folder: {escape(str(stack.incoming))}: put new DICOM studies there (a labels.csv "
+                          "beside them makes the batch part of the next retrain); the monitor checks it nightly at "
+                          "02:00 UTC", soft_wrap=True)
+            console.print(f"Prefect database: {escape(stack.database)}, the one 'make run' uses: its flow runs show "
+                          f"here. While this server runs, 'PREFECT_API_URL={stack.api_url} make run' sends them "
+                          "through it instead of a temporary server on the same file", soft_wrap=True)
             console.print("MLflow UI: bash mlflow/server.sh, then http://127.0.0.1:5000. Ctrl-C or SIGTERM stops "
                           "everything.")
             reason = run_until_signal(stack)

@@ -283,6 +283,20 @@ def reset(work: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def record_source(work: Path, dvc_md5: str) -> Path:
+    """Remember which source corpus this ingest read, by its DVC md5 (as in ``data.dvc``) and never
+    by its path, which may name a patient or a hospital share."""
+    path = WorkLayout(work).ingest.source
+    io.write_json(path, {"dvc_md5": dvc_md5})
+    return path
+
+
+def source_dvc_md5(work: Path) -> str | None:
+    """The DVC md5 of the corpus the work directory was ingested from (None before this was kept)."""
+    path = WorkLayout(work).ingest.source
+    return str(io.read_json(path)["dvc_md5"]) if path.exists() else None
+
+
 def ingest_metrics(work: Path) -> dict[str, float]:
     """Numbers worth a metric: counts, shares, validation success, per-reason counts."""
     paths = WorkLayout(work).ingest
@@ -302,7 +316,13 @@ def ingest_metrics(work: Path) -> dict[str, float]:
 
 
 def plot_ingest(work: Path) -> Path:
-    """A picture for reviewers: quarantine reasons, and accepted series per manufacturer."""
+    """A picture for reviewers: quarantine reasons, and accepted series per manufacturer with the
+    vendor key cross-validation reports them under.
+
+    The key comes from the ``vendor`` column of the re-keyed ``labels.csv``, as preprocessing takes
+    it; before labels exist (or for a series without a label) there is none, and the series would
+    not be in the cross-validation.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -310,20 +330,37 @@ def plot_ingest(work: Path) -> Path:
 
     paths = WorkLayout(work).ingest
     summary = io.read_json(paths.summary)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained")
     reasons = summary["reasons"] or {"(none)": 0}
     axes[0].barh(list(reasons), list(reasons.values()), color="#c0504d")
-    axes[0].set_title(f"Quarantined files: {summary['quarantined_files']} of {summary['files']}")
+    axes[0].bar_label(axes[0].containers[0], fontsize=10, padding=2)
+    axes[0].set_title(f"Quarantined files: {summary['quarantined_files']} of {summary['files']}", fontsize=12)
     axes[0].invert_yaxis()
     series_path = paths.series
-    if series_path.exists() and series_path.stat().st_size:
-        series = pd.read_parquet(series_path)
-        counts = series.Manufacturer.value_counts() if len(series) else pd.Series(dtype=int)
-        axes[1].bar(counts.index.astype(str), counts.to_numpy(), color="#4f81bd")
-    axes[1].set_title(f"Accepted series per manufacturer ({summary['accepted_series']})")
-    axes[1].tick_params(axis="x", rotation=20)
-    fig.tight_layout()
+    series = pd.read_parquet(series_path) if series_path.exists() and series_path.stat().st_size else pd.DataFrame()
+    labels_path = paths.deid / LABELS_CSV
+    labelled = labels_path.exists()
+    if len(series):
+        keys = pd.Series(pd.NA, index=series.SeriesInstanceUID, dtype=object)
+        if labelled:
+            labels = pd.read_csv(labels_path, keep_default_na=False, dtype=str)
+            if "vendor" in labels:
+                keys = series.SeriesInstanceUID.map(labels.set_index("SeriesInstanceUID").vendor)
+        pairs = pd.DataFrame({"Manufacturer": series.Manufacturer.astype(str).to_numpy(),
+                              "vendor": keys.fillna("no label, not in CV").to_numpy()})
+        counts = pairs.value_counts(sort=False).sort_index()
+        names = [f"{m} \u2192 {v}" for m, v in counts.index]
+        axes[1].barh(names, counts.to_numpy(), color="#4f81bd")
+        axes[1].bar_label(axes[1].containers[0], fontsize=10, padding=2)
+        axes[1].invert_yaxis()
+    source = "vendor key in CV (labels.csv)" if labelled else "no labels.csv yet: no vendor key"
+    axes[1].set_title(f"Accepted series ({summary['accepted_series']}):\nmanufacturer \u2192 {source}",
+                      fontsize=12)
+    for ax in axes:
+        ax.tick_params(labelsize=11)
+        ax.set_xlabel("count", fontsize=10)
+        ax.margins(x=0.12)
     out = paths.picture
-    fig.savefig(out, dpi=90)
+    fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

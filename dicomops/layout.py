@@ -58,6 +58,7 @@ class IngestPaths:
     quarantine = property(lambda self: self.root / "quarantine.csv")
     accepted = property(lambda self: self.root / "accepted.parquet")
     summary = property(lambda self: self.root / "summary.json")
+    source = property(lambda self: self.root / "source.json")  # the source corpus's DVC md5, never its path
     picture = property(lambda self: self.root / "ingest_summary.png")
     docs = property(lambda self: self.work / "reports" / "validation")
     deid = property(lambda self: self.work / "deid")
@@ -114,6 +115,7 @@ class TrainPaths:
     per_fold_metrics = property(lambda self: self.root / "per_fold_metrics.csv")
     cv_summary = property(lambda self: self.root / "cv_summary.csv")
     fold_counts = property(lambda self: self.root / "fold_counts.csv")
+    evidence = property(lambda self: self.root / "evidence_by_vendor.csv")
     lovo = property(lambda self: self.root / "lovo.csv")
     final = property(lambda self: self.root / "final")
     final_weights = property(lambda self: self.root / "final" / "model.pt")

@@ -17,11 +17,11 @@ from tasks import stages
 def export(work: Path | None = None, config: ExportConfig = ExportConfig(),
            model_name: str = "dicomops-ct-classifier", version: str | None = None,
            alias: str | None = None) -> dict[str, object]:
-    """Export `version` (or the version holding `alias`, by default the challenger) of `model_name`."""
+    """Export `version` (or the version holding `alias`; by default the challenger, else the champion)."""
     settings = load_settings()
     work = Path(work or settings.work_dir)
     uri = settings.mlflow_tracking_uri
-    ref = t.resolve_version(uri, model_name, version, alias if version or alias else "challenger")
+    ref = t.resolve_version(uri, model_name, version, alias)
     stage = f"export-{ref.name}-v{ref.version}"
     key = stages.stage_key("export", {"model": ref.name, "version": ref.version, "run": ref.run_id,
                                       "config": config.model_dump(mode="json")})

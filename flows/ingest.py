@@ -34,7 +34,7 @@ def ingest(src: Path, work: Path | None = None, config: IngestConfig = IngestCon
                           flatten_params({"ingest": config.model_dump(mode="json", exclude={"expectations"})}),
                           parent_run_id)
         with tracked(uri, run_id):
-            t.reset_ingest(work)
+            t.reset_ingest(work, data_hash)
             t.index_headers.submit(src, work, config).result()  # on the flow's task runner (Dask when set)
             t.validate_headers(work, config)
             t.assemble_series(work, config)

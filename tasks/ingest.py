@@ -46,5 +46,6 @@ def rekey_labels(src: Path, work: Path, cfg: IngestConfig) -> Path | None:
 
 
 @task(name="reset-ingest")
-def reset_ingest(work: Path) -> None:
+def reset_ingest(work: Path, source_dvc_md5: str) -> None:
     ingest.reset(work)
+    ingest.record_source(work, source_dvc_md5)

@@ -10,6 +10,7 @@ from prefect import task
 from dicomops.config import PreprocessConfig, TrainConfig
 from dicomops.layout import WorkLayout
 from dicomops.tracking import registry
+from dicomops.tracking.lineage import ACCEPTED_HASH_TAG, git_commit
 from dicomops.training import cv, mlflow_runs
 from dicomops.training import state as train_state
 
@@ -56,7 +57,8 @@ def train_final_model(work: Path, cfg: TrainConfig, slab_slices: int, tracking_u
 def register_model(work: Path, cfg: TrainConfig, pre: PreprocessConfig, tracking_uri: str, data_hash: str,
                    split_hash: str, run_tags: dict[str, str]) -> str:
     return cv.register(WorkLayout(work), cfg, pre, tracking_uri,
-                       {"data_sha256": data_hash, "split_sha256": split_hash} | run_tags)
+                       {ACCEPTED_HASH_TAG: data_hash, "split_sha256": split_hash,
+                        "git_commit": git_commit()} | run_tags)
 
 
 @task(name="store-monitoring-reference", tags=["cpu-heavy"], retries=1, retry_delay_seconds=[5])

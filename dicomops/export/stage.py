@@ -24,7 +24,7 @@ from dicomops.errors import ExportCheckError
 from dicomops.export import onnx_export, quantize, tensorrt_engine, triton
 from dicomops.export.contract import METADATA_KEY, InputContract
 from dicomops.layout import WorkLayout
-from dicomops.tracking import runs
+from dicomops.tracking import registry, runs
 from dicomops.training.data import SlabSet, build_slab_set
 
 log = logging.getLogger(__name__)
@@ -49,12 +49,19 @@ class ExportReport:
 
 
 def resolve_version(tracking_uri: str, name: str, version: str | None, alias: str | None) -> ModelRef:
-    """The model version to export (by number or alias) and the contract it was registered with."""
+    """The model version to export (by number or alias; with neither, the challenger if a version
+    is under review, else the champion) and the contract it was registered with."""
     import mlflow
 
     client = runs.configure_mlflow(tracking_uri)
-    if (version is None) == (alias is None):
-        raise ValueError("give exactly one of --version or --alias")
+    if version is not None and alias is not None:
+        raise ValueError("give one of --version or --alias, not both")
+    if version is None and alias is None:
+        held = registry.alias_version(client, name, registry.CHALLENGER) or \
+            registry.alias_version(client, name, registry.CHAMPION)
+        if held is None:
+            raise ValueError(f"{name} has no challenger and no champion; give --version")
+        version = str(held.version)
     mv = client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, str(alias))
     info = mlflow.models.get_model_info(f"models:/{name}/{mv.version}")
     raw = (info.metadata or {}).get(METADATA_KEY)
@@ -212,8 +219,9 @@ def attach(tracking_uri: str, ref: ModelRef, report: ExportReport) -> None:
     runs.log_metrics(tracking_uri, ref.run_id, report.metrics)
     for key, value in report.tags.items():
         client.set_model_version_tag(ref.name, ref.version, key, value)
-    client.set_model_version_tag(ref.name, ref.version, "export.artifacts",
-                                 f"runs:/{ref.run_id}/export (sha256 in manifest.json)")
+    artifacts = f"runs:/{ref.run_id}/export (sha256 in manifest.json)"
+    client.set_model_version_tag(ref.name, ref.version, "export.artifacts", artifacts)
+    registry.describe_export(tracking_uri, ref.name, ref.version, report.metrics, report.tensorrt, artifacts)
 
 
 def summary_line(report: ExportReport) -> str:

@@ -73,10 +73,21 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def lineage_tags(data_hash: str | None = None, repo: Path | None = None) -> dict[str, str]:
-    """Tags every dicomops MLflow run carries."""
+# The data's identity, one tag per meaning. The source corpus as DVC hashes it (the md5 in
+# ``data.dvc``), on the runs that read a DICOM folder (ingest, pipeline, monitor); and the accepted,
+# de-identified corpus that training learns from, on training runs and model versions.
+SOURCE_HASH_TAG = "data_dvc_md5"
+ACCEPTED_HASH_TAG = "data.accepted_sha256"
+
+
+def lineage_tags(data_hash: str | None = None, repo: Path | None = None, *,
+                 accepted_sha256: str | None = None) -> dict[str, str]:
+    """Tags every dicomops MLflow run carries: `data_hash` is the source folder's DVC md5
+    (:data:`SOURCE_HASH_TAG`); `accepted_sha256` the accepted corpus's hash (:data:`ACCEPTED_HASH_TAG`)."""
     tags = {"git_commit": git_commit(repo)}
     if data_hash:
-        tags["data_dvc_md5"] = data_hash
+        tags[SOURCE_HASH_TAG] = data_hash
+    if accepted_sha256:
+        tags[ACCEPTED_HASH_TAG] = accepted_sha256
     tags.update({f"version.{k}": v for k, v in package_versions().items()})
     return tags

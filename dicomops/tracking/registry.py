@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from dicomops.errors import RegistryUnavailableError
+from dicomops.tracking import model_card
 from dicomops.tracking.promotion import Decision, ModelScore, decide_promotion
 from dicomops.tracking.runs import configure_mlflow
 
@@ -18,31 +18,10 @@ WEIGHTS_ARTIFACT = "weights"
 ModelBuilder = Callable[[dict[str, Any]], Any]
 
 
-def version_description(summary: dict[str, Any], per_vendor: list[dict[str, Any]], per_fold: list[dict[str, Any]],
-                        lovo: list[dict[str, Any]] | None = None) -> str:
-    """Markdown for the version page: the cross-validation by vendor and by fold."""
-    lines = ["## Four-fold vendor-stratified cross-validation", "",
-             f"Mean AUC **{summary['mean_auc']:.3f} ± {summary['std_auc']:.3f}** (series level, out of fold); "
-             f"operating point {summary['threshold']:.3f} (Youden).", "",
-             "| vendor | AUC | sensitivity | specificity | F1 | kappa |", "|---|---|---|---|---|---|"]
-    for row in per_vendor:
-        lines.append("| {vendor} | {auc_mean:.3f} ± {auc_std:.3f} | {sensitivity_mean:.3f} | {specificity_mean:.3f} "
-                     "| {f1_mean:.3f} | {kappa_mean:.3f} |".format(**{k: (0.0 if isinstance(v, float) and math.isnan(v) else v)
-                                                                      for k, v in row.items()}))
-    lines += ["", "| fold | AUC (all) | n |", "|---|---|---|"]
-    for row in per_fold:
-        lines.append(f"| {row['fold']} | {row['auc']:.3f} | {int(row['n'])} |")
-    if lovo:
-        lines += ["", "Leave one vendor out (trained on the other vendors, scored on the held-out one):", "",
-                  "| held-out vendor | AUC | n |", "|---|---|---|"]
-        lines += [f"| {row['held_out_vendor']} | {row['auc']:.3f} | {int(row['n'])} |" for row in lovo]
-    lines += ["", "Final model: trained on all labelled series for the median best epoch of the folds."]
-    return "\n".join(lines)
-
-
 def register_model(tracking_uri: str, run_id: str, model: Any, example: np.ndarray, name: str,
-                   description: str, tags: dict[str, str], metadata: dict[str, str] | None = None) -> str:
-    """Log `model` to `run_id` with a signature and input example, register it, alias it challenger."""
+                   card: Callable[[str], str], tags: dict[str, str], metadata: dict[str, str] | None = None) -> str:
+    """Log `model` to `run_id` with a signature and input example, register it, describe it with
+    ``card(version)`` (:mod:`dicomops.tracking.model_card`), alias it challenger."""
     import mlflow.pytorch
     import monai
     import torch
@@ -59,7 +38,7 @@ def register_model(tracking_uri: str, run_id: str, model: Any, example: np.ndarr
             model, name="model", signature=signature, input_example=example, registered_model_name=name, metadata=metadata,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"monai=={monai.__version__}"])
     version = str(info.registered_model_version)
-    client.update_model_version(name, version, description=description)
+    client.update_model_version(name, version, description=card(version))
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, CHALLENGER, version)
@@ -124,18 +103,73 @@ def apply_promotion_gate(tracking_uri: str, name: str, version: str, *, margin: 
                                     vendor_tolerance=vendor_tolerance, min_auc=min_auc)
     for key, value in decision.tags().items():
         client.set_model_version_tag(name, version, key, value)
+    _rewrite_section(client, name, version, model_card.decision_section(decision.label, decision.reasons, version))
     if decision.promote:
-        client.set_registered_model_alias(name, CHAMPION, version)
+        _make_champion(client, name, version)
     return decision
 
 
-def promote(tracking_uri: str, name: str, version: str, reviewer: str = "reviewer") -> None:
-    """A person's decision: make `version` the champion, and record who decided."""
-    client = configure_mlflow(tracking_uri)
-    client.get_model_version(name, version)  # raises with MLflow's message if it does not exist
+def _rewrite_section(client: Any, name: str, version: str, text: str) -> None:
+    """Replace one section of the version's card (the heading of `text` names which)."""
+    key = next(iter(model_card.split_sections(text)))
+    current = client.get_model_version(name, version).description or ""
+    client.update_model_version(name, version, description=model_card.set_section(current, key, text))
+
+
+def _make_champion(client: Any, name: str, version: str) -> None:
+    """Give `version` the champion alias; it stops being the challenger, and the version it
+    replaces says so on its card. One meaning per alias: a version never holds both."""
+    previous = alias_version(client, name, CHAMPION)
     client.set_registered_model_alias(name, CHAMPION, version)
+    challenger = alias_version(client, name, CHALLENGER)
+    if challenger is not None and str(challenger.version) == str(version):
+        client.delete_registered_model_alias(name, CHALLENGER)
+    if previous is not None and str(previous.version) != str(version):
+        client.set_model_version_tag(name, str(previous.version), "promotion.replaced_by", str(version))
+        _rewrite_section(client, name, str(previous.version),
+                         model_card.decision_section("replaced", (f"version {version} became champion",),
+                                                     str(previous.version)))
+
+
+def describe_export(tracking_uri: str, name: str, version: str, metrics: dict[str, float], tensorrt: str,
+                    artifacts: str) -> None:
+    """Write the export's figures into the version's card."""
+    client = configure_mlflow(tracking_uri)
+    _rewrite_section(client, name, version, model_card.export_section(metrics, tensorrt, artifacts))
+
+
+def promote(tracking_uri: str, name: str, version: str, reviewer: str = "reviewer", note: str | None = None) -> None:
+    """A person's decision: make `version` the champion, and record who decided (tags and card)."""
+    client = configure_mlflow(tracking_uri)
+    current = client.get_model_version(name, version)  # raises with MLflow's message if it does not exist
+    gate = [r for r in (current.tags or {}).get("promotion.reasons", "").split("; ") if r]
+    _make_champion(client, name, version)
     client.set_model_version_tag(name, version, "promotion.decision", "promoted-by-reviewer")
     client.set_model_version_tag(name, version, "promotion.reviewer", reviewer)
+    _rewrite_section(client, name, version,
+                     model_card.decision_section("promoted-by-reviewer", gate, version, reviewer, note))
+
+
+def reject(tracking_uri: str, name: str, version: str, reviewer: str, reason: str) -> None:
+    """A person's decision against `version`: it loses the challenger alias and says why. The
+    champion cannot be rejected this way; promote another version first."""
+    if not reason.strip():
+        raise ValueError("a rejection needs a reason (--reason TEXT): it is what the next reviewer reads")
+    client = configure_mlflow(tracking_uri)
+    current = client.get_model_version(name, version)
+    champion = alias_version(client, name, CHAMPION)
+    if champion is not None and str(champion.version) == str(version):
+        raise ValueError(f"version {version} is the champion of {name}; promote another version first, "
+                         f"then reject this one")
+    challenger = alias_version(client, name, CHALLENGER)
+    if challenger is not None and str(challenger.version) == str(version):
+        client.delete_registered_model_alias(name, CHALLENGER)
+    for key, value in {"promotion.decision": "rejected-by-reviewer", "promotion.reviewer": reviewer,
+                       "review.decision": "rejected", "review.reason": reason}.items():
+        client.set_model_version_tag(name, version, key, value)
+    gate = [r for r in (current.tags or {}).get("promotion.reasons", "").split("; ") if r]
+    _rewrite_section(client, name, version,
+                     model_card.decision_section("rejected-by-reviewer", gate, version, reviewer, reason))
 
 
 def load_weights(tracking_uri: str, run_id: str, build: ModelBuilder) -> tuple[Any, dict[str, Any]]:

@@ -20,13 +20,41 @@ def configure_mlflow(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+# MLflow's own tags: the UI shows `mlflow.note.content` as a run's or experiment's description, and
+# lays an experiment out for classic machine learning (runs, metrics, models) rather than GenAI
+# (traces, evaluations, an assistant) when `mlflow.experimentKind` says so.
+DESCRIPTION_TAG = "mlflow.note.content"
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+EXPERIMENT_DESCRIPTION = (
+    "dicomops: CT series through the ingest gate (Great Expectations, de-identification), preprocessing, "
+    "four-fold vendor-stratified cross-validation (one nested run per fold), export and drift monitoring. "
+    "Each run's description says what it did; the model versions and their cards are under Models.")
+RUN_DESCRIPTIONS = {
+    "pipeline": "The whole pipeline on one DICOM folder: ingest, preprocess, train, export (nested runs).",
+    "ingest": "The ingest gate: header index, expectations, geometry, quarantine with reasons, de-identification. "
+              "Artifacts: the quarantine, the validation Data Docs, the summary picture.",
+    "preprocess": "HU, 1 mm resampling and windowing of every accepted series; per-series features for drift.",
+    "train": "Four-fold vendor-stratified cross-validation (nested fold runs), the final model on all series, "
+             "registration and the promotion gate. Artifacts under cv/: tables, ROC, confusion matrices, "
+             "sample slices, folds.json.",
+    "monitor": "Drift of a new batch against the champion's training data (Evidently); an alert starts a retrain.",
+    "retrain": "A retraining started by a drift alert.",
+}
+
+
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: Path | None = None) -> str:
-    """Return the id of experiment `name`, creating it with artifacts under `artifact_root`."""
+    """Return the id of experiment `name`, creating it with artifacts under `artifact_root`; it
+    carries the classic ML layout and a description (added to an older experiment that lacks them)."""
     existing = client.get_experiment_by_name(name)
-    if existing is not None:
-        return str(existing.experiment_id)
-    location = (Path(artifact_root) / name).resolve().as_uri() if artifact_root else None
-    return str(client.create_experiment(name, artifact_location=location))
+    if existing is None:
+        location = (Path(artifact_root) / name).resolve().as_uri() if artifact_root else None
+        experiment_id = str(client.create_experiment(name, artifact_location=location,
+                                                     tags={KIND_TAG: KIND, DESCRIPTION_TAG: EXPERIMENT_DESCRIPTION}))
+        return experiment_id
+    for key, value in {KIND_TAG: KIND, DESCRIPTION_TAG: EXPERIMENT_DESCRIPTION}.items():
+        if key not in existing.tags:
+            client.set_experiment_tag(existing.experiment_id, key, value)
+    return str(existing.experiment_id)
 
 
 def start_run(tracking_uri: str, experiment: str, artifact_root: Path | None, *, run_name: str,
@@ -36,6 +64,8 @@ def start_run(tracking_uri: str, experiment: str, artifact_root: Path | None, *,
     client = configure_mlflow(tracking_uri)
     experiment_id = ensure_experiment(client, experiment, artifact_root)
     all_tags = dict(tags)
+    if run_name in RUN_DESCRIPTIONS:
+        all_tags.setdefault(DESCRIPTION_TAG, RUN_DESCRIPTIONS[run_name])
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)

@@ -18,8 +18,9 @@ import torch
 from dicomops import io
 from dicomops.config import PreprocessConfig, TrainConfig
 from dicomops.layout import Folds, WorkLayout
-from dicomops.tracking import registry
-from dicomops.training import mlflow_runs, plots, scoring
+from dicomops.tracking import model_card, registry
+from dicomops.tracking.lineage import ACCEPTED_HASH_TAG
+from dicomops.training import mlflow_runs, plots, saliency, scoring
 from dicomops.training import state as train_state
 from dicomops.training.data import build_slab_set, load_volume
 from dicomops.training.loop import choose_precision, fit
@@ -81,13 +82,18 @@ def summarise(layout: WorkLayout, cfg: TrainConfig, tracking_uri: str) -> dict[s
     io.write_parquet(paths.oof_predictions, preds)
     io.write_json(paths.summary, cv.result)
     io.write_csv(paths.fold_counts, fold_counts(layout.read_folds().folds, layout.labelled_series()))
+    io.write_csv(paths.evidence, scoring.vendor_evidence(preds, cv.threshold, cv.by_vendor))
     pictures = [plots.roc_by_vendor(preds, paths.picture("roc_by_vendor.png")),
                 plots.roc_by_fold(preds, paths.picture("roc_by_fold.png")),
                 plots.confusion(preds, cv.threshold, paths.picture("confusion.png")),
-                plots.sample_grid(layout, preds, paths.picture("samples.png"))]
+                plots.confusion_by_vendor(preds, cv.threshold, paths.picture("confusion_by_vendor.png")),
+                # Each series drawn with where its own fold's model looked: that model never saw it.
+                plots.sample_grid(layout, preds, cv.threshold, paths.picture("samples.png"),
+                                  models=saliency.fold_models(layout, cfg, sorted(preds.fold.unique())),
+                                  input_size=cfg.input_size)]
     mlflow_runs.log_results(tracking_uri, train_state.parent_run(layout), cv.metrics(),
-                            [paths.per_fold_metrics, paths.cv_summary, paths.fold_counts, paths.summary, *pictures],
-                            "cv")
+                            [paths.per_fold_metrics, paths.cv_summary, paths.fold_counts, paths.summary,
+                             paths.evidence, layout.folds_file, *pictures], "cv")
     return cv.result
 
 
@@ -154,7 +160,6 @@ def register(layout: WorkLayout, cfg: TrainConfig, pre: PreprocessConfig, tracki
     summary = io.read_json(paths.summary)
     k = pre.slab_slices
     contract = InputContract.from_configs(pre, cfg, summary["threshold"])
-    per_vendor = pd.read_csv(paths.cv_summary).to_dict("records")
     per_fold = pd.read_csv(paths.per_fold_metrics)
     per_fold_all = per_fold[per_fold.vendor == "all"].to_dict("records")
     model = build_model(cfg, k)
@@ -163,9 +168,10 @@ def register(layout: WorkLayout, cfg: TrainConfig, pre: PreprocessConfig, tracki
     # Two samples, not one: MLflow saves the pt2 format through torch.export, which would fix a batch
     # dimension of size 1 and refuse any other batch size.
     example = np.zeros((2, k, cfg.input_size, cfg.input_size), dtype=np.float32)
-    version_tags = {"cv.mean_auc": f"{summary['mean_auc']:.6f}", "cv.std_auc": f"{summary['std_auc']:.6f}",
-                    "cv.threshold": f"{summary['threshold']:.6f}", **tags}
-    version_tags.update({f"cv.auc.{v}": f"{a:.6f}" for v, a in summary["vendor_auc"].items()})
+    # Rounded: tags are read as text on the version page (the gate's margin is 0.005).
+    version_tags = {"cv.mean_auc": f"{summary['mean_auc']:.4f}", "cv.std_auc": f"{summary['std_auc']:.4f}",
+                    "cv.threshold": f"{summary['threshold']:.4f}", **tags}
+    version_tags.update({f"cv.auc.{v}": f"{a:.4f}" for v, a in summary["vendor_auc"].items()})
     lovo = pd.read_csv(paths.lovo).to_dict("records") if paths.lovo.exists() else None
     parent = train_state.parent_run(layout)
     # The plain weights and the config that builds the network: export and monitoring rebuild the
@@ -173,19 +179,35 @@ def register(layout: WorkLayout, cfg: TrainConfig, pre: PreprocessConfig, tracki
     io.write_json(paths.final_config, cfg.model_dump(mode="json") | {"in_channels": k})
     mlflow_runs.log_results(tracking_uri, parent, {}, [paths.final_weights, paths.final_config],
                             registry.WEIGHTS_ARTIFACT)
-    version = registry.register_model(tracking_uri, parent, model, example, cfg.model_name,
-                                      registry.version_description(summary, per_vendor, per_fold_all, lovo),
-                                      version_tags, metadata={METADATA_KEY: contract.to_json()})
+    evidence = pd.read_csv(paths.evidence).to_dict("records")
+    identity = {key: tags[key] for key in (ACCEPTED_HASH_TAG, "split_sha256", "git_commit") if key in tags}
+    identity["split (series per fold)"] = f"runs:/{parent}/cv/folds.json"
+
+    def card(version: str) -> str:
+        return model_card.initial_card(cfg.model_name, version, summary, evidence, per_fold_all, identity, lovo,
+                                       vendor_names(layout))
+
+    version = registry.register_model(tracking_uri, parent, model, example, cfg.model_name, card, version_tags,
+                                      metadata={METADATA_KEY: contract.to_json()})
     train_state.mark_complete(layout, version)
     return version
 
 
+def vendor_names(layout: WorkLayout) -> dict[str, list[str]]:
+    """Each vendor key of the labelled series, and the Manufacturer values it stands for."""
+    series = layout.labelled_series()
+    if "Manufacturer" not in series:
+        return {}
+    return {str(v): sorted({str(m) for m in part.Manufacturer}) for v, part in series.groupby("vendor")}
+
+
 def training_tags(layout: WorkLayout, data_hash: str, split_hash: str) -> dict[str, str]:
-    """Lineage of a training run: code, data, split, ingest validation, de-identification, versions."""
+    """Lineage of a training run: code, data, split, ingest validation, de-identification, versions.
+    `data_hash` is :func:`dicomops.preprocessing.stage.corpus_content_hash` of the accepted corpus."""
     from dicomops.deid.profile import PROFILE_NAME, PROFILE_TAG
     from dicomops.tracking.lineage import lineage_tags
 
-    tags = lineage_tags(data_hash)
+    tags = lineage_tags(accepted_sha256=data_hash)
     tags["split_sha256"] = split_hash
     validation = layout.ingest.validation
     if validation.exists():

@@ -36,14 +36,47 @@ def create_nested_run(tracking_uri: str, parent: str, name: str, tags: dict[str,
 
 
 def fold_run(layout: WorkLayout, tracking_uri: str, fold: int) -> str:
-    """The fold's nested run: the one a killed run left behind (reopened), or a new one."""
+    """The fold's nested run: the one a killed run left behind (reopened), or a new one, with the
+    series it trains on and is scored on as its MLflow dataset inputs."""
     run_id = train_state.fold_entry(layout, fold).get("run_id")
     if run_id is not None:
         runs.configure_mlflow(tracking_uri).update_run(run_id, status="RUNNING")
         return str(run_id)
-    run_id = create_nested_run(tracking_uri, train_state.parent_run(layout), f"fold-{fold}", {"fold": str(fold)})
+    folds = layout.read_folds()
+    run_id = create_nested_run(tracking_uri, train_state.parent_run(layout), f"fold-{fold}", {
+        "fold": str(fold), runs.DESCRIPTION_TAG: (
+            f"Fold {fold} of {folds.n_splits}: trained on the other folds' series, scored on this fold's "
+            f"{len(folds.val(fold))} (see Datasets; the split is the parent run's cv/folds.json).")})
+    log_split_inputs(layout, tracking_uri, run_id, {"training": folds.train(fold), "validation": folds.val(fold)},
+                     f"fold-{fold}")
     train_state.update_fold(layout, fold, run_id=run_id, done=False)
     return run_id
+
+
+def log_split_inputs(layout: WorkLayout, tracking_uri: str, run_id: str, parts: dict[str, list[str]],
+                     prefix: str) -> None:
+    """Each part of a split (context → series) as an MLflow dataset input of `run_id`: the series
+    pseudonyms, vendors and labels, with the de-identified corpus as its source and the source
+    corpus's DVC md5 in its name, so the run's Datasets panel says what it learned from."""
+    import warnings
+
+    from mlflow.data.pandas_dataset import from_pandas
+    from mlflow.entities import DatasetInput, InputTag
+
+    from dicomops.ingest import source_dvc_md5
+
+    series = layout.labelled_series().set_index("SeriesInstanceUID")[["vendor", "label"]]
+    md5 = source_dvc_md5(layout.root)
+    data = f"data {md5.removesuffix('.dir')[:8]}" if md5 else "data"
+    source = layout.ingest.deid.resolve().as_uri()
+    inputs = []
+    for context, ids in parts.items():
+        frame = series.loc[list(ids)].reset_index()
+        with warnings.catch_warnings():  # a file URI "can be interpreted in multiple ways": all of them local
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = from_pandas(frame, source=source, targets="label", name=f"{prefix} {context} ({data})")
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
+    runs.configure_mlflow(tracking_uri).log_inputs(run_id, datasets=inputs)
 
 
 @contextmanager

@@ -18,7 +18,13 @@ import torch
 
 from dicomops.training.data import all_slabs
 from dicomops.training.loop import predict
-from dicomops.training.metrics import per_vendor_metrics, summarise_folds, youden_threshold
+from dicomops.training.metrics import (
+    auc_confidence_interval,
+    binary_metrics,
+    per_vendor_metrics,
+    summarise_folds,
+    youden_threshold,
+)
 
 FOLD_METRICS = ("auc", "sensitivity", "specificity", "f1", "kappa")
 
@@ -86,3 +92,25 @@ def summarise_predictions(preds: pd.DataFrame, best_epochs: list[int]) -> CVSumm
         "final_epochs": int(max(1, np.median(best_epochs))),
     }
     return CVSummary(threshold, per_fold, summary, result)
+
+
+def vendor_evidence(preds: pd.DataFrame, threshold: float, by_vendor: pd.DataFrame, level: float = 0.95,
+                    seed: int = 0) -> pd.DataFrame:
+    """What a reviewer needs per vendor (and ``all``), from the pooled out-of-fold predictions: series
+    and positives, the pooled AUC with a stratified bootstrap interval, the fold-mean AUC ± sd (what
+    the promotion gate compares; from `by_vendor`, :class:`CVSummary.by_vendor`), and sensitivity,
+    specificity and the four outcome counts at `threshold`."""
+    folds = by_vendor.set_index("vendor")
+    rows = []
+    for vendor, part in [("all", preds), *preds.groupby("vendor", sort=True)]:
+        m = binary_metrics(part.label.to_numpy(), part.score.to_numpy(), threshold)
+        low, high = auc_confidence_interval(part.label.to_numpy(), part.score.to_numpy(), level, seed=seed)
+        pred, label = part.score >= threshold, part.label == 1
+        rows.append({"vendor": str(vendor), "n": len(part), "positives": int(label.sum()), "auc_pooled": m["auc"],
+                     "auc_ci_low": low, "auc_ci_high": high,
+                     "auc_fold_mean": float(folds.loc[vendor, "auc_mean"]) if vendor in folds.index else float("nan"),
+                     "auc_fold_std": float(folds.loc[vendor, "auc_std"]) if vendor in folds.index else float("nan"),
+                     "sensitivity": m["sensitivity"], "specificity": m["specificity"],
+                     "tp": int((pred & label).sum()), "fp": int((pred & ~label).sum()),
+                     "fn": int((~pred & label).sum()), "tn": int((~pred & ~label).sum())})
+    return pd.DataFrame(rows)

@@ -55,7 +55,7 @@ def test_train_flow_registers_a_reviewable_version(train_work: Path, mlflow_env:
     parent = client.get_run(str(result["mlflow_run_id"]))
     assert parent.info.status == "FINISHED"
     tags = parent.data.tags
-    for key in ("git_commit", "data_dvc_md5", "split_sha256", "ingest.validation_success_share", "deid.profile",
+    for key in ("git_commit", "data.accepted_sha256", "split_sha256", "ingest.validation_success_share", "deid.profile",
                 "version.torch", "version.monai"):
         assert tags.get(key), key
     assert parent.data.params["train.epochs"] == "1"
@@ -64,13 +64,27 @@ def test_train_flow_registers_a_reviewable_version(train_work: Path, mlflow_env:
                                filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(r.info.run_name for r in folds) == ["fold-0", "fold-1", "fold-2", "fold-3"]
     assert all(r.info.status == "FINISHED" and "train_loss" in r.data.metrics for r in folds)
+    assert "data_dvc_md5" not in tags  # the source corpus's DVC md5 is the ingest's; this is the accepted data's
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.tags["mlflow.note.content"] and tags["mlflow.note.content"].startswith("Four-fold")
+    split = WorkLayout(work).read_folds()
+    for run in folds:  # each fold names the series it learned from and was scored on
+        fold = int(run.data.tags["fold"])
+        inputs = {i.tags[0].value: i.dataset for i in client.get_run(run.info.run_id).inputs.dataset_inputs}
+        assert set(inputs) == {"training", "validation"} and inputs["validation"].name.startswith(f"fold-{fold} ")
+        assert f'"num_rows": {len(split.val(fold))}' in inputs["validation"].profile
+        assert inputs["training"].source_type == "local" and "/deid" in inputs["training"].source
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "cv")}
     assert {"cv/roc_by_vendor.png", "cv/roc_by_fold.png", "cv/confusion.png", "cv/samples.png",
-            "cv/fold_counts.csv", "cv/cv_summary.csv"} <= artifacts
+            "cv/fold_counts.csv", "cv/cv_summary.csv", "cv/folds.json", "cv/evidence_by_vendor.csv"} <= artifacts
 
     version = client.get_model_version(TINY.model_name, str(result["version"]))
-    assert "cross-validation" in version.description and "| ge |" in version.description
-    assert float(version.tags["cv.mean_auc"]) == pytest.approx(result["mean_auc"], abs=1e-6)
+    card = version.description
+    assert card.startswith("## Decision: awaiting review — challenger"), card[:200]
+    assert "cross-validation" in card and "| ge | " in card and "AUC pooled (95 % CI)" in card
+    assert f"`{tags['data.accepted_sha256']}`" in card and "cv/folds.json" in card
+    assert float(version.tags["cv.mean_auc"]) == pytest.approx(result["mean_auc"], abs=1e-4)
     assert result["mean_auc"] < 1.0 and result["promoted"] is False
     assert version.tags["promotion.decision"] == "awaiting-review"
     assert "no champion yet" in version.tags["promotion.reasons"]
@@ -85,6 +99,8 @@ def test_train_flow_registers_a_reviewable_version(train_work: Path, mlflow_env:
     assert ok.exit_code == 0, ok.output
     champion = client.get_model_version_by_alias(TINY.model_name, "champion")
     assert str(champion.version) == str(version.version) and champion.tags["promotion.reviewer"] == "dr-who"
+    assert "challenger" not in client.get_registered_model(TINY.model_name).aliases  # one meaning per version
+    assert champion.description.startswith("## Decision: approved by a reviewer — champion")
     assert CliRunner().invoke(app, ["promote", "999", "--model-name", TINY.model_name]).exit_code == 2
 
     counts = pd.read_csv(work / "train/fold_counts.csv")
@@ -135,12 +151,14 @@ def test_leave_one_vendor_out_then_export_attaches_checked_files(train_work: Pat
     lovo = pd.read_csv(work / "train/lovo.csv")
     assert set(lovo.held_out_vendor) == vendors and (lovo.n > 0).all()
     version = client.get_model_version(cfg.model_name, str(result["version"]))
-    assert "Leave one vendor out" in version.description
+    assert "## Unseen scanners" in version.description
 
     export_cfg = ExportConfig(parity_samples=32, calibration_samples=32, max_batch=8, preferred_batch_sizes=(4, 8),
                               int8_max_auc_drop=1.0)
-    exported = export(work=work, config=export_cfg, model_name=cfg.model_name, alias="challenger")
-    tags = client.get_model_version(cfg.model_name, str(result["version"])).tags
+    exported = export(work=work, config=export_cfg, model_name=cfg.model_name)  # the version just registered
+    exported_version = client.get_model_version(cfg.model_name, str(result["version"]))
+    tags = exported_version.tags
+    assert "## Export" in exported_version.description and "## Unseen scanners" in exported_version.description
     assert float(tags["export.onnx.parity_max_abs_diff"]) <= 1e-4
     folder = Path(str(exported["folder"]))
     # A one-epoch model on 19 validation slabs: how much INT8 loses is noise, not a quality figure

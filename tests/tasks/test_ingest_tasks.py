@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -27,5 +28,7 @@ def test_tasks_chain_through_the_work_directory(clean_corpus: Path, tmp_path: Pa
     assert len(pd.read_parquet(accepted)) == 96
     labels = t.rekey_labels.fn(clean_corpus, work, cfg)
     assert labels is not None and len(pd.read_csv(labels)) == 8
-    t.reset_ingest.fn(work)
-    assert not (work / "ingest").exists() and not (work / "deid").exists()
+    t.reset_ingest.fn(work, "0" * 32 + ".dir")
+    # A reset leaves only which source corpus comes next (its DVC md5, never its path).
+    assert [p.name for p in (work / "ingest").iterdir()] == ["source.json"] and not (work / "deid").exists()
+    assert json.loads((work / "ingest/source.json").read_text()) == {"dvc_md5": "0" * 32 + ".dir"}

@@ -18,7 +18,7 @@ from dicomops.config import PipelineConfig, Settings, SynthConfig
 runner = CliRunner()
 
 
-COMMANDS = ["synth", "data", "ingest", "preprocess", "train", "promote", "export", "monitor", "retrain", "run",
+COMMANDS = ["synth", "data", "ingest", "preprocess", "train", "promote", "reject", "export", "monitor", "retrain", "run",
             "serve"]
 WIDE = {"COLUMNS": "200"}  # rich cuts long option names short at 80 columns
 

@@ -1,0 +1,170 @@
+"""The model version's page as a model card: the Markdown description a radiologist reads in the
+MLflow UI to approve or reject a version.
+
+The card is a sequence of ``## `` sections in a fixed order. Training writes the evidence; the
+promotion gate, a reviewer's decision and the export each rewrite only their own section, so the
+decision always leads and nothing another stage wrote is lost. This module owns the wording and
+the order; :mod:`dicomops.tracking.registry` decides when a section changes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+# Section keys in the order they appear; a heading is ``## <key>`` plus, for the decision, its verdict.
+DECISION, EVIDENCE, FOLDS, LOVO, IDENTITY, EXPORT, REVIEW = (
+    "Decision", "Evidence by vendor", "By fold", "Unseen scanners", "Data, split and code", "Export", "How to review")
+ORDER = (DECISION, EVIDENCE, FOLDS, LOVO, IDENTITY, EXPORT, REVIEW)
+
+VERDICTS = {
+    "pending": "pending — the promotion gate has not run yet",
+    "auto-promoted": "promoted automatically — champion",
+    "awaiting-review": "awaiting review — challenger",
+    "gate-error": "not decided (the gate could not read the champion) — challenger",
+    "promoted-by-reviewer": "approved by a reviewer — champion",
+    "rejected-by-reviewer": "rejected by a reviewer",
+    "replaced": "replaced — no longer champion",
+}
+
+
+def _f(value: Any, digits: int = 3) -> str:
+    """A figure for a table cell: fixed decimals, an en dash where it is undefined."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{float(value):.{digits}f}"
+
+
+def section(key: str, body: str, verdict: str | None = None) -> str:
+    heading = f"## {key}: {verdict}" if verdict else f"## {key}"
+    return f"{heading}\n\n{body.strip()}\n"
+
+
+def split_sections(description: str) -> dict[str, str]:
+    """The card's sections by key (text before the first heading is dropped)."""
+    found: dict[str, str] = {}
+    for block in re.split(r"(?m)^(?=## )", description or ""):
+        if not block.startswith("## "):
+            continue
+        title = block[3:].split("\n", 1)[0]
+        key = next((k for k in ORDER if title == k or title.startswith(f"{k}:")), title)
+        found[key] = block.rstrip() + "\n"
+    return found
+
+
+def set_section(description: str, key: str, text: str) -> str:
+    """`description` with section `key` replaced by `text` (a :func:`section`), in card order."""
+    sections = split_sections(description)
+    sections[key] = text.rstrip() + "\n"
+    ordered = [sections[k] for k in ORDER if k in sections] + [v for k, v in sections.items() if k not in ORDER]
+    return "\n".join(ordered)
+
+
+def decision_section(label: str, reasons: Sequence[str], version: str, reviewer: str | None = None,
+                     note: str | None = None) -> str:
+    """The lead section: what was decided about `version`, by whom, and why."""
+    lines = []
+    if reviewer:
+        lines.append(f"Decided by **{reviewer}**" + (f": {note}" if note else "") + ".")
+        lines.append("")
+    if reasons:
+        lines.append("Reasons of the promotion gate:")
+        lines += [f"- {reason}" for reason in reasons]
+    if label in ("awaiting-review", "gate-error", "pending"):
+        lines += ["", f"This version is the **challenger**. To approve it, see *How to review* below "
+                      f"(`dicomops promote {version} --reviewer NAME`)."]
+    return section(DECISION, "\n".join(lines) or "No reasons recorded.", VERDICTS.get(label, label))
+
+
+def evidence_section(summary: Mapping[str, Any], evidence: Sequence[Mapping[str, Any]], level: float = 0.95) -> str:
+    """Per vendor: series, positives, pooled AUC with its interval, the fold mean the gate uses, and
+    sensitivity / specificity at the operating point."""
+    pct = f"{level * 100:.0f} %"
+    lines = [
+        f"Four-fold vendor-stratified cross-validation, series level. Mean fold AUC "
+        f"**{_f(summary['mean_auc'])} ± {_f(summary['std_auc'])}** (the figure the promotion gate compares); "
+        f"operating point **{_f(summary['threshold'])}** (Youden, on the pooled out-of-fold scores).",
+        "",
+        f"| vendor | series | positives | AUC pooled ({pct} CI) | AUC fold mean ± sd | sensitivity | specificity "
+        f"| TP / FP / FN / TN |",
+        "|:--|--:|--:|:--|:--|--:|--:|:--|",
+    ]
+    for row in evidence:
+        lines.append(
+            f"| {'**all**' if row['vendor'] == 'all' else row['vendor']} | {int(row['n'])} | {int(row['positives'])} "
+            f"| {_f(row['auc_pooled'])} ({_f(row['auc_ci_low'])}–{_f(row['auc_ci_high'])}) "
+            f"| {_f(row['auc_fold_mean'])} ± {_f(row['auc_fold_std'])} | {_f(row['sensitivity'])} "
+            f"| {_f(row['specificity'])} | {int(row['tp'])} / {int(row['fp'])} / {int(row['fn'])} / {int(row['tn'])} |")
+    lines += [
+        "",
+        f"*AUC pooled*: one ROC over every series' out-of-fold score (the ROC pictures show this one), with a "
+        f"stratified bootstrap {pct} interval (2,000 resamples). *AUC fold mean*: the mean of the four folds' "
+        f"AUCs, each on 6–30 series per vendor, so it varies more. Sensitivity, specificity and the counts are "
+        f"pooled out of fold at the operating point.",
+    ]
+    return section(EVIDENCE, "\n".join(lines))
+
+
+def folds_section(per_fold: Sequence[Mapping[str, Any]]) -> str:
+    lines = ["| fold | series | positives | AUC | sensitivity | specificity |", "|--:|--:|--:|--:|--:|--:|"]
+    lines += [f"| {int(r['fold'])} | {int(r['n'])} | {int(r['positives'])} | {_f(r['auc'])} | {_f(r['sensitivity'])} "
+              f"| {_f(r['specificity'])} |" for r in per_fold]
+    return section(FOLDS, "\n".join(lines))
+
+
+def lovo_section(lovo: Sequence[Mapping[str, Any]]) -> str:
+    lines = ["Trained on the other vendors, scored on the held-out one:", "",
+             "| held-out vendor | series | positives | AUC |", "|:--|--:|--:|--:|"]
+    lines += [f"| {r['held_out_vendor']} | {int(r['n'])} | {int(r.get('positives', 0))} | {_f(r['auc'])} |"
+              for r in lovo]
+    return section(LOVO, "\n".join(lines))
+
+
+def identity_section(identity: Mapping[str, str], vendor_names: Mapping[str, Sequence[str]] | None = None) -> str:
+    """Where the version came from: data and split hashes, code, and which scanner makes each vendor is."""
+    lines = [f"- {name}: `{value}`" for name, value in identity.items()]
+    if vendor_names:
+        lines += ["", "Vendor keys and the Manufacturer values they stand for: "
+                  + "; ".join(f"{key} ← {', '.join(sorted(names))}" for key, names in sorted(vendor_names.items()))]
+    return section(IDENTITY, "\n".join(lines))
+
+
+def export_section(metrics: Mapping[str, float], tensorrt: str, artifacts: str) -> str:
+    """The export's figures: ONNX parity, INT8 cost, latency, TensorRT."""
+    def get(key: str) -> float:
+        return float(metrics.get(key, float("nan")))
+
+    lines = [f"- ONNX parity with torch (max abs diff): {get('export.onnx.parity_max_abs_diff'):.1e}",
+             f"- INT8: AUC {_f(get('export.int8.auc_fp32'), 4)} → {_f(get('export.int8.auc_int8'), 4)} "
+             f"(drop {get('export.int8.auc_drop'):+.4f})",
+             f"- ONNX Runtime FP32 latency at batch 1: {_f(get('export.ort_fp32.latency_ms_b1'), 1)} ms",
+             f"- TensorRT: {tensorrt}",
+             f"- Files: {artifacts}"]
+    return section(EXPORT, "\n".join(lines))
+
+
+def review_section(model_name: str, version: str) -> str:
+    return section(REVIEW, "\n".join([
+        f"- **Approve** on this page: *Aliases* → edit → add `champion` (it moves from the current champion). "
+        f"Or `dicomops promote {version} --reviewer NAME`, which also records who decided and rewrites "
+        f"the *Decision* above.",
+        f"- **Reject**: `dicomops reject {version} --reviewer NAME --reason TEXT`; on this page, remove the "
+        f"`challenger` alias and add the tag `review.decision` = `rejected` with `review.reason`.",
+        "- Evidence: the run's artifacts `cv/` (ROC, confusion matrices per vendor, sample slices with where "
+        "the model looked, `folds.json`), and the *Datasets* panel of the run for the series of each fold.",
+        f"- `models:/{model_name}@champion` is what the inference service and export load.",
+    ]))
+
+
+def initial_card(model_name: str, version: str, summary: Mapping[str, Any], evidence: Sequence[Mapping[str, Any]],
+                 per_fold: Sequence[Mapping[str, Any]], identity: Mapping[str, str],
+                 lovo: Sequence[Mapping[str, Any]] | None = None,
+                 vendor_names: Mapping[str, Sequence[str]] | None = None) -> str:
+    """The card a new version is registered with (its decision pending)."""
+    parts = [decision_section("pending", (), version), evidence_section(summary, evidence), folds_section(per_fold)]
+    if lovo:
+        parts.append(lovo_section(lovo))
+    parts += [identity_section(identity, vendor_names), review_section(model_name, version)]
+    return "\n".join(parts)

@@ -1,0 +1,154 @@
+"""The version page as a model card: the interval on each AUC, the per-vendor evidence, sections that
+stages rewrite without losing each other's, and one meaning per alias through gate, promotion and
+rejection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from scipy.stats import bootstrap
+from sklearn.metrics import roc_auc_score
+
+from dicomops.tracking import model_card, registry
+from dicomops.training.metrics import auc_confidence_interval
+from dicomops.training.scoring import vendor_evidence
+
+NAME = "card-test-model"
+
+
+def _stratified_scipy(y: np.ndarray, s: np.ndarray, seed: int) -> tuple[float, float]:
+    """The same interval computed the slow way: scipy's bootstrap on each class, AUC by sklearn."""
+    pos, neg = s[y == 1], s[y == 0]
+    res = bootstrap((pos, neg), lambda p, n: roc_auc_score(np.r_[np.ones(len(p)), np.zeros(len(n))], np.r_[p, n]),
+                    paired=False, vectorized=False, n_resamples=1000, method="percentile", random_state=seed)
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def test_the_auc_interval_agrees_with_scipy_and_narrows_with_more_series() -> None:
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 300)
+    s = y * 0.9 + rng.normal(size=300)
+    low, high = auc_confidence_interval(y, s)
+    ref_low, ref_high = _stratified_scipy(y, s, seed=1)
+    assert low < roc_auc_score(y, s) < high
+    assert abs(low - ref_low) < 0.02 and abs(high - ref_high) < 0.02
+    small_low, small_high = auc_confidence_interval(y[:30], s[:30])
+    assert small_high - small_low > 1.5 * (high - low)
+    assert auc_confidence_interval(np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.2, 0.8])) == (1.0, 1.0)
+    assert all(np.isnan(auc_confidence_interval(np.ones(5), np.arange(5.0))))
+    with pytest.raises(ValueError, match="level"):
+        auc_confidence_interval(y, s, level=95)
+
+
+def _preds() -> pd.DataFrame:
+    # ge: 2 positives (scores 0.9, 0.4), 2 negatives (0.6, 0.1); siemens: all right.
+    return pd.DataFrame({"vendor": ["ge"] * 4 + ["siemens"] * 4, "label": [1, 1, 0, 0] * 2,
+                         "score": [0.9, 0.4, 0.6, 0.1, 0.8, 0.7, 0.2, 0.3]})
+
+
+def test_vendor_evidence_counts_outcomes_at_the_threshold() -> None:
+    by_vendor = pd.DataFrame({"vendor": ["all", "ge", "siemens"], "auc_mean": [0.9, 0.75, 1.0],
+                              "auc_std": [0.1, 0.2, 0.0]})
+    table = vendor_evidence(_preds(), 0.5, by_vendor).set_index("vendor")
+    ge = table.loc["ge"]
+    assert (ge.n, ge.positives, ge.tp, ge.fp, ge.fn, ge.tn) == (4, 2, 1, 1, 1, 1)
+    assert ge.sensitivity == 0.5 and ge.specificity == 0.5 and ge.auc_pooled == 0.75 and ge.auc_fold_mean == 0.75
+    assert table.loc["all"].n == 8 and table.loc["siemens"].auc_pooled == 1.0
+    assert table.loc["ge"].auc_ci_low <= 0.75 <= table.loc["ge"].auc_ci_high
+
+
+def _card(version: str = "3") -> str:
+    evidence = vendor_evidence(_preds(), 0.5, pd.DataFrame({"vendor": ["all", "ge", "siemens"],
+                                                            "auc_mean": [0.9, 0.75, 1.0], "auc_std": [0.1, 0.2, 0.0]}))
+    summary = {"mean_auc": 0.9, "std_auc": 0.1, "threshold": 0.5}
+    per_fold = [{"fold": 0, "n": 4, "positives": 2, "auc": 0.75, "sensitivity": 0.5, "specificity": 0.5}]
+    return model_card.initial_card(NAME, version, summary, evidence.to_dict("records"), per_fold,
+                                   {"data.accepted_sha256": "abc", "split_sha256": "def"},
+                                   vendor_names={"canon": ["TOSHIBA"], "ge": ["GE MEDICAL SYSTEMS"]})
+
+
+def test_the_card_leads_with_the_decision_and_its_tables_have_one_cell_per_column() -> None:
+    card = _card()
+    assert card.startswith("## Decision: pending")
+    assert list(model_card.split_sections(card)) == [model_card.DECISION, model_card.EVIDENCE, model_card.FOLDS,
+                                                     model_card.IDENTITY, model_card.REVIEW]
+    table = [line for line in card.splitlines() if line.startswith("| ")]
+    header = next(line for line in table if line.startswith("| vendor |"))
+    rows = [line for line in table if line.startswith(("| ge ", "| siemens ", "| **all** "))]
+    assert len(rows) == 3 and all(row.count("|") == header.count("|") for row in rows)
+    assert "| ge | 4 | 2 | 0.750 (" in card and "| 1 / 1 / 1 / 1 |" in card
+    assert "canon ← TOSHIBA" in card and "dicomops promote 3" in card
+
+
+def test_a_section_rewrite_keeps_the_others_and_the_order() -> None:
+    card = _card()
+    decided = model_card.set_section(card, model_card.DECISION,
+                                     model_card.decision_section("awaiting-review", ("gain +0.001",), "3"))
+    exported = model_card.set_section(decided, model_card.EXPORT,
+                                      model_card.export_section({"export.onnx.parity_max_abs_diff": 1.5e-6}, "skipped",
+                                                                "runs:/x/export"))
+    sections = model_card.split_sections(exported)
+    assert list(sections)[:2] == [model_card.DECISION, model_card.EVIDENCE]
+    assert list(sections).index(model_card.EXPORT) == list(sections).index(model_card.IDENTITY) + 1
+    assert sections[model_card.EVIDENCE] == model_card.split_sections(card)[model_card.EVIDENCE]
+    assert exported.startswith("## Decision: awaiting review — challenger") and "- gain +0.001" in exported
+    assert "pending" not in exported.split("\n", 1)[0] and "1.5e-06" in exported
+
+
+def _registry(tmp_path: Path) -> tuple[str, MlflowClient]:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    client.create_registered_model(NAME)
+    experiment = client.create_experiment("card", artifact_location=(tmp_path / "art").as_uri())
+    for auc in (0.90, 0.901, 0.95):
+        run = client.create_run(experiment)
+        mv = client.create_model_version(NAME, source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id,
+                                         description=_card(str(len(client.search_model_versions()) + 1)))
+        client.set_model_version_tag(NAME, mv.version, "cv.mean_auc", str(auc))
+        client.set_model_version_tag(NAME, mv.version, "cv.auc.ge", str(auc))
+    return uri, client
+
+
+def _aliases(client: MlflowClient) -> dict[str, str]:
+    return {alias: str(version) for alias, version in client.get_registered_model(NAME).aliases.items()}
+
+
+def _gate(uri: str, client: MlflowClient, version: str) -> registry.Decision:
+    client.set_registered_model_alias(NAME, registry.CHALLENGER, version)  # as register_model does
+    return registry.apply_promotion_gate(uri, NAME, version, margin=0.005, vendor_tolerance=0.02, min_auc=0.8)
+
+
+def test_each_version_holds_one_alias_meaning_through_gate_promotion_and_rejection(tmp_path: Path) -> None:
+    uri, client = _registry(tmp_path)
+    assert _gate(uri, client, "1").label == "auto-promoted"
+    assert _aliases(client) == {"champion": "1"}  # the gate's champion is no longer the challenger
+    assert client.get_model_version(NAME, "1").description.startswith("## Decision: promoted automatically")
+
+    assert _gate(uri, client, "2").label == "awaiting-review"  # +0.001 is below the margin
+    assert _aliases(client) == {"champion": "1", "challenger": "2"}
+    card = client.get_model_version(NAME, "2").description
+    assert card.startswith("## Decision: awaiting review — challenger") and "not above margin" in card
+    assert model_card.EVIDENCE in model_card.split_sections(card)  # training's evidence survived
+
+    registry.promote(uri, NAME, "2", reviewer="dr-who", note="reviewed the misses")
+    assert _aliases(client) == {"champion": "2"}
+    two, one = client.get_model_version(NAME, "2"), client.get_model_version(NAME, "1")
+    assert two.description.startswith("## Decision: approved by a reviewer — champion")
+    assert "**dr-who**: reviewed the misses" in two.description and "not above margin" in two.description
+    assert one.description.startswith("## Decision: replaced") and one.tags["promotion.replaced_by"] == "2"
+
+    client.set_registered_model_alias(NAME, registry.CHALLENGER, "3")
+    with pytest.raises(ValueError, match="reason"):
+        registry.reject(uri, NAME, "3", "dr-who", " ")
+    with pytest.raises(ValueError, match="is the champion"):
+        registry.reject(uri, NAME, "2", "dr-who", "not good")
+    registry.reject(uri, NAME, "3", "dr-who", "misses small nodules on canon")
+    assert _aliases(client) == {"champion": "2"}
+    three = client.get_model_version(NAME, "3")
+    assert three.tags["review.decision"] == "rejected" and three.tags["promotion.decision"] == "rejected-by-reviewer"
+    assert three.description.startswith("## Decision: rejected by a reviewer")
+    assert "misses small nodules on canon" in three.description
