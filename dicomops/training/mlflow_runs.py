@@ -72,10 +72,13 @@ def log_split_inputs(layout: WorkLayout, tracking_uri: str, run_id: str, parts: 
     inputs = []
     for context, ids in parts.items():
         frame = series.loc[list(ids)].reset_index()
-        with warnings.catch_warnings():  # a file URI "can be interpreted in multiple ways": all of them local
+        # MLflow warns that a file URI "can be interpreted in multiple ways" (all of them local) and
+        # that an integer label column cannot hold missing values (it never does): not for the log.
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             dataset = from_pandas(frame, source=source, targets="label", name=f"{prefix} {context} ({data})")
-        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
+            entity = dataset._to_mlflow_entity()
+        inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)]))
     runs.configure_mlflow(tracking_uri).log_inputs(run_id, datasets=inputs)
 
 
