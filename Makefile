@@ -44,10 +44,15 @@ run: data
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow and not gpu and not integration" -p no:cacheprovider
 
-# Real PostgreSQL, MLflow server and Prefect server on loopback ports; installs PostgreSQL if absent.
+# Real PostgreSQL, MLflow server and Prefect server on loopback ports, and a headless Chromium on
+# their UIs; installs PostgreSQL and Chromium from the distribution if absent. The UI screenshots
+# land in $(DICOMOPS_UI_ARTIFACTS)/ui-screenshots for CI to keep.
+integration: export DICOMOPS_UI_ARTIFACTS ?= $(abspath $(WORK))/integration-artifacts
 integration: $(STAMP)
-	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
+	@missing=""; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || missing="postgresql"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	[ -z "$$missing" ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; }
 	$(PY) -m pytest -m integration -p no:cacheprovider tests/integration
 
 lint: $(STAMP)

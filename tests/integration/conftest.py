@@ -1,9 +1,11 @@
 """Real services on loopback ports for the integration tests: PostgreSQL (from the distribution's
 packages, run as the `postgres` user when the tests run as root), an MLflow server with basic auth
-on it, and a Prefect server with an API auth string and CSRF protection on it."""
+on it, and a Prefect server with an API auth string and CSRF protection on it; for the UI tests, a
+headless Chromium from the distribution's packages driven by Playwright."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -15,6 +17,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -129,20 +132,83 @@ def mlflow_server(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) 
         _stop(proc)
 
 
-@pytest.fixture(scope="session")
-def prefect_server(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    root, port = tmp_path_factory.mktemp("prefect"), free_port()
+@contextlib.contextmanager
+def _prefect_service(postgres: Postgres, root: Path, database: str) -> Iterator[Service]:
+    """A Prefect server on database `database` of `postgres`, with its auth string and CSRF on."""
+    port = free_port()
     auth = "dicomops:integration-prefect-pw"
     env = {**os.environ, "PREFECT_HOME": str(root / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_DATABASE_CONNECTION_URL": postgres.url("prefect", "postgresql+asyncpg"),
+           "PREFECT_API_DATABASE_CONNECTION_URL": postgres.url(database, "postgresql+asyncpg"),
            "PREFECT_SERVER_API_AUTH_STRING": auth, "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true"}
     env.pop("PREFECT_API_URL", None)
+    url = f"http://127.0.0.1:{port}/api"
+    env["PREFECT_UI_API_URL"] = url  # else the UI calls port 4200: `--port` does not reach its settings
     proc = _start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                   env, root / "log")
-    url = f"http://127.0.0.1:{port}/api"
     try:
         wait_for(f"{url}/health", proc=proc, log=root / "log")
         yield Service(url, {"PREFECT_API_URL": url, "PREFECT_API_AUTH_STRING": auth,
                             "PREFECT_HOME": str(root / "client-home")})
     finally:
         _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    with _prefect_service(postgres, tmp_path_factory.mktemp("prefect"), "prefect") as service:
+        yield service
+
+
+# --- Browser checks of the UIs (tests/integration/test_ui.py) ---------------------------------------
+
+@pytest.fixture(scope="session")
+def prefect_deployments(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """A Prefect server of its own with prefect.yaml's deployments registered, as `dicomops serve`
+    registers them (work pool, then ``prefect deploy --all``), but with auth and CSRF on.
+
+    Its own server and database: the monitor deployment's schedule creates scheduled flow runs,
+    which the pipeline test on the shared server must not see.
+    """
+    subprocess.run([_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(postgres.port), "-U", "dicomops", "prefect_ui"],
+                   check=True, env={**os.environ, "PGPASSWORD": PG_PASSWORD}, capture_output=True)
+    root = tmp_path_factory.mktemp("prefect-ui")
+    with _prefect_service(postgres, root, "prefect_ui") as service:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env.update({**service.env, "DICOMOPS_PROJECT_DIR": str(ROOT), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+        for args in (("work-pool", "create", "dicomops", "--type", "process", "--overwrite"),
+                     ("--no-prompt", "deploy", "--all")):
+            result = subprocess.run([sys.executable, "-m", "prefect", *args], env=env, cwd=ROOT, capture_output=True,
+                                    text=True, timeout=300)
+            assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+        yield service
+
+
+def _chromium_executable() -> str:
+    for candidate in (os.environ.get("DICOMOPS_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        if candidate and (found := shutil.which(candidate)):
+            return found
+    pytest.skip("no Chromium found (make integration installs Debian's chromium with apt-get; "
+                "or set DICOMOPS_CHROMIUM to a Chromium binary)")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[Any]:
+    """Headless Chromium from the system's packages, driven by Playwright (no browser download)."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra: pip install -e '.[dev]'")
+    executable = _chromium_executable()
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="session")
+def ui_screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the UI tests keep their screenshots: $DICOMOPS_UI_ARTIFACTS/ui-screenshots (CI keeps
+    that folder as an artifact), else a pytest tmp folder."""
+    base = os.environ.get("DICOMOPS_UI_ARTIFACTS")
+    folder = (Path(base) if base else tmp_path_factory.mktemp("ui")) / "ui-screenshots"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
