@@ -44,14 +44,19 @@ run: data
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow and not gpu and not integration" -p no:cacheprovider
 
-# Real PostgreSQL, MLflow server and Prefect server on loopback ports, and a headless Chromium on
-# their UIs; installs PostgreSQL and Chromium from the distribution if absent. The UI screenshots
+# Real PostgreSQL, MLflow server and Prefect server on loopback ports, a headless Chromium on
+# their UIs, and an Orthanc PACS with DICOMweb; installs PostgreSQL, Chromium, Orthanc (with its
+# DICOMweb plugin), dicom3tools and DCMTK from the distribution if absent. The UI screenshots
 # land in $(DICOMOPS_UI_ARTIFACTS)/ui-screenshots for CI to keep.
 integration: export DICOMOPS_UI_ARTIFACTS ?= $(abspath $(WORK))/integration-artifacts
 integration: $(STAMP)
 	@missing=""; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || missing="postgresql"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v Orthanc >/dev/null || missing="$$missing orthanc"; \
+	[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing="$$missing orthanc-dicomweb"; \
+	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
+	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
 	[ -z "$$missing" ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; }
 	$(PY) -m pytest -m integration -p no:cacheprovider tests/integration
 

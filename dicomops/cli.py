@@ -429,6 +429,69 @@ def serve(
     console.print(f"stopped ({reason})" if reason.startswith("SIG") else f"[red]{reason}; stopped the rest[/]")
 
 
+pacs_app = typer.Typer(name="pacs", help="The clinical side's PACS: a local Orthanc with DICOMweb.",
+                       no_args_is_help=True, add_completion=False)
+app.add_typer(pacs_app)
+
+
+@pacs_app.command("start")
+def pacs_start(
+    storage: Annotated[Path | None, typer.Option(
+        envvar="DICOMOPS_PACS_STORAGE",
+        help="Folder for Orthanc's database and files, its configuration and log (default: "
+             "$XDG_DATA_HOME/dicomops/pacs). It holds PHI: never put it in the work directory.")] = None,
+    port: Annotated[int, typer.Option(help="HTTP port (REST API and DICOMweb); answered for loopback clients only.")] = 8042,
+    stable_age: Annotated[int, typer.Option(
+        help="Seconds without a new instance before a study counts as stable (the changes feed reports it then).")] = 10,
+    dicom_port: Annotated[int | None, typer.Option(
+        help="Also run Orthanc's DICOM server on this port. Orthanc 1.10 binds it on every interface and asks no "
+             "password, so anyone who reaches it can store studies: only behind a firewall.")] = None,
+) -> None:
+    """Run a local Orthanc PACS with DICOMweb in the foreground until Ctrl-C or SIGTERM."""
+    import os
+    import signal
+    import time
+
+    from dicomops.pacs.client import PASSWORD_ENV, credentials_from_env
+    from dicomops.pacs.orthanc import start_orthanc
+    from dicomops.serving import STOP_SIGNALS, interrupt_on
+
+    try:
+        credentials = credentials_from_env()
+    except ValueError as err:
+        console.print(f"[red]cannot start the PACS:[/] {escape(str(err))}")
+        raise typer.Exit(2) from err
+    data_home = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    folder = (storage or data_home / "dicomops" / "pacs").absolute()
+    code = 0
+    with interrupt_on((signal.SIGINT, *STOP_SIGNALS)) as interrupts:
+        try:
+            with start_orthanc(folder, port, credentials, stable_age_s=stable_age, dicom_port=dicom_port) as pacs:
+                console.print(f"[green]PACS (Orthanc)[/]: {pacs.url}  (loopback clients only; user "
+                              f"{escape(credentials.user)}, password from {PASSWORD_ENV})", soft_wrap=True)
+                console.print(f"DICOMweb root: {pacs.dicomweb_url}", soft_wrap=True)
+                console.print(f"studies stored in {escape(str(pacs.data))}; configuration {escape(str(pacs.config))} "
+                              f"(mode 0600), log {escape(str(pacs.log))}", soft_wrap=True)
+                dicom = (f"on port {dicom_port}, every interface, no password" if dicom_port is not None else "off")
+                console.print(f"a study is stable after {stable_age} s without a new instance; DICOM server: {dicom}. "
+                              "Ctrl-C or SIGTERM stops it.", soft_wrap=True)
+                while pacs.process.poll() is None:
+                    time.sleep(0.5)
+                reason, code = f"Orthanc exited with code {pacs.process.returncode}; see {pacs.log}", 1
+        except KeyboardInterrupt:
+            reason = signal.Signals(interrupts.received[0]).name if interrupts.received else "SIGINT"
+        except ValueError as err:
+            console.print(f"[red]cannot start the PACS:[/] {escape(str(err))}")
+            raise typer.Exit(2) from err
+        except (RuntimeError, TimeoutError) as err:
+            console.print(f"[red]the PACS did not start:[/] {escape(str(err))}")
+            raise typer.Exit(1) from err
+        finally:
+            interrupts.armed = False
+    console.print(f"stopped ({reason})" if code == 0 else f"[red]{escape(reason)}[/]")
+    raise typer.Exit(code)
+
+
 def main() -> None:
     app()
 

@@ -279,6 +279,10 @@ class Settings(BaseSettings):
     deid_key: SecretStr | None = Field(
         None, description="Secret for UID remapping and pseudonyms; required outside the demo."
     )
+    pacs_staging: Path = Field(
+        default_factory=lambda: _project_dir() / "staging",
+        description="Where a study retrieved from the PACS waits for the ingest gate (the PACS's own files, "
+                    "with PHI: outside the work directory, removed once the study is handled).")
     http_budget_s: float = Field(
         120.0, ge=40, description="An outage of an HTTP server (MLflow, Prefect) ends a run within this many "
                                   "seconds, client and task retries included.")

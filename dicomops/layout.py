@@ -17,6 +17,9 @@ One ``WORK`` folder (``--work``, default ``./work``) holds everything a run writ
       monitoring/retrain_state.json cooldown of drift-triggered retraining
       alerts.jsonl                  drift alerts, one JSON line each
       retrain/                      the combined labelled sources and the retrain's own work directory
+      pacs/cursor.json              how far the PACS changes feed was handled (a sequence number only)
+      pacs/studies.csv              each PACS study handled: its token, verdict, counts, results stored back
+      pacs/studies/<token>/         a PACS study's own ingest/, deid/, preprocessed/ (token: keyed hash)
 
 Nothing else in the package spells these names: a stage asks its ``WorkLayout`` for a path.
 """
@@ -62,6 +65,24 @@ class IngestPaths:
     picture = property(lambda self: self.root / "ingest_summary.png")
     docs = property(lambda self: self.work / "reports" / "validation")
     deid = property(lambda self: self.work / "deid")
+
+
+@dataclass(frozen=True)
+class PacsPaths:
+    """Studies taken from a PACS: where the changes feed was left, which studies were handled and
+    how, and one work directory per study (named by its token, never its UID)."""
+
+    work: Path
+
+    @property
+    def root(self) -> Path:
+        return self.work / "pacs"
+
+    cursor = property(lambda self: self.root / "cursor.json")
+    ledger = property(lambda self: self.root / "studies.csv")
+
+    def study(self, token: str) -> Path:
+        return self.root / "studies" / token
 
 
 @dataclass(frozen=True)
@@ -120,6 +141,7 @@ class TrainPaths:
     final = property(lambda self: self.root / "final")
     final_weights = property(lambda self: self.root / "final" / "model.pt")
     final_config = property(lambda self: self.root / "final" / "train_config.json")
+    final_preprocess_config = property(lambda self: self.root / "final" / "preprocess_config.json")
 
     def fold(self, fold: int) -> Path:
         return self.root / f"fold-{fold}"
@@ -167,6 +189,10 @@ class WorkLayout:
     @property
     def train(self) -> TrainPaths:
         return TrainPaths(self.root)
+
+    @property
+    def pacs(self) -> PacsPaths:
+        return PacsPaths(self.root)
 
     stages = property(lambda self: self.root / ".stages")
     lock = property(lambda self: self.root / ".lock")

@@ -42,6 +42,11 @@ class KeyedMapper:
         """A stable replacement UID under the 2.25 root (a UUID written as an integer)."""
         return f"2.25.{int.from_bytes(self._digest('uid', uid)[:16], 'big')}"
 
+    def token(self, kind: str, value: str) -> str:
+        """A short stable name for an identifier (``ST-`` + 16 base32 characters for a study): how
+        the work directory, logs and events name a clinical study without its UID."""
+        return f"{kind[:2].upper()}-" + base64.b32encode(self._digest(kind, value)).decode()[:16]
+
     def date_offset_days(self, patient_id: str) -> int:
         """Days to subtract from every date of this patient (the same in every batch)."""
         n = int.from_bytes(self._digest("date", patient_id)[:4], "big")

@@ -20,6 +20,7 @@ runner = CliRunner()
 
 COMMANDS = ["synth", "data", "ingest", "preprocess", "train", "promote", "reject", "export", "monitor", "retrain", "run",
             "serve"]
+GROUPS = ["pacs"]  # sub-command groups, listed after the commands
 WIDE = {"COLUMNS": "200"}  # rich cuts long option names short at 80 columns
 
 
@@ -30,10 +31,11 @@ def _command_name(info: typer.models.CommandInfo) -> str:
 
 def test_help_lists_every_command() -> None:
     assert [_command_name(info) for info in app.registered_commands] == COMMANDS  # and no command twice
+    assert [info.name or info.typer_instance.info.name for info in app.registered_groups] == GROUPS
     result = runner.invoke(app, ["--help"], env=WIDE)
     assert result.exit_code == 0
     listed = re.findall(r"^│ ([a-z][a-z-]*)  ", result.output, flags=re.MULTILINE)  # the Commands panel
-    assert listed == COMMANDS
+    assert listed == COMMANDS + GROUPS
 
 
 @pytest.mark.parametrize("name", COMMANDS)

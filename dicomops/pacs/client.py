@@ -1,0 +1,345 @@
+"""The PACS over DICOMweb: search (QIDO-RS), store (STOW-RS) and retrieve whole studies (WADO-RS).
+
+A thin layer over :class:`dicomweb_client.DICOMwebClient`, which speaks the protocol; this module
+adds what the clinical side needs around it: HTTP basic auth from the environment, bounded
+timeouts, and a retrieval that leaves either the whole study in `dest` or nothing at all.
+
+Identifiers. A StudyInstanceUID is an original identifier, and the URLs of DICOMweb carry it, so
+the errors raised here say what failed (the verb, the HTTP status, the server's address) but never
+chain the HTTP library's exception, whose message holds the full URL: no Prefect log or traceback
+may receive an original identifier.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydicom import Dataset
+
+from dicomops.errors import DicomOpsError
+
+USER_ENV = "DICOMOPS_PACS_USER"
+PASSWORD_ENV = "DICOMOPS_PACS_PASSWORD"
+URL_ENV = "DICOMOPS_PACS_URL"
+DEFAULT_USER = "dicomops"
+DEFAULT_URL = "http://127.0.0.1:8042"
+DICOMWEB_ROOT = "/dicom-web/"
+CONNECT_TIMEOUT_S = 5.0
+# Any transfer syntax: the PACS sends each instance as it was stored, so pixels arrive untouched.
+AS_STORED = (("application/dicom", "*"),)
+# Orthanc substitutes ${VAR} in its configuration file as text, before parsing the JSON: a password
+# holding one of these would change or break the configuration it is written into.
+_UNSAFE_IN_CONFIG = re.compile(r'[\x00-\x1f"\\]|\$\{')
+
+
+class PacsError(DicomOpsError):
+    """The PACS did not do what was asked (unreachable, an HTTP error, an incomplete study)."""
+
+
+class PacsAuthError(PacsError):
+    """The PACS refused the credentials (HTTP 401/403): retrying will not help."""
+
+
+@dataclass(frozen=True)
+class PacsCredentials:
+    """HTTP basic-auth credentials of the PACS; the password stays out of ``repr``."""
+
+    user: str
+    password: str = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.user or ":" in self.user or _UNSAFE_IN_CONFIG.search(self.user):
+            raise ValueError(f"{USER_ENV} must be a non-empty name without ':', '\"', '\\', '${{' or control "
+                             "characters (HTTP basic auth and Orthanc's configuration file both carry it)")
+        if not self.password:
+            raise ValueError(f"the PACS password is empty: set {PASSWORD_ENV}")
+        if _UNSAFE_IN_CONFIG.search(self.password):
+            raise ValueError(f"{PASSWORD_ENV} must not contain '\"', '\\', '${{' or control characters: Orthanc "
+                             "expands ${{...}} in its configuration file as text before reading it as JSON")
+
+
+def credentials_from_env(env: Mapping[str, str] | None = None) -> PacsCredentials:
+    """The PACS credentials from DICOMOPS_PACS_USER (default ``dicomops``) and DICOMOPS_PACS_PASSWORD.
+
+    There is no default password: without one this raises ValueError naming the variable.
+    """
+    env = os.environ if env is None else env
+    password = env.get(PASSWORD_ENV, "")
+    if not password:
+        raise ValueError(f"no PACS password: set {PASSWORD_ENV} (and {USER_ENV}, default {DEFAULT_USER!r}); "
+                         "there is no default password")
+    return PacsCredentials(env.get(USER_ENV) or DEFAULT_USER, password)
+
+
+def read_timeout_s(http_budget_s: float) -> float:
+    """The longest silence accepted from the PACS within one request: a quarter of
+    ``Settings.http_budget_s``, so a stalled server fails a request well inside the budget of a run,
+    leaving room for the task's retries."""
+    return max(http_budget_s / 4, CONNECT_TIMEOUT_S)
+
+
+def basic_auth_session(credentials: PacsCredentials, url: str) -> Any:
+    """A requests session with HTTP basic auth. For a PACS on loopback it ignores the environment's
+    proxy settings, so a site's HTTP_PROXY never carries studies off the machine."""
+    import requests
+
+    session = requests.Session()
+    session.auth = (credentials.user, credentials.password)
+    if urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1"):
+        session.trust_env = False
+    return session
+
+
+def server_address(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+
+
+@contextlib.contextmanager
+def translate_errors(what: str, server: str) -> Iterator[None]:
+    """Turn the HTTP library's exceptions into :class:`PacsError` that name `what` failed and the
+    server, not the URL (it holds UIDs). Not chained, for the same reason."""
+    import requests
+
+    try:
+        yield
+    except requests.HTTPError as err:
+        status = err.response.status_code if err.response is not None else 0
+        if status in (401, 403):
+            raise PacsAuthError(f"{what}: the PACS at {server} refused the credentials (HTTP {status}); check "
+                                f"{USER_ENV} and {PASSWORD_ENV}") from None
+        reason = err.response.reason if err.response is not None else ""
+        raise PacsError(f"{what}: the PACS at {server} answered HTTP {status} {reason}".rstrip()) from None
+    except requests.RequestException as err:
+        raise PacsError(f"{what}: the PACS at {server} did not answer in full ({type(err).__name__}); is it "
+                        f"running, and does {URL_ENV} point at it?") from None
+
+
+class _ClosingBoundary:
+    """A requests response hook that records whether a multipart answer ended with its closing
+    boundary (``--<boundary>--``).
+
+    Orthanc 1.10 sends WADO-RS answers with neither a Content-Length nor chunked encoding: the body
+    ends when the connection closes, so a server killed mid-answer looks to the HTTP client like a
+    complete answer, and dicomweb-client then parses the cut-off last part as an instance of its
+    own. Only the missing closing boundary tells the two apart. While the body streams, ``ended`` is
+    False, so a part dicomweb-client yields once ``cut_off`` is True is that cut-off remainder.
+    """
+
+    def __init__(self) -> None:
+        self.ended = self.whole = False
+
+    def reset(self) -> None:
+        self.ended = self.whole = False
+
+    @property
+    def cut_off(self) -> bool:
+        return self.ended and not self.whole
+
+    def __call__(self, response: Any, *args: Any, **kwargs: Any) -> Any:
+        content_type = response.headers.get("Content-Type", "")
+        boundary = re.search(r'boundary="?([^";]+)"?', content_type)
+        if not content_type.lower().startswith("multipart/") or boundary is None:
+            return response
+        closing = b"--" + boundary.group(1).encode() + b"--"
+        stream = response.iter_content
+        self.reset()
+
+        def iter_content(*args: Any, **kwargs: Any) -> Iterator[bytes]:
+            tail = b""
+            for chunk in stream(*args, **kwargs):
+                tail = (tail + chunk)[-(len(closing) + 64):]
+                yield chunk
+            self.whole = tail.rstrip().endswith(closing)
+            self.ended = True
+
+        response.iter_content = iter_content
+        return response
+
+
+class PacsClient:
+    """Search, store and retrieve studies on a DICOMweb server (Orthanc's plugin here).
+
+    Args:
+        dicomweb_url: The DICOMweb root, e.g. ``http://127.0.0.1:8042/dicom-web``.
+        credentials: HTTP basic auth (see :func:`credentials_from_env`).
+        timeout_s: The longest silence accepted within one request (see :func:`read_timeout_s`).
+            dicomweb-client's own retries are off: retrying is the job of the task that calls this.
+    """
+
+    def __init__(self, dicomweb_url: str, credentials: PacsCredentials, *, timeout_s: float = 30.0) -> None:
+        from dicomweb_client import DICOMwebClient
+
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive (got {timeout_s})")
+        if urlsplit(dicomweb_url).scheme not in ("http", "https"):
+            raise ValueError(f"dicomweb_url must be an http(s) URL (got {dicomweb_url!r})")
+        self.url = dicomweb_url.rstrip("/")
+        self.server = server_address(self.url)
+        self._session = basic_auth_session(credentials, self.url)
+        self._closing = _ClosingBoundary()
+        self._web = DICOMwebClient(self.url, session=self._session, timeout=(CONNECT_TIMEOUT_S, timeout_s),
+                                   callback=self._closing)
+        self._web.set_http_retry_params(retry=False)
+
+    @classmethod
+    def from_env(cls, http_budget_s: float = 120.0, env: Mapping[str, str] | None = None) -> PacsClient:
+        """A client for DICOMOPS_PACS_URL (default ``http://127.0.0.1:8042``, Orthanc's root; the
+        DICOMweb root is below it) with the credentials of :func:`credentials_from_env`."""
+        env = os.environ if env is None else env
+        base = (env.get(URL_ENV) or DEFAULT_URL).rstrip("/")
+        return cls(base + DICOMWEB_ROOT, credentials_from_env(env), timeout_s=read_timeout_s(http_budget_s))
+
+    def close(self) -> None:
+        self._session.close()
+
+    def __enter__(self) -> PacsClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def search_studies(self, *, limit: int | None = None, fields: Sequence[str] = (),
+                       **filters: str) -> list[Dataset]:
+        """QIDO-RS: the studies matching `filters` (DICOM keywords, e.g. ``PatientID="X"``,
+        ``StudyDate="20240101-"``), each a dataset of its study-level attributes plus `fields`."""
+        with translate_errors("searching studies", self.server):
+            found = self._web.search_for_studies(limit=limit, fields=list(fields) or None,
+                                                 search_filters=dict(filters) or None, get_remaining=limit is None)
+        return [Dataset.from_json(study) for study in found]
+
+    def store(self, datasets: Iterable[Dataset]) -> list[str]:
+        """STOW-RS: store `datasets` in one request; return the SOPInstanceUIDs the PACS accepted.
+
+        Raises:
+            PacsError: the request failed, or the PACS refused some instance (the count says how many).
+        """
+        batch = list(datasets)
+        if not batch:
+            return []
+        with translate_errors(f"storing {len(batch)} instances", self.server):
+            answer = self._web.store_instances(batch)
+        failed = len(answer.get("FailedSOPSequence", []))
+        stored = [str(item.ReferencedSOPInstanceUID) for item in answer.get("ReferencedSOPSequence", [])]
+        if failed or len(stored) < len(batch):
+            raise PacsError(f"storing {len(batch)} instances: the PACS at {self.server} accepted {len(stored)} and "
+                            f"refused {failed or len(batch) - len(stored)}")
+        return stored
+
+    def instance_uids(self, study_uid: str) -> set[str]:
+        """QIDO-RS: the SOPInstanceUIDs of every instance of the study the PACS holds now."""
+        with translate_errors("listing a study's instances", self.server):
+            found = self._web.search_for_instances(study_instance_uid=study_uid, fields=["SOPInstanceUID"],
+                                                   get_remaining=True)
+        return {str(item["00080018"]["Value"][0]) for item in found if item.get("00080018", {}).get("Value")}
+
+    def retrieve_study(self, study_uid: str, dest: Path) -> list[Path]:
+        """WADO-RS: every instance of the study, as stored, into the new folder `dest`; return the files.
+
+        The instances are written and fsynced into a temporary folder beside `dest`, checked against the
+        instances the PACS listed before the transfer, and only then renamed to `dest` in one step. An
+        outage, a truncated answer or a missing instance removes the temporary folder and raises
+        :class:`PacsError`, so `dest` holds a whole study or does not exist. File names are ordinals
+        (``00000.dcm``), never UIDs; the files themselves hold PHI, so `dest` belongs in a staging area
+        outside the work directory.
+
+        Raises:
+            ValueError: `dest` exists already.
+            PacsError: the study is unknown to the PACS, or the retrieval failed or came back incomplete.
+        """
+        dest = Path(dest)
+        if dest.exists():
+            raise ValueError(f"{dest} exists: retrieve into a new folder (remove what an earlier attempt left)")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        for stale in dest.parent.glob(f".{dest.name}.partial-*"):  # a killed process cannot clean up after itself
+            shutil.rmtree(stale, ignore_errors=True)
+        expected = self.instance_uids(study_uid)
+        if not expected:
+            raise PacsError(f"retrieving a study: the PACS at {self.server} holds no instance of it")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+        try:
+            received: set[str] = set()
+            names: list[str] = []
+            self._closing.reset()
+            for ds in self._instances(study_uid):
+                _check_pixels_whole(ds, len(names))
+                names.append(f"{len(names):05d}.dcm")
+                _write_synced(ds, tmp / names[-1])
+                received.add(str(ds.SOPInstanceUID))
+            missing = len(expected - received)
+            if missing:
+                raise PacsError(f"retrieving a study: {missing} of the {len(expected)} instances the PACS at "
+                                f"{self.server} listed did not arrive")
+            _fsync_dir(tmp)
+            os.rename(tmp, dest)
+            _fsync_dir(dest.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return [dest / name for name in names]
+
+    def _instances(self, study_uid: str) -> Iterator[Dataset]:
+        """The study's instances as they arrive. An answer cut off before its closing boundary, or a part
+        that is not a whole instance, is a PacsError (the cut-off remainder is never yielded)."""
+        import requests
+
+        with translate_errors("retrieving a study", self.server):
+            answer = self._web.iter_study(study_uid, media_types=AS_STORED)
+            count = 0
+            while True:
+                try:
+                    ds = next(answer)
+                except StopIteration:
+                    break
+                except requests.RequestException:
+                    raise
+                except Exception as err:  # pydicom's, on a part cut short
+                    if self._closing.cut_off:
+                        break
+                    raise PacsError(f"retrieving a study: a part of the answer of the PACS at {self.server} is not "
+                                    f"DICOM ({type(err).__name__})") from None
+                if self._closing.cut_off:
+                    break
+                if "SOPInstanceUID" not in ds:
+                    raise PacsError(f"retrieving a study: part {count} of the answer of the PACS at {self.server} "
+                                    "is not a whole DICOM instance")
+                count += 1
+                yield ds
+        if self._closing.cut_off:
+            raise PacsError(f"retrieving a study: the answer of the PACS at {self.server} was cut off after "
+                            f"{count} instances (no closing boundary)")
+
+
+def _check_pixels_whole(ds: Dataset, index: int) -> None:
+    """Native pixel data shorter than its geometry: a transfer cut inside the instance."""
+    if "PixelData" not in ds or ds.file_meta.TransferSyntaxUID.is_compressed:
+        return
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    needed = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * frames * int(ds.BitsAllocated) // 8
+    if len(ds.PixelData) < needed:
+        raise PacsError(f"retrieving a study: instance {index} arrived with {len(ds.PixelData)} of its {needed} "
+                        "pixel bytes")
+
+
+def _write_synced(ds: Dataset, path: Path) -> None:
+    with open(path, "xb") as handle:
+        ds.save_as(handle, enforce_file_format=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

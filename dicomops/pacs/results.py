@@ -1,0 +1,414 @@
+"""Model results as DICOM objects the PACS files next to the images they describe.
+
+The clinical side answers the original study, so these objects carry the original patient and
+study identity. That identity is copied from the source datasets into the returned object and
+nowhere else: this module logs nothing, and it holds back what highdicom would log (its INFO
+records quote source SOP Instance UIDs) and the text of library warnings (pydicom's quote values).
+
+Two objects per analysed series:
+
+* :func:`structured_report` — a Comprehensive 3D SR holding a TID 1500 Measurement Report: the
+  series-level finding (nodule present or absent), the model's score and operating point, and one
+  volumetric group per nodule with its centre as a 3D point and its diameter.
+* :func:`segmentation` — a binary SEG of the nodule voxels, only when there is something to show.
+
+:func:`encode` turns either into Part 10 bytes for STOW-RS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+MANUFACTURER = "dicomops"
+SR_SERIES_DESCRIPTION = "dicomops lung nodule report"
+SEG_SERIES_DESCRIPTION = "dicomops lung nodule segmentation"
+SEGMENT_LABEL = "Lung nodule"
+
+# Coded concepts, named once so readers of the SR and the tests agree on them.
+FINDING_CATEGORY = codes.SCT.MorphologicallyAbnormalStructure  # CID 7150 / TID 1501 category
+FINDING_TYPE = codes.SCT.Nodule  # CID 7151 "Nodule"; the finding site says where
+FINDING_SITE = codes.SCT.Lung
+PRESENT = codes.SCT.Present  # CID 241 Present-Absent Only
+ABSENT = codes.SCT.Absent
+SCORE = codes.DCM.Probability
+OPERATING_POINT = codes.DCM.CADOperatingPoint
+DIAMETER = codes.SCT.Diameter
+NO_UNITS = codes.UCUM.NoUnits  # UCUM "1": a probability and a threshold on it have no unit
+MILLIMETER = codes.UCUM.Millimeter
+PROCEDURE = codes.LN.CTUnspecifiedBodyRegion  # CID 100; the finding site narrows it to the lung
+SERIES_TRACKING_ID = "Lung nodule finding"
+
+
+@dataclass(frozen=True)
+class Nodule:
+    """One detected nodule.
+
+    Attributes:
+        center_mm: Centre in patient coordinates (x, y, z) of the series' frame of reference, mm.
+        diameter_mm: Largest diameter, mm.
+        score: The model's probability that this is a nodule, in [0, 1].
+    """
+
+    center_mm: tuple[float, float, float]
+    diameter_mm: float
+    score: float
+
+    def __post_init__(self) -> None:
+        if len(self.center_mm) != 3 or not all(math.isfinite(float(v)) for v in self.center_mm):
+            raise ValueError(f"center_mm must be three finite numbers (x, y, z), got {self.center_mm!r}")
+        if not (math.isfinite(self.diameter_mm) and self.diameter_mm > 0):
+            raise ValueError(f"diameter_mm must be a positive number, got {self.diameter_mm!r}")
+        _check_probability("score", self.score)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """The model's answer for one series.
+
+    Attributes:
+        present: Whether the model calls a nodule present at its operating point.
+        score: Series-level probability of a nodule, in [0, 1].
+        threshold: The operating point the decision was taken at, in [0, 1].
+        model_name: Registered model name (the algorithm name in the SR and SEG).
+        model_version: Registered model version (the algorithm version).
+        nodules: Localised nodules; empty when absent or when the model only classifies.
+    """
+
+    present: bool
+    score: float
+    threshold: float
+    model_name: str
+    model_version: str
+    nodules: tuple[Nodule, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_probability("score", self.score)
+        _check_probability("threshold", self.threshold)
+        for name in ("model_name", "model_version"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+            if len(value) > 64:
+                raise ValueError(f"{name} must fit a DICOM LO (64 characters), got {len(value)}")
+        if not self.present and self.nodules:
+            raise ValueError("a finding with present=False cannot list nodules; set present=True "
+                             "or drop the nodules")
+
+
+def structured_report(
+    source_images: Sequence[pydicom.Dataset],
+    finding: Finding,
+    *,
+    series_number: int = 9001,
+    instance_number: int = 1,
+) -> hd.sr.Comprehensive3DSR:
+    """Build the TID 1500 measurement report for one analysed series.
+
+    The report joins the source study (same Study Instance UID, patient and study modules copied
+    from the source) in a new series, lists every source image as evidence, and says what the
+    model found in terms a PACS viewer and a downstream reader can both decode: a coded
+    present/absent evaluation, the score and operating point as unitless measurements, and each
+    nodule as a 3D point with its diameter. The model name and version appear twice on purpose:
+    as the device observer (who made the observations) and as the algorithm identification of
+    every measurement group (what produced each number).
+
+    Args:
+        source_images: The series the model analysed, all with one Study, Series and Frame of
+            Reference UID; pixel data is not needed.
+        finding: The model's result for that series.
+        series_number: Series Number of the new SR series.
+        instance_number: Instance Number of the SR in it.
+
+    Returns:
+        The SR document, not yet written anywhere.
+
+    Raises:
+        ValueError: When the source images are empty or do not form one series.
+    """
+    _check_series(source_images)
+    first = source_images[0]
+    algorithm = _algorithm(finding)
+    groups: list[
+        hd.sr.MeasurementsAndQualitativeEvaluations
+        | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    ] = [_series_group(source_images, finding, algorithm)]
+    groups.extend(
+        _nodule_group(index, nodule, first, algorithm)
+        for index, nodule in enumerate(finding.nodules, start=1)
+    )
+    with _contained_library_output():
+        report = hd.sr.MeasurementReport(
+            observation_context=_observation_context(finding),
+            procedure_reported=PROCEDURE,
+            imaging_measurements=groups,
+        )
+        return hd.sr.Comprehensive3DSR(
+            evidence=list(source_images),
+            content=report[0],
+            series_instance_uid=hd.UID(),
+            series_number=series_number,
+            sop_instance_uid=hd.UID(),
+            instance_number=instance_number,
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name=finding.model_name,
+            software_versions=finding.model_version,
+            device_serial_number=_device_uid(finding),
+            series_description=SR_SERIES_DESCRIPTION,
+            # Complete: the model has nothing more to add. Unverified and preliminary: no
+            # radiologist has signed it; a reader's correction supersedes it.
+            is_complete=True,
+            is_verified=False,
+            is_final=False,
+        )
+
+
+def segmentation(
+    source_images: Sequence[pydicom.Dataset],
+    mask: np.ndarray,
+    finding: Finding,
+    *,
+    series_number: int = 9002,
+    instance_number: int = 1,
+) -> hd.seg.Segmentation:
+    """Build a binary SEG of the nodule voxels over the analysed series.
+
+    Args:
+        source_images: The analysed series; frame ``k`` of `mask` lies on ``source_images[k]``.
+        mask: Boolean or 0/1 array shaped (frames, rows, columns), in `source_images` order.
+        finding: The model's result; its name and version identify the algorithm.
+        series_number: Series Number of the new SEG series.
+        instance_number: Instance Number of the SEG in it.
+
+    Returns:
+        The SEG, one segment "Lung nodule", frames only where the mask is set.
+
+    Raises:
+        ValueError: When the mask is empty or the finding is absent (a SEG with no segment
+            content is not a result to send), or the mask does not match the images.
+    """
+    _check_series(source_images)
+    first = source_images[0]
+    expected = (len(source_images), int(first.Rows), int(first.Columns))
+    if mask.shape != expected:
+        raise ValueError(f"mask shape {mask.shape} does not match the source images: expected "
+                         f"(frames, rows, columns) = {expected}, in source_images order")
+    if mask.dtype != np.bool_:
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError("mask must be boolean or hold only 0 and 1 (a binary segmentation)")
+        mask = mask.astype(np.bool_)
+    if not mask.any():
+        raise ValueError("mask is empty: no SEG is made for a series without nodule voxels; "
+                         "send the structured report alone")
+    if not finding.present:
+        raise ValueError("finding.present is False but the mask marks voxels; make them agree "
+                         "before sending a segmentation")
+    description = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label=SEGMENT_LABEL,
+        segmented_property_category=FINDING_CATEGORY,
+        segmented_property_type=FINDING_TYPE,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name=finding.model_name,
+            family=codes.cid7162.ArtificialIntelligence,
+            version=finding.model_version,
+        ),
+        tracking_uid=hd.UID(),
+        tracking_id=SEGMENT_LABEL,
+        anatomic_regions=[FINDING_SITE],
+    )
+    with _contained_library_output():
+        return hd.seg.Segmentation(
+            source_images=list(source_images),
+            pixel_array=mask,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=[description],
+            series_instance_uid=hd.UID(),
+            series_number=series_number,
+            sop_instance_uid=hd.UID(),
+            instance_number=instance_number,
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name=finding.model_name,
+            software_versions=finding.model_version,
+            device_serial_number=_device_uid(finding),
+            series_description=SEG_SERIES_DESCRIPTION,
+        )
+
+
+def encode(ds: pydicom.Dataset) -> bytes:
+    """Serialise `ds` as DICOM Part 10 bytes (preamble, file meta), the body STOW-RS expects."""
+    buffer = io.BytesIO()
+    with _contained_library_output():
+        pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+# --- SR content -----------------------------------------------------------------------------
+
+
+def _series_group(
+    source_images: Sequence[pydicom.Dataset],
+    finding: Finding,
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group for the series: the present/absent call, the score and the operating point.
+
+    The source images are listed in the group so a reader of the content tree, not only of the
+    evidence sequence, sees which images the decision rests on.
+    """
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=SERIES_TRACKING_ID),
+        finding_category=FINDING_CATEGORY,
+        finding_type=FINDING_TYPE,
+        finding_sites=[hd.sr.FindingSite(FINDING_SITE)],
+        algorithm_id=algorithm,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=FINDING_TYPE, value=PRESENT if finding.present else ABSENT),
+        ],
+        measurements=[
+            hd.sr.Measurement(name=SCORE, value=finding.score, unit=NO_UNITS),
+            hd.sr.Measurement(name=OPERATING_POINT, value=finding.threshold, unit=NO_UNITS),
+        ],
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds)
+                       for ds in source_images],
+    )
+
+
+def _nodule_group(
+    index: int,
+    nodule: Nodule,
+    reference: pydicom.Dataset,
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """TID 1411 group for one nodule: its centre as a SCOORD3D POINT, its diameter and score.
+
+    TID 1411's Volume Surface is the template row that admits a single 3D point; it refers to
+    the source series, whose frame of reference the point is in.
+    """
+    surface = hd.sr.VolumeSurface(
+        graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+        graphic_data=np.asarray([nodule.center_mm], dtype=np.float64),
+        frame_of_reference_uid=reference.FrameOfReferenceUID,
+        source_series=hd.sr.SourceSeriesForSegmentation(reference.SeriesInstanceUID),
+    )
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"Nodule {index}"),
+        referenced_volume_surface=surface,
+        finding_category=FINDING_CATEGORY,
+        finding_type=FINDING_TYPE,
+        finding_sites=[hd.sr.FindingSite(FINDING_SITE)],
+        algorithm_id=algorithm,
+        measurements=[
+            hd.sr.Measurement(name=DIAMETER, value=nodule.diameter_mm, unit=MILLIMETER),
+            hd.sr.Measurement(name=SCORE, value=nodule.score, unit=NO_UNITS),
+        ],
+    )
+
+
+def _observation_context(finding: Finding) -> hd.sr.ObservationContext:
+    """Device observer (TID 1004): dicomops running this model version made the observations."""
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=_device_uid(finding),
+        name=f"{finding.model_name} {finding.model_version}"[:64],
+        manufacturer_name=MANUFACTURER,
+        model_name=finding.model_name,
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=device,
+        ),
+    )
+
+
+def _algorithm(finding: Finding) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(
+        name=finding.model_name, version=finding.model_version, manufacturer=MANUFACTURER,
+    )
+
+
+def _device_uid(finding: Finding) -> str:
+    """A UID fixed by model name and version, so every report from one model version names the
+    same device (a PACS can group by it) while the SOP and series UIDs stay new each time."""
+    return str(generate_uid(entropy_srcs=[MANUFACTURER, finding.model_name, finding.model_version]))
+
+
+# --- checks and output containment ------------------------------------------------------------
+
+
+def _check_probability(name: str, value: float) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+
+
+def _check_series(source_images: Sequence[pydicom.Dataset]) -> None:
+    """One study, one series, one frame of reference: what both objects reference as a unit.
+
+    Messages name the attribute, never its value: the values are original identifiers.
+    """
+    if len(source_images) == 0:
+        raise ValueError("source_images is empty: pass the datasets of the analysed series")
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+        values = {ds.get(keyword) for ds in source_images}
+        if None in values:
+            raise ValueError(f"a source image lacks {keyword}; every image needs it")
+        if len(values) > 1:
+            raise ValueError(f"source_images hold {len(values)} different {keyword} values; "
+                             f"pass one series at a time")
+
+
+_LOUD_LIBRARIES = ("highdicom",)
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_saved_levels: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def _contained_library_output() -> Iterator[None]:
+    """Keep original identifiers out of logs while highdicom and pydicom build the object.
+
+    highdicom logs source SOP Instance UIDs at INFO and pydicom quotes element values in its
+    warnings; both would reach Prefect's log handlers. Logger levels are process-wide, so the
+    change is reference-counted across threads; warnings are re-issued with their category and
+    origin but without their text. ``warnings.catch_warnings`` is process-wide too: a warning
+    another thread raises meanwhile is re-issued the same way, which loses its text, not a secret.
+    """
+    global _quiet_depth
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            for name in _LOUD_LIBRARIES:
+                logger = logging.getLogger(name)
+                _saved_levels[name] = logger.level
+                logger.setLevel(logging.WARNING)
+        _quiet_depth += 1
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                for name, level in _saved_levels.items():
+                    logging.getLogger(name).setLevel(level)
+                _saved_levels.clear()
+        for item in caught:
+            warnings.warn(
+                f"{item.category.__name__} from {item.filename}:{item.lineno} while building a "
+                f"DICOM result (text withheld: it may quote patient attributes)",
+                RuntimeWarning, stacklevel=3,
+            )

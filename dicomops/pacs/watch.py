@@ -1,0 +1,186 @@
+"""A study from the PACS, start to finish: retrieved whole into staging, through the same ingest gate
+as a folder, scored by the champion, its results stored back in the PACS as DICOM SR, staging removed.
+
+Identity. The work directory, the ledger, logs and events name a study by its *token*, a keyed hash
+of its StudyInstanceUID (:meth:`dicomops.deid.keys.KeyedMapper.token`), never by a UID. The original
+UIDs a result must reference are read from the staged files into memory, matched to the work
+directory's pseudonymised series with the same keyed mapping the gate used, and leave the process
+only inside the DICOM objects stored back into the PACS. Staging holds the PACS's own files (PHI) for
+as long as one study takes and lives outside the work directory.
+
+What happens to each study is one row of ``WORK/pacs/studies.csv``: ``ingested`` (with how many
+series were accepted and how many results were stored back), ``refused`` by the gate (with its
+reason), or ``duplicate`` for a study already handled. A study is never dropped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import pandas as pd
+
+from dicomops import io
+from dicomops.config import IngestConfig
+from dicomops.deid.keys import KeyedMapper
+from dicomops.errors import GateFailedError
+from dicomops.layout import WorkLayout
+
+log = logging.getLogger(__name__)
+
+LEDGER_COLUMNS = ["token", "status", "accepted_series", "quarantined_files", "results_stored", "reason",
+                  "handled_at"]
+
+
+class Pacs(Protocol):
+    """What the watch needs of a PACS (:class:`dicomops.pacs.client.PacsClient` over DICOMweb)."""
+
+    def retrieve_study(self, study_uid: str, dest: Path) -> list[Path]: ...
+
+    def store(self, datasets: Sequence[Any]) -> Any: ...
+
+
+@dataclass(frozen=True)
+class StudyOutcome:
+    token: str
+    status: str  # ingested | refused | duplicate
+    accepted_series: int = 0
+    quarantined_files: int = 0
+    results_stored: int = 0
+    reason: str = ""
+
+
+def study_token(key: bytes, study_uid: str) -> str:
+    return KeyedMapper(key).token("study", study_uid)
+
+
+def handled_tokens(work: Path) -> set[str]:
+    """The studies already ingested or refused (a duplicate is not a handling)."""
+    ledger = WorkLayout(work).pacs.ledger
+    if not ledger.exists():
+        return set()
+    table = pd.read_csv(ledger, keep_default_na=False)
+    return set(table[table.status != "duplicate"].token)
+
+
+def _record(work: Path, outcome: StudyOutcome) -> None:
+    ledger = WorkLayout(work).pacs.ledger
+    rows = pd.read_csv(ledger, keep_default_na=False) if ledger.exists() else pd.DataFrame(columns=LEDGER_COLUMNS)
+    row = asdict(outcome) | {"handled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    io.write_csv(ledger, pd.concat([rows, pd.DataFrame([row])], ignore_index=True)[LEDGER_COLUMNS])
+
+
+def handle_study(study_uid: str, pacs: Pacs, staging: Path, work: Path, cfg: IngestConfig, key: bytes,
+                 champion: Any | None = None) -> StudyOutcome:
+    """Retrieve, gate, score and answer one study; record and return what happened.
+
+    A retrieval that fails (an outage) raises and records nothing, so the caller does not advance
+    its cursor and the study is tried again whole. `champion` is a
+    :class:`dicomops.inference.champion.Champion`; without one the study is ingested and no result
+    is written (the ledger says so).
+    """
+    token = study_token(key, study_uid)
+    if token in handled_tokens(work):
+        outcome = StudyOutcome(token, "duplicate", reason="already handled; ingested once")
+        _record(work, outcome)
+        return outcome
+    staged = Path(staging) / token
+    study_work = WorkLayout(work).pacs.study(token)
+    try:
+        shutil.rmtree(staged, ignore_errors=True)  # what a killed process left
+        pacs.retrieve_study(study_uid, staged)
+        outcome = _gate_score_answer(token, staged, study_work, pacs, cfg, key, champion)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    _record(work, outcome)
+    log.info("PACS study %s: %s (%d series accepted, %d files quarantined, %d results stored)%s", token,
+             outcome.status, outcome.accepted_series, outcome.quarantined_files, outcome.results_stored,
+             f"; {outcome.reason}" if outcome.reason else "")
+    return outcome
+
+
+def _gate_score_answer(token: str, staged: Path, study_work: Path, pacs: Pacs, cfg: IngestConfig, key: bytes,
+                       champion: Any | None) -> StudyOutcome:
+    from dicomops import ingest
+
+    try:
+        gate = ingest.run(staged, study_work, cfg, key)
+    except GateFailedError as err:
+        summary = io.read_json(WorkLayout(study_work).ingest.summary)
+        return StudyOutcome(token, "refused", 0, int(summary.get("quarantined_files", 0)), 0, str(err))
+    if champion is None:
+        return StudyOutcome(token, "ingested", gate.accepted_series, gate.quarantined_files, 0,
+                            "no champion model: ingested, not scored")
+    from dicomops.inference.champion import score_study
+
+    scores = score_study(champion, study_work)
+    stored = store_results(pacs, staged, scores, champion, key)
+    return StudyOutcome(token, "ingested", gate.accepted_series, gate.quarantined_files, stored)
+
+
+def original_series(staged: Path, key: bytes) -> dict[str, list[Any]]:
+    """The staged study's image headers grouped by series, keyed by the pseudonym the gate gave each
+    series: how a result finds the original UIDs it must reference. In memory only."""
+    import pydicom
+
+    mapper = KeyedMapper(key)
+    series: dict[str, list[Any]] = {}
+    for path in sorted(p for p in Path(staged).rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # the gate has already quarantined and recorded what cannot be read
+            continue
+        if "SeriesInstanceUID" in ds and "ImagePositionPatient" in ds:
+            series.setdefault(mapper.uid(str(ds.SeriesInstanceUID)), []).append(ds)
+    for images in series.values():
+        images.sort(key=lambda ds: float(ds.ImagePositionPatient[2]))
+    return series
+
+
+def store_results(pacs: Pacs, staged: Path, scores: pd.DataFrame, champion: Any, key: bytes) -> int:
+    """One Comprehensive 3D SR per scored series, referencing the original study, series and images,
+    stored back with STOW-RS; returns how many were stored."""
+    from dicomops.pacs.results import Finding, structured_report
+
+    originals = original_series(staged, key)
+    reports = []
+    for row in scores.itertuples():
+        images = originals.get(str(row.SeriesInstanceUID))
+        if not images:  # accepted by the gate but unreadable here: cannot happen unless staging changed
+            raise RuntimeError(f"a scored series has no staged images to reference (series {row.Index})")
+        finding = Finding(present=bool(row.present), score=float(row.score), threshold=float(champion.threshold),
+                          model_name=champion.name, model_version=str(champion.version))
+        reports.append(structured_report(images, finding))
+    if reports:
+        pacs.store(reports)
+    return len(reports)
+
+
+def watch_once(feed: Any, pacs: Pacs, staging: Path, work: Path, cfg: IngestConfig, key: bytes,
+               champion: Any | None = None, limit: int = 100,
+               on_study: Any = None) -> list[StudyOutcome]:
+    """Handle every study that became stable since the cursor (``WORK/pacs/cursor.json``), page
+    after page, advancing the cursor after each study is recorded; `on_study(outcome)` is called for
+    each (the flow emits its event there). A failure (an outage) stops the pass with the cursor on
+    the last study handled, so the next pass starts with the one that failed."""
+    from dicomops.pacs.changes import Cursor
+
+    cursor = Cursor(WorkLayout(work).pacs.cursor)
+    outcomes = []
+    while True:
+        since = cursor.value
+        page = feed.poll(since, limit)
+        for study in page.studies:
+            outcome = handle_study(study.study_uid, pacs, staging, work, cfg, key, champion)
+            cursor.advance(study.seq)
+            outcomes.append(outcome)
+            if on_study is not None:
+                on_study(outcome)
+        cursor.advance(page.last)  # past the changes that were not stable studies
+        if page.done or page.last <= since:
+            return outcomes

@@ -1,0 +1,35 @@
+"""The PACS watch: new stable studies from Orthanc's changes feed → retrieved whole → the ingest
+gate → scored by the champion → DICOM SR stored back under the original study → an event per study."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from dicomops.config import PipelineConfig, load_settings
+from flows.scope import writing
+from tasks import pacs as t
+
+
+@flow(name="dicomops-pacs-watch", log_prints=True)
+def pacs_watch(orthanc_url: str | None = None, work: Path | None = None, staging: Path | None = None,
+               config: PipelineConfig = PipelineConfig(), limit: int = 100) -> dict[str, object]:
+    """Handle every study that became stable in the PACS since the last pass (cursor in
+    ``WORK/pacs/cursor.json``). `orthanc_url` is Orthanc's root (default ``DICOMOPS_PACS_URL``);
+    credentials come from ``DICOMOPS_PACS_USER`` / ``DICOMOPS_PACS_PASSWORD``."""
+    settings = load_settings()
+    work = Path(work or settings.work_dir)
+    staging = Path(staging or settings.pacs_staging)
+    model = config.train.model_name
+    with writing(work, "dicomops-pacs-watch", settings):
+        scoring = t.champion_available(settings.mlflow_tracking_uri, model)
+        if not scoring:
+            print(f"pacs-watch: no champion of {model} yet; studies are ingested and not answered")
+        outcomes = t.handle_new_studies(orthanc_url, work, staging, config.ingest, model if scoring else None, limit)
+        t.emit_study_events(outcomes)
+    counts = {status: sum(o["status"] == status for o in outcomes) for status in ("ingested", "refused", "duplicate")}
+    stored = sum(int(str(o["results_stored"])) for o in outcomes)
+    print(f"pacs-watch: {len(outcomes)} stable studies: {counts['ingested']} ingested, {counts['refused']} refused "
+          f"by the gate, {counts['duplicate']} already handled; {stored} results stored back")
+    return {"studies": outcomes, **counts, "results_stored": stored, "work": str(work)}

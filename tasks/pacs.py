@@ -1,0 +1,61 @@
+"""PACS tasks. A study's UIDs never cross a Prefect boundary: the changes feed is read, and each
+study retrieved, gated, scored and answered, inside one task; what comes out are tokens and counts."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from prefect import task
+
+from dicomops.config import IngestConfig, load_settings
+from dicomops.deid.keys import key_from_settings
+from dicomops.pacs import watch
+
+
+@task(name="load-champion-for-pacs", retries=2, retry_delay_seconds=[2, 10])
+def champion_available(tracking_uri: str, model_name: str) -> bool:
+    """Whether a champion can score the studies (without one they are ingested, not answered)."""
+    from dicomops.tracking.registry import CHAMPION, alias_version
+    from dicomops.tracking.runs import configure_mlflow
+
+    return alias_version(configure_mlflow(tracking_uri), model_name, CHAMPION) is not None
+
+
+@task(name="handle-new-studies", tags=["io-heavy"])
+def handle_new_studies(orthanc_url: str | None, work: Path, staging: Path, cfg: IngestConfig, model_name: str | None,
+                       limit: int) -> list[dict[str, object]]:
+    from dicomops.pacs.changes import ChangesFeed
+    from dicomops.pacs.client import (
+        DEFAULT_URL,
+        DICOMWEB_ROOT,
+        URL_ENV,
+        PacsClient,
+        credentials_from_env,
+        read_timeout_s,
+    )
+
+    settings = load_settings()
+    champion = None
+    if model_name is not None:
+        from dicomops.inference.champion import load_champion
+
+        champion = load_champion(settings.mlflow_tracking_uri, model_name)
+    root = (orthanc_url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
+    credentials, timeout = credentials_from_env(), read_timeout_s(settings.http_budget_s)
+    with PacsClient(root + DICOMWEB_ROOT, credentials, timeout_s=timeout) as pacs, \
+            ChangesFeed(root, credentials, timeout_s=timeout) as feed:
+        outcomes = watch.watch_once(feed, pacs, staging, work, cfg, key_from_settings(), champion, limit)
+    return [asdict(o) for o in outcomes]
+
+
+@task(name="emit-study-events")
+def emit_study_events(outcomes: list[dict[str, object]]) -> None:
+    """``dicomops.study.stable`` for each study the gate accepted, named by its token."""
+    from prefect.events import emit_event
+
+    for outcome in outcomes:
+        if outcome["status"] == "ingested":
+            emit_event(event="dicomops.study.stable", resource={"prefect.resource.id": f"dicomops.study.{outcome['token']}"},
+                       payload={k: outcome[k] for k in ("token", "accepted_series", "results_stored")})

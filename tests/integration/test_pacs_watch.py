@@ -1,0 +1,157 @@
+"""A study sent to a real Orthanc is ingested without anyone touching a folder, scored by the
+champion, and its SR is found again under the original study from the PACS; a study whose answer is
+cut off mid-retrieval leaves nothing and is ingested once, whole, on the next pass; a study seen twice
+is handled once; a hostile file is quarantined; nothing identifying reaches the work directory,
+MLflow, Prefect or staging."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import highdicom as hd
+import pandas as pd
+import pydicom
+import pytest
+
+import mlflow
+from dicomops import ingest
+from dicomops.config import IngestConfig, PipelineConfig, PreprocessConfig, SynthConfig, TrainConfig
+from dicomops.deid import scan_for_phi
+from dicomops.pacs.changes import ChangesFeed
+from dicomops.pacs.client import PASSWORD_ENV, URL_ENV, USER_ENV, PacsClient
+from dicomops.pacs.orthanc import OrthancProcess
+from dicomops.preprocessing.stage import preprocess_corpus
+from dicomops.synthetic import generate_corpus
+from flows.pacs_watch import pacs_watch
+from flows.train import train
+from tests.flows.test_ingest_flow import _prefect_database
+from tests.hostile import ct_slice
+from tests.unit.test_real_files import _needles
+
+from .orthanc_fixture import CuttingProxy, orthanc, synthetic_study  # noqa: F401  (orthanc is a fixture)
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
+PRE = PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0), crop_xy=160, workers=1)
+TINY = TrainConfig(epochs=1, input_size=32, batch_size=16, num_workers=0, model_name="pacs-classifier", min_auc=0.0)
+CONFIG = PipelineConfig(preprocess=PRE, train=TINY, ingest=IngestConfig(workers=1, max_invalid_fraction=0.5))
+
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A one-epoch champion of `pacs-classifier` in a SQLite store (min_auc 0: promoted by the gate)."""
+    root = tmp_path_factory.mktemp("champion")
+    generate_corpus(root / "src", SynthConfig(patients=20, seed=17, fault_rate=0.0, matrix=128, slices=12, workers=1))
+    work = root / "work"
+    uri = f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("DICOMOPS_MLFLOW_ARTIFACT_ROOT", str(root / "mlflow" / "artifacts"))
+        ingest.run(root / "src", work, IngestConfig(workers=1), b"champion-key-0123456789abcdef")
+        preprocess_corpus(work, PRE)
+        result = train(work=work, config=TINY, preprocess_config=PRE, experiment="pacs-test")
+    assert result["promoted"], result
+    return uri
+
+
+def _pacs_env(monkeypatch: pytest.MonkeyPatch, server: OrthancProcess, url: str | None = None) -> None:
+    monkeypatch.setenv(URL_ENV, url or server.url)
+    monkeypatch.setenv(USER_ENV, server.credentials.user)
+    monkeypatch.setenv(PASSWORD_ENV, server.credentials.password)
+
+
+def _send(server: OrthancProcess, files: list[Path]) -> str:
+    datasets = [pydicom.dcmread(f) for f in files]
+    with PacsClient(server.dicomweb_url, server.credentials) as pacs:
+        pacs.store(datasets)
+    return str(datasets[0].StudyInstanceUID)
+
+
+def _wait_stable(server: OrthancProcess, study_uids: set[str], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    with ChangesFeed(server.url, server.credentials) as feed:
+        while time.monotonic() < deadline:
+            if study_uids <= {s.study_uid for s in feed.stable_studies(0)}:
+                return
+            time.sleep(0.3)
+    raise AssertionError(f"{len(study_uids)} studies did not become stable within {timeout} s")
+
+
+def _reports(server: OrthancProcess, study_uid: str) -> list[pydicom.Dataset]:
+    """Every SR the PACS holds under `study_uid`, found by QIDO-RS and fetched by WADO-RS."""
+    with PacsClient(server.dicomweb_url, server.credentials) as pacs:
+        found = pacs._web.search_for_series(study_instance_uid=study_uid, search_filters={"Modality": "SR"})
+        return [ds for series in found for ds in pacs._web.retrieve_series(
+            study_uid, pydicom.Dataset.from_json(series).SeriesInstanceUID)]
+
+
+def test_studies_from_the_pacs_are_gated_scored_answered_once_and_leak_nothing(
+        orthanc: OrthancProcess, champion: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    from tests.conftest import PREFECT_HOME
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", champion)
+    work, staging = tmp_path / "work", tmp_path / "staging"
+    clean = synthetic_study(tmp_path / "send-a", slices=12, matrix=128, index=1, vendor="ge")
+    hostile_files = synthetic_study(tmp_path / "send-b", slices=12, matrix=128, index=2, vendor="siemens")
+    # One slice of the second study with a modality the gate does not take: Orthanc stores it, the
+    # gate quarantines that file and keeps the study.
+    odd = pydicom.dcmread(hostile_files[0])
+    rogue = ct_slice(z=999.0, rows=int(odd.Rows), cols=int(odd.Columns), Modality="MR")
+    for keyword in ("StudyInstanceUID", "PatientID", "PatientName", "SeriesInstanceUID"):
+        setattr(rogue, keyword, odd.get(keyword))
+    rogue.SeriesInstanceUID = pydicom.uid.generate_uid()
+    rogue_path = tmp_path / "rogue.dcm"
+    rogue.save_as(rogue_path, enforce_file_format=True)
+    study_a, study_b = _send(orthanc, clean), _send(orthanc, [*hostile_files, rogue_path])
+    _wait_stable(orthanc, {study_a, study_b})
+
+    # A pass whose retrieval is cut off mid-transfer: the flow fails, nothing is staged or recorded,
+    # and the cursor stays where it was.
+    proxy = CuttingProxy(orthanc.http_port, cut_after=40_000, on_cut=lambda: None)
+    _pacs_env(monkeypatch, orthanc, proxy.url)
+    with pytest.raises(Exception, match="(?i)cut off|incomplete|closing boundary|ended"):
+        pacs_watch(work=work, staging=staging, config=CONFIG)
+    proxy.close()
+    assert proxy.cut.is_set()
+    assert not (work / "pacs/studies.csv").exists() and list(staging.glob("*")) == []
+    assert not (work / "pacs/cursor.json").exists() or json.loads((work / "pacs/cursor.json").read_text())["since"] == 0
+
+    _pacs_env(monkeypatch, orthanc)
+    result = pacs_watch(work=work, staging=staging, config=CONFIG)
+    assert (result["ingested"], result["refused"], result["results_stored"]) == (2, 0, 2)
+    ledger = pd.read_csv(work / "pacs/studies.csv", keep_default_na=False)
+    assert list(ledger.status) == ["ingested", "ingested"] and list(ledger.results_stored) == [1, 1]
+    assert sorted(ledger.quarantined_files) == [0, 1]  # the MR slice, quarantined with its reason
+    quarantined = ledger[ledger.quarantined_files == 1].token.item()
+    reasons = pd.read_csv(work / "pacs/studies" / quarantined / "ingest/quarantine.csv", keep_default_na=False)
+    assert len(reasons) == 1 and "modality" in reasons.reason.item()
+    accepted = pd.read_parquet(work / "pacs/studies" / ledger.token[0] / "ingest/accepted.parquet")
+    assert len(accepted) == 12  # whole: every slice, after the cut-off pass
+
+    for study_uid, files in ((study_a, clean), (study_b, hostile_files)):
+        (report,) = _reports(orthanc, study_uid)  # under the original study, from the PACS
+        assert report.StudyInstanceUID == study_uid and report.PatientID == pydicom.dcmread(files[0]).PatientID
+        sr = hd.sr.Comprehensive3DSR.from_dataset(report)
+        evidence = {item.ReferencedSOPInstanceUID
+                    for study in sr.CurrentRequestedProcedureEvidenceSequence
+                    for series in study.ReferencedSeriesSequence for item in series.ReferencedSOPSequence}
+        assert evidence == {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
+        assert f"{TINY.model_name}" in json.dumps(report.to_json_dict())
+
+    # Storing the SRs made both studies change, so they become stable again: seen twice, handled once.
+    _wait_stable(orthanc, {study_a, study_b})
+    time.sleep(2.5)
+    again = pacs_watch(work=work, staging=staging, config=CONFIG)
+    assert again["ingested"] == 0 and again["results_stored"] == 0
+    assert all(len(_reports(orthanc, uid)) == 1 for uid in (study_a, study_b))
+    assert list(staging.glob("*")) == []
+
+    needles = _needles([*clean, *hostile_files, rogue_path])
+    assert {study_a, study_b} <= needles
+    for place in (work, Path(champion.removeprefix("sqlite:///")).parent, PREFECT_HOME, _prefect_database()):
+        hits = scan_for_phi(place, needles)
+        assert hits == [], f"PHI found under {place}: {hits[:5]}"
+    assert len(scan_for_phi(tmp_path / "send-a", needles)) > 5  # not vacuous
+    client = mlflow.tracking.MlflowClient(champion)
+    assert client.get_registered_model(TINY.model_name).aliases["champion"]

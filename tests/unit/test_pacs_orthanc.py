@@ -1,0 +1,231 @@
+"""The PACS plumbing without a server: Orthanc's rendered configuration (loopback, auth, no DICOM
+port, no default password, mode 0600), the template and its Compose service, the changes cursor
+(atomic, survives a restart, holds a number only), and the client's guard against a cut-off answer."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import socket
+import stat
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+from typer.testing import CliRunner
+from urllib3 import HTTPResponse
+
+from dicomops.cli import app
+from dicomops.pacs.changes import Cursor, StableStudy
+from dicomops.pacs.client import (
+    PASSWORD_ENV,
+    PacsAuthError,
+    PacsCredentials,
+    PacsError,
+    _ClosingBoundary,
+    credentials_from_env,
+    translate_errors,
+)
+from dicomops.pacs.orthanc import TEMPLATE, render_config, write_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CREDS = PacsCredentials("radiology", "not-a-real-password-1")
+
+
+def test_no_password_is_an_error_naming_the_variable() -> None:
+    for env in ({}, {"DICOMOPS_PACS_USER": "radiology"}, {PASSWORD_ENV: ""}):
+        with pytest.raises(ValueError, match=PASSWORD_ENV):
+            credentials_from_env(env)
+    assert credentials_from_env({PASSWORD_ENV: "pw-1"}) == PacsCredentials("dicomops", "pw-1")
+    assert credentials_from_env({PASSWORD_ENV: "pw-1", "DICOMOPS_PACS_USER": "ris"}).user == "ris"
+
+
+@pytest.mark.parametrize("password", ['with"quote', "back\\slash", "expands${HOME}", "new\nline"])
+def test_a_password_orthanc_would_rewrite_or_misparse_is_refused(password: str) -> None:
+    with pytest.raises(ValueError, match=PASSWORD_ENV):
+        PacsCredentials("radiology", password)
+
+
+def test_credentials_keep_the_password_out_of_repr() -> None:
+    assert "not-a-real-password-1" not in repr(CREDS) and "radiology" in repr(CREDS)
+
+
+def test_rendered_config_is_loopback_only_with_auth_and_no_dicom_port(tmp_path: Path) -> None:
+    config = render_config(tmp_path / "pacs", 18042, CREDS)
+    assert config["RemoteAccessAllowed"] is False
+    assert config["AuthenticationEnabled"] is True
+    assert config["RegisteredUsers"] == {"radiology": "not-a-real-password-1"}
+    assert config["DicomServerEnabled"] is False
+    assert config["HttpPort"] == 18042 and config["StableAge"] == 10
+    assert config["StorageDirectory"] == config["IndexDirectory"] == str(tmp_path / "pacs" / "db")
+    assert config["Plugins"] == ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"]
+    assert config["DicomWeb"] == {"Enable": True, "Root": "/dicom-web/"}
+    assert "${" not in json.dumps(config)  # the template's placeholders are all replaced
+    assert config["ExecuteLuaEnabled"] is False and config["RestApiWriteToFileSystemEnabled"] is False
+
+
+def test_dicom_port_and_stable_age_are_options(tmp_path: Path) -> None:
+    config = render_config(tmp_path, 18042, CREDS, dicom_port=11112, stable_age_s=2)
+    assert config["DicomServerEnabled"] is True and config["DicomPort"] == 11112 and config["StableAge"] == 2
+    for bad in ({"dicom_port": 18042}, {"dicom_port": 0}, {"stable_age_s": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad)).split("_")[0]):
+            render_config(tmp_path, 18042, CREDS, **bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="http_port"):
+        render_config(tmp_path, 70000, CREDS)
+
+
+def test_a_broken_template_is_named(tmp_path: Path) -> None:
+    (tmp_path / "t.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"t\.json"):
+        render_config(tmp_path, 18042, CREDS, template=tmp_path / "t.json")
+
+
+def test_config_is_written_for_its_owner_alone_and_atomically(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        path = write_config(render_config(tmp_path, 18042, CREDS), tmp_path / "etc" / "orthanc.json")
+        path.chmod(0o644)
+        write_config(render_config(tmp_path, 18043, CREDS), path)  # a rewrite tightens it again
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert json.loads(path.read_text())["HttpPort"] == 18043
+    assert [p.name for p in path.parent.iterdir()] == ["orthanc.json"]  # no temp file left
+
+
+def test_template_holds_no_password_and_compose_serves_it_on_localhost() -> None:
+    template = json.loads(TEMPLATE.read_text())
+    assert template["RegisteredUsers"] == {"${DICOMOPS_PACS_USER}": "${DICOMOPS_PACS_PASSWORD}"}
+    assert template["AuthenticationEnabled"] is True and template["DicomServerEnabled"] is False
+    assert "RemoteAccessAllowed" not in template  # Orthanc's default (false) unless a deployment adds it
+    compose = yaml.safe_load((ROOT / "infra" / "docker-compose.yml").read_text())
+    service = compose["services"]["orthanc"]
+    assert service["image"].startswith(("jodogne/orthanc-plugins:", "orthancteam/orthanc:"))
+    assert "./orthanc/orthanc.json:/etc/dicomops/orthanc/orthanc.json:ro" in service["volumes"]
+    assert all(str(port).startswith("127.0.0.1:") for port in service["ports"])
+    text = (ROOT / "infra" / "docker-compose.yml").read_text()
+    assert re.search(r"DICOMOPS_PACS_PASSWORD: \$\{DICOMOPS_PACS_PASSWORD:\?", text)  # no default
+
+
+def test_cursor_starts_at_zero_and_survives_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "pacs" / "cursor.json"
+    cursor = Cursor(path)
+    assert cursor.value == 0 and not path.exists()
+    cursor.advance(7)
+    cursor.advance(7)
+    cursor.advance(12)
+    assert Cursor(path).value == 12  # a new process reads where the last one stopped
+    assert json.loads(path.read_text()) == {"since": 12}  # a number, no identifier
+    assert sorted(p.name for p in path.parent.iterdir()) == ["cursor.json"]
+    with pytest.raises(ValueError, match="never moves back"):
+        cursor.advance(11)
+    assert Cursor(path).value == 12
+
+
+def test_a_crash_while_advancing_keeps_the_old_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cursor = Cursor(tmp_path / "cursor.json")
+    cursor.advance(3)
+
+    def crash(src: str, dst: str) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        cursor.advance(9)
+    monkeypatch.undo()
+    assert cursor.value == 3 and Cursor(tmp_path / "cursor.json").value == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["cursor.json"]
+
+
+@pytest.mark.parametrize("content", ["{", '{"since": -1}', '{"since": "4"}',
+                                     '{"since": 4, "study": "1.2.840.1"}'])
+def test_a_damaged_cursor_is_named_not_guessed(tmp_path: Path, content: str) -> None:
+    (tmp_path / "cursor.json").write_text(content)
+    with pytest.raises(ValueError, match=r"cursor\.json"):
+        Cursor(tmp_path / "cursor.json")
+
+
+def test_a_stable_study_keeps_its_identifiers_out_of_repr() -> None:
+    study = StableStudy(5, "0d6b5a64-0d0d6b5a", "1.2.826.0.1.3680043.2.1125.1")
+    assert repr(study) == "StableStudy(seq=5)"
+
+
+def _multipart(body: bytes, boundary: str = "b0und") -> requests.Response:
+    response = requests.Response()
+    response.status_code = 200
+    response.headers["Content-Type"] = f'multipart/related; type="application/dicom"; boundary={boundary}'
+    response.raw = HTTPResponse(body=io.BytesIO(body), preload_content=False)
+    return response
+
+
+def test_a_multipart_answer_without_its_closing_boundary_is_seen_as_cut_off() -> None:
+    whole = b"--b0und\r\nContent-Type: application/dicom\r\n\r\nDATA\r\n--b0und--\r\n"
+    for body, complete in ((whole, True), (whole[:-14], False), (whole[:20], False)):
+        hook = _ClosingBoundary()
+        response = hook(_multipart(body))
+        chunks = response.iter_content(7)
+        assert next(chunks) == body[:7] and not hook.cut_off  # not decided while the body streams
+        assert body[:7] + b"".join(chunks) == body
+        assert hook.cut_off is not complete
+
+
+def test_http_errors_name_the_server_not_the_url() -> None:
+    response = requests.Response()
+    response.status_code, response.url = 401, "http://127.0.0.1:1/dicom-web/studies/1.2.840.99"
+    with pytest.raises(PacsAuthError, match=PASSWORD_ENV) as refused, \
+            translate_errors("retrieving a study", "http://127.0.0.1:1"):
+        response.raise_for_status()
+    assert "1.2.840.99" not in str(refused.value) and refused.value.__cause__ is None
+    with pytest.raises(PacsError, match="did not answer") as down, translate_errors("x", "http://127.0.0.1:1"):
+        raise requests.ConnectionError("HTTPConnectionPool: Max retries exceeded with url: /studies/1.2.840.99")
+    assert "1.2.840.99" not in str(down.value)
+
+
+def test_pacs_start_without_a_password_exits_2_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(PASSWORD_ENV, raising=False)
+    result = CliRunner().invoke(app, ["pacs", "start", "--port", "18042"])
+    assert result.exit_code == 2 and PASSWORD_ENV in result.output
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _fake_orthanc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> Path:
+    """An executable standing in for Orthanc, so start-up failures are tested without the package."""
+    import dicomops.pacs.orthanc as orthanc
+
+    script = tmp_path / "bin" / "FakeOrthanc"
+    script.parent.mkdir()
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(orthanc, "ORTHANC_EXECUTABLE", str(script))
+    return script
+
+
+def test_an_orthanc_that_exits_while_starting_is_reported_with_its_log(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicomops.pacs.orthanc import start_orthanc
+
+    _fake_orthanc(tmp_path, monkeypatch, 'echo "E1130 Bad type for a parameter: StableAge"; exit 3')
+    with pytest.raises(RuntimeError, match=r"(?s)code 3.*Bad type for a parameter"), \
+            start_orthanc(tmp_path / "pacs", _free_port(), CREDS, dicomweb_plugin=TEMPLATE):
+        pass
+    assert stat.S_IMODE((tmp_path / "pacs").stat().st_mode) == 0o700
+
+
+def test_an_orthanc_that_never_answers_times_out_and_is_stopped(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicomops.pacs.orthanc import start_orthanc
+
+    _fake_orthanc(tmp_path, monkeypatch, f'echo $$ > {tmp_path}/pid; echo "W starting"; exec sleep 60')
+    with pytest.raises(TimeoutError, match=r"(?s)within 1 s.*W starting"), \
+            start_orthanc(tmp_path / "pacs", _free_port(), CREDS, dicomweb_plugin=TEMPLATE, startup_timeout_s=1):
+        pass
+    with pytest.raises(ProcessLookupError):
+        os.kill(int((tmp_path / "pid").read_text()), 0)  # stopped and reaped

@@ -1,0 +1,346 @@
+"""Results back to the PACS: the TID 1500 SR and the binary SEG, read back and validated."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.sr.codedict import codes
+from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
+
+from dicomops.pacs.results import (
+    Finding,
+    Nodule,
+    _contained_library_output,
+    encode,
+    segmentation,
+    structured_report,
+)
+from dicomops.synthetic.corpus import SeriesPlan, write_series
+
+MODEL = "dicomops-ct-classifier"
+VERSION = "17"
+# Values a wrong wiring would not reproduce by accident (score and threshold swapped, a default).
+SCORE, THRESHOLD, NODULE_SCORES = 0.8125, 0.375, (0.9375, 0.625)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticSeries:
+    images: list[pydicom.Dataset]
+    mask: np.ndarray
+    nodules: list[dict]
+    phi: list[str]
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory: pytest.TempPathFactory) -> SyntheticSeries:
+    """One 12-slice synthetic GE series with two nodules, its truth mask and its fake PHI."""
+    out = tmp_path_factory.mktemp("pacs-results")
+    plan = SeriesPlan(index=1, seed=5, scenario="baseline", vendor="ge", label=1, nodule_count=2,
+                      fault=None, fault_detail="", matrix=64, slices=12)
+    result = write_series(plan, out)
+    row = result.label_row
+    files = (out / str(row["series_dir"])).iterdir()
+    images = sorted((pydicom.dcmread(p) for p in files), key=lambda ds: float(ds.ImagePositionPatient[2]))
+    truth = np.load(out / str(row["mask_path"]))
+    assert np.allclose(truth["ipp_z"], [float(ds.ImagePositionPatient[2]) for ds in images])
+    nodules = json.loads(str(row["nodules"]))
+    assert len(nodules) == 2 and truth["mask"].any()
+    return SyntheticSeries(images, truth["mask"].astype(bool), nodules,
+                           [r["value"] for r in result.phi_rows])
+
+
+def _finding(series: SyntheticSeries) -> Finding:
+    nodules = tuple(Nodule(center_mm=tuple(n["center_mm"]), diameter_mm=n["diameter_mm"], score=s)
+                    for n, s in zip(series.nodules, NODULE_SCORES, strict=True))
+    return Finding(present=True, score=SCORE, threshold=THRESHOLD, model_name=MODEL,
+                   model_version=VERSION, nodules=nodules)
+
+
+def _absent() -> Finding:
+    return Finding(present=False, score=0.0625, threshold=THRESHOLD, model_name=MODEL,
+                   model_version=VERSION)
+
+
+def _write(ds: pydicom.Dataset, path: Path) -> Path:
+    path.write_bytes(encode(ds))
+    return path
+
+
+def _items(ds: pydicom.Dataset):
+    """Every SR content item, depth first."""
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _items(item)
+
+
+def _named(ds: pydicom.Dataset, code: str) -> list[pydicom.Dataset]:
+    return [i for i in _items(ds) if i.ConceptNameCodeSequence[0].CodeValue == code]
+
+
+# --- the SR ---------------------------------------------------------------------------------
+
+
+def test_sr_joins_the_source_study_in_a_new_series(series: SyntheticSeries, tmp_path: Path) -> None:
+    src = series.images[0]
+    sr = pydicom.dcmread(_write(structured_report(series.images, _finding(series)), tmp_path / "sr.dcm"))
+    assert sr.SOPClassUID == Comprehensive3DSRStorage and sr.Modality == "SR"
+    assert sr.StudyInstanceUID == src.StudyInstanceUID
+    assert sr.SeriesInstanceUID != src.SeriesInstanceUID
+    assert sr.SOPInstanceUID not in {ds.SOPInstanceUID for ds in series.images}
+    assert (sr.SeriesNumber, sr.InstanceNumber) == (9001, 1)
+    # The PACS files it with the patient's images only if the identity is the original one.
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
+                    "StudyID", "StudyDate"):
+        assert sr.get(keyword) == src.get(keyword), keyword
+    (evidence,) = sr.CurrentRequestedProcedureEvidenceSequence
+    assert evidence.StudyInstanceUID == src.StudyInstanceUID
+    (ref_series,) = evidence.ReferencedSeriesSequence
+    assert ref_series.SeriesInstanceUID == src.SeriesInstanceUID
+    referenced = [i.ReferencedSOPInstanceUID for i in ref_series.ReferencedSOPSequence]
+    assert sorted(referenced) == sorted(ds.SOPInstanceUID for ds in series.images)
+    in_tree = {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+               for i in _items(sr) if i.ValueType == "IMAGE"}
+    assert in_tree == set(referenced)
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    assert (sr.Manufacturer, sr.ManufacturerModelName, sr.SoftwareVersions) == ("dicomops", MODEL, VERSION)
+    assert (sr.CompletionFlag, sr.VerificationFlag) == ("COMPLETE", "UNVERIFIED")
+
+
+def test_sr_values_read_back_with_pydicom(series: SyntheticSeries, tmp_path: Path) -> None:
+    sr = pydicom.dcmread(_write(structured_report(series.images, _finding(series)), tmp_path / "sr.dcm"))
+    probabilities = sorted(float(i.MeasuredValueSequence[0].NumericValue)
+                           for i in _named(sr, codes.DCM.Probability.value))
+    assert probabilities == sorted([SCORE, *NODULE_SCORES])
+    (op,) = _named(sr, codes.DCM.CADOperatingPoint.value)
+    assert float(op.MeasuredValueSequence[0].NumericValue) == THRESHOLD
+    assert op.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "1"
+    # Algorithm identification on the series group and on each nodule group.
+    assert [i.TextValue for i in _named(sr, codes.DCM.AlgorithmVersion.value)] == [VERSION] * 3
+    assert [i.TextValue for i in _named(sr, codes.DCM.AlgorithmName.value)] == [MODEL] * 3
+    (device_model,) = _named(sr, codes.DCM.DeviceObserverModelName.value)
+    assert device_model.TextValue == MODEL
+    (device_maker,) = _named(sr, codes.DCM.DeviceObserverManufacturer.value)
+    assert device_maker.TextValue == "dicomops"
+    (device_name,) = _named(sr, codes.DCM.DeviceObserverName.value)
+    assert VERSION in device_name.TextValue
+
+
+def test_sr_content_parses_back_with_highdicom(series: SyntheticSeries, tmp_path: Path) -> None:
+    src = series.images[0]
+    sr = hd.sr.srread(_write(structured_report(series.images, _finding(series)), tmp_path / "sr.dcm"))
+    report = hd.sr.MeasurementReport.from_sequence(sr.content)
+
+    (group,) = report.get_image_measurement_groups()
+    assert group.finding_type == codes.SCT.Nodule
+    assert [s.value for s in group.finding_sites] == [codes.SCT.Lung]
+    (call,) = group.get_qualitative_evaluations(name=codes.SCT.Nodule)
+    assert call.value == codes.SCT.Present
+    (score,) = group.get_measurements(name=codes.DCM.Probability)
+    (threshold,) = group.get_measurements(name=codes.DCM.CADOperatingPoint)
+    assert (score.value, threshold.value) == (SCORE, THRESHOLD)
+    assert score.unit == codes.UCUM.NoUnits
+    assert {img.referenced_sop_instance_uid for img in group.source_images} == {
+        ds.SOPInstanceUID for ds in series.images}
+
+    nodules = report.get_volumetric_roi_measurement_groups()
+    assert [g.tracking_identifier for g in nodules] == ["Nodule 1", "Nodule 2"]
+    for g, truth, nodule_score in zip(nodules, series.nodules, NODULE_SCORES, strict=True):
+        surface = g.roi
+        assert isinstance(surface, hd.sr.VolumeSurface)
+        assert surface.graphic_type == hd.sr.GraphicTypeValues3D.POINT
+        assert surface.frame_of_reference_uid == src.FrameOfReferenceUID
+        assert not surface.has_source_images()
+        series_ref = surface.source_series_for_segmentation
+        assert series_ref is not None and series_ref.value == src.SeriesInstanceUID
+        np.testing.assert_allclose(np.ravel(surface.graphic_data), truth["center_mm"], atol=1e-3)
+        (diameter,) = g.get_measurements(name=codes.SCT.Diameter)
+        assert diameter.unit == codes.UCUM.Millimeter
+        assert diameter.value == pytest.approx(truth["diameter_mm"])
+        (own_score,) = g.get_measurements(name=codes.DCM.Probability)
+        assert own_score.value == nodule_score
+
+    (observer,) = report.get_observer_contexts()
+    assert observer.observer_type == codes.DCM.Device
+
+
+def test_absent_finding_gives_a_report_without_nodules(series: SyntheticSeries, tmp_path: Path) -> None:
+    sr = hd.sr.srread(_write(structured_report(series.images, _absent()), tmp_path / "sr.dcm"))
+    report = hd.sr.MeasurementReport.from_sequence(sr.content)
+    (group,) = report.get_image_measurement_groups()
+    (call,) = group.get_qualitative_evaluations(name=codes.SCT.Nodule)
+    assert call.value == codes.SCT.Absent
+    assert group.get_measurements(name=codes.DCM.Probability)[0].value == 0.0625
+    assert report.get_volumetric_roi_measurement_groups() == []
+    assert not [i for i in _items(sr) if i.ValueType == "SCOORD3D"]
+
+
+def test_every_call_makes_new_instance_and_series_uids(series: SyntheticSeries) -> None:
+    a = structured_report(series.images, _absent())
+    b = structured_report(series.images, _absent())
+    assert a.SOPInstanceUID != b.SOPInstanceUID and a.SeriesInstanceUID != b.SeriesInstanceUID
+
+
+# --- the SEG --------------------------------------------------------------------------------
+
+
+def test_seg_reads_back_to_the_same_mask(series: SyntheticSeries, tmp_path: Path) -> None:
+    src = series.images[0]
+    # The nodules reach every slice of this thin series; blank three so that empty frames are
+    # left out of the SEG and must come back as zeros in the right places.
+    mask = series.mask.copy()
+    mask[[0, 1, 7]] = False
+    path = _write(segmentation(series.images, mask, _finding(series)), tmp_path / "seg.dcm")
+    seg = hd.seg.segread(path)
+    assert seg.SOPClassUID == SegmentationStorage and seg.SegmentationType == "BINARY"
+    assert seg.StudyInstanceUID == src.StudyInstanceUID
+    assert seg.SeriesInstanceUID != src.SeriesInstanceUID
+    assert seg.PatientID == src.PatientID
+    # Frames without nodule voxels are omitted; reading by source instance fills them back.
+    assert seg.NumberOfFrames == len(series.images) - 3
+    pixels = seg.get_pixels_by_source_instance(
+        [ds.SOPInstanceUID for ds in series.images], segment_numbers=[1],
+    )
+    np.testing.assert_array_equal(pixels[..., 0].astype(bool), mask)
+    description = seg.get_segment_description(1)
+    assert description.segment_label == "Lung nodule"
+    assert description.segmented_property_type == codes.SCT.Nodule
+    assert description.algorithm_type == hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
+    algorithm = description.algorithm_identification[0]
+    assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == (MODEL, VERSION)
+
+
+def test_seg_accepts_a_0_1_integer_mask(series: SyntheticSeries) -> None:
+    seg = segmentation(series.images, series.mask.astype(np.uint8), _finding(series))
+    assert seg.NumberOfFrames == int(series.mask.any(axis=(1, 2)).sum())
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: np.zeros_like(m), "mask is empty"),
+        (lambda m: m[:-1], "does not match the source images"),
+        (lambda m: m.astype(np.uint8) * 2, "only 0 and 1"),
+    ],
+)
+def test_seg_refuses_a_mask_it_cannot_honour(series: SyntheticSeries, change, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        segmentation(series.images, change(series.mask), _finding(series))
+
+
+def test_seg_refuses_an_absent_finding(series: SyntheticSeries) -> None:
+    with pytest.raises(ValueError, match="present is False"):
+        segmentation(series.images, series.mask, _absent())
+
+
+# --- validation at the boundary ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(score=1.5), "score must be a probability"),
+        (dict(threshold=float("nan")), "threshold must be a probability"),
+        (dict(model_version=" "), "model_version must be a non-empty"),
+        (dict(present=False, nodules=(Nodule((0.0, 0.0, 0.0), 5.0, 0.5),)), "cannot list nodules"),
+    ],
+)
+def test_finding_names_the_bad_argument(kwargs: dict, message: str) -> None:
+    base = dict(present=True, score=0.5, threshold=0.5, model_name=MODEL, model_version=VERSION)
+    with pytest.raises(ValueError, match=message):
+        Finding(**{**base, **kwargs})
+
+
+def test_nodule_rejects_a_non_positive_diameter() -> None:
+    with pytest.raises(ValueError, match="diameter_mm"):
+        Nodule((1.0, 2.0, 3.0), 0.0, 0.5)
+
+
+def test_mixed_series_are_refused_without_quoting_uids(series: SyntheticSeries) -> None:
+    other = copy.deepcopy(series.images[1])
+    other.SeriesInstanceUID = pydicom.uid.generate_uid()
+    with pytest.raises(ValueError, match="SeriesInstanceUID") as err:
+        structured_report([series.images[0], other], _absent())
+    assert series.images[0].SeriesInstanceUID not in str(err.value)
+    with pytest.raises(ValueError, match="empty"):
+        structured_report([], _absent())
+
+
+def test_encode_gives_part10_bytes(series: SyntheticSeries) -> None:
+    sr = structured_report(series.images, _absent())
+    data = encode(sr)
+    assert data[128:132] == b"DICM"
+    assert pydicom.dcmread(pydicom.filebase.DicomBytesIO(data)).SOPInstanceUID == sr.SOPInstanceUID
+
+
+# --- nothing identifying leaves through logs or warnings ---------------------------------------
+
+
+def test_nothing_identifying_is_logged_or_warned(series: SyntheticSeries, caplog: pytest.LogCaptureFixture,
+                                                 recwarn: pytest.WarningsRecorder) -> None:
+    caplog.set_level(logging.DEBUG)  # highdicom logs source SOP Instance UIDs at INFO
+    hd_level = logging.getLogger("highdicom").level
+    finding = _finding(series)
+    encode(structured_report(series.images, finding))
+    encode(structured_report(series.images, _absent()))
+    encode(segmentation(series.images, series.mask, finding))
+
+    src = series.images[0]
+    secrets = {str(src.PatientName), src.PatientID, src.AccessionNumber, src.StudyInstanceUID,
+               src.SeriesInstanceUID, src.FrameOfReferenceUID, src.PatientBirthDate,
+               *(ds.SOPInstanceUID for ds in series.images), *series.phi}
+    secrets.discard("")
+    said = [r.getMessage() for r in caplog.records] + [str(w.message) for w in recwarn]
+    leaks = [(s, line) for line in said for s in secrets if s in line]
+    assert not leaks
+    assert logging.getLogger("highdicom").level == hd_level  # the containment is undone
+
+
+def test_library_warnings_are_reissued_without_their_text() -> None:
+    """pydicom quotes element values in its warnings; only category and origin may pass."""
+    hd_level = logging.getLogger("highdicom").level
+    with pytest.warns(RuntimeWarning) as record, pytest.raises(KeyError), _contained_library_output():
+        warnings.warn("Invalid value for VR PN: 'WHITFIELD^FREDERICK'", UserWarning, stacklevel=1)
+        assert logging.getLogger("highdicom").level == logging.WARNING
+        raise KeyError("the containment is undone on errors too")
+    assert [w.category for w in record] == [RuntimeWarning]
+    assert "UserWarning" in str(record[0].message)
+    assert "WHITFIELD" not in str(record[0].message)
+    assert logging.getLogger("highdicom").level == hd_level
+
+
+# --- dciodvfy (dicom3tools) -----------------------------------------------------------------
+
+DCIODVFY = shutil.which("dciodvfy")
+
+
+# CI installs dicom3tools first (.ci/run) and must not skip this; elsewhere it is optional.
+@pytest.mark.skipif(DCIODVFY is None and not os.environ.get("CI"),
+                    reason="dciodvfy not installed: apt-get install -y dicom3tools")
+@pytest.mark.parametrize("kind", ["sr-present", "sr-absent", "seg"])
+def test_dciodvfy_finds_no_errors(series: SyntheticSeries, tmp_path: Path, kind: str) -> None:
+    if kind == "sr-present":
+        ds: pydicom.Dataset = structured_report(series.images, _finding(series))
+    elif kind == "sr-absent":
+        ds = structured_report(series.images, _absent())
+    else:
+        ds = segmentation(series.images, series.mask, _finding(series))
+    path = _write(ds, tmp_path / f"{kind}.dcm")
+    run = subprocess.run([str(DCIODVFY), str(path)], capture_output=True, text=True, timeout=60)
+    lines = (run.stdout + run.stderr).splitlines()
+    errors = [line for line in lines if line.startswith("Error")]
+    warnings_left = [line for line in lines if line.startswith("Warning")]
+    print(f"dciodvfy {kind}: {len(warnings_left)} warnings", *warnings_left, sep="\n")
+    assert not errors, "\n".join(lines)
+    assert run.returncode == 0, "\n".join(lines)
