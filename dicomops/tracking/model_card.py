@@ -37,6 +37,22 @@ def _f(value: Any, digits: int = 3) -> str:
     return f"{float(value):.{digits}f}"
 
 
+# MLflow's Markdown tables have no cell padding: two right-aligned figures side by side read as one
+# number ("0.9911.000"). Every cell therefore ends in two no-break spaces.
+PAD = "&nbsp;&nbsp;"
+
+
+def table(header: Sequence[str], align: str, rows: Sequence[Sequence[str]]) -> list[str]:
+    """A Markdown table whose cells stay apart in MLflow's UI; `align` has one ``l`` or ``r`` per column."""
+    if len(align) != len(header) or any(len(row) != len(header) for row in rows):
+        raise ValueError("a table needs one alignment and one cell per column in every row")
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(f"{cell}{PAD}" for cell in cells) + " |"
+
+    return [line(header), "|" + "|".join(":--" if a == "l" else "--:" for a in align) + "|", *map(line, rows)]
+
+
 def section(key: str, body: str, verdict: str | None = None) -> str:
     heading = f"## {key}: {verdict}" if verdict else f"## {key}"
     return f"{heading}\n\n{body.strip()}\n"
@@ -87,38 +103,38 @@ def evidence_section(summary: Mapping[str, Any], evidence: Sequence[Mapping[str,
         f"**{_f(summary['mean_auc'])} ± {_f(summary['std_auc'])}** (the figure the promotion gate compares); "
         f"operating point **{_f(summary['threshold'])}** (Youden, on the pooled out-of-fold scores).",
         "",
-        f"| vendor | series | positives | AUC pooled ({pct} CI) | AUC fold mean ± sd | sensitivity | specificity "
-        f"| TP / FP / FN / TN |",
-        "|:--|--:|--:|:--|:--|--:|--:|:--|",
     ]
-    for row in evidence:
-        lines.append(
-            f"| {'**all**' if row['vendor'] == 'all' else row['vendor']} | {int(row['n'])} | {int(row['positives'])} "
-            f"| {_f(row['auc_pooled'])} ({_f(row['auc_ci_low'])}–{_f(row['auc_ci_high'])}) "
-            f"| {_f(row['auc_fold_mean'])} ± {_f(row['auc_fold_std'])} | {_f(row['sensitivity'])} "
-            f"| {_f(row['specificity'])} | {int(row['tp'])} / {int(row['fp'])} / {int(row['fn'])} / {int(row['tn'])} |")
+    lines += table(
+        ["vendor", "series", "positives", f"AUC pooled ({pct} CI)", "AUC fold mean ± sd", "sensitivity", "specificity",
+         "TP / FP / FN / TN"], "lrrllrrl",
+        [["**all**" if row["vendor"] == "all" else str(row["vendor"]), str(int(row["n"])), str(int(row["positives"])),
+          f"{_f(row['auc_pooled'])} ({_f(row['auc_ci_low'])}–{_f(row['auc_ci_high'])})",
+          f"{_f(row['auc_fold_mean'])} ± {_f(row['auc_fold_std'])}", _f(row["sensitivity"]), _f(row["specificity"]),
+          f"{int(row['tp'])} / {int(row['fp'])} / {int(row['fn'])} / {int(row['tn'])}"] for row in evidence])
     lines += [
         "",
         f"*AUC pooled*: one ROC over every series' out-of-fold score (the ROC pictures show this one), with a "
         f"stratified bootstrap {pct} interval (2,000 resamples). *AUC fold mean*: the mean of the four folds' "
         f"AUCs, each on 6–30 series per vendor, so it varies more. Sensitivity, specificity and the counts are "
-        f"pooled out of fold at the operating point.",
+        f"pooled out of fold at the operating point. A pooled AUC well below the fold mean means the fold models "
+        f"score on different scales, so one operating point serves them (and the final model) less well than "
+        f"their AUCs suggest: read the counts.",
     ]
     return section(EVIDENCE, "\n".join(lines))
 
 
 def folds_section(per_fold: Sequence[Mapping[str, Any]]) -> str:
-    lines = ["| fold | series | positives | AUC | sensitivity | specificity |", "|--:|--:|--:|--:|--:|--:|"]
-    lines += [f"| {int(r['fold'])} | {int(r['n'])} | {int(r['positives'])} | {_f(r['auc'])} | {_f(r['sensitivity'])} "
-              f"| {_f(r['specificity'])} |" for r in per_fold]
-    return section(FOLDS, "\n".join(lines))
+    return section(FOLDS, "\n".join(table(
+        ["fold", "series", "positives", "AUC", "sensitivity", "specificity"], "rrrrrr",
+        [[str(int(r["fold"])), str(int(r["n"])), str(int(r["positives"])), _f(r["auc"]), _f(r["sensitivity"]),
+          _f(r["specificity"])] for r in per_fold])))
 
 
 def lovo_section(lovo: Sequence[Mapping[str, Any]]) -> str:
-    lines = ["Trained on the other vendors, scored on the held-out one:", "",
-             "| held-out vendor | series | positives | AUC |", "|:--|--:|--:|--:|"]
-    lines += [f"| {r['held_out_vendor']} | {int(r['n'])} | {int(r.get('positives', 0))} | {_f(r['auc'])} |"
-              for r in lovo]
+    lines = ["Trained on the other vendors, scored on the held-out one:", ""]
+    lines += table(["held-out vendor", "series", "positives", "AUC"], "lrrr",
+                   [[str(r["held_out_vendor"]), str(int(r["n"])), str(int(r.get("positives", 0))), _f(r["auc"])]
+                    for r in lovo])
     return section(LOVO, "\n".join(lines))
 
 

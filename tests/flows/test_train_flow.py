@@ -80,7 +80,7 @@ def test_train_flow_registers_a_reviewable_version(train_work: Path, mlflow_env:
             "cv/fold_counts.csv", "cv/cv_summary.csv", "cv/folds.json", "cv/evidence_by_vendor.csv"} <= artifacts
 
     version = client.get_model_version(TINY.model_name, str(result["version"]))
-    card = version.description
+    card = version.description.replace("&nbsp;", "")
     assert card.startswith("## Decision: awaiting review — challenger"), card[:200]
     assert "cross-validation" in card and "| ge | " in card and "AUC pooled (95 % CI)" in card
     assert f"`{tags['data.accepted_sha256']}`" in card and "cv/folds.json" in card
