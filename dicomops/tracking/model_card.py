@@ -166,8 +166,10 @@ def review_section(model_name: str, version: str) -> str:
         f"- **Approve** on this page: *Aliases* → edit → add `champion` (it moves from the current champion). "
         f"Or `dicomops promote {version} --reviewer NAME`, which also records who decided and rewrites "
         f"the *Decision* above.",
-        f"- **Reject**: `dicomops reject {version} --reviewer NAME --reason TEXT`; on this page, remove the "
-        f"`challenger` alias and add the tag `review.decision` = `rejected` with `review.reason`.",
+        f"- **Reject**: `dicomops reject {version} --reviewer NAME --reason TEXT`; or on this page add the "
+        f"tag `review.decision` = `rejected` with `review.reason` (and `review.reviewer`); the next flow that reads "
+        f"the registry records it and removes the `challenger` alias. An alias moved on this page counts as an "
+        f"approval the same way.",
         "- Evidence: the run's artifacts `cv/` (ROC, confusion matrices per vendor, sample slices with where "
         "the model looked, `folds.json`), and the *Datasets* panel of the run for the series of each fold.",
         f"- `models:/{model_name}@champion` is what the inference service and export load.",

@@ -93,6 +93,7 @@ def apply_promotion_gate(tracking_uri: str, name: str, version: str, *, margin: 
     client = configure_mlflow(tracking_uri)
     challenger = client.get_model_version(name, version)
     try:
+        sync_reviews(tracking_uri, name)  # a champion chosen on the MLflow page counts as chosen
         current = alias_version(client, name, CHAMPION)
     except RegistryUnavailableError as err:
         decision = Decision(False, (f"gate not applied: {err}; the version stays challenger (re-run the "
@@ -170,6 +171,62 @@ def reject(tracking_uri: str, name: str, version: str, reviewer: str, reason: st
     gate = [r for r in (current.tags or {}).get("promotion.reasons", "").split("; ") if r]
     _rewrite_section(client, name, version,
                      model_card.decision_section("rejected-by-reviewer", gate, version, reviewer, reason))
+
+
+DECIDED = ("auto-promoted", "promoted-by-reviewer")
+UI_REVIEWER = "a reviewer in the MLflow UI"
+
+
+def sync_reviews(tracking_uri: str, name: str) -> list[str]:
+    """Bring decisions a reviewer made on the MLflow page alone into the tags and cards: a
+    ``champion`` alias moved by hand is an approval (and the version it replaced says so); a
+    ``review.decision = rejected`` tag is a rejection (with ``review.reason``). The alias rule is
+    restored either way: the champion does not also hold ``challenger``, a rejected version holds
+    neither. Returns one line per change, for the log. Flows that read the champion call this first.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    client = configure_mlflow(tracking_uri)
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as err:
+        if err.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return []
+        raise RegistryUnavailableError(f"could not read which version of {name} holds '{CHAMPION}': {err}") from err
+    except Exception as err:  # a server that does not answer
+        raise RegistryUnavailableError(f"could not read which version of {name} holds '{CHAMPION}': "
+                                       f"{type(err).__name__}: {err}") from err
+    aliases = {alias: str(v) for alias, v in (model.aliases or {}).items()}
+    versions = {str(mv.version): mv for mv in client.search_model_versions(f"name='{name}'")}
+    changes = []
+    champion = aliases.get(CHAMPION)
+    if champion is not None and versions[champion].tags.get("promotion.decision") not in DECIDED:
+        for other, mv in versions.items():  # the champions it replaced, still saying they serve
+            if other != champion and mv.tags.get("promotion.decision") in DECIDED \
+                    and "promotion.replaced_by" not in mv.tags:
+                client.set_model_version_tag(name, other, "promotion.replaced_by", champion)
+                _rewrite_section(client, name, other, model_card.decision_section(
+                    "replaced", (f"version {champion} became champion",), other))
+        gate = [r for r in versions[champion].tags.get("promotion.reasons", "").split("; ") if r]
+        client.set_model_version_tag(name, champion, "promotion.decision", "promoted-by-reviewer")
+        client.set_model_version_tag(name, champion, "promotion.reviewer", UI_REVIEWER)
+        _rewrite_section(client, name, champion,
+                         model_card.decision_section("promoted-by-reviewer", gate, champion, UI_REVIEWER))
+        changes.append(f"version {champion} was made champion in the MLflow UI: recorded as approved")
+    if champion is not None and aliases.get(CHALLENGER) == champion:
+        client.delete_registered_model_alias(name, CHALLENGER)
+        changes.append(f"version {champion} is champion: it no longer holds challenger")
+    for version, mv in versions.items():
+        if mv.tags.get("review.decision") == "rejected" and mv.tags.get("promotion.decision") != "rejected-by-reviewer":
+            if version == champion:
+                changes.append(f"version {version} is tagged rejected but is the champion: left as it is; "
+                               "promote another version first")
+                continue
+            reject(tracking_uri, name, version, mv.tags.get("review.reviewer", UI_REVIEWER),
+                   mv.tags.get("review.reason") or "rejected in the MLflow UI (no review.reason given)")
+            changes.append(f"version {version} was tagged rejected in the MLflow UI: recorded, challenger removed")
+    return changes
 
 
 def load_weights(tracking_uri: str, run_id: str, build: ModelBuilder) -> tuple[Any, dict[str, Any]]:

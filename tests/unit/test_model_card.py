@@ -156,3 +156,25 @@ def test_each_version_holds_one_alias_meaning_through_gate_promotion_and_rejecti
     assert three.tags["review.decision"] == "rejected" and three.tags["promotion.decision"] == "rejected-by-reviewer"
     assert three.description.startswith("## Decision: rejected by a reviewer")
     assert "misses small nodules on canon" in three.description
+
+
+def test_decisions_made_on_the_mlflow_page_alone_are_recorded_by_the_next_sync(tmp_path: Path) -> None:
+    uri, client = _registry(tmp_path)
+    assert _gate(uri, client, "1").label == "auto-promoted"
+    client.set_registered_model_alias(NAME, registry.CHALLENGER, "2")
+    client.set_registered_model_alias(NAME, registry.CHALLENGER, "3")
+    # In the UI: version 3 gets the champion alias (it keeps challenger, as the UI leaves it), and
+    # version 2 is tagged rejected with a reason.
+    client.set_registered_model_alias(NAME, registry.CHAMPION, "3")
+    client.set_model_version_tag(NAME, "2", "review.decision", "rejected")
+    client.set_model_version_tag(NAME, "2", "review.reason", "misses on siemens")
+    changes = registry.sync_reviews(uri, NAME)
+    assert len(changes) == 3, changes
+    assert _aliases(client) == {"champion": "3"}
+    three, one, two = (client.get_model_version(NAME, v) for v in ("3", "1", "2"))
+    assert three.tags["promotion.decision"] == "promoted-by-reviewer"
+    assert three.description.startswith("## Decision: approved by a reviewer — champion")
+    assert "a reviewer in the MLflow UI" in three.description
+    assert one.tags["promotion.replaced_by"] == "3" and one.description.startswith("## Decision: replaced")
+    assert two.tags["promotion.decision"] == "rejected-by-reviewer" and "misses on siemens" in two.description
+    assert registry.sync_reviews(uri, NAME) == []  # nothing left to record
