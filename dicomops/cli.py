@@ -210,20 +210,36 @@ def data(
 
 @app.command()
 def ingest(
-    src: Annotated[Path, typer.Argument(help="Folder of DICOM files (any layout; non-DICOM files are quarantined).")],
+    src: Annotated[Path | None, typer.Argument(
+        help="Folder of DICOM files (any layout; non-DICOM files are quarantined). Or --pacs.")] = None,
+    pacs: Annotated[str | None, typer.Option(
+        help="Take the studies from this PACS instead: Orthanc's root URL, e.g. http://127.0.0.1:8042.",
+        show_default=False)] = None,
     work: Annotated[Path | None, typer.Option(help="Work directory (default: DICOMOPS_WORK_DIR or ./work).")] = None,
     max_invalid_fraction: Annotated[float | None, typer.Option(
         help="Fail (exit 1) when a larger share of files is quarantined. Default 0.2.")] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes for reading and writing.")] = None,
     config: Annotated[Path | None, typer.Option(help="PipelineConfig YAML; its ingest section applies.")] = None,
 ) -> None:
-    """Run the ingest gate: index headers, validate, check geometry, quarantine, de-identify."""
+    """Run the ingest gate: index headers, validate, check geometry, quarantine, de-identify.
+
+    With --pacs URL, one pass of the pacs-watch flow: every study that became stable in the PACS since the last pass is gated, scored by the champion and answered in the PACS (credentials from DICOMOPS_PACS_USER / DICOMOPS_PACS_PASSWORD).
+
+    A study the gate refuses is a verdict recorded in WORK/pacs/studies.csv (exit 0); a PACS that does not answer is exit 2.
+    """
     from dicomops.errors import GateFailedError
 
+    if (src is None) == (pacs is None):
+        raise typer.BadParameter("give either SRC (a folder) or --pacs URL (a PACS), not both" if src else
+                                 "give SRC (a folder of DICOM files) or --pacs URL (Orthanc's root)")
+    pipeline = _pipeline_config(config)
+    cfg = _with_overrides(pipeline.ingest, max_invalid_fraction=max_invalid_fraction, workers=workers)
+    if pacs is not None:
+        _ingest_from_pacs(pacs, work, pipeline.model_copy(update={"ingest": cfg}))
+        return
+    assert src is not None
     if not src.is_dir():
         raise typer.BadParameter(f"{src} is not a folder of DICOM files")
-    cfg = _with_overrides(_pipeline_config(config).ingest,
-                          max_invalid_fraction=max_invalid_fraction, workers=workers)
     try:
         result = _flow("ingest", cfg.dask_address)(src=src.resolve(), work=work.resolve() if work else None, config=cfg)
     except GateFailedError as err:
@@ -231,6 +247,41 @@ def ingest(
         raise typer.Exit(1) from err
     console.print(f"[green]ingest finished[/]: {result['accepted_series']} series accepted, "
                   f"{result['quarantined_files']} files quarantined; outputs in {result['work']}/ingest")
+
+
+def _check_pacs(url: str, credentials: Any) -> None:
+    """Raise PacsError unless the Orthanc at `url` answers ``/system`` with `credentials`."""
+    from dicomops.pacs.client import CONNECT_TIMEOUT_S, basic_auth_session, translate_errors
+
+    with basic_auth_session(credentials, url) as session, translate_errors("reaching the PACS", url):
+        session.get(url + "/system", timeout=(CONNECT_TIMEOUT_S, 10)).raise_for_status()
+
+
+def _ingest_from_pacs(url: str, work: Path | None, config: PipelineConfig) -> None:
+    """One pass of the pacs-watch flow against the Orthanc at `url`; print what happened to the studies."""
+    from urllib.parse import urlsplit
+
+    from dicomops.layout import WorkLayout
+    from dicomops.pacs.client import PacsError
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc or parts.query:
+        raise typer.BadParameter(f"--pacs must be Orthanc's root URL, http(s)://host:port, without credentials "
+                                 f"(got {url!r}); the DICOMweb root below it is found by itself")
+    credentials = _pacs_credentials_or_exit("cannot ingest from the PACS", "the PACS must be started with the same one")
+    try:
+        _check_pacs(url.rstrip("/"), credentials)  # within seconds, before Prefect and MLflow start
+        result = _flow("pacs-watch")(orthanc_url=url.rstrip("/"), work=work.resolve() if work else None,
+                                     config=config)
+    except PacsError as err:
+        console.print(f"[red]the PACS did not answer as it should:[/] {escape(str(err))}. No study is recorded "
+                      "half-done: the next pass starts where this one stopped", soft_wrap=True)
+        raise typer.Exit(2) from err
+    ledger = WorkLayout(Path(str(result["work"]))).pacs.ledger
+    console.print(f"[green]PACS ingest finished[/]: {len(list(result['studies']))} stable studies: "
+                  f"{result['ingested']} ingested, {result['refused']} refused by the gate, {result['duplicate']} "
+                  f"already handled; {result['results_stored']} results stored back in the PACS; every study is a "
+                  f"row of {escape(str(ledger))}", soft_wrap=True)
 
 
 @app.command()
@@ -398,35 +449,91 @@ def run(
     console.print(f"[green]pipeline finished[/]: {escape(str(result))}")
 
 
+def _pacs_credentials_or_exit(what: str, instead: str) -> Any:
+    """The PACS credentials from the environment; without a password, exit 2 saying how to make one."""
+    from dicomops.pacs.client import PASSWORD_ENV, credentials_from_env
+
+    try:
+        return credentials_from_env()
+    except ValueError as err:
+        console.print(f"[red]{what}:[/] {escape(str(err))}. Make one and keep it (it is the PACS's only lock): "
+                      f"export {PASSWORD_ENV}=\"$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')\"; "
+                      f"{instead}", soft_wrap=True)
+        raise typer.Exit(2) from err
+
+
 @app.command()
 def serve(
     port: Annotated[int, typer.Option(help="Prefect server port (bound to --host).")] = 4200,
     host: Annotated[str, typer.Option(help="Interface to bind; keep 127.0.0.1 unless a proxy fronts it.")] = "127.0.0.1",
     pool: Annotated[str, typer.Option(help="Process work pool the deployments run on.")] = "dicomops",
+    pacs: Annotated[bool, typer.Option(
+        "--pacs/--no-pacs",
+        help="Run the embedded PACS (Orthanc, DICOMweb; password from DICOMOPS_PACS_PASSWORD) for pacs-watch.")] = True,
+    pacs_port: Annotated[int, typer.Option(
+        help="The PACS's HTTP port (REST API and DICOMweb); answered for loopback clients only.")] = 8042,
+    pacs_storage: Annotated[Path | None, typer.Option(
+        envvar="DICOMOPS_PACS_STORAGE",
+        help="The PACS's studies, configuration and log (default: pacs/ in the project). PHI: never in WORK.")] = None,
+    pacs_stable_age: Annotated[int, typer.Option(
+        help="Seconds without a new instance before a study is stable and pacs-watch takes it.")] = 10,
 ) -> None:
-    """Run the deployments on this machine: a Prefect server, the deployments of prefect.yaml, a worker."""
-    from dicomops.serving import interrupt_on, run_until_signal, start
+    """Run the deployments on this machine: the PACS, a Prefect server, the deployments of prefect.yaml, a worker.
 
-    console.print(f"starting the Prefect server on {host}:{port}, registering deployments, starting a worker...")
+    The PACS (Orthanc with DICOMweb, on loopback) needs DICOMOPS_PACS_PASSWORD; its storage is mode 0700 and ignored by git.
+
+    --no-pacs serves without it: pacs-watch then watches DICOMOPS_PACS_URL if set, or has its schedule paused.
+    """
+    from dicomops.config import load_settings
+    from dicomops.pacs.client import PASSWORD_ENV
+    from dicomops.serving import (
+        PacsOptions,
+        describe_tracking,
+        interrupt_on,
+        run_until_signal,
+        start,
+    )
+
+    options = None
+    if pacs:
+        credentials = _pacs_credentials_or_exit("cannot serve", "or serve without the PACS: dicomops serve --no-pacs")
+        options = PacsOptions(credentials, pacs_storage, pacs_port, pacs_stable_age)
+    console.print(f"starting {'the PACS on 127.0.0.1:' + str(pacs_port) + ', ' if pacs else ''}the Prefect server on "
+                  f"{host}:{port}, registering deployments, starting a worker...")
     with interrupt_on():  # SIGTERM or SIGHUP while starting: start() stops what it started, as on Ctrl-C
         try:
-            stack = start(Path.cwd(), host, port, pool)
+            stack = start(Path.cwd(), host, port, pool, pacs=options)
+        except ValueError as err:
+            console.print(f"[red]cannot serve:[/] {escape(str(err))}; or serve without the PACS: --no-pacs",
+                          soft_wrap=True)
+            raise typer.Exit(2) from err
         except (RuntimeError, TimeoutError) as err:
-            console.print(f"[red]cannot serve:[/] {err}")
+            hint = " (--pacs-port)" if pacs and f"port {pacs_port} is in use" in str(err) else ""
+            console.print(f"[red]cannot serve:[/] {escape(str(err))}{hint}", soft_wrap=True)
             raise typer.Exit(1) from err
         with stack:
             console.print(f"[green]Prefect UI[/]: {stack.ui_url}  (deployments: pipeline (manual), monitor (nightly "
-                          "02:00 UTC), retrain (automation 'retrain on dicomops.drift.detected'))")
+                          "02:00 UTC), retrain (automation 'retrain on dicomops.drift.detected'), pacs-watch (every "
+                          "60 s, one run at a time))", soft_wrap=True)
+            if stack.pacs is not None:
+                console.print(f"[green]PACS (Orthanc)[/]: {stack.pacs.url}  (loopback clients only; user "
+                              f"{escape(options.credentials.user if options else '')}, password from {PASSWORD_ENV}; "
+                              "DICOM port off: Orthanc 1.10 cannot bind it to loopback)", soft_wrap=True)
+                console.print(f"DICOMweb root: {stack.pacs.dicomweb_url}  (send studies with STOW-RS; a study is "
+                              f"taken {pacs_stable_age} s after its last instance); studies stored in "
+                              f"{escape(str(stack.pacs.data))}", soft_wrap=True)
+            console.print(f"pacs-watch watches {escape(stack.pacs_watch)}", soft_wrap=True)
             console.print(f"incoming folder: {escape(str(stack.incoming))}: put new DICOM studies there (a labels.csv "
                           "beside them makes the batch part of the next retrain); the monitor checks it nightly at "
                           "02:00 UTC", soft_wrap=True)
             console.print(f"Prefect database: {escape(stack.database)}, the one 'make run' uses: its flow runs show "
                           f"here. While this server runs, 'PREFECT_API_URL={stack.api_url} make run' sends them "
                           "through it instead of a temporary server on the same file", soft_wrap=True)
-            console.print("MLflow UI: bash mlflow/server.sh, then http://127.0.0.1:5000. Ctrl-C or SIGTERM stops "
-                          "everything.")
+            console.print(f"MLflow store: {escape(describe_tracking(load_settings().mlflow_tracking_uri))}; its UI: "
+                          "bash mlflow/server.sh, then http://127.0.0.1:5000. Ctrl-C or SIGTERM stops everything.",
+                          soft_wrap=True)
             reason = run_until_signal(stack)
-    console.print(f"stopped ({reason})" if reason.startswith("SIG") else f"[red]{reason}; stopped the rest[/]")
+    console.print(f"stopped ({reason})" if reason.startswith("SIG") else f"[red]{escape(reason)}; stopped the rest[/]")
 
 
 pacs_app = typer.Typer(name="pacs", help="The clinical side's PACS: a local Orthanc with DICOMweb.",

@@ -1,6 +1,13 @@
-"""What one machine needs to run the deployments: a local Prefect server, the deployments of
-``prefect.yaml`` registered with it, a process worker on the ``dicomops`` pool, and the ``incoming/``
-folder the nightly monitor reads.
+"""What one machine needs to run the deployments: the embedded PACS (Orthanc with DICOMweb, see
+:mod:`dicomops.pacs.orthanc`), a local Prefect server, the deployments of ``prefect.yaml`` registered
+with it, a process worker on the ``dicomops`` pool, and the ``incoming/`` folder the nightly monitor
+reads.
+
+The PACS starts first and stops last, so the pacs-watch deployment's runs never find it gone
+mid-study. Its address reaches the worker, and so every flow run, as ``DICOMOPS_PACS_URL``, with the
+credentials it was started with; the Prefect server and ``prefect deploy`` never receive the
+password. Without the embedded PACS (and no ``DICOMOPS_PACS_URL`` of another one), the pacs-watch
+schedule is paused rather than left to fail once a minute.
 
 The server keeps its state where ``make run``'s ephemeral Prefect does: in ``PREFECT_HOME``, by
 default ``<project>/.prefect`` (the Makefile's default), so the flow runs of ``make run`` show in the
@@ -18,11 +25,13 @@ stack the same way; see :func:`run_until_signal`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,10 +39,20 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any, cast
 
+from dicomops.pacs.client import PASSWORD_ENV, URL_ENV, USER_ENV, PacsCredentials
+from dicomops.pacs.orthanc import DEFAULT_STABLE_AGE_S, OrthancProcess
+
 # The monitor deployment's ``src`` in prefect.yaml, relative to the project directory its runs start in.
 INCOMING = "incoming"
 # PREFECT_HOME when none is set, relative to the project directory: the Makefile's default.
 PREFECT_HOME_DEFAULT = ".prefect"
+# The embedded PACS's storage when none is given, relative to the project directory (it holds PHI:
+# outside the work directory, and ignored by git).
+PACS_STORAGE_DEFAULT = "pacs"
+# Where pacs-watch runs stage a study (PHI) while they handle it: Settings.pacs_staging's default and variable.
+STAGING_DEFAULT, STAGING_ENV = "staging", "DICOMOPS_PACS_STAGING"
+# The deployment that watches the PACS: flow name and deployment name, as in prefect.yaml.
+PACS_WATCH = ("dicomops-pacs-watch", "pacs-watch")
 # Either names the server's database in place of the SQLite file under PREFECT_HOME.
 DATABASE_URL_SETTINGS = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
 
@@ -108,6 +127,9 @@ class Stack:
     _stopped: set[int] = field(default_factory=set, repr=False)  # their group ids may be reused now
     incoming: Path | None = None  # the folder the nightly monitor reads
     database: str = ""  # where the server keeps flow runs, in words
+    pacs: OrthancProcess | None = None  # the embedded PACS, when it runs
+    pacs_watch: str = ""  # what the pacs-watch deployment watches, in words
+    contexts: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
 
     def __enter__(self) -> Stack:
         return self
@@ -126,8 +148,16 @@ class Stack:
         self.processes.append(process)
         return process
 
+    def describe_exit(self, process: subprocess.Popen[bytes]) -> str:
+        """Why the stack stops when `process` has exited, in words."""
+        if self.pacs is not None and process is self.pacs.process:
+            return f"the PACS exited (Orthanc, code {process.returncode}; its log: {self.pacs.log})"
+        command = " ".join(cast(list[str], process.args)[3:5])  # "server start" or "worker start"
+        return f"a Prefect process exited (prefect {command}, code {process.returncode})"
+
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop the processes, the last started first, each with everything it started.
+        """Stop the processes, the last started first, each with everything it started; then leave
+        the contexts entered for the stack (the PACS's).
 
         SIGTERM goes to the process's group and to each of its descendants; whatever still runs
         after `timeout` seconds gets SIGKILL. Safe to call more than once.
@@ -147,6 +177,7 @@ class Stack:
                 _signal_tree(process, family + _family(process.pid), kill)
                 process.wait()
             self._stopped.add(process.pid)
+        self.contexts.close()
 
 
 class Interrupts:
@@ -199,8 +230,7 @@ def run_until_signal(stack: Stack, poll: float = 1.0) -> str:
         try:
             while (exited := next((p for p in stack.processes if p.poll() is not None), None)) is None:
                 time.sleep(poll)
-            command = " ".join(cast(list[str], exited.args)[3:5])  # "server start" or "worker start"
-            reason = f"a Prefect process exited (prefect {command}, code {exited.returncode})"
+            reason = stack.describe_exit(exited)
         except KeyboardInterrupt:
             reason = signal.Signals(interrupts.received[0]).name if interrupts.received else "SIGINT"
         finally:
@@ -258,15 +288,102 @@ def create_incoming(project: Path) -> Path:
     return incoming
 
 
+def create_private(folder: Path) -> Path:
+    """A folder for PHI (the PACS's storage, the staging area): created mode 0700 if absent, with a
+    ``.gitignore`` that keeps its contents out of git even where it sits inside a checkout."""
+    folder = Path(folder).absolute()
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    ignore = folder / ".gitignore"
+    if not ignore.exists():
+        ignore.write_text("# PHI (studies from the PACS): never committed\n*\n")
+    return folder
+
+
+@dataclass(frozen=True)
+class PacsOptions:
+    """How `dicomops serve` runs the embedded PACS (see :func:`dicomops.pacs.orthanc.start_orthanc`)."""
+
+    credentials: PacsCredentials = field(repr=False)
+    storage: Path | None = None  # default: <project>/pacs
+    http_port: int = 8042
+    stable_age_s: int = DEFAULT_STABLE_AGE_S
+
+
+def describe_tracking(tracking_uri: str) -> str:
+    """Where MLflow keeps runs and models, in words: the embedded store's file, or a server's
+    address without the credentials a URI may carry."""
+    from dicomops.config import embedded_store_path
+
+    try:
+        path = embedded_store_path(tracking_uri)
+    except ValueError:
+        return "an in-memory store (MLFLOW_TRACKING_URI)"
+    if path is not None:
+        return str(path)
+    parts = urllib.parse.urlsplit(tracking_uri)
+    return f"the server {parts.scheme}://{parts.netloc.rpartition('@')[2]} (MLFLOW_TRACKING_URI)"
+
+
+def _api(method: str, url: str, body: Any = None) -> Any:
+    import base64
+
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if auth := os.environ.get("PREFECT_API_AUTH_STRING"):  # as Prefect's own client sends it
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        text = response.read()
+    return json.loads(text) if text else None
+
+
+def pause_schedules(api_url: str, flow: str, deployment: str) -> int:
+    """Pause every active schedule of `flow`/`deployment` (its future scheduled runs go with them);
+    return how many. The next ``prefect deploy`` makes them active again, as prefect.yaml says."""
+    quoted = "/".join(urllib.parse.quote(name, safe="") for name in (flow, deployment))
+    found = _api("GET", f"{api_url}/deployments/name/{quoted}")
+    paused = 0
+    for schedule in found.get("schedules", []):
+        if schedule.get("active"):
+            _api("PATCH", f"{api_url}/deployments/{found['id']}/schedules/{schedule['id']}", {"active": False})
+            paused += 1
+    return paused
+
+
 def start(project: Path, host: str = "127.0.0.1", port: int = 4200, pool: str = "dicomops",
-          worker: bool = True, log: Path | None = None, cpu_heavy_limit: int = 1) -> Stack:
-    """Create ``incoming/``, start the server, register the deployments, start the worker; return
-    the running stack."""
+          worker: bool = True, log: Path | None = None, cpu_heavy_limit: int = 1,
+          pacs: PacsOptions | None = None) -> Stack:
+    """Create ``incoming/``, start the PACS (unless `pacs` is None), start the server, register the
+    deployments, start the worker; return the running stack.
+
+    Raises:
+        ValueError: Orthanc or its DICOMweb plugin is not installed, or a bad PACS option.
+        RuntimeError, TimeoutError: a port is in use, or a server did not start.
+    """
+    from dicomops.pacs.orthanc import start_orthanc
+
+    project = project.resolve()
     api_url, ui_url = f"http://{host}:{port}/api", f"http://{host}:{port}"
     env = server_env(project, api_url)
+    # The password goes to the worker (its flow runs talk to the PACS) and nowhere else.
+    worker_env = dict(env)
+    env.pop(PASSWORD_ENV, None)
     out = open(log, "ab") if log else None  # noqa: SIM115 (lives as long as the processes)
     stack = Stack(api_url, ui_url, incoming=create_incoming(project), database=describe_database(env))
     try:
+        if pacs is not None:
+            storage = create_private(pacs.storage or project / PACS_STORAGE_DEFAULT)
+            stack.pacs = stack.contexts.enter_context(
+                start_orthanc(storage, pacs.http_port, pacs.credentials, stable_age_s=pacs.stable_age_s))
+            stack.processes.append(stack.pacs.process)  # watched like the others; stopped last
+            worker_env.update({URL_ENV: stack.pacs.url, USER_ENV: pacs.credentials.user,
+                               PASSWORD_ENV: pacs.credentials.password})
+            stack.pacs_watch = f"the PACS at {stack.pacs.url}"
+        elif worker_env.get(URL_ENV):
+            stack.pacs_watch = f"the PACS at {worker_env[URL_ENV]} ({URL_ENV})"
+        if stack.pacs_watch:  # where its runs stage studies (Settings.pacs_staging, from the project folder)
+            create_private(project / Path(env.get(STAGING_ENV) or STAGING_DEFAULT).expanduser())
         stack.spawn(_prefect("server", "start", "--host", host, "--port", str(port)), env, project, out)
         wait_healthy(api_url)
         # One CPU-heavy task (training, preprocessing) at a time on this machine, whatever the flows.
@@ -277,8 +394,15 @@ def start(project: Path, host: str = "127.0.0.1", port: int = 4200, pool: str = 
             result = subprocess.run(_prefect(*args), env=env, cwd=project, capture_output=True, text=True)
             if result.returncode != 0:
                 raise RuntimeError(f"prefect {' '.join(args)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+        if not stack.pacs_watch:
+            stack.pacs_watch = f"nothing: no PACS runs here and {URL_ENV} is not set, so its schedule is paused"
+            try:
+                pause_schedules(api_url, *PACS_WATCH)
+            except OSError as err:  # the stack still serves the other deployments
+                stack.pacs_watch = (f"nothing: no PACS runs here and {URL_ENV} is not set, and its schedule could "
+                                    f"not be paused ({err}): pause it in the UI, or its runs fail every minute")
         if worker:
-            stack.spawn(_prefect("worker", "start", "--pool", pool), env, project, out)
+            stack.spawn(_prefect("worker", "start", "--pool", pool), worker_env, project, out)
     except BaseException:
         stack.stop()
         raise

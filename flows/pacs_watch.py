@@ -8,6 +8,7 @@ from pathlib import Path
 from prefect import flow
 
 from dicomops.config import PipelineConfig, load_settings
+from dicomops.layout import WorkLayout
 from flows.scope import writing
 from tasks import pacs as t
 
@@ -22,7 +23,9 @@ def pacs_watch(orthanc_url: str | None = None, work: Path | None = None, staging
     work = Path(work or settings.work_dir)
     staging = Path(staging or settings.pacs_staging)
     model = config.train.model_name
-    with writing(work, "dicomops-pacs-watch", settings):
+    # It holds WORK/pacs only, the one part of the work directory it writes: studies keep flowing
+    # while a training or a monitor run holds the rest.
+    with writing(WorkLayout(work).pacs.root, "dicomops-pacs-watch", settings):
         scoring = t.champion_available(settings.mlflow_tracking_uri, model)
         if not scoring:
             print(f"pacs-watch: no champion of {model} yet; studies are ingested and not answered")

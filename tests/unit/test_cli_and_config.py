@@ -112,3 +112,138 @@ def test_settings_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch,
     assert s.mlflow_tracking_uri == "sqlite:////elsewhere/m.db" and s.work_dir == tmp_path
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert Settings().mlflow_tracking_uri.endswith("mlflow/mlflow.db")
+
+
+# --- dicomops ingest --pacs ---------------------------------------------------------------------
+
+class _FakeFlows:
+    """Stands in for the CLI's flow lookup: records each call, answers with `result` or raises `error`."""
+
+    def __init__(self, result: dict | None = None, error: Exception | None = None) -> None:
+        self.calls: list[tuple[str, dict]] = []
+        self.result, self.error = result, error
+
+    def __call__(self, name: str, dask_address: str | None = None):
+        def run(**parameters: object) -> object:
+            self.calls.append((name, parameters))
+            if self.error is not None:
+                raise self.error
+            return self.result
+
+        return run
+
+
+PASS_RESULT = {"studies": [{}, {}, {}, {}], "ingested": 2, "refused": 1, "duplicate": 1, "results_stored": 2}
+
+
+@pytest.fixture()
+def pacs_env(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A PACS password in the environment, and a PACS that answers (the URLs it was asked at)."""
+    import dicomops.cli as cli
+
+    monkeypatch.setenv("DICOMOPS_PACS_PASSWORD", "cli-test-password-0123")
+    monkeypatch.delenv("DICOMOPS_PACS_USER", raising=False)
+    asked: list[str] = []
+    monkeypatch.setattr(cli, "_check_pacs", lambda url, credentials: asked.append(url))
+    return asked
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "give SRC (a folder of DICOM files) or --pacs URL"),
+    (["somewhere", "--pacs", "http://127.0.0.1:8042"], "not both"),
+    (["--pacs", "ftp://127.0.0.1:8042"], "Orthanc's root URL"),
+    (["--pacs", "http://user:secret@127.0.0.1:8042"], "without credentials"),
+    (["--pacs", "127.0.0.1:8042"], "Orthanc's root URL"),
+])
+def test_ingest_takes_a_folder_or_a_pacs_and_says_so(args: list[str], message: str, pacs_env: list[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import dicomops.cli as cli
+
+    flows = _FakeFlows(PASS_RESULT)
+    monkeypatch.setattr(cli, "_flow", flows)
+    result = runner.invoke(app, ["ingest", *args], env=WIDE)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.replace("│", " ").split())
+    assert flows.calls == []
+
+
+def test_ingest_from_the_pacs_runs_one_pass_and_prints_the_counts(pacs_env: list[str], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import dicomops.cli as cli
+
+    flows = _FakeFlows({**PASS_RESULT, "work": str(tmp_path / "w")})
+    monkeypatch.setattr(cli, "_flow", flows)
+    config = tmp_path / "c.yaml"
+    config.write_text("ingest:\n  max_invalid_fraction: 0.4\ntrain:\n  model_name: other-model\n")
+    result = runner.invoke(app, ["ingest", "--pacs", "http://127.0.0.1:8042/", "--work", str(tmp_path / "w"),
+                                 "--config", str(config), "--workers", "1"], env=WIDE)
+    # A study the gate refused is a verdict recorded in the ledger, not a failure of the command.
+    assert result.exit_code == 0, result.output
+    ((name, parameters),) = flows.calls
+    assert name == "pacs-watch" and parameters["orthanc_url"] == "http://127.0.0.1:8042"
+    assert pacs_env == ["http://127.0.0.1:8042"]  # asked first, within seconds
+    assert parameters["work"] == (tmp_path / "w").resolve()
+    cfg = parameters["config"]
+    assert isinstance(cfg, PipelineConfig) and cfg.train.model_name == "other-model"  # the champion it scores with
+    assert (cfg.ingest.max_invalid_fraction, cfg.ingest.workers) == (0.4, 1)
+    text = " ".join(result.output.split())
+    assert ("4 stable studies: 2 ingested, 1 refused by the gate, 1 already handled; 2 results stored back in the "
+            "PACS") in text
+    assert str(tmp_path / "w" / "pacs" / "studies.csv") in text
+
+
+def test_ingest_from_a_pacs_that_is_down_is_exit_2_before_any_flow_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    import dicomops.cli as cli
+
+    monkeypatch.setenv("DICOMOPS_PACS_PASSWORD", "cli-test-password-0123")
+    flows = _FakeFlows(PASS_RESULT)
+    monkeypatch.setattr(cli, "_flow", flows)
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        result = runner.invoke(app, ["ingest", "--pacs", url], env=WIDE)
+    assert result.exit_code == 2 and flows.calls == []
+    text = " ".join(result.output.split())
+    assert f"the PACS did not answer as it should: reaching the PACS: the PACS at {url} did not answer" in text
+
+
+def test_ingest_from_a_pacs_lost_mid_pass_is_exit_2(pacs_env: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import dicomops.cli as cli
+    from dicomops.pacs.client import PacsError
+
+    outage = PacsError("reading the changes feed: the PACS at http://127.0.0.1:8042 did not answer in full "
+                       "(ConnectionError); is it running, and does DICOMOPS_PACS_URL point at it?")
+    monkeypatch.setattr(cli, "_flow", _FakeFlows(error=outage))
+    result = runner.invoke(app, ["ingest", "--pacs", "http://127.0.0.1:8042"], env=WIDE)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "the PACS did not answer as it should: reading the changes feed" in text
+    assert "the next pass starts where this one stopped" in text
+
+
+def test_ingest_from_the_pacs_without_a_password_says_how_to_make_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dicomops.cli as cli
+
+    monkeypatch.delenv("DICOMOPS_PACS_PASSWORD", raising=False)
+    flows = _FakeFlows(PASS_RESULT)
+    monkeypatch.setattr(cli, "_flow", flows)
+    result = runner.invoke(app, ["ingest", "--pacs", "http://127.0.0.1:8042"], env=WIDE)
+    assert result.exit_code == 2 and flows.calls == []
+    text = " ".join(result.output.split())
+    assert "set DICOMOPS_PACS_PASSWORD" in text and "secrets.token_urlsafe" in text
+
+
+def test_ingest_of_a_folder_is_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dicomops.cli as cli
+
+    flows = _FakeFlows({"accepted_series": 3, "quarantined_files": 1, "work": str(tmp_path / "w")})
+    monkeypatch.setattr(cli, "_flow", flows)
+    assert runner.invoke(app, ["ingest", str(tmp_path / "missing")]).exit_code == 2
+    result = runner.invoke(app, ["ingest", str(tmp_path), "--max-invalid-fraction", "0.3"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    ((name, parameters),) = flows.calls
+    assert name == "ingest" and parameters["src"] == tmp_path.resolve()
+    assert parameters["config"].max_invalid_fraction == 0.3  # the ingest section alone, as before
+    assert "3 series accepted, 1 files quarantined" in result.output

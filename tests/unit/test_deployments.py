@@ -1,5 +1,6 @@
 """prefect.yaml: every deployment's entrypoint imports and takes its parameters; the monitor is
-scheduled; the retrain trigger is a valid Prefect event trigger that maps the event's payload."""
+scheduled; the retrain trigger is a valid Prefect event trigger that maps the event's payload; the
+PACS watch runs every minute, one run at a time, and names the event its flow emits."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import importlib
 import inspect
 from pathlib import Path
 
+import pytest
 import yaml
 from pydantic import TypeAdapter
 
@@ -20,7 +22,7 @@ def _deployments() -> dict[str, dict]:
 
 def test_entrypoints_exist_and_accept_their_parameters() -> None:
     deployments = _deployments()
-    assert set(deployments) == {"pipeline", "monitor", "retrain"}
+    assert set(deployments) == {"pipeline", "monitor", "retrain", "pacs-watch"}
     for deployment in deployments.values():
         module, name = deployment["entrypoint"].removesuffix(".py").replace("/", ".").split(":")
         flow = getattr(importlib.import_module(module.replace(".py", "")), name)
@@ -53,3 +55,48 @@ def test_retrain_trigger_is_a_valid_prefect_event_trigger() -> None:
     pattern = str(next(iter(trigger.match.model_dump().values())))
     assert resource("m", "1")["prefect.resource.id"].startswith(pattern.removesuffix("*"))
     assert trigger.parameters["monitoring_run_id"] == "{{ event.payload.monitoring_run_id }}"
+
+
+def test_pacs_watch_runs_every_minute_on_the_pacs_watch_flow() -> None:
+    from datetime import timedelta
+
+    from prefect.client.schemas.schedules import IntervalSchedule
+
+    from dicomops.serving import PACS_WATCH
+    from flows.pacs_watch import pacs_watch
+
+    watch = _deployments()["pacs-watch"]
+    assert watch["entrypoint"] == "flows/pacs_watch.py:pacs_watch" and (ROOT / "flows/pacs_watch.py").is_file()
+    # `dicomops serve` pauses it by these names when no PACS runs.
+    assert (pacs_watch.name, watch["name"]) == PACS_WATCH
+    # Every parameter has a default: a scheduled run passes none (the PACS's URL comes from the worker's env).
+    assert all(p.default is not inspect.Parameter.empty for p in inspect.signature(pacs_watch.fn).parameters.values())
+    assert not watch.get("parameters")
+    (raw,) = watch["schedules"]
+    schedule = IntervalSchedule(interval=timedelta(seconds=raw["interval"]), timezone=raw["timezone"])
+    assert schedule.interval == timedelta(seconds=60) and raw["active"] is True
+
+
+def test_two_pacs_watch_runs_never_overlap() -> None:
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    limit = ConcurrencyLimitConfig.model_validate(_deployments()["pacs-watch"]["concurrency_limit"])
+    # One slot; a run due while one still holds it is cancelled rather than queued behind it: a pass
+    # takes every study since the cursor, so queued runs would only pile up (after a downtime, one per
+    # missed minute).
+    assert limit.limit == 1 and limit.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
+
+
+def test_pacs_watch_description_names_the_event_its_flow_emits(monkeypatch: pytest.MonkeyPatch) -> None:
+    import prefect.events
+
+    from tasks.pacs import emit_study_events
+
+    emitted: list[str] = []
+    monkeypatch.setattr(prefect.events, "emit_event", lambda event, **kwargs: emitted.append(event))
+    outcome = {"token": "t", "accepted_series": 1, "results_stored": 1}
+    emit_study_events.fn([{**outcome, "status": "ingested"}, {**outcome, "status": "refused"}])
+    (event,) = emitted  # one per accepted study, none for a refused one
+    description = " ".join(_deployments()["pacs-watch"]["description"].split())
+    assert f"emits the event {event} for each study the gate accepts" in description
+    assert "DICOMOPS_PACS_URL" in description and "work/pacs/studies.csv" in description
