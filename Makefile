@@ -71,6 +71,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/train.py --work $(WORK)
 	$(PY) benchmarks/inference.py
 	$(PY) benchmarks/drift.py
+	$(PY) benchmarks/pacs.py --quick
 
 clean:
 	rm -rf $(WORK) .prefect mlflow/mlflow.db mlflow/artifacts
