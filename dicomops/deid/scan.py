@@ -7,6 +7,8 @@ else), so a value hidden by compression or encoding is still found.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
 import re
 import sqlite3
@@ -117,17 +119,36 @@ class _Matcher:
         return found
 
 
+@functools.cache
+def _shipped() -> frozenset[tuple[int, str]]:
+    """(size, sha256) of the third-party files the package ships and copies into reports (the Data
+    Docs' scripts, stylesheets and fonts): a byte-identical copy was not derived from any data."""
+    from dicomops.validation.docs import ASSETS_DIR
+
+    return frozenset((p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+                     for p in ASSETS_DIR.rglob("*") if p.is_file())
+
+
+def _is_shipped(path: Path) -> bool:
+    size = path.stat().st_size
+    if not any(size == known for known, _ in _shipped()):
+        return False
+    return (size, hashlib.sha256(path.read_bytes()).hexdigest()) in _shipped()
+
+
 def scan_for_phi(root: Path, needles: list[str] | set[str]) -> list[Hit]:
     """Every file under `root` holding any needle, matched case-insensitively on whole tokens.
 
     Needles with fewer than four alphanumeric characters are ignored: they would match by chance.
+    Files byte-identical to one the package ships (Font Awesome's stylesheet names an icon
+    "university") are skipped; any change to such a copy makes it scanned again.
     """
     matcher = _Matcher(needles)
     hits: list[Hit] = []
     root = Path(root)
     if not root.exists() or not matcher.by_first:
         return hits
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not _is_shipped(p)):
         for where, text in _texts(path):
             for needle in sorted(matcher.find(text)):
                 hits.append(Hit(str(path), needle, where))

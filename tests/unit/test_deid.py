@@ -181,3 +181,14 @@ def test_the_profile_is_defined_once_and_written_from_that_definition(deid: Deid
     assert all(meaning in PROFILE_NAME for _, meaning in METHOD_CODES)
     assert PROFILE_TAG == "deid.profile"
     assert DeidConfig().table_version == TABLE_VERSION
+
+
+def test_the_scan_skips_only_exact_copies_of_the_assets_the_package_ships(tmp_path: Path) -> None:
+    from dicomops.validation.docs import ASSETS_DIR
+
+    css = next(ASSETS_DIR.rglob("fontawesome.min.css"))
+    assert "university" in css.read_text().lower()  # an icon name, not a patient's institution
+    (tmp_path / "copy.css").write_bytes(css.read_bytes())
+    (tmp_path / "edited.css").write_bytes(css.read_bytes() + b"\n/* a changed copy */")
+    hits = scan_for_phi(tmp_path, ["University"])
+    assert [Path(h.path).name for h in hits] == ["edited.css"]
