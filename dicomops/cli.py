@@ -545,8 +545,8 @@ app.add_typer(pacs_app)
 def pacs_start(
     storage: Annotated[Path | None, typer.Option(
         envvar="DICOMOPS_PACS_STORAGE",
-        help="Folder for Orthanc's database and files, its configuration and log (default: "
-             "$XDG_DATA_HOME/dicomops/pacs). It holds PHI: never put it in the work directory.")] = None,
+        help="Folder for Orthanc's database and files, its configuration and log (default: pacs/ in the "
+             "project, as for dicomops serve). It holds PHI: never put it in the work directory.")] = None,
     port: Annotated[int, typer.Option(help="HTTP port (REST API and DICOMweb); answered for loopback clients only.")] = 8042,
     stable_age: Annotated[int, typer.Option(
         help="Seconds without a new instance before a study counts as stable (the changes feed reports it then).")] = 10,
@@ -555,7 +555,6 @@ def pacs_start(
              "password, so anyone who reaches it can store studies: only behind a firewall.")] = None,
 ) -> None:
     """Run a local Orthanc PACS with DICOMweb in the foreground until Ctrl-C or SIGTERM."""
-    import os
     import signal
     import time
 
@@ -568,8 +567,7 @@ def pacs_start(
     except ValueError as err:
         console.print(f"[red]cannot start the PACS:[/] {escape(str(err))}")
         raise typer.Exit(2) from err
-    data_home = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    folder = (storage or data_home / "dicomops" / "pacs").absolute()
+    folder = (storage or Path.cwd() / "pacs").absolute()  # the same PACS dicomops serve runs
     code = 0
     with interrupt_on((signal.SIGINT, *STOP_SIGNALS)) as interrupts:
         try:
