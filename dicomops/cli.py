@@ -279,7 +279,8 @@ def _ingest_from_pacs(url: str, work: Path | None, config: PipelineConfig) -> No
         raise typer.Exit(2) from err
     ledger = WorkLayout(Path(str(result["work"]))).pacs.ledger
     console.print(f"[green]PACS ingest finished[/]: {len(list(result['studies']))} stable studies: "
-                  f"{result['ingested']} ingested, {result['refused']} refused by the gate, {result['duplicate']} "
+                  f"{result['ingested']} ingested, {result['refused']} refused by the gate, {result['failed']} failed, "
+                  f"{result['duplicate']} "
                   f"already handled; {result['results_stored']} results stored back in the PACS; every study is a "
                   f"row of {escape(str(ledger))}", soft_wrap=True)
 

@@ -31,8 +31,10 @@ def pacs_watch(orthanc_url: str | None = None, work: Path | None = None, staging
             print(f"pacs-watch: no champion of {model} yet; studies are ingested and not answered")
         outcomes = t.handle_new_studies(orthanc_url, work, staging, config.ingest, model if scoring else None, limit)
         t.emit_study_events(outcomes)
-    counts = {status: sum(o["status"] == status for o in outcomes) for status in ("ingested", "refused", "duplicate")}
+    counts = {status: sum(o["status"] == status for o in outcomes)
+              for status in ("ingested", "refused", "failed", "duplicate")}
     stored = sum(int(str(o["results_stored"])) for o in outcomes)
     print(f"pacs-watch: {len(outcomes)} stable studies: {counts['ingested']} ingested, {counts['refused']} refused "
-          f"by the gate, {counts['duplicate']} already handled; {stored} results stored back")
+          f"by the gate, {counts['failed']} failed (see WORK/pacs/studies.csv), {counts['duplicate']} already handled; "
+          f"{stored} results stored back")
     return {"studies": outcomes, **counts, "results_stored": stored, "work": str(work)}

@@ -10,7 +10,9 @@ as long as one study takes and lives outside the work directory.
 
 What happens to each study is one row of ``WORK/pacs/studies.csv``: ``ingested`` (with how many
 series were accepted and how many results were stored back), ``refused`` by the gate (with its
-reason), or ``duplicate`` for a study already handled. A study is never dropped silently.
+reason), ``failed`` when scoring or writing its report failed (the step and the error's type), or
+``duplicate`` for a study already handled. A study is never dropped silently, and one that fails
+does not hold back the studies behind it.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class Pacs(Protocol):
 @dataclass(frozen=True)
 class StudyOutcome:
     token: str
-    status: str  # ingested | refused | duplicate
+    status: str  # ingested | refused | failed | duplicate
     accepted_series: int = 0
     quarantined_files: int = 0
     results_stored: int = 0
@@ -106,33 +108,53 @@ def handle_study(study_uid: str, pacs: Pacs, staging: Path, work: Path, cfg: Ing
 
 def _gate_score_answer(token: str, staged: Path, study_work: Path, pacs: Pacs, cfg: IngestConfig, key: bytes,
                        champion: Any | None) -> StudyOutcome:
+    """The gate, the score and the answer. A study that fails here for a reason of its own (a series
+    the model or the report writer cannot take) is recorded as ``failed`` and the watch moves on: it
+    must not block every study behind it. Only talking to the PACS may raise (an outage: retried)."""
     from dicomops import ingest
 
+    step = "the ingest gate"
     try:
-        gate = ingest.run(staged, study_work, cfg, key)
-    except GateFailedError as err:
-        summary = io.read_json(WorkLayout(study_work).ingest.summary)
-        return StudyOutcome(token, "refused", 0, int(summary.get("quarantined_files", 0)), 0, str(err))
-    if champion is None:
-        return StudyOutcome(token, "ingested", gate.accepted_series, gate.quarantined_files, 0,
-                            "no champion model: ingested, not scored")
-    from dicomops.inference.champion import score_study
+        try:
+            gate = ingest.run(staged, study_work, cfg, key)
+        except GateFailedError as err:
+            summary = io.read_json(WorkLayout(study_work).ingest.summary)
+            return StudyOutcome(token, "refused", 0, int(summary.get("quarantined_files", 0)), 0, str(err))
+        if champion is None:
+            return StudyOutcome(token, "ingested", gate.accepted_series, gate.quarantined_files, 0,
+                                "no champion model: ingested, not scored")
+        from dicomops.inference.champion import score_study
 
-    scores = score_study(champion, study_work)
-    stored = store_results(pacs, staged, scores, champion, key)
-    return StudyOutcome(token, "ingested", gate.accepted_series, gate.quarantined_files, stored)
+        step = "scoring"
+        scores = score_study(champion, study_work)
+        step = "writing the reports"
+        reports = build_reports(staged, study_work, scores, champion, key)
+    except Exception as err:  # the message may quote a header value: only its type is kept
+        return StudyOutcome(token, "failed", reason=f"{type(err).__name__} during {step}; not answered (the "
+                                                    f"message is withheld: it may quote identifiers)")
+    if reports:
+        pacs.store(reports)
+    return StudyOutcome(token, "ingested", gate.accepted_series, gate.quarantined_files, len(reports))
 
 
-def original_series(staged: Path, key: bytes) -> dict[str, list[Any]]:
+def original_series(staged: Path, key: bytes, accepted: set[str] | None = None) -> dict[str, list[Any]]:
     """The staged study's image headers grouped by series, keyed by the pseudonym the gate gave each
-    series: how a result finds the original UIDs it must reference. In memory only."""
+    series: how a result finds the original UIDs it must reference. In memory only. With
+    `accepted` (paths relative to `staged`), only the files the gate accepted: a report's evidence
+    is the images the model saw."""
+    import warnings
+
     import pydicom
 
     mapper = KeyedMapper(key)
     series: dict[str, list[Any]] = {}
     for path in sorted(p for p in Path(staged).rglob("*") if p.is_file()):
+        if accepted is not None and path.relative_to(staged).as_posix() not in accepted:
+            continue
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            with warnings.catch_warnings():  # pydicom's warnings quote the odd value they found
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception:  # the gate has already quarantined and recorded what cannot be read
             continue
         if "SeriesInstanceUID" in ds and "ImagePositionPatient" in ds:
@@ -142,23 +164,22 @@ def original_series(staged: Path, key: bytes) -> dict[str, list[Any]]:
     return series
 
 
-def store_results(pacs: Pacs, staged: Path, scores: pd.DataFrame, champion: Any, key: bytes) -> int:
-    """One Comprehensive 3D SR per scored series, referencing the original study, series and images,
-    stored back with STOW-RS; returns how many were stored."""
+def build_reports(staged: Path, study_work: Path, scores: pd.DataFrame, champion: Any, key: bytes) -> list[Any]:
+    """One Comprehensive 3D SR per scored series, referencing the original study and series and the
+    images the gate accepted."""
     from dicomops.pacs.results import Finding, structured_report
 
-    originals = original_series(staged, key)
+    accepted = set(pd.read_parquet(WorkLayout(study_work).ingest.accepted, columns=["source_path"]).source_path)
+    originals = original_series(staged, key, accepted)
     reports = []
     for row in scores.itertuples():
         images = originals.get(str(row.SeriesInstanceUID))
         if not images:  # accepted by the gate but unreadable here: cannot happen unless staging changed
-            raise RuntimeError(f"a scored series has no staged images to reference (series {row.Index})")
+            raise RuntimeError("a scored series has no staged images to reference")
         finding = Finding(present=bool(row.present), score=float(row.score), threshold=float(champion.threshold),
                           model_name=champion.name, model_version=str(champion.version))
         reports.append(structured_report(images, finding))
-    if reports:
-        pacs.store(reports)
-    return len(reports)
+    return reports
 
 
 def watch_once(feed: Any, pacs: Pacs, staging: Path, work: Path, cfg: IngestConfig, key: bytes,

@@ -38,8 +38,10 @@ def _f(value: Any, digits: int = 3) -> str:
 
 
 # MLflow's Markdown tables have no cell padding: two right-aligned figures side by side read as one
-# number ("0.9911.000"). Every cell therefore ends in two no-break spaces.
-PAD = "&nbsp;&nbsp;"
+# number ("0.9911.000"). Every cell therefore ends in a no-break space.
+PAD = "&nbsp;"
+# MLflow's SQL stores keep a version description in a VARCHAR(5000) (PostgreSQL enforces it).
+LIMIT = 5000
 
 
 def table(header: Sequence[str], align: str, rows: Sequence[Sequence[str]]) -> list[str]:
@@ -71,11 +73,29 @@ def split_sections(description: str) -> dict[str, str]:
 
 
 def set_section(description: str, key: str, text: str) -> str:
-    """`description` with section `key` replaced by `text` (a :func:`section`), in card order."""
+    """`description` with section `key` replaced by `text` (a :func:`section`), in card order,
+    within :data:`LIMIT` (see :func:`fit`)."""
     sections = split_sections(description)
     sections[key] = text.rstrip() + "\n"
     ordered = [sections[k] for k in ORDER if k in sections] + [v for k, v in sections.items() if k not in ORDER]
-    return "\n".join(ordered)
+    return fit("\n".join(ordered))
+
+
+def fit(card: str, limit: int = LIMIT) -> str:
+    """`card` within `limit` characters: first without the cells' padding, then without its last
+    sections (never the decision or the evidence), saying which were left out and where they are."""
+    if len(card) <= limit:
+        return card
+    card = card.replace(PAD, "")
+    sections = split_sections(card)
+    dropped: list[str] = []
+    while len(card) > limit and len(sections) > 2:
+        dropped.insert(0, list(sections)[-1])
+        sections.pop(dropped[0])
+        note = (f"## Left out\n\nMLflow keeps {limit:,} characters of a description: "
+                f"{', '.join(dropped)} left out; the training run's `cv/` artifacts hold the tables.\n")
+        card = "\n".join([*sections.values(), note])
+    return card[:limit]
 
 
 def decision_section(label: str, reasons: Sequence[str], version: str, reviewer: str | None = None,
@@ -185,4 +205,4 @@ def initial_card(model_name: str, version: str, summary: Mapping[str, Any], evid
     if lovo:
         parts.append(lovo_section(lovo))
     parts += [identity_section(identity, vendor_names), review_section(model_name, version)]
-    return "\n".join(parts)
+    return fit("\n".join(parts))

@@ -14,6 +14,7 @@ from dicomops.tracking.promotion import Decision, ModelScore, decide_promotion
 from dicomops.tracking.runs import configure_mlflow
 
 CHALLENGER, CHAMPION = "challenger", "champion"
+RECORDED_CHAMPION = "dicomops.champion"  # registered-model tag: the champion dicomops last recorded
 WEIGHTS_ARTIFACT = "weights"
 ModelBuilder = Callable[[dict[str, Any]], Any]
 
@@ -94,6 +95,9 @@ def apply_promotion_gate(tracking_uri: str, name: str, version: str, *, margin: 
     challenger = client.get_model_version(name, version)
     try:
         sync_reviews(tracking_uri, name)  # a champion chosen on the MLflow page counts as chosen
+        held = alias_version(client, name, CHALLENGER)
+        if held is None or str(held.version) != str(version):  # decided already: a re-run changes nothing
+            return Decision(False, (f"version {version} is not the challenger; the gate leaves it as it is",))
         current = alias_version(client, name, CHAMPION)
     except RegistryUnavailableError as err:
         decision = Decision(False, (f"gate not applied: {err}; the version stays challenger (re-run the "
@@ -122,6 +126,11 @@ def _make_champion(client: Any, name: str, version: str) -> None:
     replaces says so on its card. One meaning per alias: a version never holds both."""
     previous = alias_version(client, name, CHAMPION)
     client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_registered_model_tag(name, RECORDED_CHAMPION, version)  # how a move made by hand is seen
+    current = client.get_model_version(name, version)
+    for stale in ("promotion.replaced_by", "review.decision", "review.reason", "review.reviewer"):
+        if stale in (current.tags or {}):  # an older verdict on this version no longer holds
+            client.delete_model_version_tag(name, version, stale)
     challenger = alias_version(client, name, CHALLENGER)
     if challenger is not None and str(challenger.version) == str(version):
         client.delete_registered_model_alias(name, CHALLENGER)
@@ -201,7 +210,8 @@ def sync_reviews(tracking_uri: str, name: str) -> list[str]:
     versions = {str(mv.version): mv for mv in client.search_model_versions(f"name='{name}'")}
     changes = []
     champion = aliases.get(CHAMPION)
-    if champion is not None and versions[champion].tags.get("promotion.decision") not in DECIDED:
+    recorded = (model.tags or {}).get(RECORDED_CHAMPION)
+    if champion is not None and champion != recorded:
         for other, mv in versions.items():  # the champions it replaced, still saying they serve
             if other != champion and mv.tags.get("promotion.decision") in DECIDED \
                     and "promotion.replaced_by" not in mv.tags:
@@ -209,6 +219,10 @@ def sync_reviews(tracking_uri: str, name: str) -> list[str]:
                 _rewrite_section(client, name, other, model_card.decision_section(
                     "replaced", (f"version {champion} became champion",), other))
         gate = [r for r in versions[champion].tags.get("promotion.reasons", "").split("; ") if r]
+        client.set_registered_model_tag(name, RECORDED_CHAMPION, champion)
+        for stale in ("promotion.replaced_by", "review.decision", "review.reason", "review.reviewer"):
+            if stale in versions[champion].tags:
+                client.delete_model_version_tag(name, champion, stale)
         client.set_model_version_tag(name, champion, "promotion.decision", "promoted-by-reviewer")
         client.set_model_version_tag(name, champion, "promotion.reviewer", UI_REVIEWER)
         _rewrite_section(client, name, champion,
@@ -217,6 +231,7 @@ def sync_reviews(tracking_uri: str, name: str) -> list[str]:
     if champion is not None and aliases.get(CHALLENGER) == champion:
         client.delete_registered_model_alias(name, CHALLENGER)
         changes.append(f"version {champion} is champion: it no longer holds challenger")
+    versions = {str(mv.version): mv for mv in client.search_model_versions(f"name='{name}'")}
     for version, mv in versions.items():
         if mv.tags.get("review.decision") == "rejected" and mv.tags.get("promotion.decision") != "rejected-by-reviewer":
             if version == champion:

@@ -172,7 +172,8 @@ def register(layout: WorkLayout, cfg: TrainConfig, pre: PreprocessConfig, tracki
     version_tags = {"cv.mean_auc": f"{summary['mean_auc']:.4f}", "cv.std_auc": f"{summary['std_auc']:.4f}",
                     "cv.threshold": f"{summary['threshold']:.4f}", **tags}
     version_tags.update({f"cv.auc.{v}": f"{a:.4f}" for v, a in summary["vendor_auc"].items()})
-    lovo = pd.read_csv(paths.lovo).to_dict("records") if paths.lovo.exists() else None
+    # Only this training's: a lovo.csv an earlier training left is not about this model.
+    lovo = pd.read_csv(paths.lovo).to_dict("records") if cfg.leave_one_vendor_out and paths.lovo.exists() else None
     parent = train_state.parent_run(layout)
     # The plain weights and the config that builds the network: export and monitoring rebuild the
     # nn.Module from them (the pt2 model MLflow serves cannot expose its penultimate layer).

@@ -6,6 +6,7 @@ MLflow, Prefect or staging."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -14,11 +15,15 @@ import highdicom as hd
 import pandas as pd
 import pydicom
 import pytest
+import torch
 
 import mlflow
 from dicomops import ingest
 from dicomops.config import IngestConfig, PipelineConfig, PreprocessConfig, SynthConfig, TrainConfig
 from dicomops.deid import scan_for_phi
+from dicomops.deid.keys import key_from_settings
+from dicomops.inference.champion import load_champion
+from dicomops.pacs import watch
 from dicomops.pacs.changes import ChangesFeed
 from dicomops.pacs.client import PASSWORD_ENV, URL_ENV, USER_ENV, PacsClient
 from dicomops.pacs.orthanc import OrthancProcess
@@ -31,6 +36,16 @@ from tests.hostile import ct_slice
 from tests.unit.test_real_files import _needles
 
 from .orthanc_fixture import CuttingProxy, orthanc, synthetic_study  # noqa: F401  (orthanc is a fixture)
+
+
+class _Raising(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))  # where prediction looks for the device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("a model that cannot score this study")
+
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 PRE = PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0), crop_xy=160, workers=1)
@@ -147,11 +162,28 @@ def test_studies_from_the_pacs_are_gated_scored_answered_once_and_leak_nothing(
     assert all(len(_reports(orthanc, uid)) == 1 for uid in (study_a, study_b))
     assert list(staging.glob("*")) == []
 
-    needles = _needles([*clean, *hostile_files, rogue_path])
+    # A study its champion cannot score (a model that raises) is recorded as failed, with the step
+    # and the error's type only, and does not hold back the studies behind it.
+    poison = synthetic_study(tmp_path / "send-c", slices=12, matrix=128, index=3, vendor="canon")
+    later = synthetic_study(tmp_path / "send-d", slices=12, matrix=128, index=4, vendor="philips")
+    study_c, study_d = _send(orthanc, poison), _send(orthanc, later)
+    _wait_stable(orthanc, {study_c, study_d})
+    real = load_champion(champion, TINY.model_name)
+    broken = dataclasses.replace(real, model=_Raising())
+    with PacsClient(orthanc.dicomweb_url, orthanc.credentials) as pacs:
+        failed = watch.handle_study(study_c, pacs, staging, work, CONFIG.ingest, key_from_settings(), broken)
+    assert failed.status == "failed" and failed.reason.startswith("RuntimeError during scoring")
+    assert study_c not in failed.reason and _reports(orthanc, study_c) == []
+    after = pacs_watch(work=work, staging=staging, config=CONFIG)
+    assert (after["ingested"], after["failed"], after["results_stored"]) == (1, 0, 1)  # d answered; c not retried
+    assert len(_reports(orthanc, study_d)) == 1 and _reports(orthanc, study_c) == []
+
+    needles = _needles([*clean, *hostile_files, rogue_path, *poison, *later])
     assert {study_a, study_b} <= needles
     for place in (work, Path(champion.removeprefix("sqlite:///")).parent, PREFECT_HOME, _prefect_database()):
         hits = scan_for_phi(place, needles)
         assert hits == [], f"PHI found under {place}: {hits[:5]}"
     assert len(scan_for_phi(tmp_path / "send-a", needles)) > 5  # not vacuous
+    assert list(staging.glob("*")) == []
     client = mlflow.tracking.MlflowClient(champion)
     assert client.get_registered_model(TINY.model_name).aliases["champion"]

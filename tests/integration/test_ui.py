@@ -100,7 +100,7 @@ def _first_heading(markdown: str) -> str:
 def _vendor_table(markdown: str) -> tuple[list[str], list[str]]:
     """The header cells and first-column cells of the Markdown table whose header starts '| vendor |'
     (the cells' padding, no-break spaces, left out)."""
-    lines = markdown.replace("&nbsp;&nbsp;", "").splitlines()
+    lines = markdown.replace("&nbsp;", "").splitlines()
     start = next((i for i, line in enumerate(lines) if line.startswith("| vendor |")), None)
     assert start is not None, f"no per-vendor table ('| vendor |') in the description:\n{markdown[:1500]}"
     header = [_plain(c) for c in lines[start].strip().strip("|").split("|")]

@@ -40,6 +40,7 @@ def _registry(tmp_path: Path, champion_auc: float | None) -> tuple[str, str]:
         client.set_model_version_tag(NAME, mv.version, "cv.auc.ge", str(auc))
     if champion_auc is not None:
         client.set_registered_model_alias(NAME, registry.CHAMPION, "1")
+    client.set_registered_model_alias(NAME, registry.CHALLENGER, str(len(aucs)))  # as register_model does
     return uri, str(len(aucs))
 
 
@@ -82,7 +83,7 @@ def test_an_unreadable_champion_fails_the_gate_and_leaves_the_challenger(
     tags = client.get_model_version(NAME, version).tags
     assert tags["promotion.decision"] == "gate-error"
     assert f"dicomops promote {version}" in tags["promotion.reasons"]
-    assert client.get_registered_model(NAME).aliases == {}  # nobody became champion
+    assert client.get_registered_model(NAME).aliases == {"challenger": int(version)}  # nobody became champion
 
 
 def test_no_champion_alias_is_the_only_case_read_as_a_first_model(tmp_path: Path,

@@ -192,3 +192,16 @@ def test_the_scan_skips_only_exact_copies_of_the_assets_the_package_ships(tmp_pa
     (tmp_path / "edited.css").write_bytes(css.read_bytes() + b"\n/* a changed copy */")
     hits = scan_for_phi(tmp_path, ["University"])
     assert [Path(h.path).name for h in hits] == ["edited.css"]
+
+
+def test_pydicom_log_records_never_quote_a_header_value(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    import pydicom.misc
+
+    import dicomops  # noqa: F401  (installs the filter)
+
+    with caplog.at_level(logging.WARNING, logger="pydicom"):
+        pydicom.misc.warn_and_log("Invalid value for VR UI: '1.2.840.SECRET.4'")
+    assert caplog.records and all("SECRET" not in r.getMessage() for r in caplog.records)
+    assert "withheld" in caplog.records[-1].getMessage()

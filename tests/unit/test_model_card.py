@@ -73,7 +73,7 @@ def _card(version: str = "3") -> str:
 
 def test_the_card_leads_with_the_decision_and_its_tables_have_one_cell_per_column() -> None:
     padded = _card()
-    assert "| 4&nbsp;&nbsp; | 2&nbsp;&nbsp; |" in padded  # MLflow's tables have no padding of their own
+    assert "| 4&nbsp; | 2&nbsp; |" in padded  # MLflow's tables have no padding of their own
     card = padded.replace(model_card.PAD, "")
     assert card.startswith("## Decision: pending")
     assert list(model_card.split_sections(card)) == [model_card.DECISION, model_card.EVIDENCE, model_card.FOLDS,
@@ -178,3 +178,29 @@ def test_decisions_made_on_the_mlflow_page_alone_are_recorded_by_the_next_sync(t
     assert one.tags["promotion.replaced_by"] == "3" and one.description.startswith("## Decision: replaced")
     assert two.tags["promotion.decision"] == "rejected-by-reviewer" and "misses on siemens" in two.description
     assert registry.sync_reviews(uri, NAME) == []  # nothing left to record
+
+
+def test_a_card_never_outgrows_what_mlflow_keeps_and_keeps_the_decision_and_evidence() -> None:
+    long = _card() + "\n" + model_card.section(model_card.EXPORT, "- x " * 2000)
+    fitted = model_card.fit(long)
+    assert len(fitted) <= model_card.LIMIT < len(long)
+    sections = model_card.split_sections(fitted)
+    assert list(sections)[:2] == [model_card.DECISION, model_card.EVIDENCE] and "Left out" in sections
+    assert model_card.EXPORT in sections["Left out"]
+    assert model_card.fit(_card()) == _card()  # a card that fits is left alone
+
+
+def test_a_champion_moved_back_by_hand_and_a_rerun_gate_are_recorded_right(tmp_path: Path) -> None:
+    uri, client = _registry(tmp_path)
+    assert _gate(uri, client, "1").label == "auto-promoted"
+    client.set_registered_model_alias(NAME, registry.CHALLENGER, "3")
+    assert _gate(uri, client, "3").label == "auto-promoted"  # 0.95 beats 0.90 by more than the margin
+    assert client.get_model_version(NAME, "1").tags["promotion.replaced_by"] == "3"
+    client.set_registered_model_alias(NAME, registry.CHAMPION, "1")  # a reviewer rolls back on the page
+    assert registry.sync_reviews(uri, NAME)
+    one, three = client.get_model_version(NAME, "1"), client.get_model_version(NAME, "3")
+    assert one.description.startswith("## Decision: approved by a reviewer") and "promotion.replaced_by" not in one.tags
+    assert three.description.startswith("## Decision: replaced") and three.tags["promotion.replaced_by"] == "1"
+    again = registry.apply_promotion_gate(uri, NAME, "3", margin=0.005, vendor_tolerance=0.02, min_auc=0.8)
+    assert not again.promote and "not the challenger" in again.reasons[0]
+    assert _aliases(client) == {"champion": "1"}
