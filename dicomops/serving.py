@@ -39,7 +39,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any, cast
 
-from dicomops.pacs.client import PASSWORD_ENV, URL_ENV, USER_ENV, PacsCredentials
+from dicomops.pacs.client import PASSWORD_ENV, URL_ENV, USER_ENV, PacsCredentials, server_address
 from dicomops.pacs.orthanc import DEFAULT_STABLE_AGE_S, OrthancProcess
 
 # The monitor deployment's ``src`` in prefect.yaml, relative to the project directory its runs start in.
@@ -381,7 +381,7 @@ def start(project: Path, host: str = "127.0.0.1", port: int = 4200, pool: str = 
                                PASSWORD_ENV: pacs.credentials.password})
             stack.pacs_watch = f"the PACS at {stack.pacs.url}"
         elif worker_env.get(URL_ENV):
-            stack.pacs_watch = f"the PACS at {worker_env[URL_ENV]} ({URL_ENV})"
+            stack.pacs_watch = f"the PACS at {server_address(worker_env[URL_ENV])} ({URL_ENV})"
         if stack.pacs_watch:  # where its runs stage studies (Settings.pacs_staging, from the project folder)
             create_private(project / Path(env.get(STAGING_ENV) or STAGING_DEFAULT).expanduser())
         stack.spawn(_prefect("server", "start", "--host", host, "--port", str(port)), env, project, out)

@@ -30,7 +30,6 @@ def pacs_watch(orthanc_url: str | None = None, work: Path | None = None, staging
         if not scoring:
             print(f"pacs-watch: no champion of {model} yet; studies are ingested and not answered")
         outcomes = t.handle_new_studies(orthanc_url, work, staging, config.ingest, model if scoring else None, limit)
-        t.emit_study_events(outcomes)
     counts = {status: sum(o["status"] == status for o in outcomes)
               for status in ("ingested", "refused", "failed", "duplicate")}
     stored = sum(int(str(o["results_stored"])) for o in outcomes)

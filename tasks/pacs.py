@@ -48,16 +48,17 @@ def handle_new_studies(orthanc_url: str | None, work: Path, staging: Path, cfg: 
     credentials, timeout = credentials_from_env(), read_timeout_s(settings.http_budget_s)
     with PacsClient(root + DICOMWEB_ROOT, credentials, timeout_s=timeout) as pacs, \
             ChangesFeed(root, credentials, timeout_s=timeout) as feed:
-        outcomes = watch.watch_once(feed, pacs, staging, work, cfg, key_from_settings(), champion, limit)
+        outcomes = watch.watch_once(feed, pacs, staging, work, cfg, key_from_settings(), champion, limit,
+                                    on_study=emit_study_event)
     return [asdict(o) for o in outcomes]
 
 
-@task(name="emit-study-events")
-def emit_study_events(outcomes: list[dict[str, object]]) -> None:
-    """``dicomops.study.stable`` for each study the gate accepted, named by its token."""
+def emit_study_event(outcome: watch.StudyOutcome) -> None:
+    """``dicomops.study.stable`` for a study the gate accepted, named by its token, as soon as it is
+    recorded (a pass that fails later has still announced what it finished)."""
     from prefect.events import emit_event
 
-    for outcome in outcomes:
-        if outcome["status"] == "ingested":
-            emit_event(event="dicomops.study.stable", resource={"prefect.resource.id": f"dicomops.study.{outcome['token']}"},
-                       payload={k: outcome[k] for k in ("token", "accepted_series", "results_stored")})
+    if outcome.status == "ingested":
+        emit_event(event="dicomops.study.stable", resource={"prefect.resource.id": f"dicomops.study.{outcome.token}"},
+                   payload={"token": outcome.token, "accepted_series": outcome.accepted_series,
+                            "results_stored": outcome.results_stored})

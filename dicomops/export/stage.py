@@ -57,6 +57,7 @@ def resolve_version(tracking_uri: str, name: str, version: str | None, alias: st
     if version is not None and alias is not None:
         raise ValueError("give one of --version or --alias, not both")
     if version is None and alias is None:
+        registry.sync_reviews(tracking_uri, name)  # a challenger rejected on the page is not exported
         held = registry.alias_version(client, name, registry.CHALLENGER) or \
             registry.alias_version(client, name, registry.CHAMPION)
         if held is None:

@@ -21,6 +21,7 @@ ORDER = (DECISION, EVIDENCE, FOLDS, LOVO, IDENTITY, EXPORT, REVIEW)
 
 VERDICTS = {
     "pending": "pending — the promotion gate has not run yet",
+    "superseded": "superseded — a newer version is the challenger",
     "auto-promoted": "promoted automatically — champion",
     "awaiting-review": "awaiting review — challenger",
     "gate-error": "not decided (the gate could not read the champion) — challenger",
@@ -114,12 +115,13 @@ def decision_section(label: str, reasons: Sequence[str], version: str, reviewer:
     return section(DECISION, "\n".join(lines) or "No reasons recorded.", VERDICTS.get(label, label))
 
 
-def evidence_section(summary: Mapping[str, Any], evidence: Sequence[Mapping[str, Any]], level: float = 0.95) -> str:
+def evidence_section(summary: Mapping[str, Any], evidence: Sequence[Mapping[str, Any]], level: float = 0.95,
+                     n_splits: int = 4) -> str:
     """Per vendor: series, positives, pooled AUC with its interval, the fold mean the gate uses, and
     sensitivity / specificity at the operating point."""
     pct = f"{level * 100:.0f} %"
     lines = [
-        f"Four-fold vendor-stratified cross-validation, series level. Mean fold AUC "
+        f"{n_splits}-fold vendor-stratified cross-validation, series level. Mean fold AUC "
         f"**{_f(summary['mean_auc'])} ± {_f(summary['std_auc'])}** (the figure the promotion gate compares); "
         f"operating point **{_f(summary['threshold'])}** (Youden, on the pooled out-of-fold scores).",
         "",
@@ -134,8 +136,8 @@ def evidence_section(summary: Mapping[str, Any], evidence: Sequence[Mapping[str,
     lines += [
         "",
         f"*AUC pooled*: one ROC over every series' out-of-fold score (the ROC pictures show this one), with a "
-        f"stratified bootstrap {pct} interval (2,000 resamples). *AUC fold mean*: the mean of the four folds' "
-        f"AUCs, each on 6–30 series per vendor, so it varies more. Sensitivity, specificity and the counts are "
+        f"stratified bootstrap {pct} interval (2,000 resamples). *AUC fold mean*: the mean of the {n_splits} folds' "
+        f"AUCs, each on a fold's share of a vendor's series, so it varies more. Sensitivity, specificity and the counts are "
         f"pooled out of fold at the operating point. A pooled AUC well below the fold mean means the fold models "
         f"score on different scales, so one operating point serves them (and the final model) less well than "
         f"their AUCs suggest: read the counts.",
@@ -201,7 +203,8 @@ def initial_card(model_name: str, version: str, summary: Mapping[str, Any], evid
                  lovo: Sequence[Mapping[str, Any]] | None = None,
                  vendor_names: Mapping[str, Sequence[str]] | None = None) -> str:
     """The card a new version is registered with (its decision pending)."""
-    parts = [decision_section("pending", (), version), evidence_section(summary, evidence), folds_section(per_fold)]
+    parts = [decision_section("pending", (), version), evidence_section(summary, evidence, n_splits=len(per_fold)),
+             folds_section(per_fold)]
     if lovo:
         parts.append(lovo_section(lovo))
     parts += [identity_section(identity, vendor_names), review_section(model_name, version)]

@@ -42,7 +42,12 @@ def register_model(tracking_uri: str, run_id: str, model: Any, example: np.ndarr
     client.update_model_version(name, version, description=card(version))
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
+    previous = alias_version(client, name, CHALLENGER)
     client.set_registered_model_alias(name, CHALLENGER, version)
+    if previous is not None and str(previous.version) != version:  # its card must not still ask for review
+        client.set_model_version_tag(name, str(previous.version), "promotion.decision", "superseded")
+        _rewrite_section(client, name, str(previous.version), model_card.decision_section(
+            "superseded", (f"version {version} is the challenger now",), str(previous.version)))
     return version
 
 
@@ -153,9 +158,10 @@ def promote(tracking_uri: str, name: str, version: str, reviewer: str = "reviewe
     client = configure_mlflow(tracking_uri)
     current = client.get_model_version(name, version)  # raises with MLflow's message if it does not exist
     gate = [r for r in (current.tags or {}).get("promotion.reasons", "").split("; ") if r]
-    _make_champion(client, name, version)
+    # The tags first: a sync between the two must not take the alias for a move made on the page.
     client.set_model_version_tag(name, version, "promotion.decision", "promoted-by-reviewer")
     client.set_model_version_tag(name, version, "promotion.reviewer", reviewer)
+    _make_champion(client, name, version)
     _rewrite_section(client, name, version,
                      model_card.decision_section("promoted-by-reviewer", gate, version, reviewer, note))
 

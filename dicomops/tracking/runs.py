@@ -34,7 +34,7 @@ RUN_DESCRIPTIONS = {
     "ingest": "The ingest gate: header index, expectations, geometry, quarantine with reasons, de-identification. "
               "Artifacts: the quarantine, the validation Data Docs, the summary picture.",
     "preprocess": "HU, 1 mm resampling and windowing of every accepted series; per-series features for drift.",
-    "train": "Four-fold vendor-stratified cross-validation (nested fold runs), the final model on all series, "
+    "train": "K-fold vendor-stratified cross-validation (nested fold runs), the final model on all series, "
              "registration and the promotion gate. Artifacts under cv/: tables, ROC, confusion matrices, "
              "sample slices, folds.json.",
     "monitor": "Drift of a new batch against the champion's training data (Evidently); an alert starts a retrain.",

@@ -133,7 +133,7 @@ class _FakeFlows:
         return run
 
 
-PASS_RESULT = {"studies": [{}, {}, {}, {}], "ingested": 2, "refused": 1, "duplicate": 1, "results_stored": 2}
+PASS_RESULT = {"studies": [{}, {}, {}, {}], "ingested": 2, "refused": 1, "failed": 0, "duplicate": 1, "results_stored": 2}
 
 
 @pytest.fixture()
@@ -187,7 +187,7 @@ def test_ingest_from_the_pacs_runs_one_pass_and_prints_the_counts(pacs_env: list
     assert isinstance(cfg, PipelineConfig) and cfg.train.model_name == "other-model"  # the champion it scores with
     assert (cfg.ingest.max_invalid_fraction, cfg.ingest.workers) == (0.4, 1)
     text = " ".join(result.output.split())
-    assert ("4 stable studies: 2 ingested, 1 refused by the gate, 1 already handled; 2 results stored back in the "
+    assert ("4 stable studies: 2 ingested, 1 refused by the gate, 0 failed, 1 already handled; 2 results stored back in the "
             "PACS") in text
     assert str(tmp_path / "w" / "pacs" / "studies.csv") in text
 

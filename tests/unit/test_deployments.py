@@ -90,12 +90,13 @@ def test_two_pacs_watch_runs_never_overlap() -> None:
 def test_pacs_watch_description_names_the_event_its_flow_emits(monkeypatch: pytest.MonkeyPatch) -> None:
     import prefect.events
 
-    from tasks.pacs import emit_study_events
+    from dicomops.pacs.watch import StudyOutcome
+    from tasks.pacs import emit_study_event
 
     emitted: list[str] = []
     monkeypatch.setattr(prefect.events, "emit_event", lambda event, **kwargs: emitted.append(event))
-    outcome = {"token": "t", "accepted_series": 1, "results_stored": 1}
-    emit_study_events.fn([{**outcome, "status": "ingested"}, {**outcome, "status": "refused"}])
+    emit_study_event(StudyOutcome("t", "ingested", 1, 0, 1))
+    emit_study_event(StudyOutcome("t", "refused"))
     (event,) = emitted  # one per accepted study, none for a refused one
     description = " ".join(_deployments()["pacs-watch"]["description"].split())
     assert f"emits the event {event} for each study the gate accepts" in description
