@@ -27,7 +27,7 @@ DESCRIPTION_TAG = "mlflow.note.content"
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 EXPERIMENT_DESCRIPTION = (
     "dicomops: CT series through the ingest gate (Great Expectations, de-identification), preprocessing, "
-    "four-fold vendor-stratified cross-validation (one nested run per fold), export and drift monitoring. "
+    "k-fold (four by default) vendor-stratified cross-validation (one nested run per fold), export and drift monitoring. "
     "Each run's description says what it did; the model versions and their cards are under Models.")
 RUN_DESCRIPTIONS = {
     "pipeline": "The whole pipeline on one DICOM folder: ingest, preprocess, train, export (nested runs).",

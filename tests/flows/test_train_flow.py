@@ -67,7 +67,7 @@ def test_train_flow_registers_a_reviewable_version(train_work: Path, mlflow_env:
     assert "data_dvc_md5" not in tags  # the source corpus's DVC md5 is the ingest's; this is the accepted data's
     experiment = client.get_experiment(parent.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    assert experiment.tags["mlflow.note.content"] and tags["mlflow.note.content"].startswith("Four-fold")
+    assert experiment.tags["mlflow.note.content"] and tags["mlflow.note.content"].startswith("K-fold")
     split = WorkLayout(work).read_folds()
     for run in folds:  # each fold names the series it learned from and was scored on
         fold = int(run.data.tags["fold"])
