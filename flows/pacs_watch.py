@@ -9,6 +9,7 @@ from prefect import flow
 
 from dicomops.config import PipelineConfig, load_settings
 from dicomops.layout import WorkLayout
+from dicomops.pacs.watch import describe
 from flows.scope import writing
 from tasks import pacs as t
 
@@ -29,11 +30,6 @@ def pacs_watch(orthanc_url: str | None = None, work: Path | None = None, staging
         scoring = t.champion_available(settings.mlflow_tracking_uri, model)
         if not scoring:
             print(f"pacs-watch: no champion of {model} yet; studies are ingested and not answered")
-        outcomes = t.handle_new_studies(orthanc_url, work, staging, config.ingest, model if scoring else None, limit)
-    counts = {status: sum(o["status"] == status for o in outcomes)
-              for status in ("ingested", "refused", "failed", "duplicate")}
-    stored = sum(int(str(o["results_stored"])) for o in outcomes)
-    print(f"pacs-watch: {len(outcomes)} stable studies: {counts['ingested']} ingested, {counts['refused']} refused "
-          f"by the gate, {counts['failed']} failed (see WORK/pacs/studies.csv), {counts['duplicate']} already handled; "
-          f"{stored} results stored back")
-    return {"studies": outcomes, **counts, "results_stored": stored, "work": str(work)}
+        result = t.handle_new_studies(orthanc_url, work, staging, config.ingest, model if scoring else None, limit)
+    print(f"pacs-watch: {describe(result)}")
+    return {**result, "work": str(work)}

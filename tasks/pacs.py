@@ -3,7 +3,6 @@ study retrieved, gated, scored and answered, inside one task; what comes out are
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,30 +26,11 @@ def champion_available(tracking_uri: str, model_name: str) -> bool:
 
 @task(name="handle-new-studies", tags=["io-heavy"])
 def handle_new_studies(orthanc_url: str | None, work: Path, staging: Path, cfg: IngestConfig, model_name: str | None,
-                       limit: int) -> list[dict[str, object]]:
-    from dicomops.pacs.changes import ChangesFeed
-    from dicomops.pacs.client import (
-        DEFAULT_URL,
-        DICOMWEB_ROOT,
-        URL_ENV,
-        PacsClient,
-        credentials_from_env,
-        read_timeout_s,
-    )
-
+                       limit: int) -> dict[str, object]:
     settings = load_settings()
-    champion = None
-    if model_name is not None:
-        from dicomops.inference.champion import load_champion
-
-        champion = load_champion(settings.mlflow_tracking_uri, model_name)
-    root = (orthanc_url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
-    credentials, timeout = credentials_from_env(), read_timeout_s(settings.http_budget_s)
-    with PacsClient(root + DICOMWEB_ROOT, credentials, timeout_s=timeout) as pacs, \
-            ChangesFeed(root, credentials, timeout_s=timeout) as feed:
-        outcomes = watch.watch_once(feed, pacs, staging, work, cfg, key_from_settings(), champion, limit,
-                                    on_study=emit_study_event)
-    return [asdict(o) for o in outcomes]
+    outcomes = watch.watch_pacs(orthanc_url, work, staging, cfg, key_from_settings(), settings.mlflow_tracking_uri,
+                                model_name, settings.http_budget_s, limit, on_study=emit_study_event)
+    return {"studies": [asdict(o) for o in outcomes], **watch.summarise(outcomes)}
 
 
 def emit_study_event(outcome: watch.StudyOutcome) -> None:

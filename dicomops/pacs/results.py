@@ -25,6 +25,7 @@ import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -108,6 +109,15 @@ class Finding:
                              "or drop the nodules")
 
 
+def _new_object(finding: Finding, series_number: int, instance_number: int, description: str) -> dict[str, Any]:
+    """What every object dicomops writes says of itself: new UIDs, its place in the series, and the
+    model that made it as the device (manufacturer dicomops)."""
+    return {"series_instance_uid": hd.UID(), "series_number": series_number, "sop_instance_uid": hd.UID(),
+            "instance_number": instance_number, "manufacturer": MANUFACTURER,
+            "manufacturer_model_name": finding.model_name, "software_versions": finding.model_version,
+            "device_serial_number": _device_uid(finding), "series_description": description}
+
+
 def structured_report(
     source_images: Sequence[pydicom.Dataset],
     finding: Finding,
@@ -158,15 +168,7 @@ def structured_report(
         return hd.sr.Comprehensive3DSR(
             evidence=list(source_images),
             content=report[0],
-            series_instance_uid=hd.UID(),
-            series_number=series_number,
-            sop_instance_uid=hd.UID(),
-            instance_number=instance_number,
-            manufacturer=MANUFACTURER,
-            manufacturer_model_name=finding.model_name,
-            software_versions=finding.model_version,
-            device_serial_number=_device_uid(finding),
-            series_description=SR_SERIES_DESCRIPTION,
+            **_new_object(finding, series_number, instance_number, SR_SERIES_DESCRIPTION),
             # Complete: the model has nothing more to add. Unverified and preliminary: no
             # radiologist has signed it; a reader's correction supersedes it.
             is_complete=True,
@@ -236,15 +238,7 @@ def segmentation(
             pixel_array=mask,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=[description],
-            series_instance_uid=hd.UID(),
-            series_number=series_number,
-            sop_instance_uid=hd.UID(),
-            instance_number=instance_number,
-            manufacturer=MANUFACTURER,
-            manufacturer_model_name=finding.model_name,
-            software_versions=finding.model_version,
-            device_serial_number=_device_uid(finding),
-            series_description=SEG_SERIES_DESCRIPTION,
+            **_new_object(finding, series_number, instance_number, SEG_SERIES_DESCRIPTION),
         )
 
 

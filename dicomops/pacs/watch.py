@@ -205,3 +205,50 @@ def watch_once(feed: Any, pacs: Pacs, staging: Path, work: Path, cfg: IngestConf
         cursor.advance(page.last)  # past the changes that were not stable studies
         if page.done or page.last <= since:
             return outcomes
+
+
+STATUSES = ("ingested", "refused", "failed", "duplicate")
+
+
+def watch_pacs(orthanc_url: str | None, work: Path, staging: Path, cfg: IngestConfig, key: bytes,
+               tracking_uri: str, model_name: str | None, http_budget_s: float, limit: int = 100,
+               on_study: Any = None) -> list[StudyOutcome]:
+    """One pass of :func:`watch_once` against the Orthanc at `orthanc_url` (default
+    ``DICOMOPS_PACS_URL``), with credentials from the environment and the champion of `model_name`
+    (None: ingest without scoring)."""
+    import os
+
+    from dicomops.pacs.changes import ChangesFeed
+    from dicomops.pacs.client import (
+        DEFAULT_URL,
+        DICOMWEB_ROOT,
+        URL_ENV,
+        PacsClient,
+        credentials_from_env,
+        read_timeout_s,
+    )
+
+    champion = None
+    if model_name is not None:
+        from dicomops.inference.champion import load_champion
+
+        champion = load_champion(tracking_uri, model_name)
+    root = (orthanc_url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
+    credentials, timeout = credentials_from_env(), read_timeout_s(http_budget_s)
+    with PacsClient(root + DICOMWEB_ROOT, credentials, timeout_s=timeout) as pacs, \
+            ChangesFeed(root, credentials, timeout_s=timeout) as feed:
+        return watch_once(feed, pacs, staging, work, cfg, key, champion, limit, on_study=on_study)
+
+
+def summarise(outcomes: Sequence[StudyOutcome]) -> dict[str, int]:
+    """How many studies ended in each status, and how many results were stored back."""
+    counts = {status: sum(o.status == status for o in outcomes) for status in STATUSES}
+    return {**counts, "results_stored": sum(o.results_stored for o in outcomes)}
+
+
+def describe(summary: Any) -> str:
+    """One line for the log: what a pass did with its studies (a :func:`summarise`)."""
+    total = sum(summary[status] for status in STATUSES)
+    return (f"{total} stable studies: {summary['ingested']} ingested, {summary['refused']} refused by the gate, "
+            f"{summary['failed']} failed (see WORK/pacs/studies.csv), {summary['duplicate']} already handled; "
+            f"{summary['results_stored']} results stored back")
