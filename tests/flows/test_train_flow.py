@@ -74,6 +74,7 @@ def test_train_flow_registers_a_reviewable_version(train_work: Path, mlflow_env:
         inputs = {i.tags[0].value: i.dataset for i in client.get_run(run.info.run_id).inputs.dataset_inputs}
         assert set(inputs) == {"training", "validation"} and inputs["validation"].name.startswith(f"fold-{fold} ")
         assert f'"num_rows": {len(split.val(fold))}' in inputs["validation"].profile
+        assert f'"num_rows": {len(split.train(fold))}' in inputs["training"].profile  # not the same rows twice
         assert inputs["training"].source_type == "local" and "/deid" in inputs["training"].source
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "cv")}
     assert {"cv/roc_by_vendor.png", "cv/roc_by_fold.png", "cv/confusion.png", "cv/samples.png",
