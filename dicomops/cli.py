@@ -392,6 +392,49 @@ def export(
 
 
 @app.command()
+def predict(
+    src: Annotated[Path | None, typer.Argument(help="Folder of DICOM studies to score (or use --pacs).")] = None,
+    pacs: Annotated[str | None, typer.Option(help="Score the PACS studies matching this QIDO-RS query instead: "
+                                                  "DICOM keywords, e.g. 'StudyDate=20261130,ModalitiesInStudy=CT', "
+                                                  "or 'all'. SRs are stored back unless --no-write-back.")] = None,
+    alias: Annotated[str | None, typer.Option(help="Registry alias of the version (default: champion).")] = None,
+    version: Annotated[str | None, typer.Option(help="Model version number instead of an alias.")] = None,
+    engine: Annotated[str | None, typer.Option(help="auto, ort-fp32, ort-int8 or tensorrt.")] = None,
+    write_back: Annotated[bool, typer.Option(help="Store an SR per series in the PACS (with --pacs).")] = True,
+    orthanc_url: Annotated[str | None, typer.Option(help="Orthanc's root (default DICOMOPS_PACS_URL).")] = None,
+    work: Annotated[Path | None, typer.Option(help="Work directory (results under predict/).")] = None,
+    config: Annotated[Path | None, typer.Option(help="PipelineConfig YAML; its serve section applies.")] = None,
+) -> None:
+    """Score a folder or PACS studies with a registered model's exported engine (batch inference)."""
+    from dicomops.serving.batch import parse_query
+
+    if (src is None) == (pacs is None):
+        raise typer.BadParameter("give a folder SRC or --pacs QUERY (one of them)")
+    if version is not None and alias is not None:
+        raise typer.BadParameter("give --version or --alias, not both")
+    if src is not None and not src.is_dir():
+        raise typer.BadParameter(f"{src} is not a folder of DICOM files")
+    try:
+        query = parse_query(pacs) if pacs is not None else None
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    if pacs is not None:
+        _pacs_credentials_or_exit("no PACS password", "then run dicomops predict --pacs again")
+    cfg = _pipeline_config(config)
+    cfg = cfg.model_copy(update={"serve": _with_overrides(cfg.serve, alias=alias, engine=engine,
+                                                          write_back=write_back)})
+    try:
+        result = _flow("predict")(src=src.resolve() if src else None, pacs_query=query, config=cfg, version=version,
+                                  work=work.resolve() if work else None, orthanc_url=orthanc_url)
+    except ValueError as err:
+        console.print(f"[red]cannot predict:[/] {escape(str(err))}")
+        raise typer.Exit(2) from err
+    console.print(f"[green]predict finished[/]: {result['studies_scored']:.0f} studies scored on "
+                  f"{escape(str(result['engine']))} ({escape(str(result['engine_reason']))}); results in "
+                  f"{escape(str(result['results']))}; MLflow run {result['mlflow_run_id']}")
+
+
+@app.command()
 def monitor(
     src: Annotated[Path, typer.Argument(help="Folder of new DICOM studies to check for drift.")],
     work: Annotated[Path | None, typer.Option(help="Work directory (alerts.jsonl, batches, retraining).")] = None,
@@ -487,7 +530,7 @@ def serve(
     """
     from dicomops.config import load_settings
     from dicomops.pacs.client import PASSWORD_ENV
-    from dicomops.serving import (
+    from dicomops.stack import (
         PacsOptions,
         describe_tracking,
         interrupt_on,
@@ -561,7 +604,7 @@ def pacs_start(
 
     from dicomops.pacs.client import PASSWORD_ENV, credentials_from_env
     from dicomops.pacs.orthanc import start_orthanc
-    from dicomops.serving import STOP_SIGNALS, interrupt_on
+    from dicomops.stack import STOP_SIGNALS, interrupt_on
 
     try:
         credentials = credentials_from_env()

@@ -235,6 +235,23 @@ class MonitorConfig(_Section):
     training_source: Path = Field(Path("data"), description="The original labelled corpus retraining starts from.")
 
 
+class ServeConfig(_Section):
+    """Inference: which version and engine, the Redis cache, and the online service's batching."""
+
+    alias: str = Field("champion", description="Registry alias of the version that scores (unless a version is given).")
+    engine: Literal["auto", "ort-fp32", "ort-int8", "tensorrt"] = Field(
+        "auto", description="auto: TensorRT where a CUDA device and the extra are present, else ONNX Runtime FP32.")
+    threads: int = Field(2, ge=1, le=64, description="ONNX Runtime intra-op threads per replica.")
+    write_back: bool = Field(True, description="Batch inference over a PACS stores an SR per series back in it.")
+    cache_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="Lifetime of a cached volume or study manifest.")
+    cache_maxmemory_mb: int = Field(1024, ge=16, description="Memory cap of the Redis dicomops starts (LRU beyond).")
+    host: str = Field("127.0.0.1", description="Online service interface; keep loopback unless a proxy fronts it.")
+    port: int = Field(8300, ge=1, le=65535, description="Online service port.")
+    replicas: int = Field(1, ge=1, description="Scoring replicas (on the engine's cluster mode beyond one machine).")
+    max_batch: int = Field(32, ge=1, le=1024, description="Dynamic batching: most slabs in one engine call.")
+    batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="Dynamic batching: longest wait to fill a batch.")
+
+
 class PipelineConfig(_Section):
     """Everything a pipeline run can be told; one section per stage."""
 
@@ -244,6 +261,7 @@ class PipelineConfig(_Section):
     train: TrainConfig = TrainConfig()
     export: ExportConfig = ExportConfig()
     monitor: MonitorConfig = MonitorConfig()
+    serve: ServeConfig = ServeConfig()
     experiment: str = Field("dicomops", description="MLflow experiment for pipeline runs.")
 
     @classmethod

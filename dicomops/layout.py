@@ -226,6 +226,12 @@ class WorkLayout:
         folder = self.root / "monitoring" / "batches"
         return [WorkLayout(p) for p in sorted(folder.iterdir()) if p.is_dir()] if folder.exists() else []
 
+    def predictions(self, batch_id: str) -> Path:
+        """A prediction batch's de-identified results (``results.csv``, ``summary.json``)."""
+        return self.root / "predict" / batch_id
+
+    serving = property(lambda self: self.root / "serving")  # the served models' exported files, by version
+
     batch_record = property(lambda self: self.root / "batch.json")
     drift = property(lambda self: self.root / "drift")
 

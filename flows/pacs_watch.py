@@ -29,7 +29,7 @@ def pacs_watch(orthanc_url: str | None = None, work: Path | None = None, staging
     with writing(WorkLayout(work).pacs.root, "dicomops-pacs-watch", settings):
         scoring = t.champion_available(settings.mlflow_tracking_uri, model)
         if not scoring:
-            print(f"pacs-watch: no champion of {model} yet; studies are ingested and not answered")
+            print(f"pacs-watch: no exported champion of {model} yet; studies are ingested and not answered")
         result = t.handle_new_studies(orthanc_url, work, staging, config.ingest, model if scoring else None, limit)
     print(f"pacs-watch: {describe(result)}")
     return {**result, "work": str(work)}

@@ -15,13 +15,19 @@ from dicomops.pacs import watch
 
 @task(name="load-champion-for-pacs", retries=2, retry_delay_seconds=[2, 10])
 def champion_available(tracking_uri: str, model_name: str) -> bool:
-    """Whether a champion can score the studies (without one they are ingested, not answered)."""
+    """Whether a champion can score the studies: one holds the alias and has been exported
+    (without one they are ingested, not answered)."""
     from dicomops.tracking.registry import CHAMPION, alias_version, sync_reviews
     from dicomops.tracking.runs import configure_mlflow
 
     for change in sync_reviews(tracking_uri, model_name):  # a decision made on the MLflow page counts
         print(f"registry: {change}")
-    return alias_version(configure_mlflow(tracking_uri), model_name, CHAMPION) is not None
+    mv = alias_version(configure_mlflow(tracking_uri), model_name, CHAMPION)
+    if mv is not None and "export.onnx.sha256" not in (mv.tags or {}):
+        print(f"pacs-watch: {model_name} version {mv.version} (champion) has not been exported, and studies are "
+              f"scored on the exported engine only; run 'dicomops export --version {mv.version}'")
+        return False
+    return mv is not None
 
 
 @task(name="handle-new-studies", tags=["io-heavy"])

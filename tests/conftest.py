@@ -63,3 +63,4 @@ def mlflow_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("DICOMOPS_MLFLOW_ARTIFACT_ROOT", str(tmp_path / "mlflow" / "artifacts"))
     monkeypatch.setenv("DICOMOPS_WORK_DIR", str(tmp_path / "work"))
     return uri
+from tests.champion_fixture import exported_champion  # noqa: E402,F401  (a session fixture: trained, promoted, exported)

@@ -242,6 +242,13 @@ class PacsClient:
                                                    get_remaining=True)
         return {str(item["00080018"]["Value"][0]) for item in found if item.get("00080018", {}).get("Value")}
 
+    def series_uids(self, study_uid: str) -> set[str]:
+        """QIDO-RS: the SeriesInstanceUIDs of the study's series the PACS holds now."""
+        with translate_errors("listing a study's series", self.server):
+            found = self._web.search_for_series(study_instance_uid=study_uid, fields=["SeriesInstanceUID"],
+                                                get_remaining=True)
+        return {str(item["0020000E"]["Value"][0]) for item in found if item.get("0020000E", {}).get("Value")}
+
     def retrieve_study(self, study_uid: str, dest: Path) -> list[Path]:
         """WADO-RS: every instance of the study, as stored, into the new folder `dest`; return the files.
 

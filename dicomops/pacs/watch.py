@@ -46,6 +46,8 @@ class Pacs(Protocol):
 
     def store(self, datasets: Sequence[Any]) -> Any: ...
 
+    def instance_uids(self, study_uid: str) -> set[str]: ...
+
 
 @dataclass(frozen=True)
 class StudyOutcome:
@@ -78,13 +80,14 @@ def _record(work: Path, outcome: StudyOutcome) -> None:
 
 
 def handle_study(study_uid: str, pacs: Pacs, staging: Path, work: Path, cfg: IngestConfig, key: bytes,
-                 champion: Any | None = None) -> StudyOutcome:
+                 champion: Any | None = None, cache: Any | None = None) -> StudyOutcome:
     """Retrieve, gate, score and answer one study; record and return what happened.
 
     A retrieval that fails (an outage) raises and records nothing, so the caller does not advance
     its cursor and the study is tried again whole. `champion` is a
-    :class:`dicomops.inference.champion.Champion`; without one the study is ingested and no result
-    is written (the ledger says so).
+    :class:`dicomops.serving.champion.Champion`; without one the study is ingested and no result
+    is written (the ledger says so). `cache` is the :class:`dicomops.serving.cache.VolumeCache` the
+    preprocessed volumes go to, so the online service finds the study warm.
     """
     token = study_token(key, study_uid)
     if token in handled_tokens(work):
@@ -93,10 +96,15 @@ def handle_study(study_uid: str, pacs: Pacs, staging: Path, work: Path, cfg: Ing
         return outcome
     staged = Path(staging) / token
     study_work = WorkLayout(work).pacs.study(token)
+    digest = None
+    if cache is not None and champion is not None:  # so that the study asked for online is warm
+        from dicomops.serving.predict import preprocessing_identity, study_digest
+
+        digest = study_digest(key, pacs.instance_uids(study_uid), preprocessing_identity(champion))
     try:
         shutil.rmtree(staged, ignore_errors=True)  # what a killed process left
         pacs.retrieve_study(study_uid, staged)
-        outcome = _gate_score_answer(token, staged, study_work, pacs, cfg, key, champion)
+        outcome = _gate_score_answer(token, staged, study_work, pacs, cfg, key, champion, cache, digest)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     _record(work, outcome)
@@ -107,34 +115,41 @@ def handle_study(study_uid: str, pacs: Pacs, staging: Path, work: Path, cfg: Ing
 
 
 def _gate_score_answer(token: str, staged: Path, study_work: Path, pacs: Pacs, cfg: IngestConfig, key: bytes,
-                       champion: Any | None) -> StudyOutcome:
-    """The gate, the score and the answer. A study that fails here for a reason of its own (a series
-    the model or the report writer cannot take) is recorded as ``failed`` and the watch moves on: it
-    must not block every study behind it. Only talking to the PACS may raise (an outage: retried)."""
+                       champion: Any | None, cache: Any | None = None, digest: str | None = None) -> StudyOutcome:
+    """The gate, the score and the answer, through the one path every prediction takes
+    (:func:`dicomops.serving.predict.answer_staged`). A study that fails here for a reason of its own
+    (a series the model or the report writer cannot take) is recorded as ``failed`` and the watch
+    moves on: it must not block every study behind it. Only talking to the PACS may raise (an
+    outage: retried)."""
     from dicomops import ingest
 
-    step = "the ingest gate"
-    try:
+    if champion is None:
         try:
             gate = ingest.run(staged, study_work, cfg, key)
         except GateFailedError as err:
             summary = io.read_json(WorkLayout(study_work).ingest.summary)
             return StudyOutcome(token, "refused", 0, int(summary.get("quarantined_files", 0)), 0, str(err))
-        if champion is None:
-            return StudyOutcome(token, "ingested", gate.accepted_series, gate.quarantined_files, 0,
-                                "no champion model: ingested, not scored")
-        from dicomops.inference.champion import score_study
+        except Exception as err:  # the message may quote a header value: only its type is kept
+            return StudyOutcome(token, "failed", reason=f"{type(err).__name__} during the ingest gate; not answered")
+        return StudyOutcome(token, "ingested", gate.accepted_series, gate.quarantined_files, 0,
+                            "no champion model: ingested, not scored")
+    from dicomops.serving.predict import answer_staged, findings_frame, remember
 
-        step = "scoring"
-        scores = score_study(champion, study_work)
-        step = "writing the reports"
-        reports = build_reports(staged, study_work, scores, champion, key)
-    except Exception as err:  # the message may quote a header value: only its type is kept
-        return StudyOutcome(token, "failed", reason=f"{type(err).__name__} during {step}; not answered (the "
-                                                    f"message is withheld: it may quote identifiers)")
+    answer, entries = answer_staged(token, staged, study_work, cfg, key, champion, cache)
+    if cache is not None and digest is not None:
+        remember(cache, digest, answer, entries)
+    if answer.status == "refused":
+        return StudyOutcome(token, "refused", 0, answer.quarantined_files, 0, answer.reason)
+    if answer.status == "failed":
+        return StudyOutcome(token, "failed", reason=answer.reason.replace(" (the message", "; not answered (the message"))
+    try:
+        reports = build_reports(staged, study_work, findings_frame(answer.findings, champion), champion, key)
+    except Exception as err:
+        return StudyOutcome(token, "failed", reason=f"{type(err).__name__} during writing the reports; not answered "
+                                                    f"(the message is withheld: it may quote identifiers)")
     if reports:
         pacs.store(reports)
-    return StudyOutcome(token, "ingested", gate.accepted_series, gate.quarantined_files, len(reports))
+    return StudyOutcome(token, "ingested", answer.accepted_series, answer.quarantined_files, len(reports))
 
 
 def original_series(staged: Path, key: bytes, accepted: set[str] | None = None) -> dict[str, list[Any]]:
@@ -184,7 +199,7 @@ def build_reports(staged: Path, study_work: Path, scores: pd.DataFrame, champion
 
 def watch_once(feed: Any, pacs: Pacs, staging: Path, work: Path, cfg: IngestConfig, key: bytes,
                champion: Any | None = None, limit: int = 100,
-               on_study: Any = None) -> list[StudyOutcome]:
+               on_study: Any = None, cache: Any | None = None) -> list[StudyOutcome]:
     """Handle every study that became stable since the cursor (``WORK/pacs/cursor.json``), page
     after page, advancing the cursor after each study is recorded; `on_study(outcome)` is called for
     each (the flow emits its event there). A failure (an outage) stops the pass with the cursor on
@@ -197,7 +212,7 @@ def watch_once(feed: Any, pacs: Pacs, staging: Path, work: Path, cfg: IngestConf
         since = cursor.value
         page = feed.poll(since, limit)
         for study in page.studies:
-            outcome = handle_study(study.study_uid, pacs, staging, work, cfg, key, champion)
+            outcome = handle_study(study.study_uid, pacs, staging, work, cfg, key, champion, cache)
             cursor.advance(study.seq)
             outcomes.append(outcome)
             if on_study is not None:
@@ -214,8 +229,9 @@ def watch_pacs(orthanc_url: str | None, work: Path, staging: Path, cfg: IngestCo
                tracking_uri: str, model_name: str | None, http_budget_s: float, limit: int = 100,
                on_study: Any = None) -> list[StudyOutcome]:
     """One pass of :func:`watch_once` against the Orthanc at `orthanc_url` (default
-    ``DICOMOPS_PACS_URL``), with credentials from the environment and the champion of `model_name`
-    (None: ingest without scoring)."""
+    ``DICOMOPS_PACS_URL``), with credentials from the environment, the champion of `model_name` on
+    its exported engine (None: ingest without scoring) and the volume cache at
+    ``DICOMOPS_REDIS_URL`` when one is set."""
     import os
 
     from dicomops.pacs.changes import ChangesFeed
@@ -227,17 +243,23 @@ def watch_pacs(orthanc_url: str | None, work: Path, staging: Path, cfg: IngestCo
         credentials_from_env,
         read_timeout_s,
     )
+    from dicomops.serving.cache import VolumeCache
 
     champion = None
     if model_name is not None:
-        from dicomops.inference.champion import load_champion
+        from dicomops.serving.champion import load_champion
 
-        champion = load_champion(tracking_uri, model_name)
+        champion = load_champion(tracking_uri, model_name, models_dir=WorkLayout(work).serving)
+    cache = VolumeCache.from_env()
     root = (orthanc_url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
     credentials, timeout = credentials_from_env(), read_timeout_s(http_budget_s)
     with PacsClient(root + DICOMWEB_ROOT, credentials, timeout_s=timeout) as pacs, \
             ChangesFeed(root, credentials, timeout_s=timeout) as feed:
-        return watch_once(feed, pacs, staging, work, cfg, key, champion, limit, on_study=on_study)
+        try:
+            return watch_once(feed, pacs, staging, work, cfg, key, champion, limit, on_study=on_study, cache=cache)
+        finally:
+            if cache is not None:
+                cache.close()
 
 
 def summarise(outcomes: Sequence[StudyOutcome]) -> dict[str, int]:

@@ -39,6 +39,8 @@ RUN_DESCRIPTIONS = {
              "sample slices, folds.json.",
     "monitor": "Drift of a new batch against the champion's training data (Evidently); an alert starts a retrain.",
     "retrain": "A retraining started by a drift alert.",
+    "predict": "A batch of studies scored by a registered model on its exported engine: counts, latency percentiles, "
+               "engine and cache figures; results.csv names studies by token and series by pseudonym only.",
 }
 
 

@@ -178,7 +178,7 @@ def register(layout: WorkLayout, cfg: TrainConfig, pre: PreprocessConfig, tracki
     # The plain weights and the config that builds the network: export and monitoring rebuild the
     # nn.Module from them (the pt2 model MLflow serves cannot expose its penultimate layer).
     io.write_json(paths.final_config, cfg.model_dump(mode="json") | {"in_channels": k})
-    # The preprocessing it learned from, for whoever scores new studies with it (dicomops.inference).
+    # The preprocessing it learned from, for whoever scores new studies with it (dicomops.serving).
     io.write_json(paths.final_preprocess_config, pre.model_dump(mode="json"))
     mlflow_runs.log_results(tracking_uri, parent, {},
                             [paths.final_weights, paths.final_config, paths.final_preprocess_config],

@@ -10,27 +10,23 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import pandas as pd
 import pydicom
 import pytest
-import torch
 
 import mlflow
-from dicomops import ingest
-from dicomops.config import IngestConfig, PipelineConfig, PreprocessConfig, SynthConfig, TrainConfig
 from dicomops.deid import scan_for_phi
 from dicomops.deid.keys import key_from_settings
-from dicomops.inference.champion import load_champion
 from dicomops.pacs import watch
 from dicomops.pacs.changes import ChangesFeed
 from dicomops.pacs.client import PASSWORD_ENV, URL_ENV, USER_ENV, PacsClient
 from dicomops.pacs.orthanc import OrthancProcess
-from dicomops.preprocessing.stage import preprocess_corpus
-from dicomops.synthetic import generate_corpus
+from dicomops.serving.champion import load_champion
 from flows.pacs_watch import pacs_watch
-from flows.train import train
+from tests.champion_fixture import CONFIG, TINY, ExportedChampion
 from tests.flows.test_ingest_flow import _prefect_database
 from tests.hostile import ct_slice
 from tests.unit.test_real_files import _needles
@@ -38,36 +34,23 @@ from tests.unit.test_real_files import _needles
 from .orthanc_fixture import CuttingProxy, orthanc, synthetic_study  # noqa: F401  (orthanc is a fixture)
 
 
-class _Raising(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))  # where prediction looks for the device
+class _Raising:
+    """An engine that cannot score this study."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def __init__(self, real: Any) -> None:
+        self.choice, self.contract = real.choice, real.contract
+
+    def probabilities(self, slabs: Any) -> Any:
         raise RuntimeError("a model that cannot score this study")
 
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
-PRE = PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0), crop_xy=160, workers=1)
-TINY = TrainConfig(epochs=1, input_size=32, batch_size=16, num_workers=0, model_name="pacs-classifier", min_auc=0.0)
-CONFIG = PipelineConfig(preprocess=PRE, train=TINY, ingest=IngestConfig(workers=1, max_invalid_fraction=0.5))
 
 
 @pytest.fixture(scope="module")
-def champion(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A one-epoch champion of `pacs-classifier` in a SQLite store (min_auc 0: promoted by the gate)."""
-    root = tmp_path_factory.mktemp("champion")
-    generate_corpus(root / "src", SynthConfig(patients=20, seed=17, fault_rate=0.0, matrix=128, slices=12, workers=1))
-    work = root / "work"
-    uri = f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("DICOMOPS_MLFLOW_ARTIFACT_ROOT", str(root / "mlflow" / "artifacts"))
-        ingest.run(root / "src", work, IngestConfig(workers=1), b"champion-key-0123456789abcdef")
-        preprocess_corpus(work, PRE)
-        result = train(work=work, config=TINY, preprocess_config=PRE, experiment="pacs-test")
-    assert result["promoted"], result
-    return uri
+def champion(exported_champion: ExportedChampion) -> str:
+    """A one-epoch champion of `pacs-classifier`, exported (min_auc 0: promoted by the gate)."""
+    return exported_champion.uri
 
 
 def _pacs_env(monkeypatch: pytest.MonkeyPatch, server: OrthancProcess, url: str | None = None) -> None:
@@ -169,7 +152,7 @@ def test_studies_from_the_pacs_are_gated_scored_answered_once_and_leak_nothing(
     study_c, study_d = _send(orthanc, poison), _send(orthanc, later)
     _wait_stable(orthanc, {study_c, study_d})
     real = load_champion(champion, TINY.model_name)
-    broken = dataclasses.replace(real, model=_Raising())
+    broken = dataclasses.replace(real, engine=_Raising(real.engine))
     with PacsClient(orthanc.dicomweb_url, orthanc.credentials) as pacs:
         failed = watch.handle_study(study_c, pacs, staging, work, CONFIG.ingest, key_from_settings(), broken)
     assert failed.status == "failed" and failed.reason.startswith("RuntimeError during scoring")

@@ -29,7 +29,7 @@ import pandas as pd
 import pydicom
 import pytest
 
-from dicomops import serving
+from dicomops import stack as serving
 from dicomops.monitoring.alerts import EVENT
 from dicomops.pacs.client import PASSWORD_ENV, URL_ENV, USER_ENV, PacsClient, PacsCredentials
 

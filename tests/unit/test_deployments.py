@@ -62,7 +62,7 @@ def test_pacs_watch_runs_every_minute_on_the_pacs_watch_flow() -> None:
 
     from prefect.client.schemas.schedules import IntervalSchedule
 
-    from dicomops.serving import PACS_WATCH
+    from dicomops.stack import PACS_WATCH
     from flows.pacs_watch import pacs_watch
 
     watch = _deployments()["pacs-watch"]

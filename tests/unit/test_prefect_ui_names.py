@@ -15,7 +15,7 @@ import yaml
 from pydantic import TypeAdapter
 from typer.testing import CliRunner
 
-from dicomops import serving
+from dicomops import stack as serving
 from dicomops.monitoring.alerts import EVENT
 
 ROOT = Path(__file__).resolve().parents[2]

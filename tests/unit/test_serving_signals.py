@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomops.serving import Stack, interrupt_on
+from dicomops.stack import Stack, interrupt_on
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs POSIX signals and /proc")
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,7 +35,7 @@ CHILD = textwrap.dedent("""
 
 SCRIPT = textwrap.dedent("""
     import json, pathlib, signal, sys
-    from dicomops.serving import Stack, run_until_signal
+    from dicomops.stack import Stack, run_until_signal
 
     reports = pathlib.Path(sys.argv[2])
     stack = Stack("http://127.0.0.1:1/api", "http://127.0.0.1:1")

@@ -1,0 +1,219 @@
+"""Batch inference: a folder, or the studies a PACS query finds, scored by one model version; a
+de-identified result table in the work directory and one MLflow run in ``dicomops-inference``.
+
+The run holds counts, latency percentiles, the engine and why, the model version and the cache's
+figures; its only artifact is the result table, which names studies by token and series by
+pseudonym. Nothing a patient could be found by reaches MLflow: not the folder's path, not the query.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dicomops import io
+from dicomops.config import IngestConfig
+from dicomops.errors import GateFailedError
+from dicomops.layout import WorkLayout
+from dicomops.serving.cache import VolumeCache
+from dicomops.serving.champion import Champion
+from dicomops.serving.predict import Answer, Timer, answer_pacs_study, result_table, score_gated
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "dicomops-inference"
+Progress = Callable[[int, int], None] | None
+
+
+def new_batch_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{time.time_ns() % 1_000_000:06d}"
+
+
+def predict_folder(src: Path, work: Path, cfg: IngestConfig, key: bytes, champion: Champion,
+                   cache: VolumeCache | None = None, progress: Progress = None) -> list[Answer]:
+    """Every study of a DICOM folder: the folder goes through the gate as one batch (as training's
+    ingest does), then each study's accepted series are scored. The gate's work directory is
+    removed afterwards; the answers name studies by their pseudonymised StudyInstanceUID."""
+    import pandas as pd
+
+    from dicomops import ingest
+
+    gate_work = Path(work) / "gate"
+    shutil.rmtree(gate_work, ignore_errors=True)
+    try:
+        timer = Timer()
+        with timer("gate_s"):
+            try:
+                gate = ingest.run(Path(src), gate_work, cfg, key)
+            except GateFailedError as err:
+                return [Answer("(batch)", "refused", reason=str(err), timings=timer.timings)]
+        gate_s = timer.timings["gate_s"]
+        studies = sorted(pd.read_parquet(WorkLayout(gate_work).ingest.accepted,
+                                         columns=["StudyInstanceUID"]).StudyInstanceUID.unique())
+        answers = []
+        for i, study in enumerate(studies, 1):
+            t = Timer()
+            t0 = time.perf_counter()
+            try:
+                findings, _ = score_gated(champion, gate_work, cache, t, study=str(study))
+                answer = Answer(str(study), "scored", findings, len(findings), timings=t.timings)
+            except Exception as err:
+                answer = Answer(str(study), "failed", reason=f"{type(err).__name__} during scoring (the message is "
+                                                             f"withheld: it may quote identifiers)", timings=t.timings)
+            answer.timings["total_s"] = time.perf_counter() - t0 + gate_s / max(len(studies), 1)
+            answers.append(answer)
+            if progress is not None:
+                progress(i, len(studies))
+        if gate.quarantined_files:
+            answers.append(Answer("(quarantined files)", "refused", quarantined_files=gate.quarantined_files,
+                                  reason=f"{gate.quarantined_files} files quarantined by the gate "
+                                         f"({', '.join(f'{k}: {v}' for k, v in sorted(gate.reasons.items()))})"))
+        return answers
+    finally:
+        shutil.rmtree(gate_work, ignore_errors=True)
+
+
+def predict_pacs(query: Mapping[str, str], pacs: Any, staging: Path, work: Path, cfg: IngestConfig, key: bytes,
+                 champion: Champion, cache: VolumeCache | None = None, write_back: bool = True,
+                 progress: Progress = None) -> list[Answer]:
+    """Every study the QIDO-RS `query` finds (DICOM keywords: ``StudyDate="20261130"``,
+    ``ModalitiesInStudy="CT"``), scored and, with `write_back`, answered with SR in the PACS. The
+    UIDs the search returns live in this function's memory only."""
+    found = pacs.search_studies(**dict(query))
+    uids = [str(ds.StudyInstanceUID) for ds in found if "StudyInstanceUID" in ds]
+    answers = []
+    for i, uid in enumerate(uids, 1):
+        answers.append(answer_pacs_study(uid, pacs, staging, Path(work) / "studies", cfg, key, champion, cache,
+                                         write_back=write_back))
+        if progress is not None:
+            progress(i, len(uids))
+    return answers
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    arr = np.asarray(values, dtype=float)
+    return {"latency_p50_s": float(np.percentile(arr, 50)), "latency_p95_s": float(np.percentile(arr, 95)),
+            "latency_max_s": float(arr.max())}
+
+
+def summarise(answers: Sequence[Answer]) -> dict[str, float]:
+    """Counts and latencies of a batch; no identifier."""
+    scored = [a for a in answers if a.status == "scored"]
+    findings = [f for a in scored for f in a.findings]
+    out: dict[str, float] = {
+        "studies": float(sum(not a.study.startswith("(") for a in answers)),
+        "studies_scored": float(len(scored)),
+        "studies_refused": float(sum(a.status == "refused" and not a.study.startswith("(") for a in answers)),
+        "studies_failed": float(sum(a.status == "failed" for a in answers)),
+        "series_scored": float(len(findings)),
+        "series_positive": float(sum(f.present for f in findings)),
+        "results_stored": float(sum(a.results_stored for a in answers)),
+        "studies_warm": float(sum(a.warm for a in answers)),
+        "quarantined_files": float(sum(a.quarantined_files for a in answers)),
+    }
+    out |= percentiles([a.timings["total_s"] for a in scored if "total_s" in a.timings])
+    for step in ("retrieve_s", "gate_s", "preprocess_s", "score_s", "write_s"):
+        values = [a.timings[step] for a in scored if step in a.timings]
+        if values:
+            out[f"{step.removesuffix('_s')}_p50_s"] = float(np.median(values))
+    return out
+
+
+def record(work: Path, batch_id: str, answers: Sequence[Answer], champion: Champion,
+           cache: VolumeCache | None) -> tuple[Path, dict[str, float]]:
+    """``WORK/predict/<batch>/results.csv`` and ``summary.json``; return the folder and the metrics."""
+    folder = WorkLayout(work).predictions(batch_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    io.write_csv(folder / "results.csv", result_table(answers, champion))
+    metrics = summarise(answers) | (cache.metrics() if cache is not None else {})
+    io.write_json(folder / "summary.json", {"batch": batch_id, **champion.describe(), "metrics": metrics,
+                                            "cache": "redis" if cache is not None else "off"})
+    return folder, metrics
+
+
+def log_batch(tracking_uri: str, artifact_root: Path | None, batch_id: str, folder: Path, metrics: dict[str, float],
+              champion: Champion, source: str, cache: VolumeCache | None) -> str:
+    """One run in ``dicomops-inference``; `source` says which kind (folder, pacs, pacs-watch), never where."""
+    from dicomops.tracking import runs
+
+    params = {**champion.describe(), "source": source, "cache": "redis" if cache is not None else "off",
+              "batch": batch_id}
+    run_id = runs.start_run(tracking_uri, EXPERIMENT, artifact_root, run_name="predict",
+                            tags={"dicomops.model": champion.name, "dicomops.model_version": champion.version,
+                                  "dicomops.engine": champion.engine.choice.kind}, params=params)
+    client = runs.configure_mlflow(tracking_uri)
+    runs.log_metrics(tracking_uri, run_id, metrics)
+    client.log_artifact(run_id, str(folder / "results.csv"))
+    client.log_artifact(run_id, str(folder / "summary.json"))
+    runs.end_run(tracking_uri, run_id)
+    return run_id
+
+
+def parse_query(text: str) -> dict[str, str]:
+    """``"StudyDate=20261130,ModalitiesInStudy=CT"`` → QIDO-RS filters; ``"all"`` → no filter."""
+    if text.strip().lower() == "all":
+        return {}
+    filters = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep or not name.strip().isidentifier():
+            raise ValueError(f"'{part}' is not KEYWORD=VALUE; write the query as DICOM keywords, e.g. "
+                             f"StudyDate=20261130,ModalitiesInStudy=CT (or 'all')")
+        filters[name.strip()] = value.strip()
+    return filters
+
+
+def run_batch(*, src: Path | None, query: Mapping[str, str] | None, work: Path, ingest_cfg: IngestConfig,
+              serve_cfg: Any, model_name: str, version: str | None, key: bytes, tracking_uri: str,
+              artifact_root: Path | None, staging: Path, orthanc_url: str | None = None, http_budget_s: float = 120.0,
+              progress: Progress = None) -> dict[str, Any]:
+    """Load the version, score the folder or the PACS query, record the results, log the run."""
+    import os
+
+    from dicomops.serving.champion import load_champion
+    from dicomops.tracking.registry import sync_reviews
+
+    if (src is None) == (query is None):
+        raise ValueError("give a folder or a PACS query, not both and not neither")
+    for change in sync_reviews(tracking_uri, model_name):  # a decision made on the MLflow page counts
+        log.info("registry: %s", change)
+    champion = load_champion(tracking_uri, model_name, alias=serve_cfg.alias, version=version,
+                             engine=serve_cfg.engine, models_dir=WorkLayout(work).serving, threads=serve_cfg.threads)
+    cache = VolumeCache.from_env(ttl_s=serve_cfg.cache_ttl_s)
+    batch_id = new_batch_id()
+    scratch = WorkLayout(work).predictions(batch_id) / "scratch"
+    try:
+        if src is not None:
+            answers = predict_folder(src, scratch, ingest_cfg, key, champion, cache, progress)
+            source = "folder"
+        else:
+            from dicomops.pacs.client import (
+                DEFAULT_URL,
+                DICOMWEB_ROOT,
+                URL_ENV,
+                PacsClient,
+                credentials_from_env,
+                read_timeout_s,
+            )
+
+            root = (orthanc_url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
+            with PacsClient(root + DICOMWEB_ROOT, credentials_from_env(), timeout_s=read_timeout_s(http_budget_s)) as pacs:
+                answers = predict_pacs(query or {}, pacs, staging, scratch, ingest_cfg, key, champion, cache,
+                                       serve_cfg.write_back, progress)
+            source = "pacs"
+        folder, metrics = record(work, batch_id, answers, champion, cache)
+        run_id = log_batch(tracking_uri, artifact_root, batch_id, folder, metrics, champion, source, cache)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if cache is not None:
+            cache.close()
+    return {"batch": batch_id, "results": str(folder / "results.csv"), "mlflow_run_id": run_id,
+            **champion.describe(), **metrics}

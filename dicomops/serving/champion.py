@@ -1,0 +1,119 @@
+"""A registered model version as serving runs it: its exported engine, the preprocessing it was
+trained with, its operating point.
+
+The preprocessing comes from the training run itself (``weights/preprocess_config.json``, logged
+beside the weights), never from today's defaults, and must agree with the input contract the export
+wrote into the ONNX file, so a changed default cannot silently change what a served model sees. The
+engine runs the exported files (:mod:`dicomops.serving.engine`), checked against the sha256 the
+version's tags carry; a version that was never exported is refused with the command that exports it.
+Files are copied once per version into `models_dir` (default: a temporary folder).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dicomops.config import PreprocessConfig, TrainConfig
+from dicomops.export import onnx_export
+from dicomops.export.contract import InputContract
+from dicomops.serving.engine import SHA_TAGS, Engine, EngineKind, choose, open_engine
+from dicomops.tracking.registry import CHAMPION, WEIGHTS_ARTIFACT, alias_version
+from dicomops.tracking.runs import configure_mlflow
+
+log = logging.getLogger(__name__)
+
+PREPROCESS_CONFIG, TRAIN_CONFIG = "preprocess_config.json", "train_config.json"
+EXPORT_ARTIFACT = "export"
+
+
+@dataclass(frozen=True)
+class Champion:
+    """What scores a study, and what its result says it came from."""
+
+    name: str
+    version: str
+    run_id: str
+    preprocess: PreprocessConfig
+    contract: InputContract
+    top_k: int
+    engine: Engine
+
+    @property
+    def threshold(self) -> float:
+        return self.contract.threshold
+
+    def describe(self) -> dict[str, Any]:
+        """For MLflow, logs and answers: no identifier of any patient."""
+        return {"model": self.name, "version": self.version, "engine": self.engine.choice.kind,
+                "engine_reason": self.engine.choice.reason, "threshold": round(self.threshold, 6)}
+
+
+def check_agreement(pre: PreprocessConfig, contract: InputContract) -> None:
+    """The training run's preprocessing and the exported contract must describe the same input."""
+    pairs = {"slab_slices/channels": (pre.slab_slices, contract.channels),
+             "spacing_mm": (tuple(pre.spacing_mm), tuple(contract.spacing_mm)),
+             "window": (pre.window, contract.window), "crop_xy": (pre.crop_xy, contract.crop_xy)}
+    wrong = [f"{name}: {a!r} vs {b!r}" for name, (a, b) in pairs.items() if a != b]
+    if wrong:
+        raise ValueError("the training run's preprocessing disagrees with the exported input contract ("
+                         + "; ".join(wrong) + "); re-export the version")
+
+
+def resolve(client: Any, name: str, alias: str | None, version: str | None) -> Any:
+    if version is not None and alias is not None:
+        raise ValueError("give one of --version or --alias, not both")
+    if version is not None:
+        return client.get_model_version(name, str(version))
+    mv = alias_version(client, name, alias or CHAMPION)  # an unreadable registry raises
+    if mv is None:
+        raise ValueError(f"no version of {name} holds the alias '{alias or CHAMPION}'; train and promote a model "
+                         f"first (dicomops train, then dicomops promote VERSION)")
+    return mv
+
+
+def fetch_export(client: Any, mv: Any, dest: Path) -> Path:
+    """The version's exported files in `dest`, each checked against the sha256 its tags carry."""
+    folder = dest / EXPORT_ARTIFACT
+    if not (folder / "manifest.json").exists():
+        try:
+            client.download_artifacts(str(mv.run_id), EXPORT_ARTIFACT, str(dest))
+        except Exception as err:
+            raise ValueError(f"{mv.name} version {mv.version} has not been exported; run 'dicomops export "
+                             f"--version {mv.version}' first") from err
+    tags = dict(mv.tags or {})
+    for kind, tag in SHA_TAGS.items():
+        expected = tags.get(tag)
+        path = folder / ("model.onnx" if kind == "ort-fp32" else "model.int8.onnx")
+        if expected and path.exists() and onnx_export.sha256(path) != expected:
+            raise ValueError(f"{path.name} of {mv.name} version {mv.version} does not match its registered sha256 "
+                             f"({tag}); re-export the version")
+    return folder
+
+
+def load_champion(tracking_uri: str, name: str, alias: str | None = CHAMPION, version: str | None = None,
+                  engine: EngineKind = "auto", models_dir: Path | None = None, threads: int = 2) -> Champion:
+    """The version of `name` holding `alias` (or number `version`), on its exported engine."""
+    client = configure_mlflow(tracking_uri)
+    mv = resolve(client, name, None if version is not None else alias, version)
+    root = Path(models_dir or tempfile.mkdtemp(prefix="dicomops-models-")) / f"{name}-v{mv.version}"
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        weights = Path(client.download_artifacts(str(mv.run_id), f"{WEIGHTS_ARTIFACT}/{PREPROCESS_CONFIG}", str(root)))
+        train_raw = json.loads(Path(client.download_artifacts(str(mv.run_id), f"{WEIGHTS_ARTIFACT}/{TRAIN_CONFIG}",
+                                                              str(root))).read_text())
+    except Exception as err:
+        raise ValueError(f"{name} version {mv.version} was trained before its preprocessing was stored with it "
+                         f"({WEIGHTS_ARTIFACT}/{PREPROCESS_CONFIG}); retrain it to use it here") from err
+    preprocess = PreprocessConfig.model_validate(json.loads(weights.read_text()))
+    train = TrainConfig.model_validate({k: v for k, v in train_raw.items() if k != "in_channels"})
+    folder = fetch_export(client, mv, root)
+    contract = onnx_export.read_contract(folder / "model.onnx")
+    check_agreement(preprocess, contract)
+    choice = choose(engine, {p.name for p in folder.iterdir()})
+    served = open_engine(folder, choice, contract, threads)
+    return Champion(name, str(mv.version), str(mv.run_id), preprocess, contract, train.top_k_slices, served)

@@ -1,0 +1,209 @@
+"""The online service's logic, apart from the engine that serves it over HTTP
+(:mod:`dicomops.serving.ray_app`): authentication, requests, answers, errors.
+
+Two requests:
+
+- ``POST /v1/studies`` with ``{"study_instance_uid": "...", "write_back": false}``: the study from the
+  PACS, scored by the one prediction path (:func:`dicomops.serving.predict.answer_pacs_study`): warm
+  from the Redis cache when the PACS holds the same instances as when it was last scored, else
+  retrieved, gated, preprocessed and scored; with ``write_back`` an SR per series goes to the PACS.
+  The UID travels in the body, never the URL, so no access log holds it; the answer names the
+  series by their original UIDs for the caller, and nothing is logged but counts and timings.
+- ``POST /v1/slabs`` with an ``.npy`` body (float32, (N, C, H, W) in the model's input contract):
+  the probability of each slab and, for a whole series, its score and finding.
+
+Every slab goes through the engine's dynamic batcher (`score`: a coroutine the engine batches
+across requests), so concurrent studies share engine calls. The library path, the batch flow and
+this service run the same code on the same exported engine and agree exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import hmac
+import io
+import logging
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dicomops.serving.champion import Champion
+from dicomops.serving.engine import Engine
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "DICOMOPS_SERVE_TOKEN"
+UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+MAX_SLABS = 4096
+
+
+class RequestError(Exception):
+    """An answer other than 200: its HTTP status and what the caller should change."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def check_token(header: str | None, environ: Mapping[str, str] | None = None) -> None:
+    """``Authorization: Bearer <DICOMOPS_SERVE_TOKEN>``; compared in constant time."""
+    expected = (os.environ if environ is None else environ).get(TOKEN_ENV, "")
+    if not expected:
+        raise RequestError(503, f"the service has no token configured; set {TOKEN_ENV} where it runs")
+    scheme, _, given = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
+        raise RequestError(401, f"missing or wrong token: send 'Authorization: Bearer <{TOKEN_ENV}>'")
+
+
+class BatchedEngine:
+    """The engine as the prediction path sees it, each slab submitted to the serving engine's
+    dynamic batcher on its event loop; called from worker threads."""
+
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop,
+                 score: Callable[[np.ndarray], Awaitable[float]]) -> None:
+        self.inner, self.loop, self.score = engine, loop, score
+        self.choice, self.contract = engine.choice, engine.contract
+
+    def probabilities(self, slabs: np.ndarray) -> np.ndarray:
+        x = self.inner.check(slabs)
+        futures: list[concurrent.futures.Future[float]] = [
+            asyncio.run_coroutine_threadsafe(self.score(s), self.loop) for s in x]  # type: ignore[arg-type]
+        return np.array([f.result() for f in futures], dtype=np.float64)
+
+
+@dataclass
+class ServiceOptions:
+    model_name: str
+    alias: str | None
+    version: str | None
+    engine: str
+    threads: int
+    work: Path
+    staging: Path
+    ingest: Any  # IngestConfig
+    key: bytes
+    tracking_uri: str
+    pacs_url: str | None
+    cache_ttl_s: int
+    http_budget_s: float = 120.0
+
+
+class Service:
+    """One replica's state: the loaded version, the cache, the PACS client."""
+
+    def __init__(self, options: ServiceOptions) -> None:
+        from dicomops.layout import WorkLayout
+        from dicomops.pacs.client import (
+            DEFAULT_URL,
+            DICOMWEB_ROOT,
+            URL_ENV,
+            PacsClient,
+            credentials_from_env,
+            read_timeout_s,
+        )
+        from dicomops.serving.cache import VolumeCache
+        from dicomops.serving.champion import load_champion
+
+        self.options = options
+        self.champion: Champion = load_champion(options.tracking_uri, options.model_name, options.alias,
+                                                options.version, options.engine,  # type: ignore[arg-type]
+                                                WorkLayout(options.work).serving, options.threads)
+        self.cache = VolumeCache.from_env(ttl_s=options.cache_ttl_s)
+        root = (options.pacs_url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
+        self.pacs: Any = None
+        try:
+            self.pacs = PacsClient(root + DICOMWEB_ROOT, credentials_from_env(),
+                                   timeout_s=read_timeout_s(options.http_budget_s))
+        except ValueError as err:  # no PACS credentials: slabs only
+            log.warning("online service: no PACS (%s); /v1/studies answers 503", err)
+        self.scratch = WorkLayout(options.work).serving / "scratch"
+        self.requests = {"studies": 0, "slabs": 0, "errors": 0}
+
+    # -- requests ---------------------------------------------------------------------------------
+    def answer_study(self, body: Any, batched: Any) -> dict[str, Any]:
+        """A study reference → its findings. Blocking: run it in a worker thread."""
+        from dicomops.deid.keys import KeyedMapper
+        from dicomops.pacs.client import PacsError
+        from dicomops.serving.predict import answer_pacs_study
+
+        if not isinstance(body, dict) or not isinstance(body.get("study_instance_uid"), str) \
+                or not UID.match(body["study_instance_uid"]) or len(body["study_instance_uid"]) > 64:
+            raise RequestError(400, 'send JSON {"study_instance_uid": "<a DICOM UID>", "write_back": false}')
+        write_back = body.get("write_back", False)
+        if not isinstance(write_back, bool):
+            raise RequestError(400, "write_back must be true or false")
+        if self.pacs is None:
+            raise RequestError(503, "this service has no PACS configured (DICOMOPS_PACS_URL, DICOMOPS_PACS_USER, "
+                                    "DICOMOPS_PACS_PASSWORD); send slabs to /v1/slabs instead")
+        study_uid = body["study_instance_uid"]
+        champion = dataclasses.replace(self.champion, engine=batched)
+        try:
+            if not self.pacs.instance_uids(study_uid):
+                raise RequestError(404, "the PACS holds no instance of that study; check the StudyInstanceUID")
+            answer = answer_pacs_study(study_uid, self.pacs, self.options.staging, self.scratch, self.options.ingest,
+                                       self.options.key, champion, self.cache, write_back=write_back)
+            originals = {KeyedMapper(self.options.key).uid(u): u for u in self.pacs.series_uids(study_uid)}
+        except PacsError as err:
+            raise RequestError(503, f"the PACS did not answer: {err}") from None
+        if answer.status != "scored":
+            raise RequestError(422, f"the study was {answer.status} and nothing was written back: {answer.reason}")
+        return {"status": answer.status, "warm": answer.warm, "accepted_series": answer.accepted_series,
+                "quarantined_files": answer.quarantined_files, "results_stored": answer.results_stored,
+                "model": self.champion.describe(),
+                "series": [{"series_instance_uid": originals.get(f.series), "slices": f.slices,
+                            "score": f.score, "present": f.present, "best_slice": f.best_z, "cache": f.cache}
+                           for f in answer.findings],
+                "timings_s": {k: round(v, 4) for k, v in answer.timings.items()}}
+
+    def parse_slabs(self, raw: bytes) -> np.ndarray:
+        try:
+            x = np.load(io.BytesIO(raw), allow_pickle=False)
+        except Exception:
+            raise RequestError(400, "send the slabs as one .npy array (numpy.save), float32, "
+                                    "shape (N, C, H, W)") from None
+        if x.ndim == 3:
+            x = x[None]
+        if len(x) > MAX_SLABS:
+            raise RequestError(413, f"at most {MAX_SLABS} slabs per request")
+        try:
+            return self.champion.engine.check(x)
+        except ValueError as err:
+            raise RequestError(400, str(err)) from None
+
+    def slabs_answer(self, probabilities: np.ndarray) -> dict[str, Any]:
+        from dicomops.training.scoring import series_score
+
+        out: dict[str, Any] = {"probabilities": [float(p) for p in probabilities], "model": self.champion.describe()}
+        if len(probabilities) >= self.champion.top_k:
+            score = series_score(probabilities, self.champion.top_k)
+            out |= {"series_score": score, "present": bool(score >= self.champion.threshold)}
+        return out
+
+    def ready(self) -> dict[str, Any]:
+        """What /readyz reports: the model, the engine, the cache and the PACS."""
+        cache = "off"
+        if self.cache is not None:
+            cache = "up" if self.cache.ping() else "down (recomputing)"
+        return {"ready": True, "model": self.champion.describe(), "cache": cache,
+                "pacs": "configured" if self.pacs is not None else "none"}
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {f"requests.{k}": float(v) for k, v in self.requests.items()}
+        if self.cache is not None:
+            out |= self.cache.metrics()
+        return out
+
+    def score_batch_sync(self, slabs: list[np.ndarray]) -> list[float]:
+        """The engine call the batcher makes: one array of every slab it gathered."""
+        t0 = time.perf_counter()
+        probs = self.champion.engine.probabilities(np.stack(slabs))
+        log.debug("engine batch of %d in %.1f ms", len(slabs), 1000 * (time.perf_counter() - t0))
+        return [float(p) for p in probs]

@@ -1,0 +1,299 @@
+"""A study scored by a served model: the one code path behind the batch flow, the PACS watch and
+the online endpoint, so the three cannot disagree.
+
+Cold, a study goes through the ingest gate (:func:`dicomops.ingest.run`, the same checks as
+training), each accepted series through the training's own per-series preprocessing
+(:func:`dicomops.preprocessing.stage.preprocess_one`, with the preprocessing the model was trained
+with), and its slabs through the exported engine; the series score is the training's
+:func:`dicomops.training.scoring.series_score` at the model's operating point. With a cache
+(:class:`dicomops.serving.cache.VolumeCache`), each preprocessed volume is stored under the
+preprocessing's cache key, and the study's *manifest* (its series' keys and the gate's verdict) under
+a keyed digest of its instance list and the preprocessing; warm, a study asked for again is scored
+from the cached volumes without being retrieved, gated or preprocessed.
+
+Every answer is de-identified by construction: a study is named by its token (keyed hash), a series
+by the gate's pseudonym. The original UIDs stay with the caller (and in the SR the PACS receives).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dicomops.config import IngestConfig
+from dicomops.errors import GateFailedError
+from dicomops.layout import WorkLayout
+from dicomops.serving.cache import VolumeCache
+from dicomops.serving.champion import Champion
+
+log = logging.getLogger(__name__)
+
+RESULT_COLUMNS = ["study", "series", "manufacturer", "slices", "score", "present", "best_z", "threshold",
+                  "model", "version", "engine", "cache"]
+
+
+@dataclass
+class SeriesFinding:
+    series: str  # the gate's pseudonym
+    manufacturer: str
+    slices: int
+    score: float
+    present: bool
+    best_z: int
+    cache: str  # hit | miss | off
+
+
+@dataclass
+class Answer:
+    """What happened to one study; `status` is scored | refused | failed."""
+
+    study: str  # token or pseudonym, never a UID
+    status: str
+    findings: list[SeriesFinding] = field(default_factory=list)
+    accepted_series: int = 0
+    quarantined_files: int = 0
+    results_stored: int = 0
+    reason: str = ""
+    warm: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    def __call__(self, name: str) -> _Lap:
+        return _Lap(self.timings, name)
+
+
+class _Lap:
+    def __init__(self, timings: dict[str, float], name: str) -> None:
+        self.timings, self.name = timings, name
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.t0
+
+
+# --------------------------------------------------------------------------------------------------
+# keys
+# --------------------------------------------------------------------------------------------------
+def preprocessing_identity(champion: Champion) -> str:
+    """The settings and code a cached volume depends on (what :func:`cache_key` hashes besides content)."""
+    from dicomops.preprocessing.stage import VOLUME_FIELDS, code_hash
+
+    settings = champion.preprocess.model_dump(mode="json", include=set(VOLUME_FIELDS))
+    return json.dumps({"config": settings, "code": code_hash()}, sort_keys=True)
+
+
+def study_digest(key: bytes, instance_uids: Iterable[str], identity: str) -> str:
+    """A keyed digest of a study's instance list and the preprocessing: the manifest's cache key.
+    Keyed, so the cache never holds a hash an outsider could compute from known UIDs."""
+    blob = "\n".join(sorted(instance_uids)) + "\n" + identity
+    return hmac.new(key, blob.encode(), hashlib.sha256).hexdigest()[:40]
+
+
+# --------------------------------------------------------------------------------------------------
+# series → volume → score
+# --------------------------------------------------------------------------------------------------
+def preprocess_series(group: pd.DataFrame, deid_root: Path, champion: Champion, scratch: Path) -> np.ndarray:
+    """One accepted series preprocessed exactly as training did (its worker function, its config)."""
+    from dicomops.preprocessing.stage import preprocess_one
+
+    out = Path(scratch) / "volume.npz"
+    meta = preprocess_one(group.to_dict("records"), str(deid_root), "", champion.preprocess.model_dump_json(), str(out))
+    if meta.get("reason"):
+        raise ValueError(f"the series' pixels could not be preprocessed ({meta['reason']})")
+    with np.load(out) as npz:
+        return np.asarray(npz["image"])
+
+
+def score_volume(champion: Champion, volume: np.ndarray) -> tuple[float, int]:
+    """The series score and its best slice, from every slab of a preprocessed volume."""
+    from dicomops.training.data import all_slabs
+    from dicomops.training.scoring import series_score
+
+    slabs = all_slabs(volume, champion.contract.channels, champion.contract.height).numpy()
+    probs = champion.engine.probabilities(slabs)
+    return series_score(probs, champion.top_k), int(np.argmax(probs))
+
+
+def _finding(champion: Champion, series: str, manufacturer: str, volume: np.ndarray, cache: str) -> SeriesFinding:
+    score, best_z = score_volume(champion, volume)
+    return SeriesFinding(series, manufacturer, int(volume.shape[-1]), score, bool(score >= champion.threshold),
+                         best_z, cache)
+
+
+def score_gated(champion: Champion, study_work: Path, cache: VolumeCache | None, timer: Timer,
+                study: str = "") -> tuple[list[SeriesFinding], list[dict[str, Any]]]:
+    """Score every accepted series of a gated work directory; also return the manifest entries."""
+    from dicomops.preprocessing.stage import cache_key, code_hash, series_content_hash
+
+    layout = WorkLayout(study_work)
+    accepted = pd.read_parquet(layout.ingest.accepted)
+    if study:
+        accepted = accepted[accepted.StudyInstanceUID == study]
+    code = code_hash()
+    findings, entries = [], []
+    with tempfile.TemporaryDirectory(prefix="dicomops-pre-") as scratch:
+        for uid, group in accepted.groupby("SeriesInstanceUID", sort=True):
+            key = cache_key(series_content_hash(group), champion.preprocess, code)
+            manufacturer = str(group.Manufacturer.iloc[0]) if "Manufacturer" in group else ""
+            volume = cache.get_volume(key) if cache is not None else None
+            state = "off" if cache is None else ("hit" if volume is not None else "miss")
+            if volume is None:
+                with timer("preprocess_s"):
+                    volume = preprocess_series(group, layout.ingest.deid, champion, Path(scratch))
+                if cache is not None:
+                    cache.put_volume(key, volume)
+            with timer("score_s"):
+                findings.append(_finding(champion, str(uid), manufacturer, volume, state))
+            entries.append({"series": str(uid), "manufacturer": manufacturer, "key": key})
+    return findings, entries
+
+
+# --------------------------------------------------------------------------------------------------
+# a staged study (files on disk, PHI) → answer
+# --------------------------------------------------------------------------------------------------
+def answer_staged(study: str, staged: Path, study_work: Path, cfg: IngestConfig, key: bytes, champion: Champion,
+                  cache: VolumeCache | None = None, timer: Timer | None = None) -> tuple[Answer, list[dict[str, Any]]]:
+    """Gate and score a study's files. A study the gate refuses, or whose series the model cannot
+    take, is an answer (refused / failed) with its reason, never an exception: one bad study must
+    not stop a batch. The error's message is withheld (it may quote a header value), its type kept."""
+    from dicomops import ingest
+    from dicomops import io as dio
+
+    timer = timer or Timer()
+    step = "the ingest gate"
+    try:
+        with timer("gate_s"):
+            try:
+                gate = ingest.run(staged, study_work, cfg, key)
+            except GateFailedError as err:
+                summary = dio.read_json(WorkLayout(study_work).ingest.summary)
+                return Answer(study, "refused", quarantined_files=int(summary.get("quarantined_files", 0)),
+                              reason=str(err), timings=timer.timings), []
+        if gate.accepted_series == 0:
+            return Answer(study, "refused", quarantined_files=gate.quarantined_files,
+                          reason="no series passed the ingest gate", timings=timer.timings), []
+        step = "scoring"
+        findings, entries = score_gated(champion, study_work, cache, timer)
+    except Exception as err:
+        return Answer(study, "failed", reason=f"{type(err).__name__} during {step} (the message is withheld: it may "
+                                              f"quote identifiers)", timings=timer.timings), []
+    return Answer(study, "scored", findings, gate.accepted_series, gate.quarantined_files,
+                  timings=timer.timings), entries
+
+
+def remember(cache: VolumeCache, digest: str, answer: Answer, entries: list[dict[str, Any]]) -> None:
+    """Store a scored study's manifest (its series' volume keys and the gate's counts) under `digest`."""
+    if answer.status == "scored" and entries:
+        cache.put_manifest(digest, {"series": entries, "accepted_series": answer.accepted_series,
+                                    "quarantined_files": answer.quarantined_files})
+
+
+def answer_from_cache(study: str, digest: str, champion: Champion, cache: VolumeCache, timer: Timer) -> Answer | None:
+    """The warm path: the study's manifest and every volume it names, or None (go cold)."""
+    manifest = cache.get_manifest(digest)
+    if manifest is None:
+        return None
+    findings = []
+    for entry in manifest["series"]:
+        volume = cache.get_volume(entry["key"])
+        if volume is None:
+            return None
+        with timer("score_s"):
+            findings.append(_finding(champion, entry["series"], entry.get("manufacturer", ""), volume, "hit"))
+    return Answer(study, "scored", findings, int(manifest.get("accepted_series", len(findings))),
+                  int(manifest.get("quarantined_files", 0)), warm=True, timings=timer.timings)
+
+
+def answer_pacs_study(study_uid: str, pacs: Any, staging: Path, scratch: Path, cfg: IngestConfig, key: bytes,
+                      champion: Champion, cache: VolumeCache | None = None, write_back: bool = False,
+                      study: str | None = None) -> Answer:
+    """One study of the PACS, by its StudyInstanceUID (held in memory only): warm from the cache when
+    it can and nothing is to be written back; otherwise retrieved, gated, scored and, with
+    `write_back`, answered with one SR per series stored in the PACS. Staging and the study's scratch
+    work directory are removed before returning. Only talking to the PACS raises."""
+    from dicomops.pacs.watch import build_reports, study_token
+
+    timer = Timer()
+    t0 = time.perf_counter()
+    token = study or study_token(key, study_uid)
+    digest = None
+    if cache is not None:
+        with timer("lookup_s"):
+            digest = study_digest(key, pacs.instance_uids(study_uid), preprocessing_identity(champion))
+        if not write_back:
+            warm = answer_from_cache(token, digest, champion, cache, timer)
+            if warm is not None:
+                warm.timings["total_s"] = time.perf_counter() - t0
+                return warm
+    staged, study_work = Path(staging) / token, Path(scratch) / token
+    try:
+        shutil.rmtree(staged, ignore_errors=True)
+        with timer("retrieve_s"):
+            pacs.retrieve_study(study_uid, staged)
+        answer, entries = answer_staged(token, staged, study_work, cfg, key, champion, cache, timer)
+        if cache is not None and digest is not None:
+            remember(cache, digest, answer, entries)
+        if answer.status == "scored" and write_back:
+            try:
+                with timer("write_s"):
+                    table = findings_frame(answer.findings, champion)
+                    reports = build_reports(staged, study_work, table, champion, key)
+            except Exception as err:
+                answer = Answer(token, "failed", answer.findings, answer.accepted_series, answer.quarantined_files,
+                                reason=f"{type(err).__name__} while writing the reports; nothing stored",
+                                timings=timer.timings)
+            else:
+                with timer("write_s"):
+                    pacs.store(reports)
+                answer.results_stored = len(reports)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.rmtree(study_work, ignore_errors=True)
+    answer.timings["total_s"] = time.perf_counter() - t0
+    return answer
+
+
+def findings_frame(findings: Sequence[SeriesFinding], champion: Champion) -> pd.DataFrame:
+    """The scores as :func:`dicomops.pacs.watch.build_reports` takes them."""
+    return pd.DataFrame({"SeriesInstanceUID": [f.series for f in findings], "score": [f.score for f in findings],
+                         "present": [f.present for f in findings], "best_z": [f.best_z for f in findings]})
+
+
+def result_table(answers: Sequence[Answer], champion: Champion) -> pd.DataFrame:
+    """One row per scored series, plus one per study that was not scored (with its status and
+    reason). De-identified: tokens and pseudonyms only."""
+    rows = []
+    meta = {"threshold": champion.threshold, "model": champion.name, "version": champion.version,
+            "engine": champion.engine.choice.kind}
+    for a in answers:
+        common = {"study": a.study, "status": a.status, "reason": a.reason, "warm": a.warm,
+                  "total_s": round(a.timings.get("total_s", 0.0), 4)}
+        if not a.findings:
+            rows.append(common | meta)
+        for f in a.findings:
+            rows.append(common | meta | {"series": f.series, "manufacturer": f.manufacturer, "slices": f.slices,
+                                         "score": f.score, "present": f.present, "best_z": f.best_z,
+                                         "cache": f.cache})
+    columns = [*RESULT_COLUMNS, "status", "reason", "warm", "total_s"]
+    return pd.DataFrame(rows).reindex(columns=columns)

@@ -1,0 +1,33 @@
+"""Batch inference: a DICOM folder, or the studies a PACS query finds → the same gate and
+preprocessing as training → the registered version's exported engine → SR back in the PACS and a
+de-identified result table → one run in the dicomops-inference experiment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from dicomops.config import PipelineConfig, load_settings
+from dicomops.layout import WorkLayout
+from flows.scope import writing
+from tasks import predict as t
+
+
+@flow(name="dicomops-predict", log_prints=True)
+def predict(src: Path | None = None, pacs_query: dict[str, str] | None = None, work: Path | None = None,
+            config: PipelineConfig = PipelineConfig(), version: str | None = None,
+            orthanc_url: str | None = None) -> dict[str, object]:
+    """Score `src` (a folder) or the PACS studies matching `pacs_query` (QIDO-RS keywords, e.g.
+    ``{"StudyDate": "20261130"}``; ``{}`` for every study) with the version holding
+    ``config.serve.alias`` (or `version`)."""
+    settings = load_settings()
+    work = Path(work or settings.work_dir)
+    with writing(WorkLayout(work).root / "predict", "dicomops-predict", settings):
+        result = t.predict_batch(Path(src) if src else None, pacs_query, work, config.ingest, config.serve,
+                                 config.train.model_name, version, orthanc_url)
+    print(f"predict: {result['model']} v{result['version']} on {result['engine']}: {result['studies_scored']:.0f} "
+          f"studies scored, {result['series_positive']:.0f} of {result['series_scored']:.0f} series positive, "
+          f"{result['studies_refused']:.0f} refused, {result['studies_failed']:.0f} failed; "
+          f"{result['results_stored']:.0f} SR stored; results in {result['results']}")
+    return result

@@ -1,0 +1,143 @@
+"""The serving parts that need no server: the cache's value format, its behaviour with Redis gone,
+the engine choice and input checks, the manifest digest, the PACS query syntax."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from dicomops.export.contract import InputContract
+from dicomops.serving import cache as vc
+from dicomops.serving import engine as eng
+from dicomops.serving.batch import parse_query, summarise
+from dicomops.serving.predict import Answer, SeriesFinding, study_digest
+
+
+def test_a_volume_comes_back_bit_identical_and_smaller() -> None:
+    volume = np.random.default_rng(0).normal(size=(64, 64, 20)).astype(np.float16)
+    volume[:, :, :10] = 0  # air compresses
+    blob = vc.encode(volume)
+    back = vc.decode(blob)
+    assert back.dtype == np.float16 and back.shape == volume.shape
+    assert np.array_equal(back.view(np.uint16), volume.view(np.uint16))
+    assert len(blob) < volume.nbytes
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "magic", "garbage"])
+def test_a_damaged_entry_is_refused_not_returned(damage: str) -> None:
+    blob = bytearray(vc.encode(np.arange(4096, dtype=np.float16).reshape(16, 16, 16)))
+    if damage == "flip":
+        blob[-5] ^= 0xFF
+    elif damage == "truncate":
+        blob = blob[: len(blob) // 2]
+    elif damage == "magic":
+        blob[:4] = b"XXXX"
+    else:
+        blob = bytearray(b"not a volume at all")
+    with pytest.raises(vc.CorruptEntry):
+        vc.decode(bytes(blob))
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_redis_unreachable_means_misses_counted_and_no_waiting_per_request() -> None:
+    cache = vc.VolumeCache(f"redis://127.0.0.1:{_closed_port()}/0", password="x", timeout_s=0.5, backoff_s=30)
+    assert cache.get_volume("k") is None  # the first call finds Redis gone
+    t0 = time.perf_counter()
+    for _ in range(50):
+        assert cache.get_volume("k") is None
+        cache.put_volume("k", np.zeros((2, 2, 2), np.float16))
+    assert time.perf_counter() - t0 < 0.5  # backing off: no connection attempt per request
+    stats = cache.stats.as_dict()
+    assert stats["misses"] == 51 and stats["hits"] == 0 and stats["errors"] == 101 and stats["bytes_written"] == 0
+
+
+def test_no_url_no_cache() -> None:
+    assert vc.VolumeCache.from_env({}) is None
+    assert vc.VolumeCache.from_env({vc.URL_ENV: "redis://127.0.0.1:1/0", vc.PASSWORD_ENV: "p"}) is not None
+
+
+def test_the_redis_config_needs_a_password_and_keeps_to_loopback() -> None:
+    from dicomops.serving.redis_server import config
+
+    with pytest.raises(ValueError, match="DICOMOPS_REDIS_PASSWORD"):
+        config(6379, "", 64)
+    with pytest.raises(ValueError, match="quote"):
+        config(6379, 'a"b', 64)
+    text = config(6379, "s3cret", 64)
+    assert "bind 127.0.0.1" in text and 'requirepass "s3cret"' in text and "maxmemory-policy allkeys-lru" in text
+    assert 'save ""' in text and "appendonly no" in text
+
+
+def test_auto_prefers_tensorrt_only_where_it_can_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(eng.tensorrt_engine, "availability", lambda: "no CUDA device")
+    choice = eng.choose("auto", {"model.onnx", "model.int8.onnx"})
+    assert choice.kind == "ort-fp32" and "no CUDA device" in choice.reason
+    assert eng.choose("ort-int8", {"model.int8.onnx"}).file == "model.int8.onnx"
+    with pytest.raises(ValueError, match="no CUDA device"):
+        eng.choose("tensorrt", {"model.onnx"})
+    monkeypatch.setattr(eng.tensorrt_engine, "availability", lambda: None)
+    assert eng.choose("auto", {"model.onnx", "model.fp16.plan"}).kind == "tensorrt"
+    no_plan = eng.choose("auto", {"model.onnx"})
+    assert no_plan.kind == "ort-fp32" and "re-export" in no_plan.reason
+
+
+def _contract() -> InputContract:
+    return InputContract(channels=3, height=8, width=8, spacing_mm=(1.0, 1.0, 1.0), orientation="RAS", window="lung",
+                         window_center=None, window_width=None, crop_xy=64, resize="area", value_range=(0.0, 1.0),
+                         threshold=0.5, series_score="mean of the 3 highest slab probabilities")
+
+
+def test_the_engine_refuses_slabs_that_do_not_fit_and_batches_the_rest() -> None:
+    calls: list[int] = []
+
+    def runner(x: np.ndarray) -> np.ndarray:
+        calls.append(len(x))
+        p = x.mean(axis=(1, 2, 3))
+        return np.stack([1 - p, p], axis=1)
+
+    engine = eng.Engine(eng.EngineChoice("ort-fp32", "test", "model.onnx"), _contract(), runner, max_batch=4)
+    x = np.random.default_rng(1).random((10, 3, 8, 8), dtype=np.float32)
+    assert np.allclose(engine.probabilities(x), x.mean(axis=(1, 2, 3)))
+    assert calls == [4, 4, 2]
+    with pytest.raises(ValueError, match=r"\(N, 3, 8, 8\)"):
+        engine.probabilities(np.zeros((2, 1, 8, 8), np.float32))
+    bad = x.copy()
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        engine.probabilities(bad)
+
+
+def test_the_study_digest_is_keyed_and_ignores_order() -> None:
+    uids = ["1.2.3.4", "1.2.3.5", "1.2.3.6"]
+    a = study_digest(b"k1", uids, "pre")
+    assert a == study_digest(b"k1", list(reversed(uids)), "pre")
+    assert a != study_digest(b"k2", uids, "pre")  # an outsider without the key cannot compute it
+    assert a != study_digest(b"k1", uids[:2], "pre")  # a study that grew is a new study
+    assert a != study_digest(b"k1", uids, "other preprocessing")
+    assert "1.2.3" not in a
+
+
+def test_query_syntax() -> None:
+    assert parse_query("StudyDate=20261130, ModalitiesInStudy=CT") == {"StudyDate": "20261130",
+                                                                       "ModalitiesInStudy": "CT"}
+    assert parse_query("all") == {}
+    with pytest.raises(ValueError, match="KEYWORD=VALUE"):
+        parse_query("20261130")
+
+
+def test_the_batch_summary_counts_studies_not_gate_notes() -> None:
+    finding = SeriesFinding("s", "GE", 10, 0.9, True, 3, "miss")
+    answers = [Answer("a", "scored", [finding], timings={"total_s": 1.0, "gate_s": 0.5}),
+               Answer("b", "refused", reason="gate"), Answer("c", "failed"),
+               Answer("(quarantined files)", "refused", quarantined_files=3)]
+    s = summarise(answers)
+    assert (s["studies"], s["studies_scored"], s["studies_refused"], s["studies_failed"]) == (3, 1, 1, 1)
+    assert s["series_positive"] == 1 and s["quarantined_files"] == 3 and s["latency_p50_s"] == 1.0
