@@ -206,8 +206,8 @@ class Request:
             header = json.dumps({"inputs": [{"name": "slab", "shape": [1, *SHAPE], "datatype": "FP16",
                                              "parameters": {"binary_data_size": len(raw)}}],
                                  "outputs": [{"name": "probability", "parameters": {"binary_data": False}}]}).encode()
-            return cls(f"http://127.0.0.1:{port}/v2/models/slab/infer", header + raw,
-                       {"content-type": "application/octet-stream", "inference-header-content-length": str(len(header))})
+            headers = {"content-type": "application/octet-stream", "inference-header-content-length": str(len(header))}
+            return cls(f"http://127.0.0.1:{port}/v2/models/slab/infer", header + raw, headers)
         b64 = base64.b64encode(raw).decode()
         body = {"slabs": [b64]} if engine == "bentoml" and batch > 1 else {"slab": b64}
         return cls(url, json.dumps(body).encode())
@@ -307,7 +307,8 @@ def bench_engine(engine: str, batch: int, args: argparse.Namespace) -> dict:
     config = {"engine": engine, "model": str(args.model.resolve()), "batch": batch, "threads": args.threads}
     env = {**os.environ, _ENV: json.dumps(config)}
     if engine == "pytriton":  # the Python backend stub must load this interpreter's libpython, not the system one
-        env["LD_LIBRARY_PATH"] = ":".join(filter(None, [sysconfig.get_config_var("LIBDIR"), env.get("LD_LIBRARY_PATH")]))
+        libdir = sysconfig.get_config_var("LIBDIR")
+        env["LD_LIBRARY_PATH"] = ":".join(filter(None, [libdir, env.get("LD_LIBRARY_PATH")]))
     command = [sys.executable, str(Path(__file__).resolve()), "--serve", engine, "--batch", str(batch),
                "--model", str(args.model), "--threads", str(args.threads), "--port", str(args.port)]
     log = open(Path(args.log_dir) / f"{engine}_b{batch}.log", "w")  # noqa: SIM115 - closed in finally

@@ -35,6 +35,8 @@ DEFAULT_URL = "http://127.0.0.1:8042"
 DICOMWEB_ROOT = "/dicom-web/"
 CONNECT_TIMEOUT_S = 5.0
 # Any transfer syntax: the PACS sends each instance as it was stored, so pixels arrive untouched.
+# Structured reports and segmentations (and their registration kin): results, not images.
+RESULT_CLASSES = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.66.")
 AS_STORED = (("application/dicom", "*"),)
 # Orthanc substitutes ${VAR} in its configuration file as text, before parsing the JSON: a password
 # holding one of these would change or break the configuration it is written into.
@@ -241,6 +243,21 @@ class PacsClient:
             found = self._web.search_for_instances(study_instance_uid=study_uid, fields=["SOPInstanceUID"],
                                                    get_remaining=True)
         return {str(item["00080018"]["Value"][0]) for item in found if item.get("00080018", {}).get("Value")}
+
+    def image_instance_uids(self, study_uid: str) -> set[str]:
+        """QIDO-RS: the SOPInstanceUIDs of the study's instances that are not results (SR or SEG, the
+        kinds dicomops stores back): what a study's images are, before and after it is answered."""
+        with translate_errors("listing a study's instances", self.server):
+            found = self._web.search_for_instances(study_instance_uid=study_uid,
+                                                   fields=["SOPInstanceUID", "SOPClassUID"], get_remaining=True)
+        uids = set()
+        for item in found:
+            sop_class = str((item.get("00080016", {}).get("Value") or [""])[0])
+            if sop_class.startswith(RESULT_CLASSES):
+                continue
+            if item.get("00080018", {}).get("Value"):
+                uids.add(str(item["00080018"]["Value"][0]))
+        return uids
 
     def series_uids(self, study_uid: str) -> set[str]:
         """QIDO-RS: the SeriesInstanceUIDs of the study's series the PACS holds now."""

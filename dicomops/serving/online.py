@@ -146,7 +146,7 @@ class Service:
         study_uid = body["study_instance_uid"]
         champion = dataclasses.replace(self.champion, engine=batched)
         try:
-            if not self.pacs.instance_uids(study_uid):
+            if not self.pacs.image_instance_uids(study_uid):
                 raise RequestError(404, "the PACS holds no instance of that study; check the StudyInstanceUID")
             answer = answer_pacs_study(study_uid, self.pacs, self.options.staging, self.scratch, self.options.ingest,
                                        self.options.key, champion, self.cache, write_back=write_back)

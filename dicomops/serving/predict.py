@@ -240,7 +240,7 @@ def answer_pacs_study(study_uid: str, pacs: Any, staging: Path, scratch: Path, c
     digest = None
     if cache is not None:
         with timer("lookup_s"):
-            digest = study_digest(key, pacs.instance_uids(study_uid), preprocessing_identity(champion))
+            digest = study_digest(key, pacs.image_instance_uids(study_uid), preprocessing_identity(champion))
         if not write_back:
             warm = answer_from_cache(token, digest, champion, cache, timer)
             if warm is not None:
