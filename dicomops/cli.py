@@ -435,6 +435,68 @@ def predict(
 
 
 @app.command()
+def online(
+    port: Annotated[int | None, typer.Option(help="HTTP port (default: the config's serve.port, 8300).")] = None,
+    host: Annotated[str | None, typer.Option(help="Interface; keep 127.0.0.1 unless a proxy fronts it.")] = None,
+    replicas: Annotated[int | None, typer.Option(help="Scoring replicas (more machines: start Ray there and set "
+                                                      "RAY_ADDRESS).")] = None,
+    max_batch: Annotated[int | None, typer.Option(help="Dynamic batching: most slabs per engine call (1: off).")] = None,
+    batch_wait_ms: Annotated[float | None, typer.Option(help="Dynamic batching: longest wait to fill a batch.")] = None,
+    alias: Annotated[str | None, typer.Option(help="Registry alias of the version (default: champion).")] = None,
+    version: Annotated[str | None, typer.Option(help="Model version number instead of an alias.")] = None,
+    engine: Annotated[str | None, typer.Option(help="auto, ort-fp32, ort-int8 or tensorrt.")] = None,
+    redis_port: Annotated[int | None, typer.Option(help="Start a Redis cache on this loopback port (needs "
+                                                        "DICOMOPS_REDIS_PASSWORD) unless DICOMOPS_REDIS_URL "
+                                                        "names one.")] = 6390,
+    work: Annotated[Path | None, typer.Option(help="Work directory (the served model's files under serving/).")] = None,
+    config: Annotated[Path | None, typer.Option(help="PipelineConfig YAML; its serve section applies.")] = None,
+) -> None:
+    """Serve a registered model online: HTTP on Ray Serve with dynamic batching, Redis cache of
+    preprocessed volumes; studies by reference from the PACS, or pre-cut slabs."""
+    import os
+    import time
+
+    from dicomops.config import load_settings
+    from dicomops.serving import ray_app
+    from dicomops.serving.online import TOKEN_ENV, ServiceOptions
+    from dicomops.stack import STOP_SIGNALS, interrupt_on
+
+    if not os.environ.get(TOKEN_ENV):
+        console.print(f"[red]no token:[/] the service answers only requests that carry one. Make one and give it to "
+                      f"the callers: export {TOKEN_ENV}=\"$(python3 -c 'import secrets; "
+                      f"print(secrets.token_urlsafe(24))')\"", soft_wrap=True)
+        raise typer.Exit(2)
+    cfg = _pipeline_config(config)
+    serve = _with_overrides(cfg.serve, alias=alias, engine=engine, replicas=replicas, max_batch=max_batch,
+                            batch_wait_ms=batch_wait_ms, port=port, host=host)
+    settings = load_settings()
+    options = ServiceOptions(model_name=cfg.train.model_name, alias=None if version else serve.alias, version=version,
+                             engine=serve.engine, threads=serve.threads, work=Path(work or settings.work_dir).resolve(),
+                             staging=settings.pacs_staging, ingest=cfg.ingest, key=b"",
+                             tracking_uri=settings.mlflow_tracking_uri, pacs_url=None, cache_ttl_s=serve.cache_ttl_s,
+                             http_budget_s=settings.http_budget_s)
+    scaling = ray_app.Scaling(serve.replicas, serve.max_batch, serve.batch_wait_ms / 1000)
+    try:
+        launched = ray_app.launch(options, scaling, serve.host, serve.port, redis_port, serve.cache_maxmemory_mb)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        console.print(f"[red]cannot serve:[/] {escape(str(err))}")
+        raise typer.Exit(2) from err
+    console.print(f"[green]serving[/] {cfg.train.model_name} ({serve.alias if not version else 'v' + version}) at "
+                  f"{launched.url}: POST /v1/studies {{\"study_instance_uid\": ...}}, POST /v1/slabs (.npy); "
+                  f"GET /healthz, /readyz, /metrics. Batching: up to {serve.max_batch} slabs, {serve.batch_wait_ms} ms; "
+                  f"{serve.replicas} replica(s). Cache: {escape(launched.cache)}. Ctrl-C stops it.", soft_wrap=True)
+    with interrupt_on(STOP_SIGNALS):  # Ctrl-C, SIGTERM, SIGHUP: the first stops it, later ones wait for that
+        try:
+            while True:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            launched.stop()
+    console.print("online service stopped")
+
+
+@app.command()
 def monitor(
     src: Annotated[Path, typer.Argument(help="Folder of new DICOM studies to check for drift.")],
     work: Annotated[Path | None, typer.Option(help="Work directory (alerts.jsonl, batches, retraining).")] = None,

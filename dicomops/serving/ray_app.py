@@ -1,0 +1,249 @@
+"""The online service on Ray Serve: dynamic batching by Ray's ``@serve.batch``, replicas by Ray's
+deployment config, a site's cluster by ``RAY_ADDRESS``.
+
+Why Ray Serve (measured side by side with LitServe, BentoML and PyTriton by
+``benchmarks/serving_engines.py``, see the README): its batcher is an in-process coroutine API, so
+the slabs of *concurrent studies* meet in one engine call while each study's retrieval and
+preprocessing run in worker threads; LitServe, BentoML and PyTriton batch whole HTTP requests, which
+would serialise a study's I/O behind the engine. It is the only one of the four whose replicas scale
+onto a cluster unchanged (``ray start`` on more machines, or KubeRay), and it installs without
+changing any of the project's packages (BentoML and PyTriton downgrade some). It costs more memory
+(about 1.3 GB for the Ray processes) and about 13 s to start.
+
+Everything the service decides is in :mod:`dicomops.serving.online`; this module only wires it to
+HTTP: ``POST /v1/studies``, ``POST /v1/slabs``, ``GET /healthz`` (alive), ``GET /readyz`` (model
+loaded; cache and PACS state), ``GET /metrics`` (Prometheus text). Secrets (the token, the
+de-identification key, the PACS and Redis passwords) are read by each replica from its own
+environment and never pass through Ray's object store.
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI reads the handlers' annotations at
+# definition, and they name classes imported inside build_app.
+import asyncio
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "dicomops-inference"
+HEALTH_PERIOD_S = 10.0
+
+
+@dataclass(frozen=True)
+class Scaling:
+    replicas: int = 1
+    max_batch: int = 32
+    batch_wait_s: float = 0.005
+    max_ongoing_requests: int = 128  # per replica: enough concurrent slabs to fill a batch
+    io_threads: int = 4  # per replica: studies retrieved and preprocessed at once
+
+
+def keep_replica_grpc_on_loopback() -> None:
+    """Ray Serve starts each replica's inter-deployment gRPC server on ``[::]:0`` (every interface),
+    whatever the node's address. On a single-node (loopback) Ray, bind it to 127.0.0.1 like the rest;
+    called in the replica before Serve starts that server. On a cluster (``RAY_ADDRESS``) it stays."""
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    from ray.serve._private import replica
+
+    original = replica.add_port_to_grpc_server
+    if getattr(original, "dicomops_loopback", False):
+        return
+
+    def on_loopback(server: Any, address: str) -> int:
+        return int(original(server, "127.0.0.1:0" if address == "[::]:0" else address))
+
+    on_loopback.dicomops_loopback = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = on_loopback
+
+
+def build_app(options: Any, scaling: Scaling) -> Any:
+    """The Ray Serve application: one deployment, `scaling.replicas` replicas. `options` is a
+    :class:`dicomops.serving.online.ServiceOptions` without secrets (its key is read per replica)."""
+    from fastapi import FastAPI, Request, Response
+    from fastapi.responses import JSONResponse, PlainTextResponse
+    from ray import serve
+
+    from dicomops.serving.online import BatchedEngine, RequestError, Service, check_token
+
+    api = FastAPI(title="dicomops inference", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def error(err: RequestError) -> JSONResponse:
+        return JSONResponse({"error": err.message}, status_code=err.status)
+
+    @serve.deployment(name=APP_NAME, num_replicas=scaling.replicas, max_ongoing_requests=scaling.max_ongoing_requests,
+                      health_check_period_s=HEALTH_PERIOD_S, ray_actor_options={"num_cpus": 0})
+    @serve.ingress(api)
+    class InferenceService:
+        def __init__(self, options: Any, scaling: Scaling) -> None:
+            from dataclasses import replace
+
+            from dicomops.deid.keys import key_from_settings
+
+            logging.getLogger("dicomops").setLevel(logging.INFO)
+            keep_replica_grpc_on_loopback()
+            self.service = Service(replace(options, key=key_from_settings()))
+            self.engine_thread = ThreadPoolExecutor(1, thread_name_prefix="engine")  # one engine call at a time
+            self.io_threads = ThreadPoolExecutor(scaling.io_threads, thread_name_prefix="study")
+            self.score.set_max_batch_size(scaling.max_batch)  # type: ignore[attr-defined]
+            self.score.set_batch_wait_timeout_s(scaling.batch_wait_s)  # type: ignore[attr-defined]
+            self.batches: list[int] = []
+
+        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+        async def score(self, slabs: list[np.ndarray]) -> list[float]:
+            """Ray's dynamic batcher hands over every slab that arrived within the wait, up to the
+            batch size; the engine runs them as one batch in its own thread."""
+            self.batches.append(len(slabs))
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.engine_thread, self.service.score_batch_sync, slabs)
+
+        async def _score_slab(self, slab: np.ndarray) -> float:
+            return float(await self.score(slab))
+
+        def _batched(self) -> BatchedEngine:
+            return BatchedEngine(self.service.champion.engine, asyncio.get_running_loop(), self._score_slab)
+
+        @api.post("/v1/studies")
+        async def studies(self, request: Request) -> Response:
+            try:
+                check_token(request.headers.get("authorization"))
+                try:
+                    body = await request.json()
+                except ValueError:
+                    raise RequestError(400, 'send JSON {"study_instance_uid": "<a DICOM UID>"}') from None
+                batched = self._batched()
+                loop = asyncio.get_running_loop()
+                answer = await loop.run_in_executor(self.io_threads, self.service.answer_study, body, batched)
+                self.service.requests["studies"] += 1
+                return JSONResponse(answer)
+            except RequestError as err:
+                self.service.requests["errors"] += 1
+                return error(err)
+            except Exception as err:  # never the message: it may quote a header value
+                self.service.requests["errors"] += 1
+                log.error("online service: %s while answering a study", type(err).__name__)
+                return JSONResponse({"error": f"internal error ({type(err).__name__}); nothing was written back"},
+                                    status_code=500)
+
+        @api.post("/v1/slabs")
+        async def slabs(self, request: Request) -> Response:
+            try:
+                check_token(request.headers.get("authorization"))
+                x = self.service.parse_slabs(await request.body())
+                probs = await asyncio.gather(*(self._score_slab(s) for s in x))
+                self.service.requests["slabs"] += 1
+                return JSONResponse(self.service.slabs_answer(np.asarray(probs, dtype=np.float64)))
+            except RequestError as err:
+                self.service.requests["errors"] += 1
+                return error(err)
+
+        @api.get("/healthz")
+        async def healthz(self) -> Response:
+            return JSONResponse({"alive": True})
+
+        @api.get("/readyz")
+        async def readyz(self, request: Request) -> Response:
+            try:
+                check_token(request.headers.get("authorization"))
+            except RequestError as err:
+                return error(err)
+            return JSONResponse(self.service.ready())
+
+        @api.get("/metrics")
+        async def metrics(self, request: Request) -> Response:
+            try:
+                check_token(request.headers.get("authorization"))
+            except RequestError as err:
+                return error(err)
+            values = self.service.metrics()
+            if self.batches:
+                values["engine.batches"] = float(len(self.batches))
+                values["engine.mean_batch_size"] = float(np.mean(self.batches))
+            lines = [f"dicomops_{k.replace('.', '_')} {v}" for k, v in sorted(values.items())]
+            return PlainTextResponse("\n".join(lines) + "\n")
+
+        def check_health(self) -> None:
+            """Ray restarts a replica whose engine stops answering."""
+            self.service.champion.engine.runner(np.zeros((1, *self.service.champion.contract.input_shape),
+                                                         np.float32))
+
+    return InferenceService.bind(options, scaling)  # type: ignore[attr-defined]
+
+
+def start(options: Any, scaling: Scaling, host: str = "127.0.0.1", port: int = 8300) -> str:
+    """Start (or join, with ``RAY_ADDRESS``) a Ray cluster, run the application and return its URL.
+    A local cluster binds to loopback and runs no dashboard."""
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        # A single-node Ray whose every server (GCS, raylet, workers) listens on loopback only: the
+        # switch Ray reads at import to run without a cluster network. Ray's token authentication
+        # is on either way. With RAY_ADDRESS, the site's cluster decides.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            ray.init(include_dashboard=False, logging_level=logging.WARNING,
+                     num_cpus=max(os.cpu_count() or 1, scaling.replicas))
+    serve.start(http_options={"host": host, "port": port}, detached=False)
+    serve.run(build_app(options, scaling), name=APP_NAME, route_prefix="/", blocking=False)
+    return f"http://{host}:{port}"
+
+
+def stop() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+@dataclass
+class Launched:
+    """A running online service and the Redis it started, if any."""
+
+    url: str
+    cache: str  # what the cache is, for the banner
+    redis: Any = None
+
+    def stop(self) -> None:
+        try:
+            stop()
+        finally:
+            if self.redis is not None:
+                self.redis.stop()
+
+
+def launch(options: Any, scaling: Scaling, host: str, port: int, redis_port: int | None,
+           redis_maxmemory_mb: int) -> Launched:
+    """The service with its cache: ``DICOMOPS_REDIS_URL`` when set; else, with `redis_port`, a
+    Redis started here (needs ``DICOMOPS_REDIS_PASSWORD``); else no cache. The replicas inherit the
+    environment, so they find the same Redis."""
+    from dicomops.serving import redis_server
+    from dicomops.serving.cache import PASSWORD_ENV, URL_ENV
+
+    redis, cache = None, "off (no DICOMOPS_REDIS_URL, and no local Redis asked for)"
+    if os.environ.get(URL_ENV):
+        cache = f"Redis at {os.environ[URL_ENV]}"
+    elif redis_port is not None:
+        password = os.environ.get(PASSWORD_ENV, "")
+        redis = redis_server.start(redis_port, password, redis_maxmemory_mb, bind="127.0.0.1")
+        os.environ[URL_ENV] = redis.url
+        cache = f"Redis at {redis.url} (started here, {redis_maxmemory_mb} MB, LRU)"
+    try:
+        url = start(options, scaling, host, port)
+    except BaseException:
+        if redis is not None:
+            redis.stop()
+        raise
+    return Launched(url, cache, redis)
