@@ -11,7 +11,7 @@ COPY pyproject.toml README.md ./
 COPY dicomops ./dicomops
 COPY tasks ./tasks
 COPY flows ./flows
-RUN pip install ".[dask,server]"
+RUN pip install ".[dask,server,online]"
 COPY prefect.yaml ./
 COPY mlflow/server.sh mlflow/basic_auth.ini ./mlflow/
 RUN useradd --create-home --uid 10001 dicomops && mkdir -p /work && chown dicomops /work

@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -qq --upgrade pip
 	# CPU torch first: a bare 'torch' can pull a multi-GB CUDA build.
 	$(PIP) install -qq "torch==$(TORCH_VERSION)"
-	$(PIP) install -qq -e ".[dev,dask,server]"
+	$(PIP) install -qq -e ".[dev,dask,server,online]"
 	@touch $(STAMP)
 
 data: $(STAMP)
@@ -45,8 +45,9 @@ test: $(STAMP)
 	$(PY) -m pytest -m "not slow and not gpu and not integration" -p no:cacheprovider
 
 # Real PostgreSQL, MLflow server and Prefect server on loopback ports, a headless Chromium on
-# their UIs, and an Orthanc PACS with DICOMweb; installs PostgreSQL, Chromium, Orthanc (with its
-# DICOMweb plugin), dicom3tools and DCMTK from the distribution if absent. The UI screenshots
+# their UIs, an Orthanc PACS with DICOMweb, a Redis cache and the online service on Ray Serve;
+# installs PostgreSQL, Chromium, Orthanc (with its DICOMweb plugin), dicom3tools, DCMTK and Redis
+# from the distribution if absent. The UI screenshots
 # land in $(DICOMOPS_UI_ARTIFACTS)/ui-screenshots for CI to keep.
 integration: export DICOMOPS_UI_ARTIFACTS ?= $(abspath $(WORK))/integration-artifacts
 integration: $(STAMP)
@@ -57,6 +58,7 @@ integration: $(STAMP)
 	[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing="$$missing orthanc-dicomweb"; \
 	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
 	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	[ -z "$$missing" ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; }
 	$(PY) -m pytest -m integration -p no:cacheprovider tests/integration
 

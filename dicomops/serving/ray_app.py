@@ -183,9 +183,13 @@ def start(options: Any, scaling: Scaling, host: str = "127.0.0.1", port: int = 8
         # A single-node Ray whose every server (GCS, raylet, workers) listens on loopback only: the
         # switch Ray reads at import to run without a cluster network. Ray's token authentication
         # is on either way. With RAY_ADDRESS, the site's cluster decides.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
     from ray import serve
+    from ray._private import ray_constants
+
+    if not address:  # Ray imported before this function ran read the switch already
+        ray_constants.ENABLE_RAY_CLUSTER = False
 
     if not ray.is_initialized():
         if address:

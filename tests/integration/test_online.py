@@ -1,0 +1,183 @@
+"""The online service on a real Ray Serve, with a real Orthanc and a real Redis: a study scored by
+the batch flow comes back online warm from the cache with exactly the same finding as the flow and
+the library; pre-cut slabs are scored as the engine scores them; no token, a bad body, an unknown
+study or a study the gate refuses each get a clear error and nothing is written back; Redis gone,
+the service keeps answering the same; every Ray server listens on loopback only; nothing
+identifying reaches Redis, the work directory or MLflow."""
+
+from __future__ import annotations
+
+import io
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import psutil
+import pydicom
+import pytest
+
+from dicomops.deid import scan_for_phi
+from dicomops.deid.keys import KeyedMapper
+from dicomops.pacs.client import PASSWORD_ENV, URL_ENV, USER_ENV, PacsClient
+from dicomops.pacs.orthanc import OrthancProcess
+from dicomops.serving import ray_app, redis_server
+from dicomops.serving.cache import PASSWORD_ENV as REDIS_PASSWORD_ENV
+from dicomops.serving.cache import URL_ENV as REDIS_URL_ENV
+from dicomops.serving.cache import VolumeCache
+from dicomops.serving.champion import load_champion
+from dicomops.serving.online import TOKEN_ENV, ServiceOptions
+from dicomops.serving.predict import answer_pacs_study
+from flows.predict import predict
+from tests.champion_fixture import CONFIG, KEY, TINY, ExportedChampion
+from tests.hostile import ct_slice
+from tests.unit.test_real_files import _needles
+
+from .conftest import free_port
+from .orthanc_fixture import orthanc, synthetic_study  # noqa: F401  (orthanc is a fixture)
+from .test_pacs_watch import _reports, _send, _wait_stable
+from .test_serving_cache import require_redis
+
+pytest.importorskip("ray.serve", reason="the online extra is not installed (pip install -e '.[online]')")
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
+TOKEN = secrets.token_urlsafe(24)
+
+
+@pytest.fixture(scope="module")
+def service(exported_champion: ExportedChampion, orthanc: OrthancProcess,  # noqa: F811
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, redis_server.RedisServer, Path]]:
+    """Redis, then the service on Ray Serve, with the environment a site would give them."""
+    require_redis()
+    root = tmp_path_factory.mktemp("online")
+    password = secrets.token_urlsafe(18)
+    redis = redis_server.start(free_port(), password, maxmemory_mb=64, workdir=root)
+    with pytest.MonkeyPatch.context() as mp:
+        env = {"MLFLOW_TRACKING_URI": exported_champion.uri, "DICOMOPS_MLFLOW_ARTIFACT_ROOT":
+               str(exported_champion.artifacts), "DICOMOPS_DEID_KEY": KEY.decode(), URL_ENV: orthanc.url,
+               USER_ENV: orthanc.credentials.user, PASSWORD_ENV: orthanc.credentials.password,
+               REDIS_URL_ENV: redis.url, REDIS_PASSWORD_ENV: password, TOKEN_ENV: TOKEN}
+        for k, v in env.items():
+            mp.setenv(k, v)
+        options = ServiceOptions(model_name=TINY.model_name, alias="champion", version=None, engine="auto",
+                                 threads=1, work=root / "work", staging=root / "staging", ingest=CONFIG.ingest,
+                                 key=b"", tracking_uri=exported_champion.uri, pacs_url=None, cache_ttl_s=3600)
+        launched = ray_app.launch(options, ray_app.Scaling(max_batch=32, batch_wait_s=0.005), "127.0.0.1",
+                                  free_port(), None, 64)
+        try:
+            yield launched.url, redis, root
+        finally:
+            launched.stop()
+            redis.stop()
+
+
+def _auth(token: str = TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _ask(url: str, body: object, token: str = TOKEN) -> httpx.Response:
+    return httpx.post(f"{url}/v1/studies", json=body, headers=_auth(token), timeout=120)
+
+
+def test_every_ray_server_listens_on_loopback_only(service: tuple[str, redis_server.RedisServer, Path]) -> None:
+    ray_pids = {p.pid for p in psutil.process_iter(["name", "cmdline"])
+                if "ray" in (p.info["name"] or "") or any("ray" in c for c in (p.info["cmdline"] or [])[:3])}
+    listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.pid in ray_pids]
+    assert len(listening) >= 5  # GCS, raylet, controller, proxy, replica: not vacuous
+    exposed = [(c.laddr, c.pid) for c in listening if c.laddr.ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
+    assert exposed == []
+
+
+def test_requests_without_the_token_or_with_a_bad_body_are_refused(
+        service: tuple[str, redis_server.RedisServer, Path]) -> None:
+    url = service[0]
+    assert httpx.get(f"{url}/healthz").status_code == 200
+    assert httpx.get(f"{url}/readyz").status_code == 401
+    ready = httpx.get(f"{url}/readyz", headers=_auth()).json()
+    assert ready["ready"] and ready["cache"] == "up" and ready["model"]["engine"] == "ort-fp32"
+    refused = httpx.post(f"{url}/v1/studies", json={"study_instance_uid": "1.2.3"})
+    assert refused.status_code == 401 and TOKEN_ENV in refused.json()["error"]
+    assert _ask(url, {"study_instance_uid": "1.2.3"}, token="wrong").status_code == 401
+    bad = _ask(url, {"study": "x"})
+    assert bad.status_code == 400 and "study_instance_uid" in bad.json()["error"]
+    unknown = _ask(url, {"study_instance_uid": "1.2.826.0.1.3680043.10.999.1"})
+    assert unknown.status_code == 404 and "no instance" in unknown.json()["error"]
+    slabs = io.BytesIO()
+    np.save(slabs, np.zeros((2, 1, 8, 8), np.float32))
+    wrong_shape = httpx.post(f"{url}/v1/slabs", content=slabs.getvalue(), headers=_auth())
+    assert wrong_shape.status_code == 400 and "input contract" in wrong_shape.json()["error"]
+
+
+def test_online_batch_and_library_agree_warm_from_the_cache_and_after_redis_dies(
+        service: tuple[str, redis_server.RedisServer, Path], exported_champion: ExportedChampion,
+        orthanc: OrthancProcess, tmp_path: Path) -> None:  # noqa: F811
+    url, redis, root = service
+    # The service fixture's environment (MLflow, PACS, Redis, key, token) holds for the whole module.
+    files = synthetic_study(tmp_path / "send", slices=12, matrix=128, index=11, vendor="ge")
+    study = _send(orthanc, files)
+    _wait_stable(orthanc, {study})
+
+    batch = predict(pacs_query={"StudyInstanceUID": study}, work=tmp_path / "work", config=CONFIG)
+    assert (batch["studies_scored"], batch["results_stored"]) == (1, 1)
+    table = pd.read_csv(batch["results"], keep_default_na=False, float_precision="round_trip")
+
+    online = _ask(url, {"study_instance_uid": study})
+    assert online.status_code == 200, online.text
+    answer = online.json()
+    assert answer["warm"] and not {"retrieve_s", "gate_s", "preprocess_s"} & set(answer["timings_s"])
+    series_uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+    (finding,) = answer["series"]
+    assert finding["series_instance_uid"] == series_uid  # the caller's own UID, in memory only
+    assert KeyedMapper(KEY).uid(series_uid) == table.series[0]
+    assert (finding["score"], finding["present"]) == (table.score[0], bool(table.present[0]))  # exactly
+
+    champion = load_champion(exported_champion.uri, TINY.model_name, models_dir=tmp_path / "models")
+    cache = VolumeCache.from_env()
+    with PacsClient(orthanc.dicomweb_url, orthanc.credentials) as pacs:
+        library = answer_pacs_study(study, pacs, tmp_path / "staging", tmp_path / "scratch", CONFIG.ingest, KEY,
+                                    champion, cache)
+    assert [(f.score, f.present) for f in library.findings] == [(finding["score"], finding["present"])]
+
+    # Pre-cut slabs: the engine's own probabilities, through the batcher.
+    x = np.random.default_rng(3).random((9, *champion.contract.input_shape), dtype=np.float32)
+    body = io.BytesIO()
+    np.save(body, x)
+    slabs = httpx.post(f"{url}/v1/slabs", content=body.getvalue(), headers=_auth(), timeout=60).json()
+    assert np.array_equal(np.asarray(slabs["probabilities"]), champion.engine.probabilities(x))
+
+    # Nothing identifying in Redis, the work directories or MLflow.
+    needles = _needles(files)
+    for k in cache.client.scan_iter("dicomops:*"):
+        text = k.decode() + cache.client.get(k).decode("latin-1")
+        assert not [n for n in needles if len(n) >= 4 and n in text]
+    for place in (tmp_path / "work", root / "work", exported_champion.artifacts):
+        assert scan_for_phi(place, needles) == [], place
+
+    # Redis gone: the service recomputes and answers the same.
+    redis.stop()
+    cold = _ask(url, {"study_instance_uid": study})
+    assert cold.status_code == 200 and not cold.json()["warm"]
+    assert cold.json()["series"][0]["score"] == finding["score"]
+    metrics = httpx.get(f"{url}/metrics", headers=_auth()).text
+    assert "dicomops_cache_errors" in metrics and "dicomops_engine_mean_batch_size" in metrics
+    assert len(_reports(orthanc, study)) == 1  # online answers wrote nothing back
+
+
+def test_a_study_the_gate_refuses_is_a_clear_error_and_nothing_is_written_back(
+        service: tuple[str, redis_server.RedisServer, Path], orthanc: OrthancProcess,  # noqa: F811
+        tmp_path: Path) -> None:
+    url = service[0]
+    ids = {"StudyInstanceUID": pydicom.uid.generate_uid(), "SeriesInstanceUID": pydicom.uid.generate_uid(),
+           "PatientID": "ONLINE-REFUSED-7", "PatientName": "REFUSED^ONLINE", "Modality": "MR"}
+    files = []
+    for i in range(4):
+        path = tmp_path / f"mr{i}.dcm"
+        ct_slice(z=float(i), rows=64, cols=64, **ids).save_as(path, enforce_file_format=True)
+        files.append(path)
+    study = _send(orthanc, files)
+    _wait_stable(orthanc, {study})
+    answer = _ask(url, {"study_instance_uid": study, "write_back": True})
+    assert answer.status_code == 422 and "nothing was written back" in answer.json()["error"]
+    assert study not in answer.text and "ONLINE-REFUSED-7" not in answer.text
+    assert _reports(orthanc, study) == []
