@@ -394,9 +394,8 @@ def export(
 @app.command()
 def predict(
     src: Annotated[Path | None, typer.Argument(help="Folder of DICOM studies to score (or use --pacs).")] = None,
-    pacs: Annotated[str | None, typer.Option(help="Score the PACS studies matching this QIDO-RS query instead: "
-                                                  "DICOM keywords, e.g. 'StudyDate=20261130,ModalitiesInStudy=CT', "
-                                                  "or 'all'. SRs are stored back unless --no-write-back.")] = None,
+    pacs: Annotated[str | None, typer.Option(help="Score PACS studies matching this QIDO-RS query instead "
+                                                  "(KEYWORD=VALUE,... or all); SRs go back.")] = None,
     alias: Annotated[str | None, typer.Option(help="Registry alias of the version (default: champion).")] = None,
     version: Annotated[str | None, typer.Option(help="Model version number instead of an alias.")] = None,
     engine: Annotated[str | None, typer.Option(help="auto, ort-fp32, ort-int8 or tensorrt.")] = None,

@@ -22,7 +22,7 @@ def _deployments() -> dict[str, dict]:
 
 def test_entrypoints_exist_and_accept_their_parameters() -> None:
     deployments = _deployments()
-    assert set(deployments) == {"pipeline", "monitor", "retrain", "pacs-watch"}
+    assert set(deployments) == {"pipeline", "monitor", "retrain", "pacs-watch", "predict"}
     for deployment in deployments.values():
         module, name = deployment["entrypoint"].removesuffix(".py").replace("/", ".").split(":")
         flow = getattr(importlib.import_module(module.replace(".py", "")), name)
