@@ -146,10 +146,12 @@ class Service:
         study_uid = body["study_instance_uid"]
         champion = dataclasses.replace(self.champion, engine=batched)
         try:
-            if not self.pacs.image_instance_uids(study_uid):
-                raise RequestError(404, "the PACS holds no instance of that study; check the StudyInstanceUID")
+            images = self.pacs.image_instance_uids(study_uid)
+            if not images:
+                raise RequestError(404, "the PACS holds no image of that study; check the StudyInstanceUID")
             answer = answer_pacs_study(study_uid, self.pacs, self.options.staging, self.scratch, self.options.ingest,
-                                       self.options.key, champion, self.cache, write_back=write_back)
+                                       self.options.key, champion, self.cache, write_back=write_back,
+                                       image_uids=images)
             originals = {KeyedMapper(self.options.key).uid(u): u for u in self.pacs.series_uids(study_uid)}
         except PacsError as err:
             raise RequestError(503, f"the PACS did not answer: {err}") from None

@@ -227,11 +227,12 @@ def answer_from_cache(study: str, digest: str, champion: Champion, cache: Volume
 
 def answer_pacs_study(study_uid: str, pacs: Any, staging: Path, scratch: Path, cfg: IngestConfig, key: bytes,
                       champion: Champion, cache: VolumeCache | None = None, write_back: bool = False,
-                      study: str | None = None) -> Answer:
+                      study: str | None = None, image_uids: set[str] | None = None) -> Answer:
     """One study of the PACS, by its StudyInstanceUID (held in memory only): warm from the cache when
     it can and nothing is to be written back; otherwise retrieved, gated, scored and, with
     `write_back`, answered with one SR per series stored in the PACS. Staging and the study's scratch
-    work directory are removed before returning. Only talking to the PACS raises."""
+    work directory are removed before returning. Only talking to the PACS raises. `image_uids`: the
+    study's image instances, when the caller has listed them already."""
     from dicomops.pacs.watch import build_reports, study_token
 
     timer = Timer()
@@ -240,7 +241,8 @@ def answer_pacs_study(study_uid: str, pacs: Any, staging: Path, scratch: Path, c
     digest = None
     if cache is not None:
         with timer("lookup_s"):
-            digest = study_digest(key, pacs.image_instance_uids(study_uid), preprocessing_identity(champion))
+            uids = image_uids if image_uids is not None else pacs.image_instance_uids(study_uid)
+            digest = study_digest(key, uids, preprocessing_identity(champion))
         if not write_back:
             warm = answer_from_cache(token, digest, champion, cache, timer)
             if warm is not None:

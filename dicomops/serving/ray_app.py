@@ -195,7 +195,9 @@ def start(options: Any, scaling: Scaling, host: str = "127.0.0.1", port: int = 8
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
-            ray.init(include_dashboard=False, logging_level=logging.WARNING,
+            # Replica logs (Serve's access log: method, route, status, latency; never a body) stay
+            # in Ray's session folder instead of being echoed to this terminal per request.
+            ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
                      num_cpus=max(os.cpu_count() or 1, scaling.replicas))
     serve.start(http_options={"host": host, "port": port}, detached=False)
     serve.run(build_app(options, scaling), name=APP_NAME, route_prefix="/", blocking=False)

@@ -102,7 +102,7 @@ def test_requests_without_the_token_or_with_a_bad_body_are_refused(
     bad = _ask(url, {"study": "x"})
     assert bad.status_code == 400 and "study_instance_uid" in bad.json()["error"]
     unknown = _ask(url, {"study_instance_uid": "1.2.826.0.1.3680043.10.999.1"})
-    assert unknown.status_code == 404 and "no instance" in unknown.json()["error"]
+    assert unknown.status_code == 404 and "no image" in unknown.json()["error"]
     slabs = io.BytesIO()
     np.save(slabs, np.zeros((2, 1, 8, 8), np.float32))
     wrong_shape = httpx.post(f"{url}/v1/slabs", content=slabs.getvalue(), headers=_auth())
