@@ -238,15 +238,19 @@ def main() -> None:
                 with PacsClient(orthanc.dicomweb_url, credentials) as pacs:
                     uids = [send(pacs, f) for f in folders]
                 wait_stable(orthanc.url, credentials, set(uids))
-                cold, warm = [], []
+                cold, warm, steps = [], [], {}
                 for uid in uids[: args.studies]:
                     elapsed, answer = ask(url, token, uid, write_back=True)
                     assert not answer["warm"] and answer["results_stored"] >= 1, answer
                     cold.append(elapsed)
+                    for step, seconds in answer["timings_s"].items():
+                        steps.setdefault(("cold", step), []).append(seconds)
                     elapsed, answer = ask(url, token, uid, write_back=False)
                     assert answer["warm"], answer
                     warm.append(elapsed)
-                results["study"] = {"cold": cold, "warm": warm}
+                    for step, seconds in answer["timings_s"].items():
+                        steps.setdefault(("warm", step), []).append(seconds)
+                results["study"] = {"cold": cold, "warm": warm, "steps": steps}
 
                 # Replay: 30 % of requests repeat a study asked for before.
                 replay_rng = np.random.default_rng(1)
@@ -295,6 +299,10 @@ def report(args: argparse.Namespace, clients: list[int], r: dict[str, Any], run_
     print(f"\nPer study ({args.slices} slices of {args.matrix}², {len(cold)} studies): cold (retrieve, gate, "
           f"preprocess, score, SR stored) p50 {pct(cold, 50):.2f} s, p95 {pct(cold, 95):.2f} s; warm from Redis "
           f"p50 {pct(warm, 50):.3f} s, p95 {pct(warm, 95):.3f} s; cold/warm {pct(cold, 50) / pct(warm, 50):.0f}x")
+    for kind in ("cold", "warm"):
+        parts = [f"{step.removesuffix('_s')} {pct(v, 50):.3f}" for (k, step), v in r["study"]["steps"].items()
+                 if k == kind]
+        print(f"  {kind}, p50 s per step inside the service: {', '.join(parts)}")
     rep = r["replay"]
     hits = rep["after"].get("dicomops_cache_hits", 0) - rep["before"].get("dicomops_cache_hits", 0)
     misses = rep["after"].get("dicomops_cache_misses", 0) - rep["before"].get("dicomops_cache_misses", 0)

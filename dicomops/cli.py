@@ -471,7 +471,8 @@ def online(
     settings = load_settings()
     options = ServiceOptions(model_name=cfg.train.model_name, alias=None if version else serve.alias, version=version,
                              engine=serve.engine, threads=serve.threads, work=Path(work or settings.work_dir).resolve(),
-                             staging=settings.pacs_staging, ingest=cfg.ingest, key=b"",
+                             staging=settings.pacs_staging,
+                             ingest=cfg.ingest.model_copy(update={"workers": serve.gate_workers}), key=b"",
                              tracking_uri=settings.mlflow_tracking_uri, pacs_url=None, cache_ttl_s=serve.cache_ttl_s,
                              http_budget_s=settings.http_budget_s)
     scaling = ray_app.Scaling(serve.replicas, serve.max_batch, serve.batch_wait_ms / 1000)

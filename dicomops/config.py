@@ -242,6 +242,9 @@ class ServeConfig(_Section):
     engine: Literal["auto", "ort-fp32", "ort-int8", "tensorrt"] = Field(
         "auto", description="auto: TensorRT where a CUDA device and the extra are present, else ONNX Runtime FP32.")
     threads: int = Field(2, ge=1, le=64, description="ONNX Runtime intra-op threads per replica.")
+    gate_workers: int = Field(1, ge=1, le=64, description=(
+        "Processes of the online service's ingest gate per study. 1 runs it in the replica (about 3 s "
+        "faster a study); a file that crashes a decoder then takes the replica down, and Ray restarts it."))
     write_back: bool = Field(True, description="Batch inference over a PACS stores an SR per series back in it.")
     cache_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="Lifetime of a cached volume or study manifest.")
     cache_maxmemory_mb: int = Field(1024, ge=16, description="Memory cap of the Redis dicomops starts (LRU beyond).")

@@ -244,27 +244,21 @@ class PacsClient:
                                                    get_remaining=True)
         return {str(item["00080018"]["Value"][0]) for item in found if item.get("00080018", {}).get("Value")}
 
-    def image_instance_uids(self, study_uid: str) -> set[str]:
-        """QIDO-RS: the SOPInstanceUIDs of the study's instances that are not results (SR or SEG, the
-        kinds dicomops stores back): what a study's images are, before and after it is answered."""
+    def image_instances(self, study_uid: str) -> dict[str, str]:
+        """QIDO-RS: SOPInstanceUID → SeriesInstanceUID of the study's instances that are not results
+        (SR or SEG, the kinds dicomops stores back): what a study's images are, before and after it
+        is answered, in one request."""
         with translate_errors("listing a study's instances", self.server):
-            found = self._web.search_for_instances(study_instance_uid=study_uid,
-                                                   fields=["SOPInstanceUID", "SOPClassUID"], get_remaining=True)
-        uids = set()
+            found = self._web.search_for_instances(
+                study_instance_uid=study_uid, fields=["SOPInstanceUID", "SOPClassUID", "SeriesInstanceUID"],
+                get_remaining=True)
+        images = {}
         for item in found:
             sop_class = str((item.get("00080016", {}).get("Value") or [""])[0])
-            if sop_class.startswith(RESULT_CLASSES):
-                continue
-            if item.get("00080018", {}).get("Value"):
-                uids.add(str(item["00080018"]["Value"][0]))
-        return uids
-
-    def series_uids(self, study_uid: str) -> set[str]:
-        """QIDO-RS: the SeriesInstanceUIDs of the study's series the PACS holds now."""
-        with translate_errors("listing a study's series", self.server):
-            found = self._web.search_for_series(study_instance_uid=study_uid, fields=["SeriesInstanceUID"],
-                                                get_remaining=True)
-        return {str(item["0020000E"]["Value"][0]) for item in found if item.get("0020000E", {}).get("Value")}
+            sop, series = item.get("00080018", {}).get("Value"), item.get("0020000E", {}).get("Value")
+            if sop and series and not sop_class.startswith(RESULT_CLASSES):
+                images[str(sop[0])] = str(series[0])
+        return images
 
     def retrieve_study(self, study_uid: str, dest: Path) -> list[Path]:
         """WADO-RS: every instance of the study, as stored, into the new folder `dest`; return the files.

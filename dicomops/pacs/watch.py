@@ -46,7 +46,7 @@ class Pacs(Protocol):
 
     def store(self, datasets: Sequence[Any]) -> Any: ...
 
-    def image_instance_uids(self, study_uid: str) -> set[str]: ...
+    def image_instances(self, study_uid: str) -> dict[str, str]: ...
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def handle_study(study_uid: str, pacs: Pacs, staging: Path, work: Path, cfg: Ing
     if cache is not None and champion is not None:  # so that the study asked for online is warm
         from dicomops.serving.predict import preprocessing_identity, study_digest
 
-        digest = study_digest(key, pacs.image_instance_uids(study_uid), preprocessing_identity(champion))
+        digest = study_digest(key, pacs.image_instances(study_uid), preprocessing_identity(champion))
     try:
         shutil.rmtree(staged, ignore_errors=True)  # what a killed process left
         pacs.retrieve_study(study_uid, staged)

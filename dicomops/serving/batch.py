@@ -81,18 +81,45 @@ def predict_folder(src: Path, work: Path, cfg: IngestConfig, key: bytes, champio
 
 def predict_pacs(query: Mapping[str, str], pacs: Any, staging: Path, work: Path, cfg: IngestConfig, key: bytes,
                  champion: Champion, cache: VolumeCache | None = None, write_back: bool = True,
-                 progress: Progress = None) -> list[Answer]:
+                 progress: Progress = None, prefetch: Any = None) -> list[Answer]:
     """Every study the QIDO-RS `query` finds (DICOM keywords: ``StudyDate="20261130"``,
     ``ModalitiesInStudy="CT"``), scored and, with `write_back`, answered with SR in the PACS. The
-    UIDs the search returns live in this function's memory only."""
+    UIDs the search returns live in this function's memory only.
+
+    With `prefetch` (a second PACS client: a session per thread), the next study is retrieved while
+    this one is gated, preprocessed and scored, so the PACS transfer and the CPU work overlap; not
+    when studies may come warm from the cache (a retrieval would be wasted)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dicomops.pacs.watch import study_token
+    from dicomops.serving.predict import retrieve_into
+
     found = pacs.search_studies(**dict(query))
     uids = [str(ds.StudyInstanceUID) for ds in found if "StudyInstanceUID" in ds]
-    answers = []
-    for i, uid in enumerate(uids, 1):
-        answers.append(answer_pacs_study(uid, pacs, staging, Path(work) / "studies", cfg, key, champion, cache,
-                                         write_back=write_back))
-        if progress is not None:
-            progress(i, len(uids))
+    scratch = Path(work) / "studies"
+    answers: list[Answer] = []
+    if prefetch is None or (cache is not None and not write_back):
+        for i, uid in enumerate(uids, 1):
+            answers.append(answer_pacs_study(uid, pacs, staging, scratch, cfg, key, champion, cache, write_back))
+            if progress is not None:
+                progress(i, len(uids))
+        return answers
+    staged = [Path(staging) / study_token(key, uid) for uid in uids]
+    with ThreadPoolExecutor(1, thread_name_prefix="retrieve") as io:
+        ahead = io.submit(retrieve_into, prefetch, uids[0], staged[0]) if uids else None
+        try:
+            for i, uid in enumerate(uids):
+                current, ahead = ahead, (io.submit(retrieve_into, prefetch, uids[i + 1], staged[i + 1])
+                                         if i + 1 < len(uids) else None)
+                answers.append(answer_pacs_study(uid, pacs, staging, scratch, cfg, key, champion, cache, write_back,
+                                                 prefetched=current))
+                if progress is not None:
+                    progress(i + 1, len(uids))
+        finally:  # a study retrieved ahead and never answered leaves nothing in staging
+            if ahead is not None:
+                ahead.exception()
+            for folder in staged:
+                shutil.rmtree(folder, ignore_errors=True)
     return answers
 
 
@@ -205,9 +232,11 @@ def run_batch(*, src: Path | None, query: Mapping[str, str] | None, work: Path, 
             )
 
             root = (orthanc_url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
-            with PacsClient(root + DICOMWEB_ROOT, credentials_from_env(), timeout_s=read_timeout_s(http_budget_s)) as pacs:
+            credentials, timeout = credentials_from_env(), read_timeout_s(http_budget_s)
+            with PacsClient(root + DICOMWEB_ROOT, credentials, timeout_s=timeout) as pacs, \
+                    PacsClient(root + DICOMWEB_ROOT, credentials, timeout_s=timeout) as prefetch:
                 answers = predict_pacs(query or {}, pacs, staging, scratch, ingest_cfg, key, champion, cache,
-                                       serve_cfg.write_back, progress)
+                                       serve_cfg.write_back, progress, prefetch)
             source = "pacs"
         folder, metrics = record(work, batch_id, answers, champion, cache)
         run_id = log_batch(tracking_uri, artifact_root, batch_id, folder, metrics, champion, source, cache)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Any
 from dicomops.config import PreprocessConfig, TrainConfig
 from dicomops.export import onnx_export
 from dicomops.export.contract import InputContract
-from dicomops.serving.engine import SHA_TAGS, Engine, EngineKind, choose, open_engine
+from dicomops.serving.engine import ENGINE_FILES, SHA_TAGS, Engine, EngineKind, choose, open_engine
 from dicomops.tracking.registry import CHAMPION, WEIGHTS_ARTIFACT, alias_version
 from dicomops.tracking.runs import configure_mlflow
 
@@ -76,23 +78,51 @@ def resolve(client: Any, name: str, alias: str | None, version: str | None) -> A
     return mv
 
 
-def fetch_export(client: Any, mv: Any, dest: Path) -> Path:
-    """The version's exported files in `dest`, each checked against the sha256 its tags carry."""
-    folder = dest / EXPORT_ARTIFACT
-    if not (folder / "manifest.json").exists():
+def fetch(client: Any, mv: Any, dest: Path) -> Path:
+    """The version's weights configuration and exported files in `dest` (``weights/`` and
+    ``export/``), downloaded once: into a temporary folder beside it, then renamed into place, so
+    two processes loading the same version never read each other's half-written files."""
+    if (dest / EXPORT_ARTIFACT / "manifest.json").exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
         try:
-            client.download_artifacts(str(mv.run_id), EXPORT_ARTIFACT, str(dest))
+            (tmp / WEIGHTS_ARTIFACT).mkdir()
+            for name in (PREPROCESS_CONFIG, TRAIN_CONFIG):
+                with tempfile.TemporaryDirectory(dir=tmp) as one:
+                    got = client.download_artifacts(str(mv.run_id), f"{WEIGHTS_ARTIFACT}/{name}", one)
+                    os.replace(got, tmp / WEIGHTS_ARTIFACT / name)
+        except Exception as err:
+            raise ValueError(f"{mv.name} version {mv.version} was trained before its preprocessing was stored with "
+                             f"it ({WEIGHTS_ARTIFACT}/{PREPROCESS_CONFIG}); retrain it to use it here") from err
+        try:
+            client.download_artifacts(str(mv.run_id), EXPORT_ARTIFACT, str(tmp))
         except Exception as err:
             raise ValueError(f"{mv.name} version {mv.version} has not been exported; run 'dicomops export "
                              f"--version {mv.version}' first") from err
+        if not (tmp / EXPORT_ARTIFACT / "manifest.json").exists():
+            raise ValueError(f"{mv.name} version {mv.version} has no complete export; run 'dicomops export "
+                             f"--version {mv.version}' again")
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # another process put it there first
+            if not (dest / EXPORT_ARTIFACT / "manifest.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def check_hashes(mv: Any, folder: Path) -> None:
+    """Each exported model file against the sha256 the version's tags carry."""
     tags = dict(mv.tags or {})
     for kind, tag in SHA_TAGS.items():
         expected = tags.get(tag)
-        path = folder / ("model.onnx" if kind == "ort-fp32" else "model.int8.onnx")
+        path = folder / ENGINE_FILES[kind]
         if expected and path.exists() and onnx_export.sha256(path) != expected:
             raise ValueError(f"{path.name} of {mv.name} version {mv.version} does not match its registered sha256 "
                              f"({tag}); re-export the version")
-    return folder
 
 
 def load_champion(tracking_uri: str, name: str, alias: str | None = CHAMPION, version: str | None = None,
@@ -100,18 +130,12 @@ def load_champion(tracking_uri: str, name: str, alias: str | None = CHAMPION, ve
     """The version of `name` holding `alias` (or number `version`), on its exported engine."""
     client = configure_mlflow(tracking_uri)
     mv = resolve(client, name, None if version is not None else alias, version)
-    root = Path(models_dir or tempfile.mkdtemp(prefix="dicomops-models-")) / f"{name}-v{mv.version}"
-    root.mkdir(parents=True, exist_ok=True)
-    try:
-        weights = Path(client.download_artifacts(str(mv.run_id), f"{WEIGHTS_ARTIFACT}/{PREPROCESS_CONFIG}", str(root)))
-        train_raw = json.loads(Path(client.download_artifacts(str(mv.run_id), f"{WEIGHTS_ARTIFACT}/{TRAIN_CONFIG}",
-                                                              str(root))).read_text())
-    except Exception as err:
-        raise ValueError(f"{name} version {mv.version} was trained before its preprocessing was stored with it "
-                         f"({WEIGHTS_ARTIFACT}/{PREPROCESS_CONFIG}); retrain it to use it here") from err
-    preprocess = PreprocessConfig.model_validate(json.loads(weights.read_text()))
+    root = fetch(client, mv, Path(models_dir or tempfile.mkdtemp(prefix="dicomops-models-")) / f"{name}-v{mv.version}")
+    preprocess = PreprocessConfig.model_validate(json.loads((root / WEIGHTS_ARTIFACT / PREPROCESS_CONFIG).read_text()))
+    train_raw = json.loads((root / WEIGHTS_ARTIFACT / TRAIN_CONFIG).read_text())
     train = TrainConfig.model_validate({k: v for k, v in train_raw.items() if k != "in_channels"})
-    folder = fetch_export(client, mv, root)
+    folder = root / EXPORT_ARTIFACT
+    check_hashes(mv, folder)
     contract = onnx_export.read_contract(folder / "model.onnx")
     check_agreement(preprocess, contract)
     choice = choose(engine, {p.name for p in folder.iterdir()})

@@ -146,13 +146,14 @@ class Service:
         study_uid = body["study_instance_uid"]
         champion = dataclasses.replace(self.champion, engine=batched)
         try:
-            images = self.pacs.image_instance_uids(study_uid)
+            images = self.pacs.image_instances(study_uid)
             if not images:
                 raise RequestError(404, "the PACS holds no image of that study; check the StudyInstanceUID")
             answer = answer_pacs_study(study_uid, self.pacs, self.options.staging, self.scratch, self.options.ingest,
                                        self.options.key, champion, self.cache, write_back=write_back,
-                                       image_uids=images)
-            originals = {KeyedMapper(self.options.key).uid(u): u for u in self.pacs.series_uids(study_uid)}
+                                       images=images)
+            mapper = KeyedMapper(self.options.key)
+            originals = {mapper.uid(u): u for u in set(images.values())}
         except PacsError as err:
             raise RequestError(503, f"the PACS did not answer: {err}") from None
         if answer.status != "scored":

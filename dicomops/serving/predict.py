@@ -17,6 +17,7 @@ by the gate's pseudonym. The original UIDs stay with the caller (and in the SR t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -24,7 +25,8 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,12 +97,21 @@ class _Lap:
 # --------------------------------------------------------------------------------------------------
 # keys
 # --------------------------------------------------------------------------------------------------
+@functools.cache
+def _code_hash() -> str:
+    """The preprocessing code's hash, once per process: a running process's modules do not change."""
+    from dicomops.preprocessing.stage import code_hash
+
+    return code_hash()
+
+
 def preprocessing_identity(champion: Champion) -> str:
-    """The settings and code a cached volume depends on (what :func:`cache_key` hashes besides content)."""
-    from dicomops.preprocessing.stage import VOLUME_FIELDS, code_hash
+    """The settings and code a cached volume depends on (what the preprocessing's cache key hashes
+    besides content)."""
+    from dicomops.preprocessing.stage import VOLUME_FIELDS
 
     settings = champion.preprocess.model_dump(mode="json", include=set(VOLUME_FIELDS))
-    return json.dumps({"config": settings, "code": code_hash()}, sort_keys=True)
+    return json.dumps({"config": settings, "code": _code_hash()}, sort_keys=True)
 
 
 def study_digest(key: bytes, instance_uids: Iterable[str], identity: str) -> str:
@@ -144,13 +155,13 @@ def _finding(champion: Champion, series: str, manufacturer: str, volume: np.ndar
 def score_gated(champion: Champion, study_work: Path, cache: VolumeCache | None, timer: Timer,
                 study: str = "") -> tuple[list[SeriesFinding], list[dict[str, Any]]]:
     """Score every accepted series of a gated work directory; also return the manifest entries."""
-    from dicomops.preprocessing.stage import cache_key, code_hash, series_content_hash
+    from dicomops.preprocessing.stage import cache_key, series_content_hash
 
     layout = WorkLayout(study_work)
     accepted = pd.read_parquet(layout.ingest.accepted)
     if study:
         accepted = accepted[accepted.StudyInstanceUID == study]
-    code = code_hash()
+    code = _code_hash()
     findings, entries = [], []
     with tempfile.TemporaryDirectory(prefix="dicomops-pre-") as scratch:
         for uid, group in accepted.groupby("SeriesInstanceUID", sort=True):
@@ -227,12 +238,15 @@ def answer_from_cache(study: str, digest: str, champion: Champion, cache: Volume
 
 def answer_pacs_study(study_uid: str, pacs: Any, staging: Path, scratch: Path, cfg: IngestConfig, key: bytes,
                       champion: Champion, cache: VolumeCache | None = None, write_back: bool = False,
-                      study: str | None = None, image_uids: set[str] | None = None) -> Answer:
+                      study: str | None = None, images: Mapping[str, str] | None = None,
+                      prefetched: Future[float] | None = None) -> Answer:
     """One study of the PACS, by its StudyInstanceUID (held in memory only): warm from the cache when
     it can and nothing is to be written back; otherwise retrieved, gated, scored and, with
     `write_back`, answered with one SR per series stored in the PACS. Staging and the study's scratch
-    work directory are removed before returning. Only talking to the PACS raises. `image_uids`: the
-    study's image instances, when the caller has listed them already."""
+    work directory are removed before returning. Only talking to the PACS raises. `images`: the
+    study's image instances (:meth:`dicomops.pacs.client.PacsClient.image_instances`), when the
+    caller has listed them already. `prefetched`: the study is being retrieved into
+    ``staging/<token>`` by the caller (:func:`retrieve_into`), and this is that retrieval's future."""
     from dicomops.pacs.watch import build_reports, study_token
 
     timer = Timer()
@@ -241,18 +255,20 @@ def answer_pacs_study(study_uid: str, pacs: Any, staging: Path, scratch: Path, c
     digest = None
     if cache is not None:
         with timer("lookup_s"):
-            uids = image_uids if image_uids is not None else pacs.image_instance_uids(study_uid)
-            digest = study_digest(key, uids, preprocessing_identity(champion))
-        if not write_back:
+            listed = images if images is not None else pacs.image_instances(study_uid)
+            digest = study_digest(key, listed, preprocessing_identity(champion))
+        if not write_back and prefetched is None:
             warm = answer_from_cache(token, digest, champion, cache, timer)
             if warm is not None:
                 warm.timings["total_s"] = time.perf_counter() - t0
                 return warm
     staged, study_work = Path(staging) / token, Path(scratch) / token
     try:
-        shutil.rmtree(staged, ignore_errors=True)
-        with timer("retrieve_s"):
-            pacs.retrieve_study(study_uid, staged)
+        if prefetched is not None:
+            timer.timings["retrieve_s"] = prefetched.result()  # a failed retrieval raises here
+        else:
+            with timer("retrieve_s"):
+                retrieve_into(pacs, study_uid, staged)
         answer, entries = answer_staged(token, staged, study_work, cfg, key, champion, cache, timer)
         if cache is not None and digest is not None:
             remember(cache, digest, answer, entries)
@@ -274,6 +290,15 @@ def answer_pacs_study(study_uid: str, pacs: Any, staging: Path, scratch: Path, c
         shutil.rmtree(study_work, ignore_errors=True)
     answer.timings["total_s"] = time.perf_counter() - t0
     return answer
+
+
+def retrieve_into(pacs: Any, study_uid: str, staged: Path) -> float:
+    """The whole study into `staged` (anything a killed process left there is removed first); the
+    seconds it took."""
+    t0 = time.perf_counter()
+    shutil.rmtree(staged, ignore_errors=True)
+    pacs.retrieve_study(study_uid, staged)
+    return time.perf_counter() - t0
 
 
 def findings_frame(findings: Sequence[SeriesFinding], champion: Champion) -> pd.DataFrame:

@@ -75,16 +75,23 @@ def test_batch_over_the_pacs_then_warm_then_corrupt_then_redis_gone(
         env: ExportedChampion, orthanc: OrthancProcess, redis: redis_server.RedisServer,  # noqa: F811
         tmp_path: Path) -> None:
     files = synthetic_study(tmp_path / "send", slices=12, matrix=128, index=7, vendor="siemens")
-    study = _send(orthanc, files)
-    _wait_stable(orthanc, {study})
+    other = synthetic_study(tmp_path / "send-2", slices=12, matrix=128, index=8, vendor="philips")
+    study, second = _send(orthanc, files), _send(orthanc, other)
+    _wait_stable(orthanc, {study, second})
     work, staging = tmp_path / "work", tmp_path / "staging"
 
+    # Two studies: the second is retrieved while the first is gated and scored.
     result = predict(pacs_query={}, work=work, config=CONFIG)
-    assert (result["studies_scored"], result["results_stored"], result["studies_warm"]) == (1, 1, 0)
-    assert result["cache.misses"] >= 1 and result["cache.bytes_written"] > 0
-    (report,) = _reports(orthanc, study)
-    assert report.StudyInstanceUID == study
+    assert (result["studies_scored"], result["results_stored"], result["studies_warm"]) == (2, 2, 0)
+    assert result["cache.misses"] >= 2 and result["cache.bytes_written"] > 0
+    for uid in (study, second):
+        (report,) = _reports(orthanc, uid)
+        assert report.StudyInstanceUID == uid
     table = pd.read_csv(result["results"], keep_default_na=False, float_precision="round_trip")
+    from dicomops.deid.keys import KeyedMapper
+
+    table = table[table.series == KeyedMapper(KEY).uid(str(pydicom.dcmread(files[0]).SeriesInstanceUID))]
+    assert len(table) == 1
 
     champion = load_champion(env.uri, TINY.model_name, models_dir=tmp_path / "models")
     cache = VolumeCache.from_env()
@@ -106,7 +113,7 @@ def test_batch_over_the_pacs_then_warm_then_corrupt_then_redis_gone(
         assert cache.stats.corrupt >= 1 and "preprocess_s" in corrupt.timings
 
         # Nothing identifying in Redis: keys are hashes, values pixels and pseudonyms.
-        needles = _needles(files)
+        needles = _needles([*files, *other])
         for k in cache.client.scan_iter("dicomops:*"):
             text = k.decode() + cache.client.get(k).decode("latin-1")
             assert not [n for n in needles if len(n) >= 4 and n in text], k
