@@ -583,6 +583,9 @@ def serve(
         help="The PACS's studies, configuration and log (default: pacs/ in the project). PHI: never in WORK.")] = None,
     pacs_stable_age: Annotated[int, typer.Option(
         help="Seconds without a new instance before a study is stable and pacs-watch takes it.")] = 10,
+    redis_port: Annotated[int, typer.Option(
+        help="Loopback port of the Redis cache pacs-watch fills (started when DICOMOPS_REDIS_PASSWORD is set and "
+             "DICOMOPS_REDIS_URL is not).")] = 6390,
 ) -> None:
     """Run the deployments on this machine: the PACS, a Prefect server, the deployments of prefect.yaml, a worker.
 
@@ -608,7 +611,7 @@ def serve(
                   f"{host}:{port}, registering deployments, starting a worker...")
     with interrupt_on():  # SIGTERM or SIGHUP while starting: start() stops what it started, as on Ctrl-C
         try:
-            stack = start(Path.cwd(), host, port, pool, pacs=options)
+            stack = start(Path.cwd(), host, port, pool, pacs=options, redis_port=redis_port)
         except ValueError as err:
             console.print(f"[red]cannot serve:[/] {escape(str(err))}; or serve without the PACS: --no-pacs",
                           soft_wrap=True)
@@ -628,7 +631,8 @@ def serve(
                 console.print(f"DICOMweb root: {stack.pacs.dicomweb_url}  (send studies with STOW-RS; a study is "
                               f"taken {pacs_stable_age} s after its last instance); studies stored in "
                               f"{escape(str(stack.pacs.data))}", soft_wrap=True)
-            console.print(f"pacs-watch watches {escape(stack.pacs_watch)}", soft_wrap=True)
+            console.print(f"pacs-watch watches {escape(stack.pacs_watch)}; volume cache: {escape(stack.cache)}",
+                          soft_wrap=True)
             console.print(f"incoming folder: {escape(str(stack.incoming))}: put new DICOM studies there (a labels.csv "
                           "beside them makes the batch part of the next retrain); the monitor checks it nightly at "
                           "02:00 UTC", soft_wrap=True)

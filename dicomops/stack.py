@@ -129,6 +129,7 @@ class Stack:
     database: str = ""  # where the server keeps flow runs, in words
     pacs: OrthancProcess | None = None  # the embedded PACS, when it runs
     pacs_watch: str = ""  # what the pacs-watch deployment watches, in words
+    cache: str = ""  # the Redis cache pacs-watch fills, in words
     contexts: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
 
     def __enter__(self) -> Stack:
@@ -351,11 +352,39 @@ def pause_schedules(api_url: str, flow: str, deployment: str) -> int:
     return paused
 
 
+def start_cache(stack: Stack, worker_env: dict[str, str], redis_port: int | None, maxmemory_mb: int) -> None:
+    """The volume cache pacs-watch fills (and ``dicomops online`` reads): ``DICOMOPS_REDIS_URL`` when
+    set; else, with `redis_port` and ``DICOMOPS_REDIS_PASSWORD``, a Redis started here, stopped with
+    the stack (a cache that dies stops nothing: the flows recompute). Its address and password reach
+    the worker only."""
+    import shutil
+
+    from dicomops.serving import redis_server
+    from dicomops.serving.cache import PASSWORD_ENV as REDIS_PASSWORD_ENV
+    from dicomops.serving.cache import URL_ENV as REDIS_URL_ENV
+
+    if worker_env.get(REDIS_URL_ENV):
+        stack.cache = f"the Redis at {server_address(worker_env[REDIS_URL_ENV])} ({REDIS_URL_ENV})"
+        return
+    password = worker_env.get(REDIS_PASSWORD_ENV, "")
+    if redis_port is None or not password or shutil.which("redis-server") is None:
+        why = ("no --redis-port" if redis_port is None else f"{REDIS_PASSWORD_ENV} is not set" if not password
+               else "redis-server is not installed")
+        stack.cache = f"none ({why}): studies are preprocessed again when asked for online"
+        return
+    redis = redis_server.start(redis_port, password, maxmemory_mb)
+    stack.contexts.callback(redis.stop)
+    worker_env[REDIS_URL_ENV] = redis.url
+    stack.cache = (f"Redis at {redis.url} ({maxmemory_mb} MB, LRU); for dicomops online: "
+                   f"export {REDIS_URL_ENV}={redis.url}")
+
+
 def start(project: Path, host: str = "127.0.0.1", port: int = 4200, pool: str = "dicomops",
           worker: bool = True, log: Path | None = None, cpu_heavy_limit: int = 1,
-          pacs: PacsOptions | None = None) -> Stack:
-    """Create ``incoming/``, start the PACS (unless `pacs` is None), start the server, register the
-    deployments, start the worker; return the running stack.
+          pacs: PacsOptions | None = None, redis_port: int | None = None, redis_maxmemory_mb: int = 1024) -> Stack:
+    """Create ``incoming/``, start the PACS (unless `pacs` is None) and the cache (see
+    :func:`start_cache`), start the server, register the deployments, start the worker; return the
+    running stack.
 
     Raises:
         ValueError: Orthanc or its DICOMweb plugin is not installed, or a bad PACS option.
@@ -366,9 +395,10 @@ def start(project: Path, host: str = "127.0.0.1", port: int = 4200, pool: str = 
     project = project.resolve()
     api_url, ui_url = f"http://{host}:{port}/api", f"http://{host}:{port}"
     env = server_env(project, api_url)
-    # The password goes to the worker (its flow runs talk to the PACS) and nowhere else.
+    # The passwords go to the worker (its flow runs talk to the PACS and the cache) and nowhere else.
     worker_env = dict(env)
-    env.pop(PASSWORD_ENV, None)
+    for secret in (PASSWORD_ENV, "DICOMOPS_REDIS_PASSWORD", "DICOMOPS_SERVE_TOKEN"):
+        env.pop(secret, None)
     out = open(log, "ab") if log else None  # noqa: SIM115 (lives as long as the processes)
     stack = Stack(api_url, ui_url, incoming=create_incoming(project), database=describe_database(env))
     try:
@@ -382,6 +412,7 @@ def start(project: Path, host: str = "127.0.0.1", port: int = 4200, pool: str = 
             stack.pacs_watch = f"the PACS at {stack.pacs.url}"
         elif worker_env.get(URL_ENV):
             stack.pacs_watch = f"the PACS at {server_address(worker_env[URL_ENV])} ({URL_ENV})"
+        start_cache(stack, worker_env, redis_port, redis_maxmemory_mb)
         if stack.pacs_watch:  # where its runs stage studies (Settings.pacs_staging, from the project folder)
             create_private(project / Path(env.get(STAGING_ENV) or STAGING_DEFAULT).expanduser())
         stack.spawn(_prefect("server", "start", "--host", host, "--port", str(port)), env, project, out)

@@ -162,18 +162,21 @@ def test_serve_runs_the_pacs_beside_prefect_and_a_study_sent_to_it_is_taken(tmp_
     assert not (project / "incoming").exists()
 
     credentials = PacsCredentials("integration", secrets.token_urlsafe(18))
-    port, pacs_port = _free_port(), _free_port()
+    port, pacs_port, redis_port = _free_port(), _free_port(), _free_port()
+    redis_password = secrets.token_urlsafe(18)
     api, pacs_url = f"http://127.0.0.1:{port}/api", f"http://127.0.0.1:{pacs_port}"
     env = {k: v for k, v in os.environ.items()
            if k not in (URL_ENV, "DICOMOPS_PACS_STORAGE", "DICOMOPS_PACS_STAGING", "DICOMOPS_WORK_DIR")}
+    env.pop("DICOMOPS_REDIS_URL", None)
     env.update({USER_ENV: credentials.user, PASSWORD_ENV: credentials.password, "COLUMNS": "300",
+                "DICOMOPS_REDIS_PASSWORD": redis_password,
                 "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}",
                 "DICOMOPS_MLFLOW_ARTIFACT_ROOT": str(tmp_path / "mlflow" / "artifacts")})
     log = tmp_path / "serve.log"
     started = time.monotonic()
     with open(log, "wb") as out:
         serve = subprocess.Popen([sys.executable, "-m", "dicomops.cli", "serve", "--port", str(port), "--pacs-port",
-                                  str(pacs_port), "--pacs-stable-age", "1"], cwd=project, env=env, stdout=out,
+                                  str(pacs_port), "--pacs-stable-age", "1", "--redis-port", str(redis_port)], cwd=project, env=env, stdout=out,
                                  stderr=subprocess.STDOUT, start_new_session=True)
     family: list[int] = []
     try:
@@ -194,6 +197,8 @@ def test_serve_runs_the_pacs_beside_prefect_and_a_study_sent_to_it_is_taken(tmp_
         assert f"DICOMweb root: {pacs_url}/dicom-web/" in banner
         assert f"pacs-watch watches the PACS at {pacs_url}" in banner
         assert f"MLflow store: {tmp_path / 'mlflow' / 'mlflow.db'}" in banner
+        redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        assert f"volume cache: Redis at {redis_url}" in banner and redis_password not in banner
 
         # The PACS's address and password reach the worker (and so its flow runs); the password
         # reaches neither the Prefect server nor anything it started.
@@ -201,15 +206,17 @@ def test_serve_runs_the_pacs_beside_prefect_and_a_study_sent_to_it_is_taken(tmp_
         assert all(roles.values()), roles
         (worker,) = roles["worker"]
         assert _environ(worker)[URL_ENV] == pacs_url and _environ(worker)[PASSWORD_ENV] == credentials.password
+        assert _environ(worker)["DICOMOPS_REDIS_URL"] == redis_url
         for pid in roles["server"] + [p for s in roles["server"] for p in serving._family(s)]:
             with contextlib.suppress(OSError):
-                assert credentials.password not in Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+                server_environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+                assert credentials.password not in server_environ and redis_password not in server_environ
 
         # Prefect: what serve has always set up.
         assert (project / "incoming").is_dir()
         assert f"Prefect database: {project.resolve() / '.prefect' / 'prefect.db'}" in banner
         deployments = {d["name"]: d for d in _post(f"{api}/deployments/filter", {})}
-        assert set(deployments) == {"pipeline", "monitor", "retrain", "pacs-watch"}
+        assert set(deployments) == {"pipeline", "monitor", "retrain", "pacs-watch", "predict"}
         assert all(d["description"].startswith("Started ") for d in deployments.values())
         (schedule,) = deployments["monitor"]["schedules"]
         assert schedule["schedule"]["cron"] == "0 2 * * *" and schedule["active"]
@@ -288,6 +295,6 @@ def test_serve_runs_the_pacs_beside_prefect_and_a_study_sent_to_it_is_taken(tmp_
     assert "stopped (SIGTERM)" in output
     assert credentials.password not in output
     assert not [pid for pid in family if serving._running(pid)]  # Orthanc, the server, the worker: all gone
-    for closed in (pacs_port, port):
+    for closed in (pacs_port, port, redis_port):  # the cache stops with the stack
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", closed), timeout=5).close()

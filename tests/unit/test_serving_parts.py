@@ -141,3 +141,32 @@ def test_the_batch_summary_counts_studies_not_gate_notes() -> None:
     s = summarise(answers)
     assert (s["studies"], s["studies_scored"], s["studies_refused"], s["studies_failed"]) == (3, 1, 1, 1)
     assert s["series_positive"] == 1 and s["quarantined_files"] == 3 and s["latency_p50_s"] == 1.0
+
+
+def test_dicomops_serve_starts_the_cache_only_with_a_password_and_hands_it_to_the_worker() -> None:
+    import shutil
+
+    from dicomops.stack import Stack, start_cache
+
+    stack = Stack("http://127.0.0.1:1/api", "http://127.0.0.1:1")
+    env: dict[str, str] = {}
+    start_cache(stack, env, 6390, 64)
+    assert "DICOMOPS_REDIS_PASSWORD is not set" in stack.cache and vc.URL_ENV not in env
+    env = {vc.URL_ENV: "redis://127.0.0.1:7777/0"}
+    start_cache(stack, env, 6390, 64)
+    assert "127.0.0.1:7777" in stack.cache
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    port = _closed_port()
+    env = {vc.PASSWORD_ENV: "a-test-password"}
+    start_cache(stack, env, port, 16)
+    try:
+        assert env[vc.URL_ENV] == f"redis://127.0.0.1:{port}/0" and f"export {vc.URL_ENV}=" in stack.cache
+        cache = vc.VolumeCache(env[vc.URL_ENV], "a-test-password")
+        assert cache.ping()
+        assert not vc.VolumeCache(env[vc.URL_ENV], "wrong-password", backoff_s=0).ping()
+        cache.put_volume("k", np.ones((4, 4, 4), np.float16))
+        assert np.array_equal(cache.get_volume("k"), np.ones((4, 4, 4), np.float16))
+    finally:
+        stack.contexts.close()
+    assert not vc.VolumeCache(env[vc.URL_ENV], "a-test-password", timeout_s=0.3).ping()  # stopped with the stack
