@@ -209,7 +209,7 @@ def main() -> None:
         env = {TOKEN_ENV: token, "DICOMOPS_DEID_KEY": KEY.decode(), USER_ENV: credentials.user,
                PASSWORD_ENV: credentials.password, REDIS_PASSWORD_ENV: redis_password}
         os.environ.update(env)
-        results: dict[str, Any] = {"batching": {}, "study": {}, "replay": {}}
+        results: dict[str, Any] = {"batching": {}, "study": {}, "replay": {}, "study_load": {}}
         with start_orthanc(root / "pacs", free_port(), credentials, stable_age_s=1) as orthanc:
             os.environ[URL_ENV] = orthanc.url
             redis = redis_server.start(free_port(), redis_password, maxmemory_mb=512, workdir=root)
@@ -218,65 +218,109 @@ def main() -> None:
                                      work=root / "serve-work", staging=root / "staging", ingest=IngestConfig(workers=1),
                                      key=b"", tracking_uri=uri, pacs_url=None, cache_ttl_s=3600)
             try:
-                for label, batch in (("off", 1), ("on", 32)):
+                folders = write_studies(root / "studies", args.studies + args.replay, 1000, args.slices, args.matrix)
+                with PacsClient(orthanc.dicomweb_url, credentials) as pacs:
+                    uids = [send(pacs, f) for f in folders]
+                wait_stable(orthanc.url, credentials, set(uids))
+                # Batching on first: its run also fills the cache the warm-study load of both runs reads.
+                for label, batch in (("on", 32), ("off", 1)):
                     t0 = time.perf_counter()
                     url = ray_app.start(options, ray_app.Scaling(max_batch=batch, batch_wait_s=0.005),
                                         port=free_port())
                     print(f"service with batching {label} (max batch {batch}) up in {time.perf_counter() - t0:.1f} s")
                     asyncio.run(slab_load(url, token, slab.getvalue(), 4, 2.0))  # warm-up
                     for c in clients:
-                        results["batching"][(label, c)] = asyncio.run(
-                            slab_load(url, token, slab.getvalue(), c, args.seconds))
-                        r = results["batching"][(label, c)]
-                        print(f"  {c:>3} clients: {r['rps']:7.1f} req/s, p50 {r['p50_ms']:7.1f} ms, "
+                        r = asyncio.run(slab_load(url, token, slab.getvalue(), c, args.seconds))
+                        results["batching"][(label, c)] = r
+                        print(f"  {c:>3} slab clients: {r['rps']:7.1f} req/s, p50 {r['p50_ms']:7.1f} ms, "
                               f"p95 {r['p95_ms']:7.1f} ms, errors {r['errors']:.0f}")
-                    if label == "off":
-                        ray_app.stop()
-                results["memory_after_load"] = memory()
-
-                folders = write_studies(root / "studies", args.studies + args.replay, 1000, args.slices, args.matrix)
-                with PacsClient(orthanc.dicomweb_url, credentials) as pacs:
-                    uids = [send(pacs, f) for f in folders]
-                wait_stable(orthanc.url, credentials, set(uids))
-                cold, warm, steps = [], [], {}
-                for uid in uids[: args.studies]:
-                    elapsed, answer = ask(url, token, uid, write_back=True)
-                    assert not answer["warm"] and answer["results_stored"] >= 1, answer
-                    cold.append(elapsed)
-                    for step, seconds in answer["timings_s"].items():
-                        steps.setdefault(("cold", step), []).append(seconds)
-                    elapsed, answer = ask(url, token, uid, write_back=False)
-                    assert answer["warm"], answer
-                    warm.append(elapsed)
-                    for step, seconds in answer["timings_s"].items():
-                        steps.setdefault(("warm", step), []).append(seconds)
-                results["study"] = {"cold": cold, "warm": warm, "steps": steps}
-
-                # Replay: 30 % of requests repeat a study asked for before.
-                replay_rng = np.random.default_rng(1)
-                fresh = list(uids[args.studies:])
-                seen: list[str] = []
-                first, repeat = [], []
-                before = redis_stats(url, token)
-                for i in range(args.replay):
-                    if seen and replay_rng.random() < 0.3:
-                        elapsed, _ = ask(url, token, seen[int(replay_rng.integers(len(seen)))], write_back=False)
-                        repeat.append(elapsed)
-                    else:
-                        uid = fresh.pop() if fresh else seen[i % len(seen)]
-                        elapsed, _ = ask(url, token, uid, write_back=False)
-                        (first if uid not in seen else repeat).append(elapsed)
-                        seen.append(uid)
-                after = redis_stats(url, token)
-                results["replay"] = {"first": first, "repeat": repeat, "before": before, "after": after}
-                results["memory"] = memory()
-                results["redis_used_mb"] = after.get("dicomops_cache_used_memory_bytes", 0) / 2**20
+                    if label == "on":
+                        results["memory_after_load"] = memory()
+                        results["study"] = cold_then_warm(url, token, uids[: args.studies])
+                        results["replay"] = replay(url, token, uids[: args.studies], uids[args.studies:],
+                                                   args.replay)
+                        results["memory"] = memory()
+                    for c in STUDY_CLIENTS:
+                        r = asyncio.run(study_load(url, token, uids[: args.studies], c, args.seconds))
+                        results["study_load"][(label, c)] = r
+                        print(f"  {c:>3} warm-study clients: {r['rps']:6.2f} studies/s, p50 {r['p50_ms']:7.1f} ms, "
+                              f"p95 {r['p95_ms']:7.1f} ms, errors {r['errors']:.0f}")
+                    ray_app.stop()
+                results["redis_used_mb"] = results["replay"]["after"].get("dicomops_cache_used_memory_bytes", 0) / 2**20
             finally:
                 ray_app.stop()
                 redis.stop()
         report(args, clients, results, time.perf_counter() - started)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+STUDY_CLIENTS = (1, 4, 8)
+
+
+def cold_then_warm(url: str, token: str, uids: list[str]) -> dict[str, Any]:
+    """Each study cold (retrieved, gated, preprocessed, scored, SR stored), then warm from Redis."""
+    cold, warm, steps = [], [], {}
+    for uid in uids:
+        elapsed, answer = ask(url, token, uid, write_back=True)
+        assert not answer["warm"] and answer["results_stored"] >= 1, answer
+        cold.append(elapsed)
+        for step, seconds in answer["timings_s"].items():
+            steps.setdefault(("cold", step), []).append(seconds)
+        elapsed, answer = ask(url, token, uid, write_back=False)
+        assert answer["warm"], answer
+        warm.append(elapsed)
+        for step, seconds in answer["timings_s"].items():
+            steps.setdefault(("warm", step), []).append(seconds)
+    return {"cold": cold, "warm": warm, "steps": steps}
+
+
+def replay(url: str, token: str, seen_before: list[str], fresh: list[str], requests: int) -> dict[str, Any]:
+    """`requests` study requests, 30 % of them repeating a study asked for earlier in the replay."""
+    rng = np.random.default_rng(1)
+    fresh, seen = list(fresh), []
+    first, repeat = [], []
+    before = redis_stats(url, token)
+    for i in range(requests):
+        if seen and rng.random() < 0.3:
+            elapsed, _ = ask(url, token, seen[int(rng.integers(len(seen)))], write_back=False)
+            repeat.append(elapsed)
+        else:
+            uid = fresh.pop() if fresh else seen_before[i % len(seen_before)]
+            elapsed, _ = ask(url, token, uid, write_back=False)
+            (repeat if uid in seen else first).append(elapsed)
+            seen.append(uid)
+    return {"first": first, "repeat": repeat, "before": before, "after": redis_stats(url, token)}
+
+
+async def study_load(url: str, token: str, uids: list[str], clients: int, seconds: float) -> dict[str, float]:
+    """C closed-loop clients asking for cached studies in turn: every slab of every study through
+    the batcher, no retrieval, gate or preprocessing."""
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + seconds
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(timeout=300) as client:
+        async def worker(offset: int) -> None:
+            nonlocal errors
+            i = offset
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                r = await client.post(f"{url}/v1/studies", json={"study_instance_uid": uids[i % len(uids)]},
+                                      headers=headers)
+                if r.status_code == 200 and r.json()["warm"]:
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    errors += 1
+                i += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(k) for k in range(clients)))
+        elapsed = time.perf_counter() - t0
+    return {"rps": len(latencies) / elapsed, "p50_ms": 1000 * pct(latencies, 50), "p95_ms": 1000 * pct(latencies, 95),
+            "errors": float(errors)}
 
 
 def redis_stats(url: str, token: str) -> dict[str, float]:
@@ -294,6 +338,13 @@ def report(args: argparse.Namespace, clients: list[int], r: dict[str, Any], run_
     for c in clients:
         off, on = r["batching"][("off", c)], r["batching"][("on", c)]
         print(f"| {c} | {off['rps']:.1f} | {off['p50_ms']:.0f} / {off['p95_ms']:.0f} | {on['rps']:.1f} | "
+              f"{on['p50_ms']:.0f} / {on['p95_ms']:.0f} | {on['rps'] / off['rps']:.2f}x |")
+    print("\nDynamic batching on whole studies (warm from Redis: every slab of a study through the batcher):\n")
+    print("| clients | off studies/s | off p50 / p95 ms | on studies/s | on p50 / p95 ms | throughput on/off |")
+    print("|---|---|---|---|---|---|")
+    for c in STUDY_CLIENTS:
+        off, on = r["study_load"][("off", c)], r["study_load"][("on", c)]
+        print(f"| {c} | {off['rps']:.2f} | {off['p50_ms']:.0f} / {off['p95_ms']:.0f} | {on['rps']:.2f} | "
               f"{on['p50_ms']:.0f} / {on['p95_ms']:.0f} | {on['rps'] / off['rps']:.2f}x |")
     cold, warm = r["study"]["cold"], r["study"]["warm"]
     print(f"\nPer study ({args.slices} slices of {args.matrix}², {len(cold)} studies): cold (retrieve, gate, "

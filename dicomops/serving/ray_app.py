@@ -205,9 +205,12 @@ def start(options: Any, scaling: Scaling, host: str = "127.0.0.1", port: int = 8
 
 
 def stop() -> None:
+    """Stop the application and the Ray this process started (safe to call twice)."""
     import ray
     from ray import serve
 
+    if not ray.is_initialized():
+        return
     try:
         serve.shutdown()
     finally:

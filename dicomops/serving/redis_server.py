@@ -8,9 +8,11 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 
 def config(port: int, password: str, maxmemory_mb: int, bind: str = "127.0.0.1", workdir: Path | None = None) -> str:
@@ -31,6 +33,7 @@ class RedisServer:
     process: subprocess.Popen[bytes]
     port: int
     bind: str
+    log: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -44,6 +47,8 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.log is not None:
+            self.log.close()
 
 
 def start(port: int, password: str, maxmemory_mb: int = 1024, bind: str = "127.0.0.1",
@@ -53,19 +58,23 @@ def start(port: int, password: str, maxmemory_mb: int = 1024, bind: str = "127.0
     if binary is None:
         raise FileNotFoundError("redis-server is not installed; apt-get install redis-server (or run without "
                                 "the cache: leave DICOMOPS_REDIS_URL unset)")
-    process = subprocess.Popen([binary, "-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, cwd=workdir, start_new_session=True)
+    text = config(port, password, maxmemory_mb, bind, workdir)
+    # Its log goes to an unnamed temporary file: a pipe nobody reads could fill and stall Redis.
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the server; closed by stop)
+    process = subprocess.Popen([binary, "-"], stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                               cwd=workdir, start_new_session=True)
     assert process.stdin is not None
-    process.stdin.write(config(port, password, maxmemory_mb, bind, workdir).encode())
+    process.stdin.write(text.encode())
     process.stdin.close()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            err = process.stderr.read().decode(errors="replace") if process.stderr else ""
+            log.seek(0)
+            err = log.read().decode(errors="replace").replace(password, "***")
             raise RuntimeError(f"redis-server exited with {process.returncode}: {err.strip()[-500:]}")
         try:
             with socket.create_connection((bind, port), timeout=0.2):
-                return RedisServer(process, port, bind)
+                return RedisServer(process, port, bind, log)
         except OSError:
             time.sleep(0.05)
     process.kill()

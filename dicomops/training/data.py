@@ -34,8 +34,14 @@ def _resize(batch: np.ndarray, size: int) -> torch.Tensor:
 
 
 def all_slabs(volume: np.ndarray, k: int, size: int) -> torch.Tensor:
-    """Every slice of a (X, Y, Z) volume as a (Z, k, size, size) float tensor."""
-    return _resize(np.stack([slab(volume, z, k) for z in range(volume.shape[-1])]), size)
+    """Every slice of a (X, Y, Z) volume as a (Z, k, size, size) float tensor: the slab of each
+    slice (:func:`slab`, edges repeated), resized. Each slice is resized once and the slabs are
+    stacked from the resized slices, which is bit-identical to resizing every slab (area resizing
+    treats each plane on its own) and k times less work."""
+    depth = volume.shape[-1]
+    planes = _resize(np.moveaxis(volume, -1, 0)[:, None], size)[:, 0]
+    idx = np.clip(np.arange(depth)[:, None] + np.arange(-(k // 2), k // 2 + 1), 0, depth - 1)
+    return planes[torch.from_numpy(idx)]
 
 
 @dataclass

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from dicomops.layout import WorkLayout
 from dicomops.tracking.promotion import ModelScore, decide_promotion
@@ -147,3 +148,14 @@ def test_promotion_gate_decisions() -> None:
     assert decide_promotion(better, champion).tags()["promotion.decision"] == "auto-promoted"
     with pytest.raises(ValueError, match="non-negative"):
         decide_promotion(better, champion, margin=-1)
+
+
+@pytest.mark.parametrize(("k", "depth"), [(1, 4), (3, 1), (3, 7), (5, 9)])
+def test_all_slabs_is_every_slab_resized_bit_for_bit(k: int, depth: int) -> None:
+    from dicomops.preprocessing.slabs import slab
+    from dicomops.training.data import _resize, all_slabs
+
+    volume = np.random.default_rng(k * depth).random((40, 40, depth)).astype(np.float16)
+    reference = _resize(np.stack([slab(volume, z, k) for z in range(depth)]), 16)  # the definition
+    fast = all_slabs(volume, k, 16)
+    assert fast.shape == (depth, k, 16, 16) and torch.equal(fast, reference)
