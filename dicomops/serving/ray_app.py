@@ -8,7 +8,8 @@ preprocessing run in worker threads; LitServe, BentoML and PyTriton batch whole 
 would serialise a study's I/O behind the engine. It is the only one of the four whose replicas scale
 onto a cluster unchanged (``ray start`` on more machines, or KubeRay), and it installs without
 changing any of the project's packages (BentoML and PyTriton downgrade some). It costs more memory
-(about 1.3 GB for the Ray processes) and about 13 s to start.
+(measured by ``benchmarks/serving.py``: the replica about 1.2 GB resident, every Ray process
+together 1.7 GB PSS) and about 15 s to start.
 
 Everything the service decides is in :mod:`dicomops.serving.online`; this module only wires it to
 HTTP: ``POST /v1/studies``, ``POST /v1/slabs``, ``GET /healthz`` (alive), ``GET /readyz`` (model

@@ -1,5 +1,6 @@
-"""The online service on a real Ray Serve, with a real Orthanc and a real Redis: a study scored by
-the batch flow comes back online warm from the cache with exactly the same finding as the flow and
+"""The online service on a real Ray Serve, with a real Orthanc and a real Redis: a study sent to the
+PACS is answered by pacs-watch with no one acting and comes back online warm from the cache it
+filled; a study scored by the batch flow comes back online warm with exactly the same finding as the flow and
 the library; pre-cut slabs are scored as the engine scores them; no token, a bad body, an unknown
 study or a study the gate refuses each get a clear error and nothing is written back; Redis gone,
 the service keeps answering the same; every Ray server listens on loopback only; nothing
@@ -109,6 +110,24 @@ def test_requests_without_the_token_or_with_a_bad_body_are_refused(
     assert wrong_shape.status_code == 400 and "input contract" in wrong_shape.json()["error"]
 
 
+def test_a_study_sent_to_the_pacs_is_answered_by_pacs_watch_and_comes_back_warm_online(
+        service: tuple[str, redis_server.RedisServer, Path], orthanc: OrthancProcess,  # noqa: F811
+        tmp_path: Path) -> None:
+    """The issue's "done when": no one acts between the PACS receiving a study and its SR, and the
+    study asked for online comes from the cache pacs-watch filled."""
+    from flows.pacs_watch import pacs_watch
+
+    url = service[0]
+    files = synthetic_study(tmp_path / "send", slices=12, matrix=128, index=21, vendor="canon")
+    study = _send(orthanc, files)
+    _wait_stable(orthanc, {study})
+    result = pacs_watch(work=tmp_path / "work", staging=tmp_path / "staging", config=CONFIG)
+    assert result["ingested"] >= 1 and len(_reports(orthanc, study)) == 1
+    online = _ask(url, {"study_instance_uid": study})
+    assert online.status_code == 200 and online.json()["warm"], online.text
+    assert online.json()["series"][0]["series_instance_uid"] == str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+
+
 def test_online_batch_and_library_agree_warm_from_the_cache_and_after_redis_dies(
         service: tuple[str, redis_server.RedisServer, Path], exported_champion: ExportedChampion,
         orthanc: OrthancProcess, tmp_path: Path) -> None:  # noqa: F811
@@ -181,3 +200,4 @@ def test_a_study_the_gate_refuses_is_a_clear_error_and_nothing_is_written_back(
     assert answer.status_code == 422 and "nothing was written back" in answer.json()["error"]
     assert study not in answer.text and "ONLINE-REFUSED-7" not in answer.text
     assert _reports(orthanc, study) == []
+
