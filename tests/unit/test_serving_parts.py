@@ -170,3 +170,18 @@ def test_dicomops_serve_starts_the_cache_only_with_a_password_and_hands_it_to_th
     finally:
         stack.contexts.close()
     assert not vc.VolumeCache(env[vc.URL_ENV], "a-test-password", timeout_s=0.3).ping()  # stopped with the stack
+
+
+def test_the_token_is_required_and_compared_whole() -> None:
+    from dicomops.serving.online import TOKEN_ENV, RequestError, check_token
+
+    env = {TOKEN_ENV: "s3cret-token"}
+    check_token("Bearer s3cret-token", env)
+    check_token("bearer  s3cret-token ", env)
+    for header in (None, "", "Bearer", "Bearer s3cret", "Bearer s3cret-token-and-more", "Basic s3cret-token"):
+        with pytest.raises(RequestError) as refused:
+            check_token(header, env)
+        assert refused.value.status == 401 and TOKEN_ENV in refused.value.message
+    with pytest.raises(RequestError) as unconfigured:  # no token set: nobody gets in
+        check_token("Bearer ", {})
+    assert unconfigured.value.status == 503
