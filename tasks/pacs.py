@@ -17,15 +17,15 @@ from dicomops.pacs import watch
 def champion_available(tracking_uri: str, model_name: str) -> bool:
     """Whether a champion can score the studies: one holds the alias and has been exported
     (without one they are ingested, not answered)."""
+    from dicomops.serving.champion import unexported_champion
     from dicomops.tracking.registry import CHAMPION, alias_version, sync_reviews
     from dicomops.tracking.runs import configure_mlflow
 
     for change in sync_reviews(tracking_uri, model_name):  # a decision made on the MLflow page counts
         print(f"registry: {change}")
     mv = alias_version(configure_mlflow(tracking_uri), model_name, CHAMPION)
-    if mv is not None and "export.onnx.sha256" not in (mv.tags or {}):
-        print(f"pacs-watch: {model_name} version {mv.version} (champion) has not been exported, and studies are "
-              f"scored on the exported engine only; run 'dicomops export --version {mv.version}'")
+    if mv is not None and (why := unexported_champion(mv)):
+        print(f"pacs-watch: {why}")
         return False
     return mv is not None
 

@@ -194,11 +194,12 @@ class PacsClient:
         self._web.set_http_retry_params(retry=False)
 
     @classmethod
-    def from_env(cls, http_budget_s: float = 120.0, env: Mapping[str, str] | None = None) -> PacsClient:
-        """A client for DICOMOPS_PACS_URL (default ``http://127.0.0.1:8042``, Orthanc's root; the
-        DICOMweb root is below it) with the credentials of :func:`credentials_from_env`."""
+    def from_env(cls, http_budget_s: float = 120.0, env: Mapping[str, str] | None = None,
+                 url: str | None = None) -> PacsClient:
+        """A client for Orthanc's root `url`, else DICOMOPS_PACS_URL (default ``http://127.0.0.1:8042``;
+        the DICOMweb root is below it), with the credentials of :func:`credentials_from_env`."""
         env = os.environ if env is None else env
-        base = (env.get(URL_ENV) or DEFAULT_URL).rstrip("/")
+        base = (url or env.get(URL_ENV) or DEFAULT_URL).rstrip("/")
         return cls(base + DICOMWEB_ROOT, credentials_from_env(env), timeout_s=read_timeout_s(http_budget_s))
 
     def close(self) -> None:

@@ -203,7 +203,6 @@ def run_batch(*, src: Path | None, query: Mapping[str, str] | None, work: Path, 
               artifact_root: Path | None, staging: Path, orthanc_url: str | None = None, http_budget_s: float = 120.0,
               progress: Progress = None) -> dict[str, Any]:
     """Load the version, score the folder or the PACS query, record the results, log the run."""
-    import os
 
     from dicomops.serving.champion import load_champion
     from dicomops.tracking.registry import sync_reviews
@@ -222,19 +221,11 @@ def run_batch(*, src: Path | None, query: Mapping[str, str] | None, work: Path, 
             answers = predict_folder(src, scratch, ingest_cfg, key, champion, cache, progress)
             source = "folder"
         else:
-            from dicomops.pacs.client import (
-                DEFAULT_URL,
-                DICOMWEB_ROOT,
-                URL_ENV,
-                PacsClient,
-                credentials_from_env,
-                read_timeout_s,
-            )
+            from dicomops.pacs.client import PacsClient
 
-            root = (orthanc_url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
-            credentials, timeout = credentials_from_env(), read_timeout_s(http_budget_s)
-            with PacsClient(root + DICOMWEB_ROOT, credentials, timeout_s=timeout) as pacs, \
-                    PacsClient(root + DICOMWEB_ROOT, credentials, timeout_s=timeout) as prefetch:
+            # Two clients: a requests session per thread (the second retrieves ahead).
+            with PacsClient.from_env(http_budget_s, url=orthanc_url) as pacs, \
+                    PacsClient.from_env(http_budget_s, url=orthanc_url) as prefetch:
                 answers = predict_pacs(query or {}, pacs, staging, scratch, ingest_cfg, key, champion, cache,
                                        serve_cfg.write_back, progress, prefetch)
             source = "pacs"

@@ -114,6 +114,14 @@ def fetch(client: Any, mv: Any, dest: Path) -> Path:
     return dest
 
 
+def unexported_champion(mv: Any) -> str | None:
+    """Why version `mv` cannot be served (it was never exported), or None when it can."""
+    if SHA_TAGS["ort-fp32"] in (mv.tags or {}):
+        return None
+    return (f"{mv.name} version {mv.version} has not been exported, and studies are scored on the exported engine "
+            f"only; run 'dicomops export --version {mv.version}'")
+
+
 def check_hashes(mv: Any, folder: Path) -> None:
     """Each exported model file against the sha256 the version's tags carry."""
     tags = dict(mv.tags or {})

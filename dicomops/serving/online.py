@@ -101,14 +101,7 @@ class Service:
 
     def __init__(self, options: ServiceOptions) -> None:
         from dicomops.layout import WorkLayout
-        from dicomops.pacs.client import (
-            DEFAULT_URL,
-            DICOMWEB_ROOT,
-            URL_ENV,
-            PacsClient,
-            credentials_from_env,
-            read_timeout_s,
-        )
+        from dicomops.pacs.client import PacsClient
         from dicomops.serving.cache import VolumeCache
         from dicomops.serving.champion import load_champion
 
@@ -117,11 +110,9 @@ class Service:
                                                 options.version, options.engine,  # type: ignore[arg-type]
                                                 WorkLayout(options.work).serving, options.threads)
         self.cache = VolumeCache.from_env(ttl_s=options.cache_ttl_s)
-        root = (options.pacs_url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
         self.pacs: Any = None
         try:
-            self.pacs = PacsClient(root + DICOMWEB_ROOT, credentials_from_env(),
-                                   timeout_s=read_timeout_s(options.http_budget_s))
+            self.pacs = PacsClient.from_env(options.http_budget_s, url=options.pacs_url)
         except ValueError as err:  # no PACS credentials: slabs only
             log.warning("online service: no PACS (%s); /v1/studies answers 503", err)
         self.scratch = WorkLayout(options.work).serving / "scratch"

@@ -34,7 +34,7 @@ def test_a_damaged_entry_is_refused_not_returned(damage: str) -> None:
     elif damage == "truncate":
         blob = blob[: len(blob) // 2]
     elif damage == "magic":
-        blob[:4] = b"XXXX"
+        blob[:4] = b"JUNK"
     else:
         blob = bytearray(b"not a volume at all")
     with pytest.raises(vc.CorruptEntry):
@@ -185,3 +185,13 @@ def test_the_token_is_required_and_compared_whole() -> None:
     with pytest.raises(RequestError) as unconfigured:  # no token set: nobody gets in
         check_token("Bearer ", {})
     assert unconfigured.value.status == 503
+
+
+def test_a_version_without_an_export_is_named_with_the_command_that_exports_it() -> None:
+    from types import SimpleNamespace
+
+    from dicomops.serving.champion import unexported_champion
+
+    bare = SimpleNamespace(name="m", version="3", tags={"cv.auc": "0.9"})
+    assert "dicomops export --version 3" in str(unexported_champion(bare))
+    assert unexported_champion(SimpleNamespace(name="m", version="3", tags={"export.onnx.sha256": "ab"})) is None
