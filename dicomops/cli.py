@@ -326,6 +326,28 @@ def train(
 
 
 @app.command()
+def segment(
+    work: Annotated[Path | None, typer.Option(help="Work directory of an earlier preprocess (and train).")] = None,
+    config: Annotated[Path | None, typer.Option(
+        help="PipelineConfig YAML; its segment, preprocess and train (folds) sections apply.")] = None,
+) -> None:
+    """Nodule segmenter: cross-validation in the classifier's folds (FROC/CPM, Dice, kappa per vendor),
+    final model, registry version of dicomops-ct-nodule-seg, promotion gate on CPM.
+
+    For more than one process, run ``dicomops.segmentation.ddp`` under torchrun (see the README)."""
+    cfg = _pipeline_config(config)
+    try:
+        result = _flow("segment")(work=work.resolve() if work else None, config=cfg.segment,
+                                  preprocess_config=cfg.preprocess, train_config=cfg.train)
+    except ValueError as err:
+        console.print(f"[red]cannot train the segmenter:[/] {err}")
+        raise typer.Exit(2) from err
+    console.print(f"[green]segment finished[/]: version {result['version']} of {cfg.segment.model_name}, CPM "
+                  f"{result['cpm']:.3f}, Dice (>= 6 mm) {result['dice_ge6']:.3f}; "
+                  f"{'champion' if result['promoted'] else 'challenger, awaiting review'}")
+
+
+@app.command()
 def promote(
     version: Annotated[str, typer.Argument(help="Model version to make champion.")],
     reviewer: Annotated[str, typer.Option(help="Who decided (recorded on the version).")] = "reviewer",

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -170,6 +171,47 @@ class TrainConfig(_Section):
     min_auc: float = Field(0.8, ge=0, le=1)
 
 
+class SegmentConfig(_Section):
+    """Nodule localisation: a MONAI 3D U-Net on 1 mm patches, Dice + Focal loss, sliding-window
+    inference, cross-validated in the classifier's own four folds and judged per nodule (FROC/CPM)."""
+
+    enabled: bool = Field(True, description="Train the segmenter in the pipeline after the classifier.")
+    channels: tuple[int, ...] = Field((8, 16, 32, 64), min_length=2, description="UNet feature maps per level.")
+    strides: tuple[int, ...] = Field((2, 2, 2), min_length=1, description="UNet downsampling per level.")
+    patch: tuple[int, int, int] = Field((48, 48, 32), description="Training patch (i, j, k) in 1 mm voxels.")
+    roi: tuple[int, int, int] = Field((160, 160, 64), description="Sliding-window size at inference.")
+    overlap: float = Field(0.25, ge=0, lt=1, description="Sliding-window overlap.")
+    positive_share: float = Field(0.5, gt=0, le=1, description="Share of patches centred on a nodule voxel.")
+    batch_size: int = Field(8, ge=1, le=256, description="Patches per optimiser step (all ranks together).")
+    patches_per_epoch: int = Field(320, ge=8, description="Patches drawn per epoch.")
+    epochs: int = Field(8, ge=1, le=500)
+    learning_rate: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    focal_gamma: float = Field(2.0, ge=0)
+    lambda_dice: float = Field(1.0, ge=0)
+    lambda_focal: float = Field(1.0, ge=0)
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="As the classifier: bf16 autocast on CPUs with AMX/AVX-512 BF16, mixed on CUDA.")
+    threshold: float = Field(0.5, gt=0, lt=1, description="Probability that makes a voxel nodule.")
+    candidate_threshold: float = Field(0.1, gt=0, lt=1, description="Lowest probability a FROC candidate starts at.")
+    seed: int = 0
+    model_name: str = "dicomops-ct-nodule-seg"
+    promotion_margin: float = Field(0.005, ge=0, description="CPM gain over the champion that promotes.")
+    vendor_tolerance: float = Field(0.05, ge=0, description="Largest CPM drop of any vendor a promotion allows.")
+    min_cpm: float = Field(0.8, ge=0, le=1, description="A first segmenter needs at least this CPM.")
+
+    @model_validator(mode="after")
+    def _divisible(self) -> SegmentConfig:
+        if len(self.channels) != len(self.strides) + 1:
+            raise ValueError(f"channels {self.channels} needs one entry more than strides {self.strides}")
+        factor = int(np.prod(self.strides))
+        for name in ("patch", "roi"):
+            size = getattr(self, name)
+            if any(s % factor for s in size):
+                raise ValueError(f"{name} {size} must be divisible by {factor} (the product of strides)")
+        return self
+
+
 class ExportConfig(_Section):
     """ONNX export with parity checks, INT8 quantisation, TensorRT engines, a Triton repository."""
 
@@ -262,6 +304,7 @@ class PipelineConfig(_Section):
     ingest: IngestConfig = IngestConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     train: TrainConfig = TrainConfig()
+    segment: SegmentConfig = SegmentConfig()
     export: ExportConfig = ExportConfig()
     monitor: MonitorConfig = MonitorConfig()
     serve: ServeConfig = ServeConfig()

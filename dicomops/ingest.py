@@ -239,7 +239,7 @@ def rekey_labels(src: Path, work: Path, key: bytes) -> Path | None:
             new_masks.append("")
     labels["mask_path"] = new_masks
     keep = ["SeriesInstanceUID", "PatientID", "vendor", "label", "nodule_count",
-            "nodule_diameters_mm", "nodules", "scenario", "mask_path"]
+            "nodule_diameters_mm", "nodules", "actionable_count", "scenario", "mask_path"]
     return io.write_csv(paths.deid / LABELS_CSV, labels[[c for c in keep if c in labels]])
 
 

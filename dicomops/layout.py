@@ -154,6 +154,33 @@ class TrainPaths:
 
 
 @dataclass(frozen=True)
+class SegmentPaths:
+    """The nodule segmenter's cross-validation: state, per-fold folders, final model, tables, pictures."""
+
+    work: Path
+
+    @property
+    def root(self) -> Path:
+        return self.work / "segment"
+
+    state = property(lambda self: self.root / "state.json")
+    summary = property(lambda self: self.root / "summary.json")
+    nodules = property(lambda self: self.root / "nodules.csv")  # one row per reference nodule, out of fold
+    series = property(lambda self: self.root / "series.csv")  # one row per series, out of fold
+    by_group = property(lambda self: self.root / "metrics_by_group.csv")
+    final = property(lambda self: self.root / "final")
+    final_weights = property(lambda self: self.root / "final" / "model.pt")
+    final_config = property(lambda self: self.root / "final" / "segment_config.json")
+    final_preprocess_config = property(lambda self: self.root / "final" / "preprocess_config.json")
+
+    def fold(self, fold: int) -> Path:
+        return self.root / f"fold-{fold}"
+
+    def picture(self, name: str) -> Path:
+        return self.root / name
+
+
+@dataclass(frozen=True)
 class Folds:
     """The cross-validation split as written to ``splits/folds.json``."""
 
@@ -191,6 +218,10 @@ class WorkLayout:
         return TrainPaths(self.root)
 
     @property
+    def segment(self) -> SegmentPaths:
+        return SegmentPaths(self.root)
+
+    @property
     def pacs(self) -> PacsPaths:
         return PacsPaths(self.root)
 
@@ -210,7 +241,8 @@ class WorkLayout:
         """What a finished stage leaves behind; its completion record holds only while they exist."""
         outputs = {"ingest": [self.ingest.accepted, self.ingest.summary, self.ingest.deid],
                    "preprocess": [self.preprocessed.index, self.preprocessed.features, self.preprocessed.slabs],
-                   "train": [self.train.summary, self.train.final_weights]}
+                   "train": [self.train.summary, self.train.final_weights],
+                   "segment": [self.segment.summary, self.segment.final_weights]}
         if stage not in outputs:
             raise ValueError(f"stage {stage!r} names its outputs itself; one of {', '.join(outputs)} has them here")
         return outputs[stage]

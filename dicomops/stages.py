@@ -29,6 +29,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "ingest": ("dicomops.ingest", "dicomops.dicom", "dicomops.deid", "dicomops.validation"),
     "preprocess": ("dicomops.preprocessing", "dicomops.dicom.fastheader"),
     "train": ("dicomops.training", "dicomops.tracking", "dicomops.monitoring"),
+    "segment": ("dicomops.segmentation", "dicomops.tracking"),
     "export": ("dicomops.export",),
 }
 

@@ -13,6 +13,7 @@ from flows.ingest import ingest
 from flows.preprocess import preprocess
 from flows.runners import on_dask
 from flows.scope import tracked, writing
+from flows.segment import segment
 from flows.train import train
 from tasks.tracking import hash_corpus, log_input_counts, open_run
 
@@ -35,10 +36,14 @@ def pipeline(src: Path, config: PipelineConfig = PipelineConfig(), work: Path | 
                 work, config.preprocess, config.experiment, parent_run_id=run_id)
             trained = train(work, config.train, config.preprocess, config.experiment, parent_run_id=run_id)
             exported = export(work, config.export, config.train.model_name, version=str(trained["version"]))
+            segmented = segment(work, config.segment, config.preprocess, config.train, config.experiment,
+                                parent_run_id=run_id) if config.segment.enabled else {}
     return {"mlflow_run_id": run_id, "data_dvc_md5": data_hash, "work": str(work),
             "ingest_run_id": str(gate["mlflow_run_id"]), "accepted_series": str(gate["accepted_series"]),
             "preprocess_run_id": str(prepared["mlflow_run_id"]), "train_run_id": str(trained["mlflow_run_id"]),
             "model_version": str(trained["version"]), "tensorrt": str(exported["tensorrt"]),
+            "segmenter_version": str(segmented.get("version", "")), "segmenter_cpm": str(segmented.get("cpm", "")),
             "skipped": ",".join(name for name, stage in (("ingest", gate), ("preprocess", prepared),
-                                                         ("train", trained), ("export", exported))
+                                                         ("train", trained), ("export", exported),
+                                                         ("segment", segmented))
                                 if stage.get("skipped"))}

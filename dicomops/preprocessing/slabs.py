@@ -13,8 +13,8 @@ import pandas as pd
 
 
 def slice_labels(mask: np.ndarray, min_voxels: int) -> np.ndarray:
-    """1 for slices (last axis) whose mask has at least `min_voxels` voxels."""
-    return (mask.reshape(-1, mask.shape[-1]).sum(axis=0) >= min_voxels).astype(np.int8)
+    """1 for slices (last axis) whose mask (binary or instance ids) has at least `min_voxels` voxels."""
+    return (np.count_nonzero(mask.reshape(-1, mask.shape[-1]), axis=0) >= min_voxels).astype(np.int8)
 
 
 def slab(volume: np.ndarray, z: int, k: int) -> np.ndarray:

@@ -1,7 +1,7 @@
 """The preprocessing stage over a work directory: cache-aware, parallel over series.
 
 Reads only the gate's outputs (``ingest/accepted.parquet``, ``deid/``); writes
-``preprocessed/volumes/<key>.npz`` (image in [0, 1] as float16, nodule mask, affine) with a JSON
+``preprocessed/volumes/<key>.npz`` (image in [0, 1] as float16, nodule instance mask, affine) with a JSON
 of its metadata beside it, then ``preprocessed/index.parquet`` (one row per series),
 ``features.parquet`` (header and image statistics for the drift monitor) and ``slabs.parquet``
 (the 2.5D samples for training).
@@ -95,7 +95,9 @@ def preprocess_one(records: list[dict[str, Any]], deid_root: str, mask_path: str
         data["mask"] = MetaTensor(torch.from_numpy(mask)[None], affine=torch.as_tensor(volume.affine))
     out = build_transforms(cfg)(data)
     image = out["image"][0].numpy().astype(np.float16)
-    mask_out = (out["mask"][0].numpy() > 0).astype(np.uint8) if "mask" in out else np.zeros(image.shape, np.uint8)
+    # Instance ids survive: the mask is resampled with nearest neighbour, and nodule k of the series'
+    # records is value k + 1 (what the segmentation metrics score nodule by nodule).
+    mask_out = out["mask"][0].numpy().astype(np.uint8) if "mask" in out else np.zeros(image.shape, np.uint8)
     affine = np.asarray(out["image"].affine, dtype=np.float64)
     path = Path(out_path)
     io.write_npz(path, image=image, mask=mask_out, affine=affine)
@@ -209,7 +211,7 @@ def plot_samples(work: Path, per_vendor: int = 2) -> Path:
     for ax, row in zip(axes.ravel(), picks.itertuples(), strict=False):
         with np.load(pre.volume(row.path)) as npz:
             image, mask = npz["image"].astype(np.float32), npz["mask"]
-        z = int(np.argmax(mask.sum(axis=(0, 1)))) if mask.any() else image.shape[-1] // 2
+        z = int(np.argmax((mask > 0).sum(axis=(0, 1)))) if mask.any() else image.shape[-1] // 2
         ax.imshow(image[:, :, z].T, cmap="gray", vmin=0, vmax=1, origin="lower")
         if mask[:, :, z].any():
             ax.contour(mask[:, :, z].T, levels=[0.5], colors="red", linewidths=0.8, origin="lower")

@@ -26,11 +26,26 @@ from dicomops.synthetic.phi import PatientPHI, sample_phi
 from dicomops.synthetic.vendors import ALL_VENDORS, SCENARIO_SHIFTS, VENDORS, apply_scenario
 
 # Recorded in corpus.json, so in the corpus hash: bump it whenever the same seed and options would
-# give other files. 2: nodules of 6-15 mm (were 4-15 mm).
-GENERATOR_VERSION = "2"
+# give other files. 2: nodules of 6-15 mm (were 4-15 mm). 3: solid, part-solid and ground-glass
+# nodules, free, juxta-pleural or vessel-attached, plus non-actionable small (3-6 mm) and
+# ground-glass ones in positives and negatives; masks hold instance ids (k + 1 for nodule k), and
+# labels.csv gains each nodule's kind, attachment, density and actionability, and actionable_count.
+GENERATOR_VERSION = "3"
+# New columns go at the end, so readers that index the old ones keep working.
 LABEL_COLUMNS = ("SeriesInstanceUID", "StudyInstanceUID", "PatientID", "vendor", "label",
                  "nodule_count", "nodule_diameters_mm", "nodules", "scenario", "series_dir",
-                 "mask_path", "slices")
+                 "mask_path", "slices", "actionable_count")
+# The nodule mix of plan_corpus. Actionable nodules: kind and attachment shares. A positive gets a
+# non-actionable distractor with DISTRACTOR_RATE; a negative gets one or two with NEGATIVE_NODULE_RATE.
+# A non-actionable nodule is ground-glass (5-15 mm) with GGO_SHARE, else small (3-6 mm) of
+# SMALL_KINDS. Solid nodules stay the majority, so a bright round blob in lung window keeps
+# marking most positives and a slice classifier can still learn the label.
+ACTIONABLE_KINDS = {"solid": 0.7, "part-solid": 0.3}
+ATTACHMENT_SHARES = {"none": 0.6, "pleural": 0.2, "vascular": 0.2}
+DISTRACTOR_RATE = 0.3
+NEGATIVE_NODULE_RATE = 0.4
+GGO_SHARE = 0.4
+SMALL_KINDS = {"solid": 0.7, "part-solid": 0.15, "ground-glass": 0.15}
 FAULT_COLUMNS = ("path", "fault", "scope", "detail", "SeriesInstanceUID")
 PHI_COLUMNS = ("PatientID", "field", "value")
 
@@ -49,6 +64,18 @@ class SeriesPlan:
     fault_detail: str
     matrix: int
     slices: int
+    # Kind, attachment and size class of each nodule; empty means `nodule_count` free solid
+    # actionable nodules (what a hand-made plan usually wants).
+    nodule_specs: tuple[phantom.NoduleSpec, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.nodule_specs and len(self.nodule_specs) != self.nodule_count:
+            raise ValueError(f"nodule_count is {self.nodule_count} but {len(self.nodule_specs)} "
+                             "nodule_specs were given; make them agree or leave nodule_specs empty")
+
+    @property
+    def specs(self) -> tuple[phantom.NoduleSpec, ...]:
+        return self.nodule_specs or (phantom.NoduleSpec(),) * self.nodule_count
 
     @property
     def case(self) -> str:
@@ -95,7 +122,9 @@ def plan_corpus(cfg: SynthConfig) -> list[SeriesPlan]:
     for i, v in enumerate(assigned):
         vendor = vendors[int(v)]
         label = int(rng.random() < ALL_VENDORS[vendor].positive_rate)
-        count = int(rng.integers(1, 4)) if label else 0
+        if label:
+            rng.integers(1, 4)  # v2's nodule count, still drawn so that labels and faults stay as in v2
+        specs = plan_nodules(np.random.default_rng([cfg.seed, _scenario_id(cfg.scenario), 2, i + 1]), label)
         fault: str | None = None
         detail = ""
         if rng.random() < cfg.fault_rate:
@@ -107,10 +136,35 @@ def plan_corpus(cfg: SynthConfig) -> list[SeriesPlan]:
             n_faults += 1
         plans.append(SeriesPlan(
             index=i + 1, seed=cfg.seed, scenario=cfg.scenario, vendor=vendor, label=label,
-            nodule_count=count, fault=fault, fault_detail=detail, matrix=cfg.matrix,
-            slices=cfg.slices,
+            nodule_count=len(specs), fault=fault, fault_detail=detail, matrix=cfg.matrix,
+            slices=cfg.slices, nodule_specs=specs,
         ))
     return plans
+
+
+def _pick(rng: np.random.Generator, shares: dict[str, float]) -> str:
+    return str(rng.choice(list(shares), p=np.array(list(shares.values())) / sum(shares.values())))
+
+
+def _non_actionable(rng: np.random.Generator) -> phantom.NoduleSpec:
+    attachment = _pick(rng, ATTACHMENT_SHARES)
+    if rng.random() < GGO_SHARE:
+        return phantom.NoduleSpec("ground-glass", attachment)
+    return phantom.NoduleSpec(_pick(rng, SMALL_KINDS), attachment, small=True)
+
+
+def plan_nodules(rng: np.random.Generator, label: int) -> tuple[phantom.NoduleSpec, ...]:
+    """The nodules of one series: 1-3 actionable ones and maybe a distractor when `label` is 1,
+    else sometimes one or two that are not actionable (small, or ground-glass)."""
+    specs: list[phantom.NoduleSpec] = []
+    if label:
+        for _ in range(int(rng.integers(1, 4))):
+            specs.append(phantom.NoduleSpec(_pick(rng, ACTIONABLE_KINDS), _pick(rng, ATTACHMENT_SHARES)))
+        if rng.random() < DISTRACTOR_RATE:
+            specs.append(_non_actionable(rng))
+    elif rng.random() < NEGATIVE_NODULE_RATE:
+        specs.extend(_non_actionable(rng) for _ in range(1 if rng.random() < 0.7 else 2))
+    return tuple(specs)
 
 
 @dataclass(frozen=True)
@@ -145,7 +199,7 @@ def render_series(plan: SeriesPlan) -> RenderedSeries:
     grid = phantom.Grid(rows=plan.matrix, cols=plan.matrix, row_spacing=spacing,
                         col_spacing=spacing, z=z)
     anatomy = phantom.sample_anatomy(rng, z_center)
-    nodules = phantom.sample_nodules(rng, anatomy, plan.nodule_count, z)
+    nodules = phantom.place_nodules(rng, anatomy, list(plan.specs), z)
     hu, regions, mask = phantom.render_phantom(anatomy, nodules, grid, contrast=shift.contrast)
     hu += phantom.correlated_noise(rng, hu.shape, profile.noise_hu, profile.noise_corr_mm / spacing)
     acquisition = writer.to_stored(hu, profile, grid.fov_mask())
@@ -212,13 +266,19 @@ def write_series(plan: SeriesPlan, out: Path) -> SeriesResult:
     mask_rel = sidecars.mask_path(plan.case)
     write_npz_deterministic(out / mask_rel, mask=r.mask, ipp_z=np.asarray(r.grid.z, dtype=np.float64))
     diameters = ";".join(f"{nd.diameter_mm:g}" for nd in r.nodules)
-    nodules = json.dumps([{"center_mm": list(nd.center), "diameter_mm": nd.diameter_mm} for nd in r.nodules])
+    nodules = json.dumps([
+        {"center_mm": list(nd.center), "diameter_mm": nd.diameter_mm, "kind": nd.kind,
+         "attachment": nd.attachment, "actionable": nd.actionable, "hu": nd.hu,
+         "core_fraction": nd.core_fraction}
+        for nd in r.nodules
+    ])
     label_row: dict[str, object] = {
         "SeriesInstanceUID": r.identity.series_uid, "StudyInstanceUID": r.identity.study_uid,
         "PatientID": r.phi.patient_id, "vendor": plan.vendor, "label": plan.label,
         "nodule_count": len(r.nodules), "nodule_diameters_mm": diameters, "nodules": nodules,
         "scenario": plan.scenario, "series_dir": series_dir.as_posix(),
         "mask_path": mask_rel, "slices": n,
+        "actionable_count": sum(nd.actionable for nd in r.nodules),
     }
     phi_rows = [{"PatientID": r.phi.patient_id, "field": k, "value": v}
                 for k, v in r.phi.needles().items()]
@@ -303,5 +363,5 @@ def corpus_digest(out: Path) -> str:
     return h.hexdigest()
 
 
-__all__ = ["VENDORS", "CorpusSummary", "SeriesPlan", "generate_corpus", "plan_corpus", "render_series",
-           "write_series"]
+__all__ = ["VENDORS", "CorpusSummary", "SeriesPlan", "generate_corpus", "plan_corpus", "plan_nodules",
+           "render_series", "write_series"]

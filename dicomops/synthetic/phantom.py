@@ -7,7 +7,7 @@ preprocessing tests check that 1 mm resampling preserves size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import ndimage
@@ -36,14 +36,83 @@ REGION_TABLE, REGION_BLOOD, REGION_NODULE, REGION_VESSEL = 5, 6, 7, 8
 # across 1 mm off its centre, and at the classifier's 2.5 mm input pixels a 4-6 mm nodule is two
 # pixels wide. With 4-15 mm, the demo's 6 lowest-ranked positives were exactly its 6 under 6.4 mm.
 NODULE_DIAMETER_MM = (6.0, 15.0)
+# Nodules a reader outlines but that do not make a series actionable (Lung-RADS 2 at baseline):
+# small ones of any kind, and pure ground-glass nodules of any size up to 15 mm (under 30 mm).
+SMALL_DIAMETER_MM = (3.0, 6.0)  # the upper bound is exclusive
+GGO_DIAMETER_MM = (5.0, 15.0)
+# Ground-glass density: hazy, vessels and bronchi still visible through it, well below soft tissue.
+GGO_HU = (-750.0, -300.0)
+# A part-solid nodule's solid core, as a fraction of its diameter.
+CORE_FRACTION = (0.3, 0.6)
+# A ground-glass border fades over 2-3 mm, where a solid nodule's is the scanner's partial volume.
+GGO_EDGE_MM = (2.0, 3.0)
+# Pleural nodules: centre this far inside the lung border, as a fraction of the radius.
+PLEURAL_DEPTH = (0.3, 0.7)
+# Nodules in one series stay this far apart (surface to surface), so masks do not touch.
+NODULE_GAP_MM = 4.0
+
+NODULE_KINDS = ("solid", "part-solid", "ground-glass")
+ATTACHMENTS = ("none", "pleural", "vascular")
 
 
 @dataclass(frozen=True)
 class Nodule:
-    """A spherical solid nodule; centre in patient coordinates (mm)."""
+    """A spherical nodule; centre in patient coordinates (mm).
+
+    ``hu`` is the density of the ground-glass component (of the whole nodule when solid),
+    ``core_fraction`` the solid core's share of the diameter of a part-solid nodule, and
+    ``edge_mm`` the width of a ground-glass border (0: the scanner's own partial volume).
+    """
 
     center: tuple[float, float, float]
     diameter_mm: float
+    kind: str = "solid"
+    attachment: str = "none"
+    hu: float = HU_NODULE
+    core_fraction: float = 0.0
+    edge_mm: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in NODULE_KINDS:
+            raise ValueError(f"kind must be one of {NODULE_KINDS}, got {self.kind!r}")
+        if self.attachment not in ATTACHMENTS:
+            raise ValueError(f"attachment must be one of {ATTACHMENTS}, got {self.attachment!r}")
+        if self.kind == "part-solid" and not 0.0 < self.core_fraction < 1.0:
+            raise ValueError(f"a part-solid nodule needs 0 < core_fraction < 1, got {self.core_fraction}")
+
+    @property
+    def actionable(self) -> bool:
+        """Whether the nodule makes its series positive: solid or part-solid, at least 6 mm."""
+        return self.kind != "ground-glass" and self.diameter_mm >= NODULE_DIAMETER_MM[0]
+
+
+@dataclass(frozen=True)
+class NoduleSpec:
+    """What a corpus plan decides about one nodule; rendering draws its size, density and place.
+
+    ``small`` nodules are 3-6 mm (:data:`SMALL_DIAMETER_MM`); otherwise ground-glass ones are
+    :data:`GGO_DIAMETER_MM` and solid or part-solid ones :data:`NODULE_DIAMETER_MM` (actionable).
+    """
+
+    kind: str = "solid"
+    attachment: str = "none"
+    small: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in NODULE_KINDS:
+            raise ValueError(f"kind must be one of {NODULE_KINDS}, got {self.kind!r}")
+        if self.attachment not in ATTACHMENTS:
+            raise ValueError(f"attachment must be one of {ATTACHMENTS}, got {self.attachment!r}")
+
+    @property
+    def actionable(self) -> bool:
+        return not self.small and self.kind != "ground-glass"
+
+    @property
+    def diameter_range(self) -> tuple[float, float]:
+        if self.small:
+            return SMALL_DIAMETER_MM
+        return GGO_DIAMETER_MM if self.kind == "ground-glass" else NODULE_DIAMETER_MM
 
 
 @dataclass(frozen=True)
@@ -180,6 +249,12 @@ def nodule_fits(anatomy: Anatomy, nodule: Nodule, clearance_mm: float = 2.0) -> 
     a, b = anatomy.lung_a * s - r, anatomy.lung_b * s - r
     if a <= 0 or b <= 0 or ((xc - side * anatomy.lung_dx) / a) ** 2 + (yc / b) ** 2 > 1.0:
         return False
+    return _clear_of_heart(anatomy, nodule, clearance_mm)
+
+
+def _clear_of_heart(anatomy: Anatomy, nodule: Nodule, clearance_mm: float) -> bool:
+    (xc, yc, zc), r = nodule.center, nodule.diameter_mm / 2 + clearance_mm
+    zs = np.linspace(zc - r, zc + r, 5)
     hr = float(np.max(heart_radius(anatomy, zs)))
     if hr <= 1.0:
         return True
@@ -187,36 +262,138 @@ def nodule_fits(anatomy: Anatomy, nodule: Nodule, clearance_mm: float = 2.0) -> 
     return bool(((xc - hx) / (hr + r)) ** 2 + ((yc - hy) / (0.85 * hr + r)) ** 2 > 1.0)
 
 
+def pleural_fits(anatomy: Anatomy, nodule: Nodule, clearance_mm: float = 2.0) -> bool:
+    """Whether a juxta-pleural nodule reaches only into the chest wall, clear of ribs and heart.
+
+    Its centre must lie in the lung; the part of the sphere outside it must stay inside the
+    soft-tissue wall and away from the ribs, whose round cross-sections beside a nodule would make
+    a second bright blob that no reader would outline.
+    """
+    (xc, yc, zc), r = nodule.center, nodule.diameter_mm / 2
+    s = float(lung_scale(anatomy, np.array([zc]))[0])
+    side = 1.0 if xc >= 0 else -1.0
+    a, b = anatomy.lung_a * s, anatomy.lung_b * s
+    if ((xc - side * anatomy.lung_dx) / a) ** 2 + (yc / b) ** 2 >= 1.0:
+        return False
+    inner_a, inner_b = anatomy.body_a - anatomy.fat_mm, anatomy.body_b - anatomy.fat_mm
+    reach = r + clearance_mm
+    ring = np.linspace(0, 2 * np.pi, 24, endpoint=False)
+    if np.any(((xc + reach * np.cos(ring)) / inner_a) ** 2 + ((yc + reach * np.sin(ring)) / inner_b) ** 2 > 1.0):
+        return False
+    if any(np.hypot(xc - rx, yc - ry) < r + RIB_RADIUS_MM + clearance_mm
+           for rx, ry in rib_centres(inner_a, inner_b)):
+        return False
+    return _clear_of_heart(anatomy, nodule, clearance_mm)
+
+
+def _apart(candidate: Nodule, placed: list[Nodule]) -> bool:
+    c = np.asarray(candidate.center)
+    return all(float(np.linalg.norm(c - np.asarray(n.center)))
+               >= (candidate.diameter_mm + n.diameter_mm) / 2 + NODULE_GAP_MM for n in placed)
+
+
 def sample_nodules(
     rng: np.random.Generator, anatomy: Anatomy, count: int, z: np.ndarray, attempts: int = 200
 ) -> list[Nodule]:
-    """Place `count` nodules of :data:`NODULE_DIAMETER_MM` in lung parenchyma, within the scanned z range.
+    """Place `count` solid nodules of :data:`NODULE_DIAMETER_MM` free in lung parenchyma."""
+    return place_nodules(rng, anatomy, [NoduleSpec()] * count, z, attempts)
 
-    Positions are drawn until one fits (:func:`nodule_fits`); the lateral edge of the lung away
-    from the heart is the fallback, and it always fits.
+
+def place_nodules(
+    rng: np.random.Generator, anatomy: Anatomy, specs: list[NoduleSpec], z: np.ndarray,
+    attempts: int = 200,
+) -> list[Nodule]:
+    """Draw size, density and position of each planned nodule, within the scanned z range.
+
+    Free nodules lie wholly in lung parenchyma (:func:`nodule_fits`); pleural ones sit on the
+    lateral or posterior lung border with part of the sphere in the chest wall
+    (:func:`pleural_fits`); vascular ones have a vessel through or against them at their z. All
+    keep :data:`NODULE_GAP_MM` from each other. When no attached position is found the nodule is
+    placed free (and recorded so); the lateral edge of the lung away from the heart is the last
+    fallback, and it always fits.
     """
     lo, hi = float(np.min(z)), float(np.max(z))
     margin = 0.15 * (hi - lo)
     nodules: list[Nodule] = []
-    for _ in range(count):
-        diameter = float(rng.uniform(*NODULE_DIAMETER_MM))
-        zc = float(rng.uniform(lo + margin, hi - margin))
+    for spec in specs:
+        d_lo, d_hi = spec.diameter_range
+        diameter = round(float(rng.uniform(d_lo, d_hi)), 2)
+        if spec.small:
+            diameter = min(diameter, round(d_hi - 0.01, 2))
+        hu, core, edge = HU_NODULE, 0.0, 0.0
+        if spec.kind != "solid":
+            hu = round(float(rng.uniform(*GGO_HU)), 1)
+            edge = round(float(rng.uniform(*GGO_EDGE_MM)), 2)
+        if spec.kind == "part-solid":
+            core = round(float(rng.uniform(*CORE_FRACTION)), 3)
+        zc = round(float(rng.uniform(lo + margin, hi - margin)), 2)
         s = float(lung_scale(anatomy, np.array([zc]))[0])
-        for _attempt in range(attempts):
+
+        proto = Nodule((0.0, 0.0, zc), diameter, spec.kind, "none", hu, core, edge)
+        candidate: Nodule | None = None
+        if spec.attachment == "pleural":
+            candidate = _place_pleural(rng, anatomy, proto, s, nodules, attempts)
+        elif spec.attachment == "vascular":
+            candidate = _place_vascular(rng, anatomy, proto, s, nodules, attempts)
+        for _attempt in range(attempts if candidate is None else 0):
             side = 1 if rng.random() < 0.5 else -1
             t = rng.uniform(0, 2 * np.pi)
             rho = np.sqrt(rng.uniform(0.0, 1.0)) * 0.8
-            xc = side * anatomy.lung_dx + rho * anatomy.lung_a * s * np.cos(t)
-            yc = rho * anatomy.lung_b * s * np.sin(t)
-            candidate = Nodule((round(float(xc), 2), round(float(yc), 2), round(zc, 2)), round(diameter, 2))
-            if nodule_fits(anatomy, candidate):
+            trial = _at(proto, side * anatomy.lung_dx + rho * anatomy.lung_a * s * np.cos(t),
+                        rho * anatomy.lung_b * s * np.sin(t), "none")
+            if nodule_fits(anatomy, trial) and _apart(trial, nodules):
+                candidate = trial
                 break
-        else:
-            diameter = min(diameter, max(NODULE_DIAMETER_MM[0], anatomy.lung_a * s * 0.5))
-            xc = -(anatomy.lung_dx + 0.4 * anatomy.lung_a * s)
-            candidate = Nodule((round(float(xc), 2), 0.0, round(zc, 2)), round(diameter, 2))
+        if candidate is None:
+            d = min(diameter, max(d_lo, anatomy.lung_a * s * 0.5))
+            candidate = replace(_at(proto, -(anatomy.lung_dx + 0.4 * anatomy.lung_a * s), 0.0, "none"),
+                                diameter_mm=round(d, 2))
         nodules.append(candidate)
     return nodules
+
+
+def _at(proto: Nodule, xc: float, yc: float, attachment: str) -> Nodule:
+    return replace(proto, center=(round(float(xc), 2), round(float(yc), 2), proto.center[2]),
+                   attachment=attachment)
+
+
+def _place_pleural(rng: np.random.Generator, anatomy: Anatomy, proto: Nodule, s: float,
+                   placed: list[Nodule], attempts: int) -> Nodule | None:
+    r = proto.diameter_mm / 2
+    a, b = anatomy.lung_a * s, anatomy.lung_b * s
+    for _attempt in range(attempts):
+        side = 1 if rng.random() < 0.5 else -1
+        # From 30 degrees anterior of lateral round to straight posterior: chest wall, not mediastinum.
+        t = rng.uniform(-np.pi / 6, np.pi / 2)
+        depth = rng.uniform(*PLEURAL_DEPTH) * r
+        nx, ny = np.cos(t) / a, np.sin(t) / b
+        norm = np.hypot(nx, ny)
+        xc = side * (anatomy.lung_dx + a * np.cos(t) - depth * nx / norm)
+        yc = b * np.sin(t) - depth * ny / norm
+        trial = _at(proto, xc, yc, "pleural")
+        if pleural_fits(anatomy, trial) and _apart(trial, placed):
+            return trial
+    return None
+
+
+def _place_vascular(rng: np.random.Generator, anatomy: Anatomy, proto: Nodule, s: float,
+                    placed: list[Nodule], attempts: int) -> Nodule | None:
+    if not anatomy.vessels:
+        return None
+    r = proto.diameter_mm / 2
+    zrel = proto.center[2] - anatomy.z_center
+    for _attempt in range(attempts):
+        vx, vy, vr, phase = anatomy.vessels[int(rng.integers(len(anatomy.vessels)))]
+        # The vessel's axis at the nodule's z, as render_phantom draws it.
+        cx = vx * s + 3.0 * np.sin(zrel / 40.0 + phase)
+        cy = vy * s + 3.0 * np.cos(zrel / 55.0 + phase)
+        # From through the nodule to grazing its surface.
+        dist = rng.uniform(0.3 * r, r + 0.5 * vr)
+        phi = rng.uniform(0, 2 * np.pi)
+        trial = _at(proto, cx + dist * np.cos(phi), cy + dist * np.sin(phi), "vascular")
+        if nodule_fits(anatomy, trial) and _apart(trial, placed):
+            return trial
+    return None
 
 
 def _ellipse(x: np.ndarray, y: np.ndarray, cx: float | np.ndarray, cy: float | np.ndarray,
@@ -231,8 +408,11 @@ def render_phantom(
 
     Returns:
         ``(hu, regions, nodule_mask)``: float32 HU of shape (slices, rows, cols) in the order of
-        ``grid.z``; a uint8 region label map (``REGION_*``); a uint8 mask, 1 inside a nodule.
+        ``grid.z``; a uint8 region label map (``REGION_*``); a uint8 instance map, ``k + 1``
+        inside ``nodules[k]`` where it lies in lung (a later nodule wins an overlap), 0 elsewhere.
     """
+    if len(nodules) > 254:
+        raise ValueError(f"at most 254 nodules fit a uint8 instance mask, got {len(nodules)}")
     nz = len(grid.z)
     z = np.asarray(grid.z, dtype=np.float64)[:, None, None]
     y = (grid.y0 + np.arange(grid.rows) * grid.row_spacing)[None, :, None]
@@ -284,8 +464,8 @@ def render_phantom(
 
     mask = np.zeros(shape, dtype=np.uint8)
     edge = float(np.mean([grid.row_spacing, grid.col_spacing, _z_step(grid)]))
-    for nodule in nodules:
-        _paint_nodule(hu, regions, mask, grid, nodule, edge)
+    for k, nodule in enumerate(nodules):
+        _paint_nodule(hu, regions, mask, grid, nodule, edge, k + 1)
     return hu, regions, mask
 
 
@@ -294,11 +474,19 @@ def _z_step(grid: Grid) -> float:
 
 
 def _paint_nodule(hu: np.ndarray, regions: np.ndarray, mask: np.ndarray, grid: Grid,
-                  nodule: Nodule, edge_mm: float) -> None:
-    """Blend a sphere into `hu` with a partial-volume edge `edge_mm` wide."""
+                  nodule: Nodule, edge_mm: float, instance: int) -> None:
+    """Blend a sphere into the lung of `hu`; mark its lung part `instance` in `mask`.
+
+    A solid nodule has the scanner's partial-volume edge `edge_mm` wide. A ground-glass one fades
+    over its own wider edge and only raises the HU, so vessels stay visible through it; a
+    part-solid one is that plus a solid core. Only lung voxels (parenchyma, vessels, earlier
+    nodules) are painted and masked: the part of a pleural nodule inside the chest wall has the
+    wall's density and is not what a reader outlines.
+    """
     r = nodule.diameter_mm / 2
     cx, cy, cz = nodule.center
-    reach = r + edge_mm
+    soft = max(nodule.edge_mm, edge_mm) if nodule.kind != "solid" else edge_mm
+    reach = r + soft / 2 + 0.5
     zs = np.nonzero(np.abs(np.asarray(grid.z) - cz) <= reach)[0]
     c0 = max(int(np.floor((cx - reach - grid.x0) / grid.col_spacing)), 0)
     c1 = min(int(np.ceil((cx + reach - grid.x0) / grid.col_spacing)) + 1, grid.cols)
@@ -310,11 +498,27 @@ def _paint_nodule(hu: np.ndarray, regions: np.ndarray, mask: np.ndarray, grid: G
     y = (grid.y0 + np.arange(r0, r1) * grid.row_spacing)[None, :, None]
     x = (grid.x0 + np.arange(c0, c1) * grid.col_spacing)[None, None, :]
     d = np.sqrt((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2)
-    frac = np.clip(0.5 + (r - d) / edge_mm, 0.0, 1.0).astype(np.float32)
     block = np.s_[zs[0] : zs[-1] + 1, r0:r1, c0:c1]
-    hu[block] = hu[block] * (1 - frac) + HU_NODULE * frac
-    inside = d <= r
-    mask[block][inside] = 1
+    lung = np.isin(regions[block], (REGION_LUNG, REGION_VESSEL, REGION_NODULE))
+    before = hu[block]
+    if nodule.kind == "solid":
+        frac = np.clip(0.5 + (r - d) / edge_mm, 0.0, 1.0).astype(np.float32)
+        painted = before * (1 - frac) + np.float32(nodule.hu) * frac
+    else:
+        frac = np.clip(0.5 + (r - d) / soft, 0.0, 1.0).astype(np.float32)
+        painted = np.maximum(before, before * (1 - frac) + np.float32(nodule.hu) * frac)
+        if nodule.kind == "part-solid":
+            core = np.clip(0.5 + (r * nodule.core_fraction - d) / edge_mm, 0.0, 1.0).astype(np.float32)
+            painted = painted * (1 - core) + np.float32(HU_NODULE) * core
+    hu[block] = np.where(lung, painted, before)
+    inside = (d <= r) & lung
+    if not inside.any():
+        # A 3 mm nodule can fall between the voxel centres of a coarse grid, yet its partial volume
+        # shows; a reader marks the voxel it shows in, and FROC needs every annotated nodule present.
+        nearest = np.unravel_index(int(np.argmin(np.where(lung, d, np.inf))), d.shape)
+        if lung[nearest] and d[nearest] < r + soft / 2:
+            inside[nearest] = True
+    mask[block][inside] = instance
     regions[block][inside] = REGION_NODULE
 
 

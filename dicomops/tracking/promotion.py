@@ -38,24 +38,28 @@ class Decision:
 
 
 def decide_promotion(challenger: ModelScore, champion: ModelScore | None, *, margin: float = 0.005,
-                     vendor_tolerance: float = 0.02, min_auc: float = 0.8) -> Decision:
-    """Decide whether `challenger` replaces `champion` automatically, with the reasons."""
+                     vendor_tolerance: float = 0.02, min_auc: float = 0.8, metric: str = "AUC") -> Decision:
+    """Decide whether `challenger` replaces `champion` automatically, with the reasons.
+
+    `metric` names the score in the reasons: the classifier is judged on AUC, the nodule segmenter
+    on CPM (``ModelScore.mean_auc`` then holds its mean CPM; ``min_auc`` its floor).
+    """
     if margin < 0 or vendor_tolerance < 0:
         raise ValueError("margin and vendor_tolerance must be non-negative")
     if math.isnan(challenger.mean_auc):
-        return Decision(False, ("challenger mean AUC is undefined",))
+        return Decision(False, (f"challenger mean {metric} is undefined",))
     if champion is None:
         if challenger.mean_auc >= min_auc:
-            return Decision(True, (f"no champion yet; mean AUC {challenger.mean_auc:.4f} >= {min_auc:.4f}",))
-        return Decision(False, (f"no champion yet, but mean AUC {challenger.mean_auc:.4f} < {min_auc:.4f}",))
+            return Decision(True, (f"no champion yet; mean {metric} {challenger.mean_auc:.4f} >= {min_auc:.4f}",))
+        return Decision(False, (f"no champion yet, but mean {metric} {challenger.mean_auc:.4f} < {min_auc:.4f}",))
     reasons: list[str] = []
     ok = True
     gain = challenger.mean_auc - champion.mean_auc
     if gain > margin:
-        reasons.append(f"mean AUC {challenger.mean_auc:.4f} beats champion {champion.mean_auc:.4f} by {gain:+.4f}")
+        reasons.append(f"mean {metric} {challenger.mean_auc:.4f} beats champion {champion.mean_auc:.4f} by {gain:+.4f}")
     else:
         ok = False
-        reasons.append(f"mean AUC {challenger.mean_auc:.4f} vs champion {champion.mean_auc:.4f}: "
+        reasons.append(f"mean {metric} {challenger.mean_auc:.4f} vs champion {champion.mean_auc:.4f}: "
                        f"gain {gain:+.4f} not above margin {margin:.4f}")
     for vendor, old in sorted(champion.vendor_auc.items()):
         new = challenger.vendor_auc.get(vendor)
@@ -64,5 +68,5 @@ def decide_promotion(challenger: ModelScore, champion: ModelScore | None, *, mar
             reasons.append(f"{vendor}: not evaluated for the challenger")
         elif not math.isnan(old) and old - new > vendor_tolerance:
             ok = False
-            reasons.append(f"{vendor}: AUC drops {old:.4f} -> {new:.4f} (more than {vendor_tolerance:.4f})")
+            reasons.append(f"{vendor}: {metric} drops {old:.4f} -> {new:.4f} (more than {vendor_tolerance:.4f})")
     return Decision(ok, tuple(reasons))

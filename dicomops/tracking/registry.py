@@ -20,9 +20,13 @@ ModelBuilder = Callable[[dict[str, Any]], Any]
 
 
 def register_model(tracking_uri: str, run_id: str, model: Any, example: np.ndarray, name: str,
-                   card: Callable[[str], str], tags: dict[str, str], metadata: dict[str, str] | None = None) -> str:
+                   card: Callable[[str], str], tags: dict[str, str], metadata: dict[str, str] | None = None,
+                   output: Callable[[Any], Any] | None = None) -> str:
     """Log `model` to `run_id` with a signature and input example, register it, describe it with
-    ``card(version)`` (:mod:`dicomops.tracking.model_card`), alias it challenger."""
+    ``card(version)`` (:mod:`dicomops.tracking.model_card`), alias it challenger.
+
+    `output` turns the model's logits into what the signature declares (default: class
+    probabilities, a softmax over dimension 1; the segmenter passes a sigmoid)."""
     import mlflow.pytorch
     import monai
     import torch
@@ -32,8 +36,9 @@ def register_model(tracking_uri: str, run_id: str, model: Any, example: np.ndarr
 
     client = configure_mlflow(tracking_uri)
     with torch.no_grad():
-        output = torch.softmax(model(torch.from_numpy(example)), dim=1).numpy()
-    signature = infer_signature(example, output)
+        logits = model(torch.from_numpy(example))
+        result = (output(logits) if output is not None else torch.softmax(logits, dim=1)).numpy()
+    signature = infer_signature(example, result)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
             model, name="model", signature=signature, input_example=example, registered_model_name=name, metadata=metadata,
@@ -51,9 +56,11 @@ def register_model(tracking_uri: str, run_id: str, model: Any, example: np.ndarr
     return version
 
 
-def _score(tags: dict[str, str]) -> ModelScore:
-    vendors = {k.removeprefix("cv.auc."): float(v) for k, v in tags.items() if k.startswith("cv.auc.")}
-    return ModelScore(float(tags.get("cv.mean_auc", "nan")), vendors)
+def _score(tags: dict[str, str], metric: str = "auc") -> ModelScore:
+    """The version's cross-validated score from its tags ``cv.mean_<metric>`` and ``cv.<metric>.<vendor>``."""
+    prefix = f"cv.{metric}."
+    vendors = {k.removeprefix(prefix): float(v) for k, v in tags.items() if k.startswith(prefix)}
+    return ModelScore(float(tags.get(f"cv.mean_{metric}", "nan")), vendors)
 
 
 def alias_version(client: Any, name: str, alias: str) -> Any | None:
@@ -90,7 +97,7 @@ def alias_version(client: Any, name: str, alias: str) -> Any | None:
 
 
 def apply_promotion_gate(tracking_uri: str, name: str, version: str, *, margin: float,
-                         vendor_tolerance: float, min_auc: float) -> Decision:
+                         vendor_tolerance: float, min_auc: float, metric: str = "auc") -> Decision:
     """Compare the challenger with the champion; promote automatically or leave it for review.
 
     When the champion cannot be read, the gate does not decide: the version stays challenger and
@@ -108,9 +115,10 @@ def apply_promotion_gate(tracking_uri: str, name: str, version: str, *, margin: 
         decision = Decision(False, (f"gate not applied: {err}; the version stays challenger (re-run the "
                                     f"gate or decide with 'dicomops promote {version}')",), error=True)
     else:
-        champion = _score(current.tags) if current is not None and str(current.version) != str(version) else None
-        decision = decide_promotion(_score(challenger.tags), champion, margin=margin,
-                                    vendor_tolerance=vendor_tolerance, min_auc=min_auc)
+        champion = _score(current.tags, metric) if current is not None and str(current.version) != str(version) \
+            else None
+        decision = decide_promotion(_score(challenger.tags, metric), champion, margin=margin,
+                                    vendor_tolerance=vendor_tolerance, min_auc=min_auc, metric=metric.upper())
     for key, value in decision.tags().items():
         client.set_model_version_tag(name, version, key, value)
     _rewrite_section(client, name, version, model_card.decision_section(decision.label, decision.reasons, version))

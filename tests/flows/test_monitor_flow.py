@@ -19,6 +19,7 @@ from dicomops.config import (
     MonitorConfig,
     PipelineConfig,
     PreprocessConfig,
+    SegmentConfig,
     SynthConfig,
     TrainConfig,
 )
@@ -45,6 +46,7 @@ def _config(source: Path) -> PipelineConfig:
         export=ExportConfig(parity_samples=16, calibration_samples=16, max_batch=8, preferred_batch_sizes=(8,),
                             int8_max_auc_drop=1.0),
         monitor=MonitorConfig(training_source=source, min_series=8),
+        segment=SegmentConfig(enabled=False),  # drift watches the classifier
         experiment="monitor-test")
 
 

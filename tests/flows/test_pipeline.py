@@ -15,6 +15,7 @@ from dicomops.synthetic import generate_corpus
 from dicomops.tracking import dvc_directory_hash
 from flows.pipeline import pipeline
 from flows.preprocess import preprocess
+from tests.flows.test_segment_flow import TINY_SEGMENTER
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 N = 20
@@ -33,6 +34,7 @@ def test_pipeline_runs_every_stage_with_lineage(corpus: Path, mlflow_env: str, t
         experiment="pipeline-test",
         preprocess=PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0), crop_xy=160, workers=1),
         train=TrainConfig(epochs=1, input_size=32, num_workers=0, model_name="pipeline-test-model"),
+        segment=TINY_SEGMENTER.model_copy(update={"model_name": "pipeline-test-segmenter"}),
         # A one-epoch model on 20 series scores near chance: the INT8 AUC check is exercised in
         # tests/unit/test_export.py, not by this model.
         export=ExportConfig(parity_samples=16, calibration_samples=16, max_batch=8, preferred_batch_sizes=(8,),
@@ -82,6 +84,7 @@ def _config(name: str) -> PipelineConfig:
         experiment=name,
         preprocess=PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0), crop_xy=160, workers=1),
         train=TrainConfig(epochs=2, input_size=32, num_workers=0, model_name=f"{name}-model"),
+        segment=TINY_SEGMENTER.model_copy(update={"model_name": f"{name}-segmenter"}),
         export=ExportConfig(parity_samples=16, calibration_samples=16, max_batch=8, preferred_batch_sizes=(8,),
                             int8_max_auc_drop=1.0))
 
@@ -95,7 +98,8 @@ def test_rerun_of_a_completed_pipeline_skips_every_stage(corpus: Path, mlflow_en
     second = pipeline(src=corpus, config=config)
     second_seconds = time.perf_counter() - start
     assert second["model_version"] == first["model_version"]
-    assert second["skipped"] == "ingest,preprocess,train,export"
+    assert second["skipped"] == "ingest,preprocess,train,export,segment"
+    assert second["segmenter_version"] == first["segmenter_version"] != ""
     client = mlflow.tracking.MlflowClient(mlflow_env)
     parent = client.get_run(second["mlflow_run_id"])
     assert client.search_runs([parent.info.experiment_id],

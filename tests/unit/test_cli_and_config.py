@@ -18,7 +18,7 @@ from dicomops.config import PipelineConfig, Settings, SynthConfig
 runner = CliRunner()
 
 
-COMMANDS = ["synth", "data", "ingest", "preprocess", "train", "promote", "reject", "export", "predict", "online",
+COMMANDS = ["synth", "data", "ingest", "preprocess", "train", "segment", "promote", "reject", "export", "predict", "online",
             "monitor", "retrain", "run", "serve"]
 GROUPS = ["pacs"]  # sub-command groups, listed after the commands
 WIDE = {"COLUMNS": "200"}  # rich cuts long option names short at 80 columns

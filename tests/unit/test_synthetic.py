@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -222,7 +223,9 @@ def test_nodules_are_in_the_mask_with_their_size() -> None:
     nodule = rendered.nodules[0]
     assert phantom.NODULE_DIAMETER_MM[0] <= nodule.diameter_mm <= phantom.NODULE_DIAMETER_MM[1]
     voxel = rendered.grid.row_spacing * rendered.grid.col_spacing * 0.8  # canon slice spacing
-    volume = rendered.mask.sum() * voxel
+    # The mask holds instance ids since generator version 3; this one nodule is id 1.
+    assert set(np.unique(rendered.mask)) == {0, 1}
+    volume = (rendered.mask == 1).sum() * voxel
     expected = np.pi / 6 * nodule.diameter_mm**3
     assert 0.6 * expected < volume < 1.5 * expected
     hu = rendered.acquisition.hu[rendered.mask.astype(bool)]
@@ -273,11 +276,17 @@ def test_nodule_fits_rejects_the_heart_and_the_chest_wall() -> None:
 def test_labels_masks_and_phi_tables(clean_corpus: Path) -> None:
     labels = pd.read_csv(clean_corpus / "labels.csv", keep_default_na=False)
     assert {"SeriesInstanceUID", "PatientID", "vendor", "label", "nodule_count",
-            "nodule_diameters_mm"} <= set(labels.columns)
+            "nodule_diameters_mm", "actionable_count"} <= set(labels.columns)
     for row in labels.itertuples():
         with np.load(clean_corpus / row.mask_path) as npz:
             assert npz["mask"].shape == (row.slices, 128, 128)
-            assert (npz["mask"].sum() > 0) == (row.nodule_count > 0) == bool(row.label)
+            # Since generator version 3 a negative may hold small or ground-glass nodules, and the
+            # mask is an instance map: id k + 1 for the k-th record of `nodules`.
+            assert set(np.unique(npz["mask"])) == set(range(row.nodule_count + 1))
+            records = json.loads(row.nodules) if row.nodules else []
+            assert len(records) == row.nodule_count
+            assert row.actionable_count == sum(r["actionable"] for r in records)
+            assert bool(row.label) == (row.actionable_count > 0)
     phi = pd.read_csv(clean_corpus / "phi.csv")
     assert set(phi.PatientID) == set(labels.PatientID)
     assert {"patient_name", "birth_date", "address", "telephone", "accession_number",

@@ -1,0 +1,337 @@
+"""The segmenter's cross-validation over a work directory, with the classifier's discipline: the same
+persisted vendor-stratified folds (``splits/folds.json``), one nested MLflow run per fold, metrics per
+vendor, nodule kind and size, checkpoints and resumption, a final model on every series, its own
+registered model and a promotion gate on CPM.
+
+State lives in ``WORK/segment/state.json``: a killed run resumes into the same MLflow runs, finished
+folds are skipped and an interrupted one continues from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dicomops import io
+from dicomops.config import PreprocessConfig, SegmentConfig
+from dicomops.layout import WorkLayout
+from dicomops.segmentation import metrics as m
+from dicomops.segmentation import plots
+from dicomops.segmentation.data import SegVolume, load_volumes
+from dicomops.segmentation.loop import SegFit, fit, mean_history
+from dicomops.segmentation.model import build_segmenter, probability
+from dicomops.tracking import model_card, registry, runs
+from dicomops.training import mlflow_runs
+from dicomops.training.loop import choose_precision
+
+PREDICTION_SCALE = 255  # out-of-fold probabilities are kept as uint8 (prob * 255) for the pictures
+
+
+# -- state --------------------------------------------------------------------------------------
+
+def run_key(cfg: SegmentConfig, pre: PreprocessConfig, split_hash: str, data_hash: str) -> str:
+    blob = json.dumps({"segment": cfg.model_dump(mode="json"), "pre": pre.model_dump(mode="json"),
+                       "split": split_hash, "data": data_hash}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _state(layout: WorkLayout) -> dict[str, Any]:
+    path = layout.segment.state
+    return io.read_json(path) if path.exists() else {}
+
+
+def _update(layout: WorkLayout, **values: Any) -> None:
+    state = _state(layout)
+    state.update(values)
+    io.write_json(layout.segment.state, state)
+
+
+def _fold_entry(layout: WorkLayout, fold: int) -> dict[str, Any]:
+    return dict(_state(layout).get("folds", {}).get(str(fold), {}))
+
+
+def _update_fold(layout: WorkLayout, fold: int, **values: Any) -> None:
+    state = _state(layout)
+    state.setdefault("folds", {}).setdefault(str(fold), {}).update(values)
+    io.write_json(layout.segment.state, state)
+
+
+def parent_run(layout: WorkLayout) -> str:
+    state = _state(layout)
+    if "parent_run_id" not in state:
+        raise ValueError(f"{layout.segment.state} has no segmentation run; run 'dicomops segment --work {layout.root}'")
+    return str(state["parent_run_id"])
+
+
+def open_run(layout: WorkLayout, key: str, tracking_uri: str, experiment: str, artifact_root: Path | None,
+             tags: dict[str, str], params: dict[str, object], parent_run_id: str | None) -> str:
+    """The segmentation's parent run: the unfinished one with the same key, or a new one."""
+    state = _state(layout)
+    if state.get("key") == key and not state.get("complete") and state.get("parent_run_id"):
+        runs.configure_mlflow(tracking_uri).update_run(state["parent_run_id"], status="RUNNING")
+        return str(state["parent_run_id"])
+    if layout.segment.root.exists():
+        shutil.rmtree(layout.segment.root)  # another training's checkpoints must not be resumed
+    tags = {runs.DESCRIPTION_TAG: (
+        "Nodule segmentation (MONAI 3D UNet, Dice + Focal loss) cross-validated in the classifier's folds; "
+        "FROC/CPM, per-nodule Dice and kappa per vendor, nodule kind and size in cv/."), **tags}
+    run_id = runs.start_run(tracking_uri, experiment, artifact_root, run_name="segment", tags=tags, params=params,
+                            parent_run_id=parent_run_id)
+    io.write_json(layout.segment.state, {"key": key, "parent_run_id": run_id, "folds": {}, "complete": False})
+    return run_id
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+
+def evaluate(model: torch.nn.Module, volumes: list[SegVolume], cfg: SegmentConfig,
+             keep: Path | None = None) -> tuple[list[m.SeriesEval], dict[str, float]]:
+    """Score every volume by sliding windows and judge it nodule by nodule; with `keep`, write each
+    probability map there (``<series>.npz``, uint8). Also returns seconds and peak memory figures."""
+    precision = choose_precision(cfg.precision)
+    evals, seconds = [], []
+    for v in volumes:
+        tick = time.perf_counter()
+        prob = probability(model, v.image, cfg, precision.autocast())
+        seconds.append(time.perf_counter() - tick)
+        evals.append(m.evaluate_series(prob, v.mask, v.nodules, series=v.series, vendor=v.vendor,
+                                       threshold=cfg.threshold, candidate_threshold=cfg.candidate_threshold))
+        if keep is not None:
+            io.write_npz(keep / f"{v.series}.npz", prob=np.round(prob * PREDICTION_SCALE).astype(np.uint8))
+    return evals, {"inference_seconds_per_series": float(np.mean(seconds)) if seconds else float("nan"),
+                   "inference_seconds_max": float(np.max(seconds)) if seconds else float("nan")}
+
+
+def save_evals(path: Path, evals: list[m.SeriesEval]) -> None:
+    io.write_json(path, [dataclasses.asdict(e) for e in evals])
+
+
+def load_evals(path: Path) -> list[m.SeriesEval]:
+    return [m.SeriesEval(**e) for e in io.read_json(path)]
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# -- folds, summary, final model ----------------------------------------------------------------
+
+def run_fold(layout: WorkLayout, cfg: SegmentConfig, fold: int, tracking_uri: str,
+             stop_after: int | None = None) -> Path:
+    """Train on the other folds' series, judge this fold's, in a nested run; return its evals file."""
+    out = layout.segment.fold(fold)
+    if _fold_entry(layout, fold).get("done"):
+        return out / "evals.json"
+    folds = layout.read_folds()
+    run_id = _fold_entry(layout, fold).get("run_id")
+    if run_id is None:
+        run_id = mlflow_runs.create_nested_run(tracking_uri, parent_run(layout), f"segment-fold-{fold}", {
+            "fold": str(fold), runs.DESCRIPTION_TAG: (
+                f"Segmenter fold {fold} of {folds.n_splits}: trained on the other folds' series, judged per nodule "
+                f"on this fold's {len(folds.val(fold))}.")})
+        mlflow_runs.log_split_inputs(layout, tracking_uri, run_id,
+                                     {"training": folds.train(fold), "validation": folds.val(fold)},
+                                     f"segment-fold-{fold}")
+        _update_fold(layout, fold, run_id=run_id, done=False)
+    else:
+        runs.configure_mlflow(tracking_uri).update_run(run_id, status="RUNNING")
+    with mlflow_runs.closing(tracking_uri, run_id):
+        train = load_volumes(layout, folds.train(fold), cfg.patch)
+        val = load_volumes(layout, folds.val(fold), cfg.patch)
+        mlflow_runs.log_results(tracking_uri, run_id, {}, [],
+                                tags={"precision": choose_precision(cfg.precision).name})
+        tick = time.perf_counter()
+        result = fit(train, cfg, out / "checkpoint.pt", seed=cfg.seed + fold,
+                     log=mlflow_runs.step_logger(tracking_uri, run_id), stop_after=stop_after)
+        train_seconds = time.perf_counter() - tick
+        evals, timing = evaluate(result.model, val, cfg, keep=out / "probabilities")
+        save_evals(out / "evals.json", evals)
+        metrics = m.summarise(evals, cfg.threshold) | timing | {
+            "train_seconds": train_seconds, "epochs_run": float(result.epochs_run),
+            "resumed_from_epoch": float(result.resumed_from),
+            "data_wait_share": mean_history(result, "data_wait_share"),
+            "samples_per_second": mean_history(result, "samples_per_second"), "peak_rss_gb": peak_rss_gb()}
+        picture = plots.froc_figure(_vendor_curves(evals), f"Fold {fold}: FROC per vendor", out / "froc.png")
+        mlflow_runs.log_results(tracking_uri, run_id, _finite(metrics), [picture])
+    _update_fold(layout, fold, done=True)
+    return out / "evals.json"
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
+
+
+def _vendor_curves(evals: list[m.SeriesEval]) -> dict[str, m.Froc]:
+    curves = {"all vendors": m.froc(evals)}
+    for vendor in sorted({e.vendor for e in evals}):
+        curves[vendor] = m.froc([e for e in evals if e.vendor == vendor])
+    return curves
+
+
+def _group_table(evals: list[m.SeriesEval], threshold: float) -> pd.DataFrame:
+    """CPM, sensitivities, Dice and kappa per vendor, nodule kind, attachment and size bin."""
+    rows: list[dict[str, Any]] = []
+
+    def row(group: str, value: str, froc: m.Froc, nodules: list[dict[str, Any]], part: list[m.SeriesEval]) -> None:
+        ge6 = [n["dice"] for n in nodules if n["diameter_mm"] >= 6.0]
+        rows.append({"group": group, "value": value, "scans": froc.scans, "nodules": froc.nodules, "cpm": froc.cpm,
+                     **{f"sens@{r:g}": s for r, s in froc.at_rates.items()},
+                     "dice_mean": float(np.mean([n["dice"] for n in nodules])) if nodules else float("nan"),
+                     "dice_ge6_mean": float(np.mean(ge6)) if ge6 else float("nan"),
+                     "kappa_series": m.series_kappa(part) if group in ("all", "vendor") else float("nan")})
+
+    every = [n for e in evals for n in e.nodules]
+    row("all", "all", m.froc(evals), every, evals)
+    for vendor in sorted({e.vendor for e in evals}):
+        part = [e for e in evals if e.vendor == vendor]
+        row("vendor", vendor, m.froc(part), [n for e in part for n in e.nodules], part)
+    for field in ("kind", "attachment", "size_bin"):
+        for value in sorted({str(n[field]) for n in every}):
+            def chosen(n: dict[str, Any], field: str = field, value: str = value) -> bool:
+                return str(n[field]) == value
+            row(field, value, m.froc(evals, nodule_filter=chosen), [n for n in every if chosen(n)], evals)
+    return pd.DataFrame(rows)
+
+
+def summarise(layout: WorkLayout, cfg: SegmentConfig, tracking_uri: str) -> dict[str, Any]:
+    """Pool the folds' out-of-fold evaluations: tables, FROC and contour pictures, summary.json."""
+    paths = layout.segment
+    folds = layout.read_folds()
+    evals = [e for i in range(folds.n_splits) for e in load_evals(paths.fold(i) / "evals.json")]
+    metrics = m.summarise(evals, cfg.threshold)
+    table = _group_table(evals, cfg.threshold)
+    io.write_csv(paths.by_group, table)
+    io.write_csv(paths.nodules, m.nodule_table(evals))
+    io.write_csv(paths.series, pd.DataFrame([{"series": e.series, "vendor": e.vendor, "dice": e.dice,
+                                              "present_ref": e.present_ref, "present_pred": e.present_pred,
+                                              "false_positives": len(e.false_positives)} for e in evals]))
+    vendors = table[table.group == "vendor"].set_index("value")
+    by_kind = {f"{r.group}: {r.value}": m.froc(evals, nodule_filter=_chooser(r.group, r.value))
+               for r in table[table.group.isin(["kind", "size_bin"])].itertuples()}
+    pictures = [plots.froc_figure(_vendor_curves(evals), "Nodule FROC per vendor (out of fold)",
+                                  paths.picture("froc_by_vendor.png")),
+                plots.froc_figure(by_kind, "Nodule FROC per kind and size (out of fold)",
+                                  paths.picture("froc_by_kind.png")),
+                contour_picture(layout, evals, paths.picture("contours.png"))]
+    summary = {"cpm": metrics["cpm"], "vendor_cpm": {v: float(r.cpm) for v, r in vendors.iterrows()},
+               "vendor_dice_ge6": {v: float(r.dice_ge6_mean) for v, r in vendors.iterrows()},
+               "vendor_kappa": {v: float(r.kappa_series) for v, r in vendors.iterrows()},
+               "dice_ge6_mean": metrics["dice_ge6_mean"], "kappa_series": metrics["kappa_series"],
+               "kappa_size": metrics["kappa_size"], "sensitivity": {f"{r:g}": metrics[f"sens_at_{r:g}"]
+                                                                   for r in m.FP_RATES},
+               "series": len(evals), "nodules": int(metrics["n_nodules"]), "final_epochs": cfg.epochs}
+    io.write_json(paths.summary, summary)
+    mlflow_runs.log_results(tracking_uri, parent_run(layout), _finite(metrics),
+                            [paths.by_group, paths.nodules, paths.series, paths.summary, *pictures], "cv")
+    return summary
+
+
+def _chooser(group: str, value: str) -> Any:
+    return lambda n: str(n[group]) == value
+
+
+def contour_picture(layout: WorkLayout, evals: list[m.SeriesEval], out: Path, cases: int = 12) -> Path:
+    """Reference and predicted contours through the nodules a reviewer should see first: the missed
+    and worst-segmented ones, then the best, each from its own fold's model (which never saw it)."""
+    folds = layout.read_folds()
+    fold_of = {uid: i for i in range(folds.n_splits) for uid in folds.val(i)}
+    rows = [(e, n) for e in evals for n in e.nodules]
+    rows.sort(key=lambda en: (en[1]["score"] is not None, en[1]["dice"]))
+    chosen = rows[: cases - cases // 3] + rows[len(rows) - cases // 3:] if len(rows) > cases else rows
+    volumes = {v.series: v for v in load_volumes(layout, sorted({e.series for e, _ in chosen}), (1, 1, 1))}
+    items = []
+    for e, n in chosen:
+        v = volumes[e.series]
+        with np.load(layout.segment.fold(fold_of[e.series]) / "probabilities" / f"{e.series}.npz") as npz:
+            prob = npz["prob"][: v.shape[0], : v.shape[1], : v.shape[2]]
+        where = np.argwhere(v.mask == n["label"])
+        centre = tuple(int(c) for c in where.mean(axis=0).round()) if len(where) else (0, 0, 0)
+        found = "missed" if n["score"] is None else f"score {n['score']:.2f}"
+        items.append({"image": v.image, "reference": v.mask == n["label"], "centre": centre,
+                      "prediction": prob >= round(0.5 * PREDICTION_SCALE),
+                      "caption": f"{e.vendor} {n['kind']} {n['attachment']} {n['diameter_mm']:.1f} mm\n"
+                                 f"Dice {n['dice']:.2f}, {found}"})
+    return plots.contour_grid(items, out, "Nodules: reference (green) and prediction (orange), out of fold")
+
+
+def train_final(layout: WorkLayout, cfg: SegmentConfig, tracking_uri: str) -> Path:
+    """Train on every labelled series for the configured epochs; save the weights."""
+    ids = list(layout.labelled_series().SeriesInstanceUID)
+    log = mlflow_runs.step_logger(tracking_uri, parent_run(layout), prefix="final.")
+    result: SegFit = fit(load_volumes(layout, ids, cfg.patch), cfg, layout.segment.final / "checkpoint.pt",
+                         seed=cfg.seed + 1000, log=log)
+    path = layout.segment.final_weights
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(result.model.state_dict(), path)
+    mlflow_runs.log_results(tracking_uri, parent_run(layout),
+                            {"final.samples_per_second": mean_history(result, "samples_per_second"),
+                             "final.data_wait_share": mean_history(result, "data_wait_share"),
+                             "peak_rss_gb": peak_rss_gb()}, [])
+    return path
+
+
+def register(layout: WorkLayout, cfg: SegmentConfig, pre: PreprocessConfig, tracking_uri: str,
+             tags: dict[str, str]) -> str:
+    """Register the final segmenter as a version of ``cfg.model_name`` with its card; alias challenger."""
+    paths = layout.segment
+    summary = io.read_json(paths.summary)
+    model = build_segmenter(cfg)
+    model.load_state_dict(torch.load(paths.final_weights, weights_only=True))
+    model.eval()
+    io.write_json(paths.final_config, cfg.model_dump(mode="json"))
+    io.write_json(paths.final_preprocess_config, pre.model_dump(mode="json"))
+    parent = parent_run(layout)
+    mlflow_runs.log_results(tracking_uri, parent, {}, [paths.final_weights, paths.final_config,
+                                                       paths.final_preprocess_config], registry.WEIGHTS_ARTIFACT)
+    version_tags = {"cv.mean_cpm": f"{summary['cpm']:.4f}", "cv.dice_ge6": f"{summary['dice_ge6_mean']:.4f}",
+                    "cv.kappa_series": f"{summary['kappa_series']:.4f}", **tags}
+    version_tags.update({f"cv.cpm.{v}": f"{c:.4f}" for v, c in summary["vendor_cpm"].items() if np.isfinite(c)})
+    example = np.zeros((2, 1, *cfg.patch), dtype=np.float32)
+
+    def card(version: str) -> str:
+        return seg_card(cfg.model_name, version, summary, pd.read_csv(paths.by_group), parent)
+
+    return registry.register_model(tracking_uri, parent, model, example, cfg.model_name, card, version_tags,
+                                   output=torch.sigmoid)
+
+
+def seg_card(model_name: str, version: str, summary: dict[str, Any], table: pd.DataFrame, run_id: str) -> str:
+    """The version page: decision, per-vendor FROC/Dice/kappa, per kind and size, where the pictures are."""
+    f = model_card._f
+
+    def rows(group: str) -> list[list[str]]:
+        part = table[table.group == group]
+        return [[str(r.value), str(int(r.scans)), str(int(r.nodules)), f(r.cpm), f(r["sens@1"]),
+                 f(r.dice_ge6_mean), f(r.kappa_series)] for _, r in part.iterrows()]
+
+    header = ("", "scans", "nodules", "CPM", "sens @1 FP", "Dice ≥6 mm", "kappa (series)")
+    body = ["Out-of-fold, four folds stratified by vendor (the classifier's `splits/folds.json`).",
+            f"**CPM {f(summary['cpm'])}**, mean Dice of nodules ≥ 6 mm {f(summary['dice_ge6_mean'])}, "
+            f"series kappa {f(summary['kappa_series'])}, size-category kappa {f(summary['kappa_size'])}.", "",
+            *model_card.table(header, "lrrrrrr", rows("all") + rows("vendor")), "",
+            *model_card.table(header, "lrrrrrr", rows("kind") + rows("attachment") + rows("size_bin")), "",
+            f"Pictures: `runs:/{run_id}/cv/froc_by_vendor.png`, `cv/froc_by_kind.png`, `cv/contours.png`; "
+            "one row per nodule in `cv/nodules.csv`."]
+    parts = [model_card.decision_section("pending", (), version),
+             model_card.section("evidence", "\n".join(body)), model_card.review_section(model_name, version)]
+    return model_card.fit("\n".join(parts))
+
+
+def gate(tracking_uri: str, cfg: SegmentConfig, version: str) -> dict[str, Any]:
+    decision = registry.apply_promotion_gate(tracking_uri, cfg.model_name, version, margin=cfg.promotion_margin,
+                                             vendor_tolerance=cfg.vendor_tolerance, min_auc=cfg.min_cpm, metric="cpm")
+    return {"promoted": decision.promote, "decision": decision.label, "reasons": list(decision.reasons)}
+
+
+def mark_complete(layout: WorkLayout, version: str) -> None:
+    _update(layout, complete=True, version=version)

@@ -1,0 +1,375 @@
+"""How the field judges a 3D nodule segmentation model: LUNA16 FROC and CPM, per-nodule Dice and
+Cohen's kappa, per vendor (a data slice), per nodule kind and per size.
+
+Volumes are numpy arrays in (i, j, k) voxel order; `spacing` (mm per voxel along i, j, k) turns
+voxel counts and distances into millimetres.
+
+The detection rule is LUNA16's: a candidate (a connected component of the probability map above a
+low threshold) hits a nodule when it overlaps the nodule's reference voxels or its centre lies
+within the nodule's radius of the nodule's centroid. A nodule's score is its best hit's score;
+extra hits on one nodule are ignored, and candidates hitting nothing are the false positives.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+from sklearn.metrics import cohen_kappa_score
+
+FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # LUNA16 operating points, false positives per scan
+SIZE_EDGES_MM = (6.0, 10.0)
+SIZE_BINS = ("<6 mm", "6-10 mm", ">=10 mm")
+SIZE_SLUGS = {"<6 mm": "lt6", "6-10 mm": "6to10", ">=10 mm": "ge10"}
+ABSENT = "absent"
+KINDS = ("solid", "part-solid", "ground-glass")
+ATTACHMENTS = ("none", "pleural", "vascular")
+NODULE_COLUMNS = ("series", "vendor", "label", "diameter_mm", "kind", "attachment", "size_bin", "score",
+                  "dice", "predicted_diameter_mm")
+# 26-connectivity: voxels touching at a face, an edge or a corner belong to one component.
+CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
+
+
+def size_bin(diameter_mm: float) -> str:
+    """The Lung-RADS-like size category of a nodule: ``<6 mm``, ``6-10 mm`` or ``>=10 mm``."""
+    d = float(diameter_mm)
+    if not math.isfinite(d) or d < 0:
+        raise ValueError(f"diameter_mm must be a finite non-negative number, got {diameter_mm!r}")
+    return SIZE_BINS[int(np.searchsorted(SIZE_EDGES_MM, d, side="right"))]
+
+
+def equivalent_diameter_mm(voxels: float, spacing: Sequence[float] | np.ndarray = (1.0, 1.0, 1.0)) -> float:
+    """The diameter of the sphere with the volume of `voxels` voxels: (6V/π)^(1/3), V in mm³."""
+    return float((6.0 * voxels * float(np.prod(spacing)) / math.pi) ** (1.0 / 3.0))
+
+
+@dataclass(frozen=True)
+class NoduleRef:
+    """One annotated nodule: its value in the reference instance map and what it is."""
+
+    label: int
+    diameter_mm: float
+    kind: str = "solid"  # solid / part-solid / ground-glass
+    attachment: str = "none"  # none / pleural / vascular
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One connected component of the probability map, as a detection."""
+
+    centre: tuple[float, float, float]  # voxel coordinates of the component's centroid
+    score: float  # the highest probability in the component
+    voxels: int
+    component: int  # its id in the component map
+
+
+@dataclass
+class SeriesEval:
+    """What one series contributes to the metrics.
+
+    `false_positive_diameters_mm` is aligned with `false_positives`: the equivalent-sphere diameter
+    of the voxels at or above the segmentation threshold in each false-positive candidate (None
+    where there are none). Left empty, it is filled with None.
+    """
+
+    series: str
+    vendor: str
+    nodules: list[dict[str, Any]]
+    false_positives: list[float]
+    dice: float
+    present_ref: bool
+    present_pred: bool
+    false_positive_diameters_mm: list[float | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.false_positive_diameters_mm:
+            self.false_positive_diameters_mm = [None] * len(self.false_positives)
+        elif len(self.false_positive_diameters_mm) != len(self.false_positives):
+            raise ValueError(f"false_positive_diameters_mm has {len(self.false_positive_diameters_mm)} entries "
+                             f"but false_positives {len(self.false_positives)}; give one per false positive")
+
+
+@dataclass(frozen=True, eq=False)
+class Froc:
+    """A FROC curve (one operating point per distinct score, thresholds descending), the
+    sensitivity at each LUNA16 rate and their mean, the CPM."""
+
+    fps_per_scan: np.ndarray
+    sensitivity: np.ndarray
+    at_rates: dict[float, float]
+    cpm: float
+    nodules: int
+    scans: int
+
+
+# -- candidates and one series -----------------------------------------------------------------
+
+
+def _check_spacing(spacing: Sequence[float]) -> np.ndarray:
+    s = np.asarray(spacing, dtype=float)
+    if s.shape != (3,) or not np.all(s > 0):
+        raise ValueError(f"spacing must be three positive mm values (i, j, k), got {spacing!r}")
+    return s
+
+
+def extract_candidates(prob: np.ndarray, *, threshold: float = 0.1, min_voxels: int = 2,
+                       max_candidates: int = 50) -> tuple[list[Candidate], np.ndarray]:
+    """The connected components (26-connectivity) of ``prob >= threshold`` as candidates, best
+    first, and the int32 component map in which candidate ``n`` (its ``component``) is ``n``.
+
+    Components under `min_voxels` are dropped (single-voxel noise), and only the `max_candidates`
+    highest-scoring are kept; both are left out of the map.
+    """
+    prob = np.asarray(prob)
+    if prob.ndim != 3:
+        raise ValueError(f"prob must be a 3D (i, j, k) array, got shape {prob.shape}")
+    if min_voxels < 1 or max_candidates < 1:
+        raise ValueError(f"min_voxels and max_candidates must be at least 1, got {min_voxels}, {max_candidates}")
+    labels, n = ndimage.label(prob >= threshold, structure=CONNECTIVITY)
+    if n == 0:
+        return [], np.zeros(prob.shape, dtype=np.int32)
+    # The statistics read only the foreground voxels: over the whole volume ndimage would sort
+    # every background voxel too, ten times slower on a CT-sized map.
+    fg = np.flatnonzero(labels)
+    fg_labels = labels.ravel()[fg]
+    ids = np.arange(1, n + 1)
+    sizes = np.asarray(ndimage.sum_labels(np.ones(len(fg)), fg_labels, ids)).astype(np.int64)
+    scores = np.asarray(ndimage.maximum(prob.ravel()[fg], fg_labels, ids), dtype=float)
+    keep = ids[sizes >= min_voxels]
+    # Stable on ties: the component found first (lowest index) wins.
+    keep = keep[np.argsort(-scores[keep - 1], kind="stable")][:max_candidates]
+    lookup = np.zeros(n + 1, dtype=np.int32)
+    lookup[keep] = np.arange(1, len(keep) + 1, dtype=np.int32)
+    component_map = lookup[labels]
+    coords = np.stack(np.unravel_index(fg, prob.shape), axis=1)
+    centres = (np.stack([ndimage.mean(coords[:, a], fg_labels, keep) for a in range(3)], axis=1) if len(keep)
+               else np.zeros((0, 3)))
+    candidates = [Candidate(centre=(float(c[0]), float(c[1]), float(c[2])), score=float(scores[old - 1]),
+                            voxels=int(sizes[old - 1]), component=new)
+                  for new, (old, c) in enumerate(zip(keep, centres, strict=True), start=1)]
+    return candidates, component_map
+
+
+def evaluate_series(prob: np.ndarray, reference: np.ndarray, nodules: Sequence[NoduleRef], *, series: str = "",
+                    vendor: str = "", threshold: float = 0.5, candidate_threshold: float = 0.1,
+                    spacing: Sequence[float] = (1.0, 1.0, 1.0), min_voxels: int = 2,
+                    max_candidates: int = 50) -> SeriesEval:
+    """Score one series against its reference instance map (``0`` background, each nodule its
+    ``label``).
+
+    Candidates come from `candidate_threshold` (low, so that the FROC curve reaches high
+    sensitivities); the segmentation is ``prob >= threshold``. A nodule's Dice compares its
+    reference voxels with the thresholded components that overlap them, so a false positive
+    elsewhere in the lung does not lower it (it lowers the whole-series Dice). Reference voxels
+    whose label is not in `nodules` count for the series Dice only; candidates on them are false
+    positives.
+    """
+    prob = np.asarray(prob)
+    reference = np.asarray(reference)
+    if prob.shape != reference.shape or prob.ndim != 3:
+        raise ValueError(f"prob {prob.shape} and reference {reference.shape} must be 3D arrays of one shape")
+    if not 0 < candidate_threshold <= threshold:
+        raise ValueError(f"candidate_threshold must lie in (0, threshold={threshold}], got {candidate_threshold}")
+    mm = _check_spacing(spacing)
+    labels = np.array([n.label for n in nodules], dtype=np.int64)
+    if len(set(labels.tolist())) != len(labels):
+        raise ValueError(f"nodule labels must be unique, got {labels.tolist()}")
+
+    candidates, component_map = extract_candidates(prob, threshold=candidate_threshold, min_voxels=min_voxels,
+                                                   max_candidates=max_candidates)
+    # Everything per nodule is read at the reference voxels only, which are few.
+    ref_at = np.nonzero(reference)
+    ref_values = reference[ref_at].astype(np.int64)
+    nodule_of = np.full(len(ref_values), -1, dtype=np.int64)  # index into `nodules`, -1 for other labels
+    if len(labels):
+        order = np.argsort(labels)
+        pos = np.minimum(np.searchsorted(labels[order], ref_values), len(labels) - 1)
+        nodule_of = np.where(labels[order][pos] == ref_values, order[pos], -1)
+    mine = nodule_of >= 0
+    ref_voxels = np.bincount(nodule_of[mine], minlength=len(labels))
+    if absent := [int(lb) for lb, c in zip(labels, ref_voxels, strict=True) if c == 0]:
+        raise ValueError(f"nodule label(s) {absent} do not occur in the reference map")
+    coords = np.stack(ref_at, axis=1).astype(float)
+    centroids = np.stack([np.bincount(nodule_of[mine], weights=coords[mine, a], minlength=len(labels))
+                          for a in range(3)], axis=1) / np.maximum(ref_voxels, 1)[:, None]
+
+    # The LUNA16 hit rule: overlap, or centre within the radius of the centroid.
+    n_cand = len(candidates)
+    scores = np.array([c.score for c in candidates], dtype=float)
+    hits = np.zeros((n_cand, len(labels)), dtype=bool)
+    cand_at_ref = component_map[ref_at]
+    both = mine & (cand_at_ref > 0)
+    hits[cand_at_ref[both] - 1, nodule_of[both]] = True
+    if n_cand and len(labels):
+        centres = np.array([c.centre for c in candidates], dtype=float)
+        dist = np.linalg.norm((centres[:, None, :] - centroids[None, :, :]) * mm, axis=2)
+        radii = np.array([n.diameter_mm for n in nodules], dtype=float) / 2
+        hits |= dist <= radii[None, :]
+    best = np.where(hits, scores[:, None], -np.inf).max(axis=0) if n_cand else np.full(len(labels), -np.inf)
+
+    # Segmentation: components of the thresholded map that touch each nodule.
+    predicted = prob >= threshold
+    pred_map, n_pred = ndimage.label(predicted, structure=CONNECTIVITY)
+    pred_sizes = np.bincount(pred_map.ravel(), minlength=n_pred + 1)
+    pred_at_ref = pred_map[ref_at]
+    touch = mine & (pred_at_ref > 0)
+    inter = np.bincount(nodule_of[touch], minlength=len(labels))
+    pairs = np.unique(np.stack([nodule_of[touch], pred_at_ref[touch]]), axis=1)
+    pred_voxels = np.bincount(pairs[0], weights=pred_sizes[pairs[1]], minlength=len(labels))
+
+    rows = []
+    for j, n in enumerate(nodules):
+        rows.append({
+            "label": int(n.label), "diameter_mm": float(n.diameter_mm), "kind": n.kind, "attachment": n.attachment,
+            "size_bin": size_bin(n.diameter_mm),
+            "score": float(best[j]) if np.isfinite(best[j]) else None,
+            "dice": float(2 * inter[j] / (pred_voxels[j] + ref_voxels[j])),
+            "predicted_diameter_mm": equivalent_diameter_mm(pred_voxels[j], mm) if pred_voxels[j] else None,
+        })
+
+    false = ~hits.any(axis=1) if n_cand else np.zeros(0, dtype=bool)
+    # The segmented volume inside each candidate: the size a reader would report for it.
+    seg_in_candidate = np.bincount(component_map[predicted], minlength=n_cand + 1)[1:]
+    fp_diameters: list[float | None] = [equivalent_diameter_mm(v, mm) if v else None
+                                        for v in seg_in_candidate[false]]
+
+    both_sizes = int(predicted.sum()) + len(ref_values)
+    overlap = int(predicted[ref_at].sum())
+    return SeriesEval(
+        series=series, vendor=vendor, nodules=rows, false_positives=[float(s) for s in scores[false]],
+        dice=2 * overlap / both_sizes if both_sizes else 1.0,
+        present_ref=len(nodules) > 0, present_pred=bool((scores >= threshold).any()),
+        false_positive_diameters_mm=fp_diameters,
+    )
+
+
+# -- FROC --------------------------------------------------------------------------------------
+
+
+def froc(evals: Sequence[SeriesEval], *, nodule_filter: Callable[[dict[str, Any]], bool] | None = None,
+         fp_rates: Sequence[float] = FP_RATES) -> Froc:
+    """The FROC curve and CPM over `evals`, pooling nodules and false positives across scans.
+
+    `nodule_filter` selects nodules (a kind, a size) while every scan's false positives still
+    count, as LUNA16 scores its subsets; for a vendor, pass only that vendor's series. Sensitivity
+    at a rate is the highest reached with at most that many false positives per scan (0 if none).
+    With no selected nodule the sensitivities and the CPM are NaN.
+    """
+    chosen = [n for e in evals for n in e.nodules if nodule_filter is None or nodule_filter(n)]
+    found = np.sort(np.array([n["score"] for n in chosen if n["score"] is not None], dtype=float))
+    fps = np.sort(np.array([s for e in evals for s in e.false_positives], dtype=float))
+    scans = len(evals)
+    thresholds = np.unique(np.concatenate([found, fps]))[::-1]
+    fps_per_scan = (len(fps) - np.searchsorted(fps, thresholds, side="left")) / max(scans, 1)
+    if not chosen:
+        nan = float("nan")
+        return Froc(fps_per_scan, np.full(len(thresholds), nan), dict.fromkeys(map(float, fp_rates), nan),
+                    nan, 0, scans)
+    sensitivity = (len(found) - np.searchsorted(found, thresholds, side="left")) / len(chosen)
+    # Sensitivity never falls as the threshold drops, so the best within a rate is the last reached.
+    at_rates = {float(r): float(sensitivity[fps_per_scan <= r].max(initial=0.0)) for r in fp_rates}
+    return Froc(fps_per_scan, sensitivity, at_rates, float(np.mean(list(at_rates.values()))), len(chosen), scans)
+
+
+# -- agreement ---------------------------------------------------------------------------------
+
+
+def _kappa(a: Sequence[Any], b: Sequence[Any]) -> float:
+    """Cohen's kappa, NaN where it is undefined (no pairs, or both raters always say one thing)."""
+    if not len(a) or len(set(a) | set(b)) < 2:
+        return float("nan")
+    return float(cohen_kappa_score(list(a), list(b)))
+
+
+def series_kappa(evals: Sequence[SeriesEval]) -> float:
+    """Agreement between 'the series has a nodule' in the reference and in the prediction."""
+    return _kappa([e.present_ref for e in evals], [e.present_pred for e in evals])
+
+
+def size_pairs(evals: Sequence[SeriesEval], threshold: float = 0.5) -> list[tuple[str, str]]:
+    """(reference, predicted) size category per nodule and per false positive at `threshold`.
+
+    A nodule not detected at `threshold`, or detected without segmented voxels on it, is
+    predicted ``absent``; a false positive at `threshold` is an ``absent`` reference with its
+    segmented size (skipped when it has no segmented voxels, so no size).
+    """
+    pairs = []
+    for e in evals:
+        for n in e.nodules:
+            detected = n["score"] is not None and n["score"] >= threshold and n["predicted_diameter_mm"] is not None
+            pairs.append((size_bin(n["diameter_mm"]), size_bin(n["predicted_diameter_mm"]) if detected else ABSENT))
+        for score, diameter in zip(e.false_positives, e.false_positive_diameters_mm, strict=True):
+            if score >= threshold and diameter is not None:
+                pairs.append((ABSENT, size_bin(diameter)))
+    return pairs
+
+
+def size_kappa(evals: Sequence[SeriesEval], threshold: float = 0.5) -> float:
+    """Agreement of size categories (``<6 mm``, ``6-10 mm``, ``>=10 mm``, ``absent``), see
+    :func:`size_pairs`."""
+    pairs = size_pairs(evals, threshold)
+    return _kappa([p[0] for p in pairs], [p[1] for p in pairs])
+
+
+# -- summaries ---------------------------------------------------------------------------------
+
+
+def slug(name: str) -> str:
+    """A lower-case MLflow-safe key part: runs of anything but letters and digits become ``_``."""
+    s = SIZE_SLUGS.get(name) or re.sub(r"[^a-z0-9]+", "_", str(name).lower()).strip("_")
+    return s or "unknown"
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+def _dice(evals: Sequence[SeriesEval], min_mm: float = 0.0) -> float:
+    return _mean([n["dice"] for e in evals for n in e.nodules if n["diameter_mm"] >= min_mm])
+
+
+def _where(key: str, value: Any) -> Callable[[dict[str, Any]], bool]:
+    """A nodule filter for :func:`froc`: the nodules whose `key` is `value`."""
+    return lambda n: bool(n[key] == value)
+
+
+def summarise(evals: Sequence[SeriesEval], threshold: float = 0.5) -> dict[str, float]:
+    """A flat dict for ``mlflow.log_metrics``: CPM and sensitivity at each rate, Dice, kappa,
+    overall, per vendor, per nodule kind and per size bin.
+
+    Every key is always present for the slices in `evals`; an undefined value (no nodules in a
+    slice, kappa with one category) is NaN, which MLflow stores as NaN. Keys per slice are
+    ``cpm_<vendor>``, ``dice_ge6_<vendor>``, ``kappa_series_<vendor>``, ``cpm_kind_<kind>`` and
+    ``cpm_size_<lt6|6to10|ge10>``, with names passed through :func:`slug`.
+    """
+    overall = froc(evals)
+    out: dict[str, float] = {"cpm": overall.cpm}
+    out |= {f"sens_at_{r:g}": s for r, s in overall.at_rates.items()}
+    out |= {
+        "dice_mean": _dice(evals), "dice_ge6_mean": _dice(evals, SIZE_EDGES_MM[0]),
+        "series_dice_mean": _mean([e.dice for e in evals]),
+        "kappa_series": series_kappa(evals), "kappa_size": size_kappa(evals, threshold),
+        "n_series": float(len(evals)), "n_nodules": float(overall.nodules),
+    }
+    for vendor in sorted({e.vendor for e in evals}):
+        part = [e for e in evals if e.vendor == vendor]
+        key = slug(vendor)
+        out |= {f"cpm_{key}": froc(part).cpm, f"dice_ge6_{key}": _dice(part, SIZE_EDGES_MM[0]),
+                f"kappa_series_{key}": series_kappa(part)}
+    for kind in sorted({n["kind"] for e in evals for n in e.nodules}):
+        out[f"cpm_kind_{slug(kind)}"] = froc(evals, nodule_filter=_where("kind", kind)).cpm
+    for size in SIZE_BINS:
+        out[f"cpm_size_{SIZE_SLUGS[size]}"] = froc(evals, nodule_filter=_where("size_bin", size)).cpm
+    return out
+
+
+def nodule_table(evals: Sequence[SeriesEval]) -> pd.DataFrame:
+    """One row per reference nodule, with its series and vendor (an MLflow table artifact)."""
+    rows = [{"series": e.series, "vendor": e.vendor, **n} for e in evals for n in e.nodules]
+    return pd.DataFrame(rows, columns=list(NODULE_COLUMNS))

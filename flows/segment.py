@@ -1,0 +1,58 @@
+"""The segmentation flow: the classifier's folds → one segmenter per fold → FROC/Dice/kappa summary →
+final segmenter → registry → promotion gate on CPM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from dicomops.config import PreprocessConfig, SegmentConfig, TrainConfig, load_settings
+from dicomops.tracking import flatten_params
+from flows.scope import tracked, writing
+from tasks import segment as s
+from tasks import stages
+from tasks.preprocess import hash_accepted_corpus
+from tasks.train import prepare_splits
+
+
+@flow(name="dicomops-segment", log_prints=True)
+def segment(work: Path | None = None, config: SegmentConfig = SegmentConfig(),
+            preprocess_config: PreprocessConfig = PreprocessConfig(), train_config: TrainConfig = TrainConfig(),
+            experiment: str = "dicomops", parent_run_id: str | None = None,
+            run_tags: dict[str, str] | None = None) -> dict[str, object]:
+    """Cross-validate the nodule segmenter in the classifier's folds, train, register and gate it."""
+    settings = load_settings()
+    work = Path(work or settings.work_dir)
+    uri = settings.mlflow_tracking_uri
+    with writing(work, "dicomops-segment", settings):
+        _, split_hash = prepare_splits(work, train_config)
+        data_hash = hash_accepted_corpus(work)
+        key = stages.stage_key("segment", {"data": data_hash, "split": split_hash,
+                                           "segment": config.model_dump(mode="json"),
+                                           "preprocess": preprocess_config.model_dump(mode="json"),
+                                           "tags": run_tags or {}})
+        if (cached := stages.completed(work, "segment", key)) is not None:
+            print(f"segment: data, split, settings and code unchanged; version {cached['version']} stands, skipped")
+            return {**cached, "skipped": True}
+        stages.started(work, "segment")
+        params = flatten_params({"segment": config.model_dump(mode="json"),
+                                 "preprocess": preprocess_config.model_dump(mode="json")})
+        run_id = s.open_segmentation_run(work, config, preprocess_config, split_hash, data_hash, uri, experiment,
+                                         settings.mlflow_artifact_root, params, parent_run_id, run_tags or {})
+        with tracked(uri, run_id):
+            for fold in range(train_config.n_splits):
+                s.segment_fold(work, config, fold, uri)
+            summary = s.summarise(work, config, uri)
+            s.train_final(work, config, uri)
+            version = s.register(work, config, preprocess_config, uri, data_hash, split_hash, run_tags or {})
+            decision = s.promotion_gate(uri, config, version)
+        print(f"segment: CPM {summary['cpm']:.3f}, Dice (nodules >= 6 mm) {summary['dice_ge6_mean']:.3f}, "
+              f"series kappa {summary['kappa_series']:.3f}; version {version} {decision['decision']}: "
+              f"{'; '.join(decision['reasons'])}")
+        result: dict[str, object] = {"mlflow_run_id": run_id, "version": version, "cpm": summary["cpm"],
+                                     "vendor_cpm": summary["vendor_cpm"], "dice_ge6": summary["dice_ge6_mean"],
+                                     "kappa_series": summary["kappa_series"], "promoted": decision["promoted"],
+                                     "decision": decision["decision"], "work": str(work)}
+        stages.done(work, "segment", key, result)
+    return {**result, "skipped": False}

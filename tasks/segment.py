@@ -1,0 +1,52 @@
+"""Segmentation tasks: one library call each; they pass paths, run ids and versions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from dicomops.config import PreprocessConfig, SegmentConfig
+from dicomops.layout import WorkLayout
+from dicomops.segmentation import cv
+from dicomops.tracking.lineage import ACCEPTED_HASH_TAG, git_commit, lineage_tags
+
+
+@task(name="open-segmentation-run", retries=2, retry_delay_seconds=[2, 10])
+def open_segmentation_run(work: Path, cfg: SegmentConfig, pre: PreprocessConfig, split_hash: str, data_hash: str,
+                          tracking_uri: str, experiment: str, artifact_root: Path | None,
+                          params: dict[str, object], parent_run_id: str | None, run_tags: dict[str, str]) -> str:
+    key = cv.run_key(cfg, pre, split_hash, data_hash)
+    tags = lineage_tags(accepted_sha256=data_hash) | {"split_sha256": split_hash} | run_tags
+    return cv.open_run(WorkLayout(work), key, tracking_uri, experiment, artifact_root, tags, params, parent_run_id)
+
+
+@task(name="segment-fold", tags=["cpu-heavy"])
+def segment_fold(work: Path, cfg: SegmentConfig, fold: int, tracking_uri: str) -> Path:
+    return cv.run_fold(WorkLayout(work), cfg, fold, tracking_uri)
+
+
+@task(name="summarise-segmentation")
+def summarise(work: Path, cfg: SegmentConfig, tracking_uri: str) -> dict[str, Any]:
+    return cv.summarise(WorkLayout(work), cfg, tracking_uri)
+
+
+@task(name="train-final-segmenter", tags=["cpu-heavy"])
+def train_final(work: Path, cfg: SegmentConfig, tracking_uri: str) -> Path:
+    return cv.train_final(WorkLayout(work), cfg, tracking_uri)
+
+
+@task(name="register-segmenter", retries=2, retry_delay_seconds=[2, 10])
+def register(work: Path, cfg: SegmentConfig, pre: PreprocessConfig, tracking_uri: str, data_hash: str,
+             split_hash: str, run_tags: dict[str, str]) -> str:
+    layout = WorkLayout(work)
+    version = cv.register(layout, cfg, pre, tracking_uri, {ACCEPTED_HASH_TAG: data_hash, "split_sha256": split_hash,
+                                                            "git_commit": git_commit()} | run_tags)
+    cv.mark_complete(layout, version)
+    return version
+
+
+@task(name="segmenter-promotion-gate")
+def promotion_gate(tracking_uri: str, cfg: SegmentConfig, version: str) -> dict[str, Any]:
+    return cv.gate(tracking_uri, cfg, version)

@@ -1,0 +1,115 @@
+"""The segmenter for real, tiny: four folds through the Prefect flow, MLflow in tmp_path, registry,
+gate on CPM, resumption, and a leak scan of what it wrote."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import mlflow
+from dicomops import ingest
+from dicomops.config import IngestConfig, PreprocessConfig, SegmentConfig, SynthConfig, TrainConfig
+from dicomops.deid.scan import scan_for_phi
+from dicomops.layout import WorkLayout
+from dicomops.preprocessing.stage import preprocess_corpus
+from dicomops.segmentation import cv
+from dicomops.synthetic import generate_corpus
+from flows.segment import segment
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+KEY = b"segment-test-key-0123456789abcdef01"
+PRE = PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0), crop_xy=96, workers=1)
+TRAIN = TrainConfig(epochs=1, input_size=32, num_workers=0)
+TINY_SEGMENTER = SegmentConfig(channels=(4, 8), strides=(2,), patch=(16, 16, 16), roi=(48, 48, 16), batch_size=4,
+                               patches_per_epoch=8, epochs=1, model_name="test-segmenter")
+
+
+@pytest.fixture(scope="module")
+def seg_work(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Twenty patients with every nodule kind, ingested and preprocessed (2 mm, small crop)."""
+    root = tmp_path_factory.mktemp("segment")
+    src = root / "src"
+    generate_corpus(src, SynthConfig(patients=20, seed=29, fault_rate=0.0, matrix=128, slices=16, workers=1))
+    work = root / "work"
+    ingest.run(src, work, IngestConfig(workers=1), KEY)
+    preprocess_corpus(work, PRE)
+    return src, work
+
+
+def test_segment_flow_registers_a_gated_version_with_froc_dice_and_kappa(
+        seg_work: tuple[Path, Path], mlflow_env: str, tmp_path: Path) -> None:
+    src, prepared = seg_work
+    work = tmp_path / "work"
+    shutil.copytree(prepared, work)
+    result = segment(work=work, config=TINY_SEGMENTER, preprocess_config=PRE, train_config=TRAIN,
+                     experiment="segment-test")
+    client = mlflow.tracking.MlflowClient(mlflow_env)
+    parent = client.get_run(str(result["mlflow_run_id"]))
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "segment"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.info.run_name for r in children) == [f"segment-fold-{i}" for i in range(4)]
+    assert all(r.info.status == "FINISHED" and "cpm" in r.data.metrics for r in children)
+    metrics = parent.data.metrics
+    for key in ("cpm", "dice_ge6_mean", "kappa_series", "sens_at_1", "final.samples_per_second"):
+        assert key in metrics, key
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "cv")}
+    assert {"cv/froc_by_vendor.png", "cv/froc_by_kind.png", "cv/contours.png", "cv/nodules.csv",
+            "cv/metrics_by_group.csv"} <= artifacts
+
+    # Out of fold: every labelled series judged once, every surviving nodule in the table.
+    layout = WorkLayout(work)
+    folds = layout.read_folds()
+    series = pd.read_csv(layout.segment.series)
+    assert sorted(series.series) == sorted(uid for i in range(4) for uid in folds.val(i))
+    nodules = pd.read_csv(layout.segment.nodules)
+    labels = pd.read_csv(src / "labels.csv")
+    assert 0 < len(nodules) <= labels.nodule_count.sum()
+    assert set(nodules.kind) <= {"solid", "part-solid", "ground-glass"}
+    table = pd.read_csv(layout.segment.by_group)
+    assert set(table[table.group == "vendor"].value) == set(labels.vendor)
+
+    version = client.get_model_version("test-segmenter", str(result["version"]))
+    assert version.tags["cv.mean_cpm"] == f"{result['cpm']:.4f}"
+    assert {t for t in version.tags if t.startswith("cv.cpm.")}
+    assert version.tags["promotion.decision"] in ("auto-promoted", "awaiting-review")
+    assert "CPM" in version.tags["promotion.reasons"]
+    assert "FROC" not in version.description or "CPM" in version.description
+    assert "Dice" in version.description and "kappa" in version.description
+
+    # A rerun with nothing changed is skipped; the segmenter's files leak nothing.
+    again = segment(work=work, config=TINY_SEGMENTER, preprocess_config=PRE, train_config=TRAIN,
+                    experiment="segment-test")
+    assert again["skipped"] and again["version"] == result["version"]
+    phi = pd.read_csv(src / "phi.csv", keep_default_na=False)
+    needles = set(phi.value) | set(labels.SeriesInstanceUID.astype(str)) | set(labels.StudyInstanceUID.astype(str))
+    for place in (layout.segment.root, tmp_path / "mlflow"):
+        assert scan_for_phi(place, needles) == [], place
+    assert len(scan_for_phi(src / "case-00001", needles)) > 5  # the scan is not vacuous
+
+
+def test_an_interrupted_fold_resumes_into_the_same_run(seg_work: tuple[Path, Path], mlflow_env: str,
+                                                       tmp_path: Path) -> None:
+    _, prepared = seg_work
+    work = tmp_path / "work"
+    shutil.copytree(prepared, work)
+    layout = WorkLayout(work)
+    from dicomops.training.splits import load_or_create_folds
+
+    folds = load_or_create_folds(layout, layout.labelled_series(), 4, 0)
+    cfg = TINY_SEGMENTER.model_copy(update={"epochs": 2})
+    cv.open_run(layout, "k", mlflow_env, "segment-resume", None, {}, {}, None)
+    with pytest.raises(InterruptedError):
+        cv.run_fold(layout, cfg, 0, mlflow_env, stop_after=1)
+    run_id = cv._fold_entry(layout, 0)["run_id"]
+    assert (layout.segment.fold(0) / "checkpoint.pt").exists() and not cv._fold_entry(layout, 0)["done"]
+    cv.run_fold(layout, cfg, 0, mlflow_env)
+    assert cv._fold_entry(layout, 0) == {"run_id": run_id, "done": True}
+    client = mlflow.tracking.MlflowClient(mlflow_env)
+    history = client.get_metric_history(run_id, "train_loss")
+    assert sorted(m.step for m in history) == [1, 2]  # epoch 1 once, then epoch 2 after the resume
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert len(cv.load_evals(layout.segment.fold(0) / "evals.json")) == len(folds.val(0))

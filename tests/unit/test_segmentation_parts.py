@@ -1,0 +1,121 @@
+"""The segmenter's parts: volumes and their indices, patch sampling, the rank split, inference, the gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dicomops.config import SegmentConfig
+from dicomops.segmentation.data import (
+    BODY_LEVEL,
+    PatchSet,
+    epoch_volumes,
+    nodule_refs,
+    rank_positions,
+    read_volume,
+)
+from dicomops.segmentation.model import build_segmenter, probability
+from dicomops.tracking.promotion import ModelScore, decide_promotion
+
+PATCH = (16, 16, 16)
+
+
+def _volume(tmp_path: Path, name: str, *, nodule: bool = True, shape: tuple[int, int, int] = (40, 40, 24)) -> Path:
+    image = np.full(shape, 0.1, np.float16)  # outside the body
+    image[4:-4, 4:-4, :] = 0.35  # lung
+    mask = np.zeros(shape, np.uint8)
+    if nodule:
+        mask[10:14, 10:14, 8:12] = 1
+        mask[25:28, 25:28, 5:8] = 2
+        image[mask > 0] = 0.9
+    path = tmp_path / f"{name}.npz"
+    np.savez(path, image=image, mask=mask)
+    return path
+
+
+RECORDS = '[{"diameter_mm": 5.0, "kind": "solid", "attachment": "pleural"}, {"diameter_mm": 4.0, "kind": "ground-glass"}]'
+
+
+def test_volume_indices_padding_and_nodule_records(tmp_path: Path) -> None:
+    v = read_volume(_volume(tmp_path, "a", shape=(40, 40, 10)), "s", "ge", nodule_refs(RECORDS), PATCH)
+    assert v.shape == (40, 40, 16)  # z grown to the patch, edge repeated
+    assert np.array_equal(v.image[:, :, 15], v.image[:, :, 9])
+    assert [(n.label, n.kind, n.attachment) for n in v.nodules] == [(1, "solid", "pleural"), (2, "ground-glass", "none")]
+    flat_mask = v.mask.ravel()
+    assert set(flat_mask[v.foreground]) == {1, 2} and len(v.foreground) == int((v.mask > 0).sum())
+    # Background centres: inside the body, outside nodules, on the stride-2 grid.
+    assert (v.image.ravel()[v.background] > BODY_LEVEL).all() and (flat_mask[v.background] == 0).all()
+    coords = np.stack(np.unravel_index(v.background, v.shape), axis=1)
+    assert (coords % 2 == 0).all()
+    assert v.label.shape == (1, *v.shape) and set(np.unique(v.label)) == {0, 1}
+
+
+def test_a_nodule_lost_in_resampling_leaves_the_reference_and_is_counted(tmp_path: Path) -> None:
+    three = '[{"diameter_mm": 5.0}, {"diameter_mm": 4.0}, {"diameter_mm": 3.0}]'
+    v = read_volume(_volume(tmp_path, "a"), "s", "ge", nodule_refs(three), PATCH)
+    assert [n.label for n in v.nodules] == [1, 2] and v.dropped_nodules == 1
+    with pytest.raises(ValueError, match="regenerate the corpus"):
+        read_volume(_volume(tmp_path, "b"), "s", "ge", nodule_refs('[{"diameter_mm": 5.0}]'), PATCH)
+
+
+def test_patches_depend_on_seed_epoch_and_position_only(tmp_path: Path) -> None:
+    vols = [read_volume(_volume(tmp_path, f"v{i}", nodule=i != 1), f"s{i}", "ge",
+                        nodule_refs(RECORDS if i != 1 else "[]"), PATCH) for i in range(3)]
+    a, b = PatchSet(vols, PATCH, 0.5, 12, seed=5), PatchSet(vols, PATCH, 0.5, 12, seed=5)
+    order = [7, 3, 11, 0]
+    first = [a[i] for i in order]
+    second = [b[i] for i in reversed(order)][::-1]  # another order, another object: the same patches
+    for (x1, y1), (x2, y2) in zip(first, second, strict=True):
+        assert x1.shape == (1, *PATCH) and x1.dtype == torch.float32 and y1.shape == (1, *PATCH)
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    a.set_epoch(2)
+    assert not all(torch.equal(a[i][0], x) for i, (x, _) in zip(order, first, strict=True))
+    # Labels follow the image through the crop and the flips: nodule voxels are the bright ones.
+    for i in range(12):
+        x, y = a[i]
+        assert torch.equal(y > 0, x > 0.8)
+
+
+def test_positive_share_of_patches(tmp_path: Path) -> None:
+    vols = [read_volume(_volume(tmp_path, "v"), "s", "ge", nodule_refs(RECORDS), PATCH)]
+    patches = PatchSet(vols, PATCH, 0.75, 200, seed=0)
+    with_nodule = np.mean([float(patches[i][1].sum() > 0) for i in range(200)])
+    # 3 in 4 patches are centred on a nodule voxel; a background-centred patch can still touch one.
+    assert 0.7 <= with_nodule <= 0.95
+
+
+def test_each_rank_takes_its_share_of_every_global_batch() -> None:
+    assert rank_positions(10, 4, 0, 2) == [0, 1, 4, 5]
+    assert rank_positions(10, 4, 1, 2) == [2, 3, 6, 7]  # the incomplete last batch is left out on every rank
+    assert sorted(rank_positions(16, 4, 0, 1)) == list(range(16))
+    with pytest.raises(ValueError, match="divisible"):
+        rank_positions(16, 3, 0, 2)
+    counts = np.bincount(epoch_volumes(5, 23, seed=1, epoch=3), minlength=5)
+    assert counts.max() - counts.min() <= 1  # every volume about equally often
+
+
+def test_sliding_window_covers_volumes_of_any_size() -> None:
+    cfg = SegmentConfig(channels=(4, 8), strides=(2,), patch=(16, 16, 16), roi=(32, 32, 16), precision="fp32")
+    model = build_segmenter(cfg)
+    for shape in [(40, 36, 10), (64, 64, 20)]:  # smaller than the window in z; several windows
+        prob = probability(model, np.random.default_rng(0).random(shape, dtype=np.float32), cfg)
+        assert prob.shape == shape and prob.dtype == np.float32
+        assert prob.min() >= 0.0 and prob.max() <= 1.0
+
+
+def test_the_config_refuses_sizes_the_network_cannot_halve() -> None:
+    with pytest.raises(ValueError, match="divisible by 8"):
+        SegmentConfig(patch=(48, 48, 20))
+    with pytest.raises(ValueError, match="one entry more"):
+        SegmentConfig(channels=(8, 16), strides=(2, 2))
+
+
+def test_the_gate_speaks_of_the_metric_it_judges() -> None:
+    first = decide_promotion(ModelScore(0.91, {"ge": 0.9}), None, min_auc=0.8, metric="CPM")
+    assert first.promote and "mean CPM 0.9100 >= 0.8000" in first.reasons[0]
+    worse = decide_promotion(ModelScore(0.95, {"ge": 0.80, "siemens": 0.99}),
+                             ModelScore(0.90, {"ge": 0.90, "siemens": 0.90}), vendor_tolerance=0.05, metric="CPM")
+    assert not worse.promote and any("ge: CPM drops 0.9000 -> 0.8000" in r for r in worse.reasons)
