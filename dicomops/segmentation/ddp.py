@@ -35,14 +35,18 @@ def init_process_group() -> None:
     dist.init_process_group(backend)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m dicomops.segmentation.ddp", description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="Work directory of an earlier preprocess.")
     parser.add_argument("--config", type=Path, help="PipelineConfig YAML (its segment section applies).")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--fold", type=int, help="Train this cross-validation fold's model.")
     which.add_argument("--final", action="store_true", help="Train the final model on every labelled series.")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     cfg = (PipelineConfig.from_yaml(args.config) if args.config else PipelineConfig()).segment
     layout = WorkLayout(args.work)
     init_process_group()

@@ -23,6 +23,7 @@ import pandas as pd
 from scipy import ndimage
 from sklearn.metrics import cohen_kappa_score
 
+MIN_FINDING_MM = 3.0  # the smallest nodule annotated (LUNA16's too): below it, a speck, not a finding
 FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # LUNA16 operating points, false positives per scan
 SIZE_EDGES_MM = (6.0, 10.0)
 SIZE_BINS = ("<6 mm", "6-10 mm", ">=10 mm")
@@ -111,6 +112,11 @@ class Froc:
 # -- candidates and one series -----------------------------------------------------------------
 
 
+def _voxels_of(diameter_mm: float, spacing: np.ndarray) -> float:
+    """Voxels of a sphere of `diameter_mm` (the inverse of :func:`equivalent_diameter_mm`)."""
+    return float(np.pi / 6 * diameter_mm**3 / np.prod(spacing))
+
+
 def _check_spacing(spacing: Sequence[float]) -> np.ndarray:
     s = np.asarray(spacing, dtype=float)
     if s.shape != (3,) or not np.all(s > 0):
@@ -159,7 +165,7 @@ def extract_candidates(prob: np.ndarray, *, threshold: float = 0.1, min_voxels: 
 def evaluate_series(prob: np.ndarray, reference: np.ndarray, nodules: Sequence[NoduleRef], *, series: str = "",
                     vendor: str = "", threshold: float = 0.5, candidate_threshold: float = 0.1,
                     spacing: Sequence[float] = (1.0, 1.0, 1.0), min_voxels: int = 2,
-                    max_candidates: int = 50) -> SeriesEval:
+                    max_candidates: int = 50, min_finding_mm: float = MIN_FINDING_MM) -> SeriesEval:
     """Score one series against its reference instance map (``0`` background, each nodule its
     ``label``).
 
@@ -168,7 +174,9 @@ def evaluate_series(prob: np.ndarray, reference: np.ndarray, nodules: Sequence[N
     reference voxels with the thresholded components that overlap them, so a false positive
     elsewhere in the lung does not lower it (it lowers the whole-series Dice). Reference voxels
     whose label is not in `nodules` count for the series Dice only; candidates on them are false
-    positives.
+    positives. The series is called positive (``present_pred``) when a candidate at `threshold`
+    has a segmented size of at least `min_finding_mm`: the reference annotates nothing smaller, so
+    a speck is a candidate for the FROC curve but not a finding a reader would report.
     """
     prob = np.asarray(prob)
     reference = np.asarray(reference)
@@ -239,12 +247,14 @@ def evaluate_series(prob: np.ndarray, reference: np.ndarray, nodules: Sequence[N
     fp_diameters: list[float | None] = [equivalent_diameter_mm(v, mm) if v else None
                                         for v in seg_in_candidate[false]]
 
+    found = (scores >= threshold) & (seg_in_candidate >= _voxels_of(min_finding_mm, mm)) if n_cand \
+        else np.zeros(0, dtype=bool)
     both_sizes = int(predicted.sum()) + len(ref_values)
     overlap = int(predicted[ref_at].sum())
     return SeriesEval(
         series=series, vendor=vendor, nodules=rows, false_positives=[float(s) for s in scores[false]],
         dice=2 * overlap / both_sizes if both_sizes else 1.0,
-        present_ref=len(nodules) > 0, present_pred=bool((scores >= threshold).any()),
+        present_ref=len(nodules) > 0, present_pred=bool(found.any()),
         false_positive_diameters_mm=fp_diameters,
     )
 
@@ -297,7 +307,8 @@ def size_pairs(evals: Sequence[SeriesEval], threshold: float = 0.5) -> list[tupl
 
     A nodule not detected at `threshold`, or detected without segmented voxels on it, is
     predicted ``absent``; a false positive at `threshold` is an ``absent`` reference with its
-    segmented size (skipped when it has no segmented voxels, so no size).
+    segmented size (skipped when it has no segmented voxels, or fewer than a finding of
+    :data:`MIN_FINDING_MM`).
     """
     pairs = []
     for e in evals:
@@ -305,7 +316,7 @@ def size_pairs(evals: Sequence[SeriesEval], threshold: float = 0.5) -> list[tupl
             detected = n["score"] is not None and n["score"] >= threshold and n["predicted_diameter_mm"] is not None
             pairs.append((size_bin(n["diameter_mm"]), size_bin(n["predicted_diameter_mm"]) if detected else ABSENT))
         for score, diameter in zip(e.false_positives, e.false_positive_diameters_mm, strict=True):
-            if score >= threshold and diameter is not None:
+            if score >= threshold and diameter is not None and diameter >= MIN_FINDING_MM:
                 pairs.append((ABSENT, size_bin(diameter)))
     return pairs
 

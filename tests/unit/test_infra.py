@@ -64,3 +64,24 @@ def test_mlflow_server_script_refuses_basic_auth_without_an_admin_password(tmp_p
     result = subprocess.run(["bash", str(ROOT / "mlflow" / "server.sh")], env=env, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode != 0 and "MLFLOW_AUTH_ADMIN_PASSWORD" in result.stderr
+
+
+def test_the_ddp_job_meets_at_pod_0_with_as_many_agents_as_pods() -> None:
+    import yaml
+
+    from dicomops.segmentation.ddp import parse_args
+
+    service, job = list(yaml.safe_load_all((ROOT / "infra" / "k8s" / "segment-ddp.yaml").read_text()))
+    spec = job["spec"]
+    pod = spec["template"]["spec"]
+    command = pod["containers"][0]["command"]
+    flags = dict(a.removeprefix("--").split("=", 1) for a in command if a.startswith("--") and "=" in a)
+    assert command[0] == "torchrun" and spec["completionMode"] == "Indexed"
+    assert int(flags["nnodes"]) == spec["completions"] == spec["parallelism"]
+    assert flags["node-rank"] == "$(JOB_COMPLETION_INDEX)"
+    assert flags["master-addr"] == f"{job['metadata']['name']}-0.{pod['subdomain']}"
+    assert service["spec"]["clusterIP"] == "None" and pod["subdomain"] == service["metadata"]["name"]
+    assert pod["securityContext"]["runAsNonRoot"]
+    module_args = command[command.index("dicomops.segmentation.ddp") + 1:]
+    args = parse_args(module_args)  # what torchrun hands the module is what the module accepts
+    assert str(args.work) == "/work" and args.fold == 0

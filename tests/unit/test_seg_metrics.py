@@ -25,6 +25,7 @@ from dicomops.segmentation.metrics import (
     series_kappa,
     size_bin,
     size_kappa,
+    size_pairs,
     summarise,
 )
 
@@ -328,3 +329,15 @@ def test_contour_grid_writes_png(tmp_path: Path) -> None:
         assert (np.abs(pixels[..., :3] - rgb).max(axis=-1) < 0.08).sum() > 50
     with pytest.raises(ValueError, match="caption"):
         plots.contour_grid([{k: v for k, v in case.items() if k != "caption"}], tmp_path / "x.png", "x")
+
+
+def test_a_speck_is_a_froc_candidate_but_not_a_finding() -> None:
+    prob, ref = volumes()
+    cube(prob, (2, 2, 2), 2, 0.9)  # 8 voxels: a 2.5 mm sphere's volume, under the 3 mm of a finding
+    speck = evaluate_series(prob, ref, [])
+    assert speck.false_positives == [pytest.approx(0.9)] and not speck.present_pred
+    cube(prob, (10, 10, 10), 3, 0.9)  # 27 voxels: 3.7 mm
+    blob = evaluate_series(prob, ref, [])
+    assert len(blob.false_positives) == 2 and blob.present_pred
+    # In the size agreement the speck is left out, the blob is an 'absent' reference called '<6 mm'.
+    assert size_pairs([blob]) == [("absent", "<6 mm")]
