@@ -28,6 +28,7 @@ import os
 import resource
 import tempfile
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -134,7 +135,8 @@ def train_steps(batches: Iterable[Any], cfg: SegmentConfig, steps: int, warmup: 
         if done == warmup + steps:
             break
     total = max(wait + step, 1e-9)
-    return {"patches_per_second": seen / total, "data_wait_share": wait / total, "seconds": total}
+    return {"patches_per_second": seen / total, "data_wait_share": wait / total,
+            "wait_per_batch": wait / max(steps, 1), "seconds": total}
 
 
 def _loader_kwargs(workers: int) -> dict[str, Any]:
@@ -188,16 +190,31 @@ def training(layout: WorkLayout, ids: list[str], cfg: SegmentConfig, steps: int,
 def print_training(rows: list[dict[str, Any]]) -> None:
     by = {(r["pipeline"], r["workers"]): r for r in rows}
     has_cache = any(r["pipeline"] == "MONAI CacheDataset" for r in rows)
-    header = f"{'pipeline':20s} {'workers':>7s} {'patches/s':>9s} {'data wait':>9s} {'ours vs Dataset':>15s}"
+    header = (f"{'pipeline':20s} {'workers':>7s} {'patches/s':>9s} {'data wait':>9s} {'wait s/batch':>12s} "
+              f"{'ours vs Dataset':>15s}")
     print(header + (f" {'ours vs Cache':>13s}" if has_cache else ""))
     for r in rows:
         ours = by[("ours PatchSet", r["workers"])]["patches_per_second"]
-        line = f"{r['pipeline']:20s} {r['workers']:7d} {r['patches_per_second']:9.2f} {r['data_wait_share']:9.1%}"
+        line = (f"{r['pipeline']:20s} {r['workers']:7d} {r['patches_per_second']:9.2f} {r['data_wait_share']:9.1%} "
+                f"{r['wait_per_batch']:12.3f}")
         if r["pipeline"] == "ours PatchSet":  # the ratios belong to our rows, each against the same workers
             line += f" {ours / by[('MONAI Dataset', r['workers'])]['patches_per_second']:14.2f}x"
             if has_cache:
                 line += f" {ours / by[('MONAI CacheDataset', r['workers'])]['patches_per_second']:12.2f}x"
         print(line)
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory in GB: ``VmHWM``, which starts afresh at ``exec``, where
+    ``ru_maxrss`` keeps the forking parent's resident size (a spawned child of a big parent would report
+    the parent)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def peak_child(work: Path, uid: str, weights: Path, setting: str) -> dict[str, float]:
@@ -207,11 +224,11 @@ def peak_child(work: Path, uid: str, weights: Path, setting: str) -> dict[str, f
     model = build_segmenter(cfg)
     model.load_state_dict(torch.load(weights, weights_only=True))
     volume = load_volumes(WorkLayout(work), [uid], (1, 1, 1))[0]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    before = peak_rss_gb()
     start = time.perf_counter()
     probability(model, volume.image, cfg, choose_precision(setting).autocast())
     seconds = time.perf_counter() - start
-    return {"setup_gb": before, "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    return {"setup_gb": before, "peak_gb": peak_rss_gb(),
             "seconds": seconds}
 
 
@@ -264,6 +281,8 @@ def main() -> None:
     if args.quick:
         volumes, steps, warmup, n_inference = min(volumes, 2), min(steps, 2), 1, min(n_inference, 1)
     torch.set_num_threads(THREADS)
+    # series without nodules have no foreground: MONAI warns per crop and then takes background ones
+    warnings.filterwarnings("ignore", message="Num foregrounds 0")
     layout = WorkLayout(args.work)
     if not layout.preprocessed.index.exists():
         parser.error(f"{layout.preprocessed.index} is missing: run 'make run' or pass --work with preprocessed data")

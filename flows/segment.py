@@ -1,5 +1,5 @@
 """The segmentation flow: the classifier's folds → one segmenter per fold → FROC/Dice/kappa summary →
-final segmenter → registry → promotion gate on CPM."""
+final segmenter → registry → ONNX with parity → promotion gate on CPM."""
 
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ def segment(work: Path | None = None, config: SegmentConfig = SegmentConfig(),
             summary = s.summarise(work, config, uri)
             s.train_final(work, config, uri)
             version = s.register(work, config, preprocess_config, uri, data_hash, split_hash, run_tags or {})
+            exported = s.export(work, config, uri, version)
             decision = s.promotion_gate(uri, config, version)
         print(f"segment: CPM {summary['cpm']:.3f}, Dice (nodules >= 6 mm) {summary['dice_ge6_mean']:.3f}, "
               f"series kappa {summary['kappa_series']:.3f}; version {version} {decision['decision']}: "
@@ -53,6 +54,7 @@ def segment(work: Path | None = None, config: SegmentConfig = SegmentConfig(),
         result: dict[str, object] = {"mlflow_run_id": run_id, "version": version, "cpm": summary["cpm"],
                                      "vendor_cpm": summary["vendor_cpm"], "dice_ge6": summary["dice_ge6_mean"],
                                      "kappa_series": summary["kappa_series"], "promoted": decision["promoted"],
-                                     "decision": decision["decision"], "work": str(work)}
+                                     "decision": decision["decision"], "work": str(work),
+                                     "onnx_sha256": exported["export.onnx.sha256"]}
         stages.done(work, "segment", key, result)
     return {**result, "skipped": False}

@@ -47,6 +47,11 @@ def register(work: Path, cfg: SegmentConfig, pre: PreprocessConfig, tracking_uri
     return version
 
 
+@task(name="export-segmenter", tags=["cpu-heavy"])
+def export(work: Path, cfg: SegmentConfig, tracking_uri: str, version: str) -> dict[str, Any]:
+    return cv.export(WorkLayout(work), cfg, tracking_uri, version)
+
+
 @task(name="segmenter-promotion-gate")
 def promotion_gate(tracking_uri: str, cfg: SegmentConfig, version: str) -> dict[str, Any]:
     return cv.gate(tracking_uri, cfg, version)

@@ -327,6 +327,32 @@ def seg_card(model_name: str, version: str, summary: dict[str, Any], table: pd.D
     return model_card.fit("\n".join(parts))
 
 
+def export(layout: WorkLayout, cfg: SegmentConfig, tracking_uri: str, version: str,
+           parity_volumes: int = 2) -> dict[str, Any]:
+    """ONNX of the registered segmenter (dynamic batch and spatial axes), its parity against torch on
+    whole validation volumes of fold 0 by the same sliding window, logged to the version's run under
+    ``export/`` with ``export.onnx.sha256`` and the parity figures as version tags."""
+    from dicomops.export.onnx_export import sha256
+    from dicomops.segmentation.export import check_parity, export_onnx
+
+    model = build_segmenter(cfg)
+    model.load_state_dict(torch.load(layout.segment.final_weights, weights_only=True))
+    out = layout.export_dir(f"{version}-segmenter") / "segmenter.onnx"
+    export_onnx(model, cfg, out)
+    ids = layout.read_folds().val(0)[:parity_volumes]
+    report = check_parity(model, out, [v.image for v in load_volumes(layout, ids, cfg.patch)], cfg)
+    io.write_json(out.with_name("parity.json"), report)
+    client = runs.configure_mlflow(tracking_uri)
+    run_id = client.get_model_version(cfg.model_name, version).run_id
+    mlflow_runs.log_results(tracking_uri, run_id, {}, [out, out.with_name("parity.json")], "export")
+    tags = {"export.onnx.sha256": sha256(out), "export.parity_max_abs_diff": f"{report['max_abs_diff']:.2e}",
+            "export.onnx_s_per_volume": f"{report['onnx_s_per_volume']:.2f}",
+            "export.torch_s_per_volume": f"{report['torch_s_per_volume']:.2f}"}
+    for key, value in tags.items():
+        client.set_model_version_tag(cfg.model_name, version, key, value)
+    return {"onnx": str(out), **tags}
+
+
 def gate(tracking_uri: str, cfg: SegmentConfig, version: str) -> dict[str, Any]:
     decision = registry.apply_promotion_gate(tracking_uri, cfg.model_name, version, margin=cfg.promotion_margin,
                                              vendor_tolerance=cfg.vendor_tolerance, min_auc=cfg.min_cpm, metric="cpm")

@@ -54,6 +54,7 @@ def test_segment_flow_registers_a_gated_version_with_froc_dice_and_kappa(
     assert sorted(r.info.run_name for r in children) == [f"segment-fold-{i}" for i in range(4)]
     assert all(r.info.status == "FINISHED" and "cpm" in r.data.metrics for r in children)
     metrics = parent.data.metrics
+    assert version_has_onnx(client, str(result["version"]))
     for key in ("cpm", "dice_ge6_mean", "kappa_series", "sens_at_1", "final.samples_per_second"):
         assert key in metrics, key
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "cv")}
@@ -113,3 +114,14 @@ def test_an_interrupted_fold_resumes_into_the_same_run(seg_work: tuple[Path, Pat
     assert sorted(m.step for m in history) == [1, 2]  # epoch 1 once, then epoch 2 after the resume
     assert client.get_run(run_id).info.status == "FINISHED"
     assert len(cv.load_evals(layout.segment.fold(0) / "evals.json")) == len(folds.val(0))
+
+
+def version_has_onnx(client: mlflow.tracking.MlflowClient, version: str) -> bool:
+    """The version's run holds the exported ONNX under its recorded sha256, with parity within 1e-4."""
+    import hashlib
+
+    mv = client.get_model_version("test-segmenter", version)
+    local = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="export/segmenter.onnx",
+                                                     tracking_uri=client._tracking_client.tracking_uri))
+    return (hashlib.sha256(local.read_bytes()).hexdigest() == mv.tags["export.onnx.sha256"]
+            and float(mv.tags["export.parity_max_abs_diff"]) <= 1e-4)
