@@ -344,7 +344,7 @@ def export(layout: WorkLayout, cfg: SegmentConfig, tracking_uri: str, version: s
     io.write_json(out.with_name("parity.json"), report)
     client = runs.configure_mlflow(tracking_uri)
     run_id = client.get_model_version(cfg.model_name, version).run_id
-    mlflow_runs.log_results(tracking_uri, run_id, {}, [out, out.with_name("parity.json")], "export")
+    mlflow_runs.log_results(tracking_uri, str(run_id), {}, [out, out.with_name("parity.json")], "export")
     tags = {"export.onnx.sha256": sha256(out), "export.parity_max_abs_diff": f"{report['max_abs_diff']:.2e}",
             "export.onnx_s_per_volume": f"{report['onnx_s_per_volume']:.2f}",
             "export.torch_s_per_volume": f"{report['torch_s_per_volume']:.2f}"}
