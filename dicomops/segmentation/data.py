@@ -26,9 +26,13 @@ from dicomops.segmentation.metrics import NoduleRef
 from dicomops.synthetic.sidecars import LABELS_CSV
 
 # Lung window [-1350, 150] HU maps to [0, 1]: 0.28 is about -930 HU, between air (-1000 HU, 0.23)
-# and aerated lung (-850 HU, 0.33). Background patches are centred inside the body.
+# and aerated lung (-850 HU, 0.33); 0.45 is about -675 HU, above aerated lung and below ground glass.
+# Background patches are centred in the lungs, where the look-alikes are (vessels, pleura, fissures),
+# and a few elsewhere in the body.
 BODY_LEVEL = 0.28
-BACKGROUND_STRIDE = 2  # background centres on every 2nd voxel per axis: 1/8 of them, same coverage
+LUNG_LEVEL = 0.45
+BACKGROUND_STRIDE = 2  # lung centres on every 2nd voxel per axis: 1/8 of them, same coverage
+BODY_STRIDE = 6  # other body centres on every 6th: a few, so the rest of the chest is seen too
 
 
 @dataclass
@@ -41,7 +45,7 @@ class SegVolume:
     mask: np.ndarray  # uint8 (X, Y, Z): 0 background, k + 1 inside nodule k of `nodules`
     nodules: list[NoduleRef]
     foreground: np.ndarray  # flat indices of nodule voxels
-    background: np.ndarray  # flat indices of body voxels outside nodules (on a grid)
+    background: np.ndarray  # flat indices of lung voxels (and a few other body voxels) outside nodules
     label: np.ndarray  # uint8 (1, X, Y, Z): the binary target, made once
     dropped_nodules: int = 0  # recorded nodules with no voxel left after resampling
 
@@ -77,9 +81,12 @@ def read_volume(path: Path, series: str, vendor: str, nodules: list[NoduleRef],
     dropped = sum(1 for n in nodules if n.label not in present)
     nodules = [n for n in nodules if n.label in present]
     foreground = np.flatnonzero(mask.ravel() > 0)
-    grid = np.zeros(image.shape, dtype=bool)
-    grid[::BACKGROUND_STRIDE, ::BACKGROUND_STRIDE, ::BACKGROUND_STRIDE] = True
-    background = np.flatnonzero((grid & (image > BODY_LEVEL) & (mask == 0)).ravel())
+    lung_grid = np.zeros(image.shape, dtype=bool)
+    lung_grid[::BACKGROUND_STRIDE, ::BACKGROUND_STRIDE, ::BACKGROUND_STRIDE] = True
+    body_grid = np.zeros(image.shape, dtype=bool)
+    body_grid[::BODY_STRIDE, ::BODY_STRIDE, ::BODY_STRIDE] = True
+    body = (image > BODY_LEVEL) & (mask == 0)
+    background = np.flatnonzero((body & ((lung_grid & (image < LUNG_LEVEL)) | body_grid)).ravel())
     return SegVolume(series, vendor, image, mask, nodules, foreground, background, (mask > 0)[None].astype(np.uint8),
                      dropped)
 

@@ -26,8 +26,11 @@ def build_segmenter(cfg: SegmentConfig) -> torch.nn.Module:
 def build_loss(cfg: SegmentConfig) -> torch.nn.Module:
     from monai.losses import DiceFocalLoss
 
+    # Smoothing 1 (not 1e-5): a patch without nodule then costs about its predicted nodule volume
+    # instead of a flat 1 for any prediction at all, which taught the network to predict blobs
+    # (measured on fold 0 of the demo: Dice of nodules >= 6 mm 0.57 with 1e-5).
     return DiceFocalLoss(sigmoid=True, batch=False, gamma=cfg.focal_gamma, lambda_dice=cfg.lambda_dice,
-                         lambda_focal=cfg.lambda_focal)
+                         lambda_focal=cfg.lambda_focal, smooth_nr=1.0, smooth_dr=1.0)
 
 
 def probability(model: torch.nn.Module, image: np.ndarray, cfg: SegmentConfig,
