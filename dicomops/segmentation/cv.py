@@ -27,7 +27,7 @@ from dicomops.config import PreprocessConfig, SegmentConfig
 from dicomops.layout import WorkLayout
 from dicomops.segmentation import metrics as m
 from dicomops.segmentation import plots
-from dicomops.segmentation.data import SegVolume, load_volumes
+from dicomops.segmentation.data import SegVolume, forget_volumes, load_volumes
 from dicomops.segmentation.loop import SegFit, fit, mean_history
 from dicomops.segmentation.model import build_segmenter, probability
 from dicomops.tracking import model_card, registry, runs
@@ -178,7 +178,7 @@ def _vendor_curves(evals: list[m.SeriesEval]) -> dict[str, m.Froc]:
     return curves
 
 
-def _group_table(evals: list[m.SeriesEval], threshold: float) -> pd.DataFrame:
+def _group_table(evals: list[m.SeriesEval]) -> pd.DataFrame:
     """CPM, sensitivities, Dice and kappa per vendor, nodule kind, attachment and size bin."""
     rows: list[dict[str, Any]] = []
 
@@ -209,7 +209,7 @@ def summarise(layout: WorkLayout, cfg: SegmentConfig, tracking_uri: str) -> dict
     folds = layout.read_folds()
     evals = [e for i in range(folds.n_splits) for e in load_evals(paths.fold(i) / "evals.json")]
     metrics = m.summarise(evals, cfg.threshold)
-    table = _group_table(evals, cfg.threshold)
+    table = _group_table(evals)
     io.write_csv(paths.by_group, table)
     io.write_csv(paths.nodules, m.nodule_table(evals))
     io.write_csv(paths.series, pd.DataFrame([{"series": e.series, "vendor": e.vendor, "dice": e.dice,
@@ -222,7 +222,7 @@ def summarise(layout: WorkLayout, cfg: SegmentConfig, tracking_uri: str) -> dict
                                   paths.picture("froc_by_vendor.png")),
                 plots.froc_figure(by_kind, "Nodule FROC per kind and size (out of fold)",
                                   paths.picture("froc_by_kind.png")),
-                contour_picture(layout, evals, paths.picture("contours.png"))]
+                contour_picture(layout, evals, paths.picture("contours.png"), cfg.patch)]
     summary = {"cpm": metrics["cpm"], "vendor_cpm": {v: float(r.cpm) for v, r in vendors.iterrows()},
                "vendor_dice_ge6": {v: float(r.dice_ge6_mean) for v, r in vendors.iterrows()},
                "vendor_kappa": {v: float(r.kappa_series) for v, r in vendors.iterrows()},
@@ -240,7 +240,8 @@ def _chooser(group: str, value: str) -> Any:
     return lambda n: str(n[group]) == value
 
 
-def contour_picture(layout: WorkLayout, evals: list[m.SeriesEval], out: Path, cases: int = 12) -> Path:
+def contour_picture(layout: WorkLayout, evals: list[m.SeriesEval], out: Path, patch: tuple[int, int, int],
+                    cases: int = 12) -> Path:
     """Reference and predicted contours through the nodules a reviewer should see first: the missed
     and worst-segmented ones, then the best, each from its own fold's model (which never saw it)."""
     folds = layout.read_folds()
@@ -248,7 +249,7 @@ def contour_picture(layout: WorkLayout, evals: list[m.SeriesEval], out: Path, ca
     rows = [(e, n) for e in evals for n in e.nodules]
     rows.sort(key=lambda en: (en[1]["score"] is not None, en[1]["dice"]))
     chosen = rows[: cases - cases // 3] + rows[len(rows) - cases // 3:] if len(rows) > cases else rows
-    volumes = {v.series: v for v in load_volumes(layout, sorted({e.series for e, _ in chosen}), (1, 1, 1))}
+    volumes = {v.series: v for v in load_volumes(layout, sorted({e.series for e, _ in chosen}), patch)}
     items = []
     for e, n in chosen:
         v = volumes[e.series]
@@ -350,6 +351,7 @@ def export(layout: WorkLayout, cfg: SegmentConfig, tracking_uri: str, version: s
             "export.torch_s_per_volume": f"{report['torch_s_per_volume']:.2f}"}
     for key, value in tags.items():
         client.set_model_version_tag(cfg.model_name, version, key, value)
+    forget_volumes()  # the last step that reads them: the process gives their memory back
     return {"onnx": str(out), **tags}
 
 
