@@ -71,9 +71,23 @@ def single_threaded() -> None:
     torch.set_num_threads(1)
 
 
+def actionable_labels(nodules_json: str) -> list[int]:
+    """The instance ids (k + 1) of the nodules that make a series positive, from ``labels.csv``'s
+    ``nodules`` record. Records without the flag (generator version 2 and earlier, where every
+    nodule was actionable) count every nodule."""
+    records = json.loads(nodules_json) if nodules_json else []
+    return [k + 1 for k, record in enumerate(records) if record.get("actionable", True)]
+
+
 def preprocess_one(records: list[dict[str, Any]], deid_root: str, mask_path: str, cfg_json: str,
-                   out_path: str) -> dict[str, Any]:
-    """Worker: assemble, transform and cache one series; return its metadata (small)."""
+                   out_path: str, actionable: list[int] | None = None) -> dict[str, Any]:
+    """Worker: assemble, transform and cache one series; return its metadata (small).
+
+    The cached mask keeps every annotated nodule (the segmenter learns them all); the slice labels
+    of the classifier count only the `actionable` ones (instance ids; None: every nodule), since its
+    series label means an actionable nodule and a small or ground-glass one must not teach it
+    otherwise.
+    """
     import torch
     from monai.data import MetaTensor
 
@@ -101,7 +115,8 @@ def preprocess_one(records: list[dict[str, Any]], deid_root: str, mask_path: str
     affine = np.asarray(out["image"].affine, dtype=np.float64)
     path = Path(out_path)
     io.write_npz(path, image=image, mask=mask_out, affine=affine)
-    labels = slice_labels(mask_out, cfg.min_positive_voxels)
+    target = mask_out if actionable is None else np.isin(mask_out, actionable)
+    labels = slice_labels(target, cfg.min_positive_voxels)
     meta = {"reason": "", "shape": list(image.shape), "window": list(out["window"]),
             "slice_labels": labels.tolist(), "features": features}
     io.write_json(path.with_suffix(".json"), meta)
@@ -133,10 +148,11 @@ def preprocess_corpus(work: Path, cfg: PreprocessConfig,
     items = []
     deid = layout.ingest.deid
     for uid, key, group in todo:
-        mask = ""
+        mask, actionable = "", None
         if uid in labels.index and labels.loc[uid, "mask_path"]:
             mask = str(deid / str(labels.loc[uid, "mask_path"]))
-        items.append((group.to_dict("records"), str(deid), mask, cfg_json, str(pre.entry(key))))
+            actionable = actionable_labels(str(labels.loc[uid, "nodules"])) if "nodules" in labels else None
+        items.append((group.to_dict("records"), str(deid), mask, cfg_json, str(pre.entry(key)), actionable))
     results = map_isolated(preprocess_one, items, on_failure=lambda item, why: {"reason": why, "detail": why},
                            workers=cfg.workers, chunk_size=1, seconds_per_item=900, progress=progress,
                            initializer=single_threaded, dask_address=cfg.dask_address)

@@ -247,3 +247,26 @@ def test_the_preprocessing_chain_is_deterministic_and_has_no_training_branch() -
     assert not [t for t in chain.transforms if isinstance(t, Randomizable)]
     with pytest.raises(TypeError, match="train"):
         build_transforms(HU_ONLY, train=True)  # type: ignore[call-arg]
+
+
+def test_only_actionable_nodules_make_positive_slices(vendor_work, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    root, _ = vendor_work
+    work = tmp_path / "work"
+    shutil.copytree(root / "work", work, ignore=shutil.ignore_patterns("preprocessed"))
+    labels_path = work / "deid/labels.csv"
+    labels = pd.read_csv(labels_path, keep_default_na=False)
+    demoted = labels.SeriesInstanceUID[0]
+    records = json.loads(labels.nodules[0])
+    labels.loc[0, "nodules"] = json.dumps([{**r, "actionable": False} for r in records])
+    labels.to_csv(labels_path, index=False)
+    stage.preprocess_corpus(work, PreprocessConfig(workers=1, crop_xy=256))
+    index = pd.read_parquet(work / "preprocessed/index.parquet").set_index("SeriesInstanceUID")
+    # The classifier's slice labels skip a nodule that is not actionable; the segmenter's mask keeps it.
+    assert index.positive_slices[demoted] == 0
+    assert (index.drop(demoted).positive_slices > 0).all()
+    with np.load(work / "preprocessed" / index.path[demoted]) as npz:
+        assert set(np.unique(npz["mask"])) == {0, 1}
+    assert stage.actionable_labels(json.dumps([{"actionable": True}, {"actionable": False}, {}])) == [1, 3]
