@@ -52,7 +52,9 @@ def test_pipeline_runs_every_stage_with_lineage(corpus: Path, mlflow_env: str, t
 
     children = client.search_runs([run.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")
-    assert {c.info.run_name for c in children} == {"ingest", "preprocess", "train"}
+    assert {c.info.run_name for c in children} == {"ingest", "preprocess", "train", "segment"}
+    segmenter = client.get_model_version("pipeline-test-segmenter", result["segmenter_version"])
+    assert segmenter.tags["export.onnx.sha256"] and segmenter.tags["cv.mean_cpm"] == f"{float(result['segmenter_cpm']):.4f}"
     version = client.get_model_version("pipeline-test-model", result["model_version"])
     assert version.tags["export.tensorrt"].startswith("skipped (") and version.tags["export.onnx.sha256"]
     prep = client.get_run(result["preprocess_run_id"])
