@@ -117,11 +117,11 @@ def test_an_interrupted_fold_resumes_into_the_same_run(seg_work: tuple[Path, Pat
 
 
 def version_has_onnx(client: mlflow.tracking.MlflowClient, version: str) -> bool:
-    """The version's run holds the exported ONNX under its recorded sha256, with parity within 1e-4."""
+    """The version's run holds the exported ONNX under its recorded sha256, with parity within tolerance."""
     import hashlib
 
     mv = client.get_model_version("test-segmenter", version)
     local = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="export/segmenter.onnx",
                                                      tracking_uri=client._tracking_client.tracking_uri))
     return (hashlib.sha256(local.read_bytes()).hexdigest() == mv.tags["export.onnx.sha256"]
-            and float(mv.tags["export.parity_max_abs_diff"]) <= 1e-4)
+            and float(mv.tags["export.parity_max_abs_diff"]) <= cv.PARITY_TOLERANCE)
