@@ -41,15 +41,20 @@ def train_final(work: Path, cfg: SegmentConfig, tracking_uri: str) -> Path:
 def register(work: Path, cfg: SegmentConfig, pre: PreprocessConfig, tracking_uri: str, data_hash: str,
              split_hash: str, run_tags: dict[str, str]) -> str:
     layout = WorkLayout(work)
+    if (version := cv.registered_version(layout)) is not None:  # a resumed run registered it already
+        return version
     version = cv.register(layout, cfg, pre, tracking_uri, {ACCEPTED_HASH_TAG: data_hash, "split_sha256": split_hash,
                                                             "git_commit": git_commit()} | run_tags)
-    cv.mark_complete(layout, version)
+    cv.record_version(layout, version)
     return version
 
 
 @task(name="export-segmenter", tags=["cpu-heavy"])
 def export(work: Path, cfg: SegmentConfig, tracking_uri: str, version: str) -> dict[str, Any]:
-    return cv.export(WorkLayout(work), cfg, tracking_uri, version)
+    layout = WorkLayout(work)
+    exported = cv.export(layout, cfg, tracking_uri, version)
+    cv.mark_complete(layout, version)  # only now: an export that fails resumes here, not from scratch
+    return exported
 
 
 @task(name="segmenter-promotion-gate")

@@ -366,5 +366,16 @@ def gate(tracking_uri: str, cfg: SegmentConfig, version: str) -> dict[str, Any]:
     return {"promoted": decision.promote, "decision": decision.label, "reasons": list(decision.reasons)}
 
 
+def registered_version(layout: WorkLayout) -> str | None:
+    """The version this (unfinished) run registered, if it got that far."""
+    version = _state(layout).get("version")
+    return None if version is None else str(version)
+
+
+def record_version(layout: WorkLayout, version: str) -> None:
+    _update(layout, version=version)
+
+
 def mark_complete(layout: WorkLayout, version: str) -> None:
+    """Registered and exported: a later run with the same key starts afresh."""
     _update(layout, complete=True, version=version)

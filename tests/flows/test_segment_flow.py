@@ -117,11 +117,45 @@ def test_an_interrupted_fold_resumes_into_the_same_run(seg_work: tuple[Path, Pat
 
 
 def version_has_onnx(client: mlflow.tracking.MlflowClient, version: str) -> bool:
+    return version_has_onnx_of(client, "test-segmenter", version)
+
+
+def version_has_onnx_of(client: mlflow.tracking.MlflowClient, name: str, version: str) -> bool:
     """The version's run holds the exported ONNX under its recorded sha256, with parity within tolerance."""
     import hashlib
 
-    mv = client.get_model_version("test-segmenter", version)
+    mv = client.get_model_version(name, version)
     local = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="export/segmenter.onnx",
                                                      tracking_uri=client._tracking_client.tracking_uri))
     return (hashlib.sha256(local.read_bytes()).hexdigest() == mv.tags["export.onnx.sha256"]
             and float(mv.tags["export.parity_max_abs_diff"]) <= cv.PARITY_TOLERANCE)
+
+
+def test_a_failed_export_resumes_at_the_export(seg_work: tuple[Path, Path], mlflow_env: str, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicomops.errors import ExportCheckError
+
+    _, prepared = seg_work
+    work = tmp_path / "work"
+    shutil.copytree(prepared, work)
+    real_export = cv.export
+
+    def fails(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise ExportCheckError("parity failed")
+
+    monkeypatch.setattr(cv, "export", fails)
+    cfg = TINY_SEGMENTER.model_copy(update={"model_name": "resume-segmenter"})
+    with pytest.raises(ExportCheckError):
+        segment(work=work, config=cfg, preprocess_config=PRE, train_config=TRAIN, experiment="segment-resume")
+    layout = WorkLayout(work)
+    state = cv._state(layout)
+    assert state["version"] == "1" and not state["complete"]
+    fold_runs = {f: e["run_id"] for f, e in state["folds"].items()}
+    monkeypatch.setattr(cv, "export", real_export)
+    result = segment(work=work, config=cfg, preprocess_config=PRE, train_config=TRAIN, experiment="segment-resume")
+    # The same run and version, exported now; no fold trained again, no second version.
+    assert result["version"] == "1" and result["mlflow_run_id"] == state["parent_run_id"]
+    assert {f: e["run_id"] for f, e in cv._state(layout)["folds"].items()} == fold_runs
+    client = mlflow.tracking.MlflowClient(mlflow_env)
+    assert len(client.search_model_versions("name = 'resume-segmenter'")) == 1
+    assert version_has_onnx_of(client, "resume-segmenter", "1")
