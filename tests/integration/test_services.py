@@ -29,6 +29,10 @@ TINY = {
     "train": {"epochs": 1, "input_size": 32, "batch_size": 16, "num_workers": 0, "model_name": MODEL, "min_auc": 0.0},
     "export": {"parity_samples": 16, "calibration_samples": 16, "max_batch": 8, "preferred_batch_sizes": [8],
                "int8_max_auc_drop": 1.0},
+    # The segmenter at toy size: what is checked here is that it trains, registers and exports
+    # against the real servers, not how well.
+    "segment": {"channels": [4, 8], "strides": [2], "patch": [16, 16, 16], "roi": [48, 48, 16], "batch_size": 4,
+                "patches_per_epoch": 8, "epochs": 1, "model_name": f"{MODEL}-segmenter"},
     "experiment": "integration",
 }
 
@@ -67,9 +71,11 @@ def test_pipeline_against_postgres_mlflow_and_prefect_servers(mlflow_server: Ser
         client = mlflow.tracking.MlflowClient(mlflow_server.url)
         experiment = client.get_experiment_by_name("integration")
         names = {r.info.run_name for r in client.search_runs([experiment.experiment_id])}
-        assert {"pipeline", "ingest", "preprocess", "train", "fold-0", "fold-3"} <= names
+        assert {"pipeline", "ingest", "preprocess", "train", "fold-0", "fold-3", "segment", "segment-fold-3"} <= names
         version = client.get_model_version(MODEL, "1")
         assert version.tags["export.onnx.sha256"] and version.tags["monitoring.reference"]
+        segmenter = client.get_model_version(f"{MODEL}-segmenter", "1")
+        assert segmenter.tags["export.onnx.sha256"] and segmenter.tags["cv.mean_cpm"]
     finally:
         for key in mlflow_server.env:
             os.environ.pop(key, None)
