@@ -71,7 +71,11 @@ def export_onnx(model: torch.nn.Module, contract: InputContract, path: Path, ops
 
 def write_metadata(proto: Any, contract: InputContract, extra: dict[str, str] | None = None) -> None:
     """Put the contract (and `extra` keys) into an ONNX model's ``metadata_props``, replacing old ones."""
-    entries = {METADATA_KEY: contract.to_json(), **(extra or {})}
+    set_metadata(proto, {METADATA_KEY: contract.to_json(), **(extra or {})})
+
+
+def set_metadata(proto: Any, entries: dict[str, str]) -> None:
+    """Put `entries` into an ONNX model's ``metadata_props``, replacing the old values of those keys."""
     kept = [p for p in proto.metadata_props if p.key not in entries]
     del proto.metadata_props[:]
     proto.metadata_props.extend(kept)

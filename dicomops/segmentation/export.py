@@ -23,7 +23,7 @@ import torch
 
 from dicomops.config import SegmentConfig
 from dicomops.errors import ExportCheckError
-from dicomops.export.onnx_export import session, sha256
+from dicomops.export.onnx_export import session, set_metadata, sha256
 from dicomops.segmentation.model import probability
 
 log = logging.getLogger(__name__)
@@ -77,13 +77,8 @@ def export_onnx(model: torch.nn.Module, cfg: SegmentConfig, out: Path, opset: in
         raise ExportCheckError("torch.onnx.export returned no program; is onnxscript installed?")
     program.save(str(tmp), external_data=False)
     proto = onnx.load(str(tmp))
-    entries = {METADATA_KEY: json.dumps(inference_settings(cfg), sort_keys=True), "dicomops.opset": str(opset)}
-    kept = [p for p in proto.metadata_props if p.key not in entries]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(kept)
-    for key, value in entries.items():
-        prop = proto.metadata_props.add()
-        prop.key, prop.value = key, value
+    set_metadata(proto, {METADATA_KEY: json.dumps(inference_settings(cfg), sort_keys=True),
+                         "dicomops.opset": str(opset)})
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(tmp))
     os.replace(tmp, out)
