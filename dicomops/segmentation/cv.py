@@ -108,7 +108,8 @@ def evaluate(model: torch.nn.Module, volumes: list[SegVolume], cfg: SegmentConfi
         prob = probability(model, v.image, cfg, precision.autocast())
         seconds.append(time.perf_counter() - tick)
         evals.append(m.evaluate_series(prob, v.mask, v.nodules, series=v.series, vendor=v.vendor,
-                                       threshold=cfg.threshold, candidate_threshold=cfg.candidate_threshold))
+                                       threshold=cfg.threshold, candidate_threshold=cfg.candidate_threshold,
+                                       finding_threshold=cfg.finding_threshold))
         if keep is not None:
             io.write_npz(keep / f"{v.series}.npz", prob=np.round(prob * PREDICTION_SCALE).astype(np.uint8))
     return evals, {"inference_seconds_per_series": float(np.mean(seconds)) if seconds else float("nan"),
@@ -160,7 +161,7 @@ def run_fold(layout: WorkLayout, cfg: SegmentConfig, fold: int, tracking_uri: st
         train_seconds = time.perf_counter() - tick
         evals, timing = evaluate(result.model, val, cfg, keep=out / "probabilities")
         save_evals(out / "evals.json", evals)
-        metrics = m.summarise(evals, cfg.threshold) | timing | {
+        metrics = m.summarise(evals, cfg.finding_threshold) | timing | {
             "train_seconds": train_seconds, "epochs_run": float(result.epochs_run),
             "resumed_from_epoch": float(result.resumed_from),
             "data_wait_share": mean_history(result, "data_wait_share"),
@@ -212,7 +213,7 @@ def summarise(layout: WorkLayout, cfg: SegmentConfig, tracking_uri: str) -> dict
     paths = layout.segment
     folds = layout.read_folds()
     evals = [e for i in range(folds.n_splits) for e in load_evals(paths.fold(i) / "evals.json")]
-    metrics = m.summarise(evals, cfg.threshold)
+    metrics = m.summarise(evals, cfg.finding_threshold)
     table = _group_table(evals)
     io.write_csv(paths.by_group, table)
     io.write_csv(paths.nodules, m.nodule_table(evals))

@@ -91,6 +91,30 @@ def read_volume(path: Path, series: str, vendor: str, nodules: list[NoduleRef],
                      dropped)
 
 
+def body_box(image: np.ndarray, margin: int, minimum: tuple[int, int, int]) -> tuple[slice, slice, slice]:
+    """The box around the body (voxels above :data:`BODY_LEVEL`, so not the air around the
+    patient), grown by `margin` voxels and to at least `minimum` per axis, inside the volume.
+
+    Nodules lie in the lungs, inside the body: the segmenter scores this box only (a third of a
+    CT volume's voxels are air outside the patient). The whole volume when nothing is body.
+    """
+    shape = image.shape
+    if image.ndim != 3 or len(minimum) != 3:
+        raise ValueError(f"image must be an (I, J, K) volume and minimum three sizes, got {shape} and {minimum}")
+    body = image > BODY_LEVEL
+    box = []
+    for axis in range(3):
+        present = np.flatnonzero(body.any(axis=tuple(a for a in range(3) if a != axis)))
+        lo, hi = (int(present[0]) - margin, int(present[-1]) + 1 + margin) if len(present) else (0, shape[axis])
+        lo, hi = max(lo, 0), min(hi, shape[axis])
+        need = min(minimum[axis], shape[axis])
+        if hi - lo < need:  # centred where it can be, shifted inward at the volume's edges
+            lo = min(max(0, lo - (need - (hi - lo)) // 2), shape[axis] - need)
+            hi = lo + need
+        box.append(slice(lo, hi))
+    return box[0], box[1], box[2]
+
+
 _CACHE: dict[tuple[str, tuple[int, int, int]], SegVolume] = {}
 
 

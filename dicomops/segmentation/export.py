@@ -2,10 +2,10 @@
 
 The exported graph is the UNet alone, ``image → logits``, with a dynamic batch axis and dynamic
 spatial axes (each a multiple of the product of the strides, which the UNet's skip connections
-need). The sliding window stays outside the graph: :func:`onnx_probability` runs MONAI's
-``sliding_window_inference`` with the same window, overlap, Gaussian blending and replicate
-padding as :func:`dicomops.segmentation.model.probability`, calling the session for each batch of
-windows. Logits are blended and the sigmoid comes last, as in the torch path, so the two agree to
+need). The sliding window stays outside the graph: :func:`onnx_probability` runs the torch path's own
+:func:`dicomops.segmentation.model.window_probability` (MONAI's ``sliding_window_inference`` over the
+body's box, same window, overlap, Gaussian blending and replicate padding), calling the session for
+each batch of windows. Logits are blended and the sigmoid comes last, as in the torch path, so the two agree to
 float rounding; a graph ending in a sigmoid would blend probabilities and differ at the seams.
 """
 
@@ -24,7 +24,8 @@ import torch
 from dicomops.config import SegmentConfig
 from dicomops.errors import ExportCheckError
 from dicomops.export.onnx_export import session, set_metadata, sha256
-from dicomops.segmentation.model import probability
+from dicomops.segmentation.data import BODY_LEVEL
+from dicomops.segmentation.model import BODY_MARGIN, probability, window_probability
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ def inference_settings(cfg: SegmentConfig) -> dict[str, Any]:
         "output": "logits; blend windows, then sigmoid",
         "spatial_multiple": spatial_multiple(cfg),
         "roi": list(cfg.roi), "overlap": cfg.overlap, "blend": "gaussian", "padding_mode": "replicate",
+        "crop": f"box of the voxels > {BODY_LEVEL} grown by {BODY_MARGIN}, at least roi; 0 outside",
         "threshold": cfg.threshold, "channels": list(cfg.channels), "strides": list(cfg.strides),
     }
 
@@ -93,16 +95,12 @@ def _check_volume(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image, dtype=np.float32)
 
 
-def onnx_probability(sess: Any, image: np.ndarray, cfg: SegmentConfig, sw_batch_size: int = 1) -> np.ndarray:
-    """Nodule probability of every voxel of an (I, J, K) volume through an ONNX Runtime session.
-
-    The same Gaussian-weighted windows of ``cfg.roi`` as the torch path; windows go to the
-    session `sw_batch_size` at a time (each window is normalised on its own, so the batch size
-    does not change the result).
-    """
-    from monai.inferers import sliding_window_inference
-
-    x = torch.from_numpy(_check_volume(image))[None, None]
+def onnx_probability(sess: Any, image: np.ndarray, cfg: SegmentConfig) -> np.ndarray:
+    """Nodule probability of every voxel of an (I, J, K) volume through an ONNX Runtime session:
+    the torch path's windows, blending and crop (:func:`~dicomops.segmentation.model.window_probability`),
+    ``cfg.sw_batch_size`` windows per session call (each window is normalised on its own, so the
+    batch size does not change the result)."""
+    image = _check_volume(image)
     name = sess.get_inputs()[0].name
 
     def predict(window: torch.Tensor) -> torch.Tensor:
@@ -110,10 +108,7 @@ def onnx_probability(sess: Any, image: np.ndarray, cfg: SegmentConfig, sw_batch_
         return torch.from_numpy(sess.run(None, {name: batch})[0])
 
     with torch.inference_mode():
-        logits = sliding_window_inference(x, tuple(cfg.roi), sw_batch_size, predict, overlap=cfg.overlap,
-                                          mode="gaussian", padding_mode="replicate")
-    assert isinstance(logits, torch.Tensor)  # one output head
-    return torch.sigmoid(logits.float())[0, 0].numpy()
+        return window_probability(predict, image, cfg)
 
 
 def sample_patches(volumes: list[np.ndarray], roi: tuple[int, int, int], count: int, seed: int = 0) -> np.ndarray:

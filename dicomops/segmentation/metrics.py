@@ -164,7 +164,7 @@ def extract_candidates(prob: np.ndarray, *, threshold: float = 0.1, min_voxels: 
 
 def evaluate_series(prob: np.ndarray, reference: np.ndarray, nodules: Sequence[NoduleRef], *, series: str = "",
                     vendor: str = "", threshold: float = 0.5, candidate_threshold: float = 0.1,
-                    spacing: Sequence[float] = (1.0, 1.0, 1.0), min_voxels: int = 2,
+                    finding_threshold: float | None = None, spacing: Sequence[float] = (1.0, 1.0, 1.0), min_voxels: int = 2,
                     max_candidates: int = 50, min_finding_mm: float = MIN_FINDING_MM) -> SeriesEval:
     """Score one series against its reference instance map (``0`` background, each nodule its
     ``label``).
@@ -174,16 +174,21 @@ def evaluate_series(prob: np.ndarray, reference: np.ndarray, nodules: Sequence[N
     reference voxels with the thresholded components that overlap them, so a false positive
     elsewhere in the lung does not lower it (it lowers the whole-series Dice). Reference voxels
     whose label is not in `nodules` count for the series Dice only; candidates on them are false
-    positives. The series is called positive (``present_pred``) when a candidate at `threshold`
-    has a segmented size of at least `min_finding_mm`: the reference annotates nothing smaller, so
-    a speck is a candidate for the FROC curve but not a finding a reader would report.
+    positives. The series is called positive (``present_pred``) when a candidate scoring at least
+    `finding_threshold` (default `threshold`) has a segmented size of at least `min_finding_mm`:
+    the reference annotates nothing smaller, so a speck is a candidate for the FROC curve but not a
+    finding a reader would report. The finding's score and the voxels' threshold are separate
+    operating points, as in detection: the one trades false findings for missed ones, the other
+    sets where a nodule's edge is drawn.
     """
     prob = np.asarray(prob)
     reference = np.asarray(reference)
     if prob.shape != reference.shape or prob.ndim != 3:
         raise ValueError(f"prob {prob.shape} and reference {reference.shape} must be 3D arrays of one shape")
-    if not 0 < candidate_threshold <= threshold:
-        raise ValueError(f"candidate_threshold must lie in (0, threshold={threshold}], got {candidate_threshold}")
+    finding = threshold if finding_threshold is None else finding_threshold
+    if not 0 < candidate_threshold <= min(threshold, finding):
+        raise ValueError(f"candidate_threshold must lie in (0, min(threshold={threshold}, finding_threshold="
+                         f"{finding})], got {candidate_threshold}")
     mm = _check_spacing(spacing)
     labels = np.array([n.label for n in nodules], dtype=np.int64)
     if len(set(labels.tolist())) != len(labels):
@@ -247,7 +252,7 @@ def evaluate_series(prob: np.ndarray, reference: np.ndarray, nodules: Sequence[N
     fp_diameters: list[float | None] = [equivalent_diameter_mm(v, mm) if v else None
                                         for v in seg_in_candidate[false]]
 
-    found = (scores >= threshold) & (seg_in_candidate >= _voxels_of(min_finding_mm, mm)) if n_cand \
+    found = (scores >= finding) & (seg_in_candidate >= _voxels_of(min_finding_mm, mm)) if n_cand \
         else np.zeros(0, dtype=bool)
     both_sizes = int(predicted.sum()) + len(ref_values)
     overlap = int(predicted[ref_at].sum())
@@ -303,7 +308,8 @@ def series_kappa(evals: Sequence[SeriesEval]) -> float:
 
 
 def size_pairs(evals: Sequence[SeriesEval], threshold: float = 0.5) -> list[tuple[str, str]]:
-    """(reference, predicted) size category per nodule and per false positive at `threshold`.
+    """(reference, predicted) size category per nodule and per false positive scoring at least
+    `threshold` (the finding threshold).
 
     A nodule not detected at `threshold`, or detected without segmented voxels on it, is
     predicted ``absent``; a false positive at `threshold` is an ``absent`` reference with its
@@ -352,7 +358,8 @@ def _where(key: str, value: Any) -> Callable[[dict[str, Any]], bool]:
 
 def summarise(evals: Sequence[SeriesEval], threshold: float = 0.5) -> dict[str, float]:
     """A flat dict for ``mlflow.log_metrics``: CPM and sensitivity at each rate, Dice, kappa,
-    overall, per vendor, per nodule kind and per size bin.
+    overall, per vendor, per nodule kind and per size bin. `threshold` is the finding threshold
+    of the size-category kappa (the series kappa's is already in each :class:`SeriesEval`).
 
     Every key is always present for the slices in `evals`; an undefined value (no nodules in a
     slice, kappa with one category) is NaN, which MLflow stores as NaN. Keys per slice are

@@ -18,6 +18,7 @@ from dicomops.segmentation.metrics import (
     SIZE_BINS,
     NoduleRef,
     SeriesEval,
+    equivalent_diameter_mm,
     evaluate_series,
     extract_candidates,
     froc,
@@ -341,3 +342,17 @@ def test_a_speck_is_a_froc_candidate_but_not_a_finding() -> None:
     assert len(blob.false_positives) == 2 and blob.present_pred
     # In the size agreement the speck is left out, the blob is an 'absent' reference called '<6 mm'.
     assert size_pairs([blob]) == [("absent", "<6 mm")]
+
+
+def test_a_finding_needs_the_finding_threshold_while_its_voxels_need_the_segmentation_threshold() -> None:
+    prob, ref = volumes()
+    cube(prob, (10, 10, 10), 4, 0.6)  # 64 voxels at 0.6: segmented at 0.5, a 5 mm candidate
+    assert evaluate_series(prob, ref, []).present_pred  # the finding threshold defaults to the voxels'
+    doubtful = evaluate_series(prob, ref, [], finding_threshold=0.75)
+    assert not doubtful.present_pred and doubtful.false_positives == [pytest.approx(0.6)]
+    assert doubtful.false_positive_diameters_mm == [pytest.approx(equivalent_diameter_mm(64))]
+    assert size_pairs([doubtful], 0.75) == [] and size_pairs([doubtful], 0.5) == [("absent", "<6 mm")]
+    prob[11, 11, 11] = 0.8  # the same candidate, now scoring 0.8
+    assert evaluate_series(prob, ref, [], finding_threshold=0.75).present_pred
+    with pytest.raises(ValueError, match="finding_threshold"):
+        evaluate_series(prob, ref, [], candidate_threshold=0.3, finding_threshold=0.2)

@@ -62,7 +62,7 @@ def test_onnx_sliding_window_matches_torch_on_an_odd_volume(exported: tuple[torc
     assert report["voxels"] == volume.size + 20 * 30 * 11
     assert report["volume_max_abs_diff"] < 1e-4 and report["patch_max_abs_diff"] < 1e-4
     assert report["torch_s_per_volume"] > 0 and report["onnx_s_per_volume"] > 0
-    prob = export.onnx_probability(session(path), volume, CFG, sw_batch_size=3)
+    prob = export.onnx_probability(session(path), volume, CFG.model_copy(update={"sw_batch_size": 3}))
     ref = probability(model, volume, CFG)
     assert prob.shape == ODD_SHAPE and prob.dtype == np.float32
     assert ref.std() > 1e-3  # a constant output would make the comparison empty

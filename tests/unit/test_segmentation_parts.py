@@ -12,6 +12,7 @@ from dicomops.config import SegmentConfig
 from dicomops.segmentation.data import (
     BODY_LEVEL,
     PatchSet,
+    body_box,
     epoch_volumes,
     nodule_refs,
     rank_positions,
@@ -104,6 +105,37 @@ def test_sliding_window_covers_volumes_of_any_size() -> None:
         prob = probability(model, np.random.default_rng(0).random(shape, dtype=np.float32), cfg)
         assert prob.shape == shape and prob.dtype == np.float32
         assert prob.min() >= 0.0 and prob.max() <= 1.0
+
+
+def test_body_box_keeps_the_body_a_margin_and_at_least_a_window() -> None:
+    image = np.zeros((60, 50, 30), np.float32)
+    image[20:30, 10:40, 5:25] = 0.5  # the body, in air
+    assert body_box(image, 2, (8, 8, 8)) == (slice(18, 32), slice(8, 42), slice(3, 27))
+    # grown to the window, centred, and shifted inward at the volume's edge
+    assert body_box(image, 0, (16, 16, 28)) == (slice(17, 33), slice(10, 40), slice(1, 29))
+    image[:, :, :] = 0.0
+    image[58:, 0:2, 0] = 0.5
+    assert body_box(image, 1, (16, 4, 8)) == (slice(44, 60), slice(0, 4), slice(0, 8))
+    assert body_box(np.zeros((5, 6, 7)), 3, (4, 4, 4)) == (slice(0, 5), slice(0, 6), slice(0, 7))  # no body
+    assert body_box(np.ones((5, 6, 7)), 3, (64, 64, 64)) == (slice(0, 5), slice(0, 6), slice(0, 7))
+
+
+def test_inference_scores_the_body_box_only_and_matches_the_uncropped_window_inside() -> None:
+    cfg = SegmentConfig(channels=(4, 8), strides=(2,), patch=(16, 16, 16), roi=(16, 16, 16), precision="fp32",
+                        sw_batch_size=5)
+    model = build_segmenter(cfg)
+    rng = np.random.default_rng(1)
+    image = np.full((80, 64, 32), 0.1, np.float32)  # air
+    image[24:56, 16:48, :] = 0.3 + 0.5 * rng.random((32, 32, 32), dtype=np.float32)  # the body
+    prob = probability(model, image, cfg)
+    box = body_box(image, 8, (16, 16, 16))
+    assert box == (slice(16, 64), slice(8, 56), slice(0, 32))
+    outside = np.ones(image.shape, bool)
+    outside[box] = False
+    assert prob[outside].max() == 0.0 and prob[box].min() > 0.0
+    # The same windows on the box alone: the crop changes where they are cut, nothing else.
+    alone = probability(model, np.ascontiguousarray(image[box]), cfg)
+    np.testing.assert_allclose(prob[box], alone, atol=1e-6)
 
 
 def test_the_config_refuses_sizes_the_network_cannot_halve() -> None:
