@@ -47,10 +47,15 @@ def test_volume_indices_padding_and_nodule_records(tmp_path: Path) -> None:
     assert [(n.label, n.kind, n.attachment) for n in v.nodules] == [(1, "solid", "pleural"), (2, "ground-glass", "none")]
     flat_mask = v.mask.ravel()
     assert set(flat_mask[v.foreground]) == {1, 2} and len(v.foreground) == int((v.mask > 0).sum())
-    # Background centres: inside the body, outside nodules, on the stride-2 grid.
+    # Background centres: inside the body, outside nodules; in the lung on the stride-2 grid, and
+    # anywhere in the body on the stride-3 grid.
     assert (v.image.ravel()[v.background] > BODY_LEVEL).all() and (flat_mask[v.background] == 0).all()
     coords = np.stack(np.unravel_index(v.background, v.shape), axis=1)
-    assert (coords % 2 == 0).all()
+    on2, on3 = (coords % 2 == 0).all(axis=1), (coords % 3 == 0).all(axis=1)
+    assert (on2 | on3).all() and on2.any() and (on3 & ~on2).any()
+    body = np.argwhere((v.image > BODY_LEVEL) & (v.mask == 0))
+    expected = {tuple(c) for c in body if (c % 2 == 0).all() or (c % 3 == 0).all()}
+    assert {tuple(c) for c in coords} == expected
     assert v.label.shape == (1, *v.shape) and set(np.unique(v.label)) == {0, 1}
 
 
@@ -120,7 +125,7 @@ def test_body_box_keeps_the_body_a_margin_and_at_least_a_window() -> None:
     assert body_box(np.ones((5, 6, 7)), 3, (64, 64, 64)) == (slice(0, 5), slice(0, 6), slice(0, 7))
 
 
-def test_inference_scores_the_body_box_only_and_matches_the_uncropped_window_inside() -> None:
+def test_inference_scores_the_body_only_and_matches_the_uncropped_window_inside() -> None:
     cfg = SegmentConfig(channels=(4, 8), strides=(2,), patch=(16, 16, 16), roi=(16, 16, 16), precision="fp32",
                         sw_batch_size=5)
     model = build_segmenter(cfg)
@@ -132,7 +137,9 @@ def test_inference_scores_the_body_box_only_and_matches_the_uncropped_window_ins
     assert box == (slice(16, 64), slice(8, 56), slice(0, 32))
     outside = np.ones(image.shape, bool)
     outside[box] = False
-    assert prob[outside].max() == 0.0 and prob[box].min() > 0.0
+    assert prob[outside].max() == 0.0
+    body = image > BODY_LEVEL
+    assert prob[body].min() > 0.0 and prob[~body].max() == 0.0  # nothing at air density is nodule
     # The same windows on the box alone: the crop changes where they are cut, nothing else.
     alone = probability(model, np.ascontiguousarray(image[box]), cfg)
     np.testing.assert_allclose(prob[box], alone, atol=1e-6)
