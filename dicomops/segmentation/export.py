@@ -48,7 +48,8 @@ def inference_settings(cfg: SegmentConfig) -> dict[str, Any]:
         "output": "logits; blend windows, then sigmoid",
         "spatial_multiple": spatial_multiple(cfg),
         "roi": list(cfg.roi), "overlap": cfg.overlap, "blend": "gaussian", "padding_mode": "replicate",
-        "crop": f"box of the voxels > {BODY_LEVEL} grown by {BODY_MARGIN}, at least roi; 0 outside",
+        "crop": f"box of the voxels > {BODY_LEVEL} grown by {BODY_MARGIN}, at least roi; probability 0 "
+                f"outside it and wherever the input is <= {BODY_LEVEL} (air)",
         "threshold": cfg.threshold, "channels": list(cfg.channels), "strides": list(cfg.strides),
     }
 

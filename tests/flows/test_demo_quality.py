@@ -1,5 +1,5 @@
 """The issues' quality and speed targets on the demo corpus, with the default settings (slow: the
-classifier ~8 min, the segmenter ~13 min, after ~4 min of corpus).
+classifier ~8 min, the segmenter 9-13 min, after ~4 min of corpus).
 
 CI runs the tiny four-fold flow in ``test_train_flow.py`` instead; run this one with
 ``.venv/bin/python -m pytest -m slow tests/flows/test_demo_quality.py``.
