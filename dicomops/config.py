@@ -298,6 +298,9 @@ class ServeConfig(_Section):
         "Processes of the online service's ingest gate per study. 1 runs it in the replica (about 3 s "
         "faster a study); a file that crashes a decoder then takes the replica down, and Ray restarts it."))
     write_back: bool = Field(True, description="Batch inference over a PACS stores an SR per series back in it.")
+    localise: bool = Field(True, description=(
+        "Results written back to a PACS also carry the promoted segmenter's nodules (an SR with each centre and "
+        "diameter) and a SEG of their voxels; off, or with no promoted segmenter, the classifier's SR alone."))
     cache_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="Lifetime of a cached volume or study manifest.")
     cache_maxmemory_mb: int = Field(1024, ge=16, description="Memory cap of the Redis dicomops starts (LRU beyond).")
     host: str = Field("127.0.0.1", description="Online service interface; keep loopback unless a proxy fronts it.")

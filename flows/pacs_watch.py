@@ -1,5 +1,6 @@
 """The PACS watch: new stable studies from Orthanc's changes feed → retrieved whole → the ingest
-gate → scored by the champion → DICOM SR stored back under the original study → an event per study."""
+gate → scored by the champion → DICOM SR (and, with a promoted segmenter, the nodules' SR and SEG)
+stored back under the original study → an event per study."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ def pacs_watch(orthanc_url: str | None = None, work: Path | None = None, staging
         scoring = t.champion_available(settings.mlflow_tracking_uri, model)
         if not scoring:
             print(f"pacs-watch: no exported champion of {model} yet; studies are ingested and not answered")
-        result = t.handle_new_studies(orthanc_url, work, staging, config.ingest, model if scoring else None, limit)
+        segmenter = config.segment.model_name if config.serve.localise else None
+        result = t.handle_new_studies(orthanc_url, work, staging, config.ingest, model if scoring else None, limit,
+                                      segmenter)
     print(f"pacs-watch: {describe(result)}")
     return {**result, "work": str(work)}

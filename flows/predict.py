@@ -25,7 +25,8 @@ def predict(src: Path | None = None, pacs_query: dict[str, str] | None = None, w
     work = Path(work or settings.work_dir)
     with writing(WorkLayout(work).root / "predict", "dicomops-predict", settings):
         result = t.predict_batch(Path(src) if src else None, pacs_query, work, config.ingest, config.serve,
-                                 config.train.model_name, version, orthanc_url)
+                                 config.train.model_name, version, orthanc_url,
+                                 config.segment.model_name if config.serve.localise else None)
     print(f"predict: {result['model']} v{result['version']} on {result['engine']}: {result['studies_scored']:.0f} "
           f"studies scored, {result['series_positive']:.0f} of {result['series_scored']:.0f} series positive, "
           f"{result['studies_refused']:.0f} refused, {result['studies_failed']:.0f} failed; "

@@ -180,12 +180,15 @@ def original_series(staged: Path, key: bytes, accepted: set[str] | None = None) 
 
 
 def build_reports(staged: Path, study_work: Path, scores: pd.DataFrame, champion: Any, key: bytes) -> list[Any]:
-    """One Comprehensive 3D SR per scored series, referencing the original study and series and the
-    images the gate accepted."""
+    """The results for every scored series, referencing the original study and series and the images
+    the gate accepted: the classifier's Comprehensive 3D SR; with a segmenter on the champion, also
+    the segmenter's SR (each nodule's centre and diameter) and, when it found a nodule, a SEG of the
+    nodules' voxels on the acquired slices."""
     from dicomops.pacs.results import Finding, structured_report
 
-    accepted = set(pd.read_parquet(WorkLayout(study_work).ingest.accepted, columns=["source_path"]).source_path)
-    originals = original_series(staged, key, accepted)
+    layout = WorkLayout(study_work)
+    accepted_table = pd.read_parquet(layout.ingest.accepted)
+    originals = original_series(staged, key, set(accepted_table.source_path))
     reports = []
     for row in scores.itertuples():
         images = originals.get(str(row.SeriesInstanceUID))
@@ -194,7 +197,38 @@ def build_reports(staged: Path, study_work: Path, scores: pd.DataFrame, champion
         finding = Finding(present=bool(row.present), score=float(row.score), threshold=float(champion.threshold),
                           model_name=champion.name, model_version=str(champion.version))
         reports.append(structured_report(images, finding))
+        if champion.segmenter is not None:
+            group = accepted_table[accepted_table.SeriesInstanceUID == row.SeriesInstanceUID]
+            reports.extend(localisation_reports(images, group, layout.ingest.deid, champion.segmenter))
     return reports
+
+
+SEGMENTER_SR_SERIES, SEG_SERIES = 9003, 9002
+
+
+def localisation_reports(images: list[Any], group: pd.DataFrame, deid_root: Path, segmenter: Any) -> list[Any]:
+    """The segmenter's SR for one series, and its SEG when it found a nodule. `group` is the
+    series' rows of the gate's accepted table (de-identified files under `deid_root`), preprocessed
+    as the segmenter was trained; `images` are the original headers the objects reference."""
+    import tempfile
+
+    from dicomops.pacs.results import Finding, structured_report
+    from dicomops.segmentation.native import native_grid, series_segmentation, to_native_mask
+    from dicomops.serving.predict import preprocessed
+    from dicomops.serving.segmenter import localise
+
+    with tempfile.TemporaryDirectory(prefix="dicomops-seg-") as scratch:
+        image, affine = preprocessed(group, deid_root, segmenter.preprocess, Path(scratch))
+    found = localise(segmenter, image, affine)
+    finding = Finding(present=bool(found.nodules), score=found.score, threshold=segmenter.cfg.finding_threshold,
+                      model_name=segmenter.name, model_version=segmenter.version, nodules=found.nodules)
+    out: list[Any] = [structured_report(images, finding, series_number=SEGMENTER_SR_SERIES)]
+    if found.nodules:
+        grid = native_grid(images)
+        mask = to_native_mask(found.mask, found.affine, grid.affine, grid.shape)
+        if mask.any():  # findings thinner than the acquired slices can vanish at their centres
+            out.append(series_segmentation(images, mask, finding, series_number=SEG_SERIES))
+    return out
 
 
 def watch_once(feed: Any, pacs: Pacs, staging: Path, work: Path, cfg: IngestConfig, key: bytes,
@@ -227,11 +261,12 @@ STATUSES = ("ingested", "refused", "failed", "duplicate")
 
 def watch_pacs(orthanc_url: str | None, work: Path, staging: Path, cfg: IngestConfig, key: bytes,
                tracking_uri: str, model_name: str | None, http_budget_s: float, limit: int = 100,
-               on_study: Any = None) -> list[StudyOutcome]:
+               on_study: Any = None, segmenter_name: str | None = None) -> list[StudyOutcome]:
     """One pass of :func:`watch_once` against the Orthanc at `orthanc_url` (default
     ``DICOMOPS_PACS_URL``), with credentials from the environment, the champion of `model_name` on
-    its exported engine (None: ingest without scoring) and the volume cache at
-    ``DICOMOPS_REDIS_URL`` when one is set."""
+    its exported engine (None: ingest without scoring), the champion of `segmenter_name` adding
+    nodule locations and a SEG to the results (None, or no champion: the classifier's SR alone) and
+    the volume cache at ``DICOMOPS_REDIS_URL`` when one is set."""
     import os
 
     from dicomops.pacs.changes import ChangesFeed
@@ -248,8 +283,11 @@ def watch_pacs(orthanc_url: str | None, work: Path, staging: Path, cfg: IngestCo
     champion = None
     if model_name is not None:
         from dicomops.serving.champion import load_champion
+        from dicomops.serving.segmenter import with_segmenter
 
-        champion = load_champion(tracking_uri, model_name, models_dir=WorkLayout(work).serving)
+        models = WorkLayout(work).serving
+        champion = with_segmenter(load_champion(tracking_uri, model_name, models_dir=models), tracking_uri,
+                                  segmenter_name, models)
     cache = VolumeCache.from_env()
     root = (orthanc_url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
     credentials, timeout = credentials_from_env(), read_timeout_s(http_budget_s)

@@ -162,6 +162,57 @@ def extract_candidates(prob: np.ndarray, *, threshold: float = 0.1, min_voxels: 
     return candidates, component_map
 
 
+def _is_finding(scores: np.ndarray, segmented_voxels: np.ndarray, finding_threshold: float, mm: np.ndarray,
+                min_finding_mm: float) -> np.ndarray:
+    """Which candidates a reader would be told of: score at least `finding_threshold` and a
+    segmented size of at least `min_finding_mm` (the one rule :func:`evaluate_series` judges and
+    :func:`findings` reports by)."""
+    return (np.asarray(scores, float) >= finding_threshold) & \
+        (np.asarray(segmented_voxels) >= _voxels_of(min_finding_mm, mm))
+
+
+@dataclass(frozen=True)
+class Found:
+    """One finding of :func:`findings`: a candidate a reader is told of."""
+
+    centre: tuple[float, float, float]  # voxel coordinates of its segmented voxels' centroid
+    diameter_mm: float  # equivalent-sphere diameter of its segmented voxels
+    score: float  # its highest probability
+    voxels: int  # its segmented voxels
+
+
+def findings(prob: np.ndarray, *, threshold: float = 0.5, candidate_threshold: float = 0.1,
+             finding_threshold: float = 0.75, spacing: Sequence[float] = (1.0, 1.0, 1.0), min_voxels: int = 2,
+             max_candidates: int = 50, min_finding_mm: float = MIN_FINDING_MM) -> tuple[list[Found], np.ndarray]:
+    """What the model reports for one volume: the candidates :func:`evaluate_series` counts as the
+    series' findings (the same candidates, the same rule), best first, and the boolean mask of
+    their segmented voxels (``prob >= threshold`` inside each finding's candidate), nothing else.
+    """
+    prob = np.asarray(prob)
+    if not 0 < candidate_threshold <= min(threshold, finding_threshold):
+        raise ValueError(f"candidate_threshold must lie in (0, min(threshold={threshold}, finding_threshold="
+                         f"{finding_threshold})], got {candidate_threshold}")
+    mm = _check_spacing(spacing)
+    candidates, component_map = extract_candidates(prob, threshold=candidate_threshold, min_voxels=min_voxels,
+                                                   max_candidates=max_candidates)
+    if not candidates:
+        return [], np.zeros(prob.shape, dtype=bool)
+    segmented = np.where(prob >= threshold, component_map, 0)
+    at = np.flatnonzero(segmented)
+    ids = segmented.ravel()[at]
+    voxels = np.bincount(ids, minlength=len(candidates) + 1)[1:]
+    scores = np.array([c.score for c in candidates], dtype=float)
+    keep = np.flatnonzero(_is_finding(scores, voxels, finding_threshold, mm, min_finding_mm)) + 1
+    if not len(keep):
+        return [], np.zeros(prob.shape, dtype=bool)
+    coords = np.stack(np.unravel_index(at, prob.shape), axis=1).astype(float)
+    sums = np.stack([np.bincount(ids, weights=coords[:, a], minlength=len(candidates) + 1) for a in range(3)], axis=1)
+    out = [Found(centre=tuple(float(v) for v in sums[c] / voxels[c - 1]),  # type: ignore[arg-type]
+                 diameter_mm=equivalent_diameter_mm(voxels[c - 1], mm), score=float(scores[c - 1]),
+                 voxels=int(voxels[c - 1])) for c in keep]
+    return out, np.isin(segmented, keep)
+
+
 def evaluate_series(prob: np.ndarray, reference: np.ndarray, nodules: Sequence[NoduleRef], *, series: str = "",
                     vendor: str = "", threshold: float = 0.5, candidate_threshold: float = 0.1,
                     finding_threshold: float | None = None, spacing: Sequence[float] = (1.0, 1.0, 1.0), min_voxels: int = 2,
@@ -252,8 +303,7 @@ def evaluate_series(prob: np.ndarray, reference: np.ndarray, nodules: Sequence[N
     fp_diameters: list[float | None] = [equivalent_diameter_mm(v, mm) if v else None
                                         for v in seg_in_candidate[false]]
 
-    found = (scores >= finding) & (seg_in_candidate >= _voxels_of(min_finding_mm, mm)) if n_cand \
-        else np.zeros(0, dtype=bool)
+    found = _is_finding(scores, seg_in_candidate, finding, mm, min_finding_mm)
     both_sizes = int(predicted.sum()) + len(ref_values)
     overlap = int(predicted[ref_at].sum())
     return SeriesEval(

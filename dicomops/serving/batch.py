@@ -201,8 +201,9 @@ def parse_query(text: str) -> dict[str, str]:
 def run_batch(*, src: Path | None, query: Mapping[str, str] | None, work: Path, ingest_cfg: IngestConfig,
               serve_cfg: Any, model_name: str, version: str | None, key: bytes, tracking_uri: str,
               artifact_root: Path | None, staging: Path, orthanc_url: str | None = None, http_budget_s: float = 120.0,
-              progress: Progress = None) -> dict[str, Any]:
-    """Load the version, score the folder or the PACS query, record the results, log the run."""
+              progress: Progress = None, segmenter_name: str | None = None) -> dict[str, Any]:
+    """Load the version (with the champion of `segmenter_name` for what is written back to a PACS),
+    score the folder or the PACS query, record the results, log the run."""
 
     from dicomops.serving.champion import load_champion
     from dicomops.tracking.registry import sync_reviews
@@ -213,6 +214,10 @@ def run_batch(*, src: Path | None, query: Mapping[str, str] | None, work: Path, 
         log.info("registry: %s", change)
     champion = load_champion(tracking_uri, model_name, alias=serve_cfg.alias, version=version,
                              engine=serve_cfg.engine, models_dir=WorkLayout(work).serving, threads=serve_cfg.threads)
+    if query is not None and serve_cfg.write_back:
+        from dicomops.serving.segmenter import with_segmenter
+
+        champion = with_segmenter(champion, tracking_uri, segmenter_name, WorkLayout(work).serving, serve_cfg.threads)
     cache = VolumeCache.from_env(ttl_s=serve_cfg.cache_ttl_s)
     batch_id = new_batch_id()
     scratch = WorkLayout(work).predictions(batch_id) / "scratch"

@@ -44,6 +44,9 @@ class Champion:
     contract: InputContract
     top_k: int
     engine: Engine
+    # The nodule segmenter whose locations and SEG join the results written back to the PACS
+    # (a dicomops.serving.segmenter.Segmenter); None: the classifier's answer alone.
+    segmenter: Any | None = None
 
     @property
     def threshold(self) -> float:
@@ -51,8 +54,9 @@ class Champion:
 
     def describe(self) -> dict[str, Any]:
         """For MLflow, logs and answers: no identifier of any patient."""
-        return {"model": self.name, "version": self.version, "engine": self.engine.choice.kind,
-                "engine_reason": self.engine.choice.reason, "threshold": round(self.threshold, 6)}
+        out = {"model": self.name, "version": self.version, "engine": self.engine.choice.kind,
+               "engine_reason": self.engine.choice.reason, "threshold": round(self.threshold, 6)}
+        return out | (self.segmenter.describe() if self.segmenter is not None else {})
 
 
 def check_agreement(pre: PreprocessConfig, contract: InputContract) -> None:
@@ -78,36 +82,38 @@ def resolve(client: Any, name: str, alias: str | None, version: str | None) -> A
     return mv
 
 
-def fetch(client: Any, mv: Any, dest: Path) -> Path:
-    """The version's weights configuration and exported files in `dest` (``weights/`` and
+def fetch(client: Any, mv: Any, dest: Path, configs: tuple[str, ...] = (PREPROCESS_CONFIG, TRAIN_CONFIG),
+          marker: str = "manifest.json", export_hint: str = "") -> Path:
+    """The version's weights configuration and exported files in `dest` (``weights/<configs>`` and
     ``export/``), downloaded once: into a temporary folder beside it, then renamed into place, so
-    two processes loading the same version never read each other's half-written files."""
-    if (dest / EXPORT_ARTIFACT / "manifest.json").exists():
+    two processes loading the same version never read each other's half-written files. `marker`
+    is the export's file that is written last (its presence means the export is complete);
+    `export_hint` the command that exports the version (default ``dicomops export``)."""
+    hint = export_hint or f"dicomops export --version {mv.version}"
+    if (dest / EXPORT_ARTIFACT / marker).exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
         try:
             (tmp / WEIGHTS_ARTIFACT).mkdir()
-            for name in (PREPROCESS_CONFIG, TRAIN_CONFIG):
+            for name in configs:
                 with tempfile.TemporaryDirectory(dir=tmp) as one:
                     got = client.download_artifacts(str(mv.run_id), f"{WEIGHTS_ARTIFACT}/{name}", one)
                     os.replace(got, tmp / WEIGHTS_ARTIFACT / name)
         except Exception as err:
-            raise ValueError(f"{mv.name} version {mv.version} was trained before its preprocessing was stored with "
-                             f"it ({WEIGHTS_ARTIFACT}/{PREPROCESS_CONFIG}); retrain it to use it here") from err
+            raise ValueError(f"{mv.name} version {mv.version} was trained before its configuration was stored with "
+                             f"it ({WEIGHTS_ARTIFACT}/{', '.join(configs)}); retrain it to use it here") from err
         try:
             client.download_artifacts(str(mv.run_id), EXPORT_ARTIFACT, str(tmp))
         except Exception as err:
-            raise ValueError(f"{mv.name} version {mv.version} has not been exported; run 'dicomops export "
-                             f"--version {mv.version}' first") from err
-        if not (tmp / EXPORT_ARTIFACT / "manifest.json").exists():
-            raise ValueError(f"{mv.name} version {mv.version} has no complete export; run 'dicomops export "
-                             f"--version {mv.version}' again")
+            raise ValueError(f"{mv.name} version {mv.version} has not been exported; run '{hint}' first") from err
+        if not (tmp / EXPORT_ARTIFACT / marker).exists():
+            raise ValueError(f"{mv.name} version {mv.version} has no complete export; run '{hint}' again")
         try:
             os.replace(tmp, dest)
         except OSError:  # another process put it there first
-            if not (dest / EXPORT_ARTIFACT / "manifest.json").exists():
+            if not (dest / EXPORT_ARTIFACT / marker).exists():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

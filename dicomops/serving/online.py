@@ -94,6 +94,7 @@ class ServiceOptions:
     pacs_url: str | None
     cache_ttl_s: int
     http_budget_s: float = 120.0
+    segmenter_name: str | None = None  # its champion's nodules and SEG join what is written back
 
 
 class Service:
@@ -106,9 +107,12 @@ class Service:
         from dicomops.serving.champion import load_champion
 
         self.options = options
-        self.champion: Champion = load_champion(options.tracking_uri, options.model_name, options.alias,
-                                                options.version, options.engine,  # type: ignore[arg-type]
-                                                WorkLayout(options.work).serving, options.threads)
+        from dicomops.serving.segmenter import with_segmenter
+
+        self.champion: Champion = with_segmenter(
+            load_champion(options.tracking_uri, options.model_name, options.alias, options.version,
+                          options.engine, WorkLayout(options.work).serving, options.threads),  # type: ignore[arg-type]
+            options.tracking_uri, options.segmenter_name, WorkLayout(options.work).serving, options.threads)
         self.cache = VolumeCache.from_env(ttl_s=options.cache_ttl_s)
         self.pacs: Any = None
         try:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dicomops.config import IngestConfig
+from dicomops.config import IngestConfig, PreprocessConfig
 from dicomops.errors import GateFailedError
 from dicomops.layout import WorkLayout
 from dicomops.serving.cache import VolumeCache
@@ -126,14 +126,21 @@ def study_digest(key: bytes, instance_uids: Iterable[str], identity: str) -> str
 # --------------------------------------------------------------------------------------------------
 def preprocess_series(group: pd.DataFrame, deid_root: Path, champion: Champion, scratch: Path) -> np.ndarray:
     """One accepted series preprocessed exactly as training did (its worker function, its config)."""
+    return preprocessed(group, deid_root, champion.preprocess, scratch)[0]
+
+
+def preprocessed(group: pd.DataFrame, deid_root: Path, preprocess: PreprocessConfig,
+                 scratch: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One accepted series through training's per-series preprocessing with `preprocess`: the
+    image and its voxel → RAS affine."""
     from dicomops.preprocessing.stage import preprocess_one
 
     out = Path(scratch) / "volume.npz"
-    meta = preprocess_one(group.to_dict("records"), str(deid_root), "", champion.preprocess.model_dump_json(), str(out))
+    meta = preprocess_one(group.to_dict("records"), str(deid_root), "", preprocess.model_dump_json(), str(out))
     if meta.get("reason"):
         raise ValueError(f"the series' pixels could not be preprocessed ({meta['reason']})")
     with np.load(out) as npz:
-        return np.asarray(npz["image"])
+        return np.asarray(npz["image"]), np.asarray(npz["affine"], dtype=float)
 
 
 def score_volume(champion: Champion, volume: np.ndarray) -> tuple[float, int]:

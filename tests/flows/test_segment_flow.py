@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -16,6 +17,7 @@ from dicomops.deid.scan import scan_for_phi
 from dicomops.layout import WorkLayout
 from dicomops.preprocessing.stage import preprocess_corpus
 from dicomops.segmentation import cv
+from dicomops.serving.segmenter import load_segmenter, localise, optional_segmenter
 from dicomops.synthetic import generate_corpus
 from flows.segment import segment
 
@@ -80,6 +82,22 @@ def test_segment_flow_registers_a_gated_version_with_froc_dice_and_kappa(
     assert "CPM" in version.tags["promotion.reasons"]
     assert "FROC" not in version.description or "CPM" in version.description
     assert "Dice" in version.description and "kappa" in version.description
+
+    # Serving loads that version from the registry (its export, config and preprocessing) and reports
+    # on a preprocessed volume; a tampered export is refused; an unpromoted name is "no segmenter".
+    models = tmp_path / "models"
+    served = load_segmenter(mlflow_env, "test-segmenter", version=str(result["version"]), models_dir=models)
+    assert served.cfg == TINY_SEGMENTER and served.preprocess == PRE
+    with np.load(next(layout.preprocessed.volumes.glob("*.npz"))) as npz:
+        image, affine = npz["image"].astype(np.float32), npz["affine"]
+    report = localise(served, image, affine)
+    assert report.mask.shape == image.shape and 0.0 <= report.score <= 1.0
+    assert all(n.score >= TINY_SEGMENTER.finding_threshold for n in report.nodules)
+    onnx_file = models / f"test-segmenter-v{result['version']}" / "export" / "segmenter.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
+    with pytest.raises(ValueError, match="does not match its registered sha256"):
+        load_segmenter(mlflow_env, "test-segmenter", version=str(result["version"]), models_dir=models)
+    assert optional_segmenter(mlflow_env, "no-such-segmenter") is None
 
     # A rerun with nothing changed is skipped; the segmenter's files leak nothing.
     again = segment(work=work, config=TINY_SEGMENTER, preprocess_config=PRE, train_config=TRAIN,

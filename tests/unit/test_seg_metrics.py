@@ -21,6 +21,7 @@ from dicomops.segmentation.metrics import (
     equivalent_diameter_mm,
     evaluate_series,
     extract_candidates,
+    findings,
     froc,
     nodule_table,
     series_kappa,
@@ -356,3 +357,29 @@ def test_a_finding_needs_the_finding_threshold_while_its_voxels_need_the_segment
     assert evaluate_series(prob, ref, [], finding_threshold=0.75).present_pred
     with pytest.raises(ValueError, match="finding_threshold"):
         evaluate_series(prob, ref, [], candidate_threshold=0.3, finding_threshold=0.2)
+
+
+def test_findings_report_what_the_series_call_counts_and_only_their_voxels() -> None:
+    prob, ref = volumes()
+    cube(prob, (4, 4, 4), 4, 0.9)  # a finding: 64 voxels, 4.96 mm
+    cube(prob, (4, 4, 4), 1, 0.95)  # ... scoring 0.95
+    cube(prob, (20, 20, 20), (2, 2, 1), 0.9)  # a speck: 4 voxels of 2 mm³, 2.5 mm, under the 3 mm
+    cube(prob, (30, 4, 4), 4, 0.6)  # doubtful: segmented, but scoring under the finding threshold
+    cube(prob, (4, 30, 30), (3, 3, 1), 0.3)  # a candidate with no voxel at the segmentation threshold
+    found, mask = findings(prob, threshold=0.5, candidate_threshold=0.1, finding_threshold=0.75,
+                           spacing=(1.0, 1.0, 2.0))
+    (only,) = found
+    assert only.score == pytest.approx(0.95) and only.voxels == 64
+    assert only.centre == pytest.approx((5.5, 5.5, 5.5))
+    assert only.diameter_mm == pytest.approx(equivalent_diameter_mm(64, (1.0, 1.0, 2.0)))
+    expected = np.zeros(SHAPE, bool)
+    cube(expected, (4, 4, 4), 4, True)
+    assert np.array_equal(mask, expected)
+    # One rule: the series call of evaluate_series is made by exactly these findings.
+    call = evaluate_series(prob, ref, [], threshold=0.5, finding_threshold=0.75, spacing=(1.0, 1.0, 2.0))
+    assert call.present_pred and len(call.false_positives) == 4
+    cube(prob, (4, 4, 4), 4, 0.0)
+    assert findings(prob, finding_threshold=0.75) == ([], pytest.approx(np.zeros(SHAPE, bool)))
+    assert not evaluate_series(prob, ref, [], finding_threshold=0.75).present_pred
+    with pytest.raises(ValueError, match="candidate_threshold"):
+        findings(prob, candidate_threshold=0.8, finding_threshold=0.75)

@@ -1,0 +1,143 @@
+"""The nodule segmenter as serving runs it, and what it adds to a study's answer in the PACS.
+
+A registered version of the segmenter (``dicomops segment`` registers and exports it) is loaded
+like the classifier's champion: its exported ONNX file, checked against the sha256 its version
+carries, the :class:`~dicomops.config.SegmentConfig` and the preprocessing it was trained with.
+:func:`localise` runs the export's sliding window over one preprocessed series and reports the
+findings by the rule the cross-validation judged (:func:`dicomops.segmentation.metrics.findings`):
+each nodule's centre in DICOM patient coordinates (LPS, mm) and its diameter for the SR, and the
+findings' voxels carried back onto the acquired slices for the SEG
+(:mod:`dicomops.segmentation.native`).
+
+Nothing here sees an identifier: the segmenter reads the de-identified preprocessing of a series,
+and the original UIDs only meet its output inside the DICOM objects
+:func:`dicomops.pacs.watch.build_reports` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dicomops.config import PreprocessConfig, SegmentConfig
+from dicomops.export import onnx_export
+from dicomops.pacs import results
+from dicomops.serving.champion import EXPORT_ARTIFACT, PREPROCESS_CONFIG, fetch, resolve
+from dicomops.tracking.registry import CHAMPION, WEIGHTS_ARTIFACT, alias_version
+from dicomops.tracking.runs import configure_mlflow
+
+log = logging.getLogger(__name__)
+
+SEGMENT_CONFIG = "segment_config.json"
+ONNX_FILE = "segmenter.onnx"
+SHA_TAG = "export.onnx.sha256"
+# DICOM patient coordinates are LPS; the preprocessing's affines map to RAS.
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class Segmenter:
+    """A registered segmenter version on ONNX Runtime."""
+
+    name: str
+    version: str
+    run_id: str
+    preprocess: PreprocessConfig
+    cfg: SegmentConfig
+    session: Any = field(repr=False)
+
+    def describe(self) -> dict[str, Any]:
+        return {"segmenter": self.name, "segmenter_version": self.version,
+                "finding_threshold": self.cfg.finding_threshold}
+
+
+@dataclass(frozen=True)
+class Localisation:
+    """The segmenter's answer for one series, on the preprocessing grid.
+
+    Attributes:
+        nodules: The findings, best first: centre in LPS mm, equivalent diameter, score.
+        mask: Boolean (I, J, K) mask of the findings' voxels (nothing else the network marked).
+        affine: 4x4 voxel → RAS mm of `mask` (the preprocessing's).
+        score: The highest probability anywhere in the series (0 with no candidate).
+    """
+
+    nodules: tuple[results.Nodule, ...]
+    mask: np.ndarray
+    affine: np.ndarray
+    score: float
+
+
+def load_segmenter(tracking_uri: str, name: str, alias: str | None = CHAMPION, version: str | None = None,
+                   models_dir: Path | None = None, threads: int = 2) -> Segmenter:
+    """The version of `name` holding `alias` (or number `version`), on ONNX Runtime with `threads`."""
+    client = configure_mlflow(tracking_uri)
+    mv = resolve(client, name, None if version is not None else alias, version)
+    root = fetch(client, mv, Path(models_dir or tempfile.mkdtemp(prefix="dicomops-models-")) / f"{name}-v{mv.version}",
+                 configs=(PREPROCESS_CONFIG, SEGMENT_CONFIG), marker=ONNX_FILE, export_hint="dicomops segment")
+    onnx_path = root / EXPORT_ARTIFACT / ONNX_FILE
+    expected = (mv.tags or {}).get(SHA_TAG)
+    if not expected:
+        raise ValueError(f"{name} version {mv.version} carries no {SHA_TAG} tag; export it again (dicomops segment)")
+    if onnx_export.sha256(onnx_path) != expected:
+        raise ValueError(f"{ONNX_FILE} of {name} version {mv.version} does not match its registered sha256 "
+                         f"({SHA_TAG}); export it again (dicomops segment)")
+    weights = root / WEIGHTS_ARTIFACT
+    preprocess = PreprocessConfig.model_validate(json.loads((weights / PREPROCESS_CONFIG).read_text()))
+    cfg = SegmentConfig.model_validate(json.loads((weights / SEGMENT_CONFIG).read_text()))
+    return Segmenter(name, str(mv.version), str(mv.run_id), preprocess, cfg,
+                     onnx_export.session(onnx_path, threads=threads))
+
+
+def optional_segmenter(tracking_uri: str, name: str, alias: str = CHAMPION, models_dir: Path | None = None,
+                       threads: int = 2) -> Segmenter | None:
+    """The segmenter holding `alias`, or None when no version holds it: results then carry the
+    classifier's answer alone, and the log says so. A version that holds it but cannot be loaded
+    (not exported, tampered with) raises: a promoted model that silently does nothing is worse."""
+    mv = alias_version(configure_mlflow(tracking_uri), name, alias)
+    if mv is None:
+        log.warning("no version of %s holds the alias '%s': results carry no nodule locations and no SEG "
+                    "(train one with 'dicomops segment' and promote it)", name, alias)
+        return None
+    return load_segmenter(tracking_uri, name, version=str(mv.version), models_dir=models_dir, threads=threads)
+
+
+def localise(segmenter: Segmenter, image: np.ndarray, affine: np.ndarray) -> Localisation:
+    """Run the segmenter over one preprocessed (I, J, K) volume with its voxel → RAS `affine`."""
+    from dicomops.segmentation.export import onnx_probability
+    from dicomops.segmentation.metrics import findings
+
+    cfg = segmenter.cfg
+    affine = np.asarray(affine, dtype=float)
+    if affine.shape != (4, 4):
+        raise ValueError(f"affine must be 4x4, got shape {affine.shape}")
+    prob = onnx_probability(segmenter.session, image, cfg)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    found, mask = findings(prob, threshold=cfg.threshold, candidate_threshold=cfg.candidate_threshold,
+                           finding_threshold=cfg.finding_threshold, spacing=spacing)
+    nodules = []
+    for f in found:
+        ras = affine[:3, :3] @ np.asarray(f.centre) + affine[:3, 3]
+        lps = RAS_TO_LPS @ ras
+        nodules.append(results.Nodule(center_mm=(float(lps[0]), float(lps[1]), float(lps[2])),
+                                      diameter_mm=round(f.diameter_mm, 1), score=min(max(f.score, 0.0), 1.0)))
+    return Localisation(tuple(nodules), mask, affine, float(prob.max()) if prob.size else 0.0)
+
+
+def with_segmenter(champion: Any, tracking_uri: str, name: str | None, models_dir: Path | None = None,
+                   threads: int = 2) -> Any:
+    """`champion` (a :class:`dicomops.serving.champion.Champion`) with the segmenter of `name`
+    holding the champion alias attached (:func:`optional_segmenter`); unchanged when `name` is None
+    (localisation switched off) or no version holds the alias."""
+    import dataclasses
+
+    if name is None:
+        return champion
+    segmenter = optional_segmenter(tracking_uri, name, models_dir=models_dir, threads=threads)
+    return champion if segmenter is None else dataclasses.replace(champion, segmenter=segmenter)

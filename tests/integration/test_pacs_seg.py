@@ -1,0 +1,154 @@
+"""With a promoted segmenter, a study from a real Orthanc is answered by the PACS watch with three
+objects under the original study: the classifier's SR, the segmenter's SR (each nodule's centre in
+patient coordinates and its diameter) and a SEG of the nodules' voxels on the acquired slices. The
+segmenter here marks every voxel denser than -300 HU (:mod:`tests.segmenter_fixture`), so the SEG is
+checked voxel by voxel against the acquired pixels and the SR's centres against the generator's
+nodules. A segmenter that fails leaves nothing in the PACS and the study recorded as failed; nothing
+identifying reaches the work directory, MLflow or Prefect."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from pydicom.sr.codedict import codes
+
+from dicomops.deid import scan_for_phi
+from dicomops.deid.keys import key_from_settings
+from dicomops.pacs import watch
+from dicomops.pacs.client import PacsClient
+from dicomops.pacs.orthanc import OrthancProcess
+from dicomops.serving.champion import load_champion
+from dicomops.serving.segmenter import with_segmenter
+from dicomops.synthetic.corpus import SeriesPlan, write_series
+from flows.pacs_watch import pacs_watch
+from tests.champion_fixture import CONFIG, PRE, TINY, ExportedChampion
+from tests.flows.test_ingest_flow import _prefect_database
+from tests.segmenter_fixture import register_density_segmenter
+from tests.unit.test_real_files import _needles
+
+from .orthanc_fixture import orthanc  # noqa: F401  (a fixture)
+from .test_pacs_watch import _pacs_env, _send, _wait_stable
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
+
+SEGMENTER = "pacs-segmenter"
+SEG_CONFIG = CONFIG.model_copy(update={"segment": CONFIG.segment.model_copy(update={"model_name": SEGMENTER})})
+DENSE_HU = -300.0  # the fixture's LEVEL 0.7 of the lung window [-1350, 150]
+
+
+@pytest.fixture(scope="module")
+def store(exported_champion: ExportedChampion) -> str:
+    """The champion's store, with the density segmenter promoted beside the classifier."""
+    register_density_segmenter(exported_champion.uri, SEGMENTER, PRE)
+    return exported_champion.uri
+
+
+def _study(out: Path, index: int) -> tuple[list[Path], list[dict[str, Any]]]:
+    """A 16-slice siemens study with two solid nodules; its files and the generator's nodules."""
+    plan = SeriesPlan(index=index, seed=41, scenario="baseline", vendor="siemens", label=1, nodule_count=2,
+                      fault=None, fault_detail="", matrix=128, slices=16)
+    result = write_series(plan, out)
+    files = sorted(p for p in (out / str(result.label_row["series_dir"])).iterdir() if p.is_file())
+    return files, json.loads(str(result.label_row["nodules"]))
+
+
+def _objects(server: OrthancProcess, study_uid: str, modality: str) -> list[pydicom.Dataset]:
+    with PacsClient(server.dicomweb_url, server.credentials) as pacs:
+        found = pacs._web.search_for_series(study_instance_uid=study_uid, search_filters={"Modality": modality})
+        return [ds for series in found for ds in pacs._web.retrieve_series(
+            study_uid, pydicom.Dataset.from_json(series).SeriesInstanceUID)]
+
+
+def _seg_mask(seg: pydicom.Dataset, images: list[pydicom.Dataset]) -> np.ndarray:
+    """The SEG's segment 1 as a (slices, rows, cols) mask in the order of `images`."""
+    position = {str(ds.SOPInstanceUID): k for k, ds in enumerate(images)}
+    mask = np.zeros((len(images), int(images[0].Rows), int(images[0].Columns)), bool)
+    frames = seg.pixel_array.reshape(-1, *mask.shape[1:])
+    for frame, group in zip(frames, seg.PerFrameFunctionalGroupsSequence, strict=True):
+        source = group.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        mask[position[str(source)]] |= frame.astype(bool)
+    return mask
+
+
+class _Failing:
+    """An ONNX session that fails on this study's volume."""
+
+    def get_inputs(self) -> Any:
+        raise RuntimeError("a segmenter that cannot run")
+
+
+def test_a_promoted_segmenter_adds_its_report_and_a_seg_and_a_failing_one_leaves_nothing(
+        orthanc: OrthancProcess, store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    from tests.conftest import PREFECT_HOME
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    _pacs_env(monkeypatch, orthanc)
+    work, staging = tmp_path / "work", tmp_path / "staging"
+    files, truth = _study(tmp_path / "send-a", index=7)
+    study = _send(orthanc, files)
+    _wait_stable(orthanc, {study})
+
+    result = pacs_watch(work=work, staging=staging, config=SEG_CONFIG)
+    assert (result["ingested"], result["failed"], result["results_stored"]) == (1, 0, 3)
+    images = sorted((pydicom.dcmread(f) for f in files), key=lambda ds: float(ds.ImagePositionPatient[2]))
+    series_uid = str(images[0].SeriesInstanceUID)
+
+    reports = {str(ds.ManufacturerModelName): ds for ds in _objects(orthanc, study, "SR")}
+    assert set(reports) == {TINY.model_name, SEGMENTER}
+    localised = hd.sr.MeasurementReport.from_sequence(hd.sr.Comprehensive3DSR.from_dataset(reports[SEGMENTER]).content)
+    (series_group,) = localised.get_image_measurement_groups()
+    assert series_group.get_qualitative_evaluations(name=codes.SCT.Nodule)[0].value == codes.SCT.Present
+    groups = localised.get_volumetric_roi_measurement_groups()
+    assert groups
+    centres = np.array([np.ravel(g.roi.graphic_data) for g in groups])
+    for g in groups:
+        assert g.roi.source_series_for_segmentation.value == series_uid
+        assert g.get_measurements(name=codes.SCT.Diameter)[0].value >= 3.0
+    # Each of the generator's nodules is found where it is (LPS mm; the segmenter works at 2 mm),
+    # unless it touches denser tissue (chest wall, a vessel) and merged into a larger finding.
+    isolated = [n for n in truth if n.get("attachment", "none") == "none"]
+    assert isolated, "the plan should hold a free-standing nodule"
+    for n in isolated:
+        assert np.linalg.norm(centres - np.asarray(n["center_mm"]), axis=1).min() <= 2.5, (n, centres)
+
+    (seg,) = _objects(orthanc, study, "SEG")
+    assert seg.StudyInstanceUID == study and seg.PatientID == images[0].PatientID
+    assert seg.SegmentSequence[0].SegmentAlgorithmName == SEGMENTER
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
+    got = _seg_mask(seg, images)
+    hu = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in images])
+    dense = hu > DENSE_HU
+    # The SEG is the dense tissue the segmenter saw at 2 mm, carried back by nearest neighbour:
+    # it agrees with the acquired pixels but for edges and specks under 3 mm.
+    dice = 2 * (got & dense).sum() / (got.sum() + dense.sum())
+    assert dice > 0.85, dice
+
+    # A segmenter that fails: the study is recorded as failed, and nothing is written back, not
+    # even the classifier's SR.
+    files_b, _ = _study(tmp_path / "send-b", index=8)
+    study_b = _send(orthanc, files_b)
+    _wait_stable(orthanc, {study_b})
+    champion = with_segmenter(load_champion(store, TINY.model_name), store, SEGMENTER)
+    broken = dataclasses.replace(champion, segmenter=dataclasses.replace(champion.segmenter, session=_Failing()))
+    with PacsClient(orthanc.dicomweb_url, orthanc.credentials) as pacs:
+        failed = watch.handle_study(study_b, pacs, staging, work, SEG_CONFIG.ingest, key_from_settings(), broken)
+    assert failed.status == "failed" and failed.reason.startswith("RuntimeError during writing the reports")
+    assert study_b not in failed.reason
+    assert _objects(orthanc, study_b, "SR") == [] and _objects(orthanc, study_b, "SEG") == []
+    ledger = pd.read_csv(work / "pacs/studies.csv", keep_default_na=False)
+    assert list(ledger.status) == ["ingested", "failed"] and list(ledger.results_stored) == [3, 0]
+
+    needles = _needles([*files, *files_b])
+    assert study in needles and series_uid in needles
+    for place in (work, Path(store.removeprefix("sqlite:///")).parent, PREFECT_HOME, _prefect_database()):
+        hits = scan_for_phi(place, needles)
+        assert hits == [], f"PHI found under {place}: {hits[:5]}"
+    assert list(staging.glob("*")) == []

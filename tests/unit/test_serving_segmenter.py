@@ -1,0 +1,55 @@
+"""The served segmenter's report of one volume: findings by the cross-validation's rule, centres in
+DICOM patient coordinates (LPS) through the preprocessing's affine, diameters in mm, only the
+findings' voxels in the mask. The network is a two-node ONNX graph run by ONNX Runtime (a voxel's
+logit grows with its density, :mod:`tests.segmenter_fixture`), so the expected answer is known exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dicomops.config import PreprocessConfig, SegmentConfig
+from dicomops.export.onnx_export import session
+from dicomops.segmentation.metrics import equivalent_diameter_mm
+from dicomops.serving.segmenter import Segmenter, localise
+from tests.segmenter_fixture import GAIN, LEVEL, density_graph
+
+
+@pytest.fixture
+def segmenter(tmp_path: Path) -> Segmenter:
+    cfg = SegmentConfig(channels=(4, 8), strides=(2,), patch=(16, 16, 16), roi=(16, 16, 16), model_name="density")
+    return Segmenter("density", "3", "run", PreprocessConfig(), cfg, session(density_graph(tmp_path / "d.onnx")))
+
+
+def ball(shape: tuple[int, int, int], centre: tuple[float, float, float], radius: float) -> np.ndarray:
+    grid = np.indices(shape, dtype=float)
+    return sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)) <= radius**2  # type: ignore[no-any-return]
+
+
+def test_a_nodule_is_reported_in_lps_millimetres_with_its_diameter_and_voxels(segmenter: Segmenter) -> None:
+    shape = (48, 48, 40)
+    image = np.full(shape, 0.4, np.float32)  # body, under LEVEL
+    nodule = ball(shape, (20, 25, 15), 4)
+    image[nodule] = 1.0
+    speck = ball(shape, (40, 10, 30), 0.9)  # 7 voxels, 1.4 mm: a candidate, never a finding
+    image[speck] = 1.0
+    image[:, :, 36:] = 0.0  # air: nothing there is nodule whatever the network says
+    # i runs right-to-left (RAS x falls), j anterior, k superior, 0.8 x 0.8 x 1.5 mm.
+    affine = np.array([[-0.8, 0, 0, 100.0], [0, 0.8, 0, -50.0], [0, 0, 1.5, -200.0], [0, 0, 0, 1]])
+    found = localise(segmenter, image, affine)
+    (only,) = found.nodules
+    # RAS (100 - 16, -50 + 20, -200 + 22.5) is LPS (-84, 30, -177.5).
+    assert only.center_mm == pytest.approx((-84.0, 30.0, -177.5), abs=1e-6)
+    assert only.diameter_mm == pytest.approx(equivalent_diameter_mm(int(nodule.sum()), (0.8, 0.8, 1.5)), abs=0.05)
+    assert only.score == pytest.approx(1 / (1 + np.exp(-GAIN * (1.0 - LEVEL))), abs=1e-6)
+    assert np.array_equal(found.mask, nodule) and np.array_equal(found.affine, affine)
+    assert found.score == pytest.approx(only.score, abs=1e-6)
+
+
+def test_nothing_found_is_an_empty_report(segmenter: Segmenter) -> None:
+    found = localise(segmenter, np.full((32, 32, 16), 0.4, np.float32), np.eye(4))
+    assert found.nodules == () and not found.mask.any() and found.score < 0.01
+    with pytest.raises(ValueError, match="4x4"):
+        localise(segmenter, np.zeros((32, 32, 16), np.float32), np.eye(3))
