@@ -183,7 +183,9 @@ class SegmentConfig(_Section):
         "Sliding-window size at inference: the training patch's, since instance normalisation makes a "
         "window's output depend on its extent (160x160x64 windows: Dice 0.61 instead of 0.80 on fold 0)."))
     sw_batch_size: int = Field(8, ge=1, le=1024, description="Windows per forward pass at inference.")
-    overlap: float = Field(0.25, ge=0, lt=1, description="Sliding-window overlap.")
+    overlap: float = Field(0.4, ge=0, lt=1, description=(
+        "Sliding-window overlap. One fold-0 model of a 120-patient corpus: Dice (>= 6 mm) 0.783 at 0.25, "
+        "0.824 at 0.33, 0.836 at 0.4, 0.838 at 0.5, at 1.3, 1.6, 1.8 and 3.2 s per series."))
     positive_share: float = Field(0.5, gt=0, le=1, description="Share of patches centred on a nodule voxel.")
     batch_size: int = Field(8, ge=1, le=256, description="Patches per optimiser step (all ranks together).")
     patches_per_epoch: int = Field(480, ge=8, description="Patches drawn per epoch.")
