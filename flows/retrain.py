@@ -1,6 +1,7 @@
 """Alert-driven retraining: all labelled data (the original corpus plus monitored batches whose
 labels have arrived) → ingest → preprocess → cross-validated training → export → promotion gate,
-every run tagged with its cause. A cooldown per model and a lock stop retrain storms."""
+then the segmenter on the same pool and its own gate (unless ``segment.enabled`` is off), every run
+tagged with its cause. A cooldown per model and a lock stop retrain storms."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from flows.ingest import ingest
 from flows.preprocess import preprocess
 from flows.runners import on_dask
 from flows.scope import tracked, writing
+from flows.segment import segment
 from flows.train import train
 from tasks.monitor import tag_run
 from tasks.tracking import hash_corpus, open_run
@@ -60,7 +62,12 @@ def _retrain(work: Path, config: PipelineConfig, uri: str, artifact_root: Path |
         trained = train(retrain_work, config.train, config.preprocess, config.experiment, parent_run_id=run_id,
                         run_tags=cause)
         exported = export(retrain_work, config.export, config.train.model_name, version=str(trained["version"]))
+        # The segmenter learns from the same labelled pool and is gated on its own metric (CPM).
+        segmented = segment(retrain_work, config.segment, config.preprocess, config.train, config.experiment,
+                            parent_run_id=run_id, run_tags=cause) if config.segment.enabled else {}
     print(f"retrain ({trigger}): version {trained['version']} from {len(sources)} labelled source(s), "
-          f"{'promoted' if trained['promoted'] else 'awaiting review'}; tensorrt: {exported['tensorrt']}")
+          f"{'promoted' if trained['promoted'] else 'awaiting review'}; tensorrt: {exported['tensorrt']}"
+          + (f"; segmenter version {segmented['version']}, {segmented['decision']}" if segmented else ""))
     return {"status": "retrained", "mlflow_run_id": run_id, "version": trained["version"],
-            "promoted": trained["promoted"], "sources": len(sources), "work": str(retrain_work)}
+            "promoted": trained["promoted"], "sources": len(sources), "work": str(retrain_work),
+            "segmenter_version": segmented.get("version"), "segmenter_promoted": segmented.get("promoted")}

@@ -50,6 +50,11 @@ def _config(source: Path) -> PipelineConfig:
         experiment="monitor-test")
 
 
+# A retrain also retrains the segmenter on the same pool: tiny, and (min_cpm 1.0) never promoted.
+TINY_SEGMENTER = SegmentConfig(channels=(4, 8), strides=(2,), patch=(16, 16, 16), roi=(48, 48, 16), batch_size=4,
+                               patches_per_epoch=8, epochs=1, model_name="monitor-test-segmenter", min_cpm=1.0)
+
+
 def _synth(root: Path, name: str, patients: int, seed: int, scenario: str) -> Path:
     out = root / name
     generate_corpus(out, SynthConfig(patients=patients, seed=seed, scenario=scenario, fault_rate=0.0, matrix=128,
@@ -108,7 +113,8 @@ def test_monitor_alerts_and_retrains_once_and_leaves_same_distribution_alone(tmp
     assert small["status"] == "insufficient data" and small["retrain"] is None
 
     shifted_src = _synth(tmp_path, "shifted", 12, 42, "protocol-shift")
-    shifted = monitor(src=shifted_src, work=work, config=cfg)
+    with_segmenter = cfg.model_copy(update={"segment": TINY_SEGMENTER})
+    shifted = monitor(src=shifted_src, work=work, config=with_segmenter)
     assert shifted["status"] == "drift"
     assert {"SliceThickness", "ConvolutionKernel"} <= set(shifted["drifted_columns"])
     retrained = shifted["retrain"]
@@ -119,6 +125,9 @@ def test_monitor_alerts_and_retrains_once_and_leaves_same_distribution_alone(tmp
     assert "not above margin 1.0000" in version.tags["promotion.reasons"]
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == str(first.version)
     assert version.tags["export.onnx.sha256"]
+    segmenter = client.get_model_version(TINY_SEGMENTER.model_name, str(retrained["segmenter_version"]))
+    assert segmenter.tags["trigger"] == "drift" and segmenter.tags["monitoring_run_id"] == shifted["monitoring_run_id"]
+    assert segmenter.tags["export.onnx.sha256"] and retrained["segmenter_promoted"] is False
     records = alerts.read_alerts(work)
     assert len(records) == 1 and records[0]["monitoring_run_id"] == shifted["monitoring_run_id"]
     assert "SliceThickness" in records[0]["drifted_columns"]
