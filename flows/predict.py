@@ -30,5 +30,5 @@ def predict(src: Path | None = None, pacs_query: dict[str, str] | None = None, w
     print(f"predict: {result['model']} v{result['version']} on {result['engine']}: {result['studies_scored']:.0f} "
           f"studies scored, {result['series_positive']:.0f} of {result['series_scored']:.0f} series positive, "
           f"{result['studies_refused']:.0f} refused, {result['studies_failed']:.0f} failed; "
-          f"{result['results_stored']:.0f} SR stored; results in {result['results']}")
+          f"{result['results_stored']:.0f} DICOM results (SR, SEG) stored; results in {result['results']}")
     return result

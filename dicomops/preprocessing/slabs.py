@@ -3,7 +3,8 @@
 Sampling: every positive slice (at least ``min_positive_voxels`` mask voxels) plus
 ``negative_ratio`` times as many negative slices drawn at random with a seed, per series; a series
 without positives contributes negatives in the same proportion to the corpus average, so negative
-series are seen. Slab edges repeat the first or last slice.
+series are seen. Every *hard* negative (a slice showing only a nodule that is not actionable) is
+taken besides. Slab edges repeat the first or last slice.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ def slab(volume: np.ndarray, z: int, k: int) -> np.ndarray:
 
 
 def sample_slabs(index: pd.DataFrame, labels_by_series: dict[str, np.ndarray], negative_ratio: float,
-                 seed: int) -> pd.DataFrame:
-    """The (series, z, slice_label, series_label) table that training draws from."""
+                 seed: int, hard_by_series: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
+    """The (series, z, slice_label, series_label) table that training draws from. `hard_by_series`:
+    negative slices each series contributes whatever the draw (the random ones come from the rest)."""
     rng = np.random.default_rng(seed)
     rows = []
     positives_total = sum(int(v.sum()) for v in labels_by_series.values())
@@ -34,11 +36,13 @@ def sample_slabs(index: pd.DataFrame, labels_by_series: dict[str, np.ndarray], n
     for row in index.itertuples():
         lab = labels_by_series[row.SeriesInstanceUID]
         pos = np.flatnonzero(lab == 1)
-        neg = np.flatnonzero(lab == 0)
+        hard = np.intersect1d((hard_by_series or {}).get(row.SeriesInstanceUID, np.array([], int)),
+                              np.flatnonzero(lab == 0))
+        neg = np.setdiff1d(np.flatnonzero(lab == 0), hard)
         n_neg = round(negative_ratio * len(pos)) if len(pos) else per_negative_series
         n_neg = min(max(n_neg, 1), len(neg))
         chosen_neg = rng.choice(neg, size=n_neg, replace=False) if n_neg else np.array([], int)
-        for z in sorted(pos.tolist() + chosen_neg.tolist()):
+        for z in sorted(pos.tolist() + hard.tolist() + chosen_neg.tolist()):
             rows.append({"SeriesInstanceUID": row.SeriesInstanceUID, "z": int(z),
                          "slice_label": int(lab[z]), "series_label": int(row.label)})
     return pd.DataFrame(rows, columns=["SeriesInstanceUID", "z", "slice_label", "series_label"])

@@ -117,8 +117,11 @@ def preprocess_one(records: list[dict[str, Any]], deid_root: str, mask_path: str
     io.write_npz(path, image=image, mask=mask_out, affine=affine)
     target = mask_out if actionable is None else np.isin(mask_out, actionable)
     labels = slice_labels(target, cfg.min_positive_voxels)
+    # Slices that show only a nodule that is not actionable (small, ground-glass): the negatives that
+    # teach the classifier its rule, which random negatives would rarely draw.
+    others = np.flatnonzero(slice_labels(np.where(target, 0, mask_out), cfg.min_positive_voxels) & (labels == 0))
     meta = {"reason": "", "shape": list(image.shape), "window": list(out["window"]),
-            "slice_labels": labels.tolist(), "features": features}
+            "slice_labels": labels.tolist(), "other_nodule_slices": others.tolist(), "features": features}
     io.write_json(path.with_suffix(".json"), meta)
     return meta
 
@@ -171,7 +174,7 @@ def preprocess_corpus(work: Path, cfg: PreprocessConfig,
 
 def _write_tables(pre: PreprocessedPaths, cfg: PreprocessConfig, plan: list[tuple[str, str, pd.DataFrame]],
                   labels: pd.DataFrame, failed: set[str]) -> None:
-    rows, feature_rows, label_arrays = [], [], {}
+    rows, feature_rows, label_arrays, hard = [], [], {}, {}
     for uid, key, group in plan:
         if uid in failed:
             continue
@@ -181,6 +184,7 @@ def _write_tables(pre: PreprocessedPaths, cfg: PreprocessConfig, plan: list[tupl
         vendor = str(labels.loc[uid, "vendor"]) if uid in labels.index and "vendor" in labels else str(first.Manufacturer)
         arr = np.asarray(meta["slice_labels"], dtype=np.int8)
         label_arrays[uid] = arr
+        hard[uid] = np.asarray(meta.get("other_nodule_slices", []), dtype=np.int64)
         rows.append({"SeriesInstanceUID": uid, "PatientID": first.PatientID, "vendor": vendor,
                      "Manufacturer": first.Manufacturer, "label": label, "cache_key": key,
                      "path": str(pre.entry(key).relative_to(pre.root)), "n_z": int(meta["shape"][-1]),
@@ -193,7 +197,7 @@ def _write_tables(pre: PreprocessedPaths, cfg: PreprocessConfig, plan: list[tupl
     io.write_parquet(pre.index, index)
     io.write_parquet(pre.features, pd.DataFrame(feature_rows))
     labelled = index[index.label >= 0] if len(index) else index
-    slabs = sample_slabs(labelled, label_arrays, cfg.negative_ratio, cfg.seed) if len(labelled) else \
+    slabs = sample_slabs(labelled, label_arrays, cfg.negative_ratio, cfg.seed, hard) if len(labelled) else \
         pd.DataFrame(columns=["SeriesInstanceUID", "z", "slice_label", "series_label"])
     io.write_parquet(pre.slabs, slabs)
 

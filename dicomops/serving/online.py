@@ -105,10 +105,9 @@ class Service:
         from dicomops.pacs.client import PacsClient
         from dicomops.serving.cache import VolumeCache
         from dicomops.serving.champion import load_champion
-
-        self.options = options
         from dicomops.serving.segmenter import with_segmenter
 
+        self.options = options
         self.champion: Champion = with_segmenter(
             load_champion(options.tracking_uri, options.model_name, options.alias, options.version,
                           options.engine, WorkLayout(options.work).serving, options.threads),  # type: ignore[arg-type]

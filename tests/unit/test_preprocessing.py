@@ -228,6 +228,13 @@ def test_slabs_and_sampling() -> None:
     slabs = sample_slabs(index, {"a": labels, "b": np.zeros(6, np.int8)}, negative_ratio=2.0, seed=0)
     a, b = slabs[slabs.SeriesInstanceUID == "a"], slabs[slabs.SeriesInstanceUID == "b"]
     assert a.slice_label.sum() == 1 and len(a) == 3 and len(b) == 1
+    # Hard negatives come besides the random ones, whatever the draw; a positive slice is never one.
+    hard = {"a": np.array([3, 5, 2]), "b": np.array([0, 1])}
+    for seed in range(5):
+        slabs = sample_slabs(index, {"a": labels, "b": np.zeros(6, np.int8)}, 2.0, seed, hard)
+        a, b = slabs[slabs.SeriesInstanceUID == "a"], slabs[slabs.SeriesInstanceUID == "b"]
+        assert {3, 5} <= set(a.z) and len(a) == 5 and a.slice_label.sum() == 1
+        assert {0, 1} <= set(b.z) and len(b) == 3 and not b.z.duplicated().any()
 
 
 def test_low_dose_noise_shows_in_the_features() -> None:
@@ -269,4 +276,11 @@ def test_only_actionable_nodules_make_positive_slices(vendor_work, tmp_path: Pat
     assert (index.drop(demoted).positive_slices > 0).all()
     with np.load(work / "preprocessed" / index.path[demoted]) as npz:
         assert set(np.unique(npz["mask"])) == {0, 1}
+        shown = np.flatnonzero(slice_labels(npz["mask"], PreprocessConfig().min_positive_voxels))
+    # ... and its slices are the hard negatives, every one in the training table with label 0.
+    meta = json.loads((work / "preprocessed" / index.path[demoted]).with_suffix(".json").read_text())
+    assert meta["other_nodule_slices"] == shown.tolist() and len(shown)
+    slabs = pd.read_parquet(work / "preprocessed/slabs.parquet")
+    chosen = slabs[slabs.SeriesInstanceUID == demoted]
+    assert set(shown) <= set(chosen.z) and (chosen.slice_label == 0).all()
     assert stage.actionable_labels(json.dumps([{"actionable": True}, {"actionable": False}, {}])) == [1, 3]
