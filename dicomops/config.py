@@ -125,7 +125,7 @@ class PreprocessConfig(_Section):
     slab_slices: int = Field(3, ge=1, le=15, description="k adjacent slices as channels (odd).")
     negative_ratio: float = Field(2.0, ge=0, description=(
         "Random negative slices per positive slice (hard negatives, slices of non-actionable nodules, come besides). "
-        "With hard negatives, 2 instead of 1 took the pooled out-of-fold AUC of a 120-patient corpus 0.809 -> 0.883."))
+        "With hard negatives, 2 instead of 1 took the pooled out-of-fold AUC of the demo corpus 0.809 -> 0.883."))
     min_positive_voxels: int = Field(3, ge=1, description="Mask voxels that make a slice positive.")
     seed: int = 0
     workers: int = Field(2, ge=1, le=64)
@@ -186,7 +186,7 @@ class SegmentConfig(_Section):
         "window's output depend on its extent (160x160x64 windows: Dice 0.61 instead of 0.80 on fold 0)."))
     sw_batch_size: int = Field(8, ge=1, le=1024, description="Windows per forward pass at inference.")
     overlap: float = Field(0.4, ge=0, lt=1, description=(
-        "Sliding-window overlap. One fold-0 model of a 120-patient corpus: Dice (>= 6 mm) 0.783 at 0.25, "
+        "Sliding-window overlap. One fold-0 model of the demo corpus: Dice (>= 6 mm) 0.783 at 0.25, "
         "0.824 at 0.33, 0.836 at 0.4, 0.838 at 0.5, at 1.3, 1.6, 1.8 and 3.2 s per series."))
     positive_share: float = Field(0.5, gt=0, le=1, description="Share of patches centred on a nodule voxel.")
     batch_size: int = Field(8, ge=1, le=256, description="Patches per optimiser step (all ranks together).")
