@@ -3,8 +3,9 @@ objects under the original study: the classifier's SR, the segmenter's SR (each 
 patient coordinates and its diameter) and a SEG of the nodules' voxels on the acquired slices. The
 segmenter here marks every voxel denser than -300 HU (:mod:`tests.segmenter_fixture`), so the SEG is
 checked voxel by voxel against the acquired pixels and the SR's centres against the generator's
-nodules. A segmenter that fails leaves nothing in the PACS and the study recorded as failed; nothing
-identifying reaches the work directory, MLflow or Prefect."""
+nodules. A segmenter that fails leaves nothing in the PACS and the study recorded as failed. Batch
+prediction over the PACS writes the same three objects; nothing identifying reaches the work
+directory, MLflow or Prefect."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from dicomops.serving.champion import load_champion
 from dicomops.serving.segmenter import with_segmenter
 from dicomops.synthetic.corpus import SeriesPlan, write_series
 from flows.pacs_watch import pacs_watch
+from flows.predict import predict
 from tests.champion_fixture import CONFIG, PRE, TINY, ExportedChampion
 from tests.flows.test_ingest_flow import _prefect_database
 from tests.segmenter_fixture import register_density_segmenter
@@ -146,7 +148,15 @@ def test_a_promoted_segmenter_adds_its_report_and_a_seg_and_a_failing_one_leaves
     ledger = pd.read_csv(work / "pacs/studies.csv", keep_default_na=False)
     assert list(ledger.status) == ["ingested", "failed"] and list(ledger.results_stored) == [3, 0]
 
-    needles = _needles([*files, *files_b])
+    # Batch prediction over the PACS answers through the same path: three objects again.
+    files_c, _ = _study(tmp_path / "send-c", index=9)
+    study_c = _send(orthanc, files_c)
+    predicted = predict(pacs_query={"StudyInstanceUID": study_c}, work=work, config=SEG_CONFIG)
+    assert (predicted["studies_scored"], predicted["results_stored"]) == (1, 3)
+    assert predicted["segmenter"] == SEGMENTER
+    assert len(_objects(orthanc, study_c, "SR")) == 2 and len(_objects(orthanc, study_c, "SEG")) == 1
+
+    needles = _needles([*files, *files_b, *files_c])
     assert study in needles and series_uid in needles
     for place in (work, Path(store.removeprefix("sqlite:///")).parent, PREFECT_HOME, _prefect_database()):
         hits = scan_for_phi(place, needles)
