@@ -37,7 +37,7 @@ from tests.segmenter_fixture import register_density_segmenter
 from tests.unit.test_real_files import _needles
 
 from .orthanc_fixture import orthanc  # noqa: F401  (a fixture)
-from .test_pacs_watch import _pacs_env, _send, _wait_stable
+from .test_pacs_watch import _objects, _pacs_env, _send, _wait_stable
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 
@@ -60,13 +60,6 @@ def _study(out: Path, index: int) -> tuple[list[Path], list[dict[str, Any]]]:
     result = write_series(plan, out)
     files = sorted(p for p in (out / str(result.label_row["series_dir"])).iterdir() if p.is_file())
     return files, json.loads(str(result.label_row["nodules"]))
-
-
-def _objects(server: OrthancProcess, study_uid: str, modality: str) -> list[pydicom.Dataset]:
-    with PacsClient(server.dicomweb_url, server.credentials) as pacs:
-        found = pacs._web.search_for_series(study_instance_uid=study_uid, search_filters={"Modality": modality})
-        return [ds for series in found for ds in pacs._web.retrieve_series(
-            study_uid, pydicom.Dataset.from_json(series).SeriesInstanceUID)]
 
 
 def _seg_mask(seg: pydicom.Dataset, images: list[pydicom.Dataset]) -> np.ndarray:

@@ -76,12 +76,17 @@ def _wait_stable(server: OrthancProcess, study_uids: set[str], timeout: float = 
     raise AssertionError(f"{len(study_uids)} studies did not become stable within {timeout} s")
 
 
-def _reports(server: OrthancProcess, study_uid: str) -> list[pydicom.Dataset]:
-    """Every SR the PACS holds under `study_uid`, found by QIDO-RS and fetched by WADO-RS."""
+def _objects(server: OrthancProcess, study_uid: str, modality: str) -> list[pydicom.Dataset]:
+    """Every object of `modality` the PACS holds under `study_uid`, found by QIDO-RS and fetched by WADO-RS."""
     with PacsClient(server.dicomweb_url, server.credentials) as pacs:
-        found = pacs._web.search_for_series(study_instance_uid=study_uid, search_filters={"Modality": "SR"})
+        found = pacs._web.search_for_series(study_instance_uid=study_uid, search_filters={"Modality": modality})
         return [ds for series in found for ds in pacs._web.retrieve_series(
             study_uid, pydicom.Dataset.from_json(series).SeriesInstanceUID)]
+
+
+def _reports(server: OrthancProcess, study_uid: str) -> list[pydicom.Dataset]:
+    """Every SR the PACS holds under `study_uid`."""
+    return _objects(server, study_uid, "SR")
 
 
 def test_studies_from_the_pacs_are_gated_scored_answered_once_and_leak_nothing(
