@@ -309,12 +309,22 @@ def train(
     leave_one_vendor_out: Annotated[bool | None, typer.Option(
         "--leave-one-vendor-out/--no-leave-one-vendor-out",
         help="Also evaluate on each vendor after training on the others (4 more trainings).")] = None,
+    architecture: Annotated[str | None, typer.Option(help=(
+        "The network: student (mobilenet-v3-small), teacher (resnet3d-slim, a 3-D ResNet over the slab), or "
+        "resnet-slim, resnet10, densenet121."))] = None,
+    distill_from: Annotated[str | None, typer.Option(help=(
+        "Version of the classifier to distil from, fold by fold (trained on this work directory's split)."))] = None,
+    slab_slices: Annotated[int | None, typer.Option(help=(
+        "Slices per slab (odd); a 3-D teacher learns from deeper slabs than the student, say 7."))] = None,
 ) -> None:
     """Four-fold vendor-stratified cross-validation, final model, registry version, promotion gate."""
     cfg = _pipeline_config(config)
-    train_cfg = _with_overrides(cfg.train, leave_one_vendor_out=leave_one_vendor_out)
+    architecture = {"student": "mobilenet-v3-small", "teacher": "resnet3d-slim"}.get(architecture or "", architecture)
+    train_cfg = _with_overrides(cfg.train, leave_one_vendor_out=leave_one_vendor_out, architecture=architecture,
+                                distill_from=distill_from)
+    pre_cfg = _with_overrides(cfg.preprocess, slab_slices=slab_slices)
     try:
-        result = _flow("train")(work=work.resolve() if work else None, config=train_cfg, preprocess_config=cfg.preprocess)
+        result = _flow("train")(work=work.resolve() if work else None, config=train_cfg, preprocess_config=pre_cfg)
     except ValueError as err:
         console.print(f"[red]cannot train:[/] {err}")
         raise typer.Exit(2) from err

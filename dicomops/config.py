@@ -150,8 +150,10 @@ class PreprocessConfig(_Section):
 class TrainConfig(_Section):
     """Four-fold vendor-stratified cross-validation of a 2.5D slice classifier, then a final model."""
 
-    architecture: Literal["resnet-slim", "resnet10", "densenet121"] = Field(
-        "resnet-slim", description="MONAI network, spatial_dims=2 over k-slice slabs.")
+    architecture: Literal["resnet-slim", "resnet10", "densenet121", "mobilenet-v3-small", "resnet3d-slim"] = Field(
+        "resnet-slim", description=(
+            "The network over k-slice slabs: MONAI's 2-D ResNet or DenseNet; mobilenet-v3-small, the "
+            "lightweight student; resnet3d-slim, a 3-D ResNet over the slab as a volume (the teacher)."))
     input_size: int = Field(128, ge=32, le=512, description="Slabs are resized to this square size.")
     n_splits: int = Field(4, ge=2, le=10)
     epochs: int = Field(6, ge=1, le=200)
@@ -166,6 +168,12 @@ class TrainConfig(_Section):
                             "else float32.")
     top_k_slices: int = Field(3, ge=1, description="Series score: mean of the k highest slice scores.")
     leave_one_vendor_out: bool = Field(False, description="Also train on all vendors but one and score the held-out one.")
+    distill_from: str | None = Field(None, description=(
+        "Version of the registered classifier to distil from: each fold learns from that version's model of "
+        "the same fold, the final model from its final model (same split and corpus, or training refuses)."))
+    distill_alpha: float = Field(0.7, ge=0, le=1, description="Weight of the cross-entropy on the labels; the "
+                                                              "KL term to the teacher takes 1 - alpha.")
+    distill_temperature: float = Field(3.0, gt=0, description="Softmax temperature of the distillation term.")
     seed: int = 0
     model_name: str = "dicomops-ct-classifier"
     promotion_margin: float = Field(0.005, ge=0)

@@ -22,7 +22,7 @@ from dicomops.tracking import model_card, registry
 from dicomops.tracking.lineage import ACCEPTED_HASH_TAG
 from dicomops.training import mlflow_runs, plots, saliency, scoring
 from dicomops.training import state as train_state
-from dicomops.training.data import build_slab_set, load_volume
+from dicomops.training.data import SlabSet, build_slab_set, load_volume
 from dicomops.training.loop import choose_precision, fit
 from dicomops.training.model import build_model, load_state_dict
 from dicomops.training.splits import fold_counts, load_or_create_folds
@@ -54,7 +54,11 @@ def run_fold(layout: WorkLayout, cfg: TrainConfig, k: int, fold: int, tracking_u
         val = build_slab_set(layout, folds.val(fold), k, cfg.input_size)
         mlflow_runs.log_results(tracking_uri, run_id, {}, [], tags={"precision": choose_precision(cfg.precision).name})
         result = fit(train, val, cfg, out / "checkpoint.pt", seed=cfg.seed + fold,
-                     log=mlflow_runs.step_logger(tracking_uri, run_id), stop_after=stop_after)
+                     log=mlflow_runs.step_logger(tracking_uri, run_id), stop_after=stop_after,
+                     teacher=teacher_for(layout, cfg, tracking_uri, train, fold))
+        # The fold's model, as a later student's teacher for this fold (dicomops.training.distill).
+        mlflow_runs.log_results(tracking_uri, run_id, {},
+                                save_weights(result.model, cfg, k, out / "weights"), registry.WEIGHTS_ARTIFACT)
         preds = score_series(result.model, layout, series.loc[folds.val(fold)].reset_index(), k, cfg.input_size,
                              cfg.top_k_slices)
         preds["fold"] = fold
@@ -69,6 +73,25 @@ def run_fold(layout: WorkLayout, cfg: TrainConfig, k: int, fold: int, tracking_u
                                 [out / "metrics.csv", plots.roc_by_vendor(preds, out / "roc.png")])
     train_state.update_fold(layout, fold, done=True, best_epoch=result.best_epoch)
     return out / "predictions.parquet"
+
+
+def save_weights(model: torch.nn.Module, cfg: TrainConfig, k: int, folder: Path) -> list[Path]:
+    """``model.pt`` and ``train_config.json`` in `folder`: what :func:`registry.load_weights` rebuilds from."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), folder / "model.pt")
+    io.write_json(folder / "train_config.json", cfg.model_dump(mode="json") | {"in_channels": k})
+    return [folder / "model.pt", folder / "train_config.json"]
+
+
+def teacher_for(layout: WorkLayout, cfg: TrainConfig, tracking_uri: str, train: SlabSet,
+                fold: int | None) -> torch.Tensor | None:
+    """With ``cfg.distill_from``, the teacher's logits for `train` (:mod:`dicomops.training.distill`)."""
+    if cfg.distill_from is None:
+        return None
+    from dicomops.training.distill import teacher_targets
+
+    return teacher_targets(layout, tracking_uri, cfg.model_name, cfg.distill_from, train_state.parent_run(layout),
+                           train, fold)
 
 
 def summarise(layout: WorkLayout, cfg: TrainConfig, tracking_uri: str) -> dict[str, Any]:
@@ -141,7 +164,8 @@ def train_final(layout: WorkLayout, cfg: TrainConfig, k: int, tracking_uri: str)
     data = build_slab_set(layout, list(layout.labelled_series().SeriesInstanceUID), k, cfg.input_size)
     log = mlflow_runs.step_logger(tracking_uri, train_state.parent_run(layout), prefix="final.")
     result = fit(data, None, cfg, layout.train.final / "checkpoint.pt", seed=cfg.seed + 1000,
-                 epochs=int(summary["final_epochs"]), log=log)
+                 epochs=int(summary["final_epochs"]), log=log,
+                 teacher=teacher_for(layout, cfg, tracking_uri, data, None))
     path = layout.train.final_weights
     torch.save(result.model.state_dict(), path)
     return path
@@ -170,7 +194,9 @@ def register(layout: WorkLayout, cfg: TrainConfig, pre: PreprocessConfig, tracki
     example = np.zeros((2, k, cfg.input_size, cfg.input_size), dtype=np.float32)
     # Rounded: tags are read as text on the version page (the gate's margin is 0.005).
     version_tags = {"cv.mean_auc": f"{summary['mean_auc']:.4f}", "cv.std_auc": f"{summary['std_auc']:.4f}",
-                    "cv.threshold": f"{summary['threshold']:.4f}", **tags}
+                    "cv.threshold": f"{summary['threshold']:.4f}", "architecture": cfg.architecture, **tags}
+    if cfg.distill_from is not None:
+        version_tags["distilled_from"] = f"{cfg.model_name}/{cfg.distill_from}"
     version_tags.update({f"cv.auc.{v}": f"{a:.4f}" for v, a in summary["vendor_auc"].items()})
     # Only this training's: a lovo.csv an earlier training left is not about this model.
     lovo = pd.read_csv(paths.lovo).to_dict("records") if cfg.leave_one_vendor_out and paths.lovo.exists() else None
@@ -186,6 +212,10 @@ def register(layout: WorkLayout, cfg: TrainConfig, pre: PreprocessConfig, tracki
     evidence = pd.read_csv(paths.evidence).to_dict("records")
     identity = {key: tags[key] for key in (ACCEPTED_HASH_TAG, "split_sha256", "git_commit") if key in tags}
     identity["split (series per fold)"] = f"runs:/{parent}/cv/folds.json"
+    identity["architecture"] = f"{cfg.architecture} over {k}-slice slabs of {cfg.input_size}×{cfg.input_size}"
+    if cfg.distill_from is not None:
+        identity["distilled from"] = (f"version {cfg.distill_from} of {cfg.model_name} (alpha {cfg.distill_alpha}, "
+                                      f"temperature {cfg.distill_temperature})")
 
     def card(version: str) -> str:
         return model_card.initial_card(cfg.model_name, version, summary, evidence, per_fold_all, identity, lovo,

@@ -71,19 +71,22 @@ def build_slab_set(layout: WorkLayout, series_ids: list[str], k: int, size: int)
 
 
 class AugmentedSlabs(Dataset):
-    """Indexing into a :class:`SlabSet`, with the training augmentation (:mod:`.augment`) if `train`."""
+    """Indexing into a :class:`SlabSet`, with the training augmentation (:mod:`.augment`) if `train`;
+    with `teacher` (a teacher's logits per slab), each item carries its row of them too."""
 
-    def __init__(self, data: SlabSet, train: bool) -> None:
-        self.data, self.train = data, train
+    def __init__(self, data: SlabSet, train: bool, teacher: torch.Tensor | None = None) -> None:
+        self.data, self.train, self.teacher = data, train, teacher
         self.augment = SlabAugmentation() if train else None
 
     def __len__(self) -> int:
         return len(self.data.y)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         # The seed comes from torch's global generator, which the DataLoader seeds per worker
         # and epoch from the seeded base generator: reproducible, yet different every epoch.
         x = self.data.x[i].float()
         if self.augment is not None:
             x = self.augment(x, seed=draw_seed())
+        if self.teacher is not None:
+            return x, self.data.y[i], self.teacher[i]
         return x, self.data.y[i]

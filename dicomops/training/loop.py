@@ -8,6 +8,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from dicomops.config import TrainConfig
 from dicomops.training.data import AugmentedSlabs, SlabSet
-from dicomops.training.model import build_loss, build_model
+from dicomops.training.model import build_loss, build_model, class_weights
 
 EpochLogger = Callable[[int, dict[str, float]], None]
 
@@ -102,8 +103,12 @@ def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 128,
 
 def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path, *, seed: int,
         epochs: int | None = None, log: EpochLogger | None = None,
-        stop_after: int | None = None) -> FitResult:
+        stop_after: int | None = None, teacher: torch.Tensor | None = None) -> FitResult:
     """Train a fresh model (or resume the one in `checkpoint`) on `train`.
+
+    With `teacher`, (N, 2) logits of a teacher for the slabs of `train`, the loss is
+    :func:`dicomops.training.distill.distillation_loss` with the config's alpha and temperature
+    (class-weighted cross-entropy as its label term, whatever ``cfg.loss`` says).
 
     With `val`, stops early when the validation slice AUC has not improved for ``cfg.patience``
     epochs and returns the best epoch's weights; without, trains ``epochs`` epochs.
@@ -113,7 +118,8 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
     seed_everything(seed)
     precision = choose_precision(cfg.precision)
     model = build_model(cfg, train.x.shape[1]).to(precision.device)
-    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # NHWC: oneDNN/cuDNN run faster
+    if not any(isinstance(m, torch.nn.Conv3d) for m in model.modules()):  # channels_last is for 4-D weights
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # NHWC: oneDNN/cuDNN run faster
     criterion = build_loss(cfg, train.y).to(precision.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     total = epochs or cfg.epochs
@@ -134,7 +140,16 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
     # Loss scaling is needed for float16 only (CUDA without bf16); a disabled scaler is a no-op.
     scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.autocast_dtype == torch.float16)
     generator = torch.Generator().manual_seed(seed + start)
-    loader = DataLoader(AugmentedSlabs(train, train=True), batch_size=cfg.batch_size,
+    if teacher is not None and len(teacher) != len(train.y):
+        raise ValueError(f"{len(teacher)} teacher outputs for {len(train.y)} training slabs")
+    distil = None
+    if teacher is not None:
+        from dicomops.training.distill import distillation_loss
+
+        weight = class_weights(train.y).to(precision.device)
+        distil = partial(distillation_loss, alpha=cfg.distill_alpha, temperature=cfg.distill_temperature,
+                         weight=weight)
+    loader = DataLoader(AugmentedSlabs(train, train=True, teacher=teacher), batch_size=cfg.batch_size,
                         shuffle=True, generator=generator, num_workers=cfg.num_workers,
                         persistent_workers=cfg.num_workers > 0, drop_last=len(train.y) > cfg.batch_size,
                         multiprocessing_context="fork" if cfg.num_workers > 0 else None,
@@ -145,7 +160,7 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
         wait = step = 0.0
         seen, loss_sum = 0, 0.0
         tick = time.perf_counter()
-        for x, y in loader:
+        for x, y, *soft in loader:
             got = time.perf_counter()
             wait += got - tick
             x = precision.prepare(x)
@@ -153,7 +168,11 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
             optimizer.zero_grad(set_to_none=True)
             with precision.autocast():
                 logits = model(x)
-            loss = criterion(logits.float(), y)  # the loss in float32 whatever the forward ran in
+            # The loss in float32 whatever the forward ran in.
+            if distil is not None:
+                loss = distil(logits.float(), y, soft[0].to(precision.device))
+            else:
+                loss = criterion(logits.float(), y)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
@@ -184,7 +203,7 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
         save_checkpoint(checkpoint, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "epoch": epoch, "best_auc": best_auc, "best_epoch": best_epoch, "bad": bad, "history": history,
-            "best_model": best_state, "rng": torch.get_rng_state()})
+            "best_model": best_state, "rng": torch.get_rng_state(), "in_channels": int(train.x.shape[1])})
         if val is not None and bad >= cfg.patience:
             break
         if stop_after is not None and epoch - resumed_from >= stop_after:

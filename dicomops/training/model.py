@@ -9,6 +9,7 @@ import torch
 from monai.networks.nets import DenseNet121, ResNet, resnet10
 
 from dicomops.config import TrainConfig
+from dicomops.training.mobilenet import MobileNetV3Small
 
 
 def model_from_config(raw: dict[str, Any]) -> torch.nn.Module:
@@ -34,17 +35,41 @@ def load_state_dict(path: Path) -> dict[str, Any]:
     return state
 
 
+class SlabAsVolume(torch.nn.Module):
+    """A 3-D network over a slab: the (N, k, H, W) input every classifier takes becomes one channel
+    of depth k, (N, 1, k, H, W), so a 3-D teacher scores the same inputs, through the same export
+    contract and serving path, as the 2.5D networks."""
+
+    def __init__(self, net: torch.nn.Module, slices: int) -> None:
+        super().__init__()
+        self.net = net
+        self.slices = slices  # the depth it was trained on (any depth runs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.unsqueeze(1))
+
+
 def build_model(cfg: TrainConfig, in_channels: int) -> torch.nn.Module:
-    """A 2-D MONAI network for `in_channels`-slice slabs.
+    """The network for `in_channels`-slice slabs.
 
     ``resnet-slim`` is MONAI's ResNet with one basic block per stage and widths 16–128: about
     0.3 M parameters and 6 ms per training sample at 128×128 on two CPU cores, which keeps the
     demo's cross-validation within minutes; ``resnet10`` and ``densenet121`` are the standard
-    MONAI networks for a GPU.
+    MONAI networks for a GPU. ``resnet3d-slim`` is the same ResNet in 3-D over the slab as a volume
+    (first convolution 3×7×7, in-plane stride 2; 0.9 M parameters), the distillation teacher: train
+    it with a deeper slab (``preprocess.slab_slices``, say 7) for 3-D context. ``mobilenet-v3-small``
+    is the lightweight student (:mod:`dicomops.training.mobilenet`).
     """
     if cfg.architecture == "resnet-slim":
         return ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=[16, 32, 64, 128],
                       spatial_dims=2, n_input_channels=in_channels, num_classes=2)
+    if cfg.architecture == "resnet3d-slim":
+        return SlabAsVolume(ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=[16, 32, 64, 128],
+                                   spatial_dims=3, n_input_channels=1, num_classes=2,
+                                   conv1_t_size=(3, 7, 7), conv1_t_stride=(1, 2, 2)),  # type: ignore[arg-type]
+                            in_channels)
+    if cfg.architecture == "mobilenet-v3-small":
+        return MobileNetV3Small(in_channels, num_classes=2)
     if cfg.architecture == "resnet10":
         return resnet10(spatial_dims=2, n_input_channels=in_channels, num_classes=2)
     return DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=2)

@@ -24,8 +24,9 @@ from torch import nn
 from dicomops.config import TrainConfig
 from dicomops.layout import WorkLayout
 
-# The last convolutional stage of MONAI's ResNet and of its DenseNet121, in that order.
-TARGET_LAYERS = ("layer4", "class_layers.relu")
+# The last convolutional stage of MONAI's ResNet, of its DenseNet121 and of the 3-D ResNet teacher
+# (:class:`dicomops.training.model.SlabAsVolume`), in that order.
+TARGET_LAYERS = ("layer4", "class_layers.relu", "net.layer4")
 
 
 def default_target_layer(model: nn.Module) -> str:
@@ -43,7 +44,10 @@ def default_target_layer(model: nn.Module) -> str:
 
 
 def input_channels(model: nn.Module) -> int:
-    """The slab depth k the network expects: the input channels of its first ``Conv2d``."""
+    """The slab depth k the network expects: the input channels of its first ``Conv2d``, or the
+    depth a 3-D network over the slab was built for."""
+    if isinstance(slices := getattr(model, "slices", None), int):
+        return slices
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             return int(module.in_channels)
@@ -75,13 +79,20 @@ def saliency_maps(model: nn.Module, slabs: torch.Tensor, target_layer: str | Non
         raise ValueError(f"slabs must be (N, k, H, W), got shape {tuple(slabs.shape)}; add a batch axis")
     if slabs.shape[1] != input_channels(model):
         raise ValueError(f"slabs have {slabs.shape[1]} slices but the model expects {input_channels(model)}")
+    from dicomops.training.model import SlabAsVolume
+
+    inputs = slabs.detach().float().cpu()
+    if isinstance(model, SlabAsVolume):  # Grad-CAM of the 3-D network itself, over the slab as a volume
+        model, inputs = model.net, inputs[:, None]
     layer = target_layer or default_target_layer(model)
     net = copy.deepcopy(model).cpu().float().eval()
     net.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     cam = GradCAM(_NoduleEvidence(net), target_layers=f"net.{layer}", postprocessing=lambda m: m)
     with torch.enable_grad():
         # The input asks for gradients too, so a network with frozen weights still has some.
-        maps = cam(slabs.detach().float().cpu().requires_grad_(True), class_idx=0).detach()[:, 0]
+        maps = cam(inputs.requires_grad_(True), class_idx=0).detach()[:, 0]
+    if maps.ndim == 4:  # a 3-D map over the slab's depth: the centre slice is the one scored
+        maps = maps[:, maps.shape[1] // 2]
     peak = maps.flatten(1).amax(dim=1).clamp(min=1e-12)
     return (maps / peak[:, None, None]).clamp(0.0, 1.0).numpy()
 
@@ -98,7 +109,7 @@ def fold_models(layout: WorkLayout, cfg: TrainConfig, folds: Sequence[int]) -> d
 
     These are the out-of-fold models: the one of fold ``i`` scored fold ``i``'s validation series
     without having seen them, so its map explains that score. The slab depth is read from the
-    weights of the first convolution.
+    checkpoint (older ones: from the weights of the first convolution).
     """
     from dicomops.training.loop import load_checkpoint
     from dicomops.training.model import build_model
@@ -110,8 +121,8 @@ def fold_models(layout: WorkLayout, cfg: TrainConfig, folds: Sequence[int]) -> d
         if state is None:
             raise FileNotFoundError(f"{path} does not exist; train fold {fold} before drawing its saliency")
         weights = cast(dict[str, torch.Tensor], state.get("best_model") or state["model"])
-        first = next(v for v in weights.values() if v.ndim == 4)
-        model = build_model(cfg, int(first.shape[1]))
+        k = state.get("in_channels") or next(v for v in weights.values() if v.ndim == 4).shape[1]
+        model = build_model(cfg, int(k))  # type: ignore[call-overload]
         model.load_state_dict(weights)
         models[fold] = model.eval()
     return models

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -191,3 +192,64 @@ def test_leave_one_vendor_out_then_export_attaches_checked_files(train_work: Pat
     assert hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest() == files["model.onnx"]
     listed = {a.path for a in client.list_artifacts(version.run_id, "export")}
     assert {"export/model.onnx", "export/model.int8.onnx", "export/manifest.json", "export/model_repository"} <= listed
+
+
+def test_student_distils_from_a_3d_teacher_fold_by_fold(train_work: Path, mlflow_env: str, tmp_path: Path) -> None:
+    import yaml
+
+    from dicomops.tracking.registry import load_weights
+    from dicomops.training import distill
+    from dicomops.training.cv import score_series
+    from dicomops.training.data import build_slab_set
+    from dicomops.training.model import model_from_config
+
+    work = _fresh(train_work, tmp_path)
+    layout = WorkLayout(work)
+    name = "distil-classifier"
+    # The teacher: a 3-D ResNet over 5-slice slabs, through the flow like any classifier.
+    teacher_pre = PRE.model_copy(update={"slab_slices": 5})
+    teacher_cfg = TINY.model_copy(update={"architecture": "resnet3d-slim", "model_name": name})
+    teacher = train(work=work, config=teacher_cfg, preprocess_config=teacher_pre, experiment="distil-test")
+    tv = str(teacher["version"])
+    client = mlflow.tracking.MlflowClient(mlflow_env)
+    assert client.get_model_version(name, tv).tags["architecture"] == "resnet3d-slim"
+    # Each fold run holds the model that scored that fold: rebuilt from its artifacts, it gives the
+    # fold's out-of-fold predictions again.
+    fold0 = distill._fold_run(mlflow_env, str(teacher["mlflow_run_id"]), 0)
+    model, raw = load_weights(mlflow_env, fold0, model_from_config)
+    assert raw["in_channels"] == 5 and raw["architecture"] == "resnet3d-slim"
+    oof = pd.read_parquet(work / "train/fold-0/predictions.parquet")
+    series = layout.labelled_series().set_index("SeriesInstanceUID").loc[list(oof.SeriesInstanceUID)].reset_index()
+    again = score_series(model, layout, series, 5, TINY.input_size, TINY.top_k_slices)
+    assert np.allclose(again.score.to_numpy(), oof.score.to_numpy(), atol=1e-5)
+
+    # The student, from the command line as the README says.
+    config = tmp_path / "student.yaml"
+    config.write_text(yaml.safe_dump({"train": TINY.model_copy(update={"model_name": name}).model_dump(mode="json"),
+                                      "preprocess": PRE.model_dump(mode="json")}))
+    done = CliRunner().invoke(app, ["train", "--work", str(work), "--config", str(config), "--architecture", "student",
+                                    "--distill-from", tv])
+    assert done.exit_code == 0, done.output
+    student = client.get_model_version(name, str(int(tv) + 1))
+    assert student.tags["architecture"] == "mobilenet-v3-small" and student.tags["distilled_from"] == f"{name}/{tv}"
+    assert f"version {tv} of {name} (alpha 0.7, temperature 3.0)" in student.description
+    student_run = client.get_run(student.run_id)
+    assert student_run.data.params["train.distill_from"] == tv
+
+    # Fold by fold: the soft targets of fold i come from the teacher's fold-i model, the final
+    # student's from its final model; all four differ on the same slabs.
+    slabs = build_slab_set(layout, layout.read_folds().train(0), 3, TINY.input_size)
+    targets = [distill.teacher_targets(layout, mlflow_env, name, tv, student.run_id, slabs, fold)
+               for fold in (0, 1, None)]
+    assert targets[0].shape == (len(slabs.y), 2)
+    assert not torch.allclose(targets[0], targets[1]) and not torch.allclose(targets[0], targets[2])
+    own = build_slab_set(layout, layout.read_folds().train(0), 5, TINY.input_size)
+    assert torch.allclose(targets[0], distill.logits(model, own.x), atol=1e-5)
+
+    # A teacher from another split or corpus, or one that does not exist, is refused with the reason.
+    client.set_tag(str(teacher["mlflow_run_id"]), "split_sha256", "another-split")
+    with pytest.raises(ValueError, match=r"split_sha256 'another-split'.*retrain the teacher"):
+        distill.teacher_run(mlflow_env, name, tv, student.run_id)
+    refused = CliRunner().invoke(app, ["train", "--work", str(work), "--config", str(config), "--architecture",
+                                       "student", "--distill-from", "999"])
+    assert refused.exit_code == 2 and "no version 999 of distil-classifier" in refused.output

@@ -1,0 +1,101 @@
+"""Knowledge distillation: a student classifier learns from the labels and from a teacher's softened
+slice-level outputs (Hinton et al., 2015).
+
+The teacher is a registered version of the classifier, typically ``resnet3d-slim`` over deeper slabs;
+the student, typically ``mobilenet-v3-small`` over the preprocessing's slabs. Both score slices,
+so the supervision is slice to slice: for every training slab of the student, the teacher scores
+its own slab (its depth, its input size) centred on the same slice of the same series, and the
+student matches that softened distribution. The series-level decision of both is the same rule
+over slice scores (the mean of the top k), so nothing series-level needs distilling separately.
+
+Cross-validation stays honest: the student's fold ``i`` learns from the teacher's fold-``i`` model,
+which never saw fold ``i``'s validation series; the final student from the teacher's final model.
+Hence the teacher must have been trained on the same split of the same accepted corpus; the fold
+models come from its fold runs' ``weights/`` artifacts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dicomops.layout import WorkLayout
+from dicomops.tracking import registry, runs
+from dicomops.tracking.lineage import ACCEPTED_HASH_TAG
+from dicomops.training.data import SlabSet, build_slab_set
+
+# Tags that must agree between the teacher's training run and the student's.
+LINEAGE_TAGS = ("split_sha256", ACCEPTED_HASH_TAG)
+
+
+def distillation_loss(student_logits: torch.Tensor, target: torch.Tensor, teacher_logits: torch.Tensor, *,
+                      alpha: float, temperature: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(teacher_T || student_T)``.
+
+    Both distributions are softmaxes at temperature T; the KL term is averaged over the batch and
+    scaled by T^2, which keeps its gradients the size of the cross-entropy's whatever T is (Hinton
+    et al.). `weight`: the class weights of the cross-entropy, as in training without a teacher.
+    """
+    ce = F.cross_entropy(student_logits, target, weight=weight)
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                  reduction="batchmean", log_target=True)
+    return alpha * ce + (1 - alpha) * t * t * kl
+
+
+def logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """The model's (N, 2) logits for (N, k, H, W) slabs, in float32 on the CPU."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            out.append(model(x[i : i + batch_size].float()).float())
+    return torch.cat(out) if out else torch.zeros((0, 2))
+
+
+def _fold_run(tracking_uri: str, parent: str, fold: int) -> str:
+    client = runs.configure_mlflow(tracking_uri)
+    experiment = client.get_run(parent).info.experiment_id
+    found = client.search_runs([experiment], filter_string=(
+        f"tags.mlflow.parentRunId = '{parent}' and tags.fold = '{fold}' and attributes.status = 'FINISHED'"))
+    if not found:
+        raise ValueError(f"the teacher's training run {parent} has no finished run of fold {fold}")
+    return str(found[0].info.run_id)
+
+
+def teacher_run(tracking_uri: str, model_name: str, version: str, student_run: str) -> str:
+    """The training run of `version` of `model_name`, checked to share the student's split and corpus."""
+    client = runs.configure_mlflow(tracking_uri)
+    try:
+        run_id = str(client.get_model_version(model_name, version).run_id)
+    except Exception as err:
+        raise ValueError(f"no version {version} of {model_name} to distil from: {err}") from err
+    teacher_tags, student_tags = client.get_run(run_id).data.tags, client.get_run(student_run).data.tags
+    for tag in LINEAGE_TAGS:
+        if teacher_tags.get(tag) != student_tags.get(tag):
+            raise ValueError(
+                f"version {version} of {model_name} was trained with {tag} {teacher_tags.get(tag)!r}, this training "
+                f"has {student_tags.get(tag)!r}: a teacher from another split or corpus would have seen the "
+                f"student's validation series; retrain the teacher on this work directory first")
+    return run_id
+
+
+def teacher_targets(layout: WorkLayout, tracking_uri: str, model_name: str, version: str, student_run: str,
+                    student: SlabSet, fold: int | None) -> torch.Tensor:
+    """The teacher's (N, 2) logits for each slab of `student`: its fold-`fold` model (None: its final
+    model) on its own slabs centred on the same slices."""
+    from dicomops.training.model import model_from_config
+
+    run_id = teacher_run(tracking_uri, model_name, version, student_run)
+    source = run_id if fold is None else _fold_run(tracking_uri, run_id, fold)
+    try:
+        model, raw = registry.load_weights(tracking_uri, source, model_from_config)
+    except Exception as err:
+        what = "its final model" if fold is None else f"fold {fold}"
+        raise ValueError(f"version {version} of {model_name} has no weights for {what} (fold models are logged "
+                         f"since issue 19; retrain the teacher): {err}") from err
+    ids = list(dict.fromkeys(student.series))
+    own = build_slab_set(layout, ids, int(raw["in_channels"]), int(raw["input_size"]))
+    if own.series != student.series or not (own.z == student.z).all():
+        raise RuntimeError("the teacher's slabs are not centred on the student's slices; the slab table changed")
+    return logits(model, own.x)

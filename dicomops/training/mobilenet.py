@@ -1,0 +1,109 @@
+"""MobileNetV3-Small (Howard et al., 2019), layer for layer as torchvision builds it, for 2.5D slabs.
+
+Written here rather than imported: torchvision's wheels on PyPI are built against CUDA torch, and
+beside the CPU build of torch this project installs first they fail to import (``operator
+torchvision::nms does not exist``); taking them would mean the 5.5 GB CUDA torch on every CPU
+machine. The network is torchvision's ``mobilenet_v3_small`` (width 1.0): the same block table,
+squeeze-and-excitation sizes, batch-norm settings and initialisation, and, for 3 input channels and
+1000 classes, the same 2,542,856 parameters (checked by the tests); only the first convolution takes
+the slab's k slices instead of RGB.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+
+# (input, kernel, expanded, output, squeeze-excitation, activation, stride): torchvision's table.
+SMALL = [
+    (16, 3, 16, 16, True, "RE", 2),
+    (16, 3, 72, 24, False, "RE", 2),
+    (24, 3, 88, 24, False, "RE", 1),
+    (24, 5, 96, 40, True, "HS", 2),
+    (40, 5, 240, 40, True, "HS", 1),
+    (40, 5, 240, 40, True, "HS", 1),
+    (40, 5, 120, 48, True, "HS", 1),
+    (48, 5, 144, 48, True, "HS", 1),
+    (48, 5, 288, 96, True, "HS", 2),
+    (96, 5, 576, 96, True, "HS", 1),
+    (96, 5, 576, 96, True, "HS", 1),
+]
+LAST_CHANNEL = 1024
+_norm = partial(nn.BatchNorm2d, eps=0.001, momentum=0.01)
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """The nearest multiple of `divisor`, never more than 10 % below `value` (as the paper's code)."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+def conv_bn_act(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1,
+                act: type[nn.Module] | None = nn.Hardswish) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+                               _norm(cout)]
+    if act is not None:
+        layers.append(act(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class SqueezeExcitation(nn.Module):
+    def __init__(self, channels: int, squeeze: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, squeeze, 1)
+        self.fc2 = nn.Conv2d(squeeze, channels, 1)
+        self.relu = nn.ReLU(inplace=True)
+        self.gate = nn.Hardsigmoid(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = nn.functional.adaptive_avg_pool2d(x, 1)
+        return x * self.gate(self.fc2(self.relu(self.fc1(s))))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin: int, kernel: int, expanded: int, cout: int, se: bool, activation: str,
+                 stride: int) -> None:
+        super().__init__()
+        act = nn.Hardswish if activation == "HS" else nn.ReLU
+        layers: list[nn.Module] = []
+        if expanded != cin:
+            layers.append(conv_bn_act(cin, expanded, 1, act=act))
+        layers.append(conv_bn_act(expanded, expanded, kernel, stride, groups=expanded, act=act))
+        if se:
+            layers.append(SqueezeExcitation(expanded, make_divisible(expanded // 4)))
+        layers.append(conv_bn_act(expanded, cout, 1, act=None))
+        self.block = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block(x)
+        return out + x if self.residual else out
+
+
+class MobileNetV3Small(nn.Module):
+    def __init__(self, in_channels: int, num_classes: int = 2, dropout: float = 0.2) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [conv_bn_act(in_channels, SMALL[0][0], 3, stride=2)]
+        layers += [InvertedResidual(*row) for row in SMALL]
+        last_in = SMALL[-1][3]
+        layers.append(conv_bn_act(last_in, 6 * last_in, 1))
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Linear(6 * last_in, LAST_CHANNEL), nn.Hardswish(inplace=True),
+                                        nn.Dropout(dropout, inplace=True), nn.Linear(LAST_CHANNEL, num_classes))
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0, 0.01)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))

@@ -1,0 +1,107 @@
+"""Lightweight models: the MobileNetV3-Small student is torchvision's network, the 3-D teacher runs on
+the same slabs, both export to ONNX with parity, and the distillation loss is the seed's formula."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dicomops.config import PreprocessConfig, TrainConfig
+from dicomops.export import onnx_export
+from dicomops.export.contract import InputContract
+from dicomops.training.distill import distillation_loss
+from dicomops.training.mobilenet import MobileNetV3Small, make_divisible
+from dicomops.training.model import build_model
+from dicomops.training.saliency import input_channels, saliency_map
+
+SIZE = 32
+
+
+def test_student_is_torchvisions_mobilenet_v3_small() -> None:
+    # torchvision's mobilenet_v3_small() (3 channels, 1000 classes) has 2,542,856 parameters; every
+    # block width, squeeze size and the classifier's 1024 units must agree for the count to match.
+    assert sum(p.numel() for p in MobileNetV3Small(3, 1000).parameters()) == 2_542_856
+    assert [make_divisible(c // 4) for c in (16, 96, 240, 120, 144, 288, 576)] == [8, 24, 64, 32, 40, 72, 144]
+    student = build_model(TrainConfig(architecture="mobilenet-v3-small"), 5).eval()
+    assert student(torch.zeros(4, 5, 128, 128)).shape == (4, 2)
+    assert input_channels(student) == 5
+    with pytest.raises(RuntimeError):  # the first convolution takes the slab's slices, no other count
+        student(torch.zeros(1, 3, 128, 128))
+
+
+def test_teacher_is_a_3d_network_over_the_slab() -> None:
+    teacher = build_model(TrainConfig(architecture="resnet3d-slim"), 7).eval()
+    assert any(isinstance(m, torch.nn.Conv3d) for m in teacher.modules())
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in teacher.modules())
+    assert input_channels(teacher) == 7
+    x = torch.rand(3, 7, SIZE, SIZE)
+    out = teacher(x)
+    assert out.shape == (3, 2)
+    # The depth axis is the slab's slices: reversing them changes the output (a 2-D network would
+    # see them as unordered channels only through its first layer; here every layer sees depth).
+    assert not torch.allclose(out, teacher(x.flip(1)))
+    heat = saliency_map(teacher, x[0])
+    assert heat.shape == (SIZE, SIZE) and heat.min() >= 0.0 and heat.max() <= 1.0
+
+
+def _hand_kl(p: list[float], q: list[float]) -> float:
+    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q, strict=True))
+
+
+def _softmax(z: list[float]) -> list[float]:
+    e = [math.exp(v) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def test_distillation_loss_is_the_seeds_formula() -> None:
+    student = torch.tensor([[2.0, 0.0], [0.5, 1.5]])
+    teacher = torch.tensor([[0.0, 1.0], [-1.0, 2.0]])
+    labels = torch.tensor([1, 1])
+    t = 3.0
+    # By hand: cross-entropy on the labels, KL(teacher_T || student_T) times T^2, batch means.
+    ce = (math.log(1 + math.exp(2.0)) + math.log(1 + math.exp(-1.0))) / 2
+    kl = (_hand_kl(_softmax([0 / t, 1 / t]), _softmax([2 / t, 0 / t]))
+          + _hand_kl(_softmax([-1 / t, 2 / t]), _softmax([0.5 / t, 1.5 / t]))) / 2
+    expected = 0.7 * ce + 0.3 * t * t * kl
+    got = distillation_loss(student, labels, teacher, alpha=0.7, temperature=t)
+    assert float(got) == pytest.approx(expected, rel=1e-6)
+    assert float(got) == pytest.approx(1.0849852, rel=1e-6)  # CE 1.2200948, KL 0.0855255: the same, written out
+    # alpha 1 is plain cross-entropy; a student equal to its teacher pays no KL.
+    assert float(distillation_loss(student, labels, teacher, alpha=1.0, temperature=t)) == pytest.approx(ce)
+    assert float(distillation_loss(student, labels, student, alpha=0.0, temperature=t)) == pytest.approx(0.0, abs=1e-7)
+    # Class weights reach the label term as in training without a teacher.
+    weight = torch.tensor([1.0, 3.0])
+    weighted = distillation_loss(student, torch.tensor([0, 1]), teacher, alpha=1.0, temperature=t, weight=weight)
+    by_hand = (1 * math.log(1 + math.exp(-2.0)) + 3 * math.log(1 + math.exp(-1.0))) / 4
+    assert float(weighted) == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_distillation_moves_the_student_towards_the_teacher() -> None:
+    torch.manual_seed(0)
+    student = torch.zeros(8, 2, requires_grad=True)
+    teacher = torch.tensor([[3.0, -3.0]] * 8)
+    labels = torch.ones(8, dtype=torch.long)
+    distillation_loss(student, labels, teacher, alpha=0.0, temperature=3.0).backward()
+    assert student.grad is not None and (student.grad[:, 0] < 0).all()  # gradient descent raises class 0
+
+
+@pytest.mark.parametrize(("architecture", "k"), [("mobilenet-v3-small", 3), ("resnet3d-slim", 5)])
+def test_lightweight_networks_export_with_parity(architecture: str, k: int, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = TrainConfig(architecture=architecture, input_size=SIZE)
+    model = build_model(cfg, k)
+    model.train()
+    with torch.no_grad():  # batch-norm statistics away from their initial values
+        for _ in range(3):
+            model(torch.rand(16, k, SIZE, SIZE) * 2 + 0.5)
+    model.eval()
+    contract = InputContract.from_configs(PreprocessConfig(slab_slices=k), cfg, 0.5)
+    path = onnx_export.export_onnx(model, contract, tmp_path / "m.onnx", opset=18)
+    x = np.random.default_rng(1).random((9, k, SIZE, SIZE), dtype=np.float32)
+    parity = onnx_export.check_parity(model, path, x, 1e-4)
+    assert parity.max_abs_diff < 1e-4 and parity.samples == 9
+    assert onnx_export.read_contract(path).channels == k
