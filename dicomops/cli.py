@@ -404,14 +404,22 @@ def export(
     alias: Annotated[str | None, typer.Option(help="Export the version holding this alias instead.")] = None,
     config: Annotated[Path | None, typer.Option(help="PipelineConfig YAML; its export section applies.")] = None,
     model_name: Annotated[str, typer.Option(help="Registered model name.")] = "dicomops-ct-classifier",
+    int8: Annotated[str | None, typer.Option(help=(
+        "ptq: static post-training INT8; qat: quantisation-aware fine-tune first (and, unless --no-held-out, "
+        "FP32, PTQ and QAT compared on every fold's held-out series)."))] = None,
+    held_out: Annotated[bool | None, typer.Option("--held-out/--no-held-out", help=(
+        "Compare FP32, PTQ and QAT INT8 of the fold models on held-out series."))] = None,
 ) -> None:
     """ONNX with parity checks, INT8, TensorRT engines where possible, and a Triton repository."""
     from dicomops.errors import ExportCheckError
 
     if version and alias:
         raise typer.BadParameter("give --version or --alias, not both")
+    if held_out is None and int8 == "qat":
+        held_out = True
+    export_cfg = _with_overrides(_pipeline_config(config).export, int8=int8, int8_held_out=held_out)
     try:
-        result = _flow("export")(work=work.resolve() if work else None, config=_pipeline_config(config).export,
+        result = _flow("export")(work=work.resolve() if work else None, config=export_cfg,
                              model_name=model_name, version=version, alias=alias)
     except ExportCheckError as err:
         console.print(f"[red]export check failed:[/] {err}")

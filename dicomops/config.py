@@ -245,6 +245,14 @@ class ExportConfig(_Section):
         "Cross-validation fold whose training slabs calibrate INT8 and whose validation slabs check parity "
         "and the INT8 AUC. The final model saw both: the figures measure export fidelity, not generalisation."))
     int8_max_auc_drop: float = Field(0.01, ge=0, description="Max validation AUC lost by INT8; above it fails.")
+    int8: Literal["ptq", "qat"] = Field("ptq", description=(
+        "How the INT8 model is made: ptq, ONNX Runtime's static quantisation of the trained weights; qat, a "
+        "quantisation-aware fine-tune (torchao PT2E) on the check fold's training slabs first, then the same."))
+    qat_epochs: int = Field(1, ge=1, le=50, description="Epochs of quantisation-aware fine-tuning.")
+    qat_learning_rate: float = Field(1e-4, gt=0)
+    int8_held_out: bool = Field(False, description=(
+        "Also judge FP32, PTQ and QAT INT8 of every fold's model on that fold's validation series (needs the "
+        "version's fold models; several minutes per fold on 2 cores)."))
     max_batch: int = Field(32, ge=1, le=1024, description="Largest batch of the engines and of Triton.")
     preferred_batch_sizes: tuple[int, ...] = Field((8, 16, 32), description="Triton dynamic batching.")
     max_queue_delay_us: int = Field(2000, ge=0, description="Triton waits this long to fill a batch.")

@@ -21,7 +21,8 @@ def resolve_version(tracking_uri: str, name: str, version: str | None, alias: st
 def export_and_check(work: Path, tracking_uri: str, ref: ModelRef, cfg: ExportConfig) -> ExportReport:
     layout = WorkLayout(work)
     calibration, validation = stage.check_data(layout, ref.contract, cfg.check_fold)
-    return stage.export_version(layout.export_dir(ref.version), tracking_uri, ref, cfg, calibration, validation)
+    return stage.export_version(layout.export_dir(ref.version), tracking_uri, ref, cfg, calibration, validation,
+                                layout=layout)
 
 
 @task(name="attach-to-version", retries=2, retry_delay_seconds=[2, 10])

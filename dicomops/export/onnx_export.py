@@ -50,7 +50,10 @@ def export_onnx(model: torch.nn.Module, contract: InputContract, path: Path, ops
     """
     import onnx
 
-    head = ProbabilityHead(model).eval()
+    head = ProbabilityHead(model)
+    head.training = False
+    if not isinstance(model, torch.fx.GraphModule):  # a quantised program is in eval mode by its own function
+        model.eval()
     example = torch.zeros((2, *contract.input_shape), dtype=torch.float32)
     batch = torch.export.Dim("batch", min=1, max=max(2, max_batch))
     path = Path(path)
@@ -125,7 +128,10 @@ def run_onnx(sess: Any, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
 
 
 def run_torch(model: torch.nn.Module, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    head = ProbabilityHead(model).eval()
+    head = ProbabilityHead(model)
+    head.training = False
+    if not isinstance(model, torch.fx.GraphModule):  # a quantised program is in eval mode by its own function
+        model.eval()
     with torch.no_grad():
         return np.concatenate([head(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size], np.float32))).numpy()
                                for i in range(0, len(x), batch_size)])

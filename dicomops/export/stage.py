@@ -126,9 +126,11 @@ def check_dynamic_batch(path: Path, x: np.ndarray, sizes: tuple[int, ...] = (1, 
 
 
 def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportConfig, calibration: SlabSet,
-                   validation: SlabSet, threads: int = 2) -> ExportReport:
+                   validation: SlabSet, threads: int = 2, layout: WorkLayout | None = None) -> ExportReport:
     """Export, check and package `ref` into `folder`: INT8 ranges calibrated on `calibration`, parity
-    and the INT8 AUC checked on `validation`. Raise :class:`ExportCheckError` when a check fails."""
+    and the INT8 AUC checked on `validation`. Raise :class:`ExportCheckError` when a check fails.
+    With ``cfg.int8_held_out``, also FP32, PTQ and QAT INT8 of each fold's model on its held-out
+    series (:func:`dicomops.export.qat.held_out`; `layout` is the training's work directory)."""
     folder = Path(folder)
     if folder.exists():
         shutil.rmtree(folder)  # a re-export starts clean: no stale engine or repository survives
@@ -148,7 +150,14 @@ def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportCo
     batch_spread = check_dynamic_batch(fp32, batch_x)
     if batch_spread > cfg.parity_tolerance:
         raise ExportCheckError(f"ONNX outputs differ by {batch_spread:.2e} across batch sizes 1, 7, 32")
-    int8 = quantize.quantize_int8(fp32, folder / "model.int8.onnx", calib_x)
+    if cfg.int8 == "qat":
+        from dicomops.export import qat
+
+        int8, _ = qat.quantize_qat(model, contract, calibration, folder, opset=cfg.opset, epochs=cfg.qat_epochs,
+                                   learning_rate=cfg.qat_learning_rate, calibration=calib_x)
+        int8 = int8.replace(folder / "model.int8.onnx")
+    else:
+        int8 = quantize.quantize_int8(fp32, folder / "model.int8.onnx", calib_x)
     int8_check = quantize.check_int8(fp32, int8, val_x, val_y, cfg.int8_max_auc_drop)
     report.metrics.update({
         "export.onnx.parity_max_abs_diff": parity.max_abs_diff, "export.onnx.parity_samples": parity.samples,
@@ -160,6 +169,9 @@ def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportCo
         latency, throughput = _time_session(path, contract.input_shape, cfg.max_batch, threads)
         report.metrics[f"export.{label}.latency_ms_b1"] = latency
         report.metrics[f"export.{label}.throughput_b{cfg.max_batch}"] = throughput
+
+    if cfg.int8_held_out:
+        report.metrics.update(_held_out(folder, tracking_uri, ref, cfg, layout))
 
     repo = folder / "model_repository"
     triton.write_model(repo, ref.name, ref.version, "onnxruntime_onnx", fp32, contract, cfg.max_batch,
@@ -173,11 +185,33 @@ def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportCo
                                              "contract": asdict(contract), "opset": cfg.opset})
     report.tags = {"export.onnx.sha256": report.files["model.onnx"],
                    "export.int8.sha256": report.files["model.int8.onnx"],
+                   "export.int8.method": (f"qat ({cfg.qat_epochs} epoch(s) torchao PT2E) + ONNX Runtime static QDQ"
+                                          if cfg.int8 == "qat" else "ptq (ONNX Runtime static QDQ)"),
                    "export.onnx.opset": str(cfg.opset), "export.tensorrt": report.tensorrt,
                    "export.triton": f"{ref.name} (onnxruntime_onnx)" + (", " + ref.name + "-trt (tensorrt_plan)"
                                                                          if "model.fp16.plan" in report.files else ""),
                    **{k: f"{v:.6g}" for k, v in report.metrics.items()}}
     return report
+
+
+def _held_out(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportConfig,
+              layout: WorkLayout | None) -> dict[str, float]:
+    """The held-out INT8 comparison: per-series scores and the per-engine table in `folder`, metrics back."""
+    from dicomops.export import qat
+
+    if layout is None:
+        raise ValueError("export.int8_held_out needs the training's work directory (its folds and slabs)")
+    scratch = folder / "held_out"
+    rows = qat.held_out(layout, tracking_uri, ref.run_id, ref.contract, scratch, opset=cfg.opset,
+                        epochs=cfg.qat_epochs, learning_rate=cfg.qat_learning_rate,
+                        calibration_samples=cfg.calibration_samples)
+    shutil.rmtree(scratch)  # the fold models' files are not this version's
+    table = qat.held_out_table(rows.to_dict("records"))
+    io.write_csv(folder / "int8_held_out_scores.csv", rows)
+    io.write_csv(folder / "int8_held_out.csv", table)
+    return {f"export.held_out.{row['engine']}.{column}": float(row[column])
+            for row in table.to_dict("records") for column in table.columns
+            if column != "engine" and not np.isnan(row[column])}
 
 
 def _tensorrt(folder: Path, ref: ModelRef, cfg: ExportConfig, fp32: Path, calibration: np.ndarray,

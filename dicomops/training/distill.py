@@ -53,7 +53,8 @@ def logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 128) -> to
     return torch.cat(out) if out else torch.zeros((0, 2))
 
 
-def _fold_run(tracking_uri: str, parent: str, fold: int) -> str:
+def fold_run(tracking_uri: str, parent: str, fold: int) -> str:
+    """The finished nested run of `fold` under training run `parent` (its ``weights/`` hold the fold model)."""
     client = runs.configure_mlflow(tracking_uri)
     experiment = client.get_run(parent).info.experiment_id
     found = client.search_runs([experiment], filter_string=(
@@ -87,7 +88,7 @@ def teacher_targets(layout: WorkLayout, tracking_uri: str, model_name: str, vers
     from dicomops.training.model import model_from_config
 
     run_id = teacher_run(tracking_uri, model_name, version, student_run)
-    source = run_id if fold is None else _fold_run(tracking_uri, run_id, fold)
+    source = run_id if fold is None else fold_run(tracking_uri, run_id, fold)
     try:
         model, raw = registry.load_weights(tracking_uri, source, model_from_config)
     except Exception as err:

@@ -215,7 +215,7 @@ def test_student_distils_from_a_3d_teacher_fold_by_fold(train_work: Path, mlflow
     assert client.get_model_version(name, tv).tags["architecture"] == "resnet3d-slim"
     # Each fold run holds the model that scored that fold: rebuilt from its artifacts, it gives the
     # fold's out-of-fold predictions again.
-    fold0 = distill._fold_run(mlflow_env, str(teacher["mlflow_run_id"]), 0)
+    fold0 = distill.fold_run(mlflow_env, str(teacher["mlflow_run_id"]), 0)
     model, raw = load_weights(mlflow_env, fold0, model_from_config)
     assert raw["in_channels"] == 5 and raw["architecture"] == "resnet3d-slim"
     oof = pd.read_parquet(work / "train/fold-0/predictions.parquet")

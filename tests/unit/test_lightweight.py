@@ -7,12 +7,14 @@ import math
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
 from dicomops.config import PreprocessConfig, TrainConfig
-from dicomops.export import onnx_export
+from dicomops.export import onnx_export, qat
 from dicomops.export.contract import InputContract
+from dicomops.training.data import SlabSet
 from dicomops.training.distill import distillation_loss
 from dicomops.training.mobilenet import MobileNetV3Small, make_divisible
 from dicomops.training.model import build_model
@@ -105,3 +107,101 @@ def test_lightweight_networks_export_with_parity(architecture: str, k: int, tmp_
     parity = onnx_export.check_parity(model, path, x, 1e-4)
     assert parity.max_abs_diff < 1e-4 and parity.samples == 9
     assert onnx_export.read_contract(path).channels == k
+
+
+def _tiny_slabs(n: int = 64, k: int = 3, seed: int = 0) -> SlabSet:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    x = rng.random((n, k, SIZE, SIZE), dtype=np.float32) * 0.5
+    x[y == 1, :, 12:20, 12:20] += 0.5  # a bright square makes the positives learnable
+    return SlabSet(torch.from_numpy(x).half(), torch.from_numpy(y), ["s"] * n, np.arange(n))
+
+
+def test_qat_prepares_monai_resnet_only_with_one_partition_per_call() -> None:
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    model = build_model(TrainConfig(architecture="resnet-slim", input_size=SIZE), 3).eval()
+    example = torch.rand(2, 3, SIZE, SIZE)
+    program = torch.export.export(model, (example,)).module()
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config(is_qat=True))
+    # MONAI's blocks call one ReLU module twice: without the pass the quantiser refuses the graph.
+    with pytest.raises(ValueError, match="more than one output node"):
+        prepare_qat_pt2e(program, quantizer)
+    prepared = qat.prepare(model, example)
+    fake = [n for n in prepared.graph.nodes if n.op == "call_module" and "activation_post_process" in str(n.target)]
+    assert len(fake) >= 8  # fake quantisers on the activations of every stage
+
+
+@pytest.mark.parametrize(("architecture", "convs"), [
+    ("resnet-slim", 12), pytest.param("mobilenet-v3-small", 52, marks=pytest.mark.slow)])
+def test_qat_exports_qdq_graphs_with_int8_per_channel_weights(architecture: str, convs: int, tmp_path: Path) -> None:
+    from onnx import numpy_helper
+
+    cfg = TrainConfig(architecture=architecture, input_size=SIZE)
+    model = build_model(cfg, 3)
+    contract = InputContract.from_configs(PreprocessConfig(), cfg, 0.5)
+    data = _tiny_slabs()
+    int8, qdq = qat.quantize_qat(model, contract, data, tmp_path, opset=18, epochs=1, learning_rate=1e-3,
+                                 calibration=data.x[:32].float().numpy())
+    assert not (tmp_path / "model.qat-fp32.onnx").exists()
+    for path in (int8, qdq):
+        graph = onnx.load(path).graph
+        inits = {i.name: i for i in graph.initializer}
+        producers = {out: n for n in graph.node for out in n.output}
+        found = [n for n in graph.node if n.op_type == "Conv"]
+        assert len(found) == convs, path.name  # every convolution (squeeze-excitation's included) ...
+        for conv in found:  # ... reads a dequantised activation and dequantised int8 per-channel weights
+            activation, weight = (producers.get(i) for i in conv.input[:2])
+            assert activation is not None and activation.op_type == "DequantizeLinear", (path.name, conv.name)
+            assert weight is not None and weight.op_type == "DequantizeLinear", (path.name, conv.name)
+            values, scales = (numpy_helper.to_array(inits[i]) for i in weight.input[:2])
+            assert values.dtype == np.int8 and scales.size == values.shape[0] > 1, (path.name, conv.name)
+        activations = [numpy_helper.to_array(inits[n.input[2]]).dtype for n in graph.node
+                       if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits]
+        assert activations and set(activations) == {np.dtype(np.uint8)}  # uint8 activations, x86's fast path
+    x = data.x[:16].float().numpy()
+    assert onnx_export.run_onnx(onnx_export.session(int8), x).shape == (16, 2)
+
+
+def test_qat_finetune_learns_under_fake_quantisation(tmp_path: Path) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from dicomops.export import quantize
+
+    cfg = TrainConfig(architecture="resnet-slim", input_size=SIZE)
+    data = _tiny_slabs(128)
+    trained, converted = qat.finetune(build_model(cfg, 3), data, epochs=3, learning_rate=3e-3)
+    held = _tiny_slabs(64, seed=1)
+    x = held.x.float()
+    with torch.no_grad():
+        p_float = torch.softmax(trained(x), 1)[:, 1].numpy()
+        p_program = torch.softmax(converted(x), 1)[:, 1].numpy()
+    assert roc_auc_score(held.y.numpy(), p_float) > 0.9
+    assert roc_auc_score(held.y.numpy(), p_program) > 0.9  # torchao's integer program ranks as well
+    # What ONNX Runtime serves: the trained weights quantised with freshly calibrated ranges, which
+    # track the float network (the program's ranges still lean on the first steps' activations).
+    contract = InputContract.from_configs(PreprocessConfig(), cfg, 0.5)
+    fp32 = onnx_export.export_onnx(trained, contract, tmp_path / "m.onnx", 18)
+    int8 = quantize.quantize_int8(fp32, tmp_path / "m.int8.onnx", data.x[:64].float().numpy())
+    p_int8 = onnx_export.run_onnx(onnx_export.session(int8), x.numpy())[:, 1]
+    assert np.abs(p_float - p_int8).max() < 0.1
+
+
+def test_held_out_table_is_per_engine_fold_and_vendor() -> None:
+    rows = []
+    for engine, flip in (("fp32", False), ("int8-qat", True)):
+        for fold in (0, 1):
+            for i, (label, score) in enumerate([(0, 0.1), (0, 0.4), (1, 0.35), (1, 0.8)]):
+                rows.append({"engine": engine, "fold": fold, "vendor": "ge" if i % 2 else "canon", "label": label,
+                             "score": 1 - score if flip and fold == 1 else score, "SeriesInstanceUID": f"{fold}{i}"})
+    table = qat.held_out_table(rows).set_index("engine")
+    # fp32: each fold ranks 3 of 4 pairs right (0.4 > 0.35): AUC 0.75 per fold and pooled.
+    assert table.loc["fp32", "mean_fold_auc"] == pytest.approx(0.75)
+    assert table.loc["fp32", "pooled_auc"] == pytest.approx(0.75)
+    # int8-qat: fold 1 reversed, AUC 0.25 there; the mean over folds is 0.5.
+    assert table.loc["int8-qat", "mean_fold_auc"] == pytest.approx(0.5)
+    assert set(table.columns) >= {"auc.canon", "auc.ge"}

@@ -1,0 +1,147 @@
+"""Lightweight models: the 3-D teacher, the MobileNetV3-Small student and the current 2.5D classifier,
+each in torch (float32) and ONNX Runtime (FP32, INT8 static post-training, INT8 from
+quantisation-aware training when a QDQ file is given), batch-1 latency and batch-32 throughput.
+
+Reproduce::
+
+    .venv/bin/python benchmarks/lightweight.py                 # random weights (speed does not depend on them)
+    .venv/bin/python benchmarks/lightweight.py --qat student=/path/model.qat.onnx
+
+Each engine runs in its own fresh process (``--measure``) with ``--threads`` intra-op threads, so no
+engine inherits another's thread pools, caches or allocator state; the parent builds and exports the
+networks (ONNX opset 18, dynamic batch, the export stage's own functions) and calibrates INT8 on
+random slabs of the right shape. Latency: the median of ``--repeats`` single-slab calls after warm-up;
+throughput: slabs per second over ``--seconds`` of batch-32 calls. Ratios are against the teacher
+(latency) and against each network's own ONNX Runtime FP32 (INT8 throughput), measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+NETWORKS = {"teacher": ("resnet3d-slim", 7), "student": ("mobilenet-v3-small", 3), "classifier": ("resnet-slim", 3)}
+SIZE = 128
+
+
+def measure(engine: str, path: str, k: int, threads: int, repeats: int, seconds: float) -> dict[str, float]:
+    """In this process: batch-1 median latency (ms) and batch-32 throughput (slabs/s) of one engine."""
+    rng = np.random.default_rng(0)
+    one = rng.random((1, k, SIZE, SIZE), dtype=np.float32)
+    many = rng.random((32, k, SIZE, SIZE), dtype=np.float32)
+    if engine == "torch-fp32":
+        import torch
+
+        torch.set_num_threads(threads)
+        from dicomops.training.model import model_from_config
+
+        raw = json.loads(Path(path).with_suffix(".json").read_text())
+        model = model_from_config(raw).eval()
+        model.load_state_dict(torch.load(path, weights_only=True))
+
+        def run(x: np.ndarray) -> None:
+            with torch.no_grad():
+                model(torch.from_numpy(x))
+    else:
+        from dicomops.export.onnx_export import session
+
+        sess = session(Path(path), threads=threads)
+        name = sess.get_inputs()[0].name
+
+        def run(x: np.ndarray) -> None:
+            sess.run(None, {name: x})
+    for _ in range(10):
+        run(one)
+    times = []
+    for _ in range(repeats):
+        tick = time.perf_counter()
+        run(one)
+        times.append(time.perf_counter() - tick)
+    for _ in range(3):
+        run(many)
+    n, tick = 0, time.perf_counter()
+    while time.perf_counter() - tick < seconds:
+        run(many)
+        n += 32
+    return {"latency_ms_b1": float(np.median(times) * 1e3), "throughput_b32": n / (time.perf_counter() - tick)}
+
+
+def build(folder: Path) -> dict[str, dict[str, object]]:
+    """Each network with random weights: torch weights, ONNX FP32 and ORT INT8 (static, calibrated)."""
+    import torch
+
+    from dicomops.config import PreprocessConfig, TrainConfig
+    from dicomops.export import onnx_export, quantize
+    from dicomops.export.contract import InputContract
+    from dicomops.training.model import build_model
+
+    out: dict[str, dict[str, object]] = {}
+    for role, (architecture, k) in NETWORKS.items():
+        torch.manual_seed(0)
+        cfg = TrainConfig(architecture=architecture, input_size=SIZE)
+        model = build_model(cfg, k).eval()
+        weights = folder / f"{role}.pt"
+        torch.save(model.state_dict(), weights)
+        weights.with_suffix(".json").write_text(json.dumps(cfg.model_dump(mode="json") | {"in_channels": k}))
+        contract = InputContract.from_configs(PreprocessConfig(slab_slices=k), cfg, 0.5)
+        fp32 = onnx_export.export_onnx(model, contract, folder / f"{role}.onnx", opset=18)
+        calibration = np.random.default_rng(1).random((64, k, SIZE, SIZE), dtype=np.float32)
+        int8 = quantize.quantize_int8(fp32, folder / f"{role}.int8.onnx", calibration)
+        out[role] = {"k": k, "architecture": architecture, "parameters": sum(p.numel() for p in model.parameters()),
+                     "engines": {"torch-fp32": str(weights), "ort-fp32": str(fp32), "ort-int8-ptq": str(int8)}}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--qat", action="append", default=[], metavar="ROLE=PATH",
+                        help="A QDQ ONNX file from quantisation-aware training, e.g. student=model.qat.onnx.")
+    parser.add_argument("--measure", nargs=3, metavar=("ENGINE", "PATH", "K"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        engine, path, k = args.measure
+        print(json.dumps(measure(engine, path, int(k), args.threads, args.repeats, args.seconds)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        networks = build(Path(tmp))
+        for item in args.qat:
+            role, path = item.split("=", 1)
+            networks[role]["engines"]["ort-int8-qat"] = path  # type: ignore[index]
+        rows = []
+        for role, net in networks.items():
+            for engine, path in net["engines"].items():  # type: ignore[attr-defined]
+                done = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--repeats",
+                                       str(args.repeats), "--seconds", str(args.seconds), "--measure", engine, path,
+                                       str(net["k"])], check=True, capture_output=True, text=True)
+                figures = json.loads(done.stdout.strip().splitlines()[-1])
+                rows.append({"network": role, "architecture": net["architecture"], "k": net["k"],
+                             "parameters": net["parameters"], "engine": engine, **figures})
+                print(f"{role:10s} {engine:13s} batch 1 {figures['latency_ms_b1']:7.2f} ms   "
+                      f"batch 32 {figures['throughput_b32']:7.0f} slabs/s", flush=True)
+    by = {(r["network"], r["engine"]): r for r in rows}
+    print(f"\n{args.threads} threads; ratios measured in this run")
+    teacher = by[("teacher", "torch-fp32")]["latency_ms_b1"]
+    for role in ("student", "classifier"):
+        for engine in ("torch-fp32", "ort-fp32"):
+            ratio = by[("teacher", engine)]["latency_ms_b1"] / by[(role, engine)]["latency_ms_b1"]
+            print(f"batch-1 latency, teacher / {role} ({engine}): {ratio:.2f}x")
+    print(f"batch-1 latency, teacher torch / student ORT FP32: {teacher / by[('student', 'ort-fp32')]['latency_ms_b1']:.2f}x")
+    for role in networks:
+        for engine in ("ort-int8-ptq", "ort-int8-qat"):
+            if (role, engine) in by:
+                ratio = by[(role, engine)]["throughput_b32"] / by[(role, "ort-fp32")]["throughput_b32"]
+                print(f"batch-32 throughput, {role} {engine} / ort-fp32: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Quantisation-aware training with torchao's PT2E flow, and INT8 judged on held-out folds.
+
+``torch.ao.quantization`` is deprecated; torchao's QAT config for modules fakes ``Linear`` and
+``Embedding`` only, so convolutional networks go through PT2E: ``torch.export``, then
+``prepare_qat_pt2e`` with the ``X86InductorQuantizer`` in QAT mode (per-channel symmetric int8
+weights, per-tensor uint8 activations: the scheme ONNX Runtime's fast x86 kernels use), a short
+fine-tune with fake quantisation in the loop (batch norms folded into the convolutions the way
+inference will see them), then ``convert_pt2e``.
+
+What goes to ONNX Runtime is the QAT-trained network quantised by ONNX Runtime's own static
+quantiser (:func:`dicomops.export.quantize.quantize_int8`, QDQ, calibrated), so post-training and
+quantisation-aware INT8 share one graph layout and differ only in their weights. The QDQ graph
+``convert_pt2e`` itself exports (:func:`export_converted`) is kept for inspection and for TensorRT;
+on ONNX Runtime it ran slower than FP32 (measured in ``benchmarks/lightweight.py``): its quantise
+nodes sit where the Inductor backend fuses, not where ONNX Runtime does.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from dicomops.export import onnx_export, quantize
+from dicomops.export.contract import InputContract
+from dicomops.training.data import AugmentedSlabs, SlabSet
+from dicomops.training.model import class_weights
+
+log = logging.getLogger(__name__)
+
+
+def _one_partition_per_call(program: torch.fx.GraphModule) -> None:
+    """Give every call of a module its own source partition.
+
+    The quantiser groups nodes by the module they came from; a module called twice (MONAI's ResNet
+    blocks apply one ``act`` after the first convolution and again after the residual addition)
+    becomes one partition with two outputs, which it refuses. Naming each call apart changes no
+    computation."""
+    for node in program.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op == "call_function" and stack:
+            key, (fqn, cls) = list(stack.items())[-1]
+            stack[key] = (f"{fqn}@{node.name}", cls)
+
+
+def prepare(model: torch.nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
+    """`model` (copied, float, CPU) exported with a dynamic batch axis and prepared for QAT."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    net = copy.deepcopy(model).cpu().float().eval()
+    net.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(net, (example.float(),), dynamic_shapes=({0: batch},)).module()
+    _one_partition_per_call(program)
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config(is_qat=True))
+    return prepare_qat_pt2e(program, quantizer)
+
+
+def finetune(model: torch.nn.Module, train: SlabSet, *, epochs: int, learning_rate: float, batch_size: int = 32,
+             seed: int = 0) -> tuple[torch.nn.Module, torch.fx.GraphModule]:
+    """Fine-tune `model` with fake quantisation on `train` (augmented, class-weighted cross-entropy).
+
+    Returns the float network carrying the QAT-trained weights and batch-norm statistics (for ONNX
+    Runtime's quantiser) and the converted PT2E program (integer weights, quantise/dequantise nodes).
+    """
+    from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    torch.manual_seed(seed)
+    prepared = prepare(model, train.x[:2].float())
+    move_exported_model_to_train(prepared)
+    optimizer = torch.optim.AdamW(prepared.parameters(), lr=learning_rate, weight_decay=0.0)
+    weight = class_weights(train.y)
+    loader = DataLoader(AugmentedSlabs(train, train=True), batch_size=batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed), drop_last=len(train.y) > batch_size)
+    for epoch in range(epochs):
+        total, seen = 0.0, 0
+        for x, y in loader:
+            loss = F.cross_entropy(prepared(x), y, weight=weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, seen = total + float(loss) * len(y), seen + len(y)
+        log.info("QAT epoch %d/%d: loss %.4f over %d slabs", epoch + 1, epochs, total / max(seen, 1), seen)
+    move_exported_model_to_eval(prepared)
+    trained = copy.deepcopy(model).cpu().float()
+    state = prepared.state_dict()
+    # The program keeps every parameter and running statistic under its name; only the batch
+    # counters (unused with a momentum) are dropped.
+    missing = [key for key in trained.state_dict() if key not in state and not key.endswith("num_batches_tracked")]
+    if missing:
+        raise RuntimeError(f"the QAT program lost {len(missing)} of the network's tensors, e.g. {missing[:3]}")
+    trained.load_state_dict({key: state[key] for key in trained.state_dict() if key in state}, strict=False)
+    return trained.eval(), convert_pt2e(prepared)
+
+
+def export_converted(converted: torch.fx.GraphModule, contract: InputContract, path: Path, opset: int) -> Path:
+    """The converted PT2E program as a QDQ ONNX file (quantise/dequantise nodes as torchao placed them)."""
+    return onnx_export.export_onnx(converted, contract, path, opset)
+
+
+def quantize_qat(model: torch.nn.Module, contract: InputContract, train: SlabSet, folder: Path, *, opset: int,
+                 epochs: int, learning_rate: float, calibration: np.ndarray, seed: int = 0) -> tuple[Path, Path]:
+    """QAT on `train`, then ONNX Runtime's static QDQ quantisation of the trained weights.
+
+    Returns ``(int8 ONNX for ONNX Runtime, torchao's own QDQ export)``; both in `folder`."""
+    trained, converted = finetune(model, train, epochs=epochs, learning_rate=learning_rate, seed=seed)
+    fp32 = onnx_export.export_onnx(trained, contract, folder / "model.qat-fp32.onnx", opset)
+    int8 = quantize.quantize_int8(fp32, folder / "model.qat.int8.onnx", calibration)
+    qdq = export_converted(converted, contract, folder / "model.qat.qdq.onnx", opset)
+    fp32.unlink()
+    return int8, qdq
+
+
+def series_scores(path: Path, volumes: dict[str, np.ndarray], k: int, size: int, top_k: int,
+                  threads: int = 2) -> dict[str, float]:
+    """Each series' score (mean of the top-k slice probabilities) from an ONNX file over all its slices."""
+    from dicomops.training.data import all_slabs
+    from dicomops.training.scoring import series_score
+
+    sess = onnx_export.session(path, threads)
+    return {uid: series_score(onnx_export.run_onnx(sess, all_slabs(volume, k, size).numpy())[:, 1], top_k)
+            for uid, volume in volumes.items()}
+
+
+def held_out_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Per engine: AUC per fold and vendor (pooled over the folds per vendor), and the mean over folds."""
+    from sklearn.metrics import roc_auc_score
+
+    frame = pd.DataFrame(rows)
+    out = []
+    for engine, part in frame.groupby("engine", sort=False):
+        folds = [roc_auc_score(p.label, p.score) for _, p in part.groupby("fold") if p.label.nunique() == 2]
+        row = {"engine": engine, "mean_fold_auc": float(np.mean(folds)) if folds else float("nan"),
+               "pooled_auc": float(roc_auc_score(part.label, part.score)) if part.label.nunique() == 2 else float("nan")}
+        for vendor, vp in part.groupby("vendor"):
+            row[f"auc.{vendor}"] = float(roc_auc_score(vp.label, vp.score)) if vp.label.nunique() == 2 else float("nan")
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def held_out(layout: Any, tracking_uri: str, run_id: str, contract: InputContract, folder: Path, *, opset: int,
+             epochs: int, learning_rate: float, calibration_samples: int) -> pd.DataFrame:
+    """FP32, post-training INT8 and QAT INT8 of each fold's model, judged on that fold's validation
+    series, which none of the three saw: the fold model trained without them, PTQ calibrates and
+    QAT fine-tunes on the fold's training slabs only. Rows: one per (fold, engine, series).
+
+    `run_id` is the version's training run; its fold runs hold the fold models (``weights/``).
+    """
+    from dicomops.tracking.registry import load_weights
+    from dicomops.training.data import build_slab_set, load_volume
+    from dicomops.training.distill import fold_run
+    from dicomops.training.model import model_from_config
+
+    folds = layout.read_folds()
+    series = layout.labelled_series().set_index("SeriesInstanceUID")
+    pre = layout.preprocessed
+    paths = pre.read_index().set_index("SeriesInstanceUID").path
+    rows: list[dict[str, Any]] = []
+    for fold in range(folds.n_splits):
+        model, raw = load_weights(tracking_uri, fold_run(tracking_uri, run_id, fold), model_from_config)
+        k, size, top_k = int(raw["in_channels"]), int(raw["input_size"]), int(raw["top_k_slices"])
+        train = build_slab_set(layout, folds.train(fold), k, size)
+        pick = np.sort(np.random.default_rng(fold).permutation(len(train.y))[:calibration_samples])
+        calibration = train.x[pick].float().numpy()
+        where = folder / f"fold-{fold}"
+        where.mkdir(parents=True, exist_ok=True)
+        fp32 = onnx_export.export_onnx(model, contract, where / "model.onnx", opset)
+        engines = {"fp32": fp32, "int8-ptq": quantize.quantize_int8(fp32, where / "model.int8.onnx", calibration)}
+        engines["int8-qat"] = quantize_qat(model, contract, train, where, opset=opset, epochs=epochs,
+                                           learning_rate=learning_rate, calibration=calibration, seed=fold)[0]
+        volumes = {uid: load_volume(pre.volume(paths[uid])) for uid in folds.val(fold)}
+        for engine, path in engines.items():
+            for uid, score in series_scores(path, volumes, k, size, top_k).items():
+                rows.append({"fold": fold, "engine": engine, "SeriesInstanceUID": uid,
+                             "vendor": series.loc[uid, "vendor"], "label": int(series.loc[uid, "label"]),
+                             "score": score})
+        log.info("held-out INT8, fold %d: %s", fold, held_out_table([r for r in rows if r["fold"] == fold])
+                 [["engine", "pooled_auc"]].to_dict("records"))
+    return pd.DataFrame(rows)
