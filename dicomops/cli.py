@@ -310,8 +310,8 @@ def train(
         "--leave-one-vendor-out/--no-leave-one-vendor-out",
         help="Also evaluate on each vendor after training on the others (4 more trainings).")] = None,
     architecture: Annotated[str | None, typer.Option(help=(
-        "The network: student (mobilenet-v3-small), teacher (resnet3d-slim, a 3-D ResNet over the slab), or "
-        "resnet-slim, resnet10, densenet121."))] = None,
+        "Network: student (MobileNetV3 Small), teacher (3D ResNet over the slab), resnet-slim, resnet10 or "
+        "densenet121."))] = None,
     distill_from: Annotated[str | None, typer.Option(help=(
         "Version of the classifier to distil from, fold by fold (trained on this work directory's split)."))] = None,
     slab_slices: Annotated[int | None, typer.Option(help=(
@@ -405,8 +405,8 @@ def export(
     config: Annotated[Path | None, typer.Option(help="PipelineConfig YAML; its export section applies.")] = None,
     model_name: Annotated[str, typer.Option(help="Registered model name.")] = "dicomops-ct-classifier",
     int8: Annotated[str | None, typer.Option(help=(
-        "ptq: static post-training INT8; qat: quantisation-aware fine-tune first (and, unless --no-held-out, "
-        "FP32, PTQ and QAT compared on every fold's held-out series)."))] = None,
+        "ptq (post training, static) or qat (quantisation aware training first; then FP32, PTQ and QAT are "
+        "also compared on every fold's held out series)."))] = None,
     held_out: Annotated[bool | None, typer.Option("--held-out/--no-held-out", help=(
         "Compare FP32, PTQ and QAT INT8 of the fold models on held-out series."))] = None,
 ) -> None:
