@@ -24,9 +24,9 @@ from torch import nn
 from dicomops.config import TrainConfig
 from dicomops.layout import WorkLayout
 
-# The last convolutional stage of MONAI's ResNet, of its DenseNet121 and of the 3-D ResNet teacher
-# (:class:`dicomops.training.model.SlabAsVolume`), in that order.
-TARGET_LAYERS = ("layer4", "class_layers.relu", "net.layer4")
+# The last convolutional stage of MONAI's ResNet (2-D, or 3-D inside the teacher's SlabAsVolume)
+# and of its DenseNet121, in that order.
+TARGET_LAYERS = ("layer4", "class_layers.relu")
 
 
 def default_target_layer(model: nn.Module) -> str:
