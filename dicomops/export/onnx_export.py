@@ -32,6 +32,16 @@ class ProbabilityHead(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.model(x), dim=1)
 
+    @classmethod
+    def for_inference(cls, model: torch.nn.Module) -> ProbabilityHead:
+        """The head over `model` in eval mode. A quantised PT2E program refuses ``.eval()`` (its own
+        ``move_exported_model_to_eval`` put it there), so only a plain module is switched."""
+        head = cls(model)
+        head.training = False
+        if not isinstance(model, torch.fx.GraphModule):
+            model.eval()
+        return head
+
 
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -50,10 +60,7 @@ def export_onnx(model: torch.nn.Module, contract: InputContract, path: Path, ops
     """
     import onnx
 
-    head = ProbabilityHead(model)
-    head.training = False
-    if not isinstance(model, torch.fx.GraphModule):  # a quantised program is in eval mode by its own function
-        model.eval()
+    head = ProbabilityHead.for_inference(model)
     example = torch.zeros((2, *contract.input_shape), dtype=torch.float32)
     batch = torch.export.Dim("batch", min=1, max=max(2, max_batch))
     path = Path(path)
@@ -128,10 +135,7 @@ def run_onnx(sess: Any, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
 
 
 def run_torch(model: torch.nn.Module, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    head = ProbabilityHead(model)
-    head.training = False
-    if not isinstance(model, torch.fx.GraphModule):  # a quantised program is in eval mode by its own function
-        model.eval()
+    head = ProbabilityHead.for_inference(model)
     with torch.no_grad():
         return np.concatenate([head(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size], np.float32))).numpy()
                                for i in range(0, len(x), batch_size)])

@@ -10,8 +10,8 @@ inference will see them), then ``convert_pt2e``.
 What goes to ONNX Runtime is the QAT-trained network quantised by ONNX Runtime's own static
 quantiser (:func:`dicomops.export.quantize.quantize_int8`, QDQ, calibrated), so post-training and
 quantisation-aware INT8 share one graph layout and differ only in their weights. The QDQ graph
-``convert_pt2e`` itself exports (:func:`export_converted`) is kept for inspection and for TensorRT;
-on ONNX Runtime it ran slower than FP32 (measured in ``benchmarks/lightweight.py``): its quantise
+of ``convert_pt2e``'s program (``model.qat.qdq.onnx``) is kept for inspection and for TensorRT;
+on ONNX Runtime it ran slower than FP32 (one run on shared cores; ``benchmarks/lightweight.py --qat``): its quantise
 nodes sit where the Inductor backend fuses, not where ONNX Runtime does.
 """
 
@@ -105,11 +105,6 @@ def finetune(model: torch.nn.Module, train: SlabSet, *, epochs: int, learning_ra
     return trained.eval(), convert_pt2e(prepared)
 
 
-def export_converted(converted: torch.fx.GraphModule, contract: InputContract, path: Path, opset: int) -> Path:
-    """The converted PT2E program as a QDQ ONNX file (quantise/dequantise nodes as torchao placed them)."""
-    return onnx_export.export_onnx(converted, contract, path, opset)
-
-
 def quantize_qat(model: torch.nn.Module, contract: InputContract, train: SlabSet, folder: Path, *, opset: int,
                  epochs: int, learning_rate: float, calibration: np.ndarray, seed: int = 0) -> tuple[Path, Path]:
     """QAT on `train`, then ONNX Runtime's static QDQ quantisation of the trained weights.
@@ -118,7 +113,7 @@ def quantize_qat(model: torch.nn.Module, contract: InputContract, train: SlabSet
     trained, converted = finetune(model, train, epochs=epochs, learning_rate=learning_rate, seed=seed)
     fp32 = onnx_export.export_onnx(trained, contract, folder / "model.qat-fp32.onnx", opset)
     int8 = quantize.quantize_int8(fp32, folder / "model.qat.int8.onnx", calibration)
-    qdq = export_converted(converted, contract, folder / "model.qat.qdq.onnx", opset)
+    qdq = onnx_export.export_onnx(converted, contract, folder / "model.qat.qdq.onnx", opset)
     fp32.unlink()
     return int8, qdq
 
