@@ -68,6 +68,38 @@ class DeidConfig(_Section):
         None, description="Where to write the pseudonym → PatientID key; must be outside the work dir.")
 
 
+class PrivacyConfig(_Section):
+    """Differential privacy of the aggregates the gate releases to people (MLflow, Data Docs, cards).
+
+    The unit protected is a patient: each contributes at most ``max_series_per_patient`` series to a
+    release, and each release is an OpenDP Laplace count-by with a threshold (cells whose noisy count
+    is below the threshold are suppressed, which also hides the presence of a rare category).
+    """
+
+    enabled: bool = Field(True, description="Release counts through OpenDP; off, no counts are released at all.")
+    epsilon: float = Field(1.0, gt=0, le=10, description="Privacy loss of one release (one table of counts).")
+    delta: float = Field(1e-6, gt=0, lt=1e-3, description="Chance a release is not epsilon-DP (suppression).")
+    budget_epsilon: float = Field(8.0, gt=0, description="Total epsilon the ledger allows per dataset.")
+    budget_delta: float = Field(1e-5, gt=0, lt=1, description="Total delta the ledger allows per dataset.")
+    min_cell: int = Field(10, ge=1, description="Cells released below this noisy count are suppressed.")
+    max_series_per_patient: int = Field(1, ge=1, le=100, description=(
+        "Contribution bound: a patient's further series are left out of the released counts (1: each "
+        "patient counted once). The noise and the threshold grow with it."))
+    releases: tuple[tuple[str, ...], ...] = Field(
+        (("vendor",), ("site",), ("month",), ("age_band", "sex")),
+        description="Tables released after each ingest; each costs epsilon. Columns: vendor, site, month, "
+                    "age_band, sex.")
+
+    @field_validator("releases")
+    @classmethod
+    def _known_columns(cls, value: tuple[tuple[str, ...], ...]) -> tuple[tuple[str, ...], ...]:
+        known = {"vendor", "site", "month", "age_band", "sex"}
+        for group in value:
+            if not group or set(group) - known:
+                raise ValueError(f"release {list(group)} must name one or more of {sorted(known)}")
+        return value
+
+
 class IngestConfig(_Section):
     """The ingest gate: header index, geometry, Great Expectations, quarantine, de-identification."""
 
@@ -89,6 +121,7 @@ class IngestConfig(_Section):
     geometry: GeometryConfig = GeometryConfig()
     expectations: list[ExpectationSpec] = Field(default_factory=default_expectations)
     deid: DeidConfig = DeidConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -383,6 +416,9 @@ class Settings(BaseSettings):
     http_budget_s: float = Field(
         120.0, ge=40, description="An outage of an HTTP server (MLflow, Prefect) ends a run within this many "
                                   "seconds, client and task retries included.")
+    privacy_ledger: Path | None = Field(
+        None, description="The privacy ledger shared by every work directory of a site (one budget per dataset). "
+                          "Default: privacy/ledger.json in the work directory, which budgets that directory only.")
     work_lock_timeout_s: float = Field(
         10.0, ge=0, description="How long a flow waits for another writer of the same work directory before "
                                 "it fails with the holder's name.")

@@ -28,7 +28,8 @@ from dicomops.dicom.parallel import map_isolated
 from dicomops.dicom.reader import ReadLimits, inspect_file, list_files
 from dicomops.dicom.series import assemble_series
 from dicomops.errors import GateFailedError
-from dicomops.layout import WorkLayout
+from dicomops.feedback.privacy import released_table
+from dicomops.layout import IngestPaths, WorkLayout
 from dicomops.synthetic.sidecars import LABELS_CSV, mask_path
 from dicomops.validation.suite import validate_table
 
@@ -315,6 +316,20 @@ def ingest_metrics(work: Path) -> dict[str, float]:
     return metrics
 
 
+def _vendor_keys(paths: IngestPaths) -> dict[str, str]:
+    """Manufacturer → the vendor key of the re-keyed labels (one key per manufacturer), {} before labels."""
+    labels_path = paths.deid / LABELS_CSV
+    if not labels_path.exists() or not paths.series.exists() or not paths.series.stat().st_size:
+        return {}
+    labels = pd.read_csv(labels_path, keep_default_na=False, dtype=str)
+    if "vendor" not in labels:
+        return {}
+    series = pd.read_parquet(paths.series)
+    vendor = series.SeriesInstanceUID.map(labels.set_index("SeriesInstanceUID").vendor)
+    pairs = pd.DataFrame({"m": series.Manufacturer.astype(str), "v": vendor}).dropna()
+    return {str(m): " / ".join(sorted(set(part.v))) for m, part in pairs.groupby("m")}
+
+
 def plot_ingest(work: Path) -> Path:
     """A picture for reviewers: quarantine reasons, and accepted series per manufacturer with the
     vendor key cross-validation reports them under.
@@ -336,26 +351,23 @@ def plot_ingest(work: Path) -> Path:
     axes[0].bar_label(axes[0].containers[0], fontsize=10, padding=2)
     axes[0].set_title(f"Quarantined files: {summary['quarantined_files']} of {summary['files']}", fontsize=12)
     axes[0].invert_yaxis()
-    series_path = paths.series
-    series = pd.read_parquet(series_path) if series_path.exists() and series_path.stat().st_size else pd.DataFrame()
-    labels_path = paths.deid / LABELS_CSV
-    labelled = labels_path.exists()
-    if len(series):
-        keys = pd.Series(pd.NA, index=series.SeriesInstanceUID, dtype=object)
-        if labelled:
-            labels = pd.read_csv(labels_path, keep_default_na=False, dtype=str)
-            if "vendor" in labels:
-                keys = series.SeriesInstanceUID.map(labels.set_index("SeriesInstanceUID").vendor)
-        pairs = pd.DataFrame({"Manufacturer": series.Manufacturer.astype(str).to_numpy(),
-                              "vendor": keys.fillna("no label, not in CV").to_numpy()})
-        counts = pairs.value_counts(sort=False).sort_index()
-        names = [f"{m} \u2192 {v}" for m, v in counts.index]
-        axes[1].barh(names, counts.to_numpy(), color="#4f81bd")
+    # The right panel shows released counts only (differential privacy, dicomops.feedback.privacy):
+    # a picture in MLflow is a release like any other, and an exact small cell singles out a patient.
+    released = released_table(work, ("vendor",))
+    keys = _vendor_keys(paths)
+    if released is not None and len(released):
+        names = [f"{m} \u2192 {keys.get(m, 'no label, not in CV')}" for m in released.cell]
+        axes[1].barh(names, released["count"].to_numpy(), color="#4f81bd")
         axes[1].bar_label(axes[1].containers[0], fontsize=10, padding=2)
         axes[1].invert_yaxis()
-    source = "vendor key in CV (labels.csv)" if labelled else "no labels.csv yet: no vendor key"
-    axes[1].set_title(f"Accepted series ({summary['accepted_series']}):\nmanufacturer \u2192 {source}",
-                      fontsize=12)
+        how = (f"OpenDP Laplace, \u03b5 = {released.epsilon.iloc[0]:g}; cells under "
+               f"{int(released.threshold.iloc[0])} suppressed")
+    else:
+        axes[1].text(0.5, 0.5, "no counts released\n(privacy off, budget spent, or every cell suppressed)",
+                     ha="center", va="center", fontsize=11, transform=axes[1].transAxes)
+        how = "nothing released"
+    source = "vendor key in CV (labels.csv)" if keys else "no labels.csv yet: no vendor key"
+    axes[1].set_title(f"Accepted series per manufacturer \u2192 {source}\n{how}", fontsize=12)
     for ax in axes:
         ax.tick_params(labelsize=11)
         ax.set_xlabel("count", fontsize=10)

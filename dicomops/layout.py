@@ -63,6 +63,7 @@ class IngestPaths:
     summary = property(lambda self: self.root / "summary.json")
     source = property(lambda self: self.root / "source.json")  # the source corpus's DVC md5, never its path
     picture = property(lambda self: self.root / "ingest_summary.png")
+    released = property(lambda self: self.root / "released")  # counts released under DP; nothing exact
     docs = property(lambda self: self.work / "reports" / "validation")
     deid = property(lambda self: self.work / "deid")
 

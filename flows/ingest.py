@@ -45,7 +45,8 @@ def ingest(src: Path, work: Path | None = None, config: IngestConfig = IngestCon
                 raise
             t.deidentify_corpus.submit(src, work, config).result()
             t.rekey_labels(src, work, config)
-            log_ingest(uri, run_id, work)
+            released = t.release_counts(work, config)  # counts for people: differentially private only
+            log_ingest(uri, run_id, work, released)
         print(f"ingest: {gate.accepted_files} files in {gate.accepted_series} series accepted, "
               f"{gate.quarantined_files} quarantined ({gate.quarantined_share:.1%})")
         result: dict[str, object] = {"mlflow_run_id": run_id, "accepted_series": gate.accepted_series,

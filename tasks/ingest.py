@@ -49,3 +49,20 @@ def rekey_labels(src: Path, work: Path, cfg: IngestConfig) -> Path | None:
 def reset_ingest(work: Path, source_dvc_md5: str) -> None:
     ingest.reset(work)
     ingest.record_source(work, source_dvc_md5)
+
+
+@task(name="release-counts")
+def release_counts(work: Path, cfg: IngestConfig) -> list[Path]:
+    """The configured tables of counts, under differential privacy; a spent budget releases nothing
+    and says so in the log (the batch itself goes on)."""
+    from prefect import get_run_logger
+
+    from dicomops.config import load_settings
+    from dicomops.feedback import privacy
+
+    ledger = privacy.ledger_for(work, load_settings().privacy_ledger)
+    try:
+        return privacy.publish_ingest(work, cfg.privacy, ledger)
+    except privacy.PrivacyBudgetExceededError as err:
+        get_run_logger().warning("no counts released: %s", err)
+        return []

@@ -37,7 +37,8 @@ def close_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
 
 
 @task(name="log-ingest", retries=2, retry_delay_seconds=[2, 10])
-def log_ingest(tracking_uri: str, run_id: str, work: Path) -> dict[str, float]:
+def log_ingest(tracking_uri: str, run_id: str, work: Path, released: list[Path] | None = None) -> dict[str, float]:
+    """The gate's figures and files; `released` are the counts released under differential privacy."""
     from dicomops import ingest
 
     metrics = ingest.ingest_metrics(work)
@@ -46,6 +47,8 @@ def log_ingest(tracking_uri: str, run_id: str, work: Path) -> dict[str, float]:
     tracking.log_artifacts(tracking_uri, run_id, [paths.quarantine, paths.expectations, paths.summary,
                                                   paths.validation, ingest.plot_ingest(work)], "ingest")
     tracking.log_artifacts(tracking_uri, run_id, [paths.docs], "ingest")
+    if released:
+        tracking.log_artifacts(tracking_uri, run_id, released, "ingest/released")
     tracking.set_tags(tracking_uri, run_id, {PROFILE_TAG: PROFILE_NAME})
     return metrics
 

@@ -76,7 +76,8 @@ FLOAT_COLUMNS = ("SliceThickness", "SpacingBetweenSlices", "KVP", "RescaleSlope"
                  "XRayTubeCurrent", "GantryDetectorTilt", "PatientSize", "PatientWeight")
 # Every tag the index row reads; the fast reader keeps exactly these.
 WANTED_KEYWORDS = tuple(sorted(set(REQUIRED_TAGS) | set(UID_COLUMNS) | set(TEXT_COLUMNS) | set(INT_COLUMNS)
-                               | set(FLOAT_COLUMNS) | {"ImageType", "WindowCenter", "WindowWidth", "StudyDate"}))
+                               | set(FLOAT_COLUMNS) | {"ImageType", "WindowCenter", "WindowWidth", "StudyDate",
+                                                      "InstitutionName"}))
 
 
 @dataclass(frozen=True)
@@ -500,6 +501,9 @@ def _index_row(ds: HeaderSource, syntax: UID, pixel: PixelElement | None, source
     for keyword in UID_COLUMNS:
         raw = _text(ds, keyword)
         row[keyword] = mapper.uid(raw) if raw else None
+    institution = (_text(ds, "InstitutionName") or "").strip()
+    # The site as a keyed token (SI-…): released counts per site never name the institution.
+    row["Site"] = mapper.token("site", institution.upper()) if institution else ""
     study_date = _text(ds, "StudyDate") or ""
     row[STUDY_DATE_VERDICT] = da_verdict(study_date)  # judged before the shift; only the verdict travels
     row["StudyDate"] = mapper.shift_date(study_date, patient) if study_date.strip() else ""

@@ -9,9 +9,11 @@ import pytest
 from typer.testing import CliRunner
 
 import mlflow
+from dicomops import ingest as ingest_module
 from dicomops.cli import app
 from dicomops.config import IngestConfig
 from dicomops.deid import scan_for_phi
+from dicomops.feedback import privacy
 from flows.ingest import ingest
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -61,6 +63,20 @@ def test_ingest_flow_accepts_quarantines_logs_and_leaks_nothing(
             "ingest/validation"} <= artifacts
     docs = {a.path for a in client.list_artifacts(run.info.run_id, "ingest/validation")}
     assert "ingest/validation/index.html" in docs
+
+    # Counts leave only through OpenDP: every released cell reached the threshold, the tiny ones never
+    # appear (a cell of 3 passes a threshold of 14 with probability about 1e-5), and the ledger paid.
+    assert {"ingest/released/released_counts.csv", "ingest/released/released_counts.png"} <= \
+        {a.path for a in client.list_artifacts(run.info.run_id, "ingest/released")}
+    released = pd.read_csv(work / "ingest/released/released_counts.csv", keep_default_na=False)
+    assert (released["count"] >= released.threshold).all() and (released.epsilon == 1.0).all()
+    exact = privacy.cohort(pd.read_parquet(work / "ingest/instances.parquet"))
+    for by in IngestConfig().privacy.releases:
+        sizes = exact.groupby(list(by)).size()
+        tiny = {" \u00d7 ".join(map(str, k if isinstance(k, tuple) else (k,))) for k in sizes[sizes <= 3].index}
+        assert not tiny & set(released.cell[released.release == privacy.release_name(by)])
+    ledger = privacy.PrivacyLedger(work / "privacy/ledger.json").entry(ingest_module.source_dvc_md5(work) or "")
+    assert ledger.spent_epsilon == pytest.approx(len(IngestConfig().privacy.releases))
 
     needles = _needles(mixed_corpus)
     for place in (work, tmp_path / "mlflow", PREFECT_HOME, _prefect_database()):

@@ -1,0 +1,376 @@
+"""Counts released to people under differential privacy (OpenDP), and the ledger that budgets them.
+
+What is protected: the *released aggregates* (series per vendor, site, month, age band and sex in
+MLflow, Data Docs and cards). One patient joining or leaving the corpus changes each released table
+by a bounded, noise-hidden amount. What is not: the records themselves, which the PS3.15
+de-identification at the gate handles; and the exact counts, which stay in the work directory for
+the pipeline's own use and never leave it.
+
+Each release is OpenDP's ``count_by`` followed by ``laplace_threshold``: a Laplace count per cell,
+and every cell whose noisy count is under the threshold suppressed. The threshold is the larger of
+the configured smallest cell and the one OpenDP needs for the release's delta, so a category only one
+patient has (a rare scanner, one site) cannot be told apart from one that does not exist. Noise
+comes from OpenDP's own floating-point-safe samplers and the operating system's CSPRNG: there is no
+seed, on purpose (noise that can be replayed can be subtracted).
+
+The ledger charges a dataset (the source corpus's DVC hash) what OpenDP's privacy map says each
+release costs, before the noise is drawn, and refuses a release that would exceed the budget. A table
+already released for the same dataset and specification is published again as it was: re-reading
+a released value is post-processing and costs nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from filelock import FileLock
+
+from dicomops import io
+from dicomops.config import PrivacyConfig
+from dicomops.deid.keys import MALFORMED_DATE
+from dicomops.errors import DicomOpsError
+
+COHORT_COLUMNS = ("vendor", "site", "month", "age_band", "sex")
+UNKNOWN = "unknown"
+_AGE = re.compile(r"^(\d{3})([DWMY])$")
+
+
+class PrivacyBudgetExceededError(DicomOpsError):
+    """A release would spend more of a dataset's privacy budget than the ledger allows."""
+
+
+@dataclass(frozen=True)
+class Release:
+    """One released table: the noisy counts that survived suppression, and what it cost."""
+
+    name: str
+    dataset: str
+    by: tuple[str, ...]
+    epsilon: float
+    delta: float
+    scale: float
+    threshold: int
+    table: pd.DataFrame  # columns: *by, count (noisy); suppressed cells are absent
+    reused: bool = False
+
+    @property
+    def caption(self) -> str:
+        return (f"OpenDP Laplace, \u03b5 = {self.epsilon:g}, \u03b4 = {self.delta:.0e}; cells under "
+                f"{self.threshold} suppressed")
+
+
+@dataclass
+class LedgerEntry:
+    spent_epsilon: float = 0.0
+    spent_delta: float = 0.0
+    releases: list[dict[str, Any]] = field(default_factory=list)
+
+
+class PrivacyLedger:
+    """Per-dataset privacy spending in one JSON file, safe for several processes (a file lock)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def _read(self) -> dict[str, Any]:
+        return json.loads(self.path.read_text()) if self.path.exists() else {"datasets": {}}
+
+    def entry(self, dataset: str) -> LedgerEntry:
+        raw = self._read()["datasets"].get(dataset)
+        return LedgerEntry(**raw) if raw else LedgerEntry()
+
+    def lock(self) -> FileLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.path) + ".lock", timeout=60)
+
+    def charge(self, dataset: str, record: dict[str, Any], cfg: PrivacyConfig) -> None:
+        """Add `record` (its ``epsilon``, ``delta``) to the dataset's spending, or refuse.
+
+        Must be called under :meth:`lock`.
+
+        Raises:
+            PrivacyBudgetExceededError: the release would take the dataset past its budget.
+        """
+        ledger = self._read()
+        entry = ledger["datasets"].setdefault(dataset, LedgerEntry().__dict__)
+        eps = entry["spent_epsilon"] + record["epsilon"]
+        delta = entry["spent_delta"] + record["delta"]
+        # A relative slack: sums of floats must not refuse the release that exactly fills the budget.
+        if eps > cfg.budget_epsilon * (1 + 1e-9) or delta > cfg.budget_delta * (1 + 1e-9):
+            raise PrivacyBudgetExceededError(
+                f"release {record['name']!r} of dataset {dataset[:12]} needs \u03b5 {record['epsilon']:g}, "
+                f"\u03b4 {record['delta']:.1e}, but {len(entry['releases'])} earlier releases spent "
+                f"\u03b5 {entry['spent_epsilon']:g} of {cfg.budget_epsilon:g} and \u03b4 {entry['spent_delta']:.1e} "
+                f"of {cfg.budget_delta:.1e} ({self.path}). Nothing was released. Reuse the released tables, "
+                "release fewer tables (ingest.privacy.releases) or, if the data governance board agrees, "
+                "raise ingest.privacy.budget_epsilon")
+        entry.update(spent_epsilon=eps, spent_delta=delta, releases=[*entry["releases"], record])
+        io.write_json(self.path, ledger)
+
+    def find(self, dataset: str, spec: str) -> dict[str, Any] | None:
+        for record in self.entry(dataset).releases:
+            # A release paid for but never drawn (a crash between the two) is not reused: drawn again, paid again.
+            if record.get("spec") == spec and record.get("cells") is not None:
+                return record
+        return None
+
+
+def ledger_for(work: Path, configured: Path | None) -> PrivacyLedger:
+    """The site's shared ledger when one is configured, else the work directory's own."""
+    return PrivacyLedger(configured or Path(work) / "privacy" / "ledger.json")
+
+
+def age_band(value: object) -> str:
+    """DICOM AS (``045Y``, ``003M``) → a decade band; 90 and over pooled (as HIPAA pools them)."""
+    match = _AGE.match(str(value or "").strip())
+    if not match:
+        return UNKNOWN
+    years = int(match.group(1)) if match.group(2) == "Y" else 0
+    if years >= 90:
+        return "90+"
+    low = years // 10 * 10
+    return f"{low:02d}-{low + 9:02d}"
+
+
+def _month(value: object) -> str:
+    text = str(value or "").strip()
+    if len(text) != 8 or not text.isdigit() or text == MALFORMED_DATE:
+        return UNKNOWN
+    return f"{text[:4]}-{text[4:6]}"
+
+
+def cohort(instances: pd.DataFrame) -> pd.DataFrame:
+    """One row per accepted series with the released columns and the patient's pseudonym.
+
+    `instances` is the gate's de-identified instance table: ``month`` is the study month on the
+    shifted calendar of the training side (each patient's dates move 1–3 years back), never the
+    original one; ``site`` is the keyed token of InstitutionName the reader wrote.
+    """
+    if instances.empty:
+        return pd.DataFrame(columns=["patient", "series", *COHORT_COLUMNS])
+    first = instances.sort_values(["SeriesInstanceUID"]).groupby("SeriesInstanceUID", sort=True).first()
+    site = first["Site"] if "Site" in first else pd.Series("", index=first.index)
+
+    def text(column: str) -> pd.Series:
+        return first[column].fillna("").astype(str).str.strip() if column in first else pd.Series("", index=first.index)
+
+    sex = text("PatientSex").str.upper()
+    return pd.DataFrame({
+        "patient": text("PatientID").to_numpy(),
+        "series": first.index.to_numpy(),
+        "vendor": text("Manufacturer").replace("", UNKNOWN).to_numpy(),
+        "site": site.fillna("").astype(str).replace("", UNKNOWN).to_numpy(),
+        "month": text("StudyDate").map(_month).to_numpy(),
+        "age_band": text("PatientAge").map(age_band).to_numpy(),
+        "sex": sex.where(sex.isin(["M", "F", "O"]), UNKNOWN).to_numpy(),
+    })
+
+
+def bound_contributions(rows: pd.DataFrame, max_per_patient: int) -> pd.DataFrame:
+    """Keep at most `max_per_patient` rows of each patient (the first by series id): the contribution
+    bound the sensitivity rests on. Which rows stay depends on that patient's rows only."""
+    ordered = rows.sort_values(["patient", "series"], kind="stable")
+    return ordered.groupby("patient", sort=False).head(max_per_patient).reset_index(drop=True)
+
+
+def _measurement(scale: float, threshold: int) -> Any:
+    import opendp.prelude as dp
+
+    dp.enable_features("contrib")
+    space = dp.vector_domain(dp.atom_domain(T=str)), dp.symmetric_distance()
+    return dp.t.make_count_by(*space, TV=int) >> dp.m.then_laplace_threshold(scale=scale, threshold=threshold)
+
+
+def calibrate(cfg: PrivacyConfig) -> tuple[float, int, float, float]:
+    """Scale and threshold for one release: (scale, threshold, epsilon, delta) as OpenDP maps them.
+
+    The distance in is the contribution bound (adding or removing one patient changes at most that
+    many rows); the scale gives the configured epsilon, the threshold the configured delta or the
+    smallest released cell, whichever is larger.
+    """
+    return _calibrate(cfg.max_series_per_patient, cfg.epsilon, cfg.delta, cfg.min_cell)
+
+
+@lru_cache(maxsize=32)
+def _calibrate(d_in: int, epsilon: float, delta: float, min_cell: int) -> tuple[float, int, float, float]:
+    import opendp.prelude as dp
+
+    scale = d_in / epsilon
+    needed = int(dp.binary_search(lambda t: _measurement(scale, int(t)).map(d_in)[1] <= delta,
+                                  bounds=(d_in, 1_000_000), T=int))
+    threshold = max(needed, min_cell)
+    spent_epsilon, spent_delta = _measurement(scale, threshold).map(d_in)
+    return scale, threshold, float(spent_epsilon), float(spent_delta)
+
+
+def release_name(by: Sequence[str]) -> str:
+    return "series by " + " \u00d7 ".join(by)
+
+
+def _key(values: Sequence[str]) -> str:
+    return "\x1f".join(values)
+
+
+def release_counts(rows: pd.DataFrame, by: Sequence[str], cfg: PrivacyConfig, ledger: PrivacyLedger,
+                   dataset: str, name: str | None = None) -> Release:
+    """Release the series count of each cell of `by` over `rows` (:func:`cohort`'s table).
+
+    Raises:
+        PrivacyBudgetExceededError: the dataset's budget cannot pay for this release.
+        ValueError: `by` names a column `rows` does not have.
+    """
+    by = tuple(by)
+    if missing := [c for c in by if c not in rows]:
+        raise ValueError(f"cannot release counts by {missing}: the cohort has columns {list(rows.columns)}")
+    name = name or release_name(by)
+    scale, threshold, epsilon, delta = calibrate(cfg)
+    spec = json.dumps({"by": by, "epsilon": cfg.epsilon, "delta": cfg.delta, "min_cell": cfg.min_cell,
+                       "bound": cfg.max_series_per_patient, "rows": _digest(rows, by)}, sort_keys=True)
+    with ledger.lock():
+        if (earlier := ledger.find(dataset, spec)) is not None:
+            return _from_record(earlier, dataset, reused=True)
+        record = {"name": name, "by": list(by), "epsilon": epsilon, "delta": delta, "scale": scale,
+                  "threshold": threshold, "spec": spec,
+                  "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+        ledger.charge(dataset, record | {"cells": None}, cfg)  # paid before any noise is drawn
+        kept = bound_contributions(rows, cfg.max_series_per_patient)
+        keys = [_key(v) for v in kept[list(by)].astype(str).itertuples(index=False, name=None)]
+        noisy = _measurement(scale, threshold)(keys) if keys else {}
+        cells = [[*k.split("\x1f"), int(v)] for k, v in sorted(noisy.items())]
+        _store_cells(ledger, dataset, spec, cells)
+    return _from_record(record | {"cells": cells}, dataset)
+
+
+def _digest(rows: pd.DataFrame, by: tuple[str, ...]) -> str:
+    """Which data a release was drawn from (a hash, never the rows): a changed corpus is a new release."""
+    text = rows[["patient", "series", *by]].astype(str).sort_values(["patient", "series"]).to_csv(index=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _store_cells(ledger: PrivacyLedger, dataset: str, spec: str, cells: list[list[Any]]) -> None:
+    raw = ledger._read()
+    for record in raw["datasets"][dataset]["releases"]:
+        if record["spec"] == spec:
+            record["cells"] = cells
+    io.write_json(ledger.path, raw)
+
+
+def _from_record(record: dict[str, Any], dataset: str, reused: bool = False) -> Release:
+    by = tuple(record["by"])
+    table = pd.DataFrame(record["cells"] or [], columns=[*by, "count"])
+    return Release(name=record["name"], dataset=dataset, by=by, epsilon=record["epsilon"], delta=record["delta"],
+                   scale=record["scale"], threshold=record["threshold"], table=table, reused=reused)
+
+
+def release_cohort(instances: pd.DataFrame, cfg: PrivacyConfig, ledger: PrivacyLedger,
+                   dataset: str) -> list[Release]:
+    """Every configured table over the gate's accepted series; all or none (the budget is checked
+    for the whole set before the first is drawn)."""
+    if not cfg.enabled:
+        return []
+    rows = cohort(instances)
+    _, _, epsilon, delta = calibrate(cfg)
+    entry = ledger.entry(dataset)
+    specs = {json.dumps({"by": tuple(by), "epsilon": cfg.epsilon, "delta": cfg.delta, "min_cell": cfg.min_cell,
+                         "bound": cfg.max_series_per_patient, "rows": _digest(rows, tuple(by))}, sort_keys=True)
+             for by in cfg.releases}
+    new = len(specs - {r.get("spec") for r in entry.releases})
+    if new and (entry.spent_epsilon + new * epsilon > cfg.budget_epsilon * (1 + 1e-9)
+                or entry.spent_delta + new * delta > cfg.budget_delta * (1 + 1e-9)):
+        raise PrivacyBudgetExceededError(
+            f"the {new} new tables of dataset {dataset[:12]} need \u03b5 {new * epsilon:g}; "
+            f"{entry.spent_epsilon:g} of {cfg.budget_epsilon:g} is spent ({ledger.path}). Nothing was released. "
+            "Release fewer tables (ingest.privacy.releases), a smaller ingest.privacy.epsilon each, or, if "
+            "the data governance board agrees, raise ingest.privacy.budget_epsilon")
+    return [release_counts(rows, by, cfg, ledger, dataset) for by in cfg.releases]
+
+
+def publish_ingest(work: Path, cfg: PrivacyConfig, ledger: PrivacyLedger) -> list[Path]:
+    """Release the configured tables over the gate's accepted series into ``ingest/released/``.
+
+    The dataset charged is the source corpus (its DVC md5). Returns the files to show people.
+
+    Raises:
+        PrivacyBudgetExceededError: nothing was released; the folder is left empty.
+    """
+    from dicomops.ingest import source_dvc_md5
+    from dicomops.layout import WorkLayout
+
+    paths = WorkLayout(work).ingest
+    folder = paths.released
+    if folder.exists():
+        for old in folder.iterdir():
+            old.unlink()
+    dataset = source_dvc_md5(work)
+    if dataset is None:
+        raise ValueError(f"{paths.source} is missing: run the ingest flow, which records the source corpus")
+    releases = release_cohort(pd.read_parquet(paths.instances), cfg, ledger, dataset)
+    return write_releases(releases, folder) if releases else []
+
+
+def released_table(work: Path, by: Sequence[str]) -> pd.DataFrame | None:
+    """The released table of `by` from the last ingest (noisy counts, suppressed cells absent), or None."""
+    from dicomops.layout import WorkLayout
+
+    path = WorkLayout(work).ingest.released / "released_counts.csv"
+    if not path.exists():
+        return None
+    table = pd.read_csv(path, keep_default_na=False)
+    return table[table.release == release_name(by)].reset_index(drop=True)
+
+
+def cell_names(release: Release) -> list[str]:
+    return [" \u00d7 ".join(map(str, v)) for v in release.table[list(release.by)].itertuples(index=False, name=None)]
+
+
+def write_releases(releases: Sequence[Release], folder: Path) -> list[Path]:
+    """``released_counts.csv`` (every table, long form) and a picture of each; nothing exact."""
+    folder.mkdir(parents=True, exist_ok=True)
+    columns = ["release", "cell", "count", "epsilon", "delta", "threshold"]
+    frames = [pd.DataFrame({"release": r.name, "cell": cell_names(r), "count": r.table["count"].astype(int),
+                            "epsilon": r.epsilon, "delta": r.delta, "threshold": r.threshold}, columns=columns)
+              for r in releases]
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    csv = folder / "released_counts.csv"
+    io.write_csv(csv, table)
+    return [csv, plot_releases(releases, folder / "released_counts.png")] if releases else [csv]
+
+
+def plot_releases(releases: Sequence[Release], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(2, len(releases))
+    rows = math.ceil(len(releases) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 0.5 + 3.6 * rows), layout="constrained", squeeze=False)
+    for ax, release in zip(axes.flat, releases, strict=False):
+        names = cell_names(release)
+        if names:
+            ax.barh(names, release.table["count"].tolist(), color="#4f81bd")
+            ax.bar_label(ax.containers[0], fontsize=10, padding=2)
+            ax.invert_yaxis()
+            ax.set_xlabel("series (noisy count)", fontsize=10)
+            ax.margins(x=0.15)
+        else:
+            ax.text(0.5, 0.5, f"every cell suppressed\n(no noisy count reached {release.threshold})",
+                    ha="center", va="center", fontsize=11, color="#555555", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        ax.set_title(f"{release.name}\n{release.caption}", fontsize=11)
+    for ax in list(axes.flat)[len(releases):]:
+        ax.set_visible(False)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
