@@ -363,6 +363,22 @@ class ServeConfig(_Section):
     batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="Dynamic batching: longest wait to fill a batch.")
 
 
+class FeedbackConfig(_Section):
+    """Readers' judgements of the model's results: who may give them, how conflicts resolve, when
+    they call for a retrain."""
+
+    reviewers: dict[str, Literal["reader", "senior"]] = Field(
+        default_factory=dict, description="Reader id → role. Only these readers' feedback is taken; each "
+                                          "one's token comes from DICOMOPS_REVIEWER_TOKENS (id=token,...).")
+    conflict_rule: Literal["senior", "majority"] = Field(
+        "senior", description="Readers who disagree on a series: a senior reader's label wins (then the "
+                              "majority), or the majority alone; a tie leaves the series unresolved.")
+    window_days: float = Field(90.0, gt=0, description="Agreement with readers over this rolling window.")
+    min_cases: int = Field(10, ge=1, description="Fewer reader-labelled series give no agreement figure.")
+    min_kappa: float = Field(0.6, ge=-1, le=1, description="Agreement below this calls for a retrain.")
+    corrections: int = Field(20, ge=1, description="This many corrections since the last retrain call for one.")
+
+
 class PipelineConfig(_Section):
     """Everything a pipeline run can be told; one section per stage."""
 
@@ -374,6 +390,7 @@ class PipelineConfig(_Section):
     export: ExportConfig = ExportConfig()
     monitor: MonitorConfig = MonitorConfig()
     serve: ServeConfig = ServeConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
     experiment: str = Field("dicomops", description="MLflow experiment for pipeline runs.")
 
     @classmethod
@@ -416,6 +433,8 @@ class Settings(BaseSettings):
     http_budget_s: float = Field(
         120.0, ge=40, description="An outage of an HTTP server (MLflow, Prefect) ends a run within this many "
                                   "seconds, client and task retries included.")
+    reviewer_tokens: SecretStr | None = Field(
+        None, description="Each configured reviewer's token for the review endpoint: 'id=token,id=token'.")
     privacy_ledger: Path | None = Field(
         None, description="The privacy ledger shared by every work directory of a site (one budget per dataset). "
                           "Default: privacy/ledger.json in the work directory, which budgets that directory only.")

@@ -69,6 +69,20 @@ class IngestPaths:
 
 
 @dataclass(frozen=True)
+class FeedbackPaths:
+    """Readers' feedback: every item (the history), and the labels it resolves to."""
+
+    work: Path
+
+    @property
+    def root(self) -> Path:
+        return self.work / "feedback"
+
+    items = property(lambda self: self.root / "items.parquet")
+    labels = property(lambda self: self.root / "labels.csv")  # one resolved reader label per series
+
+
+@dataclass(frozen=True)
 class PacsPaths:
     """Studies taken from a PACS: where the changes feed was left, which studies were handled and
     how, and one work directory per study (named by its token, never its UID)."""
@@ -221,6 +235,10 @@ class WorkLayout:
     @property
     def segment(self) -> SegmentPaths:
         return SegmentPaths(self.root)
+
+    @property
+    def feedback(self) -> FeedbackPaths:
+        return FeedbackPaths(self.root)
 
     @property
     def pacs(self) -> PacsPaths:

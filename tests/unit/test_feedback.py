@@ -1,0 +1,126 @@
+"""Readers' feedback: reviewers, items, the store, conflict rules, agreement, the retrain trigger."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import cohen_kappa_score
+
+from dicomops.config import FeedbackConfig
+from dicomops.deid.keys import KeyedMapper
+from dicomops.feedback import store
+from dicomops.feedback.store import FeedbackStore, Reviewers, UnknownReaderError
+
+CFG = FeedbackConfig(reviewers={"ada": "senior", "bo": "reader", "cy": "reader"}, min_cases=4, corrections=3)
+T0 = dt.datetime(2026, 11, 1, 9, 0, tzinfo=dt.UTC)
+
+
+def _item(reader: str, series: str, verdict: str, model_label: int = 1, label: int | None = None,
+          minutes: int = 0, version: str = "3", vendor: str = "GE") -> dict[str, object]:
+    return store.make_item(reader=reader, role=CFG.reviewers[reader], source="endpoint", verdict=verdict,
+                           series=series, vendor=vendor, model="dicomops-ct-classifier", version=version,
+                           model_label=model_label, model_score=0.9 if model_label else 0.1, reader_label=label,
+                           at=T0 + dt.timedelta(minutes=minutes))
+
+
+def test_only_configured_reviewers_with_their_token_are_taken() -> None:
+    reviewers = Reviewers.from_config(CFG, "ada=" + "a" * 24 + ", bo=" + "b" * 24)
+    assert reviewers.authenticate("ada", "a" * 24) == "senior"
+    assert reviewers.role("cy") == "reader"  # configured, no token: PACS feedback only
+    for reader, token in (("ada", "b" * 24), ("cy", "c" * 24), ("mallory", "a" * 24), ("ada", "")):
+        with pytest.raises(UnknownReaderError, match="unknown reviewer or wrong token"):
+            reviewers.authenticate(reader, token)
+    with pytest.raises(UnknownReaderError, match="'mallory' is not a configured reviewer"):
+        reviewers.role("mallory")
+    with pytest.raises(ValueError, match="'eve', who is not in feedback.reviewers"):
+        Reviewers.from_config(CFG, "eve=" + "e" * 24)
+    with pytest.raises(ValueError, match="at least 16 characters"):
+        Reviewers.from_config(CFG, "ada=short")
+
+
+def test_items_carry_the_readers_label_and_provenance() -> None:
+    assert _item("bo", "s1", "accept")["reader_label"] == 1
+    rejected = _item("bo", "s1", "reject")
+    assert rejected["reader_label"] == 0 and rejected["changed"] == "label 1 \u2192 0"
+    assert _item("bo", "s1", "correct", label=1)["changed"] == "nothing"
+    with pytest.raises(ValueError, match="a correction needs the reader's label"):
+        _item("bo", "s1", "correct")
+    with pytest.raises(ValueError, match="contradicts reader_label"):
+        _item("bo", "s1", "accept", label=0)
+    with pytest.raises(ValueError, match="verdict must be one of"):
+        _item("bo", "s1", "maybe")
+    # The same judgement (same reference) is one item, whenever it is seen.
+    a = store.make_item(reader="bo", role="reader", source="pacs-sr", verdict="accept", series="s1", vendor="GE",
+                        model="m", version="3", model_label=1, model_score=0.8, ref="SR-ABC")
+    b = store.make_item(reader="bo", role="reader", source="pacs-sr", verdict="accept", series="s1", vendor="GE",
+                        model="m", version="3", model_label=1, model_score=0.8, ref="SR-ABC",
+                        at=T0 + dt.timedelta(days=2))
+    assert a["item"] == b["item"]
+
+
+def test_the_store_keeps_history_and_never_an_original_uid(tmp_path: Path) -> None:
+    mapper = KeyedMapper(b"k" * 32)
+    original = "1.2.840.113619.2.55.3.604688119.969.1268071029.320"
+    series = mapper.uid(original)  # how the gate names the series on the training side
+    feedback = FeedbackStore(tmp_path)
+    first = _item("bo", series, "accept")
+    assert feedback.add([first, _item("bo", series, "reject", minutes=5)]) == 2
+    assert feedback.add([first]) == 0  # seen again: not stored twice
+    assert feedback.items().verdict.tolist() == ["accept", "reject"]
+    assert original.encode() not in feedback.path.read_bytes()
+    assert series.encode() in feedback.path.read_bytes()
+
+
+def test_conflicts_resolve_by_the_configured_rule() -> None:
+    items = pd.DataFrame([
+        _item("bo", "s1", "accept"), _item("cy", "s1", "accept"), _item("ada", "s1", "reject"),  # senior says 0
+        _item("bo", "s2", "accept"), _item("cy", "s2", "reject"),                                # a tie
+        _item("bo", "s3", "reject"), _item("bo", "s3", "accept", minutes=10),                    # changed mind
+    ])
+    senior = store.resolve(items, "senior").set_index("SeriesInstanceUID")
+    assert senior.label.to_dict() == {"s1": 0, "s2": -1, "s3": 1}
+    assert senior.conflict.to_dict() == {"s1": True, "s2": True, "s3": False}
+    assert senior.readers["s1"] == "ada=0;bo=1;cy=1"
+    assert store.resolve(items, "majority").set_index("SeriesInstanceUID").label["s1"] == 1
+
+    labels = pd.DataFrame({"SeriesInstanceUID": ["s1", "s2", "s4"], "label": [1, 1, 0]})
+    pool = store.override_labels(labels, store.resolve(items, "senior")).set_index("SeriesInstanceUID")
+    assert pool.label.to_dict() == {"s1": 0, "s2": 1, "s4": 0}
+    assert pool.label_before.to_dict() == {"s1": 1, "s2": 1, "s4": 0}
+    assert pool.label_source.to_dict() == {"s1": "reader", "s2": "generator", "s4": "generator"}
+
+
+def test_agreement_is_cohens_kappa_per_vendor_over_the_window() -> None:
+    said = [1, 1, 0, 0, 1, 0, 1, 0]
+    truth = [1, 0, 0, 0, 1, 1, 1, 0]
+    items = [_item("bo", f"s{i}", "accept" if s == t else "reject", model_label=s, minutes=i,
+                   vendor="GE" if i < 4 else "SIEMENS") for i, (s, t) in enumerate(zip(said, truth, strict=True))]
+    items.append(_item("bo", "old", "reject", model_label=1, minutes=-200 * 24 * 60))  # outside 90 days
+    table = store.agreement(pd.DataFrame(items), CFG, now=T0 + dt.timedelta(days=1)).set_index("vendor")
+    assert table.loc["all", "series"] == 8
+    assert table.loc["all", "kappa"] == pytest.approx(cohen_kappa_score(said, truth))
+    assert table.loc["all", "disagreement"] == pytest.approx(2 / 8)
+    assert table.loc["GE", "kappa"] == pytest.approx(cohen_kappa_score(said[:4], truth[:4]))
+    small = store.agreement(pd.DataFrame(items[:3]), CFG, now=T0 + dt.timedelta(days=1))
+    assert np.isnan(small.kappa).all()  # under min_cases
+
+
+def test_a_retrain_is_due_at_the_threshold_and_not_before() -> None:
+    now = T0 + dt.timedelta(days=1)
+    agreeing = [_item("bo", f"a{i}", "accept", model_label=i % 2, minutes=i) for i in range(20)]
+    corrections = [_item("bo", f"c{i}", "reject", minutes=100 + i) for i in range(3)]
+    assert store.retrain_due(pd.DataFrame(agreeing + corrections[:2]), CFG, "3", now=now) is None
+    reason = store.retrain_due(pd.DataFrame(agreeing + corrections), CFG, "3", now=now)
+    assert reason == "3 corrections of version 3 since it was deployed"
+    # Corrections before the last feedback retrain do not count again; another version's never do.
+    after = (T0 + dt.timedelta(minutes=101)).isoformat(timespec="seconds")
+    assert store.retrain_due(pd.DataFrame(agreeing + corrections), CFG, "3", since=after, now=now) is None
+    assert store.retrain_due(pd.DataFrame(agreeing + corrections), CFG, "4", now=now) is None
+    # Low agreement on enough series calls for a retrain by itself.
+    poor = [_item("bo", f"p{i}", "reject" if i % 2 else "accept", model_label=i % 2, minutes=i) for i in range(8)]
+    reason = store.retrain_due(pd.DataFrame(poor), CFG.model_copy(update={"corrections": 100}), "3", now=now)
+    assert reason is not None and reason.startswith("agreement with readers fell to kappa")
