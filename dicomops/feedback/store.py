@@ -101,7 +101,7 @@ def make_item(*, reader: str, role: str, source: str, verdict: str, series: str,
     if verdict == "correct":
         if reader_label not in (0, 1):
             raise ValueError("a correction needs the reader's label: 0 (no nodule) or 1 (nodule)")
-        label = int(reader_label)  # type: ignore[arg-type]
+        label = int(reader_label)
     else:
         if reader_label is not None and reader_label != (model_label if verdict == "accept" else 1 - model_label):
             raise ValueError(f"verdict {verdict!r} of a model label {model_label} contradicts reader_label "

@@ -36,7 +36,7 @@ def test_only_configured_reviewers_with_their_token_are_taken() -> None:
             reviewers.authenticate(reader, token)
     with pytest.raises(UnknownReaderError, match="'mallory' is not a configured reviewer"):
         reviewers.role("mallory")
-    with pytest.raises(ValueError, match="'eve', who is not in feedback.reviewers"):
+    with pytest.raises(ValueError, match=r"'eve', who is not in feedback\.reviewers"):
         Reviewers.from_config(CFG, "eve=" + "e" * 24)
     with pytest.raises(ValueError, match="at least 16 characters"):
         Reviewers.from_config(CFG, "ada=short")
