@@ -515,7 +515,8 @@ def online(
                              ingest=cfg.ingest.model_copy(update={"workers": serve.gate_workers}), key=b"",
                              tracking_uri=settings.mlflow_tracking_uri, pacs_url=None, cache_ttl_s=serve.cache_ttl_s,
                              http_budget_s=settings.http_budget_s,
-                             segmenter_name=cfg.segment.model_name if serve.localise else None)
+                             segmenter_name=cfg.segment.model_name if serve.localise else None,
+                             feedback=cfg.feedback)
     scaling = ray_app.Scaling(serve.replicas, serve.max_batch, serve.batch_wait_ms / 1000)
     try:
         launched = ray_app.launch(options, scaling, serve.host, serve.port, redis_port, serve.cache_maxmemory_mb)

@@ -12,6 +12,9 @@ Two requests:
 - ``POST /v1/slabs`` with an ``.npy`` body (float32, (N, C, H, W) in the model's input contract):
   the probability of each slab and, for a whole series, its score and finding.
 
+- ``POST /v1/feedback`` with a reader's own token: that reader accepts, rejects or corrects the
+  result this service (or a batch) gave for a series (:mod:`dicomops.feedback.review`).
+
 Every slab goes through the engine's dynamic batcher (`score`: a coroutine the engine batches
 across requests), so concurrent studies share engine calls. The library path, the batch flow and
 this service run the same code on the same exported engine and agree exactly.
@@ -95,6 +98,24 @@ class ServiceOptions:
     cache_ttl_s: int
     http_budget_s: float = 120.0
     segmenter_name: str | None = None  # its champion's nodules and SEG join what is written back
+    feedback: Any = None  # FeedbackConfig: who may review results at /v1/feedback
+
+
+def _reviewers(cfg: Any) -> tuple[Any, str]:
+    """The configured reviewers and their tokens (DICOMOPS_REVIEWER_TOKENS), or None and why not.
+    A mistake there turns reviews off with its reason; it never stops the scoring."""
+    from dicomops.config import FeedbackConfig, load_settings
+    from dicomops.feedback.store import Reviewers
+
+    cfg = cfg or FeedbackConfig()
+    tokens = load_settings().reviewer_tokens
+    if not cfg.reviewers or tokens is None:
+        return None, "no reviewers configured (feedback.reviewers and DICOMOPS_REVIEWER_TOKENS)"
+    try:
+        return Reviewers.from_config(cfg, tokens.get_secret_value()), ""
+    except ValueError as err:
+        log.error("online service: reviews are off: %s", err)
+        return None, str(err)
 
 
 class Service:
@@ -119,13 +140,15 @@ class Service:
         except ValueError as err:  # no PACS credentials: slabs only
             log.warning("online service: no PACS (%s); /v1/studies answers 503", err)
         self.scratch = WorkLayout(options.work).serving / "scratch"
-        self.requests = {"studies": 0, "slabs": 0, "errors": 0}
+        self.requests = {"studies": 0, "slabs": 0, "feedback": 0, "errors": 0}
+        self.reviewers, self.reviewers_error = _reviewers(options.feedback)
 
     # -- requests ---------------------------------------------------------------------------------
     def answer_study(self, body: Any, batched: Any) -> dict[str, Any]:
         """A study reference → its findings. Blocking: run it in a worker thread."""
         from dicomops.deid.keys import KeyedMapper
         from dicomops.pacs.client import PacsError
+        from dicomops.serving.batch import record
         from dicomops.serving.predict import answer_pacs_study
 
         if not isinstance(body, dict) or not isinstance(body.get("study_instance_uid"), str) \
@@ -152,6 +175,8 @@ class Service:
             raise RequestError(503, f"the PACS did not answer: {err}") from None
         if answer.status != "scored":
             raise RequestError(422, f"the study was {answer.status} and nothing was written back: {answer.reason}")
+        # De-identified, as the batch flow keeps its results: what a reader's review is linked to.
+        record(self.options.work, f"online-{answer.study}", [answer], self.champion, None)
         return {"status": answer.status, "warm": answer.warm, "accepted_series": answer.accepted_series,
                 "quarantined_files": answer.quarantined_files, "results_stored": answer.results_stored,
                 "model": self.champion.describe(),
@@ -159,6 +184,19 @@ class Service:
                             "score": f.score, "present": f.present, "best_slice": f.best_z, "cache": f.cache}
                            for f in answer.findings],
                 "timings_s": {k: round(v, 4) for k, v in answer.timings.items()}}
+
+    def review(self, body: Any, authorization: str | None) -> dict[str, Any]:
+        """A configured reader's accept / reject / correction of a result this service gave."""
+        from dicomops.feedback.review import ReviewError, submit
+
+        if self.reviewers is None:
+            raise RequestError(503, f"reviews are off here: {self.reviewers_error}")
+        scheme, _, bearer = (authorization or "").partition(" ")
+        try:
+            return submit(body, bearer.strip() if scheme.lower() == "bearer" else "", self.reviewers,
+                          self.options.work, self.options.key)
+        except ReviewError as err:
+            raise RequestError(err.status, err.message) from None
 
     def parse_slabs(self, raw: bytes) -> np.ndarray:
         try:

@@ -143,6 +143,23 @@ def build_app(options: Any, scaling: Scaling) -> Any:
                 self.service.requests["errors"] += 1
                 return error(err)
 
+        @api.post("/v1/feedback")
+        async def feedback(self, request: Request) -> Response:
+            """A reader's review; authenticated by the reader's own token, not the service token."""
+            try:
+                try:
+                    body = await request.json()
+                except ValueError:
+                    body = None
+                loop = asyncio.get_running_loop()
+                stored = await loop.run_in_executor(self.io_threads, self.service.review, body,
+                                                    request.headers.get("authorization"))
+                self.service.requests["feedback"] += 1
+                return JSONResponse(stored)
+            except RequestError as err:
+                self.service.requests["errors"] += 1
+                return error(err)
+
         @api.get("/healthz")
         async def healthz(self) -> Response:
             return JSONResponse({"alive": True})

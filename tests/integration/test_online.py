@@ -20,7 +20,9 @@ import psutil
 import pydicom
 import pytest
 
+from dicomops.config import FeedbackConfig
 from dicomops.deid import scan_for_phi
+from dicomops.feedback.store import FeedbackStore
 from dicomops.deid.keys import KeyedMapper
 from dicomops.pacs.client import PASSWORD_ENV, URL_ENV, USER_ENV, PacsClient
 from dicomops.pacs.orthanc import OrthancProcess
@@ -44,6 +46,8 @@ from .test_serving_cache import require_redis
 pytest.importorskip("ray.serve", reason="the online extra is not installed (pip install -e '.[online]')")
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 TOKEN = secrets.token_urlsafe(24)
+READER_TOKEN = secrets.token_urlsafe(24)
+REVIEWERS = FeedbackConfig(reviewers={"ada": "senior", "bo": "reader"})
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +62,14 @@ def service(exported_champion: ExportedChampion, orthanc: OrthancProcess,  # noq
         env = {"MLFLOW_TRACKING_URI": exported_champion.uri, "DICOMOPS_MLFLOW_ARTIFACT_ROOT":
                str(exported_champion.artifacts), "DICOMOPS_DEID_KEY": KEY.decode(), URL_ENV: orthanc.url,
                USER_ENV: orthanc.credentials.user, PASSWORD_ENV: orthanc.credentials.password,
-               REDIS_URL_ENV: redis.url, REDIS_PASSWORD_ENV: password, TOKEN_ENV: TOKEN}
+               REDIS_URL_ENV: redis.url, REDIS_PASSWORD_ENV: password, TOKEN_ENV: TOKEN,
+               "DICOMOPS_REVIEWER_TOKENS": f"ada={READER_TOKEN}"}
         for k, v in env.items():
             mp.setenv(k, v)
         options = ServiceOptions(model_name=TINY.model_name, alias="champion", version=None, engine="auto",
                                  threads=1, work=root / "work", staging=root / "staging", ingest=CONFIG.ingest,
-                                 key=b"", tracking_uri=exported_champion.uri, pacs_url=None, cache_ttl_s=3600)
+                                 key=b"", tracking_uri=exported_champion.uri, pacs_url=None, cache_ttl_s=3600,
+                                 feedback=REVIEWERS)
         launched = ray_app.launch(options, ray_app.Scaling(max_batch=32, batch_wait_s=0.005), "127.0.0.1",
                                   free_port(), None, 64)
         try:
@@ -201,3 +207,45 @@ def test_a_study_the_gate_refuses_is_a_clear_error_and_nothing_is_written_back(
     assert study not in answer.text and "ONLINE-REFUSED-7" not in answer.text
     assert _reports(orthanc, study) == []
 
+
+
+def test_a_reader_reviews_a_result_online_and_only_configured_readers_are_heard(
+        service: tuple[str, redis_server.RedisServer, Path], orthanc: OrthancProcess,  # noqa: F811
+        tmp_path: Path) -> None:
+    """The review endpoint for sites without an SR-writing viewer: the reader's judgement reaches the
+    feedback store with provenance under the pseudonymous series UID; anyone else, or a bad body, is
+    refused with a clear error and nothing is stored."""
+    url, _, root = service
+    files = synthetic_study(tmp_path / "send", slices=12, matrix=128, index=31, vendor="siemens")
+    study = _send(orthanc, files)
+    _wait_stable(orthanc, {study})
+    answer = _ask(url, {"study_instance_uid": study})
+    assert answer.status_code == 200, answer.text
+    (finding,) = answer.json()["series"]
+    series_uid = finding["series_instance_uid"]
+    body = {"reader": "ada", "series_instance_uid": series_uid, "verdict": "reject"}
+
+    def review(request: object, token: str = READER_TOKEN) -> httpx.Response:
+        return httpx.post(f"{url}/v1/feedback", json=request, headers=_auth(token), timeout=60)
+
+    store = FeedbackStore(root / "work")
+    before = len(store.items())
+    assert review(body, token=TOKEN).status_code == 401  # the service token is not a reader's
+    bo = review({**body, "reader": "bo"})  # configured, but holds no token
+    assert bo.status_code == 401 and "unknown reviewer or wrong token" in bo.json()["error"]
+    assert review({**body, "reader": "mallory"}).status_code == 401
+    bad = review({**body, "verdict": "maybe"})
+    assert bad.status_code == 400 and '"verdict"' in bad.json()["error"]
+    unknown = review({**body, "series_instance_uid": "1.2.826.0.1.3680043.10.999.7"})
+    assert unknown.status_code == 404
+    assert len(store.items()) == before  # nothing stored by any refusal
+
+    stored = review(body)
+    assert stored.status_code == 200, stored.text
+    assert stored.json()["model_label"] == int(finding["present"])
+    assert stored.json()["reader_label"] == 1 - int(finding["present"])
+    item = store.items().iloc[-1]
+    assert (item.reader, item.role, item.source, item.verdict) == ("ada", "senior", "endpoint", "reject")
+    assert item.series == KeyedMapper(KEY).uid(series_uid) and item.version == str(answer.json()["model"]["version"])
+    assert series_uid not in stored.text
+    assert scan_for_phi(root / "work", _needles(files)) == []

@@ -124,3 +124,38 @@ def test_a_retrain_is_due_at_the_threshold_and_not_before() -> None:
     poor = [_item("bo", f"p{i}", "reject" if i % 2 else "accept", model_label=i % 2, minutes=i) for i in range(8)]
     reason = store.retrain_due(pd.DataFrame(poor), CFG.model_copy(update={"corrections": 100}), "3", now=now)
     assert reason is not None and reason.startswith("agreement with readers fell to kappa")
+
+
+def test_the_review_endpoint_links_by_pseudonym_and_refuses_without_storing(tmp_path: Path) -> None:
+    from dicomops.feedback.review import ReviewError, submit
+    from dicomops.serving.predict import RESULT_COLUMNS
+
+    key = b"r" * 32
+    original = "1.2.826.0.1.3680043.8.498.7731"
+    series = KeyedMapper(key).uid(original)
+    folder = tmp_path / "predict" / "online-ST-X"
+    folder.mkdir(parents=True)
+    row = dict.fromkeys(RESULT_COLUMNS, "") | {"study": "ST-X", "series": series, "manufacturer": "GE", "score": 0.83,
+                                               "present": True, "model": "dicomops-ct-classifier", "version": "7",
+                                               "status": "scored"}
+    pd.DataFrame([row]).to_csv(folder / "results.csv", index=False)
+    reviewers = Reviewers.from_config(CFG, "ada=" + "a" * 24)
+    body = {"reader": "ada", "series_instance_uid": original, "verdict": "correct", "label": 0}
+
+    refusals = [({**body, "verdict": "maybe"}, "a" * 24, 400), ({**body, "label": 2}, "a" * 24, 400),
+                ({**body, "series_instance_uid": "x; drop"}, "a" * 24, 400), ([1], "a" * 24, 400),
+                ({**body, "reader": "bo"}, "a" * 24, 401), (body, "b" * 24, 401),
+                ({**body, "series_instance_uid": "1.2.3.4"}, "a" * 24, 404),
+                ({**body, "verdict": "correct", "label": None}, "a" * 24, 400)]
+    for request, token, status in refusals:
+        with pytest.raises(ReviewError) as err:
+            submit(request, token, reviewers, tmp_path, key)
+        assert err.value.status == status, (request, err.value.message)
+    assert not FeedbackStore(tmp_path).path.exists()  # nothing stored on any refusal
+
+    stored = submit(body, "a" * 24, reviewers, tmp_path, key)
+    assert stored | {"item": ""} == {"stored": True, "item": "", "model": "dicomops-ct-classifier", "version": "7",
+                                     "model_label": 1, "reader_label": 0, "changed": "label 1 \u2192 0"}
+    (item,) = FeedbackStore(tmp_path).items().to_dict("records")
+    assert (item["series"], item["reader"], item["role"], item["source"]) == (series, "ada", "senior", "endpoint")
+    assert original not in str(stored) and original.encode() not in FeedbackStore(tmp_path).path.read_bytes()

@@ -1,0 +1,91 @@
+"""The review endpoint's logic: a configured reader accepts, rejects or corrects a result.
+
+For sites without a viewer that writes SR or SEG back to the PACS. The reader names the series by
+its own (original) SeriesInstanceUID, as their worklist shows it; the service turns it into the
+training side's pseudonymous UID with the de-identification key, finds the result it gave for that
+series (``WORK/predict/*/results.csv``, written by the batch flow and by the online service), and
+stores the judgement with its provenance. The original UID is never stored, logged or echoed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from dicomops.deid.keys import KeyedMapper
+from dicomops.feedback.store import VERDICTS, FeedbackStore, Reviewers, UnknownReaderError, make_item
+from dicomops.layout import WorkLayout
+
+UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+BODY = ('send JSON {"reader": "<your reviewer id>", "series_instance_uid": "<the series UID>", '
+        '"verdict": "accept" | "reject" | "correct", "label": 0 | 1 (with correct)}')
+
+
+class ReviewError(Exception):
+    """A refused review: its HTTP status and what the reader should change. Nothing was stored."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass(frozen=True)
+class ServedResult:
+    model: str
+    version: str
+    score: float
+    present: bool
+    manufacturer: str
+
+
+def latest_result(work: Path, series: str) -> ServedResult | None:
+    """The newest result any batch or the online service gave for `series` (pseudonymous UID)."""
+    folders = sorted((WorkLayout(work).root / "predict").glob("*/results.csv"), key=lambda p: p.stat().st_mtime)
+    for path in reversed(folders):
+        table = pd.read_csv(path, keep_default_na=False, dtype={"version": str})
+        hit = table[(table.get("series", pd.Series(dtype=str)) == series) & (table.status == "scored")]
+        if len(hit):
+            row = hit.iloc[-1]
+            return ServedResult(str(row.model), str(row.version), float(row.score),
+                                str(row.present).lower() in ("true", "1"), str(row.manufacturer))
+    return None
+
+
+def submit(body: Any, bearer: str, reviewers: Reviewers, work: Path, key: bytes) -> dict[str, Any]:
+    """Check, link and store one reader's judgement; return what was stored (no original UID).
+
+    Raises:
+        ReviewError: 400 a malformed body, 401 an unknown reader or a wrong token, 404 a series this
+            service never scored. Nothing is stored on any of them.
+    """
+    if not isinstance(body, dict):
+        raise ReviewError(400, BODY)
+    reader, uid, verdict = body.get("reader"), body.get("series_instance_uid"), body.get("verdict")
+    if not isinstance(reader, str) or not isinstance(uid, str) or not UID.match(uid) or len(uid) > 64 \
+            or verdict not in VERDICTS:
+        raise ReviewError(400, BODY)
+    label = body.get("label")
+    if label is not None and (isinstance(label, bool) or label not in (0, 1)):
+        raise ReviewError(400, "label must be 0 (no nodule) or 1 (nodule)")
+    try:
+        role = reviewers.authenticate(reader, bearer)
+    except UnknownReaderError as err:
+        raise ReviewError(401, f"{err}: send 'Authorization: Bearer <your reviewer token>' and your reviewer id "
+                               "(feedback.reviewers and DICOMOPS_REVIEWER_TOKENS where the service runs)") from None
+    series = KeyedMapper(key).uid(uid)
+    result = latest_result(work, series)
+    if result is None:
+        raise ReviewError(404, "this service has no result for that series; review a series it has scored")
+    try:
+        item = make_item(reader=reader, role=role, source="endpoint", verdict=str(verdict), series=series,
+                         vendor=result.manufacturer, model=result.model, version=result.version,
+                         model_label=int(result.present), model_score=result.score, reader_label=label)
+    except ValueError as err:
+        raise ReviewError(400, str(err)) from None
+    FeedbackStore(work).add([item])
+    return {"stored": True, "item": item["item"], "model": result.model, "version": result.version,
+            "model_label": item["model_label"], "reader_label": item["reader_label"], "changed": item["changed"]}
