@@ -17,7 +17,13 @@ from typing import Any
 import pandas as pd
 
 from dicomops.deid.keys import KeyedMapper
-from dicomops.feedback.store import VERDICTS, FeedbackStore, Reviewers, UnknownReaderError, make_item
+from dicomops.feedback.store import (
+    VERDICTS,
+    FeedbackStore,
+    Reviewers,
+    UnknownReaderError,
+    make_item,
+)
 from dicomops.layout import WorkLayout
 
 UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")

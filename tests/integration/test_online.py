@@ -22,8 +22,8 @@ import pytest
 
 from dicomops.config import FeedbackConfig
 from dicomops.deid import scan_for_phi
-from dicomops.feedback.store import FeedbackStore
 from dicomops.deid.keys import KeyedMapper
+from dicomops.feedback.store import FeedbackStore
 from dicomops.pacs.client import PASSWORD_ENV, URL_ENV, USER_ENV, PacsClient
 from dicomops.pacs.orthanc import OrthancProcess
 from dicomops.serving import ray_app, redis_server
