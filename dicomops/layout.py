@@ -80,6 +80,8 @@ class FeedbackPaths:
 
     items = property(lambda self: self.root / "items.parquet")
     labels = property(lambda self: self.root / "labels.csv")  # one resolved reader label per series
+    pacs_seen = property(lambda self: self.root / "pacs_seen.csv")  # every report looked at, by token, and why
+    cursor = property(lambda self: self.root / "cursor.json")  # how far the PACS changes feed was read
 
 
 @dataclass(frozen=True)

@@ -261,6 +261,26 @@ class PacsClient:
                 images[str(sop[0])] = str(series[0])
         return images
 
+    def report_instances(self, study_uid: str) -> list[tuple[str, str]]:
+        """QIDO-RS: (SeriesInstanceUID, SOPInstanceUID) of every structured report in the study:
+        dicomops's own and the readers' (a viewer's revision of a report is an SR too)."""
+        with translate_errors("listing a study's reports", self.server):
+            found = self._web.search_for_instances(
+                study_instance_uid=study_uid, fields=["SOPInstanceUID", "SOPClassUID", "SeriesInstanceUID"],
+                get_remaining=True)
+        reports = []
+        for item in found:
+            sop_class = str((item.get("00080016", {}).get("Value") or [""])[0])
+            sop, series = item.get("00080018", {}).get("Value"), item.get("0020000E", {}).get("Value")
+            if sop and series and sop_class.startswith(RESULT_CLASSES[0]):
+                reports.append((str(series[0]), str(sop[0])))
+        return sorted(reports)
+
+    def retrieve_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> Dataset:
+        """WADO-RS: one instance, as stored."""
+        with translate_errors("retrieving an instance", self.server):
+            return self._web.retrieve_instance(study_uid, series_uid, sop_uid, media_types=AS_STORED)
+
     def retrieve_study(self, study_uid: str, dest: Path) -> list[Path]:
         """WADO-RS: every instance of the study, as stored, into the new folder `dest`; return the files.
 

@@ -104,7 +104,7 @@ def handle_study(study_uid: str, pacs: Pacs, staging: Path, work: Path, cfg: Ing
     try:
         shutil.rmtree(staged, ignore_errors=True)  # what a killed process left
         pacs.retrieve_study(study_uid, staged)
-        outcome = _gate_score_answer(token, staged, study_work, pacs, cfg, key, champion, cache, digest)
+        outcome = _gate_score_answer(token, staged, study_work, pacs, cfg, key, champion, cache, digest, work)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     _record(work, outcome)
@@ -115,7 +115,8 @@ def handle_study(study_uid: str, pacs: Pacs, staging: Path, work: Path, cfg: Ing
 
 
 def _gate_score_answer(token: str, staged: Path, study_work: Path, pacs: Pacs, cfg: IngestConfig, key: bytes,
-                       champion: Any | None, cache: Any | None = None, digest: str | None = None) -> StudyOutcome:
+                       champion: Any | None, cache: Any | None = None, digest: str | None = None,
+                       work: Path | None = None) -> StudyOutcome:
     """The gate, the score and the answer, through the one path every prediction takes
     (:func:`dicomops.serving.predict.answer_staged`). A study that fails here for a reason of its own
     (a series the model or the report writer cannot take) is recorded as ``failed`` and the watch
@@ -133,11 +134,14 @@ def _gate_score_answer(token: str, staged: Path, study_work: Path, pacs: Pacs, c
             return StudyOutcome(token, "failed", reason=f"{type(err).__name__} during the ingest gate; not answered")
         return StudyOutcome(token, "ingested", gate.accepted_series, gate.quarantined_files, 0,
                             "no champion model: ingested, not scored")
+    from dicomops.serving.batch import record
     from dicomops.serving.predict import answer_staged, findings_frame, remember
 
     answer, entries = answer_staged(token, staged, study_work, cfg, key, champion, cache)
     if cache is not None and digest is not None:
         remember(cache, digest, answer, entries)
+    if work is not None and answer.status == "scored":  # de-identified, like a batch's: what readers' reviews meet
+        record(work, f"pacs-{token}", [answer], champion, None)
     if answer.status == "refused":
         return StudyOutcome(token, "refused", 0, answer.quarantined_files, 0, answer.reason)
     if answer.status == "failed":

@@ -1,0 +1,258 @@
+"""Readers' feedback from the PACS: a reader's verified revision of a dicomops report.
+
+A viewer that edits structured reports (OHIF's SR tools, 3D Slicer's) stores a reader's judgement
+of an AI result as a new SR in the same study that names the report it revises in its Predecessor
+Documents Sequence and, once the reader signs it, is VERIFIED by them (Verifying Observer Name). The
+reader accepts the result by signing it unchanged, and corrects it by changing the finding's
+present/absent evaluation. :func:`collect_once` follows Orthanc's changes feed (its own cursor),
+finds each such revision in a study that became stable, checks the reader is a configured
+reviewer, links the analysed series to the training pool by its keyed pseudonym and stores the
+item. Every report it looks at is recorded with its outcome (``feedback/pacs_seen.csv``, by token):
+a revision by an unknown reader, or one it cannot read, is refused with a reason, never dropped
+silently; dicomops's own reports are recorded as such and never looked at again.
+
+:func:`revise` writes such a revision, as a viewer would: the tests, and the demo's simulated
+readers, use it.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from filelock import FileLock
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import generate_uid
+
+from dicomops import io
+from dicomops.deid.keys import KeyedMapper
+from dicomops.feedback.review import latest_result
+from dicomops.feedback.store import FeedbackStore, Reviewers, UnknownReaderError, make_item
+from dicomops.layout import WorkLayout
+from dicomops.pacs.results import ABSENT, FINDING_TYPE, MANUFACTURER, PRESENT, SCORE
+
+SEEN_COLUMNS = ["report", "outcome", "reason", "at"]
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a dicomops report says: the analysed series (original UID: memory only), the call."""
+
+    sop_uid: str
+    series_uid: str
+    model: str
+    version: str
+    present: bool
+    score: float
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """A reader's revision of a report: who signed it, their call, which report it revises."""
+
+    reader: str
+    present: bool
+    predecessor: str
+    at: dt.datetime | None
+
+
+def _items(ds: Dataset) -> Iterator[Dataset]:
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _items(item)
+
+
+def _named(item: Dataset, code: Any) -> bool:
+    name = item.get("ConceptNameCodeSequence")
+    return bool(name) and name[0].CodeValue == code.value and name[0].CodingSchemeDesignator == code.scheme_designator
+
+
+def _finding(ds: Dataset) -> bool | None:
+    """The series finding's present/absent evaluation (the first in the tree: the series group)."""
+    for item in _items(ds):
+        if item.get("ValueType") == "CODE" and _named(item, FINDING_TYPE):
+            value = item.ConceptCodeSequence[0]
+            for code, answer in ((PRESENT, True), (ABSENT, False)):
+                if value.CodeValue == code.value and value.CodingSchemeDesignator == code.scheme_designator:
+                    return answer
+    return None
+
+
+def _score(ds: Dataset) -> float | None:
+    for item in _items(ds):
+        if item.get("ValueType") == "NUM" and _named(item, SCORE):
+            return float(item.MeasuredValueSequence[0].NumericValue)
+    return None
+
+
+def read_report(ds: Dataset) -> Report | None:
+    """A dicomops report's content, or None for any other SR."""
+    if str(ds.get("Manufacturer", "")) != MANUFACTURER:
+        return None
+    present, score = _finding(ds), _score(ds)
+    evidence = ds.get("CurrentRequestedProcedureEvidenceSequence")
+    if present is None or score is None or not evidence:
+        return None
+    series = str(evidence[0].ReferencedSeriesSequence[0].SeriesInstanceUID)
+    return Report(str(ds.SOPInstanceUID), series, str(ds.get("ManufacturerModelName", "")),
+                  str(ds.get("SoftwareVersions", "")), present, score)
+
+
+def read_assessment(ds: Dataset) -> Assessment | str:
+    """A reader's verified revision of a report, or why this SR is not one (a reason to record)."""
+    predecessors = ds.get("PredecessorDocumentsSequence")
+    if not predecessors:
+        return "not_a_revision"
+    if str(ds.get("VerificationFlag", "")) != "VERIFIED" or not ds.get("VerifyingObserverSequence"):
+        return "not_verified"
+    observer = ds.VerifyingObserverSequence[0]
+    present = _finding(ds)
+    if present is None:
+        return "no_finding_evaluation"
+    try:
+        sop = str(predecessors[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+    except (AttributeError, IndexError):
+        return "bad_predecessor_reference"
+    when = None
+    if observer.get("VerificationDateTime"):
+        with_zone = str(observer.VerificationDateTime)[:14]
+        try:
+            when = dt.datetime.strptime(with_zone, "%Y%m%d%H%M%S").replace(tzinfo=dt.UTC)
+        except ValueError:
+            when = None
+    return Assessment(str(observer.VerifyingObserverName), present, sop, when)
+
+
+def revise(report: Dataset, present: bool, reader: str, organization: str = "dicomops demo hospital",
+           viewer: str = "dicomops review") -> Dataset:
+    """A reader's verified revision of `report` (a dicomops SR) with their call, as a viewer writes it:
+    a new SR in a new series of the same study, naming the report as its predecessor."""
+    ds = copy.deepcopy(report)
+    now = dt.datetime.now(dt.UTC)
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = int(report.get("SeriesNumber", 9001)) + 1
+    ds.SeriesDescription = f"Reader review ({viewer})"[:64]
+    ds.Manufacturer = viewer
+    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds.VerificationFlag, ds.PreliminaryFlag, ds.CompletionFlag = "VERIFIED", "FINAL", "COMPLETE"
+    observer = Dataset()
+    observer.VerifyingObserverName = reader
+    observer.VerifyingOrganization = organization
+    observer.VerificationDateTime = now.strftime("%Y%m%d%H%M%S")
+    observer.VerifyingObserverIdentificationCodeSequence = DicomSequence([])
+    ds.VerifyingObserverSequence = DicomSequence([observer])
+    sop = Dataset()
+    sop.ReferencedSOPClassUID = report.SOPClassUID
+    sop.ReferencedSOPInstanceUID = report.SOPInstanceUID
+    series = Dataset()
+    series.SeriesInstanceUID = report.SeriesInstanceUID
+    series.ReferencedSOPSequence = DicomSequence([sop])
+    study = Dataset()
+    study.StudyInstanceUID = report.StudyInstanceUID
+    study.ReferencedSeriesSequence = DicomSequence([series])
+    ds.PredecessorDocumentsSequence = DicomSequence([study])
+    for item in _items(ds):
+        if item.get("ValueType") == "CODE" and _named(item, FINDING_TYPE):
+            code = PRESENT if present else ABSENT
+            value = item.ConceptCodeSequence[0]
+            value.CodeValue, value.CodingSchemeDesignator, value.CodeMeaning = \
+                code.value, code.scheme_designator, code.meaning
+            break
+    return ds
+
+
+def _seen(work: Path) -> pd.DataFrame:
+    path = WorkLayout(work).feedback.pacs_seen
+    return pd.read_csv(path, keep_default_na=False) if path.exists() else pd.DataFrame(columns=SEEN_COLUMNS)
+
+
+def _record(work: Path, rows: list[dict[str, str]]) -> None:
+    if not rows:
+        return
+    path = WorkLayout(work).feedback.pacs_seen
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock", timeout=60):
+        io.write_csv(path, pd.concat([_seen(work), pd.DataFrame(rows, columns=SEEN_COLUMNS)], ignore_index=True))
+
+
+def collect_study(study_uid: str, pacs: Any, work: Path, key: bytes, reviewers: Reviewers) -> list[dict[str, str]]:
+    """Every report of the study not seen before: readers' revisions stored as feedback, the rest
+    recorded with why not. Returns the records (tokens, outcomes, reasons; no UID)."""
+    mapper = KeyedMapper(key)
+    seen = set(_seen(work).report)
+    fresh = [(series, sop) for series, sop in pacs.report_instances(study_uid)
+             if mapper.token("report", sop) not in seen]
+    datasets = {sop: pacs.retrieve_instance(study_uid, series, sop) for series, sop in fresh}
+    ours = {sop: r for sop, ds in datasets.items() if (r := read_report(ds)) is not None}
+    rows, items = [], []
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    for sop, ds in datasets.items():
+        token = mapper.token("report", sop)
+        if sop in ours:
+            rows.append({"report": token, "outcome": "ours", "reason": "", "at": now})
+            continue
+        assessment = read_assessment(ds)
+        reason = assessment if isinstance(assessment, str) else ""
+        report = None
+        if not reason:
+            assert isinstance(assessment, Assessment)
+            report = ours.get(assessment.predecessor) or _known_report(pacs, study_uid, assessment.predecessor)
+            if report is None:
+                reason = "revises_no_dicomops_report"
+        if not reason:
+            assert isinstance(assessment, Assessment) and report is not None
+            try:
+                role = reviewers.role(assessment.reader)
+            except UnknownReaderError:
+                reason = "unknown_reader"
+        if reason:
+            rows.append({"report": token, "outcome": "refused", "reason": reason, "at": now})
+            continue
+        assert isinstance(assessment, Assessment) and report is not None
+        series = mapper.uid(report.series_uid)
+        served = latest_result(work, series)
+        items.append(make_item(reader=assessment.reader, role=role, source="pacs-sr",
+                               verdict="accept" if assessment.present == report.present else "correct",
+                               series=series, vendor=served.manufacturer if served else "unknown",
+                               model=report.model, version=report.version, model_label=int(report.present),
+                               model_score=report.score, reader_label=int(assessment.present),
+                               ref=token, at=assessment.at))
+        rows.append({"report": token, "outcome": "stored", "reason": "", "at": now})
+    FeedbackStore(work).add(items)  # stored before the reports are marked seen: a crash repeats, never loses
+    _record(work, rows)
+    return rows
+
+
+def _known_report(pacs: Any, study_uid: str, sop: str) -> Report | None:
+    """The dicomops report a revision names, when it was seen in an earlier pass."""
+    for series, candidate in pacs.report_instances(study_uid):
+        if candidate == sop:
+            return read_report(pacs.retrieve_instance(study_uid, series, sop))
+    return None
+
+
+def collect_once(feed: Any, pacs: Any, work: Path, key: bytes, reviewers: Reviewers,
+                 limit: int = 100) -> list[dict[str, str]]:
+    """Every study that became stable since the feedback cursor (``WORK/feedback/cursor.json``):
+    its new reports collected, the cursor advanced after each study."""
+    from dicomops.pacs.changes import Cursor
+
+    cursor = Cursor(WorkLayout(work).feedback.cursor)
+    rows: list[dict[str, str]] = []
+    while True:
+        since = cursor.value
+        page = feed.poll(since, limit)
+        for study in page.studies:
+            rows.extend(collect_study(study.study_uid, pacs, work, key, reviewers))
+            cursor.advance(study.seq)
+        cursor.advance(page.last)
+        if page.done or page.last <= since:
+            return rows
