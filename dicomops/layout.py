@@ -283,6 +283,12 @@ class WorkLayout:
         """A prediction batch's de-identified results (``results.csv``, ``summary.json``)."""
         return self.root / "predict" / batch_id
 
+    def result_tables(self) -> list[Path]:
+        """Every ``results.csv`` the platform wrote: batches, the online service (``predict/``) and
+        pacs-watch (``pacs/predict/``, under the one folder it holds), oldest first."""
+        found = [*(self.root / "predict").glob("*/results.csv"), *(self.root / "pacs" / "predict").glob("*/results.csv")]
+        return sorted(found, key=lambda p: p.stat().st_mtime)
+
     serving = property(lambda self: self.root / "serving")  # the served models' exported files, by version
 
     batch_record = property(lambda self: self.root / "batch.json")

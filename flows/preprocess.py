@@ -10,7 +10,7 @@ from dicomops.config import PreprocessConfig, load_settings
 from dicomops.tracking import flatten_params
 from flows.scope import tracked, writing
 from tasks import stages
-from tasks.preprocess import hash_accepted_corpus, preprocess_series
+from tasks.preprocess import hash_accepted_corpus, hash_labels, preprocess_series
 from tasks.tracking import log_preprocess, open_run
 
 
@@ -24,7 +24,8 @@ def preprocess(work: Path | None = None, config: PreprocessConfig = PreprocessCo
     with writing(work, "dicomops-preprocess", settings):
         corpus_hash = hash_accepted_corpus(work)
         runtime = {"workers", "dask_address"}  # where the work runs does not change what it produces
-        key = stages.stage_key("preprocess", {"corpus": corpus_hash,
+        # The labels too: readers' labels (dicomops.feedback) change them without changing a file.
+        key = stages.stage_key("preprocess", {"corpus": corpus_hash, "labels": hash_labels(work),
                                               "config": config.model_dump(mode="json", exclude=runtime)})
         if (cached := stages.completed(work, "preprocess", key)) is not None:
             print("preprocess: the accepted corpus and the settings are unchanged since the last run; skipped")

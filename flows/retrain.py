@@ -1,5 +1,5 @@
 """Alert-driven retraining: all labelled data (the original corpus plus monitored batches whose
-labels have arrived) → ingest → preprocess → cross-validated training → export → promotion gate,
+labels have arrived, with readers' labels in place of earlier ones) → ingest → preprocess → cross-validated training → export → promotion gate,
 then the segmenter on the same pool and its own gate (unless ``segment.enabled`` is off), every run
 tagged with its cause. A cooldown per model and a lock stop retrain storms."""
 
@@ -19,6 +19,7 @@ from flows.runners import on_dask
 from flows.scope import tracked, writing
 from flows.segment import segment
 from flows.train import train
+from tasks.feedback import apply_reader_labels
 from tasks.monitor import tag_run
 from tasks.tracking import hash_corpus, open_run
 
@@ -30,15 +31,16 @@ def retrain(work: Path | None = None, config: PipelineConfig = PipelineConfig(),
     settings = load_settings()
     work = Path(work or settings.work_dir)
     uri, name = settings.mlflow_tracking_uri, config.train.model_name
-    verdict = guard.check_cooldown(work, name, config.monitor.cooldown_hours) if trigger == "drift" \
+    alert = trigger in ("drift", "feedback")  # alert-driven: one cooldown and one lock for both
+    verdict = guard.check_cooldown(work, name, config.monitor.cooldown_hours) if alert \
         else guard.Verdict(True, f"trigger={trigger} is not rate limited")
     if not verdict.go:
         print(f"retrain {verdict.reason}")
         return {"status": "skipped", "reason": verdict.reason}
     try:
         with writing(work, "dicomops-retrain", settings), guard.retrain_lock(work):
-            if trigger == "drift":
-                guard.record_start(work, name, monitoring_run_id)
+            if alert:
+                guard.record_start(work, name, monitoring_run_id, trigger=trigger)
             return _retrain(work, config, uri, settings.mlflow_artifact_root, trigger, monitoring_run_id)
     except guard.RetrainLocked as err:
         print(f"retrain {err}")
@@ -57,6 +59,9 @@ def _retrain(work: Path, config: PipelineConfig, uri: str, artifact_root: Path |
         tag_run(uri, run_id, cause)
         on_dask(ingest, config.ingest.dask_address)(
             src, retrain_work, config.ingest, config.experiment, parent_run_id=run_id)
+        # Readers' labels override the earlier ones (the same pseudonymous series UIDs on both sides).
+        readers = apply_reader_labels(work, retrain_work, config.feedback)
+        tag_run(uri, run_id, {"retrain.reader_labels": str(readers)})
         on_dask(preprocess, config.preprocess.dask_address)(
             retrain_work, config.preprocess, config.experiment, parent_run_id=run_id)
         trained = train(retrain_work, config.train, config.preprocess, config.experiment, parent_run_id=run_id,

@@ -18,3 +18,8 @@ def preprocess_series(work: Path, cfg: PreprocessConfig) -> dict[str, int]:
 @task(name="hash-accepted-corpus")
 def hash_accepted_corpus(work: Path) -> str:
     return stage.corpus_content_hash(work)
+
+
+@task(name="hash-labels")
+def hash_labels(work: Path) -> str:
+    return stage.labels_hash(work)

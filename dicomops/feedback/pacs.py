@@ -256,3 +256,26 @@ def collect_once(feed: Any, pacs: Any, work: Path, key: bytes, reviewers: Review
         cursor.advance(page.last)
         if page.done or page.last <= since:
             return rows
+
+
+def collect_pacs(orthanc_url: str | None, work: Path, key: bytes, reviewers: Reviewers, http_budget_s: float,
+                 limit: int = 100) -> list[dict[str, str]]:
+    """One pass of :func:`collect_once` against the Orthanc at `orthanc_url` (default
+    ``DICOMOPS_PACS_URL``), credentials from the environment."""
+    import os
+
+    from dicomops.pacs.changes import ChangesFeed
+    from dicomops.pacs.client import (
+        DEFAULT_URL,
+        DICOMWEB_ROOT,
+        URL_ENV,
+        PacsClient,
+        credentials_from_env,
+        read_timeout_s,
+    )
+
+    root = (orthanc_url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
+    credentials, timeout = credentials_from_env(), read_timeout_s(http_budget_s)
+    with PacsClient(root + DICOMWEB_ROOT, credentials, timeout_s=timeout) as pacs, \
+            ChangesFeed(root, credentials, timeout_s=timeout) as feed:
+        return collect_once(feed, pacs, work, key, reviewers, limit)

@@ -2,8 +2,8 @@
 
 For sites without a viewer that writes SR or SEG back to the PACS. The reader names the series by
 its own (original) SeriesInstanceUID, as their worklist shows it; the service turns it into the
-training side's pseudonymous UID with the de-identification key, finds the result it gave for that
-series (``WORK/predict/*/results.csv``, written by the batch flow and by the online service), and
+training side's pseudonymous UID with the de-identification key, finds the result the platform gave
+for that series (:meth:`WorkLayout.result_tables`: batches, the online service, pacs-watch), and
 stores the judgement with its provenance. The original UID is never stored, logged or echoed.
 """
 
@@ -50,8 +50,7 @@ class ServedResult:
 
 def latest_result(work: Path, series: str) -> ServedResult | None:
     """The newest result any batch or the online service gave for `series` (pseudonymous UID)."""
-    folders = sorted((WorkLayout(work).root / "predict").glob("*/results.csv"), key=lambda p: p.stat().st_mtime)
-    for path in reversed(folders):
+    for path in reversed(WorkLayout(work).result_tables()):
         table = pd.read_csv(path, keep_default_na=False, dtype={"version": str})
         hit = table[(table.get("series", pd.Series(dtype=str)) == series) & (table.status == "scored")]
         if len(hit):

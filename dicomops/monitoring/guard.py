@@ -33,20 +33,28 @@ def check_cooldown(work: Path, model: str, cooldown_hours: float, now: dt.dateti
     path = _state_path(work)
     last = io.read_json(path).get(model, {}).get("started") if path.exists() else None
     if last is None:
-        return Verdict(True, "no earlier drift-triggered retrain")
+        return Verdict(True, "no earlier alert-triggered retrain")
     elapsed = now - dt.datetime.fromisoformat(last)
     if elapsed < dt.timedelta(hours=cooldown_hours):
         wait = dt.timedelta(hours=cooldown_hours) - elapsed
-        return Verdict(False, f"skipped: cooldown, the last drift-triggered retrain of {model} started at {last}; "
+        return Verdict(False, f"skipped: cooldown, the last alert-triggered retrain of {model} started at {last}; "
                               f"next allowed in {wait.total_seconds() / 3600:.1f} h (cooldown {cooldown_hours} h)")
     return Verdict(True, f"cooldown over (last retrain {last})")
 
 
-def record_start(work: Path, model: str, monitoring_run_id: str, now: dt.datetime | None = None) -> None:
+def record_start(work: Path, model: str, monitoring_run_id: str, now: dt.datetime | None = None,
+                 trigger: str = "drift") -> None:
     path = _state_path(work)
     state = io.read_json(path) if path.exists() else {}
-    state[model] = {"started": (now or _now()).isoformat(timespec="seconds"), "monitoring_run_id": monitoring_run_id}
+    state[model] = {"started": (now or _now()).isoformat(timespec="seconds"), "monitoring_run_id": monitoring_run_id,
+                    "trigger": trigger}
     io.write_json(path, state)
+
+
+def last_start(work: Path, model: str) -> str:
+    """When the last alert-triggered retrain of `model` started (ISO, UTC), or '' if none did."""
+    path = _state_path(work)
+    return str(io.read_json(path).get(model, {}).get("started", "")) if path.exists() else ""
 
 
 class RetrainLocked(RuntimeError):

@@ -141,7 +141,7 @@ def _gate_score_answer(token: str, staged: Path, study_work: Path, pacs: Pacs, c
     if cache is not None and digest is not None:
         remember(cache, digest, answer, entries)
     if work is not None and answer.status == "scored":  # de-identified, like a batch's: what readers' reviews meet
-        record(work, f"pacs-{token}", [answer], champion, None)
+        record(WorkLayout(work).pacs.root, token, [answer], champion, None)
     if answer.status == "refused":
         return StudyOutcome(token, "refused", 0, answer.quarantined_files, 0, answer.reason)
     if answer.status == "failed":

@@ -183,6 +183,8 @@ def _write_tables(pre: PreprocessedPaths, cfg: PreprocessConfig, plan: list[tupl
         label = int(labels.loc[uid, "label"]) if uid in labels.index else -1
         vendor = str(labels.loc[uid, "vendor"]) if uid in labels.index and "vendor" in labels else str(first.Manufacturer)
         arr = np.asarray(meta["slice_labels"], dtype=np.int8)
+        if label == 0:  # a series without an actionable nodule has no positive slice (a reader's 0 included)
+            arr = np.zeros_like(arr)
         label_arrays[uid] = arr
         hard[uid] = np.asarray(meta.get("other_nodule_slices", []), dtype=np.int64)
         rows.append({"SeriesInstanceUID": uid, "PatientID": first.PatientID, "vendor": vendor,
@@ -209,6 +211,12 @@ def corpus_content_hash(work: Path) -> str:
     for path, digest in sorted(zip(accepted.deid_path, accepted.sha256, strict=True)):
         h.update(f"{path}:{digest}\n".encode())
     return h.hexdigest()
+
+
+def labels_hash(work: Path) -> str:
+    """The de-identified ``labels.csv``'s sha256 ('' without one): the slab table's labels come from it."""
+    path = WorkLayout(work).ingest.deid / LABELS_CSV
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else ""
 
 
 def plot_samples(work: Path, per_vendor: int = 2) -> Path:

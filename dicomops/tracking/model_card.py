@@ -183,6 +183,15 @@ def export_section(metrics: Mapping[str, float], tensorrt: str, artifacts: str) 
     return section(EXPORT, "\n".join(lines))
 
 
+def feedback_section(rows: Sequence[Mapping[str, Any]], window_days: float, run_id: str) -> str:
+    """Agreement with readers on the model's real work, per vendor (Cohen's kappa, disagreement)."""
+    body = table(["vendor", "series", "kappa", "disagreement"], "lrrr",
+                 [[str(r["vendor"]), str(int(r["series"])), _f(r["kappa"]), _f(r["disagreement"])] for r in rows])
+    return section("Agreement with readers", "\n".join([
+        f"Readers' judgements of this version's results over the last {window_days:g} days (each series once, "
+        f"its readers' latest judgements by majority); picture and table in run `{run_id}`.", "", *body]))
+
+
 def review_section(model_name: str, version: str) -> str:
     return section(REVIEW, "\n".join([
         f"- **Approve** on this page: *Aliases* → edit → add `champion` (it moves from the current champion). "

@@ -161,6 +161,17 @@ def describe_export(tracking_uri: str, name: str, version: str, metrics: dict[st
     _rewrite_section(client, name, version, model_card.export_section(metrics, tensorrt, artifacts))
 
 
+def describe_feedback(tracking_uri: str, name: str, version: str, rows: list[dict[str, Any]], window_days: float,
+                      run_id: str) -> None:
+    """Agreement with readers on the version's page: tags (``feedback.kappa`` ...) and a card section."""
+    client = configure_mlflow(tracking_uri)
+    overall = next((r for r in rows if r["vendor"] == "all"), None)
+    if overall is not None:
+        for key in ("kappa", "disagreement", "series"):
+            client.set_model_version_tag(name, version, f"feedback.{key}", f"{float(overall[key]):.4f}")
+    _rewrite_section(client, name, version, model_card.feedback_section(rows, window_days, run_id))
+
+
 def promote(tracking_uri: str, name: str, version: str, reviewer: str = "reviewer", note: str | None = None) -> None:
     """A person's decision: make `version` the champion, and record who decided (tags and card)."""
     client = configure_mlflow(tracking_uri)

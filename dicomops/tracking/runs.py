@@ -38,7 +38,9 @@ RUN_DESCRIPTIONS = {
              "registration and the promotion gate. Artifacts under cv/: tables, ROC, confusion matrices, "
              "sample slices, folds.json.",
     "monitor": "Drift of a new batch against the champion's training data (Evidently); an alert starts a retrain.",
-    "retrain": "A retraining started by a drift alert.",
+    "retrain": "A retraining started by a drift alert or by readers' feedback (tag trigger).",
+    "feedback": "Readers' judgements of the model's results: Cohen's kappa and disagreement per vendor over the "
+                "rolling window (agreement.png), what was collected and refused; a retrain when they call for one.",
     "predict": "A batch of studies scored by a registered model on its exported engine: counts, latency percentiles, "
                "engine and cache figures; results.csv names studies by token and series by pseudonym only.",
 }

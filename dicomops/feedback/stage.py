@@ -1,0 +1,103 @@
+"""One pass of the feedback loop, as the flow runs it: labels from the readers' judgements, agreement
+with them, and whether they call for a retrain. Nothing here names a patient or an original UID."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from dicomops import io
+from dicomops.config import FeedbackConfig
+from dicomops.feedback.store import FeedbackStore, agreement, override_labels, resolve, retrain_due
+from dicomops.layout import WorkLayout
+
+EVENT = "dicomops.feedback.threshold"
+
+
+def write_labels(work: Path, cfg: FeedbackConfig) -> pd.DataFrame:
+    """``feedback/labels.csv``: one resolved reader label per series (the history stays in the store)."""
+    resolved = resolve(FeedbackStore(work).items(), cfg.conflict_rule)
+    io.write_csv(WorkLayout(work).feedback.labels, resolved)
+    return resolved
+
+
+def apply_to_pool(feedback_work: Path, labels_path: Path, cfg: FeedbackConfig) -> int:
+    """Put the readers' resolved labels into a de-identified pool's ``labels.csv`` (in place); return
+    how many series changed hands.
+
+    The pool is keyed by the same pseudonymous SeriesInstanceUID as the feedback (one key, one
+    remapping). A reader's 0 makes every slab of the series negative (preprocessing: a series label
+    of 0 has no positive slice); the masks stay for the segmenter (a reader's series call does not
+    erase a nodule). The earlier label stays beside the new one (``label_before``), and
+    ``label_source`` says whose each label is.
+    """
+    resolved = resolve(FeedbackStore(feedback_work).items(), cfg.conflict_rule)
+    labels = pd.read_csv(labels_path, keep_default_na=False)
+    if "label_before" in labels:  # applied before: start again from the earlier labels
+        labels["label"] = labels["label_before"]
+    updated = override_labels(labels, resolved)
+    io.write_csv(labels_path, updated)
+    return int((updated.label_source == "reader").sum())
+
+
+def agreement_table(work: Path, cfg: FeedbackConfig, now: dt.datetime | None = None) -> pd.DataFrame:
+    return agreement(FeedbackStore(work).items(), cfg, now)
+
+
+def metrics(table: pd.DataFrame, version: str) -> dict[str, float]:
+    """``feedback.kappa.<vendor>``, ``feedback.disagreement.<vendor>``, ``feedback.series.<vendor>`` of
+    one version (NaN kappas left out: MLflow would store them, and a chart of NaN helps nobody)."""
+    out: dict[str, float] = {}
+    for row in table[table.version == str(version)].itertuples():
+        out[f"feedback.series.{row.vendor}"] = float(row.series)
+        if not math.isnan(row.disagreement):
+            out[f"feedback.disagreement.{row.vendor}"] = float(row.disagreement)
+        if not math.isnan(row.kappa):
+            out[f"feedback.kappa.{row.vendor}"] = float(row.kappa)
+    return out
+
+
+def due(work: Path, cfg: FeedbackConfig, version: str, since: str, now: dt.datetime | None = None) -> str | None:
+    return retrain_due(FeedbackStore(work).items(), cfg, version, since, now)
+
+
+def payload(name: str, version: str, reason: str, run_id: str) -> dict[str, Any]:
+    return {"model": name, "version": str(version), "reason": reason, "feedback_run_id": run_id}
+
+
+def plot_agreement(table: pd.DataFrame, version: str, cfg: FeedbackConfig, out: Path) -> Path:
+    """Kappa and disagreement per vendor for one version, with the retrain threshold drawn in."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mine = table[table.version == str(version)]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
+    if mine.empty:
+        for ax in axes:
+            ax.text(0.5, 0.5, "no reader feedback in the window", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    else:
+        names = [f"{v} (n={n})" for v, n in zip(mine.vendor, mine.series, strict=True)]
+        kappa = mine.kappa.fillna(0).to_numpy()
+        colours = ["#bbbbbb" if math.isnan(k) else "#c0504d" if k < cfg.min_kappa else "#4f81bd" for k in mine.kappa]
+        axes[0].barh(names, kappa, color=colours)
+        axes[0].axvline(cfg.min_kappa, color="#333333", linestyle="--", linewidth=1)
+        axes[0].set_xlim(-1 if (kappa < 0).any() else 0, 1)
+        axes[0].set_title(f"Cohen's kappa, model vs readers (grey: under {cfg.min_cases} series)\n"
+                          f"dashed: retrain below {cfg.min_kappa}", fontsize=11)
+        axes[0].invert_yaxis()
+        axes[1].barh(names, mine.disagreement.fillna(0).to_numpy(), color="#9bbb59")
+        axes[1].set_xlim(0, 1)
+        axes[1].set_title(f"Disagreement rate (last {cfg.window_days:g} days)", fontsize=11)
+        axes[1].invert_yaxis()
+    fig.suptitle(f"Agreement with readers, version {version}", fontsize=12)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,44 @@
+"""The feedback loop: readers' judgements (their verified revisions of our reports in the PACS; the
+review endpoint's are stored as they arrive) → one label per series → agreement with the model on
+its real work → the event dicomops.feedback.threshold and (embedded default) the retrain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from dicomops.config import PipelineConfig, load_settings
+from dicomops.layout import WorkLayout
+from flows.retrain import retrain
+from flows.scope import writing
+from tasks import feedback as t
+from tasks.monitor import load_serving_model
+
+
+@flow(name="dicomops-feedback", log_prints=True)
+def feedback(orthanc_url: str | None = None, work: Path | None = None, config: PipelineConfig = PipelineConfig(),
+             from_pacs: bool = True, limit: int = 100) -> dict[str, object]:
+    """Collect, resolve and measure readers' feedback on the version holding ``monitor.alias``; retrain
+    when enough corrections accumulate or agreement drops (``config.feedback``)."""
+    settings = load_settings()
+    work = Path(work or settings.work_dir)
+    uri, cfg, name = settings.mlflow_tracking_uri, config.feedback, config.train.model_name
+    serving = load_serving_model(uri, name, config.monitor.alias)
+    # It holds WORK/feedback only: the review endpoint and pacs-watch keep working beside it.
+    with writing(WorkLayout(work).feedback.root, "dicomops-feedback", settings):
+        collected = t.collect_from_pacs(orthanc_url, work, cfg, limit) if from_pacs else {}
+        labels = t.write_labels(work, cfg)
+        run_id, rows = t.log_agreement(uri, settings.mlflow_artifact_root, config.monitor.experiment, serving.name,
+                                       serving.version, work, cfg, collected | labels)
+        reason = t.retrain_reason(work, cfg, serving.name, serving.version)
+    overall = next((r for r in rows if r["vendor"] == "all"), None)
+    print(f"feedback on {serving.name} v{serving.version}: {collected or 'PACS not read'}; {labels}; agreement "
+          + (f"kappa {overall['kappa']:.3f} over {overall['series']} series" if overall else "not measured yet"))
+    result: dict[str, object] = {"feedback_run_id": run_id, **collected, **labels, "retrain_reason": reason,
+                                 "retrain": None}
+    if reason:
+        t.raise_event(serving.name, serving.version, reason, run_id)
+        if config.monitor.retrain == "subflow":
+            result["retrain"] = retrain(work=work, config=config, trigger="feedback", monitoring_run_id=run_id)
+    return result

@@ -1,0 +1,99 @@
+"""Feedback tasks. A reader's report and its UIDs never cross a Prefect boundary: the PACS is read
+and each report parsed inside one task; what comes out are counts, tokens and agreement figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+
+from dicomops.config import FeedbackConfig, load_settings
+from dicomops.deid.keys import key_from_settings
+from dicomops.feedback import stage
+from dicomops.tracking import runs
+
+
+def reviewers(cfg: FeedbackConfig) -> Any:
+    from dicomops.feedback.store import Reviewers
+
+    tokens = load_settings().reviewer_tokens
+    return Reviewers.from_config(cfg, tokens.get_secret_value() if tokens else None)
+
+
+@task(name="collect-pacs-feedback", tags=["io-heavy"])
+def collect_from_pacs(orthanc_url: str | None, work: Path, cfg: FeedbackConfig, limit: int) -> dict[str, int]:
+    """Readers' verified revisions of dicomops reports since the feedback cursor."""
+    from dicomops.feedback.pacs import collect_pacs
+
+    settings = load_settings()
+    rows = collect_pacs(orthanc_url, work, key_from_settings(), reviewers(cfg), settings.http_budget_s, limit)
+    counts = {o: sum(r["outcome"] == o for r in rows) for o in ("stored", "refused", "ours")}
+    refused = [r["reason"] for r in rows if r["outcome"] == "refused"]
+    if refused:
+        get_run_logger().warning("%d reports refused as feedback: %s (feedback/pacs_seen.csv)", len(refused),
+                                 ", ".join(sorted(set(refused))))
+    return counts
+
+
+@task(name="resolve-reader-labels")
+def write_labels(work: Path, cfg: FeedbackConfig) -> dict[str, int]:
+    resolved = stage.write_labels(work, cfg)
+    return {"series": len(resolved), "conflicts": int(resolved.conflict.sum()) if len(resolved) else 0,
+            "unresolved": int((resolved.label < 0).sum()) if len(resolved) else 0}
+
+
+@task(name="log-agreement", retries=2, retry_delay_seconds=[2, 10])
+def log_agreement(tracking_uri: str, artifact_root: Path | None, experiment: str, name: str, version: str,
+                  work: Path, cfg: FeedbackConfig, counts: dict[str, int]) -> tuple[str, list[dict[str, Any]]]:
+    """A run in the monitoring experiment (figures, table, picture) and the version's page."""
+    from dicomops.layout import WorkLayout
+    from dicomops.tracking.registry import describe_feedback
+
+    table = stage.agreement_table(work, cfg)
+    folder = WorkLayout(work).feedback.root
+    folder.mkdir(parents=True, exist_ok=True)
+    agreement_csv = folder / "agreement.csv"
+    table.to_csv(agreement_csv, index=False)
+    picture = stage.plot_agreement(table, version, cfg, folder / "agreement.png")
+    run_id = runs.start_run(tracking_uri, experiment, artifact_root, run_name="feedback",
+                            tags={"stage": "feedback", "model": name, "model_version": str(version)},
+                            params={"feedback.window_days": cfg.window_days, "feedback.min_kappa": cfg.min_kappa,
+                                    "feedback.corrections": cfg.corrections, "feedback.rule": cfg.conflict_rule})
+    runs.log_metrics(tracking_uri, run_id, stage.metrics(table, version)
+                     | {f"feedback.{k}": float(v) for k, v in counts.items()})
+    runs.log_artifacts(tracking_uri, run_id, [agreement_csv, picture], "feedback")
+    runs.end_run(tracking_uri, run_id)
+    rows = table[table.version == str(version)].to_dict("records")
+    if rows:
+        describe_feedback(tracking_uri, name, str(version), rows, cfg.window_days, run_id)
+    return run_id, rows
+
+
+@task(name="retrain-reason")
+def retrain_reason(work: Path, cfg: FeedbackConfig, name: str, version: str) -> str | None:
+    from dicomops.monitoring import guard
+
+    return stage.due(work, cfg, version, guard.last_start(work, name))
+
+
+@task(name="raise-feedback-event")
+def raise_event(name: str, version: str, reason: str, run_id: str) -> None:
+    """``dicomops.feedback.threshold``: the retrain deployment's second trigger."""
+    from prefect.events import emit_event
+
+    from dicomops.monitoring import alerts
+
+    emit_event(event=stage.EVENT, resource=alerts.resource(name, version),
+               payload=stage.payload(name, version, reason, run_id))
+    get_run_logger().warning("feedback on %s v%s calls for a retrain: %s", name, version, reason)
+
+
+@task(name="apply-reader-labels")
+def apply_reader_labels(feedback_work: Path, pool_work: Path, cfg: FeedbackConfig) -> int:
+    """Readers' resolved labels into the retraining pool's de-identified labels.csv."""
+    from dicomops.layout import WorkLayout
+    from dicomops.synthetic.sidecars import LABELS_CSV
+
+    path = WorkLayout(pool_work).ingest.deid / LABELS_CSV
+    return stage.apply_to_pool(feedback_work, path, cfg) if path.exists() else 0

@@ -1,0 +1,64 @@
+"""The feedback flow on a real registry: agreement with readers lands in the monitoring experiment
+and on the version's page, and the retrain is called for at the threshold of corrections, not before."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from sklearn.metrics import cohen_kappa_score
+
+import mlflow
+from dicomops.config import FeedbackConfig, MonitorConfig
+from dicomops.feedback import store
+from dicomops.feedback.store import FeedbackStore
+from flows.feedback import feedback
+from tests.champion_fixture import CONFIG, TINY, ExportedChampion
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+FEEDBACK = FeedbackConfig(reviewers={"ada": "senior", "bo": "reader"}, min_cases=4, corrections=3)
+
+
+def _item(version: str, i: int, model_label: int, reader_label: int, vendor: str) -> dict[str, object]:
+    verdict = "accept" if model_label == reader_label else "reject"
+    return store.make_item(reader="bo", role="reader", source="endpoint", verdict=verdict, series=f"2.25.{1000 + i}",
+                           vendor=vendor, model=TINY.model_name, version=version, model_label=model_label,
+                           model_score=0.5, at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1, minutes=i))
+
+
+def test_agreement_reaches_the_version_page_and_a_retrain_is_called_for_at_the_threshold(
+        exported_champion: ExportedChampion, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", exported_champion.uri)
+    monkeypatch.setenv("DICOMOPS_MLFLOW_ARTIFACT_ROOT", str(exported_champion.artifacts))
+    client = mlflow.tracking.MlflowClient(exported_champion.uri)
+    version = str(client.get_model_version_by_alias(TINY.model_name, "champion").version)
+    config = CONFIG.model_copy(update={"feedback": FEEDBACK, "monitor": MonitorConfig(retrain="event")})
+    work = tmp_path / "work"
+
+    said = [1, 1, 0, 0, 1, 0, 1, 0, 1, 1]
+    truth = [1, 1, 0, 0, 1, 0, 1, 0, 0, 0]  # two corrections: under the threshold of three
+    vendors = ["ge"] * 5 + ["siemens"] * 5
+    FeedbackStore(work).add([_item(version, i, s, t, v) for i, (s, t, v) in enumerate(zip(said, truth, vendors))])
+    first = feedback(work=work, config=config, from_pacs=False)
+    assert first["retrain_reason"] is None and first["retrain"] is None
+    assert (first["series"], first["conflicts"], first["unresolved"]) == (10, 0, 0)
+
+    run = client.get_run(str(first["feedback_run_id"]))
+    assert run.data.metrics["feedback.kappa.all"] == pytest.approx(cohen_kappa_score(said, truth))
+    assert run.data.metrics["feedback.disagreement.siemens"] == pytest.approx(2 / 5)
+    assert run.data.metrics["feedback.series.ge"] == 5
+    assert {"feedback/agreement.csv", "feedback/agreement.png"} <= \
+        {a.path for a in client.list_artifacts(run.info.run_id, "feedback")}
+    page = client.get_model_version(TINY.model_name, version)
+    assert float(page.tags["feedback.kappa"]) == pytest.approx(cohen_kappa_score(said, truth), abs=1e-4)
+    assert "## Agreement with readers" in page.description and run.info.run_id in page.description
+    labels = pd.read_csv(work / "feedback/labels.csv")
+    assert labels.set_index("SeriesInstanceUID").label.to_dict() == {f"2.25.{1000 + i}": t for i, t in enumerate(truth)}
+
+    # The third correction: the event, and (retrain: event) the retrain deployment's job, not this flow's.
+    FeedbackStore(work).add([_item(version, 10, 1, 0, "ge")])
+    second = feedback(work=work, config=config, from_pacs=False)
+    assert second["retrain_reason"] == f"3 corrections of version {version} since it was deployed"
+    assert second["retrain"] is None
