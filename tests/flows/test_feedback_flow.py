@@ -40,7 +40,8 @@ def test_agreement_reaches_the_version_page_and_a_retrain_is_called_for_at_the_t
     said = [1, 1, 0, 0, 1, 0, 1, 0, 1, 1]
     truth = [1, 1, 0, 0, 1, 0, 1, 0, 0, 0]  # two corrections: under the threshold of three
     vendors = ["ge"] * 5 + ["siemens"] * 5
-    FeedbackStore(work).add([_item(version, i, s, t, v) for i, (s, t, v) in enumerate(zip(said, truth, vendors))])
+    items = [_item(version, i, s, t, v) for i, (s, t, v) in enumerate(zip(said, truth, vendors, strict=True))]
+    FeedbackStore(work).add(items)
     first = feedback(work=work, config=config, from_pacs=False)
     assert first["retrain_reason"] is None and first["retrain"] is None
     assert (first["series"], first["conflicts"], first["unresolved"]) == (10, 0, 0)
