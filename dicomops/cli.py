@@ -578,6 +578,22 @@ def retrain(
 
 
 @app.command()
+def feedback(
+    work: Annotated[Path | None, typer.Option(help="Work directory the results and the feedback store are in.")] = None,
+    config: Annotated[Path | None, typer.Option(help="PipelineConfig YAML (feedback: reviewers, rule, thresholds).")] = None,
+    pacs: Annotated[bool, typer.Option(help="Read readers' revised reports from the PACS (DICOMOPS_PACS_URL).")] = True,
+) -> None:
+    """Readers' feedback: collect it from the PACS, resolve labels, measure agreement; retrain when due."""
+
+    result = _flow("feedback")(work=work.resolve() if work else None, config=_pipeline_config(config), from_pacs=pacs)
+    reason = result.get("retrain_reason")
+    console.print(f"feedback run {result['feedback_run_id']}: {result.get('series', 0)} series with a reader's label; "
+                  + (f"[red]retrain called for[/]: {escape(str(reason))}" if reason else "no retrain called for"))
+    if result.get("retrain"):
+        console.print(f"retrain: {escape(str(result['retrain']))}")
+
+
+@app.command()
 def run(
     src: Annotated[Path, typer.Argument(help="Folder of DICOM studies (the demo corpus is data/).")] = Path("data"),
     work: Annotated[Path | None, typer.Option(help="Work directory (default: DICOMOPS_WORK_DIR or ./work).")] = None,

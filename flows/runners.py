@@ -20,7 +20,7 @@ def on_dask(flow: F, address: str | None) -> F:
 
 
 FLOWS = {name: f"flows.{name}:{name}" for name in
-         ("ingest", "preprocess", "train", "segment", "export", "monitor", "retrain", "pipeline")}
+         ("ingest", "preprocess", "train", "segment", "export", "monitor", "retrain", "pipeline", "feedback")}
 FLOWS["pacs-watch"] = "flows.pacs_watch:pacs_watch"
 FLOWS["predict"] = "flows.predict:predict"
 

@@ -19,7 +19,7 @@ runner = CliRunner()
 
 
 COMMANDS = ["synth", "data", "ingest", "preprocess", "train", "segment", "promote", "reject", "export", "predict", "online",
-            "monitor", "retrain", "run", "serve"]
+            "monitor", "retrain", "feedback", "run", "serve"]
 GROUPS = ["pacs"]  # sub-command groups, listed after the commands
 WIDE = {"COLUMNS": "200"}  # rich cuts long option names short at 80 columns
 

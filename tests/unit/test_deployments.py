@@ -22,7 +22,7 @@ def _deployments() -> dict[str, dict]:
 
 def test_entrypoints_exist_and_accept_their_parameters() -> None:
     deployments = _deployments()
-    assert set(deployments) == {"pipeline", "monitor", "retrain", "pacs-watch", "predict"}
+    assert set(deployments) == {"pipeline", "monitor", "retrain", "pacs-watch", "feedback", "predict"}
     for deployment in deployments.values():
         module, name = deployment["entrypoint"].removesuffix(".py").replace("/", ".").split(":")
         flow = getattr(importlib.import_module(module.replace(".py", "")), name)
@@ -49,12 +49,18 @@ def test_retrain_trigger_is_a_valid_prefect_event_trigger() -> None:
 
     from dicomops.monitoring.alerts import EVENT, resource
 
-    (raw,) = _deployments()["retrain"]["triggers"]
-    trigger = TypeAdapter(DeploymentTriggerTypes).validate_python(raw)
-    assert trigger.expect == {EVENT}
-    pattern = str(next(iter(trigger.match.model_dump().values())))
-    assert resource("m", "1")["prefect.resource.id"].startswith(pattern.removesuffix("*"))
-    assert trigger.parameters["monitoring_run_id"] == "{{ event.payload.monitoring_run_id }}"
+    from dicomops.feedback import stage
+
+    drift, feedback = (TypeAdapter(DeploymentTriggerTypes).validate_python(raw)
+                       for raw in _deployments()["retrain"]["triggers"])
+    assert drift.expect == {EVENT} and feedback.expect == {stage.EVENT}
+    for trigger in (drift, feedback):
+        pattern = str(next(iter(trigger.match.model_dump().values())))
+        assert resource("m", "1")["prefect.resource.id"].startswith(pattern.removesuffix("*"))
+    assert drift.parameters["monitoring_run_id"] == "{{ event.payload.monitoring_run_id }}"
+    # The feedback event's payload carries the run the trigger passes on.
+    assert feedback.parameters == {"trigger": "feedback", "monitoring_run_id": "{{ event.payload.feedback_run_id }}"}
+    assert "feedback_run_id" in stage.payload("m", "1", "why", "run")
 
 
 def test_pacs_watch_runs_every_minute_on_the_pacs_watch_flow() -> None:
