@@ -6,19 +6,21 @@ from pathlib import Path
 
 from prefect import flow
 
-from dicomops.config import PreprocessConfig, TrainConfig, load_settings
+from dicomops.config import FeedbackConfig, PreprocessConfig, TrainConfig, load_settings
 from dicomops.tracking import flatten_params
 from flows.scope import tracked, writing
 from tasks import stages
 from tasks import train as t
-from tasks.preprocess import hash_accepted_corpus
+from tasks.preprocess import hash_accepted_corpus, hash_labels
 
 
 @flow(name="dicomops-train", log_prints=True)
 def train(work: Path | None = None, config: TrainConfig = TrainConfig(),
           preprocess_config: PreprocessConfig = PreprocessConfig(), experiment: str = "dicomops",
-          parent_run_id: str | None = None, run_tags: dict[str, str] | None = None) -> dict[str, object]:
-    """Cross-validate, train the final model, register it and run the promotion gate."""
+          parent_run_id: str | None = None, run_tags: dict[str, str] | None = None,
+          feedback_work: Path | None = None, feedback_config: FeedbackConfig | None = None) -> dict[str, object]:
+    """Cross-validate, train the final model, register it and run the promotion gate (also on the
+    series readers labelled in `feedback_work`'s feedback store, when given)."""
     settings = load_settings()
     work = Path(work or settings.work_dir)
     uri = settings.mlflow_tracking_uri
@@ -26,7 +28,8 @@ def train(work: Path | None = None, config: TrainConfig = TrainConfig(),
     with writing(work, "dicomops-train", settings):
         _, split_hash = t.prepare_splits(work, config)
         data_hash = hash_accepted_corpus(work)
-        key = stages.stage_key("train", {"data": data_hash, "split": split_hash,
+        # The labels too: readers' labels (dicomops.feedback) change them without changing a file.
+        key = stages.stage_key("train", {"data": data_hash, "labels": hash_labels(work), "split": split_hash,
                                          "train": config.model_dump(mode="json"),
                                          "preprocess": preprocess_config.model_dump(mode="json"),
                                          "tags": run_tags or {}})
@@ -47,7 +50,7 @@ def train(work: Path | None = None, config: TrainConfig = TrainConfig(),
             t.train_final_model(work, config, k, uri)
             version = t.register_model(work, config, preprocess_config, uri, data_hash, split_hash, run_tags or {})
             t.store_reference(work, uri, config.model_name, version)
-            decision = t.promotion_gate(uri, config, version)
+            decision = t.promotion_gate(uri, config, version, work, feedback_work, feedback_config)
         print(f"train: mean CV AUC {summary['mean_auc']:.3f} ± {summary['std_auc']:.3f}; version {version} "
               f"{decision['decision']}: {'; '.join(decision['reasons'])}")
         result: dict[str, object] = {"mlflow_run_id": run_id, "version": version, "mean_auc": summary["mean_auc"],

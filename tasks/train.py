@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from prefect import task
 
-from dicomops.config import PreprocessConfig, TrainConfig
+from dicomops.config import FeedbackConfig, PreprocessConfig, TrainConfig
 from dicomops.layout import WorkLayout
 from dicomops.tracking import registry
 from dicomops.tracking.lineage import ACCEPTED_HASH_TAG, git_commit
@@ -70,7 +71,23 @@ def store_reference(work: Path, tracking_uri: str, model_name: str, version: str
 
 
 @task(name="promotion-gate")
-def promotion_gate(tracking_uri: str, cfg: TrainConfig, version: str) -> dict[str, Any]:
+def promotion_gate(tracking_uri: str, cfg: TrainConfig, version: str, work: Path | None = None,
+                   feedback_work: Path | None = None, feedback: FeedbackConfig | None = None) -> dict[str, Any]:
+    """The gate; with `feedback_work`, also on the series readers labelled there (dicomops.feedback.gate)."""
+    readers = None
+    if work is not None and feedback_work is not None:
+        from dicomops import io
+        from dicomops.feedback.gate import reader_agreement
+
+        paths = WorkLayout(work).train
+        oof, threshold = pd.read_parquet(paths.oof_predictions), float(io.read_json(paths.summary)["threshold"])
+        fcfg = feedback or FeedbackConfig()
+
+        def readers(champion_version: str) -> Any:
+            return reader_agreement(feedback_work, oof, threshold, champion_version, fcfg)
+
     decision = registry.apply_promotion_gate(tracking_uri, cfg.model_name, version, margin=cfg.promotion_margin,
-                                             vendor_tolerance=cfg.vendor_tolerance, min_auc=cfg.min_auc)
+                                             vendor_tolerance=cfg.vendor_tolerance, min_auc=cfg.min_auc,
+                                             readers=readers,
+                                             min_reader_series=(feedback or FeedbackConfig()).min_cases)
     return {"promoted": decision.promote, "decision": decision.label, "reasons": list(decision.reasons)}

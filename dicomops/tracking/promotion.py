@@ -22,6 +22,18 @@ class ModelScore:
 
 
 @dataclass(frozen=True)
+class ReaderAgreement:
+    """Challenger and champion on the series readers labelled: the share of those series whose call
+    matches the reader's label (the champion's calls are the ones it made in the clinic; the
+    challenger's its out-of-fold calls)."""
+
+    series: int
+    champion_version: str
+    champion: float
+    challenger: float
+
+
+@dataclass(frozen=True)
 class Decision:
     """The gate's verdict; `error` when it could not compare at all (the champion was unreadable)."""
 
@@ -38,11 +50,14 @@ class Decision:
 
 
 def decide_promotion(challenger: ModelScore, champion: ModelScore | None, *, margin: float = 0.005,
-                     vendor_tolerance: float = 0.02, min_auc: float = 0.8, metric: str = "AUC") -> Decision:
+                     vendor_tolerance: float = 0.02, min_auc: float = 0.8, metric: str = "AUC",
+                     readers: ReaderAgreement | None = None, min_reader_series: int = 10) -> Decision:
     """Decide whether `challenger` replaces `champion` automatically, with the reasons.
 
     `metric` names the score in the reasons: the classifier is judged on AUC, the nodule segmenter
-    on CPM (``ModelScore.mean_auc`` then holds its mean CPM; ``min_auc`` its floor).
+    on CPM (``ModelScore.mean_auc`` then holds its mean CPM; ``min_auc`` its floor). With `readers`
+    on at least `min_reader_series` series, a challenger that agrees with the readers less often
+    than the champion is not promoted automatically, whatever its AUC.
     """
     if margin < 0 or vendor_tolerance < 0:
         raise ValueError("margin and vendor_tolerance must be non-negative")
@@ -69,4 +84,14 @@ def decide_promotion(challenger: ModelScore, champion: ModelScore | None, *, mar
         elif not math.isnan(old) and old - new > vendor_tolerance:
             ok = False
             reasons.append(f"{vendor}: {metric} drops {old:.4f} -> {new:.4f} (more than {vendor_tolerance:.4f})")
+    if readers is not None:
+        on = (f"on {readers.series} reader-labelled series the challenger agrees with the readers on "
+              f"{readers.challenger:.1%}, champion v{readers.champion_version} on {readers.champion:.1%}")
+        if readers.series < min_reader_series:
+            reasons.append(f"{on}: fewer than {min_reader_series}, not judged on them")
+        elif readers.challenger < readers.champion:
+            ok = False
+            reasons.append(f"{on}: worse than the champion")
+        else:
+            reasons.append(on)
     return Decision(ok, tuple(reasons))

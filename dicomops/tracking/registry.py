@@ -10,7 +10,7 @@ import numpy as np
 
 from dicomops.errors import RegistryUnavailableError
 from dicomops.tracking import model_card
-from dicomops.tracking.promotion import Decision, ModelScore, decide_promotion
+from dicomops.tracking.promotion import Decision, ModelScore, ReaderAgreement, decide_promotion
 from dicomops.tracking.runs import configure_mlflow
 
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -97,8 +97,12 @@ def alias_version(client: Any, name: str, alias: str) -> Any | None:
 
 
 def apply_promotion_gate(tracking_uri: str, name: str, version: str, *, margin: float,
-                         vendor_tolerance: float, min_auc: float, metric: str = "auc") -> Decision:
+                         vendor_tolerance: float, min_auc: float, metric: str = "auc",
+                         readers: Callable[[str], ReaderAgreement | None] | None = None,
+                         min_reader_series: int = 10) -> Decision:
     """Compare the challenger with the champion; promote automatically or leave it for review.
+
+    `readers(champion_version)` compares the two on the series readers labelled (None: no such series).
 
     When the champion cannot be read, the gate does not decide: the version stays challenger and
     its tags say why (``promotion.decision = gate-error``), for a reviewer or a re-run to settle.
@@ -117,8 +121,11 @@ def apply_promotion_gate(tracking_uri: str, name: str, version: str, *, margin: 
     else:
         champion = _score(current.tags, metric) if current is not None and str(current.version) != str(version) \
             else None
+        agreement = readers(str(current.version)) if readers is not None and champion is not None \
+            and current is not None else None
         decision = decide_promotion(_score(challenger.tags, metric), champion, margin=margin,
-                                    vendor_tolerance=vendor_tolerance, min_auc=min_auc, metric=metric.upper())
+                                    vendor_tolerance=vendor_tolerance, min_auc=min_auc, metric=metric.upper(),
+                                    readers=agreement, min_reader_series=min_reader_series)
     for key, value in decision.tags().items():
         client.set_model_version_tag(name, version, key, value)
     _rewrite_section(client, name, version, model_card.decision_section(decision.label, decision.reasons, version))

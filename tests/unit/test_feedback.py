@@ -177,3 +177,31 @@ def test_readers_labels_go_into_the_pool_and_can_be_applied_again(tmp_path: Path
     assert apply_to_pool(tmp_path, labels, CFG) == 2
     pool = pd.read_csv(labels).set_index("SeriesInstanceUID")
     assert pool.label.to_dict() == {"s1": 1, "s2": 0, "s3": 0} and pool.label_before["s2"] == 1
+
+
+def test_the_gate_asks_the_readers_and_refuses_a_challenger_they_agree_with_less(tmp_path: Path) -> None:
+    from dicomops.feedback.gate import reader_agreement
+    from dicomops.tracking.promotion import ModelScore, decide_promotion
+
+    # Readers judged version 3 (the champion) on six series: it was right on four.
+    truth = {"s0": 1, "s1": 1, "s2": 0, "s3": 0, "s4": 1, "s5": 0}
+    said = {"s0": 1, "s1": 1, "s2": 0, "s3": 0, "s4": 0, "s5": 1}
+    FeedbackStore(tmp_path).add([_item("bo", s, "accept" if said[s] == t else "reject", model_label=said[s])
+                                 for s, t in truth.items()])
+    # The challenger's out-of-fold scores at threshold 0.5: right on five; s9 has no reader label.
+    oof = pd.DataFrame({"SeriesInstanceUID": ["s0", "s1", "s2", "s3", "s4", "s5", "s9"],
+                        "score": [0.9, 0.8, 0.1, 0.2, 0.7, 0.6, 0.9]})
+    better = reader_agreement(tmp_path, oof, 0.5, "3", CFG)
+    assert better is not None and (better.series, better.champion, better.challenger) == (6, 4 / 6, 5 / 6)
+    worse = reader_agreement(tmp_path, oof.assign(score=1 - oof.score), 0.5, "3", CFG)
+    assert worse is not None and worse.challenger == pytest.approx(1 / 6)
+    assert reader_agreement(tmp_path, oof, 0.5, "2", CFG).series == 0  # no calls of version 2 were judged
+    assert reader_agreement(tmp_path / "none", oof, 0.5, "3", CFG) is None
+
+    champion = ModelScore(0.90, {"ge": 0.9})
+    challenger = ModelScore(0.95, {"ge": 0.95})
+    assert decide_promotion(challenger, champion, readers=better, min_reader_series=4).promote
+    refused = decide_promotion(challenger, champion, readers=worse, min_reader_series=4)
+    assert not refused.promote and refused.reasons[-1].endswith("worse than the champion")
+    few = decide_promotion(challenger, champion, readers=worse, min_reader_series=10)
+    assert few.promote and "fewer than 10, not judged on them" in few.reasons[-1]

@@ -1,0 +1,33 @@
+"""The promotion gate's question to the readers: on the series they labelled, does the challenger
+agree with them at least as often as the champion did?"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from dicomops.config import FeedbackConfig
+from dicomops.feedback.store import FeedbackStore, resolve
+from dicomops.tracking.promotion import ReaderAgreement
+
+
+def reader_agreement(feedback_work: Path, oof: pd.DataFrame, threshold: float, champion_version: str,
+                     cfg: FeedbackConfig) -> ReaderAgreement | None:
+    """Compare on every series with a resolved reader label, a call of the champion in the clinic
+    (its feedback items) and an out-of-fold score of the challenger (`oof`: ``SeriesInstanceUID``,
+    ``score``; called at `threshold`). None when no reader has labelled anything."""
+    items = FeedbackStore(feedback_work).items()
+    if items.empty:
+        return None
+    resolved = resolve(items, cfg.conflict_rule)
+    truth = resolved[resolved.label >= 0].set_index("SeriesInstanceUID").label.astype(int)
+    mine = items[items.version == str(champion_version)].sort_values("at")
+    champion = mine.groupby("series").model_label.last().astype(int)
+    challenger = (oof.set_index("SeriesInstanceUID").score >= threshold).astype(int)
+    common = truth.index.intersection(champion.index).intersection(challenger.index)
+    if len(common) == 0:
+        return ReaderAgreement(0, str(champion_version), float("nan"), float("nan"))
+    return ReaderAgreement(len(common), str(champion_version),
+                           float((champion[common] == truth[common]).mean()),
+                           float((challenger[common] == truth[common]).mean()))
