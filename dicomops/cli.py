@@ -582,10 +582,30 @@ def feedback(
     work: Annotated[Path | None, typer.Option(help="Work directory the results and the feedback store are in.")] = None,
     config: Annotated[Path | None, typer.Option(help="PipelineConfig YAML (feedback: reviewers, rule, thresholds).")] = None,
     pacs: Annotated[bool, typer.Option(help="Read readers' revised reports from the PACS (DICOMOPS_PACS_URL).")] = True,
+    simulate: Annotated[int, typer.Option(help="Demo: first store this many simulated readers' judgements of the "
+                                               "champion's out-of-fold calls (they join the reviewers).")] = 0,
+    disagree: Annotated[float, typer.Option(help="Demo: the share of series each simulated reader labels "
+                                                 "against the truth.")] = 0.2,
 ) -> None:
     """Readers' feedback: collect it from the PACS, resolve labels, measure agreement; retrain when due."""
+    cfg = _pipeline_config(config)
+    if simulate:
+        from dicomops.config import load_settings
+        from dicomops.feedback.simulate import reader_ids
+        from dicomops.feedback.simulate import simulate as simulate_readers
+        from dicomops.tracking.registry import CHAMPION, alias_version
+        from dicomops.tracking.runs import configure_mlflow
 
-    result = _flow("feedback")(work=work.resolve() if work else None, config=_pipeline_config(config), from_pacs=pacs)
+        where = (work or load_settings().work_dir).resolve()
+        champion = alias_version(configure_mlflow(load_settings().mlflow_tracking_uri), cfg.train.model_name, CHAMPION)
+        if champion is None:
+            console.print(f"[red]no champion of {cfg.train.model_name}[/]: train one first ('make run')")
+            raise typer.Exit(2)
+        added = simulate_readers(where, cfg.train.model_name, str(champion.version), simulate, disagree)
+        cfg = cfg.model_copy(update={"feedback": cfg.feedback.model_copy(
+            update={"reviewers": {**cfg.feedback.reviewers, **reader_ids(simulate)}})})
+        console.print(f"{simulate} simulated readers judged version {champion.version}: {added} new judgements")
+    result = _flow("feedback")(work=work.resolve() if work else None, config=cfg, from_pacs=pacs)
     reason = result.get("retrain_reason")
     console.print(f"feedback run {result['feedback_run_id']}: {result.get('series', 0)} series with a reader's label; "
                   + (f"[red]retrain called for[/]: {escape(str(reason))}" if reason else "no retrain called for"))

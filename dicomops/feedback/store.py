@@ -33,7 +33,7 @@ from dicomops.config import FeedbackConfig
 from dicomops.errors import DicomOpsError
 
 VERDICTS = ("accept", "reject", "correct")
-SOURCES = ("endpoint", "pacs-sr", "pacs-seg")
+SOURCES = ("endpoint", "pacs-sr", "pacs-seg", "simulated")  # simulated: the demo's readers (dicomops.feedback.simulate)
 ITEM_COLUMNS = ["item", "at", "reader", "role", "source", "verdict", "series", "vendor", "model", "version",
                 "model_label", "model_score", "reader_label", "changed"]
 
@@ -196,8 +196,8 @@ def _kappa(a: np.ndarray, b: np.ndarray) -> float:
 def agreement(items: pd.DataFrame, cfg: FeedbackConfig, now: dt.datetime | None = None) -> pd.DataFrame:
     """Model against readers per version and vendor (and ``all``) over the rolling window: series,
     Cohen's kappa, disagreement rate. Each series counts once per version (its readers' latest
-    judgements resolved by majority: agreement with readers, not with one reader). Fewer than
-    ``min_cases`` series give a kappa of NaN."""
+    judgements resolved by the configured rule: agreement with the readers, not with one reader; an
+    unresolved tie is left out). Fewer than ``min_cases`` series give a kappa of NaN."""
     columns = ["version", "vendor", "series", "kappa", "disagreement"]
     if items.empty:
         return pd.DataFrame(columns=columns)
@@ -206,7 +206,7 @@ def agreement(items: pd.DataFrame, cfg: FeedbackConfig, now: dt.datetime | None 
     recent = items[items["at"] >= since]
     rows = []
     for version, part in recent.groupby("version", sort=True):
-        resolved = resolve(part, "majority").set_index("SeriesInstanceUID")
+        resolved = resolve(part, cfg.conflict_rule).set_index("SeriesInstanceUID")
         model = part.sort_values("at").groupby("series").model_label.last()
         table = resolved[resolved.label >= 0].join(model.rename("model_label"))
         for vendor, group in [("all", table), *table.groupby("vendor", sort=True)]:

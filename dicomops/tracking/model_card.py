@@ -189,7 +189,7 @@ def feedback_section(rows: Sequence[Mapping[str, Any]], window_days: float, run_
                  [[str(r["vendor"]), str(int(r["series"])), _f(r["kappa"]), _f(r["disagreement"])] for r in rows])
     return section("Agreement with readers", "\n".join([
         f"Readers' judgements of this version's results over the last {window_days:g} days (each series once, "
-        f"its readers' latest judgements by majority); picture and table in run `{run_id}`.", "", *body]))
+        f"its readers' latest judgements resolved by the conflict rule); picture and table in run `{run_id}`.", "", *body]))
 
 
 def review_section(model_name: str, version: str) -> str:

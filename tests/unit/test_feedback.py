@@ -205,3 +205,32 @@ def test_the_gate_asks_the_readers_and_refuses_a_challenger_they_agree_with_less
     assert not refused.promote and refused.reasons[-1].endswith("worse than the champion")
     few = decide_promotion(challenger, champion, readers=worse, min_reader_series=10)
     assert few.promote and "fewer than 10, not judged on them" in few.reasons[-1]
+
+
+def test_simulated_readers_disagree_on_the_chosen_share(tmp_path: Path) -> None:
+    from dicomops import io
+    from dicomops.feedback.simulate import simulate
+    from dicomops.layout import WorkLayout
+
+    paths = WorkLayout(tmp_path).train
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    preds = pd.DataFrame({"SeriesInstanceUID": [f"2.25.{i}" for i in range(400)], "label": labels,
+                          "vendor": rng.choice(["ge", "siemens"], 400),
+                          "score": np.clip(labels * 0.6 + rng.random(400) * 0.5, 0, 1)})
+    paths.root.mkdir(parents=True)
+    io.write_parquet(paths.oof_predictions, preds)
+    io.write_json(paths.summary, {"threshold": 0.5})
+    io.write_json(paths.state, {"version": "4"})
+    with pytest.raises(ValueError, match="version 4's, not version 3's"):
+        simulate(tmp_path, "m", "3", readers=2, disagree=0.2)
+    assert simulate(tmp_path, "m", "4", readers=2, disagree=0.2) == 800
+    assert simulate(tmp_path, "m", "4", readers=2, disagree=0.2) == 0  # the same simulation again: nothing new
+    items = FeedbackStore(tmp_path).items()
+    truth = preds.set_index("SeriesInstanceUID").label
+    flipped = (items.reader_label != items.series.map(truth)).mean()
+    assert flipped == pytest.approx(0.2, abs=0.05)
+    assert set(items.role) == {"senior", "reader"} and set(items.source) == {"simulated"}
+    # Resolved by the senior reader: agreement with the model is measured on every series.
+    table = store.agreement(items, CFG.model_copy(update={"min_cases": 10})).set_index("vendor")
+    assert table.loc["all", "series"] == 400 and 0 < table.loc["all", "kappa"] < 1
