@@ -47,9 +47,8 @@ def test_monitor_runs_nightly_and_hands_retraining_to_the_event() -> None:
 def test_retrain_trigger_is_a_valid_prefect_event_trigger() -> None:
     from prefect.events.schemas.deployment_triggers import DeploymentTriggerTypes
 
-    from dicomops.monitoring.alerts import EVENT, resource
-
     from dicomops.feedback import stage
+    from dicomops.monitoring.alerts import EVENT, resource
 
     drift, feedback = (TypeAdapter(DeploymentTriggerTypes).validate_python(raw)
                        for raw in _deployments()["retrain"]["triggers"])
