@@ -85,6 +85,10 @@ class PrivacyConfig(_Section):
     max_series_per_patient: int = Field(1, ge=1, le=100, description=(
         "Contribution bound: a patient's further series are left out of the released counts (1: each "
         "patient counted once). The noise and the threshold grow with it."))
+    dataset: str | None = Field(None, description=(
+        "The ledger's name for the data being budgeted. Default: each corpus version by its DVC hash, so a "
+        "corpus that gains a batch starts a new budget; name one (e.g. the site's cohort) to bound every "
+        "version together, since versions that share patients add up."))
     releases: tuple[tuple[str, ...], ...] = Field(
         (("vendor",), ("site",), ("month",), ("age_band", "sex")),
         description="Tables released after each ingest; each costs epsilon. Columns: vendor, site, month, "

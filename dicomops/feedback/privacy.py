@@ -234,8 +234,7 @@ def release_counts(rows: pd.DataFrame, by: Sequence[str], cfg: PrivacyConfig, le
         raise ValueError(f"cannot release counts by {missing}: the cohort has columns {list(rows.columns)}")
     name = name or release_name(by)
     scale, threshold, epsilon, delta = calibrate(cfg)
-    spec = json.dumps({"by": by, "epsilon": cfg.epsilon, "delta": cfg.delta, "min_cell": cfg.min_cell,
-                       "bound": cfg.max_series_per_patient, "rows": _digest(rows, by)}, sort_keys=True)
+    spec = _spec(rows, by, cfg)
     with ledger.lock():
         if (earlier := ledger.find(dataset, spec)) is not None:
             return _from_record(earlier, dataset, reused=True)
@@ -251,10 +250,13 @@ def release_counts(rows: pd.DataFrame, by: Sequence[str], cfg: PrivacyConfig, le
     return _from_record(record | {"cells": cells}, dataset)
 
 
-def _digest(rows: pd.DataFrame, by: tuple[str, ...]) -> str:
-    """Which data a release was drawn from (a hash, never the rows): a changed corpus is a new release."""
+def _spec(rows: pd.DataFrame, by: tuple[str, ...], cfg: PrivacyConfig) -> str:
+    """What makes two releases the same release: the table, the settings, and the data it is drawn
+    from (a hash, never the rows). The same spec again is published as it was, free."""
     text = rows[["patient", "series", *by]].astype(str).sort_values(["patient", "series"]).to_csv(index=False)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return json.dumps({"by": list(by), "epsilon": cfg.epsilon, "delta": cfg.delta, "min_cell": cfg.min_cell,
+                       "bound": cfg.max_series_per_patient, "rows": hashlib.sha256(text.encode()).hexdigest()},
+                      sort_keys=True)
 
 
 def _store_cells(ledger: PrivacyLedger, dataset: str, spec: str, cells: list[list[Any]]) -> None:
@@ -281,9 +283,7 @@ def release_cohort(instances: pd.DataFrame, cfg: PrivacyConfig, ledger: PrivacyL
     rows = cohort(instances)
     _, _, epsilon, delta = calibrate(cfg)
     entry = ledger.entry(dataset)
-    specs = {json.dumps({"by": tuple(by), "epsilon": cfg.epsilon, "delta": cfg.delta, "min_cell": cfg.min_cell,
-                         "bound": cfg.max_series_per_patient, "rows": _digest(rows, tuple(by))}, sort_keys=True)
-             for by in cfg.releases}
+    specs = {_spec(rows, tuple(by), cfg) for by in cfg.releases}
     new = len(specs - {r.get("spec") for r in entry.releases})
     if new and (entry.spent_epsilon + new * epsilon > cfg.budget_epsilon * (1 + 1e-9)
                 or entry.spent_delta + new * delta > cfg.budget_delta * (1 + 1e-9)):
@@ -298,7 +298,8 @@ def release_cohort(instances: pd.DataFrame, cfg: PrivacyConfig, ledger: PrivacyL
 def publish_ingest(work: Path, cfg: PrivacyConfig, ledger: PrivacyLedger) -> list[Path]:
     """Release the configured tables over the gate's accepted series into ``ingest/released/``.
 
-    The dataset charged is the source corpus (its DVC md5). Returns the files to show people.
+    The dataset charged is ``cfg.dataset`` or else the source corpus (its DVC md5). Returns the files
+    to show people.
 
     Raises:
         PrivacyBudgetExceededError: nothing was released; the folder is left empty.
@@ -311,7 +312,7 @@ def publish_ingest(work: Path, cfg: PrivacyConfig, ledger: PrivacyLedger) -> lis
     if folder.exists():
         for old in folder.iterdir():
             old.unlink()
-    dataset = source_dvc_md5(work)
+    dataset = cfg.dataset or source_dvc_md5(work)
     if dataset is None:
         raise ValueError(f"{paths.source} is missing: run the ingest flow, which records the source corpus")
     releases = release_cohort(pd.read_parquet(paths.instances), cfg, ledger, dataset)
