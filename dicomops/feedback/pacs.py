@@ -262,20 +262,7 @@ def collect_pacs(orthanc_url: str | None, work: Path, key: bytes, reviewers: Rev
                  limit: int = 100) -> list[dict[str, str]]:
     """One pass of :func:`collect_once` against the Orthanc at `orthanc_url` (default
     ``DICOMOPS_PACS_URL``), credentials from the environment."""
-    import os
+    from dicomops.pacs.watch import pacs_and_feed
 
-    from dicomops.pacs.changes import ChangesFeed
-    from dicomops.pacs.client import (
-        DEFAULT_URL,
-        DICOMWEB_ROOT,
-        URL_ENV,
-        PacsClient,
-        credentials_from_env,
-        read_timeout_s,
-    )
-
-    root = (orthanc_url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
-    credentials, timeout = credentials_from_env(), read_timeout_s(http_budget_s)
-    with PacsClient(root + DICOMWEB_ROOT, credentials, timeout_s=timeout) as pacs, \
-            ChangesFeed(root, credentials, timeout_s=timeout) as feed:
+    with pacs_and_feed(orthanc_url, http_budget_s) as (pacs, feed):
         return collect_once(feed, pacs, work, key, reviewers, limit)

@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -271,17 +272,6 @@ def watch_pacs(orthanc_url: str | None, work: Path, staging: Path, cfg: IngestCo
     its exported engine (None: ingest without scoring), the champion of `segmenter_name` adding
     nodule locations and a SEG to the results (None, or no champion: the classifier's SR alone) and
     the volume cache at ``DICOMOPS_REDIS_URL`` when one is set."""
-    import os
-
-    from dicomops.pacs.changes import ChangesFeed
-    from dicomops.pacs.client import (
-        DEFAULT_URL,
-        DICOMWEB_ROOT,
-        URL_ENV,
-        PacsClient,
-        credentials_from_env,
-        read_timeout_s,
-    )
     from dicomops.serving.cache import VolumeCache
 
     champion = None
@@ -293,15 +283,35 @@ def watch_pacs(orthanc_url: str | None, work: Path, staging: Path, cfg: IngestCo
         champion = with_segmenter(load_champion(tracking_uri, model_name, models_dir=models), tracking_uri,
                                   segmenter_name, models)
     cache = VolumeCache.from_env()
-    root = (orthanc_url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
-    credentials, timeout = credentials_from_env(), read_timeout_s(http_budget_s)
-    with PacsClient(root + DICOMWEB_ROOT, credentials, timeout_s=timeout) as pacs, \
-            ChangesFeed(root, credentials, timeout_s=timeout) as feed:
+    with pacs_and_feed(orthanc_url, http_budget_s) as (pacs, feed):
         try:
             return watch_once(feed, pacs, staging, work, cfg, key, champion, limit, on_study=on_study, cache=cache)
         finally:
             if cache is not None:
                 cache.close()
+
+
+@contextmanager
+def pacs_and_feed(orthanc_url: str | None, http_budget_s: float) -> Iterator[tuple[Any, Any]]:
+    """A DICOMweb client and the changes feed of the Orthanc at `orthanc_url` (default
+    ``DICOMOPS_PACS_URL``), credentials from the environment, both closed after the block."""
+    import os
+
+    from dicomops.pacs.changes import ChangesFeed
+    from dicomops.pacs.client import (
+        DEFAULT_URL,
+        DICOMWEB_ROOT,
+        URL_ENV,
+        PacsClient,
+        credentials_from_env,
+        read_timeout_s,
+    )
+
+    root = (orthanc_url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
+    credentials, timeout = credentials_from_env(), read_timeout_s(http_budget_s)
+    with PacsClient(root + DICOMWEB_ROOT, credentials, timeout_s=timeout) as pacs, \
+            ChangesFeed(root, credentials, timeout_s=timeout) as feed:
+        yield pacs, feed
 
 
 def summarise(outcomes: Sequence[StudyOutcome]) -> dict[str, int]:
