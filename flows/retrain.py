@@ -60,8 +60,7 @@ def _retrain(work: Path, config: PipelineConfig, uri: str, artifact_root: Path |
         on_dask(ingest, config.ingest.dask_address)(
             src, retrain_work, config.ingest, config.experiment, parent_run_id=run_id)
         # Readers' labels override the earlier ones (the same pseudonymous series UIDs on both sides).
-        readers = apply_reader_labels(work, retrain_work, config.feedback)
-        tag_run(uri, run_id, {"retrain.reader_labels": str(readers)})
+        tag_run(uri, run_id, apply_reader_labels(work, retrain_work, config.feedback))
         on_dask(preprocess, config.preprocess.dask_address)(
             retrain_work, config.preprocess, config.experiment, parent_run_id=run_id)
         trained = train(retrain_work, config.train, config.preprocess, config.experiment, parent_run_id=run_id,

@@ -47,6 +47,7 @@ def write_labels(work: Path, cfg: FeedbackConfig) -> dict[str, int]:
 def log_agreement(tracking_uri: str, artifact_root: Path | None, experiment: str, name: str, version: str,
                   work: Path, cfg: FeedbackConfig, counts: dict[str, int]) -> tuple[str, list[dict[str, Any]]]:
     """A run in the monitoring experiment (figures, table, picture) and the version's page."""
+    from dicomops import io
     from dicomops.layout import WorkLayout
     from dicomops.tracking.registry import describe_feedback
 
@@ -54,7 +55,7 @@ def log_agreement(tracking_uri: str, artifact_root: Path | None, experiment: str
     folder = WorkLayout(work).feedback.root
     folder.mkdir(parents=True, exist_ok=True)
     agreement_csv = folder / "agreement.csv"
-    table.to_csv(agreement_csv, index=False)
+    io.write_csv(agreement_csv, table)
     picture = stage.plot_agreement(table, version, cfg, folder / "agreement.png")
     run_id = runs.start_run(tracking_uri, experiment, artifact_root, run_name="feedback",
                             tags={"stage": "feedback", "model": name, "model_version": str(version)},
@@ -90,10 +91,18 @@ def raise_event(name: str, version: str, reason: str, run_id: str) -> None:
 
 
 @task(name="apply-reader-labels")
-def apply_reader_labels(feedback_work: Path, pool_work: Path, cfg: FeedbackConfig) -> int:
-    """Readers' resolved labels into the retraining pool's de-identified labels.csv."""
+def apply_reader_labels(feedback_work: Path, pool_work: Path, cfg: FeedbackConfig) -> dict[str, str]:
+    """Readers' resolved labels into the retraining pool's de-identified labels.csv; returns the tags
+    that say which feedback it trained on (how many series, the md5 of ``feedback/labels.csv`` as DVC
+    would record it)."""
+    import hashlib
+
     from dicomops.layout import WorkLayout
     from dicomops.synthetic.sidecars import LABELS_CSV
 
     path = WorkLayout(pool_work).ingest.deid / LABELS_CSV
-    return stage.apply_to_pool(feedback_work, path, cfg) if path.exists() else 0
+    count = stage.apply_to_pool(feedback_work, path, cfg) if path.exists() else 0
+    resolved = WorkLayout(feedback_work).feedback.labels
+    stage.write_labels(feedback_work, cfg)
+    md5 = hashlib.md5(resolved.read_bytes()).hexdigest() if resolved.exists() else ""
+    return {"retrain.reader_labels": str(count), "feedback.labels_md5": md5}

@@ -3,6 +3,7 @@ PACS → the feedback flow → retrain with the readers' labels → the gate ask
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pandas as pd
@@ -82,6 +83,8 @@ def test_the_loop_study_finding_correction_retrain_gated_promotion(
     client = mlflow.tracking.MlflowClient(own_champion.uri)
     run = client.get_run(str(retrained["mlflow_run_id"]))
     assert run.data.tags["trigger"] == "feedback" and run.data.tags["retrain.reader_labels"] == "3"
+    # Which feedback it learned from: the resolved labels' md5, as DVC would record the file.
+    assert run.data.tags["feedback.labels_md5"] == hashlib.md5((work / "feedback/labels.csv").read_bytes()).hexdigest()
     pool = pd.read_csv(Path(str(retrained["work"])) / "deid/labels.csv", keep_default_na=False)
     mapper = KeyedMapper(KEY)
     for original, said in calls.items():
