@@ -363,14 +363,18 @@ def plot_ingest(work: Path) -> Path:
         how = (f"OpenDP Laplace, \u03b5 = {released.epsilon.iloc[0]:g}; cells under "
                f"{int(released.threshold.iloc[0])} suppressed")
     else:
-        axes[1].text(0.5, 0.5, "no counts released\n(privacy off, budget spent, or every cell suppressed)",
-                     ha="center", va="center", fontsize=11, transform=axes[1].transAxes)
+        why = "every cell under the threshold: suppressed" if released is not None else \
+            "privacy off, or the budget is spent (see the ingest log)"
+        axes[1].text(0.5, 0.5, f"no counts released\n({why})", ha="center", va="center", fontsize=11,
+                     color="#555555", transform=axes[1].transAxes)
+        axes[1].set_xticks([])
+        axes[1].set_yticks([])
         how = "nothing released"
     source = "vendor key in CV (labels.csv)" if keys else "no labels.csv yet: no vendor key"
     axes[1].set_title(f"Accepted series per manufacturer \u2192 {source}\n{how}", fontsize=12)
     for ax in axes:
         ax.tick_params(labelsize=11)
-        ax.set_xlabel("count", fontsize=10)
+        ax.set_xlabel("count" if ax.get_xticks().size else "", fontsize=10)
         ax.margins(x=0.12)
     out = paths.picture
     fig.savefig(out, dpi=100)
