@@ -251,7 +251,7 @@ def test_confusion_by_vendor_draws_one_matrix_per_vendor_and_all(tmp_path: Path,
     assert canon == ["1\n50%", "1\n50%", "1\n33%", "2\n67%"]
 
 
-def _ingest_work(tmp_path: Path, labels: bool) -> Path:
+def _ingest_work(tmp_path: Path, labels: bool, released: bool = True) -> Path:
     work = tmp_path / "work"
     paths = WorkLayout(work).ingest
     io.write_json(paths.summary, {"files": 10, "quarantined_files": 1, "accepted_series": 4,
@@ -262,16 +262,23 @@ def _ingest_work(tmp_path: Path, labels: bool) -> Path:
     if labels:
         io.write_csv(paths.deid / "labels.csv", pd.DataFrame({
             "SeriesInstanceUID": ["s1", "s2", "s3"], "vendor": ["canon", "canon", "ge"], "label": [1, 0, 1]}))
+    if released:  # what the gate released through OpenDP (dicomops.feedback.privacy): noisy, a cell suppressed
+        io.write_csv(paths.released / "released_counts.csv", pd.DataFrame({
+            "release": ["series by vendor"] * 3 + ["series by site"], "cell": ["GE MEDICAL SYSTEMS", "SIEMENS",
+                                                                              "TOSHIBA", "SI-X"],
+            "count": [15, 17, 22, 40], "epsilon": 1.0, "delta": 6e-7, "threshold": 14}))
     return work
 
 
-def test_plot_ingest_shows_manufacturer_to_vendor_key(tmp_path: Path, saved_figures: list) -> None:
+def test_plot_ingest_shows_released_counts_per_manufacturer_with_the_vendor_key(
+        tmp_path: Path, saved_figures: list) -> None:
     out = plot_ingest(_ingest_work(tmp_path, labels=True))
     assert out.stat().st_size > 5_000
     ax = saved_figures[-1].axes[1]
     bars = {t.get_text(): p.get_width() for t, p in zip(ax.get_yticklabels(), ax.patches, strict=True)}
-    assert bars == {"GE MEDICAL SYSTEMS → ge": 1, "SIEMENS → no label, not in CV": 1, "TOSHIBA → canon": 2}
-    assert "vendor key in CV" in ax.get_title()
+    # The released (noisy) counts, never the exact ones (2, 1, 1 here: every one would be suppressed).
+    assert bars == {"GE MEDICAL SYSTEMS → ge": 15, "SIEMENS → no label, not in CV": 17, "TOSHIBA → canon": 22}
+    assert "vendor key in CV" in ax.get_title() and "\u03b5 = 1" in ax.get_title()
 
 
 def test_plot_ingest_before_labels_says_there_is_no_key(tmp_path: Path, saved_figures: list) -> None:
@@ -281,3 +288,10 @@ def test_plot_ingest_before_labels_says_there_is_no_key(tmp_path: Path, saved_fi
                                                             "SIEMENS → no label, not in CV",
                                                             "TOSHIBA → no label, not in CV"}
     assert "no labels.csv yet" in ax.get_title()
+
+
+def test_plot_ingest_without_a_release_draws_no_count(tmp_path: Path, saved_figures: list) -> None:
+    plot_ingest(_ingest_work(tmp_path, labels=True, released=False))
+    ax = saved_figures[-1].axes[1]
+    assert len(ax.patches) == 0 and "nothing released" in ax.get_title()
+    assert "budget is spent" in " ".join(t.get_text() for t in ax.texts)

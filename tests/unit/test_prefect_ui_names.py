@@ -26,20 +26,24 @@ def _deployments() -> dict[str, dict]:
     return {d["name"]: d for d in spec["deployments"]}
 
 
-def test_the_retrain_automation_is_named_and_described_after_its_event() -> None:
+def test_the_retrain_automations_are_named_and_described_after_their_events() -> None:
     from prefect.events.schemas.deployment_triggers import DeploymentTriggerTypes
 
-    (raw,) = _deployments()["retrain"]["triggers"]
-    # Without a name `prefect deploy` names it "retrain__automation_1" and the UI calls it "a custom trigger".
-    assert raw.get("name") == f"retrain on {EVENT}"
-    trigger = TypeAdapter(DeploymentTriggerTypes).validate_python(raw)
-    trigger.set_deployment_id(uuid.uuid4())
-    automation = trigger.as_automation()  # what `prefect deploy` sends to the server
-    assert automation.name == f"retrain on {EVENT}"
-    assert automation.trigger.expect == {EVENT}
-    description = automation.description
-    for needed in (EVENT, "monitor deployment", "drift check", "retrain deployment", "cooldown", "02:00 UTC"):
-        assert needed in description, needed
+    from dicomops.feedback.stage import EVENT as FEEDBACK_EVENT
+
+    drift, feedback = _deployments()["retrain"]["triggers"]
+    needs = {EVENT: ("monitor deployment", "drift check", "retrain deployment", "cooldown", "02:00 UTC"),
+             FEEDBACK_EVENT: ("feedback deployment", "corrections", "retrain deployment", "cooldown")}
+    for raw, event in ((drift, EVENT), (feedback, FEEDBACK_EVENT)):
+        # Without a name `prefect deploy` names it "retrain__automation_1" and the UI calls it "a custom trigger".
+        assert raw.get("name") == f"retrain on {event}"
+        trigger = TypeAdapter(DeploymentTriggerTypes).validate_python(raw)
+        trigger.set_deployment_id(uuid.uuid4())
+        automation = trigger.as_automation()  # what `prefect deploy` sends to the server
+        assert automation.name == f"retrain on {event}"
+        assert automation.trigger.expect == {event}
+        for needed in (event, *needs[event]):
+            assert needed in automation.description, needed
 
 
 def test_the_nightly_schedule_is_in_utc_and_says_so() -> None:
