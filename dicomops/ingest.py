@@ -370,8 +370,8 @@ def plot_ingest(work: Path) -> Path:
         axes[1].set_xticks([])
         axes[1].set_yticks([])
         how = "nothing released"
-    source = "vendor key in CV (labels.csv)" if keys else "no labels.csv yet: no vendor key"
-    axes[1].set_title(f"Accepted series per manufacturer \u2192 {source}\n{how}", fontsize=12)
+    source = " \u2192 vendor key in CV" if keys else "\nno labels.csv yet: no vendor key"
+    axes[1].set_title(f"Accepted series per manufacturer{source}\n{how}", fontsize=11)
     for ax in axes:
         ax.tick_params(labelsize=11)
         ax.set_xlabel("count" if ax.get_xticks().size else "", fontsize=10)
