@@ -606,6 +606,9 @@ def feedback(
             update={"reviewers": {**cfg.feedback.reviewers, **reader_ids(simulate)}})})
         console.print(f"{simulate} simulated readers judged version {champion.version}: {added} new judgements")
     result = _flow("feedback")(work=work.resolve() if work else None, config=cfg, from_pacs=pacs)
+    if result.get("status") == "skipped":
+        console.print(f"feedback: skipped, {escape(str(result['reason']))}")
+        return
     reason = result.get("retrain_reason")
     console.print(f"feedback run {result['feedback_run_id']}: {result.get('series', 0)} series with a reader's label; "
                   + (f"[red]retrain called for[/]: {escape(str(reason))}" if reason else "no retrain called for"))

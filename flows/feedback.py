@@ -13,7 +13,6 @@ from dicomops.layout import WorkLayout
 from flows.retrain import retrain
 from flows.scope import writing
 from tasks import feedback as t
-from tasks.monitor import load_serving_model
 
 
 @flow(name="dicomops-feedback", log_prints=True)
@@ -24,21 +23,25 @@ def feedback(orthanc_url: str | None = None, work: Path | None = None, config: P
     settings = load_settings()
     work = Path(work or settings.work_dir)
     uri, cfg, name = settings.mlflow_tracking_uri, config.feedback, config.train.model_name
-    serving = load_serving_model(uri, name, config.monitor.alias)
+    version = t.serving_version(uri, name, config.monitor.alias)
+    if version is None:
+        print(f"feedback: no version of {name} holds '{config.monitor.alias}' yet; nothing to measure")
+        return {"status": "skipped", "reason": f"no {config.monitor.alias} of {name}", "feedback_run_id": None,
+                "retrain_reason": None, "retrain": None}
     # It holds WORK/feedback only: the review endpoint and pacs-watch keep working beside it.
     with writing(WorkLayout(work).feedback.root, "dicomops-feedback", settings):
         collected = t.collect_from_pacs(orthanc_url, work, cfg, limit) if from_pacs else {}
         labels = t.write_labels(work, cfg)
-        run_id, rows = t.log_agreement(uri, settings.mlflow_artifact_root, config.monitor.experiment, serving.name,
-                                       serving.version, work, cfg, collected | labels)
-        reason = t.retrain_reason(work, cfg, serving.name, serving.version)
+        run_id, rows = t.log_agreement(uri, settings.mlflow_artifact_root, config.monitor.experiment, name,
+                                       version, work, cfg, collected | labels)
+        reason = t.retrain_reason(work, cfg, name, version)
     overall = next((r for r in rows if r["vendor"] == "all"), None)
-    print(f"feedback on {serving.name} v{serving.version}: {collected or 'PACS not read'}; {labels}; agreement "
+    print(f"feedback on {name} v{version}: {collected or 'PACS not read'}; {labels}; agreement "
           + (f"kappa {overall['kappa']:.3f} over {overall['series']} series" if overall else "not measured yet"))
-    result: dict[str, object] = {"feedback_run_id": run_id, **collected, **labels, "retrain_reason": reason,
-                                 "retrain": None}
+    result: dict[str, object] = {"status": "measured", "feedback_run_id": run_id, **collected, **labels,
+                                 "retrain_reason": reason, "retrain": None}
     if reason:
-        t.raise_event(serving.name, serving.version, reason, run_id)
+        t.raise_event(name, version, reason, run_id)
         if config.monitor.retrain == "subflow":
             result["retrain"] = retrain(work=work, config=config, trigger="feedback", monitoring_run_id=run_id)
     return result

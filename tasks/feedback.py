@@ -21,13 +21,30 @@ def reviewers(cfg: FeedbackConfig) -> Any:
     return Reviewers.from_config(cfg, tokens.get_secret_value() if tokens else None)
 
 
+@task(name="serving-version", retries=2, retry_delay_seconds=[2, 10])
+def serving_version(tracking_uri: str, name: str, alias: str) -> str | None:
+    """The version holding `alias`, or None before there is one."""
+    from dicomops.tracking.registry import alias_version
+
+    mv = alias_version(runs.configure_mlflow(tracking_uri), name, alias)
+    return None if mv is None else str(mv.version)
+
+
 @task(name="collect-pacs-feedback", tags=["io-heavy"])
 def collect_from_pacs(orthanc_url: str | None, work: Path, cfg: FeedbackConfig, limit: int) -> dict[str, int]:
-    """Readers' verified revisions of dicomops reports since the feedback cursor."""
+    """Readers' verified revisions of dicomops reports since the feedback cursor. A PACS that does not
+    answer is a warning, not a failure: the cursor stays, the next pass reads what this one missed,
+    and the endpoint's judgements are measured meanwhile."""
+    from dicomops.errors import ServerUnreachableError
     from dicomops.feedback.pacs import collect_pacs
+    from dicomops.pacs.client import PacsError
 
     settings = load_settings()
-    rows = collect_pacs(orthanc_url, work, key_from_settings(), reviewers(cfg), settings.http_budget_s, limit)
+    try:
+        rows = collect_pacs(orthanc_url, work, key_from_settings(), reviewers(cfg), settings.http_budget_s, limit)
+    except (PacsError, ServerUnreachableError, OSError, ValueError) as err:  # ValueError: no PACS credentials
+        get_run_logger().warning("readers' reports not collected this pass: %s", err)
+        return {"pacs_unreachable": 1}
     counts = {o: sum(r["outcome"] == o for r in rows) for o in ("stored", "refused", "ours")}
     refused = [r["reason"] for r in rows if r["outcome"] == "refused"]
     if refused:

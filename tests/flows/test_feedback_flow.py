@@ -63,3 +63,16 @@ def test_agreement_reaches_the_version_page_and_a_retrain_is_called_for_at_the_t
     second = feedback(work=work, config=config, from_pacs=False)
     assert second["retrain_reason"] == f"3 corrections of version {version} since it was deployed"
     assert second["retrain"] is None
+
+    # A PACS that does not answer: a warning, the endpoint's judgements still measured.
+    monkeypatch.setenv("DICOMOPS_PACS_USER", "dicomops")
+    monkeypatch.setenv("DICOMOPS_PACS_PASSWORD", "not-a-real-password-1234")
+    unreachable = feedback(orthanc_url="http://127.0.0.1:9", work=work, config=config, from_pacs=True)
+    assert unreachable["pacs_unreachable"] == 1 and unreachable["series"] == 11
+
+
+def test_without_a_champion_or_a_pacs_the_flow_says_so_and_does_not_fail(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty.db'}")
+    skipped = feedback(work=tmp_path / "work", config=CONFIG, from_pacs=True)
+    assert skipped["status"] == "skipped" and skipped["reason"] == f"no champion of {TINY.model_name}"
