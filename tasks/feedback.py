@@ -63,29 +63,7 @@ def write_labels(work: Path, cfg: FeedbackConfig) -> dict[str, int]:
 @task(name="log-agreement", retries=2, retry_delay_seconds=[2, 10])
 def log_agreement(tracking_uri: str, artifact_root: Path | None, experiment: str, name: str, version: str,
                   work: Path, cfg: FeedbackConfig, counts: dict[str, int]) -> tuple[str, list[dict[str, Any]]]:
-    """A run in the monitoring experiment (figures, table, picture) and the version's page."""
-    from dicomops import io
-    from dicomops.layout import WorkLayout
-    from dicomops.tracking.registry import describe_feedback
-
-    table = stage.agreement_table(work, cfg)
-    folder = WorkLayout(work).feedback.root
-    folder.mkdir(parents=True, exist_ok=True)
-    agreement_csv = folder / "agreement.csv"
-    io.write_csv(agreement_csv, table)
-    picture = stage.plot_agreement(table, version, cfg, folder / "agreement.png")
-    run_id = runs.start_run(tracking_uri, experiment, artifact_root, run_name="feedback",
-                            tags={"stage": "feedback", "model": name, "model_version": str(version)},
-                            params={"feedback.window_days": cfg.window_days, "feedback.min_kappa": cfg.min_kappa,
-                                    "feedback.corrections": cfg.corrections, "feedback.rule": cfg.conflict_rule})
-    runs.log_metrics(tracking_uri, run_id, stage.metrics(table, version)
-                     | {f"feedback.{k}": float(v) for k, v in counts.items()})
-    runs.log_artifacts(tracking_uri, run_id, [agreement_csv, picture], "feedback")
-    runs.end_run(tracking_uri, run_id)
-    rows = table[table.version == str(version)].to_dict("records")
-    if rows:
-        describe_feedback(tracking_uri, name, str(version), rows, cfg.window_days, run_id)
-    return run_id, rows
+    return stage.record_agreement(tracking_uri, artifact_root, experiment, name, version, work, cfg, counts)
 
 
 @task(name="retrain-reason")
@@ -109,17 +87,4 @@ def raise_event(name: str, version: str, reason: str, run_id: str) -> None:
 
 @task(name="apply-reader-labels")
 def apply_reader_labels(feedback_work: Path, pool_work: Path, cfg: FeedbackConfig) -> dict[str, str]:
-    """Readers' resolved labels into the retraining pool's de-identified labels.csv; returns the tags
-    that say which feedback it trained on (how many series, the md5 of ``feedback/labels.csv`` as DVC
-    would record it)."""
-    import hashlib
-
-    from dicomops.layout import WorkLayout
-    from dicomops.synthetic.sidecars import LABELS_CSV
-
-    path = WorkLayout(pool_work).ingest.deid / LABELS_CSV
-    count = stage.apply_to_pool(feedback_work, path, cfg) if path.exists() else 0
-    resolved = WorkLayout(feedback_work).feedback.labels
-    stage.write_labels(feedback_work, cfg)
-    md5 = hashlib.md5(resolved.read_bytes()).hexdigest() if resolved.exists() else ""
-    return {"retrain.reader_labels": str(count), "feedback.labels_md5": md5}
+    return stage.apply_to_retrain(feedback_work, pool_work, cfg)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from prefect import task
 
 from dicomops.config import FeedbackConfig, PreprocessConfig, TrainConfig
@@ -76,16 +75,9 @@ def promotion_gate(tracking_uri: str, cfg: TrainConfig, version: str, work: Path
     """The gate; with `feedback_work`, also on the series readers labelled there (dicomops.feedback.gate)."""
     readers = None
     if work is not None and feedback_work is not None:
-        from dicomops import io
-        from dicomops.feedback.gate import reader_agreement
+        from dicomops.feedback.gate import readers_for
 
-        paths = WorkLayout(work).train
-        oof, threshold = pd.read_parquet(paths.oof_predictions), float(io.read_json(paths.summary)["threshold"])
-        fcfg = feedback or FeedbackConfig()
-
-        def readers(champion_version: str) -> Any:
-            return reader_agreement(feedback_work, oof, threshold, champion_version, fcfg)
-
+        readers = readers_for(work, feedback_work, feedback or FeedbackConfig())
     decision = registry.apply_promotion_gate(tracking_uri, cfg.model_name, version, margin=cfg.promotion_margin,
                                              vendor_tolerance=cfg.vendor_tolerance, min_auc=cfg.min_auc,
                                              readers=readers,

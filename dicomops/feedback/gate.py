@@ -3,6 +3,7 @@ agree with them at least as often as the champion did?"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -31,3 +32,14 @@ def reader_agreement(feedback_work: Path, oof: pd.DataFrame, threshold: float, c
     return ReaderAgreement(len(common), str(champion_version),
                            float((champion[common] == truth[common]).mean()),
                            float((challenger[common] == truth[common]).mean()))
+
+
+def readers_for(work: Path, feedback_work: Path, cfg: FeedbackConfig) -> Callable[[str], ReaderAgreement | None]:
+    """What the promotion gate asks (``readers(champion_version)``), from the training in `work`: its
+    out-of-fold scores called at its CV threshold."""
+    from dicomops import io
+    from dicomops.layout import WorkLayout
+
+    paths = WorkLayout(work).train
+    oof, threshold = pd.read_parquet(paths.oof_predictions), float(io.read_json(paths.summary)["threshold"])
+    return lambda champion_version: reader_agreement(feedback_work, oof, threshold, champion_version, cfg)

@@ -101,3 +101,43 @@ def plot_agreement(table: pd.DataFrame, version: str, cfg: FeedbackConfig, out: 
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def record_agreement(tracking_uri: str, artifact_root: Path | None, experiment: str, name: str, version: str,
+                     work: Path, cfg: FeedbackConfig, counts: dict[str, int]) -> tuple[str, list[dict[str, Any]]]:
+    """A ``feedback`` run in the monitoring experiment (figures, table, picture) and the version's page;
+    returns the run id and the version's agreement rows."""
+    from dicomops.tracking import runs
+    from dicomops.tracking.registry import describe_feedback
+
+    table = agreement_table(work, cfg)
+    folder = WorkLayout(work).feedback.root
+    folder.mkdir(parents=True, exist_ok=True)
+    agreement_csv = io.write_csv(folder / "agreement.csv", table)
+    picture = plot_agreement(table, version, cfg, folder / "agreement.png")
+    run_id = runs.start_run(tracking_uri, experiment, artifact_root, run_name="feedback",
+                            tags={"stage": "feedback", "model": name, "model_version": str(version)},
+                            params={"feedback.window_days": cfg.window_days, "feedback.min_kappa": cfg.min_kappa,
+                                    "feedback.corrections": cfg.corrections, "feedback.rule": cfg.conflict_rule})
+    runs.log_metrics(tracking_uri, run_id, metrics(table, version) | {f"feedback.{k}": float(v) for k, v in counts.items()})
+    runs.log_artifacts(tracking_uri, run_id, [agreement_csv, picture], "feedback")
+    runs.end_run(tracking_uri, run_id)
+    rows = table[table.version == str(version)].to_dict("records")
+    if rows:
+        describe_feedback(tracking_uri, name, str(version), rows, cfg.window_days, run_id)
+    return run_id, rows
+
+
+def apply_to_retrain(feedback_work: Path, pool_work: Path, cfg: FeedbackConfig) -> dict[str, str]:
+    """Readers' resolved labels into a retraining pool (:func:`apply_to_pool`); returns the run tags that
+    say which feedback it learned from: how many series, and the md5 of ``feedback/labels.csv`` as DVC
+    would record the file."""
+    import hashlib
+
+    from dicomops.synthetic.sidecars import LABELS_CSV
+
+    path = WorkLayout(pool_work).ingest.deid / LABELS_CSV
+    count = apply_to_pool(feedback_work, path, cfg) if path.exists() else 0
+    write_labels(feedback_work, cfg)
+    resolved = WorkLayout(feedback_work).feedback.labels
+    return {"retrain.reader_labels": str(count), "feedback.labels_md5": hashlib.md5(resolved.read_bytes()).hexdigest()}
