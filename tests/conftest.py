@@ -12,6 +12,7 @@ from dicomops.config import SynthConfig
 from dicomops.synthetic import generate_corpus
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # 20 s is too short on 2 busy cores
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 # Everything Prefect writes during the tests lands here, where the leak test can scan it.
