@@ -1,6 +1,8 @@
 """A reader's verified revision of a dicomops report, stored in a real Orthanc, becomes feedback with
 provenance under the series' pseudonym; a revision signed by someone who is not a reviewer is refused
-with its reason; a second pass stores nothing again; nothing identifying reaches the feedback store."""
+with its reason; a second pass stores nothing again; nothing identifying reaches the feedback store.
+Orthanc killed mid-collection: the studies collected stay, the one it died in is taken up whole on
+the next pass, and nothing is stored twice."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pandas as pd
 import pydicom
 import pytest
 
@@ -18,7 +21,7 @@ from dicomops.deid.keys import KeyedMapper, key_from_settings
 from dicomops.feedback.pacs import collect_once, read_assessment, read_report, revise
 from dicomops.feedback.store import FeedbackStore, Reviewers
 from dicomops.pacs.changes import ChangesFeed
-from dicomops.pacs.client import PacsClient
+from dicomops.pacs.client import PacsClient, PacsError
 from dicomops.pacs.orthanc import OrthancProcess
 from flows.pacs_watch import pacs_watch
 from tests.champion_fixture import CONFIG, ExportedChampion
@@ -95,3 +98,77 @@ def test_a_readers_revision_in_the_pacs_becomes_feedback_and_a_stranger_is_refus
 
     needles = _needles(files) | {report.sop_uid, str(ada.SOPInstanceUID), str(eve.SOPInstanceUID)}
     assert scan_for_phi(work / "feedback", needles) == []
+
+
+class _DiesOnStudy:
+    """A PACS client that kills Orthanc (SIGKILL, as a crash would) when asked for the first report of
+    `study_uid`: the collection loses its server between two studies' retrievals."""
+
+    def __init__(self, pacs: PacsClient, server: OrthancProcess, study_uid: str) -> None:
+        self._pacs, self._server, self._study = pacs, server, study_uid
+
+    def report_instances(self, study_uid: str) -> list[tuple[str, str]]:
+        return self._pacs.report_instances(study_uid)
+
+    def retrieve_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> pydicom.Dataset:
+        if study_uid == self._study:
+            self._server.kill()
+        return self._pacs.retrieve_instance(study_uid, series_uid, sop_uid)
+
+
+def _reviewed_study(out: Path, index: int) -> tuple[str, list[pydicom.Dataset]]:
+    """A study as a site would have it after review: its CT series, a dicomops report calling no
+    nodule, and Ada's verified revision calling one."""
+    from io import BytesIO
+
+    from dicomops.pacs.results import Finding, encode, structured_report
+
+    images = [pydicom.dcmread(f) for f in synthetic_study(out, slices=4, matrix=64, index=index, vendor="siemens")]
+    report = structured_report(images, Finding(present=False, score=0.2, threshold=0.5,
+                                               model_name="dicomops-nodule", model_version="3"))
+    ours = pydicom.dcmread(BytesIO(encode(report)))
+    return str(images[0].StudyInstanceUID), [*images, ours, revise(ours, present=True, reader=ADA)]
+
+
+def test_orthanc_killed_mid_collection_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    from dicomops.pacs.orthanc import start_orthanc
+
+    from .conftest import free_port
+    from .orthanc_fixture import STABLE_AGE_S, pacs_credentials, require_orthanc
+
+    require_orthanc()
+    work, key, port, credentials = tmp_path / "work", key_from_settings(), free_port(), pacs_credentials()
+    reviewers = Reviewers.from_config(FeedbackConfig(reviewers={ADA: "senior"}))
+    first, first_objects = _reviewed_study(tmp_path / "a", index=51)
+    second, second_objects = _reviewed_study(tmp_path / "b", index=52)
+    with start_orthanc(tmp_path / "pacs", port, credentials, stable_age_s=STABLE_AGE_S) as server:
+        with PacsClient(server.dicomweb_url, credentials) as pacs:
+            pacs.store(first_objects)
+            _wait_stable(server, {first})  # the first study is stable before the second arrives: feed order
+            pacs.store(second_objects)
+            _wait_stable(server, {second})
+        with PacsClient(server.dicomweb_url, credentials, timeout_s=5) as pacs, \
+                ChangesFeed(server.url, credentials, timeout_s=5) as feed, \
+                pytest.raises(PacsError, match="did not answer") as lost:
+            collect_once(feed, _DiesOnStudy(pacs, server, second), work, key, reviewers)
+        assert server.process.poll() is not None
+        assert first not in str(lost.value) and second not in str(lost.value)
+        # The first study was collected whole; of the second nothing is stored or marked seen, and
+        # the cursor stops before it, so the next pass takes it up again.
+        (item,) = FeedbackStore(work).items().to_dict("records")
+        assert (item["reader"], item["reader_label"], item["model_label"]) == (ADA, 1, 0)
+        seen = pd.read_csv(work / "feedback/pacs_seen.csv", keep_default_na=False)
+        assert sorted(seen.outcome) == ["ours", "stored"]
+        assert not list(work.rglob("*.tmp")) and not list(work.rglob("*.lock.tmp"))
+
+    with start_orthanc(tmp_path / "pacs", port, credentials, stable_age_s=STABLE_AGE_S) as server, \
+            PacsClient(server.dicomweb_url, credentials) as pacs, ChangesFeed(server.url, credentials) as feed:
+        rows = collect_once(feed, pacs, work, key, reviewers)
+        assert sorted(r["outcome"] for r in rows) == ["ours", "stored"]  # the second study, once
+        assert collect_once(feed, pacs, work, key, reviewers) == []
+    items = FeedbackStore(work).items()
+    mapper = KeyedMapper(key)
+    assert sorted(items.series) == sorted(mapper.uid(str(o[0].SeriesInstanceUID)) for o in (first_objects, second_objects))
+    needles = {str(ds.get(tag, "")) for o in (first_objects, second_objects) for ds in o
+               for tag in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID", "PatientName")}
+    assert scan_for_phi(work, needles - {""}) == []
