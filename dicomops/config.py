@@ -442,6 +442,11 @@ class Settings(BaseSettings):
     privacy_ledger: Path | None = Field(
         None, description="The privacy ledger shared by every work directory of a site (one budget per dataset). "
                           "Default: privacy/ledger.json in the work directory, which budgets that directory only.")
+    reader_labels: Path = Field(
+        default_factory=lambda: _project_dir() / "readers",
+        description="The DVC-tracked source of readers' labels (labels.csv, pseudonymous UIDs only): each "
+                    "feedback pass and each retrain records its version (<folder>.dvc beside it, pushed to the "
+                    "default DVC remote).")
     work_lock_timeout_s: float = Field(
         10.0, ge=0, description="How long a flow waits for another writer of the same work directory before "
                                 "it fails with the holder's name.")

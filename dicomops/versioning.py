@@ -77,3 +77,70 @@ def ensure_corpus(data: Path, cfg: SynthConfig, *, pointer: Path | None = None, 
                 log.warning("dvc %s failed: %s", args[0], result.stderr.strip()[-500:])
                 break
     return CorpusStatus(data, "generated", md5, matches)
+
+
+@dataclass(frozen=True)
+class SourceVersion:
+    """One version of a DVC-tracked source folder (``<folder>.dvc`` beside it).
+
+    ``md5`` is the folder's DVC md5 (``….dir``) whether or not DVC recorded it; ``pointer`` is None and
+    ``note`` says why when it did not, and ``note`` also says when the push to the remote failed.
+    """
+
+    folder: Path
+    md5: str
+    pointer: Path | None
+    pushed: bool
+    note: str
+
+    def tags(self, prefix: str) -> dict[str, str]:
+        """What a run records of the version it used: ``<prefix>.dvc_md5`` and ``<prefix>.dvc``."""
+        where = str(self.pointer) if self.pointer else f"not versioned: {self.note}"
+        return {f"{prefix}.dvc_md5": self.md5, f"{prefix}.dvc": where}
+
+
+def dvc_root(folder: Path) -> Path | None:
+    """The DVC repository `folder` lies in (the nearest parent holding ``.dvc/``), or None."""
+    for parent in Path(folder).absolute().parents:
+        if (parent / ".dvc").is_dir():
+            return parent
+    return None
+
+
+def version_source(folder: Path, files: dict[str, Path]) -> SourceVersion:
+    """Put `files` (name in the folder → file) into the source `folder` and record the version with DVC:
+    ``dvc add <folder>`` (``<folder>.dvc`` beside it; commit that file to keep the history in git)
+    and ``dvc push`` to the default remote, so that any run's version can be checked out again.
+
+    Outside a DVC repository, or when DVC fails, the folder is still written and the reason is in
+    ``note`` (and the log): a source is never lost because it could not be versioned.
+    """
+    from filelock import FileLock
+
+    from dicomops import io
+
+    folder = Path(folder).absolute()
+    folder.mkdir(parents=True, exist_ok=True)
+    repo = dvc_root(folder)
+    lock = (repo / ".dvc" / "tmp" if repo else folder.parent) / f"dicomops-{folder.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock), timeout=300):
+        for name, path in files.items():
+            io.write_bytes(folder / name, Path(path).read_bytes())
+        md5 = dvc_directory_hash(folder)
+        if repo is None:
+            note = f"no DVC repository above {folder}: run 'dvc init' there, or place the folder inside one"
+            log.warning("source %s not versioned: %s", folder, note)
+            return SourceVersion(folder, md5, None, False, note)
+        pointer = folder.with_name(folder.name + ".dvc")
+        added = _dvc("add", str(folder.relative_to(repo)), cwd=repo)
+        if added.returncode != 0:
+            note = f"dvc add failed: {added.stderr.strip()[-300:]}"
+            log.warning("source %s not versioned: %s", folder, note)
+            return SourceVersion(folder, md5, None, False, note)
+        recorded = str(read_dvc_pointer(pointer)["md5"])
+        pushed = _dvc("push", str(pointer.relative_to(repo)), cwd=repo)
+        note = "" if pushed.returncode == 0 else f"dvc push failed: {pushed.stderr.strip()[-300:]}"
+        if note:
+            log.warning("source %s versioned but not pushed: %s", folder, note)
+        return SourceVersion(folder, recorded, pointer, pushed.returncode == 0, note)

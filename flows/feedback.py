@@ -32,13 +32,14 @@ def feedback(orthanc_url: str | None = None, work: Path | None = None, config: P
     with writing(WorkLayout(work).feedback.root, "dicomops-feedback", settings):
         collected = t.collect_from_pacs(orthanc_url, work, cfg, limit) if from_pacs else {}
         labels = t.write_labels(work, cfg)
+        source = t.version_labels(work)  # the readers' labels: a DVC-versioned source of training labels
         run_id, rows = t.log_agreement(uri, settings.mlflow_artifact_root, config.monitor.experiment, name,
-                                       version, work, cfg, collected | labels)
+                                       version, work, cfg, collected | labels, source)
         reason = t.retrain_reason(work, cfg, name, version)
     overall = next((r for r in rows if r["vendor"] == "all"), None)
     print(f"feedback on {name} v{version}: {collected or 'PACS not read'}; {labels}; agreement "
           + (f"kappa {overall['kappa']:.3f} over {overall['series']} series" if overall else "not measured yet"))
-    result: dict[str, object] = {"status": "measured", "feedback_run_id": run_id, **collected, **labels,
+    result: dict[str, object] = {"status": "measured", "feedback_run_id": run_id, **collected, **labels, **source,
                                  "retrain_reason": reason, "retrain": None}
     if reason:
         t.raise_event(name, version, reason, run_id)

@@ -62,8 +62,9 @@ def write_labels(work: Path, cfg: FeedbackConfig) -> dict[str, int]:
 
 @task(name="log-agreement", retries=2, retry_delay_seconds=[2, 10])
 def log_agreement(tracking_uri: str, artifact_root: Path | None, experiment: str, name: str, version: str,
-                  work: Path, cfg: FeedbackConfig, counts: dict[str, int]) -> tuple[str, list[dict[str, Any]]]:
-    return stage.record_agreement(tracking_uri, artifact_root, experiment, name, version, work, cfg, counts)
+                  work: Path, cfg: FeedbackConfig, counts: dict[str, int],
+                  tags: dict[str, str]) -> tuple[str, list[dict[str, Any]]]:
+    return stage.record_agreement(tracking_uri, artifact_root, experiment, name, version, work, cfg, counts, tags)
 
 
 @task(name="retrain-reason")
@@ -87,4 +88,13 @@ def raise_event(name: str, version: str, reason: str, run_id: str) -> None:
 
 @task(name="apply-reader-labels")
 def apply_reader_labels(feedback_work: Path, pool_work: Path, cfg: FeedbackConfig) -> dict[str, str]:
-    return stage.apply_to_retrain(feedback_work, pool_work, cfg)
+    return stage.apply_to_retrain(feedback_work, pool_work, cfg, load_settings().reader_labels)
+
+
+@task(name="version-reader-labels")
+def version_labels(work: Path) -> dict[str, str]:
+    """The resolved labels as the next version of the readers' DVC source (DICOMOPS_READER_LABELS)."""
+    version = stage.version_labels(work, load_settings().reader_labels)
+    if version.note:
+        get_run_logger().warning("readers' labels: %s", version.note)
+    return version.tags("feedback")

@@ -19,6 +19,8 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 PREFECT_HOME = Path(tempfile.mkdtemp(prefix="dicomops-prefect-home-"))
 os.environ["PREFECT_HOME"] = str(PREFECT_HOME)
 os.environ["DICOMOPS_DEID_KEY"] = "test-suite-key-0123456789abcdef0123"
+# Readers' labels are versioned in a DVC source: never the repository's own readers/ during tests.
+os.environ["DICOMOPS_READER_LABELS"] = str(Path(tempfile.mkdtemp(prefix="dicomops-readers-")) / "readers")
 
 SMALL = dict(matrix=128, slices=12, workers=1)
 

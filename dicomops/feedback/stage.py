@@ -25,9 +25,17 @@ def write_labels(work: Path, cfg: FeedbackConfig) -> pd.DataFrame:
     return resolved
 
 
-def apply_to_pool(feedback_work: Path, labels_path: Path, cfg: FeedbackConfig) -> int:
-    """Put the readers' resolved labels into a de-identified pool's ``labels.csv`` (in place); return
-    how many series changed hands.
+def version_labels(work: Path, source: Path) -> Any:
+    """The resolved labels (``feedback/labels.csv``) as the next version of the readers' source
+    `source`, a DVC-tracked folder (:func:`dicomops.versioning.version_source`)."""
+    from dicomops.versioning import version_source
+
+    return version_source(source, {"labels.csv": WorkLayout(work).feedback.labels})
+
+
+def apply_to_pool(resolved: pd.DataFrame, labels_path: Path) -> int:
+    """Put the readers' resolved labels (:func:`write_labels`) into a de-identified pool's ``labels.csv``
+    (in place); return how many series changed hands.
 
     The pool is keyed by the same pseudonymous SeriesInstanceUID as the feedback (one key, one
     remapping). A reader's 0 makes every slab of the series negative (preprocessing: a series label
@@ -35,7 +43,6 @@ def apply_to_pool(feedback_work: Path, labels_path: Path, cfg: FeedbackConfig) -
     erase a nodule). The earlier label stays beside the new one (``label_before``), and
     ``label_source`` says whose each label is.
     """
-    resolved = resolve(FeedbackStore(feedback_work).items(), cfg.conflict_rule)
     labels = pd.read_csv(labels_path, keep_default_na=False)
     if "label_before" in labels:  # applied before: start again from the earlier labels
         labels["label"] = labels["label_before"]
@@ -104,9 +111,10 @@ def plot_agreement(table: pd.DataFrame, version: str, cfg: FeedbackConfig, out: 
 
 
 def record_agreement(tracking_uri: str, artifact_root: Path | None, experiment: str, name: str, version: str,
-                     work: Path, cfg: FeedbackConfig, counts: dict[str, int]) -> tuple[str, list[dict[str, Any]]]:
-    """A ``feedback`` run in the monitoring experiment (figures, table, picture) and the version's page;
-    returns the run id and the version's agreement rows."""
+                     work: Path, cfg: FeedbackConfig, counts: dict[str, int],
+                     tags: dict[str, str] | None = None) -> tuple[str, list[dict[str, Any]]]:
+    """A ``feedback`` run in the monitoring experiment (figures, table, picture, `tags`) and the version's
+    page; returns the run id and the version's agreement rows."""
     from dicomops.tracking import runs
     from dicomops.tracking.registry import describe_feedback
 
@@ -116,7 +124,7 @@ def record_agreement(tracking_uri: str, artifact_root: Path | None, experiment: 
     agreement_csv = io.write_csv(folder / "agreement.csv", table)
     picture = plot_agreement(table, version, cfg, folder / "agreement.png")
     run_id = runs.start_run(tracking_uri, experiment, artifact_root, run_name="feedback",
-                            tags={"stage": "feedback", "model": name, "model_version": str(version)},
+                            tags={"stage": "feedback", "model": name, "model_version": str(version), **(tags or {})},
                             params={"feedback.window_days": cfg.window_days, "feedback.min_kappa": cfg.min_kappa,
                                     "feedback.corrections": cfg.corrections, "feedback.rule": cfg.conflict_rule})
     runs.log_metrics(tracking_uri, run_id, metrics(table, version) | {f"feedback.{k}": float(v) for k, v in counts.items()})
@@ -128,16 +136,15 @@ def record_agreement(tracking_uri: str, artifact_root: Path | None, experiment: 
     return run_id, rows
 
 
-def apply_to_retrain(feedback_work: Path, pool_work: Path, cfg: FeedbackConfig) -> dict[str, str]:
-    """Readers' resolved labels into a retraining pool (:func:`apply_to_pool`); returns the run tags that
-    say which feedback it learned from: how many series, and the md5 of ``feedback/labels.csv`` as DVC
-    would record the file."""
-    import hashlib
-
+def apply_to_retrain(feedback_work: Path, pool_work: Path, cfg: FeedbackConfig, source: Path) -> dict[str, str]:
+    """Readers' resolved labels into a retraining pool (:func:`apply_to_pool`), versioned first in the
+    readers' DVC source `source`; returns the run tags that say which feedback it learned from: how
+    many series, and the source's DVC version (``feedback.dvc_md5``, ``feedback.dvc``)."""
     from dicomops.synthetic.sidecars import LABELS_CSV
 
-    path = WorkLayout(pool_work).ingest.deid / LABELS_CSV
-    count = apply_to_pool(feedback_work, path, cfg) if path.exists() else 0
     write_labels(feedback_work, cfg)
-    resolved = WorkLayout(feedback_work).feedback.labels
-    return {"retrain.reader_labels": str(count), "feedback.labels_md5": hashlib.md5(resolved.read_bytes()).hexdigest()}
+    version = version_labels(feedback_work, source)
+    path = WorkLayout(pool_work).ingest.deid / LABELS_CSV
+    resolved = pd.read_csv(version.folder / "labels.csv", keep_default_na=False)  # the version recorded
+    count = apply_to_pool(resolved, path) if path.exists() else 0
+    return {"retrain.reader_labels": str(count), **version.tags("feedback")}

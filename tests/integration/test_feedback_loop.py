@@ -3,7 +3,8 @@ PACS → the feedback flow → retrain with the readers' labels → the gate ask
 
 from __future__ import annotations
 
-import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +18,7 @@ from dicomops.feedback.pacs import read_report, revise
 from dicomops.pacs.changes import ChangesFeed
 from dicomops.pacs.client import PacsClient
 from dicomops.pacs.orthanc import OrthancProcess
+from dicomops.tracking import read_dvc_pointer
 from flows.feedback import feedback
 from flows.pacs_watch import pacs_watch
 from tests.champion_fixture import CONFIG, KEY, TINY, ExportedChampion, make_champion
@@ -68,6 +70,13 @@ def test_the_loop_study_finding_correction_retrain_gated_promotion(
     for study in studies:
         _stable_again(orthanc, study, last)
 
+    # The readers' labels are a DVC-versioned source in a repository of the site's (here tmp).
+    repo = tmp_path / "site"
+    repo.mkdir()
+    for args in (["init", "-q", "--no-scm"], ["remote", "add", "-d", "site", str(tmp_path / "dvc-remote")]):
+        subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, check=True, capture_output=True)
+    monkeypatch.setenv("DICOMOPS_READER_LABELS", str(repo / "readers"))
+
     config = CONFIG.model_copy(update={
         "feedback": FeedbackConfig(reviewers={ADA: "senior"}, corrections=3, min_cases=3),
         "monitor": MonitorConfig(training_source=src, retrain="subflow"),
@@ -83,8 +92,13 @@ def test_the_loop_study_finding_correction_retrain_gated_promotion(
     client = mlflow.tracking.MlflowClient(own_champion.uri)
     run = client.get_run(str(retrained["mlflow_run_id"]))
     assert run.data.tags["trigger"] == "feedback" and run.data.tags["retrain.reader_labels"] == "3"
-    # Which feedback it learned from: the resolved labels' md5, as DVC would record the file.
-    assert run.data.tags["feedback.labels_md5"] == hashlib.md5((work / "feedback/labels.csv").read_bytes()).hexdigest()
+    # Which feedback it learned from: the readers' source version DVC recorded (and pushed), the one
+    # the feedback run recorded too, holding the resolved labels.
+    assert run.data.tags["feedback.dvc_md5"] == read_dvc_pointer(repo / "readers.dvc")["md5"]
+    assert run.data.tags["feedback.dvc"] == str(repo / "readers.dvc") and result["feedback.dvc_md5"] == \
+        run.data.tags["feedback.dvc_md5"]
+    assert (repo / "readers/labels.csv").read_bytes() == (work / "feedback/labels.csv").read_bytes()
+    assert any((tmp_path / "dvc-remote").rglob("*")), "the version was not pushed"
     pool = pd.read_csv(Path(str(retrained["work"])) / "deid/labels.csv", keep_default_na=False)
     mapper = KeyedMapper(KEY)
     for original, said in calls.items():

@@ -162,19 +162,19 @@ def test_the_review_endpoint_links_by_pseudonym_and_refuses_without_storing(tmp_
 
 
 def test_readers_labels_go_into_the_pool_and_can_be_applied_again(tmp_path: Path) -> None:
-    from dicomops.feedback.stage import apply_to_pool
+    from dicomops.feedback.stage import apply_to_pool, write_labels
 
     FeedbackStore(tmp_path).add([_item("ada", "s1", "reject"), _item("bo", "s2", "accept", model_label=0)])
     labels = tmp_path / "labels.csv"
     pd.DataFrame({"SeriesInstanceUID": ["s1", "s2", "s3"], "label": [1, 1, 0], "vendor": ["ge"] * 3}).to_csv(
         labels, index=False)
-    assert apply_to_pool(tmp_path, labels, CFG) == 2
+    assert apply_to_pool(write_labels(tmp_path, CFG), labels) == 2
     pool = pd.read_csv(labels).set_index("SeriesInstanceUID")
     assert pool.label.to_dict() == {"s1": 0, "s2": 0, "s3": 0}
     assert pool.label_before.to_dict() == {"s1": 1, "s2": 1, "s3": 0}
     # A later judgement replaces the earlier one; applying again starts from the labels before readers.
     FeedbackStore(tmp_path).add([_item("ada", "s1", "accept", minutes=5)])
-    assert apply_to_pool(tmp_path, labels, CFG) == 2
+    assert apply_to_pool(write_labels(tmp_path, CFG), labels) == 2
     pool = pd.read_csv(labels).set_index("SeriesInstanceUID")
     assert pool.label.to_dict() == {"s1": 1, "s2": 0, "s3": 0} and pool.label_before["s2"] == 1
 

@@ -12,7 +12,7 @@ import pytest
 from dicomops.config import SynthConfig
 from dicomops.errors import CorpusMismatchError
 from dicomops.tracking import dvc_directory_hash, read_dvc_pointer
-from dicomops.versioning import ensure_corpus
+from dicomops.versioning import ensure_corpus, version_source
 
 CFG = SynthConfig(patients=2, seed=21, fault_rate=0.0, matrix=32, slices=8, workers=1)
 
@@ -49,3 +49,36 @@ def test_regenerate_track_pull_and_detect_a_mismatch(tmp_path: Path) -> None:
         shutil.rmtree(folder)
     with pytest.raises(CorpusMismatchError, match=r"differs from data\.dvc"):
         ensure_corpus(data, CFG.model_copy(update={"seed": 22}), strict=True)
+
+
+def test_each_version_of_a_source_is_recorded_pushed_and_restorable(tmp_path: Path) -> None:
+    repo = _repo(tmp_path)
+    readers = repo / "readers"
+    labels = tmp_path / "labels.csv"
+    labels.write_text("SeriesInstanceUID,label\n2.25.1,1\n")
+    first = version_source(readers, {"labels.csv": labels})
+    assert first.pointer == repo / "readers.dvc" and first.pushed and first.note == ""
+    assert first.md5 == read_dvc_pointer(first.pointer)["md5"] == dvc_directory_hash(readers)
+    assert first.tags("feedback") == {"feedback.dvc_md5": first.md5, "feedback.dvc": str(repo / "readers.dvc")}
+    assert "/readers" in (repo / ".gitignore").read_text()  # DVC keeps the data out of git
+
+    labels.write_text("SeriesInstanceUID,label\n2.25.1,0\n2.25.2,1\n")
+    second = version_source(readers, {"labels.csv": labels})
+    assert second.md5 != first.md5 and (readers / "labels.csv").read_text() == labels.read_text()
+    # The first version is still in the remote: with its pointer back, `dvc pull` restores it.
+    shutil.rmtree(readers)
+    shutil.rmtree(repo / ".dvc" / "cache")
+    (repo / "readers.dvc").write_text((repo / "readers.dvc").read_text().replace(
+        second.md5, first.md5))
+    subprocess.run([sys.executable, "-m", "dvc", "pull", "-q", "readers.dvc"], cwd=repo, check=True,
+                   capture_output=True)
+    assert (readers / "labels.csv").read_text() == "SeriesInstanceUID,label\n2.25.1,1\n"
+
+
+def test_a_source_outside_a_dvc_repository_is_written_and_says_why_it_is_not_versioned(tmp_path: Path) -> None:
+    labels = tmp_path / "labels.csv"
+    labels.write_text("SeriesInstanceUID,label\n2.25.1,1\n")
+    version = version_source(tmp_path / "elsewhere" / "readers", {"labels.csv": labels})
+    assert version.pointer is None and not version.pushed and "no DVC repository above" in version.note
+    assert (tmp_path / "elsewhere/readers/labels.csv").read_text() == labels.read_text()
+    assert version.tags("x")["x.dvc"].startswith("not versioned: no DVC repository")
