@@ -226,9 +226,62 @@ def collect_study(study_uid: str, pacs: Any, work: Path, key: bytes, reviewers: 
                                model_score=report.score, reader_label=int(assessment.present),
                                ref=token, at=assessment.at))
         rows.append({"report": token, "outcome": "stored", "reason": "", "at": now})
-    FeedbackStore(work).add(items)  # stored before the reports are marked seen: a crash repeats, never loses
-    _record(work, rows)
-    return rows
+    seg_rows, seg_items = _collect_segmentations(study_uid, pacs, work, mapper, reviewers, seen, now)
+    FeedbackStore(work).add([*items, *seg_items])  # before the reports are marked seen: a crash repeats, never loses
+    _record(work, [*rows, *seg_rows])
+    return [*rows, *seg_rows]
+
+
+def _collect_segmentations(study_uid: str, pacs: Any, work: Path, mapper: KeyedMapper, reviewers: Reviewers,
+                           seen: set[str], now: str) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
+    """The study's new SEGs: a configured reviewer's corrected segmentation of a series the platform
+    answered becomes an item with its mask (``feedback/masks/<token>.npz``); the rest are recorded."""
+    from dicomops.feedback.seg import is_ours, read_correction, reader_mask
+
+    rows: list[dict[str, str]] = []
+    items: list[dict[str, Any]] = []
+    for series_of_seg, sop in pacs.segmentation_instances(study_uid):
+        token = mapper.token("seg", sop)
+        if token in seen:
+            continue
+        ds = pacs.retrieve_instance(study_uid, series_of_seg, sop)
+        if is_ours(ds):
+            rows.append({"report": token, "outcome": "ours", "reason": "", "at": now})
+            continue
+        correction = read_correction(ds)
+        reason, role, served = (correction, "", None) if isinstance(correction, str) else ("", "", None)
+        if not reason:
+            assert not isinstance(correction, str)
+            try:
+                role = reviewers.role(correction.reader)
+            except UnknownReaderError:
+                reason = "unknown_reader"
+        if not reason:
+            assert not isinstance(correction, str)
+            served = latest_result(work, mapper.uid(correction.series_uid))
+            reason = "" if served is not None else "no_dicomops_result"
+        if not reason:
+            assert not isinstance(correction, str) and served is not None
+            try:
+                drawn = reader_mask(ds, pacs.series_headers(study_uid, correction.series_uid))
+            except ValueError:
+                reason = "mask_not_over_its_series"
+        if reason:
+            rows.append({"report": token, "outcome": "refused", "reason": reason, "at": now})
+            continue
+        assert not isinstance(correction, str) and served is not None
+        relative = f"masks/{token}.npz"
+        drawn.save(WorkLayout(work).feedback.root / relative)
+        label = int(bool(drawn.nodules))
+        items.append(make_item(reader=correction.reader, role=role, source="pacs-seg", verdict="correct",
+                               series=mapper.uid(correction.series_uid), vendor=served.manufacturer,
+                               model=served.model, version=served.version, model_label=int(served.present),
+                               model_score=served.score, reader_label=label, ref=token, at=correction.at,
+                               changed=f"mask of {len(drawn.nodules)} nodules" + (
+                                   f"; label {int(served.present)} \u2192 {label}" if label != served.present else ""),
+                               mask=relative))
+        rows.append({"report": token, "outcome": "stored", "reason": "", "at": now})
+    return rows, items
 
 
 def _known_report(pacs: Any, study_uid: str, sop: str) -> Report | None:

@@ -30,12 +30,16 @@ def version_labels(work: Path, source: Path) -> Any:
     `source`, a DVC-tracked folder (:func:`dicomops.versioning.version_source`)."""
     from dicomops.versioning import version_source
 
-    return version_source(source, {"labels.csv": WorkLayout(work).feedback.labels})
+    paths = WorkLayout(work).feedback
+    labels = pd.read_csv(paths.labels, keep_default_na=False)
+    masks = sorted({str(m) for m in labels.get("mask", pd.Series(dtype=str)) if m})
+    return version_source(source, {"labels.csv": paths.labels, **{m: paths.root / m for m in masks}})
 
 
-def apply_to_pool(resolved: pd.DataFrame, labels_path: Path) -> int:
+def apply_to_pool(resolved: pd.DataFrame, labels_path: Path, masks_root: Path | None = None) -> int:
     """Put the readers' resolved labels (:func:`write_labels`) into a de-identified pool's ``labels.csv``
-    (in place); return how many series changed hands.
+    (in place), and their masks (``mask``, relative to `masks_root`) beside the pool's own; return how
+    many series changed hands.
 
     The pool is keyed by the same pseudonymous SeriesInstanceUID as the feedback (one key, one
     remapping). A reader's 0 makes every slab of the series negative (preprocessing: a series label
@@ -47,8 +51,44 @@ def apply_to_pool(resolved: pd.DataFrame, labels_path: Path) -> int:
     if "label_before" in labels:  # applied before: start again from the earlier labels
         labels["label"] = labels["label_before"]
     updated = override_labels(labels, resolved)
+    if masks_root is not None and "mask" in resolved:
+        updated = _with_reader_masks(updated, resolved, masks_root, labels_path.parent)
     io.write_csv(labels_path, updated)
     return int((updated.label_source == "reader").sum())
+
+
+MASK_FIELDS = ("mask_path", "nodules", "nodule_count", "nodule_diameters_mm", "actionable_count")
+
+
+def _with_reader_masks(labels: pd.DataFrame, resolved: pd.DataFrame, masks_root: Path, pool: Path) -> pd.DataFrame:
+    """A reader's mask in place of the pool's for each series they drew one for: copied into the pool's
+    ``masks/`` (``reader-<name>``), its nodule records in ``nodules``; the pool's own fields are kept
+    (``<field>_before``) and restored first when applied again."""
+    import json
+
+    from dicomops.feedback.seg import ReaderMask
+
+    out = labels.copy()
+    fields = [f for f in MASK_FIELDS if f in out]
+    for field in fields:
+        before = f"{field}_before"
+        if before in out:
+            out[field] = out[before]
+        else:
+            out[before] = out[field]
+    drawn = resolved[(resolved["mask"].fillna("") != "") & (resolved.label == 1)].set_index("SeriesInstanceUID")["mask"]
+    for i in out.index[out.SeriesInstanceUID.isin(drawn.index)]:
+        source = masks_root / str(drawn[out.at[i, "SeriesInstanceUID"]])
+        relative = f"masks/reader-{source.name}"
+        io.write_bytes(pool / relative, source.read_bytes())
+        nodules = ReaderMask.nodules_of(source)
+        out.at[i, "mask_path"] = relative
+        out.at[i, "nodules"] = json.dumps(nodules)
+        for field, value in (("nodule_count", len(nodules)), ("actionable_count", len(nodules)),
+                             ("nodule_diameters_mm", ";".join(f"{n['diameter_mm']:g}" for n in nodules))):
+            if field in out:
+                out.at[i, field] = value
+    return out
 
 
 def agreement_table(work: Path, cfg: FeedbackConfig, now: dt.datetime | None = None) -> pd.DataFrame:
@@ -146,5 +186,5 @@ def apply_to_retrain(feedback_work: Path, pool_work: Path, cfg: FeedbackConfig, 
     version = version_labels(feedback_work, source)
     path = WorkLayout(pool_work).ingest.deid / LABELS_CSV
     resolved = pd.read_csv(version.folder / "labels.csv", keep_default_na=False)  # the version recorded
-    count = apply_to_pool(resolved, path) if path.exists() else 0
+    count = apply_to_pool(resolved, path, version.folder) if path.exists() else 0
     return {"retrain.reader_labels": str(count), **version.tags("feedback")}

@@ -35,7 +35,7 @@ from dicomops.errors import DicomOpsError
 VERDICTS = ("accept", "reject", "correct")
 SOURCES = ("endpoint", "pacs-sr", "pacs-seg", "simulated")  # simulated: the demo's readers (dicomops.feedback.simulate)
 ITEM_COLUMNS = ["item", "at", "reader", "role", "source", "verdict", "series", "vendor", "model", "version",
-                "model_label", "model_score", "reader_label", "changed"]
+                "model_label", "model_score", "reader_label", "changed", "mask"]
 
 
 class UnknownReaderError(DicomOpsError):
@@ -85,9 +85,10 @@ class Reviewers:
 
 def make_item(*, reader: str, role: str, source: str, verdict: str, series: str, vendor: str, model: str,
               version: str, model_label: int, model_score: float, reader_label: int | None = None,
-              changed: str = "", ref: str = "", at: dt.datetime | None = None) -> dict[str, Any]:
+              changed: str = "", ref: str = "", at: dt.datetime | None = None, mask: str = "") -> dict[str, Any]:
     """One validated feedback item. `ref` makes it idempotent (the PACS instance it came from, the
-    request id): the same judgement seen twice is stored once.
+    request id): the same judgement seen twice is stored once. `mask`: the reader's nodule mask, a path
+    relative to ``WORK/feedback`` (a corrected segmentation), else empty.
 
     Raises:
         ValueError: an unknown verdict or source, a correction without a label, a label not 0 or 1.
@@ -114,7 +115,7 @@ def make_item(*, reader: str, role: str, source: str, verdict: str, series: str,
     return {"item": hashlib.sha256(key.encode()).hexdigest()[:20], "at": when.isoformat(timespec="seconds"),
             "reader": reader, "role": role, "source": source, "verdict": verdict, "series": series,
             "vendor": vendor, "model": model, "version": str(version), "model_label": int(model_label),
-            "model_score": float(model_score), "reader_label": label, "changed": changed}
+            "model_score": float(model_score), "reader_label": label, "changed": changed, "mask": mask}
 
 
 class FeedbackStore:
@@ -129,7 +130,8 @@ class FeedbackStore:
     def items(self) -> pd.DataFrame:
         if not self.path.exists():
             return pd.DataFrame(columns=ITEM_COLUMNS)
-        return pd.read_parquet(self.path)
+        items = pd.read_parquet(self.path)
+        return items.reindex(columns=ITEM_COLUMNS, fill_value="") if "mask" not in items else items  # before masks
 
     def add(self, items: Iterable[dict[str, Any]]) -> int:
         """Append the items not already stored (by item id); return how many were new."""
@@ -148,9 +150,10 @@ def resolve(items: pd.DataFrame, rule: str) -> pd.DataFrame:
 
     ``senior``: the senior readers' majority if any senior judged the series, else every reader's
     majority; ``majority``: every reader's majority. A tie leaves the series unresolved (label -1),
-    recorded with the readers on each side.
+    recorded with the readers on each side. ``mask``: of a positive series, the latest nodule mask a
+    reader on the winning side drew (a corrected segmentation), else empty.
     """
-    columns = ["SeriesInstanceUID", "label", "readers", "conflict", "rule", "vendor", "last_at"]
+    columns = ["SeriesInstanceUID", "label", "readers", "conflict", "rule", "vendor", "last_at", "mask"]
     if items.empty:
         return pd.DataFrame(columns=columns)
     latest = items.sort_values("at").groupby(["series", "reader"], sort=True).tail(1)
@@ -160,7 +163,10 @@ def resolve(items: pd.DataFrame, rule: str) -> pd.DataFrame:
         votes = voters.reader_label.astype(int)
         ones, zeros = int((votes == 1).sum()), int((votes == 0).sum())
         label = 1 if ones > zeros else 0 if zeros > ones else -1
-        rows.append({"SeriesInstanceUID": series, "label": label,
+        drawn = items[(items.series == series) & items.reader.isin(voters.reader[votes == label])
+                      & (items["mask"].fillna("") != "")]
+        masks = drawn[drawn.reader_label.astype(int) == label].sort_values("at")["mask"]
+        rows.append({"mask": str(masks.iloc[-1]) if label == 1 and len(masks) else "","SeriesInstanceUID": series, "label": label,
                      "readers": ";".join(f"{r}={int(v)}" for r, v in sorted(zip(part.reader, part.reader_label, strict=True))),
                      "conflict": part.reader_label.nunique() > 1, "rule": rule, "vendor": str(part.vendor.iloc[-1]),
                      "last_at": str(part["at"].max())})

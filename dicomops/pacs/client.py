@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ CONNECT_TIMEOUT_S = 5.0
 # Any transfer syntax: the PACS sends each instance as it was stored, so pixels arrive untouched.
 # Structured reports and segmentations (and their registration kin): results, not images.
 RESULT_CLASSES = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.66.")
+SEGMENTATION_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 AS_STORED = (("application/dicom", "*"),)
 # Orthanc substitutes ${VAR} in its configuration file as text, before parsing the JSON: a password
 # holding one of these would change or break the configuration it is written into.
@@ -264,17 +265,32 @@ class PacsClient:
     def report_instances(self, study_uid: str) -> list[tuple[str, str]]:
         """QIDO-RS: (SeriesInstanceUID, SOPInstanceUID) of every structured report in the study:
         dicomops's own and the readers' (a viewer's revision of a report is an SR too)."""
-        with translate_errors("listing a study's reports", self.server):
+        return self._instances_of(study_uid, lambda sop_class: sop_class.startswith(RESULT_CLASSES[0]), "reports")
+
+    def segmentation_instances(self, study_uid: str) -> list[tuple[str, str]]:
+        """QIDO-RS: (SeriesInstanceUID, SOPInstanceUID) of every segmentation in the study: dicomops's
+        own and the readers' (a viewer stores a corrected segmentation as a new SEG)."""
+        return self._instances_of(study_uid, lambda sop_class: sop_class == SEGMENTATION_CLASS, "segmentations")
+
+    def _instances_of(self, study_uid: str, wanted: Callable[[str], bool], what: str) -> list[tuple[str, str]]:
+        with translate_errors(f"listing a study's {what}", self.server):
             found = self._web.search_for_instances(
                 study_instance_uid=study_uid, fields=["SOPInstanceUID", "SOPClassUID", "SeriesInstanceUID"],
                 get_remaining=True)
-        reports = []
+        out = []
         for item in found:
             sop_class = str((item.get("00080016", {}).get("Value") or [""])[0])
             sop, series = item.get("00080018", {}).get("Value"), item.get("0020000E", {}).get("Value")
-            if sop and series and sop_class.startswith(RESULT_CLASSES[0]):
-                reports.append((str(series[0]), str(sop[0])))
-        return sorted(reports)
+            if sop and series and wanted(sop_class):
+                out.append((str(series[0]), str(sop[0])))
+        return sorted(out)
+
+    def series_headers(self, study_uid: str, series_uid: str) -> list[Dataset]:
+        """WADO-RS metadata: every instance's header of the series, without pixel data (the geometry a
+        segmentation is laid over)."""
+        with translate_errors("retrieving a series' headers", self.server):
+            found = self._web.retrieve_series_metadata(study_uid, series_uid)
+        return [Dataset.from_json(item, bulk_data_uri_handler=lambda *_: b"") for item in found]
 
     def retrieve_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> Dataset:
         """WADO-RS: one instance, as stored."""

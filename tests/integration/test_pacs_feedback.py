@@ -11,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pydicom
 import pytest
@@ -19,6 +20,7 @@ from dicomops.config import FeedbackConfig
 from dicomops.deid import scan_for_phi
 from dicomops.deid.keys import KeyedMapper, key_from_settings
 from dicomops.feedback.pacs import collect_once, read_assessment, read_report, revise
+from dicomops.feedback.seg import ReaderMask, corrected_segmentation
 from dicomops.feedback.store import FeedbackStore, Reviewers
 from dicomops.pacs.changes import ChangesFeed
 from dicomops.pacs.client import PacsClient, PacsError
@@ -72,10 +74,15 @@ def test_a_readers_revision_in_the_pacs_becomes_feedback_and_a_stranger_is_refus
         ada.save_as(path, enforce_file_format=True)
         check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
         assert "Error" not in check.stderr, check.stderr
+    # And what a segmentation viewer stores: Ada's corrected nodule mask over the series, Eve's too.
+    images = [pydicom.dcmread(f) for f in files]
+    frames = np.zeros((len(images), 128, 128), dtype=bool)
+    frames[4:7, 60:68, 40:48] = True
+    ada_seg, eve_seg = (corrected_segmentation(images, frames, reader) for reader in (ADA, EVE))
     with ChangesFeed(orthanc.url, orthanc.credentials) as feed:
         last = feed.poll(0).last
     with PacsClient(orthanc.dicomweb_url, orthanc.credentials) as pacs:
-        pacs.store([ada, eve])
+        pacs.store([ada, eve, ada_seg, eve_seg])
     _stable_again(orthanc, study, last)
 
     key = key_from_settings()
@@ -83,20 +90,28 @@ def test_a_readers_revision_in_the_pacs_becomes_feedback_and_a_stranger_is_refus
     with PacsClient(orthanc.dicomweb_url, orthanc.credentials) as pacs, \
             ChangesFeed(orthanc.url, orthanc.credentials) as feed:
         rows = collect_once(feed, pacs, work, key, reviewers)
-        assert sorted((r["outcome"], r["reason"]) for r in rows) == [
-            ("ours", ""), ("refused", "unknown_reader"), ("stored", "")]
-        (item,) = FeedbackStore(work).items().to_dict("records")
+        assert sorted((r["outcome"], r["reason"]) for r in rows if r["outcome"] != "ours") == [
+            ("refused", "unknown_reader"), ("refused", "unknown_reader"), ("stored", ""), ("stored", "")]
+        drawn, item = FeedbackStore(work).items().sort_values("source").to_dict("records")  # pacs-seg, pacs-sr
         assert (item["reader"], item["role"], item["source"], item["verdict"]) == (ADA, "senior", "pacs-sr", "correct")
         assert item["reader_label"] == int(not report.present) and item["model_label"] == int(report.present)
         assert item["series"] == KeyedMapper(key).uid(report.series_uid)
         assert (item["model"], item["version"]) == (report.model, report.version)
         assert item["vendor"] != "unknown"  # linked to the result pacs-watch recorded for that series
+        # The corrected SEG: a mask on the series' own slices, one nodule, linked to the same series.
+        assert (drawn["source"], drawn["reader"], drawn["reader_label"], drawn["series"]) == (
+            "pacs-seg", ADA, 1, item["series"])
+        with np.load(work / "feedback" / drawn["mask"]) as npz:
+            assert npz["mask"].shape == (12, 128, 128) and int((npz["mask"] > 0).sum()) == 3 * 8 * 8
+            assert sorted(npz["ipp_z"].tolist()) == sorted(float(i.ImagePositionPatient[2]) for i in images)
+        assert len(ReaderMask.nodules_of(work / "feedback" / drawn["mask"])) == 1
 
         # The feed read to its end: a second pass finds nothing new and stores nothing again.
         assert collect_once(feed, pacs, work, key, reviewers) == []
-    assert len(FeedbackStore(work).items()) == 1
+    assert len(FeedbackStore(work).items()) == 2
 
-    needles = _needles(files) | {report.sop_uid, str(ada.SOPInstanceUID), str(eve.SOPInstanceUID)}
+    needles = _needles(files) | {report.sop_uid, str(ada.SOPInstanceUID), str(eve.SOPInstanceUID),
+                                 str(ada_seg.SOPInstanceUID), str(eve_seg.SOPInstanceUID)}
     assert scan_for_phi(work / "feedback", needles) == []
 
 
@@ -107,8 +122,8 @@ class _DiesOnStudy:
     def __init__(self, pacs: PacsClient, server: OrthancProcess, study_uid: str) -> None:
         self._pacs, self._server, self._study = pacs, server, study_uid
 
-    def report_instances(self, study_uid: str) -> list[tuple[str, str]]:
-        return self._pacs.report_instances(study_uid)
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._pacs, name)
 
     def retrieve_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> pydicom.Dataset:
         if study_uid == self._study:

@@ -1,0 +1,146 @@
+"""Readers' corrected segmentations from the PACS.
+
+A viewer that edits segmentations (OHIF's segmentation mode, 3D Slicer's Segment Editor through
+dcmqi) stores a reader's corrected nodule mask as a new DICOM SEG in the study, laid over the same
+source series, with the reader as its Content Creator (ContentCreatorName). :func:`read_correction`
+says whether a SEG is such a correction (dicomops's own SEGs are not; a SEG without a content
+creator or over several series is refused with a reason), and :func:`reader_mask` turns its pixels
+into the training pool's mask format: one volume of nodule instance ids (each connected component
+of the reader's voxels is a nodule, ``1..n``), in the order of the slices' positions, with those
+positions (``ipp_z``) and one record per nodule (centre, diameter, ``actionable``), as the
+generator writes masks. Only the mask and the records leave this module; the source UIDs stay in
+memory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from dicomops.pacs.client import SEGMENTATION_CLASS
+from dicomops.pacs.results import MANUFACTURER
+
+
+@dataclass(frozen=True)
+class Correction:
+    """A reader's SEG: who made it, when, and which series it lies over (original UID: memory only)."""
+
+    reader: str
+    series_uid: str
+    at: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class ReaderMask:
+    """A reader's mask in the pool's format: ``mask`` (slices, rows, columns) of nodule ids in the order
+    of ``ipp_z``, and one record per nodule id."""
+
+    mask: np.ndarray
+    ipp_z: np.ndarray
+    nodules: list[dict[str, object]]
+
+    def save(self, path: Path) -> Path:
+        from dicomops import io
+
+        return io.write_npz(path, mask=self.mask, ipp_z=self.ipp_z, nodules=np.array([json.dumps(self.nodules)]))
+
+    @staticmethod
+    def nodules_of(path: Path) -> list[dict[str, object]]:
+        with np.load(path) as npz:
+            return list(json.loads(str(npz["nodules"][0])))
+
+
+def is_ours(ds: Dataset) -> bool:
+    return str(ds.get("Manufacturer", "")) == MANUFACTURER
+
+
+def read_correction(ds: Dataset) -> Correction | str:
+    """A reader's corrected SEG, or why this SEG is not one (a reason to record)."""
+    if str(ds.get("SOPClassUID", "")) != SEGMENTATION_CLASS:
+        return "not_a_segmentation"
+    reader = str(ds.get("ContentCreatorName", "")).strip()
+    if not reader:
+        return "no_content_creator"
+    series = ds.get("ReferencedSeriesSequence")
+    if not series or len(series) != 1:
+        return "not_over_one_series"
+    when = None
+    if ds.get("ContentDate") and ds.get("ContentTime"):
+        try:
+            when = dt.datetime.strptime(f"{ds.ContentDate}{str(ds.ContentTime)[:6]}", "%Y%m%d%H%M%S").replace(tzinfo=dt.UTC)
+        except ValueError:
+            when = None
+    return Correction(reader, str(series[0].SeriesInstanceUID), when)
+
+
+def _normal(header: Dataset) -> np.ndarray:
+    orientation = np.asarray(header.ImageOrientationPatient, dtype=np.float64)
+    return np.cross(orientation[:3], orientation[3:])
+
+
+def reader_mask(ds: Dataset, headers: Sequence[Dataset]) -> ReaderMask:
+    """The nodule instance map of a reader's SEG over its source series (`headers`: every instance's
+    header, any order; pixel data not needed).
+
+    Raises:
+        ValueError: the SEG references no instance of `headers`, or its frames do not fit them.
+    """
+    import highdicom as hd
+    from scipy import ndimage
+
+    if not headers:
+        raise ValueError("no source headers: the SEG's series holds no instance in the PACS")
+    normal = _normal(headers[0])
+    ordered = sorted(headers, key=lambda h: float(np.dot(normal, np.asarray(h.ImagePositionPatient, float))))
+    seg = hd.seg.Segmentation.from_dataset(ds, copy=False)
+    referenced = {str(sop) for _, _, sop in seg.get_source_image_uids()}
+    uids = [str(h.SOPInstanceUID) for h in ordered]
+    if not referenced & set(uids):
+        raise ValueError("the SEG references none of its series' instances")
+    pixels = seg.get_pixels_by_source_instance(uids, combine_segments=True, relabel=True,
+                                               assert_missing_frames_are_empty=True, skip_overlap_checks=True)
+    labels, count = ndimage.label(pixels > 0)  # (slices, rows, columns), slices in geometric order
+    rows_mm, cols_mm = (float(v) for v in ordered[0].PixelSpacing)
+    positions = np.array([np.asarray(h.ImagePositionPatient, float) for h in ordered])
+    steps = np.diff(positions @ normal)
+    slice_mm = float(np.median(np.abs(steps))) if len(steps) else float(ordered[0].get("SliceThickness", 1.0))
+    orientation = np.asarray(ordered[0].ImageOrientationPatient, dtype=np.float64)
+    nodules: list[dict[str, object]] = []
+    for k in range(1, count + 1):
+        s, r, c = np.nonzero(labels == k)
+        points = positions[s] + (c * cols_mm)[:, None] * orientation[:3] + (r * rows_mm)[:, None] * orientation[3:]
+        volume = len(s) * rows_mm * cols_mm * slice_mm
+        nodules.append({"center_mm": [round(float(v), 2) for v in points.mean(axis=0)],
+                        "diameter_mm": round(float((6 * volume / math.pi) ** (1 / 3)), 2),
+                        "kind": "solid", "attachment": "none", "actionable": True, "source": "reader"})
+    dtype = np.uint8 if count < 256 else np.uint16
+    return ReaderMask(labels.astype(dtype), positions[:, 2].astype(np.float64), nodules)
+
+
+def corrected_segmentation(source_images: Sequence[Dataset], mask: np.ndarray, reader: str,
+                           viewer: str = "dicomops review") -> Dataset:
+    """A reader's corrected nodule SEG over `source_images` (frame ``k`` of the boolean `mask`, shaped
+    (frames, rows, columns), on ``source_images[k]``), as a segmentation viewer stores it: a new
+    series of the same study, a manual segment, the reader as content creator. The tests and the
+    demo's simulated readers use it."""
+    import highdicom as hd
+
+    from dicomops.pacs.results import FINDING_CATEGORY, FINDING_SITE, FINDING_TYPE, SEGMENT_LABEL
+
+    description = hd.seg.SegmentDescription(
+        segment_number=1, segment_label=SEGMENT_LABEL, segmented_property_category=FINDING_CATEGORY,
+        segmented_property_type=FINDING_TYPE, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+        tracking_uid=hd.UID(), tracking_id=SEGMENT_LABEL, anatomic_regions=[FINDING_SITE])
+    return hd.seg.Segmentation(
+        source_images=list(source_images), pixel_array=np.asarray(mask, dtype=bool),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[description],
+        series_instance_uid=hd.UID(), series_number=9101, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer=viewer, manufacturer_model_name=viewer, software_versions="1", device_serial_number="1",
+        content_creator_name=reader, content_label="READER", series_description=f"Reader segmentation ({viewer})"[:64])
