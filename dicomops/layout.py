@@ -20,6 +20,7 @@ One ``WORK`` folder (``--work``, default ``./work``) holds everything a run writ
       pacs/cursor.json              how far the PACS changes feed was handled (a sequence number only)
       pacs/studies.csv              each PACS study handled: its token, verdict, counts, results stored back
       pacs/studies/<token>/         a PACS study's own ingest/, deid/, preprocessed/ (token: keyed hash)
+      feedback/                     readers' judgements (items.parquet), resolved labels.csv, masks/<token>.npz
 
 Nothing else in the package spells these names: a stage asks its ``WorkLayout`` for a path.
 """
@@ -82,6 +83,12 @@ class FeedbackPaths:
     labels = property(lambda self: self.root / "labels.csv")  # one resolved reader label per series
     pacs_seen = property(lambda self: self.root / "pacs_seen.csv")  # every report looked at, by token, and why
     cursor = property(lambda self: self.root / "cursor.json")  # how far the PACS changes feed was read
+    clinical_labels = property(lambda self: self.root / "clinical_labels.csv")  # reviewed clinical series
+
+    @staticmethod
+    def mask(token: str) -> str:
+        """Where a reader's mask lies, relative to ``feedback/`` (as items and labels record it)."""
+        return f"masks/{token}.npz"
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,11 @@ class PacsPaths:
 
     def study(self, token: str) -> Path:
         return self.root / "studies" / token
+
+    def studies(self) -> list[Path]:
+        """Every PACS study's work directory, by token."""
+        folder = self.root / "studies"
+        return sorted(p for p in folder.iterdir() if p.is_dir()) if folder.exists() else []
 
 
 @dataclass(frozen=True)

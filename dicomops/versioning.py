@@ -108,7 +108,8 @@ def dvc_root(folder: Path) -> Path | None:
 
 
 def version_source(folder: Path, files: dict[str, Path]) -> SourceVersion:
-    """Put `files` (name in the folder → file) into the source `folder` and record the version with DVC:
+    """Make the source `folder` hold exactly `files` (name in the folder → file; unchanged files are not
+    rewritten, others removed) and record the version with DVC:
     ``dvc add <folder>`` (``<folder>.dvc`` beside it; commit that file to keep the history in git)
     and ``dvc push`` to the default remote, so that any run's version can be checked out again.
 
@@ -126,7 +127,14 @@ def version_source(folder: Path, files: dict[str, Path]) -> SourceVersion:
     lock.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(lock), timeout=300):
         for name, path in files.items():
-            io.write_bytes(folder / name, Path(path).read_bytes())
+            target, data = folder / name, Path(path).read_bytes()
+            if not (target.is_file() and target.stat().st_size == len(data) and target.read_bytes() == data):
+                io.write_bytes(target, data)
+        for stale in [p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in files]:
+            stale.unlink()  # the folder is exactly this version
+        for empty in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            if not any(empty.iterdir()):
+                empty.rmdir()
         md5 = dvc_directory_hash(folder)
         if repo is None:
             note = f"no DVC repository above {folder}: run 'dvc init' there, or place the folder inside one"

@@ -10,6 +10,7 @@ from prefect import flow
 
 from dicomops.config import PipelineConfig, load_settings
 from dicomops.layout import WorkLayout
+from dicomops.monitoring.stage import labelled_sources
 from flows.retrain import retrain
 from flows.scope import writing
 from tasks import feedback as t
@@ -32,7 +33,8 @@ def feedback(orthanc_url: str | None = None, work: Path | None = None, config: P
     with writing(WorkLayout(work).feedback.root, "dicomops-feedback", settings):
         collected = t.collect_from_pacs(orthanc_url, work, cfg, limit) if from_pacs else {}
         labels = t.write_labels(work, cfg)
-        source = t.version_labels(work)  # the readers' labels: a DVC-versioned source of training labels
+        # The readers' labels, masks and reviewed clinical series: a DVC-versioned training source.
+        source = t.version_labels(work, labelled_sources(work, config.monitor.training_source))
         run_id, rows = t.log_agreement(uri, settings.mlflow_artifact_root, config.monitor.experiment, name,
                                        version, work, cfg, collected | labels, source)
         reason = t.retrain_reason(work, cfg, name, version)

@@ -1,5 +1,5 @@
-"""Alert-driven retraining: all labelled data (the original corpus plus monitored batches whose
-labels have arrived, with readers' labels in place of earlier ones) → ingest → preprocess → cross-validated training → export → promotion gate,
+"""Alert-driven retraining: all labelled data (the original corpus, monitored batches whose labels
+have arrived and reviewed clinical series, with readers' labels in place of earlier ones) → ingest → preprocess → cross-validated training → export → promotion gate,
 then the segmenter on the same pool and its own gate (unless ``segment.enabled`` is off), every run
 tagged with its cause. A cooldown per model and a lock stop retrain storms."""
 
@@ -19,7 +19,7 @@ from flows.runners import on_dask
 from flows.scope import tracked, writing
 from flows.segment import segment
 from flows.train import train
-from tasks.feedback import apply_reader_labels
+from tasks.feedback import apply_reader_labels, readers_source
 from tasks.monitor import tag_run
 from tasks.tracking import hash_corpus, open_run
 
@@ -50,6 +50,8 @@ def retrain(work: Path | None = None, config: PipelineConfig = PipelineConfig(),
 def _retrain(work: Path, config: PipelineConfig, uri: str, artifact_root: Path | None, trigger: str,
              monitoring_run_id: str) -> dict[str, object]:
     sources = labelled_sources(work, config.monitor.training_source)
+    readers, clinical = readers_source(work, config.feedback, sources)  # versioned before it is read
+    sources += [clinical] if clinical else []  # reviewed clinical series no other source holds
     src, retrain_work = retrain_folders(work)
     src = combine_sources(sources, src)
     cause = {"trigger": trigger, "monitoring_run_id": monitoring_run_id, "retrain.sources": str(len(sources))}
@@ -60,7 +62,7 @@ def _retrain(work: Path, config: PipelineConfig, uri: str, artifact_root: Path |
         on_dask(ingest, config.ingest.dask_address)(
             src, retrain_work, config.ingest, config.experiment, parent_run_id=run_id)
         # Readers' labels override the earlier ones (the same pseudonymous series UIDs on both sides).
-        tag_run(uri, run_id, apply_reader_labels(work, retrain_work, config.feedback))
+        tag_run(uri, run_id, readers | apply_reader_labels(retrain_work))
         on_dask(preprocess, config.preprocess.dask_address)(
             retrain_work, config.preprocess, config.experiment, parent_run_id=run_id)
         trained = train(retrain_work, config.train, config.preprocess, config.experiment, parent_run_id=run_id,

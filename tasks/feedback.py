@@ -86,15 +86,32 @@ def raise_event(name: str, version: str, reason: str, run_id: str) -> None:
     get_run_logger().warning("feedback on %s v%s calls for a retrain: %s", name, version, reason)
 
 
+@task(name="readers-source")
+def readers_source(feedback_work: Path, cfg: FeedbackConfig, sources: list[Path]) -> tuple[dict[str, str], Path | None]:
+    """The readers' labels, masks and reviewed clinical series, versioned for a retrain; returns the
+    run tags and the clinical corpus to train on too (None without one)."""
+    from dicomops.feedback.clinical import CLINICAL
+
+    version = stage.readers_source(feedback_work, cfg, load_settings().reader_labels, sources, key_from_settings())
+    if version.note:
+        get_run_logger().warning("readers' labels: %s", version.note)
+    clinical = version.folder / CLINICAL
+    return version.tags("feedback"), clinical if clinical.is_dir() else None
+
+
 @task(name="apply-reader-labels")
-def apply_reader_labels(feedback_work: Path, pool_work: Path, cfg: FeedbackConfig) -> dict[str, str]:
-    return stage.apply_to_retrain(feedback_work, pool_work, cfg, load_settings().reader_labels)
+def apply_reader_labels(pool_work: Path) -> dict[str, str]:
+    count = stage.apply_to_retrain(load_settings().reader_labels, pool_work, key_from_settings())
+    return {"retrain.reader_labels": str(count)}
 
 
 @task(name="version-reader-labels")
-def version_labels(work: Path) -> dict[str, str]:
-    """The resolved labels as the next version of the readers' DVC source (DICOMOPS_READER_LABELS)."""
-    version = stage.version_labels(work, load_settings().reader_labels)
+def version_labels(work: Path, sources: list[Path]) -> dict[str, str]:
+    """The resolved labels as the next version of the readers' DVC source (DICOMOPS_READER_LABELS),
+    with the reviewed clinical series none of `sources` holds."""
+    from dicomops.feedback.clinical import known_series
+
+    version = stage.version_labels(work, load_settings().reader_labels, known_series(sources, key_from_settings()))
     if version.note:
         get_run_logger().warning("readers' labels: %s", version.note)
     return version.tags("feedback")

@@ -75,9 +75,10 @@ def promotion_gate(tracking_uri: str, cfg: TrainConfig, version: str, work: Path
     """The gate; with `feedback_work`, also on the series readers labelled there (dicomops.feedback.gate)."""
     readers = None
     if work is not None and feedback_work is not None:
+        from dicomops.deid.keys import key_from_settings
         from dicomops.feedback.gate import readers_for
 
-        readers = readers_for(work, feedback_work, feedback or FeedbackConfig())
+        readers = readers_for(work, feedback_work, feedback or FeedbackConfig(), key_from_settings())
     decision = registry.apply_promotion_gate(tracking_uri, cfg.model_name, version, margin=cfg.promotion_margin,
                                              vendor_tolerance=cfg.vendor_tolerance, min_auc=cfg.min_auc,
                                              readers=readers,

@@ -9,12 +9,13 @@ from pathlib import Path
 import pandas as pd
 
 from dicomops.config import FeedbackConfig
+from dicomops.feedback.clinical import pool_aliases
 from dicomops.feedback.store import FeedbackStore, resolve
 from dicomops.tracking.promotion import ReaderAgreement
 
 
 def reader_agreement(feedback_work: Path, oof: pd.DataFrame, threshold: float, champion_version: str,
-                     cfg: FeedbackConfig) -> ReaderAgreement | None:
+                     cfg: FeedbackConfig, key: bytes | None = None) -> ReaderAgreement | None:
     """Compare on every series with a resolved reader label, a call of the champion in the clinic
     (its feedback items) and an out-of-fold score of the challenger (`oof`: ``SeriesInstanceUID``,
     ``score``; called at `threshold`). None when no reader has labelled anything."""
@@ -26,6 +27,10 @@ def reader_agreement(feedback_work: Path, oof: pd.DataFrame, threshold: float, c
     mine = items[items.version == str(champion_version)].sort_values("at")
     champion = mine.groupby("series").model_label.last().astype(int)
     challenger = (oof.set_index("SeriesInstanceUID").score >= threshold).astype(int)
+    if key is not None:  # clinical series the retrain's gate remapped once more (dicomops.feedback.clinical)
+        aliases = pool_aliases(resolved, key)
+        challenger.index = [aliases.get(str(u), str(u)) for u in challenger.index]
+        challenger = challenger[~challenger.index.duplicated()]
     common = truth.index.intersection(champion.index).intersection(challenger.index)
     if len(common) == 0:
         return ReaderAgreement(0, str(champion_version), float("nan"), float("nan"))
@@ -34,7 +39,8 @@ def reader_agreement(feedback_work: Path, oof: pd.DataFrame, threshold: float, c
                            float((challenger[common] == truth[common]).mean()))
 
 
-def readers_for(work: Path, feedback_work: Path, cfg: FeedbackConfig) -> Callable[[str], ReaderAgreement | None]:
+def readers_for(work: Path, feedback_work: Path, cfg: FeedbackConfig,
+                key: bytes | None = None) -> Callable[[str], ReaderAgreement | None]:
     """What the promotion gate asks (``readers(champion_version)``), from the training in `work`: its
     out-of-fold scores called at its CV threshold."""
     from dicomops import io
@@ -42,4 +48,4 @@ def readers_for(work: Path, feedback_work: Path, cfg: FeedbackConfig) -> Callabl
 
     paths = WorkLayout(work).train
     oof, threshold = pd.read_parquet(paths.oof_predictions), float(io.read_json(paths.summary)["threshold"])
-    return lambda champion_version: reader_agreement(feedback_work, oof, threshold, champion_version, cfg)
+    return lambda champion_version: reader_agreement(feedback_work, oof, threshold, champion_version, cfg, key)

@@ -9,7 +9,8 @@ finds each such revision in a study that became stable, checks the reader is a c
 reviewer, links the analysed series to the training pool by its keyed pseudonym and stores the
 item. Every report it looks at is recorded with its outcome (``feedback/pacs_seen.csv``, by token):
 a revision by an unknown reader, or one it cannot read, is refused with a reason, never dropped
-silently; dicomops's own reports are recorded as such and never looked at again.
+silently; dicomops's own reports are recorded as such and never looked at again. A reader's
+corrected segmentation (a SEG, :mod:`dicomops.feedback.seg`) is taken in the same pass.
 
 :func:`revise` writes such a revision, as a viewer would: the tests, and the demo's simulated
 readers, use it.
@@ -235,7 +236,7 @@ def collect_study(study_uid: str, pacs: Any, work: Path, key: bytes, reviewers: 
 def _collect_segmentations(study_uid: str, pacs: Any, work: Path, mapper: KeyedMapper, reviewers: Reviewers,
                            seen: set[str], now: str) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
     """The study's new SEGs: a configured reviewer's corrected segmentation of a series the platform
-    answered becomes an item with its mask (``feedback/masks/<token>.npz``); the rest are recorded."""
+    answered becomes an item with its mask (``FeedbackPaths.mask``); the rest are recorded."""
     from dicomops.feedback.seg import is_ours, read_correction, reader_mask
 
     rows: list[dict[str, str]] = []
@@ -270,7 +271,7 @@ def _collect_segmentations(study_uid: str, pacs: Any, work: Path, mapper: KeyedM
             rows.append({"report": token, "outcome": "refused", "reason": reason, "at": now})
             continue
         assert not isinstance(correction, str) and served is not None
-        relative = f"masks/{token}.npz"
+        relative = WorkLayout(work).feedback.mask(token)
         drawn.save(WorkLayout(work).feedback.root / relative)
         label = int(bool(drawn.nodules))
         items.append(make_item(reader=correction.reader, role=role, source="pacs-seg", verdict="correct",

@@ -25,15 +25,21 @@ def write_labels(work: Path, cfg: FeedbackConfig) -> pd.DataFrame:
     return resolved
 
 
-def version_labels(work: Path, source: Path) -> Any:
-    """The resolved labels (``feedback/labels.csv``) as the next version of the readers' source
+def version_labels(work: Path, source: Path, known: set[str] | None = None) -> Any:
+    """The resolved labels (``feedback/labels.csv``), the readers' masks and, given the series the
+    labelled sources hold (`known`), the reviewed clinical series no source holds
+    (:mod:`dicomops.feedback.clinical`, as ``clinical/``) as the next version of the readers' source
     `source`, a DVC-tracked folder (:func:`dicomops.versioning.version_source`)."""
+    from dicomops.feedback.clinical import CLINICAL, clinical_files
     from dicomops.versioning import version_source
 
     paths = WorkLayout(work).feedback
     labels = pd.read_csv(paths.labels, keep_default_na=False)
     masks = sorted({str(m) for m in labels.get("mask", pd.Series(dtype=str)) if m})
-    return version_source(source, {"labels.csv": paths.labels, **{m: paths.root / m for m in masks}})
+    files = {"labels.csv": paths.labels, **{m: paths.root / m for m in masks}}
+    if known is not None:
+        files |= {f"{CLINICAL}/{name}": path for name, path in clinical_files(work, labels, known, paths.root).items()}
+    return version_source(source, files)
 
 
 def apply_to_pool(resolved: pd.DataFrame, labels_path: Path, masks_root: Path | None = None) -> int:
@@ -176,15 +182,28 @@ def record_agreement(tracking_uri: str, artifact_root: Path | None, experiment: 
     return run_id, rows
 
 
-def apply_to_retrain(feedback_work: Path, pool_work: Path, cfg: FeedbackConfig, source: Path) -> dict[str, str]:
-    """Readers' resolved labels into a retraining pool (:func:`apply_to_pool`), versioned first in the
-    readers' DVC source `source`; returns the run tags that say which feedback it learned from: how
-    many series, and the source's DVC version (``feedback.dvc_md5``, ``feedback.dvc``)."""
-    from dicomops.synthetic.sidecars import LABELS_CSV
+def readers_source(feedback_work: Path, cfg: FeedbackConfig, source: Path, sources: list[Path], key: bytes) -> Any:
+    """Before a retrain: the readers' labels resolved and versioned in `source`, with the reviewed
+    clinical series that none of the retrain's labelled `sources` holds (``<source>/clinical``, a
+    labelled corpus when there are any)."""
+    from dicomops.feedback.clinical import known_series
 
     write_labels(feedback_work, cfg)
-    version = version_labels(feedback_work, source)
+    return version_labels(feedback_work, source, known_series(sources, key))
+
+
+def apply_to_retrain(source: Path, pool_work: Path, key: bytes) -> int:
+    """The readers' labels of the version in `source` (:func:`readers_source`) into a retraining pool
+    (:func:`apply_to_pool`), also for the clinical series whose UIDs the gate remapped once more;
+    returns how many series carry a reader's label."""
+    from dicomops.feedback.clinical import pool_aliases
+    from dicomops.synthetic.sidecars import LABELS_CSV
+
     path = WorkLayout(pool_work).ingest.deid / LABELS_CSV
-    resolved = pd.read_csv(version.folder / "labels.csv", keep_default_na=False)  # the version recorded
-    count = apply_to_pool(resolved, path, version.folder) if path.exists() else 0
-    return {"retrain.reader_labels": str(count), **version.tags("feedback")}
+    if not path.exists():
+        return 0
+    resolved = pd.read_csv(source / "labels.csv", keep_default_na=False)
+    aliases = pool_aliases(resolved, key)
+    pool_uid = {series: uid for uid, series in aliases.items()}
+    remapped = resolved.assign(SeriesInstanceUID=resolved.SeriesInstanceUID.map(pool_uid), mask="")  # masks came along
+    return apply_to_pool(pd.concat([resolved, remapped], ignore_index=True), path, source)

@@ -30,6 +30,7 @@ from dicomops.preprocessing.stage import _aligned_mask
 from dicomops.synthetic.corpus import SeriesPlan, write_series
 
 ADA = "Lovelace^Ada"
+KEY = b"unit-test-key-0123456789abcdef0123"
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +132,7 @@ def test_a_retrain_versions_the_readers_masks_with_their_labels_and_learns_from_
     import subprocess
     import sys
 
-    from dicomops.feedback.stage import apply_to_retrain
+    from dicomops.feedback.stage import apply_to_retrain, readers_source
     from dicomops.layout import WorkLayout
     from dicomops.tracking import dvc_directory_hash, read_dvc_pointer
 
@@ -152,11 +153,75 @@ def test_a_retrain_versions_the_readers_masks_with_their_labels_and_learns_from_
     site.mkdir()
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q", "--no-scm"], cwd=site, check=True)
 
-    tags = apply_to_retrain(feedback, pool, FeedbackConfig(reviewers={ADA: "senior"}), site / "readers")
+    version = readers_source(feedback, FeedbackConfig(reviewers={ADA: "senior"}), site / "readers", [], KEY)
     assert sorted(p.relative_to(site / "readers").as_posix() for p in (site / "readers").rglob("*") if p.is_file()) \
-        == ["labels.csv", "masks/t9.npz"]
-    assert tags["feedback.dvc_md5"] == read_dvc_pointer(site / "readers.dvc")["md5"] == dvc_directory_hash(site / "readers")
-    assert tags["retrain.reader_labels"] == "1"
+        == ["labels.csv", "masks/t9.npz"]  # no PACS study in this work directory: no clinical series
+    assert version.md5 == read_dvc_pointer(site / "readers.dvc")["md5"] == dvc_directory_hash(site / "readers")
+    assert apply_to_retrain(site / "readers", pool, KEY) == 1
     out = pd.read_csv(deid / "labels.csv", keep_default_na=False)
     assert out.mask_path.tolist() == ["masks/reader-t9.npz"] and out.label.tolist() == [1]
     assert (deid / "masks/reader-t9.npz").read_bytes() == (site / "readers/masks/t9.npz").read_bytes()
+
+
+def test_a_reviewed_clinical_series_becomes_a_labelled_source_and_keeps_its_label_through_the_gate(
+        tmp_path: Path) -> None:
+    """A PACS study the platform answered (its de-identified copy in WORK/pacs/studies) that a reader
+    labelled and no labelled source holds: the readers' source lays it out as a corpus, a retrain's
+    gate takes it in (remapping its UIDs once more), and the reader's label and mask follow it."""
+    from dicomops import ingest
+    from dicomops.config import IngestConfig, SynthConfig
+    from dicomops.feedback.clinical import known_series
+    from dicomops.feedback.gate import reader_agreement
+    from dicomops.feedback.stage import apply_to_retrain, readers_source
+    from dicomops.layout import WorkLayout
+    from dicomops.synthetic import generate_corpus
+
+    clinic = tmp_path / "clinic"  # what the PACS sent: PHI, in staging only
+    generate_corpus(clinic, SynthConfig(patients=1, seed=5, fault_rate=0.0, matrix=256, slices=8, workers=1))
+    work = tmp_path / "work"
+    study = WorkLayout(work).pacs.study("st-1")
+    ingest.run(clinic, study, IngestConfig(workers=1), KEY)  # as pacs-watch gates a study
+    (labels_file := WorkLayout(study).ingest.deid / "labels.csv").unlink()  # a clinical study has no labels
+    accepted = pd.read_parquet(WorkLayout(study).ingest.accepted)
+    series = str(accepted.SeriesInstanceUID.iloc[0])
+    headers = [pydicom.dcmread(WorkLayout(study).ingest.deid / p) for p in accepted.deid_path]
+    frames = np.zeros((len(headers), 256, 256), dtype=bool)
+    frames[2:5, 100:110, 120:130] = True
+    reader_mask(_round_trip(corrected_segmentation(headers, frames, ADA)), headers).save(
+        work / "feedback/masks/t5.npz")
+    FeedbackStore(work).add([store.make_item(
+        reader=ADA, role="senior", source="pacs-seg", verdict="correct", series=series, vendor="GE", model="m",
+        version="3", model_label=0, model_score=0.2, reader_label=1, ref="t5", mask="masks/t5.npz")])
+    cfg = FeedbackConfig(reviewers={ADA: "senior"}, min_cases=1)
+
+    # A study that a labelled source holds already is not copied: its reader label goes to that source.
+    readers_source(work, cfg, tmp_path / "readers", [clinic], KEY)
+    assert known_series([clinic], KEY) == {series} and not (tmp_path / "readers/clinical").exists()
+
+    version = readers_source(work, cfg, tmp_path / "readers", [], KEY)
+    corpus = version.folder / "clinical"
+    table = pd.read_csv(corpus / "labels.csv", keep_default_na=False)
+    assert table[["SeriesInstanceUID", "label", "mask_path", "scenario"]].values.tolist() == [
+        [series, 1, f"masks/{series}.npz", "reviewed"]]
+    assert len(list((corpus / series).iterdir())) == len(accepted)
+
+    pool = tmp_path / "retrain"
+    ingest.run(corpus, pool, IngestConfig(workers=1), KEY)  # the retrain's gate, on de-identified files
+    assert apply_to_retrain(version.folder, pool, KEY) == 1
+    out = pd.read_csv(WorkLayout(pool).ingest.deid / "labels.csv", keep_default_na=False)
+    assert out[["label", "label_source", "actionable_count"]].values.tolist() == [[1, "reader", 1]]
+    assert out.SeriesInstanceUID.iloc[0] != series  # remapped once more, and followed
+    # The promotion gate finds the series under its retrained UID.
+    oof = pd.DataFrame({"SeriesInstanceUID": out.SeriesInstanceUID, "score": [0.9]})
+    agreement = reader_agreement(work, oof, 0.5, "3", cfg, KEY)
+    assert agreement is not None and (agreement.series, agreement.champion, agreement.challenger) == (1, 0.0, 1.0)
+    assert not labels_file.exists()
+    # Nothing of the clinic's PHI or original UIDs in the readers' source or the feedback.
+    from dicomops.deid import scan_for_phi
+
+    truth = pd.read_csv(clinic / "labels.csv", keep_default_na=False)
+    needles = set(pd.read_csv(clinic / "phi.csv", keep_default_na=False).value) | set(truth.SeriesInstanceUID) \
+        | set(truth.StudyInstanceUID)
+    for place in (version.folder, work / "feedback"):
+        assert scan_for_phi(place, needles) == [], place
+    assert scan_for_phi(clinic, needles)  # the scan is not vacuous
