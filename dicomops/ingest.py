@@ -298,6 +298,20 @@ def source_dvc_md5(work: Path) -> str | None:
     return str(io.read_json(path)["dvc_md5"]) if path.exists() else None
 
 
+def shared_quarantine(work: Path, key: bytes) -> Path:
+    """The quarantine as it leaves the gate (MLflow): each file named by a keyed token of its path
+    (``FI-…``), never the path, which a site's export may spell with a patient's name or ID; the
+    reasons and details as they are. ``quarantine.csv`` in the work directory keeps the paths for
+    whoever fixes the batch, with the same token beside each."""
+    paths = WorkLayout(work).ingest
+    quarantine = pd.read_csv(paths.quarantine, keep_default_na=False)
+    mapper = KeyedMapper(key)
+    shared = pd.DataFrame({"file": [mapper.token("file", str(p)) for p in quarantine.source_path],
+                           "reason": quarantine.reason, "detail": quarantine.detail})
+    io.write_csv(paths.quarantine, quarantine.assign(file=shared.file))
+    return io.write_csv(paths.quarantine_shared, shared)
+
+
 def ingest_metrics(work: Path) -> dict[str, float]:
     """Numbers worth a metric: counts, shares, validation success, per-reason counts."""
     paths = WorkLayout(work).ingest

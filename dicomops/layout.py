@@ -60,6 +60,7 @@ class IngestPaths:
     series = property(lambda self: self.root / "series.parquet")
     geometry_quarantine = property(lambda self: self.root / "quarantine_geometry.csv")
     quarantine = property(lambda self: self.root / "quarantine.csv")
+    quarantine_shared = property(lambda self: self.root / "shared" / "quarantine.csv")  # files by token: for MLflow
     accepted = property(lambda self: self.root / "accepted.parquet")
     summary = property(lambda self: self.root / "summary.json")
     source = property(lambda self: self.root / "source.json")  # the source corpus's DVC md5, never its path

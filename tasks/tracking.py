@@ -40,11 +40,13 @@ def close_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
 def log_ingest(tracking_uri: str, run_id: str, work: Path, released: list[Path] | None = None) -> dict[str, float]:
     """The gate's figures and files; `released` are the counts released under differential privacy."""
     from dicomops import ingest
+    from dicomops.deid.keys import key_from_settings
 
     metrics = ingest.ingest_metrics(work)
     tracking.log_metrics(tracking_uri, run_id, metrics)
     paths = WorkLayout(work).ingest
-    tracking.log_artifacts(tracking_uri, run_id, [paths.quarantine, paths.expectations, paths.summary,
+    shared = ingest.shared_quarantine(work, key_from_settings())  # files by token: a path may name a patient
+    tracking.log_artifacts(tracking_uri, run_id, [shared, paths.expectations, paths.summary,
                                                   paths.validation, ingest.plot_ingest(work)], "ingest")
     tracking.log_artifacts(tracking_uri, run_id, [paths.docs], "ingest")
     if released:

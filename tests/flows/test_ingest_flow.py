@@ -96,3 +96,30 @@ def test_cli_ingest_exits_1_when_the_gate_fails(faulty_corpus: Path, mlflow_env:
     assert ok.exit_code == 0, ok.output
     bad = CliRunner().invoke(app, ["ingest", str(faulty_corpus), "--max-invalid-fraction", "3"])
     assert bad.exit_code == 2
+
+
+def test_the_quarantine_reaches_mlflow_by_token_never_by_a_path_that_names_a_patient(
+        mixed_corpus: Path, mlflow_env: str, tmp_path: Path) -> None:
+    """A site's export may name its folders and files after the patient: the quarantine MLflow shows
+    names each file by a keyed token, and the work directory keeps the path beside the same token."""
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(mixed_corpus, corpus)
+    faults = pd.read_csv(corpus / "faults.csv", keep_default_na=False)
+    bad = corpus / str(faults[faults.fault == "truncated"].path.iloc[0])
+    named = bad.with_name("DOE^JOHN_MRN-4711.dcm")  # as an export by patient name would call it
+    bad.rename(named)
+
+    result = ingest(src=corpus, work=tmp_path / "work", config=IngestConfig(workers=1))
+    client = mlflow.tracking.MlflowClient(mlflow_env)
+    shared = pd.read_csv(client.download_artifacts(str(result["mlflow_run_id"]), "ingest/quarantine.csv", str(tmp_path)),
+                         keep_default_na=False)
+    assert list(shared.columns) == ["file", "reason", "detail"] and shared.file.str.match(r"^FI-[A-Z2-7]{16}$").all()
+    assert len(shared) == len(faults) and "truncated" in set(shared.reason)
+    kept = pd.read_csv(tmp_path / "work/ingest/quarantine.csv", keep_default_na=False)
+    row = kept[kept.source_path == named.relative_to(corpus).as_posix()]
+    assert len(row) == 1 and row.file.iloc[0] in set(shared.file)  # the operator finds the file by its token
+    hits = scan_for_phi(tmp_path / "mlflow", {"DOE^JOHN", "MRN-4711"})
+    assert hits == [], f"a file path reached MLflow: {hits[:3]}"
+    assert scan_for_phi(tmp_path / "work" / "ingest", {"DOE^JOHN"})  # the scan is not vacuous: the path is there
