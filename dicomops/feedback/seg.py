@@ -106,22 +106,33 @@ def reader_mask(ds: Dataset, headers: Sequence[Dataset]) -> ReaderMask:
         raise ValueError("the SEG references none of its series' instances")
     pixels = seg.get_pixels_by_source_instance(uids, combine_segments=True, relabel=True,
                                                assert_missing_frames_are_empty=True, skip_overlap_checks=True)
-    labels, count = ndimage.label(pixels > 0)  # (slices, rows, columns), slices in geometric order
+    binary = pixels > 0  # (slices, rows, columns), slices in geometric order
+    plane = np.asarray(binary.any(axis=0))
+    crop, count, origin = np.zeros((0, 0, 0), dtype=np.int32), 0, (0, 0, 0)
+    if plane.any():  # label the box around the drawn voxels only: a whole CT is 10^7 voxels, a nodule 10^3
+        (s0, s1), (r0, r1), (c0, c1) = ((int(i[0]), int(i[-1]) + 1) for i in (
+            np.flatnonzero(binary.any(axis=(1, 2))), np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))))
+        crop, count = ndimage.label(binary[s0:s1, r0:r1, c0:c1])
+        origin = (s0, r0, c0)
     rows_mm, cols_mm = (float(v) for v in ordered[0].PixelSpacing)
     positions = np.array([np.asarray(h.ImagePositionPatient, float) for h in ordered])
     steps = np.diff(positions @ normal)
     slice_mm = float(np.median(np.abs(steps))) if len(steps) else float(ordered[0].get("SliceThickness", 1.0))
     orientation = np.asarray(ordered[0].ImageOrientationPatient, dtype=np.float64)
     nodules: list[dict[str, object]] = []
-    for k in range(1, count + 1):
-        s, r, c = np.nonzero(labels == k)
+    for k, box in enumerate(ndimage.find_objects(crop, max_label=count), start=1):
+        s, r, c = np.nonzero(crop[box] == k)
+        s, r, c = (s + box[0].start + origin[0], r + box[1].start + origin[1], c + box[2].start + origin[2])
         points = positions[s] + (c * cols_mm)[:, None] * orientation[:3] + (r * rows_mm)[:, None] * orientation[3:]
         volume = len(s) * rows_mm * cols_mm * slice_mm
         nodules.append({"center_mm": [round(float(v), 2) for v in points.mean(axis=0)],
                         "diameter_mm": round(float((6 * volume / math.pi) ** (1 / 3)), 2),
                         "kind": "solid", "attachment": "none", "actionable": True, "source": "reader"})
-    dtype = np.uint8 if count < 256 else np.uint16
-    return ReaderMask(labels.astype(dtype), positions[:, 2].astype(np.float64), nodules)
+    mask = np.zeros(binary.shape, dtype=np.uint8 if count < 256 else np.uint16)
+    if count:
+        mask[origin[0]:origin[0] + crop.shape[0], origin[1]:origin[1] + crop.shape[1],
+             origin[2]:origin[2] + crop.shape[2]] = crop
+    return ReaderMask(mask, positions[:, 2].astype(np.float64), nodules)
 
 
 def corrected_segmentation(source_images: Sequence[Dataset], mask: np.ndarray, reader: str,
