@@ -267,6 +267,7 @@ class WorkLayout:
     retrain_state = property(lambda self: self.root / "monitoring" / "retrain_state.json")
     retrain_lock = property(lambda self: self.root / "monitoring" / "retrain.lock")
     retrain_sources = property(lambda self: self.root / "retrain" / "src")
+    retrain_readers = property(lambda self: self.root / "retrain" / "readers")  # the readers' version it used
 
     def stage_record(self, stage: str) -> Path:
         return self.stages / f"{stage}.json"

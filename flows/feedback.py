@@ -34,7 +34,7 @@ def feedback(orthanc_url: str | None = None, work: Path | None = None, config: P
         collected = t.collect_from_pacs(orthanc_url, work, cfg, limit) if from_pacs else {}
         labels = t.write_labels(work, cfg)
         # The readers' labels, masks and reviewed clinical series: a DVC-versioned training source.
-        source = t.version_labels(work, labelled_sources(work, config.monitor.training_source))
+        source, _, _ = t.readers_source(work, cfg, labelled_sources(work, config.monitor.training_source))
         run_id, rows = t.log_agreement(uri, settings.mlflow_artifact_root, config.monitor.experiment, name,
                                        version, work, cfg, collected | labels, source)
         reason = t.retrain_reason(work, cfg, name, version)

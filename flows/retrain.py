@@ -10,6 +10,7 @@ from pathlib import Path
 from prefect import flow
 
 from dicomops.config import PipelineConfig, load_settings
+from dicomops.layout import WorkLayout
 from dicomops.monitoring import guard
 from dicomops.monitoring.stage import combine_sources, labelled_sources, retrain_folders
 from flows.export import export
@@ -50,7 +51,8 @@ def retrain(work: Path | None = None, config: PipelineConfig = PipelineConfig(),
 def _retrain(work: Path, config: PipelineConfig, uri: str, artifact_root: Path | None, trigger: str,
              monitoring_run_id: str) -> dict[str, object]:
     sources = labelled_sources(work, config.monitor.training_source)
-    readers, clinical = readers_source(work, config.feedback, sources)  # versioned before it is read
+    # The readers' version, copied for this retrain: a feedback pass meanwhile cannot change it.
+    readers, snapshot, clinical = readers_source(work, config.feedback, sources, WorkLayout(work).retrain_readers)
     sources += [clinical] if clinical else []  # reviewed clinical series no other source holds
     src, retrain_work = retrain_folders(work)
     src = combine_sources(sources, src)
@@ -62,7 +64,7 @@ def _retrain(work: Path, config: PipelineConfig, uri: str, artifact_root: Path |
         on_dask(ingest, config.ingest.dask_address)(
             src, retrain_work, config.ingest, config.experiment, parent_run_id=run_id)
         # Readers' labels override the earlier ones (the same pseudonymous series UIDs on both sides).
-        tag_run(uri, run_id, readers | apply_reader_labels(retrain_work))
+        tag_run(uri, run_id, readers | apply_reader_labels(snapshot, retrain_work))
         on_dask(preprocess, config.preprocess.dask_address)(
             retrain_work, config.preprocess, config.experiment, parent_run_id=run_id)
         trained = train(retrain_work, config.train, config.preprocess, config.experiment, parent_run_id=run_id,

@@ -87,31 +87,20 @@ def raise_event(name: str, version: str, reason: str, run_id: str) -> None:
 
 
 @task(name="readers-source")
-def readers_source(feedback_work: Path, cfg: FeedbackConfig, sources: list[Path]) -> tuple[dict[str, str], Path | None]:
-    """The readers' labels, masks and reviewed clinical series, versioned for a retrain; returns the
-    run tags and the clinical corpus to train on too (None without one)."""
+def readers_source(work: Path, cfg: FeedbackConfig, sources: list[Path],
+                   snapshot: Path | None = None) -> tuple[dict[str, str], Path, Path | None]:
+    """The readers' labels, masks and reviewed clinical series as the next version of their DVC source
+    (DICOMOPS_READER_LABELS); returns its run tags, the folder holding it (`snapshot` when given) and
+    the clinical corpus in it (None without one)."""
     from dicomops.feedback.clinical import CLINICAL
 
-    version = stage.readers_source(feedback_work, cfg, load_settings().reader_labels, sources, key_from_settings())
+    version = stage.readers_source(work, cfg, load_settings().reader_labels, sources, key_from_settings(), snapshot)
     if version.note:
         get_run_logger().warning("readers' labels: %s", version.note)
     clinical = version.folder / CLINICAL
-    return version.tags("feedback"), clinical if clinical.is_dir() else None
+    return version.tags("feedback"), version.folder, clinical if clinical.is_dir() else None
 
 
 @task(name="apply-reader-labels")
-def apply_reader_labels(pool_work: Path) -> dict[str, str]:
-    count = stage.apply_to_retrain(load_settings().reader_labels, pool_work, key_from_settings())
-    return {"retrain.reader_labels": str(count)}
-
-
-@task(name="version-reader-labels")
-def version_labels(work: Path, sources: list[Path]) -> dict[str, str]:
-    """The resolved labels as the next version of the readers' DVC source (DICOMOPS_READER_LABELS),
-    with the reviewed clinical series none of `sources` holds."""
-    from dicomops.feedback.clinical import known_series
-
-    version = stage.version_labels(work, load_settings().reader_labels, known_series(sources, key_from_settings()))
-    if version.note:
-        get_run_logger().warning("readers' labels: %s", version.note)
-    return version.tags("feedback")
+def apply_reader_labels(source: Path, pool_work: Path) -> dict[str, str]:
+    return {"retrain.reader_labels": str(stage.apply_to_retrain(source, pool_work, key_from_settings()))}

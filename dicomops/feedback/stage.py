@@ -182,18 +182,30 @@ def record_agreement(tracking_uri: str, artifact_root: Path | None, experiment: 
     return run_id, rows
 
 
-def readers_source(feedback_work: Path, cfg: FeedbackConfig, source: Path, sources: list[Path], key: bytes) -> Any:
-    """Before a retrain: the readers' labels resolved and versioned in `source`, with the reviewed
-    clinical series that none of the retrain's labelled `sources` holds (``<source>/clinical``, a
-    labelled corpus when there are any)."""
+def readers_source(feedback_work: Path, cfg: FeedbackConfig, source: Path, sources: list[Path], key: bytes,
+                   snapshot: Path | None = None) -> Any:
+    """The readers' labels resolved and versioned in `source`, with the reviewed clinical series that
+    none of the labelled `sources` holds (``<source>/clinical``, a labelled corpus when there are any).
+
+    A retrain passes `snapshot`: the version is copied there and the returned version names that copy,
+    so that a feedback pass writing the next version meanwhile cannot change what it learns from.
+    """
+    import dataclasses
+    import shutil
+
     from dicomops.feedback.clinical import known_series
 
     write_labels(feedback_work, cfg)
-    return version_labels(feedback_work, source, known_series(sources, key))
+    version = version_labels(feedback_work, source, known_series(sources, key))
+    if snapshot is None:
+        return version
+    shutil.rmtree(snapshot, ignore_errors=True)
+    shutil.copytree(version.folder, snapshot)
+    return dataclasses.replace(version, folder=snapshot)
 
 
 def apply_to_retrain(source: Path, pool_work: Path, key: bytes) -> int:
-    """The readers' labels of the version in `source` (:func:`readers_source`) into a retraining pool
+    """The readers' labels of the version in `source` (:func:`readers_source`'s snapshot) into a retraining pool
     (:func:`apply_to_pool`), also for the clinical series whose UIDs the gate remapped once more;
     returns how many series carry a reader's label."""
     from dicomops.feedback.clinical import pool_aliases

@@ -153,14 +153,22 @@ def test_a_retrain_versions_the_readers_masks_with_their_labels_and_learns_from_
     site.mkdir()
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q", "--no-scm"], cwd=site, check=True)
 
-    version = readers_source(feedback, FeedbackConfig(reviewers={ADA: "senior"}), site / "readers", [], KEY)
+    snapshot = tmp_path / "retrain-readers"
+    cfg = FeedbackConfig(reviewers={ADA: "senior"})
+    version = readers_source(feedback, cfg, site / "readers", [], KEY, snapshot)
     assert sorted(p.relative_to(site / "readers").as_posix() for p in (site / "readers").rglob("*") if p.is_file()) \
         == ["labels.csv", "masks/t9.npz"]  # no PACS study in this work directory: no clinical series
     assert version.md5 == read_dvc_pointer(site / "readers.dvc")["md5"] == dvc_directory_hash(site / "readers")
-    assert apply_to_retrain(site / "readers", pool, KEY) == 1
+    assert version.folder == snapshot and dvc_directory_hash(snapshot) == version.md5
+    # A feedback pass meanwhile writes the next version (Ada takes it back): the retrain keeps its copy.
+    FeedbackStore(feedback).add([store.make_item(
+        reader=ADA, role="senior", source="endpoint", verdict="accept", series="2.25.9", vendor="GE", model="m",
+        version="3", model_label=0, model_score=0.1, at=dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1))])
+    assert readers_source(feedback, cfg, site / "readers", [], KEY).md5 != version.md5
+    assert apply_to_retrain(version.folder, pool, KEY) == 1
     out = pd.read_csv(deid / "labels.csv", keep_default_na=False)
     assert out.mask_path.tolist() == ["masks/reader-t9.npz"] and out.label.tolist() == [1]
-    assert (deid / "masks/reader-t9.npz").read_bytes() == (site / "readers/masks/t9.npz").read_bytes()
+    assert (deid / "masks/reader-t9.npz").read_bytes() == (snapshot / "masks/t9.npz").read_bytes()
 
 
 def test_a_reviewed_clinical_series_becomes_a_labelled_source_and_keeps_its_label_through_the_gate(
