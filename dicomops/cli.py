@@ -324,7 +324,8 @@ def train(
                                 distill_from=distill_from)
     pre_cfg = _with_overrides(cfg.preprocess, slab_slices=slab_slices)
     try:
-        result = _flow("train")(work=work.resolve() if work else None, config=train_cfg, preprocess_config=pre_cfg)
+        result = _flow("train")(work=work.resolve() if work else None, config=train_cfg, preprocess_config=pre_cfg,
+                                privacy_config=cfg.ingest.privacy)
     except ValueError as err:
         console.print(f"[red]cannot train:[/] {err}")
         raise typer.Exit(2) from err
@@ -348,7 +349,8 @@ def segment(
     cfg = _pipeline_config(config)
     try:
         result = _flow("segment")(work=work.resolve() if work else None, config=cfg.segment,
-                                  preprocess_config=cfg.preprocess, train_config=cfg.train)
+                                  preprocess_config=cfg.preprocess, train_config=cfg.train,
+                                  privacy_config=cfg.ingest.privacy)
     except ValueError as err:
         console.print(f"[red]cannot train the segmenter:[/] {err}")
         raise typer.Exit(2) from err

@@ -268,6 +268,7 @@ class WorkLayout:
     retrain_lock = property(lambda self: self.root / "monitoring" / "retrain.lock")
     retrain_sources = property(lambda self: self.root / "retrain" / "src")
     retrain_readers = property(lambda self: self.root / "retrain" / "readers")  # the readers' version it used
+    privacy_pool = property(lambda self: self.root / "privacy" / "pool.json")  # the pool's released counts
 
     def stage_record(self, stage: str) -> Path:
         return self.stages / f"{stage}.json"

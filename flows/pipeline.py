@@ -34,10 +34,12 @@ def pipeline(src: Path, config: PipelineConfig = PipelineConfig(), work: Path | 
                 src, work, config.ingest, config.experiment, parent_run_id=run_id)
             prepared = on_dask(preprocess, config.preprocess.dask_address)(
                 work, config.preprocess, config.experiment, parent_run_id=run_id)
-            trained = train(work, config.train, config.preprocess, config.experiment, parent_run_id=run_id)
+            trained = train(work, config.train, config.preprocess, config.experiment, parent_run_id=run_id,
+                            privacy_config=config.ingest.privacy)
             exported = export(work, config.export, config.train.model_name, version=str(trained["version"]))
-            segmented = segment(work, config.segment, config.preprocess, config.train, config.experiment,
-                                parent_run_id=run_id) if config.segment.enabled else {}
+            segmented = (segment(work, config.segment, config.preprocess, config.train, config.experiment,
+                                 parent_run_id=run_id, privacy_config=config.ingest.privacy)
+                         if config.segment.enabled else {})
     return {"mlflow_run_id": run_id, "data_dvc_md5": data_hash, "work": str(work),
             "ingest_run_id": str(gate["mlflow_run_id"]), "accepted_series": str(gate["accepted_series"]),
             "preprocess_run_id": str(prepared["mlflow_run_id"]), "train_run_id": str(trained["mlflow_run_id"]),

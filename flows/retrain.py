@@ -68,11 +68,13 @@ def _retrain(work: Path, config: PipelineConfig, uri: str, artifact_root: Path |
         on_dask(preprocess, config.preprocess.dask_address)(
             retrain_work, config.preprocess, config.experiment, parent_run_id=run_id)
         trained = train(retrain_work, config.train, config.preprocess, config.experiment, parent_run_id=run_id,
-                        run_tags=cause, feedback_work=work, feedback_config=config.feedback)
+                        run_tags=cause, feedback_work=work, feedback_config=config.feedback,
+                        privacy_config=config.ingest.privacy)
         exported = export(retrain_work, config.export, config.train.model_name, version=str(trained["version"]))
         # The segmenter learns from the same labelled pool and is gated on its own metric (CPM).
-        segmented = segment(retrain_work, config.segment, config.preprocess, config.train, config.experiment,
-                            parent_run_id=run_id, run_tags=cause) if config.segment.enabled else {}
+        segmented = (segment(retrain_work, config.segment, config.preprocess, config.train, config.experiment,
+                             parent_run_id=run_id, run_tags=cause, privacy_config=config.ingest.privacy)
+                     if config.segment.enabled else {})
     print(f"retrain ({trigger}): version {trained['version']} from {len(sources)} labelled source(s), "
           f"{'promoted' if trained['promoted'] else 'awaiting review'}; tensorrt: {exported['tensorrt']}"
           + (f"; segmenter version {segmented['version']}, {segmented['decision']}" if segmented else ""))

@@ -7,20 +7,26 @@ from pathlib import Path
 
 from prefect import flow
 
-from dicomops.config import PreprocessConfig, SegmentConfig, TrainConfig, load_settings
+from dicomops.config import (
+    PreprocessConfig,
+    PrivacyConfig,
+    SegmentConfig,
+    TrainConfig,
+    load_settings,
+)
 from dicomops.tracking import flatten_params
 from flows.scope import tracked, writing
 from tasks import segment as s
 from tasks import stages
 from tasks.preprocess import hash_accepted_corpus
-from tasks.train import prepare_splits
+from tasks.train import prepare_splits, release_pool_counts
 
 
 @flow(name="dicomops-segment", log_prints=True)
 def segment(work: Path | None = None, config: SegmentConfig = SegmentConfig(),
             preprocess_config: PreprocessConfig = PreprocessConfig(), train_config: TrainConfig = TrainConfig(),
             experiment: str = "dicomops", parent_run_id: str | None = None,
-            run_tags: dict[str, str] | None = None) -> dict[str, object]:
+            run_tags: dict[str, str] | None = None, privacy_config: PrivacyConfig = PrivacyConfig()) -> dict[str, object]:
     """Cross-validate the nodule segmenter in the classifier's folds, train, register and gate it."""
     settings = load_settings()
     work = Path(work or settings.work_dir)
@@ -41,6 +47,7 @@ def segment(work: Path | None = None, config: SegmentConfig = SegmentConfig(),
         run_id = s.open_segmentation_run(work, config, preprocess_config, split_hash, data_hash, uri, experiment,
                                          settings.mlflow_artifact_root, params, parent_run_id, run_tags or {})
         with tracked(uri, run_id):
+            print(f"segment: {release_pool_counts(work, privacy_config)}")
             for fold in range(train_config.n_splits):
                 s.segment_fold(work, config, fold, uri)
             summary = s.summarise(work, config, uri)

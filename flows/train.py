@@ -6,7 +6,13 @@ from pathlib import Path
 
 from prefect import flow
 
-from dicomops.config import FeedbackConfig, PreprocessConfig, TrainConfig, load_settings
+from dicomops.config import (
+    FeedbackConfig,
+    PreprocessConfig,
+    PrivacyConfig,
+    TrainConfig,
+    load_settings,
+)
 from dicomops.tracking import flatten_params
 from flows.scope import tracked, writing
 from tasks import stages
@@ -18,7 +24,8 @@ from tasks.preprocess import hash_accepted_corpus, hash_labels
 def train(work: Path | None = None, config: TrainConfig = TrainConfig(),
           preprocess_config: PreprocessConfig = PreprocessConfig(), experiment: str = "dicomops",
           parent_run_id: str | None = None, run_tags: dict[str, str] | None = None,
-          feedback_work: Path | None = None, feedback_config: FeedbackConfig | None = None) -> dict[str, object]:
+          feedback_work: Path | None = None, feedback_config: FeedbackConfig | None = None,
+          privacy_config: PrivacyConfig = PrivacyConfig()) -> dict[str, object]:
     """Cross-validate, train the final model, register it and run the promotion gate (also on the
     series readers labelled in `feedback_work`'s feedback store, when given)."""
     settings = load_settings()
@@ -42,6 +49,7 @@ def train(work: Path | None = None, config: TrainConfig = TrainConfig(),
         run_id = t.open_training_run(work, config, preprocess_config, split_hash, data_hash, uri, experiment,
                                      settings.mlflow_artifact_root, params, parent_run_id, run_tags or {})
         with tracked(uri, run_id):
+            print(f"train: {t.release_pool_counts(work, privacy_config)}")
             for fold in range(config.n_splits):
                 t.train_fold(work, config, k, fold, uri)
             summary = t.summarise_cv(work, config, uri)

@@ -7,7 +7,13 @@ from typing import Any
 
 from prefect import task
 
-from dicomops.config import FeedbackConfig, PreprocessConfig, TrainConfig
+from dicomops.config import (
+    FeedbackConfig,
+    PreprocessConfig,
+    PrivacyConfig,
+    TrainConfig,
+    load_settings,
+)
 from dicomops.layout import WorkLayout
 from dicomops.tracking import registry
 from dicomops.tracking.lineage import ACCEPTED_HASH_TAG, git_commit
@@ -19,6 +25,16 @@ from dicomops.training import state as train_state
 def prepare_splits(work: Path, cfg: TrainConfig) -> tuple[Path, str]:
     layout = WorkLayout(work)
     return layout.folds_file, cv.prepare(layout, cfg).sha256
+
+
+@task(name="release-pool-counts")
+def release_pool_counts(work: Path, cfg: PrivacyConfig) -> str:
+    """The labelled pool's counts per vendor and label under differential privacy: what every card,
+    table and picture of the training shows (free when this pool was released before)."""
+    from dicomops.feedback import privacy
+
+    counts = privacy.release_pool(work, cfg, privacy.ledger_for(work, load_settings().privacy_ledger))
+    return counts.caption
 
 
 @task(name="open-training-run", retries=2, retry_delay_seconds=[2, 10])

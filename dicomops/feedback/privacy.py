@@ -375,3 +375,127 @@ def plot_releases(releases: Sequence[Release], out: Path) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+# -- the training pool's counts ------------------------------------------------------------------
+POOL_BY = ("vendor", "label")
+POOL_RELEASE = "labelled series by vendor \u00d7 label"
+# What a table shown to people must not carry: exact counts of series, nodules or outcomes. Every
+# copy of a training table that goes to MLflow passes through :func:`without_counts`.
+EXACT_COUNT_COLUMNS = frozenset({"n", "positives", "series", "scans", "nodules", "tp", "fp", "fn", "tn",
+                                 "TP", "FP", "FN", "TN", "n_series", "n_nodules"})
+
+
+def without_counts(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` without its exact-count columns (:data:`EXACT_COUNT_COLUMNS`): the copy people see."""
+    return frame.drop(columns=[c for c in frame.columns if c in EXACT_COUNT_COLUMNS])
+
+
+def shown(path: Path, table: pd.DataFrame) -> Path:
+    """The copy of `table` people see (MLflow), in ``shown/`` beside `path` and under its name:
+    without its exact counts, which stay at `path` in the work directory."""
+    return io.write_csv(path.parent / "shown" / path.name, without_counts(table))
+
+
+@dataclass(frozen=True)
+class PoolCounts:
+    """The training pool's negatives and positives per vendor as released under differential privacy.
+
+    The one source of the counts that cards, tables and pictures of a training show: they never
+    count the pool themselves. `release` is None when nothing was released, and `note` says why
+    (privacy off, the budget spent); `rows` is the hash of the pool the release is of.
+    """
+
+    release: Release | None
+    note: str
+    rows: str = ""
+
+    @property
+    def caption(self) -> str:
+        if self.release is None:
+            return f"Counts of the training pool not released: {self.note}."
+        return (f"Counts of the training pool released under differential privacy ({self.release.caption}); "
+                f"\u2039 {self.release.threshold}: suppressed. The exact counts stay in the work directory.")
+
+    def cell(self, vendor: str, label: int) -> str:
+        """The released count of `vendor`'s series with `label` as text: a number, ``‹ threshold`` where
+        the cell was suppressed, an en dash where nothing was released."""
+        if self.release is None:
+            return "\u2013"
+        table = self.release.table
+        hit = table[(table.vendor.astype(str) == str(vendor)) & (table.label.astype(str) == str(label))]
+        return str(int(hit["count"].iloc[0])) if len(hit) else f"\u2039 {self.release.threshold}"
+
+    def total(self, label: int) -> str:
+        """The sum of the vendors' released cells of `label` (post-processing; suppressed cells add 0)."""
+        if self.release is None:
+            return "\u2013"
+        table = self.release.table
+        return str(int(table[table.label.astype(str) == str(label)]["count"].sum()))
+
+    def to_json(self) -> dict[str, Any]:
+        release = None if self.release is None else {
+            "name": self.release.name, "dataset": self.release.dataset, "by": list(self.release.by),
+            "epsilon": self.release.epsilon, "delta": self.release.delta, "scale": self.release.scale,
+            "threshold": self.release.threshold, "cells": self.release.table.to_numpy().tolist()}
+        return {"release": release, "note": self.note, "rows": self.rows}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> PoolCounts:
+        raw = doc.get("release")
+        release = None if raw is None else _from_record(raw, raw["dataset"])
+        return cls(release, str(doc.get("note", "")), str(doc.get("rows", "")))
+
+
+def pool_rows(index: pd.DataFrame) -> pd.DataFrame:
+    """The labelled pool as the release counts it: one row per labelled series, with its patient."""
+    labelled = index[index.label >= 0]
+    return pd.DataFrame({"patient": labelled.PatientID.astype(str).to_numpy(),
+                         "series": labelled.SeriesInstanceUID.astype(str).to_numpy(),
+                         "vendor": labelled.vendor.astype(str).to_numpy(),
+                         "label": labelled.label.astype(int).astype(str).to_numpy()})
+
+
+def _rows_hash(rows: pd.DataFrame) -> str:
+    text = rows.sort_values(["patient", "series"]).to_csv(index=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def release_pool(work: Path, cfg: PrivacyConfig, ledger: PrivacyLedger) -> PoolCounts:
+    """Release the labelled pool's series per vendor and label once, and record it for every reader.
+
+    Charged to the same dataset as the ingest's tables; the same pool again (a segmenter after the
+    classifier, a resumed training) is published as it was, free. A spent budget or privacy turned
+    off releases nothing and says so: the training goes on, and shows no counts.
+    """
+    from dicomops.ingest import source_dvc_md5
+    from dicomops.layout import WorkLayout
+
+    layout = WorkLayout(work)
+    rows = pool_rows(layout.preprocessed.read_index())
+    digest = _rows_hash(rows)
+    if not cfg.enabled:
+        counts = PoolCounts(None, "differential privacy is off (ingest.privacy.enabled), so no counts are released",
+                            digest)
+    else:
+        dataset = cfg.dataset or source_dvc_md5(work) or "unversioned"
+        try:
+            counts = PoolCounts(release_counts(rows, POOL_BY, cfg, ledger, dataset, POOL_RELEASE), "", digest)
+        except PrivacyBudgetExceededError as err:
+            counts = PoolCounts(None, f"the privacy budget is spent ({err})", digest)
+    io.write_json(layout.privacy_pool, counts.to_json())
+    return counts
+
+
+def pool_counts(work: Path) -> PoolCounts:
+    """The released counts of the pool now in `work` (:func:`release_pool`); none when the release
+    is missing or of another pool (the labels changed since), and the note says so."""
+    from dicomops.layout import WorkLayout
+
+    layout = WorkLayout(work)
+    if not layout.privacy_pool.exists():
+        return PoolCounts(None, "no release of the training pool was made (run the training flow)")
+    counts = PoolCounts.from_json(io.read_json(layout.privacy_pool))
+    if counts.rows != _rows_hash(pool_rows(layout.preprocessed.read_index())):
+        return PoolCounts(None, "the recorded release is of another pool (the labels changed since)")
+    return counts

@@ -12,6 +12,7 @@ import pandas as pd
 
 from dicomops import io
 from dicomops.config import FeedbackConfig
+from dicomops.feedback import privacy
 from dicomops.feedback.store import FeedbackStore, agreement, override_labels, resolve, retrain_due
 from dicomops.layout import WorkLayout
 
@@ -102,11 +103,12 @@ def agreement_table(work: Path, cfg: FeedbackConfig, now: dt.datetime | None = N
 
 
 def metrics(table: pd.DataFrame, version: str) -> dict[str, float]:
-    """``feedback.kappa.<vendor>``, ``feedback.disagreement.<vendor>``, ``feedback.series.<vendor>`` of
-    one version (NaN kappas left out: MLflow would store them, and a chart of NaN helps nobody)."""
+    """``feedback.kappa.<vendor>`` and ``feedback.disagreement.<vendor>`` of one version (NaN kappas
+    left out: MLflow would store them, and a chart of NaN helps nobody). No count of series: counts
+    people see are released under differential privacy (:mod:`dicomops.feedback.privacy`), and the
+    exact ones stay in the work directory's ``agreement.csv``."""
     out: dict[str, float] = {}
     for row in table[table.version == str(version)].itertuples():
-        out[f"feedback.series.{row.vendor}"] = float(row.series)
         if not math.isnan(row.disagreement):
             out[f"feedback.disagreement.{row.vendor}"] = float(row.disagreement)
         if not math.isnan(row.kappa):
@@ -137,7 +139,7 @@ def plot_agreement(table: pd.DataFrame, version: str, cfg: FeedbackConfig, out: 
             ax.set_xticks([])
             ax.set_yticks([])
     else:
-        names = [f"{v} (n={n})" for v, n in zip(mine.vendor, mine.series, strict=True)]
+        names = [str(v) for v in mine.vendor]
         kappa = mine.kappa.fillna(0).to_numpy()
         colours = ["#bbbbbb" if math.isnan(k) else "#c0504d" if k < cfg.min_kappa else "#4f81bd" for k in mine.kappa]
         axes[0].barh(names, kappa, color=colours)
@@ -174,7 +176,7 @@ def record_agreement(tracking_uri: str, artifact_root: Path | None, experiment: 
                             params={"feedback.window_days": cfg.window_days, "feedback.min_kappa": cfg.min_kappa,
                                     "feedback.corrections": cfg.corrections, "feedback.rule": cfg.conflict_rule})
     runs.log_metrics(tracking_uri, run_id, metrics(table, version) | {f"feedback.{k}": float(v) for k, v in counts.items()})
-    runs.log_artifacts(tracking_uri, run_id, [agreement_csv, picture], "feedback")
+    runs.log_artifacts(tracking_uri, run_id, [privacy.shown(agreement_csv, table), picture], "feedback")
     runs.end_run(tracking_uri, run_id)
     rows = table[table.version == str(version)].to_dict("records")
     if rows:

@@ -24,6 +24,7 @@ import torch
 
 from dicomops import io
 from dicomops.config import PreprocessConfig, SegmentConfig
+from dicomops.feedback import privacy
 from dicomops.layout import WorkLayout
 from dicomops.segmentation import metrics as m
 from dicomops.segmentation import plots
@@ -167,13 +168,18 @@ def run_fold(layout: WorkLayout, cfg: SegmentConfig, fold: int, tracking_uri: st
             "data_wait_share": mean_history(result, "data_wait_share"),
             "samples_per_second": mean_history(result, "samples_per_second"), "peak_rss_gb": peak_rss_gb()}
         picture = plots.froc_figure(_vendor_curves(evals), f"Fold {fold}: FROC per vendor", out / "froc.png")
-        mlflow_runs.log_results(tracking_uri, run_id, _finite(metrics), [picture])
+        mlflow_runs.log_results(tracking_uri, run_id, _shown(metrics), [picture])
     _update_fold(layout, fold, done=True)
     return out / "evals.json"
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
+
+
+def _shown(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics people see: finite, and no exact count (:mod:`dicomops.feedback.privacy`)."""
+    return {k: v for k, v in _finite(metrics).items() if k not in privacy.EXACT_COUNT_COLUMNS}
 
 
 def _vendor_curves(evals: list[m.SeriesEval]) -> dict[str, m.Froc]:
@@ -236,8 +242,12 @@ def summarise(layout: WorkLayout, cfg: SegmentConfig, tracking_uri: str) -> dict
                                                                    for r in m.FP_RATES},
                "series": len(evals), "nodules": int(metrics["n_nodules"]), "final_epochs": cfg.epochs}
     io.write_json(paths.summary, summary)
-    mlflow_runs.log_results(tracking_uri, parent_run(layout), _finite(metrics),
-                            [paths.by_group, paths.nodules, paths.series, paths.summary, *pictures], "cv")
+    # People see no exact count (dicomops.feedback.privacy): the per-nodule and per-series tables stay
+    # in the work directory, and the copies logged lose their counts.
+    shown_summary = io.write_json(paths.root / "shown" / paths.summary.name,
+                                  {k: v for k, v in summary.items() if k not in privacy.EXACT_COUNT_COLUMNS})
+    mlflow_runs.log_results(tracking_uri, parent_run(layout), _shown(metrics),
+                            [privacy.shown(paths.by_group, table), shown_summary, *pictures], "cv")
     return summary
 
 
@@ -305,29 +315,36 @@ def register(layout: WorkLayout, cfg: SegmentConfig, pre: PreprocessConfig, trac
     example = np.zeros((2, 1, *cfg.patch), dtype=np.float32)
 
     def card(version: str) -> str:
-        return seg_card(cfg.model_name, version, summary, pd.read_csv(paths.by_group), parent)
+        return seg_card(cfg.model_name, version, summary, pd.read_csv(paths.by_group), parent,
+                        privacy.pool_counts(layout.root))
 
     return registry.register_model(tracking_uri, parent, model, example, cfg.model_name, card, version_tags,
                                    output=torch.sigmoid)
 
 
-def seg_card(model_name: str, version: str, summary: dict[str, Any], table: pd.DataFrame, run_id: str) -> str:
+def seg_card(model_name: str, version: str, summary: dict[str, Any], table: pd.DataFrame, run_id: str,
+             pool: privacy.PoolCounts) -> str:
     """The version page: decision, per-vendor FROC/Dice/kappa, per kind and size, where the pictures are."""
     f = model_card._f
 
     def rows(group: str) -> list[list[str]]:
         part = table[table.group == group]
-        return [[str(r.value), str(int(r.scans)), str(int(r.nodules)), f(r.cpm), f(r["sens@1"]),
-                 f(r.dice_ge6_mean), f(r.kappa_series)] for _, r in part.iterrows()]
+        return [[str(r.value), *counts(str(r.value), group), f(r.cpm), f(r["sens@1"]), f(r.dice_ge6_mean),
+                 f(r.kappa_series)] for _, r in part.iterrows()]
 
-    header = ("", "scans", "nodules", "CPM", "sens @1 FP", "Dice ≥6 mm", "kappa (series)")
+    def counts(value: str, group: str) -> list[str]:
+        if group == "all":
+            return [pool.total(0), pool.total(1)]
+        return [pool.cell(value, 0), pool.cell(value, 1)] if group == "vendor" else ["", ""]
+
+    header = ("", "series without", "series with", "CPM", "sens @1 FP", "Dice ≥6 mm", "kappa (series)")
     body = ["Out-of-fold, four folds stratified by vendor (the classifier's `splits/folds.json`).",
             f"**CPM {f(summary['cpm'])}**, mean Dice of nodules ≥ 6 mm {f(summary['dice_ge6_mean'])}, "
             f"series kappa {f(summary['kappa_series'])}, size-category kappa {f(summary['kappa_size'])}.", "",
             *model_card.table(header, "lrrrrrr", rows("all") + rows("vendor")), "",
             *model_card.table(header, "lrrrrrr", rows("kind") + rows("attachment") + rows("size_bin")), "",
-            f"Pictures: `runs:/{run_id}/cv/froc_by_vendor.png`, `cv/froc_by_kind.png`, `cv/contours.png`; "
-            "one row per nodule in `cv/nodules.csv`."]
+            f"*Series without, with* an actionable nodule: {pool.caption}", "",
+            f"Pictures: `runs:/{run_id}/cv/froc_by_vendor.png`, `cv/froc_by_kind.png`, `cv/contours.png`."]
     parts = [model_card.decision_section("pending", (), version),
              model_card.section("evidence", "\n".join(body)), model_card.review_section(model_name, version)]
     return model_card.fit("\n".join(parts))

@@ -37,22 +37,22 @@ def _plt() -> Any:
 
 def froc_figure(curves: Mapping[str, Froc], title: str, out: Path) -> Path:
     """FROC curves on a log2 axis from 1/8 to 8 false positives per scan, with the seven LUNA16
-    operating points marked and CPM and counts in the legend."""
+    operating points marked and CPM in the legend (no counts: those people see are released under
+    differential privacy, on the card)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=FROC_SIZE, layout="constrained")
     lo, hi = FP_RATES[0], FP_RATES[-1]
     for (name, curve), colour in zip(curves.items(), CURVE_COLOURS * (len(curves) // len(CURVE_COLOURS) + 1),
                                      strict=False):
-        counts = f"n={curve.nodules} nodules, {curve.scans} scans"
         if curve.nodules == 0 or len(curve.fps_per_scan) == 0:
-            ax.plot([], [], color=colour, label=f"{name}: no nodules ({counts})")
+            ax.plot([], [], color=colour, label=f"{name}: no nodules")
             continue
         # Start at no false positives left of the axis and hold the last point to its right edge,
         # so the step curve shows where it is flat; log axes cannot show 0 itself.
         x = np.r_[lo / 8, np.maximum(curve.fps_per_scan, lo / 8), hi * 2]
         y = np.r_[0.0, curve.sensitivity, curve.sensitivity[-1]]
         ax.plot(x, y, drawstyle="steps-post", color=colour, lw=1.8,
-                label=f"{name}: CPM {curve.cpm:.3f} ({counts})")
+                label=f"{name}: CPM {curve.cpm:.3f}")
         rates = list(curve.at_rates)
         ax.plot(rates, [curve.at_rates[r] for r in rates], "o", color=colour, ms=6, mec="white", mew=0.8,
                 clip_on=False)

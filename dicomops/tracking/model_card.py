@@ -12,7 +12,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dicomops.feedback.privacy import PoolCounts
 
 # Section keys in the order they appear; a heading is ``## <key>`` plus, for the decision, its verdict.
 DECISION, EVIDENCE, FOLDS, LOVO, IDENTITY, EXPORT, REVIEW = (
@@ -115,10 +118,11 @@ def decision_section(label: str, reasons: Sequence[str], version: str, reviewer:
     return section(DECISION, "\n".join(lines) or "No reasons recorded.", VERDICTS.get(label, label))
 
 
-def evidence_section(summary: Mapping[str, Any], evidence: Sequence[Mapping[str, Any]], level: float = 0.95,
-                     n_splits: int = 4) -> str:
-    """Per vendor: series, positives, pooled AUC with its interval, the fold mean the gate uses, and
-    sensitivity / specificity at the operating point."""
+def evidence_section(summary: Mapping[str, Any], evidence: Sequence[Mapping[str, Any]], pool: PoolCounts,
+                     level: float = 0.95, n_splits: int = 4) -> str:
+    """Per vendor: the released negatives and positives, pooled AUC with its interval, the fold mean
+    the gate uses, and sensitivity / specificity at the operating point. No exact count: the counts
+    are `pool`'s, released under differential privacy (:mod:`dicomops.feedback.privacy`)."""
     pct = f"{level * 100:.0f} %"
     lines = [
         f"{n_splits}-fold vendor-stratified cross-validation, series level. Mean fold AUC "
@@ -126,37 +130,42 @@ def evidence_section(summary: Mapping[str, Any], evidence: Sequence[Mapping[str,
         f"operating point **{_f(summary['threshold'])}** (Youden, on the pooled out-of-fold scores).",
         "",
     ]
+
+    def counts(vendor: str) -> list[str]:
+        if vendor == "all":
+            return [pool.total(0), pool.total(1)]
+        return [pool.cell(vendor, 0), pool.cell(vendor, 1)]
+
     lines += table(
-        ["vendor", "series", "positives", f"AUC pooled ({pct} CI)", "AUC fold mean ± sd", "sensitivity", "specificity",
-         "TP / FP / FN / TN"], "lrrllrrl",
-        [["**all**" if row["vendor"] == "all" else str(row["vendor"]), str(int(row["n"])), str(int(row["positives"])),
+        ["vendor", "negatives", "positives", f"AUC pooled ({pct} CI)", "AUC fold mean ± sd", "sensitivity",
+         "specificity"], "lrrllrr",
+        [["**all**" if row["vendor"] == "all" else str(row["vendor"]), *counts(str(row["vendor"])),
           f"{_f(row['auc_pooled'])} ({_f(row['auc_ci_low'])}–{_f(row['auc_ci_high'])})",
-          f"{_f(row['auc_fold_mean'])} ± {_f(row['auc_fold_std'])}", _f(row["sensitivity"]), _f(row["specificity"]),
-          f"{int(row['tp'])} / {int(row['fp'])} / {int(row['fn'])} / {int(row['tn'])}"] for row in evidence])
+          f"{_f(row['auc_fold_mean'])} ± {_f(row['auc_fold_std'])}", _f(row["sensitivity"]), _f(row["specificity"])]
+         for row in evidence])
     lines += [
+        "",
+        f"*Negatives, positives*: {pool.caption} The *all* row adds the vendors' released cells.",
         "",
         f"*AUC pooled*: one ROC over every series' out-of-fold score (the ROC pictures show this one), with a "
         f"stratified bootstrap {pct} interval (2,000 resamples). *AUC fold mean*: the mean of the {n_splits} folds' "
-        f"AUCs, each on a fold's share of a vendor's series, so it varies more. Sensitivity, specificity and the counts are "
+        f"AUCs, each on a fold's share of a vendor's series, so it varies more. Sensitivity and specificity are "
         f"pooled out of fold at the operating point. A pooled AUC well below the fold mean means the fold models "
         f"score on different scales, so one operating point serves them (and the final model) less well than "
-        f"their AUCs suggest: read the counts.",
+        f"their AUCs suggest: read sensitivity and specificity.",
     ]
     return section(EVIDENCE, "\n".join(lines))
 
 
 def folds_section(per_fold: Sequence[Mapping[str, Any]]) -> str:
     return section(FOLDS, "\n".join(table(
-        ["fold", "series", "positives", "AUC", "sensitivity", "specificity"], "rrrrrr",
-        [[str(int(r["fold"])), str(int(r["n"])), str(int(r["positives"])), _f(r["auc"]), _f(r["sensitivity"]),
-          _f(r["specificity"])] for r in per_fold])))
+        ["fold", "AUC", "sensitivity", "specificity"], "rrrr",
+        [[str(int(r["fold"])), _f(r["auc"]), _f(r["sensitivity"]), _f(r["specificity"])] for r in per_fold])))
 
 
 def lovo_section(lovo: Sequence[Mapping[str, Any]]) -> str:
-    lines = ["Trained on the other vendors, scored on the held-out one:", ""]
-    lines += table(["held-out vendor", "series", "positives", "AUC"], "lrrr",
-                   [[str(r["held_out_vendor"]), str(int(r["n"])), str(int(r.get("positives", 0))), _f(r["auc"])]
-                    for r in lovo])
+    lines = ["Trained on the other vendors, scored on the held-out one (its series: *Evidence by vendor*):", ""]
+    lines += table(["held-out vendor", "AUC"], "lr", [[str(r["held_out_vendor"]), _f(r["auc"])] for r in lovo])
     return section(LOVO, "\n".join(lines))
 
 
@@ -185,8 +194,8 @@ def export_section(metrics: Mapping[str, float], tensorrt: str, artifacts: str) 
 
 def feedback_section(rows: Sequence[Mapping[str, Any]], window_days: float, run_id: str) -> str:
     """Agreement with readers on the model's real work, per vendor (Cohen's kappa, disagreement)."""
-    body = table(["vendor", "series", "kappa", "disagreement"], "lrrr",
-                 [[str(r["vendor"]), str(int(r["series"])), _f(r["kappa"]), _f(r["disagreement"])] for r in rows])
+    body = table(["vendor", "kappa", "disagreement"], "lrr",
+                 [[str(r["vendor"]), _f(r["kappa"]), _f(r["disagreement"])] for r in rows])
     return section("Agreement with readers", "\n".join([
         f"Readers' judgements of this version's results over the last {window_days:g} days (each series once, "
         f"its readers' latest judgements resolved by the conflict rule); picture and table in run `{run_id}`.", "", *body]))
@@ -208,11 +217,11 @@ def review_section(model_name: str, version: str) -> str:
 
 
 def initial_card(model_name: str, version: str, summary: Mapping[str, Any], evidence: Sequence[Mapping[str, Any]],
-                 per_fold: Sequence[Mapping[str, Any]], identity: Mapping[str, str],
+                 per_fold: Sequence[Mapping[str, Any]], identity: Mapping[str, str], pool: PoolCounts,
                  lovo: Sequence[Mapping[str, Any]] | None = None,
                  vendor_names: Mapping[str, Sequence[str]] | None = None) -> str:
     """The card a new version is registered with (its decision pending)."""
-    parts = [decision_section("pending", (), version), evidence_section(summary, evidence, n_splits=len(per_fold)),
+    parts = [decision_section("pending", (), version), evidence_section(summary, evidence, pool, n_splits=len(per_fold)),
              folds_section(per_fold)]
     if lovo:
         parts.append(lovo_section(lovo))

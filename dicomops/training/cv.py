@@ -17,6 +17,7 @@ import torch
 
 from dicomops import io
 from dicomops.config import PreprocessConfig, TrainConfig
+from dicomops.feedback import privacy
 from dicomops.layout import Folds, WorkLayout
 from dicomops.tracking import model_card, registry
 from dicomops.tracking.lineage import ACCEPTED_HASH_TAG
@@ -70,7 +71,7 @@ def run_fold(layout: WorkLayout, cfg: TrainConfig, k: int, fold: int, tracking_u
                         "data_wait_share": float(np.mean([h["data_wait_share"] for h in result.history])),
                         "samples_per_second": float(np.mean([h["samples_per_second"] for h in result.history]))})
         mlflow_runs.log_results(tracking_uri, run_id, metrics,
-                                [out / "metrics.csv", plots.roc_by_vendor(preds, out / "roc.png")])
+                                [privacy.shown(out / "metrics.csv", table), plots.roc_by_vendor(preds, out / "roc.png")])
     train_state.update_fold(layout, fold, done=True, best_epoch=result.best_epoch)
     return out / "predictions.parquet"
 
@@ -105,7 +106,7 @@ def summarise(layout: WorkLayout, cfg: TrainConfig, tracking_uri: str) -> dict[s
     io.write_parquet(paths.oof_predictions, preds)
     io.write_json(paths.summary, cv.result)
     io.write_csv(paths.fold_counts, fold_counts(layout.read_folds().folds, layout.labelled_series()))
-    io.write_csv(paths.evidence, scoring.vendor_evidence(preds, cv.threshold, cv.by_vendor))
+    evidence = io.write_csv(paths.evidence, scoring.vendor_evidence(preds, cv.threshold, cv.by_vendor))
     pictures = [plots.roc_by_vendor(preds, paths.picture("roc_by_vendor.png")),
                 plots.roc_by_fold(preds, paths.picture("roc_by_fold.png")),
                 plots.confusion(preds, cv.threshold, paths.picture("confusion.png")),
@@ -115,8 +116,9 @@ def summarise(layout: WorkLayout, cfg: TrainConfig, tracking_uri: str) -> dict[s
                                   models=saliency.fold_models(layout, cfg, sorted(preds.fold.unique())),
                                   input_size=cfg.input_size)]
     mlflow_runs.log_results(tracking_uri, train_state.parent_run(layout), cv.metrics(),
-                            [paths.per_fold_metrics, paths.cv_summary, paths.fold_counts, paths.summary,
-                             paths.evidence, layout.folds_file, *pictures], "cv")
+                            [privacy.shown(paths.per_fold_metrics, cv.per_fold), privacy.shown(paths.cv_summary, cv.by_vendor),
+                             privacy.shown(paths.evidence, pd.read_csv(evidence)), paths.summary, layout.folds_file,
+                             *pictures], "cv")
     return cv.result
 
 
@@ -154,7 +156,7 @@ def leave_one_vendor_out(layout: WorkLayout, cfg: TrainConfig, k: int, tracking_
     table = pd.DataFrame(rows)
     io.write_csv(layout.train.lovo, table)
     mlflow_runs.log_results(tracking_uri, parent, {f"lovo.auc.{r.held_out_vendor}": r.auc for r in table.itertuples()
-                                                   if not np.isnan(r.auc)}, [layout.train.lovo], "cv")
+                                                   if not np.isnan(r.auc)}, [privacy.shown(layout.train.lovo, table)], "cv")
     return table
 
 
@@ -218,8 +220,8 @@ def register(layout: WorkLayout, cfg: TrainConfig, pre: PreprocessConfig, tracki
                                       f"temperature {cfg.distill_temperature})")
 
     def card(version: str) -> str:
-        return model_card.initial_card(cfg.model_name, version, summary, evidence, per_fold_all, identity, lovo,
-                                       vendor_names(layout))
+        return model_card.initial_card(cfg.model_name, version, summary, evidence, per_fold_all, identity,
+                                       privacy.pool_counts(layout.root), lovo, vendor_names(layout))
 
     version = registry.register_model(tracking_uri, parent, model, example, cfg.model_name, card, version_tags,
                                       metadata={METADATA_KEY: contract.to_json()})

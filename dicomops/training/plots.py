@@ -45,7 +45,9 @@ def _roc(ax: Any, frame: pd.DataFrame, label: str) -> None:
     if frame.label.nunique() < 2:
         return
     fpr, tpr, _ = roc_curve(frame.label, frame.score)
-    ax.plot(fpr, tpr, label=f"{label} (AUC {roc_auc_score(frame.label, frame.score):.3f}, n={len(frame)})")
+    # No n= in the legend: counts people see are released under differential privacy, and a
+    # picture is not the place for them (the card's evidence table is).
+    ax.plot(fpr, tpr, label=f"{label} (AUC {roc_auc_score(frame.label, frame.score):.3f})")
 
 
 def _roc_figure(curves: list[tuple[str, pd.DataFrame]], title: str, out: Path) -> Path:
@@ -72,13 +74,14 @@ def roc_by_fold(preds: pd.DataFrame, out: Path) -> Path:
 
 
 def confusion(preds: pd.DataFrame, threshold: float, out: Path) -> Path:
+    """The pooled out-of-fold confusion at `threshold` as shares of each truth row: no exact count
+    leaves in a picture (an outcome cell of one series could single a patient out)."""
     plt = _plt()
-    pred = (preds.score >= threshold).astype(int)
-    matrix = np.array([[((preds.label == t) & (pred == p)).sum() for p in (0, 1)] for t in (0, 1)])
+    share = _row_shares(confusion_counts(preds, threshold).loc["all"])
     fig, ax = plt.subplots(figsize=(4, 3.6))
-    ax.imshow(matrix, cmap="Blues")
-    for (i, j), v in np.ndenumerate(matrix):
-        ax.text(j, i, str(v), ha="center", va="center", fontsize=14)
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), v in np.ndenumerate(share):
+        ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=14, color="white" if v > 0.6 else "black")
     ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["no nodule", "nodule"], yticklabels=["no nodule", "nodule"],
            xlabel="predicted", ylabel="label", title=f"Out-of-fold, threshold {threshold:.3f}")
     fig.tight_layout()
@@ -96,6 +99,13 @@ def outcomes(labels: Any, scores: Any, threshold: float) -> np.ndarray:
     truth = np.asarray(labels).astype(int) == 1
     positive = np.asarray(scores, dtype=float) >= threshold
     return np.where(positive, np.where(truth, "TP", "FP"), np.where(truth, "FN", "TN"))
+
+
+def _row_shares(row: pd.Series) -> np.ndarray:
+    """[[TN, FP], [FN, TP]] of one confusion row as shares of its truth row (0 where a row is empty)."""
+    matrix = np.array([[row.TN, row.FP], [row.FN, row.TP]], dtype=float)
+    totals = matrix.sum(axis=1, keepdims=True)
+    return np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
 
 
 def confusion_counts(preds: pd.DataFrame, threshold: float) -> pd.DataFrame:
@@ -162,8 +172,8 @@ def sample_caption(row: Any) -> tuple[str, str]:
 def confusion_by_vendor(preds: pd.DataFrame, threshold: float, out: Path) -> Path:
     """One 2 × 2 confusion matrix for all series and one per vendor, at `threshold`.
 
-    Cells show the count and its share of the truth row (sensitivity and specificity on the
-    diagonal); the shading follows that share, so a vendor with few series reads like the others.
+    Cells show the share of the truth row (sensitivity and specificity on the diagonal), never the
+    count: counts people see are released under differential privacy (the card's evidence table).
     """
     plt = _plt()
     table = confusion_counts(preds, threshold)
@@ -174,21 +184,19 @@ def confusion_by_vendor(preds: pd.DataFrame, threshold: float, out: Path) -> Pat
     for ax in axes.ravel()[len(table):]:
         ax.axis("off")
     for ax, (vendor, row) in zip(axes.ravel(), table.iterrows(), strict=False):
-        matrix = np.array([[row.TN, row.FP], [row.FN, row.TP]])
-        totals = matrix.sum(axis=1, keepdims=True)
-        share = np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
+        share = _row_shares(row)
+        empty = [row.TN + row.FP == 0, row.FN + row.TP == 0]
         ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-        for (i, j), count in np.ndenumerate(matrix):
-            text = f"{count}\n{share[i, j]:.0%}" if totals[i, 0] else "0"
-            ax.text(j, i, text, ha="center", va="center", fontsize=13,
-                    color="white" if share[i, j] > 0.6 else "black")
+        for (i, j), value in np.ndenumerate(share):
+            ax.text(j, i, "\u2013" if empty[i] else f"{value:.0%}", ha="center", va="center", fontsize=13,
+                    color="white" if value > 0.6 else "black")
         ax.set_xticks([0, 1], ["no nodule", "nodule"], fontsize=10)
         ax.set_yticks([0, 1], ["no\nnodule", "nodule"], fontsize=10)
         ax.set_xlabel("predicted", fontsize=10)
         ax.set_ylabel("truth", fontsize=10)
-        ax.set_title(f"{vendor} (n={row.n})", fontsize=12, fontweight="bold" if vendor == "all" else "normal")
+        ax.set_title(str(vendor), fontsize=12, fontweight="bold" if vendor == "all" else "normal")
     fig.suptitle(f"Out-of-fold confusion by vendor at threshold {threshold:.3f}\n"
-                 "count and share of the truth row (diagonal: specificity, sensitivity)", fontsize=12)
+                 "share of the truth row (diagonal: specificity, sensitivity)", fontsize=12)
     fig.savefig(out, dpi=DPI)
     plt.close(fig)
     return out

@@ -49,7 +49,7 @@ def test_agreement_reaches_the_version_page_and_a_retrain_is_called_for_at_the_t
     run = client.get_run(str(first["feedback_run_id"]))
     assert run.data.metrics["feedback.kappa.all"] == pytest.approx(cohen_kappa_score(said, truth))
     assert run.data.metrics["feedback.disagreement.siemens"] == pytest.approx(2 / 5)
-    assert run.data.metrics["feedback.series.ge"] == 5
+    assert not any(k.startswith("feedback.series.") for k in run.data.metrics)  # no count per vendor leaves
     assert {"feedback/agreement.csv", "feedback/agreement.png"} <= \
         {a.path for a in client.list_artifacts(run.info.run_id, "feedback")}
     page = client.get_model_version(TINY.model_name, version)

@@ -20,6 +20,7 @@ from dicomops.segmentation import cv
 from dicomops.serving.segmenter import load_segmenter, localise, optional_segmenter
 from dicomops.synthetic import generate_corpus
 from flows.segment import segment
+from tests.counts import assert_no_exact_counts
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 KEY = b"segment-test-key-0123456789abcdef01"
@@ -60,8 +61,11 @@ def test_segment_flow_registers_a_gated_version_with_froc_dice_and_kappa(
     for key in ("cpm", "dice_ge6_mean", "kappa_series", "sens_at_1", "final.samples_per_second"):
         assert key in metrics, key
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "cv")}
-    assert {"cv/froc_by_vendor.png", "cv/froc_by_kind.png", "cv/contours.png", "cv/nodules.csv",
-            "cv/metrics_by_group.csv"} <= artifacts
+    assert {"cv/froc_by_vendor.png", "cv/froc_by_kind.png", "cv/contours.png", "cv/metrics_by_group.csv",
+            "cv/summary.json"} <= artifacts
+    # One row per nodule or series would let anyone count: those tables stay in the work directory.
+    assert not {"cv/nodules.csv", "cv/series.csv"} & artifacts
+    assert assert_no_exact_counts(client, parent.info.run_id, tmp_path / "scan") >= 1
 
     # Out of fold: every labelled series judged once, every surviving nodule in the table.
     layout = WorkLayout(work)
@@ -82,6 +86,7 @@ def test_segment_flow_registers_a_gated_version_with_froc_dice_and_kappa(
     assert "CPM" in version.tags["promotion.reasons"]
     assert "FROC" not in version.description or "CPM" in version.description
     assert "Dice" in version.description and "kappa" in version.description
+    assert "Counts of the training pool released under differential privacy" in version.description
 
     # Serving loads that version from the registry (its export, config and preprocessing) and reports
     # on a preprocessed volume; a tampered export is refused; an unpromoted name is "no segmenter".

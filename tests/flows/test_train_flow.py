@@ -15,12 +15,14 @@ import mlflow
 from dicomops import ingest
 from dicomops.cli import app
 from dicomops.config import IngestConfig, PreprocessConfig, SynthConfig, TrainConfig
+from dicomops.feedback import privacy
 from dicomops.layout import WorkLayout
 from dicomops.preprocessing.stage import preprocess_corpus
 from dicomops.synthetic import generate_corpus
 from dicomops.training import cv, mlflow_runs
 from dicomops.training import state as train_state
 from flows.train import train
+from tests.counts import assert_no_exact_counts
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 KEY = b"train-test-key-0123456789abcdef0123"
@@ -79,13 +81,22 @@ def test_train_flow_registers_a_reviewable_version(train_work: Path, mlflow_env:
         assert inputs["training"].source_type == "local" and "/deid" in inputs["training"].source
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "cv")}
     assert {"cv/roc_by_vendor.png", "cv/roc_by_fold.png", "cv/confusion.png", "cv/samples.png",
-            "cv/fold_counts.csv", "cv/cv_summary.csv", "cv/folds.json", "cv/evidence_by_vendor.csv"} <= artifacts
+            "cv/cv_summary.csv", "cv/folds.json", "cv/evidence_by_vendor.csv", "cv/per_fold_metrics.csv"} <= artifacts
+    assert "cv/fold_counts.csv" not in artifacts  # exact counts per fold and vendor stay in the work directory
+    assert assert_no_exact_counts(client, parent.info.run_id, tmp_path / "scan") == 3 + 4  # cv/ and each fold
 
     version = client.get_model_version(TINY.model_name, str(result["version"]))
     card = version.description.replace("&nbsp;", "")
     assert card.startswith("## Decision: awaiting review — challenger"), card[:200]
     assert "cross-validation" in card and "| ge | " in card and "AUC pooled (95 % CI)" in card
     assert f"`{tags['data.accepted_sha256']}`" in card and "cv/folds.json" in card
+    # The card's counts are the pool's release under differential privacy, paid once in the ledger.
+    pool = privacy.pool_counts(work)
+    assert pool.release is not None and pool.release.name == privacy.POOL_RELEASE
+    assert f"| ge | {pool.cell('ge', 0)} | {pool.cell('ge', 1)} | " in card and pool.caption in card
+    assert "TP / FP" not in card and "| series |" not in card
+    ledger = privacy.ledger_for(work, None).entry(pool.release.dataset)
+    assert [r["name"] for r in ledger.releases].count(privacy.POOL_RELEASE) == 1
     assert float(version.tags["cv.mean_auc"]) == pytest.approx(result["mean_auc"], abs=1e-4)
     assert result["mean_auc"] < 1.0 and result["promoted"] is False
     assert version.tags["promotion.decision"] == "awaiting-review"

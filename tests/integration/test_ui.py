@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from .conftest import Service
@@ -57,6 +58,7 @@ def model_version(mlflow_server: Service) -> Version:
     cross-validation figures. The one function to adapt when the registry's API changes."""
     import torch
 
+    from dicomops.feedback import privacy
     from dicomops.tracking import model_card, registry
     from dicomops.tracking.runs import configure_mlflow, start_run
 
@@ -68,6 +70,10 @@ def model_version(mlflow_server: Service) -> Version:
     per_fold = [{"fold": f, "n": 30, "positives": 12, "auc": 0.90 + f / 100, "sensitivity": 0.8, "specificity": 0.9}
                 for f in range(4)]
     identity = {"split_sha256": "0" * 64}
+    pool = privacy.PoolCounts(privacy.Release(  # as the privacy module releases the pool's counts
+        name=privacy.POOL_RELEASE, dataset="ds", by=privacy.POOL_BY, epsilon=1.0, delta=6e-7, scale=1.0, threshold=11,
+        table=pd.DataFrame({"vendor": [v for v in vendors for _ in (0, 1)], "label": ["0", "1"] * len(vendors),
+                            "count": [18, 12] * len(vendors)})), "", "rows")
     tags = {"cv.mean_auc": f"{summary['mean_auc']:.4f}", **{f"cv.auc.{v}": f"{a:.4f}" for v, a in vendors.items()}}
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2 * 8 * 8, 2)).eval()
     example = np.zeros((2, 2, 8, 8), dtype=np.float32)
@@ -77,7 +83,7 @@ def model_version(mlflow_server: Service) -> Version:
         run_id = start_run(uri, "ui", None, run_name=run_name, tags={})
         version = registry.register_model(
             uri, run_id, model, example, MODEL,
-            lambda v: model_card.initial_card(MODEL, v, summary, evidence, per_fold, identity), tags)
+            lambda v: model_card.initial_card(MODEL, v, summary, evidence, per_fold, identity, pool), tags)
         decision = registry.apply_promotion_gate(uri, MODEL, version, margin=0.005, vendor_tolerance=0.02,
                                                  min_auc=0.8)
         stored = configure_mlflow(uri).get_model_version(MODEL, version)

@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from scipy.stats import bootstrap
 from sklearn.metrics import roc_auc_score
 
+from dicomops.feedback import privacy
 from dicomops.tracking import model_card, registry
 from dicomops.training.metrics import auc_confidence_interval
 from dicomops.training.scoring import vendor_evidence
@@ -61,19 +62,27 @@ def test_vendor_evidence_counts_outcomes_at_the_threshold() -> None:
     assert table.loc["ge"].auc_ci_low <= 0.75 <= table.loc["ge"].auc_ci_high
 
 
-def _card(version: str = "3") -> str:
+def _pool() -> privacy.PoolCounts:
+    """What the privacy module released of the pool: noisy cells, siemens' negatives suppressed."""
+    release = privacy.Release(name=privacy.POOL_RELEASE, dataset="ds", by=privacy.POOL_BY, epsilon=1.0, delta=6e-7,
+                              scale=1.0, threshold=11, table=pd.DataFrame({
+                                  "vendor": ["ge", "ge", "siemens"], "label": ["0", "1", "1"], "count": [14, 17, 12]}))
+    return privacy.PoolCounts(release, "", "rows")
+
+
+def _card(version: str = "3", pool: privacy.PoolCounts | None = None) -> str:
     evidence = vendor_evidence(_preds(), 0.5, pd.DataFrame({"vendor": ["all", "ge", "siemens"],
                                                             "auc_mean": [0.9, 0.75, 1.0], "auc_std": [0.1, 0.2, 0.0]}))
     summary = {"mean_auc": 0.9, "std_auc": 0.1, "threshold": 0.5}
     per_fold = [{"fold": 0, "n": 4, "positives": 2, "auc": 0.75, "sensitivity": 0.5, "specificity": 0.5}]
     return model_card.initial_card(NAME, version, summary, evidence.to_dict("records"), per_fold,
-                                   {"data.accepted_sha256": "abc", "split_sha256": "def"},
+                                   {"data.accepted_sha256": "abc", "split_sha256": "def"}, pool or _pool(),
                                    vendor_names={"canon": ["TOSHIBA"], "ge": ["GE MEDICAL SYSTEMS"]})
 
 
 def test_the_card_leads_with_the_decision_and_its_tables_have_one_cell_per_column() -> None:
     padded = _card()
-    assert "| 4&nbsp; | 2&nbsp; |" in padded  # MLflow's tables have no padding of their own
+    assert "| 14&nbsp; | 17&nbsp; |" in padded  # MLflow's tables have no padding of their own
     card = padded.replace(model_card.PAD, "")
     assert card.startswith("## Decision: pending")
     assert list(model_card.split_sections(card)) == [model_card.DECISION, model_card.EVIDENCE, model_card.FOLDS,
@@ -82,10 +91,19 @@ def test_the_card_leads_with_the_decision_and_its_tables_have_one_cell_per_colum
     header = next(line for line in table if line.startswith("| vendor |"))
     rows = [line for line in table if line.startswith(("| ge ", "| siemens ", "| **all** "))]
     assert len(rows) == 3 and all(row.count("|") == header.count("|") for row in rows)
-    assert "| ge | 4 | 2 | 0.750 (" in card and "| 1 / 1 / 1 / 1 |" in card
+    # The released counts, never the exact ones (ge: 2 and 2; outcomes 1 / 1 / 1 / 1).
+    assert "| ge | 14 | 17 | 0.750 (" in card and "| siemens | \u2039 11 | 12 |" in card
+    assert "| **all** | 14 | 29 |" in card and "/ 1 / 1" not in card and "TP" not in card
+    assert "\u03b5 = 1" in card and "cells under 11 suppressed" in card
     with pytest.raises(ValueError, match="one cell per column"):
         model_card.table(["a", "b"], "lr", [["1"]])
     assert "canon ← TOSHIBA" in card and "dicomops promote 3" in card
+
+
+def test_a_card_without_a_release_shows_no_count_and_says_why() -> None:
+    card = _card(pool=privacy.PoolCounts(None, "the privacy budget is spent (...)")).replace(model_card.PAD, "")
+    assert "| ge | \u2013 | \u2013 | 0.750 (" in card
+    assert "Counts of the training pool not released: the privacy budget is spent" in card
 
 
 def test_a_section_rewrite_keeps_the_others_and_the_order() -> None:

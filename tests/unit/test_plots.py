@@ -246,9 +246,10 @@ def test_confusion_by_vendor_draws_one_matrix_per_vendor_and_all(tmp_path: Path,
     out = plots.confusion_by_vendor(_preds(), 0.5, tmp_path / "confusion.png")
     assert out.stat().st_size > 5_000
     panels = [ax for ax in saved_figures[-1].axes if ax.images]
-    assert [ax.get_title() for ax in panels] == ["all (n=10)", "canon (n=5)", "ge (n=5)"]
+    assert [ax.get_title() for ax in panels] == ["all", "canon", "ge"]
+    # Shares of the truth row only: an exact count (of an outcome cell of one series) never leaves.
     canon = [t.get_text() for t in panels[1].texts]  # TN, FP, FN, TP
-    assert canon == ["1\n50%", "1\n50%", "1\n33%", "2\n67%"]
+    assert canon == ["50%", "50%", "33%", "67%"]
 
 
 def _ingest_work(tmp_path: Path, labels: bool, released: bool = True) -> Path:

@@ -16,9 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dicomops import io
 from dicomops.config import PrivacyConfig
 from dicomops.feedback import privacy
 from dicomops.feedback.privacy import PrivacyBudgetExceededError, PrivacyLedger
+from dicomops.layout import WorkLayout
 
 
 def _cohort(sizes: dict[str, int], per_patient: int = 1) -> pd.DataFrame:
@@ -131,3 +133,54 @@ def test_written_releases_hold_only_released_cells(tmp_path: Path) -> None:
     assert table.cell.tolist() == ["GE", "40-49 \u00d7 F"]
     assert (table.epsilon == 1.0).all() and (table["count"] >= table.threshold).all()
     assert json.loads((tmp_path / "ledger.json").read_text())["datasets"]["ds"]["spent_epsilon"] == 2.0
+
+
+def _pool_work(tmp_path: Path, sizes: dict[tuple[str, int], int]) -> Path:
+    """A work directory whose preprocessed index holds `sizes` labelled series per (vendor, label)."""
+    rows = [{"SeriesInstanceUID": f"2.25.{vendor}.{label}.{i}", "PatientID": f"PX-{vendor}{label}{i}",
+             "vendor": vendor, "label": label} for (vendor, label), n in sizes.items() for i in range(n)]
+    rows.append({"SeriesInstanceUID": "2.25.unlabelled", "PatientID": "PX-u", "vendor": "ge", "label": -1})
+    work = tmp_path / "work"
+    io.write_parquet(WorkLayout(work).preprocessed.index, pd.DataFrame(rows))
+    return work
+
+
+def test_the_pool_is_released_once_and_every_reader_gets_that_release(tmp_path: Path) -> None:
+    work = _pool_work(tmp_path, {("ge", 0): 300, ("ge", 1): 120, ("rare", 1): 2})
+    cfg = PrivacyConfig(budget_epsilon=2.0)
+    ledger = PrivacyLedger(tmp_path / "ledger.json")
+    counts = privacy.release_pool(work, cfg, ledger)
+    assert counts.release is not None and counts.release.name == privacy.POOL_RELEASE
+    table = counts.release.table
+    assert set(zip(table.vendor, table.label, strict=True)) == {("ge", "0"), ("ge", "1")}  # the rare cell suppressed
+    assert counts.cell("rare", 1) == f"\u2039 {counts.release.threshold}" and counts.cell("ge", 0).isdigit()
+    assert int(counts.total(1)) == int(counts.cell("ge", 1))
+    # What a card reads is the same release; a segmenter after the classifier pays nothing.
+    assert privacy.pool_counts(work).to_json() == counts.to_json()
+    assert privacy.release_pool(work, cfg, ledger).release.reused  # type: ignore[union-attr]
+    assert ledger.entry("unversioned").spent_epsilon == pytest.approx(1.0)
+    assert "PX-" not in WorkLayout(work).privacy_pool.read_text() and "2.25." not in ledger.path.read_text()
+
+    # Readers' labels change the pool: the recorded release is no longer about it, and none is shown.
+    index = WorkLayout(work).preprocessed.read_index()
+    index.loc[0, "label"] = 1
+    io.write_parquet(WorkLayout(work).preprocessed.index, index)
+    stale = privacy.pool_counts(work)
+    assert stale.release is None and "another pool" in stale.caption and stale.cell("ge", 0) == "\u2013"
+    # Its release costs another epsilon; a third pool finds the budget spent, releases nothing, says so.
+    assert privacy.release_pool(work, cfg, ledger).release is not None
+    index.loc[1, "label"] = 1
+    io.write_parquet(WorkLayout(work).preprocessed.index, index)
+    spent = privacy.release_pool(work, cfg, ledger)
+    assert spent.release is None and "budget is spent" in spent.caption
+    assert privacy.pool_counts(work).release is None
+    off = privacy.release_pool(work, PrivacyConfig(enabled=False), ledger)
+    assert off.release is None and "privacy is off" in off.caption
+
+
+def test_shown_tables_lose_every_exact_count(tmp_path: Path) -> None:
+    table = pd.DataFrame({"vendor": ["ge"], "n": [4], "positives": [2], "auc": [0.75], "tp": [1], "fp": [1],
+                          "fn": [1], "tn": [1], "scans": [4], "nodules": [3], "sensitivity": [0.5]})
+    shown = privacy.shown(tmp_path / "evidence.csv", table)
+    assert shown == tmp_path / "shown" / "evidence.csv"
+    assert list(pd.read_csv(shown).columns) == ["vendor", "auc", "sensitivity"]
