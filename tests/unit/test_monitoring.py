@@ -52,6 +52,10 @@ def test_a_critical_column_alone_is_drift_and_the_summary_names_it(tmp_path: Pat
     assert summary.status == "drift" and summary.critical_drifted == ["noise_hu"]
     assert summary.drift_share < 0.3 and any("noise_hu" in r for r in summary.reasons)
     assert (tmp_path / "report.html").stat().st_size > 10_000 and (tmp_path / "summary.json").exists()
+    # The scanner columns are tested but never drawn: the report would show each one's exact count.
+    assert {c.column for c in summary.columns if c.kind == "categorical"} == set(categorical_columns())
+    html = (tmp_path / "report.html").read_text()
+    assert "Siemens" not in html and "Philips" not in html and "noise_hu" in html
     same = compare(reference, _table(30, 2), MonitorConfig(), tmp_path / "same")
     assert same.status == "no drift", same.reasons
 
