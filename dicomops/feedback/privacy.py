@@ -426,12 +426,15 @@ class PoolCounts:
         hit = table[(table.vendor.astype(str) == str(vendor)) & (table.label.astype(str) == str(label))]
         return str(int(hit["count"].iloc[0])) if len(hit) else f"\u2039 {self.release.threshold}"
 
-    def total(self, label: int) -> str:
-        """The sum of the vendors' released cells of `label` (post-processing; suppressed cells add 0)."""
+    def total(self, label: int, vendors: Sequence[str]) -> str:
+        """The sum of `vendors`' released cells of `label` (post-processing), ending in ``+`` when one
+        of them was suppressed: the sum of the cells shown, and some series more."""
         if self.release is None:
             return "\u2013"
         table = self.release.table
-        return str(int(table[table.label.astype(str) == str(label)]["count"].sum()))
+        shown = table[(table.label.astype(str) == str(label)) & table.vendor.astype(str).isin(list(map(str, vendors)))]
+        suppressed = len(set(map(str, vendors)) - set(shown.vendor.astype(str)))
+        return f"{int(shown['count'].sum())}{'+' if suppressed else ''}"
 
     def to_json(self) -> dict[str, Any]:
         release = None if self.release is None else {

@@ -327,26 +327,30 @@ def seg_card(model_name: str, version: str, summary: dict[str, Any], table: pd.D
     """The version page: decision, per-vendor FROC/Dice/kappa, per kind and size, where the pictures are."""
     f = model_card._f
 
-    def rows(group: str) -> list[list[str]]:
-        part = table[table.group == group]
-        return [[str(r.value), *counts(str(r.value), group), f(r.cpm), f(r["sens@1"]), f(r.dice_ge6_mean),
+    vendors = [str(v) for v in table[table.group == "vendor"].value]
+
+    def rows(*groups: str) -> list[list[str]]:
+        part = table[table.group.isin(groups)]
+        return [[str(r.value), *counts(str(r.value), r.group), f(r.cpm), f(r["sens@1"]), f(r.dice_ge6_mean),
                  f(r.kappa_series)] for _, r in part.iterrows()]
 
     def counts(value: str, group: str) -> list[str]:
         if group == "all":
-            return [pool.total(0), pool.total(1)]
-        return [pool.cell(value, 0), pool.cell(value, 1)] if group == "vendor" else ["", ""]
+            return [pool.total(0, vendors), pool.total(1, vendors)]
+        return [pool.cell(value, 0), pool.cell(value, 1)] if group == "vendor" else []
 
     header = ("", "series without", "series with", "CPM", "sens @1 FP", "Dice ≥6 mm", "kappa (series)")
+    metrics = ("", "CPM", "sens @1 FP", "Dice ≥6 mm", "kappa (series)")
     body = ["Out-of-fold, four folds stratified by vendor (the classifier's `splits/folds.json`).",
             f"**CPM {f(summary['cpm'])}**, mean Dice of nodules ≥ 6 mm {f(summary['dice_ge6_mean'])}, "
             f"series kappa {f(summary['kappa_series'])}, size-category kappa {f(summary['kappa_size'])}.", "",
-            *model_card.table(header, "lrrrrrr", rows("all") + rows("vendor")), "",
-            *model_card.table(header, "lrrrrrr", rows("kind") + rows("attachment") + rows("size_bin")), "",
-            f"*Series without, with* an actionable nodule: {pool.caption}", "",
+            *model_card.table(header, "lrrrrrr", rows("all", "vendor")), "",
+            f"*Series without, with* an actionable nodule: {pool.caption} The *all* row adds the vendors' "
+            "released cells (+: and the suppressed ones).", "",
+            *model_card.table(metrics, "lrrrr", rows("kind", "attachment", "size_bin")), "",
             f"Pictures: `runs:/{run_id}/cv/froc_by_vendor.png`, `cv/froc_by_kind.png`, `cv/contours.png`."]
     parts = [model_card.decision_section("pending", (), version),
-             model_card.section("evidence", "\n".join(body)), model_card.review_section(model_name, version)]
+             model_card.section(model_card.EVIDENCE, "\n".join(body)), model_card.review_section(model_name, version)]
     return model_card.fit("\n".join(parts))
 
 

@@ -131,9 +131,11 @@ def evidence_section(summary: Mapping[str, Any], evidence: Sequence[Mapping[str,
         "",
     ]
 
+    vendors = [str(row["vendor"]) for row in evidence if row["vendor"] != "all"]
+
     def counts(vendor: str) -> list[str]:
         if vendor == "all":
-            return [pool.total(0), pool.total(1)]
+            return [pool.total(0, vendors), pool.total(1, vendors)]
         return [pool.cell(vendor, 0), pool.cell(vendor, 1)]
 
     lines += table(
@@ -145,7 +147,8 @@ def evidence_section(summary: Mapping[str, Any], evidence: Sequence[Mapping[str,
          for row in evidence])
     lines += [
         "",
-        f"*Negatives, positives*: {pool.caption} The *all* row adds the vendors' released cells.",
+        f"*Negatives, positives*: {pool.caption} The *all* row adds the vendors' released cells (+: and "
+        f"the suppressed ones).",
         "",
         f"*AUC pooled*: one ROC over every series' out-of-fold score (the ROC pictures show this one), with a "
         f"stratified bootstrap {pct} interval (2,000 resamples). *AUC fold mean*: the mean of the {n_splits} folds' "
