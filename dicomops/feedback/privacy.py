@@ -253,10 +253,9 @@ def release_counts(rows: pd.DataFrame, by: Sequence[str], cfg: PrivacyConfig, le
 def _spec(rows: pd.DataFrame, by: tuple[str, ...], cfg: PrivacyConfig) -> str:
     """What makes two releases the same release: the table, the settings, and the data it is drawn
     from (a hash, never the rows). The same spec again is published as it was, free."""
-    text = rows[["patient", "series", *by]].astype(str).sort_values(["patient", "series"]).to_csv(index=False)
     return json.dumps({"by": list(by), "epsilon": cfg.epsilon, "delta": cfg.delta, "min_cell": cfg.min_cell,
-                       "bound": cfg.max_series_per_patient, "rows": hashlib.sha256(text.encode()).hexdigest()},
-                      sort_keys=True)
+                       "bound": cfg.max_series_per_patient,
+                       "rows": _rows_hash(rows[["patient", "series", *by]].astype(str))}, sort_keys=True)
 
 
 def _store_cells(ledger: PrivacyLedger, dataset: str, spec: str, cells: list[list[Any]]) -> None:
@@ -460,6 +459,7 @@ def pool_rows(index: pd.DataFrame) -> pd.DataFrame:
 
 
 def _rows_hash(rows: pd.DataFrame) -> str:
+    """A hash of `rows` (never the rows): what tells one pool or cohort from another."""
     text = rows.sort_values(["patient", "series"]).to_csv(index=False)
     return hashlib.sha256(text.encode()).hexdigest()
 
