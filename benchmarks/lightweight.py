@@ -1,16 +1,19 @@
 """Lightweight models: the 3-D teacher, the MobileNetV3-Small student and the current 2.5D classifier,
 each in torch (float32) and ONNX Runtime (FP32, INT8 static post-training, INT8 from
-quantisation-aware training when a QDQ file is given), batch-1 latency and batch-32 throughput.
+quantisation-aware training when a QDQ file is given), batch-1 latency and batch-32 throughput;
+with ``--profile``, ONNX Runtime's profiler splits each ONNX engine's batch-32 time by operator.
 
 Reproduce::
 
     .venv/bin/python benchmarks/lightweight.py                 # random weights (speed does not depend on them)
     .venv/bin/python benchmarks/lightweight.py --qat student=/path/model.qat.onnx
+    .venv/bin/python benchmarks/lightweight.py --profile      # where INT8 and FP32 spend their time
 
 Each engine runs in its own fresh process (``--measure``) with ``--threads`` intra-op threads, so no
 engine inherits another's thread pools, caches or allocator state; the parent builds and exports the
 networks (ONNX opset 18, dynamic batch, the export stage's own functions) and calibrates INT8 on
-random slabs of the right shape. Latency: the median of ``--repeats`` single-slab calls after warm-up;
+random slabs of the right shape. The teacher and the student run at 128 px; the classifier at its
+configured size and stem stride (``TrainConfig``'s defaults, what the pipeline serves). Latency: the median of ``--repeats`` single-slab calls after warm-up;
 throughput: slabs per second over ``--seconds`` of batch-32 calls. Ratios are against the teacher
 (latency) and against each network's own ONNX Runtime FP32 (INT8 throughput), measured in the same run.
 """
@@ -27,15 +30,18 @@ from pathlib import Path
 
 import numpy as np
 
-NETWORKS = {"teacher": ("resnet3d-slim", 7), "student": ("mobilenet-v3-small", 3), "classifier": ("resnet-slim", 3)}
 SIZE = 128
+NETWORKS = {"teacher": ("resnet3d-slim", 7, SIZE), "student": ("mobilenet-v3-small", 3, SIZE),
+            "classifier": ("resnet-slim", 3, None)}  # None: TrainConfig's input_size
 
 
-def measure(engine: str, path: str, k: int, threads: int, repeats: int, seconds: float) -> dict[str, float]:
-    """In this process: batch-1 median latency (ms) and batch-32 throughput (slabs/s) of one engine."""
+def measure(engine: str, path: str, k: int, size: int, threads: int, repeats: int, seconds: float,
+            profile: bool = False) -> dict[str, object]:
+    """In this process: batch-1 median latency (ms) and batch-32 throughput (slabs/s) of one engine;
+    with `profile`, the share of ONNX Runtime's batch-32 kernel time per operator type."""
     rng = np.random.default_rng(0)
-    one = rng.random((1, k, SIZE, SIZE), dtype=np.float32)
-    many = rng.random((32, k, SIZE, SIZE), dtype=np.float32)
+    one = rng.random((1, k, size, size), dtype=np.float32)
+    many = rng.random((32, k, size, size), dtype=np.float32)
     if engine == "torch-fp32":
         import torch
 
@@ -70,7 +76,35 @@ def measure(engine: str, path: str, k: int, threads: int, repeats: int, seconds:
     while time.perf_counter() - tick < seconds:
         run(many)
         n += 32
-    return {"latency_ms_b1": float(np.median(times) * 1e3), "throughput_b32": n / (time.perf_counter() - tick)}
+    out: dict[str, object] = {"latency_ms_b1": float(np.median(times) * 1e3),
+                              "throughput_b32": n / (time.perf_counter() - tick)}
+    if profile and engine != "torch-fp32":
+        out["operators"] = operator_shares(Path(path), many, threads)
+    return out
+
+
+def operator_shares(path: Path, x: np.ndarray, threads: int) -> dict[str, float]:
+    """Share of kernel time per operator type of the graph ONNX Runtime really runs (after its fusions
+    and layout passes: QLinearConv, NhwcMaxPool, fused Conv in NCHWc...), over 5 calls on `x`."""
+    import collections
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = threads, 1, 3
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        options.profile_file_prefix = str(Path(tmp) / "ort")
+        sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for _ in range(6):
+            sess.run(None, {sess.get_inputs()[0].name: x})
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    by_op: dict[str, float] = collections.defaultdict(float)
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            by_op[event["args"]["op_name"]] += event["dur"]
+    total = sum(by_op.values()) or 1.0
+    return {op: round(t / total, 3) for op, t in sorted(by_op.items(), key=lambda kv: -kv[1])}
 
 
 def build(folder: Path) -> dict[str, dict[str, object]]:
@@ -83,18 +117,19 @@ def build(folder: Path) -> dict[str, dict[str, object]]:
     from dicomops.training.model import build_model
 
     out: dict[str, dict[str, object]] = {}
-    for role, (architecture, k) in NETWORKS.items():
+    for role, (architecture, k, size) in NETWORKS.items():
         torch.manual_seed(0)
-        cfg = TrainConfig(architecture=architecture, input_size=SIZE)
+        cfg = TrainConfig(architecture=architecture) if size is None else TrainConfig(architecture=architecture,
+                                                                                    input_size=size)
         model = build_model(cfg, k).eval()
         weights = folder / f"{role}.pt"
         torch.save(model.state_dict(), weights)
         weights.with_suffix(".json").write_text(json.dumps(cfg.model_dump(mode="json") | {"in_channels": k}))
         contract = InputContract.from_configs(PreprocessConfig(slab_slices=k), cfg, 0.5)
         fp32 = onnx_export.export_onnx(model, contract, folder / f"{role}.onnx", opset=18)
-        calibration = np.random.default_rng(1).random((64, k, SIZE, SIZE), dtype=np.float32)
+        calibration = np.random.default_rng(1).random((64, k, cfg.input_size, cfg.input_size), dtype=np.float32)
         int8 = quantize.quantize_int8(fp32, folder / f"{role}.int8.onnx", calibration)
-        out[role] = {"k": k, "architecture": architecture, "parameters": sum(p.numel() for p in model.parameters()),
+        out[role] = {"k": k, "size": cfg.input_size, "architecture": architecture, "parameters": sum(p.numel() for p in model.parameters()),
                      "engines": {"torch-fp32": str(weights), "ort-fp32": str(fp32), "ort-int8-ptq": str(int8)}}
     return out
 
@@ -106,11 +141,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--qat", action="append", default=[], metavar="ROLE=PATH",
                         help="A QDQ ONNX file from quantisation-aware training, e.g. student=model.qat.onnx.")
-    parser.add_argument("--measure", nargs=3, metavar=("ENGINE", "PATH", "K"), help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help="Also split each ONNX engine's time by operator.")
+    parser.add_argument("--measure", nargs=4, metavar=("ENGINE", "PATH", "K", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        engine, path, k = args.measure
-        print(json.dumps(measure(engine, path, int(k), args.threads, args.repeats, args.seconds)))
+        engine, path, k, size = args.measure
+        print(json.dumps(measure(engine, path, int(k), int(size), args.threads, args.repeats, args.seconds,
+                                 args.profile)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         networks = build(Path(tmp))
@@ -121,13 +158,16 @@ def main() -> None:
         for role, net in networks.items():
             for engine, path in net["engines"].items():  # type: ignore[attr-defined]
                 done = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--repeats",
-                                       str(args.repeats), "--seconds", str(args.seconds), "--measure", engine, path,
-                                       str(net["k"])], check=True, capture_output=True, text=True)
+                                       str(args.repeats), "--seconds", str(args.seconds),
+                                       *(["--profile"] if args.profile else []), "--measure", engine, path,
+                                       str(net["k"]), str(net["size"])], check=True, capture_output=True, text=True)
                 figures = json.loads(done.stdout.strip().splitlines()[-1])
                 rows.append({"network": role, "architecture": net["architecture"], "k": net["k"],
                              "parameters": net["parameters"], "engine": engine, **figures})
-                print(f"{role:10s} {engine:13s} batch 1 {figures['latency_ms_b1']:7.2f} ms   "
+                print(f"{role:10s} {engine:13s} {net['size']:3d} px  batch 1 {figures['latency_ms_b1']:7.2f} ms   "
                       f"batch 32 {figures['throughput_b32']:7.0f} slabs/s", flush=True)
+                if "operators" in figures:
+                    print("    " + ", ".join(f"{op} {share:.0%}" for op, share in list(figures["operators"].items())[:5]))
     by = {(r["network"], r["engine"]): r for r in rows}
     print(f"\n{args.threads} threads; ratios measured in this run")
     teacher = by[("teacher", "torch-fp32")]["latency_ms_b1"]

@@ -7,8 +7,9 @@ read when a flow starts by calling :func:`load_settings`, never at import time.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
@@ -191,7 +192,13 @@ class TrainConfig(_Section):
         "resnet-slim", description=(
             "The network over k-slice slabs: MONAI's 2-D ResNet or DenseNet; mobilenet-v3-small, the "
             "lightweight student; resnet3d-slim, a 3-D ResNet over the slab as a volume (the teacher)."))
-    input_size: int = Field(128, ge=32, le=512, description="Slabs are resized to this square size.")
+    input_size: int = Field(192, ge=32, le=512, description=(
+        "Slabs are resized to this square size: 192 of the 320 mm crop is 1.67 mm pixels."))
+    stem_stride: Literal[1, 2] = Field(2, description=(
+        "Stride of resnet-slim's first 7x7 convolution (MONAI's conv1_t_stride; other networks ignore it). On "
+        "the demo corpus, 192 px at stride 2 against 128 px at stride 1: mean CV AUC 0.872 against 0.878, "
+        "training 115 against 82 slabs/s, ONNX Runtime 1.8x faster at batch 32: the network learns its own "
+        "downsampling of finer pixels instead of seeing the resize's."))
     n_splits: int = Field(4, ge=2, le=10)
     epochs: int = Field(6, ge=1, le=200)
     batch_size: int = Field(32, ge=1, le=1024)
@@ -216,6 +223,17 @@ class TrainConfig(_Section):
     promotion_margin: float = Field(0.005, ge=0)
     vendor_tolerance: float = Field(0.02, ge=0)
     min_auc: float = Field(0.8, ge=0, le=1)
+
+    # What a version logged before a field existed trained with, where today's default differs.
+    _BEFORE_DEFAULTS: ClassVar[dict[str, object]] = {"stem_stride": 1}
+
+    @classmethod
+    def from_logged(cls, raw: Mapping[str, Any]) -> TrainConfig:
+        """The config a registered version trained with, from its logged ``train_config.json`` (which
+        also carries ``in_channels``): a field it predates takes the value it trained with, not the
+        current default (a version from before ``stem_stride`` has a stride-1 first convolution)."""
+        fields = {k: v for k, v in raw.items() if k != "in_channels"}
+        return cls.model_validate(cls._BEFORE_DEFAULTS | fields)
 
 
 class SegmentConfig(_Section):

@@ -147,7 +147,7 @@ def load_champion(tracking_uri: str, name: str, alias: str | None = CHAMPION, ve
     root = fetch(client, mv, Path(models_dir or tempfile.mkdtemp(prefix="dicomops-models-")) / f"{name}-v{mv.version}")
     preprocess = PreprocessConfig.model_validate(json.loads((root / WEIGHTS_ARTIFACT / PREPROCESS_CONFIG).read_text()))
     train_raw = json.loads((root / WEIGHTS_ARTIFACT / TRAIN_CONFIG).read_text())
-    train = TrainConfig.model_validate({k: v for k, v in train_raw.items() if k != "in_channels"})
+    train = TrainConfig.from_logged(train_raw)
     folder = root / EXPORT_ARTIFACT
     check_hashes(mv, folder)
     contract = onnx_export.read_contract(folder / "model.onnx")

@@ -15,9 +15,7 @@ from dicomops.training.mobilenet import MobileNetV3Small
 def model_from_config(raw: dict[str, Any]) -> torch.nn.Module:
     """The untrained network described by a logged ``train_config.json`` (a ``TrainConfig`` plus
     ``in_channels``): the builder the registry uses to rebuild a version's network."""
-    raw = dict(raw)
-    in_channels = int(raw.pop("in_channels"))
-    return build_model(TrainConfig.model_validate(raw), in_channels)
+    return build_model(TrainConfig.from_logged(raw), int(raw["in_channels"]))
 
 
 def load_trained(tracking_uri: str, run_id: str) -> tuple[torch.nn.Module, TrainConfig, int]:
@@ -25,9 +23,7 @@ def load_trained(tracking_uri: str, run_id: str) -> tuple[torch.nn.Module, Train
     from dicomops.tracking.registry import load_weights
 
     model, raw = load_weights(tracking_uri, run_id, model_from_config)
-    raw = dict(raw)
-    in_channels = int(raw.pop("in_channels"))
-    return model, TrainConfig.model_validate(raw), in_channels
+    return model, TrainConfig.from_logged(raw), int(raw["in_channels"])
 
 
 def load_state_dict(path: Path) -> dict[str, Any]:
@@ -53,8 +49,9 @@ def build_model(cfg: TrainConfig, in_channels: int) -> torch.nn.Module:
     """The network for `in_channels`-slice slabs.
 
     ``resnet-slim`` is MONAI's ResNet with one basic block per stage and widths 16–128: about
-    0.3 M parameters and 6 ms per training sample at 128×128 on two CPU cores, which keeps the
-    demo's cross-validation within minutes; ``resnet10`` and ``densenet121`` are the standard
+    0.3 M parameters; its first 7×7 convolution has stride ``cfg.stem_stride`` (2 by default, at
+    192×192: about 9 ms per training sample on two CPU cores), which keeps the demo's
+    cross-validation within minutes; ``resnet10`` and ``densenet121`` are the standard
     MONAI networks for a GPU. ``resnet3d-slim`` is the same ResNet in 3-D over the slab as a volume
     (first convolution 3×7×7, in-plane stride 2; 0.9 M parameters), the distillation teacher: train
     it with a deeper slab (``preprocess.slab_slices``, say 7) for 3-D context. ``mobilenet-v3-small``
@@ -62,7 +59,8 @@ def build_model(cfg: TrainConfig, in_channels: int) -> torch.nn.Module:
     """
     if cfg.architecture == "resnet-slim":
         return ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=[16, 32, 64, 128],
-                      spatial_dims=2, n_input_channels=in_channels, num_classes=2)
+                      spatial_dims=2, n_input_channels=in_channels, num_classes=2,
+                      conv1_t_stride=cfg.stem_stride)
     if cfg.architecture == "resnet3d-slim":
         return SlabAsVolume(ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=[16, 32, 64, 128],
                                    spatial_dims=3, n_input_channels=1, num_classes=2,

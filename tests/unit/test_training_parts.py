@@ -159,3 +159,22 @@ def test_all_slabs_is_every_slab_resized_bit_for_bit(k: int, depth: int) -> None
     reference = _resize(np.stack([slab(volume, z, k) for z in range(depth)]), 16)  # the definition
     fast = all_slabs(volume, k, 16)
     assert fast.shape == (depth, k, 16, 16) and torch.equal(fast, reference)
+
+
+def test_stem_stride_halves_the_first_feature_map_and_old_versions_rebuild_with_stride_1() -> None:
+    from dicomops.config import TrainConfig
+    from dicomops.training.model import build_model, model_from_config
+
+    def stem_shape(cfg: TrainConfig) -> tuple[int, ...]:
+        model = build_model(cfg, 3).eval()
+        with torch.no_grad():
+            return tuple(model.conv1(torch.zeros(1, 3, cfg.input_size, cfg.input_size)).shape)
+
+    narrow = TrainConfig(input_size=64, stem_stride=1)
+    wide = TrainConfig(input_size=128, stem_stride=2)
+    assert stem_shape(narrow) == stem_shape(wide) == (1, 16, 64, 64)
+    # A version registered before the option existed has no stem_stride in its train_config.json.
+    raw = narrow.model_dump(mode="json") | {"in_channels": 3}
+    del raw["stem_stride"]
+    assert model_from_config(raw).conv1.stride == (1, 1)
+    assert model_from_config(wide.model_dump(mode="json") | {"in_channels": 3}).conv1.stride == (2, 2)
