@@ -13,9 +13,10 @@ Each engine runs in its own fresh process (``--measure``) with ``--threads`` int
 engine inherits another's thread pools, caches or allocator state; the parent builds and exports the
 networks (ONNX opset 18, dynamic batch, the export stage's own functions) and calibrates INT8 on
 random slabs of the right shape. The teacher and the student run at 128 px; the classifier at its
-configured size and stem stride (``TrainConfig``'s defaults, what the pipeline serves). Latency: the median of ``--repeats`` single-slab calls after warm-up;
-throughput: slabs per second over ``--seconds`` of batch-32 calls. Ratios are against the teacher
-(latency) and against each network's own ONNX Runtime FP32 (INT8 throughput), measured in the same run.
+configured size and stem stride (``TrainConfig``'s defaults, what the pipeline serves). Latency: the
+median of ``--repeats`` single-slab calls after warm-up; throughput: slabs per second over
+``--seconds`` of batch-32 calls. Ratios are against the teacher (latency) and against each network's
+own ONNX Runtime FP32 (INT8 throughput), measured in the same run.
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ def build(folder: Path) -> dict[str, dict[str, object]]:
         fp32 = onnx_export.export_onnx(model, contract, folder / f"{role}.onnx", opset=18)
         calibration = np.random.default_rng(1).random((64, k, cfg.input_size, cfg.input_size), dtype=np.float32)
         int8 = quantize.quantize_int8(fp32, folder / f"{role}.int8.onnx", calibration)
-        out[role] = {"k": k, "size": cfg.input_size, "architecture": architecture, "parameters": sum(p.numel() for p in model.parameters()),
+        out[role] = {"k": k, "size": cfg.input_size, "architecture": architecture,
+                     "parameters": sum(p.numel() for p in model.parameters()),
                      "engines": {"torch-fp32": str(weights), "ort-fp32": str(fp32), "ort-int8-ptq": str(int8)}}
     return out
 
@@ -167,7 +169,8 @@ def main() -> None:
                 print(f"{role:10s} {engine:13s} {net['size']:3d} px  batch 1 {figures['latency_ms_b1']:7.2f} ms   "
                       f"batch 32 {figures['throughput_b32']:7.0f} slabs/s", flush=True)
                 if "operators" in figures:
-                    print("    " + ", ".join(f"{op} {share:.0%}" for op, share in list(figures["operators"].items())[:5]))
+                    top = list(figures["operators"].items())[:5]
+                    print("    " + ", ".join(f"{op} {share:.0%}" for op, share in top))
     by = {(r["network"], r["engine"]): r for r in rows}
     print(f"\n{args.threads} threads; ratios measured in this run")
     teacher = by[("teacher", "torch-fp32")]["latency_ms_b1"]
