@@ -91,7 +91,7 @@ def finetune(model: torch.nn.Module, train: SlabSet, *, epochs: int, learning_ra
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total, seen = total + float(loss) * len(y), seen + len(y)
+            total, seen = total + loss.item() * len(y), seen + len(y)
         log.info("QAT epoch %d/%d: loss %.4f over %d slabs", epoch + 1, epochs, total / max(seen, 1), seen)
     move_exported_model_to_eval(prepared)
     trained = copy.deepcopy(model).cpu().float()
