@@ -86,7 +86,8 @@ def measure(engine: str, path: str, k: int, size: int, threads: int, repeats: in
 
 def operator_shares(path: Path, x: np.ndarray, threads: int) -> dict[str, float]:
     """Share of kernel time per operator type of the graph ONNX Runtime really runs (after its fusions
-    and layout passes: QLinearConv, NhwcMaxPool, fused Conv in NCHWc...), over 5 calls on `x`."""
+    and layout passes: QLinearConv, NhwcMaxPool, fused Conv in NCHWc...), over 6 calls on `x`, the
+    first one included."""
     import collections
 
     import onnxruntime as ort
