@@ -22,6 +22,10 @@ from tasks.preprocess import hash_accepted_corpus
 from tasks.train import prepare_splits, release_pool_counts
 
 
+def _f(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
 @flow(name="dicomops-segment", log_prints=True)
 def segment(work: Path | None = None, config: SegmentConfig = SegmentConfig(),
             preprocess_config: PreprocessConfig = PreprocessConfig(), train_config: TrainConfig = TrainConfig(),
@@ -49,18 +53,21 @@ def segment(work: Path | None = None, config: SegmentConfig = SegmentConfig(),
         with tracked(uri, run_id):
             print(f"segment: {release_pool_counts(work, privacy_config)}")
             for fold in range(train_config.n_splits):
-                s.segment_fold(work, config, fold, uri)
+                s.segment_fold(work, config, preprocess_config, fold, uri)
             summary = s.summarise(work, config, uri)
             s.train_final(work, config, uri)
             version = s.register(work, config, preprocess_config, uri, data_hash, split_hash, run_tags or {})
             exported = s.export(work, config, uri, version)
             decision = s.promotion_gate(uri, config, version)
         print(f"segment: CPM {summary['cpm']:.3f}, Dice (nodules >= 6 mm) {summary['dice_ge6_mean']:.3f}, "
-              f"series kappa {summary['kappa_series']:.3f}; version {version} {decision['decision']}: "
-              f"{'; '.join(decision['reasons'])}")
+              f"series kappa {summary['kappa_series']:.3f}, actionable-call AUC {_f(summary['actionable_auc'])} "
+              f"({', '.join(f'{v} {_f(a)}' for v, a in summary['vendor_actionable_auc'].items())}); "
+              f"version {version} {decision['decision']}: {'; '.join(decision['reasons'])}")
         result: dict[str, object] = {"mlflow_run_id": run_id, "version": version, "cpm": summary["cpm"],
                                      "vendor_cpm": summary["vendor_cpm"], "dice_ge6": summary["dice_ge6_mean"],
-                                     "kappa_series": summary["kappa_series"], "promoted": decision["promoted"],
+                                     "kappa_series": summary["kappa_series"],
+                                     "actionable_auc": summary["actionable_auc"],
+                                     "vendor_actionable_auc": summary["vendor_actionable_auc"], "promoted": decision["promoted"],
                                      "decision": decision["decision"], "work": str(work),
                                      "onnx_sha256": exported["export.onnx.sha256"]}
         stages.done(work, "segment", key, result)

@@ -23,8 +23,8 @@ def open_segmentation_run(work: Path, cfg: SegmentConfig, pre: PreprocessConfig,
 
 
 @task(name="segment-fold", tags=["cpu-heavy"])
-def segment_fold(work: Path, cfg: SegmentConfig, fold: int, tracking_uri: str) -> Path:
-    return cv.run_fold(WorkLayout(work), cfg, fold, tracking_uri)
+def segment_fold(work: Path, cfg: SegmentConfig, pre: PreprocessConfig, fold: int, tracking_uri: str) -> Path:
+    return cv.run_fold(WorkLayout(work), cfg, fold, tracking_uri, pre=pre)
 
 
 @task(name="summarise-segmentation")

@@ -26,8 +26,8 @@ from dicomops import io
 from dicomops.config import PreprocessConfig, SegmentConfig
 from dicomops.feedback import privacy
 from dicomops.layout import WorkLayout
+from dicomops.segmentation import actionable, plots
 from dicomops.segmentation import metrics as m
-from dicomops.segmentation import plots
 from dicomops.segmentation.data import SegVolume, forget_volumes, load_volumes
 from dicomops.segmentation.loop import SegFit, fit, mean_history
 from dicomops.segmentation.model import build_segmenter, probability
@@ -98,19 +98,25 @@ def open_run(layout: WorkLayout, key: str, tracking_uri: str, experiment: str, a
 
 # -- evaluation ---------------------------------------------------------------------------------
 
-def evaluate(model: torch.nn.Module, volumes: list[SegVolume], cfg: SegmentConfig,
+def evaluate(model: torch.nn.Module, volumes: list[SegVolume], cfg: SegmentConfig, pre: PreprocessConfig,
              keep: Path | None = None) -> tuple[list[m.SeriesEval], dict[str, float]]:
-    """Score every volume by sliding windows and judge it nodule by nodule; with `keep`, write each
-    probability map there (``<series>.npz``, uint8). Also returns seconds and peak memory figures."""
+    """Score every volume by sliding windows and judge it nodule by nodule, and its series by the
+    actionable rule (:mod:`dicomops.segmentation.actionable`, on images preprocessed with `pre`);
+    with `keep`, write each probability map there (``<series>.npz``, uint8). Also returns seconds
+    per series."""
     precision = choose_precision(cfg.precision)
+    level = actionable.solid_level(pre)
     evals, seconds = [], []
     for v in volumes:
         tick = time.perf_counter()
         prob = probability(model, v.image, cfg, precision.autocast())
         seconds.append(time.perf_counter() - tick)
-        evals.append(m.evaluate_series(prob, v.mask, v.nodules, series=v.series, vendor=v.vendor,
-                                       threshold=cfg.threshold, candidate_threshold=cfg.candidate_threshold,
-                                       finding_threshold=cfg.finding_threshold))
+        found, _ = m.findings(prob, threshold=cfg.threshold, candidate_threshold=cfg.candidate_threshold,
+                              finding_threshold=cfg.candidate_threshold, image=v.image, solid_level=level)
+        evals.append(dataclasses.replace(
+            m.evaluate_series(prob, v.mask, v.nodules, series=v.series, vendor=v.vendor, threshold=cfg.threshold,
+                              candidate_threshold=cfg.candidate_threshold, finding_threshold=cfg.finding_threshold),
+            actionable_ref=v.actionable, actionable_score=actionable.series_score(found)))
         if keep is not None:
             io.write_npz(keep / f"{v.series}.npz", prob=np.round(prob * PREDICTION_SCALE).astype(np.uint8))
     return evals, {"inference_seconds_per_series": float(np.mean(seconds)) if seconds else float("nan"),
@@ -132,7 +138,7 @@ def peak_rss_gb() -> float:
 
 # -- folds, summary, final model ----------------------------------------------------------------
 
-def run_fold(layout: WorkLayout, cfg: SegmentConfig, fold: int, tracking_uri: str,
+def run_fold(layout: WorkLayout, cfg: SegmentConfig, fold: int, tracking_uri: str, *, pre: PreprocessConfig,
              stop_after: int | None = None) -> Path:
     """Train on the other folds' series, judge this fold's, in a nested run; return its evals file."""
     out = layout.segment.fold(fold)
@@ -160,7 +166,7 @@ def run_fold(layout: WorkLayout, cfg: SegmentConfig, fold: int, tracking_uri: st
         result = fit(train, cfg, out / "checkpoint.pt", seed=cfg.seed + fold,
                      log=mlflow_runs.step_logger(tracking_uri, run_id), stop_after=stop_after)
         train_seconds = time.perf_counter() - tick
-        evals, timing = evaluate(result.model, val, cfg, keep=out / "probabilities")
+        evals, timing = evaluate(result.model, val, cfg, pre, keep=out / "probabilities")
         save_evals(out / "evals.json", evals)
         metrics = m.summarise(evals, cfg.finding_threshold) | timing | {
             "train_seconds": train_seconds, "epochs_run": float(result.epochs_run),
@@ -218,9 +224,17 @@ def summarise(layout: WorkLayout, cfg: SegmentConfig, tracking_uri: str) -> dict
     """Pool the folds' out-of-fold evaluations: tables, FROC and contour pictures, summary.json."""
     paths = layout.segment
     folds = layout.read_folds()
-    evals = [e for i in range(folds.n_splits) for e in load_evals(paths.fold(i) / "evals.json")]
+    by_fold = [load_evals(paths.fold(i) / "evals.json") for i in range(folds.n_splits)]
+    evals = [e for part in by_fold for e in part]
     metrics = m.summarise(evals, cfg.finding_threshold)
+    calls = actionable_cv(by_fold)
+    metrics |= {"cv.actionable_auc": calls.get("mean", float("nan")),
+                **{f"cv.actionable_auc.{m.slug(v)}": a for v, a in calls.get("vendor", {}).items()}}
     table = _group_table(evals)
+    table["auc_actionable"] = [calls.get("mean") if r.group == "all" else
+                               calls.get("vendor", {}).get(str(r.value)) if r.group == "vendor" else None
+                               for r in table.itertuples()]
+    table["auc_actionable"] = table["auc_actionable"].astype(float)
     io.write_csv(paths.by_group, table)
     io.write_csv(paths.nodules, m.nodule_table(evals))
     io.write_csv(paths.series, pd.DataFrame([{"series": e.series, "vendor": e.vendor, "dice": e.dice,
@@ -238,7 +252,9 @@ def summarise(layout: WorkLayout, cfg: SegmentConfig, tracking_uri: str) -> dict
                "vendor_dice_ge6": {v: float(r.dice_ge6_mean) for v, r in vendors.iterrows()},
                "vendor_kappa": {v: float(r.kappa_series) for v, r in vendors.iterrows()},
                "dice_ge6_mean": metrics["dice_ge6_mean"], "kappa_series": metrics["kappa_series"],
-               "kappa_size": metrics["kappa_size"], "sensitivity": {f"{r:g}": metrics[f"sens_at_{r:g}"]
+               "kappa_size": metrics["kappa_size"], "actionable_auc": calls.get("mean"),
+               "actionable_auc_std": calls.get("std"), "vendor_actionable_auc": calls.get("vendor", {}),
+               "sensitivity": {f"{r:g}": metrics[f"sens_at_{r:g}"]
                                                                    for r in m.FP_RATES},
                "series": len(evals), "nodules": int(metrics["n_nodules"]), "final_epochs": cfg.epochs}
     io.write_json(paths.summary, summary)
@@ -249,6 +265,21 @@ def summarise(layout: WorkLayout, cfg: SegmentConfig, tracking_uri: str) -> dict
     mlflow_runs.log_results(tracking_uri, parent_run(layout), _shown(metrics),
                             [privacy.shown(paths.by_group, table), shown_summary, *pictures], "cv")
     return summary
+
+
+def actionable_cv(by_fold: list[list[m.SeriesEval]]) -> dict[str, Any]:
+    """The AUC of the findings' actionable call (:mod:`dicomops.segmentation.actionable`) as the
+    classifier's cross-validation reports its own (per fold and vendor, then the mean over folds:
+    :func:`dicomops.training.scoring.summarise_predictions`), so the two read side by side. Empty
+    where an evaluation carries no score (folds judged before the call existed)."""
+    from dicomops.training.scoring import summarise_predictions
+
+    rows = [{"fold": i, "vendor": e.vendor, "label": int(bool(e.actionable_ref)), "score": e.actionable_score}
+            for i, part in enumerate(by_fold) for e in part]
+    if not rows or any(e.actionable_score is None or e.actionable_ref is None for part in by_fold for e in part):
+        return {}
+    result = summarise_predictions(pd.DataFrame(rows), [1]).result
+    return {"mean": result["mean_auc"], "std": result["std_auc"], "vendor": result["vendor_auc"]}
 
 
 def _chooser(group: str, value: str) -> Any:
@@ -332,19 +363,24 @@ def seg_card(model_name: str, version: str, summary: dict[str, Any], table: pd.D
     def rows(*groups: str) -> list[list[str]]:
         part = table[table.group.isin(groups)]
         return [[str(r.value), *counts(str(r.value), r.group), f(r.cpm), f(r["sens@1"]), f(r.dice_ge6_mean),
-                 f(r.kappa_series)] for _, r in part.iterrows()]
+                 f(r.kappa_series), *([f(r.get("auc_actionable"))] if r.group in ("all", "vendor") else [])]
+                for _, r in part.iterrows()]
 
     def counts(value: str, group: str) -> list[str]:
         if group == "all":
             return [pool.total(0, vendors), pool.total(1, vendors)]
         return [pool.cell(value, 0), pool.cell(value, 1)] if group == "vendor" else []
 
-    header = ("", "series without", "series with", "CPM", "sens @1 FP", "Dice ≥6 mm", "kappa (series)")
+    header = ("", "series without", "series with", "CPM", "sens @1 FP", "Dice ≥6 mm", "kappa (series)",
+              "AUC (actionable)")
     metrics = ("", "CPM", "sens @1 FP", "Dice ≥6 mm", "kappa (series)")
     body = ["Out-of-fold, four folds stratified by vendor (the classifier's `splits/folds.json`).",
             f"**CPM {f(summary['cpm'])}**, mean Dice of nodules ≥ 6 mm {f(summary['dice_ge6_mean'])}, "
-            f"series kappa {f(summary['kappa_series'])}, size-category kappa {f(summary['kappa_size'])}.", "",
-            *model_card.table(header, "lrrrrrr", rows("all", "vendor")), "",
+            f"series kappa {f(summary['kappa_series'])}, size-category kappa {f(summary['kappa_size'])}.",
+            f"Actionable series (the classifier's label) called from the findings' size and solid part: mean CV "
+            f"AUC {f(summary.get('actionable_auc'))} ± {f(summary.get('actionable_auc_std'))}, per fold and vendor "
+            "as the classifier reports its own.", "",
+            *model_card.table(header, "lrrrrrrr", rows("all", "vendor")), "",
             f"*Series without, with* an actionable nodule: {pool.caption} The *all* row adds the vendors' "
             "released cells (+: and the suppressed ones).", "",
             *model_card.table(metrics, "lrrrr", rows("kind", "attachment", "size_bin")), "",

@@ -49,6 +49,7 @@ class SegVolume:
     background: np.ndarray  # flat indices of lung voxels (and a few other body voxels) outside nodules
     label: np.ndarray  # uint8 (1, X, Y, Z): the binary target, made once
     dropped_nodules: int = 0  # recorded nodules with no voxel left after resampling
+    actionable: bool | None = None  # the series' label (an actionable nodule), None where unknown
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -69,7 +70,7 @@ def pad_to(array: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
 
 
 def read_volume(path: Path, series: str, vendor: str, nodules: list[NoduleRef],
-                patch: tuple[int, int, int]) -> SegVolume:
+                patch: tuple[int, int, int], actionable: bool | None = None) -> SegVolume:
     with np.load(path) as npz:
         image, mask = pad_to(npz["image"], patch), pad_to(npz["mask"], patch)
     labels = np.unique(mask[mask > 0])
@@ -89,7 +90,7 @@ def read_volume(path: Path, series: str, vendor: str, nodules: list[NoduleRef],
     body = (image > BODY_LEVEL) & (mask == 0)
     background = np.flatnonzero((body & ((lung_grid & (image < LUNG_LEVEL)) | body_grid)).ravel())
     return SegVolume(series, vendor, image, mask, nodules, foreground, background, (mask > 0)[None].astype(np.uint8),
-                     dropped)
+                     dropped, actionable)
 
 
 def body_box(image: np.ndarray, margin: int, minimum: tuple[int, int, int]) -> tuple[slice, slice, slice]:
@@ -136,7 +137,8 @@ def load_volumes(layout: WorkLayout, ids: list[str], patch: tuple[int, int, int]
         path = layout.preprocessed.volume(str(row.path))
         key = (str(path), patch)
         if key not in _CACHE:
-            _CACHE[key] = read_volume(path, uid, str(row.vendor), nodule_refs(str(row.nodules) or "[]"), patch)
+            _CACHE[key] = read_volume(path, uid, str(row.vendor), nodule_refs(str(row.nodules) or "[]"), patch,
+                                      actionable=bool(row.label))
         out.append(_CACHE[key])
     return out
 

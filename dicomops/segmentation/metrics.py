@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from scipy import ndimage
-from sklearn.metrics import cohen_kappa_score
+from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
 MIN_FINDING_MM = 3.0  # the smallest nodule annotated (LUNA16's too): below it, a speck, not a finding
 FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # LUNA16 operating points, false positives per scan
@@ -87,6 +87,10 @@ class SeriesEval:
     present_ref: bool
     present_pred: bool
     false_positive_diameters_mm: list[float | None] = field(default_factory=list)
+    # The series label (an actionable nodule) and the actionable score of its findings
+    # (dicomops.segmentation.actionable); None where the label or the image was not given.
+    actionable_ref: bool | None = None
+    actionable_score: float | None = None
 
     def __post_init__(self) -> None:
         if not self.false_positive_diameters_mm:
@@ -179,15 +183,35 @@ class Found:
     diameter_mm: float  # equivalent-sphere diameter of its segmented voxels
     score: float  # its highest probability
     voxels: int  # its segmented voxels
+    # The width of its solid part (see solid_width_mm): 0 for pure ground glass; None when
+    # findings() was given no image.
+    solid_core_mm: float | None = None
+
+
+def solid_width_mm(solid: np.ndarray, spacing: Sequence[float] | np.ndarray = (1.0, 1.0, 1.0)) -> float:
+    """The width of the thickest solid part of a finding: twice the largest distance (mm) from a
+    voxel of the boolean `solid` to the nearest voxel that is not solid (outside the array counts
+    as not solid). A compact core measures its diameter; a vessel crossing ground glass measures
+    its calibre, however long it is (so its volume, which grows with length, is not used). One
+    voxel measures two voxels' width; 0 when nothing is solid."""
+    if not solid.any():
+        return 0.0
+    return 2.0 * float(ndimage.distance_transform_edt(np.pad(solid, 1), sampling=spacing).max())
 
 
 def findings(prob: np.ndarray, *, threshold: float = 0.5, candidate_threshold: float = 0.1,
              finding_threshold: float = 0.75, spacing: Sequence[float] = (1.0, 1.0, 1.0), min_voxels: int = 2,
-             max_candidates: int = 50, min_finding_mm: float = MIN_FINDING_MM) -> tuple[list[Found], np.ndarray]:
+             max_candidates: int = 50, min_finding_mm: float = MIN_FINDING_MM, image: np.ndarray | None = None,
+             solid_level: float | None = None) -> tuple[list[Found], np.ndarray]:
     """What the model reports for one volume: the candidates :func:`evaluate_series` counts as the
     series' findings (the same candidates, the same rule), best first, and the boolean mask of
     their segmented voxels (``prob >= threshold`` inside each finding's candidate), nothing else.
+
+    With the volume's `image` and the `solid_level` of solid tissue in its units (see
+    :mod:`dicomops.segmentation.actionable`), each finding also measures its solid core.
     """
+    if (image is None) != (solid_level is None):
+        raise ValueError("give both image and solid_level to measure solid cores, or neither")
     prob = np.asarray(prob)
     if not 0 < candidate_threshold <= min(threshold, finding_threshold):
         raise ValueError(f"candidate_threshold must lie in (0, min(threshold={threshold}, finding_threshold="
@@ -207,9 +231,18 @@ def findings(prob: np.ndarray, *, threshold: float = 0.5, candidate_threshold: f
         return [], np.zeros(prob.shape, dtype=bool)
     coords = np.stack(np.unravel_index(at, prob.shape), axis=1).astype(float)
     sums = np.stack([np.bincount(ids, weights=coords[:, a], minlength=len(candidates) + 1) for a in range(3)], axis=1)
+    cores: dict[int, float | None] = {int(c): None for c in keep}
+    if image is not None:
+        image = np.asarray(image)
+        if image.shape != prob.shape:
+            raise ValueError(f"image {image.shape} and prob {prob.shape} must have one shape")
+        boxes = ndimage.find_objects(segmented)
+        for c in keep:
+            box = boxes[c - 1]
+            cores[int(c)] = solid_width_mm((segmented[box] == c) & (image[box] >= solid_level), mm)
     out = [Found(centre=tuple(float(v) for v in sums[c] / voxels[c - 1]),  # type: ignore[arg-type]
                  diameter_mm=equivalent_diameter_mm(voxels[c - 1], mm), score=float(scores[c - 1]),
-                 voxels=int(voxels[c - 1])) for c in keep]
+                 voxels=int(voxels[c - 1]), solid_core_mm=cores[int(c)]) for c in keep]
     return out, np.isin(segmented, keep)
 
 
@@ -401,6 +434,15 @@ def _dice(evals: Sequence[SeriesEval], min_mm: float = 0.0) -> float:
     return _mean([n["dice"] for e in evals for n in e.nodules if n["diameter_mm"] >= min_mm])
 
 
+def actionable_auc(evals: Sequence[SeriesEval]) -> float:
+    """ROC AUC of the series' actionable scores against their labels; NaN without both classes or
+    where a series has no score."""
+    pairs = [(e.actionable_ref, e.actionable_score) for e in evals]
+    if not pairs or any(r is None or s is None for r, s in pairs) or len({r for r, _ in pairs}) < 2:
+        return float("nan")
+    return float(roc_auc_score([bool(r) for r, _ in pairs], [float(s) for _, s in pairs]))  # type: ignore[arg-type]
+
+
 def _where(key: str, value: Any) -> Callable[[dict[str, Any]], bool]:
     """A nodule filter for :func:`froc`: the nodules whose `key` is `value`."""
     return lambda n: bool(n[key] == value)
@@ -413,7 +455,8 @@ def summarise(evals: Sequence[SeriesEval], threshold: float = 0.5) -> dict[str, 
 
     Every key is always present for the slices in `evals`; an undefined value (no nodules in a
     slice, kappa with one category) is NaN, which MLflow stores as NaN. Keys per slice are
-    ``cpm_<vendor>``, ``dice_ge6_<vendor>``, ``kappa_series_<vendor>``, ``cpm_kind_<kind>`` and
+    ``cpm_<vendor>``, ``dice_ge6_<vendor>``, ``kappa_series_<vendor>``, ``auc_actionable_<vendor>``
+    (pooled over `evals`), ``cpm_kind_<kind>`` and
     ``cpm_size_<lt6|6to10|ge10>``, with names passed through :func:`slug`.
     """
     overall = froc(evals)
@@ -423,13 +466,13 @@ def summarise(evals: Sequence[SeriesEval], threshold: float = 0.5) -> dict[str, 
         "dice_mean": _dice(evals), "dice_ge6_mean": _dice(evals, SIZE_EDGES_MM[0]),
         "series_dice_mean": _mean([e.dice for e in evals]),
         "kappa_series": series_kappa(evals), "kappa_size": size_kappa(evals, threshold),
-        "n_series": float(len(evals)), "n_nodules": float(overall.nodules),
+        "auc_actionable": actionable_auc(evals), "n_series": float(len(evals)), "n_nodules": float(overall.nodules),
     }
     for vendor in sorted({e.vendor for e in evals}):
         part = [e for e in evals if e.vendor == vendor]
         key = slug(vendor)
         out |= {f"cpm_{key}": froc(part).cpm, f"dice_ge6_{key}": _dice(part, SIZE_EDGES_MM[0]),
-                f"kappa_series_{key}": series_kappa(part)}
+                f"kappa_series_{key}": series_kappa(part), f"auc_actionable_{key}": actionable_auc(part)}
     for kind in sorted({n["kind"] for e in evals for n in e.nodules}):
         out[f"cpm_kind_{slug(kind)}"] = froc(evals, nodule_filter=_where("kind", kind)).cpm
     for size in SIZE_BINS:

@@ -78,6 +78,15 @@ def test_segment_flow_registers_a_gated_version_with_froc_dice_and_kappa(
     assert set(nodules.kind) <= {"solid", "part-solid", "ground-glass"}
     table = pd.read_csv(layout.segment.by_group)
     assert set(table[table.group == "vendor"].value) == set(labels.vendor)
+    # The actionable call: every judged series carries its label and score, and the CV reports
+    # their AUC per fold and vendor as the classifier does (a tiny model may rank at chance).
+    evals = [e for i in range(4) for e in cv.load_evals(layout.segment.fold(i) / "evals.json")]
+    index = layout.labelled_series().set_index("SeriesInstanceUID")
+    assert all(e.actionable_ref == bool(index.loc[e.series, "label"]) for e in evals)
+    assert all(0.0 <= e.actionable_score <= 1.0 for e in evals)
+    assert 0.0 <= result["actionable_auc"] <= 1.0
+    assert "cv.actionable_auc" in metrics and table.auc_actionable.notna().any()
+    assert "AUC (actionable)" in client.get_model_version("test-segmenter", str(result["version"])).description
 
     version = client.get_model_version("test-segmenter", str(result["version"]))
     assert version.tags["cv.mean_cpm"] == f"{result['cpm']:.4f}"
@@ -127,10 +136,10 @@ def test_an_interrupted_fold_resumes_into_the_same_run(seg_work: tuple[Path, Pat
     cfg = TINY_SEGMENTER.model_copy(update={"epochs": 2})
     cv.open_run(layout, "k", mlflow_env, "segment-resume", None, {}, {}, None)
     with pytest.raises(InterruptedError):
-        cv.run_fold(layout, cfg, 0, mlflow_env, stop_after=1)
+        cv.run_fold(layout, cfg, 0, mlflow_env, pre=PreprocessConfig(), stop_after=1)
     run_id = cv._fold_entry(layout, 0)["run_id"]
     assert (layout.segment.fold(0) / "checkpoint.pt").exists() and not cv._fold_entry(layout, 0)["done"]
-    cv.run_fold(layout, cfg, 0, mlflow_env)
+    cv.run_fold(layout, cfg, 0, mlflow_env, pre=PreprocessConfig())
     assert cv._fold_entry(layout, 0) == {"run_id": run_id, "done": True}
     client = mlflow.tracking.MlflowClient(mlflow_env)
     history = client.get_metric_history(run_id, "train_loss")
