@@ -355,7 +355,8 @@ def segment(
         console.print(f"[red]cannot train the segmenter:[/] {err}")
         raise typer.Exit(2) from err
     console.print(f"[green]segment finished[/]: version {result['version']} of {cfg.segment.model_name}, CPM "
-                  f"{result['cpm']:.3f}, Dice (>= 6 mm) {result['dice_ge6']:.3f}; "
+                  f"{result['cpm']:.3f}, Dice (>= 6 mm) {result['dice_ge6']:.3f}, actionable-call AUC "
+                  f"{'–' if result.get('actionable_auc') is None else format(result['actionable_auc'], '.3f')}; "
                   f"{'champion' if result['promoted'] else 'challenger, awaiting review'}")
 
 
