@@ -254,8 +254,7 @@ def summarise(layout: WorkLayout, cfg: SegmentConfig, tracking_uri: str) -> dict
                "dice_ge6_mean": metrics["dice_ge6_mean"], "kappa_series": metrics["kappa_series"],
                "kappa_size": metrics["kappa_size"], "actionable_auc": calls.get("mean"),
                "actionable_auc_std": calls.get("std"), "vendor_actionable_auc": calls.get("vendor", {}),
-               "sensitivity": {f"{r:g}": metrics[f"sens_at_{r:g}"]
-                                                                   for r in m.FP_RATES},
+               "sensitivity": {f"{r:g}": metrics[f"sens_at_{r:g}"] for r in m.FP_RATES},
                "series": len(evals), "nodules": int(metrics["n_nodules"]), "final_epochs": cfg.epochs}
     io.write_json(paths.summary, summary)
     # People see no exact count (dicomops.feedback.privacy): the per-nodule and per-series tables stay
