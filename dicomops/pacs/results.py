@@ -51,6 +51,14 @@ NO_UNITS = codes.UCUM.NoUnits  # UCUM "1": a probability and a threshold on it h
 MILLIMETER = codes.UCUM.Millimeter
 PROCEDURE = codes.LN.CTUnspecifiedBodyRegion  # CID 100; the finding site narrows it to the lung
 SERIES_TRACKING_ID = "Lung nodule finding"
+# No standard concept names the width of a nodule's solid part or a score for "an actionable
+# nodule" (a national lung-screening guide in FHIR uses local codes for the solid part's size too),
+# so these two live in a private coding scheme, which every SR that uses them declares in its
+# Coding Scheme Identification Sequence.
+PRIVATE_SCHEME = "99DICOMOPS"
+PRIVATE_SCHEME_NAME = "dicomops lung nodule measurements"
+SOLID_PART_WIDTH = hd.sr.CodedConcept("SOLIDW", PRIVATE_SCHEME, "Solid part width")
+ACTIONABLE_SCORE = hd.sr.CodedConcept("ACTSCORE", PRIVATE_SCHEME, "Actionable nodule score")
 
 
 @dataclass(frozen=True)
@@ -61,11 +69,13 @@ class Nodule:
         center_mm: Centre in patient coordinates (x, y, z) of the series' frame of reference, mm.
         diameter_mm: Largest diameter, mm.
         score: The model's probability that this is a nodule, in [0, 1].
+        solid_width_mm: Width of its solid part, mm (0 for pure ground glass); None when not measured.
     """
 
     center_mm: tuple[float, float, float]
     diameter_mm: float
     score: float
+    solid_width_mm: float | None = None
 
     def __post_init__(self) -> None:
         if len(self.center_mm) != 3 or not all(math.isfinite(float(v)) for v in self.center_mm):
@@ -73,6 +83,8 @@ class Nodule:
         if not (math.isfinite(self.diameter_mm) and self.diameter_mm > 0):
             raise ValueError(f"diameter_mm must be a positive number, got {self.diameter_mm!r}")
         _check_probability("score", self.score)
+        if self.solid_width_mm is not None and not (math.isfinite(self.solid_width_mm) and self.solid_width_mm >= 0):
+            raise ValueError(f"solid_width_mm must be a non-negative number or None, got {self.solid_width_mm!r}")
 
 
 @dataclass(frozen=True)
@@ -86,6 +98,8 @@ class Finding:
         model_name: Registered model name (the algorithm name in the SR and SEG).
         model_version: Registered model version (the algorithm version).
         nodules: Localised nodules; empty when absent or when the model only classifies.
+        actionable: Score of an actionable nodule (solid or part-solid, at least 6 mm) read off
+            the nodules' sizes and solid parts, in [0, 1]; None when the model does not make it.
     """
 
     present: bool
@@ -94,9 +108,12 @@ class Finding:
     model_name: str
     model_version: str
     nodules: tuple[Nodule, ...] = ()
+    actionable: float | None = None
 
     def __post_init__(self) -> None:
         _check_probability("score", self.score)
+        if self.actionable is not None:
+            _check_probability("actionable", self.actionable)
         _check_probability("threshold", self.threshold)
         for name in ("model_name", "model_version"):
             value = getattr(self, name)
@@ -131,7 +148,9 @@ def structured_report(
     from the source) in a new series, lists every source image as evidence, and says what the
     model found in terms a PACS viewer and a downstream reader can both decode: a coded
     present/absent evaluation, the score and operating point as unitless measurements, and each
-    nodule as a 3D point with its diameter. The model name and version appear twice on purpose:
+    nodule as a 3D point with its diameter (and, from the segmenter, the width of its solid part
+    and the series' actionable score, in a private scheme the SR declares). The model name and
+    version appear twice on purpose:
     as the device observer (who made the observations) and as the algorithm identification of
     every measurement group (what produced each number).
 
@@ -165,7 +184,7 @@ def structured_report(
             procedure_reported=PROCEDURE,
             imaging_measurements=groups,
         )
-        return hd.sr.Comprehensive3DSR(
+        sr = hd.sr.Comprehensive3DSR(
             evidence=list(source_images),
             content=report[0],
             **_new_object(finding, series_number, instance_number, SR_SERIES_DESCRIPTION),
@@ -175,6 +194,13 @@ def structured_report(
             is_verified=False,
             is_final=False,
         )
+    if finding.actionable is not None or any(n.solid_width_mm is not None for n in finding.nodules):
+        scheme = pydicom.Dataset()
+        scheme.CodingSchemeDesignator = PRIVATE_SCHEME
+        scheme.CodingSchemeName = PRIVATE_SCHEME_NAME
+        scheme.CodingSchemeResponsibleOrganization = MANUFACTURER
+        sr.CodingSchemeIdentificationSequence = [scheme]
+    return sr
 
 
 def segmentation(
@@ -275,6 +301,8 @@ def _series_group(
         measurements=[
             hd.sr.Measurement(name=SCORE, value=finding.score, unit=NO_UNITS),
             hd.sr.Measurement(name=OPERATING_POINT, value=finding.threshold, unit=NO_UNITS),
+            *([hd.sr.Measurement(name=ACTIONABLE_SCORE, value=finding.actionable, unit=NO_UNITS)]
+              if finding.actionable is not None else []),
         ],
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds)
                        for ds in source_images],
@@ -308,6 +336,8 @@ def _nodule_group(
         measurements=[
             hd.sr.Measurement(name=DIAMETER, value=nodule.diameter_mm, unit=MILLIMETER),
             hd.sr.Measurement(name=SCORE, value=nodule.score, unit=NO_UNITS),
+            *([hd.sr.Measurement(name=SOLID_PART_WIDTH, value=nodule.solid_width_mm, unit=MILLIMETER)]
+              if nodule.solid_width_mm is not None else []),
         ],
     )
 

@@ -226,7 +226,8 @@ def localisation_reports(images: list[Any], group: pd.DataFrame, deid_root: Path
         image, affine = preprocessed(group, deid_root, segmenter.preprocess, Path(scratch))
     found = localise(segmenter, image, affine)
     finding = Finding(present=bool(found.nodules), score=found.score, threshold=segmenter.cfg.finding_threshold,
-                      model_name=segmenter.name, model_version=segmenter.version, nodules=found.nodules)
+                      model_name=segmenter.name, model_version=segmenter.version, nodules=found.nodules,
+                      actionable=found.actionable)
     out: list[Any] = [structured_report(images, finding, series_number=SEGMENTER_SR_SERIES)]
     if found.nodules:
         grid = native_grid(images)

@@ -30,11 +30,12 @@ CORE_MM = 3.5  # a solid part this wide weighs 0.5: vessels crossing ground glas
 CORE_SOFTNESS_MM = 0.5
 
 
-def solid_level(pre: PreprocessConfig) -> float:
-    """:data:`SOLID_HU` in the units of images preprocessed with `pre` (its window, scaled to [0, 1])."""
+def solid_level(pre: PreprocessConfig) -> float | None:
+    """:data:`SOLID_HU` in the units of images preprocessed with `pre` (its window, scaled to [0, 1]);
+    None with ``window='header'``, where each series has its own window and so no one level holds
+    (the call is then not made: set a preset such as 'lung' to have it)."""
     if pre.window == "header":
-        raise ValueError("the actionable call needs one fixed window for every series, and window='header' takes "
-                         "each series' own; set preprocess.window to a preset such as 'lung'")
+        return None
     center, width = resolve_window(pre, [])
     if width == 0:  # window 'none': the image holds HU
         return SOLID_HU

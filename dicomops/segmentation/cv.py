@@ -111,12 +111,15 @@ def evaluate(model: torch.nn.Module, volumes: list[SegVolume], cfg: SegmentConfi
         tick = time.perf_counter()
         prob = probability(model, v.image, cfg, precision.autocast())
         seconds.append(time.perf_counter() - tick)
-        found, _ = m.findings(prob, threshold=cfg.threshold, candidate_threshold=cfg.candidate_threshold,
-                              finding_threshold=cfg.candidate_threshold, image=v.image, solid_level=level)
+        score = None
+        if level is not None:
+            found, _ = m.findings(prob, threshold=cfg.threshold, candidate_threshold=cfg.candidate_threshold,
+                                  finding_threshold=cfg.candidate_threshold, image=v.image, solid_level=level)
+            score = actionable.series_score(found)
         evals.append(dataclasses.replace(
             m.evaluate_series(prob, v.mask, v.nodules, series=v.series, vendor=v.vendor, threshold=cfg.threshold,
                               candidate_threshold=cfg.candidate_threshold, finding_threshold=cfg.finding_threshold),
-            actionable_ref=v.actionable, actionable_score=actionable.series_score(found)))
+            actionable_ref=v.actionable, actionable_score=score))
         if keep is not None:
             io.write_npz(keep / f"{v.series}.npz", prob=np.round(prob * PREDICTION_SCALE).astype(np.uint8))
     return evals, {"inference_seconds_per_series": float(np.mean(seconds)) if seconds else float("nan"),

@@ -5,7 +5,8 @@ like the classifier's champion: its exported ONNX file, checked against the sha2
 carries, the :class:`~dicomops.config.SegmentConfig` and the preprocessing it was trained with.
 :func:`localise` runs the export's sliding window over one preprocessed series and reports the
 findings by the rule the cross-validation judged (:func:`dicomops.segmentation.metrics.findings`):
-each nodule's centre in DICOM patient coordinates (LPS, mm) and its diameter for the SR, and the
+each nodule's centre in DICOM patient coordinates (LPS, mm), its diameter and the width of its
+solid part for the SR, the series' actionable score (:mod:`dicomops.segmentation.actionable`), and the
 findings' voxels carried back onto the acquired slices for the SEG
 (:mod:`dicomops.segmentation.native`).
 
@@ -66,12 +67,16 @@ class Localisation:
         mask: Boolean (I, J, K) mask of the findings' voxels (nothing else the network marked).
         affine: 4x4 voxel → RAS mm of `mask` (the preprocessing's).
         score: The highest probability anywhere in the series (0 with no candidate).
+        actionable: The series' actionable score from every candidate's size and solid part
+            (:func:`dicomops.segmentation.actionable.series_score`, the rule the cross-validation
+            judged by); None when the preprocessing has no fixed window (``window='header'``).
     """
 
     nodules: tuple[results.Nodule, ...]
     mask: np.ndarray
     affine: np.ndarray
     score: float
+    actionable: float | None = None
 
 
 def load_segmenter(tracking_uri: str, name: str, alias: str | None = CHAMPION, version: str | None = None,
@@ -110,6 +115,7 @@ def optional_segmenter(tracking_uri: str, name: str, alias: str = CHAMPION, mode
 
 def localise(segmenter: Segmenter, image: np.ndarray, affine: np.ndarray) -> Localisation:
     """Run the segmenter over one preprocessed (I, J, K) volume with its voxel → RAS `affine`."""
+    from dicomops.segmentation import actionable
     from dicomops.segmentation.export import onnx_probability
     from dicomops.segmentation.metrics import findings
 
@@ -119,15 +125,25 @@ def localise(segmenter: Segmenter, image: np.ndarray, affine: np.ndarray) -> Loc
         raise ValueError(f"affine must be 4x4, got shape {affine.shape}")
     prob = onnx_probability(segmenter.session, image, cfg)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    level = actionable.solid_level(segmenter.preprocess)
+    solid_image = image if level is not None else None  # no fixed window: no solid parts, no call
     found, mask = findings(prob, threshold=cfg.threshold, candidate_threshold=cfg.candidate_threshold,
-                           finding_threshold=cfg.finding_threshold, spacing=spacing)
+                           finding_threshold=cfg.finding_threshold, spacing=spacing, image=solid_image,
+                           solid_level=level)
+    call = None
+    if level is not None:
+        every, _ = findings(prob, threshold=cfg.threshold, candidate_threshold=cfg.candidate_threshold,
+                            finding_threshold=cfg.candidate_threshold, spacing=spacing, image=solid_image,
+                            solid_level=level)
+        call = min(max(actionable.series_score(every), 0.0), 1.0)
     nodules = []
     for f in found:
         ras = affine[:3, :3] @ np.asarray(f.centre) + affine[:3, 3]
         lps = RAS_TO_LPS @ ras
         nodules.append(results.Nodule(center_mm=(float(lps[0]), float(lps[1]), float(lps[2])),
-                                      diameter_mm=round(f.diameter_mm, 1), score=min(max(f.score, 0.0), 1.0)))
-    return Localisation(tuple(nodules), mask, affine, float(prob.max()) if prob.size else 0.0)
+                                      diameter_mm=round(f.diameter_mm, 1), score=min(max(f.score, 0.0), 1.0),
+                                      solid_width_mm=None if f.solid_core_mm is None else round(f.solid_core_mm, 1)))
+    return Localisation(tuple(nodules), mask, affine, float(prob.max()) if prob.size else 0.0, call)
 
 
 def with_segmenter(champion: Any, tracking_uri: str, name: str | None, models_dir: Path | None = None,

@@ -26,6 +26,7 @@ from dicomops.deid.keys import key_from_settings
 from dicomops.pacs import watch
 from dicomops.pacs.client import PacsClient
 from dicomops.pacs.orthanc import OrthancProcess
+from dicomops.pacs.results import ACTIONABLE_SCORE, SOLID_PART_WIDTH
 from dicomops.serving.champion import load_champion
 from dicomops.serving.segmenter import with_segmenter
 from dicomops.synthetic.corpus import SeriesPlan, write_series
@@ -107,6 +108,10 @@ def test_a_promoted_segmenter_adds_its_report_and_a_seg_and_a_failing_one_leaves
     for g in groups:
         assert g.roi.source_series_for_segmentation.value == series_uid
         assert g.get_measurements(name=codes.SCT.Diameter)[0].value >= 3.0
+        # This segmenter marks only solid tissue, so every finding has a solid part.
+        assert g.get_measurements(name=SOLID_PART_WIDTH)[0].value > 0.0
+    (actionable,) = series_group.get_measurements(name=ACTIONABLE_SCORE)
+    assert 0.0 <= actionable.value <= 1.0
     # Each of the generator's nodules is found where it is (LPS mm; the segmenter works at 2 mm),
     # unless it touches denser tissue (chest wall, a vessel) and merged into a larger finding.
     isolated = [n for n in truth if n.get("attachment", "none") == "none"]

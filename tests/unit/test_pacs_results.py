@@ -20,6 +20,9 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
 
 from dicomops.pacs.results import (
+    ACTIONABLE_SCORE,
+    PRIVATE_SCHEME,
+    SOLID_PART_WIDTH,
     Finding,
     Nodule,
     _contained_library_output,
@@ -66,6 +69,16 @@ def _finding(series: SyntheticSeries) -> Finding:
                     for n, s in zip(series.nodules, NODULE_SCORES, strict=True))
     return Finding(present=True, score=SCORE, threshold=THRESHOLD, model_name=MODEL,
                    model_version=VERSION, nodules=nodules)
+
+
+SOLID_WIDTHS, ACTIONABLE = (4.5, 0.0), 0.6875
+
+
+def _segmenter_finding(series: SyntheticSeries) -> Finding:
+    """The segmenter's answer: each nodule's solid part and the series' actionable score too."""
+    nodules = tuple(dataclasses.replace(n, solid_width_mm=w)
+                    for n, w in zip(_finding(series).nodules, SOLID_WIDTHS, strict=True))
+    return dataclasses.replace(_finding(series), nodules=nodules, actionable=ACTIONABLE)
 
 
 def _absent() -> Finding:
@@ -135,6 +148,23 @@ def test_sr_values_read_back_with_pydicom(series: SyntheticSeries, tmp_path: Pat
     assert device_maker.TextValue == "dicomops"
     (device_name,) = _named(sr, codes.DCM.DeviceObserverName.value)
     assert VERSION in device_name.TextValue
+
+
+def test_segmenter_sr_adds_solid_parts_and_the_actionable_score_in_a_declared_private_scheme(
+        series: SyntheticSeries, tmp_path: Path) -> None:
+    sr = pydicom.dcmread(_write(structured_report(series.images, _segmenter_finding(series)), tmp_path / "sr.dcm"))
+    widths = _named(sr, SOLID_PART_WIDTH.value)
+    assert sorted(float(i.MeasuredValueSequence[0].NumericValue) for i in widths) == sorted(SOLID_WIDTHS)
+    assert {i.ConceptNameCodeSequence[0].CodingSchemeDesignator for i in widths} == {PRIVATE_SCHEME}
+    assert {i.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue for i in widths} == {"mm"}
+    (score,) = _named(sr, ACTIONABLE_SCORE.value)
+    assert float(score.MeasuredValueSequence[0].NumericValue) == ACTIONABLE
+    (scheme,) = sr.CodingSchemeIdentificationSequence
+    assert scheme.CodingSchemeDesignator == PRIVATE_SCHEME and scheme.CodingSchemeResponsibleOrganization
+    # The classifier's SR uses no private concept and declares none.
+    plain = structured_report(series.images, _finding(series))
+    assert "CodingSchemeIdentificationSequence" not in plain
+    assert not _named(plain, SOLID_PART_WIDTH.value) and not _named(plain, ACTIONABLE_SCORE.value)
 
 
 def test_sr_content_parses_back_with_highdicom(series: SyntheticSeries, tmp_path: Path) -> None:
@@ -254,6 +284,7 @@ def test_seg_refuses_an_absent_finding(series: SyntheticSeries) -> None:
         (dict(threshold=float("nan")), "threshold must be a probability"),
         (dict(model_version=" "), "model_version must be a non-empty"),
         (dict(present=False, nodules=(Nodule((0.0, 0.0, 0.0), 5.0, 0.5),)), "cannot list nodules"),
+        (dict(actionable=-0.25), "actionable must be a probability"),
     ],
 )
 def test_finding_names_the_bad_argument(kwargs: dict, message: str) -> None:
@@ -265,6 +296,8 @@ def test_finding_names_the_bad_argument(kwargs: dict, message: str) -> None:
 def test_nodule_rejects_a_non_positive_diameter() -> None:
     with pytest.raises(ValueError, match="diameter_mm"):
         Nodule((1.0, 2.0, 3.0), 0.0, 0.5)
+    with pytest.raises(ValueError, match="solid_width_mm"):
+        Nodule((1.0, 2.0, 3.0), 5.0, 0.5, solid_width_mm=-1.0)
 
 
 def test_mixed_series_are_refused_without_quoting_uids(series: SyntheticSeries) -> None:
@@ -328,10 +361,12 @@ DCIODVFY = shutil.which("dciodvfy")
 # CI installs dicom3tools first (.ci/run) and must not skip this; elsewhere it is optional.
 @pytest.mark.skipif(DCIODVFY is None and not os.environ.get("CI"),
                     reason="dciodvfy not installed: apt-get install -y dicom3tools")
-@pytest.mark.parametrize("kind", ["sr-present", "sr-absent", "seg"])
+@pytest.mark.parametrize("kind", ["sr-present", "sr-segmenter", "sr-absent", "seg"])
 def test_dciodvfy_finds_no_errors(series: SyntheticSeries, tmp_path: Path, kind: str) -> None:
     if kind == "sr-present":
         ds: pydicom.Dataset = structured_report(series.images, _finding(series))
+    elif kind == "sr-segmenter":
+        ds = structured_report(series.images, _segmenter_finding(series))
     elif kind == "sr-absent":
         ds = structured_report(series.images, _absent())
     else:

@@ -87,8 +87,7 @@ def test_the_solid_level_is_minus_300_hu_in_the_windows_units() -> None:
     assert actionable.solid_level(PreprocessConfig()) == pytest.approx(0.70)  # lung window [-1350, 150]
     assert actionable.solid_level(PreprocessConfig(window="none")) == -300.0
     assert actionable.solid_level(PreprocessConfig(window="soft_tissue")) == 0.0  # below its window: clipped
-    with pytest.raises(ValueError, match="preset such as 'lung'"):
-        actionable.solid_level(PreprocessConfig(window="header"))
+    assert actionable.solid_level(PreprocessConfig(window="header")) is None  # no one level: no call
 
 
 def test_the_series_score_ranks_by_the_rule_solid_or_part_solid_and_at_least_6_mm() -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from dicomops.config import PreprocessConfig, SegmentConfig
 from dicomops.export.onnx_export import session
-from dicomops.segmentation.metrics import equivalent_diameter_mm
+from dicomops.segmentation.metrics import equivalent_diameter_mm, solid_width_mm
 from dicomops.serving.segmenter import Segmenter, localise
 from tests.segmenter_fixture import GAIN, LEVEL, density_graph
 
@@ -46,10 +46,28 @@ def test_a_nodule_is_reported_in_lps_millimetres_with_its_diameter_and_voxels(se
     assert only.score == pytest.approx(1 / (1 + np.exp(-GAIN * (1.0 - LEVEL))), abs=1e-6)
     assert np.array_equal(found.mask, nodule) and np.array_equal(found.affine, affine)
     assert found.score == pytest.approx(only.score, abs=1e-6)
+    # All of it is solid (the network marks only voxels above -300 HU): its solid part is the
+    # nodule, measured at the series' spacing, and the series' actionable score is the
+    # actionable module's for that finding.
+    assert only.solid_width_mm == pytest.approx(solid_width_mm(nodule, (0.8, 0.8, 1.5)), abs=0.05)
+    assert 6.0 < only.solid_width_mm < 8.0  # 2 x 3.3 mm: the nearest edge is off-axis in this voxel sphere
+    sigmoid = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    expected = only.score * sigmoid(only.diameter_mm - 6.0) * sigmoid((only.solid_width_mm - 3.5) / 0.5)
+    assert found.actionable == pytest.approx(expected, abs=0.02)
 
 
 def test_nothing_found_is_an_empty_report(segmenter: Segmenter) -> None:
     found = localise(segmenter, np.full((32, 32, 16), 0.4, np.float32), np.eye(4))
-    assert found.nodules == () and not found.mask.any() and found.score < 0.01
+    assert found.nodules == () and not found.mask.any() and found.score < 0.01 and found.actionable == 0.0
     with pytest.raises(ValueError, match="4x4"):
         localise(segmenter, np.zeros((32, 32, 16), np.float32), np.eye(3))
+
+
+def test_without_a_fixed_window_there_are_no_solid_parts_and_no_call(segmenter: Segmenter) -> None:
+    import dataclasses
+
+    per_series = dataclasses.replace(segmenter, preprocess=PreprocessConfig(window="header"))
+    image = np.full((48, 48, 40), 0.4, np.float32)
+    image[ball(image.shape, (20, 25, 15), 4)] = 1.0
+    found = localise(per_series, image, np.eye(4))
+    assert len(found.nodules) == 1 and found.nodules[0].solid_width_mm is None and found.actionable is None
