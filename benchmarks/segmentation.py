@@ -18,6 +18,9 @@ is a smoke check of under two minutes).
 2. Inference: ``probability`` (Gaussian sliding windows of ``roi``) on whole volumes in the automatic
    precision against float32 (not with ``--quick``), seconds per series after one warm-up volume; and the peak RSS of a fresh spawned process that
    builds the model, reads one volume and scores it (targets: ≤ 10 s per series, ≤ 3 GB).
+3. The actionable call (``dicomops.segmentation.actionable``) on fold 0's out-of-fold probability
+   maps (after ``dicomops segment``): what it adds per series (the findings with their solid parts,
+   every candidate's too, the score) against what the SR needed before it, ``findings`` alone.
 """
 
 from __future__ import annotations
@@ -50,8 +53,10 @@ from monai.transforms import (
 )
 from torch.utils.data import DataLoader
 
-from dicomops.config import SegmentConfig
+from dicomops.config import PreprocessConfig, SegmentConfig
 from dicomops.layout import WorkLayout
+from dicomops.segmentation import actionable
+from dicomops.segmentation.cv import PREDICTION_SCALE
 from dicomops.segmentation.data import (
     BODY_LEVEL,
     PatchSet,
@@ -59,6 +64,7 @@ from dicomops.segmentation.data import (
     load_volumes,
     series_table,
 )
+from dicomops.segmentation.metrics import findings
 from dicomops.segmentation.model import build_loss, build_segmenter, probability
 from dicomops.training.loop import choose_precision, seed_everything
 
@@ -268,6 +274,34 @@ def inference(layout: WorkLayout, ids: list[str], cfg: SegmentConfig, tmp: Path,
           f"(target <= 3 GB): {'ok' if peak['peak_gb'] <= 3.0 else 'MISSED'}")
 
 
+def actionable_cost(layout: WorkLayout, cfg: SegmentConfig, count: int) -> None:
+    maps = sorted((layout.segment.fold(0) / "probabilities").glob("*.npz"))[:count]
+    if not maps:
+        print("\n3. actionable call: skipped, no out-of-fold probability maps (run 'dicomops segment' first)")
+        return
+    volumes = load_volumes(layout, [p.stem for p in maps], cfg.patch)
+    level = actionable.solid_level(PreprocessConfig())
+    plain, call = [], []
+    for path, v in zip(maps, volumes, strict=True):
+        with np.load(path) as npz:
+            prob = npz["prob"].astype(np.float32) / PREDICTION_SCALE
+        image = v.image.astype(np.float32)
+        start = time.perf_counter()
+        findings(prob, threshold=cfg.threshold, candidate_threshold=cfg.candidate_threshold,
+                 finding_threshold=cfg.finding_threshold)
+        plain.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        findings(prob, threshold=cfg.threshold, candidate_threshold=cfg.candidate_threshold,
+                 finding_threshold=cfg.finding_threshold, image=image, solid_level=level)
+        every, _ = findings(prob, threshold=cfg.threshold, candidate_threshold=cfg.candidate_threshold,
+                            finding_threshold=cfg.candidate_threshold, image=image, solid_level=level)
+        actionable.series_score(every)
+        call.append(time.perf_counter() - start)
+    print(f"\n3. actionable call on {len(maps)} out-of-fold maps of fold 0: findings alone "
+          f"{1000 * np.mean(plain):.0f} ms per series, with solid parts and the call {1000 * np.mean(call):.0f} ms "
+          f"({np.mean(call) / np.mean(plain):.2f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("work"), help="A work directory with preprocessed data.")
@@ -301,6 +335,7 @@ def main() -> None:
     print_training(rows)
     with tempfile.TemporaryDirectory() as tmp:
         inference(layout, other_ids[:n_inference], cfg, Path(tmp), reference=not args.quick)
+    actionable_cost(layout, cfg, n_inference if args.quick else 30)
     print(f"load average {os.getloadavg()[0]:.2f} at end (above {os.cpu_count()} means other work shared the cores)")
 
 
