@@ -150,9 +150,8 @@ def structured_report(
     present/absent evaluation, the score and operating point as unitless measurements, and each
     nodule as a 3D point with its diameter (and, from the segmenter, the width of its solid part
     and the series' actionable score, in a private scheme the SR declares). The model name and
-    version appear twice on purpose:
-    as the device observer (who made the observations) and as the algorithm identification of
-    every measurement group (what produced each number).
+    version appear twice on purpose: as the device observer (who made the observations) and as
+    the algorithm identification of every measurement group (what produced each number).
 
     Args:
         source_images: The series the model analysed, all with one Study, Series and Frame of
