@@ -346,6 +346,8 @@ def segment(
     final model, registry version of dicomops-ct-nodule-seg, promotion gate on CPM.
 
     For more than one process, run ``dicomops.segmentation.ddp`` under torchrun (see the README)."""
+    from dicomops.tracking.model_card import _f
+
     cfg = _pipeline_config(config)
     try:
         result = _flow("segment")(work=work.resolve() if work else None, config=cfg.segment,
@@ -356,7 +358,7 @@ def segment(
         raise typer.Exit(2) from err
     console.print(f"[green]segment finished[/]: version {result['version']} of {cfg.segment.model_name}, CPM "
                   f"{result['cpm']:.3f}, Dice (>= 6 mm) {result['dice_ge6']:.3f}, actionable-call AUC "
-                  f"{'–' if result.get('actionable_auc') is None else format(result['actionable_auc'], '.3f')}; "
+                  f"{_f(result.get('actionable_auc'))}; "
                   f"{'champion' if result['promoted'] else 'challenger, awaiting review'}")
 
 

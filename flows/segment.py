@@ -14,16 +14,13 @@ from dicomops.config import (
     TrainConfig,
     load_settings,
 )
+from dicomops.segmentation import cv
 from dicomops.tracking import flatten_params
 from flows.scope import tracked, writing
 from tasks import segment as s
 from tasks import stages
 from tasks.preprocess import hash_accepted_corpus
 from tasks.train import prepare_splits, release_pool_counts
-
-
-def _f(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
 
 
 @flow(name="dicomops-segment", log_prints=True)
@@ -59,10 +56,8 @@ def segment(work: Path | None = None, config: SegmentConfig = SegmentConfig(),
             version = s.register(work, config, preprocess_config, uri, data_hash, split_hash, run_tags or {})
             exported = s.export(work, config, uri, version)
             decision = s.promotion_gate(uri, config, version)
-        print(f"segment: CPM {summary['cpm']:.3f}, Dice (nodules >= 6 mm) {summary['dice_ge6_mean']:.3f}, "
-              f"series kappa {summary['kappa_series']:.3f}, actionable-call AUC {_f(summary['actionable_auc'])} "
-              f"({', '.join(f'{v} {_f(a)}' for v, a in summary['vendor_actionable_auc'].items())}); "
-              f"version {version} {decision['decision']}: {'; '.join(decision['reasons'])}")
+        print(f"segment: {cv.describe(summary)}; version {version} {decision['decision']}: "
+              f"{'; '.join(decision['reasons'])}")
         result: dict[str, object] = {"mlflow_run_id": run_id, "version": version, "cpm": summary["cpm"],
                                      "vendor_cpm": summary["vendor_cpm"], "dice_ge6": summary["dice_ge6_mean"],
                                      "kappa_series": summary["kappa_series"],

@@ -234,10 +234,8 @@ def summarise(layout: WorkLayout, cfg: SegmentConfig, tracking_uri: str) -> dict
     metrics |= {"cv.actionable_auc": calls.get("mean", float("nan")),
                 **{f"cv.actionable_auc.{m.slug(v)}": a for v, a in calls.get("vendor", {}).items()}}
     table = _group_table(evals)
-    table["auc_actionable"] = [calls.get("mean") if r.group == "all" else
-                               calls.get("vendor", {}).get(str(r.value)) if r.group == "vendor" else None
-                               for r in table.itertuples()]
-    table["auc_actionable"] = table["auc_actionable"].astype(float)
+    aucs = {("all", "all"): calls.get("mean"), **{("vendor", v): a for v, a in calls.get("vendor", {}).items()}}
+    table["auc_actionable"] = [aucs.get((r.group, str(r.value)), float("nan")) for r in table.itertuples()]
     io.write_csv(paths.by_group, table)
     io.write_csv(paths.nodules, m.nodule_table(evals))
     io.write_csv(paths.series, pd.DataFrame([{"series": e.series, "vendor": e.vendor, "dice": e.dice,
@@ -267,6 +265,16 @@ def summarise(layout: WorkLayout, cfg: SegmentConfig, tracking_uri: str) -> dict
     mlflow_runs.log_results(tracking_uri, parent_run(layout), _shown(metrics),
                             [privacy.shown(paths.by_group, table), shown_summary, *pictures], "cv")
     return summary
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """One line of a :func:`summarise` summary for a console: CPM, Dice, kappa and the actionable
+    call's AUC overall and per vendor ("–" where it was not made)."""
+    f = model_card._f
+    vendors = ", ".join(f"{v} {f(a)}" for v, a in summary.get("vendor_actionable_auc", {}).items())
+    return (f"CPM {f(summary['cpm'])}, Dice (nodules >= 6 mm) {f(summary['dice_ge6_mean'])}, series kappa "
+            f"{f(summary['kappa_series'])}, actionable-call AUC {f(summary.get('actionable_auc'))}"
+            + (f" ({vendors})" if vendors else ""))
 
 
 def actionable_cv(by_fold: list[list[m.SeriesEval]]) -> dict[str, Any]:

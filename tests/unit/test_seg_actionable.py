@@ -131,3 +131,13 @@ def test_the_cross_validation_summary_is_the_mean_over_folds_as_for_the_classifi
     assert out["vendor"] == pytest.approx({"a": 0.5, "b": 0.5})
     assert out["std"] == pytest.approx(0.0)
     assert actionable_cv([fold0, [_eval("a", True, None)]]) == {}
+
+
+def test_the_console_line_gives_the_call_per_vendor_and_a_dash_where_it_was_not_made() -> None:
+    from dicomops.segmentation.cv import describe
+
+    base = {"cpm": 0.9441, "dice_ge6_mean": 0.8243, "kappa_series": 0.8323}
+    line = describe(base | {"actionable_auc": 0.9895, "vendor_actionable_auc": {"ge": 1.0, "philips": 0.9167}})
+    assert line == ("CPM 0.944, Dice (nodules >= 6 mm) 0.824, series kappa 0.832, actionable-call AUC 0.990 "
+                    "(ge 1.000, philips 0.917)")
+    assert describe(base | {"actionable_auc": None, "vendor_actionable_auc": {}}).endswith("actionable-call AUC –")
