@@ -18,7 +18,7 @@ nodes sit where the Inductor backend fuses, not where ONNX Runtime does.
 from __future__ import annotations
 
 import copy
-import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from dicomops import progress
 from dicomops.export import onnx_export, quantize
 from dicomops.export.contract import InputContract
 from dicomops.training.data import AugmentedSlabs, SlabSet
 from dicomops.training.model import class_weights
-
-log = logging.getLogger(__name__)
 
 
 def _one_partition_per_call(program: torch.fx.GraphModule) -> None:
@@ -85,14 +84,15 @@ def finetune(model: torch.nn.Module, train: SlabSet, *, epochs: int, learning_ra
     loader = DataLoader(AugmentedSlabs(train, train=True), batch_size=batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed), drop_last=len(train.y) > batch_size)
     for epoch in range(epochs):
-        total, seen = 0.0, 0
+        total, seen, tick = 0.0, 0, time.perf_counter()
         for x, y in loader:
             loss = F.cross_entropy(prepared(x), y, weight=weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total, seen = total + loss.item() * len(y), seen + len(y)
-        log.info("QAT epoch %d/%d: loss %.4f over %d slabs", epoch + 1, epochs, total / max(seen, 1), seen)
+        progress.epoch("quantisation-aware fine-tune", epoch + 1, epochs,
+                       {"train_loss": total / max(seen, 1), "samples_per_second": seen / (time.perf_counter() - tick)})
     move_exported_model_to_eval(prepared)
     trained = copy.deepcopy(model).cpu().float()
     state = prepared.state_dict()
@@ -181,6 +181,7 @@ def held_out(layout: Any, tracking_uri: str, run_id: str, contract: InputContrac
                 rows.append({"fold": fold, "engine": engine, "SeriesInstanceUID": uid,
                              "vendor": series.loc[uid, "vendor"], "label": int(series.loc[uid, "label"]),
                              "score": score})
-        log.info("held-out INT8, fold %d: %s", fold, held_out_table([r for r in rows if r["fold"] == fold])
-                 [["engine", "pooled_auc"]].to_dict("records"))
+        aucs = held_out_table([r for r in rows if r["fold"] == fold]).set_index("engine")["pooled_auc"]
+        progress.PROGRESS.info("held-out INT8, fold %d of %d: AUC %s", fold + 1, folds.n_splits,
+                               ", ".join(f"{engine} {auc:.3f}" for engine, auc in aucs.items()))
     return pd.DataFrame(rows)

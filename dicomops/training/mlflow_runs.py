@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from dicomops import progress
 from dicomops.layout import WorkLayout
 from dicomops.tracking import runs
 from dicomops.training import state as train_state
@@ -94,10 +95,13 @@ def closing(tracking_uri: str, run_id: str) -> Iterator[str]:
     client.set_terminated(run_id, "FINISHED")
 
 
-def step_logger(tracking_uri: str, run_id: str, prefix: str = "") -> StepLogger:
-    """A callback for the training loop: one metric batch per epoch."""
+def step_logger(tracking_uri: str, run_id: str, prefix: str = "", *, label: str = "", epochs: int = 0) -> StepLogger:
+    """A callback for the training loop: one metric batch per epoch, and with a `label` one line of
+    progress in the flow run's log (``label: epoch e/epochs, loss …``)."""
     def log(epoch: int, metrics: dict[str, float]) -> None:
         runs.log_metrics(tracking_uri, run_id, {f"{prefix}{m}": v for m, v in metrics.items()}, step=epoch)
+        if label:
+            progress.epoch(label, epoch, epochs, metrics)
 
     return log
 
