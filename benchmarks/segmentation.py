@@ -157,7 +157,7 @@ def training(layout: WorkLayout, ids: list[str], cfg: SegmentConfig, steps: int,
     rows: list[dict[str, Any]] = []
 
     start = time.perf_counter()
-    volumes = load_volumes(layout, ids, cfg.patch)
+    volumes = load_volumes(layout, ids, cfg.patch, cfg.border_share)
     ours_load = time.perf_counter() - start
     patches = PatchSet(volumes, cfg.patch, cfg.positive_share, samples, seed=cfg.seed)
     plan = [int(i) for i in patches.plan]  # every pipeline cuts from this sequence of volumes
@@ -279,7 +279,7 @@ def actionable_cost(layout: WorkLayout, cfg: SegmentConfig, count: int) -> None:
     if not maps:
         print("\n3. actionable call: skipped, no out-of-fold probability maps (run 'dicomops segment' first)")
         return
-    volumes = load_volumes(layout, [p.stem for p in maps], cfg.patch)
+    volumes = load_volumes(layout, [p.stem for p in maps], cfg.patch, cfg.border_share)
     level = actionable.solid_level(PreprocessConfig())
     plain, call = [], []
     for path, v in zip(maps, volumes, strict=True):

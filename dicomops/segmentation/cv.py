@@ -161,13 +161,14 @@ def run_fold(layout: WorkLayout, cfg: SegmentConfig, fold: int, tracking_uri: st
     else:
         runs.configure_mlflow(tracking_uri).update_run(run_id, status="RUNNING")
     with mlflow_runs.closing(tracking_uri, run_id):
-        train = load_volumes(layout, folds.train(fold), cfg.patch)
-        val = load_volumes(layout, folds.val(fold), cfg.patch)
+        train = load_volumes(layout, folds.train(fold), cfg.patch, cfg.border_share)
+        val = load_volumes(layout, folds.val(fold), cfg.patch, cfg.border_share)
         mlflow_runs.log_results(tracking_uri, run_id, {}, [],
                                 tags={"precision": choose_precision(cfg.precision).name})
         tick = time.perf_counter()
         result = fit(train, cfg, out / "checkpoint.pt", seed=cfg.seed + fold,
-                     log=mlflow_runs.step_logger(tracking_uri, run_id), stop_after=stop_after)
+                     log=mlflow_runs.step_logger(tracking_uri, run_id, label=f"segmenter fold {fold}",
+                                                      epochs=cfg.epochs), stop_after=stop_after)
         train_seconds = time.perf_counter() - tick
         evals, timing = evaluate(result.model, val, cfg, pre, keep=out / "probabilities")
         save_evals(out / "evals.json", evals)
@@ -248,7 +249,7 @@ def summarise(layout: WorkLayout, cfg: SegmentConfig, tracking_uri: str) -> dict
                                   paths.picture("froc_by_vendor.png")),
                 plots.froc_figure(by_kind, "Nodule FROC per kind and size (out of fold)",
                                   paths.picture("froc_by_kind.png")),
-                contour_picture(layout, evals, paths.picture("contours.png"), cfg.patch)]
+                contour_picture(layout, evals, paths.picture("contours.png"), cfg)]
     summary = {"cpm": metrics["cpm"], "vendor_cpm": {v: float(r.cpm) for v, r in vendors.iterrows()},
                "vendor_dice_ge6": {v: float(r.dice_ge6_mean) for v, r in vendors.iterrows()},
                "vendor_kappa": {v: float(r.kappa_series) for v, r in vendors.iterrows()},
@@ -296,7 +297,7 @@ def _chooser(group: str, value: str) -> Any:
     return lambda n: str(n[group]) == value
 
 
-def contour_picture(layout: WorkLayout, evals: list[m.SeriesEval], out: Path, patch: tuple[int, int, int],
+def contour_picture(layout: WorkLayout, evals: list[m.SeriesEval], out: Path, cfg: SegmentConfig,
                     cases: int = 12) -> Path:
     """Reference and predicted contours through the nodules a reviewer should see first: the missed
     and worst-segmented ones, then the best, each from its own fold's model (which never saw it)."""
@@ -305,7 +306,8 @@ def contour_picture(layout: WorkLayout, evals: list[m.SeriesEval], out: Path, pa
     rows = [(e, n) for e in evals for n in e.nodules]
     rows.sort(key=lambda en: (en[1]["score"] is not None, en[1]["dice"]))
     chosen = rows[: cases - cases // 3] + rows[len(rows) - cases // 3:] if len(rows) > cases else rows
-    volumes = {v.series: v for v in load_volumes(layout, sorted({e.series for e, _ in chosen}), patch)}
+    volumes = {v.series: v for v in load_volumes(layout, sorted({e.series for e, _ in chosen}), cfg.patch,
+                                                 cfg.border_share)}
     items = []
     for e, n in chosen:
         v = volumes[e.series]
@@ -324,8 +326,9 @@ def contour_picture(layout: WorkLayout, evals: list[m.SeriesEval], out: Path, pa
 def train_final(layout: WorkLayout, cfg: SegmentConfig, tracking_uri: str) -> Path:
     """Train on every labelled series for the configured epochs; save the weights."""
     ids = list(layout.labelled_series().SeriesInstanceUID)
-    log = mlflow_runs.step_logger(tracking_uri, parent_run(layout), prefix="final.")
-    result: SegFit = fit(load_volumes(layout, ids, cfg.patch), cfg, layout.segment.final / "checkpoint.pt",
+    log = mlflow_runs.step_logger(tracking_uri, parent_run(layout), prefix="final.", label="final segmenter",
+                                 epochs=cfg.epochs)
+    result: SegFit = fit(load_volumes(layout, ids, cfg.patch, cfg.border_share), cfg, layout.segment.final / "checkpoint.pt",
                          seed=cfg.seed + 1000, log=log)
     path = layout.segment.final_weights
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -413,7 +416,7 @@ def export(layout: WorkLayout, cfg: SegmentConfig, tracking_uri: str, version: s
     out = layout.export_dir(f"{version}-segmenter") / "segmenter.onnx"
     export_onnx(model, cfg, out)
     ids = layout.read_folds().val(0)[:parity_volumes]
-    report = check_parity(model, out, [v.image for v in load_volumes(layout, ids, cfg.patch)], cfg,
+    report = check_parity(model, out, [v.image for v in load_volumes(layout, ids, cfg.patch, cfg.border_share)], cfg,
                           tolerance=PARITY_TOLERANCE)
     io.write_json(out.with_name("parity.json"), report)
     client = runs.configure_mlflow(tracking_uri)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from scipy import ndimage
 from torch.utils.data import Dataset
 
 from dicomops.layout import WorkLayout
@@ -34,6 +36,8 @@ LUNG_LEVEL = 0.45
 BACKGROUND_STRIDE = 2  # lung centres on every 2nd voxel per axis: 1/8 of them, same coverage
 BODY_STRIDE = 3  # other body centres on every 3rd: 34-41 % of the demo's background centres, so the
 # rest of the body (mediastinum, diaphragm, liver dome in long series) is seen as often as it is scored
+BORDER_WIDTH = 2  # the lung border: voxels within 2 voxels (2 mm) of both lung and other body tissue
+BORDER_OPENING = 5  # structures thinner than 5 voxels (vessels, rims) are not a border
 
 
 @dataclass
@@ -69,8 +73,40 @@ def pad_to(array: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
     return np.pad(array, pads, mode="edge") if any(p for _, p in pads) else array
 
 
+def _open(mask: np.ndarray, size: int) -> np.ndarray:
+    """Binary opening with a cube of `size`: what is thinner than `size` voxels is gone."""
+    return ndimage.maximum_filter(ndimage.minimum_filter(mask.view(np.uint8), size), size).view(bool)
+
+
+def lung_border(image: np.ndarray, body: np.ndarray, width: int = BORDER_WIDTH) -> np.ndarray:
+    """The band where the lung meets the chest wall, mediastinum and diaphragm: body voxels within
+    `width` voxels (a cube) of both lung (below :data:`LUNG_LEVEL`) and other tissue, each opened
+    by :data:`BORDER_OPENING` first so that vessels, the skin's partial-volume rim and the table
+    are not borders.
+
+    Partial volume smears that edge into values between aerated lung and soft tissue, most where
+    the border runs oblique to thick slices: crescents that look like ground glass to the network.
+    """
+    lung = body & (image < LUNG_LEVEL)
+    size = 2 * width + 1
+    near_lung = ndimage.maximum_filter(_open(lung, BORDER_OPENING).view(np.uint8), size=size).view(bool)
+    near_tissue = ndimage.maximum_filter(_open(body & ~lung, BORDER_OPENING).view(np.uint8), size=size).view(bool)
+    return body & near_lung & near_tissue
+
+
+def border_centres(others: np.ndarray, border: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """`others` with border centres added so that they make `share` of the result: each of `border`
+    as often as that allows, and a random subset of them (drawn with `seed`) once more."""
+    if share <= 0 or not len(border):
+        return others
+    want = round(share / (1 - share) * len(others))
+    whole, rest = divmod(want, len(border))
+    pick = np.random.default_rng(seed).choice(border, size=rest, replace=False)
+    return np.concatenate([others, np.sort(np.concatenate([np.tile(border, whole), pick]))])
+
+
 def read_volume(path: Path, series: str, vendor: str, nodules: list[NoduleRef],
-                patch: tuple[int, int, int], actionable: bool | None = None) -> SegVolume:
+                patch: tuple[int, int, int], actionable: bool | None = None, border_share: float = 0.0) -> SegVolume:
     with np.load(path) as npz:
         image, mask = pad_to(npz["image"], patch), pad_to(npz["mask"], patch)
     labels = np.unique(mask[mask > 0])
@@ -89,6 +125,9 @@ def read_volume(path: Path, series: str, vendor: str, nodules: list[NoduleRef],
     body_grid[::BODY_STRIDE, ::BODY_STRIDE, ::BODY_STRIDE] = True
     body = (image > BODY_LEVEL) & (mask == 0)
     background = np.flatnonzero((body & ((lung_grid & (image < LUNG_LEVEL)) | body_grid)).ravel())
+    if border_share > 0:  # hard negatives: the lung's edge, outside nodules, at a fixed share
+        border = np.flatnonzero(lung_border(image, image > BODY_LEVEL).ravel() & (mask.ravel() == 0))
+        background = border_centres(background, border, border_share, seed=zlib.crc32(series.encode()))
     return SegVolume(series, vendor, image, mask, nodules, foreground, background, (mask > 0)[None].astype(np.uint8),
                      dropped, actionable)
 
@@ -117,7 +156,7 @@ def body_box(image: np.ndarray, margin: int, minimum: tuple[int, int, int]) -> t
     return box[0], box[1], box[2]
 
 
-_CACHE: dict[tuple[str, tuple[int, int, int]], SegVolume] = {}
+_CACHE: dict[tuple[str, tuple[int, int, int], float], SegVolume] = {}
 
 
 def series_table(layout: WorkLayout) -> pd.DataFrame:
@@ -128,17 +167,18 @@ def series_table(layout: WorkLayout) -> pd.DataFrame:
     return series.merge(labels, on="SeriesInstanceUID", how="left").fillna({"nodules": "[]"})
 
 
-def load_volumes(layout: WorkLayout, ids: list[str], patch: tuple[int, int, int]) -> list[SegVolume]:
+def load_volumes(layout: WorkLayout, ids: list[str], patch: tuple[int, int, int],
+                 border_share: float = 0.0) -> list[SegVolume]:
     """The volumes of series `ids`, in that order; each is read from disk once per process."""
     table = series_table(layout).set_index("SeriesInstanceUID")
     out = []
     for uid in ids:
         row = table.loc[uid]
         path = layout.preprocessed.volume(str(row.path))
-        key = (str(path), patch)
+        key = (str(path), patch, border_share)
         if key not in _CACHE:
             _CACHE[key] = read_volume(path, uid, str(row.vendor), nodule_refs(str(row.nodules) or "[]"), patch,
-                                      actionable=bool(row.label))
+                                      actionable=bool(row.label), border_share=border_share)
         out.append(_CACHE[key])
     return out
 

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
             ids, out, seed = list(layout.labelled_series().SeriesInstanceUID), layout.segment.final, cfg.seed + 1000
         else:
             ids, out, seed = layout.read_folds().train(args.fold), layout.segment.fold(args.fold), cfg.seed + args.fold
-        result = fit(load_volumes(layout, ids, cfg.patch), cfg, out / "checkpoint.pt", seed=seed)
+        result = fit(load_volumes(layout, ids, cfg.patch, cfg.border_share), cfg, out / "checkpoint.pt", seed=seed)
         if dist.get_rank() == 0:
             torch.save(result.model.state_dict(), out / "model.pt")
             print(f"rank 0 of {dist.get_world_size()}: {result.epochs_run} epochs, weights in {out / 'model.pt'}")

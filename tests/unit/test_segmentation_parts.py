@@ -11,9 +11,12 @@ import torch
 from dicomops.config import SegmentConfig
 from dicomops.segmentation.data import (
     BODY_LEVEL,
+    LUNG_LEVEL,
     PatchSet,
     body_box,
+    border_centres,
     epoch_volumes,
+    lung_border,
     nodule_refs,
     rank_positions,
     read_volume,
@@ -65,6 +68,49 @@ def test_a_nodule_lost_in_resampling_leaves_the_reference_and_is_counted(tmp_pat
     assert [n.label for n in v.nodules] == [1, 2] and v.dropped_nodules == 1
     with pytest.raises(ValueError, match="regenerate the corpus"):
         read_volume(_volume(tmp_path, "b"), "s", "ge", nodule_refs('[{"diameter_mm": 5.0}]'), PATCH)
+
+
+def test_the_lung_border_is_the_band_where_lung_meets_tissue() -> None:
+    image = np.full((30, 30, 30), 0.1, np.float32)  # air outside the patient
+    image[2:28, 2:28, 2:28] = 0.6  # soft tissue
+    image[8:22, 8:22, 8:22] = 0.35  # lung inside it
+    image[8:22, 14:16, 14:16] = 0.6  # a vessel 2 voxels across
+    image[2:28, 2, 2:28] = 0.35  # the skin's partial-volume rim
+    band = lung_border(image, image > BODY_LEVEL, width=2)
+    # Two voxels either side of the lung's faces, and nowhere deeper on either side.
+    assert band[7, 10, 10] and band[6, 10, 10] and band[8, 10, 10] and band[9, 10, 10]
+    assert not band[5, 10, 10] and not band[10, 10, 10] and not band[15, 10, 10]
+    assert not band[15, 12, 15] and not band[15, 14, 15]  # around and on the vessel: no border
+    assert not band[15, 2, 15] and not band[15, 3, 15]  # nor along the rim
+    assert (image[band] > BODY_LEVEL).all()
+    assert (image[band] < LUNG_LEVEL).any() and (image[band] >= LUNG_LEVEL).any()
+
+
+def test_border_centres_take_their_share_of_the_background() -> None:
+    others, border = np.arange(0, 300), np.arange(1000, 1050)
+    out = border_centres(others, border, 0.25, seed=1)  # 100 border centres: each at least once
+    assert len(out) == 400 and np.isin(out[300:], border).all() and set(out[300:]) == set(border.tolist())
+    few = border_centres(others, border, 0.1, seed=1)  # 33 of them, no repeats
+    assert len(few) == 333 and len(set(few[300:].tolist())) == 33
+    assert np.array_equal(border_centres(others, border, 0.1, seed=1), few)
+    assert np.array_equal(border_centres(others, border, 0.0, seed=1), others)
+    assert np.array_equal(border_centres(others, border[:0], 0.3, seed=1), others)
+
+
+def test_border_share_puts_background_centres_on_the_lung_edge(tmp_path: Path) -> None:
+    path = _volume(tmp_path, "a")
+    with np.load(path) as npz:
+        image, mask = npz["image"].copy(), npz["mask"]
+    image[image == np.float16(0.35)] = 0.6  # soft tissue, with a lung inside it touching a nodule
+    image[8:32, 8:32, 4:20] = np.where(mask[8:32, 8:32, 4:20] > 0, image[8:32, 8:32, 4:20], 0.35)
+    np.savez(path, image=image, mask=mask)
+    plain = read_volume(path, "s", "ge", nodule_refs(RECORDS), PATCH)
+    hard = read_volume(path, "s", "ge", nodule_refs(RECORDS), PATCH, border_share=0.4)
+    edge = lung_border(hard.image, hard.image > BODY_LEVEL).ravel() & (hard.mask.ravel() == 0)
+    assert np.array_equal(hard.background[: len(plain.background)], plain.background)
+    added = hard.background[len(plain.background):]
+    assert edge.sum() > 1000 and edge[added].all() and abs(len(added) / len(hard.background) - 0.4) < 0.01
+    assert (hard.mask.ravel()[hard.background] == 0).all()
 
 
 def test_patches_depend_on_seed_epoch_and_position_only(tmp_path: Path) -> None:
