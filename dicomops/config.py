@@ -252,9 +252,10 @@ class SegmentConfig(_Section):
         "Sliding-window overlap. One fold-0 model of the demo corpus: Dice (>= 6 mm) 0.783 at 0.25, "
         "0.824 at 0.33, 0.836 at 0.4, 0.838 at 0.5, at 1.3, 1.6, 1.8 and 3.2 s per series."))
     positive_share: float = Field(0.5, gt=0, le=1, description="Share of patches centred on a nodule voxel.")
-    border_share: float = Field(0.0, ge=0, lt=1, description=(
+    border_share: float = Field(0.4, ge=0, lt=1, description=(
         "Share of background centres on the lung border (hard negatives: partial volume there looks like "
-        "ground glass); 0 samples the border only as often as the rest of the lung."))
+        "ground glass); 0 samples it as often as the rest of the lung (14-18 % of centres). On the demo, "
+        "0.4 against 0: series kappa 0.898 against 0.832 (philips 0.704 against 0.284), CPM 0.959 against 0.944."))
     batch_size: int = Field(8, ge=1, le=256, description="Patches per optimiser step (all ranks together).")
     patches_per_epoch: int = Field(480, ge=8, description="Patches drawn per epoch.")
     epochs: int = Field(24, ge=1, le=500, description=(
