@@ -18,6 +18,7 @@ Two objects per analysed series:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import math
@@ -126,10 +127,30 @@ class Finding:
                              "or drop the nodules")
 
 
-def _new_object(finding: Finding, series_number: int, instance_number: int, description: str) -> dict[str, Any]:
-    """What every object dicomops writes says of itself: new UIDs, its place in the series, and the
-    model that made it as the device (manufacturer dicomops)."""
-    return {"series_instance_uid": hd.UID(), "series_number": series_number, "sop_instance_uid": hd.UID(),
+def result_uids(source_images: Sequence[pydicom.Dataset], finding: Finding, description: str,
+                series_number: int, content: str = "") -> tuple[str, str]:
+    """The (series, instance) UIDs of a result, derived rather than drawn: from the analysed images,
+    the model version, the object's kind and place, and what it says (`finding`, and `content` for
+    what the finding does not hold, such as a SEG's voxels).
+
+    The same result for the same images gets the same UIDs, so a store retried after the PACS went
+    away mid-request (having kept what it received) finds the instance already there and the study
+    holds one copy, not two; a different result, or the same model on other images, gets new ones.
+    pydicom's ``generate_uid`` hashes the sources (SHA-512): nothing of the source UIDs can be read
+    back from the result's.
+    """
+    sources = [MANUFACTURER, finding.model_name, finding.model_version, description, str(series_number),
+               repr(finding), content, *sorted(str(ds.SOPInstanceUID) for ds in source_images)]
+    return (str(generate_uid(entropy_srcs=[*sources, "series"])),
+            str(generate_uid(entropy_srcs=[*sources, "instance"])))
+
+
+def _new_object(source_images: Sequence[pydicom.Dataset], finding: Finding, series_number: int,
+                instance_number: int, description: str, content: str = "") -> dict[str, Any]:
+    """What every object dicomops writes says of itself: its UIDs (:func:`result_uids`), its place in
+    the series, and the model that made it as the device (manufacturer dicomops)."""
+    series_uid, sop_uid = result_uids(source_images, finding, description, series_number, content)
+    return {"series_instance_uid": series_uid, "series_number": series_number, "sop_instance_uid": sop_uid,
             "instance_number": instance_number, "manufacturer": MANUFACTURER,
             "manufacturer_model_name": finding.model_name, "software_versions": finding.model_version,
             "device_serial_number": _device_uid(finding), "series_description": description}
@@ -186,7 +207,7 @@ def structured_report(
         sr = hd.sr.Comprehensive3DSR(
             evidence=list(source_images),
             content=report[0],
-            **_new_object(finding, series_number, instance_number, SR_SERIES_DESCRIPTION),
+            **_new_object(source_images, finding, series_number, instance_number, SR_SERIES_DESCRIPTION),
             # Complete: the model has nothing more to add. Unverified and preliminary: no
             # radiologist has signed it; a reader's correction supersedes it.
             is_complete=True,
@@ -263,7 +284,8 @@ def segmentation(
             pixel_array=mask,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=[description],
-            **_new_object(finding, series_number, instance_number, SEG_SERIES_DESCRIPTION),
+            **_new_object(source_images, finding, series_number, instance_number, SEG_SERIES_DESCRIPTION,
+                          content=hashlib.sha256(np.packbits(mask).tobytes()).hexdigest()),
         )
 
 
@@ -365,7 +387,7 @@ def _algorithm(finding: Finding) -> hd.sr.AlgorithmIdentification:
 
 def _device_uid(finding: Finding) -> str:
     """A UID fixed by model name and version, so every report from one model version names the
-    same device (a PACS can group by it) while the SOP and series UIDs stay new each time."""
+    same device (a PACS can group by it); the SOP and series UIDs depend on the result too."""
     return str(generate_uid(entropy_srcs=[MANUFACTURER, finding.model_name, finding.model_version]))
 
 

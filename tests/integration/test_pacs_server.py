@@ -5,6 +5,7 @@ are refused; an outage mid-retrieval (Orthanc killed, or nothing listening) leav
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import stat
@@ -28,6 +29,7 @@ from dicomops.pacs.client import (
     PacsError,
 )
 from dicomops.pacs.orthanc import OrthancProcess, start_orthanc
+from dicomops.pacs.results import Finding, structured_report
 
 from .conftest import ROOT, free_port
 from .orthanc_fixture import (  # noqa: F401  (orthanc is a fixture: pytest finds it by name)
@@ -96,6 +98,25 @@ def test_store_search_stable_change_and_retrieve_whole(orthanc: OrthancProcess, 
     with pytest.raises(PacsError, match="no instance"):
         PacsClient(orthanc.dicomweb_url, orthanc.credentials).retrieve_study("1.2.3.4.5.6.7", staging / "none")
     assert _leftovers(staging) == ["study-a"]
+
+
+def test_a_result_stored_again_is_kept_once(orthanc: OrthancProcess, tmp_path: Path) -> None:  # noqa: F811
+    # A store retried after the PACS went away mid-request sends the same result again: the same
+    # UIDs (results.result_uids), which the PACS accepts and keeps once.
+    images = [pydicom.dcmread(f) for f in synthetic_study(tmp_path / "src", slices=4)]
+    study_uid = str(images[0].StudyInstanceUID)
+    finding = Finding(present=False, score=0.125, threshold=0.5, model_name="dicomops-ct-classifier",
+                      model_version="3")
+    with PacsClient(orthanc.dicomweb_url, orthanc.credentials) as pacs:
+        pacs.store(images)
+        first = structured_report(images, finding)
+        assert pacs.store([first]) == [str(first.SOPInstanceUID)]
+        again = structured_report(images, finding)
+        assert pacs.store([again]) == [str(again.SOPInstanceUID)]
+        assert pacs.report_instances(study_uid) == [(str(first.SeriesInstanceUID), str(first.SOPInstanceUID))]
+        other = structured_report(images, dataclasses.replace(finding, score=0.25))
+        pacs.store([other])
+        assert len(pacs.report_instances(study_uid)) == 2
 
 
 def test_wrong_credentials_are_refused(orthanc: OrthancProcess, tmp_path: Path) -> None:  # noqa: F811

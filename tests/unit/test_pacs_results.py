@@ -216,10 +216,26 @@ def test_absent_finding_gives_a_report_without_nodules(series: SyntheticSeries, 
     assert not [i for i in _items(sr) if i.ValueType == "SCOORD3D"]
 
 
-def test_every_call_makes_new_instance_and_series_uids(series: SyntheticSeries) -> None:
-    a = structured_report(series.images, _absent())
-    b = structured_report(series.images, _absent())
-    assert a.SOPInstanceUID != b.SOPInstanceUID and a.SeriesInstanceUID != b.SeriesInstanceUID
+def test_a_result_made_again_has_the_same_uids_and_another_result_new_ones(series: SyntheticSeries) -> None:
+    # The same result for the same images (a store retried after the PACS went away): the same
+    # UIDs, so the PACS keeps one copy. Anything else that differs: new ones.
+    a, b = structured_report(series.images, _absent()), structured_report(series.images, _absent())
+    assert (a.SOPInstanceUID, a.SeriesInstanceUID) == (b.SOPInstanceUID, b.SeriesInstanceUID)
+    uids = {(a.SOPInstanceUID, a.SeriesInstanceUID)}
+    others = [structured_report(series.images, dataclasses.replace(_absent(), score=0.0626)),
+              structured_report(series.images, dataclasses.replace(_absent(), model_version="99")),
+              structured_report(series.images[1:], _absent()),
+              structured_report(series.images, _absent(), series_number=9003)]
+    for other in others:
+        assert other.SOPInstanceUID not in {u for u, _ in uids} and other.SeriesInstanceUID not in {s for _, s in uids}
+        uids.add((other.SOPInstanceUID, other.SeriesInstanceUID))
+    originals = {str(ds.SOPInstanceUID) for ds in series.images} | {str(series.images[0].SeriesInstanceUID)}
+    assert not {u for pair in uids for u in pair} & originals
+    one = segmentation(series.images, series.mask, _finding(series))
+    assert one.SOPInstanceUID == segmentation(series.images, series.mask, _finding(series)).SOPInstanceUID
+    fewer = series.mask.copy()
+    fewer[0] = False
+    assert segmentation(series.images, fewer, _finding(series)).SOPInstanceUID != one.SOPInstanceUID
 
 
 # --- the SEG --------------------------------------------------------------------------------
