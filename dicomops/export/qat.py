@@ -182,6 +182,6 @@ def held_out(layout: Any, tracking_uri: str, run_id: str, contract: InputContrac
                              "vendor": series.loc[uid, "vendor"], "label": int(series.loc[uid, "label"]),
                              "score": score})
         aucs = held_out_table([r for r in rows if r["fold"] == fold]).set_index("engine")["pooled_auc"]
-        progress.PROGRESS.info("held-out INT8, fold %d of %d: AUC %s", fold + 1, folds.n_splits,
+        progress.PROGRESS.info("held-out INT8, fold %d: AUC %s", fold,
                                ", ".join(f"{engine} {auc:.3f}" for engine, auc in aucs.items()))
     return pd.DataFrame(rows)

@@ -328,8 +328,8 @@ def train_final(layout: WorkLayout, cfg: SegmentConfig, tracking_uri: str) -> Pa
     ids = list(layout.labelled_series().SeriesInstanceUID)
     log = mlflow_runs.step_logger(tracking_uri, parent_run(layout), prefix="final.", label="final segmenter",
                                  epochs=cfg.epochs)
-    result: SegFit = fit(load_volumes(layout, ids, cfg.patch, cfg.border_share), cfg, layout.segment.final / "checkpoint.pt",
-                         seed=cfg.seed + 1000, log=log)
+    volumes = load_volumes(layout, ids, cfg.patch, cfg.border_share)
+    result: SegFit = fit(volumes, cfg, layout.segment.final / "checkpoint.pt", seed=cfg.seed + 1000, log=log)
     path = layout.segment.final_weights
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(result.model.state_dict(), path)
@@ -416,8 +416,8 @@ def export(layout: WorkLayout, cfg: SegmentConfig, tracking_uri: str, version: s
     out = layout.export_dir(f"{version}-segmenter") / "segmenter.onnx"
     export_onnx(model, cfg, out)
     ids = layout.read_folds().val(0)[:parity_volumes]
-    report = check_parity(model, out, [v.image for v in load_volumes(layout, ids, cfg.patch, cfg.border_share)], cfg,
-                          tolerance=PARITY_TOLERANCE)
+    volumes = load_volumes(layout, ids, cfg.patch, cfg.border_share)
+    report = check_parity(model, out, [v.image for v in volumes], cfg, tolerance=PARITY_TOLERANCE)
     io.write_json(out.with_name("parity.json"), report)
     client = runs.configure_mlflow(tracking_uri)
     run_id = client.get_model_version(cfg.model_name, version).run_id
