@@ -11,7 +11,8 @@ import warnings
 import pytest
 from prefect import flow, task
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterTextSearch
+from prefect.client.schemas.sorting import LogSort
 from prefect.context import get_run_context
 from prefect.logging.handlers import APILogHandler
 
@@ -34,16 +35,23 @@ def _training() -> uuid.UUID:
     return get_run_context().flow_run.id  # type: ignore[union-attr]
 
 
-async def _messages(run_id: uuid.UUID) -> list[str]:
-    async with get_client() as client:
-        logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
-    return [log.message for log in logs]
+def flow_log_messages(run_id: uuid.UUID | None = None, text: str = "epoch") -> list[str]:
+    """The lines holding `text` that Prefect's API holds of the flow run's log (of every run
+    without `run_id`), once the log worker has sent what it holds; newest first."""
+    APILogHandler().flush()
+
+    async def read() -> list[str]:
+        where = LogFilter(text=LogFilterTextSearch(query=text))
+        if run_id is not None:
+            where.flow_run_id = LogFilterFlowRunId(any_=[run_id])
+        async with get_client() as client:
+            return [log.message for log in await client.read_logs(where, limit=200, sort=LogSort.TIMESTAMP_DESC)]
+
+    return asyncio.run(read())
 
 
 def test_progress_lines_reach_the_flow_runs_log() -> None:
-    run_id = _training()
-    APILogHandler().flush()  # the log worker sends in batches: drain it
-    messages = asyncio.run(_messages(run_id))
+    messages = flow_log_messages(_training())
     assert "classifier fold 0: epoch 1/6, loss 0.500, 40 samples/s, slice AUC 0.871" in messages
     assert "final segmenter: epoch 24/24, loss 0.250" in messages
 

@@ -20,7 +20,10 @@ from dicomops.segmentation import cv
 from dicomops.serving.segmenter import load_segmenter, localise, optional_segmenter
 from dicomops.synthetic import generate_corpus
 from flows.segment import segment
+from tests.conftest import PREFECT_HOME
 from tests.counts import assert_no_exact_counts
+from tests.flows.test_ingest_flow import _prefect_database
+from tests.flows.test_progress import flow_log_messages
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 KEY = b"segment-test-key-0123456789abcdef01"
@@ -119,9 +122,13 @@ def test_segment_flow_registers_a_gated_version_with_froc_dice_and_kappa(
     assert again["skipped"] and again["version"] == result["version"]
     phi = pd.read_csv(src / "phi.csv", keep_default_na=False)
     needles = set(phi.value) | set(labels.SeriesInstanceUID.astype(str)) | set(labels.StudyInstanceUID.astype(str))
-    for place in (layout.segment.root, tmp_path / "mlflow"):
+    for place in (layout.segment.root, tmp_path / "mlflow", PREFECT_HOME, _prefect_database()):
         assert scan_for_phi(place, needles) == [], place
     assert len(scan_for_phi(src / "case-00001", needles)) > 5  # the scan is not vacuous
+    # Training showed its progress in the flow run's log, which the scan above covered.
+    messages = flow_log_messages()
+    for line in ("segmenter fold 3: epoch 1/1, loss ", "final segmenter: epoch 1/1, loss "):
+        assert any(m.startswith(line) for m in messages), line
 
 
 def test_an_interrupted_fold_resumes_into_the_same_run(seg_work: tuple[Path, Path], mlflow_env: str,
