@@ -62,12 +62,14 @@ def synthetic_study(out: Path, slices: int = 4, matrix: int = 64, index: int = 1
 
 @dataclass
 class CuttingProxy:
-    """A loopback TCP proxy to `port` that relays answers until `cut_after` bytes of a multipart
-    (WADO-RS) answer have passed, then calls `on_cut` (e.g. kill the server) and drops the connection."""
+    """A loopback TCP proxy to `port` that relays answers until `cut_after` bytes of the answer that
+    holds `marker` (by default a multipart, WADO-RS, answer) have passed, then calls `on_cut` (e.g.
+    kill the server) and drops the connection."""
 
     port: int
     cut_after: int
     on_cut: Callable[[], None]
+    marker: bytes = b"multipart/related"
 
     def __post_init__(self) -> None:
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -92,7 +94,7 @@ class CuttingProxy:
         relayed: int | None = None  # bytes of the multipart answer relayed so far
         try:
             while data := upstream.recv(4096):
-                if relayed is None and b"multipart/related" in data:
+                if relayed is None and self.marker in data:
                     relayed = 0
                 if relayed is not None and relayed + len(data) >= self.cut_after:
                     client.sendall(data[: self.cut_after - relayed])

@@ -101,16 +101,24 @@ def test_store_search_stable_change_and_retrieve_whole(orthanc: OrthancProcess, 
 
 
 def test_a_result_stored_again_is_kept_once(orthanc: OrthancProcess, tmp_path: Path) -> None:  # noqa: F811
-    # A store retried after the PACS went away mid-request sends the same result again: the same
-    # UIDs (results.result_uids), which the PACS accepts and keeps once.
+    # The PACS keeps a STOW-RS request and its answer never arrives (the connection drops as the
+    # answer starts): the store fails, the study is handled again, and the same result goes again
+    # with the same UIDs (results.result_uids), which the PACS accepts and keeps once.
     images = [pydicom.dcmread(f) for f in synthetic_study(tmp_path / "src", slices=4)]
     study_uid = str(images[0].StudyInstanceUID)
     finding = Finding(present=False, score=0.125, threshold=0.5, model_name="dicomops-ct-classifier",
                       model_version="3")
+    proxy = CuttingProxy(orthanc.http_port, cut_after=0, on_cut=lambda: None, marker=b"HTTP/1.1 200")
     with PacsClient(orthanc.dicomweb_url, orthanc.credentials) as pacs:
         pacs.store(images)
         first = structured_report(images, finding)
-        assert pacs.store([first]) == [str(first.SOPInstanceUID)]
+        try:
+            with pytest.raises(PacsError):
+                PacsClient(proxy.url + "/dicom-web", orthanc.credentials).store([first])
+        finally:
+            proxy.close()
+        assert proxy.cut.is_set()
+        assert pacs.report_instances(study_uid) == [(str(first.SeriesInstanceUID), str(first.SOPInstanceUID))]
         again = structured_report(images, finding)
         assert pacs.store([again]) == [str(again.SOPInstanceUID)]
         assert pacs.report_instances(study_uid) == [(str(first.SeriesInstanceUID), str(first.SOPInstanceUID))]
