@@ -213,8 +213,10 @@ class TrainConfig(_Section):
     top_k_slices: int = Field(3, ge=1, description="Series score: mean of the k highest slice scores.")
     leave_one_vendor_out: bool = Field(False, description="Also train on all vendors but one and score the held-out one.")
     distill_from: str | None = Field(None, description=(
-        "Version of the registered classifier to distil from: each fold learns from that version's model of "
-        "the same fold, the final model from its final model (same split and corpus, or training refuses)."))
+        "The registered version to distil from: V, a version of this classifier, or MODEL/V, of another "
+        "registered model such as the segmenter (dicomops-ct-nodule-seg/V, whose findings give slice "
+        "targets). Each fold learns from that version's model of the same fold, the final model from its "
+        "final model (same split and corpus, or training refuses)."))
     distill_alpha: float = Field(0.7, ge=0, le=1, description="Weight of the cross-entropy on the labels; the "
                                                               "KL term to the teacher takes 1 - alpha.")
     distill_temperature: float = Field(3.0, gt=0, description="Softmax temperature of the distillation term.")

@@ -209,6 +209,10 @@ class SegmentPaths:
     def picture(self, name: str) -> Path:
         return self.root / name
 
+    def teacher_scores(self, run_id: str) -> Path:
+        """Slice scores of the segmenter of MLflow run `run_id`, as a student's teacher (one ``.npy`` per series)."""
+        return self.root / "teacher" / run_id
+
 
 @dataclass(frozen=True)
 class Folds:

@@ -19,9 +19,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from dicomops.config import PreprocessConfig
+import numpy as np
+
+from dicomops.config import PreprocessConfig, SegmentConfig
 from dicomops.preprocessing.transforms import resolve_window
-from dicomops.segmentation.metrics import Found
+from dicomops.segmentation.metrics import Found, findings
 
 SOLID_HU = -300.0  # the top of ground glass (phantom.GGO_HU); solid tissue and solid cores lie above
 ACTIONABLE_MM = 6.0  # Lung-RADS v2022: solid or part-solid nodules under 6 mm are category 2
@@ -59,3 +61,26 @@ def finding_score(found: Found) -> float:
 def series_score(found: Sequence[Found]) -> float:
     """The series' actionable score: its best finding's (0 with none)."""
     return max((finding_score(f) for f in found), default=0.0)
+
+
+def weighed(prob: np.ndarray, image: np.ndarray, level: float, cfg: SegmentConfig,
+            spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> list[Found]:
+    """Every finding the call weighs: each candidate from ``cfg.candidate_threshold`` up, not only
+    those reported at ``cfg.finding_threshold`` (the size and core weigh down the rest), with its
+    solid core measured at `level` (:func:`solid_level`) in `image`."""
+    found, _ = findings(prob, threshold=cfg.threshold, candidate_threshold=cfg.candidate_threshold,
+                        finding_threshold=cfg.candidate_threshold, spacing=spacing, image=image, solid_level=level)
+    return found
+
+
+def slice_scores(found: Sequence[Found], depth: int) -> np.ndarray:
+    """Per slice (last axis, `depth` of them) the best :func:`finding_score` of the findings whose
+    segmented voxels lie on it, 0 where none does: the segmenter's call, slice by slice, as a
+    slice classifier's target (:mod:`dicomops.segmentation.teacher`)."""
+    out = np.zeros(depth, dtype=np.float64)
+    for f in found:
+        if f.slices is None:
+            raise ValueError("the finding carries no slices; it comes from findings() of an older version")
+        lo, hi = f.slices
+        out[lo:hi] = np.maximum(out[lo:hi], finding_score(f))
+    return out

@@ -40,6 +40,8 @@ PREDICTION_SCALE = 255  # out-of-fold probabilities are kept as uint8 (prob * 25
 # normalisation sums over a whole 160x160x64 window, in another order in each runtime. Measured on
 # the demo's trained segmenter: 8e-5 over whole volumes, 1.8e-4 in single windows.
 PARITY_TOLERANCE = 1e-3
+# The files of a ``weights/`` artifact (a fold run's, and the final model's on the parent run).
+WEIGHTS_FILE, SEGMENT_CONFIG_FILE, PREPROCESS_CONFIG_FILE = "model.pt", "segment_config.json", "preprocess_config.json"
 
 
 # -- state --------------------------------------------------------------------------------------
@@ -113,9 +115,7 @@ def evaluate(model: torch.nn.Module, volumes: list[SegVolume], cfg: SegmentConfi
         seconds.append(time.perf_counter() - tick)
         score = None
         if level is not None:
-            found, _ = m.findings(prob, threshold=cfg.threshold, candidate_threshold=cfg.candidate_threshold,
-                                  finding_threshold=cfg.candidate_threshold, image=v.image, solid_level=level)
-            score = actionable.series_score(found)
+            score = actionable.series_score(actionable.weighed(prob, v.image, level, cfg))
         evals.append(dataclasses.replace(
             m.evaluate_series(prob, v.mask, v.nodules, series=v.series, vendor=v.vendor, threshold=cfg.threshold,
                               candidate_threshold=cfg.candidate_threshold, finding_threshold=cfg.finding_threshold),
@@ -170,6 +170,9 @@ def run_fold(layout: WorkLayout, cfg: SegmentConfig, fold: int, tracking_uri: st
                      log=mlflow_runs.step_logger(tracking_uri, run_id, label=f"segmenter fold {fold}",
                                                       epochs=cfg.epochs), stop_after=stop_after)
         train_seconds = time.perf_counter() - tick
+        # The fold's model, as a later student's teacher for this fold (dicomops.training.distill).
+        mlflow_runs.log_results(tracking_uri, run_id, {}, save_weights(result.model, cfg, pre, out / "weights"),
+                                registry.WEIGHTS_ARTIFACT)
         evals, timing = evaluate(result.model, val, cfg, pre, keep=out / "probabilities")
         save_evals(out / "evals.json", evals)
         metrics = m.summarise(evals, cfg.finding_threshold) | timing | {
@@ -181,6 +184,16 @@ def run_fold(layout: WorkLayout, cfg: SegmentConfig, fold: int, tracking_uri: st
         mlflow_runs.log_results(tracking_uri, run_id, _shown(metrics), [picture])
     _update_fold(layout, fold, done=True)
     return out / "evals.json"
+
+
+def save_weights(model: torch.nn.Module, cfg: SegmentConfig, pre: PreprocessConfig, folder: Path) -> list[Path]:
+    """``model.pt``, ``segment_config.json`` and ``preprocess_config.json`` in `folder`: what
+    :func:`dicomops.segmentation.teacher.load_segmenter` rebuilds the network and its call from."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), folder / WEIGHTS_FILE)
+    io.write_json(folder / SEGMENT_CONFIG_FILE, cfg.model_dump(mode="json"))
+    io.write_json(folder / PREPROCESS_CONFIG_FILE, pre.model_dump(mode="json"))
+    return [folder / WEIGHTS_FILE, folder / SEGMENT_CONFIG_FILE, folder / PREPROCESS_CONFIG_FILE]
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:

@@ -186,6 +186,8 @@ class Found:
     # The width of its solid part (see solid_width_mm): 0 for pure ground glass; None when
     # findings() was given no image.
     solid_core_mm: float | None = None
+    # The slices (last axis) its segmented voxels lie on: first, and one past the last.
+    slices: tuple[int, int] | None = None
 
 
 def solid_width_mm(solid: np.ndarray, spacing: Sequence[float] | np.ndarray = (1.0, 1.0, 1.0)) -> float:
@@ -232,17 +234,18 @@ def findings(prob: np.ndarray, *, threshold: float = 0.5, candidate_threshold: f
     coords = np.stack(np.unravel_index(at, prob.shape), axis=1).astype(float)
     sums = np.stack([np.bincount(ids, weights=coords[:, a], minlength=len(candidates) + 1) for a in range(3)], axis=1)
     cores: dict[int, float | None] = {int(c): None for c in keep}
+    boxes = ndimage.find_objects(segmented)
     if image is not None:
         image = np.asarray(image)
         if image.shape != prob.shape:
             raise ValueError(f"image {image.shape} and prob {prob.shape} must have one shape")
-        boxes = ndimage.find_objects(segmented)
         for c in keep:
             box = boxes[c - 1]
             cores[int(c)] = solid_width_mm((segmented[box] == c) & (image[box] >= solid_level), mm)
     out = [Found(centre=tuple(float(v) for v in sums[c] / voxels[c - 1]),  # type: ignore[arg-type]
                  diameter_mm=equivalent_diameter_mm(voxels[c - 1], mm), score=float(scores[c - 1]),
-                 voxels=int(voxels[c - 1]), solid_core_mm=cores[int(c)]) for c in keep]
+                 voxels=int(voxels[c - 1]), solid_core_mm=cores[int(c)],
+                 slices=(int(boxes[c - 1][2].start), int(boxes[c - 1][2].stop))) for c in keep]
     return out, np.isin(segmented, keep)
 
 

@@ -132,10 +132,7 @@ def localise(segmenter: Segmenter, image: np.ndarray, affine: np.ndarray) -> Loc
                            solid_level=level)
     call = None
     if level is not None:
-        every, _ = findings(prob, threshold=cfg.threshold, candidate_threshold=cfg.candidate_threshold,
-                            finding_threshold=cfg.candidate_threshold, spacing=spacing, image=solid_image,
-                            solid_level=level)
-        call = min(max(actionable.series_score(every), 0.0), 1.0)
+        call = min(max(actionable.series_score(actionable.weighed(prob, image, level, cfg, spacing)), 0.0), 1.0)
     nodules = []
     for f in found:
         ras = affine[:3, :3] @ np.asarray(f.centre) + affine[:3, 3]

@@ -24,6 +24,7 @@ from dicomops.tracking.lineage import ACCEPTED_HASH_TAG
 from dicomops.training import mlflow_runs, plots, saliency, scoring
 from dicomops.training import state as train_state
 from dicomops.training.data import SlabSet, build_slab_set, load_volume
+from dicomops.training.distill import teacher_reference
 from dicomops.training.loop import choose_precision, fit
 from dicomops.training.model import build_model, load_state_dict
 from dicomops.training.splits import fold_counts, load_or_create_folds
@@ -200,8 +201,9 @@ def register(layout: WorkLayout, cfg: TrainConfig, pre: PreprocessConfig, tracki
     # Rounded: tags are read as text on the version page (the gate's margin is 0.005).
     version_tags = {"cv.mean_auc": f"{summary['mean_auc']:.4f}", "cv.std_auc": f"{summary['std_auc']:.4f}",
                     "cv.threshold": f"{summary['threshold']:.4f}", "architecture": cfg.architecture, **tags}
-    if cfg.distill_from is not None:
-        version_tags["distilled_from"] = f"{cfg.model_name}/{cfg.distill_from}"
+    teacher = None if cfg.distill_from is None else teacher_reference(cfg.distill_from, cfg.model_name)
+    if teacher is not None:
+        version_tags["distilled_from"] = "/".join(teacher)
     version_tags.update({f"cv.auc.{v}": f"{a:.4f}" for v, a in summary["vendor_auc"].items()})
     # Only this training's: a lovo.csv an earlier training left is not about this model.
     lovo = pd.read_csv(paths.lovo).to_dict("records") if cfg.leave_one_vendor_out and paths.lovo.exists() else None
@@ -218,8 +220,8 @@ def register(layout: WorkLayout, cfg: TrainConfig, pre: PreprocessConfig, tracki
     identity = {key: tags[key] for key in (ACCEPTED_HASH_TAG, "split_sha256", "git_commit") if key in tags}
     identity["split (series per fold)"] = f"runs:/{parent}/cv/folds.json"
     identity["architecture"] = f"{cfg.architecture} over {k}-slice slabs of {cfg.input_size}×{cfg.input_size}"
-    if cfg.distill_from is not None:
-        identity["distilled from"] = (f"version {cfg.distill_from} of {cfg.model_name} (alpha {cfg.distill_alpha}, "
+    if teacher is not None:
+        identity["distilled from"] = (f"version {teacher[1]} of {teacher[0]} (alpha {cfg.distill_alpha}, "
                                       f"temperature {cfg.distill_temperature})")
 
     def card(version: str) -> str:

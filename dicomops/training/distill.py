@@ -81,19 +81,37 @@ def teacher_run(tracking_uri: str, model_name: str, version: str, student_run: s
     return run_id
 
 
-def teacher_targets(layout: WorkLayout, tracking_uri: str, model_name: str, version: str, student_run: str,
+def teacher_reference(distill_from: str, model_name: str) -> tuple[str, str]:
+    """The registered model and version `distill_from` names: ``V``, version V of `model_name` (the
+    classifier being trained), or ``NAME/V``, version V of model NAME (say the segmenter's)."""
+    name, _, version = distill_from.rpartition("/")
+    if not version:
+        raise ValueError(f"distill_from {distill_from!r} names no version: give V or MODEL/V")
+    return name or model_name, version
+
+
+def teacher_targets(layout: WorkLayout, tracking_uri: str, model_name: str, distill_from: str, student_run: str,
                     student: SlabSet, fold: int | None) -> torch.Tensor:
-    """The teacher's (N, 2) logits for each slab of `student`: its fold-`fold` model (None: its final
-    model) on its own slabs centred on the same slices."""
+    """The teacher's (N, 2) logits for each slab of `student`, from its fold-`fold` model (None: its
+    final model): a classifier's on its own slabs centred on the same slices, a segmenter's from its
+    findings on those slices (:mod:`dicomops.segmentation.teacher`)."""
+    from dicomops.segmentation import teacher as segmenter
     from dicomops.training.model import model_from_config
 
-    run_id = teacher_run(tracking_uri, model_name, version, student_run)
+    name, version = teacher_reference(distill_from, model_name)
+    run_id = teacher_run(tracking_uri, name, version, student_run)
     source = run_id if fold is None else fold_run(tracking_uri, run_id, fold)
+    what = "its final model" if fold is None else f"fold {fold}"
+    if segmenter.is_segmenter(tracking_uri, run_id):
+        if not segmenter.is_segmenter(tracking_uri, source):
+            raise ValueError(f"version {version} of {name} logged no segmenter for {what} (segmenter fold models "
+                             "are logged since 2026-12-02): retrain the segmenter with 'dicomops segment'")
+        return segmenter.slice_targets(layout, tracking_uri, source, student.series, student.z,
+                                       f"teacher {name}/{version}, {'final' if fold is None else f'fold {fold}'}")
     try:
         model, raw = registry.load_weights(tracking_uri, source, model_from_config)
     except Exception as err:
-        what = "its final model" if fold is None else f"fold {fold}"
-        raise ValueError(f"version {version} of {model_name} has no weights for {what} (fold models are logged "
+        raise ValueError(f"version {version} of {name} has no weights for {what} (fold models are logged "
                          f"since issue 19; retrain the teacher): {err}") from err
     ids = list(dict.fromkeys(student.series))
     own = build_slab_set(layout, ids, int(raw["in_channels"]), int(raw["input_size"]))

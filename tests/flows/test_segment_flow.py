@@ -198,3 +198,59 @@ def test_a_failed_export_resumes_at_the_export(seg_work: tuple[Path, Path], mlfl
     client = mlflow.tracking.MlflowClient(mlflow_env)
     assert len(client.search_model_versions("name = 'resume-segmenter'")) == 1
     assert version_has_onnx_of(client, "resume-segmenter", "1")
+
+
+def test_a_student_distils_from_the_segmenter_fold_by_fold(seg_work: tuple[Path, Path], mlflow_env: str,
+                                                           tmp_path: Path) -> None:
+    """`--distill-from dicomops-ct-nodule-seg/V`: student fold i learns the slice scores of the
+    segmenter's fold-i model on fold i's training series, the final student those of its final model."""
+    import torch
+
+    from dicomops.segmentation import actionable, teacher
+    from dicomops.training import distill
+    from dicomops.training.data import build_slab_set, load_volume
+    from flows.train import train
+
+    _, prepared = seg_work
+    work = tmp_path / "work"
+    shutil.copytree(prepared, work)
+    seg = segment(work=work, config=TINY_SEGMENTER, preprocess_config=PRE, train_config=TRAIN, experiment="distil-seg")
+    source = f"{TINY_SEGMENTER.model_name}/{seg['version']}"
+    student_cfg = TRAIN.model_copy(update={"architecture": "mobilenet-v3-small", "model_name": "test-student",
+                                           "distill_from": source})
+    result = train(work=work, config=student_cfg, preprocess_config=PRE, experiment="distil-seg")
+    client = mlflow.tracking.MlflowClient(mlflow_env)
+    student = client.get_model_version("test-student", str(result["version"]))
+    assert student.tags["distilled_from"] == source
+    assert f"version {seg['version']} of {TINY_SEGMENTER.model_name}" in student.description
+
+    # Each fold's segmenter scored exactly its fold's training series, the final one every series.
+    layout = WorkLayout(work)
+    folds, parent = layout.read_folds(), str(seg["mlflow_run_id"])
+    runs = [distill.fold_run(mlflow_env, parent, fold) for fold in range(folds.n_splits)]
+    for fold, run in enumerate(runs):
+        cached = sorted(p.stem for p in layout.segment.teacher_scores(run).glob("*.npy"))
+        assert cached == sorted(folds.train(fold)), fold
+    every = sorted(layout.labelled_series().SeriesInstanceUID)
+    assert sorted(p.stem for p in layout.segment.teacher_scores(parent).glob("*.npy")) == every
+
+    # The cached scores are the fold model's, read again from its MLflow run; the targets are them.
+    model, cfg, pre = teacher.load_segmenter(mlflow_env, runs[0])
+    paths = layout.preprocessed.read_index().set_index("SeriesInstanceUID").path
+    level = actionable.solid_level(pre)
+    assert level is not None
+    for uid in folds.train(0)[:3]:
+        fresh = teacher.series_slice_scores(model, load_volume(layout.preprocessed.volume(str(paths[uid]))), cfg, level)
+        assert np.allclose(np.load(layout.segment.teacher_scores(runs[0]) / f"{uid}.npy"), fresh, atol=1e-6), uid
+    slabs = build_slab_set(layout, folds.train(0), PRE.slab_slices, TRAIN.input_size)
+    targets = distill.teacher_targets(layout, mlflow_env, student_cfg.model_name, source, student.run_id, slabs, 0)
+    scores = np.array([np.load(layout.segment.teacher_scores(runs[0]) / f"{s}.npy")[z]
+                       for s, z in zip(slabs.series, slabs.z, strict=True)])
+    assert torch.allclose(targets, teacher.as_logits(scores))
+
+    # A segmenter version from before its folds logged their models is refused with what to do.
+    from urllib.parse import urlparse
+
+    shutil.rmtree(Path(urlparse(client.get_run(runs[1]).info.artifact_uri).path) / "weights")
+    with pytest.raises(ValueError, match=r"logged no segmenter for fold 1.*dicomops segment"):
+        distill.teacher_targets(layout, mlflow_env, student_cfg.model_name, source, student.run_id, slabs, 1)

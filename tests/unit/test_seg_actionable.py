@@ -141,3 +141,32 @@ def test_the_console_line_gives_the_call_per_vendor_and_a_dash_where_it_was_not_
     assert line == ("CPM 0.944, Dice (nodules >= 6 mm) 0.824, series kappa 0.832, actionable-call AUC 0.990 "
                     "(ge 1.000, philips 0.917)")
     assert describe(base | {"actionable_auc": None, "vendor_actionable_auc": {}}).endswith("actionable-call AUC –")
+
+
+def test_the_call_slice_by_slice_scores_each_slice_by_the_findings_on_it() -> None:
+    """The segmenter as a slice teacher: an 8 mm solid nodule scores high on its slices only, a 4 mm
+    one low on its own, a slice with both takes the better, and empty slices score 0."""
+    from dicomops.config import SegmentConfig
+    from dicomops.segmentation.teacher import as_logits
+
+    image = np.full(SHAPE, LUNG, np.float32)
+    prob = np.full(SHAPE, 0.01, np.float32)
+    big, small = ball(SHAPE, (14, 14, 20), 8), ball(SHAPE, (34, 34, 24), 4)
+    for nodule in (big, small):
+        image[nodule], prob[nodule] = SOLID, 0.95
+    found = actionable.weighed(prob, image, 0.8, SegmentConfig())
+    assert sorted(f.slices for f in found) == [(16, 25), (22, 27)]  # the last axis: z 20 ± 4, z 24 ± 2
+    scores = actionable.slice_scores(found, SHAPE[-1])
+    best = max(actionable.finding_score(f) for f in found)
+    weak = min(actionable.finding_score(f) for f in found)
+    assert best > 0.8 and weak < 0.1
+    assert np.allclose(scores[16:25], best) and np.allclose(scores[25:27], weak)
+    assert not scores[:16].any() and not scores[27:].any()
+    # The same call the series gets: its best slice is its score.
+    assert scores.max() == pytest.approx(actionable.series_score(found))
+    # As logits, a softmax gives the score back, within the floor of a slice with no finding.
+    logits = as_logits(scores)
+    assert np.allclose(logits.softmax(1)[:, 1].numpy(), np.clip(scores, 1e-3, 1 - 1e-3), rtol=1e-5, atol=1e-6)
+    assert np.isfinite(logits.numpy()).all()
+    with pytest.raises(ValueError, match="no slices"):
+        actionable.slice_scores([Found((0.0, 0.0, 0.0), 8, 0.9, 50, solid_core_mm=8)], 4)
