@@ -404,6 +404,34 @@ def reject(
 
 
 @app.command()
+def compare(
+    versions: Annotated[list[str], typer.Argument(help=(
+        "Versions to set side by side: V (of --model-name) or MODEL/V, as in 4 5 dicomops-ct-nodule-seg/1."))],
+    model_name: Annotated[str, typer.Option(help="Registered model of a bare version number.")] = (
+        "dicomops-ct-classifier"),
+    publish: Annotated[bool, typer.Option("--publish/--no-publish", help=(
+        "Also write the table on every compared version's page and into its run."))] = True,
+) -> None:
+    """Versions side by side as their training and export judged them: CV AUC overall and per vendor,
+    ONNX Runtime latency and throughput, held-out INT8 AUC (the lightweight models' comparison)."""
+    from dicomops.config import load_settings
+    from dicomops.tracking import compare as comparing
+    from dicomops.tracking.registry import parse_ref
+
+    _preflight()
+    uri = load_settings().mlflow_tracking_uri
+    try:
+        table = comparing.comparison(uri, [parse_ref(v, model_name) for v in versions])
+    except ValueError as err:
+        console.print(f"[red]cannot compare:[/] {err}")
+        raise typer.Exit(2) from err
+    console.print(escape(comparing.markdown(table)), soft_wrap=True)
+    if publish:
+        comparing.publish(uri, table)
+        console.print(f"written on the page of {', '.join(table.version)} (section '{comparing.SECTION}')")
+
+
+@app.command()
 def export(
     work: Annotated[Path | None, typer.Option(help="Work directory of the training (slabs for the checks).")] = None,
     version: Annotated[str | None, typer.Option(help="Model version to export.")] = None,

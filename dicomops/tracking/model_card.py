@@ -18,9 +18,10 @@ if TYPE_CHECKING:
     from dicomops.feedback.privacy import PoolCounts
 
 # Section keys in the order they appear; a heading is ``## <key>`` plus, for the decision, its verdict.
-DECISION, EVIDENCE, FOLDS, LOVO, IDENTITY, EXPORT, REVIEW = (
-    "Decision", "Evidence by vendor", "By fold", "Unseen scanners", "Data, split and code", "Export", "How to review")
-ORDER = (DECISION, EVIDENCE, FOLDS, LOVO, IDENTITY, EXPORT, REVIEW)
+DECISION, EVIDENCE, FOLDS, LOVO, IDENTITY, EXPORT, COMPARISON, REVIEW = (
+    "Decision", "Evidence by vendor", "By fold", "Unseen scanners", "Data, split and code", "Export", "Compared with",
+    "How to review")
+ORDER = (DECISION, EVIDENCE, FOLDS, LOVO, IDENTITY, EXPORT, COMPARISON, REVIEW)
 
 VERDICTS = {
     "pending": "pending — the promotion gate has not run yet",

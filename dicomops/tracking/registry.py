@@ -168,6 +168,21 @@ def describe_export(tracking_uri: str, name: str, version: str, metrics: dict[st
     _rewrite_section(client, name, version, model_card.export_section(metrics, tensorrt, artifacts))
 
 
+def describe_comparison(tracking_uri: str, name: str, version: str, body: str) -> None:
+    """The comparison with other versions (:mod:`dicomops.tracking.compare`) on the version's page."""
+    client = configure_mlflow(tracking_uri)
+    _rewrite_section(client, name, version, model_card.section(model_card.COMPARISON, body))
+
+
+def parse_ref(ref: str, default_model: str) -> tuple[str, str]:
+    """The registered model and version `ref` names: ``V``, version V of `default_model`, or
+    ``MODEL/V``, version V of MODEL (say the segmenter's, ``dicomops-ct-nodule-seg/2``)."""
+    name, _, version = ref.rpartition("/")
+    if not version.isdigit():
+        raise ValueError(f"{ref!r} names no version: give V or MODEL/V, as in 3 or dicomops-ct-nodule-seg/2")
+    return name or default_model, version
+
+
 def describe_feedback(tracking_uri: str, name: str, version: str, rows: list[dict[str, Any]], window_days: float,
                       run_id: str) -> None:
     """Agreement with readers on the version's page: tags (``feedback.kappa`` ...) and a card section."""

@@ -24,7 +24,6 @@ from dicomops.tracking.lineage import ACCEPTED_HASH_TAG
 from dicomops.training import mlflow_runs, plots, saliency, scoring
 from dicomops.training import state as train_state
 from dicomops.training.data import SlabSet, build_slab_set, load_volume
-from dicomops.training.distill import teacher_reference
 from dicomops.training.loop import choose_precision, fit
 from dicomops.training.model import build_model, load_state_dict
 from dicomops.training.splits import fold_counts, load_or_create_folds
@@ -201,7 +200,7 @@ def register(layout: WorkLayout, cfg: TrainConfig, pre: PreprocessConfig, tracki
     # Rounded: tags are read as text on the version page (the gate's margin is 0.005).
     version_tags = {"cv.mean_auc": f"{summary['mean_auc']:.4f}", "cv.std_auc": f"{summary['std_auc']:.4f}",
                     "cv.threshold": f"{summary['threshold']:.4f}", "architecture": cfg.architecture, **tags}
-    teacher = None if cfg.distill_from is None else teacher_reference(cfg.distill_from, cfg.model_name)
+    teacher = None if cfg.distill_from is None else registry.parse_ref(cfg.distill_from, cfg.model_name)
     if teacher is not None:
         version_tags["distilled_from"] = "/".join(teacher)
     version_tags.update({f"cv.auc.{v}": f"{a:.4f}" for v, a in summary["vendor_auc"].items()})

@@ -81,15 +81,6 @@ def teacher_run(tracking_uri: str, model_name: str, version: str, student_run: s
     return run_id
 
 
-def teacher_reference(distill_from: str, model_name: str) -> tuple[str, str]:
-    """The registered model and version `distill_from` names: ``V``, version V of `model_name` (the
-    classifier being trained), or ``NAME/V``, version V of model NAME (say the segmenter's)."""
-    name, _, version = distill_from.rpartition("/")
-    if not version:
-        raise ValueError(f"distill_from {distill_from!r} names no version: give V or MODEL/V")
-    return name or model_name, version
-
-
 def teacher_targets(layout: WorkLayout, tracking_uri: str, model_name: str, distill_from: str, student_run: str,
                     student: SlabSet, fold: int | None) -> torch.Tensor:
     """The teacher's (N, 2) logits for each slab of `student`, from its fold-`fold` model (None: its
@@ -98,7 +89,7 @@ def teacher_targets(layout: WorkLayout, tracking_uri: str, model_name: str, dist
     from dicomops.segmentation import teacher as segmenter
     from dicomops.training.model import model_from_config
 
-    name, version = teacher_reference(distill_from, model_name)
+    name, version = registry.parse_ref(distill_from, model_name)
     run_id = teacher_run(tracking_uri, name, version, student_run)
     source = run_id if fold is None else fold_run(tracking_uri, run_id, fold)
     what = "its final model" if fold is None else f"fold {fold}"

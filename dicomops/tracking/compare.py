@@ -1,0 +1,111 @@
+"""Registered versions side by side: the lightweight-model comparison (teacher, student with and
+without distillation, INT8 after training and quantisation-aware) as one table, written to the
+page of every version in it.
+
+Every figure is one the version's own training or export recorded, read back from the registry:
+a classifier's cross-validated series AUC and its per-vendor AUC (version tags), its ONNX Runtime
+latency and throughput, and the held-out AUC of its INT8 engines (export metrics on its run); a
+segmenter's actionable-call AUC, mean over folds and per vendor (its run's ``cv.actionable_auc``
+metrics), and its ONNX Runtime time per volume. Nothing is measured again here, so the table says
+what each version was judged by, and "–" where a version was never exported or judged so.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from dicomops.tracking import model_card, registry, runs
+
+ARTIFACT = "comparison"
+SECTION = model_card.COMPARISON
+BATCH = 32  # the export's throughput batch (export.max_batch)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return "–" if _missing(value) else f"{float(value):.{digits}f}"
+
+
+def _num(raw: Mapping[str, Any], key: str) -> float | None:
+    value = raw.get(key)
+    return None if value is None else float(value)
+
+
+def version_row(tracking_uri: str, name: str, version: str) -> dict[str, Any]:
+    """One version's figures, as its training and export recorded them."""
+    client = runs.configure_mlflow(tracking_uri)
+    try:
+        mv = client.get_model_version(name, version)
+    except Exception as err:
+        raise ValueError(f"no version {version} of {name}: {err}") from err
+    tags, metrics = dict(mv.tags), client.get_run(str(mv.run_id)).data.metrics
+    row: dict[str, Any] = {"version": f"{name}/{version}", "run_id": str(mv.run_id)}
+    if "cv.mean_cpm" in tags:  # a segmenter: its actionable call is what compares with a classifier
+        row |= {"network": "3-D U-Net segmenter, actionable call", "distilled_from": None,
+                "auc": _num(metrics, "cv.actionable_auc"), "auc_std": None,
+                "latency": _num(tags, "export.onnx_s_per_volume"), "latency_unit": "s per volume",
+                "fp32_per_s": None, "int8_per_s": None, "ptq_auc": None, "qat_auc": None}
+        row |= {f"auc.{k.rsplit('.', 1)[1]}": v for k, v in metrics.items() if k.startswith("cv.actionable_auc.")}
+        return row
+    latency = _num(metrics, "export.ort_fp32.latency_ms_b1")
+    row |= {"network": tags.get("architecture", "resnet-slim"), "distilled_from": tags.get("distilled_from"),
+            "auc": _num(tags, "cv.mean_auc"), "auc_std": _num(tags, "cv.std_auc"),
+            "latency": latency, "latency_unit": "ms per slab",
+            "fp32_per_s": _num(metrics, f"export.ort_fp32.throughput_b{BATCH}"),
+            "int8_per_s": _num(metrics, f"export.ort_int8.throughput_b{BATCH}"),
+            "ptq_auc": _num(metrics, "export.held_out.int8-ptq.mean_fold_auc"),
+            "qat_auc": _num(metrics, "export.held_out.int8-qat.mean_fold_auc")}
+    row |= {f"auc.{k.split('.', 2)[2]}": float(v) for k, v in tags.items() if k.startswith("cv.auc.")}
+    return row
+
+
+def comparison(tracking_uri: str, refs: Sequence[tuple[str, str]]) -> pd.DataFrame:
+    """The rows of `refs` (model, version), in that order."""
+    if not refs:
+        raise ValueError("name at least one version to compare")
+    return pd.DataFrame([version_row(tracking_uri, name, version) for name, version in refs])
+
+
+def vendors(table: pd.DataFrame) -> list[str]:
+    return sorted(c.split(".", 1)[1] for c in table.columns if c.startswith("auc."))
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """The table as a version page shows it."""
+    vs = vendors(table)
+    header = ("version", "network", "distilled from", "CV AUC", *vs, "ORT FP32, batch 1",
+              f"ORT FP32 / INT8 at batch {BATCH}", "held-out INT8 AUC, PTQ / QAT")
+    rows = []
+    for r in table.to_dict("records"):
+        auc = _fmt(r["auc"]) + ("" if _missing(r["auc_std"]) else f" ± {_fmt(r['auc_std'])}")
+        latency = "–" if _missing(r["latency"]) else f"{r['latency']:.2f} {r['latency_unit']}"
+        rate = "–" if _missing(r["fp32_per_s"]) else f"{r['fp32_per_s']:.0f} / {_fmt(r['int8_per_s'], 0)} slabs/s"
+        int8 = "–" if _missing(r["ptq_auc"]) and _missing(r["qat_auc"]) else f"{_fmt(r['ptq_auc'])} / {_fmt(r['qat_auc'])}"
+        rows.append([r["version"], str(r["network"]), "–" if _missing(r["distilled_from"]) else r["distilled_from"],
+                     auc, *[_fmt(r.get(f"auc.{v}")) for v in vs], latency, rate, int8])
+    lines = model_card.table(header, "lll" + "r" * (len(header) - 3), rows)
+    return "\n".join([*lines, "", "CV AUC: series AUC of each fold's model on its validation series, mean ± sd over "
+                      "folds; by vendor as each training reports it. A segmenter's is its actionable call's."])
+
+
+def publish(tracking_uri: str, table: pd.DataFrame) -> None:
+    """The table on every compared version's page (section *Compared with*) and as
+    ``comparison/comparison.csv`` in its run."""
+    client = runs.configure_mlflow(tracking_uri)
+    body = markdown(table)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "comparison.csv"
+        table.drop(columns=["run_id"]).to_csv(path, index=False)
+        for r in table.to_dict("records"):
+            name, version = str(r["version"]).rsplit("/", 1)
+            registry.describe_comparison(tracking_uri, name, version, body)
+            client.log_artifact(str(r["run_id"]), str(path), ARTIFACT)

@@ -1,0 +1,69 @@
+"""Versions side by side (`dicomops compare`): read back from a real MLflow registry as training
+and export recorded them, and written on every compared version's page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import mlflow
+from dicomops.tracking import compare, model_card
+from dicomops.tracking.registry import parse_ref
+
+
+def _version(client: mlflow.tracking.MlflowClient, name: str, tags: dict[str, str], metrics: dict[str, float],
+             tmp_path: Path) -> str:
+    experiment = client.get_experiment_by_name("compare") or client.get_experiment(
+        client.create_experiment("compare", artifact_location=str(tmp_path / "artifacts")))
+    run = client.create_run(experiment.experiment_id)
+    for key, value in metrics.items():
+        client.log_metric(run.info.run_id, key, value)
+    client.set_terminated(run.info.run_id)
+    if not client.search_registered_models(f"name = '{name}'"):
+        client.create_registered_model(name)
+    card = model_card.section(model_card.DECISION, "pending") + "\n" + model_card.section(model_card.REVIEW, "how")
+    mv = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run.info.run_id, tags=tags,
+                                     description=card)
+    return str(mv.version)
+
+
+def test_versions_compare_as_their_training_and_export_recorded_them(mlflow_env: str, tmp_path: Path) -> None:
+    client = mlflow.tracking.MlflowClient(mlflow_env)
+    seg = _version(client, "seg", {"cv.mean_cpm": "0.9590", "export.onnx_s_per_volume": "2.40"},
+                   {"cv.actionable_auc": 1.0, "cv.actionable_auc.ge": 1.0, "cv.actionable_auc.philips": 0.986}, tmp_path)
+    plain = _version(client, "clf", {"architecture": "mobilenet-v3-small", "cv.mean_auc": "0.7000",
+                                     "cv.std_auc": "0.0500", "cv.auc.ge": "0.8000", "cv.auc.philips": "0.6000"},
+                     {}, tmp_path)
+    student = _version(client, "clf", {"architecture": "mobilenet-v3-small", "distilled_from": f"seg/{seg}",
+                                       "cv.mean_auc": "0.8000", "cv.std_auc": "0.0200", "cv.auc.ge": "0.9000",
+                                       "cv.auc.philips": "0.7000"},
+                       {"export.ort_fp32.latency_ms_b1": 0.96, "export.ort_fp32.throughput_b32": 1625.0,
+                        "export.ort_int8.throughput_b32": 1225.0, "export.held_out.int8-ptq.mean_fold_auc": 0.79,
+                        "export.held_out.int8-qat.mean_fold_auc": 0.795}, tmp_path)
+
+    table = compare.comparison(mlflow_env, [parse_ref(f"seg/{seg}", "clf"), parse_ref(plain, "clf"),
+                                            parse_ref(student, "clf")])
+    assert list(table.version) == [f"seg/{seg}", f"clf/{plain}", f"clf/{student}"]
+    assert compare.vendors(table) == ["ge", "philips"]
+    text = compare.markdown(table).replace(model_card.PAD, "")
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "/" in line.split("|")[1]]
+    assert "| 1.000 |" in rows[0] and "0.986" in rows[0] and "2.40 s per volume" in rows[0]
+    assert "0.700 ± 0.050" in rows[1] and rows[1].count("–") >= 4  # never exported
+    assert f"seg/{seg}" in rows[2] and "0.800 ± 0.020" in rows[2] and "0.96 ms per slab" in rows[2]
+    assert "1625 / 1225 slabs/s" in rows[2] and "0.790 / 0.795" in rows[2]
+
+    compare.publish(mlflow_env, table)
+    for name, version in (("seg", seg), ("clf", plain), ("clf", student)):
+        mv = client.get_model_version(name, version)
+        sections = list(model_card.split_sections(mv.description))
+        assert sections == [model_card.DECISION, model_card.COMPARISON, model_card.REVIEW], sections
+        assert "0.800 ± 0.020" in mv.description
+        assert [a.path for a in client.list_artifacts(mv.run_id, compare.ARTIFACT)] == ["comparison/comparison.csv"]
+    compare.publish(mlflow_env, table)  # again: the section is replaced, not repeated
+    assert client.get_model_version("clf", plain).description.count(f"## {model_card.COMPARISON}") == 1
+
+    with pytest.raises(ValueError, match="no version 99 of clf"):
+        compare.comparison(mlflow_env, [("clf", "99")])
+    with pytest.raises(ValueError, match="names no version"):
+        parse_ref("seg/latest", "clf")
