@@ -416,6 +416,7 @@ def compare(
     ONNX Runtime latency and throughput, held-out INT8 AUC (the lightweight models' comparison)."""
     from dicomops.config import load_settings
     from dicomops.tracking import compare as comparing
+    from dicomops.tracking.model_card import PAD
     from dicomops.tracking.registry import parse_ref
 
     _preflight()
@@ -425,7 +426,7 @@ def compare(
     except ValueError as err:
         console.print(f"[red]cannot compare:[/] {err}")
         raise typer.Exit(2) from err
-    console.print(escape(comparing.markdown(table)), soft_wrap=True)
+    console.print(escape(comparing.markdown(table).replace(PAD, "")), soft_wrap=True)  # padding is for the UI
     if publish:
         comparing.publish(uri, table)
         console.print(f"written on the page of {', '.join(table.version)} (section '{comparing.SECTION}')")

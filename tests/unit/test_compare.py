@@ -63,6 +63,16 @@ def test_versions_compare_as_their_training_and_export_recorded_them(mlflow_env:
     compare.publish(mlflow_env, table)  # again: the section is replaced, not repeated
     assert client.get_model_version("clf", plain).description.count(f"## {model_card.COMPARISON}") == 1
 
+    # From the command line, as the README says; a version that does not exist is refused with its name.
+    from typer.testing import CliRunner
+
+    from dicomops.cli import app
+
+    shown = CliRunner().invoke(app, ["compare", f"seg/{seg}", student, "--model-name", "clf", "--no-publish"])
+    assert shown.exit_code == 0, shown.output
+    assert "0.800 ± 0.020" in shown.output and "2.40 s per volume" in shown.output
+    refused = CliRunner().invoke(app, ["compare", "99", "--model-name", "clf"])
+    assert refused.exit_code == 2 and "no version 99 of clf" in refused.output
     with pytest.raises(ValueError, match="no version 99 of clf"):
         compare.comparison(mlflow_env, [("clf", "99")])
     with pytest.raises(ValueError, match="names no version"):
