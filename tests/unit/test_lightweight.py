@@ -35,6 +35,21 @@ def test_student_is_torchvisions_mobilenet_v3_small() -> None:
         student(torch.zeros(1, 3, 128, 128))
 
 
+def test_students_eval_mode_keeps_up_with_its_training() -> None:
+    # After 40 training steps on inputs of a new scale, the running statistics the network uses in
+    # eval mode have reached the batches' (torchvision's momentum 0.01 gets a third of the way).
+    torch.manual_seed(0)
+    student = build_model(TrainConfig(architecture="mobilenet-v3-small"), 3).train()
+    first = student.features[0][1]
+    assert isinstance(first, torch.nn.BatchNorm2d) and first.momentum == 0.1
+    x = 3 + 2 * torch.rand(8, 3, 64, 64)
+    with torch.no_grad():
+        target = student.features[0][0](x).mean(dim=(0, 2, 3))
+        for _ in range(40):
+            student(x)
+    assert torch.allclose(first.running_mean, target, rtol=0.05, atol=1e-3)
+
+
 def test_teacher_is_a_3d_network_over_the_slab() -> None:
     teacher = build_model(TrainConfig(architecture="resnet3d-slim"), 7).eval()
     assert any(isinstance(m, torch.nn.Conv3d) for m in teacher.modules())
