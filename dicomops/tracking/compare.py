@@ -24,7 +24,6 @@ from dicomops.tracking import model_card, registry, runs
 
 ARTIFACT = "comparison"
 SECTION = model_card.COMPARISON
-BATCH = 32  # the export's throughput batch (export.max_batch)
 
 
 def _missing(value: Any) -> bool:
@@ -53,15 +52,17 @@ def version_row(tracking_uri: str, name: str, version: str) -> dict[str, Any]:
         row |= {"network": "3-D U-Net segmenter, actionable call", "distilled_from": None,
                 "auc": _num(metrics, "cv.actionable_auc"), "auc_std": None,
                 "latency": _num(tags, "export.onnx_s_per_volume"), "latency_unit": "s per volume",
-                "fp32_per_s": None, "int8_per_s": None, "ptq_auc": None, "qat_auc": None}
+                "batch": None, "fp32_per_s": None, "int8_per_s": None, "ptq_auc": None, "qat_auc": None}
         row |= {f"auc.{k.rsplit('.', 1)[1]}": v for k, v in metrics.items() if k.startswith("cv.actionable_auc.")}
         return row
     latency = _num(metrics, "export.ort_fp32.latency_ms_b1")
+    # Throughput at the export's batch (export.max_batch), whichever that was.
+    batch = next((k.rsplit("_b", 1)[1] for k in sorted(metrics) if k.startswith("export.ort_fp32.throughput_b")), None)
     row |= {"network": tags.get("architecture", "resnet-slim"), "distilled_from": tags.get("distilled_from"),
             "auc": _num(tags, "cv.mean_auc"), "auc_std": _num(tags, "cv.std_auc"),
             "latency": latency, "latency_unit": "ms per slab",
-            "fp32_per_s": _num(metrics, f"export.ort_fp32.throughput_b{BATCH}"),
-            "int8_per_s": _num(metrics, f"export.ort_int8.throughput_b{BATCH}"),
+            "batch": batch, "fp32_per_s": _num(metrics, f"export.ort_fp32.throughput_b{batch}"),
+            "int8_per_s": _num(metrics, f"export.ort_int8.throughput_b{batch}"),
             "ptq_auc": _num(metrics, "export.held_out.int8-ptq.mean_fold_auc"),
             "qat_auc": _num(metrics, "export.held_out.int8-qat.mean_fold_auc")}
     row |= {f"auc.{k.split('.', 2)[2]}": float(v) for k, v in tags.items() if k.startswith("cv.auc.")}
@@ -83,12 +84,13 @@ def markdown(table: pd.DataFrame) -> str:
     """The table as a version page shows it."""
     vs = vendors(table)
     header = ("version", "network", "distilled from", "CV AUC", *vs, "ORT FP32, batch 1",
-              f"ORT FP32 / INT8 at batch {BATCH}", "held-out INT8 AUC, PTQ / QAT")
+              "ORT FP32 / INT8 throughput", "held-out INT8 AUC, PTQ / QAT")
     rows = []
     for r in table.to_dict("records"):
         auc = _fmt(r["auc"]) + ("" if _missing(r["auc_std"]) else f" ± {_fmt(r['auc_std'])}")
         latency = "–" if _missing(r["latency"]) else f"{r['latency']:.2f} {r['latency_unit']}"
-        rate = "–" if _missing(r["fp32_per_s"]) else f"{r['fp32_per_s']:.0f} / {_fmt(r['int8_per_s'], 0)} slabs/s"
+        rate = "–" if _missing(r["fp32_per_s"]) else (
+            f"{r['fp32_per_s']:.0f} / {_fmt(r['int8_per_s'], 0)} slabs/s at batch {r['batch']}")
         int8 = "–" if _missing(r["ptq_auc"]) and _missing(r["qat_auc"]) else f"{_fmt(r['ptq_auc'])} / {_fmt(r['qat_auc'])}"
         rows.append([r["version"], str(r["network"]), "–" if _missing(r["distilled_from"]) else r["distilled_from"],
                      auc, *[_fmt(r.get(f"auc.{v}")) for v in vs], latency, rate, int8])

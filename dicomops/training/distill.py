@@ -8,6 +8,10 @@ its own slab (its depth, its input size) centred on the same slice of the same s
 student matches that softened distribution. The series-level decision of both is the same rule
 over slice scores (the mean of the top k), so nothing series-level needs distilling separately.
 
+The teacher can also be the nodule segmenter (``distill_from`` = ``dicomops-ct-nodule-seg/V``): it
+scores no slabs, so its slice targets are its actionable call read slice by slice
+(:mod:`dicomops.segmentation.teacher`).
+
 Cross-validation stays honest: the student's fold ``i`` learns from the teacher's fold-``i`` model,
 which never saw fold ``i``'s validation series; the final student from the teacher's final model.
 Hence the teacher must have been trained on the same split of the same accepted corpus; the fold

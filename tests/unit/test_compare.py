@@ -51,7 +51,7 @@ def test_versions_compare_as_their_training_and_export_recorded_them(mlflow_env:
     assert "| 1.000 |" in rows[0] and "0.986" in rows[0] and "2.40 s per volume" in rows[0]
     assert "0.700 ± 0.050" in rows[1] and rows[1].count("–") >= 4  # never exported
     assert f"seg/{seg}" in rows[2] and "0.800 ± 0.020" in rows[2] and "0.96 ms per slab" in rows[2]
-    assert "1625 / 1225 slabs/s" in rows[2] and "0.790 / 0.795" in rows[2]
+    assert "1625 / 1225 slabs/s at batch 32" in rows[2] and "0.790 / 0.795" in rows[2]
 
     compare.publish(mlflow_env, table)
     for name, version in (("seg", seg), ("clf", plain), ("clf", student)):
