@@ -313,8 +313,7 @@ def train(
         "Network: student (MobileNetV3 Small), teacher (3D ResNet over the slab), resnet-slim, resnet10 or "
         "densenet121."))] = None,
     distill_from: Annotated[str | None, typer.Option(help=(
-        "Version to distil from, fold by fold (trained on this work directory's split): V of the classifier, "
-        "or MODEL/V of another registered model, say dicomops-ct-nodule-seg/2 (the segmenter)."))] = None,
+        "Version to distil from, fold by fold: V of the classifier, or MODEL/V as dicomops-ct-nodule-seg/2."))] = None,
     slab_slices: Annotated[int | None, typer.Option(help=(
         "Slices per slab (odd); a 3-D teacher learns from deeper slabs than the student, say 7."))] = None,
 ) -> None:

@@ -16,6 +16,7 @@ are kept under ``WORK/segment/teacher/<run>/``: a resumed or repeated training d
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from dicomops.segmentation.cv import PREPROCESS_CONFIG_FILE, SEGMENT_CONFIG_FILE
 from dicomops.segmentation.data import pad_to
 from dicomops.segmentation.model import build_segmenter, probability
 from dicomops.tracking import registry, runs
+from dicomops.training.data import load_volume
 from dicomops.training.loop import choose_precision
 
 # The target's floor and ceiling: a slice without a finding is "surely not", not "impossibly",
@@ -46,8 +48,6 @@ def is_segmenter(tracking_uri: str, run_id: str) -> bool:
 def load_segmenter(tracking_uri: str, run_id: str) -> tuple[torch.nn.Module, SegmentConfig, PreprocessConfig]:
     """The eval-mode segmenter of run `run_id` (a fold run, or the parent run's final model), with the
     settings it trained with and the preprocessing its images had."""
-    import json
-
     client = runs.configure_mlflow(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(client.download_artifacts(run_id, registry.WEIGHTS_ARTIFACT, tmp))
@@ -76,8 +76,6 @@ def slice_targets(layout: WorkLayout, tracking_uri: str, run_id: str, series: li
                   label: str) -> torch.Tensor:
     """The (N, 2) teacher logits of the segmenter of run `run_id` for the slices (`series`[i], `z`[i])
     of a slab set; `label` names the teacher in the progress lines."""
-    from dicomops.training.data import load_volume
-
     if len(series) != len(z):
         raise ValueError(f"{len(series)} series for {len(z)} slices")
     cache = layout.segment.teacher_scores(run_id)

@@ -18,8 +18,8 @@ from dicomops.config import PipelineConfig, Settings, SynthConfig
 runner = CliRunner()
 
 
-COMMANDS = ["synth", "data", "ingest", "preprocess", "train", "segment", "promote", "reject", "export", "predict", "online",
-            "monitor", "retrain", "feedback", "run", "serve"]
+COMMANDS = ["synth", "data", "ingest", "preprocess", "train", "segment", "promote", "reject", "compare", "export", "predict",
+            "online", "monitor", "retrain", "feedback", "run", "serve"]
 GROUPS = ["pacs"]  # sub-command groups, listed after the commands
 WIDE = {"COLUMNS": "200"}  # rich cuts long option names short at 80 columns
 
@@ -53,7 +53,8 @@ def test_every_command_has_help_naming_each_argument_and_option(name: str) -> No
                 assert re.search(rf"{re.escape(opt)}(?![\w-])", result.output), f"{name} --help omits {opt}"
             assert param.help and " ".join(param.help.split()) in text, f"{name} --help omits the help of {param.name}"
         else:
-            assert re.search(rf"[│*] +{param.name} ", result.output), f"{name} --help omits the argument {param.name}"
+            # A variadic argument shows as ``name...``.
+            assert re.search(rf"[│*] +{param.name}(\.\.\.)? ", result.output), f"{name} --help omits the argument {param.name}"
 
 
 def test_synth_help_explains_scenarios() -> None:
