@@ -55,7 +55,7 @@ def run_fold(layout: WorkLayout, cfg: TrainConfig, k: int, fold: int, tracking_u
         val = build_slab_set(layout, folds.val(fold), k, cfg.input_size)
         mlflow_runs.log_results(tracking_uri, run_id, {}, [], tags={"precision": choose_precision(cfg.precision).name})
         result = fit(train, val, cfg, out / "checkpoint.pt", seed=cfg.seed + fold,
-                     log=mlflow_runs.step_logger(tracking_uri, run_id, label=f"classifier fold {fold}",
+                     log=mlflow_runs.step_logger(tracking_uri, run_id, label=f"{cfg.architecture} fold {fold}",
                                                       epochs=cfg.epochs), stop_after=stop_after,
                      teacher=teacher_for(layout, cfg, tracking_uri, train, fold))
         # The fold's model, as a later student's teacher for this fold (dicomops.training.distill).
@@ -145,7 +145,7 @@ def leave_one_vendor_out(layout: WorkLayout, cfg: TrainConfig, k: int, tracking_
                 train_ids = list(series[series.vendor != vendor].SeriesInstanceUID)
                 result = fit(build_slab_set(layout, train_ids, k, cfg.input_size), None, cfg, out / "checkpoint.pt",
                              seed=cfg.seed + 2000, epochs=epochs, log=mlflow_runs.step_logger(
-                                 tracking_uri, run_id, label=f"classifier without {vendor}", epochs=epochs))
+                                 tracking_uri, run_id, label=f"{cfg.architecture} without {vendor}", epochs=epochs))
                 preds = score_series(result.model, layout, held.reset_index(drop=True), k, cfg.input_size,
                                      cfg.top_k_slices)
                 io.write_parquet(out / "predictions.parquet", preds)
@@ -167,7 +167,7 @@ def train_final(layout: WorkLayout, cfg: TrainConfig, k: int, tracking_uri: str)
     summary = io.read_json(layout.train.summary)
     data = build_slab_set(layout, list(layout.labelled_series().SeriesInstanceUID), k, cfg.input_size)
     log = mlflow_runs.step_logger(tracking_uri, train_state.parent_run(layout), prefix="final.",
-                                 label="final classifier", epochs=int(summary["final_epochs"]))
+                                 label=f"final {cfg.architecture}", epochs=int(summary["final_epochs"]))
     result = fit(data, None, cfg, layout.train.final / "checkpoint.pt", seed=cfg.seed + 1000,
                  epochs=int(summary["final_epochs"]), log=log,
                  teacher=teacher_for(layout, cfg, tracking_uri, data, None))

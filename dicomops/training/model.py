@@ -67,7 +67,7 @@ def build_model(cfg: TrainConfig, in_channels: int) -> torch.nn.Module:
                                    conv1_t_size=(3, 7, 7), conv1_t_stride=(1, 2, 2)),  # type: ignore[arg-type]
                             in_channels)
     if cfg.architecture == "mobilenet-v3-small":
-        return MobileNetV3Small(in_channels, num_classes=2)
+        return MobileNetV3Small(in_channels, num_classes=2, stem_stride=cfg.stem_stride)
     if cfg.architecture == "resnet10":
         return resnet10(spatial_dims=2, n_input_channels=in_channels, num_classes=2)
     return DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=2)

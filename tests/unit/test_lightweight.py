@@ -35,6 +35,19 @@ def test_student_is_torchvisions_mobilenet_v3_small() -> None:
         student(torch.zeros(1, 3, 128, 128))
 
 
+def test_students_stem_stride_comes_from_the_config() -> None:
+    # At stride 1 the student keeps twice the resolution all the way down: 128 px ends in 8x8
+    # features instead of 4x4 (a 6 mm nodule is 2.4 px at 128 px; stride 2 loses it).
+    x = torch.zeros(1, 3, 128, 128)
+    for stride, side in ((2, 4), (1, 8)):
+        student = build_model(TrainConfig(architecture="mobilenet-v3-small", stem_stride=stride), 3).eval()
+        assert student.features[0][0].stride == (stride, stride)
+        assert student.features(x).shape[-2:] == (side, side)
+        assert student(x).shape == (1, 2)
+    # The parameters do not change with the stride: one network, two resolutions.
+    assert sum(p.numel() for p in MobileNetV3Small(3, 1000, stem_stride=1).parameters()) == 2_542_856
+
+
 def test_students_eval_mode_keeps_up_with_its_training() -> None:
     # After 40 training steps on inputs of a new scale, the running statistics the network uses in
     # eval mode have reached the batches' (torchvision's momentum 0.01 gets a third of the way).
