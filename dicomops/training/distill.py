@@ -14,8 +14,9 @@ scores no slabs, so its slice targets are its actionable call read slice by slic
 
 Cross-validation stays honest: the student's fold ``i`` learns from the teacher's fold-``i`` model,
 which never saw fold ``i``'s validation series; the final student from the teacher's final model.
-Hence the teacher must have been trained on the same split of the same accepted corpus; the fold
-models come from its fold runs' ``weights/`` artifacts.
+Hence the teacher must have been trained on the same split of the same accepted corpus, and on
+volumes preprocessed with the same settings (the slab depth may differ); the fold models come
+from its fold runs' ``weights/`` artifacts.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from dicomops.layout import WorkLayout
+from dicomops.preprocessing.stage import VOLUME_FIELDS
 from dicomops.tracking import registry, runs
 from dicomops.tracking.lineage import ACCEPTED_HASH_TAG
 from dicomops.training.data import SlabSet, build_slab_set
@@ -75,14 +77,28 @@ def teacher_run(tracking_uri: str, model_name: str, version: str, student_run: s
         run_id = str(client.get_model_version(model_name, version).run_id)
     except Exception as err:
         raise ValueError(f"no version {version} of {model_name} to distil from: {err}") from err
-    teacher_tags, student_tags = client.get_run(run_id).data.tags, client.get_run(student_run).data.tags
+    teacher, student = client.get_run(run_id).data, client.get_run(student_run).data
     for tag in LINEAGE_TAGS:
-        if teacher_tags.get(tag) != student_tags.get(tag):
+        if teacher.tags.get(tag) != student.tags.get(tag):
             raise ValueError(
-                f"version {version} of {model_name} was trained with {tag} {teacher_tags.get(tag)!r}, this training "
-                f"has {student_tags.get(tag)!r}: a teacher from another split or corpus would have seen the "
+                f"version {version} of {model_name} was trained with {tag} {teacher.tags.get(tag)!r}, this training "
+                f"has {student.tags.get(tag)!r}: a teacher from another split or corpus would have seen the "
                 f"student's validation series; retrain the teacher on this work directory first")
+    changed = volume_settings_changed(teacher.params, student.params)
+    if changed:
+        raise ValueError(
+            f"version {version} of {model_name} learnt from volumes preprocessed with other settings ({changed}): it "
+            f"would teach from images it never saw in this form; retrain the teacher after this preprocessing, "
+            f"or preprocess as it was trained")
     return run_id
+
+
+def volume_settings_changed(teacher: dict[str, str], student: dict[str, str]) -> str:
+    """The preprocessing settings that make a different volume (:data:`VOLUME_FIELDS`) on which the
+    two training runs' ``preprocess.*`` parameters differ, as 'name teacher -> student'; '' if none."""
+    keys = [f"preprocess.{name}" for name in VOLUME_FIELDS]
+    return ", ".join(f"{key} {teacher.get(key)} -> {student.get(key)}" for key in keys
+                     if teacher.get(key) != student.get(key))
 
 
 def teacher_targets(layout: WorkLayout, tracking_uri: str, model_name: str, distill_from: str, student_run: str,

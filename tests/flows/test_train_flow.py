@@ -261,6 +261,14 @@ def test_student_distils_from_a_3d_teacher_fold_by_fold(train_work: Path, mlflow
     client.set_tag(str(teacher["mlflow_run_id"]), "split_sha256", "another-split")
     with pytest.raises(ValueError, match=r"split_sha256 'another-split'.*retrain the teacher"):
         distill.teacher_run(mlflow_env, name, tv, student.run_id)
+    # A student on volumes preprocessed otherwise (the slab depth alone may differ, as here: 5 and 3).
+    client.set_tag(str(teacher["mlflow_run_id"]), "split_sha256", student_run.data.tags["split_sha256"])
+    other = client.create_run(student_run.info.experiment_id, tags=student_run.data.tags)
+    for key, value in student_run.data.params.items():
+        client.log_param(other.info.run_id, key, "bone" if key == "preprocess.window" else value)
+    assert distill.teacher_run(mlflow_env, name, tv, student.run_id) == teacher["mlflow_run_id"]
+    with pytest.raises(ValueError, match=r"other settings \(preprocess.window lung -> bone\).*retrain the teacher"):
+        distill.teacher_run(mlflow_env, name, tv, other.info.run_id)
     refused = CliRunner().invoke(app, ["train", "--work", str(work), "--config", str(config), "--architecture",
                                        "student", "--distill-from", "999"])
     assert refused.exit_code == 2 and "no version 999 of distil-classifier" in refused.output
