@@ -12,8 +12,9 @@ Reproduce::
 Each engine runs in its own fresh process (``--measure``) with ``--threads`` intra-op threads, so no
 engine inherits another's thread pools, caches or allocator state; the parent builds and exports the
 networks (ONNX opset 18, dynamic batch, the export stage's own functions) and calibrates INT8 on
-random slabs of the right shape. The teacher and the student run at 128 px; the classifier at its
-configured size and stem stride (``TrainConfig``'s defaults, what the pipeline serves). Latency: the
+random slabs of the right shape. The teacher and the student run at 128 px, the student with its
+first convolution at stride 1 (as it is trained); the classifier at its configured size and stem
+stride (``TrainConfig``'s defaults, what the pipeline serves). Latency: the
 median of ``--repeats`` single-slab calls after warm-up; throughput: slabs per second over
 ``--seconds`` of batch-32 calls. Ratios are against the teacher (latency) and against each network's
 own ONNX Runtime FP32 (INT8 throughput), measured in the same run.
@@ -32,8 +33,12 @@ from pathlib import Path
 import numpy as np
 
 SIZE = 128
-NETWORKS = {"teacher": ("resnet3d-slim", 7, SIZE), "student": ("mobilenet-v3-small", 3, SIZE),
-            "classifier": ("resnet-slim", 3, None)}  # None: TrainConfig's input_size
+# role: (architecture, slab slices, TrainConfig settings besides the defaults). The student at
+# stride 1, as it is trained (README, Lightweight models: at stride 2 it does not see the nodules).
+NETWORKS: dict[str, tuple[str, int, dict[str, int]]] = {
+    "teacher": ("resnet3d-slim", 7, {"input_size": SIZE}),
+    "student": ("mobilenet-v3-small", 3, {"input_size": SIZE, "stem_stride": 1}),
+    "classifier": ("resnet-slim", 3, {})}
 
 
 def measure(engine: str, path: str, k: int, size: int, threads: int, repeats: int, seconds: float,
@@ -119,10 +124,9 @@ def build(folder: Path) -> dict[str, dict[str, object]]:
     from dicomops.training.model import build_model
 
     out: dict[str, dict[str, object]] = {}
-    for role, (architecture, k, size) in NETWORKS.items():
+    for role, (architecture, k, settings) in NETWORKS.items():
         torch.manual_seed(0)
-        cfg = TrainConfig(architecture=architecture) if size is None else TrainConfig(architecture=architecture,
-                                                                                    input_size=size)
+        cfg = TrainConfig(architecture=architecture, **settings)
         model = build_model(cfg, k).eval()
         weights = folder / f"{role}.pt"
         torch.save(model.state_dict(), weights)
