@@ -86,6 +86,29 @@ def test_the_lung_border_is_the_band_where_lung_meets_tissue() -> None:
     assert (image[band] < LUNG_LEVEL).any() and (image[band] >= LUNG_LEVEL).any()
 
 
+def test_the_lung_border_inside_the_body_box_is_the_whole_volumes() -> None:
+    from scipy import ndimage
+
+    from dicomops.segmentation.data import BORDER_OPENING, _open
+
+    def everywhere(image: np.ndarray, body: np.ndarray, width: int) -> np.ndarray:  # the filters over all voxels
+        lung, size = body & (image < LUNG_LEVEL), 2 * width + 1
+        near_lung = ndimage.maximum_filter(_open(lung, BORDER_OPENING).view(np.uint8), size=size).view(bool)
+        near_tissue = ndimage.maximum_filter(_open(body & ~lung, BORDER_OPENING).view(np.uint8), size=size)
+        return body & near_lung & near_tissue.view(bool)
+
+    rng = np.random.default_rng(3)
+    image = np.full((64, 56, 40), 0.1, np.float32)
+    image[12:50, 9:47, 5:40] = 0.6  # a body touching the last slice, air around it elsewhere
+    image[15:47, 15:41, 10:40] = 0.35  # lung, behind a chest wall 3 voxels thin (too thin to be a border) on i
+    image[15:47, 15:41, 10:40] += rng.normal(0, 0.04, (32, 26, 30)).astype(np.float32)  # noise
+    image[18:44, 27:29, 20:23] = 0.6  # a vessel
+    for width in (1, 2, 3):
+        band = lung_border(image, image > BODY_LEVEL, width=width)
+        assert band.any() and np.array_equal(band, everywhere(image, image > BODY_LEVEL, width))
+    assert not lung_border(np.full((9, 9, 9), 0.1), np.zeros((9, 9, 9), bool)).any()  # no body, no border
+
+
 def test_border_centres_take_their_share_of_the_background() -> None:
     others, border = np.arange(0, 300), np.arange(1000, 1050)
     out = border_centres(others, border, 0.25, seed=1)  # 100 border centres: each at least once
