@@ -259,6 +259,10 @@ class SegmentConfig(_Section):
         "Share of background centres on the lung border (hard negatives: partial volume there looks like "
         "ground glass); 0 samples it as often as the rest of the lung (14-18 % of centres). On the demo, "
         "0.4 against 0: series kappa 0.898 against 0.832 (philips 0.704 against 0.284), CPM 0.959 against 0.944."))
+    thick_slice_share: float = Field(0.0, ge=0, le=1, description=(
+        "Share of training patches shown as a scanner with 2 or 3 mm slices would see them, resampled back to "
+        "1 mm (nnU-Net's low-resolution simulation, along the slices only). philips' 2 mm slices smear the "
+        "lung's border at its apex and dome into soft-tissue blobs: its false findings. 0: off."))
     batch_size: int = Field(8, ge=1, le=256, description="Patches per optimiser step (all ranks together).")
     patches_per_epoch: int = Field(480, ge=8, description="Patches drawn per epoch.")
     epochs: int = Field(24, ge=1, le=500, description=(

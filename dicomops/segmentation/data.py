@@ -230,6 +230,29 @@ def augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> t
     return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label, dtype=np.float32)
 
 
+def thick_slices(image: np.ndarray, thickness: int, phase: int) -> np.ndarray:
+    """`image` (..., Z) at 1 mm as a scanner with `thickness`-voxel slices every `thickness` voxels
+    would see it, resampled back to every voxel: the mean over each slice's extent (a box slice
+    profile centred on the slice: an even thickness covers its end voxels by half), sampled from
+    slice `phase` on, then linear between the samples (as preprocessing resamples thick series);
+    voxels beyond the first and last sample take theirs."""
+    depth = image.shape[-1]
+    if thickness < 2 or depth < thickness:
+        return image
+    kernel = np.ones(thickness + 1 - thickness % 2, dtype=np.float32)
+    if thickness % 2 == 0:
+        kernel[[0, -1]] = 0.5
+    profile = ndimage.convolve1d(image.astype(np.float32), kernel / thickness, axis=-1, mode="nearest")
+    centres = np.arange(phase % thickness, depth, thickness)
+    sampled = profile[..., centres]
+    if len(centres) == 1:
+        return np.repeat(sampled, depth, axis=-1)
+    position = np.clip(np.arange(depth, dtype=np.float32), centres[0], centres[-1])
+    lower = np.minimum((position - centres[0]) // thickness, len(centres) - 2).astype(int)
+    weight = (position - centres[lower]) / thickness
+    return sampled[..., lower] * (1 - weight) + sampled[..., lower + 1] * weight
+
+
 def sample_seed(seed: int, epoch: int, position: int) -> int:
     """The seed of global sample `position` of `epoch`: the same whatever rank draws it."""
     return int(np.random.default_rng([seed, epoch, position]).integers(0, 2**31 - 1))
@@ -249,10 +272,11 @@ class PatchSet(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """
 
     def __init__(self, volumes: list[SegVolume], patch: tuple[int, int, int], positive_share: float,
-                 samples: int, seed: int) -> None:
+                 samples: int, seed: int, thick_share: float = 0.0) -> None:
         if not volumes:
             raise ValueError("no volumes to cut patches from")
         self.volumes, self.patch, self.samples, self.seed = volumes, tuple(patch), samples, seed
+        self.thick_share = thick_share
         self.crop = patch_crop(patch, positive_share)
         self.set_epoch(1)
 
@@ -278,8 +302,12 @@ class PatchSet(Dataset[tuple[torch.Tensor, torch.Tensor]]):
                 out = self.crop(item)[0]
         finally:
             set_track_meta(True)
-        image, label = augment(np.asarray(out["image"]), np.asarray(out["label"]),
-                               np.random.default_rng([seed, 1]))
+        image = np.asarray(out["image"])
+        rng = np.random.default_rng([seed, 2])
+        if rng.random() < self.thick_share:  # the label stays the 1 mm truth
+            thickness = int(rng.integers(2, 4))
+            image = thick_slices(image, thickness, int(rng.integers(0, thickness)))
+        image, label = augment(image, np.asarray(out["label"]), np.random.default_rng([seed, 1]))
         return torch.from_numpy(image), torch.from_numpy(label)
 
 

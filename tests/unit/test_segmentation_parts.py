@@ -109,6 +109,41 @@ def test_the_lung_border_inside_the_body_box_is_the_whole_volumes() -> None:
     assert not lung_border(np.full((9, 9, 9), 0.1), np.zeros((9, 9, 9), bool)).any()  # no body, no border
 
 
+def test_thick_slices_average_over_each_slice_and_resample_back() -> None:
+    from dicomops.segmentation.data import thick_slices
+
+    ramp = np.broadcast_to(np.arange(40, dtype=np.float32), (2, 3, 40))
+    sheet = np.zeros((1, 1, 40), np.float32)
+    sheet[..., 20] = 1.0  # a structure one voxel thick across the slices
+    for thickness in (2, 3):
+        for phase in range(thickness):
+            # A straight line stays itself between the first and last slice centre: no shift.
+            out = thick_slices(ramp, thickness, phase)
+            assert out.shape == ramp.shape and np.allclose(out[..., thickness:-thickness], ramp[..., thickness:-thickness])
+            # A thin structure is smeared over more slices at lower contrast, its amount kept.
+            smeared = thick_slices(sheet, thickness, phase)[0, 0]
+            assert smeared.max() <= 1 / thickness + 1e-6 and (smeared > 0).sum() > 1
+            assert abs(smeared.sum() - 1.0) < 1e-5
+    # Centred on a slice, the 2 mm profile weighs the slice by half and its neighbours by a quarter.
+    assert np.allclose(thick_slices(sheet, 2, 0)[0, 0, 19:22], [0.25, 0.5, 0.25])
+    assert thick_slices(sheet, 1, 0) is sheet  # 1 mm slices: unchanged
+
+
+def test_thick_slice_share_changes_images_not_labels(tmp_path: Path) -> None:
+    volume = read_volume(_volume(tmp_path, "t"), "t", "ge", nodule_refs(RECORDS), PATCH)
+    plain = PatchSet([volume], PATCH, 0.5, 16, seed=4)
+    thick = PatchSet([volume], PATCH, 0.5, 16, seed=4, thick_share=1.0)
+    varying = 0
+    for i in range(16):
+        (a, la), (b, lb) = plain[i], thick[i]
+        assert torch.equal(la, lb) and a.shape == b.shape  # the same crop, flips and truth
+        # The phantom is uniform along the slices but for its nodules' edges: those patches change, no other.
+        along_slices = bool((a[..., 1:] != a[..., :-1]).any())
+        varying += int(along_slices)
+        assert torch.allclose(a, b) != along_slices
+    assert varying >= 4
+
+
 def test_border_centres_take_their_share_of_the_background() -> None:
     others, border = np.arange(0, 300), np.arange(1000, 1050)
     out = border_centres(others, border, 0.25, seed=1)  # 100 border centres: each at least once
