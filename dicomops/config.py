@@ -262,7 +262,7 @@ class SegmentConfig(_Section):
     thick_slice_share: float = Field(0.0, ge=0, le=1, description=(
         "Share of training patches shown as a scanner with 2 or 3 mm slices would see them, resampled back to "
         "1 mm (nnU-Net's low-resolution simulation, along the slices only). philips' 2 mm slices smear the "
-        "lung's border at its apex and dome into soft-tissue blobs: its false findings. On the demo, 0.3 against "
+        "lung's border and vessels near the volume's ends into blobs: its false findings. On the demo, 0.3 against "
         "0: series kappa 0.898 both, philips 0.704 both (one false series gone, another new), CPM 0.964 against "
         "0.962: no gain, so 0 (off)."))
     batch_size: int = Field(8, ge=1, le=256, description="Patches per optimiser step (all ranks together).")
