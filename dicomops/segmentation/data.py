@@ -88,7 +88,8 @@ def lung_border(image: np.ndarray, body: np.ndarray, width: int = BORDER_WIDTH) 
     the border runs oblique to thick slices: crescents that look like ground glass to the network.
 
     The filters run inside the body's box grown by their reach, the only place the answer can be
-    true: the same result as over the whole volume in 30-50 % less time on the demo's volumes.
+    true: the same result as over the whole volume, in a quarter to a half less time on the demo's
+    119-slice volumes.
     """
     border = np.zeros(body.shape, dtype=bool)
     box = mask_box(body, BORDER_OPENING + 2 * width + 1)

@@ -55,7 +55,8 @@ def build_model(cfg: TrainConfig, in_channels: int) -> torch.nn.Module:
     MONAI networks for a GPU. ``resnet3d-slim`` is the same ResNet in 3-D over the slab as a volume
     (first convolution 3×7×7, in-plane stride 2; 0.9 M parameters), the distillation teacher: train
     it with a deeper slab (``preprocess.slab_slices``, say 7) for 3-D context. ``mobilenet-v3-small``
-    is the lightweight student (:mod:`dicomops.training.mobilenet`).
+    is the lightweight student (:mod:`dicomops.training.mobilenet`), its first convolution at
+    ``cfg.stem_stride`` too (train it at 1).
     """
     if cfg.architecture == "resnet-slim":
         return ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=[16, 32, 64, 128],
