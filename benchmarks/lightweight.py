@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 
 SIZE = 128
-# role: (architecture, slab slices, TrainConfig settings besides the defaults). The student at
-# stride 1, as it is trained (README, Lightweight models: at stride 2 it does not see the nodules).
+# role: (architecture, slab slices, TrainConfig settings besides the defaults). The student at its
+# architecture's defaults, 128 px and stride 1, as it is trained (config.ARCHITECTURE_DEFAULTS).
 NETWORKS: dict[str, tuple[str, int, dict[str, int]]] = {
     "teacher": ("resnet3d-slim", 7, {"input_size": SIZE}),
-    "student": ("mobilenet-v3-small", 3, {"input_size": SIZE, "stem_stride": 1}),
+    "student": ("mobilenet-v3-small", 3, {}),
     "classifier": ("resnet-slim", 3, {})}
 
 

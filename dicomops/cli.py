@@ -143,10 +143,12 @@ def _pipeline_config(path: Path | None) -> PipelineConfig:
 
 
 def _with_overrides(section: SectionT, **overrides: object) -> SectionT:
-    """A config section with the options the user gave on the command line, validated."""
+    """A config section with the options the user gave on the command line, validated. Only the
+    fields the section's own config set are carried over: the rest take their defaults again, which
+    may depend on an overridden field (``TrainConfig``'s per-architecture defaults)."""
     given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return section.model_validate(section.model_dump() | given)
+        return section.model_validate(section.model_dump(exclude_unset=True) | given)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
 

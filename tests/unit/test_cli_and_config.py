@@ -13,7 +13,7 @@ import typer
 from typer.testing import CliRunner
 
 from dicomops.cli import app
-from dicomops.config import PipelineConfig, Settings, SynthConfig
+from dicomops.config import PipelineConfig, Settings, SynthConfig, TrainConfig
 
 runner = CliRunner()
 
@@ -97,6 +97,47 @@ def test_config_from_yaml_and_unknown_keys(tmp_path: Path) -> None:
         PipelineConfig.from_yaml(bad)
     with pytest.raises(ValueError, match="does not exist"):
         PipelineConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_the_student_defaults_to_the_resolution_it_can_see_at() -> None:
+    # Unset, the student trains at 128 px with a stride-1 first convolution (at 192 px and stride 2
+    # it cannot see a 6 mm nodule); what a config says wins; every other network keeps 192 and 2,
+    # so resnet-slim's dumped config, and with it its run keys, do not change.
+    student = TrainConfig(architecture="mobilenet-v3-small")
+    assert (student.input_size, student.stem_stride) == (128, 1)
+    assert "input_size" not in student.model_fields_set and "architecture" in student.model_fields_set
+    assert TrainConfig(architecture="mobilenet-v3-small", input_size=160).input_size == 160
+    assert TrainConfig(architecture="mobilenet-v3-small", stem_stride=2).stem_stride == 2
+    for arch in ("resnet-slim", "resnet3d-slim", "densenet121"):
+        assert (TrainConfig(architecture=arch).input_size, TrainConfig(architecture=arch).stem_stride) == (192, 2)
+    assert TrainConfig().model_dump()["input_size"] == 192 and TrainConfig().model_dump()["stem_stride"] == 2
+    # A registered student logged its sizes, and keeps them: a stride-2 one is rebuilt at stride 2.
+    logged = TrainConfig(architecture="mobilenet-v3-small", input_size=192, stem_stride=2).model_dump(mode="json")
+    assert TrainConfig.from_logged(logged | {"in_channels": 3}).stem_stride == 2
+
+
+def test_train_architecture_option_takes_that_architectures_defaults(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import dicomops.cli as cli
+
+    flows = _FakeFlows({"version": "1", "mean_auc": 0.9, "promoted": False})
+    monkeypatch.setattr(cli, "_flow", flows)
+    plain, sized = tmp_path / "plain.yaml", tmp_path / "sized.yaml"
+    plain.write_text("train:\n  epochs: 2\n")
+    sized.write_text("train:\n  epochs: 2\n  input_size: 160\n")
+    for config, arch, expected in ((plain, "student", (128, 1)), (sized, "student", (160, 1)),
+                                   (plain, "resnet-slim", (192, 2)), (sized, "teacher", (160, 2))):
+        result = runner.invoke(app, ["train", "--config", str(config), "--architecture", arch], env=WIDE)
+        assert result.exit_code == 0, result.output
+        cfg = flows.calls[-1][1]["config"]
+        assert isinstance(cfg, TrainConfig) and cfg.epochs == 2
+        assert (cfg.input_size, cfg.stem_stride) == expected, (config.name, arch)
+    # A config that names the student gets its defaults too, with no option.
+    named = tmp_path / "named.yaml"
+    named.write_text("train:\n  architecture: mobilenet-v3-small\n")
+    assert PipelineConfig.from_yaml(named).train.input_size == 128
+    assert runner.invoke(app, ["train", "--config", str(named)], env=WIDE).exit_code == 0
+    assert flows.calls[-1][1]["config"].stem_stride == 1
 
 
 def test_synth_config_validates_its_arguments() -> None:
