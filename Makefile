@@ -43,8 +43,11 @@ data: $(STAMP)
 run: data
 	$(VENV)/bin/dicomops run $(DATA) --work $(WORK)
 
+# Two pytest-xdist workers, one per core (tests/conftest.py gives each its share of the threads):
+# TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow and not gpu and not integration" -p no:cacheprovider
+	$(PY) -m pytest -m "not slow and not gpu and not integration" -p no:cacheprovider -n $(TEST_WORKERS)
 
 # Real PostgreSQL, MLflow server and Prefect server on loopback ports, a headless Chromium on
 # their UIs, an Orthanc PACS with DICOMweb, a Redis cache and the online service on Ray Serve;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -10,6 +11,15 @@ import pytest
 
 from dicomops.config import SynthConfig
 from dicomops.synthetic import generate_corpus
+
+# `make test` runs two pytest-xdist workers: each takes its share of the cores (torch and OpenMP
+# default to all of them, and two workers at two threads each on two cores oversubscribe).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)  # for the subprocesses the tests start, too
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(_THREADS)
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # 20 s is too short on 2 busy cores

@@ -3,6 +3,7 @@ an atomic checkpoint every epoch, and resumption from the last complete one."""
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -101,6 +102,11 @@ def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 128,
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
+def _diverged(what: str, epoch: int, precision: Precision) -> str:
+    return (f"training diverged at epoch {epoch} ({precision.name}): {what}. Lower train.learning_rate, or set "
+            "train.precision: fp32 if it ran in bf16; nothing of this training was registered.")
+
+
 def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path, *, seed: int,
         epochs: int | None = None, log: EpochLogger | None = None,
         stop_after: int | None = None, teacher: torch.Tensor | None = None) -> FitResult:
@@ -176,7 +182,10 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            loss_sum += float(loss.detach()) * len(y)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(_diverged(f"the training loss became {value}", epoch, precision))
+            loss_sum += value * len(y)
             seen += len(y)
             tick = time.perf_counter()
             step += tick - got
@@ -186,6 +195,9 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
         improved = False
         if val is not None and len(val.y):
             scores = predict(model, val.x, precision=precision)
+            if not np.isfinite(scores).all():
+                raise FloatingPointError(_diverged(f"{int((~np.isfinite(scores)).sum())} of {len(scores)} validation "
+                                                   "scores are not finite", epoch, precision))
             auc = float(roc_auc_score(val.y.numpy(), scores)) if len(np.unique(val.y.numpy())) == 2 else float("nan")
             metrics["val_slice_auc"] = auc
             improved = auc > best_auc

@@ -178,3 +178,22 @@ def test_stem_stride_halves_the_first_feature_map_and_old_versions_rebuild_with_
     del raw["stem_stride"]
     assert model_from_config(raw).conv1.stride == (1, 1)
     assert model_from_config(wide.model_dump(mode="json") | {"in_channels": 3}).conv1.stride == (2, 2)
+
+
+def test_a_diverging_training_stops_with_what_to_change(tmp_path: Path) -> None:
+    # A learning rate far too large sends the weights to infinity within an epoch: the loop stops with
+    # an error naming the epoch, the precision and the settings to change, instead of registering a
+    # model whose scores are NaN (or failing inside scikit-learn's AUC).
+    from dicomops.config import TrainConfig
+    from dicomops.training.data import SlabSet
+    from dicomops.training.loop import fit
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.tensor([0, 1] * 16)
+    x = (torch.rand(32, 3, 32, 32, generator=g) + y[:, None, None, None]).half()
+    slabs = SlabSet(x, y, [f"s{i}" for i in range(32)], np.zeros(32, dtype=int))
+    sane = TrainConfig(epochs=1, input_size=32, batch_size=8, num_workers=0, precision="fp32")
+    assert math.isfinite(fit(slabs, slabs, sane, tmp_path / "a.pt", seed=0).best_auc)
+    wild = sane.model_copy(update={"learning_rate": 1e30})
+    with pytest.raises(FloatingPointError, match=r"diverged at epoch 1 \(cpu-fp32\).*train.learning_rate"):
+        fit(slabs, slabs, wild, tmp_path / "b.pt", seed=0)
