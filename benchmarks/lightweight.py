@@ -14,7 +14,10 @@ engine inherits another's thread pools, caches or allocator state; the parent bu
 networks (ONNX opset 18, dynamic batch, the export stage's own functions) and calibrates INT8 on
 random slabs of the right shape. The teacher and the student run at 128 px, the student with its
 first convolution at stride 1 (as it is trained); the classifier at its configured size and stem
-stride (``TrainConfig``'s defaults, what the pipeline serves). Latency: the
+stride (``TrainConfig``'s defaults, what the pipeline serves). A fourth network, ``reference``, five
+plain 3×3 convolutions 64 channels wide, shows what ONNX Runtime's INT8 kernels give on this CPU
+when the convolutions are wide (ORT engines only); the summary names the CPU and its VNNI, AMX and
+bf16 flags. Latency: the
 median of ``--repeats`` single-slab calls after warm-up; throughput: slabs per second over
 ``--seconds`` of batch-32 calls. Ratios are against the teacher (latency) and against each network's
 own ONNX Runtime FP32 (INT8 throughput), measured in the same run.
@@ -39,6 +42,22 @@ NETWORKS: dict[str, tuple[str, int, dict[str, int]]] = {
     "teacher": ("resnet3d-slim", 7, {"input_size": SIZE}),
     "student": ("mobilenet-v3-small", 3, {}),
     "classifier": ("resnet-slim", 3, {})}
+
+
+# A plain stack of five 3x3 convolutions 64 channels wide at 64 px, ReLU between, no stem: what ONNX
+# Runtime's INT8 kernels give on this CPU when the convolutions are wide enough to use them (the
+# reference the networks' INT8 ratios are read against).
+REFERENCE_WIDTH, REFERENCE_SIZE = 64, 64
+
+
+def cpu_features() -> str:
+    """The CPU's model and the instruction sets INT8 and bf16 kernels depend on."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    family = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("cpu family")), "?")
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+    return f"{model} (family {family}); " + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in wanted)
 
 
 def measure(engine: str, path: str, k: int, size: int, threads: int, repeats: int, seconds: float,
@@ -138,6 +157,19 @@ def build(folder: Path) -> dict[str, dict[str, object]]:
         out[role] = {"k": k, "size": cfg.input_size, "architecture": architecture,
                      "parameters": sum(p.numel() for p in model.parameters()),
                      "engines": {"torch-fp32": str(weights), "ort-fp32": str(fp32), "ort-int8-ptq": str(int8)}}
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for i in range(5):
+        layers += [torch.nn.Conv2d(3 if i == 0 else REFERENCE_WIDTH, REFERENCE_WIDTH, 3, padding=1), torch.nn.ReLU()]
+    wide = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                               torch.nn.Linear(REFERENCE_WIDTH, 2)).eval()
+    contract = InputContract.from_configs(PreprocessConfig(slab_slices=3), TrainConfig(input_size=REFERENCE_SIZE), 0.5)
+    fp32 = onnx_export.export_onnx(wide, contract, folder / "reference.onnx", opset=18)
+    calibration = np.random.default_rng(1).random((64, 3, REFERENCE_SIZE, REFERENCE_SIZE), dtype=np.float32)
+    int8 = quantize.quantize_int8(fp32, folder / "reference.int8.onnx", calibration)
+    out["reference"] = {"k": 3, "size": REFERENCE_SIZE, "architecture": f"5 plain 3x3 convolutions, {REFERENCE_WIDTH} wide",
+                        "parameters": sum(p.numel() for p in wide.parameters()),
+                        "engines": {"ort-fp32": str(fp32), "ort-int8-ptq": str(int8)}}
     return out
 
 
@@ -177,7 +209,7 @@ def main() -> None:
                     top = list(figures["operators"].items())[:5]
                     print("    " + ", ".join(f"{op} {share:.0%}" for op, share in top))
     by = {(r["network"], r["engine"]): r for r in rows}
-    print(f"\n{args.threads} threads; ratios measured in this run")
+    print(f"\n{args.threads} threads on {cpu_features()}; ratios measured in this run")
     teacher = by[("teacher", "torch-fp32")]["latency_ms_b1"]
     for role in ("student", "classifier"):
         for engine in ("torch-fp32", "ort-fp32"):
