@@ -24,7 +24,7 @@ from dicomops.tracking.lineage import ACCEPTED_HASH_TAG
 from dicomops.training import mlflow_runs, plots, saliency, scoring
 from dicomops.training import state as train_state
 from dicomops.training.data import SlabSet, build_slab_set, load_volume
-from dicomops.training.loop import choose_precision, fit
+from dicomops.training.loop import fit, train_precision
 from dicomops.training.model import build_model, load_state_dict
 from dicomops.training.splits import fold_counts, load_or_create_folds
 
@@ -53,7 +53,7 @@ def run_fold(layout: WorkLayout, cfg: TrainConfig, k: int, fold: int, tracking_u
         series = layout.labelled_series().set_index("SeriesInstanceUID")
         train = build_slab_set(layout, folds.train(fold), k, cfg.input_size)
         val = build_slab_set(layout, folds.val(fold), k, cfg.input_size)
-        mlflow_runs.log_results(tracking_uri, run_id, {}, [], tags={"precision": choose_precision(cfg.precision).name})
+        mlflow_runs.log_results(tracking_uri, run_id, {}, [], tags={"precision": train_precision(cfg).name})
         result = fit(train, val, cfg, out / "checkpoint.pt", seed=cfg.seed + fold,
                      log=mlflow_runs.step_logger(tracking_uri, run_id, label=f"{cfg.architecture} fold {fold}",
                                                       epochs=cfg.epochs), stop_after=stop_after,

@@ -197,3 +197,14 @@ def test_a_diverging_training_stops_with_what_to_change(tmp_path: Path) -> None:
     wild = sane.model_copy(update={"learning_rate": 1e30})
     with pytest.raises(FloatingPointError, match=r"diverged at epoch 1 \(cpu-fp32\).*train.learning_rate"):
         fit(slabs, slabs, wild, tmp_path / "b.pt", seed=0)
+
+
+def test_auto_precision_keeps_the_3d_teacher_in_float32_on_cpu() -> None:
+    # bfloat16 autocast of the 3-D teacher gave NaN on a CPU with AVX-512 BF16: `auto` trains it
+    # in float32 there, whatever the CPU; 2-D networks follow choose_precision; `bf16` still forces.
+    from dicomops.config import TrainConfig
+    from dicomops.training.loop import choose_precision, train_precision
+
+    assert train_precision(TrainConfig(architecture="resnet3d-slim")).autocast_dtype is None
+    assert train_precision(TrainConfig(architecture="resnet3d-slim", precision="bf16")).autocast_dtype == torch.bfloat16
+    assert train_precision(TrainConfig()) == choose_precision("auto")
