@@ -53,9 +53,11 @@ REFERENCE_WIDTH, REFERENCE_SIZE = 64, 64
 def cpu_features() -> str:
     """The CPU's model and the instruction sets INT8 and bf16 kernels depend on."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    family = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("cpu family")), "?")
+    first: dict[str, str] = {}  # the first processor's fields
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        first.setdefault(key.strip(), value.strip())
+    flags, model, family = set(first.get("flags", "").split()), first.get("model name", "?"), first.get("cpu family", "?")
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
     return f"{model} (family {family}); " + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in wanted)
 

@@ -222,7 +222,7 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: mixed precision on CUDA, bfloat16 autocast on CPUs with AMX/AVX-512 BF16, "
                             "else float32; the 3-D teacher (resnet3d-slim) stays float32 on CPU, where its "
-                            "bfloat16 training gave NaN (training.loop.VOLUME_ARCHITECTURES).")
+                            "bfloat16 training gave NaN (training.loop.train_precision).")
     top_k_slices: int = Field(3, ge=1, description="Series score: mean of the k highest slice scores.")
     leave_one_vendor_out: bool = Field(False, description="Also train on all vendors but one and score the held-out one.")
     distill_from: str | None = Field(None, description=(

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from dicomops.config import TrainConfig
 from dicomops.training.data import AugmentedSlabs, SlabSet
-from dicomops.training.model import build_loss, build_model, class_weights
+from dicomops.training.model import VOLUME_ARCHITECTURES, build_loss, build_model, class_weights
 
 EpochLogger = Callable[[int, dict[str, float]], None]
 
@@ -74,19 +74,14 @@ def choose_precision(setting: str) -> Precision:
     return Precision(torch.device("cpu"), None)
 
 
-# Networks over the slab as a volume (3-D convolutions). On CPU, `auto` trains them in float32: in
-# bfloat16 autocast the 3-D teacher's one-epoch training gave a NaN loss or NaN scores in 2 of 3
-# full test-suite runs on a Zen 5 EPYC with AVX-512 BF16 (never in over 50 trainings of it alone), while the
-# 2-D networks and the segmenter's own loop never did.
-VOLUME_ARCHITECTURES = frozenset({"resnet3d-slim"})
-
-
 def train_precision(cfg: TrainConfig) -> Precision:
     """The precision the slab classifier's loop runs `cfg` in: :func:`choose_precision`'s, except
-    that ``auto`` keeps a 3-D network (``VOLUME_ARCHITECTURES``) in float32 on CPU; ``bf16`` still
-    forces bfloat16."""
+    that ``auto`` keeps a 3-D network (``model.VOLUME_ARCHITECTURES``) in float32 on CPU; ``bf16``
+    still forces bfloat16. In bfloat16 autocast the 3-D teacher's one-epoch training gave a NaN
+    loss or NaN scores in 2 of 3 full test-suite runs on a Zen 5 EPYC with AVX-512 BF16 (never in
+    over 50 trainings of it alone), while the 2-D networks and the segmenter's own loop never did."""
     precision = choose_precision(cfg.precision)
-    if (cfg.precision == "auto" and cfg.architecture in VOLUME_ARCHITECTURES and precision.device.type == "cpu"):
+    if cfg.precision == "auto" and cfg.architecture in VOLUME_ARCHITECTURES and precision.device.type == "cpu":
         return Precision(precision.device, None)
     return precision
 
@@ -141,7 +136,7 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
     seed_everything(seed)
     precision = train_precision(cfg)
     model = build_model(cfg, train.x.shape[1]).to(precision.device)
-    if not any(isinstance(m, torch.nn.Conv3d) for m in model.modules()):  # channels_last is for 4-D weights
+    if cfg.architecture not in VOLUME_ARCHITECTURES:  # channels_last is for 4-D weights
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # NHWC: oneDNN/cuDNN run faster
     criterion = build_loss(cfg, train.y).to(precision.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)

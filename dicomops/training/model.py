@@ -11,6 +11,10 @@ from monai.networks.nets import DenseNet121, ResNet, resnet10
 from dicomops.config import TrainConfig
 from dicomops.training.mobilenet import MobileNetV3Small
 
+# The architectures that run over the slab as a volume (3-D convolutions, no channels-last layout;
+# float32 on CPU under precision auto, see training.loop.train_precision).
+VOLUME_ARCHITECTURES = frozenset({"resnet3d-slim"})
+
 
 def model_from_config(raw: dict[str, Any]) -> torch.nn.Module:
     """The untrained network described by a logged ``train_config.json`` (a ``TrainConfig`` plus

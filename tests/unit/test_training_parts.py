@@ -199,12 +199,17 @@ def test_a_diverging_training_stops_with_what_to_change(tmp_path: Path) -> None:
         fit(slabs, slabs, wild, tmp_path / "b.pt", seed=0)
 
 
-def test_auto_precision_keeps_the_3d_teacher_in_float32_on_cpu() -> None:
+def test_auto_precision_keeps_the_3d_teacher_in_float32_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     # bfloat16 autocast of the 3-D teacher gave NaN on a CPU with AVX-512 BF16: `auto` trains it
-    # in float32 there, whatever the CPU; 2-D networks follow choose_precision; `bf16` still forces.
+    # in float32 there; 2-D networks follow choose_precision; `bf16` still forces. The CPU is
+    # made to report bf16 units, so the check means the same on a CPU without them.
     from dicomops.config import TrainConfig
     from dicomops.training.loop import choose_precision, train_precision
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert choose_precision("auto").autocast_dtype == torch.bfloat16
+    assert train_precision(TrainConfig()).autocast_dtype == torch.bfloat16
     assert train_precision(TrainConfig(architecture="resnet3d-slim")).autocast_dtype is None
     assert train_precision(TrainConfig(architecture="resnet3d-slim", precision="bf16")).autocast_dtype == torch.bfloat16
     assert train_precision(TrainConfig()) == choose_precision("auto")
