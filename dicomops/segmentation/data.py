@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,18 +189,22 @@ def series_table(layout: WorkLayout) -> pd.DataFrame:
 
 def load_volumes(layout: WorkLayout, ids: list[str], patch: tuple[int, int, int],
                  border_share: float = 0.0) -> list[SegVolume]:
-    """The volumes of series `ids`, in that order; each is read from disk once per process."""
+    """The volumes of series `ids`, in that order; each is read from disk once per process, those
+    not read yet in as many threads as torch computes with (decompression and SciPy's filters
+    release the GIL: 40 of the demo's volumes took 20.3 s in one thread and 10.3 s in two)."""
     table = series_table(layout).set_index("SeriesInstanceUID")
-    out = []
-    for uid in ids:
+    keys = {uid: (str(layout.preprocessed.volume(str(table.loc[uid].path))), patch, border_share) for uid in ids}
+
+    def read(uid: str) -> SegVolume:
         row = table.loc[uid]
-        path = layout.preprocessed.volume(str(row.path))
-        key = (str(path), patch, border_share)
-        if key not in _CACHE:
-            _CACHE[key] = read_volume(path, uid, str(row.vendor), nodule_refs(str(row.nodules) or "[]"), patch,
-                                      actionable=bool(row.label), border_share=border_share)
-        out.append(_CACHE[key])
-    return out
+        return read_volume(Path(keys[uid][0]), uid, str(row.vendor), nodule_refs(str(row.nodules) or "[]"), patch,
+                           actionable=bool(row.label), border_share=border_share)
+
+    missing = list(dict.fromkeys(uid for uid in ids if keys[uid] not in _CACHE))
+    with ThreadPoolExecutor(max(1, min(torch.get_num_threads(), len(missing)))) as pool:
+        for uid, volume in zip(missing, pool.map(read, missing), strict=True):
+            _CACHE[keys[uid]] = volume
+    return [_CACHE[keys[uid]] for uid in ids]
 
 
 def forget_volumes() -> None:

@@ -52,17 +52,43 @@ class SlabSet:
     z: np.ndarray
 
 
+# Each series' sampled slabs, resized, kept per process: the four folds and the final model of one
+# cross-validation, the export's calibration and a student's teacher targets all read the same ones.
+# Building them reads and decompresses every volume (on the demo, 12-14 s of the 14-16 s each fold
+# spent before its first epoch). An entry is keyed by the volume file with its size and modification
+# time, so a rewritten file is read again. One preprocessing folder at a time, so a process that
+# works on several (the tests) holds one corpus, not all of them.
+_SLABS: dict[tuple[str, int, int, int, int, tuple[int, ...]], torch.Tensor] = {}
+_SLABS_ROOT: list[Path] = []
+
+
+def forget_slabs() -> None:
+    """Drop the per-process slab cache (the pipeline does once the export has read its slabs)."""
+    _SLABS.clear()
+    _SLABS_ROOT.clear()
+
+
+def _cached_slabs(pre_root: Path, path: Path, zs: tuple[int, ...], k: int, size: int) -> torch.Tensor:
+    if [pre_root] != _SLABS_ROOT:
+        forget_slabs()
+        _SLABS_ROOT.append(pre_root)
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns, k, size, zs)
+    if key not in _SLABS:
+        volume = load_volume(path)
+        _SLABS[key] = _resize(np.stack([slab(volume, z, k) for z in zs]), size).half()
+    return _SLABS[key]
+
+
 def build_slab_set(layout: WorkLayout, series_ids: list[str], k: int, size: int) -> SlabSet:
-    """The sampled slabs of `series_ids`, extracted and resized once."""
+    """The sampled slabs of `series_ids`, extracted and resized once per process."""
     pre = layout.preprocessed
     index, slabs = pre.read_index(), pre.read_slabs()
     paths = index.set_index("SeriesInstanceUID").path
     chosen = slabs[slabs.SeriesInstanceUID.isin(set(series_ids))].sort_values(["SeriesInstanceUID", "z"])
     xs, series, zs = [], [], []
     for uid, group in chosen.groupby("SeriesInstanceUID", sort=True):
-        volume = load_volume(pre.volume(paths[uid]))
-        batch = np.stack([slab(volume, int(z), k) for z in group.z])
-        xs.append(_resize(batch, size).half())
+        xs.append(_cached_slabs(pre.root.resolve(), pre.volume(paths[uid]), tuple(int(z) for z in group.z), k, size))
         series += [str(uid)] * len(group)
         zs.append(group.z.to_numpy())
     x = torch.cat(xs) if xs else torch.zeros((0, k, size, size), dtype=torch.float16)

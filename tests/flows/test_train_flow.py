@@ -272,3 +272,46 @@ def test_student_distils_from_a_3d_teacher_fold_by_fold(train_work: Path, mlflow
     refused = CliRunner().invoke(app, ["train", "--work", str(work), "--config", str(config), "--architecture",
                                        "student", "--distill-from", "999"])
     assert refused.exit_code == 2 and "no version 999 of distil-classifier" in refused.output
+
+
+def test_slab_sets_are_built_once_per_process_and_never_stale(train_work: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicomops.training import data
+
+    layout = WorkLayout(_fresh(train_work, tmp_path))
+    everyone = sorted(layout.labelled_series().SeriesInstanceUID)
+    some = everyone[: len(everyone) // 2]
+    read: list[str] = []
+    real = data.load_volume
+    monkeypatch.setattr(data, "load_volume", lambda path: read.append(Path(path).name) or real(path))
+    data.forget_slabs()
+    first = data.build_slab_set(layout, some, 3, 32)
+    assert len(read) == len(set(first.series))
+    read.clear()
+    again = data.build_slab_set(layout, everyone, 3, 32)
+    assert len(read) == len(everyone) - len(set(first.series))  # only the series not read before
+    picked = np.isin(again.series, list(set(first.series)))
+    assert torch.equal(again.x[picked], first.x) and torch.equal(again.y[picked], first.y)
+    data.forget_slabs()
+    read.clear()
+    assert torch.equal(data.build_slab_set(layout, everyone, 3, 32).x, again.x)  # the cache changes nothing
+    assert len(read) == len(everyone)
+
+    # A volume rewritten in place is read again, with what it now holds.
+    read.clear()
+    index = layout.preprocessed.read_index().set_index("SeriesInstanceUID")
+    path = layout.preprocessed.volume(index.loc[everyone[0], "path"])
+    with np.load(path) as npz:
+        arrays = dict(npz)
+    arrays["image"] = np.zeros_like(arrays["image"])
+    np.savez_compressed(path, **arrays)
+    changed = data.build_slab_set(layout, everyone, 3, 32)
+    assert read == [path.name]
+    mine = np.asarray(changed.series) == everyone[0]
+    assert not changed.x[mine].any() and torch.equal(changed.x[~mine], again.x[~mine])
+
+    # Another work directory's slabs replace this one's: a process holds one corpus at a time.
+    other = WorkLayout(_fresh(train_work, tmp_path / "other"))
+    data.build_slab_set(other, everyone[:1], 3, 32)
+    assert {key[0] for key in data._SLABS} == {str(other.preprocessed.volume(index.loc[everyone[0], "path"]))}
+    data.forget_slabs()
