@@ -9,8 +9,6 @@ slice probabilities) and the mean penultimate-layer activation over the slices.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +43,7 @@ def _last_linear(model: torch.nn.Module) -> torch.nn.Linear:
     return linears[-1]
 
 
-def model_outputs(model: torch.nn.Module, volumes: Iterable[np.ndarray], k: int, size: int, top_k: int,
+def model_outputs(model: torch.nn.Module, volumes: list[np.ndarray], k: int, size: int, top_k: int,
                   batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """Series scores (N,) and mean penultimate embeddings (N, D) for (X, Y, Z) volumes."""
     captured: list[torch.Tensor] = []
@@ -78,11 +76,8 @@ def feature_table(work: Path, model: torch.nn.Module, k: int, size: int, top_k: 
     if series is not None:
         features = features[features.SeriesInstanceUID.isin(set(series))]
     features = features.sort_values("SeriesInstanceUID").reset_index(drop=True)
-    # A thread reads (decompresses) the next volumes while the model scores this one: on the demo's
-    # 119 series, reading took about half of the reference's time when it came first.
-    with ThreadPoolExecutor(1) as reader:
-        volumes = reader.map(lambda uid: load_volume(pre.volume(index.loc[uid, "path"])), features.SeriesInstanceUID)
-        scores, embeddings = model_outputs(model, volumes, k, size, top_k)
+    volumes = [load_volume(pre.volume(index.loc[uid, "path"])) for uid in features.SeriesInstanceUID]
+    scores, embeddings = model_outputs(model, volumes, k, size, top_k)
     table = features[[*HEADER_NUMERIC, *HEADER_CATEGORICAL, *IMAGE_NUMERIC]].copy()
     for column in HEADER_NUMERIC + IMAGE_NUMERIC:
         table[column] = pd.to_numeric(table[column], errors="coerce").astype(float)

@@ -218,11 +218,14 @@ def _group_table(evals: list[m.SeriesEval]) -> pd.DataFrame:
 
     def row(group: str, value: str, froc: m.Froc, nodules: list[dict[str, Any]], part: list[m.SeriesEval]) -> None:
         ge6 = [n["dice"] for n in nodules if n["diameter_mm"] >= 6.0]
+        per_series = group in ("all", "vendor")
+        low, high = m.series_kappa_interval(part) if per_series else (float("nan"), float("nan"))
         rows.append({"group": group, "value": value, "scans": froc.scans, "nodules": froc.nodules, "cpm": froc.cpm,
                      **{f"sens@{r:g}": s for r, s in froc.at_rates.items()},
                      "dice_mean": float(np.mean([n["dice"] for n in nodules])) if nodules else float("nan"),
                      "dice_ge6_mean": float(np.mean(ge6)) if ge6 else float("nan"),
-                     "kappa_series": m.series_kappa(part) if group in ("all", "vendor") else float("nan")})
+                     "kappa_series": m.series_kappa(part) if per_series else float("nan"),
+                     "kappa_series_low": low, "kappa_series_high": high})
 
     every = [n for e in evals for n in e.nodules]
     row("all", "all", m.froc(evals), every, evals)
@@ -266,6 +269,8 @@ def summarise(layout: WorkLayout, cfg: SegmentConfig, tracking_uri: str) -> dict
     summary = {"cpm": metrics["cpm"], "vendor_cpm": {v: float(r.cpm) for v, r in vendors.iterrows()},
                "vendor_dice_ge6": {v: float(r.dice_ge6_mean) for v, r in vendors.iterrows()},
                "vendor_kappa": {v: float(r.kappa_series) for v, r in vendors.iterrows()},
+               "vendor_kappa_interval": {v: [float(r.kappa_series_low), float(r.kappa_series_high)]
+                                         for v, r in vendors.iterrows()},
                "dice_ge6_mean": metrics["dice_ge6_mean"], "kappa_series": metrics["kappa_series"],
                "kappa_size": metrics["kappa_size"], "actionable_auc": calls.get("mean"),
                "actionable_auc_std": calls.get("std"), "vendor_actionable_auc": calls.get("vendor", {}),
@@ -389,15 +394,19 @@ def seg_card(model_name: str, version: str, summary: dict[str, Any], table: pd.D
     def rows(*groups: str) -> list[list[str]]:
         part = table[table.group.isin(groups)]
         return [[str(r.value), *counts(str(r.value), r.group), f(r.cpm), f(r["sens@1"]), f(r.dice_ge6_mean),
-                 f(r.kappa_series), *([f(r.get("auc_actionable"))] if r.group in ("all", "vendor") else [])]
+                 kappa(r), *([f(r.get("auc_actionable"))] if r.group in ("all", "vendor") else [])]
                 for _, r in part.iterrows()]
+
+    def kappa(r: pd.Series) -> str:
+        low, high = r.get("kappa_series_low", float("nan")), r.get("kappa_series_high", float("nan"))
+        return f(r.kappa_series) + (f" ({f(low)}–{f(high)})" if np.isfinite(low) and np.isfinite(high) else "")
 
     def counts(value: str, group: str) -> list[str]:
         if group == "all":
             return [pool.total(0, vendors), pool.total(1, vendors)]
         return [pool.cell(value, 0), pool.cell(value, 1)] if group == "vendor" else []
 
-    header = ("", "series without", "series with", "CPM", "sens @1 FP", "Dice ≥6 mm", "kappa (series)",
+    header = ("", "series without", "series with", "CPM", "sens @1 FP", "Dice ≥6 mm", "kappa (series, 95 % CI)",
               "AUC (actionable)")
     metrics = ("", "CPM", "sens @1 FP", "Dice ≥6 mm", "kappa (series)")
     body = ["Out-of-fold, four folds stratified by vendor (the classifier's `splits/folds.json`).",
@@ -408,7 +417,8 @@ def seg_card(model_name: str, version: str, summary: dict[str, Any], table: pd.D
             "as the classifier reports its own.", "",
             *model_card.table(header, "lrrrrrrr", rows("all", "vendor")), "",
             f"*Series without, with* an actionable nodule: {pool.caption} The *all* row adds the vendors' "
-            "released cells (+: and the suppressed ones).", "",
+            "released cells (+: and the suppressed ones). The kappa's interval is a percentile bootstrap over "
+            "series: a vendor's rests on its few series without a nodule.", "",
             *model_card.table(metrics, "lrrrr", rows("kind", "attachment", "size_bin")), "",
             f"Pictures: `runs:/{run_id}/cv/froc_by_vendor.png`, `cv/froc_by_kind.png`, `cv/contours.png`."]
     parts = [model_card.decision_section("pending", (), version),

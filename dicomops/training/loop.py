@@ -19,7 +19,13 @@ from torch.utils.data import DataLoader
 
 from dicomops.config import TrainConfig
 from dicomops.training.data import AugmentedSlabs, SlabSet
-from dicomops.training.model import VOLUME_ARCHITECTURES, build_loss, build_model, class_weights
+from dicomops.training.model import (
+    VOLUME_ARCHITECTURES,
+    build_loss,
+    build_model,
+    channels_last,
+    class_weights,
+)
 
 EpochLogger = Callable[[int, dict[str, float]], None]
 
@@ -135,9 +141,7 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
     """
     seed_everything(seed)
     precision = train_precision(cfg)
-    model = build_model(cfg, train.x.shape[1]).to(precision.device)
-    if cfg.architecture not in VOLUME_ARCHITECTURES:  # channels_last is for 4-D weights
-        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # NHWC: oneDNN/cuDNN run faster
+    model = channels_last(build_model(cfg, train.x.shape[1]).to(precision.device), cfg.architecture)
     criterion = build_loss(cfg, train.y).to(precision.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     total = epochs or cfg.epochs

@@ -22,6 +22,15 @@ def model_from_config(raw: dict[str, Any]) -> torch.nn.Module:
     return build_model(TrainConfig.from_logged(raw), int(raw["in_channels"]))
 
 
+def channels_last(model: torch.nn.Module, architecture: str) -> torch.nn.Module:
+    """`model` with NHWC weights where it is a 2-D network (oneDNN and cuDNN run those faster: the
+    monitoring reference of 40 demo volumes scored in 3.8-3.9 s instead of 5.2-5.9 s, the same
+    outputs to 4e-7); a 3-D one (:data:`VOLUME_ARCHITECTURES`) as it is, since NHWC needs 4-D weights."""
+    if architecture not in VOLUME_ARCHITECTURES:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return model
+
+
 def load_trained(tracking_uri: str, run_id: str) -> tuple[torch.nn.Module, TrainConfig, int]:
     """The final model of training run `run_id` (eval mode), its ``TrainConfig`` and input channels."""
     from dicomops.tracking.registry import load_weights

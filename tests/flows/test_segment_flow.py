@@ -3,6 +3,7 @@ gate on CPM, resumption, and a leak scan of what it wrote."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -81,6 +82,11 @@ def test_segment_flow_registers_a_gated_version_with_froc_dice_and_kappa(
     assert set(nodules.kind) <= {"solid", "part-solid", "ground-glass"}
     table = pd.read_csv(layout.segment.by_group)
     assert set(table[table.group == "vendor"].value) == set(labels.vendor)
+    # Each vendor's series kappa comes with its bootstrap interval (NaN where kappa is undefined).
+    vendors = table[table.group == "vendor"].dropna(subset=["kappa_series_low", "kappa_series_high"])
+    assert ((vendors.kappa_series_low >= -1) & (vendors.kappa_series_low <= vendors.kappa_series_high)
+            & (vendors.kappa_series_high <= 1)).all()
+    assert set(json.loads(layout.segment.summary.read_text())["vendor_kappa_interval"]) == set(labels.vendor)
     # The actionable call: every judged series carries its label and score, and the CV reports
     # their AUC per fold and vendor as the classifier does (a tiny model may rank at chance).
     evals = [e for i in range(4) for e in cv.load_evals(layout.segment.fold(i) / "evals.json")]

@@ -25,6 +25,7 @@ from dicomops.segmentation.metrics import (
     froc,
     nodule_table,
     series_kappa,
+    series_kappa_interval,
     size_bin,
     size_kappa,
     size_pairs,
@@ -254,6 +255,28 @@ def test_series_kappa_by_hand() -> None:
     evals = [scan([], [], ref=r, pred=p) for r, p in pairs]
     assert series_kappa(evals) == pytest.approx(2 / 3)
     assert math.isnan(series_kappa([scan([], [], ref=True, pred=True)] * 3))
+
+
+def test_series_kappa_interval_is_the_bootstrap_of_cohens_kappa() -> None:
+    from sklearn.metrics import cohen_kappa_score
+
+    # The philips cell of the demo: 19 series with a nodule, all found; 5 without, 2 with a false finding.
+    pairs = [(True, True)] * 19 + [(False, True)] * 2 + [(False, False)] * 3
+    evals = [scan([], [], ref=r, pred=p) for r, p in pairs]
+    point = series_kappa(evals)
+    low, high = series_kappa_interval(evals, resamples=400, seed=3)
+    # The same resamples through scikit-learn, one by one.
+    picks = np.random.default_rng(3).integers(0, len(pairs), size=(400, len(pairs)))
+    slow = [cohen_kappa_score([pairs[i][0] for i in row], [pairs[i][1] for i in row]) for row in picks
+            if len({pairs[i][0] for i in row} | {pairs[i][1] for i in row}) > 1]
+    slow = [k for k in slow if np.isfinite(k)]
+    assert (low, high) == pytest.approx(tuple(np.percentile(slow, [2.5, 97.5])))
+    assert low < point < high and high - low > 0.4  # five series without a nodule decide it
+    # Ten times the series in the same proportions: a narrower interval around the same kappa.
+    low10, high10 = series_kappa_interval(evals * 10, resamples=400, seed=3)
+    assert low10 < point < high10 and high10 - low10 < (high - low) / 2
+    assert all(math.isnan(v) for v in series_kappa_interval([scan([], [], ref=True, pred=True)] * 5))
+    assert all(math.isnan(v) for v in series_kappa_interval([]))
 
 
 def test_size_kappa_by_hand() -> None:

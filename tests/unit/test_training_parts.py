@@ -213,3 +213,21 @@ def test_auto_precision_keeps_the_3d_teacher_in_float32_on_cpu(monkeypatch: pyte
     assert train_precision(TrainConfig(architecture="resnet3d-slim")).autocast_dtype is None
     assert train_precision(TrainConfig(architecture="resnet3d-slim", precision="bf16")).autocast_dtype == torch.bfloat16
     assert train_precision(TrainConfig()) == choose_precision("auto")
+
+
+def test_channels_last_changes_the_layout_of_2d_networks_only_and_no_output() -> None:
+    from dicomops.config import TrainConfig
+    from dicomops.training.model import build_model, channels_last
+
+    torch.manual_seed(0)
+    flat = build_model(TrainConfig(architecture="resnet-slim", input_size=32), 3).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        before = flat(x)
+        nhwc = channels_last(flat, "resnet-slim")
+        assert nhwc is flat
+        conv = next(m for m in nhwc.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+        assert torch.allclose(nhwc(x), before, atol=1e-5)
+    volume = build_model(TrainConfig(architecture="resnet3d-slim", input_size=32), 3).eval()
+    assert channels_last(volume, "resnet3d-slim") is volume  # 5-D weights have no NHWC layout
