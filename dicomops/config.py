@@ -276,7 +276,9 @@ class SegmentConfig(_Section):
     roi: tuple[int, int, int] = Field((32, 32, 32), description=(
         "Sliding-window size at inference: the training patch's, since instance normalisation makes a "
         "window's output depend on its extent (160x160x64 windows: Dice 0.61 instead of 0.80 on fold 0)."))
-    sw_batch_size: int = Field(8, ge=1, le=1024, description="Windows per forward pass at inference.")
+    sw_batch_size: int = Field(16, ge=1, le=1024, description=(
+        "Windows per forward pass at inference. On the demo's fold-1 model, 2 threads, bfloat16 on a Zen 5: "
+        "0.55-0.58 s per series at 16, 0.61-0.65 at 8, 0.72 at 4, 0.67 at 32; the same probabilities."))
     overlap: float = Field(0.4, ge=0, lt=1, description=(
         "Sliding-window overlap. One fold-0 model of the demo corpus: Dice (>= 6 mm) 0.783 at 0.25, "
         "0.824 at 0.33, 0.836 at 0.4, 0.838 at 0.5, at 1.3, 1.6, 1.8 and 3.2 s per series."))
