@@ -84,9 +84,9 @@ def fit(volumes: list[SegVolume], cfg: SegmentConfig, checkpoint: Path, *, seed:
     epoch = start
     for epoch in range(start + 1, total + 1):
         patches.set_epoch(epoch)
-        # MONAI's ThreadDataLoader cuts the next batch in a thread while this one trains (the crops
-        # release the GIL for most of their time): on the demo's fold 0, 4 epochs in 11.3-12.2 s
-        # instead of 12.0-12.7 s, data wait 6-7 % of step time instead of 11 %, the same loss.
+        # MONAI's ThreadDataLoader cuts the next batch in a thread while this one trains, with the
+        # same batches: data wait 7-8 % of step time in a fresh clone's make run instead of 11-15 %;
+        # 4 epochs of the demo's fold 0 alone took 11.3-12.2 s instead of 12.0-12.7 s, the same loss.
         loader = ThreadDataLoader(patches,  # type: ignore[arg-type]  # typed for MONAI's Dataset; any torch one works
                                   buffer_size=2, batch_size=cfg.batch_size // size, sampler=positions,
                                   num_workers=num_workers, multiprocessing_context="fork" if num_workers else None,
