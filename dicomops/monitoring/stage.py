@@ -14,7 +14,7 @@ from dicomops.monitoring.features import feature_table
 from dicomops.monitoring.reference import build_reference, store_reference
 from dicomops.synthetic.sidecars import LABELS_CSV, MASKS_DIR, SIDECAR_FILES, mask_path
 from dicomops.tracking import runs
-from dicomops.training.model import channels_last, load_trained
+from dicomops.training.model import load_trained
 
 
 def batch_features(batch_work: Path, tracking_uri: str, run_id: str) -> pd.DataFrame:
@@ -22,14 +22,14 @@ def batch_features(batch_work: Path, tracking_uri: str, run_id: str) -> pd.DataF
     if not WorkLayout(batch_work).preprocessed.features.exists():
         return pd.DataFrame()
     model, cfg, k = load_trained(tracking_uri, run_id)
-    return feature_table(batch_work, channels_last(model, cfg.architecture), k, cfg.input_size, cfg.top_k_slices)
+    return feature_table(batch_work, model, k, cfg.input_size, cfg.top_k_slices)
 
 
 def reference_for_version(work: Path, tracking_uri: str, name: str, version: str) -> str:
     """At training time: the training features scored by the new version, stored with it."""
     mv = runs.configure_mlflow(tracking_uri).get_model_version(name, version)
     model, cfg, k = load_trained(tracking_uri, str(mv.run_id))
-    table = build_reference(work, channels_last(model, cfg.architecture), k, cfg.input_size, cfg.top_k_slices)
+    table = build_reference(work, model, k, cfg.input_size, cfg.top_k_slices)
     layout = WorkLayout(work)
     summary = layout.ingest.summary
     if summary.exists():
