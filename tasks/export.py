@@ -10,7 +10,6 @@ from dicomops.config import ExportConfig
 from dicomops.export import stage
 from dicomops.export.stage import ExportReport, ModelRef
 from dicomops.layout import WorkLayout
-from dicomops.training.data import forget_slabs
 
 
 @task(name="resolve-model-version", retries=2, retry_delay_seconds=[2, 10])
@@ -20,13 +19,7 @@ def resolve_version(tracking_uri: str, name: str, version: str | None, alias: st
 
 @task(name="export-and-check", tags=["cpu-heavy"])
 def export_and_check(work: Path, tracking_uri: str, ref: ModelRef, cfg: ExportConfig) -> ExportReport:
-    layout = WorkLayout(work)
-    calibration, validation = stage.check_data(layout, ref.contract, cfg.check_fold)
-    try:
-        return stage.export_version(layout.export_dir(ref.version), tracking_uri, ref, cfg, calibration, validation,
-                                    layout=layout)
-    finally:
-        forget_slabs()  # the last reader of the training slabs: the process gives their memory back
+    return stage.export_from_work(WorkLayout(work), tracking_uri, ref, cfg)
 
 
 @task(name="attach-to-version", retries=2, retry_delay_seconds=[2, 10])

@@ -25,7 +25,7 @@ from dicomops.export import onnx_export, quantize, tensorrt_engine, triton
 from dicomops.export.contract import METADATA_KEY, InputContract
 from dicomops.layout import WorkLayout
 from dicomops.tracking import registry, runs
-from dicomops.training.data import SlabSet, build_slab_set
+from dicomops.training.data import SlabSet, build_slab_set, forget_slabs
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,18 @@ def check_dynamic_batch(path: Path, x: np.ndarray, sizes: tuple[int, ...] = (1, 
         got = onnx_export.run_onnx(sess, x[: max(sizes)], batch_size=size)
         worst = max(worst, float(np.abs(got - reference).max()))
     return worst
+
+
+def export_from_work(layout: WorkLayout, tracking_uri: str, ref: ModelRef, cfg: ExportConfig) -> ExportReport:
+    """:func:`export_version` into the work directory's export folder, checked on the slabs of
+    ``cfg.check_fold`` (:func:`check_data`). The export is the pipeline's last reader of the training
+    slabs, so the process's slab cache is dropped afterwards, whatever the outcome."""
+    calibration, validation = check_data(layout, ref.contract, cfg.check_fold)
+    try:
+        return export_version(layout.export_dir(ref.version), tracking_uri, ref, cfg, calibration, validation,
+                              layout=layout)
+    finally:
+        forget_slabs()
 
 
 def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportConfig, calibration: SlabSet,

@@ -24,11 +24,7 @@ def model_from_config(raw: dict[str, Any]) -> torch.nn.Module:
 
 def channels_last(model: torch.nn.Module, architecture: str) -> torch.nn.Module:
     """`model` with NHWC weights where it is a 2-D network (oneDNN and cuDNN train those faster); a
-    3-D one (:data:`VOLUME_ARCHITECTURES`) as it is, since NHWC needs 4-D weights.
-
-    Not used for the monitoring reference: there, 40 demo volumes scored in 3.8-3.9 s instead of
-    5.2-5.9 s alone, but a fresh clone's ``make run`` spent 29 s on the reference with it and 25-26 s
-    without."""
+    3-D one (:data:`VOLUME_ARCHITECTURES`) as it is, since NHWC needs 4-D weights."""
     if architecture not in VOLUME_ARCHITECTURES:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model

@@ -168,7 +168,11 @@ def test_leave_one_vendor_out_then_export_attaches_checked_files(train_work: Pat
 
     export_cfg = ExportConfig(parity_samples=32, calibration_samples=32, max_batch=8, preferred_batch_sizes=(4, 8),
                               int8_max_auc_drop=1.0)
+    from dicomops.training import data
+
+    assert data._SLABS  # training left its slabs in the process's cache ...
     exported = export(work=work, config=export_cfg, model_name=cfg.model_name)  # the version just registered
+    assert not data._SLABS  # ... and the export, their last reader, gave them back
     exported_version = client.get_model_version(cfg.model_name, str(result["version"]))
     tags = exported_version.tags
     assert "## Export" in exported_version.description and "## Unseen scanners" in exported_version.description
