@@ -15,9 +15,11 @@ import pytest
 from dicomops.segmentation import plots
 from dicomops.segmentation.metrics import (
     FP_RATES,
+    MAX_ELONGATION,
     SIZE_BINS,
     NoduleRef,
     SeriesEval,
+    elongation,
     equivalent_diameter_mm,
     evaluate_series,
     extract_candidates,
@@ -382,9 +384,69 @@ def test_a_finding_needs_the_finding_threshold_while_its_voxels_need_the_segment
         evaluate_series(prob, ref, [], candidate_threshold=0.3, finding_threshold=0.2)
 
 
+def sphere(centre: tuple[float, float, float], radius: float) -> np.ndarray:
+    grid = np.indices(SHAPE, dtype=float)
+    return sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)) <= radius**2  # type: ignore[no-any-return]
+
+
+def test_elongation_is_one_for_round_shapes_and_grows_with_a_tube_s_length() -> None:
+    assert elongation(np.argwhere(sphere((20, 20, 20), 5))) == pytest.approx(1.0, abs=0.01)
+    assert elongation(np.array([[3, 4, 5]])) == pytest.approx(1.0)  # one voxel is a cube
+    # A cylinder 12 mm long and 4 mm wide: 1.15 x 12 / 4 = 3.46 if continuous; this one's 13-voxel
+    # disc has an in-plane variance of 14/13 + 1/12 mm² instead of 1 + 0: sqrt(12 / 1.16) = 3.22.
+    tube = np.zeros(SHAPE, bool)
+    tube[10:22] = sphere((0, 20, 20), 2)[0]
+    assert elongation(np.argwhere(tube)) == pytest.approx(math.sqrt(12 / (14 / 13 + 1 / 12)), rel=1e-6)
+    # The same voxels with 1/3 mm slices along the tube: 4 mm long and 4 mm wide, about round.
+    assert elongation(np.argwhere(tube), (1 / 3, 1.0, 1.0)) == pytest.approx(
+        math.sqrt((12 / 9) / (14 / 13 + 1 / 12)), rel=1e-6)
+    # A single flat slice still has a thickness, so its elongation is finite.
+    flat = np.zeros(SHAPE, bool)
+    flat[5:9, 5:9, 5] = True
+    assert elongation(np.argwhere(flat)) == pytest.approx(math.sqrt((16 / 12) / (1 / 12)))  # 4 mm across, 1 thick
+
+
+def test_a_vessel_s_piece_is_a_candidate_but_not_a_finding() -> None:
+    prob, ref = volumes()
+    tube = np.zeros(SHAPE, bool)
+    tube[5:15] = sphere((0, 10, 10), 1.6)[0]  # 10 mm of a 3.2 mm vessel: elongation 3.6, 6.1 mm equivalent
+    prob[tube] = 0.95
+    piece = evaluate_series(prob, ref, [], finding_threshold=0.75)
+    assert piece.false_positives == [pytest.approx(0.95)] and not piece.present_pred
+    assert piece.false_positive_elongations[0] > MAX_ELONGATION
+    assert size_pairs([piece], 0.75) == []
+    assert findings(prob, finding_threshold=0.75)[0] == []
+    # The rule is the shape alone: without it the same piece is a finding, and so is a ball of its volume.
+    assert evaluate_series(prob, ref, [], finding_threshold=0.75, max_elongation=math.inf).present_pred
+    (f,), _ = findings(prob, finding_threshold=0.75, max_elongation=math.inf)
+    assert f.elongation == pytest.approx(piece.false_positive_elongations[0])
+    ball = sphere((25, 25, 25), equivalent_diameter_mm(int(tube.sum())) / 2)
+    prob[:] = 0
+    prob[ball] = 0.95
+    round_one = evaluate_series(prob, ref, [], finding_threshold=0.75)
+    assert round_one.present_pred and round_one.false_positive_elongations[0] < 1.1
+    assert size_pairs([round_one], 0.75) == [("absent", size_bin(round_one.false_positive_diameters_mm[0]))]
+
+
+def test_a_nodule_hit_only_by_a_tube_is_absent_in_the_size_categories() -> None:
+    prob, ref = volumes()
+    ref[sphere((20, 20, 20), 3)] = 1
+    tube = np.zeros(SHAPE, bool)
+    tube[12:28] = sphere((0, 20, 20), 1.6)[0]  # a vessel through the nodule's place, segmented instead
+    prob[tube] = 0.9
+    e = evaluate_series(prob, ref, [NoduleRef(1, 6.0)], finding_threshold=0.75)
+    assert e.nodules[0]["score"] == pytest.approx(0.9) and e.nodules[0]["elongation"] > MAX_ELONGATION
+    assert not e.present_pred
+    assert size_pairs([e], 0.75) == [("6-10 mm", "absent")]
+    prob[:] = 0
+    prob[ref > 0] = 0.9
+    e = evaluate_series(prob, ref, [NoduleRef(1, 6.0)], finding_threshold=0.75)
+    assert e.present_pred and size_pairs([e], 0.75) == [("6-10 mm", size_bin(e.nodules[0]["predicted_diameter_mm"]))]
+
+
 def test_findings_report_what_the_series_call_counts_and_only_their_voxels() -> None:
     prob, ref = volumes()
-    cube(prob, (4, 4, 4), 4, 0.9)  # a finding: 64 voxels, 4.96 mm
+    cube(prob, (4, 4, 4), (4, 4, 2), 0.9)  # a finding: 32 voxels of 2 mm³, a 4 mm cube, 4.96 mm
     cube(prob, (4, 4, 4), 1, 0.95)  # ... scoring 0.95
     cube(prob, (20, 20, 20), (2, 2, 1), 0.9)  # a speck: 4 voxels of 2 mm³, 2.5 mm, under the 3 mm
     cube(prob, (30, 4, 4), 4, 0.6)  # doubtful: segmented, but scoring under the finding threshold
@@ -392,11 +454,12 @@ def test_findings_report_what_the_series_call_counts_and_only_their_voxels() -> 
     found, mask = findings(prob, threshold=0.5, candidate_threshold=0.1, finding_threshold=0.75,
                            spacing=(1.0, 1.0, 2.0))
     (only,) = found
-    assert only.score == pytest.approx(0.95) and only.voxels == 64
-    assert only.centre == pytest.approx((5.5, 5.5, 5.5))
-    assert only.diameter_mm == pytest.approx(equivalent_diameter_mm(64, (1.0, 1.0, 2.0)))
+    assert only.score == pytest.approx(0.95) and only.voxels == 32
+    assert only.centre == pytest.approx((5.5, 5.5, 4.5))
+    assert only.diameter_mm == pytest.approx(equivalent_diameter_mm(32, (1.0, 1.0, 2.0)))
+    assert only.elongation == pytest.approx(1.0)  # a cube in mm
     expected = np.zeros(SHAPE, bool)
-    cube(expected, (4, 4, 4), 4, True)
+    cube(expected, (4, 4, 4), (4, 4, 2), True)
     assert np.array_equal(mask, expected)
     # One rule: the series call of evaluate_series is made by exactly these findings.
     call = evaluate_series(prob, ref, [], threshold=0.5, finding_threshold=0.75, spacing=(1.0, 1.0, 2.0))

@@ -23,15 +23,17 @@ def segmenter(tmp_path: Path) -> Segmenter:
     return Segmenter("density", "3", "run", PreprocessConfig(), cfg, session(density_graph(tmp_path / "d.onnx")))
 
 
-def ball(shape: tuple[int, int, int], centre: tuple[float, float, float], radius: float) -> np.ndarray:
+def ball(shape: tuple[int, int, int], centre: tuple[float, float, float], radius: float,
+         spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> np.ndarray:
+    """Voxels within `radius` mm of `centre` (voxel indices) on a grid of `spacing` mm."""
     grid = np.indices(shape, dtype=float)
-    return sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)) <= radius**2  # type: ignore[no-any-return]
+    return sum(((g - c) * d) ** 2 for g, c, d in zip(grid, centre, spacing, strict=True)) <= radius**2  # type: ignore[no-any-return]
 
 
 def test_a_nodule_is_reported_in_lps_millimetres_with_its_diameter_and_voxels(segmenter: Segmenter) -> None:
     shape = (48, 48, 40)
     image = np.full(shape, 0.4, np.float32)  # body, under LEVEL
-    nodule = ball(shape, (20, 25, 15), 4)
+    nodule = ball(shape, (20, 25, 15), 4.0, (0.8, 0.8, 1.5))  # round in mm (a ball in voxels is not a finding here)
     image[nodule] = 1.0
     speck = ball(shape, (40, 10, 30), 0.9)  # 7 voxels, 1.4 mm: a candidate, never a finding
     image[speck] = 1.0
@@ -50,7 +52,7 @@ def test_a_nodule_is_reported_in_lps_millimetres_with_its_diameter_and_voxels(se
     # nodule, measured at the series' spacing, and the series' actionable score is the
     # actionable module's for that finding.
     assert only.solid_width_mm == pytest.approx(solid_width_mm(nodule, (0.8, 0.8, 1.5)), abs=0.05)
-    assert 6.0 < only.solid_width_mm < 8.0  # 2 x 3.3 mm: the nearest edge is off-axis in this voxel sphere
+    assert 7.0 <= only.solid_width_mm <= 9.0  # about twice the ball's 4 mm radius
     sigmoid = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
     expected = only.score * sigmoid(only.diameter_mm - 6.0) * sigmoid((only.solid_width_mm - 3.5) / 0.5)
     assert found.actionable == pytest.approx(expected, abs=0.02)
