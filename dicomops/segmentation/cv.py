@@ -411,7 +411,9 @@ def seg_card(model_name: str, version: str, summary: dict[str, Any], table: pd.D
     metrics = ("", "CPM", "sens @1 FP", "Dice ≥6 mm", "kappa (series)")
     body = ["Out-of-fold, four folds stratified by vendor (the classifier's `splits/folds.json`).",
             f"**CPM {f(summary['cpm'])}**, mean Dice of nodules ≥ 6 mm {f(summary['dice_ge6_mean'])}, "
-            f"series kappa {f(summary['kappa_series'])}, size-category kappa {f(summary['kappa_size'])}.",
+            f"series kappa {f(summary['kappa_series'])}, size-category kappa {f(summary['kappa_size'])}. "
+            f"The kappas count findings: candidates segmented at least {m.MIN_FINDING_MM:g} mm across and round "
+            f"(elongation at most {m.MAX_ELONGATION:g}, not a vessel's piece); the FROC counts every candidate.",
             f"Actionable series (the classifier's label) called from the findings' size and solid part: mean CV "
             f"AUC {f(summary.get('actionable_auc'))} ± {f(summary.get('actionable_auc_std'))}, per fold and vendor "
             "as the classifier reports its own.", "",
