@@ -177,7 +177,7 @@ def extract_candidates(prob: np.ndarray, *, threshold: float = 0.1, min_voxels: 
     return candidates, component_map
 
 
-def elongation(coords: np.ndarray, spacing: Sequence[float] | np.ndarray = (1.0, 1.0, 1.0)) -> float:
+def elongation(coords: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> float:
     """How far a set of voxels (``(N, 3)`` indices) is from round: the square root of the ratio of
     the largest to the smallest principal second moment of the voxels' union, in mm (each voxel a
     box, so one voxel or one flat slice still has a thickness). 1 for a sphere or a cube; a
