@@ -126,10 +126,16 @@ def test_a_promoted_segmenter_adds_its_report_and_a_seg_and_a_failing_one_leaves
     got = _seg_mask(seg, images)
     hu = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in images])
     dense = hu > DENSE_HU
-    # The SEG is the dense tissue the segmenter saw at 2 mm, carried back by nearest neighbour:
-    # it agrees with the acquired pixels but for edges and specks under 3 mm.
-    dice = 2 * (got & dense).sum() / (got.sum() + dense.sum())
-    assert dice > 0.85, dice
+    # The SEG is the findings' voxels the segmenter saw at 2 mm, carried back by nearest neighbour:
+    # dense tissue, but only its round parts (the body's dense wall is a slab, not a finding), so
+    # it lies on dense pixels but for edges, and holds about the volume of the reported findings.
+    assert got.any()
+    precision = (got & dense).sum() / got.sum()
+    assert precision > 0.85, precision
+    voxel_mm3 = float(np.prod([float(v) for v in images[0].PixelSpacing])) * abs(
+        float(images[1].ImagePositionPatient[2]) - float(images[0].ImagePositionPatient[2]))
+    reported_mm3 = sum(np.pi / 6 * g.get_measurements(name=codes.SCT.Diameter)[0].value ** 3 for g in groups)
+    assert 0.5 < got.sum() * voxel_mm3 / reported_mm3 < 2.0, (got.sum() * voxel_mm3, reported_mm3)
 
     # A segmenter that fails: the study is recorded as failed, and nothing is written back, not
     # even the classifier's SR.
