@@ -496,16 +496,16 @@ def size_pairs(evals: Sequence[SeriesEval], threshold: float = 0.5,
     for e in evals:
         for n in e.nodules:
             detected = (n["score"] is not None and n["score"] >= threshold and n["predicted_diameter_mm"] is not None
-                        and _round(n.get("elongation"), max_elongation))
+                        and _is_round(n.get("elongation"), max_elongation))
             pairs.append((size_bin(n["diameter_mm"]), size_bin(n["predicted_diameter_mm"]) if detected else ABSENT))
         for score, diameter, shape in zip(e.false_positives, e.false_positive_diameters_mm,
                                           e.false_positive_elongations, strict=True):
-            if score >= threshold and diameter is not None and diameter >= MIN_FINDING_MM and _round(shape, max_elongation):
+            if score >= threshold and diameter is not None and diameter >= MIN_FINDING_MM and _is_round(shape, max_elongation):
                 pairs.append((ABSENT, size_bin(diameter)))
     return pairs
 
 
-def _round(shape: float | None, max_elongation: float) -> bool:
+def _is_round(shape: float | None, max_elongation: float) -> bool:
     return shape is None or shape <= max_elongation
 
 
