@@ -209,9 +209,15 @@ class SegmentPaths:
     def picture(self, name: str) -> Path:
         return self.root / name
 
-    def teacher_scores(self, run_id: str) -> Path:
-        """Slice scores of the segmenter of MLflow run `run_id`, as a student's teacher (one ``.npy`` per series)."""
-        return self.root / "teacher" / run_id
+    def teacher_scores(self, run_id: str, code: str) -> Path:
+        """Slice scores of the segmenter of MLflow run `run_id`, as a student's teacher, computed by code
+        of hash `code` (one ``.npy`` per series and volume: :func:`teacher_score_file`)."""
+        return self.root / "teacher" / run_id / code[:12]
+
+    @staticmethod
+    def teacher_score_file(folder: Path, series_uid: str, volume: str) -> Path:
+        """A series' teacher scores in `folder`, for its preprocessed volume `volume` (path or cache key)."""
+        return folder / f"{series_uid}_{Path(volume).name.split('.')[0][:12]}.npy"
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,9 @@ almost actionable, a ground-glass nodule with a 3 mm core half so.
 
 The teacher's fold-``i`` model scores the student's fold-``i`` training series (a sliding-window pass
 over each whole volume), so neither saw fold ``i``'s validation series. Each series' slice scores
-are kept under ``WORK/segment/teacher/<run>/``: a resumed or repeated training does not score again.
+are kept under ``WORK/segment/teacher/<run>/<code>/``, one file per series and preprocessed volume: a
+resumed or repeated training does not score again, and neither other segmentation code (a changed
+rule for what a finding is) nor another volume reuses them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dicomops import stages
 from dicomops.config import PreprocessConfig, SegmentConfig
 from dicomops.layout import WorkLayout
 from dicomops.progress import PROGRESS
@@ -66,6 +69,12 @@ def series_slice_scores(model: torch.nn.Module, image: np.ndarray, cfg: SegmentC
     return scores[: image.shape[-1]]
 
 
+def scores_code() -> str:
+    """Hash of the code that turns a segmenter's output into slice scores (the segmentation package):
+    what the cached scores are keyed by besides the run."""
+    return stages.code_hash(*stages.stage_modules("segment"))
+
+
 def as_logits(scores: np.ndarray) -> torch.Tensor:
     """(N, 2) logits whose softmax is (1 - p, p) for slice scores p, kept within the floor."""
     p = torch.as_tensor(np.clip(scores, TARGET_FLOOR, 1 - TARGET_FLOOR), dtype=torch.float32)
@@ -78,11 +87,12 @@ def slice_targets(layout: WorkLayout, tracking_uri: str, run_id: str, series: li
     of a slab set; `label` names the teacher in the progress lines."""
     if len(series) != len(z):
         raise ValueError(f"{len(series)} series for {len(z)} slices")
-    cache = layout.segment.teacher_scores(run_id)
+    cache = layout.segment.teacher_scores(run_id, scores_code())
     cache.mkdir(parents=True, exist_ok=True)
     paths = layout.preprocessed.read_index().set_index("SeriesInstanceUID").path
     ids = list(dict.fromkeys(series))
-    todo = [uid for uid in ids if not (cache / f"{uid}.npy").exists()]
+    files = {uid: layout.segment.teacher_score_file(cache, uid, str(paths[uid])) for uid in ids}
+    todo = [uid for uid in ids if not files[uid].exists()]
     if todo:
         model, cfg, pre = load_segmenter(tracking_uri, run_id)
         level = actionable.solid_level(pre)
@@ -91,8 +101,8 @@ def slice_targets(layout: WorkLayout, tracking_uri: str, run_id: str, series: li
                              "no actionable call, so it cannot teach one; distil from a segmenter with a fixed window")
         for done, uid in enumerate(todo, start=1):
             scores = series_slice_scores(model, load_volume(layout.preprocessed.volume(str(paths[uid]))), cfg, level)
-            np.save(cache / f"{uid}.npy", scores)
+            np.save(files[uid], scores)
             if done % 10 == 0 or done == len(todo):
                 PROGRESS.info(f"{label}: scored {done}/{len(todo)} series")
-    by_series = {uid: np.load(cache / f"{uid}.npy") for uid in ids}
+    by_series = {uid: np.load(files[uid]) for uid in ids}
     return as_logits(np.array([by_series[s][int(k)] for s, k in zip(series, z, strict=True)]))

@@ -234,11 +234,12 @@ def test_a_student_distils_from_the_segmenter_fold_by_fold(seg_work: tuple[Path,
     layout = WorkLayout(work)
     folds, parent = layout.read_folds(), str(seg["mlflow_run_id"])
     runs = [distill.fold_run(mlflow_env, parent, fold) for fold in range(folds.n_splits)]
+    code = teacher.scores_code()
     for fold, run in enumerate(runs):
-        cached = sorted(p.stem for p in layout.segment.teacher_scores(run).glob("*.npy"))
+        cached = sorted(p.stem.split("_")[0] for p in layout.segment.teacher_scores(run, code).glob("*.npy"))
         assert cached == sorted(folds.train(fold)), fold
     every = sorted(layout.labelled_series().SeriesInstanceUID)
-    assert sorted(p.stem for p in layout.segment.teacher_scores(parent).glob("*.npy")) == every
+    assert sorted(p.stem.split("_")[0] for p in layout.segment.teacher_scores(parent, code).glob("*.npy")) == every
 
     # The cached scores are the fold model's, read again from its MLflow run; the targets are them.
     model, cfg, pre = teacher.load_segmenter(mlflow_env, runs[0])
@@ -247,12 +248,21 @@ def test_a_student_distils_from_the_segmenter_fold_by_fold(seg_work: tuple[Path,
     assert level is not None
     for uid in folds.train(0)[:3]:
         fresh = teacher.series_slice_scores(model, load_volume(layout.preprocessed.volume(str(paths[uid]))), cfg, level)
-        assert np.allclose(np.load(layout.segment.teacher_scores(runs[0]) / f"{uid}.npy"), fresh, atol=1e-6), uid
+        cached_file = layout.segment.teacher_score_file(layout.segment.teacher_scores(runs[0], code), uid, str(paths[uid]))
+        assert np.allclose(np.load(cached_file), fresh, atol=1e-6), uid
     slabs = build_slab_set(layout, folds.train(0), PRE.slab_slices, TRAIN.input_size)
     targets = distill.teacher_targets(layout, mlflow_env, student_cfg.model_name, source, student.run_id, slabs, 0)
-    scores = np.array([np.load(layout.segment.teacher_scores(runs[0]) / f"{s}.npy")[z]
+    scores = np.array([np.load(layout.segment.teacher_score_file(layout.segment.teacher_scores(runs[0], code), s,
+                                                                 str(paths[s])))[z]
                        for s, z in zip(slabs.series, slabs.z, strict=True)])
     assert torch.allclose(targets, teacher.as_logits(scores))
+    # Scores are keyed by the code that made them and the volume they were made from: neither other
+    # segmentation code (another rule for a finding) nor a re-preprocessed volume reads them.
+    folder = layout.segment.teacher_scores(runs[0], code)
+    assert layout.segment.teacher_scores(runs[0], "0" * 64) != folder
+    uid = folds.train(0)[0]
+    assert layout.segment.teacher_score_file(folder, uid, "volumes/" + "a" * 32 + ".npz") != \
+        layout.segment.teacher_score_file(folder, uid, str(paths[uid]))
 
     # A segmenter version from before its folds logged their models is refused with what to do.
     from urllib.parse import urlparse
