@@ -1,6 +1,7 @@
 """2.5D samples: k adjacent slices as channels, labelled by the nodule mask of the centre slice.
 
-Sampling: every positive slice (at least ``min_positive_voxels`` mask voxels) plus
+Sampling: every positive slice (at least ``min_positive_voxels`` mask voxels; with ``positive_area_share``,
+also that share of the nodule's largest cross-section, the caps above and below left out) plus
 ``negative_ratio`` times as many negative slices drawn at random with a seed, per series; a series
 without positives contributes negatives in the same proportion to the corpus average, so negative
 series are seen. Every *hard* negative (a slice showing only a nodule that is not actionable) is
@@ -16,6 +17,31 @@ import pandas as pd
 def slice_labels(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     """1 for slices (last axis) whose mask (binary or instance ids) has at least `min_voxels` voxels."""
     return (np.count_nonzero(mask.reshape(-1, mask.shape[-1]), axis=0) >= min_voxels).astype(np.int8)
+
+
+def central_slice_labels(mask: np.ndarray, ids: list[int] | None, min_voxels: int,
+                         min_area_share: float) -> np.ndarray:
+    """Slice labels (last axis) for the nodules `ids` of an instance mask (None: every nonzero value).
+
+    1 where one of them covers at least `min_voxels` voxels and at least `min_area_share` of its own
+    largest cross-section; -1 (*ignore*: neither trained on nor scored) where one shows only a cap
+    smaller than that; 0 elsewhere. A cap of a 6 mm nodule looks like the middle of a 4 mm one, which
+    is a negative, so labelling it positive teaches the classifier a contradiction. For a sphere a
+    share of 0.5 keeps the middle 71 % of the slices it spans. A share of 0 gives :func:`slice_labels`.
+    """
+    depth = mask.shape[-1]
+    flat = mask.reshape(-1, depth)
+    values = [int(v) for v in np.unique(flat) if v] if ids is None else [int(v) for v in ids]
+    labels = np.zeros(depth, np.int8)
+    for value in values:
+        area = np.count_nonzero(flat == value, axis=0)
+        shows = area >= min_voxels
+        if not shows.any():
+            continue
+        central = shows & (area >= min_area_share * area.max())
+        labels[shows & ~central & (labels == 0)] = -1
+        labels[central] = 1
+    return labels
 
 
 def slab(volume: np.ndarray, z: int, k: int) -> np.ndarray:

@@ -23,11 +23,14 @@ from dicomops.config import PreprocessConfig
 from dicomops.dicom.parallel import map_isolated
 from dicomops.layout import PreprocessedPaths, WorkLayout
 from dicomops.preprocessing.features import HEADER_FEATURES
-from dicomops.preprocessing.slabs import sample_slabs, slice_labels
+from dicomops.preprocessing.slabs import central_slice_labels, sample_slabs, slice_labels
 from dicomops.synthetic.sidecars import LABELS_CSV
 
 VOLUME_FIELDS = ("spacing_mm", "window", "window_center", "window_width", "header_window_index",
                  "histogram_equalize", "crop_xy", "min_positive_voxels")
+# Settings that change only the slice labels stored beside a volume: in its cache key, not in a
+# model's identity (a teacher or a served model is the same with other training labels).
+LABEL_FIELDS = ("positive_area_share",)
 
 
 def series_content_hash(instances: pd.DataFrame) -> str:
@@ -46,8 +49,8 @@ def code_hash() -> str:
 
 
 def cache_key(content_hash: str, cfg: PreprocessConfig, code: str) -> str:
-    """Content, the settings that change a volume, and the code: any change, new key."""
-    settings = cfg.model_dump(mode="json", include=set(VOLUME_FIELDS))
+    """Content, the settings that change a volume or its labels, and the code: any change, new key."""
+    settings = cfg.model_dump(mode="json", include=set(VOLUME_FIELDS) | set(LABEL_FIELDS))
     blob = json.dumps({"content": content_hash, "config": settings, "code": code}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
@@ -115,8 +118,8 @@ def preprocess_one(records: list[dict[str, Any]], deid_root: str, mask_path: str
     affine = np.asarray(out["image"].affine, dtype=np.float64)
     path = Path(out_path)
     io.write_npz(path, image=image, mask=mask_out, affine=affine)
+    labels = central_slice_labels(mask_out, actionable, cfg.min_positive_voxels, cfg.positive_area_share)
     target = mask_out if actionable is None else np.isin(mask_out, actionable)
-    labels = slice_labels(target, cfg.min_positive_voxels)
     # Slices that show only a nodule that is not actionable (small, ground-glass): the negatives that
     # teach the classifier its rule, which random negatives would rarely draw.
     others = np.flatnonzero(slice_labels(np.where(target, 0, mask_out), cfg.min_positive_voxels) & (labels == 0))
@@ -190,7 +193,7 @@ def _write_tables(pre: PreprocessedPaths, cfg: PreprocessConfig, plan: list[tupl
         rows.append({"SeriesInstanceUID": uid, "PatientID": first.PatientID, "vendor": vendor,
                      "Manufacturer": first.Manufacturer, "label": label, "cache_key": key,
                      "path": str(pre.entry(key).relative_to(pre.root)), "n_z": int(meta["shape"][-1]),
-                     "positive_slices": int(arr.sum()), "window_center": meta["window"][0],
+                     "positive_slices": int((arr == 1).sum()), "window_center": meta["window"][0],
                      "window_width": meta["window"][1]})
         header = {c: first.get(c) for c in HEADER_FEATURES}
         header["n_slices"] = len(group)

@@ -17,7 +17,7 @@ from dicomops import ingest
 from dicomops.config import IngestConfig, PreprocessConfig
 from dicomops.preprocessing import stage
 from dicomops.preprocessing.features import image_features
-from dicomops.preprocessing.slabs import sample_slabs, slab, slice_labels
+from dicomops.preprocessing.slabs import central_slice_labels, sample_slabs, slab, slice_labels
 from dicomops.preprocessing.transforms import (
     FastSpacing,
     HUWindow,
@@ -235,6 +235,34 @@ def test_slabs_and_sampling() -> None:
         a, b = slabs[slabs.SeriesInstanceUID == "a"], slabs[slabs.SeriesInstanceUID == "b"]
         assert {3, 5} <= set(a.z) and len(a) == 5 and a.slice_label.sum() == 1
         assert {0, 1} <= set(b.z) and len(b) == 3 and not b.z.duplicated().any()
+
+
+def test_caps_of_an_actionable_nodule_are_left_out() -> None:
+    # A 9 mm ball (id 1, actionable) and a 5 mm one (id 2, not) on 1 mm voxels.
+    grid = np.mgrid[:24, :24, :30].astype(float)
+    mask = np.zeros((24, 24, 30), np.uint8)
+    mask[((grid - np.array([8, 8, 10])[:, None, None, None]) ** 2).sum(0) <= 4.5 ** 2] = 1
+    mask[((grid - np.array([16, 16, 22])[:, None, None, None]) ** 2).sum(0) <= 2.5 ** 2] = 2
+    labels = central_slice_labels(mask, [1], min_voxels=3, min_area_share=0.5)
+    area = np.count_nonzero(mask.reshape(-1, 30) == 1, axis=0)
+    # Positive where the section is at least half the largest. By hand, the section d slices from the
+    # centre holds the lattice points of a disc of radius^2 20.25 - d^2: 69, 61, 49, 37, 13 for d = 0 ... 4.
+    assert area[6:15].tolist() == [13, 37, 49, 61, 69, 61, 49, 37, 13] and area.sum() == area[6:15].sum()
+    assert np.flatnonzero(labels == 1).tolist() == [7, 8, 9, 10, 11, 12, 13]
+    assert np.flatnonzero(labels == -1).tolist() == [6, 14]
+    assert not labels[16:].any()  # the small nodule is nobody's positive
+    # Share 0 is every slice with min_voxels voxels, as before; None counts every nodule.
+    assert (central_slice_labels(mask, [1], 3, 0.0) == slice_labels(mask == 1, 3)).all()
+    assert (central_slice_labels(mask, None, 3, 0.0) == slice_labels(mask, 3)).all()
+    # Where a cap of one nodule meets the middle of another, the slice is positive.
+    both = mask.copy()
+    both[((grid - np.array([16, 16, 6])[:, None, None, None]) ** 2).sum(0) <= 3.5 ** 2] = 3
+    assert central_slice_labels(both, [1, 3], 3, 0.5)[6] == 1
+    # The caps are neither sampled as positives nor drawn as negatives.
+    index = pd.DataFrame({"SeriesInstanceUID": ["a"], "label": [1]})
+    for seed in range(5):
+        slabs = sample_slabs(index, {"a": labels}, negative_ratio=10.0, seed=seed)
+        assert not {6, 14} & set(slabs.z) and slabs.slice_label.sum() == 7
 
 
 def test_low_dose_noise_shows_in_the_features() -> None:
