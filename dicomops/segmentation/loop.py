@@ -79,7 +79,8 @@ def fit(volumes: list[SegVolume], cfg: SegmentConfig, checkpoint: Path, *, seed:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     criterion = build_loss(cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.autocast_dtype == torch.float16)
-    patches = PatchSet(volumes, cfg.patch, cfg.positive_share, cfg.patches_per_epoch, seed, cfg.thick_slice_share)
+    patches = PatchSet(volumes, cfg.patch, cfg.positive_share, cfg.patches_per_epoch, seed, cfg.thick_slice_share,
+                       cfg.balance_nodules)
     positions = rank_positions(cfg.patches_per_epoch, cfg.batch_size, rank, size)
     epoch = start
     for epoch in range(start + 1, total + 1):

@@ -17,6 +17,7 @@ from dicomops.segmentation.data import (
     border_centres,
     epoch_volumes,
     lung_border,
+    nodule_balanced,
     nodule_refs,
     rank_positions,
     read_volume,
@@ -195,6 +196,26 @@ def test_positive_share_of_patches(tmp_path: Path) -> None:
     with_nodule = np.mean([float(patches[i][1].sum() > 0) for i in range(200)])
     # 3 in 4 patches are centred on a nodule voxel; a background-centred patch can still touch one.
     assert 0.7 <= with_nodule <= 0.95
+
+
+def test_balanced_patches_centre_on_every_nodule_equally_often(tmp_path: Path) -> None:
+    vol = read_volume(_volume(tmp_path, "v"), "s", "ge", nodule_refs(RECORDS), PATCH)
+    # Nodule 1 has 64 voxels, nodule 2 has 27: each appears 64 times, every voxel of each at least twice.
+    balanced = nodule_balanced(vol.mask)
+    ids = vol.mask.ravel()[balanced]
+    assert (ids == 1).sum() == (ids == 2).sum() == 64
+    counts = np.unique(balanced[ids == 2], return_counts=True)[1]
+    assert set(balanced) == set(vol.foreground) and len(counts) == 27 and counts.min() == 2 and counts.max() == 3
+    assert len(nodule_balanced(np.zeros((4, 4, 4), np.uint8))) == 0
+    # A 16-voxel patch centred on one nodule holds all of it and none of the other, so the label's
+    # voxel count says which: drawn from all nodule voxels the small one gets 27/91 of the patches.
+    shares = {}
+    for balance in (False, True):
+        patches = PatchSet([vol], PATCH, 1.0, 400, seed=0, balance_nodules=balance)
+        sizes = [int(patches[i][1].sum()) for i in range(400)]
+        assert set(sizes) <= {27, 64}
+        shares[balance] = sizes.count(27) / 400
+    assert 0.22 < shares[False] < 0.38 and 0.42 < shares[True] < 0.58
 
 
 def test_each_rank_takes_its_share_of_every_global_batch() -> None:
