@@ -41,6 +41,7 @@ SIZE = 128
 NETWORKS: dict[str, tuple[str, int, dict[str, int]]] = {
     "teacher": ("resnet3d-slim", 7, {"input_size": SIZE}),
     "student": ("mobilenet-v3-small", 3, {}),
+    "student-minimal": ("mobilenet-v3-small-minimal", 3, {}),
     "classifier": ("resnet-slim", 3, {})}
 
 
@@ -213,7 +214,7 @@ def main() -> None:
     by = {(r["network"], r["engine"]): r for r in rows}
     print(f"\n{args.threads} threads on {cpu_features()}; ratios measured in this run")
     teacher = by[("teacher", "torch-fp32")]["latency_ms_b1"]
-    for role in ("student", "classifier"):
+    for role in ("student", "student-minimal", "classifier"):
         for engine in ("torch-fp32", "ort-fp32"):
             ratio = by[("teacher", engine)]["latency_ms_b1"] / by[(role, engine)]["latency_ms_b1"]
             print(f"batch-1 latency, teacher / {role} ({engine}): {ratio:.2f}x")

@@ -312,8 +312,8 @@ def train(
         "--leave-one-vendor-out/--no-leave-one-vendor-out",
         help="Also evaluate on each vendor after training on the others (4 more trainings).")] = None,
     architecture: Annotated[str | None, typer.Option(help=(
-        "Network: student (MobileNetV3 Small), teacher (3D ResNet over the slab), resnet-slim, resnet10 or "
-        "densenet121."))] = None,
+        "Network: student (MobileNetV3 Small), student-minimal (no SE, ReLU), teacher (3D ResNet), "
+        "resnet-slim, resnet10 or densenet121."))] = None,
     distill_from: Annotated[str | None, typer.Option(help=(
         "Version to distil from, fold by fold: V of the classifier, or MODEL/V as dicomops-ct-nodule-seg/2."))] = None,
     slab_slices: Annotated[int | None, typer.Option(help=(
@@ -321,7 +321,8 @@ def train(
 ) -> None:
     """Four-fold vendor-stratified cross-validation, final model, registry version, promotion gate."""
     cfg = _pipeline_config(config)
-    architecture = {"student": "mobilenet-v3-small", "teacher": "resnet3d-slim"}.get(architecture or "", architecture)
+    architecture = {"student": "mobilenet-v3-small", "student-minimal": "mobilenet-v3-small-minimal",
+                    "teacher": "resnet3d-slim"}.get(architecture or "", architecture)
     train_cfg = _with_overrides(cfg.train, leave_one_vendor_out=leave_one_vendor_out, architecture=architecture,
                                 distill_from=distill_from)
     pre_cfg = _with_overrides(cfg.preprocess, slab_slices=slab_slices)

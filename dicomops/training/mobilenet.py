@@ -22,6 +22,16 @@ corpus (2026-12-02, fold 0, 128 px, 6 epochs, no teacher): series AUC 0.409 at s
 at stride 1 (resnet-slim, the classifier, 0.918 at stride 1); halving the width and dropping the
 1024-unit head, at stride 2, gave 0.413: the network did not lack data for its size, it could not
 see the nodules.
+
+``minimal=True`` builds the "minimalistic" variant that the paper's authors published for integer
+hardware (Keras' ``MobileNetV3Small(minimalistic=True)``; torchvision has none): the same block
+table with every depthwise kernel 3x3, no squeeze-and-excitation, and ReLU wherever the full network
+has hard-swish. Every activation then has an integer kernel in ONNX Runtime, so its INT8 graph has
+no float islands, and it runs faster in FP32 too (2,044,736 parameters at 3 channels and 1000
+classes, 1.02 M with two).
+Measured on this Zen 5 (2026-12-03, random weights, ONNX Runtime, 2 threads, 3x128x128 at stride 1):
+2,009 slabs/s at batch 32 and 0.65 ms at batch 1 in FP32, against 1,417/s and 1.13 ms for the full
+network in the same run.
 """
 
 from __future__ import annotations
@@ -54,6 +64,12 @@ def make_divisible(value: float, divisor: int = 8) -> int:
     """The nearest multiple of `divisor`, never more than 10 % below `value` (as the paper's code)."""
     rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
     return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+def minimal_row(row: tuple[int, int, int, int, bool, str, int]) -> tuple[int, int, int, int, bool, str, int]:
+    """A row of :data:`SMALL` as the minimalistic variant has it: 3x3, no squeeze-excitation, ReLU."""
+    cin, _, expanded, cout, _, _, stride = row
+    return cin, 3, expanded, cout, False, "RE", stride
 
 
 def conv_bn_act(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1,
@@ -99,15 +115,18 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV3Small(nn.Module):
-    def __init__(self, in_channels: int, num_classes: int = 2, dropout: float = 0.2, stem_stride: int = 2) -> None:
+    def __init__(self, in_channels: int, num_classes: int = 2, dropout: float = 0.2, stem_stride: int = 2,
+                 minimal: bool = False) -> None:
         super().__init__()
-        layers: list[nn.Module] = [conv_bn_act(in_channels, SMALL[0][0], 3, stride=stem_stride)]
-        layers += [InvertedResidual(*row) for row in SMALL]
-        last_in = SMALL[-1][3]
-        layers.append(conv_bn_act(last_in, 6 * last_in, 1))
+        act: type[nn.Module] = nn.ReLU if minimal else nn.Hardswish
+        table = [minimal_row(row) for row in SMALL] if minimal else SMALL
+        layers: list[nn.Module] = [conv_bn_act(in_channels, table[0][0], 3, stride=stem_stride, act=act)]
+        layers += [InvertedResidual(*row) for row in table]
+        last_in = table[-1][3]
+        layers.append(conv_bn_act(last_in, 6 * last_in, 1, act=act))
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(nn.Linear(6 * last_in, LAST_CHANNEL), nn.Hardswish(inplace=True),
+        self.classifier = nn.Sequential(nn.Linear(6 * last_in, LAST_CHANNEL), act(inplace=True),
                                         nn.Dropout(dropout, inplace=True), nn.Linear(LAST_CHANNEL, num_classes))
         for module in self.modules():
             if isinstance(module, nn.Conv2d):

@@ -68,7 +68,8 @@ def build_model(cfg: TrainConfig, in_channels: int) -> torch.nn.Module:
     (first convolution 3×7×7, in-plane stride 2; 0.9 M parameters), the distillation teacher: train
     it with a deeper slab (``preprocess.slab_slices``, say 7) for 3-D context. ``mobilenet-v3-small``
     is the lightweight student (:mod:`dicomops.training.mobilenet`), its first convolution at
-    ``cfg.stem_stride`` too (train it at 1).
+    ``cfg.stem_stride`` too (train it at 1); ``mobilenet-v3-small-minimal`` its minimalistic variant
+    (3×3, ReLU, no squeeze-excitation: every activation has an integer kernel).
     """
     if cfg.architecture == "resnet-slim":
         return ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=[16, 32, 64, 128],
@@ -79,8 +80,9 @@ def build_model(cfg: TrainConfig, in_channels: int) -> torch.nn.Module:
                                    spatial_dims=3, n_input_channels=1, num_classes=2,
                                    conv1_t_size=(3, 7, 7), conv1_t_stride=(1, 2, 2)),  # type: ignore[arg-type]
                             in_channels)
-    if cfg.architecture == "mobilenet-v3-small":
-        return MobileNetV3Small(in_channels, num_classes=2, stem_stride=cfg.stem_stride)
+    if cfg.architecture in ("mobilenet-v3-small", "mobilenet-v3-small-minimal"):
+        return MobileNetV3Small(in_channels, num_classes=2, stem_stride=cfg.stem_stride,
+                                minimal=cfg.architecture.endswith("-minimal"))
     if cfg.architecture == "resnet10":
         return resnet10(spatial_dims=2, n_input_channels=in_channels, num_classes=2)
     return DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=2)

@@ -21,6 +21,7 @@ from dicomops.training.model import build_model
 from dicomops.training.saliency import input_channels, saliency_map
 
 SIZE = 32
+nn_hard = {torch.nn.Hardswish, torch.nn.Hardsigmoid}
 
 
 def test_student_is_torchvisions_mobilenet_v3_small() -> None:
@@ -46,6 +47,45 @@ def test_students_stem_stride_comes_from_the_config() -> None:
         assert student(x).shape == (1, 2)
     # The parameters do not change with the stride: one network, two resolutions.
     assert sum(p.numel() for p in MobileNetV3Small(3, 1000, stem_stride=1).parameters()) == 2_542_856
+
+
+def test_minimal_student_is_the_minimalistic_variant_of_the_same_network() -> None:
+    # The minimalistic variant is torchvision's network less its squeeze-excitation blocks and with
+    # 3x3 instead of 5x5 depthwise kernels: its parameter count follows from torchvision's by hand.
+    full, minimal = MobileNetV3Small(3, 1000), MobileNetV3Small(3, 1000, minimal=True)
+    from dicomops.training.mobilenet import SMALL
+
+    squeeze = sum(2 * e * make_divisible(e // 4) + make_divisible(e // 4) + e for _, _, e, _, se, _, _ in SMALL if se)
+    depthwise = sum(e * (k * k - 9) for _, k, e, _, _, _, _ in SMALL)
+    assert sum(p.numel() for p in minimal.parameters()) == 2_542_856 - squeeze - depthwise == 2_044_736
+    kinds = {type(m) for m in minimal.modules()}
+    assert nn_hard.isdisjoint(kinds) and torch.nn.ReLU in kinds
+    assert nn_hard & {type(m) for m in full.modules()}
+    depthwise_kernels = {m.kernel_size for m in minimal.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1}
+    assert depthwise_kernels == {(3, 3)}
+    student = build_model(TrainConfig(architecture="mobilenet-v3-small-minimal"), 3).eval()
+    assert TrainConfig(architecture="mobilenet-v3-small-minimal").input_size == 128  # the student's defaults
+    assert student.features[0][0].stride == (1, 1) and student(torch.zeros(2, 3, 128, 128)).shape == (2, 2)
+
+
+def test_minimal_students_int8_graph_has_no_float_activations(tmp_path: Path) -> None:
+    # INT8 of the full student leaves its squeeze-excitation gates and hard-swishes in float
+    # (dequantise, float op, quantise again); the minimalistic variant has none left to do so.
+    from dicomops.export import quantize
+
+    x = np.random.default_rng(0).random((8, 3, SIZE, SIZE), dtype=np.float32)
+    float_ops = {"HardSigmoid", "HardSwish", "Mul", "Sigmoid"}
+    found = {}
+    for architecture in ("mobilenet-v3-small", "mobilenet-v3-small-minimal"):
+        cfg = TrainConfig(architecture=architecture, input_size=SIZE)
+        model = build_model(cfg, 3).eval()
+        contract = InputContract.from_configs(PreprocessConfig(), cfg, 0.5)
+        fp32 = onnx_export.export_onnx(model, contract, tmp_path / f"{architecture}.onnx", opset=18)
+        assert onnx_export.check_parity(model, fp32, x, 1e-4).max_abs_diff < 1e-4
+        int8 = quantize.quantize_int8(fp32, tmp_path / f"{architecture}.int8.onnx", x)
+        found[architecture] = {n.op_type for n in onnx.load(int8).graph.node} & float_ops
+    assert found["mobilenet-v3-small"] >= {"HardSigmoid", "Mul"}  # hard-swish is exported as x * HardSigmoid(x)
+    assert found["mobilenet-v3-small-minimal"] == set()
 
 
 def test_students_eval_mode_keeps_up_with_its_training() -> None:
