@@ -126,8 +126,10 @@ class MobileNetV3Small(nn.Module):
         layers.append(conv_bn_act(last_in, 6 * last_in, 1, act=act))
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
+        # After ReLU the dropout is not in place: it would overwrite the output ReLU's backward reads
+        # (hard-swish's backward reads its input, so torchvision's head can drop out in place).
         self.classifier = nn.Sequential(nn.Linear(6 * last_in, LAST_CHANNEL), act(inplace=True),
-                                        nn.Dropout(dropout, inplace=True), nn.Linear(LAST_CHANNEL, num_classes))
+                                        nn.Dropout(dropout, inplace=not minimal), nn.Linear(LAST_CHANNEL, num_classes))
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out")

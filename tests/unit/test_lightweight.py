@@ -66,6 +66,12 @@ def test_minimal_student_is_the_minimalistic_variant_of_the_same_network() -> No
     student = build_model(TrainConfig(architecture="mobilenet-v3-small-minimal"), 3).eval()
     assert TrainConfig(architecture="mobilenet-v3-small-minimal").input_size == 128  # the student's defaults
     assert student.features[0][0].stride == (1, 1) and student(torch.zeros(2, 3, 128, 128)).shape == (2, 2)
+    # It trains: one step in training mode, dropout and all, back-propagates (the head's ReLU must
+    # not be overwritten by an in-place dropout after it).
+    student.train()
+    loss = torch.nn.functional.cross_entropy(student(torch.rand(4, 3, 64, 64)), torch.tensor([0, 1, 0, 1]))
+    loss.backward()
+    assert all(p.grad is not None for p in student.parameters())
 
 
 def test_minimal_students_int8_graph_has_no_float_activations(tmp_path: Path) -> None:
