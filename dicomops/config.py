@@ -208,7 +208,7 @@ class TrainConfig(_Section):
         "resnet-slim", description=(
             "The network over k-slice slabs: MONAI's 2-D ResNet or DenseNet; mobilenet-v3-small, the "
             "lightweight student, or its minimalistic variant (3x3, ReLU, no squeeze-excitation: integer "
-            "kernels for every activation, 1.4x its FP32 throughput); resnet3d-slim, a 3-D ResNet over the slab as a volume (the teacher)."))
+            "kernels for every activation, 1.3-1.4x the full student's FP32 throughput); resnet3d-slim, a 3-D ResNet over the slab as a volume (the teacher)."))
     input_size: int = Field(192, ge=32, le=512, description=(
         "Slabs are resized to this square size: 192 of the 320 mm crop is 1.67 mm pixels. Unset, it "
         "follows the architecture (ARCHITECTURE_DEFAULTS: the student's is 128)."))

@@ -31,7 +31,7 @@ no float islands, and it runs faster in FP32 too (2,044,736 parameters at 3 chan
 classes, 1.02 M with two).
 Measured on this Zen 5 (2026-12-03, random weights, ONNX Runtime, 2 threads, 3x128x128 at stride 1):
 2,009 slabs/s at batch 32 and 0.65 ms at batch 1 in FP32, against 1,417/s and 1.13 ms for the full
-network in the same run.
+network in the same run; on 2026-12-03 at 04:33, 1,611/s and 0.44 ms against 1,201/s and 1.23 ms.
 """
 
 from __future__ import annotations
