@@ -197,7 +197,8 @@ def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportCo
                                              "contract": asdict(contract), "opset": cfg.opset})
     report.tags = {"export.onnx.sha256": report.files["model.onnx"],
                    "export.int8.sha256": report.files["model.int8.onnx"],
-                   "export.int8.method": (f"qat ({cfg.qat_epochs} epoch(s) torchao PT2E) + ONNX Runtime static QDQ"
+                   "export.int8.method": (f"qat ({cfg.qat_epochs} epoch(s) torchao PT2E, its learnt ranges; float "
+                                           "convolution outputs calibrated)"
                                           if cfg.int8 == "qat" else "ptq (ONNX Runtime static QDQ)"),
                    "export.onnx.opset": str(cfg.opset), "export.tensorrt": report.tensorrt,
                    "export.triton": f"{ref.name} (onnxruntime_onnx)" + (", " + ref.name + "-trt (tensorrt_plan)"
