@@ -8,6 +8,13 @@ Reproduce::
     .venv/bin/python benchmarks/lightweight.py                 # random weights (speed does not depend on them)
     .venv/bin/python benchmarks/lightweight.py --qat student=/path/model.qat.onnx
     .venv/bin/python benchmarks/lightweight.py --profile      # where INT8 and FP32 spend their time
+    MLFLOW_TRACKING_URI=... .venv/bin/python benchmarks/lightweight.py --studies DIR --version 3 [--version 1]
+
+With ``--studies`` the end-to-end figure instead: ``dicomops predict DIR --version V --engine E`` for
+E in ort-fp32 and ort-int8, each in its own process (the served path: gate, de-identification,
+preprocessing, every slab of every series through the exported engine), and the per-study medians
+of its ``summary.json`` (whole study, preprocessing, scoring), with INT8's ratio to FP32 per study
+and for the scoring step alone. The versions must have been exported (``dicomops export``).
 
 Each engine runs in its own fresh process (``--measure``) with ``--threads`` intra-op threads, so no
 engine inherits another's thread pools, caches or allocator state; the parent builds and exports the
@@ -136,6 +143,35 @@ def operator_shares(path: Path, x: np.ndarray, threads: int) -> dict[str, float]
     return {op: round(t / total, 3) for op, t in sorted(by_op.items(), key=lambda kv: -kv[1])}
 
 
+def end_to_end(studies: Path, versions: list[str]) -> None:
+    """Per-study medians of ``dicomops predict`` on `studies` for each version of the classifier's
+    registered model in ONNX Runtime FP32 and INT8, each run in its own process, and INT8's speed-up per study and for scoring alone."""
+    cli = Path(sys.executable).with_name("dicomops")
+    medians: dict[tuple[str, str], dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for version in versions:
+            for engine in ("ort-fp32", "ort-int8"):
+                work = Path(tmp) / f"{version}-{engine}"
+                tick = time.perf_counter()
+                subprocess.run([str(cli), "predict", str(studies), "--version", version, "--engine", engine,
+                                "--work", str(work)], check=True, capture_output=True, text=True)
+                wall = time.perf_counter() - tick
+                summary = json.loads(next((work / "predict").glob("*/summary.json")).read_text())
+                m = summary["metrics"]
+                if summary.get("engine") != engine:
+                    raise SystemExit(f"version {version} ran on {summary.get('engine')}, not {engine}")
+                medians[(version, engine)] = m
+                print(f"version {version:>3s} {engine:9s} {m['studies_scored']:.0f} studies, "
+                      f"{m['series_scored']:.0f} series; per study p50 {m['latency_p50_s']:.3f} s "
+                      f"(preprocess {m.get('preprocess_p50_s', float('nan')):.3f} s, "
+                      f"score {m.get('score_p50_s', float('nan')):.3f} s); whole command {wall:.0f} s", flush=True)
+    print(f"\n{cpu_features()}; ratios measured in this run")
+    for version in versions:
+        fp32, int8 = medians[(version, "ort-fp32")], medians[(version, "ort-int8")]
+        print(f"version {version}: INT8 / FP32 per study (end to end) {fp32['latency_p50_s'] / int8['latency_p50_s']:.2f}x, "
+              f"scoring step alone {fp32['score_p50_s'] / int8['score_p50_s']:.2f}x")
+
+
 def build(folder: Path) -> dict[str, dict[str, object]]:
     """Each network with random weights: torch weights, ONNX FP32 and ORT INT8 (static, calibrated)."""
     import torch
@@ -184,12 +220,21 @@ def main() -> None:
     parser.add_argument("--qat", action="append", default=[], metavar="ROLE=PATH",
                         help="A QDQ ONNX file from quantisation-aware training, e.g. student=model.qat.onnx.")
     parser.add_argument("--profile", action="store_true", help="Also split each ONNX engine's time by operator.")
+    parser.add_argument("--studies", type=Path, help="End to end: a folder of DICOM studies to score with "
+                        "dicomops predict (needs --version and MLFLOW_TRACKING_URI).")
+    parser.add_argument("--version", action="append", default=[], help="An exported version of the classifier's "
+                        "registered model (repeatable).")
     parser.add_argument("--measure", nargs=4, metavar=("ENGINE", "PATH", "K", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         engine, path, k, size = args.measure
         print(json.dumps(measure(engine, path, int(k), int(size), args.threads, args.repeats, args.seconds,
                                  args.profile)))
+        return
+    if args.studies:
+        if not args.version:
+            parser.error("--studies needs at least one --version (an exported version of the classifier)")
+        end_to_end(args.studies, args.version)
         return
     with tempfile.TemporaryDirectory() as tmp:
         networks = build(Path(tmp))
