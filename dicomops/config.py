@@ -357,7 +357,8 @@ class ExportConfig(_Section):
     int8_max_auc_drop: float = Field(0.01, ge=0, description="Max validation AUC lost by INT8; above it fails.")
     int8: Literal["ptq", "qat"] = Field("ptq", description=(
         "How the INT8 model is made: ptq, ONNX Runtime's static quantisation of the trained weights; qat, a "
-        "quantisation-aware fine-tune (torchao PT2E) on the check fold's training slabs first, then the same."))
+        "quantisation-aware fine-tune (torchao PT2E) on the check fold's training slabs, served with the ranges it "
+        "learnt (dicomops.export.qat)."))
     qat_epochs: int = Field(1, ge=1, le=50, description="Epochs of quantisation-aware fine-tuning.")
     qat_learning_rate: float = Field(1e-4, gt=0)
     int8_held_out: bool = Field(False, description=(
