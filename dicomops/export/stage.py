@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from dicomops import io
-from dicomops.config import ExportConfig
+from dicomops.config import ExportConfig, TrainConfig
 from dicomops.errors import ExportCheckError
 from dicomops.export import onnx_export, quantize, tensorrt_engine, triton
 from dicomops.export.contract import METADATA_KEY, InputContract
@@ -72,11 +72,13 @@ def resolve_version(tracking_uri: str, name: str, version: str | None, alias: st
     return ModelRef(name, str(mv.version), str(mv.run_id), InputContract.from_mapping(raw))
 
 
-def load_torch_model(tracking_uri: str, ref: ModelRef) -> torch.nn.Module:
-    """The version's network rebuilt from its run's ``weights/`` (the same state dict MLflow logged)."""
+def load_torch_model(tracking_uri: str, ref: ModelRef) -> tuple[torch.nn.Module, TrainConfig]:
+    """The version's network rebuilt from its run's ``weights/`` (the same state dict MLflow logged),
+    and the training's config."""
     from dicomops.training.model import load_trained
 
-    return load_trained(tracking_uri, ref.run_id)[0]
+    model, train_cfg, _ = load_trained(tracking_uri, ref.run_id)
+    return model, train_cfg
 
 
 def _sample(data: SlabSet, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -149,7 +151,7 @@ def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportCo
     folder.mkdir(parents=True)
     report = ExportReport(ref.version, str(folder))
     contract = ref.contract
-    model = load_torch_model(tracking_uri, ref)
+    model, train_cfg = load_torch_model(tracking_uri, ref)
     torch.save(model.state_dict(), folder / "torch_state.pt")  # makes the folder benchmarkable on its own
 
     parity_x, _ = _sample(validation, cfg.parity_samples, seed=1)
@@ -165,8 +167,13 @@ def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportCo
     if cfg.int8 == "qat":
         from dicomops.export import qat
 
+        if train_cfg.distill_from is not None and layout is None:
+            raise ValueError("QAT of a distilled version learns from its teacher too, which needs the training's "
+                             "work directory (its slabs and the teacher's targets); export it with --work")
+        teacher = None if layout is None else qat.teacher_of(layout, tracking_uri, ref.run_id, train_cfg, calibration,
+                                                             None)
         int8, _ = qat.quantize_qat(model, contract, calibration, folder, opset=cfg.opset, epochs=cfg.qat_epochs,
-                                   learning_rate=cfg.qat_learning_rate, calibration=calib_x)
+                                   learning_rate=cfg.qat_learning_rate, calibration=calib_x, teacher=teacher)
         int8 = int8.replace(folder / "model.int8.onnx")
     else:
         int8 = quantize.quantize_int8(fp32, folder / "model.int8.onnx", calib_x)
@@ -197,8 +204,9 @@ def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportCo
                                              "contract": asdict(contract), "opset": cfg.opset})
     report.tags = {"export.onnx.sha256": report.files["model.onnx"],
                    "export.int8.sha256": report.files["model.int8.onnx"],
-                   "export.int8.method": (f"qat ({cfg.qat_epochs} epoch(s) torchao PT2E, its learnt ranges; float "
-                                           "convolution outputs calibrated)"
+                   "export.int8.method": (f"qat ({cfg.qat_epochs} epoch(s) torchao PT2E"
+                                           f"{', distilled from ' + train_cfg.distill_from if train_cfg.distill_from else ''}"
+                                           "; its learnt ranges, float convolution outputs calibrated)"
                                           if cfg.int8 == "qat" else "ptq (ONNX Runtime static QDQ)"),
                    "export.onnx.opset": str(cfg.opset), "export.tensorrt": report.tensorrt,
                    "export.triton": f"{ref.name} (onnxruntime_onnx)" + (", " + ref.name + "-trt (tensorrt_plan)"

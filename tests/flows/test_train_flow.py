@@ -260,6 +260,17 @@ def test_student_distils_from_a_3d_teacher_fold_by_fold(train_work: Path, mlflow
     assert not torch.allclose(targets[0], targets[1]) and not torch.allclose(targets[0], targets[2])
     own = build_slab_set(layout, layout.read_folds().train(0), 5, TINY.input_size)
     assert torch.allclose(targets[0], distill.logits(model, own.x), atol=1e-5)
+    # Its export's quantisation-aware fine-tune learns from the same teacher as its training did
+    # (dicomops.export.qat); the teacher's own version, trained on labels, has none.
+    from dicomops.config import TrainConfig
+    from dicomops.export import qat
+
+    _, student_raw = load_weights(mlflow_env, distill.fold_run(mlflow_env, student.run_id, 0), model_from_config)
+    taught = qat.teacher_of(layout, mlflow_env, student.run_id, TrainConfig.from_logged(student_raw), slabs, 0)
+    assert taught is not None and (taught.alpha, taught.temperature) == (0.7, 3.0)
+    assert torch.equal(taught.logits, targets[0])
+    assert qat.teacher_of(layout, mlflow_env, str(teacher["mlflow_run_id"]), TrainConfig.from_logged(raw), slabs,
+                          0) is None
 
     # A teacher from another split or corpus, or one that does not exist, is refused with the reason.
     client.set_tag(str(teacher["mlflow_run_id"]), "split_sha256", "another-split")

@@ -280,6 +280,28 @@ def test_qat_serves_the_ranges_it_learnt_integer_end_to_end(architecture: str, l
     assert "QLinearConv" in ops and not {"Conv", "FusedConv"} & ops
 
 
+def test_qat_of_a_distilled_version_learns_from_its_teacher() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    # A teacher that says the opposite of the labels, and all the weight on it (alpha 0): the
+    # fine-tune must follow the teacher, as the version's own training did, not the labels.
+    cfg = TrainConfig(architecture="resnet-slim", input_size=SIZE)
+    data = _tiny_slabs(128)
+    against = torch.stack([data.y.float(), 1 - data.y.float()], 1) * 8 - 4  # logits favour the other class
+    teacher = qat.Teacher(against, alpha=0.0, temperature=1.0)
+    with pytest.raises(ValueError, match="teacher outputs"):
+        qat.finetune(build_model(cfg, 3), data, epochs=1, learning_rate=3e-3,
+                     teacher=qat.Teacher(against[:5], 0.0, 1.0))
+    _, taught = qat.finetune(build_model(cfg, 3), data, epochs=3, learning_rate=3e-3, teacher=teacher)
+    _, labelled = qat.finetune(build_model(cfg, 3), data, epochs=3, learning_rate=3e-3)
+    held = _tiny_slabs(64, seed=1)
+    with torch.no_grad():
+        p_taught = torch.softmax(taught(held.x.float()), 1)[:, 1].numpy()
+        p_labelled = torch.softmax(labelled(held.x.float()), 1)[:, 1].numpy()
+    assert roc_auc_score(held.y.numpy(), p_labelled) > 0.9
+    assert roc_auc_score(held.y.numpy(), p_taught) < 0.1
+
+
 def test_quantising_float_convolutions_leaves_learnt_ranges_alone(tmp_path: Path) -> None:
     from onnx import helper, numpy_helper
 
