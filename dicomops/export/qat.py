@@ -5,7 +5,7 @@
 ``prepare_qat_pt2e`` with the ``X86InductorQuantizer`` in QAT mode (per-channel symmetric int8
 weights, per-tensor uint8 activations: the scheme ONNX Runtime's fast x86 kernels use), a short
 fine-tune with fake quantisation in the loop (batch norms folded into the convolutions the way
-inference will see them), then ``convert_pt2e``.
+inference will see them, their statistics frozen: :func:`finetune`), then ``convert_pt2e``.
 
 What ONNX Runtime serves is the program ``convert_pt2e`` made, exported as QDQ ONNX: the int8
 weights and the activation ranges the fine-tune learnt, with the network's float computation
@@ -93,15 +93,21 @@ def finetune(model: torch.nn.Module, train: SlabSet, *, epochs: int, learning_ra
     with `teacher`, the distillation loss its training used,
     :func:`dicomops.training.distill.distillation_loss`).
 
-    Returns the float network carrying the QAT-trained weights and batch-norm statistics and the
-    converted PT2E program (integer weights, quantise/dequantise nodes).
+    The network runs as it will be served while it learns: batch norms keep the trained network's
+    statistics and dropout is off; only the weights and the quantisers' ranges move. With the
+    statistics updated from the fine-tune's batches instead (train mode), fold 3 of the distilled
+    minimal student scored 0.480 on its held-out series against 0.629 in FP32; frozen, 0.688
+    (2026-12-03).
+
+    Returns the float network carrying the QAT-trained weights and the converted PT2E program
+    (integer weights, quantise/dequantise nodes).
     """
-    from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+    from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     torch.manual_seed(seed)
     prepared = prepare(model, train.x[:2].float())
-    move_exported_model_to_train(prepared)
+    move_exported_model_to_eval(prepared)  # batch-norm statistics frozen, dropout off; gradients still flow
     optimizer = torch.optim.AdamW(prepared.parameters(), lr=learning_rate, weight_decay=0.0)
     weight = class_weights(train.y)
     if teacher is not None and len(teacher.logits) != len(train.y):

@@ -280,6 +280,19 @@ def test_qat_serves_the_ranges_it_learnt_integer_end_to_end(architecture: str, l
     assert "QLinearConv" in ops and not {"Conv", "FusedConv"} & ops
 
 
+def test_qat_keeps_the_trained_networks_batch_norm_statistics() -> None:
+    # (resnet-slim: an untrained minimal student's activations die in eval mode, so nothing would learn)
+    cfg = TrainConfig(architecture="resnet-slim", input_size=SIZE)
+    model = build_model(cfg, 3).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trained, _ = qat.finetune(model, _tiny_slabs(64), epochs=1, learning_rate=1e-3)
+    after = trained.state_dict()
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(before[k], after[k]) for k in stats)  # served as trained
+    weights = [k for k in before if k.endswith("weight") and before[k].dim() == 4]
+    assert any(not torch.equal(before[k], after[k]) for k in weights)  # while the weights learnt
+
+
 def test_qat_of_a_distilled_version_learns_from_its_teacher() -> None:
     from sklearn.metrics import roc_auc_score
 
