@@ -265,9 +265,10 @@ def teacher_of(layout: Any, tracking_uri: str, run_id: str, cfg: TrainConfig, tr
     `train` from its fold-`fold` model (None: its final model), as the version's own training took
     them; None for a version trained on labels alone. `run_id` is the version's training run.
 
-    A distilled student fine-tuned on labels alone forgets what it was taught: for the minimal
-    student distilled from the segmenter, fold 3, one epoch of float fine-tuning on labels took its
-    held-out AUC from 0.629 to 0.489 (2026-12-03)."""
+    The fine-tune keeps the loss the version was trained with; on labels alone it is pulled towards
+    another solution than the one distilled. Measured on the minimal student distilled from the
+    segmenter (2026-12-03, batch-norm statistics still updated then): held-out QAT 0.637 with the
+    teacher, 0.635 without; what hurt there were the statistics (:func:`finetune`)."""
     if cfg.distill_from is None:
         return None
     from dicomops.training.distill import teacher_targets
