@@ -141,15 +141,18 @@ def finetune(model: torch.nn.Module, train: SlabSet, *, epochs: int, learning_ra
     return trained.eval(), convert_pt2e(prepared)
 
 
-def quantise_float_convolutions(src: Path, out: Path, calibration: np.ndarray, batch_size: int = 16) -> list[str]:
+def quantise_float_convolutions(src: Path, out: Path, calibration: np.ndarray) -> list[str]:
     """Write `src` (a QDQ graph) to `out` with every convolution output that is left in float
-    quantised and dequantised again: uint8, its range the min and max over `calibration` (0
-    included). An output counts as quantised when each of its readers is a ``QuantizeLinear``, or
-    a ``Relu`` read only by ``QuantizeLinear`` (ONNX Runtime folds such a ReLU into the zero point).
-    Returns the names of the tensors that got a pair."""
+    quantised and dequantised again: uint8 at the range ONNX Runtime's own MinMax calibrator and
+    ``compute_scale_zp`` give over `calibration`. An output counts as quantised when each of its
+    readers is a ``QuantizeLinear``, or a ``Relu`` read only by ``QuantizeLinear`` (ONNX Runtime
+    folds such a ReLU into the zero point). Returns the names of the tensors that got a pair."""
+    import tempfile
+
     import onnx
-    import onnxruntime as ort
     from onnx import helper, numpy_helper
+    from onnxruntime.quantization.calibrate import create_calibrator
+    from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
 
     model = onnx.load(str(src))
     graph = model.graph
@@ -166,28 +169,23 @@ def quantise_float_convolutions(src: Path, out: Path, calibration: np.ndarray, b
                    for r in readers[name])
 
     floats = [n.output[0] for n in graph.node if n.op_type == "Conv" and not quantised(n.output[0])]
-    low, high = dict.fromkeys(floats, 0.0), dict.fromkeys(floats, 0.0)
+    ranges: dict[str, Any] = {}
     if floats:
-        probe = onnx.load(str(src))
-        probe.graph.output.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in floats)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        sess = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        name = sess.get_inputs()[0].name
-        for i in range(0, len(calibration), batch_size):
-            batch = np.ascontiguousarray(calibration[i:i + batch_size], np.float32)
-            for t, value in zip(floats, sess.run(floats, {name: batch}), strict=True):
-                low[t], high[t] = min(low[t], float(value.min())), max(high[t], float(value.max()))
+        with tempfile.TemporaryDirectory() as tmp:
+            calibrator = create_calibrator(src, ["Conv"], augmented_model_path=str(Path(tmp) / "augmented.onnx"))
+            calibrator.collect_data(quantize.SlabCalibrationReader(graph.input[0].name, calibration))
+            ranges = {t: calibrator.compute_data()[t].range_value for t in floats}
     nodes = []
     for node in graph.node:
         nodes.append(node)
-        if node.op_type != "Conv" or node.output[0] not in low:
+        t = node.output[0] if node.output else ""
+        if t not in ranges:
             continue
-        t = node.output[0]
-        scale = (high[t] - low[t]) / 255.0 or 1.0
-        zero = int(np.clip(round(-low[t] / scale), 0, 255))
-        graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), f"{t}_scale"),
-                                  numpy_helper.from_array(np.array(zero, np.uint8), f"{t}_zero_point")])
+        low, high = ranges[t]
+        zero, scale = compute_scale_zp(np.asarray(low, np.float32), np.asarray(high, np.float32),
+                                       *get_qmin_qmax_for_qType(onnx.TensorProto.UINT8))
+        graph.initializer.extend([numpy_helper.from_array(np.asarray(scale, np.float32).reshape(()), f"{t}_scale"),
+                                  numpy_helper.from_array(np.asarray(zero, np.uint8).reshape(()), f"{t}_zero_point")])
         nodes += [helper.make_node("QuantizeLinear", [t, f"{t}_scale", f"{t}_zero_point"], [f"{t}_q"], f"{t}_quantize"),
                   helper.make_node("DequantizeLinear", [f"{t}_q", f"{t}_scale", f"{t}_zero_point"], [f"{t}_dq"],
                                    f"{t}_dequantize")]
