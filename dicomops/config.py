@@ -359,6 +359,11 @@ class ExportConfig(_Section):
         "How the INT8 model is made: ptq, ONNX Runtime's static quantisation of the trained weights; qat, a "
         "quantisation-aware fine-tune (torchao PT2E) on the check fold's training slabs, served with the ranges it "
         "learnt (dicomops.export.qat)."))
+    int8_float_head: Literal["auto", "always", "never"] = Field("auto", description=(
+        "Run the INT8 graph's convolutions at the input's resolution (the stem; at a stride-1 stem also the next "
+        "one) in float, with the weights they were quantised to: ONNX Runtime's integer kernels are slower than "
+        "its float ones on so few channels. auto: timed at export on this machine, kept when the graph gets at "
+        "least 5 % faster at max_batch (dicomops.export.quantize.float_head)."))
     qat_epochs: int = Field(1, ge=1, le=50, description="Epochs of quantisation-aware fine-tuning.")
     qat_learning_rate: float = Field(1e-4, gt=0)
     int8_held_out: bool = Field(False, description=(

@@ -276,10 +276,12 @@ def teacher_of(layout: Any, tracking_uri: str, run_id: str, cfg: TrainConfig, tr
 
 
 def held_out(layout: Any, tracking_uri: str, run_id: str, contract: InputContract, folder: Path, *, opset: int,
-             epochs: int, learning_rate: float, calibration_samples: int) -> pd.DataFrame:
+             epochs: int, learning_rate: float, calibration_samples: int, float_head: bool = False) -> pd.DataFrame:
     """FP32, post-training INT8 and QAT INT8 of each fold's model, judged on that fold's validation
     series, which none of the three saw: the fold model trained without them, PTQ calibrates and
-    QAT fine-tunes on the fold's training slabs only. Rows: one per (fold, engine, series).
+    QAT fine-tunes on the fold's training slabs only. Rows: one per (fold, engine, series). With
+    `float_head` both INT8 graphs run their input-resolution convolutions in float
+    (:func:`dicomops.export.quantize.keep_in_float`), as the served graph was chosen to.
 
     `run_id` is the version's training run; its fold runs hold the fold models (``weights/``).
     """
@@ -307,6 +309,9 @@ def held_out(layout: Any, tracking_uri: str, run_id: str, contract: InputContrac
         engines["int8-qat"] = quantize_qat(model, contract, train, where, opset=opset, epochs=epochs,
                                            learning_rate=learning_rate, calibration=calibration, seed=fold,
                                            teacher=teacher)[0]
+        for engine in ("int8-ptq", "int8-qat") if float_head else ():
+            path = engines[engine]
+            quantize.keep_in_float(path, path, quantize.input_resolution_convolutions(path))
         volumes = {uid: load_volume(pre.volume(paths[uid])) for uid in folds.val(fold)}
         for engine, path in engines.items():
             for uid, score in series_scores(path, volumes, k, size, top_k).items():

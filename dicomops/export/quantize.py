@@ -9,15 +9,23 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from dicomops.errors import ExportCheckError
 from dicomops.export.contract import InputContract
-from dicomops.export.onnx_export import read_contract, run_onnx, session, write_metadata
+from dicomops.export.onnx_export import (
+    read_contract,
+    run_onnx,
+    session,
+    set_metadata,
+    write_metadata,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,3 +115,144 @@ def check_int8(fp32: Path, int8: Path, x: np.ndarray, y: np.ndarray, tolerance: 
     log.info("INT8: validation AUC %.4f → %.4f (drop %.4f) on %d slabs", result.auc_fp32, result.auc_int8,
              result.auc_drop, result.samples)
     return result
+
+
+# -- the layers at the input's resolution --------------------------------------------------------
+#
+# ONNX Runtime's integer convolution pays for packing and for the NCHW/NHWC transposes around it,
+# which only arithmetic can earn back: a convolution over 1-16 channels per group (a stem over the
+# slab's 3 slices, a depthwise one) at full resolution has little. On a Zen 5 with VNNI the minimal
+# student's stem (3 channels, 128 px, stride 1) took 9.0 ms of 32 slabs in INT8 against 3.8 ms in
+# float, and its first depthwise convolution 4.2 against 1.9 ms: together 44 % of the INT8 graph's
+# time. The classifier's 7x7 stem is the opposite case: kept in float, ONNX Runtime's QDQ propagation
+# runs the max-pool after it as a slow uint8 NCHW operator and the graph gets slower. So the export
+# measures, on the machine it runs on, whether these layers should stay float (:func:`float_head`).
+
+FLOAT_HEAD_GAIN = 1.05  # keep the head in float only when the whole graph is at least this much faster
+
+
+@dataclass(frozen=True)
+class FloatHead:
+    """What :func:`float_head` decided: the convolutions now in float (none: the graph is unchanged),
+    the candidates it considered, and the measured throughput of the float-head graph over the
+    all-integer one (nan when it did not time them)."""
+
+    kept: tuple[str, ...]
+    candidates: tuple[str, ...]
+    speedup: float
+
+
+def input_resolution_convolutions(path: Path) -> list[str]:
+    """The convolutions of the ONNX graph at `path` that read a tensor at the model input's height and
+    width, in graph order: the stem, and at a stride-1 stem what follows it up to the first
+    downsampling (the minimal student's first depthwise convolution)."""
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in (*model.graph.input, *model.graph.value_info, *model.graph.output)}
+    size = shapes[model.graph.input[0].name][-2:]
+    return [n.name for n in model.graph.node if n.op_type == "Conv" and shapes.get(n.input[0], [])[-2:] == size]
+
+
+def _dequantised(node: Any, initialisers: dict[str, Any]) -> np.ndarray:
+    """The float value a ``DequantizeLinear`` of an initialiser gives: ``(q - zero point) * scale``,
+    per tensor or along its ``axis``."""
+    from onnx import numpy_helper
+
+    q = numpy_helper.to_array(initialisers[node.input[0]]).astype(np.float64)
+    scale = numpy_helper.to_array(initialisers[node.input[1]]).astype(np.float64)
+    zero = (numpy_helper.to_array(initialisers[node.input[2]]).astype(np.float64)
+            if len(node.input) > 2 and node.input[2] else np.zeros_like(scale))
+    if scale.ndim == 1 and q.ndim > 1:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % q.ndim
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    return ((q - zero) * scale).astype(np.float32)
+
+
+def keep_in_float(src: Path, out: Path, convolutions: list[str] | tuple[str, ...]) -> None:
+    """Write the QDQ graph `src` to `out` with `convolutions` run in float.
+
+    Their quantised weights and biases become float initialisers holding exactly the values the
+    integer kernel would use (so a QAT graph keeps what it learnt). Each reads its activation from
+    before its quantise/dequantise pair. The pair on an output stays where an integer operator reads
+    it. Nodes and initialisers nothing reads any more are dropped; everything else is unchanged."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    initialisers = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    chosen = set(convolutions)
+    unknown = chosen - {n.name for n in graph.node if n.op_type == "Conv"}
+    if unknown:
+        raise ValueError(f"{src} has no convolution(s) {sorted(unknown)}")
+    for node in graph.node:
+        if node.name not in chosen:
+            continue
+        for index, name in enumerate(node.input):
+            dq = producer.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            if dq.input[0] in initialisers:  # a weight or a bias
+                graph.initializer.append(numpy_helper.from_array(_dequantised(dq, initialisers), f"{name}_float"))
+                node.input[index] = f"{name}_float"
+            elif (q := producer.get(dq.input[0])) is not None and q.op_type == "QuantizeLinear":
+                node.input[index] = q.input[0]  # the activation before it was quantised
+    wanted = {o.name for o in graph.output}
+    alive: list[Any] = []
+    for node in reversed(graph.node):  # graph order is topological: readers come after producers
+        if any(o in wanted for o in node.output):
+            alive.append(node)
+            wanted.update(node.input)
+    del graph.node[:]
+    graph.node.extend(reversed(alive))
+    kept = [i for i in graph.initializer if i.name in wanted]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    set_metadata(model, {"dicomops.float_convolutions": ", ".join(sorted(chosen))})
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out))
+
+
+def relative_throughput(base: Path, other: Path, shape: tuple[int, ...], batch: int, threads: int,
+                        rounds: int = 7, runs: int = 4) -> float:
+    """Batch-`batch` throughput of `other` over `base` in ONNX Runtime: the median of per-round
+    ratios, the two timed in alternation so a busy neighbour slows both alike."""
+    x = np.random.default_rng(0).random((batch, *shape), np.float32)
+    sessions = [(s, s.get_inputs()[0].name) for s in (session(path, threads) for path in (base, other))]
+    for s, name in sessions:
+        for _ in range(2):
+            s.run(None, {name: x})
+    ratios = []
+    for _ in range(rounds):
+        seconds = []
+        for s, name in sessions:
+            tick = time.perf_counter()
+            for _ in range(runs):
+                s.run(None, {name: x})
+            seconds.append(time.perf_counter() - tick)
+        ratios.append(seconds[0] / seconds[1])
+    return float(np.median(ratios))
+
+
+def float_head(int8: Path, mode: str, shape: tuple[int, ...], batch: int, threads: int = 2) -> FloatHead:
+    """Run the INT8 graph's input-resolution convolutions (:func:`input_resolution_convolutions`) in
+    float, rewriting `int8` in place: ``always``; ``auto``, when that makes the graph at least
+    :data:`FLOAT_HEAD_GAIN` times faster at batch `batch` on this machine; ``never`` leaves it."""
+    candidates = tuple(input_resolution_convolutions(int8))
+    if mode == "never" or not candidates:
+        return FloatHead((), candidates, float("nan"))
+    staged = int8.with_name(int8.stem + ".float-head.onnx")
+    keep_in_float(int8, staged, candidates)
+    speedup = relative_throughput(int8, staged, shape, batch, threads) if mode == "auto" else float("nan")
+    if mode == "always" or speedup >= FLOAT_HEAD_GAIN:
+        os.replace(staged, int8)
+        log.info("INT8: %s kept in float (%.2fx the all-integer graph's throughput)", ", ".join(candidates), speedup)
+        return FloatHead(candidates, candidates, speedup)
+    staged.unlink()
+    log.info("INT8: all-integer graph kept (float %s: %.2fx)", ", ".join(candidates), speedup)
+    return FloatHead((), candidates, speedup)

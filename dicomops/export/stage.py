@@ -177,6 +177,7 @@ def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportCo
         int8 = int8.replace(folder / "model.int8.onnx")
     else:
         int8 = quantize.quantize_int8(fp32, folder / "model.int8.onnx", calib_x)
+    head = quantize.float_head(int8, cfg.int8_float_head, contract.input_shape, cfg.max_batch, threads)
     int8_check = quantize.check_int8(fp32, int8, val_x, val_y, cfg.int8_max_auc_drop)
     report.metrics.update({
         "export.onnx.parity_max_abs_diff": parity.max_abs_diff, "export.onnx.parity_samples": parity.samples,
@@ -184,13 +185,15 @@ def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportCo
         "export.int8.auc_int8": int8_check.auc_int8, "export.int8.auc_drop": int8_check.auc_drop,
         "export.int8.max_abs_diff": int8_check.max_abs_diff, "export.int8.validation_samples": int8_check.samples,
     })
+    if not np.isnan(head.speedup):
+        report.metrics["export.int8.float_head_speedup"] = head.speedup
     for label, path in (("ort_fp32", fp32), ("ort_int8", int8)):
         latency, throughput = _time_session(path, contract.input_shape, cfg.max_batch, threads)
         report.metrics[f"export.{label}.latency_ms_b1"] = latency
         report.metrics[f"export.{label}.throughput_b{cfg.max_batch}"] = throughput
 
     if cfg.int8_held_out:
-        report.metrics.update(_held_out(folder, tracking_uri, ref, cfg, layout))
+        report.metrics.update(_held_out(folder, tracking_uri, ref, cfg, layout, bool(head.kept)))
 
     repo = folder / "model_repository"
     triton.write_model(repo, ref.name, ref.version, "onnxruntime_onnx", fp32, contract, cfg.max_batch,
@@ -208,6 +211,7 @@ def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportCo
                                            f"{', distilled from ' + train_cfg.distill_from if train_cfg.distill_from else ''}"
                                            "; its learnt ranges, float convolution outputs calibrated)"
                                           if cfg.int8 == "qat" else "ptq (ONNX Runtime static QDQ)"),
+                   "export.int8.float_convolutions": ", ".join(head.kept) or "none",
                    "export.onnx.opset": str(cfg.opset), "export.tensorrt": report.tensorrt,
                    "export.triton": f"{ref.name} (onnxruntime_onnx)" + (", " + ref.name + "-trt (tensorrt_plan)"
                                                                          if "model.fp16.plan" in report.files else ""),
@@ -216,8 +220,10 @@ def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportCo
 
 
 def _held_out(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportConfig,
-              layout: WorkLayout | None) -> dict[str, float]:
-    """The held-out INT8 comparison: per-series scores and the per-engine table in `folder`, metrics back."""
+              layout: WorkLayout | None, float_head: bool) -> dict[str, float]:
+    """The held-out INT8 comparison: per-series scores and the per-engine table in `folder`, metrics back.
+    With `float_head` the folds' INT8 graphs keep their input-resolution convolutions in float, as the
+    served one does."""
     from dicomops.export import qat
 
     if layout is None:
@@ -225,7 +231,7 @@ def _held_out(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportConfig,
     scratch = folder / "held_out"
     rows = qat.held_out(layout, tracking_uri, ref.run_id, ref.contract, scratch, opset=cfg.opset,
                         epochs=cfg.qat_epochs, learning_rate=cfg.qat_learning_rate,
-                        calibration_samples=cfg.calibration_samples)
+                        calibration_samples=cfg.calibration_samples, float_head=float_head)
     shutil.rmtree(scratch)  # the fold models' files are not this version's
     table = qat.held_out_table(rows.to_dict("records"))
     io.write_csv(folder / "int8_held_out_scores.csv", rows)

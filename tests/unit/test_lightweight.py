@@ -341,6 +341,100 @@ def test_quantising_float_convolutions_leaves_learnt_ranges_alone(tmp_path: Path
     assert list(add.input) == ["c_dq", "xd"]
 
 
+def _int8_of(architecture: str, tmp_path: Path, **settings: int) -> tuple[Path, Path, np.ndarray]:
+    """FP32 and post-training INT8 ONNX of an untrained network at SIZE px, and the calibration slabs."""
+    from dicomops.export import quantize
+
+    x = np.random.default_rng(0).random((16, 3, SIZE, SIZE), dtype=np.float32)
+    cfg = TrainConfig(architecture=architecture, input_size=SIZE, **settings)
+    torch.manual_seed(0)
+    contract = InputContract.from_configs(PreprocessConfig(), cfg, 0.5)
+    fp32 = onnx_export.export_onnx(build_model(cfg, 3).eval(), contract, tmp_path / f"{architecture}.onnx", opset=18)
+    return fp32, quantize.quantize_int8(fp32, tmp_path / f"{architecture}.int8.onnx", x), x
+
+
+def test_input_resolution_convolutions_are_the_stem_and_what_keeps_its_size(tmp_path: Path) -> None:
+    from dicomops.export import quantize
+
+    # The minimal student at stride 1: the stem and the first depthwise convolution read SIZE x SIZE
+    # tensors (the depthwise one downsamples); the classifier's stride-2 stem is alone at that size.
+    _, student, _ = _int8_of("mobilenet-v3-small-minimal", tmp_path)
+    fp32, classifier, _ = _int8_of("resnet-slim", tmp_path, stem_stride=2)
+    heads = {path.name: quantize.input_resolution_convolutions(path) for path in (student, classifier, fp32)}
+    graph = {n.name: n for n in onnx.load(student).graph.node}
+    assert len(heads[student.name]) == 2
+    stem, depthwise = (graph[name] for name in heads[student.name])
+    groups = {a.name: a.i for a in depthwise.attribute}.get("group", 1)
+    assert groups > 1 and {a.name: list(a.ints) for a in depthwise.attribute}["strides"] == [2, 2]
+    assert {a.name: a.i for a in stem.attribute}.get("group", 1) == 1
+    assert len(heads[classifier.name]) == 1 and len(heads[fp32.name]) == 1  # QDQ or float, the same layer
+
+
+def test_keep_in_float_runs_the_head_in_float_with_its_quantised_weights(tmp_path: Path) -> None:
+    from onnx import numpy_helper
+
+    from dicomops.export import quantize
+
+    _, int8, x = _int8_of("mobilenet-v3-small-minimal", tmp_path)
+    head = quantize.input_resolution_convolutions(int8)
+    out = tmp_path / "head.onnx"
+    quantize.keep_in_float(int8, out, head)
+    with pytest.raises(ValueError, match="no convolution"):
+        quantize.keep_in_float(int8, tmp_path / "x.onnx", ["not-a-conv"])
+
+    def runs(path: Path) -> list[str]:  # the operators ONNX Runtime really runs, after its fusions
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{path.stem}.optimised.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+    before, after = runs(int8), runs(out)
+    assert not {"Conv", "FusedConv"} & set(before)
+    assert sum(op in ("Conv", "FusedConv") for op in after) == 2  # the head, in float
+    assert after.count("QLinearConv") == before.count("QLinearConv") - 2  # the rest still integer
+    graph = onnx.load(out).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    # the slab goes straight into the float stem: its quantise/dequantise pair is gone
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] == graph.input[0].name for n in graph.node)
+    # the head's weights are the int8 values the integer kernel used, in float: on the per-channel grid
+    original = {n.name: n for n in onnx.load(int8).graph.node}
+    producers = {o: n for n in onnx.load(int8).graph.node for o in n.output}
+    source = {i.name: numpy_helper.to_array(i) for i in onnx.load(int8).graph.initializer}
+    for name in head:
+        dq = producers[original[name].input[1]]
+        scale = source[dq.input[1]].reshape(-1, 1, 1, 1)
+        weight = inits[next(n for n in graph.node if n.name == name).input[1]]
+        assert weight.dtype == np.float32 and np.allclose(weight / scale, np.round(weight / scale), atol=1e-3)
+        np.testing.assert_allclose(weight / scale, source[dq.input[0]].astype(np.float32), atol=1e-3)
+    p8 = onnx_export.run_onnx(onnx_export.session(int8), x)
+    assert np.abs(onnx_export.run_onnx(onnx_export.session(out), x) - p8).max() < 0.05
+
+
+def test_float_head_is_kept_only_where_it_is_faster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicomops.export import quantize
+
+    _, int8, _ = _int8_of("mobilenet-v3-small-minimal", tmp_path)
+    original = int8.read_bytes()
+    timed = []
+
+    def ratio(speedup: float):
+        return lambda *args, **kwargs: timed.append(args) or speedup
+
+    monkeypatch.setattr(quantize, "relative_throughput", ratio(1.0))
+    slower = quantize.float_head(int8, "auto", (3, SIZE, SIZE), 32)
+    assert slower.kept == () and len(slower.candidates) == 2 and slower.speedup == 1.0
+    assert int8.read_bytes() == original and len(list(tmp_path.glob("*float-head*"))) == 0
+    assert quantize.float_head(int8, "never", (3, SIZE, SIZE), 32).kept == () and len(timed) == 1
+    monkeypatch.setattr(quantize, "relative_throughput", ratio(1.3))
+    faster = quantize.float_head(int8, "auto", (3, SIZE, SIZE), 32)
+    assert faster.kept == faster.candidates and faster.speedup == 1.3 and int8.read_bytes() != original
+    props = {p.key: p.value for p in onnx.load(int8).metadata_props}
+    assert props["dicomops.float_convolutions"] == ", ".join(sorted(faster.kept))
+    assert onnx_export.read_contract(int8).height == SIZE  # still a servable file
+
+
 def test_held_out_table_is_per_engine_fold_and_vendor() -> None:
     rows = []
     for engine, flip in (("fp32", False), ("int8-qat", True)):
