@@ -27,7 +27,9 @@ when the convolutions are wide (ORT engines only); the summary names the CPU and
 bf16 flags. Latency: the
 median of ``--repeats`` single-slab calls after warm-up; throughput: slabs per second over
 ``--seconds`` of batch-32 calls. Ratios are against the teacher (latency) and against each network's
-own ONNX Runtime FP32 (INT8 throughput), measured in the same run.
+own ONNX Runtime FP32 (INT8 throughput), measured in the same run. Each INT8 graph is also timed
+with its input-resolution convolutions in float (``…-float-head``), what the export serves where that
+is faster (``export.int8_float_head``); a QAT file exported that way is timed as it is.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 SIZE = 128
 # role: (architecture, slab slices, TrainConfig settings besides the defaults). The student at its
@@ -176,6 +179,15 @@ def end_to_end(studies: Path, versions: list[str]) -> None:
               f"scoring step alone {fp32['score_p50_s'] / int8['score_p50_s']:.2f}x")
 
 
+def float_head(int8: Path, out: Path) -> Path:
+    """A copy of the INT8 graph at `out` with its input-resolution convolutions in float, as the export
+    keeps them where that is faster (``export.int8_float_head``)."""
+    from dicomops.export import quantize
+
+    quantize.keep_in_float(int8, out, quantize.input_resolution_convolutions(int8))
+    return out
+
+
 def build(folder: Path) -> dict[str, dict[str, object]]:
     """Each network with random weights: torch weights, ONNX FP32 and ORT INT8 (static, calibrated)."""
     import torch
@@ -199,7 +211,8 @@ def build(folder: Path) -> dict[str, dict[str, object]]:
         int8 = quantize.quantize_int8(fp32, folder / f"{role}.int8.onnx", calibration)
         out[role] = {"k": k, "size": cfg.input_size, "architecture": architecture,
                      "parameters": sum(p.numel() for p in model.parameters()),
-                     "engines": {"torch-fp32": str(weights), "ort-fp32": str(fp32), "ort-int8-ptq": str(int8)}}
+                     "engines": {"torch-fp32": str(weights), "ort-fp32": str(fp32), "ort-int8-ptq": str(int8),
+                                 "ort-int8-ptq-float-head": str(float_head(int8, folder / f"{role}.int8.fh.onnx"))}}
     torch.manual_seed(0)
     layers: list[torch.nn.Module] = []
     for i in range(5):
@@ -245,6 +258,10 @@ def main() -> None:
         for item in args.qat:
             role, path = item.split("=", 1)
             networks[role]["engines"]["ort-int8-qat"] = path  # type: ignore[index]
+            # an export that kept the head in float already serves it (its metadata names the layers)
+            if "dicomops.float_convolutions" not in {p.key for p in onnx.load(path).metadata_props}:
+                networks[role]["engines"]["ort-int8-qat-float-head"] = str(  # type: ignore[index]
+                    float_head(Path(path), Path(tmp) / f"{role}.qat.fh.onnx"))
         rows = []
         for role, net in networks.items():
             for engine, path in net["engines"].items():  # type: ignore[attr-defined]
@@ -255,7 +272,7 @@ def main() -> None:
                 figures = json.loads(done.stdout.strip().splitlines()[-1])
                 rows.append({"network": role, "architecture": net["architecture"], "k": net["k"],
                              "parameters": net["parameters"], "engine": engine, **figures})
-                print(f"{role:10s} {engine:13s} {net['size']:3d} px  batch 1 {figures['latency_ms_b1']:7.2f} ms   "
+                print(f"{role:15s} {engine:23s} {net['size']:3d} px  batch 1 {figures['latency_ms_b1']:7.2f} ms   "
                       f"batch 32 {figures['throughput_b32']:7.0f} slabs/s", flush=True)
                 if "operators" in figures:
                     top = list(figures["operators"].items())[:5]
@@ -269,7 +286,7 @@ def main() -> None:
             print(f"batch-1 latency, teacher / {role} ({engine}): {ratio:.2f}x")
     print(f"batch-1 latency, teacher torch / student ORT FP32: {teacher / by[('student', 'ort-fp32')]['latency_ms_b1']:.2f}x")
     for role in networks:
-        for engine in ("ort-int8-ptq", "ort-int8-qat"):
+        for engine in ("ort-int8-ptq", "ort-int8-ptq-float-head", "ort-int8-qat", "ort-int8-qat-float-head"):
             if (role, engine) in by:
                 ratio = by[(role, engine)]["throughput_b32"] / by[(role, "ort-fp32")]["throughput_b32"]
                 print(f"batch-32 throughput, {role} {engine} / ort-fp32: {ratio:.2f}x")

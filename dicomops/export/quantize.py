@@ -172,21 +172,38 @@ def _dequantised(node: Any, initialisers: dict[str, Any]) -> np.ndarray:
     return ((q - zero) * scale).astype(np.float32)
 
 
+def _representable(q: Any, initialisers: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The float range a ``QuantizeLinear`` keeps: ``(qmin - zero point) * scale`` to ``(qmax - zero
+    point) * scale`` for its output type (uint8 unless its zero point says otherwise)."""
+    from onnx import numpy_helper
+
+    scale = numpy_helper.to_array(initialisers[q.input[1]]).astype(np.float64)
+    stored = (numpy_helper.to_array(initialisers[q.input[2]]) if len(q.input) > 2 and q.input[2]
+              else np.zeros((), np.uint8))
+    info, zero = np.iinfo(stored.dtype), stored.astype(np.float64)
+    return (np.asarray((info.min - zero) * scale, np.float32).reshape(()),
+            np.asarray((info.max - zero) * scale, np.float32).reshape(()))
+
+
 def keep_in_float(src: Path, out: Path, convolutions: list[str] | tuple[str, ...]) -> None:
     """Write the QDQ graph `src` to `out` with `convolutions` run in float.
 
     Their quantised weights and biases become float initialisers holding exactly the values the
     integer kernel would use (so a QAT graph keeps what it learnt). Each reads its activation from
-    before its quantise/dequantise pair. The pair on an output stays where an integer operator reads
-    it. Nodes and initialisers nothing reads any more are dropped; everything else is unchanged."""
+    before its quantise/dequantise pair, clipped to the range that pair could represent: ONNX
+    Runtime's quantiser drops a ``Relu`` whose output is quantised from zero up, leaving the clamp to
+    the pair, so without the ``Clip`` a convolution after it would see negative values. The pair
+    on an output stays where an integer operator reads it. Nodes and initialisers nothing reads any
+    more are dropped; everything else is unchanged."""
     import onnx
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper
 
     model = onnx.load(str(src))
     graph = model.graph
     initialisers = {i.name: i for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
     chosen = set(convolutions)
+    clips: dict[str, Any] = {}
     unknown = chosen - {n.name for n in graph.node if n.op_type == "Conv"}
     if unknown:
         raise ValueError(f"{src} has no convolution(s) {sorted(unknown)}")
@@ -201,10 +218,21 @@ def keep_in_float(src: Path, out: Path, convolutions: list[str] | tuple[str, ...
                 graph.initializer.append(numpy_helper.from_array(_dequantised(dq, initialisers), f"{name}_float"))
                 node.input[index] = f"{name}_float"
             elif (q := producer.get(dq.input[0])) is not None and q.op_type == "QuantizeLinear":
-                node.input[index] = q.input[0]  # the activation before it was quantised
+                clipped = f"{name}_float"  # the activation before it was quantised, within the pair's range
+                if clipped not in clips:
+                    clips[clipped] = helper.make_node("Clip", [q.input[0], f"{clipped}_min", f"{clipped}_max"],
+                                                      [clipped], f"{clipped}_clip")
+                    graph.initializer.extend(numpy_helper.from_array(bound, f"{clipped}_{end}")
+                                             for end, bound in zip(("min", "max"), _representable(q, initialisers),
+                                                                   strict=True))
+                node.input[index] = clipped
+    nodes = list(graph.node)
+    for clip in clips.values():  # each right after what it clips, so the graph stays in topological order
+        source = producer.get(clip.input[0])
+        nodes.insert(0 if source is None else next(i for i, n in enumerate(nodes) if n is source) + 1, clip)
     wanted = {o.name for o in graph.output}
     alive: list[Any] = []
-    for node in reversed(graph.node):  # graph order is topological: readers come after producers
+    for node in reversed(nodes):  # graph order is topological: readers come after producers
         if any(o in wanted for o in node.output):
             alive.append(node)
             wanted.update(node.input)

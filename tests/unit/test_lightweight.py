@@ -412,6 +412,50 @@ def test_keep_in_float_runs_the_head_in_float_with_its_quantised_weights(tmp_pat
     assert np.abs(onnx_export.run_onnx(onnx_export.session(out), x) - p8).max() < 0.05
 
 
+def test_keep_in_float_keeps_the_clamp_a_dropped_relu_left_to_the_quantiser(tmp_path: Path) -> None:
+    from onnx import helper, numpy_helper
+
+    from dicomops.export import quantize
+
+    # ONNX Runtime's quantiser removes a ReLU whose output is quantised from zero (uint8, zero point
+    # 0): the pair clamps. x -> Q/DQ -> Conv a (no ReLU) -> Q/DQ at zero point 0 -> Conv b -> y, 1x1
+    # convolutions over one channel: y = b * max(a * x, 0) within the ranges.
+    def quantised(name: str, value: np.ndarray) -> list[onnx.TensorProto]:
+        return [numpy_helper.from_array(np.round(value / 0.5).astype(np.int8), f"{name}_q"),
+                numpy_helper.from_array(np.array(0.5, np.float32), f"{name}_s"),
+                numpy_helper.from_array(np.array(0, np.int8), f"{name}_z")]
+
+    inits = [*quantised("wa", np.full((1, 1, 1, 1), -2.0)), *quantised("wb", np.full((1, 1, 1, 1), 1.5)),
+             numpy_helper.from_array(np.array(1 / 64, np.float32), "xs"),
+             numpy_helper.from_array(np.array(128, np.uint8), "xz"),
+             numpy_helper.from_array(np.array(8 / 255, np.float32), "as"),
+             numpy_helper.from_array(np.array(0, np.uint8), "az")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             *(helper.make_node("DequantizeLinear", [f"{w}_q", f"{w}_s", f"{w}_z"], [f"{w}_d"]) for w in ("wa", "wb")),
+             helper.make_node("Conv", ["xd", "wa_d"], ["a"], "conv_a"),
+             helper.make_node("QuantizeLinear", ["a", "as", "az"], ["aq"]),
+             helper.make_node("DequantizeLinear", ["aq", "as", "az"], ["ad"]),
+             helper.make_node("Conv", ["ad", "wb_d"], ["y"], "conv_b")]
+    info = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [None, 1, 2, 2]) for n in ("x", "y")]
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", info[:1], info[1:], inits),
+                                opset_imports=[helper.make_opsetid("", 18)]), str(src))
+    x = np.array([[[[-1.0, 0.5], [1.0, 1.5]]]], np.float32)
+    quantize.keep_in_float(src, tmp_path / "both.onnx", ["conv_a", "conv_b"])
+    def run(path: Path) -> np.ndarray:
+        import onnxruntime as ort
+
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    y = run(tmp_path / "both.onnx")
+    # a = -2x is negative for x > 0, where the quantiser's pair gave 0; x is clipped to [-2, 1.98]
+    np.testing.assert_allclose(y, 1.5 * np.clip(-2 * np.clip(x, -2, 127 / 64), 0, 8), atol=1e-6)
+    np.testing.assert_allclose(run(src), y, atol=0.05)
+    kinds = [n.op_type for n in onnx.load(tmp_path / "both.onnx").graph.node]
+    assert kinds == ["Clip", "Conv", "Clip", "Conv"]  # no pair left, every weight a float initialiser
+
+
 def test_float_head_is_kept_only_where_it_is_faster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from dicomops.export import quantize
 
