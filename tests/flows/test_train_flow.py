@@ -184,7 +184,7 @@ def test_leave_one_vendor_out_then_export_attaches_checked_files(train_work: Pat
     # drop is their difference.
     from sklearn.metrics import roc_auc_score
 
-    from dicomops.export import onnx_export, tensorrt_engine
+    from dicomops.export import onnx_export, quantize, tensorrt_engine
     from dicomops.export.stage import check_data
 
     _, val = check_data(WorkLayout(work), onnx_export.read_contract(folder / "model.onnx"), export_cfg.check_fold)
@@ -195,6 +195,14 @@ def test_leave_one_vendor_out_then_export_attaches_checked_files(train_work: Pat
     assert float(tags["export.int8.auc_fp32"]) == pytest.approx(auc_fp32, rel=1e-5)
     assert float(tags["export.int8.auc_int8"]) == pytest.approx(auc_int8, rel=1e-5)
     assert float(tags["export.int8.auc_drop"]) == pytest.approx(auc_fp32 - auc_int8, abs=1e-5)
+    # export.int8_float_head "auto": the head was timed, and the tag says what the served file holds
+    import onnx
+
+    assert float(tags["export.int8.float_head_speedup"]) > 0
+    served = {p.key: p.value for p in onnx.load(folder / "model.int8.onnx").metadata_props}
+    kept = tags["export.int8.float_convolutions"]
+    assert served.get("dicomops.float_convolutions", "none") == (kept if kept == "none" else ", ".join(sorted(kept.split(", "))))
+    assert (kept == "none") == (float(tags["export.int8.float_head_speedup"]) < quantize.FLOAT_HEAD_GAIN)
     reason = tensorrt_engine.availability()
     assert tags["export.tensorrt"].startswith("built") if reason is None else tags["export.tensorrt"] == f"skipped ({reason})"
     assert float(tags["export.ort_fp32.latency_ms_b1"]) > 0
