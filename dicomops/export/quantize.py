@@ -204,6 +204,7 @@ def keep_in_float(src: Path, out: Path, convolutions: list[str] | tuple[str, ...
     producer = {o: n for n in graph.node for o in n.output}
     chosen = set(convolutions)
     clips: dict[str, Any] = {}
+    made: set[str] = set()
     unknown = chosen - {n.name for n in graph.node if n.op_type == "Conv"}
     if unknown:
         raise ValueError(f"{src} has no convolution(s) {sorted(unknown)}")
@@ -214,8 +215,10 @@ def keep_in_float(src: Path, out: Path, convolutions: list[str] | tuple[str, ...
             dq = producer.get(name)
             if dq is None or dq.op_type != "DequantizeLinear":
                 continue
-            if dq.input[0] in initialisers:  # a weight or a bias
-                graph.initializer.append(numpy_helper.from_array(_dequantised(dq, initialisers), f"{name}_float"))
+            if dq.input[0] in initialisers:  # a weight or a bias (made once, should two layers share it)
+                if f"{name}_float" not in made:
+                    graph.initializer.append(numpy_helper.from_array(_dequantised(dq, initialisers), f"{name}_float"))
+                    made.add(f"{name}_float")
                 node.input[index] = f"{name}_float"
             elif (q := producer.get(dq.input[0])) is not None and q.op_type == "QuantizeLinear":
                 clipped = f"{name}_float"  # the activation before it was quantised, within the pair's range
