@@ -198,7 +198,7 @@ def test_leave_one_vendor_out_then_export_attaches_checked_files(train_work: Pat
     # export.int8_float_head "auto": the head was timed, and the tag says what the served file holds
     import onnx
 
-    assert float(tags["export.int8.float_head_speedup"]) > 0
+    assert float(tags["export.int8.float_head_speedup"]) > 0 and float(tags["export.ort_int8.speedup_b8"]) > 0
     served = {p.key: p.value for p in onnx.load(folder / "model.int8.onnx").metadata_props}
     kept = tags["export.int8.float_convolutions"]
     assert served.get("dicomops.float_convolutions", "none") == (kept if kept == "none" else ", ".join(sorted(kept.split(", "))))
