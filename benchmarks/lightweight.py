@@ -184,7 +184,7 @@ def float_head(int8: Path, out: Path) -> Path:
     keeps them where that is faster (``export.int8_float_head``)."""
     from dicomops.export import quantize
 
-    quantize.keep_in_float(int8, out, quantize.input_resolution_convolutions(int8))
+    quantize.keep_in_float(int8, out)
     return out
 
 

@@ -174,7 +174,8 @@ def quantise_float_convolutions(src: Path, out: Path, calibration: np.ndarray) -
         with tempfile.TemporaryDirectory() as tmp:
             calibrator = create_calibrator(src, ["Conv"], augmented_model_path=str(Path(tmp) / "augmented.onnx"))
             calibrator.collect_data(quantize.SlabCalibrationReader(graph.input[0].name, calibration))
-            ranges = {t: calibrator.compute_data()[t].range_value for t in floats}
+            collected = calibrator.compute_data()
+            ranges = {t: collected[t].range_value for t in floats}
     nodes = []
     for node in graph.node:
         nodes.append(node)
@@ -310,8 +311,7 @@ def held_out(layout: Any, tracking_uri: str, run_id: str, contract: InputContrac
                                            learning_rate=learning_rate, calibration=calibration, seed=fold,
                                            teacher=teacher)[0]
         for engine in ("int8-ptq", "int8-qat") if float_head else ():
-            path = engines[engine]
-            quantize.keep_in_float(path, path, quantize.input_resolution_convolutions(path))
+            quantize.keep_in_float(engines[engine], engines[engine])
         volumes = {uid: load_volume(pre.volume(paths[uid])) for uid in folds.val(fold)}
         for engine, path in engines.items():
             for uid, score in series_scores(path, volumes, k, size, top_k).items():

@@ -185,8 +185,9 @@ def _representable(q: Any, initialisers: dict[str, Any]) -> tuple[np.ndarray, np
             np.asarray((info.max - zero) * scale, np.float32).reshape(()))
 
 
-def keep_in_float(src: Path, out: Path, convolutions: list[str] | tuple[str, ...]) -> None:
-    """Write the QDQ graph `src` to `out` with `convolutions` run in float.
+def keep_in_float(src: Path, out: Path, convolutions: list[str] | tuple[str, ...] | None = None) -> None:
+    """Write the QDQ graph `src` to `out` with `convolutions` run in float (by default its
+    :func:`input_resolution_convolutions`).
 
     Their quantised weights and biases become float initialisers holding exactly the values the
     integer kernel would use (so a QAT graph keeps what it learnt). Each reads its activation from
@@ -198,11 +199,11 @@ def keep_in_float(src: Path, out: Path, convolutions: list[str] | tuple[str, ...
     import onnx
     from onnx import helper, numpy_helper
 
+    chosen = set(input_resolution_convolutions(src) if convolutions is None else convolutions)
     model = onnx.load(str(src))
     graph = model.graph
     initialisers = {i.name: i for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
-    chosen = set(convolutions)
     clips: dict[str, Any] = {}
     made: set[str] = set()
     unknown = chosen - {n.name for n in graph.node if n.op_type == "Conv"}

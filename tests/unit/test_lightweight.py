@@ -379,6 +379,8 @@ def test_keep_in_float_runs_the_head_in_float_with_its_quantised_weights(tmp_pat
     head = quantize.input_resolution_convolutions(int8)
     out = tmp_path / "head.onnx"
     quantize.keep_in_float(int8, out, head)
+    quantize.keep_in_float(int8, tmp_path / "default.onnx")  # the head is what it keeps by default
+    assert onnx.load(tmp_path / "default.onnx").graph == onnx.load(out).graph
     with pytest.raises(ValueError, match="no convolution"):
         quantize.keep_in_float(int8, tmp_path / "x.onnx", ["not-a-conv"])
 
