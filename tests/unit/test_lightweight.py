@@ -3,6 +3,7 @@ the same slabs, both export to ONNX with parity, and the distillation loss is th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 
 from dicomops.config import PreprocessConfig, TrainConfig
 from dicomops.export import onnx_export, qat
-from dicomops.export.contract import InputContract
+from dicomops.export.contract import METADATA_KEY, InputContract
 from dicomops.training.data import SlabSet
 from dicomops.training.distill import distillation_loss
 from dicomops.training.mobilenet import MobileNetV3Small, make_divisible
@@ -398,8 +399,19 @@ def test_keep_in_float_runs_the_head_in_float_with_its_quantised_weights(tmp_pat
     assert after.count("QLinearConv") == before.count("QLinearConv") - 2  # the rest still integer
     graph = onnx.load(out).graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    # the slab goes straight into the float stem: its quantise/dequantise pair is gone
-    assert not any(n.op_type == "QuantizeLinear" and n.input[0] == graph.input[0].name for n in graph.node)
+    # the slab goes straight into the float stem: its quantise/dequantise pair is gone, and so is its
+    # clip, because the contract promises [0, 1] and the pair held that (calibrated on [0, 1) slabs, to
+    # within half a step) ...
+    slab = graph.input[0].name
+    assert not any(n.op_type in ("QuantizeLinear", "Clip") and n.input[0] == slab for n in graph.node)
+    # ... which a contract promising more would not allow
+    wider = onnx.load(int8)
+    contract = dataclasses.replace(onnx_export.read_contract(int8), value_range=(0.0, 2.0))
+    onnx_export.set_metadata(wider, {METADATA_KEY: contract.to_json()})
+    onnx.save(wider, tmp_path / "wider.onnx")
+    quantize.keep_in_float(tmp_path / "wider.onnx", tmp_path / "wider-head.onnx")
+    clip = next(n for n in onnx.load(tmp_path / "wider-head.onnx").graph.node if slab in n.input)
+    assert clip.op_type == "Clip"
     # the head's weights are the int8 values the integer kernel used, in float: on the per-channel grid
     original = {n.name: n for n in onnx.load(int8).graph.node}
     producers = {o: n for n in onnx.load(int8).graph.node for o in n.output}
