@@ -215,7 +215,7 @@ def keep_in_float(src: Path, out: Path, convolutions: list[str] | tuple[str, ...
     the pair, so without the ``Clip`` a convolution after it would see negative values. The graph's
     input is not clipped where the file's contract keeps it within the pair's range (to half a
     quantisation step, less than the pair's own rounding): a pass over the batch that changes
-    nothing a valid slab holds (4 % of the minimal student's INT8 time at batch 32). The pair
+    nothing a valid slab holds (3–4 % of the minimal student's INT8 time at batch 32). The pair
     on an output stays where an integer operator reads it. Nodes and initialisers nothing reads any
     more are dropped; everything else is unchanged."""
     import onnx
