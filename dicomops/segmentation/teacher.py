@@ -69,10 +69,16 @@ def series_slice_scores(model: torch.nn.Module, image: np.ndarray, cfg: SegmentC
     return scores[: image.shape[-1]]
 
 
+SCORES_MODULES = ("dicomops.segmentation", "dicomops.training.loop", "dicomops.training.data")
+
+
 def scores_code() -> str:
-    """Hash of the code that turns a segmenter's output into slice scores (the segmentation package):
-    what the cached scores are keyed by besides the run."""
-    return stages.code_hash(*stages.stage_modules("segment"))
+    """Hash of the code that turns a preprocessed volume into a segmenter's slice scores: the
+    segmentation package, the precision it infers in (``training.loop.choose_precision``) and the
+    volume's reader (``training.data.load_volume``). What the cached scores are keyed by besides the
+    run; the segment stage's other modules (MLflow's helpers in ``dicomops.tracking``) change no
+    score, and keying by them scored every series again after a change to ``dicomops compare``."""
+    return stages.code_hash(*SCORES_MODULES)
 
 
 def as_logits(scores: np.ndarray) -> torch.Tensor:
