@@ -279,10 +279,28 @@ def _tensorrt(folder: Path, ref: ModelRef, cfg: ExportConfig, fp32: Path, calibr
 
 
 def attach(tracking_uri: str, ref: ModelRef, report: ExportReport) -> None:
-    """Attach the files to the version's source run under ``export/`` and tag the version."""
+    """Attach the files to the version's source run under ``export/`` and tag the version, replacing
+    what an earlier export of it left: its files, its ``export.*`` tags, and its ``export.*`` metrics
+    that this export did not measure (logged again as NaN, so the run's latest value is this
+    export's; a re-export without the held-out comparison or without TensorRT would otherwise show
+    the earlier export's figures beside this one's files)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
     client = runs.configure_mlflow(tracking_uri)
+    if client.list_artifacts(ref.run_id, "export"):
+        try:
+            get_artifact_repository(client.get_run(ref.run_id).info.artifact_uri).delete_artifacts("export")
+        except Exception as err:  # a store that cannot delete: say so, the new files still go up
+            log.warning("could not remove the earlier export's files from run %s (%s); they stay beside this "
+                        "export's under export/", ref.run_id, err)
     client.log_artifacts(ref.run_id, report.folder, "export")
-    runs.log_metrics(tracking_uri, ref.run_id, report.metrics)
+    earlier = client.get_run(ref.run_id).data.metrics
+    stale = {key: float("nan") for key, value in earlier.items()
+             if key.startswith("export.") and key not in report.metrics and not np.isnan(value)}
+    runs.log_metrics(tracking_uri, ref.run_id, {**report.metrics, **stale})
+    for key in client.get_model_version(ref.name, ref.version).tags:
+        if key.startswith("export.") and key not in report.tags and key != "export.artifacts":
+            client.delete_model_version_tag(ref.name, ref.version, key)
     for key, value in report.tags.items():
         client.set_model_version_tag(ref.name, ref.version, key, value)
     artifacts = f"runs:/{ref.run_id}/export (sha256 in manifest.json)"

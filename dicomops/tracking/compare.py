@@ -46,7 +46,8 @@ def version_row(tracking_uri: str, name: str, version: str) -> dict[str, Any]:
         mv = client.get_model_version(name, version)
     except Exception as err:
         raise ValueError(f"no version {version} of {name}: {err}") from err
-    tags, metrics = dict(mv.tags), client.get_run(str(mv.run_id)).data.metrics
+    tags = dict(mv.tags)  # a metric an export no longer measured is NaN (dicomops.export.stage.attach)
+    metrics = {k: v for k, v in client.get_run(str(mv.run_id)).data.metrics.items() if not math.isnan(v)}
     row: dict[str, Any] = {"version": f"{name}/{version}", "run_id": str(mv.run_id)}
     if "cv.mean_cpm" in tags:  # a segmenter: its actionable call is what compares with a classifier
         row |= {"network": "3-D U-Net segmenter, actionable call", "distilled_from": None,

@@ -76,6 +76,18 @@ def test_pipeline_against_postgres_mlflow_and_prefect_servers(mlflow_server: Ser
         assert version.tags["export.onnx.sha256"] and version.tags["monitoring.reference"]
         segmenter = client.get_model_version(f"{MODEL}-segmenter", "1")
         assert segmenter.tags["export.onnx.sha256"] and segmenter.tags["cv.mean_cpm"]
+        # Exported again with other settings: the earlier export's files go from the run through the
+        # server's artifact proxy, with its credentials (dicomops.export.stage.attach).
+        client.log_text(version.run_id, "from an earlier export", "export/earlier.txt")
+        again = {**TINY, "export": {**TINY["export"], "parity_samples": 15}}
+        (tmp_path / "again.yaml").write_text(yaml.safe_dump(again))
+        exported = subprocess.run([sys.executable, "-m", "dicomops.cli", "export", "--work", str(tmp_path / "work"),
+                                   "--version", "1", "--model-name", MODEL, "--config", str(tmp_path / "again.yaml")],
+                                  env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert exported.returncode == 0, exported.stdout[-3000:] + exported.stderr[-3000:]
+        files = {a.path for a in client.list_artifacts(version.run_id, "export")}
+        assert "export/model.onnx" in files and "export/earlier.txt" not in files
+        assert "could not remove" not in exported.stdout + exported.stderr
     finally:
         for key in mlflow_server.env:
             os.environ.pop(key, None)

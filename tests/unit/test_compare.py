@@ -78,3 +78,42 @@ def test_versions_compare_as_their_training_and_export_recorded_them(mlflow_env:
         compare.comparison(mlflow_env, [("clf", "99")])
     with pytest.raises(ValueError, match="names no version"):
         parse_ref("seg/latest", "clf")
+
+
+def test_a_re_export_replaces_what_the_earlier_export_recorded(mlflow_env: str, tmp_path: Path) -> None:
+    import math
+
+    from dicomops.export.contract import InputContract
+    from dicomops.export.stage import ExportReport, ModelRef, attach
+
+    client = mlflow.tracking.MlflowClient(mlflow_env)
+    version = _version(client, "clf", {"cv.mean_auc": "0.8000"}, {}, tmp_path)
+    run_id = client.get_model_version("clf", version).run_id
+    contract = InputContract(channels=3, height=32, width=32, spacing_mm=(1.0, 1.0, 1.0), orientation="RAS",
+                             window="lung", window_center=None, window_width=None, crop_xy=320, resize="area",
+                             value_range=(0.0, 1.0), threshold=0.5, series_score="mean of the 3 highest")
+    ref = ModelRef("clf", version, run_id, contract)
+
+    def report(folder: str, metrics: dict[str, float], files: tuple[str, ...]) -> ExportReport:
+        (tmp_path / folder).mkdir()
+        for name in files:
+            (tmp_path / folder / name).write_text(name)
+        return ExportReport(version, str(tmp_path / folder), metrics=metrics,
+                            tags={key: f"{value:.6g}" for key, value in metrics.items()})
+
+    measured = {"export.onnx.parity_max_abs_diff": 1e-6, "export.int8.auc_fp32": 0.9, "export.int8.auc_int8": 0.89,
+                "export.int8.auc_drop": 0.01, "export.ort_fp32.latency_ms_b1": 0.5,
+                "export.ort_fp32.throughput_b32": 1000.0, "export.ort_int8.throughput_b32": 1200.0}
+    held_out = {"export.held_out.int8-ptq.mean_fold_auc": 0.79, "export.held_out.int8-qat.mean_fold_auc": 0.795}
+    attach(mlflow_env, ref, report("first", {**measured, **held_out}, ("model.onnx", "int8_held_out.csv")))
+    assert compare.version_row(mlflow_env, "clf", version)["qat_auc"] == 0.795
+    # Again without the held-out comparison: its figures and file are the earlier export's, so they go.
+    attach(mlflow_env, ref, report("second", {**measured, "export.ort_fp32.throughput_b32": 900.0}, ("model.onnx",)))
+    tags = client.get_model_version("clf", version).tags
+    assert not [key for key in tags if key.startswith("export.held_out")]
+    assert tags["export.ort_fp32.throughput_b32"] == "900" and "export.artifacts" in tags
+    metrics = client.get_run(run_id).data.metrics
+    assert all(math.isnan(metrics[key]) for key in held_out) and metrics["export.ort_fp32.throughput_b32"] == 900.0
+    row = compare.version_row(mlflow_env, "clf", version)
+    assert row["qat_auc"] is None and row["ptq_auc"] is None and row["fp32_per_s"] == 900.0
+    assert [a.path for a in client.list_artifacts(run_id, "export")] == ["export/model.onnx"]
