@@ -229,6 +229,7 @@ def _held_out(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportConfig,
     With `float_head` the folds' INT8 graphs keep their input-resolution convolutions in float, as the
     served one does."""
     from dicomops.export import qat
+    from dicomops.training import plots
 
     if layout is None:
         raise ValueError("export.int8_held_out needs the training's work directory (its folds and slabs)")
@@ -240,6 +241,7 @@ def _held_out(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportConfig,
     table = qat.held_out_table(rows.to_dict("records"))
     io.write_csv(folder / "int8_held_out_scores.csv", rows)
     io.write_csv(folder / "int8_held_out.csv", table)
+    plots.roc_by_engine(rows, folder / "int8_held_out.png")
     return {f"export.held_out.{row['engine']}.{column}": float(row[column])
             for row in table.to_dict("records") for column in table.columns
             if column != "engine" and not np.isnan(row[column])}

@@ -73,6 +73,13 @@ def roc_by_fold(preds: pd.DataFrame, out: Path) -> Path:
     return _roc_figure([(f"fold {f}", part) for f, part in preds.groupby("fold")], "Series-level ROC by fold", out)
 
 
+def roc_by_engine(scores: pd.DataFrame, out: Path) -> Path:
+    """The held-out INT8 comparison (:func:`dicomops.export.qat.held_out`): one curve per engine over
+    every fold's validation series."""
+    return _roc_figure([(str(e), part) for e, part in scores.groupby("engine", sort=False)],
+                       "Held-out series by engine (pooled over folds)", out)
+
+
 def confusion(preds: pd.DataFrame, threshold: float, out: Path) -> Path:
     """The pooled out-of-fold confusion at `threshold` as shares of each truth row: no exact count
     leaves in a picture (an outcome cell of one series could single a patient out)."""

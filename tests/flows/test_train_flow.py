@@ -237,6 +237,8 @@ def test_leave_one_vendor_out_then_export_attaches_checked_files(train_work: Pat
         assert float(tags[f"export.held_out.{engine}.mean_fold_auc"]) == pytest.approx(
             table.loc[engine, "mean_fold_auc"], abs=1e-5)
     assert not (folder / "held_out").exists()  # the folds' own files are not the version's
+    listed = {a.path for a in client.list_artifacts(version.run_id, "export")}
+    assert {"export/int8_held_out.csv", "export/int8_held_out.png"} <= listed  # the ROC per engine, for the UI
 
 
 def test_student_distils_from_a_3d_teacher_fold_by_fold(train_work: Path, mlflow_env: str, tmp_path: Path) -> None:
