@@ -72,11 +72,50 @@ def export_onnx(model: torch.nn.Module, contract: InputContract, path: Path, ops
     assert program is not None
     program.save(str(tmp), external_data=False)
     proto = onnx.load(str(tmp))
+    global_average_pools(proto)
     write_metadata(proto, contract, {"dicomops.opset": str(opset)})
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(tmp))
     os.replace(tmp, path)
     return path
+
+
+def global_average_pools(proto: Any) -> int:
+    """Replace each ``ReduceMean`` over the two spatial axes of a 4-D tensor, dimensions kept, by
+    the ``GlobalAveragePool`` it is (torch exports ``adaptive_avg_pool2d(x, 1)`` as the former).
+    The same mean, but ONNX Runtime quantises only the latter: between quantise/dequantise pairs
+    it runs as an integer ``QLinearGlobalAveragePool`` in the integer layers' NHWC layout, where a
+    ``ReduceMean`` goes back to float and NCHW through a transpose (the last float island of the
+    minimal student's INT8 graph). Returns how many it replaced."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    ranks = {v.name: len(v.type.tensor_type.shape.dim)
+             for v in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output)}
+    constants = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    constants |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in proto.graph.node
+                  if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    replaced = 0
+    for index, node in enumerate(proto.graph.node):
+        if node.op_type != "ReduceMean" or ranks.get(node.input[0]) != 4:
+            continue
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        axes = (list(constants[node.input[1]].reshape(-1)) if len(node.input) > 1 and node.input[1] in constants
+                else list(attributes.get("axes", [])))
+        if sorted(int(a) % 4 for a in axes) != [2, 3] or attributes.get("keepdims", 1) != 1:
+            continue
+        proto.graph.node[index].CopyFrom(helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output),
+                                                          node.name))
+        replaced += 1
+    read = {name for n in proto.graph.node for name in n.input}  # the axes nothing reads any more go
+    kept = [i for i in proto.graph.initializer if i.name in read or i.name in {o.name for o in proto.graph.output}]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    alive = [n for n in proto.graph.node if n.op_type != "Constant" or any(o in read for o in n.output)]
+    del proto.graph.node[:]
+    proto.graph.node.extend(alive)
+    return replaced
 
 
 def write_metadata(proto: Any, contract: InputContract, extra: dict[str, str] | None = None) -> None:

@@ -93,6 +93,42 @@ def test_minimal_students_int8_graph_has_no_float_activations(tmp_path: Path) ->
         found[architecture] = {n.op_type for n in onnx.load(int8).graph.node} & float_ops
     assert found["mobilenet-v3-small"] >= {"HardSigmoid", "Mul"}  # hard-swish is exported as x * HardSigmoid(x)
     assert found["mobilenet-v3-small-minimal"] == set()
+    # Its global pool too: exported as the GlobalAveragePool it is (torch writes a ReduceMean, which
+    # ONNX Runtime runs in float behind a transpose), it runs as an integer operator.
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"])
+    runs = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    assert "QLinearGlobalAveragePool" in runs and "ReduceMean" not in runs
+
+
+def test_spatial_means_become_global_average_pools_and_nothing_else() -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    def graph(axes: list[int], keepdims: int, rank: int = 4) -> onnx.ModelProto:
+        shape = [2, 3, 5, 5, 5][:rank]
+        out = shape[:2] + [1] * (rank - 2) if keepdims else shape[:2]
+        nodes = [helper.make_node("ReduceMean", ["x", "axes"], ["y"], "mean", keepdims=keepdims)]
+        return helper.make_model(helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, out)],
+            [numpy_helper.from_array(np.array(axes, np.int64), "axes")]), opset_imports=[helper.make_opsetid("", 18)])
+
+    x = np.random.default_rng(0).random((2, 3, 5, 5), dtype=np.float32)
+    pooled = graph([2, 3], 1)
+    assert onnx_export.global_average_pools(pooled) == 1
+    assert [n.op_type for n in pooled.graph.node] == ["GlobalAveragePool"] and not pooled.graph.initializer
+    import onnxruntime as ort
+
+    y = ort.InferenceSession(pooled.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x.mean(axis=(2, 3), keepdims=True), rtol=1e-6)
+    # Over other axes, without the kept dimensions or on a volume it is another operation: left alone.
+    assert onnx_export.global_average_pools(graph([-1, -2], 1)) == 1  # the same axes, counted from the end
+    for other in (graph([1, 2], 1), graph([2, 3], 0), graph([2, 3, 4], 1, rank=5)):
+        assert onnx_export.global_average_pools(other) == 0
+        assert [n.op_type for n in other.graph.node] == ["ReduceMean"] and len(other.graph.initializer) == 1
 
 
 def test_students_eval_mode_keeps_up_with_its_training() -> None:
