@@ -96,6 +96,7 @@ def global_average_pools(proto: Any) -> int:
     constants = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     constants |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in proto.graph.node
                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    orphans: set[str] = set()
     replaced = 0
     for index, node in enumerate(proto.graph.node):
         if node.op_type != "ReduceMean" or ranks.get(node.input[0]) != 4:
@@ -105,14 +106,15 @@ def global_average_pools(proto: Any) -> int:
                 else list(attributes.get("axes", [])))
         if sorted(int(a) % 4 for a in axes) != [2, 3] or attributes.get("keepdims", 1) != 1:
             continue
+        orphans.update(node.input[1:])
+        replaced += 1
         proto.graph.node[index].CopyFrom(helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output),
                                                           node.name))
-        replaced += 1
-    read = {name for n in proto.graph.node for name in n.input}  # the axes nothing reads any more go
-    kept = [i for i in proto.graph.initializer if i.name in read or i.name in {o.name for o in proto.graph.output}]
+    orphans -= {name for n in proto.graph.node for name in n.input}  # axes nothing else reads go too
+    kept = [i for i in proto.graph.initializer if i.name not in orphans]
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(kept)
-    alive = [n for n in proto.graph.node if n.op_type != "Constant" or any(o in read for o in n.output)]
+    alive = [n for n in proto.graph.node if not (n.op_type == "Constant" and n.output[0] in orphans)]
     del proto.graph.node[:]
     proto.graph.node.extend(alive)
     return replaced
