@@ -93,17 +93,17 @@ def global_average_pools(proto: Any) -> int:
     inferred = onnx.shape_inference.infer_shapes(proto)
     ranks = {v.name: len(v.type.tensor_type.shape.dim)
              for v in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output)}
-    constants = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
-    constants |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in proto.graph.node
-                  if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    initialisers = {i.name: i for i in proto.graph.initializer}
+    constants = {n.output[0]: n.attribute[0].t for n in proto.graph.node
+                 if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
     orphans: set[str] = set()
     replaced = 0
     for index, node in enumerate(proto.graph.node):
         if node.op_type != "ReduceMean" or ranks.get(node.input[0]) != 4:
             continue
         attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        axes = (list(constants[node.input[1]].reshape(-1)) if len(node.input) > 1 and node.input[1] in constants
-                else list(attributes.get("axes", [])))
+        given = initialisers.get(node.input[1], constants.get(node.input[1])) if len(node.input) > 1 else None
+        axes = list(attributes.get("axes", [])) if given is None else list(numpy_helper.to_array(given).reshape(-1))
         if sorted(int(a) % 4 for a in axes) != [2, 3] or attributes.get("keepdims", 1) != 1:
             continue
         orphans.update(node.input[1:])

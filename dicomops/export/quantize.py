@@ -18,7 +18,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from dicomops.errors import ExportCheckError
-from dicomops.export.contract import METADATA_KEY, InputContract
+from dicomops.export.contract import InputContract
 from dicomops.export.onnx_export import (
     read_contract,
     run_onnx,
@@ -185,16 +185,6 @@ def _representable(q: Any, initialisers: dict[str, Any]) -> tuple[np.ndarray, np
             np.asarray((info.max - zero) * scale, np.float32).reshape(()))
 
 
-def _declared_ranges(model: Any) -> dict[str, tuple[float, float]]:
-    """The value range the file's contract promises for its input, by input name (none without a
-    contract)."""
-    props = {p.key: p.value for p in model.metadata_props}
-    if METADATA_KEY not in props:
-        return {}
-    contract = InputContract.from_mapping(props[METADATA_KEY])
-    return {contract.input_name: (float(contract.value_range[0]), float(contract.value_range[1]))}
-
-
 def _within(bounds: tuple[float, float], low: np.ndarray, high: np.ndarray, q: Any,
             initialisers: dict[str, Any]) -> bool:
     """Whether `bounds` lie in ``[low, high]`` give or take half the ``QuantizeLinear`` `q`'s step."""
@@ -228,7 +218,11 @@ def keep_in_float(src: Path, out: Path, convolutions: list[str] | tuple[str, ...
     producer = {o: n for n in graph.node for o in n.output}
     clips: dict[str, Any] = {}
     made: set[str] = set()
-    declared = _declared_ranges(model)
+    try:
+        contract = read_contract(src)
+        declared = {contract.input_name: contract.value_range}
+    except ExportCheckError:  # no contract, no promise about the input
+        declared = {}
     unknown = chosen - {n.name for n in graph.node if n.op_type == "Conv"}
     if unknown:
         raise ValueError(f"{src} has no convolution(s) {sorted(unknown)}")

@@ -301,7 +301,7 @@ def attach(tracking_uri: str, ref: ModelRef, report: ExportReport) -> None:
              if key.startswith("export.") and key not in report.metrics and not np.isnan(value)}
     runs.log_metrics(tracking_uri, ref.run_id, {**report.metrics, **stale})
     for key in client.get_model_version(ref.name, ref.version).tags:
-        if key.startswith("export.") and key not in report.tags and key != "export.artifacts":
+        if key.startswith("export.") and key not in report.tags:  # export.artifacts is set again below
             client.delete_model_version_tag(ref.name, ref.version, key)
     for key, value in report.tags.items():
         client.set_model_version_tag(ref.name, ref.version, key, value)
