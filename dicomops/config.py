@@ -170,6 +170,10 @@ class PreprocessConfig(_Section):
         "nodule's largest, and left out of training (neither positive nor negative) where it is a smaller cap. "
         "0: every slice with min_positive_voxels. 0.5 scored the same as 0 within the spread of two sampling "
         "seeds on the demo corpus (mean CV AUC 0.918 and 0.875 against 0.895 and 0.915), so it stays 0."))
+    compress_images: bool = Field(False, description=(
+        "Deflate the cached images as well as the masks. Off, the demo's 119 volumes take 1.53 GB instead of "
+        "0.86 GB, and are written in 6 s instead of 26 and read in 0.5 s instead of 5.5 (one core), which the "
+        "pipeline does about five times. Entries already cached keep their form."))
     seed: int = 0
     workers: int = Field(2, ge=1, le=64)
     dask_address: str | None = Field(None, description="Run the per-series map on this Dask scheduler instead "

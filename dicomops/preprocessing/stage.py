@@ -117,7 +117,7 @@ def preprocess_one(records: list[dict[str, Any]], deid_root: str, mask_path: str
     mask_out = out["mask"][0].numpy().astype(np.uint8) if "mask" in out else np.zeros(image.shape, np.uint8)
     affine = np.asarray(out["image"].affine, dtype=np.float64)
     path = Path(out_path)
-    io.write_npz(path, image=image, mask=mask_out, affine=affine)
+    io.write_npz(path, stored=() if cfg.compress_images else ("image",), image=image, mask=mask_out, affine=affine)
     labels = central_slice_labels(mask_out, actionable, cfg.min_positive_voxels, cfg.positive_area_share)
     target = mask_out if actionable is None else np.isin(mask_out, actionable)
     # Slices that show only a nodule that is not actionable (small, ground-glass): the negatives that

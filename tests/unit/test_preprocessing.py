@@ -3,6 +3,7 @@ cache behaviour, slabs and features."""
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from monai.data import MetaTensor
 from monai.transforms import Spacing
 from scipy import ndimage
 
-from dicomops import ingest
+from dicomops import ingest, io
 from dicomops.config import IngestConfig, PreprocessConfig
 from dicomops.preprocessing import stage
 from dicomops.preprocessing.features import image_features
@@ -211,6 +212,23 @@ def test_cache_hits_and_misses(vendor_work, tmp_path: Path) -> None:
     with np.load(root / "work/preprocessed" / index.path[0]) as npz:
         assert npz["image"].dtype == np.float16 and npz["image"].shape[:2] == (256, 256)
         assert float(npz["image"].min()) >= 0.0 and float(npz["image"].max()) <= 1.0
+    # The image, read five times a pipeline, is stored; the mask, mostly zeros, deflated.
+    with zipfile.ZipFile(root / "work/preprocessed" / index.path[0]) as zf:
+        kinds = {info.filename: info.compress_type for info in zf.infolist()}
+    assert kinds == {"image.npy": zipfile.ZIP_STORED, "mask.npy": zipfile.ZIP_DEFLATED,
+                     "affine.npy": zipfile.ZIP_DEFLATED}
+
+
+def test_compressed_images_hold_the_same_volume(tmp_path: Path) -> None:
+    image = np.linspace(0, 1, 4 * 5 * 6, dtype=np.float16).reshape(4, 5, 6)
+    mask = (image > 0.5).astype(np.uint8)
+    for name, stored in (("plain", ("image",)), ("deflated", ())):
+        io.write_npz(tmp_path / f"{name}.npz", stored=stored, image=image, mask=mask)
+        with np.load(tmp_path / f"{name}.npz") as npz:
+            assert npz["image"].dtype == np.float16 and np.array_equal(npz["image"], image)
+            assert np.array_equal(npz["mask"], mask)
+        with zipfile.ZipFile(tmp_path / f"{name}.npz") as zf:
+            assert (zf.getinfo("image.npy").compress_type == zipfile.ZIP_STORED) == bool(stored)
 
 
 def test_slabs_and_sampling() -> None:
