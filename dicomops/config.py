@@ -173,7 +173,7 @@ class PreprocessConfig(_Section):
     compress_images: bool = Field(False, description=(
         "Deflate the cached images as well as the masks. Off, the demo's 119 volumes take 1.53 GB instead of "
         "0.86 GB, and are written in 6 s instead of 26 and read in 0.5 s instead of 5.5 (one core), which the "
-        "pipeline does about five times. Entries already cached keep their form."))
+        "pipeline does four times. Entries already cached keep their form."))
     seed: int = 0
     workers: int = Field(2, ge=1, le=64)
     dask_address: str | None = Field(None, description="Run the per-series map on this Dask scheduler instead "

@@ -9,6 +9,7 @@ slice probabilities) and the mean penultimate-layer activation over the slices.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +44,9 @@ def _last_linear(model: torch.nn.Module) -> torch.nn.Linear:
     return linears[-1]
 
 
-def model_outputs(model: torch.nn.Module, volumes: list[np.ndarray], k: int, size: int, top_k: int,
+def model_outputs(model: torch.nn.Module, volumes: Iterable[np.ndarray], k: int, size: int, top_k: int,
                   batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """Series scores (N,) and mean penultimate embeddings (N, D) for (X, Y, Z) volumes."""
+    """Series scores (N,) and mean penultimate embeddings (N, D) for (X, Y, Z) volumes, read one at a time."""
     captured: list[torch.Tensor] = []
     hook = _last_linear(model).register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0].detach()))
     model.eval()
@@ -76,7 +77,8 @@ def feature_table(work: Path, model: torch.nn.Module, k: int, size: int, top_k: 
     if series is not None:
         features = features[features.SeriesInstanceUID.isin(set(series))]
     features = features.sort_values("SeriesInstanceUID").reset_index(drop=True)
-    volumes = [load_volume(pre.volume(index.loc[uid, "path"])) for uid in features.SeriesInstanceUID]
+    # One volume in memory at a time (the demo's training series hold 1.5 GB together).
+    volumes = (load_volume(pre.volume(index.loc[uid, "path"])) for uid in features.SeriesInstanceUID)
     scores, embeddings = model_outputs(model, volumes, k, size, top_k)
     table = features[[*HEADER_NUMERIC, *HEADER_CATEGORICAL, *IMAGE_NUMERIC]].copy()
     for column in HEADER_NUMERIC + IMAGE_NUMERIC:
