@@ -191,6 +191,11 @@ def test_fast_spacing_matches_monai_spacing() -> None:
                                Spacing(pixdim=(1.0, 1.0, 1.0))(tilted).numpy(), atol=1e-5)
 
 
+def _member_kinds(path: Path) -> tuple[tuple[str, int], ...]:
+    with zipfile.ZipFile(path) as zf:
+        return tuple(sorted((info.filename, info.compress_type) for info in zf.infolist()))
+
+
 def test_cache_hits_and_misses(vendor_work, tmp_path: Path) -> None:
     root, _ = vendor_work
     cfg = PreprocessConfig(workers=1, crop_xy=256)
@@ -198,10 +203,15 @@ def test_cache_hits_and_misses(vendor_work, tmp_path: Path) -> None:
     assert first == {"series": 5, "computed": 5, "cached": 0, "failed": 0}
     volumes = root / "work/preprocessed/volumes"
     stamps = {p.name: p.stat().st_mtime_ns for p in volumes.iterdir()}
+    # The image, read four times a pipeline, is stored; the mask, mostly zeros, deflated.
+    assert {_member_kinds(p) for p in volumes.glob("*.npz")} == {
+        (("affine.npy", zipfile.ZIP_DEFLATED), ("image.npy", zipfile.ZIP_STORED), ("mask.npy", zipfile.ZIP_DEFLATED))}
     assert stage.preprocess_corpus(root / "work", cfg) == {"series": 5, "computed": 0, "cached": 5, "failed": 0}
     assert {p.name: p.stat().st_mtime_ns for p in volumes.iterdir()} == stamps  # nothing rewritten
-    changed = stage.preprocess_corpus(root / "work", cfg.model_copy(update={"window": "soft_tissue"}))
+    changed = stage.preprocess_corpus(root / "work", cfg.model_copy(update={"window": "soft_tissue",
+                                                                             "compress_images": True}))
     assert changed["computed"] == 5
+    assert {dict(_member_kinds(p))["image.npy"] for p in volumes.glob("*.npz")} == {zipfile.ZIP_DEFLATED}
     assert not set(stamps) & {p.name for p in volumes.iterdir()}  # stale entries pruned
     # Settings that do not change a volume do not invalidate it.
     assert stage.preprocess_corpus(root / "work", cfg.model_copy(
@@ -212,11 +222,6 @@ def test_cache_hits_and_misses(vendor_work, tmp_path: Path) -> None:
     with np.load(root / "work/preprocessed" / index.path[0]) as npz:
         assert npz["image"].dtype == np.float16 and npz["image"].shape[:2] == (256, 256)
         assert float(npz["image"].min()) >= 0.0 and float(npz["image"].max()) <= 1.0
-    # The image, read five times a pipeline, is stored; the mask, mostly zeros, deflated.
-    with zipfile.ZipFile(root / "work/preprocessed" / index.path[0]) as zf:
-        kinds = {info.filename: info.compress_type for info in zf.infolist()}
-    assert kinds == {"image.npy": zipfile.ZIP_STORED, "mask.npy": zipfile.ZIP_DEFLATED,
-                     "affine.npy": zipfile.ZIP_DEFLATED}
 
 
 def test_compressed_images_hold_the_same_volume(tmp_path: Path) -> None:
