@@ -10,7 +10,6 @@ import copy
 import csv
 import hashlib
 import json
-import zipfile
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.uid import UID
 
+from dicomops import io
 from dicomops.config import SCENARIOS, SynthConfig
 from dicomops.synthetic import phantom, sidecars, writer
 from dicomops.synthetic.phi import PatientPHI, sample_phi
@@ -31,6 +31,9 @@ from dicomops.synthetic.vendors import ALL_VENDORS, SCENARIO_SHIFTS, VENDORS, ap
 # ground-glass ones in positives and negatives; masks hold instance ids (k + 1 for nodule k), and
 # labels.csv gains each nodule's kind, attachment, density and actionability, and actionable_count.
 GENERATOR_VERSION = "3"
+# The masks' deflate level (zlib's default, as np.savez_compressed): their bytes are part of the
+# corpus hash recorded in data.dvc, so change it only with a new GENERATOR_VERSION.
+MASK_COMPRESSLEVEL = 6
 # New columns go at the end, so readers that index the old ones keep working.
 LABEL_COLUMNS = ("SeriesInstanceUID", "StudyInstanceUID", "PatientID", "vendor", "label",
                  "nodule_count", "nodule_diameters_mm", "nodules", "scenario", "series_dir",
@@ -264,7 +267,8 @@ def write_series(plan: SeriesPlan, out: Path) -> SeriesResult:
         fault_rows.extend(_fault_row(p, fault, "series", plan, r) for p in paths)
 
     mask_rel = sidecars.mask_path(plan.case)
-    write_npz_deterministic(out / mask_rel, mask=r.mask, ipp_z=np.asarray(r.grid.z, dtype=np.float64))
+    io.write_npz(out / mask_rel, compresslevel=MASK_COMPRESSLEVEL, mask=r.mask,
+                 ipp_z=np.asarray(r.grid.z, dtype=np.float64))
     diameters = ";".join(f"{nd.diameter_mm:g}" for nd in r.nodules)
     nodules = json.dumps([
         {"center_mm": list(nd.center), "diameter_mm": nd.diameter_mm, "kind": nd.kind,
@@ -288,21 +292,6 @@ def write_series(plan: SeriesPlan, out: Path) -> SeriesResult:
 def _fault_row(path: str, fault: str, scope: str, plan: SeriesPlan, r: RenderedSeries) -> dict[str, str]:
     return {"path": path, "fault": fault, "scope": scope, "detail": plan.fault_detail,
             "SeriesInstanceUID": r.identity.series_uid}
-
-
-def write_npz_deterministic(path: Path, **arrays: np.ndarray) -> None:
-    """Like ``np.savez_compressed`` but with fixed zip timestamps, so the bytes are reproducible.
-
-    The byte layout is part of the corpus hash recorded in ``data.dvc``: change it only with a
-    new ``GENERATOR_VERSION``.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, array in arrays.items():
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            with zf.open(info, "w") as fh:
-                np.lib.format.write_array(fh, np.ascontiguousarray(array), allow_pickle=False)
 
 
 def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
