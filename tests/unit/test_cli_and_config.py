@@ -105,6 +105,11 @@ def test_the_student_defaults_to_the_resolution_it_can_see_at() -> None:
     # so resnet-slim's dumped config, and with it its run keys, do not change.
     student = TrainConfig(architecture="mobilenet-v3-small")
     assert (student.input_size, student.stem_stride) == (128, 1)
+    # and for 12 epochs with a patience of 6 (in 6 it has not learnt the task); the others 6 and 3.
+    for arch in ("mobilenet-v3-small", "mobilenet-v3-small-minimal"):
+        assert (TrainConfig(architecture=arch).epochs, TrainConfig(architecture=arch).patience) == (12, 6)
+    assert TrainConfig(architecture="mobilenet-v3-small", epochs=4).epochs == 4
+    assert (TrainConfig(architecture="resnet-slim").epochs, TrainConfig(architecture="resnet-slim").patience) == (6, 3)
     assert "input_size" not in student.model_fields_set and "architecture" in student.model_fields_set
     assert TrainConfig(architecture="mobilenet-v3-small", input_size=160).input_size == 160
     assert TrainConfig(architecture="mobilenet-v3-small", stem_stride=2).stem_stride == 2
