@@ -197,9 +197,9 @@ class PreprocessConfig(_Section):
 # Per architecture, what it trains at when the config does not say: the student at 128 px with a
 # stride-1 first convolution, since at 192 px and stride 2 it is at a quarter of a coarser slab after
 # two layers and cannot see a 6 mm nodule (fold 0 of the demo corpus: series AUC 0.779 against 0.409);
-# and for 12 epochs with a patience of 6, since in 6 its held-out AUC has barely left chance (its
-# validation AUC falls for the first 2-3 epochs, so a patience of 3 kept epoch 1's model): fold 0 of
-# the demo corpus, series AUC 0.657 after 6 epochs, 0.921 after 12 (README, Lightweight models).
+# and for 12 epochs with a patience of 6, since in 6 its held-out AUC has barely left chance, and its
+# validation AUC falls for the first 2-3 epochs, where a patience of 3 keeps epoch 1's model. Demo
+# corpus: fold 0's series AUC 0.657 after 6 epochs, 0.921 after 12; four folds 0.899 (README).
 # Architectures absent here take the fields' own defaults.
 STUDENT_DEFAULTS: dict[str, object] = {"input_size": 128, "stem_stride": 1, "epochs": 12, "patience": 6}
 ARCHITECTURE_DEFAULTS: dict[str, dict[str, object]] = {
