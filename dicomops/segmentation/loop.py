@@ -61,7 +61,11 @@ def fit(volumes: list[SegVolume], cfg: SegmentConfig, checkpoint: Path, *, seed:
     precision = choose_precision(cfg.precision)
     device = precision.device if size == 1 or precision.device.type == "cpu" else \
         torch.device("cuda", rank % torch.cuda.device_count())
-    model = build_segmenter(cfg).to(device)
+    # NDHWC (channels-last-3d) weights and batches while training: oneDNN's 3-D convolutions train a
+    # step of 8 patches in 40 ms instead of 64 on a Zen 4 in bfloat16 (alternated in one process).
+    # Inference gains nothing from it (20 ms per 16 windows either way), so the model is returned
+    # in the default layout, and checkpoints hold the same values in either.
+    model = build_segmenter(cfg).to(device, memory_format=torch.channels_last_3d)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     total = epochs or cfg.epochs
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
@@ -99,7 +103,8 @@ def fit(volumes: list[SegVolume], cfg: SegmentConfig, checkpoint: Path, *, seed:
         for x, y in loader:
             got = time.perf_counter()
             wait += got - tick
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last_3d)
+            y = y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with precision.autocast():
                 logits = net(x)
@@ -129,7 +134,7 @@ def fit(volumes: list[SegVolume], cfg: SegmentConfig, checkpoint: Path, *, seed:
             dist.barrier()
         if stop_after is not None and epoch - resumed_from >= stop_after:
             raise InterruptedError(f"stopped after epoch {epoch} as asked")
-    model = model.cpu().eval()
+    model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     return SegFit(model, epoch, resumed_from, history)
 
 
