@@ -16,8 +16,10 @@ is a smoke check of under two minutes).
    Every pipeline cuts patches from the same sequence of volumes; the wait is the time the loop
    spends blocked on the DataLoader, its share is of the timed steps' total.
 2. Inference: ``probability`` (Gaussian sliding windows of ``roi``) on whole volumes in the automatic
-   precision against float32 (not with ``--quick``), seconds per series after one warm-up volume; and the peak RSS of a fresh spawned process that
-   builds the model, reads one volume and scores it (targets: ≤ 10 s per series, ≤ 3 GB).
+   precision against float32 (not with ``--quick``), seconds per series after one warm-up volume; its
+   inference form (``for_inference``: sub-pixel up-sampling where it pays) against the network as
+   trained, in the same precision; and the peak RSS of a fresh spawned process that builds the
+   model, reads one volume and scores it (targets: ≤ 10 s per series, ≤ 3 GB).
 3. The actionable call (``dicomops.segmentation.actionable``) on fold 0's out-of-fold probability
    maps (after ``dicomops segment``): what it adds per series (the findings with their solid parts,
    every candidate's too, the score) against what the SR needed before it, ``findings`` alone.
@@ -65,7 +67,7 @@ from dicomops.segmentation.data import (
     series_table,
 )
 from dicomops.segmentation.metrics import findings
-from dicomops.segmentation.model import build_loss, build_segmenter, probability
+from dicomops.segmentation.model import build_loss, build_segmenter, probability, window_probability
 from dicomops.training.loop import choose_precision, seed_everything
 
 KEYS = ["image", "label"]
@@ -257,6 +259,18 @@ def inference(layout: WorkLayout, ids: list[str], cfg: SegmentConfig, tmp: Path,
             probability(model, v.image, cfg, precision.autocast())
             seconds.append(time.perf_counter() - start)
         times[setting] = seconds
+    # The baseline of the inference form: the network as trained, MONAI's UNet with its
+    # transposed convolutions, through the same sliding windows, in the same precision.
+    precision = choose_precision(cfg.precision)
+    plain = []
+    for v in volumes:
+        start = time.perf_counter()
+        with torch.inference_mode(), precision.autocast():
+            window_probability(model, v.image, cfg)
+        plain.append(time.perf_counter() - start)
+    print(f"inference form (sub-pixel up-sampling where it pays, {cfg.precision}): {np.mean(times[cfg.precision]):.2f} "
+          f"s per series against {np.mean(plain):.2f} s for the network as trained: "
+          f"{np.mean(plain) / np.mean(times[cfg.precision]):.2f}x")
     base = float(np.mean(times.get("fp32", [np.nan])))
     print(f"{'precision':24s} {'s/series mean':>13s} {'max':>6s} {'speed vs fp32':>13s}")
     for setting, seconds in times.items():

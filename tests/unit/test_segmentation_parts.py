@@ -22,7 +22,14 @@ from dicomops.segmentation.data import (
     rank_positions,
     read_volume,
 )
-from dicomops.segmentation.model import build_segmenter, probability
+from dicomops.segmentation.model import (
+    SubPixelUp3d,
+    build_segmenter,
+    for_inference,
+    probability,
+    sub_pixel_eligible,
+    window_probability,
+)
 from dicomops.tracking.promotion import ModelScore, decide_promotion
 
 PATCH = (16, 16, 16)
@@ -283,3 +290,39 @@ def test_the_gate_speaks_of_the_metric_it_judges() -> None:
     worse = decide_promotion(ModelScore(0.95, {"ge": 0.80, "siemens": 0.99}),
                              ModelScore(0.90, {"ge": 0.90, "siemens": 0.90}), vendor_tolerance=0.05, metric="CPM")
     assert not worse.promote and any("ge: CPM drops 0.9000 -> 0.8000" in r for r in worse.reasons)
+
+
+@pytest.mark.parametrize(("cin", "cout", "bias"), [(16, 2, True), (5, 3, False)])
+def test_sub_pixel_up_sampling_is_the_transposed_convolution(cin: int, cout: int, bias: bool) -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.ConvTranspose3d(cin, cout, 3, stride=2, padding=1, output_padding=1, bias=bias)
+    x = torch.randn(2, cin, 3, 5, 4)  # odd and even sizes: every phase meets the far edge
+    with torch.no_grad():
+        expected, got = layer(x), SubPixelUp3d(layer)(x)
+    assert got.shape == expected.shape == (2, cout, 6, 10, 8)
+    assert torch.allclose(got, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="stride 2"):
+        SubPixelUp3d(torch.nn.ConvTranspose3d(4, 2, 3, stride=1, padding=1))
+
+
+def test_the_inference_form_rewrites_only_the_narrow_up_sampling_and_scores_alike() -> None:
+    torch.manual_seed(0)
+    model = build_segmenter(SegmentConfig())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)  # trained-like weights, not the near-zero output of a fresh network
+    net = for_inference(model)
+    rewritten = [name for name, layer in net.named_modules() if isinstance(layer, SubPixelUp3d)]
+    ups = [name for name, layer in model.named_modules() if isinstance(layer, torch.nn.ConvTranspose3d)]
+    assert len(ups) == 3 and rewritten == [name for name in ups if sub_pixel_eligible(model.get_submodule(name))]
+    assert rewritten == ["model.2.0.conv"]  # 16 -> 1 channels; the wider ones stay as trained
+    assert isinstance(model.get_submodule("model.2.0.conv"), torch.nn.ConvTranspose3d)  # the model is untouched
+    x = torch.randn(2, 1, 32, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(net(x), model(x), atol=1e-4)
+    image = np.random.default_rng(0).uniform(0.0, 1.0, (40, 36, 34)).astype(np.float32)
+    cfg = SegmentConfig(sw_batch_size=4)
+    with torch.inference_mode():
+        plain = window_probability(model, image, cfg)
+    assert np.abs(probability(model, image, cfg) - plain).max() < 1e-5
