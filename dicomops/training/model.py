@@ -11,8 +11,8 @@ from monai.networks.nets import DenseNet121, ResNet, resnet10
 from dicomops.config import TrainConfig
 from dicomops.training.mobilenet import MobileNetV3Small
 
-# The architectures that run over the slab as a volume (3-D convolutions, no channels-last layout;
-# float32 on CPU under precision auto, see training.loop.train_precision).
+# The architectures that run over the slab as a volume (3-D convolutions, NDHWC weights; float32 on
+# CPU under precision auto, see training.loop.train_precision).
 VOLUME_ARCHITECTURES = frozenset({"resnet3d-slim"})
 
 
@@ -23,10 +23,11 @@ def model_from_config(raw: dict[str, Any]) -> torch.nn.Module:
 
 
 def channels_last(model: torch.nn.Module, architecture: str) -> torch.nn.Module:
-    """`model` with NHWC weights where it is a 2-D network (oneDNN and cuDNN train those faster); a
-    3-D one (:data:`VOLUME_ARCHITECTURES`) as it is, since NHWC needs 4-D weights."""
-    if architecture not in VOLUME_ARCHITECTURES:
-        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    """`model` with channels-last weights, which oneDNN and cuDNN train faster: NHWC for a 2-D
+    network, NDHWC for a 3-D one (:data:`VOLUME_ARCHITECTURES`). The 3-D teacher's training step
+    (batch 32 of 7x128x128 slabs, float32, 2 threads, Zen 4) took 304 ms instead of 430."""
+    layout = torch.channels_last_3d if architecture in VOLUME_ARCHITECTURES else torch.channels_last
+    model.to(memory_format=layout)  # type: ignore[call-overload]
     return model
 
 

@@ -41,6 +41,8 @@ SCRIPT = textwrap.dedent('''
     cfg = SegmentConfig(channels=(4, 8), strides=(2,), patch=(16, 16, 16), roi=(16, 16, 16), batch_size=4,
                         patches_per_epoch=16, epochs=2, precision="fp32", learning_rate=1e-2)
     result = fit(volumes, cfg, out / "checkpoint.pt", seed=3)
+    # Trained channels-last, returned in the default layout that inference and export expect.
+    assert all(p.is_contiguous() for p in result.model.parameters())
     if not dist.is_initialized() or dist.get_rank() == 0:
         torch.save(result.model.state_dict(), out / "model.pt")
         torch.save(result.history, out / "history.pt")

@@ -215,7 +215,7 @@ def test_auto_precision_keeps_the_3d_teacher_in_float32_on_cpu(monkeypatch: pyte
     assert train_precision(TrainConfig()) == choose_precision("auto")
 
 
-def test_channels_last_changes_the_layout_of_2d_networks_only_and_no_output() -> None:
+def test_channels_last_changes_the_layout_of_2d_and_3d_networks_and_no_output() -> None:
     from dicomops.config import TrainConfig
     from dicomops.training.model import build_model, channels_last
 
@@ -230,4 +230,10 @@ def test_channels_last_changes_the_layout_of_2d_networks_only_and_no_output() ->
         assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
         assert torch.allclose(nhwc(x), before, atol=1e-5)
     volume = build_model(TrainConfig(architecture="resnet3d-slim", input_size=32), 3).eval()
-    assert channels_last(volume, "resnet3d-slim") is volume  # 5-D weights have no NHWC layout
+    with torch.no_grad():
+        before = volume(x)
+        ndhwc = channels_last(volume, "resnet3d-slim")
+        assert ndhwc is volume
+        conv3 = next(m for m in ndhwc.modules() if isinstance(m, torch.nn.Conv3d) and m.in_channels > 1)
+        assert conv3.weight.is_contiguous(memory_format=torch.channels_last_3d) and not conv3.weight.is_contiguous()
+        assert torch.allclose(ndhwc(x), before, atol=1e-5)
