@@ -62,6 +62,7 @@ from dicomops.segmentation.cv import PREDICTION_SCALE
 from dicomops.segmentation.data import (
     BODY_LEVEL,
     PatchSet,
+    SegVolume,
     forget_volumes,
     load_volumes,
     series_table,
@@ -240,6 +241,16 @@ def peak_child(work: Path, uid: str, weights: Path, setting: str) -> dict[str, f
             "seconds": seconds}
 
 
+def seconds_per_series(volumes: list[SegVolume], score: Any) -> list[float]:
+    """Wall seconds of `score` (a function of the image) on each volume."""
+    seconds = []
+    for v in volumes:
+        start = time.perf_counter()
+        score(v.image)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
 def inference(layout: WorkLayout, ids: list[str], cfg: SegmentConfig, tmp: Path, reference: bool) -> None:
     seed_everything(0)
     model = build_segmenter(cfg).eval()  # weights do not change the arithmetic
@@ -253,21 +264,16 @@ def inference(layout: WorkLayout, ids: list[str], cfg: SegmentConfig, tmp: Path,
     for setting in ("fp32", cfg.precision) if reference else (cfg.precision,):
         precision = choose_precision(setting)
         probability(model, volumes[0].image, cfg, precision.autocast())  # warm-up: oneDNN builds its kernels
-        seconds = []
-        for v in volumes:
-            start = time.perf_counter()
-            probability(model, v.image, cfg, precision.autocast())
-            seconds.append(time.perf_counter() - start)
-        times[setting] = seconds
+        times[setting] = seconds_per_series(volumes, lambda image, p=precision: probability(model, image, cfg, p.autocast()))
     # The baseline of the inference form: the network as trained, MONAI's UNet with its
     # transposed convolutions, through the same sliding windows, in the same precision.
     precision = choose_precision(cfg.precision)
-    plain = []
-    for v in volumes:
-        start = time.perf_counter()
+
+    def as_trained(image: np.ndarray) -> np.ndarray:
         with torch.inference_mode(), precision.autocast():
-            window_probability(model, v.image, cfg)
-        plain.append(time.perf_counter() - start)
+            return window_probability(model, image, cfg)
+
+    plain = seconds_per_series(volumes, as_trained)
     print(f"inference form (sub-pixel up-sampling where it pays, {cfg.precision}): {np.mean(times[cfg.precision]):.2f} "
           f"s per series against {np.mean(plain):.2f} s for the network as trained: "
           f"{np.mean(plain) / np.mean(times[cfg.precision]):.2f}x")

@@ -92,18 +92,17 @@ class SubPixelUp3d(torch.nn.Module):
         cin, cout = layer.in_channels, layer.out_channels
         w = layer.weight.detach().reshape(cin, cout, 27)
         w = torch.cat([w, w.new_zeros(cin, cout, 1)], dim=2)[:, :, _phase_taps()]
-        # Output channel c * 8 + phase, as the pixel shuffle below reads them.
+        # Output channel c * 8 + phase, as MONAI's pixelshuffle reads them.
         self.weight = torch.nn.Parameter(w.reshape(cin, cout, 8, 2, 2, 2).permute(1, 2, 0, 3, 4, 5)
                                          .reshape(cout * 8, cin, 2, 2, 2).contiguous(), requires_grad=False)
         bias = layer.bias.detach() if layer.bias is not None else torch.zeros(cout, dtype=w.dtype, device=w.device)
         self.bias = torch.nn.Parameter(bias.repeat_interleave(8).clone(), requires_grad=False)
-        self.out_channels = cout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, _, a, b, c = x.shape
-        y = F.conv3d(F.pad(x, (0, 1, 0, 1, 0, 1)), self.weight, self.bias)
-        return (y.reshape(n, self.out_channels, 2, 2, 2, a, b, c).permute(0, 1, 5, 2, 6, 3, 7, 4)
-                .reshape(n, self.out_channels, 2 * a, 2 * b, 2 * c))
+        from monai.networks.utils import pixelshuffle
+
+        return pixelshuffle(F.conv3d(F.pad(x, (0, 1, 0, 1, 0, 1)), self.weight, self.bias), spatial_dims=3,
+                            scale_factor=2)
 
 
 def for_inference(model: torch.nn.Module) -> torch.nn.Module:
