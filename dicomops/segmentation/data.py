@@ -25,7 +25,7 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 
 from dicomops.layout import WorkLayout
-from dicomops.segmentation.metrics import NoduleRef
+from dicomops.segmentation.metrics import NoduleRef, mask_box
 from dicomops.synthetic.sidecars import LABELS_CSV
 
 # Lung window [-1350, 150] HU maps to [0, 1]: 0.28 is about -930 HU, between air (-1000 HU, 0.23)
@@ -75,9 +75,55 @@ def pad_to(array: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
     return np.pad(array, pads, mode="edge") if any(p for _, p in pads) else array
 
 
+def above(image: np.ndarray, level: float) -> np.ndarray:
+    """``image > level`` for a `level` above 0 (the levels here are).
+
+    numpy computes half precision in software: on a float16 volume of the cache (320x320x119) a
+    comparison takes 39 ms. Read as int16, the bits of non-negative halves order as their values
+    and negative ones lie below 0, so the comparison of the bits gives the same answer in 4 ms
+    (a NaN would count as above; the cache holds none: preprocessing clips into the window).
+    """
+    if not level > 0:
+        raise ValueError(f"level must be above 0, got {level}")
+    if image.dtype == np.float16:
+        return image.view(np.int16) > np.float16(level).view(np.int16)
+    return image > level
+
+
+def below(image: np.ndarray, level: float) -> np.ndarray:
+    """``image < level`` for a `level` above 0, as fast as :func:`above` on float16."""
+    if not level > 0:
+        raise ValueError(f"level must be above 0, got {level}")
+    if image.dtype == np.float16:
+        return image.view(np.int16) < np.float16(level).view(np.int16)
+    return image < level
+
+
+def _cube(mask: np.ndarray, size: int, grow: bool) -> np.ndarray:
+    """Binary dilation (`grow`) or erosion of `mask` by a cube of odd `size`, one axis at a time,
+    the window cut short at the array's edges: what SciPy's ``maximum_filter`` and
+    ``minimum_filter`` give (their default 'reflect' border only repeats values inside the window).
+
+    Shifted ORs and ANDs of numpy views: on the demo's volumes :func:`lung_border` took 150 ms
+    instead of 398 with SciPy's filters, the same voxels (``benchmarks/segmentation.py``, 4.).
+    """
+    if size % 2 == 0:
+        raise ValueError(f"size must be odd (a cube centred on each voxel), got {size}")
+    op = np.logical_or if grow else np.logical_and
+    for axis in range(mask.ndim):
+        out, n = mask.copy(), mask.shape[axis]
+        for shift in range(1, min(size // 2, n - 1) + 1):
+            later = tuple(slice(shift, None) if a == axis else slice(None) for a in range(mask.ndim))
+            earlier = tuple(slice(None, n - shift) if a == axis else slice(None) for a in range(mask.ndim))
+            op(out[later], mask[earlier], out=out[later])
+            op(out[earlier], mask[later], out=out[earlier])
+        mask = out
+    return mask
+
+
 def _open(mask: np.ndarray, size: int) -> np.ndarray:
     """Binary opening with a cube of `size`: what is thinner than `size` voxels is gone."""
-    return ndimage.maximum_filter(ndimage.minimum_filter(mask.view(np.uint8), size), size).view(bool)
+    return _cube(_cube(mask, size, grow=False), size, grow=True)
 
 
 def lung_border(image: np.ndarray, body: np.ndarray, width: int = BORDER_WIDTH) -> np.ndarray:
@@ -98,10 +144,10 @@ def lung_border(image: np.ndarray, body: np.ndarray, width: int = BORDER_WIDTH) 
     if box is None:
         return border
     image, body = image[box], body[box]
-    lung = body & (image < LUNG_LEVEL)
+    lung = body & below(image, LUNG_LEVEL)
     size = 2 * width + 1
-    near_lung = ndimage.maximum_filter(_open(lung, BORDER_OPENING).view(np.uint8), size=size).view(bool)
-    near_tissue = ndimage.maximum_filter(_open(body & ~lung, BORDER_OPENING).view(np.uint8), size=size).view(bool)
+    near_lung = _cube(_open(lung, BORDER_OPENING), size, grow=True)
+    near_tissue = _cube(_open(body & ~lung, BORDER_OPENING), size, grow=True)
     border[box] = body & near_lung & near_tissue
     return border
 
@@ -150,24 +196,14 @@ def read_volume(path: Path, series: str, vendor: str, nodules: list[NoduleRef],
     lung_grid[::BACKGROUND_STRIDE, ::BACKGROUND_STRIDE, ::BACKGROUND_STRIDE] = True
     body_grid = np.zeros(image.shape, dtype=bool)
     body_grid[::BODY_STRIDE, ::BODY_STRIDE, ::BODY_STRIDE] = True
-    body = (image > BODY_LEVEL) & (mask == 0)
-    background = np.flatnonzero((body & ((lung_grid & (image < LUNG_LEVEL)) | body_grid)).ravel())
+    inside = above(image, BODY_LEVEL)
+    body = inside & (mask == 0)
+    background = np.flatnonzero((body & ((lung_grid & below(image, LUNG_LEVEL)) | body_grid)).ravel())
     if border_share > 0:  # hard negatives: the lung's edge, outside nodules, at a fixed share
-        border = np.flatnonzero(lung_border(image, image > BODY_LEVEL).ravel() & (mask.ravel() == 0))
+        border = np.flatnonzero(lung_border(image, inside).ravel() & (mask.ravel() == 0))
         background = border_centres(background, border, border_share, seed=zlib.crc32(series.encode()))
     return SegVolume(series, vendor, image, mask, nodules, foreground, nodule_balanced(mask), background,
                      (mask > 0)[None].astype(np.uint8), dropped, actionable)
-
-
-def mask_box(mask: np.ndarray, margin: int) -> tuple[slice, ...] | None:
-    """The box around `mask`'s true voxels grown by `margin` per side, inside the array; None if none."""
-    box = []
-    for axis in range(mask.ndim):
-        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if not len(present):
-            return None
-        box.append(slice(max(int(present[0]) - margin, 0), min(int(present[-1]) + 1 + margin, mask.shape[axis])))
-    return tuple(box)
 
 
 def body_box(image: np.ndarray, margin: int, minimum: tuple[int, int, int]) -> tuple[slice, slice, slice]:
@@ -180,7 +216,7 @@ def body_box(image: np.ndarray, margin: int, minimum: tuple[int, int, int]) -> t
     shape = image.shape
     if image.ndim != 3 or len(minimum) != 3:
         raise ValueError(f"image must be an (I, J, K) volume and minimum three sizes, got {shape} and {minimum}")
-    found = mask_box(image > BODY_LEVEL, margin)
+    found = mask_box(above(image, BODY_LEVEL), margin)
     box = []
     for axis in range(3):
         lo, hi = (found[axis].start, found[axis].stop) if found is not None else (0, shape[axis])

@@ -56,6 +56,32 @@ def equivalent_diameter_mm(voxels: float, spacing: Sequence[float] | np.ndarray 
     return float((6.0 * voxels * float(np.prod(spacing)) / math.pi) ** (1.0 / 3.0))
 
 
+def mask_box(mask: np.ndarray, margin: int) -> tuple[slice, ...] | None:
+    """The box around `mask`'s true voxels grown by `margin` per side, inside the array; None if none."""
+    box = []
+    for axis in range(mask.ndim):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if not len(present):
+            return None
+        box.append(slice(max(int(present[0]) - margin, 0), min(int(present[-1]) + 1 + margin, mask.shape[axis])))
+    return tuple(box)
+
+
+def read_box(prob: np.ndarray, candidate_threshold: float, reference: np.ndarray | None = None) -> tuple[slice, ...]:
+    """The box holding every voxel a judgement of `prob` reads: its candidates' (at or above
+    `candidate_threshold`) and `reference`'s nonzero ones; one voxel where there are none.
+
+    Everything :func:`findings` and :func:`evaluate_series` measure is unchanged by translation
+    (centres and slices are shifted back), so they work inside it: on the demo's out-of-fold maps
+    it is a few percent of the volume, and one fold's 30 series were judged in 0.9 s instead of
+    13.5 s (same results; elongations to 1e-7).
+    """
+    keep = prob >= candidate_threshold
+    if reference is not None:
+        keep |= reference != 0
+    return mask_box(keep, 0) or tuple(slice(0, 1) for _ in prob.shape)
+
+
 @dataclass(frozen=True)
 class NoduleRef:
     """One annotated nodule: its value in the reference instance map and what it is."""
@@ -265,10 +291,17 @@ def findings(prob: np.ndarray, *, threshold: float = 0.5, candidate_threshold: f
         raise ValueError(f"candidate_threshold must lie in (0, min(threshold={threshold}, finding_threshold="
                          f"{finding_threshold})], got {candidate_threshold}")
     mm = _check_spacing(spacing)
+    if image is not None:
+        image = np.asarray(image)
+        if image.shape != prob.shape:
+            raise ValueError(f"image {image.shape} and prob {prob.shape} must have one shape")
+    shape, area = prob.shape, read_box(prob, candidate_threshold)
+    prob, image = prob[area], None if image is None else image[area]
+    offset = np.array([s.start for s in area], dtype=float)
     candidates, component_map = extract_candidates(prob, threshold=candidate_threshold, min_voxels=min_voxels,
                                                    max_candidates=max_candidates)
     if not candidates:
-        return [], np.zeros(prob.shape, dtype=bool)
+        return [], np.zeros(shape, dtype=bool)
     segmented = np.where(prob >= threshold, component_map, 0)
     at = np.flatnonzero(segmented)
     ids = segmented.ravel()[at]
@@ -279,23 +312,23 @@ def findings(prob: np.ndarray, *, threshold: float = 0.5, candidate_threshold: f
     keep = np.flatnonzero(_is_finding(scores, voxels, shapes, finding_threshold, mm, min_finding_mm,
                                       max_elongation)) + 1
     if not len(keep):
-        return [], np.zeros(prob.shape, dtype=bool)
+        return [], np.zeros(shape, dtype=bool)
     sums = np.stack([np.bincount(ids, weights=coords[:, a], minlength=len(candidates) + 1) for a in range(3)], axis=1)
     cores: dict[int, float | None] = {int(c): None for c in keep}
     boxes = ndimage.find_objects(segmented)
     if image is not None:
-        image = np.asarray(image)
-        if image.shape != prob.shape:
-            raise ValueError(f"image {image.shape} and prob {prob.shape} must have one shape")
         for c in keep:
             box = boxes[c - 1]
             cores[int(c)] = solid_width_mm((segmented[box] == c) & (image[box] >= solid_level), mm)
-    out = [Found(centre=tuple(float(v) for v in sums[c] / voxels[c - 1]),  # type: ignore[arg-type]
+    k0 = area[2].start
+    out = [Found(centre=tuple(float(v) for v in sums[c] / voxels[c - 1] + offset),  # type: ignore[arg-type]
                  diameter_mm=equivalent_diameter_mm(voxels[c - 1], mm), score=float(scores[c - 1]),
                  voxels=int(voxels[c - 1]), solid_core_mm=cores[int(c)],
-                 slices=(int(boxes[c - 1][2].start), int(boxes[c - 1][2].stop)),
+                 slices=(k0 + int(boxes[c - 1][2].start), k0 + int(boxes[c - 1][2].stop)),
                  elongation=float(shapes[c - 1])) for c in keep]
-    return out, np.isin(segmented, keep)
+    mask = np.zeros(shape, dtype=bool)
+    mask[area] = np.isin(segmented, keep)
+    return out, mask
 
 
 def evaluate_series(prob: np.ndarray, reference: np.ndarray, nodules: Sequence[NoduleRef], *, series: str = "",
@@ -331,6 +364,8 @@ def evaluate_series(prob: np.ndarray, reference: np.ndarray, nodules: Sequence[N
     labels = np.array([n.label for n in nodules], dtype=np.int64)
     if len(set(labels.tolist())) != len(labels):
         raise ValueError(f"nodule labels must be unique, got {labels.tolist()}")
+    box = read_box(prob, candidate_threshold, reference)
+    prob, reference = prob[box], reference[box]
 
     candidates, component_map = extract_candidates(prob, threshold=candidate_threshold, min_voxels=min_voxels,
                                                    max_candidates=max_candidates)

