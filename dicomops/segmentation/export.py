@@ -93,7 +93,8 @@ def _check_volume(image: np.ndarray) -> np.ndarray:
     if image.ndim != 3:
         raise ValueError(f"image must be one (I, J, K) volume, got shape {image.shape}; "
                          "drop batch and channel axes")
-    return np.ascontiguousarray(image, dtype=np.float32)
+    # As it is: window_probability converts the body's box alone, with torch.
+    return np.asarray(image)
 
 
 def onnx_probability(sess: Any, image: np.ndarray, cfg: SegmentConfig) -> np.ndarray:

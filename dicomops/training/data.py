@@ -27,7 +27,9 @@ def load_volume(path: Path) -> np.ndarray:
 
 
 def _resize(batch: np.ndarray, size: int) -> torch.Tensor:
-    t = torch.from_numpy(batch.astype(np.float32))
+    # torch converts the cache's float16 faster than numpy's astype: all_slabs of a demo volume took
+    # 24 ms instead of 35, a fold's slab cache 35 instead of 44 per series (medians of 16, alternated)
+    t = torch.from_numpy(np.ascontiguousarray(batch)).to(torch.float32)
     if t.shape[-1] != size or t.shape[-2] != size:
         t = F.interpolate(t, size=(size, size), mode="area")
     return t
