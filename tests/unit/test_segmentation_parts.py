@@ -232,6 +232,22 @@ def test_patches_depend_on_seed_epoch_and_position_only(tmp_path: Path) -> None:
         assert torch.equal(y > 0, x > 0.8)
 
 
+def test_patches_through_monai_loaders_are_the_indexed_ones(tmp_path: Path) -> None:
+    """MONAI's DataLoader reseeds the random transforms it finds in a dataset: a patch must still
+    depend on its position only, in whatever share of the positions a DDP rank loads."""
+    from monai.data import DataLoader, ThreadDataLoader
+
+    vols = [read_volume(_volume(tmp_path, f"v{i}"), f"s{i}", "ge", nodule_refs(RECORDS), PATCH) for i in range(2)]
+    patches = PatchSet(vols, PATCH, 0.5, 16, seed=2)
+    patches.set_epoch(3)
+    direct = [patches[i] for i in range(16)]
+    for positions in (rank_positions(16, 4, 0, 1), rank_positions(16, 4, 1, 2)):
+        for loader in (ThreadDataLoader(patches, buffer_size=2, batch_size=2, sampler=positions, num_workers=0),  # type: ignore[arg-type]
+                       DataLoader(patches, batch_size=2, sampler=positions, num_workers=0)):  # type: ignore[arg-type]
+            images = torch.cat([x for x, _ in loader])
+            assert torch.equal(images, torch.stack([direct[i][0] for i in positions]))
+
+
 def test_positive_share_of_patches(tmp_path: Path) -> None:
     vols = [read_volume(_volume(tmp_path, "v"), "s", "ge", nodule_refs(RECORDS), PATCH)]
     patches = PatchSet(vols, PATCH, 0.75, 200, seed=0)
