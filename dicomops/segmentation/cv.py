@@ -30,7 +30,7 @@ from dicomops.segmentation import actionable, plots
 from dicomops.segmentation import metrics as m
 from dicomops.segmentation.data import SegVolume, forget_volumes, load_volumes
 from dicomops.segmentation.loop import SegFit, fit, mean_history
-from dicomops.segmentation.model import build_segmenter, probability
+from dicomops.segmentation.model import build_segmenter, for_inference, probability
 from dicomops.tracking import model_card, registry, runs
 from dicomops.training import mlflow_runs
 from dicomops.training.loop import choose_precision
@@ -109,9 +109,10 @@ def evaluate(model: torch.nn.Module, volumes: list[SegVolume], cfg: SegmentConfi
     precision = choose_precision(cfg.precision)
     level = actionable.solid_level(pre)
     evals, seconds = [], []
+    net = for_inference(model)
     for v in volumes:
         tick = time.perf_counter()
-        prob = probability(model, v.image, cfg, precision.autocast())
+        prob = probability(net, v.image, cfg, precision.autocast(), prepared=True)
         seconds.append(time.perf_counter() - tick)
         score = None
         if level is not None:

@@ -377,3 +377,5 @@ def test_the_inference_form_rewrites_only_the_narrow_up_sampling_and_scores_alik
     with torch.inference_mode():
         plain = window_probability(model, image, cfg)
     assert np.abs(probability(model, image, cfg) - plain).max() < 1e-5
+    # The form made once for many volumes scores as the one each call makes.
+    assert np.array_equal(probability(net, image, cfg, prepared=True), probability(model, image, cfg))
