@@ -242,8 +242,8 @@ def test_patches_through_monai_loaders_are_the_indexed_ones(tmp_path: Path) -> N
     patches.set_epoch(3)
     direct = [patches[i] for i in range(16)]
     for positions in (rank_positions(16, 4, 0, 1), rank_positions(16, 4, 1, 2)):
-        for loader in (ThreadDataLoader(patches, buffer_size=2, batch_size=2, sampler=positions, num_workers=0),  # type: ignore[arg-type]
-                       DataLoader(patches, batch_size=2, sampler=positions, num_workers=0)):  # type: ignore[arg-type]
+        for loader in (ThreadDataLoader(patches, buffer_size=2, batch_size=2, sampler=positions, num_workers=0),
+                       DataLoader(patches, batch_size=2, sampler=positions, num_workers=0)):
             images = torch.cat([x for x, _ in loader])
             assert torch.equal(images, torch.stack([direct[i][0] for i in positions]))
 
