@@ -112,8 +112,9 @@ def finetune(model: torch.nn.Module, train: SlabSet, *, epochs: int, learning_ra
     weight = class_weights(train.y)
     if teacher is not None and len(teacher.logits) != len(train.y):
         raise ValueError(f"{len(teacher.logits)} teacher outputs for {len(train.y)} training slabs")
-    loader = DataLoader(AugmentedSlabs(train, train=True, teacher=None if teacher is None else teacher.logits),
-                        batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
+    dataset = AugmentedSlabs(train, train=True, teacher=None if teacher is None else teacher.logits)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=dataset.collate, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed),
                         drop_last=len(train.y) > batch_size)
     for epoch in range(epochs):
         total, seen, tick = 0.0, 0, time.perf_counter()

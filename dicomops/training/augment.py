@@ -7,10 +7,17 @@ Gaussian noise, every time. It is the only augmentation of the project: preproce
 MONAI's random transforms draw from their own numpy ``RandomState``, which nothing seeds. So that a
 run is reproducible and each epoch differs, :meth:`SlabAugmentation.__call__` takes a seed, which
 the dataset draws from torch's generator (seeded per DataLoader worker and epoch by the loader).
+
+The training loop augments a whole batch at once (:meth:`SlabAugmentation.batch`): the chain's own
+transforms draw each slab's flip, gamma and noise seed from its seed, and the arithmetic runs over
+the batch, giving the chain's output bit for bit (a test checks it). One slab through the chain
+costs about 0.3 ms of MONAI's bookkeeping on top of its 0.6 ms of arithmetic and noise.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -47,13 +54,20 @@ class RandGaussianNoiseTorch(RandGaussianNoise):
     def __init__(self, prob: float, mean: float, std: float, sample_std: bool) -> None:
         super().__init__(prob=prob, mean=mean, std=std, dtype=np.float32, sample_std=sample_std)
 
-    def randomize(self, img: NdarrayOrTensor, mean: float | None = None) -> None:
+    def draw(self) -> tuple[float, int] | None:
+        """Whether to add noise and, if so, its spread and the seed of its torch generator."""
         RandomizableTransform.randomize(self, None)
         if not self._do_transform:
-            return
+            return None
         std = self.R.uniform(0, self.std) if self.sample_std else self.std
-        generator = torch.Generator().manual_seed(int(self.R.randint(SEED_BOUND)))
-        noise = torch.randn(tuple(img.shape), generator=generator, dtype=torch.float32)
+        return float(std), int(self.R.randint(SEED_BOUND))
+
+    def randomize(self, img: NdarrayOrTensor, mean: float | None = None) -> None:
+        drawn = self.draw()
+        if drawn is None:
+            return
+        std, seed = drawn
+        noise = torch.empty(tuple(img.shape), dtype=torch.float32).normal_(generator=torch.Generator().manual_seed(seed))
         self.noise = noise.mul_(std).add_(self.mean if mean is None else mean)  # type: ignore[assignment]
 
 
@@ -70,6 +84,16 @@ def build_augmentation() -> Compose:
         RandGaussianNoiseTorch(prob=1.0, mean=0.0, std=NOISE_STD, sample_std=False),
         EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False),
     ])
+
+
+@dataclass(frozen=True)
+class SlabDraw:
+    """What the chain drew for one slab: a flip, a gamma (None: no contrast change), noise as
+    (spread, generator seed) or None."""
+
+    flip: bool
+    gamma: float | None
+    noise: tuple[float, int] | None
 
 
 class SlabAugmentation:
@@ -101,6 +125,53 @@ class SlabAugmentation:
         finally:
             set_track_meta(tracking)
         return out
+
+    def draw(self, seed: int) -> SlabDraw:
+        """The chain's draws for `seed`, in its order, by its own transforms."""
+        flip, _, contrast, noise, _ = self.chain.transforms
+        self.state.seed(seed)
+        flip.randomize(None)
+        contrast.randomize()
+        return SlabDraw(flip=bool(flip._do_transform),
+                        gamma=float(contrast.gamma_value) if contrast._do_transform else None,
+                        noise=noise.draw())
+
+    def batch(self, slabs: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        """Augment a ``(B, k, S, S)`` batch, slab i with ``seeds[i]``: :meth:`__call__` of each slab,
+        bit for bit, at 0.6 ms a 3×192×192 slab instead of 0.9–1.4 (``benchmarks/train.py``).
+
+        The same operations in the same order, each over the whole batch: the per-slab minimum and
+        range are the chain's, the noise comes from the same generator seeds in float32."""
+        if slabs.ndim != 4 or len(slabs) != len(seeds):
+            raise ValueError(f"expected a batch of shape (B, k, S, S) and B seeds, got shape {tuple(slabs.shape)} "
+                             f"and {len(seeds)} seeds")
+        if any(not 0 <= s < 2**32 for s in seeds):
+            raise ValueError(f"seeds must be in [0, 2**32), got {list(seeds)}")
+        draws = [self.draw(int(s)) for s in seeds]
+        x = slabs.to(torch.float32, copy=True)
+        flipped = [i for i, d in enumerate(draws) if d.flip]
+        if flipped:
+            x[flipped] = x[flipped].flip(-2)
+        x.clamp_(0.0, 1.0)
+        gamma = [i for i, d in enumerate(draws) if d.gamma is not None]
+        if gamma:
+            # MONAI's AdjustContrast over each slab: ((x - min) / (range + eps)) ** gamma * range + min
+            every = len(gamma) == len(x)  # the default chain changes every slab's contrast: no copy
+            part = x if every else x[gamma]
+            low = part.amin(dim=(1, 2, 3), keepdim=True)
+            span = part.amax(dim=(1, 2, 3), keepdim=True).sub_(low)
+            exponent = torch.tensor([draws[i].gamma for i in gamma], dtype=torch.float32).view(-1, 1, 1, 1)
+            part.sub_(low).div_(span + 1e-7).pow_(exponent).mul_(span).add_(low)
+            if not every:
+                x[gamma] = part
+        noise_mean = float(self.chain.transforms[3].mean)
+        for i, d in enumerate(draws):
+            if d.noise is not None:
+                std, seed = d.noise
+                noise = torch.empty(x.shape[1:], dtype=torch.float32).normal_(
+                    generator=torch.Generator().manual_seed(seed))
+                x[i].add_(noise.mul_(std).add_(noise_mean))
+        return x
 
 
 def draw_seed() -> int:

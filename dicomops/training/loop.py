@@ -173,7 +173,8 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
         weight = class_weights(train.y).to(precision.device)
         distil = partial(distillation_loss, alpha=cfg.distill_alpha, temperature=cfg.distill_temperature,
                          weight=weight)
-    loader = DataLoader(AugmentedSlabs(train, train=True, teacher=teacher), batch_size=cfg.batch_size,
+    dataset = AugmentedSlabs(train, train=True, teacher=teacher)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=dataset.collate,
                         shuffle=True, generator=generator, num_workers=cfg.num_workers,
                         persistent_workers=cfg.num_workers > 0, drop_last=len(train.y) > cfg.batch_size,
                         multiprocessing_context="fork" if cfg.num_workers > 0 else None,

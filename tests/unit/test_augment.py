@@ -81,7 +81,8 @@ def test_same_seed_same_slab_other_seed_other_slab() -> None:
 
 def _epochs(seed: int, num_workers: int, epochs: int = 2) -> list[torch.Tensor]:
     torch.manual_seed(seed)
-    loader = DataLoader(AugmentedSlabs(_slab_set(), train=True), batch_size=4, shuffle=True,
+    data = AugmentedSlabs(_slab_set(), train=True)
+    loader = DataLoader(data, batch_size=4, shuffle=True, collate_fn=data.collate,
                         generator=torch.Generator().manual_seed(seed), num_workers=num_workers,
                         persistent_workers=num_workers > 0,
                         multiprocessing_context="fork" if num_workers else None)
@@ -98,5 +99,33 @@ def test_dataloader_runs_are_reproducible_and_epochs_differ(num_workers: int) ->
 
 def test_evaluation_items_are_not_augmented() -> None:
     data = _slab_set()
-    x, y = AugmentedSlabs(data, train=False)[3]
-    assert torch.equal(x, data.x[3].float()) and int(y) == 1
+    dataset = AugmentedSlabs(data, train=False)
+    x, y = dataset.collate([dataset[3], dataset[4]])
+    assert torch.equal(x, data.x[3:5].float()) and x.dtype == torch.float32 and y.tolist() == [1, 0]
+
+
+def test_a_batch_is_augmented_as_each_slab_alone_bit_for_bit() -> None:
+    """The batched arithmetic (what training runs) against MONAI's chain one slab at a time, on
+    float16 slabs that stray outside [0, 1] as resized ones do, flipped and not."""
+    aug = SlabAugmentation()
+    x = (torch.from_numpy(np.random.default_rng(2).random((12, 3, 40, 40), dtype=np.float32)) * 1.3 - 0.15).half()
+    seeds = [0, 1, 2, 3, 7, 11, 2**31 - 1, 2**32 - 1, 12345, 99, 5, 6]
+    batch = aug.batch(x, seeds)
+    alone = torch.stack([aug(slab.float(), seed) for slab, seed in zip(x, seeds, strict=True)])
+    assert batch.dtype == torch.float32 and torch.equal(batch, alone)
+    assert 0 < sum(aug.draw(s).flip for s in seeds) < len(seeds)  # both branches are exercised
+    with pytest.raises(ValueError, match="seeds"):
+        aug.batch(x, seeds[:-1])
+
+
+def test_the_training_collate_augments_each_item_with_its_own_seed() -> None:
+    data = _slab_set()
+    teacher = torch.randn(len(data.y), 2)
+    dataset = AugmentedSlabs(data, train=True, teacher=teacher)
+    torch.manual_seed(4)
+    items = [dataset[i] for i in (5, 0, 9, 3)]
+    x, y, soft = dataset.collate(items)
+    aug = SlabAugmentation()
+    expected = torch.stack([aug(data.x[i].float(), int(item[2])) for i, item in zip((5, 0, 9, 3), items, strict=True)])
+    assert torch.equal(x, expected)
+    assert y.tolist() == data.y[[5, 0, 9, 3]].tolist() and torch.equal(soft, teacher[[5, 0, 9, 3]])

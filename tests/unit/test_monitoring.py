@@ -110,3 +110,21 @@ def test_reduced_detection_benchmark(tmp_path: Path) -> None:
                                     progress=lambda _m: None)
         rates = detection(reference, batches, 12, monitor, quarantined / files, tmp_path / "r")
         assert rates.drift == expected, (scenario, rates)
+
+
+@pytest.mark.parametrize(("architecture", "k"), [("resnet-slim", 3), ("resnet3d-slim", 5)])
+def test_model_outputs_are_the_models_own_and_leave_it_as_it_was(architecture: str, k: int) -> None:
+    """The channels-last copy scores what the model scores in its own layout; the caller's model keeps
+    its layout; a 3-D network (5-D weights, no channels-last 2-D form) runs too."""
+    from dicomops.monitoring.features import model_outputs
+    from dicomops.training.data import all_slabs
+    from dicomops.training.scoring import series_score
+
+    torch.manual_seed(0)
+    model = build_model(TrainConfig(architecture=architecture, input_size=32), k).eval()
+    volumes = [np.random.default_rng(i).random((40, 40, 9), dtype=np.float32).astype(np.float16) for i in range(2)]
+    scores, embeddings = model_outputs(model, iter(volumes), k, 32, 3)
+    with torch.no_grad():
+        expected = [series_score(torch.softmax(model(all_slabs(v, k, 32)), 1)[:, 1].numpy(), 3) for v in volumes]
+    assert scores == pytest.approx(expected, abs=1e-5) and embeddings.shape[0] == 2
+    assert all(p.is_contiguous() for p in model.parameters())
