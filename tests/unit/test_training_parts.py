@@ -151,14 +151,23 @@ def test_promotion_gate_decisions() -> None:
 
 
 @pytest.mark.parametrize(("k", "depth"), [(1, 4), (3, 1), (3, 7), (5, 9)])
-def test_all_slabs_is_every_slab_resized_bit_for_bit(k: int, depth: int) -> None:
+def test_all_slabs_and_sampled_slabs_are_every_slab_resized_bit_for_bit(k: int, depth: int) -> None:
+    import torch.nn.functional as F
+
     from dicomops.preprocessing.slabs import slab
-    from dicomops.training.data import _resize, all_slabs
+    from dicomops.training.data import all_slabs, slabs_at
 
     volume = np.random.default_rng(k * depth).random((40, 40, depth)).astype(np.float16)
-    reference = _resize(np.stack([slab(volume, z, k) for z in range(depth)]), 16)  # the definition
+
+    def resized(zs: list[int], size: int = 16) -> torch.Tensor:  # the definition: each slab cut, then resized
+        stack = torch.from_numpy(np.stack([slab(volume, z, k) for z in zs]).astype(np.float32))
+        return F.interpolate(stack, size=(size, size), mode="area")
+
     fast = all_slabs(volume, k, 16)
-    assert fast.shape == (depth, k, 16, 16) and torch.equal(fast, reference)
+    assert fast.shape == (depth, k, 16, 16) and torch.equal(fast, resized(list(range(depth))))
+    sampled = [depth - 1, 0, depth // 2, depth // 2]  # out of order, repeated, at both edges
+    assert torch.equal(slabs_at(volume, np.array(sampled), k, 16), resized(sampled))
+    assert torch.equal(slabs_at(volume, np.array(sampled), k, 40), resized(sampled, 40))  # the cache's own size
 
 
 def test_stem_stride_halves_the_first_feature_map_and_old_versions_rebuild_with_stride_1() -> None:
