@@ -235,10 +235,11 @@ class TrainConfig(_Section):
     patience: int = Field(3, ge=1, description=(
         "Early stopping: epochs without a better validation AUC. Unset, it follows the architecture (the student's is 6)."))
     loss: Literal["weighted_ce", "focal"] = "weighted_ce"
-    num_workers: int = Field(0, ge=0, le=16, description=(
-        "DataLoader worker processes. 0, the default, indexes and augments in the training process: on 2 cores "
-        "a worker process competes with torch's two threads (fold 0 of the demo, two epochs: 22.7 s with one "
-        "worker against 17.4 s without, before the batched augmentation)."))
+    num_workers: int | None = Field(None, ge=0, le=16, description=(
+        "DataLoader worker processes; unset: none when training on the CPU, where a worker's augmentation "
+        "takes its time from the two threads of the step (fold 0 of the demo, an epoch 7.1-7.7 s in the "
+        "training process against 9.8-9.9 s with one worker), and one per spare core on CUDA, where they "
+        "augment while the GPU computes."))
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: mixed precision on CUDA, bfloat16 autocast on CPUs with AMX/AVX-512 BF16, "
                             "else float32; the 3-D teacher (resnet3d-slim) stays float32 on CPU, where its "

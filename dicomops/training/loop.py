@@ -80,6 +80,14 @@ def choose_precision(setting: str) -> Precision:
     return Precision(torch.device("cpu"), None)
 
 
+def loader_workers(cfg: TrainConfig, precision: Precision) -> int:
+    """``cfg.num_workers``, or unset: none on the CPU (augmenting beside the step only takes cores from
+    it), one per spare core, at most four, on CUDA (they augment while the GPU computes)."""
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    return 0 if precision.device.type == "cpu" else max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
 def train_precision(cfg: TrainConfig) -> Precision:
     """The precision the slab classifier's loop runs `cfg` in: :func:`choose_precision`'s, except
     that ``auto`` keeps a 3-D network (``model.VOLUME_ARCHITECTURES``) in float32 on CPU; ``bf16``
@@ -174,10 +182,11 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
         distil = partial(distillation_loss, alpha=cfg.distill_alpha, temperature=cfg.distill_temperature,
                          weight=weight)
     dataset = AugmentedSlabs(train, train=True, teacher=teacher)
+    workers = loader_workers(cfg, precision)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=dataset.collate,
-                        shuffle=True, generator=generator, num_workers=cfg.num_workers,
-                        persistent_workers=cfg.num_workers > 0, drop_last=len(train.y) > cfg.batch_size,
-                        multiprocessing_context="fork" if cfg.num_workers > 0 else None,
+                        shuffle=True, generator=generator, num_workers=workers,
+                        persistent_workers=workers > 0, drop_last=len(train.y) > cfg.batch_size,
+                        multiprocessing_context="fork" if workers > 0 else None,
                         pin_memory=precision.device.type == "cuda")
     epoch = start
     for epoch in range(start + 1, total + 1):

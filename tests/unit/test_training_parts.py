@@ -246,3 +246,13 @@ def test_channels_last_changes_the_layout_of_2d_and_3d_networks_and_no_output() 
         conv3 = next(m for m in ndhwc.modules() if isinstance(m, torch.nn.Conv3d) and m.in_channels > 1)
         assert conv3.weight.is_contiguous(memory_format=torch.channels_last_3d) and not conv3.weight.is_contiguous()
         assert torch.allclose(ndhwc(x), before, atol=1e-5)
+
+
+def test_loader_workers_none_on_the_cpu_some_on_cuda_unless_set() -> None:
+    from dicomops.config import TrainConfig
+    from dicomops.training.loop import Precision, loader_workers
+
+    cpu, cuda = Precision(torch.device("cpu"), torch.bfloat16), Precision(torch.device("cuda"), torch.float16)
+    assert loader_workers(TrainConfig(), cpu) == 0
+    assert 1 <= loader_workers(TrainConfig(), cuda) <= 4
+    assert loader_workers(TrainConfig(num_workers=2), cpu) == 2 and loader_workers(TrainConfig(num_workers=0), cuda) == 0
