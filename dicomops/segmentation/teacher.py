@@ -32,7 +32,7 @@ from dicomops.progress import PROGRESS
 from dicomops.segmentation import actionable
 from dicomops.segmentation.cv import PREPROCESS_CONFIG_FILE, SEGMENT_CONFIG_FILE, WEIGHTS_FILE
 from dicomops.segmentation.data import pad_to
-from dicomops.segmentation.model import build_segmenter, probability
+from dicomops.segmentation.model import build_segmenter, for_inference, probability
 from dicomops.tracking import registry, runs
 from dicomops.training.data import load_volume
 from dicomops.training.loop import choose_precision
@@ -61,10 +61,12 @@ def load_segmenter(tracking_uri: str, run_id: str) -> tuple[torch.nn.Module, Seg
     return model.eval(), cfg, pre
 
 
-def series_slice_scores(model: torch.nn.Module, image: np.ndarray, cfg: SegmentConfig, level: float) -> np.ndarray:
-    """The teacher's score of every slice (last axis) of one preprocessed (X, Y, Z) volume."""
+def series_slice_scores(model: torch.nn.Module, image: np.ndarray, cfg: SegmentConfig, level: float, *,
+                        prepared: bool = False) -> np.ndarray:
+    """The teacher's score of every slice (last axis) of one preprocessed (X, Y, Z) volume; with
+    `prepared`, `model` is already its inference form (``model.for_inference``)."""
     padded = pad_to(image, cfg.patch)
-    prob = probability(model, padded, cfg, choose_precision(cfg.precision).autocast())
+    prob = probability(model, padded, cfg, choose_precision(cfg.precision).autocast(), prepared=prepared)
     scores = actionable.slice_scores(actionable.weighed(prob, padded, level, cfg), padded.shape[-1])
     return scores[: image.shape[-1]]
 
@@ -105,8 +107,10 @@ def slice_targets(layout: WorkLayout, tracking_uri: str, run_id: str, series: li
         if level is None:
             raise ValueError("the teacher segmenter was trained on images preprocessed with window 'header': it makes "
                              "no actionable call, so it cannot teach one; distil from a segmenter with a fixed window")
+        net = for_inference(model)  # once, not per series (probability's copy takes ~17 ms)
         for done, uid in enumerate(todo, start=1):
-            scores = series_slice_scores(model, load_volume(layout.preprocessed.volume(str(paths[uid]))), cfg, level)
+            scores = series_slice_scores(net, load_volume(layout.preprocessed.volume(str(paths[uid]))), cfg, level,
+                                         prepared=True)
             np.save(files[uid], scores)
             if done % 10 == 0 or done == len(todo):
                 PROGRESS.info(f"{label}: scored {done}/{len(todo)} series")
