@@ -238,8 +238,8 @@ class TrainConfig(_Section):
     num_workers: int | None = Field(None, ge=0, le=16, description=(
         "DataLoader worker processes; unset: none when training on the CPU, where a worker's augmentation "
         "takes its time from the two threads of the step (fold 0 of the demo, an epoch 7.1-7.7 s in the "
-        "training process against 9.8-9.9 s with one worker), and one per spare core on CUDA, where they "
-        "augment while the GPU computes."))
+        "training process against 9.8-9.9 s with one worker), and one per spare core, up to four, on CUDA, "
+        "where they augment while the GPU computes."))
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: mixed precision on CUDA, bfloat16 autocast on CPUs with AMX/AVX-512 BF16, "
                             "else float32; the 3-D teacher (resnet3d-slim) stays float32 on CPU, where its "

@@ -138,7 +138,7 @@ class SlabAugmentation:
 
     def batch(self, slabs: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         """Augment a ``(B, k, S, S)`` batch, slab i with ``seeds[i]``: :meth:`__call__` of each slab,
-        bit for bit, at 0.6 ms a 3×192×192 slab instead of 0.9–1.4 (``benchmarks/train.py``).
+        bit for bit, at 0.75 ms a 3×192×192 slab instead of 1.07 (``benchmarks/train.py``, Zen 4).
 
         The same operations in the same order, each over the whole batch: the per-slab minimum and
         range are the chain's, the noise comes from the same generator seeds in float32."""
