@@ -44,10 +44,15 @@ def central_slice_labels(mask: np.ndarray, ids: list[int] | None, min_voxels: in
     return labels
 
 
+def slab_index(zs: np.ndarray, k: int, depth: int) -> np.ndarray:
+    """(len(zs), k) slice numbers of the slabs centred on slices `zs` of a volume `depth` slices
+    deep: ``z - k//2 … z + k//2``, edges repeated."""
+    return np.clip(np.asarray(zs, dtype=np.int64)[:, None] + np.arange(-(k // 2), k // 2 + 1), 0, depth - 1)
+
+
 def slab(volume: np.ndarray, z: int, k: int) -> np.ndarray:
     """Slices ``z - k//2 … z + k//2`` of a (X, Y, Z) volume as a (k, X, Y) array, edges repeated."""
-    idx = np.clip(np.arange(z - k // 2, z + k // 2 + 1), 0, volume.shape[-1] - 1)
-    return np.moveaxis(volume[..., idx], -1, 0)
+    return np.moveaxis(volume[..., slab_index(np.array([z]), k, volume.shape[-1])[0]], -1, 0)
 
 
 def sample_slabs(index: pd.DataFrame, labels_by_series: dict[str, np.ndarray], negative_ratio: float,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from dicomops.layout import WorkLayout
+from dicomops.preprocessing.slabs import slab_index
 from dicomops.training.augment import SlabAugmentation, draw_seed
 
 
@@ -35,16 +36,11 @@ def _planes(volume: np.ndarray, size: int) -> torch.Tensor:
     return planes
 
 
-def _slab_index(zs: np.ndarray, k: int, depth: int) -> np.ndarray:
-    """(len(zs), k) slice numbers of the slabs centred on `zs`, edges repeated (as :func:`slab`)."""
-    return np.clip(zs[:, None] + np.arange(-(k // 2), k // 2 + 1), 0, depth - 1)
-
-
 def slabs_at(volume: np.ndarray, zs: np.ndarray, k: int, size: int) -> torch.Tensor:
     """The slabs of a (X, Y, Z) volume centred on slices `zs`, as a (len(zs), k, size, size) float
     tensor: each slice they use resized once, then stacked. Bit-identical to resizing every slab
     (:func:`slab`), since area resizing treats each plane on its own, and up to k times less work."""
-    idx = _slab_index(np.asarray(zs, dtype=np.int64), k, volume.shape[-1])
+    idx = slab_index(zs, k, volume.shape[-1])
     used, where = np.unique(idx, return_inverse=True)
     return _planes(volume[..., used], size)[torch.from_numpy(where.reshape(idx.shape))]
 
@@ -53,7 +49,7 @@ def all_slabs(volume: np.ndarray, k: int, size: int) -> torch.Tensor:
     """Every slice of a (X, Y, Z) volume as a (Z, k, size, size) float tensor: the slab of each
     slice (:func:`slab`, edges repeated), resized (:func:`slabs_at`)."""
     depth = volume.shape[-1]
-    return _planes(volume, size)[torch.from_numpy(_slab_index(np.arange(depth), k, depth))]
+    return _planes(volume, size)[torch.from_numpy(slab_index(np.arange(depth), k, depth))]
 
 
 @dataclass

@@ -118,6 +118,20 @@ def test_a_batch_is_augmented_as_each_slab_alone_bit_for_bit() -> None:
         aug.batch(x, seeds[:-1])
 
 
+def test_a_batch_where_some_slabs_keep_their_contrast_or_get_no_noise_is_still_each_slab_alone() -> None:
+    """The chain's probabilities are 1 for gamma and noise; with lower ones the batch leaves the
+    slabs the chain leaves alone, and still matches it bit for bit."""
+    aug = SlabAugmentation()
+    _, _, contrast, noise, _ = aug.chain.transforms
+    contrast.prob, noise.prob = 0.5, 0.5
+    x = torch.from_numpy(np.random.default_rng(3).random((16, 3, 24, 24), dtype=np.float32)).half()
+    seeds = list(range(100, 116))
+    draws = [aug.draw(s) for s in seeds]
+    assert 0 < sum(d.gamma is None for d in draws) < 16 and 0 < sum(d.noise is None for d in draws) < 16
+    alone = torch.stack([aug(slab.float(), seed) for slab, seed in zip(x, seeds, strict=True)])
+    assert torch.equal(aug.batch(x, seeds), alone)
+
+
 def test_the_training_collate_augments_each_item_with_its_own_seed() -> None:
     data = _slab_set()
     teacher = torch.randn(len(data.y), 2)
