@@ -320,6 +320,13 @@ class SegmentConfig(_Section):
         "lung's border and vessels near the volume's ends into blobs: its false findings. On the demo, 0.3 against "
         "0: series kappa 0.898 both, philips 0.704 both (one false series gone, another new), CPM 0.964 against "
         "0.962: no gain, so 0 (off)."))
+    scale_share: float = Field(0.0, ge=0, le=1, description=(
+        "Share of training patches whose content is shown shrunk or grown by a factor drawn from `scale_range` "
+        "(nnU-Net's scaling augmentation, around the same centre): small nodules made from larger ones. On the "
+        "demo, 0.3 against 0: series kappa 0.901 against 0.940, CPM 0.953 against 0.954, more nodules under 6 mm "
+        "found (0.788 against 0.697) but not siemens' two part-solid ones of 3 mm; on the held-out seed "
+        "20261202 the same figures; training 15 % slower. So 0 (off)."))
+    scale_range: tuple[float, float] = Field((0.7, 1.4), description="Smallest and largest scale factor.")
     batch_size: int = Field(8, ge=1, le=256, description="Patches per optimiser step (all ranks together).")
     patches_per_epoch: int = Field(480, ge=8, description="Patches drawn per epoch.")
     epochs: int = Field(24, ge=1, le=500, description=(
@@ -346,6 +353,8 @@ class SegmentConfig(_Section):
     def _divisible(self) -> SegmentConfig:
         if len(self.channels) != len(self.strides) + 1:
             raise ValueError(f"channels {self.channels} needs one entry more than strides {self.strides}")
+        if not 0 < self.scale_range[0] <= self.scale_range[1]:
+            raise ValueError(f"scale_range {self.scale_range} must be two factors above 0, the smaller first")
         if not self.candidate_threshold <= min(self.threshold, self.finding_threshold):
             raise ValueError(f"candidate_threshold {self.candidate_threshold} must not exceed threshold "
                              f"{self.threshold} or finding_threshold {self.finding_threshold}")

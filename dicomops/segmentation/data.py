@@ -318,6 +318,23 @@ def thick_slices(image: np.ndarray, thickness: int, phase: int) -> np.ndarray:
     return sampled[..., lower] * (1 - weight) + sampled[..., lower + 1] * weight
 
 
+def zoomed_patch(image: np.ndarray, label: np.ndarray, centre: tuple[int, ...], patch: tuple[int, int, int],
+                 scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """The patch centred on `centre` with its content shown `scale` times its size (nnU-Net's scaling
+    augmentation): a box of ``patch / scale`` voxels cut from the (X, Y, Z) `image` and the (1, X, Y, Z)
+    `label`, edge-padded beyond the volume, resized to `patch` (trilinear; the label's resized
+    fraction at 0.5 again). At 0.7 a 4.5 mm nodule is shown as a 3.2 mm one. (1, *patch) arrays out."""
+    size = [max(2, round(p / scale)) for p in patch]
+    start = [c - q // 2 for c, q in zip(centre, size, strict=True)]
+    inside = tuple(slice(max(s, 0), min(s + q, n)) for s, q, n in zip(start, size, image.shape, strict=True))
+    pad = [(max(-s, 0), max(s + q - n, 0)) for s, q, n in zip(start, size, image.shape, strict=True)]
+    box = torch.from_numpy(np.pad(image[inside], pad, mode="edge")).float()
+    mark = torch.from_numpy(np.pad(label[0][inside], pad)).float()
+    both = torch.nn.functional.interpolate(torch.stack([box, mark])[None], size=patch, mode="trilinear",
+                                           align_corners=False)[0]
+    return both[:1].numpy(), (both[1:] >= 0.5).numpy().astype(np.uint8)
+
+
 def sample_seed(seed: int, epoch: int, position: int) -> int:
     """The seed of global sample `position` of `epoch`: the same whatever rank draws it."""
     return int(np.random.default_rng([seed, epoch, position]).integers(0, 2**31 - 1))
@@ -337,11 +354,14 @@ class PatchSet(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """
 
     def __init__(self, volumes: list[SegVolume], patch: tuple[int, int, int], positive_share: float,
-                 samples: int, seed: int, thick_share: float = 0.0, balance_nodules: bool = False) -> None:
+                 samples: int, seed: int, thick_share: float = 0.0, balance_nodules: bool = False,
+                 scale_share: float = 0.0, scale_range: tuple[float, float] = (0.7, 1.4)) -> None:
         if not volumes:
             raise ValueError("no volumes to cut patches from")
-        self.volumes, self.patch, self.samples, self.seed = volumes, tuple(patch), samples, seed
+        self.volumes, self.samples, self.seed = volumes, samples, seed
+        self.patch: tuple[int, int, int] = (int(patch[0]), int(patch[1]), int(patch[2]))
         self.thick_share, self.balance_nodules = thick_share, balance_nodules
+        self.scale_share, self.scale_range = scale_share, scale_range
         self.crop = patch_crop(patch, positive_share)
         self.random = np.random.RandomState(0)
         self.set_epoch(1)
@@ -376,13 +396,18 @@ class PatchSet(Dataset[tuple[torch.Tensor, torch.Tensor]]):
                     out = self.crop(item)[0]
         finally:
             set_track_meta(True)
-        image = np.asarray(out["image"])
+        image, label = np.asarray(out["image"]), np.asarray(out["label"])
+        if self.scale_share:  # the same centre, its content shrunk or grown
+            rng = np.random.default_rng([seed, 3])
+            if rng.random() < self.scale_share:
+                centre = tuple(int(c) for c in self.crop.cropper.centers[0])
+                image, label = zoomed_patch(v.image, v.label, centre, self.patch, float(rng.uniform(*self.scale_range)))
         if self.thick_share:  # the label stays the 1 mm truth
             rng = np.random.default_rng([seed, 2])
             if rng.random() < self.thick_share:
                 thickness = int(rng.integers(2, 4))
                 image = thick_slices(image, thickness, int(rng.integers(0, thickness)))
-        return augment(image, np.asarray(out["label"]), np.random.default_rng([seed, 1]))
+        return augment(image, label, np.random.default_rng([seed, 1]))
 
 
 def rank_positions(samples: int, batch_size: int, rank: int, world: int) -> list[int]:

@@ -87,7 +87,7 @@ def fit(volumes: list[SegVolume], cfg: SegmentConfig, checkpoint: Path, *, seed:
     criterion = build_loss(cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.autocast_dtype == torch.float16)
     patches = PatchSet(volumes, cfg.patch, cfg.positive_share, cfg.patches_per_epoch, seed, cfg.thick_slice_share,
-                       cfg.balance_nodules)
+                       cfg.balance_nodules, cfg.scale_share, cfg.scale_range)
     positions = rank_positions(cfg.patches_per_epoch, cfg.batch_size, rank, size)
     epoch = start
     for epoch in range(start + 1, total + 1):

@@ -22,6 +22,7 @@ from dicomops.segmentation.data import (
     nodule_refs,
     rank_positions,
     read_volume,
+    zoomed_patch,
 )
 from dicomops.segmentation.model import (
     SubPixelUp3d,
@@ -188,6 +189,43 @@ def test_thick_slice_share_changes_images_not_labels(tmp_path: Path) -> None:
     assert varying >= 4
 
 
+def test_a_zoomed_patch_shows_the_same_centre_scaled(tmp_path: Path) -> None:
+    v = read_volume(_volume(tmp_path, "z"), "z", "ge", nodule_refs(RECORDS), PATCH)
+    centre = (12, 12, 10)  # inside the 4-voxel cube of nodule 1, which spans 10..13 on every axis
+    image, label = zoomed_patch(v.image, v.label, centre, PATCH, 1.0)
+    # At scale 1 it is the plain crop of the patch around the centre (MONAI's, start = centre - 8).
+    crop = (slice(4, 20), slice(4, 20), slice(2, 18))
+    assert np.array_equal(image[0], v.image[crop].astype(np.float32)) and np.array_equal(label, v.label[(slice(None), *crop)])
+    # Shrunk by half, the 4-voxel cube is 2 voxels wide, still at the centre; grown by 2, 8 voxels.
+    # (Shrunk, the box also reaches nodule 2, at 14-15 on the first two axes: left out here.)
+    for scale, width in ((0.5, 2), (2.0, 8)):
+        image, label = zoomed_patch(v.image, v.label, centre, PATCH, scale)
+        assert image.shape == label.shape == (1, *PATCH) and label.dtype == np.uint8
+        near = label[0, :12, :12, :12]
+        for axis in range(3):
+            assert near.any(axis=tuple(a for a in range(3) if a != axis)).sum() == width
+        assert label[0, 8, 8, 8] == 1 and image[0, 8, 8, 8] > 0.8
+    # Beyond the volume's edge the box is padded with its edge: no false border in the patch.
+    image, _ = zoomed_patch(v.image, v.label, (2, 2, 2), PATCH, 0.5)
+    assert image.min() >= 0.1 - 1e-3
+
+
+def test_scale_share_changes_some_patches_and_keeps_them_aligned(tmp_path: Path) -> None:
+    volume = read_volume(_volume(tmp_path, "s"), "s", "ge", nodule_refs(RECORDS), PATCH)
+    plain = PatchSet([volume], PATCH, 1.0, 24, seed=4)
+    scaled = PatchSet([volume], PATCH, 1.0, 24, seed=4, scale_share=0.5, scale_range=(0.5, 0.6))
+    changed = 0
+    for i in range(24):
+        (a, la), (b, lb) = plain[i], scaled[i]
+        if torch.equal(la, lb):
+            assert torch.equal(a, b)
+            continue
+        changed += 1
+        assert lb.sum() < la.sum()  # shrunk: fewer nodule voxels
+        assert (b[lb > 0] > 0.6).float().mean() > 0.9  # and the label still lies on the nodule
+    assert 4 <= changed <= 20
+
+
 def test_border_centres_take_their_share_of_the_background() -> None:
     others, border = np.arange(0, 300), np.arange(1000, 1050)
     out = border_centres(others, border, 0.25, seed=1)  # 100 border centres: each at least once
@@ -334,6 +372,9 @@ def test_the_config_refuses_sizes_the_network_cannot_halve() -> None:
         SegmentConfig(patch=(48, 48, 20))
     with pytest.raises(ValueError, match="one entry more"):
         SegmentConfig(channels=(8, 16), strides=(2, 2))
+    for bad in ((1.4, 0.7), (0.0, 1.2)):
+        with pytest.raises(ValueError, match="smaller first"):
+            SegmentConfig(scale_range=bad)
 
 
 def test_the_gate_speaks_of_the_metric_it_judges() -> None:
