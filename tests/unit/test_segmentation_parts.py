@@ -224,6 +224,12 @@ def test_scale_share_changes_some_patches_and_keeps_them_aligned(tmp_path: Path)
         assert lb.sum() < la.sum()  # shrunk: fewer nodule voxels
         assert (b[lb > 0] > 0.6).float().mean() > 0.9  # and the label still lies on the nodule
     assert 4 <= changed <= 20
+    # At scale 1 every patch is cut again around the crop's own centre: MONAI's patch, bit for bit.
+    mixed = PatchSet([volume], PATCH, 0.5, 24, seed=4)  # nodule and background centres
+    same = PatchSet([volume], PATCH, 0.5, 24, seed=4, scale_share=1.0, scale_range=(1.0, 1.0))
+    for i in range(24):
+        (a, la), (b, lb) = mixed[i], same[i]
+        assert torch.equal(a, b) and torch.equal(la, lb)
 
 
 def test_border_centres_take_their_share_of_the_background() -> None:
