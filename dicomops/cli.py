@@ -556,7 +556,8 @@ def online(
                              feedback=cfg.feedback)
     scaling = ray_app.Scaling(serve.replicas, serve.max_batch, serve.batch_wait_ms / 1000)
     try:
-        launched = ray_app.launch(options, scaling, serve.host, serve.port, redis_port, serve.cache_maxmemory_mb)
+        launched = ray_app.launch(options, scaling, serve.host, serve.port, redis_port, serve.cache_maxmemory_mb,
+                                  serve.ready_timeout_s)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         console.print(f"[red]cannot serve:[/] {escape(str(err))}")
         raise typer.Exit(2) from err

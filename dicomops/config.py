@@ -466,6 +466,10 @@ class ServeConfig(_Section):
     replicas: int = Field(1, ge=1, description="Scoring replicas (on the engine's cluster mode beyond one machine).")
     max_batch: int = Field(32, ge=1, le=1024, description="Dynamic batching: most slabs in one engine call.")
     batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="Dynamic batching: longest wait to fill a batch.")
+    ready_timeout_s: float = Field(300.0, gt=0, le=3600, description=(
+        "Longest wait for the online service to answer through Ray's HTTP proxy once started. Ray gives its "
+        "proxy a fixed 60 s and then fails the start, though the proxy goes on starting; on 2 busy cores it took "
+        "longer, so the service waits by itself."))
 
 
 class FeedbackConfig(_Section):

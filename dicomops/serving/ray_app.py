@@ -23,6 +23,7 @@ environment and never pass through Ray's object store.
 import asyncio
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -193,9 +194,42 @@ def build_app(options: Any, scaling: Scaling) -> Any:
     return InferenceService.bind(options, scaling)  # type: ignore[attr-defined]
 
 
-def start(options: Any, scaling: Scaling, host: str = "127.0.0.1", port: int = 8300) -> str:
-    """Start (or join, with ``RAY_ADDRESS``) a Ray cluster, run the application and return its URL.
-    A local cluster binds to loopback and runs no dashboard."""
+def wait_until_serving(url: str, timeout_s: float, poll_s: float = 0.5) -> float:
+    """Wait until ``GET url/healthz`` answers 200; return the seconds waited. Raises
+    ``RuntimeError`` that says what to change when `timeout_s` passes first."""
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never the environment's proxy
+    start = time.monotonic()
+    last = "no answer"
+    while True:
+        try:
+            with opener.open(f"{url}/healthz", timeout=max(poll_s, 1.0)) as answer:
+                if answer.status == 200:
+                    return time.monotonic() - start
+                last = f"HTTP {answer.status}"
+        except urllib.error.HTTPError as err:
+            last = f"HTTP {err.code}"
+        except (urllib.error.URLError, OSError) as err:
+            last = str(getattr(err, "reason", err))
+        if time.monotonic() - start >= timeout_s:
+            raise RuntimeError(f"the online service did not answer at {url}/healthz within {timeout_s:.0f} s "
+                               f"(last: {last}); on a busy host raise serve.ready_timeout_s, or see Ray's logs "
+                               f"under /tmp/ray/session_latest/logs")
+        time.sleep(poll_s)
+
+
+def start(options: Any, scaling: Scaling, host: str = "127.0.0.1", port: int = 8300,
+          ready_timeout_s: float = 300.0) -> str:
+    """Start (or join, with ``RAY_ADDRESS``) a Ray cluster, run the application and return its URL
+    once it answers. A local cluster binds to loopback and runs no dashboard.
+
+    Ray waits a fixed 60 s for its HTTP proxy (``HTTP_PROXY_TIMEOUT``, not configurable) and then
+    raises ``TimeoutError`` while the proxy goes on starting: in CI on 2 cores shared with two
+    trainings it needed longer. So that wait's failure is only logged, and the service waits for
+    its own ``/healthz`` through the proxy, up to `ready_timeout_s` (``serve.ready_timeout_s``).
+    """
     address = os.environ.get("RAY_ADDRESS")
     if not address:
         # A single-node Ray whose every server (GCS, raylet, workers) listens on loopback only: the
@@ -217,9 +251,21 @@ def start(options: Any, scaling: Scaling, host: str = "127.0.0.1", port: int = 8
             # in Ray's session folder instead of being echoed to this terminal per request.
             ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
                      num_cpus=max(os.cpu_count() or 1, scaling.replicas))
-    serve.start(http_options={"host": host, "port": port}, detached=False)
-    serve.run(build_app(options, scaling), name=APP_NAME, route_prefix="/", blocking=False)
-    return f"http://{host}:{port}"
+    url = f"http://{host}:{port}"
+    # The health probe goes to loopback when the service listens on every interface.
+    probe = {"0.0.0.0": f"http://127.0.0.1:{port}", "::": f"http://[::1]:{port}"}.get(host, url)
+    try:
+        serve.start(http_options={"host": host, "port": port}, detached=False)
+        try:
+            serve.run(build_app(options, scaling), name=APP_NAME, route_prefix="/", blocking=False)
+        except TimeoutError as err:  # Ray's own 60 s for its proxy; the application is deployed
+            log.warning("Ray Serve: %s; waiting up to %.0f s for %s/healthz", err, ready_timeout_s, probe)
+        waited = wait_until_serving(probe, ready_timeout_s)
+    except BaseException:
+        stop()
+        raise
+    log.info("online service answering at %s, %.1f s after Ray Serve returned", url, waited)
+    return url
 
 
 def stop() -> None:
@@ -252,7 +298,7 @@ class Launched:
 
 
 def launch(options: Any, scaling: Scaling, host: str, port: int, redis_port: int | None,
-           redis_maxmemory_mb: int) -> Launched:
+           redis_maxmemory_mb: int, ready_timeout_s: float = 300.0) -> Launched:
     """The service with its cache: ``DICOMOPS_REDIS_URL`` when set; else, with `redis_port`, a
     Redis started here (needs ``DICOMOPS_REDIS_PASSWORD``); else no cache. The replicas inherit the
     environment, so they find the same Redis."""
@@ -268,7 +314,7 @@ def launch(options: Any, scaling: Scaling, host: str, port: int, redis_port: int
         os.environ[URL_ENV] = redis.url
         cache = f"Redis at {redis.url} (started here, {redis_maxmemory_mb} MB, LRU)"
     try:
-        url = start(options, scaling, host, port)
+        url = start(options, scaling, host, port, ready_timeout_s)
     except BaseException:
         if redis is not None:
             redis.stop()

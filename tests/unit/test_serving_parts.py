@@ -195,3 +195,53 @@ def test_a_version_without_an_export_is_named_with_the_command_that_exports_it()
     bare = SimpleNamespace(name="m", version="3", tags={"cv.auc": "0.9"})
     assert "dicomops export --version 3" in str(unexported_champion(bare))
     assert unexported_champion(SimpleNamespace(name="m", version="3", tags={"export.onnx.sha256": "ab"})) is None
+
+
+def test_the_service_start_waits_for_its_own_health_route_and_says_what_to_change() -> None:
+    """Ray gives its HTTP proxy a fixed 60 s; the service then waits for its own /healthz, as long
+    as serve.ready_timeout_s allows: through 503s and refused connections to the first 200."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from dicomops.serving.ray_app import wait_until_serving
+
+    asked: list[str] = []
+
+    class Proxy(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send_response(200 if len(asked) > 3 else 503)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with socket.socket() as s:  # a port nobody listens on for 0.3 s: connections refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    servers: list[ThreadingHTTPServer] = []
+
+    def listen_late() -> None:
+        servers.append(ThreadingHTTPServer(("127.0.0.1", port), Proxy))
+        servers[0].serve_forever(poll_interval=0.05)
+
+    late = threading.Timer(0.3, listen_late)
+    late.start()
+    try:
+        waited = wait_until_serving(f"http://127.0.0.1:{port}", timeout_s=10, poll_s=0.05)
+        assert asked == ["/healthz"] * 4  # three 503s, then the 200 it returned on
+        assert 0.3 <= waited < 10
+        server = servers[0]
+        asked.clear()
+        server.RequestHandlerClass = type("Down", (Proxy,), {"do_GET": lambda self: (
+            self.send_response(503), self.end_headers())})
+        tick = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"within 1 s \(last: HTTP 503\).*serve\.ready_timeout_s"):
+            wait_until_serving(f"http://127.0.0.1:{port}", timeout_s=1, poll_s=0.05)
+        assert 1 <= time.monotonic() - tick < 5
+    finally:
+        late.cancel()
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+        late.join()
