@@ -18,7 +18,8 @@ is a smoke check of under two minutes).
 2. Inference: ``probability`` (Gaussian sliding windows of ``roi``) on whole volumes in the automatic
    precision against float32 (not with ``--quick``), seconds per series after one warm-up volume; its
    inference form (``for_inference``: sub-pixel up-sampling where it pays) against the network as
-   trained, in the same precision; and the peak RSS of a fresh spawned process that builds the
+   trained, in the same precision; its crop (the lungs' box, ``data.lung_box``) against the body's
+   box it replaced; and the peak RSS of a fresh spawned process that builds the
    model, reads one volume and scores it (targets: ≤ 10 s per series, ≤ 3 GB).
 3. The actionable call (``dicomops.segmentation.actionable``) on fold 0's out-of-fold probability
    maps (after ``dicomops segment``): what it adds per series (the findings with their solid parts,
@@ -72,7 +73,8 @@ from dicomops.segmentation.data import (
     series_table,
 )
 from dicomops.segmentation.metrics import findings
-from dicomops.segmentation.model import build_loss, build_segmenter, probability, window_probability
+from dicomops.segmentation import model as segmentation_model
+from dicomops.segmentation.model import BODY_MARGIN, build_loss, build_segmenter, probability, window_probability
 from dicomops.training.loop import choose_precision, seed_everything
 
 KEYS = ["image", "label"]
@@ -281,6 +283,14 @@ def inference(layout: WorkLayout, ids: list[str], cfg: SegmentConfig, tmp: Path,
     print(f"inference form (sub-pixel up-sampling where it pays, {cfg.precision}): {np.mean(times[cfg.precision]):.2f} "
           f"s per series against {np.mean(plain):.2f} s for the network as trained: "
           f"{np.mean(plain) / np.mean(times[cfg.precision]):.2f}x")
+    # The baseline of the crop: the same inference form over the body's box, as before 2026-12-05.
+    with mock.patch.object(segmentation_model, "lung_box", data.body_box):
+        body = seconds_per_series(volumes, lambda image: probability(model, image, cfg, precision.autocast()))
+    share = np.median([np.prod([s.stop - s.start for s in data.lung_box(v.image, BODY_MARGIN, cfg.roi)])
+                       / np.prod([s.stop - s.start for s in data.body_box(v.image, BODY_MARGIN, cfg.roi)])
+                       for v in volumes])
+    print(f"over the lungs' box ({share:.0%} of the body's box, median): {np.mean(times[cfg.precision]):.2f} s per "
+          f"series against {np.mean(body):.2f} s over the body's box: {np.mean(body) / np.mean(times[cfg.precision]):.2f}x")
     base = float(np.mean(times.get("fp32", [np.nan])))
     print(f"{'precision':24s} {'s/series mean':>13s} {'max':>6s} {'speed vs fp32':>13s}")
     for setting, seconds in times.items():

@@ -212,19 +212,49 @@ def read_volume(path: Path, series: str, vendor: str, nodules: list[NoduleRef],
 def body_box(image: np.ndarray, margin: int, minimum: tuple[int, int, int]) -> tuple[slice, slice, slice]:
     """The box around the body (voxels above :data:`BODY_LEVEL`, so not the air around the
     patient), grown by `margin` voxels and to at least `minimum` per axis, inside the volume.
-
-    Nodules lie in the lungs, inside the body: the segmenter scores this box only (a third of a
-    CT volume's voxels are air outside the patient). The whole volume when nothing is body.
+    The whole volume when nothing is body.
     """
-    shape = image.shape
+    _check_box_args(image, minimum)
+    return _at_least(mask_box(above(image, BODY_LEVEL), margin), image.shape, minimum)
+
+
+def lung_box(image: np.ndarray, margin: int, minimum: tuple[int, int, int]) -> tuple[slice, slice, slice]:
+    """The box around the lungs (body voxels below :data:`LUNG_LEVEL`, opened by
+    :data:`BORDER_OPENING` so that the skin's partial-volume rim, air in a fold of the gown and
+    noise are not lung), grown by `margin` voxels and to at least `minimum` per axis; the body's
+    box (:func:`body_box`) where no lung is found.
+
+    Nodules lie in the lungs, juxta-pleural ones against their wall: the segmenter scores this box
+    only. Anything else at air density inside the body (trachea, bowel gas) only widens it.
+    """
+    _check_box_args(image, minimum)
+    body = above(image, BODY_LEVEL)
+    outer = mask_box(body, 0)
+    found = None
+    if outer is not None:
+        inner = mask_box(_open(body[outer] & below(image[outer], LUNG_LEVEL), BORDER_OPENING), 0)
+        if inner is not None:
+            found = tuple(slice(max(o.start + i.start - margin, 0), min(o.start + i.stop + margin, n))
+                          for o, i, n in zip(outer, inner, image.shape, strict=True))
+    if found is None:
+        found = mask_box(body, margin)
+    return _at_least(found, image.shape, minimum)
+
+
+def _check_box_args(image: np.ndarray, minimum: tuple[int, int, int]) -> None:
     if image.ndim != 3 or len(minimum) != 3:
-        raise ValueError(f"image must be an (I, J, K) volume and minimum three sizes, got {shape} and {minimum}")
-    found = mask_box(above(image, BODY_LEVEL), margin)
+        raise ValueError(f"image must be an (I, J, K) volume and minimum three sizes, got {image.shape} and {minimum}")
+
+
+def _at_least(found: tuple[slice, ...] | None, shape: tuple[int, ...],
+              minimum: tuple[int, int, int]) -> tuple[slice, slice, slice]:
+    """`found` (the whole volume where None) grown to at least `minimum` per axis inside `shape`:
+    centred where it can be, shifted inward at the volume's edges."""
     box = []
     for axis in range(3):
         lo, hi = (found[axis].start, found[axis].stop) if found is not None else (0, shape[axis])
         need = min(minimum[axis], shape[axis])
-        if hi - lo < need:  # centred where it can be, shifted inward at the volume's edges
+        if hi - lo < need:
             lo = min(max(0, lo - (need - (hi - lo)) // 2), shape[axis] - need)
             hi = lo + need
         box.append(slice(lo, hi))

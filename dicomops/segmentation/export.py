@@ -4,7 +4,7 @@ The exported graph is the UNet alone, ``image → logits``, with a dynamic batch
 spatial axes (each a multiple of the product of the strides, which the UNet's skip connections
 need). The sliding window stays outside the graph: :func:`onnx_probability` runs the torch path's own
 :func:`dicomops.segmentation.model.window_probability` (MONAI's ``sliding_window_inference`` over the
-body's box, same window, overlap, Gaussian blending and replicate padding), calling the session for
+lungs' box, same window, overlap, Gaussian blending and replicate padding), calling the session for
 each batch of windows. Logits are blended and the sigmoid comes last, as in the torch path, so the two agree to
 float rounding; a graph ending in a sigmoid would blend probabilities and differ at the seams.
 """
@@ -24,7 +24,7 @@ import torch
 from dicomops.config import SegmentConfig
 from dicomops.errors import ExportCheckError
 from dicomops.export.onnx_export import session, set_metadata, sha256
-from dicomops.segmentation.data import BODY_LEVEL
+from dicomops.segmentation.data import BODY_LEVEL, BORDER_OPENING, LUNG_LEVEL
 from dicomops.segmentation.model import BODY_MARGIN, probability, window_probability
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,9 @@ def inference_settings(cfg: SegmentConfig) -> dict[str, Any]:
         "output": "logits; blend windows, then sigmoid",
         "spatial_multiple": spatial_multiple(cfg),
         "roi": list(cfg.roi), "overlap": cfg.overlap, "blend": "gaussian", "padding_mode": "replicate",
-        "crop": f"box of the voxels > {BODY_LEVEL} grown by {BODY_MARGIN}, at least roi; probability 0 "
-                f"outside it and wherever the input is <= {BODY_LEVEL} (air)",
+        "crop": f"box of the lungs (voxels > {BODY_LEVEL} and < {LUNG_LEVEL}, opened by a cube of "
+                f"{BORDER_OPENING}; the voxels > {BODY_LEVEL} where there are none) grown by {BODY_MARGIN}, at "
+                f"least roi; probability 0 outside it and wherever the input is <= {BODY_LEVEL} (air)",
         "threshold": cfg.threshold, "channels": list(cfg.channels), "strides": list(cfg.strides),
     }
 
@@ -93,7 +94,7 @@ def _check_volume(image: np.ndarray) -> np.ndarray:
     if image.ndim != 3:
         raise ValueError(f"image must be one (I, J, K) volume, got shape {image.shape}; "
                          "drop batch and channel axes")
-    # As it is: window_probability converts the body's box alone, with torch.
+    # As it is: window_probability converts the lungs' box alone, with torch.
     return np.asarray(image)
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from dicomops.config import SegmentConfig
-from dicomops.segmentation.data import BODY_LEVEL, above, body_box
+from dicomops.segmentation.data import BODY_LEVEL, above, lung_box
 
 
 def build_segmenter(cfg: SegmentConfig) -> torch.nn.Module:
@@ -117,23 +117,24 @@ def for_inference(model: torch.nn.Module) -> torch.nn.Module:
     return net
 
 
-BODY_MARGIN = 8  # voxels of context kept around the body box (see data.body_box)
+BODY_MARGIN = 8  # voxels of context kept around the lungs' box (see data.lung_box)
 
 
 def window_probability(predict: Callable[[torch.Tensor], torch.Tensor], image: np.ndarray,
                        cfg: SegmentConfig) -> np.ndarray:
     """Nodule probability of every voxel of an (X, Y, Z) volume from `predict` (a batch of windows
     → their logits), by MONAI's Gaussian-weighted sliding windows of ``cfg.roi``, ``cfg.sw_batch_size``
-    windows per call, over the body's box only; voxels at air density are 0.
+    windows per call, over the lungs' box only (:func:`~dicomops.segmentation.data.lung_box`; 0 outside
+    it); voxels at air density are 0.
 
     Logits are blended and the sigmoid comes last. The torch model and the ONNX session both go
     through here, so they agree to float rounding.
     """
     from monai.inferers import sliding_window_inference
 
-    box = body_box(image, BODY_MARGIN, cfg.roi)
+    box = lung_box(image, BODY_MARGIN, cfg.roi)
     # numpy copies the box in its own type and torch converts it: the cache's float16 to float32 in
-    # 6 ms where numpy takes 44 (a typical body box)
+    # 6 ms where numpy takes 44 (a typical body's box)
     x = torch.from_numpy(np.ascontiguousarray(image[box])).to(torch.float32)[None, None]
     logits = sliding_window_inference(x, tuple(cfg.roi), cfg.sw_batch_size, predict, overlap=cfg.overlap,
                                       mode="gaussian", padding_mode="replicate")

@@ -18,6 +18,7 @@ from dicomops.segmentation.data import (
     border_centres,
     epoch_volumes,
     lung_border,
+    lung_box,
     nodule_balanced,
     nodule_refs,
     rank_positions,
@@ -353,21 +354,37 @@ def test_body_box_keeps_the_body_a_margin_and_at_least_a_window() -> None:
     assert body_box(np.ones((5, 6, 7)), 3, (64, 64, 64)) == (slice(0, 5), slice(0, 6), slice(0, 7))
 
 
-def test_inference_scores_the_body_only_and_matches_the_uncropped_window_inside() -> None:
+def test_the_lungs_box_leaves_out_the_chest_wall_the_skins_rim_and_small_gas() -> None:
+    image = np.full((80, 64, 32), 0.1, np.float32)  # air
+    image[10:70, 8:56, :] = 0.6  # the body
+    image[20:35, 16:40, 4:28] = image[45:60, 16:40, 4:28] = 0.35  # two lungs
+    image[10, 8:56, :] = 0.35  # the skin's partial-volume rim: one voxel thin
+    image[65:68, 50:53, 10:13] = 0.35  # a gas bubble smaller than the opening's cube
+    assert lung_box(image, 2, (8, 8, 8)) == (slice(18, 62), slice(14, 42), slice(2, 30))
+    assert body_box(image, 2, (8, 8, 8)) == (slice(8, 72), slice(6, 58), slice(0, 32))
+    assert lung_box(image, 0, (8, 32, 8)) == (slice(20, 60), slice(12, 44), slice(4, 28))  # at least a window
+    image[image == 0.35] = 0.6  # no lung: the body's box
+    assert lung_box(image, 2, (8, 8, 8)) == body_box(image, 2, (8, 8, 8))
+    assert lung_box(np.zeros((5, 6, 7)), 3, (4, 4, 4)) == (slice(0, 5), slice(0, 6), slice(0, 7))  # nothing at all
+
+
+def test_inference_scores_the_lungs_box_only_and_matches_the_uncropped_window_inside() -> None:
     cfg = SegmentConfig(channels=(4, 8), strides=(2,), patch=(16, 16, 16), roi=(16, 16, 16), precision="fp32",
                         sw_batch_size=5)
     model = build_segmenter(cfg)
     rng = np.random.default_rng(1)
     image = np.full((80, 64, 32), 0.1, np.float32)  # air
-    image[24:56, 16:48, :] = 0.3 + 0.5 * rng.random((32, 32, 32), dtype=np.float32)  # the body
+    image[16:64, 8:56, :] = 0.5 + 0.3 * rng.random((48, 48, 32), dtype=np.float32)  # the body
+    image[24:56, 24:40, :] = 0.3 + 0.1 * rng.random((32, 16, 32), dtype=np.float32)  # lung
     prob = probability(model, image, cfg)
-    box = body_box(image, 8, (16, 16, 16))
-    assert box == (slice(16, 64), slice(8, 56), slice(0, 32))
+    box = lung_box(image, 8, (16, 16, 16))
+    assert box == (slice(16, 64), slice(16, 48), slice(0, 32))  # the body is wider on j
+    assert body_box(image, 8, (16, 16, 16)) == (slice(8, 72), slice(0, 64), slice(0, 32))
     outside = np.ones(image.shape, bool)
     outside[box] = False
-    assert prob[outside].max() == 0.0
     body = image > BODY_LEVEL
-    assert prob[body].min() > 0.0 and prob[~body].max() == 0.0  # nothing at air density is nodule
+    assert (body & outside).any() and prob[outside].max() == 0.0  # chest wall beyond the box: not scored
+    assert prob[body & ~outside].min() > 0.0 and prob[~body].max() == 0.0  # nothing at air density is nodule
     # The same windows on the box alone: the crop changes where they are cut, nothing else.
     alone = probability(model, np.ascontiguousarray(image[box]), cfg)
     np.testing.assert_allclose(prob[box], alone, atol=1e-6)
