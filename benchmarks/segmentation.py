@@ -63,6 +63,7 @@ from torch.utils.data import DataLoader
 from dicomops.config import PreprocessConfig, SegmentConfig
 from dicomops.layout import WorkLayout
 from dicomops.segmentation import actionable, data
+from dicomops.segmentation import model as segmentation_model
 from dicomops.segmentation.cv import PREDICTION_SCALE
 from dicomops.segmentation.data import (
     BODY_LEVEL,
@@ -73,8 +74,13 @@ from dicomops.segmentation.data import (
     series_table,
 )
 from dicomops.segmentation.metrics import findings
-from dicomops.segmentation import model as segmentation_model
-from dicomops.segmentation.model import BODY_MARGIN, build_loss, build_segmenter, probability, window_probability
+from dicomops.segmentation.model import (
+    BODY_MARGIN,
+    build_loss,
+    build_segmenter,
+    probability,
+    window_probability,
+)
 from dicomops.training.loop import choose_precision, seed_everything
 
 KEYS = ["image", "label"]
