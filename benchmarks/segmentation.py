@@ -75,15 +75,16 @@ from dicomops.segmentation.data import (
 )
 from dicomops.segmentation.metrics import findings
 from dicomops.segmentation.model import (
-    BODY_MARGIN,
     build_loss,
     build_segmenter,
+    crop_margin,
     probability,
     window_probability,
 )
 from dicomops.training.loop import choose_precision, seed_everything
 
 KEYS = ["image", "label"]
+OLD_BODY_MARGIN = 8  # the segmenter's crop before the lungs' box
 THREADS = 2
 
 
@@ -289,12 +290,15 @@ def inference(layout: WorkLayout, ids: list[str], cfg: SegmentConfig, tmp: Path,
     print(f"inference form (sub-pixel up-sampling where it pays, {cfg.precision}): {np.mean(times[cfg.precision]):.2f} "
           f"s per series against {np.mean(plain):.2f} s for the network as trained: "
           f"{np.mean(plain) / np.mean(times[cfg.precision]):.2f}x")
-    # The baseline of the crop: the same inference form over the body's box, as before 2026-12-05.
-    with mock.patch.object(segmentation_model, "lung_box", data.body_box):
+    # The baseline of the crop: the same inference form over the body's box grown by 8 voxels, as
+    # before 2026-12-05.
+    def body_box(image: np.ndarray, margin: int, minimum: tuple[int, int, int]) -> tuple[slice, slice, slice]:
+        return data.body_box(image, OLD_BODY_MARGIN, minimum)
+
+    with mock.patch.object(segmentation_model, "lung_box", body_box):
         body = seconds_per_series(volumes, lambda image: probability(model, image, cfg, precision.autocast()))
-    share = np.median([np.prod([s.stop - s.start for s in data.lung_box(v.image, BODY_MARGIN, cfg.roi)])
-                       / np.prod([s.stop - s.start for s in data.body_box(v.image, BODY_MARGIN, cfg.roi)])
-                       for v in volumes])
+    share = np.median([np.prod([s.stop - s.start for s in data.lung_box(v.image, crop_margin(cfg), cfg.roi)])
+                       / np.prod([s.stop - s.start for s in body_box(v.image, 0, cfg.roi)]) for v in volumes])
     print(f"over the lungs' box ({share:.0%} of the body's box, median): {np.mean(times[cfg.precision]):.2f} s per "
           f"series against {np.mean(body):.2f} s over the body's box: {np.mean(body) / np.mean(times[cfg.precision]):.2f}x")
     base = float(np.mean(times.get("fp32", [np.nan])))

@@ -25,7 +25,7 @@ from dicomops.config import SegmentConfig
 from dicomops.errors import ExportCheckError
 from dicomops.export.onnx_export import session, set_metadata, sha256
 from dicomops.segmentation.data import BODY_LEVEL, BORDER_OPENING, LUNG_LEVEL
-from dicomops.segmentation.model import BODY_MARGIN, probability, window_probability
+from dicomops.segmentation.model import crop_margin, probability, window_probability
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def inference_settings(cfg: SegmentConfig) -> dict[str, Any]:
         "spatial_multiple": spatial_multiple(cfg),
         "roi": list(cfg.roi), "overlap": cfg.overlap, "blend": "gaussian", "padding_mode": "replicate",
         "crop": f"box of the lungs (voxels > {BODY_LEVEL} and < {LUNG_LEVEL}, opened by a cube of "
-                f"{BORDER_OPENING}; the voxels > {BODY_LEVEL} where there are none) grown by {BODY_MARGIN}, at "
+                f"{BORDER_OPENING}; the voxels > {BODY_LEVEL} where there are none) grown by {crop_margin(cfg)}, at "
                 f"least roi; probability 0 outside it and wherever the input is <= {BODY_LEVEL} (air)",
         "threshold": cfg.threshold, "channels": list(cfg.channels), "strides": list(cfg.strides),
     }
