@@ -18,6 +18,7 @@ rule for what a finding is) nor another volume reuses them.
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from pathlib import Path
@@ -74,12 +75,18 @@ def series_slice_scores(model: torch.nn.Module, image: np.ndarray, cfg: SegmentC
 SCORES_MODULES = ("dicomops.segmentation", "dicomops.training.loop", "dicomops.training.data")
 
 
+@functools.cache
 def scores_code() -> str:
     """Hash of the code that turns a preprocessed volume into a segmenter's slice scores: the
     segmentation package, the precision it infers in (``training.loop.choose_precision``) and the
     volume's reader (``training.data.load_volume``). What the cached scores are keyed by besides the
     run; the segment stage's other modules (MLflow's helpers in ``dicomops.tracking``) change no
-    score, and keying by them scored every series again after a change to ``dicomops compare``."""
+    score, and keying by them scored every series again after a change to ``dicomops compare``.
+
+    Read once per process, as the code is: source changed on disk under a running process (an
+    editable install being edited) would otherwise key what the old code computes with the new
+    code's hash, and a later process would read it as its own (seen 2026-12-05: an export
+    scored under a new key with the code it had imported before)."""
     return stages.code_hash(*SCORES_MODULES)
 
 

@@ -446,3 +446,17 @@ def test_the_inference_form_rewrites_only_the_narrow_up_sampling_and_scores_alik
     expected = probability(model, image, cfg)
     with mock.patch("dicomops.segmentation.model.for_inference", side_effect=AssertionError("copied again")):
         assert np.array_equal(probability(net, image, cfg, prepared=True), expected)
+
+
+def test_the_teachers_cache_key_is_the_code_this_process_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Source edited on disk under a running process must not re-key what its imported code computes."""
+    from dicomops import stages
+    from dicomops.segmentation import teacher
+
+    teacher.scores_code.cache_clear()
+    first = teacher.scores_code()
+    assert first == stages.code_hash(*teacher.SCORES_MODULES)
+    monkeypatch.setattr(stages, "_read_source", lambda path: b"edited since")
+    assert stages.code_hash(*teacher.SCORES_MODULES) != first  # what the disk now says
+    assert teacher.scores_code() == first  # what this process runs
+    teacher.scores_code.cache_clear()
