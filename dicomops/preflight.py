@@ -10,6 +10,7 @@ run within ``DICOMOPS_HTTP_BUDGET_S`` (default 2 minutes), Prefect's task retrie
 from __future__ import annotations
 
 import os
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -71,6 +72,32 @@ def check_servers(servers: list[Server], timeout: float = PROBE_TIMEOUT_S) -> No
         if why is not None:
             raise ServerUnreachableError(f"{server.name} at {server.url} (from {server.setting}) does not answer "
                                          f"({why}); {server.fix}")
+
+
+def wait_healthy(url: str, timeout_s: float, *, name: str, fix: str, poll_s: float = 0.5) -> float:
+    """Poll ``GET url`` until it answers 200 (a server this process just started); return the
+    seconds waited. Never through the environment's HTTP proxy: these servers are on loopback.
+
+    Raises:
+        TimeoutError: no 200 within `timeout_s`; the message names `name`, the last answer or
+            error, and `fix`.
+    """
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    start = time.monotonic()
+    last = "no answer"
+    while True:
+        try:
+            with opener.open(url, timeout=max(poll_s, 1.0)) as answer:
+                if answer.status == 200:
+                    return time.monotonic() - start
+                last = f"HTTP {answer.status}"
+        except urllib.error.HTTPError as err:
+            last = f"HTTP {err.code}"
+        except OSError as err:  # URLError included
+            last = str(getattr(err, "reason", err))
+        if time.monotonic() - start >= timeout_s:
+            raise TimeoutError(f"{name} did not answer at {url} within {timeout_s:.0f} s (last: {last}); {fix}")
+        time.sleep(poll_s)
 
 
 def reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:

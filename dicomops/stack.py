@@ -39,6 +39,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any, cast
 
+from dicomops import preflight
 from dicomops.pacs.client import PASSWORD_ENV, URL_ENV, USER_ENV, PacsCredentials, server_address
 from dicomops.pacs.orthanc import DEFAULT_STABLE_AGE_S, OrthancProcess
 
@@ -245,17 +246,8 @@ def _prefect(*args: str) -> list[str]:
 
 
 def wait_healthy(api_url: str, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{api_url}/health", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1.0)
-    raise TimeoutError(f"the Prefect server at {api_url} did not become healthy within {timeout:.0f} s; "
-                       "see its log above (is the port taken?)")
+    preflight.wait_healthy(f"{api_url}/health", timeout, name="the Prefect server", poll_s=1.0,
+                           fix="see its log above (is the port taken?)")
 
 
 def server_env(project: Path, api_url: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:

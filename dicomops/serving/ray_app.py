@@ -23,7 +23,6 @@ environment and never pass through Ray's object store.
 import asyncio
 import logging
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -195,29 +194,16 @@ def build_app(options: Any, scaling: Scaling) -> Any:
 
 
 def wait_until_serving(url: str, timeout_s: float, poll_s: float = 0.5) -> float:
-    """Wait until ``GET url/healthz`` answers 200; return the seconds waited. Raises
-    ``RuntimeError`` that says what to change when `timeout_s` passes first."""
-    import urllib.error
-    import urllib.request
+    """Wait until ``GET url/healthz`` answers 200 (:func:`dicomops.preflight.wait_healthy`); return
+    the seconds waited. Raises ``RuntimeError``, which ``dicomops online`` reports, saying what to change."""
+    from dicomops import preflight
 
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never the environment's proxy
-    start = time.monotonic()
-    last = "no answer"
-    while True:
-        try:
-            with opener.open(f"{url}/healthz", timeout=max(poll_s, 1.0)) as answer:
-                if answer.status == 200:
-                    return time.monotonic() - start
-                last = f"HTTP {answer.status}"
-        except urllib.error.HTTPError as err:
-            last = f"HTTP {err.code}"
-        except (urllib.error.URLError, OSError) as err:
-            last = str(getattr(err, "reason", err))
-        if time.monotonic() - start >= timeout_s:
-            raise RuntimeError(f"the online service did not answer at {url}/healthz within {timeout_s:.0f} s "
-                               f"(last: {last}); on a busy host raise serve.ready_timeout_s, or see Ray's logs "
-                               f"under /tmp/ray/session_latest/logs")
-        time.sleep(poll_s)
+    try:
+        return preflight.wait_healthy(f"{url}/healthz", timeout_s, name="the online service", poll_s=poll_s,
+                                      fix="on a busy host raise serve.ready_timeout_s, or see Ray's logs under "
+                                          "/tmp/ray/session_latest/logs")
+    except TimeoutError as err:
+        raise RuntimeError(str(err)) from None
 
 
 def start(options: Any, scaling: Scaling, host: str = "127.0.0.1", port: int = 8300,
