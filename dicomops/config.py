@@ -389,8 +389,9 @@ class ExportConfig(_Section):
     qat_epochs: int = Field(1, ge=1, le=50, description="Epochs of quantisation-aware fine-tuning.")
     qat_learning_rate: float = Field(1e-4, gt=0)
     int8_held_out: bool = Field(False, description=(
-        "Also judge FP32, PTQ and QAT INT8 of every fold's model on that fold's validation series (needs the "
-        "version's fold models; several minutes per fold on 2 cores)."))
+        "Also judge FP32, PTQ and QAT INT8 of every fold's model on that fold's validation series, and the same "
+        "fine-tune without fake quantisation as QAT's control, each against FP32 with a paired bootstrap "
+        "interval (needs the version's fold models; several minutes per fold on 2 cores)."))
     max_batch: int = Field(32, ge=1, le=1024, description="Largest batch of the engines and of Triton.")
     preferred_batch_sizes: tuple[int, ...] = Field((8, 16, 32), description="Triton dynamic batching.")
     max_queue_delay_us: int = Field(2000, ge=0, description="Triton waits this long to fill a batch.")

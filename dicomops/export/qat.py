@@ -88,7 +88,8 @@ class Teacher:
 
 
 def finetune(model: torch.nn.Module, train: SlabSet, *, epochs: int, learning_rate: float, batch_size: int = 32,
-             seed: int = 0, teacher: Teacher | None = None) -> tuple[torch.nn.Module, torch.fx.GraphModule]:
+             seed: int = 0, teacher: Teacher | None = None,
+             fake_quantise: bool = True) -> tuple[torch.nn.Module, torch.fx.GraphModule]:
     """Fine-tune `model` with fake quantisation on `train` (augmented, class-weighted cross-entropy;
     with `teacher`, the distillation loss its training used,
     :func:`dicomops.training.distill.distillation_loss`).
@@ -99,15 +100,21 @@ def finetune(model: torch.nn.Module, train: SlabSet, *, epochs: int, learning_ra
     minimal student scored 0.480 on its held-out series against 0.629 in FP32; frozen, 0.688
     (2026-12-03).
 
+    Without `fake_quantise` the same fine-tune (the same batches, augmentations and steps) runs in
+    float, the quantisers only observing: the control that tells what the fine-tune itself does to a
+    version from what quantisation does (:func:`held_out`).
+
     Returns the float network carrying the QAT-trained weights and the converted PT2E program
     (integer weights, quantise/dequantise nodes).
     """
-    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e import disable_fake_quant, move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     torch.manual_seed(seed)
     prepared = prepare(model, train.x[:2].float())
     move_exported_model_to_eval(prepared)  # batch-norm statistics frozen, dropout off; gradients still flow
+    if not fake_quantise:
+        prepared.apply(disable_fake_quant)
     optimizer = torch.optim.AdamW(prepared.parameters(), lr=learning_rate, weight_decay=0.0)
     weight = class_weights(train.y)
     if teacher is not None and len(teacher.logits) != len(train.y):
@@ -116,6 +123,7 @@ def finetune(model: torch.nn.Module, train: SlabSet, *, epochs: int, learning_ra
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=dataset.collate, shuffle=True,
                         generator=torch.Generator().manual_seed(seed),
                         drop_last=len(train.y) > batch_size)
+    label = "quantisation-aware fine-tune" if fake_quantise else "float fine-tune (the control)"
     for epoch in range(epochs):
         total, seen, tick = 0.0, 0, time.perf_counter()
         for x, y, *soft in loader:
@@ -128,7 +136,7 @@ def finetune(model: torch.nn.Module, train: SlabSet, *, epochs: int, learning_ra
             loss.backward()
             optimizer.step()
             total, seen = total + loss.item() * len(y), seen + len(y)
-        progress.epoch("quantisation-aware fine-tune", epoch + 1, epochs,
+        progress.epoch(label, epoch + 1, epochs,
                        {"train_loss": total / max(seen, 1), "samples_per_second": seen / (time.perf_counter() - tick)})
     move_exported_model_to_eval(prepared)
     trained = copy.deepcopy(model).cpu().float()
@@ -243,8 +251,9 @@ def series_scores(path: Path, volumes: dict[str, np.ndarray], k: int, size: int,
             for uid, volume in volumes.items()}
 
 
-def held_out_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """Per engine: AUC per fold and vendor (pooled over the folds per vendor), and the mean over folds."""
+def held_out_table(rows: list[dict[str, Any]], resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Per engine: AUC per fold and vendor (pooled over the folds per vendor), the mean over folds, and
+    its difference from FP32's with a 95 % paired bootstrap interval (:func:`paired_difference`)."""
     from sklearn.metrics import roc_auc_score
 
     frame = pd.DataFrame(rows)
@@ -255,8 +264,47 @@ def held_out_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
                "pooled_auc": float(roc_auc_score(part.label, part.score)) if part.label.nunique() == 2 else float("nan")}
         for vendor, vp in part.groupby("vendor"):
             row[f"auc.{vendor}"] = float(roc_auc_score(vp.label, vp.score)) if vp.label.nunique() == 2 else float("nan")
+        if "fp32" in set(frame.engine):
+            row |= dict(zip(("vs_fp32", "vs_fp32_low", "vs_fp32_high"),
+                            paired_difference(frame, str(engine), "fp32", resamples, seed), strict=True))
         out.append(row)
     return pd.DataFrame(out)
+
+
+def _rank_auc(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """ROC AUC of each row (ties counted half, as scikit-learn's): the Mann-Whitney U over n₁·n₀; NaN
+    where a row holds one class."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(scores, axis=1)
+    n1 = labels.sum(axis=1)
+    n0 = labels.shape[1] - n1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        auc = ((ranks * labels).sum(axis=1) - n1 * (n1 + 1) / 2) / (n1 * n0)
+    return np.where((n1 > 0) & (n0 > 0), auc, np.nan)
+
+
+def paired_difference(frame: pd.DataFrame, engine: str, baseline: str, resamples: int = 2000,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """`engine`'s mean fold AUC minus `baseline`'s, and the 2.5th and 97.5th percentiles of that
+    difference over `resamples` paired bootstrap draws: each draw takes every fold's series with
+    replacement, and both engines are judged on the same draw. About 30 series per fold make a
+    difference of 0.005 hard to resolve; the interval says how hard."""
+    rng = np.random.default_rng(seed)
+    point, draws = [], []
+    for _, part in frame[frame.engine.isin([engine, baseline])].groupby("fold"):
+        wide = part.pivot_table(index="SeriesInstanceUID", columns="engine", values="score")
+        labels = part.drop_duplicates("SeriesInstanceUID").set_index("SeriesInstanceUID").label.loc[wide.index]
+        y = labels.to_numpy(dtype=float)
+        pick = np.vstack([np.arange(len(y)), rng.integers(0, len(y), (resamples, len(y)))])  # row 0: the data
+        aucs = {e: _rank_auc(wide[e].to_numpy()[pick], y[pick]) for e in (engine, baseline)}
+        point.append(aucs[engine][0] - aucs[baseline][0])
+        draws.append(aucs[engine][1:] - aucs[baseline][1:])
+    if not point:
+        return float("nan"), float("nan"), float("nan")
+    spread = np.nanmean(np.vstack(draws), axis=0)  # a fold whose draw holds one class sits that draw out
+    low, high = np.nanpercentile(spread, [2.5, 97.5])
+    return float(np.nanmean(point)), float(low), float(high)
 
 
 def teacher_of(layout: Any, tracking_uri: str, run_id: str, cfg: TrainConfig, train: SlabSet,
@@ -277,13 +325,22 @@ def teacher_of(layout: Any, tracking_uri: str, run_id: str, cfg: TrainConfig, tr
     return Teacher(logits, cfg.distill_alpha, cfg.distill_temperature)
 
 
+FINETUNED = "fp32-finetuned"  # held_out's control engine
+
+
 def held_out(layout: Any, tracking_uri: str, run_id: str, contract: InputContract, folder: Path, *, opset: int,
-             epochs: int, learning_rate: float, calibration_samples: int, float_head: bool = False) -> pd.DataFrame:
+             epochs: int, learning_rate: float, calibration_samples: int, float_head: bool = False,
+             control: bool = True) -> pd.DataFrame:
     """FP32, post-training INT8 and QAT INT8 of each fold's model, judged on that fold's validation
     series, which none of the three saw: the fold model trained without them, PTQ calibrates and
     QAT fine-tunes on the fold's training slabs only. Rows: one per (fold, engine, series). With
     `float_head` both INT8 graphs run their input-resolution convolutions in float
     (:func:`dicomops.export.quantize.keep_in_float`), as the served graph was chosen to.
+
+    With `control`, a fourth engine, ``fp32-finetuned``: each fold's model after the QAT fine-tune's
+    steps without fake quantisation (:func:`finetune`), in FP32. QAT against it is what quantisation
+    costs; FP32 against it is what the fine-tune itself does (more training, and away from the epoch
+    that early stopping chose on these very series).
 
     `run_id` is the version's training run; its fold runs hold the fold models (``weights/``).
     """
@@ -311,6 +368,10 @@ def held_out(layout: Any, tracking_uri: str, run_id: str, contract: InputContrac
         engines["int8-qat"] = quantize_qat(model, contract, train, where, opset=opset, epochs=epochs,
                                            learning_rate=learning_rate, calibration=calibration, seed=fold,
                                            teacher=teacher)[0]
+        if control:
+            tuned, _ = finetune(model, train, epochs=epochs, learning_rate=learning_rate, seed=fold, teacher=teacher,
+                                fake_quantise=False)
+            engines[FINETUNED] = onnx_export.export_onnx(tuned, contract, where / "model.finetuned.onnx", opset)
         for engine in ("int8-ptq", "int8-qat") if float_head else ():
             quantize.keep_in_float(engines[engine], engines[engine])
         volumes = {uid: load_volume(pre.volume(paths[uid])) for uid in folds.val(fold)}

@@ -143,8 +143,9 @@ def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportCo
                    validation: SlabSet, threads: int = 2, layout: WorkLayout | None = None) -> ExportReport:
     """Export, check and package `ref` into `folder`: INT8 ranges calibrated on `calibration`, parity
     and the INT8 AUC checked on `validation`. Raise :class:`ExportCheckError` when a check fails.
-    With ``cfg.int8_held_out``, also FP32, PTQ and QAT INT8 of each fold's model on its held-out
-    series (:func:`dicomops.export.qat.held_out`; `layout` is the training's work directory)."""
+    With ``cfg.int8_held_out``, also FP32, PTQ and QAT INT8 of each fold's model, and QAT's float
+    control, on its held-out series (:func:`dicomops.export.qat.held_out`; `layout` is the training's
+    work directory)."""
     folder = Path(folder)
     if folder.exists():
         shutil.rmtree(folder)  # a re-export starts clean: no stale engine or repository survives

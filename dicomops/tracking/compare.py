@@ -46,6 +46,9 @@ def _cv(metrics: Mapping[str, Any], tags: Mapping[str, Any], key: str) -> float 
     return _num(metrics, key) if key in metrics else _num(tags, key)
 
 
+QAT_VS_FP32 = ("vs_fp32", "vs_fp32_low", "vs_fp32_high")  # dicomops.export.qat.held_out_table's columns
+
+
 def version_row(tracking_uri: str, name: str, version: str) -> dict[str, Any]:
     """One version's figures, as its training and export recorded them."""
     client = runs.configure_mlflow(tracking_uri)
@@ -61,7 +64,7 @@ def version_row(tracking_uri: str, name: str, version: str) -> dict[str, Any]:
                 "auc": _num(metrics, "cv.actionable_auc"), "auc_std": None,
                 "latency": _num(tags, "export.onnx_s_per_volume"), "latency_unit": "s per volume",
                 "batch": None, "fp32_per_s": None, "int8_per_s": None, "int8_speedup": None, "ptq_auc": None,
-                "qat_auc": None}
+                "qat_auc": None, **dict.fromkeys(QAT_VS_FP32)}
         row |= {f"auc.{k.rsplit('.', 1)[1]}": v for k, v in metrics.items() if k.startswith("cv.actionable_auc.")}
         return row
     latency = _num(metrics, "export.ort_fp32.latency_ms_b1")
@@ -74,7 +77,9 @@ def version_row(tracking_uri: str, name: str, version: str) -> dict[str, Any]:
             "int8_per_s": _num(metrics, f"export.ort_int8.throughput_b{batch}"),
             "int8_speedup": _num(metrics, f"export.ort_int8.speedup_b{batch}"),  # exports since 2026-12-03
             "ptq_auc": _num(metrics, "export.held_out.int8-ptq.mean_fold_auc"),
-            "qat_auc": _num(metrics, "export.held_out.int8-qat.mean_fold_auc")}
+            "qat_auc": _num(metrics, "export.held_out.int8-qat.mean_fold_auc"),
+            # exports since 2026-12-05: QAT's difference from FP32 on the held-out folds, with its interval
+            **{key: _num(metrics, f"export.held_out.int8-qat.{key}") for key in QAT_VS_FP32}}
     row |= {f"auc.{k.split('.', 2)[2]}": float(v) for k, v in (tags | metrics).items() if k.startswith("cv.auc.")}
     return row
 
@@ -103,13 +108,16 @@ def markdown(table: pd.DataFrame) -> str:
             f"{r['fp32_per_s']:.0f} / {_fmt(r['int8_per_s'], 0)} slabs/s at batch {r['batch']}"
             + ("" if _missing(r.get("int8_speedup")) else f"; INT8 {r['int8_speedup']:.2f}× alternated"))
         int8 = "–" if _missing(r["ptq_auc"]) and _missing(r["qat_auc"]) else f"{_fmt(r['ptq_auc'])} / {_fmt(r['qat_auc'])}"
+        if not _missing(r.get("vs_fp32")):
+            int8 += f"; QAT − FP32 {r['vs_fp32']:+.3f} ({r['vs_fp32_low']:+.3f} to {r['vs_fp32_high']:+.3f})"
         rows.append([r["version"], str(r["network"]), "–" if _missing(r["distilled_from"]) else r["distilled_from"],
                      auc, *[_fmt(r.get(f"auc.{v}")) for v in vs], latency, rate, int8])
     lines = model_card.table(header, "lll" + "r" * (len(header) - 3), rows)
     return "\n".join([*lines, "", "CV AUC: series AUC of each fold's model on its validation series, mean ± sd over "
                       "folds; by vendor as each training reports it. A segmenter's is its actionable call's. "
                       "INT8 × alternated: INT8 over FP32 throughput with the two engines timed in turns, "
-                      "which load on the cores moves less than the two throughputs' ratio."])
+                      "which load on the cores moves less than the two throughputs' ratio. QAT − FP32: the "
+                      "difference of the held-out mean fold AUCs, with its 95 % paired bootstrap interval."])
 
 
 def publish(tracking_uri: str, table: pd.DataFrame) -> None:

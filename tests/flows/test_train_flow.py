@@ -216,14 +216,16 @@ def test_leave_one_vendor_out_then_export_attaches_checked_files(train_work: Pat
     listed = {a.path for a in client.list_artifacts(version.run_id, "export")}
     assert {"export/model.onnx", "export/model.int8.onnx", "export/manifest.json", "export/model_repository"} <= listed
 
-    # `dicomops export --int8 qat` with the held-out comparison: each fold's FP32, PTQ and QAT graphs
-    # score exactly that fold's validation series, and FP32 gives the training's own out-of-fold
-    # scores again (the fold's model, not the final one, which saw those series).
+    # `dicomops export --int8 qat` with the held-out comparison: each fold's FP32, PTQ and QAT graphs,
+    # and the float fine-tune that is QAT's control, score exactly that fold's validation series, and
+    # FP32 gives the training's own out-of-fold scores again (the fold's model, not the final one,
+    # which saw those series).
     held = export_cfg.model_copy(update={"int8": "qat", "int8_held_out": True, "int8_float_head": "always"})
     folder = Path(str(export(work=work, config=held, model_name=cfg.model_name)["folder"]))
     scores = pd.read_csv(folder / "int8_held_out_scores.csv")
     folds = WorkLayout(work).read_folds()
-    assert set(scores.engine) == {"fp32", "int8-ptq", "int8-qat"} and set(scores.fold) == set(range(folds.n_splits))
+    engines = {"fp32", "int8-ptq", "int8-qat", "fp32-finetuned"}
+    assert set(scores.engine) == engines and set(scores.fold) == set(range(folds.n_splits))
     for fold, part in scores.groupby("fold"):
         for engine, rows in part.groupby("engine"):
             assert sorted(rows.SeriesInstanceUID) == sorted(folds.val(fold)), (fold, engine)
@@ -233,7 +235,7 @@ def test_leave_one_vendor_out_then_export_attaches_checked_files(train_work: Pat
         np.testing.assert_allclose(fp32.to_numpy(), oof.to_numpy(), atol=1e-4)
     table = pd.read_csv(folder / "int8_held_out.csv").set_index("engine")
     tags = client.get_model_version(cfg.model_name, str(result["version"])).tags
-    for engine in ("fp32", "int8-ptq", "int8-qat"):
+    for engine in engines:
         assert float(tags[f"export.held_out.{engine}.mean_fold_auc"]) == pytest.approx(
             table.loc[engine, "mean_fold_auc"], abs=1e-5)
     assert not (folder / "held_out").exists()  # the folds' own files are not the version's

@@ -317,6 +317,24 @@ def test_qat_serves_the_ranges_it_learnt_integer_end_to_end(architecture: str, l
     assert "QLinearConv" in ops and not {"Conv", "FusedConv"} & ops
 
 
+def test_the_float_control_takes_the_qat_fine_tunes_steps_without_quantisation() -> None:
+    cfg = TrainConfig(architecture="resnet-slim", input_size=SIZE)
+    torch.manual_seed(0)
+    model, data = build_model(cfg, 3).eval(), _tiny_slabs(64)
+    x = _tiny_slabs(16, seed=1).x.float()
+
+    def tuned(fake_quantise: bool) -> torch.nn.Module:
+        return qat.finetune(model, data, epochs=1, learning_rate=3e-3, fake_quantise=fake_quantise)[0]
+
+    control, again, quantised = tuned(False), tuned(False), tuned(True)
+    with torch.no_grad():
+        outputs = [net(x) for net in (model, control, again, quantised)]
+    assert torch.equal(outputs[1], outputs[2])  # the same batches, augmentations and steps each time
+    assert not torch.allclose(outputs[0], outputs[1], atol=1e-3)  # it learnt
+    # QAT took the same steps through fake quantisation: other gradients, other weights.
+    assert not torch.allclose(outputs[1], outputs[3], atol=1e-3)
+
+
 def test_qat_keeps_the_trained_networks_batch_norm_statistics() -> None:
     # (resnet-slim: an untrained minimal student's activations die in eval mode, so nothing would learn)
     cfg = TrainConfig(architecture="resnet-slim", input_size=SIZE)
@@ -543,3 +561,36 @@ def test_held_out_table_is_per_engine_fold_and_vendor() -> None:
     # int8-qat: fold 1 reversed, AUC 0.25 there; the mean over folds is 0.5.
     assert table.loc["int8-qat", "mean_fold_auc"] == pytest.approx(0.5)
     assert set(table.columns) >= {"auc.canon", "auc.ge"}
+    assert table.loc["int8-qat", "vs_fp32"] == pytest.approx(-0.25)
+    assert (table.loc["fp32", ["vs_fp32", "vs_fp32_low", "vs_fp32_high"]] == 0).all()
+
+
+def test_rank_auc_is_scikit_learns_with_ties() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 6, (50, 30)).astype(float)  # many ties
+    labels = rng.integers(0, 2, (50, 30)).astype(float)
+    expected = [roc_auc_score(y, s) for s, y in zip(scores, labels, strict=True)]
+    np.testing.assert_allclose(qat._rank_auc(scores, labels), expected, atol=1e-12)
+    assert np.isnan(qat._rank_auc(scores[:1], np.zeros((1, 30)))).all()  # one class: no AUC
+
+
+def test_paired_difference_resolves_a_real_loss_and_not_noise() -> None:
+    rng = np.random.default_rng(1)
+    rows = []
+    for fold in range(4):
+        labels = rng.integers(0, 2, 30)
+        base = labels + rng.normal(0, 0.8, 30)  # AUC about 0.8 per fold
+        engines = {"fp32": base, "same": base + rng.normal(0, 1e-3, 30),
+                   "worse": np.where(np.arange(30) < 12, rng.normal(0, 1, 30), base)}  # 12 series scrambled
+        for engine, scores in engines.items():
+            rows += [{"engine": engine, "fold": fold, "vendor": "ge", "label": int(y), "score": float(s),
+                      "SeriesInstanceUID": f"{fold}-{i}"} for i, (y, s) in enumerate(zip(labels, scores, strict=True))]
+    table = qat.held_out_table(rows).set_index("engine")
+    # The point estimate is the difference of the mean fold AUCs.
+    assert table.loc["worse", "vs_fp32"] == pytest.approx(
+        table.loc["worse", "mean_fold_auc"] - table.loc["fp32", "mean_fold_auc"])
+    assert table.loc["worse", "vs_fp32_high"] < 0  # a loss, resolved
+    same = table.loc["same"]
+    assert same.vs_fp32_low <= 0 <= same.vs_fp32_high and same.vs_fp32_high - same.vs_fp32_low < 0.02
