@@ -271,40 +271,32 @@ def held_out_table(rows: list[dict[str, Any]], resamples: int = 2000, seed: int 
     return pd.DataFrame(out)
 
 
-def _rank_auc(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """ROC AUC of each row (ties counted half, as scikit-learn's): the Mann-Whitney U over n₁·n₀; NaN
-    where a row holds one class."""
-    from scipy.stats import rankdata
-
-    ranks = rankdata(scores, axis=1)
-    n1 = labels.sum(axis=1)
-    n0 = labels.shape[1] - n1
-    with np.errstate(divide="ignore", invalid="ignore"):
-        auc = ((ranks * labels).sum(axis=1) - n1 * (n1 + 1) / 2) / (n1 * n0)
-    return np.where((n1 > 0) & (n0 > 0), auc, np.nan)
-
-
 def paired_difference(frame: pd.DataFrame, engine: str, baseline: str, resamples: int = 2000,
                       seed: int = 0) -> tuple[float, float, float]:
     """`engine`'s mean fold AUC minus `baseline`'s, and the 2.5th and 97.5th percentiles of that
-    difference over `resamples` paired bootstrap draws: each draw takes every fold's series with
-    replacement, and both engines are judged on the same draw. About 30 series per fold make a
-    difference of 0.005 hard to resolve; the interval says how hard."""
-    rng = np.random.default_rng(seed)
+    difference over `resamples` paired bootstrap draws: each draw takes every fold's positive and
+    negative series with replacement (stratified, as the card's interval,
+    :func:`dicomops.training.metrics.bootstrap_aucs`), and both engines are judged on the same
+    draw. About 30 series per fold make a difference of 0.005 hard to resolve; the interval says
+    how hard. A fold holding one class sits out, as it does from the mean fold AUC."""
+    from sklearn.metrics import roc_auc_score
+
+    from dicomops.training.metrics import bootstrap_aucs
+
     point, draws = [], []
-    for _, part in frame[frame.engine.isin([engine, baseline])].groupby("fold"):
+    for fold, part in frame[frame.engine.isin([engine, baseline])].groupby("fold"):
         wide = part.pivot_table(index="SeriesInstanceUID", columns="engine", values="score")
-        labels = part.drop_duplicates("SeriesInstanceUID").set_index("SeriesInstanceUID").label.loc[wide.index]
-        y = labels.to_numpy(dtype=float)
-        pick = np.vstack([np.arange(len(y)), rng.integers(0, len(y), (resamples, len(y)))])  # row 0: the data
-        aucs = {e: _rank_auc(wide[e].to_numpy()[pick], y[pick]) for e in (engine, baseline)}
-        point.append(aucs[engine][0] - aucs[baseline][0])
-        draws.append(aucs[engine][1:] - aucs[baseline][1:])
+        y = part.drop_duplicates("SeriesInstanceUID").set_index("SeriesInstanceUID").label.loc[wide.index].to_numpy()
+        if len(set(y)) < 2:
+            continue
+        ours, theirs = wide[engine].to_numpy(), wide[baseline].to_numpy()
+        point.append(roc_auc_score(y, ours) - roc_auc_score(y, theirs))
+        aucs = bootstrap_aucs(y, [ours, theirs], resamples, seed + int(fold))
+        draws.append(aucs[:, 0] - aucs[:, 1])
     if not point:
         return float("nan"), float("nan"), float("nan")
-    spread = np.nanmean(np.vstack(draws), axis=0)  # a fold whose draw holds one class sits that draw out
-    low, high = np.nanpercentile(spread, [2.5, 97.5])
-    return float(np.nanmean(point)), float(low), float(high)
+    low, high = np.percentile(np.mean(draws, axis=0), [2.5, 97.5])
+    return float(np.mean(point)), float(low), float(high)
 
 
 def teacher_of(layout: Any, tracking_uri: str, run_id: str, cfg: TrainConfig, train: SlabSet,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
 from sklearn.metrics import cohen_kappa_score, f1_score, roc_auc_score, roc_curve
@@ -57,7 +59,21 @@ def summarise_folds(per_fold: pd.DataFrame) -> pd.DataFrame:
 def auc_confidence_interval(y: np.ndarray, score: np.ndarray, level: float = 0.95, n_boot: int = 2000,
                             seed: int = 0) -> tuple[float, float]:
     """A stratified percentile-bootstrap interval for the ROC AUC of (y, score); (nan, nan) when a
-    class is missing.
+    class is missing (the resamples: :func:`bootstrap_aucs`)."""
+    if not (0 < level < 1):
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    aucs = bootstrap_aucs(y, [score], n_boot, seed)[:, 0]
+    if np.isnan(aucs).all():
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2
+    low, high = np.quantile(aucs, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def bootstrap_aucs(y: np.ndarray, scores: Sequence[np.ndarray], n_boot: int = 2000, seed: int = 0) -> np.ndarray:
+    """The ROC AUC of each of `scores` over the same `n_boot` stratified resamples of the series:
+    shape (n_boot, len(scores)), NaN when a class is missing. The same draws for every score make
+    their differences paired.
 
     Positives and negatives are resampled separately, as pROC does by default, so every resample
     keeps both classes and the interval exists even for a vendor with three positives. The AUC of a
@@ -66,17 +82,16 @@ def auc_confidence_interval(y: np.ndarray, score: np.ndarray, level: float = 0.9
     ``roc_auc_score`` (``benchmarks/model_card.py`` measures it against ``scipy.stats.bootstrap``).
     """
     y = np.asarray(y).astype(int)
-    score = np.asarray(score, dtype=float)
-    pos, neg = score[y == 1], score[y == 0]
-    if not (0 < level < 1):
-        raise ValueError(f"level must lie in (0, 1), got {level}")
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan"), float("nan")
-    wins = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    scores = [np.asarray(score, dtype=float) for score in scores]
+    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+    if n_pos == 0 or n_neg == 0:
+        return np.full((n_boot, len(scores)), np.nan)
     rng = np.random.default_rng(seed)
-    draws_pos = rng.multinomial(len(pos), np.full(len(pos), 1 / len(pos)), size=n_boot)
-    draws_neg = rng.multinomial(len(neg), np.full(len(neg), 1 / len(neg)), size=n_boot)
-    aucs = ((draws_pos @ wins) * draws_neg).sum(axis=1) / (len(pos) * len(neg))  # one BLAS product
-    tail = (1 - level) / 2
-    low, high = np.quantile(aucs, [tail, 1 - tail])
-    return float(low), float(high)
+    draws_pos = rng.multinomial(n_pos, np.full(n_pos, 1 / n_pos), size=n_boot)
+    draws_neg = rng.multinomial(n_neg, np.full(n_neg, 1 / n_neg), size=n_boot)
+    out = np.empty((n_boot, len(scores)))
+    for j, score in enumerate(scores):
+        pos, neg = score[y == 1], score[y == 0]
+        wins = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+        out[:, j] = ((draws_pos @ wins) * draws_neg).sum(axis=1) / (n_pos * n_neg)  # one BLAS product
+    return out

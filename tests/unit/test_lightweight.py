@@ -565,15 +565,29 @@ def test_held_out_table_is_per_engine_fold_and_vendor() -> None:
     assert (table.loc["fp32", ["vs_fp32", "vs_fp32_low", "vs_fp32_high"]] == 0).all()
 
 
-def test_rank_auc_is_scikit_learns_with_ties() -> None:
+def test_bootstrap_aucs_are_paired_and_the_cards_interval_unchanged() -> None:
     from sklearn.metrics import roc_auc_score
 
+    from dicomops.training.metrics import auc_confidence_interval, bootstrap_aucs
+
     rng = np.random.default_rng(0)
-    scores = rng.integers(0, 6, (50, 30)).astype(float)  # many ties
-    labels = rng.integers(0, 2, (50, 30)).astype(float)
-    expected = [roc_auc_score(y, s) for s, y in zip(scores, labels, strict=True)]
-    np.testing.assert_allclose(qat._rank_auc(scores, labels), expected, atol=1e-12)
-    assert np.isnan(qat._rank_auc(scores[:1], np.zeros((1, 30)))).all()  # one class: no AUC
+    y = rng.integers(0, 2, 40)
+    a = rng.integers(0, 6, 40).astype(float)  # many ties
+    b = a + rng.normal(0, 2, 40)
+    aucs = bootstrap_aucs(y, [a, a, b], n_boot=500)
+    assert np.array_equal(aucs[:, 0], aucs[:, 1])  # one draw for every score: paired
+    assert not np.array_equal(aucs[:, 0], aucs[:, 2])
+    # Each draw's AUC is scikit-learn's on the series it drew (positives and negatives apart).
+    draw = np.random.default_rng(0)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    counts_pos = draw.multinomial(len(pos), np.full(len(pos), 1 / len(pos)), size=500)
+    counts_neg = draw.multinomial(len(neg), np.full(len(neg), 1 / len(neg)), size=500)
+    for i in (0, 17, 499):
+        picked = np.concatenate([np.repeat(pos, counts_pos[i]), np.repeat(neg, counts_neg[i])])
+        assert aucs[i, 2] == pytest.approx(roc_auc_score(y[picked], b[picked]), abs=1e-12)
+    low, high = np.quantile(bootstrap_aucs(y, [b], n_boot=500)[:, 0], [0.025, 0.975])
+    assert auc_confidence_interval(y, b, n_boot=500) == pytest.approx((low, high), abs=1e-9)
+    assert np.isnan(bootstrap_aucs(np.ones(5), [a[:5]])).all()  # one class: no AUC
 
 
 def test_paired_difference_resolves_a_real_loss_and_not_noise() -> None:
