@@ -251,7 +251,7 @@ def series_scores(path: Path, volumes: dict[str, np.ndarray], k: int, size: int,
             for uid, volume in volumes.items()}
 
 
-def held_out_table(rows: list[dict[str, Any]], resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
+def held_out_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """Per engine: AUC per fold and vendor (pooled over the folds per vendor), the mean over folds, and
     its difference from FP32's with a 95 % paired bootstrap interval (:func:`paired_difference`)."""
     from sklearn.metrics import roc_auc_score
@@ -266,7 +266,7 @@ def held_out_table(rows: list[dict[str, Any]], resamples: int = 2000, seed: int 
             row[f"auc.{vendor}"] = float(roc_auc_score(vp.label, vp.score)) if vp.label.nunique() == 2 else float("nan")
         if "fp32" in set(frame.engine):
             row |= dict(zip(("vs_fp32", "vs_fp32_low", "vs_fp32_high"),
-                            paired_difference(frame, str(engine), "fp32", resamples, seed), strict=True))
+                            paired_difference(frame, str(engine), "fp32"), strict=True))
         out.append(row)
     return pd.DataFrame(out)
 
@@ -321,15 +321,14 @@ FINETUNED = "fp32-finetuned"  # held_out's control engine
 
 
 def held_out(layout: Any, tracking_uri: str, run_id: str, contract: InputContract, folder: Path, *, opset: int,
-             epochs: int, learning_rate: float, calibration_samples: int, float_head: bool = False,
-             control: bool = True) -> pd.DataFrame:
+             epochs: int, learning_rate: float, calibration_samples: int, float_head: bool = False) -> pd.DataFrame:
     """FP32, post-training INT8 and QAT INT8 of each fold's model, judged on that fold's validation
     series, which none of the three saw: the fold model trained without them, PTQ calibrates and
     QAT fine-tunes on the fold's training slabs only. Rows: one per (fold, engine, series). With
     `float_head` both INT8 graphs run their input-resolution convolutions in float
     (:func:`dicomops.export.quantize.keep_in_float`), as the served graph was chosen to.
 
-    With `control`, a fourth engine, ``fp32-finetuned``: each fold's model after the QAT fine-tune's
+    A fourth engine, ``fp32-finetuned``, is QAT's control: each fold's model after the QAT fine-tune's
     steps without fake quantisation (:func:`finetune`), in FP32. QAT against it is what quantisation
     costs; FP32 against it is what the fine-tune itself does (more training, and away from the epoch
     that early stopping chose on these very series).
@@ -360,10 +359,9 @@ def held_out(layout: Any, tracking_uri: str, run_id: str, contract: InputContrac
         engines["int8-qat"] = quantize_qat(model, contract, train, where, opset=opset, epochs=epochs,
                                            learning_rate=learning_rate, calibration=calibration, seed=fold,
                                            teacher=teacher)[0]
-        if control:
-            tuned, _ = finetune(model, train, epochs=epochs, learning_rate=learning_rate, seed=fold, teacher=teacher,
-                                fake_quantise=False)
-            engines[FINETUNED] = onnx_export.export_onnx(tuned, contract, where / "model.finetuned.onnx", opset)
+        tuned, _ = finetune(model, train, epochs=epochs, learning_rate=learning_rate, seed=fold, teacher=teacher,
+                            fake_quantise=False)
+        engines[FINETUNED] = onnx_export.export_onnx(tuned, contract, where / "model.finetuned.onnx", opset)
         for engine in ("int8-ptq", "int8-qat") if float_head else ():
             quantize.keep_in_float(engines[engine], engines[engine])
         volumes = {uid: load_volume(pre.volume(paths[uid])) for uid in folds.val(fold)}
