@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -42,6 +43,8 @@ from typing import IO, Any, cast
 from dicomops import preflight
 from dicomops.pacs.client import PASSWORD_ENV, URL_ENV, USER_ENV, PacsCredentials, server_address
 from dicomops.pacs.orthanc import DEFAULT_STABLE_AGE_S, OrthancProcess
+
+log = logging.getLogger(__name__)
 
 # The monitor deployment's ``src`` in prefect.yaml, relative to the project directory its runs start in.
 INCOMING = "incoming"
@@ -318,17 +321,34 @@ def describe_tracking(tracking_uri: str) -> str:
     return f"the server {parts.scheme}://{parts.netloc.rpartition('@')[2]} (MLFLOW_TRACKING_URI)"
 
 
+# What Prefect's own client retries on, and how often (PREFECT_CLIENT_MAX_RETRIES' default): its
+# server answers 503 while its SQLite database is locked by the scheduler or a worker's heartbeat.
+API_RETRY_CODES, API_RETRIES, API_FIRST_DELAY_S = frozenset({408, 429, 502, 503}), 5, 1.0
+
+
 def _api(method: str, url: str, body: Any = None) -> Any:
     import base64
+    import urllib.error
 
     data = None if body is None else json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
     if auth := os.environ.get("PREFECT_API_AUTH_STRING"):  # as Prefect's own client sends it
         headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
-    with urllib.request.urlopen(request, timeout=30) as response:
-        text = response.read()
-    return json.loads(text) if text else None
+    for attempt in range(API_RETRIES + 1):
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                text = response.read()
+            return json.loads(text) if text else None
+        except urllib.error.HTTPError as err:
+            if err.code not in API_RETRY_CODES or attempt == API_RETRIES:
+                raise
+            after = err.headers.get("Retry-After", "")
+            delay = float(after) if after.isdigit() else API_FIRST_DELAY_S * 2**attempt
+            log.info("%s %s answered %d; trying again in %.0f s (%d of %d)", method, url, err.code, delay,
+                     attempt + 1, API_RETRIES)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def pause_schedules(api_url: str, flow: str, deployment: str) -> int:

@@ -24,6 +24,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pydicom
@@ -60,16 +61,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _call(url: str, body: dict | None = None, method: str | None = None) -> object:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        text = response.read()
-    return json.loads(text) if text else None
+def _call(url: str, body: dict | None = None) -> Any:
+    """The Prefect API as the stack calls it (retrying the 503 of a locked SQLite database)."""
+    return serving._api("GET" if body is None else "POST", url, body)
 
 
 def _post(url: str, body: dict) -> list[dict]:
-    return list(_call(url, body))  # type: ignore[call-overload]
+    return list(_call(url, body))
 
 
 def _status(url: str, credentials: PacsCredentials | None) -> int:
@@ -249,7 +247,7 @@ def test_serve_runs_the_pacs_beside_prefect_and_a_study_sent_to_it_is_taken(tmp_
         # From here on the runs are the test's own: the schedule paused (as serve does without a
         # PACS), and whatever run it had started finished.
         assert serving.pause_schedules(api, *serving.PACS_WATCH) == 1
-        assert not _call(f"{api}/deployments/{watch['id']}")["schedules"][0]["active"]  # type: ignore[index]
+        assert not _call(f"{api}/deployments/{watch['id']}")["schedules"][0]["active"]
         deadline = time.monotonic() + 240
         while _busy_runs(api, watch["id"]) and time.monotonic() < deadline:
             time.sleep(2)
@@ -262,7 +260,7 @@ def test_serve_runs_the_pacs_beside_prefect_and_a_study_sent_to_it_is_taken(tmp_
             assert len(pacs.store([pydicom.dcmread(f) for f in files])) == len(files)
         time.sleep(2)
         sent = time.monotonic()
-        run_ids = [str(_call(f"{api}/deployments/{watch['id']}/create_flow_run", {})["id"])  # type: ignore[index]
+        run_ids = [str(_call(f"{api}/deployments/{watch['id']}/create_flow_run", {})["id"])
                    for _ in range(2)]
         final = _wait_final(api, run_ids)
         print(f"pacs-watch runs final in {time.monotonic() - sent:.0f} s")
@@ -276,7 +274,7 @@ def test_serve_runs_the_pacs_beside_prefect_and_a_study_sent_to_it_is_taken(tmp_
         assert [p.name for p in (project / "staging").iterdir()] == [".gitignore"]  # the study is gone
         deadline, events = time.monotonic() + 60, []
         while time.monotonic() < deadline and not events:
-            events = _call(f"{api}/events/filter", {"filter": {"event": {"name": [STUDY_EVENT]}}})["events"]  # type: ignore[index]
+            events = _call(f"{api}/events/filter", {"filter": {"event": {"name": [STUDY_EVENT]}}})["events"]
             time.sleep(2)
         assert [e["resource"]["prefect.resource.id"] for e in events] == [f"dicomops.study.{token}"]
 
