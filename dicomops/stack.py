@@ -321,9 +321,10 @@ def describe_tracking(tracking_uri: str) -> str:
     return f"the server {parts.scheme}://{parts.netloc.rpartition('@')[2]} (MLFLOW_TRACKING_URI)"
 
 
-# What Prefect's own client retries on, and how often (PREFECT_CLIENT_MAX_RETRIES' default): its
-# server answers 503 while its SQLite database is locked by the scheduler or a worker's heartbeat.
-API_RETRY_CODES, API_RETRIES, API_FIRST_DELAY_S = frozenset({408, 429, 502, 503}), 5, 1.0
+# What Prefect's own client retries on, and how often when PREFECT_CLIENT_MAX_RETRIES is not set
+# (preflight.http_budget sets it for a command): its server answers 503 while its SQLite database
+# is locked by the scheduler or a worker's heartbeat.
+API_RETRY_CODES, PREFECT_DEFAULT_RETRIES, API_FIRST_DELAY_S = frozenset({408, 429, 502, 503}), 5, 1.0
 
 
 def _api(method: str, url: str, body: Any = None) -> Any:
@@ -334,19 +335,20 @@ def _api(method: str, url: str, body: Any = None) -> Any:
     headers = {"Content-Type": "application/json"}
     if auth := os.environ.get("PREFECT_API_AUTH_STRING"):  # as Prefect's own client sends it
         headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
-    for attempt in range(API_RETRIES + 1):
+    retries = int(os.environ.get("PREFECT_CLIENT_MAX_RETRIES", PREFECT_DEFAULT_RETRIES))
+    for attempt in range(retries + 1):
         request = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 text = response.read()
             return json.loads(text) if text else None
         except urllib.error.HTTPError as err:
-            if err.code not in API_RETRY_CODES or attempt == API_RETRIES:
+            if err.code not in API_RETRY_CODES or attempt == retries:
                 raise
             after = err.headers.get("Retry-After", "")
             delay = float(after) if after.isdigit() else API_FIRST_DELAY_S * 2**attempt
             log.info("%s %s answered %d; trying again in %.0f s (%d of %d)", method, url, err.code, delay,
-                     attempt + 1, API_RETRIES)
+                     attempt + 1, retries)
             time.sleep(delay)
     raise AssertionError("unreachable")
 

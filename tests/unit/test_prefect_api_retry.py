@@ -40,6 +40,7 @@ class _Scripted(BaseHTTPRequestHandler):
 @pytest.fixture
 def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.setattr(stack, "API_FIRST_DELAY_S", 0.01)
+    monkeypatch.setenv("PREFECT_CLIENT_MAX_RETRIES", "5")
     _Scripted.script, _Scripted.seen = [], []
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Scripted)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -63,8 +64,14 @@ def test_a_client_error_is_not_retried(server: str) -> None:
     assert err.value.code == 404 and len(_Scripted.seen) == 1
 
 
-def test_a_server_that_stays_unavailable_fails_after_prefects_number_of_retries(server: str) -> None:
-    _Scripted.script = [503] * (stack.API_RETRIES + 5)
+@pytest.mark.parametrize("setting", [None, "2"])
+def test_a_server_that_stays_unavailable_fails_after_the_retries_prefects_client_would_make(
+        server: str, setting: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    if setting is None:
+        monkeypatch.delenv("PREFECT_CLIENT_MAX_RETRIES", raising=False)
+    else:
+        monkeypatch.setenv("PREFECT_CLIENT_MAX_RETRIES", setting)
+    _Scripted.script = [503] * 10
     with pytest.raises(urllib.error.HTTPError) as err:
         stack._api("GET", f"{server}/health")
-    assert err.value.code == 503 and len(_Scripted.seen) == stack.API_RETRIES + 1 == 6
+    assert err.value.code == 503 and len(_Scripted.seen) == (6 if setting is None else 3)
