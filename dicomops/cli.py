@@ -482,6 +482,8 @@ def predict(
     config: Annotated[Path | None, typer.Option(help="PipelineConfig YAML; its serve section applies.")] = None,
 ) -> None:
     """Score a folder or PACS studies with a registered model's exported engine (batch inference)."""
+    from pydantic import SecretStr
+
     from dicomops.serving.batch import parse_query
 
     if (src is None) == (pacs is None):
@@ -491,9 +493,10 @@ def predict(
     if src is not None and not src.is_dir():
         raise typer.BadParameter(f"{src} is not a folder of DICOM files")
     try:
-        query = parse_query(pacs) if pacs is not None else None
+        parse_query(pacs) if pacs is not None else None  # its mistakes said here, before anything starts
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
+    query = SecretStr(pacs) if pacs is not None else None  # Prefect stores it masked: it may name a patient
     if pacs is not None:
         _pacs_credentials_or_exit("no PACS password", "then run dicomops predict --pacs again")
     cfg = _pipeline_config(config)

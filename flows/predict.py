@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow
+from pydantic import SecretStr
 
 from dicomops.config import PipelineConfig, load_settings
 from dicomops.layout import WorkLayout
@@ -15,16 +16,22 @@ from tasks import predict as t
 
 
 @flow(name="dicomops-predict", log_prints=True)
-def predict(src: Path | None = None, pacs_query: dict[str, str] | None = None, work: Path | None = None,
+def predict(src: Path | None = None, pacs_query: SecretStr | None = None, work: Path | None = None,
             config: PipelineConfig = PipelineConfig(), version: str | None = None,
             orthanc_url: str | None = None) -> dict[str, object]:
-    """Score `src` (a folder) or the PACS studies matching `pacs_query` (QIDO-RS keywords, e.g.
-    ``{"StudyDate": "20261130"}``; ``{}`` for every study) with the version holding
-    ``config.serve.alias`` (or `version`)."""
+    """Score `src` (a folder) or the PACS studies matching `pacs_query` (QIDO-RS keywords as
+    ``dicomops predict --pacs`` takes them, ``StudyDate=20261130,ModalitiesInStudy=CT``; ``all`` for
+    every study) with the version holding ``config.serve.alias`` (or `version`).
+
+    The query may name a patient or a study, so it is a secret: given as a ``SecretStr``, Prefect
+    stores it as ``**********``. Typed into the UI's form, it is stored as typed."""
+    from dicomops.serving.batch import parse_query
+
     settings = load_settings()
     work = Path(work or settings.work_dir)
+    query = None if pacs_query is None else parse_query(pacs_query.get_secret_value())
     with writing(WorkLayout(work).root / "predict", "dicomops-predict", settings):
-        result = t.predict_batch(Path(src) if src else None, pacs_query, work, config.ingest, config.serve,
+        result = t.predict_batch(Path(src) if src else None, query, work, config.ingest, config.serve,
                                  config.train.model_name, version, orthanc_url,
                                  config.segment.model_name if config.serve.localise else None)
     print(f"predict: {result['model']} v{result['version']} on {result['engine']}: {result['studies_scored']:.0f} "

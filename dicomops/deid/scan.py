@@ -137,7 +137,8 @@ def _is_shipped(path: Path) -> bool:
 
 
 def scan_for_phi(root: Path, needles: list[str] | set[str]) -> list[Hit]:
-    """Every file under `root` holding any needle, matched case-insensitively on whole tokens.
+    """Every file under `root` (or `root` itself, a file) holding any needle, matched
+    case-insensitively on whole tokens.
 
     Needles with fewer than four alphanumeric characters are ignored: they would match by chance.
     Files byte-identical to one the package ships (Font Awesome's stylesheet names an icon
@@ -148,7 +149,8 @@ def scan_for_phi(root: Path, needles: list[str] | set[str]) -> list[Hit]:
     root = Path(root)
     if not root.exists() or not matcher.by_first:
         return hits
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and not _is_shipped(p)):
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    for path in (p for p in files if not _is_shipped(p)):
         for where, text in _texts(path):
             for needle in sorted(matcher.find(text)):
                 hits.append(Hit(str(path), needle, where))

@@ -82,8 +82,10 @@ def test_ingest_flow_accepts_quarantines_logs_and_leaks_nothing(
     for place in (work, tmp_path / "mlflow", PREFECT_HOME, _prefect_database()):
         hits = scan_for_phi(place, needles)
         assert hits == [], f"PHI found under {place}: {hits[:5]}"
-    # The scan is not vacuous: the raw corpus is full of the same needles.
+    # The scan is not vacuous: the raw corpus is full of the same needles, and Prefect's database
+    # (a file: the scan reads its tables) holds this flow's name.
     assert len(scan_for_phi(mixed_corpus / "case-00001", needles)) > 10
+    assert scan_for_phi(_prefect_database(), ["dicomops-ingest"]), _prefect_database()
 
 
 def test_cli_ingest_exits_1_when_the_gate_fails(faulty_corpus: Path, mlflow_env: str, tmp_path: Path) -> None:

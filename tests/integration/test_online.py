@@ -21,6 +21,7 @@ import pandas as pd
 import psutil
 import pydicom
 import pytest
+from pydantic import SecretStr
 
 from dicomops.config import FeedbackConfig
 from dicomops.deid import scan_for_phi
@@ -151,6 +152,13 @@ def test_requests_without_the_token_or_with_a_bad_body_are_refused(
     np.save(slabs, np.zeros((2, 1, 8, 8), np.float32))
     wrong_shape = httpx.post(f"{url}/v1/slabs", content=slabs.getvalue(), headers=_auth())
     assert wrong_shape.status_code == 400 and "input contract" in wrong_shape.json()["error"]
+    # A scalar for slabs, and JSON nested past what the parser can follow: client errors, said so.
+    scalar = io.BytesIO()
+    np.save(scalar, np.float32(1))
+    no_slabs = httpx.post(f"{url}/v1/slabs", content=scalar.getvalue(), headers=_auth())
+    assert no_slabs.status_code == 400 and "(N, C, H, W)" in no_slabs.json()["error"]
+    deep = httpx.post(f"{url}/v1/studies", content=b"[" * 100_000, headers={**_auth(), "content-type": "application/json"})
+    assert deep.status_code == 400 and "study_instance_uid" in deep.json()["error"]
 
 
 def test_a_study_sent_to_the_pacs_is_answered_by_pacs_watch_and_comes_back_warm_online(
@@ -180,7 +188,7 @@ def test_online_batch_and_library_agree_warm_from_the_cache_and_after_redis_dies
     study = _send(orthanc, files)
     _wait_stable(orthanc, {study})
 
-    batch = predict(pacs_query={"StudyInstanceUID": study}, work=tmp_path / "work", config=CONFIG)
+    batch = predict(pacs_query=SecretStr(f"StudyInstanceUID={study}"), work=tmp_path / "work", config=CONFIG)
     assert (batch["studies_scored"], batch["results_stored"]) == (1, 1)
     table = pd.read_csv(batch["results"], keep_default_na=False, float_precision="round_trip")
 

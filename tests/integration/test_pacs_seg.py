@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from pydantic import SecretStr
 from pydicom.sr.codedict import codes
 
 from dicomops.deid import scan_for_phi
@@ -155,7 +156,7 @@ def test_a_promoted_segmenter_adds_its_report_and_a_seg_and_a_failing_one_leaves
     # Batch prediction over the PACS answers through the same path: three objects again.
     files_c, _ = _study(tmp_path / "send-c", index=9)
     study_c = _send(orthanc, files_c)
-    predicted = predict(pacs_query={"StudyInstanceUID": study_c}, work=work, config=SEG_CONFIG)
+    predicted = predict(pacs_query=SecretStr(f"StudyInstanceUID={study_c}"), work=work, config=SEG_CONFIG)
     assert (predicted["studies_scored"], predicted["results_stored"]) == (1, 3)
     assert predicted["segmenter"] == SEGMENTER
     assert len(_objects(orthanc, study_c, "SR")) == 2 and len(_objects(orthanc, study_c, "SEG")) == 1

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pydicom
 import pytest
+from pydantic import SecretStr
 
 from dicomops.deid import scan_for_phi
 from dicomops.pacs.client import PASSWORD_ENV, URL_ENV, USER_ENV, PacsClient
@@ -81,7 +82,7 @@ def test_batch_over_the_pacs_then_warm_then_corrupt_then_redis_gone(
     work, staging = tmp_path / "work", tmp_path / "staging"
 
     # Two studies: the second is retrieved while the first is gated and scored.
-    result = predict(pacs_query={}, work=work, config=CONFIG)
+    result = predict(pacs_query=SecretStr("all"), work=work, config=CONFIG)
     assert (result["studies_scored"], result["results_stored"], result["studies_warm"]) == (2, 2, 0)
     assert result["cache.misses"] >= 2 and result["cache.bytes_written"] > 0
     for uid in (study, second):
@@ -140,7 +141,7 @@ def test_a_study_the_gate_refuses_gets_nothing_written_back(env: ExportedChampio
         files.append(path)
     study = _send(orthanc, files)
     _wait_stable(orthanc, {study})
-    result = predict(pacs_query={"StudyInstanceUID": study}, work=tmp_path / "work", config=CONFIG)
+    result = predict(pacs_query=SecretStr(f"StudyInstanceUID={study}"), work=tmp_path / "work", config=CONFIG)
     assert (result["studies_scored"], result["studies_refused"], result["results_stored"]) == (0, 1, 0)
     table = pd.read_csv(result["results"], keep_default_na=False)
     assert table.status.tolist() == ["refused"] and table.reason[0]

@@ -132,6 +132,9 @@ def test_scan_for_phi_finds_values_in_every_format(tmp_path: Path) -> None:
     assert ("a.dcm", "DOE^JANE") in found and ("a.dcm", "ACC998877") in found
     assert ("t.parquet", "jane doe") in found and ("m.db", "ACC998877") in found
     assert ("r.html", "saint aldric") in found
+    # One file named as the root is scanned too (the leak tests name Prefect's database file).
+    assert [(Path(h.path).name, h.needle) for h in scan_for_phi(tmp_path / "m.db", ["ACC998877"])] == [
+        ("m.db", "ACC998877")] * 2  # in its bytes and in its table
     assert not any(h.needle == "ab" for h in hits)  # too short to mean anything
     assert scan_for_phi(tmp_path, ["nothing-like-this"]) == []
     # Whole tokens only: a date inside a long numeric UID is not a hit, the date alone is.
