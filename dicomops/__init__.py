@@ -21,3 +21,8 @@ class _WithheldMessage(logging.Filter):
 
 
 logging.getLogger("pydicom").addFilter(_WithheldMessage())
+# highdicom logs source SOP Instance UIDs (INFO, and WARNING for an odd reference in a reader's
+# SEG), dicomweb-client the paths it requests (INFO: study, series and instance UIDs). Their
+# modules log under these names; below ERROR nothing of theirs leaves the process.
+for _library in ("highdicom", "dicomweb_client"):
+    logging.getLogger(_library).setLevel(logging.ERROR)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,8 +70,9 @@ def _items(ds: Dataset) -> Iterator[Dataset]:
 
 
 def _named(item: Dataset, code: Any) -> bool:
-    name = item.get("ConceptNameCodeSequence")
-    return bool(name) and name[0].CodeValue == code.value and name[0].CodingSchemeDesignator == code.scheme_designator
+    name = item.get("ConceptNameCodeSequence")  # a long or URN code (legal DICOM) has no CodeValue: not ours
+    return (bool(name) and name[0].get("CodeValue") == code.value
+            and name[0].get("CodingSchemeDesignator") == code.scheme_designator)
 
 
 def _finding(ds: Dataset) -> bool | None:
@@ -80,7 +81,7 @@ def _finding(ds: Dataset) -> bool | None:
         if item.get("ValueType") == "CODE" and _named(item, FINDING_TYPE):
             value = item.ConceptCodeSequence[0]
             for code, answer in ((PRESENT, True), (ABSENT, False)):
-                if value.CodeValue == code.value and value.CodingSchemeDesignator == code.scheme_designator:
+                if value.get("CodeValue") == code.value and value.get("CodingSchemeDesignator") == code.scheme_designator:
                     return answer
     return None
 
@@ -113,6 +114,8 @@ def read_assessment(ds: Dataset) -> Assessment | str:
     if str(ds.get("VerificationFlag", "")) != "VERIFIED" or not ds.get("VerifyingObserverSequence"):
         return "not_verified"
     observer = ds.VerifyingObserverSequence[0]
+    if not str(observer.get("VerifyingObserverName", "")).strip():
+        return "no_verifying_observer_name"
     present = _finding(ds)
     if present is None:
         return "no_finding_evaluation"
@@ -192,7 +195,7 @@ def collect_study(study_uid: str, pacs: Any, work: Path, key: bytes, reviewers: 
     fresh = [(series, sop) for series, sop in pacs.report_instances(study_uid)
              if mapper.token("report", sop) not in seen]
     datasets = {sop: pacs.retrieve_instance(study_uid, series, sop) for series, sop in fresh}
-    ours = {sop: r for sop, ds in datasets.items() if (r := read_report(ds)) is not None}
+    ours = {sop: r for sop, ds in datasets.items() if (r := _readable(read_report, ds, None)) is not None}
     rows, items = [], []
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     for sop, ds in datasets.items():
@@ -200,7 +203,7 @@ def collect_study(study_uid: str, pacs: Any, work: Path, key: bytes, reviewers: 
         if sop in ours:
             rows.append({"report": token, "outcome": "ours", "reason": "", "at": now})
             continue
-        assessment = read_assessment(ds)
+        assessment = _readable(read_assessment, ds, "unreadable_sr")
         reason = assessment if isinstance(assessment, str) else ""
         report = None
         if not reason:
@@ -233,6 +236,17 @@ def collect_study(study_uid: str, pacs: Any, work: Path, key: bytes, reviewers: 
     return [*rows, *seg_rows]
 
 
+def _readable(read: Callable[[Dataset], Any], ds: Dataset, unreadable: str | None) -> Any:
+    """`read` of one object a reader stored, or, when it cannot follow it (a structure legal in DICOM
+    that it does not expect), the reason `unreadable` with the error's type (None: no reason, the
+    object is not ours). One odd object is recorded and never stops the collection of those behind
+    it; the error's message is not kept, it may quote the object's values."""
+    try:
+        return read(ds)
+    except Exception as err:
+        return None if unreadable is None else f"{unreadable} ({type(err).__name__})"
+
+
 def _collect_segmentations(study_uid: str, pacs: Any, work: Path, mapper: KeyedMapper, reviewers: Reviewers,
                            seen: set[str], now: str) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
     """The study's new SEGs: a configured reviewer's corrected segmentation of a series the platform
@@ -249,7 +263,7 @@ def _collect_segmentations(study_uid: str, pacs: Any, work: Path, mapper: KeyedM
         if is_ours(ds):
             rows.append({"report": token, "outcome": "ours", "reason": "", "at": now})
             continue
-        correction = read_correction(ds)
+        correction = _readable(read_correction, ds, "unreadable_seg")
         reason, role, served = (correction, "", None) if isinstance(correction, str) else ("", "", None)
         if not reason:
             assert not isinstance(correction, str)
@@ -263,10 +277,13 @@ def _collect_segmentations(study_uid: str, pacs: Any, work: Path, mapper: KeyedM
             reason = "" if served is not None else "no_dicomops_result"
         if not reason:
             assert not isinstance(correction, str) and served is not None
+            headers = pacs.series_headers(study_uid, correction.series_uid)  # the PACS's errors are outages
             try:
-                drawn = reader_mask(ds, pacs.series_headers(study_uid, correction.series_uid))
+                drawn = reader_mask(ds, headers)
             except ValueError:
                 reason = "mask_not_over_its_series"
+            except Exception as err:  # highdicom cannot follow it: as _readable records it
+                reason = f"unreadable_seg ({type(err).__name__})"
         if reason:
             rows.append({"report": token, "outcome": "refused", "reason": reason, "at": now})
             continue

@@ -52,6 +52,11 @@ class PacsAuthError(PacsError):
     """The PACS refused the credentials (HTTP 401/403): retrying will not help."""
 
 
+class PacsRequestRefused(PacsError):
+    """The DICOMweb client would not make the request: a UID the PACS holds that is not a valid DICOM
+    UID cannot be put in a path. Asking again gives the same answer."""
+
+
 @dataclass(frozen=True)
 class PacsCredentials:
     """HTTP basic-auth credentials of the PACS; the password stays out of ``repr``."""
@@ -110,7 +115,9 @@ def server_address(url: str) -> str:
 @contextlib.contextmanager
 def translate_errors(what: str, server: str) -> Iterator[None]:
     """Turn the HTTP library's exceptions into :class:`PacsError` that name `what` failed and the
-    server, not the URL (it holds UIDs). Not chained, for the same reason."""
+    server, not the URL (it holds UIDs). Not chained, for the same reason. dicomweb-client's own
+    refusals (a ValueError quoting the UID it will not put in a path) become
+    :class:`PacsRequestRefused`, without the UID."""
     import requests
 
     try:
@@ -125,6 +132,10 @@ def translate_errors(what: str, server: str) -> Iterator[None]:
     except requests.RequestException as err:
         raise PacsError(f"{what}: the PACS at {server} did not answer in full ({type(err).__name__}); is it "
                         f"running, and does {URL_ENV} point at it?") from None
+    except (ValueError, TypeError) as err:
+        raise PacsRequestRefused(f"{what}: the DICOMweb client would not ask the PACS at {server} "
+                                 f"({type(err).__name__}: an identifier that is not a valid DICOM UID; the "
+                                 "message is withheld: it quotes it)") from None
 
 
 class _ClosingBoundary:
@@ -303,9 +314,12 @@ class PacsClient:
         The instances are written and fsynced into a temporary folder beside `dest`, checked against the
         instances the PACS listed before the transfer, and only then renamed to `dest` in one step. An
         outage, a truncated answer or a missing instance removes the temporary folder and raises
-        :class:`PacsError`, so `dest` holds a whole study or does not exist. File names are ordinals
-        (``00000.dcm``), never UIDs; the files themselves hold PHI, so `dest` belongs in a staging area
-        outside the work directory.
+        :class:`PacsError`, so `dest` holds a whole study or does not exist. An answer that arrived whole
+        (its closing boundary and every listed instance) is kept as the PACS stores it, defects and all:
+        an instance stored with fewer pixel bytes than its rows and columns need is the file's own, for
+        the ingest gate to quarantine with its reason, not an outage to retry forever. File names are
+        ordinals (``00000.dcm``), never UIDs; the files themselves hold PHI, so `dest` belongs in a
+        staging area outside the work directory.
 
         Raises:
             ValueError: `dest` exists already.
@@ -326,7 +340,6 @@ class PacsClient:
             names: list[str] = []
             self._closing.reset()
             for ds in self._instances(study_uid):
-                _check_pixels_whole(ds, len(names))
                 names.append(f"{len(names):05d}.dcm")
                 _write_synced(ds, tmp / names[-1])
                 received.add(str(ds.SOPInstanceUID))
@@ -372,17 +385,6 @@ class PacsClient:
         if self._closing.cut_off:
             raise PacsError(f"retrieving a study: the answer of the PACS at {self.server} was cut off after "
                             f"{count} instances (no closing boundary)")
-
-
-def _check_pixels_whole(ds: Dataset, index: int) -> None:
-    """Native pixel data shorter than its geometry: a transfer cut inside the instance."""
-    if "PixelData" not in ds or ds.file_meta.TransferSyntaxUID.is_compressed:
-        return
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    needed = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * frames * int(ds.BitsAllocated) // 8
-    if len(ds.PixelData) < needed:
-        raise PacsError(f"retrieving a study: instance {index} arrived with {len(ds.PixelData)} of its {needed} "
-                        "pixel bytes")
 
 
 def _write_synced(ds: Dataset, path: Path) -> None:

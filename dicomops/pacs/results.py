@@ -20,9 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import logging
 import math
-import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -415,42 +413,21 @@ def _check_series(source_images: Sequence[pydicom.Dataset]) -> None:
                              f"pass one series at a time")
 
 
-_LOUD_LIBRARIES = ("highdicom",)
-_quiet_lock = threading.Lock()
-_quiet_depth = 0
-_saved_levels: dict[str, int] = {}
-
-
 @contextlib.contextmanager
 def _contained_library_output() -> Iterator[None]:
-    """Keep original identifiers out of logs while highdicom and pydicom build the object.
+    """Keep original identifiers out of warnings while highdicom and pydicom build the object.
 
-    highdicom logs source SOP Instance UIDs at INFO and pydicom quotes element values in its
-    warnings; both would reach Prefect's log handlers. Logger levels are process-wide, so the
-    change is reference-counted across threads; warnings are re-issued with their category and
-    origin but without their text. ``warnings.catch_warnings`` is process-wide too: a warning
-    another thread raises meanwhile is re-issued the same way, which loses its text, not a secret.
+    pydicom quotes element values in its warnings; they are re-issued with their category and
+    origin but without their text. (Both libraries' log records are withheld for the whole process:
+    see ``dicomops/__init__.py``.) ``warnings.catch_warnings`` is process-wide: a warning another
+    thread raises meanwhile is re-issued the same way, which loses its text, not a secret.
     """
-    global _quiet_depth
-    with _quiet_lock:
-        if _quiet_depth == 0:
-            for name in _LOUD_LIBRARIES:
-                logger = logging.getLogger(name)
-                _saved_levels[name] = logger.level
-                logger.setLevel(logging.WARNING)
-        _quiet_depth += 1
     caught: list[warnings.WarningMessage] = []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             yield
     finally:
-        with _quiet_lock:
-            _quiet_depth -= 1
-            if _quiet_depth == 0:
-                for name, level in _saved_levels.items():
-                    logging.getLogger(name).setLevel(level)
-                _saved_levels.clear()
         for item in caught:
             warnings.warn(
                 f"{item.category.__name__} from {item.filename}:{item.lineno} while building a "

@@ -33,6 +33,7 @@ from dicomops.config import IngestConfig
 from dicomops.deid.keys import KeyedMapper
 from dicomops.errors import GateFailedError
 from dicomops.layout import WorkLayout
+from dicomops.pacs.client import PacsRequestRefused
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +98,17 @@ def handle_study(study_uid: str, pacs: Pacs, staging: Path, work: Path, cfg: Ing
         return outcome
     staged = Path(staging) / token
     study_work = WorkLayout(work).pacs.study(token)
-    digest = None
-    if cache is not None and champion is not None:  # so that the study asked for online is warm
-        from dicomops.serving.predict import preprocessing_identity, study_digest
-
-        digest = study_digest(key, pacs.image_instances(study_uid), preprocessing_identity(champion))
     try:
+        digest = None
+        if cache is not None and champion is not None:  # so that the study asked for online is warm
+            from dicomops.serving.predict import preprocessing_identity, study_digest
+
+            digest = study_digest(key, pacs.image_instances(study_uid), preprocessing_identity(champion))
         shutil.rmtree(staged, ignore_errors=True)  # what a killed process left
         pacs.retrieve_study(study_uid, staged)
         outcome = _gate_score_answer(token, staged, study_work, pacs, cfg, key, champion, cache, digest, work)
+    except PacsRequestRefused as err:  # never retrievable as it is: recorded, and the watch moves on
+        outcome = StudyOutcome(token, "refused", reason=f"{err}; correct the study's UIDs in the PACS")
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     _record(work, outcome)

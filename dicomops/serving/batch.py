@@ -91,8 +91,17 @@ def predict_pacs(query: Mapping[str, str], pacs: Any, staging: Path, work: Path,
     when studies may come warm from the cache (a retrieval would be wasted)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from dicomops.pacs.client import PacsRequestRefused
     from dicomops.pacs.watch import study_token
     from dicomops.serving.predict import retrieve_into
+
+    def answer_or_refuse(uid: str, *args: Any, **kwargs: Any) -> Answer:
+        """The study's answer; one the PACS holds under a UID no request can name is refused, with
+        what to do, and the batch goes on."""
+        try:
+            return answer_pacs_study(uid, *args, **kwargs)
+        except PacsRequestRefused as err:
+            return Answer(study_token(key, uid), "refused", reason=f"{err}; correct the study's UIDs in the PACS")
 
     found = pacs.search_studies(**dict(query))
     uids = [str(ds.StudyInstanceUID) for ds in found if "StudyInstanceUID" in ds]
@@ -100,7 +109,7 @@ def predict_pacs(query: Mapping[str, str], pacs: Any, staging: Path, work: Path,
     answers: list[Answer] = []
     if prefetch is None or (cache is not None and not write_back):
         for i, uid in enumerate(uids, 1):
-            answers.append(answer_pacs_study(uid, pacs, staging, scratch, cfg, key, champion, cache, write_back))
+            answers.append(answer_or_refuse(uid, pacs, staging, scratch, cfg, key, champion, cache, write_back))
             if progress is not None:
                 progress(i, len(uids))
         return answers
@@ -111,7 +120,7 @@ def predict_pacs(query: Mapping[str, str], pacs: Any, staging: Path, work: Path,
             for i, uid in enumerate(uids):
                 current, ahead = ahead, (io.submit(retrieve_into, prefetch, uids[i + 1], staged[i + 1])
                                          if i + 1 < len(uids) else None)
-                answers.append(answer_pacs_study(uid, pacs, staging, scratch, cfg, key, champion, cache, write_back,
+                answers.append(answer_or_refuse(uid, pacs, staging, scratch, cfg, key, champion, cache, write_back,
                                                  prefetched=current))
                 if progress is not None:
                     progress(i + 1, len(uids))

@@ -204,6 +204,9 @@ class Service:
         except Exception:
             raise RequestError(400, "send the slabs as one .npy array (numpy.save), float32, "
                                     "shape (N, C, H, W)") from None
+        if x.ndim not in (3, 4):
+            raise RequestError(400, f"an array of {x.ndim} dimensions: send slabs of shape (N, C, H, W), "
+                                    "or one slab (C, H, W)")
         if x.ndim == 3:
             x = x[None]
         if len(x) > MAX_SLABS:

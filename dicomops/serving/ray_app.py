@@ -109,13 +109,21 @@ def build_app(options: Any, scaling: Scaling) -> Any:
         def _batched(self) -> BatchedEngine:
             return BatchedEngine(self.service.champion.engine, asyncio.get_running_loop(), self._score_slab)
 
+        def _internal_error(self, err: Exception, doing: str) -> Response:
+            """A 500 that names the error's type only: its message may quote a header value."""
+            self.service.requests["errors"] += 1
+            log.error("online service: %s while %s", type(err).__name__, doing)
+            return JSONResponse({"error": f"internal error ({type(err).__name__}) while {doing}; the message is "
+                                          "withheld from this answer and the log (it may quote identifiers)"},
+                                status_code=500)
+
         @api.post("/v1/studies")
         async def studies(self, request: Request) -> Response:
             try:
                 check_token(request.headers.get("authorization"))
                 try:
                     body = await request.json()
-                except ValueError:
+                except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
                     raise RequestError(400, 'send JSON {"study_instance_uid": "<a DICOM UID>"}') from None
                 batched = self._batched()
                 loop = asyncio.get_running_loop()
@@ -125,11 +133,8 @@ def build_app(options: Any, scaling: Scaling) -> Any:
             except RequestError as err:
                 self.service.requests["errors"] += 1
                 return error(err)
-            except Exception as err:  # never the message: it may quote a header value
-                self.service.requests["errors"] += 1
-                log.error("online service: %s while answering a study", type(err).__name__)
-                return JSONResponse({"error": f"internal error ({type(err).__name__}); nothing was written back"},
-                                    status_code=500)
+            except Exception as err:
+                return self._internal_error(err, "answering a study")
 
         @api.post("/v1/slabs")
         async def slabs(self, request: Request) -> Response:
@@ -142,6 +147,8 @@ def build_app(options: Any, scaling: Scaling) -> Any:
             except RequestError as err:
                 self.service.requests["errors"] += 1
                 return error(err)
+            except Exception as err:
+                return self._internal_error(err, "scoring slabs")
 
         @api.post("/v1/feedback")
         async def feedback(self, request: Request) -> Response:
@@ -149,7 +156,7 @@ def build_app(options: Any, scaling: Scaling) -> Any:
             try:
                 try:
                     body = await request.json()
-                except ValueError:
+                except (ValueError, RecursionError):
                     body = None
                 loop = asyncio.get_running_loop()
                 stored = await loop.run_in_executor(self.io_threads, self.service.review, body,
@@ -159,6 +166,8 @@ def build_app(options: Any, scaling: Scaling) -> Any:
             except RequestError as err:
                 self.service.requests["errors"] += 1
                 return error(err)
+            except Exception as err:
+                return self._internal_error(err, "storing a review")
 
         @api.get("/healthz")
         async def healthz(self) -> Response:

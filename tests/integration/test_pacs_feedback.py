@@ -25,6 +25,7 @@ from dicomops.feedback.store import FeedbackStore, Reviewers
 from dicomops.pacs.changes import ChangesFeed
 from dicomops.pacs.client import PacsClient, PacsError
 from dicomops.pacs.orthanc import OrthancProcess
+from dicomops.pacs.results import FINDING_TYPE
 from flows.pacs_watch import pacs_watch
 from tests.champion_fixture import CONFIG, ExportedChampion
 from tests.unit.test_real_files import _needles
@@ -79,10 +80,23 @@ def test_a_readers_revision_in_the_pacs_becomes_feedback_and_a_stranger_is_refus
     frames = np.zeros((len(images), 128, 128), dtype=bool)
     frames[4:7, 60:68, 40:48] = True
     ada_seg, eve_seg = (corrected_segmentation(images, frames, reader) for reader in (ADA, EVE))
+    # And objects legal in DICOM that no code here expects, each of which once stopped the collection
+    # of every report behind it: a signature without the signer's name, a finding coded with a long
+    # code value, a SEG without its shared functional groups.
+    nameless, long_code, odd_seg = (revise(ours, present=True, reader=ADA) for _ in range(2)), None, None
+    nameless, long_code = list(nameless)
+    del nameless.VerifyingObserverSequence[0].VerifyingObserverName
+    for item in _content(long_code):
+        if "ConceptNameCodeSequence" in item and item.ConceptNameCodeSequence[0].CodeValue == FINDING_TYPE.value:
+            code = item.ConceptNameCodeSequence[0]
+            del code.CodeValue
+            code.LongCodeValue = FINDING_TYPE.value
+    odd_seg = corrected_segmentation(images, frames, ADA)
+    del odd_seg.SharedFunctionalGroupsSequence
     with ChangesFeed(orthanc.url, orthanc.credentials) as feed:
         last = feed.poll(0).last
     with PacsClient(orthanc.dicomweb_url, orthanc.credentials) as pacs:
-        pacs.store([ada, eve, ada_seg, eve_seg])
+        pacs.store([ada, eve, ada_seg, eve_seg, nameless, long_code, odd_seg])
     _stable_again(orthanc, study, last)
 
     key = key_from_settings()
@@ -90,8 +104,11 @@ def test_a_readers_revision_in_the_pacs_becomes_feedback_and_a_stranger_is_refus
     with PacsClient(orthanc.dicomweb_url, orthanc.credentials) as pacs, \
             ChangesFeed(orthanc.url, orthanc.credentials) as feed:
         rows = collect_once(feed, pacs, work, key, reviewers)
-        assert sorted((r["outcome"], r["reason"]) for r in rows if r["outcome"] != "ours") == [
-            ("refused", "unknown_reader"), ("refused", "unknown_reader"), ("stored", ""), ("stored", "")]
+        judged = sorted((r["outcome"], r["reason"]) for r in rows if r["outcome"] != "ours")
+        assert judged[:3] == [("refused", "no_finding_evaluation"), ("refused", "no_verifying_observer_name"),
+                              ("refused", "unknown_reader")], judged
+        assert judged[3] == ("refused", "unknown_reader") and judged[4][1].startswith("unreadable_seg ("), judged
+        assert judged[5:] == [("stored", ""), ("stored", "")], judged
         drawn, item = FeedbackStore(work).items().sort_values("source").to_dict("records")  # pacs-seg, pacs-sr
         assert (item["reader"], item["role"], item["source"], item["verdict"]) == (ADA, "senior", "pacs-sr", "correct")
         assert item["reader_label"] == int(not report.present) and item["model_label"] == int(report.present)
@@ -110,9 +127,17 @@ def test_a_readers_revision_in_the_pacs_becomes_feedback_and_a_stranger_is_refus
         assert collect_once(feed, pacs, work, key, reviewers) == []
     assert len(FeedbackStore(work).items()) == 2
 
-    needles = _needles(files) | {report.sop_uid, str(ada.SOPInstanceUID), str(eve.SOPInstanceUID),
-                                 str(ada_seg.SOPInstanceUID), str(eve_seg.SOPInstanceUID)}
+    needles = _needles(files) | {report.sop_uid, *(str(ds.SOPInstanceUID) for ds in (
+        ada, eve, ada_seg, eve_seg, nameless, long_code, odd_seg))}
     assert scan_for_phi(work / "feedback", needles) == []
+
+
+def _content(ds: pydicom.Dataset) -> list[pydicom.Dataset]:
+    """Every content item of an SR's tree."""
+    items = []
+    for item in ds.get("ContentSequence", []):
+        items += [item, *_content(item)]
+    return items
 
 
 class _DiesOnStudy:

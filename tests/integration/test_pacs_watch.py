@@ -106,7 +106,15 @@ def test_studies_from_the_pacs_are_gated_scored_answered_once_and_leak_nothing(
     rogue.SeriesInstanceUID = pydicom.uid.generate_uid()
     rogue_path = tmp_path / "rogue.dcm"
     rogue.save_as(rogue_path, enforce_file_format=True)
-    study_a, study_b = _send(orthanc, clean), _send(orthanc, [*hostile_files, rogue_path])
+    # And a slice stored with 512 pixel bytes too few: the PACS holds it so, every retrieval brings
+    # it so; the gate quarantines it, where a retrieval that called it a cut transfer never ended.
+    short = pydicom.dcmread(hostile_files[1])
+    short.SeriesInstanceUID, short.SOPInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    short.file_meta.MediaStorageSOPInstanceUID = short.SOPInstanceUID
+    short.PixelData = short.PixelData[:-512]
+    short_path = tmp_path / "short.dcm"
+    short.save_as(short_path, enforce_file_format=True)
+    study_a, study_b = _send(orthanc, clean), _send(orthanc, [*hostile_files, rogue_path, short_path])
     _wait_stable(orthanc, {study_a, study_b})
 
     # A pass whose retrieval is cut off mid-transfer: the flow fails, nothing is staged or recorded,
@@ -125,10 +133,11 @@ def test_studies_from_the_pacs_are_gated_scored_answered_once_and_leak_nothing(
     assert (result["ingested"], result["refused"], result["results_stored"]) == (2, 0, 2)
     ledger = pd.read_csv(work / "pacs/studies.csv", keep_default_na=False)
     assert list(ledger.status) == ["ingested", "ingested"] and list(ledger.results_stored) == [1, 1]
-    assert sorted(ledger.quarantined_files) == [0, 1]  # the MR slice, quarantined with its reason
-    quarantined = ledger[ledger.quarantined_files == 1].token.item()
+    assert sorted(ledger.quarantined_files) == [0, 2]  # the MR slice and the short one, with their reasons
+    quarantined = ledger[ledger.quarantined_files == 2].token.item()
     reasons = pd.read_csv(work / "pacs/studies" / quarantined / "ingest/quarantine.csv", keep_default_na=False)
-    assert len(reasons) == 1 and "modality" in reasons.reason.item()
+    assert len(reasons) == 2 and sum("modality" in r for r in reasons.reason) == 1, reasons
+    assert "pixel_data_length" in set(reasons.reason), reasons
     accepted = pd.read_parquet(work / "pacs/studies" / ledger.token[0] / "ingest/accepted.parquet")
     assert len(accepted) == 12  # whole: every slice, after the cut-off pass
 

@@ -229,3 +229,34 @@ def test_an_orthanc_that_never_answers_times_out_and_is_stopped(tmp_path: Path,
         pass
     with pytest.raises(ProcessLookupError):
         os.kill(int((tmp_path / "pid").read_text()), 0)  # stopped and reaped
+
+
+@pytest.mark.parametrize("uid", ["1.2.840.113619.2.55.3 ", "1.2.840." + "9" * 70])
+def test_a_uid_the_dicomweb_client_will_not_address_is_a_pacs_error_that_does_not_quote_it(uid: str) -> None:
+    """dicomweb-client checks a UID before the request and quotes it in its ValueError: a study
+    the PACS holds under such a UID must not put it in a log or a Prefect state message."""
+    from dicomops.pacs.client import PacsClient
+
+    with PacsClient("http://127.0.0.1:9/dicom-web", CREDS, timeout_s=1) as pacs, pytest.raises(PacsError) as err:
+        pacs.instance_uids(uid)  # refused before any request: no server needed
+    assert "ValueError" in str(err.value) and uid.strip() not in str(err.value) and "113619" not in str(err.value)
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+
+
+def test_pacs_watch_records_a_study_it_can_never_retrieve_and_moves_on(tmp_path: Path) -> None:
+    """A study the PACS holds under a UID DICOMweb cannot address is refused in the ledger, by its
+    token, with what to do; it is not an outage that stops the watch at that study on every pass."""
+    from dicomops.config import IngestConfig
+    from dicomops.layout import WorkLayout
+    from dicomops.pacs.client import PacsClient
+    from dicomops.pacs.watch import handle_study, handled_tokens, study_token
+
+    key, work, staging = b"k" * 32, tmp_path / "work", tmp_path / "staging"
+    uid = "1.2.840.113619.2.55.3.x"
+    with PacsClient("http://127.0.0.1:9/dicom-web", CREDS, timeout_s=1) as pacs:
+        outcome = handle_study(uid, pacs, staging, work, IngestConfig(), key)
+    assert (outcome.status, outcome.token) == ("refused", study_token(key, uid))
+    assert "not a valid DICOM UID" in outcome.reason and "correct the study's UIDs" in outcome.reason
+    assert handled_tokens(work) == {outcome.token} and not list(staging.glob("*"))
+    ledger = WorkLayout(work).pacs.ledger.read_text()
+    assert "113619" not in ledger and uid not in ledger
