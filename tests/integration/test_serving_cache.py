@@ -26,6 +26,7 @@ from dicomops.serving.champion import load_champion
 from dicomops.serving.predict import answer_pacs_study
 from flows.predict import predict
 from tests.champion_fixture import CONFIG, KEY, TINY, ExportedChampion
+from tests.flows.test_ingest_flow import _prefect_database
 from tests.hostile import ct_slice
 from tests.unit.test_real_files import _needles
 
@@ -147,4 +148,7 @@ def test_a_study_the_gate_refuses_gets_nothing_written_back(env: ExportedChampio
     assert table.status.tolist() == ["refused"] and table.reason[0]
     assert study not in table.reason[0]
     assert _reports(orthanc, study) == []
+    # The query named the study; Prefect keeps the flow run's parameters: masked there.
+    assert scan_for_phi(_prefect_database(), {study, "REFUSED-0042"}) == []
+    assert scan_for_phi(_prefect_database(), ["dicomops-predict"])  # the run is in it
     assert pydicom.dcmread(files[0]).StudyInstanceUID == study
