@@ -492,10 +492,11 @@ def predict(
         raise typer.BadParameter("give --version or --alias, not both")
     if src is not None and not src.is_dir():
         raise typer.BadParameter(f"{src} is not a folder of DICOM files")
-    try:
-        parse_query(pacs) if pacs is not None else None  # its mistakes said here, before anything starts
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from err
+    if pacs is not None:
+        try:
+            parse_query(pacs)  # its mistakes said here, before anything starts; the flow parses it again
+        except ValueError as err:
+            raise typer.BadParameter(str(err)) from err
     query = SecretStr(pacs) if pacs is not None else None  # Prefect stores it masked: it may name a patient
     if pacs is not None:
         _pacs_credentials_or_exit("no PACS password", "then run dicomops predict --pacs again")

@@ -132,7 +132,7 @@ def translate_errors(what: str, server: str) -> Iterator[None]:
     except requests.RequestException as err:
         raise PacsError(f"{what}: the PACS at {server} did not answer in full ({type(err).__name__}); is it "
                         f"running, and does {URL_ENV} point at it?") from None
-    except (ValueError, TypeError) as err:
+    except ValueError as err:  # raised before any request: requests' own JSON errors are caught above
         raise PacsRequestRefused(f"{what}: the DICOMweb client would not ask the PACS at {server} "
                                  f"({type(err).__name__}: an identifier that is not a valid DICOM UID; the "
                                  "message is withheld: it quotes it)") from None

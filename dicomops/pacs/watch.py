@@ -86,7 +86,8 @@ def handle_study(study_uid: str, pacs: Pacs, staging: Path, work: Path, cfg: Ing
     """Retrieve, gate, score and answer one study; record and return what happened.
 
     A retrieval that fails (an outage) raises and records nothing, so the caller does not advance
-    its cursor and the study is tried again whole. `champion` is a
+    its cursor and the study is tried again whole; one that never can (a UID no DICOMweb request can
+    name: :class:`~dicomops.pacs.client.PacsRequestRefused`) is recorded as refused. `champion` is a
     :class:`dicomops.serving.champion.Champion`; without one the study is ingested and no result
     is written (the ledger says so). `cache` is the :class:`dicomops.serving.cache.VolumeCache` the
     preprocessed volumes go to, so the online service finds the study warm.
