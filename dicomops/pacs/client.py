@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,7 +231,7 @@ class PacsClient:
         with translate_errors("searching studies", self.server):
             found = self._web.search_for_studies(limit=limit, fields=list(fields) or None,
                                                  search_filters=dict(filters) or None, get_remaining=limit is None)
-        return [Dataset.from_json(study) for study in found]
+        return [_from_json(study) for study in found]
 
     def store(self, datasets: Iterable[Dataset]) -> list[str]:
         """STOW-RS: store `datasets` in one request; return the SOPInstanceUIDs the PACS accepted.
@@ -301,7 +302,7 @@ class PacsClient:
         segmentation is laid over)."""
         with translate_errors("retrieving a series' headers", self.server):
             found = self._web.retrieve_series_metadata(study_uid, series_uid)
-        return [Dataset.from_json(item, bulk_data_uri_handler=lambda *_: b"") for item in found]
+        return [_from_json(item) for item in found]
 
     def retrieve_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> Dataset:
         """WADO-RS: one instance, as stored."""
@@ -385,6 +386,15 @@ class PacsClient:
         if self._closing.cut_off:
             raise PacsError(f"retrieving a study: the answer of the PACS at {self.server} was cut off after "
                             f"{count} instances (no closing boundary)")
+
+
+def _from_json(item: dict[str, Any]) -> Dataset:
+    """A DICOM JSON object (QIDO-RS, WADO-RS metadata) as a dataset, bulk data left out. pydicom warns
+    about an odd value with the value in the text (a study date, a name): those warnings are not
+    issued (its log records are kept, their text withheld: ``dicomops/__init__.py``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Dataset.from_json(item, bulk_data_uri_handler=lambda *_: b"")
 
 
 def _write_synced(ds: Dataset, path: Path) -> None:

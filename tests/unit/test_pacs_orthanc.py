@@ -260,3 +260,41 @@ def test_pacs_watch_records_a_study_it_can_never_retrieve_and_moves_on(tmp_path:
     assert handled_tokens(work) == {outcome.token} and not list(staging.glob("*"))
     ledger = WorkLayout(work).pacs.ledger.read_text()
     assert "113619" not in ledger and uid not in ledger
+
+
+def test_a_search_answer_with_an_odd_date_warns_nothing_that_quotes_it() -> None:
+    """pydicom warns "Invalid value for VR DA: '2024-01-01'" while parsing a QIDO answer: the
+    client's parse keeps that text (a study date, PHI) off stderr."""
+    import threading
+    import warnings
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from dicomops.pacs.client import PacsClient
+
+    answer = json.dumps([{"00080020": {"vr": "DA", "Value": ["2024-01-01"]},
+                          "0020000D": {"vr": "UI", "Value": ["1.2.826.0.1.3680043.10.99.7"]}}]).encode()
+
+    class Qido(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # the client pages until an empty page: the study, then none
+            page = answer if "offset=" not in self.path or "offset=0" in self.path else b"[]"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Qido)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with warnings.catch_warnings(record=True) as said, \
+                PacsClient(f"http://127.0.0.1:{httpd.server_address[1]}/dicom-web", CREDS, timeout_s=5) as pacs:
+            warnings.simplefilter("always")
+            (study,) = pacs.search_studies()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert study.StudyDate == "2024-01-01"  # parsed as sent
+    assert not [str(w.message) for w in said if "2024" in str(w.message)], [str(w.message) for w in said]
