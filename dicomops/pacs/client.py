@@ -136,7 +136,7 @@ def translate_errors(what: str, server: str) -> Iterator[None]:
     except ValueError as err:  # raised before any request: requests' own JSON errors are caught above
         raise PacsRequestRefused(f"{what}: the DICOMweb client would not ask the PACS at {server} "
                                  f"({type(err).__name__}: an identifier that is not a valid DICOM UID; the "
-                                 "message is withheld: it quotes it)") from None
+                                 "message is withheld: it quotes it); correct the study's UIDs in the PACS") from None
 
 
 class _ClosingBoundary:

@@ -109,7 +109,7 @@ def handle_study(study_uid: str, pacs: Pacs, staging: Path, work: Path, cfg: Ing
         pacs.retrieve_study(study_uid, staged)
         outcome = _gate_score_answer(token, staged, study_work, pacs, cfg, key, champion, cache, digest, work)
     except PacsRequestRefused as err:  # never retrievable as it is: recorded, and the watch moves on
-        outcome = StudyOutcome(token, "refused", reason=f"{err}; correct the study's UIDs in the PACS")
+        outcome = StudyOutcome(token, "refused", reason=str(err))
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     _record(work, outcome)

@@ -101,7 +101,7 @@ def predict_pacs(query: Mapping[str, str], pacs: Any, staging: Path, work: Path,
         try:
             return answer_pacs_study(uid, *args, **kwargs)
         except PacsRequestRefused as err:
-            return Answer(study_token(key, uid), "refused", reason=f"{err}; correct the study's UIDs in the PACS")
+            return Answer(study_token(key, uid), "refused", reason=str(err))
 
     found = pacs.search_studies(**dict(query))
     uids = [str(ds.StudyInstanceUID) for ds in found if "StudyInstanceUID" in ds]

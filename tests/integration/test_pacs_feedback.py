@@ -83,8 +83,7 @@ def test_a_readers_revision_in_the_pacs_becomes_feedback_and_a_stranger_is_refus
     # And objects legal in DICOM that no code here expects, each of which once stopped the collection
     # of every report behind it: a signature without the signer's name, a finding coded with a long
     # code value, a SEG without its shared functional groups.
-    nameless, long_code, odd_seg = (revise(ours, present=True, reader=ADA) for _ in range(2)), None, None
-    nameless, long_code = list(nameless)
+    nameless, long_code = (revise(ours, present=True, reader=ADA) for _ in range(2))
     del nameless.VerifyingObserverSequence[0].VerifyingObserverName
     for item in _content(long_code):
         if "ConceptNameCodeSequence" in item and item.ConceptNameCodeSequence[0].CodeValue == FINDING_TYPE.value:
