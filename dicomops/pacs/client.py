@@ -40,6 +40,12 @@ CONNECT_TIMEOUT_S = 5.0
 RESULT_CLASSES = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.66.")
 SEGMENTATION_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 AS_STORED = (("application/dicom", "*"),)
+# STOW-RS failure reasons (PS3.4 Table B.2-1) that say the PACS could not take an instance now, not
+# that it never will: "Refused: Out of Resources" (A7xx), and "Processing failure" (0110), which
+# Orthanc gives for every failure (a full disk among them).
+RESOURCE_REASONS = range(0xA700, 0xA800)
+PROCESSING_FAILURE = 0x0110
+STOW_CONFLICT = 409  # PS3.18: the PACS stored none of the instances; the body says why for each
 # Orthanc substitutes ${VAR} in its configuration file as text, before parsing the JSON: a password
 # holding one of these would change or break the configuration it is written into.
 _UNSAFE_IN_CONFIG = re.compile(r'[\x00-\x1f"\\]|\$\{')
@@ -51,6 +57,18 @@ class PacsError(DicomOpsError):
 
 class PacsAuthError(PacsError):
     """The PACS refused the credentials (HTTP 401/403): retrying will not help."""
+
+
+class PacsStoreRefused(PacsError):
+    """The PACS answered a STOW-RS request and did not keep some of its instances, and will not if
+    asked again: it refused them for a reason of theirs (a SOP class it does not store, a data set it
+    cannot read), or refused some while storing others, or said it stored them and does not hold them
+    (a filter that drops what it receives, such as Orthanc's ``ReceivedInstanceFilter``). `stored`
+    is how many it kept."""
+
+    def __init__(self, message: str, stored: int) -> None:
+        super().__init__(message)
+        self.stored = stored
 
 
 class PacsRequestRefused(PacsError):
@@ -234,22 +252,59 @@ class PacsClient:
         return [_from_json(study) for study in found]
 
     def store(self, datasets: Iterable[Dataset]) -> list[str]:
-        """STOW-RS: store `datasets` in one request; return the SOPInstanceUIDs the PACS accepted.
+        """STOW-RS: store `datasets` in one request, then ask the PACS which of them it holds (QIDO-RS,
+        one request per study): a PACS may answer "stored" for an instance a filter dropped. Return
+        the SOPInstanceUIDs it holds, which are all of them or this raises.
 
         Raises:
-            PacsError: the request failed, or the PACS refused some instance (the count says how many).
+            PacsStoreRefused: the PACS did not keep some instances and will not if asked again (see
+                the class); the message names their SOP classes and the reasons, and says how to fix it.
+            PacsError: the request failed, or the PACS refused every instance for lack of resources
+                or with a processing failure (an outage: asking again later may succeed).
         """
         batch = list(datasets)
         if not batch:
             return []
         with translate_errors(f"storing {len(batch)} instances", self.server):
-            answer = self._web.store_instances(batch)
-        failed = len(answer.get("FailedSOPSequence", []))
-        stored = [str(item.ReferencedSOPInstanceUID) for item in answer.get("ReferencedSOPSequence", [])]
-        if failed or len(stored) < len(batch):
-            raise PacsError(f"storing {len(batch)} instances: the PACS at {self.server} accepted {len(stored)} and "
-                            f"refused {failed or len(batch) - len(stored)}")
-        return stored
+            answer = self._stow(batch)
+        failures = {str(item.get("ReferencedSOPInstanceUID", "")): int(item.get("FailureReason", 0))
+                    for item in answer.get("FailedSOPSequence", [])}
+        accepted = {str(item.get("ReferencedSOPInstanceUID", "")) for item in answer.get("ReferencedSOPSequence", [])}
+        held: set[str] = set()
+        for study in sorted({str(ds.StudyInstanceUID) for ds in batch}):
+            held |= self.instance_uids(study)
+        kept = [str(ds.SOPInstanceUID) for ds in batch if str(ds.SOPInstanceUID) in held]
+        if len(kept) == len(batch):
+            return kept
+        lost = [ds for ds in batch if str(ds.SOPInstanceUID) not in held]
+        reasons = [failures.get(str(ds.SOPInstanceUID)) for ds in lost]
+        said = [str(ds.SOPInstanceUID) in accepted for ds in lost]
+        what = f"storing {len(batch)} instances: the PACS at {self.server} kept {len(kept)} of them"
+        if not kept and all(r is not None and (r in RESOURCE_REASONS or r == PROCESSING_FAILURE) for r in reasons):
+            raise PacsError(f"{what}; it refused every one for lack of resources or with a processing failure "
+                            f"({_describe_lost(lost, reasons, said)}): it may take them later")
+        raise PacsStoreRefused(
+            f"{what} and will not take the rest ({_describe_lost(lost, reasons, said)}); asking again gets the "
+            "same answer: make the PACS store these objects (the SOP classes it accepts, its filters on what it "
+            "receives), then answer the study again", stored=len(kept))
+
+    def _stow(self, batch: list[Dataset]) -> Dataset:
+        """The PACS's STOW-RS answer: stored and failed instances. A 409 (none stored) carries the same
+        answer in its body; without one it stays an HTTP error. Parsed without pydicom's warnings, whose
+        text quotes values."""
+        import requests
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                return self._web.store_instances(batch)
+            except requests.HTTPError as err:
+                if err.response is None or err.response.status_code != STOW_CONFLICT:
+                    raise
+                try:
+                    return _from_json(err.response.json())
+                except ValueError:
+                    raise err from None
 
     def instance_uids(self, study_uid: str) -> set[str]:
         """QIDO-RS: the SOPInstanceUIDs of every instance of the study the PACS holds now."""
@@ -386,6 +441,23 @@ class PacsClient:
         if self._closing.cut_off:
             raise PacsError(f"retrieving a study: the answer of the PACS at {self.server} was cut off after "
                             f"{count} instances (no closing boundary)")
+
+
+def _describe_lost(lost: Sequence[Dataset], reasons: Sequence[int | None], said_stored: Sequence[bool]) -> str:
+    """What the PACS did with each instance it did not keep, by SOP class (names of the standard, no
+    identifier): "Segmentation Storage: refused, failure reason 0xC000", or "reported stored, not held"."""
+    from pydicom.uid import UID
+
+    parts = set()
+    for ds, reason, said in zip(lost, reasons, said_stored, strict=True):
+        kind = UID(str(ds.get("SOPClassUID", ""))).name or "an unknown SOP class"
+        if reason is not None:
+            parts.add(f"{kind}: refused, failure reason 0x{reason:04X}")
+        elif said:
+            parts.add(f"{kind}: reported stored, not held (a filter on the PACS?)")
+        else:
+            parts.add(f"{kind}: not held, and not named in the answer")
+    return "; ".join(sorted(parts))
 
 
 def _from_json(item: dict[str, Any]) -> Dataset:

@@ -174,7 +174,9 @@ class Service:
         except PacsError as err:
             raise RequestError(503, f"the PACS did not answer: {err}") from None
         if answer.status != "scored":
-            raise RequestError(422, f"the study was {answer.status} and nothing was written back: {answer.reason}")
+            stored = (f"{answer.results_stored} results were stored back" if answer.results_stored
+                      else "nothing was written back")
+            raise RequestError(422, f"the study was {answer.status} and {stored}: {answer.reason}")
         # De-identified, as the batch flow keeps its results: what a reader's review is linked to.
         record(self.options.work, f"online-{answer.study}", [answer], self.champion, None)
         return {"status": answer.status, "warm": answer.warm, "accepted_series": answer.accepted_series,

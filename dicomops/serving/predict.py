@@ -254,7 +254,7 @@ def answer_pacs_study(study_uid: str, pacs: Any, staging: Path, scratch: Path, c
     study's image instances (:meth:`dicomops.pacs.client.PacsClient.image_instances`), when the
     caller has listed them already. `prefetched`: the study is being retrieved into
     ``staging/<token>`` by the caller (:func:`retrieve_into`), and this is that retrieval's future."""
-    from dicomops.pacs.watch import build_reports, study_token
+    from dicomops.pacs.watch import build_reports, store_results, study_token
 
     timer = Timer()
     t0 = time.perf_counter()
@@ -290,8 +290,9 @@ def answer_pacs_study(study_uid: str, pacs: Any, staging: Path, scratch: Path, c
                                 timings=timer.timings)
             else:
                 with timer("write_s"):
-                    pacs.store(reports)
-                answer.results_stored = len(reports)
+                    answer.results_stored, refusal = store_results(pacs, reports)
+                if refusal:
+                    answer.status, answer.reason = "failed", refusal
     finally:
         shutil.rmtree(staged, ignore_errors=True)
         shutil.rmtree(study_work, ignore_errors=True)

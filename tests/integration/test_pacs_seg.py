@@ -26,7 +26,7 @@ from dicomops.deid import scan_for_phi
 from dicomops.deid.keys import key_from_settings
 from dicomops.pacs import watch
 from dicomops.pacs.client import PacsClient
-from dicomops.pacs.orthanc import OrthancProcess
+from dicomops.pacs.orthanc import TEMPLATE, OrthancProcess, start_orthanc
 from dicomops.pacs.results import ACTIONABLE_SCORE, SOLID_PART_WIDTH
 from dicomops.serving.champion import load_champion
 from dicomops.serving.segmenter import with_segmenter
@@ -38,7 +38,8 @@ from tests.flows.test_ingest_flow import _prefect_database
 from tests.segmenter_fixture import register_density_segmenter
 from tests.unit.test_real_files import _needles
 
-from .orthanc_fixture import orthanc  # noqa: F401  (a fixture)
+from .conftest import free_port
+from .orthanc_fixture import STABLE_AGE_S, orthanc, pacs_credentials, require_orthanc  # noqa: F401  (a fixture)
 from .test_pacs_watch import _objects, _pacs_env, _send, _wait_stable
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
@@ -166,4 +167,46 @@ def test_a_promoted_segmenter_adds_its_report_and_a_seg_and_a_failing_one_leaves
     for place in (work, Path(store.removeprefix("sqlite:///")).parent, PREFECT_HOME, _prefect_database()):
         hits = scan_for_phi(place, needles)
         assert hits == [], f"PHI found under {place}: {hits[:5]}"
+    assert list(staging.glob("*")) == []
+
+
+def test_a_pacs_that_keeps_the_reports_and_drops_the_seg_fails_the_study_with_what_it_kept(
+        store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Orthanc with a ``ReceivedInstanceFilter`` that refuses SEGs (a site whose viewers cannot show
+    them) answers STOW-RS "stored" for the SEG and does not keep it. The watch sees it, records the
+    study as failed with the two reports it kept and why (no UID), and the next pass does not take the
+    study again; a batch over the PACS says the same. Nothing identifying reaches the work directory."""
+    require_orthanc()
+    lua = tmp_path / "no-seg.lua"
+    lua.write_text('function ReceivedInstanceFilter(dicom, origin, info)\n'
+                   '  return dicom.Modality ~= "SEG"\nend\n')
+    template = tmp_path / "orthanc.json"
+    template.write_text(json.dumps(json.loads(TEMPLATE.read_text()) | {"LuaScripts": [str(lua)]}))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    work, staging = tmp_path / "work", tmp_path / "staging"
+    with start_orthanc(tmp_path / "pacs", free_port(), pacs_credentials(), stable_age_s=STABLE_AGE_S,
+                       template=template) as server:
+        _pacs_env(monkeypatch, server)
+        files, _ = _study(tmp_path / "send-a", index=11)
+        study = _send(server, files)
+        _wait_stable(server, {study})
+        result = pacs_watch(work=work, staging=staging, config=SEG_CONFIG)
+        assert (result["ingested"], result["failed"], result["results_stored"]) == (0, 1, 2)
+        assert len(_objects(server, study, "SR")) == 2 and _objects(server, study, "SEG") == []
+        ledger = pd.read_csv(work / "pacs/studies.csv", keep_default_na=False)
+        (row,) = ledger.itertuples()
+        assert (row.status, row.results_stored, row.accepted_series) == ("failed", 2, 1)
+        assert "kept 2 of them" in row.reason and "Segmentation Storage: reported stored, not held" in row.reason
+        again = pacs_watch(work=work, staging=staging, config=SEG_CONFIG)  # a later change: not taken again
+        assert again["failed"] == 0 and len(pd.read_csv(work / "pacs/studies.csv")) == 1
+
+        files_b, _ = _study(tmp_path / "send-b", index=12)
+        study_b = _send(server, files_b)
+        predicted = predict(pacs_query=SecretStr(f"StudyInstanceUID={study_b}"), work=work, config=SEG_CONFIG)
+        assert (predicted["studies_scored"], predicted["studies_failed"], predicted["results_stored"]) == (0, 1, 2)
+
+    needles = _needles([*files, *files_b])
+    assert study in needles
+    hits = scan_for_phi(work, needles)
+    assert hits == [], f"PHI found under {work}: {hits[:5]}"
     assert list(staging.glob("*")) == []

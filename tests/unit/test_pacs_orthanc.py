@@ -12,6 +12,7 @@ import socket
 import stat
 from pathlib import Path
 
+import pydicom
 import pytest
 import requests
 import yaml
@@ -298,3 +299,94 @@ def test_a_search_answer_with_an_odd_date_warns_nothing_that_quotes_it() -> None
         httpd.server_close()
     assert study.StudyDate == "2024-01-01"  # parsed as sent
     assert not [str(w.message) for w in said if "2024" in str(w.message)], [str(w.message) for w in said]
+
+
+def _instance(sop_class: str, study: str, sop: str) -> pydicom.Dataset:
+    ds = pydicom.Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.StudyInstanceUID = sop_class, sop, study
+    ds.SeriesInstanceUID, ds.PatientName = sop + ".1", "Doe^Jane"
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = sop_class, sop
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    return ds
+
+
+SR_CLASS, SEG_CLASS = "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.66.4"
+STUDY, SR_UID, SEG_UID = "1.2.826.0.1.3680043.10.99.1", "1.2.826.0.1.3680043.10.99.2", "1.2.826.0.1.3680043.10.99.3"
+
+
+@pytest.mark.parametrize(("status", "failed", "held", "expected"), [
+    (200, {}, {SR_UID, SEG_UID}, "stored"),
+    # A SOP class the PACS does not store (0x0122) beside one it stored: the PACS will say so again.
+    (202, {SEG_UID: 0x0122}, {SR_UID}, "refused 1"),
+    # None stored, for reasons of the objects (0xC000 cannot understand): refused, not an outage.
+    (409, {SR_UID: 0xC000, SEG_UID: 0xC000}, set(), "refused 0"),
+    # None stored, for lack of resources or a processing failure (Orthanc's only reason): an outage.
+    (409, {SR_UID: 0xA700, SEG_UID: 0x0110}, set(), "outage"),
+    # "Stored", but a filter dropped the SEG (Orthanc's ReceivedInstanceFilter answers so).
+    (200, {}, {SR_UID}, "refused 1"),
+])
+def test_a_store_is_checked_against_what_the_pacs_holds_and_a_lasting_refusal_is_told_from_an_outage(
+        status: int, failed: dict[str, int], held: set[str], expected: str) -> None:
+    """STOW-RS answers per instance (PS3.18: 200 all stored, 202 some failed, 409 none stored, each
+    failure with its reason), and a PACS may answer "stored" for what a filter dropped: the client
+    asks which instances the PACS holds, and a refusal the PACS will repeat is PacsStoreRefused
+    (with how many it kept), an outage a plain PacsError. The messages name SOP classes, no UID."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from dicomops.pacs.client import PacsClient, PacsStoreRefused
+
+    def item(sop: str, sop_class: str, reason: int | None = None) -> dict[str, object]:
+        out: dict[str, object] = {"00081150": {"vr": "UI", "Value": [sop_class]}, "00081155": {"vr": "UI", "Value": [sop]}}
+        return out | ({"00081197": {"vr": "US", "Value": [reason]}} if reason is not None else {})
+
+    classes = {SR_UID: SR_CLASS, SEG_UID: SEG_CLASS}
+    stow = json.dumps({
+        "00081198": {"vr": "SQ", "Value": [item(sop, classes[sop], reason) for sop, reason in failed.items()]},
+        "00081199": {"vr": "SQ", "Value": [item(sop, classes[sop]) for sop in classes if sop not in failed]}}).encode()
+
+    class Pacs(BaseHTTPRequestHandler):
+        def _answer(self, code: int, body: bytes) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self._answer(status, stow)
+
+        def do_GET(self) -> None:  # QIDO-RS instances, paged by offset
+            first = "offset=" not in self.path or "offset=0" in self.path
+            found = [{"00080018": {"vr": "UI", "Value": [sop]}} for sop in sorted(held)] if first else []
+            self._answer(200, json.dumps(found).encode())
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Pacs)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with PacsClient(f"http://127.0.0.1:{httpd.server_address[1]}/dicom-web", CREDS, timeout_s=5) as pacs:
+            batch = [_instance(SR_CLASS, STUDY, SR_UID), _instance(SEG_CLASS, STUDY, SEG_UID)]
+            if expected == "stored":
+                assert pacs.store(batch) == [SR_UID, SEG_UID]
+                return
+            with pytest.raises(PacsError) as err:
+                pacs.store(batch)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    message = str(err.value)
+    assert "99" not in message.replace(str(httpd.server_address[1]), ""), message  # no UID of the batch
+    if expected == "outage":
+        assert not isinstance(err.value, PacsStoreRefused) and "may take them later" in message
+        return
+    assert isinstance(err.value, PacsStoreRefused) and err.value.stored == int(expected.split()[1])
+    assert "Segmentation Storage" in message and "make the PACS store these objects" in message
+    if failed:
+        assert f"failure reason 0x{failed[SEG_UID]:04X}" in message
+    else:
+        assert "reported stored, not held" in message
