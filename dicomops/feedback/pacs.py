@@ -36,9 +36,12 @@ from dicomops.deid.keys import KeyedMapper
 from dicomops.feedback.review import latest_result
 from dicomops.feedback.store import FeedbackStore, Reviewers, UnknownReaderError, make_item
 from dicomops.layout import WorkLayout
+from dicomops.pacs.client import PacsRequestRefused
 from dicomops.pacs.results import ABSENT, FINDING_TYPE, MANUFACTURER, PRESENT, SCORE
 
 SEEN_COLUMNS = ["report", "outcome", "reason", "at"]
+# An object (or study) a viewer stored under a UID the DICOMweb client will not put in a request.
+NOT_REQUESTABLE = "uid_not_requestable"
 
 
 @dataclass(frozen=True)
@@ -194,10 +197,17 @@ def collect_study(study_uid: str, pacs: Any, work: Path, key: bytes, reviewers: 
     seen = set(_seen(work).report)
     fresh = [(series, sop) for series, sop in pacs.report_instances(study_uid)
              if mapper.token("report", sop) not in seen]
-    datasets = {sop: pacs.retrieve_instance(study_uid, series, sop) for series, sop in fresh}
-    ours = {sop: r for sop, ds in datasets.items() if (r := _readable(read_report, ds, None)) is not None}
-    rows, items = [], []
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    rows, items = [], []
+    datasets = {}
+    for series, sop in fresh:
+        fetched = _requestable(pacs.retrieve_instance, study_uid, series, sop)
+        if fetched is None:
+            rows.append({"report": mapper.token("report", sop), "outcome": "refused", "reason": NOT_REQUESTABLE,
+                         "at": now})
+        else:
+            datasets[sop] = fetched
+    ours = {sop: r for sop, ds in datasets.items() if (r := _readable(read_report, ds, None)) is not None}
     for sop, ds in datasets.items():
         token = mapper.token("report", sop)
         if sop in ours:
@@ -208,7 +218,8 @@ def collect_study(study_uid: str, pacs: Any, work: Path, key: bytes, reviewers: 
         report = None
         if not reason:
             assert isinstance(assessment, Assessment)
-            report = ours.get(assessment.predecessor) or _known_report(pacs, study_uid, assessment.predecessor)
+            report = ours.get(assessment.predecessor) or _requestable(_known_report, pacs, study_uid,
+                                                                       assessment.predecessor)
             if report is None:
                 reason = "revises_no_dicomops_report"
         if not reason:
@@ -236,6 +247,17 @@ def collect_study(study_uid: str, pacs: Any, work: Path, key: bytes, reviewers: 
     return [*rows, *seg_rows]
 
 
+def _requestable(fetch: Callable[..., Any], *args: Any) -> Any:
+    """`fetch(*args)`, or None for an object the DICOMweb client will not ask the PACS for (a UID a
+    viewer wrote that is not a valid DICOM UID: asking again gets the same answer), so that one
+    reader's odd object is recorded (:data:`NOT_REQUESTABLE`) instead of stopping every pass at its
+    study. An outage still raises."""
+    try:
+        return fetch(*args)
+    except PacsRequestRefused:
+        return None
+
+
 def _readable(read: Callable[[Dataset], Any], ds: Dataset, unreadable: str | None) -> Any:
     """`read` of one object a reader stored, or, when it cannot follow it (a structure legal in DICOM
     that it does not expect), the reason `unreadable` with the error's type (None: no reason, the
@@ -259,7 +281,10 @@ def _collect_segmentations(study_uid: str, pacs: Any, work: Path, mapper: KeyedM
         token = mapper.token("seg", sop)
         if token in seen:
             continue
-        ds = pacs.retrieve_instance(study_uid, series_of_seg, sop)
+        ds = _requestable(pacs.retrieve_instance, study_uid, series_of_seg, sop)
+        if ds is None:
+            rows.append({"report": token, "outcome": "refused", "reason": NOT_REQUESTABLE, "at": now})
+            continue
         if is_ours(ds):
             rows.append({"report": token, "outcome": "ours", "reason": "", "at": now})
             continue
@@ -277,9 +302,10 @@ def _collect_segmentations(study_uid: str, pacs: Any, work: Path, mapper: KeyedM
             reason = "" if served is not None else "no_dicomops_result"
         if not reason:
             assert not isinstance(correction, str) and served is not None
-            headers = pacs.series_headers(study_uid, correction.series_uid)  # the PACS's errors are outages
+            headers = _requestable(pacs.series_headers, study_uid, correction.series_uid)  # outages raise
+            reason = NOT_REQUESTABLE if headers is None else ""
             try:
-                drawn = reader_mask(ds, headers)
+                drawn = reader_mask(ds, headers) if headers is not None else None
             except ValueError:
                 reason = "mask_not_over_its_series"
             except Exception as err:  # highdicom cannot follow it: as _readable records it
@@ -287,7 +313,7 @@ def _collect_segmentations(study_uid: str, pacs: Any, work: Path, mapper: KeyedM
         if reason:
             rows.append({"report": token, "outcome": "refused", "reason": reason, "at": now})
             continue
-        assert not isinstance(correction, str) and served is not None
+        assert not isinstance(correction, str) and served is not None and drawn is not None
         relative = WorkLayout(work).feedback.mask(token)
         drawn.save(WorkLayout(work).feedback.root / relative)
         label = int(bool(drawn.nodules))
@@ -322,7 +348,14 @@ def collect_once(feed: Any, pacs: Any, work: Path, key: bytes, reviewers: Review
         since = cursor.value
         page = feed.poll(since, limit)
         for study in page.studies:
-            rows.extend(collect_study(study.study_uid, pacs, work, key, reviewers))
+            try:
+                rows.extend(collect_study(study.study_uid, pacs, work, key, reviewers))
+            except PacsRequestRefused:  # the study's own UID: none of its objects can be asked for
+                refused = [{"report": KeyedMapper(key).token("study", study.study_uid), "outcome": "refused",
+                            "reason": f"{NOT_REQUESTABLE} (the study)",
+                            "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}]
+                _record(work, refused)
+                rows.extend(refused)
             cursor.advance(study.seq)
         cursor.advance(page.last)
         if page.done or page.last <= since:

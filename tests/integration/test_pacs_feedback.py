@@ -92,10 +92,15 @@ def test_a_readers_revision_in_the_pacs_becomes_feedback_and_a_stranger_is_refus
             code.LongCodeValue = FINDING_TYPE.value
     odd_seg = corrected_segmentation(images, frames, ADA)
     del odd_seg.SharedFunctionalGroupsSequence
+    # And a revision a viewer stored under a SOP Instance UID longer than DICOM's 64 characters:
+    # Orthanc keeps it, dicomweb-client will not put it in a request, and every pass once warned
+    # and stopped at this study.
+    long_uid = revise(ours, present=True, reader=ADA)
+    long_uid.SOPInstanceUID = long_uid.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498." + "7" * 50
     with ChangesFeed(orthanc.url, orthanc.credentials) as feed:
         last = feed.poll(0).last
     with PacsClient(orthanc.dicomweb_url, orthanc.credentials) as pacs:
-        pacs.store([ada, eve, ada_seg, eve_seg, nameless, long_code, odd_seg])
+        pacs.store([ada, eve, ada_seg, eve_seg, nameless, long_code, odd_seg, long_uid])
     _stable_again(orthanc, study, last)
 
     key = key_from_settings()
@@ -104,10 +109,10 @@ def test_a_readers_revision_in_the_pacs_becomes_feedback_and_a_stranger_is_refus
             ChangesFeed(orthanc.url, orthanc.credentials) as feed:
         rows = collect_once(feed, pacs, work, key, reviewers)
         judged = sorted((r["outcome"], r["reason"]) for r in rows if r["outcome"] != "ours")
-        assert judged[:3] == [("refused", "no_finding_evaluation"), ("refused", "no_verifying_observer_name"),
-                              ("refused", "unknown_reader")], judged
-        assert judged[3] == ("refused", "unknown_reader") and judged[4][1].startswith("unreadable_seg ("), judged
-        assert judged[5:] == [("stored", ""), ("stored", "")], judged
+        assert judged[:4] == [("refused", "no_finding_evaluation"), ("refused", "no_verifying_observer_name"),
+                              ("refused", "uid_not_requestable"), ("refused", "unknown_reader")], judged
+        assert judged[4] == ("refused", "unknown_reader") and judged[5][1].startswith("unreadable_seg ("), judged
+        assert judged[6:] == [("stored", ""), ("stored", "")], judged
         drawn, item = FeedbackStore(work).items().sort_values("source").to_dict("records")  # pacs-seg, pacs-sr
         assert (item["reader"], item["role"], item["source"], item["verdict"]) == (ADA, "senior", "pacs-sr", "correct")
         assert item["reader_label"] == int(not report.present) and item["model_label"] == int(report.present)
@@ -127,7 +132,7 @@ def test_a_readers_revision_in_the_pacs_becomes_feedback_and_a_stranger_is_refus
     assert len(FeedbackStore(work).items()) == 2
 
     needles = _needles(files) | {report.sop_uid, *(str(ds.SOPInstanceUID) for ds in (
-        ada, eve, ada_seg, eve_seg, nameless, long_code, odd_seg))}
+        ada, eve, ada_seg, eve_seg, nameless, long_code, odd_seg, long_uid))}
     assert scan_for_phi(work / "feedback", needles) == []
 
 
