@@ -19,7 +19,6 @@ does not hold back the studies behind it.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -35,6 +34,7 @@ from dicomops.deid.keys import KeyedMapper
 from dicomops.errors import GateFailedError
 from dicomops.layout import WorkLayout
 from dicomops.pacs.client import PacsRequestRefused, PacsStoreRefused
+from dicomops.pacs.staging import held_study
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,11 @@ def handle_study(study_uid: str, pacs: Pacs, staging: Path, work: Path, cfg: Ing
                  champion: Any | None = None, cache: Any | None = None) -> StudyOutcome:
     """Retrieve, gate, score and answer one study; record and return what happened.
 
-    A retrieval that fails (an outage) raises and records nothing, so the caller does not advance
-    its cursor and the study is tried again whole; one that never can (a UID no DICOMweb request can
-    name: :class:`~dicomops.pacs.client.PacsRequestRefused`) is recorded as refused. `champion` is a
+    A retrieval that fails (an outage), or a study another handler holds past the wait
+    (:class:`~dicomops.pacs.staging.StudyBusyError`), raises and records nothing, so the caller does
+    not advance its cursor and the study is tried again whole; one that never can be retrieved (a
+    UID no DICOMweb request can name: :class:`~dicomops.pacs.client.PacsRequestRefused`) is
+    recorded as refused. `champion` is a
     :class:`dicomops.serving.champion.Champion`; without one the study is ingested and no result
     is written (the ledger says so). `cache` is the :class:`dicomops.serving.cache.VolumeCache` the
     preprocessed volumes go to, so the online service finds the study warm.
@@ -98,7 +100,6 @@ def handle_study(study_uid: str, pacs: Pacs, staging: Path, work: Path, cfg: Ing
         outcome = StudyOutcome(token, "duplicate", reason="already handled; ingested once")
         _record(work, outcome)
         return outcome
-    staged = Path(staging) / token
     study_work = WorkLayout(work).pacs.study(token)
     try:
         digest = None
@@ -106,13 +107,11 @@ def handle_study(study_uid: str, pacs: Pacs, staging: Path, work: Path, cfg: Ing
             from dicomops.serving.predict import preprocessing_identity, study_digest
 
             digest = study_digest(key, pacs.image_instances(study_uid), preprocessing_identity(champion))
-        shutil.rmtree(staged, ignore_errors=True)  # what a killed process left
-        pacs.retrieve_study(study_uid, staged)
-        outcome = _gate_score_answer(token, staged, study_work, pacs, cfg, key, champion, cache, digest, work)
+        with held_study(staging, token) as staged:
+            pacs.retrieve_study(study_uid, staged)
+            outcome = _gate_score_answer(token, staged, study_work, pacs, cfg, key, champion, cache, digest, work)
     except PacsRequestRefused as err:  # never retrievable as it is: recorded, and the watch moves on
         outcome = StudyOutcome(token, "refused", reason=str(err))
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
     _record(work, outcome)
     log.info("PACS study %s: %s (%d series accepted, %d files quarantined, %d results stored)%s", token,
              outcome.status, outcome.accepted_series, outcome.quarantined_files, outcome.results_stored,

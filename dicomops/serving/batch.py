@@ -92,16 +92,19 @@ def predict_pacs(query: Mapping[str, str], pacs: Any, staging: Path, work: Path,
     from concurrent.futures import ThreadPoolExecutor
 
     from dicomops.pacs.client import PacsRequestRefused
+    from dicomops.pacs.staging import StudyBusyError
     from dicomops.pacs.watch import study_token
-    from dicomops.serving.predict import retrieve_into
+    from dicomops.serving.predict import prefetch as fetch_ahead
 
     def answer_or_refuse(uid: str, *args: Any, **kwargs: Any) -> Answer:
         """The study's answer; one the PACS holds under a UID no request can name is refused, with
-        what to do, and the batch goes on."""
+        what to do, and one another handler holds past the wait is failed; the batch goes on."""
         try:
             return answer_pacs_study(uid, *args, **kwargs)
         except PacsRequestRefused as err:
             return Answer(study_token(key, uid), "refused", reason=str(err))
+        except StudyBusyError as err:
+            return Answer(study_token(key, uid), "failed", reason=str(err))
 
     found = pacs.search_studies(**dict(query))
     uids = [str(ds.StudyInstanceUID) for ds in found if "StudyInstanceUID" in ds]
@@ -113,22 +116,23 @@ def predict_pacs(query: Mapping[str, str], pacs: Any, staging: Path, work: Path,
             if progress is not None:
                 progress(i, len(uids))
         return answers
-    staged = [Path(staging) / study_token(key, uid) for uid in uids]
-    with ThreadPoolExecutor(1, thread_name_prefix="retrieve") as io:
-        ahead = io.submit(retrieve_into, prefetch, uids[0], staged[0]) if uids else None
+
+    def ahead_of(i: int) -> Any:
+        return pool.submit(fetch_ahead, prefetch, uids[i], staging, study_token(key, uids[i])) if i < len(uids) else None
+
+    with ThreadPoolExecutor(1, thread_name_prefix="retrieve") as pool:
+        current, ahead = None, ahead_of(0)
         try:
             for i, uid in enumerate(uids):
-                current, ahead = ahead, (io.submit(retrieve_into, prefetch, uids[i + 1], staged[i + 1])
-                                         if i + 1 < len(uids) else None)
+                current, ahead = ahead, ahead_of(i + 1)
                 answers.append(answer_or_refuse(uid, pacs, staging, scratch, cfg, key, champion, cache, write_back,
                                                  prefetched=current))
                 if progress is not None:
                     progress(i + 1, len(uids))
-        finally:  # a study retrieved ahead and never answered leaves nothing in staging
-            if ahead is not None:
-                ahead.exception()
-            for folder in staged:
-                shutil.rmtree(folder, ignore_errors=True)
+        finally:  # a study retrieved and never answered (an outage mid-batch) is let go, its folder removed
+            for fetched in (current, ahead):
+                if fetched is not None and fetched.exception() is None:
+                    fetched.result().release()  # a second release does nothing
     return answers
 
 

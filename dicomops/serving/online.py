@@ -31,7 +31,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 TOKEN_ENV = "DICOMOPS_SERVE_TOKEN"
 UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 MAX_SLABS = 4096
+MAX_JSON_BYTES = 64 * 1024  # a study request or a review is a few hundred bytes
+NPY_HEADER_BYTES = 4096  # numpy.save's header, padded: far less
+STUDY_BODY = 'send JSON {"study_instance_uid": "<a DICOM UID>", "write_back": false}'
 
 
 class RequestError(Exception):
@@ -54,6 +57,24 @@ class RequestError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status, self.message = status, message
+
+
+async def read_capped(declared: str | None, chunks: AsyncIterator[bytes], limit: int, what: str) -> bytes:
+    """A request's body, never read past `limit` bytes: a declared Content-Length over it is refused
+    (413) before a byte is read, and a body that streams past it (chunked, or longer than declared)
+    as soon as it does, so a replica never holds more than `limit` bytes of one request. `what`
+    says what to send instead."""
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise RequestError(400, "Content-Length is not a number")
+        if int(declared) > limit:
+            raise RequestError(413, f"a body of {int(declared)} bytes; at most {limit} are read here: {what}")
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > limit:
+            raise RequestError(413, f"a body of more than {limit} bytes; at most {limit} are read here: {what}")
+    return bytes(body)
 
 
 def check_token(header: str | None, environ: Mapping[str, str] | None = None) -> None:
@@ -148,12 +169,13 @@ class Service:
         """A study reference → its findings. Blocking: run it in a worker thread."""
         from dicomops.deid.keys import KeyedMapper
         from dicomops.pacs.client import PacsError
+        from dicomops.pacs.staging import StudyBusyError
         from dicomops.serving.batch import record
         from dicomops.serving.predict import answer_pacs_study
 
         if not isinstance(body, dict) or not isinstance(body.get("study_instance_uid"), str) \
                 or not UID.match(body["study_instance_uid"]) or len(body["study_instance_uid"]) > 64:
-            raise RequestError(400, 'send JSON {"study_instance_uid": "<a DICOM UID>", "write_back": false}')
+            raise RequestError(400, STUDY_BODY)
         write_back = body.get("write_back", False)
         if not isinstance(write_back, bool):
             raise RequestError(400, "write_back must be true or false")
@@ -168,11 +190,13 @@ class Service:
                 raise RequestError(404, "the PACS holds no image of that study; check the StudyInstanceUID")
             answer = answer_pacs_study(study_uid, self.pacs, self.options.staging, self.scratch, self.options.ingest,
                                        self.options.key, champion, self.cache, write_back=write_back,
-                                       images=images)
+                                       images=images, wait_s=self.options.http_budget_s)
             mapper = KeyedMapper(self.options.key)
             originals = {mapper.uid(u): u for u in set(images.values())}
         except PacsError as err:
             raise RequestError(503, f"the PACS did not answer: {err}") from None
+        except StudyBusyError as err:  # another request, pacs-watch or a batch is answering it now
+            raise RequestError(503, str(err)) from None
         if answer.status != "scored":
             stored = (f"{answer.results_stored} results were stored back" if answer.results_stored
                       else "nothing was written back")
@@ -199,6 +223,11 @@ class Service:
                           self.options.work, self.options.key)
         except ReviewError as err:
             raise RequestError(err.status, err.message) from None
+
+    @property
+    def slab_bytes(self) -> int:
+        """The largest /v1/slabs body read: MAX_SLABS slabs of the model's input, float32, as .npy."""
+        return MAX_SLABS * 4 * int(np.prod(self.champion.contract.input_shape)) + NPY_HEADER_BYTES
 
     def parse_slabs(self, raw: bytes) -> np.ndarray:
         try:

@@ -17,6 +17,7 @@ by the gate's pseudonym. The original UIDs stay with the caller (and in the SR t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import hmac
@@ -37,6 +38,7 @@ import pandas as pd
 from dicomops.config import IngestConfig, PreprocessConfig
 from dicomops.errors import GateFailedError
 from dicomops.layout import WorkLayout
+from dicomops.pacs.staging import WAIT_S, Prefetched, held_study, retrieve_held
 from dicomops.serving.cache import VolumeCache
 from dicomops.serving.champion import Champion
 
@@ -246,14 +248,16 @@ def answer_from_cache(study: str, digest: str, champion: Champion, cache: Volume
 def answer_pacs_study(study_uid: str, pacs: Any, staging: Path, scratch: Path, cfg: IngestConfig, key: bytes,
                       champion: Champion, cache: VolumeCache | None = None, write_back: bool = False,
                       study: str | None = None, images: Mapping[str, str] | None = None,
-                      prefetched: Future[float] | None = None) -> Answer:
+                      prefetched: Future[Prefetched] | None = None, wait_s: float = WAIT_S) -> Answer:
     """One study of the PACS, by its StudyInstanceUID (held in memory only): warm from the cache when
     it can and nothing is to be written back; otherwise retrieved, gated, scored and, with
-    `write_back`, answered with one SR per series stored in the PACS. Staging and the study's scratch
-    work directory are removed before returning. Only talking to the PACS raises. `images`: the
-    study's image instances (:meth:`dicomops.pacs.client.PacsClient.image_instances`), when the
-    caller has listed them already. `prefetched`: the study is being retrieved into
-    ``staging/<token>`` by the caller (:func:`retrieve_into`), and this is that retrieval's future."""
+    `write_back`, answered with one SR per series stored in the PACS. The study is held
+    (:func:`dicomops.pacs.staging.held_study`) while it is staged; staging and the study's scratch
+    work directory are removed before returning. Only talking to the PACS, or a study another
+    handler holds past the wait (:class:`~dicomops.pacs.staging.StudyBusyError`), raises. `images`:
+    the study's image instances (:meth:`dicomops.pacs.client.PacsClient.image_instances`), when the
+    caller has listed them already. `prefetched`: the caller's retrieval of this study ahead
+    (:func:`prefetch`), a future. `wait_s`: how long to wait for another handler of the study."""
     from dicomops.pacs.watch import build_reports, store_results, study_token
 
     timer = Timer()
@@ -269,13 +273,17 @@ def answer_pacs_study(study_uid: str, pacs: Any, staging: Path, scratch: Path, c
             if warm is not None:
                 warm.timings["total_s"] = time.perf_counter() - t0
                 return warm
-    staged, study_work = Path(staging) / token, Path(scratch) / token
-    try:
+    study_work = Path(scratch) / token
+    with contextlib.ExitStack() as hold:
         if prefetched is not None:
-            timer.timings["retrieve_s"] = prefetched.result()  # a failed retrieval raises here
+            fetched = prefetched.result()  # a failed retrieval raises here, its hold released
+            hold.callback(fetched.release)
+            staged, timer.timings["retrieve_s"] = fetched.folder, fetched.seconds
         else:
+            staged = hold.enter_context(held_study(staging, token, wait_s))
             with timer("retrieve_s"):
-                retrieve_into(pacs, study_uid, staged)
+                pacs.retrieve_study(study_uid, staged)
+        hold.callback(shutil.rmtree, study_work, ignore_errors=True)
         answer, entries = answer_staged(token, staged, study_work, cfg, key, champion, cache, timer)
         if cache is not None and digest is not None:
             remember(cache, digest, answer, entries)
@@ -293,20 +301,20 @@ def answer_pacs_study(study_uid: str, pacs: Any, staging: Path, scratch: Path, c
                     answer.results_stored, refusal = store_results(pacs, reports)
                 if refusal:
                     answer.status, answer.reason = "failed", refusal
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
-        shutil.rmtree(study_work, ignore_errors=True)
     answer.timings["total_s"] = time.perf_counter() - t0
     return answer
 
 
-def retrieve_into(pacs: Any, study_uid: str, staged: Path) -> float:
-    """The whole study into `staged` (anything a killed process left there is removed first); the
-    seconds it took."""
-    t0 = time.perf_counter()
-    shutil.rmtree(staged, ignore_errors=True)
-    pacs.retrieve_study(study_uid, staged)
-    return time.perf_counter() - t0
+def prefetch(pacs: Any, study_uid: str, staging: Path, token: str) -> Prefetched:
+    """Hold the study and retrieve it whole into its staging folder (in a worker thread, while
+    another study is answered); :func:`answer_pacs_study` answers it and lets it go."""
+
+    def retrieve(folder: Path) -> float:
+        t0 = time.perf_counter()
+        pacs.retrieve_study(study_uid, folder)
+        return time.perf_counter() - t0
+
+    return retrieve_held(retrieve, staging, token)
 
 
 def findings_frame(findings: Sequence[SeriesFinding], champion: Champion) -> pd.DataFrame:

@@ -21,6 +21,7 @@ environment and never pass through Ray's object store.
 # No ``from __future__ import annotations`` here: FastAPI reads the handlers' annotations at
 # definition, and they name classes imported inside build_app.
 import asyncio
+import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -70,7 +71,16 @@ def build_app(options: Any, scaling: Scaling) -> Any:
     from fastapi.responses import JSONResponse, PlainTextResponse
     from ray import serve
 
-    from dicomops.serving.online import BatchedEngine, RequestError, Service, check_token
+    from dicomops.serving.online import (
+        MAX_JSON_BYTES,
+        MAX_SLABS,
+        STUDY_BODY,
+        BatchedEngine,
+        RequestError,
+        Service,
+        check_token,
+        read_capped,
+    )
 
     api = FastAPI(title="dicomops inference", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -121,10 +131,12 @@ def build_app(options: Any, scaling: Scaling) -> Any:
         async def studies(self, request: Request) -> Response:
             try:
                 check_token(request.headers.get("authorization"))
+                raw = await read_capped(request.headers.get("content-length"), request.stream(), MAX_JSON_BYTES,
+                                        STUDY_BODY)
                 try:
-                    body = await request.json()
+                    body = json.loads(raw)
                 except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
-                    raise RequestError(400, 'send JSON {"study_instance_uid": "<a DICOM UID>"}') from None
+                    raise RequestError(400, STUDY_BODY) from None
                 batched = self._batched()
                 loop = asyncio.get_running_loop()
                 answer = await loop.run_in_executor(self.io_threads, self.service.answer_study, body, batched)
@@ -140,7 +152,9 @@ def build_app(options: Any, scaling: Scaling) -> Any:
         async def slabs(self, request: Request) -> Response:
             try:
                 check_token(request.headers.get("authorization"))
-                x = self.service.parse_slabs(await request.body())
+                x = self.service.parse_slabs(await read_capped(
+                    request.headers.get("content-length"), request.stream(), self.service.slab_bytes,
+                    f"at most {MAX_SLABS} slabs of the model's input, float32, per request"))
                 probs = await asyncio.gather(*(self._score_slab(s) for s in x))
                 self.service.requests["slabs"] += 1
                 return JSONResponse(self.service.slabs_answer(np.asarray(probs, dtype=np.float64)))
@@ -154,8 +168,10 @@ def build_app(options: Any, scaling: Scaling) -> Any:
         async def feedback(self, request: Request) -> Response:
             """A reader's review; authenticated by the reader's own token, not the service token."""
             try:
+                raw = await read_capped(request.headers.get("content-length"), request.stream(), MAX_JSON_BYTES,
+                                        "send one review as JSON")
                 try:
-                    body = await request.json()
+                    body = json.loads(raw)
                 except (ValueError, RecursionError):
                     body = None
                 loop = asyncio.get_running_loop()

@@ -9,7 +9,9 @@ identifying reaches Redis, the work directory or MLflow."""
 from __future__ import annotations
 
 import contextlib
+import http.client
 import io
+import json
 import logging
 import secrets
 from collections.abc import Iterator
@@ -158,8 +160,23 @@ def test_requests_without_the_token_or_with_a_bad_body_are_refused(
     np.save(scalar, np.float32(1))
     no_slabs = httpx.post(f"{url}/v1/slabs", content=scalar.getvalue(), headers=_auth())
     assert no_slabs.status_code == 400 and "(N, C, H, W)" in no_slabs.json()["error"]
-    deep = httpx.post(f"{url}/v1/studies", content=b"[" * 100_000, headers={**_auth(), "content-type": "application/json"})
+    deep = httpx.post(f"{url}/v1/studies", content=b"[" * 50_000, headers={**_auth(), "content-type": "application/json"})
     assert deep.status_code == 400 and "study_instance_uid" in deep.json()["error"]
+    # Bodies past the cap: one declared a terabyte long and never sent (answered before a byte is
+    # read, through Ray's proxy), and one that streams past 64 KiB without a length (chunked).
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.putrequest("POST", "/v1/slabs")
+    for name, value in {**_auth(), "Content-Length": str(10**12)}.items():
+        conn.putheader(name, value)
+    conn.endheaders()
+    huge = conn.getresponse()
+    assert huge.status == 413 and "at most 4096 slabs" in json.loads(huge.read())["error"]
+    conn.close()
+    streamed = httpx.post(f"{url}/v1/studies", content=(b" " * 1024 for _ in range(100)),
+                          headers={**_auth(), "content-type": "application/json"}, timeout=30)
+    assert streamed.status_code == 413 and "65536" in streamed.json()["error"]
+    assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200  # and the service goes on
 
 
 def test_a_study_sent_to_the_pacs_is_answered_by_pacs_watch_and_comes_back_warm_online(

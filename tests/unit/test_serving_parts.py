@@ -245,3 +245,36 @@ def test_the_service_start_waits_for_its_own_health_route_and_says_what_to_chang
             server.shutdown()
             server.server_close()
         late.join()
+
+
+def test_a_body_is_never_read_past_its_cap() -> None:
+    """A declared Content-Length over the cap is refused before a byte is read; a body that streams
+    past it (chunked, or longer than declared) is refused at the chunk that crosses it."""
+    import asyncio
+    from collections.abc import AsyncIterator
+
+    from dicomops.serving.online import RequestError, read_capped
+
+    pulled: list[int] = []
+
+    async def chunks(n: int, size: int = 1000) -> AsyncIterator[bytes]:
+        for i in range(n):
+            pulled.append(i)
+            yield b"x" * size
+
+    def read(declared: str | None, n: int) -> bytes:
+        pulled.clear()
+        return asyncio.run(read_capped(declared, chunks(n), 4500, "send less"))
+
+    assert read("3000", 3) == b"x" * 3000 and read(None, 4) == b"x" * 4000
+    with pytest.raises(RequestError) as err:
+        read(str(10**12), 3)
+    assert err.value.status == 413 and "1000000000000 bytes; at most 4500" in err.value.message
+    assert "send less" in err.value.message and pulled == []  # nothing read
+    for declared in (None, "4000"):  # chunked, and a body longer than it said
+        with pytest.raises(RequestError) as err:
+            read(declared, 1000)
+        assert err.value.status == 413 and pulled == [0, 1, 2, 3, 4]  # stopped at the chunk past the cap
+    with pytest.raises(RequestError) as err:
+        read("lots", 1)
+    assert err.value.status == 400
