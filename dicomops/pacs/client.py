@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ AS_STORED = (("application/dicom", "*"),)
 RESOURCE_REASONS = range(0xA700, 0xA800)
 PROCESSING_FAILURE = 0x0110
 STOW_CONFLICT = 409  # PS3.18: the PACS stored none of the instances; the body says why for each
+STORED_LISTED_AFTER_S = (0.5, 1.5, 3.0)  # waits for a PACS to list what it said it stored
 # Orthanc substitutes ${VAR} in its configuration file as text, before parsing the JSON: a password
 # holding one of these would change or break the configuration it is written into.
 _UNSAFE_IN_CONFIG = re.compile(r'[\x00-\x1f"\\]|\$\{')
@@ -219,6 +221,9 @@ class PacsClient:
         self.url = dicomweb_url.rstrip("/")
         self.server = server_address(self.url)
         self._session = basic_auth_session(credentials, self.url)
+        # STOW-RS answers in JSON, a 409's reasons included (_stow reads them): dicomweb-client asks for
+        # no type there, and names its own in every other request.
+        self._session.headers["Accept"] = "application/dicom+json"
         self._closing = _ClosingBoundary()
         self._web = DICOMwebClient(self.url, session=self._session, timeout=(CONNECT_TIMEOUT_S, timeout_s),
                                    callback=self._closing)
@@ -259,8 +264,9 @@ class PacsClient:
         Raises:
             PacsStoreRefused: the PACS did not keep some instances and will not if asked again (see
                 the class); the message names their SOP classes and the reasons, and says how to fix it.
-            PacsError: the request failed, or the PACS refused every instance for lack of resources
-                or with a processing failure (an outage: asking again later may succeed).
+            PacsError: the request failed, or every instance the PACS did not keep was refused for
+                lack of resources or with a processing failure (an outage: asking again later may
+                succeed, and the results' UIDs are the same, so nothing is stored twice).
         """
         batch = list(datasets)
         if not batch:
@@ -270,28 +276,33 @@ class PacsClient:
         failures = {str(item.get("ReferencedSOPInstanceUID", "")): int(item.get("FailureReason", 0))
                     for item in answer.get("FailedSOPSequence", [])}
         accepted = {str(item.get("ReferencedSOPInstanceUID", "")) for item in answer.get("ReferencedSOPSequence", [])}
-        held: set[str] = set()
-        for study in sorted({str(ds.StudyInstanceUID) for ds in batch}):
-            held |= self.instance_uids(study)
-        kept = [str(ds.SOPInstanceUID) for ds in batch if str(ds.SOPInstanceUID) in held]
-        if len(kept) == len(batch):
-            return kept
-        lost = [ds for ds in batch if str(ds.SOPInstanceUID) not in held]
+        studies = sorted({str(ds.StudyInstanceUID) for ds in batch})
+        for delay in (*STORED_LISTED_AFTER_S, None):
+            held = set().union(*(self.instance_uids(study) for study in studies))
+            lost = [ds for ds in batch if str(ds.SOPInstanceUID) not in held]
+            # Said stored and not listed yet: a PACS may index what it received a moment later.
+            if delay is None or not any(str(ds.SOPInstanceUID) in accepted for ds in lost):
+                break
+            time.sleep(delay)
+        if not lost:
+            return [str(ds.SOPInstanceUID) for ds in batch]
+        kept = len(batch) - len(lost)
         reasons = [failures.get(str(ds.SOPInstanceUID)) for ds in lost]
         said = [str(ds.SOPInstanceUID) in accepted for ds in lost]
-        what = f"storing {len(batch)} instances: the PACS at {self.server} kept {len(kept)} of them"
-        if not kept and all(r is not None and (r in RESOURCE_REASONS or r == PROCESSING_FAILURE) for r in reasons):
-            raise PacsError(f"{what}; it refused every one for lack of resources or with a processing failure "
+        what = f"storing {len(batch)} instances: the PACS at {self.server} kept {kept} of them"
+        if all(r is not None and (r in RESOURCE_REASONS or r == PROCESSING_FAILURE) for r in reasons):
+            raise PacsError(f"{what} and refused the rest for lack of resources or with a processing failure "
                             f"({_describe_lost(lost, reasons, said)}): it may take them later")
         raise PacsStoreRefused(
             f"{what} and will not take the rest ({_describe_lost(lost, reasons, said)}); asking again gets the "
             "same answer: make the PACS store these objects (the SOP classes it accepts, its filters on what it "
-            "receives), then answer the study again", stored=len(kept))
+            "receives), then answer the study again (dicomops predict --pacs StudyInstanceUID=<its UID>)",
+            stored=kept)
 
     def _stow(self, batch: list[Dataset]) -> Dataset:
         """The PACS's STOW-RS answer: stored and failed instances. A 409 (none stored) carries the same
-        answer in its body; without one it stays an HTTP error. Parsed without pydicom's warnings, whose
-        text quotes values."""
+        answer in its body (JSON: the session asks for it); without one it stays an HTTP error. Parsed
+        without pydicom's warnings, whose text quotes values."""
         import requests
 
         with warnings.catch_warnings():
@@ -450,13 +461,15 @@ def _describe_lost(lost: Sequence[Dataset], reasons: Sequence[int | None], said_
 
     parts = set()
     for ds, reason, said in zip(lost, reasons, said_stored, strict=True):
-        kind = UID(str(ds.get("SOPClassUID", ""))).name or "an unknown SOP class"
+        sop_class = UID(str(ds.get("SOPClassUID", "")))
+        kind = sop_class.name if sop_class.name != str(sop_class) else "an unknown SOP class"  # name: the UID itself
         if reason is not None:
             parts.add(f"{kind}: refused, failure reason 0x{reason:04X}")
         elif said:
-            parts.add(f"{kind}: reported stored, not held (a filter on the PACS?)")
+            parts.add(f"{kind}: reported stored, not found in the study (dropped by a filter on the PACS, or filed "
+                      "elsewhere)")
         else:
-            parts.add(f"{kind}: not held, and not named in the answer")
+            parts.add(f"{kind}: not found in the study, and not named in the answer")
     return "; ".join(sorted(parts))
 
 

@@ -40,21 +40,28 @@ def held_study(staging: Path, token: str, wait_s: float = WAIT_S) -> Iterator[Pa
     staging = Path(staging)
     staging.mkdir(parents=True, exist_ok=True)
     lock_path = staging / f".{token}.lock"
-    lock = FileLock(str(lock_path), thread_local=False)  # released by the thread that answers, not the one that fetched
+    # Released by the thread that answers, not always the one that fetched; never a soft lock (a file
+    # that outlives a crashed holder): a file system without flock is an error that says so.
+    lock = FileLock(str(lock_path), thread_local=False, fallback_to_soft=False)
     try:
         lock.acquire(timeout=wait_s)
     except Timeout:
         raise StudyBusyError(f"study {token} has been held by another handler (pacs-watch, a predict batch or the "
                              f"online service) for {wait_s:.0f} s; nothing of it was touched: try again later, "
                              f"or look for a stuck process holding {lock_path}") from None
+    except OSError as err:
+        raise OSError(f"cannot lock {lock_path} ({type(err).__name__}: {err.strerror}): put the staging folder "
+                      "(DICOMOPS_PACS_STAGING) on a local file system that supports flock") from None
     folder = staging / token
     try:
         shutil.rmtree(folder, ignore_errors=True)  # what a killed holder left
         yield folder
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
-        lock_path.unlink(missing_ok=True)  # while held: a waiter on the old file sees it gone and opens anew
-        lock.release()
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+            lock_path.unlink(missing_ok=True)  # while held: a waiter on the old file sees it gone and opens anew
+        finally:
+            lock.release()
 
 
 @dataclass

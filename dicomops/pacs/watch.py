@@ -12,7 +12,8 @@ What happens to each study is one row of ``WORK/pacs/studies.csv``: ``ingested``
 series were accepted and how many results were stored back), ``refused`` by the gate (with its
 reason), ``failed`` when scoring or writing its report failed (the step and the error's type), or
 ``duplicate`` for a study already handled. A study whose results the PACS will not keep (some of
-them, whenever asked) is ``failed`` with what it did keep and why, not retried. A study is never dropped silently, and one that fails
+them, whenever asked) stays ``ingested`` with how many it kept and why the rest were not, and is not
+retried. A study is never dropped silently, and one that fails
 does not hold back the studies behind it.
 """
 
@@ -157,22 +158,21 @@ def _gate_score_answer(token: str, staged: Path, study_work: Path, pacs: Pacs, c
         return StudyOutcome(token, "failed", reason=f"{type(err).__name__} during writing the reports; not answered "
                                                     f"(the message is withheld: it may quote identifiers)")
     stored, refusal = store_results(pacs, reports)
-    if refusal:
-        return StudyOutcome(token, "failed", answer.accepted_series, answer.quarantined_files, stored, refusal)
-    return StudyOutcome(token, "ingested", answer.accepted_series, answer.quarantined_files, stored)
+    return StudyOutcome(token, "ingested", answer.accepted_series, answer.quarantined_files, stored, refusal)
 
 
 def store_results(pacs: Pacs, reports: Sequence[Any]) -> tuple[int, str]:
     """Store a study's results in the PACS: how many it kept, and why not all ('' when all). A PACS
     that will not keep some of them whenever asked (:class:`~dicomops.pacs.client.PacsStoreRefused`:
-    a SOP class it refuses, a filter) makes that the study's outcome, so one study's objects never
-    stop every pass behind them; any other failure to store is an outage and raises."""
+    a SOP class it refuses, a filter) makes that part of the study's outcome, which stays scored
+    (the results it kept are there to review), so one study's objects never stop every pass behind
+    them; any other failure to store is an outage and raises."""
     if not reports:
         return 0, ""
     try:
         return len(pacs.store(reports)), ""
     except PacsStoreRefused as err:
-        return err.stored, f"scored, but not every result was stored: {err}"
+        return err.stored, f"not every result was stored: {err}"
 
 
 def original_series(staged: Path, key: bytes, accepted: set[str] | None = None) -> dict[str, list[Any]]:

@@ -156,6 +156,7 @@ def summarise(answers: Sequence[Answer]) -> dict[str, float]:
         "series_scored": float(len(findings)),
         "series_positive": float(sum(f.present for f in findings)),
         "results_stored": float(sum(a.results_stored for a in answers)),
+        "studies_partly_answered": float(sum(a.status == "scored" and bool(a.reason) for a in answers)),
         "studies_warm": float(sum(a.warm for a in answers)),
         "quarantined_files": float(sum(a.quarantined_files for a in answers)),
     }

@@ -48,15 +48,18 @@ UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 MAX_SLABS = 4096
 MAX_JSON_BYTES = 64 * 1024  # a study request or a review is a few hundred bytes
 NPY_HEADER_BYTES = 4096  # numpy.save's header, padded: far less
+# How long a request waits for another handler of its study (pacs-watch, a batch, another request):
+# longer would tie up the replica's few study threads, which reviews share.
+BUSY_WAIT_S = 5.0
 STUDY_BODY = 'send JSON {"study_instance_uid": "<a DICOM UID>", "write_back": false}'
 
 
 class RequestError(Exception):
     """An answer other than 200: its HTTP status and what the caller should change."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.retry_after = status, message, retry_after
 
 
 async def read_capped(declared: str | None, chunks: AsyncIterator[bytes], limit: int, what: str) -> bytes:
@@ -190,21 +193,22 @@ class Service:
                 raise RequestError(404, "the PACS holds no image of that study; check the StudyInstanceUID")
             answer = answer_pacs_study(study_uid, self.pacs, self.options.staging, self.scratch, self.options.ingest,
                                        self.options.key, champion, self.cache, write_back=write_back,
-                                       images=images, wait_s=self.options.http_budget_s)
+                                       images=images, wait_s=BUSY_WAIT_S)
             mapper = KeyedMapper(self.options.key)
             originals = {mapper.uid(u): u for u in set(images.values())}
         except PacsError as err:
             raise RequestError(503, f"the PACS did not answer: {err}") from None
         except StudyBusyError as err:  # another request, pacs-watch or a batch is answering it now
-            raise RequestError(503, str(err)) from None
+            log.warning("online service: %s", err)
+            raise RequestError(503, "the study is being answered by another request, pacs-watch or a batch; ask "
+                                    f"again in a minute (waited {BUSY_WAIT_S:.0f} s)", retry_after=60) from None
         if answer.status != "scored":
-            stored = (f"{answer.results_stored} results were stored back" if answer.results_stored
-                      else "nothing was written back")
-            raise RequestError(422, f"the study was {answer.status} and {stored}: {answer.reason}")
+            raise RequestError(422, f"the study was {answer.status} and nothing was written back: {answer.reason}")
         # De-identified, as the batch flow keeps its results: what a reader's review is linked to.
         record(self.options.work, f"online-{answer.study}", [answer], self.champion, None)
         return {"status": answer.status, "warm": answer.warm, "accepted_series": answer.accepted_series,
                 "quarantined_files": answer.quarantined_files, "results_stored": answer.results_stored,
+                **({"warning": answer.reason} if answer.reason else {}),  # the PACS did not keep every result
                 "model": self.champion.describe(),
                 "series": [{"series_instance_uid": originals.get(f.series), "slices": f.slices,
                             "score": f.score, "present": f.present, "best_slice": f.best_z, "cache": f.cache}

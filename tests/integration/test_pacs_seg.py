@@ -23,7 +23,8 @@ from pydantic import SecretStr
 from pydicom.sr.codedict import codes
 
 from dicomops.deid import scan_for_phi
-from dicomops.deid.keys import key_from_settings
+from dicomops.deid.keys import KeyedMapper, key_from_settings
+from dicomops.feedback.review import latest_result
 from dicomops.pacs import watch
 from dicomops.pacs.client import PacsClient
 from dicomops.pacs.orthanc import TEMPLATE, OrthancProcess, start_orthanc
@@ -170,12 +171,13 @@ def test_a_promoted_segmenter_adds_its_report_and_a_seg_and_a_failing_one_leaves
     assert list(staging.glob("*")) == []
 
 
-def test_a_pacs_that_keeps_the_reports_and_drops_the_seg_fails_the_study_with_what_it_kept(
+def test_a_pacs_that_keeps_the_reports_and_drops_the_seg_is_seen_and_the_study_says_what_it_kept(
         store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Orthanc with a ``ReceivedInstanceFilter`` that refuses SEGs (a site whose viewers cannot show
     them) answers STOW-RS "stored" for the SEG and does not keep it. The watch sees it, records the
-    study as failed with the two reports it kept and why (no UID), and the next pass does not take the
-    study again; a batch over the PACS says the same. Nothing identifying reaches the work directory."""
+    study as ingested with the two reports it kept and why not the SEG (no UID), the reports' series
+    is there to review, and the next pass does not take the study again; a batch over the PACS says
+    the same. Nothing identifying reaches the work directory."""
     require_orthanc()
     lua = tmp_path / "no-seg.lua"
     lua.write_text('function ReceivedInstanceFilter(dicom, origin, info)\n'
@@ -191,19 +193,27 @@ def test_a_pacs_that_keeps_the_reports_and_drops_the_seg_fails_the_study_with_wh
         study = _send(server, files)
         _wait_stable(server, {study})
         result = pacs_watch(work=work, staging=staging, config=SEG_CONFIG)
-        assert (result["ingested"], result["failed"], result["results_stored"]) == (0, 1, 2)
+        assert (result["ingested"], result["failed"], result["results_stored"]) == (1, 0, 2)
         assert len(_objects(server, study, "SR")) == 2 and _objects(server, study, "SEG") == []
         ledger = pd.read_csv(work / "pacs/studies.csv", keep_default_na=False)
         (row,) = ledger.itertuples()
-        assert (row.status, row.results_stored, row.accepted_series) == ("failed", 2, 1)
-        assert "kept 2 of them" in row.reason and "Segmentation Storage: reported stored, not held" in row.reason
-        again = pacs_watch(work=work, staging=staging, config=SEG_CONFIG)  # a later change: not taken again
-        assert again["failed"] == 0 and len(pd.read_csv(work / "pacs/studies.csv")) == 1
+        assert (row.status, row.results_stored, row.accepted_series) == ("ingested", 2, 1)
+        assert "kept 2 of them" in row.reason and "Segmentation Storage: reported stored, not found" in row.reason
+        assert "dicomops predict --pacs StudyInstanceUID=<its UID>" in row.reason
+        # Stable again once the reports were stored: seen as handled, not taken again.
+        again = pacs_watch(work=work, staging=staging, config=SEG_CONFIG)
+        assert again["ingested"] == 0 and again["results_stored"] == 0
+        assert list(pd.read_csv(work / "pacs/studies.csv").status).count("ingested") == 1
 
         files_b, _ = _study(tmp_path / "send-b", index=12)
         study_b = _send(server, files_b)
         predicted = predict(pacs_query=SecretStr(f"StudyInstanceUID={study_b}"), work=work, config=SEG_CONFIG)
-        assert (predicted["studies_scored"], predicted["studies_failed"], predicted["results_stored"]) == (0, 1, 2)
+        assert (predicted["studies_scored"], predicted["studies_partly_answered"], predicted["results_stored"]) == (
+            1, 1, 2)
+        # The reports the PACS kept are the studies' results: their series are there to review.
+        mapper = KeyedMapper(key_from_settings())
+        for sent in (files, files_b):
+            assert latest_result(work, mapper.uid(str(pydicom.dcmread(sent[0]).SeriesInstanceUID))) is not None
 
     needles = _needles([*files, *files_b])
     assert study in needles

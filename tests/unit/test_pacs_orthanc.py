@@ -315,23 +315,28 @@ SR_CLASS, SEG_CLASS = "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.
 STUDY, SR_UID, SEG_UID = "1.2.826.0.1.3680043.10.99.1", "1.2.826.0.1.3680043.10.99.2", "1.2.826.0.1.3680043.10.99.3"
 
 
-@pytest.mark.parametrize(("status", "failed", "held", "expected"), [
-    (200, {}, {SR_UID, SEG_UID}, "stored"),
+@pytest.mark.parametrize(("status", "failed", "listed", "expected"), [
+    (200, {}, [{SR_UID, SEG_UID}], "stored"),
+    # A PACS that lists what it said it stored a moment later: asked again, not a refusal.
+    (200, {}, [{SR_UID}, {SR_UID, SEG_UID}], "stored"),
     # A SOP class the PACS does not store (0x0122) beside one it stored: the PACS will say so again.
-    (202, {SEG_UID: 0x0122}, {SR_UID}, "refused 1"),
+    (202, {SEG_UID: 0x0122}, [{SR_UID}], "refused 1"),
     # None stored, for reasons of the objects (0xC000 cannot understand): refused, not an outage.
-    (409, {SR_UID: 0xC000, SEG_UID: 0xC000}, set(), "refused 0"),
+    (409, {SR_UID: 0xC000, SEG_UID: 0xC000}, [set()], "refused 0"),
     # None stored, for lack of resources or a processing failure (Orthanc's only reason): an outage.
-    (409, {SR_UID: 0xA700, SEG_UID: 0x0110}, set(), "outage"),
+    (409, {SR_UID: 0xA700, SEG_UID: 0x0110}, [set()], "outage"),
+    # The SR kept (now or by an earlier pass), the SEG refused for lack of resources: still an outage.
+    (202, {SEG_UID: 0xA700}, [{SR_UID}], "outage"),
     # "Stored", but a filter dropped the SEG (Orthanc's ReceivedInstanceFilter answers so).
-    (200, {}, {SR_UID}, "refused 1"),
+    (200, {}, [{SR_UID}], "refused 1"),
 ])
 def test_a_store_is_checked_against_what_the_pacs_holds_and_a_lasting_refusal_is_told_from_an_outage(
-        status: int, failed: dict[str, int], held: set[str], expected: str) -> None:
+        status: int, failed: dict[str, int], listed: list[set[str]], expected: str) -> None:
     """STOW-RS answers per instance (PS3.18: 200 all stored, 202 some failed, 409 none stored, each
     failure with its reason), and a PACS may answer "stored" for what a filter dropped: the client
-    asks which instances the PACS holds, and a refusal the PACS will repeat is PacsStoreRefused
-    (with how many it kept), an outage a plain PacsError. The messages name SOP classes, no UID."""
+    asks which instances the PACS holds in the study, and a refusal the PACS will repeat is
+    PacsStoreRefused (with how many it kept), an outage a plain PacsError. The messages name SOP
+    classes, no UID."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -345,6 +350,7 @@ def test_a_store_is_checked_against_what_the_pacs_holds_and_a_lasting_refusal_is
     stow = json.dumps({
         "00081198": {"vr": "SQ", "Value": [item(sop, classes[sop], reason) for sop, reason in failed.items()]},
         "00081199": {"vr": "SQ", "Value": [item(sop, classes[sop]) for sop in classes if sop not in failed]}}).encode()
+    asked: list[str] = []
 
     class Pacs(BaseHTTPRequestHandler):
         def _answer(self, code: int, body: bytes) -> None:
@@ -356,11 +362,16 @@ def test_a_store_is_checked_against_what_the_pacs_holds_and_a_lasting_refusal_is
 
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers["Content-Length"]))
+            asked.append(self.headers.get("Accept", ""))
             self._answer(status, stow)
 
-        def do_GET(self) -> None:  # QIDO-RS instances, paged by offset
+        def do_GET(self) -> None:  # QIDO-RS: this study's instances, paged by offset; each listing the next state
             first = "offset=" not in self.path or "offset=0" in self.path
-            found = [{"00080018": {"vr": "UI", "Value": [sop]}} for sop in sorted(held)] if first else []
+            held = listed[min(sum(a == "qido" for a in asked), len(listed) - 1)] if first else set()
+            if first:
+                asked.append("qido")
+            in_study = f"/studies/{STUDY}/instances" in self.path
+            found = [{"00080018": {"vr": "UI", "Value": [sop]}} for sop in sorted(held)] if in_study else []
             self._answer(200, json.dumps(found).encode())
 
         def log_message(self, *args: object) -> None:
@@ -379,6 +390,7 @@ def test_a_store_is_checked_against_what_the_pacs_holds_and_a_lasting_refusal_is
     finally:
         httpd.shutdown()
         httpd.server_close()
+    assert asked[0] == "application/dicom+json"  # so that a 409's reasons come in JSON
     message = str(err.value)
     assert "99" not in message.replace(str(httpd.server_address[1]), ""), message  # no UID of the batch
     if expected == "outage":
@@ -389,4 +401,5 @@ def test_a_store_is_checked_against_what_the_pacs_holds_and_a_lasting_refusal_is
     if failed:
         assert f"failure reason 0x{failed[SEG_UID]:04X}" in message
     else:
-        assert "reported stored, not held" in message
+        assert "reported stored, not found in the study" in message
+        assert asked.count("qido") == 4  # asked again three times before deciding

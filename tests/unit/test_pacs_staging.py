@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -98,11 +99,15 @@ def test_a_study_fetched_ahead_stays_held_until_released_and_a_failed_fetch_lets
         (folder / "00000.dcm").write_bytes(b"ours")
         return 0.25
 
-    fetched = retrieve_held(retrieve, tmp_path, TOKEN)
-    assert fetched.seconds == 0.25 and (fetched.folder / "00000.dcm").exists()
-    with pytest.raises(StudyBusyError), held_study(tmp_path, TOKEN, wait_s=0.2):
-        pass
-    fetched.release()
+    with ThreadPoolExecutor(1) as pool:  # fetched in a worker thread that lives on, as a batch's prefetch
+        pool.submit(time.sleep, 0).result()
+        open_fds = len(os.listdir("/proc/self/fd"))
+        fetched = pool.submit(retrieve_held, retrieve, tmp_path, TOKEN).result()
+        assert fetched.seconds == 0.25 and (fetched.folder / "00000.dcm").exists()
+        with pytest.raises(StudyBusyError), held_study(tmp_path, TOKEN, wait_s=0.2):
+            pass
+        fetched.release()  # in this thread: the lock is let go here, its file closed
+        assert len(os.listdir("/proc/self/fd")) == open_fds
     fetched.release()  # the batch may let go of a study twice (answered, then its finally)
     assert list(tmp_path.iterdir()) == []
 
