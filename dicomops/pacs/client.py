@@ -258,7 +258,7 @@ class PacsClient:
 
     def store(self, datasets: Iterable[Dataset]) -> list[str]:
         """STOW-RS: store `datasets` in one request, then ask the PACS which of them it holds (QIDO-RS,
-        one request per study): a PACS may answer "stored" for an instance a filter dropped. Return
+        one request per series): a PACS may answer "stored" for an instance a filter dropped. Return
         the SOPInstanceUIDs it holds, which are all of them or this raises.
 
         Raises:
@@ -276,9 +276,8 @@ class PacsClient:
         failures = {str(item.get("ReferencedSOPInstanceUID", "")): int(item.get("FailureReason", 0))
                     for item in answer.get("FailedSOPSequence", [])}
         accepted = {str(item.get("ReferencedSOPInstanceUID", "")) for item in answer.get("ReferencedSOPSequence", [])}
-        studies = sorted({str(ds.StudyInstanceUID) for ds in batch})
         for delay in (*STORED_LISTED_AFTER_S, None):
-            held = set().union(*(self.instance_uids(study) for study in studies))
+            held = self._held(batch)
             lost = [ds for ds in batch if str(ds.SOPInstanceUID) not in held]
             # Said stored and not listed yet: a PACS may index what it received a moment later.
             if delay is None or not any(str(ds.SOPInstanceUID) in accepted for ds in lost):
@@ -298,6 +297,17 @@ class PacsClient:
             "same answer: make the PACS store these objects (the SOP classes it accepts, its filters on what it "
             "receives), then answer the study again (dicomops predict --pacs StudyInstanceUID=<its UID>)",
             stored=kept)
+
+    def _held(self, batch: Sequence[Dataset]) -> set[str]:
+        """QIDO-RS: which of `batch`'s SOPInstanceUIDs the PACS lists, asked series by series (results
+        are a series or three; listing a whole study of images costs Orthanc ten times as long)."""
+        held: set[str] = set()
+        for study, series in sorted({(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)) for ds in batch}):
+            with translate_errors("listing a series' instances", self.server):
+                found = self._web.search_for_instances(study_instance_uid=study, series_instance_uid=series,
+                                                       fields=["SOPInstanceUID"], get_remaining=True)
+            held |= {str(item["00080018"]["Value"][0]) for item in found if item.get("00080018", {}).get("Value")}
+        return held
 
     def _stow(self, batch: list[Dataset]) -> Dataset:
         """The PACS's STOW-RS answer: stored and failed instances. A 409 (none stored) carries the same

@@ -365,13 +365,13 @@ def test_a_store_is_checked_against_what_the_pacs_holds_and_a_lasting_refusal_is
             asked.append(self.headers.get("Accept", ""))
             self._answer(status, stow)
 
-        def do_GET(self) -> None:  # QIDO-RS: this study's instances, paged by offset; each listing the next state
+        def do_GET(self) -> None:  # QIDO-RS: a series' instances, paged by offset; a listing per state
             first = "offset=" not in self.path or "offset=0" in self.path
-            held = listed[min(sum(a == "qido" for a in asked), len(listed) - 1)] if first else set()
+            held = listed[min(sum(a == "qido" for a in asked) // 2, len(listed) - 1)] if first else set()
             if first:
                 asked.append("qido")
-            in_study = f"/studies/{STUDY}/instances" in self.path
-            found = [{"00080018": {"vr": "UI", "Value": [sop]}} for sop in sorted(held)] if in_study else []
+            found = [{"00080018": {"vr": "UI", "Value": [sop]}} for sop in sorted(held)
+                     if f"/studies/{STUDY}/series/{sop}.1/instances" in self.path]  # each its own series
             self._answer(200, json.dumps(found).encode())
 
         def log_message(self, *args: object) -> None:
@@ -402,4 +402,4 @@ def test_a_store_is_checked_against_what_the_pacs_holds_and_a_lasting_refusal_is
         assert f"failure reason 0x{failed[SEG_UID]:04X}" in message
     else:
         assert "reported stored, not found in the study" in message
-        assert asked.count("qido") == 4  # asked again three times before deciding
+        assert asked.count("qido") == 8  # asked again three times before deciding (two series each time)
