@@ -17,6 +17,9 @@ once, then sent to a fresh Orthanc with STOW-RS (StableAge ``--stable-age``, def
   ``storescp`` writing into a folder; and our WADO-RS retrieval alone (``retrieve_study``, no gate), so
   the gate's share is visible. These two alternate in order from study to study (Orthanc keeps recently
   read files in a RAM cache). dcmtk has no notion of stable: its clock starts when it is asked.
+- Answering, per study: one SR stored back through ``PacsClient.store`` (STOW-RS, then QIDO-RS of the
+  stored series: a PACS may answer "stored" for what a filter dropped), against dicomweb-client's
+  ``store_instances`` alone, the library it wraps, in alternating order.
 - Backlog: ``--backlog`` more studies are uploaded, and once all are stable, ``watch_once`` drains them
   (feed, retrieval, gate, ledger and cursor); then the same studies by retrieval alone, and by one
   ``findscu`` listing plus a ``movescu`` per study. Reported as studies/min and slices/s.
@@ -269,9 +272,31 @@ def time_dcmtk(dicom_port: int, uid: str, accession: str, find_dir: Path, receiv
     return seconds
 
 
+def time_store_back(pacs: PacsClient, folder: Path, i: int) -> tuple[float, float]:
+    """Seconds to store one SR back under the study: ours (STOW-RS, then QIDO-RS of the stored series
+    to see that the PACS holds it) and dicomweb-client's ``store_instances`` alone, two SRs of other
+    model versions (new UIDs), in alternating order."""
+    from dicomops.pacs.results import Finding, structured_report
+
+    images = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(folder.iterdir())]
+    images.sort(key=lambda ds: float(ds.ImagePositionPatient[2]))
+    report = {name: structured_report(images, Finding(True, 0.7, 0.5, "bench", f"{name}-{i}"))
+              for name in ("checked", "library")}
+    seconds = {}
+    for name in ("checked", "library") if i % 2 else ("library", "checked"):
+        start = time.perf_counter()
+        if name == "checked":
+            pacs.store([report[name]])
+        else:
+            pacs._web.store_instances([report[name]])
+        seconds[name] = time.perf_counter() - start
+    return seconds["checked"], seconds["library"]
+
+
 def measure_per_study(pacs: PacsClient, feed: ChangesFeed, studies: list[Path], root: Path,
                       cfg: IngestConfig, dicom_port: int, received: Path, slices: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {"to_stable": [], "gated": [], "from_arrival": [], "retrieve": [], "dcmtk": []}
+    times: dict[str, list[float]] = {"to_stable": [], "gated": [], "from_arrival": [], "retrieve": [], "dcmtk": [],
+                                     "store_checked": [], "store_library": []}
     work, staging, scratch = root / "work", root / "staging", root / "retrieved"
     for i, folder in enumerate(studies, 1):
         since = last_change(feed)
@@ -292,6 +317,12 @@ def measure_per_study(pacs: PacsClient, feed: ChangesFeed, studies: list[Path], 
                 times["retrieve"].append(time_retrieval(pacs, uid, scratch / str(i), slices))
             else:
                 times["dcmtk"].append(time_dcmtk(dicom_port, uid, accession, root / "findscu", received, slices))
+        before_store = last_change(feed)
+        checked, library = time_store_back(pacs, folder, i)
+        times["store_checked"].append(checked)
+        times["store_library"].append(library)
+        if i == len(studies):  # stable again once answered: before the backlog's watch starts after it
+            wait_stable(feed, before_store, {uid}, timeout_s=60)
         print(f"  study {i}/{len(studies)}: stable after {times['to_stable'][-1]:.2f} s, staged and gated "
               f"{times['gated'][-1]:.2f} s later; WADO-RS alone {times['retrieve'][-1]:.2f} s, "
               f"findscu+movescu {times['dcmtk'][-1]:.2f} s", flush=True)
@@ -356,7 +387,9 @@ def report(args: argparse.Namespace, t: dict[str, list[float]], backlog: dict[st
             ("ours: stable -> staged and gated (handle_study)", "gated"),
             ("ours: STOW-RS done -> staged and gated", "from_arrival"),
             ("ours: WADO-RS retrieval alone (retrieve_study, no gate)", "retrieve"),
-            ("baseline: dcmtk findscu + movescu -> storescp", "dcmtk"))
+            ("baseline: dcmtk findscu + movescu -> storescp", "dcmtk"),
+            ("ours: one SR stored back, checked (STOW-RS + QIDO-RS)", "store_checked"),
+            ("baseline: dicomweb-client store_instances alone", "store_library"))
     for label, key in rows:
         print(f"{label:<62}{pct(t[key], 50):>8.2f}{pct(t[key], 95):>8.2f}")
     m, slices = backlog["studies"], backlog["studies"] * args.slices
@@ -373,6 +406,8 @@ def report(args: argparse.Namespace, t: dict[str, list[float]], backlog: dict[st
           f"p95 {pct(t['retrieve'], 95) / pct(t['dcmtk'], 95):.2f}x, backlog {backlog['retrieve'] / backlog['dcmtk']:.2f}x")
     print(f"  staged and gated:       p50 {p50['gated'] / p50['dcmtk']:.2f}x from stable, "
           f"{p50['from_arrival'] / p50['dcmtk']:.2f}x from arrival; backlog {backlog['watch'] / backlog['dcmtk']:.2f}x")
+    print(f"  an SR stored back:      p50 {p50['store_checked'] / p50['store_library']:.2f}x dicomweb-client's "
+          f"store alone (the check that the PACS holds it: a filter may drop what it answered 'stored')")
     share = 1 - p50["retrieve"] / p50["gated"]
     print(f"  the gate's share of stable -> staged and gated (p50): {share:.0%}; "
           f"backlog {1 - backlog['retrieve'] / backlog['watch']:.0%}")
