@@ -169,9 +169,10 @@ def take_received(folder: Path, expected: int) -> None:
 
 
 def send(pacs: PacsClient, folder: Path) -> tuple[str, str]:
-    """STOW-RS the study in `folder`; returns its StudyInstanceUID and AccessionNumber."""
+    """STOW-RS the study in `folder` as a modality would (no check of what the PACS holds: the clock of
+    arrival starts when the upload returns); returns its StudyInstanceUID and AccessionNumber."""
     datasets = [pydicom.dcmread(p) for p in sorted(folder.iterdir())]
-    pacs.store(datasets)
+    pacs._web.store_instances(datasets)
     return str(datasets[0].StudyInstanceUID), str(datasets[0].AccessionNumber)
 
 

@@ -265,6 +265,7 @@ def _ingest_from_pacs(url: str, work: Path | None, config: PipelineConfig) -> No
 
     from dicomops.layout import WorkLayout
     from dicomops.pacs.client import PacsError
+    from dicomops.pacs.staging import StudyBusyError
 
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc or parts.query:
@@ -275,13 +276,17 @@ def _ingest_from_pacs(url: str, work: Path | None, config: PipelineConfig) -> No
         _check_pacs(url.rstrip("/"), credentials)  # within seconds, before Prefect and MLflow start
         result = _flow("pacs-watch")(orthanc_url=url.rstrip("/"), work=work.resolve() if work else None,
                                      config=config)
-    except PacsError as err:
-        console.print(f"[red]the PACS did not answer as it should:[/] {escape(str(err))}. No study is recorded "
-                      "half-done: the next pass starts where this one stopped", soft_wrap=True)
+    except (PacsError, StudyBusyError) as err:
+        what = "the PACS did not answer as it should" if isinstance(err, PacsError) else "a study stayed held"
+        console.print(f"[red]{what}:[/] {escape(str(err))}. No study is recorded half-done: the next pass starts "
+                      "where this one stopped", soft_wrap=True)
         raise typer.Exit(2) from err
     ledger = WorkLayout(Path(str(result["work"]))).pacs.ledger
+    partly = int(str(result.get("partly_answered", 0)))
     console.print(f"[green]PACS ingest finished[/]: {len(list(result['studies']))} stable studies: "
-                  f"{result['ingested']} ingested, {result['refused']} refused by the gate, {result['failed']} failed, "
+                  f"{result['ingested']} ingested"
+                  f"{f' ({partly} not answered in full: the PACS did not keep every result)' if partly else ''}, "
+                  f"{result['refused']} refused by the gate, {result['failed']} failed, "
                   f"{result['duplicate']} "
                   f"already handled; {result['results_stored']} results stored back in the PACS; every study is a "
                   f"row of {escape(str(ledger))}", soft_wrap=True)
@@ -509,6 +514,10 @@ def predict(
     except ValueError as err:
         console.print(f"[red]cannot predict:[/] {escape(str(err))}")
         raise typer.Exit(2) from err
+    partly = result.get("studies_partly_answered", 0)
+    if partly:
+        console.print(f"[yellow]{partly:.0f} studies not answered in full[/]: the PACS did not keep every result; "
+                      "their rows in the results say why")
     console.print(f"[green]predict finished[/]: {result['studies_scored']:.0f} studies scored on "
                   f"{escape(str(result['engine']))} ({escape(str(result['engine_reason']))}); results in "
                   f"{escape(str(result['results']))}; MLflow run {result['mlflow_run_id']}")

@@ -34,8 +34,10 @@ def predict(src: Path | None = None, pacs_query: SecretStr | None = None, work: 
         result = t.predict_batch(Path(src) if src else None, query, work, config.ingest, config.serve,
                                  config.train.model_name, version, orthanc_url,
                                  config.segment.model_name if config.serve.localise else None)
+    partly = int(result.get("studies_partly_answered", 0))
+    not_kept = f" (the PACS did not keep every result of {partly} studies)" if partly else ""
     print(f"predict: {result['model']} v{result['version']} on {result['engine']}: {result['studies_scored']:.0f} "
           f"studies scored, {result['series_positive']:.0f} of {result['series_scored']:.0f} series positive, "
           f"{result['studies_refused']:.0f} refused, {result['studies_failed']:.0f} failed; "
-          f"{result['results_stored']:.0f} DICOM results (SR, SEG) stored; results in {result['results']}")
+          f"{result['results_stored']:.0f} DICOM results (SR, SEG) stored{not_kept}; results in {result['results']}")
     return result

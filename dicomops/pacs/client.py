@@ -42,10 +42,10 @@ RESULT_CLASSES = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.66.")
 SEGMENTATION_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 AS_STORED = (("application/dicom", "*"),)
 # STOW-RS failure reasons (PS3.4 Table B.2-1) that say the PACS could not take an instance now, not
-# that it never will: "Refused: Out of Resources" (A7xx), and "Processing failure" (0110), which
-# Orthanc gives for every failure (a full disk among them).
-RESOURCE_REASONS = range(0xA700, 0xA800)
-PROCESSING_FAILURE = 0x0110
+# that it never will: "Refused: Out of Resources" (A7xx), "Processing failure" (0110), which Orthanc
+# gives for every failure (a full disk among them), and none at all.
+NO_REASON = -1  # a failed instance whose FailureReason is missing or not a number
+TRANSIENT_REASONS = {*range(0xA700, 0xA800), 0x0110, NO_REASON}
 STOW_CONFLICT = 409  # PS3.18: the PACS stored none of the instances; the body says why for each
 STORED_LISTED_AFTER_S = (0.5, 1.5, 3.0)  # waits for a PACS to list what it said it stored
 # Orthanc substitutes ${VAR} in its configuration file as text, before parsing the JSON: a password
@@ -221,9 +221,6 @@ class PacsClient:
         self.url = dicomweb_url.rstrip("/")
         self.server = server_address(self.url)
         self._session = basic_auth_session(credentials, self.url)
-        # STOW-RS answers in JSON, a 409's reasons included (_stow reads them): dicomweb-client asks for
-        # no type there, and names its own in every other request.
-        self._session.headers["Accept"] = "application/dicom+json"
         self._closing = _ClosingBoundary()
         self._web = DICOMwebClient(self.url, session=self._session, timeout=(CONNECT_TIMEOUT_S, timeout_s),
                                    callback=self._closing)
@@ -273,14 +270,14 @@ class PacsClient:
             return []
         with translate_errors(f"storing {len(batch)} instances", self.server):
             answer = self._stow(batch)
-        failures = {str(item.get("ReferencedSOPInstanceUID", "")): int(item.get("FailureReason", 0))
-                    for item in answer.get("FailedSOPSequence", [])}
-        accepted = {str(item.get("ReferencedSOPInstanceUID", "")) for item in answer.get("ReferencedSOPSequence", [])}
+        failures, accepted = _stow_outcome(answer)
+        series = sorted({(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)) for ds in batch})
         for delay in (*STORED_LISTED_AFTER_S, None):
-            held = self._held(batch)
+            held = set().union(*(self.instance_uids(study, one) for study, one in series))
             lost = [ds for ds in batch if str(ds.SOPInstanceUID) not in held]
-            # Said stored and not listed yet: a PACS may index what it received a moment later.
-            if delay is None or not any(str(ds.SOPInstanceUID) in accepted for ds in lost):
+            # Not listed and not refused (said stored, or not named): a PACS may index what it
+            # received a moment later, so it is asked again before anything is decided.
+            if delay is None or all(str(ds.SOPInstanceUID) in failures for ds in lost):
                 break
             time.sleep(delay)
         if not lost:
@@ -289,30 +286,22 @@ class PacsClient:
         reasons = [failures.get(str(ds.SOPInstanceUID)) for ds in lost]
         said = [str(ds.SOPInstanceUID) in accepted for ds in lost]
         what = f"storing {len(batch)} instances: the PACS at {self.server} kept {kept} of them"
-        if all(r is not None and (r in RESOURCE_REASONS or r == PROCESSING_FAILURE) for r in reasons):
-            raise PacsError(f"{what} and refused the rest for lack of resources or with a processing failure "
-                            f"({_describe_lost(lost, reasons, said)}): it may take them later")
+        lasting = [reason not in TRANSIENT_REASONS if reason is not None else stored
+                   for reason, stored in zip(reasons, said, strict=True)]
+        if not any(lasting):
+            raise PacsError(f"{what} and not the rest ({_describe_lost(lost, reasons, said)}): a lack of resources, "
+                            "a processing failure or an answer that said nothing of them; it may take them later")
         raise PacsStoreRefused(
             f"{what} and will not take the rest ({_describe_lost(lost, reasons, said)}); asking again gets the "
             "same answer: make the PACS store these objects (the SOP classes it accepts, its filters on what it "
-            "receives), then answer the study again (dicomops predict --pacs StudyInstanceUID=<its UID>)",
+            "receives), then answer the study again (dicomops predict --pacs StudyInstanceUID=<the study's UID>)",
             stored=kept)
 
-    def _held(self, batch: Sequence[Dataset]) -> set[str]:
-        """QIDO-RS: which of `batch`'s SOPInstanceUIDs the PACS lists, asked series by series (results
-        are a series or three; listing a whole study of images costs Orthanc ten times as long)."""
-        held: set[str] = set()
-        for study, series in sorted({(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)) for ds in batch}):
-            with translate_errors("listing a series' instances", self.server):
-                found = self._web.search_for_instances(study_instance_uid=study, series_instance_uid=series,
-                                                       fields=["SOPInstanceUID"], get_remaining=True)
-            held |= {str(item["00080018"]["Value"][0]) for item in found if item.get("00080018", {}).get("Value")}
-        return held
-
     def _stow(self, batch: list[Dataset]) -> Dataset:
-        """The PACS's STOW-RS answer: stored and failed instances. A 409 (none stored) carries the same
-        answer in its body (JSON: the session asks for it); without one it stays an HTTP error. Parsed
-        without pydicom's warnings, whose text quotes values."""
+        """The PACS's STOW-RS answer: stored and failed instances, parsed without pydicom's warnings
+        (their text quotes values). A 409 (none stored) carries the same answer in its body (DICOM
+        JSON or XML); without a readable one it stays an HTTP error. A 200 or 202 whose body is not
+        a DICOM answer is an empty one: :meth:`store` then goes by what the PACS lists."""
         import requests
 
         with warnings.catch_warnings():
@@ -323,15 +312,18 @@ class PacsClient:
                 if err.response is None or err.response.status_code != STOW_CONFLICT:
                     raise
                 try:
-                    return _from_json(err.response.json())
-                except ValueError:
+                    return _conflict_answer(err.response)
+                except Exception:
                     raise err from None
+            except (TypeError, KeyError, AttributeError):  # pydicom on JSON that is not a DICOM data set
+                return Dataset()
 
-    def instance_uids(self, study_uid: str) -> set[str]:
-        """QIDO-RS: the SOPInstanceUIDs of every instance of the study the PACS holds now."""
+    def instance_uids(self, study_uid: str, series_uid: str | None = None) -> set[str]:
+        """QIDO-RS: the SOPInstanceUIDs of every instance the PACS holds now in the study (or in one
+        of its series)."""
         with translate_errors("listing a study's instances", self.server):
-            found = self._web.search_for_instances(study_instance_uid=study_uid, fields=["SOPInstanceUID"],
-                                                   get_remaining=True)
+            found = self._web.search_for_instances(study_instance_uid=study_uid, series_instance_uid=series_uid,
+                                                   fields=["SOPInstanceUID"], get_remaining=True)
         return {str(item["00080018"]["Value"][0]) for item in found if item.get("00080018", {}).get("Value")}
 
     def image_instances(self, study_uid: str) -> dict[str, str]:
@@ -464,22 +456,52 @@ class PacsClient:
                             f"{count} instances (no closing boundary)")
 
 
+def _stow_outcome(answer: Dataset) -> tuple[dict[str, int], set[str]]:
+    """From a STOW-RS answer: the failed instances with their reasons (:data:`NO_REASON` when it
+    gives none), and the instances it says it stored."""
+    failures = {}
+    for item in answer.get("FailedSOPSequence", None) or []:
+        try:
+            reason = int(item.get("FailureReason"))
+        except (TypeError, ValueError):
+            reason = NO_REASON
+        failures[str(item.get("ReferencedSOPInstanceUID", ""))] = reason
+    stored = {str(item.get("ReferencedSOPInstanceUID", "")) for item in answer.get("ReferencedSOPSequence", None) or []}
+    return failures, stored
+
+
+def _conflict_answer(response: Any) -> Dataset:
+    """The DICOM answer in a 409's body, JSON or XML, with the parser dicomweb-client uses for a 200."""
+    if "xml" in response.headers.get("Content-Type", ""):
+        from xml.etree.ElementTree import fromstring
+
+        from dicomweb_client.web import _load_xml_dataset
+
+        return _load_xml_dataset(fromstring(response.content))
+    body = response.json()
+    if not isinstance(body, dict):
+        raise TypeError("not a DICOM JSON data set")
+    return _from_json(body)
+
+
 def _describe_lost(lost: Sequence[Dataset], reasons: Sequence[int | None], said_stored: Sequence[bool]) -> str:
     """What the PACS did with each instance it did not keep, by SOP class (names of the standard, no
-    identifier): "Segmentation Storage: refused, failure reason 0xC000", or "reported stored, not held"."""
+    identifier): "Segmentation Storage: refused, failure reason 0xC000", "reported stored, not found
+    in its series", or "not found in its series, and not named in the answer"."""
     from pydicom.uid import UID
 
     parts = set()
     for ds, reason, said in zip(lost, reasons, said_stored, strict=True):
         sop_class = UID(str(ds.get("SOPClassUID", "")))
         kind = sop_class.name if sop_class.name != str(sop_class) else "an unknown SOP class"  # name: the UID itself
-        if reason is not None:
+        if reason == NO_REASON:
+            parts.add(f"{kind}: refused, no failure reason given")
+        elif reason is not None:
             parts.add(f"{kind}: refused, failure reason 0x{reason:04X}")
         elif said:
-            parts.add(f"{kind}: reported stored, not found in the study (dropped by a filter on the PACS, or filed "
-                      "elsewhere)")
+            parts.add(f"{kind}: reported stored, not found in its series (dropped by a filter on the PACS?)")
         else:
-            parts.add(f"{kind}: not found in the study, and not named in the answer")
+            parts.add(f"{kind}: not found in its series, and not named in the answer")
     return "; ".join(sorted(parts))
 
 

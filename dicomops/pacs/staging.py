@@ -48,7 +48,7 @@ def held_study(staging: Path, token: str, wait_s: float = WAIT_S) -> Iterator[Pa
     except Timeout:
         raise StudyBusyError(f"study {token} has been held by another handler (pacs-watch, a predict batch or the "
                              f"online service) for {wait_s:.0f} s; nothing of it was touched: try again later, "
-                             f"or look for a stuck process holding {lock_path}") from None
+                             f"or look for a stuck process holding .{token}.lock in the staging folder") from None
     except OSError as err:
         raise OSError(f"cannot lock {lock_path} ({type(err).__name__}: {err.strerror}): put the staging folder "
                       "(DICOMOPS_PACS_STAGING) on a local file system that supports flock") from None

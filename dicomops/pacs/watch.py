@@ -39,6 +39,7 @@ from dicomops.pacs.staging import held_study
 
 log = logging.getLogger(__name__)
 
+NOT_ALL_STORED = "not every result was stored"  # how a study's reason begins when the PACS did not keep them all
 LEDGER_COLUMNS = ["token", "status", "accepted_series", "quarantined_files", "results_stored", "reason",
                   "handled_at"]
 
@@ -172,7 +173,7 @@ def store_results(pacs: Pacs, reports: Sequence[Any]) -> tuple[int, str]:
     try:
         return len(pacs.store(reports)), ""
     except PacsStoreRefused as err:
-        return err.stored, f"not every result was stored: {err}"
+        return err.stored, f"{NOT_ALL_STORED}: {err}"
 
 
 def original_series(staged: Path, key: bytes, accepted: set[str] | None = None) -> dict[str, list[Any]]:
@@ -336,12 +337,16 @@ def pacs_and_feed(orthanc_url: str | None, http_budget_s: float) -> Iterator[tup
 def summarise(outcomes: Sequence[StudyOutcome]) -> dict[str, int]:
     """How many studies ended in each status, and how many results were stored back."""
     counts = {status: sum(o.status == status for o in outcomes) for status in STATUSES}
-    return {**counts, "results_stored": sum(o.results_stored for o in outcomes)}
+    partly = sum(o.status == "ingested" and o.reason.startswith(NOT_ALL_STORED) for o in outcomes)
+    return {**counts, "partly_answered": partly, "results_stored": sum(o.results_stored for o in outcomes)}
 
 
 def describe(summary: Any) -> str:
     """One line for the log: what a pass did with its studies (a :func:`summarise`)."""
     total = sum(summary[status] for status in STATUSES)
-    return (f"{total} stable studies: {summary['ingested']} ingested, {summary['refused']} refused by the gate, "
+    partly = summary.get("partly_answered", 0)
+    ingested = f"{summary['ingested']} ingested" + (f" ({partly} not answered in full: the PACS did not keep every "
+                                                     "result)" if partly else "")
+    return (f"{total} stable studies: {ingested}, {summary['refused']} refused by the gate, "
             f"{summary['failed']} failed (see WORK/pacs/studies.csv), {summary['duplicate']} already handled; "
             f"{summary['results_stored']} results stored back")

@@ -94,7 +94,7 @@ def predict_pacs(query: Mapping[str, str], pacs: Any, staging: Path, work: Path,
     from dicomops.pacs.client import PacsRequestRefused
     from dicomops.pacs.staging import StudyBusyError
     from dicomops.pacs.watch import study_token
-    from dicomops.serving.predict import prefetch as fetch_ahead
+    from dicomops.serving.predict import retrieve_ahead
 
     def answer_or_refuse(uid: str, *args: Any, **kwargs: Any) -> Answer:
         """The study's answer; one the PACS holds under a UID no request can name is refused, with
@@ -117,10 +117,12 @@ def predict_pacs(query: Mapping[str, str], pacs: Any, staging: Path, work: Path,
                 progress(i, len(uids))
         return answers
 
-    def ahead_of(i: int) -> Any:
-        return pool.submit(fetch_ahead, prefetch, uids[i], staging, study_token(key, uids[i])) if i < len(uids) else None
-
     with ThreadPoolExecutor(1, thread_name_prefix="retrieve") as pool:
+
+        def ahead_of(i: int) -> Any:
+            return pool.submit(retrieve_ahead, prefetch, uids[i], staging, study_token(key, uids[i])) \
+                if i < len(uids) else None
+
         current, ahead = None, ahead_of(0)
         try:
             for i, uid in enumerate(uids):

@@ -257,7 +257,7 @@ def answer_pacs_study(study_uid: str, pacs: Any, staging: Path, scratch: Path, c
     handler holds past the wait (:class:`~dicomops.pacs.staging.StudyBusyError`), raises. `images`:
     the study's image instances (:meth:`dicomops.pacs.client.PacsClient.image_instances`), when the
     caller has listed them already. `prefetched`: the caller's retrieval of this study ahead
-    (:func:`prefetch`), a future. `wait_s`: how long to wait for another handler of the study."""
+    (:func:`retrieve_ahead`), a future. `wait_s`: how long to wait for another handler of the study."""
     from dicomops.pacs.watch import build_reports, store_results, study_token
 
     timer = Timer()
@@ -303,7 +303,7 @@ def answer_pacs_study(study_uid: str, pacs: Any, staging: Path, scratch: Path, c
     return answer
 
 
-def prefetch(pacs: Any, study_uid: str, staging: Path, token: str) -> Prefetched:
+def retrieve_ahead(pacs: Any, study_uid: str, staging: Path, token: str) -> Prefetched:
     """Hold the study and retrieve it whole into its staging folder (in a worker thread, while
     another study is answered); :func:`answer_pacs_study` answers it and lets it go."""
 

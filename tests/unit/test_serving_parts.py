@@ -141,6 +141,21 @@ def test_the_batch_summary_counts_studies_not_gate_notes() -> None:
     s = summarise(answers)
     assert (s["studies"], s["studies_scored"], s["studies_refused"], s["studies_failed"]) == (3, 1, 1, 1)
     assert s["series_positive"] == 1 and s["quarantined_files"] == 3 and s["latency_p50_s"] == 1.0
+    assert s["studies_partly_answered"] == 0
+    partly = Answer("d", "scored", [finding], results_stored=1, reason="not every result was stored: ...")
+    assert summarise([*answers, partly])["studies_partly_answered"] == 1
+
+
+def test_a_pass_counts_the_studies_the_pacs_did_not_keep_every_result_of() -> None:
+    from dicomops.pacs import watch
+
+    outcomes = [watch.StudyOutcome("ST-A", "ingested", 1, 0, 2, f"{watch.NOT_ALL_STORED}: the PACS kept 2 of 3"),
+                watch.StudyOutcome("ST-B", "ingested", 1, 0, 0, "no champion model: ingested, not scored"),
+                watch.StudyOutcome("ST-C", "ingested", 1, 0, 3)]
+    summary = watch.summarise(outcomes)
+    assert (summary["ingested"], summary["partly_answered"], summary["results_stored"]) == (3, 1, 5)
+    assert "3 ingested (1 not answered in full: the PACS did not keep every result)" in watch.describe(summary)
+    assert "not answered in full" not in watch.describe(watch.summarise(outcomes[1:]))
 
 
 def test_dicomops_serve_starts_the_cache_only_with_a_password_and_hands_it_to_the_worker() -> None:
