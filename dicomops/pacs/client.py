@@ -254,16 +254,17 @@ class PacsClient:
         return [_from_json(study) for study in found]
 
     def store(self, datasets: Iterable[Dataset]) -> list[str]:
-        """STOW-RS: store `datasets` in one request, then ask the PACS which of them it holds (QIDO-RS,
-        one request per series): a PACS may answer "stored" for an instance a filter dropped. Return
-        the SOPInstanceUIDs it holds, which are all of them or this raises.
+        """STOW-RS: store `datasets` in one request, then ask the PACS which of them it holds (a QIDO-RS
+        listing per series): a PACS may answer "stored" for an instance a filter dropped. Return the
+        SOPInstanceUIDs it holds, which are all of them or this raises.
 
         Raises:
             PacsStoreRefused: the PACS did not keep some instances and will not if asked again (see
                 the class); the message names their SOP classes and the reasons, and says how to fix it.
             PacsError: the request failed, or every instance the PACS did not keep was refused for
-                lack of resources or with a processing failure (an outage: asking again later may
-                succeed, and the results' UIDs are the same, so nothing is stored twice).
+                lack of resources, with a processing failure or with no reason, or not named in its
+                answer (an outage: asking again later may succeed, and the results' UIDs are the
+                same, so nothing is stored twice).
         """
         batch = list(datasets)
         if not batch:
@@ -316,7 +317,7 @@ class PacsClient:
                 except Exception:
                     raise err from None
             except (TypeError, KeyError, AttributeError):  # pydicom on JSON that is not a DICOM data set
-                return Dataset()
+                return Dataset()  # (an object of ours pydicom could not encode ends here too, and shows as lost)
 
     def instance_uids(self, study_uid: str, series_uid: str | None = None) -> set[str]:
         """QIDO-RS: the SOPInstanceUIDs of every instance the PACS holds now in the study (or in one

@@ -13,8 +13,8 @@ series were accepted and how many results were stored back), ``refused`` by the 
 reason), ``failed`` when scoring or writing its report failed (the step and the error's type), or
 ``duplicate`` for a study already handled. A study whose results the PACS will not keep (some of
 them, whenever asked) stays ``ingested`` with how many it kept and why the rest were not, and is not
-retried. A study is never dropped silently, and one that fails
-does not hold back the studies behind it.
+retried. A study is never dropped silently, and one that fails does not hold back the studies
+behind it.
 """
 
 from __future__ import annotations
@@ -92,9 +92,8 @@ def handle_study(study_uid: str, pacs: Pacs, staging: Path, work: Path, cfg: Ing
     (:class:`~dicomops.pacs.staging.StudyBusyError`), raises and records nothing, so the caller does
     not advance its cursor and the study is tried again whole; one that never can be retrieved (a
     UID no DICOMweb request can name: :class:`~dicomops.pacs.client.PacsRequestRefused`) is
-    recorded as refused. `champion` is a
-    :class:`dicomops.serving.champion.Champion`; without one the study is ingested and no result
-    is written (the ledger says so). `cache` is the :class:`dicomops.serving.cache.VolumeCache` the
+    recorded as refused. `champion` is a :class:`dicomops.serving.champion.Champion`; without one
+    the study is ingested and no result is written (the ledger says so). `cache` is the :class:`dicomops.serving.cache.VolumeCache` the
     preprocessed volumes go to, so the online service finds the study warm.
     """
     token = study_token(key, study_uid)
