@@ -105,6 +105,7 @@ class PacsPaths:
 
     cursor = property(lambda self: self.root / "cursor.json")
     ledger = property(lambda self: self.root / "studies.csv")
+    attempts = property(lambda self: self.root / "attempts.json")  # passes a study failed in, by token
 
     def study(self, token: str) -> Path:
         return self.root / "studies" / token

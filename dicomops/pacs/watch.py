@@ -255,14 +255,48 @@ def localisation_reports(images: list[Any], group: pd.DataFrame, deid_root: Path
     return out
 
 
+MAX_PASSES = 3  # passes one study may fail in, while the PACS answers, before it is set aside
+
+
+def _failed_passes(work: Path, token: str, failed: bool) -> int:
+    """Passes the study `token` has failed in so far, this one counted when `failed`; a study that
+    went through is forgotten (``WORK/pacs/attempts.json``: tokens and counts)."""
+    path = WorkLayout(work).pacs.attempts
+    counts: dict[str, int] = io.read_json(path) if path.exists() else {}
+    if failed:
+        counts[token] = counts.get(token, 0) + 1
+    elif token not in counts:
+        return 0
+    else:
+        counts.pop(token)
+    io.write_json(path, counts)
+    return counts.get(token, 0)
+
+
+def _set_aside(work: Path, token: str, err: Exception, passes: int) -> StudyOutcome:
+    """A study that failed in `passes` passes while the PACS answered the feed: recorded as failed,
+    so the studies behind it are answered, with what happened and what to do."""
+    outcome = StudyOutcome(token, "failed", reason=f"{err} (in {passes} passes, while the PACS answered its changes "
+                                                   "feed: set aside so that the studies behind it are answered; "
+                                                   "repair the study in the PACS, then answer it with dicomops "
+                                                   "predict --pacs StudyInstanceUID=<the study's UID>)")
+    _record(work, outcome)
+    log.warning("PACS study %s: set aside after failing in %d passes; %s", token, passes, err)
+    return outcome
+
+
 def watch_once(feed: Any, pacs: Pacs, staging: Path, work: Path, cfg: IngestConfig, key: bytes,
                champion: Any | None = None, limit: int = 100,
                on_study: Any = None, cache: Any | None = None) -> list[StudyOutcome]:
     """Handle every study that became stable since the cursor (``WORK/pacs/cursor.json``), page
     after page, advancing the cursor after each study is recorded; `on_study(outcome)` is called for
     each (the flow emits its event there). A failure (an outage) stops the pass with the cursor on
-    the last study handled, so the next pass starts with the one that failed."""
+    the last study handled, so the next pass starts with the one that failed. A study that fails in
+    :data:`MAX_PASSES` passes while the PACS still answers its changes feed is not an outage but a
+    study the PACS cannot serve (a lost file, an answer it always cuts short): it is recorded as
+    failed and the pass goes on, so one study never holds back every study behind it."""
     from dicomops.pacs.changes import Cursor
+    from dicomops.pacs.client import PacsAuthError, PacsError
 
     cursor = Cursor(WorkLayout(work).pacs.cursor)
     outcomes = []
@@ -270,7 +304,18 @@ def watch_once(feed: Any, pacs: Pacs, staging: Path, work: Path, cfg: IngestConf
         since = cursor.value
         page = feed.poll(since, limit)
         for study in page.studies:
-            outcome = handle_study(study.study_uid, pacs, staging, work, cfg, key, champion, cache)
+            token = study_token(key, study.study_uid)
+            try:
+                outcome = handle_study(study.study_uid, pacs, staging, work, cfg, key, champion, cache)
+            except PacsAuthError:
+                raise
+            except PacsError as err:
+                passes = _failed_passes(work, token, failed=True)
+                if passes < MAX_PASSES:
+                    raise
+                feed.poll(since, 1)  # the PACS still answers (else this raises: an outage, and the count stays)
+                outcome = _set_aside(work, token, err, passes)
+            _failed_passes(work, token, failed=False)
             cursor.advance(study.seq)
             outcomes.append(outcome)
             if on_study is not None:

@@ -20,9 +20,10 @@ import pytest
 import mlflow
 from dicomops.deid import scan_for_phi
 from dicomops.deid.keys import key_from_settings
+from dicomops.layout import WorkLayout
 from dicomops.pacs import watch
-from dicomops.pacs.changes import ChangesFeed
-from dicomops.pacs.client import PASSWORD_ENV, URL_ENV, USER_ENV, PacsClient
+from dicomops.pacs.changes import ChangesFeed, Cursor
+from dicomops.pacs.client import PASSWORD_ENV, URL_ENV, USER_ENV, PacsClient, PacsError
 from dicomops.pacs.orthanc import OrthancProcess
 from dicomops.serving.champion import load_champion
 from flows.pacs_watch import pacs_watch
@@ -184,3 +185,59 @@ def test_studies_from_the_pacs_are_gated_scored_answered_once_and_leak_nothing(
     assert list(staging.glob("*")) == []
     client = mlflow.tracking.MlflowClient(champion)
     assert client.get_registered_model(TINY.model_name).aliases["champion"]
+
+
+class _CannotServe:
+    """The PACS's client, except that every retrieval of one study fails as Orthanc's does for a
+    study whose stored file it lost (HTTP 500), while everything else, the changes feed included,
+    answers."""
+
+    def __init__(self, pacs: PacsClient, study_uid: str) -> None:
+        self._pacs, self._study = pacs, study_uid
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pacs, name)
+
+    def retrieve_study(self, study_uid: str, dest: Path) -> list[Path]:
+        if study_uid == self._study:
+            raise PacsError(f"retrieving a study: the PACS at {self._pacs.server} answered HTTP 500 Internal Server "
+                            "Error")
+        return self._pacs.retrieve_study(study_uid, dest)
+
+
+def test_a_study_the_pacs_cannot_serve_is_set_aside_after_three_passes_and_the_next_is_answered(
+        orthanc: OrthancProcess, tmp_path: Path) -> None:  # noqa: F811
+    """An outage stops a pass and the next starts with the same study; but a study that fails pass
+    after pass while the PACS answers its feed would hold back every study behind it forever: after
+    three passes it is recorded as failed, with the PACS's error and what to do, and the pass goes
+    on. A study that goes through is forgotten by the count."""
+    work, staging, key = tmp_path / "work", tmp_path / "staging", key_from_settings()
+    with ChangesFeed(orthanc.url, orthanc.credentials) as feed:
+        since = 0
+        while not (page := feed.poll(since, 1000)).done and page.last > since:
+            since = page.last
+        Cursor(WorkLayout(work).pacs.cursor).advance(page.last)  # the studies of the module's other tests: not these
+    lost = synthetic_study(tmp_path / "send-lost", slices=4, matrix=64, index=21, vendor="canon")
+    fine = synthetic_study(tmp_path / "send-fine", slices=12, matrix=128, index=22, vendor="ge")
+    study_lost = _send(orthanc, lost)
+    time.sleep(1.5)  # stable one after the other: the lost study comes first in the feed
+    study_fine = _send(orthanc, fine)
+    _wait_stable(orthanc, {study_lost, study_fine})
+    token = watch.study_token(key, study_lost)
+    attempts = WorkLayout(work).pacs.attempts
+    with PacsClient(orthanc.dicomweb_url, orthanc.credentials) as real, \
+            ChangesFeed(orthanc.url, orthanc.credentials) as feed:
+        pacs = _CannotServe(real, study_lost)
+        for passes in (1, 2):
+            with pytest.raises(PacsError, match="HTTP 500"):
+                watch.watch_once(feed, pacs, staging, work, CONFIG.ingest, key)
+            assert json.loads(attempts.read_text()) == {token: passes}
+            assert not WorkLayout(work).pacs.ledger.exists()
+        outcomes = watch.watch_once(feed, pacs, staging, work, CONFIG.ingest, key)
+    assert [o.status for o in outcomes] == ["failed", "ingested"]
+    assert outcomes[0].token == token and "HTTP 500" in outcomes[0].reason and "in 3 passes" in outcomes[0].reason
+    assert "repair the study in the PACS" in outcomes[0].reason and study_lost not in outcomes[0].reason
+    assert json.loads(attempts.read_text()) == {}
+    ledger = pd.read_csv(WorkLayout(work).pacs.ledger, keep_default_na=False)
+    assert list(ledger.status) == ["failed", "ingested"] and study_lost not in ledger.to_csv()
+    assert list(staging.glob("*")) == []
