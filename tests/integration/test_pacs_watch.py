@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -188,37 +189,47 @@ def test_studies_from_the_pacs_are_gated_scored_answered_once_and_leak_nothing(
 
 
 class _CannotServe:
-    """The PACS's client, except that every retrieval of one study fails as Orthanc's does for a
-    study whose stored file it lost (HTTP 500), while everything else, the changes feed included,
-    answers."""
+    """The PACS's client, except that one study always fails in `method` while everything else, the
+    changes feed included, answers: its retrieval as Orthanc's does for a study whose stored file it
+    lost (HTTP 500), or the store of its results as Orthanc's does for an object it refuses (0110,
+    which the client must take for an outage)."""
 
-    def __init__(self, pacs: PacsClient, study_uid: str) -> None:
-        self._pacs, self._study = pacs, study_uid
+    def __init__(self, pacs: PacsClient, study_uid: str, method: str) -> None:
+        self._pacs, self._study, self._method = pacs, study_uid, method
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._pacs, name)
 
     def retrieve_study(self, study_uid: str, dest: Path) -> list[Path]:
-        if study_uid == self._study:
+        if self._method == "retrieve_study" and study_uid == self._study:
             raise PacsError(f"retrieving a study: the PACS at {self._pacs.server} answered HTTP 500 Internal Server "
                             "Error")
         return self._pacs.retrieve_study(study_uid, dest)
 
+    def store(self, datasets: Sequence[Any]) -> list[str]:
+        if self._method == "store" and str(datasets[0].StudyInstanceUID) == self._study:
+            raise PacsError(f"storing {len(datasets)} instances: the PACS at {self._pacs.server} kept 0 of them and "
+                            "not the rest (Comprehensive 3D SR Storage: refused, failure reason 0x0110)")
+        return self._pacs.store(datasets)
 
+
+@pytest.mark.parametrize("method", ["retrieve_study", "store"])
 def test_a_study_the_pacs_cannot_serve_is_set_aside_after_three_passes_and_the_next_is_answered(
-        orthanc: OrthancProcess, tmp_path: Path) -> None:  # noqa: F811
+        orthanc: OrthancProcess, champion: str, tmp_path: Path, method: str) -> None:  # noqa: F811
     """An outage stops a pass and the next starts with the same study; but a study that fails pass
     after pass while the PACS answers its feed would hold back every study behind it forever: after
     three passes it is recorded as failed, with the PACS's error and what to do, and the pass goes
     on. A study that goes through is forgotten by the count."""
     work, staging, key = tmp_path / "work", tmp_path / "staging", key_from_settings()
+    scorer = load_champion(champion, TINY.model_name) if method == "store" else None
     with ChangesFeed(orthanc.url, orthanc.credentials) as feed:
         since = 0
         while not (page := feed.poll(since, 1000)).done and page.last > since:
             since = page.last
         Cursor(WorkLayout(work).pacs.cursor).advance(page.last)  # the studies of the module's other tests: not these
-    lost = synthetic_study(tmp_path / "send-lost", slices=4, matrix=64, index=21, vendor="canon")
-    fine = synthetic_study(tmp_path / "send-fine", slices=12, matrix=128, index=22, vendor="ge")
+    index = 21 if method == "retrieve_study" else 23
+    lost = synthetic_study(tmp_path / "send-lost", slices=12, matrix=128, index=index, vendor="canon")
+    fine = synthetic_study(tmp_path / "send-fine", slices=12, matrix=128, index=index + 1, vendor="ge")
     study_lost = _send(orthanc, lost)
     time.sleep(1.5)  # stable one after the other: the lost study comes first in the feed
     study_fine = _send(orthanc, fine)
@@ -227,16 +238,18 @@ def test_a_study_the_pacs_cannot_serve_is_set_aside_after_three_passes_and_the_n
     attempts = WorkLayout(work).pacs.attempts
     with PacsClient(orthanc.dicomweb_url, orthanc.credentials) as real, \
             ChangesFeed(orthanc.url, orthanc.credentials) as feed:
-        pacs = _CannotServe(real, study_lost)
+        pacs = _CannotServe(real, study_lost, method)
         for passes in (1, 2):
-            with pytest.raises(PacsError, match="HTTP 500"):
-                watch.watch_once(feed, pacs, staging, work, CONFIG.ingest, key)
+            with pytest.raises(PacsError, match="HTTP 500" if method == "retrieve_study" else "0x0110"):
+                watch.watch_once(feed, pacs, staging, work, CONFIG.ingest, key, scorer)
             assert json.loads(attempts.read_text()) == {token: passes}
             assert not WorkLayout(work).pacs.ledger.exists()
-        outcomes = watch.watch_once(feed, pacs, staging, work, CONFIG.ingest, key)
+        outcomes = watch.watch_once(feed, pacs, staging, work, CONFIG.ingest, key, scorer)
     assert [o.status for o in outcomes] == ["failed", "ingested"]
-    assert outcomes[0].token == token and "HTTP 500" in outcomes[0].reason and "in 3 passes" in outcomes[0].reason
-    assert "repair the study in the PACS" in outcomes[0].reason and study_lost not in outcomes[0].reason
+    reason = outcomes[0].reason
+    assert outcomes[0].token == token and "in 3 passes" in reason and "repair the study in the PACS" in reason
+    assert ("HTTP 500" if method == "retrieve_study" else "0x0110") in reason and study_lost not in reason
+    assert outcomes[1].results_stored == (1 if scorer is not None else 0)
     assert json.loads(attempts.read_text()) == {}
     ledger = pd.read_csv(WorkLayout(work).pacs.ledger, keep_default_na=False)
     assert list(ledger.status) == ["failed", "ingested"] and study_lost not in ledger.to_csv()
