@@ -566,6 +566,7 @@ def online(
                              tracking_uri=settings.mlflow_tracking_uri, pacs_url=None, cache_ttl_s=serve.cache_ttl_s,
                              http_budget_s=settings.http_budget_s,
                              segmenter_name=cfg.segment.model_name if serve.localise else None,
+                             write_seg=serve.write_seg,
                              feedback=cfg.feedback)
     scaling = ray_app.Scaling(serve.replicas, serve.max_batch, serve.batch_wait_ms / 1000)
     try:

@@ -460,6 +460,10 @@ class ServeConfig(_Section):
     localise: bool = Field(True, description=(
         "Results written back to a PACS also carry the promoted segmenter's nodules (an SR with each centre and "
         "diameter) and a SEG of their voxels; off, or with no promoted segmenter, the classifier's SR alone."))
+    write_seg: bool = Field(True, description=(
+        "With localise, the results also carry the SEG of the nodules' voxels. Off for a PACS or viewers that "
+        "do not take SEGs (a PACS that drops them leaves every study answered in part): the segmenter's SR still "
+        "gives each nodule's centre, diameter and solid part."))
     cache_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="Lifetime of a cached volume or study manifest.")
     cache_maxmemory_mb: int = Field(1024, ge=16, description="Memory cap of the Redis dicomops starts (LRU beyond).")
     host: str = Field("127.0.0.1", description="Online service interface; keep loopback unless a proxy fronts it.")

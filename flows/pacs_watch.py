@@ -33,6 +33,6 @@ def pacs_watch(orthanc_url: str | None = None, work: Path | None = None, staging
             print(f"pacs-watch: no exported champion of {model} yet; studies are ingested and not answered")
         segmenter = config.segment.model_name if config.serve.localise else None
         result = t.handle_new_studies(orthanc_url, work, staging, config.ingest, model if scoring else None, limit,
-                                      segmenter)
+                                      segmenter, config.serve.write_seg)
     print(f"pacs-watch: {describe(result)}")
     return {**result, "work": str(work)}

@@ -32,11 +32,11 @@ def champion_available(tracking_uri: str, model_name: str) -> bool:
 
 @task(name="handle-new-studies", tags=["io-heavy"])
 def handle_new_studies(orthanc_url: str | None, work: Path, staging: Path, cfg: IngestConfig, model_name: str | None,
-                       limit: int, segmenter_name: str | None = None) -> dict[str, object]:
+                       limit: int, segmenter_name: str | None = None, write_seg: bool = True) -> dict[str, object]:
     settings = load_settings()
     outcomes = watch.watch_pacs(orthanc_url, work, staging, cfg, key_from_settings(), settings.mlflow_tracking_uri,
                                 model_name, settings.http_budget_s, limit, on_study=emit_study_event,
-                                segmenter_name=segmenter_name)
+                                segmenter_name=segmenter_name, write_seg=write_seg)
     return {"studies": [asdict(o) for o in outcomes], **watch.summarise(outcomes)}
 
 

@@ -205,8 +205,8 @@ def original_series(staged: Path, key: bytes, accepted: set[str] | None = None) 
 def build_reports(staged: Path, study_work: Path, scores: pd.DataFrame, champion: Any, key: bytes) -> list[Any]:
     """The results for every scored series, referencing the original study and series and the images
     the gate accepted: the classifier's Comprehensive 3D SR; with a segmenter on the champion, also
-    the segmenter's SR (each nodule's centre and diameter) and, when it found a nodule, a SEG of the
-    nodules' voxels on the acquired slices."""
+    the segmenter's SR (each nodule's centre and diameter) and, when it found a nodule and the
+    champion writes SEGs (``serve.write_seg``), a SEG of the nodules' voxels on the acquired slices."""
     from dicomops.pacs.results import Finding, structured_report
 
     layout = WorkLayout(study_work)
@@ -222,15 +222,18 @@ def build_reports(staged: Path, study_work: Path, scores: pd.DataFrame, champion
         reports.append(structured_report(images, finding))
         if champion.segmenter is not None:
             group = accepted_table[accepted_table.SeriesInstanceUID == row.SeriesInstanceUID]
-            reports.extend(localisation_reports(images, group, layout.ingest.deid, champion.segmenter))
+            reports.extend(localisation_reports(images, group, layout.ingest.deid, champion.segmenter,
+                                                champion.write_seg))
     return reports
 
 
 SEGMENTER_SR_SERIES, SEG_SERIES = 9003, 9002
 
 
-def localisation_reports(images: list[Any], group: pd.DataFrame, deid_root: Path, segmenter: Any) -> list[Any]:
-    """The segmenter's SR for one series, and its SEG when it found a nodule. `group` is the
+def localisation_reports(images: list[Any], group: pd.DataFrame, deid_root: Path, segmenter: Any,
+                         write_seg: bool = True) -> list[Any]:
+    """The segmenter's SR for one series, and its SEG when it found a nodule (unless `write_seg`
+    is off). `group` is the
     series' rows of the gate's accepted table (de-identified files under `deid_root`), preprocessed
     as the segmenter was trained; `images` are the original headers the objects reference."""
     import tempfile
@@ -247,7 +250,7 @@ def localisation_reports(images: list[Any], group: pd.DataFrame, deid_root: Path
                       model_name=segmenter.name, model_version=segmenter.version, nodules=found.nodules,
                       actionable=found.actionable)
     out: list[Any] = [structured_report(images, finding, series_number=SEGMENTER_SR_SERIES)]
-    if found.nodules:
+    if found.nodules and write_seg:
         grid = native_grid(images)
         mask = to_native_mask(found.mask, found.affine, grid.affine, grid.shape)
         if mask.any():  # findings thinner than the acquired slices can vanish at their centres
@@ -330,11 +333,12 @@ STATUSES = ("ingested", "refused", "failed", "duplicate")
 
 def watch_pacs(orthanc_url: str | None, work: Path, staging: Path, cfg: IngestConfig, key: bytes,
                tracking_uri: str, model_name: str | None, http_budget_s: float, limit: int = 100,
-               on_study: Any = None, segmenter_name: str | None = None) -> list[StudyOutcome]:
+               on_study: Any = None, segmenter_name: str | None = None, write_seg: bool = True) -> list[StudyOutcome]:
     """One pass of :func:`watch_once` against the Orthanc at `orthanc_url` (default
     ``DICOMOPS_PACS_URL``), with credentials from the environment, the champion of `model_name` on
     its exported engine (None: ingest without scoring), the champion of `segmenter_name` adding
-    nodule locations and a SEG to the results (None, or no champion: the classifier's SR alone) and
+    nodule locations and (with `write_seg`) a SEG to the results (None, or no champion: the
+    classifier's SR alone) and
     the volume cache at ``DICOMOPS_REDIS_URL`` when one is set."""
     from dicomops.serving.cache import VolumeCache
 
@@ -345,7 +349,7 @@ def watch_pacs(orthanc_url: str | None, work: Path, staging: Path, cfg: IngestCo
 
         models = WorkLayout(work).serving
         champion = with_segmenter(load_champion(tracking_uri, model_name, models_dir=models), tracking_uri,
-                                  segmenter_name, models)
+                                  segmenter_name, models, write_seg=write_seg)
     cache = VolumeCache.from_env()
     with pacs_and_feed(orthanc_url, http_budget_s) as (pacs, feed):
         try:

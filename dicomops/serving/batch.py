@@ -233,7 +233,8 @@ def run_batch(*, src: Path | None, query: Mapping[str, str] | None, work: Path, 
     if query is not None and serve_cfg.write_back:
         from dicomops.serving.segmenter import with_segmenter
 
-        champion = with_segmenter(champion, tracking_uri, segmenter_name, WorkLayout(work).serving, serve_cfg.threads)
+        champion = with_segmenter(champion, tracking_uri, segmenter_name, WorkLayout(work).serving, serve_cfg.threads,
+                                  serve_cfg.write_seg)
     cache = VolumeCache.from_env(ttl_s=serve_cfg.cache_ttl_s)
     batch_id = new_batch_id()
     scratch = WorkLayout(work).predictions(batch_id) / "scratch"

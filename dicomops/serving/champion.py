@@ -47,6 +47,7 @@ class Champion:
     # The nodule segmenter whose locations and SEG join the results written back to the PACS
     # (a dicomops.serving.segmenter.Segmenter); None: the classifier's answer alone.
     segmenter: Any | None = None
+    write_seg: bool = True  # with a segmenter: its SEG joins its SR (serve.write_seg)
 
     @property
     def threshold(self) -> float:
@@ -56,7 +57,9 @@ class Champion:
         """For MLflow, logs and answers: no identifier of any patient."""
         out = {"model": self.name, "version": self.version, "engine": self.engine.choice.kind,
                "engine_reason": self.engine.choice.reason, "threshold": round(self.threshold, 6)}
-        return out | (self.segmenter.describe() if self.segmenter is not None else {})
+        if self.segmenter is None:
+            return out
+        return out | self.segmenter.describe() | {"write_seg": self.write_seg}
 
 
 def check_agreement(pre: PreprocessConfig, contract: InputContract) -> None:

@@ -122,6 +122,7 @@ class ServiceOptions:
     cache_ttl_s: int
     http_budget_s: float = 120.0
     segmenter_name: str | None = None  # its champion's nodules and SEG join what is written back
+    write_seg: bool = True  # serve.write_seg: the segmenter's SEG with its SR
     feedback: Any = None  # FeedbackConfig: who may review results at /v1/feedback
 
 
@@ -156,7 +157,8 @@ class Service:
         self.champion: Champion = with_segmenter(
             load_champion(options.tracking_uri, options.model_name, options.alias, options.version,
                           options.engine, WorkLayout(options.work).serving, options.threads),  # type: ignore[arg-type]
-            options.tracking_uri, options.segmenter_name, WorkLayout(options.work).serving, options.threads)
+            options.tracking_uri, options.segmenter_name, WorkLayout(options.work).serving, options.threads,
+            options.write_seg)
         self.cache = VolumeCache.from_env(ttl_s=options.cache_ttl_s)
         self.pacs: Any = None
         try:

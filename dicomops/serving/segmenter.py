@@ -144,13 +144,14 @@ def localise(segmenter: Segmenter, image: np.ndarray, affine: np.ndarray) -> Loc
 
 
 def with_segmenter(champion: Any, tracking_uri: str, name: str | None, models_dir: Path | None = None,
-                   threads: int = 2) -> Any:
+                   threads: int = 2, write_seg: bool = True) -> Any:
     """`champion` (a :class:`dicomops.serving.champion.Champion`) with the segmenter of `name`
-    holding the champion alias attached (:func:`optional_segmenter`); unchanged when `name` is None
-    (localisation switched off) or no version holds the alias."""
+    holding the champion alias attached (:func:`optional_segmenter`), its SEG written back unless
+    `write_seg` is off (``serve.write_seg``); unchanged when `name` is None (localisation switched
+    off) or no version holds the alias."""
     import dataclasses
 
     if name is None:
         return champion
     segmenter = optional_segmenter(tracking_uri, name, models_dir=models_dir, threads=threads)
-    return champion if segmenter is None else dataclasses.replace(champion, segmenter=segmenter)
+    return champion if segmenter is None else dataclasses.replace(champion, segmenter=segmenter, write_seg=write_seg)

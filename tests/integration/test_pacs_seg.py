@@ -47,6 +47,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness"
 
 SEGMENTER = "pacs-segmenter"
 SEG_CONFIG = CONFIG.model_copy(update={"segment": CONFIG.segment.model_copy(update={"model_name": SEGMENTER})})
+NO_SEG_CONFIG = SEG_CONFIG.model_copy(update={"serve": SEG_CONFIG.serve.model_copy(update={"write_seg": False})})
 DENSE_HU = -300.0  # the fixture's LEVEL 0.7 of the lung window [-1350, 150]
 
 
@@ -177,7 +178,8 @@ def test_a_pacs_that_keeps_the_reports_and_drops_the_seg_is_seen_and_the_study_s
     them) answers STOW-RS "stored" for the SEG and does not keep it. The watch sees it, records the
     study as ingested with the two reports it kept and why not the SEG (no UID), the reports' series
     is there to review, and the next pass does not take the study again; a batch over the PACS says
-    the same. Nothing identifying reaches the work directory."""
+    the same. With ``serve.write_seg`` off, as such a site sets it, a study is answered in full by
+    the two reports. Nothing identifying reaches the work directory."""
     require_orthanc()
     lua = tmp_path / "no-seg.lua"
     lua.write_text('function ReceivedInstanceFilter(dicom, origin, info)\n'
@@ -205,6 +207,16 @@ def test_a_pacs_that_keeps_the_reports_and_drops_the_seg_is_seen_and_the_study_s
         assert again["ingested"] == 0 and again["results_stored"] == 0
         assert list(pd.read_csv(work / "pacs/studies.csv").status).count("ingested") == 1
 
+        # Such a site turns the SEG off (serve.write_seg): its studies are answered in full, by both reports.
+        files_c, _ = _study(tmp_path / "send-c", index=13)
+        study_c = _send(server, files_c)
+        _wait_stable(server, {study_c})
+        result = pacs_watch(work=work, staging=staging, config=NO_SEG_CONFIG)
+        assert (result["ingested"], result["partly_answered"], result["results_stored"]) == (1, 0, 2)
+        assert len(_objects(server, study_c, "SR")) == 2 and _objects(server, study_c, "SEG") == []
+        row_c = pd.read_csv(work / "pacs/studies.csv", keep_default_na=False).iloc[-1]
+        assert (row_c.status, row_c.results_stored, row_c.reason) == ("ingested", 2, "")
+
         files_b, _ = _study(tmp_path / "send-b", index=12)
         study_b = _send(server, files_b)
         predicted = predict(pacs_query=SecretStr(f"StudyInstanceUID={study_b}"), work=work, config=SEG_CONFIG)
@@ -215,7 +227,7 @@ def test_a_pacs_that_keeps_the_reports_and_drops_the_seg_is_seen_and_the_study_s
         for sent in (files, files_b):
             assert latest_result(work, mapper.uid(str(pydicom.dcmread(sent[0]).SeriesInstanceUID))) is not None
 
-    needles = _needles([*files, *files_b])
+    needles = _needles([*files, *files_b, *files_c])
     assert study in needles
     hits = scan_for_phi(work, needles)
     assert hits == [], f"PHI found under {work}: {hits[:5]}"
