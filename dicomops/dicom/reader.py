@@ -8,14 +8,11 @@ pseudonyms, UIDs are remapped, dates are shifted.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
 import struct
-import warnings
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -167,9 +164,8 @@ def _inspect(path: Path, source_path: str, mapper: KeyedMapper, limits: ReadLimi
                 _check_inflated_size(fh, limits)
         fh.seek(0)
         try:
-            with _warnings_silenced():
-                ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=limits.defer_size,
-                                     force=not preamble)
+            ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=limits.defer_size,
+                                 force=not preamble)
         except InvalidDicomError as err:
             raise Rejected("not_dicom", "pydicom refused the file") from err
         syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", ""))) if preamble else _guessed_syntax(ds)
@@ -221,13 +217,6 @@ def _decoder_available(syntax: UID) -> bool:
         return bool(get_decoder(syntax).is_available)
     except (NotImplementedError, ValueError, ImportError):  # pydicom knows no decoder for it
         return False
-
-
-@contextlib.contextmanager
-def _warnings_silenced() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def _check_inflated_size(fh: Any, limits: ReadLimits) -> None:

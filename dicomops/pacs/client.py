@@ -18,7 +18,6 @@ import re
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,25 +298,22 @@ class PacsClient:
             stored=kept)
 
     def _stow(self, batch: list[Dataset]) -> Dataset:
-        """The PACS's STOW-RS answer: stored and failed instances, parsed without pydicom's warnings
-        (their text quotes values). A 409 (none stored) carries the same answer in its body (DICOM
+        """The PACS's STOW-RS answer: stored and failed instances. A 409 (none stored) carries the same answer in its body (DICOM
         JSON or XML); without a readable one it stays an HTTP error. A 200 or 202 whose body is not
         a DICOM answer is an empty one: :meth:`store` then goes by what the PACS lists."""
         import requests
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        try:
+            return self._web.store_instances(batch)
+        except requests.HTTPError as err:
+            if err.response is None or err.response.status_code != STOW_CONFLICT:
+                raise
             try:
-                return self._web.store_instances(batch)
-            except requests.HTTPError as err:
-                if err.response is None or err.response.status_code != STOW_CONFLICT:
-                    raise
-                try:
-                    return _conflict_answer(err.response)
-                except Exception:
-                    raise err from None
-            except (TypeError, KeyError, AttributeError):  # pydicom on JSON that is not a DICOM data set
-                return Dataset()  # (an object of ours pydicom could not encode ends here too, and shows as lost)
+                return _conflict_answer(err.response)
+            except Exception:
+                raise err from None
+        except (TypeError, KeyError, AttributeError):  # pydicom on JSON that is not a DICOM data set
+            return Dataset()  # (an object of ours pydicom could not encode ends here too, and shows as lost)
 
     def instance_uids(self, study_uid: str, series_uid: str | None = None) -> set[str]:
         """QIDO-RS: the SOPInstanceUIDs of every instance the PACS holds now in the study (or in one
@@ -507,12 +503,10 @@ def _describe_lost(lost: Sequence[Dataset], reasons: Sequence[int | None], said_
 
 
 def _from_json(item: dict[str, Any]) -> Dataset:
-    """A DICOM JSON object (QIDO-RS, WADO-RS metadata) as a dataset, bulk data left out. pydicom warns
-    about an odd value with the value in the text (a study date, a name): those warnings are not
-    issued (its log records are kept, their text withheld: ``dicomops/__init__.py``)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return Dataset.from_json(item, bulk_data_uri_handler=lambda *_: b"")
+    """A DICOM JSON object (QIDO-RS, WADO-RS metadata) as a dataset, bulk data left out. pydicom's
+    warnings about an odd value quote it (a study date, a name): ``dicomops/__init__.py`` keeps
+    them from being issued."""
+    return Dataset.from_json(item, bulk_data_uri_handler=lambda *_: b"")
 
 
 def _write_synced(ds: Dataset, path: Path) -> None:

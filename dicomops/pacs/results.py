@@ -2,8 +2,9 @@
 
 The clinical side answers the original study, so these objects carry the original patient and
 study identity. That identity is copied from the source datasets into the returned object and
-nowhere else: this module logs nothing, and it holds back what highdicom would log (its INFO
-records quote source SOP Instance UIDs) and the text of library warnings (pydicom's quote values).
+nowhere else: this module logs nothing, and what highdicom would log (its INFO records quote
+source SOP Instance UIDs) and the libraries' warnings (pydicom's quote values) are held back for
+the whole process (``dicomops/__init__.py``).
 
 Two objects per analysed series:
 
@@ -17,12 +18,10 @@ Two objects per analysed series:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import math
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,22 +195,21 @@ def structured_report(
         _nodule_group(index, nodule, first, algorithm)
         for index, nodule in enumerate(finding.nodules, start=1)
     )
-    with _contained_library_output():
-        report = hd.sr.MeasurementReport(
-            observation_context=_observation_context(finding),
-            procedure_reported=PROCEDURE,
-            imaging_measurements=groups,
-        )
-        sr = hd.sr.Comprehensive3DSR(
-            evidence=list(source_images),
-            content=report[0],
-            **_new_object(source_images, finding, series_number, instance_number, SR_SERIES_DESCRIPTION),
-            # Complete: the model has nothing more to add. Unverified and preliminary: no
-            # radiologist has signed it; a reader's correction supersedes it.
-            is_complete=True,
-            is_verified=False,
-            is_final=False,
-        )
+    report = hd.sr.MeasurementReport(
+        observation_context=_observation_context(finding),
+        procedure_reported=PROCEDURE,
+        imaging_measurements=groups,
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=list(source_images),
+        content=report[0],
+        **_new_object(source_images, finding, series_number, instance_number, SR_SERIES_DESCRIPTION),
+        # Complete: the model has nothing more to add. Unverified and preliminary: no
+        # radiologist has signed it; a reader's correction supersedes it.
+        is_complete=True,
+        is_verified=False,
+        is_final=False,
+    )
     if finding.actionable is not None or any(n.solid_width_mm is not None for n in finding.nodules):
         scheme = pydicom.Dataset()
         scheme.CodingSchemeDesignator = PRIVATE_SCHEME
@@ -276,22 +274,20 @@ def segmentation(
         tracking_id=SEGMENT_LABEL,
         anatomic_regions=[FINDING_SITE],
     )
-    with _contained_library_output():
-        return hd.seg.Segmentation(
-            source_images=list(source_images),
-            pixel_array=mask,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=[description],
-            **_new_object(source_images, finding, series_number, instance_number, SEG_SERIES_DESCRIPTION,
-                          content=hashlib.sha256(np.packbits(mask).tobytes()).hexdigest()),
-        )
+    return hd.seg.Segmentation(
+        source_images=list(source_images),
+        pixel_array=mask,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[description],
+        **_new_object(source_images, finding, series_number, instance_number, SEG_SERIES_DESCRIPTION,
+                      content=hashlib.sha256(np.packbits(mask).tobytes()).hexdigest()),
+    )
 
 
 def encode(ds: pydicom.Dataset) -> bytes:
     """Serialise `ds` as DICOM Part 10 bytes (preamble, file meta), the body STOW-RS expects."""
     buffer = io.BytesIO()
-    with _contained_library_output():
-        pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()
 
 
@@ -411,26 +407,3 @@ def _check_series(source_images: Sequence[pydicom.Dataset]) -> None:
         if len(values) > 1:
             raise ValueError(f"source_images hold {len(values)} different {keyword} values; "
                              f"pass one series at a time")
-
-
-@contextlib.contextmanager
-def _contained_library_output() -> Iterator[None]:
-    """Keep original identifiers out of warnings while highdicom and pydicom build the object.
-
-    pydicom quotes element values in its warnings; they are re-issued with their category and
-    origin but without their text. (Both libraries' log records are withheld for the whole process:
-    see ``dicomops/__init__.py``.) ``warnings.catch_warnings`` is process-wide: a warning another
-    thread raises meanwhile is re-issued the same way, which loses its text, not a secret.
-    """
-    caught: list[warnings.WarningMessage] = []
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield
-    finally:
-        for item in caught:
-            warnings.warn(
-                f"{item.category.__name__} from {item.filename}:{item.lineno} while building a "
-                f"DICOM result (text withheld: it may quote patient attributes)",
-                RuntimeWarning, stacklevel=3,
-            )

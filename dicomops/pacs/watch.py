@@ -180,8 +180,6 @@ def original_series(staged: Path, key: bytes, accepted: set[str] | None = None) 
     series: how a result finds the original UIDs it must reference. In memory only. With
     `accepted` (paths relative to `staged`), only the files the gate accepted: a report's evidence
     is the images the model saw."""
-    import warnings
-
     import pydicom
 
     mapper = KeyedMapper(key)
@@ -189,10 +187,8 @@ def original_series(staged: Path, key: bytes, accepted: set[str] | None = None) 
     for path in sorted(p for p in Path(staged).rglob("*") if p.is_file()):
         if accepted is not None and path.relative_to(staged).as_posix() not in accepted:
             continue
-        try:
-            with warnings.catch_warnings():  # pydicom's warnings quote the odd value they found
-                warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(path, stop_before_pixels=True)
+        try:  # (pydicom's warnings quote the odd value they found: dicomops/__init__.py keeps them in)
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception:  # the gate has already quarantined and recorded what cannot be read
             continue
         if "SeriesInstanceUID" in ds and "ImagePositionPatient" in ds:
