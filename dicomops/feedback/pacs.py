@@ -97,8 +97,11 @@ def _score(ds: Dataset) -> float | None:
 
 
 def read_report(ds: Dataset) -> Report | None:
-    """A dicomops report's content, or None for any other SR."""
-    if str(ds.get("Manufacturer", "")) != MANUFACTURER:
+    """A dicomops report's content, or None for any other SR. A revision is never ours, whatever its
+    Manufacturer says (a viewer that copies the report into its revision may keep ours): it names
+    a predecessor, or is verified, and dicomops writes neither."""
+    if (str(ds.get("Manufacturer", "")) != MANUFACTURER or "PredecessorDocumentsSequence" in ds
+            or str(ds.get("VerificationFlag", "")) == "VERIFIED"):
         return None
     present, score = _finding(ds), _score(ds)
     evidence = ds.get("CurrentRequestedProcedureEvidenceSequence")

@@ -58,7 +58,9 @@ class ReaderMask:
 
 
 def is_ours(ds: Dataset) -> bool:
-    return str(ds.get("Manufacturer", "")) == MANUFACTURER
+    """A SEG dicomops wrote: its Manufacturer, and no Content Creator (a reader's correction names
+    one, whatever Manufacturer a viewer that copied ours left in it)."""
+    return str(ds.get("Manufacturer", "")) == MANUFACTURER and not str(ds.get("ContentCreatorName", "")).strip()
 
 
 def read_correction(ds: Dataset) -> Correction | str:

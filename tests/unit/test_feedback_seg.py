@@ -16,6 +16,7 @@ import pytest
 
 from dicomops.config import FeedbackConfig
 from dicomops.feedback import store
+from dicomops.feedback.pacs import read_assessment, read_report, revise
 from dicomops.feedback.seg import (
     ReaderMask,
     corrected_segmentation,
@@ -25,7 +26,7 @@ from dicomops.feedback.seg import (
 )
 from dicomops.feedback.stage import apply_to_pool, write_labels
 from dicomops.feedback.store import FeedbackStore
-from dicomops.pacs.results import Finding, encode, segmentation
+from dicomops.pacs.results import Finding, encode, segmentation, structured_report
 from dicomops.preprocessing.stage import _aligned_mask
 from dicomops.synthetic.corpus import SeriesPlan, write_series
 
@@ -89,8 +90,27 @@ def test_segs_that_are_not_a_readers_correction_say_why(series: list[pydicom.Dat
     ours = segmentation(series, frames, Finding(present=True, score=0.9, threshold=0.5,
                                                 model_name="dicomops-nodule", model_version="2"))
     assert is_ours(_round_trip(ours))
+    # A viewer that builds the reader's SEG from ours may keep our Manufacturer: still the reader's.
+    copied = corrected_segmentation(series, frames, ADA)
+    copied.Manufacturer = ours.Manufacturer
+    assert not is_ours(_round_trip(copied)) and not isinstance(read_correction(_round_trip(copied)), str)
     with pytest.raises(ValueError, match="no source headers"):
         reader_mask(_round_trip(corrected_segmentation(series, frames, ADA)), [])
+
+
+def test_a_readers_revision_that_kept_our_manufacturer_is_read_as_the_readers(series: list[pydicom.Dataset]) -> None:
+    """A viewer that builds the reader's revision by copying our SR may keep our General Equipment:
+    it is still a revision (it names its predecessor and is verified), never our report."""
+    report = _round_trip(structured_report(series, Finding(present=True, score=0.9, threshold=0.5,
+                                                           model_name="dicomops-nodule", model_version="2")))
+    assert read_report(report) is not None
+    revision = revise(report, present=False, reader=ADA)
+    revision.Manufacturer = report.Manufacturer
+    revision = _round_trip(revision)
+    assert read_report(revision) is None
+    assessment = read_assessment(revision)
+    assert not isinstance(assessment, str) and assessment.present is False
+    assert assessment.predecessor == str(report.SOPInstanceUID)
 
 
 def test_a_readers_mask_replaces_the_pools_and_can_be_applied_again(series: list[pydicom.Dataset],
