@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class DicomOpsError(Exception):
     """Base class for the errors dicomops raises on purpose."""
@@ -30,3 +33,23 @@ class WorkDirLockedError(DicomOpsError):
 
 class ServerUnreachableError(DicomOpsError):
     """A server the command needs does not answer; the message names it, its setting and the fix."""
+
+
+# What the machine, not the input, ran out of: a full disk or quota, a disk gone read-only, no file
+# handles or kernel memory left.
+LOCAL_OUTAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+
+
+def local_outage(err: BaseException) -> str | None:
+    """What this machine ran out of when `err` (or an error it was raised from) is the machine's
+    doing, not the input's, e.g. "ENOSPC: no space left on device"; None for any other error. Work
+    that meets one stops like an outage (the next run takes the same input again) instead of
+    recording the input in hand as failed: every input would fail the same way until it is fixed."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in LOCAL_OUTAGE_ERRNOS:
+            return f"{errno.errorcode[current.errno]}: {os.strerror(current.errno).lower()}"
+        current = current.__cause__ or current.__context__
+    return None

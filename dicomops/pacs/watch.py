@@ -32,7 +32,7 @@ import pandas as pd
 from dicomops import io
 from dicomops.config import IngestConfig
 from dicomops.deid.keys import KeyedMapper
-from dicomops.errors import GateFailedError
+from dicomops.errors import GateFailedError, local_outage
 from dicomops.layout import WorkLayout
 from dicomops.pacs.client import PacsRequestRefused, PacsStoreRefused
 from dicomops.pacs.staging import held_study
@@ -126,8 +126,8 @@ def _gate_score_answer(token: str, staged: Path, study_work: Path, pacs: Pacs, c
     """The gate, the score and the answer, through the one path every prediction takes
     (:func:`dicomops.serving.predict.answer_staged`). A study that fails here for a reason of its own
     (a series the model or the report writer cannot take) is recorded as ``failed`` and the watch
-    moves on: it must not block every study behind it. Only talking to the PACS may raise (an
-    outage: retried)."""
+    moves on: it must not block every study behind it. Only talking to the PACS, or this machine
+    running out of disk space (:func:`dicomops.errors.local_outage`), may raise (an outage: retried)."""
     from dicomops import ingest
 
     if champion is None:
@@ -137,6 +137,8 @@ def _gate_score_answer(token: str, staged: Path, study_work: Path, pacs: Pacs, c
             summary = io.read_json(WorkLayout(study_work).ingest.summary)
             return StudyOutcome(token, "refused", 0, int(summary.get("quarantined_files", 0)), 0, str(err))
         except Exception as err:  # the message may quote a header value: only its type is kept
+            if local_outage(err):  # a full disk is not the study's doing: an outage
+                raise
             return StudyOutcome(token, "failed", reason=f"{type(err).__name__} during the ingest gate; not answered")
         return StudyOutcome(token, "ingested", gate.accepted_series, gate.quarantined_files, 0,
                             "no champion model: ingested, not scored")
@@ -155,6 +157,8 @@ def _gate_score_answer(token: str, staged: Path, study_work: Path, pacs: Pacs, c
     try:
         reports = build_reports(staged, study_work, findings_frame(answer.findings, champion), champion, key)
     except Exception as err:
+        if local_outage(err):
+            raise
         return StudyOutcome(token, "failed", reason=f"{type(err).__name__} during writing the reports; not answered "
                                                     f"(the message is withheld: it may quote identifiers)")
     stored, refusal = store_results(pacs, reports)

@@ -19,7 +19,7 @@ import numpy as np
 
 from dicomops import io
 from dicomops.config import IngestConfig
-from dicomops.errors import GateFailedError
+from dicomops.errors import GateFailedError, local_outage
 from dicomops.layout import WorkLayout
 from dicomops.serving.cache import VolumeCache
 from dicomops.serving.champion import Champion
@@ -64,6 +64,8 @@ def predict_folder(src: Path, work: Path, cfg: IngestConfig, key: bytes, champio
                 findings, _ = score_gated(champion, gate_work, cache, t, study=str(study))
                 answer = Answer(str(study), "scored", findings, len(findings), timings=t.timings)
             except Exception as err:
+                if local_outage(err):  # the machine's, not the study's: stops the batch
+                    raise
                 answer = Answer(str(study), "failed", reason=f"{type(err).__name__} during scoring (the message is "
                                                              f"withheld: it may quote identifiers)", timings=t.timings)
             answer.timings["total_s"] = time.perf_counter() - t0 + gate_s / max(len(studies), 1)

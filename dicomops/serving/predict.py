@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from dicomops.config import IngestConfig, PreprocessConfig
-from dicomops.errors import GateFailedError
+from dicomops.errors import GateFailedError, local_outage
 from dicomops.layout import WorkLayout
 from dicomops.pacs.staging import WAIT_S, Prefetched, held_study, retrieve_held
 from dicomops.serving.cache import VolumeCache
@@ -196,7 +196,9 @@ def answer_staged(study: str, staged: Path, study_work: Path, cfg: IngestConfig,
                   cache: VolumeCache | None = None, timer: Timer | None = None) -> tuple[Answer, list[dict[str, Any]]]:
     """Gate and score a study's files. A study the gate refuses, or whose series the model cannot
     take, is an answer (refused / failed) with its reason, never an exception: one bad study must
-    not stop a batch. The error's message is withheld (it may quote a header value), its type kept."""
+    not stop a batch. The error's message is withheld (it may quote a header value), its type kept.
+    This machine running out of something (a full disk: :func:`dicomops.errors.local_outage`) is
+    not the study's doing: it raises, and stops the batch or the pass like an outage."""
     from dicomops import ingest
     from dicomops import io as dio
 
@@ -216,6 +218,8 @@ def answer_staged(study: str, staged: Path, study_work: Path, cfg: IngestConfig,
         step = "scoring"
         findings, entries = score_gated(champion, study_work, cache, timer)
     except Exception as err:
+        if local_outage(err):
+            raise
         return Answer(study, "failed", reason=f"{type(err).__name__} during {step} (the message is withheld: it may "
                                               f"quote identifiers)", timings=timer.timings), []
     return Answer(study, "scored", findings, gate.accepted_series, gate.quarantined_files,
@@ -293,6 +297,8 @@ def answer_pacs_study(study_uid: str, pacs: Any, staging: Path, scratch: Path, c
                     table = findings_frame(answer.findings, champion)
                     reports = build_reports(staged, study_work, table, champion, key)
             except Exception as err:
+                if local_outage(err):
+                    raise
                 answer = Answer(token, "failed", answer.findings, answer.accepted_series, answer.quarantined_files,
                                 reason=f"{type(err).__name__} while writing the reports; nothing stored",
                                 timings=timer.timings)

@@ -263,6 +263,52 @@ def test_pacs_watch_records_a_study_it_can_never_retrieve_and_moves_on(tmp_path:
     assert "113619" not in ledger and uid not in ledger
 
 
+class _StagesOneFile:
+    """A PACS whose study arrives as one file."""
+
+    def retrieve_study(self, study_uid: str, dest: Path) -> list[Path]:
+        dest.mkdir(parents=True)
+        (dest / "00000.dcm").write_bytes(b"DICM")
+        return [dest / "00000.dcm"]
+
+
+def test_a_full_disk_is_an_outage_not_the_studys_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The machine running out of disk space while a study is gated (or answered) is not the
+    study's doing: the watch raises (an outage: the next pass takes the study again) and records
+    nothing; any other error of the gate records the study failed, by its type."""
+    import errno
+
+    from dicomops import ingest
+    from dicomops.config import IngestConfig
+    from dicomops.errors import local_outage
+    from dicomops.pacs.watch import handle_study, handled_tokens
+    from dicomops.serving import predict
+
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "work" / "x.parquet"))
+    assert local_outage(full) == "ENOSPC: no space left on device"
+    try:
+        try:
+            raise full
+        except OSError as inner:
+            raise RuntimeError("a library's own error") from inner
+    except RuntimeError as wrapped:
+        assert local_outage(wrapped) == "ENOSPC: no space left on device"
+    assert local_outage(OSError(errno.EACCES, "Permission denied")) is None and local_outage(ValueError()) is None
+
+    key, work, staging = b"k" * 32, tmp_path / "work", tmp_path / "staging"
+    monkeypatch.setattr(ingest, "run", lambda *a, **k: (_ for _ in ()).throw(full))
+    with pytest.raises(OSError, match="No space left"):
+        handle_study("1.2.3.4", _StagesOneFile(), staging, work, IngestConfig(), key)
+    assert handled_tokens(work) == set() and not list(staging.glob("*"))
+    with pytest.raises(OSError, match="No space left"):  # the path a batch and the online service take
+        predict.answer_staged("t", tmp_path, tmp_path / "w", IngestConfig(), key, champion=None)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ingest, "run", lambda *a, **k: (_ for _ in ()).throw(ValueError("1.2.3.4 is odd")))
+    outcome = handle_study("1.2.3.4", _StagesOneFile(), staging, work, IngestConfig(), key)
+    assert (outcome.status, outcome.reason) == ("failed", "ValueError during the ingest gate; not answered")
+    assert handled_tokens(work) == {outcome.token}
+
+
 def test_a_search_answer_with_an_odd_date_warns_nothing_that_quotes_it() -> None:
     """pydicom warns "Invalid value for VR DA: '2024-01-01'" while parsing a QIDO answer: with the
     filters the process has (``dicomops/__init__.py``), that text (a study date, PHI) is not issued."""
