@@ -11,11 +11,13 @@ Files are copied once per version into `models_dir` (default: a temporary folder
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,15 +88,21 @@ def resolve(client: Any, name: str, alias: str | None, version: str | None) -> A
 
 
 def fetch(client: Any, mv: Any, dest: Path, configs: tuple[str, ...] = (PREPROCESS_CONFIG, TRAIN_CONFIG),
-          marker: str = "manifest.json", export_hint: str = "") -> Path:
+          marker: str = "manifest.json", export_hint: str = "", expected: Mapping[str, str | None] | None = None) -> Path:
     """The version's weights configuration and exported files in `dest` (``weights/<configs>`` and
     ``export/``), downloaded once: into a temporary folder beside it, then renamed into place, so
     two processes loading the same version never read each other's half-written files. `marker`
     is the export's file that is written last (its presence means the export is complete);
-    `export_hint` the command that exports the version (default ``dicomops export``)."""
+    `export_hint` the command that exports the version (default ``dicomops export``). `expected`
+    names export files and the sha256 the version's tags give them now (None: the file must be
+    there): a copy fetched before the version was exported again is fetched anew."""
     hint = export_hint or f"dicomops export --version {mv.version}"
     if (dest / EXPORT_ARTIFACT / marker).exists():
-        return dest
+        if not _outdated(dest / EXPORT_ARTIFACT, expected or {}):
+            return dest
+        log.info("%s version %s was exported again since it was fetched into %s; fetching it anew", mv.name,
+                 mv.version, dest.name)
+        _remove_aside(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
@@ -123,6 +131,31 @@ def fetch(client: Any, mv: Any, dest: Path, configs: tuple[str, ...] = (PREPROCE
     return dest
 
 
+def _outdated(folder: Path, expected: Mapping[str, str | None]) -> bool:
+    """Whether a fetched export lacks one of the `expected` files or holds another version of one."""
+    return any(not (folder / name).is_file() or (sha is not None and onnx_export.sha256(folder / name) != sha)
+               for name, sha in expected.items())
+
+
+def _remove_aside(dest: Path) -> None:
+    """Take a fetched copy out of the way at once (a rename), then delete it: a process that has
+    its files open keeps reading them, and none finds it half deleted."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{dest.name}-outdated-", dir=dest.parent))
+    with contextlib.suppress(FileNotFoundError):  # another process took it away first
+        os.replace(dest, aside / dest.name)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def expected_exports(mv: Any) -> dict[str, str | None]:
+    """The export files version `mv` serves from and their registered sha256, from its tags; the
+    TensorRT plan (no sha tag) by its presence, when the export built one."""
+    tags = dict(mv.tags or {})
+    expected: dict[str, str | None] = {ENGINE_FILES[kind]: tags[tag] for kind, tag in SHA_TAGS.items() if tags.get(tag)}
+    if "tensorrt_plan" in tags.get("export.triton", ""):
+        expected[ENGINE_FILES["tensorrt"]] = None
+    return expected
+
+
 def unexported_champion(mv: Any) -> str | None:
     """Why version `mv` cannot be served (it was never exported), or None when it can."""
     if SHA_TAGS["ort-fp32"] in (mv.tags or {}):
@@ -147,7 +180,8 @@ def load_champion(tracking_uri: str, name: str, alias: str | None = CHAMPION, ve
     """The version of `name` holding `alias` (or number `version`), on its exported engine."""
     client = configure_mlflow(tracking_uri)
     mv = resolve(client, name, None if version is not None else alias, version)
-    root = fetch(client, mv, Path(models_dir or tempfile.mkdtemp(prefix="dicomops-models-")) / f"{name}-v{mv.version}")
+    root = fetch(client, mv, Path(models_dir or tempfile.mkdtemp(prefix="dicomops-models-")) / f"{name}-v{mv.version}",
+                 expected=expected_exports(mv))
     preprocess = PreprocessConfig.model_validate(json.loads((root / WEIGHTS_ARTIFACT / PREPROCESS_CONFIG).read_text()))
     train_raw = json.loads((root / WEIGHTS_ARTIFACT / TRAIN_CONFIG).read_text())
     train = TrainConfig.from_logged(train_raw)

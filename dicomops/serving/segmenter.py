@@ -85,7 +85,8 @@ def load_segmenter(tracking_uri: str, name: str, alias: str | None = CHAMPION, v
     client = configure_mlflow(tracking_uri)
     mv = resolve(client, name, None if version is not None else alias, version)
     root = fetch(client, mv, Path(models_dir or tempfile.mkdtemp(prefix="dicomops-models-")) / f"{name}-v{mv.version}",
-                 configs=(PREPROCESS_CONFIG, SEGMENT_CONFIG), marker=ONNX_FILE, export_hint="dicomops segment")
+                 configs=(PREPROCESS_CONFIG, SEGMENT_CONFIG), marker=ONNX_FILE, export_hint="dicomops segment",
+                 expected={ONNX_FILE: (mv.tags or {}).get(SHA_TAG)})
     onnx_path = root / EXPORT_ARTIFACT / ONNX_FILE
     expected = (mv.tags or {}).get(SHA_TAG)
     if not expected:

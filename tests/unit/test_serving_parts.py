@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -293,3 +294,64 @@ def test_a_body_is_never_read_past_its_cap() -> None:
     with pytest.raises(RequestError) as err:
         read("lots", 1)
     assert err.value.status == 400
+
+
+class _Registry:
+    """An MLflow client whose run artifacts are a local folder: what fetch downloads, counted."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.downloads = root, 0
+
+    def download_artifacts(self, run_id: str, path: str, dst: str) -> str:
+        import shutil
+
+        self.downloads += 1
+        source, target = self.root / path, Path(dst) / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target)
+        else:
+            shutil.copy(source, target)
+        return str(target)
+
+
+def test_a_version_exported_again_is_fetched_anew_and_one_unchanged_is_not(tmp_path: Path) -> None:
+    """The served copy of a version (WORK/serving/<name>-v<N>) follows its export: after `dicomops
+    export` runs again (new ONNX bytes, or a TensorRT plan built on a GPU) the next load fetches it
+    anew instead of failing on the sha256 for good; an unchanged version is not downloaded again."""
+    import types
+
+    from dicomops.export.onnx_export import sha256
+    from dicomops.serving.champion import expected_exports, fetch
+
+    artifacts = tmp_path / "artifacts"
+    (artifacts / "weights").mkdir(parents=True)
+    (artifacts / "weights" / "preprocess_config.json").write_text("{}")
+    (artifacts / "weights" / "train_config.json").write_text("{}")
+    export = artifacts / "export"
+    export.mkdir()
+    (export / "model.onnx").write_bytes(b"first export")
+    (export / "model.int8.onnx").write_bytes(b"first int8")
+    (export / "manifest.json").write_text("{}")
+
+    def version() -> types.SimpleNamespace:
+        tags = {"export.onnx.sha256": sha256(export / "model.onnx"),
+                "export.int8.sha256": sha256(export / "model.int8.onnx"),
+                "export.triton": "m (onnxruntime_onnx)" + (", m-trt (tensorrt_plan)"
+                                                           if (export / "model.fp16.plan").exists() else "")}
+        return types.SimpleNamespace(name="m", version="3", run_id="r", tags=tags)
+
+    registry, dest = _Registry(artifacts), tmp_path / "serving" / "m-v3"
+    fetch(registry, version(), dest, expected=expected_exports(version()))
+    first = registry.downloads
+    fetch(registry, version(), dest, expected=expected_exports(version()))
+    assert registry.downloads == first  # unchanged: the copy is used
+
+    (export / "model.onnx").write_bytes(b"second export")
+    fetch(registry, version(), dest, expected=expected_exports(version()))
+    assert (dest / "export" / "model.onnx").read_bytes() == b"second export" and registry.downloads == 2 * first
+
+    (export / "model.fp16.plan").write_bytes(b"a plan built on a GPU")  # no sha tag: by its presence
+    fetch(registry, version(), dest, expected=expected_exports(version()))
+    assert (dest / "export" / "model.fp16.plan").exists()
+    assert [p.name for p in dest.parent.iterdir()] == ["m-v3"]  # nothing left aside
