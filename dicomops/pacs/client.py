@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -167,13 +168,25 @@ class _ClosingBoundary:
     complete answer, and dicomweb-client then parses the cut-off last part as an instance of its
     own. Only the missing closing boundary tells the two apart. While the body streams, ``ended`` is
     False, so a part dicomweb-client yields once ``cut_off`` is True is that cut-off remainder.
+
+    One client serves several threads (the online service's studies, a batch's prefetch), and a
+    request is made and its answer read in one thread, so the state is the thread's: another
+    thread's request never resets or sets what this one's answer said.
     """
 
     def __init__(self) -> None:
-        self.ended = self.whole = False
+        self._state = threading.local()
+
+    @property
+    def ended(self) -> bool:
+        return bool(getattr(self._state, "ended", False))
+
+    @property
+    def whole(self) -> bool:
+        return bool(getattr(self._state, "whole", False))
 
     def reset(self) -> None:
-        self.ended = self.whole = False
+        self._state.ended = self._state.whole = False
 
     @property
     def cut_off(self) -> bool:
@@ -193,8 +206,8 @@ class _ClosingBoundary:
             for chunk in stream(*args, **kwargs):
                 tail = (tail + chunk)[-(len(closing) + 64):]
                 yield chunk
-            self.whole = tail.rstrip().endswith(closing)
-            self.ended = True
+            self._state.whole = tail.rstrip().endswith(closing)
+            self._state.ended = True
 
         response.iter_content = iter_content
         return response

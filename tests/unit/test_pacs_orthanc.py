@@ -173,6 +173,29 @@ def test_a_multipart_answer_without_its_closing_boundary_is_seen_as_cut_off() ->
         assert hook.cut_off is not complete
 
 
+def test_another_threads_request_does_not_change_what_a_cut_off_answer_said() -> None:
+    """One client serves the online service's study threads: thread A's answer was cut off; thread
+    B's request starting and ending whole meanwhile must not make A's look whole (or B's cut off)."""
+    import threading
+
+    whole = b"--b0und\r\nContent-Type: application/dicom\r\n\r\nDATA\r\n--b0und--\r\n"
+    hook = _ClosingBoundary()
+    a = hook(_multipart(whole[:20]))
+    b"".join(a.iter_content(7))
+    assert hook.cut_off
+
+    seen: list[bool] = []
+
+    def other() -> None:
+        b"".join(hook(_multipart(whole)).iter_content(7))
+        seen.append(hook.cut_off)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join()
+    assert seen == [False] and hook.cut_off  # each thread reads its own answer's state
+
+
 def test_http_errors_name_the_server_not_the_url() -> None:
     response = requests.Response()
     response.status_code, response.url = 401, "http://127.0.0.1:1/dicom-web/studies/1.2.840.99"
