@@ -11,7 +11,13 @@ class DicomOpsError(Exception):
 
 
 class GateFailedError(DicomOpsError):
-    """A quality gate refused the batch (too much quarantined, a critical expectation failed)."""
+    """A quality gate refused the batch (too much quarantined, a critical expectation failed).
+    `brief` says the same without pointing to files under the gate's work directory, for a caller
+    that removes it (a prediction's scratch folder); the message itself names them."""
+
+    def __init__(self, message: str, brief: str | None = None) -> None:
+        super().__init__(message)
+        self.brief = brief or message
 
 
 class CorpusMismatchError(DicomOpsError):

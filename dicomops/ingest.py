@@ -154,10 +154,11 @@ def apply_gate(work: Path, cfg: IngestConfig) -> GateSummary:
     io.write_json(paths.summary, summary.__dict__ | {"max_invalid_fraction": cfg.max_invalid_fraction})
     if not summary.passed:
         top = ", ".join(f"{k} ({v})" for k, v in list(summary.reasons.items())[:3]) or "no files found"
+        said = (f"{summary.quarantined_files} of {files} files quarantined ({share:.1%}), above the "
+                f"allowed {cfg.max_invalid_fraction:.1%}. Top reasons: {top}")
         raise GateFailedError(
-            f"{summary.quarantined_files} of {files} files quarantined ({share:.1%}), above the "
-            f"allowed {cfg.max_invalid_fraction:.1%}. Top reasons: {top}. See {paths.quarantine}; fix "
-            "the source or raise --max-invalid-fraction if this batch is acceptable.")
+            f"{said}. See {paths.quarantine}; fix the source or raise --max-invalid-fraction if this batch is "
+            "acceptable.", brief=f"{said}; fix the source, or raise ingest.max_invalid_fraction if it is acceptable.")
     return summary
 
 

@@ -135,7 +135,7 @@ def _gate_score_answer(token: str, staged: Path, study_work: Path, pacs: Pacs, c
             gate = ingest.run(staged, study_work, cfg, key)
         except GateFailedError as err:
             summary = io.read_json(WorkLayout(study_work).ingest.summary)
-            return StudyOutcome(token, "refused", 0, int(summary.get("quarantined_files", 0)), 0, str(err))
+            return StudyOutcome(token, "refused", 0, int(summary.get("quarantined_files", 0)), 0, err.brief)
         except Exception as err:  # the message may quote a header value: only its type is kept
             if local_outage(err):  # a full disk is not the study's doing: an outage
                 raise

@@ -52,7 +52,7 @@ def predict_folder(src: Path, work: Path, cfg: IngestConfig, key: bytes, champio
             try:
                 gate = ingest.run(Path(src), gate_work, cfg, key)
             except GateFailedError as err:
-                return [Answer("(batch)", "refused", reason=str(err), timings=timer.timings)]
+                return [Answer("(batch)", "refused", reason=err.brief, timings=timer.timings)]
         gate_s = timer.timings["gate_s"]
         studies = sorted(pd.read_parquet(WorkLayout(gate_work).ingest.accepted,
                                          columns=["StudyInstanceUID"]).StudyInstanceUID.unique())

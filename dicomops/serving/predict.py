@@ -211,7 +211,7 @@ def answer_staged(study: str, staged: Path, study_work: Path, cfg: IngestConfig,
             except GateFailedError as err:
                 summary = dio.read_json(WorkLayout(study_work).ingest.summary)
                 return Answer(study, "refused", quarantined_files=int(summary.get("quarantined_files", 0)),
-                              reason=str(err), timings=timer.timings), []
+                              reason=err.brief, timings=timer.timings), []
         if gate.accepted_series == 0:
             return Answer(study, "refused", quarantined_files=gate.quarantined_files,
                           reason="no series passed the ingest gate", timings=timer.timings), []

@@ -80,4 +80,6 @@ def test_a_folder_the_gate_refuses_is_an_answer(env: ExportedChampion, tmp_path:
     assert result["studies_scored"] == 0
     table = pd.read_csv(result["results"], keep_default_na=False)
     assert table.status.tolist() == ["refused"] and "quarantine" in table.reason[0].lower()
+    # It says why, and points to no file of the gate's scratch folder, which is gone.
+    assert "Top reasons: not_dicom (5)" in table.reason[0] and str(tmp_path) not in table.reason[0]
     shutil.rmtree(bad)
