@@ -150,7 +150,8 @@ def plot_agreement(table: pd.DataFrame, version: str, cfg: FeedbackConfig, out: 
         axes[0].invert_yaxis()
         axes[1].barh(names, mine.disagreement.fillna(0).to_numpy(), color="#9bbb59")
         axes[1].set_xlim(0, 1)
-        axes[1].set_title(f"Disagreement rate (last {cfg.window_days:g} days)", fontsize=11)
+        axes[1].set_title(f"Disagreement rate (last {cfg.window_days:g} days; none under {cfg.min_cases} series)",
+                          fontsize=11)
         axes[1].invert_yaxis()
     fig.suptitle(f"Agreement with readers, version {version}", fontsize=12)
     fig.savefig(out, dpi=100)

@@ -203,7 +203,9 @@ def agreement(items: pd.DataFrame, cfg: FeedbackConfig, now: dt.datetime | None 
     """Model against readers per version and vendor (and ``all``) over the rolling window: series,
     Cohen's kappa, disagreement rate. Each series counts once per version (its readers' latest
     judgements resolved by the configured rule: agreement with the readers, not with one reader; an
-    unresolved tie is left out). Fewer than ``min_cases`` series give a kappa of NaN."""
+    unresolved tie is left out). Fewer than ``min_cases`` series give no figure (NaN), a kappa or
+    a disagreement rate: over one or two series a rate is one reader's verdict on one patient, and
+    the figures are shown on the version's page and in MLflow."""
     columns = ["version", "vendor", "series", "kappa", "disagreement"]
     if items.empty:
         return pd.DataFrame(columns=columns)
@@ -218,9 +220,10 @@ def agreement(items: pd.DataFrame, cfg: FeedbackConfig, now: dt.datetime | None 
         for vendor, group in [("all", table), *table.groupby("vendor", sort=True)]:
             n = len(group)
             truth, said = group.label.to_numpy(int), group.model_label.to_numpy(int)
+            enough = n >= cfg.min_cases
             rows.append({"version": str(version), "vendor": str(vendor), "series": n,
-                         "kappa": _kappa(said, truth) if n >= cfg.min_cases else float("nan"),
-                         "disagreement": float(np.mean(said != truth)) if n else float("nan")})
+                         "kappa": _kappa(said, truth) if enough else float("nan"),
+                         "disagreement": float(np.mean(said != truth)) if enough else float("nan")})
     return pd.DataFrame(rows, columns=columns)
 
 

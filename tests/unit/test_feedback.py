@@ -106,7 +106,7 @@ def test_agreement_is_cohens_kappa_per_vendor_over_the_window() -> None:
     assert table.loc["all", "disagreement"] == pytest.approx(2 / 8)
     assert table.loc["GE", "kappa"] == pytest.approx(cohen_kappa_score(said[:4], truth[:4]))
     small = store.agreement(pd.DataFrame(items[:3]), CFG, now=T0 + dt.timedelta(days=1))
-    assert np.isnan(small.kappa).all()  # under min_cases
+    assert np.isnan(small.kappa).all() and np.isnan(small.disagreement).all()  # under min_cases: no figure
 
 
 def test_a_retrain_is_due_at_the_threshold_and_not_before() -> None:
