@@ -43,7 +43,10 @@ def register_density_segmenter(tracking_uri: str, name: str, preprocess: Preproc
 
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    # Its artifacts beside the store's database, not in ./mlruns of whatever folder the tests run in.
+    artifacts = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri() \
+        if tracking_uri.startswith("sqlite:///") else None
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment, artifacts)
     run = client.create_run(experiment_id, run_name=f"{name}-fixture")
     cfg = SegmentConfig(channels=(4, 8), strides=(2,), patch=(16, 16, 16), roi=(16, 16, 16), model_name=name)
     with tempfile.TemporaryDirectory() as tmp:

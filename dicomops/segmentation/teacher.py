@@ -19,6 +19,7 @@ rule for what a finding is) nor another volume reuses them.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import tempfile
 from pathlib import Path
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dicomops import io as dio
 from dicomops import stages
 from dicomops.config import PreprocessConfig, SegmentConfig
 from dicomops.layout import WorkLayout
@@ -118,7 +120,9 @@ def slice_targets(layout: WorkLayout, tracking_uri: str, run_id: str, series: li
         for done, uid in enumerate(todo, start=1):
             scores = series_slice_scores(net, load_volume(layout.preprocessed.volume(str(paths[uid]))), cfg, level,
                                          prepared=True)
-            np.save(files[uid], scores)
+            buffer = io.BytesIO()  # written whole or not at all: a file there is a whole series' scores
+            np.save(buffer, scores)
+            dio.write_bytes(files[uid], buffer.getvalue())
             if done % 10 == 0 or done == len(todo):
                 PROGRESS.info(f"{label}: scored {done}/{len(todo)} series")
     by_series = {uid: np.load(files[uid]) for uid in ids}
