@@ -36,7 +36,8 @@ def handle_new_studies(orthanc_url: str | None, work: Path, staging: Path, cfg: 
     settings = load_settings()
     outcomes = watch.watch_pacs(orthanc_url, work, staging, cfg, key_from_settings(), settings.mlflow_tracking_uri,
                                 model_name, settings.http_budget_s, limit, on_study=emit_study_event,
-                                segmenter_name=segmenter_name, write_seg=write_seg)
+                                segmenter_name=segmenter_name, write_seg=write_seg,
+                                artifact_root=settings.mlflow_artifact_root)
     return {"studies": [asdict(o) for o in outcomes], **watch.summarise(outcomes)}
 
 

@@ -333,13 +333,14 @@ STATUSES = ("ingested", "refused", "failed", "duplicate")
 
 def watch_pacs(orthanc_url: str | None, work: Path, staging: Path, cfg: IngestConfig, key: bytes,
                tracking_uri: str, model_name: str | None, http_budget_s: float, limit: int = 100,
-               on_study: Any = None, segmenter_name: str | None = None, write_seg: bool = True) -> list[StudyOutcome]:
+               on_study: Any = None, segmenter_name: str | None = None, write_seg: bool = True,
+               artifact_root: Path | None = None) -> list[StudyOutcome]:
     """One pass of :func:`watch_once` against the Orthanc at `orthanc_url` (default
     ``DICOMOPS_PACS_URL``), with credentials from the environment, the champion of `model_name` on
     its exported engine (None: ingest without scoring), the champion of `segmenter_name` adding
     nodule locations and (with `write_seg`) a SEG to the results (None, or no champion: the
-    classifier's SR alone) and
-    the volume cache at ``DICOMOPS_REDIS_URL`` when one is set."""
+    classifier's SR alone) and the volume cache at ``DICOMOPS_REDIS_URL`` when one is set. A pass
+    that handled a study is logged (:func:`log_pass`), one that an outage stopped too."""
     from dicomops.serving.cache import VolumeCache
 
     champion = None
@@ -351,12 +352,59 @@ def watch_pacs(orthanc_url: str | None, work: Path, staging: Path, cfg: IngestCo
         champion = with_segmenter(load_champion(tracking_uri, model_name, models_dir=models), tracking_uri,
                                   segmenter_name, models, write_seg=write_seg)
     cache = VolumeCache.from_env()
-    with pacs_and_feed(orthanc_url, http_budget_s) as (pacs, feed):
-        try:
-            return watch_once(feed, pacs, staging, work, cfg, key, champion, limit, on_study=on_study, cache=cache)
-        finally:
-            if cache is not None:
-                cache.close()
+    handled: list[StudyOutcome] = []
+
+    def seen(outcome: StudyOutcome) -> None:
+        handled.append(outcome)
+        if on_study is not None:
+            on_study(outcome)
+
+    stopped = ""
+    try:
+        with pacs_and_feed(orthanc_url, http_budget_s) as (pacs, feed):
+            return watch_once(feed, pacs, staging, work, cfg, key, champion, limit, on_study=seen, cache=cache)
+    except BaseException as err:
+        stopped = type(err).__name__
+        raise
+    finally:
+        if cache is not None:
+            cache.close()
+        if handled:
+            try:
+                log_pass(tracking_uri, artifact_root, handled, champion, stopped)
+            except Exception as err:  # the ledger is the record; the run is how people look at it
+                log.warning("pacs-watch: the pass was not logged to MLflow (%s); WORK/pacs/studies.csv has it",
+                            type(err).__name__)
+
+
+def log_pass(tracking_uri: str, artifact_root: Path | None, outcomes: Sequence[StudyOutcome],
+             champion: Any | None, stopped: str = "") -> str:
+    """One ``pacs-watch`` run in ``dicomops-inference`` for a pass: how many studies ended in each
+    status, the results stored back, the version and engine that answered, and the pass's rows of
+    the ledger (tokens, statuses and reasons: no identifier) as ``studies.csv``. `stopped` names the
+    error an outage stopped the pass with (the run is then FAILED)."""
+    import tempfile
+
+    from dicomops.serving.batch import EXPERIMENT
+    from dicomops.tracking import runs
+
+    described = champion.describe() if champion is not None else {"model": "none (ingested, not scored)"}
+    tags = {"dicomops.source": "pacs-watch", **({"dicomops.model": champion.name,
+                                                 "dicomops.model_version": champion.version,
+                                                 "dicomops.engine": champion.engine.choice.kind}
+                                                if champion is not None else {})}
+    if stopped:
+        tags["dicomops.stopped_by"] = f"{stopped} (the next pass starts with the study it stopped at)"
+    metrics = {(name if name == "results_stored" else f"studies_{name}"): float(value)
+               for name, value in summarise(outcomes).items()} | {"studies": float(len(outcomes))}
+    run_id = runs.start_run(tracking_uri, EXPERIMENT, artifact_root, run_name="pacs-watch", tags=tags,
+                            params={**described, "source": "pacs-watch"})
+    runs.log_metrics(tracking_uri, run_id, metrics)
+    with tempfile.TemporaryDirectory(prefix="dicomops-pass-") as tmp:
+        table = pd.DataFrame([asdict(o) for o in outcomes], columns=LEDGER_COLUMNS[:-1])
+        runs.configure_mlflow(tracking_uri).log_artifact(run_id, str(io.write_csv(Path(tmp) / "studies.csv", table)))
+    runs.end_run(tracking_uri, run_id, "FAILED" if stopped else "FINISHED")
+    return run_id
 
 
 @contextmanager

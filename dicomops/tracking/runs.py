@@ -41,6 +41,8 @@ RUN_DESCRIPTIONS = {
     "retrain": "A retraining started by a drift alert or by readers' feedback (tag trigger).",
     "feedback": "Readers' judgements of the model's results: Cohen's kappa and disagreement per vendor over the "
                 "rolling window (agreement.png), what was collected and refused; a retrain when they call for one.",
+    "pacs-watch": "A pass of the PACS watch over the studies that became stable: how many were answered, refused "
+                  "or failed, the results stored back, the version and engine; studies.csv names studies by token.",
     "predict": "A batch of studies scored by a registered model on its exported engine: counts, latency percentiles, "
                "engine and cache figures; results.csv names studies by token and series by pseudonym only.",
 }

@@ -142,6 +142,16 @@ def test_studies_from_the_pacs_are_gated_scored_answered_once_and_leak_nothing(
     assert "pixel_data_length" in set(reasons.reason), reasons
     accepted = pd.read_parquet(work / "pacs/studies" / ledger.token[0] / "ingest/accepted.parquet")
     assert len(accepted) == 12  # whole: every slice, after the cut-off pass
+    # The pass is a run in MLflow beside the batches (the cut-off one handled no study: no run).
+    tracking = mlflow.tracking.MlflowClient(champion)
+    (run,) = tracking.search_runs([tracking.get_experiment_by_name("dicomops-inference").experiment_id],
+                                  "tags.`dicomops.source` = 'pacs-watch'")
+    assert run.info.status == "FINISHED" and run.data.tags["dicomops.model"] == TINY.model_name
+    assert {k: run.data.metrics[k] for k in ("studies", "studies_ingested", "studies_refused", "results_stored")} == {
+        "studies": 2.0, "studies_ingested": 2.0, "studies_refused": 0.0, "results_stored": 2.0}
+    logged = pd.read_csv(tracking.download_artifacts(run.info.run_id, "studies.csv", str(tmp_path)),
+                         keep_default_na=False)
+    assert sorted(logged.token) == sorted(ledger.token) and list(logged.status) == ["ingested", "ingested"]
 
     for study_uid, files in ((study_a, clean), (study_b, hostile_files)):
         (report,) = _reports(orthanc, study_uid)  # under the original study, from the PACS
