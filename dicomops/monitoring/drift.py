@@ -16,6 +16,7 @@ from dicomops.config import MonitorConfig
 from dicomops.monitoring.features import categorical_columns, embedding_columns, numeric_columns
 
 EMBEDDING = "embedding"
+TSNE_PERPLEXITY = 30  # what Evidently's picture of the embeddings needs fewer rows than
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,9 @@ def _evidently_report(reference: pd.DataFrame, current: pd.DataFrame, cfg: Monit
     thresholds = {c: _threshold(methods[c], c in cfg.critical_columns, cfg) for c in numeric + categorical}
     metrics: list[Any] = [DataDriftPreset(columns=numeric + categorical, per_column_method=methods,
                                           per_column_threshold=thresholds, drift_share=cfg.drift_share)]
-    if embeddings:
+    # Evidently draws the embeddings with scikit-learn's t-SNE at its default perplexity (30), which
+    # fails on 30 rows or fewer; the verdict does not need the picture (:func:`_embedding_drift`).
+    if embeddings and len(reference) + len(current) > TSNE_PERPLEXITY:
         metrics.append(EmbeddingsDrift(embeddings_name=EMBEDDING, drift_method=ModelDriftMethod(
             bootstrap=True, quantile_probability=cfg.embedding_quantile)))
     report = Report(metrics, include_tests=True)

@@ -60,6 +60,16 @@ def test_a_critical_column_alone_is_drift_and_the_summary_names_it(tmp_path: Pat
     assert same.status == "no drift", same.reasons
 
 
+def test_a_small_reference_and_batch_are_judged_embeddings_included(tmp_path: Path) -> None:
+    """20 reference series and 8 new ones (a small site's champion and a week's inflow): Evidently's
+    picture of the embeddings (a t-SNE of perplexity 30) cannot be drawn on 28 rows, and the
+    monitor judged nothing (it raised); now the embedding's verdict is there without the picture."""
+    shifted = compare(_table(20, 0), _table(8, 1, shift=10.0), MonitorConfig(min_series=6), tmp_path)
+    assert shifted.status == "drift"
+    (embedding,) = [c for c in shifted.columns if c.kind == "embedding"]
+    assert embedding.drifted and (tmp_path / "report.html").exists()
+
+
 def test_quarantine_share_is_tested_against_the_training_ingest() -> None:
     cfg = MonitorConfig()
     assert not quarantine_check(0.01, 2, 200, cfg)["drifted"]
