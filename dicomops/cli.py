@@ -592,23 +592,34 @@ def online(
 
 @app.command()
 def monitor(
-    src: Annotated[Path, typer.Argument(help="Folder of new DICOM studies to check for drift.")],
+    src: Annotated[Path | None, typer.Argument(help="Folder of new DICOM studies to check for drift.")] = None,
+    pacs: Annotated[bool, typer.Option("--pacs", help="Check the clinical inflow instead: the studies pacs-watch "
+                                                      "accepted since the last check (once they hold "
+                                                      "monitor.min_series series).")] = False,
     work: Annotated[Path | None, typer.Option(help="Work directory (alerts.jsonl, batches, retraining).")] = None,
     config: Annotated[Path | None, typer.Option(help="PipelineConfig YAML; its monitor section applies.")] = None,
     retrain: Annotated[str | None, typer.Option(help="On drift: subflow (retrain now), event (leave it to the "
                                                      "deployment trigger) or off.")] = None,
 ) -> None:
-    """Drift of a new batch against the champion's training data; alert and retrain on drift."""
+    """Drift of a new batch (a folder, or with --pacs the studies pacs-watch accepted) against the
+    champion's training data; alert and retrain on drift."""
 
     cfg = _pipeline_config(config)
     cfg = cfg.model_copy(update={"monitor": _with_overrides(cfg.monitor, retrain=retrain)})
-    if not src.is_dir():
+    if (src is None) == (not pacs):
+        raise typer.BadParameter("give a folder of DICOM studies or --pacs, not both and not neither")
+    if src is not None and not src.is_dir():
         raise typer.BadParameter(f"{src} is not a folder of DICOM files")
     try:
-        result = _flow("monitor")(src=src.resolve(), work=work.resolve() if work else None, config=cfg)
+        result = _flow("monitor")(src=src.resolve() if src else None, work=work.resolve() if work else None,
+                                  config=cfg, pacs=pacs)
     except ValueError as err:
         console.print(f"[red]cannot monitor:[/] {err}")
         raise typer.Exit(2) from err
+    if result["status"] == "waiting":
+        console.print(f"waiting: {result['studies']} studies with {result['series']} series accepted by pacs-watch "
+                      f"since the last check, fewer than monitor.min_series ({cfg.monitor.min_series})")
+        return
     colour = "red" if result["status"] == "drift" else "green"
     moved = result["drifted_columns"]
     console.print(f"[{colour}]{result['status']}[/]: drift share {float(str(result['drift_share'])):.2f}, "

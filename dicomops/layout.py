@@ -15,6 +15,8 @@ One ``WORK`` folder (``--work``, default ``./work``) holds everything a run writ
       export/v<version>/            ONNX, INT8, TensorRT, Triton repository, manifest.json
       monitoring/batches/<id>/      a monitored batch: its own ingest/, deid/, preprocessed/, drift/
       monitoring/retrain_state.json cooldown of drift-triggered retraining
+      monitoring/inflow/<id>/       the PACS studies a monitored inflow batch holds (links to their deid/)
+      monitoring/inflow.json        how far pacs-watch's ledger has been monitored (a row count only)
       alerts.jsonl                  drift alerts, one JSON line each
       retrain/                      the combined labelled sources and the retrain's own work directory
       pacs/cursor.json              how far the PACS changes feed was handled (a sequence number only)
@@ -276,6 +278,7 @@ class WorkLayout:
     alerts = property(lambda self: self.root / "alerts.jsonl")
     monitoring = property(lambda self: self.root / "monitoring")
     retrain_state = property(lambda self: self.root / "monitoring" / "retrain_state.json")
+    inflow_cursor = property(lambda self: self.root / "monitoring" / "inflow.json")
     retrain_lock = property(lambda self: self.root / "monitoring" / "retrain.lock")
     retrain_sources = property(lambda self: self.root / "retrain" / "src")
     retrain_readers = property(lambda self: self.root / "retrain" / "readers")  # the readers' version it used
@@ -300,6 +303,10 @@ class WorkLayout:
     def batch(self, batch_id: str) -> WorkLayout:
         """A monitored batch: a work directory of its own inside this one."""
         return WorkLayout(self.root / "monitoring" / "batches" / batch_id)
+
+    def inflow(self, batch_id: str) -> Path:
+        """The de-identified files of the PACS studies one monitored inflow batch holds."""
+        return self.root / "monitoring" / "inflow" / batch_id
 
     def batches(self) -> list[WorkLayout]:
         folder = self.root / "monitoring" / "batches"

@@ -10,7 +10,7 @@ from prefect import get_run_logger, task
 
 from dicomops.config import MonitorConfig
 from dicomops.layout import WorkLayout
-from dicomops.monitoring import alerts, drift, stage
+from dicomops.monitoring import alerts, drift, inflow, stage
 from dicomops.monitoring.reference import ServingModel, load_serving
 from dicomops.tracking import runs
 
@@ -30,6 +30,19 @@ def reference_quarantine_share(tracking_uri: str, serving: ServingModel) -> floa
     """The quarantined share of the serving version's training ingest (tagged with its reference)."""
     mv = runs.configure_mlflow(tracking_uri).get_model_version(serving.name, serving.version)
     return float(mv.tags.get("monitoring.reference_quarantine_share", "0"))
+
+
+@task(name="gather-pacs-inflow", tags=["io-heavy"])
+def gather_inflow(work: Path, min_series: int) -> inflow.Inflow:
+    """The studies pacs-watch accepted since the last check, linked into a batch folder when they
+    hold at least `min_series` series (else returned ungathered: the batch waits for more)."""
+    found = inflow.pending(work)
+    return inflow.gather(work, found) if found.studies and found.series >= min_series else found
+
+
+@task(name="take-pacs-inflow")
+def take_inflow(work: Path, judged: inflow.Inflow) -> None:
+    inflow.taken(work, judged)
 
 
 @task(name="record-batch")

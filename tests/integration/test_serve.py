@@ -214,7 +214,7 @@ def test_serve_runs_the_pacs_beside_prefect_and_a_study_sent_to_it_is_taken(tmp_
         assert (project / "incoming").is_dir()
         assert f"Prefect database: {project.resolve() / '.prefect' / 'prefect.db'}" in banner
         deployments = {d["name"]: d for d in _post(f"{api}/deployments/filter", {})}
-        assert set(deployments) == {"pipeline", "monitor", "retrain", "pacs-watch", "feedback", "predict"}
+        assert set(deployments) == {"pipeline", "monitor", "monitor-pacs", "retrain", "pacs-watch", "feedback", "predict"}
         assert all(d["description"].startswith("Started ") for d in deployments.values())
         (schedule,) = deployments["monitor"]["schedules"]
         assert schedule["schedule"]["cron"] == "0 2 * * *" and schedule["active"]

@@ -22,7 +22,7 @@ def _deployments() -> dict[str, dict]:
 
 def test_entrypoints_exist_and_accept_their_parameters() -> None:
     deployments = _deployments()
-    assert set(deployments) == {"pipeline", "monitor", "retrain", "pacs-watch", "feedback", "predict"}
+    assert set(deployments) == {"pipeline", "monitor", "monitor-pacs", "retrain", "pacs-watch", "feedback", "predict"}
     for deployment in deployments.values():
         module, name = deployment["entrypoint"].removesuffix(".py").replace("/", ".").split(":")
         flow = getattr(importlib.import_module(module.replace(".py", "")), name)
@@ -42,6 +42,11 @@ def test_monitor_runs_nightly_and_hands_retraining_to_the_event() -> None:
     assert CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"]).cron == "0 2 * * *"
     assert schedule["active"]
     assert PipelineConfig.model_validate(monitor["parameters"]["config"]).monitor.retrain == "event"
+    inflow = _deployments()["monitor-pacs"]  # the clinical inflow, half an hour later, the same way
+    (schedule,) = inflow["schedules"]
+    assert CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"]).cron == "30 2 * * *"
+    assert inflow["parameters"]["pacs"] is True and "src" not in inflow["parameters"]
+    assert PipelineConfig.model_validate(inflow["parameters"]["config"]).monitor.retrain == "event"
 
 
 def test_retrain_trigger_is_a_valid_prefect_event_trigger() -> None:
