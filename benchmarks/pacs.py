@@ -176,15 +176,6 @@ def send(pacs: PacsClient, folder: Path) -> tuple[str, str]:
     return str(datasets[0].StudyInstanceUID), str(datasets[0].AccessionNumber)
 
 
-def last_change(feed: ChangesFeed) -> int:
-    since = 0
-    while True:
-        page = feed.poll(since, 1000)
-        if page.done or page.last <= since:
-            return page.last
-        since = page.last
-
-
 def wait_stable(feed: ChangesFeed, since: int, uids: set[str], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     seen: set[str] = set()
@@ -300,7 +291,7 @@ def measure_per_study(pacs: PacsClient, feed: ChangesFeed, studies: list[Path], 
                                      "store_checked": [], "store_library": []}
     work, staging, scratch = root / "work", root / "staging", root / "retrieved"
     for i, folder in enumerate(studies, 1):
-        since = last_change(feed)
+        since = feed.last()
         uid, accession = send(pacs, folder)
         arrival = time.perf_counter()
         wait_stable(feed, since, {uid}, timeout_s=60 + 10 * len(studies))
@@ -318,7 +309,7 @@ def measure_per_study(pacs: PacsClient, feed: ChangesFeed, studies: list[Path], 
                 times["retrieve"].append(time_retrieval(pacs, uid, scratch / str(i), slices))
             else:
                 times["dcmtk"].append(time_dcmtk(dicom_port, uid, accession, root / "findscu", received, slices))
-        before_store = last_change(feed)
+        before_store = feed.last()
         checked, library = time_store_back(pacs, folder, i)
         times["store_checked"].append(checked)
         times["store_library"].append(library)
@@ -333,7 +324,7 @@ def measure_per_study(pacs: PacsClient, feed: ChangesFeed, studies: list[Path], 
 def measure_backlog(pacs: PacsClient, feed: ChangesFeed, backlog: list[Path], root: Path,
                     cfg: IngestConfig, dicom_port: int, received: Path, slices: int) -> dict[str, float]:
     work, staging, scratch = root / "backlog-work", root / "staging", root / "retrieved"
-    since = last_change(feed)
+    since = feed.last()
     Cursor(WorkLayout(work).pacs.cursor).advance(since)  # the watch starts after the per-study phase
     start = time.perf_counter()
     sent = [send(pacs, folder) for folder in backlog]

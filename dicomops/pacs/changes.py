@@ -130,6 +130,16 @@ class ChangesFeed:
         # Orthanc's database was replaced; never send the caller backwards.
         return ChangesPage(tuple(studies), max(last, since), done)
 
+    def last(self) -> int:
+        """The newest change number Orthanc holds (``/changes?last``): a cursor set there leaves every
+        study already in the PACS behind."""
+        answer = self._get("/changes", "reading the changes feed", last="")
+        try:
+            return int(answer["Last"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise PacsError(f"reading the changes feed: {self.server} did not answer as Orthanc does "
+                            f"({type(err).__name__})") from None
+
     def stable_studies(self, since: int, limit: int = DEFAULT_LIMIT) -> Iterator[StableStudy]:
         """Every stable study after `since`, page after page until the feed is drained. Advance the
         cursor to each one's ``seq`` once it is handled; :meth:`poll` also says how far the pages went."""
