@@ -27,7 +27,7 @@ from dicomops.deid.keys import KeyedMapper
 from dicomops.dicom.parallel import map_isolated
 from dicomops.dicom.reader import ReadLimits, inspect_file, list_files
 from dicomops.dicom.series import assemble_series
-from dicomops.errors import GateFailedError
+from dicomops.errors import GateFailedError, local_outage
 from dicomops.feedback.privacy import released_table
 from dicomops.layout import IngestPaths, WorkLayout
 from dicomops.synthetic.sidecars import LABELS_CSV, mask_path
@@ -185,6 +185,8 @@ def deidentify_file(source: str, dest: str, key: bytes, table_version: str) -> d
     except RecursionError:
         return {"reason": "deid_failed", "detail": "sequences nested too deep"}
     except Exception as err:
+        if local_outage(err):  # the machine's, not the file's: map_isolated raises it in the caller
+            raise
         return {"reason": "deid_failed", "detail": type(err).__name__}
 
 

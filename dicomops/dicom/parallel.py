@@ -19,10 +19,15 @@ R = TypeVar("R")
 
 
 class _ItemError:
-    """An exception raised by the mapped function for one item (the rest of the chunk goes on)."""
+    """An exception raised by the mapped function for one item (the rest of the chunk goes on).
+    One that says the machine ran out of something (:func:`dicomops.errors.local_outage`: a full
+    disk) is no item's failure: it is raised again in the caller, once the pool is done."""
 
     def __init__(self, err: BaseException) -> None:
+        from dicomops.errors import local_outage
+
         self.reason = f"worker_error:{type(err).__name__}"
+        self.outage = local_outage(err)
 
 
 def _call(func: Callable[..., R], item: tuple[Any, ...], args: tuple[Any, ...]) -> R | _ItemError:
@@ -71,6 +76,10 @@ def map_isolated(
         dask_address: run the chunks on this Dask scheduler instead of local processes; a chunk
             whose worker dies is retried item by item, and an item that kills a worker on its own,
             or outlasts its allowance, gets a failure result, as with local processes.
+
+    Raises:
+        OSError: `func` met the machine running out of something (a full disk, no file handles:
+            :func:`dicomops.errors.local_outage`) for some item: that is no input's failure.
     """
     total = len(items)
     results: list[Any] = [None] * total
@@ -144,6 +153,10 @@ def map_isolated(
 
 def _resolve(results: list[Any], items: Sequence[tuple[Any, ...]],
              on_failure: Callable[[tuple[Any, ...], str], R]) -> list[R]:
+    for r in results:
+        if isinstance(r, _ItemError) and r.outage:
+            raise OSError(_errno(r.outage), f"a worker ran out of resources ({r.outage}); nothing was recorded "
+                                            "against the inputs: free them, then run again")
     return [on_failure(item, r.reason) if isinstance(r, _ItemError) else r
             for item, r in zip(items, results, strict=True)]
 
@@ -200,3 +213,10 @@ def _map_dask(func: Callable[..., R], items: Sequence[tuple[Any, ...]], args: tu
         for idx in chunks:  # still failing after the item-by-item pass
             results[idx[0]] = on_failure(items[idx[0]], "worker_crashed")
     return _resolve(results, items, on_failure)
+
+
+def _errno(outage: str) -> int:
+    """The errno a :func:`dicomops.errors.local_outage` text names ("ENOSPC: no space left ...")."""
+    import errno
+
+    return int(getattr(errno, outage.split(":", 1)[0], errno.EIO))

@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 
-from dicomops.errors import local_outage
 from dicomops.serving.champion import Champion
 from dicomops.serving.engine import Engine
 
@@ -201,12 +200,6 @@ class Service:
             originals = {mapper.uid(u): u for u in set(images.values())}
         except PacsError as err:
             raise RequestError(503, f"the PACS did not answer: {err}") from None
-        except OSError as err:
-            if (what := local_outage(err)) is None:
-                raise
-            log.error("online service: this machine ran out of resources answering a study (%s)", what)
-            raise RequestError(503, f"the service's machine ran out of resources ({what}); the study was not "
-                                    "answered; ask again once it is fixed", retry_after=300) from None
         except StudyBusyError as err:  # another request, pacs-watch or a batch is answering it now
             log.warning("online service: %s", err)
             raise RequestError(503, "the study is being answered by another request, pacs-watch or a batch; ask "

@@ -71,6 +71,7 @@ def build_app(options: Any, scaling: Scaling) -> Any:
     from fastapi.responses import JSONResponse, PlainTextResponse
     from ray import serve
 
+    from dicomops.errors import local_outage
     from dicomops.serving.online import (
         MAX_JSON_BYTES,
         MAX_SLABS,
@@ -121,8 +122,13 @@ def build_app(options: Any, scaling: Scaling) -> Any:
             return BatchedEngine(self.service.champion.engine, asyncio.get_running_loop(), self._score_slab)
 
         def _internal_error(self, err: Exception, doing: str) -> Response:
-            """A 500 that names the error's type only: its message may quote a header value."""
+            """A 500 that names the error's type only: its message may quote a header value; a 503
+            when the replica's machine ran out of something (a full disk), which is no request's fault."""
             self.service.requests["errors"] += 1
+            if (what := local_outage(err)) is not None:
+                log.error("online service: the machine ran out of resources while %s (%s)", doing, what)
+                return error(RequestError(503, f"the service's machine ran out of resources ({what}) while {doing}; "
+                                               "nothing was answered; ask again once it is fixed", retry_after=300))
             log.error("online service: %s while %s", type(err).__name__, doing)
             return JSONResponse({"error": f"internal error ({type(err).__name__}) while {doing}; the message is "
                                           "withheld from this answer and the log (it may quote identifiers)"},

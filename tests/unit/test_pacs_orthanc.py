@@ -332,6 +332,42 @@ def test_a_full_disk_is_an_outage_not_the_studys_failure(tmp_path: Path, monkeyp
     assert handled_tokens(work) == {outcome.token}
 
 
+def test_a_full_disk_while_the_real_gate_de_identifies_is_an_outage(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gate's biggest write is the de-identified copy of each file: a full disk there is raised
+    out of the worker map (not each file quarantined as deid_failed, the study then recorded with no
+    files behind it), and the watch records nothing."""
+    import errno
+    import shutil
+
+    from dicomops import io as dio
+    from dicomops.config import IngestConfig
+    from dicomops.pacs.watch import handle_study, handled_tokens
+    from dicomops.synthetic.corpus import SeriesPlan, write_series
+
+    plan = SeriesPlan(index=0, seed=5, scenario="baseline", vendor="ge", label=0, nodule_count=0, fault=None,
+                      fault_detail="", matrix=128, slices=8)
+    write_series(plan, tmp_path / "src")
+
+    class _Sends:
+        def retrieve_study(self, study_uid: str, dest: Path) -> list[Path]:
+            shutil.copytree(tmp_path / "src" / plan.case / "series-1", dest)
+            return sorted(dest.iterdir())
+
+    real = dio.write_bytes
+
+    def full(path: Path, data: bytes) -> Path:
+        if Path(path).suffix == ".dcm":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(dio, "write_bytes", full)
+    work, staging = tmp_path / "work", tmp_path / "staging"
+    with pytest.raises(OSError, match="ENOSPC"):
+        handle_study("1.2.3.4", _Sends(), staging, work, IngestConfig(workers=1), b"k" * 32)
+    assert handled_tokens(work) == set() and not list(staging.glob("*"))
+
+
 def test_a_search_answer_with_an_odd_date_warns_nothing_that_quotes_it() -> None:
     """pydicom warns "Invalid value for VR DA: '2024-01-01'" while parsing a QIDO answer: with the
     filters the process has (``dicomops/__init__.py``), that text (a study date, PHI) is not issued."""
