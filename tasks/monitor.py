@@ -34,10 +34,7 @@ def reference_quarantine_share(tracking_uri: str, serving: ServingModel) -> floa
 
 @task(name="gather-pacs-inflow", tags=["io-heavy"])
 def gather_inflow(work: Path, min_series: int) -> inflow.Inflow:
-    """The studies pacs-watch accepted since the last check, linked into a batch folder when they
-    hold at least `min_series` series (else returned ungathered: the batch waits for more)."""
-    found = inflow.pending(work)
-    return inflow.gather(work, found) if found.studies and found.series >= min_series else found
+    return inflow.ready(work, min_series)
 
 
 @task(name="take-pacs-inflow")

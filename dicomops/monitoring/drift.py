@@ -77,9 +77,7 @@ def _evidently_report(reference: pd.DataFrame, current: pd.DataFrame, cfg: Monit
     thresholds = {c: _threshold(methods[c], c in cfg.critical_columns, cfg) for c in numeric + categorical}
     metrics: list[Any] = [DataDriftPreset(columns=numeric + categorical, per_column_method=methods,
                                           per_column_threshold=thresholds, drift_share=cfg.drift_share)]
-    # Evidently draws the embeddings with scikit-learn's t-SNE at its default perplexity (30), which
-    # fails on 30 rows or fewer; the verdict does not need the picture (:func:`_embedding_drift`).
-    if embeddings and len(reference) + len(current) > TSNE_PERPLEXITY:
+    if embeddings:
         metrics.append(EmbeddingsDrift(embeddings_name=EMBEDDING, drift_method=ModelDriftMethod(
             bootstrap=True, quantile_probability=cfg.embedding_quantile)))
     report = Report(metrics, include_tests=True)
@@ -147,9 +145,16 @@ def compare(reference: pd.DataFrame, current: pd.DataFrame, cfg: MonitorConfig, 
     embeddings = [c for c in embedding_columns(reference) if c in current]
     # Embedding drift runs a t-SNE for its chart; with free threads it stalls on a busy 2-core box.
     notes = []
+    drawn = embeddings
+    if embeddings and len(reference) + len(current) <= TSNE_PERPLEXITY:
+        # Evidently draws the embeddings with scikit-learn's t-SNE at its default perplexity (30),
+        # which refuses 30 rows or fewer; the verdict does not need the picture (_embedding_drift).
+        drawn = []
+        notes.append(f"embedding chart omitted from the report ({len(reference) + len(current)} series with the "
+                     f"reference, a t-SNE needs more than {TSNE_PERPLEXITY}); its test still ran")
     with threadpool_limits(limits=1):
         try:
-            snapshot = _evidently_report(reference, current, cfg, numeric, [], embeddings)
+            snapshot = _evidently_report(reference, current, cfg, numeric, [], drawn)
         except np.linalg.LinAlgError as err:  # the embedding chart's KDE needs more than a handful of rows
             notes.append(f"embedding chart omitted from the report ({type(err).__name__}); its test still ran")
             snapshot = _evidently_report(reference, current, cfg, numeric, [], [])

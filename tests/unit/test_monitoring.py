@@ -68,6 +68,7 @@ def test_a_small_reference_and_batch_are_judged_embeddings_included(tmp_path: Pa
     assert shifted.status == "drift"
     (embedding,) = [c for c in shifted.columns if c.kind == "embedding"]
     assert embedding.drifted and (tmp_path / "report.html").exists()
+    assert any("embedding chart omitted" in n for n in shifted.notes)
 
 
 def test_quarantine_share_is_tested_against_the_training_ingest() -> None:
@@ -138,3 +139,49 @@ def test_model_outputs_are_the_models_own_and_leave_it_as_it_was(architecture: s
         expected = [series_score(torch.softmax(model(all_slabs(v, k, 32)), 1)[:, 1].numpy(), 3) for v in volumes]
     assert scores == pytest.approx(expected, abs=1e-5) and embeddings.shape[0] == 2
     assert all(p.is_contiguous() for p in model.parameters())
+
+
+def _watched(work: Path, token: str, series: int, files: bool = True) -> None:
+    """What pacs-watch leaves for one accepted study: its ledger row and, with `files`, its gate's
+    de-identified files and accepted table."""
+    from dicomops.layout import WorkLayout
+    from dicomops.pacs.watch import StudyOutcome, _record
+
+    _record(work, StudyOutcome(token, "ingested", accepted_series=series))
+    if files:
+        ingest = WorkLayout(WorkLayout(work).pacs.study(token)).ingest
+        for s in range(series):
+            (ingest.deid / "P" / f"S{s}").mkdir(parents=True)
+            (ingest.deid / "P" / f"S{s}" / "1.dcm").write_bytes(b"de-identified")
+        ingest.accepted.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"SeriesInstanceUID": [f"S{s}" for s in range(series)]}).to_parquet(ingest.accepted)
+
+
+def test_the_inflow_is_ready_by_what_is_there_and_its_cursor_knows_its_ledger(tmp_path: Path) -> None:
+    """Series are counted from the studies whose files are there (a ledger row alone makes no
+    batch); the cursor moves only when a batch is taken, and a replaced ledger is taken from its start."""
+    from dicomops.layout import WorkLayout
+    from dicomops.monitoring import inflow
+
+    work = tmp_path / "work"
+    assert inflow.ready(work, 3).folder is None  # nothing handled yet
+    for i in range(4):
+        _watched(work, f"ST-gone{i}", 3, files=False)
+    gone = inflow.ready(work, 3)
+    assert (gone.folder, gone.series, gone.studies) == (None, 0, ())  # 12 series in the ledger, none there
+    assert not WorkLayout(work).inflow_cursor.exists() and not list((work / "monitoring").rglob("*.dcm"))
+
+    _watched(work, "ST-a", 2)
+    _watched(work, "ST-b", 2)
+    batch = inflow.ready(work, 3)
+    assert batch.studies == ("ST-a", "ST-b") and batch.series == 4 and batch.folder is not None
+    assert sorted(p.relative_to(batch.folder).parts[0] for p in batch.folder.rglob("*.dcm")) == ["ST-a"] * 2 + ["ST-b"] * 2
+    inflow.taken(work, batch)
+    assert inflow.pending(work).studies == ()
+    _watched(work, "ST-c", 1)
+    assert inflow.pending(work).studies == ("ST-c",)
+
+    ledger = WorkLayout(work).pacs.ledger  # WORK/pacs replaced: another ledger, shorter than the cursor
+    ledger.unlink()
+    _watched(work, "ST-d", 1)
+    assert inflow.pending(work).studies == ("ST-d",)
