@@ -149,6 +149,10 @@ def plot_agreement(table: pd.DataFrame, version: str, cfg: FeedbackConfig, out: 
                           f"dashed: retrain below {cfg.min_kappa}", fontsize=11)
         axes[0].invert_yaxis()
         axes[1].barh(names, mine.disagreement.fillna(0).to_numpy(), color="#9bbb59")
+        for row, value in enumerate(mine.disagreement):  # no bar is not "no disagreement"
+            if math.isnan(value):
+                axes[1].text(0.01, row, f"no figure: fewer than {cfg.min_cases} series", va="center",
+                             color="#777777", fontsize=9)
         axes[1].set_xlim(0, 1)
         axes[1].set_title(f"Disagreement rate (last {cfg.window_days:g} days; none under {cfg.min_cases} series)",
                           fontsize=11)

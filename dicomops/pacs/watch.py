@@ -340,7 +340,8 @@ def watch_pacs(orthanc_url: str | None, work: Path, staging: Path, cfg: IngestCo
     its exported engine (None: ingest without scoring), the champion of `segmenter_name` adding
     nodule locations and (with `write_seg`) a SEG to the results (None, or no champion: the
     classifier's SR alone) and the volume cache at ``DICOMOPS_REDIS_URL`` when one is set. A pass
-    that handled a study is logged (:func:`log_pass`), one that an outage stopped too."""
+    that handled a study (not only met one already handled) is logged (:func:`log_pass`), one that
+    an outage stopped too."""
     from dicomops.serving.cache import VolumeCache
 
     champion = None
@@ -369,7 +370,7 @@ def watch_pacs(orthanc_url: str | None, work: Path, staging: Path, cfg: IngestCo
     finally:
         if cache is not None:
             cache.close()
-        if handled:
+        if any(o.status != "duplicate" for o in handled):  # a study seen again after its answer: no run
             try:
                 log_pass(tracking_uri, artifact_root, handled, champion, stopped)
             except Exception as err:  # the ledger is the record; the run is how people look at it
