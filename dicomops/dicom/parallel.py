@@ -89,6 +89,8 @@ def map_isolated(
     if workers <= 1:
         for i, item in enumerate(items):
             results[i] = _call(func, item, args)
+            if _outage(results[i]):  # every item left would meet it too
+                break
             if progress and (i % 64 == 63 or i == total - 1):
                 progress(i + 1, total)
         return _resolve(results, items, on_failure)
@@ -119,18 +121,21 @@ def map_isolated(
             deadline = min(d for _, d, _ in running.values())
             finished, _ = wait(running, timeout=max(deadline - time.monotonic(), 0.01),
                                return_when=FIRST_COMPLETED)
-            broken = False
+            broken = stop = False
             for fut in finished:
                 idx, _, suspect = running.pop(fut)
                 try:
                     for i, r in zip(idx, fut.result(), strict=True):
                         results[i] = r
+                        stop = stop or _outage(r)
                 except BrokenProcessPool:
                     broken = True
                     if suspect:
                         results[idx[0]] = on_failure(items[idx[0]], "worker_crashed")
                     else:
                         suspects.extend(idx)
+            if stop:  # the machine ran out of something: the chunks left would meet it too (finally kills them)
+                break
             now = time.monotonic()
             overdue = {f for f, (_, d, _) in running.items() if d <= now}
             if broken or overdue:
@@ -151,10 +156,14 @@ def map_isolated(
     return _resolve(results, items, on_failure)
 
 
+def _outage(result: Any) -> bool:
+    return isinstance(result, _ItemError) and bool(result.outage)
+
+
 def _resolve(results: list[Any], items: Sequence[tuple[Any, ...]],
              on_failure: Callable[[tuple[Any, ...], str], R]) -> list[R]:
     for r in results:
-        if isinstance(r, _ItemError) and r.outage:
+        if _outage(r):
             raise OSError(_errno(r.outage), f"a worker ran out of resources ({r.outage}); nothing was recorded "
                                             "against the inputs: free them, then run again")
     return [on_failure(item, r.reason) if isinstance(r, _ItemError) else r

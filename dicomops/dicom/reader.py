@@ -36,6 +36,7 @@ from pydicom.uid import (
 
 from dicomops.deid.keys import KeyedMapper
 from dicomops.dicom.fastheader import decode_value, keyword_tag, read_fast
+from dicomops.errors import local_outage
 from dicomops.validation.dates import STUDY_DATE_VERDICT, da_verdict
 
 PREAMBLE = 128
@@ -106,7 +107,9 @@ def _quarantine(source_path: str, reason: str, detail: str = "") -> dict[str, An
 def inspect_file(path: str, source_path: str, key: bytes, limits: ReadLimits) -> dict[str, Any]:
     """Read `path`'s header and return a de-identified index row, or a quarantine row.
 
-    A quarantine row has ``reason`` set; an index row has ``reason`` None. No exception escapes.
+    A quarantine row has ``reason`` set; an index row has ``reason`` None. Only the machine
+    running out of something (:func:`dicomops.errors.local_outage`: no file handles, a full disk)
+    escapes: that is no file's fault.
     """
     try:
         row = _inspect(Path(path), source_path, KeyedMapper(key), limits)
@@ -117,6 +120,8 @@ def inspect_file(path: str, source_path: str, key: bytes, limits: ReadLimits) ->
     except MemoryError:
         return _quarantine(source_path, "unreadable_header", "value too large to read")
     except Exception as err:
+        if local_outage(err):
+            raise
         return _quarantine(source_path, "unreadable_header", type(err).__name__)
     row["reason"] = None
     return row

@@ -148,6 +148,10 @@ def plot_agreement(table: pd.DataFrame, version: str, cfg: FeedbackConfig, out: 
         axes[0].set_title(f"Cohen's kappa, model vs readers (grey: under {cfg.min_cases} series)\n"
                           f"dashed: retrain below {cfg.min_kappa}", fontsize=11)
         axes[0].invert_yaxis()
+        for row, value in enumerate(mine.kappa):  # no bar is not a kappa of zero
+            if math.isnan(value):
+                axes[0].text(0.01, row, f"no figure: fewer than {cfg.min_cases} series", va="center",
+                             color="#777777", fontsize=9)
         axes[1].barh(names, mine.disagreement.fillna(0).to_numpy(), color="#9bbb59")
         for row, value in enumerate(mine.disagreement):  # no bar is not "no disagreement"
             if math.isnan(value):

@@ -59,7 +59,7 @@ def pending(work: Path) -> Inflow:
     ledger = pd.read_csv(ledger_path, keep_default_na=False)
     cursor: dict[str, Any] = io.read_json(layout.inflow_cursor) if layout.inflow_cursor.exists() else {}
     taken = int(cursor.get("rows", 0))
-    if taken > len(ledger) or (taken and str(ledger.token.iloc[taken - 1]) != cursor.get("last")):
+    if taken > len(ledger) or (taken and "last" in cursor and str(ledger.token.iloc[taken - 1]) != cursor["last"]):
         log.warning("monitor: pacs-watch's ledger changed since the last inflow batch; taking it from its start")
         taken = 0
     fresh = ledger.iloc[taken:]
@@ -90,24 +90,27 @@ def gather(work: Path, inflow: Inflow) -> Inflow:
     where the file system has none); a study whose files are gone is left out, and the series are
     those the kept studies' gates accepted."""
     layout = WorkLayout(work)
-    folder = layout.inflow(inflow.batch_id)
-    shutil.rmtree(folder, ignore_errors=True)
-    kept, series = [], 0
+    found: dict[str, list[Path]] = {}
+    series = 0
     for token in inflow.studies:
         study = WorkLayout(layout.pacs.study(token)).ingest
         files = [p for p in study.deid.rglob("*.dcm") if p.is_file()] if study.deid.exists() else []
-        if not files or not study.accepted.exists():
-            continue
+        if files and study.accepted.exists():
+            found[token] = files
+            series += int(pd.read_parquet(study.accepted, columns=["SeriesInstanceUID"]).SeriesInstanceUID.nunique())
+    kept = dataclasses.replace(inflow, studies=tuple(found), series=series)
+    folder = layout.inflow(kept.batch_id)  # named by the studies it holds
+    shutil.rmtree(folder, ignore_errors=True)
+    for token, files in found.items():
+        deid = WorkLayout(layout.pacs.study(token)).ingest.deid
         for path in files:
-            target = folder / token / path.relative_to(study.deid)
+            target = folder / token / path.relative_to(deid)
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.link(path, target)
             except OSError:
                 shutil.copy2(path, target)
-        kept.append(token)
-        series += int(pd.read_parquet(study.accepted, columns=["SeriesInstanceUID"]).SeriesInstanceUID.nunique())
-    return dataclasses.replace(inflow, studies=tuple(kept), series=series, folder=folder)
+    return dataclasses.replace(kept, folder=folder)
 
 
 def taken(work: Path, inflow: Inflow) -> None:

@@ -21,6 +21,7 @@ import pandas as pd
 from dicomops import io, stages
 from dicomops.config import PreprocessConfig
 from dicomops.dicom.parallel import map_isolated
+from dicomops.errors import local_outage
 from dicomops.layout import PreprocessedPaths, WorkLayout
 from dicomops.preprocessing.features import HEADER_FEATURES
 from dicomops.preprocessing.slabs import central_slice_labels, sample_slabs, slice_labels
@@ -103,6 +104,8 @@ def preprocess_one(records: list[dict[str, Any]], deid_root: str, mask_path: str
     try:
         volume = load_series(instances, Path(deid_root))
     except Exception as err:
+        if local_outage(err):  # the machine's, not the series': map_isolated raises it in the caller
+            raise
         return {"reason": "unreadable_pixels", "detail": type(err).__name__}
     features = image_features(volume.hu, volume.affine)
     data: dict[str, Any] = {"image": MetaTensor(torch.from_numpy(volume.hu)[None], affine=torch.as_tensor(volume.affine)),

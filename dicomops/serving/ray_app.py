@@ -128,7 +128,8 @@ def build_app(options: Any, scaling: Scaling) -> Any:
             if (what := local_outage(err)) is not None:
                 log.error("online service: the machine ran out of resources while %s (%s)", doing, what)
                 return error(RequestError(503, f"the service's machine ran out of resources ({what}) while {doing}; "
-                                               "nothing was answered; ask again once it is fixed", retry_after=300))
+                                               "the answer may not have been recorded; asking again once it is "
+                                               "fixed is safe (results keep their UIDs)", retry_after=300))
             log.error("online service: %s while %s", type(err).__name__, doing)
             return JSONResponse({"error": f"internal error ({type(err).__name__}) while {doing}; the message is "
                                           "withheld from this answer and the log (it may quote identifiers)"},

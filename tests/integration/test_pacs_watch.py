@@ -168,6 +168,8 @@ def test_studies_from_the_pacs_are_gated_scored_answered_once_and_leak_nothing(
     time.sleep(2.5)
     again = pacs_watch(work=work, staging=staging, config=CONFIG)
     assert again["ingested"] == 0 and again["results_stored"] == 0
+    assert len(tracking.search_runs([run.info.experiment_id], "tags.`dicomops.source` = 'pacs-watch'")) == 1
+    # (a pass that only met studies already answered is no run)
     assert all(len(_reports(orthanc, uid)) == 1 for uid in (study_a, study_b))
     assert list(staging.glob("*")) == []
 

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from dicomops import io
 from dicomops.config import (
     IngestConfig,
     MonitorConfig,
@@ -175,6 +176,7 @@ def test_the_inflow_is_ready_by_what_is_there_and_its_cursor_knows_its_ledger(tm
     _watched(work, "ST-b", 2)
     batch = inflow.ready(work, 3)
     assert batch.studies == ("ST-a", "ST-b") and batch.series == 4 and batch.folder is not None
+    assert batch.folder == WorkLayout(work).inflow(batch.batch_id)  # named by the studies it holds
     assert sorted(p.relative_to(batch.folder).parts[0] for p in batch.folder.rglob("*.dcm")) == ["ST-a"] * 2 + ["ST-b"] * 2
     inflow.taken(work, batch)
     assert inflow.pending(work).studies == ()
@@ -185,3 +187,8 @@ def test_the_inflow_is_ready_by_what_is_there_and_its_cursor_knows_its_ledger(tm
     ledger.unlink()
     _watched(work, "ST-d", 1)
     assert inflow.pending(work).studies == ("ST-d",)
+    for i in range(7):  # or as long, with other studies at the cursor's row
+        _watched(work, f"ST-e{i}", 1)
+    assert inflow.pending(work).studies == ("ST-d", *(f"ST-e{i}" for i in range(7)))
+    io.write_json(WorkLayout(work).inflow_cursor, {"rows": 6})  # a cursor that names no row: trusted
+    assert inflow.pending(work).studies == ("ST-e5", "ST-e6")
