@@ -28,7 +28,8 @@ from tasks.tracking import hash_corpus, open_run
 @flow(name="dicomops-retrain", log_prints=True)
 def retrain(work: Path | None = None, config: PipelineConfig = PipelineConfig(), trigger: str = "manual",
             monitoring_run_id: str = "") -> dict[str, object]:
-    """Retrain `config.train.model_name` on every labelled source; skip (and say why) inside the cooldown."""
+    """Retrain `config.train.model_name` on every labelled source; skip (and say why) inside the
+    cooldown, or when an alert finds the labelled pool the last retrain learned from (nothing new)."""
     settings = load_settings()
     work = Path(work or settings.work_dir)
     uri, name = settings.mlflow_tracking_uri, config.train.model_name
@@ -40,25 +41,35 @@ def retrain(work: Path | None = None, config: PipelineConfig = PipelineConfig(),
         return {"status": "skipped", "reason": verdict.reason}
     try:
         with writing(work, "dicomops-retrain", settings), guard.retrain_lock(work):
+            sources = labelled_sources(work, config.monitor.training_source)
+            # The readers' version, copied for this retrain: a feedback pass meanwhile cannot change it.
+            readers, snapshot, clinical = readers_source(work, config.feedback, sources,
+                                                         WorkLayout(work).retrain_readers)
+            sources += [clinical] if clinical else []  # reviewed clinical series no other source holds
+            src, retrain_work = retrain_folders(work)
+            src = combine_sources(sources, src)
+            data_hash = hash_corpus(src)
+            pool = guard.pool_identity(data_hash, hash_corpus(snapshot))
+            if alert and (same := guard.same_pool(work, name, pool)):
+                print(f"retrain {same}")
+                return {"status": "skipped", "reason": same}
             if alert:
                 guard.record_start(work, name, monitoring_run_id, trigger=trigger)
-            return _retrain(work, config, uri, settings.mlflow_artifact_root, trigger, monitoring_run_id)
+            result = _retrain(work, config, uri, settings.mlflow_artifact_root, trigger, monitoring_run_id,
+                              len(sources), src, data_hash, retrain_work, readers, snapshot)
+            guard.record_pool(work, name, pool, str(result["version"]))
+            return result
     except guard.RetrainLocked as err:
         print(f"retrain {err}")
         return {"status": "skipped", "reason": str(err)}
 
 
 def _retrain(work: Path, config: PipelineConfig, uri: str, artifact_root: Path | None, trigger: str,
-             monitoring_run_id: str) -> dict[str, object]:
-    sources = labelled_sources(work, config.monitor.training_source)
-    # The readers' version, copied for this retrain: a feedback pass meanwhile cannot change it.
-    readers, snapshot, clinical = readers_source(work, config.feedback, sources, WorkLayout(work).retrain_readers)
-    sources += [clinical] if clinical else []  # reviewed clinical series no other source holds
-    src, retrain_work = retrain_folders(work)
-    src = combine_sources(sources, src)
-    cause = {"trigger": trigger, "monitoring_run_id": monitoring_run_id, "retrain.sources": str(len(sources))}
-    run_id = open_run(uri, config.experiment, artifact_root, "retrain", hash_corpus(src),
-                      {"retrain.sources": len(sources), "retrain.trigger": trigger})
+             monitoring_run_id: str, n_sources: int, src: Path, data_hash: str, retrain_work: Path,
+             readers: dict[str, str], snapshot: Path) -> dict[str, object]:
+    cause = {"trigger": trigger, "monitoring_run_id": monitoring_run_id, "retrain.sources": str(n_sources)}
+    run_id = open_run(uri, config.experiment, artifact_root, "retrain", data_hash,
+                      {"retrain.sources": n_sources, "retrain.trigger": trigger})
     with tracked(uri, run_id):
         tag_run(uri, run_id, cause)
         on_dask(ingest, config.ingest.dask_address)(
@@ -75,9 +86,9 @@ def _retrain(work: Path, config: PipelineConfig, uri: str, artifact_root: Path |
         segmented = (segment(retrain_work, config.segment, config.preprocess, config.train, config.experiment,
                              parent_run_id=run_id, run_tags=cause, privacy_config=config.ingest.privacy)
                      if config.segment.enabled else {})
-    print(f"retrain ({trigger}): version {trained['version']} from {len(sources)} labelled source(s), "
+    print(f"retrain ({trigger}): version {trained['version']} from {n_sources} labelled source(s), "
           f"{'promoted' if trained['promoted'] else 'awaiting review'}; tensorrt: {exported['tensorrt']}"
           + (f"; segmenter version {segmented['version']}, {segmented['decision']}" if segmented else ""))
     return {"status": "retrained", "mlflow_run_id": run_id, "version": trained["version"],
-            "promoted": trained["promoted"], "sources": len(sources), "work": str(retrain_work),
+            "promoted": trained["promoted"], "sources": n_sources, "work": str(retrain_work),
             "segmenter_version": segmented.get("version"), "segmenter_promoted": segmented.get("promoted")}

@@ -1,5 +1,6 @@
-"""Keep alert-driven retraining from storming: one retrain at a time (a lock file) and at most one
-per model per cooldown (a state file). Both live under ``WORK/monitoring/``."""
+"""Keep alert-driven retraining from storming: one retrain at a time (a lock file), at most one
+per model per cooldown, and none on the labelled pool the last one learned from (a state file).
+Both live under ``WORK/monitoring/``."""
 
 from __future__ import annotations
 
@@ -46,8 +47,35 @@ def record_start(work: Path, model: str, monitoring_run_id: str, now: dt.datetim
                  trigger: str = "drift") -> None:
     path = _state_path(work)
     state = io.read_json(path) if path.exists() else {}
-    state[model] = {"started": (now or _now()).isoformat(timespec="seconds"), "monitoring_run_id": monitoring_run_id,
-                    "trigger": trigger}
+    state.setdefault(model, {}).update({"started": (now or _now()).isoformat(timespec="seconds"),
+                                        "monitoring_run_id": monitoring_run_id, "trigger": trigger})
+    io.write_json(path, state)
+
+
+def pool_identity(*content_hashes: str) -> str:
+    """What a retrain learns from, as one string: the content hashes of its folders (the combined
+    labelled sources, the readers' labels), so the same labels in the same files are the same pool."""
+    return "+".join(content_hashes)
+
+
+def same_pool(work: Path, model: str, identity: str) -> str | None:
+    """Why an alert's retrain of `model` has nothing new to learn (its pool is the one the last
+    retrain learned from), or None. Such a retrain is skipped without using the cooldown: a
+    drifted batch without labels changes nothing a retrain could learn."""
+    path = _state_path(work)
+    last = io.read_json(path).get(model, {}) if path.exists() else {}
+    if last.get("pool") != identity:
+        return None
+    return (f"skipped: the labelled pool is the one the last retrain of {model} learned from (version "
+            f"{last.get('pool_version', '?')}, started {last.get('started', '?')}): nothing new to learn; label "
+            "the drifted studies (readers' reviews) or add a labelled batch, then retrain")
+
+
+def record_pool(work: Path, model: str, identity: str, version: str) -> None:
+    """The pool a retrain of `model` learned from, once it registered `version`."""
+    path = _state_path(work)
+    state = io.read_json(path) if path.exists() else {}
+    state.setdefault(model, {}).update({"pool": identity, "pool_version": str(version)})
     io.write_json(path, state)
 
 

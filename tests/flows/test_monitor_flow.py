@@ -30,6 +30,7 @@ from dicomops.synthetic import generate_corpus
 from dicomops.tracking import registry
 from flows.monitor import monitor
 from flows.pipeline import pipeline
+from flows.retrain import retrain
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 NAME = "monitor-test-classifier"
@@ -135,6 +136,14 @@ def test_monitor_alerts_and_retrains_once_and_leaves_same_distribution_alone(tmp
     assert monitoring_run.data.tags["drift.status"] == "drift"
     assert {"drift/report.html", "drift/summary.json", "drift/drift_share_history.png"} <= \
         {a.path for a in client.list_artifacts(monitoring_run.info.run_id, "drift")}
+
+    # An alert with nothing new to learn (the same labelled pool: no batch or reader's label since)
+    # is skipped without using the cooldown, whatever the cooldown says.
+    no_cooldown = cfg.model_copy(update={"monitor": cfg.monitor.model_copy(update={"cooldown_hours": 0.0})})
+    nothing_new = retrain(work=work, config=no_cooldown, trigger="drift", monitoring_run_id="run-x")
+    assert nothing_new["status"] == "skipped" and "nothing new to learn" in str(nothing_new["reason"])
+    assert f"version {retrained['version']}" in str(nothing_new["reason"])
+    assert len(client.search_model_versions(f"name = '{NAME}'")) == 2
 
     again = monitor(src=_synth(tmp_path, "shifted-2", 12, 44, "protocol-shift"), work=work, config=cfg)
     assert again["status"] == "drift"

@@ -94,6 +94,19 @@ def test_cooldown_and_lock_stop_retrain_storms(tmp_path: Path) -> None:
         pass
 
 
+def test_an_alert_finds_nothing_new_in_the_pool_the_last_retrain_learned_from(tmp_path: Path) -> None:
+    """A pool is its content; the one the last retrain registered a version from is nothing new to
+    an alert (the reason says what would be), and a later start of the cooldown keeps it."""
+    assert guard.same_pool(tmp_path, "m", guard.pool_identity("a.dir", "r.dir")) is None  # none recorded
+    guard.record_pool(tmp_path, "m", guard.pool_identity("a.dir", "r.dir"), "7")
+    guard.record_start(tmp_path, "m", "run-2")
+    same = guard.same_pool(tmp_path, "m", guard.pool_identity("a.dir", "r.dir"))
+    assert same is not None and "version 7" in same and "label the drifted studies" in same
+    assert guard.same_pool(tmp_path, "m", guard.pool_identity("a.dir", "new-readers.dir")) is None
+    assert guard.same_pool(tmp_path, "m", guard.pool_identity("b.dir", "r.dir")) is None
+    assert guard.same_pool(tmp_path, "other-model", guard.pool_identity("a.dir", "r.dir")) is None
+
+
 def test_alert_payload_has_counts_and_column_names_only(tmp_path: Path) -> None:
     summary = DriftSummary("drift", 12, 120, 0.4, 0.3, ["SliceThickness"], ["SliceThickness"],
                            reasons=["critical column(s) drifted: SliceThickness"])
