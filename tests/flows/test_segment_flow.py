@@ -107,7 +107,8 @@ def test_segment_flow_registers_a_gated_version_with_froc_dice_and_kappa(
     assert "Counts of the training pool released under differential privacy" in version.description
 
     # Serving loads that version from the registry (its export, config and preprocessing) and reports
-    # on a preprocessed volume; a tampered export is refused; an unpromoted name is "no segmenter".
+    # on a preprocessed volume; a damaged served copy is fetched anew, a tampered registered export
+    # is refused; an unpromoted name is "no segmenter".
     models = tmp_path / "models"
     served = load_segmenter(mlflow_env, "test-segmenter", version=str(result["version"]), models_dir=models)
     assert served.cfg == TINY_SEGMENTER and served.preprocess == PRE
@@ -117,9 +118,18 @@ def test_segment_flow_registers_a_gated_version_with_froc_dice_and_kappa(
     assert report.mask.shape == image.shape and 0.0 <= report.score <= 1.0
     assert all(n.score >= TINY_SEGMENTER.finding_threshold for n in report.nodules)
     onnx_file = models / f"test-segmenter-v{result['version']}" / "export" / "segmenter.onnx"
-    onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
+    good = onnx_file.read_bytes()
+    onnx_file.write_bytes(good + b"\0")
+    load_segmenter(mlflow_env, "test-segmenter", version=str(result["version"]), models_dir=models)
+    assert onnx_file.read_bytes() == good
+    from urllib.parse import urlparse
+
+    stored = Path(urlparse(client.get_run(version.run_id).info.artifact_uri).path) / "export" / "segmenter.onnx"
+    stored.write_bytes(good + b"\0")
+    shutil.rmtree(models)
     with pytest.raises(ValueError, match="does not match its registered sha256"):
         load_segmenter(mlflow_env, "test-segmenter", version=str(result["version"]), models_dir=models)
+    stored.write_bytes(good)
     assert optional_segmenter(mlflow_env, "no-such-segmenter") is None
 
     # A rerun with nothing changed is skipped; the segmenter's files leak nothing.
