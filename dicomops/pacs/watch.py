@@ -233,9 +233,9 @@ SEGMENTER_SR_SERIES, SEG_SERIES = 9003, 9002
 def localisation_reports(images: list[Any], group: pd.DataFrame, deid_root: Path, segmenter: Any,
                          write_seg: bool = True) -> list[Any]:
     """The segmenter's SR for one series, and its SEG when it found a nodule (unless `write_seg`
-    is off). `group` is the
-    series' rows of the gate's accepted table (de-identified files under `deid_root`), preprocessed
-    as the segmenter was trained; `images` are the original headers the objects reference."""
+    is off). `group` is the series' rows of the gate's accepted table (de-identified files under
+    `deid_root`), preprocessed as the segmenter was trained; `images` are the original headers the
+    objects reference."""
     import tempfile
 
     from dicomops.pacs.results import Finding, structured_report
