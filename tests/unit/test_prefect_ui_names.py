@@ -63,7 +63,9 @@ def test_every_deployment_says_what_starts_it() -> None:
     starts = {name: d["description"].split(". ")[0] for name, d in deployments.items()}
     assert starts["pipeline"].startswith("Started by hand")
     assert starts["monitor"].startswith("Started nightly at 02:00 UTC by its schedule")
-    assert starts["retrain"] == f'Started by the automation "retrain on {EVENT}" when the monitor deployment finds drift'
+    assert starts["retrain"] == (f'Started by the automation "retrain on {EVENT}" when the monitor deployment '
+                                 "(or monitor-pacs) finds drift")
+    assert starts["monitor-pacs"].startswith("Started nightly at 02:30 UTC by its schedule")
     assert starts["pacs-watch"].startswith("Started every 60 s by its schedule (interval 60 s, timezone UTC), one run "
                                            "at a time")
 
