@@ -131,6 +131,7 @@ def test_studies_from_the_pacs_are_gated_scored_answered_once_and_leak_nothing(
     assert not (work / "pacs/cursor.json").exists() or json.loads((work / "pacs/cursor.json").read_text())["since"] == 0
 
     _pacs_env(monkeypatch, orthanc)
+    since_ms = int(time.time() * 1000)  # other tests' passes share the champion's store
     result = pacs_watch(work=work, staging=staging, config=CONFIG)
     assert (result["ingested"], result["refused"], result["results_stored"]) == (2, 0, 2)
     ledger = pd.read_csv(work / "pacs/studies.csv", keep_default_na=False)
@@ -144,8 +145,8 @@ def test_studies_from_the_pacs_are_gated_scored_answered_once_and_leak_nothing(
     assert len(accepted) == 12  # whole: every slice, after the cut-off pass
     # The pass is a run in MLflow beside the batches (the cut-off one handled no study: no run).
     tracking = mlflow.tracking.MlflowClient(champion)
-    (run,) = tracking.search_runs([tracking.get_experiment_by_name("dicomops-inference").experiment_id],
-                                  "tags.`dicomops.source` = 'pacs-watch'")
+    passes = f"tags.`dicomops.source` = 'pacs-watch' and attributes.start_time >= {since_ms}"
+    (run,) = tracking.search_runs([tracking.get_experiment_by_name("dicomops-inference").experiment_id], passes)
     assert run.info.status == "FINISHED" and run.data.tags["dicomops.model"] == TINY.model_name
     assert {k: run.data.metrics[k] for k in ("studies", "studies_ingested", "studies_refused", "results_stored")} == {
         "studies": 2.0, "studies_ingested": 2.0, "studies_refused": 0.0, "results_stored": 2.0}
@@ -168,7 +169,7 @@ def test_studies_from_the_pacs_are_gated_scored_answered_once_and_leak_nothing(
     time.sleep(2.5)
     again = pacs_watch(work=work, staging=staging, config=CONFIG)
     assert again["ingested"] == 0 and again["results_stored"] == 0
-    assert len(tracking.search_runs([run.info.experiment_id], "tags.`dicomops.source` = 'pacs-watch'")) == 1
+    assert len(tracking.search_runs([run.info.experiment_id], passes)) == 1
     # (a pass that only met studies already answered is no run)
     assert all(len(_reports(orthanc, uid)) == 1 for uid in (study_a, study_b))
     assert list(staging.glob("*")) == []
