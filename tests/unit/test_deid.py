@@ -143,6 +143,13 @@ def test_scan_for_phi_finds_values_in_every_format(tmp_path: Path) -> None:
     assert dates == {"uid.txt"}
     (tmp_path / "uid.txt").write_text("UID 2.25.232023091588184")
     assert scan_for_phi(tmp_path, ["20230915"]) == []
+    # Nor a short ID inside a UUID (Prefect's ids), while the ID alone and a UUID needle are found.
+    run = "3f2a1b4c-0010-4abc-8def-0123456789ab"
+    (tmp_path / "uid.txt").write_text(f"flow run {run.upper()} and {run}")
+    assert scan_for_phi(tmp_path, ["0010"]) == []
+    assert {h.needle for h in scan_for_phi(tmp_path, [run, "0010"])} == {run}
+    (tmp_path / "uid.txt").write_text("patient 0010")
+    assert {h.needle for h in scan_for_phi(tmp_path, ["0010"])} == {"0010"}
 
 
 def test_key_is_created_once_outside_the_work_dir(tmp_path: Path) -> None:
