@@ -51,11 +51,17 @@ def local_outage(err: BaseException) -> str | None:
     doing, not the input's, e.g. "ENOSPC: no space left on device"; None for any other error. Work
     that meets one stops like an outage (the next run takes the same input again) instead of
     recording the input in hand as failed: every input would fail the same way until it is fixed."""
+    code = local_outage_errno(err)
+    return None if code is None else f"{errno.errorcode[code]}: {os.strerror(code).lower()}"
+
+
+def local_outage_errno(err: BaseException) -> int | None:
+    """The errno of :func:`local_outage`'s finding (``errno.ENOSPC``), None where it finds none."""
     seen: set[int] = set()
     current: BaseException | None = err
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         if isinstance(current, OSError) and current.errno in LOCAL_OUTAGE_ERRNOS:
-            return f"{errno.errorcode[current.errno]}: {os.strerror(current.errno).lower()}"
+            return current.errno
         current = current.__cause__ or current.__context__
     return None

@@ -24,10 +24,11 @@ class _ItemError:
     disk) is no item's failure: it is raised again in the caller, once the pool is done."""
 
     def __init__(self, err: BaseException) -> None:
-        from dicomops.errors import local_outage
+        from dicomops.errors import local_outage, local_outage_errno
 
         self.reason = f"worker_error:{type(err).__name__}"
         self.outage = local_outage(err)
+        self.errno = local_outage_errno(err)
 
 
 def _call(func: Callable[..., R], item: tuple[Any, ...], args: tuple[Any, ...]) -> R | _ItemError:
@@ -164,7 +165,7 @@ def _resolve(results: list[Any], items: Sequence[tuple[Any, ...]],
              on_failure: Callable[[tuple[Any, ...], str], R]) -> list[R]:
     for r in results:
         if _outage(r):
-            raise OSError(_errno(r.outage), f"a worker ran out of resources ({r.outage}); nothing was recorded "
+            raise OSError(r.errno, f"a worker ran out of resources ({r.outage}); nothing was recorded "
                                             "against the inputs: free them, then run again")
     return [on_failure(item, r.reason) if isinstance(r, _ItemError) else r
             for item, r in zip(items, results, strict=True)]
@@ -193,6 +194,7 @@ def _map_dask(func: Callable[..., R], items: Sequence[tuple[Any, ...]], args: tu
                                  retries=0, key=f"dicomops-chunk-{idx[0]}-{len(idx)}-{time.monotonic_ns()}")
 
         chunks = [list(range(i, min(i + chunk_size, total))) for i in range(0, total, chunk_size)]
+        stop = False
         for attempt in ("chunk", "item"):
             futures = {submit(idx): idx for idx in chunks}
             retry: list[list[int]] = []
@@ -203,6 +205,7 @@ def _map_dask(func: Callable[..., R], items: Sequence[tuple[Any, ...]], args: tu
                     try:
                         for i, r in zip(idx, fut.result(), strict=True):
                             results[i] = r
+                            stop = stop or _outage(r)
                     except Exception:  # KilledWorker, a worker lost mid-chunk: retry its items alone
                         if attempt == "chunk" and len(idx) > 1:
                             retry.extend([i] for i in idx)
@@ -210,22 +213,21 @@ def _map_dask(func: Callable[..., R], items: Sequence[tuple[Any, ...]], args: tu
                             results[idx[0]] = on_failure(items[idx[0]], "worker_crashed")
                     if progress:
                         progress(sum(r is not None for r in results), total)
+                    if stop:  # the machine ran out of something: the chunks left would meet it too
+                        break
             except TimeoutError:
                 for fut, idx in futures.items():
                     if not fut.done():
                         fut.cancel()
                         for i in idx:
                             results[i] = on_failure(items[i], "timeout")
+            if stop:
+                client.cancel([f for f in futures if not f.done()])
+                break
             chunks = retry
             if not chunks:
                 break
-        for idx in chunks:  # still failing after the item-by-item pass
+        for idx in [] if stop else chunks:  # still failing after the item-by-item pass
             results[idx[0]] = on_failure(items[idx[0]], "worker_crashed")
     return _resolve(results, items, on_failure)
 
-
-def _errno(outage: str) -> int:
-    """The errno a :func:`dicomops.errors.local_outage` text names ("ENOSPC: no space left ...")."""
-    import errno
-
-    return int(getattr(errno, outage.split(":", 1)[0], errno.EIO))

@@ -3,6 +3,7 @@ worker processes) give exactly what the default local-process runner gives."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,29 @@ def test_item_errors_are_isolated_on_dask(cluster: str) -> None:
     out = map_isolated(_explode, [(i,) for i in range(6)], on_failure=lambda item, why: -1, chunk_size=2,
                        dask_address=cluster)
     assert out == [0, 1, 4, -1, 16, 25]
+
+
+def _full_disk_from_three(x: int, seen: str) -> int:
+    import errno
+    import time
+
+    Path(seen, str(x)).touch()
+    time.sleep(0.02)
+    if x >= 3:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return x
+
+
+def test_a_full_disk_on_dask_is_raised_in_the_caller_and_stops_the_map(cluster: str, tmp_path: Path) -> None:
+    """As with local processes: no item's failure, and the chunks not yet run are cancelled."""
+    import errno
+
+    with pytest.raises(OSError) as raised:
+        map_isolated(_full_disk_from_three, [(i,) for i in range(400)], args=(str(tmp_path),),
+                     on_failure=lambda item, why: why, chunk_size=8, dask_address=cluster)
+    assert raised.value.errno == errno.ENOSPC and "ENOSPC" in str(raised.value)
+    time.sleep(1.0)  # cancelled chunks that had started finish
+    assert 8 <= len(list(tmp_path.iterdir())) < 200  # of 400 (all of them before): stopped early
 
 
 def test_dask_runner_gives_the_default_runners_result(mixed_corpus: Path, tmp_path: Path, cluster: str) -> None:
