@@ -62,6 +62,23 @@ class RequestError(Exception):
         self.status, self.message, self.retry_after = status, message, retry_after
 
 
+def unexpected_error(err: Exception, doing: str) -> RequestError:
+    """The answer to an error no rule foresaw while `doing` something: a 500 that names the error's
+    type only (its message may quote a header value, so neither the answer nor the log carries it),
+    or a 503 to ask again later when the machine ran out of something (a full disk: no request's
+    fault, :func:`dicomops.errors.local_outage`)."""
+    from dicomops.errors import local_outage
+
+    if (what := local_outage(err)) is not None:
+        log.error("online service: the machine ran out of resources while %s (%s)", doing, what)
+        return RequestError(503, f"the service's machine ran out of resources ({what}) while {doing}; the "
+                                 "answer may not have been recorded; asking again once it is fixed is safe "
+                                 "(results keep their UIDs)", retry_after=300)
+    log.error("online service: %s while %s", type(err).__name__, doing)
+    return RequestError(500, f"internal error ({type(err).__name__}) while {doing}; the message is withheld "
+                             "from this answer and the log (it may quote identifiers)")
+
+
 async def read_capped(declared: str | None, chunks: AsyncIterator[bytes], limit: int, what: str) -> bytes:
     """A request's body, never read past `limit` bytes: a declared Content-Length over it is refused
     (413) before a byte is read, and a body that streams past it (chunked, or longer than declared)

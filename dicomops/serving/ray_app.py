@@ -71,7 +71,6 @@ def build_app(options: Any, scaling: Scaling) -> Any:
     from fastapi.responses import JSONResponse, PlainTextResponse
     from ray import serve
 
-    from dicomops.errors import local_outage
     from dicomops.serving.online import (
         MAX_JSON_BYTES,
         MAX_SLABS,
@@ -81,6 +80,7 @@ def build_app(options: Any, scaling: Scaling) -> Any:
         Service,
         check_token,
         read_capped,
+        unexpected_error,
     )
 
     api = FastAPI(title="dicomops inference", docs_url=None, redoc_url=None, openapi_url=None)
@@ -122,18 +122,8 @@ def build_app(options: Any, scaling: Scaling) -> Any:
             return BatchedEngine(self.service.champion.engine, asyncio.get_running_loop(), self._score_slab)
 
         def _internal_error(self, err: Exception, doing: str) -> Response:
-            """A 500 that names the error's type only: its message may quote a header value; a 503
-            when the replica's machine ran out of something (a full disk), which is no request's fault."""
             self.service.requests["errors"] += 1
-            if (what := local_outage(err)) is not None:
-                log.error("online service: the machine ran out of resources while %s (%s)", doing, what)
-                return error(RequestError(503, f"the service's machine ran out of resources ({what}) while {doing}; "
-                                               "the answer may not have been recorded; asking again once it is "
-                                               "fixed is safe (results keep their UIDs)", retry_after=300))
-            log.error("online service: %s while %s", type(err).__name__, doing)
-            return JSONResponse({"error": f"internal error ({type(err).__name__}) while {doing}; the message is "
-                                          "withheld from this answer and the log (it may quote identifiers)"},
-                                status_code=500)
+            return error(unexpected_error(err, doing))
 
         @api.post("/v1/studies")
         async def studies(self, request: Request) -> Response:

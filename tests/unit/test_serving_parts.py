@@ -355,3 +355,29 @@ def test_a_version_exported_again_is_fetched_anew_and_one_unchanged_is_not(tmp_p
     fetch(registry, version(), dest, expected=expected_exports(version()))
     assert (dest / "export" / "model.fp16.plan").exists()
     assert [p.name for p in dest.parent.iterdir()] == ["m-v3"]  # nothing left aside
+
+
+def test_an_unforeseen_error_is_a_500_without_its_message_and_a_full_disk_a_503(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The online service's answer to what no rule caught: the error's message may quote a header
+    value, so neither the answer nor the log carries it; a full disk is asked again later."""
+    import errno
+    import logging
+
+    from dicomops.serving.online import unexpected_error
+
+    caplog.set_level(logging.INFO)
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device: '/work/staging/DOE^JANE'")
+        except OSError as err:
+            raise RuntimeError("writing the report failed") from err
+    except RuntimeError as err:
+        full = unexpected_error(err, "answering a study")
+    assert (full.status, full.retry_after) == (503, 300)
+    assert "ENOSPC" in full.message and "answering a study" in full.message
+    other = unexpected_error(ValueError("PatientName DOE^JANE is odd"), "scoring slabs")
+    assert (other.status, other.retry_after) == (500, None) and "ValueError" in other.message
+    assert unexpected_error(OSError(errno.ENOENT, "gone"), "storing a review").status == 500
+    said = full.message + other.message + caplog.text
+    assert "DOE" not in said and "/work/staging" not in said
