@@ -10,11 +10,12 @@ as long as one study takes and lives outside the work directory.
 
 What happens to each study is one row of ``WORK/pacs/studies.csv``: ``ingested`` (with how many
 series were accepted and how many results were stored back), ``refused`` by the gate (with its
-reason), ``failed`` when scoring or writing its report failed (the step and the error's type), or
-``duplicate`` for a study already handled. A study whose results the PACS will not keep (some of
-them, whenever asked) stays ``ingested`` with how many it kept and why the rest were not, and is not
-retried. A study is never dropped silently, and one that fails does not hold back the studies
-behind it.
+reason), ``failed`` when scoring or writing its report failed (the step and the error's type),
+``answered`` when a batch (``predict --pacs``) or the online service wrote its results back in full
+first (the watch then leaves it), or ``duplicate`` for a study already handled. A study whose
+results the PACS will not keep (some of them, whenever asked) stays ``ingested`` with how many it
+kept and why the rest were not, and is not retried. A study is never dropped silently, and one that
+fails does not hold back the studies behind it.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class Pacs(Protocol):
 @dataclass(frozen=True)
 class StudyOutcome:
     token: str
-    status: str  # ingested | refused | failed | duplicate
+    status: str  # ingested | refused | failed | answered | duplicate
     accepted_series: int = 0
     quarantined_files: int = 0
     results_stored: int = 0
@@ -69,7 +70,8 @@ def study_token(key: bytes, study_uid: str) -> str:
 
 
 def handled_tokens(work: Path) -> set[str]:
-    """The studies already ingested or refused (a duplicate is not a handling)."""
+    """The studies already handled: ingested, refused, failed or answered (a duplicate is not a
+    handling)."""
     ledger = WorkLayout(work).pacs.ledger
     if not ledger.exists():
         return set()
@@ -78,10 +80,26 @@ def handled_tokens(work: Path) -> set[str]:
 
 
 def _record(work: Path, outcome: StudyOutcome) -> None:
+    from filelock import FileLock
+
     ledger = WorkLayout(work).pacs.ledger
-    rows = pd.read_csv(ledger, keep_default_na=False) if ledger.exists() else pd.DataFrame(columns=LEDGER_COLUMNS)
-    row = asdict(outcome) | {"handled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    io.write_csv(ledger, pd.concat([rows, pd.DataFrame([row])], ignore_index=True)[LEDGER_COLUMNS])
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{ledger}.lock", thread_local=False):  # the watch, batches and the online service write it
+        rows = pd.read_csv(ledger, keep_default_na=False) if ledger.exists() else pd.DataFrame(columns=LEDGER_COLUMNS)
+        row = asdict(outcome) | {"handled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        io.write_csv(ledger, pd.concat([rows, pd.DataFrame([row])], ignore_index=True)[LEDGER_COLUMNS])
+
+
+def record_answered(work: Path, answer: Any, by: str) -> bool:
+    """Record in the watch's ledger a study a batch or the online service (`by`) answered with its
+    results all kept by the PACS (an :class:`dicomops.serving.predict.Answer`), so that the watch does
+    not answer it again once it is stable; True if recorded. One answered in part, or not at all, is
+    not: the watch answers it as it would any other."""
+    if answer.status != "scored" or answer.results_stored < 1 or answer.reason:
+        return False
+    _record(work, StudyOutcome(answer.study, "answered", answer.accepted_series, answer.quarantined_files,
+                               answer.results_stored, reason=f"answered by {by}"))
+    return True
 
 
 def handle_study(study_uid: str, pacs: Pacs, staging: Path, work: Path, cfg: IngestConfig, key: bytes,
@@ -98,7 +116,7 @@ def handle_study(study_uid: str, pacs: Pacs, staging: Path, work: Path, cfg: Ing
     """
     token = study_token(key, study_uid)
     if token in handled_tokens(work):
-        outcome = StudyOutcome(token, "duplicate", reason="already handled; ingested once")
+        outcome = StudyOutcome(token, "duplicate", reason="already handled (its first row says how)")
         _record(work, outcome)
         return outcome
     study_work = WorkLayout(work).pacs.study(token)
@@ -109,6 +127,10 @@ def handle_study(study_uid: str, pacs: Pacs, staging: Path, work: Path, cfg: Ing
 
             digest = study_digest(key, pacs.image_instances(study_uid), preprocessing_identity(champion))
         with held_study(staging, token) as staged:
+            if token in handled_tokens(work):  # answered by a batch or the online service while we waited
+                outcome = StudyOutcome(token, "duplicate", reason="already handled (its first row says how)")
+                _record(work, outcome)
+                return outcome
             pacs.retrieve_study(study_uid, staged)
             outcome = _gate_score_answer(token, staged, study_work, pacs, cfg, key, champion, cache, digest, work)
     except PacsRequestRefused as err:  # never retrievable as it is: recorded, and the watch moves on

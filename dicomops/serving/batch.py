@@ -252,6 +252,11 @@ def run_batch(*, src: Path | None, query: Mapping[str, str] | None, work: Path, 
                     PacsClient.from_env(http_budget_s, url=orthanc_url) as prefetch:
                 answers = predict_pacs(query or {}, pacs, staging, scratch, ingest_cfg, key, champion, cache,
                                        serve_cfg.write_back, progress, prefetch)
+            if serve_cfg.write_back:  # pacs-watch leaves a study answered here once it is stable
+                from dicomops.pacs.watch import record_answered
+
+                for answer in answers:
+                    record_answered(work, answer, f"predict --pacs (batch {batch_id})")
             source = "pacs"
         folder, metrics = record(work, batch_id, answers, champion, cache)
         run_id = log_batch(tracking_uri, artifact_root, batch_id, folder, metrics, champion, source, cache)

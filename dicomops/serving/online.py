@@ -192,6 +192,7 @@ class Service:
         from dicomops.deid.keys import KeyedMapper
         from dicomops.pacs.client import PacsError
         from dicomops.pacs.staging import StudyBusyError
+        from dicomops.pacs.watch import record_answered
         from dicomops.serving.batch import record
         from dicomops.serving.predict import answer_pacs_study
 
@@ -225,6 +226,8 @@ class Service:
             raise RequestError(422, f"the study was {answer.status} and nothing was written back: {answer.reason}")
         # De-identified, as the batch flow keeps its results: what a reader's review is linked to.
         record(self.options.work, f"online-{answer.study}", [answer], self.champion, None)
+        if write_back:  # pacs-watch leaves it once it is stable
+            record_answered(self.options.work, answer, "the online service")
         return {"status": answer.status, "warm": answer.warm, "accepted_series": answer.accepted_series,
                 "quarantined_files": answer.quarantined_files, "results_stored": answer.results_stored,
                 **({"warning": answer.reason} if answer.reason else {}),  # the PACS did not keep every result

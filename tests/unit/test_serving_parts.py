@@ -381,3 +381,32 @@ def test_an_unforeseen_error_is_a_500_without_its_message_and_a_full_disk_a_503(
     assert unexpected_error(OSError(errno.ENOENT, "gone"), "storing a review").status == 500
     said = full.message + other.message + caplog.text
     assert "DOE" not in said and "/work/staging" not in said
+
+
+def test_a_study_answered_in_full_elsewhere_is_left_to_nobody_else_and_the_ledger_loses_no_row(
+        tmp_path: Path) -> None:
+    """A batch's or the online service's answer, all results kept, is the watch's `answered` row
+    (the watch's handling then finds it handled); one answered in part, refused or failed is not.
+    Writers in several threads (processes take the same file lock) lose no row."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pandas as pd
+
+    from dicomops.pacs import watch
+
+    full = Answer("tok-full", "scored", [], 1, results_stored=2)
+    assert watch.record_answered(tmp_path, full, "predict --pacs (batch b1)")
+    for other in (Answer("tok-part", "scored", [], 1, results_stored=1, reason=f"{watch.NOT_ALL_STORED}: 1 of 2"),
+                  Answer("tok-none", "scored", [], 1, results_stored=0),
+                  Answer("tok-ref", "refused", reason="no CT series"), Answer("tok-fail", "failed", reason="x")):
+        assert not watch.record_answered(tmp_path, other, "the online service")
+    assert watch.handled_tokens(tmp_path) == {"tok-full"}
+    ledger = pd.read_csv(tmp_path / "pacs/studies.csv", keep_default_na=False)
+    assert ledger.to_dict("records")[0] | {"handled_at": ""} == {
+        "token": "tok-full", "status": "answered", "accepted_series": 1, "quarantined_files": 0,
+        "results_stored": 2, "reason": "answered by predict --pacs (batch b1)", "handled_at": ""}
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: watch.record_answered(tmp_path, Answer(f"t{i}", "scored", [], 1, results_stored=1),
+                                                      "the online service"), range(40)))
+    assert watch.handled_tokens(tmp_path) == {"tok-full"} | {f"t{i}" for i in range(40)}
