@@ -91,9 +91,26 @@ def _texts(path: Path) -> list[tuple[str, str]]:
     return texts
 
 
-# A UUID is one token: the servers past the gate (Prefect's run and event ids) write thousands, and
-# one in 65,536 has a middle group such as ``0010``, a patient ID some real files carry (CI of aad1f4e).
-_TOKEN = re.compile(r"[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}|[a-z0-9]+")
+_TOKEN = re.compile(r"[a-z0-9]+")
+# A UUID is one token wherever it stands: the servers past the gate (Prefect's run and event ids)
+# write thousands, one in 65,536 has a middle group such as ``0010`` (a patient ID some real files
+# carry; CI of aad1f4e), and in a SQLite file's bytes one often follows a record's header byte or
+# the column before it with no separator between them.
+_UUID = re.compile(r"[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}")
+
+
+def _tokens(text: str) -> list[str]:
+    """`text`'s alphanumeric tokens, lower case, each UUID one token."""
+    lowered = text.lower()
+    if "-" not in lowered:
+        return _TOKEN.findall(lowered)
+    tokens: list[str] = []
+    start = 0
+    for match in _UUID.finditer(lowered):
+        tokens += _TOKEN.findall(lowered, start, match.start())
+        tokens.append(match.group())
+        start = match.end()
+    return tokens + _TOKEN.findall(lowered, start)
 
 
 class _Matcher:
@@ -107,13 +124,13 @@ class _Matcher:
     def __init__(self, needles: list[str] | set[str]) -> None:
         self.by_first: dict[str, list[tuple[tuple[str, ...], str]]] = {}
         for needle in needles:
-            tokens = tuple(_TOKEN.findall(needle.lower()))
+            tokens = tuple(_tokens(needle))
             if not tokens or sum(map(len, tokens)) < MIN_NEEDLE:
                 continue
             self.by_first.setdefault(tokens[0], []).append((tokens, needle))
 
     def find(self, text: str) -> set[str]:
-        tokens = _TOKEN.findall(text.lower())
+        tokens = _tokens(text)
         found: set[str] = set()
         for i, token in enumerate(tokens):
             for seq, needle in self.by_first.get(token, ()):

@@ -7,6 +7,7 @@ worker on its own gets a failure result instead.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -16,6 +17,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+WORKER_START_S = 120.0  # the longest a restarted pool's first worker may take to start
 
 
 class _ItemError:
@@ -149,12 +151,22 @@ def map_isolated(
                         queue.insert(0, idx)
                 running.clear()
                 _kill(pool)
-                pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=initializer)
+                pool = _started(ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=initializer))
             if progress:
                 progress(sum(r is not None for r in results), total)
     finally:
         _kill(pool) if running else pool.shutdown(wait=True)
     return _resolve(results, items, on_failure)
+
+
+def _started(pool: ProcessPoolExecutor) -> ProcessPoolExecutor:
+    """`pool` once a worker has started (a fresh interpreter importing the mapped function's module:
+    a third of a second idle, seconds on a busy machine), so that the next item's allowance, counted
+    from its submission, is the item's own: on a pool restarted after a crash or a hang, a healthy
+    item was otherwise recorded as a timeout when the machine was busy."""
+    with contextlib.suppress(Exception):  # a pool that cannot start shows on the item submitted next
+        pool.submit(int).result(timeout=WORKER_START_S)
+    return pool
 
 
 def _outage(result: Any) -> bool:

@@ -143,13 +143,22 @@ def test_scan_for_phi_finds_values_in_every_format(tmp_path: Path) -> None:
     assert dates == {"uid.txt"}
     (tmp_path / "uid.txt").write_text("UID 2.25.232023091588184")
     assert scan_for_phi(tmp_path, ["20230915"]) == []
-    # Nor a short ID inside a UUID (Prefect's ids), while the ID alone and a UUID needle are found.
+    # Nor a short ID inside a UUID (Prefect's ids), even glued to what precedes it as in a SQLite
+    # file's bytes, while the ID alone and a UUID needle are found.
     run = "3f2a1b4c-0010-4abc-8def-0123456789ab"
-    (tmp_path / "uid.txt").write_text(f"flow run {run.upper()} and {run}")
+    (tmp_path / "uid.txt").write_text(f"flow run {run.upper()} and x{run}9")
     assert scan_for_phi(tmp_path, ["0010"]) == []
     assert {h.needle for h in scan_for_phi(tmp_path, [run, "0010"])} == {run}
     (tmp_path / "uid.txt").write_text("patient 0010")
     assert {h.needle for h in scan_for_phi(tmp_path, ["0010"])} == {"0010"}
+    (tmp_path / "uid.txt").unlink()
+    con = sqlite3.connect(tmp_path / "runs.db")
+    con.execute("create table run (name text, kind text, id text)")
+    con.executemany("insert into run values (?, ?, ?)", [("ingest-gate", "credentials", run), ("a", "b", run)])
+    con.commit()
+    con.close()
+    assert scan_for_phi(tmp_path / "runs.db", ["0010"]) == []
+    assert {h.where for h in scan_for_phi(tmp_path / "runs.db", [run])} == {"bytes", "run"}
 
 
 def test_key_is_created_once_outside_the_work_dir(tmp_path: Path) -> None:
