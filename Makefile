@@ -75,6 +75,7 @@ integration: $(STAMP)
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v Orthanc >/dev/null || missing="$$missing orthanc"; \
 	[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing="$$missing orthanc-dicomweb"; \
+	[ -e /usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so ] || missing="$$missing orthanc-postgresql"; \
 	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
 	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \

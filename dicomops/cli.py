@@ -807,17 +807,24 @@ def pacs_start(
     dicom_port: Annotated[int | None, typer.Option(
         help="Also run Orthanc's DICOM server on this port. Orthanc 1.10 binds it on every interface and asks no "
              "password, so anyone who reaches it can store studies: only behind a firewall.")] = None,
+    index_url: Annotated[str | None, typer.Option(
+        envvar="DICOMOPS_PACS_INDEX_URL",
+        help="Keep Orthanc's index in this PostgreSQL database, postgresql://USER@HOST[:PORT]/DATABASE (Debian "
+             "package orthanc-postgresql); its password from DICOMOPS_PACS_INDEX_PASSWORD. Default: a SQLite file "
+             "beside the DICOM files.")] = None,
 ) -> None:
     """Run a local Orthanc PACS with DICOMweb in the foreground until Ctrl-C or SIGTERM."""
+    import os
     import signal
     import time
 
     from dicomops.pacs.client import PASSWORD_ENV, credentials_from_env
-    from dicomops.pacs.orthanc import start_orthanc
+    from dicomops.pacs.orthanc import INDEX_PASSWORD_ENV, OrthancIndex, start_orthanc
     from dicomops.stack import STOP_SIGNALS, interrupt_on
 
     try:
         credentials = credentials_from_env()
+        index = OrthancIndex.from_url(index_url, os.environ.get(INDEX_PASSWORD_ENV)) if index_url else None
     except ValueError as err:
         console.print(f"[red]cannot start the PACS:[/] {escape(str(err))}")
         raise typer.Exit(2) from err
@@ -825,12 +832,16 @@ def pacs_start(
     code = 0
     with interrupt_on((signal.SIGINT, *STOP_SIGNALS)) as interrupts:
         try:
-            with start_orthanc(folder, port, credentials, stable_age_s=stable_age, dicom_port=dicom_port) as pacs:
+            with start_orthanc(folder, port, credentials, stable_age_s=stable_age, dicom_port=dicom_port,
+                               index=index) as pacs:
                 console.print(f"[green]PACS (Orthanc)[/]: {pacs.url}  (loopback clients only; user "
                               f"{escape(credentials.user)}, password from {PASSWORD_ENV})", soft_wrap=True)
                 console.print(f"DICOMweb root: {pacs.dicomweb_url}", soft_wrap=True)
                 console.print(f"studies stored in {escape(str(pacs.data))}; configuration {escape(str(pacs.config))} "
                               f"(mode 0600), log {escape(str(pacs.log))}", soft_wrap=True)
+                if index is not None:
+                    console.print(f"index in PostgreSQL: database {escape(index.database)} on {escape(index.host)}:"
+                                  f"{index.port} as {escape(index.user)}", soft_wrap=True)
                 dicom = (f"on port {dicom_port}, every interface, no password" if dicom_port is not None else "off")
                 console.print(f"a study is stable after {stable_age} s without a new instance; DICOM server: {dicom}. "
                               "Ctrl-C or SIGTERM stops it.", soft_wrap=True)

@@ -3,7 +3,10 @@
 The configuration is rendered from ``infra/orthanc/orthanc.json``, the template the Docker Compose
 service also mounts, with this machine's values put in: the storage folder, the HTTP port, the users
 (from DICOMOPS_PACS_USER / DICOMOPS_PACS_PASSWORD; there is no default password), StableAge, and
-the DICOMweb plugin of the Debian package ``orthanc-dicomweb``.
+the DICOMweb plugin of the Debian package ``orthanc-dicomweb``. With an :class:`OrthancIndex`,
+Orthanc keeps its index (patients, studies, series, instances, the changes feed) in PostgreSQL
+through the plugin of the Debian package ``orthanc-postgresql`` instead of a SQLite file beside the
+DICOM files: what a site whose PACS outgrows one machine runs (the Compose stack does).
 
 Network exposure with Orthanc 1.10 (the Debian version), which has no option to choose the address
 it binds:
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from dicomops.pacs.client import (
+    _UNSAFE_IN_CONFIG,
     DICOMWEB_ROOT,
     PacsAuthError,
     PacsCredentials,
@@ -44,6 +48,8 @@ from dicomops.pacs.client import (
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "infra" / "orthanc" / "orthanc.json"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+INDEX_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so")
+INDEX_PASSWORD_ENV = "DICOMOPS_PACS_INDEX_PASSWORD"
 ORTHANC_EXECUTABLE = "Orthanc"
 DEFAULT_STABLE_AGE_S = 10
 LOOPBACK = "127.0.0.1"
@@ -51,9 +57,55 @@ LOOPBACK = "127.0.0.1"
 DB, CONFIG, LOG = "db", "orthanc.json", "orthanc.log"
 
 
+@dataclass(frozen=True)
+class OrthancIndex:
+    """Where Orthanc keeps its index in PostgreSQL: a database of its own (Orthanc creates its tables
+    and locks the database against a second Orthanc); the DICOM files stay in the storage folder."""
+
+    host: str
+    port: int
+    database: str
+    user: str
+    password: str = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"the index's port must be a TCP port, 1-65535 (got {self.port})")
+        for name, value in (("host", self.host), ("database", self.database), ("user", self.user),
+                            ("password", self.password)):
+            if not value:
+                raise ValueError(f"the PACS index needs a {name}" + (f": set {INDEX_PASSWORD_ENV}"
+                                                                     if name == "password" else ""))
+            if _UNSAFE_IN_CONFIG.search(value):  # Orthanc expands ${...} in its configuration as text
+                raise ValueError(f"the PACS index's {name} must not contain a control character, '\"', '\\' "
+                                 "or '${': Orthanc would rewrite or misparse it")
+
+    @classmethod
+    def from_url(cls, url: str, password: str | None) -> OrthancIndex:
+        """``postgresql://USER@HOST:PORT/DATABASE``; the password comes apart (an environment
+        variable), never in the URL, which a process list or a shell history would show."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        if parts.scheme not in ("postgresql", "postgres") or parts.password is not None \
+                or not parts.path.strip("/") or not parts.hostname:
+            raise ValueError(f"the PACS index must be postgresql://USER@HOST[:PORT]/DATABASE, without a password "
+                             f"(set {INDEX_PASSWORD_ENV}); got {parts.scheme}://{parts.hostname or ''}"
+                             f"{parts.path}")
+        return cls(parts.hostname, parts.port or 5432, parts.path.strip("/"), parts.username or "orthanc",
+                   password or "")
+
+    def settings(self) -> dict[str, Any]:
+        """The ``PostgreSQL`` section of Orthanc's configuration (its plugin's keys)."""
+        return {"EnableIndex": True, "EnableStorage": False, "Host": self.host, "Port": self.port,
+                "Database": self.database, "Username": self.user, "Password": self.password, "Lock": True,
+                "MaximumConnectionRetries": 10, "ConnectionRetryInterval": 5}
+
+
 def render_config(storage: Path, http_port: int, credentials: PacsCredentials, *,
                   stable_age_s: int = DEFAULT_STABLE_AGE_S, dicom_port: int | None = None,
-                  template: Path = TEMPLATE, dicomweb_plugin: Path = DICOMWEB_PLUGIN) -> dict[str, Any]:
+                  template: Path = TEMPLATE, dicomweb_plugin: Path = DICOMWEB_PLUGIN,
+                  index: OrthancIndex | None = None, index_plugin: Path = INDEX_PLUGIN) -> dict[str, Any]:
     """The Orthanc configuration for this machine: the template with storage, port, users, StableAge,
     the plugin and the network settings of this module's docstring put in.
 
@@ -63,6 +115,7 @@ def render_config(storage: Path, http_port: int, credentials: PacsCredentials, *
         stable_age_s: Seconds without a new instance before Orthanc reports a study as stable.
         dicom_port: Enable the DICOM server on this port; None (default) keeps it off. Read the
             module's docstring first: Orthanc 1.10 binds it on every interface, without a password.
+        index: keep Orthanc's index in this PostgreSQL database (None: a SQLite file in ``storage/db``).
 
     Raises:
         ValueError: a bad argument, or a template that is not an Orthanc JSON object.
@@ -98,6 +151,9 @@ def render_config(storage: Path, http_port: int, credentials: PacsCredentials, *
     })
     if dicom_port is not None:
         config["DicomPort"] = int(dicom_port)
+    if index is not None:
+        config["Plugins"].append(str(index_plugin))
+        config["PostgreSQL"] = index.settings()
     return config
 
 
@@ -222,6 +278,7 @@ def _port_free(port: int) -> bool:
 def start_orthanc(storage: Path, http_port: int, credentials: PacsCredentials, *,
                   stable_age_s: int = DEFAULT_STABLE_AGE_S, dicom_port: int | None = None,
                   template: Path = TEMPLATE, dicomweb_plugin: Path = DICOMWEB_PLUGIN,
+                  index: OrthancIndex | None = None, index_plugin: Path = INDEX_PLUGIN,
                   startup_timeout_s: float = 30.0) -> Iterator[OrthancProcess]:
     """Run ``Orthanc <storage>/orthanc.json`` as a child for the duration of the block.
 
@@ -241,12 +298,15 @@ def start_orthanc(storage: Path, http_port: int, credentials: PacsCredentials, *
         raise ValueError(f"no {ORTHANC_EXECUTABLE} executable on PATH: install the Debian package 'orthanc'")
     if not Path(dicomweb_plugin).is_file():
         raise ValueError(f"no DICOMweb plugin at {dicomweb_plugin}: install the Debian package 'orthanc-dicomweb'")
+    if index is not None and not Path(index_plugin).is_file():
+        raise ValueError(f"no PostgreSQL index plugin at {index_plugin}: install the Debian package "
+                         "'orthanc-postgresql'")
     storage = Path(storage).absolute()
     for port in (http_port, dicom_port):
         if port is not None and not _port_free(port):
             raise RuntimeError(f"port {port} is in use (another PACS?): choose another port")
     config = render_config(storage, http_port, credentials, stable_age_s=stable_age_s, dicom_port=dicom_port,
-                           template=template, dicomweb_plugin=dicomweb_plugin)
+                           template=template, dicomweb_plugin=dicomweb_plugin, index=index, index_plugin=index_plugin)
     storage.mkdir(parents=True, exist_ok=True)
     os.chmod(storage, 0o700)
     write_config(config, storage / CONFIG)

@@ -2,3 +2,4 @@
 CREATE DATABASE mlflow;
 CREATE DATABASE mlflow_auth;
 CREATE DATABASE prefect;
+CREATE DATABASE orthanc;

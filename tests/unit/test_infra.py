@@ -14,7 +14,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRETS = ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SECRET_KEY",
-           "PREFECT_AUTH_STRING", "DICOMOPS_DEID_KEY", "MINIO_ROOT_USER")
+           "PREFECT_AUTH_STRING", "DICOMOPS_DEID_KEY", "MINIO_ROOT_USER", "DICOMOPS_PACS_PASSWORD",
+           "DICOMOPS_REDIS_PASSWORD")
 
 
 def _compose() -> dict:
@@ -23,7 +24,7 @@ def _compose() -> dict:
 
 def test_compose_has_the_stack_and_binds_every_port_to_localhost() -> None:
     services = _compose()["services"]
-    assert {"postgres", "minio", "mlflow", "prefect-server", "prefect-worker"} <= set(services)
+    assert {"postgres", "minio", "mlflow", "prefect-server", "prefect-worker", "orthanc", "redis"} <= set(services)
     published = [(name, port) for name, svc in services.items() for port in svc.get("ports", [])]
     assert len(published) >= 5
     for name, port in published:
@@ -38,7 +39,7 @@ def test_compose_has_the_stack_and_binds_every_port_to_localhost() -> None:
 def test_no_secret_has_a_default() -> None:
     text = (ROOT / "infra" / "docker-compose.yml").read_text()
     for secret in SECRETS:
-        uses = re.findall(r"\$\{" + secret + r"([^}]*)\}", text)
+        uses = re.findall(r"(?<!\$)\$\{" + secret + r"([^}]*)\}", text)  # $${...}: a container's own
         assert uses, secret
         for suffix in uses:
             assert suffix.startswith(":?"), f"${{{secret}{suffix}}} gives {secret} a default or lets it be empty"
@@ -85,3 +86,28 @@ def test_the_ddp_job_meets_at_pod_0_with_as_many_agents_as_pods() -> None:
     module_args = command[command.index("dicomops.segmentation.ddp") + 1:]
     args = parse_args(module_args)  # what torchrun hands the module is what the module accepts
     assert str(args.work) == "/work" and args.fold == 0
+
+
+def test_the_worker_reaches_the_pacs_and_the_cache_and_orthanc_indexes_in_postgresql() -> None:
+    """The Compose stack's clinical side: the worker's deployments find the PACS and Redis by their
+    service names, with the passwords the servers are started with; Orthanc's index settings are
+    the ones `tests/integration/test_pacs_index.py` runs against a real PostgreSQL."""
+    from dicomops.pacs.client import URL_ENV
+    from dicomops.pacs.orthanc import OrthancIndex
+    from dicomops.serving.cache import URL_ENV as REDIS_URL_ENV
+
+    compose = _compose()
+    services, worker = compose["services"], compose["x-worker-env"]
+    assert worker[URL_ENV] == "http://orthanc:8042" and worker[REDIS_URL_ENV] == "redis://redis:6379/0"
+    for name in ("DICOMOPS_PACS_PASSWORD", "DICOMOPS_REDIS_PASSWORD"):
+        server = services["orthanc" if "PACS" in name else "redis"]["environment"][name]
+        assert worker[name] == server and server.startswith("${" + name + ":?")
+    assert {"orthanc", "redis"} <= set(services["prefect-worker"]["depends_on"])
+    index = json.loads(compose["configs"]["orthanc-index"]["content"].replace(
+        "$${ORTHANC_INDEX_PASSWORD}", "from-the-environment"))
+    assert index["PostgreSQL"] == OrthancIndex("postgres", 5432, "orthanc", "dicomops",
+                                               "from-the-environment").settings()
+    assert services["orthanc"]["environment"]["ORTHANC_INDEX_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
+    assert "CREATE DATABASE orthanc;" in (ROOT / "infra" / "postgres" / "init.sql").read_text()
+    assert "requirepass $$DICOMOPS_REDIS_PASSWORD" in services["redis"]["entrypoint"][-1]
+    assert not services["redis"].get("ports")  # the worker's alone

@@ -519,3 +519,24 @@ def test_a_store_is_checked_against_what_the_pacs_holds_and_a_lasting_refusal_is
     else:
         assert "reported stored, not found in its series" in message
         assert asked.count("qido") == 8  # asked again three times before deciding (two series each time)
+
+
+def test_an_index_in_postgresql_is_parsed_without_a_password_and_rendered_for_its_plugin(tmp_path: Path) -> None:
+    from dicomops.pacs.orthanc import INDEX_PLUGIN, OrthancIndex
+
+    index = OrthancIndex.from_url("postgresql://orthanc@db.example:5433/pacs", "s3cret-Pw")
+    assert (index.host, index.port, index.database, index.user, index.password) == (
+        "db.example", 5433, "pacs", "orthanc", "s3cret-Pw")
+    with pytest.raises(ValueError, match="without a password") as refused:
+        OrthancIndex.from_url("postgresql://orthanc:leaked@db.example/pacs", "x")
+    assert "leaked" not in str(refused.value)
+    with pytest.raises(ValueError, match="DICOMOPS_PACS_INDEX_PASSWORD"):
+        OrthancIndex.from_url("postgresql://orthanc@db.example/pacs", None)
+    with pytest.raises(ValueError, match=r"\$\{"):
+        OrthancIndex("db", 5432, "pacs", "orthanc", "pw${HOME}")
+    config = render_config(tmp_path, 8042, CREDS, index=index)
+    assert config["PostgreSQL"] | {"Password": ""} == {
+        "EnableIndex": True, "EnableStorage": False, "Host": "db.example", "Port": 5433, "Database": "pacs",
+        "Username": "orthanc", "Password": "", "Lock": True, "MaximumConnectionRetries": 10,
+        "ConnectionRetryInterval": 5}
+    assert config["Plugins"][-1] == str(INDEX_PLUGIN) and "PostgreSQL" not in render_config(tmp_path, 8042, CREDS)
