@@ -259,22 +259,33 @@ def _check_pacs(url: str, credentials: Any) -> None:
         session.get(url + "/system", timeout=(CONNECT_TIMEOUT_S, 10)).raise_for_status()
 
 
-def _ingest_from_pacs(url: str, work: Path | None, config: PipelineConfig) -> None:
-    """One pass of the pacs-watch flow against the Orthanc at `url`; print what happened to the studies."""
+def _orthanc_root(url: str, option: str) -> str:
+    """`url` as Orthanc's root, or a usage error that says what to give. Credentials in it are
+    refused and never repeated: the password comes from the environment, and a URL given to a flow
+    is stored and shown by Prefect as a parameter."""
     from urllib.parse import urlsplit
 
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc or parts.query:
+        shown = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}" if parts.scheme else "?"
+        raise typer.BadParameter(f"{option} must be Orthanc's root URL, http(s)://host:port, without credentials "
+                                 f"(got {shown!r}{', credentials removed' if '@' in parts.netloc else ''}); the "
+                                 "password comes from DICOMOPS_PACS_PASSWORD and the DICOMweb root below it is "
+                                 "found by itself")
+    return url.rstrip("/")
+
+
+def _ingest_from_pacs(url: str, work: Path | None, config: PipelineConfig) -> None:
+    """One pass of the pacs-watch flow against the Orthanc at `url`; print what happened to the studies."""
     from dicomops.layout import WorkLayout
     from dicomops.pacs.client import PacsError
     from dicomops.pacs.staging import StudyBusyError
 
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc or parts.query:
-        raise typer.BadParameter(f"--pacs must be Orthanc's root URL, http(s)://host:port, without credentials "
-                                 f"(got {url!r}); the DICOMweb root below it is found by itself")
+    url = _orthanc_root(url, "--pacs")
     credentials = _pacs_credentials_or_exit("cannot ingest from the PACS", "the PACS must be started with the same one")
     try:
-        _check_pacs(url.rstrip("/"), credentials)  # within seconds, before Prefect and MLflow start
-        result = _flow("pacs-watch")(orthanc_url=url.rstrip("/"), work=work.resolve() if work else None,
+        _check_pacs(url, credentials)  # within seconds, before Prefect and MLflow start
+        result = _flow("pacs-watch")(orthanc_url=url, work=work.resolve() if work else None,
                                      config=config)
     except (PacsError, StudyBusyError) as err:
         what = "the PACS did not answer as it should" if isinstance(err, PacsError) else "a study stayed held"
@@ -457,9 +468,10 @@ def export(
 
     if version and alias:
         raise typer.BadParameter("give --version or --alias, not both")
-    if held_out is None and int8 == "qat":
-        held_out = True
-    export_cfg = _with_overrides(_pipeline_config(config).export, int8=int8, int8_held_out=held_out)
+    section = _pipeline_config(config).export
+    if held_out is None and int8 == "qat" and "int8_held_out" not in section.model_fields_set:
+        held_out = True  # QAT is judged on held-out series unless the config says otherwise
+    export_cfg = _with_overrides(section, int8=int8, int8_held_out=held_out)
     try:
         result = _flow("export")(work=work.resolve() if work else None, config=export_cfg,
                              model_name=model_name, version=version, alias=alias)
@@ -481,7 +493,8 @@ def predict(
     alias: Annotated[str | None, typer.Option(help="Registry alias of the version (default: champion).")] = None,
     version: Annotated[str | None, typer.Option(help="Model version number instead of an alias.")] = None,
     engine: Annotated[str | None, typer.Option(help="auto, ort-fp32, ort-int8 or tensorrt.")] = None,
-    write_back: Annotated[bool, typer.Option(help="Store an SR per series in the PACS (with --pacs).")] = True,
+    write_back: Annotated[bool | None, typer.Option("--write-back/--no-write-back", help=(
+        "Store the results in the PACS (with --pacs); default: the config's serve.write_back (true)."))] = None,
     orthanc_url: Annotated[str | None, typer.Option(help="Orthanc's root (default DICOMOPS_PACS_URL).")] = None,
     work: Annotated[Path | None, typer.Option(help="Work directory (results under predict/).")] = None,
     config: Annotated[Path | None, typer.Option(help="PipelineConfig YAML; its serve section applies.")] = None,
@@ -503,8 +516,10 @@ def predict(
         except ValueError as err:
             raise typer.BadParameter(str(err)) from err
     query = SecretStr(pacs) if pacs is not None else None  # Prefect stores it masked: it may name a patient
+    if orthanc_url is not None:
+        orthanc_url = _orthanc_root(orthanc_url, "--orthanc-url")
     if pacs is not None:
-        _pacs_credentials_or_exit("no PACS password", "then run dicomops predict --pacs again")
+        _pacs_credentials_or_exit("cannot predict from the PACS", "then run dicomops predict --pacs again")
     cfg = _pipeline_config(config)
     cfg = cfg.model_copy(update={"serve": _with_overrides(cfg.serve, alias=alias, engine=engine,
                                                           write_back=write_back)})

@@ -294,3 +294,47 @@ def test_ingest_of_a_folder_is_unchanged(tmp_path: Path, monkeypatch: pytest.Mon
     assert name == "ingest" and parameters["src"] == tmp_path.resolve()
     assert parameters["config"].max_invalid_fraction == 0.3  # the ingest section alone, as before
     assert "3 series accepted, 1 files quarantined" in result.output
+
+
+PREDICT_RESULT = {"studies_scored": 0.0, "engine": "ort-fp32", "engine_reason": "test", "results": "r.csv",
+                  "mlflow_run_id": "x"}
+
+
+def test_predict_keeps_the_configs_write_back_unless_told_and_never_takes_credentials_in_a_url(
+        pacs_env: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A site's `serve.write_back: false` holds for `predict --pacs` (it wrote into the PACS before);
+    a URL with credentials is refused without repeating them (a flow's URL is a Prefect parameter)."""
+    import dicomops.cli as cli
+
+    flows = _FakeFlows(PREDICT_RESULT)
+    monkeypatch.setattr(cli, "_flow", flows)
+    quiet = tmp_path / "quiet.yaml"
+    quiet.write_text("serve:\n  write_back: false\n")
+    for args, expected in ((["--config", str(quiet)], False), ([], True), (["--config", str(quiet), "--write-back"], True),
+                           (["--no-write-back"], False)):
+        result = runner.invoke(app, ["predict", "--pacs", "all", *args], env=WIDE)
+        assert result.exit_code == 0, result.output
+        assert flows.calls[-1][1]["config"].serve.write_back is expected, args
+    flows.calls.clear()
+    for option in (["predict", "--pacs", "all", "--orthanc-url"], ["ingest", "--pacs"]):
+        result = runner.invoke(app, [*option, "http://admin:S3cretPassw0rd@127.0.0.1:8042"], env=WIDE)
+        said = " ".join(result.output.replace("│", " ").split())
+        assert result.exit_code == 2 and "without credentials" in said and "S3cret" not in said, said
+        assert "'http://127.0.0.1:8042', credentials removed" in said
+    assert flows.calls == []
+    result = runner.invoke(app, ["predict", "--pacs", "all", "--orthanc-url", "http://127.0.0.1:8042/"], env=WIDE)
+    assert result.exit_code == 0 and flows.calls[-1][1]["orthanc_url"] == "http://127.0.0.1:8042"
+
+
+def test_export_qat_compares_on_held_out_series_unless_the_config_says_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dicomops.cli as cli
+
+    flows = _FakeFlows({"version": "1", "folder": "f", "tensorrt": "not built"})
+    monkeypatch.setattr(cli, "_flow", flows)
+    off = tmp_path / "off.yaml"
+    off.write_text("export:\n  int8_held_out: false\n")
+    for args, expected in (([], True), (["--config", str(off)], False), (["--config", str(off), "--held-out"], True)):
+        result = runner.invoke(app, ["export", "--version", "1", "--int8", "qat", *args], env=WIDE)
+        assert result.exit_code == 0, result.output
+        assert flows.calls[-1][1]["config"].int8_held_out is expected, args
