@@ -33,8 +33,10 @@ def segment(work: Path | None = None, config: SegmentConfig = SegmentConfig(),
     work = Path(work or settings.work_dir)
     uri = settings.mlflow_tracking_uri
     with writing(work, "dicomops-segment", settings):
-        _, split_hash = prepare_splits(work, train_config)
         data_hash = hash_accepted_corpus(work)
+        # Never learn from what an earlier corpus left: its hash would go on this model.
+        stages.check_made_from(work, "preprocess", data_hash, f"dicomops preprocess --work {work}")
+        _, split_hash = prepare_splits(work, train_config)
         key = stages.stage_key("segment", {"data": data_hash, "split": split_hash,
                                            "segment": config.model_dump(mode="json"),
                                            "preprocess": preprocess_config.model_dump(mode="json"),

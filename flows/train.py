@@ -33,8 +33,10 @@ def train(work: Path | None = None, config: TrainConfig = TrainConfig(),
     uri = settings.mlflow_tracking_uri
     k = preprocess_config.slab_slices
     with writing(work, "dicomops-train", settings):
-        _, split_hash = t.prepare_splits(work, config)
         data_hash = hash_accepted_corpus(work)
+        # Never learn from what an earlier corpus left: its hash would go on this model.
+        stages.check_made_from(work, "preprocess", data_hash, f"dicomops preprocess --work {work}")
+        _, split_hash = t.prepare_splits(work, config)
         # The labels too: readers' labels (dicomops.feedback) change them without changing a file.
         key = stages.stage_key("train", {"data": data_hash, "labels": hash_labels(work), "split": split_hash,
                                          "train": config.model_dump(mode="json"),

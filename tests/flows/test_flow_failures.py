@@ -59,3 +59,31 @@ def test_a_flow_on_a_held_work_directory_fails_naming_the_holder(
         holder.wait()
     assert _runs(mlflow_env, "ingest") == []  # it stopped before opening a run or touching the work directory
     assert not (work / "ingest").exists()
+
+
+def test_training_refuses_what_preprocessing_made_from_an_earlier_corpus(mlflow_env: str, tmp_path: Path) -> None:
+    """A corpus ingested after preprocessing is not trained on in name only: train and segment say
+    to preprocess again, before writing anything (the same record, its corpus unchanged, passes)."""
+    import pandas as pd
+
+    from dicomops import stages
+    from dicomops.layout import WorkLayout
+    from dicomops.preprocessing.stage import corpus_content_hash
+    from flows.segment import segment
+    from flows.train import train
+
+    work = tmp_path / "work"
+    accepted = WorkLayout(work).ingest.accepted
+    accepted.parent.mkdir(parents=True)
+    pd.DataFrame({"deid_path": ["a/1.dcm"], "sha256": ["0" * 64]}).to_parquet(accepted)
+    then = corpus_content_hash(work)
+    stages.mark_done(work, "preprocess", "k", {"corpus": then}, outputs=[])
+    stages.check_made_from(work, "preprocess", then, "-")  # unchanged: goes on
+    pd.DataFrame({"deid_path": ["b/1.dcm"], "sha256": ["1" * 64]}).to_parquet(accepted)  # ingested since
+    before = sorted(p.relative_to(work) for p in work.rglob("*"))
+    for flow_ in (train, segment):
+        with pytest.raises(ValueError, match=rf"another accepted corpus.*dicomops preprocess --work {work}"):
+            flow_(work=work)
+    assert sorted(p.relative_to(work) for p in work.rglob("*") if p.name not in (".lock", ".lock.holder")) == before
+    stages.mark_done(work, "preprocess", "k", {}, outputs=[])  # a record from before the corpus was kept
+    stages.check_made_from(work, "preprocess", "anything", "-")
