@@ -313,8 +313,8 @@ def preprocess(
     cfg = _with_overrides(_pipeline_config(config).preprocess, workers=workers)
     try:
         result = _flow("preprocess", cfg.dask_address)(work=work.resolve() if work else None, config=cfg)
-    except ValueError as err:
-        console.print(f"[red]cannot preprocess:[/] {err}")
+    except (ValueError, FileNotFoundError) as err:  # what to run first, or a version that is not there
+        console.print(f"[red]cannot preprocess:[/] {escape(str(err))}")
         raise typer.Exit(2) from err
     console.print(f"[green]preprocess finished[/]: {result['computed']} computed, {result['cached']} "
                   f"cached, {result['failed']} failed; outputs in {result['work']}/preprocessed")
@@ -345,8 +345,8 @@ def train(
     try:
         result = _flow("train")(work=work.resolve() if work else None, config=train_cfg, preprocess_config=pre_cfg,
                                 privacy_config=cfg.ingest.privacy)
-    except ValueError as err:
-        console.print(f"[red]cannot train:[/] {err}")
+    except (ValueError, FileNotFoundError) as err:  # what to run first, or a version that is not there
+        console.print(f"[red]cannot train:[/] {escape(str(err))}")
         raise typer.Exit(2) from err
     console.print(f"[green]train finished[/]: version {result['version']} of {cfg.train.model_name}, mean CV AUC "
                   f"{result['mean_auc']:.3f}; {'champion' if result['promoted'] else 'challenger, awaiting review'}")
@@ -372,8 +372,8 @@ def segment(
         result = _flow("segment")(work=work.resolve() if work else None, config=cfg.segment,
                                   preprocess_config=cfg.preprocess, train_config=cfg.train,
                                   privacy_config=cfg.ingest.privacy)
-    except ValueError as err:
-        console.print(f"[red]cannot train the segmenter:[/] {err}")
+    except (ValueError, FileNotFoundError) as err:  # what to run first, or a version that is not there
+        console.print(f"[red]cannot train the segmenter:[/] {escape(str(err))}")
         raise typer.Exit(2) from err
     console.print(f"[green]segment finished[/]: version {result['version']} of {cfg.segment.model_name}, CPM "
                   f"{result['cpm']:.3f}, Dice (>= 6 mm) {result['dice_ge6']:.3f}, actionable-call AUC "
@@ -478,8 +478,8 @@ def export(
     except ExportCheckError as err:
         console.print(f"[red]export check failed:[/] {err}")
         raise typer.Exit(1) from err
-    except ValueError as err:
-        console.print(f"[red]cannot export:[/] {err}")
+    except (ValueError, FileNotFoundError) as err:  # what to run first, or a version that is not there
+        console.print(f"[red]cannot export:[/] {escape(str(err))}")
         raise typer.Exit(2) from err
     console.print(f"[green]export finished[/]: version {result['version']} in {result['folder']}; "
                   f"tensorrt: {escape(str(result['tensorrt']))}")
@@ -523,11 +523,17 @@ def predict(
     cfg = _pipeline_config(config)
     cfg = cfg.model_copy(update={"serve": _with_overrides(cfg.serve, alias=alias, engine=engine,
                                                           write_back=write_back)})
+    from dicomops.pacs.client import PacsError
+
     try:
         result = _flow("predict")(src=src.resolve() if src else None, pacs_query=query, config=cfg, version=version,
                                   work=work.resolve() if work else None, orthanc_url=orthanc_url)
     except ValueError as err:
         console.print(f"[red]cannot predict:[/] {escape(str(err))}")
+        raise typer.Exit(2) from err
+    except PacsError as err:
+        console.print(f"[red]the PACS did not answer as it should:[/] {escape(str(err))}. Nothing half-done is "
+                      "recorded; run it again once the PACS answers", soft_wrap=True)
         raise typer.Exit(2) from err
     partly = result.get("studies_partly_answered", 0)
     if partly:

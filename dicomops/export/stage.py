@@ -63,10 +63,18 @@ def resolve_version(tracking_uri: str, name: str, version: str | None, alias: st
         if held is None:
             raise ValueError(f"{name} has no challenger and no champion; give --version")
         version = str(held.version)
-    mv = client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, str(alias))
+    if version:
+        mv = registry.model_version(client, name, version)
+    elif (mv := registry.alias_version(client, name, str(alias))) is None:
+        raise ValueError(f"no version of {name} holds the alias '{alias}'")
     info = mlflow.models.get_model_info(f"models:/{name}/{mv.version}")
     raw = (info.metadata or {}).get(METADATA_KEY)
     if raw is None:
+        from dicomops.config import SegmentConfig
+
+        if name == SegmentConfig().model_name or "cv.mean_cpm" in (mv.tags or {}):  # the segmenter's gate metric
+            raise ValueError(f"{name} is the nodule segmenter: `dicomops export` exports classifiers; the segment "
+                             "stage exports the segmenter to ONNX (with its parity check) when it registers a version")
         raise ValueError(f"{name} version {mv.version} was registered without '{METADATA_KEY}' in its MLmodel "
                          "metadata, so its input contract is unknown; retrain it with this dicomops")
     return ModelRef(name, str(mv.version), str(mv.run_id), InputContract.from_mapping(raw))

@@ -26,7 +26,7 @@ from dicomops.config import PreprocessConfig, TrainConfig
 from dicomops.export import onnx_export
 from dicomops.export.contract import InputContract
 from dicomops.serving.engine import ENGINE_FILES, SHA_TAGS, Engine, EngineKind, choose, open_engine
-from dicomops.tracking.registry import CHAMPION, WEIGHTS_ARTIFACT, alias_version
+from dicomops.tracking.registry import CHAMPION, WEIGHTS_ARTIFACT, alias_version, model_version
 from dicomops.tracking.runs import configure_mlflow
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def resolve(client: Any, name: str, alias: str | None, version: str | None) -> A
     if version is not None and alias is not None:
         raise ValueError("give one of --version or --alias, not both")
     if version is not None:
-        return client.get_model_version(name, str(version))
+        return model_version(client, name, str(version))
     mv = alias_version(client, name, alias or CHAMPION)  # an unreadable registry raises
     if mv is None:
         raise ValueError(f"no version of {name} holds the alias '{alias or CHAMPION}'; train and promote a model "

@@ -63,6 +63,34 @@ def _score(tags: dict[str, str], metric: str = "auc") -> ModelScore:
     return ModelScore(float(tags.get(f"cv.mean_{metric}", "nan")), vendors)
 
 
+def model_version(client: Any, name: str, version: str) -> Any:
+    """Version `version` of the registered model `name`.
+
+    Raises:
+        ValueError: there is no such version (or model), naming the versions there are.
+        RegistryUnavailableError: the registry did not answer.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import (
+        INVALID_PARAMETER_VALUE,
+        RESOURCE_DOES_NOT_EXIST,
+        ErrorCode,
+    )
+
+    missing = (ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), ErrorCode.Name(INVALID_PARAMETER_VALUE))
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException as err:
+        if err.error_code not in missing:
+            raise RegistryUnavailableError(f"could not read version {version} of {name}: {err}") from err
+    try:
+        there = sorted((str(mv.version) for mv in client.search_model_versions(f"name='{name}'")), key=int)
+    except Exception:
+        there = []
+    raise ValueError(f"{name} has no version {version!r}" + (f"; its versions are {', '.join(there)}" if there
+                                                             else "; train one first (dicomops train)"))
+
+
 def alias_version(client: Any, name: str, alias: str) -> Any | None:
     """The version of `name` holding `alias`, or None when no version holds it (or the model is not
     registered yet). Any other failure, such as a server that does not answer or a locked

@@ -338,3 +338,20 @@ def test_export_qat_compares_on_held_out_series_unless_the_config_says_not(
         result = runner.invoke(app, ["export", "--version", "1", "--int8", "qat", *args], env=WIDE)
         assert result.exit_code == 0, result.output
         assert flows.calls[-1][1]["config"].int8_held_out is expected, args
+
+
+def test_predict_against_a_pacs_that_does_not_answer_and_train_on_an_empty_work_exit_2_with_the_reason(
+        pacs_env: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dicomops.cli as cli
+    from dicomops.pacs.client import PacsError
+
+    monkeypatch.setattr(cli, "_flow", _FakeFlows(error=PacsError("searching studies at http://127.0.0.1:9: "
+                                                                 "connection refused")))
+    result = runner.invoke(app, ["predict", "--pacs", "all"], env=WIDE)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "the PACS did not answer as it should" in said and "Traceback" not in said
+    missing = FileNotFoundError(f"{tmp_path}/ingest/accepted.parquet does not exist; run dicomops ingest first")
+    monkeypatch.setattr(cli, "_flow", _FakeFlows(error=missing))
+    for command in ("train", "segment", "preprocess", "export"):
+        result = runner.invoke(app, [command, "--work", str(tmp_path)], env=WIDE)
+        assert result.exit_code == 2 and "run dicomops ingest first" in " ".join(result.output.split()), command

@@ -297,3 +297,24 @@ def test_the_cli_names_a_server_that_does_not_answer(tmp_path: Path) -> None:
     finally:
         hung.close()
     assert not (tmp_path / "w").exists()
+
+
+def test_a_version_that_is_not_there_is_a_usage_error_naming_those_that_are(tmp_path: Path) -> None:
+    """`export --version 99`, `predict --version abc`: a message and exit 2, not MLflow's traceback."""
+    from dicomops.export.stage import resolve_version
+    from dicomops.serving.champion import resolve
+
+    uri, _ = _registry(tmp_path, champion_auc=0.97)
+    client = registry.configure_mlflow(uri)
+    assert str(registry.model_version(client, NAME, "2").version) == "2"
+    for version in ("99", "abc"):
+        with pytest.raises(ValueError, match=rf"{NAME} has no version '{version}'; its versions are 1, 2"):
+            registry.model_version(client, NAME, version)
+        with pytest.raises(ValueError, match="has no version"):
+            resolve(client, NAME, None, version)
+        with pytest.raises(ValueError, match="has no version"):
+            resolve_version(uri, NAME, version, None)
+    with pytest.raises(ValueError, match="train one first"):
+        registry.model_version(client, "never-registered", "1")
+    with pytest.raises(ValueError, match="holds the alias 'nosuch'"):
+        resolve_version(uri, NAME, None, "nosuch")
