@@ -202,12 +202,20 @@ def data(
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     cfg = _synth_config(patients, seed, "baseline", fault_rate, _D.matrix, _D.slices, _D.workers)
-    with _progress("generating demo corpus", transient=True) as bar:  # shown only while it runs
-        task = bar.add_task("data", total=cfg.patients)
-        status = ensure_corpus(path, cfg, strict=strict,
-                               progress=lambda d, t: bar.update(task, completed=d))
-    verdict = {True: "matches data.dvc", False: "DOES NOT match data.dvc", None: "no pointer yet"}
-    console.print(f"corpus {status.path}: {status.source}, md5 {status.md5} ({verdict[status.matches_pointer]})")
+    from dicomops.errors import CorpusMismatchError
+
+    try:
+        with _progress("generating demo corpus", transient=True) as bar:  # shown only while it runs
+            task = bar.add_task("data", total=cfg.patients)
+            status = ensure_corpus(path, cfg, strict=strict,
+                                   progress=lambda d, t: bar.update(task, completed=d))
+    except CorpusMismatchError as err:
+        console.print(f"[red]the corpus is not the version its pointer records:[/] {escape(str(err))}")
+        raise typer.Exit(1) from err
+    except ValueError as err:
+        console.print(f"[red]cannot make the corpus:[/] {escape(str(err))}")
+        raise typer.Exit(2) from err
+    console.print(f"corpus {status.path}: {status.source}, md5 {status.md5} ({status.verdict})")
 
 
 @app.command()

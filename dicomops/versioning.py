@@ -7,6 +7,7 @@ corpus and checks it against the hash in ``data.dvc`` before trusting it.
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -15,7 +16,8 @@ from pathlib import Path
 
 from dicomops.config import SynthConfig
 from dicomops.errors import CorpusMismatchError
-from dicomops.synthetic import generate_corpus
+from dicomops.synthetic import generate_corpus, sidecars
+from dicomops.synthetic.corpus import is_complete_corpus
 from dicomops.tracking.lineage import dvc_directory_hash, read_dvc_pointer
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,14 @@ class CorpusStatus:
     source: str  # "present", "pulled" or "generated"
     md5: str
     matches_pointer: bool | None  # None when there is no pointer to compare with
+    pointer: Path | None = None  # the DVC pointer file compared with
+
+    @property
+    def verdict(self) -> str:
+        """How the corpus compares with its pointer, naming the pointer file."""
+        name = self.pointer.name if self.pointer else "its pointer"
+        return {True: f"matches {name}", False: f"DOES NOT match {name}",
+                None: "no pointer yet"}[self.matches_pointer]
 
 
 def _dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -52,12 +62,20 @@ def ensure_corpus(data: Path, cfg: SynthConfig, *, pointer: Path | None = None, 
     expected = str(read_dvc_pointer(pointer)["md5"]) if pointer.exists() else None
     repo = pointer.resolve().parent
     if data.exists() and any(data.iterdir()):
-        md5 = dvc_directory_hash(data)
-        return CorpusStatus(data, "present", md5, None if expected is None else md5 == expected)
+        if is_complete_corpus(data):
+            md5 = dvc_directory_hash(data)
+            matches = None if expected is None else md5 == expected
+            if matches is False:
+                log.warning("corpus %s (md5 %s) is not the version %s records (%s): run 'dvc checkout "
+                            "%s' to restore that version, or, if this one is meant, 'dvc add %s' and "
+                            "commit %s", data, md5, pointer.name, expected, pointer.name, data.name,
+                            pointer.name)
+            return CorpusStatus(data, "present", md5, matches, pointer)
+        _remove_incomplete(data)
     if expected is not None:
         pulled = _dvc("pull", pointer.name, cwd=repo)
         if pulled.returncode == 0 and data.exists() and any(data.iterdir()):
-            return CorpusStatus(data, "pulled", expected, True)
+            return CorpusStatus(data, "pulled", expected, True, pointer)
         log.info("dvc pull found no copy (%s); regenerating the corpus",
                  pulled.stderr.strip().splitlines()[-1] if pulled.stderr.strip() else "no output")
     generate_corpus(data, cfg, progress=progress)
@@ -76,7 +94,23 @@ def ensure_corpus(data: Path, cfg: SynthConfig, *, pointer: Path | None = None, 
             if result.returncode != 0:
                 log.warning("dvc %s failed: %s", args[0], result.stderr.strip()[-500:])
                 break
-    return CorpusStatus(data, "generated", md5, matches)
+    return CorpusStatus(data, "generated", md5, matches, pointer)
+
+
+def _remove_incomplete(data: Path) -> None:
+    """Remove `data`, a corpus folder without ``corpus.json`` (what an interrupted generation or pull
+    leaves); refuse, touching nothing, if it holds anything the generator does not write."""
+    foreign = sorted(p.name for p in data.iterdir()
+                     if not (p.is_dir() and (p.name.startswith("case-") or p.name == sidecars.MASKS_DIR))
+                     and not (p.is_file() and p.name in sidecars.SIDECAR_FILES))
+    if foreign:
+        raise ValueError(f"{data} has no {sidecars.CORPUS_JSON}, so it is not a complete corpus, and it "
+                         f"holds what the generator does not write ({', '.join(foreign[:5])}"
+                         f"{', …' if len(foreign) > 5 else ''}); move those away or empty the folder, or "
+                         "choose another folder for the corpus")
+    log.warning("%s is an incomplete corpus (no %s: an interrupted 'dicomops data' or 'dvc pull'?); "
+                "removing it and getting the corpus again", data, sidecars.CORPUS_JSON)
+    shutil.rmtree(data)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ import copy
 import csv
 import hashlib
 import json
+import logging
+import shutil
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -51,6 +53,8 @@ GGO_SHARE = 0.4
 SMALL_KINDS = {"solid": 0.7, "part-solid": 0.15, "ground-glass": 0.15}
 FAULT_COLUMNS = ("path", "fault", "scope", "detail", "SeriesInstanceUID")
 PHI_COLUMNS = ("PatientID", "field", "value")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -301,18 +305,55 @@ def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+def partial_folder(out: Path) -> Path:
+    """The hidden sibling of `out` that :func:`generate_corpus` writes into before renaming it to `out`."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.partial")
+
+
+def is_complete_corpus(folder: Path) -> bool:
+    """Whether `folder` holds a whole corpus: :func:`generate_corpus` writes ``corpus.json`` last."""
+    return (Path(folder) / sidecars.CORPUS_JSON).is_file()
+
+
 def generate_corpus(
     out: Path, cfg: SynthConfig, progress: Callable[[int, int], None] | None = None
 ) -> CorpusSummary:
     """Write the corpus described by `cfg` into `out` (created; must be empty or absent).
 
     Writes ``labels.csv``, ``faults.csv``, ``phi.csv`` (the PHI the corpus carries, for leak
-    tests), ``masks/`` and ``corpus.json`` beside the DICOM folders.
+    tests), ``masks/`` and ``corpus.json`` beside the DICOM folders. Everything is written into
+    :func:`partial_folder` first and renamed to `out` only when complete, so an interrupted run
+    leaves no `out` behind (its partial folder is removed on failure, else by the next run).
     """
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty; choose an empty or new folder for the corpus")
-    out.mkdir(parents=True, exist_ok=True)
+    partial = partial_folder(out)
+    if partial.exists():
+        log.info("removing %s, left by an interrupted corpus generation", partial)
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    try:
+        labels, faults = _write_corpus(partial, cfg, progress)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    files = sum(1 for p in out.glob("case-*/*/*") if p.is_file())
+    per_vendor: dict[str, int] = {}
+    for row in labels:
+        per_vendor[str(row["vendor"])] = per_vendor.get(str(row["vendor"]), 0) + 1
+    return CorpusSummary(out=out, series=len(labels), files=files,
+                         faults=len({f["SeriesInstanceUID"] for f in faults}),
+                         per_vendor=per_vendor, positives=sum(int(str(r["label"])) for r in labels))
+
+
+def _write_corpus(out: Path, cfg: SynthConfig, progress: Callable[[int, int], None] | None
+                  ) -> tuple[list[dict[str, object]], list[dict[str, str]]]:
+    """Write every series and the sidecars into `out`, ``corpus.json`` last; return labels and fault rows."""
     plans = plan_corpus(cfg)
     results: list[SeriesResult] = []
     if cfg.workers == 1:
@@ -334,13 +375,7 @@ def generate_corpus(
     _write_csv(out / sidecars.PHI_CSV, PHI_COLUMNS, [row for r in results for row in r.phi_rows])
     manifest = {"generator_version": GENERATOR_VERSION, **cfg.model_dump(exclude={"workers"})}
     (out / sidecars.CORPUS_JSON).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    files = sum(1 for p in out.glob("case-*/*/*") if p.is_file())
-    per_vendor: dict[str, int] = {}
-    for row in labels:
-        per_vendor[str(row["vendor"])] = per_vendor.get(str(row["vendor"]), 0) + 1
-    return CorpusSummary(out=out, series=len(labels), files=files,
-                         faults=len({f["SeriesInstanceUID"] for f in faults}),
-                         per_vendor=per_vendor, positives=sum(int(str(r["label"])) for r in labels))
+    return labels, faults
 
 
 def corpus_digest(out: Path) -> str:
@@ -352,5 +387,5 @@ def corpus_digest(out: Path) -> str:
     return h.hexdigest()
 
 
-__all__ = ["VENDORS", "CorpusSummary", "SeriesPlan", "generate_corpus", "plan_corpus", "plan_nodules",
-           "render_series", "write_series"]
+__all__ = ["VENDORS", "CorpusSummary", "SeriesPlan", "generate_corpus", "is_complete_corpus", "partial_folder",
+           "plan_corpus", "plan_nodules", "render_series", "write_series"]
