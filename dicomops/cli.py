@@ -543,6 +543,10 @@ def predict(
         console.print(f"[red]the PACS did not answer as it should:[/] {escape(str(err))}. Nothing half-done is "
                       "recorded; run it again once the PACS answers", soft_wrap=True)
         raise typer.Exit(2) from err
+    if result.get("refused"):  # as `dicomops ingest` on the same folder: a failed gate is exit 1
+        console.print(f"[red]gate failed[/]: {escape(str(result['refused']))}; nothing was scored (results in "
+                      f"{escape(str(result['results']))})", soft_wrap=True)
+        raise typer.Exit(1)
     partly = result.get("studies_partly_answered", 0)
     if partly:
         console.print(f"[yellow]{partly:.0f} studies not answered in full[/]: the PACS did not keep every result; "

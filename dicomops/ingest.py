@@ -152,8 +152,12 @@ def apply_gate(work: Path, cfg: IngestConfig) -> GateSummary:
         passed=share <= cfg.max_invalid_fraction and files > 0,
     )
     io.write_json(paths.summary, summary.__dict__ | {"max_invalid_fraction": cfg.max_invalid_fraction})
+    if files == 0:  # no threshold lets an empty batch through, and none should be suggested
+        said = "the source holds no files to ingest (the corpus's sidecars, such as labels.csv, do not count)"
+        raise GateFailedError(f"{said}; check the path, or that the studies were copied in",
+                              brief=f"{said}; check the source")
     if not summary.passed:
-        top = ", ".join(f"{k} ({v})" for k, v in list(summary.reasons.items())[:3]) or "no files found"
+        top = ", ".join(f"{k} ({v})" for k, v in list(summary.reasons.items())[:3])
         said = (f"{summary.quarantined_files} of {files} files quarantined ({share:.1%}), above the "
                 f"allowed {cfg.max_invalid_fraction:.1%}. Top reasons: {top}")
         raise GateFailedError(

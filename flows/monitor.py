@@ -73,5 +73,9 @@ def monitor(src: Path | None = None, work: Path | None = None, config: PipelineC
         if summary.drift:
             t.raise_alert(work, summary, serving, run_id, batch_id, cfg)
             if cfg.retrain == "subflow":
-                result["retrain"] = retrain(work=work, config=config, trigger="drift", monitoring_run_id=run_id)
+                try:
+                    result["retrain"] = retrain(work=work, config=config, trigger="drift", monitoring_run_id=run_id)
+                except ValueError as err:  # the drift stands, alerted; the retrain says what it needs
+                    print(f"monitor: the retrain did not start: {err}")
+                    result["retrain"] = {"status": "not started", "reason": str(err)}
     return result

@@ -34,6 +34,8 @@ def predict(src: Path | None = None, pacs_query: SecretStr | None = None, work: 
         result = t.predict_batch(Path(src) if src else None, query, work, config.ingest, config.serve,
                                  config.train.model_name, version, orthanc_url,
                                  config.segment.model_name if config.serve.localise else None)
+    if result.get("refused"):
+        print(f"predict: the ingest gate refused the whole folder, nothing was scored: {result['refused']}")
     partly = int(result.get("studies_partly_answered", 0))
     not_kept = f" (the PACS did not keep every result of {partly} studies)" if partly else ""
     print(f"predict: {result['model']} v{result['version']} on {result['engine']}: {result['studies_scored']:.0f} "

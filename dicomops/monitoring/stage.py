@@ -94,7 +94,16 @@ def retrain_folders(work: Path) -> tuple[Path, Path]:
 
 
 def labelled_sources(work: Path, training_source: Path) -> list[Path]:
-    """The original corpus and every monitored batch whose labels have arrived (``labels.csv``)."""
+    """The original corpus and every monitored batch whose labels have arrived (``labels.csv``).
+
+    Raises:
+        ValueError: `training_source` holds no labelled corpus (a relative path read from another
+            folder than the project's), saying what to set.
+    """
+    if not (Path(training_source) / LABELS_CSV).is_file():
+        raise ValueError(f"monitor.training_source ({Path(training_source).absolute()}) holds no labelled corpus "
+                         f"({LABELS_CSV}): set it to the corpus the model was trained on, as an absolute path "
+                         "when the command runs from another folder than the project's")
     sources = [Path(training_source)]
     for batch in WorkLayout(work).batches():
         if not batch.batch_record.exists():

@@ -28,6 +28,7 @@ from dicomops.serving.predict import Answer, Timer, answer_pacs_study, result_ta
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "dicomops-inference"
+REFUSED_BATCH = "(batch)"  # the answer's name when the gate refused the whole folder
 Progress = Callable[[int, int], None] | None
 
 
@@ -52,7 +53,10 @@ def predict_folder(src: Path, work: Path, cfg: IngestConfig, key: bytes, champio
             try:
                 gate = ingest.run(Path(src), gate_work, cfg, key)
             except GateFailedError as err:
-                return [Answer("(batch)", "refused", reason=err.brief, timings=timer.timings)]
+                summary = WorkLayout(gate_work).ingest.summary
+                quarantined = int(io.read_json(summary).get("quarantined_files", 0)) if summary.exists() else 0
+                return [Answer(REFUSED_BATCH, "refused", quarantined_files=quarantined, reason=err.brief,
+                               timings=timer.timings)]
         gate_s = timer.timings["gate_s"]
         studies = sorted(pd.read_parquet(WorkLayout(gate_work).ingest.accepted,
                                          columns=["StudyInstanceUID"]).StudyInstanceUID.unique())
@@ -163,6 +167,7 @@ def summarise(answers: Sequence[Answer]) -> dict[str, float]:
         "studies_partly_answered": float(sum(a.status == "scored" and bool(a.reason) for a in answers)),
         "studies_warm": float(sum(a.warm for a in answers)),
         "quarantined_files": float(sum(a.quarantined_files for a in answers)),
+        "batch_refused": float(any(a.study == REFUSED_BATCH and a.status == "refused" for a in answers)),
     }
     out |= percentiles([a.timings["total_s"] for a in scored if "total_s" in a.timings])
     for step in ("retrieve_s", "gate_s", "preprocess_s", "score_s", "write_s"):
@@ -264,5 +269,6 @@ def run_batch(*, src: Path | None, query: Mapping[str, str] | None, work: Path, 
         shutil.rmtree(scratch, ignore_errors=True)
         if cache is not None:
             cache.close()
+    refused = next((a.reason for a in answers if a.study == REFUSED_BATCH and a.status == "refused"), "")
     return {"batch": batch_id, "results": str(folder / "results.csv"), "mlflow_run_id": run_id,
-            **champion.describe(), **metrics}
+            **champion.describe(), **metrics, **({"refused": refused} if refused else {})}

@@ -82,4 +82,7 @@ def test_a_folder_the_gate_refuses_is_an_answer(env: ExportedChampion, tmp_path:
     assert table.status.tolist() == ["refused"] and "quarantine" in table.reason[0].lower()
     # It says why, and points to no file of the gate's scratch folder, which is gone.
     assert "Top reasons: not_dicom (5)" in table.reason[0] and str(tmp_path) not in table.reason[0]
+    # Counted, and said, as the refusal it is (it was "0 refused, 0 quarantined" before): the CLI exits 1.
+    assert result["batch_refused"] == 1 and result["quarantined_files"] == 5
+    assert result["refused"] == table.reason[0]
     shutil.rmtree(bad)

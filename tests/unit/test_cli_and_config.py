@@ -355,3 +355,14 @@ def test_predict_against_a_pacs_that_does_not_answer_and_train_on_an_empty_work_
     for command in ("train", "segment", "preprocess", "export"):
         result = runner.invoke(app, [command, "--work", str(tmp_path)], env=WIDE)
         assert result.exit_code == 2 and "run dicomops ingest first" in " ".join(result.output.split()), command
+
+
+def test_predict_on_a_folder_the_gate_refuses_exits_1_saying_why(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import dicomops.cli as cli
+
+    monkeypatch.setattr(cli, "_flow", _FakeFlows({**PREDICT_RESULT, "refused": "5 of 5 files quarantined; "
+                                                  "Top reasons: not_dicom (5)", "batch_refused": 1.0}))
+    result = runner.invoke(app, ["predict", str(tmp_path)], env=WIDE)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "gate failed" in said and "not_dicom (5)" in said

@@ -89,3 +89,14 @@ def test_a_batch_without_one_readable_file_is_quarantined_not_crashed(tmp_path: 
     quarantine = pd.read_csv(tmp_path / "work/ingest/quarantine.csv", keep_default_na=False)
     assert dict(zip(quarantine.source_path, quarantine.reason, strict=True)) == {"notes.txt": "not_dicom",
                                                                                   "empty.dcm": "not_dicom"}
+
+
+def test_an_empty_source_says_so_and_suggests_no_threshold(tmp_path: Path) -> None:
+    """0 of 0 files was 'above the allowed 100.0%; raise --max-invalid-fraction', which cannot help."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "labels.csv").write_text("SeriesInstanceUID,label\n")  # a sidecar only
+    with pytest.raises(GateFailedError) as failed:
+        ingest.run(src, tmp_path / "work", IngestConfig(workers=1, max_invalid_fraction=1.0), KEY)
+    for said in (str(failed.value), failed.value.brief):
+        assert "holds no files to ingest" in said and "max" not in said and "0 of 0" not in said

@@ -205,3 +205,17 @@ def test_the_inflow_is_ready_by_what_is_there_and_its_cursor_knows_its_ledger(tm
     assert inflow.pending(work).studies == ("ST-d", *(f"ST-e{i}" for i in range(7)))
     io.write_json(WorkLayout(work).inflow_cursor, {"rows": 6})  # a cursor that names no row: trusted
     assert inflow.pending(work).studies == ("ST-e5", "ST-e6")
+
+
+def test_a_retrain_whose_training_source_holds_no_labels_says_what_to_set(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`monitor.training_source` defaults to data/ of the folder the command runs in: run from
+    elsewhere, a retrain met FileNotFoundError 'data/labels.csv' after the drift alert."""
+    from dicomops.monitoring.stage import labelled_sources
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"monitor.training_source \(.*/data\) holds no labelled corpus"):
+        labelled_sources(tmp_path / "work", Path("data"))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "labels.csv").write_text("SeriesInstanceUID,label\n")
+    assert labelled_sources(tmp_path / "work", Path("data")) == [Path("data")]
