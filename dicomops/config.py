@@ -193,6 +193,21 @@ class PreprocessConfig(_Section):
             raise ValueError(f"spacing_mm must be positive, got {value}")
         return value
 
+    @model_validator(mode="after")
+    def _window_settings(self) -> PreprocessConfig:
+        center, width = self.window_center, self.window_width
+        if self.window == "custom":
+            if center is None or width is None:
+                raise ValueError("window 'custom' needs window_center and window_width (HU), e.g. "
+                                 "window_center: -600, window_width: 1500; or choose a preset window "
+                                 "(lung, soft_tissue, bone), header or none")
+            if width <= 0:
+                raise ValueError(f"window_width must be above 0 HU, got {width}")
+        elif center is not None or width is not None:
+            raise ValueError(f"window_center and window_width apply only to window 'custom'; window "
+                             f"'{self.window}' would ignore them: set window: custom, or remove them")
+        return self
+
 
 # Per architecture, what it trains at when the config does not say: the student at 128 px with a
 # stride-1 first convolution, since at 192 px and stride 2 it is at a quarter of a coarser slab after
@@ -358,9 +373,17 @@ class SegmentConfig(_Section):
         if not self.candidate_threshold <= min(self.threshold, self.finding_threshold):
             raise ValueError(f"candidate_threshold {self.candidate_threshold} must not exceed threshold "
                              f"{self.threshold} or finding_threshold {self.finding_threshold}")
+        if min(self.strides) < 1:
+            raise ValueError(f"strides {self.strides} must each be at least 1")
         factor = int(np.prod(self.strides))
         for name in ("patch", "roi"):
             size = getattr(self, name)
+            # The UNet halves a size per stride down to size / factor voxels: at least one per axis,
+            # and more than one in all, since instance normalisation cannot normalise a single voxel.
+            if min(size) < factor or all(s == factor for s in size):
+                raise ValueError(f"{name} {size} must be at least {factor} (the product of strides "
+                                 f"{self.strides}) on every axis and above {factor} on at least one: "
+                                 f"the UNet's coarsest level needs more than one voxel")
             if any(s % factor for s in size):
                 raise ValueError(f"{name} {size} must be divisible by {factor} (the product of strides)")
         return self

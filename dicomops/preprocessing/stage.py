@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,14 @@ def actionable_labels(nodules_json: str) -> list[int]:
     return [k + 1 for k, record in enumerate(records) if record.get("actionable", True)]
 
 
+def _root_message(err: BaseException) -> str:
+    """The innermost cause of `err` as 'Type: message' (MONAI wraps a transform's error in a
+    RuntimeError that names only the transform)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {err}"[:300]
+
+
 def preprocess_one(records: list[dict[str, Any]], deid_root: str, mask_path: str, cfg_json: str,
                    out_path: str, actionable: list[int] | None = None) -> dict[str, Any]:
     """Worker: assemble, transform and cache one series; return its metadata (small).
@@ -113,7 +122,12 @@ def preprocess_one(records: list[dict[str, Any]], deid_root: str, mask_path: str
     if mask_path:
         mask = _aligned_mask(Path(mask_path), instances.ImagePositionPatient_2.to_numpy(float), volume.hu.shape)
         data["mask"] = MetaTensor(torch.from_numpy(mask)[None], affine=torch.as_tensor(volume.affine))
-    out = build_transforms(cfg)(data)
+    try:
+        out = build_transforms(cfg)(data)
+    except Exception as err:
+        if local_outage(err):
+            raise
+        return {"reason": "transform_error", "detail": _root_message(err)}
     image = out["image"][0].numpy().astype(np.float16)
     # Instance ids survive: the mask is resampled with nearest neighbour, and nodule k of the series'
     # records is value k + 1 (what the segmentation metrics score nodule by nodule).
@@ -170,12 +184,25 @@ def preprocess_corpus(work: Path, cfg: PreprocessConfig,
     _write_tables(pre, cfg, plan, labels, {f["SeriesInstanceUID"] for f in failures})
     io.write_csv(pre.failures,
                  pd.DataFrame(failures, columns=["SeriesInstanceUID", "reason", "detail"]))
+    if plan and len(failures) == len(plan):  # nothing to train on; earlier cache entries are kept
+        raise ValueError(_all_failed_message(failures, pre.failures))
     keep = {key for _, key, _ in plan}
     for stale in pre.volumes.iterdir():
         if stale.name.split(".")[0] not in keep:
             stale.unlink()
     return {"series": len(plan), "computed": len(todo) - len(failures), "cached": len(plan) - len(todo),
             "failed": len(failures)}
+
+
+def _all_failed_message(failures: list[dict[str, Any]], path: Path, top: int = 3) -> str:
+    """The `top` most common reasons, each with its first series' detail where that says more."""
+    reasons = Counter(f["reason"] for f in failures)
+    example: dict[str, str] = {}
+    for f in failures:
+        example.setdefault(f["reason"], str(f["detail"]))
+    common = "; ".join(f"{n} x {reason}" + (f" (e.g. {example[reason]})" if example[reason] not in ("", reason) else "")
+                       for reason, n in reasons.most_common(top))
+    return f"all {len(failures)} series failed to preprocess: {common}. Every series is listed in {path}"
 
 
 def _write_tables(pre: PreprocessedPaths, cfg: PreprocessConfig, plan: list[tuple[str, str, pd.DataFrame]],
@@ -235,7 +262,7 @@ def plot_samples(work: Path, per_vendor: int = 2) -> Path:
     pre = WorkLayout(work).preprocessed
     index = pre.read_index()
     picks = (index.sort_values(["vendor", "positive_slices"], ascending=[True, False])
-             .groupby("vendor").head(per_vendor))
+             .groupby("vendor").head(per_vendor)) if len(index) else index  # none: an empty figure, said so
     n = max(len(picks), 1)
     cols = min(n, 4)
     rows = (n + cols - 1) // cols
@@ -250,6 +277,8 @@ def plot_samples(work: Path, per_vendor: int = 2) -> Path:
         if mask[:, :, z].any():
             ax.contour(mask[:, :, z].T, levels=[0.5], colors="red", linewidths=0.8, origin="lower")
         ax.set_title(f"{row.vendor} label={row.label} z={z}", fontsize=9)
+    if not len(picks):
+        axes[0, 0].text(0.5, 0.5, "no preprocessed series\n(see failures.csv)", ha="center", va="center")
     fig.suptitle("Preprocessed slices (1 mm, lung window, RAS; red: nodule mask)")
     fig.tight_layout()
     out = pre.samples

@@ -1,0 +1,107 @@
+"""Config checks that refuse at load time what would otherwise fail the run later: a custom window
+without its level and width (every series failed, the reason lost), and segmenter patch or window
+sizes the UNet cannot take (a tensor size error 20 s into training); and the preprocessing stage
+when every series fails."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pydantic
+import pytest
+
+from dicomops.config import PipelineConfig, PreprocessConfig, SegmentConfig, SynthConfig
+
+
+@pytest.mark.parametrize("settings", [
+    {},
+    {"window": "lung"}, {"window": "soft_tissue"}, {"window": "bone"}, {"window": "none"},
+    {"window": "header", "header_window_index": 1},
+    {"window": "custom", "window_center": -600, "window_width": 1500},
+    {"window": "custom", "window_center": 0.0, "window_width": 0.5},
+])
+def test_valid_window_settings_stay_valid(settings: dict[str, object]) -> None:
+    cfg = PreprocessConfig(**settings)
+    assert PreprocessConfig.model_validate_json(cfg.model_dump_json()) == cfg  # what the workers read back
+
+
+@pytest.mark.parametrize(("settings", "match"), [
+    ({"window": "custom"}, "window 'custom' needs window_center and window_width"),
+    ({"window": "custom", "window_center": 40}, "needs window_center and window_width"),
+    ({"window": "custom", "window_width": 400}, "needs window_center and window_width"),
+    ({"window": "custom", "window_center": 40, "window_width": -400}, "window_width must be above 0"),
+    ({"window": "custom", "window_center": 40, "window_width": 0}, "window_width must be above 0"),
+    ({"window": "lung", "window_center": 40, "window_width": 400}, "apply only to window 'custom'"),
+    ({"window_width": 400}, "window 'lung' would ignore them"),
+    ({"window": "header", "window_center": 40}, "set window: custom, or remove them"),
+    ({"window": "none", "window_width": 400}, "apply only to window 'custom'"),
+])
+def test_window_settings_that_would_fail_or_be_ignored_are_refused(settings: dict[str, object], match: str) -> None:
+    with pytest.raises(pydantic.ValidationError, match=match):
+        PreprocessConfig(**settings)
+
+
+def test_a_yaml_custom_window_without_level_is_refused_at_load(tmp_path: Path) -> None:
+    path = tmp_path / "custom.yaml"
+    path.write_text("preprocess:\n  window: custom\n")
+    with pytest.raises(pydantic.ValidationError, match="needs window_center and window_width"):
+        PipelineConfig.from_yaml(path)
+    path.write_text("preprocess:\n  window: custom\n  window_center: -600\n  window_width: 1500\n")
+    assert PipelineConfig.from_yaml(path).preprocess.window_width == 1500
+
+
+@pytest.mark.parametrize("field", ["patch", "roi"])
+@pytest.mark.parametrize("size", [(0, 0, 0), (-8, -8, -8), (32, 32, 0), (32, -16, 32), (4, 32, 32), (8, 8, 8)])
+def test_sizes_below_the_unets_smallest_are_refused(field: str, size: tuple[int, int, int]) -> None:
+    with pytest.raises(pydantic.ValidationError, match=r"must be at least 8 \(the product of strides"):
+        SegmentConfig(**{field: size})
+
+
+def test_the_smallest_sizes_the_unet_takes_are_accepted() -> None:
+    SegmentConfig(patch=(8, 8, 16), roi=(16, 8, 8))  # a coarsest level of 1 x 1 x 2 voxels
+    SegmentConfig(channels=(4, 8), strides=(2,), patch=(2, 2, 4), roi=(16, 16, 8))
+    SegmentConfig(channels=(4, 8, 16), strides=(2, 1), patch=(4, 2, 2), roi=(2, 4, 2))
+    with pytest.raises(pydantic.ValidationError, match="divisible by 8"):  # the older check stands
+        SegmentConfig(patch=(48, 48, 20))
+
+
+@pytest.mark.parametrize("strides", [(0,), (2, -2)])
+def test_strides_below_one_are_refused(strides: tuple[int, ...]) -> None:
+    channels = tuple(4 * 2 ** i for i in range(len(strides) + 1))
+    with pytest.raises(pydantic.ValidationError, match="must each be at least 1"):
+        SegmentConfig(channels=channels, strides=strides)
+
+
+@pytest.fixture(scope="module")
+def small_work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two small clean series, ingested."""
+    from dicomops import ingest
+    from dicomops.config import IngestConfig
+    from dicomops.synthetic import generate_corpus
+
+    root = tmp_path_factory.mktemp("all-fail")
+    generate_corpus(root / "src", SynthConfig(patients=2, seed=7, fault_rate=0.0, matrix=128, slices=8, workers=1))
+    ingest.run(root / "src", root / "work", IngestConfig(workers=1, max_invalid_fraction=1.0),
+               b"config-checks-key-0123456789abcdef")
+    return root / "work"
+
+
+def test_every_series_failing_is_an_error_with_its_reasons(small_work: Path) -> None:
+    from dicomops.layout import WorkLayout
+    from dicomops.preprocessing import stage
+
+    # A valid config that no series can take: each header holds fewer windows than this index.
+    cfg = PreprocessConfig(window="header", header_window_index=20, workers=1, crop_xy=128)
+    layout = WorkLayout(small_work)
+    n = pd.read_parquet(layout.ingest.accepted).SeriesInstanceUID.nunique()
+    assert n >= 2  # several series, one reason counted once
+    with pytest.raises(ValueError, match=rf"all {n} series failed to preprocess: {n} x transform_error "
+                                         r"\(e\.g\. ValueError: header_window_index 20 but the header has only"):
+        stage.preprocess_corpus(small_work, cfg)
+    pre = layout.preprocessed
+    failures = pd.read_csv(pre.failures)
+    assert len(failures) == n and set(failures.reason) == {"transform_error"}
+    assert failures.detail.str.startswith("ValueError: header_window_index 20").all()  # the message, not the type
+    # What the tracking task logs after the stage: a figure that says there is nothing, not a KeyError.
+    assert stage.plot_samples(small_work).exists()
