@@ -94,6 +94,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/inference.py
 	$(PY) benchmarks/drift.py
 	$(PY) benchmarks/pacs.py --quick
+	$(PY) benchmarks/pacs_index.py --quick
 
 clean:
 	rm -rf $(WORK) .prefect mlflow/mlflow.db mlflow/artifacts
