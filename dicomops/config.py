@@ -537,6 +537,13 @@ class PipelineConfig(_Section):
             raw = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError as err:
             raise ValueError(f"config file {path} does not exist; pass an existing YAML file") from err
+        except OSError as err:  # a folder, a file it may not read
+            raise ValueError(f"cannot read the config file {path} ({err.strerror}); pass a readable YAML file") from err
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or type(err).__name__
+            raise ValueError(f"config file {path} is not valid YAML{where}: {problem}; fix it there") from err
         if not isinstance(raw, dict):
             raise ValueError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
         return cls.model_validate(raw)

@@ -66,7 +66,7 @@ def index_headers(src: Path, work: Path, cfg: IngestConfig, key: bytes, progress
     if not src.is_dir():
         raise ValueError(f"{src} is not a folder; pass the folder that holds the DICOM files")
     paths = WorkLayout(work).ingest
-    files, sidecars = split_sidecars(list_files(src), cfg.sidecars)
+    files, sidecars = split_sidecars(list_files(src, skip=Path(work)), cfg.sidecars)
     io.write_csv(paths.sidecars, pd.DataFrame({"source_path": [rel for _, rel in sidecars]}))
     rows = map_isolated(inspect_file, files, args=(key, _limits(cfg)), on_failure=_failed_read,
                         workers=cfg.workers, chunk_size=128, seconds_per_item=cfg.seconds_per_file,

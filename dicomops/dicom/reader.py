@@ -518,15 +518,19 @@ def _unsupported_sop_class(uid: str, limits: ReadLimits) -> tuple[str, str]:
             f"SOPClassUID is not a registered DICOM SOP class; the gate accepts {supported}")
 
 
-def list_files(src: Path) -> list[tuple[str, str]]:
-    """Every regular file under `src` as (absolute path, path relative to `src`), sorted.
+def list_files(src: Path, skip: Path | None = None) -> list[tuple[str, str]]:
+    """Every regular file under `src` as (absolute path, path relative to `src`), sorted; nothing
+    under the folder `skip` (the work directory, when it lies inside `src`: its own files are no data).
 
     Symlinks to regular files are followed; devices, sockets, FIFOs, dangling links and
     directories (even one named ``x.dcm``) are never opened.
     """
     src = Path(src)
+    skipped = os.path.realpath(skip) if skip is not None else None
     out: list[tuple[str, str]] = []
     for dirpath, dirnames, filenames in os.walk(src):
+        if skipped is not None:
+            dirnames[:] = [d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) != skipped]
         dirnames.sort()
         for name in filenames:
             full = os.path.join(dirpath, name)

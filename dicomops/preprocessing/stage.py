@@ -238,8 +238,15 @@ def _write_tables(pre: PreprocessedPaths, cfg: PreprocessConfig, plan: list[tupl
 
 
 def corpus_content_hash(work: Path) -> str:
-    """One hash over every accepted, de-identified file: what the preprocessed data derives from."""
-    accepted = pd.read_parquet(WorkLayout(work).ingest.accepted, columns=["deid_path", "sha256"])
+    """One hash over every accepted, de-identified file: what the preprocessed data derives from.
+
+    Raises:
+        FileNotFoundError: nothing was ingested into `work`, saying what to run.
+    """
+    path = WorkLayout(work).ingest.accepted
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; run 'dicomops ingest SRC --work {work}' first")
+    accepted = pd.read_parquet(path, columns=["deid_path", "sha256"])
     h = hashlib.sha256()
     for path, digest in sorted(zip(accepted.deid_path, accepted.sha256, strict=True)):
         h.update(f"{path}:{digest}\n".encode())

@@ -105,3 +105,21 @@ def test_every_series_failing_is_an_error_with_its_reasons(small_work: Path) -> 
     assert failures.detail.str.startswith("ValueError: header_window_index 20").all()  # the message, not the type
     # What the tracking task logs after the stage: a figure that says there is nothing, not a KeyError.
     assert stage.plot_samples(small_work).exists()
+
+
+def test_a_config_file_that_is_not_yaml_or_not_a_file_is_a_clear_error(tmp_path: Path) -> None:
+    from dicomops.config import PipelineConfig
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: 2\n   input_size: [1, 2\n")
+    with pytest.raises(ValueError, match=r"bad.yaml is not valid YAML at line \d+, column \d+"):
+        PipelineConfig.from_yaml(bad)
+    with pytest.raises(ValueError, match="cannot read the config file"):
+        PipelineConfig.from_yaml(tmp_path)
+
+
+def test_hashing_a_work_directory_with_nothing_ingested_says_what_to_run(tmp_path: Path) -> None:
+    from dicomops.preprocessing.stage import corpus_content_hash
+
+    with pytest.raises(FileNotFoundError, match="run 'dicomops ingest SRC --work"):
+        corpus_content_hash(tmp_path)

@@ -100,3 +100,22 @@ def test_an_empty_source_says_so_and_suggests_no_threshold(tmp_path: Path) -> No
         ingest.run(src, tmp_path / "work", IngestConfig(workers=1, max_invalid_fraction=1.0), KEY)
     for said in (str(failed.value), failed.value.brief):
         assert "holds no files to ingest" in said and "max" not in said and "0 of 0" not in said
+
+
+def test_a_work_directory_inside_the_source_is_not_ingested_as_data(tmp_path: Path) -> None:
+    """`dicomops ingest s --work s/work` quarantined the lock, the ledger and the rest as not_dicom,
+    and, its hash changing each time, was never skipped."""
+    from dicomops.dicom.reader import list_files
+
+    src = tmp_path / "src"
+    (src / "work" / "privacy").mkdir(parents=True)
+    (src / "work" / ".lock").write_text("")
+    (src / "work" / "privacy" / "ledger.json").write_text("{}")
+    (src / "case" / "a").mkdir(parents=True)
+    (src / "case" / "a" / "1.dcm").write_bytes(b"x")
+    assert [rel for _, rel in list_files(src, skip=src / "work")] == ["case/a/1.dcm"]
+    assert len(list_files(src)) == 3
+    with pytest.raises(GateFailedError):  # the one file is no DICOM; the work files are not counted
+        ingest.run(src, src / "work", IngestConfig(workers=1, max_invalid_fraction=0.0), KEY)
+    quarantine = pd.read_csv(src / "work" / "ingest" / "quarantine.csv", keep_default_na=False)
+    assert quarantine.source_path.tolist() == ["case/a/1.dcm"]
