@@ -540,8 +540,9 @@ def predict(
         console.print(f"[red]cannot predict:[/] {escape(str(err))}")
         raise typer.Exit(2) from err
     except PacsError as err:
-        console.print(f"[red]the PACS did not answer as it should:[/] {escape(str(err))}. Nothing half-done is "
-                      "recorded; run it again once the PACS answers", soft_wrap=True)
+        console.print(f"[red]the PACS did not answer as it should:[/] {escape(str(err))}. The studies answered "
+                      "before it are recorded; run it again once the PACS answers (results keep their UIDs: "
+                      "none is stored twice)", soft_wrap=True)
         raise typer.Exit(2) from err
     if result.get("refused"):  # as `dicomops ingest` on the same folder: a failed gate is exit 1
         console.print(f"[red]gate failed[/]: {escape(str(result['refused']))}; nothing was scored (results in "
@@ -668,8 +669,12 @@ def retrain(
     config: Annotated[Path | None, typer.Option(help="PipelineConfig YAML.")] = None,
 ) -> None:
     """Retrain on the original corpus plus every monitored batch whose labels.csv has arrived."""
-
-    result = _flow("retrain")(work=work.resolve() if work else None, config=_pipeline_config(config), trigger="manual")
+    try:
+        result = _flow("retrain")(work=work.resolve() if work else None, config=_pipeline_config(config),
+                                  trigger="manual")
+    except (ValueError, FileNotFoundError) as err:  # RetrainNotReadyError says what to set
+        console.print(f"[red]cannot retrain:[/] {escape(str(err))}")
+        raise typer.Exit(2) from err
     console.print(f"retrain: {escape(str(result))}")
 
 

@@ -37,6 +37,10 @@ class WorkDirLockedError(DicomOpsError):
     """Another process is writing the same work directory."""
 
 
+class RetrainNotReadyError(DicomOpsError, ValueError):
+    """A retrain cannot start: what it needs is missing (its labelled source); the message says what to set."""
+
+
 class ServerUnreachableError(DicomOpsError):
     """A server the command needs does not answer; the message names it, its setting and the fix."""
 

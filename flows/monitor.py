@@ -9,7 +9,7 @@ from pathlib import Path
 from prefect import flow
 
 from dicomops.config import PipelineConfig, load_settings
-from dicomops.errors import GateFailedError
+from dicomops.errors import GateFailedError, RetrainNotReadyError
 from dicomops.monitoring.drift import describe
 from flows.ingest import ingest
 from flows.preprocess import preprocess
@@ -75,7 +75,7 @@ def monitor(src: Path | None = None, work: Path | None = None, config: PipelineC
             if cfg.retrain == "subflow":
                 try:
                     result["retrain"] = retrain(work=work, config=config, trigger="drift", monitoring_run_id=run_id)
-                except ValueError as err:  # the drift stands, alerted; the retrain says what it needs
+                except RetrainNotReadyError as err:  # the drift stands, alerted; the retrain says what it needs
                     print(f"monitor: the retrain did not start: {err}")
                     result["retrain"] = {"status": "not started", "reason": str(err)}
     return result

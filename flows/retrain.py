@@ -12,7 +12,12 @@ from prefect import flow
 from dicomops.config import PipelineConfig, load_settings
 from dicomops.layout import WorkLayout
 from dicomops.monitoring import guard
-from dicomops.monitoring.stage import combine_sources, labelled_sources, retrain_folders
+from dicomops.monitoring.stage import (
+    check_training_source,
+    combine_sources,
+    labelled_sources,
+    retrain_folders,
+)
 from flows.export import export
 from flows.ingest import ingest
 from flows.preprocess import preprocess
@@ -33,6 +38,7 @@ def retrain(work: Path | None = None, config: PipelineConfig = PipelineConfig(),
     settings = load_settings()
     work = Path(work or settings.work_dir)
     uri, name = settings.mlflow_tracking_uri, config.train.model_name
+    check_training_source(config.monitor.training_source)  # before the cooldown is taken
     alert = trigger in ("drift", "feedback")  # alert-driven: one cooldown and one lock for both
     verdict = guard.check_cooldown(work, name, config.monitor.cooldown_hours) if alert \
         else guard.Verdict(True, f"trigger={trigger} is not rate limited")

@@ -93,17 +93,21 @@ def retrain_folders(work: Path) -> tuple[Path, Path]:
     return layout.retrain_sources, layout.retrain_work.root
 
 
-def labelled_sources(work: Path, training_source: Path) -> list[Path]:
-    """The original corpus and every monitored batch whose labels have arrived (``labels.csv``).
+def check_training_source(training_source: Path) -> None:
+    """Raise :class:`~dicomops.errors.RetrainNotReadyError` unless `training_source` holds a labelled
+    corpus: a relative path (the default ``data``) read from another folder than the project's
+    does not, and a retrain found out only after its alert, with a FileNotFoundError."""
+    from dicomops.errors import RetrainNotReadyError
 
-    Raises:
-        ValueError: `training_source` holds no labelled corpus (a relative path read from another
-            folder than the project's), saying what to set.
-    """
     if not (Path(training_source) / LABELS_CSV).is_file():
-        raise ValueError(f"monitor.training_source ({Path(training_source).absolute()}) holds no labelled corpus "
-                         f"({LABELS_CSV}): set it to the corpus the model was trained on, as an absolute path "
-                         "when the command runs from another folder than the project's")
+        raise RetrainNotReadyError(
+            f"monitor.training_source ({Path(training_source).absolute()}) holds no labelled corpus ({LABELS_CSV}): "
+            "set it to the corpus the model was trained on, as an absolute path when the command runs from "
+            "another folder than the project's")
+
+
+def labelled_sources(work: Path, training_source: Path) -> list[Path]:
+    """The original corpus and every monitored batch whose labels have arrived (``labels.csv``)."""
     sources = [Path(training_source)]
     for batch in WorkLayout(work).batches():
         if not batch.batch_record.exists():

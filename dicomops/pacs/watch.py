@@ -12,7 +12,9 @@ What happens to each study is one row of ``WORK/pacs/studies.csv``: ``ingested``
 series were accepted and how many results were stored back), ``refused`` by the gate (with its
 reason), ``failed`` when scoring or writing its report failed (the step and the error's type),
 ``answered`` when a batch (``predict --pacs``) or the online service wrote its results back in full
-first (the watch then leaves it), or ``duplicate`` for a study already handled. A study whose
+first (the watch then gates it without scoring it again, so that drift monitoring and readers'
+feedback find its de-identified files, and records it ``ingested`` saying so), or ``duplicate``
+for a study already handled. A study whose
 results the PACS will not keep (some of them, whenever asked) stays ``ingested`` with how many it
 kept and why the rest were not, and is not retried. A study is never dropped silently, and one that
 fails does not hold back the studies behind it.
@@ -20,6 +22,7 @@ fails does not hold back the studies behind it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -79,6 +82,19 @@ def handled_tokens(work: Path) -> set[str]:
     return set(table[table.status != "duplicate"].token)
 
 
+def _handled_here(work: Path, token: str) -> tuple[bool, str]:
+    """Whether the watch itself handled `token`, and, if not, who answered it ('' for nobody)."""
+    ledger = WorkLayout(work).pacs.ledger
+    if not ledger.exists():
+        return False, ""
+    rows = pd.read_csv(ledger, keep_default_na=False)
+    rows = rows[rows.token == token]
+    if (~rows.status.isin(["answered", "duplicate"])).any():
+        return True, ""
+    answered = rows[rows.status == "answered"]
+    return False, str(answered.reason.iloc[-1]).removeprefix("answered by ") if len(answered) else ""
+
+
 def _record(work: Path, outcome: StudyOutcome) -> None:
     from filelock import FileLock
 
@@ -115,7 +131,7 @@ def handle_study(study_uid: str, pacs: Pacs, staging: Path, work: Path, cfg: Ing
     preprocessed volumes go to, so the online service finds the study warm.
     """
     token = study_token(key, study_uid)
-    if token in handled_tokens(work):
+    if _handled_here(work, token)[0]:
         outcome = StudyOutcome(token, "duplicate", reason="already handled (its first row says how)")
         _record(work, outcome)
         return outcome
@@ -127,12 +143,20 @@ def handle_study(study_uid: str, pacs: Pacs, staging: Path, work: Path, cfg: Ing
 
             digest = study_digest(key, pacs.image_instances(study_uid), preprocessing_identity(champion))
         with held_study(staging, token) as staged:
-            if token in handled_tokens(work):  # answered by a batch or the online service while we waited
+            handled, answered_by = _handled_here(work, token)  # again: a batch may have held it meanwhile
+            if handled:
                 outcome = StudyOutcome(token, "duplicate", reason="already handled (its first row says how)")
                 _record(work, outcome)
                 return outcome
             pacs.retrieve_study(study_uid, staged)
-            outcome = _gate_score_answer(token, staged, study_work, pacs, cfg, key, champion, cache, digest, work)
+            if answered_by:  # answered elsewhere: gated only, for drift monitoring and readers' feedback
+                outcome = _gate_score_answer(token, staged, study_work, pacs, cfg, key, None, work=work)
+                if outcome.status == "ingested":
+                    outcome = dataclasses.replace(outcome, reason=f"answered by {answered_by}; gated here, not "
+                                                                  "scored again")
+            else:
+                outcome = _gate_score_answer(token, staged, study_work, pacs, cfg, key, champion, cache, digest,
+                                             work)
     except PacsRequestRefused as err:  # never retrievable as it is: recorded, and the watch moves on
         outcome = StudyOutcome(token, "refused", reason=str(err))
     _record(work, outcome)

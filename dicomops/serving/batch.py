@@ -87,14 +87,16 @@ def predict_folder(src: Path, work: Path, cfg: IngestConfig, key: bytes, champio
 
 def predict_pacs(query: Mapping[str, str], pacs: Any, staging: Path, work: Path, cfg: IngestConfig, key: bytes,
                  champion: Champion, cache: VolumeCache | None = None, write_back: bool = True,
-                 progress: Progress = None, prefetch: Any = None) -> list[Answer]:
+                 progress: Progress = None, prefetch: Any = None,
+                 answered: Callable[[Answer], Any] | None = None) -> list[Answer]:
     """Every study the QIDO-RS `query` finds (DICOM keywords: ``StudyDate="20261130"``,
     ``ModalitiesInStudy="CT"``), scored and, with `write_back`, answered with SR in the PACS. The
     UIDs the search returns live in this function's memory only.
 
     With `prefetch` (a second PACS client: a session per thread), the next study is retrieved while
     this one is gated, preprocessed and scored, so the PACS transfer and the CPU work overlap; not
-    when studies may come warm from the cache (a retrieval would be wasted)."""
+    when studies may come warm from the cache (a retrieval would be wasted). `answered(answer)`: as
+    :func:`~dicomops.serving.predict.answer_pacs_study` takes it, for each study written back."""
     from concurrent.futures import ThreadPoolExecutor
 
     from dicomops.pacs.client import PacsRequestRefused
@@ -118,7 +120,8 @@ def predict_pacs(query: Mapping[str, str], pacs: Any, staging: Path, work: Path,
     answers: list[Answer] = []
     if prefetch is None or (cache is not None and not write_back):
         for i, uid in enumerate(uids, 1):
-            answers.append(answer_or_refuse(uid, pacs, staging, scratch, cfg, key, champion, cache, write_back))
+            answers.append(answer_or_refuse(uid, pacs, staging, scratch, cfg, key, champion, cache, write_back,
+                                            answered=answered))
             if progress is not None:
                 progress(i, len(uids))
         return answers
@@ -134,7 +137,7 @@ def predict_pacs(query: Mapping[str, str], pacs: Any, staging: Path, work: Path,
             for i, uid in enumerate(uids):
                 current, ahead = ahead, ahead_of(i + 1)
                 answers.append(answer_or_refuse(uid, pacs, staging, scratch, cfg, key, champion, cache, write_back,
-                                                 prefetched=current))
+                                                 prefetched=current, answered=answered))
                 if progress is not None:
                     progress(i + 1, len(uids))
         finally:  # a study retrieved and never answered (an outage mid-batch) is let go, its folder removed
@@ -255,13 +258,11 @@ def run_batch(*, src: Path | None, query: Mapping[str, str] | None, work: Path, 
             # Two clients: a requests session per thread (the second retrieves ahead).
             with PacsClient.from_env(http_budget_s, url=orthanc_url) as pacs, \
                     PacsClient.from_env(http_budget_s, url=orthanc_url) as prefetch:
-                answers = predict_pacs(query or {}, pacs, staging, scratch, ingest_cfg, key, champion, cache,
-                                       serve_cfg.write_back, progress, prefetch)
-            if serve_cfg.write_back:  # pacs-watch leaves a study answered here once it is stable
                 from dicomops.pacs.watch import record_answered
 
-                for answer in answers:
-                    record_answered(work, answer, f"predict --pacs (batch {batch_id})")
+                answers = predict_pacs(  # pacs-watch leaves a study answered here once it is stable
+                    query or {}, pacs, staging, scratch, ingest_cfg, key, champion, cache, serve_cfg.write_back,
+                    progress, prefetch, answered=lambda a: record_answered(work, a, f"predict --pacs (batch {batch_id})"))
             source = "pacs"
         folder, metrics = record(work, batch_id, answers, champion, cache)
         run_id = log_batch(tracking_uri, artifact_root, batch_id, folder, metrics, champion, source, cache)

@@ -213,7 +213,8 @@ class Service:
                 raise RequestError(404, "the PACS holds no image of that study; check the StudyInstanceUID")
             answer = answer_pacs_study(study_uid, self.pacs, self.options.staging, self.scratch, self.options.ingest,
                                        self.options.key, champion, self.cache, write_back=write_back,
-                                       images=images, wait_s=BUSY_WAIT_S)
+                                       images=images, wait_s=BUSY_WAIT_S,  # pacs-watch then leaves it
+                                       answered=lambda a: record_answered(self.options.work, a, "the online service"))
             mapper = KeyedMapper(self.options.key)
             originals = {mapper.uid(u): u for u in set(images.values())}
         except PacsError as err:
@@ -226,8 +227,6 @@ class Service:
             raise RequestError(422, f"the study was {answer.status} and nothing was written back: {answer.reason}")
         # De-identified, as the batch flow keeps its results: what a reader's review is linked to.
         record(self.options.work, f"online-{answer.study}", [answer], self.champion, None)
-        if write_back:  # pacs-watch leaves it once it is stable
-            record_answered(self.options.work, answer, "the online service")
         return {"status": answer.status, "warm": answer.warm, "accepted_series": answer.accepted_series,
                 "quarantined_files": answer.quarantined_files, "results_stored": answer.results_stored,
                 **({"warning": answer.reason} if answer.reason else {}),  # the PACS did not keep every result

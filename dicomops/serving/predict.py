@@ -26,7 +26,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -252,7 +252,8 @@ def answer_from_cache(study: str, digest: str, champion: Champion, cache: Volume
 def answer_pacs_study(study_uid: str, pacs: Any, staging: Path, scratch: Path, cfg: IngestConfig, key: bytes,
                       champion: Champion, cache: VolumeCache | None = None, write_back: bool = False,
                       study: str | None = None, images: Mapping[str, str] | None = None,
-                      prefetched: Future[Prefetched] | None = None, wait_s: float = WAIT_S) -> Answer:
+                      prefetched: Future[Prefetched] | None = None, wait_s: float = WAIT_S,
+                      answered: Callable[[Answer], Any] | None = None) -> Answer:
     """One study of the PACS, by its StudyInstanceUID (held in memory only): warm from the cache when
     it can and nothing is to be written back; otherwise retrieved, gated, scored and, with
     `write_back`, answered with one SR per series stored in the PACS. The study is held
@@ -261,7 +262,9 @@ def answer_pacs_study(study_uid: str, pacs: Any, staging: Path, scratch: Path, c
     handler holds past the wait (:class:`~dicomops.pacs.staging.StudyBusyError`), raises. `images`:
     the study's image instances (:meth:`dicomops.pacs.client.PacsClient.image_instances`), when the
     caller has listed them already. `prefetched`: the caller's retrieval of this study ahead
-    (:func:`retrieve_ahead`), a future. `wait_s`: how long to wait for another handler of the study."""
+    (:func:`retrieve_ahead`), a future. `wait_s`: how long to wait for another handler of the study.
+    `answered(answer)`: called once its results are stored, while the study is still held (so that
+    pacs-watch, waiting for it, finds it answered: :func:`dicomops.pacs.watch.record_answered`)."""
     from dicomops.pacs.watch import build_reports, store_results, study_token
 
     timer = Timer()
@@ -305,6 +308,8 @@ def answer_pacs_study(study_uid: str, pacs: Any, staging: Path, scratch: Path, c
             else:
                 with timer("write_s"):  # a scored study whose results the PACS did not all keep says why
                     answer.results_stored, answer.reason = store_results(pacs, reports)
+                if answered is not None:
+                    answered(answer)
     answer.timings["total_s"] = time.perf_counter() - t0
     return answer
 

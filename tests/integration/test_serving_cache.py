@@ -89,16 +89,22 @@ def test_batch_over_the_pacs_then_warm_then_corrupt_then_redis_gone(
     for uid in (study, second):
         (report,) = _reports(orthanc, uid)
         assert report.StudyInstanceUID == uid
-    # pacs-watch, once the studies are stable, leaves them: the batch answered them in full.
+    # pacs-watch, once the studies are stable, does not answer them again (the batch answered them
+    # in full): it gates them, so that drift monitoring and readers' feedback find their files.
     ledger = pd.read_csv(work / "pacs/studies.csv", keep_default_na=False)
     assert list(ledger.status) == ["answered"] * 2 and list(ledger.results_stored) == [1, 1]
     assert all(r.startswith("answered by predict --pacs (batch ") for r in ledger.reason)
+    from dicomops.layout import WorkLayout
     from dicomops.pacs import watch
 
     with PacsClient(orthanc.dicomweb_url, orthanc.credentials) as pacs:
-        again = watch.handle_study(study, pacs, staging, work, CONFIG.ingest, KEY,
-                                   load_champion(env.uri, TINY.model_name, models_dir=tmp_path / "models"))
-    assert again.status == "duplicate" and not (work / "pacs/studies" / again.token).exists()
+        champion = load_champion(env.uri, TINY.model_name, models_dir=tmp_path / "models")
+        gated = watch.handle_study(study, pacs, staging, work, CONFIG.ingest, KEY, champion)
+        again = watch.handle_study(study, pacs, staging, work, CONFIG.ingest, KEY, champion)
+    assert (gated.status, gated.results_stored, gated.accepted_series) == ("ingested", 0, 1)
+    assert gated.reason.startswith("answered by predict --pacs (batch ") and "not scored again" in gated.reason
+    assert list(WorkLayout(WorkLayout(work).pacs.study(gated.token)).ingest.deid.rglob("*.dcm"))
+    assert again.status == "duplicate"
     (report,) = _reports(orthanc, study)  # still the one report
     table = pd.read_csv(result["results"], keep_default_na=False, float_precision="round_trip")
     from dicomops.deid.keys import KeyedMapper

@@ -366,3 +366,13 @@ def test_predict_on_a_folder_the_gate_refuses_exits_1_saying_why(tmp_path: Path,
     result = runner.invoke(app, ["predict", str(tmp_path)], env=WIDE)
     said = " ".join(result.output.split())
     assert result.exit_code == 1 and "gate failed" in said and "not_dicom (5)" in said
+
+
+def test_retrain_without_its_labelled_source_exits_2_saying_what_to_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dicomops.cli as cli
+    from dicomops.errors import RetrainNotReadyError
+
+    monkeypatch.setattr(cli, "_flow", _FakeFlows(error=RetrainNotReadyError("monitor.training_source (/x/data) "
+                                                                            "holds no labelled corpus")))
+    result = runner.invoke(app, ["retrain"], env=WIDE)
+    assert result.exit_code == 2 and "holds no labelled corpus" in " ".join(result.output.split())

@@ -211,11 +211,13 @@ def test_a_retrain_whose_training_source_holds_no_labels_says_what_to_set(tmp_pa
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """`monitor.training_source` defaults to data/ of the folder the command runs in: run from
     elsewhere, a retrain met FileNotFoundError 'data/labels.csv' after the drift alert."""
-    from dicomops.monitoring.stage import labelled_sources
+    from dicomops.errors import RetrainNotReadyError
+    from dicomops.monitoring.stage import check_training_source, labelled_sources
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match=r"monitor.training_source \(.*/data\) holds no labelled corpus"):
-        labelled_sources(tmp_path / "work", Path("data"))
+    with pytest.raises(RetrainNotReadyError, match=r"monitor.training_source \(.*/data\) holds no labelled corpus"):
+        check_training_source(Path("data"))
+    assert labelled_sources(tmp_path / "work", Path("data")) == [Path("data")]  # feedback reads it as it is
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "labels.csv").write_text("SeriesInstanceUID,label\n")
-    assert labelled_sources(tmp_path / "work", Path("data")) == [Path("data")]
+    check_training_source(Path("data"))
