@@ -7,7 +7,6 @@ corpus and checks it against the hash in ``data.dvc`` before trusting it.
 from __future__ import annotations
 
 import logging
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -71,7 +70,7 @@ def ensure_corpus(data: Path, cfg: SynthConfig, *, pointer: Path | None = None, 
                             "commit %s", data, md5, pointer.name, expected, pointer.name, data.name,
                             pointer.name)
             return CorpusStatus(data, "present", md5, matches, pointer)
-        _remove_incomplete(data)
+        _refuse_incomplete(data, pointer)
     if expected is not None:
         pulled = _dvc("pull", pointer.name, cwd=repo)
         if pulled.returncode == 0 and data.exists() and any(data.iterdir()):
@@ -97,20 +96,14 @@ def ensure_corpus(data: Path, cfg: SynthConfig, *, pointer: Path | None = None, 
     return CorpusStatus(data, "generated", md5, matches, pointer)
 
 
-def _remove_incomplete(data: Path) -> None:
-    """Remove `data`, a corpus folder without ``corpus.json`` (what an interrupted generation or pull
-    leaves); refuse, touching nothing, if it holds anything the generator does not write."""
-    foreign = sorted(p.name for p in data.iterdir()
-                     if not (p.is_dir() and (p.name.startswith("case-") or p.name == sidecars.MASKS_DIR))
-                     and not (p.is_file() and p.name in sidecars.SIDECAR_FILES))
-    if foreign:
-        raise ValueError(f"{data} has no {sidecars.CORPUS_JSON}, so it is not a complete corpus, and it "
-                         f"holds what the generator does not write ({', '.join(foreign[:5])}"
-                         f"{', …' if len(foreign) > 5 else ''}); move those away or empty the folder, or "
-                         "choose another folder for the corpus")
-    log.warning("%s is an incomplete corpus (no %s: an interrupted 'dicomops data' or 'dvc pull'?); "
-                "removing it and getting the corpus again", data, sidecars.CORPUS_JSON)
-    shutil.rmtree(data)
+def _refuse_incomplete(data: Path, pointer: Path) -> None:
+    """`data` holds no ``corpus.json``, so it is no complete corpus (an interrupted 'dicomops data' of
+    an older dicomops, or 'dvc pull'), or no corpus of ours at all: it is never deleted here, since
+    it may be someone's files; the error says how to get the corpus."""
+    raise ValueError(f"{data} has no {sidecars.CORPUS_JSON}, so it is not a complete corpus (an interrupted "
+                     f"'dicomops data' or 'dvc pull'?); it is left as it is: remove it (rm -r {data}) and run "
+                     f"again to regenerate it, run 'dvc checkout --force {pointer.name}' to restore the "
+                     "recorded version, or choose another folder for the corpus")
 
 
 @dataclass(frozen=True)

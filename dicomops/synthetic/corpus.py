@@ -322,26 +322,29 @@ def generate_corpus(
     """Write the corpus described by `cfg` into `out` (created; must be empty or absent).
 
     Writes ``labels.csv``, ``faults.csv``, ``phi.csv`` (the PHI the corpus carries, for leak
-    tests), ``masks/`` and ``corpus.json`` beside the DICOM folders. Everything is written into
+    tests), ``masks/`` and ``corpus.json`` beside the DICOM folders. A new `out` is written as
     :func:`partial_folder` first and renamed to `out` only when complete, so an interrupted run
-    leaves no `out` behind (its partial folder is removed on failure, else by the next run).
+    leaves no `out` behind (its partial folder is removed on failure, else by the next run); an
+    existing empty folder is written in place, ``corpus.json`` last, so that an interrupted run
+    leaves a folder :func:`is_complete_corpus` refuses.
     """
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty; choose an empty or new folder for the corpus")
-    partial = partial_folder(out)
-    if partial.exists():
-        log.info("removing %s, left by an interrupted corpus generation", partial)
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    try:
-        labels, faults = _write_corpus(partial, cfg, progress)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        partial.rename(out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    if out.exists():  # an empty folder (a mount point, a link, '.'): in place, corpus.json last
+        labels, faults = _write_corpus(out, cfg, progress)
+    else:
+        partial = partial_folder(out)
+        if partial.exists():
+            log.info("removing %s, left by an interrupted corpus generation", partial)
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        try:
+            labels, faults = _write_corpus(partial, cfg, progress)
+            partial.rename(out)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
     files = sum(1 for p in out.glob("case-*/*/*") if p.is_file())
     per_vendor: dict[str, int] = {}
     for row in labels:

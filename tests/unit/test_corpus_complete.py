@@ -12,7 +12,6 @@ from dicomops import versioning
 from dicomops.config import SynthConfig
 from dicomops.synthetic import corpus, sidecars
 from dicomops.synthetic.corpus import generate_corpus
-from dicomops.tracking import dvc_directory_hash
 from dicomops.versioning import ensure_corpus
 
 CFG = SynthConfig(patients=2, seed=21, fault_rate=0.0, matrix=32, slices=8, workers=1)
@@ -73,23 +72,31 @@ def test_a_leftover_partial_folder_is_removed_and_never_taken_as_the_corpus(tmp_
     assert not (out / "case-00001" / "junk").exists()
 
 
-def test_an_incomplete_corpus_folder_is_regenerated_not_reported_present(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_an_incomplete_corpus_folder_is_refused_untouched_not_reported_present(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never deleted (it may be someone's corpus without the generator's manifest), never taken as
+    whole: the error says how to get the corpus."""
     _no_remote(monkeypatch)
-    reference = tmp_path / "reference"
-    generate_corpus(reference, CFG)
-    expected = dvc_directory_hash(reference)
-
     data = tmp_path / "d_int"
     generate_corpus(data, CFG)
     for name in sidecars.SIDECAR_FILES:  # what a run stopped before the sidecars leaves
         (data / name).unlink()
-    pointer = _pointer(tmp_path / "d_int.dvc", expected)
-    with caplog.at_level(logging.INFO):
-        status = ensure_corpus(data, CFG, pointer=pointer, strict=True, track=False)
-    assert status.source == "generated" and status.matches_pointer is True
-    assert status.md5 == expected == dvc_directory_hash(data)
-    assert "incomplete" in caplog.text and sidecars.CORPUS_JSON in caplog.text
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    pointer = _pointer(tmp_path / "d_int.dvc", "0" * 32 + ".dir")
+    with pytest.raises(ValueError, match=r"no corpus.json.*rm -r .*d_int.*dvc checkout --force d_int.dvc"):
+        ensure_corpus(data, CFG, pointer=pointer, strict=True, track=False)
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+
+
+def test_an_existing_empty_folder_is_written_in_place(tmp_path: Path) -> None:
+    """A mount point, a link to a folder or '.': no sibling to rename from."""
+    target = tmp_path / "target"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    assert generate_corpus(link, CFG).series == 2
+    assert (target / sidecars.CORPUS_JSON).is_file() and corpus.is_complete_corpus(link)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"]
 
 
 def test_a_folder_without_corpus_json_holding_other_files_is_refused_and_kept(
@@ -98,7 +105,7 @@ def test_a_folder_without_corpus_json_holding_other_files_is_refused_and_kept(
     data = tmp_path / "data"
     data.mkdir()
     (data / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match=r"not a complete corpus.*notes\.txt.*another folder"):
+    with pytest.raises(ValueError, match=r"not a complete corpus.*left as it is.*another folder"):
         ensure_corpus(data, CFG, track=False)
     assert (data / "notes.txt").read_text() == "mine"
 
