@@ -275,7 +275,10 @@ def _orthanc_root(url: str, option: str) -> str:
 
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc or parts.query:
-        shown = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}" if parts.scheme else "?"
+        # Nothing of what was given is repeated but an http(s) host: 'user:password@host' parses as a
+        # scheme and a path.
+        shown = (f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+                 if parts.scheme in ("http", "https") else "a URL that is not http(s)")
         raise typer.BadParameter(f"{option} must be Orthanc's root URL, http(s)://host:port, without credentials "
                                  f"(got {shown!r}{', credentials removed' if '@' in parts.netloc else ''}); the "
                                  "password comes from DICOMOPS_PACS_PASSWORD and the DICOMweb root below it is "

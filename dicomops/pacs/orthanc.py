@@ -89,9 +89,10 @@ class OrthancIndex:
         parts = urlsplit(url)
         if parts.scheme not in ("postgresql", "postgres") or parts.password is not None \
                 or not parts.path.strip("/") or not parts.hostname:
+            shown = f"{parts.scheme}://{parts.hostname or ''}{parts.path}" if parts.scheme in ("postgresql", "postgres") \
+                else "a URL of another scheme"  # 'user:password@host' parses as a scheme and a path
             raise ValueError(f"the PACS index must be postgresql://USER@HOST[:PORT]/DATABASE, without a password "
-                             f"(set {INDEX_PASSWORD_ENV}); got {parts.scheme}://{parts.hostname or ''}"
-                             f"{parts.path}")
+                             f"(set {INDEX_PASSWORD_ENV}); got {shown}")
         return cls(parts.hostname, parts.port or 5432, parts.path.strip("/"), parts.username or "orthanc",
                    password or "")
 

@@ -321,6 +321,9 @@ def test_predict_keeps_the_configs_write_back_unless_told_and_never_takes_creden
         said = " ".join(result.output.replace("│", " ").split())
         assert result.exit_code == 2 and "without credentials" in said and "S3cret" not in said, said
         assert "'http://127.0.0.1:8042', credentials removed" in said
+        result = runner.invoke(app, [*option, "admin:S3cretPassw0rd@127.0.0.1:8042"], env=WIDE)  # no scheme
+        said = " ".join(result.output.replace("│", " ").split())
+        assert result.exit_code == 2 and "S3cret" not in said and "not http(s)" in said, said
     assert flows.calls == []
     result = runner.invoke(app, ["predict", "--pacs", "all", "--orthanc-url", "http://127.0.0.1:8042/"], env=WIDE)
     assert result.exit_code == 0 and flows.calls[-1][1]["orthanc_url"] == "http://127.0.0.1:8042"

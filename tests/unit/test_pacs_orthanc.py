@@ -530,6 +530,9 @@ def test_an_index_in_postgresql_is_parsed_without_a_password_and_rendered_for_it
     with pytest.raises(ValueError, match="without a password") as refused:
         OrthancIndex.from_url("postgresql://orthanc:leaked@db.example/pacs", "x")
     assert "leaked" not in str(refused.value)
+    with pytest.raises(ValueError, match="another scheme") as refused:
+        OrthancIndex.from_url("orthanc:leaked@db.example:5432/pacs", "x")  # no scheme: user:password@...
+    assert "leaked" not in str(refused.value)
     with pytest.raises(ValueError, match="DICOMOPS_PACS_INDEX_PASSWORD"):
         OrthancIndex.from_url("postgresql://orthanc@db.example/pacs", None)
     with pytest.raises(ValueError, match=r"\$\{"):
