@@ -134,6 +134,7 @@ class PreprocessedPaths:
     slabs = property(lambda self: self.root / "slabs.parquet")
     failures = property(lambda self: self.root / "failures.csv")
     samples = property(lambda self: self.root / "samples.png")
+    made_from = property(lambda self: self.root / "made_from.json")  # the accepted corpus's content hash
 
     def volume(self, relative: str) -> Path:
         """A cached volume named by the index's ``path`` column (relative to this folder)."""

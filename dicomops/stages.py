@@ -97,19 +97,3 @@ def mark_done(work: Path, stage: str, key: str, result: dict[str, Any], outputs:
     paths = outputs if outputs is not None else layout.stage_outputs(stage)
     io.write_json(_path(work, stage), {"key": key, "result": result, "outputs": [layout.relative(p) for p in paths]})
 
-
-def check_made_from(work: Path, stage: str, corpus: str, command: str) -> None:
-    """Refuse to go on from `stage`'s outputs when its completion record says they were made from
-    another accepted corpus than `corpus` (the content hash of the corpus ingested now): a corpus
-    ingested since would otherwise be trained on in name only, its hash on a model that learnt from
-    the earlier one. A stage with no record, or a record from before it kept the corpus, is not
-    judged.
-
-    Raises:
-        ValueError: saying which stage to run again (`command`).
-    """
-    path = _path(work, stage)
-    made_from = io.read_json(path).get("result", {}).get("corpus") if path.exists() else None
-    if made_from is not None and made_from != corpus:
-        raise ValueError(f"the {stage} outputs in {work} were made from another accepted corpus than the one "
-                         f"ingested there now (ingested since?): run '{command}' first")

@@ -39,6 +39,6 @@ def preprocess(work: Path | None = None, config: PreprocessConfig = PreprocessCo
             log_preprocess(uri, run_id, work, summary)
         print(f"preprocess: {summary['computed']} series computed, {summary['cached']} from cache, "
               f"{summary['failed']} failed")
-        result: dict[str, object] = {"mlflow_run_id": run_id, **summary, "work": str(work), "corpus": corpus_hash}
+        result: dict[str, object] = {"mlflow_run_id": run_id, **summary, "work": str(work)}
         stages.done(work, "preprocess", key, result)
     return {**result, "skipped": False}

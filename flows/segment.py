@@ -19,7 +19,7 @@ from dicomops.tracking import flatten_params
 from flows.scope import tracked, writing
 from tasks import segment as s
 from tasks import stages
-from tasks.preprocess import hash_accepted_corpus
+from tasks.preprocess import check_made_from, hash_accepted_corpus
 from tasks.train import prepare_splits, release_pool_counts
 
 
@@ -35,7 +35,7 @@ def segment(work: Path | None = None, config: SegmentConfig = SegmentConfig(),
     with writing(work, "dicomops-segment", settings):
         data_hash = hash_accepted_corpus(work)
         # Never learn from what an earlier corpus left: its hash would go on this model.
-        stages.check_made_from(work, "preprocess", data_hash, f"dicomops preprocess --work {work}")
+        check_made_from(work, data_hash)
         _, split_hash = prepare_splits(work, train_config)
         key = stages.stage_key("segment", {"data": data_hash, "split": split_hash,
                                            "segment": config.model_dump(mode="json"),

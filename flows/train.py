@@ -17,7 +17,7 @@ from dicomops.tracking import flatten_params
 from flows.scope import tracked, writing
 from tasks import stages
 from tasks import train as t
-from tasks.preprocess import hash_accepted_corpus, hash_labels
+from tasks.preprocess import check_made_from, hash_accepted_corpus, hash_labels
 
 
 @flow(name="dicomops-train", log_prints=True)
@@ -35,7 +35,7 @@ def train(work: Path | None = None, config: TrainConfig = TrainConfig(),
     with writing(work, "dicomops-train", settings):
         data_hash = hash_accepted_corpus(work)
         # Never learn from what an earlier corpus left: its hash would go on this model.
-        stages.check_made_from(work, "preprocess", data_hash, f"dicomops preprocess --work {work}")
+        check_made_from(work, data_hash)
         _, split_hash = t.prepare_splits(work, config)
         # The labels too: readers' labels (dicomops.feedback) change them without changing a file.
         key = stages.stage_key("train", {"data": data_hash, "labels": hash_labels(work), "split": split_hash,

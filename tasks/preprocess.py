@@ -23,3 +23,8 @@ def hash_accepted_corpus(work: Path) -> str:
 @task(name="hash-labels")
 def hash_labels(work: Path) -> str:
     return stage.labels_hash(work)
+
+
+@task(name="check-made-from")
+def check_made_from(work: Path, corpus: str) -> None:
+    stage.check_made_from(work, corpus)

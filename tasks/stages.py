@@ -34,7 +34,3 @@ def started(work: Path, stage: str) -> None:
 def done(work: Path, stage: str, key: str, result: dict[str, Any], outputs: list[Path] | None = None) -> None:
     stages.mark_done(work, stage, key, result, outputs)
 
-
-@task(name="stage-made-from")
-def check_made_from(work: Path, stage: str, corpus: str, command: str) -> None:
-    stages.check_made_from(work, stage, corpus, command)

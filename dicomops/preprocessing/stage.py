@@ -161,6 +161,7 @@ def preprocess_corpus(work: Path, cfg: PreprocessConfig,
     labels_path = layout.ingest.deid / LABELS_CSV
     labels = pd.read_csv(labels_path, keep_default_na=False).set_index("SeriesInstanceUID") \
         if labels_path.exists() else pd.DataFrame()
+    pre.made_from.unlink(missing_ok=True)  # until the tables are whole again (check_made_from)
     pre.volumes.mkdir(parents=True, exist_ok=True)
     cfg_json = cfg.model_dump_json()
     code = code_hash()
@@ -186,6 +187,7 @@ def preprocess_corpus(work: Path, cfg: PreprocessConfig,
                  pd.DataFrame(failures, columns=["SeriesInstanceUID", "reason", "detail"]))
     if plan and len(failures) == len(plan):  # nothing to train on; earlier cache entries are kept
         raise ValueError(_all_failed_message(failures, pre.failures))
+    io.write_json(pre.made_from, {"corpus": corpus_content_hash(work)})
     keep = {key for _, key, _ in plan}
     for stale in pre.volumes.iterdir():
         if stale.name.split(".")[0] not in keep:
@@ -251,6 +253,27 @@ def corpus_content_hash(work: Path) -> str:
     for path, digest in sorted(zip(accepted.deid_path, accepted.sha256, strict=True)):
         h.update(f"{path}:{digest}\n".encode())
     return h.hexdigest()
+
+
+def check_made_from(work: Path, corpus: str) -> None:
+    """Refuse to go on from the preprocessed tables unless they were made from the accepted corpus
+    whose content hash is `corpus` (the one ingested now): one ingested since, or a preprocessing
+    that stopped half-way, would otherwise be trained on in name only, its hash on a model that
+    learnt from the earlier tables.
+
+    Raises:
+        ValueError: saying to run ``dicomops preprocess`` (nothing preprocessed is left to the
+            reader of the tables, which says so itself).
+    """
+    pre = WorkLayout(work).preprocessed
+    if not pre.index.exists():
+        return
+    made_from = io.read_json(pre.made_from).get("corpus") if pre.made_from.exists() else None
+    if made_from != corpus:
+        why = ("another accepted corpus than the one ingested there now (ingested since?)" if made_from
+               else "no known corpus (a preprocessing that stopped half-way, or an older dicomops)")
+        raise ValueError(f"the preprocessed data in {work} were made from {why}: run "
+                         f"'dicomops preprocess --work {work}' first")
 
 
 def labels_hash(work: Path) -> str:

@@ -62,28 +62,30 @@ def test_a_flow_on_a_held_work_directory_fails_naming_the_holder(
 
 
 def test_training_refuses_what_preprocessing_made_from_an_earlier_corpus(mlflow_env: str, tmp_path: Path) -> None:
-    """A corpus ingested after preprocessing is not trained on in name only: train and segment say
-    to preprocess again, before writing anything (the same record, its corpus unchanged, passes)."""
+    """A corpus ingested after preprocessing, or a preprocessing that stopped half-way, is not trained
+    on in name only: train and segment say to preprocess again, before writing anything."""
     import pandas as pd
 
-    from dicomops import stages
+    from dicomops import io
     from dicomops.layout import WorkLayout
-    from dicomops.preprocessing.stage import corpus_content_hash
+    from dicomops.preprocessing.stage import check_made_from, corpus_content_hash
     from flows.segment import segment
     from flows.train import train
 
     work = tmp_path / "work"
-    accepted = WorkLayout(work).ingest.accepted
-    accepted.parent.mkdir(parents=True)
-    pd.DataFrame({"deid_path": ["a/1.dcm"], "sha256": ["0" * 64]}).to_parquet(accepted)
-    then = corpus_content_hash(work)
-    stages.mark_done(work, "preprocess", "k", {"corpus": then}, outputs=[])
-    stages.check_made_from(work, "preprocess", then, "-")  # unchanged: goes on
-    pd.DataFrame({"deid_path": ["b/1.dcm"], "sha256": ["1" * 64]}).to_parquet(accepted)  # ingested since
+    layout = WorkLayout(work)
+    layout.ingest.accepted.parent.mkdir(parents=True)
+    layout.preprocessed.root.mkdir(parents=True)
+    pd.DataFrame({"deid_path": ["a/1.dcm"], "sha256": ["0" * 64]}).to_parquet(layout.ingest.accepted)
+    pd.DataFrame({"SeriesInstanceUID": ["1.2.3"]}).to_parquet(layout.preprocessed.index)
+    io.write_json(layout.preprocessed.made_from, {"corpus": corpus_content_hash(work)})
+    check_made_from(work, corpus_content_hash(work))  # unchanged: goes on
+    pd.DataFrame({"deid_path": ["b/1.dcm"], "sha256": ["1" * 64]}).to_parquet(layout.ingest.accepted)
     before = sorted(p.relative_to(work) for p in work.rglob("*"))
     for flow_ in (train, segment):
         with pytest.raises(ValueError, match=rf"another accepted corpus.*dicomops preprocess --work {work}"):
             flow_(work=work)
     assert sorted(p.relative_to(work) for p in work.rglob("*") if p.name not in (".lock", ".lock.holder")) == before
-    stages.mark_done(work, "preprocess", "k", {}, outputs=[])  # a record from before the corpus was kept
-    stages.check_made_from(work, "preprocess", "anything", "-")
+    layout.preprocessed.made_from.unlink()  # what a preprocessing stopped half-way leaves
+    with pytest.raises(ValueError, match="no known corpus"):
+        check_made_from(work, corpus_content_hash(work))

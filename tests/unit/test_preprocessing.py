@@ -201,6 +201,7 @@ def test_cache_hits_and_misses(vendor_work, tmp_path: Path) -> None:
     cfg = PreprocessConfig(workers=1, crop_xy=256)
     first = stage.preprocess_corpus(root / "work", cfg)
     assert first == {"series": 5, "computed": 5, "cached": 0, "failed": 0}
+    stage.check_made_from(root / "work", stage.corpus_content_hash(root / "work"))  # what training checks
     volumes = root / "work/preprocessed/volumes"
     stamps = {p.name: p.stat().st_mtime_ns for p in volumes.iterdir()}
     # The image, read four times a pipeline, is stored; the mask, mostly zeros, deflated.
