@@ -737,6 +737,9 @@ def run(
     except GateFailedError as err:
         console.print(f"[red]gate failed:[/] {err}")
         raise typer.Exit(1) from err
+    except ValueError as err:  # e.g. every series failed preprocessing: the message names the reasons
+        console.print(f"[red]the pipeline stopped:[/] {escape(str(err))}")
+        raise typer.Exit(2) from err
     console.print(f"[green]pipeline finished[/]: {escape(str(result))}")
 
 

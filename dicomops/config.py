@@ -7,6 +7,7 @@ read when a flow starts by calling :func:`load_settings`, never at import time.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -193,6 +194,19 @@ class PreprocessConfig(_Section):
             raise ValueError(f"spacing_mm must be positive, got {value}")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _ignored_window_values(cls, data: Any) -> Any:
+        """A centre or width beside a window other than 'custom' was always ignored: a config of a
+        registered version may carry them, so they are dropped, with a warning, not refused."""
+        if isinstance(data, dict) and data.get("window", "lung") != "custom" and (
+                data.get("window_center") is not None or data.get("window_width") is not None):
+            logging.getLogger(__name__).warning(
+                "preprocess.window_center and window_width apply only to window 'custom'; window '%s' ignores "
+                "them: set window: custom, or remove them", data.get("window", "lung"))
+            data = {**data, "window_center": None, "window_width": None}
+        return data
+
     @model_validator(mode="after")
     def _window_settings(self) -> PreprocessConfig:
         center, width = self.window_center, self.window_width
@@ -203,9 +217,6 @@ class PreprocessConfig(_Section):
                                  "(lung, soft_tissue, bone), header or none")
             if width <= 0:
                 raise ValueError(f"window_width must be above 0 HU, got {width}")
-        elif center is not None or width is not None:
-            raise ValueError(f"window_center and window_width apply only to window 'custom'; window "
-                             f"'{self.window}' would ignore them: set window: custom, or remove them")
         return self
 
 

@@ -48,7 +48,7 @@ def _full_disk_from_three(x: int, seen: str) -> int:
     import time
 
     Path(seen, str(x)).touch()
-    time.sleep(0.02)
+    time.sleep(0.05)  # 10 s for all 400 on two workers: stopping early leaves most never started
     if x >= 3:
         raise OSError(errno.ENOSPC, "No space left on device")
     return x
@@ -63,7 +63,7 @@ def test_a_full_disk_on_dask_is_raised_in_the_caller_and_stops_the_map(cluster: 
                      on_failure=lambda item, why: why, chunk_size=8, dask_address=cluster)
     assert raised.value.errno == errno.ENOSPC and "ENOSPC" in str(raised.value)
     time.sleep(1.0)  # cancelled chunks that had started finish
-    assert 8 <= len(list(tmp_path.iterdir())) < 200  # of 400 (all of them before): stopped early
+    assert 8 <= len(list(tmp_path.iterdir())) < 300  # of 400 (all of them before): stopped early
 
 
 def test_dask_runner_gives_the_default_runners_result(mixed_corpus: Path, tmp_path: Path, cluster: str) -> None:
