@@ -13,7 +13,9 @@ import os
 import secrets
 import shutil
 import socket
+import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +60,21 @@ def synthetic_study(out: Path, slices: int = 4, matrix: int = 64, index: int = 1
                       fault=None, fault_detail="", matrix=matrix, slices=slices)
     write_series(plan, out)
     return sorted(p for p in (out / plan.case / "series-1").iterdir() if p.is_file())
+
+
+def wait_answering(proc: subprocess.Popen, port: int, credentials: PacsCredentials, timeout_s: float = 60) -> None:
+    """Until the Orthanc that `proc` (``dicomops pacs start``) runs answers ``/system`` on `port`,
+    or `proc` exits, or `timeout_s` passes (the caller's next request then says what is wrong)."""
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/system", auth=(credentials.user, credentials.password),
+                            timeout=2).ok:
+                return
+        except requests.ConnectionError:
+            time.sleep(0.2)
 
 
 @dataclass

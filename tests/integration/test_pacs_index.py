@@ -19,7 +19,13 @@ from dicomops.pacs.client import PacsClient
 from dicomops.pacs.orthanc import DB, INDEX_PLUGIN, OrthancIndex, start_orthanc
 
 from .conftest import PG_PASSWORD, Postgres, _pg_bin, free_port
-from .orthanc_fixture import STABLE_AGE_S, pacs_credentials, require_orthanc, synthetic_study
+from .orthanc_fixture import (
+    STABLE_AGE_S,
+    pacs_credentials,
+    require_orthanc,
+    synthetic_study,
+    wait_answering,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -65,8 +71,6 @@ def test_pacs_start_with_an_index_url_serves_from_postgresql_and_never_prints_it
     import signal
     import sys
 
-    import requests
-
     from dicomops.pacs.client import PASSWORD_ENV, USER_ENV
     from dicomops.pacs.orthanc import INDEX_PASSWORD_ENV
 
@@ -85,14 +89,7 @@ def test_pacs_start_with_an_index_url_serves_from_postgresql_and_never_prints_it
                              f"postgresql://dicomops@127.0.0.1:{postgres.port}/orthanc_cli"],
                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/system", auth=(credentials.user, credentials.password),
-                                timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.2)
+        wait_answering(proc, port, credentials)
         with psycopg.connect(postgres.url("orthanc_cli")) as con:  # Orthanc made its tables there
             assert con.execute("select count(*) from pg_tables where tablename = 'resources'").fetchone() == (1,)
         time.sleep(0.5)  # let it print the addresses

@@ -39,6 +39,7 @@ from .orthanc_fixture import (  # noqa: F401  (orthanc is a fixture: pytest find
     pacs_credentials,
     require_orthanc,
     synthetic_study,
+    wait_answering,
 )
 
 pytestmark = pytest.mark.integration
@@ -209,14 +210,7 @@ def test_pacs_start_serves_until_sigterm_and_never_prints_the_password(tmp_path:
                              "--port", str(port), "--stable-age", "2"], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/system", auth=(credentials.user, credentials.password),
-                                timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.2)
+        wait_answering(proc, port, credentials)
         system = requests.get(f"http://127.0.0.1:{port}/system", auth=(credentials.user, credentials.password),
                               timeout=5).json()
         assert system["HttpPort"] == port and system["PluginsEnabled"]
