@@ -14,10 +14,9 @@ reason), ``failed`` when scoring or writing its report failed (the step and the 
 ``answered`` when a batch (``predict --pacs``) or the online service wrote its results back in full
 first (the watch then gates it without scoring it again, so that drift monitoring and readers'
 feedback find its de-identified files, and records it ``ingested`` saying so), or ``duplicate``
-for a study already handled. A study whose
-results the PACS will not keep (some of them, whenever asked) stays ``ingested`` with how many it
-kept and why the rest were not, and is not retried. A study is never dropped silently, and one that
-fails does not hold back the studies behind it.
+for a study already handled. A study whose results the PACS will not keep (some of them, whenever
+asked) stays ``ingested`` with how many it kept and why the rest were not, and is not retried. A
+study is never dropped silently, and one that fails does not hold back the studies behind it.
 """
 
 from __future__ import annotations
