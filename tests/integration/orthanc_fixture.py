@@ -62,19 +62,44 @@ def synthetic_study(out: Path, slices: int = 4, matrix: int = 64, index: int = 1
     return sorted(p for p in (out / plan.case / "series-1").iterdir() if p.is_file())
 
 
-def wait_answering(proc: subprocess.Popen, port: int, credentials: PacsCredentials, timeout_s: float = 60) -> None:
-    """Until the Orthanc that `proc` (``dicomops pacs start``) runs answers ``/system`` on `port`,
-    or `proc` exits, or `timeout_s` passes (the caller's next request then says what is wrong)."""
+@contextlib.contextmanager
+def pacs_start(args: list[str], env: dict[str, str], port: int, credentials: PacsCredentials,
+               timeout_s: float = 60) -> Iterator[subprocess.Popen]:
+    """``dicomops pacs start --port PORT *args`` as a child, yielded once its Orthanc answers
+    ``/system`` (or the child exited, or `timeout_s` passed: the caller's next request says why);
+    killed on leaving the block if it still runs. :func:`stop_by_sigterm` ends it as an operator would."""
+    import sys
+
     import requests
 
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/system", auth=(credentials.user, credentials.password),
-                            timeout=2).ok:
-                return
-        except requests.ConnectionError:
-            time.sleep(0.2)
+    from .conftest import ROOT
+
+    proc = subprocess.Popen([sys.executable, "-m", "dicomops.cli", "pacs", "start", "--port", str(port), *args],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/system", auth=(credentials.user, credentials.password),
+                                timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.2)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def stop_by_sigterm(proc: subprocess.Popen) -> str:
+    """SIGTERM to a :func:`pacs_start` child, once it has printed its addresses; all it printed."""
+    import signal
+
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=30)
+    return str(output)
 
 
 @dataclass

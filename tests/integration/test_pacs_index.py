@@ -22,9 +22,10 @@ from .conftest import PG_PASSWORD, Postgres, _pg_bin, free_port
 from .orthanc_fixture import (
     STABLE_AGE_S,
     pacs_credentials,
+    pacs_start,
     require_orthanc,
+    stop_by_sigterm,
     synthetic_study,
-    wait_answering,
 )
 
 pytestmark = pytest.mark.integration
@@ -68,13 +69,8 @@ def test_orthanc_keeps_its_index_in_postgresql_and_a_restart_finds_the_study_the
 
 def test_pacs_start_with_an_index_url_serves_from_postgresql_and_never_prints_its_password(
         postgres: Postgres, tmp_path: Path) -> None:
-    import signal
-    import sys
-
     from dicomops.pacs.client import PASSWORD_ENV, USER_ENV
     from dicomops.pacs.orthanc import INDEX_PASSWORD_ENV
-
-    from .conftest import ROOT
 
     require_orthanc()
     if not INDEX_PLUGIN.is_file():
@@ -84,22 +80,38 @@ def test_pacs_start_with_an_index_url_serves_from_postgresql_and_never_prints_it
     credentials, port = pacs_credentials(), free_port()
     env = {**os.environ, USER_ENV: credentials.user, PASSWORD_ENV: credentials.password, "COLUMNS": "200",
            INDEX_PASSWORD_ENV: PG_PASSWORD}
-    proc = subprocess.Popen([sys.executable, "-m", "dicomops.cli", "pacs", "start", "--storage", str(tmp_path / "pacs"),
-                             "--port", str(port), "--index-url",
-                             f"postgresql://dicomops@127.0.0.1:{postgres.port}/orthanc_cli"],
-                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_answering(proc, port, credentials)
+    with pacs_start(["--storage", str(tmp_path / "pacs"), "--index-url",
+                     f"postgresql://dicomops@127.0.0.1:{postgres.port}/orthanc_cli"], env, port, credentials) as proc:
         with psycopg.connect(postgres.url("orthanc_cli")) as con:  # Orthanc made its tables there
             assert con.execute("select count(*) from pg_tables where tablename = 'resources'").fetchone() == (1,)
-        time.sleep(0.5)  # let it print the addresses
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        output = stop_by_sigterm(proc)
     assert proc.returncode == 0, output
     text = " ".join(output.split())
     assert f"index in PostgreSQL: database orthanc_cli on 127.0.0.1:{postgres.port} as dicomops" in text
     assert PG_PASSWORD not in output and credentials.password not in output
     assert not (tmp_path / "pacs" / DB / "index").exists()
+
+
+def test_an_orthanc_killed_mid_way_releases_its_postgresql_index_and_the_next_one_takes_it_whole(
+        postgres: Postgres, tmp_path: Path) -> None:
+    """Orthanc locks its database against a second Orthanc; a crash (SIGKILL, as an OOM kill) ends its
+    session and so the lock: the next Orthanc starts on the same index, finds what the first stored,
+    and stores again."""
+    require_orthanc()
+    if not INDEX_PLUGIN.is_file():
+        pytest.skip("the PostgreSQL index plugin is not installed (make integration installs orthanc-postgresql)")
+    subprocess.run([_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(postgres.port), "-U", "dicomops",
+                    "orthanc_crash"], check=True, env={**os.environ, "PGPASSWORD": PG_PASSWORD}, capture_output=True)
+    index = OrthancIndex("127.0.0.1", postgres.port, "orthanc_crash", "dicomops", PG_PASSWORD)
+    credentials, storage = pacs_credentials(), tmp_path / "pacs"
+    first = [pydicom.dcmread(f) for f in synthetic_study(tmp_path / "a", slices=3, index=5)]
+    second = [pydicom.dcmread(f) for f in synthetic_study(tmp_path / "b", slices=3, index=6)]
+    with start_orthanc(storage, free_port(), credentials, index=index) as pacs, \
+            PacsClient(pacs.dicomweb_url, credentials) as client:
+        assert len(client.store(first)) == 3
+        pacs.kill()
+    with start_orthanc(storage, free_port(), credentials, index=index, startup_timeout_s=60) as again, \
+            PacsClient(again.dicomweb_url, credentials) as client:
+        assert len(client.store(second)) == 3
+        held = {str(s.StudyInstanceUID) for s in client.search_studies()}
+    assert held == {str(first[0].StudyInstanceUID), str(second[0].StudyInstanceUID)}

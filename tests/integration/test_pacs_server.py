@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import stat
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -31,15 +28,16 @@ from dicomops.pacs.client import (
 from dicomops.pacs.orthanc import OrthancProcess, start_orthanc
 from dicomops.pacs.results import Finding, structured_report
 
-from .conftest import ROOT, free_port
+from .conftest import free_port
 from .orthanc_fixture import (  # noqa: F401  (orthanc is a fixture: pytest finds it by name)
     STABLE_AGE_S,
     CuttingProxy,
     orthanc,
     pacs_credentials,
+    pacs_start,
     require_orthanc,
+    stop_by_sigterm,
     synthetic_study,
-    wait_answering,
 )
 
 pytestmark = pytest.mark.integration
@@ -206,22 +204,13 @@ def test_pacs_start_serves_until_sigterm_and_never_prints_the_password(tmp_path:
     credentials, port = pacs_credentials(), free_port()
     env = {**os.environ, USER_ENV: credentials.user, PASSWORD_ENV: credentials.password, "COLUMNS": "200"}
     storage = tmp_path / "pacs"
-    proc = subprocess.Popen([sys.executable, "-m", "dicomops.cli", "pacs", "start", "--storage", str(storage),
-                             "--port", str(port), "--stable-age", "2"], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_answering(proc, port, credentials)
+    with pacs_start(["--storage", str(storage), "--stable-age", "2"], env, port, credentials) as proc:
         system = requests.get(f"http://127.0.0.1:{port}/system", auth=(credentials.user, credentials.password),
                               timeout=5).json()
         assert system["HttpPort"] == port and system["PluginsEnabled"]
         assert stat.S_IMODE((storage / "orthanc.json").stat().st_mode) == 0o600
         assert stat.S_IMODE(storage.stat().st_mode) == 0o700
-        time.sleep(0.5)  # let it print the addresses
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        output = stop_by_sigterm(proc)
     assert proc.returncode == 0, output
     assert credentials.password not in output
     text = " ".join(output.split())
