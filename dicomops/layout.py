@@ -317,6 +317,12 @@ class WorkLayout:
         """A prediction batch's de-identified results (``results.csv``, ``summary.json``)."""
         return self.root / "predict" / batch_id
 
+    @staticmethod
+    def served_mask(series: str) -> str:
+        """Where a results folder (beside its ``results.csv``, which names it in ``segmenter_mask``)
+        keeps the mask the segmenter served for `series` (the gate's pseudonym)."""
+        return f"segments/{series}.npz"
+
     def result_tables(self) -> list[Path]:
         """Every ``results.csv`` the platform wrote: batches, the online service (``predict/``) and
         pacs-watch (``pacs/predict/``, under the one folder it holds), oldest first."""

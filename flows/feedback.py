@@ -1,6 +1,7 @@
-"""The feedback loop: readers' judgements (their verified revisions of our reports in the PACS; the
-review endpoint's are stored as they arrive) → one label per series → agreement with the model on
-its real work → the event dicomops.feedback.threshold and (embedded default) the retrain."""
+"""The feedback loop: readers' judgements (their verified revisions of our reports and corrected
+segmentations in the PACS; the review endpoint's are stored as they arrive) → one label per series →
+agreement with the classifier, and with the segmenter where one is promoted, on their real work →
+the event dicomops.feedback.threshold and (embedded default) the classifier's retrain."""
 
 from __future__ import annotations
 
@@ -37,6 +38,12 @@ def feedback(orthanc_url: str | None = None, work: Path | None = None, config: P
         source, _, _ = t.readers_source(work, cfg, labelled_sources(work, config.monitor.training_source))
         run_id, rows = t.log_agreement(uri, settings.mlflow_artifact_root, config.monitor.experiment, name,
                                        version, work, cfg, collected | labels, source)
+        # The segmenter's answers are judged by the same readers: its own run and page (kappa, Dice).
+        segmenter = config.segment.model_name
+        segmenter_version = t.serving_version(uri, segmenter, config.monitor.alias)
+        if segmenter_version is not None:
+            t.log_agreement(uri, settings.mlflow_artifact_root, config.monitor.experiment, segmenter,
+                            segmenter_version, work, cfg, {}, source)
         reason = t.retrain_reason(work, cfg, name, version)
     overall = next((r for r in rows if r["vendor"] == "all"), None)
     print(f"feedback on {name} v{version}: {collected or 'PACS not read'}; {labels}; agreement "

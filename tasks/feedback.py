@@ -71,7 +71,7 @@ def log_agreement(tracking_uri: str, artifact_root: Path | None, experiment: str
 def retrain_reason(work: Path, cfg: FeedbackConfig, name: str, version: str) -> str | None:
     from dicomops.monitoring import guard
 
-    return stage.due(work, cfg, version, guard.last_start(work, name))
+    return stage.due(work, cfg, name, version, guard.last_start(work, name))
 
 
 @task(name="raise-feedback-event")

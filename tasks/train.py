@@ -94,7 +94,7 @@ def promotion_gate(tracking_uri: str, cfg: TrainConfig, version: str, work: Path
         from dicomops.deid.keys import key_from_settings
         from dicomops.feedback.gate import readers_for
 
-        readers = readers_for(work, feedback_work, feedback or FeedbackConfig(), key_from_settings())
+        readers = readers_for(work, feedback_work, cfg.model_name, feedback or FeedbackConfig(), key_from_settings())
     decision = registry.apply_promotion_gate(tracking_uri, cfg.model_name, version, margin=cfg.promotion_margin,
                                              vendor_tolerance=cfg.vendor_tolerance, min_auc=cfg.min_auc,
                                              readers=readers,

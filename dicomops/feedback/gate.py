@@ -14,17 +14,18 @@ from dicomops.feedback.store import FeedbackStore, resolve
 from dicomops.tracking.promotion import ReaderAgreement
 
 
-def reader_agreement(feedback_work: Path, oof: pd.DataFrame, threshold: float, champion_version: str,
+def reader_agreement(feedback_work: Path, oof: pd.DataFrame, threshold: float, model: str, champion_version: str,
                      cfg: FeedbackConfig, key: bytes | None = None) -> ReaderAgreement | None:
-    """Compare on every series with a resolved reader label, a call of the champion in the clinic
-    (its feedback items) and an out-of-fold score of the challenger (`oof`: ``SeriesInstanceUID``,
-    ``score``; called at `threshold`). None when no reader has labelled anything."""
+    """Compare on every series with a resolved reader label, a call of `model`'s champion in the
+    clinic (its feedback items: the segmenter's, versioned apart, are not its calls) and an
+    out-of-fold score of the challenger (`oof`: ``SeriesInstanceUID``, ``score``; called at
+    `threshold`). None when no reader has labelled anything."""
     items = FeedbackStore(feedback_work).items()
     if items.empty:
         return None
     resolved = resolve(items, cfg.conflict_rule)
     truth = resolved[resolved.label >= 0].set_index("SeriesInstanceUID").label.astype(int)
-    mine = items[items.version == str(champion_version)].sort_values("at")
+    mine = items[(items.model == model) & (items.version == str(champion_version))].sort_values("at")
     champion = mine.groupby("series").model_label.last().astype(int)
     challenger = (oof.set_index("SeriesInstanceUID").score >= threshold).astype(int)
     if key is not None:  # clinical series the retrain's gate remapped once more (dicomops.feedback.clinical)
@@ -39,13 +40,14 @@ def reader_agreement(feedback_work: Path, oof: pd.DataFrame, threshold: float, c
                            float((challenger[common] == truth[common]).mean()))
 
 
-def readers_for(work: Path, feedback_work: Path, cfg: FeedbackConfig,
+def readers_for(work: Path, feedback_work: Path, model: str, cfg: FeedbackConfig,
                 key: bytes | None = None) -> Callable[[str], ReaderAgreement | None]:
-    """What the promotion gate asks (``readers(champion_version)``), from the training in `work`: its
-    out-of-fold scores called at its CV threshold."""
+    """What the promotion gate of `model` asks (``readers(champion_version)``), from the training in
+    `work`: its out-of-fold scores called at its CV threshold."""
     from dicomops import io
     from dicomops.layout import WorkLayout
 
     paths = WorkLayout(work).train
     oof, threshold = pd.read_parquet(paths.oof_predictions), float(io.read_json(paths.summary)["threshold"])
-    return lambda champion_version: reader_agreement(feedback_work, oof, threshold, champion_version, cfg, key)
+    return lambda champion_version: reader_agreement(feedback_work, oof, threshold, model, champion_version, cfg,
+                                                                 key)

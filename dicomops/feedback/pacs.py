@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from pydicom.uid import generate_uid
 
 from dicomops import io
 from dicomops.deid.keys import KeyedMapper
-from dicomops.feedback.review import latest_result
+from dicomops.feedback.review import latest_localisation, latest_result
 from dicomops.feedback.store import FeedbackStore, Reviewers, UnknownReaderError, make_item
 from dicomops.layout import WorkLayout
 from dicomops.pacs.client import PacsRequestRefused
@@ -276,7 +277,7 @@ def _collect_segmentations(study_uid: str, pacs: Any, work: Path, mapper: KeyedM
                            seen: set[str], now: str) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
     """The study's new SEGs: a configured reviewer's corrected segmentation of a series the platform
     answered becomes an item with its mask (``FeedbackPaths.mask``); the rest are recorded."""
-    from dicomops.feedback.seg import is_ours, read_correction, reader_mask
+    from dicomops.feedback.seg import is_ours, mask_dice, read_correction, reader_mask
 
     rows: list[dict[str, str]] = []
     items: list[dict[str, Any]] = []
@@ -319,16 +320,28 @@ def _collect_segmentations(study_uid: str, pacs: Any, work: Path, mapper: KeyedM
         assert not isinstance(correction, str) and served is not None and drawn is not None
         relative = WorkLayout(work).feedback.mask(token)
         drawn.save(WorkLayout(work).feedback.root / relative)
-        label = int(bool(drawn.nodules))
+        label, series = int(bool(drawn.nodules)), mapper.uid(correction.series_uid)
         items.append(make_item(reader=correction.reader, role=role, source="pacs-seg", verdict="correct",
-                               series=mapper.uid(correction.series_uid), vendor=served.manufacturer,
+                               series=series, vendor=served.manufacturer,
                                model=served.model, version=served.version, model_label=int(served.present),
                                model_score=served.score, reader_label=label, ref=token, at=correction.at,
-                               changed=f"mask of {len(drawn.nodules)} nodules" + (
-                                   f"; label {int(served.present)} \u2192 {label}" if label != served.present else ""),
-                               mask=relative))
+                               changed=_changed(len(drawn.nodules), int(served.present), label), mask=relative))
+        localised = latest_localisation(work, series)
+        if localised is not None:  # the segmenter's mask is what the reader corrected: judged with it
+            dice = mask_dice(localised.mask, WorkLayout(work).feedback.root / relative) \
+                if localised.mask.is_file() else math.nan
+            items.append(make_item(reader=correction.reader, role=role, source="pacs-seg", verdict="correct",
+                                   series=series, vendor=served.manufacturer, model=localised.model,
+                                   version=localised.version, model_label=int(localised.present),
+                                   model_score=localised.score, reader_label=label, ref=f"{token}/segmenter",
+                                   at=correction.at, mask=relative, dice=dice,
+                                   changed=_changed(len(drawn.nodules), int(localised.present), label)))
         rows.append({"report": token, "outcome": "stored", "reason": "", "at": now})
     return rows, items
+
+
+def _changed(nodules: int, said: int, label: int) -> str:
+    return f"mask of {nodules} nodules" + (f"; label {said} \u2192 {label}" if label != said else "")
 
 
 def _known_report(pacs: Any, study_uid: str, sop: str) -> Report | None:

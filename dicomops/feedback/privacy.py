@@ -13,10 +13,28 @@ patient has (a rare scanner, one site) cannot be told apart from one that does n
 comes from OpenDP's own floating-point-safe samplers and the operating system's CSPRNG: there is no
 seed, on purpose (noise that can be replayed can be subtracted).
 
-The ledger charges a dataset (the source corpus's DVC hash) what OpenDP's privacy map says each
-release costs, before the noise is drawn, and refuses a release that would exceed the budget. A table
-already released for the same dataset and specification is published again as it was: re-reading
-a released value is post-processing and costs nothing.
+The ledger charges what OpenDP's privacy map says each release costs, before the noise is drawn,
+and refuses a release that would exceed the budget. Two budgets are charged, and both must allow it:
+
+- the *dataset*'s (the source corpus's DVC hash, or ``ingest.privacy.dataset``): the name an operator
+  can give several versions of a corpus to bound them together;
+- the *cohort*'s: the set of patients whose rows the release counts (a hash of their pseudonyms,
+  :func:`cohort_key`). The patient is what the privacy guarantee protects (the sensitivity is one
+  patient's rows), so it is the patients, not the folder they came in, that must not be queried
+  past the budget. The folder's DVC md5 changes with anything in it: an edited ``labels.csv``, a
+  quarantined extra file, a sidecar. Were the budget the md5's alone, each such change would open a
+  fresh budget over the very same patients, and enough fresh releases average the noise away. A
+  cohort's budget follows its patients through every dataset name the ledger has seen; a patient's
+  other series (a new study) stay in the same cohort.
+
+What a cohort budget does not bound: cohorts that differ by some patients (the corpus, then the
+corpus plus a batch) are different cohorts, and a patient in both pays in both; as before, name one
+``ingest.privacy.dataset`` to bound them together.
+
+A table already released over the same rows and specification (:func:`_spec`, which holds a hash of
+the rows) is published again as it was, whichever dataset paid for it: re-reading a released value
+is post-processing and costs nothing, and drawing the same query over the same rows again is exactly
+what must not happen.
 """
 
 from __future__ import annotations
@@ -54,7 +72,7 @@ class Release:
     """One released table: the noisy counts that survived suppression, and what it cost."""
 
     name: str
-    dataset: str
+    dataset: str  # the dataset whose budget paid for it (another name's, when reused from there)
     by: tuple[str, ...]
     epsilon: float
     delta: float
@@ -76,6 +94,11 @@ class LedgerEntry:
     releases: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _over(spent_epsilon: float, spent_delta: float, cfg: PrivacyConfig) -> bool:
+    # A relative slack: sums of floats must not refuse the release that exactly fills the budget.
+    return spent_epsilon > cfg.budget_epsilon * (1 + 1e-9) or spent_delta > cfg.budget_delta * (1 + 1e-9)
+
+
 class PrivacyLedger:
     """Per-dataset privacy spending in one JSON file, safe for several processes (a file lock)."""
 
@@ -89,6 +112,21 @@ class PrivacyLedger:
         raw = self._read()["datasets"].get(dataset)
         return LedgerEntry(**raw) if raw else LedgerEntry()
 
+    def cohort_spent(self, cohort: str) -> tuple[float, float, int]:
+        """(epsilon, delta, releases) the ledger has charged for `cohort`'s rows under any dataset name.
+
+        Every record counts, a release paid for and never drawn included: it was paid.
+        """
+        eps = delta = 0.0
+        count = 0
+        for entry in self._read()["datasets"].values():
+            for record in entry["releases"]:
+                if record.get("cohort") == cohort:
+                    eps += record["epsilon"]
+                    delta += record["delta"]
+                    count += 1
+        return eps, delta, count
+
     def lock(self) -> FileLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         return FileLock(str(self.path) + ".lock", timeout=60)
@@ -96,17 +134,30 @@ class PrivacyLedger:
     def charge(self, dataset: str, record: dict[str, Any], cfg: PrivacyConfig) -> None:
         """Add `record` (its ``epsilon``, ``delta``) to the dataset's spending, or refuse.
 
+        A record with a ``cohort`` (:func:`cohort_key`) must also fit that cohort's budget: what the
+        ledger has charged for the same patients under every dataset name.
+
         Must be called under :meth:`lock`.
 
         Raises:
-            PrivacyBudgetExceededError: the release would take the dataset past its budget.
+            PrivacyBudgetExceededError: the release would take the dataset, or its cohort, past the budget.
         """
+        if (cohort := record.get("cohort")) is not None:
+            c_eps, c_delta, c_count = self.cohort_spent(cohort)
+            if _over(c_eps + record["epsilon"], c_delta + record["delta"], cfg):
+                raise PrivacyBudgetExceededError(
+                    f"release {record['name']!r} of dataset {dataset[:12]} needs \u03b5 {record['epsilon']:g}, "
+                    f"\u03b4 {record['delta']:.1e}, but {c_count} earlier releases of the same patients (cohort "
+                    f"{cohort[:12]}, under any dataset name) spent \u03b5 {c_eps:g} of {cfg.budget_epsilon:g} and "
+                    f"\u03b4 {c_delta:.1e} of {cfg.budget_delta:.1e} ({self.path}). Nothing was released. A new "
+                    "dataset name (a changed source folder) does not renew the budget of the same patients. "
+                    "Reuse the released tables, release fewer tables (ingest.privacy.releases) or, if the data "
+                    "governance board agrees, raise ingest.privacy.budget_epsilon")
         ledger = self._read()
         entry = ledger["datasets"].setdefault(dataset, LedgerEntry().__dict__)
         eps = entry["spent_epsilon"] + record["epsilon"]
         delta = entry["spent_delta"] + record["delta"]
-        # A relative slack: sums of floats must not refuse the release that exactly fills the budget.
-        if eps > cfg.budget_epsilon * (1 + 1e-9) or delta > cfg.budget_delta * (1 + 1e-9):
+        if _over(eps, delta, cfg):
             raise PrivacyBudgetExceededError(
                 f"release {record['name']!r} of dataset {dataset[:12]} needs \u03b5 {record['epsilon']:g}, "
                 f"\u03b4 {record['delta']:.1e}, but {len(entry['releases'])} earlier releases spent "
@@ -118,10 +169,18 @@ class PrivacyLedger:
         io.write_json(self.path, ledger)
 
     def find(self, dataset: str, spec: str) -> dict[str, Any] | None:
-        for record in self.entry(dataset).releases:
-            # A release paid for but never drawn (a crash between the two) is not reused: drawn again, paid again.
-            if record.get("spec") == spec and record.get("cells") is not None:
-                return record
+        """The drawn release of `spec` (:func:`_spec`, which hashes the rows), `dataset`'s first, else
+        the first under any other dataset name, with ``dataset`` set to the one that paid; or None.
+
+        The spec names the rows, so the same query over the same rows is the same release whatever
+        the folder's name: answering it with fresh noise would let the noise be averaged away.
+        """
+        datasets = self._read()["datasets"]
+        for name in (dataset, *sorted(d for d in datasets if d != dataset)):
+            for record in datasets.get(name, {}).get("releases", []):
+                # A release paid for but never drawn (a crash between the two) is not reused: drawn again, paid again.
+                if record.get("spec") == spec and record.get("cells") is not None:
+                    return record | {"dataset": name}
         return None
 
 
@@ -217,6 +276,16 @@ def release_name(by: Sequence[str]) -> str:
     return "series by " + " \u00d7 ".join(by)
 
 
+def cohort_key(rows: pd.DataFrame) -> str:
+    """The cohort a release is of: a hash of the set of patients in `rows` (never the pseudonyms).
+
+    The privacy budget's unit (the guarantee protects a patient): the same patients under another
+    dataset name, or with other series of theirs, are the same cohort.
+    """
+    patients = sorted(set(rows["patient"].astype(str))) if "patient" in rows else []
+    return hashlib.sha256("\x1f".join(["cohort", *patients]).encode()).hexdigest()
+
+
 def _key(values: Sequence[str]) -> str:
     return "\x1f".join(values)
 
@@ -225,8 +294,13 @@ def release_counts(rows: pd.DataFrame, by: Sequence[str], cfg: PrivacyConfig, le
                    dataset: str, name: str | None = None) -> Release:
     """Release the series count of each cell of `by` over `rows` (:func:`cohort`'s table).
 
+    The same table over the same rows and settings, released before under any dataset name, is
+    returned as it was (``reused``, its ``dataset`` the one that paid), and charged nothing. A new
+    one is charged to `dataset` and to the cohort of `rows`' patients (:func:`cohort_key`).
+
     Raises:
-        PrivacyBudgetExceededError: the dataset's budget cannot pay for this release.
+        PrivacyBudgetExceededError: the dataset's budget, or its patients' (the cohort's), cannot
+            pay for this release.
         ValueError: `by` names a column `rows` does not have.
     """
     by = tuple(by)
@@ -237,9 +311,9 @@ def release_counts(rows: pd.DataFrame, by: Sequence[str], cfg: PrivacyConfig, le
     spec = _spec(rows, by, cfg)
     with ledger.lock():
         if (earlier := ledger.find(dataset, spec)) is not None:
-            return _from_record(earlier, dataset, reused=True)
+            return _from_record(earlier, earlier["dataset"], reused=True)
         record = {"name": name, "by": list(by), "epsilon": epsilon, "delta": delta, "scale": scale,
-                  "threshold": threshold, "spec": spec,
+                  "threshold": threshold, "spec": spec, "cohort": cohort_key(rows),
                   "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
         ledger.charge(dataset, record | {"cells": None}, cfg)  # paid before any noise is drawn
         kept = bound_contributions(rows, cfg.max_series_per_patient)
@@ -275,22 +349,28 @@ def _from_record(record: dict[str, Any], dataset: str, reused: bool = False) -> 
 
 def release_cohort(instances: pd.DataFrame, cfg: PrivacyConfig, ledger: PrivacyLedger,
                    dataset: str) -> list[Release]:
-    """Every configured table over the gate's accepted series; all or none (the budget is checked
-    for the whole set before the first is drawn)."""
+    """Every configured table over the gate's accepted series; all or none (the budget, the
+    dataset's and the cohort's, is checked for the whole set before the first is drawn)."""
     if not cfg.enabled:
         return []
     rows = cohort(instances)
     _, _, epsilon, delta = calibrate(cfg)
     entry = ledger.entry(dataset)
     specs = {_spec(rows, tuple(by), cfg) for by in cfg.releases}
-    new = len(specs - {r.get("spec") for r in entry.releases})
-    if new and (entry.spent_epsilon + new * epsilon > cfg.budget_epsilon * (1 + 1e-9)
-                or entry.spent_delta + new * delta > cfg.budget_delta * (1 + 1e-9)):
+    new = sum(ledger.find(dataset, spec) is None for spec in specs)
+    advice = ("Release fewer tables (ingest.privacy.releases), a smaller ingest.privacy.epsilon each, or, if "
+              "the data governance board agrees, raise ingest.privacy.budget_epsilon")
+    if new and _over(entry.spent_epsilon + new * epsilon, entry.spent_delta + new * delta, cfg):
         raise PrivacyBudgetExceededError(
             f"the {new} new tables of dataset {dataset[:12]} need \u03b5 {new * epsilon:g}; "
             f"{entry.spent_epsilon:g} of {cfg.budget_epsilon:g} is spent ({ledger.path}). Nothing was released. "
-            "Release fewer tables (ingest.privacy.releases), a smaller ingest.privacy.epsilon each, or, if "
-            "the data governance board agrees, raise ingest.privacy.budget_epsilon")
+            + advice)
+    c_eps, c_delta, _ = ledger.cohort_spent(cohort_key(rows))
+    if new and _over(c_eps + new * epsilon, c_delta + new * delta, cfg):
+        raise PrivacyBudgetExceededError(
+            f"the {new} new tables of dataset {dataset[:12]} need \u03b5 {new * epsilon:g}; releases of the same "
+            f"patients under any dataset name spent {c_eps:g} of {cfg.budget_epsilon:g} ({ledger.path}): a new "
+            "dataset name does not renew their budget. Nothing was released. " + advice)
     return [release_counts(rows, by, cfg, ledger, dataset) for by in cfg.releases]
 
 
@@ -467,8 +547,9 @@ def _rows_hash(rows: pd.DataFrame) -> str:
 def release_pool(work: Path, cfg: PrivacyConfig, ledger: PrivacyLedger) -> PoolCounts:
     """Release the labelled pool's series per vendor and label once, and record it for every reader.
 
-    Charged to the same dataset as the ingest's tables; the same pool again (a segmenter after the
-    classifier, a resumed training) is published as it was, free. A spent budget or privacy turned
+    Charged to the same dataset as the ingest's tables (and to the cohort of the pool's patients);
+    the same pool again (a segmenter after the classifier, a resumed training, the same pool under
+    another dataset name) is published as it was, free. A spent budget or privacy turned
     off releases nothing and says so: the training goes on, and shows no counts.
     """
     from dicomops.ingest import source_dvc_md5

@@ -48,6 +48,33 @@ class ServedResult:
     manufacturer: str
 
 
+@dataclass(frozen=True)
+class ServedLocalisation:
+    """The segmenter's newest answer for a series in the PACS: its call and the mask it served."""
+
+    model: str
+    version: str
+    score: float
+    present: bool
+    mask: Path  # the served mask (dicomops.feedback.seg.ReaderMask format)
+
+
+def latest_localisation(work: Path, series: str) -> ServedLocalisation | None:
+    """The newest answer the segmenter gave for `series` (pseudonymous UID) in any results table, or
+    None where it never answered it (no segmenter then, or its results not written back)."""
+    for path in reversed(WorkLayout(work).result_tables()):
+        table = pd.read_csv(path, keep_default_na=False, dtype={"segmenter_version": str})
+        if "segmenter" not in table:
+            continue
+        hit = table[(table.get("series", pd.Series(dtype=str)) == series) & (table.segmenter != "")]
+        if len(hit):
+            row = hit.iloc[-1]
+            return ServedLocalisation(str(row.segmenter), str(row.segmenter_version), float(row.segmenter_score),
+                                      str(row.segmenter_present).lower() in ("true", "1"),
+                                      path.parent / str(row.segmenter_mask))
+    return None
+
+
 def latest_result(work: Path, series: str) -> ServedResult | None:
     """The newest result any batch or the online service gave for `series` (pseudonymous UID)."""
     for path in reversed(WorkLayout(work).result_tables()):

@@ -57,6 +57,20 @@ class ReaderMask:
             return list(json.loads(str(npz["nodules"][0])))
 
 
+def mask_dice(served: Path, drawn: Path) -> float:
+    """The Dice coefficient of two masks of one series in :class:`ReaderMask`'s format (any non-zero
+    voxel is nodule), their slices matched by position: the mask the segmenter served and a reader's
+    corrected one. 0 when one is empty and the other not; NaN when both are empty, or when they do
+    not lie on the same slices and matrix (not over the same series)."""
+    with np.load(served) as a, np.load(drawn) as b:
+        mask_a, z_a, mask_b, z_b = a["mask"] > 0, np.round(a["ipp_z"], 2), b["mask"] > 0, np.round(b["ipp_z"], 2)
+    if mask_a.shape[1:] != mask_b.shape[1:] or sorted(z_a.tolist()) != sorted(z_b.tolist()):
+        return math.nan
+    mask_b = mask_b[np.argsort(z_b)][np.argsort(np.argsort(z_a))]  # b's slices in a's order
+    total = int(mask_a.sum()) + int(mask_b.sum())
+    return math.nan if total == 0 else 2.0 * int((mask_a & mask_b).sum()) / total
+
+
 def is_ours(ds: Dataset) -> bool:
     """A SEG dicomops wrote: its Manufacturer, and no Content Creator (a reader's correction names
     one, whatever Manufacturer a viewer that copied ours left in it)."""

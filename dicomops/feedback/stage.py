@@ -102,37 +102,45 @@ def agreement_table(work: Path, cfg: FeedbackConfig, now: dt.datetime | None = N
     return agreement(FeedbackStore(work).items(), cfg, now)
 
 
-def metrics(table: pd.DataFrame, version: str) -> dict[str, float]:
-    """``feedback.kappa.<vendor>`` and ``feedback.disagreement.<vendor>`` of one version (NaN kappas
-    left out: MLflow would store them, and a chart of NaN helps nobody). No count of series: counts
-    people see are released under differential privacy (:mod:`dicomops.feedback.privacy`), and the
-    exact ones stay in the work directory's ``agreement.csv``."""
+def _of(table: pd.DataFrame, model: str, version: str) -> pd.DataFrame:
+    return table[(table.model == model) & (table.version == str(version))]
+
+
+def metrics(table: pd.DataFrame, model: str, version: str) -> dict[str, float]:
+    """``feedback.kappa.<vendor>``, ``feedback.disagreement.<vendor>`` and, for the segmenter,
+    ``feedback.dice.<vendor>`` of one version of `model` (NaN figures left out: MLflow would store
+    them, and a chart of NaN helps nobody). No count of series: counts people see are released under
+    differential privacy (:mod:`dicomops.feedback.privacy`), and the exact ones stay in the work
+    directory's ``agreement.csv``."""
     out: dict[str, float] = {}
-    for row in table[table.version == str(version)].itertuples():
-        if not math.isnan(row.disagreement):
-            out[f"feedback.disagreement.{row.vendor}"] = float(row.disagreement)
-        if not math.isnan(row.kappa):
-            out[f"feedback.kappa.{row.vendor}"] = float(row.kappa)
+    for row in _of(table, model, version).itertuples():
+        for name in ("disagreement", "kappa", "dice"):
+            value = float(getattr(row, name))
+            if not math.isnan(value):
+                out[f"feedback.{name}.{row.vendor}"] = value
     return out
 
 
-def due(work: Path, cfg: FeedbackConfig, version: str, since: str, now: dt.datetime | None = None) -> str | None:
-    return retrain_due(FeedbackStore(work).items(), cfg, version, since, now)
+def due(work: Path, cfg: FeedbackConfig, model: str, version: str, since: str,
+        now: dt.datetime | None = None) -> str | None:
+    return retrain_due(FeedbackStore(work).items(), cfg, model, version, since, now)
 
 
 def payload(name: str, version: str, reason: str, run_id: str) -> dict[str, Any]:
     return {"model": name, "version": str(version), "reason": reason, "feedback_run_id": run_id}
 
 
-def plot_agreement(table: pd.DataFrame, version: str, cfg: FeedbackConfig, out: Path) -> Path:
-    """Kappa and disagreement per vendor for one version, with the retrain threshold drawn in."""
+def plot_agreement(table: pd.DataFrame, model: str, version: str, cfg: FeedbackConfig, out: Path) -> Path:
+    """Kappa and disagreement per vendor for one version of `model`, with the retrain threshold drawn
+    in; for a model whose masks readers corrected (the segmenter), the mean Dice beside them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mine = table[table.version == str(version)]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
+    mine = _of(table, model, version)
+    with_dice = bool(mine.dice.notna().any()) if len(mine) else False
+    fig, axes = plt.subplots(1, 3 if with_dice else 2, figsize=(17 if with_dice else 12, 4.2), layout="constrained")
     if mine.empty:
         for ax in axes:
             ax.text(0.5, 0.5, "no reader feedback in the window", ha="center", va="center", transform=ax.transAxes)
@@ -161,7 +169,17 @@ def plot_agreement(table: pd.DataFrame, version: str, cfg: FeedbackConfig, out: 
         axes[1].set_title(f"Disagreement rate (last {cfg.window_days:g} days; none under {cfg.min_cases} series)",
                           fontsize=11)
         axes[1].invert_yaxis()
-    fig.suptitle(f"Agreement with readers, version {version}", fontsize=12)
+        if with_dice:
+            axes[2].barh(names, mine.dice.fillna(0).to_numpy(), color="#8064a2")
+            for row, value in enumerate(mine.dice):
+                if math.isnan(value):
+                    axes[2].text(0.01, row, f"no figure: fewer than {cfg.min_cases} corrected masks", va="center",
+                                 color="#777777", fontsize=9)
+            axes[2].set_xlim(0, 1)
+            axes[2].set_title("Mean Dice, served mask vs the reader's corrected one\n"
+                              "(series the readers call positive)", fontsize=11)
+            axes[2].invert_yaxis()
+    fig.suptitle(f"Agreement with readers, {model} version {version}", fontsize=12)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
@@ -179,15 +197,17 @@ def record_agreement(tracking_uri: str, artifact_root: Path | None, experiment: 
     folder = WorkLayout(work).feedback.root
     folder.mkdir(parents=True, exist_ok=True)
     agreement_csv = io.write_csv(folder / "agreement.csv", table)
-    picture = plot_agreement(table, version, cfg, folder / "agreement.png")
+    pictures = folder / "pictures" / name  # one per model; each run logs its own as agreement.png
+    pictures.mkdir(parents=True, exist_ok=True)
+    picture = plot_agreement(table, name, version, cfg, pictures / "agreement.png")
     run_id = runs.start_run(tracking_uri, experiment, artifact_root, run_name="feedback",
                             tags={"stage": "feedback", "model": name, "model_version": str(version), **(tags or {})},
                             params={"feedback.window_days": cfg.window_days, "feedback.min_kappa": cfg.min_kappa,
                                     "feedback.corrections": cfg.corrections, "feedback.rule": cfg.conflict_rule})
-    runs.log_metrics(tracking_uri, run_id, metrics(table, version) | {f"feedback.{k}": float(v) for k, v in counts.items()})
+    runs.log_metrics(tracking_uri, run_id, metrics(table, name, version) | {f"feedback.{k}": float(v) for k, v in counts.items()})
     runs.log_artifacts(tracking_uri, run_id, [privacy.shown(agreement_csv, table), picture], "feedback")
     runs.end_run(tracking_uri, run_id)
-    rows = table[table.version == str(version)].to_dict("records")
+    rows = _of(table, name, version).to_dict("records")
     if rows:
         describe_feedback(tracking_uri, name, str(version), rows, cfg.window_days, run_id)
     return run_id, rows

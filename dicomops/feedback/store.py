@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,9 @@ from dicomops.errors import DicomOpsError
 VERDICTS = ("accept", "reject", "correct")
 SOURCES = ("endpoint", "pacs-sr", "pacs-seg", "simulated")  # simulated: the demo's readers (dicomops.feedback.simulate)
 ITEM_COLUMNS = ["item", "at", "reader", "role", "source", "verdict", "series", "vendor", "model", "version",
-                "model_label", "model_score", "reader_label", "changed", "mask"]
+                "model_label", "model_score", "reader_label", "changed", "mask", "dice"]
+# Columns a store written before they existed lacks, with the value its items have.
+LATER_COLUMNS = {"mask": "", "dice": math.nan}
 
 
 class UnknownReaderError(DicomOpsError):
@@ -85,10 +88,12 @@ class Reviewers:
 
 def make_item(*, reader: str, role: str, source: str, verdict: str, series: str, vendor: str, model: str,
               version: str, model_label: int, model_score: float, reader_label: int | None = None,
-              changed: str = "", ref: str = "", at: dt.datetime | None = None, mask: str = "") -> dict[str, Any]:
+              changed: str = "", ref: str = "", at: dt.datetime | None = None, mask: str = "",
+              dice: float = math.nan) -> dict[str, Any]:
     """One validated feedback item. `ref` makes it idempotent (the PACS instance it came from, the
     request id): the same judgement seen twice is stored once. `mask`: the reader's nodule mask, a path
-    relative to ``WORK/feedback`` (a corrected segmentation), else empty.
+    relative to ``WORK/feedback`` (a corrected segmentation), else empty. `dice`: for the segmenter,
+    the Dice coefficient of the mask it served and the reader's (NaN when there is none to compare).
 
     Raises:
         ValueError: an unknown verdict or source, a correction without a label, a label not 0 or 1.
@@ -115,7 +120,8 @@ def make_item(*, reader: str, role: str, source: str, verdict: str, series: str,
     return {"item": hashlib.sha256(key.encode()).hexdigest()[:20], "at": when.isoformat(timespec="seconds"),
             "reader": reader, "role": role, "source": source, "verdict": verdict, "series": series,
             "vendor": vendor, "model": model, "version": str(version), "model_label": int(model_label),
-            "model_score": float(model_score), "reader_label": label, "changed": changed, "mask": mask}
+            "model_score": float(model_score), "reader_label": label, "changed": changed, "mask": mask,
+            "dice": float(dice)}
 
 
 class FeedbackStore:
@@ -131,7 +137,7 @@ class FeedbackStore:
         if not self.path.exists():
             return pd.DataFrame(columns=ITEM_COLUMNS)
         items = pd.read_parquet(self.path)
-        return items.reindex(columns=ITEM_COLUMNS, fill_value="") if "mask" not in items else items  # before masks
+        return items.assign(**{c: v for c, v in LATER_COLUMNS.items() if c not in items})[ITEM_COLUMNS]
 
     def add(self, items: Iterable[dict[str, Any]]) -> int:
         """Append the items not already stored (by item id); return how many were new."""
@@ -200,36 +206,43 @@ def _kappa(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def agreement(items: pd.DataFrame, cfg: FeedbackConfig, now: dt.datetime | None = None) -> pd.DataFrame:
-    """Model against readers per version and vendor (and ``all``) over the rolling window: series,
-    Cohen's kappa, disagreement rate. Each series counts once per version (its readers' latest
-    judgements resolved by the configured rule: agreement with the readers, not with one reader; an
-    unresolved tie is left out). Fewer than ``min_cases`` series give no figure (NaN), a kappa or
-    a disagreement rate: over one or two series a rate is one reader's verdict on one patient, and
-    the figures are shown on the version's page and in MLflow."""
-    columns = ["version", "vendor", "series", "kappa", "disagreement"]
+    """Each model against the readers per version and vendor (and ``all``) over the rolling window:
+    series, Cohen's kappa, disagreement rate and, for the segmenter, the mean Dice of the masks it
+    served and the readers' corrected ones. Each series counts once per model and version (its
+    readers' latest judgements resolved by the configured rule: agreement with the readers, not
+    with one reader; an unresolved tie is left out), and its Dice is the one of the reader's mask
+    the rule kept. Fewer than ``min_cases`` series give no figure (NaN), a kappa, a disagreement
+    rate or a mean Dice: over one or two series a rate is one reader's verdict on one patient, and
+    the figures are shown on the version's page and in MLflow. The classifier and the segmenter
+    are versioned apart, so their version numbers say nothing of each other: rows are by model."""
+    columns = ["model", "version", "vendor", "series", "kappa", "disagreement", "dice"]
     if items.empty:
         return pd.DataFrame(columns=columns)
     now = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
     since = (now - dt.timedelta(days=cfg.window_days)).isoformat(timespec="seconds")
     recent = items[items["at"] >= since]
     rows = []
-    for version, part in recent.groupby("version", sort=True):
+    for (model, version), part in recent.groupby(["model", "version"], sort=True):
         resolved = resolve(part, cfg.conflict_rule).set_index("SeriesInstanceUID")
-        model = part.sort_values("at").groupby("series").model_label.last()
-        table = resolved[resolved.label >= 0].join(model.rename("model_label"))
+        model_label = part.sort_values("at").groupby("series").model_label.last()
+        table = resolved[resolved.label >= 0].join(model_label.rename("model_label"))
+        compared = part[part["mask"].fillna("") != ""].sort_values("at").drop_duplicates("mask", keep="last")
+        table["dice"] = table["mask"].map(compared.set_index("mask").dice.astype(float)).astype(float)
         for vendor, group in [("all", table), *table.groupby("vendor", sort=True)]:
             n = len(group)
             truth, said = group.label.to_numpy(int), group.model_label.to_numpy(int)
             enough = n >= cfg.min_cases
-            rows.append({"version": str(version), "vendor": str(vendor), "series": n,
+            dice = group.dice.dropna()
+            rows.append({"model": str(model), "version": str(version), "vendor": str(vendor), "series": n,
                          "kappa": _kappa(said, truth) if enough else float("nan"),
-                         "disagreement": float(np.mean(said != truth)) if enough else float("nan")})
+                         "disagreement": float(np.mean(said != truth)) if enough else float("nan"),
+                         "dice": float(dice.mean()) if len(dice) >= cfg.min_cases else float("nan")})
     return pd.DataFrame(rows, columns=columns)
 
 
-def retrain_due(items: pd.DataFrame, cfg: FeedbackConfig, version: str, since: str = "",
+def retrain_due(items: pd.DataFrame, cfg: FeedbackConfig, model: str, version: str, since: str = "",
                 now: dt.datetime | None = None) -> str | None:
-    """Why readers' feedback calls for a retrain of `version`, or None.
+    """Why readers' feedback calls for a retrain of `version` of `model`, or None.
 
     Two reasons: ``cfg.corrections`` judgements that changed the model's answer since `since` (the
     time of the last feedback-triggered retrain, ISO), or agreement over the window below
@@ -237,7 +250,7 @@ def retrain_due(items: pd.DataFrame, cfg: FeedbackConfig, version: str, since: s
     """
     if items.empty:
         return None
-    mine = items[items.version == str(version)]
+    mine = items[(items.model == model) & (items.version == str(version))]
     changed = mine[(mine.reader_label != mine.model_label) & (mine["at"] > since)]
     if len(changed) >= cfg.corrections:
         return f"{len(changed)} corrections of version {version} since {since or 'it was deployed'}"

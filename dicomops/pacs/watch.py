@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import pandas as pd
 
 from dicomops import io
@@ -193,19 +194,23 @@ def _gate_score_answer(token: str, staged: Path, study_work: Path, pacs: Pacs, c
     answer, entries = answer_staged(token, staged, study_work, cfg, key, champion, cache)
     if cache is not None and digest is not None:
         remember(cache, digest, answer, entries)
-    if work is not None and answer.status == "scored":  # de-identified, like a batch's: what readers' reviews meet
-        record(WorkLayout(work).pacs.root, token, [answer], champion, None)
     if answer.status == "refused":
         return StudyOutcome(token, "refused", 0, answer.quarantined_files, 0, answer.reason)
     if answer.status == "failed":
         return StudyOutcome(token, "failed", reason=answer.reason.replace(" (the message", "; not answered (the message"))
+    failure = ""
     try:
-        reports = build_reports(staged, study_work, findings_frame(answer.findings, champion), champion, key)
+        reports, answer.localised = build_reports(staged, study_work, findings_frame(answer.findings, champion),
+                                                  champion, key)
     except Exception as err:
         if local_outage(err):
             raise
-        return StudyOutcome(token, "failed", reason=f"{type(err).__name__} during writing the reports; not answered "
-                                                    f"(the message is withheld: it may quote identifiers)")
+        reports, failure = [], (f"{type(err).__name__} during writing the reports; not answered "
+                                f"(the message is withheld: it may quote identifiers)")
+    if work is not None:  # de-identified, like a batch's: what readers' reviews meet
+        record(WorkLayout(work).pacs.root, token, [answer], champion, None)
+    if failure:
+        return StudyOutcome(token, "failed", reason=failure)
     stored, refusal = store_results(pacs, reports)
     return StudyOutcome(token, "ingested", answer.accepted_series, answer.quarantined_files, stored, refusal)
 
@@ -247,17 +252,20 @@ def original_series(staged: Path, key: bytes, accepted: set[str] | None = None) 
     return series
 
 
-def build_reports(staged: Path, study_work: Path, scores: pd.DataFrame, champion: Any, key: bytes) -> list[Any]:
+def build_reports(staged: Path, study_work: Path, scores: pd.DataFrame, champion: Any,
+                  key: bytes) -> tuple[list[Any], list[Any]]:
     """The results for every scored series, referencing the original study and series and the images
     the gate accepted: the classifier's Comprehensive 3D SR; with a segmenter on the champion, also
     the segmenter's SR (each nodule's centre and diameter) and, when it found a nodule and the
-    champion writes SEGs (``serve.write_seg``), a SEG of the nodules' voxels on the acquired slices."""
+    champion writes SEGs (``serve.write_seg``), a SEG of the nodules' voxels on the acquired slices.
+    Returns the objects and, for each series the segmenter answered, what it answered
+    (:class:`dicomops.serving.segmenter.Served`, de-identified: the results table keeps it)."""
     from dicomops.pacs.results import Finding, structured_report
 
     layout = WorkLayout(study_work)
     accepted_table = pd.read_parquet(layout.ingest.accepted)
     originals = original_series(staged, key, set(accepted_table.source_path))
-    reports = []
+    reports, localised = [], []
     for row in scores.itertuples():
         images = originals.get(str(row.SeriesInstanceUID))
         if not images:  # accepted by the gate but unreadable here: cannot happen unless staging changed
@@ -267,18 +275,21 @@ def build_reports(staged: Path, study_work: Path, scores: pd.DataFrame, champion
         reports.append(structured_report(images, finding))
         if champion.segmenter is not None:
             group = accepted_table[accepted_table.SeriesInstanceUID == row.SeriesInstanceUID]
-            reports.extend(localisation_reports(images, group, layout.ingest.deid, champion.segmenter,
-                                                champion.write_seg))
-    return reports
+            objects, answer = localisation_reports(images, group, layout.ingest.deid, champion.segmenter,
+                                                   champion.write_seg, str(row.SeriesInstanceUID))
+            reports.extend(objects)
+            localised.append(answer)
+    return reports, localised
 
 
 SEGMENTER_SR_SERIES, SEG_SERIES = 9003, 9002
 
 
 def localisation_reports(images: list[Any], group: pd.DataFrame, deid_root: Path, segmenter: Any,
-                         write_seg: bool = True) -> list[Any]:
+                         write_seg: bool = True, series: str = "") -> tuple[list[Any], Any]:
     """The segmenter's SR for one series, and its SEG when it found a nodule (unless `write_seg`
-    is off). `group` is the series' rows of the gate's accepted table (de-identified files under
+    is off), with what it answered (:class:`dicomops.serving.segmenter.Served` under the pseudonym
+    `series`). `group` is the series' rows of the gate's accepted table (de-identified files under
     `deid_root`), preprocessed as the segmenter was trained; `images` are the original headers the
     objects reference."""
     import tempfile
@@ -286,7 +297,7 @@ def localisation_reports(images: list[Any], group: pd.DataFrame, deid_root: Path
     from dicomops.pacs.results import Finding, structured_report
     from dicomops.segmentation.native import native_grid, series_segmentation, to_native_mask
     from dicomops.serving.predict import preprocessed
-    from dicomops.serving.segmenter import localise
+    from dicomops.serving.segmenter import localise, served
 
     with tempfile.TemporaryDirectory(prefix="dicomops-seg-") as scratch:
         image, affine = preprocessed(group, deid_root, segmenter.preprocess, Path(scratch))
@@ -295,12 +306,12 @@ def localisation_reports(images: list[Any], group: pd.DataFrame, deid_root: Path
                       model_name=segmenter.name, model_version=segmenter.version, nodules=found.nodules,
                       actionable=found.actionable)
     out: list[Any] = [structured_report(images, finding, series_number=SEGMENTER_SR_SERIES)]
-    if found.nodules and write_seg:
-        grid = native_grid(images)
-        mask = to_native_mask(found.mask, found.affine, grid.affine, grid.shape)
-        if mask.any():  # findings thinner than the acquired slices can vanish at their centres
-            out.append(series_segmentation(images, mask, finding, series_number=SEG_SERIES))
-    return out
+    grid = native_grid(images)
+    mask = (to_native_mask(found.mask, found.affine, grid.affine, grid.shape) if found.nodules
+            else np.zeros(grid.shape, bool))
+    if found.nodules and write_seg and mask.any():  # findings thinner than the acquired slices can vanish
+        out.append(series_segmentation(images, mask, finding, series_number=SEG_SERIES))
+    return out, served(segmenter, series, found, images, grid, mask)
 
 
 MAX_PASSES = 3  # passes one study may fail in, while the PACS answers, before it is set aside

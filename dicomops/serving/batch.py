@@ -182,9 +182,12 @@ def summarise(answers: Sequence[Answer]) -> dict[str, float]:
 
 def record(work: Path, batch_id: str, answers: Sequence[Answer], champion: Champion,
            cache: VolumeCache | None) -> tuple[Path, dict[str, float]]:
-    """``WORK/predict/<batch>/results.csv`` and ``summary.json``; return the folder and the metrics."""
+    """``WORK/predict/<batch>/results.csv``, ``summary.json`` and the masks the segmenter served
+    (``segments/``); return the folder and the metrics."""
     folder = WorkLayout(work).predictions(batch_id)
     folder.mkdir(parents=True, exist_ok=True)
+    for served in (s for a in answers for s in a.localised):  # before the table that names them
+        served.mask.save(folder / WorkLayout.served_mask(served.series))
     io.write_csv(folder / "results.csv", result_table(answers, champion))
     metrics = summarise(answers) | (cache.metrics() if cache is not None else {})
     io.write_json(folder / "summary.json", {"batch": batch_id, **champion.describe(), "metrics": metrics,

@@ -72,9 +72,11 @@ class Answer:
     reason: str = ""  # why refused or failed; for a scored study, why the PACS did not keep every result
     warm: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    # What the segmenter answered for each series it wrote back (dicomops.serving.segmenter.Served).
+    localised: list[Any] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "localised"}
 
 
 class Timer:
@@ -298,7 +300,7 @@ def answer_pacs_study(study_uid: str, pacs: Any, staging: Path, scratch: Path, c
             try:
                 with timer("write_s"):
                     table = findings_frame(answer.findings, champion)
-                    reports = build_reports(staged, study_work, table, champion, key)
+                    reports, localised = build_reports(staged, study_work, table, champion, key)
             except Exception as err:
                 if local_outage(err):
                     raise
@@ -306,6 +308,7 @@ def answer_pacs_study(study_uid: str, pacs: Any, staging: Path, scratch: Path, c
                                 reason=f"{type(err).__name__} while writing the reports; nothing stored",
                                 timings=timer.timings)
             else:
+                answer.localised = localised
                 with timer("write_s"):  # a scored study whose results the PACS did not all keep says why
                     answer.results_stored, answer.reason = store_results(pacs, reports)
                 if answered is not None:
@@ -334,7 +337,11 @@ def findings_frame(findings: Sequence[SeriesFinding], champion: Champion) -> pd.
 
 def result_table(answers: Sequence[Answer], champion: Champion) -> pd.DataFrame:
     """One row per scored series, plus one per study that was not scored (with its status and
-    reason). De-identified: tokens and pseudonyms only."""
+    reason); where the segmenter answered the series in the PACS, its call (``segmenter*`` columns)
+    and where its mask is kept (``segmenter_mask``, :meth:`WorkLayout.served_mask`). De-identified:
+    tokens and pseudonyms only."""
+    from dicomops.serving.segmenter import Served
+
     rows = []
     meta = {"threshold": champion.threshold, "model": champion.name, "version": champion.version,
             "engine": champion.engine.choice.kind}
@@ -343,9 +350,12 @@ def result_table(answers: Sequence[Answer], champion: Champion) -> pd.DataFrame:
                   "total_s": round(a.timings.get("total_s", 0.0), 4)}
         if not a.findings:
             rows.append(common | meta)
+        localised = {s.series: s for s in a.localised}
         for f in a.findings:
+            segmenter = localised[f.series].columns() | {"segmenter_mask": WorkLayout.served_mask(f.series)} \
+                if f.series in localised else {}
             rows.append(common | meta | {"series": f.series, "manufacturer": f.manufacturer, "slices": f.slices,
                                          "score": f.score, "present": f.present, "best_z": f.best_z,
-                                         "cache": f.cache})
-    columns = [*RESULT_COLUMNS, "status", "reason", "warm", "total_s"]
+                                         "cache": f.cache} | segmenter)
+    columns = [*RESULT_COLUMNS, "status", "reason", "warm", "total_s", *Served.COLUMNS, "segmenter_mask"]
     return pd.DataFrame(rows).reindex(columns=columns)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,46 @@ class Localisation:
     affine: np.ndarray
     score: float
     actionable: float | None = None
+
+
+@dataclass(frozen=True)
+class Served:
+    """What the segmenter answered for one series as it went to the PACS: its call and scores for the
+    results table (:meth:`columns`), and the findings' voxels on the acquired slices, in the readers'
+    mask format, for a reader's corrected segmentation to be compared with
+    (:func:`dicomops.feedback.seg.mask_dice`). De-identified: the gate's pseudonym, slice positions."""
+
+    series: str  # the gate's pseudonym
+    name: str
+    version: str
+    present: bool
+    score: float
+    actionable: float | None
+    nodules: int
+    mask: Any = field(repr=False)  # a dicomops.feedback.seg.ReaderMask; empty where nothing was found
+
+    COLUMNS = ("segmenter", "segmenter_version", "segmenter_present", "segmenter_score", "segmenter_actionable",
+               "segmenter_nodules")
+
+    def columns(self) -> dict[str, Any]:
+        return dict(zip(self.COLUMNS, (self.name, self.version, self.present, round(self.score, 6),
+                                       math.nan if self.actionable is None else round(self.actionable, 6),
+                                       self.nodules), strict=True))
+
+
+def served(segmenter: Segmenter, series: str, found: Localisation, images: list[Any], grid: Any,
+           native_mask: np.ndarray) -> Served:
+    """The record of `found` for `series`: `native_mask` is its (columns, rows, slices) mask on the
+    acquired `grid` of `images` (:func:`dicomops.segmentation.native.native_grid`)."""
+    from dicomops.feedback.seg import ReaderMask
+
+    positions = np.array([float(images[i].ImagePositionPatient[2]) for i in grid.order])
+    records = [{"center_mm": [round(v, 2) for v in n.center_mm], "diameter_mm": n.diameter_mm, "score": n.score}
+               for n in found.nodules]
+    mask = ReaderMask(np.ascontiguousarray(np.asarray(native_mask, bool).transpose(2, 1, 0)).astype(np.uint8),
+                      positions, records)
+    return Served(series, segmenter.name, segmenter.version, bool(found.nodules), float(found.score),
+                  found.actionable, len(found.nodules), mask)
 
 
 def load_segmenter(tracking_uri: str, name: str, alias: str | None = CHAMPION, version: str | None = None,

@@ -197,12 +197,18 @@ def export_section(metrics: Mapping[str, float], tensorrt: str, artifacts: str) 
 
 
 def feedback_section(rows: Sequence[Mapping[str, Any]], window_days: float, run_id: str) -> str:
-    """Agreement with readers on the model's real work, per vendor (Cohen's kappa, disagreement)."""
-    body = table(["vendor", "kappa", "disagreement"], "lrr",
-                 [[str(r["vendor"]), _f(r["kappa"]), _f(r["disagreement"])] for r in rows])
+    """Agreement with readers on the model's real work, per vendor (Cohen's kappa, disagreement; for
+    the segmenter, the mean Dice of its masks and the readers' corrected ones)."""
+    dice = any(r.get("dice") is not None and r["dice"] == r["dice"] for r in rows)  # any that is not NaN
+    header, align = (["vendor", "kappa", "disagreement", "Dice (corrected masks)"], "lrrr") if dice else (
+        ["vendor", "kappa", "disagreement"], "lrr")
+    body = table(header, align, [[str(r["vendor"]), _f(r["kappa"]), _f(r["disagreement"]),
+                                  *([_f(r["dice"])] if dice else [])] for r in rows])
     return section("Agreement with readers", "\n".join([
         f"Readers' judgements of this version's results over the last {window_days:g} days (each series once, "
-        f"its readers' latest judgements resolved by the conflict rule); picture and table in run `{run_id}`.", "", *body]))
+        f"its readers' latest judgements resolved by the conflict rule); picture and table in run `{run_id}`.", "",
+        *body, *(["", "Dice: of the mask this version served and the reader's corrected one, over the series the "
+                  "readers call positive; no figure under the minimum of series."] if dice else [])]))
 
 
 def review_section(model_name: str, version: str) -> str:

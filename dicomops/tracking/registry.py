@@ -217,8 +217,9 @@ def describe_feedback(tracking_uri: str, name: str, version: str, rows: list[dic
     client = configure_mlflow(tracking_uri)
     overall = next((r for r in rows if r["vendor"] == "all"), None)
     if overall is not None:
-        for key in ("kappa", "disagreement"):
-            client.set_model_version_tag(name, version, f"feedback.{key}", f"{float(overall[key]):.4f}")
+        for key in ("kappa", "disagreement", "dice"):
+            if key in overall and (key != "dice" or float(overall[key]) == float(overall[key])):  # no Dice: no tag
+                client.set_model_version_tag(name, version, f"feedback.{key}", f"{float(overall[key]):.4f}")
     _rewrite_section(client, name, version, model_card.feedback_section(rows, window_days, run_id))
 
 

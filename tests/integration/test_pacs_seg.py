@@ -3,7 +3,9 @@ objects under the original study: the classifier's SR, the segmenter's SR (each 
 patient coordinates and its diameter) and a SEG of the nodules' voxels on the acquired slices. The
 segmenter here marks every voxel denser than -300 HU (:mod:`tests.segmenter_fixture`), so the SEG is
 checked voxel by voxel against the acquired pixels and the SR's centres against the generator's
-nodules. A segmenter that fails leaves nothing in the PACS and the study recorded as failed. Batch
+nodules. What the segmenter answered is in the results table with the mask it served, and a
+reader's corrected SEG judges it on its own version's page (kappa, the Dice of the two masks). A
+segmenter that fails leaves nothing in the PACS and the study recorded as failed. Batch
 prediction over the PACS writes the same three objects; nothing identifying reaches the work
 directory, MLflow or Prefect."""
 
@@ -22,16 +24,23 @@ import pytest
 from pydantic import SecretStr
 from pydicom.sr.codedict import codes
 
+import mlflow
+from dicomops.config import FeedbackConfig, MonitorConfig
 from dicomops.deid import scan_for_phi
 from dicomops.deid.keys import KeyedMapper, key_from_settings
 from dicomops.feedback.review import latest_result
+from dicomops.feedback.seg import corrected_segmentation
+from dicomops.feedback.store import FeedbackStore
+from dicomops.layout import WorkLayout
 from dicomops.pacs import watch
+from dicomops.pacs.changes import ChangesFeed
 from dicomops.pacs.client import PacsClient
 from dicomops.pacs.orthanc import TEMPLATE, OrthancProcess, start_orthanc
 from dicomops.pacs.results import ACTIONABLE_SCORE, SOLID_PART_WIDTH
 from dicomops.serving.champion import load_champion
 from dicomops.serving.segmenter import with_segmenter
 from dicomops.synthetic.corpus import SeriesPlan, write_series
+from flows.feedback import feedback
 from flows.pacs_watch import pacs_watch
 from flows.predict import predict
 from tests.champion_fixture import CONFIG, PRE, TINY, ExportedChampion
@@ -41,11 +50,13 @@ from tests.unit.test_real_files import _needles
 
 from .conftest import free_port
 from .orthanc_fixture import STABLE_AGE_S, orthanc, pacs_credentials, require_orthanc  # noqa: F401  (a fixture)
+from .test_pacs_feedback import _stable_again
 from .test_pacs_watch import _objects, _pacs_env, _send, _wait_stable
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 
 SEGMENTER = "pacs-segmenter"
+READER = "Lovelace^Ada"
 SEG_CONFIG = CONFIG.model_copy(update={"segment": CONFIG.segment.model_copy(update={"model_name": SEGMENTER})})
 NO_SEG_CONFIG = SEG_CONFIG.model_copy(update={"serve": SEG_CONFIG.serve.model_copy(update={"write_seg": False})})
 DENSE_HU = -300.0  # the fixture's LEVEL 0.7 of the lung window [-1350, 150]
@@ -140,6 +151,48 @@ def test_a_promoted_segmenter_adds_its_report_and_a_seg_and_a_failing_one_leaves
         float(images[1].ImagePositionPatient[2]) - float(images[0].ImagePositionPatient[2]))
     reported_mm3 = sum(np.pi / 6 * g.get_measurements(name=codes.SCT.Diameter)[0].value ** 3 for g in groups)
     assert 0.5 < got.sum() * voxel_mm3 / reported_mm3 < 2.0, (got.sum() * voxel_mm3, reported_mm3)
+
+    # What the segmenter answered is in the watch's results table, with the mask it served beside it
+    # (de-identified: the series' pseudonym, slice positions), voxel for voxel the SEG's.
+    series = KeyedMapper(key_from_settings()).uid(series_uid)
+    (table_path,) = WorkLayout(work).result_tables()
+    row = pd.read_csv(table_path, keep_default_na=False, dtype={"segmenter_version": str}).set_index("series").loc[series]
+    segmenter_version = str(mlflow.tracking.MlflowClient(store).get_model_version_by_alias(SEGMENTER, "champion").version)
+    assert (row.segmenter, row.segmenter_version, row.segmenter_nodules) == (SEGMENTER, segmenter_version, len(groups))
+    assert bool(row.segmenter_present) and row.segmenter_actionable == pytest.approx(actionable.value, abs=1e-5)
+    with np.load(table_path.parent / row.segmenter_mask) as npz:
+        assert np.array_equal(npz["mask"] > 0, got)
+        assert npz["ipp_z"].tolist() == [float(ds.ImagePositionPatient[2]) for ds in images]
+
+    # A reader corrects the SEG in a viewer: trims its top slice and draws a nodule it missed. The
+    # feedback pass judges the segmenter by it (present/absent, and the Dice of the two masks) on
+    # its own version's page, apart from the classifier, whose item carries no Dice.
+    corrected = got.copy()
+    corrected[np.flatnonzero(got.any(axis=(1, 2)))[-1]] = False
+    corrected[1, 4:8, 4:8] = True
+    expected = 2 * int((got & corrected).sum()) / int(got.sum() + corrected.sum())
+    assert 0.3 < expected < 0.99
+    with ChangesFeed(orthanc.url, orthanc.credentials) as feed:
+        last = feed.poll(0).last
+    with PacsClient(orthanc.dicomweb_url, orthanc.credentials) as pacs:
+        pacs.store([corrected_segmentation(images, corrected, READER)])
+    _stable_again(orthanc, study, last)
+    monkeypatch.setenv("DICOMOPS_READER_LABELS", str(tmp_path / "readers"))
+    config = SEG_CONFIG.model_copy(update={
+        "feedback": FeedbackConfig(reviewers={READER: "senior"}, min_cases=1),
+        "monitor": MonitorConfig(training_source=tmp_path / "no-source", retrain="off")})
+    assert feedback(work=work, config=config)["stored"] == 1
+    items = FeedbackStore(work).items().set_index("model")
+    judged = items.loc[SEGMENTER]
+    assert (judged.version, judged.source, judged.model_label, judged.reader_label) == (
+        segmenter_version, "pacs-seg", 1, 1)
+    assert judged.dice == pytest.approx(expected)
+    assert np.isnan(items.loc[TINY.model_name].dice) and items.loc[TINY.model_name].version != ""
+    client = mlflow.tracking.MlflowClient(store)
+    page = client.get_model_version(SEGMENTER, segmenter_version)
+    assert float(page.tags["feedback.dice"]) == pytest.approx(expected, abs=1e-4)
+    assert "Dice (corrected masks)" in page.description
+    assert "feedback.dice" not in client.get_model_version_by_alias(TINY.model_name, "champion").tags
 
     # A segmenter that fails: the study is recorded as failed, and nothing is written back, not
     # even the classifier's SR.

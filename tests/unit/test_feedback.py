@@ -15,6 +15,7 @@ from dicomops.deid.keys import KeyedMapper
 from dicomops.feedback import store
 from dicomops.feedback.store import FeedbackStore, Reviewers, UnknownReaderError
 
+MODEL = "dicomops-ct-classifier"
 CFG = FeedbackConfig(reviewers={"ada": "senior", "bo": "reader", "cy": "reader"}, min_cases=4, corrections=3)
 T0 = dt.datetime(2026, 11, 1, 9, 0, tzinfo=dt.UTC)
 
@@ -22,7 +23,7 @@ T0 = dt.datetime(2026, 11, 1, 9, 0, tzinfo=dt.UTC)
 def _item(reader: str, series: str, verdict: str, model_label: int = 1, label: int | None = None,
           minutes: int = 0, version: str = "3", vendor: str = "GE") -> dict[str, object]:
     return store.make_item(reader=reader, role=CFG.reviewers[reader], source="endpoint", verdict=verdict,
-                           series=series, vendor=vendor, model="dicomops-ct-classifier", version=version,
+                           series=series, vendor=vendor, model=MODEL, version=version,
                            model_label=model_label, model_score=0.9 if model_label else 0.1, reader_label=label,
                            at=T0 + dt.timedelta(minutes=minutes))
 
@@ -113,16 +114,16 @@ def test_a_retrain_is_due_at_the_threshold_and_not_before() -> None:
     now = T0 + dt.timedelta(days=1)
     agreeing = [_item("bo", f"a{i}", "accept", model_label=i % 2, minutes=i) for i in range(20)]
     corrections = [_item("bo", f"c{i}", "reject", minutes=100 + i) for i in range(3)]
-    assert store.retrain_due(pd.DataFrame(agreeing + corrections[:2]), CFG, "3", now=now) is None
-    reason = store.retrain_due(pd.DataFrame(agreeing + corrections), CFG, "3", now=now)
+    assert store.retrain_due(pd.DataFrame(agreeing + corrections[:2]), CFG, MODEL, "3", now=now) is None
+    reason = store.retrain_due(pd.DataFrame(agreeing + corrections), CFG, MODEL, "3", now=now)
     assert reason == "3 corrections of version 3 since it was deployed"
     # Corrections before the last feedback retrain do not count again; another version's never do.
     after = (T0 + dt.timedelta(minutes=101)).isoformat(timespec="seconds")
-    assert store.retrain_due(pd.DataFrame(agreeing + corrections), CFG, "3", since=after, now=now) is None
-    assert store.retrain_due(pd.DataFrame(agreeing + corrections), CFG, "4", now=now) is None
+    assert store.retrain_due(pd.DataFrame(agreeing + corrections), CFG, MODEL, "3", since=after, now=now) is None
+    assert store.retrain_due(pd.DataFrame(agreeing + corrections), CFG, MODEL, "4", now=now) is None
     # Low agreement on enough series calls for a retrain by itself.
     poor = [_item("bo", f"p{i}", "reject" if i % 2 else "accept", model_label=i % 2, minutes=i) for i in range(8)]
-    reason = store.retrain_due(pd.DataFrame(poor), CFG.model_copy(update={"corrections": 100}), "3", now=now)
+    reason = store.retrain_due(pd.DataFrame(poor), CFG.model_copy(update={"corrections": 100}), MODEL, "3", now=now)
     assert reason is not None and reason.startswith("agreement with readers fell to kappa")
 
 
@@ -191,12 +192,12 @@ def test_the_gate_asks_the_readers_and_refuses_a_challenger_they_agree_with_less
     # The challenger's out-of-fold scores at threshold 0.5: right on five; s9 has no reader label.
     oof = pd.DataFrame({"SeriesInstanceUID": ["s0", "s1", "s2", "s3", "s4", "s5", "s9"],
                         "score": [0.9, 0.8, 0.1, 0.2, 0.7, 0.6, 0.9]})
-    better = reader_agreement(tmp_path, oof, 0.5, "3", CFG)
+    better = reader_agreement(tmp_path, oof, 0.5, MODEL, "3", CFG)
     assert better is not None and (better.series, better.champion, better.challenger) == (6, 4 / 6, 5 / 6)
-    worse = reader_agreement(tmp_path, oof.assign(score=1 - oof.score), 0.5, "3", CFG)
+    worse = reader_agreement(tmp_path, oof.assign(score=1 - oof.score), 0.5, MODEL, "3", CFG)
     assert worse is not None and worse.challenger == pytest.approx(1 / 6)
-    assert reader_agreement(tmp_path, oof, 0.5, "2", CFG).series == 0  # no calls of version 2 were judged
-    assert reader_agreement(tmp_path / "none", oof, 0.5, "3", CFG) is None
+    assert reader_agreement(tmp_path, oof, 0.5, MODEL, "2", CFG).series == 0  # no calls of version 2 were judged
+    assert reader_agreement(tmp_path / "none", oof, 0.5, MODEL, "3", CFG) is None
 
     champion = ModelScore(0.90, {"ge": 0.9})
     challenger = ModelScore(0.95, {"ge": 0.95})
@@ -234,3 +235,58 @@ def test_simulated_readers_disagree_on_the_chosen_share(tmp_path: Path) -> None:
     # Resolved by the senior reader: agreement with the model is measured on every series.
     table = store.agreement(items, CFG.model_copy(update={"min_cases": 10})).set_index("vendor")
     assert table.loc["all", "series"] == 400 and 0 < table.loc["all", "kappa"] < 1
+
+
+def test_the_segmenters_judgements_never_count_for_the_classifier_of_the_same_version_number(tmp_path: Path) -> None:
+    """The classifier and the segmenter are versioned apart, so both have a version 3. Readers who
+    corrected the segmenter's version 3 on every series say nothing of the classifier's version 3:
+    its agreement, its retrain and its promotion gate see only its own calls."""
+    from dicomops.feedback.gate import reader_agreement
+
+    segmenter = "dicomops-ct-nodule-seg"
+    classifier = [_item("bo", f"s{i}", "accept", model_label=i % 2, minutes=i) for i in range(8)]
+    judged = [store.make_item(reader="bo", role="reader", source="pacs-seg", verdict="correct", series=f"s{i}",
+                              vendor="GE", model=segmenter, version="3", model_label=1 - i % 2, model_score=0.5,
+                              reader_label=i % 2, at=T0 + dt.timedelta(minutes=20 + i)) for i in range(8)]
+    items = pd.DataFrame(classifier + judged)
+    table = store.agreement(items, CFG, now=T0 + dt.timedelta(days=1)).set_index(["model", "vendor"])
+    assert table.loc[(MODEL, "all"), "kappa"] == 1.0 and table.loc[(MODEL, "all"), "disagreement"] == 0.0
+    assert table.loc[(segmenter, "all"), "kappa"] == -1.0 and table.loc[(segmenter, "all"), "disagreement"] == 1.0
+    assert store.retrain_due(items, CFG, MODEL, "3", now=T0 + dt.timedelta(days=1)) is None
+    assert store.retrain_due(items, CFG, segmenter, "3", now=T0 + dt.timedelta(days=1)).startswith("8 corrections")
+    FeedbackStore(tmp_path).add(classifier + judged)
+    oof = pd.DataFrame({"SeriesInstanceUID": [f"s{i}" for i in range(8)], "score": [0.9 * (i % 2) for i in range(8)]})
+    readers = reader_agreement(tmp_path, oof, 0.5, MODEL, "3", CFG)
+    assert readers is not None and (readers.series, readers.champion) == (8, 1.0)
+
+
+def test_agreement_gives_the_mean_dice_of_the_masks_the_rule_kept(tmp_path: Path) -> None:
+    """Per series the Dice of the reader's mask the conflict rule kept (the senior's), averaged per
+    vendor; none under min_cases masks; items of a store written before Dice existed read as NaN."""
+    segmenter = "dicomops-ct-nodule-seg"
+
+    def seg_item(reader: str, series: str, vendor: str, dice: float, minutes: int) -> dict[str, object]:
+        return store.make_item(reader=reader, role=CFG.reviewers[reader], source="pacs-seg", verdict="correct",
+                               series=series, vendor=vendor, model=segmenter, version="1", model_label=1,
+                               model_score=0.9, reader_label=1, at=T0 + dt.timedelta(minutes=minutes),
+                               mask=f"masks/{reader}-{series}.npz", dice=dice, ref=f"{reader}-{series}")
+
+    dice = {"s0": 0.8, "s1": 0.6, "s2": 0.9, "s3": 0.5, "s4": 0.7}
+    items = [seg_item("ada", s, "GE" if i < 3 else "SIEMENS", d, i) for i, (s, d) in enumerate(dice.items())]
+    items.append(seg_item("bo", "s0", "GE", 0.1, 30))  # later, but the senior's mask wins
+    table = store.agreement(pd.DataFrame(items), CFG, now=T0 + dt.timedelta(days=1)).set_index("vendor")
+    assert table.loc["all", "dice"] == pytest.approx(np.mean(list(dice.values())))
+    assert np.isnan(table.loc["GE", "dice"]) and np.isnan(table.loc["SIEMENS", "dice"])  # 3 and 2 masks < 4
+    assert np.isnan(store.agreement(pd.DataFrame(items[:3]), CFG, now=T0 + dt.timedelta(days=1)).dice).all()
+    # The classifier's items carry no Dice.
+    assert np.isnan(store.agreement(pd.DataFrame([_item("bo", f"c{i}", "accept") for i in range(5)]), CFG,
+                                    now=T0 + dt.timedelta(days=1)).dice).all()
+
+    old = pd.DataFrame([_item("bo", "s9", "accept")]).drop(columns=["mask", "dice"])
+    path = FeedbackStore(tmp_path).path
+    path.parent.mkdir(parents=True)
+    old.to_parquet(path)
+    read = FeedbackStore(tmp_path).items()
+    assert list(read.columns) == store.ITEM_COLUMNS and read["mask"].iloc[0] == "" and np.isnan(read.dice.iloc[0])
+    assert FeedbackStore(tmp_path).add(items) == len(items)
+    assert FeedbackStore(tmp_path).items().dice.notna().sum() == len(items)

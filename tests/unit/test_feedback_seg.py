@@ -241,7 +241,7 @@ def test_a_reviewed_clinical_series_becomes_a_labelled_source_and_keeps_its_labe
     assert out.SeriesInstanceUID.iloc[0] != series  # remapped once more, and followed
     # The promotion gate finds the series under its retrained UID.
     oof = pd.DataFrame({"SeriesInstanceUID": out.SeriesInstanceUID, "score": [0.9]})
-    agreement = reader_agreement(work, oof, 0.5, "3", cfg, KEY)
+    agreement = reader_agreement(work, oof, 0.5, "m", "3", cfg, KEY)
     assert agreement is not None and (agreement.series, agreement.champion, agreement.challenger) == (1, 0.0, 1.0)
     assert not labels_file.exists()
     # Nothing of the clinic's PHI or original UIDs in the readers' source or the feedback.
@@ -253,3 +253,23 @@ def test_a_reviewed_clinical_series_becomes_a_labelled_source_and_keeps_its_labe
     for place in (version.folder, work / "feedback"):
         assert scan_for_phi(place, needles) == [], place
     assert scan_for_phi(clinic, needles)  # the scan is not vacuous
+
+
+def test_the_dice_of_a_served_mask_and_a_readers_matches_their_slices_by_position(tmp_path: Path) -> None:
+    from dicomops.feedback.seg import mask_dice
+
+    z = np.array([10.0, 12.0, 14.0, 16.0])
+    served = np.zeros((4, 8, 8), np.uint8)
+    served[1, 2:6, 2:6] = 1  # 16 voxels on z = 12
+    drawn = np.zeros((4, 8, 8), np.uint8)
+    drawn[1, 2:6, 2:4] = 2  # 8 of them, on z = 12 (instance id 2: any id is nodule) ...
+    drawn[3, 0:2, 0:2] = 1  # ... and 4 elsewhere
+    order = np.array([3, 1, 0, 2])  # the reader's slices in another order
+    ReaderMask(served, z, []).save(tmp_path / "served.npz")
+    ReaderMask(drawn[order], z[order], []).save(tmp_path / "drawn.npz")
+    assert mask_dice(tmp_path / "served.npz", tmp_path / "drawn.npz") == pytest.approx(2 * 8 / (16 + 12))
+    ReaderMask(np.zeros_like(served), z, []).save(tmp_path / "empty.npz")
+    assert mask_dice(tmp_path / "empty.npz", tmp_path / "drawn.npz") == 0.0  # found nothing, the reader drew
+    assert math.isnan(mask_dice(tmp_path / "empty.npz", tmp_path / "empty.npz"))
+    ReaderMask(served, z + 1, []).save(tmp_path / "elsewhere.npz")  # not the same slices: not comparable
+    assert math.isnan(mask_dice(tmp_path / "elsewhere.npz", tmp_path / "drawn.npz"))

@@ -116,12 +116,51 @@ def test_the_ledger_refuses_past_the_budget_and_releases_nothing(tmp_path: Path)
     with pytest.raises(PrivacyBudgetExceededError, match=r"spent \u03b5 1 of 1.*Nothing was released"):
         privacy.release_counts(rows, ("month",), cfg, ledger, "ds")
     assert (tmp_path / "ledger.json").read_text() == before
-    # Another dataset has its own budget.
-    assert privacy.release_counts(rows, ("month",), cfg, ledger, "other").epsilon == 0.5
+    # Another dataset of other patients has its own budget.
+    assert privacy.release_counts(_cohort({"GE": 90}), ("month",), cfg, ledger, "other").epsilon == 0.5
+    # The same patients under another dataset name (a changed folder md5) do not: their budget is spent.
+    with pytest.raises(PrivacyBudgetExceededError, match=r"same patients.*spent \u03b5 1 of 1.*Nothing was released"):
+        privacy.release_counts(rows, ("month",), cfg, ledger, "ds-after-an-edited-labels-csv")
     # A whole set is refused before its first table is drawn.
     with pytest.raises(PrivacyBudgetExceededError, match="4 new tables"):
         privacy.release_cohort(pd.DataFrame(), PrivacyConfig(epsilon=0.5, budget_epsilon=1.9), ledger, "third")
     assert ledger.entry("third").releases == []
+
+
+def test_the_same_rows_under_new_dataset_names_get_the_first_release_and_no_new_budget(tmp_path: Path) -> None:
+    """The dataset is the source folder's DVC md5, which an edited labels.csv or a quarantined extra
+    file changes without changing the rows: fresh noise for each name would average away."""
+    cfg = PrivacyConfig(epsilon=1.0, budget_epsilon=3.0, budget_delta=1e-3)
+    rows = _cohort({"GE": 120, "SIEMENS": 180})
+    ledger = PrivacyLedger(tmp_path / "ledger.json")
+    first = privacy.release_counts(rows, ("vendor",), cfg, ledger, "md5-0")
+    assert not first.reused
+    for i in range(1, 12):
+        again = privacy.release_counts(rows, ("vendor",), cfg, ledger, f"md5-{i}")
+        assert again.reused and again.dataset == "md5-0"
+        assert again.table.equals(first.table)  # the same noisy counts, not a fresh draw
+        assert ledger.entry(f"md5-{i}").spent_epsilon == 0.0
+    assert ledger.entry("md5-0").spent_epsilon == pytest.approx(1.0)
+    # A whole set over the same rows under a new name: the table released before is not new.
+    releases = privacy.release_cohort(_instances(rows), cfg.model_copy(update={"releases": [["vendor"], ["site"]]}),
+                                      ledger, "md5-x")
+    assert [r.reused for r in releases] == [True, False] and releases[0].table.equals(first.table)
+    # New tables over the same patients pay from the one budget whatever the name: 3 in all here.
+    privacy.release_counts(rows.assign(series=rows.series + ".new-study"), ("month",), cfg, ledger, "md5-y")
+    with pytest.raises(PrivacyBudgetExceededError, match="same patients"):
+        privacy.release_counts(rows, ("age_band", "sex"), cfg, ledger, "md5-z")
+    with pytest.raises(PrivacyBudgetExceededError, match="same patients"):
+        privacy.release_cohort(_instances(rows), cfg.model_copy(update={"releases": [["vendor"], ["sex"]]}), ledger,
+                               "md5-w")
+    assert ledger.entry("md5-z").releases == [] and ledger.entry("md5-w").releases == []
+    text = (tmp_path / "ledger.json").read_text()
+    assert "PX-" not in text and "2.25." not in text
+
+
+def _instances(rows: pd.DataFrame) -> pd.DataFrame:
+    """The gate's instance table whose :func:`privacy.cohort` is `rows`."""
+    return pd.DataFrame({"SeriesInstanceUID": rows.series, "PatientID": rows.patient, "Manufacturer": rows.vendor,
+                         "Site": rows.site, "StudyDate": "20170304", "PatientAge": "045Y", "PatientSex": rows.sex})
 
 
 def test_written_releases_hold_only_released_cells(tmp_path: Path) -> None:

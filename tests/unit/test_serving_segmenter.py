@@ -73,3 +73,51 @@ def test_without_a_fixed_window_there_are_no_solid_parts_and_no_call(segmenter: 
     image[ball(image.shape, (20, 25, 15), 4)] = 1.0
     found = localise(per_series, image, np.eye(4))
     assert len(found.nodules) == 1 and found.nodules[0].solid_width_mm is None and found.actionable is None
+
+
+def test_what_the_segmenter_served_is_recorded_beside_the_results_and_found_by_feedback(
+        segmenter: Segmenter, tmp_path: Path) -> None:
+    """The results table carries the segmenter's call for each series it answered and names the mask
+    it served (saved beside it in the readers' mask format, slices in order of position);
+    feedback finds the newest such answer, past later results that carry none."""
+    import time
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from dicomops.feedback.review import latest_localisation
+    from dicomops.serving.batch import record
+    from dicomops.serving.predict import Answer, SeriesFinding
+    from dicomops.serving.segmenter import served
+
+    shape = (32, 32, 16)
+    image = np.full(shape, 0.4, np.float32)
+    image[ball(shape, (12, 14, 8), 3.5)] = 1.0
+    found = localise(segmenter, image, np.eye(4))
+    assert len(found.nodules) == 1
+    images = [SimpleNamespace(ImagePositionPatient=[0.0, 0.0, float(z)]) for z in (3, 1, 2, 0)]  # file order
+    grid = SimpleNamespace(order=np.array([3, 1, 2, 0]))  # geometric slice k lies on images[order[k]]
+    native = np.zeros((6, 5, 4), bool)  # (columns, rows, slices)
+    native[1:3, 2:4, 1:3] = True
+    answer = served(segmenter, "2.25.42", found, images, grid, native)
+    assert answer.columns() == {"segmenter": "density", "segmenter_version": "3", "segmenter_present": True,
+                                "segmenter_score": pytest.approx(found.score, abs=1e-6),
+                                "segmenter_actionable": pytest.approx(found.actionable, abs=1e-6),
+                                "segmenter_nodules": 1}
+    champion = SimpleNamespace(threshold=0.5, name="classifier", version="7", engine=SimpleNamespace(
+        choice=SimpleNamespace(kind="onnxruntime")), describe=lambda: {"model": "classifier"})
+    finding = SeriesFinding("2.25.42", "SIEMENS", 4, 0.9, True, 2, "off")
+    scored = Answer("tok", "scored", [finding, SeriesFinding("2.25.43", "GE", 4, 0.1, False, 0, "off")], 2,
+                    localised=[answer])
+    folder, _ = record(tmp_path, "batch-1", [scored], champion, None)  # type: ignore[arg-type]
+    table = pd.read_csv(folder / "results.csv", keep_default_na=False, dtype={"segmenter_version": str})
+    assert list(table.segmenter) == ["density", ""] and list(table.segmenter_mask) == ["segments/2.25.42.npz", ""]
+    time.sleep(0.01)
+    record(tmp_path, "batch-2", [Answer("tok", "scored", [finding], 1)], champion, None)  # type: ignore[arg-type]
+    got = latest_localisation(tmp_path, "2.25.42")
+    assert got is not None and (got.model, got.version, got.present) == ("density", "3", True)
+    assert got.mask == folder / "segments/2.25.42.npz"
+    with np.load(got.mask) as npz:
+        assert npz["ipp_z"].tolist() == [0.0, 1.0, 2.0, 3.0]
+        assert np.array_equal(npz["mask"] > 0, native.transpose(2, 1, 0))
+    assert latest_localisation(tmp_path, "2.25.43") is None
