@@ -47,6 +47,11 @@ def retrain(work: Path | None = None, config: PipelineConfig = PipelineConfig(),
         return {"status": "skipped", "reason": verdict.reason}
     try:
         with writing(work, "dicomops-retrain", settings), guard.retrain_lock(work):
+            # Again under the lock: an alert's retrain that took it meanwhile has recorded its start.
+            verdict = guard.check_cooldown(work, name, config.monitor.cooldown_hours) if alert else verdict
+            if not verdict.go:
+                print(f"retrain {verdict.reason}")
+                return {"status": "skipped", "reason": verdict.reason}
             sources = labelled_sources(work, config.monitor.training_source)
             # The readers' version, copied for this retrain: a feedback pass meanwhile cannot change it.
             readers, snapshot, clinical = readers_source(work, config.feedback, sources,
