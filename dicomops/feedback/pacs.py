@@ -130,14 +130,32 @@ def read_assessment(ds: Dataset) -> Assessment | str:
         sop = str(predecessors[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
     except (AttributeError, IndexError):
         return "bad_predecessor_reference"
-    when = None
-    if observer.get("VerificationDateTime"):
-        with_zone = str(observer.VerificationDateTime)[:14]
-        try:
-            when = dt.datetime.strptime(with_zone, "%Y%m%d%H%M%S").replace(tzinfo=dt.UTC)
-        except ValueError:
-            when = None
+    when = dicom_time(str(observer.get("VerificationDateTime", "")), ds)
     return Assessment(str(observer.VerifyingObserverName), present, sop, when)
+
+
+def dicom_time(value: str, ds: Dataset) -> dt.datetime | None:
+    """A DICOM date-time (DT: ``YYYYMMDDHHMMSS.FFFFFF&ZZXX``) in UTC: its own offset when it has one,
+    else the object's Timezone Offset From UTC (0008,0201), else taken as UTC; None when it is not
+    one. A reader's judgement's time orders it against their others and places it in the window."""
+    from pydicom.valuerep import DT
+
+    if not value.strip():
+        return None
+    try:
+        when = DT(value.strip())
+    except ValueError:
+        return None
+    moment = dt.datetime(when.year, when.month, when.day, when.hour, when.minute, when.second, when.microsecond,
+                         tzinfo=when.tzinfo)
+    if moment.tzinfo is None:
+        offset = str(ds.get("TimezoneOffsetFromUTC", "")).strip()
+        try:
+            zone = DT(f"20000101000000{offset}").tzinfo if offset else None
+        except ValueError:
+            zone = None
+        moment = moment.replace(tzinfo=zone or dt.UTC)
+    return moment.astimezone(dt.UTC)
 
 
 def revise(report: Dataset, present: bool, reader: str, organization: str = "dicomops demo hospital",

@@ -87,12 +87,9 @@ def read_correction(ds: Dataset) -> Correction | str:
     series = ds.get("ReferencedSeriesSequence")
     if not series or len(series) != 1:
         return "not_over_one_series"
-    when = None
-    if ds.get("ContentDate") and ds.get("ContentTime"):
-        try:
-            when = dt.datetime.strptime(f"{ds.ContentDate}{str(ds.ContentTime)[:6]}", "%Y%m%d%H%M%S").replace(tzinfo=dt.UTC)
-        except ValueError:
-            when = None
+    from dicomops.feedback.pacs import dicom_time
+
+    when = dicom_time(f"{ds.ContentDate}{ds.ContentTime}", ds) if ds.get("ContentDate") and ds.get("ContentTime") else None
     return Correction(reader, str(series[0].SeriesInstanceUID), when)
 
 

@@ -273,3 +273,20 @@ def test_the_dice_of_a_served_mask_and_a_readers_matches_their_slices_by_positio
     assert math.isnan(mask_dice(tmp_path / "empty.npz", tmp_path / "empty.npz"))
     ReaderMask(served, z + 1, []).save(tmp_path / "elsewhere.npz")  # not the same slices: not comparable
     assert math.isnan(mask_dice(tmp_path / "elsewhere.npz", tmp_path / "drawn.npz"))
+
+
+def test_a_judgements_time_is_taken_in_utc_from_its_offset_or_the_objects() -> None:
+    from pydicom.dataset import Dataset
+
+    from dicomops.feedback.pacs import dicom_time
+
+    utc = dt.timezone.utc
+    plain = Dataset()
+    assert dicom_time("20261205103000+0500", plain) == dt.datetime(2026, 12, 5, 5, 30, tzinfo=utc)
+    assert dicom_time("20261205103000.250000-0130", plain) == dt.datetime(2026, 12, 5, 12, 0, 0, 250000, tzinfo=utc)
+    zoned = Dataset()
+    zoned.TimezoneOffsetFromUTC = "-0300"  # the object's own offset, for a time without one
+    assert dicom_time("20261205103000", zoned) == dt.datetime(2026, 12, 5, 13, 30, tzinfo=utc)
+    assert dicom_time("20261205103000+0100", zoned) == dt.datetime(2026, 12, 5, 9, 30, tzinfo=utc)  # its own first
+    assert dicom_time("20261205103000", plain) == dt.datetime(2026, 12, 5, 10, 30, tzinfo=utc)
+    assert dicom_time("not a time", plain) is None and dicom_time("", plain) is None
