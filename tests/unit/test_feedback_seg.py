@@ -280,7 +280,7 @@ def test_a_judgements_time_is_taken_in_utc_from_its_offset_or_the_objects() -> N
 
     from dicomops.feedback.pacs import dicom_time
 
-    utc = dt.timezone.utc
+    utc = dt.UTC
     plain = Dataset()
     assert dicom_time("20261205103000+0500", plain) == dt.datetime(2026, 12, 5, 5, 30, tzinfo=utc)
     assert dicom_time("20261205103000.250000-0130", plain) == dt.datetime(2026, 12, 5, 12, 0, 0, 250000, tzinfo=utc)
