@@ -20,7 +20,7 @@ def reader_agreement(feedback_work: Path, oof: pd.DataFrame, threshold: float, m
     clinic (its feedback items: the segmenter's, versioned apart, are not its calls) and an
     out-of-fold score of the challenger (`oof`: ``SeriesInstanceUID``, ``score``; called at
     `threshold`). None when no reader has labelled anything."""
-    items = FeedbackStore(feedback_work).items()
+    items = FeedbackStore(feedback_work).judgements(cfg)
     if items.empty:
         return None
     resolved = resolve(items, cfg.conflict_rule)

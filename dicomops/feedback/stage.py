@@ -21,7 +21,7 @@ EVENT = "dicomops.feedback.threshold"
 
 def write_labels(work: Path, cfg: FeedbackConfig) -> pd.DataFrame:
     """``feedback/labels.csv``: one resolved reader label per series (the history stays in the store)."""
-    resolved = resolve(FeedbackStore(work).items(), cfg.conflict_rule)
+    resolved = resolve(FeedbackStore(work).judgements(cfg), cfg.conflict_rule)
     io.write_csv(WorkLayout(work).feedback.labels, resolved)
     return resolved
 
@@ -99,7 +99,7 @@ def _with_reader_masks(labels: pd.DataFrame, resolved: pd.DataFrame, masks_root:
 
 
 def agreement_table(work: Path, cfg: FeedbackConfig, now: dt.datetime | None = None) -> pd.DataFrame:
-    return agreement(FeedbackStore(work).items(), cfg, now)
+    return agreement(FeedbackStore(work).judgements(cfg), cfg, now)
 
 
 def _of(table: pd.DataFrame, model: str, version: str) -> pd.DataFrame:
@@ -123,7 +123,7 @@ def metrics(table: pd.DataFrame, model: str, version: str) -> dict[str, float]:
 
 def due(work: Path, cfg: FeedbackConfig, model: str, version: str, since: str,
         now: dt.datetime | None = None) -> str | None:
-    return retrain_due(FeedbackStore(work).items(), cfg, model, version, since, now)
+    return retrain_due(FeedbackStore(work).judgements(cfg), cfg, model, version, since, now)
 
 
 def payload(name: str, version: str, reason: str, run_id: str) -> dict[str, Any]:

@@ -139,6 +139,16 @@ class FeedbackStore:
         items = pd.read_parquet(self.path)
         return items.assign(**{c: v for c, v in LATER_COLUMNS.items() if c not in items})[ITEM_COLUMNS]
 
+    def judgements(self, cfg: FeedbackConfig) -> pd.DataFrame:
+        """The items that count now: those of readers ``cfg.reviewers`` names, each with the role it
+        gives them today. A reader taken off the list (or the demo's simulated readers, configured
+        only for the run that simulates them) stays in the history and no longer decides a label,
+        an agreement figure, a retrain or the gate."""
+        items = self.items()
+        mine = items[items.reader.isin(list(cfg.reviewers))].copy()
+        mine["role"] = mine.reader.map(cfg.reviewers)
+        return mine
+
     def add(self, items: Iterable[dict[str, Any]]) -> int:
         """Append the items not already stored (by item id); return how many were new."""
         new = pd.DataFrame(list(items), columns=ITEM_COLUMNS)

@@ -290,3 +290,24 @@ def test_agreement_gives_the_mean_dice_of_the_masks_the_rule_kept(tmp_path: Path
     assert list(read.columns) == store.ITEM_COLUMNS and read["mask"].iloc[0] == "" and np.isnan(read.dice.iloc[0])
     assert FeedbackStore(tmp_path).add(items) == len(items)
     assert FeedbackStore(tmp_path).items().dice.notna().sum() == len(items)
+
+
+def test_only_the_readers_configured_now_decide_with_the_role_configured_now(tmp_path: Path) -> None:
+    """A reader taken off feedback.reviewers (or the demo's simulated readers, configured only for
+    the run that simulates them) stays in the history and decides nothing: labels, agreement,
+    retrain; a reader's role is today's, not the one stored with their judgement."""
+    from dicomops.feedback.stage import due, write_labels
+
+    gone = [store.make_item(reader="sim-reader-1", role="senior", source="simulated", verdict="correct",
+                            series=f"s{i}", vendor="GE", model=MODEL, version="3", model_label=1, model_score=0.9,
+                            reader_label=0, at=T0 + dt.timedelta(minutes=i)) for i in range(5)]
+    kept = [_item("bo", f"s{i}", "accept", model_label=1, minutes=10 + i) for i in range(5)]
+    FeedbackStore(tmp_path).add(gone + kept)
+    labels = write_labels(tmp_path, CFG)
+    assert set(labels.label) == {1} and not labels.conflict.any()  # bo's, not the departed senior's
+    assert due(tmp_path, CFG, MODEL, "3", "") is None  # 5 corrections by the departed reader do not count
+    assert len(FeedbackStore(tmp_path).items()) == 10  # the history keeps them
+    # Configured again, as a reader this time (stored as senior): now a 1 against 1 tie per series.
+    again = CFG.model_copy(update={"reviewers": {**CFG.reviewers, "sim-reader-1": "reader"}})
+    assert set(write_labels(tmp_path, again).label) == {-1}
+    assert due(tmp_path, again, MODEL, "3", "").startswith("5 corrections")
