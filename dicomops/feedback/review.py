@@ -28,7 +28,8 @@ from dicomops.layout import WorkLayout
 
 UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 BODY = ('send JSON {"reader": "<your reviewer id>", "series_instance_uid": "<the series UID>", '
-        '"verdict": "accept" | "reject" | "correct", "label": 0 | 1 (with correct)}')
+        '"verdict": "accept" | "reject" | "correct", "label": 0 | 1 (with correct), '
+        '"version": "<n>" (the version on the report you read; needed when several versions scored the series)}')
 
 
 class ReviewError(Exception):
@@ -75,24 +76,35 @@ def latest_localisation(work: Path, series: str) -> ServedLocalisation | None:
     return None
 
 
-def latest_result(work: Path, series: str) -> ServedResult | None:
-    """The newest result any batch or the online service gave for `series` (pseudonymous UID)."""
+def served_results(work: Path, series: str) -> list[ServedResult]:
+    """Every result any batch or the online service gave for `series` (pseudonymous UID), newest first."""
+    found = []
     for path in reversed(WorkLayout(work).result_tables()):
         table = pd.read_csv(path, keep_default_na=False, dtype={"version": str})
         hit = table[(table.get("series", pd.Series(dtype=str)) == series) & (table.status == "scored")]
-        if len(hit):
-            row = hit.iloc[-1]
-            return ServedResult(str(row.model), str(row.version), float(row.score),
-                                str(row.present).lower() in ("true", "1"), str(row.manufacturer))
-    return None
+        found += [ServedResult(str(row.model), str(row.version), float(row.score),
+                               str(row.present).lower() in ("true", "1"), str(row.manufacturer))
+                  for row in hit.iloc[::-1].itertuples()]
+    return found
+
+
+def latest_result(work: Path, series: str) -> ServedResult | None:
+    """The newest result any batch or the online service gave for `series` (pseudonymous UID)."""
+    results = served_results(work, series)
+    return results[0] if results else None
 
 
 def submit(body: Any, bearer: str, reviewers: Reviewers, work: Path, key: bytes) -> dict[str, Any]:
     """Check, link and store one reader's judgement; return what was stored (no original UID).
 
+    The judgement is of the result the reader read: the one version that scored the series, or the
+    version the body names (``version``) when several did; an accept or a reject means nothing
+    without it.
+
     Raises:
         ReviewError: 400 a malformed body, 401 an unknown reader or a wrong token, 404 a series this
-            service never scored. Nothing is stored on any of them.
+            service never scored (or never with the version named), 409 a series several versions
+            scored and a body that does not say which. Nothing is stored on any of them.
     """
     if not isinstance(body, dict):
         raise ReviewError(400, BODY)
@@ -103,15 +115,29 @@ def submit(body: Any, bearer: str, reviewers: Reviewers, work: Path, key: bytes)
     label = body.get("label")
     if label is not None and (isinstance(label, bool) or label not in (0, 1)):
         raise ReviewError(400, "label must be 0 (no nodule) or 1 (nodule)")
+    version = body.get("version")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, str | int)
+                                or not str(version).strip().isdigit()):
+        raise ReviewError(400, 'version must be the number of the model version whose result you judge, e.g. "3"')
     try:
         role = reviewers.authenticate(reader, bearer)
     except UnknownReaderError as err:
         raise ReviewError(401, f"{err}: send 'Authorization: Bearer <your reviewer token>' and your reviewer id "
                                "(feedback.reviewers and DICOMOPS_REVIEWER_TOKENS where the service runs)") from None
     series = KeyedMapper(key).uid(uid)
-    result = latest_result(work, series)
-    if result is None:
+    results = served_results(work, series)
+    if not results:
         raise ReviewError(404, "this service has no result for that series; review a series it has scored")
+    versions = sorted({r.version for r in results}, key=lambda v: (len(v), v))
+    if version is not None:
+        results = [r for r in results if r.version == str(version).strip()]
+        if not results:
+            raise ReviewError(404, f"no result of version {str(version).strip()} for that series; the versions that "
+                                   f"scored it: {', '.join(versions)}")
+    elif len(versions) > 1:
+        raise ReviewError(409, f"versions {', '.join(versions)} scored that series; say which result you judge: add "
+                               f'"version": "<n>" (the version on the report you read)')
+    result = results[0]
     try:
         item = make_item(reader=reader, role=role, source="endpoint", verdict=str(verdict), series=series,
                          vendor=result.manufacturer, model=result.model, version=result.version,

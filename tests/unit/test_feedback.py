@@ -162,6 +162,41 @@ def test_the_review_endpoint_links_by_pseudonym_and_refuses_without_storing(tmp_
     assert original not in str(stored) and original.encode() not in FeedbackStore(tmp_path).path.read_bytes()
 
 
+def test_a_review_judges_the_result_the_reader_read_and_asks_which_when_several_versions_scored(
+        tmp_path: Path) -> None:
+    """Version 1 said present (the report the reader read), version 2 later said absent. An accept
+    without a version is refused (409: which?), not stored as agreeing with version 2's absent;
+    with the version it is stored against version 1's call."""
+    import time
+
+    from dicomops.feedback.review import ReviewError, submit
+    from dicomops.serving.predict import RESULT_COLUMNS
+
+    key = b"r" * 32
+    original = "1.2.826.0.1.3680043.8.498.7732"
+    series = KeyedMapper(key).uid(original)
+    for version, present, batch in (("1", True, "b1"), ("2", False, "b2")):
+        folder = tmp_path / "predict" / batch
+        folder.mkdir(parents=True)
+        row = dict.fromkeys(RESULT_COLUMNS, "") | {"study": "ST", "series": series, "manufacturer": "GE",
+                                                   "score": 0.8 if present else 0.2, "present": present,
+                                                   "model": MODEL, "version": version, "status": "scored"}
+        pd.DataFrame([row]).to_csv(folder / "results.csv", index=False)
+        time.sleep(0.01)
+    reviewers = Reviewers.from_config(CFG, "ada=" + "a" * 24)
+    body = {"reader": "ada", "series_instance_uid": original, "verdict": "accept"}
+    for request, status, says in (({**body}, 409, "versions 1, 2 scored that series"),
+                                  ({**body, "version": "3"}, 404, "the versions that scored it: 1, 2"),
+                                  ({**body, "version": "v1"}, 400, "version must be"),
+                                  ({**body, "version": True}, 400, "version must be")):
+        with pytest.raises(ReviewError) as err:
+            submit(request, "a" * 24, reviewers, tmp_path, key)
+        assert (err.value.status, says in err.value.message) == (status, True), err.value.message
+    assert not FeedbackStore(tmp_path).path.exists()
+    stored = submit({**body, "version": 1}, "a" * 24, reviewers, tmp_path, key)
+    assert (stored["version"], stored["model_label"], stored["reader_label"]) == ("1", 1, 1)
+
+
 def test_readers_labels_go_into_the_pool_and_can_be_applied_again(tmp_path: Path) -> None:
     from dicomops.feedback.stage import apply_to_pool, write_labels
 
