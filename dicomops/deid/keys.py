@@ -87,14 +87,33 @@ def load_or_create_key(secret: str | None, path: Path | None = None) -> bytes:
     if secret:
         return secret.encode()
     path = path or default_key_path()
-    if path.exists():
-        return path.read_text().strip().encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_hex(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(key + "\n")
+    if not path.exists():
+        _create_key_file(path)
+    key = path.read_text().strip()
+    if not key:  # an empty key makes every pseudonym computable from the UIDs: never use one
+        raise ValueError(f"the de-identification key file {path} is empty; restore it from its backup (or, before "
+                         f"anything was ingested with it, delete it to have a new one made), or set DICOMOPS_DEID_KEY")
     return key.encode()
+
+
+def _create_key_file(path: Path) -> None:
+    """A new key at `path`, whole or not at all: written to a private file beside it, then linked into
+    place, so that processes starting at once (the online service's replicas) all read the one
+    key that won, never a file still being written (one once ran with an empty key)."""
+    import contextlib
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, scratch = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        with contextlib.suppress(FileExistsError):  # another process made it first: theirs is the key
+            os.link(scratch, path)
+    finally:
+        os.unlink(scratch)
 
 
 def key_from_settings() -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pydicom
@@ -224,3 +225,40 @@ def test_pydicom_log_records_never_quote_a_header_value(caplog: pytest.LogCaptur
         pydicom.misc.warn_and_log("Invalid value for VR UI: '1.2.840.SECRET.4'")
     assert caplog.records and all("SECRET" not in r.getMessage() for r in caplog.records)
     assert "withheld" in caplog.records[-1].getMessage()
+
+
+def _first_start(path: str, barrier: Any, out: Any) -> None:
+    from dicomops.deid.keys import load_or_create_key
+
+    barrier.wait()
+    try:
+        out.put(load_or_create_key(None, Path(path)))
+    except Exception as err:  # the old code raised FileExistsError in one of two
+        out.put(type(err).__name__)
+
+
+def test_processes_starting_at_once_share_one_whole_key(tmp_path: Path) -> None:
+    """Replicas starting together on a machine with no key yet: each gets the one key written, never
+    an empty key read from a file still being written, never an error (both happened, 1 and 147
+    times in 200 pairs)."""
+    import multiprocessing
+
+    from dicomops.deid.keys import load_or_create_key
+
+    context = multiprocessing.get_context("fork")
+    for trial in range(15):
+        path = tmp_path / f"t{trial}" / "deid.key"
+        barrier, out = context.Barrier(3), context.Queue()
+        workers = [context.Process(target=_first_start, args=(str(path), barrier, out)) for _ in range(3)]
+        for w in workers:
+            w.start()
+        got = [out.get(timeout=30) for _ in workers]
+        for w in workers:
+            w.join()
+        assert len(set(got)) == 1 and isinstance(got[0], bytes) and len(got[0]) == 64, got
+        assert got[0] == path.read_text().strip().encode() and oct(path.stat().st_mode & 0o777) == "0o600"
+        assert [p.name for p in path.parent.iterdir()] == ["deid.key"]  # no scratch file left
+    empty = tmp_path / "empty.key"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="is empty"):
+        load_or_create_key(None, empty)
