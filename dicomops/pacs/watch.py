@@ -139,9 +139,9 @@ def handle_study(study_uid: str, pacs: Pacs, staging: Path, work: Path, cfg: Ing
     try:
         digest = None
         if cache is not None and champion is not None:  # so that the study asked for online is warm
-            from dicomops.serving.predict import preprocessing_identity, study_digest
+            from dicomops.serving.predict import answer_identity, study_digest
 
-            digest = study_digest(key, pacs.image_instances(study_uid), preprocessing_identity(champion))
+            digest = study_digest(key, pacs.image_instances(study_uid), answer_identity(champion, cfg))
         with held_study(staging, token) as staged:
             handled, answered_by = _handled_here(work, token)  # again: a batch may have held it meanwhile
             if handled:

@@ -109,13 +109,20 @@ def _code_hash() -> str:
     return code_hash()
 
 
-def preprocessing_identity(champion: Champion) -> str:
-    """The settings and code a cached volume depends on (what the preprocessing's cache key hashes
-    besides content)."""
+# Gate settings that say where it runs, not what it decides: they never change an answer.
+GATE_PLACEMENT = frozenset({"workers", "dask_address"})
+
+
+def answer_identity(champion: Champion, gate: IngestConfig) -> str:
+    """The settings and code a cached answer depends on besides the study's content: the
+    preprocessing's (its volume settings and code: what the preprocessing's cache key hashes) and
+    the gate's (every setting but where it runs), so that a study a gate configured otherwise would
+    refuse, or accept otherwise, is never answered from a manifest the first gate wrote."""
     from dicomops.preprocessing.stage import VOLUME_FIELDS
 
     settings = champion.preprocess.model_dump(mode="json", include=set(VOLUME_FIELDS))
-    return json.dumps({"config": settings, "code": _code_hash()}, sort_keys=True)
+    return json.dumps({"config": settings, "code": _code_hash(),
+                       "gate": gate.model_dump(mode="json", exclude=set(GATE_PLACEMENT))}, sort_keys=True)
 
 
 def study_digest(key: bytes, instance_uids: Iterable[str], identity: str) -> str:
@@ -276,7 +283,7 @@ def answer_pacs_study(study_uid: str, pacs: Any, staging: Path, scratch: Path, c
     if cache is not None:
         with timer("lookup_s"):
             listed = images if images is not None else pacs.image_instances(study_uid)
-            digest = study_digest(key, listed, preprocessing_identity(champion))
+            digest = study_digest(key, listed, answer_identity(champion, cfg))
         if not write_back and prefetched is None:
             warm = answer_from_cache(token, digest, champion, cache, timer)
             if warm is not None:

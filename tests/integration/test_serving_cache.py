@@ -121,6 +121,14 @@ def test_batch_over_the_pacs_then_warm_then_corrupt_then_redis_gone(
         assert warm.warm and warm.status == "scored"
         assert not {"retrieve_s", "gate_s", "preprocess_s"} & set(warm.timings)
         assert [(s, sc) for s, sc, _ in _scores(warm)] == list(zip(table.series, table.score, strict=True))
+        # A gate configured otherwise is never answered from the first gate's manifest (this one
+        # refuses the study); where the gate runs is not what it decides (still warm).
+        strict = CONFIG.ingest.model_copy(update={"geometry": CONFIG.ingest.geometry.model_copy(
+            update={"min_slices": 10_000})})
+        refused = answer_pacs_study(study, pacs, staging, tmp_path / "scratch", strict, KEY, champion, cache)
+        assert (refused.status, refused.warm) == ("refused", False), refused
+        elsewhere = CONFIG.ingest.model_copy(update={"workers": 1})
+        assert answer_pacs_study(study, pacs, staging, tmp_path / "scratch", elsewhere, KEY, champion, cache).warm
 
         # A corrupt entry: refused by its checksum, deleted, recomputed; the same answer.
         keys = [k for k in cache.client.scan_iter("dicomops:volume:*")]
