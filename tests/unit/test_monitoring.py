@@ -137,6 +137,47 @@ def test_reduced_detection_benchmark(tmp_path: Path) -> None:
         assert rates.drift == expected, (scenario, rates)
 
 
+def test_a_batch_cut_to_its_first_series_is_tested_on_those_series_files(tmp_path: Path) -> None:
+    """The benchmark's sweep of batch sizes: the first n series of a batch are credited with their own
+    quarantined files, not the whole batch's (which would mark reference-like series as detected)."""
+    from dicomops.monitoring.evaluate import Batch
+
+    reference = _table(40, 0)
+    current = reference.head(16).reset_index(drop=True)  # the reference's own distribution
+    cfg = MonitorConfig(min_series=2)
+
+    def tested(batch: Batch, n: int) -> tuple[int, dict]:
+        rates = detection(reference, [batch], n, cfg, 0.005, tmp_path / "r")
+        summary = io.read_json(tmp_path / "r" / f"{batch.scenario}-{batch.seed}-{n}" / "summary.json")
+        return rates.drift, summary["quarantine"]
+
+    # 30 of the batch's 960 files are quarantined. Without per-series counts the whole batch's are
+    # scaled: 3 of its 16 series' share, never all of them.
+    _, quarantine = tested(Batch("shift", 3, current, 30, 960), 3)
+    assert (quarantine["quarantined"], quarantine["files"]) == (6, 180)
+    # Counted per series (as featurise_batches records them): all 30 are in its last series.
+    counted = Batch("shift", 1, current, 30, 960, [60] * 16, [0] * 15 + [30])
+    drift, quarantine = tested(counted, 3)
+    assert drift == 0 and (quarantine["quarantined"], quarantine["files"]) == (0, 180)
+    drift, quarantine = tested(counted, 16)  # the whole batch: its whole quarantine
+    assert drift == 1 and (quarantine["quarantined"], quarantine["files"]) == (30, 960)
+    # Files of no featurised series (unreadable, a series quarantined whole) count in proportion.
+    assert Batch("s", 2, current, 46, 1040, [60] * 16, [0] * 15 + [30]).counts(4) == (4, 260)
+
+
+def test_series_file_counts_follow_the_gates_index(tmp_path: Path) -> None:
+    from dicomops.layout import WorkLayout
+    from dicomops.monitoring.evaluate import series_file_counts
+
+    paths = WorkLayout(tmp_path).ingest
+    io.write_parquet(paths.index, pd.DataFrame({"source_path": [f"f{i}.dcm" for i in range(7)],
+                                                "SeriesInstanceUID": ["a", "a", "b", "b", "b", "c", "c"]}))
+    # f1 (a) failed an expectation, c was quarantined whole, x.dcm could not be read (no series).
+    io.write_csv(paths.quarantine, pd.DataFrame({"source_path": ["f1.dcm", "f5.dcm", "f6.dcm", "x.dcm"],
+                                                 "reason": "r", "detail": ""}))
+    assert series_file_counts(tmp_path, ["b", "a"]) == ([3, 2], [0, 1])
+
+
 @pytest.mark.parametrize(("architecture", "k"), [("resnet-slim", 3), ("resnet3d-slim", 5)])
 def test_model_outputs_are_the_models_own_and_leave_it_as_it_was(architecture: str, k: int) -> None:
     """The channels-last copy scores what the model scores in its own layout; the caller's model keeps
