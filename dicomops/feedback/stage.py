@@ -102,6 +102,17 @@ def agreement_table(work: Path, cfg: FeedbackConfig, now: dt.datetime | None = N
     return agreement(FeedbackStore(work).judgements(cfg), cfg, now)
 
 
+SHOWN_DIGITS = 2
+
+
+def shown_figures(table: pd.DataFrame) -> pd.DataFrame:
+    """`table` (:func:`agreement_table`) with its figures rounded to :data:`SHOWN_DIGITS` decimals, as
+    people see them (MLflow, the version's page): a rate to full precision is a fraction whose
+    denominator is the vendor's exact count of series (0.23076923 is 3 of 13), which only the work
+    directory's ``agreement.csv`` may hold; two decimals fit many counts."""
+    return table.round({"kappa": SHOWN_DIGITS, "disagreement": SHOWN_DIGITS, "dice": SHOWN_DIGITS})
+
+
 def _of(table: pd.DataFrame, model: str, version: str) -> pd.DataFrame:
     return table[(table.model == model) & (table.version == str(version))]
 
@@ -193,10 +204,11 @@ def record_agreement(tracking_uri: str, artifact_root: Path | None, experiment: 
     from dicomops.tracking import runs
     from dicomops.tracking.registry import describe_feedback
 
-    table = agreement_table(work, cfg)
+    exact = agreement_table(work, cfg)
     folder = WorkLayout(work).feedback.root
     folder.mkdir(parents=True, exist_ok=True)
-    agreement_csv = io.write_csv(folder / "agreement.csv", table)
+    agreement_csv = io.write_csv(folder / "agreement.csv", exact)
+    table = shown_figures(exact)
     pictures = folder / "pictures" / name  # one per model; each run logs its own as agreement.png
     pictures.mkdir(parents=True, exist_ok=True)
     picture = plot_agreement(table, name, version, cfg, pictures / "agreement.png")

@@ -219,7 +219,7 @@ def describe_feedback(tracking_uri: str, name: str, version: str, rows: list[dic
     if overall is not None:
         for key in ("kappa", "disagreement", "dice"):
             if key in overall and (key != "dice" or float(overall[key]) == float(overall[key])):  # no Dice: no tag
-                client.set_model_version_tag(name, version, f"feedback.{key}", f"{float(overall[key]):.4f}")
+                client.set_model_version_tag(name, version, f"feedback.{key}", f"{float(overall[key]):.2f}")
     _rewrite_section(client, name, version, model_card.feedback_section(rows, window_days, run_id))
 
 
