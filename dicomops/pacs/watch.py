@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import pandas as pd
 
 from dicomops import io
@@ -306,10 +305,11 @@ def localisation_reports(images: list[Any], group: pd.DataFrame, deid_root: Path
                       model_name=segmenter.name, model_version=segmenter.version, nodules=found.nodules,
                       actionable=found.actionable)
     out: list[Any] = [structured_report(images, finding, series_number=SEGMENTER_SR_SERIES)]
+    if not found.nodules:
+        return out, served(segmenter, series, found, images)
     grid = native_grid(images)
-    mask = (to_native_mask(found.mask, found.affine, grid.affine, grid.shape) if found.nodules
-            else np.zeros(grid.shape, bool))
-    if found.nodules and write_seg and mask.any():  # findings thinner than the acquired slices can vanish
+    mask = to_native_mask(found.mask, found.affine, grid.affine, grid.shape)
+    if write_seg and mask.any():  # findings thinner than the acquired slices can vanish at their centres
         out.append(series_segmentation(images, mask, finding, series_number=SEG_SERIES))
     return out, served(segmenter, series, found, images, grid, mask)
 

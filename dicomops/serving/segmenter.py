@@ -105,17 +105,22 @@ class Served:
                                        self.nodules), strict=True))
 
 
-def served(segmenter: Segmenter, series: str, found: Localisation, images: list[Any], grid: Any,
-           native_mask: np.ndarray) -> Served:
+def served(segmenter: Segmenter, series: str, found: Localisation, images: list[Any], grid: Any = None,
+           native_mask: np.ndarray | None = None) -> Served:
     """The record of `found` for `series`: `native_mask` is its (columns, rows, slices) mask on the
-    acquired `grid` of `images` (:func:`dicomops.segmentation.native.native_grid`)."""
+    acquired `grid` of `images` (:func:`dicomops.segmentation.native.native_grid`); without them
+    (nothing found), an empty mask on the slices in order of position."""
     from dicomops.feedback.seg import ReaderMask
 
-    positions = np.array([float(images[i].ImagePositionPatient[2]) for i in grid.order])
     records = [{"center_mm": [round(v, 2) for v in n.center_mm], "diameter_mm": n.diameter_mm, "score": n.score}
                for n in found.nodules]
-    mask = ReaderMask(np.ascontiguousarray(np.asarray(native_mask, bool).transpose(2, 1, 0)).astype(np.uint8),
-                      positions, records)
+    if grid is None or native_mask is None:
+        positions = np.sort([float(ds.ImagePositionPatient[2]) for ds in images])
+        voxels = np.zeros((len(images), int(images[0].Rows), int(images[0].Columns)), np.uint8)
+    else:
+        positions = np.array([float(images[i].ImagePositionPatient[2]) for i in grid.order])
+        voxels = np.ascontiguousarray(np.asarray(native_mask, bool).transpose(2, 1, 0)).astype(np.uint8)
+    mask = ReaderMask(voxels, positions, records)
     return Served(series, segmenter.name, segmenter.version, bool(found.nodules), float(found.score),
                   found.actionable, len(found.nodules), mask)
 

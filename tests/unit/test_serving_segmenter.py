@@ -121,3 +121,11 @@ def test_what_the_segmenter_served_is_recorded_beside_the_results_and_found_by_f
         assert npz["ipp_z"].tolist() == [0.0, 1.0, 2.0, 3.0]
         assert np.array_equal(npz["mask"] > 0, native.transpose(2, 1, 0))
     assert latest_localisation(tmp_path, "2.25.43") is None
+    # Nothing found: no grid is needed (a series the SEG writer could not lay out still gets its
+    # SR), and the mask kept is empty on the slices in order of position, for a reader's to be
+    # compared with (Dice 0 where the reader draws one).
+    nothing = localise(segmenter, np.full(shape, 0.4, np.float32), np.eye(4))
+    plain = [SimpleNamespace(ImagePositionPatient=[0.0, 0.0, float(z)], Rows=5, Columns=6) for z in (3, 1, 2, 0)]
+    empty = served(segmenter, "2.25.44", nothing, plain)
+    assert (empty.present, empty.nodules) == (False, 0)
+    assert empty.mask.mask.shape == (4, 5, 6) and not empty.mask.mask.any() and empty.mask.ipp_z.tolist() == [0, 1, 2, 3]
