@@ -95,7 +95,8 @@ def _retrain(work: Path, config: PipelineConfig, uri: str, artifact_root: Path |
         exported = export(retrain_work, config.export, config.train.model_name, version=str(trained["version"]))
         # The segmenter learns from the same labelled pool and is gated on its own metric (CPM).
         segmented = (segment(retrain_work, config.segment, config.preprocess, config.train, config.experiment,
-                             parent_run_id=run_id, run_tags=cause, privacy_config=config.ingest.privacy)
+                             parent_run_id=run_id, run_tags=cause, privacy_config=config.ingest.privacy,
+                             feedback_work=work, feedback_config=config.feedback)
                      if config.segment.enabled else {})
     print(f"retrain ({trigger}): version {trained['version']} from {n_sources} labelled source(s), "
           f"{'promoted' if trained['promoted'] else 'awaiting review'}; tensorrt: {exported['tensorrt']}"

@@ -8,6 +8,7 @@ from pathlib import Path
 from prefect import flow
 
 from dicomops.config import (
+    FeedbackConfig,
     PreprocessConfig,
     PrivacyConfig,
     SegmentConfig,
@@ -27,8 +28,10 @@ from tasks.train import prepare_splits, release_pool_counts
 def segment(work: Path | None = None, config: SegmentConfig = SegmentConfig(),
             preprocess_config: PreprocessConfig = PreprocessConfig(), train_config: TrainConfig = TrainConfig(),
             experiment: str = "dicomops", parent_run_id: str | None = None,
-            run_tags: dict[str, str] | None = None, privacy_config: PrivacyConfig = PrivacyConfig()) -> dict[str, object]:
-    """Cross-validate the nodule segmenter in the classifier's folds, train, register and gate it."""
+            run_tags: dict[str, str] | None = None, privacy_config: PrivacyConfig = PrivacyConfig(),
+            feedback_work: Path | None = None, feedback_config: FeedbackConfig | None = None) -> dict[str, object]:
+    """Cross-validate the nodule segmenter in the classifier's folds, train, register and gate it (with
+    `feedback_work`, a retrain's, also on the series readers labelled there)."""
     settings = load_settings()
     work = Path(work or settings.work_dir)
     uri = settings.mlflow_tracking_uri
@@ -57,7 +60,7 @@ def segment(work: Path | None = None, config: SegmentConfig = SegmentConfig(),
             s.train_final(work, config, uri)
             version = s.register(work, config, preprocess_config, uri, data_hash, split_hash, run_tags or {})
             exported = s.export(work, config, uri, version)
-            decision = s.promotion_gate(uri, config, version)
+            decision = s.promotion_gate(uri, config, version, work, feedback_work, feedback_config)
         print(f"segment: {cv.describe(summary)}; version {version} {decision['decision']}: "
               f"{'; '.join(decision['reasons'])}")
         result: dict[str, object] = {"mlflow_run_id": run_id, "version": version, "cpm": summary["cpm"],

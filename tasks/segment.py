@@ -7,7 +7,7 @@ from typing import Any
 
 from prefect import task
 
-from dicomops.config import PreprocessConfig, SegmentConfig
+from dicomops.config import FeedbackConfig, PreprocessConfig, SegmentConfig
 from dicomops.layout import WorkLayout
 from dicomops.segmentation import cv
 from dicomops.tracking.lineage import ACCEPTED_HASH_TAG, git_commit, lineage_tags
@@ -58,5 +58,14 @@ def export(work: Path, cfg: SegmentConfig, tracking_uri: str, version: str) -> d
 
 
 @task(name="segmenter-promotion-gate")
-def promotion_gate(tracking_uri: str, cfg: SegmentConfig, version: str) -> dict[str, Any]:
-    return cv.gate(tracking_uri, cfg, version)
+def promotion_gate(tracking_uri: str, cfg: SegmentConfig, version: str, work: Path | None = None,
+                   feedback_work: Path | None = None, feedback: FeedbackConfig | None = None) -> dict[str, Any]:
+    """The gate on CPM; with `feedback_work`, also on the series readers labelled there (as the classifier's)."""
+    readers = None
+    if work is not None and feedback_work is not None:
+        from dicomops.deid.keys import key_from_settings
+        from dicomops.feedback.gate import segmenter_readers_for
+
+        readers = segmenter_readers_for(work, feedback_work, cfg.model_name, feedback or FeedbackConfig(),
+                                        key_from_settings())
+    return cv.gate(tracking_uri, cfg, version, readers, (feedback or FeedbackConfig()).min_cases)

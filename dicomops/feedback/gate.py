@@ -51,3 +51,17 @@ def readers_for(work: Path, feedback_work: Path, model: str, cfg: FeedbackConfig
     oof, threshold = pd.read_parquet(paths.oof_predictions), float(io.read_json(paths.summary)["threshold"])
     return lambda champion_version: reader_agreement(feedback_work, oof, threshold, model, champion_version, cfg,
                                                                  key)
+
+
+def segmenter_readers_for(work: Path, feedback_work: Path, model: str, cfg: FeedbackConfig,
+                          key: bytes | None = None) -> Callable[[str], ReaderAgreement | None]:
+    """The same question for the segmenter of `model` trained in `work`: its out-of-fold finding per
+    series (``segment/series.csv``: present or not, the call its SR makes) against the readers'
+    labels, beside the champion segmenter's findings in the clinic (its own feedback items)."""
+    from dicomops.layout import WorkLayout
+
+    table = pd.read_csv(WorkLayout(work).segment.series, keep_default_na=False)
+    oof = pd.DataFrame({"SeriesInstanceUID": table.series.astype(str),
+                        "score": table.present_pred.astype(str).str.lower().isin(["true", "1"]).astype(float)})
+    return lambda champion_version: reader_agreement(feedback_work, oof, 0.5, model, champion_version, cfg, key)
+

@@ -457,9 +457,13 @@ def export(layout: WorkLayout, cfg: SegmentConfig, tracking_uri: str, version: s
     return {"onnx": str(out), **tags}
 
 
-def gate(tracking_uri: str, cfg: SegmentConfig, version: str) -> dict[str, Any]:
+def gate(tracking_uri: str, cfg: SegmentConfig, version: str, readers: Any = None,
+         min_reader_series: int = 10) -> dict[str, Any]:
+    """The promotion gate on CPM; with `readers` (:func:`dicomops.feedback.gate.segmenter_readers_for`),
+    also on the series readers labelled, as the classifier's."""
     decision = registry.apply_promotion_gate(tracking_uri, cfg.model_name, version, margin=cfg.promotion_margin,
-                                             vendor_tolerance=cfg.vendor_tolerance, min_auc=cfg.min_cpm, metric="cpm")
+                                             vendor_tolerance=cfg.vendor_tolerance, min_auc=cfg.min_cpm, metric="cpm",
+                                             readers=readers, min_reader_series=min_reader_series)
     return {"promoted": decision.promote, "decision": decision.label, "reasons": list(decision.reasons)}
 
 

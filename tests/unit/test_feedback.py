@@ -346,3 +346,30 @@ def test_only_the_readers_configured_now_decide_with_the_role_configured_now(tmp
     again = CFG.model_copy(update={"reviewers": {**CFG.reviewers, "sim-reader-1": "reader"}})
     assert set(write_labels(tmp_path, again).label) == {-1}
     assert due(tmp_path, again, MODEL, "3", "").startswith("5 corrections")
+
+
+def test_the_segmenters_gate_asks_the_readers_about_its_findings(tmp_path: Path) -> None:
+    """A retrained segmenter's out-of-fold findings (segment/series.csv) against the readers' labels,
+    beside the champion segmenter's findings in the clinic; the classifier's calls on the same
+    series, and the same version number, are not the segmenter's."""
+    from dicomops import io
+    from dicomops.feedback.gate import segmenter_readers_for
+    from dicomops.layout import WorkLayout
+
+    segmenter = "dicomops-ct-nodule-seg"
+    truth = {"s0": 1, "s1": 1, "s2": 0, "s3": 0, "s4": 1}
+    clinic = {"s0": 1, "s1": 0, "s2": 0, "s3": 1, "s4": 1}  # the champion segmenter: right on 3 of 5
+    feedback = tmp_path / "feedback-work"
+    FeedbackStore(feedback).add(
+        [store.make_item(reader="bo", role="reader", source="pacs-seg", verdict="correct", series=s, vendor="GE",
+                         model=segmenter, version="2", model_label=clinic[s], model_score=0.5, reader_label=t,
+                         at=T0 + dt.timedelta(minutes=i)) for i, (s, t) in enumerate(truth.items())]
+        + [_item("bo", s, "accept", model_label=t, version="2", minutes=10 + i)  # the classifier: always right
+           for i, (s, t) in enumerate(truth.items())])
+    work = tmp_path / "retrain-work"
+    io.write_csv(WorkLayout(work).segment.series, pd.DataFrame({
+        "series": ["s0", "s1", "s2", "s3", "s4", "s9"], "vendor": "GE", "dice": 0.8,
+        "present_ref": True, "present_pred": [True, True, False, False, False, True], "false_positives": 0}))
+    readers = segmenter_readers_for(work, feedback, segmenter, CFG)
+    agreement = readers("2")
+    assert agreement is not None and (agreement.series, agreement.champion, agreement.challenger) == (5, 3 / 5, 4 / 5)
