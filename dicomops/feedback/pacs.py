@@ -378,6 +378,7 @@ def collect_once(feed: Any, pacs: Any, work: Path, key: bytes, reviewers: Review
 
     cursor = Cursor(WorkLayout(work).feedback.cursor)
     rows: list[dict[str, str]] = []
+    cursor.follow(feed)  # a feed that starts again below the cursor is read from its start
     while True:
         since = cursor.value
         page = feed.poll(since, limit)

@@ -195,11 +195,30 @@ class Cursor:
         """The last change number handled; the feed is read from the next one."""
         return self._value
 
+    def follow(self, feed: ChangesFeed) -> int:
+        """The cursor's value for `feed`: as it is, unless the feed's newest change lies behind it.
+        Then the feed is not the one the cursor was kept for (Orthanc's index was replaced, as by
+        ``dicomops pacs start --index-url``, or restored from a backup, or ``DICOMOPS_PACS_URL``
+        names another PACS), whose change numbers start again at 1: kept, the cursor would leave
+        every study below it unread, silently. It is set back to 0, with a warning; the studies
+        already handled are recognised as duplicates by their tokens.
+
+        Raises:
+            PacsError: the feed did not answer.
+        """
+        newest = feed.last()
+        if newest < self._value:
+            log.warning("the PACS's changes feed ends at change %d, behind this cursor's %d (%s): its index was "
+                        "replaced or restored, or this is another PACS; reading its feed from the start (studies "
+                        "already handled are recognised as duplicates)", newest, self._value, self.path)
+            self._write(0)
+        return self._value
+
     def advance(self, seq: int) -> None:
         """Record that every change up to `seq` is handled. Call it only after the handling is safe.
 
         Raises:
-            ValueError: `seq` lies behind the cursor (it never moves back).
+            ValueError: `seq` lies behind the cursor (it never moves back, but by :meth:`follow`).
         """
         if type(seq) is not int:
             raise TypeError(f"seq must be an int (got {type(seq).__name__})")
@@ -207,6 +226,9 @@ class Cursor:
             raise ValueError(f"the changes cursor never moves back (at {self._value}, asked for {seq})")
         if seq == self._value and self.path.exists():
             return
+        self._write(seq)
+
+    def _write(self, seq: int) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
         try:

@@ -359,6 +359,7 @@ def watch_once(feed: Any, pacs: Pacs, staging: Path, work: Path, cfg: IngestConf
 
     cursor = Cursor(WorkLayout(work).pacs.cursor)
     outcomes = []
+    cursor.follow(feed)  # a feed that starts again below the cursor is read from its start
     while True:
         since = cursor.value
         page = feed.poll(since, limit)

@@ -264,3 +264,35 @@ def test_a_study_the_pacs_cannot_serve_is_set_aside_after_three_passes_and_the_n
     ledger = pd.read_csv(WorkLayout(work).pacs.ledger, keep_default_na=False)
     assert list(ledger.status) == ["failed", "ingested"] and study_lost not in ledger.to_csv()
     assert list(staging.glob("*")) == []
+
+
+def test_a_feed_that_starts_again_below_the_cursor_is_read_from_its_start(tmp_path: Path) -> None:
+    """Orthanc's change numbers start again at 1 when its index is replaced (the move to PostgreSQL,
+    a restore) or the work directory is pointed at another PACS. A cursor kept from before lay
+    above every change of the new feed, and every study in it was left unread, silently; now the
+    watch and the feedback pass read such a feed from its start (a study handled before would be
+    a duplicate)."""
+    from dicomops.config import FeedbackConfig
+    from dicomops.feedback.pacs import collect_once
+    from dicomops.feedback.store import Reviewers
+    from dicomops.pacs.orthanc import start_orthanc
+
+    from .conftest import free_port
+    from .orthanc_fixture import STABLE_AGE_S, pacs_credentials
+
+    work, staging, key = tmp_path / "work", tmp_path / "staging", key_from_settings()
+    for path in (WorkLayout(work).pacs.cursor, WorkLayout(work).feedback.cursor):  # kept from the PACS before
+        Cursor(path).advance(10_000)
+    with start_orthanc(tmp_path / "pacs", free_port(), pacs_credentials(), stable_age_s=STABLE_AGE_S) as server:
+        study = _send(server, synthetic_study(tmp_path / "send", slices=12, matrix=128, index=31, vendor="ge"))
+        _wait_stable(server, {study})
+        with PacsClient(server.dicomweb_url, server.credentials) as pacs, \
+                ChangesFeed(server.url, server.credentials) as feed:
+            last = feed.last()
+            assert last < 10_000
+            outcomes = watch.watch_once(feed, pacs, staging, work, CONFIG.ingest, key, None)
+            assert [(o.token, o.status) for o in outcomes] == [(watch.study_token(key, study), "ingested")]
+            assert Cursor(WorkLayout(work).pacs.cursor).value == last
+            assert watch.watch_once(feed, pacs, staging, work, CONFIG.ingest, key, None) == []  # read once
+            collect_once(feed, pacs, work, key, Reviewers.from_config(FeedbackConfig()))
+            assert Cursor(WorkLayout(work).feedback.cursor).value == last
