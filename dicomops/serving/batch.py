@@ -88,7 +88,8 @@ def predict_folder(src: Path, work: Path, cfg: IngestConfig, key: bytes, champio
 def predict_pacs(query: Mapping[str, str], pacs: Any, staging: Path, work: Path, cfg: IngestConfig, key: bytes,
                  champion: Champion, cache: VolumeCache | None = None, write_back: bool = True,
                  progress: Progress = None, prefetch: Any = None,
-                 answered: Callable[[Answer], Any] | None = None) -> list[Answer]:
+                 answered: Callable[[Answer], Any] | None = None,
+                 answers: list[Answer] | None = None) -> list[Answer]:
     """Every study the QIDO-RS `query` finds (DICOM keywords: ``StudyDate="20261130"``,
     ``ModalitiesInStudy="CT"``), scored and, with `write_back`, answered with SR in the PACS. The
     UIDs the search returns live in this function's memory only.
@@ -96,28 +97,43 @@ def predict_pacs(query: Mapping[str, str], pacs: Any, staging: Path, work: Path,
     With `prefetch` (a second PACS client: a session per thread), the next study is retrieved while
     this one is gated, preprocessed and scored, so the PACS transfer and the CPU work overlap; not
     when studies may come warm from the cache (a retrieval would be wasted). `answered(answer)`: as
-    :func:`~dicomops.serving.predict.answer_pacs_study` takes it, for each study written back."""
+    :func:`~dicomops.serving.predict.answer_pacs_study` takes it, for each study written back.
+    `answers`: the list to append each study's answer to as it comes (returned), so that a caller
+    still holds the answers given before an outage stopped the batch.
+
+    A study the PACS cannot serve while it answers for the others (a file lost from its storage: an
+    HTTP 500 for that study alone) is failed with the PACS's error and the batch goes on; a PACS that
+    does not answer at all (or refuses the credentials) stops it."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from dicomops.pacs.client import PacsRequestRefused
+    from dicomops.pacs.client import PacsAuthError, PacsError, PacsRequestRefused
     from dicomops.pacs.staging import StudyBusyError
     from dicomops.pacs.watch import study_token
-    from dicomops.serving.predict import retrieve_ahead
 
     def answer_or_refuse(uid: str, *args: Any, **kwargs: Any) -> Answer:
         """The study's answer; one the PACS holds under a UID no request can name is refused, with
-        what to do, and one another handler holds past the wait is failed; the batch goes on."""
+        what to do; one another handler holds past the wait, or one the PACS cannot serve while it
+        still answers a search for it, is failed; the batch goes on."""
         try:
             return answer_pacs_study(uid, *args, **kwargs)
         except PacsRequestRefused as err:
             return Answer(study_token(key, uid), "refused", reason=str(err))
         except StudyBusyError as err:
             return Answer(study_token(key, uid), "failed", reason=str(err))
+        except PacsAuthError:
+            raise
+        except PacsError as err:
+            pacs.search_studies(StudyInstanceUID=uid)  # the PACS still answers (else this raises: an outage)
+            return Answer(study_token(key, uid), "failed",
+                          reason=f"the PACS answers, but not for this study: {err}; repair the study in the PACS "
+                                 "and run the batch again")
+
+    from dicomops.serving.predict import retrieve_ahead
 
     found = pacs.search_studies(**dict(query))
     uids = [str(ds.StudyInstanceUID) for ds in found if "StudyInstanceUID" in ds]
     scratch = Path(work) / "studies"
-    answers: list[Answer] = []
+    answers = [] if answers is None else answers
     if prefetch is None or (cache is not None and not write_back):
         for i, uid in enumerate(uids, 1):
             answers.append(answer_or_refuse(uid, pacs, staging, scratch, cfg, key, champion, cache, write_back,
@@ -196,20 +212,23 @@ def record(work: Path, batch_id: str, answers: Sequence[Answer], champion: Champ
 
 
 def log_batch(tracking_uri: str, artifact_root: Path | None, batch_id: str, folder: Path, metrics: dict[str, float],
-              champion: Champion, source: str, cache: VolumeCache | None) -> str:
-    """One run in ``dicomops-inference``; `source` says which kind (folder, pacs, pacs-watch), never where."""
+              champion: Champion, source: str, cache: VolumeCache | None, stopped: str = "") -> str:
+    """One run in ``dicomops-inference``; `source` says which kind (folder, pacs, pacs-watch), never
+    where; `stopped`: the error type an outage stopped the batch with (the run then ends FAILED,
+    with the studies answered before it)."""
     from dicomops.tracking import runs
 
     params = {**champion.describe(), "source": source, "cache": "redis" if cache is not None else "off",
               "batch": batch_id}
     run_id = runs.start_run(tracking_uri, EXPERIMENT, artifact_root, run_name="predict",
                             tags={"dicomops.model": champion.name, "dicomops.model_version": champion.version,
-                                  "dicomops.engine": champion.engine.choice.kind}, params=params)
+                                  "dicomops.engine": champion.engine.choice.kind,
+                                  **({"dicomops.batch.stopped": stopped} if stopped else {})}, params=params)
     client = runs.configure_mlflow(tracking_uri)
     runs.log_metrics(tracking_uri, run_id, metrics)
     client.log_artifact(run_id, str(folder / "results.csv"))
     client.log_artifact(run_id, str(folder / "summary.json"))
-    runs.end_run(tracking_uri, run_id)
+    runs.end_run(tracking_uri, run_id, "FAILED" if stopped else "FINISHED")
     return run_id
 
 
@@ -251,6 +270,7 @@ def run_batch(*, src: Path | None, query: Mapping[str, str] | None, work: Path, 
     cache = VolumeCache.from_env(ttl_s=serve_cfg.cache_ttl_s)
     batch_id = new_batch_id()
     scratch = WorkLayout(work).predictions(batch_id) / "scratch"
+    answers: list[Answer] = []
     try:
         if src is not None:
             answers = predict_folder(src, scratch, ingest_cfg, key, champion, cache, progress)
@@ -263,9 +283,17 @@ def run_batch(*, src: Path | None, query: Mapping[str, str] | None, work: Path, 
                     PacsClient.from_env(http_budget_s, url=orthanc_url) as prefetch:
                 from dicomops.pacs.watch import record_answered
 
-                answers = predict_pacs(  # pacs-watch leaves a study answered here once it is stable
-                    query or {}, pacs, staging, scratch, ingest_cfg, key, champion, cache, serve_cfg.write_back,
-                    progress, prefetch, answered=lambda a: record_answered(work, a, f"predict --pacs (batch {batch_id})"))
+                try:
+                    predict_pacs(  # pacs-watch leaves a study answered here once it is stable
+                        query or {}, pacs, staging, scratch, ingest_cfg, key, champion, cache, serve_cfg.write_back,
+                        progress, prefetch, answers=answers,
+                        answered=lambda a: record_answered(work, a, f"predict --pacs (batch {batch_id})"))
+                except Exception as err:  # an outage: what was answered before it is recorded, then it stops
+                    if answers:
+                        folder, metrics = record(work, batch_id, answers, champion, cache)
+                        log_batch(tracking_uri, artifact_root, batch_id, folder, metrics, champion, "pacs", cache,
+                                  stopped=type(err).__name__)
+                    raise
             source = "pacs"
         folder, metrics = record(work, batch_id, answers, champion, cache)
         run_id = log_batch(tracking_uri, artifact_root, batch_id, folder, metrics, champion, source, cache)

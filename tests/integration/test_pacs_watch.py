@@ -296,3 +296,86 @@ def test_a_feed_that_starts_again_below_the_cursor_is_read_from_its_start(tmp_pa
             assert watch.watch_once(feed, pacs, staging, work, CONFIG.ingest, key, None) == []  # read once
             collect_once(feed, pacs, work, key, Reviewers.from_config(FeedbackConfig()))
             assert Cursor(WorkLayout(work).feedback.cursor).value == last
+
+
+class _Wrapped:
+    """PacsClient.from_env's client, wrapped: `wrap(client)` decides what fails."""
+
+    def __init__(self, inner: Any, wrap: Any) -> None:
+        self._inner, self._wrapped = inner, wrap(inner)
+
+    def __enter__(self) -> Any:
+        return self._wrapped
+
+    def __exit__(self, *exc: object) -> None:
+        self._inner.close()
+
+
+class _DownAfterFirst:
+    """A PACS that goes down after the batch's first study: every later request fails."""
+
+    def __init__(self, pacs: PacsClient, state: dict[str, int]) -> None:
+        self._pacs, self._state = pacs, state
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._pacs, name)
+        if not callable(attribute) or name in ("close",):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if (self._state["retrieved"] >= 1 and name != "retrieve_study") or self._state["retrieved"] >= 2:
+                raise PacsError(f"{name}: the PACS at {self._pacs.server} did not answer (connection refused)")
+            if name == "retrieve_study":
+                self._state["retrieved"] += 1
+                if self._state["retrieved"] >= 2:
+                    raise PacsError(f"{name}: the PACS at {self._pacs.server} did not answer (connection refused)")
+            return attribute(*args, **kwargs)
+
+        return call
+
+
+def test_a_batch_fails_a_study_the_pacs_cannot_serve_goes_on_and_keeps_what_it_answered_before_an_outage(
+        champion: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`predict --pacs` over a study whose stored file the PACS lost (HTTP 500 for it alone, while it
+    answers for the others) stopped the whole batch and recorded nothing; now that study is failed
+    with the PACS's error and the others are answered. A PACS that goes down mid-batch still stops
+    it, and the studies answered before are recorded (results.csv, a FAILED run saying why)."""
+    from dicomops.config import ServeConfig
+    from dicomops.pacs.orthanc import start_orthanc
+    from dicomops.serving import batch
+
+    from .conftest import free_port
+    from .orthanc_fixture import STABLE_AGE_S, pacs_credentials
+
+    key = key_from_settings()
+    serve = ServeConfig(write_back=False)
+    with start_orthanc(tmp_path / "pacs", free_port(), pacs_credentials(), stable_age_s=STABLE_AGE_S) as server:
+        _pacs_env(monkeypatch, server)
+        lost = _send(server, synthetic_study(tmp_path / "lost", slices=12, matrix=128, index=43, vendor="canon"))
+        fine = _send(server, synthetic_study(tmp_path / "fine", slices=12, matrix=128, index=44, vendor="ge"))
+        real_from_env = PacsClient.from_env
+
+        def run(wrap: Any, work: Path) -> dict[str, Any]:
+            monkeypatch.setattr(PacsClient, "from_env", classmethod(
+                lambda cls, *a, **k: _Wrapped(real_from_env(*a, **k), wrap)))
+            return batch.run_batch(src=None, query={}, work=work, ingest_cfg=CONFIG.ingest, serve_cfg=serve,
+                                   model_name=TINY.model_name, version=None, key=key, tracking_uri=champion,
+                                   artifact_root=None, staging=tmp_path / "staging", http_budget_s=30.0)
+
+        result = run(lambda pacs: _CannotServe(pacs, lost, "retrieve_study"), tmp_path / "work")
+        table = pd.read_csv(result["results"], keep_default_na=False)
+        by_study = dict(zip(table.study, table.status, strict=True))
+        assert by_study == {watch.study_token(key, lost): "failed", watch.study_token(key, fine): "scored"}
+        reason = table[table.status == "failed"].reason.iloc[0]
+        assert "HTTP 500" in reason and "repair the study in the PACS" in reason and lost not in reason
+
+        state = {"retrieved": 0}
+        with pytest.raises(PacsError, match="did not answer"):
+            run(lambda pacs: _DownAfterFirst(pacs, state), tmp_path / "work-outage")
+        (kept,) = (tmp_path / "work-outage" / "predict").glob("*/results.csv")
+        assert list(pd.read_csv(kept, keep_default_na=False).status) == ["scored"]
+        runs = mlflow.tracking.MlflowClient(champion).search_runs(
+            [mlflow.tracking.MlflowClient(champion).get_experiment_by_name("dicomops-inference").experiment_id],
+            filter_string="tags.`dicomops.batch.stopped` = 'PacsError'")
+        assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    assert list((tmp_path / "staging").glob("*")) == []
