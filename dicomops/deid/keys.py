@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import os
 import secrets
+from collections.abc import Iterable
 from pathlib import Path
 
 # Shifted dates land 8 to 10 years before the real ones: far enough that a shifted date can never
@@ -19,6 +20,23 @@ from pathlib import Path
 DATE_SHIFT_MIN_DAYS = 2922
 DATE_SHIFT_SPAN_DAYS = 730
 MALFORMED_DATE = "malformed"
+
+
+def patient_id_text(value: object) -> str:
+    """One patient's ID as every keyed replacement of it reads it: each value stripped of the spaces
+    and NULs DICOM pads LO values with (they are not significant), several values joined with a
+    backslash as DICOM writes them. The gate's index, the de-identified file and the labels then
+    name, and shift the dates of, one patient alike, however a writer padded the ID or a reader
+    returned it (a string, or pydicom's list of values)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        parts = value.split("\\")
+    elif isinstance(value, Iterable):  # pydicom's MultiValue
+        parts = [str(v) for v in value]
+    else:
+        parts = [str(value)]
+    return "\\".join(part.strip(" \0") for part in parts)
 
 
 class KeyedMapper:
@@ -34,8 +52,8 @@ class KeyedMapper:
         return hmac.new(self._key, f"{kind}\x1f{value}".encode(), hashlib.sha256).digest()
 
     def pseudonym(self, patient_id: str) -> str:
-        """A stable patient pseudonym such as ``PX-3K7QZ2M9XA4D``."""
-        code = base64.b32encode(self._digest("patient", patient_id)).decode()[:12]
+        """A stable patient pseudonym such as ``PX-3K7QZ2M9XA4D`` (of :func:`patient_id_text`)."""
+        code = base64.b32encode(self._digest("patient", patient_id_text(patient_id))).decode()[:12]
         return f"PX-{code}"
 
     def uid(self, uid: str) -> str:
@@ -49,7 +67,7 @@ class KeyedMapper:
 
     def date_offset_days(self, patient_id: str) -> int:
         """Days to subtract from every date of this patient (the same in every batch)."""
-        n = int.from_bytes(self._digest("date", patient_id)[:4], "big")
+        n = int.from_bytes(self._digest("date", patient_id_text(patient_id))[:4], "big")
         return DATE_SHIFT_MIN_DAYS + n % DATE_SHIFT_SPAN_DAYS
 
     def shift_date(self, value: str, patient_id: str) -> str:

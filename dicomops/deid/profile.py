@@ -9,9 +9,10 @@ is carried out and applies three options of Table E.1-1:
 - Retain Patient Characteristics: age, sex, size, weight and similar are kept.
 - Retain Device Identity: station name, device serial number and similar are kept.
 
-On top of the table, safety nets apply everywhere, nested sequences included: private tags and
-overlay/curve groups are removed, every person name is emptied, every non-standard UID is
-remapped, and free-text values the table does not mention are removed.
+On top of the table, safety nets apply everywhere, nested sequences included: private tags,
+overlay/curve groups, URLs and elements no dictionary knows are removed, every person name is
+emptied, every non-standard UID is remapped, free-text values the table does not mention are
+removed, and the file meta is made again from what a reader needs.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
-from pydicom.uid import UID_dictionary
+from pydicom.uid import UID, UID_dictionary
 
 from dicomops import __version__
 from dicomops.config import DeidConfig
-from dicomops.deid.keys import KeyedMapper
+from dicomops.deid.keys import KeyedMapper, patient_id_text
 
 TABLE_VERSION: str = DeidConfig().table_version  # the config holds the one default
 # Code values of CID 7050 (De-identification Method) for the profile and the options applied: the
@@ -42,16 +43,25 @@ PROFILE_TAG = "deid.profile"  # the MLflow tag whose value is PROFILE_NAME
 # DeidentificationMethod is LO: at most 64 characters, hence the code values rather than the name.
 METHOD_TEXT = f"PS3.15 E.1 {' '.join(code for code, _ in METHOD_CODES)}; dicomops {__version__}"[:64]
 
+# What the option keeps (K in its column of Table E.1-1). Allergies, SpecialNeeds and PatientState
+# are C (clean) there, and AdditionalPatientHistory is not in the option at all (X): free text a
+# site types an MRN into. Until 2026-12-05 all four were kept word for word; the table removes them.
 RETAIN_PATIENT_CHARACTERISTICS = frozenset(Tag(k) for k in (
     "PatientAge", "PatientSex", "PatientSize", "PatientWeight", "EthnicGroup", "SmokingStatus",
-    "PregnancyStatus", "PatientSexNeutered", "Allergies", "SpecialNeeds", "PatientState",
-    "AdditionalPatientHistory"))
+    "PregnancyStatus", "PatientSexNeutered"))
 RETAIN_DEVICE_IDENTITY = frozenset(Tag(k) for k in (
     "StationName", "DeviceSerialNumber", "DetectorID", "GantryID", "PlateID", "CassetteID",
     "GeneratorID", "DeviceDescription", "SourceSerialNumber", "DeviceLabel"))
 # Free text the table does not mention is removed unless listed here.
 KEEP_TEXT = frozenset(Tag(k) for k in ("DeidentificationMethod",))
 FREE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UC"})
+# Removed wherever they stand: a URL (UR: RetrieveURL and the like) names a host and, often, the
+# original study and series UIDs in its path; an element no dictionary knows (UN, group even) may
+# hold anything. Until 2026-12-05 both went through with their values.
+REMOVED_VRS = frozenset({"UR", "UN"})
+# The file meta a reader needs; the instance UID is set to the dataset's remapped one.
+FILE_META_KEPT = ("FileMetaInformationVersion", "MediaStorageSOPClassUID", "TransferSyntaxUID",
+                  "ImplementationClassUID", "ImplementationVersionName")
 REMOVED_GROUPS = (0x5000, 0x6000)
 NEVER_SHIFT = frozenset(Tag(k) for k in ("PatientBirthDate", "PatientDeathDateInAlternativeCalendar"))
 REMOVE_TIMES = frozenset(Tag(k) for k in ("PatientBirthTime",))  # curves and overlays: may carry text and drawings
@@ -102,7 +112,7 @@ class Deidentifier:
 
     def dataset(self, ds: Dataset) -> Dataset:
         """De-identify `ds` in place (file meta included) and return it."""
-        patient = str(ds.get("PatientID", "") or "")
+        patient = patient_id_text(ds.get("PatientID"))
         ds.remove_private_tags()
         self._clean(ds, patient)
         pseudonym = self.mapper.pseudonym(patient)
@@ -121,15 +131,24 @@ class Deidentifier:
         ds.DeidentificationMethodCodeSequence = Sequence(codes)
         meta = getattr(ds, "file_meta", None)
         if isinstance(meta, FileMetaDataset):
-            if "SOPInstanceUID" in ds:
-                meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            for keyword in ("SourceApplicationEntityTitle", "SendingApplicationEntityTitle",
-                            "ReceivingApplicationEntityTitle", "PrivateInformationCreatorUID",
-                            "PrivateInformation"):
-                if keyword in meta:
-                    del meta[keyword]
+            ds.file_meta = self._file_meta(meta, ds)
         ds.preamble = b"\x00" * 128
         return ds
+
+    def _file_meta(self, meta: FileMetaDataset, ds: Dataset) -> FileMetaDataset:
+        """The file meta made again from what a reader needs (:data:`FILE_META_KEPT`), the instance
+        UID remapped as the dataset's: everything else a writer put there goes (the sending and
+        receiving AE titles, its network address, the instance UIDs of RTV communication, private
+        information), whatever the keyword, rather than the few a list of removals named."""
+        kept = FileMetaDataset()
+        for keyword in FILE_META_KEPT:
+            if keyword in meta:
+                kept[keyword] = meta[keyword]
+        if "SOPInstanceUID" in ds:
+            kept.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        elif "MediaStorageSOPInstanceUID" in meta:
+            kept.MediaStorageSOPInstanceUID = UID(self.mapper.uid(str(meta.MediaStorageSOPInstanceUID).strip()))
+        return kept
 
     def _clean(self, ds: Dataset, patient: str) -> None:
         for elem in list(ds):
@@ -137,9 +156,12 @@ class Deidentifier:
             if tag.is_private or (tag.group & 0xFF00) in REMOVED_GROUPS:
                 del ds[tag]
                 continue
+            vr = elem.VR
+            if vr in REMOVED_VRS:
+                del ds[tag]
+                continue
             if tag in RETAIN_PATIENT_CHARACTERISTICS or tag in RETAIN_DEVICE_IDENTITY:
                 continue
-            vr = elem.VR
             action = _action_for(tag, self.exact, self.masked)
             if vr in ("DA", "DT") and tag not in NEVER_SHIFT:
                 # The option modifies every date (C in its column of Table E.1-1), even those

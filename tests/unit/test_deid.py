@@ -262,3 +262,48 @@ def test_processes_starting_at_once_share_one_whole_key(tmp_path: Path) -> None:
     empty.write_text("\n")
     with pytest.raises(ValueError, match="is empty"):
         load_or_create_key(None, empty)
+
+
+def test_free_text_patient_fields_urls_unknown_elements_and_stray_file_meta_leave(deid: Deidentifier) -> None:
+    """What a helper found kept word for word: free-text patient fields the Retain Patient
+    Characteristics option cleans (C) or does not cover (AdditionalPatientHistory, X), as a real
+    RIS writes them (deid-data's Siemens files carry "RIS COMMENTS- ..." there); a RetrieveURL
+    holding the original study UID; an element no dictionary knows; file meta beyond what a reader
+    needs (the RTV instance UID, the sender's network address)."""
+    ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(to_bytes(_rich_slice())))
+    study, sop = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
+    ds.AdditionalPatientHistory = "seizure; MRN 48444612 typed by the RIS"
+    ds.Allergies = "ALLERGY-NEEDLE penicillin"
+    ds.SpecialNeeds = "SPECIAL-NEEDLE wheelchair"
+    ds.PatientState = "STATE-NEEDLE sedated"
+    ds.SmokingStatus = "NO"  # K in the option: kept
+    ds.RetrieveURL = f"https://pacs.example/dicomweb/studies/{study}"
+    ds.add_new(0x00101234, "UN", b"UNKNOWN^NEEDLE")
+    ds.file_meta.RTVCommunicationSOPInstanceUID = sop
+    ds.file_meta.SourcePresentationAddress = "dicom://ct-room3.hospital.example:104"
+    deid.dataset(ds)
+    out = pydicom.filebase.DicomBytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    raw = out.getvalue()
+    for needle in (study, sop, "48444612", "ALLERGY-NEEDLE", "SPECIAL-NEEDLE", "STATE-NEEDLE", "UNKNOWN^NEEDLE",
+                   "hospital.example", "pacs.example"):
+        assert needle.encode() not in raw, needle
+    back = pydicom.dcmread(pydicom.filebase.DicomBytesIO(raw))
+    assert back.SmokingStatus == "NO" and back.PatientAge == "063Y"
+    assert set(back.file_meta.dir()) == {"FileMetaInformationGroupLength", "FileMetaInformationVersion",
+                                         "MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID",
+                                         "TransferSyntaxUID", "ImplementationClassUID", "ImplementationVersionName"}
+    assert back.file_meta.MediaStorageSOPInstanceUID == back.SOPInstanceUID
+
+
+def test_a_padded_or_multi_valued_patient_id_is_one_patient_everywhere(deid: Deidentifier) -> None:
+    """Leading spaces in an LO are not significant, and pydicom returns several values as a list:
+    the de-identified file named such a patient otherwise than the gate's index (and shifted their
+    dates by another offset), two pseudonyms for one patient."""
+    mapper = KeyedMapper(KEY)
+    padded = ct_slice(PatientID=" MRN-7 ", StudyDate="20240102")
+    several = ct_slice(StudyDate="20240102")
+    several.PatientID = ["MRN-7", "OLD-7"]
+    assert deid.dataset(padded).PatientID == mapper.pseudonym("MRN-7") == mapper.pseudonym("MRN-7\x00")
+    assert padded.StudyDate == mapper.shift_date("20240102", "MRN-7")
+    assert deid.dataset(several).PatientID == mapper.pseudonym("MRN-7\\OLD-7") == mapper.pseudonym(" MRN-7\\OLD-7 ")
