@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 NOT_ALL_STORED = "not every result was stored"  # how a study's reason begins when the PACS did not keep them all
 LEDGER_COLUMNS = ["token", "status", "accepted_series", "quarantined_files", "results_stored", "reason",
-                  "handled_at"]
+                  "handled_at", "images"]
 
 
 class Pacs(Protocol):
@@ -65,10 +65,19 @@ class StudyOutcome:
     quarantined_files: int = 0
     results_stored: int = 0
     reason: str = ""
+    images: str = ""  # the keyed digest of the image instances handled (images_digest)
 
 
 def study_token(key: bytes, study_uid: str) -> str:
     return KeyedMapper(key).token("study", study_uid)
+
+
+def images_digest(key: bytes, sop_uids: Iterable[str]) -> str:
+    """A keyed digest of a study's image instances (:meth:`PacsClient.image_instances`: not its
+    SR and SEG): what the ledger says a study was when it was handled, so that a study that gained
+    images since (a series that arrived after the study was first stable, a later reconstruction)
+    is answered again rather than taken for one already handled. No UID can be read back from it."""
+    return KeyedMapper(key).token("images", "\n".join(sorted(str(u) for u in sop_uids)))
 
 
 def handled_tokens(work: Path) -> set[str]:
@@ -81,13 +90,18 @@ def handled_tokens(work: Path) -> set[str]:
     return set(table[table.status != "duplicate"].token)
 
 
-def _handled_here(work: Path, token: str) -> tuple[bool, str]:
-    """Whether the watch itself handled `token`, and, if not, who answered it ('' for nobody)."""
+def _handled_here(work: Path, token: str, images: str = "") -> tuple[bool, str]:
+    """Whether the watch itself handled `token` as it is now (its `images`, :func:`images_digest`),
+    and, if not, who answered it so ('' for nobody). A row of the study with other images is of an
+    earlier state of it: not handled as it is now. A row without a digest (a ledger written before
+    2026-12-05) counts for any."""
     ledger = WorkLayout(work).pacs.ledger
     if not ledger.exists():
         return False, ""
-    rows = pd.read_csv(ledger, keep_default_na=False)
+    rows = pd.read_csv(ledger, keep_default_na=False, dtype=str)
     rows = rows[rows.token == token]
+    if images and "images" in rows:
+        rows = rows[rows["images"].isin(["", images])]
     if (~rows.status.isin(["answered", "duplicate"])).any():
         return True, ""
     answered = rows[rows.status == "answered"]
@@ -113,7 +127,7 @@ def record_answered(work: Path, answer: Any, by: str) -> bool:
     if answer.status != "scored" or answer.results_stored < 1 or answer.reason:
         return False
     _record(work, StudyOutcome(answer.study, "answered", answer.accepted_series, answer.quarantined_files,
-                               answer.results_stored, reason=f"answered by {by}"))
+                               answer.results_stored, reason=f"answered by {by}", images=answer.images))
     return True
 
 
@@ -130,21 +144,26 @@ def handle_study(study_uid: str, pacs: Pacs, staging: Path, work: Path, cfg: Ing
     preprocessed volumes go to, so the online service finds the study warm.
     """
     token = study_token(key, study_uid)
-    if _handled_here(work, token)[0]:
-        outcome = StudyOutcome(token, "duplicate", reason="already handled (its first row says how)")
-        _record(work, outcome)
-        return outcome
     study_work = WorkLayout(work).pacs.study(token)
     try:
+        listed = pacs.image_instances(study_uid)
+        images = images_digest(key, listed)
+        if _handled_here(work, token, images)[0]:
+            outcome = StudyOutcome(token, "duplicate", reason="already handled (its first row says how)",
+                                   images=images)
+            _record(work, outcome)
+            return outcome
+        changed = token in handled_tokens(work)  # handled before, with other images
         digest = None
         if cache is not None and champion is not None:  # so that the study asked for online is warm
             from dicomops.serving.predict import answer_identity, study_digest
 
-            digest = study_digest(key, pacs.image_instances(study_uid), answer_identity(champion, cfg))
+            digest = study_digest(key, listed, answer_identity(champion, cfg))
         with held_study(staging, token) as staged:
-            handled, answered_by = _handled_here(work, token)  # again: a batch may have held it meanwhile
+            handled, answered_by = _handled_here(work, token, images)  # again: a batch may have held it meanwhile
             if handled:
-                outcome = StudyOutcome(token, "duplicate", reason="already handled (its first row says how)")
+                outcome = StudyOutcome(token, "duplicate", reason="already handled (its first row says how)",
+                                       images=images)
                 _record(work, outcome)
                 return outcome
             pacs.retrieve_study(study_uid, staged)
@@ -156,6 +175,11 @@ def handle_study(study_uid: str, pacs: Pacs, staging: Path, work: Path, cfg: Ing
             else:
                 outcome = _gate_score_answer(token, staged, study_work, pacs, cfg, key, champion, cache, digest,
                                              work)
+        if changed and not answered_by:
+            outcome = dataclasses.replace(outcome, reason="; ".join(filter(None, [
+                "its images changed since it was handled: answered again (unchanged series' results keep "
+                "their UIDs: the PACS holds one copy)", outcome.reason])))
+        outcome = dataclasses.replace(outcome, images=images)
     except PacsRequestRefused as err:  # never retrievable as it is: recorded, and the watch moves on
         outcome = StudyOutcome(token, "refused", reason=str(err))
     _record(work, outcome)

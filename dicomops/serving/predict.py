@@ -72,6 +72,7 @@ class Answer:
     reason: str = ""  # why refused or failed; for a scored study, why the PACS did not keep every result
     warm: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    images: str = ""  # from a PACS: the keyed digest of the image instances answered (watch.images_digest)
     # What the segmenter answered for each series it wrote back (dicomops.serving.segmenter.Served).
     localised: list[Any] = field(default_factory=list, repr=False)
 
@@ -274,19 +275,22 @@ def answer_pacs_study(study_uid: str, pacs: Any, staging: Path, scratch: Path, c
     (:func:`retrieve_ahead`), a future. `wait_s`: how long to wait for another handler of the study.
     `answered(answer)`: called once its results are stored, while the study is still held (so that
     pacs-watch, waiting for it, finds it answered: :func:`dicomops.pacs.watch.record_answered`)."""
-    from dicomops.pacs.watch import build_reports, store_results, study_token
+    from dicomops.pacs.watch import build_reports, images_digest, store_results, study_token
 
     timer = Timer()
     t0 = time.perf_counter()
     token = study or study_token(key, study_uid)
     digest = None
+    with timer("lookup_s"):
+        listed = images if images is not None else pacs.image_instances(study_uid)
+    answered_images = images_digest(key, listed)
     if cache is not None:
         with timer("lookup_s"):
-            listed = images if images is not None else pacs.image_instances(study_uid)
             digest = study_digest(key, listed, answer_identity(champion, cfg))
         if not write_back and prefetched is None:
             warm = answer_from_cache(token, digest, champion, cache, timer)
             if warm is not None:
+                warm.images = answered_images
                 warm.timings["total_s"] = time.perf_counter() - t0
                 return warm
     study_work = Path(scratch) / token
@@ -301,6 +305,7 @@ def answer_pacs_study(study_uid: str, pacs: Any, staging: Path, scratch: Path, c
                 pacs.retrieve_study(study_uid, staged)
         hold.callback(shutil.rmtree, study_work, ignore_errors=True)
         answer, entries = answer_staged(token, staged, study_work, cfg, key, champion, cache, timer)
+        answer.images = answered_images
         if cache is not None and digest is not None:
             remember(cache, digest, answer, entries)
         if answer.status == "scored" and write_back:

@@ -30,6 +30,9 @@ class _FolderPacs:
         labels = pd.read_csv(corpus / "labels.csv", keep_default_na=False)
         self.folders = {str(r.StudyInstanceUID): corpus / str(r.series_dir) for r in labels.itertuples()}
 
+    def image_instances(self, study_uid: str) -> dict[str, str]:
+        return {p.name: "series" for p in self.folders[study_uid].iterdir()}
+
     def retrieve_study(self, study_uid: str, dest: Path) -> list[Path]:
         shutil.copytree(self.folders[study_uid], dest)
         return sorted(dest.iterdir())

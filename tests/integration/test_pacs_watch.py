@@ -379,3 +379,50 @@ def test_a_batch_fails_a_study_the_pacs_cannot_serve_goes_on_and_keeps_what_it_a
             filter_string="tags.`dicomops.batch.stopped` = 'PacsError'")
         assert len(runs) == 1 and runs[0].info.status == "FAILED"
     assert list((tmp_path / "staging").glob("*")) == []
+
+
+def test_a_study_that_gains_a_series_after_it_was_answered_is_answered_again(
+        champion: str, tmp_path: Path) -> None:
+    """A second reconstruction sent after the study was first stable and answered: the ledger knew the
+    study by its token alone and took every later stable event for a duplicate, so the new series
+    was never read. Now a study whose images changed is answered again, and its first series'
+    report, the same result on the same images, keeps its UIDs: the PACS holds one copy of it."""
+    from dicomops.pacs.orthanc import start_orthanc
+
+    from .conftest import free_port
+    from .orthanc_fixture import STABLE_AGE_S, pacs_credentials
+    from .test_pacs_feedback import _stable_again
+
+    key, work, staging = key_from_settings(), tmp_path / "work", tmp_path / "staging"
+    scorer = load_champion(champion, TINY.model_name)
+    first = synthetic_study(tmp_path / "a", slices=12, matrix=128, index=51, vendor="ge")
+    second = synthetic_study(tmp_path / "b", slices=12, matrix=128, index=52, vendor="siemens")
+    head = pydicom.dcmread(first[0])
+    for path in second:  # the same patient and study, another series
+        ds = pydicom.dcmread(path)
+        for keyword in ("StudyInstanceUID", "PatientID", "PatientName", "PatientBirthDate", "StudyDate", "StudyTime",
+                        "AccessionNumber", "StudyID"):
+            if keyword in head:
+                setattr(ds, keyword, head.get(keyword))
+        ds.save_as(path)
+    with start_orthanc(tmp_path / "pacs", free_port(), pacs_credentials(), stable_age_s=STABLE_AGE_S) as server, \
+            PacsClient(server.dicomweb_url, server.credentials) as pacs, \
+            ChangesFeed(server.url, server.credentials) as feed:
+        study = _send(server, first)
+        _wait_stable(server, {study})
+        (once,) = watch.watch_once(feed, pacs, staging, work, CONFIG.ingest, key, scorer)
+        assert (once.status, once.accepted_series, once.results_stored) == ("ingested", 1, 1)
+        last = feed.last()
+        _send(server, second)
+        _stable_again(server, study, last)
+        (again,) = watch.watch_once(feed, pacs, staging, work, CONFIG.ingest, key, scorer)
+        assert (again.status, again.accepted_series, again.results_stored) == ("ingested", 2, 2), again
+        assert again.reason.startswith("its images changed since it was handled") and again.token == once.token
+        assert watch.watch_once(feed, pacs, staging, work, CONFIG.ingest, key, scorer) == []
+        answered = {str(s.SeriesInstanceUID) for r in _reports(server, study)
+                    for e in r.CurrentRequestedProcedureEvidenceSequence for s in e.ReferencedSeriesSequence}
+        assert len(_reports(server, study)) == 2 and answered == {str(head.SeriesInstanceUID),
+                                                                   str(pydicom.dcmread(second[0]).SeriesInstanceUID)}
+    ledger = pd.read_csv(WorkLayout(work).pacs.ledger, keep_default_na=False)
+    assert list(ledger.status) == ["ingested", "ingested"] and ledger["images"].nunique() == 2
+    assert study not in ledger.to_csv()

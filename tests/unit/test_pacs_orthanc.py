@@ -289,6 +289,9 @@ def test_pacs_watch_records_a_study_it_can_never_retrieve_and_moves_on(tmp_path:
 class _StagesOneFile:
     """A PACS whose study arrives as one file."""
 
+    def image_instances(self, study_uid: str) -> dict[str, str]:
+        return {"1.2.3.4.1": "1.2.3.4.2"}
+
     def retrieve_study(self, study_uid: str, dest: Path) -> list[Path]:
         dest.mkdir(parents=True)
         (dest / "00000.dcm").write_bytes(b"DICM")
@@ -350,6 +353,9 @@ def test_a_full_disk_while_the_real_gate_de_identifies_is_an_outage(tmp_path: Pa
     write_series(plan, tmp_path / "src")
 
     class _Sends:
+        def image_instances(self, study_uid: str) -> dict[str, str]:
+            return {p.name: "series" for p in (tmp_path / "src" / plan.case / "series-1").iterdir()}
+
         def retrieve_study(self, study_uid: str, dest: Path) -> list[Path]:
             shutil.copytree(tmp_path / "src" / plan.case / "series-1", dest)
             return sorted(dest.iterdir())

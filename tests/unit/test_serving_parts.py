@@ -394,7 +394,7 @@ def test_a_study_answered_in_full_elsewhere_is_left_to_nobody_else_and_the_ledge
 
     from dicomops.pacs import watch
 
-    full = Answer("tok-full", "scored", [], 1, results_stored=2)
+    full = Answer("tok-full", "scored", [], 1, results_stored=2, images="IM-A")
     assert watch.record_answered(tmp_path, full, "predict --pacs (batch b1)")
     for other in (Answer("tok-part", "scored", [], 1, results_stored=1, reason=f"{watch.NOT_ALL_STORED}: 1 of 2"),
                   Answer("tok-none", "scored", [], 1, results_stored=0),
@@ -404,9 +404,18 @@ def test_a_study_answered_in_full_elsewhere_is_left_to_nobody_else_and_the_ledge
     ledger = pd.read_csv(tmp_path / "pacs/studies.csv", keep_default_na=False)
     assert ledger.to_dict("records")[0] | {"handled_at": ""} == {
         "token": "tok-full", "status": "answered", "accepted_series": 1, "quarantined_files": 0,
-        "results_stored": 2, "reason": "answered by predict --pacs (batch b1)", "handled_at": ""}
+        "results_stored": 2, "reason": "answered by predict --pacs (batch b1)", "handled_at": "", "images": "IM-A"}
+    # The watch takes it as answered while its images are those answered; with others (a series
+    # that arrived after), as a study to answer again; a row written before digests, for any.
+    assert watch._handled_here(tmp_path, "tok-full", "IM-A") == (False, "predict --pacs (batch b1)")
+    assert watch._handled_here(tmp_path, "tok-full", "IM-B") == (False, "")
+    watch._record(tmp_path, watch.StudyOutcome("tok-watch", "ingested", images="IM-C"))
+    assert watch._handled_here(tmp_path, "tok-watch", "IM-C") == (True, "")
+    assert watch._handled_here(tmp_path, "tok-watch", "IM-D") == (False, "")
+    watch._record(tmp_path, watch.StudyOutcome("tok-old", "ingested"))
+    assert watch._handled_here(tmp_path, "tok-old", "IM-E") == (True, "")
 
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda i: watch.record_answered(tmp_path, Answer(f"t{i}", "scored", [], 1, results_stored=1),
                                                       "the online service"), range(40)))
-    assert watch.handled_tokens(tmp_path) == {"tok-full"} | {f"t{i}" for i in range(40)}
+    assert watch.handled_tokens(tmp_path) == {"tok-full", "tok-watch", "tok-old"} | {f"t{i}" for i in range(40)}
