@@ -571,9 +571,11 @@ def online(
     alias: Annotated[str | None, typer.Option(help="Registry alias of the version (default: champion).")] = None,
     version: Annotated[str | None, typer.Option(help="Model version number instead of an alias.")] = None,
     engine: Annotated[str | None, typer.Option(help="auto, ort-fp32, ort-int8 or tensorrt.")] = None,
-    redis_port: Annotated[int | None, typer.Option(help="Start a Redis cache on this loopback port (needs "
-                                                        "DICOMOPS_REDIS_PASSWORD) unless DICOMOPS_REDIS_URL "
-                                                        "names one.")] = 6390,
+    redis_port: Annotated[int, typer.Option(help="Start a Redis cache on this loopback port (needs "
+                                                 "DICOMOPS_REDIS_PASSWORD) unless DICOMOPS_REDIS_URL "
+                                                 "names one.")] = 6390,
+    no_redis: Annotated[bool, typer.Option("--no-redis", help="Serve without the cache: every study is "
+                                                              "retrieved and preprocessed again.")] = False,
     work: Annotated[Path | None, typer.Option(help="Work directory (the served model's files under serving/).")] = None,
     config: Annotated[Path | None, typer.Option(help="PipelineConfig YAML; its serve section applies.")] = None,
 ) -> None:
@@ -583,10 +585,15 @@ def online(
     import time
 
     from dicomops.config import load_settings
+    from dicomops.errors import RegistryUnavailableError
     from dicomops.serving import ray_app
+    from dicomops.serving.champion import resolve, unexported_champion
     from dicomops.serving.online import TOKEN_ENV, ServiceOptions
     from dicomops.stack import STOP_SIGNALS, interrupt_on
+    from dicomops.tracking.runs import configure_mlflow
 
+    if version is not None and alias is not None:
+        raise typer.BadParameter("give --version or --alias, not both")
     if not os.environ.get(TOKEN_ENV):
         console.print(f"[red]no token:[/] the service answers only requests that carry one. Make one and give it to "
                       f"the callers: export {TOKEN_ENV}=\"$(python3 -c 'import secrets; "
@@ -595,8 +602,20 @@ def online(
     cfg = _pipeline_config(config)
     serve = _with_overrides(cfg.serve, alias=alias, engine=engine, replicas=replicas, max_batch=max_batch,
                             batch_wait_ms=batch_wait_ms, port=port, host=host)
+    _preflight()
     settings = load_settings()
-    options = ServiceOptions(model_name=cfg.train.model_name, alias=None if version else serve.alias, version=version,
+    # The version is settled here, where its absence can be said in a line, not in a replica's log
+    # behind Ray's "Deploying application failed"; every replica then serves that one.
+    try:
+        served = resolve(configure_mlflow(settings.mlflow_tracking_uri), cfg.train.model_name,
+                         None if version else serve.alias, version)
+    except (ValueError, RegistryUnavailableError) as err:
+        console.print(f"[red]cannot serve:[/] {escape(str(err))}", soft_wrap=True)
+        raise typer.Exit(2) from err
+    if (why := unexported_champion(served)) is not None:
+        console.print(f"[red]cannot serve:[/] {escape(why)}", soft_wrap=True)
+        raise typer.Exit(2)
+    options = ServiceOptions(model_name=cfg.train.model_name, alias=None, version=str(served.version),
                              engine=serve.engine, threads=serve.threads, work=Path(work or settings.work_dir).resolve(),
                              staging=settings.pacs_staging,
                              ingest=cfg.ingest.model_copy(update={"workers": serve.gate_workers}), key=b"",
@@ -604,19 +623,29 @@ def online(
                              http_budget_s=settings.http_budget_s,
                              segmenter_name=cfg.segment.model_name if serve.localise else None,
                              write_seg=serve.write_seg,
-                             feedback=cfg.feedback)
+                             feedback=cfg.feedback, use_cache=not no_redis)
     scaling = ray_app.Scaling(serve.replicas, serve.max_batch, serve.batch_wait_ms / 1000)
-    try:
-        launched = ray_app.launch(options, scaling, serve.host, serve.port, redis_port, serve.cache_maxmemory_mb,
-                                  serve.ready_timeout_s)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        console.print(f"[red]cannot serve:[/] {escape(str(err))}")
-        raise typer.Exit(2) from err
-    console.print(f"[green]serving[/] {cfg.train.model_name} ({serve.alias if not version else 'v' + version}) at "
-                  f"{launched.url}: POST /v1/studies {{\"study_instance_uid\": ...}}, POST /v1/slabs (.npy); "
-                  f"GET /healthz, /readyz, /metrics. Batching: up to {serve.max_batch} slabs, {serve.batch_wait_ms} ms; "
-                  f"{serve.replicas} replica(s). Cache: {escape(launched.cache)}. Ctrl-C stops it.", soft_wrap=True)
+    served_as = f"v{served.version}" if version else f"{serve.alias}: v{served.version}"
     with interrupt_on(STOP_SIGNALS):  # Ctrl-C, SIGTERM, SIGHUP: the first stops it, later ones wait for that
+        try:  # a signal while starting: launch stops the Ray and the Redis it started, as on Ctrl-C
+            launched = ray_app.launch(options, scaling, serve.host, serve.port, None if no_redis else redis_port,
+                                      serve.cache_maxmemory_mb, serve.ready_timeout_s)
+        except ray_app.CacheStartError as err:
+            hint = " (--redis-port)" if "is in use" in str(err) else ""
+            console.print(f"[red]cannot start the cache:[/] {escape(str(err))}{hint}; or serve without it: "
+                          "dicomops online --no-redis", soft_wrap=True)
+            raise typer.Exit(2) from err
+        except (ValueError, FileNotFoundError, RuntimeError) as err:
+            console.print(f"[red]cannot serve:[/] {escape(str(err))}", soft_wrap=True)
+            raise typer.Exit(2) from err
+        except KeyboardInterrupt:
+            console.print("stopped while starting; what had started is stopped")
+            raise typer.Exit(1) from None
+        console.print(f"[green]serving[/] {cfg.train.model_name} ({served_as}) at "
+                      f"{launched.url}: POST /v1/studies {{\"study_instance_uid\": ...}}, POST /v1/slabs (.npy); "
+                      f"GET /healthz, /readyz, /metrics. Batching: up to {serve.max_batch} slabs, "
+                      f"{serve.batch_wait_ms} ms; {serve.replicas} replica(s). Cache: {escape(launched.cache)}. "
+                      "Ctrl-C stops it.", soft_wrap=True)
         try:
             while True:
                 time.sleep(0.5)

@@ -44,7 +44,7 @@ from dicomops.serving.engine import Engine
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "DICOMOPS_SERVE_TOKEN"
-UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # whole string: fullmatch (a `$` lets a final newline through)
 MAX_SLABS = 4096
 MAX_JSON_BYTES = 64 * 1024  # a study request or a review is a few hundred bytes
 NPY_HEADER_BYTES = 4096  # numpy.save's header, padded: far less
@@ -141,6 +141,7 @@ class ServiceOptions:
     segmenter_name: str | None = None  # its champion's nodules and SEG join what is written back
     write_seg: bool = True  # serve.write_seg: the segmenter's SEG with its SR
     feedback: Any = None  # FeedbackConfig: who may review results at /v1/feedback
+    use_cache: bool = True  # False (dicomops online --no-redis): no cache, whatever DICOMOPS_REDIS_URL says
 
 
 def _reviewers(cfg: Any) -> tuple[Any, str]:
@@ -176,7 +177,7 @@ class Service:
                           options.engine, WorkLayout(options.work).serving, options.threads),  # type: ignore[arg-type]
             options.tracking_uri, options.segmenter_name, WorkLayout(options.work).serving, options.threads,
             options.write_seg)
-        self.cache = VolumeCache.from_env(ttl_s=options.cache_ttl_s)
+        self.cache = VolumeCache.from_env(ttl_s=options.cache_ttl_s) if options.use_cache else None
         self.pacs: Any = None
         try:
             self.pacs = PacsClient.from_env(options.http_budget_s, url=options.pacs_url)
@@ -184,20 +185,22 @@ class Service:
             log.warning("online service: no PACS (%s); /v1/studies answers 503", err)
         self.scratch = WorkLayout(options.work).serving / "scratch"
         self.requests = {"studies": 0, "slabs": 0, "feedback": 0, "errors": 0}
+        # What /metrics says of the engine's batches: a count and a sum, not one entry per batch.
+        self.engine_batches, self.engine_slabs = 0, 0
         self.reviewers, self.reviewers_error = _reviewers(options.feedback)
 
     # -- requests ---------------------------------------------------------------------------------
     def answer_study(self, body: Any, batched: Any) -> dict[str, Any]:
         """A study reference → its findings. Blocking: run it in a worker thread."""
         from dicomops.deid.keys import KeyedMapper
-        from dicomops.pacs.client import PacsError
+        from dicomops.pacs.client import PacsError, PacsRequestRefused
         from dicomops.pacs.staging import StudyBusyError
         from dicomops.pacs.watch import record_answered
         from dicomops.serving.batch import record
         from dicomops.serving.predict import answer_pacs_study
 
         if not isinstance(body, dict) or not isinstance(body.get("study_instance_uid"), str) \
-                or not UID.match(body["study_instance_uid"]) or len(body["study_instance_uid"]) > 64:
+                or not UID.fullmatch(body["study_instance_uid"]) or len(body["study_instance_uid"]) > 64:
             raise RequestError(400, STUDY_BODY)
         write_back = body.get("write_back", False)
         if not isinstance(write_back, bool):
@@ -217,6 +220,9 @@ class Service:
                                        answered=lambda a: record_answered(self.options.work, a, "the online service"))
             mapper = KeyedMapper(self.options.key)
             originals = {mapper.uid(u): u for u in set(images.values())}
+        except PacsRequestRefused as err:  # the same answer however often it is asked: not to be retried
+            raise RequestError(422, f"the study cannot be retrieved as the PACS holds it, and nothing was written "
+                                    f"back: {err}") from None
         except PacsError as err:
             raise RequestError(503, f"the PACS did not answer: {err}") from None
         except StudyBusyError as err:  # another request, pacs-watch or a batch is answering it now
@@ -273,8 +279,19 @@ class Service:
             raise RequestError(400, str(err)) from None
 
     def slabs_answer(self, probabilities: np.ndarray) -> dict[str, Any]:
+        """The answer to /v1/slabs, or a 400 when the model gave no probability for some slab: finite
+        values far outside its input range (3e38, say) overflow inside it. Only this request is
+        refused: the model scores each slab on its own, so the other requests' slabs that shared its
+        engine batch keep their probabilities."""
         from dicomops.training.scoring import series_score
 
+        bad = np.flatnonzero(~np.isfinite(probabilities))
+        if bad.size:
+            c = self.champion.contract
+            raise RequestError(400, f"the model gives no probability for {bad.size} of the {len(probabilities)} "
+                                    f"slabs (the first: slab {bad[0]}): their values are outside what it takes; "
+                                    f"send slabs preprocessed as its input contract says ({c.window} window, "
+                                    f"values in [{c.value_range[0]:g}, {c.value_range[1]:g}])")
         out: dict[str, Any] = {"probabilities": [float(p) for p in probabilities], "model": self.champion.describe()}
         if len(probabilities) >= self.champion.top_k:
             score = series_score(probabilities, self.champion.top_k)
@@ -282,7 +299,8 @@ class Service:
         return out
 
     def ready(self) -> dict[str, Any]:
-        """What /readyz reports: the model, the engine, the cache and the PACS."""
+        """What /readyz reports: the model, the engine, the cache and the PACS. Blocking (the cache
+        pings Redis, up to its timeout when Redis hangs): run it in a worker thread."""
         cache = "off"
         if self.cache is not None:
             cache = "up" if self.cache.ping() else "down (recomputing)"
@@ -290,7 +308,11 @@ class Service:
                 "pacs": "configured" if self.pacs is not None else "none"}
 
     def metrics(self) -> dict[str, float]:
+        """What /metrics reports. Blocking (the cache asks Redis): run it in a worker thread."""
         out: dict[str, float] = {f"requests.{k}": float(v) for k, v in self.requests.items()}
+        if self.engine_batches:
+            out |= {"engine.batches": float(self.engine_batches),
+                    "engine.mean_batch_size": self.engine_slabs / self.engine_batches}
         if self.cache is not None:
             out |= self.cache.metrics()
         return out
@@ -298,6 +320,8 @@ class Service:
     def score_batch_sync(self, slabs: list[np.ndarray]) -> list[float]:
         """The engine call the batcher makes: one array of every slab it gathered."""
         t0 = time.perf_counter()
+        self.engine_batches += 1
+        self.engine_slabs += len(slabs)
         probs = self.champion.engine.probabilities(np.stack(slabs))
         log.debug("engine batch of %d in %.1f ms", len(slabs), 1000 * (time.perf_counter() - t0))
         return [float(p) for p in probs]

@@ -103,15 +103,16 @@ def build_app(options: Any, scaling: Scaling) -> Any:
             self.service = Service(replace(options, key=key_from_settings()))
             self.engine_thread = ThreadPoolExecutor(1, thread_name_prefix="engine")  # one engine call at a time
             self.io_threads = ThreadPoolExecutor(scaling.io_threads, thread_name_prefix="study")
+            # /readyz and /metrics ask Redis, which may hang up to the cache's timeout: off the event
+            # loop, and not queued behind the studies.
+            self.probe_thread = ThreadPoolExecutor(1, thread_name_prefix="probe")
             self.score.set_max_batch_size(scaling.max_batch)  # type: ignore[attr-defined]
             self.score.set_batch_wait_timeout_s(scaling.batch_wait_s)  # type: ignore[attr-defined]
-            self.batches: list[int] = []
 
         @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
         async def score(self, slabs: list[np.ndarray]) -> list[float]:
             """Ray's dynamic batcher hands over every slab that arrived within the wait, up to the
             batch size; the engine runs them as one batch in its own thread."""
-            self.batches.append(len(slabs))
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self.engine_thread, self.service.score_batch_sync, slabs)
 
@@ -193,7 +194,8 @@ def build_app(options: Any, scaling: Scaling) -> Any:
                 check_token(request.headers.get("authorization"))
             except RequestError as err:
                 return error(err)
-            return JSONResponse(self.service.ready())
+            ready = await asyncio.get_running_loop().run_in_executor(self.probe_thread, self.service.ready)
+            return JSONResponse(ready)
 
         @api.get("/metrics")
         async def metrics(self, request: Request) -> Response:
@@ -201,10 +203,7 @@ def build_app(options: Any, scaling: Scaling) -> Any:
                 check_token(request.headers.get("authorization"))
             except RequestError as err:
                 return error(err)
-            values = self.service.metrics()
-            if self.batches:
-                values["engine.batches"] = float(len(self.batches))
-                values["engine.mean_batch_size"] = float(np.mean(self.batches))
+            values = await asyncio.get_running_loop().run_in_executor(self.probe_thread, self.service.metrics)
             lines = [f"dicomops_{k.replace('.', '_')} {v}" for k, v in sorted(values.items())]
             return PlainTextResponse("\n".join(lines) + "\n")
 
@@ -290,6 +289,10 @@ def stop() -> None:
         ray.shutdown()
 
 
+class CacheStartError(RuntimeError):
+    """The Redis ``dicomops online`` was asked to start did not start; the message says why."""
+
+
 @dataclass
 class Launched:
     """A running online service and the Redis it started, if any."""
@@ -308,18 +311,30 @@ class Launched:
 
 def launch(options: Any, scaling: Scaling, host: str, port: int, redis_port: int | None,
            redis_maxmemory_mb: int, ready_timeout_s: float = 300.0) -> Launched:
-    """The service with its cache: ``DICOMOPS_REDIS_URL`` when set; else, with `redis_port`, a
-    Redis started here (needs ``DICOMOPS_REDIS_PASSWORD``); else no cache. The replicas inherit the
-    environment, so they find the same Redis."""
+    """The service with its cache: none when `options.use_cache` is off; else ``DICOMOPS_REDIS_URL``
+    when set; else, with `redis_port`, a Redis started here (needs ``DICOMOPS_REDIS_PASSWORD``);
+    else none. The replicas inherit the environment, so they find the same Redis. The cache's
+    description (for the banner) names its server only: the URL may carry the password.
+
+    Raises:
+        CacheStartError: the Redis asked for did not start (no password, no redis-server, its port
+            in use).
+    """
+    from dicomops.pacs.client import server_address
     from dicomops.serving import redis_server
     from dicomops.serving.cache import PASSWORD_ENV, URL_ENV
 
     redis, cache = None, "off (no DICOMOPS_REDIS_URL, and no local Redis asked for)"
-    if os.environ.get(URL_ENV):
-        cache = f"Redis at {os.environ[URL_ENV]}"
+    if not options.use_cache:
+        cache = "off (--no-redis)"
+    elif os.environ.get(URL_ENV):
+        cache = f"Redis at {server_address(os.environ[URL_ENV])} ({URL_ENV})"
     elif redis_port is not None:
         password = os.environ.get(PASSWORD_ENV, "")
-        redis = redis_server.start(redis_port, password, redis_maxmemory_mb, bind="127.0.0.1")
+        try:
+            redis = redis_server.start(redis_port, password, redis_maxmemory_mb, bind="127.0.0.1")
+        except (ValueError, FileNotFoundError, RuntimeError, TimeoutError) as err:
+            raise CacheStartError(str(err)) from err
         os.environ[URL_ENV] = redis.url
         cache = f"Redis at {redis.url} (started here, {redis_maxmemory_mb} MB, LRU)"
     try:
