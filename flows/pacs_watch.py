@@ -28,11 +28,12 @@ def pacs_watch(orthanc_url: str | None = None, work: Path | None = None, staging
     # It holds WORK/pacs only, the one part of the work directory it writes: studies keep flowing
     # while a training or a monitor run holds the rest.
     with writing(WorkLayout(work).pacs.root, "dicomops-pacs-watch", settings):
-        scoring = t.champion_available(settings.mlflow_tracking_uri, model)
+        scoring = t.champion_available(settings.mlflow_tracking_uri, model, config.serve.alias)
         if not scoring:
-            print(f"pacs-watch: no exported champion of {model} yet; studies are ingested and not answered")
+            print(f"pacs-watch: no exported version of {model} holds '{config.serve.alias}' yet; studies are "
+                  "ingested and not answered")
         segmenter = config.segment.model_name if config.serve.localise else None
         result = t.handle_new_studies(orthanc_url, work, staging, config.ingest, model if scoring else None, limit,
-                                      segmenter, config.serve.write_seg)
+                                      segmenter, config.serve.write_seg, config.serve)
     print(f"pacs-watch: {describe(result)}")
     return {**result, "work": str(work)}

@@ -415,25 +415,29 @@ STATUSES = ("ingested", "refused", "failed", "duplicate")
 def watch_pacs(orthanc_url: str | None, work: Path, staging: Path, cfg: IngestConfig, key: bytes,
                tracking_uri: str, model_name: str | None, http_budget_s: float, limit: int = 100,
                on_study: Any = None, segmenter_name: str | None = None, write_seg: bool = True,
-               artifact_root: Path | None = None) -> list[StudyOutcome]:
+               artifact_root: Path | None = None, serve: Any = None) -> list[StudyOutcome]:
     """One pass of :func:`watch_once` against the Orthanc at `orthanc_url` (default
     ``DICOMOPS_PACS_URL``), with credentials from the environment, the champion of `model_name` on
     its exported engine (None: ingest without scoring), the champion of `segmenter_name` adding
     nodule locations and (with `write_seg`) a SEG to the results (None, or no champion: the
     classifier's SR alone) and the volume cache at ``DICOMOPS_REDIS_URL`` when one is set. A pass
     that handled a study (not only met one already handled) is logged (:func:`log_pass`), one that
-    an outage stopped too."""
+    an outage stopped too. `serve` (a :class:`dicomops.config.ServeConfig`) says which version
+    scores, on which engine and threads, and how long cached volumes live, as for a batch."""
+    from dicomops.config import ServeConfig
     from dicomops.serving.cache import VolumeCache
 
+    serve = serve or ServeConfig()
     champion = None
     if model_name is not None:
         from dicomops.serving.champion import load_champion
         from dicomops.serving.segmenter import with_segmenter
 
         models = WorkLayout(work).serving
-        champion = with_segmenter(load_champion(tracking_uri, model_name, models_dir=models), tracking_uri,
-                                  segmenter_name, models, write_seg=write_seg)
-    cache = VolumeCache.from_env()
+        champion = with_segmenter(load_champion(tracking_uri, model_name, alias=serve.alias, engine=serve.engine,
+                                                models_dir=models, threads=serve.threads),
+                                  tracking_uri, segmenter_name, models, serve.threads, write_seg=write_seg)
+    cache = VolumeCache.from_env(ttl_s=serve.cache_ttl_s)
     handled: list[StudyOutcome] = []
 
     def seen(outcome: StudyOutcome) -> None:

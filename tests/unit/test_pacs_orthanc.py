@@ -549,3 +549,29 @@ def test_an_index_in_postgresql_is_parsed_without_a_password_and_rendered_for_it
         "Username": "orthanc", "Password": "", "Lock": True, "MaximumConnectionRetries": 10,
         "ConnectionRetryInterval": 5}
     assert config["Plugins"][-1] == str(INDEX_PLUGIN) and "PostgreSQL" not in render_config(tmp_path, 8042, CREDS)
+
+
+def test_pacs_watch_scores_with_the_version_engine_and_threads_the_serve_section_names(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a batch does: the watch loaded the champion alias on the automatic engine with two
+    threads whatever `serve` said, so a site serving its challenger, or INT8, answered the PACS's
+    new studies with another model than its batches."""
+    from dicomops.config import IngestConfig, ServeConfig
+    from dicomops.pacs import watch
+    from dicomops.serving import champion
+
+    asked: dict[str, object] = {}
+
+    class _Stop(Exception):
+        pass
+
+    def load(tracking_uri: str, name: str, **kwargs: object) -> None:
+        asked.update(kwargs)
+        raise _Stop
+
+    monkeypatch.setattr(champion, "load_champion", load)
+    serve = ServeConfig(alias="challenger", engine="ort-int8", threads=3)
+    with pytest.raises(_Stop):
+        watch.watch_pacs(None, tmp_path, tmp_path / "staging", IngestConfig(), b"k" * 32, "sqlite:///x.db", "m",
+                         5.0, serve=serve)
+    assert (asked["alias"], asked["engine"], asked["threads"]) == ("challenger", "ort-int8", 3)
