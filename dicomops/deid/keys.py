@@ -30,6 +30,8 @@ def patient_id_text(value: object) -> str:
     returned it (a string, or pydicom's list of values)."""
     if value is None:
         return ""
+    if isinstance(value, bytes):  # a value pydicom left undecoded
+        value = value.decode("latin-1")
     if isinstance(value, str):
         parts = value.split("\\")
     elif isinstance(value, Iterable):  # pydicom's MultiValue
@@ -118,7 +120,6 @@ def _create_key_file(path: Path) -> None:
     """A new key at `path`, whole or not at all: written to a private file beside it, then linked into
     place, so that processes starting at once (the online service's replicas) all read the one
     key that won, never a file still being written (one once ran with an empty key)."""
-    import contextlib
     import tempfile
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,8 +129,14 @@ def _create_key_file(path: Path) -> None:
             fh.write(secrets.token_hex(32) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-        with contextlib.suppress(FileExistsError):  # another process made it first: theirs is the key
+        try:
             os.link(scratch, path)
+        except FileExistsError:  # another process made it first: theirs is the key
+            pass
+        except OSError as err:  # a file system without hard links (SMB, some FUSE and container volumes)
+            raise OSError(err.errno, f"the de-identification key could not be made in {path.parent} ({err.strerror}: "
+                                     "its file system has no hard links); set DICOMOPS_DEID_KEY, or XDG_CONFIG_HOME "
+                                     "to a folder on a local disk") from err
     finally:
         os.unlink(scratch)
 

@@ -144,8 +144,11 @@ def dicom_time(value: str, ds: Dataset) -> dt.datetime | None:
         return None
     try:
         when = DT(value.strip())
-    except ValueError:
-        return None
+    except ValueError:  # a malformed offset: the date and time, taken as UTC
+        try:
+            when = DT(value.strip()[:14])
+        except ValueError:
+            return None
     moment = dt.datetime(when.year, when.month, when.day, when.hour, when.minute, when.second, when.microsecond,
                          tzinfo=when.tzinfo)
     if moment.tzinfo is None:

@@ -26,7 +26,7 @@ from dicomops.feedback.store import (
 )
 from dicomops.layout import WorkLayout
 
-UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # whole string: fullmatch (a `$` lets a final newline through)
 BODY = ('send JSON {"reader": "<your reviewer id>", "series_instance_uid": "<the series UID>", '
         '"verdict": "accept" | "reject" | "correct", "label": 0 | 1 (with correct), '
         '"version": "<n>" (the version on the report you read; needed when several versions scored the series)}')
@@ -51,33 +51,38 @@ class ServedResult:
 
 @dataclass(frozen=True)
 class ServedLocalisation:
-    """The segmenter's newest answer for a series in the PACS: its call and the mask it served."""
+    """The segmenter's answer for a series in the PACS: its call and the mask it served."""
 
     model: str
     version: str
     score: float
     present: bool
-    mask: Path  # the served mask (dicomops.feedback.seg.ReaderMask format)
+    mask: Path  # the served mask (dicomops.feedback.seg.ServedMask); not a file where none was kept
 
 
 def latest_localisation(work: Path, series: str) -> ServedLocalisation | None:
-    """The newest answer the segmenter gave for `series` (pseudonymous UID) in any results table, or
-    None where it never answered it (no segmenter then, or its results not written back)."""
+    """The segmenter's newest answer for `series` (pseudonymous UID) in the results tables, or None
+    where it never answered it (no segmenter then, or its results not written back), or where
+    several of its versions did: a reader's SEG names the images it lies over, not the SEG it
+    corrects, so it cannot say which version's mask it corrects (the review endpoint asks; a
+    SEG cannot be asked)."""
+    found: list[ServedLocalisation] = []
     for path in reversed(WorkLayout(work).result_tables()):
         table = pd.read_csv(path, keep_default_na=False, dtype={"segmenter_version": str})
         if "segmenter" not in table:
             continue
         hit = table[(table.get("series", pd.Series(dtype=str)) == series) & (table.segmenter != "")]
-        if len(hit):
-            row = hit.iloc[-1]
-            return ServedLocalisation(str(row.segmenter), str(row.segmenter_version), float(row.segmenter_score),
-                                      str(row.segmenter_present).lower() in ("true", "1"),
-                                      path.parent / str(row.segmenter_mask))
-    return None
+        found += [ServedLocalisation(str(row.segmenter), str(row.segmenter_version), float(row.segmenter_score),
+                                     str(row.segmenter_present).lower() in ("true", "1"),
+                                     path.parent / str(row.segmenter_mask)) for row in hit.iloc[::-1].itertuples()]
+    if not found or len({(f.model, f.version) for f in found}) > 1:
+        return None
+    return found[0]
 
 
-def served_results(work: Path, series: str) -> list[ServedResult]:
-    """Every result any batch or the online service gave for `series` (pseudonymous UID), newest first."""
+def served_results(work: Path, series: str, newest_only: bool = False) -> list[ServedResult]:
+    """Every result any batch or the online service gave for `series` (pseudonymous UID), newest
+    first (`newest_only`: the first table that holds one is read, none after it)."""
     found = []
     for path in reversed(WorkLayout(work).result_tables()):
         table = pd.read_csv(path, keep_default_na=False, dtype={"version": str})
@@ -85,12 +90,14 @@ def served_results(work: Path, series: str) -> list[ServedResult]:
         found += [ServedResult(str(row.model), str(row.version), float(row.score),
                                str(row.present).lower() in ("true", "1"), str(row.manufacturer))
                   for row in hit.iloc[::-1].itertuples()]
+        if newest_only and found:
+            break
     return found
 
 
 def latest_result(work: Path, series: str) -> ServedResult | None:
     """The newest result any batch or the online service gave for `series` (pseudonymous UID)."""
-    results = served_results(work, series)
+    results = served_results(work, series, newest_only=True)
     return results[0] if results else None
 
 
@@ -109,7 +116,7 @@ def submit(body: Any, bearer: str, reviewers: Reviewers, work: Path, key: bytes)
     if not isinstance(body, dict):
         raise ReviewError(400, BODY)
     reader, uid, verdict = body.get("reader"), body.get("series_instance_uid"), body.get("verdict")
-    if not isinstance(reader, str) or not isinstance(uid, str) or not UID.match(uid) or len(uid) > 64 \
+    if not isinstance(reader, str) or not isinstance(uid, str) or not UID.fullmatch(uid) or len(uid) > 64 \
             or verdict not in VERDICTS:
         raise ReviewError(400, BODY)
     label = body.get("label")

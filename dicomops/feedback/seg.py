@@ -20,6 +20,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -57,13 +58,63 @@ class ReaderMask:
             return list(json.loads(str(npz["nodules"][0])))
 
 
+@dataclass(frozen=True)
+class ServedMask:
+    """The mask the segmenter served for a series, kept as the box around its voxels: a series' whole
+    mask is 10^7 to 10^8 voxels (79 MB at 300 x 512 x 512), its findings 10^3, and a batch holds
+    every study's answer until it is recorded.
+
+    Attributes:
+        shape: (slices, rows, columns) of the whole mask, slices in order of ``ipp_z``.
+        origin: Where `box` starts in it.
+        box: The voxels within the box (uint8; empty when nothing was found).
+        ipp_z: The slices' positions.
+        nodules: One record per finding (centre, diameter, score).
+    """
+
+    shape: tuple[int, int, int]
+    origin: tuple[int, int, int]
+    box: np.ndarray
+    ipp_z: np.ndarray
+    nodules: list[dict[str, object]]
+
+    @classmethod
+    def of(cls, mask: np.ndarray | None, ipp_z: np.ndarray, shape: tuple[int, int, int],
+           nodules: list[dict[str, object]]) -> ServedMask:
+        """From a whole (slices, rows, columns) `mask` (None: empty, of `shape`)."""
+        whole = (int(shape[0]), int(shape[1]), int(shape[2]))
+        if mask is None or not mask.any():
+            return cls(whole, (0, 0, 0), np.zeros((0, 0, 0), np.uint8), np.asarray(ipp_z, float), nodules)
+        spans = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+        lo, hi = [int(s[0]) for s in spans], [int(s[-1]) + 1 for s in spans]
+        box = np.ascontiguousarray(mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]).astype(np.uint8)
+        return cls(whole, (lo[0], lo[1], lo[2]), box, np.asarray(ipp_z, float), nodules)
+
+    def save(self, path: Path) -> Path:
+        from dicomops import io
+
+        return io.write_npz(path, box=self.box, origin=np.asarray(self.origin), shape=np.asarray(self.shape),
+                            ipp_z=self.ipp_z, nodules=np.array([json.dumps(self.nodules)]))
+
+
+def _voxels(npz: Any) -> np.ndarray:
+    """The whole boolean mask of a saved :class:`ReaderMask` or :class:`ServedMask`."""
+    if "box" not in npz:
+        return np.asarray(npz["mask"]) > 0
+    mask = np.zeros(tuple(int(n) for n in npz["shape"]), bool)
+    box, (s, r, c) = npz["box"], (int(n) for n in npz["origin"])
+    mask[s:s + box.shape[0], r:r + box.shape[1], c:c + box.shape[2]] = box > 0
+    return mask
+
+
 def mask_dice(served: Path, drawn: Path) -> float:
-    """The Dice coefficient of two masks of one series in :class:`ReaderMask`'s format (any non-zero
-    voxel is nodule), their slices matched by position: the mask the segmenter served and a reader's
-    corrected one. 0 when one is empty and the other not; NaN when both are empty, or when they do
-    not lie on the same slices and matrix (not over the same series)."""
+    """The Dice coefficient of two masks of one series (a :class:`ReaderMask` or a
+    :class:`ServedMask`; any non-zero voxel is nodule), their slices matched by position: the mask
+    the segmenter served and a reader's corrected one. 0 when one is empty and the other not; NaN
+    when both are empty, or when they do not lie on the same slices and matrix (not over the same
+    series, or the gate left out one of its files)."""
     with np.load(served) as a, np.load(drawn) as b:
-        mask_a, z_a, mask_b, z_b = a["mask"] > 0, np.round(a["ipp_z"], 2), b["mask"] > 0, np.round(b["ipp_z"], 2)
+        mask_a, z_a, mask_b, z_b = _voxels(a), np.round(a["ipp_z"], 2), _voxels(b), np.round(b["ipp_z"], 2)
     if mask_a.shape[1:] != mask_b.shape[1:] or sorted(z_a.tolist()) != sorted(z_b.tolist()):
         return math.nan
     mask_b = mask_b[np.argsort(z_b)][np.argsort(np.argsort(z_a))]  # b's slices in a's order

@@ -39,6 +39,9 @@ CONNECT_TIMEOUT_S = 5.0
 # Any transfer syntax: the PACS sends each instance as it was stored, so pixels arrive untouched.
 # Structured reports and segmentations (and their registration kin): results, not images.
 RESULT_CLASSES = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.66.")
+# Other objects a viewer or a modality stores beside the images, none of them an image the model
+# reads: presentation states (a reader's annotations), encapsulated documents (a PDF report).
+NOT_IMAGES = (*RESULT_CLASSES, "1.2.840.10008.5.1.4.1.1.11.", "1.2.840.10008.5.1.4.1.1.104.")
 SEGMENTATION_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 AS_STORED = (("application/dicom", "*"),)
 # STOW-RS failure reasons (PS3.4 Table B.2-1) that say the PACS could not take an instance now, not
@@ -338,8 +341,9 @@ class PacsClient:
 
     def image_instances(self, study_uid: str) -> dict[str, str]:
         """QIDO-RS: SOPInstanceUID → SeriesInstanceUID of the study's instances that are not results
-        (SR or SEG, the kinds dicomops stores back): what a study's images are, before and after it
-        is answered, in one request."""
+        (SR or SEG, the kinds dicomops stores back) nor other non-images (:data:`NOT_IMAGES`: a
+        reader's presentation state, a PDF): what a study's images are, before and after it is
+        answered or annotated, in one request."""
         with translate_errors("listing a study's instances", self.server):
             found = self._web.search_for_instances(
                 study_instance_uid=study_uid, fields=["SOPInstanceUID", "SOPClassUID", "SeriesInstanceUID"],
@@ -348,7 +352,7 @@ class PacsClient:
         for item in found:
             sop_class = str((item.get("00080016", {}).get("Value") or [""])[0])
             sop, series = item.get("00080018", {}).get("Value"), item.get("0020000E", {}).get("Value")
-            if sop and series and not sop_class.startswith(RESULT_CLASSES):
+            if sop and series and not sop_class.startswith(NOT_IMAGES):
                 images[str(sop[0])] = str(series[0])
         return images
 

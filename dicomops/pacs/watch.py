@@ -90,22 +90,23 @@ def handled_tokens(work: Path) -> set[str]:
     return set(table[table.status != "duplicate"].token)
 
 
-def _handled_here(work: Path, token: str, images: str = "") -> tuple[bool, str]:
-    """Whether the watch itself handled `token` as it is now (its `images`, :func:`images_digest`),
-    and, if not, who answered it so ('' for nobody). A row of the study with other images is of an
-    earlier state of it: not handled as it is now. A row without a digest (a ledger written before
-    2026-12-05) counts for any."""
+def _handled_here(work: Path, token: str, images: str = "") -> tuple[bool, str, bool]:
+    """Whether the watch itself handled `token` as it is now (its `images`, :func:`images_digest`);
+    if not, who answered it so ('' for nobody); and whether the watch handled it before, as it was
+    then. A row of the study with other images is of an earlier state of it: not handled as it is
+    now. A row without a digest (a ledger written before 2026-12-05) counts for any."""
     ledger = WorkLayout(work).pacs.ledger
     if not ledger.exists():
-        return False, ""
+        return False, "", False
     rows = pd.read_csv(ledger, keep_default_na=False, dtype=str)
     rows = rows[rows.token == token]
+    before = bool((~rows.status.isin(["answered", "duplicate"])).any())
     if images and "images" in rows:
         rows = rows[rows["images"].isin(["", images])]
     if (~rows.status.isin(["answered", "duplicate"])).any():
-        return True, ""
+        return True, "", before
     answered = rows[rows.status == "answered"]
-    return False, str(answered.reason.iloc[-1]).removeprefix("answered by ") if len(answered) else ""
+    return False, str(answered.reason.iloc[-1]).removeprefix("answered by ") if len(answered) else "", before
 
 
 def _record(work: Path, outcome: StudyOutcome) -> None:
@@ -145,22 +146,23 @@ def handle_study(study_uid: str, pacs: Pacs, staging: Path, work: Path, cfg: Ing
     """
     token = study_token(key, study_uid)
     study_work = WorkLayout(work).pacs.study(token)
+    images = ""
     try:
         listed = pacs.image_instances(study_uid)
         images = images_digest(key, listed)
-        if _handled_here(work, token, images)[0]:
+        handled, _, changed = _handled_here(work, token, images)  # changed: handled before, with other images
+        if handled:
             outcome = StudyOutcome(token, "duplicate", reason="already handled (its first row says how)",
                                    images=images)
             _record(work, outcome)
             return outcome
-        changed = token in handled_tokens(work)  # handled before, with other images
         digest = None
         if cache is not None and champion is not None:  # so that the study asked for online is warm
             from dicomops.serving.predict import answer_identity, study_digest
 
             digest = study_digest(key, listed, answer_identity(champion, cfg))
         with held_study(staging, token) as staged:
-            handled, answered_by = _handled_here(work, token, images)  # again: a batch may have held it meanwhile
+            handled, answered_by, _ = _handled_here(work, token, images)  # again: a batch may have held it meanwhile
             if handled:
                 outcome = StudyOutcome(token, "duplicate", reason="already handled (its first row says how)",
                                        images=images)
@@ -181,7 +183,7 @@ def handle_study(study_uid: str, pacs: Pacs, staging: Path, work: Path, cfg: Ing
                 "their UIDs: the PACS holds one copy)", outcome.reason])))
         outcome = dataclasses.replace(outcome, images=images)
     except PacsRequestRefused as err:  # never retrievable as it is: recorded, and the watch moves on
-        outcome = StudyOutcome(token, "refused", reason=str(err))
+        outcome = StudyOutcome(token, "refused", reason=str(err), images=images)
     _record(work, outcome)
     log.info("PACS study %s: %s (%d series accepted, %d files quarantined, %d results stored)%s", token,
              outcome.status, outcome.accepted_series, outcome.quarantined_files, outcome.results_stored,
@@ -331,7 +333,14 @@ def localisation_reports(images: list[Any], group: pd.DataFrame, deid_root: Path
     out: list[Any] = [structured_report(images, finding, series_number=SEGMENTER_SR_SERIES)]
     if not found.nodules:
         return out, served(segmenter, series, found, images)
-    grid = native_grid(images)
+    try:
+        grid = native_grid(images)
+    except ValueError as err:  # slices the SEG cannot lie on (its tolerance is tighter than the gate's)
+        if write_seg:
+            raise
+        log.warning("segmenter findings not laid onto the acquired slices (%s): its SR goes back, no mask is kept",
+                    type(err).__name__)
+        return out, served(segmenter, series, found, images, laid_out=False)
     mask = to_native_mask(found.mask, found.affine, grid.affine, grid.shape)
     if write_seg and mask.any():  # findings thinner than the acquired slices can vanish at their centres
         out.append(series_segmentation(images, mask, finding, series_number=SEG_SERIES))

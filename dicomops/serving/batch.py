@@ -202,7 +202,7 @@ def record(work: Path, batch_id: str, answers: Sequence[Answer], champion: Champ
     (``segments/``); return the folder and the metrics."""
     folder = WorkLayout(work).predictions(batch_id)
     folder.mkdir(parents=True, exist_ok=True)
-    for served in (s for a in answers for s in a.localised):  # before the table that names them
+    for served in (s for a in answers for s in a.localised if s.mask is not None):  # before the table naming them
         served.mask.save(folder / WorkLayout.served_mask(served.series))
     io.write_csv(folder / "results.csv", result_table(answers, champion))
     metrics = summarise(answers) | (cache.metrics() if cache is not None else {})

@@ -110,20 +110,21 @@ def _code_hash() -> str:
     return code_hash()
 
 
-# Gate settings that say where it runs, not what it decides: they never change an answer.
-GATE_PLACEMENT = frozenset({"workers", "dask_address"})
+# Gate settings that never change an answer: where it runs, what it releases under differential
+# privacy, where a re-identification table goes.
+GATE_PLACEMENT: dict[str, Any] = {"workers": True, "dask_address": True, "privacy": True, "deid": {"reid_key_path"}}
 
 
 def answer_identity(champion: Champion, gate: IngestConfig) -> str:
     """The settings and code a cached answer depends on besides the study's content: the
     preprocessing's (its volume settings and code: what the preprocessing's cache key hashes) and
-    the gate's (every setting but where it runs), so that a study a gate configured otherwise would
+    the gate's (every setting but :data:`GATE_PLACEMENT`), so that a study a gate configured otherwise would
     refuse, or accept otherwise, is never answered from a manifest the first gate wrote."""
     from dicomops.preprocessing.stage import VOLUME_FIELDS
 
     settings = champion.preprocess.model_dump(mode="json", include=set(VOLUME_FIELDS))
     return json.dumps({"config": settings, "code": _code_hash(),
-                       "gate": gate.model_dump(mode="json", exclude=set(GATE_PLACEMENT))}, sort_keys=True)
+                       "gate": gate.model_dump(mode="json", exclude=GATE_PLACEMENT)}, sort_keys=True)
 
 
 def study_digest(key: bytes, instance_uids: Iterable[str], identity: str) -> str:
@@ -364,8 +365,9 @@ def result_table(answers: Sequence[Answer], champion: Champion) -> pd.DataFrame:
             rows.append(common | meta)
         localised = {s.series: s for s in a.localised}
         for f in a.findings:
-            segmenter = localised[f.series].columns() | {"segmenter_mask": WorkLayout.served_mask(f.series)} \
-                if f.series in localised else {}
+            served = localised.get(f.series)
+            segmenter = {} if served is None else served.columns() | {
+                "segmenter_mask": WorkLayout.served_mask(f.series) if served.mask is not None else ""}
             rows.append(common | meta | {"series": f.series, "manufacturer": f.manufacturer, "slices": f.slices,
                                          "score": f.score, "present": f.present, "best_z": f.best_z,
                                          "cache": f.cache} | segmenter)

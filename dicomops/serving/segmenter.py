@@ -94,7 +94,7 @@ class Served:
     score: float
     actionable: float | None
     nodules: int
-    mask: Any = field(repr=False)  # a dicomops.feedback.seg.ReaderMask; empty where nothing was found
+    mask: Any = field(repr=False)  # a dicomops.feedback.seg.ServedMask (empty: nothing found; None: not laid out)
 
     COLUMNS = ("segmenter", "segmenter_version", "segmenter_present", "segmenter_score", "segmenter_actionable",
                "segmenter_nodules")
@@ -106,21 +106,26 @@ class Served:
 
 
 def served(segmenter: Segmenter, series: str, found: Localisation, images: list[Any], grid: Any = None,
-           native_mask: np.ndarray | None = None) -> Served:
+           native_mask: np.ndarray | None = None, laid_out: bool = True) -> Served:
     """The record of `found` for `series`: `native_mask` is its (columns, rows, slices) mask on the
     acquired `grid` of `images` (:func:`dicomops.segmentation.native.native_grid`); without them
-    (nothing found), an empty mask on the slices in order of position."""
-    from dicomops.feedback.seg import ReaderMask
+    (nothing found), an empty mask on the slices in order of position. `laid_out` False: the
+    findings could not be carried onto the acquired slices; no mask is kept (no Dice)."""
+    from dicomops.feedback.seg import ServedMask
 
-    records = [{"center_mm": [round(v, 2) for v in n.center_mm], "diameter_mm": n.diameter_mm, "score": n.score}
-               for n in found.nodules]
-    if grid is None or native_mask is None:
+    records: list[dict[str, object]] = [
+        {"center_mm": [round(v, 2) for v in n.center_mm], "diameter_mm": n.diameter_mm, "score": n.score}
+        for n in found.nodules]
+    mask = None
+    if not laid_out:
+        pass
+    elif grid is None or native_mask is None:
         positions = np.sort([float(ds.ImagePositionPatient[2]) for ds in images])
-        voxels = np.zeros((len(images), int(images[0].Rows), int(images[0].Columns)), np.uint8)
+        mask = ServedMask.of(None, positions, (len(images), int(images[0].Rows), int(images[0].Columns)), records)
     else:
         positions = np.array([float(images[i].ImagePositionPatient[2]) for i in grid.order])
-        voxels = np.ascontiguousarray(np.asarray(native_mask, bool).transpose(2, 1, 0)).astype(np.uint8)
-    mask = ReaderMask(voxels, positions, records)
+        voxels = np.asarray(native_mask, bool).transpose(2, 1, 0)  # a view: (slices, rows, columns)
+        mask = ServedMask.of(voxels, positions, voxels.shape, records)
     return Served(series, segmenter.name, segmenter.version, bool(found.nodules), float(found.score),
                   found.actionable, len(found.nodules), mask)
 

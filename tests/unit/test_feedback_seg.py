@@ -256,7 +256,7 @@ def test_a_reviewed_clinical_series_becomes_a_labelled_source_and_keeps_its_labe
 
 
 def test_the_dice_of_a_served_mask_and_a_readers_matches_their_slices_by_position(tmp_path: Path) -> None:
-    from dicomops.feedback.seg import mask_dice
+    from dicomops.feedback.seg import ServedMask, mask_dice
 
     z = np.array([10.0, 12.0, 14.0, 16.0])
     served = np.zeros((4, 8, 8), np.uint8)
@@ -273,6 +273,13 @@ def test_the_dice_of_a_served_mask_and_a_readers_matches_their_slices_by_positio
     assert math.isnan(mask_dice(tmp_path / "empty.npz", tmp_path / "empty.npz"))
     ReaderMask(served, z + 1, []).save(tmp_path / "elsewhere.npz")  # not the same slices: not comparable
     assert math.isnan(mask_dice(tmp_path / "elsewhere.npz", tmp_path / "drawn.npz"))
+    # The segmenter's mask as kept, the box around its voxels: the same figure.
+    ServedMask.of(served > 0, z, served.shape, []).save(tmp_path / "boxed.npz")
+    with np.load(tmp_path / "boxed.npz") as npz:
+        assert npz["box"].shape == (1, 4, 4)
+    assert mask_dice(tmp_path / "boxed.npz", tmp_path / "drawn.npz") == pytest.approx(2 * 8 / (16 + 12))
+    ServedMask.of(None, z, served.shape, []).save(tmp_path / "none.npz")
+    assert mask_dice(tmp_path / "none.npz", tmp_path / "drawn.npz") == 0.0
 
 
 def test_a_judgements_time_is_taken_in_utc_from_its_offset_or_the_objects() -> None:

@@ -575,3 +575,18 @@ def test_pacs_watch_scores_with_the_version_engine_and_threads_the_serve_section
         watch.watch_pacs(None, tmp_path, tmp_path / "staging", IngestConfig(), b"k" * 32, "sqlite:///x.db", "m",
                          5.0, serve=serve)
     assert (asked["alias"], asked["engine"], asked["threads"]) == ("challenger", "ort-int8", 3)
+
+
+def test_a_studys_images_leave_out_results_annotations_and_documents(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the ledger's digest and the cache key are of: a reader's presentation state or a PDF
+    stored in the study later is not a new image (it made pacs-watch answer the study again)."""
+    from dicomops.pacs.client import PacsClient
+
+    classes = {"1.1": "1.2.840.10008.5.1.4.1.1.2", "1.2": "1.2.840.10008.5.1.4.1.1.88.34",
+               "1.3": "1.2.840.10008.5.1.4.1.1.66.4", "1.4": "1.2.840.10008.5.1.4.1.1.11.1",
+               "1.5": "1.2.840.10008.5.1.4.1.1.104.1", "1.6": "1.2.840.10008.5.1.4.1.1.7"}
+    found = [{"00080016": {"Value": [c]}, "00080018": {"Value": [sop]}, "0020000E": {"Value": ["9.9"]}}
+             for sop, c in classes.items()]
+    with PacsClient("http://127.0.0.1:9/dicom-web", CREDS, timeout_s=1) as pacs:
+        monkeypatch.setattr(pacs._web, "search_for_instances", lambda **kwargs: found)
+        assert pacs.image_instances("1.2.3") == {"1.1": "9.9", "1.6": "9.9"}  # CT and a secondary capture

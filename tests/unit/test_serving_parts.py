@@ -407,13 +407,13 @@ def test_a_study_answered_in_full_elsewhere_is_left_to_nobody_else_and_the_ledge
         "results_stored": 2, "reason": "answered by predict --pacs (batch b1)", "handled_at": "", "images": "IM-A"}
     # The watch takes it as answered while its images are those answered; with others (a series
     # that arrived after), as a study to answer again; a row written before digests, for any.
-    assert watch._handled_here(tmp_path, "tok-full", "IM-A") == (False, "predict --pacs (batch b1)")
-    assert watch._handled_here(tmp_path, "tok-full", "IM-B") == (False, "")
+    assert watch._handled_here(tmp_path, "tok-full", "IM-A") == (False, "predict --pacs (batch b1)", False)
+    assert watch._handled_here(tmp_path, "tok-full", "IM-B") == (False, "", False)
     watch._record(tmp_path, watch.StudyOutcome("tok-watch", "ingested", images="IM-C"))
-    assert watch._handled_here(tmp_path, "tok-watch", "IM-C") == (True, "")
-    assert watch._handled_here(tmp_path, "tok-watch", "IM-D") == (False, "")
+    assert watch._handled_here(tmp_path, "tok-watch", "IM-C") == (True, "", True)
+    assert watch._handled_here(tmp_path, "tok-watch", "IM-D") == (False, "", True)  # handled as it was before
     watch._record(tmp_path, watch.StudyOutcome("tok-old", "ingested"))
-    assert watch._handled_here(tmp_path, "tok-old", "IM-E") == (True, "")
+    assert watch._handled_here(tmp_path, "tok-old", "IM-E") == (True, "", True)
 
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda i: watch.record_answered(tmp_path, Answer(f"t{i}", "scored", [], 1, results_stored=1),

@@ -86,9 +86,10 @@ def test_what_the_segmenter_served_is_recorded_beside_the_results_and_found_by_f
     import pandas as pd
 
     from dicomops.feedback.review import latest_localisation
+    from dicomops.feedback.seg import _voxels
     from dicomops.serving.batch import record
     from dicomops.serving.predict import Answer, SeriesFinding
-    from dicomops.serving.segmenter import served
+    from dicomops.serving.segmenter import Served, served
 
     shape = (32, 32, 16)
     image = np.full(shape, 0.4, np.float32)
@@ -119,8 +120,16 @@ def test_what_the_segmenter_served_is_recorded_beside_the_results_and_found_by_f
     assert got.mask == folder / "segments/2.25.42.npz"
     with np.load(got.mask) as npz:
         assert npz["ipp_z"].tolist() == [0.0, 1.0, 2.0, 3.0]
-        assert np.array_equal(npz["mask"] > 0, native.transpose(2, 1, 0))
+        assert np.array_equal(_voxels(npz), native.transpose(2, 1, 0))
+        assert npz["box"].shape == (2, 2, 2)  # the box around the voxels, not the series' whole grid
     assert latest_localisation(tmp_path, "2.25.43") is None
+    # Another version of the segmenter answered it later: a reader's SEG cannot say whose mask it
+    # corrects, so none is credited.
+    time.sleep(0.01)
+    other = Served("2.25.42", "density", "4", True, 0.9, 0.9, 1, answer.mask)
+    record(tmp_path, "batch-3", [Answer("tok", "scored", [finding], 1, localised=[other])], champion,  # type: ignore[arg-type]
+           None)
+    assert latest_localisation(tmp_path, "2.25.42") is None
     # Nothing found: no grid is needed (a series the SEG writer could not lay out still gets its
     # SR), and the mask kept is empty on the slices in order of position, for a reader's to be
     # compared with (Dice 0 where the reader draws one).
@@ -128,4 +137,11 @@ def test_what_the_segmenter_served_is_recorded_beside_the_results_and_found_by_f
     plain = [SimpleNamespace(ImagePositionPatient=[0.0, 0.0, float(z)], Rows=5, Columns=6) for z in (3, 1, 2, 0)]
     empty = served(segmenter, "2.25.44", nothing, plain)
     assert (empty.present, empty.nodules) == (False, 0)
-    assert empty.mask.mask.shape == (4, 5, 6) and not empty.mask.mask.any() and empty.mask.ipp_z.tolist() == [0, 1, 2, 3]
+    assert empty.mask.shape == (4, 5, 6) and empty.mask.box.size == 0 and empty.mask.ipp_z.tolist() == [0, 1, 2, 3]
+    # Findings that could not be laid onto the acquired slices: the call is recorded, no mask.
+    unlaid = served(segmenter, "2.25.45", found, plain, laid_out=False)
+    assert unlaid.present and unlaid.mask is None
+    record(tmp_path, "batch-4", [Answer("tok", "scored", [SeriesFinding("2.25.45", "GE", 4, 0.9, True, 1, "off")], 1,
+                                        localised=[unlaid])], champion, None)  # type: ignore[arg-type]
+    got = latest_localisation(tmp_path, "2.25.45")
+    assert got is not None and got.present and not got.mask.is_file()
