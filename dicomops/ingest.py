@@ -1,8 +1,8 @@
 """The ingest gate as stage functions over one work directory.
 
 Order: index headers (safe read, de-identified rows) → validate the table with Great Expectations →
-assemble series and check geometry → apply the gate → write the de-identified corpus → re-key
-labels and masks. Each function reads and writes files under ``WORK/ingest``, so Prefect tasks
+assemble series and check geometry → apply the gate → write the de-identified corpus → count and
+judge again with what de-identification lost → re-key labels and masks. Each function reads and writes files under ``WORK/ingest``, so Prefect tasks
 pass paths, and nothing with PHI is ever written: the raw header values never leave the worker
 that read them.
 """
@@ -25,7 +25,7 @@ from dicomops import io
 from dicomops.config import IngestConfig
 from dicomops.deid.keys import KeyedMapper
 from dicomops.dicom.parallel import map_isolated
-from dicomops.dicom.reader import ReadLimits, inspect_file, list_files
+from dicomops.dicom.reader import ReadLimits, guessed_syntax, inspect_file, list_files
 from dicomops.dicom.series import assemble_series
 from dicomops.errors import GateFailedError, local_outage
 from dicomops.feedback.privacy import released_table
@@ -46,6 +46,16 @@ def _limits(cfg: IngestConfig) -> ReadLimits:
 def _failed_read(item: tuple[Any, ...], reason: str) -> dict[str, Any]:
     detail = "the worker reading it died" if reason == "worker_crashed" else "reading took too long"
     return {"source_path": item[1], "reason": reason, "detail": detail}
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    """One of the gate's CSV tables (or a corpus's ``labels.csv``) exactly as written: every cell text.
+
+    Paths, PatientIDs and UIDs are names, not numbers: parsed, a file named ``000011`` becomes 11
+    and a PatientID ``0001001`` becomes 1001, and a file named ``NA`` becomes a missing value; each
+    then matches nothing, so a quarantined file would be accepted, or a label keyed to nobody.
+    """
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 
 def split_sidecars(files: list[tuple[str, str]], patterns: tuple[str, ...] | list[str]
@@ -109,7 +119,7 @@ def assemble(work: Path, cfg: IngestConfig) -> Path:
     """Group what passed validation into series, order slices, quarantine bad geometry."""
     paths = WorkLayout(work).ingest
     index = pd.read_parquet(paths.index)
-    failed = set(pd.read_csv(paths.validation_quarantine).source_path)
+    failed = set(_read_table(paths.validation_quarantine).source_path)
     index = index[~index.source_path.isin(failed)]
     result = assemble_series(index, cfg.geometry)
     io.write_parquet(paths.series, result.series)
@@ -136,18 +146,44 @@ def apply_gate(work: Path, cfg: IngestConfig) -> GateSummary:
             names the most common reasons.
     """
     paths = WorkLayout(work).ingest
-    parts = [pd.read_csv(p, keep_default_na=False) for p in
+    parts = [_read_table(p) for p in
              (paths.index_quarantine, paths.validation_quarantine, paths.geometry_quarantine)]
     quarantine = pd.concat(parts, ignore_index=True).sort_values("source_path", ignore_index=True)
     io.write_csv(paths.quarantine, quarantine[QUARANTINE_COLUMNS])
+    return _judge(paths, cfg, quarantine, pd.read_parquet(paths.instances))
+
+
+def recount_gate(work: Path, cfg: IngestConfig) -> GateSummary:
+    """The gate's figures again after de-identification, from what was really accepted and quarantined.
+
+    De-identification quarantines whole series (``deid_failed``) that :func:`apply_gate` counted as
+    accepted, so ``summary.json``, the metrics and the printed result are rewritten from
+    ``accepted.parquet`` and ``quarantine.csv``, and ``cfg.max_invalid_fraction`` holds for those
+    losses too. A batch refused here leaves no de-identified corpus, as one refused before
+    de-identification, so that no later stage reads it.
+
+    Raises:
+        GateFailedError: with the files lost at de-identification, the quarantined share exceeds
+            ``cfg.max_invalid_fraction``.
+    """
+    paths = WorkLayout(work).ingest
+    try:
+        return _judge(paths, cfg, _read_table(paths.quarantine), pd.read_parquet(paths.accepted))
+    except GateFailedError:
+        paths.accepted.unlink(missing_ok=True)
+        shutil.rmtree(paths.deid, ignore_errors=True)
+        raise
+
+
+def _judge(paths: IngestPaths, cfg: IngestConfig, quarantine: pd.DataFrame, accepted: pd.DataFrame) -> GateSummary:
+    """Write ``summary.json`` for this quarantine and these accepted instances; raise if too much is bad."""
     files = int(io.read_json(paths.files)["files"])
-    instances = pd.read_parquet(paths.instances)
     reasons = quarantine.reason.value_counts().to_dict()
     share = len(quarantine) / files if files else 0.0
     summary = GateSummary(
-        files=files, accepted_files=len(instances), quarantined_files=len(quarantine),
+        files=files, accepted_files=len(accepted), quarantined_files=len(quarantine),
         quarantined_share=share,
-        accepted_series=int(instances.SeriesInstanceUID.nunique()) if len(instances) else 0,
+        accepted_series=int(accepted.SeriesInstanceUID.nunique()) if len(accepted) else 0,
         reasons={str(k): int(v) for k, v in reasons.items()},
         passed=share <= cfg.max_invalid_fraction and files > 0,
     )
@@ -179,7 +215,12 @@ def deidentify_file(source: str, dest: str, key: bytes, table_version: str) -> d
         deid = _DEIDENTIFIERS.get((key, table_version))
         if deid is None:
             deid = _DEIDENTIFIERS[(key, table_version)] = Deidentifier(KeyedMapper(key), table_version)
-        ds = pydicom.dcmread(source)
+        # The gate accepts files without the preamble and DICM (warning no_preamble); read them as its
+        # reader did. Written back, each is a PS3.10 file: preamble, DICM and file meta, whose transfer
+        # syntax is the one the dataset was read in when the source had no file meta to say it.
+        ds = pydicom.dcmread(source, force=True)
+        if not ds.file_meta.get("TransferSyntaxUID"):
+            ds.file_meta.TransferSyntaxUID = guessed_syntax(ds)
         deid.dataset(ds)
         buffer = io_module.BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
@@ -218,7 +259,7 @@ def deidentify_corpus(src: Path, work: Path, cfg: IngestConfig, key: bytes, prog
         for d in bad.deid_path:
             (paths.deid / d).unlink(missing_ok=True)
         extra = bad[["source_path"]].assign(reason="deid_failed", detail="could not be de-identified")
-        quarantine = pd.concat([pd.read_csv(paths.quarantine, keep_default_na=False), extra])
+        quarantine = pd.concat([_read_table(paths.quarantine), extra])
         io.write_csv(paths.quarantine, quarantine.sort_values("source_path", ignore_index=True))
         instances = instances[~instances.SeriesInstanceUID.isin(failed_series)]
     return io.write_parquet(paths.accepted, instances.reset_index(drop=True))
@@ -231,7 +272,7 @@ def rekey_labels(src: Path, work: Path, key: bytes) -> Path | None:
         return None
     paths = WorkLayout(work).ingest
     mapper = KeyedMapper(key)
-    labels = pd.read_csv(src_labels, keep_default_na=False)
+    labels = _read_table(src_labels)
     labels["SeriesInstanceUID"] = labels.SeriesInstanceUID.map(mapper.uid)
     labels["PatientID"] = labels.PatientID.map(mapper.pseudonym)
     accepted = set(pd.read_parquet(paths.accepted, columns=["SeriesInstanceUID"]).SeriesInstanceUID)
@@ -262,7 +303,7 @@ def write_reid_key(src: Path, work: Path, cfg: IngestConfig, key: bytes) -> Path
                          "location outside it (the work directory must stay free of PHI)")
     mapper = KeyedMapper(key)
     labels = Path(src) / LABELS_CSV
-    ids = sorted(set(pd.read_csv(labels, keep_default_na=False).PatientID)) if labels.exists() else []
+    ids = sorted(set(_read_table(labels).PatientID)) if labels.exists() else []
     frame = pd.DataFrame({"pseudonym": [mapper.pseudonym(i) for i in ids], "PatientID": ids})
     io.write_csv(target, frame)
     os.chmod(target, 0o600)
@@ -278,8 +319,9 @@ def run(src: Path, work: Path, cfg: IngestConfig, key: bytes) -> GateSummary:
     index_headers(src, work, cfg, key)
     validate_headers(work, cfg)
     assemble(work, cfg)
-    gate = apply_gate(work, cfg)
+    apply_gate(work, cfg)
     deidentify_corpus(src, work, cfg, key)
+    gate = recount_gate(work, cfg)  # de-identification may quarantine more: the true figures, judged again
     rekey_labels(src, work, key)
     return gate
 
@@ -311,7 +353,7 @@ def shared_quarantine(work: Path, key: bytes) -> Path:
     reasons and details as they are. ``quarantine.csv`` in the work directory keeps the paths for
     whoever fixes the batch, with the same token beside each."""
     paths = WorkLayout(work).ingest
-    quarantine = pd.read_csv(paths.quarantine, keep_default_na=False)
+    quarantine = _read_table(paths.quarantine)
     mapper = KeyedMapper(key)
     shared = pd.DataFrame({"file": [mapper.token("file", str(p)) for p in quarantine.source_path],
                            "reason": quarantine.reason, "detail": quarantine.detail})
@@ -342,7 +384,7 @@ def _vendor_keys(paths: IngestPaths) -> dict[str, str]:
     labels_path = paths.deid / LABELS_CSV
     if not labels_path.exists() or not paths.series.exists() or not paths.series.stat().st_size:
         return {}
-    labels = pd.read_csv(labels_path, keep_default_na=False, dtype=str)
+    labels = _read_table(labels_path)
     if "vendor" not in labels:
         return {}
     series = pd.read_parquet(paths.series)

@@ -1,4 +1,4 @@
-"""The ingest gate flow: header index → expectations → geometry → gate → de-identified corpus."""
+"""The ingest gate flow: header index → expectations → geometry → gate → de-identified corpus → gate's recount."""
 
 from __future__ import annotations
 
@@ -39,11 +39,12 @@ def ingest(src: Path, work: Path | None = None, config: IngestConfig = IngestCon
             t.validate_headers(work, config)
             t.assemble_series(work, config)
             try:
-                gate = t.apply_gate(work, config)
+                t.apply_gate(work, config)
+                t.deidentify_corpus.submit(src, work, config).result()
+                gate = t.recount_gate(work, config)  # with the series de-identification quarantined
             except GateFailedError:
                 log_ingest(uri, run_id, work)  # the quarantine and its reasons, for whoever fixes the batch
                 raise
-            t.deidentify_corpus.submit(src, work, config).result()
             t.rekey_labels(src, work, config)
             released = t.release_counts(work, config)  # counts for people: differentially private only
             log_ingest(uri, run_id, work, released)

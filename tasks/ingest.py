@@ -38,6 +38,11 @@ def deidentify_corpus(src: Path, work: Path, cfg: IngestConfig) -> Path:
     return ingest.deidentify_corpus(src, work, cfg, key_from_settings())
 
 
+@task(name="recount-gate")
+def recount_gate(work: Path, cfg: IngestConfig) -> GateSummary:
+    return ingest.recount_gate(work, cfg)
+
+
 @task(name="rekey-labels")
 def rekey_labels(src: Path, work: Path, cfg: IngestConfig) -> Path | None:
     key = key_from_settings()

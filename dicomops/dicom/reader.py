@@ -173,7 +173,7 @@ def _inspect(path: Path, source_path: str, mapper: KeyedMapper, limits: ReadLimi
                                  force=not preamble)
         except InvalidDicomError as err:
             raise Rejected("not_dicom", "pydicom refused the file") from err
-        syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", ""))) if preamble else _guessed_syntax(ds)
+        syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", ""))) if preamble else guessed_syntax(ds)
         if not syntax or not syntax.is_transfer_syntax:
             raise Rejected("unsupported_transfer_syntax", "missing or unknown TransferSyntaxUID")
         if syntax.is_compressed and not _decoder_available(syntax):
@@ -203,7 +203,7 @@ def _starts_like_dataset(head: bytes, size: int) -> bool:
     return group != 0x0002 and length <= min(size - 8, 1024)
 
 
-def _guessed_syntax(ds: Dataset) -> UID:
+def guessed_syntax(ds: Dataset) -> UID:
     """The transfer syntax of a dataset read with force=True: its file meta's, else pydicom's guess."""
     declared = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if declared:

@@ -125,3 +125,42 @@ def test_the_quarantine_reaches_mlflow_by_token_never_by_a_path_that_names_a_pat
     hits = scan_for_phi(tmp_path / "mlflow", {"DOE^JOHN", "MRN-4711"})
     assert hits == [], f"a file path reached MLflow: {hits[:3]}"
     assert scan_for_phi(tmp_path / "work" / "ingest", {"DOE^JOHN"})  # the scan is not vacuous: the path is there
+
+
+def test_cli_ingest_counts_the_series_lost_at_deidentification(
+        mlflow_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A series the gate accepted and de-identification then lost (``deid_failed``) is in the printed
+    figures, ``summary.json`` and MLflow; past --max-invalid-fraction the ingest fails, exit 1, as the
+    gate does."""
+    from dicomops.config import SynthConfig
+    from dicomops.synthetic import generate_corpus
+
+    lost: list[Path] = []
+    gate = ingest_module.apply_gate
+
+    def apply_gate_then_lose(work: Path, cfg: IngestConfig) -> ingest_module.GateSummary:
+        summary = gate(work, cfg)
+        lost.pop().unlink()  # moved away between the gate and de-identification: its series is lost
+        return summary
+
+    monkeypatch.setattr(ingest_module, "apply_gate", apply_gate_then_lose)
+    texts = {}
+    for name, fraction, code in (("kept", "1.0", 0), ("refused", "0.2", 1)):
+        src = tmp_path / name
+        generate_corpus(src, SynthConfig(patients=2, seed=3, fault_rate=0.0, matrix=128, slices=8, workers=1))
+        lost.append(sorted(src.glob("case-00002/series-*/*"))[0])
+        result = CliRunner().invoke(app, ["ingest", str(src), "--work", str(tmp_path / f"work-{name}"),
+                                          "--max-invalid-fraction", fraction, "--workers", "1"])
+        assert result.exit_code == code, result.output
+        texts[name] = " ".join(result.output.split())  # rich wraps long lines
+        summary = pd.read_json(tmp_path / f"work-{name}/ingest/summary.json", typ="series")
+        assert (summary.accepted_files, summary.quarantined_files, summary.reasons) == (8, 8, {"deid_failed": 8})
+    assert "1 series accepted, 8 files quarantined" in texts["kept"]  # was: 2 series, 0 files
+    assert "gate failed" in texts["refused"] and "8 of 16 files quarantined (50.0%)" in texts["refused"]
+    assert "Top reasons: deid_failed (8)" in texts["refused"]
+    assert not (tmp_path / "work-refused/ingest/accepted.parquet").exists()
+    client = mlflow.tracking.MlflowClient(mlflow_env)
+    runs = client.search_runs([client.get_experiment_by_name("dicomops").experiment_id])
+    assert len(runs) == 2
+    for run in runs:
+        assert run.data.metrics["quarantine.deid_failed"] == 8 and run.data.metrics["ingest.accepted_files"] == 8
