@@ -8,15 +8,18 @@
 #                             MLFLOW_FLASK_SERVER_SECRET_KEY; users in MLFLOW_AUTH_DATABASE_URI
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+if [[ "${MLFLOW_AUTH:-}" == "basic" ]]; then  # checked first: a missing secret is the first thing to say
+  : "${MLFLOW_AUTH_ADMIN_PASSWORD:?MLFLOW_AUTH=basic needs MLFLOW_AUTH_ADMIN_PASSWORD (there is no default)}"
+  : "${MLFLOW_FLASK_SERVER_SECRET_KEY:?MLFLOW_AUTH=basic needs MLFLOW_FLASK_SERVER_SECRET_KEY}"
+fi
 mlflow_bin="${here}/../.venv/bin/mlflow"
-[[ -x "${mlflow_bin}" ]] || mlflow_bin="$(command -v mlflow)"
+[[ -x "${mlflow_bin}" ]] || mlflow_bin="$(command -v mlflow || true)"
+[[ -n "${mlflow_bin}" ]] || { echo "mlflow not found: run 'make venv' (it installs .venv) or put mlflow on PATH" >&2; exit 1; }
 args=(server
   --backend-store-uri "${MLFLOW_BACKEND_STORE_URI:-sqlite:///${here}/mlflow.db}"
   --default-artifact-root "${MLFLOW_ARTIFACT_ROOT:-${here}/artifacts}"
   --host "${MLFLOW_HOST:-127.0.0.1}" --port "${MLFLOW_PORT:-5000}")
 if [[ "${MLFLOW_AUTH:-}" == "basic" ]]; then
-  : "${MLFLOW_AUTH_ADMIN_PASSWORD:?MLFLOW_AUTH=basic needs MLFLOW_AUTH_ADMIN_PASSWORD (there is no default)}"
-  : "${MLFLOW_FLASK_SERVER_SECRET_KEY:?MLFLOW_AUTH=basic needs MLFLOW_FLASK_SERVER_SECRET_KEY}"
   config="$(mktemp -t mlflow-auth.XXXXXX.ini)"
   sed -e "s|^database_uri = .*|database_uri = ${MLFLOW_AUTH_DATABASE_URI:-sqlite:///${here}/basic_auth.db}|" \
       -e "s|^admin_username = .*|admin_username = ${MLFLOW_ADMIN_USER:-admin}|" \
