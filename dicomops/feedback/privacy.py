@@ -29,7 +29,8 @@ and refuses a release that would exceed the budget. Two budgets are charged, and
 
 What a cohort budget does not bound: cohorts that differ by some patients (the corpus, then the
 corpus plus a batch) are different cohorts, and a patient in both pays in both; as before, name one
-``ingest.privacy.dataset`` to bound them together.
+``ingest.privacy.dataset`` to bound them together. Releases a ledger recorded before cohorts were
+(2026-12-05) name none: they count against their dataset only.
 
 A table already released over the same rows and specification (:func:`_spec`, which holds a hash of
 the rows) is published again as it was, whichever dataset paid for it: re-reading a released value
