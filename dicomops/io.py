@@ -46,6 +46,18 @@ def write_csv(path: Path, frame: pd.DataFrame) -> Path:
     return _atomic(path, lambda p: frame.to_csv(p, index=False, lineterminator="\n"))
 
 
+# Columns that name things (files, patients, DICOM objects): text, never numbers. Parsed, a PatientID
+# 0001001 becomes 1001, a file 000011 becomes 11, a UID 1.20 becomes 1.2, and a file named NA a
+# missing value; each then matches nothing.
+NAME_COLUMNS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "source_path", "mask_path",
+                "series_dir", "case", "mask")
+
+
+def read_table(path: Path, **kwargs: Any) -> pd.DataFrame:
+    """A CSV table as written: empty cells stay empty strings, and :data:`NAME_COLUMNS` stay text."""
+    return pd.read_csv(path, keep_default_na=False, dtype=dict.fromkeys(NAME_COLUMNS, str), **kwargs)
+
+
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 

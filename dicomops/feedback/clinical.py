@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from dicomops import io
 from dicomops.deid.keys import KeyedMapper
 from dicomops.layout import WorkLayout
 from dicomops.synthetic.sidecars import LABELS_CSV, mask_path
@@ -44,7 +45,7 @@ def known_series(sources: list[Path], key: bytes) -> set[str]:
     for src in sources:
         labels = Path(src) / LABELS_CSV
         if labels.exists():
-            known |= {mapper.uid(str(u)) for u in pd.read_csv(labels, usecols=["SeriesInstanceUID"]).SeriesInstanceUID}
+            known |= {mapper.uid(str(u)) for u in io.read_table(labels, usecols=["SeriesInstanceUID"]).SeriesInstanceUID}
     return known
 
 

@@ -257,7 +257,7 @@ def apply_to_retrain(source: Path, pool_work: Path, key: bytes) -> int:
     path = WorkLayout(pool_work).ingest.deid / LABELS_CSV
     if not path.exists():
         return 0
-    resolved = pd.read_csv(source / "labels.csv", keep_default_na=False)
+    resolved = io.read_table(source / "labels.csv")
     aliases = pool_aliases(resolved, key)
     pool_uid = {series: uid for uid, series in aliases.items()}
     remapped = resolved.assign(SeriesInstanceUID=resolved.SeriesInstanceUID.map(pool_uid), mask="")  # masks came along

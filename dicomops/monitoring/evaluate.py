@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dicomops import ingest
+from dicomops import ingest, io
 from dicomops.config import MonitorConfig, PipelineConfig, SynthConfig
 from dicomops.errors import GateFailedError
 from dicomops.layout import WorkLayout
@@ -48,7 +48,7 @@ def series_file_counts(work: Path, series: list[str]) -> tuple[list[int], list[i
     """
     paths = WorkLayout(work).ingest
     index = pd.read_parquet(paths.index, columns=["source_path", "SeriesInstanceUID"])
-    quarantine = pd.read_csv(paths.quarantine, keep_default_na=False) if paths.quarantine.exists() else \
+    quarantine = io.read_table(paths.quarantine) if paths.quarantine.exists() else \
         pd.DataFrame({"source_path": pd.Series(dtype=str)})
     of_series = index.SeriesInstanceUID.astype(str)
     files = of_series.value_counts()

@@ -129,7 +129,7 @@ def combine_sources(sources: list[Path], out: Path) -> Path:
     labels = []
     for i, src in enumerate(sources):
         prefix = f"s{i}"
-        table = pd.read_csv(src / LABELS_CSV, keep_default_na=False)
+        table = io.read_table(src / LABELS_CSV)
         table["mask_path"] = [mask_path(f"{prefix}-{Path(str(p)).stem}") if p else "" for p in table.mask_path]
         table["series_dir"] = [f"{prefix}/{d}" for d in table.series_dir]
         labels.append(table)

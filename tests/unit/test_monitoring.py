@@ -262,3 +262,19 @@ def test_a_retrain_whose_training_source_holds_no_labels_says_what_to_set(tmp_pa
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "labels.csv").write_text("SeriesInstanceUID,label\n")
     check_training_source(Path("data"))
+
+
+def test_combined_sources_keep_names_that_look_like_numbers(tmp_path: Path) -> None:
+    """A site's labels name patients 0001001 and series 1.20: read as numbers they became 1001 and
+    1.2 in the retrain's combined labels, so its pseudonyms matched none of the images'."""
+
+    from dicomops.monitoring.stage import combine_sources
+
+    src = tmp_path / "site"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "1.dcm").write_bytes(b"x")
+    pd.DataFrame({"PatientID": ["0001001"], "SeriesInstanceUID": ["1.20"], "series_dir": ["a"], "label": [1],
+                  "mask_path": [""]}).to_csv(src / "labels.csv", index=False)
+    out = combine_sources([src], tmp_path / "combined")
+    text = (out / "labels.csv").read_text()
+    assert "0001001" in text and "1.20," in text and ",1," in text
