@@ -112,7 +112,7 @@ def _code_hash() -> str:
 
 # Gate settings that never change an answer: where it runs, what it releases under differential
 # privacy, where a re-identification table goes.
-GATE_PLACEMENT: dict[str, Any] = {"workers": True, "dask_address": True, "privacy": True, "deid": {"reid_key_path"}}
+GATE_PLACEMENT: dict[str, Any] = dict(workers=True, dask_address=True, privacy=True, deid={"reid_key_path"})
 
 
 def answer_identity(champion: Champion, gate: IngestConfig) -> str:
