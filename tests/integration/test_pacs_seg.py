@@ -29,7 +29,7 @@ from dicomops.config import FeedbackConfig, MonitorConfig
 from dicomops.deid import scan_for_phi
 from dicomops.deid.keys import KeyedMapper, key_from_settings
 from dicomops.feedback.review import latest_result
-from dicomops.feedback.seg import corrected_segmentation
+from dicomops.feedback.seg import _voxels, corrected_segmentation
 from dicomops.feedback.store import FeedbackStore
 from dicomops.layout import WorkLayout
 from dicomops.pacs import watch
@@ -161,7 +161,7 @@ def test_a_promoted_segmenter_adds_its_report_and_a_seg_and_a_failing_one_leaves
     assert (row.segmenter, row.segmenter_version, row.segmenter_nodules) == (SEGMENTER, segmenter_version, len(groups))
     assert bool(row.segmenter_present) and row.segmenter_actionable == pytest.approx(actionable.value, abs=1e-5)
     with np.load(table_path.parent / row.segmenter_mask) as npz:
-        assert np.array_equal(npz["mask"] > 0, got)
+        assert np.array_equal(_voxels(npz), got)
         assert npz["ipp_z"].tolist() == [float(ds.ImagePositionPatient[2]) for ds in images]
 
     # A reader corrects the SEG in a viewer: trims its top slice and draws a nodule it missed. The

@@ -311,24 +311,20 @@ class _Wrapped:
         self._inner.close()
 
 
-class _DownAfterFirst:
-    """A PACS that goes down after the batch's first study: every later request fails."""
+class _DownWhenTold:
+    """A PACS that stops answering once `state["down"]` is set: every request then fails."""
 
-    def __init__(self, pacs: PacsClient, state: dict[str, int]) -> None:
+    def __init__(self, pacs: PacsClient, state: dict[str, bool]) -> None:
         self._pacs, self._state = pacs, state
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self._pacs, name)
-        if not callable(attribute) or name in ("close",):
+        if not callable(attribute) or name == "close":
             return attribute
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            if (self._state["retrieved"] >= 1 and name != "retrieve_study") or self._state["retrieved"] >= 2:
+            if self._state["down"]:
                 raise PacsError(f"{name}: the PACS at {self._pacs.server} did not answer (connection refused)")
-            if name == "retrieve_study":
-                self._state["retrieved"] += 1
-                if self._state["retrieved"] >= 2:
-                    raise PacsError(f"{name}: the PACS at {self._pacs.server} did not answer (connection refused)")
             return attribute(*args, **kwargs)
 
         return call
@@ -355,12 +351,13 @@ def test_a_batch_fails_a_study_the_pacs_cannot_serve_goes_on_and_keeps_what_it_a
         fine = _send(server, synthetic_study(tmp_path / "fine", slices=12, matrix=128, index=44, vendor="ge"))
         real_from_env = PacsClient.from_env
 
-        def run(wrap: Any, work: Path) -> dict[str, Any]:
+        def run(wrap: Any, work: Path, progress: Any = None) -> dict[str, Any]:
             monkeypatch.setattr(PacsClient, "from_env", classmethod(
                 lambda cls, *a, **k: _Wrapped(real_from_env(*a, **k), wrap)))
             return batch.run_batch(src=None, query={}, work=work, ingest_cfg=CONFIG.ingest, serve_cfg=serve,
                                    model_name=TINY.model_name, version=None, key=key, tracking_uri=champion,
-                                   artifact_root=None, staging=tmp_path / "staging", http_budget_s=30.0)
+                                   artifact_root=None, staging=tmp_path / "staging", http_budget_s=30.0,
+                                   progress=progress)
 
         result = run(lambda pacs: _CannotServe(pacs, lost, "retrieve_study"), tmp_path / "work")
         table = pd.read_csv(result["results"], keep_default_na=False)
@@ -369,9 +366,13 @@ def test_a_batch_fails_a_study_the_pacs_cannot_serve_goes_on_and_keeps_what_it_a
         reason = table[table.status == "failed"].reason.iloc[0]
         assert "HTTP 500" in reason and "repair the study in the PACS" in reason and lost not in reason
 
-        state = {"retrieved": 0}
+        state = {"down": False}  # the PACS goes down once the first study is answered
+
+        def answered(done: int, total: int) -> None:
+            state["down"] = True
+
         with pytest.raises(PacsError, match="did not answer"):
-            run(lambda pacs: _DownAfterFirst(pacs, state), tmp_path / "work-outage")
+            run(lambda pacs: _DownWhenTold(pacs, state), tmp_path / "work-outage", answered)
         (kept,) = (tmp_path / "work-outage" / "predict").glob("*/results.csv")
         assert list(pd.read_csv(kept, keep_default_na=False).status) == ["scored"]
         runs = mlflow.tracking.MlflowClient(champion).search_runs(
