@@ -61,11 +61,7 @@ def export(work: Path, cfg: SegmentConfig, tracking_uri: str, version: str) -> d
 def promotion_gate(tracking_uri: str, cfg: SegmentConfig, version: str, work: Path | None = None,
                    feedback_work: Path | None = None, feedback: FeedbackConfig | None = None) -> dict[str, Any]:
     """The gate on CPM; with `feedback_work`, also on the series readers labelled there (as the classifier's)."""
-    readers = None
-    if work is not None and feedback_work is not None:
-        from dicomops.deid.keys import key_from_settings
-        from dicomops.feedback.gate import segmenter_readers_for
+    from dicomops.deid.keys import key_from_settings
 
-        readers = segmenter_readers_for(work, feedback_work, cfg.model_name, feedback or FeedbackConfig(),
-                                        key_from_settings())
-    return cv.gate(tracking_uri, cfg, version, readers, (feedback or FeedbackConfig()).min_cases)
+    return cv.gate(tracking_uri, cfg, version, work, feedback_work, feedback,
+                   key_from_settings() if feedback_work is not None else None)

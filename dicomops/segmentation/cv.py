@@ -457,13 +457,22 @@ def export(layout: WorkLayout, cfg: SegmentConfig, tracking_uri: str, version: s
     return {"onnx": str(out), **tags}
 
 
-def gate(tracking_uri: str, cfg: SegmentConfig, version: str, readers: Any = None,
-         min_reader_series: int = 10) -> dict[str, Any]:
-    """The promotion gate on CPM; with `readers` (:func:`dicomops.feedback.gate.segmenter_readers_for`),
-    also on the series readers labelled, as the classifier's."""
+def gate(tracking_uri: str, cfg: SegmentConfig, version: str, work: Path | None = None,
+         feedback_work: Path | None = None, feedback: Any = None, key: bytes | None = None) -> dict[str, Any]:
+    """The promotion gate on CPM; with the training's `work` and a retrain's `feedback_work`, also on
+    the series readers labelled there (:func:`dicomops.feedback.gate.segmenter_readers_for`), as the
+    classifier's. `feedback`: its FeedbackConfig (default settings when None)."""
+    from dicomops.config import FeedbackConfig
+
+    feedback = feedback or FeedbackConfig()
+    readers = None
+    if work is not None and feedback_work is not None:
+        from dicomops.feedback.gate import segmenter_readers_for
+
+        readers = segmenter_readers_for(work, feedback_work, cfg.model_name, feedback, key)
     decision = registry.apply_promotion_gate(tracking_uri, cfg.model_name, version, margin=cfg.promotion_margin,
                                              vendor_tolerance=cfg.vendor_tolerance, min_auc=cfg.min_cpm, metric="cpm",
-                                             readers=readers, min_reader_series=min_reader_series)
+                                             readers=readers, min_reader_series=feedback.min_cases)
     return {"promoted": decision.promote, "decision": decision.label, "reasons": list(decision.reasons)}
 
 
