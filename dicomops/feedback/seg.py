@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from pydicom.dataset import Dataset
 
 from dicomops.pacs.client import SEGMENTATION_CLASS
 from dicomops.pacs.results import MANUFACTURER
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -110,14 +113,26 @@ def _voxels(npz: Any) -> np.ndarray:
 def mask_dice(served: Path, drawn: Path) -> float:
     """The Dice coefficient of two masks of one series (a :class:`ReaderMask` or a
     :class:`ServedMask`; any non-zero voxel is nodule), their slices matched by position: the mask
-    the segmenter served and a reader's corrected one. 0 when one is empty and the other not; NaN
-    when both are empty, or when they do not lie on the same slices and matrix (not over the same
-    series, or the gate left out one of its files)."""
+    the segmenter served and a reader's corrected one, over the slices both lie on. The gate may
+    have left out a file the PACS still holds, or the series may have gained slices since it was
+    answered: the segmenter is judged where it answered, and the log says how many of the reader's
+    slices were left out. 0 when one is empty there and the other not; NaN when both are, or when
+    they share no slice or not the matrix (not over the same series), or one repeats a position."""
     with np.load(served) as a, np.load(drawn) as b:
         mask_a, z_a, mask_b, z_b = _voxels(a), np.round(a["ipp_z"], 2), _voxels(b), np.round(b["ipp_z"], 2)
-    if mask_a.shape[1:] != mask_b.shape[1:] or sorted(z_a.tolist()) != sorted(z_b.tolist()):
+    common = np.intersect1d(z_a, z_b)
+    if mask_a.shape[1:] != mask_b.shape[1:] or not len(common) or len(np.unique(z_a)) < len(z_a) \
+            or len(np.unique(z_b)) < len(z_b):
+        log.warning("a served mask (%d slices of %s) and a reader's (%d of %s) share no slice or matrix, "
+                    "or repeat a position: no Dice", len(z_a), mask_a.shape[1:], len(z_b), mask_b.shape[1:])
         return math.nan
-    mask_b = mask_b[np.argsort(z_b)][np.argsort(np.argsort(z_a))]  # b's slices in a's order
+    if len(common) < max(len(z_a), len(z_b)):
+        log.warning("Dice over the %d slices both masks lie on: the served mask has %d, the reader's %d",
+                    len(common), len(z_a), len(z_b))
+    # each mask's slices at the common positions, in their order (positions repeat in neither)
+    order_a, order_b = np.argsort(z_a), np.argsort(z_b)
+    mask_a = mask_a[order_a[np.searchsorted(z_a, common, sorter=order_a)]]
+    mask_b = mask_b[order_b[np.searchsorted(z_b, common, sorter=order_b)]]
     total = int(mask_a.sum()) + int(mask_b.sum())
     return math.nan if total == 0 else 2.0 * int((mask_a & mask_b).sum()) / total
 

@@ -280,6 +280,14 @@ def test_the_dice_of_a_served_mask_and_a_readers_matches_their_slices_by_positio
     assert mask_dice(tmp_path / "boxed.npz", tmp_path / "drawn.npz") == pytest.approx(2 * 8 / (16 + 12))
     ServedMask.of(None, z, served.shape, []).save(tmp_path / "none.npz")
     assert mask_dice(tmp_path / "none.npz", tmp_path / "drawn.npz") == 0.0
+    # The gate left out the file at z = 16 (the PACS still holds it, and the reader drew there):
+    # the segmenter is judged on the slices it answered, not NaN and not charged for the fourth.
+    ServedMask.of(served[:3] > 0, z[:3], (3, 8, 8), []).save(tmp_path / "three.npz")
+    assert mask_dice(tmp_path / "three.npz", tmp_path / "drawn.npz") == pytest.approx(2 * 8 / (16 + 8))
+    ReaderMask(drawn[[1, 0, 2]], z[[1, 0, 2]], []).save(tmp_path / "drawn3.npz")  # and the other way round
+    assert mask_dice(tmp_path / "served.npz", tmp_path / "drawn3.npz") == pytest.approx(2 * 8 / (16 + 8))
+    ReaderMask(np.zeros((4, 8, 9), np.uint8), z, []).save(tmp_path / "wider.npz")  # another matrix
+    assert math.isnan(mask_dice(tmp_path / "served.npz", tmp_path / "wider.npz"))
 
 
 def test_a_judgements_time_is_taken_in_utc_from_its_offset_or_the_objects() -> None:
