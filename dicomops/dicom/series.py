@@ -2,7 +2,8 @@
 
 Slices are ordered by the projection of ImagePositionPatient on the slice normal, never by file
 name, InstanceNumber or SliceLocation. A series that is not a regular grid (gap, duplicate
-position, mixed orientation, matrix or pixel spacing, gantry tilt) is quarantined whole.
+position, mixed orientation, matrix or pixel spacing, gantry tilt), or whose UID is shared by files of
+several patients or studies, is quarantined whole.
 """
 
 from __future__ import annotations
@@ -49,6 +50,13 @@ def slice_normal(orientation: np.ndarray) -> np.ndarray:
 
 def check_series(group: pd.DataFrame, tol: GeometryTolerance) -> tuple[str | None, str, dict[str, float]]:
     """Return (failure or None, detail, geometry) for the instances of one series."""
+    for column, what in (("PatientID", "patients"), ("StudyInstanceUID", "studies")):
+        # A series belongs to one study of one patient (PS3.3 A.1.2); one UID over several is a
+        # sender's broken UID generation, and its slices may well line up into one clean volume.
+        if column in group and (count := group[column].astype(str).nunique()) > 1:
+            return (f"several_{what}", f"this SeriesInstanceUID is shared by files of {count} {what} ({column}); "
+                    "a series belongs to one study of one patient: fix how the sender makes its UIDs, or send "
+                    "each acquisition under a UID of its own", {})
     n = len(group)
     if n < tol.min_slices:
         return "geometry:too_few_slices", f"{n} slices, at least {tol.min_slices} needed", {}

@@ -118,3 +118,16 @@ def test_the_tolerances_are_the_config_section_with_its_defaults_and_bounds() ->
     loose = IngestConfig(geometry={"min_slices": 4, "pixel_spacing_mm": 2.0}).geometry
     assert set(strict.quarantine.reason) == {"geometry:pixel_spacing"}
     assert assemble_series(frame, loose).quarantine.empty
+
+
+def test_a_series_uid_shared_by_two_patients_is_quarantined_even_when_its_slices_line_up() -> None:
+    """A sender that reuses series UIDs: patient B's slices continue patient A's grid, a clean volume
+    of two people unless the identity is checked."""
+    first, second = _series([0.0, 1.0, 2.0, 3.0]), _series([4.0, 5.0, 6.0, 7.0])
+    second["SOPInstanceUID"] += "-b"
+    second["source_path"] += "-b"
+    assert assemble_series(pd.concat([first, second.assign(PatientID="PX-A")]), TOL).quarantine.empty
+    for column, reason in (("PatientID", "several_patients"), ("StudyInstanceUID", "several_studies")):
+        result = assemble_series(pd.concat([first, second.assign(**{column: "OTHER"})]), TOL)
+        assert result.instances.empty and set(result.quarantine.reason) == {reason}
+        assert len(result.quarantine) == 8 and "OTHER" not in result.quarantine.detail.iloc[0]
