@@ -365,16 +365,28 @@ def _failed_passes(work: Path, token: str, failed: bool) -> int:
     return counts.get(token, 0)
 
 
-def _set_aside(work: Path, token: str, err: Exception, passes: int) -> StudyOutcome:
+def _set_aside(work: Path, token: str, err: Exception, passes: int, images: str = "") -> StudyOutcome:
     """A study that failed in `passes` passes while the PACS answered the feed: recorded as failed,
-    so the studies behind it are answered, with what happened and what to do."""
-    outcome = StudyOutcome(token, "failed", reason=f"{err} (in {passes} passes, while the PACS answered its changes "
+    so the studies behind it are answered, with what happened and what to do. With its `images`
+    digest (:func:`images_digest`), a study repaired with other images is answered again by the
+    watch; without one (the PACS could not list them either) it stays set aside."""
+    outcome = StudyOutcome(token, "failed", images=images, reason=f"{err} (in {passes} passes, while the PACS answered its changes "
                                                    "feed: set aside so that the studies behind it are answered; "
                                                    "repair the study in the PACS, then answer it with dicomops "
                                                    "predict --pacs StudyInstanceUID=<the study's UID>)")
     _record(work, outcome)
     log.warning("PACS study %s: set aside after failing in %d passes; %s", token, passes, err)
     return outcome
+
+
+def _images_now(pacs: Pacs, key: bytes, study_uid: str) -> str:
+    """The digest of the study's images as the PACS lists them now; '' where it cannot list them."""
+    from dicomops.pacs.client import PacsError
+
+    try:
+        return images_digest(key, pacs.image_instances(study_uid))
+    except PacsError:
+        return ""
 
 
 def watch_once(feed: Any, pacs: Pacs, staging: Path, work: Path, cfg: IngestConfig, key: bytes,
@@ -407,7 +419,7 @@ def watch_once(feed: Any, pacs: Pacs, staging: Path, work: Path, cfg: IngestConf
                 if passes < MAX_PASSES:
                     raise
                 feed.poll(since, 1)  # the PACS still answers (else this raises: an outage, and the count stays)
-                outcome = _set_aside(work, token, err, passes)
+                outcome = _set_aside(work, token, err, passes, _images_now(pacs, key, study.study_uid))
             _failed_passes(work, token, failed=False)
             cursor.advance(study.seq)
             outcomes.append(outcome)

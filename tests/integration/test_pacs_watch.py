@@ -180,7 +180,7 @@ def test_studies_from_the_pacs_are_gated_scored_answered_once_and_leak_nothing(
     later = synthetic_study(tmp_path / "send-d", slices=12, matrix=128, index=4, vendor="philips")
     study_c, study_d = _send(orthanc, poison), _send(orthanc, later)
     _wait_stable(orthanc, {study_c, study_d})
-    real = load_champion(champion, TINY.model_name)
+    real = load_champion(champion, TINY.model_name, models_dir=tmp_path / "models")
     broken = dataclasses.replace(real, engine=_Raising(real.engine))
     with PacsClient(orthanc.dicomweb_url, orthanc.credentials) as pacs:
         failed = watch.handle_study(study_c, pacs, staging, work, CONFIG.ingest, key_from_settings(), broken)
@@ -234,7 +234,7 @@ def test_a_study_the_pacs_cannot_serve_is_set_aside_after_three_passes_and_the_n
     three passes it is recorded as failed, with the PACS's error and what to do, and the pass goes
     on. A study that goes through is forgotten by the count."""
     work, staging, key = tmp_path / "work", tmp_path / "staging", key_from_settings()
-    scorer = load_champion(champion, TINY.model_name) if method == "store" else None
+    scorer = load_champion(champion, TINY.model_name, models_dir=tmp_path / "models") if method == "store" else None
     with ChangesFeed(orthanc.url, orthanc.credentials) as feed:  # the studies of the module's other tests: not these
         Cursor(WorkLayout(work).pacs.cursor).advance(feed.last())
     index = 21 if method == "retrieve_study" else 23
@@ -255,7 +255,11 @@ def test_a_study_the_pacs_cannot_serve_is_set_aside_after_three_passes_and_the_n
             assert json.loads(attempts.read_text()) == {token: passes}
             assert not WorkLayout(work).pacs.ledger.exists()
         outcomes = watch.watch_once(feed, pacs, staging, work, CONFIG.ingest, key, scorer)
+        images = watch.images_digest(key, real.image_instances(study_lost))
     assert [o.status for o in outcomes] == ["failed", "ingested"]
+    # set aside with the digest of its images: repaired with other images, the watch answers it again
+    assert outcomes[0].images == images != ""
+    assert watch._handled_here(work, token, images)[0] and not watch._handled_here(work, token, "other")[0]
     reason = outcomes[0].reason
     assert outcomes[0].token == token and "in 3 passes" in reason and "repair the study in the PACS" in reason
     assert ("HTTP 500" if method == "retrieve_study" else "0x0110") in reason and study_lost not in reason
@@ -395,7 +399,7 @@ def test_a_study_that_gains_a_series_after_it_was_answered_is_answered_again(
     from .test_pacs_feedback import _stable_again
 
     key, work, staging = key_from_settings(), tmp_path / "work", tmp_path / "staging"
-    scorer = load_champion(champion, TINY.model_name)
+    scorer = load_champion(champion, TINY.model_name, models_dir=tmp_path / "models")
     first = synthetic_study(tmp_path / "a", slices=12, matrix=128, index=51, vendor="ge")
     second = synthetic_study(tmp_path / "b", slices=12, matrix=128, index=52, vendor="siemens")
     head = pydicom.dcmread(first[0])
