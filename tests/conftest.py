@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -30,7 +32,10 @@ PREFECT_HOME = Path(tempfile.mkdtemp(prefix="dicomops-prefect-home-"))
 os.environ["PREFECT_HOME"] = str(PREFECT_HOME)
 os.environ["DICOMOPS_DEID_KEY"] = "test-suite-key-0123456789abcdef0123"
 # Readers' labels are versioned in a DVC source: never the repository's own readers/ during tests.
-os.environ["DICOMOPS_READER_LABELS"] = str(Path(tempfile.mkdtemp(prefix="dicomops-readers-")) / "readers")
+READERS = Path(tempfile.mkdtemp(prefix="dicomops-readers-"))
+os.environ["DICOMOPS_READER_LABELS"] = str(READERS / "readers")
+for _made in (PREFECT_HOME, READERS):  # each test process makes its own; gone when it exits
+    atexit.register(shutil.rmtree, _made, ignore_errors=True)
 
 SMALL = dict(matrix=128, slices=12, workers=1)
 

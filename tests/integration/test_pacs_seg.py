@@ -199,7 +199,8 @@ def test_a_promoted_segmenter_adds_its_report_and_a_seg_and_a_failing_one_leaves
     files_b, _ = _study(tmp_path / "send-b", index=8)
     study_b = _send(orthanc, files_b)
     _wait_stable(orthanc, {study_b})
-    champion = with_segmenter(load_champion(store, TINY.model_name), store, SEGMENTER)
+    champion = with_segmenter(load_champion(store, TINY.model_name, models_dir=tmp_path / "models"), store, SEGMENTER,
+                              models_dir=tmp_path / "models")
     broken = dataclasses.replace(champion, segmenter=dataclasses.replace(champion.segmenter, session=_Failing()))
     with PacsClient(orthanc.dicomweb_url, orthanc.credentials) as pacs:
         failed = watch.handle_study(study_b, pacs, staging, work, SEG_CONFIG.ingest, key_from_settings(), broken)
