@@ -335,11 +335,10 @@ def localisation_reports(images: list[Any], group: pd.DataFrame, deid_root: Path
         return out, served(segmenter, series, found, images)
     try:
         grid = native_grid(images)
-    except ValueError as err:  # slices the SEG cannot lie on (its tolerance is tighter than the gate's)
-        if write_seg:
-            raise
-        log.warning("segmenter findings not laid onto the acquired slices (%s): its SR goes back, no mask is kept",
-                    type(err).__name__)
+    except ValueError as err:  # slices a SEG cannot lie on, that a gate configured looser than the default accepted
+        log.warning("segmenter findings not laid onto the acquired slices (%s): its SR goes back with the nodules' "
+                    "positions, no SEG and no mask is kept; keep ingest.geometry.orientation at its default to have "
+                    "them", err)
         return out, served(segmenter, series, found, images, laid_out=False)
     mask = to_native_mask(found.mask, found.affine, grid.affine, grid.shape)
     if write_seg and mask.any():  # findings thinner than the acquired slices can vanish at their centres

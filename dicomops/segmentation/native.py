@@ -11,6 +11,7 @@ mask back into the order of the source datasets for :func:`dicomops.pacs.results
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,11 +19,14 @@ import highdicom as hd
 import numpy as np
 import pydicom
 
+from dicomops.config import GeometryConfig
 from dicomops.dicom.series import slice_normal
 from dicomops.pacs import results
 from dicomops.preprocessing.volume import dicom_affine
 
 DUPLICATE_MM = 1e-3  # slices closer than this along the normal are the same position
+# The gate's tolerance: whatever series it accepts, its SEG can lie on (a tighter one failed studies).
+ORIENTATION_TOLERANCE = GeometryConfig.model_fields["orientation"].default
 
 
 @dataclass(frozen=True)
@@ -40,8 +44,9 @@ class NativeGrid:
     order: np.ndarray
 
 
-def native_grid(datasets: Sequence[pydicom.Dataset]) -> NativeGrid:
-    """The (columns, rows, slices) grid of one series, slices ordered along the slice normal.
+def native_grid(datasets: Sequence[pydicom.Dataset], orientation_tolerance: float = ORIENTATION_TOLERANCE) -> NativeGrid:
+    """The (columns, rows, slices) grid of one series, slices ordered along the slice normal, in the
+    orientation of its first slice; the others' direction cosines may differ by `orientation_tolerance`.
 
     Raises:
         ValueError: When there are no datasets, they differ in matrix or orientation, or two share
@@ -55,7 +60,7 @@ def native_grid(datasets: Sequence[pydicom.Dataset]) -> NativeGrid:
     for ds in datasets:
         if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
             raise ValueError("datasets differ in Rows/Columns; give the slices of one series")
-        if np.abs(np.asarray([float(v) for v in ds.ImageOrientationPatient]) - iop).max() > 1e-4:
+        if np.abs(np.asarray([float(v) for v in ds.ImageOrientationPatient]) - iop).max() > orientation_tolerance:
             raise ValueError("datasets differ in ImageOrientationPatient; give the slices of one series")
     normal = slice_normal(iop)
     ipp = np.asarray([[float(v) for v in ds.ImagePositionPatient] for ds in datasets], float)
@@ -148,5 +153,20 @@ def series_segmentation(source_datasets: Sequence[pydicom.Dataset], mask_native_
                          "map predictions with to_native_mask first")
     frames = np.empty((grid.shape[2], grid.shape[1], grid.shape[0]), dtype=mask.dtype)
     frames[grid.order] = mask.transpose(2, 1, 0)  # geometric slice k lies on source_datasets[order[k]]
-    return results.segmentation(source_datasets, frames, finding, series_number=series_number,
+    return results.segmentation(_one_orientation(source_datasets), frames, finding, series_number=series_number,
                                 instance_number=instance_number)
+
+
+def _one_orientation(datasets: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
+    """The slices as highdicom can lay a SEG on them: it wants one orientation exactly, where the
+    gate and :func:`native_grid` accept direction cosines that differ by a rounding (a scanner
+    writing them to 6 digits): copies given the first slice's, the callers' untouched (a shallow
+    copy of a pydicom Dataset shares its elements)."""
+    first = list(datasets[0].ImageOrientationPatient)
+    out = []
+    for ds in datasets:
+        if list(ds.ImageOrientationPatient) != first:
+            ds = copy.deepcopy(ds)
+            ds.ImageOrientationPatient = first
+        out.append(ds)
+    return out

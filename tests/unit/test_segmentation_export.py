@@ -305,3 +305,25 @@ def test_dciodvfy_accepts_the_series_segmentation(philips: tuple[list[pydicom.Da
     print(f"dciodvfy seg: {sum(line.startswith('Warning') for line in lines)} warnings")
     assert not [line for line in lines if line.startswith("Error")], "\n".join(lines)
     assert run.returncode == 0, "\n".join(lines)
+
+
+def test_a_seg_lies_on_a_series_whose_orientations_differ_within_the_gates_tolerance(
+        philips: tuple[list[pydicom.Dataset], dict]) -> None:
+    """A scanner that writes its direction cosines to a few digits: slices 5e-4 apart, which the gate
+    accepts (ingest.geometry.orientation 1e-3). The SEG path refused them (1e-4 of its own, then
+    highdicom's one orientation), and the whole study failed; the caller's headers stay as read."""
+    import copy
+
+    images = [copy.deepcopy(ds) for ds in philips[0]]
+    for ds in images[1::2]:
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 0.9999998, -0.0005]
+    before = [list(ds.ImageOrientationPatient) for ds in images]
+    grid = native.native_grid(images)
+    mask = np.stack([philips[1][images[i].SOPInstanceUID] for i in grid.order]).transpose(2, 1, 0)
+    seg = native.series_segmentation(images, mask, FINDING)
+    assert seg.NumberOfFrames == int(mask.any(axis=(0, 1)).sum())
+    assert [list(ds.ImageOrientationPatient) for ds in images] == before
+    for ds in images[1::2]:  # beyond the gate's tolerance: still not one series
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 0.999998, -0.002]
+    with pytest.raises(ValueError, match="ImageOrientationPatient"):
+        native.native_grid(images)
