@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -251,7 +251,9 @@ def ingest(
     if not src.is_dir():
         raise typer.BadParameter(f"{src} is not a folder of DICOM files")
     try:
-        result = _flow("ingest", cfg.dask_address)(src=src.resolve(), work=work.resolve() if work else None, config=cfg)
+        # a folder named after a patient: Prefect stores the parameter masked (flows.scope.folder)
+        result = _flow("ingest", cfg.dask_address)(src=SecretStr(str(src.resolve())), work=work.resolve() if work else None,
+                                                   config=cfg)
     except GateFailedError as err:
         console.print(f"[red]gate failed:[/] {err}")
         raise typer.Exit(1) from err
@@ -511,7 +513,6 @@ def predict(
     config: Annotated[Path | None, typer.Option(help="PipelineConfig YAML; its serve section applies.")] = None,
 ) -> None:
     """Score a folder or PACS studies with a registered model's exported engine (batch inference)."""
-    from pydantic import SecretStr
 
     from dicomops.serving.batch import parse_query
 
@@ -537,8 +538,8 @@ def predict(
     from dicomops.pacs.client import PacsError
 
     try:
-        result = _flow("predict")(src=src.resolve() if src else None, pacs_query=query, config=cfg, version=version,
-                                  work=work.resolve() if work else None, orthanc_url=orthanc_url)
+        result = _flow("predict")(src=SecretStr(str(src.resolve())) if src else None, pacs_query=query, config=cfg,
+                                  version=version, work=work.resolve() if work else None, orthanc_url=orthanc_url)
     except ValueError as err:
         console.print(f"[red]cannot predict:[/] {escape(str(err))}")
         raise typer.Exit(2) from err
@@ -677,7 +678,7 @@ def monitor(
     if src is not None and not src.is_dir():
         raise typer.BadParameter(f"{src} is not a folder of DICOM files")
     try:
-        result = _flow("monitor")(src=src.resolve() if src else None, work=work.resolve() if work else None,
+        result = _flow("monitor")(src=SecretStr(str(src.resolve())) if src else None, work=work.resolve() if work else None,
                                   config=cfg, pacs=pacs)
     except ValueError as err:
         console.print(f"[red]cannot monitor:[/] {err}")
@@ -762,7 +763,7 @@ def run(
     if not src.is_dir():
         raise typer.BadParameter(f"{src} is not a folder; generate one with 'dicomops data {src}'")
     try:
-        result = _flow("pipeline")(src=src.resolve(), config=cfg, work=work.resolve() if work else None)
+        result = _flow("pipeline")(src=SecretStr(str(src.resolve())), config=cfg, work=work.resolve() if work else None)
     except GateFailedError as err:
         console.print(f"[red]gate failed:[/] {err}")
         raise typer.Exit(1) from err

@@ -5,20 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow
+from pydantic import SecretStr
 
 from dicomops.config import IngestConfig, load_settings
 from dicomops.errors import GateFailedError
 from dicomops.tracking import flatten_params
-from flows.scope import tracked, writing
+from flows.scope import folder, tracked, writing
 from tasks import ingest as t
 from tasks import stages
 from tasks.tracking import hash_corpus, log_ingest, open_run
 
 
 @flow(name="dicomops-ingest", log_prints=True)
-def ingest(src: Path, work: Path | None = None, config: IngestConfig = IngestConfig(),
+def ingest(src: SecretStr | Path, work: Path | None = None, config: IngestConfig = IngestConfig(),
            experiment: str = "dicomops", parent_run_id: str | None = None) -> dict[str, object]:
-    """Accept or quarantine every file under `src`; write the de-identified corpus under `work`."""
+    """Accept or quarantine every file under `src` (a ``SecretStr`` from the command line: its name
+    may be a patient's, :func:`flows.scope.folder`); write the de-identified corpus under `work`."""
+    src = folder(src)
     settings = load_settings()
     work = Path(work or settings.work_dir)
     uri = settings.mlflow_tracking_uri
@@ -27,7 +30,7 @@ def ingest(src: Path, work: Path | None = None, config: IngestConfig = IngestCon
     key = stages.stage_key("ingest", {"data": data_hash, "config": config.model_dump(mode="json", exclude=runtime)})
     with writing(work, "dicomops-ingest", settings):
         if (cached := stages.completed(work, "ingest", key)) is not None:
-            print(f"ingest: {src} and the settings are unchanged since the last run; skipped")
+            print("ingest: the folder's files and the settings are unchanged since the last run; skipped")
             return {**cached, "skipped": True}
         stages.started(work, "ingest")
         run_id = open_run(uri, experiment, settings.mlflow_artifact_root, "ingest", data_hash,

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow
+from pydantic import SecretStr
 
 from dicomops.config import PipelineConfig, load_settings
 from dicomops.errors import GateFailedError, RetrainNotReadyError
@@ -15,19 +16,21 @@ from flows.ingest import ingest
 from flows.preprocess import preprocess
 from flows.retrain import retrain
 from flows.runners import on_dask
-from flows.scope import tracked, writing
+from flows.scope import folder, secret_folder, tracked, writing
 from tasks import monitor as t
 from tasks.tracking import hash_corpus, open_run
 
 
 @flow(name="dicomops-monitor", log_prints=True)
-def monitor(src: Path | None = None, work: Path | None = None, config: PipelineConfig = PipelineConfig(),
+def monitor(src: SecretStr | Path | None = None, work: Path | None = None, config: PipelineConfig = PipelineConfig(),
             pacs: bool = False) -> dict[str, object]:
-    """Check the DICOM folder `src` for drift against the model version holding ``monitor.alias``;
-    with `pacs`, the clinical inflow instead: the studies pacs-watch accepted since the last check
-    (their de-identified files), once they hold ``monitor.min_series`` series."""
+    """Check the DICOM folder `src` (a ``SecretStr`` from the command line: :func:`flows.scope.folder`)
+    for drift against the model version holding ``monitor.alias``; with `pacs`, the clinical inflow
+    instead: the studies pacs-watch accepted since the last check (their de-identified files), once
+    they hold ``monitor.min_series`` series."""
     if (src is None) == (not pacs):
         raise ValueError("give a DICOM folder or pacs=True (the studies pacs-watch accepted), not both and not neither")
+    src = folder(src) if src is not None else None
     settings = load_settings()
     work = Path(work or settings.work_dir)
     uri, cfg = settings.mlflow_tracking_uri, config.monitor
@@ -54,7 +57,7 @@ def monitor(src: Path | None = None, work: Path | None = None, config: PipelineC
                                     "source": "pacs-inflow" if inflow is not None else "folder"})
             try:
                 on_dask(ingest, config.ingest.dask_address)(
-                    src, batch_work, config.ingest, cfg.experiment, parent_run_id=run_id)
+                    secret_folder(src), batch_work, config.ingest, cfg.experiment, parent_run_id=run_id)
                 on_dask(preprocess, config.preprocess.dask_address)(
                     batch_work, config.preprocess, cfg.experiment, parent_run_id=run_id)
             except GateFailedError as err:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow
+from pydantic import SecretStr
 
 from dicomops.config import PipelineConfig, load_settings
 from dicomops.tracking import flatten_params
@@ -12,15 +13,17 @@ from flows.export import export
 from flows.ingest import ingest
 from flows.preprocess import preprocess
 from flows.runners import on_dask
-from flows.scope import tracked, writing
+from flows.scope import folder, secret_folder, tracked, writing
 from flows.segment import segment
 from flows.train import train
 from tasks.tracking import hash_corpus, log_input_counts, open_run
 
 
 @flow(name="dicomops-pipeline", log_prints=True)
-def pipeline(src: Path, config: PipelineConfig = PipelineConfig(), work: Path | None = None) -> dict[str, str]:
-    """Run the pipeline on the DICOM folder `src`, writing under `work`."""
+def pipeline(src: SecretStr | Path, config: PipelineConfig = PipelineConfig(), work: Path | None = None) -> dict[str, str]:
+    """Run the pipeline on the DICOM folder `src` (a ``SecretStr`` from the command line,
+    :func:`flows.scope.folder`), writing under `work`."""
+    src = folder(src)
     settings = load_settings()
     work = Path(work or settings.work_dir)
     uri = settings.mlflow_tracking_uri
@@ -31,7 +34,7 @@ def pipeline(src: Path, config: PipelineConfig = PipelineConfig(), work: Path | 
         with tracked(uri, run_id):
             log_input_counts(uri, run_id, src)
             gate = on_dask(ingest, config.ingest.dask_address)(
-                src, work, config.ingest, config.experiment, parent_run_id=run_id)
+                secret_folder(src), work, config.ingest, config.experiment, parent_run_id=run_id)
             prepared = on_dask(preprocess, config.preprocess.dask_address)(
                 work, config.preprocess, config.experiment, parent_run_id=run_id)
             trained = train(work, config.train, config.preprocess, config.experiment, parent_run_id=run_id,

@@ -11,12 +11,12 @@ from pydantic import SecretStr
 
 from dicomops.config import PipelineConfig, load_settings
 from dicomops.layout import WorkLayout
-from flows.scope import writing
+from flows.scope import folder, writing
 from tasks import predict as t
 
 
 @flow(name="dicomops-predict", log_prints=True)
-def predict(src: Path | None = None, pacs_query: SecretStr | None = None, work: Path | None = None,
+def predict(src: SecretStr | Path | None = None, pacs_query: SecretStr | None = None, work: Path | None = None,
             config: PipelineConfig = PipelineConfig(), version: str | None = None,
             orthanc_url: str | None = None) -> dict[str, object]:
     """Score `src` (a folder) or the PACS studies matching `pacs_query` (QIDO-RS keywords as
@@ -24,14 +24,15 @@ def predict(src: Path | None = None, pacs_query: SecretStr | None = None, work: 
     every study) with the version holding ``config.serve.alias`` (or `version`).
 
     The query may name a patient or a study, so it is a secret: given as a ``SecretStr``, Prefect
-    stores it as ``**********``. Typed into the UI's form, it is stored as typed."""
+    stores it as ``**********``. Typed into the UI's form, it is stored as typed. So is the folder
+    (:func:`flows.scope.folder`)."""
     from dicomops.serving.batch import parse_query
 
     settings = load_settings()
     work = Path(work or settings.work_dir)
     query = None if pacs_query is None else parse_query(pacs_query.get_secret_value())
     with writing(WorkLayout(work).root / "predict", "dicomops-predict", settings):
-        result = t.predict_batch(Path(src) if src else None, query, work, config.ingest, config.serve,
+        result = t.predict_batch(folder(src) if src else None, query, work, config.ingest, config.serve,
                                  config.train.model_name, version, orthanc_url,
                                  config.segment.model_name if config.serve.localise else None)
     if result.get("refused"):

@@ -8,10 +8,24 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from dicomops import locking
 from dicomops.config import Settings
 from dicomops.preflight import preflight, reachable
 from tasks.tracking import close_run
+
+
+def folder(src: SecretStr | Path | str) -> Path:
+    """The DICOM folder a flow was given. A site's export may name its folders after the patient, so
+    the command line and the flows that call others pass it as a ``SecretStr``: Prefect stores the
+    flow run's parameter as ``**********``, and the flow never prints it."""
+    return Path(src.get_secret_value() if isinstance(src, SecretStr) else src)
+
+
+def secret_folder(src: Path | str) -> SecretStr:
+    """`src` as a flow parameter Prefect stores masked (:func:`folder`)."""
+    return SecretStr(str(src))
 
 
 @contextmanager

@@ -164,3 +164,23 @@ def test_cli_ingest_counts_the_series_lost_at_deidentification(
     assert len(runs) == 2
     for run in runs:
         assert run.data.metrics["quarantine.deid_failed"] == 8 and run.data.metrics["ingest.accepted_files"] == 8
+
+
+def test_a_folder_named_after_a_patient_reaches_neither_prefects_parameters_nor_its_logs(
+        clean_corpus: Path, mlflow_env: str, tmp_path: Path) -> None:
+    """An export named by patient (``dicomops ingest /exports/PEMBERTON^ANASTASIA_MRN31285031``): the
+    command line passed the folder as a plain path, which Prefect keeps as the flow run's parameter,
+    and the ingest flow printed it into Prefect's logs when it skipped. Now it is a ``SecretStr``,
+    stored masked, and never printed (twice: the second run is skipped, and says so)."""
+    import shutil
+
+    from tests.conftest import PREFECT_HOME
+
+    named = tmp_path / "PEMBERTON^ANASTASIA_MRN31285031"
+    shutil.copytree(clean_corpus, named)
+    for _ in range(2):
+        done = CliRunner().invoke(app, ["ingest", str(named), "--work", str(tmp_path / "work"), "--workers", "1"])
+        assert done.exit_code == 0, done.output
+    for place in (PREFECT_HOME, _prefect_database()):
+        assert scan_for_phi(place, {"PEMBERTON", "MRN31285031"}) == [], place
+    assert scan_for_phi(_prefect_database(), ["dicomops-ingest"])  # the scan is not vacuous
