@@ -28,6 +28,8 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
@@ -57,6 +59,22 @@ PRIVATE_SCHEME = "99DICOMOPS"
 PRIVATE_SCHEME_NAME = "dicomops lung nodule measurements"
 SOLID_PART_WIDTH = hd.sr.CodedConcept("SOLIDW", PRIVATE_SCHEME, "Solid part width")
 ACTIONABLE_SCORE = hd.sr.CodedConcept("ACTSCORE", PRIVATE_SCHEME, "Actionable nodule score")
+
+# Type 2 patient and study attributes highdicom reads from the first source image as attributes
+# (highdicom/sr/sop.py, seg/sop.py): a header can lack them and pass the ingest gate, and a result
+# may carry them empty. highdicom takes Patient's Sex only as M, F or O.
+_TYPE2_IDENTITY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                   "ReferringPhysicianName", "StudyID", "AccessionNumber")
+_PATIENT_SEX = frozenset(value.value for value in hd.PatientSexValues)
+# PS3.3 C.12.1.1.2: each single-byte set has a term without code extensions, for a Specific
+# Character Set of one value, and one with them, for several values; the multi-byte sets with code
+# extensions follow the default repertoire; the stand-alone sets take no others.
+_DEFAULT_REPERTOIRE = "ISO 2022 IR 6"
+_SINGLE_BYTE = ("100", "101", "109", "110", "144", "127", "126", "138", "148", "203", "13", "166")
+_MULTI_BYTE = ("ISO 2022 IR 87", "ISO 2022 IR 159", "ISO 2022 IR 149", "ISO 2022 IR 58")
+_STAND_ALONE = ("ISO_IR 192", "GB18030", "GBK")
+_CODE_EXTENSIONS = frozenset({_DEFAULT_REPERTOIRE, *_MULTI_BYTE, *(f"ISO 2022 IR {n}" for n in _SINGLE_BYTE)})
+_HIGHDICOM_CHARSETS = frozenset(value.value for value in hd.SpecificCharacterSetValues)
 
 
 @dataclass(frozen=True)
@@ -153,6 +171,13 @@ def _new_object(source_images: Sequence[pydicom.Dataset], finding: Finding, seri
             "device_serial_number": _device_uid(finding), "series_description": description}
 
 
+def _tracking_uid(sop_instance_uid: str, index: int) -> str:
+    """The tracking UID of item `index` of a result (0: the series finding, then the nodules; a
+    SEG's segment number), derived like :func:`result_uids` from the result's own UID: the same
+    SOP Instance UID always comes with the same tracking UIDs, which a reader's correction cites."""
+    return str(generate_uid(entropy_srcs=[sop_instance_uid, "tracking", str(index)]))
+
+
 def structured_report(
     source_images: Sequence[pydicom.Dataset],
     finding: Finding,
@@ -172,8 +197,10 @@ def structured_report(
     the algorithm identification of every measurement group (what produced each number).
 
     Args:
-        source_images: The series the model analysed, all with one Study, Series and Frame of
-            Reference UID; pixel data is not needed.
+        source_images: The series the model analysed, all with one Study and Series UID, and
+            one Frame of Reference UID when the finding has nodules (their centres are in it);
+            pixel data is not needed. They are not changed: highdicom gets copies
+            (:func:`_result_headers`).
         finding: The model's result for that series.
         series_number: Series Number of the new SR series.
         instance_number: Instance Number of the SR in it.
@@ -182,17 +209,20 @@ def structured_report(
         The SR document, not yet written anywhere.
 
     Raises:
-        ValueError: When the source images are empty or do not form one series.
+        ValueError: When the source images are empty or do not form one series, or declare a
+            character set PS3.3 does not define.
     """
-    _check_series(source_images)
-    first = source_images[0]
+    _check_series(source_images, frame_of_reference=bool(finding.nodules))
+    headers = _result_headers(source_images)
+    identity = _new_object(headers, finding, series_number, instance_number, SR_SERIES_DESCRIPTION)
+    sop_uid = identity["sop_instance_uid"]
     algorithm = _algorithm(finding)
     groups: list[
         hd.sr.MeasurementsAndQualitativeEvaluations
         | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-    ] = [_series_group(source_images, finding, algorithm)]
+    ] = [_series_group(headers, finding, algorithm, _tracking_uid(sop_uid, 0))]
     groups.extend(
-        _nodule_group(index, nodule, first, algorithm)
+        _nodule_group(index, nodule, headers[0], algorithm, _tracking_uid(sop_uid, index))
         for index, nodule in enumerate(finding.nodules, start=1)
     )
     report = hd.sr.MeasurementReport(
@@ -201,9 +231,9 @@ def structured_report(
         imaging_measurements=groups,
     )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=list(source_images),
+        evidence=headers,
         content=report[0],
-        **_new_object(source_images, finding, series_number, instance_number, SR_SERIES_DESCRIPTION),
+        **identity,
         # Complete: the model has nothing more to add. Unverified and preliminary: no
         # radiologist has signed it; a reader's correction supersedes it.
         is_complete=True,
@@ -216,6 +246,7 @@ def structured_report(
         scheme.CodingSchemeName = PRIVATE_SCHEME_NAME
         scheme.CodingSchemeResponsibleOrganization = MANUFACTURER
         sr.CodingSchemeIdentificationSequence = [scheme]
+    _declare_character_set(sr, source_images[0])
     return sr
 
 
@@ -230,7 +261,8 @@ def segmentation(
     """Build a binary SEG of the nodule voxels over the analysed series.
 
     Args:
-        source_images: The analysed series; frame ``k`` of `mask` lies on ``source_images[k]``.
+        source_images: The analysed series, with one Study, Series and Frame of Reference UID;
+            frame ``k`` of `mask` lies on ``source_images[k]``. They are not changed.
         mask: Boolean or 0/1 array shaped (frames, rows, columns), in `source_images` order.
         finding: The model's result; its name and version identify the algorithm.
         series_number: Series Number of the new SEG series.
@@ -241,9 +273,10 @@ def segmentation(
 
     Raises:
         ValueError: When the mask is empty or the finding is absent (a SEG with no segment
-            content is not a result to send), or the mask does not match the images.
+            content is not a result to send), or the mask does not match the images, or these
+            declare a character set PS3.3 does not define.
     """
-    _check_series(source_images)
+    _check_series(source_images, frame_of_reference=True)
     first = source_images[0]
     expected = (len(source_images), int(first.Rows), int(first.Columns))
     if mask.shape != expected:
@@ -259,6 +292,9 @@ def segmentation(
     if not finding.present:
         raise ValueError("finding.present is False but the mask marks voxels; make them agree "
                          "before sending a segmentation")
+    headers = _result_headers(source_images)
+    identity = _new_object(headers, finding, series_number, instance_number, SEG_SERIES_DESCRIPTION,
+                           content=hashlib.sha256(np.packbits(mask).tobytes()).hexdigest())
     description = hd.seg.SegmentDescription(
         segment_number=1,
         segment_label=SEGMENT_LABEL,
@@ -270,18 +306,19 @@ def segmentation(
             family=codes.cid7162.ArtificialIntelligence,
             version=finding.model_version,
         ),
-        tracking_uid=hd.UID(),
+        tracking_uid=_tracking_uid(identity["sop_instance_uid"], 1),
         tracking_id=SEGMENT_LABEL,
         anatomic_regions=[FINDING_SITE],
     )
-    return hd.seg.Segmentation(
-        source_images=list(source_images),
+    seg = hd.seg.Segmentation(
+        source_images=headers,
         pixel_array=mask,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[description],
-        **_new_object(source_images, finding, series_number, instance_number, SEG_SERIES_DESCRIPTION,
-                      content=hashlib.sha256(np.packbits(mask).tobytes()).hexdigest()),
+        **identity,
     )
+    _declare_character_set(seg, source_images[0])
+    return seg
 
 
 def encode(ds: pydicom.Dataset) -> bytes:
@@ -298,6 +335,7 @@ def _series_group(
     source_images: Sequence[pydicom.Dataset],
     finding: Finding,
     algorithm: hd.sr.AlgorithmIdentification,
+    tracking_uid: str,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 group for the series: the present/absent call, the score and the operating point.
 
@@ -305,7 +343,7 @@ def _series_group(
     evidence sequence, sees which images the decision rests on.
     """
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=SERIES_TRACKING_ID),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=SERIES_TRACKING_ID),
         finding_category=FINDING_CATEGORY,
         finding_type=FINDING_TYPE,
         finding_sites=[hd.sr.FindingSite(FINDING_SITE)],
@@ -329,6 +367,7 @@ def _nodule_group(
     nodule: Nodule,
     reference: pydicom.Dataset,
     algorithm: hd.sr.AlgorithmIdentification,
+    tracking_uid: str,
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     """TID 1411 group for one nodule: its centre as a SCOORD3D POINT, its diameter and score.
 
@@ -342,7 +381,7 @@ def _nodule_group(
         source_series=hd.sr.SourceSeriesForSegmentation(reference.SeriesInstanceUID),
     )
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"Nodule {index}"),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=f"Nodule {index}"),
         referenced_volume_surface=surface,
         finding_category=FINDING_CATEGORY,
         finding_type=FINDING_TYPE,
@@ -393,17 +432,116 @@ def _check_probability(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
 
 
-def _check_series(source_images: Sequence[pydicom.Dataset]) -> None:
-    """One study, one series, one frame of reference: what both objects reference as a unit.
+def _check_series(source_images: Sequence[pydicom.Dataset], *, frame_of_reference: bool) -> None:
+    """One study, one series and, where the object places anything in space, one frame of
+    reference: what both objects reference as a unit. A report without coordinates (the
+    classifier's) needs no frame of reference, and a header without one still gets its answer.
 
     Messages name the attribute, never its value: the values are original identifiers.
     """
     if len(source_images) == 0:
         raise ValueError("source_images is empty: pass the datasets of the analysed series")
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+    keywords = ["StudyInstanceUID", "SeriesInstanceUID"]
+    if frame_of_reference:
+        keywords.append("FrameOfReferenceUID")
+    for keyword in keywords:
         values = {ds.get(keyword) for ds in source_images}
         if None in values:
-            raise ValueError(f"a source image lacks {keyword}; every image needs it")
+            why = (" (the SEG and the nodules' 3D points are placed in it; without it, send a report "
+                   "without nodules)" if keyword == "FrameOfReferenceUID" else "")
+            raise ValueError(f"a source image lacks {keyword}; every image needs it{why}")
         if len(values) > 1:
             raise ValueError(f"source_images hold {len(values)} different {keyword} values; "
                              f"pass one series at a time")
+
+
+# --- source headers as highdicom takes them ---------------------------------------------------
+
+
+def _result_headers(source_images: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
+    """Copies of the source headers that highdicom builds a result from; the caller's are untouched.
+
+    A copy holds the source's own elements, read with the source's character set, in a dataset of
+    its own (``copy.copy`` of a pydicom dataset shares its element dictionary), so what is set on
+    the copy is set there alone, as new elements. On it, the Type 2 patient and study attributes
+    the source lacks are present and empty, a Patient's Sex outside M, F, O is empty, and the
+    Specific Character Set names the source's repertoires the way highdicom accepts
+    (:func:`_character_set`); one highdicom does not know is left off and
+    :func:`_declare_character_set` puts it on the result.
+    """
+    headers = []
+    for ds in source_images:
+        header = pydicom.Dataset()
+        for element in ds:  # read here with the source's character set, whatever the copy declares
+            header.add(element)
+        for keyword in _TYPE2_IDENTITY:
+            if keyword not in header:
+                _set_new(header, keyword, "")
+        if header.PatientSex and header.PatientSex not in _PATIENT_SEX:
+            _set_new(header, "PatientSex", "")
+        charset = _character_set(ds.get("SpecificCharacterSet"))
+        if "SpecificCharacterSet" in header:
+            del header.SpecificCharacterSet
+        if charset is not None and set(_values(charset)) <= _HIGHDICOM_CHARSETS:
+            _set_new(header, "SpecificCharacterSet", charset)
+        headers.append(header)
+    return headers
+
+
+def _declare_character_set(result: pydicom.Dataset, source: pydicom.Dataset) -> None:
+    """Declare on `result` the source's character set as :func:`_character_set` writes it.
+
+    highdicom 0.28 does not know ISO 2022 IR 149 (Korean) and refuses it; the result then gets it
+    here, where highdicom put the others already. The copied text was read with the source's own
+    set, so it is written in the same repertoires.
+    """
+    charset = _character_set(source.get("SpecificCharacterSet"))
+    if charset is not None:
+        result.SpecificCharacterSet = charset
+
+
+def _character_set(value: str | Sequence[str] | None) -> str | list[str] | None:
+    """A Specific Character Set as PS3.3 C.12.1.1.2 writes it; None for the default repertoire.
+
+    Names the same repertoires as `value`: an empty first value of several is ISO 2022 IR 6
+    (PS3.5 6.1.2.5.3), the default repertoire, which alone needs no value; one value takes the
+    term without code extensions ("ISO 2022 IR 100" alone is "ISO_IR 100") and several the terms
+    with them; a multi-byte set with code extensions follows the default repertoire.
+
+    Raises:
+        ValueError: When `value` holds a term PS3.3 does not define, or combines a stand-alone set
+            (UTF-8, GB18030, GBK) with others.
+    """
+    values = [str(v).strip() for v in _values(value)]
+    if len(values) > 1 and not values[0]:
+        values[0] = _DEFAULT_REPERTOIRE
+    values = [v for v in values if v]
+    if values and values[0] in _MULTI_BYTE:
+        values.insert(0, _DEFAULT_REPERTOIRE)
+    if not values or values in ([_DEFAULT_REPERTOIRE], ["ISO_IR 6"]):
+        return None
+    numbers = [v.removeprefix("ISO 2022 IR ").removeprefix("ISO_IR ") for v in values]
+    if len(values) == 1:
+        if numbers[0] in _SINGLE_BYTE:
+            return f"ISO_IR {numbers[0]}"
+        if values[0] in _STAND_ALONE:
+            return values[0]
+    else:
+        terms = [f"ISO 2022 IR {n}" if n in _SINGLE_BYTE else v for v, n in zip(values, numbers, strict=True)]
+        if set(terms) <= _CODE_EXTENSIONS:
+            return terms
+    raise ValueError(f"the source images' SpecificCharacterSet {value!r} is not one PS3.3 C.12.1.1.2 "
+                     f"defines: correct it in their headers (one value such as 'ISO_IR 100' or "
+                     f"'ISO_IR 192', or several with code extensions such as '\\ISO 2022 IR 87')")
+
+
+def _values(value: str | Sequence[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _set_new(header: pydicom.Dataset, keyword: str, value: Any) -> None:
+    """Set `keyword` as a new element: setting a keyword the header has would change the element
+    in place, and a header copy shares its elements with the caller's dataset."""
+    header[keyword] = DataElement(keyword, dictionary_VR(keyword), value)

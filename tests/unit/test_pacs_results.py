@@ -414,8 +414,19 @@ DCIODVFY = shutil.which("dciodvfy")
 
 
 # CI installs dicom3tools first (.ci/run) and must not skip this; elsewhere it is optional.
-@pytest.mark.skipif(DCIODVFY is None and not os.environ.get("CI"),
-                    reason="dciodvfy not installed: apt-get install -y dicom3tools")
+requires_dciodvfy = pytest.mark.skipif(DCIODVFY is None and not os.environ.get("CI"),
+                                       reason="dciodvfy not installed: apt-get install -y dicom3tools")
+
+
+def _dciodvfy(ds: pydicom.Dataset, path: Path) -> list[str]:
+    """dciodvfy's errors and warnings on `ds`, less those about the private scheme (declared)."""
+    run = subprocess.run([str(DCIODVFY), str(_write(ds, path))], capture_output=True, text=True, timeout=60)
+    lines = (run.stdout + run.stderr).splitlines()
+    assert run.returncode == 0, "\n".join(lines)
+    return [line for line in lines if line.startswith(("Error", "Warning")) and PRIVATE_SCHEME not in line]
+
+
+@requires_dciodvfy
 @pytest.mark.parametrize("kind", ["sr-present", "sr-segmenter", "sr-absent", "seg"])
 def test_dciodvfy_finds_no_errors(series: SyntheticSeries, tmp_path: Path, kind: str) -> None:
     if kind == "sr-present":
@@ -434,3 +445,129 @@ def test_dciodvfy_finds_no_errors(series: SyntheticSeries, tmp_path: Path, kind:
     print(f"dciodvfy {kind}: {len(warnings_left)} warnings", *warnings_left, sep="\n")
     assert not errors, "\n".join(lines)
     assert run.returncode == 0, "\n".join(lines)
+
+
+# --- source headers the ingest gate lets through ------------------------------------------------
+
+# Type 2 patient and study attributes a source image may lack (the gate accepts it) and that
+# highdicom reads from it.
+TYPE2_GAPS = ("PatientName", "PatientID", "PatientBirthDate", "StudyDate", "StudyTime", "StudyID",
+              "AccessionNumber", "ReferringPhysicianName")
+
+
+def _variant(series: SyntheticSeries, change) -> list[pydicom.Dataset]:
+    """The series with `change` applied to each header, written and read back as a file would be."""
+    out = []
+    for ds in series.images:
+        ds = copy.deepcopy(ds)
+        change(ds)
+        out.append(pydicom.dcmread(pydicom.filebase.DicomBytesIO(encode(ds))))
+    return out
+
+
+@requires_dciodvfy
+def test_results_are_made_for_headers_lacking_type2_attributes_or_with_sex_u(
+        series: SyntheticSeries, tmp_path: Path) -> None:
+    def gaps(ds: pydicom.Dataset) -> None:
+        for keyword in TYPE2_GAPS:
+            delattr(ds, keyword)
+        ds.PatientSex = "U"  # not one of highdicom's M, F, O
+
+    images = _variant(series, gaps)
+    finding = _segmenter_finding(series)
+    for kind, result in (("sr", structured_report(images, finding)),
+                         ("seg", segmentation(images, series.mask, finding))):
+        path = tmp_path / f"{kind}.dcm"
+        # Empty as the source left them: a DICOMDIR would want values, the IOD does not.
+        findings = [line for line in _dciodvfy(result, path) if "needed to build DICOMDIR" not in line]
+        assert not findings, kind
+        back = pydicom.dcmread(path)
+        for keyword in (*TYPE2_GAPS, "PatientSex"):
+            assert keyword in back and back[keyword].value in ("", None), (kind, keyword)
+        assert back.StudyInstanceUID == images[0].StudyInstanceUID
+    # Built from copies: the caller's headers still lack them and still say "U".
+    assert not [keyword for ds in images for keyword in TYPE2_GAPS if keyword in ds]
+    assert {ds.PatientSex for ds in images} == {"U"}
+
+
+@requires_dciodvfy
+def test_only_results_with_coordinates_need_a_frame_of_reference(series: SyntheticSeries, tmp_path: Path) -> None:
+    images = _variant(series, lambda ds: delattr(ds, "FrameOfReferenceUID"))
+    classifier = Finding(present=True, score=SCORE, threshold=THRESHOLD, model_name=MODEL, model_version=VERSION)
+    for finding in (classifier, _absent()):
+        sr = structured_report(images, finding)
+        assert "FrameOfReferenceUID" not in sr and not [i for i in _items(sr) if i.ValueType == "SCOORD3D"]
+        assert not _dciodvfy(sr, tmp_path / "sr.dcm")
+    with pytest.raises(ValueError, match="lacks FrameOfReferenceUID"):
+        structured_report(images, _finding(series))
+    with pytest.raises(ValueError, match="lacks FrameOfReferenceUID"):
+        segmentation(images, series.mask, _finding(series))
+
+
+JAPANESE = "Yamada^Tarou=山田^太郎=やまだ^たろう"
+
+
+@requires_dciodvfy
+@pytest.mark.parametrize(
+    ("charset", "name", "written"),
+    [
+        # PS3.5 H.3.1's form: value 1 empty means the default repertoire, ISO 2022 IR 6.
+        (["", "ISO 2022 IR 87"], JAPANESE, ["ISO 2022 IR 6", "ISO 2022 IR 87"]),
+        # A single value needs no code extensions: its form without them.
+        ("ISO 2022 IR 100", "Müller^Jürgen", "ISO_IR 100"),
+        ("ISO 2022 IR 6", "Plain^Name", None),
+        # highdicom 0.28 refuses ISO 2022 IR 149 (Korean), a defined term all the same.
+        (["", "ISO 2022 IR 149"], "Hong^Gildong=洪^吉洞=홍^길동", ["ISO 2022 IR 6", "ISO 2022 IR 149"]),
+        ("ISO_IR 192", "Ωmega^Jürgen=山田^太郎", "ISO_IR 192"),
+    ],
+)
+def test_source_character_sets_are_normalised_and_the_name_round_trips(
+        series: SyntheticSeries, tmp_path: Path, charset, name: str, written) -> None:
+    def encoded(ds: pydicom.Dataset) -> None:
+        ds.SpecificCharacterSet = charset
+        ds.PatientName = name
+
+    images = _variant(series, encoded)
+    assert str(images[0].PatientName) == name
+    finding = _finding(series)
+    for kind, result in (("sr", structured_report(images, finding)),
+                         ("seg", segmentation(images, series.mask, finding))):
+        path = tmp_path / f"{kind}.dcm"
+        assert not _dciodvfy(result, path), kind
+        back = pydicom.dcmread(path)
+        assert back.get("SpecificCharacterSet") == written, kind
+        assert str(back.PatientName) == name, kind
+    assert images[0].SpecificCharacterSet == charset
+
+
+@pytest.mark.parametrize("charset", ["ISO-8859-1", ["ISO_IR 192", "ISO 2022 IR 87"]])
+def test_a_character_set_ps3_3_does_not_define_is_refused_saying_what_to_change(
+        series: SyntheticSeries, charset) -> None:
+    images = [copy.deepcopy(ds) for ds in series.images]
+    for ds in images:
+        ds.SpecificCharacterSet = charset
+    with pytest.raises(ValueError, match=r"SpecificCharacterSet .* correct it in their headers"):
+        structured_report(images, _absent())
+
+
+def test_a_result_made_again_has_the_same_tracking_uids(series: SyntheticSeries) -> None:
+    # The same SOP Instance UID must mean the same object: a store retried with a rebuilt result
+    # carries the tracking UIDs a reader's correction may already reference.
+    def tracking(sr: pydicom.Dataset) -> list[str]:
+        return [i.UID for i in _named(sr, codes.DCM.TrackingUniqueIdentifier.value)]
+
+    finding = _finding(series)
+    first, again = structured_report(series.images, finding), structured_report(series.images, finding)
+    assert first.SOPInstanceUID == again.SOPInstanceUID
+    assert len(set(tracking(first))) == 3 and tracking(first) == tracking(again)
+    other = structured_report(series.images, dataclasses.replace(finding, score=0.8126))
+    assert not set(tracking(other)) & set(tracking(first))
+
+    one, twice = (segmentation(series.images, series.mask, finding) for _ in range(2))
+    assert one.SOPInstanceUID == twice.SOPInstanceUID
+    assert one.SegmentSequence[0].TrackingUID == twice.SegmentSequence[0].TrackingUID
+    assert one.SegmentSequence[0].TrackingUID not in tracking(first)
+    fewer = series.mask.copy()
+    fewer[0] = False
+    assert segmentation(series.images, fewer, finding).SegmentSequence[0].TrackingUID != \
+        one.SegmentSequence[0].TrackingUID
