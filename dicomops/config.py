@@ -374,6 +374,12 @@ class SegmentConfig(_Section):
     promotion_margin: float = Field(0.005, ge=0, description="CPM gain over the champion that promotes.")
     vendor_tolerance: float = Field(0.05, ge=0, description="Largest CPM drop of any vendor a promotion allows.")
     min_cpm: float = Field(0.8, ge=0, le=1, description="A first segmenter needs at least this CPM.")
+    min_dice: float = Field(0.5, ge=0, le=1, description=(
+        "No segmenter is promoted automatically under this mean Dice of nodules >= 6 mm (0: no floor); "
+        "CPM alone does not show that it draws the nodules."))
+    min_series_kappa: float = Field(0.4, ge=-1, le=1, description=(
+        "No segmenter is promoted automatically under this series kappa (present/absent against the "
+        "reference; -1: no floor)."))
 
     @model_validator(mode="after")
     def _divisible(self) -> SegmentConfig:

@@ -459,7 +459,8 @@ def export(layout: WorkLayout, cfg: SegmentConfig, tracking_uri: str, version: s
 
 def gate(tracking_uri: str, cfg: SegmentConfig, version: str, work: Path | None = None,
          feedback_work: Path | None = None, feedback: Any = None, key: bytes | None = None) -> dict[str, Any]:
-    """The promotion gate on CPM; with the training's `work` and a retrain's `feedback_work`, also on
+    """The promotion gate on CPM, with floors for the Dice and the series kappa (``segment.min_dice``,
+    ``segment.min_series_kappa``); with the training's `work` and a retrain's `feedback_work`, also on
     the series readers labelled there (:func:`dicomops.feedback.gate.segmenter_readers_for`), as the
     classifier's. `feedback`: its FeedbackConfig (default settings when None)."""
     from dicomops.config import FeedbackConfig
@@ -470,9 +471,11 @@ def gate(tracking_uri: str, cfg: SegmentConfig, version: str, work: Path | None 
         from dicomops.feedback.gate import segmenter_readers_for
 
         readers = segmenter_readers_for(work, feedback_work, cfg.model_name, feedback, key)
+    floors = {"Dice (nodules >= 6 mm)": ("cv.dice_ge6", cfg.min_dice),
+              "series kappa": ("cv.kappa_series", cfg.min_series_kappa)}
     decision = registry.apply_promotion_gate(tracking_uri, cfg.model_name, version, margin=cfg.promotion_margin,
                                              vendor_tolerance=cfg.vendor_tolerance, min_auc=cfg.min_cpm, metric="cpm",
-                                             readers=readers, min_reader_series=feedback.min_cases)
+                                             readers=readers, min_reader_series=feedback.min_cases, floors=floors)
     return {"promoted": decision.promote, "decision": decision.label, "reasons": list(decision.reasons)}
 
 

@@ -2,7 +2,7 @@
 
 A new version is the ``challenger``. It becomes ``champion`` automatically only if its mean
 cross-validated AUC beats the champion's by ``margin`` and no vendor's AUC falls by more than
-``vendor_tolerance``; a first model must reach ``min_auc``. Otherwise it waits for a reviewer
+``vendor_tolerance``; a first model must reach ``min_auc``, and any figure given a floor its floor. Otherwise it waits for a reviewer
 (``dicomops promote VERSION`` or the MLflow UI). The decision and every reason are recorded as tags
 on the version, so the MLflow page explains itself.
 """
@@ -10,6 +10,7 @@ on the version, so the MLflow page explains itself.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
@@ -51,24 +52,35 @@ class Decision:
 
 def decide_promotion(challenger: ModelScore, champion: ModelScore | None, *, margin: float = 0.005,
                      vendor_tolerance: float = 0.02, min_auc: float = 0.8, metric: str = "AUC",
-                     readers: ReaderAgreement | None = None, min_reader_series: int = 10) -> Decision:
+                     readers: ReaderAgreement | None = None, min_reader_series: int = 10,
+                     floors: Mapping[str, tuple[float, float]] | None = None) -> Decision:
     """Decide whether `challenger` replaces `champion` automatically, with the reasons.
 
     `metric` names the score in the reasons: the classifier is judged on AUC, the nodule segmenter
     on CPM (``ModelScore.mean_auc`` then holds its mean CPM; ``min_auc`` its floor). With `readers`
     on at least `min_reader_series` series, a challenger that agrees with the readers less often
-    than the champion is not promoted automatically, whatever its AUC.
+    than the champion is not promoted automatically, whatever its AUC. `floors` names other
+    figures of the challenger with the least each may be, ``{name: (value, floor)}``: one below
+    its floor (or undefined) is never promoted automatically, with or without a champion (the
+    segmenter's Dice and series kappa: CPM alone was met by a blob over the lung at Dice 0).
     """
     if margin < 0 or vendor_tolerance < 0:
         raise ValueError("margin and vendor_tolerance must be non-negative")
     if math.isnan(challenger.mean_auc):
         return Decision(False, (f"challenger mean {metric} is undefined",))
+    below = [f"{name} {value:.4f} is below its floor {floor:.4f}" if not math.isnan(value)
+             else f"{name} is undefined (its floor is {floor:.4f})"
+             for name, (value, floor) in (floors or {}).items() if math.isnan(value) or value < floor]
     if champion is None:
-        if challenger.mean_auc >= min_auc:
+        if challenger.mean_auc >= min_auc and not below:
             return Decision(True, (f"no champion yet; mean {metric} {challenger.mean_auc:.4f} >= {min_auc:.4f}",))
-        return Decision(False, (f"no champion yet, but mean {metric} {challenger.mean_auc:.4f} < {min_auc:.4f}",))
-    reasons: list[str] = []
-    ok = True
+        if challenger.mean_auc >= min_auc:
+            return Decision(False, (f"no champion yet; mean {metric} {challenger.mean_auc:.4f} >= {min_auc:.4f}",
+                                    *below))
+        return Decision(False, (f"no champion yet, but mean {metric} {challenger.mean_auc:.4f} < {min_auc:.4f}",
+                                *below))
+    reasons: list[str] = list(below)
+    ok = not below
     gain = challenger.mean_auc - champion.mean_auc
     if gain > margin:
         reasons.append(f"mean {metric} {challenger.mean_auc:.4f} beats champion {champion.mean_auc:.4f} by {gain:+.4f}")
@@ -78,7 +90,9 @@ def decide_promotion(challenger: ModelScore, champion: ModelScore | None, *, mar
                        f"gain {gain:+.4f} not above margin {margin:.4f}")
     for vendor, old in sorted(champion.vendor_auc.items()):
         new = challenger.vendor_auc.get(vendor)
-        if new is None or math.isnan(new):
+        if (new is None or math.isnan(new)) and math.isnan(old):  # a vendor neither could be scored on
+            reasons.append(f"{vendor}: {metric} undefined for both (too few cases of one class), not compared")
+        elif new is None or math.isnan(new):
             ok = False
             reasons.append(f"{vendor}: not evaluated for the challenger")
         elif not math.isnan(old) and old - new > vendor_tolerance:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -127,10 +127,12 @@ def alias_version(client: Any, name: str, alias: str) -> Any | None:
 def apply_promotion_gate(tracking_uri: str, name: str, version: str, *, margin: float,
                          vendor_tolerance: float, min_auc: float, metric: str = "auc",
                          readers: Callable[[str], ReaderAgreement | None] | None = None,
-                         min_reader_series: int = 10) -> Decision:
+                         min_reader_series: int = 10, floors: Mapping[str, tuple[str, float]] | None = None) -> Decision:
     """Compare the challenger with the champion; promote automatically or leave it for review.
 
     `readers(champion_version)` compares the two on the series readers labelled (None: no such series).
+    `floors` ``{name: (tag, floor)}``: figures of the challenger, read from its tags, that must
+    reach their floor (:func:`~dicomops.tracking.promotion.decide_promotion`).
 
     When the champion cannot be read, the gate does not decide: the version stays challenger and
     its tags say why (``promotion.decision = gate-error``), for a reviewer or a re-run to settle.
@@ -151,9 +153,11 @@ def apply_promotion_gate(tracking_uri: str, name: str, version: str, *, margin: 
             else None
         agreement = readers(str(current.version)) if readers is not None and champion is not None \
             and current is not None else None
+        figures = {name: (float((challenger.tags or {}).get(tag, "nan")), floor)
+                   for name, (tag, floor) in (floors or {}).items()}
         decision = decide_promotion(_score(challenger.tags, metric), champion, margin=margin,
                                     vendor_tolerance=vendor_tolerance, min_auc=min_auc, metric=metric.upper(),
-                                    readers=agreement, min_reader_series=min_reader_series)
+                                    readers=agreement, min_reader_series=min_reader_series, floors=figures)
     for key, value in decision.tags().items():
         client.set_model_version_tag(name, version, key, value)
     _rewrite_section(client, name, version, model_card.decision_section(decision.label, decision.reasons, version))

@@ -201,6 +201,25 @@ def test_two_candidates_on_one_nodule_are_no_false_positive() -> None:
     assert e.false_positives == []
 
 
+def test_one_blob_over_the_lung_hits_one_nodule_not_all_of_them() -> None:
+    """A map of 0.2 everywhere is one candidate overlapping every nodule: it scored each a hit at no
+    false positive (CPM 1.0 at Dice 0, and the gate promoted it). By overlap a candidate is credited
+    with the nodule nearest its centre only; the centre rule still credits any whose radius holds it."""
+    prob, ref = volumes()
+    cube(ref, (4, 4, 4), 3, 1)
+    cube(ref, (24, 24, 24), 4, 2)
+    prob[:] = 0.2
+    e = evaluate_series(prob, ref, [NoduleRef(1, 3.0), NoduleRef(2, 4.0)])
+    assert [n["score"] is not None for n in e.nodules] == [False, True]  # its centre, the volume's, is nearer nodule 2
+    assert froc([e]).cpm == pytest.approx(0.5)
+    # two candidates, each over its own nodule: both hit, as before
+    prob[:] = 0.0
+    cube(prob, (4, 4, 4), 3, 0.8)
+    cube(prob, (24, 24, 24), 4, 0.7)
+    e = evaluate_series(prob, ref, [NoduleRef(1, 3.0), NoduleRef(2, 4.0)])
+    assert [n["score"] for n in e.nodules] == [pytest.approx(0.8), pytest.approx(0.7)]
+
+
 # -- FROC --------------------------------------------------------------------------------------
 
 

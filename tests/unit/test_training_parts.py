@@ -150,6 +150,27 @@ def test_promotion_gate_decisions() -> None:
         decide_promotion(better, champion, margin=-1)
 
 
+def test_a_figure_below_its_floor_is_never_promoted_and_a_vendor_neither_model_scored_blocks_nothing() -> None:
+    """The segmenter's gate: a blob over the lung had CPM 1.0 at Dice 0.001 and was auto-promoted;
+    with floors for the Dice and the series kappa it waits for a reviewer, first model or not. A
+    vendor whose AUC neither model has (no positives there) blocked every later promotion."""
+    blob = ModelScore(1.0, {"ge": 1.0})
+    floors = {"Dice (nodules >= 6 mm)": (0.001, 0.5), "series kappa": (float("nan"), 0.4)}
+    first = decide_promotion(blob, None, min_auc=0.8, metric="CPM", floors=floors)
+    assert not first.promote
+    assert first.reasons[1:] == ("Dice (nodules >= 6 mm) 0.0010 is below its floor 0.5000",
+                                 "series kappa is undefined (its floor is 0.4000)")
+    later = decide_promotion(blob, ModelScore(0.9, {"ge": 0.9}), metric="CPM", floors=floors)
+    assert not later.promote and "Dice (nodules >= 6 mm) 0.0010 is below its floor 0.5000" in later.reasons
+    fine = {"Dice (nodules >= 6 mm)": (0.82, 0.5), "series kappa": (0.94, 0.4)}
+    assert decide_promotion(blob, None, min_auc=0.8, metric="CPM", floors=fine).promote
+    assert decide_promotion(blob, ModelScore(0.9, {"ge": 0.9}), metric="CPM", floors=fine).promote
+    nan = float("nan")
+    neither = decide_promotion(ModelScore(0.95, {"ge": 0.95, "philips": nan}), ModelScore(0.90, {"ge": 0.90, "philips": nan}))
+    assert neither.promote and any(r.startswith("philips: AUC undefined for both") for r in neither.reasons)
+    assert not decide_promotion(ModelScore(0.95, {"ge": 0.95, "philips": nan}), ModelScore(0.90, {"ge": 0.90, "philips": 0.8})).promote
+
+
 @pytest.mark.parametrize(("k", "depth"), [(1, 4), (3, 1), (3, 7), (5, 9)])
 def test_all_slabs_and_sampled_slabs_are_every_slab_resized_bit_for_bit(k: int, depth: int) -> None:
     import torch.nn.functional as F
