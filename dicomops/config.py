@@ -57,6 +57,10 @@ class GeometryConfig(_Section):
     orientation: float = Field(1e-3, gt=0, description="Max difference of direction cosines.")
     pixel_spacing_mm: float = Field(1e-3, gt=0, description="Max difference of PixelSpacing between slices.")
     spacing_relative: float = Field(0.1, gt=0, lt=1, description="Max |step - median| / median.")
+    grid_drift: float = Field(0.5, gt=0, description=(
+        "Max distance of any slice from the regular grid of the median step that preprocessing assumes, "
+        "in steps: steps each within spacing_relative can add up (80 of 1.0 mm then 79 of 1.09 mm put the "
+        "last slices 7 mm off)."))
     duplicate_mm: float = Field(1e-3, gt=0, description="Two slices closer than this share a position.")
     max_tilt_degrees: float = Field(0.5, ge=0)
     min_slices: int = Field(8, ge=1)

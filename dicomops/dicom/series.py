@@ -84,6 +84,12 @@ def check_series(group: pd.DataFrame, tol: GeometryTolerance) -> tuple[str | Non
         worst = float(steps[np.argmax(deviation)])
         what = "gap" if worst > step * 1.5 else "nonuniform_spacing"
         return f"geometry:{what}", f"slice step {worst:.3f} mm where the median is {step:.3f} mm", {}
+    # Preprocessing places slice k at k median steps from the first: each step may be within the
+    # tolerance and their sum not (the nodules' positions in the reports would be that far off).
+    drift = np.abs(proj[order] - proj[order][0] - step * np.arange(n))
+    if drift.max() > tol.grid_drift * step:
+        return ("geometry:nonuniform_spacing", f"slices lie up to {float(drift.max()):.2f} mm from a regular grid "
+                f"of the median step {step:.3f} mm (ingest.geometry.grid_drift allows {tol.grid_drift} steps)", {})
     # Tilt: slice origins drift in-plane as they move along the normal.
     offsets = ipp[order] - ipp[order][0]
     along = offsets @ normal
