@@ -67,7 +67,8 @@ class Localisation:
         nodules: The findings, best first: centre in LPS mm, equivalent diameter, score.
         mask: Boolean (I, J, K) mask of the findings' voxels (nothing else the network marked).
         affine: 4x4 voxel → RAS mm of `mask` (the preprocessing's).
-        score: The highest probability anywhere in the series (0 with no candidate).
+        score: The best finding's score (0 with no finding), so that ``score >= finding_threshold``
+            exactly when ``nodules`` is not empty; 4 decimals, as the SR writes it.
         actionable: The series' actionable score from every candidate's size and solid part
             (:func:`dicomops.segmentation.actionable.series_score`, the rule the cross-validation
             judged by); None when the preprocessing has no fixed window (``window='header'``).
@@ -190,9 +191,13 @@ def localise(segmenter: Segmenter, image: np.ndarray, affine: np.ndarray) -> Loc
         ras = affine[:3, :3] @ np.asarray(f.centre) + affine[:3, 3]
         lps = RAS_TO_LPS @ ras
         nodules.append(results.Nodule(center_mm=(float(lps[0]), float(lps[1]), float(lps[2])),
-                                      diameter_mm=round(f.diameter_mm, 1), score=min(max(f.score, 0.0), 1.0),
+                                      diameter_mm=round(f.diameter_mm, 1), score=round(min(max(f.score, 0.0), 1.0), 4),
                                       solid_width_mm=None if f.solid_core_mm is None else round(f.solid_core_mm, 1)))
-    return Localisation(tuple(nodules), mask, affine, float(prob.max()) if prob.size else 0.0, call)
+    # The series' score is its best finding's, so that the SR's probability and its operating point
+    # agree with its present/absent call; a candidate too small or too elongated to be a finding is
+    # not one, however high its voxels (the highest voxel anywhere said "0.98, absent").
+    score = round(max((n.score for n in nodules), default=0.0), 4)
+    return Localisation(tuple(nodules), mask, affine, score, None if call is None else round(call, 4))
 
 
 def with_segmenter(champion: Any, tracking_uri: str, name: str | None, models_dir: Path | None = None,

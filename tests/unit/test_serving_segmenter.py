@@ -45,9 +45,9 @@ def test_a_nodule_is_reported_in_lps_millimetres_with_its_diameter_and_voxels(se
     # RAS (100 - 16, -50 + 20, -200 + 22.5) is LPS (-84, 30, -177.5).
     assert only.center_mm == pytest.approx((-84.0, 30.0, -177.5), abs=1e-6)
     assert only.diameter_mm == pytest.approx(equivalent_diameter_mm(int(nodule.sum()), (0.8, 0.8, 1.5)), abs=0.05)
-    assert only.score == pytest.approx(1 / (1 + np.exp(-GAIN * (1.0 - LEVEL))), abs=1e-6)
+    assert only.score == pytest.approx(1 / (1 + np.exp(-GAIN * (1.0 - LEVEL))), abs=5e-5)  # 4 decimals, as written
     assert np.array_equal(found.mask, nodule) and np.array_equal(found.affine, affine)
-    assert found.score == pytest.approx(only.score, abs=1e-6)
+    assert found.score == only.score
     # All of it is solid (the network marks only voxels above -300 HU): its solid part is the
     # nodule, measured at the series' spacing, and the series' actionable score is the
     # actionable module's for that finding.
@@ -63,6 +63,16 @@ def test_nothing_found_is_an_empty_report(segmenter: Segmenter) -> None:
     assert found.nodules == () and not found.mask.any() and found.score < 0.01 and found.actionable == 0.0
     with pytest.raises(ValueError, match="4x4"):
         localise(segmenter, np.zeros((32, 32, 16), np.float32), np.eye(3))
+
+
+def test_a_high_scoring_candidate_that_is_no_finding_does_not_score_the_series(segmenter: Segmenter) -> None:
+    """A vessel's piece: a dense streak one voxel across scores high and is no finding (under 3 mm).
+    The series' score was the highest voxel anywhere, and the SR read "probability 0.98, operating
+    point 0.75, absent"; now it is its best finding's, 0 without one."""
+    image = np.full((32, 32, 16), 0.4, np.float32)
+    image[16, 16, 2:14] = 1.0  # 12 mm along k, one voxel across
+    found = localise(segmenter, image, np.eye(4))
+    assert found.nodules == () and found.score == 0.0
 
 
 def test_without_a_fixed_window_there_are_no_solid_parts_and_no_call(segmenter: Segmenter) -> None:
