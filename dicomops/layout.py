@@ -18,7 +18,7 @@ One ``WORK`` folder (``--work``, default ``./work``) holds everything a run writ
       monitoring/inflow/<id>/       the PACS studies a monitored inflow batch holds (links to their deid/)
       monitoring/inflow.json        how far pacs-watch's ledger has been monitored (a row count only)
       alerts.jsonl                  drift alerts, one JSON line each
-      retrain/                      the combined labelled sources and the retrain's own work directory
+      retrain/                      the combined labelled sources, the retrain's own work directory, pool.json
       pacs/cursor.json              how far the PACS changes feed was handled (a sequence number only)
       pacs/studies.csv              each PACS study handled: its token, verdict, counts, results stored back
       pacs/studies/<token>/         a PACS study's own ingest/, deid/, preprocessed/ (token: keyed hash)
@@ -283,6 +283,7 @@ class WorkLayout:
     retrain_lock = property(lambda self: self.root / "monitoring" / "retrain.lock")
     retrain_sources = property(lambda self: self.root / "retrain" / "src")
     retrain_readers = property(lambda self: self.root / "retrain" / "readers")  # the readers' version it used
+    retrain_pool = property(lambda self: self.root / "retrain" / "pool.json")  # the pool its training state is for
     privacy_pool = property(lambda self: self.root / "privacy" / "pool.json")  # the pool's released counts
 
     def stage_record(self, stage: str) -> Path:

@@ -5,6 +5,7 @@ tagged with its cause. A cooldown per model and a lock stop retrain storms."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 from prefect import flow
@@ -16,7 +17,9 @@ from dicomops.monitoring.stage import (
     check_training_source,
     combine_sources,
     labelled_sources,
+    reset_retrain_work,
     retrain_folders,
+    split_retrain_pool,
 )
 from flows.export import export
 from flows.ingest import ingest
@@ -52,6 +55,7 @@ def retrain(work: Path | None = None, config: PipelineConfig = PipelineConfig(),
             if not verdict.go:
                 print(f"retrain {verdict.reason}")
                 return {"status": "skipped", "reason": verdict.reason}
+            print(f"retrain: {verdict.reason}")
             sources = labelled_sources(work, config.monitor.training_source)
             # The readers' version, copied for this retrain: a feedback pass meanwhile cannot change it.
             readers, snapshot, clinical = readers_source(work, config.feedback, sources,
@@ -64,11 +68,12 @@ def retrain(work: Path | None = None, config: PipelineConfig = PipelineConfig(),
             if alert and (same := guard.same_pool(work, name, pool)):
                 print(f"retrain {same}")
                 return {"status": "skipped", "reason": same}
-            if alert:
-                guard.record_start(work, name, monitoring_run_id, trigger=trigger)
-            result = _retrain(work, config, uri, settings.mlflow_artifact_root, trigger, monitoring_run_id,
-                              len(sources), src, data_hash, retrain_work, readers, snapshot)
-            guard.record_pool(work, name, pool, str(result["version"]))
+            print(f"retrain: {reset_retrain_work(work, pool)}")
+            # A retrain that fails gives the cooldown back: the next alert retrains, and says why.
+            with guard.cooldown_taken(work, name, monitoring_run_id, trigger) if alert else nullcontext():
+                result = _retrain(work, config, uri, settings.mlflow_artifact_root, trigger, monitoring_run_id,
+                                  len(sources), src, data_hash, retrain_work, readers, snapshot)
+                guard.record_pool(work, name, pool, str(result["version"]))
             return result
     except guard.RetrainLocked as err:
         print(f"retrain {err}")
@@ -89,6 +94,8 @@ def _retrain(work: Path, config: PipelineConfig, uri: str, artifact_root: Path |
         tag_run(uri, run_id, readers | apply_reader_labels(snapshot, retrain_work))
         on_dask(preprocess, config.preprocess.dask_address)(
             retrain_work, config.preprocess, config.experiment, parent_run_id=run_id)
+        # The pool's own split: the earlier retrain's folds carried over, the new series assigned.
+        print(f"retrain: {split_retrain_pool(retrain_work, config.train.n_splits, config.train.seed)}")
         trained = train(retrain_work, config.train, config.preprocess, config.experiment, parent_run_id=run_id,
                         run_tags=cause, feedback_work=work, feedback_config=config.feedback,
                         privacy_config=config.ingest.privacy)

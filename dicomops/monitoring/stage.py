@@ -107,15 +107,56 @@ def check_training_source(training_source: Path) -> None:
 
 
 def labelled_sources(work: Path, training_source: Path) -> list[Path]:
-    """The original corpus and every monitored batch whose labels have arrived (``labels.csv``)."""
+    """The original corpus and every monitored folder whose labels have arrived (``labels.csv``),
+    each folder once (by resolved path): the nightly ``monitor`` deployment records the same
+    ``incoming/`` for every batch, and what it holds now is all a retrain can read of it."""
     sources = [Path(training_source)]
+    seen = {Path(training_source).resolve()}
     for batch in WorkLayout(work).batches():
         if not batch.batch_record.exists():
             continue
         src = Path(io.read_json(batch.batch_record)["src"])
-        if (src / LABELS_CSV).exists() and src.resolve() != Path(training_source).resolve():
+        if (src / LABELS_CSV).exists() and src.resolve() not in seen:
+            seen.add(src.resolve())
             sources.append(src)
     return sources
+
+
+def reset_retrain_work(work: Path, pool: str) -> str:
+    """Make the retrain's work directory hold no training state of another pool than `pool` (see
+    :func:`dicomops.monitoring.guard.pool_identity`), and say what was done.
+
+    On a new pool the classifier's and the segmenter's state, checkpoints and final models go, with
+    their completion records: their keys do not see the readers' labels, so a crashed retrain of the
+    old pool would otherwise be resumed with the new labels. The ingest and preprocessing caches (keyed
+    by content) and the split (carried over by :func:`split_retrain_pool`) stay. The same pool (a
+    retrain run again after a crash) keeps everything, so it resumes.
+    """
+    import shutil
+
+    from dicomops import stages
+
+    layout = WorkLayout(work)
+    record = layout.retrain_pool
+    if record.exists() and io.read_json(record).get("pool") == pool:
+        return "the retrain work holds this pool's training state; a crashed training resumes"
+    target = layout.retrain_work
+    for folder in (target.train.root, target.segment.root):
+        if folder.exists():
+            shutil.rmtree(folder)
+    for stage in ("train", "segment"):
+        stages.clear(target.root, stage)
+    io.write_json(record, {"pool": pool})
+    return "a new labelled pool: the retrain work's earlier training state was cleared"
+
+
+def split_retrain_pool(retrain_work: Path, n_splits: int, seed: int) -> str:
+    """Split the retrain's preprocessed, labelled pool, carrying the earlier retrain's folds over
+    (:func:`dicomops.training.splits.refresh_folds`); return the line that says how."""
+    from dicomops.training.splits import refresh_folds
+
+    layout = WorkLayout(retrain_work)
+    return refresh_folds(layout, layout.labelled_series(), n_splits, seed)[1]
 
 
 def combine_sources(sources: list[Path], out: Path) -> Path:

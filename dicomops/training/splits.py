@@ -7,6 +7,7 @@ fold is refused.
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
@@ -85,3 +86,99 @@ def load_or_create_folds(layout: WorkLayout, series: pd.DataFrame, n_splits: int
                          "to split again, or train on the series it was made for")
     check_no_leakage(folds.folds, series)
     return folds
+
+
+def extend_folds(previous: list[dict[str, list[str]]], series: pd.DataFrame,
+                 seed: int = 0) -> list[dict[str, list[str]]]:
+    """`previous` folds carried over to `series`, a pool that has grown (or lost series).
+
+    A series the earlier split holds keeps its validation fold, so that runs on the two pools stay
+    comparable fold by fold; one that `series` no longer holds leaves. A new series joins the fold of
+    its patient when the patient already has one (patients never straddle folds); the new patients
+    are placed one at a time, in an order shuffled with `seed`, in the fold whose validation part
+    holds the fewest series of their vendor × label groups (ties: the smaller fold, then the first).
+
+    Raises:
+        LeakageError: the kept series of one patient lie in different folds (their ``PatientID``
+            changed since the earlier split): split the pool afresh.
+        ValueError: a fold would be left without validation series, or `series` lacks a column.
+    """
+    missing = {"SeriesInstanceUID", "PatientID", "vendor", "label"} - set(series.columns)
+    if missing:
+        raise ValueError(f"series table lacks columns {sorted(missing)}")
+    table = series.sort_values("SeriesInstanceUID").reset_index(drop=True)
+    strata = dict(zip(table.SeriesInstanceUID, table.vendor.astype(str) + "|" + table.label.astype(str), strict=True))
+    earlier = {s: i for i, fold in enumerate(previous) for s in fold["val"]}
+    fold_of: dict[str, int] = {}
+    patient_fold: dict[str, int] = {}
+    for uid, patient in zip(table.SeriesInstanceUID, table.PatientID.astype(str), strict=True):
+        if uid in earlier:
+            fold_of[uid] = earlier[uid]
+            if patient_fold.setdefault(patient, earlier[uid]) != earlier[uid]:
+                raise LeakageError(f"a patient's series lie in folds {patient_fold[patient]} and {earlier[uid]} "
+                                   "of the earlier split")
+    new = table[~table.SeriesInstanceUID.isin(list(earlier))]
+    for uid, patient in zip(new.SeriesInstanceUID, new.PatientID.astype(str), strict=True):
+        if patient in patient_fold:
+            fold_of[uid] = patient_fold[patient]
+    counts: dict[tuple[int, str], int] = {}
+    sizes = [0] * len(previous)
+    for uid, fold in fold_of.items():
+        counts[fold, strata[uid]] = counts.get((fold, strata[uid]), 0) + 1
+        sizes[fold] += 1
+    unplaced = new[~new.SeriesInstanceUID.isin(list(fold_of))]
+    patients = sorted(set(unplaced.PatientID.astype(str)))
+    np.random.default_rng(seed).shuffle(patients)
+    by_patient = unplaced.groupby(unplaced.PatientID.astype(str)).SeriesInstanceUID.agg(list)
+    for patient in patients:
+        uids = by_patient[patient]
+        fold = min(range(len(previous)),
+                   key=lambda f: (sum(counts.get((f, strata[u]), 0) for u in uids), sizes[f], f))
+        for uid in uids:
+            fold_of[uid] = fold
+            counts[fold, strata[uid]] = counts.get((fold, strata[uid]), 0) + 1
+            sizes[fold] += 1
+    if min(sizes) == 0:
+        raise ValueError(f"fold {sizes.index(0)} would hold no validation series")
+    folds = [{"train": sorted(s for s, f in fold_of.items() if f != i),
+              "val": sorted(s for s, f in fold_of.items() if f == i)} for i in range(len(previous))]
+    check_no_leakage(folds, table)
+    return folds
+
+
+def refresh_folds(layout: WorkLayout, series: pd.DataFrame, n_splits: int = 4, seed: int = 0) -> tuple[Folds, str]:
+    """The split for a pool that may differ from the one ``splits/folds.json`` was made for, and a
+    line saying what became of it (counts only).
+
+    For a retrain, whose pool grows with every labelled batch: the earlier split is carried over by
+    :func:`extend_folds` (same series, same folds); it is made afresh, and the line says why, when
+    there is none, the configuration asks for another ``n_splits`` or ``seed``, no series of it is
+    left, or it cannot be carried over without a patient on both sides of a fold. Training on its
+    own work directory keeps :func:`load_or_create_folds`, which refuses a changed series set.
+    """
+    if not layout.folds_file.exists():
+        folds = layout.write_folds(make_folds(series, n_splits, seed), n_splits, seed)
+        return folds, f"split made: {len(series)} series in {n_splits} folds"
+    earlier = layout.read_folds()
+    known = {s for f in earlier.folds for s in f["val"]}
+    current = set(series.SeriesInstanceUID)
+    if (earlier.n_splits, earlier.seed) != (n_splits, seed):
+        why = (f"the earlier one has n_splits={earlier.n_splits}, seed={earlier.seed}; the configuration asks "
+               f"for n_splits={n_splits}, seed={seed}")
+    elif not known & current:
+        why = "no series of the earlier one is in this pool"
+    else:
+        try:
+            extended = extend_folds(earlier.folds, series, seed)
+        except ValueError as err:  # LeakageError included
+            why = f"the earlier one cannot be carried over: {err}"
+        else:
+            if extended == earlier.folds:
+                return earlier, f"split unchanged: the same {len(current)} series"
+            folds = layout.write_folds(extended, n_splits, seed)
+            return folds, (f"split carried over: {len(known & current)} series kept in their folds, "
+                           f"{len(current - known)} new assigned (vendor-stratified, a known patient's to its "
+                           f"fold), {len(known - current)} no longer in the pool")
+    folds = layout.write_folds(make_folds(series, n_splits, seed), n_splits, seed)
+    return folds, (f"split made afresh ({why}): {len(series)} series in {n_splits} folds; earlier runs are not "
+                   "comparable fold by fold")
