@@ -20,6 +20,10 @@ class GateFailedError(DicomOpsError):
         self.brief = brief or message
 
 
+class PreprocessingFailedError(DicomOpsError, ValueError):
+    """Every series of a corpus failed to preprocess: nothing to train on or to judge by its images."""
+
+
 class CorpusMismatchError(DicomOpsError):
     """A regenerated corpus does not reproduce the hash its DVC pointer records."""
 

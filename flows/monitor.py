@@ -10,7 +10,7 @@ from prefect import flow
 from pydantic import SecretStr
 
 from dicomops.config import PipelineConfig, load_settings
-from dicomops.errors import GateFailedError, RetrainNotReadyError
+from dicomops.errors import GateFailedError, PreprocessingFailedError, RetrainNotReadyError
 from dicomops.monitoring.drift import describe
 from flows.ingest import ingest
 from flows.preprocess import preprocess
@@ -62,6 +62,9 @@ def monitor(src: SecretStr | Path | None = None, work: Path | None = None, confi
                     batch_work, config.preprocess, cfg.experiment, parent_run_id=run_id)
             except GateFailedError as err:
                 print(f"monitor: the batch failed the ingest gate ({err}); judged on its quarantine alone")
+            except PreprocessingFailedError as err:
+                print(f"monitor: no series of the batch could be preprocessed ({err}); judged on its quarantine "
+                      "and those failures alone")
             current = t.batch_features(batch_work, uri, serving)
             summary = t.compare(serving, current, batch_work, cfg, t.reference_quarantine_share(uri, serving))
             t.log_monitoring(uri, run_id, summary, batch_work, cfg, serving.name)

@@ -19,7 +19,8 @@ from dicomops.training.model import load_trained
 
 def batch_features(batch_work: Path, tracking_uri: str, run_id: str) -> pd.DataFrame:
     """Features of every preprocessed series of a batch, scored by the model of training run `run_id`."""
-    if not WorkLayout(batch_work).preprocessed.features.exists():
+    features = WorkLayout(batch_work).preprocessed.features
+    if not features.exists() or pd.read_parquet(features).empty:  # no series went through preprocessing
         return pd.DataFrame()
     model, cfg, k = load_trained(tracking_uri, run_id)
     return feature_table(batch_work, model, k, cfg.input_size, cfg.top_k_slices)
@@ -40,11 +41,19 @@ def reference_for_version(work: Path, tracking_uri: str, name: str, version: str
 
 
 def quarantine_counts(batch_work: Path) -> tuple[int, int]:
-    summary = WorkLayout(batch_work).ingest.summary
-    if not summary.exists():
+    """(files the batch cannot use, files): those the gate quarantined, and those of the series it
+    accepted that then failed to preprocess (a batch whose every series failed was judged on
+    nothing and its run failed)."""
+    layout = WorkLayout(batch_work)
+    if not layout.ingest.summary.exists():
         return 0, 0
-    s = io.read_json(summary)
-    return int(s["quarantined_files"]), int(s["files"])
+    s = io.read_json(layout.ingest.summary)
+    lost = 0
+    if layout.preprocessed.failures.exists() and layout.ingest.instances.exists():
+        failed = set(io.read_table(layout.preprocessed.failures).SeriesInstanceUID)
+        series = pd.read_parquet(layout.ingest.instances, columns=["SeriesInstanceUID"]).SeriesInstanceUID
+        lost = int(series.astype(str).isin(failed).sum())
+    return int(s["quarantined_files"]) + lost, int(s["files"])
 
 
 def drift_history(tracking_uri: str, experiment: str, name: str, out: Path, threshold: float) -> Path | None:

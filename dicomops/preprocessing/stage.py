@@ -22,7 +22,7 @@ import pandas as pd
 from dicomops import io, stages
 from dicomops.config import PreprocessConfig
 from dicomops.dicom.parallel import map_isolated
-from dicomops.errors import local_outage
+from dicomops.errors import PreprocessingFailedError, local_outage
 from dicomops.layout import PreprocessedPaths, WorkLayout
 from dicomops.preprocessing.features import HEADER_FEATURES
 from dicomops.preprocessing.slabs import central_slice_labels, sample_slabs, slice_labels
@@ -186,7 +186,7 @@ def preprocess_corpus(work: Path, cfg: PreprocessConfig,
     io.write_csv(pre.failures,
                  pd.DataFrame(failures, columns=["SeriesInstanceUID", "reason", "detail"]))
     if plan and len(failures) == len(plan):  # nothing to train on; earlier cache entries are kept
-        raise ValueError(_all_failed_message(failures, pre.failures))
+        raise PreprocessingFailedError(_all_failed_message(failures, pre.failures))
     io.write_json(pre.made_from, {"corpus": corpus_content_hash(work)})
     keep = {key for _, key, _ in plan}
     for stale in pre.volumes.iterdir():

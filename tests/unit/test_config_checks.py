@@ -104,7 +104,9 @@ def test_every_series_failing_is_an_error_with_its_reasons(small_work: Path) -> 
     layout = WorkLayout(small_work)
     n = pd.read_parquet(layout.ingest.accepted).SeriesInstanceUID.nunique()
     assert n >= 2  # several series, one reason counted once
-    with pytest.raises(ValueError, match=rf"all {n} series failed to preprocess: {n} x transform_error "
+    from dicomops.errors import PreprocessingFailedError
+
+    with pytest.raises(PreprocessingFailedError, match=rf"all {n} series failed to preprocess: {n} x transform_error "
                                          r"\(e\.g\. ValueError: header_window_index 20 but the header has only"):
         stage.preprocess_corpus(small_work, cfg)
     pre = layout.preprocessed

@@ -278,3 +278,25 @@ def test_combined_sources_keep_names_that_look_like_numbers(tmp_path: Path) -> N
     out = combine_sources([src], tmp_path / "combined")
     text = (out / "labels.csv").read_text()
     assert "0001001" in text and "1.20," in text and ",1," in text
+
+
+def test_series_that_fail_preprocessing_count_as_files_the_batch_cannot_use(tmp_path: Path) -> None:
+    """A monitored batch whose every series failed preprocessing raised a ValueError the monitor did
+    not catch: no summary, no alert, and with --pacs the same batch failed night after night. It is
+    judged on its quarantine, which now holds the files of the series preprocessing lost."""
+    from dicomops.errors import PreprocessingFailedError
+    from dicomops.layout import WorkLayout
+    from dicomops.monitoring.stage import batch_features, quarantine_counts
+
+    layout = WorkLayout(tmp_path)
+    layout.ingest.root.mkdir(parents=True)
+    io.write_json(layout.ingest.summary, {"quarantined_files": 2, "files": 10})
+    io.write_parquet(layout.ingest.instances, pd.DataFrame({"SeriesInstanceUID": ["A"] * 4 + ["B"] * 4}))
+    assert quarantine_counts(tmp_path) == (2, 10)
+    layout.preprocessed.root.mkdir(parents=True)
+    io.write_csv(layout.preprocessed.failures, pd.DataFrame({"SeriesInstanceUID": ["B"], "reason": ["transform_error"],
+                                                             "detail": [""]}))
+    assert quarantine_counts(tmp_path) == (6, 10)
+    io.write_parquet(layout.preprocessed.features, pd.DataFrame({"SeriesInstanceUID": pd.Series(dtype=str)}))
+    assert batch_features(tmp_path, "sqlite:///nowhere.db", "no-run").empty  # no model is loaded for nothing
+    assert issubclass(PreprocessingFailedError, ValueError)  # callers catching ValueError still do
