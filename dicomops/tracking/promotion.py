@@ -2,7 +2,8 @@
 
 A new version is the ``challenger``. It becomes ``champion`` automatically only if its mean
 cross-validated AUC beats the champion's by ``margin`` and no vendor's AUC falls by more than
-``vendor_tolerance``; a first model must reach ``min_auc``, and any figure given a floor its floor. Otherwise it waits for a reviewer
+``vendor_tolerance``; every model must reach ``min_auc`` (a first one included), and any figure
+given a floor its floor. Otherwise it waits for a reviewer
 (``dicomops promote VERSION`` or the MLflow UI). The decision and every reason are recorded as tags
 on the version, so the MLflow page explains itself.
 """
@@ -81,6 +82,9 @@ def decide_promotion(challenger: ModelScore, champion: ModelScore | None, *, mar
                                 *below))
     reasons: list[str] = list(below)
     ok = not below
+    if challenger.mean_auc < min_auc:  # beating a poor champion does not make a model good enough
+        ok = False
+        reasons.append(f"mean {metric} {challenger.mean_auc:.4f} is below the floor {min_auc:.4f}")
     gain = challenger.mean_auc - champion.mean_auc
     if gain > margin:
         reasons.append(f"mean {metric} {challenger.mean_auc:.4f} beats champion {champion.mean_auc:.4f} by {gain:+.4f}")

@@ -169,6 +169,9 @@ def test_a_figure_below_its_floor_is_never_promoted_and_a_vendor_neither_model_s
     neither = decide_promotion(ModelScore(0.95, {"ge": 0.95, "philips": nan}), ModelScore(0.90, {"ge": 0.90, "philips": nan}))
     assert neither.promote and any(r.startswith("philips: AUC undefined for both") for r in neither.reasons)
     assert not decide_promotion(ModelScore(0.95, {"ge": 0.95, "philips": nan}), ModelScore(0.90, {"ge": 0.90, "philips": 0.8})).promote
+    # beating a poor champion is not enough: the floor holds for every promotion, not the first only
+    poor = decide_promotion(ModelScore(0.60, {"ge": 0.60}), ModelScore(0.55, {"ge": 0.55}), min_auc=0.8)
+    assert not poor.promote and "mean AUC 0.6000 is below the floor 0.8000" in poor.reasons
 
 
 @pytest.mark.parametrize(("k", "depth"), [(1, 4), (3, 1), (3, 7), (5, 9)])
