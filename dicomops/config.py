@@ -179,7 +179,7 @@ class PreprocessConfig(_Section):
         "Deflate the cached images as well as the masks. Off, the demo's 119 volumes take 1.53 GB instead of "
         "0.86 GB, and are written in 6 s instead of 26 and read in 0.5 s instead of 5.5 (one core), which the "
         "pipeline does four times. Entries already cached keep their form."))
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seeds numpy and torch: 0 to 2**32 - 1.")
     workers: int = Field(2, ge=1, le=64)
     dask_address: str | None = Field(None, description="Run the per-series map on this Dask scheduler instead "
                                                        "of local processes.")
@@ -284,7 +284,7 @@ class TrainConfig(_Section):
     distill_alpha: float = Field(0.7, ge=0, le=1, description="Weight of the cross-entropy on the labels; the "
                                                               "KL term to the teacher takes 1 - alpha.")
     distill_temperature: float = Field(3.0, gt=0, description="Softmax temperature of the distillation term.")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seeds numpy and torch: 0 to 2**32 - 1.")
     model_name: str = "dicomops-ct-classifier"
     promotion_margin: float = Field(0.005, ge=0)
     vendor_tolerance: float = Field(0.02, ge=0)
@@ -373,7 +373,7 @@ class SegmentConfig(_Section):
     finding_threshold: float = Field(0.75, gt=0, lt=1, description=(
         "Score (a candidate's highest probability) at which a segmented candidate of at least 3 mm is "
         "reported as a finding: the series-level present/absent call and the size categories."))
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seeds numpy and torch: 0 to 2**32 - 1.")
     model_name: str = "dicomops-ct-nodule-seg"
     promotion_margin: float = Field(0.005, ge=0, description="CPM gain over the champion that promotes.")
     vendor_tolerance: float = Field(0.05, ge=0, description="Largest CPM drop of any vendor a promotion allows.")

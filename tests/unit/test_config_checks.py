@@ -133,3 +133,16 @@ def test_hashing_a_work_directory_with_nothing_ingested_says_what_to_run(tmp_pat
 
     with pytest.raises(FileNotFoundError, match="run 'dicomops ingest SRC --work"):
         corpus_content_hash(tmp_path)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_a_seed_numpy_cannot_take_is_refused_naming_the_setting(seed: int) -> None:
+    """numpy's seeds run from 0 to 2**32 - 1; outside, training failed inside numpy without naming
+    the setting (a bug hunt's find)."""
+    from pydantic import ValidationError
+
+    from dicomops.config import PreprocessConfig, SegmentConfig, TrainConfig
+
+    for section in (TrainConfig, SegmentConfig, PreprocessConfig):
+        with pytest.raises(ValidationError, match="seed"):
+            section(seed=seed)
