@@ -52,12 +52,15 @@ def score_series(model: torch.nn.Module, series: Iterable[Any], volumes: Iterabl
 
 
 def fold_metrics(preds: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, float]]:
-    """One fold's per-vendor table at its own Youden point, and the same figures as flat metrics."""
+    """One fold's per-vendor table at its own Youden point, and the same figures as flat metrics,
+    with that point as ``threshold``: the card reads sensitivity and specificity at the pooled
+    point (``cv.threshold``), and a fold's run at another without it said which."""
     threshold = youden_threshold(preds.label.to_numpy(), preds.score.to_numpy()) if preds.label.nunique() == 2 else 0.5
     table = per_vendor_metrics(preds, threshold)
     by_vendor = table.set_index("vendor")
     flat = {f"{m}.{v}": float(by_vendor.loc[v, m]) for v in table.vendor for m in FOLD_METRICS}
-    return table, {k: v for k, v in flat.items() if not np.isnan(v)}
+    flat["threshold"] = float(threshold)
+    return table, {k: v for k, v in flat.items() if np.isfinite(v)}
 
 
 @dataclass(frozen=True)

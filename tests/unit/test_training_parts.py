@@ -280,3 +280,15 @@ def test_loader_workers_none_on_the_cpu_some_on_cuda_unless_set() -> None:
     assert loader_workers(TrainConfig(), cpu) == 0
     assert 1 <= loader_workers(TrainConfig(), cuda) <= 4
     assert loader_workers(TrainConfig(num_workers=2), cpu) == 2 and loader_workers(TrainConfig(num_workers=0), cuda) == 0
+
+
+def test_a_folds_metrics_carry_the_threshold_they_were_read_at() -> None:
+    """A fold's run showed sensitivity and specificity at the fold's own Youden point, which it never
+    logged, beside a card that reads them at the pooled point: they disagreed with no way to tell."""
+    from dicomops.training.scoring import fold_metrics
+
+    preds = pd.DataFrame({"vendor": ["ge"] * 6, "label": [0, 0, 0, 1, 1, 1],
+                          "score": [0.1, 0.2, 0.6, 0.5, 0.7, 0.9]})
+    _, flat = fold_metrics(preds)
+    assert flat["threshold"] == pytest.approx(0.5)
+    assert flat["sensitivity.ge"] == 1.0 and flat["specificity.ge"] == pytest.approx(2 / 3)
