@@ -165,6 +165,16 @@ def test_code_outside_a_stage_does_not_touch_its_key(monkeypatch: pytest.MonkeyP
     assert stages.stage_key("export", {"model": "m"}) != stages.stage_key("preprocess", {"model": "m"})
 
 
+def test_a_stage_recorded_against_another_mlflow_store_does_not_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A work directory trained against one store, run against a fresh one: training was skipped
+    ("version 1 stands") with no model in that store, and the export's advice looped."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/one/mlflow.db")
+    first = stages.stage_key("train", {"data": "d"})
+    assert stages.stage_key("train", {"data": "d"}) == first
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/other/mlflow.db")
+    assert stages.stage_key("train", {"data": "d"}) != first
+
+
 HOLDER = textwrap.dedent("""
     import sys, time
     from dicomops import locking
