@@ -144,7 +144,8 @@ def evidence_section(summary: Mapping[str, Any], evidence: Sequence[Mapping[str,
          "specificity"], "lrrllrr",
         [["**all**" if row["vendor"] == "all" else str(row["vendor"]), *counts(str(row["vendor"])),
           f"{_f(row['auc_pooled'])} ({_f(row['auc_ci_low'])}–{_f(row['auc_ci_high'])})",
-          f"{_f(row['auc_fold_mean'])} ± {_f(row['auc_fold_std'])}", _f(row["sensitivity"]), _f(row["specificity"])]
+          f"{_f(row['auc_fold_mean'])} ± {_f(row['auc_fold_std'])}" + _folds_counted(row, n_splits),
+          _f(row["sensitivity"]), _f(row["specificity"])]
          for row in evidence])
     lines += [
         "",
@@ -152,13 +153,22 @@ def evidence_section(summary: Mapping[str, Any], evidence: Sequence[Mapping[str,
         f"the suppressed ones).",
         "",
         f"*AUC pooled*: one ROC over every series' out-of-fold score (the ROC pictures show this one), with a "
-        f"stratified bootstrap {pct} interval (2,000 resamples). *AUC fold mean*: the mean of the {n_splits} folds' "
-        f"AUCs, each on a fold's share of a vendor's series, so it varies more. Sensitivity and specificity are "
+        f"stratified bootstrap {pct} interval (2,000 resamples; none under 5 positives or 5 negatives, where "
+        f"its resamples barely differ). *AUC fold mean*: the mean of the {n_splits} folds' "
+        f"AUCs, each on a fold's share of a vendor's series, so it varies more; where a fold held one class "
+        f"of a vendor only, it has no AUC there, and the cell says of how many folds the mean is. Sensitivity and specificity are "
         f"pooled out of fold at the operating point. A pooled AUC well below the fold mean means the fold models "
         f"score on different scales, so one operating point serves them (and the final model) less well than "
         f"their AUCs suggest: read sensitivity and specificity.",
     ]
     return section(EVIDENCE, "\n".join(lines))
+
+
+def _folds_counted(row: Mapping[str, Any], n_splits: int) -> str:
+    counted = row.get("auc_folds")
+    if counted is None or counted != counted or int(counted) >= n_splits:  # absent (older evidence), NaN, all
+        return ""
+    return f" ({int(counted)} of {n_splits} folds)"
 
 
 def folds_section(per_fold: Sequence[Mapping[str, Any]]) -> str:

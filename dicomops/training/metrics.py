@@ -48,11 +48,13 @@ def per_vendor_metrics(frame: pd.DataFrame, threshold: float) -> pd.DataFrame:
 
 
 def summarise_folds(per_fold: pd.DataFrame) -> pd.DataFrame:
-    """Mean and standard deviation across folds for each vendor and metric."""
+    """Mean and standard deviation across folds for each vendor and metric, and ``auc_folds``, the
+    folds whose AUC counts (a fold without both classes of a vendor has none)."""
     metrics = ["auc", "sensitivity", "specificity", "f1", "kappa"]
     grouped = per_fold.groupby("vendor")[metrics]
     mean, std = grouped.mean(), grouped.std(ddof=1)
     out = mean.add_suffix("_mean").join(std.add_suffix("_std"))
+    out["auc_folds"] = per_fold.groupby("vendor")["auc"].count()
     return out.reset_index()
 
 

@@ -27,6 +27,9 @@ from dicomops.training.metrics import (
 )
 
 FOLD_METRICS = ("auc", "sensitivity", "specificity", "f1", "kappa")
+# Fewer positives or negatives than this and the stratified bootstrap's resamples barely differ: a
+# vendor with one positive, or perfectly separated, got an interval of zero width ("1.000 (1.000-1.000)").
+MIN_CASES_FOR_INTERVAL = 5
 
 
 def series_score(slice_probabilities: np.ndarray, top_k: int) -> float:
@@ -107,12 +110,16 @@ def vendor_evidence(preds: pd.DataFrame, threshold: float, by_vendor: pd.DataFra
     rows = []
     for vendor, part in [("all", preds), *preds.groupby("vendor", sort=True)]:
         m = binary_metrics(part.label.to_numpy(), part.score.to_numpy(), threshold)
-        low, high = auc_confidence_interval(part.label.to_numpy(), part.score.to_numpy(), level, seed=seed)
         pred, label = part.score >= threshold, part.label == 1
+        low, high = float("nan"), float("nan")  # a bootstrap over a handful of one class is no interval
+        if min(int(label.sum()), int((~label).sum())) >= MIN_CASES_FOR_INTERVAL:
+            low, high = auc_confidence_interval(part.label.to_numpy(), part.score.to_numpy(), level, seed=seed)
+        counted = folds.loc[vendor, "auc_folds"] if vendor in folds.index and "auc_folds" in folds else float("nan")
         rows.append({"vendor": str(vendor), "n": len(part), "positives": int(label.sum()), "auc_pooled": m["auc"],
                      "auc_ci_low": low, "auc_ci_high": high,
                      "auc_fold_mean": float(folds.loc[vendor, "auc_mean"]) if vendor in folds.index else float("nan"),
                      "auc_fold_std": float(folds.loc[vendor, "auc_std"]) if vendor in folds.index else float("nan"),
+                     "auc_folds": float(counted),
                      "sensitivity": m["sensitivity"], "specificity": m["specificity"],
                      "tp": int((pred & label).sum()), "fp": int((pred & ~label).sum()),
                      "fn": int((~pred & label).sum()), "tn": int((~pred & ~label).sum())})

@@ -59,7 +59,27 @@ def test_vendor_evidence_counts_outcomes_at_the_threshold() -> None:
     assert (ge.n, ge.positives, ge.tp, ge.fp, ge.fn, ge.tn) == (4, 2, 1, 1, 1, 1)
     assert ge.sensitivity == 0.5 and ge.specificity == 0.5 and ge.auc_pooled == 0.75 and ge.auc_fold_mean == 0.75
     assert table.loc["all"].n == 8 and table.loc["siemens"].auc_pooled == 1.0
-    assert table.loc["ge"].auc_ci_low <= 0.75 <= table.loc["ge"].auc_ci_high
+    # two positives and two negatives: no interval (its resamples barely differ; siemens' was
+    # "1.000 (1.000-1.000)"); with five of each, one around the pooled AUC
+    assert np.isnan(table.loc["ge"].auc_ci_low) and np.isnan(table.loc["siemens"].auc_ci_high)
+    more = pd.concat([_preds()] * 3, ignore_index=True)
+    wide = vendor_evidence(more, 0.5, by_vendor).set_index("vendor").loc["ge"]
+    assert wide.auc_ci_low <= 0.75 <= wide.auc_ci_high and wide.auc_ci_low < wide.auc_ci_high
+
+
+def test_a_fold_mean_of_fewer_folds_than_the_split_says_so() -> None:
+    """canon's "1.000 ± –" came from one fold of four (the others held one class of it)."""
+    from dicomops.training.metrics import summarise_folds
+
+    per_fold = pd.DataFrame({"vendor": ["canon"] * 4, "fold": range(4), "auc": [1.0, np.nan, np.nan, np.nan],
+                             "sensitivity": 1.0, "specificity": 1.0, "f1": 1.0, "kappa": 1.0})
+    summary = summarise_folds(per_fold)
+    assert int(summary.set_index("vendor").loc["canon", "auc_folds"]) == 1
+    evidence = vendor_evidence(pd.DataFrame({"vendor": ["canon"] * 4, "label": [1, 0, 1, 0], "score": [0.9, 0.1, 0.8, 0.2]}),
+                               0.5, summary)
+    text = model_card.evidence_section({"mean_auc": 1.0, "std_auc": float("nan"), "threshold": 0.5},
+                                       evidence.to_dict("records"), _pool(), n_splits=4)
+    assert "(1 of 4 folds)" in text
 
 
 def _pool() -> privacy.PoolCounts:
