@@ -143,7 +143,8 @@ def evidence_section(summary: Mapping[str, Any], evidence: Sequence[Mapping[str,
         ["vendor", "negatives", "positives", f"AUC pooled ({pct} CI)", "AUC fold mean ± sd", "sensitivity",
          "specificity"], "lrrllrr",
         [["**all**" if row["vendor"] == "all" else str(row["vendor"]), *counts(str(row["vendor"])),
-          f"{_f(row['auc_pooled'])} ({_f(row['auc_ci_low'])}–{_f(row['auc_ci_high'])})",
+          f"{_f(row['auc_pooled'])}" + (f" ({_f(row['auc_ci_low'])}–{_f(row['auc_ci_high'])})"
+                                        if row["auc_ci_low"] == row["auc_ci_low"] else ""),  # NaN: none
           f"{_f(row['auc_fold_mean'])} ± {_f(row['auc_fold_std'])}" + _folds_counted(row, n_splits),
           _f(row["sensitivity"]), _f(row["specificity"])]
          for row in evidence])
