@@ -291,7 +291,7 @@ def test_ingest_of_a_folder_is_unchanged(tmp_path: Path, monkeypatch: pytest.Mon
     result = runner.invoke(app, ["ingest", str(tmp_path), "--max-invalid-fraction", "0.3"], env=WIDE)
     assert result.exit_code == 0, result.output
     ((name, parameters),) = flows.calls
-    assert name == "ingest" and parameters["src"] == tmp_path.resolve()
+    assert name == "ingest" and parameters["src"].get_secret_value() == str(tmp_path.resolve())  # masked in Prefect
     assert parameters["config"].max_invalid_fraction == 0.3  # the ingest section alone, as before
     assert "3 series accepted, 1 files quarantined" in result.output
 
