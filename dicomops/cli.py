@@ -475,6 +475,9 @@ def export(
         "also compared on every fold's held out series)."))] = None,
     held_out: Annotated[bool | None, typer.Option("--held-out/--no-held-out", help=(
         "Compare FP32, PTQ and QAT INT8 of the fold models on held-out series."))] = None,
+    force: Annotated[bool, typer.Option("--force", help=(
+        "Export again even where this version's export is recorded with these settings and its registered "
+        "files still match their sha256."))] = False,
 ) -> None:
     """ONNX with parity checks, INT8, TensorRT engines where possible, and a Triton repository."""
     from dicomops.errors import ExportCheckError
@@ -487,7 +490,7 @@ def export(
     export_cfg = _with_overrides(section, int8=int8, int8_held_out=held_out)
     try:
         result = _flow("export")(work=work.resolve() if work else None, config=export_cfg,
-                             model_name=model_name, version=version, alias=alias)
+                             model_name=model_name, version=version, alias=alias, force=force)
     except ExportCheckError as err:
         console.print(f"[red]export check failed:[/] {err}")
         raise typer.Exit(1) from err

@@ -3,15 +3,21 @@ with every file's sha256 and every check's figure attached to the version in MLf
 
 Files go to ``WORK/export/v<version>/``; the version's source run (the training run that logged
 the model) receives them under ``export/`` so that the version page links to them, and the version
-carries ``export.*`` tags with the figures and hashes.
+carries ``export.*`` tags with the figures and hashes: the sha256 of each ONNX file, of the TensorRT
+plan, of ``manifest.json`` (which lists every file's) and of the training's configuration files that
+serving reads beside them (:func:`seal`), so that serving checks every file it is given
+(:func:`dicomops.serving.champion.check_hashes`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +25,7 @@ import numpy as np
 import torch
 
 from dicomops import io
-from dicomops.config import ExportConfig, TrainConfig
+from dicomops.config import ExportConfig, PreprocessConfig, TrainConfig
 from dicomops.errors import ExportCheckError
 from dicomops.export import onnx_export, quantize, tensorrt_engine, triton
 from dicomops.export.contract import METADATA_KEY, InputContract
@@ -87,6 +93,72 @@ def load_torch_model(tracking_uri: str, ref: ModelRef) -> tuple[torch.nn.Module,
 
     model, train_cfg, _ = load_trained(tracking_uri, ref.run_id)
     return model, train_cfg
+
+
+def weights_configs(tracking_uri: str, ref: ModelRef) -> tuple[dict[str, str], PreprocessConfig | None]:
+    """The sha256 of the configuration files serving reads from the version's run (``weights/``),
+    and its preprocessing (None, with a warning, for a run that never stored it)."""
+    from dicomops.serving.champion import CONFIG_SHA_TAGS, PREPROCESS_CONFIG
+
+    client = runs.configure_mlflow(tracking_uri)
+    hashes: dict[str, str] = {}
+    pre = None
+    with tempfile.TemporaryDirectory(prefix="dicomops-weights-") as tmp:
+        for name in CONFIG_SHA_TAGS:
+            try:
+                path = Path(client.download_artifacts(ref.run_id, f"{registry.WEIGHTS_ARTIFACT}/{name}", tmp))
+            except Exception as err:  # a run from before its configuration was stored: serving refuses it
+                log.warning("run %s has no %s/%s (%s); its sha256 is not registered", ref.run_id,
+                            registry.WEIGHTS_ARTIFACT, name, err)
+                continue
+            hashes[name] = onnx_export.sha256(path)
+            if name == PREPROCESS_CONFIG:
+                pre = PreprocessConfig.model_validate(json.loads(path.read_text()))
+    return hashes, pre
+
+
+def checked_contract(ref: ModelRef, pre: PreprocessConfig | None) -> InputContract:
+    """The version's registered contract, which the run's preprocessing must agree with; settings a
+    contract registered before they were recorded are taken from that preprocessing (what the
+    version was trained with), so the export's contract names them all."""
+    if pre is None:
+        return ref.contract
+    wrong = ref.contract.disagreements(pre)
+    if wrong:
+        raise ValueError(f"the run of {ref.name} version {ref.version} holds a weights/preprocess_config.json that "
+                         f"disagrees with the version's registered input contract ({'; '.join(wrong)}): it was "
+                         "changed after training; restore it from the training's work directory (train/) first")
+    if ref.contract.unrecorded:
+        log.info("%s version %s was registered before its contract recorded %s; the export records them from its "
+                 "run's preprocessing", ref.name, ref.version, ", ".join(ref.contract.unrecorded))
+    return ref.contract.completed(pre)
+
+
+def seal(folder: Path, manifest: dict[str, Any], weights: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Write ``manifest.json`` into `folder`: `manifest` with every file's sha256 (``files``) and the
+    training's configuration files' (``weights``). Returns the files' sha256 and the version tags
+    that register them: each ONNX file's, the TensorRT plan's, the configuration files' and the
+    manifest's own (which vouches for every other file)."""
+    from dicomops.serving.champion import CONFIG_SHA_TAGS, MANIFEST, MANIFEST_SHA_TAG, PLAN_SHA_TAG
+    from dicomops.serving.engine import ENGINE_FILES, SHA_TAGS
+
+    files = {str(p.relative_to(folder)): onnx_export.sha256(p) for p in sorted(folder.rglob("*"))
+             if p.is_file() and p != folder / MANIFEST}
+    io.write_json(folder / MANIFEST, {**manifest, "files": files, "weights": dict(weights)})
+    by_tag = {tag: ENGINE_FILES[kind] for kind, tag in SHA_TAGS.items()} | {PLAN_SHA_TAG: ENGINE_FILES["tensorrt"]}
+    tags = {tag: files[name] for tag, name in by_tag.items() if name in files}
+    tags |= {CONFIG_SHA_TAGS[name]: sha for name, sha in weights.items()}
+    tags[MANIFEST_SHA_TAG] = onnx_export.sha256(folder / MANIFEST)
+    return files, tags
+
+
+def registered_problem(tracking_uri: str, ref: ModelRef) -> str | None:
+    """Why the files registered for `ref` would not be served now (missing, changed since, or from an
+    export that did not register them all), or None: what decides whether a recorded export may be
+    skipped."""
+    from dicomops.serving.champion import registered_problem as problem
+
+    return problem(tracking_uri, ref.name, ref.version)
 
 
 def _sample(data: SlabSet, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -159,6 +231,8 @@ def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportCo
         shutil.rmtree(folder)  # a re-export starts clean: no stale engine or repository survives
     folder.mkdir(parents=True)
     report = ExportReport(ref.version, str(folder))
+    weights, pre = weights_configs(tracking_uri, ref)
+    ref = replace(ref, contract=checked_contract(ref, pre))
     contract = ref.contract
     model, train_cfg = load_torch_model(tracking_uri, ref)
     torch.save(model.state_dict(), folder / "torch_state.pt")  # makes the folder benchmarkable on its own
@@ -213,13 +287,10 @@ def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportCo
                        cfg.preferred_batch_sizes, cfg.max_queue_delay_us)
     report.tensorrt = _tensorrt(folder, ref, cfg, fp32, calib_x, parity_x, report)
 
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        report.files[str(path.relative_to(folder))] = onnx_export.sha256(path)
-    io.write_json(folder / "manifest.json", {"version": ref.version, "files": report.files,
-                                             "metrics": report.metrics, "tensorrt": report.tensorrt,
-                                             "contract": asdict(contract), "opset": cfg.opset})
-    report.tags = {"export.onnx.sha256": report.files["model.onnx"],
-                   "export.int8.sha256": report.files["model.int8.onnx"],
+    report.files, hashes = seal(folder, {"version": ref.version, "metrics": report.metrics,
+                                         "tensorrt": report.tensorrt, "contract": contract.as_dict(),
+                                         "opset": cfg.opset}, weights)
+    report.tags = {**hashes,
                    "export.int8.method": (f"qat ({cfg.qat_epochs} epoch(s) torchao PT2E"
                                            f"{', distilled from ' + train_cfg.distill_from if train_cfg.distill_from else ''}"
                                            "; its learnt ranges, float convolution outputs calibrated)"

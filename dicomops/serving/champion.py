@@ -4,9 +4,13 @@ trained with, its operating point.
 The preprocessing comes from the training run itself (``weights/preprocess_config.json``, logged
 beside the weights), never from today's defaults, and must agree with the input contract the export
 wrote into the ONNX file, so a changed default cannot silently change what a served model sees. The
-engine runs the exported files (:mod:`dicomops.serving.engine`), checked against the sha256 the
-version's tags carry; a version that was never exported is refused with the command that exports it.
-Files are copied once per version into `models_dir` (default: a temporary folder).
+engine runs the exported files (:mod:`dicomops.serving.engine`). Every file the export registered
+is checked against the sha256 it registered before anything runs: the ONNX files, the manifest and
+the training's configuration files by the version's tags, every other file (the TensorRT plan, the
+Triton repository's copy) by the manifest. A file that is missing or changed, or a version that
+was never exported, is refused with the command that exports it again. An export from before some
+of these were registered still loads, with a warning naming what could not be checked. Files are
+copied once per version into `models_dir` (default: a temporary folder).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from dicomops.config import PreprocessConfig, TrainConfig
+from dicomops.errors import ExportCheckError
 from dicomops.export import onnx_export
 from dicomops.export.contract import InputContract
 from dicomops.serving.engine import ENGINE_FILES, SHA_TAGS, Engine, EngineKind, choose, open_engine
@@ -33,6 +38,10 @@ log = logging.getLogger(__name__)
 
 PREPROCESS_CONFIG, TRAIN_CONFIG = "preprocess_config.json", "train_config.json"
 EXPORT_ARTIFACT = "export"
+# The sha256 tags `dicomops export` sets (dicomops.export.stage.seal) besides the ONNX files' (SHA_TAGS):
+MANIFEST, MANIFEST_SHA_TAG = "manifest.json", "export.manifest.sha256"  # the manifest: every file's sha256
+PLAN_SHA_TAG = "export.fp16_plan.sha256"
+CONFIG_SHA_TAGS = {PREPROCESS_CONFIG: "export.preprocess_config.sha256", TRAIN_CONFIG: "export.train_config.sha256"}
 
 
 @dataclass(frozen=True)
@@ -64,15 +73,24 @@ class Champion:
         return out | self.segmenter.describe() | {"write_seg": self.write_seg}
 
 
-def check_agreement(pre: PreprocessConfig, contract: InputContract) -> None:
-    """The training run's preprocessing and the exported contract must describe the same input."""
-    pairs = {"slab_slices/channels": (pre.slab_slices, contract.channels),
-             "spacing_mm": (tuple(pre.spacing_mm), tuple(contract.spacing_mm)),
-             "window": (pre.window, contract.window), "crop_xy": (pre.crop_xy, contract.crop_xy)}
-    wrong = [f"{name}: {a!r} vs {b!r}" for name, (a, b) in pairs.items() if a != b]
+def export_command(version: Any) -> str:
+    """The command that exports `version` again (it re-exports even where an earlier export of it
+    is recorded, when the registered files no longer pass :func:`check_hashes`)."""
+    return f"dicomops export --version {version}"
+
+
+def check_agreement(pre: PreprocessConfig, contract: InputContract, version: Any = None) -> None:
+    """The training run's preprocessing and the exported contract must describe the same input, in
+    every setting the contract records; a setting an older contract lacks is named in a warning."""
+    command = export_command(version) if version is not None else "dicomops export --version N"
+    wrong = contract.disagreements(pre)
     if wrong:
-        raise ValueError("the training run's preprocessing disagrees with the exported input contract ("
-                         + "; ".join(wrong) + "); re-export the version")
+        raise ValueError("the training run's preprocessing (weights/preprocess_config.json) disagrees with the "
+                         "exported input contract (" + "; ".join(wrong) + "), so the model would see other "
+                         f"inputs than it was exported for: restore the run's configuration, then run '{command}'")
+    if contract.unrecorded:
+        log.warning("the exported input contract of version %s predates %s: the served preprocessing could not be "
+                    "checked against them; run '%s' to record them", version, ", ".join(contract.unrecorded), command)
 
 
 def resolve(client: Any, name: str, alias: str | None, version: str | None) -> Any:
@@ -88,20 +106,23 @@ def resolve(client: Any, name: str, alias: str | None, version: str | None) -> A
 
 
 def fetch(client: Any, mv: Any, dest: Path, configs: tuple[str, ...] = (PREPROCESS_CONFIG, TRAIN_CONFIG),
-          marker: str = "manifest.json", export_hint: str = "", expected: Mapping[str, str | None] | None = None) -> Path:
+          marker: str = MANIFEST, export_hint: str = "", expected: Mapping[str, str | None] | None = None,
+          expected_configs: Mapping[str, str] | None = None) -> Path:
     """The version's weights configuration and exported files in `dest` (``weights/<configs>`` and
     ``export/``), downloaded once: into a temporary folder beside it, then renamed into place, so
     two processes loading the same version never read each other's half-written files. `marker`
     is the export's file that is written last (its presence means the export is complete);
     `export_hint` the command that exports the version (default ``dicomops export``). `expected`
     names export files and the sha256 the version's tags give them now (None: the file must be
-    there): a copy fetched before the version was exported again is fetched anew."""
-    hint = export_hint or f"dicomops export --version {mv.version}"
+    there), `expected_configs` the same for the ``weights/`` configuration files: a copy fetched
+    before the version was exported again, or changed since, is fetched anew."""
+    hint = export_hint or export_command(mv.version)
     if (dest / EXPORT_ARTIFACT / marker).exists():
-        if not _outdated(dest / EXPORT_ARTIFACT, expected or {}):
+        if not _outdated(dest / EXPORT_ARTIFACT, expected or {}) and \
+                not _outdated(dest / WEIGHTS_ARTIFACT, expected_configs or {}):
             return dest
-        log.info("%s version %s was exported again since it was fetched into %s; fetching it anew", mv.name,
-                 mv.version, dest.name)
+        log.info("%s version %s in %s differs from its registered export (exported again since, or the copy was "
+                 "changed); fetching it anew", mv.name, mv.version, dest.name)
         _remove_aside(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
@@ -147,13 +168,24 @@ def _remove_aside(dest: Path) -> None:
 
 
 def expected_exports(mv: Any) -> dict[str, str | None]:
-    """The export files version `mv` serves from and their registered sha256, from its tags; the
-    TensorRT plan (no sha tag) by its presence, when the export built one."""
+    """The export files version `mv` serves from, and the manifest, with their registered sha256,
+    from its tags; the TensorRT plan of an export that registered no sha256 for it by its presence,
+    when the export built one."""
     tags = dict(mv.tags or {})
     expected: dict[str, str | None] = {ENGINE_FILES[kind]: tags[tag] for kind, tag in SHA_TAGS.items() if tags.get(tag)}
-    if "tensorrt_plan" in tags.get("export.triton", ""):
+    if tags.get(PLAN_SHA_TAG):
+        expected[ENGINE_FILES["tensorrt"]] = tags[PLAN_SHA_TAG]
+    elif "tensorrt_plan" in tags.get("export.triton", ""):
         expected[ENGINE_FILES["tensorrt"]] = None
+    if tags.get(MANIFEST_SHA_TAG):
+        expected[MANIFEST] = tags[MANIFEST_SHA_TAG]
     return expected
+
+
+def expected_configs(mv: Any) -> dict[str, str]:
+    """The training's configuration files (``weights/``) and the sha256 the export registered for them."""
+    tags = dict(mv.tags or {})
+    return {name: tags[tag] for name, tag in CONFIG_SHA_TAGS.items() if tags.get(tag)}
 
 
 def unexported_champion(mv: Any) -> str | None:
@@ -161,18 +193,81 @@ def unexported_champion(mv: Any) -> str | None:
     if SHA_TAGS["ort-fp32"] in (mv.tags or {}):
         return None
     return (f"{mv.name} version {mv.version} has not been exported, and studies are scored on the exported engine "
-            f"only; run 'dicomops export --version {mv.version}'")
+            f"only; run '{export_command(mv.version)}'")
 
 
-def check_hashes(mv: Any, folder: Path) -> None:
-    """Each exported model file against the sha256 the version's tags carry."""
-    tags = dict(mv.tags or {})
-    for kind, tag in SHA_TAGS.items():
-        expected = tags.get(tag)
-        path = folder / ENGINE_FILES[kind]
-        if expected and path.exists() and onnx_export.sha256(path) != expected:
-            raise ValueError(f"{path.name} of {mv.name} version {mv.version} does not match its registered sha256 "
-                             f"({tag}); re-export the version")
+@dataclass(frozen=True)
+class Checked:
+    """What :func:`check_hashes` found: the export's files whose sha256 matched a registered one
+    (paths relative to ``export/``), and the files no registered sha256 covers (relative to the
+    version's folder), which an export from before every file was registered leaves."""
+
+    files: frozenset[str]
+    unchecked: tuple[str, ...]
+
+
+def check_hashes(mv: Any, root: Path) -> Checked:
+    """Every file version `mv`'s export registered, in its fetched folder `root`, against the sha256
+    it registered: the served ONNX files, the TensorRT plan, the manifest and the training's
+    configuration files by the version's tags, then every file the manifest lists (the Triton
+    repository's copy among them) by the manifest. A file missing or changed raises, naming the
+    file, where its sha256 is registered, and the command that exports the version again."""
+    tags, command = dict(mv.tags or {}), export_command(mv.version)
+    by_tag = {ENGINE_FILES[kind]: tag for kind, tag in SHA_TAGS.items()} | {
+        ENGINE_FILES["tensorrt"]: PLAN_SHA_TAG, MANIFEST: MANIFEST_SHA_TAG}
+    registered = {f"{EXPORT_ARTIFACT}/{name}": (tags[tag], f"tag {tag}") for name, tag in by_tag.items() if tags.get(tag)}
+    registered |= {f"{WEIGHTS_ARTIFACT}/{name}": (sha, f"tag {CONFIG_SHA_TAGS[name]}")
+                   for name, sha in expected_configs(mv).items()}
+    _check_files(mv, root, registered, command)
+    if tags.get(MANIFEST_SHA_TAG):  # checked above: the hashes it lists are the export's
+        listed = json.loads((root / EXPORT_ARTIFACT / MANIFEST).read_text()).get("files", {})
+        by_manifest = {f"{EXPORT_ARTIFACT}/{name}": (sha, MANIFEST) for name, sha in listed.items()}
+        _check_files(mv, root, {k: v for k, v in by_manifest.items() if k not in registered}, command)
+        registered = by_manifest | registered
+    unchecked = tuple(str(p.relative_to(root)) for p in sorted(root.rglob("*"))
+                      if p.is_file() and str(p.relative_to(root)) not in registered
+                      and p != root / EXPORT_ARTIFACT / MANIFEST)
+    prefix = f"{EXPORT_ARTIFACT}/"
+    return Checked(frozenset(p.removeprefix(prefix) for p in registered if p.startswith(prefix)), unchecked)
+
+
+def _check_files(mv: Any, root: Path, registered: Mapping[str, tuple[str, str]], command: str) -> None:
+    for relative, (sha, where) in registered.items():
+        path, name = root / relative, relative.removeprefix(f"{EXPORT_ARTIFACT}/")
+        if not path.is_file():
+            raise ValueError(f"{name} of {mv.name} version {mv.version} is missing from its "
+                             f"{'export' if relative.startswith(EXPORT_ARTIFACT) else 'training run'} ({where} says "
+                             f"it exists); run '{command}'")
+        if onnx_export.sha256(path) != sha:
+            raise ValueError(f"{name} of {mv.name} version {mv.version} does not match the sha256 its export "
+                             f"registered ({where}): it was changed after the export; run '{command}' to export "
+                             "the version again from its training run")
+
+
+def registered_problem(tracking_uri: str, name: str, version: str) -> str | None:
+    """Why the files registered for `version` of `name` would not be served (changed or missing since
+    its export, exported before every file was registered, a configuration that disagrees with the
+    contract), or None when they pass every check :func:`load_champion` makes. Downloads them into
+    a temporary folder."""
+    client = configure_mlflow(tracking_uri)
+    mv = model_version(client, name, version)
+    if (why := unexported_champion(mv)) is not None:
+        return why
+    with tempfile.TemporaryDirectory(prefix="dicomops-registered-") as tmp:
+        try:
+            root = fetch(client, mv, Path(tmp) / "v", expected=expected_exports(mv),
+                         expected_configs=expected_configs(mv))
+            checked = check_hashes(mv, root)
+            if MANIFEST not in checked.files:
+                return f"it was exported before every file's sha256 was registered ({', '.join(checked.unchecked)})"
+            contract = onnx_export.read_contract(root / EXPORT_ARTIFACT / ENGINE_FILES["ort-fp32"])
+            pre = PreprocessConfig.model_validate(json.loads((root / WEIGHTS_ARTIFACT / PREPROCESS_CONFIG).read_text()))
+            if contract.unrecorded:
+                return f"its input contract predates {', '.join(contract.unrecorded)}"
+            check_agreement(pre, contract, mv.version)
+        except (ValueError, ExportCheckError) as err:
+            return str(err)
+    return None
 
 
 def load_champion(tracking_uri: str, name: str, alias: str | None = CHAMPION, version: str | None = None,
@@ -181,14 +276,23 @@ def load_champion(tracking_uri: str, name: str, alias: str | None = CHAMPION, ve
     client = configure_mlflow(tracking_uri)
     mv = resolve(client, name, None if version is not None else alias, version)
     root = fetch(client, mv, Path(models_dir or tempfile.mkdtemp(prefix="dicomops-models-")) / f"{name}-v{mv.version}",
-                 expected=expected_exports(mv))
+                 expected=expected_exports(mv), expected_configs=expected_configs(mv))
+    checked = check_hashes(mv, root)  # before any file is read, and before TensorRT is asked about
+    if checked.unchecked:
+        log.warning("%s version %s: %s carry no registered sha256 (an export from before every file's was "
+                    "registered, or files an earlier export left), so they are neither checked nor served; run '%s' "
+                    "to register them", name, mv.version, ", ".join(checked.unchecked), export_command(mv.version))
     preprocess = PreprocessConfig.model_validate(json.loads((root / WEIGHTS_ARTIFACT / PREPROCESS_CONFIG).read_text()))
     train_raw = json.loads((root / WEIGHTS_ARTIFACT / TRAIN_CONFIG).read_text())
     train = TrainConfig.from_logged(train_raw)
     folder = root / EXPORT_ARTIFACT
-    check_hashes(mv, folder)
-    contract = onnx_export.read_contract(folder / "model.onnx")
-    check_agreement(preprocess, contract)
-    choice = choose(engine, {p.name for p in folder.iterdir()})
+    contract = onnx_export.read_contract(folder / ENGINE_FILES["ort-fp32"])
+    check_agreement(preprocess, contract, mv.version)
+    plan = ENGINE_FILES["tensorrt"]
+    if engine == "tensorrt" and (folder / plan).exists() and plan not in checked.files:
+        raise ValueError(f"{plan} of {name} version {mv.version} has no registered sha256 (exported before plans "
+                         f"were registered), so it is not served; run '{export_command(mv.version)}' on a GPU host, "
+                         "or serve with --engine ort-fp32")
+    choice = choose(engine, set(checked.files))
     served = open_engine(folder, choice, contract, threads)
     return Champion(name, str(mv.version), str(mv.run_id), preprocess, contract, train.top_k_slices, served)
