@@ -559,9 +559,17 @@ def predict(
     if partly:
         console.print(f"[yellow]{partly:.0f} studies not answered in full[/]: the PACS did not keep every result; "
                       "their rows in the results say why")
-    console.print(f"[green]predict finished[/]: {result['studies_scored']:.0f} studies scored on "
-                  f"{escape(str(result['engine']))} ({escape(str(result['engine_reason']))}); results in "
-                  f"{escape(str(result['results']))}; MLflow run {result['mlflow_run_id']}")
+    done = (f"{result['studies_scored']:.0f} studies scored on {escape(str(result['engine']))} "
+            f"({escape(str(result['engine_reason']))}); results in {escape(str(result['results']))}; "
+            f"MLflow run {result['mlflow_run_id']}")
+    refused, failed = result.get("studies_refused", 0), result.get("studies_failed", 0)
+    series_failed = result.get("series_failed", 0)
+    if refused or failed or series_failed:  # as a failed gate: exit 1, each row says why
+        console.print(f"[red]predict finished, not everything was scored[/]: {refused:.0f} studies refused, "
+                      f"{failed:.0f} failed, {series_failed:.0f} series could not be scored (their rows in the "
+                      f"results say why); {done}", soft_wrap=True)
+        raise typer.Exit(1)
+    console.print(f"[green]predict finished[/]: {done}")
 
 
 @app.command()

@@ -9,9 +9,13 @@ pseudonym. Nothing a patient could be found by reaches MLflow: not the folder's 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import shutil
 import time
+from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +27,27 @@ from dicomops.errors import GateFailedError, local_outage
 from dicomops.layout import WorkLayout
 from dicomops.serving.cache import VolumeCache
 from dicomops.serving.champion import Champion
-from dicomops.serving.predict import Answer, Timer, answer_pacs_study, result_table, score_gated
+from dicomops.serving.predict import (
+    Answer,
+    SeriesFailure,
+    Timer,
+    answer_pacs_study,
+    failure_code,
+    result_table,
+    score_gated,
+)
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "dicomops-inference"
 REFUSED_BATCH = "(batch)"  # the answer's name when the gate refused the whole folder
+UNREAD_FILES = "(quarantined files)"  # the answer's name for quarantined files whose study could not be read
+STUDY_UID = "StudyInstanceUID"
+# The gate's limit on a folder's quarantined share when predicting: only a folder whose every file is
+# quarantined stops it (before de-identification, which has nothing to do then); each study's own share is
+# then held to ingest.max_invalid_fraction (gate_by_study).
+ALL_BUT_EVERY = math.nextafter(1.0, 0.0)
+DEFLATED = b"1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian, as it stands in a file's meta
 Progress = Callable[[int, int], None] | None
 
 
@@ -36,53 +55,176 @@ def new_batch_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{time.time_ns() % 1_000_000:06d}"
 
 
-def predict_folder(src: Path, work: Path, cfg: IngestConfig, key: bytes, champion: Champion,
-                   cache: VolumeCache | None = None, progress: Progress = None) -> list[Answer]:
-    """Every study of a DICOM folder: the folder goes through the gate as one batch (as training's
-    ingest does), then each study's accepted series are scored. The gate's work directory is
-    removed afterwards; the answers name studies by their pseudonymised StudyInstanceUID."""
+@dataclass(frozen=True)
+class StudyGate:
+    """One study's share of a folder's gate, judged as pacs-watch judges a study it retrieved."""
+
+    study: str  # the gate's pseudonym of its StudyInstanceUID (KeyedMapper.uid), as accepted.parquet names it
+    files: int
+    quarantined: int
+    reasons: dict[str, int]  # the gate's reason codes of its quarantined files
+    accepted_series: int
+    refusal: str  # why the study is refused; empty when its accepted series are to be scored
+
+
+def _top(reasons: Mapping[str, int], n: int = 3) -> str:
+    return ", ".join(f"{k} ({v})" for k, v in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:n])
+
+
+def study_of_file(path: str, source_path: str, key: bytes) -> str:
+    """Worker: the gate's pseudonym of a file's StudyInstanceUID (:meth:`KeyedMapper.uid` of the
+    value as the header index reads it), or "" when its header does not say. For files the gate
+    quarantined while reading their header (a truncated file, a PET image): the index has no row
+    for them. Only the header is read: by the gate's narrow reader, else by pydicom up to the
+    pixels, never a deflated file (inflating one is what the gate bounds)."""
+    import pydicom
+    from pydicom.dataelem import RawDataElement
+
+    from dicomops.deid.keys import KeyedMapper
+    from dicomops.dicom.fastheader import decode_value, read_fast
+
+    try:
+        fast = read_fast(path, (STUDY_UID,), os.path.getsize(path))
+        if fast is not None:
+            values = fast.raw(STUDY_UID)
+        else:
+            with open(path, "rb") as fh:
+                if DEFLATED in fh.read(2048):
+                    return ""
+            elem = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[STUDY_UID], force=True,
+                                   defer_size=1024).get_item(STUDY_UID)
+            if isinstance(elem, RawDataElement):
+                values = decode_value("UI", bytes(elem.value or b""), bool(elem.is_little_endian))
+            else:
+                values = [str(elem.value)] if elem is not None and elem.value else None
+    except Exception as err:  # the gate has said what is wrong with the file; here only its study is wanted
+        if local_outage(err):
+            raise
+        return ""
+    return KeyedMapper(key).uid("\\".join(str(v) for v in values)) if values else ""
+
+
+def gate_by_study(src: Path, gate_work: Path, cfg: IngestConfig, key: bytes) -> tuple[list[StudyGate], dict[str, int]]:
+    """Each study of a folder the gate has run over (with :data:`ALL_BUT_EVERY` as its share), judged on its own files
+    as pacs-watch judges a study it retrieved: a study whose quarantined share is above
+    ``cfg.max_invalid_fraction``, or with no accepted series, is refused with its reasons. Returns
+    the studies (sorted by pseudonym) and the reasons of the quarantined files whose study could not
+    be read (no header at all, not DICOM)."""
     import pandas as pd
 
+    from dicomops.dicom.parallel import map_isolated
+
+    paths = WorkLayout(gate_work).ingest
+    index = pd.read_parquet(paths.index)
+    study_of: dict[str, str] = {rel: study for rel, study in zip(index.source_path, index.StudyInstanceUID,
+                                                                 strict=True) if study} \
+        if "StudyInstanceUID" in index else {}  # an index without a readable file has no such column
+    quarantine = io.read_table(paths.quarantine)
+    unread = sorted(set(quarantine.source_path) - set(study_of))
+    found = map_isolated(study_of_file, [(str(Path(src) / rel), rel) for rel in unread], args=(key,),
+                         on_failure=lambda item, why: "", workers=cfg.workers, chunk_size=128,
+                         seconds_per_item=cfg.seconds_per_file, dask_address=cfg.dask_address)
+    study_of |= {rel: study for rel, study in zip(unread, found, strict=True) if study}
+    files = Counter(study_of.values())
+    reasons: defaultdict[str, Counter[str]] = defaultdict(Counter)
+    for rel, reason in zip(quarantine.source_path, quarantine.reason, strict=True):
+        reasons[study_of.get(rel, "")][str(reason)] += 1
+    accepted = pd.read_parquet(paths.accepted) if paths.accepted.exists() else pd.DataFrame()  # none: all quarantined
+    series = accepted.groupby("StudyInstanceUID").SeriesInstanceUID.nunique().to_dict() if len(accepted) else {}
+    studies = []
+    for study in sorted(files):
+        own = dict(reasons.get(study, {}))
+        quarantined, n = sum(own.values()), files[study]
+        refusal = ""
+        if quarantined / n > cfg.max_invalid_fraction:
+            refusal = (f"{quarantined} of the study's {n} files quarantined ({quarantined / n:.1%}), above the allowed "
+                       f"{cfg.max_invalid_fraction:.1%}. Top reasons: {_top(own)}; fix the study at its source, or "
+                       "raise ingest.max_invalid_fraction if it is acceptable")
+        elif not series.get(study):
+            refusal = f"no series passed the ingest gate. Top reasons: {_top(own)}"
+        studies.append(StudyGate(study, n, quarantined, own, int(series.get(study, 0)), refusal))
+    return studies, dict(reasons.get("", {}))
+
+
+def predict_folder(src: Path, work: Path, cfg: IngestConfig, key: bytes, champion: Champion,
+                   cache: VolumeCache | None = None, progress: Progress = None,
+                   answers: list[Answer] | None = None) -> list[Answer]:
+    """Every study of a DICOM folder, each judged on its own as pacs-watch judges a study: the
+    folder goes through the gate's checks once, then each study's share of quarantined files is
+    held against ``cfg.max_invalid_fraction`` (:func:`gate_by_study`). A study over it is refused
+    with its reasons; the others' accepted series are scored, series by series: one that cannot be
+    scored is a ``failed`` series of its study (its reason code), the others keep their scores.
+    Quarantined files whose study could not be read are one ``(quarantined files)`` answer; a folder
+    with no file to ingest, or none naming its study, is refused whole (``(batch)``).
+
+    The answers name studies by their pseudonymised StudyInstanceUID. `answers`: the list to append
+    each study's answer to as it comes (returned), so that a caller still holds the answers given
+    before an outage (:func:`dicomops.errors.local_outage`) stopped the batch. The gate's work
+    directory is removed afterwards."""
     from dicomops import ingest
 
     gate_work = Path(work) / "gate"
     shutil.rmtree(gate_work, ignore_errors=True)
+    answers = [] if answers is None else answers
     try:
         timer = Timer()
         with timer("gate_s"):
-            try:
-                gate = ingest.run(Path(src), gate_work, cfg, key)
+            try:  # the share is judged per study below; over the folder only "every file" stops the gate
+                ingest.run(Path(src), gate_work, cfg.model_copy(update={"max_invalid_fraction": ALL_BUT_EVERY}), key)
             except GateFailedError as err:
-                summary = WorkLayout(gate_work).ingest.summary
-                quarantined = int(io.read_json(summary).get("quarantined_files", 0)) if summary.exists() else 0
-                return [Answer(REFUSED_BATCH, "refused", quarantined_files=quarantined, reason=err.brief,
-                               timings=timer.timings)]
+                if not int(io.read_json(WorkLayout(gate_work).ingest.summary).get("files", 0)):  # nothing to ingest
+                    answers.append(Answer(REFUSED_BATCH, "refused", reason=err.brief, timings=timer.timings))
+                    return answers
+            studies, unread = gate_by_study(Path(src), gate_work, cfg, key)  # every file quarantined: each study refused
+        if not studies:
+            files = int(io.read_json(WorkLayout(gate_work).ingest.files)["files"])
+            quarantined = sum(unread.values())
+            answers.append(Answer(REFUSED_BATCH, "refused", quarantined_files=quarantined, timings=timer.timings,
+                                  reason=f"{quarantined} of {files} files quarantined and none names its study: "
+                                         f"nothing to score. Top reasons: {_top(unread)}; fix the source"))
+            return answers
         gate_s = timer.timings["gate_s"]
-        studies = sorted(pd.read_parquet(WorkLayout(gate_work).ingest.accepted,
-                                         columns=["StudyInstanceUID"]).StudyInstanceUID.unique())
-        answers = []
         for i, study in enumerate(studies, 1):
             t = Timer()
             t0 = time.perf_counter()
-            try:
-                findings, _ = score_gated(champion, gate_work, cache, t, study=str(study))
-                answer = Answer(str(study), "scored", findings, len(findings), timings=t.timings)
-            except Exception as err:
-                if local_outage(err):  # the machine's, not the study's: stops the batch
-                    raise
-                answer = Answer(str(study), "failed", reason=f"{type(err).__name__} during scoring (the message is "
-                                                             f"withheld: it may quote identifiers)", timings=t.timings)
-            answer.timings["total_s"] = time.perf_counter() - t0 + gate_s / max(len(studies), 1)
+            answer = _score_study(study, champion, gate_work, cache, t)
+            answer.timings["total_s"] = time.perf_counter() - t0 + gate_s / len(studies)
             answers.append(answer)
             if progress is not None:
                 progress(i, len(studies))
-        if gate.quarantined_files:
-            answers.append(Answer("(quarantined files)", "refused", quarantined_files=gate.quarantined_files,
-                                  reason=f"{gate.quarantined_files} files quarantined by the gate "
-                                         f"({', '.join(f'{k}: {v}' for k, v in sorted(gate.reasons.items()))})"))
+        if unread:
+            quarantined = sum(unread.values())
+            answers.append(Answer(UNREAD_FILES, "refused", quarantined_files=quarantined,
+                                  reason=f"{quarantined} files quarantined by the gate whose study could not be read "
+                                         f"({', '.join(f'{k}: {v}' for k, v in sorted(unread.items()))})"))
         return answers
     finally:
         shutil.rmtree(gate_work, ignore_errors=True)
+
+
+def _score_study(study: StudyGate, champion: Champion, gate_work: Path, cache: VolumeCache | None,
+                 timer: Timer) -> Answer:
+    """A study's answer: refused as the gate judged it, else each accepted series scored; failed
+    when none of its series could be. Only an outage of this machine raises."""
+    if study.refusal:
+        return Answer(study.study, "refused", quarantined_files=study.quarantined, reason=study.refusal,
+                      timings=timer.timings)
+    failures: list[SeriesFailure] = []
+    try:
+        findings, _ = score_gated(champion, gate_work, cache, timer, study=study.study, failures=failures)
+    except Exception as err:
+        if local_outage(err):  # the machine's, not the study's: stops the batch
+            raise
+        return Answer(study.study, "failed", accepted_series=study.accepted_series,
+                      quarantined_files=study.quarantined, timings=timer.timings,
+                      reason=f"{failure_code(err)} during scoring (the message is withheld: it may quote identifiers)")
+    if not findings:
+        said = _top(Counter(f.reason for f in failures), n=len(failures))
+        return Answer(study.study, "failed", accepted_series=study.accepted_series, quarantined_files=study.quarantined,
+                      reason=f"none of its series could be scored: {said}", timings=timer.timings,
+                      failed_series=failures)
+    return Answer(study.study, "scored", findings, study.accepted_series, study.quarantined, timings=timer.timings,
+                  failed_series=failures)
 
 
 def predict_pacs(query: Mapping[str, str], pacs: Any, staging: Path, work: Path, cfg: IngestConfig, key: bytes,
@@ -182,6 +324,7 @@ def summarise(answers: Sequence[Answer]) -> dict[str, float]:
         "studies_failed": float(sum(a.status == "failed" for a in answers)),
         "series_scored": float(len(findings)),
         "series_positive": float(sum(f.present for f in findings)),
+        "series_failed": float(sum(len(a.failed_series) for a in answers)),
         "results_stored": float(sum(a.results_stored for a in answers)),
         "studies_partly_answered": float(sum(a.status == "scored" and bool(a.reason) for a in answers)),
         "studies_warm": float(sum(a.warm for a in answers)),
@@ -251,7 +394,9 @@ def run_batch(*, src: Path | None, query: Mapping[str, str] | None, work: Path, 
               artifact_root: Path | None, staging: Path, orthanc_url: str | None = None, http_budget_s: float = 120.0,
               progress: Progress = None, segmenter_name: str | None = None) -> dict[str, Any]:
     """Load the version (with the champion of `segmenter_name` for what is written back to a PACS),
-    score the folder or the PACS query, record the results, log the run."""
+    score the folder or the PACS query, record the results, log the run. An outage that stops the
+    batch part-way (a PACS that stops answering, a full disk) is raised after the studies answered
+    before it are recorded, in a run that ends FAILED with the error's type in its tags."""
 
     from dicomops.serving.champion import load_champion
     from dicomops.tracking.registry import sync_reviews
@@ -271,30 +416,32 @@ def run_batch(*, src: Path | None, query: Mapping[str, str] | None, work: Path, 
     batch_id = new_batch_id()
     scratch = WorkLayout(work).predictions(batch_id) / "scratch"
     answers: list[Answer] = []
+    source = "folder" if src is not None else "pacs"
     try:
-        if src is not None:
-            answers = predict_folder(src, scratch, ingest_cfg, key, champion, cache, progress)
-            source = "folder"
-        else:
-            from dicomops.pacs.client import PacsClient
-
-            # Two clients: a requests session per thread (the second retrieves ahead).
-            with PacsClient.from_env(http_budget_s, url=orthanc_url) as pacs, \
-                    PacsClient.from_env(http_budget_s, url=orthanc_url) as prefetch:
+        try:
+            if src is not None:
+                predict_folder(src, scratch, ingest_cfg, key, champion, cache, progress, answers=answers)
+            else:
+                from dicomops.pacs.client import PacsClient
                 from dicomops.pacs.watch import record_answered
 
-                try:
+                # Two clients: a requests session per thread (the second retrieves ahead).
+                with PacsClient.from_env(http_budget_s, url=orthanc_url) as pacs, \
+                        PacsClient.from_env(http_budget_s, url=orthanc_url) as prefetch:
                     predict_pacs(  # pacs-watch leaves a study answered here once it is stable
                         query or {}, pacs, staging, scratch, ingest_cfg, key, champion, cache, serve_cfg.write_back,
                         progress, prefetch, answers=answers,
                         answered=lambda a: record_answered(work, a, f"predict --pacs (batch {batch_id})"))
-                except Exception as err:  # an outage: what was answered before it is recorded, then it stops
-                    if answers:
-                        folder, metrics = record(work, batch_id, answers, champion, cache)
-                        log_batch(tracking_uri, artifact_root, batch_id, folder, metrics, champion, "pacs", cache,
-                                  stopped=type(err).__name__)
-                    raise
-            source = "pacs"
+        except Exception as err:  # an outage (a PACS, a full disk): what was answered before it is recorded, then it stops
+            if answers:
+                try:
+                    folder, metrics = record(work, batch_id, answers, champion, cache)
+                    log_batch(tracking_uri, artifact_root, batch_id, folder, metrics, champion, source, cache,
+                              stopped=type(err).__name__)
+                except Exception as also:  # a disk still full: the outage is what is raised, this is said
+                    log.error("the %d studies answered before %s could not be recorded either (%s)", len(answers),
+                              type(err).__name__, type(also).__name__)
+            raise
         folder, metrics = record(work, batch_id, answers, champion, cache)
         run_id = log_batch(tracking_uri, artifact_root, batch_id, folder, metrics, champion, source, cache)
     finally:

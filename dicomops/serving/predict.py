@@ -46,6 +46,23 @@ log = logging.getLogger(__name__)
 
 RESULT_COLUMNS = ["study", "series", "manufacturer", "slices", "score", "present", "best_z", "threshold",
                   "model", "version", "engine", "cache"]
+# Counts and indices: whole numbers in results.csv, empty (never NaN, never 119.0) on a row without a score.
+INTEGER_COLUMNS = ("slices", "best_z", "segmenter_nodules")
+
+
+class SeriesNotPreprocessed(ValueError):
+    """A series whose pixels training's preprocessing could not turn into a volume; `code` is the
+    preprocessing's own reason (``unreadable_pixels``, ``transform_error``): no header value in it."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(f"the series' pixels could not be preprocessed ({code})")
+        self.code = code
+
+
+def failure_code(err: BaseException) -> str:
+    """What may be said of a failure without quoting an identifier: the library's own reason code,
+    else the exception's type (its message may quote a header value)."""
+    return err.code if isinstance(err, SeriesNotPreprocessed) else type(err).__name__
 
 
 @dataclass
@@ -57,6 +74,15 @@ class SeriesFinding:
     present: bool
     best_z: int
     cache: str  # hit | miss | off
+
+
+@dataclass
+class SeriesFailure:
+    """A series of a study that could not be scored while the study's other series were."""
+
+    series: str  # the gate's pseudonym
+    manufacturer: str
+    reason: str  # failure_code: a reason code or an exception type, never a message
 
 
 @dataclass
@@ -75,6 +101,7 @@ class Answer:
     images: str = ""  # from a PACS: the keyed digest of the image instances answered (watch.images_digest)
     # What the segmenter answered for each series it wrote back (dicomops.serving.segmenter.Served).
     localised: list[Any] = field(default_factory=list, repr=False)
+    failed_series: list[SeriesFailure] = field(default_factory=list)  # series not scored, the others were
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "localised"}
@@ -151,7 +178,7 @@ def preprocessed(group: pd.DataFrame, deid_root: Path, preprocess: PreprocessCon
     out = Path(scratch) / "volume.npz"
     meta = preprocess_one(group.to_dict("records"), str(deid_root), "", preprocess.model_dump_json(), str(out))
     if meta.get("reason"):
-        raise ValueError(f"the series' pixels could not be preprocessed ({meta['reason']})")
+        raise SeriesNotPreprocessed(str(meta["reason"]))
     with np.load(out) as npz:
         return np.asarray(npz["image"]), np.asarray(npz["affine"], dtype=float)
 
@@ -173,8 +200,12 @@ def _finding(champion: Champion, series: str, manufacturer: str, volume: np.ndar
 
 
 def score_gated(champion: Champion, study_work: Path, cache: VolumeCache | None, timer: Timer,
-                study: str = "") -> tuple[list[SeriesFinding], list[dict[str, Any]]]:
-    """Score every accepted series of a gated work directory; also return the manifest entries."""
+                study: str = "", failures: list[SeriesFailure] | None = None
+                ) -> tuple[list[SeriesFinding], list[dict[str, Any]]]:
+    """Score every accepted series of a gated work directory (of `study` only, when given); also
+    return the manifest entries. With `failures`, a series that cannot be scored is appended there
+    (:func:`failure_code` says why) and the others are still scored; without, it raises. This
+    machine running out of something (:func:`dicomops.errors.local_outage`) always raises."""
     from dicomops.preprocessing.stage import cache_key, series_content_hash
 
     layout = WorkLayout(study_work)
@@ -185,17 +216,24 @@ def score_gated(champion: Champion, study_work: Path, cache: VolumeCache | None,
     findings, entries = [], []
     with tempfile.TemporaryDirectory(prefix="dicomops-pre-") as scratch:
         for uid, group in accepted.groupby("SeriesInstanceUID", sort=True):
-            key = cache_key(series_content_hash(group), champion.preprocess, code)
             manufacturer = str(group.Manufacturer.iloc[0]) if "Manufacturer" in group else ""
-            volume = cache.get_volume(key) if cache is not None else None
-            state = "off" if cache is None else ("hit" if volume is not None else "miss")
-            if volume is None:
-                with timer("preprocess_s"):
-                    volume = preprocess_series(group, layout.ingest.deid, champion, Path(scratch))
-                if cache is not None:
-                    cache.put_volume(key, volume)
-            with timer("score_s"):
-                findings.append(_finding(champion, str(uid), manufacturer, volume, state))
+            try:
+                key = cache_key(series_content_hash(group), champion.preprocess, code)
+                volume = cache.get_volume(key) if cache is not None else None
+                state = "off" if cache is None else ("hit" if volume is not None else "miss")
+                if volume is None:
+                    with timer("preprocess_s"):
+                        volume = preprocess_series(group, layout.ingest.deid, champion, Path(scratch))
+                    if cache is not None:
+                        cache.put_volume(key, volume)
+                with timer("score_s"):
+                    finding = _finding(champion, str(uid), manufacturer, volume, state)
+            except Exception as err:
+                if failures is None or local_outage(err):
+                    raise
+                failures.append(SeriesFailure(str(uid), manufacturer, failure_code(err)))
+                continue
+            findings.append(finding)
             entries.append({"series": str(uid), "manufacturer": manufacturer, "key": key})
     return findings, entries
 
@@ -231,8 +269,9 @@ def answer_staged(study: str, staged: Path, study_work: Path, cfg: IngestConfig,
     except Exception as err:
         if local_outage(err):
             raise
-        return Answer(study, "failed", reason=f"{type(err).__name__} during {step} (the message is withheld: it may "
-                                              f"quote identifiers)", timings=timer.timings), []
+        said = failure_code(err)
+        withheld = "" if isinstance(err, SeriesNotPreprocessed) else " (the message is withheld: it may quote identifiers)"
+        return Answer(study, "failed", reason=f"{said} during {step}{withheld}", timings=timer.timings), []
     return Answer(study, "scored", findings, gate.accepted_series, gate.quarantined_files,
                   timings=timer.timings), entries
 
@@ -349,10 +388,13 @@ def findings_frame(findings: Sequence[SeriesFinding], champion: Champion) -> pd.
 
 
 def result_table(answers: Sequence[Answer], champion: Champion) -> pd.DataFrame:
-    """One row per scored series, plus one per study that was not scored (with its status and
-    reason); where the segmenter answered the series in the PACS, its call (``segmenter*`` columns)
-    and where its mask is kept (``segmenter_mask``, :meth:`WorkLayout.served_mask`). De-identified:
-    tokens and pseudonyms only."""
+    """One row per scored series, one per series that failed while its study's others were scored
+    (status ``failed``, its reason code), plus one per study that was not scored (with its status
+    and reason); where the segmenter answered the series in the PACS, its call (``segmenter*``
+    columns) and where its mask is kept (``segmenter_mask``, :meth:`WorkLayout.served_mask`).
+    ``slices`` counts the slices of the volume the model scored (resampled to the preprocessing's
+    spacing, not the acquired images), ``best_z`` is the highest-scoring one; both stay whole numbers
+    (empty on a row without a score). De-identified: tokens and pseudonyms only."""
     from dicomops.serving.segmenter import Served
 
     rows = []
@@ -361,7 +403,7 @@ def result_table(answers: Sequence[Answer], champion: Champion) -> pd.DataFrame:
     for a in answers:
         common = {"study": a.study, "status": a.status, "reason": a.reason, "warm": a.warm,
                   "total_s": round(a.timings.get("total_s", 0.0), 4)}
-        if not a.findings:
+        if not a.findings and not a.failed_series:
             rows.append(common | meta)
         localised = {s.series: s for s in a.localised}
         for f in a.findings:
@@ -371,5 +413,9 @@ def result_table(answers: Sequence[Answer], champion: Champion) -> pd.DataFrame:
             rows.append(common | meta | {"series": f.series, "manufacturer": f.manufacturer, "slices": f.slices,
                                          "score": f.score, "present": f.present, "best_z": f.best_z,
                                          "cache": f.cache} | segmenter)
+        for failed in a.failed_series:
+            rows.append(common | meta | {"series": failed.series, "manufacturer": failed.manufacturer,
+                                         "status": "failed", "reason": f"series not scored: {failed.reason}"})
     columns = [*RESULT_COLUMNS, "status", "reason", "warm", "total_s", *Served.COLUMNS, "segmenter_mask"]
-    return pd.DataFrame(rows).reindex(columns=columns)
+    table = pd.DataFrame(rows).reindex(columns=columns)
+    return table.astype({c: "Int64" for c in INTEGER_COLUMNS})
