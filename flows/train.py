@@ -61,6 +61,7 @@ def train(work: Path | None = None, config: TrainConfig = TrainConfig(),
             version = t.register_model(work, config, preprocess_config, uri, data_hash, split_hash, run_tags or {})
             t.store_reference(work, uri, config.model_name, version)
             decision = t.promotion_gate(uri, config, version, work, feedback_work, feedback_config)
+            t.mark_training_complete(work, version)
         print(f"train: mean CV AUC {summary['mean_auc']:.3f} ± {summary['std_auc']:.3f}; version {version} "
               f"{decision['decision']}: {'; '.join(decision['reasons'])}")
         result: dict[str, object] = {"mlflow_run_id": run_id, "version": version, "mean_auc": summary["mean_auc"],

@@ -42,7 +42,7 @@ def open_training_run(work: Path, cfg: TrainConfig, pre: PreprocessConfig, split
                       tracking_uri: str, experiment: str, artifact_root: Path | None, params: dict[str, object],
                       parent_run_id: str | None, run_tags: dict[str, str]) -> str:
     layout = WorkLayout(work)
-    key = train_state.run_key(cfg, pre, split_hash, data_hash)
+    key = train_state.run_key(layout, cfg, pre, split_hash, data_hash)
     return mlflow_runs.open_parent_run(layout, key, tracking_uri, experiment, artifact_root,
                                        cv.training_tags(layout, data_hash, split_hash) | run_tags, params,
                                        parent_run_id)
@@ -69,12 +69,20 @@ def train_final_model(work: Path, cfg: TrainConfig, slab_slices: int, tracking_u
     return cv.train_final(WorkLayout(work), cfg, slab_slices, tracking_uri)
 
 
+# Retries are safe: a retry (or a re-run) finishes the version its first attempt made from this
+# training's run rather than registering the run again (cv.register_version).
 @task(name="register-model", retries=2, retry_delay_seconds=[2, 10])
 def register_model(work: Path, cfg: TrainConfig, pre: PreprocessConfig, tracking_uri: str, data_hash: str,
                    split_hash: str, run_tags: dict[str, str]) -> str:
     return cv.register(WorkLayout(work), cfg, pre, tracking_uri,
                        {ACCEPTED_HASH_TAG: data_hash, "split_sha256": split_hash,
                         "git_commit": git_commit()} | run_tags)
+
+
+@task(name="mark-training-complete")
+def mark_training_complete(work: Path, version: str) -> None:
+    """After the training's last step: a later run with the same key trains afresh; before it, resumes."""
+    train_state.mark_complete(WorkLayout(work), version)
 
 
 @task(name="store-monitoring-reference", tags=["cpu-heavy"], retries=1, retry_delay_seconds=[5])

@@ -8,6 +8,7 @@ This module wires three others: :mod:`dicomops.training.scoring` (pure scores an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from dicomops import io
 from dicomops.config import PreprocessConfig, TrainConfig
 from dicomops.feedback import privacy
 from dicomops.layout import Folds, WorkLayout
-from dicomops.tracking import model_card, registry
+from dicomops.tracking import model_card, registry, runs
 from dicomops.tracking.lineage import ACCEPTED_HASH_TAG
 from dicomops.training import mlflow_runs, plots, saliency, scoring
 from dicomops.training import state as train_state
@@ -28,10 +29,30 @@ from dicomops.training.loop import fit, train_precision
 from dicomops.training.model import build_model, load_state_dict
 from dicomops.training.splits import fold_counts, load_or_create_folds
 
+DECISION_TAG = "promotion.decision"  # a version's decided state (gate, reviewer, superseded): never finished again
+
 
 def prepare(layout: WorkLayout, cfg: TrainConfig) -> Folds:
-    """Write or reuse ``splits/folds.json`` (checked against the labelled series and the config)."""
-    return load_or_create_folds(layout, layout.labelled_series(), cfg.n_splits, cfg.seed)
+    """Write or reuse ``splits/folds.json`` (checked against the labelled series and the config).
+
+    Also refuses, before any fold trains, a leave-one-vendor-out the series cannot support."""
+    series = layout.labelled_series()
+    if cfg.leave_one_vendor_out:
+        check_vendors_to_leave_out(series)
+    return load_or_create_folds(layout, series, cfg.n_splits, cfg.seed)
+
+
+def check_vendors_to_leave_out(series: pd.DataFrame) -> None:
+    """Leaving one vendor out trains on the others: with a single vendor there are none.
+
+    Raises:
+        ValueError: the labelled series come from fewer than two vendors, saying what to change.
+    """
+    vendors = sorted(str(v) for v in series.vendor.unique())
+    if len(vendors) < 2:
+        raise ValueError(f"leave-one-vendor-out needs labelled series from at least two vendors, and these are "
+                         f"only {', '.join(vendors) or 'none'}: train without --leave-one-vendor-out "
+                         "(train.leave_one_vendor_out: false), or add another vendor's series")
 
 
 def score_series(model: torch.nn.Module, layout: WorkLayout, series: pd.DataFrame, k: int, size: int,
@@ -134,6 +155,7 @@ def leave_one_vendor_out(layout: WorkLayout, cfg: TrainConfig, k: int, tracking_
     parent = train_state.parent_run(layout)
     epochs = int(io.read_json(layout.train.summary)["final_epochs"])
     series = layout.labelled_series()
+    check_vendors_to_leave_out(series)
     rows = []
     for vendor in sorted(series.vendor.unique()):
         out = layout.train.held_out(str(vendor))
@@ -185,6 +207,8 @@ def register(layout: WorkLayout, cfg: TrainConfig, pre: PreprocessConfig, tracki
     """
     from dicomops.export.contract import METADATA_KEY, InputContract
 
+    if (registered := train_state.registered_version(layout)) is not None:
+        return registered  # a re-run after a crash past the registration: that version goes on
     paths = layout.train
     summary = io.read_json(paths.summary)
     k = pre.slab_slices
@@ -227,9 +251,35 @@ def register(layout: WorkLayout, cfg: TrainConfig, pre: PreprocessConfig, tracki
         return model_card.initial_card(cfg.model_name, version, summary, evidence, per_fold_all, identity,
                                        privacy.pool_counts(layout.root), lovo, vendor_names(layout))
 
-    version = registry.register_model(tracking_uri, parent, model, example, cfg.model_name, card, version_tags,
-                                      metadata={METADATA_KEY: contract.to_json()})
-    train_state.mark_complete(layout, version)
+    version = register_version(tracking_uri, parent, model, example, cfg.model_name, card, version_tags,
+                               metadata={METADATA_KEY: contract.to_json()})
+    train_state.record_version(layout, version)  # complete only after the gate (train_state.mark_complete)
+    return version
+
+
+def register_version(tracking_uri: str, run_id: str, model: torch.nn.Module, example: np.ndarray, name: str,
+                     card: Callable[[str], str], tags: dict[str, str], metadata: dict[str, str] | None = None) -> str:
+    """:func:`registry.register_model`, once per training run: when an earlier attempt (a retry of
+    the task, or a re-run after a crash) already made a version of `name` from `run_id`, that
+    version is finished instead (card, tags, the challenger alias) and no second one is made. A
+    training run registers one version only, so the run id names it. A version a gate or a
+    reviewer has decided since is returned as it is."""
+    client = runs.configure_mlflow(tracking_uri)
+    made = sorted(client.search_model_versions(f"name='{name}' and run_id='{run_id}'"), key=lambda v: int(v.version))
+    if not made:
+        return registry.register_model(tracking_uri, run_id, model, example, name, card, tags, metadata=metadata)
+    version = str(made[0].version)
+    if DECISION_TAG in (made[0].tags or {}):
+        return version
+    client.update_model_version(name, version, description=card(version))
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    previous = registry.alias_version(client, name, registry.CHALLENGER)
+    client.set_registered_model_alias(name, registry.CHALLENGER, version)
+    if previous is not None and str(previous.version) != version:  # as register_model: its card must not ask for review
+        client.set_model_version_tag(name, str(previous.version), DECISION_TAG, "superseded")
+        registry._rewrite_section(client, name, str(previous.version), model_card.decision_section(
+            "superseded", (f"version {version} is the challenger now",), str(previous.version)))
     return version
 
 

@@ -3,6 +3,7 @@ an atomic checkpoint every epoch, and resumption from the last complete one."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +30,7 @@ from dicomops.training.model import (
 )
 
 EpochLogger = Callable[[int, dict[str, float]], None]
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -100,6 +103,34 @@ def train_precision(cfg: TrainConfig) -> Precision:
     return precision
 
 
+def generator_states(loader: torch.Generator, device: torch.device) -> dict[str, Any]:
+    """Every generator the loop draws from, for the checkpoint: the loader's (shuffle order, and the
+    workers' base seed), torch's global one (augmentation seeds, dropout), CUDA's, numpy's and
+    Python's. As tensors and plain lists, which ``weights_only`` loading accepts."""
+    numpy_state: Any = np.random.get_state(legacy=True)  # a tuple: legacy
+    kind, keys, pos, has_gauss, cached = numpy_state
+    version, internal, gauss = random.getstate()
+    states: dict[str, Any] = {
+        "loader": loader.get_state(), "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "python": [version, list(internal), gauss]}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_generators(states: dict[str, Any], loader: torch.Generator, device: torch.device) -> None:
+    """Put back what :func:`generator_states` saved: the resumed epochs draw what an uninterrupted run would."""
+    loader.set_state(states["loader"])
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
 def save_checkpoint(path: Path, state: dict[str, object]) -> None:
     """Write atomically: a reader sees the previous checkpoint or this one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,11 +198,20 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
         best_auc, best_epoch, bad = float(state["best_auc"]), int(state["best_epoch"]), int(state["bad"])  # type: ignore[arg-type, call-overload]
         history = list(state["history"])  # type: ignore[call-overload]
         best_state = state.get("best_model")
-        torch.set_rng_state(state["rng"])  # type: ignore[arg-type]
     resumed_from = start
     # Loss scaling is needed for float16 only (CUDA without bf16); a disabled scaler is a no-op.
     scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.autocast_dtype == torch.float16)
-    generator = torch.Generator().manual_seed(seed + start)
+    generator = torch.Generator().manual_seed(seed)
+    if state is not None and "generators" in state:
+        restore_generators(state["generators"], generator, precision.device)  # type: ignore[arg-type]
+    elif state is not None:
+        # A checkpoint from before the generators were kept: it resumes, on another batch order.
+        torch.set_rng_state(state["rng"])  # type: ignore[arg-type]
+        generator.manual_seed(seed + start)
+        logger.warning("%s holds no generator states (written by an older dicomops): training resumes from "
+                       "epoch %d, but its result will differ from an uninterrupted run's", checkpoint, start)
+    # A fold that stopped early, killed before its state said done, must not train on when resumed.
+    stopped = state is not None and val is not None and bad >= cfg.patience
     if teacher is not None and len(teacher) != len(train.y):
         raise ValueError(f"{len(teacher)} teacher outputs for {len(train.y)} training slabs")
     distil = None
@@ -183,13 +223,15 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
                          weight=weight)
     dataset = AugmentedSlabs(train, train=True, teacher=teacher)
     workers = loader_workers(cfg, precision)
+    # Not persistent: workers started each epoch take their seeds from `generator`, whose state the
+    # checkpoint keeps; persistent ones would carry on from seeds a resumed run cannot restore.
     loader = DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=dataset.collate,
                         shuffle=True, generator=generator, num_workers=workers,
-                        persistent_workers=workers > 0, drop_last=len(train.y) > cfg.batch_size,
+                        persistent_workers=False, drop_last=len(train.y) > cfg.batch_size,
                         multiprocessing_context="fork" if workers > 0 else None,
                         pin_memory=precision.device.type == "cuda")
     epoch = start
-    for epoch in range(start + 1, total + 1):
+    for epoch in range(start + 1, start + 1 if stopped else total + 1):
         model.train()
         wait = step = 0.0
         seen, loss_sum = 0, 0.0
@@ -243,7 +285,8 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
         save_checkpoint(checkpoint, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "epoch": epoch, "best_auc": best_auc, "best_epoch": best_epoch, "bad": bad, "history": history,
-            "best_model": best_state, "rng": torch.get_rng_state(), "in_channels": int(train.x.shape[1])})
+            "best_model": best_state, "generators": generator_states(generator, precision.device),
+            "in_channels": int(train.x.shape[1])})
         if val is not None and bad >= cfg.patience:
             break
         if stop_after is not None and epoch - resumed_from >= stop_after:

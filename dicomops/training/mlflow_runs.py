@@ -6,9 +6,11 @@ Runs are passed by id; every nested run ends FINISHED or FAILED, whatever interr
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from dicomops import progress
 from dicomops.layout import WorkLayout
@@ -16,18 +18,45 @@ from dicomops.tracking import runs
 from dicomops.training import state as train_state
 
 StepLogger = Callable[[int, dict[str, float]], None]
+log = logging.getLogger(__name__)
 
 
 def open_parent_run(layout: WorkLayout, key: str, tracking_uri: str, experiment: str, artifact_root: Path | None,
                     tags: dict[str, str], params: dict[str, object], parent_run_id: str | None) -> str:
-    """The cross-validation's parent run: the unfinished one with the same key, or a new one."""
+    """The cross-validation's parent run: the unfinished one with the same key, or a new one.
+
+    An unfinished training whose runs this MLflow store lacks (the store moved to a server, or a run
+    was deleted in the UI) starts afresh, with a warning: nothing can be resumed into a run that is
+    not there, and the user asked for a training, not for the old store."""
     if (run_id := train_state.resumable_run(layout, key)) is not None:
-        runs.configure_mlflow(tracking_uri).update_run(run_id, status="RUNNING")
-        return run_id
+        client = runs.configure_mlflow(tracking_uri)
+        recorded = [run_id, *(str(f["run_id"]) for f in train_state.load_state(layout).get("folds", {}).values()
+                              if f.get("run_id"))]
+        if not (gone := [r for r in recorded if not run_exists(client, r)]):
+            client.update_run(run_id, status="RUNNING")
+            return run_id
+        log.warning("%s names an unfinished training whose run(s) %s the MLflow store at MLFLOW_TRACKING_URI "
+                    "lacks (another store, or deleted): the training starts afresh in this store, and that "
+                    "training's checkpoints are removed", layout.train.state, ", ".join(gone))
     run_id = runs.start_run(tracking_uri, experiment, artifact_root, run_name="train", tags=tags,
                             params=params, parent_run_id=parent_run_id)
     train_state.start_fresh(layout, key, run_id, experiment)
     return run_id
+
+
+def run_exists(client: Any, run_id: str) -> bool:
+    """Whether `run_id` is in the store and not deleted. Any failure but "no such run" raises: an
+    outage must never read as a missing run (the training would start afresh and lose its checkpoints)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        if err.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return False
+        raise
+    return bool(run.info.lifecycle_stage != "deleted")
 
 
 def create_nested_run(tracking_uri: str, parent: str, name: str, tags: dict[str, str]) -> str:

@@ -2,7 +2,8 @@
 the same MLflow runs: finished folds are skipped, an interrupted fold continues from its checkpoint.
 
 The record holds the run key (what the training depends on), the parent run, one entry per fold
-(its nested run, whether it finished, its best epoch), and the registered version once complete.
+(its nested run, whether it finished, its best epoch), the registered version once registered, and
+whether the training is complete (after its promotion gate).
 """
 
 from __future__ import annotations
@@ -17,11 +18,22 @@ from dicomops.config import PreprocessConfig, TrainConfig
 from dicomops.layout import WorkLayout
 
 
-def run_key(cfg: TrainConfig, pre: PreprocessConfig, split_hash: str, data_hash: str) -> str:
-    """What a training depends on: settings, split and data. Same key, same training to resume."""
+def run_key(layout: WorkLayout, cfg: TrainConfig, pre: PreprocessConfig, split_hash: str, data_hash: str) -> str:
+    """What a training depends on: settings, split, data and labels. Same key, same training to resume.
+
+    `data_hash` covers the DICOM files only, and readers' labels change without changing one: the
+    labels the training learns from (:func:`labels_sha256`) are part of the key, so that a resumed
+    run never pools folds scored on the old labels with folds trained on the new."""
     blob = json.dumps({"train": cfg.model_dump(mode="json"), "pre": pre.model_dump(mode="json"),
-                       "split": split_hash, "data": data_hash}, sort_keys=True)
+                       "split": split_hash, "data": data_hash, "labels": labels_sha256(layout)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def labels_sha256(layout: WorkLayout) -> str:
+    """The sha256 of every labelled series' label (:meth:`WorkLayout.labelled_series`), in series order."""
+    series = layout.labelled_series().sort_values("SeriesInstanceUID")
+    pairs = [[str(uid), int(label)] for uid, label in zip(series.SeriesInstanceUID, series.label, strict=True)]
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
 
 
 def load_state(layout: WorkLayout) -> dict[str, Any]:
@@ -70,7 +82,23 @@ def best_epochs(layout: WorkLayout, n_splits: int) -> list[int]:
     return [int(folds[str(i)]["best_epoch"]) for i in range(n_splits)]
 
 
+def record_version(layout: WorkLayout, version: str) -> None:
+    """The version this training registered: a re-run after a crash in a later step (the monitoring
+    reference, the gate) goes on with it instead of training and registering again."""
+    state = load_state(layout)
+    state["version"] = version
+    save_state(layout, state)
+
+
+def registered_version(layout: WorkLayout) -> str | None:
+    """The version this (unfinished) training registered, if it got that far."""
+    version = load_state(layout).get("version")
+    return None if version is None else str(version)
+
+
 def mark_complete(layout: WorkLayout, version: str) -> None:
+    """Registered, referenced and gated: a later run with the same key starts afresh. Only after the
+    training's last step, so that a crash before it resumes instead."""
     state = load_state(layout)
     state.update({"complete": True, "version": version})
     save_state(layout, state)

@@ -125,7 +125,7 @@ def test_interrupted_fold_resumes_into_the_same_run(train_work: Path, mlflow_env
     cfg = TINY.model_copy(update={"epochs": 3, "patience": 5})
     layout = WorkLayout(work)
     split_hash = cv.prepare(layout, cfg).sha256
-    key = train_state.run_key(cfg, PRE, split_hash, "data")
+    key = train_state.run_key(layout, cfg, PRE, split_hash, "data")
     parent = mlflow_runs.open_parent_run(layout, key, mlflow_env, "resume-test", tmp_path / "art", {}, {}, None)
     with pytest.raises(InterruptedError):
         cv.run_fold(layout, cfg, 3, 0, mlflow_env, stop_after=1)  # killed after its first epoch
@@ -145,6 +145,38 @@ def test_interrupted_fold_resumes_into_the_same_run(train_work: Path, mlflow_env
     epochs = [m.step for m in client.get_metric_history(fold_run, "train_loss")]
     assert epochs == [1, 2, 3]  # continued at epoch 2, did not start over
     assert train_state.load_state(layout)["folds"]["0"]["done"]
+
+
+def test_a_crash_after_registration_resumes_with_that_version_instead_of_training_again(
+        train_work: Path, mlflow_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicomops.monitoring import stage as monitoring
+
+    work = _fresh(train_work, tmp_path)
+    cfg = TINY.model_copy(update={"min_auc": 1.0, "model_name": "crash-classifier"})
+    reference = monitoring.reference_for_version
+
+    def crash(*args: object, **kwargs: object) -> str:
+        raise RuntimeError("killed while storing the monitoring reference")
+
+    monkeypatch.setattr(monitoring, "reference_for_version", crash)
+    with pytest.raises(RuntimeError, match="monitoring reference"):
+        train(work=work, config=cfg, preprocess_config=PRE, experiment="crash-test")
+    layout = WorkLayout(work)
+    state = train_state.load_state(layout)
+    assert state["version"] == "1" and not state["complete"]  # registered, not complete: the gate never ran
+    trained = {p: p.stat().st_mtime_ns for p in sorted((work / "train").glob("*/checkpoint.pt"))}
+    assert len(trained) == 5  # four folds and the final model
+
+    monkeypatch.setattr(monitoring, "reference_for_version", reference)
+    result = train(work=work, config=cfg, preprocess_config=PRE, experiment="crash-test")
+    assert (result["mlflow_run_id"], result["version"]) == (state["parent_run_id"], "1")
+    assert {p: p.stat().st_mtime_ns for p in trained} == trained  # nothing trained again
+    client = mlflow.tracking.MlflowClient(mlflow_env)
+    versions = client.search_model_versions(f"name='{cfg.model_name}'")
+    assert [str(v.version) for v in versions] == ["1"]  # no duplicate version, none superseded
+    assert versions[0].tags["promotion.decision"] == "awaiting-review"
+    assert client.get_run(str(result["mlflow_run_id"])).info.status == "FINISHED"
+    assert train_state.load_state(layout)["complete"]  # the gate ran: a later training starts afresh
 
 
 def test_leave_one_vendor_out_then_export_attaches_checked_files(train_work: Path, mlflow_env: str,
