@@ -61,6 +61,7 @@ def segment(work: Path | None = None, config: SegmentConfig = SegmentConfig(),
             version = s.register(work, config, preprocess_config, uri, data_hash, split_hash, run_tags or {})
             exported = s.export(work, config, uri, version)
             decision = s.promotion_gate(uri, config, version, work, feedback_work, feedback_config)
+            s.mark_complete(work, version)
         print(f"segment: {cv.describe(summary)}; version {version} {decision['decision']}: "
               f"{'; '.join(decision['reasons'])}")
         result: dict[str, object] = {"mlflow_run_id": run_id, "version": version, "cpm": summary["cpm"],

@@ -51,10 +51,15 @@ def register(work: Path, cfg: SegmentConfig, pre: PreprocessConfig, tracking_uri
 
 @task(name="export-segmenter", tags=["cpu-heavy"])
 def export(work: Path, cfg: SegmentConfig, tracking_uri: str, version: str) -> dict[str, Any]:
-    layout = WorkLayout(work)
-    exported = cv.export(layout, cfg, tracking_uri, version)
-    cv.mark_complete(layout, version)  # only now: an export that fails resumes here, not from scratch
-    return exported
+    return cv.export(WorkLayout(work), cfg, tracking_uri, version)
+
+
+@task(name="mark-segmentation-complete")
+def mark_complete(work: Path, version: str) -> None:
+    """After the gate, the last step: a run that fails before it (the export, the gate) resumes with
+    the version it registered; one that fails after it would have started afresh and registered a
+    second version."""
+    cv.mark_complete(WorkLayout(work), version)
 
 
 @task(name="segmenter-promotion-gate")

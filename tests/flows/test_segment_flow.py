@@ -186,7 +186,7 @@ def version_has_onnx_of(client: mlflow.tracking.MlflowClient, name: str, version
             and float(mv.tags["export.parity_max_abs_diff"]) <= cv.PARITY_TOLERANCE)
 
 
-def test_a_failed_export_resumes_at_the_export(seg_work: tuple[Path, Path], mlflow_env: str, tmp_path: Path,
+def test_a_failed_export_or_gate_resumes_with_the_version_it_registered(seg_work: tuple[Path, Path], mlflow_env: str, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from dicomops.errors import ExportCheckError
 
@@ -207,7 +207,16 @@ def test_a_failed_export_resumes_at_the_export(seg_work: tuple[Path, Path], mlfl
     assert state["version"] == "1" and not state["complete"]
     fold_runs = {f: e["run_id"] for f, e in state["folds"].items()}
     monkeypatch.setattr(cv, "export", real_export)
+    # Exported now, and the gate fails: still not complete (it was marked so at the export, and the
+    # re-run started afresh and registered a second version).
+    real_gate = cv.gate
+    monkeypatch.setattr(cv, "gate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("gate down")))
+    with pytest.raises(RuntimeError, match="gate down"):
+        segment(work=work, config=cfg, preprocess_config=PRE, train_config=TRAIN, experiment="segment-resume")
+    assert not cv._state(layout)["complete"]
+    monkeypatch.setattr(cv, "gate", real_gate)
     result = segment(work=work, config=cfg, preprocess_config=PRE, train_config=TRAIN, experiment="segment-resume")
+    assert cv._state(layout)["complete"]
     # The same run and version, exported now; no fold trained again, no second version.
     assert result["version"] == "1" and result["mlflow_run_id"] == state["parent_run_id"]
     assert {f: e["run_id"] for f, e in cv._state(layout)["folds"].items()} == fold_runs
