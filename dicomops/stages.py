@@ -66,15 +66,11 @@ def _read_source(path: Path) -> bytes:
 
 
 def stage_key(stage: str, inputs: dict[str, Any]) -> str:
-    """The key of a stage's completion record: its inputs (content hashes, settings), its code, and
-    the MLflow store it recorded its runs and versions in (``MLFLOW_TRACKING_URI`` now). A record
-    made against another store does not count: a work directory trained against one store and run
-    against a fresh one skipped training ("version 1 stands") with no model in the store, and the
-    export's advice, to train one first, skipped it again."""
-    from dicomops.config import load_settings
-
-    blob = json.dumps({"stage": stage, "inputs": inputs, "code": code_hash(*stage_modules(stage)),
-                       "mlflow": load_settings().mlflow_tracking_uri}, sort_keys=True, default=str)
+    """The key of a stage's completion record: its inputs (content hashes, settings) and its code.
+    A stage that registers a version also checks, before it skips, that the store it runs against
+    holds that version from the recorded run (:func:`dicomops.tracking.registry.registered_from`)."""
+    blob = json.dumps({"stage": stage, "inputs": inputs, "code": code_hash(*stage_modules(stage))},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

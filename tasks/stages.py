@@ -34,3 +34,11 @@ def started(work: Path, stage: str) -> None:
 def done(work: Path, stage: str, key: str, result: dict[str, Any], outputs: list[Path] | None = None) -> None:
     stages.mark_done(work, stage, key, result, outputs)
 
+
+
+@task(name="stage-version-stands")
+def version_stands(tracking_uri: str, name: str, recorded: dict[str, Any]) -> bool:
+    """Whether the version a skipped stage recorded is in this MLflow store, from the recorded run."""
+    from dicomops.tracking.registry import registered_from
+
+    return registered_from(tracking_uri, name, str(recorded["version"]), str(recorded["mlflow_run_id"]))

@@ -91,6 +91,17 @@ def model_version(client: Any, name: str, version: str) -> Any:
                                                              else "; train one first (dicomops train)"))
 
 
+def registered_from(tracking_uri: str, name: str, version: str, run_id: str) -> bool:
+    """Whether the store at `tracking_uri` holds version `version` of `name`, registered from run
+    `run_id`: what a stage's completion record may be trusted with before it is skipped (a work
+    directory trained against one store and run against a fresh one skipped training, "version 1
+    stands", with no model there). A registry that does not answer raises."""
+    try:
+        return str(model_version(configure_mlflow(tracking_uri), name, version).run_id) == str(run_id)
+    except ValueError:  # no such version in this store
+        return False
+
+
 def alias_version(client: Any, name: str, alias: str) -> Any | None:
     """The version of `name` holding `alias`, or None when no version holds it (or the model is not
     registered yet). Any other failure, such as a server that does not answer or a locked

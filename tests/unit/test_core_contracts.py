@@ -165,15 +165,6 @@ def test_code_outside_a_stage_does_not_touch_its_key(monkeypatch: pytest.MonkeyP
     assert stages.stage_key("export", {"model": "m"}) != stages.stage_key("preprocess", {"model": "m"})
 
 
-def test_a_stage_recorded_against_another_mlflow_store_does_not_count(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A work directory trained against one store, run against a fresh one: training was skipped
-    ("version 1 stands") with no model in that store, and the export's advice looped."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/one/mlflow.db")
-    first = stages.stage_key("train", {"data": "d"})
-    assert stages.stage_key("train", {"data": "d"}) == first
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/other/mlflow.db")
-    assert stages.stage_key("train", {"data": "d"}) != first
-
 
 HOLDER = textwrap.dedent("""
     import sys, time
@@ -328,3 +319,20 @@ def test_a_version_that_is_not_there_is_a_usage_error_naming_those_that_are(tmp_
         registry.model_version(client, "never-registered", "1")
     with pytest.raises(ValueError, match="holds the alias 'nosuch'"):
         resolve_version(uri, NAME, None, "nosuch")
+
+
+def test_a_recorded_version_stands_only_in_the_store_that_holds_it_from_its_run(tmp_path: Path) -> None:
+    """A work directory trained against one store and run against a fresh one skipped training
+    ("version 1 stands") with no model there, and the export's advice to train first skipped it
+    again: a stage that registers a version checks the store before it skips."""
+    import mlflow
+    from dicomops.tracking.registry import registered_from
+
+    one, fresh = f"sqlite:///{tmp_path / 'one.db'}", f"sqlite:///{tmp_path / 'fresh.db'}"
+    client = mlflow.tracking.MlflowClient(one)
+    run = client.create_run(client.create_experiment("e", artifact_location=str(tmp_path / "a"))).info.run_id
+    client.create_registered_model("m")
+    client.create_model_version("m", str(tmp_path / "a" / "model"), run_id=run)
+    assert registered_from(one, "m", "1", run)
+    assert not registered_from(one, "m", "1", "another-run")  # version 1 of another training
+    assert not registered_from(fresh, "m", "1", run)  # the store this run uses has no such version
