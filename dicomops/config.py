@@ -288,7 +288,7 @@ class TrainConfig(_Section):
     model_name: str = "dicomops-ct-classifier"
     promotion_margin: float = Field(0.005, ge=0)
     vendor_tolerance: float = Field(0.02, ge=0)
-    min_auc: float = Field(0.8, ge=0, le=1)
+    min_auc: float = Field(0.8, ge=0, le=1, description="No version is promoted automatically under this mean AUC.")
 
     # What a version logged before a field existed trained with, where today's default differs.
     _BEFORE_DEFAULTS: ClassVar[dict[str, object]] = {"stem_stride": 1}
@@ -377,7 +377,7 @@ class SegmentConfig(_Section):
     model_name: str = "dicomops-ct-nodule-seg"
     promotion_margin: float = Field(0.005, ge=0, description="CPM gain over the champion that promotes.")
     vendor_tolerance: float = Field(0.05, ge=0, description="Largest CPM drop of any vendor a promotion allows.")
-    min_cpm: float = Field(0.8, ge=0, le=1, description="A first segmenter needs at least this CPM.")
+    min_cpm: float = Field(0.8, ge=0, le=1, description="No segmenter is promoted automatically under this CPM.")
     min_dice: float = Field(0.5, ge=0, le=1, description=(
         "No segmenter is promoted automatically under this mean Dice of nodules >= 6 mm (0: no floor); "
         "CPM alone does not show that it draws the nodules."))

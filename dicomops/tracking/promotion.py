@@ -11,6 +11,7 @@ on the version, so the MLflow page explains itself.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -51,6 +52,12 @@ class Decision:
         return {"promotion.decision": self.label, "promotion.reasons": "; ".join(self.reasons)}
 
 
+# The value at which each named floor is off (then even an undefined figure passes): the least the
+# figure can be, a Dice of 0 or a kappa of -1.
+FLOOR_OFF: defaultdict[str, float] = defaultdict(lambda: -math.inf, {"Dice (nodules >= 6 mm)": 0.0,
+                                                                     "series kappa": -1.0})
+
+
 def decide_promotion(challenger: ModelScore, champion: ModelScore | None, *, margin: float = 0.005,
                      vendor_tolerance: float = 0.02, min_auc: float = 0.8, metric: str = "AUC",
                      readers: ReaderAgreement | None = None, min_reader_series: int = 10,
@@ -63,7 +70,8 @@ def decide_promotion(challenger: ModelScore, champion: ModelScore | None, *, mar
     than the champion is not promoted automatically, whatever its AUC. `floors` names other
     figures of the challenger with the least each may be, ``{name: (value, floor)}``: one below
     its floor (or undefined) is never promoted automatically, with or without a champion (the
-    segmenter's Dice and series kappa: CPM alone was met by a blob over the lung at Dice 0).
+    segmenter's Dice and series kappa: CPM alone was met by a blob over the lung at Dice 0); a
+    floor at the least its figure can be (:data:`FLOOR_OFF`) is off.
     """
     if margin < 0 or vendor_tolerance < 0:
         raise ValueError("margin and vendor_tolerance must be non-negative")
@@ -71,7 +79,8 @@ def decide_promotion(challenger: ModelScore, champion: ModelScore | None, *, mar
         return Decision(False, (f"challenger mean {metric} is undefined",))
     below = [f"{name} {value:.4f} is below its floor {floor:.4f}" if not math.isnan(value)
              else f"{name} is undefined (its floor is {floor:.4f})"
-             for name, (value, floor) in (floors or {}).items() if math.isnan(value) or value < floor]
+             for name, (value, floor) in (floors or {}).items()
+             if floor > FLOOR_OFF[name] and (math.isnan(value) or value < floor)]
     if champion is None:
         if challenger.mean_auc >= min_auc and not below:
             return Decision(True, (f"no champion yet; mean {metric} {challenger.mean_auc:.4f} >= {min_auc:.4f}",))

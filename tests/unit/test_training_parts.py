@@ -162,6 +162,8 @@ def test_a_figure_below_its_floor_is_never_promoted_and_a_vendor_neither_model_s
                                  "series kappa is undefined (its floor is 0.4000)")
     later = decide_promotion(blob, ModelScore(0.9, {"ge": 0.9}), metric="CPM", floors=floors)
     assert not later.promote and "Dice (nodules >= 6 mm) 0.0010 is below its floor 0.5000" in later.reasons
+    off = {"Dice (nodules >= 6 mm)": (float("nan"), 0.0), "series kappa": (float("nan"), -1.0)}
+    assert decide_promotion(blob, None, min_auc=0.8, metric="CPM", floors=off).promote  # floors off: nothing judged
     fine = {"Dice (nodules >= 6 mm)": (0.82, 0.5), "series kappa": (0.94, 0.4)}
     assert decide_promotion(blob, None, min_auc=0.8, metric="CPM", floors=fine).promote
     assert decide_promotion(blob, ModelScore(0.9, {"ge": 0.9}), metric="CPM", floors=fine).promote
