@@ -41,9 +41,10 @@ def reference_for_version(work: Path, tracking_uri: str, name: str, version: str
 
 
 def quarantine_counts(batch_work: Path) -> tuple[int, int]:
-    """(files the batch cannot use, files): those the gate quarantined, and those of the series it
-    accepted that then failed to preprocess (a batch whose every series failed was judged on
-    nothing and its run failed)."""
+    """(files the batch cannot use, files): those the gate quarantined; and, when every series it
+    accepted then failed to preprocess, those too (such a batch was judged on nothing and its run
+    failed). A batch that lost some series there is counted as the training reference is, by its
+    gate alone (the reference's share, ``monitoring.reference_quarantine_share``, is the gate's)."""
     layout = WorkLayout(batch_work)
     if not layout.ingest.summary.exists():
         return 0, 0
@@ -51,8 +52,9 @@ def quarantine_counts(batch_work: Path) -> tuple[int, int]:
     lost = 0
     if layout.preprocessed.failures.exists() and layout.ingest.instances.exists():
         failed = set(io.read_table(layout.preprocessed.failures).SeriesInstanceUID)
-        series = pd.read_parquet(layout.ingest.instances, columns=["SeriesInstanceUID"]).SeriesInstanceUID
-        lost = int(series.astype(str).isin(failed).sum())
+        series = pd.read_parquet(layout.ingest.instances, columns=["SeriesInstanceUID"]).SeriesInstanceUID.astype(str)
+        if len(series) and set(series) <= failed:
+            lost = len(series)
     return int(s["quarantined_files"]) + lost, int(s["files"])
 
 

@@ -296,7 +296,10 @@ def test_series_that_fail_preprocessing_count_as_files_the_batch_cannot_use(tmp_
     layout.preprocessed.root.mkdir(parents=True)
     io.write_csv(layout.preprocessed.failures, pd.DataFrame({"SeriesInstanceUID": ["B"], "reason": ["transform_error"],
                                                              "detail": [""]}))
-    assert quarantine_counts(tmp_path) == (6, 10)
+    assert quarantine_counts(tmp_path) == (2, 10)  # some series lost: counted as the reference is, by the gate
+    io.write_csv(layout.preprocessed.failures, pd.DataFrame({"SeriesInstanceUID": ["A", "B"],
+                                                             "reason": ["transform_error"] * 2, "detail": ["", ""]}))
+    assert quarantine_counts(tmp_path) == (10, 10)  # every one lost: nothing the batch holds can be used
     io.write_parquet(layout.preprocessed.features, pd.DataFrame({"SeriesInstanceUID": pd.Series(dtype=str)}))
     assert batch_features(tmp_path, "sqlite:///nowhere.db", "no-run").empty  # no model is loaded for nothing
     assert issubclass(PreprocessingFailedError, ValueError)  # callers catching ValueError still do
