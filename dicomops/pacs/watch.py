@@ -342,7 +342,13 @@ def localisation_reports(images: list[Any], group: pd.DataFrame, deid_root: Path
         return out, served(segmenter, series, found, images, laid_out=False)
     mask = to_native_mask(found.mask, found.affine, grid.affine, grid.shape)
     if write_seg and mask.any():  # findings thinner than the acquired slices can vanish at their centres
-        out.append(series_segmentation(images, mask, finding, series_number=SEG_SERIES))
+        try:
+            out.append(series_segmentation(images, mask, finding, series_number=SEG_SERIES))
+        except Exception as err:  # highdicom cannot build it over these images: the SRs still go back
+            if local_outage(err):
+                raise
+            log.warning("no SEG over this series (%s while building it; the message is withheld, it may quote "
+                        "header values): its SRs go back with the nodules' positions", type(err).__name__)
     return out, served(segmenter, series, found, images, grid, mask)
 
 

@@ -155,3 +155,43 @@ def test_what_the_segmenter_served_is_recorded_beside_the_results_and_found_by_f
                                         localised=[unlaid])], champion, None)  # type: ignore[arg-type]
     got = latest_localisation(tmp_path, "2.25.45")
     assert got is not None and got.present and not got.mask.is_file()
+
+
+def test_a_seg_highdicom_cannot_build_leaves_the_srs_to_go_back(monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Only a grid the SEG cannot lie on was caught; highdicom refusing the SEG itself failed the
+    whole study, its two SRs unsent. A full disk still stops the study (an outage)."""
+    import errno
+    import logging
+    import types
+
+    import dicomops.segmentation.native as native
+    import dicomops.serving.predict as predict
+    import dicomops.serving.segmenter as seg
+    from dicomops.pacs import results, watch
+
+    nodule = results.Nodule(center_mm=(1.0, 2.0, 3.0), diameter_mm=8.0, score=0.9)
+    monkeypatch.setattr(predict, "preprocessed", lambda *a: (np.zeros((4, 4, 3), np.float32), np.eye(4)))
+    monkeypatch.setattr(seg, "localise", lambda *a: seg.Localisation((nodule,), np.ones((4, 4, 3), bool), np.eye(4),
+                                                                     0.9, 0.9))
+    monkeypatch.setattr(native, "native_grid", lambda images: native.NativeGrid(np.eye(4), (4, 4, 3), np.arange(3)))
+    monkeypatch.setattr(native, "to_native_mask", lambda *a: np.ones((4, 4, 3), bool))
+    monkeypatch.setattr(results, "structured_report", lambda images, finding, **k: f"SR of {finding.model_name}")
+    monkeypatch.setattr(seg, "served", lambda *a, **k: "served")
+    segmenter = types.SimpleNamespace(name="seg", version="1", preprocess=None,
+                                      cfg=types.SimpleNamespace(finding_threshold=0.75))
+
+    def refuses(*a: object, **k: object) -> None:
+        raise ValueError("Source images must have a shared orientation")
+
+    monkeypatch.setattr(native, "series_segmentation", refuses)
+    with caplog.at_level(logging.WARNING, logger="dicomops.pacs.watch"):
+        out, answer = watch.localisation_reports([object()], None, Path("."), segmenter, True, "S")
+    assert out == ["SR of seg"] and answer == "served" and "no SEG over this series (ValueError" in caplog.text
+
+    def full(*a: object, **k: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(native, "series_segmentation", full)
+    with pytest.raises(OSError):
+        watch.localisation_reports([object()], None, Path("."), segmenter, True, "S")
