@@ -15,12 +15,18 @@ from dicomops.config import Settings
 from dicomops.preflight import preflight, reachable
 from tasks.tracking import close_run
 
+MASKED = str(SecretStr("x"))  # how Prefect stores a SecretStr parameter, and gives it back on a retry
+
 
 def folder(src: SecretStr | Path | str) -> Path:
     """The DICOM folder a flow was given. A site's export may name its folders after the patient, so
     the command line and the flows that call others pass it as a ``SecretStr``: Prefect stores the
     flow run's parameter as ``**********``, and the flow never prints it."""
-    return Path(src.get_secret_value() if isinstance(src, SecretStr) else src)
+    path = src.get_secret_value() if isinstance(src, SecretStr) else str(src)
+    if path == MASKED:
+        raise ValueError("the folder is the masked value Prefect stored (a flow run retried or copied from the "
+                         "UI): start a new run with the folder (dicomops ingest/predict/monitor/run FOLDER)")
+    return Path(path)
 
 
 def secret_folder(src: Path | str) -> SecretStr:

@@ -22,6 +22,9 @@ from dicomops.config import PreprocessConfig, TrainConfig
 from dicomops.preprocessing.stage import VOLUME_FIELDS
 
 INPUT_NAME, OUTPUT_NAME = "slab", "probability"
+# The volume settings a contract has recorded since 2026-12-06 (none of them can be None in a config;
+# the window's centre and width can, for a preset window).
+RECORDED_SINCE_2026_12_06 = ("header_window_index", "histogram_equalize", "min_positive_voxels")
 METADATA_KEY = "dicomops_contract"
 
 
@@ -53,6 +56,14 @@ class InputContract:
     layout: str = "NCHW float32"
     # VOLUME_FIELDS the contract was written without (an older export): not part of the contract.
     unrecorded: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        # A volume setting left None (a contract made in code without it) is as unrecorded as one an
+        # older export never wrote: not compared, rather than compared as None against every config.
+        missing = tuple(name for name in RECORDED_SINCE_2026_12_06
+                        if getattr(self, name) is None and name not in self.unrecorded)
+        if missing:
+            object.__setattr__(self, "unrecorded", (*self.unrecorded, *missing))
 
     @classmethod
     def from_configs(cls, pre: PreprocessConfig, train: TrainConfig, threshold: float) -> InputContract:

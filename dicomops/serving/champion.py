@@ -249,8 +249,13 @@ def registered_problem(tracking_uri: str, name: str, version: str) -> str | None
     its export, exported before every file was registered, a configuration that disagrees with the
     contract), or None when they pass every check :func:`load_champion` makes. Downloads them into
     a temporary folder."""
+    from mlflow.exceptions import MlflowException
+
     client = configure_mlflow(tracking_uri)
-    mv = model_version(client, name, version)
+    try:
+        mv = model_version(client, name, version)  # a registry that does not answer raises: nothing to decide
+    except ValueError as err:  # no such version (deleted, or another store)
+        return str(err)
     if (why := unexported_champion(mv)) is not None:
         return why
     with tempfile.TemporaryDirectory(prefix="dicomops-registered-") as tmp:
@@ -265,8 +270,8 @@ def registered_problem(tracking_uri: str, name: str, version: str) -> str | None
             if contract.unrecorded:
                 return f"its input contract predates {', '.join(contract.unrecorded)}"
             check_agreement(pre, contract, mv.version)
-        except (ValueError, ExportCheckError) as err:
-            return str(err)
+        except (ValueError, ExportCheckError, OSError, MlflowException) as err:  # an artifact gone from the store too
+            return f"{type(err).__name__}: {err}"
     return None
 
 

@@ -419,3 +419,25 @@ def test_a_study_answered_in_full_elsewhere_is_left_to_nobody_else_and_the_ledge
         list(pool.map(lambda i: watch.record_answered(tmp_path, Answer(f"t{i}", "scored", [], 1, results_stored=1),
                                                       "the online service"), range(40)))
     assert watch.handled_tokens(tmp_path) == {"tok-full", "tok-watch", "tok-old"} | {f"t{i}" for i in range(40)}
+
+
+def test_a_contract_made_without_the_newer_volume_settings_does_not_compare_them_as_none() -> None:
+    """Made in code with the settings it had before 2026-12-06, a contract claimed histogram_equalize
+    None and so on, and disagreed with every configuration on them."""
+    from dicomops.config import PreprocessConfig
+
+    contract = _contract()
+    assert set(contract.unrecorded) == {"header_window_index", "histogram_equalize", "min_positive_voxels"}
+    pre = PreprocessConfig(window="lung", crop_xy=64, slab_slices=3)
+    assert contract.disagreements(pre) == []
+    assert [d.split(":")[0] for d in contract.disagreements(pre.model_copy(update={"crop_xy": 96}))] == ["crop_xy"]
+
+
+def test_a_retried_flow_run_that_gives_back_the_masked_folder_says_what_to_do() -> None:
+    from pydantic import SecretStr
+
+    from flows.scope import folder
+
+    assert folder(SecretStr("/data/in")) == Path("/data/in") and folder(Path("/data/in")) == Path("/data/in")
+    with pytest.raises(ValueError, match="start a new run"):
+        folder("**********")
