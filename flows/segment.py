@@ -44,12 +44,7 @@ def segment(work: Path | None = None, config: SegmentConfig = SegmentConfig(),
                                            "segment": config.model_dump(mode="json"),
                                            "preprocess": preprocess_config.model_dump(mode="json"),
                                            "tags": run_tags or {}})
-        cached = stages.completed(work, "segment", key)
-        if cached is not None and not stages.version_stands(uri, config.model_name, cached):
-            print(f"segment: version {cached['version']} recorded here is not in the MLflow store this run uses "
-                  "(another store, or deleted there); running the stage again")
-            cached = None
-        if cached is not None:
+        if (cached := stages.registered(work, "segment", key, uri, config.model_name)) is not None:
             print(f"segment: data, split, settings and code unchanged; version {cached['version']} stands, skipped")
             return {**cached, "skipped": True}
         stages.started(work, "segment")
