@@ -292,7 +292,9 @@ def segmentation(
     if not finding.present:
         raise ValueError("finding.present is False but the mask marks voxels; make them agree "
                          "before sending a segmentation")
-    headers = _result_headers(source_images)
+    # highdicom lays a SEG on one orientation exactly; the gate accepts cosines a rounding apart (a
+    # scanner writing 6 digits): the copies take the first slice's.
+    headers = _result_headers(source_images, one_orientation=True)
     identity = _new_object(headers, finding, series_number, instance_number, SEG_SERIES_DESCRIPTION,
                            content=hashlib.sha256(np.packbits(mask).tobytes()).hexdigest())
     description = hd.seg.SegmentDescription(
@@ -458,7 +460,7 @@ def _check_series(source_images: Sequence[pydicom.Dataset], *, frame_of_referenc
 # --- source headers as highdicom takes them ---------------------------------------------------
 
 
-def _result_headers(source_images: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
+def _result_headers(source_images: Sequence[pydicom.Dataset], one_orientation: bool = False) -> list[pydicom.Dataset]:
     """Copies of the source headers that highdicom builds a result from; the caller's are untouched.
 
     A copy holds the source's own elements, read with the source's character set, in a dataset of
@@ -467,7 +469,8 @@ def _result_headers(source_images: Sequence[pydicom.Dataset]) -> list[pydicom.Da
     the source lacks are present and empty, a Patient's Sex outside M, F, O is empty, and the
     Specific Character Set names the source's repertoires the way highdicom accepts
     (:func:`_character_set`); one highdicom does not know is left off and
-    :func:`_declare_character_set` puts it on the result.
+    :func:`_declare_character_set` puts it on the result. With `one_orientation`, every copy has
+    the first image's Image Orientation (Patient).
     """
     headers = []
     for ds in source_images:
@@ -479,6 +482,8 @@ def _result_headers(source_images: Sequence[pydicom.Dataset]) -> list[pydicom.Da
                 _set_new(header, keyword, "")
         if header.PatientSex and header.PatientSex not in _PATIENT_SEX:
             _set_new(header, "PatientSex", "")
+        if one_orientation and "ImageOrientationPatient" in header:
+            _set_new(header, "ImageOrientationPatient", list(source_images[0].ImageOrientationPatient))
         charset = _character_set(ds.get("SpecificCharacterSet"))
         if "SpecificCharacterSet" in header:
             del header.SpecificCharacterSet

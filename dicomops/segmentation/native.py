@@ -11,7 +11,6 @@ mask back into the order of the source datasets for :func:`dicomops.pacs.results
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -153,20 +152,6 @@ def series_segmentation(source_datasets: Sequence[pydicom.Dataset], mask_native_
                          "map predictions with to_native_mask first")
     frames = np.empty((grid.shape[2], grid.shape[1], grid.shape[0]), dtype=mask.dtype)
     frames[grid.order] = mask.transpose(2, 1, 0)  # geometric slice k lies on source_datasets[order[k]]
-    return results.segmentation(_one_orientation(source_datasets), frames, finding, series_number=series_number,
+    return results.segmentation(source_datasets, frames, finding, series_number=series_number,
                                 instance_number=instance_number)
 
-
-def _one_orientation(datasets: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
-    """The slices as highdicom can lay a SEG on them: it wants one orientation exactly, where the
-    gate and :func:`native_grid` accept direction cosines that differ by a rounding (a scanner
-    writing them to 6 digits): copies given the first slice's, the callers' untouched (a shallow
-    copy of a pydicom Dataset shares its elements)."""
-    first = list(datasets[0].ImageOrientationPatient)
-    out = []
-    for ds in datasets:
-        if list(ds.ImageOrientationPatient) != first:
-            ds = copy.deepcopy(ds)
-            ds.ImageOrientationPatient = first
-        out.append(ds)
-    return out
