@@ -16,11 +16,14 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from dicomops import io
 from dicomops.layout import WorkLayout
+
+log = logging.getLogger(__name__)
 
 # The code each stage runs, by module or package name (a package counts with every module under it).
 # The same names key a stage's completion record and the per-item caches inside the stage, so a
@@ -68,10 +71,26 @@ def _read_source(path: Path) -> bytes:
 def stage_key(stage: str, inputs: dict[str, Any]) -> str:
     """The key of a stage's completion record: its inputs (content hashes, settings) and its code.
     A stage that registers a version also checks, before it skips, that the store it runs against
-    holds that version from the recorded run (:func:`dicomops.tracking.registry.registered_from`)."""
+    holds that version from the recorded run (:func:`completed_in_store`)."""
     blob = json.dumps({"stage": stage, "inputs": inputs, "code": code_hash(*stage_modules(stage))},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def completed_in_store(work: Path, stage: str, key: str, tracking_uri: str, name: str) -> dict[str, Any] | None:
+    """The record of a stage that registers a version of `name` (:func:`completed`), when the store at
+    `tracking_uri` also holds that version from the recorded run; else None, saying why when the
+    record stands for another store (a work directory trained against one store and run against a
+    fresh one skipped training, "version 1 stands", with no model there)."""
+    from dicomops.tracking.registry import registered_from
+
+    cached = completed(work, stage, key)
+    if cached is not None and not registered_from(tracking_uri, name, str(cached["version"]),
+                                                  str(cached["mlflow_run_id"])):
+        log.warning("%s: version %s recorded here is not in the MLflow store this run uses (another store, or "
+                    "deleted there); running the stage again", stage, cached["version"])
+        return None
+    return cached
 
 
 def _path(work: Path, stage: str) -> Path:

@@ -35,22 +35,6 @@ def done(work: Path, stage: str, key: str, result: dict[str, Any], outputs: list
     stages.mark_done(work, stage, key, result, outputs)
 
 
-
-@task(name="stage-version-stands")
-def version_stands(tracking_uri: str, name: str, recorded: dict[str, Any]) -> bool:
-    """Whether the version a skipped stage recorded is in this MLflow store, from the recorded run."""
-    from dicomops.tracking.registry import registered_from
-
-    return registered_from(tracking_uri, name, str(recorded["version"]), str(recorded["mlflow_run_id"]))
-
-
+@task(name="stage-completed-in-store")
 def registered(work: Path, stage: str, key: str, tracking_uri: str, name: str) -> dict[str, Any] | None:
-    """The record of a stage that registers a version of `name`, when it finished with `key` and the
-    store at `tracking_uri` holds that version from the recorded run; else None, saying why when the
-    record stands elsewhere."""
-    cached = completed(work, stage, key)
-    if cached is not None and not version_stands(tracking_uri, name, cached):
-        print(f"{stage}: version {cached['version']} recorded here is not in the MLflow store this run uses "
-              "(another store, or deleted there); running the stage again")
-        return None
-    return cached
+    return stages.completed_in_store(work, stage, key, tracking_uri, name)
