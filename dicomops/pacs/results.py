@@ -2,9 +2,11 @@
 
 The clinical side answers the original study, so these objects carry the original patient and
 study identity. That identity is copied from the source datasets into the returned object and
-nowhere else: this module logs nothing, and what highdicom would log (its INFO records quote
-source SOP Instance UIDs) and the libraries' warnings (pydicom's quote values) are held back for
-the whole process (``dicomops/__init__.py``).
+nowhere else: this module logs no header value (when a source holds one the result cannot carry as
+it is, such as a date in a scanner's own format, an age without its unit or a character set named
+as a programming language names it, the warning names the attribute and what was done), and what
+highdicom would log (its INFO records quote source SOP Instance UIDs) and the libraries' warnings
+(pydicom's quote values) are held back for the whole process (``dicomops/__init__.py``).
 
 Two objects per analysed series:
 
@@ -18,24 +20,35 @@ Two objects per analysed series:
 
 from __future__ import annotations
 
+import codecs
+import datetime
 import hashlib
 import io
+import logging
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import MutableSequence, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom.charset import convert_encodings, python_encoding
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+log = logging.getLogger(__name__)
+
 MANUFACTURER = "dicomops"
 SR_SERIES_DESCRIPTION = "dicomops lung nodule report"
 SEG_SERIES_DESCRIPTION = "dicomops lung nodule segmentation"
+# What the result's UIDs are derived from (:func:`result_uids`): the descriptions each kind of object
+# was first written with, kept when the descriptions a reader sees change, so that a study answered
+# before gets the same UIDs when answered again and the PACS keeps one copy of each object.
+SR_KIND, SEG_KIND = SR_SERIES_DESCRIPTION, SEG_SERIES_DESCRIPTION
 SEGMENT_LABEL = "Lung nodule"
 
 # Coded concepts, named once so readers of the SR and the tests agree on them.
@@ -75,6 +88,39 @@ _MULTI_BYTE = ("ISO 2022 IR 87", "ISO 2022 IR 159", "ISO 2022 IR 149", "ISO 2022
 _STAND_ALONE = ("ISO_IR 192", "GB18030", "GBK")
 _CODE_EXTENSIONS = frozenset({_DEFAULT_REPERTOIRE, *_MULTI_BYTE, *(f"ISO 2022 IR {n}" for n in _SINGLE_BYTE)})
 _HIGHDICOM_CHARSETS = frozenset(value.value for value in hd.SpecificCharacterSetValues)
+# The single-value terms by the Python codec pydicom decodes them with: a source that names the codec
+# ("UTF-8", "latin1") was decoded with exactly the term's codec. Not ISO_IR 13: pydicom reads it as
+# Shift JIS, which holds far more than JIS X 0201.
+_TERM_FOR_CODEC = {codecs.lookup(python_encoding[term]).name: term
+                   for term in (*(f"ISO_IR {n}" for n in _SINGLE_BYTE if n != "13"), *_STAND_ALONE)
+                   if term in python_encoding}
+_PLAIN_TEXT = re.compile(r"[\x20-\x7e\t\n\r\f]*")
+_TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
+
+# Values of a fixed form (PS3.5 6.2) that highdicom copies from the first source image into the
+# result: the Patient, General Study and Patient Study modules' dates, times, age and measurements,
+# and the Acquisition DateTime it writes as the acquisition equipment's Contribution DateTime. A
+# value not of its VR's form is not copied: a Type 2 one is written empty, the others left out.
+_COPIED_FORMATTED = ("PatientBirthDate", "PatientBirthTime", "StudyDate", "StudyTime", "LastMenstrualDate",
+                     "PatientAge", "PatientSize", "PatientWeight", "PatientBodyMassIndex", "MeasuredAPDimension",
+                     "MeasuredLateralDimension", "AcquisitionDateTime")
+_FRACTION = r"(\.\d{1,6})?"
+_TIME = rf"([01]\d|2[0-3])([0-5]\d(([0-5]\d|60){_FRACTION})?)?"
+_FORMS = {
+    "DA": re.compile(r"\d{8}"),
+    "TM": re.compile(_TIME),
+    "DT": re.compile(rf"\d{{4}}((0[1-9]|1[0-2])((0[1-9]|[12]\d|3[01])({_TIME})?)?)?([+-]\d{{4}})?"),
+    "AS": re.compile(r"\d{3}[DWMY]"),
+    "DS": re.compile(r"[+-]?(\d+|\d+\.\d*|\.\d+)([eE][+-]?\d+)?"),
+}
+# The forms PS3.5 6.2 names as ACR-NEMA 300's for DA and TM, each with one reading; and an age
+# with its unit but not its leading zeros. Nothing else is read as a date, time or age: "14/03/2019"
+# is a day first or a month first, and "45" has no unit.
+_LEGACY = {
+    "DA": re.compile(r"(\d{4})\.(\d{2})\.(\d{2})"),
+    "TM": re.compile(rf"(\d{{2}}):(\d{{2}}):(\d{{2}}{_FRACTION})"),
+    "AS": re.compile(r"(\d{1,3})([DWMY])"),
+}
 
 
 @dataclass(frozen=True)
@@ -142,11 +188,11 @@ class Finding:
                              "or drop the nodules")
 
 
-def result_uids(source_images: Sequence[pydicom.Dataset], finding: Finding, description: str,
+def result_uids(source_images: Sequence[pydicom.Dataset], finding: Finding, kind: str,
                 series_number: int, content: str = "") -> tuple[str, str]:
     """The (series, instance) UIDs of a result, derived rather than drawn: from the analysed images,
-    the model version, the object's kind and place, and what it says (`finding`, and `content` for
-    what the finding does not hold, such as a SEG's voxels).
+    the model version, the object's kind (:data:`SR_KIND`, :data:`SEG_KIND`) and place, and what it
+    says (`finding`, and `content` for what the finding does not hold, such as a SEG's voxels).
 
     The same result for the same images gets the same UIDs, so a store retried after the PACS went
     away mid-request (having kept what it received) finds the instance already there and the study
@@ -154,21 +200,29 @@ def result_uids(source_images: Sequence[pydicom.Dataset], finding: Finding, desc
     pydicom's ``generate_uid`` hashes the sources (SHA-512): nothing of the source UIDs can be read
     back from the result's.
     """
-    sources = [MANUFACTURER, finding.model_name, finding.model_version, description, str(series_number),
+    sources = [MANUFACTURER, finding.model_name, finding.model_version, kind, str(series_number),
                repr(finding), content, *sorted(str(ds.SOPInstanceUID) for ds in source_images)]
     return (str(generate_uid(entropy_srcs=[*sources, "series"])),
             str(generate_uid(entropy_srcs=[*sources, "instance"])))
 
 
 def _new_object(source_images: Sequence[pydicom.Dataset], finding: Finding, series_number: int,
-                instance_number: int, description: str, content: str = "") -> dict[str, Any]:
+                instance_number: int, description: str, kind: str, content: str = "") -> dict[str, Any]:
     """What every object dicomops writes says of itself: its UIDs (:func:`result_uids`), its place in
     the series, and the model that made it as the device (manufacturer dicomops)."""
-    series_uid, sop_uid = result_uids(source_images, finding, description, series_number, content)
+    series_uid, sop_uid = result_uids(source_images, finding, kind, series_number, content)
     return {"series_instance_uid": series_uid, "series_number": series_number, "sop_instance_uid": sop_uid,
             "instance_number": instance_number, "manufacturer": MANUFACTURER,
             "manufacturer_model_name": finding.model_name, "software_versions": finding.model_version,
             "device_serial_number": _device_uid(finding), "series_description": description}
+
+
+def _report_description(finding: Finding) -> str:
+    """The SR's Series Description: the report's kind and the model that made it, so that the
+    classifier's report and the segmenter's, which go to one study, read apart in a series list
+    (an LO: the name is cut to fit 64 characters)."""
+    room = 64 - len(SR_SERIES_DESCRIPTION) - len(" ()")
+    return f"{SR_SERIES_DESCRIPTION} ({finding.model_name[:room].strip()})"
 
 
 def _tracking_uid(sop_instance_uid: str, index: int) -> str:
@@ -210,11 +264,12 @@ def structured_report(
 
     Raises:
         ValueError: When the source images are empty or do not form one series, or declare a
-            character set PS3.3 does not define.
+            character set PS3.3 neither defines nor names while their text is not plain ASCII
+            (:func:`_source_character_set`).
     """
     _check_series(source_images, frame_of_reference=bool(finding.nodules))
     headers = _result_headers(source_images)
-    identity = _new_object(headers, finding, series_number, instance_number, SR_SERIES_DESCRIPTION)
+    identity = _new_object(headers, finding, series_number, instance_number, _report_description(finding), SR_KIND)
     sop_uid = identity["sop_instance_uid"]
     algorithm = _algorithm(finding)
     groups: list[
@@ -274,7 +329,8 @@ def segmentation(
     Raises:
         ValueError: When the mask is empty or the finding is absent (a SEG with no segment
             content is not a result to send), or the mask does not match the images, or these
-            declare a character set PS3.3 does not define.
+            declare a character set PS3.3 neither defines nor names while their text is not
+            plain ASCII.
     """
     _check_series(source_images, frame_of_reference=True)
     first = source_images[0]
@@ -295,7 +351,7 @@ def segmentation(
     # highdicom lays a SEG on one orientation exactly; the gate accepts cosines a rounding apart (a
     # scanner writing 6 digits): the copies take the first slice's.
     headers = _result_headers(source_images, one_orientation=True)
-    identity = _new_object(headers, finding, series_number, instance_number, SEG_SERIES_DESCRIPTION,
+    identity = _new_object(headers, finding, series_number, instance_number, SEG_SERIES_DESCRIPTION, SEG_KIND,
                            content=hashlib.sha256(np.packbits(mask).tobytes()).hexdigest())
     description = hd.seg.SegmentDescription(
         segment_number=1,
@@ -466,13 +522,17 @@ def _result_headers(source_images: Sequence[pydicom.Dataset], one_orientation: b
     A copy holds the source's own elements, read with the source's character set, in a dataset of
     its own (``copy.copy`` of a pydicom dataset shares its element dictionary), so what is set on
     the copy is set there alone, as new elements. On it, the Type 2 patient and study attributes
-    the source lacks are present and empty, a Patient's Sex outside M, F, O is empty, and the
-    Specific Character Set names the source's repertoires the way highdicom accepts
-    (:func:`_character_set`); one highdicom does not know is left off and
+    the source lacks are present and empty, a Patient's Sex outside M, F, O is empty, the values
+    highdicom copies into the result are of their VR's form (:func:`_formatted`), and the Specific
+    Character Set names the source's repertoires the way highdicom accepts
+    (:func:`_source_character_set`); one highdicom does not know is left off and
     :func:`_declare_character_set` puts it on the result. With `one_orientation`, every copy has
     the first image's Image Orientation (Patient).
+
+    What was changed is logged once, by attribute name: the values may identify the patient.
     """
     headers = []
+    changed: dict[str, str] = {}
     for ds in source_images:
         header = pydicom.Dataset()
         for element in ds:  # read here with the source's character set, whatever the copy declares
@@ -482,27 +542,174 @@ def _result_headers(source_images: Sequence[pydicom.Dataset], one_orientation: b
                 _set_new(header, keyword, "")
         if header.PatientSex and header.PatientSex not in _PATIENT_SEX:
             _set_new(header, "PatientSex", "")
+        for keyword in _COPIED_FORMATTED:
+            if keyword in header:
+                changed.update(_formatted(header, keyword))
         if one_orientation and "ImageOrientationPatient" in header:
             _set_new(header, "ImageOrientationPatient", list(source_images[0].ImageOrientationPatient))
-        charset = _character_set(ds.get("SpecificCharacterSet"))
+        charset, note = _source_character_set(ds)
+        if note:
+            changed["SpecificCharacterSet"] = note
         if "SpecificCharacterSet" in header:
             del header.SpecificCharacterSet
         if charset is not None and set(_values(charset)) <= _HIGHDICOM_CHARSETS:
             _set_new(header, "SpecificCharacterSet", charset)
         headers.append(header)
+    if changed:
+        log.warning("source header values the result does not carry as they are (values withheld: they may "
+                    "identify the patient): %s", "; ".join(f"{k} {v}" for k, v in sorted(changed.items())))
     return headers
 
 
+def _formatted(header: pydicom.Dataset, keyword: str) -> dict[str, str]:
+    """Make `keyword` on `header` a value of its VR's form (PS3.5 6.2), or take it off; return what
+    was done, by attribute name, when anything was.
+
+    Padding spaces are not part of a value. A date in ACR-NEMA's ``yyyy.mm.dd`` or a time in its
+    ``hh:mm:ss.frac`` (the forms PS3.5 6.2 names for DA and TM, with one reading each) is written
+    as DA or TM writes it, and an age with its unit as three digits and the unit (``45Y`` is
+    ``045Y``). Any other value not of its form, such as a date that is a day first or a month
+    first, an age without a unit or a date that is not in the calendar, is not copied: a Type 2
+    attribute is written empty, others are left out. Everything else stays as the source wrote it.
+    """
+    vr = dictionary_VR(keyword)
+    value = header[keyword].value
+    if value is None or value == "":
+        return {}
+    written = [str(v) for v in _values(value)]
+    if len(written) == 1:  # each of these attributes holds one value
+        text = written[0].strip()
+        if _of_form(vr, text):
+            if text != written[0]:
+                _set_new(header, keyword, text)
+            return {}
+        legacy = _legacy(vr, text)
+        if legacy is not None:
+            _set_new(header, keyword, legacy)
+            return {keyword: f"is in a legacy or unpadded form of {vr}: written in the standard one"}
+    if keyword in _TYPE2_IDENTITY:
+        _set_new(header, keyword, "")
+        return {keyword: f"is not a valid {vr} (PS3.5 6.2): written empty"}
+    del header[keyword]
+    return {keyword: f"is not a valid {vr} (PS3.5 6.2): left out"}
+
+
+def _of_form(vr: str, value: str) -> bool:
+    """Whether `value` is written as PS3.5 6.2 has its VR written, for the VRs of :data:`_FORMS`: of
+    its length, and for a date, a day in the calendar."""
+    if len(value) > {"DA": 8, "TM": 14, "DT": 26, "AS": 4, "DS": 16}[vr] or not _FORMS[vr].fullmatch(value):
+        return False
+    date = value[:8] if vr == "DA" or (vr == "DT" and len(value) >= 8 and value[:8].isdigit()) else None
+    if date is not None:
+        try:
+            datetime.date(int(date[:4]), int(date[4:6]), int(date[6:]))
+        except ValueError:
+            return False
+    return True
+
+
+def _legacy(vr: str, value: str) -> str | None:
+    """`value` as its VR writes it, when it is in a form :data:`_LEGACY` reads; None otherwise."""
+    form = _LEGACY.get(vr)
+    match = form.fullmatch(value) if form is not None else None
+    if match is None:
+        return None
+    parts = match.groups()
+    written = f"{int(parts[0]):03d}{parts[1]}" if vr == "AS" else "".join(parts[:3])
+    return written if _of_form(vr, written) else None
+
+
 def _declare_character_set(result: pydicom.Dataset, source: pydicom.Dataset) -> None:
-    """Declare on `result` the source's character set as :func:`_character_set` writes it.
+    """Declare on `result` the source's character set as :func:`_source_character_set` writes it.
 
     highdicom 0.28 does not know ISO 2022 IR 149 (Korean) and refuses it; the result then gets it
     here, where highdicom put the others already. The copied text was read with the source's own
     set, so it is written in the same repertoires.
     """
-    charset = _character_set(source.get("SpecificCharacterSet"))
+    charset, _ = _source_character_set(source)
     if charset is not None:
         result.SpecificCharacterSet = charset
+
+
+def _source_character_set(source: pydicom.Dataset) -> tuple[str | list[str] | None, str]:
+    """The Specific Character Set the result declares for text read from `source`, and what was done
+    when the source's own is not as PS3.3 C.12.1.1.2 writes it ("" when it is).
+
+    A source that declares a term PS3.3 defines gets it in its written form (:func:`_character_set`).
+    One that names a defined term another way, as a Python codec ("UTF-8", "latin1") or misspelt
+    ("ISO IR 100"), was read by pydicom with that term's codec, so the text is what it says: the
+    result declares the term. Otherwise pydicom read it with a codec of its choosing; if that codec
+    reads ASCII as ASCII and every text value is plain ASCII, the text is the same under any
+    reading and the result declares the default repertoire. Text that could read otherwise under
+    the term the source meant is not copied into a result.
+
+    Raises:
+        ValueError: When the source's term is neither defined nor named, and its text is not plain
+            ASCII (or its codec would not read ASCII as ASCII). The message names the attribute,
+            never its value.
+    """
+    value = source.get("SpecificCharacterSet")
+    try:
+        return _character_set(value), ""
+    except ValueError as err:
+        refused = err
+    named = _named_character_set(value)
+    if named is not None:
+        return named, "is not a term PS3.3 C.12.1.1.2 defines but names one: the result declares that term"
+    if _plain_ascii(source, value):
+        return None, ("is not a term PS3.3 C.12.1.1.2 defines and the text is plain ASCII: the result "
+                      "declares none (the default repertoire)")
+    raise ValueError("the source images' SpecificCharacterSet is not a term PS3.3 C.12.1.1.2 defines, nor a name "
+                     "of one, and their text is not plain ASCII, so how it is written is not certain: correct it "
+                     "in their headers (one value such as 'ISO_IR 100' or 'ISO_IR 192', or several with code "
+                     "extensions such as '\\ISO 2022 IR 87')") from refused
+
+
+def _named_character_set(value: str | Sequence[str] | None) -> str | list[str] | None:
+    """The defined term(s) `value` names as pydicom reads it: a term with pydicom's spelling
+    corrections ("ISO IR 100", "ISO-2022-IR 87"), or one value naming the Python codec of a single
+    defined term. None when it names none."""
+    values = [str(v).strip() for v in _values(value)]
+    patched = [("ISO_IR" + v[6:] if re.match("^ISO[^_]IR", v) else
+                "ISO 2022 IR " + v[12:] if re.match("^(?=ISO.2022.IR.)(?!ISO 2022 IR )", v) else v)
+               for v in values]
+    if patched != values:
+        try:
+            return _character_set(patched)
+        except ValueError:
+            pass
+    if len(values) == 1:
+        try:
+            return _TERM_FOR_CODEC.get(codecs.lookup(values[0]).name)
+        except LookupError:
+            return None
+    return None
+
+
+def _plain_ascii(source: pydicom.Dataset, value: str | Sequence[str] | None) -> bool:
+    """Whether every standard text value of `source` is printable ASCII (or tab, line and page
+    breaks) as pydicom read it, with codecs that read those bytes as ASCII: then its bytes were those."""
+    probe = bytes(range(0x20, 0x7F)) + b"\t\n\r\f"
+    try:
+        encodings = convert_encodings([str(v) for v in _values(value)] or None)
+        if any(probe.decode(encoding) != probe.decode("ascii") for encoding in encodings):
+            return False
+    except (LookupError, UnicodeError):
+        return False
+
+    def plain(ds: pydicom.Dataset) -> bool:
+        for element in ds:
+            if element.tag.is_private:
+                continue
+            if element.VR == "SQ":
+                if not all(plain(item) for item in element.value):
+                    return False
+            elif element.VR in _TEXT_VRS and not all(
+                    _PLAIN_TEXT.fullmatch(str(v)) for v in _values(element.value) if v is not None):
+                return False
+        return True
+
+    return plain(source)
 
 
 def _character_set(value: str | Sequence[str] | None) -> str | list[str] | None:
@@ -515,7 +722,7 @@ def _character_set(value: str | Sequence[str] | None) -> str | list[str] | None:
 
     Raises:
         ValueError: When `value` holds a term PS3.3 does not define, or combines a stand-alone set
-            (UTF-8, GB18030, GBK) with others.
+            (UTF-8, GB18030, GBK) with others. The message does not quote the value.
     """
     values = [str(v).strip() for v in _values(value)]
     if len(values) > 1 and not values[0]:
@@ -535,15 +742,15 @@ def _character_set(value: str | Sequence[str] | None) -> str | list[str] | None:
         terms = [f"ISO 2022 IR {n}" if n in _SINGLE_BYTE else v for v, n in zip(values, numbers, strict=True)]
         if set(terms) <= _CODE_EXTENSIONS:
             return terms
-    raise ValueError(f"the source images' SpecificCharacterSet {value!r} is not one PS3.3 C.12.1.1.2 "
-                     f"defines: correct it in their headers (one value such as 'ISO_IR 100' or "
-                     f"'ISO_IR 192', or several with code extensions such as '\\ISO 2022 IR 87')")
+    raise ValueError("SpecificCharacterSet is not a term PS3.3 C.12.1.1.2 defines, or combines a stand-alone "
+                     "set with others")
 
 
-def _values(value: str | Sequence[str] | None) -> list[str]:
+def _values(value: Any) -> list[Any]:
+    """The values of an element's value: none, one, or those of a multi-valued one."""
     if value is None:
         return []
-    return [value] if isinstance(value, str) else list(value)
+    return list(value) if isinstance(value, MutableSequence | tuple) else [value]
 
 
 def _set_new(header: pydicom.Dataset, keyword: str, value: Any) -> None:

@@ -17,7 +17,10 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.sr.codedict import codes
+from pydicom.tag import Tag
 from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
 
 from dicomops.pacs.results import (
@@ -27,6 +30,7 @@ from dicomops.pacs.results import (
     Finding,
     Nodule,
     encode,
+    result_uids,
     segmentation,
     structured_report,
 )
@@ -540,14 +544,71 @@ def test_source_character_sets_are_normalised_and_the_name_round_trips(
     assert images[0].SpecificCharacterSet == charset
 
 
-@pytest.mark.parametrize("charset", ["ISO-8859-1", ["ISO_IR 192", "ISO 2022 IR 87"]])
-def test_a_character_set_ps3_3_does_not_define_is_refused_saying_what_to_change(
-        series: SyntheticSeries, charset) -> None:
-    images = [copy.deepcopy(ds) for ds in series.images]
-    for ds in images:
+@requires_dciodvfy
+@pytest.mark.parametrize(
+    ("charset", "name", "written"),
+    [
+        # Named as the Python codec pydicom read them with: the text is what the source meant.
+        ("UTF-8", "Ωmega^Jürgen=山田^太郎", "ISO_IR 192"),
+        ("latin1", "Müller^Jürgen", "ISO_IR 100"),
+        ("ISO-8859-1", "Müller^Jürgen", "ISO_IR 100"),
+        ("ISO-8859-5", "Иванов^Иван", "ISO_IR 144"),
+        # Misspelt as pydicom corrects it.
+        ("ISO IR 100", "Müller^Jürgen", "ISO_IR 100"),
+        # Not a term, not a name of one, but every text value is plain ASCII: the default repertoire.
+        ("windows-1252", "Plain^Name", None),
+        ("FOO 1", "Plain^Name", None),
+        (["ISO_IR 192", "ISO 2022 IR 87"], "Plain^Name", None),
+    ],
+)
+def test_a_character_set_named_otherwise_or_over_plain_ascii_text_is_answered(
+        series: SyntheticSeries, tmp_path: Path, caplog: pytest.LogCaptureFixture, charset, name: str,
+        written) -> None:
+    def encoded(ds: pydicom.Dataset) -> None:
         ds.SpecificCharacterSet = charset
-    with pytest.raises(ValueError, match=r"SpecificCharacterSet .* correct it in their headers"):
+        ds.PatientName = name
+
+    images = _variant(series, encoded)
+    assert str(images[0].PatientName) == name
+    finding = _finding(series)
+    caplog.set_level(logging.WARNING, logger="dicomops.pacs.results")
+    for kind, result in (("sr", structured_report(images, finding)),
+                         ("seg", segmentation(images, series.mask, finding))):
+        path = tmp_path / f"{kind}.dcm"
+        assert not _dciodvfy(result, path), kind
+        back = pydicom.dcmread(path)
+        assert back.get("SpecificCharacterSet") == written, kind
+        assert str(back.PatientName) == name, kind
+    said = [r.getMessage() for r in caplog.records if r.name == "dicomops.pacs.results"]
+    assert said and all("SpecificCharacterSet" in line for line in said)
+    assert not [line for line in said for v in _values_of(charset) if v in line]
+    assert images[0].SpecificCharacterSet == charset
+
+
+def _values_of(charset) -> list[str]:
+    return [charset] if isinstance(charset, str) else list(charset)
+
+
+@pytest.mark.parametrize(
+    ("charset", "name"),
+    [
+        # A codec no defined term reads as: the accented letters may be others under the set meant.
+        ("windows-1252", "Müller^Jürgen"),
+        ("FOO 1", "Müller^Jürgen"),
+        # A stand-alone set with others: which one the text is in is a guess.
+        (["GB18030", "ISO 2022 IR 100"], "Ωmega^Jürgen"),
+    ],
+)
+def test_a_character_set_ps3_3_does_not_define_over_other_text_is_refused_saying_what_to_change(
+        series: SyntheticSeries, charset, name: str) -> None:
+    def encoded(ds: pydicom.Dataset) -> None:
+        ds.SpecificCharacterSet = charset
+        ds.PatientName = name
+
+    images = _variant(series, encoded)
+    with pytest.raises(ValueError, match=r"SpecificCharacterSet .* correct it in their headers") as err:
         structured_report(images, _absent())
+    assert not [v for v in _values_of(charset) if v in str(err.value)]
 
 
 def test_a_result_made_again_has_the_same_tracking_uids(series: SyntheticSeries) -> None:
@@ -571,3 +632,163 @@ def test_a_result_made_again_has_the_same_tracking_uids(series: SyntheticSeries)
     fewer[0] = False
     assert segmentation(series.images, fewer, finding).SegmentSequence[0].TrackingUID != \
         one.SegmentSequence[0].TrackingUID
+
+
+# --- values a scanner writes in its own form ----------------------------------------------------
+
+
+def _raw_variant(series: SyntheticSeries, keyword: str, raw: bytes) -> list[pydicom.Dataset]:
+    """The series with `keyword` holding the bytes `raw` as a scanner wrote them, read back."""
+    tag = Tag(tag_for_keyword(keyword))
+
+    def change(ds: pydicom.Dataset) -> None:
+        ds[tag] = RawDataElement(tag, dictionary_VR(keyword), len(raw), raw, 0, False, True)
+
+    return _variant(series, change)
+
+
+def _copied(back: pydicom.Dataset, keyword: str):
+    """`keyword` as the result carries it (None when absent); the Acquisition DateTime is the
+    Contribution DateTime of the acquisition equipment."""
+    if keyword == "AcquisitionDateTime":
+        (item,) = [i for i in back.ContributingEquipmentSequence
+                   if i.PurposeOfReferenceCodeSequence[0].CodeValue == codes.DCM.AcquisitionEquipment.value]
+        return item.get("ContributionDateTime")
+    return back.get(keyword)
+
+
+def _answered_without_the_value(series: SyntheticSeries, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                keyword: str, raw: bytes, expected) -> None:
+    """Both objects are made, valid to dciodvfy, with `expected` where the source said `raw`, and a
+    warning that names `keyword` and quotes neither."""
+    images = _raw_variant(series, keyword, raw)
+    before = copy.deepcopy(images[0][keyword].value)
+    caplog.set_level(logging.WARNING, logger="dicomops.pacs.results")
+    finding = _segmenter_finding(series)
+    for kind, result in (("sr", structured_report(images, finding)),
+                         ("seg", segmentation(images, series.mask, finding))):
+        path = tmp_path / f"{kind}.dcm"
+        # A Type 2 attribute written empty: a DICOMDIR would want a value, the IOD does not.
+        assert not [line for line in _dciodvfy(result, path) if "needed to build DICOMDIR" not in line], kind
+        back = pydicom.dcmread(path)
+        assert _copied(back, keyword) == expected, kind
+        assert back.StudyInstanceUID == images[0].StudyInstanceUID and back.PatientID == images[0].PatientID
+    said = [r.getMessage() for r in caplog.records if r.name == "dicomops.pacs.results"]
+    assert len(said) == 2 and all(keyword in line for line in said), said
+    quoted = {raw.decode().strip(), *raw.decode().strip().split("\\"), *([expected] if expected else [])}
+    assert not [line for line in said for v in quoted if v in line]
+    assert images[0][keyword].value == before  # the caller's headers are not changed
+
+
+@requires_dciodvfy
+@pytest.mark.parametrize(
+    ("keyword", "raw", "expected"),
+    [
+        # ACR-NEMA 300's forms, which PS3.5 6.2 names for DA and TM: one reading each.
+        ("StudyDate", b"2019.03.14", "20190314"),
+        ("PatientBirthDate", b"1970.01.02", "19700102"),
+        ("StudyTime", b"12:30:00.5 ", "123000.5"),
+        # Anything else not of the form: Type 2 empty, Type 3 left out.
+        ("StudyDate", b"14/03/2019", ""),
+        ("StudyDate", b"03/14/2019", ""),
+        ("StudyDate", b"2019-03-14", ""),
+        ("StudyDate", b"20190314 1200", ""),
+        ("StudyDate", b"20190231", ""),
+        ("PatientBirthDate", b"19700102\\19700103", ""),
+        ("StudyTime", b"12h30", ""),
+        ("StudyTime", b"12:30", ""),
+        ("PatientBirthTime", b"25:00", None),
+        ("LastMenstrualDate", b"2019/03/01", None),
+        ("AcquisitionDateTime", b"2019-03-14T10:00:00", None),
+        ("AcquisitionDateTime", b"20190314103000+01:00", None),
+    ],
+)
+def test_dates_and_times_not_of_their_vr_form_are_written_in_it_or_not_copied(
+        series: SyntheticSeries, tmp_path: Path, caplog: pytest.LogCaptureFixture, keyword: str, raw: bytes,
+        expected) -> None:
+    _answered_without_the_value(series, tmp_path, caplog, keyword, raw, expected)
+
+
+@requires_dciodvfy
+@pytest.mark.parametrize(
+    ("keyword", "raw", "expected"),
+    [
+        # The unit given, the leading zeros missing: one reading.
+        ("PatientAge", b"45Y ", "045Y"),
+        ("PatientAge", b"7M", "007M"),
+        # No unit, or one in words: not read (Patient's Age is Type 3: left out).
+        ("PatientAge", b"45", None),
+        ("PatientAge", b"045 ", None),
+        ("PatientAge", b"45 Years", None),
+        ("PatientAge", b"45y ", None),
+        # Patient Study's measurements are DS: a unit or a decimal comma is not one.
+        ("PatientWeight", b"70kg", None),
+        ("PatientSize", b"1,75", None),
+    ],
+)
+def test_ages_and_measurements_not_of_their_vr_form_are_written_in_it_or_not_copied(
+        series: SyntheticSeries, tmp_path: Path, caplog: pytest.LogCaptureFixture, keyword: str, raw: bytes,
+        expected) -> None:
+    _answered_without_the_value(series, tmp_path, caplog, keyword, raw, expected)
+
+
+def test_values_of_their_form_are_copied_as_they_are(series: SyntheticSeries, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="dicomops.pacs.results")
+    for keyword, raw in (("PatientAge", b"045Y"), ("StudyTime", b"123000.25 "), ("PatientWeight", b"70.5"),
+                         ("AcquisitionDateTime", b"20190314103000.5+0100")):
+        sr = structured_report(_raw_variant(series, keyword, raw), _segmenter_finding(series))
+        assert str(_copied(sr, keyword)) == raw.decode().strip(), keyword
+    assert not [r for r in caplog.records if r.name == "dicomops.pacs.results"]
+
+
+def test_every_formatted_value_highdicom_copies_is_checked() -> None:
+    """The patient and study attributes highdicom copies from a CT image (its module tables) whose
+    VR has a fixed form are all among those checked before they are copied."""
+    from highdicom._standard_utils import (
+        get_iod_module_map,
+        get_module_attribute_map,
+        get_sop_class_iod_map,
+    )
+
+    from dicomops.pacs import results
+
+    iod = get_sop_class_iod_map()[pydicom.uid.CTImageStorage]
+    attributes = get_module_attribute_map()
+    copied = {item["keyword"] for module in get_iod_module_map()[iod] if module["ie"] in ("Patient", "Study")
+              for item in attributes[module["key"]] if not item["path"]}
+    formatted = {k for k in copied if dictionary_VR(k) in ("DA", "TM", "DT", "AS", "DS")}
+    assert formatted and formatted <= set(results._COPIED_FORMATTED)
+
+
+# --- telling the results apart in the PACS ------------------------------------------------------
+
+
+SEGMENTER = "dicomops-ct-nodule-seg"
+
+
+@requires_dciodvfy
+def test_each_kind_of_result_has_its_own_series_description_and_keeps_its_uids(
+        series: SyntheticSeries, tmp_path: Path) -> None:
+    classifier = dataclasses.replace(_finding(series), nodules=())
+    segmenter = dataclasses.replace(_segmenter_finding(series), model_name=SEGMENTER)
+    # A segmenter that found nothing says as little as the classifier: it still reads apart.
+    nothing = dataclasses.replace(_absent(), model_name=SEGMENTER)
+    made = {"classifier": structured_report(series.images, classifier),
+            "segmenter": structured_report(series.images, segmenter, series_number=9003),
+            "segmenter-absent": structured_report(series.images, nothing, series_number=9003),
+            "seg": segmentation(series.images, series.mask, segmenter, series_number=9002)}
+    descriptions = {kind: ds.SeriesDescription for kind, ds in made.items()}
+    assert len({descriptions["classifier"], descriptions["segmenter"], descriptions["seg"]}) == 3
+    assert descriptions["segmenter"] == descriptions["segmenter-absent"]
+    assert MODEL in descriptions["classifier"] and SEGMENTER in descriptions["segmenter"]
+    for kind, ds in made.items():
+        assert not _dciodvfy(ds, tmp_path / f"{kind}.dcm"), kind
+    # The UIDs are derived from each kind's first description, not from the one shown: a study
+    # answered before gets the same objects again, not a second SR.
+    for kind, finding, number in (("classifier", classifier, 9001), ("segmenter", segmenter, 9003)):
+        assert (made[kind].SeriesInstanceUID, made[kind].SOPInstanceUID) == result_uids(
+            series.images, finding, "dicomops lung nodule report", number), kind
+    # A registered name as long as an LO allows still leaves a description that fits.
+    long_name = dataclasses.replace(classifier, model_name="m" * 64)
+    sr = structured_report(series.images, long_name)
+    assert len(sr.SeriesDescription) <= 64 and not _dciodvfy(sr, tmp_path / "long.dcm")
