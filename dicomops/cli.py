@@ -377,7 +377,7 @@ def segment(
     """Nodule segmenter: cross-validation in the classifier's folds (FROC/CPM, Dice, kappa per vendor),
     final model, registry version of dicomops-ct-nodule-seg, promotion gate on CPM.
 
-    For more than one process, run ``dicomops.segmentation.ddp`` under torchrun (see the README)."""
+    For more than one process, run dicomops.segmentation.ddp under torchrun (see the README)."""
     from dicomops.tracking.model_card import _f
 
     cfg = _pipeline_config(config)
@@ -593,6 +593,7 @@ def online(
 ) -> None:
     """Serve a registered model online: HTTP on Ray Serve with dynamic batching, Redis cache of
     preprocessed volumes; studies by reference from the PACS, or pre-cut slabs."""
+    import importlib.util
     import os
     import time
 
@@ -606,6 +607,10 @@ def online(
 
     if version is not None and alias is not None:
         raise typer.BadParameter("give --version or --alias, not both")
+    if importlib.util.find_spec("ray") is None:
+        console.print("[red]cannot serve:[/] the online service runs on Ray Serve, which this environment lacks: "
+                      "pip install -e '.[online]' (make venv installs it)", soft_wrap=True)
+        raise typer.Exit(2)
     if not os.environ.get(TOKEN_ENV):
         console.print(f"[red]no token:[/] the service answers only requests that carry one. Make one and give it to "
                       f"the callers: export {TOKEN_ENV}=\"$(python3 -c 'import secrets; "
@@ -654,7 +659,7 @@ def online(
             console.print("stopped while starting; what had started is stopped")
             raise typer.Exit(1) from None
         console.print(f"[green]serving[/] {cfg.train.model_name} ({served_as}) at "
-                      f"{launched.url}: POST /v1/studies {{\"study_instance_uid\": ...}}, POST /v1/slabs (.npy); "
+                      f"{launched.url}: POST /v1/studies {{\"study_instance_uid\": ...}}, POST /v1/slabs (.npy), POST /v1/feedback; "
                       f"GET /healthz, /readyz, /metrics. Batching: up to {serve.max_batch} slabs, "
                       f"{serve.batch_wait_ms} ms; {serve.replicas} replica(s). Cache: {escape(launched.cache)}. "
                       "Ctrl-C stops it.", soft_wrap=True)
@@ -851,8 +856,9 @@ def serve(
             raise typer.Exit(1) from err
         with stack:
             console.print(f"[green]Prefect UI[/]: {stack.ui_url}  (deployments: pipeline (manual), monitor (nightly "
-                          "02:00 UTC), retrain (automation 'retrain on dicomops.drift.detected'), pacs-watch (every "
-                          "60 s, one run at a time))", soft_wrap=True)
+                          "02:00 UTC), monitor-pacs (nightly 02:30 UTC), retrain (automations on "
+                          "dicomops.drift.detected and dicomops.feedback.threshold), pacs-watch (every 60 s, one run "
+                          "at a time), feedback (hourly), predict (manual))", soft_wrap=True)
             if stack.pacs is not None:
                 console.print(f"[green]PACS (Orthanc)[/]: {stack.pacs.url}  (loopback clients only; user "
                               f"{escape(options.credentials.user if options else '')}, password from {PASSWORD_ENV}; "

@@ -6,6 +6,7 @@ corpus and checks it against the hash in ``data.dvc`` before trusting it.
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -69,11 +70,13 @@ def ensure_corpus(data: Path, cfg: SynthConfig, *, pointer: Path | None = None, 
                             "%s' to restore that version, or, if this one is meant, 'dvc add %s' and "
                             "commit %s", data, md5, pointer.name, expected, pointer.name, data.name,
                             pointer.name)
+            _warn_other_options(data, cfg, "kept as it is")
             return CorpusStatus(data, "present", md5, matches, pointer)
         _refuse_incomplete(data, pointer)
     if expected is not None:
         pulled = _dvc("pull", pointer.name, cwd=repo)
         if pulled.returncode == 0 and data.exists() and any(data.iterdir()):
+            _warn_other_options(data, cfg, f"the version {pointer.name} records")
             return CorpusStatus(data, "pulled", expected, True, pointer)
         log.info("dvc pull found no copy (%s); regenerating the corpus",
                  pulled.stderr.strip().splitlines()[-1] if pulled.stderr.strip() else "no output")
@@ -94,6 +97,22 @@ def ensure_corpus(data: Path, cfg: SynthConfig, *, pointer: Path | None = None, 
                 log.warning("dvc %s failed: %s", args[0], result.stderr.strip()[-500:])
                 break
     return CorpusStatus(data, "generated", md5, matches, pointer)
+
+
+def _warn_other_options(data: Path, cfg: SynthConfig, what: str) -> None:
+    """Warn when the corpus in `data` was made with other generator options than `cfg` asks for:
+    a corpus there is kept (or pulled) whatever the options say, which only apply when it is made."""
+    try:
+        made = json.loads((data / sidecars.CORPUS_JSON).read_text())
+    except (OSError, ValueError):
+        return
+    asked = cfg.model_dump()
+    differ = sorted(k for k, v in made.items() if k in asked and asked[k] != v)
+    if differ:
+        log.warning("corpus %s is %s, made with %s, not the %s asked for: the options apply only when a "
+                    "corpus is made. For a corpus of those options use another folder (make run SEED=N "
+                    "DATA=data-N WORK=work-N), or remove this one", data, what,
+                    ", ".join(f"{k} {made[k]}" for k in differ), ", ".join(f"{k} {asked[k]}" for k in differ))
 
 
 def _refuse_incomplete(data: Path, pointer: Path) -> None:

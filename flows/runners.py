@@ -13,7 +13,11 @@ def on_dask(flow: F, address: str | None) -> F:
     same cluster. Without an address, the flow as it is."""
     if not address:
         return flow
-    from prefect_dask import DaskTaskRunner
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError as err:
+        raise RuntimeError("a dask_address is set, and running on Dask needs prefect-dask: "
+                           "pip install -e '.[dask]' (make venv installs it), or leave dask_address unset") from err
 
     result: Any = flow.with_options(task_runner=DaskTaskRunner(address=address))  # type: ignore[attr-defined]
     return result

@@ -154,8 +154,8 @@ def translate_errors(what: str, server: str) -> Iterator[None]:
         reason = err.response.reason if err.response is not None else ""
         raise PacsError(f"{what}: the PACS at {server} answered HTTP {status} {reason}".rstrip()) from None
     except requests.RequestException as err:
-        raise PacsError(f"{what}: the PACS at {server} did not answer in full ({type(err).__name__}); is it "
-                        f"running, and does {URL_ENV} point at it?") from None
+        raise PacsError(f"{what}: the PACS at {server} did not answer in full ({type(err).__name__}): is it "
+                        f"running at that address (the one given, else {URL_ENV})") from None
     except ValueError as err:  # raised before any request: requests' own JSON errors are caught above
         raise PacsRequestRefused(f"{what}: the DICOMweb client would not ask the PACS at {server} "
                                  f"({type(err).__name__}: an identifier that is not a valid DICOM UID; the "

@@ -261,7 +261,7 @@ def test_ingest_from_a_pacs_lost_mid_pass_is_exit_2(pacs_env: list[str], monkeyp
     from dicomops.pacs.client import PacsError
 
     outage = PacsError("reading the changes feed: the PACS at http://127.0.0.1:8042 did not answer in full "
-                       "(ConnectionError); is it running, and does DICOMOPS_PACS_URL point at it?")
+                       "(ConnectionError): is it running at that address (the one given, else DICOMOPS_PACS_URL)")
     monkeypatch.setattr(cli, "_flow", _FakeFlows(error=outage))
     result = runner.invoke(app, ["ingest", "--pacs", "http://127.0.0.1:8042"], env=WIDE)
     assert result.exit_code == 2, result.output
@@ -379,3 +379,16 @@ def test_retrain_without_its_labelled_source_exits_2_saying_what_to_set(monkeypa
                                                                             "holds no labelled corpus")))
     result = runner.invoke(app, ["retrain"], env=WIDE)
     assert result.exit_code == 2 and "holds no labelled corpus" in " ".join(result.output.split())
+
+
+def test_an_unreachable_pacs_names_the_address_given_and_the_variable_without_a_question() -> None:
+    """The CLI ends the PACS's error with a full stop and the address may come from --pacs: the
+    hint was "does DICOMOPS_PACS_URL point at it?." after `--pacs URL`."""
+    import requests
+
+    from dicomops.pacs.client import PacsError, translate_errors
+
+    with pytest.raises(PacsError) as raised, translate_errors("reaching the PACS", "http://127.0.0.1:1"):
+        raise requests.ConnectionError("refused")
+    message = str(raised.value)
+    assert message.endswith("(the one given, else DICOMOPS_PACS_URL)") and "?" not in message

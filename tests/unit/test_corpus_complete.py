@@ -121,3 +121,19 @@ def test_a_present_corpus_that_differs_from_its_pointer_names_that_pointer(
     assert status.pointer == pointer and status.verdict == "DOES NOT match d_int.dvc"
     assert "d_int.dvc" in caplog.text and "data.dvc" not in caplog.text
     assert "dvc checkout d_int.dvc" in caplog.text
+
+
+def test_a_present_corpus_made_with_other_options_is_kept_and_the_warning_names_them(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`make run SEED=N` on a checkout whose data/ holds the demo corpus re-ran the demo corpus
+    without a word: the options apply only when a corpus is made, and the warning says so."""
+    data = tmp_path / "data"
+    generate_corpus(data, CFG)
+    with caplog.at_level(logging.WARNING):
+        status = ensure_corpus(data, CFG, track=False)
+    assert status.source == "present" and "made with" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        status = ensure_corpus(data, CFG.model_copy(update={"seed": CFG.seed + 1, "workers": 2}), track=False)
+    assert status.source == "present"
+    assert f"made with seed {CFG.seed}, not the seed {CFG.seed + 1} asked for" in caplog.text
+    assert "workers" not in caplog.text and "DATA=data-N WORK=work-N" in caplog.text
