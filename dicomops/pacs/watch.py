@@ -15,8 +15,16 @@ reason), ``failed`` when scoring or writing its report failed (the step and the 
 first (the watch then gates it without scoring it again, so that drift monitoring and readers'
 feedback find its de-identified files, and records it ``ingested`` saying so), or ``duplicate``
 for a study already handled. A study whose results the PACS will not keep (some of them, whenever
-asked) stays ``ingested`` with how many it kept and why the rest were not, and is not retried. A
-study is never dropped silently, and one that fails does not hold back the studies behind it.
+asked) stays ``ingested`` with how many it kept and why the rest were not, and is not retried.
+
+A series that cannot be scored (its pixels do not decode, preprocessing or the model raises on it)
+fails alone: the study's other series are answered, and the study is ``ingested`` with
+``series_failed`` (how many) and ``failed_series`` (each one's pseudonym, as the study's gate and
+results table name it, and its reason code: ``2.25.…:unreadable_pixels``) and a reason that says
+so. Like any study handled, it is not answered again unless its images change (the series repaired
+and sent again): the same images fail the same way. Only a study none of whose series could be
+scored is ``failed``, with nothing stored back. A study is never dropped silently, and one that
+fails does not hold back the studies behind it.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ log = logging.getLogger(__name__)
 
 NOT_ALL_STORED = "not every result was stored"  # how a study's reason begins when the PACS did not keep them all
 LEDGER_COLUMNS = ["token", "status", "accepted_series", "quarantined_files", "results_stored", "reason",
-                  "handled_at", "images"]
+                  "handled_at", "images", "series_failed", "failed_series"]
 
 
 class Pacs(Protocol):
@@ -66,10 +74,20 @@ class StudyOutcome:
     results_stored: int = 0
     reason: str = ""
     images: str = ""  # the keyed digest of the image instances handled (images_digest)
+    series_failed: int = 0  # accepted series that could not be scored (the others were answered)
+    failed_series: str = ""  # each as "<the gate's pseudonym>:<reason code>", ";"-separated (failed_series_text)
 
 
 def study_token(key: bytes, study_uid: str) -> str:
     return KeyedMapper(key).token("study", study_uid)
+
+
+def failed_series_text(failures: Iterable[Any]) -> str:
+    """The series of a study that could not be scored (:class:`dicomops.serving.predict.SeriesFailure`),
+    as the ledger's ``failed_series`` says them: ``<pseudonym>:<reason code>``, ``;``-separated. The
+    pseudonym is the gate's (``WORK/pacs/studies/<token>/ingest/accepted.parquet``, the study's
+    results table); the code a reason code or an error's type, never a message."""
+    return ";".join(f"{f.series}:{f.reason}" for f in failures)
 
 
 def images_digest(key: bytes, sop_uids: Iterable[str]) -> str:
@@ -123,9 +141,10 @@ def _record(work: Path, outcome: StudyOutcome) -> None:
 def record_answered(work: Path, answer: Any, by: str) -> bool:
     """Record in the watch's ledger a study a batch or the online service (`by`) answered with its
     results all kept by the PACS (an :class:`dicomops.serving.predict.Answer`), so that the watch does
-    not answer it again once it is stable; True if recorded. One answered in part, or not at all, is
-    not: the watch answers it as it would any other."""
-    if answer.status != "scored" or answer.results_stored < 1 or answer.reason:
+    not answer it again once it is stable; True if recorded. One answered in part (results the PACS
+    did not keep, a series that could not be scored), or not at all, is not: the watch answers it as
+    it would any other, once, and its own row says what was not answered."""
+    if answer.status != "scored" or answer.results_stored < 1 or answer.reason or answer.failed_series:
         return False
     _record(work, StudyOutcome(answer.study, "answered", answer.accepted_series, answer.quarantined_files,
                                answer.results_stored, reason=f"answered by {by}", images=answer.images))
@@ -185,9 +204,10 @@ def handle_study(study_uid: str, pacs: Pacs, staging: Path, work: Path, cfg: Ing
     except PacsRequestRefused as err:  # never retrievable as it is: recorded, and the watch moves on
         outcome = StudyOutcome(token, "refused", reason=str(err), images=images)
     _record(work, outcome)
-    log.info("PACS study %s: %s (%d series accepted, %d files quarantined, %d results stored)%s", token,
+    log.info("PACS study %s: %s (%d series accepted, %d files quarantined, %d results stored)%s%s", token,
              outcome.status, outcome.accepted_series, outcome.quarantined_files, outcome.results_stored,
-             f"; {outcome.reason}" if outcome.reason else "")
+             f"; {outcome.reason}" if outcome.reason else "",
+             f"; series not scored: {outcome.failed_series}" if outcome.failed_series else "")
     return outcome
 
 
@@ -195,8 +215,10 @@ def _gate_score_answer(token: str, staged: Path, study_work: Path, pacs: Pacs, c
                        champion: Any | None, cache: Any | None = None, digest: str | None = None,
                        work: Path | None = None) -> StudyOutcome:
     """The gate, the score and the answer, through the one path every prediction takes
-    (:func:`dicomops.serving.predict.answer_staged`). A study that fails here for a reason of its own
-    (a series the model or the report writer cannot take) is recorded as ``failed`` and the watch
+    (:func:`dicomops.serving.predict.answer_staged`). A series the model cannot take fails alone: the
+    others are answered and the study is ``ingested``, its failed series counted and named
+    (:func:`failed_series_text`). A study that fails here for a reason of its own (none of its series
+    could be scored, the report writer cannot take it) is recorded as ``failed`` and the watch
     moves on: it must not block every study behind it. Only talking to the PACS, or this machine
     running out of disk space (:func:`dicomops.errors.local_outage`), may raise (an outage: retried)."""
     from dicomops import ingest
@@ -214,15 +236,19 @@ def _gate_score_answer(token: str, staged: Path, study_work: Path, pacs: Pacs, c
         return StudyOutcome(token, "ingested", gate.accepted_series, gate.quarantined_files, 0,
                             "no champion model: ingested, not scored")
     from dicomops.serving.batch import record
-    from dicomops.serving.predict import answer_staged, findings_frame, remember
+    from dicomops.serving.predict import answer_staged, findings_frame, remember, said_failures
 
     answer, entries = answer_staged(token, staged, study_work, cfg, key, champion, cache)
     if cache is not None and digest is not None:
         remember(cache, digest, answer, entries)
     if answer.status == "refused":
         return StudyOutcome(token, "refused", 0, answer.quarantined_files, 0, answer.reason)
+    n_failed, failed = len(answer.failed_series), failed_series_text(answer.failed_series)
     if answer.status == "failed":
-        return StudyOutcome(token, "failed", reason=answer.reason.replace(" (the message", "; not answered (the message"))
+        reason = answer.reason.replace(" (the message", "; not answered (the message") \
+            if " (the message" in answer.reason else f"{answer.reason}; not answered"
+        return StudyOutcome(token, "failed", answer.accepted_series, answer.quarantined_files, reason=reason,
+                            series_failed=n_failed, failed_series=failed)
     failure = ""
     try:
         reports, answer.localised = build_reports(staged, study_work, findings_frame(answer.findings, champion),
@@ -235,9 +261,15 @@ def _gate_score_answer(token: str, staged: Path, study_work: Path, pacs: Pacs, c
     if work is not None:  # de-identified, like a batch's: what readers' reviews meet
         record(WorkLayout(work).pacs.root, token, [answer], champion, None)
     if failure:
-        return StudyOutcome(token, "failed", reason=failure)
+        return StudyOutcome(token, "failed", reason=failure, series_failed=n_failed, failed_series=failed)
     stored, refusal = store_results(pacs, reports)
-    return StudyOutcome(token, "ingested", answer.accepted_series, answer.quarantined_files, stored, refusal)
+    partly = ""
+    if answer.failed_series:
+        partly = (f"{n_failed} of its {answer.accepted_series} series not scored: "
+                  f"{said_failures(answer.failed_series)}, the others answered; not answered again unless its "
+                  "images change (repair the series at its source and send it again)")
+    return StudyOutcome(token, "ingested", answer.accepted_series, answer.quarantined_files, stored,
+                        "; ".join(filter(None, [refusal, partly])), series_failed=n_failed, failed_series=failed)
 
 
 def store_results(pacs: Pacs, reports: Sequence[Any]) -> tuple[int, str]:
@@ -507,13 +539,13 @@ def log_pass(tracking_uri: str, artifact_root: Path | None, outcomes: Sequence[S
                                                 if champion is not None else {})}
     if stopped:
         tags["dicomops.stopped_by"] = f"{stopped} (the next pass starts with the study it stopped at)"
-    metrics = {(name if name == "results_stored" else f"studies_{name}"): float(value)
+    metrics = {(name if name in ("results_stored", "series_failed") else f"studies_{name}"): float(value)
                for name, value in summarise(outcomes).items()} | {"studies": float(len(outcomes))}
     run_id = runs.start_run(tracking_uri, EXPERIMENT, artifact_root, run_name="pacs-watch", tags=tags,
                             params={**described, "source": "pacs-watch"})
     runs.log_metrics(tracking_uri, run_id, metrics)
     with tempfile.TemporaryDirectory(prefix="dicomops-pass-") as tmp:
-        table = pd.DataFrame([asdict(o) for o in outcomes], columns=LEDGER_COLUMNS[:-1])
+        table = pd.DataFrame([asdict(o) for o in outcomes], columns=[c for c in LEDGER_COLUMNS if c != "images"])
         runs.configure_mlflow(tracking_uri).log_artifact(run_id, str(io.write_csv(Path(tmp) / "studies.csv", table)))
     runs.end_run(tracking_uri, run_id, "FAILED" if stopped else "FINISHED")
     return run_id
@@ -543,18 +575,25 @@ def pacs_and_feed(orthanc_url: str | None, http_budget_s: float) -> Iterator[tup
 
 
 def summarise(outcomes: Sequence[StudyOutcome]) -> dict[str, int]:
-    """How many studies ended in each status, and how many results were stored back."""
+    """How many studies ended in each status, how many results were stored back, and how many
+    series could not be scored (``series_failed``; ``partly_scored``: the ingested studies answered
+    for their other series)."""
     counts = {status: sum(o.status == status for o in outcomes) for status in STATUSES}
-    partly = sum(o.status == "ingested" and o.reason.startswith(NOT_ALL_STORED) for o in outcomes)
-    return {**counts, "partly_answered": partly, "results_stored": sum(o.results_stored for o in outcomes)}
+    partly = sum(o.status == "ingested" and NOT_ALL_STORED in o.reason for o in outcomes)
+    return {**counts, "partly_answered": partly, "results_stored": sum(o.results_stored for o in outcomes),
+            "partly_scored": sum(o.status == "ingested" and o.series_failed > 0 for o in outcomes),
+            "series_failed": sum(o.series_failed for o in outcomes)}
 
 
 def describe(summary: Any) -> str:
     """One line for the log: what a pass did with its studies (a :func:`summarise`)."""
     total = sum(summary[status] for status in STATUSES)
-    partly = summary.get("partly_answered", 0)
-    ingested = f"{summary['ingested']} ingested" + (f" ({partly} not answered in full: the PACS did not keep every "
-                                                     "result)" if partly else "")
+    partly, some = summary.get("partly_answered", 0), summary.get("partly_scored", 0)
+    notes = [f"{partly} not answered in full: the PACS did not keep every result" if partly else "",
+             f"{some} answered for some of their series only" if some else ""]
+    ingested = f"{summary['ingested']} ingested" + (f" ({'; '.join(filter(None, notes))})" if any(notes) else "")
+    series = summary.get("series_failed", 0)
+    not_scored = f"{series} series could not be scored (failed_series names them); " if series else ""
     return (f"{total} stable studies: {ingested}, {summary['refused']} refused by the gate, "
             f"{summary['failed']} failed (see WORK/pacs/studies.csv), {summary['duplicate']} already handled; "
-            f"{summary['results_stored']} results stored back")
+            f"{not_scored}{summary['results_stored']} results stored back")

@@ -7,6 +7,9 @@ Two requests:
   PACS, scored by the one prediction path (:func:`dicomops.serving.predict.answer_pacs_study`): warm
   from the Redis cache when the PACS holds the same instances as when it was last scored, else
   retrieved, gated, preprocessed and scored; with ``write_back`` an SR per series goes to the PACS.
+  A series that cannot be scored fails alone: the answer's ``status`` is ``partly_scored``, its
+  ``failed_series`` lists it (original UID, reason code) and its ``warning`` says so; a study none
+  of whose series could be scored is a 422 that lists them.
   The UID travels in the body, never the URL, so no access log holds it; the answer names the
   series by their original UIDs for the caller, and nothing is logged but counts and timings.
 - ``POST /v1/slabs`` with an ``.npy`` body (float32, (N, C, H, W) in the model's input contract):
@@ -55,11 +58,14 @@ STUDY_BODY = 'send JSON {"study_instance_uid": "<a DICOM UID>", "write_back": fa
 
 
 class RequestError(Exception):
-    """An answer other than 200: its HTTP status and what the caller should change."""
+    """An answer other than 200: its HTTP status and what the caller should change; `extra`: more
+    fields of the answer's JSON beside ``error`` (a failed study's ``failed_series``)."""
 
-    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
+    def __init__(self, status: int, message: str, retry_after: int | None = None,
+                 extra: Mapping[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.retry_after = status, message, retry_after
+        self.extra = dict(extra or {})
 
 
 def unexpected_error(err: Exception, doing: str) -> RequestError:
@@ -197,7 +203,7 @@ class Service:
         from dicomops.pacs.staging import StudyBusyError
         from dicomops.pacs.watch import record_answered
         from dicomops.serving.batch import record
-        from dicomops.serving.predict import answer_pacs_study
+        from dicomops.serving.predict import answer_pacs_study, said_failures
 
         if not isinstance(body, dict) or not isinstance(body.get("study_instance_uid"), str) \
                 or not UID.fullmatch(body["study_instance_uid"]) or len(body["study_instance_uid"]) > 64:
@@ -229,17 +235,27 @@ class Service:
             log.warning("online service: %s", err)
             raise RequestError(503, "the study is being answered by another request, pacs-watch or a batch; ask "
                                     f"again in a minute (waited {BUSY_WAIT_S:.0f} s)", retry_after=60) from None
+        # For the caller only, by the original UIDs it knows the series by: neither logged nor recorded.
+        failed = [{"series_instance_uid": originals.get(f.series), "reason": f.reason} for f in answer.failed_series]
         if answer.status != "scored":
-            raise RequestError(422, f"the study was {answer.status} and nothing was written back: {answer.reason}")
+            raise RequestError(422, f"the study was {answer.status} and nothing was written back: {answer.reason}",
+                               extra={"failed_series": failed} if failed else None)
         # De-identified, as the batch flow keeps its results: what a reader's review is linked to.
         record(self.options.work, f"online-{answer.study}", [answer], self.champion, None)
-        return {"status": answer.status, "warm": answer.warm, "accepted_series": answer.accepted_series,
-                "quarantined_files": answer.quarantined_files, "results_stored": answer.results_stored,
-                **({"warning": answer.reason} if answer.reason else {}),  # the PACS did not keep every result
+        warnings = [answer.reason]  # the PACS did not keep every result
+        if failed:
+            warnings.append(f"{len(failed)} of its {answer.accepted_series} series could not be scored "
+                            f"({said_failures(answer.failed_series)}): failed_series names them, and nothing was "
+                            "written back for them")
+        warning = "; ".join(filter(None, warnings))
+        return {"status": "partly_scored" if failed else "scored", "warm": answer.warm,
+                "accepted_series": answer.accepted_series, "quarantined_files": answer.quarantined_files,
+                "results_stored": answer.results_stored, **({"warning": warning} if warning else {}),
                 "model": self.champion.describe(),
                 "series": [{"series_instance_uid": originals.get(f.series), "slices": f.slices,
                             "score": f.score, "present": f.present, "best_slice": f.best_z, "cache": f.cache}
                            for f in answer.findings],
+                "failed_series": failed,
                 "timings_s": {k: round(v, 4) for k, v in answer.timings.items()}}
 
     def review(self, body: Any, authorization: str | None) -> dict[str, Any]:

@@ -241,13 +241,25 @@ def score_gated(champion: Champion, study_work: Path, cache: VolumeCache | None,
 # --------------------------------------------------------------------------------------------------
 # a staged study (files on disk, PHI) → answer
 # --------------------------------------------------------------------------------------------------
+def said_failures(failures: Sequence[SeriesFailure]) -> str:
+    """The failures' reason codes with their counts, most frequent first: ``unreadable_pixels (2)``."""
+    counts: dict[str, int] = {}
+    for failure in failures:
+        counts[failure.reason] = counts.get(failure.reason, 0) + 1
+    return ", ".join(f"{k} ({v})" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def answer_staged(study: str, staged: Path, study_work: Path, cfg: IngestConfig, key: bytes, champion: Champion,
                   cache: VolumeCache | None = None, timer: Timer | None = None) -> tuple[Answer, list[dict[str, Any]]]:
-    """Gate and score a study's files. A study the gate refuses, or whose series the model cannot
-    take, is an answer (refused / failed) with its reason, never an exception: one bad study must
-    not stop a batch. The error's message is withheld (it may quote a header value), its type kept.
-    This machine running out of something (a full disk: :func:`dicomops.errors.local_outage`) is
-    not the study's doing: it raises, and stops the batch or the pass like an outage."""
+    """Gate and score a study's files. A study the gate refuses, or none of whose series the model
+    can take, is an answer (refused / failed) with its reason, never an exception: one bad study
+    must not stop a batch. Series by series, as a folder's batch scores them: one that cannot be
+    scored (its pixels do not decode, preprocessing or the engine raises) is a
+    :class:`SeriesFailure` of a ``scored`` study (its pseudonym and :func:`failure_code`) and the
+    others keep their scores; only when every series failed is the study ``failed``. The error's
+    message is withheld (it may quote a header value), its type kept. This machine running out of
+    something (a full disk: :func:`dicomops.errors.local_outage`) is not the study's doing: it
+    raises, and stops the batch or the pass like an outage."""
     from dicomops import ingest
     from dicomops import io as dio
 
@@ -265,20 +277,28 @@ def answer_staged(study: str, staged: Path, study_work: Path, cfg: IngestConfig,
             return Answer(study, "refused", quarantined_files=gate.quarantined_files,
                           reason="no series passed the ingest gate", timings=timer.timings), []
         step = "scoring"
-        findings, entries = score_gated(champion, study_work, cache, timer)
+        failures: list[SeriesFailure] = []
+        findings, entries = score_gated(champion, study_work, cache, timer, failures=failures)
     except Exception as err:
         if local_outage(err):
             raise
         said = failure_code(err)
         withheld = "" if isinstance(err, SeriesNotPreprocessed) else " (the message is withheld: it may quote identifiers)"
         return Answer(study, "failed", reason=f"{said} during {step}{withheld}", timings=timer.timings), []
+    if not findings:
+        return Answer(study, "failed", accepted_series=gate.accepted_series, quarantined_files=gate.quarantined_files,
+                      reason=f"none of its series could be scored: {said_failures(failures)}", timings=timer.timings,
+                      failed_series=failures), []
     return Answer(study, "scored", findings, gate.accepted_series, gate.quarantined_files,
-                  timings=timer.timings), entries
+                  timings=timer.timings, failed_series=failures), entries
 
 
 def remember(cache: VolumeCache, digest: str, answer: Answer, entries: list[dict[str, Any]]) -> None:
-    """Store a scored study's manifest (its series' volume keys and the gate's counts) under `digest`."""
-    if answer.status == "scored" and entries:
+    """Store a scored study's manifest (its series' volume keys and the gate's counts) under `digest`.
+    Not for a study with a series that could not be scored: a warm answer names only the series its
+    manifest holds, so such a study is answered cold each time, its failed series said again (the
+    volumes of the others still come from the cache)."""
+    if answer.status == "scored" and entries and not answer.failed_series:
         cache.put_manifest(digest, {"series": entries, "accepted_series": answer.accepted_series,
                                     "quarantined_files": answer.quarantined_files})
 
@@ -306,9 +326,10 @@ def answer_pacs_study(study_uid: str, pacs: Any, staging: Path, scratch: Path, c
                       answered: Callable[[Answer], Any] | None = None) -> Answer:
     """One study of the PACS, by its StudyInstanceUID (held in memory only): warm from the cache when
     it can and nothing is to be written back; otherwise retrieved, gated, scored and, with
-    `write_back`, answered with one SR per series stored in the PACS. The study is held
-    (:func:`dicomops.pacs.staging.held_study`) while it is staged; staging and the study's scratch
-    work directory are removed before returning. Only talking to the PACS, or a study another
+    `write_back`, answered with one SR per scored series stored in the PACS (a series that could
+    not be scored has none: the answer's ``failed_series`` names it, :func:`answer_staged`). The
+    study is held (:func:`dicomops.pacs.staging.held_study`) while it is staged; staging and the
+    study's scratch work directory are removed before returning. Only talking to the PACS, or a study another
     handler holds past the wait (:class:`~dicomops.pacs.staging.StudyBusyError`), raises. `images`:
     the study's image instances (:meth:`dicomops.pacs.client.PacsClient.image_instances`), when the
     caller has listed them already. `prefetched`: the caller's retrieval of this study ahead
@@ -358,7 +379,7 @@ def answer_pacs_study(study_uid: str, pacs: Any, staging: Path, scratch: Path, c
                     raise
                 answer = Answer(token, "failed", answer.findings, answer.accepted_series, answer.quarantined_files,
                                 reason=f"{type(err).__name__} while writing the reports; nothing stored",
-                                timings=timer.timings)
+                                timings=timer.timings, failed_series=answer.failed_series)
             else:
                 answer.localised = localised
                 with timer("write_s"):  # a scored study whose results the PACS did not all keep says why

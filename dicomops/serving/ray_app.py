@@ -87,7 +87,7 @@ def build_app(options: Any, scaling: Scaling) -> Any:
 
     def error(err: RequestError) -> JSONResponse:
         headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
-        return JSONResponse({"error": err.message}, status_code=err.status, headers=headers)
+        return JSONResponse({"error": err.message, **err.extra}, status_code=err.status, headers=headers)
 
     @serve.deployment(name=APP_NAME, num_replicas=scaling.replicas, max_ongoing_requests=scaling.max_ongoing_requests,
                       health_check_period_s=HEALTH_PERIOD_S, ray_actor_options={"num_cpus": 0})

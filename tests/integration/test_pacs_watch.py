@@ -174,8 +174,8 @@ def test_studies_from_the_pacs_are_gated_scored_answered_once_and_leak_nothing(
     assert all(len(_reports(orthanc, uid)) == 1 for uid in (study_a, study_b))
     assert list(staging.glob("*")) == []
 
-    # A study its champion cannot score (a model that raises) is recorded as failed, with the step
-    # and the error's type only, and does not hold back the studies behind it.
+    # A study its champion cannot score (a model that raises on its every series) is recorded as
+    # failed, with the error's type only, and does not hold back the studies behind it.
     poison = synthetic_study(tmp_path / "send-c", slices=12, matrix=128, index=3, vendor="canon")
     later = synthetic_study(tmp_path / "send-d", slices=12, matrix=128, index=4, vendor="philips")
     study_c, study_d = _send(orthanc, poison), _send(orthanc, later)
@@ -184,7 +184,8 @@ def test_studies_from_the_pacs_are_gated_scored_answered_once_and_leak_nothing(
     broken = dataclasses.replace(real, engine=_Raising(real.engine))
     with PacsClient(orthanc.dicomweb_url, orthanc.credentials) as pacs:
         failed = watch.handle_study(study_c, pacs, staging, work, CONFIG.ingest, key_from_settings(), broken)
-    assert failed.status == "failed" and failed.reason.startswith("RuntimeError during scoring")
+    assert failed.status == "failed" and failed.series_failed == 1
+    assert failed.reason == "none of its series could be scored: RuntimeError (1); not answered"
     assert study_c not in failed.reason and _reports(orthanc, study_c) == []
     after = pacs_watch(work=work, staging=staging, config=CONFIG)
     assert (after["ingested"], after["failed"], after["results_stored"]) == (1, 0, 1)  # d answered; c not retried

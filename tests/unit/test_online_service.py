@@ -391,3 +391,42 @@ def test_probes_of_a_hung_redis_do_not_stall_the_replica_s_other_requests(
     assert longest_stall < 0.3, f"the event loop stood still for {longest_stall:.2f} s"
     if route == "readyz":
         assert b'"cache":"down (recomputing)"' in answer.body
+
+
+def test_a_study_with_a_series_that_cannot_be_scored_is_answered_with_the_failed_series_listed(
+        service: Service, tmp_path: Path) -> None:
+    """One series whose pixels never decode: the whole study was a 422 and nothing went back for
+    its good series (until 2026-12-07). Now the answer is ``partly_scored``: the good series scored
+    and, with write_back, its SR stored; the failed one listed with its reason code by the UID the
+    caller knows; not the watch's ``answered`` row (the watch answers it once itself). A study none
+    of whose series can be scored stays a 422, and lists them."""
+    from dicomops.pacs import watch
+    from tests.unit.test_partial_study import (
+        FolderPacs,
+        evidence_series,
+        partial_study,
+        study_uid_of,
+    )
+
+    files, good, (bad,) = partial_study(tmp_path / "part", index=81)
+    none_files, _, (alone,) = partial_study(tmp_path / "none", index=83, good=False)
+    one = _fresh(service)
+    pacs = FolderPacs([*files, *none_files])
+    one.pacs = pacs
+    answer = one.answer_study({"study_instance_uid": study_uid_of(files), "write_back": True}, one.champion.engine)
+    assert (answer["status"], answer["accepted_series"], answer["results_stored"]) == ("partly_scored", 2, 1)
+    assert [s["series_instance_uid"] for s in answer["series"]] == [good]
+    assert answer["failed_series"] == [{"series_instance_uid": bad, "reason": "unreadable_pixels"}]
+    assert answer["warning"].startswith("1 of its 2 series could not be scored (unreadable_pixels (1))")
+    (report,) = pacs.stored
+    assert evidence_series(report) == {good}
+    token = watch.study_token(one.options.key, study_uid_of(files))
+    assert token not in watch.handled_tokens(one.options.work)
+    JSONResponse(answer)  # JSON as it is
+
+    with pytest.raises(RequestError) as refused:
+        one.answer_study({"study_instance_uid": study_uid_of(none_files), "write_back": True}, one.champion.engine)
+    assert refused.value.status == 422
+    assert "none of its series could be scored: unreadable_pixels (1)" in refused.value.message
+    assert refused.value.extra == {"failed_series": [{"series_instance_uid": alone, "reason": "unreadable_pixels"}]}
+    assert len(pacs.stored) == 1

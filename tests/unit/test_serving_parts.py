@@ -404,7 +404,8 @@ def test_a_study_answered_in_full_elsewhere_is_left_to_nobody_else_and_the_ledge
     ledger = pd.read_csv(tmp_path / "pacs/studies.csv", keep_default_na=False)
     assert ledger.to_dict("records")[0] | {"handled_at": ""} == {
         "token": "tok-full", "status": "answered", "accepted_series": 1, "quarantined_files": 0,
-        "results_stored": 2, "reason": "answered by predict --pacs (batch b1)", "handled_at": "", "images": "IM-A"}
+        "results_stored": 2, "reason": "answered by predict --pacs (batch b1)", "handled_at": "", "images": "IM-A",
+        "series_failed": 0, "failed_series": ""}
     # The watch takes it as answered while its images are those answered; with others (a series
     # that arrived after), as a study to answer again; a row written before digests, for any.
     assert watch._handled_here(tmp_path, "tok-full", "IM-A") == (False, "predict --pacs (batch b1)", False)
