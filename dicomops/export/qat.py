@@ -25,8 +25,13 @@ nothing (0.987): its fine-tuned float weights alone scored 0.940.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import threading
 import time
+import types
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +65,77 @@ def _one_partition_per_call(program: torch.fx.GraphModule) -> None:
             stack[key] = (f"{fqn}@{node.name}", cls)
 
 
+# torchao's pattern graphs, by what makes one (:func:`patterns_once`).
+_PATTERNS: dict[Any, torch.fx.GraphModule] = {}
+_PATTERNS_LOCK = threading.Lock()
+
+
+def _pattern_key(value: Any, *, inputs: bool = False) -> Any:
+    """What a pattern graph of torchao's is made from, hashable: the pattern function's code and
+    what it closes over (flags, the convolution function), and the example inputs' shapes and
+    dtypes (`inputs`: traced as inputs, so their values do not enter the graph). Raises TypeError
+    for anything else, which is then traced afresh: a tensor a pattern closes over is a constant of
+    its graph, and an object known by its identity alone could be another one later."""
+    if isinstance(value, torch.Tensor) and inputs:
+        return ("tensor", tuple(value.shape), value.dtype, value.device.type)
+    if isinstance(value, (bool, int, float, str, type(None), torch.dtype)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return tuple(_pattern_key(v, inputs=inputs) for v in value)
+    if isinstance(value, types.FunctionType):
+        return ("function", value.__code__, tuple(_pattern_key(c.cell_contents) for c in value.__closure__ or ()),
+                _pattern_key(value.__defaults__ or ()), _pattern_key(sorted((value.__kwdefaults__ or {}).items())))
+    if type(value).__name__ == "WrapperModule" and not any(True for _ in value.parameters()) \
+            and not any(True for _ in value.buffers()):
+        return ("wrapped", _pattern_key(value.fn))
+    if isinstance(value, (types.BuiltinFunctionType, torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return value  # lives as long as the process, and the key holds it
+    raise TypeError(f"no pattern key for a {type(value).__name__}")
+
+
+@contextlib.contextmanager
+def patterns_once() -> Iterator[None]:
+    """Within it, torchao traces each of its rewrite patterns once per process.
+
+    ``prepare_qat_pt2e``, ``move_exported_model_to_eval`` and ``convert_pt2e`` find the
+    convolution + batch-norm subgraphs they rewrite by matching pattern graphs, and torchao 0.18
+    makes each of those with a ``torch.export`` every time (114 of them for the classifier),
+    though they depend only on the pattern and its example inputs' shapes. They are kept by
+    :func:`_pattern_key` and each caller gets a copy: the classifier's prepare and convert took
+    3.8 s instead of 22.3 once they were kept (2026-12-06, 2 cores shared with other work), its
+    converted program's outputs the same to the bit (``benchmarks/qat_patterns.py``). A held-out
+    comparison fine-tunes each fold's model twice.
+    """
+    from torchao.quantization.pt2e import qat_utils, utils
+
+    original = utils._get_aten_graph_module_for_pattern
+
+    def traced_once(pattern: Any, example_inputs: tuple[Any, ...], is_cuda: bool = False,
+                    **kwargs: Any) -> torch.fx.GraphModule:
+        try:
+            key = (_pattern_key(pattern), _pattern_key(tuple(example_inputs), inputs=True), is_cuda,
+                   tuple(sorted((k, _pattern_key(v, inputs=True)) for k, v in kwargs.items())))
+        except TypeError:
+            return original(pattern, example_inputs, is_cuda, **kwargs)
+        with _PATTERNS_LOCK:
+            graph = _PATTERNS.get(key)
+        if graph is None:
+            graph = original(pattern, example_inputs, is_cuda, **kwargs)
+            with _PATTERNS_LOCK:
+                _PATTERNS[key] = graph
+        with warnings.catch_warnings():  # torch's pytree deprecation, raised by copying any GraphModule
+            warnings.simplefilter("ignore", FutureWarning)
+            return copy.deepcopy(graph)
+
+    utils._get_aten_graph_module_for_pattern = traced_once
+    qat_utils._get_aten_graph_module_for_pattern = traced_once
+    try:
+        yield
+    finally:
+        utils._get_aten_graph_module_for_pattern = original
+        qat_utils._get_aten_graph_module_for_pattern = original
+
+
 def prepare(model: torch.nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
     """`model` (copied, float, CPU) exported with a dynamic batch axis and prepared for QAT."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
@@ -74,7 +150,8 @@ def prepare(model: torch.nn.Module, example: torch.Tensor) -> torch.fx.GraphModu
     program = torch.export.export(net, (example.float(),), dynamic_shapes=({0: batch},)).module()
     _one_partition_per_call(program)
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config(is_qat=True))
-    return prepare_qat_pt2e(program, quantizer)
+    with patterns_once():
+        return prepare_qat_pt2e(program, quantizer)
 
 
 @dataclass(frozen=True)
@@ -112,7 +189,8 @@ def finetune(model: torch.nn.Module, train: SlabSet, *, epochs: int, learning_ra
 
     torch.manual_seed(seed)
     prepared = prepare(model, train.x[:2].float())
-    move_exported_model_to_eval(prepared)  # batch-norm statistics frozen, dropout off; gradients still flow
+    with patterns_once():
+        move_exported_model_to_eval(prepared)  # batch-norm statistics frozen, dropout off; gradients still flow
     if not fake_quantise:
         prepared.apply(disable_fake_quant)
     optimizer = torch.optim.AdamW(prepared.parameters(), lr=learning_rate, weight_decay=0.0)
@@ -138,7 +216,8 @@ def finetune(model: torch.nn.Module, train: SlabSet, *, epochs: int, learning_ra
             total, seen = total + loss.item() * len(y), seen + len(y)
         progress.epoch(label, epoch + 1, epochs,
                        {"train_loss": total / max(seen, 1), "samples_per_second": seen / (time.perf_counter() - tick)})
-    move_exported_model_to_eval(prepared)
+    with patterns_once():
+        move_exported_model_to_eval(prepared)
     trained = copy.deepcopy(model).cpu().float()
     state = prepared.state_dict()
     # The program keeps every parameter and running statistic under its name; only the batch
@@ -147,7 +226,8 @@ def finetune(model: torch.nn.Module, train: SlabSet, *, epochs: int, learning_ra
     if missing:
         raise RuntimeError(f"the QAT program lost {len(missing)} of the network's tensors, e.g. {missing[:3]}")
     trained.load_state_dict({key: state[key] for key in trained.state_dict() if key in state}, strict=False)
-    return trained.eval(), convert_pt2e(prepared)
+    with patterns_once():
+        return trained.eval(), convert_pt2e(prepared)
 
 
 def quantise_float_convolutions(src: Path, out: Path, calibration: np.ndarray) -> list[str]:
