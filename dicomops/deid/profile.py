@@ -11,12 +11,14 @@ is carried out and applies three options of Table E.1-1:
 
 On top of the table, safety nets apply everywhere, nested sequences included: private tags,
 overlay/curve groups, URLs and elements no dictionary knows are removed, every person name is
-emptied, every non-standard UID is remapped, free-text values the table does not mention are
-removed, and the file meta is made again from what a reader needs.
+emptied, every non-standard UID is remapped, every text value the table does not mention (LO, SH,
+AE and the free-text VRs) is removed unless :data:`KEEP_TEXT` names it, a time that is not a time
+is emptied, and the file meta is made again from what a reader needs.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from functools import lru_cache
 
@@ -52,9 +54,20 @@ RETAIN_PATIENT_CHARACTERISTICS = frozenset(Tag(k) for k in (
 RETAIN_DEVICE_IDENTITY = frozenset(Tag(k) for k in (
     "StationName", "DeviceSerialNumber", "DetectorID", "GantryID", "PlateID", "CassetteID",
     "GeneratorID", "DeviceDescription", "SourceSerialNumber", "DeviceLabel"))
-# Free text the table does not mention is removed unless listed here.
-KEEP_TEXT = frozenset(Tag(k) for k in ("DeidentificationMethod",))
-FREE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UC"})
+# Text the table does not mention is removed unless listed here: an allow-list, because the
+# dictionary holds hundreds of LO/SH elements the table leaves out, and a site may put anything in
+# them (until 2026-12-06 every LO/SH such as PatientBirthDateInAlternativeCalendar, OwnerID or the
+# retired PlacerOrderNumberProcedure went through word for word). Kept: what the pipeline reads
+# past the gate (Manufacturer: the vendor of every fold and the gate's required column;
+# ManufacturerModelName and ConvolutionKernel: drift features); what says how to read the pixels
+# (RescaleType, 1C in the CT Image module); the Code Sequence Macro, terms of a coding scheme that
+# keep a coded item valid; and the method this module writes.
+KEEP_TEXT = frozenset(Tag(k) for k in (
+    "DeidentificationMethod", "Manufacturer", "ManufacturerModelName", "ConvolutionKernel", "RescaleType",
+    "CodeValue", "LongCodeValue", "CodingSchemeDesignator", "CodingSchemeVersion", "CodeMeaning"))
+# Type 2 in the CT Image IOD, not in the table: present with zero length rather than removed.
+EMPTIED_TEXT = frozenset(Tag(k) for k in ("PositionReferenceIndicator",))
+TEXT_VRS = frozenset({"LO", "SH", "AE", "LT", "ST", "UT", "UC"})
 # Removed wherever they stand: a URL (UR: RetrieveURL and the like) names a host and, often, the
 # original study and series UIDs in its path; an element no dictionary knows (UN, group even) may
 # hold anything. Until 2026-12-05 both went through with their values.
@@ -63,8 +76,11 @@ REMOVED_VRS = frozenset({"UR", "UN"})
 FILE_META_KEPT = ("FileMetaInformationVersion", "MediaStorageSOPClassUID", "TransferSyntaxUID",
                   "ImplementationClassUID", "ImplementationVersionName")
 REMOVED_GROUPS = (0x5000, 0x6000)
-NEVER_SHIFT = frozenset(Tag(k) for k in ("PatientBirthDate", "PatientDeathDateInAlternativeCalendar"))
+# The alternative-calendar birth and death dates are LO, not DA: the text net removes them.
+NEVER_SHIFT = frozenset(Tag(k) for k in ("PatientBirthDate",))
 REMOVE_TIMES = frozenset(Tag(k) for k in ("PatientBirthTime",))  # curves and overlays: may carry text and drawings
+# HHMMSS.FFFFFF with optional parts, or the ACR-NEMA HH:MM:SS form PS3.5 still lets a reader accept.
+_TIME = re.compile(r"\d{2}(?::?\d{2}(?::?\d{2}(?:\.\d{1,6})?)?)?")
 
 
 @lru_cache(maxsize=4)
@@ -168,8 +184,13 @@ class Deidentifier:
                 # the basic profile would remove.
                 self._shift(elem, patient)
                 continue
-            if vr == "TM" and action in ("Z", "D", "X") and tag not in REMOVE_TIMES:
-                continue  # times stay: with shifted dates they identify no one
+            if vr == "TM" and tag not in REMOVE_TIMES:
+                # Times stay: with shifted dates they identify no one. A value that is not a time
+                # (a reader keeps a malformed TM as the text it was given) is not a time to keep.
+                values = list(elem.value) if elem.VM > 1 else [elem.value]
+                if not all(_TIME.fullmatch(str(v).strip()) for v in values if str(v).strip()):
+                    elem.value = ""
+                continue
             if action == "XU":  # X/Z/U*: keep references, with every UID inside remapped
                 action = "U" if vr in ("UI", "SQ") else "X"
             if action == "X":
@@ -188,9 +209,9 @@ class Deidentifier:
                 elem.value = self._dummy(vr)
             elif action == "U" or vr == "UI":
                 self._remap(elem)
-            elif vr == "PN":
+            elif vr == "PN" or tag in EMPTIED_TEXT:  # any name; Type 2 text: present, empty
                 elem.value = ""
-            elif vr in FREE_TEXT_VRS and tag not in KEEP_TEXT:
+            elif vr in TEXT_VRS and tag not in KEEP_TEXT:
                 del ds[tag]
 
     def _remap(self, elem: DataElement) -> None:
