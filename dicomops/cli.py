@@ -255,7 +255,7 @@ def ingest(
         result = _flow("ingest", cfg.dask_address)(src=SecretStr(str(src.resolve())), work=work.resolve() if work else None,
                                                    config=cfg)
     except GateFailedError as err:
-        console.print(f"[red]gate failed:[/] {err}")
+        console.print(f"[red]gate failed:[/] {escape(str(err))}")
         raise typer.Exit(1) from err
     console.print(f"[green]ingest finished[/]: {result['accepted_series']} series accepted, "
                   f"{result['quarantined_files']} files quarantined; outputs in {result['work']}/ingest")
@@ -781,7 +781,7 @@ def run(
     try:
         result = _flow("pipeline")(src=SecretStr(str(src.resolve())), config=cfg, work=work.resolve() if work else None)
     except GateFailedError as err:
-        console.print(f"[red]gate failed:[/] {err}")
+        console.print(f"[red]gate failed:[/] {escape(str(err))}")
         raise typer.Exit(1) from err
     except ValueError as err:  # e.g. every series failed preprocessing: the message names the reasons
         console.print(f"[red]the pipeline stopped:[/] {escape(str(err))}")
@@ -856,8 +856,8 @@ def serve(
             raise typer.Exit(1) from err
         with stack:
             console.print(f"[green]Prefect UI[/]: {stack.ui_url}  (deployments: pipeline (manual), monitor (nightly "
-                          "02:00 UTC), monitor-pacs (nightly 02:30 UTC), retrain (automations on "
-                          "dicomops.drift.detected and dicomops.feedback.threshold), pacs-watch (every 60 s, one run "
+                          "02:00 UTC), monitor-pacs (nightly 02:30 UTC), retrain (automations 'retrain on "
+                          "dicomops.drift.detected' and 'retrain on dicomops.feedback.threshold'), pacs-watch (every 60 s, one run "
                           "at a time), feedback (hourly), predict (manual))", soft_wrap=True)
             if stack.pacs is not None:
                 console.print(f"[green]PACS (Orthanc)[/]: {stack.pacs.url}  (loopback clients only; user "

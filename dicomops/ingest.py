@@ -12,7 +12,10 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import io as io_module
+import logging
+import math
 import os
+import posixpath
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +28,14 @@ from dicomops import io
 from dicomops.config import IngestConfig
 from dicomops.deid.keys import KeyedMapper
 from dicomops.dicom.parallel import map_isolated
-from dicomops.dicom.reader import ReadLimits, guessed_syntax, inspect_file, list_files
+from dicomops.dicom.reader import (
+    INDEX_SCHEMA,
+    ReadLimits,
+    guessed_syntax,
+    inspect_file,
+    list_files,
+    source_file,
+)
 from dicomops.dicom.series import assemble_series
 from dicomops.errors import GateFailedError, local_outage
 from dicomops.feedback.privacy import released_table
@@ -35,6 +45,7 @@ from dicomops.validation.suite import validate_table
 
 QUARANTINE_COLUMNS = ["source_path", "reason", "detail"]
 Progress = Callable[[int, int], None] | None
+log = logging.getLogger(__name__)
 
 
 def _limits(cfg: IngestConfig) -> ReadLimits:
@@ -75,21 +86,41 @@ def index_headers(src: Path, work: Path, cfg: IngestConfig, key: bytes, progress
     src = Path(src)
     if not src.is_dir():
         raise ValueError(f"{src} is not a folder; pass the folder that holds the DICOM files")
+    check_labels(src, warn=False)  # before hours of reading: a labels.csv the gate would refuse at the end
     paths = WorkLayout(work).ingest
     files, sidecars = split_sidecars(list_files(src, skip=Path(work)), cfg.sidecars)
     io.write_csv(paths.sidecars, pd.DataFrame({"source_path": [rel for _, rel in sidecars]}))
+    listed = len(files)
+    files, clashes = _name_clashes(src, files)
     rows = map_isolated(inspect_file, files, args=(key, _limits(cfg)), on_failure=_failed_read,
                         workers=cfg.workers, chunk_size=128, seconds_per_item=cfg.seconds_per_file,
                         progress=progress, dask_address=cfg.dask_address)
     good = [r for r in rows if r.get("reason") is None]
-    bad = [{k: r.get(k, "") for k in QUARANTINE_COLUMNS} for r in rows if r.get("reason") is not None]
-    # Without a single readable file the index still has its key column, so later steps see an empty
-    # table rather than one without columns, and the gate reports the quarantine instead of crashing.
+    bad = clashes + [{k: r.get(k, "") for k in QUARANTINE_COLUMNS} for r in rows if r.get("reason") is not None]
+    # Without a single readable file the index still has every column of a row, so later steps see an
+    # empty table, and the gate reports the quarantine (or passes an empty batch) instead of crashing.
     index = pd.DataFrame(good).drop(columns=["reason"], errors="ignore") if good else \
-        pd.DataFrame({c: pd.Series(dtype=str) for c in ("source_path", "SOPInstanceUID", "SeriesInstanceUID")})
+        pd.DataFrame({c: pd.Series(dtype=t) for c, t in INDEX_SCHEMA.items()})
     io.write_csv(paths.index_quarantine, pd.DataFrame(bad, columns=QUARANTINE_COLUMNS))
-    io.write_json(paths.files, {"files": len(files)})
+    io.write_json(paths.files, {"files": listed})
     return io.write_parquet(paths.index, index)
+
+
+def _name_clashes(src: Path, files: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
+    """(files to read, quarantine rows): a file whose name is not UTF-8 and, written with ``\\xNN``
+    escapes, reads as another file's name, is quarantined (``bad_file_name``) rather than read under a
+    name that opens the other file."""
+    names = [rel for _, rel in files]
+    if len(set(names)) == len(names):
+        return files, []
+    counts = pd.Series(names).value_counts()
+    clashing = {(full, rel) for full, rel in files
+                if counts[rel] > 1 and os.path.normpath(full) != os.path.normpath(os.path.join(src, rel))}
+    rows = [{"source_path": rel, "reason": "bad_file_name",
+             "detail": "the name is not valid UTF-8 and, with its other bytes written as \\xNN, reads as another "
+                       "file's name; rename the file to UTF-8 (e.g. convmv -f latin1 -t utf8)"}
+            for _, rel in sorted(clashing, key=lambda f: f[1])]
+    return [f for f in files if f not in clashing], rows
 
 
 def validate_headers(work: Path, cfg: IngestConfig) -> Path:
@@ -196,9 +227,13 @@ def _judge(paths: IngestPaths, cfg: IngestConfig, quarantine: pd.DataFrame, acce
         top = ", ".join(f"{k} ({v})" for k, v in list(summary.reasons.items())[:3])
         said = (f"{summary.quarantined_files} of {files} files quarantined ({share:.1%}), above the "
                 f"allowed {cfg.max_invalid_fraction:.1%}. Top reasons: {top}")
+        needed = math.ceil(share * 100) / 100  # the setting that would let this batch through
         raise GateFailedError(
-            f"{said}. See {paths.quarantine}; fix the source or raise --max-invalid-fraction if this batch is "
-            "acceptable.", brief=f"{said}; fix the source, or raise ingest.max_invalid_fraction if it is acceptable.")
+            f"{said}. See {paths.quarantine}; fix the source, or, if this batch is acceptable, raise the setting "
+            f"ingest.max_invalid_fraction to at least {needed:.2f}: `dicomops ingest --max-invalid-fraction "
+            f"{needed:.2f}`, or for `dicomops run` and `dicomops monitor` a --config YAML with "
+            f"`ingest: {{max_invalid_fraction: {needed:.2f}}}`.",
+            brief=f"{said}; fix the source, or raise ingest.max_invalid_fraction if it is acceptable.")
     return summary
 
 
@@ -245,7 +280,7 @@ def deidentify_corpus(src: Path, work: Path, cfg: IngestConfig, key: bytes, prog
     instances["deid_path"] = [
         f"{p}/{s}/{i}.dcm" for p, s, i in
         zip(instances.PatientID, instances.SeriesInstanceUID, instances.SOPInstanceUID, strict=True)]
-    items = [(str(Path(src) / s), str(paths.deid / d)) for s, d in
+    items = [(source_file(src, s), str(paths.deid / d)) for s, d in
              zip(instances.source_path, instances.deid_path, strict=True)]
     results = map_isolated(
         deidentify_file, items, args=(key, cfg.deid.table_version),
@@ -265,27 +300,89 @@ def deidentify_corpus(src: Path, work: Path, cfg: IngestConfig, key: bytes, prog
     return io.write_parquet(paths.accepted, instances.reset_index(drop=True))
 
 
-def rekey_labels(src: Path, work: Path, key: bytes) -> Path | None:
-    """Copy ``labels.csv`` and masks for accepted series, keyed by pseudonym and remapped UID."""
+def check_labels(src: Path, warn: bool = True) -> pd.DataFrame | None:
+    """The corpus's ``labels.csv`` as the gate will re-key it, or None without one.
+
+    One row per series: a row repeated word for word is kept once (a warning); two different rows
+    for one SeriesInstanceUID are refused, as is a ``mask_path`` outside the source folder (absolute,
+    or climbing out with ``..``): the gate copies masks into the de-identified corpus and copies
+    nothing from elsewhere. An empty ``mask_path`` means the series has no mask. Messages name rows
+    by number, never by a value (UIDs, IDs and paths can identify a patient).
+
+    Raises:
+        ValueError: the file needs fixing; the message says what to change.
+    """
     src_labels = Path(src) / LABELS_CSV
     if not src_labels.exists():
         return None
+    labels = _read_table(src_labels)
+    if labels.empty:  # a header without rows: nothing to check, nothing to re-key
+        return labels
+    for column in ("SeriesInstanceUID", "PatientID"):
+        if column not in labels:
+            raise ValueError(f"{LABELS_CSV} has no {column} column; give it one row per series with its "
+                             "SeriesInstanceUID and PatientID, as the DICOM files spell them")
+    def rows(which: pd.Series) -> str:  # numbered from 1, the first row under the header
+        return ", ".join(str(i + 1) for i in labels.index[which.to_numpy()][:10])
+
+    repeated = labels.duplicated(keep="first")
+    if repeated.any():
+        if warn:  # the gate checks twice: before reading the files and when it re-keys the labels
+            log.warning("%s: %d row(s) repeat an earlier row word for word (rows %s); each is kept once",
+                        LABELS_CSV, int(repeated.sum()), rows(repeated))
+        labels = labels[~repeated]
+    uid = labels.SeriesInstanceUID.str.strip()
+    conflicting = uid.duplicated(keep=False)
+    if conflicting.any():
+        groups = [rows(uid == u) for u in uid[conflicting].unique()[:5]]
+        raise ValueError(f"{LABELS_CSV} has {int(uid[conflicting].nunique())} series with different rows "
+                         f"(rows {'; rows '.join(groups)}); a series has one label: keep one row per "
+                         "SeriesInstanceUID and delete or merge the others")
+    if "mask_path" in labels:
+        outside = labels.mask_path.map(_outside_folder).astype(bool)
+        if outside.any():
+            raise ValueError(f"{LABELS_CSV}: the mask_path of rows {rows(outside)} "
+                             "points outside the source folder (an absolute path, or one that climbs out with '..'); "
+                             "give each mask relative to the folder that holds labels.csv (e.g. masks/case-1.npz), "
+                             "or leave mask_path empty for a series without a mask")
+    return labels.reset_index(drop=True)
+
+
+def _outside_folder(rel: str) -> bool:
+    rel = str(rel).strip().replace("\\", "/")
+    if not rel:
+        return False
+    return posixpath.isabs(rel) or bool(os.path.splitdrive(rel)[0]) or \
+        posixpath.normpath(rel).split("/", 1)[0] == ".."
+
+
+def rekey_labels(src: Path, work: Path, key: bytes) -> Path | None:
+    """Copy ``labels.csv`` and masks for accepted series, keyed by pseudonym and remapped UID
+    (:func:`check_labels` says which files it refuses)."""
+    labels = check_labels(src)
+    if labels is None:
+        return None
     paths = WorkLayout(work).ingest
     mapper = KeyedMapper(key)
-    labels = _read_table(src_labels)
-    labels["SeriesInstanceUID"] = labels.SeriesInstanceUID.map(mapper.uid)
+    labels = labels.assign(SeriesInstanceUID="", PatientID="") if labels.empty else labels
+    labels["SeriesInstanceUID"] = labels.SeriesInstanceUID.str.strip().map(mapper.uid)
     labels["PatientID"] = labels.PatientID.map(mapper.pseudonym)
     accepted = set(pd.read_parquet(paths.accepted, columns=["SeriesInstanceUID"]).SeriesInstanceUID)
     labels = labels[labels.SeriesInstanceUID.isin(accepted)].copy()
-    new_masks = []
+    new_masks, absent = [], 0
     for row in labels.itertuples():
-        rel = mask_path(row.SeriesInstanceUID)
-        source_mask = Path(src) / str(row.mask_path)
-        if source_mask.exists():
+        given = str(getattr(row, "mask_path", "") or "").strip()  # empty: the series has no mask
+        source_mask = Path(src) / given if given else None
+        if source_mask is not None and source_mask.is_file():
+            rel = mask_path(row.SeriesInstanceUID)
             io.write_bytes(paths.deid / rel, source_mask.read_bytes())
             new_masks.append(rel)
         else:
+            absent += source_mask is not None
             new_masks.append("")
+    if absent:
+        log.warning("%s: the mask_path of %d accepted series names no file; they have no mask in the "
+                    "de-identified corpus", LABELS_CSV, absent)
     labels["mask_path"] = new_masks
     keep = ["SeriesInstanceUID", "PatientID", "vendor", "label", "nodule_count",
             "nodule_diameters_mm", "nodules", "actionable_count", "scenario", "mask_path"]

@@ -11,9 +11,12 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
+import stat
 import struct
 import zlib
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,7 +26,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import parse_basic_offsets, parse_fragments
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import _read_file_meta_info
+from pydicom.filereader import _read_file_meta_info, read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import (
     UID,
@@ -32,6 +35,7 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    MediaStorageDirectoryStorage,
 )
 
 from dicomops.deid.keys import KeyedMapper
@@ -75,7 +79,28 @@ FLOAT_COLUMNS = ("SliceThickness", "SpacingBetweenSlices", "KVP", "RescaleSlope"
 # Every tag the index row reads; the fast reader keeps exactly these.
 WANTED_KEYWORDS = tuple(sorted(set(REQUIRED_TAGS) | set(UID_COLUMNS) | set(TEXT_COLUMNS) | set(INT_COLUMNS)
                                | set(FLOAT_COLUMNS) | {"ImageType", "WindowCenter", "WindowWidth", "StudyDate",
-                                                      "InstitutionName"}))
+                                                      "InstitutionName", "SpecificCharacterSet", "RescaleType",
+                                                      "LossyImageCompression"}))
+# The CT Image Module (PS3.3 C.8.2.1) allows one grey sample per pixel, shown either way up.
+CT_PHOTOMETRIC = ("MONOCHROME2", "MONOCHROME1")
+# Defined terms of PhotometricInterpretation (PS3.3 C.7.6.3.1.2) and RescaleType (C.11.1.1.2): only
+# these are ever repeated in a detail (a hostile header can put anything in a CS value).
+PHOTOMETRIC_TERMS = frozenset({"MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "HSV", "ARGB", "CMYK",
+                               "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT",
+                               "YBR_RCT", "XYB"})
+RESCALE_TYPE_TERMS = frozenset({"OD", "HU", "US", "MGML", "Z_EFF", "ED", "EDW", "HU_MOD", "PCT"})
+# The columns of an index row (:func:`_index_row`), with a dtype for the index of a batch in which no
+# file could be read: that empty index keeps every column, so later steps see an empty table.
+INDEX_SCHEMA: dict[str, str] = {
+    "source_path": "object", "file_bytes": "Int64", "TransferSyntaxUID": "object", "executable_preamble": "bool",
+    **dict.fromkeys(INT_COLUMNS, "Int64"), **dict.fromkeys(FLOAT_COLUMNS, "float64"),
+    **dict.fromkeys(TEXT_COLUMNS, "object"),
+    "SOPClassUID": "object", "ImageType": "object", "WindowCenter": "object", "WindowWidth": "object",
+    **{f"PixelSpacing_{i}": "float64" for i in range(2)}, **{f"ImagePositionPatient_{i}": "float64" for i in range(3)},
+    **{f"ImageOrientationPatient_{i}": "float64" for i in range(6)},
+    "warnings": "object", "PatientID": "object", **dict.fromkeys(UID_COLUMNS, "object"), "Site": "object",
+    STUDY_DATE_VERDICT: "object", "StudyDate": "object",
+}
 
 
 @dataclass(frozen=True)
@@ -147,6 +172,7 @@ def _inspect(path: Path, source_path: str, mapper: KeyedMapper, limits: ReadLimi
         executable_preamble = preamble and head[:4].startswith(EXECUTABLE_MAGIC)
         fast = read_fast(str(path), WANTED_KEYWORDS, size) if preamble else None
         if fast is not None:
+            _refuse_media_directory(fast.media_sop_class, False)
             syntax = UID(fast.syntax)
             if not syntax.is_transfer_syntax:
                 raise Rejected("unsupported_transfer_syntax", "missing or unknown TransferSyntaxUID")
@@ -158,7 +184,8 @@ def _inspect(path: Path, source_path: str, mapper: KeyedMapper, limits: ReadLimi
             return _index_row(fast, syntax, pixel, source_path, mapper, limits, executable_preamble, size,
                               warned)
         dataset_start = PREAMBLE + 4 if preamble else 0
-        # The file meta group is small; a deflated dataset must be bounded before pydicom inflates it.
+        # The file meta group is small; a deflated dataset is inflated here, under a bound, and read
+        # from memory: pydicom would inflate it without one, and offsets in it are the inflated stream's.
         if _DEFLATED in head + fh.read(1024):
             fh.seek(dataset_start)
             try:
@@ -166,24 +193,64 @@ def _inspect(path: Path, source_path: str, mapper: KeyedMapper, limits: ReadLimi
             except Exception as err:
                 raise Rejected("unreadable_header", f"file meta: {type(err).__name__}") from err
             if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
-                _check_inflated_size(fh, limits)
+                _refuse_media_directory(str(meta.get("MediaStorageSOPClassUID", "")), False)
+                inflated = _inflate(fh, limits)
+                stream = BytesIO(inflated)
+                ds = read_dataset(stream, is_implicit_VR=False, is_little_endian=True, stop_when=_at_pixel_data,
+                                  defer_size=limits.defer_size)
+                _refuse_media_directory("", Tag(0x00041220) in ds._dict)
+                implicit, little = _read_encoding(ds, implicit=False, little=True)
+                if implicit:
+                    warned.append("vr_encoding_mismatch:implicit")
+                _check_declared_lengths(ds, len(inflated))
+                pixel = _pixel_data_element(stream, stream.tell(), len(inflated), implicit, little)
+                return _index_row(_DatasetHeader(ds), DeflatedExplicitVRLittleEndian, pixel, source_path, mapper,
+                                  limits, executable_preamble, size, warned)
         fh.seek(0)
         try:
             ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=limits.defer_size,
                                  force=not preamble)
         except InvalidDicomError as err:
             raise Rejected("not_dicom", "pydicom refused the file") from err
+        _refuse_media_directory(str(ds.file_meta.get("MediaStorageSOPClassUID", "")) if hasattr(ds, "file_meta")
+                                else "", Tag(0x00041220) in ds._dict)
         syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", ""))) if preamble else guessed_syntax(ds)
         if not syntax or not syntax.is_transfer_syntax:
             raise Rejected("unsupported_transfer_syntax", "missing or unknown TransferSyntaxUID")
         if syntax.is_compressed and not _decoder_available(syntax):
             raise Rejected("unsupported_transfer_syntax", f"no decoder installed for {syntax.name}")
         header_end = fh.tell()
-        if syntax != DeflatedExplicitVRLittleEndian:  # offsets there are into the inflated stream
-            _check_declared_lengths(ds, size)
-        pixel = _pixel_data_element(fh, header_end, size, syntax)
+        _check_declared_lengths(ds, size)
+        # pydicom reads a dataset in the VR encoding it finds when the file meta names the other one
+        # (an explicit-VR syntax over implicit-VR elements): the pixel data is where pydicom's encoding puts it.
+        implicit, little = _read_encoding(ds, syntax.is_implicit_VR, syntax.is_little_endian)
+        if implicit != syntax.is_implicit_VR:
+            warned.append(f"vr_encoding_mismatch:{'implicit' if implicit else 'explicit'}")
+        pixel = _pixel_data_element(fh, header_end, size, implicit, little)
     return _index_row(_DatasetHeader(ds), syntax, pixel, source_path, mapper, limits, executable_preamble,
                       size, warned)
+
+
+def _at_pixel_data(tag: Any, vr: str | None, length: int) -> bool:
+    """pydicom's stop_when for reading up to the pixel data (stop_before_pixels)."""
+    return int(tag) == 0x7FE00010
+
+
+def _refuse_media_directory(media_sop_class: str, has_directory_records: bool) -> None:
+    """A DICOMDIR indexes the files of a medium (PS3.10 8.6); it holds no image of its own."""
+    if media_sop_class == MediaStorageDirectoryStorage or has_directory_records:
+        raise Rejected("dicomdir", "a DICOMDIR (Media Storage Directory) is the index of an exported medium, not an "
+                       "image; the images it lists are read as files of their own. Leave it out of the batch, or "
+                       "list it under ingest.sidecars (e.g. '*DICOMDIR')")
+
+
+def _read_encoding(ds: Dataset, implicit: bool, little: bool) -> tuple[bool, bool]:
+    """(implicit VR, little endian) as pydicom read the dataset's elements (its first raw element
+    says), else the declared encoding given."""
+    for elem in ds._dict.values():
+        if isinstance(elem, RawDataElement):
+            return bool(elem.is_implicit_VR), bool(elem.is_little_endian)
+    return implicit, little
 
 
 def _starts_like_dataset(head: bytes, size: int) -> bool:
@@ -224,20 +291,26 @@ def _decoder_available(syntax: UID) -> bool:
         return False
 
 
-def _check_inflated_size(fh: Any, limits: ReadLimits) -> None:
-    """Inflate the deflated dataset under a bound before pydicom inflates it without one."""
+def _inflate(fh: Any, limits: ReadLimits) -> bytes:
+    """The deflated dataset from `fh`'s position, inflated under ``limits.max_inflated_bytes``."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    parts: list[bytes] = []
     total = 0
     while True:
         pending = inflater.unconsumed_tail or fh.read(1 << 20)
         if not pending:
-            return
+            break
         try:
-            total += len(inflater.decompress(pending, 1 << 22))  # at most 4 MB in memory at once
+            part = inflater.decompress(pending, 1 << 22)  # at most 4 MB more at a time
         except zlib.error as err:
             raise Rejected("unreadable_header", "deflate stream is corrupt") from err
+        total += len(part)
         if total > limits.max_inflated_bytes:
             raise Rejected("bad_value:deflate_size", f"inflates past {limits.max_inflated_bytes} bytes")
+        parts.append(part)
+        if inflater.eof:
+            break
+    return b"".join(parts)
 
 
 def _check_declared_lengths(ds: Dataset, size: int) -> None:
@@ -259,15 +332,18 @@ class PixelElement:
     trailing: int = 0  # bytes after the sequence delimiter that are not Data Set Trailing Padding
 
 
-def _pixel_data_element(fh: Any, at: int, size: int, syntax: UID) -> PixelElement | None:
-    """Parse the PixelData element header where the header read stopped, without reading pixels."""
+def _pixel_data_element(fh: Any, at: int, size: int, implicit: bool, little: bool) -> PixelElement | None:
+    """Parse the PixelData element header where the header read stopped, without reading pixels.
+
+    `implicit` and `little`: the encoding pydicom read the dataset in (:func:`_read_encoding`).
+    """
     fh.seek(at)
     head = fh.read(12)
-    big = syntax == ExplicitVRBigEndian
+    big = not little
     if len(head) < 8 or head[:4] != (PIXEL_DATA_TAG_BE if big else PIXEL_DATA_TAG):
         return None
-    if syntax.is_implicit_VR and syntax != DeflatedExplicitVRLittleEndian:
-        length = struct.unpack("<I", head[4:8])[0]
+    if implicit:
+        length = struct.unpack(">I" if big else "<I", head[4:8])[0]
         header = 8
     elif head[4:6] in (b"OB", b"OW", b"UN", b"OV"):
         length = struct.unpack(">I" if big else "<I", head[8:12])[0]
@@ -374,7 +450,18 @@ def _raw(ds: Dataset, keyword: str) -> list[Any] | None:
               and int.from_bytes(rep.value[:2], "little" if little else "big") == 1)
     # Explicit VR UN (PS3.5 6.2.2): the value is encoded as its dictionary VR would be, so decode it so.
     vr = elem.VR if elem.VR and elem.VR != "UN" else dictionary_VR(tag)
-    return decode_value(vr, value, little, signed)
+    return decode_value(vr, value, little, signed, charset=_charset(ds) if tag != 0x00080005 else None)
+
+
+def _charset(ds: Dataset) -> bytes | None:
+    """SpecificCharacterSet as raw bytes, for :func:`decode_value` (pydicom decodes it while reading)."""
+    elem = ds._dict.get(Tag(0x00080005))
+    if elem is None or not elem.value:
+        return None
+    if isinstance(elem.value, bytes):
+        return elem.value
+    values = [elem.value] if isinstance(elem.value, str) else list(elem.value)
+    return "\\".join(str(v) for v in values).encode("ascii", "replace")
 
 
 def _text(h: HeaderSource, keyword: str) -> str | None:
@@ -462,6 +549,7 @@ def _index_row(ds: HeaderSource, syntax: UID, pixel: PixelElement | None, source
     if bits not in (1, 8, 16, 32, 64) or frames < 1 or rows * cols * frames > limits.max_pixels:
         raise Rejected("bad_value:BitsAllocated" if bits not in (1, 8, 16, 32, 64) else "bad_value:NumberOfFrames",
                        "pixel geometry out of bounds")
+    _check_ct_image_pixels(ds, samples, warned)
     if pixel is None:
         raise Rejected("missing_tag:PixelData", "no PixelData (7FE0,0010) element after the header")
     if pixel.length is None:
@@ -504,6 +592,36 @@ def _index_row(ds: HeaderSource, syntax: UID, pixel: PixelElement | None, source
     return row
 
 
+def _check_ct_image_pixels(ds: HeaderSource, samples: int, warned: list[str]) -> None:
+    """What the CT Image Module (PS3.3 C.8.2.1) requires of the pixels, and HU for the windowing.
+
+    One grey sample per pixel: a colour (RGB, YBR) rendering of a CT read as grey values comes out
+    scrambled. RescaleType is present only when the rescaled values are not Hounsfield units, and
+    every later step windows in HU. MONOCHROME1 (bright is low) only changes how a viewer shows the
+    values, not the HU they rescale to: a warning. Lossy compression in the file's history: a warning.
+    """
+    photometric = (_text(ds, "PhotometricInterpretation") or "").strip().upper()
+    if photometric and photometric not in CT_PHOTOMETRIC:
+        named = f"is {photometric}" if photometric in PHOTOMETRIC_TERMS else "is not a defined term"
+        raise Rejected("bad_value:PhotometricInterpretation",
+                       f"PhotometricInterpretation {named}; CT Image Storage needs MONOCHROME2 or MONOCHROME1 "
+                       "(one grey sample per pixel): send the scanner's original series, not a colour rendering")
+    if samples != 1:
+        raise Rejected("bad_value:SamplesPerPixel",
+                       f"SamplesPerPixel is {samples}; CT Image Storage needs 1 (one grey sample per pixel): "
+                       "send the scanner's original series, not a colour rendering")
+    if photometric == "MONOCHROME1":
+        warned.append("monochrome1")
+    rescale_type = (_text(ds, "RescaleType") or "").strip().upper()
+    if rescale_type and rescale_type != "HU":
+        named = f"says {rescale_type}" if rescale_type in RESCALE_TYPE_TERMS else "is not HU (nor a defined term)"
+        raise Rejected("rescale_type_not_hu",
+                       f"RescaleType {named}: the rescaled values are not Hounsfield units, and preprocessing "
+                       "windows in HU; send the series rescaled to HU, or leave it out of the batch")
+    if (_text(ds, "LossyImageCompression") or "").strip() == "01":
+        warned.append("lossy_compressed")
+
+
 def _unsupported_sop_class(uid: str, limits: ReadLimits) -> tuple[str, str]:
     """Reason and detail for a SOP class the gate does not turn into volumes.
 
@@ -519,26 +637,74 @@ def _unsupported_sop_class(uid: str, limits: ReadLimits) -> tuple[str, str]:
 
 
 def list_files(src: Path, skip: Path | None = None) -> list[tuple[str, str]]:
-    """Every regular file under `src` as (absolute path, path relative to `src`), sorted; nothing
-    under the folder `skip` (the work directory, when it lies inside `src`: its own files are no data).
+    """Every regular file under `src` as (absolute path, name relative to `src`), sorted by name;
+    nothing under the folder `skip` (the work directory, when it lies inside `src`: its own files are no data).
 
-    Symlinks to regular files are followed; devices, sockets, FIFOs, dangling links and
-    directories (even one named ``x.dcm``) are never opened.
+    Symlinks are followed, to files and to folders: a series folder linked in from elsewhere is read
+    like any other. A file or folder reached twice (two links to one folder, a link back up the tree,
+    a hard link) is listed once, under the name met first, so a loop ends and no file counts twice.
+    Devices, sockets, FIFOs, dangling links and directories (even one named ``x.dcm``) are never opened.
+
+    A name that is not valid UTF-8 (a file copied from an old Windows share: ``caf\\xe9.dcm`` in
+    latin-1) cannot be written to the gate's tables as it is: its undecodable bytes are written as
+    ``\\xNN`` (:func:`display_name`), and :func:`source_file` finds the file again from that name.
     """
     src = Path(src)
     skipped = os.path.realpath(skip) if skip is not None else None
     out: list[tuple[str, str]] = []
-    for dirpath, dirnames, filenames in os.walk(src):
-        if skipped is not None:
-            dirnames[:] = [d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) != skipped]
-        dirnames.sort()
-        for name in filenames:
-            full = os.path.join(dirpath, name)
+    try:
+        top = os.stat(src)
+    except OSError:
+        return out
+    seen_dirs = {(top.st_dev, top.st_ino)}
+    seen_files: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(src, followlinks=True):
+        kept = []
+        for d in sorted(dirnames):
+            full_dir = os.path.join(dirpath, d)
+            if skipped is not None and os.path.realpath(full_dir) == skipped:
+                continue
             try:
-                if not os.path.isfile(full):  # follows symlinks; False for devices, sockets, FIFOs
-                    continue
+                info = os.stat(full_dir)
             except OSError:
                 continue
-            out.append((full, os.path.relpath(full, src)))
+            if (info.st_dev, info.st_ino) in seen_dirs:  # a loop, or a folder already listed by another name
+                continue
+            seen_dirs.add((info.st_dev, info.st_ino))
+            kept.append(d)
+        dirnames[:] = kept
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            try:
+                info = os.stat(full)  # follows symlinks; fails on a dangling one
+            except OSError:
+                continue
+            if not stat.S_ISREG(info.st_mode) or (info.st_dev, info.st_ino) in seen_files:
+                continue
+            seen_files.add((info.st_dev, info.st_ino))
+            out.append((full, display_name(os.path.relpath(full, src))))
     out.sort(key=lambda item: item[1])
     return out
+
+
+def display_name(name: str) -> str:
+    """`name` (as ``os`` returns it: undecodable bytes as surrogates) with those bytes written ``\\xNN``,
+    so that a CSV or Parquet table can hold it; a valid UTF-8 name is returned unchanged."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+    return name
+
+
+_ESCAPED_BYTE = re.compile(rb"\\x([89a-f][0-9a-f])")
+
+
+def source_file(src: Path | str, source_path: str) -> str:
+    """The file under `src` that a table's `source_path` names (the inverse of :func:`display_name`:
+    a name whose undecodable bytes were written ``\\xNN`` opens the file with those bytes)."""
+    literal = os.path.join(src, source_path)
+    if "\\x" not in source_path or os.path.lexists(literal):
+        return literal
+    raw = _ESCAPED_BYTE.sub(lambda m: bytes([int(m.group(1), 16)]), source_path.encode("utf-8"))
+    return os.fsdecode(os.path.join(os.fsencode(src), raw))

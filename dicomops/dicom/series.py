@@ -115,6 +115,10 @@ SERIES_COLUMNS = ["SeriesInstanceUID", "StudyInstanceUID", "PatientID", "Manufac
                   "StudyDate"]
 
 
+EMPTY_GEOMETRY = ["slice_spacing", "tilt_degrees", "normal_0", "normal_1", "normal_2", "z_extent_mm", "n_slices",
+                  "instance_order_reversed"]
+
+
 def assemble_series(index: pd.DataFrame, tol: GeometryTolerance | None = None) -> AssemblyResult:
     """Order and check every series in `index` (the de-identified instance table)."""
     tol = tol or GeometryTolerance()
@@ -140,9 +144,12 @@ def assemble_series(index: pd.DataFrame, tol: GeometryTolerance | None = None) -
         row["instance_order_reversed"] = bool(instance.is_monotonic_decreasing and len(ordered) > 1)
         row["SeriesInstanceUID"] = uid
         series_rows.append(row)
-    instances = pd.concat(kept, ignore_index=True) if kept else index.iloc[0:0].assign(slice_index=[], slice_spacing=[])
+    instances = pd.concat(kept, ignore_index=True) if kept else \
+        index.iloc[0:0].assign(slice_index=pd.Series(dtype="int32"), slice_spacing=pd.Series(dtype="float64"))
+    # No series accepted: the table keeps its columns, so that later steps read an empty table.
+    series = pd.DataFrame(series_rows) if series_rows else pd.DataFrame(columns=[*SERIES_COLUMNS, *EMPTY_GEOMETRY])
     return AssemblyResult(
         instances=instances,
-        series=pd.DataFrame(series_rows),
+        series=series,
         quarantine=pd.concat(rejected, ignore_index=True)[["source_path", "reason", "detail"]],
     )

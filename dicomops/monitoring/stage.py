@@ -171,8 +171,9 @@ def split_retrain_pool(retrain_work: Path, n_splits: int, seed: int) -> str:
 
 
 def combine_sources(sources: list[Path], out: Path) -> Path:
-    """One folder over several labelled corpora: each under ``s<i>/`` as file symlinks (the ingest
-    walk does not follow directory links), one merged ``labels.csv`` and the masks in ``masks/``."""
+    """One folder over several labelled corpora: each under ``s<i>/`` as file symlinks, one merged
+    ``labels.csv`` and the masks in ``masks/``. A series two sources label (a batch monitored again,
+    a reader's later label) keeps the later source's row: the gate refuses two rows for one series."""
     import shutil
 
     out = Path(out)
@@ -195,5 +196,6 @@ def combine_sources(sources: list[Path], out: Path) -> Path:
                 target_dir.mkdir(parents=True, exist_ok=True)
                 (target_dir / (f"{prefix}-{name}" if is_mask else name)).symlink_to(Path(dirpath).resolve() / name)
     merged = pd.concat(labels, ignore_index=True)
+    merged = merged[~merged.SeriesInstanceUID.astype(str).str.strip().duplicated(keep="last")]
     io.write_csv(out / LABELS_CSV, merged)
     return out

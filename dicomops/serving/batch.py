@@ -113,6 +113,7 @@ def gate_by_study(src: Path, gate_work: Path, cfg: IngestConfig, key: bytes) -> 
     import pandas as pd
 
     from dicomops.dicom.parallel import map_isolated
+    from dicomops.dicom.reader import source_file
 
     paths = WorkLayout(gate_work).ingest
     index = pd.read_parquet(paths.index)
@@ -121,7 +122,7 @@ def gate_by_study(src: Path, gate_work: Path, cfg: IngestConfig, key: bytes) -> 
         if "StudyInstanceUID" in index else {}  # an index without a readable file has no such column
     quarantine = io.read_table(paths.quarantine)
     unread = sorted(set(quarantine.source_path) - set(study_of))
-    found = map_isolated(study_of_file, [(str(Path(src) / rel), rel) for rel in unread], args=(key,),
+    found = map_isolated(study_of_file, [(source_file(src, rel), rel) for rel in unread], args=(key,),
                          on_failure=lambda item, why: "", workers=cfg.workers, chunk_size=128,
                          seconds_per_item=cfg.seconds_per_file, dask_address=cfg.dask_address)
     study_of |= {rel: study for rel, study in zip(unread, found, strict=True) if study}

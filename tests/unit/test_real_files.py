@@ -19,7 +19,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.filewriter import write_dataset
-from pydicom.uid import CTImageStorage
+from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian
 
 from dicomops import ingest
 from dicomops.config import IngestConfig
@@ -114,6 +114,24 @@ def bare_implicit_dataset() -> bytes:
     return buf.getvalue()
 
 
+def deflated(data: bytes) -> bytes:
+    """The same file in Deflated Explicit VR Little Endian."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    return _to_bytes(ds)
+
+
+def implicit_under_explicit_meta() -> bytes:
+    """CT_small's dataset written implicit VR behind a file meta that says Explicit VR Little Endian."""
+    data = ct_small()
+    ds = pydicom.dcmread(io.BytesIO(data))
+    buf = pydicom.filebase.DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, True
+    write_dataset(buf, ds)
+    meta_end = 132 + 12 + struct.unpack_from("<I", data, 140)[0]  # (0002,0000) holds the group's length
+    return data[:meta_end] + buf.getvalue()
+
+
 def deid_file(rel: str) -> bytes:
     return Path(DEID_DATA, rel).read_bytes()
 
@@ -125,11 +143,12 @@ CASES: list[Case] = [
     # empty Manufacturer is legal DICOM too, but the vendor stratifies training and monitoring.
     ("cq500_uncompressed", lambda: _data("693_UNCI.dcm"), "missing_tag:Manufacturer", "present but empty"),
     ("cq500_j2k", lambda: _data("693_J2KI.dcm"), "missing_tag:Manufacturer", "present but empty"),
+    # Their LossyImageCompression is 01 (lossy compression in their history): a warning, not a refusal.
     ("cq500_uncompressed_undated", lambda: _fill_empty(_data("693_UNCI.dcm"), (0x0008, 0x0070), b"LO", b"ACME"),
-     None, ""),
-    ("cq500_uncompressed_dated", lambda: cq500("693_UNCI.dcm"), None, ""),
-    ("cq500_j2k_dated", lambda: cq500("693_J2KI.dcm"), None, ""),
-    ("cq500_j2k_dated_padded", lambda: cq500("693_J2KI.dcm") + TRAILING_PADDING, None, ""),
+     None, "lossy_compressed"),
+    ("cq500_uncompressed_dated", lambda: cq500("693_UNCI.dcm"), None, "lossy_compressed"),
+    ("cq500_j2k_dated", lambda: cq500("693_J2KI.dcm"), None, "lossy_compressed"),
+    ("cq500_j2k_dated_padded", lambda: cq500("693_J2KI.dcm") + TRAILING_PADDING, None, "lossy_compressed"),
     ("cq500_j2k_truncated", lambda: cq500("693_J2KI.dcm")[:-1000], "truncated",
      "fragment item 1 declares"),
     ("cq500_j2k_no_delimiter", lambda: cq500("693_J2KI.dcm")[:-8], "truncated",
@@ -153,6 +172,10 @@ CASES: list[Case] = [
     ("ct_small_bare_implicit", bare_implicit_dataset, None, "no_preamble"),
     ("ct_small_excess_2", lambda: ct_small(2), None, "pixel_data_excess:2_bytes"),
     ("ct_small_short_2", lambda: ct_small(-2), "pixel_data_length", "(2 missing)"),
+    ("ct_small_deflated", lambda: deflated(ct_small()), None, ""),
+    ("ct_small_deflated_short_2", lambda: deflated(ct_small(-2)), "pixel_data_length", "(2 missing)"),
+    ("ct_small_implicit_under_explicit_meta", implicit_under_explicit_meta, None, "vr_encoding_mismatch:implicit"),
+    ("pydicom_dicomdir", lambda: _data("DICOMDIR"), "dicomdir", "not an image"),
     ("deid_ctbrain1", lambda: deid_file("humans/ctbrain1.dcm"),
      "unsupported_sop_class:SecondaryCaptureImageStorage", "Secondary Capture Image Storage"),
     ("deid_ctbrain2", lambda: deid_file("humans/ctbrain2.dcm"),
