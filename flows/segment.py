@@ -17,6 +17,7 @@ from dicomops.config import (
 )
 from dicomops.segmentation import cv
 from dicomops.tracking import flatten_params
+from dicomops.tracking.promotion import gate_settings, model_settings
 from flows.scope import tracked, writing
 from tasks import segment as s
 from tasks import stages
@@ -40,12 +41,22 @@ def segment(work: Path | None = None, config: SegmentConfig = SegmentConfig(),
         # Never learn from what an earlier corpus left: its hash would go on this model.
         check_made_from(work, data_hash)
         _, split_hash = prepare_splits(work, train_config)
-        key = stages.stage_key("segment", {"data": data_hash, "split": split_hash,
-                                           "segment": config.model_dump(mode="json"),
+        # The labels, nodule records and masks too: readers correct them without changing a file.
+        # Not the gate's settings: changed alone, they gate the registered version again.
+        key = stages.stage_key("segment", {"data": data_hash, "labels": s.hash_segmenter_labels(work),
+                                           "split": split_hash, "segment": model_settings(config),
                                            "preprocess": preprocess_config.model_dump(mode="json"),
                                            "tags": run_tags or {}})
+        gate = gate_settings(config)
         if (cached := stages.registered(work, "segment", key, uri, config.model_name)) is not None:
-            print(f"segment: data, split, settings and code unchanged; version {cached['version']} stands, skipped")
+            if cached.get("gate") == gate:
+                print(f"segment: data, split, settings and code unchanged; version {cached['version']} stands, skipped")
+                return {**cached, "skipped": True}
+            decision = s.promotion_gate(uri, config, str(cached["version"]), work, feedback_work, feedback_config)
+            cached |= {"promoted": decision["promoted"], "decision": decision["decision"], "gate": gate}
+            stages.done(work, "segment", key, cached)
+            print(f"segment: only the gate's settings changed; version {cached['version']} gated again, "
+                  f"{decision['decision']}: {'; '.join(decision['reasons'])}")
             return {**cached, "skipped": True}
         stages.started(work, "segment")
         params = flatten_params({"segment": config.model_dump(mode="json"),
@@ -70,6 +81,6 @@ def segment(work: Path | None = None, config: SegmentConfig = SegmentConfig(),
                                      "actionable_auc": summary["actionable_auc"],
                                      "vendor_actionable_auc": summary["vendor_actionable_auc"], "promoted": decision["promoted"],
                                      "decision": decision["decision"], "work": str(work),
-                                     "onnx_sha256": exported["export.onnx.sha256"]}
+                                     "onnx_sha256": exported["export.onnx.sha256"], "gate": gate}
         stages.done(work, "segment", key, result)
     return {**result, "skipped": False}

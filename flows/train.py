@@ -14,6 +14,7 @@ from dicomops.config import (
     load_settings,
 )
 from dicomops.tracking import flatten_params
+from dicomops.tracking.promotion import gate_settings, model_settings
 from flows.scope import tracked, writing
 from tasks import stages
 from tasks import train as t
@@ -36,14 +37,24 @@ def train(work: Path | None = None, config: TrainConfig = TrainConfig(),
         data_hash = hash_accepted_corpus(work)
         # Never learn from what an earlier corpus left: its hash would go on this model.
         check_made_from(work, data_hash)
+        t.check_labels(work)  # both classes, before anything is written or trained
         _, split_hash = t.prepare_splits(work, config)
         # The labels too: readers' labels (dicomops.feedback) change them without changing a file.
+        # Not the gate's settings: changed alone, they gate the registered version again.
         key = stages.stage_key("train", {"data": data_hash, "labels": hash_labels(work), "split": split_hash,
-                                         "train": config.model_dump(mode="json"),
+                                         "train": model_settings(config),
                                          "preprocess": preprocess_config.model_dump(mode="json"),
                                          "tags": run_tags or {}})
+        gate = gate_settings(config)
         if (cached := stages.registered(work, "train", key, uri, config.model_name)) is not None:
-            print(f"train: data, split, settings and code unchanged; version {cached['version']} stands, skipped")
+            if cached.get("gate") == gate:
+                print(f"train: data, split, settings and code unchanged; version {cached['version']} stands, skipped")
+                return {**cached, "skipped": True}
+            decision = t.promotion_gate(uri, config, str(cached["version"]), work, feedback_work, feedback_config)
+            cached |= {"promoted": decision["promoted"], "decision": decision["decision"], "gate": gate}
+            stages.done(work, "train", key, cached)
+            print(f"train: only the gate's settings changed; version {cached['version']} gated again, "
+                  f"{decision['decision']}: {'; '.join(decision['reasons'])}")
             return {**cached, "skipped": True}
         stages.started(work, "train")
         params = flatten_params({"train": config.model_dump(mode="json"),
@@ -67,6 +78,6 @@ def train(work: Path | None = None, config: TrainConfig = TrainConfig(),
         result: dict[str, object] = {"mlflow_run_id": run_id, "version": version, "mean_auc": summary["mean_auc"],
                                      "vendor_auc": summary["vendor_auc"], "promoted": decision["promoted"],
                                      "decision": decision["decision"], "work": str(work),
-                                     "lovo_auc": summary.get("lovo_auc", {})}
+                                     "lovo_auc": summary.get("lovo_auc", {}), "gate": gate}
         stages.done(work, "train", key, result)
     return {**result, "skipped": False}

@@ -17,9 +17,16 @@ from dicomops.tracking.lineage import ACCEPTED_HASH_TAG, git_commit, lineage_tag
 def open_segmentation_run(work: Path, cfg: SegmentConfig, pre: PreprocessConfig, split_hash: str, data_hash: str,
                           tracking_uri: str, experiment: str, artifact_root: Path | None,
                           params: dict[str, object], parent_run_id: str | None, run_tags: dict[str, str]) -> str:
-    key = cv.run_key(cfg, pre, split_hash, data_hash)
+    layout = WorkLayout(work)
+    key = cv.run_key(layout, cfg, pre, split_hash, data_hash)
     tags = lineage_tags(accepted_sha256=data_hash) | {"split_sha256": split_hash} | run_tags
-    return cv.open_run(WorkLayout(work), key, tracking_uri, experiment, artifact_root, tags, params, parent_run_id)
+    return cv.open_run(layout, key, tracking_uri, experiment, artifact_root, tags, params, parent_run_id)
+
+
+@task(name="hash-segmenter-labels")
+def hash_segmenter_labels(work: Path) -> str:
+    """What the segmenter learns from besides the images: labels, nodule records, masks."""
+    return cv.labels_sha256(WorkLayout(work))
 
 
 @task(name="segment-fold", tags=["cpu-heavy"])
@@ -37,16 +44,14 @@ def train_final(work: Path, cfg: SegmentConfig, tracking_uri: str) -> Path:
     return cv.train_final(WorkLayout(work), cfg, tracking_uri)
 
 
+# Retries are safe: a retry (or a re-run) finishes the version its first attempt made from this
+# run rather than registering the run again (dicomops.tracking.registry.register_model).
 @task(name="register-segmenter", retries=2, retry_delay_seconds=[2, 10])
 def register(work: Path, cfg: SegmentConfig, pre: PreprocessConfig, tracking_uri: str, data_hash: str,
              split_hash: str, run_tags: dict[str, str]) -> str:
-    layout = WorkLayout(work)
-    if (version := cv.registered_version(layout)) is not None:  # a resumed run registered it already
-        return version
-    version = cv.register(layout, cfg, pre, tracking_uri, {ACCEPTED_HASH_TAG: data_hash, "split_sha256": split_hash,
-                                                            "git_commit": git_commit()} | run_tags)
-    cv.record_version(layout, version)
-    return version
+    return cv.register(WorkLayout(work), cfg, pre, tracking_uri, {ACCEPTED_HASH_TAG: data_hash,
+                                                                  "split_sha256": split_hash,
+                                                                  "git_commit": git_commit()} | run_tags)
 
 
 @task(name="export-segmenter", tags=["cpu-heavy"])

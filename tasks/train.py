@@ -21,6 +21,12 @@ from dicomops.training import cv, mlflow_runs
 from dicomops.training import state as train_state
 
 
+@task(name="check-labels")
+def check_labels(work: Path) -> None:
+    """Refuse, before any fold trains, labelled series all of one class (cv.check_classes)."""
+    cv.check_classes(WorkLayout(work).labelled_series())
+
+
 @task(name="prepare-splits")
 def prepare_splits(work: Path, cfg: TrainConfig) -> tuple[Path, str]:
     layout = WorkLayout(work)
@@ -70,7 +76,7 @@ def train_final_model(work: Path, cfg: TrainConfig, slab_slices: int, tracking_u
 
 
 # Retries are safe: a retry (or a re-run) finishes the version its first attempt made from this
-# training's run rather than registering the run again (cv.register_version).
+# training's run rather than registering the run again (dicomops.tracking.registry.register_model).
 @task(name="register-model", retries=2, retry_delay_seconds=[2, 10])
 def register_model(work: Path, cfg: TrainConfig, pre: PreprocessConfig, tracking_uri: str, data_hash: str,
                    split_hash: str, run_tags: dict[str, str]) -> str:

@@ -50,11 +50,22 @@ def code_hash() -> str:
     return stages.code_hash(*stages.stage_modules("preprocess"))
 
 
-def cache_key(content_hash: str, cfg: PreprocessConfig, code: str) -> str:
-    """Content, the settings that change a volume or its labels, and the code: any change, new key."""
+def cache_key(content_hash: str, cfg: PreprocessConfig, code: str, annotation: str = "") -> str:
+    """Content, the settings that change a volume or its labels, the code, and the series'
+    annotation (:func:`annotation_hash`; none for a series scored for a result): any change, new key."""
     settings = cfg.model_dump(mode="json", include=set(VOLUME_FIELDS) | set(LABEL_FIELDS))
-    blob = json.dumps({"content": content_hash, "config": settings, "code": code}, sort_keys=True)
+    parts = {"content": content_hash, "config": settings, "code": code} | ({"annotation": annotation} if annotation else {})
+    blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def annotation_hash(mask: Path | None, nodules: str = "") -> str:
+    """What an entry holds besides the volume: the series' mask (its file's bytes) and its nodule
+    records. A reader's corrected mask changes no DICOM file, so without it in the key a corrected
+    mask was never preprocessed again and the segmenter retrained on the old one. "" without a mask."""
+    if mask is None:
+        return ""
+    return hashlib.sha256(mask.read_bytes() + b"\0" + nodules.encode()).hexdigest()
 
 
 def _aligned_mask(mask_file: Path, z_positions: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
@@ -165,17 +176,24 @@ def preprocess_corpus(work: Path, cfg: PreprocessConfig,
     pre.volumes.mkdir(parents=True, exist_ok=True)
     cfg_json = cfg.model_dump_json()
     code = code_hash()
+    deid = layout.ingest.deid
     plan: list[tuple[str, str, pd.DataFrame]] = []
+    annotations: dict[str, tuple[str, str]] = {}  # series -> (its mask file, its nodule records)
     for uid, group in accepted.groupby("SeriesInstanceUID", sort=True):
-        plan.append((str(uid), cache_key(series_content_hash(group), cfg, code), group))
+        uid = str(uid)
+        if uid in labels.index and labels.loc[uid, "mask_path"]:
+            annotations[uid] = (str(deid / str(labels.loc[uid, "mask_path"])),
+                                str(labels.loc[uid, "nodules"]) if "nodules" in labels else "")
+        mask, nodules = annotations.get(uid, ("", ""))
+        key = cache_key(series_content_hash(group), cfg, code, annotation_hash(Path(mask) if mask else None, nodules))
+        plan.append((uid, key, group))
     todo = [(uid, key, group) for uid, key, group in plan if not pre.entry(key).with_suffix(".json").exists()]
     items = []
-    deid = layout.ingest.deid
     for uid, key, group in todo:
         mask, actionable = "", None
-        if uid in labels.index and labels.loc[uid, "mask_path"]:
-            mask = str(deid / str(labels.loc[uid, "mask_path"]))
-            actionable = actionable_labels(str(labels.loc[uid, "nodules"])) if "nodules" in labels else None
+        if uid in annotations:
+            mask, nodules = annotations[uid]
+            actionable = actionable_labels(nodules) if "nodules" in labels else None
         items.append((group.to_dict("records"), str(deid), mask, cfg_json, str(pre.entry(key)), actionable))
     results = map_isolated(preprocess_one, items, on_failure=lambda item, why: {"reason": why, "detail": why},
                            workers=cfg.workers, chunk_size=1, seconds_per_item=900, progress=progress,

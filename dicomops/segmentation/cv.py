@@ -28,10 +28,12 @@ from dicomops.feedback import privacy
 from dicomops.layout import WorkLayout
 from dicomops.segmentation import actionable, plots
 from dicomops.segmentation import metrics as m
-from dicomops.segmentation.data import SegVolume, forget_volumes, load_volumes
+from dicomops.segmentation.data import SegVolume, forget_volumes, load_volumes, series_table
 from dicomops.segmentation.loop import SegFit, fit, mean_history
 from dicomops.segmentation.model import build_segmenter, for_inference, probability
+from dicomops.synthetic.sidecars import LABELS_CSV
 from dicomops.tracking import model_card, registry, runs
+from dicomops.tracking.promotion import model_settings
 from dicomops.training import mlflow_runs
 from dicomops.training.loop import choose_precision
 
@@ -46,10 +48,36 @@ WEIGHTS_FILE, SEGMENT_CONFIG_FILE, PREPROCESS_CONFIG_FILE = "model.pt", "segment
 
 # -- state --------------------------------------------------------------------------------------
 
-def run_key(cfg: SegmentConfig, pre: PreprocessConfig, split_hash: str, data_hash: str) -> str:
-    blob = json.dumps({"segment": cfg.model_dump(mode="json"), "pre": pre.model_dump(mode="json"),
-                       "split": split_hash, "data": data_hash}, sort_keys=True)
+def run_key(layout: WorkLayout, cfg: SegmentConfig, pre: PreprocessConfig, split_hash: str, data_hash: str) -> str:
+    """What a segmentation depends on: settings, split, data and labels. Same key, same run to resume.
+
+    `data_hash` covers the DICOM files only, and readers correct masks, nodule records and labels
+    without changing one: what the segmenter learns from (:func:`labels_sha256`) is part of the key,
+    so that a resumed run never pools folds trained on the old with folds trained on the new, as
+    the classifier's (:func:`dicomops.training.state.run_key`). The gate's settings are not: they
+    change no model (:func:`dicomops.tracking.promotion.model_settings`)."""
+    blob = json.dumps({"segment": model_settings(cfg), "pre": pre.model_dump(mode="json"),
+                       "split": split_hash, "data": data_hash, "labels": labels_sha256(layout)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def labels_sha256(layout: WorkLayout) -> str:
+    """The sha256 of what the segmenter learns from besides the images, series by series in series
+    order: the series' label, its nodule records (``labels.csv``) and the bytes of its mask file."""
+    table = series_table(layout).sort_values("SeriesInstanceUID")
+    deid = layout.ingest.deid
+    labels = pd.read_csv(deid / LABELS_CSV, keep_default_na=False, usecols=lambda c: c in ("SeriesInstanceUID",
+                                                                                           "mask_path"))
+    masks = dict(zip(labels.SeriesInstanceUID.astype(str), labels.mask_path.astype(str), strict=True)) \
+        if "mask_path" in labels else {}
+
+    def mask_sha256(uid: str) -> str:
+        path = deid / masks[uid] if masks.get(uid) else None
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None and path.is_file() else ""
+
+    rows = [[str(uid), int(label), str(nodules), mask_sha256(str(uid))]
+            for uid, label, nodules in zip(table.SeriesInstanceUID, table.label, table.nodules, strict=True)]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
 def _state(layout: WorkLayout) -> dict[str, Any]:
@@ -361,7 +389,13 @@ def train_final(layout: WorkLayout, cfg: SegmentConfig, tracking_uri: str) -> Pa
 
 def register(layout: WorkLayout, cfg: SegmentConfig, pre: PreprocessConfig, tracking_uri: str,
              tags: dict[str, str]) -> str:
-    """Register the final segmenter as a version of ``cfg.model_name`` with its card; alias challenger."""
+    """Register the final segmenter as a version of ``cfg.model_name`` with its card; alias challenger.
+
+    Once per segmentation run, as the classifier's (:func:`registry.register_model`): a retried
+    registration finishes the version its first attempt made, and a re-run after a crash past the
+    registration goes on with the version recorded in the state."""
+    if (registered := registered_version(layout)) is not None:
+        return registered
     paths = layout.segment
     summary = io.read_json(paths.summary)
     model = build_segmenter(cfg)
@@ -370,19 +404,25 @@ def register(layout: WorkLayout, cfg: SegmentConfig, pre: PreprocessConfig, trac
     io.write_json(paths.final_config, cfg.model_dump(mode="json"))
     io.write_json(paths.final_preprocess_config, pre.model_dump(mode="json"))
     parent = parent_run(layout)
-    mlflow_runs.log_results(tracking_uri, parent, {}, [paths.final_weights, paths.final_config,
-                                                       paths.final_preprocess_config], registry.WEIGHTS_ARTIFACT)
-    version_tags = {"cv.mean_cpm": f"{summary['cpm']:.4f}", "cv.dice_ge6": f"{summary['dice_ge6_mean']:.4f}",
-                    "cv.kappa_series": f"{summary['kappa_series']:.4f}", **tags}
-    version_tags.update({f"cv.cpm.{v}": f"{c:.4f}" for v, c in summary["vendor_cpm"].items() if np.isfinite(c)})
+    # What the gate compares, to full precision as metrics of the run (registry.version_figures); rounded
+    # in the tags, which people read on the version page.
+    figures = {"cv.mean_cpm": summary["cpm"], "cv.dice_ge6": summary["dice_ge6_mean"],
+               "cv.kappa_series": summary["kappa_series"],
+               **{f"cv.cpm.{v}": c for v, c in summary["vendor_cpm"].items() if np.isfinite(c)}}
+    mlflow_runs.log_results(tracking_uri, parent, _finite(figures), [paths.final_weights, paths.final_config,
+                                                                     paths.final_preprocess_config],
+                            registry.WEIGHTS_ARTIFACT)
+    version_tags = {key: f"{value:.4f}" for key, value in figures.items()} | tags
     example = np.zeros((2, 1, *cfg.patch), dtype=np.float32)
 
     def card(version: str) -> str:
         return seg_card(cfg.model_name, version, summary, pd.read_csv(paths.by_group), parent,
                         privacy.pool_counts(layout.root))
 
-    return registry.register_model(tracking_uri, parent, model, example, cfg.model_name, card, version_tags,
-                                   output=torch.sigmoid)
+    version = registry.register_model(tracking_uri, parent, model, example, cfg.model_name, card, version_tags,
+                                      output=torch.sigmoid)
+    record_version(layout, version)  # complete only after the gate (mark_complete)
+    return version
 
 
 def seg_card(model_name: str, version: str, summary: dict[str, Any], table: pd.DataFrame, run_id: str,
@@ -424,8 +464,11 @@ def seg_card(model_name: str, version: str, summary: dict[str, Any], table: pd.D
             "series: a vendor's rests on its few series without a nodule.", "",
             *model_card.table(metrics, "lrrrr", rows("kind", "attachment", "size_bin")), "",
             f"Pictures: `runs:/{run_id}/cv/froc_by_vendor.png`, `cv/froc_by_kind.png`, `cv/contours.png`."]
-    parts = [model_card.decision_section("pending", (), version),
-             model_card.section(model_card.EVIDENCE, "\n".join(body)), model_card.review_section(model_name, version)]
+    evidence = ("the run's artifacts `cv/` (FROC per vendor and per nodule kind, contours of predicted and "
+                "reference nodules, `metrics_by_group.csv`, `series.csv`, `nodules.csv`) and its fold runs")
+    parts = [model_card.decision_section("pending", (), version, model_name=model_name),
+             model_card.section(model_card.EVIDENCE, "\n".join(body)),
+             model_card.review_section(model_name, version, evidence)]
     return model_card.fit("\n".join(parts))
 
 

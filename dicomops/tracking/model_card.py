@@ -103,9 +103,19 @@ def fit(card: str, limit: int = LIMIT) -> str:
     return card[:limit]
 
 
+def review_command(verb: str, model_name: str, version: str) -> str:
+    """The CLI command a reviewer runs to `verb` (promote, reject) `version` of `model_name`: it
+    names the model unless it is the one ``dicomops promote`` and ``reject`` take by default (a
+    segmenter's page told reviewers to promote the classifier's version of the same number)."""
+    from dicomops.config import TrainConfig
+
+    named = "" if model_name == TrainConfig.model_fields["model_name"].default else f" --model-name {model_name}"
+    return f"dicomops {verb} {version}{named}"
+
+
 def decision_section(label: str, reasons: Sequence[str], version: str, reviewer: str | None = None,
-                     note: str | None = None) -> str:
-    """The lead section: what was decided about `version`, by whom, and why."""
+                     note: str | None = None, *, model_name: str) -> str:
+    """The lead section: what was decided about `version` of `model_name`, by whom, and why."""
     lines = []
     if reviewer:
         lines.append(f"Decided by **{reviewer}**" + (f": {note}" if note else "") + ".")
@@ -115,7 +125,7 @@ def decision_section(label: str, reasons: Sequence[str], version: str, reviewer:
         lines += [f"- {reason}" for reason in reasons]
     if label in ("awaiting-review", "gate-error", "pending"):
         lines += ["", f"This version is the **challenger**. To approve it, see *How to review* below "
-                      f"(`dicomops promote {version} --reviewer NAME`)."]
+                      f"(`{review_command('promote', model_name, version)} --reviewer NAME`)."]
     return section(DECISION, "\n".join(lines) or "No reasons recorded.", VERDICTS.get(label, label))
 
 
@@ -222,17 +232,22 @@ def feedback_section(rows: Sequence[Mapping[str, Any]], window_days: float, run_
                   "readers call positive; no figure under the minimum of series."] if dice else [])]))
 
 
-def review_section(model_name: str, version: str) -> str:
+CLASSIFIER_EVIDENCE = ("the run's artifacts `cv/` (ROC, confusion matrices per vendor, sample slices with where "
+                       "the model looked, `folds.json`), and the *Datasets* panel of the run for the series of each "
+                       "fold")
+
+
+def review_section(model_name: str, version: str, evidence: str = CLASSIFIER_EVIDENCE) -> str:
     return section(REVIEW, "\n".join([
         f"- **Approve** on this page: *Aliases* → edit → add `champion` (it moves from the current champion). "
-        f"Or `dicomops promote {version} --reviewer NAME`, which also records who decided and rewrites "
-        f"the *Decision* above.",
-        f"- **Reject**: `dicomops reject {version} --reviewer NAME --reason TEXT`; or on this page add the "
+        f"Or `{review_command('promote', model_name, version)} --reviewer NAME`, which also records who decided "
+        f"and rewrites the *Decision* above.",
+        f"- **Reject**: `{review_command('reject', model_name, version)} --reviewer NAME --reason TEXT`; or on this "
+        f"page add the "
         f"tag `review.decision` = `rejected` with `review.reason` (and `review.reviewer`); the next flow that reads "
         f"the registry records it and removes the `challenger` alias. An alias moved on this page counts as an "
         f"approval the same way.",
-        "- Evidence: the run's artifacts `cv/` (ROC, confusion matrices per vendor, sample slices with where "
-        "the model looked, `folds.json`), and the *Datasets* panel of the run for the series of each fold.",
+        f"- Evidence: {evidence}.",
         f"- `models:/{model_name}@champion` is what the inference service and export load.",
     ]))
 
@@ -242,7 +257,7 @@ def initial_card(model_name: str, version: str, summary: Mapping[str, Any], evid
                  lovo: Sequence[Mapping[str, Any]] | None = None,
                  vendor_names: Mapping[str, Sequence[str]] | None = None) -> str:
     """The card a new version is registered with (its decision pending)."""
-    parts = [decision_section("pending", (), version), evidence_section(summary, evidence, pool, n_splits=len(per_fold)),
+    parts = [decision_section("pending", (), version, model_name=model_name), evidence_section(summary, evidence, pool, n_splits=len(per_fold)),
              folds_section(per_fold)]
     if lovo:
         parts.append(lovo_section(lovo))

@@ -14,6 +14,25 @@ import math
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+# The settings only the gate reads (TrainConfig's and SegmentConfig's): they decide whether a version
+# is promoted and change no model, so they stay out of what keys a training (its stage record, its
+# resume key); a change to them alone gates the registered version again (the train and segment flows).
+GATE_SETTINGS = frozenset({"promotion_margin", "vendor_tolerance", "min_auc", "min_cpm", "min_dice",
+                           "min_series_kappa"})
+
+
+def gate_settings(cfg: BaseModel) -> dict[str, Any]:
+    """The gate's settings in `cfg` (:data:`GATE_SETTINGS`)."""
+    return cfg.model_dump(mode="json", include=set(GATE_SETTINGS))
+
+
+def model_settings(cfg: BaseModel) -> dict[str, Any]:
+    """Every setting in `cfg` but the gate's: what the trained model depends on."""
+    return cfg.model_dump(mode="json", exclude=set(GATE_SETTINGS))
 
 
 @dataclass(frozen=True)
@@ -38,14 +57,19 @@ class ReaderAgreement:
 
 @dataclass(frozen=True)
 class Decision:
-    """The gate's verdict; `error` when it could not compare at all (the champion was unreadable)."""
+    """The gate's verdict; `error` when it could not compare at all (the champion was unreadable).
+    `recorded`: the version's decision as its tags hold it, when the gate left a version decided
+    before as it was (then `promote` says whether it is the champion)."""
 
     promote: bool
     reasons: tuple[str, ...]
     error: bool = False
+    recorded: str | None = None
 
     @property
     def label(self) -> str:
+        if self.recorded is not None:
+            return self.recorded
         return "gate-error" if self.error else "auto-promoted" if self.promote else "awaiting-review"
 
     def tags(self) -> dict[str, str]:

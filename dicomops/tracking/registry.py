@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from dicomops.tracking.runs import configure_mlflow
 CHALLENGER, CHAMPION = "challenger", "champion"
 RECORDED_CHAMPION = "dicomops.champion"  # registered-model tag: the champion dicomops last recorded
 WEIGHTS_ARTIFACT = "weights"
+DECISION_TAG = "promotion.decision"  # a version's decided state (gate, reviewer, superseded): never finished again
 ModelBuilder = Callable[[dict[str, Any]], Any]
 
 
@@ -25,8 +27,34 @@ def register_model(tracking_uri: str, run_id: str, model: Any, example: np.ndarr
     """Log `model` to `run_id` with a signature and input example, register it, describe it with
     ``card(version)`` (:mod:`dicomops.tracking.model_card`), alias it challenger.
 
+    Once per run: a training run registers one version, so the run id names it. When an earlier
+    attempt (a retry of the task, or a re-run after a crash) already made a version of `name` from
+    `run_id`, that version is finished instead (card, tags, the challenger alias) and no second one
+    is made; one a gate or a reviewer has decided since (:data:`DECISION_TAG`) is returned as it is.
+
     `output` turns the model's logits into what the signature declares (default: class
     probabilities, a softmax over dimension 1; the segmenter passes a sigmoid)."""
+    client = configure_mlflow(tracking_uri)
+    made = sorted(client.search_model_versions(f"name='{name}' and run_id='{run_id}'"), key=lambda v: int(v.version))
+    if made and DECISION_TAG in (made[0].tags or {}):
+        return str(made[0].version)
+    version = str(made[0].version) if made else _log_version(tracking_uri, run_id, model, example, name, metadata,
+                                                            output)
+    client.update_model_version(name, version, description=card(version))
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    previous = alias_version(client, name, CHALLENGER)
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    if previous is not None and str(previous.version) != version:  # its card must not still ask for review
+        client.set_model_version_tag(name, str(previous.version), DECISION_TAG, "superseded")
+        _rewrite_section(client, name, str(previous.version), model_card.decision_section(
+            "superseded", (f"version {version} is the challenger now",), str(previous.version), model_name=name))
+    return version
+
+
+def _log_version(tracking_uri: str, run_id: str, model: Any, example: np.ndarray, name: str,
+                 metadata: dict[str, str] | None, output: Callable[[Any], Any] | None) -> str:
+    """Log `model` to `run_id` and register it as a new version of `name`; return that version."""
     import mlflow.pytorch
     import monai
     import torch
@@ -34,7 +62,7 @@ def register_model(tracking_uri: str, run_id: str, model: Any, example: np.ndarr
 
     import mlflow
 
-    client = configure_mlflow(tracking_uri)
+    configure_mlflow(tracking_uri)
     with torch.no_grad():
         logits = model(torch.from_numpy(example))
         result = (output(logits) if output is not None else torch.softmax(logits, dim=1)).numpy()
@@ -43,24 +71,62 @@ def register_model(tracking_uri: str, run_id: str, model: Any, example: np.ndarr
         info = mlflow.pytorch.log_model(
             model, name="model", signature=signature, input_example=example, registered_model_name=name, metadata=metadata,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"monai=={monai.__version__}"])
-    version = str(info.registered_model_version)
-    client.update_model_version(name, version, description=card(version))
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    previous = alias_version(client, name, CHALLENGER)
-    client.set_registered_model_alias(name, CHALLENGER, version)
-    if previous is not None and str(previous.version) != version:  # its card must not still ask for review
-        client.set_model_version_tag(name, str(previous.version), "promotion.decision", "superseded")
-        _rewrite_section(client, name, str(previous.version), model_card.decision_section(
-            "superseded", (f"version {version} is the challenger now",), str(previous.version)))
-    return version
+    return str(info.registered_model_version)
 
 
-def _score(tags: dict[str, str], metric: str = "auc") -> ModelScore:
-    """The version's cross-validated score from its tags ``cv.mean_<metric>`` and ``cv.<metric>.<vendor>``."""
+def _score(figures: Mapping[str, float], metric: str = "auc") -> ModelScore:
+    """The version's cross-validated score from its figures (:func:`version_figures`)
+    ``cv.mean_<metric>`` and ``cv.<metric>.<vendor>``."""
     prefix = f"cv.{metric}."
-    vendors = {k.removeprefix(prefix): float(v) for k, v in tags.items() if k.startswith(prefix)}
-    return ModelScore(float(tags.get(f"cv.mean_{metric}", "nan")), vendors)
+    vendors = {k.removeprefix(prefix): v for k, v in figures.items() if k.startswith(prefix)}
+    return ModelScore(figures.get(f"cv.mean_{metric}", float("nan")), vendors)
+
+
+FIGURE_PREFIX = "cv."
+SHOWN_TOLERANCE = 5e-5 + 1e-12  # a figure's tag is rounded to four decimals
+
+
+def version_figures(client: Any, mv: Any) -> dict[str, float]:
+    """The version's cross-validated figures (its ``cv.*`` tags) to full precision: what the gate
+    compares. A tag is rounded to four decimals for the version page, so two figures 0.0049 apart
+    could read 0.0050 apart; each is read from the metric of the same name on the version's run,
+    which its training logged unrounded. The tag stands where the run has no such metric, or one
+    its tag was not rounded from (a version registered before the segmenter logged its figures).
+
+    Raises:
+        RegistryUnavailableError: the version's run could not be read (not: it is gone).
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    shown: dict[str, float] = {}
+    for key, text in (mv.tags or {}).items():
+        if key.startswith(FIGURE_PREFIX):
+            try:
+                shown[key] = float(text)
+            except ValueError:
+                continue
+    metrics: dict[str, float] = {}
+    if shown and mv.run_id:
+        try:
+            metrics = dict(client.get_run(str(mv.run_id)).data.metrics)
+        except MlflowException as err:
+            if err.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+                raise RegistryUnavailableError(f"could not read the run of version {mv.version} of {mv.name}: "
+                                               f"{err}") from err
+        except Exception as err:  # a server that does not answer
+            raise RegistryUnavailableError(f"could not read the run of version {mv.version} of {mv.name}: "
+                                           f"{type(err).__name__}: {err}") from err
+
+    def full(key: str, value: float) -> float:
+        logged = metrics.get(key)
+        if logged is None:
+            return value
+        logged = float(logged)
+        same = (math.isnan(logged) and math.isnan(value)) or abs(logged - value) <= SHOWN_TOLERANCE
+        return logged if same else value
+
+    return {key: full(key, value) for key, value in shown.items()}
 
 
 def model_version(client: Any, name: str, version: str) -> Any:
@@ -154,27 +220,40 @@ def apply_promotion_gate(tracking_uri: str, name: str, version: str, *, margin: 
         sync_reviews(tracking_uri, name)  # a champion chosen on the MLflow page counts as chosen
         held = alias_version(client, name, CHALLENGER)
         if held is None or str(held.version) != str(version):  # decided already: a re-run changes nothing
-            return Decision(False, (f"version {version} is not the challenger; the gate leaves it as it is",))
+            return _left_as_it_is(client, name, version)
         current = alias_version(client, name, CHAMPION)
+        # Compared to full precision: the tags' four decimals are for people to read.
+        ours = version_figures(client, challenger)
+        theirs = version_figures(client, current) if current is not None and str(current.version) != str(version) \
+            else None
     except RegistryUnavailableError as err:
         decision = Decision(False, (f"gate not applied: {err}; the version stays challenger (re-run the "
-                                    f"gate or decide with 'dicomops promote {version}')",), error=True)
+                                    f"gate or decide with '{model_card.review_command('promote', name, version)}')",), error=True)
     else:
-        champion = _score(current.tags, metric) if current is not None and str(current.version) != str(version) \
-            else None
+        champion = _score(theirs, metric) if theirs is not None else None
         agreement = readers(str(current.version)) if readers is not None and champion is not None \
             and current is not None else None
-        figures = {name: (float((challenger.tags or {}).get(tag, "nan")), floor)
-                   for name, (tag, floor) in (floors or {}).items()}
-        decision = decide_promotion(_score(challenger.tags, metric), champion, margin=margin,
+        figures = {name: (ours.get(tag, float("nan")), floor) for name, (tag, floor) in (floors or {}).items()}
+        decision = decide_promotion(_score(ours, metric), champion, margin=margin,
                                     vendor_tolerance=vendor_tolerance, min_auc=min_auc, metric=metric.upper(),
                                     readers=agreement, min_reader_series=min_reader_series, floors=figures)
     for key, value in decision.tags().items():
         client.set_model_version_tag(name, version, key, value)
-    _rewrite_section(client, name, version, model_card.decision_section(decision.label, decision.reasons, version))
+    _rewrite_section(client, name, version, model_card.decision_section(decision.label, decision.reasons, version,
+                                                                                model_name=name))
     if decision.promote:
         _make_champion(client, name, version)
     return decision
+
+
+def _left_as_it_is(client: Any, name: str, version: str) -> Decision:
+    """What the gate says of a version that is no longer the challenger: its recorded decision, and
+    whether that made it the champion (tags in step with the aliases: :func:`sync_reviews` ran)."""
+    tags = client.get_model_version(name, version).tags or {}
+    recorded = str(tags.get(DECISION_TAG) or "undecided")
+    return Decision(recorded in DECIDED and "promotion.replaced_by" not in tags,
+                    (f"version {version} is not the challenger ({recorded}); the gate leaves it as it is",),
+                    recorded=recorded)
 
 
 def _rewrite_section(client: Any, name: str, version: str, text: str) -> None:
@@ -201,7 +280,7 @@ def _make_champion(client: Any, name: str, version: str) -> None:
         client.set_model_version_tag(name, str(previous.version), "promotion.replaced_by", str(version))
         _rewrite_section(client, name, str(previous.version),
                          model_card.decision_section("replaced", (f"version {version} became champion",),
-                                                     str(previous.version)))
+                                                     str(previous.version), model_name=name))
 
 
 def describe_export(tracking_uri: str, name: str, version: str, metrics: dict[str, float], tensorrt: str,
@@ -248,7 +327,8 @@ def promote(tracking_uri: str, name: str, version: str, reviewer: str = "reviewe
     client.set_model_version_tag(name, version, "promotion.reviewer", reviewer)
     _make_champion(client, name, version)
     _rewrite_section(client, name, version,
-                     model_card.decision_section("promoted-by-reviewer", gate, version, reviewer, note))
+                     model_card.decision_section("promoted-by-reviewer", gate, version, reviewer, note,
+                                                 model_name=name))
 
 
 def reject(tracking_uri: str, name: str, version: str, reviewer: str, reason: str) -> None:
@@ -270,7 +350,8 @@ def reject(tracking_uri: str, name: str, version: str, reviewer: str, reason: st
         client.set_model_version_tag(name, version, key, value)
     gate = [r for r in (current.tags or {}).get("promotion.reasons", "").split("; ") if r]
     _rewrite_section(client, name, version,
-                     model_card.decision_section("rejected-by-reviewer", gate, version, reviewer, reason))
+                     model_card.decision_section("rejected-by-reviewer", gate, version, reviewer, reason,
+                                                 model_name=name))
 
 
 DECIDED = ("auto-promoted", "promoted-by-reviewer")
@@ -308,7 +389,7 @@ def sync_reviews(tracking_uri: str, name: str) -> list[str]:
                     and "promotion.replaced_by" not in mv.tags:
                 client.set_model_version_tag(name, other, "promotion.replaced_by", champion)
                 _rewrite_section(client, name, other, model_card.decision_section(
-                    "replaced", (f"version {champion} became champion",), other))
+                    "replaced", (f"version {champion} became champion",), other, model_name=name))
         gate = [r for r in versions[champion].tags.get("promotion.reasons", "").split("; ") if r]
         client.set_registered_model_tag(name, RECORDED_CHAMPION, champion)
         for stale in ("promotion.replaced_by", "review.decision", "review.reason", "review.reviewer"):
@@ -317,7 +398,8 @@ def sync_reviews(tracking_uri: str, name: str) -> list[str]:
         client.set_model_version_tag(name, champion, "promotion.decision", "promoted-by-reviewer")
         client.set_model_version_tag(name, champion, "promotion.reviewer", UI_REVIEWER)
         _rewrite_section(client, name, champion,
-                         model_card.decision_section("promoted-by-reviewer", gate, champion, UI_REVIEWER))
+                         model_card.decision_section("promoted-by-reviewer", gate, champion, UI_REVIEWER,
+                                                 model_name=name))
         changes.append(f"version {champion} was made champion in the MLflow UI: recorded as approved")
     if champion is not None and aliases.get(CHALLENGER) == champion:
         client.delete_registered_model_alias(name, CHALLENGER)

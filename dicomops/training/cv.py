@@ -8,7 +8,6 @@ This module wires three others: :mod:`dicomops.training.scoring` (pure scores an
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from dicomops import io
 from dicomops.config import PreprocessConfig, TrainConfig
 from dicomops.feedback import privacy
 from dicomops.layout import Folds, WorkLayout
-from dicomops.tracking import model_card, registry, runs
+from dicomops.tracking import model_card, registry
 from dicomops.tracking.lineage import ACCEPTED_HASH_TAG
 from dicomops.training import mlflow_runs, plots, saliency, scoring
 from dicomops.training import state as train_state
@@ -28,8 +27,6 @@ from dicomops.training.data import SlabSet, build_slab_set, load_volume
 from dicomops.training.loop import fit, train_precision
 from dicomops.training.model import build_model, load_state_dict
 from dicomops.training.splits import fold_counts, load_or_create_folds
-
-DECISION_TAG = "promotion.decision"  # a version's decided state (gate, reviewer, superseded): never finished again
 
 
 def prepare(layout: WorkLayout, cfg: TrainConfig) -> Folds:
@@ -40,6 +37,24 @@ def prepare(layout: WorkLayout, cfg: TrainConfig) -> Folds:
     if cfg.leave_one_vendor_out:
         check_vendors_to_leave_out(series)
     return load_or_create_folds(layout, series, cfg.n_splits, cfg.seed)
+
+
+def check_classes(series: pd.DataFrame) -> None:
+    """A classifier learns to tell positive series from negative ones: its cross-validated AUC and the
+    operating threshold chosen on the ROC of its out-of-fold scores are undefined without both (a
+    corpus with no positive series registered a version whose threshold was infinite).
+
+    Raises:
+        ValueError: the labelled series are all of one class, saying what to change.
+    """
+    classes = {int(label) for label in series.label.unique()}
+    if classes == {0, 1}:
+        return
+    present, missing, label = ("negative", "positive", 1) if 1 not in classes else ("positive", "negative", 0)
+    raise ValueError(f"every labelled series is {present}: a classifier needs {missing} series too, or its "
+                     f"cross-validated AUC and operating threshold are undefined. Add {missing} series to the "
+                     f"corpus (label {label} in its labels.csv), or correct the labels that made them all {present}, "
+                     "then ingest and preprocess it again")
 
 
 def check_vendors_to_leave_out(series: pd.DataFrame) -> None:
@@ -221,7 +236,8 @@ def register(layout: WorkLayout, cfg: TrainConfig, pre: PreprocessConfig, tracki
     # Two samples, not one: MLflow saves the pt2 format through torch.export, which would fix a batch
     # dimension of size 1 and refuse any other batch size.
     example = np.zeros((2, k, cfg.input_size, cfg.input_size), dtype=np.float32)
-    # Rounded: tags are read as text on the version page (the gate's margin is 0.005).
+    # Rounded: tags are read as text on the version page. The gate compares the same figures to full
+    # precision, as summarise logged them to this run (registry.version_figures).
     version_tags = {"cv.mean_auc": f"{summary['mean_auc']:.4f}", "cv.std_auc": f"{summary['std_auc']:.4f}",
                     "cv.threshold": f"{summary['threshold']:.4f}", "architecture": cfg.architecture, **tags}
     teacher = None if cfg.distill_from is None else registry.parse_ref(cfg.distill_from, cfg.model_name)
@@ -251,35 +267,10 @@ def register(layout: WorkLayout, cfg: TrainConfig, pre: PreprocessConfig, tracki
         return model_card.initial_card(cfg.model_name, version, summary, evidence, per_fold_all, identity,
                                        privacy.pool_counts(layout.root), lovo, vendor_names(layout))
 
-    version = register_version(tracking_uri, parent, model, example, cfg.model_name, card, version_tags,
-                               metadata={METADATA_KEY: contract.to_json()})
+    # Once per training run: a retried registration finishes its first attempt's version.
+    version = registry.register_model(tracking_uri, parent, model, example, cfg.model_name, card, version_tags,
+                                      metadata={METADATA_KEY: contract.to_json()})
     train_state.record_version(layout, version)  # complete only after the gate (train_state.mark_complete)
-    return version
-
-
-def register_version(tracking_uri: str, run_id: str, model: torch.nn.Module, example: np.ndarray, name: str,
-                     card: Callable[[str], str], tags: dict[str, str], metadata: dict[str, str] | None = None) -> str:
-    """:func:`registry.register_model`, once per training run: when an earlier attempt (a retry of
-    the task, or a re-run after a crash) already made a version of `name` from `run_id`, that
-    version is finished instead (card, tags, the challenger alias) and no second one is made. A
-    training run registers one version only, so the run id names it. A version a gate or a
-    reviewer has decided since is returned as it is."""
-    client = runs.configure_mlflow(tracking_uri)
-    made = sorted(client.search_model_versions(f"name='{name}' and run_id='{run_id}'"), key=lambda v: int(v.version))
-    if not made:
-        return registry.register_model(tracking_uri, run_id, model, example, name, card, tags, metadata=metadata)
-    version = str(made[0].version)
-    if DECISION_TAG in (made[0].tags or {}):
-        return version
-    client.update_model_version(name, version, description=card(version))
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    previous = registry.alias_version(client, name, registry.CHALLENGER)
-    client.set_registered_model_alias(name, registry.CHALLENGER, version)
-    if previous is not None and str(previous.version) != version:  # as register_model: its card must not ask for review
-        client.set_model_version_tag(name, str(previous.version), DECISION_TAG, "superseded")
-        registry._rewrite_section(client, name, str(previous.version), model_card.decision_section(
-            "superseded", (f"version {version} is the challenger now",), str(previous.version)))
     return version
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from dicomops import io
 from dicomops.config import PreprocessConfig, TrainConfig
 from dicomops.layout import WorkLayout
+from dicomops.tracking.promotion import model_settings
 
 
 def run_key(layout: WorkLayout, cfg: TrainConfig, pre: PreprocessConfig, split_hash: str, data_hash: str) -> str:
@@ -23,8 +24,9 @@ def run_key(layout: WorkLayout, cfg: TrainConfig, pre: PreprocessConfig, split_h
 
     `data_hash` covers the DICOM files only, and readers' labels change without changing one: the
     labels the training learns from (:func:`labels_sha256`) are part of the key, so that a resumed
-    run never pools folds scored on the old labels with folds trained on the new."""
-    blob = json.dumps({"train": cfg.model_dump(mode="json"), "pre": pre.model_dump(mode="json"),
+    run never pools folds scored on the old labels with folds trained on the new. The gate's
+    settings are not: they change no model (:func:`dicomops.tracking.promotion.model_settings`)."""
+    blob = json.dumps({"train": model_settings(cfg), "pre": pre.model_dump(mode="json"),
                        "split": split_hash, "data": data_hash, "labels": labels_sha256(layout)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

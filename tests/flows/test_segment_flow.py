@@ -99,6 +99,8 @@ def test_segment_flow_registers_a_gated_version_with_froc_dice_and_kappa(
 
     version = client.get_model_version("test-segmenter", str(result["version"]))
     assert version.tags["cv.mean_cpm"] == f"{result['cpm']:.4f}"
+    # The gate compares the figures the run logged to full precision, not the tags' four decimals.
+    assert metrics["cv.mean_cpm"] == result["cpm"] and metrics["cv.dice_ge6"] == result["dice_ge6"]
     assert {t for t in version.tags if t.startswith("cv.cpm.")}
     assert version.tags["promotion.decision"] in ("auto-promoted", "awaiting-review")
     assert "CPM" in version.tags["promotion.reasons"]
@@ -136,6 +138,19 @@ def test_segment_flow_registers_a_gated_version_with_froc_dice_and_kappa(
     again = segment(work=work, config=TINY_SEGMENTER, preprocess_config=PRE, train_config=TRAIN,
                     experiment="segment-test")
     assert again["skipped"] and again["version"] == result["version"]
+    # Only the gate's settings changed: nothing trains again, the gate decides anew on that version
+    # (no champion yet, every floor off: promoted), and the next run with them is skipped outright.
+    runs_before = len(client.search_runs([parent.info.experiment_id]))
+    loose = TINY_SEGMENTER.model_copy(update={"min_cpm": 0.0, "min_dice": 0.0, "min_series_kappa": -1.0})
+    for _ in range(2):
+        regated = segment(work=work, config=loose, preprocess_config=PRE, train_config=TRAIN,
+                          experiment="segment-test")
+        assert regated["skipped"] and (regated["version"], regated["mlflow_run_id"]) == (result["version"],
+                                                                                         result["mlflow_run_id"])
+        assert (regated["decision"], regated["promoted"]) == ("auto-promoted", True)
+    assert len(client.search_runs([parent.info.experiment_id])) == runs_before
+    assert client.get_model_version("test-segmenter", str(result["version"])).tags["promotion.decision"] == \
+        "auto-promoted"
     phi = pd.read_csv(src / "phi.csv", keep_default_na=False)
     needles = set(phi.value) | set(labels.SeriesInstanceUID.astype(str)) | set(labels.StudyInstanceUID.astype(str))
     for place in (layout.segment.root, tmp_path / "mlflow", PREFECT_HOME, _prefect_database()):
@@ -186,22 +201,31 @@ def version_has_onnx_of(client: mlflow.tracking.MlflowClient, name: str, version
             and float(mv.tags["export.parity_max_abs_diff"]) <= cv.PARITY_TOLERANCE)
 
 
-def test_a_failed_export_or_gate_resumes_with_the_version_it_registered(seg_work: tuple[Path, Path], mlflow_env: str, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_retried_registration_and_a_failed_export_or_gate_resume_with_the_version_it_registered(
+        seg_work: tuple[Path, Path], mlflow_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from dicomops.errors import ExportCheckError
 
     _, prepared = seg_work
     work = tmp_path / "work"
     shutil.copytree(prepared, work)
-    real_export = cv.export
+    real_export, real_card = cv.export, cv.seg_card
+    cards: list[str] = []
+
+    def card_once_unavailable(*args, **kwargs):  # type: ignore[no-untyped-def]
+        cards.append(str(args[1]))
+        if len(cards) == 1:  # after MLflow made the version: Prefect retries the task
+            raise ConnectionError("registry briefly unavailable")
+        return real_card(*args, **kwargs)
 
     def fails(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise ExportCheckError("parity failed")
 
+    monkeypatch.setattr(cv, "seg_card", card_once_unavailable)
     monkeypatch.setattr(cv, "export", fails)
     cfg = TINY_SEGMENTER.model_copy(update={"model_name": "resume-segmenter"})
     with pytest.raises(ExportCheckError):
         segment(work=work, config=cfg, preprocess_config=PRE, train_config=TRAIN, experiment="segment-resume")
+    assert cards == ["1", "1"]  # the retry finished the version its first attempt made
     layout = WorkLayout(work)
     state = cv._state(layout)
     assert state["version"] == "1" and not state["complete"]
@@ -248,6 +272,12 @@ def test_a_student_distils_from_the_segmenter_fold_by_fold(seg_work: tuple[Path,
     student = client.get_model_version("test-student", str(result["version"]))
     assert student.tags["distilled_from"] == source
     assert f"version {seg['version']} of {TINY_SEGMENTER.model_name}" in student.description
+    # The classifier's flow likewise: a changed gate setting alone gates the version again, trains nothing.
+    regated = train(work=work, config=student_cfg.model_copy(update={"min_auc": 0.0}), preprocess_config=PRE,
+                    experiment="distil-seg")
+    assert regated["skipped"] and (regated["version"], regated["mlflow_run_id"]) == (result["version"],
+                                                                                     result["mlflow_run_id"])
+    assert (regated["decision"], regated["promoted"]) == ("auto-promoted", True)
 
     # Each fold's segmenter scored exactly its fold's training series, the final one every series.
     layout = WorkLayout(work)

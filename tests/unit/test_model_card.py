@@ -130,7 +130,8 @@ def test_a_card_without_a_release_shows_no_count_and_says_why() -> None:
 def test_a_section_rewrite_keeps_the_others_and_the_order() -> None:
     card = _card()
     decided = model_card.set_section(card, model_card.DECISION,
-                                     model_card.decision_section("awaiting-review", ("gain +0.001",), "3"))
+                                     model_card.decision_section("awaiting-review", ("gain +0.001",), "3",
+                                                                 model_name="dicomops-ct-classifier"))
     exported = model_card.set_section(decided, model_card.EXPORT,
                                       model_card.export_section({"export.onnx.parity_max_abs_diff": 1.5e-6}, "skipped",
                                                                 "runs:/x/export"))
@@ -243,3 +244,16 @@ def test_a_champion_moved_back_by_hand_and_a_rerun_gate_are_recorded_right(tmp_p
     again = registry.apply_promotion_gate(uri, NAME, "3", margin=0.005, vendor_tolerance=0.02, min_auc=0.8)
     assert not again.promote and "not the challenger" in again.reasons[0]
     assert _aliases(client) == {"champion": "1"}
+
+
+def test_the_review_commands_name_the_model_unless_it_is_the_commands_default() -> None:
+    """A segmenter's page told its reviewer `dicomops promote 3`, which promotes version 3 of the
+    classifier (the commands' default model)."""
+    segmenter = model_card.review_section("dicomops-ct-nodule-seg", "3", "FROC pictures")
+    assert "`dicomops promote 3 --model-name dicomops-ct-nodule-seg --reviewer NAME`" in segmenter
+    assert "`dicomops reject 3 --model-name dicomops-ct-nodule-seg --reviewer NAME" in segmenter
+    assert "Evidence: FROC pictures." in segmenter and "ROC" not in segmenter.replace("FROC", "")
+    decided = model_card.decision_section("awaiting-review", (), "3", model_name="dicomops-ct-nodule-seg")
+    assert "dicomops promote 3 --model-name dicomops-ct-nodule-seg --reviewer NAME" in decided
+    classifier = model_card.review_section("dicomops-ct-classifier", "3")
+    assert "`dicomops promote 3 --reviewer NAME`" in classifier and "--model-name" not in classifier

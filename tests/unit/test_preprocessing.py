@@ -336,3 +336,29 @@ def test_only_actionable_nodules_make_positive_slices(vendor_work, tmp_path: Pat
     chosen = slabs[slabs.SeriesInstanceUID == demoted]
     assert set(shown) <= set(chosen.z) and (chosen.slice_label == 0).all()
     assert stage.actionable_labels(json.dumps([{"actionable": True}, {"actionable": False}, {}])) == [1, 3]
+
+
+def test_a_corrected_mask_is_preprocessed_again(vendor_work, tmp_path: Path) -> None:
+    """A reader's corrected mask changes no DICOM file: the entry's key holds the mask too, so the
+    series is preprocessed again with it (it was not: the segmenter retrained on the old mask)."""
+    import shutil
+
+    root, _ = vendor_work
+    work = tmp_path / "work"
+    shutil.copytree(root / "work", work)
+    shutil.rmtree(work / "preprocessed", ignore_errors=True)
+    cfg = PreprocessConfig(workers=1, crop_xy=256)
+    assert stage.preprocess_corpus(work, cfg)["computed"] == 5
+    labels = pd.read_csv(work / "deid/labels.csv", keep_default_na=False)
+    row = labels[labels.mask_path != ""].iloc[0]
+    mask_file = work / "deid" / row.mask_path
+    with np.load(mask_file) as npz:
+        mask, ipp_z = npz["mask"], npz["ipp_z"]
+    assert mask.any()
+    np.savez_compressed(mask_file, mask=np.zeros_like(mask), ipp_z=ipp_z)  # the reader: no nodule there
+    again = stage.preprocess_corpus(work, cfg)
+    assert (again["computed"], again["cached"]) == (1, 4)
+    index = pd.read_parquet(work / "preprocessed/index.parquet").set_index("SeriesInstanceUID")
+    with np.load(work / "preprocessed" / index.loc[row.SeriesInstanceUID, "path"]) as npz:
+        assert not npz["mask"].any()
+    assert index.loc[row.SeriesInstanceUID, "positive_slices"] == 0

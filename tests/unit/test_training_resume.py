@@ -16,6 +16,7 @@ import mlflow
 from dicomops import io
 from dicomops.config import PreprocessConfig, TrainConfig
 from dicomops.layout import WorkLayout
+from dicomops.tracking import registry
 from dicomops.training import cv, mlflow_runs
 from dicomops.training import state as train_state
 from dicomops.training.data import SlabSet
@@ -107,6 +108,26 @@ def test_changed_labels_change_the_resume_key_so_no_run_resumes_across_them(tmp_
     assert train_state.resumable_run(layout, changed) is None
 
 
+def test_the_gate_settings_are_not_in_the_resume_key(tmp_path: Path) -> None:
+    layout = WorkLayout(tmp_path)
+    _index(layout, [0, 1] * 8)
+    pre = PreprocessConfig()
+    key = train_state.run_key(layout, CFG, pre, "split", "data")
+    gate = CFG.model_copy(update={"promotion_margin": 0.02, "min_auc": 0.6, "vendor_tolerance": 0.1})
+    assert train_state.run_key(layout, gate, pre, "split", "data") == key  # a changed margin resumes
+    assert train_state.run_key(layout, CFG.model_copy(update={"epochs": 4}), pre, "split", "data") != key
+
+
+@pytest.mark.parametrize("labels", [[0] * 16, [1] * 16])
+def test_labelled_series_all_of_one_class_are_refused_before_any_training(labels: list[int]) -> None:
+    series = pd.DataFrame({"SeriesInstanceUID": [f"S{i}" for i in range(16)], "label": labels})
+    present, missing = ("negative", "positive") if labels[0] == 0 else ("positive", "negative")
+    with pytest.raises(ValueError, match=rf"every labelled series is {present}: a classifier needs {missing} series"
+                                         rf".*threshold are undefined.*label {1 - labels[0]} in its labels.csv"):
+        cv.check_classes(series)
+    cv.check_classes(series.assign(label=[0, 1] * 8))  # both: trains
+
+
 def test_leave_one_vendor_out_on_one_vendor_is_refused_before_any_training(tmp_path: Path) -> None:
     layout = WorkLayout(tmp_path)
     rows = [{"SeriesInstanceUID": f"S{i}", "PatientID": f"P{i}", "vendor": "ge", "label": i % 2, "path": f"v{i}"}
@@ -166,8 +187,8 @@ def test_a_registration_retried_after_the_version_was_created_finishes_that_vers
         return f"card of {version}"
 
     with pytest.raises(ConnectionError):
-        cv.register_version(tracking, parent, model, example, "retry-model", card, {"cv.mean_auc": "0.9"})
-    version = cv.register_version(tracking, parent, model, example, "retry-model", card, {"cv.mean_auc": "0.9"})
+        registry.register_model(tracking, parent, model, example, "retry-model", card, {"cv.mean_auc": "0.9"})
+    version = registry.register_model(tracking, parent, model, example, "retry-model", card, {"cv.mean_auc": "0.9"})
     versions = client.search_model_versions("name='retry-model'")
     assert [str(v.version) for v in versions] == [version] == calls[1:]  # one version, not an orphan beside it
     finished = client.get_model_version("retry-model", version)
