@@ -49,14 +49,11 @@ def segment(work: Path | None = None, config: SegmentConfig = SegmentConfig(),
                                            "tags": run_tags or {}})
         gate = gate_settings(config)
         if (cached := stages.registered(work, "segment", key, uri, config.model_name)) is not None:
-            if cached.get("gate") == gate:
-                print(f"segment: data, split, settings and code unchanged; version {cached['version']} stands, skipped")
-                return {**cached, "skipped": True}
-            decision = s.promotion_gate(uri, config, str(cached["version"]), work, feedback_work, feedback_config)
-            cached |= {"promoted": decision["promoted"], "decision": decision["decision"], "gate": gate}
-            stages.done(work, "segment", key, cached)
-            print(f"segment: only the gate's settings changed; version {cached['version']} gated again, "
-                  f"{decision['decision']}: {'; '.join(decision['reasons'])}")
+            if cached.get("gate") != gate:  # only the gate's settings changed: the version is gated again
+                decision = s.promotion_gate(uri, config, str(cached["version"]), work, feedback_work, feedback_config)
+                cached = stages.gated_again(work, "segment", key, cached, gate, decision)
+            print(f"segment: data, split, model settings and code unchanged; version {cached['version']} stands "
+                  f"({cached.get('decision', 'as recorded')}), skipped")
             return {**cached, "skipped": True}
         stages.started(work, "segment")
         params = flatten_params({"segment": config.model_dump(mode="json"),

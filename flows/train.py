@@ -47,14 +47,11 @@ def train(work: Path | None = None, config: TrainConfig = TrainConfig(),
                                          "tags": run_tags or {}})
         gate = gate_settings(config)
         if (cached := stages.registered(work, "train", key, uri, config.model_name)) is not None:
-            if cached.get("gate") == gate:
-                print(f"train: data, split, settings and code unchanged; version {cached['version']} stands, skipped")
-                return {**cached, "skipped": True}
-            decision = t.promotion_gate(uri, config, str(cached["version"]), work, feedback_work, feedback_config)
-            cached |= {"promoted": decision["promoted"], "decision": decision["decision"], "gate": gate}
-            stages.done(work, "train", key, cached)
-            print(f"train: only the gate's settings changed; version {cached['version']} gated again, "
-                  f"{decision['decision']}: {'; '.join(decision['reasons'])}")
+            if cached.get("gate") != gate:  # only the gate's settings changed: the version is gated again
+                decision = t.promotion_gate(uri, config, str(cached["version"]), work, feedback_work, feedback_config)
+                cached = stages.gated_again(work, "train", key, cached, gate, decision)
+            print(f"train: data, split, model settings and code unchanged; version {cached['version']} stands "
+                  f"({cached.get('decision', 'as recorded')}), skipped")
             return {**cached, "skipped": True}
         stages.started(work, "train")
         params = flatten_params({"train": config.model_dump(mode="json"),

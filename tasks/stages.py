@@ -38,3 +38,14 @@ def done(work: Path, stage: str, key: str, result: dict[str, Any], outputs: list
 @task(name="stage-completed-in-store")
 def registered(work: Path, stage: str, key: str, tracking_uri: str, name: str) -> dict[str, Any] | None:
     return stages.completed_in_store(work, stage, key, tracking_uri, name)
+
+
+@task(name="record-gate-again")
+def gated_again(work: Path, stage: str, key: str, record: dict[str, Any], gate: dict[str, Any],
+                decision: dict[str, Any]) -> dict[str, Any]:
+    """A completed stage's record with the gate's new `decision` on its version, made under the
+    settings `gate` (the record keeps the settings it was decided under: when they change alone, the
+    flow gates the registered version again instead of training)."""
+    record = record | {"promoted": decision["promoted"], "decision": decision["decision"], "gate": gate}
+    stages.mark_done(work, stage, key, record)
+    return record
