@@ -641,9 +641,12 @@ def list_files(src: Path, skip: Path | None = None) -> list[tuple[str, str]]:
     nothing under the folder `skip` (the work directory, when it lies inside `src`: its own files are no data).
 
     Symlinks are followed, to files and to folders: a series folder linked in from elsewhere is read
-    like any other. A file or folder reached twice (two links to one folder, a link back up the tree,
-    a hard link) is listed once, under the name met first, so a loop ends and no file counts twice.
-    Devices, sockets, FIFOs, dangling links and directories (even one named ``x.dcm``) are never opened.
+    like any other. A folder reached twice (two links to one folder, a link back up the tree) is
+    walked once, under the name met first, so a loop ends. A file is listed under every name it has
+    (a link to it, a hard link: a DVC checkout links files of equal content to one cache object), so
+    that each name ends in exactly one place: the gate quarantines the second as
+    ``duplicate_instance``. Devices, sockets, FIFOs, dangling links and directories (even one named
+    ``x.dcm``) are never opened.
 
     A name that is not valid UTF-8 (a file copied from an old Windows share: ``caf\\xe9.dcm`` in
     latin-1) cannot be written to the gate's tables as it is: its undecodable bytes are written as
@@ -657,7 +660,6 @@ def list_files(src: Path, skip: Path | None = None) -> list[tuple[str, str]]:
     except OSError:
         return out
     seen_dirs = {(top.st_dev, top.st_ino)}
-    seen_files: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(src, followlinks=True):
         kept = []
         for d in sorted(dirnames):
@@ -679,9 +681,8 @@ def list_files(src: Path, skip: Path | None = None) -> list[tuple[str, str]]:
                 info = os.stat(full)  # follows symlinks; fails on a dangling one
             except OSError:
                 continue
-            if not stat.S_ISREG(info.st_mode) or (info.st_dev, info.st_ino) in seen_files:
+            if not stat.S_ISREG(info.st_mode):
                 continue
-            seen_files.add((info.st_dev, info.st_ino))
             out.append((full, display_name(os.path.relpath(full, src))))
     out.sort(key=lambda item: item[1])
     return out

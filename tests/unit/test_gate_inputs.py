@@ -334,12 +334,17 @@ def test_a_symlinked_series_folder_is_read_once_and_loops_end(tmp_path: Path) ->
     os.symlink(elsewhere, second.parent)  # the case folder, now a link
     os.symlink(elsewhere, src / "same-case-again")  # the same folder by a second link: listed once
     os.symlink(src, elsewhere / "loop")  # a link back up the tree
-    os.symlink(sorted(elsewhere.glob("*/*"))[0], src / "one-file-again.dcm")  # a file by a second name
+    images = sorted((elsewhere / second.name).iterdir())
+    os.symlink(images[0], src / "one-file-again.dcm")  # a file by a second name
+    os.link(images[1], src / "hard-link.dcm")  # as a DVC checkout links files of equal content
     work = tmp_path / "work"
-    summary = ingest.run(src, work, IngestConfig(workers=1, max_invalid_fraction=0.0), KEY)
-    assert (summary.files, summary.accepted_files, summary.quarantined_files) == (16, 16, 0)
+    summary = ingest.run(src, work, IngestConfig(workers=1, max_invalid_fraction=0.2), KEY)
+    # Every name ends in one place: the file's second names are the same instance again.
+    assert (summary.files, summary.accepted_files, summary.quarantined_files) == (18, 16, 2)
+    quarantine = pd.read_csv(work / "ingest/quarantine.csv")
+    assert sorted(quarantine.reason) == ["duplicate_instance"] * 2
     listed = [rel for _, rel in list_files(src)]
-    assert len(listed) == len(set(listed)) == 16 + 3  # the sidecars: labels.csv and two masks
+    assert len(listed) == len(set(listed)) == 18 + 3  # the sidecars: labels.csv and two masks
     assert any(rel.startswith(second.relative_to(src).as_posix()) for rel in listed)
 
 
