@@ -61,8 +61,9 @@ def cache_key(content_hash: str, cfg: PreprocessConfig, code: str, annotation: s
 
 def annotation_hash(mask: Path | None, nodules: str = "") -> str:
     """What an entry holds besides the volume: the series' mask (its file's bytes) and its nodule
-    records. A reader's corrected mask changes no DICOM file, so without it in the key a corrected
-    mask was never preprocessed again and the segmenter retrained on the old one. "" without a mask."""
+    records; "" without a mask. A reader's corrected mask changes no DICOM file, so without it in the
+    key a corrected mask was never preprocessed again and the segmenter retrained on the old one.
+    The one owner of how a mask is hashed (:func:`labels_hash`, the segmenter's resume key)."""
     if mask is None:
         return ""
     return hashlib.sha256(mask.read_bytes() + b"\0" + nodules.encode()).hexdigest()
@@ -295,9 +296,20 @@ def check_made_from(work: Path, corpus: str) -> None:
 
 
 def labels_hash(work: Path) -> str:
-    """The de-identified ``labels.csv``'s sha256 ('' without one): the slab table's labels come from it."""
-    path = WorkLayout(work).ingest.deid / LABELS_CSV
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else ""
+    """The sha256 of the de-identified ``labels.csv`` and of every mask it names ('' without one): the
+    slab table's labels and the volumes' masks come from them. The gate writes a series' mask under
+    a path of its pseudonym, so a reader's corrected mask changes no byte of ``labels.csv``: without
+    the masks here the stage was skipped and the corrected mask never preprocessed."""
+    deid = WorkLayout(work).ingest.deid
+    path = deid / LABELS_CSV
+    if not path.exists():
+        return ""
+    digest = hashlib.sha256(path.read_bytes())
+    labels = pd.read_csv(path, keep_default_na=False, dtype=str)
+    for rel in sorted(set(labels.mask_path) - {""}) if "mask_path" in labels else []:
+        mask = deid / rel
+        digest.update(f"\0{rel}\0{annotation_hash(mask) if mask.is_file() else ''}".encode())
+    return digest.hexdigest()
 
 
 def plot_samples(work: Path, per_vendor: int = 2) -> Path:

@@ -26,6 +26,7 @@ from dicomops import io
 from dicomops.config import PreprocessConfig, SegmentConfig
 from dicomops.feedback import privacy
 from dicomops.layout import WorkLayout
+from dicomops.preprocessing.stage import annotation_hash
 from dicomops.segmentation import actionable, plots
 from dicomops.segmentation import metrics as m
 from dicomops.segmentation.data import SegVolume, forget_volumes, load_volumes, series_table
@@ -73,7 +74,7 @@ def labels_sha256(layout: WorkLayout) -> str:
 
     def mask_sha256(uid: str) -> str:
         path = deid / masks[uid] if masks.get(uid) else None
-        return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None and path.is_file() else ""
+        return annotation_hash(path) if path is not None and path.is_file() else ""
 
     rows = [[str(uid), int(label), str(nodules), mask_sha256(str(uid))]
             for uid, label, nodules in zip(table.SeriesInstanceUID, table.label, table.nodules, strict=True)]

@@ -338,17 +338,22 @@ def test_only_actionable_nodules_make_positive_slices(vendor_work, tmp_path: Pat
     assert stage.actionable_labels(json.dumps([{"actionable": True}, {"actionable": False}, {}])) == [1, 3]
 
 
-def test_a_corrected_mask_is_preprocessed_again(vendor_work, tmp_path: Path) -> None:
-    """A reader's corrected mask changes no DICOM file: the entry's key holds the mask too, so the
-    series is preprocessed again with it (it was not: the segmenter retrained on the old mask)."""
+def test_a_corrected_mask_is_preprocessed_again(vendor_work, tmp_path: Path, mlflow_env: str,
+                                                 prefect_harness: None) -> None:
+    """A reader's corrected mask changes no DICOM file and, written under its series' pseudonym, no
+    byte of labels.csv: the stage's key and the entry's hold the mask too, so the flow preprocesses
+    that series again with it (it skipped: the segmenter retrained on the old mask)."""
     import shutil
+
+    from flows.preprocess import preprocess
 
     root, _ = vendor_work
     work = tmp_path / "work"
     shutil.copytree(root / "work", work)
     shutil.rmtree(work / "preprocessed", ignore_errors=True)
     cfg = PreprocessConfig(workers=1, crop_xy=256)
-    assert stage.preprocess_corpus(work, cfg)["computed"] == 5
+    assert preprocess(work=work, config=cfg)["computed"] == 5
+    assert preprocess(work=work, config=cfg)["skipped"]
     labels = pd.read_csv(work / "deid/labels.csv", keep_default_na=False)
     row = labels[labels.mask_path != ""].iloc[0]
     mask_file = work / "deid" / row.mask_path
@@ -356,8 +361,8 @@ def test_a_corrected_mask_is_preprocessed_again(vendor_work, tmp_path: Path) -> 
         mask, ipp_z = npz["mask"], npz["ipp_z"]
     assert mask.any()
     np.savez_compressed(mask_file, mask=np.zeros_like(mask), ipp_z=ipp_z)  # the reader: no nodule there
-    again = stage.preprocess_corpus(work, cfg)
-    assert (again["computed"], again["cached"]) == (1, 4)
+    again = preprocess(work=work, config=cfg)
+    assert not again["skipped"] and (again["computed"], again["cached"]) == (1, 4)
     index = pd.read_parquet(work / "preprocessed/index.parquet").set_index("SeriesInstanceUID")
     with np.load(work / "preprocessed" / index.loc[row.SeriesInstanceUID, "path"]) as npz:
         assert not npz["mask"].any()
