@@ -25,13 +25,11 @@ nothing (0.987): its fine-tuned float weights alone scored 0.940.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import threading
 import time
 import types
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,75 +63,85 @@ def _one_partition_per_call(program: torch.fx.GraphModule) -> None:
             stack[key] = (f"{fqn}@{node.name}", cls)
 
 
-# torchao's pattern graphs, by what makes one (:func:`patterns_once`).
+# torchao's pattern graphs, by what makes one (:func:`trace_patterns_once`).
 _PATTERNS: dict[Any, torch.fx.GraphModule] = {}
 _PATTERNS_LOCK = threading.Lock()
 
 
-def _pattern_key(value: Any, *, inputs: bool = False) -> Any:
+def _pattern_key(value: Any, *, inputs: bool = False, seen: frozenset[int] = frozenset()) -> Any:
     """What a pattern graph of torchao's is made from, hashable: the pattern function's code and
     what it closes over (flags, the convolution function), and the example inputs' shapes and
-    dtypes (`inputs`: traced as inputs, so their values do not enter the graph). Raises TypeError
-    for anything else, which is then traced afresh: a tensor a pattern closes over is a constant of
-    its graph, and an object known by its identity alone could be another one later."""
+    dtypes (`inputs`: traced as inputs, so their values do not enter the graph). Scalars are keyed
+    with their type (``True``, ``1`` and ``1.0`` are equal in Python, not in a graph). Raises
+    TypeError for anything else, which is then traced afresh: a tensor a pattern closes over is a
+    constant of its graph, an object known by its identity alone could be another one later, and a
+    function that closes over itself has no finite key."""
     if isinstance(value, torch.Tensor) and inputs:
         return ("tensor", tuple(value.shape), value.dtype, value.device.type)
-    if isinstance(value, (bool, int, float, str, type(None), torch.dtype)):
-        return value
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        return (type(value).__name__, value)
     if isinstance(value, (tuple, list)):
-        return tuple(_pattern_key(v, inputs=inputs) for v in value)
+        return (type(value).__name__, tuple(_pattern_key(v, inputs=inputs, seen=seen) for v in value))
+    if id(value) in seen:
+        raise TypeError("a pattern that refers to itself")
+    seen = seen | {id(value)}
     if isinstance(value, types.FunctionType):
-        return ("function", value.__code__, tuple(_pattern_key(c.cell_contents) for c in value.__closure__ or ()),
-                _pattern_key(value.__defaults__ or ()), _pattern_key(sorted((value.__kwdefaults__ or {}).items())))
+        try:
+            cells = tuple(_pattern_key(c.cell_contents, seen=seen) for c in value.__closure__ or ())
+        except ValueError as err:  # a cell not filled yet
+            raise TypeError("a pattern with an empty closure cell") from err
+        return ("function", value.__code__, cells, _pattern_key(value.__defaults__ or (), seen=seen),
+                _pattern_key(sorted((value.__kwdefaults__ or {}).items()), seen=seen))
     if type(value).__name__ == "WrapperModule" and not any(True for _ in value.parameters()) \
             and not any(True for _ in value.buffers()):
-        return ("wrapped", _pattern_key(value.fn))
+        return ("wrapped", _pattern_key(value.fn, seen=seen))
     if isinstance(value, (types.BuiltinFunctionType, torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
         return value  # lives as long as the process, and the key holds it
     raise TypeError(f"no pattern key for a {type(value).__name__}")
 
 
-@contextlib.contextmanager
-def patterns_once() -> Iterator[None]:
-    """Within it, torchao traces each of its rewrite patterns once per process.
+def trace_patterns_once() -> None:
+    """From now on in this process, torchao traces each of its rewrite patterns once.
 
     ``prepare_qat_pt2e``, ``move_exported_model_to_eval`` and ``convert_pt2e`` find the
     convolution + batch-norm subgraphs they rewrite by matching pattern graphs, and torchao 0.18
     makes each of those with a ``torch.export`` every time (114 of them for the classifier),
-    though they depend only on the pattern and its example inputs' shapes. They are kept by
-    :func:`_pattern_key` and each caller gets a copy: the classifier's prepare and convert took
-    3.8 s instead of 22.3 once they were kept (2026-12-06, 2 cores shared with other work), its
-    converted program's outputs the same to the bit (``benchmarks/qat_patterns.py``). A held-out
-    comparison fine-tunes each fold's model twice.
+    though they depend only on the pattern and its example inputs. They are kept by
+    :func:`_pattern_key` (with the default dtype and grad mode they were traced under) and each
+    caller gets a copy: the classifier's prepare and convert took 3.8 s instead of 22.3 once they
+    were kept (2026-12-06, 2 cores shared with other work), its converted program's outputs the same
+    to the bit (``benchmarks/qat_patterns.py``). A held-out comparison fine-tunes each fold's model
+    twice. Installed once, under a lock, and never taken off: a pattern with no safe key, or whose
+    key cannot be made, is traced as torchao traces it.
     """
     from torchao.quantization.pt2e import qat_utils, utils
 
-    original = utils._get_aten_graph_module_for_pattern
+    with _PATTERNS_LOCK:
+        original = utils._get_aten_graph_module_for_pattern
+        if getattr(original, "_dicomops_traced_once", False):
+            return
 
-    def traced_once(pattern: Any, example_inputs: tuple[Any, ...], is_cuda: bool = False,
-                    **kwargs: Any) -> torch.fx.GraphModule:
-        try:
-            key = (_pattern_key(pattern), _pattern_key(tuple(example_inputs), inputs=True), is_cuda,
-                   tuple(sorted((k, _pattern_key(v, inputs=True)) for k, v in kwargs.items())))
-        except TypeError:
-            return original(pattern, example_inputs, is_cuda, **kwargs)
-        with _PATTERNS_LOCK:
-            graph = _PATTERNS.get(key)
-        if graph is None:
-            graph = original(pattern, example_inputs, is_cuda, **kwargs)
+        def traced_once(pattern: Any, example_inputs: tuple[Any, ...], is_cuda: bool = False,
+                        **kwargs: Any) -> torch.fx.GraphModule:
+            try:
+                key = (_pattern_key(pattern), _pattern_key(tuple(example_inputs), inputs=True), is_cuda,
+                       tuple(sorted((k, _pattern_key(v, inputs=True)) for k, v in kwargs.items())),
+                       torch.get_default_dtype(), torch.is_grad_enabled())
+            except Exception:  # no safe key: traced as torchao does
+                return original(pattern, example_inputs, is_cuda, **kwargs)
             with _PATTERNS_LOCK:
-                _PATTERNS[key] = graph
-        with warnings.catch_warnings():  # torch's pytree deprecation, raised by copying any GraphModule
-            warnings.simplefilter("ignore", FutureWarning)
-            return copy.deepcopy(graph)
+                graph = _PATTERNS.get(key)
+            if graph is None:
+                graph = original(pattern, example_inputs, is_cuda, **kwargs)
+                with _PATTERNS_LOCK:
+                    _PATTERNS.setdefault(key, graph)
+            with warnings.catch_warnings():  # torch's pytree deprecation, raised by copying any GraphModule
+                warnings.simplefilter("ignore", FutureWarning)
+                return copy.deepcopy(graph)
 
-    utils._get_aten_graph_module_for_pattern = traced_once
-    qat_utils._get_aten_graph_module_for_pattern = traced_once
-    try:
-        yield
-    finally:
-        utils._get_aten_graph_module_for_pattern = original
-        qat_utils._get_aten_graph_module_for_pattern = original
+        traced_once._dicomops_traced_once = True  # type: ignore[attr-defined]
+        utils._get_aten_graph_module_for_pattern = traced_once
+        qat_utils._get_aten_graph_module_for_pattern = traced_once
 
 
 def prepare(model: torch.nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
@@ -150,8 +158,8 @@ def prepare(model: torch.nn.Module, example: torch.Tensor) -> torch.fx.GraphModu
     program = torch.export.export(net, (example.float(),), dynamic_shapes=({0: batch},)).module()
     _one_partition_per_call(program)
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config(is_qat=True))
-    with patterns_once():
-        return prepare_qat_pt2e(program, quantizer)
+    trace_patterns_once()
+    return prepare_qat_pt2e(program, quantizer)
 
 
 @dataclass(frozen=True)
@@ -189,8 +197,7 @@ def finetune(model: torch.nn.Module, train: SlabSet, *, epochs: int, learning_ra
 
     torch.manual_seed(seed)
     prepared = prepare(model, train.x[:2].float())
-    with patterns_once():
-        move_exported_model_to_eval(prepared)  # batch-norm statistics frozen, dropout off; gradients still flow
+    move_exported_model_to_eval(prepared)  # batch-norm statistics frozen, dropout off; gradients still flow
     if not fake_quantise:
         prepared.apply(disable_fake_quant)
     optimizer = torch.optim.AdamW(prepared.parameters(), lr=learning_rate, weight_decay=0.0)
@@ -216,8 +223,7 @@ def finetune(model: torch.nn.Module, train: SlabSet, *, epochs: int, learning_ra
             total, seen = total + loss.item() * len(y), seen + len(y)
         progress.epoch(label, epoch + 1, epochs,
                        {"train_loss": total / max(seen, 1), "samples_per_second": seen / (time.perf_counter() - tick)})
-    with patterns_once():
-        move_exported_model_to_eval(prepared)
+    move_exported_model_to_eval(prepared)
     trained = copy.deepcopy(model).cpu().float()
     state = prepared.state_dict()
     # The program keeps every parameter and running statistic under its name; only the batch
@@ -226,8 +232,7 @@ def finetune(model: torch.nn.Module, train: SlabSet, *, epochs: int, learning_ra
     if missing:
         raise RuntimeError(f"the QAT program lost {len(missing)} of the network's tensors, e.g. {missing[:3]}")
     trained.load_state_dict({key: state[key] for key in trained.state_dict() if key in state}, strict=False)
-    with patterns_once():
-        return trained.eval(), convert_pt2e(prepared)
+    return trained.eval(), convert_pt2e(prepared)
 
 
 def quantise_float_convolutions(src: Path, out: Path, calibration: np.ndarray) -> list[str]:
