@@ -14,6 +14,7 @@ import hashlib
 import io as io_module
 import logging
 import math
+import ntpath
 import os
 import posixpath
 import shutil
@@ -352,7 +353,7 @@ def _outside_folder(rel: str) -> bool:
     rel = str(rel).strip().replace("\\", "/")
     if not rel:
         return False
-    return posixpath.isabs(rel) or bool(os.path.splitdrive(rel)[0]) or \
+    return posixpath.isabs(rel) or bool(ntpath.splitdrive(rel)[0]) or \
         posixpath.normpath(rel).split("/", 1)[0] == ".."
 
 

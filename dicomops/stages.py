@@ -118,3 +118,11 @@ def mark_done(work: Path, stage: str, key: str, result: dict[str, Any], outputs:
     paths = outputs if outputs is not None else layout.stage_outputs(stage)
     io.write_json(_path(work, stage), {"key": key, "result": result, "outputs": [layout.relative(p) for p in paths]})
 
+
+
+def decided_under(record: dict[str, Any], gate: dict[str, Any]) -> bool:
+    """Whether a completed training stage's `record` holds a gate decision that stands under the
+    gate settings `gate`: one made under those settings and not a gate error (a registry that did
+    not answer; until a later run settles it, the version waits). Otherwise the flow gates the
+    registered version again, and trains nothing."""
+    return record.get("gate") == gate and record.get("decision") != "gate-error"

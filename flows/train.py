@@ -37,7 +37,7 @@ def train(work: Path | None = None, config: TrainConfig = TrainConfig(),
         data_hash = hash_accepted_corpus(work)
         # Never learn from what an earlier corpus left: its hash would go on this model.
         check_made_from(work, data_hash)
-        t.check_labels(work)  # both classes, before anything is written or trained
+        t.check_classes(work)  # both classes, before anything is written or trained
         _, split_hash = t.prepare_splits(work, config)
         # The labels too: readers' labels (dicomops.feedback) change them without changing a file.
         # Not the gate's settings: changed alone, they gate the registered version again.
@@ -47,7 +47,7 @@ def train(work: Path | None = None, config: TrainConfig = TrainConfig(),
                                          "tags": run_tags or {}})
         gate = gate_settings(config)
         if (cached := stages.registered(work, "train", key, uri, config.model_name)) is not None:
-            if cached.get("gate") != gate:  # only the gate's settings changed: the version is gated again
+            if not stages.decided_under(cached, gate):  # the gate's settings changed, or it could not decide
                 decision = t.promotion_gate(uri, config, str(cached["version"]), work, feedback_work, feedback_config)
                 cached = stages.gated_again(work, "train", key, cached, gate, decision)
             print(f"train: data, split, model settings and code unchanged; version {cached['version']} stands "

@@ -21,8 +21,8 @@ from dicomops.training import cv, mlflow_runs
 from dicomops.training import state as train_state
 
 
-@task(name="check-labels")
-def check_labels(work: Path) -> None:
+@task(name="check-classes")
+def check_classes(work: Path) -> None:
     """Refuse, before any fold trains, labelled series all of one class (cv.check_classes)."""
     cv.check_classes(WorkLayout(work).labelled_series())
 

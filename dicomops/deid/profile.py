@@ -80,7 +80,8 @@ REMOVED_GROUPS = (0x5000, 0x6000)
 NEVER_SHIFT = frozenset(Tag(k) for k in ("PatientBirthDate",))
 REMOVE_TIMES = frozenset(Tag(k) for k in ("PatientBirthTime",))  # curves and overlays: may carry text and drawings
 # HHMMSS.FFFFFF with optional parts, or the ACR-NEMA HH:MM:SS form PS3.5 still lets a reader accept.
-_TIME = re.compile(r"\d{2}(?::?\d{2}(?::?\d{2}(?:\.\d{1,6})?)?)?")
+# Hours 00-23, minutes 00-59, seconds 00-60: a number typed into a time (an MRN 554433) is not one.
+_TIME = re.compile(r"([01]\d|2[0-3])(:?[0-5]\d(:?([0-5]\d|60)(\.\d{1,6})?)?)?")
 
 
 @lru_cache(maxsize=4)

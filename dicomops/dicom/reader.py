@@ -194,16 +194,17 @@ def _inspect(path: Path, source_path: str, mapper: KeyedMapper, limits: ReadLimi
                 raise Rejected("unreadable_header", f"file meta: {type(err).__name__}") from err
             if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
                 _refuse_media_directory(str(meta.get("MediaStorageSOPClassUID", "")), False)
-                inflated = _inflate(fh, limits)
-                stream = BytesIO(inflated)
+                stream = _inflate(fh, limits)
+                inflated_size = stream.seek(0, 2)
+                stream.seek(0)
                 ds = read_dataset(stream, is_implicit_VR=False, is_little_endian=True, stop_when=_at_pixel_data,
                                   defer_size=limits.defer_size)
                 _refuse_media_directory("", Tag(0x00041220) in ds._dict)
                 implicit, little = _read_encoding(ds, implicit=False, little=True)
                 if implicit:
                     warned.append("vr_encoding_mismatch:implicit")
-                _check_declared_lengths(ds, len(inflated))
-                pixel = _pixel_data_element(stream, stream.tell(), len(inflated), implicit, little)
+                _check_declared_lengths(ds, inflated_size)
+                pixel = _pixel_data_element(stream, stream.tell(), inflated_size, implicit, little)
                 return _index_row(_DatasetHeader(ds), DeflatedExplicitVRLittleEndian, pixel, source_path, mapper,
                                   limits, executable_preamble, size, warned)
         fh.seek(0)
@@ -291,11 +292,11 @@ def _decoder_available(syntax: UID) -> bool:
         return False
 
 
-def _inflate(fh: Any, limits: ReadLimits) -> bytes:
-    """The deflated dataset from `fh`'s position, inflated under ``limits.max_inflated_bytes``."""
+def _inflate(fh: Any, limits: ReadLimits) -> BytesIO:
+    """The deflated dataset from `fh`'s position, inflated under ``limits.max_inflated_bytes``, as a
+    stream at its start."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    parts: list[bytes] = []
-    total = 0
+    inflated = BytesIO()  # written part by part: no joined copy, the bound is about what a worker holds
     while True:
         pending = inflater.unconsumed_tail or fh.read(1 << 20)
         if not pending:
@@ -304,13 +305,13 @@ def _inflate(fh: Any, limits: ReadLimits) -> bytes:
             part = inflater.decompress(pending, 1 << 22)  # at most 4 MB more at a time
         except zlib.error as err:
             raise Rejected("unreadable_header", "deflate stream is corrupt") from err
-        total += len(part)
-        if total > limits.max_inflated_bytes:
+        if inflated.tell() + len(part) > limits.max_inflated_bytes:
             raise Rejected("bad_value:deflate_size", f"inflates past {limits.max_inflated_bytes} bytes")
-        parts.append(part)
+        inflated.write(part)
         if inflater.eof:
             break
-    return b"".join(parts)
+    inflated.seek(0)
+    return inflated
 
 
 def _check_declared_lengths(ds: Dataset, size: int) -> None:
@@ -549,6 +550,9 @@ def _index_row(ds: HeaderSource, syntax: UID, pixel: PixelElement | None, source
     if bits not in (1, 8, 16, 32, 64) or frames < 1 or rows * cols * frames > limits.max_pixels:
         raise Rejected("bad_value:BitsAllocated" if bits not in (1, 8, 16, 32, 64) else "bad_value:NumberOfFrames",
                        "pixel geometry out of bounds")
+    if frames > 1:  # read as one slice, the others would be dropped; preprocessing refuses it too, later
+        raise Rejected("bad_value:NumberOfFrames", f"NumberOfFrames is {frames}; a CT Image Storage instance holds "
+                                                   "one slice: split the frames into single-frame instances")
     _check_ct_image_pixels(ds, samples, warned)
     if pixel is None:
         raise Rejected("missing_tag:PixelData", "no PixelData (7FE0,0010) element after the header")

@@ -249,9 +249,10 @@ def apply_promotion_gate(tracking_uri: str, name: str, version: str, *, margin: 
 def _left_as_it_is(client: Any, name: str, version: str) -> Decision:
     """What the gate says of a version that is no longer the challenger: its recorded decision, and
     whether that made it the champion (tags in step with the aliases: :func:`sync_reviews` ran)."""
-    tags = client.get_model_version(name, version).tags or {}
-    recorded = str(tags.get(DECISION_TAG) or "undecided")
-    return Decision(recorded in DECIDED and "promotion.replaced_by" not in tags,
+    tags = model_version(client, name, version).tags or {}  # an outage: RegistryUnavailableError, a gate error
+    replaced = "promotion.replaced_by" in tags  # a champion once: its decision tag still says how it became one
+    recorded = "replaced" if replaced else str(tags.get(DECISION_TAG) or "undecided")
+    return Decision(recorded in DECIDED,
                     (f"version {version} is not the challenger ({recorded}); the gate leaves it as it is",),
                     recorded=recorded)
 

@@ -50,6 +50,9 @@ def check_classes(series: pd.DataFrame) -> None:
     classes = {int(label) for label in series.label.unique()}
     if classes == {0, 1}:
         return
+    if not classes:
+        raise ValueError("no labelled series to train on: give the corpus a labels.csv with a label (0 or 1) per "
+                         "series, then ingest and preprocess it again")
     present, missing, label = ("negative", "positive", 1) if 1 not in classes else ("positive", "negative", 0)
     raise ValueError(f"every labelled series is {present}: a classifier needs {missing} series too, or its "
                      f"cross-validated AUC and operating threshold are undefined. Add {missing} series to the "

@@ -1,5 +1,5 @@
 """A study with one series that cannot be scored, sent to a real Orthanc: the whole study failed and
-nothing went back for its good series (until 2026-12-07). Now pacs-watch stores the good series'
+nothing went back for its good series (until 2026-12-06). Now pacs-watch stores the good series'
 SR under the original study and nothing for the other, the ledger and the pass's MLflow run name the
 failed series by its pseudonym with its reason code and count it, the study is not answered again on
 the next pass, and the online service answers the same study with the failed series listed; a study

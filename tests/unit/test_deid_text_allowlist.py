@@ -110,7 +110,7 @@ def needles_value(needles: dict[str, str], keyword: str) -> str:
 
 
 @pytest.mark.parametrize(("value", "kept"), [("101500", "101500"), ("101500.25", "101500.25"), ("10:15:00", "10:15:00"),
-                                             ("MRN554433", ""), ("DOE JANE", "")])
+                                             ("MRN554433", ""), ("DOE JANE", ""), ("554433", ""), ("2461", "")])
 def test_a_time_is_kept_only_when_it_is_a_time(value: str, kept: str) -> None:
     """TM values stay (with shifted dates they identify no one), but a reader keeps a malformed TM
     as the text it was given, and text typed into a TM is not a time."""

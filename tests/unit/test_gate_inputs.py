@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -417,3 +418,23 @@ def test_lossy_compression_in_the_history_is_a_warning(tmp_path: Path) -> None:
 def test_the_empty_index_has_every_column_of_a_row(tmp_path: Path) -> None:
     row = _inspect(tmp_path, _to_bytes(_ct_small()))
     assert set(row) - {"reason"} == set(reader.INDEX_SCHEMA)
+
+
+def test_a_mask_path_with_a_windows_drive_is_outside_the_folder() -> None:
+    """os.path.splitdrive finds no drive on POSIX: `C:\\masks\\x.npz` passed as inside the folder."""
+    from dicomops.ingest import _outside_folder
+
+    assert _outside_folder("C:\\masks\\x.npz") and _outside_folder("../x.npz") and _outside_folder("/x.npz")
+    assert not _outside_folder("masks/x.npz") and not _outside_folder("")
+
+
+def test_a_ct_image_with_several_frames_is_quarantined_at_the_gate() -> None:
+    """The gate accepted it and preprocessing failed its whole series later (it read one frame before)."""
+    ds = _ct_small()
+    ds.NumberOfFrames = 2
+    ds.PixelData = ds.PixelData * 2
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "two-frames.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        row = inspect_file(str(path), "two-frames.dcm", KEY, ReadLimits())
+    assert row["reason"] == "bad_value:NumberOfFrames" and "single-frame" in str(row["detail"])

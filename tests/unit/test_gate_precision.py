@@ -89,7 +89,7 @@ def test_a_version_the_gate_no_longer_decides_reports_the_decision_it_holds(stor
     assert (again.promote, again.label) == (True, "auto-promoted")  # the champion it is, not "awaiting-review"
     assert "not the challenger (auto-promoted)" in again.reasons[0]
     replaced = registry.apply_promotion_gate(uri, "standing", "1", margin=0.0, vendor_tolerance=1.0, min_auc=0.0)
-    assert (replaced.promote, replaced.label) == (False, "auto-promoted")  # a champion once, replaced since
+    assert (replaced.promote, replaced.label) == (False, "replaced")  # a champion once, replaced since
     assert client.get_model_version("standing", "1").tags["promotion.replaced_by"] == version
 
 
@@ -99,3 +99,15 @@ def test_the_gate_settings_are_apart_from_what_a_model_depends_on(cfg: TrainConf
     assert set(gate) and not set(gate) & set(model)
     assert set(gate) | set(model) == set(cfg.model_dump())
     assert set(gate) <= GATE_SETTINGS and "epochs" in model and "model_name" in model
+
+
+def test_a_gate_error_or_other_gate_settings_gate_the_registered_version_again() -> None:
+    """A gate error (the registry did not answer) was recorded with the settings and never retried:
+    every later run with them skipped with "gate-error"."""
+    from dicomops.stages import decided_under
+
+    gate = {"min_auc": 0.8, "promotion_margin": 0.005}
+    assert decided_under({"gate": gate, "decision": "awaiting-review"}, gate)
+    assert not decided_under({"gate": gate, "decision": "gate-error"}, gate)
+    assert not decided_under({"gate": {**gate, "min_auc": 0.9}, "decision": "auto-promoted"}, gate)
+    assert not decided_under({"decision": "auto-promoted"}, gate)  # a record from before the settings were kept

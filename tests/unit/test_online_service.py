@@ -396,7 +396,7 @@ def test_probes_of_a_hung_redis_do_not_stall_the_replica_s_other_requests(
 def test_a_study_with_a_series_that_cannot_be_scored_is_answered_with_the_failed_series_listed(
         service: Service, tmp_path: Path) -> None:
     """One series whose pixels never decode: the whole study was a 422 and nothing went back for
-    its good series (until 2026-12-07). Now the answer is ``partly_scored``: the good series scored
+    its good series (until 2026-12-06). Now the answer is ``partly_scored``: the good series scored
     and, with write_back, its SR stored; the failed one listed with its reason code by the UID the
     caller knows; not the watch's ``answered`` row (the watch answers it once itself). A study none
     of whose series can be scored stays a 422, and lists them."""

@@ -1,7 +1,7 @@
 """A study with one series that cannot be scored, through the one path pacs-watch, ``predict --pacs``
 and the online service share (:func:`dicomops.serving.predict.answer_staged`, the watch's
 :func:`~dicomops.pacs.watch.handle_study`): the whole study failed and nothing went back to the PACS
-for its good series (until 2026-12-07). Now the good series is scored and answered, the other is a
+for its good series (until 2026-12-06). Now the good series is scored and answered, the other is a
 failed series of its study with its reason code, named by the gate's pseudonym; a study none of
 whose series can be scored still fails with nothing stored; a full disk still stops it. On the tiny
 exported champion and synthetic studies (fixed seeds); ``tests/integration/test_pacs_partial.py``
@@ -197,9 +197,10 @@ def test_a_full_disk_while_a_series_is_preprocessed_still_stops_the_study_as_an_
     assert watch.handled_tokens(work) == set() and pacs.stored == []
 
 
-def test_a_study_answered_in_part_elsewhere_is_left_for_the_watch_to_answer_once() -> None:
+def test_a_study_answered_in_part_elsewhere_is_left_for_the_watch_to_answer_once(tmp_path: Path) -> None:
     """A batch's or the online service's answer with a series not scored is not the watch's
     ``answered`` row: the watch answers it itself, once, and its own row names the failed series."""
     partial = Answer("ST-X", "scored", [], 2, results_stored=1,
                      failed_series=[SeriesFailure("2.25.1", "Philips", "unreadable_pixels")])
-    assert not watch.record_answered(Path("/nonexistent-never-written"), partial, "the online service")
+    assert not watch.record_answered(tmp_path, partial, "the online service")
+    assert not WorkLayout(tmp_path).pacs.ledger.exists()

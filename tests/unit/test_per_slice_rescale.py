@@ -18,7 +18,7 @@ from pydicom.uid import RLELossless
 
 from dicomops import ingest
 from dicomops.config import IngestConfig
-from dicomops.preprocessing.volume import AIR_HU, load_series
+from dicomops.preprocessing.volume import AIR_HU, load_series, read_cells
 from tests.hostile import ct_slice, to_bytes
 
 KEY = b"per-slice-rescale-key-0123456789ab"
@@ -86,7 +86,8 @@ def ingested(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFra
     for index, kind in enumerate(SERIES):
         _write(root / "src" / kind, kind, index)
     gate = ingest.run(root / "src", root / "work", IngestConfig(workers=1, max_invalid_fraction=1.0), KEY)
-    assert gate.accepted_series == len(SERIES)
+    assert gate.accepted_series == len(SERIES) - 1  # the multi-frame one is the gate's (the last test)
+    assert gate.reasons == {"bad_value:NumberOfFrames": 12}
     return root / "work" / "deid", pd.read_parquet(root / "work/ingest/accepted.parquet")
 
 
@@ -113,8 +114,14 @@ def test_the_volume_takes_the_window_most_slices_carry(ingested: tuple[Path, pd.
     assert load_series(rows, deid).windows == [(-600.0, 1500.0)]  # 8 slices of 12; the first 4 differ
 
 
-def test_a_file_with_several_frames_is_refused_not_cut_to_its_first(ingested: tuple[Path, pd.DataFrame]) -> None:
-    rows, deid = _series(ingested, "frames")
+def test_a_file_with_several_frames_is_refused_not_cut_to_its_first(ingested: tuple[Path, pd.DataFrame],
+                                                                    tmp_path: Path) -> None:
+    """The gate quarantines each file (the fixture); were one to get past it, preprocessing refuses
+    it rather than read its first frame alone."""
+    rows, _ = _series(ingested, "frames")
+    assert rows.empty
+    _write(tmp_path / "frames", "frames", 0)
+    first = sorted((tmp_path / "frames").iterdir())[0]
     with pytest.raises(ValueError, match="NumberOfFrames above 1") as raised:
-        load_series(rows, deid)
+        read_cells(first, SIZE, SIZE, 16, 0, frames=2)
     assert "2" not in str(raised.value)  # errors never quote a header value

@@ -34,7 +34,7 @@ def test_each_pattern_is_traced_once_and_every_caller_gets_its_own_copy() -> Non
     qat.trace_patterns_once()
     qat.trace_patterns_once()  # installed once: torchao's own function is never wrapped twice
     trace = utils._get_aten_graph_module_for_pattern
-    assert trace is qat_utils._get_aten_graph_module_for_pattern and getattr(trace, "_dicomops_traced_once")
+    assert trace is qat_utils._get_aten_graph_module_for_pattern and trace._dicomops_traced_once
     example = (torch.randn(1, 1, 3, 3), torch.randn(1, 1, 1, 1))
     kept = len(qat._PATTERNS)
     first = trace(_scaled(2.0), example)
@@ -42,7 +42,7 @@ def test_each_pattern_is_traced_once_and_every_caller_gets_its_own_copy() -> Non
     assert len(qat._PATTERNS) == kept + 1  # traced once
     assert again is not first and again.code == first.code  # a copy: the caller may rewrite it
     other = trace(_scaled(3.0), example)
-    as_int = trace(_scaled(2), example)  # 2 == 2.0 in Python, not in a graph
+    trace(_scaled(2), example)  # 2 == 2.0 in Python, not in a graph
     assert len(qat._PATTERNS) == kept + 3
     assert "3.0" in other.code and "3.0" not in first.code
 
