@@ -126,3 +126,12 @@ def decided_under(record: dict[str, Any], gate: dict[str, Any]) -> bool:
     not answer; until a later run settles it, the version waits). Otherwise the flow gates the
     registered version again, and trains nothing."""
     return record.get("gate") == gate and record.get("decision") != "gate-error"
+
+
+def record_gate(work: Path, stage: str, key: str, record: dict[str, Any], gate: dict[str, Any],
+                decision: dict[str, Any]) -> dict[str, Any]:
+    """`record` of a completed training stage with the gate's new `decision` on its version, made
+    under the settings `gate`, marked done again (:func:`decided_under` then holds until they change)."""
+    record = record | {"promoted": decision["promoted"], "decision": decision["decision"], "gate": gate}
+    mark_done(work, stage, key, record)
+    return record

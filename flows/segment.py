@@ -16,6 +16,7 @@ from dicomops.config import (
     load_settings,
 )
 from dicomops.segmentation import cv
+from dicomops.stages import decided_under
 from dicomops.tracking import flatten_params
 from dicomops.tracking.promotion import gate_settings, model_settings
 from flows.scope import tracked, writing
@@ -49,7 +50,7 @@ def segment(work: Path | None = None, config: SegmentConfig = SegmentConfig(),
                                            "tags": run_tags or {}})
         gate = gate_settings(config)
         if (cached := stages.registered(work, "segment", key, uri, config.model_name)) is not None:
-            if not stages.decided_under(cached, gate):  # the gate's settings changed, or it could not decide
+            if not decided_under(cached, gate):  # the gate's settings changed, or it could not decide
                 decision = s.promotion_gate(uri, config, str(cached["version"]), work, feedback_work, feedback_config)
                 cached = stages.gated_again(work, "segment", key, cached, gate, decision)
             print(f"segment: data, split, model settings and code unchanged; version {cached['version']} stands "

@@ -13,6 +13,7 @@ from dicomops.config import (
     TrainConfig,
     load_settings,
 )
+from dicomops.stages import decided_under
 from dicomops.tracking import flatten_params
 from dicomops.tracking.promotion import gate_settings, model_settings
 from flows.scope import tracked, writing
@@ -47,7 +48,7 @@ def train(work: Path | None = None, config: TrainConfig = TrainConfig(),
                                          "tags": run_tags or {}})
         gate = gate_settings(config)
         if (cached := stages.registered(work, "train", key, uri, config.model_name)) is not None:
-            if not stages.decided_under(cached, gate):  # the gate's settings changed, or it could not decide
+            if not decided_under(cached, gate):  # the gate's settings changed, or it could not decide
                 decision = t.promotion_gate(uri, config, str(cached["version"]), work, feedback_work, feedback_config)
                 cached = stages.gated_again(work, "train", key, cached, gate, decision)
             print(f"train: data, split, model settings and code unchanged; version {cached['version']} stands "

@@ -9,7 +9,6 @@ from typing import Any
 from prefect import task
 
 from dicomops import stages
-from dicomops.stages import decided_under  # noqa: F401  (a rule the flows ask, not a task)
 
 
 @task(name="stage-key")
@@ -44,9 +43,4 @@ def registered(work: Path, stage: str, key: str, tracking_uri: str, name: str) -
 @task(name="record-gate-again")
 def gated_again(work: Path, stage: str, key: str, record: dict[str, Any], gate: dict[str, Any],
                 decision: dict[str, Any]) -> dict[str, Any]:
-    """A completed stage's record with the gate's new `decision` on its version, made under the
-    settings `gate` (the record keeps the settings it was decided under: when they change alone, the
-    flow gates the registered version again instead of training)."""
-    record = record | {"promoted": decision["promoted"], "decision": decision["decision"], "gate": gate}
-    stages.mark_done(work, stage, key, record)
-    return record
+    return stages.record_gate(work, stage, key, record, gate, decision)
