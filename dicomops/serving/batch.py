@@ -35,6 +35,7 @@ from dicomops.serving.predict import (
     failure_code,
     result_table,
     score_gated,
+    scored_answer,
 )
 
 log = logging.getLogger(__name__)
@@ -219,13 +220,7 @@ def _score_study(study: StudyGate, champion: Champion, gate_work: Path, cache: V
         return Answer(study.study, "failed", accepted_series=study.accepted_series,
                       quarantined_files=study.quarantined, timings=timer.timings,
                       reason=f"{failure_code(err)} during scoring (the message is withheld: it may quote identifiers)")
-    if not findings:
-        said = _top(Counter(f.reason for f in failures), n=len(failures))
-        return Answer(study.study, "failed", accepted_series=study.accepted_series, quarantined_files=study.quarantined,
-                      reason=f"none of its series could be scored: {said}", timings=timer.timings,
-                      failed_series=failures)
-    return Answer(study.study, "scored", findings, study.accepted_series, study.quarantined, timings=timer.timings,
-                  failed_series=failures)
+    return scored_answer(study.study, findings, failures, study.accepted_series, study.quarantined, timer)
 
 
 def predict_pacs(query: Mapping[str, str], pacs: Any, staging: Path, work: Path, cfg: IngestConfig, key: bytes,

@@ -249,6 +249,19 @@ def said_failures(failures: Sequence[SeriesFailure]) -> str:
     return ", ".join(f"{k} ({v})" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+def scored_answer(study: str, findings: list[SeriesFinding], failures: list[SeriesFailure], accepted_series: int,
+                  quarantined_files: int, timer: Timer) -> Answer:
+    """A gated study's answer once its series were scored one by one: ``scored`` with the series that
+    could not be in ``failed_series``, or ``failed`` when none could (every prediction path: a
+    folder's batch, pacs-watch, the online service)."""
+    if not findings:
+        return Answer(study, "failed", accepted_series=accepted_series, quarantined_files=quarantined_files,
+                      reason=f"none of its series could be scored: {said_failures(failures)}", timings=timer.timings,
+                      failed_series=failures)
+    return Answer(study, "scored", findings, accepted_series, quarantined_files, timings=timer.timings,
+                  failed_series=failures)
+
+
 def answer_staged(study: str, staged: Path, study_work: Path, cfg: IngestConfig, key: bytes, champion: Champion,
                   cache: VolumeCache | None = None, timer: Timer | None = None) -> tuple[Answer, list[dict[str, Any]]]:
     """Gate and score a study's files. A study the gate refuses, or none of whose series the model
@@ -285,12 +298,8 @@ def answer_staged(study: str, staged: Path, study_work: Path, cfg: IngestConfig,
         said = failure_code(err)
         withheld = "" if isinstance(err, SeriesNotPreprocessed) else " (the message is withheld: it may quote identifiers)"
         return Answer(study, "failed", reason=f"{said} during {step}{withheld}", timings=timer.timings), []
-    if not findings:
-        return Answer(study, "failed", accepted_series=gate.accepted_series, quarantined_files=gate.quarantined_files,
-                      reason=f"none of its series could be scored: {said_failures(failures)}", timings=timer.timings,
-                      failed_series=failures), []
-    return Answer(study, "scored", findings, gate.accepted_series, gate.quarantined_files,
-                  timings=timer.timings, failed_series=failures), entries
+    answer = scored_answer(study, findings, failures, gate.accepted_series, gate.quarantined_files, timer)
+    return answer, entries if answer.status == "scored" else []
 
 
 def remember(cache: VolumeCache, digest: str, answer: Answer, entries: list[dict[str, Any]]) -> None:
