@@ -34,7 +34,7 @@ from dicomops.dicom.reader import (
     ReadLimits,
     guessed_syntax,
     inspect_file,
-    list_files,
+    list_source,
     source_file,
 )
 from dicomops.dicom.series import assemble_series
@@ -82,22 +82,25 @@ def index_headers(src: Path, work: Path, cfg: IngestConfig, key: bytes, progress
     """Read every regular file's header under `src` in parallel; write the de-identified index.
 
     Writes ``index.parquet`` (one row per readable, structurally sound file) and
-    ``quarantine_headers.csv`` (one row per rejected file).
+    ``quarantine_headers.csv`` (one row per rejected file, and per folder or file the listing could not
+    look into: each counts as one file of the batch).
     """
     src = Path(src)
     if not src.is_dir():
         raise ValueError(f"{src} is not a folder; pass the folder that holds the DICOM files")
     check_labels(src, warn=False)  # before hours of reading: a labels.csv the gate would refuse at the end
     paths = WorkLayout(work).ingest
-    files, sidecars = split_sidecars(list_files(src, skip=Path(work)), cfg.sidecars)
+    listing = list_source(src, skip=Path(work))
+    files, sidecars = split_sidecars(listing.files, cfg.sidecars)
     io.write_csv(paths.sidecars, pd.DataFrame({"source_path": [rel for _, rel in sidecars]}))
-    listed = len(files)
+    listed = len(files) + len(listing.unreadable)
     files, clashes = _name_clashes(src, files)
     rows = map_isolated(inspect_file, files, args=(key, _limits(cfg)), on_failure=_failed_read,
                         workers=cfg.workers, chunk_size=128, seconds_per_item=cfg.seconds_per_file,
                         progress=progress, dask_address=cfg.dask_address)
     good = [r for r in rows if r.get("reason") is None]
-    bad = clashes + [{k: r.get(k, "") for k in QUARANTINE_COLUMNS} for r in rows if r.get("reason") is not None]
+    bad = listing.unreadable + clashes + [{k: r.get(k, "") for k in QUARANTINE_COLUMNS}
+                                          for r in rows if r.get("reason") is not None]
     # Without a single readable file the index still has every column of a row, so later steps see an
     # empty table, and the gate reports the quarantine (or passes an empty batch) instead of crashing.
     index = pd.DataFrame(good).drop(columns=["reason"], errors="ignore") if good else \
@@ -304,10 +307,10 @@ def deidentify_corpus(src: Path, work: Path, cfg: IngestConfig, key: bytes, prog
 def check_labels(src: Path, warn: bool = True) -> pd.DataFrame | None:
     """The corpus's ``labels.csv`` as the gate will re-key it, or None without one.
 
-    One row per series: a row repeated word for word is kept once (a warning); two different rows
-    for one SeriesInstanceUID are refused, as is a ``mask_path`` outside the source folder (absolute,
-    or climbing out with ``..``): the gate copies masks into the de-identified corpus and copies
-    nothing from elsewhere. An empty ``mask_path`` means the series has no mask. Messages name rows
+    One row per series: a row with an empty SeriesInstanceUID is refused; a row repeated word for word
+    is kept once (a warning); two different rows for one SeriesInstanceUID are refused, as is a
+    ``mask_path`` outside the source folder (absolute, or climbing out with ``..``): the gate copies
+    masks into the de-identified corpus and copies nothing from elsewhere. An empty ``mask_path`` means the series has no mask. Messages name rows
     by number, never by a value (UIDs, IDs and paths can identify a patient).
 
     Raises:
@@ -326,6 +329,11 @@ def check_labels(src: Path, warn: bool = True) -> pd.DataFrame | None:
     def rows(which: pd.Series) -> str:  # numbered from 1, the first row under the header
         return ", ".join(str(i + 1) for i in labels.index[which.to_numpy()][:10])
 
+    blank = labels.SeriesInstanceUID.str.strip() == ""
+    if blank.any():  # a label that names no series matches none, and several would read as one series
+        raise ValueError(f"{LABELS_CSV}: {int(blank.sum())} row(s) have an empty SeriesInstanceUID "
+                         f"(rows {rows(blank)}); give each row the SeriesInstanceUID of its series, as the "
+                         "DICOM files spell it")
     repeated = labels.duplicated(keep="first")
     if repeated.any():
         if warn:  # the gate checks twice: before reading the files and when it re-keys the labels

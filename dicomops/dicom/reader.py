@@ -8,6 +8,7 @@ pseudonyms, UIDs are remapped, dates are shifted.
 
 from __future__ import annotations
 
+import errno
 import functools
 import math
 import os
@@ -39,7 +40,7 @@ from pydicom.uid import (
 )
 
 from dicomops.deid.keys import KeyedMapper
-from dicomops.dicom.fastheader import decode_value, keyword_tag, read_fast
+from dicomops.dicom.fastheader import VR_BYTES, decode_value, keyword_tag, read_fast
 from dicomops.errors import local_outage
 from dicomops.validation.dates import STUDY_DATE_VERDICT, da_verdict
 
@@ -49,8 +50,6 @@ SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 TRAILING_PADDING_TAG = b"\xfc\xff\xfc\xff"  # (FFFC,FFFC) Data Set Trailing Padding, PS3.5 7.1
 # Groups a dataset without preamble may start with: file meta, or the SOP Common/General Study group.
 FIRST_GROUPS = (0x0002, 0x0008)
-_VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL "
-                 b"UN UR US UT UV".split())
 # Storage SOP classes the gate turns into volumes: single-frame CT Image Storage. Multi-frame
 # Enhanced CT would need per-frame functional groups for geometry, which the index does not read.
 SUPPORTED_SOP_CLASSES = (CTImageStorage,)
@@ -265,7 +264,7 @@ def _starts_like_dataset(head: bytes, size: int) -> bool:
     group, _ = struct.unpack_from("<HH", head)
     if group not in FIRST_GROUPS:
         return False
-    if head[4:6] in _VRS:  # explicit VR
+    if head[4:6] in VR_BYTES:  # explicit VR
         return True
     length = struct.unpack_from("<I", head, 4)[0]  # implicit VR: a short first value
     return group != 0x0002 and length <= min(size - 8, 1024)
@@ -640,7 +639,25 @@ def _unsupported_sop_class(uid: str, limits: ReadLimits) -> tuple[str, str]:
             f"SOPClassUID is not a registered DICOM SOP class; the gate accepts {supported}")
 
 
+@dataclass(frozen=True)
+class SourceListing:
+    """What :func:`list_source` found under a folder."""
+
+    files: list[tuple[str, str]]  # (absolute path, name relative to the folder), sorted by name
+    unreadable: list[dict[str, Any]]  # quarantine rows of the folders and files it could not look into
+
+
+# os.stat of a listed name fails with these when it is a dangling link (or a link loop), or the file was
+# removed after its folder was listed: no file to quarantine.
+_NO_FILE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
+
+
 def list_files(src: Path, skip: Path | None = None) -> list[tuple[str, str]]:
+    """The files of :func:`list_source`, without what could not be listed."""
+    return list_source(src, skip).files
+
+
+def list_source(src: Path, skip: Path | None = None) -> SourceListing:
     """Every regular file under `src` as (absolute path, name relative to `src`), sorted by name;
     nothing under the folder `skip` (the work directory, when it lies inside `src`: its own files are no data).
 
@@ -652,19 +669,42 @@ def list_files(src: Path, skip: Path | None = None) -> list[tuple[str, str]]:
     ``duplicate_instance``. Devices, sockets, FIFOs, dangling links and directories (even one named
     ``x.dcm``) are never opened.
 
+    A folder that cannot be listed (permission denied, removed during the walk) is a quarantine row
+    ``unreadable_folder``, and a file that cannot be looked at (for a reason other than being a dangling
+    link) one ``unreadable_file``: the files they hold would otherwise be left out without a word.
+
     A name that is not valid UTF-8 (a file copied from an old Windows share: ``caf\\xe9.dcm`` in
     latin-1) cannot be written to the gate's tables as it is: its undecodable bytes are written as
     ``\\xNN`` (:func:`display_name`), and :func:`source_file` finds the file again from that name.
+
+    Raises:
+        ValueError: `src` itself cannot be listed.
+        OSError: this machine is out of a resource (:func:`dicomops.errors.local_outage`), not the input at fault.
     """
     src = Path(src)
     skipped = os.path.realpath(skip) if skip is not None else None
     out: list[tuple[str, str]] = []
+    unreadable: list[dict[str, Any]] = []
     try:
         top = os.stat(src)
     except OSError:
-        return out
+        return SourceListing(out, unreadable)
+
+    def refuse(err: OSError, path: str, reason: str, what: str) -> None:
+        if local_outage(err):
+            raise err
+        why = err.strerror or type(err).__name__
+        name = os.path.relpath(path, src)
+        if name == os.curdir:
+            raise ValueError(f"{src} cannot be listed ({why}); give this user read access to the folder") from err
+        unreadable.append(_quarantine(display_name(name), reason,
+                                      f"the {what} ({why}); give the gate's user read access to it, or take it "
+                                      "out of the source folder"))
+
     seen_dirs = {(top.st_dev, top.st_ino)}
-    for dirpath, dirnames, filenames in os.walk(src, followlinks=True):
+    walk = os.walk(src, followlinks=True,
+                   onerror=lambda err: refuse(err, err.filename, "unreadable_folder", "folder could not be listed"))
+    for dirpath, dirnames, filenames in walk:
         kept = []
         for d in sorted(dirnames):
             full_dir = os.path.join(dirpath, d)
@@ -672,7 +712,8 @@ def list_files(src: Path, skip: Path | None = None) -> list[tuple[str, str]]:
                 continue
             try:
                 info = os.stat(full_dir)
-            except OSError:
+            except OSError as err:  # listed as a folder a moment ago
+                refuse(err, full_dir, "unreadable_folder", "folder could not be looked at")
                 continue
             if (info.st_dev, info.st_ino) in seen_dirs:  # a loop, or a folder already listed by another name
                 continue
@@ -683,13 +724,16 @@ def list_files(src: Path, skip: Path | None = None) -> list[tuple[str, str]]:
             full = os.path.join(dirpath, name)
             try:
                 info = os.stat(full)  # follows symlinks; fails on a dangling one
-            except OSError:
+            except OSError as err:
+                if err.errno not in _NO_FILE:
+                    refuse(err, full, "unreadable_file", "file could not be looked at")
                 continue
             if not stat.S_ISREG(info.st_mode):
                 continue
             out.append((full, display_name(os.path.relpath(full, src))))
     out.sort(key=lambda item: item[1])
-    return out
+    unreadable.sort(key=lambda row: row["source_path"])
+    return SourceListing(out, unreadable)
 
 
 def display_name(name: str) -> str:

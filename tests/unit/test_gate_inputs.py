@@ -8,6 +8,7 @@ series) or pydicom's CT_small.dcm, and runs the gate in this process (``workers=
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -217,6 +218,26 @@ def test_a_series_labelled_twice_is_refused_unless_the_rows_are_the_same(tmp_pat
     assert labels.SeriesInstanceUID[0] not in str(err.value) and labels.PatientID[0] not in str(err.value)
 
 
+def test_rows_without_a_series_uid_are_refused_by_number(tmp_path: Path) -> None:
+    """Two empty SeriesInstanceUIDs were refused as "1 series with different rows"."""
+    src = tmp_path / "src"
+    _corpus(src)
+    labels = _table(src / "labels.csv")
+    second = labels.SeriesInstanceUID[1]
+    labels.loc[0, "SeriesInstanceUID"] = ""
+    labels.loc[1, "SeriesInstanceUID"] = "  "
+    labels.to_csv(src / "labels.csv", index=False)
+    with pytest.raises(ValueError, match=r"2 row\(s\) have an empty SeriesInstanceUID \(rows 1, 2\); give each row "
+                                         r"the SeriesInstanceUID of its series") as err:
+        ingest.check_labels(src)
+    assert "different rows" not in str(err.value) and labels.PatientID[0] not in str(err.value)
+
+    labels.loc[1, "SeriesInstanceUID"] = second  # one alone is refused too
+    labels.to_csv(src / "labels.csv", index=False)
+    with pytest.raises(ValueError, match=r"1 row\(s\) have an empty SeriesInstanceUID \(rows 1\)"):
+        ingest.check_labels(src)
+
+
 # --- deflated and mislabelled transfer syntaxes -----------------------------------------------------------
 
 def test_a_deflated_file_is_read_like_its_inflated_self(tmp_path: Path) -> None:
@@ -347,6 +368,81 @@ def test_a_symlinked_series_folder_is_read_once_and_loops_end(tmp_path: Path) ->
     listed = [rel for _, rel in list_files(src)]
     assert len(listed) == len(set(listed)) == 18 + 3  # the sidecars: labels.csv and two masks
     assert any(rel.startswith(second.relative_to(src).as_posix()) for rel in listed)
+
+
+def _denied(path: Path, monkeypatch: pytest.MonkeyPatch, code: int = errno.EACCES) -> None:
+    """os.scandir, as os.walk calls it, fails on `path` as on a folder without read permission (tests
+    run as root, whom chmod does not stop)."""
+    real = os.scandir
+
+    def scandir(where: object = ".") -> object:
+        if where == str(path):
+            raise OSError(code, os.strerror(code), str(path))
+        return real(where)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+@pytest.mark.parametrize("how", ["scandir-fails", "chmod"])
+def test_a_folder_that_cannot_be_listed_is_quarantined_not_dropped(how: str, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """os.walk skipped a folder it could not list without a word, and the batch passed without its files."""
+    if how == "chmod" and os.geteuid() == 0:
+        pytest.skip("root lists a folder without read permission; the scandir-fails case covers root")
+    src = tmp_path / "src"
+    _corpus(src)
+    locked = src / "case-late" / "series-9"
+    locked.mkdir(parents=True)
+    (locked / "1.dcm").write_bytes(_to_bytes(_ct_small()))
+    if how == "chmod":
+        locked.chmod(0)
+    else:
+        _denied(locked, monkeypatch)
+    work = tmp_path / "work"
+    try:
+        summary = ingest.run(src, work, IngestConfig(workers=1, max_invalid_fraction=0.1), KEY)
+    finally:
+        locked.chmod(0o755)
+    assert (summary.files, summary.accepted_files, summary.quarantined_files) == (17, 16, 1)
+    assert summary.reasons == {"unreadable_folder": 1} and summary.passed
+    row = _table(work / "ingest/quarantine.csv").iloc[0]
+    assert (row.source_path, row.reason) == ("case-late/series-9", "unreadable_folder")
+    assert "Permission denied" in row.detail and str(tmp_path) not in row.detail
+
+
+def test_a_file_that_cannot_be_looked_at_is_quarantined_but_a_dangling_link_is_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    for name in ("a.dcm", "locked.dcm", "sub/b.dcm"):
+        (src / name).write_text("not dicom")
+    os.symlink(tmp_path / "gone.dcm", src / "dangling.dcm")
+    real = os.stat
+
+    def stat(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        if path == str(src / "locked.dcm"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "stat", stat)
+    ingest.index_headers(src, tmp_path / "work", IngestConfig(workers=1), KEY)
+    quarantine = _table(tmp_path / "work/ingest/quarantine_headers.csv").sort_values("source_path")
+    assert list(zip(quarantine.source_path, quarantine.reason, strict=True)) == [
+        ("a.dcm", "not_dicom"), ("locked.dcm", "unreadable_file"), ("sub/b.dcm", "not_dicom")]
+    assert json.loads((tmp_path / "work/ingest/files.json").read_text()) == {"files": 3}
+
+
+def test_a_source_that_cannot_be_listed_is_refused_and_an_outage_stops_the_walk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    with monkeypatch.context() as m:
+        _denied(src, m)
+        with pytest.raises(ValueError, match=r"cannot be listed \(Permission denied\); give this user read access"):
+            reader.list_source(src)
+    _denied(src / "sub", monkeypatch, errno.EMFILE)  # this machine's limit, not the input's fault
+    with pytest.raises(OSError, match="Too many open files"):
+        reader.list_source(src)
 
 
 def test_a_dicomdir_has_its_own_reason(tmp_path: Path) -> None:
