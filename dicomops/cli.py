@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from dicomops.config import SCENARIOS, PipelineConfig, SynthConfig
+from dicomops.config import SCENARIOS, PipelineConfig, SynthConfig, TrainConfig
 
 app = typer.Typer(
     name="dicomops",
@@ -25,6 +25,7 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 SectionT = TypeVar("SectionT", bound=BaseModel)
+CLASSIFIER: str = TrainConfig.model_fields["model_name"].default  # the config holds the one default
 
 
 def _flow(name: str, dask_address: str | None = None) -> Any:
@@ -398,7 +399,7 @@ def segment(
 def promote(
     version: Annotated[str, typer.Argument(help="Model version to make champion.")],
     reviewer: Annotated[str, typer.Option(help="Who decided (recorded on the version).")] = "reviewer",
-    model_name: Annotated[str, typer.Option(help="Registered model name.")] = "dicomops-ct-classifier",
+    model_name: Annotated[str, typer.Option(help="Registered model name.")] = CLASSIFIER,
     note: Annotated[str | None, typer.Option(help="Why (recorded on the version's card).")] = None,
 ) -> None:
     """A reviewer's decision: make VERSION the champion of the registered model."""
@@ -419,7 +420,7 @@ def reject(
     version: Annotated[str, typer.Argument(help="Model version to reject.")],
     reason: Annotated[str, typer.Option(help="Why (recorded on the version and its card).")],
     reviewer: Annotated[str, typer.Option(help="Who decided (recorded on the version).")] = "reviewer",
-    model_name: Annotated[str, typer.Option(help="Registered model name.")] = "dicomops-ct-classifier",
+    model_name: Annotated[str, typer.Option(help="Registered model name.")] = CLASSIFIER,
 ) -> None:
     """A reviewer's decision: VERSION loses the challenger alias; the reason goes on its page."""
     from dicomops.config import load_settings
@@ -438,8 +439,7 @@ def reject(
 def compare(
     versions: Annotated[list[str], typer.Argument(help=(
         "Versions to set side by side: V (of --model-name) or MODEL/V, as in 4 5 dicomops-ct-nodule-seg/1."))],
-    model_name: Annotated[str, typer.Option(help="Registered model of a bare version number.")] = (
-        "dicomops-ct-classifier"),
+    model_name: Annotated[str, typer.Option(help="Registered model of a bare version number.")] = CLASSIFIER,
     publish: Annotated[bool, typer.Option("--publish/--no-publish", help=(
         "Also write the table on every compared version's page and into its run."))] = True,
 ) -> None:
@@ -469,7 +469,7 @@ def export(
     version: Annotated[str | None, typer.Option(help="Model version to export.")] = None,
     alias: Annotated[str | None, typer.Option(help="Export the version holding this alias instead.")] = None,
     config: Annotated[Path | None, typer.Option(help="PipelineConfig YAML; its export section applies.")] = None,
-    model_name: Annotated[str, typer.Option(help="Registered model name.")] = "dicomops-ct-classifier",
+    model_name: Annotated[str, typer.Option(help="Registered model name.")] = CLASSIFIER,
     int8: Annotated[str | None, typer.Option(help=(
         "ptq (post training, static) or qat (quantisation aware training first; then FP32, PTQ and QAT are "
         "also compared on every fold's held out series)."))] = None,

@@ -31,6 +31,7 @@ from pydicom.uid import UID, UID_dictionary
 from dicomops import __version__
 from dicomops.config import DeidConfig
 from dicomops.deid.keys import KeyedMapper, patient_id_text
+from dicomops.dicom.forms import time_pattern
 
 TABLE_VERSION: str = DeidConfig().table_version  # the config holds the one default
 # Code values of CID 7050 (De-identification Method) for the profile and the options applied: the
@@ -79,9 +80,8 @@ REMOVED_GROUPS = (0x5000, 0x6000)
 # The alternative-calendar birth and death dates are LO, not DA: the text net removes them.
 NEVER_SHIFT = frozenset(Tag(k) for k in ("PatientBirthDate",))
 REMOVE_TIMES = frozenset(Tag(k) for k in ("PatientBirthTime",))  # curves and overlays: may carry text and drawings
-# HHMMSS.FFFFFF with optional parts, or the ACR-NEMA HH:MM:SS form PS3.5 still lets a reader accept.
-# Hours 00-23, minutes 00-59, seconds 00-60: a number typed into a time (an MRN 554433) is not one.
-_TIME = re.compile(r"([01]\d|2[0-3])(:?[0-5]\d(:?([0-5]\d|60)(\.\d{1,6})?)?)?")
+# A valid time, or one in the ACR-NEMA HH:MM:SS form PS3.5 still lets a reader accept.
+_TIME = re.compile(time_pattern(separator=":?"))
 
 
 @lru_cache(maxsize=4)

@@ -29,10 +29,10 @@ _DEFLATED = "1.2.840.10008.1.2.1.99"
 _PIXEL_DATA = 0x7FE00010
 _SPECIFIC_CHARACTER_SET = 0x00080005
 _MEDIA_SOP_CLASS = 0x00020002
-# Every VR a file may spell (PS3.5 6.2): an explicit-VR walk meeting anything else is not reading the
-# encoding it assumed (a dataset written implicit under an explicit file meta) and hands over to pydicom.
-_VR_BYTES = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI "
-                      b"UL UN UR US UT UV".split())
+# Every VR a file may spell (PS3.5 Table 6.2-1): an explicit-VR walk meeting anything else is not reading
+# the encoding it assumed (a dataset written implicit under an explicit file meta) and hands over to pydicom.
+VR_BYTES = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI "
+                     b"UL UN UR US UT UV".split())
 # Text VRs whose bytes follow SpecificCharacterSet (PS3.5 6.1.2.3); the others are the default repertoire.
 CHARSET_VRS = frozenset(str(vr) for vr in CUSTOMIZABLE_CHARSET_VR)
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
@@ -183,7 +183,7 @@ def _parse(buf: bytes, tags: frozenset[int], size: int
         tag = (group << 16) | elem
         if tag <= last or group == 0xFFFE:
             return None  # out of order or a stray item: not the common case
-        if not implicit and buf[pos + 4 : pos + 6] not in _VR_BYTES:
+        if not implicit and buf[pos + 4 : pos + 6] not in VR_BYTES:
             return None  # not explicit VR after all (pydicom tells which encoding it is)
         last = tag
         header = _element_header(buf, pos, implicit)

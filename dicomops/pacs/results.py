@@ -40,6 +40,8 @@ from pydicom.dataelem import DataElement
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+from dicomops.dicom.forms import TIME_FRACTION, time_pattern
+
 log = logging.getLogger(__name__)
 
 MANUFACTURER = "dicomops"
@@ -104,8 +106,7 @@ _TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
 _COPIED_FORMATTED = ("PatientBirthDate", "PatientBirthTime", "StudyDate", "StudyTime", "LastMenstrualDate",
                      "PatientAge", "PatientSize", "PatientWeight", "PatientBodyMassIndex", "MeasuredAPDimension",
                      "MeasuredLateralDimension", "AcquisitionDateTime")
-_FRACTION = r"(\.\d{1,6})?"
-_TIME = rf"([01]\d|2[0-3])([0-5]\d(([0-5]\d|60){_FRACTION})?)?"
+_TIME = time_pattern()
 _FORMS = {
     "DA": re.compile(r"\d{8}"),
     "TM": re.compile(_TIME),
@@ -118,7 +119,7 @@ _FORMS = {
 # is a day first or a month first, and "45" has no unit.
 _LEGACY = {
     "DA": re.compile(r"(\d{4})\.(\d{2})\.(\d{2})"),
-    "TM": re.compile(rf"(\d{{2}}):(\d{{2}}):(\d{{2}}{_FRACTION})"),
+    "TM": re.compile(rf"(\d{{2}}):(\d{{2}}):(\d{{2}}{TIME_FRACTION})"),
     "AS": re.compile(r"(\d{1,3})([DWMY])"),
 }
 

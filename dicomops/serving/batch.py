@@ -9,7 +9,6 @@ pseudonym. Nothing a patient could be found by reaches MLflow: not the folder's 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import time
@@ -44,10 +43,6 @@ EXPERIMENT = "dicomops-inference"
 REFUSED_BATCH = "(batch)"  # the answer's name when the gate refused the whole folder
 UNREAD_FILES = "(quarantined files)"  # the answer's name for quarantined files whose study could not be read
 STUDY_UID = "StudyInstanceUID"
-# The gate's limit on a folder's quarantined share when predicting: only a folder whose every file is
-# quarantined stops it (before de-identification, which has nothing to do then); each study's own share is
-# then held to ingest.max_invalid_fraction (gate_by_study).
-ALL_BUT_EVERY = math.nextafter(1.0, 0.0)
 DEFLATED = b"1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian, as it stands in a file's meta
 Progress = Callable[[int, int], None] | None
 
@@ -106,7 +101,7 @@ def study_of_file(path: str, source_path: str, key: bytes) -> str:
 
 
 def gate_by_study(src: Path, gate_work: Path, cfg: IngestConfig, key: bytes) -> tuple[list[StudyGate], dict[str, int]]:
-    """Each study of a folder the gate has run over (with :data:`ALL_BUT_EVERY` as its share), judged on its own files
+    """Each study of a folder the gate has run over (with 1.0 as its share), judged on its own files
     as pacs-watch judges a study it retrieved: a study whose quarantined share is above
     ``cfg.max_invalid_fraction``, or with no accepted series, is refused with its reasons. Returns
     the studies (sorted by pseudonym) and the reasons of the quarantined files whose study could not
@@ -131,7 +126,7 @@ def gate_by_study(src: Path, gate_work: Path, cfg: IngestConfig, key: bytes) -> 
     reasons: defaultdict[str, Counter[str]] = defaultdict(Counter)
     for rel, reason in zip(quarantine.source_path, quarantine.reason, strict=True):
         reasons[study_of.get(rel, "")][str(reason)] += 1
-    accepted = pd.read_parquet(paths.accepted) if paths.accepted.exists() else pd.DataFrame()  # none: all quarantined
+    accepted = pd.read_parquet(paths.accepted) if paths.accepted.exists() else pd.DataFrame()  # none: the gate refused
     series = accepted.groupby("StudyInstanceUID").SeriesInstanceUID.nunique().to_dict() if len(accepted) else {}
     studies = []
     for study in sorted(files):
@@ -171,12 +166,11 @@ def predict_folder(src: Path, work: Path, cfg: IngestConfig, key: bytes, champio
     try:
         timer = Timer()
         with timer("gate_s"):
-            try:  # the share is judged per study below; over the folder only "every file" stops the gate
-                ingest.run(Path(src), gate_work, cfg.model_copy(update={"max_invalid_fraction": ALL_BUT_EVERY}), key)
-            except GateFailedError as err:
-                if not int(io.read_json(WorkLayout(gate_work).ingest.summary).get("files", 0)):  # nothing to ingest
-                    answers.append(Answer(REFUSED_BATCH, "refused", reason=err.brief, timings=timer.timings))
-                    return answers
+            try:  # the share is judged per study below: over the folder, only a folder with no file stops the gate
+                ingest.run(Path(src), gate_work, cfg.model_copy(update={"max_invalid_fraction": 1.0}), key)
+            except GateFailedError as err:  # nothing to ingest
+                answers.append(Answer(REFUSED_BATCH, "refused", reason=err.brief, timings=timer.timings))
+                return answers
             studies, unread = gate_by_study(Path(src), gate_work, cfg, key)  # every file quarantined: each study refused
         if not studies:
             files = int(io.read_json(WorkLayout(gate_work).ingest.files)["files"])

@@ -329,6 +329,28 @@ def test_predict_keeps_the_configs_write_back_unless_told_and_never_takes_creden
     assert result.exit_code == 0 and flows.calls[-1][1]["orthanc_url"] == "http://127.0.0.1:8042"
 
 
+def test_the_model_name_options_default_to_the_configs_model_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each --model-name default was a copy of TrainConfig's model_name, which a change to the config missed."""
+    import importlib
+
+    import dicomops.cli as cli
+    import dicomops.config as config
+
+    class SiteTrain(TrainConfig):
+        model_name: str = "site-ct-classifier"
+
+    monkeypatch.setattr(config, "TrainConfig", SiteTrain)
+    try:
+        fresh = importlib.reload(cli)
+        defaults = {name: inspect.signature(getattr(fresh, name)).parameters["model_name"].default
+                    for name in ("promote", "reject", "compare", "export")}
+    finally:
+        monkeypatch.undo()
+        importlib.reload(cli)
+    assert defaults == dict.fromkeys(defaults, "site-ct-classifier")
+    assert inspect.signature(cli.promote).parameters["model_name"].default == TrainConfig().model_name
+
+
 def test_export_qat_compares_on_held_out_series_unless_the_config_says_not(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import dicomops.cli as cli

@@ -21,7 +21,7 @@ from dicomops.cli import app
 from dicomops.config import IngestConfig, SynthConfig
 from dicomops.deid import scan_for_phi
 from dicomops.deid.keys import KeyedMapper
-from dicomops.serving.batch import ALL_BUT_EVERY, gate_by_study, predict_folder, study_of_file
+from dicomops.serving.batch import REFUSED_BATCH, gate_by_study, predict_folder, study_of_file
 from dicomops.serving.predict import Answer, SeriesFailure, SeriesFinding, result_table
 from dicomops.synthetic import generate_corpus
 from tests.conftest import SMALL
@@ -90,7 +90,7 @@ def test_each_study_is_held_to_the_gate_share_on_its_own_files(corpus: Path, tmp
     for i in range(2):
         (folder / f"junk-{i}.txt").write_bytes(b"not DICOM " * 30)
     work = tmp_path / "work"
-    gate = ingest.run(folder, work, CFG.model_copy(update={"max_invalid_fraction": ALL_BUT_EVERY}), KEY)
+    gate = ingest.run(folder, work, CFG.model_copy(update={"max_invalid_fraction": 1.0}), KEY)
     assert gate.quarantined_share > CFG.max_invalid_fraction  # the folder as one batch would be refused
     studies, unread = gate_by_study(folder, work, CFG, KEY)
     mapper = KeyedMapper(KEY)
@@ -115,22 +115,43 @@ def test_each_study_is_held_to_the_gate_share_on_its_own_files(corpus: Path, tmp
     assert not [n for n in needles if n in repr((studies, unread))]
 
 
-def test_a_folder_whose_every_file_is_quarantined_is_answered_study_by_study(corpus: Path, tmp_path: Path) -> None:
-    """Nothing to score (the model is never asked), but each study says why, under its pseudonym;
-    the gate's scratch, which holds the source paths, is gone."""
+@pytest.mark.parametrize(("share", "why"), [(0.2, "12 of the study's 12 files quarantined (100.0%)"),
+                                            (1.0, "no series passed the ingest gate")])
+def test_a_folder_whose_every_file_is_quarantined_is_answered_study_by_study(share: float, why: str, corpus: Path,
+                                                                             tmp_path: Path) -> None:
+    """Nothing to score (the model is never asked), but each study says why, under its pseudonym,
+    even where the setting allows every file to be quarantined; the gate's scratch, which holds the
+    source paths, is gone."""
     cases = sorted(corpus.glob("case-*"))
     folder = tmp_path / "in"
     for case in cases[:2]:
         _truncated(case, folder / case.name)
     work = tmp_path / "work"
-    answers = predict_folder(folder, work, CFG, KEY, champion=None)  # type: ignore[arg-type]
+    cfg = CFG.model_copy(update={"max_invalid_fraction": share})
+    answers = predict_folder(folder, work, cfg, KEY, champion=None)  # type: ignore[arg-type]
     mapper = KeyedMapper(KEY)
     assert [(a.study, a.status, a.quarantined_files) for a in answers] == sorted(
         (mapper.uid(_study(c)), "refused", 12) for c in cases[:2])
-    assert all("Top reasons: truncated (12)" in a.reason for a in answers)
+    assert all(why in a.reason and "Top reasons: truncated (12)" in a.reason for a in answers)
     assert not (work / "gate").exists()
     assert not [n for n in _needles(corpus) if n in repr(answers)]
     assert scan_for_phi(work, _needles(corpus)) == []
+
+
+def test_a_folder_with_nothing_to_score_is_refused_whole(tmp_path: Path) -> None:
+    """No file at all, or only files that name no study: one ``(batch)`` answer that says which."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    [answer] = predict_folder(empty, tmp_path / "work", CFG, KEY, champion=None)  # type: ignore[arg-type]
+    assert (answer.study, answer.status) == (REFUSED_BATCH, "refused") and "holds no files to ingest" in answer.reason
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    for i in range(2):
+        (junk / f"junk-{i}.txt").write_bytes(b"not DICOM " * 30)
+    [answer] = predict_folder(junk, tmp_path / "work", CFG, KEY, champion=None)  # type: ignore[arg-type]
+    assert (answer.study, answer.status, answer.quarantined_files) == (REFUSED_BATCH, "refused", 2)
+    assert "2 of 2 files quarantined and none names its study" in answer.reason
+    assert "not_dicom (2)" in answer.reason and not (tmp_path / "work/gate").exists()
 
 
 def test_counts_stay_whole_numbers_beside_a_row_without_a_score(tmp_path: Path) -> None:
