@@ -67,6 +67,11 @@ class KeyedMapper:
         the work directory, logs and events name a clinical study without its UID."""
         return f"{kind[:2].upper()}-" + base64.b32encode(self._digest(kind, value)).decode()[:16]
 
+    def code(self, kind: str, value: str) -> str:
+        """A stable 16-character name (the most an SH value holds) for a site's own code or coding
+        scheme: the same code maps alike in every batch, and nothing of the site's text shows."""
+        return base64.b32encode(self._digest(kind, value)).decode()[:16]
+
     def date_offset_days(self, patient_id: str) -> int:
         """Days to subtract from every date of this patient (the same in every batch)."""
         n = int.from_bytes(self._digest("date", patient_id_text(patient_id))[:4], "big")

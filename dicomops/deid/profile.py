@@ -13,7 +13,8 @@ On top of the table, safety nets apply everywhere, nested sequences included: pr
 overlay/curve groups, URLs and elements no dictionary knows are removed, every person name is
 emptied, every non-standard UID is remapped, every text value the table does not mention (LO, SH,
 AE and the free-text VRs) is removed unless :data:`KEEP_TEXT` names it, a time that is not a time
-is emptied, and the file meta is made again from what a reader needs.
+is emptied, and the file meta is made again from what a reader needs. A coded item keeps its
+text only where a standard coding scheme vouches for it (:meth:`Deidentifier._clean_code`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from functools import lru_cache
+from typing import cast
 
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -61,8 +63,8 @@ RETAIN_DEVICE_IDENTITY = frozenset(Tag(k) for k in (
 # retired PlacerOrderNumberProcedure went through word for word). Kept: what the pipeline reads
 # past the gate (Manufacturer: the vendor of every fold and the gate's required column;
 # ManufacturerModelName and ConvolutionKernel: drift features); what says how to read the pixels
-# (RescaleType, 1C in the CT Image module); the Code Sequence Macro, terms of a coding scheme that
-# keep a coded item valid; and the method this module writes.
+# (RescaleType, 1C in the CT Image module); the Code Sequence Macro, which keeps a coded item valid
+# once Deidentifier._clean_code has made its text safe; and the method this module writes.
 KEEP_TEXT = frozenset(Tag(k) for k in (
     "DeidentificationMethod", "Manufacturer", "ManufacturerModelName", "ConvolutionKernel", "RescaleType",
     "CodeValue", "LongCodeValue", "CodingSchemeDesignator", "CodingSchemeVersion", "CodeMeaning"))
@@ -82,6 +84,22 @@ NEVER_SHIFT = frozenset(Tag(k) for k in ("PatientBirthDate",))
 REMOVE_TIMES = frozenset(Tag(k) for k in ("PatientBirthTime",))  # curves and overlays: may carry text and drawings
 # A valid time, or one in the ACR-NEMA HH:MM:SS form PS3.5 still lets a reader accept.
 _TIME = re.compile(time_pattern(separator=":?"))
+# Coding schemes whose codes have published, fixed meanings: the designators of PS3.16 Table 8-1
+# (with every scheme pydicom's concept dictionaries hold, see standard_schemes). Case matters, as in
+# the standard. Not here: "L" and every designator beginning with "99", which PS3.3 8.2 reserves
+# for private or local schemes (99SDM, the retired SNOMED DICOM Microglossary, among them), and any
+# designator a site made up (ICD10 for I10, say): a scheme this list does not name is local.
+STANDARD_SCHEMES = frozenset({
+    "ACR", "ASTM-sigpurpose", "BARI", "C4", "C5", "caDSR", "CD2", "CTV3", "DC", "DCM", "DCMUID", "FMA",
+    "HPC", "I10", "I10C", "I10P", "I11", "I9", "I9C", "IBSI", "ICDO3", "ISO3166_1", "ISO639_1", "ISO639_2",
+    "ITIS_TSN", "LN", "MA", "MAYOASRG", "MDC", "MGI", "MSH", "NCIt", "NDC", "NEU", "NICIP", "NYUMCCG",
+    "PATHLEX", "POS", "PUBCHEM_CID", "RADELEMENT", "RADLEX", "RFC3066", "RFC5646", "RO", "RRID", "RXNORM",
+    "SCT", "SNM3", "SRT", "UBERON", "UCUM", "UMLS", "UNS", "UPC"})
+CODE_VALUES = ("CodeValue", "LongCodeValue", "URNCodeValue")
+CODE_ATTRIBUTES = (*CODE_VALUES, "CodingSchemeDesignator", "CodingSchemeVersion", "CodeMeaning")
+# Code Meaning is Type 1 in the Code Sequence Macro (PS3.3 8.8): a meaning that cannot stay is
+# replaced by this text, never emptied or removed.
+REMOVED_MEANING = "meaning removed by de-identification"
 
 
 @lru_cache(maxsize=4)
@@ -107,6 +125,35 @@ def attribute_actions(version: str = TABLE_VERSION) -> tuple[dict[int, str], tup
                 group, elem, gmask, emask = entry
                 masked.append((group, elem, gmask, emask, action))
     return exact, tuple(masked)
+
+
+@lru_cache(maxsize=1)
+def standard_schemes() -> frozenset[str]:
+    """:data:`STANDARD_SCHEMES` and the schemes of pydicom's concept dictionaries (made from PS3.16)."""
+    from pydicom.sr.codedict import codes
+
+    return STANDARD_SCHEMES | frozenset(codes.schemes())
+
+
+@lru_cache(maxsize=1)
+def standard_meanings() -> dict[tuple[str, str], tuple[str, ...]]:
+    """{(scheme, code value): the meanings PS3.16 gives the code, shortest first}, from pydicom's
+    concept dictionaries; a SNOMED-RT code has the meanings of the SNOMED CT concept pydicom maps it to.
+
+    These are the codes DICOM's context groups use (about 15,000), not whole terminologies.
+    """
+    from pydicom.sr._snomed_dict import mapping
+    from pydicom.sr.codedict import CONCEPTS, ConceptsType
+
+    found: dict[tuple[str, str], set[str]] = {}
+    for scheme, by_keyword in cast("dict[str, ConceptsType]", CONCEPTS).items():
+        for by_value in by_keyword.values():
+            for value, (meaning, _cids) in by_value.items():
+                found.setdefault((scheme, value), set()).add(meaning)
+    for srt, sct in mapping["SRT"].items():
+        if ("SCT", sct) in found:
+            found[("SRT", srt)] = found[("SCT", sct)]
+    return {key: tuple(sorted(meanings, key=lambda m: (len(m), m))) for key, meanings in found.items()}
 
 
 def _action_for(tag: BaseTag, exact: dict[int, str],
@@ -167,7 +214,52 @@ class Deidentifier:
             kept.MediaStorageSOPInstanceUID = UID(self.mapper.uid(str(meta.MediaStorageSOPInstanceUID).strip()))
         return kept
 
+    def _clean_code(self, ds: Dataset) -> None:
+        """Make the text of one coded item (a Code Sequence Macro) safe before the item is cleaned.
+
+        A code of a standard scheme is the standard's term: its value and scheme stay. Its meaning
+        stays when it is one PS3.16 gives that code (case aside), is set to that one when the code
+        is known with another (a site that wrote a name into it), and is replaced by
+        :data:`REMOVED_MEANING` when the code is not one pydicom knows: such a meaning is text no one
+        vetted, the Clean Descriptors Option's case (PS3.15 E.3.5), and a reader that needs it looks
+        the code up.
+
+        A local scheme's code (PS3.3 8.2: "L", "99..."; here any scheme not standard) is the site's
+        own text: its meaning may be a sentence ("CT chest follow-up for Jane Doe"), its value an
+        accession number, its designator and version may name the site. The item is kept, so that
+        a Type 1 sequence keeps its item and the code stays valid (PS3.3 8.8), with its meaning
+        replaced, its value a keyed name of the scheme, version and value (16 characters, the
+        Code Value it then needs; the same code gets the same name in every batch, so codes can
+        still be counted and compared), its designator a keyed local one ("99" and 14 characters),
+        and its version removed (the keyed value already tells versions apart).
+        """
+        if not any(keyword in ds for keyword in CODE_ATTRIBUTES):
+            return
+        # str() of several values lists them: no scheme is called that, so they read as local.
+        scheme = str(ds.get("CodingSchemeDesignator") or "")
+        if scheme in standard_schemes():
+            if "CodeMeaning" in ds:
+                value = str(ds.get("CodeValue") or ds.get("LongCodeValue") or "")
+                meanings = standard_meanings().get((scheme, value))
+                if meanings is None:
+                    ds.CodeMeaning = REMOVED_MEANING
+                elif str(ds.CodeMeaning).casefold() not in {m.casefold() for m in meanings}:
+                    ds.CodeMeaning = meanings[0]
+            return
+        value = next((str(ds.get(keyword)) for keyword in CODE_VALUES if ds.get(keyword)), "")
+        version = str(ds.get("CodingSchemeVersion") or "")
+        for keyword in ("LongCodeValue", "URNCodeValue", "CodingSchemeVersion"):
+            if keyword in ds:
+                del ds[keyword]
+        if value:
+            ds.CodeValue = self.mapper.code("code", "\\".join((scheme, version, value)))
+        if scheme:
+            ds.CodingSchemeDesignator = ("99" + self.mapper.code("scheme", scheme))[:16]
+        if "CodeMeaning" in ds:
+            ds.CodeMeaning = REMOVED_MEANING
+
     def _clean(self, ds: Dataset, patient: str) -> None:
+        self._clean_code(ds)
         for elem in list(ds):
             tag = elem.tag
             if tag.is_private or (tag.group & 0xFF00) in REMOVED_GROUPS:

@@ -20,7 +20,12 @@ from pydicom.tag import Tag
 from dicomops import ingest
 from dicomops.config import IngestConfig, SynthConfig
 from dicomops.deid import Deidentifier, KeyedMapper, scan_for_phi
-from dicomops.deid.profile import KEEP_TEXT, RETAIN_DEVICE_IDENTITY, RETAIN_PATIENT_CHARACTERISTICS
+from dicomops.deid.profile import (
+    KEEP_TEXT,
+    REMOVED_MEANING,
+    RETAIN_DEVICE_IDENTITY,
+    RETAIN_PATIENT_CHARACTERISTICS,
+)
 from dicomops.synthetic import generate_corpus
 from tests.hostile import ct_slice, to_bytes
 
@@ -99,7 +104,12 @@ def test_every_dictionary_text_element_is_removed_emptied_shifted_or_needed(tmp_
     assert b"20010203" not in raw
     # The allow-list keeps what it names, the option what it names; a Type 2 attribute stays, empty.
     assert back.ManufacturerModelName == needles_value(needles, "ManufacturerModelName")
-    assert back.ReferencedImageSequence[0].CodeMeaning == needles_value(needles, "CodeMeaning")
+    # The item's coding scheme is a needle, no standard one: its code is local, kept valid with its
+    # text replaced (the value a keyed name of scheme, version and value).
+    code = back.ReferencedImageSequence[0]
+    local = "\\".join(needles_value(needles, k) for k in ("CodingSchemeDesignator", "CodingSchemeVersion", "CodeValue"))
+    assert (code.CodeValue, code.CodeMeaning) == (KeyedMapper(KEY).code("code", local), REMOVED_MEANING)
+    assert code.CodingSchemeDesignator == "99" + KeyedMapper(KEY).code("scheme", needles_value(needles, "CodingSchemeDesignator"))[:14]
     assert back.StationName == needles_value(needles, "StationName")
     assert back.PositionReferenceIndicator == ""
     assert back.Manufacturer == "ACME"
