@@ -565,9 +565,9 @@ def predict(
     refused, failed = result.get("studies_refused", 0), result.get("studies_failed", 0)
     series_failed = result.get("series_failed", 0)
     if refused or failed or series_failed:  # as a failed gate: exit 1, each row says why
-        console.print(f"[red]predict finished, not everything was scored[/]: {refused:.0f} studies refused, "
-                      f"{failed:.0f} failed, {series_failed:.0f} series could not be scored (their rows in the "
-                      f"results say why); {done}", soft_wrap=True)
+        console.print(f"[red]predict finished, not everything was answered[/]: {refused:.0f} studies refused, "
+                      f"{failed:.0f} failed, {series_failed:.0f} series not scored or without the segmenter's "
+                      f"results (their rows in the results say why); {done}", soft_wrap=True)
         raise typer.Exit(1)
     console.print(f"[green]predict finished[/]: {done}")
 

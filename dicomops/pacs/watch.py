@@ -25,6 +25,12 @@ so. Like any study handled, it is not answered again unless its images change (t
 and sent again): the same images fail the same way. Only a study none of whose series could be
 scored is ``failed``, with nothing stored back. A study is never dropped silently, and one that
 fails does not hold back the studies behind it.
+
+The segmenter (when the champion carries one) fails alone in the same way: a series it cannot
+answer (a volume it cannot take, an SR or SEG it cannot write, a model error) goes back with its
+classifier's SR and none of the segmenter's objects, and is named in ``failed_series`` with the code
+``segmenter_failed:<the error's type>``; the study is ``ingested`` and its reason says so. Only this
+machine running out of something (:func:`dicomops.errors.local_outage`) stops a study whole.
 """
 
 from __future__ import annotations
@@ -74,7 +80,7 @@ class StudyOutcome:
     results_stored: int = 0
     reason: str = ""
     images: str = ""  # the keyed digest of the image instances handled (images_digest)
-    series_failed: int = 0  # accepted series that could not be scored (the others were answered)
+    series_failed: int = 0  # accepted series not scored, or scored and the segmenter failed on (the others answered)
     failed_series: str = ""  # each as "<the gate's pseudonym>:<reason code>", ";"-separated (failed_series_text)
 
 
@@ -83,10 +89,12 @@ def study_token(key: bytes, study_uid: str) -> str:
 
 
 def failed_series_text(failures: Iterable[Any]) -> str:
-    """The series of a study that could not be scored (:class:`dicomops.serving.predict.SeriesFailure`),
-    as the ledger's ``failed_series`` says them: ``<pseudonym>:<reason code>``, ``;``-separated. The
-    pseudonym is the gate's (``WORK/pacs/studies/<token>/ingest/accepted.parquet``, the study's
-    results table); the code a reason code or an error's type, never a message."""
+    """The series of a study that could not be scored, or that the segmenter failed on
+    (:class:`dicomops.serving.predict.SeriesFailure`), as the ledger's ``failed_series`` says them:
+    ``<pseudonym>:<reason code>``, ``;``-separated (``2.25.…:unreadable_pixels``,
+    ``2.25.…:segmenter_failed:ValueError``). The pseudonym is the gate's
+    (``WORK/pacs/studies/<token>/ingest/accepted.parquet``, the study's results table); the code a
+    reason code or an error's type, never a message."""
     return ";".join(f"{f.series}:{f.reason}" for f in failures)
 
 
@@ -142,8 +150,9 @@ def record_answered(work: Path, answer: Any, by: str) -> bool:
     """Record in the watch's ledger a study a batch or the online service (`by`) answered with its
     results all kept by the PACS (an :class:`dicomops.serving.predict.Answer`), so that the watch does
     not answer it again once it is stable; True if recorded. One answered in part (results the PACS
-    did not keep, a series that could not be scored), or not at all, is not: the watch answers it as
-    it would any other, once, and its own row says what was not answered."""
+    did not keep, a series that could not be scored or that the segmenter failed on), or not at all,
+    is not: the watch answers it as it would any other, once, and its own row says what was not
+    answered."""
     if answer.status != "scored" or answer.results_stored < 1 or answer.reason or answer.failed_series:
         return False
     _record(work, StudyOutcome(answer.study, "answered", answer.accepted_series, answer.quarantined_files,
@@ -207,7 +216,7 @@ def handle_study(study_uid: str, pacs: Pacs, staging: Path, work: Path, cfg: Ing
     log.info("PACS study %s: %s (%d series accepted, %d files quarantined, %d results stored)%s%s", token,
              outcome.status, outcome.accepted_series, outcome.quarantined_files, outcome.results_stored,
              f"; {outcome.reason}" if outcome.reason else "",
-             f"; series not scored: {outcome.failed_series}" if outcome.failed_series else "")
+             f"; series not answered in full: {outcome.failed_series}" if outcome.failed_series else "")
     return outcome
 
 
@@ -217,9 +226,10 @@ def _gate_score_answer(token: str, staged: Path, study_work: Path, pacs: Pacs, c
     """The gate, the score and the answer, through the one path every prediction takes
     (:func:`dicomops.serving.predict.answer_staged`). A series the model cannot take fails alone: the
     others are answered and the study is ``ingested``, its failed series counted and named
-    (:func:`failed_series_text`). A study that fails here for a reason of its own (none of its series
-    could be scored, the report writer cannot take it) is recorded as ``failed`` and the watch
-    moves on: it must not block every study behind it. Only talking to the PACS, or this machine
+    (:func:`failed_series_text`); so does a series the segmenter fails on, answered by its
+    classifier's SR alone (:func:`build_reports`). A study that fails here for a reason of its own
+    (none of its series could be scored, the report writer cannot take it) is recorded as ``failed``
+    and the watch moves on: it must not block every study behind it. Only talking to the PACS, or this machine
     running out of disk space (:func:`dicomops.errors.local_outage`), may raise (an outage: retried)."""
     from dicomops import ingest
 
@@ -236,11 +246,9 @@ def _gate_score_answer(token: str, staged: Path, study_work: Path, pacs: Pacs, c
         return StudyOutcome(token, "ingested", gate.accepted_series, gate.quarantined_files, 0,
                             "no champion model: ingested, not scored")
     from dicomops.serving.batch import record
-    from dicomops.serving.predict import answer_staged, findings_frame, remember, said_failures
+    from dicomops.serving.predict import SeriesFailure, answer_staged, findings_frame, remember
 
     answer, entries = answer_staged(token, staged, study_work, cfg, key, champion, cache)
-    if cache is not None and digest is not None:
-        remember(cache, digest, answer, entries)
     if answer.status == "refused":
         return StudyOutcome(token, "refused", 0, answer.quarantined_files, 0, answer.reason)
     n_failed, failed = len(answer.failed_series), failed_series_text(answer.failed_series)
@@ -250,26 +258,46 @@ def _gate_score_answer(token: str, staged: Path, study_work: Path, pacs: Pacs, c
         return StudyOutcome(token, "failed", answer.accepted_series, answer.quarantined_files, reason=reason,
                             series_failed=n_failed, failed_series=failed)
     failure = ""
+    segmenter_failures: list[SeriesFailure] = []  # scored series the segmenter failed on: their SRs go back
     try:
         reports, answer.localised = build_reports(staged, study_work, findings_frame(answer.findings, champion),
-                                                  champion, key)
+                                                  champion, key, segmenter_failures)
     except Exception as err:
         if local_outage(err):
             raise
         reports, failure = [], (f"{type(err).__name__} during writing the reports; not answered "
                                 f"(the message is withheld: it may quote identifiers)")
+    else:
+        answer.failed_series.extend(segmenter_failures)
+    if cache is not None and digest is not None:  # after the segmenter: a series it failed on keeps no manifest
+        remember(cache, digest, answer, entries)
     if work is not None:  # de-identified, like a batch's: what readers' reviews meet
         record(WorkLayout(work).pacs.root, token, [answer], champion, None)
     if failure:
         return StudyOutcome(token, "failed", reason=failure, series_failed=n_failed, failed_series=failed)
     stored, refusal = store_results(pacs, reports)
-    partly = ""
-    if answer.failed_series:
-        partly = (f"{n_failed} of its {answer.accepted_series} series not scored: "
-                  f"{said_failures(answer.failed_series)}, the others answered; not answered again unless its "
-                  "images change (repair the series at its source and send it again)")
     return StudyOutcome(token, "ingested", answer.accepted_series, answer.quarantined_files, stored,
-                        "; ".join(filter(None, [refusal, partly])), series_failed=n_failed, failed_series=failed)
+                        "; ".join(filter(None, [refusal, _failed_series_reason(answer)])),
+                        series_failed=len(answer.failed_series), failed_series=failed_series_text(answer.failed_series))
+
+
+def _failed_series_reason(answer: Any) -> str:
+    """What a scored study's reason says of its failed series ('' without one): those not scored,
+    and those the segmenter failed on, whose classifier's SR went back."""
+    from dicomops.serving.predict import by_step, said_failures
+
+    if not answer.failed_series:
+        return ""
+    not_scored, unlocalised = by_step(answer.failed_series)
+    of = f"of its {answer.accepted_series} series"
+    said = [f"{len(not_scored)} {of} not scored: {said_failures(not_scored)}, the others answered" if not_scored
+            else "",
+            f"{len(unlocalised)} {of} answered without the segmenter's results: {said_failures(unlocalised)}, "
+            "their classifier's SR went back" if unlocalised else ""]
+    fixed = "; once the segmenter is fixed, answer it with dicomops predict --pacs StudyInstanceUID=<the study's " \
+            "UID>" if unlocalised else ""
+    return "; ".join(filter(None, said)) + "; not answered again unless its images change (repair the series at " \
+        f"its source and send it again{fixed})"
 
 
 def store_results(pacs: Pacs, reports: Sequence[Any]) -> tuple[int, str]:
@@ -310,14 +338,23 @@ def original_series(staged: Path, key: bytes, accepted: set[str] | None = None) 
 
 
 def build_reports(staged: Path, study_work: Path, scores: pd.DataFrame, champion: Any,
-                  key: bytes) -> tuple[list[Any], list[Any]]:
+                  key: bytes, failures: list[Any] | None = None) -> tuple[list[Any], list[Any]]:
     """The results for every scored series, referencing the original study and series and the images
     the gate accepted: the classifier's Comprehensive 3D SR; with a segmenter on the champion, also
     the segmenter's SR (each nodule's centre and diameter) and, when it found a nodule and the
     champion writes SEGs (``serve.write_seg``), a SEG of the nodules' voxels on the acquired slices.
     Returns the objects and, for each series the segmenter answered, what it answered
-    (:class:`dicomops.serving.segmenter.Served`, de-identified: the results table keeps it)."""
+    (:class:`dicomops.serving.segmenter.Served`, de-identified: the results table keeps it).
+
+    With `failures`, a series the segmenter fails on (a volume it cannot take, an object it cannot
+    write, a model error) fails alone: none of the segmenter's objects for it is returned (they are
+    built whole or not at all), its classifier's SR still is, and a
+    :class:`~dicomops.serving.predict.SeriesFailure` is appended there
+    (:func:`~dicomops.serving.predict.segmenter_failure_code`: its type, never its message, which
+    may quote a header value); without, it raises. This machine running out of something
+    (:func:`dicomops.errors.local_outage`) always raises."""
     from dicomops.pacs.results import Finding, structured_report
+    from dicomops.serving.predict import SeriesFailure, segmenter_failure_code
 
     layout = WorkLayout(study_work)
     accepted_table = pd.read_parquet(layout.ingest.accepted)
@@ -331,9 +368,20 @@ def build_reports(staged: Path, study_work: Path, scores: pd.DataFrame, champion
                           model_name=champion.name, model_version=str(champion.version))
         reports.append(structured_report(images, finding))
         if champion.segmenter is not None:
+            series = str(row.SeriesInstanceUID)
             group = accepted_table[accepted_table.SeriesInstanceUID == row.SeriesInstanceUID]
-            objects, answer = localisation_reports(images, group, layout.ingest.deid, champion.segmenter,
-                                                   champion.write_seg, str(row.SeriesInstanceUID))
+            try:
+                objects, answer = localisation_reports(images, group, layout.ingest.deid, champion.segmenter,
+                                                       champion.write_seg, series)
+            except Exception as err:
+                if failures is None or local_outage(err):
+                    raise
+                code = segmenter_failure_code(err)
+                log.warning("the segmenter failed on series %s (%s; the message is withheld, it may quote header "
+                            "values): its classifier's SR goes back, none of the segmenter's objects", series, code)
+                manufacturer = str(group.Manufacturer.iloc[0]) if "Manufacturer" in group else ""
+                failures.append(SeriesFailure(series, manufacturer, code))
+                continue
             reports.extend(objects)
             localised.append(answer)
     return reports, localised
@@ -576,8 +624,8 @@ def pacs_and_feed(orthanc_url: str | None, http_budget_s: float) -> Iterator[tup
 
 def summarise(outcomes: Sequence[StudyOutcome]) -> dict[str, int]:
     """How many studies ended in each status, how many results were stored back, and how many
-    series could not be scored (``series_failed``; ``partly_scored``: the ingested studies answered
-    for their other series)."""
+    series could not be scored or the segmenter failed on (``series_failed``; ``partly_scored``: the
+    ingested studies answered for their other series, or without the segmenter's results for those)."""
     counts = {status: sum(o.status == status for o in outcomes) for status in STATUSES}
     partly = sum(o.status == "ingested" and NOT_ALL_STORED in o.reason for o in outcomes)
     return {**counts, "partly_answered": partly, "results_stored": sum(o.results_stored for o in outcomes),
@@ -593,7 +641,7 @@ def describe(summary: Any) -> str:
              f"{some} answered for some of their series only" if some else ""]
     ingested = f"{summary['ingested']} ingested" + (f" ({'; '.join(filter(None, notes))})" if any(notes) else "")
     series = summary.get("series_failed", 0)
-    not_scored = f"{series} series could not be scored (failed_series names them); " if series else ""
+    not_scored = f"{series} series could not be scored or localised (failed_series names them); " if series else ""
     return (f"{total} stable studies: {ingested}, {summary['refused']} refused by the gate, "
             f"{summary['failed']} failed (see WORK/pacs/studies.csv), {summary['duplicate']} already handled; "
             f"{not_scored}{summary['results_stored']} results stored back")

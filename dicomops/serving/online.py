@@ -9,7 +9,10 @@ Two requests:
   retrieved, gated, preprocessed and scored; with ``write_back`` an SR per series goes to the PACS.
   A series that cannot be scored fails alone: the answer's ``status`` is ``partly_scored``, its
   ``failed_series`` lists it (original UID, reason code) and its ``warning`` says so; a study none
-  of whose series could be scored is a 422 that lists them.
+  of whose series could be scored is a 422 that lists them. With ``write_back``, a series the
+  segmenter fails on is answered the same way (``partly_scored``, listed with the code
+  ``segmenter_failed:<the error's type>``): its score and its classifier's SR go back, none of the
+  segmenter's objects.
   The UID travels in the body, never the URL, so no access log holds it; the answer names the
   series by their original UIDs for the caller, and nothing is logged but counts and timings.
 - ``POST /v1/slabs`` with an ``.npy`` body (float32, (N, C, H, W) in the model's input contract):
@@ -203,7 +206,7 @@ class Service:
         from dicomops.pacs.staging import StudyBusyError
         from dicomops.pacs.watch import record_answered
         from dicomops.serving.batch import record
-        from dicomops.serving.predict import answer_pacs_study, said_failures
+        from dicomops.serving.predict import answer_pacs_study, by_step, said_failures
 
         if not isinstance(body, dict) or not isinstance(body.get("study_instance_uid"), str) \
                 or not UID.fullmatch(body["study_instance_uid"]) or len(body["study_instance_uid"]) > 64:
@@ -243,10 +246,15 @@ class Service:
         # De-identified, as the batch flow keeps its results: what a reader's review is linked to.
         record(self.options.work, f"online-{answer.study}", [answer], self.champion, None)
         warnings = [answer.reason]  # the PACS did not keep every result
-        if failed:
-            warnings.append(f"{len(failed)} of its {answer.accepted_series} series could not be scored "
-                            f"({said_failures(answer.failed_series)}): failed_series names them, and nothing was "
+        not_scored, unlocalised = by_step(answer.failed_series)
+        if not_scored:
+            warnings.append(f"{len(not_scored)} of its {answer.accepted_series} series could not be scored "
+                            f"({said_failures(not_scored)}): failed_series names them, and nothing was "
                             "written back for them")
+        if unlocalised:
+            warnings.append(f"the segmenter failed on {len(unlocalised)} of its {answer.accepted_series} series "
+                            f"({said_failures(unlocalised)}): failed_series names them; their classifier's SR was "
+                            "written back, none of the segmenter's objects")
         warning = "; ".join(filter(None, warnings))
         return {"status": "partly_scored" if failed else "scored", "warm": answer.warm,
                 "accepted_series": answer.accepted_series, "quarantined_files": answer.quarantined_files,

@@ -65,6 +65,15 @@ def failure_code(err: BaseException) -> str:
     return err.code if isinstance(err, SeriesNotPreprocessed) else type(err).__name__
 
 
+SEGMENTER_FAILED = "segmenter_failed"  # how the reason code of a series the segmenter failed on begins
+
+
+def segmenter_failure_code(err: BaseException) -> str:
+    """The reason code of a series the classifier scored and the segmenter failed on:
+    ``segmenter_failed:<failure_code>`` (``segmenter_failed:ValueError``), never a message."""
+    return f"{SEGMENTER_FAILED}:{failure_code(err)}"
+
+
 @dataclass
 class SeriesFinding:
     series: str  # the gate's pseudonym
@@ -78,11 +87,22 @@ class SeriesFinding:
 
 @dataclass
 class SeriesFailure:
-    """A series of a study that could not be scored while the study's other series were."""
+    """A series of a study that could not be scored while the study's other series were; or, its
+    reason :func:`segmenter_failure_code`, one the classifier scored and the segmenter failed on
+    (:attr:`by_segmenter`): its classifier's SR went back, none of the segmenter's objects did."""
 
     series: str  # the gate's pseudonym
     manufacturer: str
-    reason: str  # failure_code: a reason code or an exception type, never a message
+    reason: str  # failure_code (or segmenter_failure_code): a reason code or an exception type, never a message
+
+    @property
+    def by_segmenter(self) -> bool:
+        return self.reason.startswith(f"{SEGMENTER_FAILED}:")
+
+
+def by_step(failures: Sequence[SeriesFailure]) -> tuple[list[SeriesFailure], list[SeriesFailure]]:
+    """The series that could not be scored, and those scored that the segmenter failed on."""
+    return [f for f in failures if not f.by_segmenter], [f for f in failures if f.by_segmenter]
 
 
 @dataclass
@@ -101,7 +121,8 @@ class Answer:
     images: str = ""  # from a PACS: the keyed digest of the image instances answered (watch.images_digest)
     # What the segmenter answered for each series it wrote back (dicomops.serving.segmenter.Served).
     localised: list[Any] = field(default_factory=list, repr=False)
-    failed_series: list[SeriesFailure] = field(default_factory=list)  # series not scored, the others were
+    # Series not scored, the others were; and scored series the segmenter failed on (SeriesFailure.by_segmenter).
+    failed_series: list[SeriesFailure] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "localised"}
@@ -304,9 +325,10 @@ def answer_staged(study: str, staged: Path, study_work: Path, cfg: IngestConfig,
 
 def remember(cache: VolumeCache, digest: str, answer: Answer, entries: list[dict[str, Any]]) -> None:
     """Store a scored study's manifest (its series' volume keys and the gate's counts) under `digest`.
-    Not for a study with a series that could not be scored: a warm answer names only the series its
-    manifest holds, so such a study is answered cold each time, its failed series said again (the
-    volumes of the others still come from the cache)."""
+    Not for a study with a series that could not be scored, or that the segmenter failed on (called
+    once its reports are built): a warm answer names only the series its manifest holds and says
+    nothing of a failure, so such a study is answered cold each time, its failed series said again
+    (the volumes of the others still come from the cache)."""
     if answer.status == "scored" and entries and not answer.failed_series:
         cache.put_manifest(digest, {"series": entries, "accepted_series": answer.accepted_series,
                                     "quarantined_files": answer.quarantined_files})
@@ -336,7 +358,9 @@ def answer_pacs_study(study_uid: str, pacs: Any, staging: Path, scratch: Path, c
     """One study of the PACS, by its StudyInstanceUID (held in memory only): warm from the cache when
     it can and nothing is to be written back; otherwise retrieved, gated, scored and, with
     `write_back`, answered with one SR per scored series stored in the PACS (a series that could
-    not be scored has none: the answer's ``failed_series`` names it, :func:`answer_staged`). The
+    not be scored has none: the answer's ``failed_series`` names it, :func:`answer_staged`), and the
+    segmenter's objects where the champion carries one (a series it fails on has none of them, its
+    classifier's SR still goes back, and ``failed_series`` names it: :func:`segmenter_failure_code`). The
     study is held (:func:`dicomops.pacs.staging.held_study`) while it is staged; staging and the
     study's scratch work directory are removed before returning. Only talking to the PACS, or a study another
     handler holds past the wait (:class:`~dicomops.pacs.staging.StudyBusyError`), raises. `images`:
@@ -376,25 +400,31 @@ def answer_pacs_study(study_uid: str, pacs: Any, staging: Path, scratch: Path, c
         hold.callback(shutil.rmtree, study_work, ignore_errors=True)
         answer, entries = answer_staged(token, staged, study_work, cfg, key, champion, cache, timer)
         answer.images = answered_images
-        if cache is not None and digest is not None:
-            remember(cache, digest, answer, entries)
+        reports: list[Any] | None = None
+        failure = ""
         if answer.status == "scored" and write_back:
+            unlocalised: list[SeriesFailure] = []  # scored series the segmenter failed on: their other results go back
             try:
                 with timer("write_s"):
                     table = findings_frame(answer.findings, champion)
-                    reports, localised = build_reports(staged, study_work, table, champion, key)
+                    reports, localised = build_reports(staged, study_work, table, champion, key, unlocalised)
             except Exception as err:
                 if local_outage(err):
                     raise
-                answer = Answer(token, "failed", answer.findings, answer.accepted_series, answer.quarantined_files,
-                                reason=f"{type(err).__name__} while writing the reports; nothing stored",
-                                timings=timer.timings, failed_series=answer.failed_series)
+                failure = f"{type(err).__name__} while writing the reports; nothing stored"
             else:
                 answer.localised = localised
-                with timer("write_s"):  # a scored study whose results the PACS did not all keep says why
-                    answer.results_stored, answer.reason = store_results(pacs, reports)
-                if answered is not None:
-                    answered(answer)
+                answer.failed_series.extend(unlocalised)
+        if cache is not None and digest is not None:  # after the segmenter: a series it failed on keeps no manifest
+            remember(cache, digest, answer, entries)
+        if failure:
+            answer = Answer(token, "failed", answer.findings, answer.accepted_series, answer.quarantined_files,
+                            reason=failure, timings=timer.timings, failed_series=answer.failed_series)
+        elif reports is not None:
+            with timer("write_s"):  # a scored study whose results the PACS did not all keep says why
+                answer.results_stored, answer.reason = store_results(pacs, reports)
+            if answered is not None:
+                answered(answer)
     answer.timings["total_s"] = time.perf_counter() - t0
     return answer
 
@@ -421,7 +451,8 @@ def result_table(answers: Sequence[Answer], champion: Champion) -> pd.DataFrame:
     """One row per scored series, one per series that failed while its study's others were scored
     (status ``failed``, its reason code), plus one per study that was not scored (with its status
     and reason); where the segmenter answered the series in the PACS, its call (``segmenter*``
-    columns) and where its mask is kept (``segmenter_mask``, :meth:`WorkLayout.served_mask`).
+    columns) and where its mask is kept (``segmenter_mask``, :meth:`WorkLayout.served_mask`); where
+    it failed on a scored series, that series' row says so in ``reason`` (its code) and stays scored.
     ``slices`` counts the slices of the volume the model scored (resampled to the preprocessing's
     spacing, not the acquired images), ``best_z`` is the highest-scoring one; both stay whole numbers
     (empty on a row without a score). De-identified: tokens and pseudonyms only."""
@@ -436,14 +467,20 @@ def result_table(answers: Sequence[Answer], champion: Champion) -> pd.DataFrame:
         if not a.findings and not a.failed_series:
             rows.append(common | meta)
         localised = {s.series: s for s in a.localised}
+        not_scored, unlocalised = by_step(a.failed_series)
+        segmenter_failed = {f.series: f.reason for f in unlocalised}
         for f in a.findings:
             served = localised.get(f.series)
             segmenter = {} if served is None else served.columns() | {
                 "segmenter_mask": WorkLayout.served_mask(f.series) if served.mask is not None else ""}
+            note: dict[str, str] = {}
+            if f.series in segmenter_failed:  # scored, its SR went back: the row stays scored
+                note = {"reason": "; ".join(filter(None, [
+                    a.reason, f"the segmenter's results not written back: {segmenter_failed[f.series]}"]))}
             rows.append(common | meta | {"series": f.series, "manufacturer": f.manufacturer, "slices": f.slices,
                                          "score": f.score, "present": f.present, "best_z": f.best_z,
-                                         "cache": f.cache} | segmenter)
-        for failed in a.failed_series:
+                                         "cache": f.cache} | segmenter | note)
+        for failed in not_scored:
             rows.append(common | meta | {"series": failed.series, "manufacturer": failed.manufacturer,
                                          "status": "failed", "reason": f"series not scored: {failed.reason}"})
     columns = [*RESULT_COLUMNS, "status", "reason", "warm", "total_s", *Served.COLUMNS, "segmenter_mask"]

@@ -5,7 +5,8 @@ segmenter here marks every voxel denser than -300 HU (:mod:`tests.segmenter_fixt
 checked voxel by voxel against the acquired pixels and the SR's centres against the generator's
 nodules. What the segmenter answered is in the results table with the mask it served, and a
 reader's corrected SEG judges it on its own version's page (kappa, the Dice of the two masks). A
-segmenter that fails leaves nothing in the PACS and the study recorded as failed. Batch
+segmenter that fails leaves the classifier's SR alone in the PACS, the study ingested with the
+series named (``segmenter_failed:<type>``). Batch
 prediction over the PACS writes the same three objects; nothing identifying reaches the work
 directory, MLflow or Prefect."""
 
@@ -194,8 +195,8 @@ def test_a_promoted_segmenter_adds_its_report_and_a_seg_and_a_failing_one_leaves
     assert "Dice (corrected masks)" in page.description
     assert "feedback.dice" not in client.get_model_version_by_alias(TINY.model_name, "champion").tags
 
-    # A segmenter that fails: the study is recorded as failed, and nothing is written back, not
-    # even the classifier's SR.
+    # A segmenter that fails: the classifier's SR still goes back, none of the segmenter's objects,
+    # and the study is ingested with the series named by its code (not its message).
     files_b, _ = _study(tmp_path / "send-b", index=8)
     study_b = _send(orthanc, files_b)
     _wait_stable(orthanc, {study_b})
@@ -204,11 +205,12 @@ def test_a_promoted_segmenter_adds_its_report_and_a_seg_and_a_failing_one_leaves
     broken = dataclasses.replace(champion, segmenter=dataclasses.replace(champion.segmenter, session=_Failing()))
     with PacsClient(orthanc.dicomweb_url, orthanc.credentials) as pacs:
         failed = watch.handle_study(study_b, pacs, staging, work, SEG_CONFIG.ingest, key_from_settings(), broken)
-    assert failed.status == "failed" and failed.reason.startswith("RuntimeError during writing the reports")
-    assert study_b not in failed.reason
-    assert _objects(orthanc, study_b, "SR") == [] and _objects(orthanc, study_b, "SEG") == []
+    assert (failed.status, failed.results_stored, failed.series_failed) == ("ingested", 1, 1)
+    assert failed.failed_series.endswith(":segmenter_failed:RuntimeError") and study_b not in failed.reason
+    (kept,) = _objects(orthanc, study_b, "SR")
+    assert kept.ManufacturerModelName == TINY.model_name and _objects(orthanc, study_b, "SEG") == []
     ledger = pd.read_csv(work / "pacs/studies.csv", keep_default_na=False)
-    assert list(ledger.status) == ["ingested", "failed"] and list(ledger.results_stored) == [3, 0]
+    assert list(ledger.status) == ["ingested", "ingested"] and list(ledger.results_stored) == [3, 1]
 
     # Batch prediction over the PACS answers through the same path: three objects again.
     files_c, _ = _study(tmp_path / "send-c", index=9)

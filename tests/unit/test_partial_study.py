@@ -159,7 +159,7 @@ def test_the_watch_answers_the_good_series_and_records_the_failed_one_once(
     assert again.status == "duplicate" and len(pacs.stored) == 1
     needles = _needles(files)
     assert scan_for_phi(work, needles) == [] and not [n for n in needles if n in caplog.text]
-    assert f"series not scored: {mapper.uid(bad)}:unreadable_pixels" in caplog.text
+    assert f"series not answered in full: {mapper.uid(bad)}:unreadable_pixels" in caplog.text
     assert list(staging.glob("*")) == []
 
 

@@ -189,5 +189,5 @@ def test_predict_exits_1_when_a_study_or_series_was_not_scored(counts: dict[str,
     result = CliRunner().invoke(app, ["predict", str(tmp_path)], env={"COLUMNS": "200"})
     said = " ".join(result.output.split())
     assert result.exit_code == code, result.output
-    assert ("not everything was scored" in said) == bool(code)
+    assert ("not everything was answered" in said) == bool(code)
     assert "2 studies scored" in said
