@@ -42,16 +42,21 @@ from .test_pacs_watch import _objects, _pacs_env, _reports, _send, _wait_stable
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 
 
+def _watch_env(monkeypatch: pytest.MonkeyPatch, pacs: OrthancProcess, exported_champion: ExportedChampion) -> None:
+    """The watch's settings: the champion's registry, no Redis cache, the PACS's address and credentials."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", exported_champion.uri)
+    monkeypatch.setenv("DICOMOPS_MLFLOW_ARTIFACT_ROOT", str(exported_champion.artifacts))
+    monkeypatch.delenv("DICOMOPS_REDIS_URL", raising=False)
+    _pacs_env(monkeypatch, pacs)
+
+
 def test_a_series_that_cannot_be_scored_fails_alone_once_and_leaks_nothing(
         orthanc: OrthancProcess, exported_champion: ExportedChampion, tmp_path: Path,  # noqa: F811
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     from tests.conftest import PREFECT_HOME
 
     champion = exported_champion.uri
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", champion)
-    monkeypatch.setenv("DICOMOPS_MLFLOW_ARTIFACT_ROOT", str(exported_champion.artifacts))
-    monkeypatch.delenv("DICOMOPS_REDIS_URL", raising=False)
-    _pacs_env(monkeypatch, orthanc)
+    _watch_env(monkeypatch, orthanc, exported_champion)
     key, work, staging = key_from_settings(), tmp_path / "work", tmp_path / "staging"
     mapper = KeyedMapper(key)
     part_files, good, (bad,) = partial_study(tmp_path / "part", index=71)
@@ -140,10 +145,7 @@ def test_a_series_the_segmenter_fails_on_goes_back_with_its_classifier_sr_once_a
 
     champion = exported_champion.uri
     register_density_segmenter(champion, SEGMENTER, PRE)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", champion)
-    monkeypatch.setenv("DICOMOPS_MLFLOW_ARTIFACT_ROOT", str(exported_champion.artifacts))
-    monkeypatch.delenv("DICOMOPS_REDIS_URL", raising=False)
-    _pacs_env(monkeypatch, orthanc)
+    _watch_env(monkeypatch, orthanc, exported_champion)
     key, work, staging = key_from_settings(), tmp_path / "work", tmp_path / "staging"
     mapper = KeyedMapper(key)
     with ChangesFeed(orthanc.url, orthanc.credentials) as feed:  # the studies of the module's other tests: not these
