@@ -566,8 +566,8 @@ def predict(
     series_failed = result.get("series_failed", 0)
     if refused or failed or series_failed:  # as a failed gate: exit 1, each row says why
         console.print(f"[red]predict finished, not everything was answered[/]: {refused:.0f} studies refused, "
-                      f"{failed:.0f} failed, {series_failed:.0f} series not scored or without the segmenter's "
-                      f"results (their rows in the results say why); {done}", soft_wrap=True)
+                      f"{failed:.0f} failed, {series_failed:.0f} series not scored, without a result written back "
+                      f"or without the segmenter's (their rows in the results say why); {done}", soft_wrap=True)
         raise typer.Exit(1)
     console.print(f"[green]predict finished[/]: {done}")
 

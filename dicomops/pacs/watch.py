@@ -29,8 +29,12 @@ fails does not hold back the studies behind it.
 The segmenter (when the champion carries one) fails alone in the same way: a series it cannot
 answer (a volume it cannot take, an SR or SEG it cannot write, a model error) goes back with its
 classifier's SR and none of the segmenter's objects, and is named in ``failed_series`` with the code
-``segmenter_failed:<the error's type>``; the study is ``ingested`` and its reason says so. Only this
-machine running out of something (:func:`dicomops.errors.local_outage`) stops a study whole.
+``segmenter_failed:<the error's type>``; the study is ``ingested`` and its reason says so. So does a
+scored series whose classifier's SR cannot be written (highdicom refusing one of its header values,
+say), except that nothing goes back for it, the segmenter's objects neither: it is named with the code
+``report_failed:<the error's type>``, and a study none of whose SRs could be written is ``failed``
+with nothing stored. Only this machine running out of something
+(:func:`dicomops.errors.local_outage`) stops a study whole.
 """
 
 from __future__ import annotations
@@ -89,9 +93,10 @@ def study_token(key: bytes, study_uid: str) -> str:
 
 
 def failed_series_text(failures: Iterable[Any]) -> str:
-    """The series of a study that could not be scored, or that the segmenter failed on
-    (:class:`dicomops.serving.predict.SeriesFailure`), as the ledger's ``failed_series`` says them:
-    ``<pseudonym>:<reason code>``, ``;``-separated (``2.25.…:unreadable_pixels``,
+    """The series of a study that could not be scored, whose SR could not be written, or that the
+    segmenter failed on (:class:`dicomops.serving.predict.SeriesFailure`), as the ledger's
+    ``failed_series`` says them: ``<pseudonym>:<reason code>``, ``;``-separated
+    (``2.25.…:unreadable_pixels``, ``2.25.…:report_failed:ValueError``,
     ``2.25.…:segmenter_failed:ValueError``). The pseudonym is the gate's
     (``WORK/pacs/studies/<token>/ingest/accepted.parquet``, the study's results table); the code a
     reason code or an error's type, never a message."""
@@ -150,7 +155,7 @@ def record_answered(work: Path, answer: Any, by: str) -> bool:
     """Record in the watch's ledger a study a batch or the online service (`by`) answered with its
     results all kept by the PACS (an :class:`dicomops.serving.predict.Answer`), so that the watch does
     not answer it again once it is stable; True if recorded. One answered in part (results the PACS
-    did not keep, a series that could not be scored or that the segmenter failed on), or not at all,
+    did not keep, a series not scored, not reported or that the segmenter failed on), or not at all,
     is not: the watch answers it as it would any other, once, and its own row says what was not
     answered."""
     if answer.status != "scored" or answer.results_stored < 1 or answer.reason or answer.failed_series:
@@ -227,8 +232,9 @@ def _gate_score_answer(token: str, staged: Path, study_work: Path, pacs: Pacs, c
     (:func:`dicomops.serving.predict.answer_staged`). A series the model cannot take fails alone: the
     others are answered and the study is ``ingested``, its failed series counted and named
     (:func:`failed_series_text`); so does a series the segmenter fails on, answered by its
-    classifier's SR alone (:func:`build_reports`). A study that fails here for a reason of its own
-    (none of its series could be scored, the report writer cannot take it) is recorded as ``failed``
+    classifier's SR alone, and one whose classifier's SR cannot be written, answered with nothing
+    (:func:`build_reports`). A study that fails here for a reason of its own (none of its series
+    could be scored, the report writer can take none of them) is recorded as ``failed``
     and the watch moves on: it must not block every study behind it. Only talking to the PACS, or this machine
     running out of disk space (:func:`dicomops.errors.local_outage`), may raise (an outage: retried)."""
     from dicomops import ingest
@@ -246,7 +252,13 @@ def _gate_score_answer(token: str, staged: Path, study_work: Path, pacs: Pacs, c
         return StudyOutcome(token, "ingested", gate.accepted_series, gate.quarantined_files, 0,
                             "no champion model: ingested, not scored")
     from dicomops.serving.batch import record
-    from dicomops.serving.predict import SeriesFailure, answer_staged, findings_frame, remember
+    from dicomops.serving.predict import (
+        SeriesFailure,
+        answer_staged,
+        findings_frame,
+        remember,
+        said_failures,
+    )
 
     answer, entries = answer_staged(token, staged, study_work, cfg, key, champion, cache)
     if answer.status == "refused":
@@ -258,17 +270,21 @@ def _gate_score_answer(token: str, staged: Path, study_work: Path, pacs: Pacs, c
         return StudyOutcome(token, "failed", answer.accepted_series, answer.quarantined_files, reason=reason,
                             series_failed=n_failed, failed_series=failed)
     failure = ""
-    segmenter_failures: list[SeriesFailure] = []  # scored series the segmenter failed on: their SRs go back
+    unanswered: list[SeriesFailure] = []  # scored series whose SR, or the segmenter's part, failed
     try:
         reports, answer.localised = build_reports(staged, study_work, findings_frame(answer.findings, champion),
-                                                  champion, key, segmenter_failures)
+                                                  champion, key, unanswered)
     except Exception as err:
         if local_outage(err):
             raise
         reports, failure = [], (f"{type(err).__name__} during writing the reports; not answered "
                                 f"(the message is withheld: it may quote identifiers)")
     else:
-        answer.failed_series.extend(segmenter_failures)
+        answer.failed_series.extend(unanswered)
+        if not reports:  # no scored series' SR could be written: nothing to send, the study failed
+            n_failed, failed = len(answer.failed_series), failed_series_text(answer.failed_series)
+            failure = (f"no report could be written: {said_failures(unanswered)}; not answered "
+                       "(the messages are withheld: they may quote identifiers)")
     if cache is not None and digest is not None:  # after the segmenter: a series it failed on keeps no manifest
         remember(cache, digest, answer, entries)
     if work is not None:  # de-identified, like a batch's: what readers' reviews meet
@@ -283,19 +299,23 @@ def _gate_score_answer(token: str, staged: Path, study_work: Path, pacs: Pacs, c
 
 def _failed_series_reason(answer: Any) -> str:
     """What a scored study's reason says of its failed series ('' without one): those not scored,
-    and those the segmenter failed on, whose classifier's SR went back."""
+    those scored whose classifier's SR could not be written (nothing went back for them), and those
+    the segmenter failed on, whose classifier's SR went back."""
     from dicomops.serving.predict import by_step, said_failures
 
     if not answer.failed_series:
         return ""
-    not_scored, unlocalised = by_step(answer.failed_series)
+    not_scored, unwritten, unlocalised = by_step(answer.failed_series)
     of = f"of its {answer.accepted_series} series"
     said = [f"{len(not_scored)} {of} not scored: {said_failures(not_scored)}, the others answered" if not_scored
             else "",
+            f"{len(unwritten)} {of} scored and not answered, their classifier's SR could not be written: "
+            f"{said_failures(unwritten)}, nothing went back for them" if unwritten else "",
             f"{len(unlocalised)} {of} answered without the segmenter's results: {said_failures(unlocalised)}, "
             "their classifier's SR went back" if unlocalised else ""]
-    fixed = "; once the segmenter is fixed, answer it with dicomops predict --pacs StudyInstanceUID=<the study's " \
-            "UID>" if unlocalised else ""
+    broken = " and the ".join(filter(None, ["report writer" if unwritten else "", "segmenter" if unlocalised else ""]))
+    fixed = f"; once the {broken} {'are' if ' and ' in broken else 'is'} fixed, answer it with dicomops predict " \
+            "--pacs StudyInstanceUID=<the study's UID>" if broken else ""
     return "; ".join(filter(None, said)) + "; not answered again unless its images change (repair the series at " \
         f"its source and send it again{fixed})"
 
@@ -351,25 +371,40 @@ def build_reports(staged: Path, study_work: Path, scores: pd.DataFrame, champion
     built whole or not at all), its classifier's SR still is, and a
     :class:`~dicomops.serving.predict.SeriesFailure` is appended there
     (:func:`~dicomops.serving.predict.segmenter_failure_code`: its type, never its message, which
-    may quote a header value); without, it raises. This machine running out of something
-    (:func:`dicomops.errors.local_outage`) always raises."""
+    may quote a header value). A series whose classifier's SR cannot be written (highdicom refusing
+    one of its header values, its staged images gone) fails alone too, with nothing returned for it,
+    the segmenter not run on it (:func:`~dicomops.serving.predict.report_failure_code`); when every
+    series fails so, nothing is returned. Without `failures`, either raises. This machine running
+    out of something (:func:`dicomops.errors.local_outage`) always raises."""
     from dicomops.pacs.results import Finding, structured_report
-    from dicomops.serving.predict import SeriesFailure, segmenter_failure_code
+    from dicomops.serving.predict import SeriesFailure, report_failure_code, segmenter_failure_code
 
     layout = WorkLayout(study_work)
     accepted_table = pd.read_parquet(layout.ingest.accepted)
     originals = original_series(staged, key, set(accepted_table.source_path))
     reports, localised = [], []
     for row in scores.itertuples():
-        images = originals.get(str(row.SeriesInstanceUID))
-        if not images:  # accepted by the gate but unreadable here: cannot happen unless staging changed
-            raise RuntimeError("a scored series has no staged images to reference")
-        finding = Finding(present=bool(row.present), score=float(row.score), threshold=float(champion.threshold),
-                          model_name=champion.name, model_version=str(champion.version))
-        reports.append(structured_report(images, finding))
+        series = str(row.SeriesInstanceUID)
+        group = accepted_table[accepted_table.SeriesInstanceUID == row.SeriesInstanceUID]
+        manufacturer = str(group.Manufacturer.iloc[0]) if "Manufacturer" in group and len(group) else ""
+        try:
+            images = originals.get(series)
+            if not images:  # accepted by the gate but unreadable here: cannot happen unless staging changed
+                raise RuntimeError("a scored series has no staged images to reference")
+            finding = Finding(present=bool(row.present), score=float(row.score),
+                              threshold=float(champion.threshold), model_name=champion.name,
+                              model_version=str(champion.version))
+            report = structured_report(images, finding)
+        except Exception as err:
+            if failures is None or local_outage(err):
+                raise
+            code = report_failure_code(err)
+            log.warning("the classifier's SR of series %s could not be written (%s; the message is withheld, it may "
+                        "quote header values): nothing goes back for it, the segmenter's objects neither", series, code)
+            failures.append(SeriesFailure(series, manufacturer, code))
+            continue
+        reports.append(report)
         if champion.segmenter is not None:
-            series = str(row.SeriesInstanceUID)
-            group = accepted_table[accepted_table.SeriesInstanceUID == row.SeriesInstanceUID]
             try:
                 objects, answer = localisation_reports(images, group, layout.ingest.deid, champion.segmenter,
                                                        champion.write_seg, series)
@@ -379,7 +414,6 @@ def build_reports(staged: Path, study_work: Path, scores: pd.DataFrame, champion
                 code = segmenter_failure_code(err)
                 log.warning("the segmenter failed on series %s (%s; the message is withheld, it may quote header "
                             "values): its classifier's SR goes back, none of the segmenter's objects", series, code)
-                manufacturer = str(group.Manufacturer.iloc[0]) if "Manufacturer" in group else ""
                 failures.append(SeriesFailure(series, manufacturer, code))
                 continue
             reports.extend(objects)
@@ -624,8 +658,9 @@ def pacs_and_feed(orthanc_url: str | None, http_budget_s: float) -> Iterator[tup
 
 def summarise(outcomes: Sequence[StudyOutcome]) -> dict[str, int]:
     """How many studies ended in each status, how many results were stored back, and how many
-    series could not be scored or the segmenter failed on (``series_failed``; ``partly_scored``: the
-    ingested studies answered for their other series, or without the segmenter's results for those)."""
+    series could not be scored or reported, or the segmenter failed on (``series_failed``;
+    ``partly_scored``: the ingested studies answered for their other series, or without the segmenter's
+    results for those)."""
     counts = {status: sum(o.status == status for o in outcomes) for status in STATUSES}
     partly = sum(o.status == "ingested" and NOT_ALL_STORED in o.reason for o in outcomes)
     return {**counts, "partly_answered": partly, "results_stored": sum(o.results_stored for o in outcomes),
@@ -641,7 +676,8 @@ def describe(summary: Any) -> str:
              f"{some} answered for some of their series only" if some else ""]
     ingested = f"{summary['ingested']} ingested" + (f" ({'; '.join(filter(None, notes))})" if any(notes) else "")
     series = summary.get("series_failed", 0)
-    not_scored = f"{series} series could not be scored or localised (failed_series names them); " if series else ""
+    not_scored = f"{series} series could not be scored, reported or localised (failed_series names them); " \
+        if series else ""
     return (f"{total} stable studies: {ingested}, {summary['refused']} refused by the gate, "
             f"{summary['failed']} failed (see WORK/pacs/studies.csv), {summary['duplicate']} already handled; "
             f"{not_scored}{summary['results_stored']} results stored back")

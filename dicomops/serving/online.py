@@ -12,7 +12,9 @@ Two requests:
   of whose series could be scored is a 422 that lists them. With ``write_back``, a series the
   segmenter fails on is answered the same way (``partly_scored``, listed with the code
   ``segmenter_failed:<the error's type>``): its score and its classifier's SR go back, none of the
-  segmenter's objects.
+  segmenter's objects; a series whose classifier's SR cannot be written is listed with the code
+  ``report_failed:<the error's type>``, its score in the answer and nothing written back for it (a
+  study none of whose SRs could be written is a 422).
   The UID travels in the body, never the URL, so no access log holds it; the answer names the
   series by their original UIDs for the caller, and nothing is logged but counts and timings.
 - ``POST /v1/slabs`` with an ``.npy`` body (float32, (N, C, H, W) in the model's input contract):
@@ -246,11 +248,15 @@ class Service:
         # De-identified, as the batch flow keeps its results: what a reader's review is linked to.
         record(self.options.work, f"online-{answer.study}", [answer], self.champion, None)
         warnings = [answer.reason]  # the PACS did not keep every result
-        not_scored, unlocalised = by_step(answer.failed_series)
+        not_scored, unwritten, unlocalised = by_step(answer.failed_series)
         if not_scored:
             warnings.append(f"{len(not_scored)} of its {answer.accepted_series} series could not be scored "
                             f"({said_failures(not_scored)}): failed_series names them, and nothing was "
                             "written back for them")
+        if unwritten:
+            warnings.append(f"the classifier's SR could not be written for {len(unwritten)} of its "
+                            f"{answer.accepted_series} series ({said_failures(unwritten)}): failed_series names "
+                            "them; they were scored, and nothing was written back for them")
         if unlocalised:
             warnings.append(f"the segmenter failed on {len(unlocalised)} of its {answer.accepted_series} series "
                             f"({said_failures(unlocalised)}): failed_series names them; their classifier's SR was "

@@ -74,6 +74,16 @@ def segmenter_failure_code(err: BaseException) -> str:
     return f"{SEGMENTER_FAILED}:{failure_code(err)}"
 
 
+REPORT_FAILED = "report_failed"  # how the reason code of a scored series whose classifier's SR failed begins
+
+
+def report_failure_code(err: BaseException) -> str:
+    """The reason code of a series the classifier scored and whose SR could not be written (highdicom
+    refusing one of its header values, say): ``report_failed:<failure_code>`` (``report_failed:ValueError``),
+    never a message. Nothing went back for it, the segmenter's objects neither."""
+    return f"{REPORT_FAILED}:{failure_code(err)}"
+
+
 @dataclass
 class SeriesFinding:
     series: str  # the gate's pseudonym
@@ -88,21 +98,31 @@ class SeriesFinding:
 @dataclass
 class SeriesFailure:
     """A series of a study that could not be scored while the study's other series were; or, its
-    reason :func:`segmenter_failure_code`, one the classifier scored and the segmenter failed on
-    (:attr:`by_segmenter`): its classifier's SR went back, none of the segmenter's objects did."""
+    reason :func:`report_failure_code`, one the classifier scored whose SR could not be written
+    (:attr:`by_report`): nothing went back for it; or, its reason :func:`segmenter_failure_code`,
+    one the classifier scored and the segmenter failed on (:attr:`by_segmenter`): its classifier's SR
+    went back, none of the segmenter's objects did."""
 
     series: str  # the gate's pseudonym
     manufacturer: str
-    reason: str  # failure_code (or segmenter_failure_code): a reason code or an exception type, never a message
+    # failure_code (report_failure_code, segmenter_failure_code): a reason code or an exception type, never a message
+    reason: str
+
+    @property
+    def by_report(self) -> bool:
+        return self.reason.startswith(f"{REPORT_FAILED}:")
 
     @property
     def by_segmenter(self) -> bool:
         return self.reason.startswith(f"{SEGMENTER_FAILED}:")
 
 
-def by_step(failures: Sequence[SeriesFailure]) -> tuple[list[SeriesFailure], list[SeriesFailure]]:
-    """The series that could not be scored, and those scored that the segmenter failed on."""
-    return [f for f in failures if not f.by_segmenter], [f for f in failures if f.by_segmenter]
+def by_step(failures: Sequence[SeriesFailure]) -> tuple[list[SeriesFailure], list[SeriesFailure], list[SeriesFailure]]:
+    """The failed series by the step they failed at: not scored; scored, whose classifier's SR could
+    not be written (:attr:`SeriesFailure.by_report`: nothing went back for either); and scored, that
+    the segmenter failed on (:attr:`SeriesFailure.by_segmenter`: their classifier's SR went back)."""
+    return ([f for f in failures if not f.by_report and not f.by_segmenter], [f for f in failures if f.by_report],
+            [f for f in failures if f.by_segmenter])
 
 
 @dataclass
@@ -121,7 +141,8 @@ class Answer:
     images: str = ""  # from a PACS: the keyed digest of the image instances answered (watch.images_digest)
     # What the segmenter answered for each series it wrote back (dicomops.serving.segmenter.Served).
     localised: list[Any] = field(default_factory=list, repr=False)
-    # Series not scored, the others were; and scored series the segmenter failed on (SeriesFailure.by_segmenter).
+    # Series not scored, the others were; scored series whose SR could not be written (SeriesFailure.by_report);
+    # and scored series the segmenter failed on (SeriesFailure.by_segmenter).
     failed_series: list[SeriesFailure] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -325,10 +346,10 @@ def answer_staged(study: str, staged: Path, study_work: Path, cfg: IngestConfig,
 
 def remember(cache: VolumeCache, digest: str, answer: Answer, entries: list[dict[str, Any]]) -> None:
     """Store a scored study's manifest (its series' volume keys and the gate's counts) under `digest`.
-    Not for a study with a series that could not be scored, or that the segmenter failed on (called
-    once its reports are built): a warm answer names only the series its manifest holds and says
-    nothing of a failure, so such a study is answered cold each time, its failed series said again
-    (the volumes of the others still come from the cache)."""
+    Not for a study with a series that could not be scored, whose SR could not be written, or that the
+    segmenter failed on (called once its reports are built): a warm answer names only the series its
+    manifest holds and says nothing of a failure, so such a study is answered cold each time, its
+    failed series said again (the volumes of the others still come from the cache)."""
     if answer.status == "scored" and entries and not answer.failed_series:
         cache.put_manifest(digest, {"series": entries, "accepted_series": answer.accepted_series,
                                     "quarantined_files": answer.quarantined_files})
@@ -360,7 +381,10 @@ def answer_pacs_study(study_uid: str, pacs: Any, staging: Path, scratch: Path, c
     `write_back`, answered with one SR per scored series stored in the PACS (a series that could
     not be scored has none: the answer's ``failed_series`` names it, :func:`answer_staged`), and the
     segmenter's objects where the champion carries one (a series it fails on has none of them, its
-    classifier's SR still goes back, and ``failed_series`` names it: :func:`segmenter_failure_code`). The
+    classifier's SR still goes back, and ``failed_series`` names it: :func:`segmenter_failure_code`).
+    A scored series whose SR cannot be written has nothing stored, the others do, and
+    ``failed_series`` names it (:func:`report_failure_code`); when none can be, the study is
+    ``failed`` with nothing stored. The
     study is held (:func:`dicomops.pacs.staging.held_study`) while it is staged; staging and the
     study's scratch work directory are removed before returning. Only talking to the PACS, or a study another
     handler holds past the wait (:class:`~dicomops.pacs.staging.StudyBusyError`), raises. `images`:
@@ -403,18 +427,20 @@ def answer_pacs_study(study_uid: str, pacs: Any, staging: Path, scratch: Path, c
         reports: list[Any] | None = None
         failure = ""
         if answer.status == "scored" and write_back:
-            unlocalised: list[SeriesFailure] = []  # scored series the segmenter failed on: their other results go back
+            unanswered: list[SeriesFailure] = []  # scored series whose SR, or the segmenter's part, failed
             try:
                 with timer("write_s"):
                     table = findings_frame(answer.findings, champion)
-                    reports, localised = build_reports(staged, study_work, table, champion, key, unlocalised)
+                    reports, localised = build_reports(staged, study_work, table, champion, key, unanswered)
             except Exception as err:
                 if local_outage(err):
                     raise
                 failure = f"{type(err).__name__} while writing the reports; nothing stored"
             else:
                 answer.localised = localised
-                answer.failed_series.extend(unlocalised)
+                answer.failed_series.extend(unanswered)
+                if not reports:  # no scored series' SR could be written: nothing to store, as a failed study
+                    failure = f"no report could be written: {said_failures(unanswered)}; nothing stored"
         if cache is not None and digest is not None:  # after the segmenter: a series it failed on keeps no manifest
             remember(cache, digest, answer, entries)
         if failure:
@@ -453,6 +479,8 @@ def result_table(answers: Sequence[Answer], champion: Champion) -> pd.DataFrame:
     and reason); where the segmenter answered the series in the PACS, its call (``segmenter*``
     columns) and where its mask is kept (``segmenter_mask``, :meth:`WorkLayout.served_mask`); where
     it failed on a scored series, that series' row says so in ``reason`` (its code) and stays scored.
+    A scored series whose SR could not be written keeps its score in a ``failed`` row (nothing went
+    back: no reader can review it), its code in ``reason``.
     ``slices`` counts the slices of the volume the model scored (resampled to the preprocessing's
     spacing, not the acquired images), ``best_z`` is the highest-scoring one; both stay whole numbers
     (empty on a row without a score). De-identified: tokens and pseudonyms only."""
@@ -467,8 +495,9 @@ def result_table(answers: Sequence[Answer], champion: Champion) -> pd.DataFrame:
         if not a.findings and not a.failed_series:
             rows.append(common | meta)
         localised = {s.series: s for s in a.localised}
-        not_scored, unlocalised = by_step(a.failed_series)
+        not_scored, unreported, unlocalised = by_step(a.failed_series)
         segmenter_failed = {f.series: f.reason for f in unlocalised}
+        unwritten = {f.series: f.reason for f in unreported}
         for f in a.findings:
             served = localised.get(f.series)
             segmenter = {} if served is None else served.columns() | {
@@ -477,10 +506,13 @@ def result_table(answers: Sequence[Answer], champion: Champion) -> pd.DataFrame:
             if f.series in segmenter_failed:  # scored, its SR went back: the row stays scored
                 note = {"reason": "; ".join(filter(None, [
                     a.reason, f"the segmenter's results not written back: {segmenter_failed[f.series]}"]))}
+            elif f.series in unwritten:  # scored, nothing went back for it
+                note = {"status": "failed", "reason": "; ".join(filter(None, [
+                    a.reason, f"scored, no result written back: {unwritten[f.series]}"]))}
             rows.append(common | meta | {"series": f.series, "manufacturer": f.manufacturer, "slices": f.slices,
                                          "score": f.score, "present": f.present, "best_z": f.best_z,
                                          "cache": f.cache} | segmenter | note)
-        for failed in not_scored:
+        for failed in not_scored:  # those scored have their row above
             rows.append(common | meta | {"series": failed.series, "manufacturer": failed.manufacturer,
                                          "status": "failed", "reason": f"series not scored: {failed.reason}"})
     columns = [*RESULT_COLUMNS, "status", "reason", "warm", "total_s", *Served.COLUMNS, "segmenter_mask"]

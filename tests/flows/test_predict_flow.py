@@ -233,7 +233,7 @@ def test_a_series_that_cannot_be_scored_fails_alone_and_the_cli_exits_1(env: Exp
                               env={"COLUMNS": "200"})
     output = " ".join(said.output.split())
     assert said.exit_code == 1, said.output
-    assert "not everything was answered" in output and "1 series not scored or without the segmenter" in output
+    assert "not everything was answered" in output and "1 series not scored, without a result written back" in output
     (results,) = (work / "predict").glob("*/results.csv")
     table = pd.read_csv(results, keep_default_na=False)
     mapper = KeyedMapper(KEY)

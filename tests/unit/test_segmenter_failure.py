@@ -257,7 +257,7 @@ def test_a_segmenter_failure_is_said_apart_from_a_series_not_scored(tmp_path: Pa
     assert segmenter_failure_code(ValueError("Doe^Jane 1.2.3")) == "segmenter_failed:ValueError"
     failures = [SeriesFailure("2.25.2", "GE", "unreadable_pixels"),
                 SeriesFailure("2.25.1", "GE", "segmenter_failed:ValueError")]
-    assert [[f.series for f in step] for step in by_step(failures)] == [["2.25.2"], ["2.25.1"]]
+    assert [[f.series for f in step] for step in by_step(failures)] == [["2.25.2"], [], ["2.25.1"]]
     answer = Answer("tok", "scored", [SeriesFinding("2.25.1", "GE", 4, 0.9, True, 1, "off")], 2, results_stored=1,
                     failed_series=failures)
     champion = SimpleNamespace(threshold=0.5, name="classifier", version="7",
@@ -269,3 +269,177 @@ def test_a_segmenter_failure_is_said_apart_from_a_series_not_scored(tmp_path: Pa
     only_segmenter = Answer("tok", "scored", answer.findings, 1, results_stored=1, failed_series=failures[1:])
     assert not watch.record_answered(tmp_path, only_segmenter, "a batch")
     assert not WorkLayout(tmp_path).pacs.ledger.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# The classifier's own SR failing on one series (until 2026-12-07 the whole study failed, nothing went
+# back): that series alone fails, nothing goes back for it (the segmenter is not run on it), the others
+# are answered, and it is named ``report_failed:<type>`` where the segmenter's failures are.
+# --------------------------------------------------------------------------------------------------
+def report_failing_on(monkeypatch: pytest.MonkeyPatch, targets: set[str],
+                      error: BaseException) -> list[tuple[str, int]]:
+    """The classifier's SR (series number 9001) of the series of original UIDs `targets` raises
+    `error`, as highdicom refusing a header value would; every other SR is built as it is. Patched
+    where :func:`dicomops.pacs.watch.build_reports` imports it from. Returns every call made, as
+    (original series UID, series number)."""
+    import dicomops.pacs.results as results
+
+    real = results.structured_report
+    calls: list[tuple[str, int]] = []
+
+    def flaky(source_images: Any, finding: Any, *, series_number: int = 9001, instance_number: int = 1) -> Any:
+        series = str(source_images[0].SeriesInstanceUID)
+        calls.append((series, series_number))
+        if series in targets and series_number == 9001:
+            raise error
+        return real(source_images, finding, series_number=series_number, instance_number=instance_number)
+
+    monkeypatch.setattr(results, "structured_report", flaky)
+    return calls
+
+
+def online_service(exported_champion: ExportedChampion, champion: Champion, files: list[Path], online: Path) -> Any:
+    """The online service on `champion`, its PACS the study's files."""
+    from dicomops.serving.online import Service, ServiceOptions
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DICOMOPS_MLFLOW_ARTIFACT_ROOT", str(exported_champion.artifacts))
+        for name in ("DICOMOPS_REDIS_URL", "DICOMOPS_PACS_PASSWORD"):
+            mp.delenv(name, raising=False)
+        service = Service(ServiceOptions(model_name=TINY.model_name, alias="champion", version=None, engine="ort-fp32",
+                                         threads=1, work=online, staging=online / "staging", ingest=CONFIG.ingest,
+                                         key=KEY, tracking_uri=exported_champion.uri, pacs_url=None, cache_ttl_s=60,
+                                         use_cache=False))
+    one = copy.copy(service)
+    one.champion, one.pacs = champion, FolderPacs(files)
+    return one
+
+
+def test_the_watch_answers_the_other_series_when_one_series_classifier_sr_cannot_be_written(
+        champion: Champion, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    files, (first, second) = two_series_study(tmp_path, index=97)
+    mapper = KeyedMapper(KEY)
+    calls = report_failing_on(monkeypatch, {first}, ValueError(phi_message(files)))
+    pacs, work, staging, cache = FolderPacs(files), tmp_path / "work", tmp_path / "staging", Cache()
+    study = study_uid_of(files)
+    with caplog.at_level(logging.INFO, logger="dicomops"):
+        outcome = watch.handle_study(study, pacs, staging, work, CONFIG.ingest, KEY, champion, cache)
+    code = "report_failed:ValueError"
+    assert (outcome.status, outcome.accepted_series, outcome.series_failed, outcome.failed_series) == \
+        ("ingested", 2, 1, f"{mapper.uid(first)}:{code}"), outcome
+    assert outcome.reason.startswith(f"1 of its 2 series scored and not answered, their classifier's SR could not be "
+                                     f"written: {code} (1), nothing went back for them; not answered again unless")
+    assert "not scored" not in outcome.reason and "once the report writer is fixed" in outcome.reason
+    # Nothing for the failed series, not even the segmenter's objects (it was not run on it); all of the other's.
+    assert by_kind(pacs.stored) == {("SR", TINY.model_name): {second}, ("SR", SEGMENTER): {second},
+                                    ("SEG", SEGMENTER): {second}}
+    assert outcome.results_stored == len(pacs.stored) == 3
+    assert (first, 9001) in calls and (first, watch.SEGMENTER_SR_SERIES) not in calls
+    (row,) = pd.read_csv(WorkLayout(work).pacs.ledger, keep_default_na=False).to_dict("records")
+    assert (row["status"], row["series_failed"], row["failed_series"]) == ("ingested", 1, f"{mapper.uid(first)}:{code}")
+    summary = watch.summarise([outcome])
+    assert (summary["ingested"], summary["partly_scored"], summary["series_failed"], summary["results_stored"]) == \
+        (1, 1, 1, 3)
+    # Its row keeps the score and does not claim a result: failed, so no reader's review can meet it.
+    results = pd.read_csv(WorkLayout(WorkLayout(work).pacs.root).predictions(outcome.token) / "results.csv",
+                          keep_default_na=False, dtype={"segmenter_version": str}).set_index("series")
+    assert len(results) == 2 and results.status.to_dict() == {mapper.uid(first): "failed", mapper.uid(second): "scored"}
+    assert results.loc[mapper.uid(first)].reason == f"scored, no result written back: {code}"
+    assert 0.0 <= float(results.loc[mapper.uid(first)].score) <= 1.0 and results.loc[mapper.uid(first)].segmenter == ""
+    assert results.loc[mapper.uid(second)].segmenter == SEGMENTER
+    assert cache.manifests == {} and len(cache.volumes) == 2
+    again = watch.handle_study(study, pacs, staging, work, CONFIG.ingest, KEY, champion, cache)
+    assert again.status == "duplicate" and len(pacs.stored) == 3
+    needles = _needles(files)
+    assert [n for n in needles if n in phi_message(files)]  # not vacuous
+    assert scan_for_phi(work, needles) == [] and not [n for n in needles if n in caplog.text]
+    assert not [n for n in needles if n in repr(outcome)]
+    assert f"the classifier's SR of series {mapper.uid(first)} could not be written ({code};" in caplog.text
+    assert list(staging.glob("*")) == []
+
+
+def test_predict_pacs_and_the_online_service_answer_the_other_series_when_one_sr_cannot_be_written(
+        exported_champion: ExportedChampion, champion: Champion, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    files, (first, second) = two_series_study(tmp_path, index=99)
+    mapper = KeyedMapper(KEY)
+    report_failing_on(monkeypatch, {second}, TypeError(phi_message(files)))
+    code = "report_failed:TypeError"
+    pacs, cache = FolderPacs(files), Cache()
+    answered: list[Answer] = []
+    with caplog.at_level(logging.INFO, logger="dicomops"):
+        answer = answer_pacs_study(study_uid_of(files), pacs, tmp_path / "staging", tmp_path / "scratch",
+                                   CONFIG.ingest, KEY, champion, cache, write_back=True, answered=answered.append)
+    assert (answer.status, answer.reason) == ("scored", "")
+    assert [(f.series, f.reason, f.by_report, f.by_segmenter) for f in answer.failed_series] == \
+        [(mapper.uid(second), code, True, False)]
+    assert [s.series for s in answer.localised] == [mapper.uid(first)]
+    assert by_kind(pacs.stored) == {("SR", TINY.model_name): {first}, ("SR", SEGMENTER): {first},
+                                    ("SEG", SEGMENTER): {first}}
+    assert answer.results_stored == 3 and answered == [answer] and cache.manifests == {}
+    assert not watch.record_answered(tmp_path / "work", answer, "a batch")
+    needles = _needles(files)
+    assert not [n for n in needles if n in repr(answer.as_dict())] and not [n for n in needles if n in caplog.text]
+
+    online = tmp_path / "online"
+    with caplog.at_level(logging.INFO, logger="dicomops"):
+        said = online_service(exported_champion, champion, files, online).answer_study(
+            {"study_instance_uid": study_uid_of(files), "write_back": True}, champion.engine)
+    assert (said["status"], said["accepted_series"], said["results_stored"]) == ("partly_scored", 2, 3)
+    assert sorted(s["series_instance_uid"] for s in said["series"]) == sorted([first, second])  # both scored
+    assert said["failed_series"] == [{"series_instance_uid": second, "reason": code}]
+    assert said["warning"] == (f"the classifier's SR could not be written for 1 of its 2 series ({code} (1)): "
+                               "failed_series names them; they were scored, and nothing was written back for them")
+    assert "could not be scored" not in said["warning"]
+    assert watch.study_token(KEY, study_uid_of(files)) not in watch.handled_tokens(online)
+    assert scan_for_phi(online, needles) == [] and not [n for n in needles if n in caplog.text]
+
+
+def test_a_study_none_of_whose_srs_can_be_written_still_fails_with_nothing_stored(
+        exported_champion: ExportedChampion, champion: Champion, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from dicomops.serving.online import RequestError
+
+    files, (first, second) = two_series_study(tmp_path, index=101)
+    mapper = KeyedMapper(KEY)
+    calls = report_failing_on(monkeypatch, {first, second}, ValueError(phi_message(files)))
+    code = "report_failed:ValueError"
+    pacs, work, cache = FolderPacs(files), tmp_path / "work", Cache()
+    with caplog.at_level(logging.INFO, logger="dicomops"):
+        outcome = watch.handle_study(study_uid_of(files), pacs, tmp_path / "staging", work, CONFIG.ingest, KEY,
+                                     champion, cache)
+    assert (outcome.status, outcome.results_stored, outcome.series_failed) == ("failed", 0, 2), outcome
+    assert outcome.reason.startswith(f"no report could be written: {code} (2); not answered")
+    assert sorted(outcome.failed_series.split(";")) == sorted(f"{mapper.uid(s)}:{code}" for s in (first, second))
+    assert pacs.stored == [] and cache.manifests == {} and watch.handled_tokens(work) == {outcome.token}
+    assert {n for _, n in calls} == {9001}  # the segmenter was run on neither
+    (row,) = pd.read_csv(WorkLayout(work).pacs.ledger, keep_default_na=False).to_dict("records")
+    assert row["status"] == "failed"
+
+    answered: list[Answer] = []
+    answer = answer_pacs_study(study_uid_of(files), pacs, tmp_path / "staging", tmp_path / "scratch", CONFIG.ingest,
+                               KEY, champion, cache, write_back=True, answered=answered.append)
+    assert (answer.status, answer.results_stored, answered) == ("failed", 0, [])
+    assert answer.reason == f"no report could be written: {code} (2); nothing stored"
+    assert pacs.stored == [] and cache.manifests == {}
+    with caplog.at_level(logging.INFO, logger="dicomops"), pytest.raises(RequestError) as refused:
+        online_service(exported_champion, champion, files, tmp_path / "online").answer_study(
+            {"study_instance_uid": study_uid_of(files), "write_back": True}, champion.engine)
+    assert refused.value.status == 422 and "no report could be written" in str(refused.value)
+    needles = _needles(files)
+    assert scan_for_phi(work, needles) == [] and not [n for n in needles if n in caplog.text]
+    assert not [n for n in needles if n in repr(outcome) + repr(answer.as_dict()) + str(refused.value)]
+
+
+def test_a_full_disk_while_a_series_sr_is_written_still_stops_the_study_as_an_outage(
+        champion: Champion, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files, (first, _) = two_series_study(tmp_path, index=103)
+    report_failing_on(monkeypatch, {first}, OSError(errno.ENOSPC, "No space left on device"))
+    pacs, work = FolderPacs(files), tmp_path / "work"
+    with pytest.raises(OSError, match="No space left"):
+        watch.handle_study(study_uid_of(files), pacs, tmp_path / "staging", work, CONFIG.ingest, KEY, champion)
+    assert watch.handled_tokens(work) == set() and pacs.stored == []
+    with pytest.raises(OSError, match="No space left"):
+        answer_pacs_study(study_uid_of(files), pacs, tmp_path / "staging", tmp_path / "scratch", CONFIG.ingest, KEY,
+                          champion, write_back=True)
+    assert pacs.stored == []
