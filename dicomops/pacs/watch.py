@@ -383,6 +383,14 @@ def build_reports(staged: Path, study_work: Path, scores: pd.DataFrame, champion
     accepted_table = pd.read_parquet(layout.ingest.accepted)
     originals = original_series(staged, key, set(accepted_table.source_path))
     reports, localised = [], []
+
+    def fail_alone(err: Exception, series: str, manufacturer: str, code: str, said: str) -> None:
+        """Record `series` as failed with `code`, or raise where it may not fail alone."""
+        if failures is None or local_outage(err):
+            raise err
+        log.warning(said, series, code, "; the message is withheld, it may quote header values")
+        failures.append(SeriesFailure(series, manufacturer, code))
+
     for row in scores.itertuples():
         series = str(row.SeriesInstanceUID)
         group = accepted_table[accepted_table.SeriesInstanceUID == row.SeriesInstanceUID]
@@ -396,12 +404,9 @@ def build_reports(staged: Path, study_work: Path, scores: pd.DataFrame, champion
                               model_version=str(champion.version))
             report = structured_report(images, finding)
         except Exception as err:
-            if failures is None or local_outage(err):
-                raise
-            code = report_failure_code(err)
-            log.warning("the classifier's SR of series %s could not be written (%s; the message is withheld, it may "
-                        "quote header values): nothing goes back for it, the segmenter's objects neither", series, code)
-            failures.append(SeriesFailure(series, manufacturer, code))
+            fail_alone(err, series, manufacturer, report_failure_code(err),
+                       "the classifier's SR of series %s could not be written (%s%s): nothing goes back for it, "
+                       "the segmenter's objects neither")
             continue
         reports.append(report)
         if champion.segmenter is not None:
@@ -409,12 +414,9 @@ def build_reports(staged: Path, study_work: Path, scores: pd.DataFrame, champion
                 objects, answer = localisation_reports(images, group, layout.ingest.deid, champion.segmenter,
                                                        champion.write_seg, series)
             except Exception as err:
-                if failures is None or local_outage(err):
-                    raise
-                code = segmenter_failure_code(err)
-                log.warning("the segmenter failed on series %s (%s; the message is withheld, it may quote header "
-                            "values): its classifier's SR goes back, none of the segmenter's objects", series, code)
-                failures.append(SeriesFailure(series, manufacturer, code))
+                fail_alone(err, series, manufacturer, segmenter_failure_code(err),
+                           "the segmenter failed on series %s (%s%s): its classifier's SR goes back, none of the "
+                           "segmenter's objects")
                 continue
             reports.extend(objects)
             localised.append(answer)

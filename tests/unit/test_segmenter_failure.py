@@ -141,6 +141,15 @@ def phi_message(files: list[Path]) -> str:
     return f"Source image {ds.SOPInstanceUID} of {ds.PatientName} ({ds.PatientID}) has no shared orientation"
 
 
+
+def _assert_watch_leaked_nothing(files: list[Path], work: Path, logs: str, outcome: object) -> None:
+    """The failure's message quoted the study's PHI (checked, so the scan is not vacuous): neither the
+    watch's work directory, nor its logs, nor the outcome it recorded holds any of it."""
+    needles = _needles(files)
+    assert [n for n in needles if n in phi_message(files)]  # not vacuous
+    assert scan_for_phi(work, needles) == [] and not [n for n in needles if n in logs]
+    assert not [n for n in needles if n in repr(outcome)]
+
 def test_the_watch_sends_the_classifier_s_srs_and_the_other_series_segmenter_objects_and_records_the_failure(
         champion: Champion, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     files, (first, second) = two_series_study(tmp_path, index=91)
@@ -178,10 +187,7 @@ def test_the_watch_sends_the_classifier_s_srs_and_the_other_series_segmenter_obj
     again = watch.handle_study(study, pacs, staging, work, CONFIG.ingest, KEY, champion, cache)
     assert again.status == "duplicate" and len(pacs.stored) == 4
     # The message quoted header values: neither the record nor the logs hold one.
-    needles = _needles(files)
-    assert [n for n in needles if n in phi_message(files)]  # not vacuous
-    assert scan_for_phi(work, needles) == [] and not [n for n in needles if n in caplog.text]
-    assert not [n for n in needles if n in repr(outcome)]
+    _assert_watch_leaked_nothing(files, work, caplog.text, outcome)
     assert f"the segmenter failed on series {mapper.uid(first)} (segmenter_failed:ValueError" in caplog.text
     assert list(staging.glob("*")) == []
 
@@ -350,10 +356,7 @@ def test_the_watch_answers_the_other_series_when_one_series_classifier_sr_cannot
     assert cache.manifests == {} and len(cache.volumes) == 2
     again = watch.handle_study(study, pacs, staging, work, CONFIG.ingest, KEY, champion, cache)
     assert again.status == "duplicate" and len(pacs.stored) == 3
-    needles = _needles(files)
-    assert [n for n in needles if n in phi_message(files)]  # not vacuous
-    assert scan_for_phi(work, needles) == [] and not [n for n in needles if n in caplog.text]
-    assert not [n for n in needles if n in repr(outcome)]
+    _assert_watch_leaked_nothing(files, work, caplog.text, outcome)
     assert f"the classifier's SR of series {mapper.uid(first)} could not be written ({code};" in caplog.text
     assert list(staging.glob("*")) == []
 
