@@ -75,6 +75,7 @@ def segment(work: Path | None = None, config: SegmentConfig = SegmentConfig(),
               f"{'; '.join(decision['reasons'])}")
         result: dict[str, object] = {"mlflow_run_id": run_id, "version": version, "cpm": summary["cpm"],
                                      "vendor_cpm": summary["vendor_cpm"], "dice_ge6": summary["dice_ge6_mean"],
+                                     "dice_ge6_native": summary["dice_ge6_native_mean"],
                                      "kappa_series": summary["kappa_series"],
                                      "actionable_auc": summary["actionable_auc"],
                                      "vendor_actionable_auc": summary["vendor_actionable_auc"], "promoted": decision["promoted"],

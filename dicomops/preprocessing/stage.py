@@ -81,6 +81,16 @@ def _aligned_mask(mask_file: Path, z_positions: np.ndarray, shape: tuple[int, in
     return out
 
 
+def native_reference(mask: np.ndarray, native_affine: np.ndarray) -> dict[str, np.ndarray]:
+    """The annotation where it was drawn, beside the resampled one: the native (column, row, slice)
+    index and instance of every annotated voxel, the grid's shape and affine. The segmenter's
+    metrics read its Dice there too (:class:`dicomops.segmentation.metrics.NativeReference`), since
+    at 1 mm a thick-sliced series' reference is its slices repeated."""
+    index = np.argwhere(mask > 0)
+    return {"native_index": index.astype(np.int32), "native_label": mask[tuple(index.T)].astype(np.uint8),
+            "native_shape": np.asarray(mask.shape, np.int64), "native_affine": np.asarray(native_affine, np.float64)}
+
+
 def single_threaded() -> None:
     """Worker initializer: one thread per library, so N workers use N cores and no more."""
     import torch
@@ -146,7 +156,9 @@ def preprocess_one(records: list[dict[str, Any]], deid_root: str, mask_path: str
     mask_out = out["mask"][0].numpy().astype(np.uint8) if "mask" in out else np.zeros(image.shape, np.uint8)
     affine = np.asarray(out["image"].affine, dtype=np.float64)
     path = Path(out_path)
-    io.write_npz(path, stored=() if cfg.compress_images else ("image",), image=image, mask=mask_out, affine=affine)
+    arrays: dict[str, Any] = {"image": image, "mask": mask_out, "affine": affine,
+                              **(native_reference(mask, volume.affine) if mask_path else {})}
+    io.write_npz(path, stored=() if cfg.compress_images else ("image",), **arrays)
     labels = central_slice_labels(mask_out, actionable, cfg.min_positive_voxels, cfg.positive_area_share)
     target = mask_out if actionable is None else np.isin(mask_out, actionable)
     # Slices that show only a nodule that is not actionable (small, ground-glass): the negatives that

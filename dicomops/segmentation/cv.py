@@ -148,7 +148,8 @@ def evaluate(model: torch.nn.Module, volumes: list[SegVolume], cfg: SegmentConfi
             score = actionable.series_score(actionable.weighed(prob, v.image, level, cfg))
         evals.append(dataclasses.replace(
             m.evaluate_series(prob, v.mask, v.nodules, series=v.series, vendor=v.vendor, threshold=cfg.threshold,
-                              candidate_threshold=cfg.candidate_threshold, finding_threshold=cfg.finding_threshold),
+                              candidate_threshold=cfg.candidate_threshold, finding_threshold=cfg.finding_threshold,
+                              native=v.native),
             actionable_ref=v.actionable, actionable_score=score))
         if keep is not None:
             io.write_npz(keep / f"{v.series}.npz", prob=np.round(prob * PREDICTION_SCALE).astype(np.uint8))
@@ -247,13 +248,14 @@ def _group_table(evals: list[m.SeriesEval]) -> pd.DataFrame:
     rows: list[dict[str, Any]] = []
 
     def row(group: str, value: str, froc: m.Froc, nodules: list[dict[str, Any]], part: list[m.SeriesEval]) -> None:
-        ge6 = [n["dice"] for n in nodules if n["diameter_mm"] >= 6.0]
+        ge6, ge6_native = m.nodule_dices(nodules, m.SIZE_EDGES_MM[0]), m.nodule_dices(nodules, m.SIZE_EDGES_MM[0], "dice_native")
         per_series = group in ("all", "vendor")
         low, high = m.series_kappa_interval(part) if per_series else (float("nan"), float("nan"))
         rows.append({"group": group, "value": value, "scans": froc.scans, "nodules": froc.nodules, "cpm": froc.cpm,
                      **{f"sens@{r:g}": s for r, s in froc.at_rates.items()},
                      "dice_mean": float(np.mean([n["dice"] for n in nodules])) if nodules else float("nan"),
                      "dice_ge6_mean": float(np.mean(ge6)) if ge6 else float("nan"),
+                     "dice_ge6_native_mean": float(np.mean(ge6_native)) if ge6_native else float("nan"),
                      "kappa_series": m.series_kappa(part) if per_series else float("nan"),
                      "kappa_series_low": low, "kappa_series_high": high})
 
@@ -298,10 +300,12 @@ def summarise(layout: WorkLayout, cfg: SegmentConfig, tracking_uri: str) -> dict
                 contour_picture(layout, evals, paths.picture("contours.png"), cfg)]
     summary = {"cpm": metrics["cpm"], "vendor_cpm": {v: float(r.cpm) for v, r in vendors.iterrows()},
                "vendor_dice_ge6": {v: float(r.dice_ge6_mean) for v, r in vendors.iterrows()},
+               "vendor_dice_ge6_native": {v: float(r.dice_ge6_native_mean) for v, r in vendors.iterrows()},
                "vendor_kappa": {v: float(r.kappa_series) for v, r in vendors.iterrows()},
                "vendor_kappa_interval": {v: [float(r.kappa_series_low), float(r.kappa_series_high)]
                                          for v, r in vendors.iterrows()},
-               "dice_ge6_mean": metrics["dice_ge6_mean"], "kappa_series": metrics["kappa_series"],
+               "dice_ge6_mean": metrics["dice_ge6_mean"], "dice_ge6_native_mean": metrics["dice_ge6_native_mean"],
+               "kappa_series": metrics["kappa_series"],
                "kappa_size": metrics["kappa_size"], "actionable_auc": calls.get("mean"),
                "actionable_auc_std": calls.get("std"), "vendor_actionable_auc": calls.get("vendor", {}),
                "sensitivity": {f"{r:g}": metrics[f"sens_at_{r:g}"] for r in m.FP_RATES},
@@ -321,7 +325,8 @@ def describe(summary: dict[str, Any]) -> str:
     call's AUC overall and per vendor ("–" where it was not made)."""
     f = model_card._f
     vendors = ", ".join(f"{v} {f(a)}" for v, a in summary.get("vendor_actionable_auc", {}).items())
-    return (f"CPM {f(summary['cpm'])}, Dice (nodules >= 6 mm) {f(summary['dice_ge6_mean'])}, series kappa "
+    return (f"CPM {f(summary['cpm'])}, Dice (nodules >= 6 mm) {f(summary['dice_ge6_mean'])} "
+            f"(on the acquired slices {f(summary.get('dice_ge6_native_mean'))}), series kappa "
             f"{f(summary['kappa_series'])}, actionable-call AUC {f(summary.get('actionable_auc'))}"
             + (f" ({vendors})" if vendors else ""))
 
@@ -408,6 +413,7 @@ def register(layout: WorkLayout, cfg: SegmentConfig, pre: PreprocessConfig, trac
     # What the gate compares, to full precision as metrics of the run (registry.version_figures); rounded
     # in the tags, which people read on the version page.
     figures = {"cv.mean_cpm": summary["cpm"], "cv.dice_ge6": summary["dice_ge6_mean"],
+               "cv.dice_ge6_native": summary.get("dice_ge6_native_mean", float("nan")),
                "cv.kappa_series": summary["kappa_series"],
                **{f"cv.cpm.{v}": c for v, c in summary["vendor_cpm"].items() if np.isfinite(c)}}
     mlflow_runs.log_results(tracking_uri, parent, _finite(figures), [paths.final_weights, paths.final_config,
@@ -436,7 +442,7 @@ def seg_card(model_name: str, version: str, summary: dict[str, Any], table: pd.D
     def rows(*groups: str) -> list[list[str]]:
         part = table[table.group.isin(groups)]
         return [[str(r.value), *counts(str(r.value), r.group), f(r.cpm), f(r["sens@1"]), f(r.dice_ge6_mean),
-                 kappa(r), *([f(r.get("auc_actionable"))] if r.group in ("all", "vendor") else [])]
+                 f(r.get("dice_ge6_native_mean")), kappa(r), *([f(r.get("auc_actionable"))] if r.group in ("all", "vendor") else [])]
                 for _, r in part.iterrows()]
 
     def kappa(r: pd.Series) -> str:
@@ -448,22 +454,24 @@ def seg_card(model_name: str, version: str, summary: dict[str, Any], table: pd.D
             return [pool.total(0, vendors), pool.total(1, vendors)]
         return [pool.cell(value, 0), pool.cell(value, 1)] if group == "vendor" else []
 
-    header = ("", "series without", "series with", "CPM", "sens @1 FP", "Dice ≥6 mm", "kappa (series, 95 % CI)",
-              "AUC (actionable)")
-    metrics = ("", "CPM", "sens @1 FP", "Dice ≥6 mm", "kappa (series)")
+    header = ("", "series without", "series with", "CPM", "sens @1 FP", "Dice ≥6 mm", "on its slices",
+              "kappa (series, 95 % CI)", "AUC (actionable)")
+    metrics = ("", "CPM", "sens @1 FP", "Dice ≥6 mm", "on its slices", "kappa (series)")
     body = ["Out-of-fold, four folds stratified by vendor (the classifier's `splits/folds.json`).",
-            f"**CPM {f(summary['cpm'])}**, mean Dice of nodules ≥ 6 mm {f(summary['dice_ge6_mean'])}, "
+            f"**CPM {f(summary['cpm'])}**, mean Dice of nodules ≥ 6 mm {f(summary['dice_ge6_mean'])} at 1 mm, "
+            f"{f(summary.get('dice_ge6_native_mean'))} on the series' own slices (where the annotation was drawn and "
+            "the SEG goes back), "
             f"series kappa {f(summary['kappa_series'])}, size-category kappa {f(summary['kappa_size'])}. "
             f"The kappas count findings: candidates segmented at least {m.MIN_FINDING_MM:g} mm across and round "
             f"(elongation at most {m.MAX_ELONGATION:g}, not a vessel's piece); the FROC counts every candidate.",
             f"Actionable series (the classifier's label) called from the findings' size and solid part: mean CV "
             f"AUC {f(summary.get('actionable_auc'))} ± {f(summary.get('actionable_auc_std'))}, per fold and vendor "
             "as the classifier reports its own.", "",
-            *model_card.table(header, "lrrrrrrr", rows("all", "vendor")), "",
+            *model_card.table(header, "lrrrrrrrr", rows("all", "vendor")), "",
             f"*Series without, with* an actionable nodule: {pool.caption} The *all* row adds the vendors' "
             "released cells (+: and the suppressed ones). The kappa's interval is a percentile bootstrap over "
             "series: a vendor's rests on its few series without a nodule.", "",
-            *model_card.table(metrics, "lrrrr", rows("kind", "attachment", "size_bin")), "",
+            *model_card.table(metrics, "lrrrrr", rows("kind", "attachment", "size_bin")), "",
             f"Pictures: `runs:/{run_id}/cv/froc_by_vendor.png`, `cv/froc_by_kind.png`, `cv/contours.png`."]
     evidence = ("the run's artifacts `cv/` (FROC per vendor and per nodule kind, contours of predicted and "
                 "reference nodules, `metrics_by_group.csv`, `series.csv`, `nodules.csv`) and its fold runs")

@@ -25,7 +25,7 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 
 from dicomops.layout import WorkLayout
-from dicomops.segmentation.metrics import NoduleRef, mask_box
+from dicomops.segmentation.metrics import NativeReference, NoduleRef, mask_box
 from dicomops.synthetic.sidecars import LABELS_CSV
 
 # Lung window [-1350, 150] HU maps to [0, 1]: 0.28 is about -930 HU, between air (-1000 HU, 0.23)
@@ -56,6 +56,7 @@ class SegVolume:
     label: np.ndarray  # uint8 (1, X, Y, Z): the binary target, made once
     dropped_nodules: int = 0  # recorded nodules with no voxel left after resampling
     actionable: bool | None = None  # the series' label (an actionable nodule), None where unknown
+    native: NativeReference | None = None  # the reference on the acquired grid; None in an older cache
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -185,6 +186,10 @@ def read_volume(path: Path, series: str, vendor: str, nodules: list[NoduleRef],
                 patch: tuple[int, int, int], actionable: bool | None = None, border_share: float = 0.0) -> SegVolume:
     with np.load(path) as npz:
         image, mask = pad_to(npz["image"], patch), pad_to(npz["mask"], patch)
+        native = None
+        if "native_index" in npz:  # padding at the far end moves no index: the affines stay true
+            native = NativeReference.of(npz["native_index"], npz["native_label"], npz["native_shape"],
+                                        npz["native_affine"], npz["affine"])
     labels = np.unique(mask[mask > 0])
     if len(labels) and labels.max() > len(nodules):
         raise ValueError(f"series {series}: mask holds nodule {labels.max()} but its record lists {len(nodules)}; "
@@ -206,7 +211,7 @@ def read_volume(path: Path, series: str, vendor: str, nodules: list[NoduleRef],
         border = np.flatnonzero(lung_border(image, inside).ravel() & (mask.ravel() == 0))
         background = border_centres(background, border, border_share, seed=zlib.crc32(series.encode()))
     return SegVolume(series, vendor, image, mask, nodules, foreground, nodule_balanced(mask), background,
-                     (mask > 0)[None].astype(np.uint8), dropped, actionable)
+                     (mask > 0)[None].astype(np.uint8), dropped, actionable, native)
 
 
 def body_box(image: np.ndarray, margin: int, minimum: tuple[int, int, int]) -> tuple[slice, slice, slice]:

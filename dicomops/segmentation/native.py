@@ -22,6 +22,7 @@ from dicomops.config import GeometryConfig
 from dicomops.dicom.series import slice_normal
 from dicomops.pacs import results
 from dicomops.preprocessing.volume import dicom_affine
+from dicomops.segmentation import metrics
 
 DUPLICATE_MM = 1e-3  # slices closer than this along the normal are the same position
 # The gate's tolerance: whatever series it accepts, its SEG can lie on (a tighter one failed studies).
@@ -120,8 +121,7 @@ def to_native_mask(prob_or_mask: np.ndarray, pre_affine: np.ndarray, native_affi
     limits = np.asarray(mask.shape)[:, None, None]
     out = np.zeros(shape, dtype=bool)
     for k in range(shape[2]):
-        # floor(x + 0.5), not rint: a centre half-way between two voxels always takes the upper one
-        idx = np.floor(in_plane + (linear[:, 2] * k + offset + 0.5)[:, None, None]).astype(np.int64)
+        idx = metrics.nearest_index(in_plane + (linear[:, 2] * k + offset)[:, None, None])
         inside = ((idx >= 0) & (idx < limits)).all(axis=0)
         if inside.any():
             out[:, :, k][inside] = mask[idx[0][inside], idx[1][inside], idx[2][inside]]

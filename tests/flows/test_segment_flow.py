@@ -62,7 +62,8 @@ def test_segment_flow_registers_a_gated_version_with_froc_dice_and_kappa(
     assert all(r.info.status == "FINISHED" and "cpm" in r.data.metrics for r in children)
     metrics = parent.data.metrics
     assert version_has_onnx(client, str(result["version"]))
-    for key in ("cpm", "dice_ge6_mean", "kappa_series", "sens_at_1", "final.samples_per_second"):
+    for key in ("cpm", "dice_ge6_mean", "dice_ge6_native_mean", "kappa_series", "sens_at_1",
+                "final.samples_per_second"):
         assert key in metrics, key
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "cv")}
     assert {"cv/froc_by_vendor.png", "cv/froc_by_kind.png", "cv/contours.png", "cv/metrics_by_group.csv",
@@ -106,6 +107,10 @@ def test_segment_flow_registers_a_gated_version_with_froc_dice_and_kappa(
     assert "CPM" in version.tags["promotion.reasons"]
     assert "FROC" not in version.description or "CPM" in version.description
     assert "Dice" in version.description and "kappa" in version.description
+    # The Dice on each series' own slices too, where the annotation was drawn and the SEG goes back.
+    assert "on its slices" in version.description and 0.0 <= result["dice_ge6_native"] <= 1.0
+    assert version.tags["cv.dice_ge6_native"] == f"{result['dice_ge6_native']:.4f}"
+    assert nodules.dice_native.notna().all()
     assert "Counts of the training pool released under differential privacy" in version.description
 
     # Serving loads that version from the registry (its export, config and preprocessing) and reports

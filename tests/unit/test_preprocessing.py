@@ -204,9 +204,12 @@ def test_cache_hits_and_misses(vendor_work, tmp_path: Path) -> None:
     stage.check_made_from(root / "work", stage.corpus_content_hash(root / "work"))  # what training checks
     volumes = root / "work/preprocessed/volumes"
     stamps = {p.name: p.stat().st_mtime_ns for p in volumes.iterdir()}
-    # The image, read four times a pipeline, is stored; the mask, mostly zeros, deflated.
+    # The image, read four times a pipeline, is stored; the masks (the annotation on the acquired
+    # grid too), mostly zeros or few, deflated.
     assert {_member_kinds(p) for p in volumes.glob("*.npz")} == {
-        (("affine.npy", zipfile.ZIP_DEFLATED), ("image.npy", zipfile.ZIP_STORED), ("mask.npy", zipfile.ZIP_DEFLATED))}
+        (("affine.npy", zipfile.ZIP_DEFLATED), ("image.npy", zipfile.ZIP_STORED), ("mask.npy", zipfile.ZIP_DEFLATED),
+         ("native_affine.npy", zipfile.ZIP_DEFLATED), ("native_index.npy", zipfile.ZIP_DEFLATED),
+         ("native_label.npy", zipfile.ZIP_DEFLATED), ("native_shape.npy", zipfile.ZIP_DEFLATED))}
     assert stage.preprocess_corpus(root / "work", cfg) == {"series": 5, "computed": 0, "cached": 5, "failed": 0}
     assert {p.name: p.stat().st_mtime_ns for p in volumes.iterdir()} == stamps  # nothing rewritten
     changed = stage.preprocess_corpus(root / "work", cfg.model_copy(update={"window": "soft_tissue",
@@ -367,3 +370,32 @@ def test_a_corrected_mask_is_preprocessed_again(vendor_work, tmp_path: Path, mlf
     with np.load(work / "preprocessed" / index.loc[row.SeriesInstanceUID, "path"]) as npz:
         assert not npz["mask"].any()
     assert index.loc[row.SeriesInstanceUID, "positive_slices"] == 0
+
+
+def test_the_cache_keeps_the_annotation_where_it_was_drawn(vendor_work, tmp_path: Path) -> None:
+    """Each entry holds its mask on the acquired grid beside the resampled one, with both affines:
+    the resampled reference, read back on the acquired slices as the SEG is written, is the
+    annotation again (so the segmenter's native Dice measures the model, not the bookkeeping), and
+    the acquired mask is the generator's own, voxel for voxel."""
+    import shutil
+
+    from dicomops.segmentation import metrics
+    from dicomops.segmentation.data import nodule_refs, read_volume
+
+    root, plans = vendor_work
+    work = tmp_path / "work"
+    shutil.copytree(root / "work", work, ignore=shutil.ignore_patterns("preprocessed"))
+    stage.preprocess_corpus(work, PreprocessConfig(workers=1, crop_xy=256))
+    index = pd.read_parquet(work / "preprocessed/index.parquet").set_index("SeriesInstanceUID")
+    labels = pd.read_csv(work / "deid/labels.csv", keep_default_na=False).set_index("SeriesInstanceUID")
+    for uid, row in index.iterrows():
+        path = work / "preprocessed" / row.path
+        volume = read_volume(path, str(uid), str(row.vendor), nodule_refs(labels.nodules[uid]), (8, 8, 8))
+        assert volume.native is not None and len(volume.nodules) == 1, row.vendor
+        plan = next(p for p in plans.values() if p.vendor == row.vendor)
+        assert volume.native.shape == (plan.matrix, plan.matrix, plan.slices)
+        drawn = np.load(work / "deid" / labels.mask_path[uid])["mask"]
+        assert len(volume.native.index) == int((drawn > 0).sum())
+        judged = metrics.evaluate_series((volume.mask > 0).astype(np.float32), volume.mask, volume.nodules,
+                                         native=volume.native).nodules[0]
+        assert judged["dice_native"] > 0.9, (row.vendor, judged)
