@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from dicomops import io
@@ -41,7 +42,7 @@ from dicomops.dicom.series import assemble_series
 from dicomops.errors import GateFailedError, local_outage
 from dicomops.feedback.privacy import released_table
 from dicomops.layout import IngestPaths, WorkLayout
-from dicomops.synthetic.sidecars import LABELS_CSV, mask_path
+from dicomops.synthetic.sidecars import IPP_Z_ARRAY, LABELS_CSV, MASK_ARRAY, mask_path
 from dicomops.validation.suite import validate_table
 
 QUARANTINE_COLUMNS = ["source_path", "reason", "detail"]
@@ -305,13 +306,16 @@ def deidentify_corpus(src: Path, work: Path, cfg: IngestConfig, key: bytes, prog
 
 
 def check_labels(src: Path, warn: bool = True) -> pd.DataFrame | None:
-    """The corpus's ``labels.csv`` as the gate will re-key it, or None without one.
+    """The corpus's ``labels.csv`` as the gate will re-key it, or None without one; its index is each
+    row's place in the file (0 for the first row under the header), so later messages name the rows
+    as these do.
 
     One row per series: a row with an empty SeriesInstanceUID is refused; a row repeated word for word
     is kept once (a warning); two different rows for one SeriesInstanceUID are refused, as is a
-    ``mask_path`` outside the source folder (absolute, or climbing out with ``..``): the gate copies
-    masks into the de-identified corpus and copies nothing from elsewhere. An empty ``mask_path`` means the series has no mask. Messages name rows
-    by number, never by a value (UIDs, IDs and paths can identify a patient).
+    ``mask_path`` written outside the source folder (absolute, or climbing out with ``..``): a mask
+    is a file of the corpus. An empty ``mask_path`` means the series has no mask. What the file a
+    ``mask_path`` names holds is checked when the gate reads it (:func:`rekey_labels`). Messages name
+    rows by number, never by a value (UIDs, IDs and paths can identify a patient).
 
     Raises:
         ValueError: the file needs fixing; the message says what to change.
@@ -354,7 +358,7 @@ def check_labels(src: Path, warn: bool = True) -> pd.DataFrame | None:
                              "points outside the source folder (an absolute path, or one that climbs out with '..'); "
                              "give each mask relative to the folder that holds labels.csv (e.g. masks/case-1.npz), "
                              "or leave mask_path empty for a series without a mask")
-    return labels.reset_index(drop=True)
+    return labels
 
 
 def _outside_folder(rel: str) -> bool:
@@ -366,8 +370,15 @@ def _outside_folder(rel: str) -> bool:
 
 
 def rekey_labels(src: Path, work: Path, key: bytes) -> Path | None:
-    """Copy ``labels.csv`` and masks for accepted series, keyed by pseudonym and remapped UID
-    (:func:`check_labels` says which files it refuses)."""
+    """Write ``labels.csv`` and the masks of accepted series, keyed by pseudonym and remapped UID
+    (:func:`check_labels` says which files it refuses).
+
+    A mask is never copied: the gate reads the file a ``mask_path`` names as the generator's mask
+    format and writes its two arrays anew (:func:`_mask_arrays`), so nothing else that file holds (an
+    array with a name in it) or that another file holds (a DICOM file, a table of names, named as a
+    mask) reaches the de-identified corpus. A ``mask_path`` that names no file, or none in that
+    format, leaves its series without a mask, with one warning per reason naming the rows.
+    """
     labels = check_labels(src)
     if labels is None:
         return None
@@ -378,24 +389,61 @@ def rekey_labels(src: Path, work: Path, key: bytes) -> Path | None:
     labels["PatientID"] = labels.PatientID.map(mapper.pseudonym)
     accepted = set(pd.read_parquet(paths.accepted, columns=["SeriesInstanceUID"]).SeriesInstanceUID)
     labels = labels[labels.SeriesInstanceUID.isin(accepted)].copy()
-    new_masks, absent = [], 0
+    new_masks: list[str] = []
+    refused: dict[str, list[int]] = {}  # reason -> rows of labels.csv, numbered from 1
     for row in labels.itertuples():
         given = str(getattr(row, "mask_path", "") or "").strip()  # empty: the series has no mask
-        source_mask = Path(src) / given if given else None
-        if source_mask is not None and source_mask.is_file():
-            rel = mask_path(row.SeriesInstanceUID)
-            io.write_bytes(paths.deid / rel, source_mask.read_bytes())
-            new_masks.append(rel)
-        else:
-            absent += source_mask is not None
+        arrays, why = _mask_arrays(Path(src) / given) if given else (None, "")
+        rel = mask_path(row.SeriesInstanceUID)
+        if arrays is None:
+            if why:
+                refused.setdefault(why, []).append(int(row.Index) + 1)
+            (paths.deid / rel).unlink(missing_ok=True)  # an earlier run's, which labels.csv no longer names
             new_masks.append("")
-    if absent:
-        log.warning("%s: the mask_path of %d accepted series names no file; they have no mask in the "
-                    "de-identified corpus", LABELS_CSV, absent)
+            continue
+        io.write_npz(paths.deid / rel, **arrays)
+        new_masks.append(rel)
+    for why, rows in refused.items():
+        shown = ", ".join(map(str, rows[:10])) + (f" and {len(rows) - 10} more" if len(rows) > 10 else "")
+        log.warning("%s: the mask_path of rows %s names %s; those series have no mask in the de-identified "
+                    "corpus. Give each the .npz the generator writes (a uint8 array %r of slices x rows x "
+                    "columns and %r, one finite z position per slice), or leave mask_path empty",
+                    LABELS_CSV, shown, why, MASK_ARRAY, IPP_Z_ARRAY)
     labels["mask_path"] = new_masks
     keep = ["SeriesInstanceUID", "PatientID", "vendor", "label", "nodule_count",
             "nodule_diameters_mm", "nodules", "actionable_count", "scenario", "mask_path"]
     return io.write_csv(paths.deid / LABELS_CSV, labels[[c for c in keep if c in labels]])
+
+
+def _mask_arrays(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """The arrays of the mask file `path` the de-identified corpus keeps, or None and why it has none.
+
+    The file must be a ``.npz`` with a uint8 ``mask`` (slices, rows, columns) and ``ipp_z``, one
+    finite position per slice, as the generator writes it; it is read without pickles and only those
+    two arrays are returned (a reader's mask also holds its nodule records, which ``labels.csv``
+    carries). Links are followed, as for the DICOM files: a corpus may link its masks in, and the
+    retrain's combined corpus does. The reasons say what is wrong, never what the file holds (a
+    dtype's field names, an array's name, are the writer's words).
+    """
+    if not path.is_file():  # nothing there, a dangling link, a folder or a FIFO: never opened
+        return None, "no file"
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            return None, "a single array, not a .npz archive of arrays"
+        with loaded as npz:
+            if MASK_ARRAY not in npz.files or IPP_Z_ARRAY not in npz.files:
+                return None, f"a .npz without the arrays {MASK_ARRAY!r} and {IPP_Z_ARRAY!r}"
+            mask, ipp_z = npz[MASK_ARRAY], npz[IPP_Z_ARRAY]
+    except Exception as err:  # whatever the bytes are, the series goes on without a mask
+        if local_outage(err):  # the machine's, not the file's
+            raise
+        return None, "a file that is not a readable .npz archive"
+    if mask.dtype != np.uint8 or mask.ndim != 3 or 0 in mask.shape:
+        return None, f"a .npz whose {MASK_ARRAY!r} is not a uint8 array of slices x rows x columns"
+    if ipp_z.dtype.kind != "f" or ipp_z.shape != mask.shape[:1] or not np.isfinite(ipp_z).all():
+        return None, f"a .npz whose {IPP_Z_ARRAY!r} is not one finite z position per slice of {MASK_ARRAY!r}"
+    return {MASK_ARRAY: mask, IPP_Z_ARRAY: ipp_z.astype(np.float64)}, ""
 
 
 def write_reid_key(src: Path, work: Path, cfg: IngestConfig, key: bytes) -> Path | None:

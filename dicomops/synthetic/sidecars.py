@@ -14,6 +14,8 @@ PHI_CSV = "phi.csv"  # the fake PHI the corpus carries, for leak tests
 CORPUS_JSON = "corpus.json"  # generator version and options
 MASKS_DIR = "masks"  # one ``<name>.npz`` per series: nodule mask and slice positions
 MASK_SUFFIX = ".npz"
+MASK_ARRAY = "mask"  # in a mask file: (slices, rows, columns) uint8, 0 outside, k + 1 inside nodule k
+IPP_Z_ARRAY = "ipp_z"  # in a mask file: the z position (mm) of each slice of the mask, in its order
 
 SIDECAR_FILES = (LABELS_CSV, FAULTS_CSV, PHI_CSV, CORPUS_JSON)
 """The sidecar files at the corpus root."""
