@@ -14,13 +14,14 @@ overlay/curve groups, URLs and elements no dictionary knows are removed, every p
 emptied, every non-standard UID is remapped, every text value the table does not mention (LO, SH,
 AE and the free-text VRs) is removed unless :data:`KEEP_TEXT` names it, a time that is not a time
 is emptied, and the file meta is made again from what a reader needs. A coded item keeps its
-text only where a standard coding scheme vouches for it (:meth:`Deidentifier._clean_code`).
+text only where a standard coding scheme vouches for it and its code has that scheme's form
+(:meth:`Deidentifier._clean_code`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 from typing import cast
 
@@ -100,6 +101,150 @@ CODE_ATTRIBUTES = (*CODE_VALUES, "CodingSchemeDesignator", "CodingSchemeVersion"
 # Code Meaning is Type 1 in the Code Sequence Macro (PS3.3 8.8): a meaning that cannot stay is
 # replaced by this text, never emptied or removed.
 REMOVED_MEANING = "meaning removed by de-identification"
+# Coding Scheme Version is 1C (PS3.3 8.8: "if necessary to resolve ambiguity"), which no standard
+# designator needs: a scheme whose codes change meaning between editions has a designator for each
+# (I9, I10, I11; SNM3, SRT, SCT). Its values are numbers: "01" (DCM), "1.4" (SRT), "2.73" (LN),
+# "20230131" (an SCT edition); anything else is text a site typed, and goes.
+_VERSION = re.compile(r"\d{1,8}(?:\.\d{1,8}){0,3}", re.ASCII)
+# The Enhanced Encoding Mode of the Code Sequence Macro (PS3.3 8.8): the context group a code was
+# chosen from. A local code's item loses them all (its keyed code is in no one's context group, and
+# every one of them is Type 3 or required only beside another); a standard code keeps them when
+# the CS values among them have their defined form (the names and UIDs are left to the text and
+# UID nets, the versions, DT, to the date shift): MappingResource's defined terms (DCMR; SDM,
+# retired), a CID number, Y or N. Otherwise a CS value could carry any text word for word.
+CONTEXT_ATTRIBUTES = ("MappingResource", "MappingResourceName", "MappingResourceUID", "ContextIdentifier",
+                      "ContextUID", "ContextGroupVersion", "ContextGroupExtensionFlag", "ContextGroupLocalVersion",
+                      "ContextGroupExtensionCreatorUID")
+_CONTEXT_FORMS = {"MappingResource": re.compile(r"DCMR|SDM"), "ContextIdentifier": re.compile(r"\d{1,6}", re.ASCII),
+                  "ContextGroupExtensionFlag": re.compile(r"[YN]")}
+
+# The form of a standard scheme's codes, where a published one tells a code from text. A code
+# pydicom's concept dictionaries know stays whatever its form; any other code of a standard
+# scheme stays only when it has its scheme's form, and is keyed as a local code when it has not,
+# so that text typed under a standard designator (SCT "JaneDoe 1234567", LN "MRN 0012345", UCUM
+# "{Jane Doe}") does not pass. A standard scheme not named here has no form that tells its codes
+# from a site's text (IBSI's four characters, a bare number): only the codes pydicom knows stay.
+# SNOMED CT Technical Implementation Guide, "SCTID": 6 to 18 digits, no leading zero, the
+# partition identifier of a concept (00, or 10 in an extension's long format) before a Verhoeff
+# check digit. The tables are Verhoeff's (1969): the dihedral group D5 and its permutation.
+_SCTID = re.compile(r"[1-9]\d{2,14}[01]0\d", re.ASCII)
+_VERHOEFF_D = ("0123456789", "1234067895", "2340178956", "3401289567", "4012395678", "5987604321",
+               "6598710432", "7659821043", "8765932104", "9876543210")
+_VERHOEFF_P = ("0123456789", "1576283094", "5803796142", "8916043527", "9453126870", "4286573901",
+               "2793806415", "7046913258")
+# LOINC Users' Guide, "Calculating Mod 10 check digits": the number, a dash, its check digit.
+_LOINC = re.compile(r"(\d{1,7})-(\d)", re.ASCII)
+# SNOMED-RT (and SNOMED International 3.x, whose codes it kept): an axis letter and an optional
+# second character, a dash, five characters with a digit among them, or R- and five hexadecimal
+# digits; all 7,990 codes of pydicom's SNOMED-RT to SNOMED CT map (from PS3.16) have that form.
+_SNOMED_RT = r"R-[0-9A-F]{5}|[A-Z][0-9A-Z]?-(?=[A-Z]*\d)[0-9A-Z]{4,5}"
+# UCUM 2.2 (ucum-essence.xml, 2024-06-17), case-sensitive codes: its prefixes and unit atoms. A
+# unit is atoms (each with an optional prefix and exponent) and integers joined by "." and "/",
+# with parentheses; an annotation ("{...}", free text by UCUM's grammar) or a space is not kept.
+_UCUM_PREFIXES = "Y Z E P T G M k h da d c m u n p f a z y Ki Mi Gi Ti"
+_UCUM_ATOMS = """
+m s g rad K C cd 10* 10^ % mol sr Hz N Pa J W A V F Ohm S Wb Cel T H lm lx Bq Gy Sv gon deg ' ''
+l L ar min h d a_t a_j a_g a wk mo_s mo_j mo_g mo t bar u eV AU pc atm gf Ky Gal dyn erg P Bi St
+Mx G Oe Gb sb Lmb ph Ci R RAD REM cal_m cal_IT cal_th cal tex eq osm g% kat U Np B st Ao b att
+mho circ sph bit_s bit By Bd
+[pi] [ppth] [ppm] [ppb] [pptr] [c] [h] [k] [eps_0] [mu_0] [e] [m_e] [m_p] [G] [g] [ly] [lbf_av]
+[in_i] [ft_i] [yd_i] [mi_i] [fth_i] [nmi_i] [kn_i] [sin_i] [sft_i] [syd_i] [cin_i] [cft_i]
+[cyd_i] [bf_i] [cr_i] [mil_i] [cml_i] [hd_i] [ft_us] [yd_us] [in_us] [rd_us] [ch_us] [lk_us]
+[rch_us] [rlk_us] [fth_us] [fur_us] [mi_us] [acr_us] [srd_us] [smi_us] [sct] [twp] [mil_us]
+[in_br] [ft_br] [rd_br] [ch_br] [lk_br] [fth_br] [pc_br] [yd_br] [mi_br] [nmi_br] [kn_br]
+[acr_br] [gal_us] [bbl_us] [qt_us] [pt_us] [gil_us] [foz_us] [fdr_us] [min_us] [crd_us] [bu_us]
+[gal_wi] [pk_us] [dqt_us] [dpt_us] [tbs_us] [tsp_us] [cup_us] [foz_m] [cup_m] [tsp_m] [tbs_m]
+[gal_br] [pk_br] [bu_br] [qt_br] [pt_br] [gil_br] [foz_br] [fdr_br] [min_br] [gr] [lb_av]
+[oz_av] [dr_av] [scwt_av] [lcwt_av] [ston_av] [lton_av] [stone_av] [pwt_tr] [oz_tr] [lb_tr]
+[sc_ap] [dr_ap] [oz_ap] [lb_ap] [oz_m] [lne] [pnt] [pca] [pnt_pr] [pca_pr] [pied] [pouce]
+[ligne] [didot] [cicero] [degF] [degR] [degRe] cal_[15] cal_[20] [Cal] [Btu_39] [Btu_59]
+[Btu_60] [Btu_m] [Btu_IT] [Btu_th] [Btu] [HP] [den] m[H2O] m[Hg] [in_i'H2O] [in_i'Hg] [PRU]
+[wood'U] [diop] [p'diop] %[slope] [mesh_i] [Ch] [drp] [hnsf'U] [MET] [hp'_X] [hp'_C] [hp'_M]
+[hp'_Q] [hp_X] [hp_C] [hp_M] [hp_Q] [kp_X] [kp_C] [kp_M] [kp_Q] [pH] [S] [HPF] [LPF] [iU] [IU]
+[arb'U] [USP'U] [GPL'U] [MPL'U] [APL'U] [beth'U] [anti'Xa'U] [todd'U] [dye'U] [smgy'U] [bdsk'U]
+[ka'U] [knk'U] [mclg'U] [tb'U] [CCID_50] [TCID_50] [EID_50] [PFU] [FFU] [CFU] [IR] [BAU] [AU]
+[Amb'a'1'U] [PNU] [Lf] [D'ag'U] [FEU] [ELU] [EU] B[SPL] B[V] B[mV] B[uV] B[10.nV] B[W] B[kW]
+[psi] [car_m] [car_Au] [smoot] [m/s2/Hz^(1/2)] [NTU] [FNU]
+"""
+
+
+def _alternatives(symbols: str) -> str:
+    return "|".join(re.escape(s) for s in sorted(symbols.split(), key=len, reverse=True))
+
+
+# One token of a UCUM unit: a prefixed atom with its exponent, an integer, an operator, a parenthesis.
+_UCUM_TOKEN = re.compile(rf"(?P<unit>(?:{_alternatives(_UCUM_PREFIXES)})?(?:{_alternatives(_UCUM_ATOMS)})"
+                         rf"(?:[+-]?\d+)?)|(?P<factor>\d+)|(?P<operator>[./])|(?P<open>\()|(?P<close>\))", re.ASCII)
+
+
+def _is_sctid(value: str) -> bool:
+    if not _SCTID.fullmatch(value):
+        return False
+    check = 0
+    for position, digit in enumerate(reversed(value)):
+        check = int(_VERHOEFF_D[check][int(_VERHOEFF_P[position % 8][int(digit)])])
+    return check == 0
+
+
+def _is_loinc(value: str) -> bool:
+    match = _LOINC.fullmatch(value)
+    if match is None:
+        return False
+    total = 0
+    for position, digit in enumerate(reversed(match[1])):
+        doubled = int(digit) * (2 if position % 2 == 0 else 1)
+        total += doubled // 10 + doubled % 10
+    return (10 - total % 10) % 10 == int(match[2])
+
+
+def _is_ucum(value: str) -> bool:
+    """Whether `value` is a UCUM unit without annotations: every character in a token, operands (a
+    unit, an integer, a parenthesised term) and operators in turn, parentheses balanced. A term
+    may begin with "/" ("/min")."""
+    depth, end, operand_next = 0, 0, True
+    for token in _UCUM_TOKEN.finditer(value):
+        if token.start() != end:
+            return False
+        kind, leading = token.lastgroup, value[end - 1:end] in ("", "(")
+        end = token.end()
+        if kind in ("unit", "factor") and operand_next:
+            operand_next = False
+        elif kind == "operator" and (not operand_next or (token[0] == "/" and leading)):
+            operand_next = True
+        elif kind == "open" and operand_next:
+            depth += 1
+        elif kind == "close" and not operand_next and depth > 0:
+            depth -= 1
+        else:
+            return False
+    return end == len(value) and not operand_next and depth == 0
+
+
+def _form(pattern: str) -> Callable[[str], bool]:
+    compiled = re.compile(pattern, re.ASCII)
+    return lambda value: compiled.fullmatch(value) is not None
+
+
+_CODE_FORMS: dict[str, Callable[[str], bool]] = {
+    "SCT": _is_sctid,
+    "LN": _is_loinc,
+    "SRT": _form(_SNOMED_RT),
+    "SNM3": _form(_SNOMED_RT),
+    "UCUM": _is_ucum,
+    # PS3.16 Annex D: DICOM's own codes are six digits (109001 to 130896 in pydicom 3.0); its
+    # lettered codes (modalities: "CT", "CTPROTOCOL") are known to pydicom, or keyed.
+    "DCM": _form(r"\d{6}"),
+    # ISO/IEEE 11073-10101: a partition and a term code, each a 16-bit number, written "2:33792".
+    "MDC": _form(r"\d{1,5}:\d{1,5}"),
+    # RSNA: RadLex term identifiers are "RID" and a number (Playbook procedures "RPID").
+    "RADLEX": _form(r"RP?ID\d{1,7}"),
+    # UMLS Reference Manual: a concept unique identifier is "C" and seven digits.
+    "UMLS": _form(r"C\d{7}"),
+    # NCI Thesaurus: a concept code is "C" and a number.
+    "NCIt": _form(r"C\d{1,7}"),
+    # PS3.16 Table 8-1: DICOM UIDs used as codes; a UID pydicom names is the standard's.
+    "DCMUID": lambda value: value in UID_dictionary,
+}
 
 
 @lru_cache(maxsize=4)
@@ -154,6 +299,35 @@ def standard_meanings() -> dict[tuple[str, str], tuple[str, ...]]:
         if ("SCT", sct) in found:
             found[("SRT", srt)] = found[("SCT", sct)]
     return {key: tuple(sorted(meanings, key=lambda m: (len(m), m))) for key, meanings in found.items()}
+
+
+_TAGS = {keyword: Tag(keyword) for keyword in (*CODE_ATTRIBUTES, *CONTEXT_ATTRIBUTES)}
+
+
+def _texts(ds: Dataset, keywords: Iterable[str]) -> dict[str, str]:
+    """{keyword: its value as text, "" when empty} for each of `keywords` that `ds` holds. By tag,
+    not by keyword: this runs on every item of every sequence."""
+    texts: dict[str, str] = {}
+    for keyword in keywords:
+        elem = ds.get(_TAGS[keyword])
+        if elem is not None:
+            texts[keyword] = "" if elem.value is None else str(elem.value)
+    return texts
+
+
+def _remove(ds: Dataset, keywords: Iterable[str]) -> None:
+    for keyword in keywords:
+        if _TAGS[keyword] in ds:
+            del ds[_TAGS[keyword]]
+
+
+def is_standard_code(scheme: str, value: str) -> bool:
+    """Whether `value` is a code of the standard scheme `scheme`: one pydicom's concept dictionaries
+    know, or one of the scheme's published form (a scheme without one: none other)."""
+    if value and (scheme, value) in standard_meanings():
+        return True
+    form = _CODE_FORMS.get(scheme)
+    return form is not None and form(value)
 
 
 def _action_for(tag: BaseTag, exact: dict[int, str],
@@ -217,45 +391,51 @@ class Deidentifier:
     def _clean_code(self, ds: Dataset) -> None:
         """Make the text of one coded item (a Code Sequence Macro) safe before the item is cleaned.
 
-        A code of a standard scheme is the standard's term: its value and scheme stay. Its meaning
-        stays when it is one PS3.16 gives that code (case aside), is set to that one when the code
-        is known with another (a site that wrote a name into it), and is replaced by
-        :data:`REMOVED_MEANING` when the code is not one pydicom knows: such a meaning is text no one
-        vetted, the Clean Descriptors Option's case (PS3.15 E.3.5), and a reader that needs it looks
-        the code up.
+        A code of a standard scheme is the standard's term: its value and scheme stay, when the
+        value is one pydicom knows or has the scheme's form (:func:`is_standard_code`); a version
+        stays when it is a number (``1.4``). Its meaning stays when it is one PS3.16 gives that code
+        (case aside), is set to that one when the code is known with another (a site that wrote a
+        name into it), and is replaced by :data:`REMOVED_MEANING` when the code is not one pydicom
+        knows: such a meaning is text no one vetted, the Clean Descriptors Option's case (PS3.15
+        E.3.5), and a reader that needs it looks the code up. Its context group attributes stay
+        when their coded values have their defined form.
 
-        A local scheme's code (PS3.3 8.2: "L", "99..."; here any scheme not standard) is the site's
-        own text: its meaning may be a sentence ("CT chest follow-up for Jane Doe"), its value an
-        accession number, its designator and version may name the site. The item is kept, so that
-        a Type 1 sequence keeps its item and the code stays valid (PS3.3 8.8), with its meaning
-        replaced, its value a keyed name of the scheme, version and value (16 characters, the
-        Code Value it then needs; the same code gets the same name in every batch, so codes can
+        A local scheme's code (PS3.3 8.2: "L", "99..."; here any scheme not standard), and a
+        standard scheme's code that is not of its form (text a site typed under "SCT", a URN), is
+        the site's own text: its meaning may be a sentence ("CT chest follow-up for Jane Doe"), its
+        value an accession number, its designator and version may name the site. The item is kept,
+        so that a Type 1 sequence keeps its item and the code stays valid (PS3.3 8.8), with its
+        meaning replaced, its value a keyed name of the scheme, version and value (16 characters,
+        the Code Value it then needs; the same code gets the same name in every batch, so codes can
         still be counted and compared), its designator a keyed local one ("99" and 14 characters),
-        and its version removed (the keyed value already tells versions apart).
+        and its version and context group attributes removed (the keyed value already tells
+        versions apart, and the code is in no one's context group).
         """
-        if not any(keyword in ds for keyword in CODE_ATTRIBUTES):
+        code = _texts(ds, CODE_ATTRIBUTES)
+        if not code:
             return
         # str() of several values lists them: no scheme is called that, so they read as local.
-        scheme = str(ds.get("CodingSchemeDesignator") or "")
-        if scheme in standard_schemes():
-            if "CodeMeaning" in ds:
-                value = str(ds.get("CodeValue") or ds.get("LongCodeValue") or "")
-                meanings = standard_meanings().get((scheme, value))
+        scheme = code.get("CodingSchemeDesignator", "")
+        values = [code[keyword] for keyword in CODE_VALUES if code.get(keyword)]
+        if scheme in standard_schemes() and all(is_standard_code(scheme, value) for value in values):
+            if "CodingSchemeVersion" in code and not _VERSION.fullmatch(code["CodingSchemeVersion"]):
+                _remove(ds, ("CodingSchemeVersion",))
+            context = _texts(ds, _CONTEXT_FORMS)
+            if not all(_CONTEXT_FORMS[keyword].fullmatch(text) for keyword, text in context.items()):
+                _remove(ds, CONTEXT_ATTRIBUTES)
+            if "CodeMeaning" in code:
+                meanings = standard_meanings().get((scheme, values[0])) if values else None
                 if meanings is None:
                     ds.CodeMeaning = REMOVED_MEANING
-                elif str(ds.CodeMeaning).casefold() not in {m.casefold() for m in meanings}:
+                elif code["CodeMeaning"].casefold() not in {m.casefold() for m in meanings}:
                     ds.CodeMeaning = meanings[0]
             return
-        value = next((str(ds.get(keyword)) for keyword in CODE_VALUES if ds.get(keyword)), "")
-        version = str(ds.get("CodingSchemeVersion") or "")
-        for keyword in ("LongCodeValue", "URNCodeValue", "CodingSchemeVersion"):
-            if keyword in ds:
-                del ds[keyword]
-        if value:
-            ds.CodeValue = self.mapper.code("code", "\\".join((scheme, version, value)))
+        _remove(ds, ("LongCodeValue", "URNCodeValue", "CodingSchemeVersion", *CONTEXT_ATTRIBUTES))
+        if values:
+            ds.CodeValue = self.mapper.code("code", "\\".join((scheme, code.get("CodingSchemeVersion", ""), values[0])))
         if scheme:
             ds.CodingSchemeDesignator = ("99" + self.mapper.code("scheme", scheme))[:16]
-        if "CodeMeaning" in ds:
+        if "CodeMeaning" in code:
             ds.CodeMeaning = REMOVED_MEANING
 
     def _clean(self, ds: Dataset, patient: str) -> None:
