@@ -12,6 +12,7 @@ extra hits on one nodule are ignored, and candidates hitting nothing are the fal
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -121,45 +122,53 @@ class NativeReference:
 
 def nearest_index(coords: np.ndarray) -> np.ndarray:
     """The voxel whose centre is nearest each continuous voxel coordinate: ``floor(x + 0.5)``, not
-    rint, so a centre half-way between two voxels always takes the upper one. The one rule by which
-    a prediction on the preprocessing grid is read on the native grid
-    (:func:`dicomops.segmentation.native.to_native_mask`, :func:`native_dice`)."""
+    rint, so a centre half-way between two voxels always takes the upper one."""
     return np.floor(coords + 0.5).astype(np.int64)
 
 
-def nearest_voxel(transform: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """:func:`nearest_index` of `points` (..., 3) after the 4x4 affine `transform`."""
-    return nearest_index(points @ transform[:3, :3].T + transform[:3, 3])
+def read_on_native(mask: np.ndarray, to_pre: np.ndarray, low: Sequence[int] | np.ndarray, size: Sequence[int] | np.ndarray,
+                   offset: Sequence[float] | np.ndarray = (0.0, 0.0, 0.0)) -> np.ndarray:
+    """`mask` (on the preprocessing grid, its voxel 0 at preprocessed index `offset`) read at the
+    centres of the native voxels of the box from `low`, `size` voxels per axis: each takes the
+    preprocessed voxel nearest its centre (:func:`nearest_index`), background outside `mask`. The
+    one lookup by which a prediction goes back to the acquired grid, for the SEG
+    (:func:`dicomops.segmentation.native.to_native_mask`) and for the Dice read there
+    (:func:`native_dice`); slice by slice, so a whole series takes one slice's coordinates in memory."""
+    linear, shift = to_pre[:3, :3], to_pre[:3, 3] - np.asarray(offset, float)
+    ii, jj = np.meshgrid(np.arange(low[0], low[0] + size[0], dtype=float),
+                         np.arange(low[1], low[1] + size[1], dtype=float), indexing="ij")
+    in_plane = linear[:, 0, None, None] * ii + linear[:, 1, None, None] * jj  # (3, I, J)
+    limits = np.asarray(mask.shape)[:, None, None]
+    out = np.zeros(tuple(int(n) for n in size), dtype=bool)
+    for k in range(int(size[2])):
+        idx = nearest_index(in_plane + (linear[:, 2] * (low[2] + k) + shift)[:, None, None])
+        inside = ((idx >= 0) & (idx < limits)).all(axis=0)
+        if inside.any():
+            out[:, :, k][inside] = mask[idx[0][inside], idx[1][inside], idx[2][inside]]
+    return out
 
 
 def native_dice(selected: np.ndarray, offset: np.ndarray, reference: np.ndarray, native: NativeReference) -> float:
-    """Dice on the native grid between `selected` (a boolean map on the preprocessing grid, shifted
-    by `offset` voxels) read there by nearest neighbour, as the SEG is written, and `reference`,
-    (M, 3) native indices of one nodule. Only the box around both is read: a native voxel outside
-    it has no selected voxel nearest."""
-    points = np.argwhere(selected).astype(float) + offset
-    if len(points):
+    """Dice on the native grid between `selected` (a boolean map on the preprocessing grid, its
+    voxel 0 at preprocessed index `offset`) read there as the SEG is written (:func:`read_on_native`)
+    and `reference`, (M, 3) native indices of one nodule. Only the native box around both is read:
+    no native voxel outside it has a selected voxel nearest."""
+    low, high = reference.min(axis=0).astype(float), reference.max(axis=0).astype(float)
+    found = mask_box(selected, 0)
+    if found is not None:
+        corners = np.array(list(itertools.product(*[(b.start, b.stop - 1) for b in found])), float) + offset
         to_native = np.linalg.inv(native.to_pre)
-        mapped = points @ to_native[:3, :3].T + to_native[:3, 3]
-        # A native voxel takes the preprocessed voxel nearest its centre: one up to half a
-        # preprocessed voxel away, a native step or so at most.
+        mapped = corners @ to_native[:3, :3].T + to_native[:3, 3]
+        # A native voxel takes the preprocessed voxel nearest its centre: up to half a preprocessed
+        # voxel away, so the box grows by that many native voxels, and one more.
         reach = np.ceil(0.5 * np.abs(to_native[:3, :3]).sum(axis=1)) + 1
-        low = np.minimum(np.floor(mapped.min(axis=0) - reach), reference.min(axis=0))
-        high = np.maximum(np.ceil(mapped.max(axis=0) + reach), reference.max(axis=0))
-    else:
-        low, high = reference.min(axis=0), reference.max(axis=0)
+        low, high = np.minimum(low, np.floor(mapped.min(axis=0) - reach)), np.maximum(high, np.ceil(mapped.max(axis=0) + reach))
     low = np.maximum(low, 0).astype(np.int64)
     high = np.minimum(high, np.asarray(native.shape) - 1).astype(np.int64)
-    size = tuple(int(n) for n in high - low + 1)
-    ref = np.zeros(size, dtype=bool)
+    size = high - low + 1
+    ref = np.zeros(tuple(int(n) for n in size), dtype=bool)
     ref[tuple((reference - low).T)] = True
-    predicted = np.zeros(size, dtype=bool)
-    if len(points):
-        grid = np.stack(np.meshgrid(*[np.arange(lo, hi + 1) for lo, hi in zip(low, high, strict=True)],
-                                    indexing="ij"), axis=-1).astype(float)
-        at = nearest_voxel(native.to_pre, grid) - np.asarray(offset, np.int64)
-        inside = ((at >= 0) & (at < np.asarray(selected.shape))).all(axis=-1)
-        predicted[inside] = selected[tuple(at[inside].T)]
+    predicted = read_on_native(selected, native.to_pre, low, size, offset) if found is not None else np.zeros_like(ref)
     both = int(ref.sum()) + int(predicted.sum())
     return 2 * int((ref & predicted).sum()) / both if both else 1.0
 

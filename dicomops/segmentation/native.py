@@ -114,18 +114,7 @@ def to_native_mask(prob_or_mask: np.ndarray, pre_affine: np.ndarray, native_affi
         mask = values >= threshold
     else:
         mask = values != 0
-    native_to_pre = np.linalg.inv(pre_affine) @ native_affine
-    linear, offset = native_to_pre[:3, :3], native_to_pre[:3, 3]
-    ii, jj = np.meshgrid(np.arange(shape[0], dtype=float), np.arange(shape[1], dtype=float), indexing="ij")
-    in_plane = linear[:, 0, None, None] * ii + linear[:, 1, None, None] * jj  # (3, I, J)
-    limits = np.asarray(mask.shape)[:, None, None]
-    out = np.zeros(shape, dtype=bool)
-    for k in range(shape[2]):
-        idx = metrics.nearest_index(in_plane + (linear[:, 2] * k + offset)[:, None, None])
-        inside = ((idx >= 0) & (idx < limits)).all(axis=0)
-        if inside.any():
-            out[:, :, k][inside] = mask[idx[0][inside], idx[1][inside], idx[2][inside]]
-    return out
+    return metrics.read_on_native(mask, np.linalg.inv(pre_affine) @ native_affine, (0, 0, 0), shape)
 
 
 def series_segmentation(source_datasets: Sequence[pydicom.Dataset], mask_native_xyz: np.ndarray,
