@@ -12,12 +12,14 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import io as io_module
+import json
 import logging
 import math
 import ntpath
 import os
 import posixpath
 import shutil
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +44,13 @@ from dicomops.dicom.series import assemble_series
 from dicomops.errors import GateFailedError, local_outage
 from dicomops.feedback.privacy import released_table
 from dicomops.layout import IngestPaths, WorkLayout
-from dicomops.synthetic.sidecars import IPP_Z_ARRAY, LABELS_CSV, MASK_ARRAY, mask_path
+from dicomops.synthetic.sidecars import (
+    IPP_Z_ARRAY,
+    LABELS_CSV,
+    MASK_ARRAY,
+    MASK_Z_TOLERANCE_MM,
+    mask_path,
+)
 from dicomops.validation.suite import validate_table
 
 QUARANTINE_COLUMNS = ["source_path", "reason", "detail"]
@@ -376,8 +384,11 @@ def rekey_labels(src: Path, work: Path, key: bytes) -> Path | None:
     A mask is never copied: the gate reads the file a ``mask_path`` names as the generator's mask
     format and writes its two arrays anew (:func:`_mask_arrays`), so nothing else that file holds (an
     array with a name in it) or that another file holds (a DICOM file, a table of names, named as a
-    mask) reaches the de-identified corpus. A ``mask_path`` that names no file, or none in that
-    format, leaves its series without a mask, with one warning per reason naming the rows.
+    mask) reaches the de-identified corpus. It must also be a mask of its series: its rows and
+    columns, a slice at each accepted slice's position, no nodule id beyond the row's records, and no
+    larger than that series' mask can be (refused before it is inflated). A ``mask_path`` that names
+    no file, or none in that format, or a mask that does not fit its series or its row, leaves its
+    series without a mask, with one warning per reason naming the rows.
     """
     labels = check_labels(src)
     if labels is None:
@@ -387,13 +398,14 @@ def rekey_labels(src: Path, work: Path, key: bytes) -> Path | None:
     labels = labels.assign(SeriesInstanceUID="", PatientID="") if labels.empty else labels
     labels["SeriesInstanceUID"] = labels.SeriesInstanceUID.str.strip().map(mapper.uid)
     labels["PatientID"] = labels.PatientID.map(mapper.pseudonym)
-    accepted = set(pd.read_parquet(paths.accepted, columns=["SeriesInstanceUID"]).SeriesInstanceUID)
-    labels = labels[labels.SeriesInstanceUID.isin(accepted)].copy()
+    grids = _series_grids(pd.read_parquet(paths.accepted, columns=list(GRID_COLUMNS)))
+    labels = labels[labels.SeriesInstanceUID.isin(set(grids))].copy()
     new_masks: list[str] = []
     refused: dict[str, list[int]] = {}  # reason -> rows of labels.csv, numbered from 1
     for row in labels.itertuples():
         given = str(getattr(row, "mask_path", "") or "").strip()  # empty: the series has no mask
-        arrays, why = _mask_arrays(Path(src) / given) if given else (None, "")
+        arrays, why = _mask_arrays(Path(src) / given, grids[row.SeriesInstanceUID], _recorded_nodules(row)) \
+            if given else (None, "")
         rel = mask_path(row.SeriesInstanceUID)
         if arrays is None:
             if why:
@@ -406,8 +418,10 @@ def rekey_labels(src: Path, work: Path, key: bytes) -> Path | None:
     for why, rows in refused.items():
         shown = ", ".join(map(str, rows[:10])) + (f" and {len(rows) - 10} more" if len(rows) > 10 else "")
         log.warning("%s: the mask_path of rows %s names %s; those series have no mask in the de-identified "
-                    "corpus. Give each the .npz the generator writes (a uint8 array %r of slices x rows x "
-                    "columns and %r, one finite z position per slice), or leave mask_path empty",
+                    "corpus. Give each the .npz the generator writes for that series (a uint8 array %r of "
+                    "slices x rows x columns, the rows and columns of its images, 0 outside and k inside the "
+                    "row's nodule k, and %r, one finite z position per slice, with every slice of the series "
+                    "among them), or leave mask_path empty",
                     LABELS_CSV, shown, why, MASK_ARRAY, IPP_Z_ARRAY)
     labels["mask_path"] = new_masks
     keep = ["SeriesInstanceUID", "PatientID", "vendor", "label", "nodule_count",
@@ -415,35 +429,147 @@ def rekey_labels(src: Path, work: Path, key: bytes) -> Path | None:
     return io.write_csv(paths.deid / LABELS_CSV, labels[[c for c in keep if c in labels]])
 
 
-def _mask_arrays(path: Path) -> tuple[dict[str, Any] | None, str]:
+GRID_COLUMNS = ("SeriesInstanceUID", "Rows", "Columns", "ImagePositionPatient_2")
+NPY_HEADER_BYTES = 16 * 1024  # room for an array's .npy header (numpy reads at most 10,000 bytes of one)
+ARCHIVE_SLACK_BYTES = 1024**2  # room in a mask file for its zip headers and a reader's nodule records
+
+
+@dataclass(frozen=True)
+class _SeriesGrid:
+    """What the mask of an accepted series must fit: its images' rows and columns and its slices' z
+    positions (``ImagePositionPatient_2``, as preprocessing lays the mask on the volume)."""
+
+    rows: int
+    columns: int
+    z: np.ndarray
+
+    @property
+    def max_slices(self) -> int:
+        """The most slices its mask may hold: the acquisition's may include slices the gate left
+        out at an end of the series (a gap quarantines the whole series), up to as many again and 8."""
+        return 2 * len(self.z) + 8
+
+    def max_array_bytes(self, name: str) -> int:
+        """The most bytes the array `name` of its mask may inflate to, with its .npy header."""
+        per_slice = self.rows * self.columns if name == MASK_ARRAY else np.dtype(np.float64).itemsize
+        return per_slice * self.max_slices + NPY_HEADER_BYTES
+
+    @property
+    def max_file_bytes(self) -> int:
+        return self.max_array_bytes(MASK_ARRAY) + self.max_array_bytes(IPP_Z_ARRAY) + ARCHIVE_SLACK_BYTES
+
+
+def _series_grids(accepted: pd.DataFrame) -> dict[str, _SeriesGrid]:
+    """Each accepted series' grid, by (re-keyed) SeriesInstanceUID; the gate's geometry check has
+    made Rows and Columns the same across a series' slices."""
+    return {str(uid): _SeriesGrid(int(group.Rows.iloc[0]), int(group.Columns.iloc[0]),
+                                  group.ImagePositionPatient_2.to_numpy(dtype=np.float64))
+            for uid, group in accepted.groupby("SeriesInstanceUID", sort=False)}
+
+
+def _recorded_nodules(row: Any) -> int | None:
+    """How many nodules a ``labels.csv`` row records, so how many ids its mask may hold: the records
+    of its ``nodules`` (what preprocessing and the segmenter read; an empty cell records none) and its
+    ``nodule_count``, the fewer where it gives both; None where it gives neither in a readable form
+    (then nothing bounds the ids)."""
+    counts = []
+    records = getattr(row, "nodules", None)
+    if records is not None:
+        try:
+            parsed = json.loads(str(records).strip() or "[]")
+        except (ValueError, RecursionError):
+            parsed = None
+        if isinstance(parsed, list):
+            counts.append(len(parsed))
+    count = str(getattr(row, "nodule_count", "") or "").strip()
+    if count.isdigit():
+        counts.append(int(count))
+    return min(counts) if counts else None
+
+
+def _mask_arrays(path: Path, grid: _SeriesGrid, nodules: int | None) -> tuple[dict[str, Any] | None, str]:
     """The arrays of the mask file `path` the de-identified corpus keeps, or None and why it has none.
 
     The file must be a ``.npz`` with a uint8 ``mask`` (slices, rows, columns) and ``ipp_z``, one
     finite position per slice, as the generator writes it; it is read without pickles and only those
     two arrays are returned (a reader's mask also holds its nodule records, which ``labels.csv``
     carries). Links are followed, as for the DICOM files: a corpus may link its masks in, and the
-    retrain's combined corpus does. The reasons say what is wrong, never what the file holds (a
-    dtype's field names, an array's name, are the writer's words).
+    retrain's combined corpus does. The mask must be one of its series (`grid`): the rows and columns
+    of its images and a slice within :data:`MASK_Z_TOLERANCE_MM` of each accepted slice's position
+    (else a slice preprocessing finds no mask for would be learnt as free of nodules), with no nodule
+    id above the `nodules` its row records (the segmenter refuses such a mask when it trains).
+
+    Nothing is inflated before the file is known to be no larger than that series' mask can be: its
+    size on disk, its zip directory's sizes and its arrays' .npy headers (dtype and shape) are checked
+    first. The reasons say what is wrong, never what the file holds (a dtype's field names, an
+    array's name, are the writer's words).
     """
     if not path.is_file():  # nothing there, a dangling link, a folder or a FIFO: never opened
         return None, "no file"
+    too_large = f"a file larger than a mask of its series can be ({MASK_ARRAY!r} of slices x rows x columns)"
+    not_mask = f"a .npz whose {MASK_ARRAY!r} is not a uint8 array of slices x rows x columns"
+    not_z = f"a .npz whose {IPP_Z_ARRAY!r} is not one finite z position per slice of {MASK_ARRAY!r}"
+    other_matrix = "a mask whose rows x columns are not its series' (a mask of another series, or resized)"
+    if path.stat().st_size > grid.max_file_bytes:
+        return None, too_large
     try:
-        loaded = np.load(path, allow_pickle=False)
+        loaded = np.load(path, allow_pickle=False)  # an archive: its directory only, nothing inflated yet
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             return None, "a single array, not a .npz archive of arrays"
         with loaded as npz:
             if MASK_ARRAY not in npz.files or IPP_Z_ARRAY not in npz.files:
                 return None, f"a .npz without the arrays {MASK_ARRAY!r} and {IPP_Z_ARRAY!r}"
+            (shape, dtype, stored), (z_shape, z_dtype, z_stored) = (_array_header(npz, MASK_ARRAY),
+                                                                    _array_header(npz, IPP_Z_ARRAY))
+            if dtype != np.uint8 or len(shape) != 3 or 0 in shape:
+                return None, not_mask
+            if shape[1:] != (grid.rows, grid.columns):
+                return None, other_matrix
+            if shape[0] > grid.max_slices or stored > grid.max_array_bytes(MASK_ARRAY) \
+                    or z_stored > grid.max_array_bytes(IPP_Z_ARRAY):
+                return None, too_large
+            if z_dtype.kind != "f" or z_shape != shape[:1]:
+                return None, not_z
             mask, ipp_z = npz[MASK_ARRAY], npz[IPP_Z_ARRAY]
     except Exception as err:  # whatever the bytes are, the series goes on without a mask
         if local_outage(err):  # the machine's, not the file's
             raise
         return None, "a file that is not a readable .npz archive"
-    if mask.dtype != np.uint8 or mask.ndim != 3 or 0 in mask.shape:
-        return None, f"a .npz whose {MASK_ARRAY!r} is not a uint8 array of slices x rows x columns"
-    if ipp_z.dtype.kind != "f" or ipp_z.shape != mask.shape[:1] or not np.isfinite(ipp_z).all():
-        return None, f"a .npz whose {IPP_Z_ARRAY!r} is not one finite z position per slice of {MASK_ARRAY!r}"
+    if not np.isfinite(ipp_z).all():
+        return None, not_z
+    matched = (np.abs(ipp_z[None, :] - grid.z[:, None]) < MASK_Z_TOLERANCE_MM).any(axis=1)
+    if not matched.any():
+        return None, f"a mask whose {IPP_Z_ARRAY!r} holds none of its series' slice positions (a mask of another series)"
+    if not matched.all():
+        return None, (f"a mask whose {IPP_Z_ARRAY!r} lacks some of its series' slice positions (within "
+                      f"{MASK_Z_TOLERANCE_MM:g} mm; shifted, or of part of the series)")
+    if nodules is not None and int(mask.max()) > nodules:
+        return None, "a mask with nodule ids beyond the number of nodules its row records (nodules, nodule_count)"
     return {MASK_ARRAY: mask, IPP_Z_ARRAY: ipp_z.astype(np.float64)}, ""
+
+
+def _array_header(npz: np.lib.npyio.NpzFile, name: str) -> tuple[tuple[int, ...], np.dtype[Any], int]:
+    """(shape, dtype, bytes stored) of the array `name` of an open .npz, from its .npy header and the
+    zip directory: the member's first bytes are inflated, never the array.
+
+    Raises:
+        ValueError: the member is no .npy array (numpy would return its bytes whole), it holds
+            Python objects (pickles, which are not read), or two members bear the name.
+    """
+    archive: zipfile.ZipFile | None = npz.zip
+    if archive is None:
+        raise ValueError("the archive is closed")
+    members = [info for info in archive.infolist() if info.filename in (name, f"{name}.npy")]
+    if len(members) != 1:
+        raise ValueError(f"{len(members)} members for one array")
+    with archive.open(members[0]) as member:
+        version = np.lib.format.read_magic(member)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(member)
+    if dtype.hasobject:
+        raise ValueError("an array of Python objects")
+    return tuple(int(n) for n in shape), dtype, members[0].file_size
 
 
 def write_reid_key(src: Path, work: Path, cfg: IngestConfig, key: bytes) -> Path | None:

@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset
 
 from dicomops.pacs.client import SEGMENTATION_CLASS
 from dicomops.pacs.results import MANUFACTURER
+from dicomops.synthetic.sidecars import IPP_Z_ARRAY, MASK_ARRAY
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,9 @@ class ReaderMask:
     def save(self, path: Path) -> Path:
         from dicomops import io
 
-        return io.write_npz(path, mask=self.mask, ipp_z=self.ipp_z, nodules=np.array([json.dumps(self.nodules)]))
+        arrays: dict[str, Any] = {MASK_ARRAY: self.mask, IPP_Z_ARRAY: self.ipp_z,
+                                  "nodules": np.array([json.dumps(self.nodules)])}
+        return io.write_npz(path, **arrays)
 
     @staticmethod
     def nodules_of(path: Path) -> list[dict[str, object]]:
@@ -96,14 +99,15 @@ class ServedMask:
     def save(self, path: Path) -> Path:
         from dicomops import io
 
-        return io.write_npz(path, box=self.box, origin=np.asarray(self.origin), shape=np.asarray(self.shape),
-                            ipp_z=self.ipp_z, nodules=np.array([json.dumps(self.nodules)]))
+        arrays: dict[str, Any] = {"box": self.box, "origin": np.asarray(self.origin), "shape": np.asarray(self.shape),
+                                  IPP_Z_ARRAY: self.ipp_z, "nodules": np.array([json.dumps(self.nodules)])}
+        return io.write_npz(path, **arrays)
 
 
 def _voxels(npz: Any) -> np.ndarray:
     """The whole boolean mask of a saved :class:`ReaderMask` or :class:`ServedMask`."""
     if "box" not in npz:
-        return np.asarray(npz["mask"]) > 0
+        return np.asarray(npz[MASK_ARRAY]) > 0
     mask = np.zeros(tuple(int(n) for n in npz["shape"]), bool)
     box, (s, r, c) = npz["box"], (int(n) for n in npz["origin"])
     mask[s:s + box.shape[0], r:r + box.shape[1], c:c + box.shape[2]] = box > 0
@@ -119,7 +123,7 @@ def mask_dice(served: Path, drawn: Path) -> float:
     slices were left out. 0 when one is empty there and the other not; NaN when both are, or when
     they share no slice or not the matrix (not over the same series), or one repeats a position."""
     with np.load(served) as a, np.load(drawn) as b:
-        mask_a, z_a, mask_b, z_b = _voxels(a), np.round(a["ipp_z"], 2), _voxels(b), np.round(b["ipp_z"], 2)
+        mask_a, z_a, mask_b, z_b = _voxels(a), np.round(a[IPP_Z_ARRAY], 2), _voxels(b), np.round(b[IPP_Z_ARRAY], 2)
     common = np.intersect1d(z_a, z_b)
     if mask_a.shape[1:] != mask_b.shape[1:] or not len(common) or len(np.unique(z_a)) < len(z_a) \
             or len(np.unique(z_b)) < len(z_b):

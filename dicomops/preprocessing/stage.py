@@ -26,7 +26,7 @@ from dicomops.errors import PreprocessingFailedError, local_outage
 from dicomops.layout import PreprocessedPaths, WorkLayout
 from dicomops.preprocessing.features import HEADER_FEATURES
 from dicomops.preprocessing.slabs import central_slice_labels, sample_slabs, slice_labels
-from dicomops.synthetic.sidecars import LABELS_CSV
+from dicomops.synthetic.sidecars import IPP_Z_ARRAY, LABELS_CSV, MASK_ARRAY, MASK_Z_TOLERANCE_MM
 
 VOLUME_FIELDS = ("spacing_mm", "window", "window_center", "window_width", "header_window_index",
                  "histogram_equalize", "crop_xy", "min_positive_voxels")
@@ -69,15 +69,35 @@ def annotation_hash(mask: Path | None, nodules: str = "") -> str:
     return hashlib.sha256(mask.read_bytes() + b"\0" + nodules.encode()).hexdigest()
 
 
+class MaskAlignmentError(ValueError):
+    """A series' mask does not lie on its volume: another matrix, or a slice without a mask slice."""
+
+
 def _aligned_mask(mask_file: Path, z_positions: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """The generator's mask (acquisition order) re-ordered to the volume's slices by z position."""
+    """The generator's mask (acquisition order) re-ordered to the volume's slices by z position.
+
+    Raises:
+        MaskAlignmentError: the mask's rows x columns are not the volume's, or a slice of the volume
+            has no mask slice at its position (it would be learnt as free of nodules). The gate
+            refuses such masks; one gets here only past it (a mask written into the corpus since).
+    """
     out = np.zeros(shape, dtype=np.uint8)
     with np.load(mask_file) as npz:
-        mask, ipp_z = npz["mask"], npz["ipp_z"]
+        mask, ipp_z = npz[MASK_ARRAY], npz[IPP_Z_ARRAY]
+    again = "give the series its own mask and ingest again, so that the gate checks it"
+    if mask.ndim != 3 or mask.shape[1:] != (shape[1], shape[0]):
+        raise MaskAlignmentError(f"the mask is {' x '.join(map(str, mask.shape))} (slices x rows x columns) but "
+                                 f"the series' images are {shape[1]} x {shape[0]} (rows x columns); {again}")
+    missing = 0
     for k, z in enumerate(z_positions):
-        match = np.flatnonzero(np.abs(ipp_z - z) < 1e-3)
+        match = np.flatnonzero(np.abs(ipp_z - z) < MASK_Z_TOLERANCE_MM)
         if match.size:
             out[:, :, k] = mask[match[0]].T  # (rows, cols) -> (cols, rows)
+        else:
+            missing += 1
+    if missing:
+        raise MaskAlignmentError(f"the mask has no slice at the position of {missing} of the series' "
+                                 f"{len(z_positions)} slices (within {MASK_Z_TOLERANCE_MM:g} mm); {again}")
     return out
 
 
@@ -142,7 +162,14 @@ def preprocess_one(records: list[dict[str, Any]], deid_root: str, mask_path: str
     data: dict[str, Any] = {"image": MetaTensor(torch.from_numpy(volume.hu)[None], affine=torch.as_tensor(volume.affine)),
                             "windows": volume.windows}
     if mask_path:
-        mask = _aligned_mask(Path(mask_path), instances.ImagePositionPatient_2.to_numpy(float), volume.hu.shape)
+        try:
+            mask = _aligned_mask(Path(mask_path), instances.ImagePositionPatient_2.to_numpy(float), volume.hu.shape)
+        except Exception as err:  # this series' mask, not the batch's: the series fails with the reason
+            if local_outage(err):
+                raise
+            detail = str(err) if isinstance(err, MaskAlignmentError) else \
+                f"{type(err).__name__}: the mask file is not the .npz the gate writes; ingest again"
+            return {"reason": "mask_error", "detail": detail}
         data["mask"] = MetaTensor(torch.from_numpy(mask)[None], affine=torch.as_tensor(volume.affine))
     try:
         out = build_transforms(cfg)(data)

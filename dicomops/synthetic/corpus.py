@@ -17,6 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.uid import UID
@@ -271,8 +272,9 @@ def write_series(plan: SeriesPlan, out: Path) -> SeriesResult:
         fault_rows.extend(_fault_row(p, fault, "series", plan, r) for p in paths)
 
     mask_rel = sidecars.mask_path(plan.case)
-    io.write_npz(out / mask_rel, compresslevel=MASK_COMPRESSLEVEL, mask=r.mask,
-                 ipp_z=np.asarray(r.grid.z, dtype=np.float64))
+    mask_arrays: dict[str, Any] = {sidecars.MASK_ARRAY: r.mask,
+                                   sidecars.IPP_Z_ARRAY: np.asarray(r.grid.z, dtype=np.float64)}
+    io.write_npz(out / mask_rel, compresslevel=MASK_COMPRESSLEVEL, **mask_arrays)
     diameters = ";".join(f"{nd.diameter_mm:g}" for nd in r.nodules)
     nodules = json.dumps([
         {"center_mm": list(nd.center), "diameter_mm": nd.diameter_mm, "kind": nd.kind,

@@ -16,6 +16,7 @@ MASKS_DIR = "masks"  # one ``<name>.npz`` per series: nodule mask and slice posi
 MASK_SUFFIX = ".npz"
 MASK_ARRAY = "mask"  # in a mask file: (slices, rows, columns) uint8, 0 outside, k + 1 inside nodule k
 IPP_Z_ARRAY = "ipp_z"  # in a mask file: the z position (mm) of each slice of the mask, in its order
+MASK_Z_TOLERANCE_MM = 1e-3  # a mask slice lies on an image whose z (ImagePositionPatient[2]) is this close
 
 SIDECAR_FILES = (LABELS_CSV, FAULTS_CSV, PHI_CSV, CORPUS_JSON)
 """The sidecar files at the corpus root."""
