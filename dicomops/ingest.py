@@ -12,7 +12,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import io as io_module
-import json
 import logging
 import math
 import ntpath
@@ -50,6 +49,7 @@ from dicomops.synthetic.sidecars import (
     MASK_ARRAY,
     MASK_Z_TOLERANCE_MM,
     mask_path,
+    recorded_nodules,
 )
 from dicomops.validation.suite import validate_table
 
@@ -404,8 +404,8 @@ def rekey_labels(src: Path, work: Path, key: bytes) -> Path | None:
     refused: dict[str, list[int]] = {}  # reason -> rows of labels.csv, numbered from 1
     for row in labels.itertuples():
         given = str(getattr(row, "mask_path", "") or "").strip()  # empty: the series has no mask
-        arrays, why = _mask_arrays(Path(src) / given, grids[row.SeriesInstanceUID], _recorded_nodules(row)) \
-            if given else (None, "")
+        recorded = recorded_nodules(getattr(row, "nodules", None), getattr(row, "nodule_count", None))
+        arrays, why = _mask_arrays(Path(src) / given, grids[row.SeriesInstanceUID], recorded) if given else (None, "")
         rel = mask_path(row.SeriesInstanceUID)
         if arrays is None:
             if why:
@@ -465,26 +465,6 @@ def _series_grids(accepted: pd.DataFrame) -> dict[str, _SeriesGrid]:
     return {str(uid): _SeriesGrid(int(group.Rows.iloc[0]), int(group.Columns.iloc[0]),
                                   group.ImagePositionPatient_2.to_numpy(dtype=np.float64))
             for uid, group in accepted.groupby("SeriesInstanceUID", sort=False)}
-
-
-def _recorded_nodules(row: Any) -> int | None:
-    """How many nodules a ``labels.csv`` row records, so how many ids its mask may hold: the records
-    of its ``nodules`` (what preprocessing and the segmenter read; an empty cell records none) and its
-    ``nodule_count``, the fewer where it gives both; None where it gives neither in a readable form
-    (then nothing bounds the ids)."""
-    counts = []
-    records = getattr(row, "nodules", None)
-    if records is not None:
-        try:
-            parsed = json.loads(str(records).strip() or "[]")
-        except (ValueError, RecursionError):
-            parsed = None
-        if isinstance(parsed, list):
-            counts.append(len(parsed))
-    count = str(getattr(row, "nodule_count", "") or "").strip()
-    if count.isdigit():
-        counts.append(int(count))
-    return min(counts) if counts else None
 
 
 def _mask_arrays(path: Path, grid: _SeriesGrid, nodules: int | None) -> tuple[dict[str, Any] | None, str]:

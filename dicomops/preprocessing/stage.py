@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +27,23 @@ from dicomops.errors import PreprocessingFailedError, local_outage
 from dicomops.layout import PreprocessedPaths, WorkLayout
 from dicomops.preprocessing.features import HEADER_FEATURES
 from dicomops.preprocessing.slabs import central_slice_labels, sample_slabs, slice_labels
-from dicomops.synthetic.sidecars import IPP_Z_ARRAY, LABELS_CSV, MASK_ARRAY, MASK_Z_TOLERANCE_MM
+from dicomops.synthetic.sidecars import (
+    IPP_Z_ARRAY,
+    LABELS_CSV,
+    MASK_ARRAY,
+    MASK_Z_TOLERANCE_MM,
+    recorded_nodules,
+)
+
+log = logging.getLogger(__name__)
 
 VOLUME_FIELDS = ("spacing_mm", "window", "window_center", "window_width", "header_window_index",
                  "histogram_equalize", "crop_xy", "min_positive_voxels")
 # Settings that change only the slice labels stored beside a volume: in its cache key, not in a
 # model's identity (a teacher or a served model is the same with other training labels).
 LABEL_FIELDS = ("positive_area_share",)
+# failures.csv's reason for a series whose label is withheld from training (:func:`unmasked_nodules`).
+NODULES_WITHOUT_MASK = "nodules_without_mask"
 
 
 def series_content_hash(instances: pd.DataFrame) -> str:
@@ -227,6 +238,7 @@ def preprocess_corpus(work: Path, cfg: PreprocessConfig,
         mask, nodules = annotations.get(uid, ("", ""))
         key = cache_key(series_content_hash(group), cfg, code, annotation_hash(Path(mask) if mask else None, nodules))
         plan.append((uid, key, group))
+    withheld = unmasked_nodules(labels, {uid for uid, _, _ in plan} - set(annotations))
     todo = [(uid, key, group) for uid, key, group in plan if not pre.entry(key).with_suffix(".json").exists()]
     items = []
     for uid, key, group in todo:
@@ -240,9 +252,18 @@ def preprocess_corpus(work: Path, cfg: PreprocessConfig,
                            initializer=single_threaded, dask_address=cfg.dask_address)
     failures = [{"SeriesInstanceUID": uid, "reason": r["reason"], "detail": r.get("detail", "")}
                 for (uid, _, _), r in zip(todo, results, strict=True) if r.get("reason")]
-    _write_tables(pre, cfg, plan, labels, {f["SeriesInstanceUID"] for f in failures})
+    failed = {f["SeriesInstanceUID"] for f in failures}
+    _write_tables(pre, cfg, plan, labels, failed, set(withheld))
+    withheld_rows = [{"SeriesInstanceUID": uid, "reason": NODULES_WITHOUT_MASK,
+                      "detail": f"labels.csv records {n} nodule(s) for it but the gate kept no mask (see the ingest "
+                                "warning); it is preprocessed and monitored, and trains neither model until its "
+                                "mask is given"}
+                     for uid, n in withheld.items() if uid not in failed]
+    if withheld_rows:
+        log.warning("%d labelled series record nodules but have no mask: their labels are left out of training "
+                    "(%s, reason %s)", len(withheld_rows), pre.failures, NODULES_WITHOUT_MASK)
     io.write_csv(pre.failures,
-                 pd.DataFrame(failures, columns=["SeriesInstanceUID", "reason", "detail"]))
+                 pd.DataFrame(failures + withheld_rows, columns=["SeriesInstanceUID", "reason", "detail"]))
     if plan and len(failures) == len(plan):  # nothing to train on; earlier cache entries are kept
         raise PreprocessingFailedError(_all_failed_message(failures, pre.failures))
     io.write_json(pre.made_from, {"corpus": corpus_content_hash(work)})
@@ -251,7 +272,21 @@ def preprocess_corpus(work: Path, cfg: PreprocessConfig,
         if stale.name.split(".")[0] not in keep:
             stale.unlink()
     return {"series": len(plan), "computed": len(todo) - len(failures), "cached": len(plan) - len(todo),
-            "failed": len(failures)}
+            "failed": len(failures), **({"labels_withheld": len(withheld_rows)} if withheld_rows else {})}
+
+
+def unmasked_nodules(labels: pd.DataFrame, unmasked: set[str]) -> dict[str, int]:
+    """{series: nodules its ``labels.csv`` row records} for the series of `unmasked` (those the gate
+    kept no mask for) that record any. Without a mask their slices would all teach the classifier
+    "no nodule" and the segmenter would learn their nodules as background: a wrong label, so theirs
+    is withheld from training (:data:`NODULES_WITHOUT_MASK`)."""
+    out = {}
+    for uid in sorted(unmasked & set(labels.index)):
+        row = labels.loc[uid]
+        n = recorded_nodules(row.get("nodules"), row.get("nodule_count"))
+        if n:
+            out[uid] = n
+    return out
 
 
 def _all_failed_message(failures: list[dict[str, Any]], path: Path, top: int = 3) -> str:
@@ -266,14 +301,14 @@ def _all_failed_message(failures: list[dict[str, Any]], path: Path, top: int = 3
 
 
 def _write_tables(pre: PreprocessedPaths, cfg: PreprocessConfig, plan: list[tuple[str, str, pd.DataFrame]],
-                  labels: pd.DataFrame, failed: set[str]) -> None:
+                  labels: pd.DataFrame, failed: set[str], withheld: Collection[str] = ()) -> None:
     rows, feature_rows, label_arrays, hard = [], [], {}, {}
     for uid, key, group in plan:
         if uid in failed:
             continue
         meta = io.read_json(pre.entry(key).with_suffix(".json"))
         first = group.iloc[0]
-        label = int(labels.loc[uid, "label"]) if uid in labels.index else -1
+        label = int(labels.loc[uid, "label"]) if uid in labels.index and uid not in withheld else -1
         vendor = str(labels.loc[uid, "vendor"]) if uid in labels.index and "vendor" in labels else str(first.Manufacturer)
         arr = np.asarray(meta["slice_labels"], dtype=np.int8)
         if label == 0:  # a series without an actionable nodule has no positive slice (a reader's 0 included)

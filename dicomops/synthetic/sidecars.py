@@ -8,6 +8,9 @@ nothing, so the config and the worker processes can import it cheaply.
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 LABELS_CSV = "labels.csv"  # one row per series: truth, vendor, series folder, mask path
 FAULTS_CSV = "faults.csv"  # one row per injected fault (file or series)
 PHI_CSV = "phi.csv"  # the fake PHI the corpus carries, for leak tests
@@ -29,3 +32,23 @@ def mask_path(name: str) -> str:
     if not name or "/" in name or "\\" in name:
         raise ValueError(f"a mask name is a plain file stem such as 'case-00001', got {name!r}")
     return f"{MASKS_DIR}/{name}{MASK_SUFFIX}"
+
+
+def recorded_nodules(nodules: Any, nodule_count: Any) -> int | None:
+    """How many nodules a ``labels.csv`` row records: the records of its ``nodules`` cell (what
+    preprocessing and the segmenter read; an empty cell records none) and its ``nodule_count``, the
+    fewer where it gives both; None where it gives neither in a readable form. The gate bounds a
+    mask's ids by it, and preprocessing withholds the label of a series that records nodules but has
+    no mask."""
+    counts = []
+    if nodules is not None:
+        try:
+            parsed = json.loads(str(nodules).strip() or "[]")
+        except (ValueError, RecursionError):
+            parsed = None
+        if isinstance(parsed, list):
+            counts.append(len(parsed))
+    count = str(nodule_count if nodule_count is not None else "").strip()
+    if count.isdigit():
+        counts.append(int(count))
+    return min(counts) if counts else None

@@ -251,3 +251,31 @@ def test_preprocessing_fails_the_series_whose_mask_does_not_lie_on_it_and_goes_o
     assert failures.detail[0].startswith(detail) and "ingest again" in failures.detail[0]
     index = pd.read_parquet(work / "preprocessed/index.parquet")
     assert index.SeriesInstanceUID.tolist() == [MAPPER.uid(labels.SeriesInstanceUID[0])]
+
+
+def test_a_series_whose_nodules_lost_their_mask_trains_neither_model(
+        gated: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The gate refused the second series' mask, but labels.csv still records its 4 nodules: without
+    the mask every slice would teach the classifier "no nodule" and the segmenter would learn the
+    nodules as background. Its label is withheld (preprocessed and monitored all the same), with a
+    reason; the series whose mask passed trains as before."""
+    from dicomops.config import PreprocessConfig
+    from dicomops.layout import WorkLayout
+    from dicomops.preprocessing.stage import NODULES_WITHOUT_MASK, preprocess_corpus
+
+    src, work, labels = _copy(gated, tmp_path)
+    np.savez_compressed(src / labels.mask_path[1], **REFUSED["downsampled"][0](_arrays(src / labels.mask_path[1])))
+    _rekey(src, work, caplog)
+    with caplog.at_level(logging.WARNING, logger="dicomops.preprocessing.stage"):
+        counts = preprocess_corpus(work, PreprocessConfig(workers=1, crop_xy=128))
+    refused, kept = (MAPPER.uid(labels.SeriesInstanceUID[i]) for i in (1, 0))
+    assert counts["failed"] == 0 and counts["labels_withheld"] == 1
+    index = pd.read_parquet(work / "preprocessed/index.parquet").set_index("SeriesInstanceUID")
+    assert index.label[refused] == -1 and index.label[kept] == int(labels.label[0])
+    assert set(pd.read_parquet(work / "preprocessed/features.parquet").SeriesInstanceUID) == {refused, kept}
+    assert refused not in set(pd.read_parquet(work / "preprocessed/slabs.parquet").SeriesInstanceUID)
+    assert WorkLayout(work).labelled_series().SeriesInstanceUID.tolist() == [kept]
+    failures = pd.read_csv(work / "preprocessed/failures.csv", keep_default_na=False)
+    assert failures.to_dict("records")[0]["SeriesInstanceUID"] == refused
+    assert failures.reason.tolist() == [NODULES_WITHOUT_MASK] and "records 4 nodule(s)" in failures.detail[0]
+    assert "1 labelled series record nodules but have no mask" in caplog.text
