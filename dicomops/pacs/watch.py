@@ -289,8 +289,9 @@ def _gate_score_answer(token: str, staged: Path, study_work: Path, pacs: Pacs, c
         remember(cache, digest, answer, entries)
     if work is not None:  # de-identified, like a batch's: what readers' reviews meet
         record(WorkLayout(work).pacs.root, token, [answer], champion, None)
-    if failure:
-        return StudyOutcome(token, "failed", reason=failure, series_failed=n_failed, failed_series=failed)
+    if failure:  # the gate accepted its series and they were scored: the ledger says how many, as for the others
+        return StudyOutcome(token, "failed", answer.accepted_series, answer.quarantined_files, reason=failure,
+                            series_failed=n_failed, failed_series=failed)
     stored, refusal = store_results(pacs, reports)
     return StudyOutcome(token, "ingested", answer.accepted_series, answer.quarantined_files, stored,
                         "; ".join(filter(None, [refusal, _failed_series_reason(answer)])),
