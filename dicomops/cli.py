@@ -331,7 +331,8 @@ def preprocess(
         console.print(f"[red]cannot preprocess:[/] {escape(str(err))}")
         raise typer.Exit(2) from err
     console.print(f"[green]preprocess finished[/]: {result['computed']} computed, {result['cached']} "
-                  f"cached, {result['failed']} failed; outputs in {result['work']}/preprocessed")
+                  f"cached, {result['failed']} failed, {result.get('labels_withheld', 0)} labels withheld (no mask to "
+                  f"train with; see failures.csv); outputs in {result['work']}/preprocessed")
 
 
 @app.command()

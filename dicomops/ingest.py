@@ -49,6 +49,7 @@ from dicomops.synthetic.sidecars import (
     MASK_ARRAY,
     MASK_Z_TOLERANCE_MM,
     mask_path,
+    mask_slices,
     recorded_nodules,
 )
 from dicomops.validation.suite import validate_table
@@ -405,7 +406,8 @@ def rekey_labels(src: Path, work: Path, key: bytes) -> Path | None:
     for row in labels.itertuples():
         given = str(getattr(row, "mask_path", "") or "").strip()  # empty: the series has no mask
         recorded = recorded_nodules(getattr(row, "nodules", None), getattr(row, "nodule_count", None))
-        arrays, why = _mask_arrays(Path(src) / given, grids[row.SeriesInstanceUID], recorded) if given else (None, "")
+        bound = min(recorded) if recorded else None  # the strict bound: a mask's ids, the fewer the row records
+        arrays, why = _mask_arrays(Path(src) / given, grids[row.SeriesInstanceUID], bound) if given else (None, "")
         rel = mask_path(row.SeriesInstanceUID)
         if arrays is None:
             if why:
@@ -484,14 +486,26 @@ def _mask_arrays(path: Path, grid: _SeriesGrid, nodules: int | None) -> tuple[di
     first. The reasons say what is wrong, never what the file holds (a dtype's field names, an
     array's name, are the writer's words).
     """
-    if not path.is_file():  # nothing there, a dangling link, a folder or a FIFO: never opened
-        return None, "no file"
     too_large = f"a file larger than a mask of its series can be ({MASK_ARRAY!r} of slices x rows x columns)"
     not_mask = f"a .npz whose {MASK_ARRAY!r} is not a uint8 array of slices x rows x columns"
     not_z = f"a .npz whose {IPP_Z_ARRAY!r} is not one finite z position per slice of {MASK_ARRAY!r}"
     other_matrix = "a mask whose rows x columns are not its series' (a mask of another series, or resized)"
-    if path.stat().st_size > grid.max_file_bytes:
+    try:  # a name too long, a folder not searchable: the path's fault, said without the path
+        if not path.is_file():  # nothing there, a dangling link, a folder or a FIFO: never opened
+            return None, "no file"
+        size = path.stat().st_size
+        members = _zip_members(path)
+        single = members is None and _is_npy(path)
+    except (OSError, ValueError) as err:
+        if local_outage(err):
+            raise
+        return None, "no file"
+    if size > grid.max_file_bytes:
         return None, too_large
+    if members is None:
+        return None, "a single array, not a .npz archive of arrays" if single else "a file that is not a readable .npz archive"
+    if members > MAX_MASK_MEMBERS:  # np.load would parse a directory of any length first
+        return None, "a file that is not a readable .npz archive"
     try:
         loaded = np.load(path, allow_pickle=False)  # an archive: its directory only, nothing inflated yet
         if not isinstance(loaded, np.lib.npyio.NpzFile):
@@ -517,7 +531,7 @@ def _mask_arrays(path: Path, grid: _SeriesGrid, nodules: int | None) -> tuple[di
         return None, "a file that is not a readable .npz archive"
     if not np.isfinite(ipp_z).all():
         return None, not_z
-    matched = (np.abs(ipp_z[None, :] - grid.z[:, None]) < MASK_Z_TOLERANCE_MM).any(axis=1)
+    matched = mask_slices(ipp_z, grid.z) >= 0
     if not matched.any():
         return None, f"a mask whose {IPP_Z_ARRAY!r} holds none of its series' slice positions (a mask of another series)"
     if not matched.all():
@@ -526,6 +540,30 @@ def _mask_arrays(path: Path, grid: _SeriesGrid, nodules: int | None) -> tuple[di
     if nodules is not None and int(mask.max()) > nodules:
         return None, "a mask with nodule ids beyond the number of nodules its row records (nodules, nodule_count)"
     return {MASK_ARRAY: mask, IPP_Z_ARRAY: ipp_z.astype(np.float64)}, ""
+
+
+MAX_MASK_MEMBERS = 8  # the generator writes two arrays, a reader's mask three
+
+
+def _zip_members(path: Path) -> int | None:
+    """How many members the zip archive `path` says it holds, from its end-of-central-directory
+    record alone (the file's last 64 KiB at most), or None where it has none (not a zip, or a Zip64
+    directory, which no mask needs)."""
+    with path.open("rb") as f:
+        f.seek(0, 2)
+        end = f.tell()
+        f.seek(max(0, end - 65557))  # the record (22 bytes) and the longest comment (65,535)
+        tail = f.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < 22:
+        return None
+    entries = int.from_bytes(tail[at + 10:at + 12], "little")
+    return None if entries == 0xFFFF else entries
+
+
+def _is_npy(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(6) == b"\x93NUMPY"
 
 
 def _array_header(npz: np.lib.npyio.NpzFile, name: str) -> tuple[tuple[int, ...], np.dtype[Any], int]:

@@ -38,7 +38,7 @@ def preprocess(work: Path | None = None, config: PreprocessConfig = PreprocessCo
             summary = preprocess_series.submit(work, config).result()  # on the flow's task runner
             log_preprocess(uri, run_id, work, summary)
         print(f"preprocess: {summary['computed']} series computed, {summary['cached']} from cache, "
-              f"{summary['failed']} failed")
+              f"{summary['failed']} failed, {summary['labels_withheld']} labels withheld (no mask to train with)")
         result: dict[str, object] = {"mlflow_run_id": run_id, **summary, "work": str(work)}
         stages.done(work, "preprocess", key, result)
     return {**result, "skipped": False}

@@ -104,8 +104,9 @@ REMOVED_MEANING = "meaning removed by de-identification"
 # Coding Scheme Version is 1C (PS3.3 8.8: "if necessary to resolve ambiguity"), which no standard
 # designator needs: a scheme whose codes change meaning between editions has a designator for each
 # (I9, I10, I11; SNM3, SRT, SCT). Its values are numbers: "01" (DCM), "1.4" (SRT), "2.73" (LN),
-# "20230131" (an SCT edition); anything else is text a site typed, and goes.
-_VERSION = re.compile(r"\d{1,8}(?:\.\d{1,8}){0,3}", re.ASCII)
+# anything else is text a site typed, and goes. Short ones only: an eight-digit edition date
+# ("20230131" for SCT) could as well be a birth date, and goes too.
+_VERSION = re.compile(r"\d{1,3}(?:\.\d{1,3}){0,2}", re.ASCII)
 # The Enhanced Encoding Mode of the Code Sequence Macro (PS3.3 8.8): the context group a code was
 # chosen from. A local code's item loses them all (its keyed code is in no one's context group, and
 # every one of them is Type 3 or required only beside another); a standard code keeps them when
@@ -134,10 +135,10 @@ _VERHOEFF_P = ("0123456789", "1576283094", "5803796142", "8916043527", "94531268
                "2793806415", "7046913258")
 # LOINC Users' Guide, "Calculating Mod 10 check digits": the number, a dash, its check digit.
 _LOINC = re.compile(r"(\d{1,7})-(\d)", re.ASCII)
-# SNOMED-RT (and SNOMED International 3.x, whose codes it kept): an axis letter and an optional
-# second character, a dash, five characters with a digit among them, or R- and five hexadecimal
-# digits; all 7,990 codes of pydicom's SNOMED-RT to SNOMED CT map (from PS3.16) have that form.
-_SNOMED_RT = r"R-[0-9A-F]{5}|[A-Z][0-9A-Z]?-(?=[A-Z]*\d)[0-9A-Z]{4,5}"
+# SNOMED-RT and SNOMED International 3.x (SRT, SNM3), and DICOM's own codes (DCM): no form tells
+# their codes from a site's text ("MR-12345" is of SNOMED-RT's shape, a six-digit MRN of DCM's),
+# and their code lists are closed (SNOMED-RT retired, DCM in PS3.16, both in pydicom's dictionaries):
+# the codes pydicom knows stay, any other is keyed.
 # UCUM 2.2 (ucum-essence.xml, 2024-06-17), case-sensitive codes: its prefixes and unit atoms. A
 # unit is atoms (each with an optional prefix and exponent) and integers joined by "." and "/",
 # with parentheses; an annotation ("{...}", free text by UCUM's grammar) or a space is not kept.
@@ -174,7 +175,7 @@ def _alternatives(symbols: str) -> str:
 
 # One token of a UCUM unit: a prefixed atom with its exponent, an integer, an operator, a parenthesis.
 _UCUM_TOKEN = re.compile(rf"(?P<unit>(?:{_alternatives(_UCUM_PREFIXES)})?(?:{_alternatives(_UCUM_ATOMS)})"
-                         rf"(?:[+-]?\d+)?)|(?P<factor>\d+)|(?P<operator>[./])|(?P<open>\()|(?P<close>\))", re.ASCII)
+                         rf"(?:[+-]?\d{{1,2}})?)|(?P<factor>\d{{1,4}})|(?P<operator>[./])|(?P<open>\()|(?P<close>\))", re.ASCII)
 
 
 def _is_sctid(value: str) -> bool:
@@ -199,10 +200,14 @@ def _is_loinc(value: str) -> bool:
 
 def _is_ucum(value: str) -> bool:
     """Whether `value` is a UCUM unit without annotations: every character in a token, operands (a
-    unit, an integer, a parenthesised term) and operators in turn, parentheses balanced. A term
-    may begin with "/" ("/min")."""
-    depth, end, operand_next = 0, 0, True
+    unit, an integer, a parenthesised term) and operators in turn, parentheses balanced, and at
+    least one unit ("1", the unity, aside): a number alone is a date or an MRN as well. Exponents
+    of two digits, integers of four at most. A term may begin with "/" ("/min")."""
+    if value == "1":
+        return True
+    depth, end, operand_next, units = 0, 0, True, 0
     for token in _UCUM_TOKEN.finditer(value):
+        units += token.lastgroup == "unit"
         if token.start() != end:
             return False
         kind, leading = token.lastgroup, value[end - 1:end] in ("", "(")
@@ -217,7 +222,7 @@ def _is_ucum(value: str) -> bool:
             depth -= 1
         else:
             return False
-    return end == len(value) and not operand_next and depth == 0
+    return end == len(value) and not operand_next and depth == 0 and units > 0
 
 
 def _form(pattern: str) -> Callable[[str], bool]:
@@ -228,12 +233,7 @@ def _form(pattern: str) -> Callable[[str], bool]:
 _CODE_FORMS: dict[str, Callable[[str], bool]] = {
     "SCT": _is_sctid,
     "LN": _is_loinc,
-    "SRT": _form(_SNOMED_RT),
-    "SNM3": _form(_SNOMED_RT),
     "UCUM": _is_ucum,
-    # PS3.16 Annex D: DICOM's own codes are six digits (109001 to 130896 in pydicom 3.0); its
-    # lettered codes (modalities: "CT", "CTPROTOCOL") are known to pydicom, or keyed.
-    "DCM": _form(r"\d{6}"),
     # ISO/IEEE 11073-10101: a partition and a term code, each a 16-bit number, written "2:33792".
     "MDC": _form(r"\d{1,5}:\d{1,5}"),
     # RSNA: RadLex term identifiers are "RID" and a number (Playbook procedures "RPID").

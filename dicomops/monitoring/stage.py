@@ -12,7 +12,7 @@ from dicomops import io
 from dicomops.layout import WorkLayout
 from dicomops.monitoring.features import feature_table
 from dicomops.monitoring.reference import build_reference, store_reference
-from dicomops.preprocessing.stage import NODULES_WITHOUT_MASK
+from dicomops.preprocessing.stage import WITHHELD_REASONS
 from dicomops.synthetic.sidecars import LABELS_CSV, MASKS_DIR, SIDECAR_FILES, mask_path
 from dicomops.tracking import runs
 from dicomops.training.model import load_trained
@@ -54,7 +54,7 @@ def quarantine_counts(batch_work: Path) -> tuple[int, int]:
     if layout.preprocessed.failures.exists() and layout.ingest.instances.exists():
         listed = io.read_table(layout.preprocessed.failures)
         # A series whose label was withheld was preprocessed and judged: not lost.
-        failed = set(listed[listed.reason != NODULES_WITHOUT_MASK].SeriesInstanceUID)
+        failed = set(listed[~listed.reason.isin(WITHHELD_REASONS)].SeriesInstanceUID)
         series = pd.read_parquet(layout.ingest.instances, columns=["SeriesInstanceUID"]).SeriesInstanceUID.astype(str)
         if len(series) and set(series) <= failed:
             lost = len(series)

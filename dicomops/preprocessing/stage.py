@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from dicomops.synthetic.sidecars import (
     LABELS_CSV,
     MASK_ARRAY,
     MASK_Z_TOLERANCE_MM,
+    mask_slices,
     recorded_nodules,
 )
 
@@ -42,8 +43,12 @@ VOLUME_FIELDS = ("spacing_mm", "window", "window_center", "window_width", "heade
 # Settings that change only the slice labels stored beside a volume: in its cache key, not in a
 # model's identity (a teacher or a served model is the same with other training labels).
 LABEL_FIELDS = ("positive_area_share",)
-# failures.csv's reason for a series whose label is withheld from training (:func:`unmasked_nodules`).
+# failures.csv's reasons for a series whose label is withheld from training: nodules recorded but
+# no mask (:func:`unmasked_nodules`), or a mask that could not be laid on its volume (_aligned_mask).
 NODULES_WITHOUT_MASK = "nodules_without_mask"
+MASK_ERROR = "mask_error"
+WITHHELD_REASONS = (NODULES_WITHOUT_MASK, MASK_ERROR)
+LEFT_OUT = "it is preprocessed and monitored, and trains neither model until its mask is given"
 
 
 def series_content_hash(instances: pd.DataFrame) -> str:
@@ -99,14 +104,10 @@ def _aligned_mask(mask_file: Path, z_positions: np.ndarray, shape: tuple[int, in
     if mask.ndim != 3 or mask.shape[1:] != (shape[1], shape[0]):
         raise MaskAlignmentError(f"the mask is {' x '.join(map(str, mask.shape))} (slices x rows x columns) but "
                                  f"the series' images are {shape[1]} x {shape[0]} (rows x columns); {again}")
-    missing = 0
-    for k, z in enumerate(z_positions):
-        match = np.flatnonzero(np.abs(ipp_z - z) < MASK_Z_TOLERANCE_MM)
-        if match.size:
-            out[:, :, k] = mask[match[0]].T  # (rows, cols) -> (cols, rows)
-        else:
-            missing += 1
-    if missing:
+    found = mask_slices(ipp_z, z_positions)
+    for k in np.flatnonzero(found >= 0):
+        out[:, :, k] = mask[found[k]].T  # (rows, cols) -> (cols, rows)
+    if missing := int((found < 0).sum()):
         raise MaskAlignmentError(f"the mask has no slice at the position of {missing} of the series' "
                                  f"{len(z_positions)} slices (within {MASK_Z_TOLERANCE_MM:g} mm); {again}")
     return out
@@ -172,15 +173,16 @@ def preprocess_one(records: list[dict[str, Any]], deid_root: str, mask_path: str
     features = image_features(volume.hu, volume.affine)
     data: dict[str, Any] = {"image": MetaTensor(torch.from_numpy(volume.hu)[None], affine=torch.as_tensor(volume.affine)),
                             "windows": volume.windows}
+    mask, mask_error = None, ""
     if mask_path:
         try:
             mask = _aligned_mask(Path(mask_path), instances.ImagePositionPatient_2.to_numpy(float), volume.hu.shape)
-        except Exception as err:  # this series' mask, not the batch's: the series fails with the reason
+        except Exception as err:  # this series' mask, not the volume's: preprocessed without it, its label withheld
             if local_outage(err):
                 raise
-            detail = str(err) if isinstance(err, MaskAlignmentError) else \
+            mask_error = str(err) if isinstance(err, MaskAlignmentError) else \
                 f"{type(err).__name__}: the mask file is not the .npz the gate writes; ingest again"
-            return {"reason": "mask_error", "detail": detail}
+    if mask is not None:
         data["mask"] = MetaTensor(torch.from_numpy(mask)[None], affine=torch.as_tensor(volume.affine))
     try:
         out = build_transforms(cfg)(data)
@@ -195,14 +197,14 @@ def preprocess_one(records: list[dict[str, Any]], deid_root: str, mask_path: str
     affine = np.asarray(out["image"].affine, dtype=np.float64)
     path = Path(out_path)
     arrays: dict[str, Any] = {"image": image, "mask": mask_out, "affine": affine,
-                              **(native_reference(mask, volume.affine) if mask_path else {})}
+                              **(native_reference(mask, volume.affine) if mask is not None else {})}
     io.write_npz(path, stored=() if cfg.compress_images else ("image",), **arrays)
     labels = central_slice_labels(mask_out, actionable, cfg.min_positive_voxels, cfg.positive_area_share)
     target = mask_out if actionable is None else np.isin(mask_out, actionable)
     # Slices that show only a nodule that is not actionable (small, ground-glass): the negatives that
     # teach the classifier its rule, which random negatives would rarely draw.
     others = np.flatnonzero(slice_labels(np.where(target, 0, mask_out), cfg.min_positive_voxels) & (labels == 0))
-    meta = {"reason": "", "shape": list(image.shape), "window": list(out["window"]),
+    meta = {"reason": "", "mask_error": mask_error, "shape": list(image.shape), "window": list(out["window"]),
             "slice_labels": labels.tolist(), "other_nodule_slices": others.tolist(), "features": features}
     io.write_json(path.with_suffix(".json"), meta)
     return meta
@@ -252,16 +254,11 @@ def preprocess_corpus(work: Path, cfg: PreprocessConfig,
                            initializer=single_threaded, dask_address=cfg.dask_address)
     failures = [{"SeriesInstanceUID": uid, "reason": r["reason"], "detail": r.get("detail", "")}
                 for (uid, _, _), r in zip(todo, results, strict=True) if r.get("reason")]
-    failed = {f["SeriesInstanceUID"] for f in failures}
-    _write_tables(pre, cfg, plan, labels, failed, set(withheld))
-    withheld_rows = [{"SeriesInstanceUID": uid, "reason": NODULES_WITHOUT_MASK,
-                      "detail": f"labels.csv records {n} nodule(s) for it but the gate kept no mask (see the ingest "
-                                "warning); it is preprocessed and monitored, and trains neither model until its "
-                                "mask is given"}
-                     for uid, n in withheld.items() if uid not in failed]
+    withheld_rows = _write_tables(pre, cfg, plan, labels, {f["SeriesInstanceUID"] for f in failures}, withheld)
     if withheld_rows:
-        log.warning("%d labelled series record nodules but have no mask: their labels are left out of training "
-                    "(%s, reason %s)", len(withheld_rows), pre.failures, NODULES_WITHOUT_MASK)
+        log.warning("%d labelled series have no mask they can be trained with: their labels are left out of training "
+                    "(%s, reasons %s)", len(withheld_rows), pre.failures,
+                    ", ".join(sorted({r["reason"] for r in withheld_rows})))
     io.write_csv(pre.failures,
                  pd.DataFrame(failures + withheld_rows, columns=["SeriesInstanceUID", "reason", "detail"]))
     if plan and len(failures) == len(plan):  # nothing to train on; earlier cache entries are kept
@@ -272,7 +269,7 @@ def preprocess_corpus(work: Path, cfg: PreprocessConfig,
         if stale.name.split(".")[0] not in keep:
             stale.unlink()
     return {"series": len(plan), "computed": len(todo) - len(failures), "cached": len(plan) - len(todo),
-            "failed": len(failures), **({"labels_withheld": len(withheld_rows)} if withheld_rows else {})}
+            "failed": len(failures), "labels_withheld": len(withheld_rows)}
 
 
 def unmasked_nodules(labels: pd.DataFrame, unmasked: set[str]) -> dict[str, int]:
@@ -283,8 +280,8 @@ def unmasked_nodules(labels: pd.DataFrame, unmasked: set[str]) -> dict[str, int]
     out = {}
     for uid in sorted(unmasked & set(labels.index)):
         row = labels.loc[uid]
-        n = recorded_nodules(row.get("nodules"), row.get("nodule_count"))
-        if n:
+        n = max(recorded_nodules(row.get("nodules"), row.get("nodule_count")), default=0)
+        if n:  # where either says there are nodules: the label needs the mask
             out[uid] = n
     return out
 
@@ -301,14 +298,24 @@ def _all_failed_message(failures: list[dict[str, Any]], path: Path, top: int = 3
 
 
 def _write_tables(pre: PreprocessedPaths, cfg: PreprocessConfig, plan: list[tuple[str, str, pd.DataFrame]],
-                  labels: pd.DataFrame, failed: set[str], withheld: Collection[str] = ()) -> None:
-    rows, feature_rows, label_arrays, hard = [], [], {}, {}
+                  labels: pd.DataFrame, failed: set[str], unmasked: Mapping[str, int] | None = None) -> list[dict[str, str]]:
+    """The index, features and slabs of the series not `failed`; returns failures.csv's rows of the
+    labelled series whose label is withheld: those recording nodules without a mask (`unmasked`,
+    :func:`unmasked_nodules`) and those whose mask preprocessing could not lay on the volume."""
+    unmasked = unmasked or {}
+    rows, feature_rows, label_arrays, hard, withheld = [], [], {}, {}, []
     for uid, key, group in plan:
         if uid in failed:
             continue
         meta = io.read_json(pre.entry(key).with_suffix(".json"))
         first = group.iloc[0]
-        label = int(labels.loc[uid, "label"]) if uid in labels.index and uid not in withheld else -1
+        label = int(labels.loc[uid, "label"]) if uid in labels.index else -1
+        why = ((MASK_ERROR, str(meta["mask_error"])) if meta.get("mask_error") else
+               (NODULES_WITHOUT_MASK, f"labels.csv records {unmasked[uid]} nodule(s) for it but the gate kept no "
+                                      "mask (see the ingest warning)") if uid in unmasked else None)
+        if label >= 0 and why is not None:
+            withheld.append({"SeriesInstanceUID": uid, "reason": why[0], "detail": f"{why[1]}; {LEFT_OUT}"})
+            label = -1
         vendor = str(labels.loc[uid, "vendor"]) if uid in labels.index and "vendor" in labels else str(first.Manufacturer)
         arr = np.asarray(meta["slice_labels"], dtype=np.int8)
         if label == 0:  # a series without an actionable nodule has no positive slice (a reader's 0 included)
@@ -330,6 +337,7 @@ def _write_tables(pre: PreprocessedPaths, cfg: PreprocessConfig, plan: list[tupl
     slabs = sample_slabs(labelled, label_arrays, cfg.negative_ratio, cfg.seed, hard) if len(labelled) else \
         pd.DataFrame(columns=["SeriesInstanceUID", "z", "slice_label", "series_label"])
     io.write_parquet(pre.slabs, slabs)
+    return withheld
 
 
 def corpus_content_hash(work: Path) -> str:

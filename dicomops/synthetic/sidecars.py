@@ -3,13 +3,17 @@
 The generator writes them, the ingest gate lists them instead of ingesting them and re-keys the
 labels and masks into the de-identified corpus under the same names, preprocessing and retraining
 read them. Every one of those spells the names through these constants. This module imports
-nothing, so the config and the worker processes can import it cheaply.
+nothing heavy (numpy only inside :func:`mask_slices`), so the config and the worker processes can
+import it cheaply.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
 
 LABELS_CSV = "labels.csv"  # one row per series: truth, vendor, series folder, mask path
 FAULTS_CSV = "faults.csv"  # one row per injected fault (file or series)
@@ -34,12 +38,11 @@ def mask_path(name: str) -> str:
     return f"{MASKS_DIR}/{name}{MASK_SUFFIX}"
 
 
-def recorded_nodules(nodules: Any, nodule_count: Any) -> int | None:
-    """How many nodules a ``labels.csv`` row records: the records of its ``nodules`` cell (what
-    preprocessing and the segmenter read; an empty cell records none) and its ``nodule_count``, the
-    fewer where it gives both; None where it gives neither in a readable form. The gate bounds a
-    mask's ids by it, and preprocessing withholds the label of a series that records nodules but has
-    no mask."""
+def recorded_nodules(nodules: Any, nodule_count: Any) -> list[int]:
+    """The nodule counts a ``labels.csv`` row gives: the records of its ``nodules`` cell (what
+    preprocessing and the segmenter read; an empty cell records none) and its ``nodule_count``, each
+    where it is readable. The gate bounds a mask's ids by the fewer; preprocessing withholds the label
+    of a series without a mask where either records one."""
     counts = []
     if nodules is not None:
         try:
@@ -51,4 +54,14 @@ def recorded_nodules(nodules: Any, nodule_count: Any) -> int | None:
     count = str(nodule_count if nodule_count is not None else "").strip()
     if count.isdigit():
         counts.append(int(count))
-    return min(counts) if counts else None
+    return counts
+
+
+def mask_slices(ipp_z: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """For each slice position of a series, `z`, the mask slice (an index into `ipp_z`) within
+    :data:`MASK_Z_TOLERANCE_MM` of it, -1 where there is none: how a mask is laid on its series, at
+    the gate that checks it and in preprocessing that uses it."""
+    import numpy as np
+
+    near = np.abs(np.asarray(ipp_z, float)[None, :] - np.asarray(z, float)[:, None]) < MASK_Z_TOLERANCE_MM
+    return np.where(near.any(axis=1), near.argmax(axis=1), -1)

@@ -244,13 +244,15 @@ def test_preprocessing_fails_the_series_whose_mask_does_not_lie_on_it_and_goes_o
     np.savez_compressed(mask_file, **change(_arrays(mask_file)))
     counts = preprocess_corpus(work, PreprocessConfig(workers=1, crop_xy=128))
 
-    assert (counts["computed"], counts["failed"]) == (1, 1)
+    # The volume is the series', whatever its mask: preprocessed and monitored, its label withheld.
+    assert (counts["computed"], counts["failed"], counts["labels_withheld"]) == (2, 0, 1)
     failures = pd.read_csv(work / "preprocessed/failures.csv", keep_default_na=False)
-    assert failures.SeriesInstanceUID.tolist() == [MAPPER.uid(labels.SeriesInstanceUID[1])]
+    bad, good = MAPPER.uid(labels.SeriesInstanceUID[1]), MAPPER.uid(labels.SeriesInstanceUID[0])
+    assert failures.SeriesInstanceUID.tolist() == [bad]
     assert failures.reason.tolist() == ["mask_error"]
     assert failures.detail[0].startswith(detail) and "ingest again" in failures.detail[0]
-    index = pd.read_parquet(work / "preprocessed/index.parquet")
-    assert index.SeriesInstanceUID.tolist() == [MAPPER.uid(labels.SeriesInstanceUID[0])]
+    index = pd.read_parquet(work / "preprocessed/index.parquet").set_index("SeriesInstanceUID")
+    assert index.label[bad] == -1 and index.label[good] == int(labels.label[0])
 
 
 def test_a_series_whose_nodules_lost_their_mask_trains_neither_model(
@@ -278,4 +280,41 @@ def test_a_series_whose_nodules_lost_their_mask_trains_neither_model(
     failures = pd.read_csv(work / "preprocessed/failures.csv", keep_default_na=False)
     assert failures.to_dict("records")[0]["SeriesInstanceUID"] == refused
     assert failures.reason.tolist() == [NODULES_WITHOUT_MASK] and "records 4 nodule(s)" in failures.detail[0]
-    assert "1 labelled series record nodules but have no mask" in caplog.text
+    assert "1 labelled series have no mask they can be trained with" in caplog.text
+
+
+@pytest.mark.parametrize("nodules, nodule_count", [("", "4"), ("[]", "4"), ('[{"diameter_mm": 5.0}]', "0")])
+def test_either_count_of_nodules_withholds_a_label_without_a_mask(nodules: str, nodule_count: str) -> None:
+    """The gate bounds a mask's ids by the fewer nodules a row records; a label without a mask is
+    withheld where either count says there is one."""
+    from dicomops.preprocessing.stage import unmasked_nodules
+
+    labels = pd.DataFrame({"SeriesInstanceUID": ["a", "b"], "nodules": [nodules, "[]"],
+                           "nodule_count": [nodule_count, "0"]}).set_index("SeriesInstanceUID")
+    assert unmasked_nodules(labels, {"a", "b"}) == {"a": max(int(nodule_count), 1)}
+
+
+def test_a_batch_whose_labels_were_withheld_lost_no_series(gated: tuple[Path, Path], tmp_path: Path) -> None:
+    """The monitor counts a batch none of whose series preprocessed as lost; a withheld label is not
+    a lost series (it was preprocessed and judged)."""
+    from dicomops.monitoring.stage import quarantine_counts
+
+    _, work, _ = _copy(gated, tmp_path)
+    series = sorted(set(pd.read_parquet(work / "ingest/instances.parquet").SeriesInstanceUID))
+    files = len(pd.read_parquet(work / "ingest/instances.parquet"))
+    (work / "preprocessed").mkdir(exist_ok=True)
+    for reason, lost in (("nodules_without_mask", 0), ("mask_error", 0), ("transform_error", files)):
+        pd.DataFrame({"SeriesInstanceUID": series, "reason": reason, "detail": ""}).to_csv(
+            work / "preprocessed/failures.csv", index=False)
+        assert quarantine_counts(work)[0] == lost, reason
+
+
+def test_a_mask_path_the_system_cannot_look_up_is_no_file_and_not_said(
+        gated: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A name too long for the file system raised OSError with the path in it, and ended the gate."""
+    src, work, labels = _copy(gated, tmp_path)
+    labels.loc[1, "mask_path"] = "masks/" + "Jane_Doe_" * 40 + ".npz"
+    labels.to_csv(src / "labels.csv", index=False)
+    _rekey(src, work, caplog)
+    _assert_refused(work, labels, "no file", caplog)
+    assert "Jane_Doe" not in caplog.text

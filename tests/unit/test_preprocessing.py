@@ -200,7 +200,7 @@ def test_cache_hits_and_misses(vendor_work, tmp_path: Path) -> None:
     root, _ = vendor_work
     cfg = PreprocessConfig(workers=1, crop_xy=256)
     first = stage.preprocess_corpus(root / "work", cfg)
-    assert first == {"series": 5, "computed": 5, "cached": 0, "failed": 0}
+    assert first == {"series": 5, "computed": 5, "cached": 0, "failed": 0, "labels_withheld": 0}
     stage.check_made_from(root / "work", stage.corpus_content_hash(root / "work"))  # what training checks
     volumes = root / "work/preprocessed/volumes"
     stamps = {p.name: p.stat().st_mtime_ns for p in volumes.iterdir()}
@@ -210,7 +210,8 @@ def test_cache_hits_and_misses(vendor_work, tmp_path: Path) -> None:
         (("affine.npy", zipfile.ZIP_DEFLATED), ("image.npy", zipfile.ZIP_STORED), ("mask.npy", zipfile.ZIP_DEFLATED),
          ("native_affine.npy", zipfile.ZIP_DEFLATED), ("native_index.npy", zipfile.ZIP_DEFLATED),
          ("native_label.npy", zipfile.ZIP_DEFLATED), ("native_shape.npy", zipfile.ZIP_DEFLATED))}
-    assert stage.preprocess_corpus(root / "work", cfg) == {"series": 5, "computed": 0, "cached": 5, "failed": 0}
+    assert stage.preprocess_corpus(root / "work", cfg) == {"series": 5, "computed": 0, "cached": 5, "failed": 0,
+                                                         "labels_withheld": 0}
     assert {p.name: p.stat().st_mtime_ns for p in volumes.iterdir()} == stamps  # nothing rewritten
     changed = stage.preprocess_corpus(root / "work", cfg.model_copy(update={"window": "soft_tissue",
                                                                              "compress_images": True}))
