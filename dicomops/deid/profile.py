@@ -433,7 +433,7 @@ class Deidentifier:
         _remove(ds, ("LongCodeValue", "URNCodeValue", "CodingSchemeVersion", *CONTEXT_ATTRIBUTES))
         if values:
             ds.CodeValue = self.mapper.code("code", "\\".join((scheme, code.get("CodingSchemeVersion", ""), values[0])))
-        if scheme:
+        if scheme or values:  # a code value needs its designator (PS3.3 8.8): a keyed local one, even for none
             ds.CodingSchemeDesignator = ("99" + self.mapper.code("scheme", scheme))[:16]
         if "CodeMeaning" in code:
             ds.CodeMeaning = REMOVED_MEANING

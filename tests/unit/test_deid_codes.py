@@ -357,3 +357,13 @@ def test_a_standard_codes_context_group_stays_when_its_coded_values_are_the_stan
     assert "MappingResourceName" not in item
     assert item.ContextGroupVersion not in ("20220101", "")
     assert item.ContextUID == KeyedMapper(KEY).uid(context["ContextUID"])
+
+
+def test_a_code_without_a_designator_gets_a_local_one(deid: Deidentifier) -> None:
+    """A code value with no CodingSchemeDesignator is a local code whose item PS3.3 8.8 does not
+    allow: it is keyed as one, and gets the keyed designator of the empty scheme."""
+    ds = ct_slice()
+    item = Dataset()
+    item.CodeValue, item.CodeMeaning = "MRN 0012345", f"{NAME}"
+    ds.ProcedureCodeSequence = Sequence([item])
+    _keyed(deid.dataset(ds).ProcedureCodeSequence[0], "", "MRN 0012345")
