@@ -106,12 +106,15 @@ def stop_by_sigterm(proc: subprocess.Popen) -> str:
 class CuttingProxy:
     """A loopback TCP proxy to `port` that relays answers until `cut_after` bytes of the answer that
     holds `marker` (by default a multipart, WADO-RS, answer) have passed, then calls `on_cut` (e.g.
-    kill the server) and drops the connection."""
+    kill the server) and drops the connection. With `on_post`, the answer cut is the one to a POST
+    instead (a STOW-RS: the PACS answers once it has kept what it received, and no marker in its
+    bytes tells it from a QIDO-RS answer)."""
 
     port: int
     cut_after: int
     on_cut: Callable[[], None]
     marker: bytes = b"multipart/related"
+    on_post: bool = False
 
     def __post_init__(self) -> None:
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -132,11 +135,12 @@ class CuttingProxy:
 
     def _serve(self, client: socket.socket) -> None:
         upstream = socket.create_connection(("127.0.0.1", self.port))
-        threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
-        relayed: int | None = None  # bytes of the multipart answer relayed so far
+        posted = threading.Event()  # this connection's request is a POST
+        threading.Thread(target=self._pipe, args=(client, upstream, posted), daemon=True).start()
+        relayed: int | None = None  # bytes of the answer to cut relayed so far
         try:
             while data := upstream.recv(4096):
-                if relayed is None and self.marker in data:
+                if relayed is None and (posted.is_set() if self.on_post else self.marker in data):
                     relayed = 0
                 if relayed is not None and relayed + len(data) >= self.cut_after:
                     client.sendall(data[: self.cut_after - relayed])
@@ -155,9 +159,11 @@ class CuttingProxy:
                 sock.close()
 
     @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(src: socket.socket, dst: socket.socket, posted: threading.Event) -> None:
         try:
             while data := src.recv(4096):
+                if data.startswith(b"POST "):
+                    posted.set()
                 dst.sendall(data)
         except OSError:
             pass

@@ -1,4 +1,4 @@
-"""A scored series whose classifier's SR cannot be written, through a real Orthanc (until 2026-12-07
+"""A scored series whose classifier's SR cannot be written, through a real Orthanc (until 2026-12-06
 the whole study failed and nothing went back). The series is one a site would send: its images
 declare their Specific Character Set by a codec's name (``windows-1252``: no term PS3.3 defines,
 and it names none) over an operator's name that is not ASCII. The ingest gate accepts it (pydicom
@@ -20,12 +20,8 @@ Nothing identifying reaches the work directory, the ledger, MLflow, Prefect or t
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import socket
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +49,13 @@ from tests.unit.test_report_refused_series import CODE, OPERATOR, refusing_study
 from tests.unit.test_segmenter_failure import by_kind
 
 from .conftest import free_port
-from .orthanc_fixture import STABLE_AGE_S, orthanc, pacs_credentials, require_orthanc  # noqa: F401  (a fixture)
+from .orthanc_fixture import (  # noqa: F401  (orthanc is a fixture)
+    STABLE_AGE_S,
+    CuttingProxy,
+    orthanc,
+    pacs_credentials,
+    require_orthanc,
+)
 from .test_pacs_watch import _objects, _pacs_env, _send, _wait_stable
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
@@ -121,61 +123,6 @@ def _assert_nothing_identifying(files: list[Path], places: list[Path], logs: str
         assert hits == [], f"PHI found under {place}: {hits[:5]}"
     assert not [n for n in needles if n in logs]
     assert not [n for n in needles for text in said if n in text]
-
-
-class _DiesAnsweringAStore:
-    """A loopback TCP proxy to Orthanc's `port` that relays everything until Orthanc starts answering
-    a POST (a STOW-RS: the PACS answers once it has kept what it received), then calls `on_cut` (kill
-    the PACS) and drops the connection, so that the client never hears what was stored.
-    (:class:`~tests.integration.orthanc_fixture.CuttingProxy` finds its answer by a marker in the
-    answer's bytes; a STOW-RS answer has none its QIDO-RS answers lack.)"""
-
-    def __init__(self, port: int, on_cut: Callable[[], None]) -> None:
-        self.port, self.on_cut = port, on_cut
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-        self.cut = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def close(self) -> None:
-        self._listener.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
-        upstream = socket.create_connection(("127.0.0.1", self.port))
-        posted = threading.Event()  # this connection's request now is a POST: its answer is cut
-        threading.Thread(target=self._requests, args=(client, upstream, posted), daemon=True).start()
-        try:
-            while data := upstream.recv(65536):
-                if posted.is_set():
-                    self.on_cut()
-                    self.cut.set()
-                    return
-                client.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (client, upstream):  # shutdown first: the other thread's recv holds the socket open
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
-
-    @staticmethod
-    def _requests(src: socket.socket, dst: socket.socket, posted: threading.Event) -> None:
-        try:
-            while data := src.recv(65536):
-                if data.startswith(b"POST "):
-                    posted.set()
-                dst.sendall(data)
-        except OSError:
-            pass
 
 
 def test_a_series_whose_sr_the_writer_refuses_fails_alone_in_the_pacs_once_and_leaks_nothing(
@@ -321,7 +268,7 @@ def test_the_pacs_lost_while_it_stores_the_results_is_an_outage_and_the_retry_st
         _wait_stable(server, {study})
         images, _ = _held(server, study)
         token = study_token(key, study)
-        proxy = _DiesAnsweringAStore(port, on_cut=server.kill)
+        proxy = CuttingProxy(port, cut_after=0, on_cut=server.kill, on_post=True)
         try:
             _watch_env(monkeypatch, server, exported_champion)
             monkeypatch.setenv(URL_ENV, proxy.url)  # everything the watch asks goes through the proxy
