@@ -325,8 +325,9 @@ def describe(summary: dict[str, Any]) -> str:
     call's AUC overall and per vendor ("–" where it was not made)."""
     f = model_card._f
     vendors = ", ".join(f"{v} {f(a)}" for v, a in summary.get("vendor_actionable_auc", {}).items())
-    return (f"CPM {f(summary['cpm'])}, Dice (nodules >= 6 mm) {f(summary['dice_ge6_mean'])} "
-            f"(on the acquired slices {f(summary.get('dice_ge6_native_mean'))}), series kappa "
+    native = summary.get("dice_ge6_native_mean")  # absent from a summary before 2026-12-06, NaN without one
+    return (f"CPM {f(summary['cpm'])}, Dice (nodules >= 6 mm) {f(summary['dice_ge6_mean'])}"
+            + (f" (on the acquired slices {f(native)})" if f(native) != "–" else "") + ", series kappa "
             f"{f(summary['kappa_series'])}, actionable-call AUC {f(summary.get('actionable_auc'))}"
             + (f" ({vendors})" if vendors else ""))
 

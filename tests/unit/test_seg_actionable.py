@@ -141,6 +141,9 @@ def test_the_console_line_gives_the_call_per_vendor_and_a_dash_where_it_was_not_
     assert line == ("CPM 0.944, Dice (nodules >= 6 mm) 0.824, series kappa 0.832, actionable-call AUC 0.990 "
                     "(ge 1.000, philips 0.917)")
     assert describe(base | {"actionable_auc": None, "vendor_actionable_auc": {}}).endswith("actionable-call AUC –")
+    # The Dice on the acquired slices, where the summary has one.
+    assert describe(base | {"dice_ge6_native_mean": 0.8391, "actionable_auc": None}).startswith(
+        "CPM 0.944, Dice (nodules >= 6 mm) 0.824 (on the acquired slices 0.839), series kappa 0.832")
 
 
 def test_the_call_slice_by_slice_scores_each_slice_by_the_findings_on_it() -> None:
