@@ -298,11 +298,10 @@ def _all_failed_message(failures: list[dict[str, Any]], path: Path, top: int = 3
 
 
 def _write_tables(pre: PreprocessedPaths, cfg: PreprocessConfig, plan: list[tuple[str, str, pd.DataFrame]],
-                  labels: pd.DataFrame, failed: set[str], unmasked: Mapping[str, int] | None = None) -> list[dict[str, str]]:
+                  labels: pd.DataFrame, failed: set[str], unmasked: Mapping[str, int]) -> list[dict[str, str]]:
     """The index, features and slabs of the series not `failed`; returns failures.csv's rows of the
     labelled series whose label is withheld: those recording nodules without a mask (`unmasked`,
     :func:`unmasked_nodules`) and those whose mask preprocessing could not lay on the volume."""
-    unmasked = unmasked or {}
     rows, feature_rows, label_arrays, hard, withheld = [], [], {}, {}, []
     for uid, key, group in plan:
         if uid in failed:

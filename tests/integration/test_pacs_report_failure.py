@@ -87,6 +87,20 @@ def _from_now_on(server: OrthancProcess, work: Path) -> None:
         Cursor(WorkLayout(work).pacs.cursor).advance(feed.last())
 
 
+def _watched_study(server: OrthancProcess, exported_champion: ExportedChampion, monkeypatch: pytest.MonkeyPatch,
+                   tmp_path: Path, *, index: int, refused: int) -> tuple[list[Path], list[str], str, set[str]]:
+    """The watch of ``tmp_path / "work"`` set up from now on, then a study of two series, `refused` of
+    them with an SR the writer refuses (:func:`refusing_study`), sent to the PACS and stable: its
+    files, its two series' UIDs, its StudyInstanceUID and the instances the PACS holds under it."""
+    _watch_env(monkeypatch, server, exported_champion)
+    _from_now_on(server, tmp_path / "work")
+    files, series = refusing_study(tmp_path / "send", index=index, refused=refused)
+    study = _send(server, files)
+    _wait_stable(server, {study})
+    images, _ = _held(server, study)
+    return files, list(series), study, images
+
+
 def _held(server: OrthancProcess, study: str) -> tuple[set[str], dict[tuple[str, str], set[str]]]:
     """Every instance the PACS holds under `study` (SOP Instance UIDs, by QIDO-RS), and its SRs and
     SEGs by (modality, the model that made it): the original series each answers."""
@@ -128,14 +142,10 @@ def _assert_nothing_identifying(files: list[Path], places: list[Path], logs: str
 def test_a_series_whose_sr_the_writer_refuses_fails_alone_in_the_pacs_once_and_leaks_nothing(
         orthanc: OrthancProcess, exported_champion: ExportedChampion, store: str, tmp_path: Path,  # noqa: F811
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    _watch_env(monkeypatch, orthanc, exported_champion)
     key, work, staging = key_from_settings(), tmp_path / "work", tmp_path / "staging"
     mapper = KeyedMapper(key)
-    _from_now_on(orthanc, work)
-    files, (refused, other) = refusing_study(tmp_path / "send", index=111, refused=1)
-    study = _send(orthanc, files)
-    _wait_stable(orthanc, {study})
-    images, _ = _held(orthanc, study)
+    files, (refused, other), study, images = _watched_study(orthanc, exported_champion, monkeypatch, tmp_path,
+                                                            index=111, refused=1)
     assert len(images) == len(files) == 32
 
     since_ms = int(time.time() * 1000)
@@ -205,14 +215,10 @@ def test_a_series_whose_sr_the_writer_refuses_fails_alone_in_the_pacs_once_and_l
 def test_a_study_none_of_whose_srs_can_be_written_fails_with_nothing_in_the_pacs(
         orthanc: OrthancProcess, exported_champion: ExportedChampion, store: str, tmp_path: Path,  # noqa: F811
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    _watch_env(monkeypatch, orthanc, exported_champion)
     key, work, staging = key_from_settings(), tmp_path / "work", tmp_path / "staging"
     mapper = KeyedMapper(key)
-    _from_now_on(orthanc, work)
-    files, series = refusing_study(tmp_path / "send", index=113, refused=2)
-    study = _send(orthanc, files)
-    _wait_stable(orthanc, {study})
-    images, _ = _held(orthanc, study)
+    files, series, study, images = _watched_study(orthanc, exported_champion, monkeypatch, tmp_path,
+                                                  index=113, refused=2)
 
     since_ms = int(time.time() * 1000)
     caplog.set_level(logging.INFO, logger="dicomops")
