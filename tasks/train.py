@@ -17,7 +17,7 @@ from dicomops.config import (
 from dicomops.layout import WorkLayout
 from dicomops.tracking import registry
 from dicomops.tracking.lineage import ACCEPTED_HASH_TAG, git_commit
-from dicomops.training import cv, mlflow_runs
+from dicomops.training import champion_pool, cv, mlflow_runs
 from dicomops.training import state as train_state
 
 
@@ -109,8 +109,10 @@ def promotion_gate(tracking_uri: str, cfg: TrainConfig, version: str, work: Path
         from dicomops.feedback.gate import readers_for
 
         readers = readers_for(work, feedback_work, cfg.model_name, feedback or FeedbackConfig(), key_from_settings())
+    # The champion on this version's pool: after a retrain its own CV figures are of another pool.
+    pool = champion_pool.pool_for(work, tracking_uri, cfg.model_name) if work is not None else None
     decision = registry.apply_promotion_gate(tracking_uri, cfg.model_name, version, margin=cfg.promotion_margin,
                                              vendor_tolerance=cfg.vendor_tolerance, min_auc=cfg.min_auc,
                                              readers=readers,
-                                             min_reader_series=(feedback or FeedbackConfig()).min_cases)
+                                             min_reader_series=(feedback or FeedbackConfig()).min_cases, pool=pool)
     return {"promoted": decision.promote, "decision": decision.label, "reasons": list(decision.reasons)}

@@ -34,7 +34,7 @@ from dicomops.segmentation.loop import SegFit, fit, mean_history
 from dicomops.segmentation.model import build_segmenter, for_inference, probability
 from dicomops.synthetic.sidecars import LABELS_CSV
 from dicomops.tracking import model_card, registry, runs
-from dicomops.tracking.promotion import model_settings
+from dicomops.tracking.promotion import PoolComparison, model_settings
 from dicomops.training import mlflow_runs
 from dicomops.training.loop import choose_precision
 
@@ -526,10 +526,18 @@ def gate(tracking_uri: str, cfg: SegmentConfig, version: str, work: Path | None 
         readers = segmenter_readers_for(work, feedback_work, cfg.model_name, feedback, key)
     floors = {"Dice (nodules >= 6 mm)": ("cv.dice_ge6", cfg.min_dice),
               "series kappa": ("cv.kappa_series", cfg.min_series_kappa)}
+    # Not rescored on this pool (the classifier's champion is: dicomops.training.champion_pool): the
+    # reason says that the champion's CPM is of the pool it was trained on.
     decision = registry.apply_promotion_gate(tracking_uri, cfg.model_name, version, margin=cfg.promotion_margin,
                                              vendor_tolerance=cfg.vendor_tolerance, min_auc=cfg.min_cpm, metric="cpm",
-                                             readers=readers, min_reader_series=feedback.min_cases, floors=floors)
+                                             readers=readers, min_reader_series=feedback.min_cases, floors=floors,
+                                             pool=_own_pool)
     return {"promoted": decision.promote, "decision": decision.label, "reasons": list(decision.reasons)}
+
+
+def _own_pool(champion_version: str) -> PoolComparison:
+    return PoolComparison(champion_version, unavailable="the segmenter's champion is not rescored on another "
+                                                        "version's pool")
 
 
 def registered_version(layout: WorkLayout) -> str | None:

@@ -56,6 +56,36 @@ class ReaderAgreement:
 
 
 @dataclass(frozen=True)
+class PoolComparison:
+    """Challenger and champion on the challenger's training pool, folds and labels: what the gate
+    compares when it can (:func:`dicomops.training.champion_pool.champion_on_pool`). A champion
+    trained on another pool (before a retrain added series, or readers changed labels) has CV
+    figures of that pool, which are not the challenger's to beat.
+
+    The champion's score of a series is its out-of-fold score where its cross-validation held that
+    series out (`cross_validated`), else its final model's (`unseen`: series it never trained on).
+    Each model's figures are its fold-mean AUCs over the challenger's folds, as ``cv.*`` are.
+    `unavailable` says why no such comparison was made (then the scores are None)."""
+
+    champion_version: str
+    challenger: ModelScore | None = None
+    champion: ModelScore | None = None
+    series: int = 0
+    cross_validated: int = 0
+    unseen: int = 0
+    unavailable: str = ""
+
+    def basis(self, metric: str = "AUC") -> str:
+        """The reason line that says what was compared."""
+        if self.champion is None:
+            return (f"champion v{self.champion_version} compared by the {metric} of its own cross-validation, "
+                    f"on its own pool: {self.unavailable}")
+        return (f"compared on this version's pool and folds ({self.series} series): champion "
+                f"v{self.champion_version} by its out-of-fold scores on the {self.cross_validated} it was "
+                f"cross-validated on and its final model on the {self.unseen} it never trained on")
+
+
+@dataclass(frozen=True)
 class Decision:
     """The gate's verdict; `error` when it could not compare at all (the champion was unreadable).
     `recorded`: the version's decision as its tags hold it, when the gate left a version decided
@@ -85,7 +115,8 @@ FLOOR_OFF: defaultdict[str, float] = defaultdict(lambda: -math.inf, {"Dice (nodu
 def decide_promotion(challenger: ModelScore, champion: ModelScore | None, *, margin: float = 0.005,
                      vendor_tolerance: float = 0.02, min_auc: float = 0.8, metric: str = "AUC",
                      readers: ReaderAgreement | None = None, min_reader_series: int = 10,
-                     floors: Mapping[str, tuple[float, float]] | None = None) -> Decision:
+                     floors: Mapping[str, tuple[float, float]] | None = None,
+                     pool: PoolComparison | None = None) -> Decision:
     """Decide whether `challenger` replaces `champion` automatically, with the reasons.
 
     `metric` names the score in the reasons: the classifier is judged on AUC, the nodule segmenter
@@ -95,7 +126,9 @@ def decide_promotion(challenger: ModelScore, champion: ModelScore | None, *, mar
     figures of the challenger with the least each may be, ``{name: (value, floor)}``: one below
     its floor (or undefined) is never promoted automatically, with or without a champion (the
     segmenter's Dice and series kappa: CPM alone was met by a blob over the lung at Dice 0); a
-    floor at the least its figure can be (:data:`FLOOR_OFF`) is off.
+    floor at the least its figure can be (:data:`FLOOR_OFF`) is off. With `pool` holding both
+    models' figures on the challenger's pool, the gain and every vendor's drop are judged on those
+    instead (the floor stays on the challenger's own CV figure); either way its basis is a reason.
     """
     if margin < 0 or vendor_tolerance < 0:
         raise ValueError("margin and vendor_tolerance must be non-negative")
@@ -118,6 +151,10 @@ def decide_promotion(challenger: ModelScore, champion: ModelScore | None, *, mar
     if challenger.mean_auc < min_auc:  # beating a poor champion does not make a model good enough
         ok = False
         reasons.append(f"mean {metric} {challenger.mean_auc:.4f} is below the floor {min_auc:.4f}")
+    if pool is not None:
+        reasons.insert(0, pool.basis(metric))
+        if pool.challenger is not None and pool.champion is not None:
+            challenger, champion = pool.challenger, pool.champion
     gain = challenger.mean_auc - champion.mean_auc
     if gain > margin:
         reasons.append(f"mean {metric} {challenger.mean_auc:.4f} beats champion {champion.mean_auc:.4f} by {gain:+.4f}")

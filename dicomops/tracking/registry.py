@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -11,7 +12,13 @@ import numpy as np
 
 from dicomops.errors import RegistryUnavailableError
 from dicomops.tracking import model_card
-from dicomops.tracking.promotion import Decision, ModelScore, ReaderAgreement, decide_promotion
+from dicomops.tracking.promotion import (
+    Decision,
+    ModelScore,
+    PoolComparison,
+    ReaderAgreement,
+    decide_promotion,
+)
 from dicomops.tracking.runs import configure_mlflow
 
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -19,6 +26,7 @@ RECORDED_CHAMPION = "dicomops.champion"  # registered-model tag: the champion di
 WEIGHTS_ARTIFACT = "weights"
 DECISION_TAG = "promotion.decision"  # a version's decided state (gate, reviewer, superseded): never finished again
 ModelBuilder = Callable[[dict[str, Any]], Any]
+log = logging.getLogger(__name__)
 
 
 def register_model(tracking_uri: str, run_id: str, model: Any, example: np.ndarray, name: str,
@@ -204,12 +212,16 @@ def alias_version(client: Any, name: str, alias: str) -> Any | None:
 def apply_promotion_gate(tracking_uri: str, name: str, version: str, *, margin: float,
                          vendor_tolerance: float, min_auc: float, metric: str = "auc",
                          readers: Callable[[str], ReaderAgreement | None] | None = None,
-                         min_reader_series: int = 10, floors: Mapping[str, tuple[str, float]] | None = None) -> Decision:
+                         min_reader_series: int = 10, floors: Mapping[str, tuple[str, float]] | None = None,
+                         pool: Callable[[str], PoolComparison] | None = None) -> Decision:
     """Compare the challenger with the champion; promote automatically or leave it for review.
 
     `readers(champion_version)` compares the two on the series readers labelled (None: no such series).
     `floors` ``{name: (tag, floor)}``: figures of the challenger, read from its tags, that must
     reach their floor (:func:`~dicomops.tracking.promotion.decide_promotion`).
+    `pool(champion_version)` scores both on the challenger's pool
+    (:func:`dicomops.training.champion_pool.champion_on_pool`); without it, or where it cannot, the
+    champion's own CV figures are compared, and a reason says so.
 
     When the champion cannot be read, the gate does not decide: the version stays challenger and
     its tags say why (``promotion.decision = gate-error``), for a reviewer or a re-run to settle.
@@ -233,10 +245,13 @@ def apply_promotion_gate(tracking_uri: str, name: str, version: str, *, margin: 
         champion = _score(theirs, metric) if theirs is not None else None
         agreement = readers(str(current.version)) if readers is not None and champion is not None \
             and current is not None else None
+        on_pool = _on_pool(pool, str(current.version)) if pool is not None and champion is not None \
+            and current is not None else None
         figures = {name: (ours.get(tag, float("nan")), floor) for name, (tag, floor) in (floors or {}).items()}
         decision = decide_promotion(_score(ours, metric), champion, margin=margin,
                                     vendor_tolerance=vendor_tolerance, min_auc=min_auc, metric=metric.upper(),
-                                    readers=agreement, min_reader_series=min_reader_series, floors=figures)
+                                    readers=agreement, min_reader_series=min_reader_series, floors=figures,
+                                    pool=on_pool)
     for key, value in decision.tags().items():
         client.set_model_version_tag(name, version, key, value)
     _rewrite_section(client, name, version, model_card.decision_section(decision.label, decision.reasons, version,
@@ -244,6 +259,17 @@ def apply_promotion_gate(tracking_uri: str, name: str, version: str, *, margin: 
     if decision.promote:
         _make_champion(client, name, version)
     return decision
+
+
+def _on_pool(pool: Callable[[str], PoolComparison], champion_version: str) -> PoolComparison:
+    """`pool(champion_version)`; a failure to score there leaves the champion's own figures to compare,
+    and the reason names the failure (the gate still decides; a reviewer sees why it compared so)."""
+    try:
+        return pool(champion_version)
+    except Exception as err:
+        log.warning("the champion v%s could not be scored on the challenger's pool: %s: %s", champion_version,
+                    type(err).__name__, err)
+        return PoolComparison(champion_version, unavailable=f"scoring it there failed ({type(err).__name__}: {err})")
 
 
 def _left_as_it_is(client: Any, name: str, version: str) -> Decision:

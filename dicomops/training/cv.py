@@ -144,6 +144,7 @@ def summarise(layout: WorkLayout, cfg: TrainConfig, tracking_uri: str) -> dict[s
     io.write_csv(paths.per_fold_metrics, cv.per_fold)
     io.write_csv(paths.cv_summary, cv.by_vendor)
     io.write_parquet(paths.oof_predictions, preds)
+    io.write_parquet(paths.oof_scores, preds[["SeriesInstanceUID", "score"]])
     io.write_json(paths.summary, cv.result)
     io.write_csv(paths.fold_counts, fold_counts(layout.read_folds().folds, layout.labelled_series()))
     evidence = io.write_csv(paths.evidence, scoring.vendor_evidence(preds, cv.threshold, cv.by_vendor))
@@ -158,7 +159,7 @@ def summarise(layout: WorkLayout, cfg: TrainConfig, tracking_uri: str) -> dict[s
     mlflow_runs.log_results(tracking_uri, train_state.parent_run(layout), cv.metrics(),
                             [privacy.shown(paths.per_fold_metrics, cv.per_fold), privacy.shown(paths.cv_summary, cv.by_vendor),
                              privacy.shown(paths.evidence, pd.read_csv(evidence)), paths.summary, layout.folds_file,
-                             *pictures], "cv")
+                             paths.oof_scores, *pictures], "cv")
     return cv.result
 
 

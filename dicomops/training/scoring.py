@@ -100,6 +100,17 @@ def summarise_predictions(preds: pd.DataFrame, best_epochs: list[int]) -> CVSumm
     return CVSummary(threshold, per_fold, summary, result)
 
 
+def fold_mean_auc(preds: pd.DataFrame) -> tuple[float, dict[str, float]]:
+    """The fold-mean AUC of `preds` (``fold``, ``vendor``, ``label``, ``score``) and each vendor's:
+    what :func:`summarise_predictions` reports as ``mean_auc`` and ``vendor_auc``, for any scores
+    over the same folds (AUC needs no threshold)."""
+    per_fold = pd.concat([per_vendor_metrics(g, 0.5).assign(fold=i) for i, g in preds.groupby("fold")],
+                         ignore_index=True)
+    by_vendor = summarise_folds(per_fold).set_index("vendor")
+    return (float(by_vendor.loc["all", "auc_mean"]),
+            {str(v): float(by_vendor.loc[v, "auc_mean"]) for v in by_vendor.index if v != "all"})
+
+
 def vendor_evidence(preds: pd.DataFrame, threshold: float, by_vendor: pd.DataFrame, level: float = 0.95,
                     seed: int = 0) -> pd.DataFrame:
     """What a reviewer needs per vendor (and ``all``), from the pooled out-of-fold predictions: series

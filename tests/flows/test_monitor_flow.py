@@ -89,6 +89,29 @@ def _drift_events(expected: int, timeout: float = 30.0) -> list[dict]:
         time.sleep(1.0)
 
 
+def _assert_compared_on_the_retrain_pool(uri: str, work: Path, retrain_work: Path, champion: str, reasons: str) -> None:
+    """The retrained challenger met the champion on the retrain's pool and folds: the champion by its
+    out-of-fold scores on the 20 series of its own pool and by its final model on the batches' series."""
+    from dicomops.layout import WorkLayout
+    from dicomops.training.cv import score_series
+    from dicomops.training.model import load_trained
+    from dicomops.training.scoring import fold_mean_auc
+
+    pool = pd.read_parquet(WorkLayout(retrain_work).train.oof_predictions)
+    own = pd.read_parquet(WorkLayout(work).train.oof_predictions).set_index("SeriesInstanceUID").score
+    assert len(own) == 20 and set(own.index) < set(pool.SeriesInstanceUID)  # the same pseudonyms in both pools
+    basis = (f"compared on this version's pool and folds ({len(pool)} series): champion v{champion} by its out-of-fold "
+             f"scores on the 20 it was cross-validated on and its final model on the {len(pool) - 20} it never "
+             "trained on")
+    assert reasons.split("; ")[0] == basis
+    layout = WorkLayout(retrain_work)
+    new = layout.labelled_series().set_index("SeriesInstanceUID").drop(own.index).reset_index()
+    model, cfg, k = load_trained(uri, str(mlflow.tracking.MlflowClient(uri).get_model_version(NAME, champion).run_id))
+    final = score_series(model, layout, new, k, cfg.input_size, cfg.top_k_slices).set_index("SeriesInstanceUID").score
+    champion_there, _ = fold_mean_auc(pool.assign(score=pool.SeriesInstanceUID.map(pd.concat([own, final]))))
+    assert f"champion {champion_there:.4f}" in reasons
+
+
 def test_monitor_alerts_and_retrains_once_and_leaves_same_distribution_alone(tmp_path: Path, mlflow_env: str) -> None:
     source = _synth(tmp_path, "data", 20, 17, "baseline")
     cfg = _config(source)
@@ -124,6 +147,8 @@ def test_monitor_alerts_and_retrains_once_and_leaves_same_distribution_alone(tmp
     assert version.tags["trigger"] == "drift" and version.tags["monitoring_run_id"] == shifted["monitoring_run_id"]
     assert version.tags["promotion.decision"] == "awaiting-review" and retrained["promoted"] is False
     assert "not above margin 1.0000" in version.tags["promotion.reasons"]
+    _assert_compared_on_the_retrain_pool(mlflow_env, work, Path(retrained["work"]), str(first.version),
+                                         version.tags["promotion.reasons"])
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == str(first.version)
     assert version.tags["export.onnx.sha256"]
     segmenter = client.get_model_version(TINY_SEGMENTER.model_name, str(retrained["segmenter_version"]))

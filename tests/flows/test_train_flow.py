@@ -81,7 +81,13 @@ def test_train_flow_registers_a_reviewable_version(train_work: Path, mlflow_env:
         assert inputs["training"].source_type == "local" and "/deid" in inputs["training"].source
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "cv")}
     assert {"cv/roc_by_vendor.png", "cv/roc_by_fold.png", "cv/confusion.png", "cv/samples.png",
-            "cv/cv_summary.csv", "cv/folds.json", "cv/evidence_by_vendor.csv", "cv/per_fold_metrics.csv"} <= artifacts
+            "cv/cv_summary.csv", "cv/folds.json", "cv/evidence_by_vendor.csv", "cv/per_fold_metrics.csv",
+            "cv/oof_scores.parquet"} <= artifacts
+    # A later promotion gate scores this version on its challenger's pool from them: series and score, no
+    # vendor or label (dicomops.training.champion_pool).
+    scores = pd.read_parquet(client.download_artifacts(parent.info.run_id, "cv/oof_scores.parquet", str(tmp_path)))
+    assert list(scores.columns) == ["SeriesInstanceUID", "score"]
+    assert sorted(scores.SeriesInstanceUID) == sorted(u for fold in range(4) for u in split.val(fold))
     assert "cv/fold_counts.csv" not in artifacts  # exact counts per fold and vendor stay in the work directory
     assert assert_no_exact_counts(client, parent.info.run_id, tmp_path / "scan") == 3 + 4  # cv/ and each fold
 

@@ -1,0 +1,198 @@
+"""The promotion gate compares champion and challenger on the challenger's pool, folds and labels,
+not each by the cross-validation of its own pool (which a retrain changes): a real SQLite MLflow
+store, the champion's out-of-fold scores as its training run keeps them (``cv/oof_scores.parquet``).
+Scoring series new to the champion with its final model runs in the monitor flow's retrain test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from sklearn.metrics import roc_auc_score
+
+from dicomops import io
+from dicomops.config import PreprocessConfig
+from dicomops.layout import WorkLayout
+from dicomops.tracking import registry
+from dicomops.tracking.promotion import ModelScore, PoolComparison, decide_promotion
+from dicomops.training.champion_pool import champion_on_pool, oof_artifact, pool_for
+
+# Two folds, two vendors, both classes of each vendor in each fold.
+POOL = pd.DataFrame({
+    "SeriesInstanceUID": [f"2.25.{i}" for i in range(12)],
+    "vendor": ["ge", "ge", "ge", "siemens", "siemens", "siemens"] * 2,
+    "label": [1, 0, 0, 1, 0, 0, 1, 1, 0, 1, 0, 0],
+    "fold": [0] * 6 + [1] * 6,
+    # The challenger's out-of-fold scores: one miss, a siemens negative of fold 1 above its positive.
+    "score": [0.9, 0.1, 0.2, 0.8, 0.3, 0.2, 0.7, 0.5, 0.4, 0.9, 0.95, 0.3],
+})
+# The champion's out-of-fold scores on the same series: as good in ge, worse in siemens.
+CHAMPION_SCORES = [0.8, 0.2, 0.1, 0.3, 0.6, 0.2, 0.9, 0.8, 0.1, 0.2, 0.7, 0.4]
+
+
+def _fold_mean(table: pd.DataFrame, vendor: str | None = None) -> float:
+    """The fold-mean AUC by hand: sklearn per fold, then the mean."""
+    part = table if vendor is None else table[table.vendor == vendor]
+    return float(np.mean([roc_auc_score(g.label, g.score) for _, g in part.groupby("fold")]))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, Path]:
+    root = tmp_path_factory.mktemp("champion-pool")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    return uri, MlflowClient(uri).create_experiment("pool", artifact_location=(root / "art").as_uri()), root
+
+
+def _work(root: Path, pool: pd.DataFrame, pre: PreprocessConfig = PreprocessConfig()) -> Path:
+    """A challenger's training work directory as the gate reads it."""
+    layout = WorkLayout(root / "work")
+    io.write_parquet(layout.train.oof_predictions, pool)
+    io.write_json(layout.train.final_preprocess_config, pre.model_dump(mode="json"))
+    return layout.root
+
+
+def _version(uri: str, experiment: str, name: str, tags: dict[str, float], folder: Path,
+             scores: pd.DataFrame | None = None, pre: PreprocessConfig | None = None) -> str:
+    """A version of `name` with `tags` (``cv.*``, logged unrounded too), and in its run the
+    out-of-fold scores and preprocessing its training keeps."""
+    client = MlflowClient(uri)
+    if not client.search_registered_models(f"name = '{name}'"):
+        client.create_registered_model(name)
+    run = client.create_run(experiment)
+    for key, value in tags.items():
+        client.log_metric(run.info.run_id, key, value)
+    folder.mkdir(parents=True, exist_ok=True)
+    if scores is not None:
+        client.log_artifact(run.info.run_id, str(io.write_parquet(folder / "oof_scores.parquet", scores)), "cv")
+    if pre is not None:
+        path = io.write_json(folder / "preprocess_config.json", pre.model_dump(mode="json"))
+        client.log_artifact(run.info.run_id, str(path), registry.WEIGHTS_ARTIFACT)
+    mv = client.create_model_version(name, source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, mv.version, key, f"{value:.4f}")
+    return str(mv.version)
+
+
+def _champion(uri: str, name: str, version: str) -> None:
+    client = MlflowClient(uri)
+    client.set_registered_model_alias(name, registry.CHAMPION, version)
+    client.set_registered_model_tag(name, registry.RECORDED_CHAMPION, version)
+    client.set_model_version_tag(name, version, "promotion.decision", "auto-promoted")
+
+
+def test_the_champion_is_scored_by_its_out_of_fold_scores_on_the_challengers_folds_and_labels(
+        store: tuple[str, str, Path], tmp_path: Path) -> None:
+    uri, experiment, root = store
+    scores = pd.DataFrame({"SeriesInstanceUID": POOL.SeriesInstanceUID, "score": CHAMPION_SCORES})
+    version = _version(uri, experiment, "scored", {"cv.mean_auc": 0.99}, root / "scored", scores, PreprocessConfig())
+    assert oof_artifact(tmp_path) == "cv/oof_scores.parquet"
+    # Readers changed a label since the champion was trained: the pool's label is the one both answer.
+    pool = POOL.assign(label=POOL.label.where(POOL.SeriesInstanceUID != "2.25.2", 1))
+    compared = champion_on_pool(_work(tmp_path, pool), uri, "scored", version)
+    assert compared.unavailable == "" and (compared.series, compared.cross_validated, compared.unseen) == (12, 12, 0)
+    champion = pool.assign(score=CHAMPION_SCORES)
+    assert compared.champion is not None and compared.challenger is not None
+    assert compared.champion.mean_auc == pytest.approx(_fold_mean(champion))
+    assert compared.challenger.mean_auc == pytest.approx(_fold_mean(pool))
+    for vendor in ("ge", "siemens"):
+        assert compared.champion.vendor_auc[vendor] == pytest.approx(_fold_mean(champion, vendor))
+        assert compared.challenger.vendor_auc[vendor] == pytest.approx(_fold_mean(pool, vendor))
+    # Not the champion's own figure (0.99 in its tags), and not the pool's labels before the change.
+    assert compared.champion.mean_auc < 0.9
+    assert compared.champion.mean_auc != pytest.approx(_fold_mean(POOL.assign(score=CHAMPION_SCORES)))
+
+
+def test_the_gate_promotes_on_the_pool_what_the_champions_own_figures_would_have_refused(
+        store: tuple[str, str, Path], tmp_path: Path) -> None:
+    uri, experiment, root = store
+    scores = pd.DataFrame({"SeriesInstanceUID": POOL.SeriesInstanceUID, "score": CHAMPION_SCORES})
+    # The champion's own pool was easier: 0.99 there. The challenger's CV on its harder pool: 0.95.
+    champion = _version(uri, experiment, "harder", {"cv.mean_auc": 0.99, "cv.auc.ge": 0.99, "cv.auc.siemens": 0.99},
+                        root / "harder-1", scores, PreprocessConfig())
+    _champion(uri, "harder", champion)
+    own = {"cv.mean_auc": _fold_mean(POOL), "cv.auc.ge": _fold_mean(POOL, "ge"),
+           "cv.auc.siemens": _fold_mean(POOL, "siemens")}
+    challenger = _version(uri, experiment, "harder", own, root / "harder-2")
+    MlflowClient(uri).set_registered_model_alias("harder", registry.CHALLENGER, challenger)
+    work = _work(tmp_path, POOL)
+    gate = {"margin": 0.005, "vendor_tolerance": 0.02, "min_auc": 0.5}
+    refused = decide_promotion(ModelScore(own["cv.mean_auc"], {"ge": own["cv.auc.ge"], "siemens": own["cv.auc.siemens"]}),
+                               ModelScore(0.99, {"ge": 0.99, "siemens": 0.99}), **gate)
+    assert not refused.promote  # what the gate said before it compared on one pool
+
+    decision = registry.apply_promotion_gate(uri, "harder", challenger, pool=pool_for(work, uri, "harder"), **gate)
+    reasons = "; ".join(decision.reasons)
+    assert decision.promote, reasons
+    assert decision.reasons[0] == (f"compared on this version's pool and folds (12 series): champion v{champion} by its "
+                                   "out-of-fold scores on the 12 it was cross-validated on and its final model on the 0 "
+                                   "it never trained on")
+    champion_there = _fold_mean(POOL.assign(score=CHAMPION_SCORES))
+    assert f"beats champion {champion_there:.4f}" in reasons
+    assert str(MlflowClient(uri).get_registered_model("harder").aliases[registry.CHAMPION]) == challenger
+
+
+def test_a_champion_without_stored_scores_is_compared_by_its_own_figures_and_the_reason_says_so(
+        store: tuple[str, str, Path], tmp_path: Path) -> None:
+    uri, experiment, root = store
+    champion = _version(uri, experiment, "older", {"cv.mean_auc": 0.99}, root / "older-1")
+    _champion(uri, "older", champion)
+    challenger = _version(uri, experiment, "older", {"cv.mean_auc": 0.95}, root / "older-2")
+    MlflowClient(uri).set_registered_model_alias("older", registry.CHALLENGER, challenger)
+    work = _work(tmp_path, POOL)
+    compared = champion_on_pool(work, uri, "older", champion)
+    assert compared.champion is None and "out-of-fold scores are not stored" in compared.unavailable
+    decision = registry.apply_promotion_gate(uri, "older", challenger, margin=0.005, vendor_tolerance=0.02,
+                                             min_auc=0.5, pool=pool_for(work, uri, "older"))
+    assert not decision.promote
+    assert decision.reasons[0].startswith(f"champion v{champion} compared by the AUC of its own cross-validation, "
+                                          "on its own pool: its out-of-fold scores are not stored")
+    assert "vs champion 0.9900" in decision.reasons[1]
+
+
+def test_series_new_to_a_champion_of_other_preprocessing_are_not_scored_by_it(
+        store: tuple[str, str, Path], tmp_path: Path) -> None:
+    uri, experiment, root = store
+    known = pd.DataFrame({"SeriesInstanceUID": POOL.SeriesInstanceUID[:8], "score": CHAMPION_SCORES[:8]})
+    version = _version(uri, experiment, "respaced", {"cv.mean_auc": 0.9}, root / "respaced", known,
+                       PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0)))
+    compared = champion_on_pool(_work(tmp_path, POOL), uri, "respaced", version)
+    assert compared.champion is None
+    assert compared.unavailable == ("it was trained on other preprocessing (spacing_mm), so its final model cannot "
+                                    "score the 4 series new to it")
+
+
+def test_a_failure_to_score_on_the_pool_leaves_the_gate_deciding_on_the_champions_own_figures(
+        store: tuple[str, str, Path]) -> None:
+    uri, experiment, root = store
+    champion = _version(uri, experiment, "broken", {"cv.mean_auc": 0.9}, root / "broken-1")
+    _champion(uri, "broken", champion)
+    challenger = _version(uri, experiment, "broken", {"cv.mean_auc": 0.95}, root / "broken-2")
+    MlflowClient(uri).set_registered_model_alias("broken", registry.CHALLENGER, challenger)
+
+    def failing(version: str) -> PoolComparison:
+        raise FileNotFoundError("train/oof_predictions.parquet")
+
+    decision = registry.apply_promotion_gate(uri, "broken", challenger, margin=0.005, vendor_tolerance=0.02,
+                                             min_auc=0.5, pool=failing)
+    assert decision.promote and decision.label == "auto-promoted"
+    assert "scoring it there failed (FileNotFoundError: train/oof_predictions.parquet)" in decision.reasons[0]
+
+
+def test_on_the_pool_a_vendor_drop_refuses_and_the_floor_stays_on_the_challengers_own_figure() -> None:
+    own = ModelScore(0.91, {"ge": 0.9, "siemens": 0.92})
+    champion_own = ModelScore(0.80, {"ge": 0.8, "siemens": 0.8})
+    pool = PoolComparison("3", challenger=ModelScore(0.90, {"ge": 0.97, "siemens": 0.83}),
+                          champion=ModelScore(0.85, {"ge": 0.80, "siemens": 0.90}), series=40, cross_validated=30,
+                          unseen=10)
+    assert decide_promotion(own, champion_own, min_auc=0.5).promote  # its own figures beat the champion's
+    decision = decide_promotion(own, champion_own, min_auc=0.5, pool=pool)
+    assert not decision.promote
+    assert "siemens: AUC drops 0.9000 -> 0.8300 (more than 0.0200)" in decision.reasons
+    assert "mean AUC 0.9000 beats champion 0.8500 by +0.0500" in decision.reasons
+    floored = decide_promotion(ModelScore(0.79, {"ge": 0.79}), champion_own, min_auc=0.8,
+                               pool=PoolComparison("3", ModelScore(0.95, {"ge": 0.95}), ModelScore(0.7, {"ge": 0.7}),
+                                                   40, 40, 0))
+    assert not floored.promote and "mean AUC 0.7900 is below the floor 0.8000" in floored.reasons
