@@ -402,3 +402,22 @@ def test_slab_sets_are_built_once_per_process_and_never_stale(train_work: Path, 
     data.build_slab_set(other, everyone[:1], 3, 32)
     assert {key[0] for key in data._SLABS} == {str(other.preprocessed.volume(index.loc[everyone[0], "path"]))}
     data.forget_slabs()
+
+
+def test_a_version_trained_again_on_the_champions_pool_meets_its_own_cv_figures(train_work: Path, mlflow_env: str,
+                                                                                tmp_path: Path) -> None:
+    # The gate scores the champion on the challenger's pool and folds (dicomops.training.champion_pool).
+    # On the very pool and split it was cross-validated on, that is its own CV: the same figure as its
+    # tags, from the out-of-fold scores its run keeps, with no series for its final model to score.
+    work = _fresh(train_work, tmp_path)
+    cfg = TINY.model_copy(update={"model_name": "same-pool", "min_auc": 0.0})
+    first = train(work=work, config=cfg, preprocess_config=PRE, experiment="same-pool")
+    assert first["promoted"]
+    second = train(work=work, config=cfg.model_copy(update={"learning_rate": 1e-3}), preprocess_config=PRE,
+                   experiment="same-pool")
+    client = mlflow.tracking.MlflowClient(mlflow_env)
+    reasons = client.get_model_version("same-pool", str(second["version"])).tags["promotion.reasons"]
+    assert reasons.startswith(f"compared on this version's pool and folds (20 series): champion v{first['version']} by "
+                              "its out-of-fold scores on the 20 it was cross-validated on and its final model on the 0 "
+                              "it never trained on; ")
+    assert f"champion {first['mean_auc']:.4f}" in reasons and f"AUC {second['mean_auc']:.4f}" in reasons
