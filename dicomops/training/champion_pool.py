@@ -27,6 +27,7 @@ import pandas as pd
 
 from dicomops import io
 from dicomops.layout import WorkLayout
+from dicomops.preprocessing.stage import VOLUME_FIELDS
 from dicomops.tracking.promotion import ModelScore, PoolComparison
 from dicomops.tracking.registry import WEIGHTS_ARTIFACT
 from dicomops.tracking.runs import configure_mlflow
@@ -68,7 +69,8 @@ def champion_on_pool(work: Path, tracking_uri: str, name: str, champion_version:
     unseen = champion[~champion.SeriesInstanceUID.isin(seen)]
     if len(unseen):
         ours_pre = io.read_json(layout.train.final_preprocess_config)
-        if (differs := sorted(k for k in ours_pre.keys() | theirs_pre.keys() if ours_pre.get(k) != theirs_pre.get(k))):
+        # What the input contract says shapes a model's input; not the workers, the cache or the seed.
+        if differs := [k for k in (*VOLUME_FIELDS, "slab_slices") if ours_pre.get(k) != theirs_pre.get(k)]:
             return unavailable(f"it was trained on other preprocessing ({', '.join(differs)}), so its final model "
                                f"cannot score the {len(unseen)} series new to it")
         final = _final_model_scores(layout, tracking_uri, run_id, list(unseen.SeriesInstanceUID))

@@ -196,3 +196,27 @@ def test_on_the_pool_a_vendor_drop_refuses_and_the_floor_stays_on_the_challenger
                                pool=PoolComparison("3", ModelScore(0.95, {"ge": 0.95}), ModelScore(0.7, {"ge": 0.7}),
                                                    40, 40, 0))
     assert not floored.promote and "mean AUC 0.7900 is below the floor 0.8000" in floored.reasons
+
+
+def test_series_new_to_the_champion_are_scored_by_its_final_model_whatever_its_workers_were(
+        store: tuple[str, str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Settings that shape no input (workers, the seed) do not stop the final model scoring new series;
+    # the final model itself runs in the monitor flow's retrain test (here its scores are given).
+    from dicomops.training import champion_pool
+
+    uri, experiment, root = store
+    known = pd.DataFrame({"SeriesInstanceUID": POOL.SeriesInstanceUID[:8], "score": CHAMPION_SCORES[:8]})
+    version = _version(uri, experiment, "reworked", {"cv.mean_auc": 0.9}, root / "reworked", known,
+                       PreprocessConfig(workers=7, seed=3))
+    asked: list[list[str]] = []
+
+    def final(layout: WorkLayout, tracking_uri: str, run_id: str, series: list[str]) -> pd.Series:
+        asked.append(series)
+        return pd.Series(CHAMPION_SCORES[8:], index=series)
+
+    monkeypatch.setattr(champion_pool, "_final_model_scores", final)
+    compared = champion_on_pool(_work(tmp_path, POOL, PreprocessConfig(workers=1)), uri, "reworked", version)
+    assert asked == [list(POOL.SeriesInstanceUID[8:])]
+    assert (compared.series, compared.cross_validated, compared.unseen) == (12, 8, 4)
+    assert compared.champion is not None
+    assert compared.champion.mean_auc == pytest.approx(_fold_mean(POOL.assign(score=CHAMPION_SCORES)))
