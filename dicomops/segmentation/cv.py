@@ -34,7 +34,7 @@ from dicomops.segmentation.loop import SegFit, fit, mean_history
 from dicomops.segmentation.model import build_segmenter, for_inference, probability
 from dicomops.synthetic.sidecars import LABELS_CSV
 from dicomops.tracking import model_card, registry, runs
-from dicomops.tracking.promotion import PoolComparison, model_settings
+from dicomops.tracking.promotion import model_settings
 from dicomops.training import mlflow_runs
 from dicomops.training.loop import choose_precision
 
@@ -316,7 +316,7 @@ def summarise(layout: WorkLayout, cfg: SegmentConfig, tracking_uri: str) -> dict
     shown_summary = io.write_json(paths.root / "shown" / paths.summary.name,
                                   {k: v for k, v in summary.items() if k not in privacy.EXACT_COUNT_COLUMNS})
     mlflow_runs.log_results(tracking_uri, parent_run(layout), _shown(metrics),
-                            [privacy.shown(paths.by_group, table), shown_summary, *pictures], "cv")
+                            [privacy.shown(paths.by_group, table), shown_summary, layout.folds_file, *pictures], "cv")
     return summary
 
 
@@ -513,7 +513,8 @@ def export(layout: WorkLayout, cfg: SegmentConfig, tracking_uri: str, version: s
 def gate(tracking_uri: str, cfg: SegmentConfig, version: str, work: Path | None = None,
          feedback_work: Path | None = None, feedback: Any = None, key: bytes | None = None) -> dict[str, Any]:
     """The promotion gate on CPM, with floors for the Dice and the series kappa (``segment.min_dice``,
-    ``segment.min_series_kappa``); with the training's `work` and a retrain's `feedback_work`, also on
+    ``segment.min_series_kappa``); with the training's `work`, the champion judged on its pool
+    (:mod:`dicomops.segmentation.champion_pool`); with a retrain's `feedback_work`, also on
     the series readers labelled there (:func:`dicomops.feedback.gate.segmenter_readers_for`), as the
     classifier's. `feedback`: its FeedbackConfig (default settings when None)."""
     from dicomops.config import FeedbackConfig
@@ -526,18 +527,16 @@ def gate(tracking_uri: str, cfg: SegmentConfig, version: str, work: Path | None 
         readers = segmenter_readers_for(work, feedback_work, cfg.model_name, feedback, key)
     floors = {"Dice (nodules >= 6 mm)": ("cv.dice_ge6", cfg.min_dice),
               "series kappa": ("cv.kappa_series", cfg.min_series_kappa)}
-    # Not rescored on this pool (the classifier's champion is: dicomops.training.champion_pool): the
-    # reason says that the champion's CPM is of the pool it was trained on.
+    pool = None
+    if work is not None:  # the champion judged again on this version's series, references and folds
+        from dicomops.segmentation.champion_pool import pool_for
+
+        pool = pool_for(work, tracking_uri, cfg.model_name)
     decision = registry.apply_promotion_gate(tracking_uri, cfg.model_name, version, margin=cfg.promotion_margin,
                                              vendor_tolerance=cfg.vendor_tolerance, min_auc=cfg.min_cpm, metric="cpm",
                                              readers=readers, min_reader_series=feedback.min_cases, floors=floors,
-                                             pool=_own_pool)
+                                             pool=pool)
     return {"promoted": decision.promote, "decision": decision.label, "reasons": list(decision.reasons)}
-
-
-def _own_pool(champion_version: str) -> PoolComparison:
-    return PoolComparison(champion_version, unavailable="the segmenter's champion is not rescored on another "
-                                                        "version's pool")
 
 
 def registered_version(layout: WorkLayout) -> str | None:

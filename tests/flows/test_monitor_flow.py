@@ -24,6 +24,7 @@ from dicomops.config import (
     TrainConfig,
 )
 from dicomops.deid.scan import scan_for_phi
+from dicomops.layout import WorkLayout
 from dicomops.monitoring import alerts
 from dicomops.monitoring.reference import TAG, load_serving
 from dicomops.synthetic import generate_corpus
@@ -92,7 +93,6 @@ def _drift_events(expected: int, timeout: float = 30.0) -> list[dict]:
 def _assert_compared_on_the_retrain_pool(uri: str, work: Path, retrain_work: Path, champion: str, reasons: str) -> None:
     """The retrained challenger met the champion on the retrain's pool and folds: the champion by its
     out-of-fold scores on the 20 series of its own pool and by its final model on the batches' series."""
-    from dicomops.layout import WorkLayout
     from dicomops.training.cv import score_series
     from dicomops.training.model import load_trained
     from dicomops.training.scoring import fold_mean_auc
@@ -116,8 +116,10 @@ def test_monitor_alerts_and_retrains_once_and_leaves_same_distribution_alone(tmp
     source = _synth(tmp_path, "data", 20, 17, "baseline")
     cfg = _config(source)
     work = tmp_path / "work"
-    trained = pipeline(src=source, config=cfg, work=work)
+    # With the segmenter, made champion by hand (min_cpm 1.0): the retrain's segmenter meets it on its pool.
+    trained = pipeline(src=source, config=cfg.model_copy(update={"segment": TINY_SEGMENTER}), work=work)
     client = mlflow.tracking.MlflowClient(mlflow_env)
+    registry.promote(mlflow_env, TINY_SEGMENTER.model_name, str(trained["segmenter_version"]), "test")
     first = client.get_model_version(NAME, str(trained["model_version"]))
     assert first.tags["promotion.decision"] == "auto-promoted"
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == str(first.version)
@@ -154,6 +156,13 @@ def test_monitor_alerts_and_retrains_once_and_leaves_same_distribution_alone(tmp
     segmenter = client.get_model_version(TINY_SEGMENTER.model_name, str(retrained["segmenter_version"]))
     assert segmenter.tags["trigger"] == "drift" and segmenter.tags["monitoring_run_id"] == shifted["monitoring_run_id"]
     assert segmenter.tags["export.onnx.sha256"] and retrained["segmenter_promoted"] is False
+    # Judged again on the retrain's series and references: its fold models on the 20 they held out, its
+    # final model on the batches' series (dicomops.segmentation.champion_pool).
+    pool = len(pd.read_parquet(WorkLayout(Path(retrained["work"])).train.oof_predictions))
+    assert segmenter.tags["promotion.reasons"].startswith(
+        f"compared on this version's pool and folds ({pool} series): champion v{trained['segmenter_version']} by "
+        f"its out-of-fold scores on the 20 it was cross-validated on and its final model on the {pool - 20} it "
+        "never trained on; "), segmenter.tags["promotion.reasons"]
     records = alerts.read_alerts(work)
     assert len(records) == 1 and records[0]["monitoring_run_id"] == shifted["monitoring_run_id"]
     assert "SliceThickness" in records[0]["drifted_columns"]

@@ -220,3 +220,23 @@ def test_series_new_to_the_champion_are_scored_by_its_final_model_whatever_its_w
     assert (compared.series, compared.cross_validated, compared.unseen) == (12, 8, 4)
     assert compared.champion is not None
     assert compared.champion.mean_auc == pytest.approx(_fold_mean(POOL.assign(score=CHAMPION_SCORES)))
+
+
+def test_a_segmenter_champion_without_its_split_is_compared_by_its_own_cpm_and_the_reason_says_so(
+        store: tuple[str, str, Path], tmp_path: Path) -> None:
+    # Its fold models could not be matched with the series they held out (dicomops.segmentation.champion_pool;
+    # the comparison itself runs in the segment and monitor flow tests).
+    from dicomops.segmentation.champion_pool import pool_for as segmenter_pool_for
+
+    uri, experiment, root = store
+    champion = _version(uri, experiment, "seg-older", {"cv.mean_cpm": 0.9}, root / "seg-older-1")
+    _champion(uri, "seg-older", champion)
+    challenger = _version(uri, experiment, "seg-older", {"cv.mean_cpm": 0.8}, root / "seg-older-2")
+    MlflowClient(uri).set_registered_model_alias("seg-older", registry.CHALLENGER, challenger)
+    decision = registry.apply_promotion_gate(uri, "seg-older", challenger, margin=0.005, vendor_tolerance=0.02,
+                                             min_auc=0.5, metric="cpm",
+                                             pool=segmenter_pool_for(tmp_path / "work", uri, "seg-older"))
+    assert not decision.promote
+    assert decision.reasons[0].startswith(f"champion v{champion} compared by the CPM of its own cross-validation, on "
+                                          "its own pool: its split is not stored with it (cv/folds.json")
+    assert "mean CPM 0.8000 vs champion 0.9000" in decision.reasons[1]
