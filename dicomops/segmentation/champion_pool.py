@@ -22,6 +22,7 @@ import numpy as np
 from dicomops import io
 from dicomops.layout import WorkLayout
 from dicomops.preprocessing.stage import VOLUME_FIELDS
+from dicomops.progress import PROGRESS
 from dicomops.segmentation import metrics as m
 from dicomops.segmentation.cv import evaluate, load_evals
 from dicomops.segmentation.data import load_volumes
@@ -56,19 +57,20 @@ def champion_on_pool(work: Path, tracking_uri: str, name: str, champion_version:
                                "it was trained before 2026-12-06")
     ours = [e for i in range(layout.read_folds().n_splits) for e in load_evals(layout.segment.fold(i) / "evals.json")]
     held_out = {uid: i for i, part in enumerate(split["folds"]) for uid in part["val"]}
-    by_run: dict[str, list[str]] = defaultdict(list)
+    by_model: dict[int | None, list[str]] = defaultdict(list)  # a fold's model, or None: the final model
     for e in ours:
-        fold = held_out.get(e.series)
-        by_run[parent if fold is None else fold_run(tracking_uri, parent, fold)].append(e.series)
+        by_model[held_out.get(e.series)].append(e.series)
     ours_pre = io.read_json(layout.segment.final_preprocess_config)
     theirs: list[m.SeriesEval] = []
-    for run_id, series in by_run.items():
-        model, cfg, pre = load_segmenter(tracking_uri, run_id)
+    for fold, series in sorted(by_model.items(), key=lambda item: -1 if item[0] is None else item[0]):
+        model, cfg, pre = load_segmenter(tracking_uri, parent if fold is None else fold_run(tracking_uri, parent, fold))
         if differs := [k for k in VOLUME_FIELDS if ours_pre.get(k) != pre.model_dump(mode="json").get(k)]:
             return unavailable(f"it was trained on other preprocessing ({', '.join(differs)})")
+        which = "its final model" if fold is None else f"its fold-{fold} model"
+        PROGRESS.info(f"segmenter gate: champion v{champion_version}, {which} on {len(series)} series")
         judged, _ = evaluate(model, load_volumes(layout, series, cfg.patch, cfg.border_share), cfg, pre)
         theirs.extend(judged)
-    unseen = len(by_run.get(parent, []))
+    unseen = len(by_model.get(None, []))
     return PoolComparison(str(champion_version), _cpm(ours), _cpm(theirs), len(ours),
                           cross_validated=len(ours) - unseen, unseen=unseen)
 
