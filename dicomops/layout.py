@@ -168,7 +168,7 @@ class TrainPaths:
     summary = property(lambda self: self.root / "summary.json")
     oof_predictions = property(lambda self: self.root / "oof_predictions.parquet")
     # Series and score only: what the training run keeps in MLflow for a later promotion gate
-    # (dicomops.training.champion_pool); vendors and labels per series stay in the work directory.
+    # (dicomops.training.champion_pool), which reads vendors and labels from its own pool.
     oof_scores = property(lambda self: self.root / "oof_scores.parquet")
     per_fold_metrics = property(lambda self: self.root / "per_fold_metrics.csv")
     cv_summary = property(lambda self: self.root / "cv_summary.csv")

@@ -278,11 +278,12 @@ def series_table(layout: WorkLayout) -> pd.DataFrame:
 
 
 def load_volumes(layout: WorkLayout, ids: list[str], patch: tuple[int, int, int],
-                 border_share: float = 0.0) -> list[SegVolume]:
+                 border_share: float = 0.0, *, keep: bool = True) -> list[SegVolume]:
     """The volumes of series `ids`, in that order; each is read from disk once per process, those
     not read yet in as many threads as torch computes with (reading and numpy's array operations
     release the GIL: 40 of the demo's volumes took 20.3 s in one thread and 10.3 s in two, when the
-    lung border still used SciPy's filters)."""
+    lung border still used SciPy's filters). With `keep` off, those read now are not kept for later
+    calls (a pass over volumes one batch at a time holds one batch)."""
     table = series_table(layout).set_index("SeriesInstanceUID")
     keys = {uid: (str(layout.preprocessed.volume(str(table.loc[uid].path))), patch, border_share) for uid in ids}
 
@@ -292,10 +293,13 @@ def load_volumes(layout: WorkLayout, ids: list[str], patch: tuple[int, int, int]
                            actionable=bool(row.label), border_share=border_share)
 
     missing = list(dict.fromkeys(uid for uid in ids if keys[uid] not in _CACHE))
+    read_now = {}
     with ThreadPoolExecutor(max(1, min(torch.get_num_threads(), len(missing)))) as pool:
         for uid, volume in zip(missing, pool.map(read, missing), strict=True):
-            _CACHE[keys[uid]] = volume
-    return [_CACHE[keys[uid]] for uid in ids]
+            read_now[keys[uid]] = volume
+    if keep:
+        _CACHE.update(read_now)
+    return [read_now[keys[uid]] if keys[uid] in read_now else _CACHE[keys[uid]] for uid in ids]
 
 
 def forget_volumes() -> None:

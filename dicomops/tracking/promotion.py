@@ -57,22 +57,23 @@ class ReaderAgreement:
 
 @dataclass(frozen=True)
 class PoolComparison:
-    """Challenger and champion on the challenger's training pool, folds and labels: what the gate
-    compares when it can (:func:`dicomops.training.champion_pool.champion_on_pool`). A champion
-    trained on another pool (before a retrain added series, or readers changed labels) has CV
-    figures of that pool, which are not the challenger's to beat.
+    """Challenger and champion on the challenger's training pool, labels and folds: what the gate
+    compares when it can (:mod:`dicomops.training.champion_pool`, :mod:`dicomops.segmentation.champion_pool`).
+    A champion trained on another pool (before a retrain added series, or readers changed labels)
+    has CV figures of that pool, which are not the challenger's to beat.
 
-    The champion's score of a series is its out-of-fold score where its cross-validation held that
-    series out (`cross_validated`), else its final model's (`unseen`: series it never trained on).
-    Each model's figures are its fold-mean AUCs over the challenger's folds, as ``cv.*`` are.
-    `unavailable` says why no such comparison was made (then the scores are None)."""
+    The champion scores each series by a model of its cross-validation that never trained on the
+    series' patient; each model's figures are computed as its ``cv.*`` are (fold-mean AUC, pooled
+    CPM). `series` were compared, `rescored` of them by running a champion fold model now (the rest
+    kept the score its cross-validation gave them). `unavailable` says why no such comparison was
+    made (then the scores are None). The reason line names no count: the counts of a pool are
+    released under differential privacy only (:mod:`dicomops.feedback.privacy`)."""
 
     champion_version: str
     challenger: ModelScore | None = None
     champion: ModelScore | None = None
     series: int = 0
-    cross_validated: int = 0
-    unseen: int = 0
+    rescored: int = 0
     unavailable: str = ""
 
     def basis(self, metric: str = "AUC") -> str:
@@ -80,9 +81,8 @@ class PoolComparison:
         if self.champion is None:
             return (f"champion v{self.champion_version} compared by the {metric} of its own cross-validation, "
                     f"on its own pool: {self.unavailable}")
-        return (f"compared on this version's pool and folds ({self.series} series): champion "
-                f"v{self.champion_version} by its out-of-fold scores on the {self.cross_validated} it was "
-                f"cross-validated on and its final model on the {self.unseen} it never trained on")
+        return (f"compared on this version's pool, labels and folds: champion v{self.champion_version} by the "
+                "models of its cross-validation, each series scored by one that never trained on its patient")
 
 
 @dataclass(frozen=True)

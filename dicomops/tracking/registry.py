@@ -29,6 +29,10 @@ ModelBuilder = Callable[[dict[str, Any]], Any]
 log = logging.getLogger(__name__)
 
 
+class PoolUnscoredError(Exception):
+    """The champion could not be scored on the challenger's pool (:func:`apply_promotion_gate`)."""
+
+
 def register_model(tracking_uri: str, run_id: str, model: Any, example: np.ndarray, name: str,
                    card: Callable[[str], str], tags: dict[str, str], metadata: dict[str, str] | None = None,
                    output: Callable[[Any], Any] | None = None) -> str:
@@ -238,14 +242,14 @@ def apply_promotion_gate(tracking_uri: str, name: str, version: str, *, margin: 
         ours = version_figures(client, challenger)
         theirs = version_figures(client, current) if current is not None and str(current.version) != str(version) \
             else None
-    except RegistryUnavailableError as err:
+        on_pool = _on_pool(pool, str(current.version)) if pool is not None and theirs is not None \
+            and current is not None else None
+    except (RegistryUnavailableError, PoolUnscoredError) as err:
         decision = Decision(False, (f"gate not applied: {err}; the version stays challenger (re-run the "
                                     f"gate or decide with '{model_card.review_command('promote', name, version)}')",), error=True)
     else:
         champion = _score(theirs, metric) if theirs is not None else None
         agreement = readers(str(current.version)) if readers is not None and champion is not None \
-            and current is not None else None
-        on_pool = _on_pool(pool, str(current.version)) if pool is not None and champion is not None \
             and current is not None else None
         figures = {name: (ours.get(tag, float("nan")), floor) for name, (tag, floor) in (floors or {}).items()}
         decision = decide_promotion(_score(ours, metric), champion, margin=margin,
@@ -262,14 +266,17 @@ def apply_promotion_gate(tracking_uri: str, name: str, version: str, *, margin: 
 
 
 def _on_pool(pool: Callable[[str], PoolComparison], champion_version: str) -> PoolComparison:
-    """`pool(champion_version)`; a failure to score there leaves the champion's own figures to compare,
-    and the reason names the failure (the gate still decides; a reviewer sees why it compared so)."""
+    """`pool(champion_version)`. A failure to score the champion there is not a reason to compare
+    its own pool's figures (a retrain's gate would promote on the comparison it exists to replace):
+    it is a gate error, the version stays challenger, and the log has the details (the tags name the
+    error's type only)."""
     try:
         return pool(champion_version)
     except Exception as err:
         log.warning("the champion v%s could not be scored on the challenger's pool: %s: %s", champion_version,
                     type(err).__name__, err)
-        return PoolComparison(champion_version, unavailable=f"scoring it there failed ({type(err).__name__}: {err})")
+        raise PoolUnscoredError(f"the champion v{champion_version} could not be scored on this version's pool "
+                                f"({type(err).__name__}; the log says more)") from err
 
 
 def _left_as_it_is(client: Any, name: str, version: str) -> Decision:

@@ -7,21 +7,30 @@ two pools as much as two models: a new, harder scanner lowers the challenger's f
 the better model for it. Here both are scored on the challenger's series, labels and folds:
 
 - the challenger by its out-of-fold scores (``train/oof_predictions.parquet``);
-- the champion by its own out-of-fold score where its cross-validation held that series out (the
-  ``cv/oof_scores.parquet`` its training run keeps: series and score, no vendor or label), and by
-  its final model where it never trained on the series (its out-of-fold scores cover every
-  labelled series of its pool, so a series without one is new to it).
+- the champion by the models of its own cross-validation, each series by one that never trained on
+  its patient (:func:`champion_folds`): a series its cross-validation held out keeps the score it
+  got then (the ``cv/oof_scores.parquet`` its training run keeps: series and score); a new series
+  of a patient it saw is scored by the fold model that held that patient out; a new patient by
+  the fold model of the challenger's fold, which saw none of the new patients. Never its final
+  model, which trained on every patient it knew, and whose scores are on another scale than its
+  fold models' (one fold's AUC would otherwise mix the two).
 
 Each model's figures are then the fold-mean AUCs over the challenger's folds, overall and per
-vendor, computed the same way as ``cv.*`` (:func:`dicomops.training.scoring.fold_mean_auc`).
+vendor, computed the same way as ``cv.*`` (:func:`dicomops.training.scoring.fold_mean_auc`). The
+segmenter's gate follows the same rule (:mod:`dicomops.segmentation.champion_pool`).
+
+Patients are matched by the pool's pseudonymous ``PatientID``: a series the gate of a retrain
+remapped again (reviewed clinical series, :mod:`dicomops.feedback.clinical`) is a new patient here,
+as it is to the retrain's own split.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -39,57 +48,84 @@ def oof_artifact(work: Path) -> str:
     return f"cv/{WorkLayout(work).train.oof_scores.name}"
 
 
+def split_artifact(work: Path) -> str:
+    """Where a training run (either model's) keeps its split (``summarise`` logs it under ``cv/``)."""
+    return f"cv/{WorkLayout(work).folds_file.name}"
+
+
+def champion_folds(pool: pd.DataFrame, split: list[Mapping[str, Any]]) -> pd.Series:
+    """For each series of `pool` (``SeriesInstanceUID``, ``PatientID`` and the challenger's ``fold``),
+    the fold of the champion's `split` whose model never trained on its patient: the fold that held
+    the series, or its patient's other series, out; for a patient the split never held, the
+    challenger's fold modulo the split's fold count (a fold model saw none of the new patients).
+    A patient whose series the split held out in different folds (no fold model is clear of it)
+    gets none (NaN): it leaves the comparison."""
+    held = {uid: fold for fold, part in enumerate(split) for uid in part["val"]}
+    seen = pool.SeriesInstanceUID.map(held)
+    by_patient = seen.groupby(pool.PatientID.astype(str)).agg(lambda folds: set(folds.dropna().astype(int)))
+    patient_fold = {p: next(iter(f)) if len(f) == 1 else (float("nan") if f else None) for p, f in by_patient.items()}
+    folds = []
+    for fold, patient, own in zip(pool.fold, pool.PatientID.astype(str), seen, strict=True):
+        known = patient_fold[patient]
+        folds.append(own if pd.notna(own) else int(fold) % len(split) if known is None else known)
+    return pd.Series(folds, index=pool.index, dtype=float)
+
+
 def champion_on_pool(work: Path, tracking_uri: str, name: str, champion_version: str) -> PoolComparison:
     """Both versions on the pool the challenger in `work` was cross-validated on (module docstring).
-    A champion that cannot be scored there (its out-of-fold scores or weights not stored, another
-    preprocessing) gives ``unavailable`` with the reason, and the gate falls back to its own figures."""
+    A champion registered before its runs kept what this needs, or trained on other preprocessing,
+    gives ``unavailable`` with the reason, and the gate compares its own figures. Any other failure
+    (the registry unreadable, a fold model missing) raises: the gate then does not decide."""
     layout = WorkLayout(work)
-    ours = pd.read_parquet(layout.train.oof_predictions)
     client = configure_mlflow(tracking_uri)
-    run_id = str(client.get_model_version(name, champion_version).run_id)
-
-    def unavailable(why: str) -> PoolComparison:
-        return PoolComparison(str(champion_version), unavailable=why)
-
+    parent = str(client.get_model_version(name, champion_version).run_id)
+    kept = {a.path for a in client.list_artifacts(parent, "cv")}
+    for artifact in (oof_artifact(work), split_artifact(work)):
+        if artifact not in kept:
+            return PoolComparison(str(champion_version), unavailable=f"its run keeps no {artifact} (it was trained "
+                                                                      "before 2026-12-06)")
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            scored = pd.read_parquet(client.download_artifacts(run_id, oof_artifact(work), tmp))
-        except Exception as err:  # MLflow raises its own, OSError or a missing-file error by store
-            return unavailable(f"its out-of-fold scores are not stored with it ({oof_artifact(work)}: "
-                               f"{type(err).__name__}); it was trained before 2026-12-06")
-        try:
-            theirs_pre = json.loads(Path(client.download_artifacts(
-                run_id, f"{WEIGHTS_ARTIFACT}/{layout.train.final_preprocess_config.name}", tmp)).read_text())
-        except Exception as err:
-            return unavailable(f"its preprocessing is not stored with it ({type(err).__name__})")
-    cv_scores = scored.set_index("SeriesInstanceUID").score.astype(float)
-    seen = set(scored.SeriesInstanceUID)
-    champion = ours[["SeriesInstanceUID", "vendor", "label", "fold"]].copy()
-    champion["score"] = champion.SeriesInstanceUID.map(cv_scores)
-    unseen = champion[~champion.SeriesInstanceUID.isin(seen)]
-    if len(unseen):
-        ours_pre = io.read_json(layout.train.final_preprocess_config)
-        # What the input contract says shapes a model's input; not the workers, the cache or the seed.
-        if differs := [k for k in (*VOLUME_FIELDS, "slab_slices") if ours_pre.get(k) != theirs_pre.get(k)]:
-            return unavailable(f"it was trained on other preprocessing ({', '.join(differs)}), so its final model "
-                               f"cannot score the {len(unseen)} series new to it")
-        final = _final_model_scores(layout, tracking_uri, run_id, list(unseen.SeriesInstanceUID))
-        champion.loc[unseen.index, "score"] = champion.loc[unseen.index, "SeriesInstanceUID"].map(final)
-    both = champion.score.notna().to_numpy()
-    champion, challenger = champion[both], ours[both]
-    if champion.empty or champion.label.nunique() < 2:
-        return unavailable("no series of both classes can be scored by both")
-    return PoolComparison(str(champion_version), _model_score(challenger), _model_score(champion), len(champion),
-                          cross_validated=int(champion.SeriesInstanceUID.isin(seen).sum()), unseen=len(unseen))
+        stored = pd.read_parquet(client.download_artifacts(parent, oof_artifact(work), tmp))
+        split = json.loads(Path(client.download_artifacts(parent, split_artifact(work), tmp)).read_text())["folds"]
+    ours = pd.read_parquet(layout.train.oof_predictions)
+    patients = layout.labelled_series().set_index("SeriesInstanceUID").PatientID
+    table = ours.assign(PatientID=ours.SeriesInstanceUID.map(patients).astype(str))
+    table["champion_fold"] = champion_folds(table, split)
+    table["champion"] = table.SeriesInstanceUID.map(stored.set_index("SeriesInstanceUID").score.astype(float))
+    rescored = table[table.champion.isna() & table.champion_fold.notna()]
+    if len(rescored):
+        if differs := _preprocessing_differs(layout, tracking_uri, parent):
+            return PoolComparison(str(champion_version), unavailable=(
+                f"it was trained on other preprocessing ({', '.join(differs)}), so its models cannot score the "
+                "series new to it"))
+        for fold, part in rescored.groupby("champion_fold"):
+            scores = _fold_model_scores(layout, tracking_uri, parent, int(fold), list(part.SeriesInstanceUID))
+            table.loc[part.index, "champion"] = part.SeriesInstanceUID.map(scores).to_numpy()
+    both = table[table.champion.notna()]
+    if both.label.nunique() < 2:
+        return PoolComparison(str(champion_version), unavailable="no series of both classes can be scored by both")
+    return PoolComparison(str(champion_version), _model_score(both), _model_score(both.assign(score=both.champion)),
+                          len(both), rescored=len(rescored))
 
 
-def _final_model_scores(layout: WorkLayout, tracking_uri: str, run_id: str, series: list[str]) -> pd.Series:
-    """The champion's final model's series scores of `series` (preprocessed in `layout`), by its own
-    slab depth, input size and top-k rule."""
+def _preprocessing_differs(layout: WorkLayout, tracking_uri: str, parent: str) -> list[str]:
+    """The settings that shape a model's input (the input contract's volume fields and the slab
+    depth) on which the champion's preprocessing differs from this training's."""
+    with tempfile.TemporaryDirectory() as tmp:
+        theirs = json.loads(Path(configure_mlflow(tracking_uri).download_artifacts(
+            parent, f"{WEIGHTS_ARTIFACT}/{layout.train.final_preprocess_config.name}", tmp)).read_text())
+    ours = io.read_json(layout.train.final_preprocess_config)
+    return [k for k in (*VOLUME_FIELDS, "slab_slices") if ours.get(k) != theirs.get(k)]
+
+
+def _fold_model_scores(layout: WorkLayout, tracking_uri: str, parent: str, fold: int, series: list[str]) -> pd.Series:
+    """The series scores of `series` (preprocessed in `layout`) by fold `fold`'s model of training run
+    `parent`, with its own slab depth, input size and top-k rule."""
     from dicomops.training.cv import score_series
+    from dicomops.training.distill import fold_run
     from dicomops.training.model import load_trained
 
-    model, cfg, k = load_trained(tracking_uri, run_id)
+    model, cfg, k = load_trained(tracking_uri, fold_run(tracking_uri, parent, fold))
     rows = layout.labelled_series().set_index("SeriesInstanceUID").loc[series].reset_index()
     scored = score_series(model, layout, rows, k, cfg.input_size, cfg.top_k_slices)
     return scored.set_index("SeriesInstanceUID").score.astype(float)

@@ -91,25 +91,21 @@ def _drift_events(expected: int, timeout: float = 30.0) -> list[dict]:
 
 
 def _assert_compared_on_the_retrain_pool(uri: str, work: Path, retrain_work: Path, champion: str, reasons: str) -> None:
-    """The retrained challenger met the champion on the retrain's pool and folds: the champion by its
-    out-of-fold scores on the 20 series of its own pool and by its final model on the batches' series."""
-    from dicomops.training.cv import score_series
-    from dicomops.training.model import load_trained
-    from dicomops.training.scoring import fold_mean_auc
+    """The retrained classifier met the champion on the retrain's pool and folds: the champion's stored
+    out-of-fold scores for the 20 series of its own pool, its fold models for the batches' series."""
+    from dicomops.training.champion_pool import champion_on_pool
 
     pool = pd.read_parquet(WorkLayout(retrain_work).train.oof_predictions)
-    own = pd.read_parquet(WorkLayout(work).train.oof_predictions).set_index("SeriesInstanceUID").score
-    assert len(own) == 20 and set(own.index) < set(pool.SeriesInstanceUID)  # the same pseudonyms in both pools
-    basis = (f"compared on this version's pool and folds ({len(pool)} series): champion v{champion} by its out-of-fold "
-             f"scores on the 20 it was cross-validated on and its final model on the {len(pool) - 20} it never "
-             "trained on")
-    assert reasons.split("; ")[0] == basis
-    layout = WorkLayout(retrain_work)
-    new = layout.labelled_series().set_index("SeriesInstanceUID").drop(own.index).reset_index()
-    model, cfg, k = load_trained(uri, str(mlflow.tracking.MlflowClient(uri).get_model_version(NAME, champion).run_id))
-    final = score_series(model, layout, new, k, cfg.input_size, cfg.top_k_slices).set_index("SeriesInstanceUID").score
-    champion_there, _ = fold_mean_auc(pool.assign(score=pool.SeriesInstanceUID.map(pd.concat([own, final]))))
-    assert f"champion {champion_there:.4f}" in reasons
+    own = pd.read_parquet(WorkLayout(work).train.oof_predictions)
+    assert len(own) == 20 and set(own.SeriesInstanceUID) < set(pool.SeriesInstanceUID)  # the same pseudonyms
+    assert reasons.split("; ")[0] == BASIS.format(champion)
+    compared = champion_on_pool(retrain_work, uri, NAME, champion)
+    assert (compared.series, compared.rescored) == (len(pool), len(pool) - 20)
+    assert compared.champion is not None and f"champion {compared.champion.mean_auc:.4f}" in reasons
+
+
+BASIS = ("compared on this version's pool, labels and folds: champion v{} by the models of its cross-validation, "
+         "each series scored by one that never trained on its patient")
 
 
 def test_monitor_alerts_and_retrains_once_and_leaves_same_distribution_alone(tmp_path: Path, mlflow_env: str) -> None:
@@ -156,13 +152,17 @@ def test_monitor_alerts_and_retrains_once_and_leaves_same_distribution_alone(tmp
     segmenter = client.get_model_version(TINY_SEGMENTER.model_name, str(retrained["segmenter_version"]))
     assert segmenter.tags["trigger"] == "drift" and segmenter.tags["monitoring_run_id"] == shifted["monitoring_run_id"]
     assert segmenter.tags["export.onnx.sha256"] and retrained["segmenter_promoted"] is False
-    # Judged again on the retrain's series and references: its fold models on the 20 they held out, its
-    # final model on the batches' series (dicomops.segmentation.champion_pool).
+    # Judged again on the retrain's series and references, each by the fold model clear of its patient
+    # (dicomops.segmentation.champion_pool): every series of the pool, the batches' included.
+    from dicomops.segmentation.champion_pool import champion_on_pool as segmenter_on_pool
+
+    seg_reasons = segmenter.tags["promotion.reasons"]
+    assert seg_reasons.split("; ")[0] == BASIS.format(trained["segmenter_version"]), seg_reasons
+    judged = segmenter_on_pool(Path(retrained["work"]), mlflow_env, TINY_SEGMENTER.model_name,
+                               str(trained["segmenter_version"]))
     pool = len(pd.read_parquet(WorkLayout(Path(retrained["work"])).train.oof_predictions))
-    assert segmenter.tags["promotion.reasons"].startswith(
-        f"compared on this version's pool and folds ({pool} series): champion v{trained['segmenter_version']} by "
-        f"its out-of-fold scores on the 20 it was cross-validated on and its final model on the {pool - 20} it "
-        "never trained on; "), segmenter.tags["promotion.reasons"]
+    assert judged.champion is not None and (judged.series, judged.rescored) == (pool, pool)
+    assert f"champion {judged.champion.mean_auc:.4f}" in seg_reasons
     records = alerts.read_alerts(work)
     assert len(records) == 1 and records[0]["monitoring_run_id"] == shifted["monitoring_run_id"]
     assert "SliceThickness" in records[0]["drifted_columns"]

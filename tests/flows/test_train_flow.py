@@ -21,6 +21,7 @@ from dicomops.preprocessing.stage import preprocess_corpus
 from dicomops.synthetic import generate_corpus
 from dicomops.training import cv, mlflow_runs
 from dicomops.training import state as train_state
+from dicomops.training.champion_pool import champion_on_pool
 from flows.train import train
 from tests.counts import assert_no_exact_counts
 
@@ -408,7 +409,7 @@ def test_a_version_trained_again_on_the_champions_pool_meets_its_own_cv_figures(
                                                                                 tmp_path: Path) -> None:
     # The gate scores the champion on the challenger's pool and folds (dicomops.training.champion_pool).
     # On the very pool and split it was cross-validated on, that is its own CV: the same figure as its
-    # tags, from the out-of-fold scores its run keeps, with no series for its final model to score.
+    # tags, from the out-of-fold scores its run keeps, with no series for a fold model to score again.
     work = _fresh(train_work, tmp_path)
     cfg = TINY.model_copy(update={"model_name": "same-pool", "min_auc": 0.0})
     first = train(work=work, config=cfg, preprocess_config=PRE, experiment="same-pool")
@@ -417,7 +418,9 @@ def test_a_version_trained_again_on_the_champions_pool_meets_its_own_cv_figures(
                    experiment="same-pool")
     client = mlflow.tracking.MlflowClient(mlflow_env)
     reasons = client.get_model_version("same-pool", str(second["version"])).tags["promotion.reasons"]
-    assert reasons.startswith(f"compared on this version's pool and folds (20 series): champion v{first['version']} by "
-                              "its out-of-fold scores on the 20 it was cross-validated on and its final model on the 0 "
-                              "it never trained on; ")
+    assert reasons.startswith(f"compared on this version's pool, labels and folds: champion v{first['version']} by the "
+                              "models of its cross-validation, each series scored by one that never trained on its "
+                              "patient; "), reasons
     assert f"champion {first['mean_auc']:.4f}" in reasons and f"AUC {second['mean_auc']:.4f}" in reasons
+    compared = champion_on_pool(work, mlflow_env, "same-pool", str(first["version"]))
+    assert (compared.series, compared.rescored) == (20, 0)
