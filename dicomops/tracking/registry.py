@@ -224,8 +224,9 @@ def apply_promotion_gate(tracking_uri: str, name: str, version: str, *, margin: 
     `floors` ``{name: (tag, floor)}``: figures of the challenger, read from its tags, that must
     reach their floor (:func:`~dicomops.tracking.promotion.decide_promotion`).
     `pool(champion_version)` scores both on the challenger's pool
-    (:func:`dicomops.training.champion_pool.champion_on_pool`); without it, or where it cannot, the
-    champion's own CV figures are compared, and a reason says so.
+    (:func:`dicomops.training.champion_pool.champion_on_pool`); without it, or where the champion
+    keeps nothing to be scored by there (``PoolComparison.unavailable``), its own CV figures are
+    compared and a reason says so; a failure to score it there is a gate error, as below.
 
     When the champion cannot be read, the gate does not decide: the version stays challenger and
     its tags say why (``promotion.decision = gate-error``), for a reviewer or a re-run to settle.
