@@ -100,6 +100,18 @@ def _champion(uri: str, name: str, version: str) -> None:
     client.set_model_version_tag(name, version, "promotion.decision", "auto-promoted")
 
 
+def _pair(store: tuple[str, str, Path], name: str, champion_tags: dict[str, float], challenger_tags: dict[str, float],
+          scores: pd.DataFrame | None = None, pre: PreprocessConfig | None = None) -> tuple[str, str, str]:
+    """`name` with a champion (`scores`, `pre`: what its run keeps) and a challenger holding their
+    aliases; the store's URI and the two versions."""
+    uri, experiment, root = store
+    champion = _version(uri, experiment, name, champion_tags, root / f"{name}-1", scores, pre)
+    _champion(uri, name, champion)
+    challenger = _version(uri, experiment, name, challenger_tags, root / f"{name}-2")
+    MlflowClient(uri).set_registered_model_alias(name, registry.CHALLENGER, challenger)
+    return uri, champion, challenger
+
+
 BASIS = ("compared on this version's pool, labels and folds: champion v{} by the models of its cross-validation, "
          "each series scored by one that never trained on its patient")
 
@@ -176,16 +188,12 @@ def test_new_series_are_scored_by_the_fold_model_clear_of_their_patient_whatever
 
 def test_the_gate_promotes_on_the_pool_what_the_champions_own_figures_would_have_refused(
         store: tuple[str, str, Path], tmp_path: Path) -> None:
-    uri, experiment, root = store
     scores = pd.DataFrame({"SeriesInstanceUID": POOL.SeriesInstanceUID, "score": CHAMPION_SCORES})
     # The champion's own pool was easier: 0.99 there. The challenger's CV on its harder pool: 0.95.
-    champion = _version(uri, experiment, "harder", {"cv.mean_auc": 0.99, "cv.auc.ge": 0.99, "cv.auc.siemens": 0.99},
-                        root / "harder-1", scores, PreprocessConfig())
-    _champion(uri, "harder", champion)
     own = {"cv.mean_auc": _fold_mean(POOL), "cv.auc.ge": _fold_mean(POOL, "ge"),
            "cv.auc.siemens": _fold_mean(POOL, "siemens")}
-    challenger = _version(uri, experiment, "harder", own, root / "harder-2")
-    MlflowClient(uri).set_registered_model_alias("harder", registry.CHALLENGER, challenger)
+    uri, champion, challenger = _pair(store, "harder", {"cv.mean_auc": 0.99, "cv.auc.ge": 0.99, "cv.auc.siemens": 0.99},
+                                      own, scores, PreprocessConfig())
     work = _work(tmp_path, POOL)
     gate = {"margin": 0.005, "vendor_tolerance": 0.02, "min_auc": 0.5}
     refused = decide_promotion(ModelScore(own["cv.mean_auc"], {"ge": own["cv.auc.ge"], "siemens": own["cv.auc.siemens"]}),
@@ -202,11 +210,7 @@ def test_the_gate_promotes_on_the_pool_what_the_champions_own_figures_would_have
 
 def test_a_champion_without_stored_scores_is_compared_by_its_own_figures_and_the_reason_says_so(
         store: tuple[str, str, Path], tmp_path: Path) -> None:
-    uri, experiment, root = store
-    champion = _version(uri, experiment, "older", {"cv.mean_auc": 0.99}, root / "older-1")
-    _champion(uri, "older", champion)
-    challenger = _version(uri, experiment, "older", {"cv.mean_auc": 0.95}, root / "older-2")
-    MlflowClient(uri).set_registered_model_alias("older", registry.CHALLENGER, challenger)
+    uri, champion, challenger = _pair(store, "older", {"cv.mean_auc": 0.99}, {"cv.mean_auc": 0.95})
     work = _work(tmp_path, POOL)
     decision = registry.apply_promotion_gate(uri, "older", challenger, margin=0.005, vendor_tolerance=0.02,
                                              min_auc=0.5, pool=pool_for(work, uri, "older"))
@@ -231,11 +235,7 @@ def test_new_series_are_not_scored_by_a_champion_of_other_preprocessing(
 def test_a_failure_to_score_on_the_pool_is_a_gate_error_never_a_decision(store: tuple[str, str, Path]) -> None:
     # Falling back to the champion's own figures would decide a retrain on the comparison the pool
     # replaces, for good: the version stays challenger, and the tags say why without the details.
-    uri, experiment, root = store
-    champion = _version(uri, experiment, "broken", {"cv.mean_auc": 0.9}, root / "broken-1")
-    _champion(uri, "broken", champion)
-    challenger = _version(uri, experiment, "broken", {"cv.mean_auc": 0.95}, root / "broken-2")
-    MlflowClient(uri).set_registered_model_alias("broken", registry.CHALLENGER, challenger)
+    uri, champion, challenger = _pair(store, "broken", {"cv.mean_auc": 0.9}, {"cv.mean_auc": 0.95})
 
     def failing(version: str) -> PoolComparison:
         raise FileNotFoundError("/somewhere/2.25.1/train/oof_predictions.parquet")
@@ -274,11 +274,7 @@ def test_a_segmenter_champion_without_its_split_is_compared_by_its_own_cpm_and_t
     # the comparison itself runs in the segment and monitor flow tests).
     from dicomops.segmentation.champion_pool import pool_for as segmenter_pool_for
 
-    uri, experiment, root = store
-    champion = _version(uri, experiment, "seg-older", {"cv.mean_cpm": 0.9}, root / "seg-older-1")
-    _champion(uri, "seg-older", champion)
-    challenger = _version(uri, experiment, "seg-older", {"cv.mean_cpm": 0.8}, root / "seg-older-2")
-    MlflowClient(uri).set_registered_model_alias("seg-older", registry.CHALLENGER, challenger)
+    uri, champion, challenger = _pair(store, "seg-older", {"cv.mean_cpm": 0.9}, {"cv.mean_cpm": 0.8})
     decision = registry.apply_promotion_gate(uri, "seg-older", challenger, margin=0.005, vendor_tolerance=0.02,
                                              min_auc=0.5, metric="cpm",
                                              pool=segmenter_pool_for(tmp_path / "work", uri, "seg-older"))
