@@ -20,16 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from dicomops import io
 from dicomops.layout import WorkLayout
-from dicomops.preprocessing.stage import VOLUME_FIELDS
 from dicomops.progress import PROGRESS
 from dicomops.segmentation import metrics as m
-from dicomops.segmentation.cv import evaluate, load_evals
+from dicomops.segmentation.cv import evaluate, load_evals, parent_run
 from dicomops.segmentation.data import load_volumes
 from dicomops.tracking.promotion import ModelScore, PoolComparison
 from dicomops.tracking.runs import configure_mlflow
-from dicomops.training.champion_pool import champion_folds, split_artifact
+from dicomops.training.champion_pool import champion_folds, other_preprocessing, split_artifact
 
 # Volumes judged at once: a whole fold's would hold as much memory as training does.
 CHUNK = 8
@@ -58,12 +56,9 @@ def champion_on_pool(work: Path, tracking_uri: str, name: str, champion_version:
     pool["champion_fold"] = champion_folds(pool, split)
     groups = {int(f): list(part.SeriesInstanceUID) for f, part in pool.dropna(subset=["champion_fold"])
               .groupby("champion_fold")}
+    if changed := other_preprocessing(tracking_uri, parent, parent_run(layout)):  # before any model runs
+        return PoolComparison(str(champion_version), unavailable=f"it was trained on other preprocessing ({changed})")
     models = {f: load_segmenter(tracking_uri, fold_run(tracking_uri, parent, f)) for f in groups}
-    ours_pre = io.read_json(layout.segment.final_preprocess_config)
-    for _, _, pre in models.values():  # every model checked before any runs
-        if differs := [k for k in VOLUME_FIELDS if ours_pre.get(k) != pre.model_dump(mode="json").get(k)]:
-            return PoolComparison(str(champion_version),
-                                  unavailable=f"it was trained on other preprocessing ({', '.join(differs)})")
     theirs: list[m.SeriesEval] = []
     for fold, series in groups.items():
         model, cfg, pre = models[fold]

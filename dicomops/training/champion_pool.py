@@ -34,13 +34,11 @@ from typing import Any
 
 import pandas as pd
 
-from dicomops import io
 from dicomops.layout import WorkLayout
-from dicomops.preprocessing.stage import VOLUME_FIELDS
 from dicomops.tracking.promotion import ModelScore, PoolComparison
-from dicomops.tracking.registry import WEIGHTS_ARTIFACT
 from dicomops.tracking.runs import configure_mlflow
 from dicomops.training import scoring
+from dicomops.training import state as train_state
 
 
 def oof_artifact(work: Path) -> str:
@@ -94,10 +92,9 @@ def champion_on_pool(work: Path, tracking_uri: str, name: str, champion_version:
     table["champion"] = table.SeriesInstanceUID.map(stored.set_index("SeriesInstanceUID").score.astype(float))
     rescored = table[table.champion.isna() & table.champion_fold.notna()]
     if len(rescored):
-        if differs := _preprocessing_differs(layout, tracking_uri, parent):
+        if changed := other_preprocessing(tracking_uri, parent, train_state.parent_run(layout)):
             return PoolComparison(str(champion_version), unavailable=(
-                f"it was trained on other preprocessing ({', '.join(differs)}), so its models cannot score the "
-                "series new to it"))
+                f"it was trained on other preprocessing ({changed}), so its models cannot score the series new to it"))
         for fold, part in rescored.groupby("champion_fold"):
             scores = _fold_model_scores(layout, tracking_uri, parent, int(fold), list(part.SeriesInstanceUID))
             table.loc[part.index, "champion"] = part.SeriesInstanceUID.map(scores).to_numpy()
@@ -108,14 +105,15 @@ def champion_on_pool(work: Path, tracking_uri: str, name: str, champion_version:
                           len(both), rescored=len(rescored))
 
 
-def _preprocessing_differs(layout: WorkLayout, tracking_uri: str, parent: str) -> list[str]:
-    """The settings that shape a model's input (the input contract's volume fields and the slab
-    depth) on which the champion's preprocessing differs from this training's."""
-    with tempfile.TemporaryDirectory() as tmp:
-        theirs = json.loads(Path(configure_mlflow(tracking_uri).download_artifacts(
-            parent, f"{WEIGHTS_ARTIFACT}/{layout.train.final_preprocess_config.name}", tmp)).read_text())
-    ours = io.read_json(layout.train.final_preprocess_config)
-    return [k for k in (*VOLUME_FIELDS, "slab_slices") if ours.get(k) != theirs.get(k)]
+def other_preprocessing(tracking_uri: str, champion_run: str, our_run: str) -> str:
+    """The volume settings on which the champion's training run and ours were preprocessed
+    differently, from their logged ``preprocess.*`` parameters ('' if none): where they differ, its
+    models would score volumes unlike those they learnt from (a model's slab depth and input size
+    are its own, so only the volume matters)."""
+    from dicomops.training.distill import volume_settings_changed
+
+    client = configure_mlflow(tracking_uri)
+    return volume_settings_changed(client.get_run(champion_run).data.params, client.get_run(our_run).data.params)
 
 
 def _fold_model_scores(layout: WorkLayout, tracking_uri: str, parent: str, fold: int, series: list[str]) -> pd.Series:

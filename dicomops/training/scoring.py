@@ -86,14 +86,14 @@ def summarise_predictions(preds: pd.DataFrame, best_epochs: list[int]) -> CVSumm
     """Per-fold × vendor metrics at the pooled Youden point, their mean ± std, and the epochs the
     final model trains for (the median of the folds' best epochs)."""
     threshold = youden_threshold(preds.label.to_numpy(), preds.score.to_numpy())
-    per_fold = pd.concat([per_vendor_metrics(g, threshold).assign(fold=i) for i, g in preds.groupby("fold")],
-                         ignore_index=True)
+    per_fold = _per_fold(preds, threshold)
     summary = summarise_folds(per_fold)
     by_vendor = summary.set_index("vendor")
+    mean_auc, vendor_auc = _auc_figures(by_vendor)
     result: dict[str, Any] = {
-        "mean_auc": float(by_vendor.loc["all", "auc_mean"]),
+        "mean_auc": mean_auc,
         "std_auc": float(by_vendor.loc["all", "auc_std"]),
-        "vendor_auc": {str(v): float(by_vendor.loc[v, "auc_mean"]) for v in by_vendor.index if v != "all"},
+        "vendor_auc": vendor_auc,
         "threshold": threshold,
         "final_epochs": int(max(1, np.median(best_epochs))),
     }
@@ -104,9 +104,17 @@ def fold_mean_auc(preds: pd.DataFrame) -> tuple[float, dict[str, float]]:
     """The fold-mean AUC of `preds` (``fold``, ``vendor``, ``label``, ``score``) and each vendor's:
     what :func:`summarise_predictions` reports as ``mean_auc`` and ``vendor_auc``, for any scores
     over the same folds (AUC needs no threshold)."""
-    per_fold = pd.concat([per_vendor_metrics(g, 0.5).assign(fold=i) for i, g in preds.groupby("fold")],
-                         ignore_index=True)
-    by_vendor = summarise_folds(per_fold).set_index("vendor")
+    return _auc_figures(summarise_folds(_per_fold(preds, 0.5)).set_index("vendor"))
+
+
+def _per_fold(preds: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """Fold × vendor metrics (and each fold's ``all``) at `threshold`."""
+    return pd.concat([per_vendor_metrics(g, threshold).assign(fold=i) for i, g in preds.groupby("fold")],
+                     ignore_index=True)
+
+
+def _auc_figures(by_vendor: pd.DataFrame) -> tuple[float, dict[str, float]]:
+    """``mean_auc`` and ``vendor_auc`` of a :func:`summarise_folds` table indexed by vendor."""
     return (float(by_vendor.loc["all", "auc_mean"]),
             {str(v): float(by_vendor.loc[v, "auc_mean"]) for v in by_vendor.index if v != "all"})
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import roc_auc_score
 
@@ -20,6 +21,7 @@ from dicomops.config import PreprocessConfig
 from dicomops.layout import WorkLayout
 from dicomops.tracking import registry
 from dicomops.tracking.promotion import ModelScore, PoolComparison, decide_promotion
+from dicomops.tracking.runs import flatten_params
 from dicomops.training.champion_pool import (
     champion_folds,
     champion_on_pool,
@@ -58,12 +60,21 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, Path]:
     return uri, MlflowClient(uri).create_experiment("pool", artifact_location=(root / "art").as_uri()), root
 
 
-def _work(root: Path, pool: pd.DataFrame, pre: PreprocessConfig = PreprocessConfig()) -> Path:
-    """A challenger's training work directory as the gate reads it."""
+def _params(pre: PreprocessConfig) -> list[Param]:
+    """The ``preprocess.*`` parameters a training run logs (flows/train.py)."""
+    return [Param(k, str(v)) for k, v in flatten_params({"preprocess": pre.model_dump(mode="json")}).items()]
+
+
+def _work(root: Path, pool: pd.DataFrame, store: tuple[str, str, Path], pre: PreprocessConfig = PreprocessConfig()) -> Path:
+    """A challenger's training work directory as the gate reads it, its training run with its
+    preprocessing's parameters."""
+    uri, experiment, _ = store
     layout = WorkLayout(root / "work")
     io.write_parquet(layout.train.oof_predictions, pool.drop(columns="PatientID"))
     io.write_parquet(layout.preprocessed.index, pool[["SeriesInstanceUID", "PatientID", "vendor", "label"]])
-    io.write_json(layout.train.final_preprocess_config, pre.model_dump(mode="json"))
+    run = MlflowClient(uri).create_run(experiment)
+    MlflowClient(uri).log_batch(run.info.run_id, params=_params(pre))
+    io.write_json(layout.train.state, {"parent_run_id": run.info.run_id, "folds": {}})
     return layout.root
 
 
@@ -71,7 +82,7 @@ def _version(uri: str, experiment: str, name: str, tags: dict[str, float], folde
              scores: pd.DataFrame | None = None, pre: PreprocessConfig | None = None,
              split: list[dict[str, list[str]]] | None = SPLIT) -> str:
     """A version of `name` with `tags` (``cv.*``, logged unrounded too), and in its run what its
-    training keeps: out-of-fold scores and split (``cv/``), preprocessing (``weights/``)."""
+    training keeps: out-of-fold scores and split (``cv/``), preprocessing (``preprocess.*``)."""
     client = MlflowClient(uri)
     if not client.search_registered_models(f"name = '{name}'"):
         client.create_registered_model(name)
@@ -85,8 +96,7 @@ def _version(uri: str, experiment: str, name: str, tags: dict[str, float], folde
             (folder / "folds.json").write_text(json.dumps({"folds": split, "n_splits": len(split), "seed": 0}))
             client.log_artifact(run.info.run_id, str(folder / "folds.json"), "cv")
     if pre is not None:
-        path = io.write_json(folder / "preprocess_config.json", pre.model_dump(mode="json"))
-        client.log_artifact(run.info.run_id, str(path), registry.WEIGHTS_ARTIFACT)
+        client.log_batch(run.info.run_id, params=_params(pre))
     mv = client.create_model_version(name, source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
     for key, value in tags.items():
         client.set_model_version_tag(name, mv.version, key, f"{value:.4f}")
@@ -145,7 +155,7 @@ def test_the_champion_is_scored_by_its_out_of_fold_scores_on_the_challengers_fol
     assert (oof_artifact(tmp_path), split_artifact(tmp_path)) == ("cv/oof_scores.parquet", "cv/folds.json")
     # Readers changed a label since the champion was trained: the pool's label is the one both answer.
     pool = POOL.assign(label=POOL.label.where(POOL.SeriesInstanceUID != "2.25.2", 1))
-    compared = champion_on_pool(_work(tmp_path, pool), uri, "scored", version)
+    compared = champion_on_pool(_work(tmp_path, pool, store), uri, "scored", version)
     assert compared.unavailable == "" and (compared.series, compared.rescored) == (12, 0)
     champion = pool.assign(score=CHAMPION_SCORES)
     assert compared.champion is not None and compared.challenger is not None
@@ -179,7 +189,7 @@ def test_new_series_are_scored_by_the_fold_model_clear_of_their_patient_whatever
         return pd.Series([CHAMPION_SCORES[int(uid.rsplit(".", 1)[1])] for uid in series], index=series)
 
     monkeypatch.setattr(champion_pool, "_fold_model_scores", fold_model)
-    compared = champion_on_pool(_work(tmp_path, pool, PreprocessConfig(workers=1)), uri, "grown", version)
+    compared = champion_on_pool(_work(tmp_path, pool, store, PreprocessConfig(workers=1)), uri, "grown", version)
     assert asked == {0: ["2.25.9"], 1: ["2.25.8", "2.25.10", "2.25.11"]}
     assert (compared.series, compared.rescored) == (12, 4)
     assert compared.champion is not None
@@ -194,7 +204,7 @@ def test_the_gate_promotes_on_the_pool_what_the_champions_own_figures_would_have
            "cv.auc.siemens": _fold_mean(POOL, "siemens")}
     uri, champion, challenger = _pair(store, "harder", {"cv.mean_auc": 0.99, "cv.auc.ge": 0.99, "cv.auc.siemens": 0.99},
                                       own, scores, PreprocessConfig())
-    work = _work(tmp_path, POOL)
+    work = _work(tmp_path, POOL, store)
     gate = {"margin": 0.005, "vendor_tolerance": 0.02, "min_auc": 0.5}
     refused = decide_promotion(ModelScore(own["cv.mean_auc"], {"ge": own["cv.auc.ge"], "siemens": own["cv.auc.siemens"]}),
                                ModelScore(0.99, {"ge": 0.99, "siemens": 0.99}), **gate)
@@ -211,7 +221,7 @@ def test_the_gate_promotes_on_the_pool_what_the_champions_own_figures_would_have
 def test_a_champion_without_stored_scores_is_compared_by_its_own_figures_and_the_reason_says_so(
         store: tuple[str, str, Path], tmp_path: Path) -> None:
     uri, champion, challenger = _pair(store, "older", {"cv.mean_auc": 0.99}, {"cv.mean_auc": 0.95})
-    work = _work(tmp_path, POOL)
+    work = _work(tmp_path, POOL, store)
     decision = registry.apply_promotion_gate(uri, "older", challenger, margin=0.005, vendor_tolerance=0.02,
                                              min_auc=0.5, pool=pool_for(work, uri, "older"))
     assert not decision.promote and decision.label == "awaiting-review"
@@ -226,10 +236,10 @@ def test_new_series_are_not_scored_by_a_champion_of_other_preprocessing(
     known = pd.DataFrame({"SeriesInstanceUID": POOL.SeriesInstanceUID[:8], "score": CHAMPION_SCORES[:8]})
     version = _version(uri, experiment, "respaced", {"cv.mean_auc": 0.9}, root / "respaced", known,
                        PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0)))
-    compared = champion_on_pool(_work(tmp_path, POOL), uri, "respaced", version)
+    compared = champion_on_pool(_work(tmp_path, POOL, store), uri, "respaced", version)
     assert compared.champion is None
-    assert compared.unavailable == ("it was trained on other preprocessing (spacing_mm), so its models cannot score "
-                                    "the series new to it")
+    assert compared.unavailable == ("it was trained on other preprocessing (preprocess.spacing_mm [2.0, 2.0, 2.0] -> "
+                                    "[1.0, 1.0, 1.0]), so its models cannot score the series new to it")
 
 
 def test_a_failure_to_score_on_the_pool_is_a_gate_error_never_a_decision(store: tuple[str, str, Path]) -> None:
