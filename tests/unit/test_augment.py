@@ -118,6 +118,24 @@ def test_a_batch_is_augmented_as_each_slab_alone_bit_for_bit() -> None:
         aug.batch(x, seeds[:-1])
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_batch_drawing_its_noise_on_several_threads_is_each_slab_alone(threads: int) -> None:
+    """With torch's threads > 1 the slabs' noise is drawn in a thread pool; each slab still gets its
+    own generator's noise, whichever thread draws it, and nothing else."""
+    aug = SlabAugmentation()
+    x = torch.from_numpy(np.random.default_rng(4).random((9, 3, 32, 32), dtype=np.float32)).half()
+    seeds = list(range(200, 209))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        batch, again = aug.batch(x, seeds), aug.batch(x, seeds)
+    finally:
+        torch.set_num_threads(before)
+    alone = torch.stack([aug(slab.float(), seed) for slab, seed in zip(x, seeds, strict=True)])
+    assert torch.equal(batch, alone) and torch.equal(again, alone)
+    assert not torch.equal(batch[0], batch[1])  # different seeds, different noise
+
+
 def test_a_batch_where_some_slabs_keep_their_contrast_or_get_no_noise_is_still_each_slab_alone() -> None:
     """The chain's probabilities are 1 for gamma and noise; with lower ones the batch leaves the
     slabs the chain leaves alone, and still matches it bit for bit."""
