@@ -142,7 +142,8 @@ class SlabAugmentation:
         """Augment a ``(B, k, S, S)`` batch, slab i with ``seeds[i]``: :meth:`__call__` of each slab,
         bit for bit, at 0.75 ms a 3×192×192 slab instead of 1.07 (``benchmarks/train.py``, Zen 4);
         with the slabs' noise drawn on torch's threads at once, 0.64 ms instead of 0.90 (2 threads,
-        Xeon with AMX), and a classifier epoch of 2,708 slabs in 7.1-7.2 s instead of 8.4-8.7.
+        the AMX Xeon), and fold 0's two epochs of 2,708 slabs in 11.7-15.0 s instead of 13.5-15.2
+        (alternated, each run in a thread as Prefect runs a task).
 
         The same operations in the same order, each over the whole batch: the per-slab minimum and
         range are the chain's, the noise comes from the same generator seeds in float32."""
