@@ -141,9 +141,9 @@ class SlabAugmentation:
     def batch(self, slabs: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         """Augment a ``(B, k, S, S)`` batch, slab i with ``seeds[i]``: :meth:`__call__` of each slab,
         bit for bit, at 0.75 ms a 3×192×192 slab instead of 1.07 (``benchmarks/train.py``, Zen 4);
-        with the slabs' noise drawn on torch's threads at once, 0.64 ms instead of 0.90 (2 threads,
-        the AMX Xeon), and fold 0's two epochs of 2,708 slabs in 11.7-15.0 s instead of 13.5-15.2
-        (alternated, each run in a thread as Prefect runs a task).
+        with the slabs' noise drawn on torch's threads at once, fold 0's two epochs of 2,708 slabs
+        in 11.9-15.8 s instead of 13.5-18.2 (2 threads, the AMX Xeon; alternated, each run in a
+        thread as Prefect runs a task).
 
         The same operations in the same order, each over the whole batch: the per-slab minimum and
         range are the chain's, the noise comes from the same generator seeds in float32."""
@@ -170,21 +170,31 @@ class SlabAugmentation:
             if not every:
                 x[gamma] = part
         noise_mean = float(self.chain.transforms[3].mean)
-
-        def add_noise(i: int) -> None:
-            std, seed = draws[i].noise  # type: ignore[misc]
-            noise = torch.empty(x.shape[1:], dtype=torch.float32).normal_(generator=torch.Generator().manual_seed(seed))
-            x[i].add_(noise.mul_(std).add_(noise_mean))
-
         noisy = [i for i, d in enumerate(draws) if d.noise is not None]
-        # torch draws normal noise on one core: the slabs' noise on torch's threads at once, each
-        # slab from its own generator as before (11.5 ms -> 7.5 ms for 32 slabs of 3x192x192, 2 threads)
-        threads = min(torch.get_num_threads(), len(noisy))
-        if threads > 1:
-            list(_noise_pool(threads).map(add_noise, noisy))
-        else:
-            for i in noisy:
-                add_noise(i)
+        if noisy:
+            noise = torch.empty((len(noisy), *x.shape[1:]), dtype=torch.float32)
+
+            def draw_noise(j: int) -> None:
+                _, seed = draws[noisy[j]].noise  # type: ignore[misc]
+                noise[j].normal_(generator=torch.Generator().manual_seed(seed))
+
+            # torch draws normal noise on one core, without a parallel region: the slabs' noise is
+            # drawn on torch's threads at once, each slab from its own generator as before (11.5 ->
+            # 7.5 ms for 32 slabs of 3x192x192, 2 threads). Only the draws run in the pool: an
+            # elementwise op there would start an OpenMP team in each pool thread, and those teams
+            # slowed the process's later steps (libgomp then spins less between parallel regions).
+            threads = min(torch.get_num_threads(), len(noisy))
+            if threads > 1:
+                list(_noise_pool(threads).map(draw_noise, range(len(noisy))))
+            else:
+                for j in range(len(noisy)):
+                    draw_noise(j)
+            spread = torch.tensor([draws[i].noise[0] for i in noisy], dtype=torch.float32)  # type: ignore[index]
+            noise.mul_(spread.view(-1, 1, 1, 1)).add_(noise_mean)
+            if len(noisy) == len(x):
+                x.add_(noise)
+            else:
+                x[noisy] += noise
         return x
 
 
