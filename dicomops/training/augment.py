@@ -170,13 +170,12 @@ class SlabAugmentation:
             if not every:
                 x[gamma] = part
         noise_mean = float(self.chain.transforms[3].mean)
-        noisy = [i for i, d in enumerate(draws) if d.noise is not None]
+        noisy = [(i, d.noise) for i, d in enumerate(draws) if d.noise is not None]
         if noisy:
             noise = torch.empty((len(noisy), *x.shape[1:]), dtype=torch.float32)
 
             def draw_noise(j: int) -> None:
-                _, seed = draws[noisy[j]].noise  # type: ignore[misc]
-                noise[j].normal_(generator=torch.Generator().manual_seed(seed))
+                noise[j].normal_(generator=torch.Generator().manual_seed(noisy[j][1][1]))
 
             # torch draws normal noise on one core, without a parallel region: the slabs' noise is
             # drawn on torch's threads at once, each slab from its own generator as before (11.5 ->
@@ -189,12 +188,12 @@ class SlabAugmentation:
             else:
                 for j in range(len(noisy)):
                     draw_noise(j)
-            spread = torch.tensor([draws[i].noise[0] for i in noisy], dtype=torch.float32)  # type: ignore[index]
+            spread = torch.tensor([std for _, (std, _) in noisy], dtype=torch.float32)
             noise.mul_(spread.view(-1, 1, 1, 1)).add_(noise_mean)
             if len(noisy) == len(x):
                 x.add_(noise)
             else:
-                x[noisy] += noise
+                x[[i for i, _ in noisy]] += noise
         return x
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from monai.data import MetaTensor, get_track_meta
 from monai.transforms import AdjustContrast
 from torch.utils.data import DataLoader
 
+from dicomops.training import augment
 from dicomops.training.augment import GAMMA_RANGE, NOISE_STD, SlabAugmentation
 from dicomops.training.data import AugmentedSlabs, SlabSet
 
@@ -134,6 +137,8 @@ def test_a_batch_drawing_its_noise_on_several_threads_is_each_slab_alone(threads
     alone = torch.stack([aug(slab.float(), seed) for slab, seed in zip(x, seeds, strict=True)])
     assert torch.equal(batch, alone) and torch.equal(again, alone)
     assert not torch.equal(batch[0], batch[1])  # different seeds, different noise
+    if threads > 1:  # the noise was drawn in this process's pool of that many threads
+        assert (os.getpid(), threads) in augment._POOLS
 
 
 def test_a_batch_where_some_slabs_keep_their_contrast_or_get_no_noise_is_still_each_slab_alone() -> None:
