@@ -265,6 +265,10 @@ class TrainConfig(_Section):
     patience: int = Field(3, ge=1, description=(
         "Early stopping: epochs without a better validation AUC. Unset, it follows the architecture (the student's is 6)."))
     loss: Literal["weighted_ce", "focal"] = "weighted_ce"
+    ema_decay: float = Field(0.0, ge=0, lt=1, description=(
+        "Validate, keep and return an exponential moving average of the weights with this decay per "
+        "optimiser step (warmed up as min(decay, (1 + n) / (10 + n)) after n steps); 0: the last step's "
+        "weights."))
     num_workers: int | None = Field(None, ge=0, le=16, description=(
         "DataLoader worker processes; unset: none when training on the CPU, where a worker's augmentation "
         "takes its time from the two threads of the step (fold 0 of the demo, an epoch 7.1-7.7 s in the "

@@ -1,5 +1,6 @@
-"""The training loop: AdamW, cosine schedule, class weights, early stopping on validation AUC,
-an atomic checkpoint every epoch, and resumption from the last complete one."""
+"""The training loop: AdamW, cosine schedule, class weights, an exponential moving average of the
+weights, early stopping on validation AUC, an atomic checkpoint every epoch, and resumption from the
+last complete one."""
 
 from __future__ import annotations
 
@@ -159,6 +160,28 @@ def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 128,
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
+Tensors = list[torch.Tensor] | tuple[torch.Tensor, ...]
+
+
+def ema_update(decay: float) -> Callable[[Tensors, Tensors, torch.Tensor | int], None]:
+    """`AveragedModel`'s ``multi_avg_fn`` for an exponential moving average with warm-up.
+
+    The weight of the average is ``min(decay, (1 + n) / (10 + n))`` after n updates (TensorFlow's
+    ``ExponentialMovingAverage`` with ``num_updates``), so a short training is not dominated by its
+    first steps' weights. Integer buffers (batch norm's counters) are copied, not averaged.
+    """
+
+    @torch.no_grad()
+    def update(averaged: Tensors, current: Tensors, n: torch.Tensor | int) -> None:
+        if not torch.is_floating_point(averaged[0]):
+            torch._foreach_copy_(averaged, current)
+            return
+        steps = float(n)
+        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + steps) / (10.0 + steps)))
+
+    return update
+
+
 def _diverged(what: str, epoch: int, precision: Precision) -> str:
     return (f"training diverged at epoch {epoch} ({precision.name}): {what}. Lower train.learning_rate, or set "
             "train.precision: fp32 if it ran in bf16; nothing of this training was registered.")
@@ -174,7 +197,9 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
     (class-weighted cross-entropy as its label term, whatever ``cfg.loss`` says).
 
     With `val`, stops early when the validation slice AUC has not improved for ``cfg.patience``
-    epochs and returns the best epoch's weights; without, trains ``epochs`` epochs.
+    epochs and returns the best epoch's weights; without, trains ``epochs`` epochs. With
+    ``cfg.ema_decay`` above 0 the weights validated and returned are the moving average of every
+    step's weights (buffers included), not the last step's.
     `stop_after` ends the call after that many epochs of this call (a simulated interruption, for
     tests); the checkpoint then lets the next call continue.
     """
@@ -187,6 +212,8 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
                                   foreach=True)
     total = epochs or cfg.epochs
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update(cfg.ema_decay), use_buffers=True)
+           if cfg.ema_decay > 0 else None)
     start, best_auc, best_epoch, bad, history = 0, -1.0, 0, 0, []
     best_state = None
     state = load_checkpoint(checkpoint)
@@ -194,6 +221,11 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
         model.load_state_dict(state["model"])  # type: ignore[arg-type]
         optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
         scheduler.load_state_dict(state["scheduler"])  # type: ignore[arg-type]
+        if ema is not None:
+            if "ema" not in state:
+                raise ValueError(f"{checkpoint} was written without train.ema_decay; delete it to train afresh, "
+                                 "or resume with the settings it was written with")
+            ema.load_state_dict(state["ema"])  # type: ignore[arg-type]
         start = int(state["epoch"])  # type: ignore[call-overload]
         best_auc, best_epoch, bad = float(state["best_auc"]), int(state["best_epoch"]), int(state["bad"])  # type: ignore[arg-type, call-overload]
         history = list(state["history"])  # type: ignore[call-overload]
@@ -252,6 +284,8 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            if ema is not None:
+                ema.update_parameters(model)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise FloatingPointError(_diverged(f"the training loss became {value}", epoch, precision))
@@ -260,11 +294,12 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
             tick = time.perf_counter()
             step += tick - got
         scheduler.step()
+        judged = model if ema is None else ema.module
         metrics: dict[str, float] = {"train_loss": loss_sum / max(seen, 1), "data_wait_share": wait / max(wait + step, 1e-9),
                    "samples_per_second": seen / max(wait + step, 1e-9), "lr": float(scheduler.get_last_lr()[0])}
         improved = False
         if val is not None and len(val.y):
-            scores = predict(model, val.x, precision=precision)
+            scores = predict(judged, val.x, precision=precision)
             if not np.isfinite(scores).all():
                 raise FloatingPointError(_diverged(f"{int((~np.isfinite(scores)).sum())} of {len(scores)} validation "
                                                    "scores are not finite", epoch, precision))
@@ -276,7 +311,7 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
         if improved:
             best_auc = metrics.get("val_slice_auc", best_auc)
             best_epoch, bad = epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in judged.state_dict().items()}
         else:
             bad += 1
         history.append({"epoch": float(epoch), **metrics})
@@ -286,7 +321,7 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "epoch": epoch, "best_auc": best_auc, "best_epoch": best_epoch, "bad": bad, "history": history,
             "best_model": best_state, "generators": generator_states(generator, precision.device),
-            "in_channels": int(train.x.shape[1])})
+            "in_channels": int(train.x.shape[1]), **({"ema": ema.state_dict()} if ema is not None else {})})
         if val is not None and bad >= cfg.patience:
             break
         if stop_after is not None and epoch - resumed_from >= stop_after:
