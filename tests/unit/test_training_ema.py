@@ -50,15 +50,15 @@ def test_a_training_returns_the_averaged_weights_not_the_last_steps(tmp_path: Pa
     result = fit(_slabs(64, 0), None, CFG, tmp_path / "c.pt", seed=1)
     state = load_checkpoint(tmp_path / "c.pt")
     assert state is not None
-    averaged = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}  # type: ignore[attr-defined]
+    averaged = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
     returned = result.model.state_dict()
     assert _max_difference(averaged, returned) == 0.0
-    assert _max_difference(state["model"], returned) > 1e-4  # type: ignore[arg-type]
+    assert _max_difference(state["model"], returned) > 1e-4
     # Without the setting, the last step's weights.
     plain = fit(_slabs(64, 0), None, CFG.model_copy(update={"ema_decay": 0.0}), tmp_path / "d.pt", seed=1)
     plain_state = load_checkpoint(tmp_path / "d.pt")
     assert plain_state is not None and "ema" not in plain_state
-    assert _max_difference(plain_state["model"], plain.model.state_dict()) == 0.0  # type: ignore[arg-type]
+    assert _max_difference(plain_state["model"], plain.model.state_dict()) == 0.0
 
 
 def test_the_validation_auc_is_the_averaged_models(tmp_path: Path) -> None:
