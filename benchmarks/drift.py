@@ -37,6 +37,7 @@ from dicomops.monitoring.evaluate import Batch, detection, featurise_batches, in
 from dicomops.monitoring.reference import build_reference
 from dicomops.training.data import build_slab_set
 from dicomops.training.loop import fit
+from dicomops.training.scoring import SeriesRule
 
 KEY = b"drift-benchmark-key-0123456789abcd"
 SHIFTS = ("new-vendor", "protocol-shift", "low-dose")
@@ -52,7 +53,7 @@ def _reference(root: Path, patients: int, synth: SynthConfig, cfg: PipelineConfi
     k = cfg.preprocess.slab_slices
     data = build_slab_set(layout, list(layout.labelled_series().SeriesInstanceUID), k, train.input_size)
     model = fit(data, None, train, root / "reference" / "checkpoint.pt", seed=0).model.eval()
-    return build_reference(work, model, k, train.input_size, train.top_k_slices), model, quarantined / max(files, 1)
+    return build_reference(work, model, k, train.input_size, SeriesRule.of(train)), model, quarantined / max(files, 1)
 
 
 def _evidently_defaults(cfg: MonitorConfig) -> MonitorConfig:
@@ -80,13 +81,13 @@ def main() -> None:
         start = time.perf_counter()
         reference, model, ref_share = _reference(root, args.reference, synth, cfg, train)
         print(f"reference: {len(reference)} series, model trained, {time.perf_counter() - start:.0f} s", flush=True)
-        k, size, top_k = cfg.preprocess.slab_slices, train.input_size, train.top_k_slices
+        k, size, rule = cfg.preprocess.slab_slices, train.input_size, SeriesRule.of(train)
         batches: dict[str, list[Batch]] = {}
         for scenario, count, first_seed in (("baseline-new", n_same, 1000), *((s, n_shift, 2000) for s in SHIFTS)):
             seeds = [first_seed + i for i in range(count)]
             start = time.perf_counter()
             batches[scenario] = featurise_batches(root / "batches", scenario, seeds, args.batch_size, synth, cfg, KEY,
-                                                  model, k, size, top_k, progress=lambda _m: None)
+                                                  model, k, size, rule, progress=lambda _m: None)
             print(f"featurised {count} {scenario} batches of {args.batch_size} series (generate, gate, "
                   f"de-identify, preprocess, score): {(time.perf_counter() - start) / count:.1f} s per batch",
                   flush=True)

@@ -278,7 +278,12 @@ class TrainConfig(_Section):
         "auto", description="auto: mixed precision on CUDA, bfloat16 autocast on CPUs with AMX/AVX-512 BF16, "
                             "else float32; the 3-D teacher (resnet3d-slim) stays float32 on CPU, where its "
                             "bfloat16 training gave NaN (training.loop.train_precision).")
-    top_k_slices: int = Field(3, ge=1, description="Series score: mean of the k highest slice scores.")
+    top_k_slices: int = Field(3, ge=1, description="The series score reads the k highest slice scores.")
+    series_rule: Literal["top_k_mean", "top_k_contrast"] = Field("top_k_contrast", description=(
+        "The series score (training.scoring.SeriesRule): top_k_mean, the mean of the k highest slice "
+        "probabilities; top_k_contrast, how far the k highest slices' logits stand above the mean of "
+        "all the series' slice logits (tanh of half the difference). Mean CV AUC 0.930 against 0.858 "
+        "on the demo's folds, 0.908 against 0.868 on a corpus of another seed (README)."))
     leave_one_vendor_out: bool = Field(False, description="Also train on all vendors but one and score the held-out one.")
     distill_from: str | None = Field(None, description=(
         "The registered version to distil from: V, a version of this classifier, or MODEL/V, of another "
@@ -295,7 +300,7 @@ class TrainConfig(_Section):
     min_auc: float = Field(0.8, ge=0, le=1, description="No version is promoted automatically under this mean AUC.")
 
     # What a version logged before a field existed trained with, where today's default differs.
-    _BEFORE_DEFAULTS: ClassVar[dict[str, object]] = {"stem_stride": 1}
+    _BEFORE_DEFAULTS: ClassVar[dict[str, object]] = {"stem_stride": 1, "series_rule": "top_k_mean"}
 
     @model_validator(mode="wrap")
     @classmethod

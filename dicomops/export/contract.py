@@ -67,9 +67,11 @@ class InputContract:
 
     @classmethod
     def from_configs(cls, pre: PreprocessConfig, train: TrainConfig, threshold: float) -> InputContract:
+        from dicomops.training.scoring import SeriesRule
+
         return cls(channels=pre.slab_slices, height=train.input_size, width=train.input_size,
                    orientation="RAS", resize="area", value_range=(0.0, 1.0), threshold=float(threshold),
-                   series_score=f"mean of the {train.top_k_slices} highest slab probabilities",
+                   series_score=SeriesRule.of(train).describe(),
                    **pre.model_dump(include=set(VOLUME_FIELDS)))
 
     def disagreements(self, pre: PreprocessConfig) -> list[str]:

@@ -47,6 +47,7 @@ from dicomops.export.contract import InputContract
 from dicomops.training.data import AugmentedSlabs, SlabSet
 from dicomops.training.distill import distillation_loss
 from dicomops.training.model import class_weights
+from dicomops.training.scoring import SeriesRule
 
 
 def _one_partition_per_call(program: torch.fx.GraphModule) -> None:
@@ -325,14 +326,14 @@ def export_converted(converted: torch.fx.GraphModule, contract: InputContract, f
     return int8, qdq
 
 
-def series_scores(path: Path, volumes: dict[str, np.ndarray], k: int, size: int, top_k: int,
+def series_scores(path: Path, volumes: dict[str, np.ndarray], k: int, size: int, rule: SeriesRule,
                   threads: int = 2) -> dict[str, float]:
-    """Each series' score (mean of the top-k slice probabilities) from an ONNX file over all its slices."""
+    """Each series' score (by the model's `rule`) from an ONNX file over all its slices."""
     from dicomops.training.data import all_slabs
     from dicomops.training.scoring import series_score
 
     sess = onnx_export.session(path, threads)
-    return {uid: series_score(onnx_export.run_onnx(sess, all_slabs(volume, k, size).numpy())[:, 1], top_k)
+    return {uid: series_score(onnx_export.run_onnx(sess, all_slabs(volume, k, size).numpy())[:, 1], rule)
             for uid, volume in volumes.items()}
 
 
@@ -432,7 +433,7 @@ def held_out(layout: Any, tracking_uri: str, run_id: str, contract: InputContrac
     rows: list[dict[str, Any]] = []
     for fold in range(folds.n_splits):
         model, raw = load_weights(tracking_uri, fold_run(tracking_uri, run_id, fold), model_from_config)
-        k, size, top_k = int(raw["in_channels"]), int(raw["input_size"]), int(raw["top_k_slices"])
+        k, size, rule = int(raw["in_channels"]), int(raw["input_size"]), SeriesRule.of(TrainConfig.from_logged(raw))
         train = build_slab_set(layout, folds.train(fold), k, size)
         pick = np.sort(np.random.default_rng(fold).permutation(len(train.y))[:calibration_samples])
         calibration = train.x[pick].float().numpy()
@@ -451,7 +452,7 @@ def held_out(layout: Any, tracking_uri: str, run_id: str, contract: InputContrac
             quantize.keep_in_float(engines[engine], engines[engine])
         volumes = {uid: load_volume(pre.volume(paths[uid])) for uid in folds.val(fold)}
         for engine, path in engines.items():
-            for uid, score in series_scores(path, volumes, k, size, top_k).items():
+            for uid, score in series_scores(path, volumes, k, size, rule).items():
                 rows.append({"fold": fold, "engine": engine, "SeriesInstanceUID": uid,
                              "vendor": series.loc[uid, "vendor"], "label": int(series.loc[uid, "label"]),
                              "score": score})

@@ -27,6 +27,7 @@ from dicomops.monitoring.drift import compare, quarantine_check
 from dicomops.monitoring.features import feature_table
 from dicomops.preprocessing.stage import preprocess_corpus
 from dicomops.synthetic import generate_corpus
+from dicomops.training.scoring import SeriesRule
 
 
 def ingest_and_preprocess(src: Path, work: Path, cfg: PipelineConfig, key: bytes) -> tuple[int, int]:
@@ -90,7 +91,7 @@ class Batch:
 
 
 def featurise_batches(root: Path, scenario: str, seeds: list[int], patients: int, synth: SynthConfig,
-                      cfg: PipelineConfig, key: bytes, model: torch.nn.Module, k: int, size: int, top_k: int,
+                      cfg: PipelineConfig, key: bytes, model: torch.nn.Module, k: int, size: int, rule: SeriesRule,
                       progress: Callable[[str], None] = print) -> list[Batch]:
     out = []
     for seed in seeds:
@@ -98,7 +99,7 @@ def featurise_batches(root: Path, scenario: str, seeds: list[int], patients: int
         generate_corpus(src, synth.model_copy(update={"patients": patients, "seed": seed, "scenario": scenario}))
         quarantined, files = ingest_and_preprocess(src, work, cfg, key)
         pre = WorkLayout(work).preprocessed
-        table = feature_table(work, model, k, size, top_k) if pre.root.exists() else pd.DataFrame()
+        table = feature_table(work, model, k, size, rule) if pre.root.exists() else pd.DataFrame()
         # feature_table's rows are the preprocessed series sorted by UID (it keeps no identifier).
         uids = sorted(pre.read_features().SeriesInstanceUID.astype(str)) if len(table) else []
         per_files, per_quarantined = series_file_counts(work, uids) if uids else ([], [])

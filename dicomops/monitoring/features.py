@@ -20,7 +20,7 @@ import torch
 from dicomops.layout import WorkLayout
 from dicomops.preprocessing.features import HEADER_CATEGORICAL, HEADER_NUMERIC, IMAGE_NUMERIC
 from dicomops.training.data import all_slabs, load_volume
-from dicomops.training.scoring import series_score
+from dicomops.training.scoring import SeriesRule, series_score
 
 OUTPUT_NUMERIC = ("probability",)
 EMBEDDING_PREFIX = "emb_"
@@ -45,7 +45,7 @@ def _last_linear(model: torch.nn.Module) -> torch.nn.Linear:
     return linears[-1]
 
 
-def model_outputs(model: torch.nn.Module, volumes: Iterable[np.ndarray], k: int, size: int, top_k: int,
+def model_outputs(model: torch.nn.Module, volumes: Iterable[np.ndarray], k: int, size: int, rule: SeriesRule,
                   batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """Series scores (N,) and mean penultimate embeddings (N, D) for (X, Y, Z) volumes, read one at a time.
 
@@ -69,14 +69,14 @@ def model_outputs(model: torch.nn.Module, volumes: Iterable[np.ndarray], k: int,
                     probs.append(torch.softmax(model(batch), dim=1)[:, 1])
                     feats.append(captured[-1].flatten(1))
                 p = torch.cat(probs).numpy()
-                scores.append(series_score(p, top_k))
+                scores.append(series_score(p, rule))
                 embeddings.append(torch.cat(feats).mean(0).numpy())
     finally:
         hook.remove()
     return np.asarray(scores), np.stack(embeddings) if embeddings else np.zeros((0, 0))
 
 
-def feature_table(work: Path, model: torch.nn.Module, k: int, size: int, top_k: int,
+def feature_table(work: Path, model: torch.nn.Module, k: int, size: int, rule: SeriesRule,
                   series: list[str] | None = None) -> pd.DataFrame:
     """One row per preprocessed series (or those in `series`): the monitored columns, no identifiers."""
     pre = WorkLayout(work).preprocessed
@@ -87,7 +87,7 @@ def feature_table(work: Path, model: torch.nn.Module, k: int, size: int, top_k: 
     features = features.sort_values("SeriesInstanceUID").reset_index(drop=True)
     # One volume in memory at a time (the demo's training series hold 1.5 GB together).
     volumes = (load_volume(pre.volume(index.loc[uid, "path"])) for uid in features.SeriesInstanceUID)
-    scores, embeddings = model_outputs(model, volumes, k, size, top_k)
+    scores, embeddings = model_outputs(model, volumes, k, size, rule)
     table = features[[*HEADER_NUMERIC, *HEADER_CATEGORICAL, *IMAGE_NUMERIC]].copy()
     for column in HEADER_NUMERIC + IMAGE_NUMERIC:
         table[column] = pd.to_numeric(table[column], errors="coerce").astype(float)

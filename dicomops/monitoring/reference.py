@@ -20,16 +20,17 @@ from dicomops.layout import WorkLayout
 from dicomops.monitoring.features import feature_table
 from dicomops.tracking import runs
 from dicomops.tracking.registry import alias_version
+from dicomops.training.scoring import SeriesRule
 
 ARTIFACT = "monitoring/reference.parquet"
 TAG = "monitoring.reference"
 
 
-def build_reference(work: Path, model: torch.nn.Module, k: int, size: int, top_k: int) -> pd.DataFrame:
+def build_reference(work: Path, model: torch.nn.Module, k: int, size: int, rule: SeriesRule) -> pd.DataFrame:
     """Features of every labelled training series; out-of-fold scores as the probability column."""
     layout = WorkLayout(work)
     labelled = sorted(layout.labelled_series().SeriesInstanceUID)
-    table = feature_table(work, model, k, size, top_k, series=labelled)
+    table = feature_table(work, model, k, size, rule, series=labelled)
     oof = layout.train.oof_predictions
     if oof.exists():
         scores = pd.read_parquet(oof).set_index("SeriesInstanceUID").score

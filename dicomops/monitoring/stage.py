@@ -16,6 +16,7 @@ from dicomops.preprocessing.stage import WITHHELD_REASONS
 from dicomops.synthetic.sidecars import LABELS_CSV, MASKS_DIR, SIDECAR_FILES, mask_path
 from dicomops.tracking import runs
 from dicomops.training.model import load_trained
+from dicomops.training.scoring import SeriesRule
 
 
 def batch_features(batch_work: Path, tracking_uri: str, run_id: str) -> pd.DataFrame:
@@ -24,14 +25,14 @@ def batch_features(batch_work: Path, tracking_uri: str, run_id: str) -> pd.DataF
     if not features.exists() or pd.read_parquet(features).empty:  # no series went through preprocessing
         return pd.DataFrame()
     model, cfg, k = load_trained(tracking_uri, run_id)
-    return feature_table(batch_work, model, k, cfg.input_size, cfg.top_k_slices)
+    return feature_table(batch_work, model, k, cfg.input_size, SeriesRule.of(cfg))
 
 
 def reference_for_version(work: Path, tracking_uri: str, name: str, version: str) -> str:
     """At training time: the training features scored by the new version, stored with it."""
     mv = runs.configure_mlflow(tracking_uri).get_model_version(name, version)
     model, cfg, k = load_trained(tracking_uri, str(mv.run_id))
-    table = build_reference(work, model, k, cfg.input_size, cfg.top_k_slices)
+    table = build_reference(work, model, k, cfg.input_size, SeriesRule.of(cfg))
     layout = WorkLayout(work)
     summary = layout.ingest.summary
     if summary.exists():

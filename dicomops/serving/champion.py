@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dicomops.config import PreprocessConfig, TrainConfig
 from dicomops.errors import ExportCheckError
@@ -33,6 +33,9 @@ from dicomops.export.contract import InputContract
 from dicomops.serving.engine import ENGINE_FILES, SHA_TAGS, Engine, EngineKind, choose, open_engine
 from dicomops.tracking.registry import CHAMPION, WEIGHTS_ARTIFACT, alias_version, model_version
 from dicomops.tracking.runs import configure_mlflow
+
+if TYPE_CHECKING:
+    from dicomops.training.scoring import SeriesRule
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ class Champion:
     run_id: str
     preprocess: PreprocessConfig
     contract: InputContract
-    top_k: int
+    rule: SeriesRule  # how its slice probabilities become the series score, as its training scored them
     engine: Engine
     # The nodule segmenter whose locations and SEG join the results written back to the PACS
     # (a dicomops.serving.segmenter.Segmenter); None: the classifier's answer alone.
@@ -300,4 +303,6 @@ def load_champion(tracking_uri: str, name: str, alias: str | None = CHAMPION, ve
                          "or serve with --engine ort-fp32")
     choice = choose(engine, set(checked.files))
     served = open_engine(folder, choice, contract, threads)
-    return Champion(name, str(mv.version), str(mv.run_id), preprocess, contract, train.top_k_slices, served)
+    from dicomops.training.scoring import SeriesRule
+
+    return Champion(name, str(mv.version), str(mv.run_id), preprocess, contract, SeriesRule.of(train), served)

@@ -323,8 +323,8 @@ class Service:
                                     f"send slabs preprocessed as its input contract says ({c.window} window, "
                                     f"values in [{c.value_range[0]:g}, {c.value_range[1]:g}])")
         out: dict[str, Any] = {"probabilities": [float(p) for p in probabilities], "model": self.champion.describe()}
-        if len(probabilities) >= self.champion.top_k:
-            score = series_score(probabilities, self.champion.top_k)
+        if len(probabilities) >= self.champion.rule.top_k:
+            score = series_score(probabilities, self.champion.rule)
             out |= {"series_score": score, "present": bool(score >= self.champion.threshold)}
         return out
 

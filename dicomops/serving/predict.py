@@ -232,7 +232,7 @@ def score_volume(champion: Champion, volume: np.ndarray) -> tuple[float, int]:
 
     slabs = all_slabs(volume, champion.contract.channels, champion.contract.height).numpy()
     probs = champion.engine.probabilities(slabs)
-    return series_score(probs, champion.top_k), int(np.argmax(probs))
+    return series_score(probs, champion.rule), int(np.argmax(probs))
 
 
 def _finding(champion: Champion, series: str, manufacturer: str, volume: np.ndarray, cache: str) -> SeriesFinding:

@@ -125,7 +125,7 @@ def _fold_model_scores(layout: WorkLayout, tracking_uri: str, parent: str, fold:
 
     model, cfg, k = load_trained(tracking_uri, fold_run(tracking_uri, parent, fold))
     rows = layout.labelled_series().set_index("SeriesInstanceUID").loc[series].reset_index()
-    scored = score_series(model, layout, rows, k, cfg.input_size, cfg.top_k_slices)
+    scored = score_series(model, layout, rows, k, cfg.input_size, scoring.SeriesRule.of(cfg))
     return scored.set_index("SeriesInstanceUID").score.astype(float)
 
 

@@ -74,10 +74,10 @@ def check_vendors_to_leave_out(series: pd.DataFrame) -> None:
 
 
 def score_series(model: torch.nn.Module, layout: WorkLayout, series: pd.DataFrame, k: int, size: int,
-                 top_k: int) -> pd.DataFrame:
+                 rule: scoring.SeriesRule) -> pd.DataFrame:
     """Series-level scores of the rows of `series` (see :func:`scoring.series_score`)."""
     volumes = (load_volume(layout.preprocessed.volume(row.path)) for row in series.itertuples())
-    return scoring.score_series(model, series.itertuples(), volumes, k, size, top_k)
+    return scoring.score_series(model, series.itertuples(), volumes, k, size, rule)
 
 
 def run_fold(layout: WorkLayout, cfg: TrainConfig, k: int, fold: int, tracking_uri: str,
@@ -101,7 +101,7 @@ def run_fold(layout: WorkLayout, cfg: TrainConfig, k: int, fold: int, tracking_u
         mlflow_runs.log_results(tracking_uri, run_id, {},
                                 save_weights(result.model, cfg, k, out / "weights"), registry.WEIGHTS_ARTIFACT)
         preds = score_series(result.model, layout, series.loc[folds.val(fold)].reset_index(), k, cfg.input_size,
-                             cfg.top_k_slices)
+                             scoring.SeriesRule.of(cfg))
         preds["fold"] = fold
         io.write_parquet(out / "predictions.parquet", preds)
         table, metrics = scoring.fold_metrics(preds)
@@ -188,7 +188,7 @@ def leave_one_vendor_out(layout: WorkLayout, cfg: TrainConfig, k: int, tracking_
                              seed=cfg.seed + 2000, epochs=epochs, log=mlflow_runs.step_logger(
                                  tracking_uri, run_id, label=f"{cfg.architecture} without {vendor}", epochs=epochs))
                 preds = score_series(result.model, layout, held.reset_index(drop=True), k, cfg.input_size,
-                                     cfg.top_k_slices)
+                                     scoring.SeriesRule.of(cfg))
                 io.write_parquet(out / "predictions.parquet", preds)
                 if preds.label.nunique() == 2:
                     mlflow_runs.log_results(tracking_uri, run_id,

@@ -1,21 +1,22 @@
 """Series-level scoring and cross-validation summaries: pure functions over models, arrays and
 tables, with no MLflow and no work directory.
 
-The series score is defined here once: the mean of the ``top_k`` highest slice probabilities. The
-cross-validation scores series with it, the drift monitor reads it as the model's output column,
-and the served model applies the same rule.
+The series score is defined here once (:class:`SeriesRule`, from ``train.top_k_slices`` and
+``train.series_rule``). The cross-validation scores series with it, the drift monitor reads it as
+the model's output column, and the served model applies the same rule.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 
+from dicomops.config import TrainConfig
 from dicomops.training.data import all_slabs
 from dicomops.training.loop import predict
 from dicomops.training.metrics import (
@@ -32,25 +33,67 @@ FOLD_METRICS = ("auc", "sensitivity", "specificity", "f1", "kappa")
 MIN_CASES_FOR_INTERVAL = 5
 
 
-def series_score(slice_probabilities: np.ndarray, top_k: int) -> float:
-    """The series' score: the mean of its `top_k` highest slice probabilities."""
-    if top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}")
+# Slice probabilities are read as logits within these bounds: float32's softmax rounds to 0 or 1
+# beyond about ±17, and a clipped probability must not become an infinite logit.
+_PROBABILITY_FLOOR = 1e-7
+
+
+@dataclass(frozen=True)
+class SeriesRule:
+    """How a series' slice probabilities become its score.
+
+    ``top_k_mean``: the mean of the `top_k` highest slice probabilities. ``top_k_contrast``: how far
+    the series' `top_k` highest slices stand above its own slices, in logits: with m the mean of the
+    `top_k` highest slice logits and a the mean of all of them, ``tanh((m - a) / 2)``, 0 where the
+    best slices are no different from the series' average and towards 1 as they stand out. A
+    nodule is local, while what the network reads off a whole series (its scanner's texture, its
+    coverage) lifts or lowers every slice; the contrast leaves out that offset, which
+    ``top_k_mean`` ranks series by.
+    """
+
+    top_k: int
+    rule: Literal["top_k_mean", "top_k_contrast"] = "top_k_mean"
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
+        if self.rule not in ("top_k_mean", "top_k_contrast"):
+            raise ValueError(f"series rule {self.rule!r} is not one of top_k_mean, top_k_contrast")
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> SeriesRule:
+        """The rule a model trained with `cfg` is scored by."""
+        return cls(cfg.top_k_slices, cfg.series_rule)
+
+    def describe(self) -> str:
+        """For the model's input contract and card."""
+        if self.rule == "top_k_mean":
+            return f"mean of the {self.top_k} highest slab probabilities"
+        return (f"tanh of half the mean logit of the {self.top_k} highest slabs above the mean logit of all the "
+                "series' slabs")
+
+
+def series_score(slice_probabilities: np.ndarray, rule: SeriesRule) -> float:
+    """The series' score from its slice probabilities, by `rule`."""
     probs = np.asarray(slice_probabilities, dtype=float)
     if probs.size == 0:
         raise ValueError("a series without slices has no score")
-    return float(np.sort(probs)[-top_k:].mean())
+    if rule.rule == "top_k_mean":
+        return float(np.sort(probs)[-rule.top_k:].mean())
+    clipped = np.clip(probs, _PROBABILITY_FLOOR, 1.0 - _PROBABILITY_FLOOR)
+    logits = np.log(clipped) - np.log1p(-clipped)
+    return float(np.tanh((np.sort(logits)[-rule.top_k:].mean() - logits.mean()) / 2.0))
 
 
 def score_series(model: torch.nn.Module, series: Iterable[Any], volumes: Iterable[np.ndarray], k: int, size: int,
-                 top_k: int) -> pd.DataFrame:
+                 rule: SeriesRule) -> pd.DataFrame:
     """One row per series (rows with ``SeriesInstanceUID``, ``vendor``, ``label``): its score and the
     slice that scored highest."""
     rows = []
     for row, volume in zip(series, volumes, strict=True):
         probs = predict(model, all_slabs(volume, k, size))
         rows.append({"SeriesInstanceUID": row.SeriesInstanceUID, "vendor": row.vendor, "label": int(row.label),
-                     "score": series_score(probs, top_k), "best_z": int(np.argmax(probs))})
+                     "score": series_score(probs, rule), "best_z": int(np.argmax(probs))})
     return pd.DataFrame(rows)
 
 

@@ -30,7 +30,7 @@ from dicomops.serving.batch import EXPERIMENT, predict_folder, result_table, run
 from dicomops.serving.champion import load_champion
 from dicomops.training.data import load_volume
 from dicomops.training.model import load_trained
-from dicomops.training.scoring import score_series
+from dicomops.training.scoring import SeriesRule, score_series
 from flows.predict import predict
 from tests.champion_fixture import CONFIG, KEY, TINY, ExportedChampion
 from tests.unit.test_real_files import _needles
@@ -69,7 +69,7 @@ def test_the_flow_the_library_and_training_agree_and_nothing_identifies(env: Exp
     pre = WorkLayout(env.work).preprocessed
     index = pre.read_index().assign(label=0)
     reference = score_series(model, index.itertuples(), (load_volume(pre.volume(p)) for p in index.path),
-                             champion.contract.channels, train_cfg.input_size, train_cfg.top_k_slices)
+                             champion.contract.channels, train_cfg.input_size, SeriesRule.of(train_cfg))
     merged = flow.merge(reference, left_on="series", right_on="SeriesInstanceUID")
     assert len(merged) == 20
     assert np.abs(merged.score_x - merged.score_y).max() < 1e-5

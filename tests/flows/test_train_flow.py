@@ -290,6 +290,7 @@ def test_student_distils_from_a_3d_teacher_fold_by_fold(train_work: Path, mlflow
     from dicomops.training.cv import score_series
     from dicomops.training.data import build_slab_set
     from dicomops.training.model import model_from_config
+    from dicomops.training.scoring import SeriesRule
 
     work = _fresh(train_work, tmp_path)
     layout = WorkLayout(work)
@@ -308,7 +309,7 @@ def test_student_distils_from_a_3d_teacher_fold_by_fold(train_work: Path, mlflow
     assert raw["in_channels"] == 5 and raw["architecture"] == "resnet3d-slim"
     oof = pd.read_parquet(work / "train/fold-0/predictions.parquet")
     series = layout.labelled_series().set_index("SeriesInstanceUID").loc[list(oof.SeriesInstanceUID)].reset_index()
-    again = score_series(model, layout, series, 5, TINY.input_size, TINY.top_k_slices)
+    again = score_series(model, layout, series, 5, TINY.input_size, SeriesRule.of(TINY))
     assert np.allclose(again.score.to_numpy(), oof.score.to_numpy(), atol=1e-5)
 
     # The student, from the command line as the README says.

@@ -27,6 +27,7 @@ from dicomops.monitoring.features import categorical_columns, numeric_columns
 from dicomops.monitoring.reference import build_reference
 from dicomops.synthetic import generate_corpus
 from dicomops.training.model import build_model
+from dicomops.training.scoring import SeriesRule
 
 KEY = b"monitor-test-key-0123456789abcdef01"
 
@@ -127,12 +128,12 @@ def test_reduced_detection_benchmark(tmp_path: Path) -> None:
     model = build_model(train, 3).eval()  # untrained: speed; its embeddings still follow appearance
     generate_corpus(tmp_path / "ref" / "src", synth)
     quarantined, files = ingest_and_preprocess(tmp_path / "ref" / "src", tmp_path / "ref" / "work", cfg, KEY)
-    reference = build_reference(tmp_path / "ref" / "work", model, 3, 32, 3)
+    reference = build_reference(tmp_path / "ref" / "work", model, 3, 32, SeriesRule(3))
     monitor = MonitorConfig()
     # Two same-distribution batches and one of each shift (benchmarks/drift.py runs more of each).
     for scenario, seeds, expected in (("baseline-new", [101, 102], 0), ("new-vendor", [201], 1),
                                       ("protocol-shift", [301], 1), ("low-dose", [401], 1)):
-        batches = featurise_batches(tmp_path / "b", scenario, seeds, 12, synth, cfg, KEY, model, 3, 32, 3,
+        batches = featurise_batches(tmp_path / "b", scenario, seeds, 12, synth, cfg, KEY, model, 3, 32, SeriesRule(3),
                                     progress=lambda _m: None)
         rates = detection(reference, batches, 12, monitor, quarantined / files, tmp_path / "r")
         assert rates.drift == expected, (scenario, rates)
@@ -190,9 +191,10 @@ def test_model_outputs_are_the_models_own_and_leave_it_as_it_was(architecture: s
     torch.manual_seed(0)
     model = build_model(TrainConfig(architecture=architecture, input_size=32), k).eval()
     volumes = [np.random.default_rng(i).random((40, 40, 9), dtype=np.float32).astype(np.float16) for i in range(2)]
-    scores, embeddings = model_outputs(model, iter(volumes), k, 32, 3)
+    rule = SeriesRule(3, "top_k_contrast")
+    scores, embeddings = model_outputs(model, iter(volumes), k, 32, rule)
     with torch.no_grad():
-        expected = [series_score(torch.softmax(model(all_slabs(v, k, 32)), 1)[:, 1].numpy(), 3) for v in volumes]
+        expected = [series_score(torch.softmax(model(all_slabs(v, k, 32)), 1)[:, 1].numpy(), rule) for v in volumes]
     assert scores == pytest.approx(expected, abs=1e-5) and embeddings.shape[0] == 2
     assert all(p.is_contiguous() for p in model.parameters())
 
