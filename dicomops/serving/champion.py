@@ -70,7 +70,8 @@ class Champion:
     def describe(self) -> dict[str, Any]:
         """For MLflow, logs and answers: no identifier of any patient."""
         out = {"model": self.name, "version": self.version, "engine": self.engine.choice.kind,
-               "engine_reason": self.engine.choice.reason, "threshold": round(self.threshold, 6)}
+               "engine_reason": self.engine.choice.reason, "threshold": round(self.threshold, 6),
+               "series_rule": self.rule.rule}
         if self.segmenter is None:
             return out
         return out | self.segmenter.describe() | {"write_seg": self.write_seg}
