@@ -71,7 +71,7 @@ class Champion:
         """For MLflow, logs and answers: no identifier of any patient."""
         out = {"model": self.name, "version": self.version, "engine": self.engine.choice.kind,
                "engine_reason": self.engine.choice.reason, "threshold": round(self.threshold, 6),
-               "series_rule": self.rule.rule}
+               "series_rule": self.rule.kind}
         if self.segmenter is None:
             return out
         return out | self.segmenter.describe() | {"write_seg": self.write_seg}

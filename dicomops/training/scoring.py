@@ -52,13 +52,13 @@ class SeriesRule:
     """
 
     top_k: int
-    rule: Literal["top_k_mean", "top_k_contrast"] = "top_k_mean"
+    kind: Literal["top_k_mean", "top_k_contrast"] = "top_k_mean"
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {self.top_k}")
-        if self.rule not in ("top_k_mean", "top_k_contrast"):
-            raise ValueError(f"series rule {self.rule!r} is not one of top_k_mean, top_k_contrast")
+        if self.kind not in ("top_k_mean", "top_k_contrast"):
+            raise ValueError(f"series rule {self.kind!r} is not one of top_k_mean, top_k_contrast")
 
     @classmethod
     def of(cls, cfg: TrainConfig) -> SeriesRule:
@@ -67,7 +67,7 @@ class SeriesRule:
 
     def describe(self) -> str:
         """For the model's input contract and card."""
-        if self.rule == "top_k_mean":
+        if self.kind == "top_k_mean":
             return f"mean of the {self.top_k} highest slab probabilities"
         return (f"tanh of half the mean logit of the {self.top_k} highest slabs above the mean logit of all the "
                 "series' slabs")
@@ -78,7 +78,7 @@ def series_score(slice_probabilities: np.ndarray, rule: SeriesRule) -> float:
     probs = np.asarray(slice_probabilities, dtype=float)
     if probs.size == 0:
         raise ValueError("a series without slices has no score")
-    if rule.rule == "top_k_mean":
+    if rule.kind == "top_k_mean":
         return float(np.sort(probs)[-rule.top_k:].mean())
     clipped = np.clip(probs, _PROBABILITY_FLOOR, 1.0 - _PROBABILITY_FLOOR)
     logits = np.log(clipped) - np.log1p(-clipped)

@@ -58,7 +58,7 @@ def test_a_new_training_uses_the_contrast_and_a_version_logged_before_it_the_mea
     logged = TrainConfig().model_dump(mode="json")
     del logged["series_rule"]
     assert SeriesRule.of(TrainConfig.from_logged(logged)) == SeriesRule(3, "top_k_mean")
-    assert SeriesRule.of(TrainConfig.from_logged(TrainConfig().model_dump(mode="json"))).rule == "top_k_contrast"
+    assert SeriesRule.of(TrainConfig.from_logged(TrainConfig().model_dump(mode="json"))).kind == "top_k_contrast"
 
 
 def test_the_input_contract_says_which_rule_scores_the_series() -> None:
