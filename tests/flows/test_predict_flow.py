@@ -57,6 +57,7 @@ def test_the_flow_the_library_and_training_agree_and_nothing_identifies(env: Exp
     result = predict(src=src, work=work, config=CONFIG)
     flow = pd.read_csv(result["results"], keep_default_na=False, float_precision="round_trip")
     assert result["studies_scored"] == 20 and result["series_scored"] == 20 == len(flow)
+    assert result["series_rule"] == champion.rule.kind == "top_k_contrast"  # the rule it trained with, named
     assert list(flow.series) == list(library.series)
     assert np.array_equal(flow.score.to_numpy(), library.score.to_numpy().astype(float))  # exactly
     assert (flow.present == (flow.score >= champion.threshold)).all()
