@@ -38,6 +38,7 @@ from dicomops.serving.cache import VolumeCache
 from dicomops.serving.champion import load_champion
 from dicomops.serving.online import TOKEN_ENV, ServiceOptions
 from dicomops.serving.predict import answer_pacs_study
+from dicomops.training.scoring import SeriesRule, series_score
 from flows.predict import predict
 from tests.champion_fixture import CONFIG, KEY, TINY, ExportedChampion
 from tests.flows.test_ingest_flow import _prefect_database
@@ -233,6 +234,10 @@ def test_online_batch_and_library_agree_warm_from_the_cache_and_after_redis_dies
     np.save(body, x)
     slabs = httpx.post(f"{url}/v1/slabs", content=body.getvalue(), headers=_auth(), timeout=60).json()
     assert np.array_equal(np.asarray(slabs["probabilities"]), champion.engine.probabilities(x))
+    # Its series score by the champion's own rule (the contrast since 2026-12-06), not the top-k mean.
+    assert champion.rule.kind == "top_k_contrast"
+    assert slabs["series_score"] == series_score(champion.engine.probabilities(x), champion.rule)
+    assert slabs["series_score"] != series_score(champion.engine.probabilities(x), SeriesRule(champion.rule.top_k))
 
     # Nothing identifying in Redis, the work directories or MLflow.
     needles = _needles(files)

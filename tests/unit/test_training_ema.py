@@ -1,5 +1,6 @@
 """The moving average of the weights (`train.ema_decay`): its update against hand-computed values, the
-weights a training validates and returns, and a resumed training that averages on as if uninterrupted."""
+weights a training validates and returns, and a checkpoint without an average (the resumed average is
+one case of test_training_resume.py's resume test)."""
 
 from __future__ import annotations
 
@@ -67,18 +68,6 @@ def test_the_validation_auc_is_the_averaged_models(tmp_path: Path) -> None:
     result = fit(train, val, cfg, tmp_path / "v.pt", seed=1)
     expected = roc_auc_score(val.y.numpy(), predict(result.model, val.x))
     assert result.history[0]["val_slice_auc"] == pytest.approx(expected, abs=1e-12)
-
-
-def test_an_interrupted_training_resumes_its_average(tmp_path: Path) -> None:
-    train, val = _slabs(64, 0), _slabs(32, 1)
-    cfg = CFG.model_copy(update={"epochs": 2})
-    whole = fit(train, val, cfg, tmp_path / "a.pt", seed=1)
-    with pytest.raises(InterruptedError):
-        fit(train, val, cfg, tmp_path / "b.pt", seed=1, stop_after=1)
-    resumed = fit(train, val, cfg, tmp_path / "b.pt", seed=1)
-    assert resumed.resumed_from == 1
-    assert [h["val_slice_auc"] for h in resumed.history] == [h["val_slice_auc"] for h in whole.history]
-    assert _max_difference(whole.model.state_dict(), resumed.model.state_dict()) == 0.0
 
 
 def test_a_checkpoint_without_an_average_is_not_resumed_with_one(tmp_path: Path) -> None:

@@ -39,10 +39,12 @@ def _max_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
                                                             strict=True) if p.is_floating_point())
 
 
-@pytest.mark.parametrize("workers", [0, 1])  # with a worker, its augmentation seeds must follow too
+# With a worker, its augmentation seeds must follow too; with a moving average of the weights, the
+# average (train.ema_decay) resumes as well.
+@pytest.mark.parametrize(("workers", "ema_decay"), [(0, 0.0), (1, 0.0), (0, 0.9)])
 def test_a_training_interrupted_after_an_epoch_and_resumed_gives_the_uninterrupted_weights(
-        tmp_path: Path, workers: int) -> None:
-    cfg = CFG.model_copy(update={"num_workers": workers})
+        tmp_path: Path, workers: int, ema_decay: float) -> None:
+    cfg = CFG.model_copy(update={"num_workers": workers, "ema_decay": ema_decay})
     train, val = _slabs(64, 0), _slabs(32, 1)
     whole = fit(train, val, cfg, tmp_path / "a.pt", seed=1)
     with pytest.raises(InterruptedError):
