@@ -269,6 +269,10 @@ class TrainConfig(_Section):
         "Validate, keep and return an exponential moving average of the weights with this decay per "
         "optimiser step (warmed up as min(decay, (1 + n) / (10 + n)) after n steps); 0: the last step's "
         "weights."))
+    precise_bn: int = Field(0, ge=0, description=(
+        "Before each epoch's validation, recompute batch norm's running statistics over this many "
+        "of the training slabs (a fixed subset, without augmentation; training.loop.recompute_batch_norm); "
+        "0: keep the ones training left."))
     num_workers: int | None = Field(None, ge=0, le=16, description=(
         "DataLoader worker processes; unset: none when training on the CPU, where a worker's augmentation "
         "takes its time from the two threads of the step (fold 0 of the demo, an epoch 7.1-7.7 s in the "

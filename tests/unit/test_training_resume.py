@@ -40,11 +40,12 @@ def _max_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
 
 
 # With a worker, its augmentation seeds must follow too; with a moving average of the weights, the
-# average (train.ema_decay) resumes as well.
-@pytest.mark.parametrize(("workers", "ema_decay"), [(0, 0.0), (1, 0.0), (0, 0.9)])
+# average (train.ema_decay) resumes as well; with batch norm's statistics recomputed before each
+# validation (train.precise_bn), the same subset of slabs gives them.
+@pytest.mark.parametrize(("workers", "ema_decay", "precise_bn"), [(0, 0.0, 0), (1, 0.0, 0), (0, 0.9, 0), (0, 0.0, 24)])
 def test_a_training_interrupted_after_an_epoch_and_resumed_gives_the_uninterrupted_weights(
-        tmp_path: Path, workers: int, ema_decay: float) -> None:
-    cfg = CFG.model_copy(update={"num_workers": workers, "ema_decay": ema_decay})
+        tmp_path: Path, workers: int, ema_decay: float, precise_bn: int) -> None:
+    cfg = CFG.model_copy(update={"num_workers": workers, "ema_decay": ema_decay, "precise_bn": precise_bn})
     train, val = _slabs(64, 0), _slabs(32, 1)
     whole = fit(train, val, cfg, tmp_path / "a.pt", seed=1)
     with pytest.raises(InterruptedError):
