@@ -38,7 +38,7 @@ from dicomops.feedback.review import latest_localisation, latest_result
 from dicomops.feedback.store import FeedbackStore, Reviewers, UnknownReaderError, make_item
 from dicomops.layout import WorkLayout
 from dicomops.pacs.client import PacsRequestRefused
-from dicomops.pacs.results import ABSENT, FINDING_TYPE, MANUFACTURER, PRESENT, SCORE
+from dicomops.pacs.results import ABSENT, FINDING_TYPE, MANUFACTURER, PRESENT, SCORE, SERIES_SCORE
 
 SEEN_COLUMNS = ["report", "outcome", "reason", "at"]
 # An object (or study) a viewer stored under a UID the DICOMweb client will not put in a request.
@@ -92,7 +92,7 @@ def _finding(ds: Dataset) -> bool | None:
 
 def _score(ds: Dataset) -> float | None:
     for item in _items(ds):
-        if item.get("ValueType") == "NUM" and _named(item, SCORE):
+        if item.get("ValueType") == "NUM" and (_named(item, SCORE) or _named(item, SERIES_SCORE)):
             return float(item.MeasuredValueSequence[0].NumericValue)
     return None
 

@@ -74,6 +74,10 @@ PRIVATE_SCHEME = "99DICOMOPS"
 PRIVATE_SCHEME_NAME = "dicomops lung nodule measurements"
 SOLID_PART_WIDTH = hd.sr.CodedConcept("SOLIDW", PRIVATE_SCHEME, "Solid part width")
 ACTIONABLE_SCORE = hd.sr.CodedConcept("ACTSCORE", PRIVATE_SCHEME, "Actionable nodule score")
+# A series score that is not a probability (the classifier's series rule top_k_contrast: how far the
+# best slices stand above the series' own): DCM "Probability" would tell a reader that 0.62 means
+# 62 %. How it is computed goes with it, as the algorithm's parameter (Finding.score_rule).
+SERIES_SCORE = hd.sr.CodedConcept("SERSCORE", PRIVATE_SCHEME, "Nodule series score")
 
 # Type 2 patient and study attributes highdicom reads from the first source image as attributes
 # (highdicom/sr/sop.py, seg/sop.py): a header can lack them and pass the ingest gate, and a result
@@ -163,6 +167,9 @@ class Finding:
         nodules: Localised nodules; empty when absent or when the model only classifies.
         actionable: Score of an actionable nodule (solid or part-solid, at least 6 mm) read off
             the nodules' sizes and solid parts, in [0, 1]; None when the model does not make it.
+        score_rule: How `score` is computed when it is not a probability (a classifier's series
+            rule, ``SeriesRule.describe()``): the SR then names it :data:`SERIES_SCORE` instead of
+            "Probability", and gives this text as the algorithm's parameter. None: a probability.
     """
 
     present: bool
@@ -172,9 +179,12 @@ class Finding:
     model_version: str
     nodules: tuple[Nodule, ...] = ()
     actionable: float | None = None
+    score_rule: str | None = None
 
     def __post_init__(self) -> None:
         _check_probability("score", self.score)
+        if self.score_rule is not None and not self.score_rule.strip():
+            raise ValueError("score_rule must say how the score is computed, or be None for a probability")
         if self.actionable is not None:
             _check_probability("actionable", self.actionable)
         _check_probability("threshold", self.threshold)
@@ -247,7 +257,9 @@ def structured_report(
     model found in terms a PACS viewer and a downstream reader can both decode: a coded
     present/absent evaluation, the score and operating point as unitless measurements, and each
     nodule as a 3D point with its diameter (and, from the segmenter, the width of its solid part
-    and the series' actionable score, in a private scheme the SR declares). The model name and
+    and the series' actionable score, in a private scheme the SR declares; a series score that is
+    not a probability is named in that scheme too, with how it is computed as the algorithm's
+    parameter). The model name and
     version appear twice on purpose: as the device observer (who made the observations) and as
     the algorithm identification of every measurement group (what produced each number).
 
@@ -296,7 +308,8 @@ def structured_report(
         is_verified=False,
         is_final=False,
     )
-    if finding.actionable is not None or any(n.solid_width_mm is not None for n in finding.nodules):
+    if (finding.actionable is not None or finding.score_rule is not None
+            or any(n.solid_width_mm is not None for n in finding.nodules)):
         scheme = pydicom.Dataset()
         scheme.CodingSchemeDesignator = PRIVATE_SCHEME
         scheme.CodingSchemeName = PRIVATE_SCHEME_NAME
@@ -411,7 +424,8 @@ def _series_group(
             hd.sr.QualitativeEvaluation(name=FINDING_TYPE, value=PRESENT if finding.present else ABSENT),
         ],
         measurements=[
-            hd.sr.Measurement(name=SCORE, value=finding.score, unit=NO_UNITS),
+            hd.sr.Measurement(name=SCORE if finding.score_rule is None else SERIES_SCORE, value=finding.score,
+                              unit=NO_UNITS),
             hd.sr.Measurement(name=OPERATING_POINT, value=finding.threshold, unit=NO_UNITS),
             *([hd.sr.Measurement(name=ACTIONABLE_SCORE, value=finding.actionable, unit=NO_UNITS)]
               if finding.actionable is not None else []),
@@ -474,6 +488,7 @@ def _observation_context(finding: Finding) -> hd.sr.ObservationContext:
 def _algorithm(finding: Finding) -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(
         name=finding.model_name, version=finding.model_version, manufacturer=MANUFACTURER,
+        parameters=None if finding.score_rule is None else [f"series score: {finding.score_rule}"],
     )
 
 

@@ -402,7 +402,8 @@ def build_reports(staged: Path, study_work: Path, scores: pd.DataFrame, champion
                 raise RuntimeError("a scored series has no staged images to reference")
             finding = Finding(present=bool(row.present), score=float(row.score),
                               threshold=float(champion.threshold), model_name=champion.name,
-                              model_version=str(champion.version))
+                              model_version=str(champion.version),
+                              score_rule=None if champion.rule.is_probability else champion.rule.describe())
             report = structured_report(images, finding)
         except Exception as err:
             fail_alone(err, series, manufacturer, report_failure_code(err),

@@ -65,6 +65,11 @@ class SeriesRule:
         """The rule a model trained with `cfg` is scored by."""
         return cls(cfg.top_k_slices, cfg.series_rule)
 
+    @property
+    def is_probability(self) -> bool:
+        """Whether the score is a probability (a mean of slab probabilities), as a report may call it."""
+        return self.kind == "top_k_mean"
+
     def describe(self) -> str:
         """For the model's input contract and card."""
         if self.kind == "top_k_mean":

@@ -17,6 +17,7 @@ import highdicom as hd
 import pandas as pd
 import pydicom
 import pytest
+from pydicom.sr.codedict import codes
 
 import mlflow
 from dicomops.deid import scan_for_phi
@@ -26,7 +27,9 @@ from dicomops.pacs import watch
 from dicomops.pacs.changes import ChangesFeed, Cursor
 from dicomops.pacs.client import PASSWORD_ENV, URL_ENV, USER_ENV, PacsClient, PacsError
 from dicomops.pacs.orthanc import OrthancProcess
+from dicomops.pacs.results import SERIES_SCORE
 from dicomops.serving.champion import load_champion
+from dicomops.training.scoring import SeriesRule
 from flows.pacs_watch import pacs_watch
 from tests.champion_fixture import CONFIG, TINY, ExportedChampion
 from tests.flows.test_ingest_flow import _prefect_database
@@ -162,7 +165,12 @@ def test_studies_from_the_pacs_are_gated_scored_answered_once_and_leak_nothing(
                     for study in sr.CurrentRequestedProcedureEvidenceSequence
                     for series in study.ReferencedSeriesSequence for item in series.ReferencedSOPSequence}
         assert evidence == {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
-        assert f"{TINY.model_name}" in json.dumps(report.to_json_dict())
+        content = json.dumps(report.to_json_dict())
+        assert f"{TINY.model_name}" in content
+        # The champion scores a series against itself (top_k_contrast): no probability, and the SR
+        # neither calls it one nor leaves out how it is computed.
+        assert SERIES_SCORE.value in content and f'"{codes.DCM.Probability.value}"' not in content
+        assert f"series score: {SeriesRule.of(TINY).describe()}" in content
 
     # Storing the SRs made both studies change, so they become stable again: seen twice, handled once.
     _wait_stable(orthanc, {study_a, study_b})

@@ -23,9 +23,11 @@ from pydicom.sr.codedict import codes
 from pydicom.tag import Tag
 from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
 
+from dicomops.feedback.pacs import read_report
 from dicomops.pacs.results import (
     ACTIONABLE_SCORE,
     PRIVATE_SCHEME,
+    SERIES_SCORE,
     SOLID_PART_WIDTH,
     Finding,
     Nodule,
@@ -35,6 +37,7 @@ from dicomops.pacs.results import (
     structured_report,
 )
 from dicomops.synthetic.corpus import SeriesPlan, write_series
+from dicomops.training.scoring import SeriesRule
 
 MODEL = "dicomops-ct-classifier"
 VERSION = "17"
@@ -169,6 +172,32 @@ def test_segmenter_sr_adds_solid_parts_and_the_actionable_score_in_a_declared_pr
     plain = structured_report(series.images, _finding(series))
     assert "CodingSchemeIdentificationSequence" not in plain
     assert not _named(plain, SOLID_PART_WIDTH.value) and not _named(plain, ACTIONABLE_SCORE.value)
+
+
+def test_a_series_score_that_is_not_a_probability_is_not_called_one_and_says_how_it_is_computed(
+        series: SyntheticSeries, tmp_path: Path) -> None:
+    rule = SeriesRule(3, "top_k_contrast")
+    finding = dataclasses.replace(_finding(series), nodules=(), score_rule=rule.describe())
+    sr = pydicom.dcmread(_write(structured_report(series.images, finding), tmp_path / "contrast.dcm"))
+    (score,) = _named(sr, SERIES_SCORE.value)
+    assert float(score.MeasuredValueSequence[0].NumericValue) == SCORE
+    assert score.ConceptNameCodeSequence[0].CodingSchemeDesignator == PRIVATE_SCHEME
+    assert not _named(sr, codes.DCM.Probability.value)
+    (parameter,) = _named(sr, codes.DCM.AlgorithmParameters.value)
+    assert parameter.TextValue == f"series score: {rule.describe()}"
+    (scheme,) = sr.CodingSchemeIdentificationSequence
+    assert scheme.CodingSchemeDesignator == PRIVATE_SCHEME
+    # The feedback loop reads the score back whichever concept names it.
+    report = read_report(sr)
+    assert report is not None and report.score == SCORE
+    plain = read_report(pydicom.dcmread(_write(structured_report(series.images, _finding(series)), tmp_path / "p.dcm")))
+    assert plain is not None and plain.score == SCORE
+    # A probability keeps DCM's concept and has no parameter.
+    assert SeriesRule(3, "top_k_mean").is_probability and not rule.is_probability
+    probability = structured_report(series.images, dataclasses.replace(finding, score_rule=None))
+    assert not _named(probability, SERIES_SCORE.value) and not _named(probability, codes.DCM.AlgorithmParameters.value)
+    with pytest.raises(ValueError, match="score_rule"):
+        dataclasses.replace(finding, score_rule=" ")
 
 
 def test_sr_content_parses_back_with_highdicom(series: SyntheticSeries, tmp_path: Path) -> None:
