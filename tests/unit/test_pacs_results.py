@@ -460,10 +460,13 @@ def _dciodvfy(ds: pydicom.Dataset, path: Path) -> list[str]:
 
 
 @requires_dciodvfy
-@pytest.mark.parametrize("kind", ["sr-present", "sr-segmenter", "sr-absent", "seg"])
+@pytest.mark.parametrize("kind", ["sr-present", "sr-contrast", "sr-segmenter", "sr-absent", "seg"])
 def test_dciodvfy_finds_no_errors(series: SyntheticSeries, tmp_path: Path, kind: str) -> None:
     if kind == "sr-present":
         ds: pydicom.Dataset = structured_report(series.images, _finding(series))
+    elif kind == "sr-contrast":
+        ds = structured_report(series.images, dataclasses.replace(
+            _finding(series), nodules=(), score_rule=SeriesRule(3, "top_k_contrast").describe()))
     elif kind == "sr-segmenter":
         ds = structured_report(series.images, _segmenter_finding(series))
     elif kind == "sr-absent":
