@@ -272,7 +272,8 @@ class TrainConfig(_Section):
     precise_bn: int = Field(0, ge=0, description=(
         "Before each epoch's validation, recompute batch norm's running statistics over this many "
         "of the training slabs (a fixed subset, without augmentation; training.loop.recompute_batch_norm); "
-        "0: keep the ones training left."))
+        "0: keep the ones training left. On the demo, 1024 steadied the validation but gave a mean CV AUC "
+        "of 0.931 against 0.930 (README), so 0."))
     num_workers: int | None = Field(None, ge=0, le=16, description=(
         "DataLoader worker processes; unset: none when training on the CPU, where a worker's augmentation "
         "takes its time from the two threads of the step (fold 0 of the demo, an epoch 7.1-7.7 s in the "
