@@ -18,7 +18,9 @@ Two requests:
   The UID travels in the body, never the URL, so no access log holds it; the answer names the
   series by their original UIDs for the caller, and nothing is logged but counts and timings.
 - ``POST /v1/slabs`` with an ``.npy`` body (float32, (N, C, H, W) in the model's input contract):
-  the probability of each slab and, for a whole series, its score and finding.
+  the probability of each slab and, with ``?whole_series=true`` (the body is every slab of one
+  series), the series' score and finding: the series rule reads the best slabs against all of the
+  series' own, so the score of a few slabs cut around a nodule would not be the series'.
 
 - ``POST /v1/feedback`` with a reader's own token: that reader accepts, rejects or corrects the
   result this service (or a batch) gave for a series (:mod:`dicomops.feedback.review`).
@@ -308,11 +310,29 @@ class Service:
         except ValueError as err:
             raise RequestError(400, str(err)) from None
 
-    def slabs_answer(self, probabilities: np.ndarray) -> dict[str, Any]:
+    def whole_series(self, value: str | None) -> bool:
+        """The /v1/slabs query's ``whole_series``: true when the body is every slab of one series."""
+        if value is None or value.lower() in ("false", "0"):
+            return False
+        if value.lower() in ("true", "1"):
+            return True
+        raise RequestError(400, "whole_series is true (the slabs are every slab of one series: its score and "
+                                "finding come back too) or false (the slabs' probabilities only)")
+
+    def check_series_length(self, slabs: np.ndarray, whole_series: bool) -> None:
+        """A whole series has at least as many slabs as its rule reads: a 400 before any is scored."""
+        top_k = self.champion.rule.top_k
+        if whole_series and len(slabs) < top_k:
+            raise RequestError(400, f"{len(slabs)} slabs cannot be a whole series: the series rule reads its "
+                                    f"{top_k} highest; send every slab of the series, or leave out whole_series")
+
+    def slabs_answer(self, probabilities: np.ndarray, whole_series: bool = False) -> dict[str, Any]:
         """The answer to /v1/slabs, or a 400 when the model gave no probability for some slab: finite
         values far outside its input range (3e38, say) overflow inside it. Only this request is
         refused: the model scores each slab on its own, so the other requests' slabs that shared its
-        engine batch keep their probabilities."""
+        engine batch keep their probabilities. With `whole_series`, the series' score by the
+        champion's rule and its finding at the champion's threshold (:meth:`check_series_length`
+        has checked that there are enough slabs)."""
         from dicomops.training.scoring import series_score
 
         bad = np.flatnonzero(~np.isfinite(probabilities))
@@ -323,9 +343,11 @@ class Service:
                                     f"send slabs preprocessed as its input contract says ({c.window} window, "
                                     f"values in [{c.value_range[0]:g}, {c.value_range[1]:g}])")
         out: dict[str, Any] = {"probabilities": [float(p) for p in probabilities], "model": self.champion.describe()}
-        if len(probabilities) >= self.champion.rule.top_k:
+        if whole_series:
             score = series_score(probabilities, self.champion.rule)
             out |= {"series_score": score, "present": bool(score >= self.champion.threshold)}
+        else:
+            out["series"] = "not scored: send every slab of one series with ?whole_series=true for its score and finding"
         return out
 
     def ready(self) -> dict[str, Any]:

@@ -151,12 +151,14 @@ def build_app(options: Any, scaling: Scaling) -> Any:
         async def slabs(self, request: Request) -> Response:
             try:
                 check_token(request.headers.get("authorization"))
+                whole = self.service.whole_series(request.query_params.get("whole_series"))
                 x = self.service.parse_slabs(await read_capped(
                     request.headers.get("content-length"), request.stream(), self.service.slab_bytes,
                     f"at most {MAX_SLABS} slabs of the model's input, float32, per request"))
+                self.service.check_series_length(x, whole)
                 probs = await asyncio.gather(*(self._score_slab(s) for s in x))
                 self.service.requests["slabs"] += 1
-                return JSONResponse(self.service.slabs_answer(np.asarray(probs, dtype=np.float64)))
+                return JSONResponse(self.service.slabs_answer(np.asarray(probs, dtype=np.float64), whole))
             except RequestError as err:
                 self.service.requests["errors"] += 1
                 return error(err)

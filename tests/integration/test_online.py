@@ -234,6 +234,16 @@ def test_online_batch_and_library_agree_warm_from_the_cache_and_after_redis_dies
     np.save(body, x)
     slabs = httpx.post(f"{url}/v1/slabs", content=body.getvalue(), headers=_auth(), timeout=60).json()
     assert np.array_equal(np.asarray(slabs["probabilities"]), champion.engine.probabilities(x))
+    assert "series_score" not in slabs  # not said to be a whole series
+    two = io.BytesIO()
+    np.save(two, x[:2])
+    short = httpx.post(f"{url}/v1/slabs", params={"whole_series": "true"}, content=two.getvalue(), headers=_auth())
+    assert short.status_code == 400 and "cannot be a whole series" in short.json()["error"]
+    unclear = httpx.post(f"{url}/v1/slabs", params={"whole_series": "maybe"}, content=two.getvalue(), headers=_auth())
+    assert unclear.status_code == 400 and "whole_series is true" in unclear.json()["error"]
+    slabs = httpx.post(f"{url}/v1/slabs", params={"whole_series": "true"}, content=body.getvalue(), headers=_auth(),
+                       timeout=60).json()
+    assert np.array_equal(np.asarray(slabs["probabilities"]), champion.engine.probabilities(x))
     # Its series score by the champion's own rule (the contrast since 2026-12-06), not the top-k mean.
     assert champion.rule.kind == "top_k_contrast"
     assert slabs["series_score"] == series_score(champion.engine.probabilities(x), champion.rule)

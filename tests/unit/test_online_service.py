@@ -315,6 +315,31 @@ def test_slabs_the_model_overflows_on_are_a_400_and_their_batch_neighbours_keep_
     JSONResponse(one.slabs_answer(np.asarray([together[0]])))  # a finite answer is JSON
 
 
+def test_slabs_get_a_series_score_only_when_the_caller_says_they_are_a_whole_series(service: Service) -> None:
+    from dicomops.training.scoring import series_score
+
+    one = _fresh(service)
+    rule = one.champion.rule
+    probs = np.asarray([0.1, 0.7, 0.2, 0.9, 0.3])
+    part = one.slabs_answer(probs)
+    assert "series_score" not in part and "present" not in part and "whole_series=true" in part["series"]
+    whole = one.slabs_answer(probs, whole_series=True)
+    assert whole["series_score"] == series_score(probs, rule)
+    assert whole["present"] == (whole["series_score"] >= one.champion.threshold)
+    assert [one.whole_series(v) for v in (None, "true", "1", "TRUE", "false", "0")] == [False, True, True, True,
+                                                                                         False, False]
+    with pytest.raises(RequestError) as unclear:
+        one.whole_series("yes")
+    assert unclear.value.status == 400 and "whole_series is true" in unclear.value.message
+    shape = one.champion.contract.input_shape
+    too_few = np.zeros((rule.top_k - 1, *shape), np.float32)
+    one.check_series_length(too_few, whole_series=False)
+    with pytest.raises(RequestError) as short:
+        one.check_series_length(too_few, whole_series=True)
+    assert short.value.status == 400 and f"reads its {rule.top_k} highest" in short.value.message
+    one.check_series_length(np.zeros((rule.top_k, *shape), np.float32), whole_series=True)
+
+
 def _replica(service: Service) -> Any:
     """The deployment's class as Ray builds it, without Ray: an instance holding `service`."""
     cls = ray_app.build_app(None, ray_app.Scaling())._bound_deployment.func_or_class
