@@ -228,8 +228,10 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
     :func:`dicomops.training.distill.distillation_loss` with the config's alpha and temperature
     (class-weighted cross-entropy as its label term, whatever ``cfg.loss`` says).
 
-    With `val`, stops early when the validation slice AUC has not improved for ``cfg.patience``
-    epochs and returns the best epoch's weights; without, trains ``epochs`` epochs. With
+    With `val`, stops early when the validation slice AUC (of the slabs' log-odds,
+    :func:`predict_log_odds`) has not improved for ``cfg.patience`` epochs and returns the best
+    epoch's weights; without, trains ``epochs`` epochs. With ``cfg.precise_bn``, batch norm's
+    statistics are recomputed before each epoch's validation (:func:`recompute_batch_norm`). With
     ``cfg.ema_decay`` above 0 the weights validated and returned are the moving average of every
     step's weights (buffers included), not the last step's.
     `stop_after` ends the call after that many epochs of this call (a simulated interruption, for
