@@ -6,25 +6,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
 from dicomops.config import TrainConfig
-from dicomops.training.data import SlabSet
 from dicomops.training.loop import ema_update, fit, load_checkpoint, predict
+from tests.toy_slabs import toy_slabs
 
 CFG = TrainConfig(epochs=3, input_size=32, batch_size=16, patience=5, precision="fp32", num_workers=0,
                   ema_decay=0.9)
-
-
-def _slabs(n: int, seed: int) -> SlabSet:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 3, 32, 32, generator=g)
-    y = (torch.arange(n) % 2).long()
-    x[y == 1, :, 10:16, 10:16] += 0.5
-    return SlabSet(x.half(), y, [f"s{i}" for i in range(n)], np.zeros(n))
 
 
 def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -48,7 +39,7 @@ def test_the_update_warms_up_then_holds_the_decay_and_copies_integer_buffers() -
 
 
 def test_a_training_returns_the_averaged_weights_not_the_last_steps(tmp_path: Path) -> None:
-    result = fit(_slabs(64, 0), None, CFG, tmp_path / "c.pt", seed=1)
+    result = fit(toy_slabs(64, 0), None, CFG, tmp_path / "c.pt", seed=1)
     state = load_checkpoint(tmp_path / "c.pt")
     assert state is not None
     averaged = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
@@ -56,14 +47,14 @@ def test_a_training_returns_the_averaged_weights_not_the_last_steps(tmp_path: Pa
     assert _max_difference(averaged, returned) == 0.0
     assert _max_difference(state["model"], returned) > 1e-4
     # Without the setting, the last step's weights.
-    plain = fit(_slabs(64, 0), None, CFG.model_copy(update={"ema_decay": 0.0}), tmp_path / "d.pt", seed=1)
+    plain = fit(toy_slabs(64, 0), None, CFG.model_copy(update={"ema_decay": 0.0}), tmp_path / "d.pt", seed=1)
     plain_state = load_checkpoint(tmp_path / "d.pt")
     assert plain_state is not None and "ema" not in plain_state
     assert _max_difference(plain_state["model"], plain.model.state_dict()) == 0.0
 
 
 def test_the_validation_auc_is_the_averaged_models(tmp_path: Path) -> None:
-    train, val = _slabs(64, 0), _slabs(32, 1)
+    train, val = toy_slabs(64, 0), toy_slabs(32, 1)
     cfg = CFG.model_copy(update={"epochs": 1})
     result = fit(train, val, cfg, tmp_path / "v.pt", seed=1)
     expected = roc_auc_score(val.y.numpy(), predict(result.model, val.x))
@@ -71,7 +62,7 @@ def test_the_validation_auc_is_the_averaged_models(tmp_path: Path) -> None:
 
 
 def test_a_checkpoint_without_an_average_is_not_resumed_with_one(tmp_path: Path) -> None:
-    train, val = _slabs(64, 0), _slabs(32, 1)
+    train, val = toy_slabs(64, 0), toy_slabs(32, 1)
     with pytest.raises(InterruptedError):
         fit(train, val, CFG.model_copy(update={"ema_decay": 0.0}), tmp_path / "b.pt", seed=1, stop_after=1)
     state = load_checkpoint(tmp_path / "b.pt")

@@ -13,19 +13,11 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from dicomops.config import TrainConfig
-from dicomops.training.data import SlabSet
 from dicomops.training.loop import Precision, fit, predict, predict_log_odds, recompute_batch_norm
+from tests.toy_slabs import toy_slabs
 
 CFG = TrainConfig(epochs=2, input_size=32, batch_size=16, patience=5, precision="fp32", num_workers=0)
 FP32 = Precision(torch.device("cpu"), None)
-
-
-def _slabs(n: int, seed: int) -> SlabSet:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 3, 32, 32, generator=g)
-    y = (torch.arange(n) % 2).long()
-    x[y == 1, :, 10:16, 10:16] += 0.5
-    return SlabSet(x.half(), y, [f"s{i}" for i in range(n)], np.zeros(n))
 
 
 class _Shifted(torch.nn.Module):
@@ -45,7 +37,7 @@ def _batch_norm_net() -> torch.nn.Module:
 
 
 def test_log_odds_rank_slabs_whose_probabilities_all_round_to_one() -> None:
-    data = _slabs(40, 0)
+    data = toy_slabs(40, 0)
     y = data.y.numpy()
     saturated = _Shifted(30.0)
     assert (predict(saturated, data.x) == 1.0).all()
@@ -67,7 +59,7 @@ def test_recomputed_statistics_are_the_slabs_plain_mean_and_variance() -> None:
     bn.running_mean.fill_(5.0)
     bn.running_var.fill_(9.0)
     net.eval()
-    x = _slabs(48, 1).x
+    x = toy_slabs(48, 1).x
     recompute_batch_norm(net, x, FP32, batch_size=16)
     # torch's cumulative average: of each batch's mean and unbiased variance, every batch weighing the same.
     batches = [x[i:i + 16].float().permute(1, 0, 2, 3).reshape(3, -1) for i in range(0, 48, 16)]
@@ -82,7 +74,7 @@ def test_recomputed_statistics_are_the_slabs_plain_mean_and_variance() -> None:
 
 
 def test_a_training_validates_and_returns_the_recomputed_statistics(tmp_path: Path) -> None:
-    train, val = _slabs(64, 0), _slabs(32, 1)
+    train, val = toy_slabs(64, 0), toy_slabs(32, 1)
     cfg = CFG.model_copy(update={"precise_bn": 64})
     result = fit(train, val, cfg, tmp_path / "p.pt", seed=1)
     again = copy.deepcopy(result.model)

@@ -19,19 +19,10 @@ from dicomops.layout import WorkLayout
 from dicomops.tracking import registry
 from dicomops.training import cv, mlflow_runs
 from dicomops.training import state as train_state
-from dicomops.training.data import SlabSet
 from dicomops.training.loop import fit, load_checkpoint, save_checkpoint
+from tests.toy_slabs import toy_slabs
 
 CFG = TrainConfig(epochs=3, input_size=32, batch_size=16, patience=5, precision="fp32", num_workers=0)
-
-
-def _slabs(n: int, seed: int, signal: bool = True) -> SlabSet:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 3, 32, 32, generator=g)
-    y = (torch.arange(n) % 2).long() if signal else torch.randint(0, 2, (n,), generator=g)
-    if signal:
-        x[y == 1, :, 10:16, 10:16] += 0.5
-    return SlabSet(x.half(), y, [f"s{i}" for i in range(n)], np.zeros(n))
 
 
 def _max_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
@@ -46,7 +37,7 @@ def _max_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
 def test_a_training_interrupted_after_an_epoch_and_resumed_gives_the_uninterrupted_weights(
         tmp_path: Path, workers: int, ema_decay: float, precise_bn: int) -> None:
     cfg = CFG.model_copy(update={"num_workers": workers, "ema_decay": ema_decay, "precise_bn": precise_bn})
-    train, val = _slabs(64, 0), _slabs(32, 1)
+    train, val = toy_slabs(64, 0), toy_slabs(32, 1)
     whole = fit(train, val, cfg, tmp_path / "a.pt", seed=1)
     with pytest.raises(InterruptedError):
         fit(train, val, cfg, tmp_path / "b.pt", seed=1, stop_after=1)
@@ -59,7 +50,7 @@ def test_a_training_interrupted_after_an_epoch_and_resumed_gives_the_uninterrupt
 
 def test_a_checkpoint_without_the_generator_states_still_resumes_and_says_the_result_will_differ(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    train, val = _slabs(64, 0), _slabs(32, 1)
+    train, val = toy_slabs(64, 0), toy_slabs(32, 1)
     with pytest.raises(InterruptedError):
         fit(train, val, CFG, tmp_path / "old.pt", seed=1, stop_after=1)
     state = load_checkpoint(tmp_path / "old.pt")
@@ -76,7 +67,7 @@ def test_a_checkpoint_without_the_generator_states_still_resumes_and_says_the_re
 
 def test_a_fold_that_stopped_early_does_not_train_on_when_resumed(tmp_path: Path) -> None:
     # Validation labels unrelated to the slabs: the AUC wanders and patience 1 stops it early.
-    train, val = _slabs(64, 0), _slabs(32, 2, signal=False)
+    train, val = toy_slabs(64, 0), toy_slabs(32, 2, signal=False)
     cfg = CFG.model_copy(update={"epochs": 10, "patience": 1})
     first = fit(train, val, cfg, tmp_path / "c.pt", seed=1)
     assert first.epochs_run < 10  # stopped early
