@@ -13,6 +13,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from dicomops.config import TrainConfig
+from dicomops.training.data import SlabSet
 from dicomops.training.loop import Precision, fit, predict, predict_log_odds, recompute_batch_norm
 from tests.toy_slabs import toy_slabs
 
@@ -50,6 +51,19 @@ def test_log_odds_rank_slabs_whose_probabilities_all_round_to_one() -> None:
     moderate = _Shifted(-0.5)
     p = predict(moderate, data.x)
     assert np.allclose(predict_log_odds(moderate, data.x), np.log(p / (1 - p)), atol=1e-4)
+
+
+def test_the_training_validates_on_log_odds_where_probabilities_round_to_one(tmp_path: Path) -> None:
+    train, val = toy_slabs(64, 0), toy_slabs(32, 1)
+    # Slabs 1000 times brighter than any it trained on: most of its probabilities come out exactly 1.
+    loud = SlabSet((val.x.float() * 1000).half(), val.y, val.series, val.z)
+    result = fit(train, loud, CFG.model_copy(update={"epochs": 1}), tmp_path / "l.pt", seed=1)
+    y = val.y.numpy()
+    probabilities = predict(result.model, loud.x)
+    assert (probabilities == 1.0).mean() > 0.5
+    on_log_odds = roc_auc_score(y, predict_log_odds(result.model, loud.x))
+    assert result.history[0]["val_slice_auc"] == pytest.approx(on_log_odds, abs=1e-12)
+    assert abs(on_log_odds - roc_auc_score(y, probabilities)) > 0.01
 
 
 def test_recomputed_statistics_are_the_slabs_plain_mean_and_variance() -> None:
