@@ -11,7 +11,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from dicomops.config import TrainConfig
-from dicomops.training.loop import ema_update, fit, load_checkpoint, predict
+from dicomops.training.loop import ema_update, fit, load_checkpoint, predict_log_odds
 from tests.toy_slabs import toy_slabs
 
 CFG = TrainConfig(epochs=3, input_size=32, batch_size=16, patience=5, precision="fp32", num_workers=0,
@@ -57,7 +57,7 @@ def test_the_validation_auc_is_the_averaged_models(tmp_path: Path) -> None:
     train, val = toy_slabs(64, 0), toy_slabs(32, 1)
     cfg = CFG.model_copy(update={"epochs": 1})
     result = fit(train, val, cfg, tmp_path / "v.pt", seed=1)
-    expected = roc_auc_score(val.y.numpy(), predict(result.model, val.x))
+    expected = roc_auc_score(val.y.numpy(), predict_log_odds(result.model, val.x))
     assert result.history[0]["val_slice_auc"] == pytest.approx(expected, abs=1e-12)
 
 
