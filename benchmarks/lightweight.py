@@ -1,6 +1,7 @@
 """Lightweight models: the 3-D teacher, the MobileNetV3-Small student and the current 2.5D classifier,
-each in torch (float32) and ONNX Runtime (FP32, INT8 static post-training, INT8 from
-quantisation-aware training when a QDQ file is given), batch-1 latency and batch-32 throughput;
+each in torch (float32), ONNX Runtime (FP32, INT8 static post-training, INT8 from
+quantisation-aware training when a QDQ file is given) and OpenVINO (the same FP32 and QDQ files on
+its CPU plugin, float layers in float32), batch-1 latency and batch-32 throughput;
 with ``--profile``, ONNX Runtime's profiler splits each ONNX engine's batch-32 time by operator.
 
 Reproduce::
@@ -18,10 +19,10 @@ the same draws scored one by one with scikit-learn's ``roc_auc_score``, on four 
 and both intervals must agree.
 
 With ``--studies`` the end-to-end figure instead: ``dicomops predict DIR --version V --engine E`` for
-E in ort-fp32 and ort-int8, each in its own process (the served path: gate, de-identification,
-preprocessing, every slab of every series through the exported engine), and the per-study medians
-of its ``summary.json`` (whole study, preprocessing, scoring), with INT8's ratio to FP32 per study
-and for the scoring step alone. The versions must have been exported (``dicomops export``).
+E in ort-fp32, ort-int8 and ov-int8, each in its own process (the served path: gate,
+de-identification, preprocessing, every slab of every series through the exported engine), and the
+per-study medians of its ``summary.json`` (whole study, preprocessing, scoring), with each engine's
+ratio to ONNX Runtime FP32 per study and for the scoring step alone. The versions must have been exported (``dicomops export``).
 
 Each engine runs in its own fresh process (``--measure``) with ``--threads`` intra-op threads, so no
 engine inherits another's thread pools, caches or allocator state; the parent builds and exports the
@@ -34,7 +35,8 @@ when the convolutions are wide (ORT engines only); the summary names the CPU and
 bf16 flags. Latency: the
 median of ``--repeats`` single-slab calls after warm-up; throughput: slabs per second over
 ``--seconds`` of batch-32 calls. Ratios are against the teacher (latency) and against each network's
-own ONNX Runtime FP32 (INT8 throughput), measured in the same run. Each INT8 graph is also timed
+own ONNX Runtime FP32 (INT8 throughput; OpenVINO's INT8 also against its own FP32), measured in the
+same run. Each INT8 graph is also timed
 with its input-resolution convolutions in float (``…-float-head``), what the export serves where that
 is faster (``export.int8_float_head``); a QAT file exported that way is timed as it is.
 """
@@ -48,6 +50,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -87,6 +90,7 @@ def measure(engine: str, path: str, k: int, size: int, threads: int, repeats: in
     rng = np.random.default_rng(0)
     one = rng.random((1, k, size, size), dtype=np.float32)
     many = rng.random((32, k, size, size), dtype=np.float32)
+    runner: Any = None
     if engine == "torch-fp32":
         import torch
 
@@ -100,6 +104,13 @@ def measure(engine: str, path: str, k: int, size: int, threads: int, repeats: in
         def run(x: np.ndarray) -> None:
             with torch.no_grad():
                 model(torch.from_numpy(x))
+    elif engine.startswith("ov-"):
+        from dicomops.export.openvino_engine import OpenVinoRunner
+
+        runner = OpenVinoRunner(Path(path), threads)
+
+        def run(x: np.ndarray) -> None:
+            runner(x)
     else:
         from dicomops.export.onnx_export import session
 
@@ -123,8 +134,12 @@ def measure(engine: str, path: str, k: int, size: int, threads: int, repeats: in
         n += 32
     out: dict[str, object] = {"latency_ms_b1": float(np.median(times) * 1e3),
                               "throughput_b32": n / (time.perf_counter() - tick)}
-    if profile and engine != "torch-fp32":
+    if profile and engine.startswith("ort-"):
         out["operators"] = operator_shares(Path(path), many, threads)
+    if engine.startswith("ov-"):
+        from dicomops.export.openvino_engine import layers
+
+        out["ov_layers"] = layers(runner.compiled).describe()
     return out
 
 
@@ -153,9 +168,13 @@ def operator_shares(path: Path, x: np.ndarray, threads: int) -> dict[str, float]
     return {op: round(t / total, 3) for op, t in sorted(by_op.items(), key=lambda kv: -kv[1])}
 
 
+E2E_ENGINES = ("ort-fp32", "ort-int8", "ov-int8")  # the baseline first
+
+
 def end_to_end(studies: Path, versions: list[str]) -> None:
     """Per-study medians of ``dicomops predict`` on `studies` for each version of the classifier's
-    registered model in ONNX Runtime FP32 and INT8, each run in its own process, and INT8's speed-up per study and for scoring alone."""
+    registered model in ONNX Runtime FP32 and INT8 and OpenVINO INT8, each run in its own process, and each
+    engine's speed-up over ONNX Runtime FP32 per study and for scoring alone."""
     cli = Path(sys.executable).with_name("dicomops")
     medians: dict[tuple[str, str], dict[str, float]] = {}
     # Read every file once first: otherwise the first engine pays for the cold disk cache (measured
@@ -164,7 +183,7 @@ def end_to_end(studies: Path, versions: list[str]) -> None:
     print(f"{warmed / 1e6:.0f} MB of studies read once before timing", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for version in versions:
-            for engine in ("ort-fp32", "ort-int8"):
+            for engine in E2E_ENGINES:
                 work = Path(tmp) / f"{version}-{engine}"
                 tick = time.perf_counter()
                 done = subprocess.run([str(cli), "predict", str(studies), "--version", version, "--engine", engine,
@@ -183,9 +202,12 @@ def end_to_end(studies: Path, versions: list[str]) -> None:
                       f"score {m.get('score_p50_s', float('nan')):.3f} s); whole command {wall:.0f} s", flush=True)
     print(f"\n{cpu_features()}; ratios measured in this run")
     for version in versions:
-        fp32, int8 = medians[(version, "ort-fp32")], medians[(version, "ort-int8")]
-        print(f"version {version}: INT8 / FP32 per study (end to end) {fp32['latency_p50_s'] / int8['latency_p50_s']:.2f}x, "
-              f"scoring step alone {fp32['score_p50_s'] / int8['score_p50_s']:.2f}x")
+        fp32 = medians[(version, "ort-fp32")]
+        for engine in E2E_ENGINES[1:]:
+            other = medians[(version, engine)]
+            print(f"version {version}: {engine} / ort-fp32 per study (end to end) "
+                  f"{fp32['latency_p50_s'] / other['latency_p50_s']:.2f}x, scoring step alone "
+                  f"{fp32['score_p50_s'] / other['score_p50_s']:.2f}x")
 
 
 def float_head(int8: Path, out: Path) -> Path:
@@ -221,7 +243,8 @@ def build(folder: Path) -> dict[str, dict[str, object]]:
         out[role] = {"k": k, "size": cfg.input_size, "architecture": architecture,
                      "parameters": sum(p.numel() for p in model.parameters()),
                      "engines": {"torch-fp32": str(weights), "ort-fp32": str(fp32), "ort-int8-ptq": str(int8),
-                                 "ort-int8-ptq-float-head": str(float_head(int8, folder / f"{role}.int8.fh.onnx"))}}
+                                 "ort-int8-ptq-float-head": str(float_head(int8, folder / f"{role}.int8.fh.onnx")),
+                                 "ov-fp32": str(fp32), "ov-int8-ptq": str(int8)}}
     torch.manual_seed(0)
     layers: list[torch.nn.Module] = []
     for i in range(5):
@@ -234,7 +257,8 @@ def build(folder: Path) -> dict[str, dict[str, object]]:
     int8 = quantize.quantize_int8(fp32, folder / "reference.int8.onnx", calibration)
     out["reference"] = {"k": 3, "size": REFERENCE_SIZE, "architecture": f"5 plain 3x3 convolutions, {REFERENCE_WIDTH} wide",
                         "parameters": sum(p.numel() for p in wide.parameters()),
-                        "engines": {"ort-fp32": str(fp32), "ort-int8-ptq": str(int8)}}
+                        "engines": {"ort-fp32": str(fp32), "ort-int8-ptq": str(int8), "ov-fp32": str(fp32),
+                                    "ov-int8-ptq": str(int8)}}
     return out
 
 
@@ -320,6 +344,7 @@ def main() -> None:
         for item in args.qat:
             role, path = item.split("=", 1)
             networks[role]["engines"]["ort-int8-qat"] = path  # type: ignore[index]
+            networks[role]["engines"]["ov-int8-qat"] = path  # type: ignore[index]
             # an export that kept the head in float already serves it (its metadata names the layers)
             if "dicomops.float_convolutions" not in {p.key for p in onnx.load(path).metadata_props}:
                 networks[role]["engines"]["ort-int8-qat-float-head"] = str(  # type: ignore[index]
@@ -336,6 +361,8 @@ def main() -> None:
                              "parameters": net["parameters"], "engine": engine, **figures})
                 print(f"{role:15s} {engine:23s} {net['size']:3d} px  batch 1 {figures['latency_ms_b1']:7.2f} ms   "
                       f"batch 32 {figures['throughput_b32']:7.0f} slabs/s", flush=True)
+                if "ov_layers" in figures and "int8" in engine:
+                    print(f"    OpenVINO runs {figures['ov_layers']}")
                 if "operators" in figures:
                     top = list(figures["operators"].items())[:5]
                     print("    " + ", ".join(f"{op} {share:.0%}" for op, share in top))
@@ -348,10 +375,14 @@ def main() -> None:
             print(f"batch-1 latency, teacher / {role} ({engine}): {ratio:.2f}x")
     print(f"batch-1 latency, teacher torch / student ORT FP32: {teacher / by[('student', 'ort-fp32')]['latency_ms_b1']:.2f}x")
     for role in networks:
-        for engine in ("ort-int8-ptq", "ort-int8-ptq-float-head", "ort-int8-qat", "ort-int8-qat-float-head"):
+        for engine in ("ort-int8-ptq", "ort-int8-ptq-float-head", "ort-int8-qat", "ort-int8-qat-float-head",
+                       "ov-fp32", "ov-int8-ptq", "ov-int8-qat"):
             if (role, engine) in by:
                 ratio = by[(role, engine)]["throughput_b32"] / by[(role, "ort-fp32")]["throughput_b32"]
-                print(f"batch-32 throughput, {role} {engine} / ort-fp32: {ratio:.2f}x")
+                own = ""
+                if engine.startswith("ov-int8"):
+                    own = f"; / ov-fp32 {by[(role, engine)]['throughput_b32'] / by[(role, 'ov-fp32')]['throughput_b32']:.2f}x"
+                print(f"batch-32 throughput, {role} {engine} / ort-fp32: {ratio:.2f}x{own}")
 
 
 if __name__ == "__main__":

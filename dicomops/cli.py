@@ -499,7 +499,7 @@ def export(
         console.print(f"[red]cannot export:[/] {escape(str(err))}")
         raise typer.Exit(2) from err
     console.print(f"[green]export finished[/]: version {result['version']} in {result['folder']}; "
-                  f"tensorrt: {escape(str(result['tensorrt']))}")
+                  f"tensorrt: {escape(str(result['tensorrt']))}; openvino: {escape(str(result.get('openvino', '')))}")
 
 
 @app.command()
@@ -509,7 +509,7 @@ def predict(
                                                   "(KEYWORD=VALUE,... or all); SRs go back.")] = None,
     alias: Annotated[str | None, typer.Option(help="Registry alias of the version (default: champion).")] = None,
     version: Annotated[str | None, typer.Option(help="Model version number instead of an alias.")] = None,
-    engine: Annotated[str | None, typer.Option(help="auto, ort-fp32, ort-int8 or tensorrt.")] = None,
+    engine: Annotated[str | None, typer.Option(help="auto, ort-fp32, ort-int8, ov-fp32, ov-int8 or tensorrt.")] = None,
     write_back: Annotated[bool | None, typer.Option("--write-back/--no-write-back", help=(
         "Store the results in the PACS (with --pacs); default: the config's serve.write_back (true)."))] = None,
     orthanc_url: Annotated[str | None, typer.Option(help="Orthanc's root (default DICOMOPS_PACS_URL).")] = None,
@@ -583,7 +583,7 @@ def online(
     batch_wait_ms: Annotated[float | None, typer.Option(help="Dynamic batching: longest wait to fill a batch.")] = None,
     alias: Annotated[str | None, typer.Option(help="Registry alias of the version (default: champion).")] = None,
     version: Annotated[str | None, typer.Option(help="Model version number instead of an alias.")] = None,
-    engine: Annotated[str | None, typer.Option(help="auto, ort-fp32, ort-int8 or tensorrt.")] = None,
+    engine: Annotated[str | None, typer.Option(help="auto, ort-fp32, ort-int8, ov-fp32, ov-int8 or tensorrt.")] = None,
     redis_port: Annotated[int, typer.Option(help="Start a Redis cache on this loopback port (needs "
                                                  "DICOMOPS_REDIS_PASSWORD) unless DICOMOPS_REDIS_URL "
                                                  "names one.")] = 6390,

@@ -453,6 +453,10 @@ class ExportConfig(_Section):
     max_batch: int = Field(32, ge=1, le=1024, description="Largest batch of the engines and of Triton.")
     preferred_batch_sizes: tuple[int, ...] = Field((8, 16, 32), description="Triton dynamic batching.")
     max_queue_delay_us: int = Field(2000, ge=0, description="Triton waits this long to fill a batch.")
+    openvino: bool = Field(True, description=(
+        "Also compile model.onnx and model.int8.onnx with OpenVINO's CPU plugin, check FP32 parity and the INT8 "
+        "AUC against ONNX Runtime, and time both (the engines ov-fp32 and ov-int8 serve them; "
+        "dicomops.export.openvino_engine)."))
     tensorrt_precisions: tuple[Literal["fp16", "int8"], ...] = ("fp16", "int8")
     tensorrt_parity_tolerance: float = Field(2e-2, gt=0, description="Max |Δ probability| TensorRT vs ONNX Runtime.")
     triton_platform: Literal["onnxruntime", "tensorrt"] = Field(
@@ -508,9 +512,10 @@ class ServeConfig(_Section):
     """Inference: which version and engine, the Redis cache, and the online service's batching."""
 
     alias: str = Field("champion", description="Registry alias of the version that scores (unless a version is given).")
-    engine: Literal["auto", "ort-fp32", "ort-int8", "tensorrt"] = Field(
-        "auto", description="auto: TensorRT where a CUDA device and the extra are present, else ONNX Runtime FP32.")
-    threads: int = Field(2, ge=1, le=64, description="ONNX Runtime intra-op threads per replica.")
+    engine: Literal["auto", "ort-fp32", "ort-int8", "ov-fp32", "ov-int8", "tensorrt"] = Field(
+        "auto", description=("auto: TensorRT where a CUDA device and the extra are present, else ONNX Runtime FP32. "
+                             "ov-fp32 and ov-int8: the same exported files on OpenVINO's CPU plugin."))
+    threads: int = Field(2, ge=1, le=64, description="ONNX Runtime or OpenVINO threads per replica.")
     gate_workers: int = Field(1, ge=1, le=64, description=(
         "Processes of the online service's ingest gate per study. 1 runs it in the replica (about 3 s "
         "faster a study); a file that crashes a decoder then takes the replica down, and Ray restarts it."))

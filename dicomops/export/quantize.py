@@ -10,6 +10,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -272,20 +273,29 @@ def keep_in_float(src: Path, out: Path, convolutions: list[str] | tuple[str, ...
 
 def relative_throughput(base: Path, other: Path, shape: tuple[int, ...], batch: int, threads: int,
                         rounds: int = 7, runs: int = 4) -> float:
-    """Batch-`batch` throughput of `other` over `base` in ONNX Runtime: the median of per-round
-    ratios, the two timed in alternation so a busy neighbour slows both alike."""
+    """Batch-`batch` throughput of `other` over `base` in ONNX Runtime (:func:`alternated_speedup`)."""
+    runners = []
+    for path in (base, other):
+        sess = session(path, threads)
+        runners.append(lambda x, sess=sess, name=sess.get_inputs()[0].name: sess.run(None, {name: x}))
+    return alternated_speedup(runners[0], runners[1], shape, batch, rounds, runs)
+
+
+def alternated_speedup(base: Callable[[np.ndarray], Any], other: Callable[[np.ndarray], Any], shape: tuple[int, ...],
+                       batch: int, rounds: int = 7, runs: int = 4) -> float:
+    """Batch-`batch` throughput of `other` over `base`, two engines' calls on slabs of `shape`: the
+    median of per-round ratios, the two timed in alternation so a busy neighbour slows both alike."""
     x = np.random.default_rng(0).random((batch, *shape), np.float32)
-    sessions = [(s, s.get_inputs()[0].name) for s in (session(path, threads) for path in (base, other))]
-    for s, name in sessions:
+    for run in (base, other):
         for _ in range(2):
-            s.run(None, {name: x})
+            run(x)
     ratios = []
     for _ in range(rounds):
         seconds = []
-        for s, name in sessions:
+        for run in (base, other):
             tick = time.perf_counter()
             for _ in range(runs):
-                s.run(None, {name: x})
+                run(x)
             seconds.append(time.perf_counter() - tick)
         ratios.append(seconds[0] / seconds[1])
     return float(np.median(ratios))

@@ -23,11 +23,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 
 from dicomops import io
 from dicomops.config import ExportConfig, PreprocessConfig, TrainConfig
 from dicomops.errors import ExportCheckError
-from dicomops.export import onnx_export, quantize, tensorrt_engine, triton
+from dicomops.export import onnx_export, openvino_engine, quantize, tensorrt_engine, triton
 from dicomops.export.contract import METADATA_KEY, InputContract
 from dicomops.layout import WorkLayout
 from dicomops.tracking import registry, runs
@@ -52,6 +53,7 @@ class ExportReport:
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     tensorrt: str = ""
+    openvino: str = ""
 
 
 def resolve_version(tracking_uri: str, name: str, version: str | None, alias: str | None) -> ModelRef:
@@ -181,18 +183,23 @@ def check_data(layout: WorkLayout, contract: InputContract, fold: int) -> tuple[
 def _time_session(path: Path, shape: tuple[int, ...], batch: int, threads: int, repeats: int = 20) -> tuple[float, float]:
     """Batch-1 latency (ms) and batch-`batch` throughput (samples/s) of an ONNX Runtime session."""
     sess = onnx_export.session(path, threads)
+    name = sess.get_inputs()[0].name
+    return _time_runner(lambda x: sess.run(None, {name: x}), shape, batch, repeats)
+
+
+def _time_runner(run: Any, shape: tuple[int, ...], batch: int, repeats: int = 20) -> tuple[float, float]:
+    """Batch-1 latency (ms) and batch-`batch` throughput (samples/s) of an engine's call on slabs."""
     rng = np.random.default_rng(0)
     one, many = rng.random((1, *shape), np.float32), rng.random((batch, *shape), np.float32)
-    name = sess.get_inputs()[0].name
     for _ in range(3):
-        sess.run(None, {name: one}), sess.run(None, {name: many})
+        run(one), run(many)
     start = time.perf_counter()
     for _ in range(repeats):
-        sess.run(None, {name: one})
+        run(one)
     latency = (time.perf_counter() - start) / repeats * 1e3
     start = time.perf_counter()
     for _ in range(max(3, repeats // 4)):
-        sess.run(None, {name: many})
+        run(many)
     return latency, batch * max(3, repeats // 4) / (time.perf_counter() - start)
 
 
@@ -279,6 +286,9 @@ def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportCo
     report.metrics[f"export.ort_int8.speedup_b{cfg.max_batch}"] = quantize.relative_throughput(
         fp32, int8, contract.input_shape, cfg.max_batch, threads)
 
+    report.openvino = _openvino(folder, contract, cfg, fp32, int8, parity_x, (val_x, val_y), int8_check, threads,
+                                report) if cfg.openvino else "skipped (export.openvino is false)"
+
     if cfg.int8_held_out:
         report.metrics.update(_held_out(folder, tracking_uri, ref, cfg, layout, bool(head.kept)))
 
@@ -288,7 +298,7 @@ def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportCo
     report.tensorrt = _tensorrt(folder, ref, cfg, fp32, calib_x, parity_x, report)
 
     report.files, hashes = seal(folder, {"version": ref.version, "metrics": report.metrics,
-                                         "tensorrt": report.tensorrt, "contract": contract.as_dict(),
+                                         "tensorrt": report.tensorrt, "openvino": report.openvino, "contract": contract.as_dict(),
                                          "opset": cfg.opset}, weights)
     report.tags = {**hashes,
                    "export.int8.method": (f"qat ({cfg.qat_epochs} epoch(s) torchao PT2E"
@@ -297,6 +307,7 @@ def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportCo
                                           if cfg.int8 == "qat" else "ptq (ONNX Runtime static QDQ)"),
                    "export.int8.float_convolutions": ", ".join(head.kept) or "none",
                    "export.onnx.opset": str(cfg.opset), "export.tensorrt": report.tensorrt,
+                   "export.openvino": report.openvino,
                    "export.triton": f"{ref.name} (onnxruntime_onnx)" + (", " + ref.name + "-trt (tensorrt_plan)"
                                                                          if "model.fp16.plan" in report.files else ""),
                    **{k: f"{v:.6g}" for k, v in report.metrics.items()}}
@@ -325,6 +336,56 @@ def _held_out(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportConfig,
     return {f"export.held_out.{row['engine']}.{column}": float(row[column])
             for row in table.to_dict("records") for column in table.columns
             if column != "engine" and not np.isnan(row[column])}
+
+
+def _openvino(folder: Path, contract: InputContract, cfg: ExportConfig, fp32: Path, int8: Path, parity_x: np.ndarray,
+              check: tuple[np.ndarray, np.ndarray], int8_check: quantize.Int8Check, threads: int,
+              report: ExportReport) -> str:
+    """Compile the two exported files with OpenVINO, check them against ONNX Runtime as the export
+    checked ONNX Runtime's (FP32: parity within ``parity_tolerance``; INT8: the validation AUC lost
+    against FP32 within ``int8_max_auc_drop``), time them, and say what ran; or say exactly why not."""
+    reason = openvino_engine.availability()
+    if reason is not None:
+        log.warning("openvino: skipped (%s)", reason)
+        return f"skipped ({reason})"
+    import openvino as ov
+
+    val_x, val_y = check
+    ort32 = onnx_export.session(fp32, threads)
+    ov32, ov8 = (openvino_engine.OpenVinoRunner(path, threads) for path in (fp32, int8))
+    parity = onnx_export.compare(onnx_export.run_onnx(ort32, parity_x), openvino_engine.run_batches(ov32, parity_x),
+                                 cfg.parity_tolerance)
+    if not parity.ok:
+        raise ExportCheckError(f"OpenVINO FP32 parity failed: max |Δp| {parity.max_abs_diff:.2e} against ONNX Runtime "
+                               f"(tolerance {cfg.parity_tolerance}); set export.openvino: false to export without it")
+    p8 = openvino_engine.run_batches(ov8, val_x)[:, 1]
+    auc8 = float(roc_auc_score(val_y, p8))
+    drop = int8_check.auc_fp32 - auc8
+    if drop > cfg.int8_max_auc_drop:
+        raise ExportCheckError(f"OpenVINO INT8 loses {drop:.4f} validation AUC ({int8_check.auc_fp32:.4f} → "
+                               f"{auc8:.4f}), more than the allowed {cfg.int8_max_auc_drop} (ONNX Runtime's INT8 "
+                               f"{int8_check.auc_int8:.4f}); set export.openvino: false to export without it")
+    ort8 = onnx_export.run_onnx(onnx_export.session(int8, threads), val_x)[:, 1]
+    integer = openvino_engine.layers(ov8.compiled)
+    report.metrics.update({"export.ov_fp32.parity_max_abs_diff": parity.max_abs_diff,
+                           "export.ov_int8.auc_int8": auc8, "export.ov_int8.auc_drop": drop,
+                           "export.ov_int8.max_abs_diff_vs_ort_int8": float(np.abs(p8 - ort8).max()),
+                           "export.ov_int8.integer_layers": float(integer.integer),
+                           "export.ov_int8.arithmetic_layers": float(integer.arithmetic)})
+    for label, runner in (("ov_fp32", ov32), ("ov_int8", ov8)):
+        latency, throughput = _time_runner(runner, contract.input_shape, cfg.max_batch)
+        report.metrics[f"export.{label}.latency_ms_b1"] = latency
+        report.metrics[f"export.{label}.throughput_b{cfg.max_batch}"] = throughput
+    name = ort32.get_inputs()[0].name
+    ort_run = lambda x: ort32.run(None, {name: x})  # noqa: E731
+    for base, runner, key in ((ort_run, ov8, "ov_int8.speedup_vs_ort_fp32"), (ov32, ov8, "ov_int8.speedup"),
+                              (ort_run, ov32, "ov_fp32.speedup_vs_ort_fp32")):
+        report.metrics[f"export.{key}_b{cfg.max_batch}"] = quantize.alternated_speedup(
+            base, runner, contract.input_shape, cfg.max_batch)
+    log.info("openvino: FP32 parity %.1e; INT8 validation AUC %.4f (drop %.4f); INT8 layers %s; INT8 %.2fx ONNX Runtime "
+             "FP32 at batch %d", parity.max_abs_diff, auc8, drop, integer.describe(),
+             report.metrics[f"export.ov_int8.speedup_vs_ort_fp32_b{cfg.max_batch}"], cfg.max_batch)
+    return f"built fp32, int8 (OpenVINO {ov.__version__.split('-')[0]}; INT8 layers: {integer.describe()})"
 
 
 def _tensorrt(folder: Path, ref: ModelRef, cfg: ExportConfig, fp32: Path, calibration: np.ndarray,
@@ -394,9 +455,10 @@ def summary_line(report: ExportReport) -> str:
     m = report.metrics
     return (f"export v{report.version}: ONNX parity {m['export.onnx.parity_max_abs_diff']:.1e}; INT8 AUC drop "
             f"{m['export.int8.auc_drop']:+.4f}; ORT FP32 {m['export.ort_fp32.latency_ms_b1']:.1f} ms at batch 1; "
-            f"tensorrt: {report.tensorrt}")
+            f"tensorrt: {report.tensorrt}; openvino: {report.openvino}")
 
 
 def describe(report: ExportReport) -> dict[str, Any]:
     return {"version": report.version, "folder": report.folder, "tensorrt": report.tensorrt,
+            "openvino": report.openvino,
             "metrics": report.metrics, "files": report.files}

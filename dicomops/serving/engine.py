@@ -10,6 +10,9 @@ parity at export is what scores patients. The choice:
   checked against torch);
 - ``ort-int8``: the QDQ model, on request (faster on CPU, within the INT8 AUC drop the export
   measured).
+- ``ov-fp32``, ``ov-int8``: the same two files compiled by OpenVINO's CPU plugin, on request
+  (:mod:`dicomops.export.openvino_engine`: the export checked them against ONNX Runtime; where the CPU
+  has VNNI or AMX, OpenVINO's INT8 is the fastest CPU engine, README *Lightweight models*).
 
 The choice and its reason travel with every result (the MLflow run, the result table, the SR's
 algorithm version), so a figure always says which engine produced it.
@@ -25,14 +28,16 @@ from typing import Any, Literal
 
 import numpy as np
 
-from dicomops.export import onnx_export, tensorrt_engine
+from dicomops.export import onnx_export, openvino_engine, tensorrt_engine
 from dicomops.export.contract import InputContract
 
 log = logging.getLogger(__name__)
 
-EngineKind = Literal["auto", "ort-fp32", "ort-int8", "tensorrt"]
-ENGINE_FILES = {"ort-fp32": "model.onnx", "ort-int8": "model.int8.onnx", "tensorrt": "model.fp16.plan"}
+EngineKind = Literal["auto", "ort-fp32", "ort-int8", "ov-fp32", "ov-int8", "tensorrt"]
+ENGINE_FILES = {"ort-fp32": "model.onnx", "ort-int8": "model.int8.onnx", "ov-fp32": "model.onnx",
+                "ov-int8": "model.int8.onnx", "tensorrt": "model.fp16.plan"}
 SHA_TAGS = {"ort-fp32": "export.onnx.sha256", "ort-int8": "export.int8.sha256"}
+CPU_ENGINES = ("ort-fp32", "ort-int8", "ov-fp32", "ov-int8")
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,9 @@ class EngineChoice:
 
 def choose(requested: EngineKind, export_files: set[str]) -> EngineChoice:
     """The engine for `requested` given the exported files; 'auto' prefers TensorRT where it can run."""
-    if requested in ("ort-fp32", "ort-int8"):
+    if requested in ("ov-fp32", "ov-int8") and (why := openvino_engine.availability()) is not None:
+        raise ValueError(f"OpenVINO was asked for and cannot run here: {why}")
+    if requested in CPU_ENGINES:
         return EngineChoice(requested, "requested", ENGINE_FILES[requested])
     why_not = tensorrt_engine.availability()
     if why_not is None and ENGINE_FILES["tensorrt"] not in export_files:
@@ -109,6 +116,12 @@ class Engine:
 def open_engine(folder: Path, choice: EngineChoice, contract: InputContract, threads: int = 2,
                 max_batch: int = 32) -> Engine:
     path = Path(folder) / choice.file
-    runner: Any = TensorRTEngine(path, contract) if choice.kind == "tensorrt" else OnnxEngine(path, threads)
+    runner: Any
+    if choice.kind == "tensorrt":
+        runner = TensorRTEngine(path, contract)
+    elif choice.kind.startswith("ov-"):
+        runner = openvino_engine.OpenVinoRunner(path, threads)
+    else:
+        runner = OnnxEngine(path, threads)
     log.info("serving engine: %s (%s)", choice.kind, choice.reason)
     return Engine(choice, contract, runner, max_batch)

@@ -213,6 +213,11 @@ def export_section(metrics: Mapping[str, float], tensorrt: str, artifacts: str) 
              f"(drop {get('export.int8.auc_drop'):+.4f})",
              f"- ONNX Runtime FP32 latency at batch 1: {_f(get('export.ort_fp32.latency_ms_b1'), 1)} ms",
              f"- TensorRT: {tensorrt}",
+             *([f"- OpenVINO on CPU (engines ov-fp32, ov-int8): INT8 AUC {_f(get('export.ov_int8.auc_int8'), 4)}; "
+                f"throughput at batch 32 {_f(get('export.ov_int8.throughput_b32'), 0)} slabs/s INT8, "
+                f"{_f(get('export.ov_int8.speedup_vs_ort_fp32_b32'), 2)}x ONNX Runtime FP32 and "
+                f"{_f(get('export.ov_int8.speedup_b32'), 2)}x its own FP32 (timed in turns)"]
+               if "export.ov_int8.auc_int8" in metrics else []),
              f"- Files: {artifacts}"]
     return section(EXPORT, "\n".join(lines))
 

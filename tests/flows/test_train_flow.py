@@ -245,6 +245,14 @@ def test_leave_one_vendor_out_then_export_attaches_checked_files(train_work: Pat
     reason = tensorrt_engine.availability()
     assert tags["export.tensorrt"].startswith("built") if reason is None else tags["export.tensorrt"] == f"skipped ({reason})"
     assert float(tags["export.ort_fp32.latency_ms_b1"]) > 0
+    # OpenVINO compiled both files, every arithmetic layer of the INT8 one in integers but those the
+    # float head keeps in float, within the INT8 check
+    assert tags["export.openvino"].startswith("built fp32, int8 (OpenVINO "), tags["export.openvino"]
+    assert float(tags["export.ov_fp32.parity_max_abs_diff"]) <= export_cfg.parity_tolerance
+    in_float = 0 if kept == "none" else len(kept.split(", "))
+    assert float(tags["export.ov_int8.integer_layers"]) == float(tags["export.ov_int8.arithmetic_layers"]) - in_float > 0
+    assert float(tags["export.ov_int8.auc_drop"]) <= export_cfg.int8_max_auc_drop
+    assert float(tags["export.ov_int8.speedup_vs_ort_fp32_b8"]) > 0
     files = exported["files"]
     assert isinstance(files, dict)
     assert {"model.onnx", "model.int8.onnx", f"model_repository/{cfg.model_name}/config.pbtxt",

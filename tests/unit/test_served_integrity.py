@@ -183,7 +183,9 @@ def test_a_version_exported_before_the_full_contract_loads_with_a_warning_naming
 
 
 @pytest.mark.parametrize(("missing", "engine", "tag"), [("model.int8.onnx", "ort-int8", "export.int8.sha256"),
-                                                         ("model.onnx", "ort-fp32", "export.onnx.sha256")])
+                                                         ("model.onnx", "ort-fp32", "export.onnx.sha256"),
+                                                         ("model.int8.onnx", "ov-int8", "export.int8.sha256"),
+                                                         ("model.onnx", "ov-fp32", "export.onnx.sha256")])
 def test_a_file_missing_from_the_registered_export_is_named_with_the_command_that_repairs_it(
         tmp_path: Path, served: Any, missing: str, engine: champion.EngineKind, tag: str) -> None:
     store, mv = make_export(tmp_path / "store", legacy=True)  # by its tag alone, too
