@@ -85,6 +85,24 @@ def test_the_flow_the_library_and_training_agree_and_nothing_identifies(env: Exp
         assert scan_for_phi(place, needles) == [], place
 
 
+@pytest.mark.parametrize(("engine", "baseline", "tolerance"), [("ov-fp32", "ort-fp32", 1e-5), ("ov-int8", "ort-int8", 0.01)])
+def test_openvino_scores_what_onnx_runtime_scores_on_the_same_file_and_nothing_identifies(
+        env: ExportedChampion, tmp_path: Path, engine: str, baseline: str, tolerance: float) -> None:
+    src = env.work.parent / "src"
+    tables = {}
+    for kind in (baseline, engine):
+        config = CONFIG.model_copy(update={"serve": CONFIG.serve.model_copy(update={"engine": kind})})
+        result = predict(src=src, work=tmp_path / kind, config=config)
+        assert result["engine"] == kind and result["series_scored"] == 20
+        assert mlflow.get_run(str(result["mlflow_run_id"])).data.params["engine"] == kind
+        tables[kind] = pd.read_csv(result["results"], keep_default_na=False, float_precision="round_trip")
+    ours, theirs = tables[engine], tables[baseline]
+    assert list(ours.series) == list(theirs.series)
+    assert np.abs(ours.score.to_numpy() - theirs.score.to_numpy()).max() < tolerance
+    needles = _needles(sorted(p for p in src.rglob("*.dcm")))
+    assert scan_for_phi(tmp_path / engine, needles) == []
+
+
 def test_a_folder_the_gate_refuses_is_an_answer(env: ExportedChampion, tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     bad.mkdir()
