@@ -60,7 +60,9 @@ class OpenVinoRunner:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         with self.lock:
-            result = self.request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
+            # share_inputs: the request reads the caller's array in place (as ONNX Runtime does) instead of
+            # copying it, 14 MB for 32 slabs of 3 x 192 x 192, which was a fifth of an INT8 call's time
+            result = self.request.infer({0: np.ascontiguousarray(x, dtype=np.float32)}, share_inputs=True)
             return np.array(result[0], copy=True)  # the request reuses its output buffer
 
 

@@ -271,6 +271,9 @@ def keep_in_float(src: Path, out: Path, convolutions: list[str] | tuple[str, ...
     onnx.save(model, str(out))
 
 
+IDLE_PAUSE_S = 0.1  # rest before each timed block of alternated_speedup: long enough for spinning threads to park
+
+
 def relative_throughput(base: Path, other: Path, shape: tuple[int, ...], batch: int, threads: int,
                         rounds: int = 7, runs: int = 4) -> float:
     """Batch-`batch` throughput of `other` over `base` in ONNX Runtime (:func:`alternated_speedup`)."""
@@ -284,7 +287,12 @@ def relative_throughput(base: Path, other: Path, shape: tuple[int, ...], batch: 
 def alternated_speedup(base: Callable[[np.ndarray], Any], other: Callable[[np.ndarray], Any], shape: tuple[int, ...],
                        batch: int, rounds: int = 7, runs: int = 4) -> float:
     """Batch-`batch` throughput of `other` over `base`, two engines' calls on slabs of `shape`: the
-    median of per-round ratios, the two timed in alternation so a busy neighbour slows both alike."""
+    median of per-round ratios, the two timed in alternation so a busy neighbour slows both alike.
+
+    Each timed block starts after :data:`IDLE_PAUSE_S` of rest: a runtime's worker threads spin for a
+    while after a call (ONNX Runtime's do by default), and spinning threads take the cores from the
+    engine timed next. Without the rest, OpenVINO's INT8 after ONNX Runtime's FP32 timed 1.5-1.6x
+    where each alone gave 2.4x (the classifier, 2026-12-07)."""
     x = np.random.default_rng(0).random((batch, *shape), np.float32)
     for run in (base, other):
         for _ in range(2):
@@ -293,6 +301,7 @@ def alternated_speedup(base: Callable[[np.ndarray], Any], other: Callable[[np.nd
     for _ in range(rounds):
         seconds = []
         for run in (base, other):
+            time.sleep(IDLE_PAUSE_S)
             tick = time.perf_counter()
             for _ in range(runs):
                 run(x)

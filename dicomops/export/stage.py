@@ -193,6 +193,7 @@ def _time_runner(run: Any, shape: tuple[int, ...], batch: int, repeats: int = 20
     one, many = rng.random((1, *shape), np.float32), rng.random((batch, *shape), np.float32)
     for _ in range(3):
         run(one), run(many)
+    time.sleep(quantize.IDLE_PAUSE_S)  # the engine timed before may still have threads spinning
     start = time.perf_counter()
     for _ in range(repeats):
         run(one)

@@ -150,3 +150,15 @@ def test_serving_opens_the_openvino_engines_on_the_exported_files(files: tuple[P
         assert isinstance(served.runner, openvino_engine.OpenVinoRunner)
         reference = onnx_export.run_onnx(onnx_export.session(path), x)[:, 1]
         assert np.abs(served.probabilities(x) - reference).max() < (1e-5 if kind == "ov-fp32" else 0.03)
+
+
+def test_the_alternated_speedup_is_the_ratio_of_the_two_engines_times(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    rests: list[float] = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(quantize.time, "sleep", lambda s: (rests.append(s), real_sleep(s)))
+    ratio = quantize.alternated_speedup(lambda x: real_sleep(0.006), lambda x: real_sleep(0.002), (1, 2, 2), 4,
+                                        rounds=3, runs=2)
+    assert 2.0 < ratio < 4.0  # 3x, give or take the scheduler
+    assert rests == [quantize.IDLE_PAUSE_S] * 6  # a rest before every timed block, for spinning threads to park
