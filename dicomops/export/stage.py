@@ -353,7 +353,7 @@ def _openvino(folder: Path, contract: InputContract, cfg: ExportConfig, fp32: Pa
 
     val_x, val_y = check
     ort32 = onnx_export.session(fp32, threads)
-    ov32, ov8 = (openvino_engine.OpenVinoRunner(path, threads) for path in (fp32, int8))
+    ov32, ov8 = (openvino_engine.OpenVinoRunner(path, threads, cfg.max_batch) for path in (fp32, int8))
     parity = onnx_export.compare(onnx_export.run_onnx(ort32, parity_x), openvino_engine.run_batches(ov32, parity_x),
                                  cfg.parity_tolerance)
     if not parity.ok:

@@ -120,7 +120,7 @@ def open_engine(folder: Path, choice: EngineChoice, contract: InputContract, thr
     if choice.kind == "tensorrt":
         runner = TensorRTEngine(path, contract)
     elif choice.kind.startswith("ov-"):
-        runner = openvino_engine.OpenVinoRunner(path, threads)
+        runner = openvino_engine.OpenVinoRunner(path, threads, max_batch)
     else:
         runner = OnnxEngine(path, threads)
     log.info("serving engine: %s (%s)", choice.kind, choice.reason)

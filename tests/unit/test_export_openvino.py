@@ -162,3 +162,17 @@ def test_the_alternated_speedup_is_the_ratio_of_the_two_engines_times(monkeypatc
                                         rounds=3, runs=2)
     assert 2.0 < ratio < 4.0  # 3x, give or take the scheduler
     assert rests == [quantize.IDLE_PAUSE_S] * 6  # a rest before every timed block, for spinning threads to park
+
+
+def test_the_runner_meets_every_batch_size_it_will_be_given_before_it_serves(files: tuple[Path, Path, Path]) -> None:
+    fp32, _, _ = files
+    seen: list[int] = []
+
+    class Counting(openvino_engine.OpenVinoRunner):
+        def __call__(self, x: np.ndarray) -> np.ndarray:
+            seen.append(len(x))
+            return super().__call__(x)
+
+    runner = Counting(fp32, max_batch=6)
+    assert seen == [1, 2, 3, 4, 5, 6]  # OpenVINO prepares each input shape on its first call: not on a patient's
+    assert runner(_slabs(4)).shape == (4, 2)
