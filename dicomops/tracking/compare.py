@@ -4,7 +4,7 @@ page of every version in it.
 
 Every figure is one the version's own training or export recorded, read back from the registry:
 a classifier's cross-validated series AUC and its per-vendor AUC (version tags), its ONNX Runtime
-latency and throughput, and the held-out AUC of its INT8 engines (export metrics on its run); a
+latency and throughput and its INT8 file's throughput on OpenVINO, and the held-out AUC of its INT8 engines (export metrics on its run); a
 segmenter's actionable-call AUC, mean over folds and per vendor (its run's ``cv.actionable_auc``
 metrics), and its ONNX Runtime time per volume. Nothing is measured again here, so the table says
 what each version was judged by, and "–" where a version was never exported or judged so.
@@ -63,7 +63,8 @@ def version_row(tracking_uri: str, name: str, version: str) -> dict[str, Any]:
         row |= {"network": "3-D U-Net segmenter, actionable call", "distilled_from": None,
                 "auc": _num(metrics, "cv.actionable_auc"), "auc_std": None,
                 "latency": _num(tags, "export.onnx_s_per_volume"), "latency_unit": "s per volume",
-                "batch": None, "fp32_per_s": None, "int8_per_s": None, "int8_speedup": None, "ptq_auc": None,
+                "batch": None, "fp32_per_s": None, "int8_per_s": None, "int8_speedup": None, "ov_int8_per_s": None,
+                "ov_int8_speedup": None, "ptq_auc": None,
                 "qat_auc": None, **dict.fromkeys(QAT_VS_FP32)}
         row |= {f"auc.{k.rsplit('.', 1)[1]}": v for k, v in metrics.items() if k.startswith("cv.actionable_auc.")}
         return row
@@ -76,6 +77,9 @@ def version_row(tracking_uri: str, name: str, version: str) -> dict[str, Any]:
             "batch": batch, "fp32_per_s": _num(metrics, f"export.ort_fp32.throughput_b{batch}"),
             "int8_per_s": _num(metrics, f"export.ort_int8.throughput_b{batch}"),
             "int8_speedup": _num(metrics, f"export.ort_int8.speedup_b{batch}"),  # exports since 2026-12-03
+            # exports since 2026-12-07: the INT8 file on OpenVINO, over ONNX Runtime FP32 timed in turns
+            "ov_int8_per_s": _num(metrics, f"export.ov_int8.throughput_b{batch}"),
+            "ov_int8_speedup": _num(metrics, f"export.ov_int8.speedup_vs_ort_fp32_b{batch}"),
             "ptq_auc": _num(metrics, "export.held_out.int8-ptq.mean_fold_auc"),
             "qat_auc": _num(metrics, "export.held_out.int8-qat.mean_fold_auc"),
             # exports since 2026-12-05: QAT's difference from FP32 on the held-out folds, with its interval
@@ -106,7 +110,9 @@ def markdown(table: pd.DataFrame) -> str:
         latency = "–" if _missing(r["latency"]) else f"{r['latency']:.2f} {r['latency_unit']}"
         rate = "–" if _missing(r["fp32_per_s"]) else (
             f"{r['fp32_per_s']:.0f} / {_fmt(r['int8_per_s'], 0)} slabs/s at batch {r['batch']}"
-            + ("" if _missing(r.get("int8_speedup")) else f"; INT8 {r['int8_speedup']:.2f}× alternated"))
+            + ("" if _missing(r.get("int8_speedup")) else f"; INT8 {r['int8_speedup']:.2f}× alternated")
+            + ("" if _missing(r.get("ov_int8_per_s")) else f"; OpenVINO INT8 {r['ov_int8_per_s']:.0f} slabs/s, "
+               f"{_fmt(r.get('ov_int8_speedup'), 2)}× ORT FP32 alternated"))
         int8 = "–" if _missing(r["ptq_auc"]) and _missing(r["qat_auc"]) else f"{_fmt(r['ptq_auc'])} / {_fmt(r['qat_auc'])}"
         if not _missing(r.get("vs_fp32")):
             int8 += f"; QAT − FP32 {r['vs_fp32']:+.3f} ({r['vs_fp32_low']:+.3f} to {r['vs_fp32_high']:+.3f})"
@@ -116,7 +122,8 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join([*lines, "", "CV AUC: series AUC of each fold's model on its validation series, mean ± sd over "
                       "folds; by vendor as each training reports it. A segmenter's is its actionable call's. "
                       "INT8 × alternated: INT8 over FP32 throughput with the two engines timed in turns, "
-                      "which load on the cores moves less than the two throughputs' ratio. QAT − FP32: the "
+                      "which load on the cores moves less than the two throughputs' ratio; OpenVINO INT8: the "
+                      "same INT8 file on OpenVINO's CPU plugin (--engine ov-int8). QAT − FP32: the "
                       "difference of the held-out mean fold AUCs, with its 95 % paired bootstrap interval."])
 
 

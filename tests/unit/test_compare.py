@@ -42,6 +42,7 @@ def test_versions_compare_as_their_training_and_export_recorded_them(mlflow_env:
                                        "cv.auc.philips": "0.7000"},
                        {"export.ort_fp32.latency_ms_b1": 0.96, "export.ort_fp32.throughput_b32": 1625.0,
                         "export.ort_int8.throughput_b32": 1225.0, "export.ort_int8.speedup_b32": 0.81,
+                        "export.ov_int8.throughput_b32": 3400.0, "export.ov_int8.speedup_vs_ort_fp32_b32": 2.1,
                         "export.held_out.int8-ptq.mean_fold_auc": 0.79,
                         "export.held_out.int8-qat.mean_fold_auc": 0.795, "export.held_out.int8-qat.vs_fp32": -0.005,
                         "export.held_out.int8-qat.vs_fp32_low": -0.031, "export.held_out.int8-qat.vs_fp32_high": 0.02},
@@ -57,6 +58,7 @@ def test_versions_compare_as_their_training_and_export_recorded_them(mlflow_env:
     assert "0.700 ± 0.171" in rows[1] and "| 0.625 |" in rows[1] and rows[1].count("–") >= 4  # never exported
     assert f"seg/{seg}" in rows[2] and "0.800 ± 0.020" in rows[2] and "0.96 ms per slab" in rows[2]
     assert "1625 / 1225 slabs/s at batch 32; INT8 0.81× alternated" in rows[2] and "0.790 / 0.795" in rows[2]
+    assert "OpenVINO INT8 3400 slabs/s, 2.10× ORT FP32 alternated" in rows[2] and "OpenVINO" not in rows[0] + rows[1]
     assert "QAT − FP32 -0.005 (-0.031 to +0.020)" in rows[2] and "QAT − FP32" not in rows[1]
 
     compare.publish(mlflow_env, table)

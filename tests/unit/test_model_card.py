@@ -257,3 +257,13 @@ def test_the_review_commands_name_the_model_unless_it_is_the_commands_default() 
     assert "dicomops promote 3 --model-name dicomops-ct-nodule-seg --reviewer NAME" in decided
     classifier = model_card.review_section("dicomops-ct-classifier", "3")
     assert "`dicomops promote 3 --reviewer NAME`" in classifier and "--model-name" not in classifier
+
+
+def test_the_export_section_names_openvino_only_where_the_export_ran_it() -> None:
+    ran = model_card.export_section({"export.onnx.parity_max_abs_diff": 1e-6, "export.ov_int8.auc_int8": 0.9765,
+                                     "export.ov_int8.throughput_b32": 4128.0,
+                                     "export.ov_int8.speedup_vs_ort_fp32_b32": 2.238, "export.ov_int8.speedup_b32": 2.41},
+                                    "skipped", "runs:/x/export")
+    assert ("OpenVINO on CPU (engines ov-fp32, ov-int8): INT8 AUC 0.9765; throughput at batch 32 4128 slabs/s INT8, "
+            "2.24x ONNX Runtime FP32 and 2.41x its own FP32") in ran
+    assert "OpenVINO" not in model_card.export_section({"export.onnx.parity_max_abs_diff": 1e-6}, "skipped", "runs:/x")
