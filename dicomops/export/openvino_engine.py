@@ -56,7 +56,7 @@ class OpenVinoRunner:
     OpenVINO's CPU plugin prepares its kernels and memory for each input shape it meets, 15-35 ms
     the first time (the classifier, 2026-12-07), which a series' last, shorter batch paid on nearly
     every series. So the runner meets every batch size from 1 to `max_batch` once when it is made
-    (0.45 s for 32 sizes of the classifier): on a mix of batch sizes it then ran 4,700-4,900 slabs/s,
+    (0.45 s for 32 sizes of the classifier): on a mix of batch sizes it then ran 4,600-4,900 slabs/s,
     where padding each call to the next power of two gave 3,000-3,300 and ONNX Runtime's FP32
     2,100."""
 

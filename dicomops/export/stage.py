@@ -287,7 +287,7 @@ def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportCo
     report.metrics[f"export.ort_int8.speedup_b{cfg.max_batch}"] = quantize.relative_throughput(
         fp32, int8, contract.input_shape, cfg.max_batch, threads)
 
-    report.openvino = _openvino(folder, contract, cfg, fp32, int8, parity_x, (val_x, val_y), int8_check, threads,
+    report.openvino = _openvino(contract, cfg, fp32, int8, parity_x, (val_x, val_y), int8_check, threads,
                                 report) if cfg.openvino else "skipped (export.openvino is false)"
 
     if cfg.int8_held_out:
@@ -339,7 +339,7 @@ def _held_out(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportConfig,
             if column != "engine" and not np.isnan(row[column])}
 
 
-def _openvino(folder: Path, contract: InputContract, cfg: ExportConfig, fp32: Path, int8: Path, parity_x: np.ndarray,
+def _openvino(contract: InputContract, cfg: ExportConfig, fp32: Path, int8: Path, parity_x: np.ndarray,
               check: tuple[np.ndarray, np.ndarray], int8_check: quantize.Int8Check, threads: int,
               report: ExportReport) -> str:
     """Compile the two exported files with OpenVINO, check them against ONNX Runtime as the export
@@ -378,7 +378,10 @@ def _openvino(folder: Path, contract: InputContract, cfg: ExportConfig, fp32: Pa
         report.metrics[f"export.{label}.latency_ms_b1"] = latency
         report.metrics[f"export.{label}.throughput_b{cfg.max_batch}"] = throughput
     name = ort32.get_inputs()[0].name
-    ort_run = lambda x: ort32.run(None, {name: x})  # noqa: E731
+
+    def ort_run(x: np.ndarray) -> Any:
+        return ort32.run(None, {name: x})
+
     for base, runner, key in ((ort_run, ov8, "ov_int8.speedup_vs_ort_fp32"), (ov32, ov8, "ov_int8.speedup"),
                               (ort_run, ov32, "ov_fp32.speedup_vs_ort_fp32")):
         report.metrics[f"export.{key}_b{cfg.max_batch}"] = quantize.alternated_speedup(

@@ -11,8 +11,8 @@ parity at export is what scores patients. The choice:
 - ``ort-int8``: the QDQ model, on request (faster on CPU, within the INT8 AUC drop the export
   measured).
 - ``ov-fp32``, ``ov-int8``: the same two files compiled by OpenVINO's CPU plugin, on request
-  (:mod:`dicomops.export.openvino_engine`: the export checked them against ONNX Runtime; where the CPU
-  has VNNI or AMX, OpenVINO's INT8 is the fastest CPU engine, README *Lightweight models*).
+  (:mod:`dicomops.export.openvino_engine`: the export checked them against ONNX Runtime; on the
+  AMX Xeon OpenVINO's INT8 is the fastest CPU engine, README *Lightweight models*).
 
 The choice and its reason travel with every result (the MLflow run, the result table, the SR's
 algorithm version), so a figure always says which engine produced it.

@@ -459,7 +459,7 @@ def test_a_study_scored_on_openvino_int8_gets_onnx_runtimes_answer_and_leaks_not
     _wait_stable(orthanc, {study})
     with PacsClient(orthanc.dicomweb_url, orthanc.credentials) as pacs, \
             ChangesFeed(orthanc.url, orthanc.credentials) as feed:
-        answered = [a for a in watch.watch_once(feed, pacs, staging, work, CONFIG.ingest, key, scorer)]
+        answered = watch.watch_once(feed, pacs, staging, work, CONFIG.ingest, key, scorer)
     (mine,) = [a for a in answered if a.results_stored]  # other tests' studies share the PACS
     assert mine.status == "ingested" and mine.results_stored == 1
     (report,) = _reports(orthanc, study)

@@ -106,7 +106,7 @@ def test_the_export_step_checks_times_and_names_what_ran(files: tuple[Path, Path
     x, y, check = _check_set(fp32)
     report = stage.ExportReport("1", str(tmp_path))
     cfg = ExportConfig(max_batch=8, preferred_batch_sizes=(8,), int8_max_auc_drop=0.05)
-    text = stage._openvino(tmp_path, CONTRACT, cfg, fp32, int8, _slabs(16), (x, y), check, 2, report)
+    text = stage._openvino(CONTRACT, cfg, fp32, int8, _slabs(16), (x, y), check, 2, report)
     assert text.startswith("built fp32, int8 (OpenVINO ") and "Convolution u8" in text
     m = report.metrics
     assert m["export.ov_fp32.parity_max_abs_diff"] < 1e-5
@@ -122,7 +122,7 @@ def test_an_int8_that_loses_accuracy_in_openvino_is_refused(files: tuple[Path, P
     x, y, check = _check_set(fp32)
     report = stage.ExportReport("1", str(tmp_path))
     with pytest.raises(ExportCheckError, match=r"OpenVINO INT8 loses .*export.openvino: false"):
-        stage._openvino(tmp_path, CONTRACT, ExportConfig(), fp32, broken, _slabs(16), (x, y), check, 2, report)
+        stage._openvino(CONTRACT, ExportConfig(), fp32, broken, _slabs(16), (x, y), check, 2, report)
 
 
 def test_without_openvino_the_export_says_why_and_serving_refuses_the_engine(
@@ -131,7 +131,7 @@ def test_without_openvino_the_export_says_why_and_serving_refuses_the_engine(
     monkeypatch.setattr(openvino_engine, "availability", lambda: "openvino not installed; pip install -e .")
     x, y, check = _check_set(fp32)
     report = stage.ExportReport("1", str(tmp_path))
-    text = stage._openvino(tmp_path, CONTRACT, ExportConfig(), fp32, int8, _slabs(4), (x, y), check, 2, report)
+    text = stage._openvino(CONTRACT, ExportConfig(), fp32, int8, _slabs(4), (x, y), check, 2, report)
     assert text == "skipped (openvino not installed; pip install -e .)" and not report.metrics
     with pytest.raises(ValueError, match="OpenVINO was asked for and cannot run here: openvino not installed"):
         eng.choose("ov-int8", {"model.onnx", "model.int8.onnx"})
