@@ -467,6 +467,6 @@ def test_a_study_scored_on_openvino_int8_gets_onnx_runtimes_answer_and_leaks_not
     assert served is not None
     onnx_runtime = load_champion(champion, TINY.model_name, engine="ort-int8", models_dir=tmp_path / "models")
     (finding,), _ = score_gated(onnx_runtime, work / "pacs/studies" / mine.token, None, Timer())
-    assert abs(served - finding.score) < 0.01
+    assert abs(served - finding.score) < 0.02
     needles = _needles(files)
     assert scan_for_phi(work, needles) == [] and scan_for_phi(staging, needles) == []
