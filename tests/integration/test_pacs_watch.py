@@ -443,30 +443,35 @@ def test_a_study_that_gains_a_series_after_it_was_answered_is_answered_again(
 
 
 def test_a_study_scored_on_openvino_int8_gets_onnx_runtimes_answer_and_leaks_nothing(
-        orthanc: OrthancProcess, champion: str, tmp_path: Path) -> None:  # noqa: F811
+        champion: str, tmp_path: Path) -> None:
     """pacs-watch with ``serve.engine: ov-int8``: the exported QDQ file on OpenVINO answers a study from
-    a real PACS with the SR under the original study, its score what ONNX Runtime's INT8 gives the same
-    gated series within the engines' agreement, and neither the work directory nor the staging area
-    holds the study's identifiers."""
+    a real PACS (its own, so that no other test's studies are in the pass) with the SR under the
+    original study, its score what ONNX Runtime's INT8 gives the same gated series within the
+    engines' agreement, and neither the work directory nor the staging area holds the study's
+    identifiers."""
     from dicomops.feedback.pacs import _score
+    from dicomops.pacs.orthanc import start_orthanc
     from dicomops.serving.predict import Timer, score_gated
+
+    from .conftest import free_port
+    from .orthanc_fixture import STABLE_AGE_S, pacs_credentials
 
     key, work, staging = key_from_settings(), tmp_path / "work", tmp_path / "staging"
     scorer = load_champion(champion, TINY.model_name, engine="ov-int8", models_dir=tmp_path / "models")
     assert scorer.engine.choice.kind == "ov-int8"
     files = synthetic_study(tmp_path / "send", slices=12, matrix=128, index=61, vendor="philips")
-    study = _send(orthanc, files)
-    _wait_stable(orthanc, {study})
-    with PacsClient(orthanc.dicomweb_url, orthanc.credentials) as pacs, \
-            ChangesFeed(orthanc.url, orthanc.credentials) as feed:
-        answered = watch.watch_once(feed, pacs, staging, work, CONFIG.ingest, key, scorer)
-    (mine,) = [a for a in answered if a.results_stored]  # other tests' studies share the PACS
-    assert mine.status == "ingested" and mine.results_stored == 1
-    (report,) = _reports(orthanc, study)
+    with start_orthanc(tmp_path / "pacs", free_port(), pacs_credentials(), stable_age_s=STABLE_AGE_S) as server, \
+            PacsClient(server.dicomweb_url, server.credentials) as pacs, \
+            ChangesFeed(server.url, server.credentials) as feed:
+        study = _send(server, files)
+        _wait_stable(server, {study})
+        (outcome,) = watch.watch_once(feed, pacs, staging, work, CONFIG.ingest, key, scorer)
+        assert (outcome.status, outcome.results_stored) == ("ingested", 1), outcome
+        (report,) = _reports(server, study)
     served = _score(report)
     assert served is not None
     onnx_runtime = load_champion(champion, TINY.model_name, engine="ort-int8", models_dir=tmp_path / "models")
-    (finding,), _ = score_gated(onnx_runtime, work / "pacs/studies" / mine.token, None, Timer())
+    (finding,), _ = score_gated(onnx_runtime, work / "pacs/studies" / outcome.token, None, Timer())
     assert abs(served - finding.score) < 0.02
     needles = _needles(files)
     assert scan_for_phi(work, needles) == [] and scan_for_phi(staging, needles) == []
