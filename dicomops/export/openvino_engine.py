@@ -19,6 +19,8 @@ missing, and the export records that reason on the version as it does TensorRT's
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import importlib.util
 import threading
 from collections import Counter
@@ -31,6 +33,33 @@ import numpy as np
 # The layer types that do the arithmetic; their runtime precision says whether INT8 reached the kernels.
 ARITHMETIC_LAYERS = ("Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution")
 INTEGER_PRECISIONS = ("u8", "i8")
+
+
+class _SignalStack(ctypes.Structure):
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+def _signal_stack() -> _SignalStack | None:
+    """This thread's alternate signal stack (``sigaltstack``), or None where libc has none to ask."""
+    try:
+        stack = _SignalStack()
+        return stack if ctypes.CDLL(None).sigaltstack(None, ctypes.byref(stack)) == 0 else None
+    except (OSError, AttributeError):
+        return None
+
+
+# OpenVINO's CPU plugin gives the thread that makes a compiled model an alternate signal stack of its
+# own and puts back, when the model is freed, the one it found: models freed in another order than
+# they were made leave the thread on a stack already freed, and the next signal it takes (SIGTERM
+# from an operator, Prefect cancelling a run) is a segmentation fault instead of the handler
+# (2026-12-07, OpenVINO 2026.4). The runner frees its model itself and gives the main thread back the
+# stack it had before any model was made (Python's faulthandler's, or none).
+_MAIN_SIGNAL_STACK = _signal_stack() if threading.current_thread() is threading.main_thread() else None
+
+
+def _restore_signal_stack() -> None:
+    if _MAIN_SIGNAL_STACK is not None and threading.current_thread() is threading.main_thread():
+        ctypes.CDLL(None).sigaltstack(ctypes.byref(_MAIN_SIGNAL_STACK), None)
 
 
 def availability() -> str | None:
@@ -68,6 +97,17 @@ class OpenVinoRunner:
         slabs = np.zeros((max_batch, *sample), np.float32)
         for size in range(1, max_batch + 1):
             self(slabs[:size])
+
+    def close(self) -> None:
+        """Free the model now, and put back the main thread's signal stack (see above)."""
+        for name in ("request", "compiled"):
+            if hasattr(self, name):
+                delattr(self, name)
+        _restore_signal_stack()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # at interpreter exit ctypes or threading may be gone
+            self.close()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         with self.lock:

@@ -176,3 +176,37 @@ def test_the_runner_meets_every_batch_size_it_will_be_given_before_it_serves(fil
     runner = Counting(fp32, max_batch=6)
     assert seen == [1, 2, 3, 4, 5, 6]  # OpenVINO prepares each input shape on its first call: not on a patient's
     assert runner(_slabs(4)).shape == (4, 2)
+
+
+def test_a_signal_after_models_were_freed_out_of_order_reaches_its_handler(files: tuple[Path, Path, Path]) -> None:
+    """OpenVINO gives the thread that makes a model a signal stack of its own and puts back the one it
+    found when the model is freed; freed out of order, the thread was left on a freed stack and
+    SIGTERM was a segmentation fault (in a child process here, so that a regression cannot take the
+    test run down with it)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    fp32, int8, _ = files
+    script = textwrap.dedent(f"""
+        import faulthandler, gc, os, signal, time
+        faulthandler.enable()  # as pytest and Prefect's workers run: Python's own signal stack first
+        import numpy as np
+        from dicomops.export.openvino_engine import OpenVinoRunner
+        first = OpenVinoRunner({str(fp32)!r}, max_batch=2)
+        second = OpenVinoRunner({str(int8)!r}, max_batch=2)
+        first(np.zeros((1, 3, {SIZE}, {SIZE}), np.float32))
+        del first  # freed before the model made after it, which then puts back the first one's stack
+        del second
+        gc.collect()
+        def stop(signum, frame):
+            raise KeyboardInterrupt("SIGTERM")
+        signal.signal(signal.SIGTERM, stop)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            print("handled")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "handled", (done.returncode, done.stderr[-2000:])
