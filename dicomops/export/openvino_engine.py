@@ -52,14 +52,19 @@ def _signal_stack() -> _SignalStack | None:
 # own and puts back, when the model is freed, the one it found: models freed in another order than
 # they were made leave the thread on a stack already freed, and the next signal it takes (SIGTERM
 # from an operator, Prefect cancelling a run) is a segmentation fault instead of the handler
-# (2026-12-07, OpenVINO 2026.4). The runner frees its model itself and gives the main thread back the
-# stack it had before any model was made (Python's faulthandler's, or none).
-_MAIN_SIGNAL_STACK = _signal_stack() if threading.current_thread() is threading.main_thread() else None
+# (2026-12-07, OpenVINO 2026.4). So each thread's stack from before its first model is remembered,
+# the runner frees its model itself, and the thread that freed it gets that stack back (or, where it
+# made no model, the one it had just before).
+_THREAD_STACKS: dict[int, _SignalStack | None] = {}
 
 
-def _restore_signal_stack() -> None:
-    if _MAIN_SIGNAL_STACK is not None and threading.current_thread() is threading.main_thread():
-        ctypes.CDLL(None).sigaltstack(ctypes.byref(_MAIN_SIGNAL_STACK), None)
+def _remember_signal_stack() -> None:
+    _THREAD_STACKS.setdefault(threading.get_ident(), _signal_stack())
+
+
+def _set_signal_stack(stack: _SignalStack | None) -> None:
+    if stack is not None:
+        ctypes.CDLL(None).sigaltstack(ctypes.byref(stack), None)
 
 
 def availability() -> str | None:
@@ -90,6 +95,7 @@ class OpenVinoRunner:
     2,100."""
 
     def __init__(self, path: Path, threads: int = 2, max_batch: int = 32) -> None:
+        _remember_signal_stack()
         self.compiled = compile_model(path, threads)
         self.request = self.compiled.create_infer_request()
         self.lock = threading.Lock()
@@ -99,11 +105,12 @@ class OpenVinoRunner:
             self(slabs[:size])
 
     def close(self) -> None:
-        """Free the model now, and put back the main thread's signal stack (see above)."""
+        """Free the model now, and put back this thread's signal stack (see above)."""
+        before = _signal_stack()
         for name in ("request", "compiled"):
             if hasattr(self, name):
                 delattr(self, name)
-        _restore_signal_stack()
+        _set_signal_stack(_THREAD_STACKS.get(threading.get_ident(), before))
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # at interpreter exit ctypes or threading may be gone
