@@ -6,10 +6,11 @@ MLflow, Prefect or staging."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,21 @@ def _objects(server: OrthancProcess, study_uid: str, modality: str) -> list[pydi
 def _reports(server: OrthancProcess, study_uid: str) -> list[pydicom.Dataset]:
     """Every SR the PACS holds under `study_uid`."""
     return _objects(server, study_uid, "SR")
+
+
+@contextlib.contextmanager
+def _own_pacs(tmp_path: Path) -> Iterator[tuple[OrthancProcess, PacsClient, ChangesFeed]]:
+    """An Orthanc of the test's own, so that no other test's studies are in its feed, with its DICOMweb
+    client and changes feed."""
+    from dicomops.pacs.orthanc import start_orthanc
+
+    from .conftest import free_port
+    from .orthanc_fixture import STABLE_AGE_S, pacs_credentials
+
+    with start_orthanc(tmp_path / "pacs", free_port(), pacs_credentials(), stable_age_s=STABLE_AGE_S) as server, \
+            PacsClient(server.dicomweb_url, server.credentials) as pacs, \
+            ChangesFeed(server.url, server.credentials) as feed:
+        yield server, pacs, feed
 
 
 def test_studies_from_the_pacs_are_gated_scored_answered_once_and_leak_nothing(
@@ -401,10 +417,6 @@ def test_a_study_that_gains_a_series_after_it_was_answered_is_answered_again(
     study by its token alone and took every later stable event for a duplicate, so the new series
     was never read. Now a study whose images changed is answered again, and its first series'
     report, the same result on the same images, keeps its UIDs: the PACS holds one copy of it."""
-    from dicomops.pacs.orthanc import start_orthanc
-
-    from .conftest import free_port
-    from .orthanc_fixture import STABLE_AGE_S, pacs_credentials
     from .test_pacs_feedback import _stable_again
 
     key, work, staging = key_from_settings(), tmp_path / "work", tmp_path / "staging"
@@ -419,9 +431,7 @@ def test_a_study_that_gains_a_series_after_it_was_answered_is_answered_again(
             if keyword in head:
                 setattr(ds, keyword, head.get(keyword))
         ds.save_as(path)
-    with start_orthanc(tmp_path / "pacs", free_port(), pacs_credentials(), stable_age_s=STABLE_AGE_S) as server, \
-            PacsClient(server.dicomweb_url, server.credentials) as pacs, \
-            ChangesFeed(server.url, server.credentials) as feed:
+    with _own_pacs(tmp_path) as (server, pacs, feed):
         study = _send(server, first)
         _wait_stable(server, {study})
         (once,) = watch.watch_once(feed, pacs, staging, work, CONFIG.ingest, key, scorer)
@@ -450,19 +460,13 @@ def test_a_study_scored_on_openvino_int8_gets_onnx_runtimes_answer_and_leaks_not
     engines' agreement, and neither the work directory nor the staging area holds the study's
     identifiers."""
     from dicomops.feedback.pacs import _score
-    from dicomops.pacs.orthanc import start_orthanc
     from dicomops.serving.predict import Timer, score_gated
-
-    from .conftest import free_port
-    from .orthanc_fixture import STABLE_AGE_S, pacs_credentials
 
     key, work, staging = key_from_settings(), tmp_path / "work", tmp_path / "staging"
     scorer = load_champion(champion, TINY.model_name, engine="ov-int8", models_dir=tmp_path / "models")
     assert scorer.engine.choice.kind == "ov-int8"
     files = synthetic_study(tmp_path / "send", slices=12, matrix=128, index=61, vendor="philips")
-    with start_orthanc(tmp_path / "pacs", free_port(), pacs_credentials(), stable_age_s=STABLE_AGE_S) as server, \
-            PacsClient(server.dicomweb_url, server.credentials) as pacs, \
-            ChangesFeed(server.url, server.credentials) as feed:
+    with _own_pacs(tmp_path) as (server, pacs, feed):
         study = _send(server, files)
         _wait_stable(server, {study})
         (outcome,) = watch.watch_once(feed, pacs, staging, work, CONFIG.ingest, key, scorer)
