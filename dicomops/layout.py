@@ -18,7 +18,8 @@ One ``WORK`` folder (``--work``, default ``./work``) holds everything a run writ
       monitoring/inflow/<id>/       the PACS studies a monitored inflow batch holds (links to their deid/)
       monitoring/inflow.json        how far pacs-watch's ledger has been monitored (a row count only)
       alerts.jsonl                  drift alerts, one JSON line each
-      retrain/                      the combined labelled sources, the retrain's own work directory, pool.json
+      retrain/                      the combined labelled sources (src/, its DVC pointer src.dvc), the retrain's own
+                                    work directory, pool.json
       pacs/cursor.json              how far the PACS changes feed was handled (a sequence number only)
       pacs/studies.csv              each PACS study handled: its token, verdict, counts, results stored back
       pacs/studies/<token>/         a PACS study's own ingest/, deid/, preprocessed/ (token: keyed hash)

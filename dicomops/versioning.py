@@ -44,6 +44,28 @@ def _dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=1800)
 
 
+# DVC refuses a pointer that git ignores ("bad DVC file name ... is git-ignored"), and a work
+# directory is git-ignored. There DVC runs without git (``core.no_scm`` for that call only): it
+# neither checks nor writes .gitignore, and the pointer is kept by whoever records it (a run's
+# artifact), not by git. The repository's cache and remotes are the same.
+_DVC_WITHOUT_GIT = """import sys
+from dvc.repo import Repo
+with Repo(sys.argv[1], config={"core": {"no_scm": True}}) as repo:
+    getattr(repo, sys.argv[2])(sys.argv[3])
+"""
+
+
+def _dvc_without_git(command: str, target: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``dvc add`` or ``dvc push`` of `target` with git out of DVC's sight (see above)."""
+    return subprocess.run([sys.executable, "-c", _DVC_WITHOUT_GIT, str(cwd), command, target], cwd=cwd,
+                          capture_output=True, text=True, timeout=1800)
+
+
+def _git_ignores(path: Path, repo: Path) -> bool:
+    return subprocess.run(["git", "check-ignore", "-q", str(path.relative_to(repo))], cwd=repo,
+                          capture_output=True).returncode == 0
+
+
 def ensure_corpus(data: Path, cfg: SynthConfig, *, pointer: Path | None = None, strict: bool = False,
                   track: bool = True, progress: Callable[[int, int], None] | None = None) -> CorpusStatus:
     """Make sure `data` holds the corpus `pointer` records (or `cfg` describes).
@@ -155,9 +177,7 @@ def dvc_root(folder: Path) -> Path | None:
 
 def version_source(folder: Path, files: dict[str, Path]) -> SourceVersion:
     """Make the source `folder` hold exactly `files` (name in the folder → file; unchanged files are not
-    rewritten, others removed) and record the version with DVC:
-    ``dvc add <folder>`` (``<folder>.dvc`` beside it; commit that file to keep the history in git)
-    and ``dvc push`` to the default remote, so that any run's version can be checked out again.
+    rewritten, others removed) and record the version with DVC (:func:`version_folder`).
 
     Outside a DVC repository, or when DVC fails, the folder is still written and the reason is in
     ``note`` (and the log): a source is never lost because it could not be versioned.
@@ -181,20 +201,48 @@ def version_source(folder: Path, files: dict[str, Path]) -> SourceVersion:
         for empty in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
             if not any(empty.iterdir()):
                 empty.rmdir()
-        md5 = dvc_directory_hash(folder)
-        if repo is None:
-            note = f"no DVC repository above {folder}: run 'dvc init' there, or place the folder inside one"
-            log.warning("source %s not versioned: %s", folder, note)
-            return SourceVersion(folder, md5, None, False, note)
-        pointer = folder.with_name(folder.name + ".dvc")
-        added = _dvc("add", str(folder.relative_to(repo)), cwd=repo)
-        if added.returncode != 0:
-            note = f"dvc add failed: {added.stderr.strip()[-300:]}"
-            log.warning("source %s not versioned: %s", folder, note)
-            return SourceVersion(folder, md5, None, False, note)
-        recorded = str(read_dvc_pointer(pointer)["md5"])
-        pushed = _dvc("push", str(pointer.relative_to(repo)), cwd=repo)
-        note = "" if pushed.returncode == 0 else f"dvc push failed: {pushed.stderr.strip()[-300:]}"
-        if note:
-            log.warning("source %s versioned but not pushed: %s", folder, note)
-        return SourceVersion(folder, recorded, pointer, pushed.returncode == 0, note)
+        return version_folder(folder)
+
+
+def version_folder(folder: Path) -> SourceVersion:
+    """Record `folder` as it is with DVC: ``dvc add <folder>`` (``<folder>.dvc`` beside it; commit that
+    file to keep the history in git) and ``dvc push`` to the default remote, so that the version can be
+    checked out again (``dvc pull <folder>.dvc``) after its files are gone.
+
+    Files that are symbolic links are recorded by their content, which DVC's cache and remote then
+    hold: the version no longer depends on the files they pointed to. A folder git ignores (one in
+    a work directory) is recorded without git (``_DVC_WITHOUT_GIT``): its pointer is not for git, so
+    keep it where the run that used it is recorded. The caller holds whatever lock keeps others
+    from writing the folder meanwhile.
+
+    Outside a DVC repository, or when DVC fails, the folder is left as it is, ``pointer`` is None and
+    ``note`` says why. DVC's own message goes to the log only: it may name a file of the folder, and
+    ``note`` becomes a run's tag.
+    """
+    folder = Path(folder).absolute()
+    md5 = dvc_directory_hash(folder)
+    repo = dvc_root(folder)
+    if repo is None:
+        note = f"no DVC repository above {folder}: run 'dvc init' there, or place the folder inside one"
+        log.warning("source %s not versioned: %s", folder, note)
+        return SourceVersion(folder, md5, None, False, note)
+    pointer = folder.with_name(folder.name + ".dvc")
+    target, listed = str(folder.relative_to(repo)), str(pointer.relative_to(repo))
+    ignored = _git_ignores(pointer, repo)
+    added = _dvc_without_git("add", target, repo) if ignored else _dvc("add", target, cwd=repo)
+    if added.returncode != 0:
+        note = f"'dvc add {target}' failed (exit {added.returncode}); its message is in the log"
+        log.warning("source %s not versioned: %s", folder, added.stderr.strip()[-300:])
+        return SourceVersion(folder, md5, None, False, note)
+    if not pointer.is_file():  # DVC recorded it in the output above that holds it (``dvc add`` of a part)
+        note = (f"{folder} lies inside a folder DVC already tracks, which 'dvc add' updated instead of "
+                f"writing {pointer.name}: keep the work directory out of DVC's outputs")
+        log.warning("source %s not versioned: %s", folder, note)
+        return SourceVersion(folder, md5, None, False, note)
+    recorded = str(read_dvc_pointer(pointer)["md5"])
+    pushed = _dvc_without_git("push", listed, repo) if ignored else _dvc("push", listed, cwd=repo)
+    note = "" if pushed.returncode == 0 else (f"'dvc push {listed}' failed (exit {pushed.returncode}); its "
+                                              "message is in the log")
+    if note:
+        log.warning("source %s versioned but not pushed: %s", folder, pushed.stderr.strip()[-300:])
+    return SourceVersion(folder, recorded, pointer, pushed.returncode == 0, note)

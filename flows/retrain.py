@@ -29,7 +29,7 @@ from flows.scope import tracked, writing
 from flows.segment import segment
 from flows.train import train
 from tasks.feedback import apply_reader_labels, readers_source
-from tasks.monitor import tag_run
+from tasks.monitor import tag_run, version_pool
 from tasks.tracking import hash_corpus, open_run
 
 
@@ -87,6 +87,8 @@ def _retrain(work: Path, config: PipelineConfig, uri: str, artifact_root: Path |
     run_id = open_run(uri, config.experiment, artifact_root, "retrain", data_hash,
                       {"retrain.sources": n_sources, "retrain.trigger": trigger})
     with tracked(uri, run_id):
+        # The pool as DVC records it, so that the versions registered below can be retrained from it.
+        cause |= version_pool(uri, run_id, src)
         tag_run(uri, run_id, cause)
         on_dask(ingest, config.ingest.dask_address)(
             src, retrain_work, config.ingest, config.experiment, parent_run_id=run_id)

@@ -13,6 +13,7 @@ from dicomops.layout import WorkLayout
 from dicomops.monitoring import alerts, drift, inflow, stage
 from dicomops.monitoring.reference import ServingModel, load_serving
 from dicomops.tracking import runs
+from dicomops.versioning import version_folder
 
 
 @task(name="load-serving-model", retries=2, retry_delay_seconds=[2, 10])
@@ -23,6 +24,19 @@ def load_serving_model(tracking_uri: str, name: str, alias: str) -> ServingModel
 @task(name="tag-run", retries=2, retry_delay_seconds=[2, 10])
 def tag_run(tracking_uri: str, run_id: str, tags: dict[str, str]) -> None:
     runs.set_tags(tracking_uri, run_id, tags)
+
+
+@task(name="version-retrain-pool", tags=["io-heavy"])
+def version_pool(tracking_uri: str, run_id: str, pool: Path) -> dict[str, str]:
+    """The retrain's labelled pool as a DVC version, its pointer logged to the run (``data/``): a later
+    ``dvc pull`` of that pointer gives the pool back after its monitored batches are gone. Returns
+    the tags the run and the versions it registers carry."""
+    version = version_folder(pool)
+    if version.note:
+        get_run_logger().warning("retrain pool: %s", version.note)
+    if version.pointer:
+        runs.log_artifacts(tracking_uri, run_id, [version.pointer], "data")
+    return version.tags("retrain.pool")
 
 
 @task(name="reference-quarantine-share", retries=2, retry_delay_seconds=[2, 10])

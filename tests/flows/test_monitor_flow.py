@@ -29,6 +29,7 @@ from dicomops.monitoring import alerts
 from dicomops.monitoring.reference import TAG, load_serving
 from dicomops.synthetic import generate_corpus
 from dicomops.tracking import registry
+from dicomops.tracking.lineage import SOURCE_HASH_TAG
 from flows.monitor import monitor
 from flows.pipeline import pipeline
 from flows.retrain import retrain
@@ -108,7 +109,20 @@ BASIS = ("compared on this version's pool, labels and folds: champion v{} by the
          "each series scored by one that never trained on its patient")
 
 
+def _dvc_repository(root: Path) -> None:
+    """`root` as the project is: git and DVC, a default remote, and the work directory git-ignored."""
+    import subprocess
+    import sys
+
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(root / "remote")], cwd=root,
+                   check=True, capture_output=True)
+    (root / ".gitignore").write_text("/work/\n/remote/\n")
+
+
 def test_monitor_alerts_and_retrains_once_and_leaves_same_distribution_alone(tmp_path: Path, mlflow_env: str) -> None:
+    _dvc_repository(tmp_path)  # the work directory lies in the project, as `make run`'s does
     source = _synth(tmp_path, "data", 20, 17, "baseline")
     cfg = _config(source)
     work = tmp_path / "work"
@@ -145,6 +159,12 @@ def test_monitor_alerts_and_retrains_once_and_leaves_same_distribution_alone(tmp
     assert version.tags["trigger"] == "drift" and version.tags["monitoring_run_id"] == shifted["monitoring_run_id"]
     assert version.tags["promotion.decision"] == "awaiting-review" and retrained["promoted"] is False
     assert "not above margin 1.0000" in version.tags["promotion.reasons"]
+    # The pool it learned from is a DVC version: its pointer is on the run, its md5 the run's data hash.
+    pool, retrain_run = WorkLayout(work).retrain_sources, client.get_run(str(retrained["mlflow_run_id"]))
+    assert version.tags["retrain.pool.dvc"] == str(pool.with_name("src.dvc"))
+    assert version.tags["retrain.pool.dvc_md5"] == retrain_run.data.tags[SOURCE_HASH_TAG]
+    assert [a.path for a in client.list_artifacts(retrain_run.info.run_id, "data")] == ["data/src.dvc"]
+    assert (tmp_path / "remote" / "files" / "md5").is_dir()  # pushed
     _assert_compared_on_the_retrain_pool(mlflow_env, work, Path(retrained["work"]), str(first.version),
                                          version.tags["promotion.reasons"])
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == str(first.version)
@@ -195,5 +215,8 @@ def test_monitor_alerts_and_retrains_once_and_leaves_same_distribution_alone(tmp
     (dump / "alerts.jsonl").write_bytes((work / "alerts.jsonl").read_bytes())
     for run in (monitoring_run.info.run_id,):
         client.download_artifacts(run, "drift", str(dump))
+    client.download_artifacts(str(retrained["mlflow_run_id"]), "data", str(dump))  # the pool's DVC pointer
+    (dump / "retrain-tags.json").write_text(json.dumps(client.get_run(str(retrained["mlflow_run_id"])).data.tags))
+    assert (dump / "data" / "src.dvc").is_file()
     assert scan_for_phi(dump, needles) == []
     assert len(scan_for_phi(shifted_src / "case-00001", needles)) > 5  # the scan is not vacuous

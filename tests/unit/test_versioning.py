@@ -11,8 +11,10 @@ import pytest
 
 from dicomops.config import SynthConfig
 from dicomops.errors import CorpusMismatchError
+from dicomops.monitoring.stage import combine_sources
+from dicomops.synthetic import generate_corpus
 from dicomops.tracking import dvc_directory_hash, read_dvc_pointer
-from dicomops.versioning import ensure_corpus, version_source
+from dicomops.versioning import ensure_corpus, version_folder, version_source
 
 CFG = SynthConfig(patients=2, seed=21, fault_rate=0.0, matrix=32, slices=8, workers=1)
 
@@ -82,3 +84,50 @@ def test_a_source_outside_a_dvc_repository_is_written_and_says_why_it_is_not_ver
     assert version.pointer is None and not version.pushed and "no DVC repository above" in version.note
     assert (tmp_path / "elsewhere/readers/labels.csv").read_text() == labels.read_text()
     assert version.tags("x")["x.dvc"].startswith("not versioned: no DVC repository")
+
+
+def test_a_retrain_pool_of_links_is_recorded_by_content_and_comes_back_after_its_sources_are_gone(
+        tmp_path: Path) -> None:
+    repo = _repo(tmp_path)
+    (repo / ".gitignore").write_text("/work/\n")  # as the project's: DVC must do without git there
+    batch = tmp_path / "incoming"  # outside the repository, as a monitored batch is
+    generate_corpus(batch, CFG)
+    pool = combine_sources([batch], repo / "work" / "retrain" / "src")
+    links = sorted(p.relative_to(pool).as_posix() for p in pool.rglob("*") if p.is_symlink())
+    assert len(links) > 10
+    before = dvc_directory_hash(pool)  # the retrain's data hash, taken over the links
+
+    version = version_folder(pool)
+    assert version.pointer == pool.with_name("src.dvc") and version.pushed and version.note == ""
+    assert version.md5 == before == read_dvc_pointer(version.pointer)["md5"]
+    assert (repo / ".gitignore").read_text() == "/work/\n" and not (pool.parent / ".gitignore").exists()
+    content = {name: (pool / name).read_bytes() for name in links}
+
+    shutil.rmtree(batch)
+    shutil.rmtree(pool)
+    shutil.rmtree(repo / ".dvc" / "cache")
+    # What a user does with a retrain run's artifact data/src.dvc: into a folder git keeps, then pull.
+    (repo / "restored").mkdir()
+    shutil.copy(version.pointer, repo / "restored" / "src.dvc")
+    subprocess.run([sys.executable, "-m", "dvc", "pull", "-q", "restored/src.dvc"], cwd=repo, check=True,
+                   capture_output=True)
+    restored = repo / "restored" / "src"
+    assert {name: (restored / name).read_bytes() for name in links} == content
+    assert dvc_directory_hash(restored) == before
+
+
+def test_a_pool_dvc_refuses_is_left_as_it_is_and_the_note_names_the_command_not_dvc_s_message(
+        tmp_path: Path) -> None:
+    repo = _repo(tmp_path)
+    pool = repo / "work" / "retrain" / "src"
+    pool.mkdir(parents=True)
+    (pool / "case-Doe^John.dcm").write_bytes(b"x")  # a monitored batch's own file name
+    (repo / ".dvcignore").write_text("/work/retrain/src\n")
+    version = version_folder(pool)
+    assert version.pointer is None and not version.pushed and version.md5 == dvc_directory_hash(pool)
+    assert version.note.startswith("'dvc add work/retrain/src' failed (exit 1)") and "Doe" not in version.note
+
+    (repo / ".dvcignore").unlink()
+    subprocess.run([sys.executable, "-m", "dvc", "add", "-q", "work"], cwd=repo, check=True, capture_output=True)
+    inside = version_folder(pool)  # DVC updates work.dvc and writes no src.dvc
+    assert inside.pointer is None and "inside a folder DVC already tracks" in inside.note
