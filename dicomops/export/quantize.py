@@ -10,7 +10,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +116,69 @@ def check_int8(fp32: Path, int8: Path, x: np.ndarray, y: np.ndarray, tolerance: 
     log.info("INT8: validation AUC %.4f → %.4f (drop %.4f) on %d slabs", result.auc_fp32, result.auc_int8,
              result.auc_drop, result.samples)
     return result
+
+
+SERIES_CHECK_TAG = "export.int8.series_check"  # the version's tag: whether its INT8 file may be served
+
+
+@dataclass(frozen=True)
+class SeriesCheck:
+    """INT8 against FP32 on what is served, the series score (the model's rule over every slab of a
+    series): their AUC over the same series and the largest difference of a series' score."""
+
+    auc_fp32: float
+    auc_int8: float
+    max_abs_diff: float
+    series: int
+    tolerance: float
+
+    @property
+    def auc_drop(self) -> float:
+        return self.auc_fp32 - self.auc_int8
+
+    @property
+    def ok(self) -> bool:
+        return self.auc_drop <= self.tolerance
+
+    def verdict(self) -> str:
+        """The tag that says whether the INT8 file may be served, and why not."""
+        figures = (f"series AUC {self.auc_fp32:.4f} -> {self.auc_int8:.4f} over {self.series} series, scores "
+                   f"moved by up to {self.max_abs_diff:.3f}")
+        if self.ok:
+            return f"passed: {figures}"
+        return (f"failed: {figures}; the INT8 engines refuse this version: serve it with ort-fp32 (or ov-fp32), "
+                "or export it with --int8 qat")
+
+
+def int8_refusal(tags: Mapping[str, str]) -> str | None:
+    """Why a version's INT8 file must not be served (its export's series check failed), or None.
+    Versions exported before the check existed carry no verdict and are served as before."""
+    verdict = tags.get(SERIES_CHECK_TAG, "")
+    return verdict if verdict.startswith("failed") else None
+
+
+def check_int8_series(fp32: Path, int8: Path, series: dict[str, tuple[np.ndarray, int]],
+                      score: Callable[[np.ndarray], float], tolerance: float, threads: int = 2) -> SeriesCheck:
+    """Score every series of `series` (id → (its slabs, its label)) with both files by `score` (slab
+    probabilities → series score, the model's rule) and compare. Nothing is raised: the caller
+    decides what a failed check withholds.
+
+    The slab check (:func:`check_int8`) cannot see what the series rule does with the slabs that
+    matter little alone: a rule that reads every slab's log-odds against the series' mean (the
+    classifier's ``top_k_contrast``) turns INT8's error on confident negative slabs, which no slab
+    AUC notices, into a different ranking of series.
+    """
+    if len({label for _, label in series.values()}) < 2:
+        raise ValueError("the INT8 series check needs series of both classes")
+    s32, s8 = session(fp32, threads), session(int8, threads)
+    labels, scores32, scores8 = [], [], []
+    for slabs, label in series.values():
+        labels.append(label)
+        scores32.append(score(run_onnx(s32, slabs)[:, 1]))
+        scores8.append(score(run_onnx(s8, slabs)[:, 1]))
+    a32, a8 = np.asarray(scores32), np.asarray(scores8)
+    return SeriesCheck(float(roc_auc_score(labels, a32)), float(roc_auc_score(labels, a8)),
+                       float(np.abs(a32 - a8).max()), len(labels), tolerance)
 
 
 # -- the layers at the input's resolution --------------------------------------------------------

@@ -302,6 +302,11 @@ def load_champion(tracking_uri: str, name: str, alias: str | None = CHAMPION, ve
         raise ValueError(f"{plan} of {name} version {mv.version} has no registered sha256 (exported before plans "
                          f"were registered), so it is not served; run '{export_command(mv.version)}' on a GPU host, "
                          "or serve with --engine ort-fp32")
+    from dicomops.export.quantize import int8_refusal
+
+    if ENGINE_FILES.get(engine) == ENGINE_FILES["ort-int8"] and (why := int8_refusal(mv.tags)):
+        raise ValueError(f"{engine} would serve the INT8 file of {name} version {mv.version}, which its export's check "
+                         f"refused: {why}")
     choice = choose(engine, set(checked.files))
     served = open_engine(folder, choice, contract, threads)
     from dicomops.training.scoring import SeriesRule

@@ -234,6 +234,25 @@ def test_leave_one_vendor_out_then_export_attaches_checked_files(train_work: Pat
     assert float(tags["export.int8.auc_fp32"]) == pytest.approx(auc_fp32, rel=1e-5)
     assert float(tags["export.int8.auc_int8"]) == pytest.approx(auc_int8, rel=1e-5)
     assert float(tags["export.int8.auc_drop"]) == pytest.approx(auc_fp32 - auc_int8, abs=1e-5)
+    # The series check: both files' series scores (the version's rule over every slab) of the check
+    # fold's validation series, as serving computes them; its verdict decides whether INT8 is served.
+    from dicomops.training.data import all_slabs, load_volume
+    from dicomops.training.scoring import SeriesRule, series_score
+
+    layout, rule = WorkLayout(work), SeriesRule.of(cfg)
+    uids = layout.read_folds().val(export_cfg.check_fold)
+    paths = layout.preprocessed.read_index().set_index("SeriesInstanceUID").path
+    labels = layout.labelled_series().set_index("SeriesInstanceUID").label
+    slabs = [all_slabs(load_volume(layout.preprocessed.volume(paths[u])), 3, cfg.input_size).numpy() for u in uids]
+    series_scores = [[series_score(onnx_export.run_onnx(onnx_export.session(folder / name), x)[:, 1], rule)
+                      for x in slabs] for name in ("model.onnx", "model.int8.onnx")]
+    assert float(tags["export.int8.series"]) == len(uids)
+    for which, scores_ in zip(("fp32", "int8"), series_scores, strict=True):
+        assert float(tags[f"export.int8.series_auc_{which}"]) == pytest.approx(
+            roc_auc_score(labels.loc[uids], scores_), abs=1e-5)
+    assert float(tags["export.int8.series_max_abs_diff"]) == pytest.approx(
+        max(abs(a - b) for a, b in zip(*series_scores, strict=True)), abs=1e-5)
+    assert tags["export.int8.series_check"].startswith("passed: series AUC ")  # int8_max_auc_drop 1.0
     # export.int8_float_head "auto": the head was timed, and the tag says what the served file holds
     import onnx
 

@@ -296,3 +296,23 @@ def test_export_skips_only_while_the_registered_export_passes_the_serving_checks
     onnx_file.write_bytes(good)  # what the re-export's attach puts back
     assert run()["skipped"] is True
     assert run(force=True)["skipped"] is False and len(exports) == 3
+
+
+# The INT8 file whose series scores failed the export's check (export.int8.series_check)
+
+
+@pytest.mark.parametrize("engine", ["ort-int8", "ov-int8"])
+def test_an_int8_file_whose_series_check_failed_is_refused_and_fp32_still_served(
+        tmp_path: Path, served: Any, engine: champion.EngineKind) -> None:
+    store, mv = make_export(tmp_path / "store")
+    verdict = ("failed: series AUC 0.9910 -> 0.8416 over 30 series, scores moved by up to 0.631; the INT8 engines "
+               "refuse this version: serve it with ort-fp32 (or ov-fp32), or export it with --int8 qat")
+    mv.tags["export.int8.series_check"] = verdict
+    served(store, mv)
+    with pytest.raises(ValueError) as err:
+        _load(tmp_path / "models", engine)
+    assert f"{engine} would serve the INT8 file of {NAME} version {VERSION}" in str(err.value)
+    assert verdict in str(err.value)
+    assert _load(tmp_path / "models2").engine.choice.kind == "ort-fp32"
+    mv.tags["export.int8.series_check"] = verdict.replace("failed", "passed", 1)
+    assert _load(tmp_path / "models3", "ort-int8").engine.choice.kind == "ort-int8"
