@@ -9,7 +9,8 @@ parity at export is what scores patients. The choice:
 - ``ort-fp32``: ONNX Runtime on CPU, the default otherwise (bit-for-bit the model the export
   checked against torch);
 - ``ort-int8``: the QDQ model, on request (faster on CPU, within the INT8 AUC drop the export
-  measured).
+  measured), and only where the export's series check passed (``export.int8.series_check``:
+  :func:`dicomops.serving.champion.load_champion` refuses both INT8 engines otherwise).
 - ``ov-fp32``, ``ov-int8``: the same two files compiled by OpenVINO's CPU plugin, on request
   (:mod:`dicomops.export.openvino_engine`: the export checked them against ONNX Runtime; on the
   AMX Xeon OpenVINO's INT8 is the fastest CPU engine, README *Lightweight models*).
