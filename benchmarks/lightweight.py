@@ -174,7 +174,9 @@ E2E_ENGINES = ("ort-fp32", "ort-int8", "ov-int8")  # the baseline first
 def end_to_end(studies: Path, versions: list[str]) -> None:
     """Per-study medians of ``dicomops predict`` on `studies` for each version of the classifier's
     registered model in ONNX Runtime FP32 and INT8 and OpenVINO INT8, each run in its own process, and each
-    engine's speed-up over ONNX Runtime FP32 per study and for scoring alone."""
+    engine's speed-up over ONNX Runtime FP32 per study and for scoring alone. The INT8 engines serve
+    only a version whose export's series check passed (``export.int8.series_check``): export the
+    versions with ``--int8 qat`` first where post-training INT8 failed it."""
     cli = Path(sys.executable).with_name("dicomops")
     medians: dict[tuple[str, str], dict[str, float]] = {}
     # Read every file once first: otherwise the first engine pays for the cold disk cache (measured
