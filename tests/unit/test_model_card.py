@@ -267,3 +267,13 @@ def test_the_export_section_names_openvino_only_where_the_export_ran_it() -> Non
     assert ("OpenVINO on CPU (engines ov-fp32, ov-int8): INT8 AUC 0.9765; throughput at batch 32 4128 slabs/s INT8, "
             "2.24x ONNX Runtime FP32 and 2.41x its own FP32") in ran
     assert "OpenVINO" not in model_card.export_section({"export.onnx.parity_max_abs_diff": 1e-6}, "skipped", "runs:/x")
+
+
+def test_the_export_section_gives_the_int8_series_check_where_the_export_ran_it() -> None:
+    ran = model_card.export_section({"export.onnx.parity_max_abs_diff": 1e-6, "export.int8.series_auc_fp32": 0.991,
+                                     "export.int8.series_auc_int8": 0.8416, "export.int8.series": 30.0,
+                                     "export.int8.series_max_abs_diff": 0.631}, "skipped", "runs:/x/export")
+    assert ("- INT8 series scores (what is served): series AUC 0.9910 → 0.8416 over 30 series, scores moved by up "
+            "to 0.631; the tag export.int8.series_check says whether the INT8 engines serve this version") in ran
+    assert "series scores" not in model_card.export_section({"export.onnx.parity_max_abs_diff": 1e-6}, "skipped",
+                                                            "runs:/x")
