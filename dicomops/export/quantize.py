@@ -122,27 +122,13 @@ SERIES_CHECK_TAG = "export.int8.series_check"  # the version's tag: whether its 
 
 
 @dataclass(frozen=True)
-class SeriesCheck:
+class SeriesCheck(Int8Check):
     """INT8 against FP32 on what is served, the series score (the model's rule over every slab of a
-    series): their AUC over the same series and the largest difference of a series' score."""
-
-    auc_fp32: float
-    auc_int8: float
-    max_abs_diff: float
-    series: int
-    tolerance: float
-
-    @property
-    def auc_drop(self) -> float:
-        return self.auc_fp32 - self.auc_int8
-
-    @property
-    def ok(self) -> bool:
-        return self.auc_drop <= self.tolerance
+    series): their AUC over the same `samples` series and the largest difference of a series' score."""
 
     def verdict(self) -> str:
         """The tag that says whether the INT8 file may be served, and why not."""
-        figures = (f"series AUC {self.auc_fp32:.4f} -> {self.auc_int8:.4f} over {self.series} series, scores "
+        figures = (f"series AUC {self.auc_fp32:.4f} -> {self.auc_int8:.4f} over {self.samples} series, scores "
                    f"moved by up to {self.max_abs_diff:.3f}")
         if self.ok:
             return f"passed: {figures}"

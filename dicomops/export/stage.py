@@ -283,7 +283,7 @@ def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportCo
                                "export.int8.series_auc_int8": series_check.auc_int8,
                                "export.int8.series_auc_drop": series_check.auc_drop,
                                "export.int8.series_max_abs_diff": series_check.max_abs_diff,
-                               "export.int8.series": float(series_check.series)})
+                               "export.int8.series": float(series_check.samples)})
     if not np.isnan(head.speedup):
         report.metrics["export.int8.float_head_speedup"] = head.speedup
     for label, path in (("ort_fp32", fp32), ("ort_int8", int8)):

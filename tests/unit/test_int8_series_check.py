@@ -52,7 +52,7 @@ def test_int8_that_keeps_the_slabs_but_moves_the_series_fails_and_says_what_to_d
 
     check = quantize.check_int8_series(Path("fp32.onnx"), Path("int8.onnx"), series,
                                        lambda p: series_score(p, CONTRAST), tolerance=0.01)
-    assert check.series == 6 and check.auc_fp32 == 1.0 and check.auc_int8 < 0.5 and not check.ok
+    assert check.samples == 6 and check.auc_fp32 == 1.0 and check.auc_int8 < 0.5 and not check.ok
     scores = {k: (series_score(p32[k], CONTRAST), series_score(p8[k], CONTRAST)) for k in series}
     assert check.max_abs_diff == pytest.approx(max(abs(a - b) for a, b in scores.values()))
     verdict = check.verdict()
