@@ -270,8 +270,9 @@ def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportCo
         int8 = quantize.quantize_int8(fp32, folder / "model.int8.onnx", calib_x)
     head = quantize.float_head(int8, cfg.int8_float_head, contract.input_shape, cfg.max_batch, threads)
     int8_check = quantize.check_int8(fp32, int8, val_x, val_y, cfg.int8_max_auc_drop)
-    series_check = (_series_check(layout, contract, fp32, int8, train_cfg, cfg, threads) if layout is not None
-                    else None)
+    series_check, series_verdict = (_series_check(layout, contract, fp32, int8, train_cfg, cfg, threads)
+                                    if layout is not None
+                                    else (None, "not run: exported without the training's work directory"))
     report.metrics.update({
         "export.onnx.parity_max_abs_diff": parity.max_abs_diff, "export.onnx.parity_samples": parity.samples,
         "export.onnx.batch_spread": batch_spread, "export.int8.auc_fp32": int8_check.auc_fp32,
@@ -315,8 +316,7 @@ def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportCo
                                            "; its learnt ranges, float convolution outputs calibrated)"
                                           if cfg.int8 == "qat" else "ptq (ONNX Runtime static QDQ)"),
                    "export.int8.float_convolutions": ", ".join(head.kept) or "none",
-                   quantize.SERIES_CHECK_TAG: (series_check.verdict() if series_check is not None
-                                               else "not run: exported without the training's work directory"),
+                   quantize.SERIES_CHECK_TAG: series_verdict,
                    "export.onnx.opset": str(cfg.opset), "export.tensorrt": report.tensorrt,
                    "export.openvino": report.openvino,
                    "export.triton": f"{ref.name} (onnxruntime_onnx)" + (", " + ref.name + "-trt (tensorrt_plan)"
@@ -326,27 +326,27 @@ def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportCo
 
 
 def _series_check(layout: WorkLayout, contract: InputContract, fp32: Path, int8: Path, train_cfg: TrainConfig,
-                  cfg: ExportConfig, threads: int) -> quantize.SeriesCheck:
+                  cfg: ExportConfig, threads: int) -> tuple[quantize.SeriesCheck | None, str]:
     """INT8 against FP32 on the series scores of the check fold's validation series, every slab of
-    each, by the version's own series rule (:func:`quantize.check_int8_series`). A failed check is
-    logged and tagged, and the INT8 engines then refuse the version (:func:`quantize.int8_refusal`); the
-    export itself stands, since FP32 is what it serves by default."""
+    each, by the version's own series rule (:func:`quantize.check_int8_series`), and its verdict. A
+    failed check is logged and tagged, and the INT8 engines then refuse the version
+    (:func:`quantize.int8_refusal`); the export itself stands, since FP32 is what it serves by default.
+    Series of one class have no AUC: the check is then not run, and says so."""
     from dicomops.training.data import all_slabs, load_volume
     from dicomops.training.scoring import SeriesRule, series_score
 
-    rule = SeriesRule.of(train_cfg)
-    labelled = layout.labelled_series().set_index("SeriesInstanceUID")
+    labels = layout.labelled_series().set_index("SeriesInstanceUID").label
+    uids = layout.read_folds().val(cfg.check_fold)
+    if labels.loc[uids].nunique() < 2:
+        return None, f"not run: fold {cfg.check_fold}'s validation series are all of one class"
     paths = layout.preprocessed.read_index().set_index("SeriesInstanceUID").path
     series = {uid: (all_slabs(load_volume(layout.preprocessed.volume(paths[uid])), contract.channels,
-                              contract.height).numpy(), int(labelled.loc[uid, "label"]))
-              for uid in layout.read_folds().val(cfg.check_fold)}
+                              contract.height).numpy(), int(labels.loc[uid])) for uid in uids}
+    rule = SeriesRule.of(train_cfg)
     check = quantize.check_int8_series(fp32, int8, series, lambda p: series_score(p, rule), cfg.int8_max_auc_drop,
                                        threads)
-    if check.ok:
-        log.info("INT8 series check %s", check.verdict())
-    else:
-        log.warning("INT8 series check %s", check.verdict())
-    return check
+    (log.info if check.ok else log.warning)("INT8 series check %s", check.verdict())
+    return check, check.verdict()
 
 
 def _held_out(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportConfig,
@@ -491,10 +491,11 @@ def attach(tracking_uri: str, ref: ModelRef, report: ExportReport) -> None:
 
 def summary_line(report: ExportReport) -> str:
     m = report.metrics
+    series = report.tags.get(quantize.SERIES_CHECK_TAG, "not run").split(":")[0]  # passed, failed, not run
     return (f"export v{report.version}: ONNX parity {m['export.onnx.parity_max_abs_diff']:.1e}; INT8 AUC drop "
-            f"{m['export.int8.auc_drop']:+.4f}; INT8 series check "
-            f"{report.tags.get(quantize.SERIES_CHECK_TAG, 'not run').split(':')[0]}; ORT FP32 {m['export.ort_fp32.latency_ms_b1']:.1f} ms at batch 1; "
-            f"tensorrt: {report.tensorrt}; openvino: {report.openvino}")
+            f"{m['export.int8.auc_drop']:+.4f}; INT8 series check {series}; ORT FP32 "
+            f"{m['export.ort_fp32.latency_ms_b1']:.1f} ms at batch 1; tensorrt: {report.tensorrt}; "
+            f"openvino: {report.openvino}")
 
 
 def describe(report: ExportReport) -> dict[str, Any]:
