@@ -62,8 +62,12 @@ def _dvc_without_git(command: str, target: str, cwd: Path) -> subprocess.Complet
 
 
 def _git_ignores(path: Path, repo: Path) -> bool:
-    return subprocess.run(["git", "check-ignore", "-q", str(path.relative_to(repo))], cwd=repo,
-                          capture_output=True).returncode == 0
+    """Whether git ignores `path` (False where there is no git, or no git repository)."""
+    try:
+        return subprocess.run(["git", "check-ignore", "-q", str(path.relative_to(repo))], cwd=repo,
+                              capture_output=True).returncode == 0
+    except FileNotFoundError:
+        return False
 
 
 def ensure_corpus(data: Path, cfg: SynthConfig, *, pointer: Path | None = None, strict: bool = False,
