@@ -326,17 +326,6 @@ def export_converted(converted: torch.fx.GraphModule, contract: InputContract, f
     return int8, qdq
 
 
-def series_scores(path: Path, volumes: dict[str, np.ndarray], k: int, size: int, rule: SeriesRule,
-                  threads: int = 2) -> dict[str, float]:
-    """Each series' score (by the model's `rule`) from an ONNX file over all its slices."""
-    from dicomops.training.data import all_slabs
-    from dicomops.training.scoring import series_score
-
-    sess = onnx_export.session(path, threads)
-    return {uid: series_score(onnx_export.run_onnx(sess, all_slabs(volume, k, size).numpy())[:, 1], rule)
-            for uid, volume in volumes.items()}
-
-
 def held_out_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """Per engine: AUC per fold and vendor (pooled over the folds per vendor), the mean over folds, and
     its difference from FP32's with a 95 % paired bootstrap interval (:func:`paired_difference`)."""
@@ -452,7 +441,7 @@ def held_out(layout: Any, tracking_uri: str, run_id: str, contract: InputContrac
             quantize.keep_in_float(engines[engine], engines[engine])
         volumes = {uid: load_volume(pre.volume(paths[uid])) for uid in folds.val(fold)}
         for engine, path in engines.items():
-            for uid, score in series_scores(path, volumes, k, size, rule).items():
+            for uid, score in quantize.series_scores(path, volumes, k, size, rule).items():
                 rows.append({"fold": fold, "engine": engine, "SeriesInstanceUID": uid,
                              "vendor": series.loc[uid, "vendor"], "label": int(series.loc[uid, "label"]),
                              "score": score})

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -27,6 +27,9 @@ from dicomops.export.onnx_export import (
     set_metadata,
     write_metadata,
 )
+
+if TYPE_CHECKING:
+    from dicomops.training.scoring import SeriesRule
 
 log = logging.getLogger(__name__)
 
@@ -143,28 +146,34 @@ def int8_refusal(tags: Mapping[str, str]) -> str | None:
     return verdict if verdict.startswith("failed") else None
 
 
-def check_int8_series(fp32: Path, int8: Path, series: dict[str, tuple[np.ndarray, int]],
-                      score: Callable[[np.ndarray], float], tolerance: float, threads: int = 2) -> SeriesCheck:
-    """Score every series of `series` (id → (its slabs, its label)) with both files by `score` (slab
-    probabilities → series score, the model's rule) and compare. Nothing is raised: the caller
-    decides what a failed check withholds.
+def series_scores(path: Path, volumes: Mapping[str, np.ndarray], k: int, size: int, rule: SeriesRule,
+                  threads: int = 2) -> dict[str, float]:
+    """Each series' score (by the model's `rule`) from an ONNX file over all its slices, as serving
+    scores it: every slab of the (X, Y, Z) volume, `k` slices deep and `size` pixels wide."""
+    from dicomops.training.data import all_slabs
+    from dicomops.training.scoring import series_score
+
+    sess = session(path, threads)
+    return {uid: series_score(run_onnx(sess, all_slabs(volume, k, size).numpy())[:, 1], rule)
+            for uid, volume in volumes.items()}
+
+
+def check_int8_series(fp32: Path, int8: Path, volumes: Mapping[str, np.ndarray], labels: Mapping[str, int], k: int,
+                      size: int, rule: SeriesRule, tolerance: float, threads: int = 2) -> SeriesCheck:
+    """Score every series of `volumes` with both files (:func:`series_scores`) and compare them on
+    `labels`. Nothing is raised: the caller decides what a failed check withholds.
 
     The slab check (:func:`check_int8`) cannot see what the series rule does with the slabs that
     matter little alone: a rule that reads every slab's log-odds against the series' mean (the
     classifier's ``top_k_contrast``) turns INT8's error on confident negative slabs, which no slab
     AUC notices, into a different ranking of series.
     """
-    if len({label for _, label in series.values()}) < 2:
+    if len({labels[uid] for uid in volumes}) < 2:
         raise ValueError("the INT8 series check needs series of both classes")
-    s32, s8 = session(fp32, threads), session(int8, threads)
-    labels, scores32, scores8 = [], [], []
-    for slabs, label in series.values():
-        labels.append(label)
-        scores32.append(score(run_onnx(s32, slabs)[:, 1]))
-        scores8.append(score(run_onnx(s8, slabs)[:, 1]))
-    a32, a8 = np.asarray(scores32), np.asarray(scores8)
-    return SeriesCheck(float(roc_auc_score(labels, a32)), float(roc_auc_score(labels, a8)),
-                       float(np.abs(a32 - a8).max()), len(labels), tolerance)
+    y = [labels[uid] for uid in volumes]
+    a32, a8 = (np.array(list(series_scores(path, volumes, k, size, rule, threads).values())) for path in (fp32, int8))
+    return SeriesCheck(float(roc_auc_score(y, a32)), float(roc_auc_score(y, a8)), float(np.abs(a32 - a8).max()),
+                       len(y), tolerance)
 
 
 # -- the layers at the input's resolution --------------------------------------------------------

@@ -332,19 +332,18 @@ def _series_check(layout: WorkLayout, contract: InputContract, fp32: Path, int8:
     failed check is logged and tagged, and the INT8 engines then refuse the version
     (:func:`quantize.int8_refusal`); the export itself stands, since FP32 is what it serves by default.
     Series of one class have no AUC: the check is then not run, and says so."""
-    from dicomops.training.data import all_slabs, load_volume
-    from dicomops.training.scoring import SeriesRule, series_score
+    from dicomops.training.data import load_volume
+    from dicomops.training.scoring import SeriesRule
 
     labels = layout.labelled_series().set_index("SeriesInstanceUID").label
     uids = layout.read_folds().val(cfg.check_fold)
     if labels.loc[uids].nunique() < 2:
         return None, f"not run: fold {cfg.check_fold}'s validation series are all of one class"
     paths = layout.preprocessed.read_index().set_index("SeriesInstanceUID").path
-    series = {uid: (all_slabs(load_volume(layout.preprocessed.volume(paths[uid])), contract.channels,
-                              contract.height).numpy(), int(labels.loc[uid])) for uid in uids}
-    rule = SeriesRule.of(train_cfg)
-    check = quantize.check_int8_series(fp32, int8, series, lambda p: series_score(p, rule), cfg.int8_max_auc_drop,
-                                       threads)
+    volumes = {uid: load_volume(layout.preprocessed.volume(paths[uid])) for uid in uids}
+    check = quantize.check_int8_series(fp32, int8, volumes, {uid: int(labels.loc[uid]) for uid in uids},
+                                       contract.channels, contract.height, SeriesRule.of(train_cfg),
+                                       cfg.int8_max_auc_drop, threads)
     (log.info if check.ok else log.warning)("INT8 series check %s", check.verdict())
     return check, check.verdict()
 

@@ -1,73 +1,94 @@
 """The export's INT8 check on what is served, the series score: INT8 that keeps every slab's AUC
 but moves the log-odds of confident negative slabs changes the ranking of series under the
 classifier's ``top_k_contrast`` rule, which the slab check cannot see (found on the demo's
-classifier, 2026-12-07: slab AUC drop −0.0005, series AUC 0.991 → 0.842)."""
+classifier, 2026-12-07: slab AUC drop −0.0005, series AUC 0.991 → 0.842).
+
+Two real ONNX graphs stand for the FP32 and INT8 files: both read a slab's mean value m; "FP32"
+gives the log-odds 20·m − 14, "INT8" the same less 300·relu(0.25 − m), as post-training INT8 did to
+the demo's confident negative slabs and to nothing else."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 from sklearn.metrics import roc_auc_score
 
 from dicomops.export import quantize
+from dicomops.training.data import all_slabs
 from dicomops.training.scoring import SeriesRule, series_score
 
 CONTRAST = SeriesRule(3, "top_k_contrast")
+K, SIZE = 3, 8
 
 
-def _series() -> tuple[dict[str, tuple[np.ndarray, int]], dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Six series of 40 slabs: the FP32 probabilities, and INT8's, equal on each series' top slabs
-    but pushed to 0 on the confident negative slabs of the negative series."""
+def _graph(path: Path, tail: float) -> Path:
+    """slab (N, 3, H, W) → probability (N, 2) from m, the slab's mean: log-odds 20·m − 14 − tail·relu(0.25 − m)."""
+    const = {"third": np.full((K, 1), 1 / K, np.float32), "a": np.array(20.0, np.float32),
+             "b": np.array(-14.0, np.float32), "t": np.array(0.25, np.float32), "c": np.array(tail, np.float32),
+             "zero": np.array(0.0, np.float32)}
+    nodes = [helper.make_node("GlobalAveragePool", ["slab"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("MatMul", ["f", "third"], ["m"]), helper.make_node("Mul", ["m", "a"], ["am"]),
+             helper.make_node("Add", ["am", "b"], ["l"]), helper.make_node("Sub", ["t", "m"], ["below"]),
+             helper.make_node("Relu", ["below"], ["r"]), helper.make_node("Mul", ["r", "c"], ["cut"]),
+             helper.make_node("Sub", ["l", "cut"], ["l1"]), helper.make_node("Mul", ["m", "zero"], ["l0"]),
+             helper.make_node("Concat", ["l0", "l1"], ["logits"], axis=1),
+             helper.make_node("Softmax", ["logits"], ["probability"], axis=1)]
+    graph = helper.make_graph(nodes, "series", [helper.make_tensor_value_info("slab", TensorProto.FLOAT, ["N", K, SIZE, SIZE])],
+                              [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["N", 2])],
+                              [numpy_helper.from_array(v, k) for k, v in const.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+    return path
+
+
+def _volumes() -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Eight series of 40 slices, each slice of one value: three bright ones where the nodule is
+    (brighter in the positives), the rest dark, a little darker in the negatives: "INT8" cuts
+    those, and only those, to log-odds below −16."""
     rng = np.random.default_rng(0)
-    series, p32, p8 = {}, {}, {}
-    for i in range(6):
+    volumes, labels = {}, {}
+    for i in range(8):
         label = i % 2
-        p = 1 / (1 + np.exp(-rng.normal(-6.0, 1.0, 40)))
-        p[:3] = 1 / (1 + np.exp(-np.array([2.0, 1.5, 1.0]) - 2.0 * label))  # the top slabs
-        q = p.copy()
-        if label == 0:
-            q[3:] = 1e-9  # below float32's clip: log-odds −16, as ONNX Runtime's INT8 gave there
-        series[f"s{i}"] = (np.full((40, 1), float(i), np.float32), label)
-        p32[f"s{i}"], p8[f"s{i}"] = p, q
-    return series, p32, p8
+        values = rng.uniform(0.26, 0.30, 40) if label else rng.uniform(0.18, 0.22, 40)
+        values[18:21] = 0.95 if label else 0.65
+        volumes[f"s{i}"] = np.broadcast_to(values, (16, 16, 40)).astype(np.float32).copy()
+        labels[f"s{i}"] = label
+    return volumes, labels
 
 
-def test_int8_that_keeps_the_slabs_but_moves_the_series_fails_and_says_what_to_do(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    series, p32, p8 = _series()
-    by_file = {Path("fp32.onnx"): p32, Path("int8.onnx"): p8}
-    monkeypatch.setattr(quantize, "session", lambda path, threads=2: by_file[Path(path)])
-
-    def run(probabilities: dict[str, np.ndarray], slabs: np.ndarray) -> np.ndarray:
-        p = probabilities[f"s{int(slabs[0, 0])}"]
-        return np.stack([1 - p, p], axis=1)
-
-    monkeypatch.setattr(quantize, "run_onnx", run)
-    labels = np.concatenate([[label] * 40 for _, label in series.values()])
-    slab_auc = [roc_auc_score(labels, np.concatenate(list(p.values()))) for p in (p32, p8)]
+def test_int8_that_keeps_the_slabs_but_moves_the_series_fails_and_says_what_to_do(tmp_path: Path) -> None:
+    fp32, int8 = _graph(tmp_path / "fp32.onnx", 0.0), _graph(tmp_path / "int8.onnx", 300.0)
+    volumes, labels = _volumes()
+    slabs = {uid: all_slabs(v, K, SIZE).numpy() for uid, v in volumes.items()}
+    y = np.concatenate([[labels[u]] * 40 for u in volumes])
+    by_file = {path: {u: quantize.run_onnx(quantize.session(path), x)[:, 1] for u, x in slabs.items()}
+               for path in (fp32, int8)}
+    slab_auc = [roc_auc_score(y, np.concatenate(list(by_file[path].values()))) for path in (fp32, int8)]
     assert slab_auc[1] >= slab_auc[0] - 0.01  # the slab check passes
 
-    check = quantize.check_int8_series(Path("fp32.onnx"), Path("int8.onnx"), series,
-                                       lambda p: series_score(p, CONTRAST), tolerance=0.01)
-    assert check.samples == 6 and check.auc_fp32 == 1.0 and check.auc_int8 < 0.5 and not check.ok
-    scores = {k: (series_score(p32[k], CONTRAST), series_score(p8[k], CONTRAST)) for k in series}
-    assert check.max_abs_diff == pytest.approx(max(abs(a - b) for a, b in scores.values()))
+    check = quantize.check_int8_series(fp32, int8, volumes, labels, K, SIZE, CONTRAST, tolerance=0.01)
+    scores = {path: {u: series_score(p, CONTRAST) for u, p in by_file[path].items()} for path in (fp32, int8)}
+    assert check.samples == 8 and check.auc_fp32 == 1.0 and check.auc_int8 < 0.5 and not check.ok
+    assert check.auc_int8 == pytest.approx(roc_auc_score(list(labels.values()), list(scores[int8].values())))
+    assert check.max_abs_diff == pytest.approx(max(abs(scores[fp32][u] - scores[int8][u]) for u in volumes))
     verdict = check.verdict()
     assert verdict.startswith("failed: series AUC 1.0000 -> ") and "--int8 qat" in verdict
     assert quantize.int8_refusal({quantize.SERIES_CHECK_TAG: verdict}) == verdict
 
-    same = quantize.check_int8_series(Path("fp32.onnx"), Path("fp32.onnx"), series,
-                                      lambda p: series_score(p, CONTRAST), tolerance=0.01)
+    same = quantize.check_int8_series(fp32, fp32, volumes, labels, K, SIZE, CONTRAST, tolerance=0.01)
     assert same.ok and same.max_abs_diff == 0.0 and same.verdict().startswith("passed: ")
     assert quantize.int8_refusal({quantize.SERIES_CHECK_TAG: same.verdict()}) is None
     assert quantize.int8_refusal({}) is None  # exported before the check: served as before
 
 
-def test_the_series_check_needs_both_classes(monkeypatch: Any) -> None:
-    series, _, _ = _series()
+def test_the_series_check_needs_both_classes(tmp_path: Path) -> None:
+    volumes, labels = _volumes()
+    positives = {u: v for u, v in volumes.items() if labels[u] == 1}
+    fp32 = _graph(tmp_path / "fp32.onnx", 0.0)
     with pytest.raises(ValueError, match="both classes"):
-        quantize.check_int8_series(Path("a"), Path("b"), {k: v for k, v in series.items() if v[1] == 1},
-                                   lambda p: 0.0, 0.01)
+        quantize.check_int8_series(fp32, fp32, positives, labels, K, SIZE, CONTRAST, 0.01)
