@@ -270,21 +270,21 @@ def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportCo
         int8 = quantize.quantize_int8(fp32, folder / "model.int8.onnx", calib_x)
     head = quantize.float_head(int8, cfg.int8_float_head, contract.input_shape, cfg.max_batch, threads)
     int8_check = quantize.check_int8(fp32, int8, val_x, val_y, cfg.int8_max_auc_drop)
-    series_check, series_verdict = (_series_check(layout, contract, fp32, int8, train_cfg, cfg, threads)
-                                    if layout is not None
-                                    else (None, "not run: exported without the training's work directory"))
+    series_checks, series_verdicts = (
+        _series_check(layout, contract, fp32, int8, train_cfg, cfg, threads) if layout is not None
+        else ({}, dict.fromkeys(quantize.SERIES_CHECK_TAGS.values(),
+                                "not run: exported without the training's work directory")))
     report.metrics.update({
         "export.onnx.parity_max_abs_diff": parity.max_abs_diff, "export.onnx.parity_samples": parity.samples,
         "export.onnx.batch_spread": batch_spread, "export.int8.auc_fp32": int8_check.auc_fp32,
         "export.int8.auc_int8": int8_check.auc_int8, "export.int8.auc_drop": int8_check.auc_drop,
         "export.int8.max_abs_diff": int8_check.max_abs_diff, "export.int8.validation_samples": int8_check.samples,
     })
-    if series_check is not None:
-        report.metrics.update({"export.int8.series_auc_fp32": series_check.auc_fp32,
-                               "export.int8.series_auc_int8": series_check.auc_int8,
-                               "export.int8.series_auc_drop": series_check.auc_drop,
-                               "export.int8.series_max_abs_diff": series_check.max_abs_diff,
-                               "export.int8.series": float(series_check.samples)})
+    for engine, check in series_checks.items():
+        prefix = "export.int8" if engine == "ort-int8" else "export.ov_int8"
+        report.metrics.update({"export.int8.series_auc_fp32": check.auc_fp32, "export.int8.series": float(check.samples),
+                               f"{prefix}.series_auc_int8": check.auc_int8, f"{prefix}.series_auc_drop": check.auc_drop,
+                               f"{prefix}.series_max_abs_diff": check.max_abs_diff})
     if not np.isnan(head.speedup):
         report.metrics["export.int8.float_head_speedup"] = head.speedup
     for label, path in (("ort_fp32", fp32), ("ort_int8", int8)):
@@ -316,7 +316,7 @@ def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportCo
                                            "; its learnt ranges, float convolution outputs calibrated)"
                                           if cfg.int8 == "qat" else "ptq (ONNX Runtime static QDQ)"),
                    "export.int8.float_convolutions": ", ".join(head.kept) or "none",
-                   quantize.SERIES_CHECK_TAG: series_verdict,
+                   **series_verdicts,
                    "export.onnx.opset": str(cfg.opset), "export.tensorrt": report.tensorrt,
                    "export.openvino": report.openvino,
                    "export.triton": f"{ref.name} (onnxruntime_onnx)" + (", " + ref.name + "-trt (tensorrt_plan)"
@@ -326,26 +326,46 @@ def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportCo
 
 
 def _series_check(layout: WorkLayout, contract: InputContract, fp32: Path, int8: Path, train_cfg: TrainConfig,
-                  cfg: ExportConfig, threads: int) -> tuple[quantize.SeriesCheck | None, str]:
+                  cfg: ExportConfig, threads: int) -> tuple[dict[str, quantize.SeriesCheck], dict[str, str]]:
     """INT8 against FP32 on the series scores of the check fold's validation series, every slab of
-    each, by the version's own series rule (:func:`quantize.check_int8_series`), and its verdict. A
-    failed check is logged and tagged, and the INT8 engines then refuse the version
-    (:func:`quantize.int8_refusal`); the export itself stands, since FP32 is what it serves by default.
-    Series of one class have no AUC: the check is then not run, and says so."""
+    each, by the version's own series rule (:class:`quantize.SeriesCheck`), for each INT8 engine that
+    serves the file: ONNX Runtime's and, with ``cfg.openvino``, OpenVINO's, which computes the same
+    file with other kernels and roundings. Returns the checks and each engine's verdict tag. A failed
+    check is logged and tagged, and that engine then refuses the version (:func:`quantize.int8_refusal`);
+    the export itself stands, since FP32 is what it serves by default. Series of one class have no
+    AUC: the check is then not run, and says so."""
     from dicomops.training.data import load_volume
     from dicomops.training.scoring import SeriesRule
 
     labels = layout.labelled_series().set_index("SeriesInstanceUID").label
     uids = layout.read_folds().val(cfg.check_fold)
     if labels.loc[uids].nunique() < 2:
-        return None, f"not run: fold {cfg.check_fold}'s validation series are all of one class"
+        why = f"not run: fold {cfg.check_fold}'s validation series are all of one class"
+        return {}, dict.fromkeys(quantize.SERIES_CHECK_TAGS.values(), why)
     paths = layout.preprocessed.read_index().set_index("SeriesInstanceUID").path
     volumes = {uid: load_volume(layout.preprocessed.volume(paths[uid])) for uid in uids}
-    check = quantize.check_int8_series(fp32, int8, volumes, {uid: int(labels.loc[uid]) for uid in uids},
-                                       contract.channels, contract.height, SeriesRule.of(train_cfg),
-                                       cfg.int8_max_auc_drop, threads)
-    (log.info if check.ok else log.warning)("INT8 series check %s", check.verdict())
-    return check, check.verdict()
+    y = {uid: int(labels.loc[uid]) for uid in uids}
+    k, size, rule = contract.channels, contract.height, SeriesRule.of(train_cfg)
+    start = time.perf_counter()
+    reference = quantize.series_scores(fp32, volumes, k, size, rule, threads)
+    checks = {"ort-int8": quantize.SeriesCheck.of(reference, quantize.series_scores(int8, volumes, k, size, rule,
+                                                                                    threads), y, cfg.int8_max_auc_drop)}
+    verdicts = {quantize.OV_SERIES_CHECK_TAG: "not run: export.openvino is false"}
+    if cfg.openvino and (reason := openvino_engine.availability()) is not None:
+        verdicts[quantize.OV_SERIES_CHECK_TAG] = f"not run: {reason}"
+    elif cfg.openvino:
+        runner = openvino_engine.OpenVinoRunner(int8, threads, cfg.max_batch)
+        try:
+            ov8 = quantize.series_scores_by(lambda x: openvino_engine.run_batches(runner, x, cfg.max_batch), volumes,
+                                            k, size, rule)
+        finally:
+            runner.close()
+        checks["ov-int8"] = quantize.SeriesCheck.of(reference, ov8, y, cfg.int8_max_auc_drop)
+    for engine, check in checks.items():
+        verdicts[quantize.SERIES_CHECK_TAGS[engine]] = check.verdict()
+        (log.info if check.ok else log.warning)("%s INT8 series check %s", engine, check.verdict())
+    log.info("INT8 series checks of %s on %d series: %.1f s", ", ".join(checks), len(uids), time.perf_counter() - start)
+    return checks, verdicts
 
 
 def _held_out(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportConfig,
@@ -490,7 +510,8 @@ def attach(tracking_uri: str, ref: ModelRef, report: ExportReport) -> None:
 
 def summary_line(report: ExportReport) -> str:
     m = report.metrics
-    series = report.tags.get(quantize.SERIES_CHECK_TAG, "not run").split(":")[0]  # passed, failed, not run
+    series = ", ".join(f"{engine} {report.tags.get(tag, 'not run').split(':')[0]}"  # passed, failed, not run
+                       for engine, tag in quantize.SERIES_CHECK_TAGS.items())
     return (f"export v{report.version}: ONNX parity {m['export.onnx.parity_max_abs_diff']:.1e}; INT8 AUC drop "
             f"{m['export.int8.auc_drop']:+.4f}; INT8 series check {series}; ORT FP32 "
             f"{m['export.ort_fp32.latency_ms_b1']:.1f} ms at batch 1; tensorrt: {report.tensorrt}; "

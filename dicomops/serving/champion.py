@@ -304,7 +304,7 @@ def load_champion(tracking_uri: str, name: str, alias: str | None = CHAMPION, ve
                          "or serve with --engine ort-fp32")
     from dicomops.export.quantize import int8_refusal
 
-    if ENGINE_FILES.get(engine) == ENGINE_FILES["ort-int8"] and (why := int8_refusal(mv.tags)):
+    if ENGINE_FILES.get(engine) == ENGINE_FILES["ort-int8"] and (why := int8_refusal(mv.tags, engine)):
         raise ValueError(f"{engine} would serve the INT8 file of {name} version {mv.version}, which its export's check "
                          f"refused: {why}")
     choice = choose(engine, set(checked.files))

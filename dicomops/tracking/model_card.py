@@ -213,8 +213,12 @@ def export_section(metrics: Mapping[str, float], tensorrt: str, artifacts: str) 
              f"(drop {get('export.int8.auc_drop'):+.4f})",
              *([f"- INT8 series scores (what is served): series AUC {_f(get('export.int8.series_auc_fp32'), 4)} → "
                 f"{_f(get('export.int8.series_auc_int8'), 4)} over {_f(get('export.int8.series'), 0)} series, scores "
-                f"moved by up to {_f(get('export.int8.series_max_abs_diff'), 3)}; the tag export.int8.series_check "
-                "says whether the INT8 engines serve this version"]
+                f"moved by up to {_f(get('export.int8.series_max_abs_diff'), 3)} on ONNX Runtime"
+                + (f", series AUC {_f(get('export.ov_int8.series_auc_int8'), 4)} and up to "
+                   f"{_f(get('export.ov_int8.series_max_abs_diff'), 3)} on OpenVINO"
+                   if "export.ov_int8.series_auc_int8" in metrics else "")
+                + "; the tags export.int8.series_check and export.ov_int8.series_check say whether each INT8 "
+                "engine serves this version"]
                if "export.int8.series_auc_int8" in metrics else []),
              f"- ONNX Runtime FP32 latency at batch 1: {_f(get('export.ort_fp32.latency_ms_b1'), 1)} ms",
              f"- TensorRT: {tensorrt}",

@@ -107,17 +107,18 @@ def test_openvino_scores_what_onnx_runtime_scores_on_the_same_file_and_nothing_i
 @pytest.mark.parametrize("engine", ["ort-int8", "ov-int8"])
 def test_an_int8_file_whose_series_check_failed_is_refused_before_anything_is_scored(
         env: ExportedChampion, tmp_path: Path, engine: str) -> None:
-    """The registered champion's export, its verdict set to a failed series check (as the demo's
-    post-training INT8 gets): `dicomops predict` on an INT8 engine stops with the verdict and writes
-    no result; FP32 still scores."""
-    from dicomops.export.quantize import SERIES_CHECK_TAG
+    """The registered champion's export, the engine's own verdict set to a failed series check (as the
+    demo's post-training INT8 gets on both runtimes): `dicomops predict` on that INT8 engine stops
+    with the verdict and writes no result; FP32 still scores."""
+    from dicomops.export.quantize import SERIES_CHECK_TAGS
 
+    tag = SERIES_CHECK_TAGS[engine]
     client = mlflow.tracking.MlflowClient(env.uri)
     version = client.get_model_version_by_alias(TINY.model_name, "champion")
-    passed = version.tags[SERIES_CHECK_TAG]
-    assert passed.startswith("passed: ")  # the fixture's export ran the check (int8_max_auc_drop 1.0)
+    passed = version.tags[tag]
+    assert passed.startswith("passed: ")  # the fixture's export ran the engine's check (int8_max_auc_drop 1.0)
     failed = "failed: series AUC 0.9910 -> 0.8416 over 30 series, scores moved by up to 0.631"
-    client.set_model_version_tag(TINY.model_name, version.version, SERIES_CHECK_TAG, failed)
+    client.set_model_version_tag(TINY.model_name, version.version, tag, failed)
     try:
         config = CONFIG.model_copy(update={"serve": CONFIG.serve.model_copy(update={"engine": engine})})
         with pytest.raises(ValueError, match=r"which its export's check refused: failed: series AUC 0\.9910"):
@@ -125,7 +126,7 @@ def test_an_int8_file_whose_series_check_failed_is_refused_before_anything_is_sc
         assert not list((tmp_path / engine).rglob("*.csv"))  # no result table, no answer
         assert predict(src=env.work.parent / "src", work=tmp_path / "fp32", config=CONFIG)["series_scored"] == 20
     finally:
-        client.set_model_version_tag(TINY.model_name, version.version, SERIES_CHECK_TAG, passed)
+        client.set_model_version_tag(TINY.model_name, version.version, tag, passed)
 
 
 def test_a_folder_the_gate_refuses_is_an_answer(env: ExportedChampion, tmp_path: Path) -> None:

@@ -253,6 +253,19 @@ def test_leave_one_vendor_out_then_export_attaches_checked_files(train_work: Pat
     assert float(tags["export.int8.series_max_abs_diff"]) == pytest.approx(
         max(abs(a - b) for a, b in zip(*series_scores, strict=True)), abs=1e-5)
     assert tags["export.int8.series_check"].startswith("passed: series AUC ")  # int8_max_auc_drop 1.0
+    # OpenVINO serves the same file with its own kernels, so it has its own series check and verdict
+    from dicomops.export import openvino_engine
+
+    runner = openvino_engine.OpenVinoRunner(folder / "model.int8.onnx", 2, export_cfg.max_batch)
+    try:
+        ov_scores = [series_score(openvino_engine.run_batches(runner, x, export_cfg.max_batch)[:, 1], rule) for x in slabs]
+    finally:
+        runner.close()
+    assert float(tags["export.ov_int8.series_auc_int8"]) == pytest.approx(roc_auc_score(labels.loc[uids], ov_scores),
+                                                                          abs=1e-5)
+    assert float(tags["export.ov_int8.series_max_abs_diff"]) == pytest.approx(
+        max(abs(a - b) for a, b in zip(series_scores[0], ov_scores, strict=True)), abs=1e-5)
+    assert tags["export.ov_int8.series_check"].startswith("passed: series AUC ")
     # export.int8_float_head "auto": the head was timed, and the tag says what the served file holds
     import onnx
 

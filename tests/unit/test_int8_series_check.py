@@ -92,3 +92,32 @@ def test_the_series_check_needs_both_classes(tmp_path: Path) -> None:
     fp32 = _graph(tmp_path / "fp32.onnx", 0.0)
     with pytest.raises(ValueError, match="both classes"):
         quantize.check_int8_series(fp32, fp32, positives, labels, K, SIZE, CONTRAST, 0.01)
+
+
+def test_openvino_has_its_own_verdict_and_follows_onnx_runtime_only_where_it_has_none(tmp_path: Path) -> None:
+    """The two runtimes compute the same INT8 file with other kernels, so each engine is refused on its
+    own check; OpenVINO falls back on ONNX Runtime's verdict where the export did not judge it."""
+    from dicomops.export import openvino_engine
+
+    fp32, int8 = _graph(tmp_path / "fp32.onnx", 0.0), _graph(tmp_path / "int8.onnx", 300.0)
+    volumes, labels = _volumes()
+    reference = quantize.series_scores(fp32, volumes, K, SIZE, CONTRAST)
+    runner = openvino_engine.OpenVinoRunner(int8, 1, 8)
+    try:  # OpenVINO really scores the file: the same failure as ONNX Runtime's, by its own arithmetic
+        ov = quantize.series_scores_by(lambda x: openvino_engine.run_batches(runner, x, 8), volumes, K, SIZE, CONTRAST)
+    finally:
+        runner.close()
+    ov_check = quantize.SeriesCheck.of(reference, ov, labels, 0.01)
+    ort_check = quantize.check_int8_series(fp32, int8, volumes, labels, K, SIZE, CONTRAST, 0.01)
+    assert not ov_check.ok and ov_check.auc_int8 == pytest.approx(ort_check.auc_int8, abs=0.05)
+    assert ov_check.max_abs_diff == pytest.approx(max(abs(reference[u] - ov[u]) for u in volumes))
+
+    failed, passed = ort_check.verdict(), quantize.SeriesCheck.of(reference, reference, labels, 0.01).verdict()
+    ort_tag, ov_tag = quantize.SERIES_CHECK_TAG, quantize.OV_SERIES_CHECK_TAG
+    both = {ort_tag: failed, ov_tag: passed}
+    assert quantize.int8_refusal(both, "ort-int8") == failed and quantize.int8_refusal(both, "ov-int8") is None
+    swapped = {ort_tag: passed, ov_tag: failed}
+    assert quantize.int8_refusal(swapped, "ort-int8") is None and quantize.int8_refusal(swapped, "ov-int8") == failed
+    for own in ("not run: export.openvino is false", None):  # not judged: ONNX Runtime's verdict stands for it
+        tags = {ort_tag: failed, **({ov_tag: own} if own else {})}
+        assert quantize.int8_refusal(tags, "ov-int8") == failed

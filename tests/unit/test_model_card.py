@@ -274,6 +274,13 @@ def test_the_export_section_gives_the_int8_series_check_where_the_export_ran_it(
                                      "export.int8.series_auc_int8": 0.8416, "export.int8.series": 30.0,
                                      "export.int8.series_max_abs_diff": 0.631}, "skipped", "runs:/x/export")
     assert ("- INT8 series scores (what is served): series AUC 0.9910 → 0.8416 over 30 series, scores moved by up "
-            "to 0.631; the tag export.int8.series_check says whether the INT8 engines serve this version") in ran
+            "to 0.631 on ONNX Runtime; the tags export.int8.series_check and export.ov_int8.series_check say whether "
+            "each INT8 engine serves this version") in ran
+    both = model_card.export_section({"export.onnx.parity_max_abs_diff": 1e-6, "export.int8.series_auc_fp32": 0.991,
+                                      "export.int8.series_auc_int8": 0.8416, "export.int8.series": 30.0,
+                                      "export.int8.series_max_abs_diff": 0.631, "export.ov_int8.series_auc_int8": 0.8911,
+                                      "export.ov_int8.series_max_abs_diff": 0.412}, "skipped", "runs:/x/export")
+    assert ("scores moved by up to 0.631 on ONNX Runtime, series AUC 0.8911 and up to 0.412 on OpenVINO; the tags "
+            "export.int8.series_check") in both
     assert "series scores" not in model_card.export_section({"export.onnx.parity_max_abs_diff": 1e-6}, "skipped",
                                                             "runs:/x")

@@ -305,8 +305,8 @@ def test_export_skips_only_while_the_registered_export_passes_the_serving_checks
 def test_an_int8_file_whose_series_check_failed_is_refused_and_fp32_still_served(
         tmp_path: Path, served: Any, engine: champion.EngineKind) -> None:
     store, mv = make_export(tmp_path / "store")
-    verdict = ("failed: series AUC 0.9910 -> 0.8416 over 30 series, scores moved by up to 0.631; the INT8 engines "
-               "refuse this version: serve it with ort-fp32 (or ov-fp32), or export it with --int8 qat")
+    verdict = ("failed: series AUC 0.9910 -> 0.8416 over 30 series, scores moved by up to 0.631; this INT8 engine "
+               "refuses the version: serve it with ort-fp32 (or ov-fp32), or export it with --int8 qat")
     mv.tags["export.int8.series_check"] = verdict
     served(store, mv)
     with pytest.raises(ValueError) as err:
@@ -316,3 +316,17 @@ def test_an_int8_file_whose_series_check_failed_is_refused_and_fp32_still_served
     assert _load(tmp_path / "models2").engine.choice.kind == "ort-fp32"
     mv.tags["export.int8.series_check"] = verdict.replace("failed", "passed", 1)
     assert _load(tmp_path / "models3", "ort-int8").engine.choice.kind == "ort-int8"
+
+
+def test_each_int8_engine_is_refused_on_its_own_series_check(tmp_path: Path, served: Any) -> None:
+    """ONNX Runtime failed and OpenVINO passed the same file: OpenVINO serves it, ONNX Runtime refuses."""
+    store, mv = make_export(tmp_path / "store")
+    failed = ("failed: series AUC 0.9700 -> 0.8530 over 30 series, scores moved by up to 0.631; this INT8 engine "
+              "refuses the version: serve it with ort-fp32 (or ov-fp32), or export it with --int8 qat")
+    mv.tags["export.int8.series_check"] = failed
+    mv.tags["export.ov_int8.series_check"] = "passed: series AUC 0.9700 -> 0.9650 over 30 series, scores moved by up to 0.08"
+    served(store, mv)
+    assert _load(tmp_path / "models", "ov-int8").engine.choice.kind == "ov-int8"
+    with pytest.raises(ValueError, match="ort-int8 would serve the INT8 file") as err:
+        _load(tmp_path / "models2", "ort-int8")
+    assert failed in str(err.value)
