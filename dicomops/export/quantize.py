@@ -134,7 +134,13 @@ class SeriesCheck(Int8Check):
     @classmethod
     def of(cls, fp32: Mapping[str, float], int8: Mapping[str, float], labels: Mapping[str, int],
            tolerance: float) -> SeriesCheck:
-        """Compare two engines' series scores (series → score) on `labels`."""
+        """Compare two engines' series scores (series → score, :func:`series_scores`) on `labels`.
+        Nothing is raised for a failed check: the caller decides what it withholds.
+
+        The slab check (:func:`check_int8`) cannot see what the series rule does with the slabs that
+        matter little alone: a rule that reads every slab's log-odds against the series' mean (the
+        classifier's ``top_k_contrast``) turns INT8's error on confident negative slabs, which no slab
+        AUC notices, into a different ranking of series."""
         uids = list(fp32)
         if len({labels[uid] for uid in uids}) < 2:
             raise ValueError("the INT8 series check needs series of both classes")
@@ -181,22 +187,6 @@ def series_scores(path: Path, volumes: Mapping[str, np.ndarray], k: int, size: i
     """:func:`series_scores_by` with ONNX Runtime on the ONNX file at `path`."""
     sess = session(path, threads)
     return series_scores_by(lambda x: run_onnx(sess, x), volumes, k, size, rule)
-
-
-def check_int8_series(fp32: Path, int8: Path, volumes: Mapping[str, np.ndarray], labels: Mapping[str, int], k: int,
-                      size: int, rule: SeriesRule, tolerance: float, threads: int = 2) -> SeriesCheck:
-    """Score every series of `volumes` with both files on ONNX Runtime (:func:`series_scores`) and
-    compare them on `labels`. Nothing is raised: the caller decides what a failed check withholds.
-
-    The slab check (:func:`check_int8`) cannot see what the series rule does with the slabs that
-    matter little alone: a rule that reads every slab's log-odds against the series' mean (the
-    classifier's ``top_k_contrast``) turns INT8's error on confident negative slabs, which no slab
-    AUC notices, into a different ranking of series.
-    """
-    if len({labels[uid] for uid in volumes}) < 2:
-        raise ValueError("the INT8 series check needs series of both classes")
-    return SeriesCheck.of(series_scores(fp32, volumes, k, size, rule, threads),
-                          series_scores(int8, volumes, k, size, rule, threads), labels, tolerance)
 
 
 # -- the layers at the input's resolution --------------------------------------------------------

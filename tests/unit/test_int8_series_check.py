@@ -61,6 +61,12 @@ def _volumes() -> tuple[dict[str, np.ndarray], dict[str, int]]:
     return volumes, labels
 
 
+def _check(fp32: Path, int8: Path, volumes: dict[str, np.ndarray], labels: dict[str, int]) -> quantize.SeriesCheck:
+    """The export's ONNX Runtime check: both files' series scores compared on the labels."""
+    return quantize.SeriesCheck.of(quantize.series_scores(fp32, volumes, K, SIZE, CONTRAST),
+                                   quantize.series_scores(int8, volumes, K, SIZE, CONTRAST), labels, 0.01)
+
+
 def test_int8_that_keeps_the_slabs_but_moves_the_series_fails_and_says_what_to_do(tmp_path: Path) -> None:
     fp32, int8 = _graph(tmp_path / "fp32.onnx", 0.0), _graph(tmp_path / "int8.onnx", 300.0)
     volumes, labels = _volumes()
@@ -71,7 +77,7 @@ def test_int8_that_keeps_the_slabs_but_moves_the_series_fails_and_says_what_to_d
     slab_auc = [roc_auc_score(y, np.concatenate(list(by_file[path].values()))) for path in (fp32, int8)]
     assert slab_auc[1] >= slab_auc[0] - 0.01  # the slab check passes
 
-    check = quantize.check_int8_series(fp32, int8, volumes, labels, K, SIZE, CONTRAST, tolerance=0.01)
+    check = _check(fp32, int8, volumes, labels)
     scores = {path: {u: series_score(p, CONTRAST) for u, p in by_file[path].items()} for path in (fp32, int8)}
     assert check.samples == 8 and check.auc_fp32 == 1.0 and check.auc_int8 < 0.5 and not check.ok
     assert check.auc_int8 == pytest.approx(roc_auc_score(list(labels.values()), list(scores[int8].values())))
@@ -80,7 +86,7 @@ def test_int8_that_keeps_the_slabs_but_moves_the_series_fails_and_says_what_to_d
     assert verdict.startswith("failed: series AUC 1.0000 -> ") and "--int8 qat" in verdict
     assert quantize.int8_refusal({quantize.SERIES_CHECK_TAG: verdict}) == verdict
 
-    same = quantize.check_int8_series(fp32, fp32, volumes, labels, K, SIZE, CONTRAST, tolerance=0.01)
+    same = _check(fp32, fp32, volumes, labels)
     assert same.ok and same.max_abs_diff == 0.0 and same.verdict().startswith("passed: ")
     assert quantize.int8_refusal({quantize.SERIES_CHECK_TAG: same.verdict()}) is None
     assert quantize.int8_refusal({}) is None  # exported before the check: served as before
@@ -91,7 +97,7 @@ def test_the_series_check_needs_both_classes(tmp_path: Path) -> None:
     positives = {u: v for u, v in volumes.items() if labels[u] == 1}
     fp32 = _graph(tmp_path / "fp32.onnx", 0.0)
     with pytest.raises(ValueError, match="both classes"):
-        quantize.check_int8_series(fp32, fp32, positives, labels, K, SIZE, CONTRAST, 0.01)
+        _check(fp32, fp32, positives, labels)
 
 
 def test_openvino_has_its_own_verdict_and_follows_onnx_runtime_only_where_it_has_none(tmp_path: Path) -> None:
@@ -108,7 +114,7 @@ def test_openvino_has_its_own_verdict_and_follows_onnx_runtime_only_where_it_has
     finally:
         runner.close()
     ov_check = quantize.SeriesCheck.of(reference, ov, labels, 0.01)
-    ort_check = quantize.check_int8_series(fp32, int8, volumes, labels, K, SIZE, CONTRAST, 0.01)
+    ort_check = _check(fp32, int8, volumes, labels)
     assert not ov_check.ok and ov_check.auc_int8 == pytest.approx(ort_check.auc_int8, abs=0.05)
     assert ov_check.max_abs_diff == pytest.approx(max(abs(reference[u] - ov[u]) for u in volumes))
 
