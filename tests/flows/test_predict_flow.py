@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 import mlflow
 from dicomops.cli import app
-from dicomops.config import ServeConfig
+from dicomops.config import PipelineConfig, ServeConfig
 from dicomops.deid import scan_for_phi
 from dicomops.deid.keys import KeyedMapper
 from dicomops.serving import predict as served_path
@@ -127,6 +127,30 @@ def test_an_int8_file_whose_series_check_failed_is_refused_before_anything_is_sc
         assert predict(src=env.work.parent / "src", work=tmp_path / "fp32", config=CONFIG)["series_scored"] == 20
     finally:
         client.set_model_version_tag(TINY.model_name, version.version, tag, passed)
+
+
+def test_openvino_serves_a_file_only_onnx_runtime_failed_on(env: ExportedChampion, tmp_path: Path) -> None:
+    """Each INT8 engine is judged on its own series scores: with ONNX Runtime's verdict failed and
+    OpenVINO's (as the fixture's export gave it) passed, the real registry's champion is scored on
+    ov-int8 and refused on ort-int8."""
+    from dicomops.export.quantize import OV_SERIES_CHECK_TAG, SERIES_CHECK_TAG
+
+    client = mlflow.tracking.MlflowClient(env.uri)
+    version = client.get_model_version_by_alias(TINY.model_name, "champion")
+    passed = version.tags[SERIES_CHECK_TAG]
+    assert version.tags[OV_SERIES_CHECK_TAG].startswith("passed: ")
+    client.set_model_version_tag(TINY.model_name, version.version, SERIES_CHECK_TAG,
+                                 "failed: series AUC 0.9910 -> 0.8416 over 30 series, scores moved by up to 0.631")
+    try:
+        def on(engine: str) -> PipelineConfig:
+            return CONFIG.model_copy(update={"serve": CONFIG.serve.model_copy(update={"engine": engine})})
+
+        assert predict(src=env.work.parent / "src", work=tmp_path / "ov", config=on("ov-int8"))["series_scored"] == 20
+        with pytest.raises(ValueError, match=r"ort-int8 would serve the INT8 file"):
+            predict(src=env.work.parent / "src", work=tmp_path / "ort", config=on("ort-int8"))
+        assert not list((tmp_path / "ort").rglob("*.csv"))
+    finally:
+        client.set_model_version_tag(TINY.model_name, version.version, SERIES_CHECK_TAG, passed)
 
 
 def test_a_folder_the_gate_refuses_is_an_answer(env: ExportedChampion, tmp_path: Path) -> None:
