@@ -279,6 +279,12 @@ class TrainConfig(_Section):
         "takes its time from the two threads of the step (fold 0 of the demo, an epoch 7.1-7.7 s in the "
         "training process against 9.8-9.9 s with one worker), and one per spare core, up to four, on CUDA, "
         "where they augment while the GPU computes."))
+    aux_mask_weight: float = Field(0.0, ge=0, description=(
+        "Weight of an auxiliary localisation loss (MONAI's DiceCELoss on a map of the slab's nodules from "
+        "the ResNet's layer3 and layer4 features, training.model.NoduleMapHead); the head is dropped after "
+        "training. 0: the slice label alone."))
+    aux_mask_target: Literal["nodules", "actionable"] = Field("nodules", description=(
+        "What the auxiliary map marks: every annotated nodule, or only those on slabs labelled positive."))
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: mixed precision on CUDA, bfloat16 autocast on CPUs with AMX/AVX-512 BF16, "
                             "else float32; the 3-D teacher (resnet3d-slim) stays float32 on CPU, where its "

@@ -147,12 +147,31 @@ class SlabAugmentation:
 
         The same operations in the same order, each over the whole batch: the per-slab minimum and
         range are the chain's, the noise comes from the same generator seeds in float32."""
+        return self._apply(slabs, self._draws(slabs, seeds))
+
+    def batch_with_masks(self, slabs: torch.Tensor, masks: torch.Tensor,
+                         seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`batch`, and the ``(B, S, S)`` nodule masks of the slabs' centre slices flipped with them
+        (the only spatial transform of the chain), for the auxiliary localisation target."""
+        if masks.shape[0] != len(slabs) or masks.shape[-2:] != slabs.shape[-2:]:
+            raise ValueError(f"expected one ({slabs.shape[-2]}, {slabs.shape[-1]}) mask per slab, got shape "
+                             f"{tuple(masks.shape)} for slabs of shape {tuple(slabs.shape)}")
+        draws = self._draws(slabs, seeds)
+        flipped = [i for i, d in enumerate(draws) if d.flip]
+        masks = masks.clone()
+        if flipped:
+            masks[flipped] = masks[flipped].flip(-2)
+        return self._apply(slabs, draws), masks
+
+    def _draws(self, slabs: torch.Tensor, seeds: Sequence[int]) -> list[SlabDraw]:
         if slabs.ndim != 4 or len(slabs) != len(seeds):
             raise ValueError(f"expected a batch of shape (B, k, S, S) and B seeds, got shape {tuple(slabs.shape)} "
                              f"and {len(seeds)} seeds")
         if any(not 0 <= s < 2**32 for s in seeds):
             raise ValueError(f"seeds must be in [0, 2**32), got {list(seeds)}")
-        draws = [self.draw(int(s)) for s in seeds]
+        return [self.draw(int(s)) for s in seeds]
+
+    def _apply(self, slabs: torch.Tensor, draws: list[SlabDraw]) -> torch.Tensor:
         x = slabs.to(torch.float32, copy=True)
         flipped = [i for i, d in enumerate(draws) if d.flip]
         if flipped:

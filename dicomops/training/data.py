@@ -45,6 +45,16 @@ def slabs_at(volume: np.ndarray, zs: np.ndarray, k: int, size: int) -> torch.Ten
     return _planes(volume[..., used], size)[torch.from_numpy(where.reshape(idx.shape))]
 
 
+def masks_at(mask: np.ndarray, zs: np.ndarray, size: int) -> torch.Tensor:
+    """The nodule masks (any nonzero value of an instance mask) of slices `zs` of a (X, Y, Z) mask, as a
+    (len(zs), size, size) bool tensor in the slabs' orientation (:func:`slabs_at`): a pixel is set where
+    the resize's window holds any nodule voxel, so a nodule smaller than a pixel still shows."""
+    planes = torch.from_numpy(mask[..., np.asarray(zs, dtype=np.int64)] > 0).permute(2, 0, 1).to(torch.float32)
+    if planes.shape[-1] != size or planes.shape[-2] != size:
+        planes = F.interpolate(planes[:, None], size=(size, size), mode="area")[:, 0]
+    return planes > 0
+
+
 def all_slabs(volume: np.ndarray, k: int, size: int) -> torch.Tensor:
     """Every slice of a (X, Y, Z) volume as a (Z, k, size, size) float tensor: the slab of each
     slice (:func:`slab`, edges repeated), resized (:func:`slabs_at`)."""
@@ -58,6 +68,7 @@ class SlabSet:
     y: torch.Tensor  # (N,) int64 slice labels
     series: list[str]
     z: np.ndarray
+    masks: torch.Tensor | None = None  # (N, S, S) bool nodule masks of the centre slices (build_slab_set(masks=True))
 
 
 # Each series' sampled slabs, resized, kept per process: the four folds and the final model of one
@@ -88,20 +99,37 @@ def _cached_slabs(pre_root: Path, path: Path, zs: tuple[int, ...], k: int, size:
     return _SLABS[key]
 
 
-def build_slab_set(layout: WorkLayout, series_ids: list[str], k: int, size: int) -> SlabSet:
-    """The sampled slabs of `series_ids`, extracted and resized once per process."""
+def _cached_masks(pre_root: Path, path: Path, zs: tuple[int, ...], size: int) -> torch.Tensor:
+    if [pre_root] != _SLABS_ROOT:
+        forget_slabs()
+        _SLABS_ROOT.append(pre_root)
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns, 0, size, zs)  # depth 0: the masks, not slabs
+    if key not in _SLABS:
+        with np.load(path) as npz:
+            _SLABS[key] = masks_at(npz["mask"], np.asarray(zs), size)
+    return _SLABS[key]
+
+
+def build_slab_set(layout: WorkLayout, series_ids: list[str], k: int, size: int, masks: bool = False) -> SlabSet:
+    """The sampled slabs of `series_ids`, extracted and resized once per process; with `masks`, the
+    nodule masks of their centre slices too (:func:`masks_at`)."""
     pre = layout.preprocessed
     index, slabs = pre.read_index(), pre.read_slabs()
     paths = index.set_index("SeriesInstanceUID").path
     chosen = slabs[slabs.SeriesInstanceUID.isin(set(series_ids))].sort_values(["SeriesInstanceUID", "z"])
-    xs, series, zs = [], [], []
+    xs, series, zs, ms = [], [], [], []
     for uid, group in chosen.groupby("SeriesInstanceUID", sort=True):
-        xs.append(_cached_slabs(pre.root.resolve(), pre.volume(paths[uid]), tuple(int(z) for z in group.z), k, size))
+        at = tuple(int(z) for z in group.z)
+        xs.append(_cached_slabs(pre.root.resolve(), pre.volume(paths[uid]), at, k, size))
+        if masks:
+            ms.append(_cached_masks(pre.root.resolve(), pre.volume(paths[uid]), at, size))
         series += [str(uid)] * len(group)
         zs.append(group.z.to_numpy())
     x = torch.cat(xs) if xs else torch.zeros((0, k, size, size), dtype=torch.float16)
+    mask_set = (torch.cat(ms) if ms else torch.zeros((0, size, size), dtype=torch.bool)) if masks else None
     return SlabSet(x, torch.as_tensor(chosen.slice_label.to_numpy(), dtype=torch.long), series,
-                   np.concatenate(zs) if zs else np.zeros(0, int))
+                   np.concatenate(zs) if zs else np.zeros(0, int), mask_set)
 
 
 class AugmentedSlabs(Dataset):
@@ -127,12 +155,19 @@ class AugmentedSlabs(Dataset):
             item += (torch.tensor(draw_seed()),)
         if self.teacher is not None:
             item += (self.teacher[i],)
+        if self.data.masks is not None:
+            item += (self.data.masks[i],)
         return item
 
     def collate(self, items: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
-        """A batch ``(x, y[, teacher])``: x float32 and augmented when training."""
+        """A batch ``(x, y[, teacher][, masks])``: x float32 and augmented when training, the masks
+        (when the set has them) flipped with their slabs."""
         x, y, *rest = (torch.stack(column) for column in zip(*items, strict=True))
-        if self.augment is not None:
-            seeds, *rest = rest
+        if self.augment is None:
+            return (x.float(), y, *rest)
+        seeds, *rest = rest
+        if self.data.masks is None:
             return (self.augment.batch(x, seeds.tolist()), y, *rest)
-        return (x.float(), y, *rest)
+        *rest, masks = rest
+        x, masks = self.augment.batch_with_masks(x, masks, seeds.tolist())
+        return (x, y, *rest, masks)

@@ -24,10 +24,12 @@ from dicomops.config import TrainConfig
 from dicomops.training.data import AugmentedSlabs, SlabSet
 from dicomops.training.model import (
     VOLUME_ARCHITECTURES,
+    NoduleMapHead,
     build_loss,
     build_model,
     channels_last,
     class_weights,
+    mask_target,
 )
 
 EpochLogger = Callable[[int, dict[str, float]], None]
@@ -218,6 +220,21 @@ def _diverged(what: str, epoch: int, precision: Precision) -> str:
             "train.precision: fp32 if it ran in bf16; nothing of this training was registered.")
 
 
+def _aux_head(model: torch.nn.Module, train: SlabSet, cfg: TrainConfig,
+              precision: Precision) -> tuple[NoduleMapHead | None, torch.nn.Module | None]:
+    """With ``cfg.aux_mask_weight``, the auxiliary localisation head on `model` and its loss (MONAI's
+    ``DiceCELoss`` on sigmoid outputs, Dice over the whole batch: most slabs show no nodule)."""
+    if cfg.aux_mask_weight <= 0:
+        return None, None
+    if train.masks is None:
+        raise ValueError("train.aux_mask_weight needs the slabs' nodule masks: build the training set with "
+                         "build_slab_set(..., masks=True)")
+    from monai.losses import DiceCELoss
+
+    head = NoduleMapHead(model).to(precision.device)
+    return head, DiceCELoss(sigmoid=True, batch=True)
+
+
 def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path, *, seed: int,
         epochs: int | None = None, log: EpochLogger | None = None,
         stop_after: int | None = None, teacher: torch.Tensor | None = None) -> FitResult:
@@ -247,11 +264,20 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update(cfg.ema_decay), use_buffers=True)
            if cfg.ema_decay > 0 else None)
+    # After the average's copy of the model, which must not carry the head's hooks.
+    head, aux_loss = _aux_head(model, train, cfg, precision)
+    if head is not None:
+        optimizer.add_param_group({"params": list(head.parameters())})
     start, best_auc, best_epoch, bad, history = 0, -1.0, 0, 0, []
     best_state = None
     state = load_checkpoint(checkpoint)
     if state is not None:
         model.load_state_dict(state["model"])  # type: ignore[arg-type]
+        if head is not None:
+            if "aux_head" not in state:
+                raise ValueError(f"{checkpoint} was written without train.aux_mask_weight; delete it to train afresh, "
+                                 "or resume with the settings it was written with")
+            head.load_state_dict(state["aux_head"])  # type: ignore[arg-type]
         optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
         scheduler.load_state_dict(state["scheduler"])  # type: ignore[arg-type]
         if ema is not None:
@@ -301,10 +327,12 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
     epoch = start
     for epoch in range(start + 1, start + 1 if stopped else total + 1):
         model.train()
+        if head is not None:
+            head.train()
         wait = step = 0.0
         seen, loss_sum = 0, 0.0
         tick = time.perf_counter()
-        for x, y, *soft in loader:
+        for x, y, *extra in loader:
             got = time.perf_counter()
             wait += got - tick
             x = precision.prepare(x)
@@ -312,11 +340,16 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
             optimizer.zero_grad(set_to_none=True)
             with precision.autocast():
                 logits = model(x)
+                nodule_map = head() if head is not None else None
             # The loss in float32 whatever the forward ran in.
             if distil is not None:
-                loss = distil(logits.float(), y, soft[0].to(precision.device))
+                loss = distil(logits.float(), y, extra[0].to(precision.device))
             else:
                 loss = criterion(logits.float(), y)
+            if nodule_map is not None and aux_loss is not None:
+                target = mask_target(extra[-1].to(precision.device), nodule_map.shape[-2:],
+                                     y if cfg.aux_mask_target == "actionable" else None)
+                loss = loss + cfg.aux_mask_weight * aux_loss(nodule_map.float(), target)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
@@ -359,11 +392,14 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "epoch": epoch, "best_auc": best_auc, "best_epoch": best_epoch, "bad": bad, "history": history,
             "best_model": best_state, "generators": generator_states(generator, precision.device),
-            "in_channels": int(train.x.shape[1]), **({"ema": ema.state_dict()} if ema is not None else {})})
+            "in_channels": int(train.x.shape[1]), **({"ema": ema.state_dict()} if ema is not None else {}),
+            **({"aux_head": head.state_dict()} if head is not None else {})})
         if val is not None and bad >= cfg.patience:
             break
         if stop_after is not None and epoch - resumed_from >= stop_after:
             raise InterruptedError(f"stopped after epoch {epoch} as asked")
+    if head is not None:
+        head.remove()
     if best_state is not None:
         model.load_state_dict(best_state)  # type: ignore[arg-type]
     model = model.cpu()

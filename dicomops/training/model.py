@@ -89,6 +89,57 @@ def build_model(cfg: TrainConfig, in_channels: int) -> torch.nn.Module:
     return DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=2)
 
 
+class NoduleMapHead(torch.nn.Module):
+    """An auxiliary localisation head for training a MONAI ``ResNet`` classifier: a 1×1 convolution over
+    its ``layer3`` features and its ``layer4`` features upsampled to them, giving a map of nodule
+    log-odds at ``layer3``'s resolution (12×12 for a 192 px slab at stem stride 2: cells of 16 pixels).
+
+    It reads the features through forward hooks, so the classifier itself is unchanged: the head is
+    trained beside it (:func:`dicomops.training.loop.fit` with ``train.aux_mask_weight``) and thrown
+    away, and what is saved, registered and exported is the plain network. The pixel-level target
+    tells the network where the nodule is on the slices that have one, which the slice label alone
+    does not (README, *Where it fails*)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        if not isinstance(model, ResNet):
+            raise ValueError(f"train.aux_mask_weight needs a MONAI ResNet (resnet-slim, resnet10), not "
+                             f"{type(model).__name__}: set it to 0 for this architecture")
+        width = [m.num_features for m in model.layer3.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1] + \
+            [m.num_features for m in model.layer4.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1]
+        self.conv = torch.nn.Conv2d(width, 1, kernel_size=1)
+        self._features: dict[str, torch.Tensor] = {}
+        self._hooks = [getattr(model, name).register_forward_hook(self._keep(name)) for name in ("layer3", "layer4")]
+
+    def _keep(self, name: str) -> Any:
+        def hook(module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
+            if module.training:  # a training step's; scoring and validation run in eval mode
+                self._features[name] = output
+        return hook
+
+    def forward(self) -> torch.Tensor:
+        """The (N, 1, h, w) map of the model's last forward pass."""
+        fine, coarse = self._features.pop("layer3"), self._features.pop("layer4")
+        coarse = torch.nn.functional.interpolate(coarse, size=fine.shape[-2:], mode="nearest")
+        return self.conv(torch.cat([fine, coarse], dim=1))
+
+    def remove(self) -> None:
+        """Detach the hooks from the classifier (before it is saved or scored)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._features.clear()
+
+
+def mask_target(masks: torch.Tensor, size: torch.Size, labels: torch.Tensor | None) -> torch.Tensor:
+    """The head's target: (N, 1, h, w), a cell set where any pixel of the (N, S, S) slab masks is; with
+    `labels`, only on the slabs labelled positive (an actionable nodule on the centre slice), so a
+    ground-glass or small nodule's cells are background."""
+    target = torch.nn.functional.adaptive_max_pool2d(masks[:, None].float(), size)
+    if labels is not None:
+        target = target * (labels == 1).float().view(-1, 1, 1, 1)
+    return target
+
+
 class FocalLoss(torch.nn.Module):
     """Class-weighted focal loss (gamma 2) on two-class logits."""
 

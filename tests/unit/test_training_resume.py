@@ -32,12 +32,15 @@ def _max_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
 
 # With a worker, its augmentation seeds must follow too; with a moving average of the weights, the
 # average (train.ema_decay) resumes as well; with batch norm's statistics recomputed before each
-# validation (train.precise_bn), the same subset of slabs gives them.
-@pytest.mark.parametrize(("workers", "ema_decay", "precise_bn"), [(0, 0.0, 0), (1, 0.0, 0), (0, 0.9, 0), (0, 0.0, 24)])
+# validation (train.precise_bn), the same subset of slabs gives them; with the auxiliary localisation
+# head (train.aux_mask_weight), the head and its optimiser state resume too.
+@pytest.mark.parametrize(("workers", "ema_decay", "precise_bn", "aux"),
+                         [(0, 0.0, 0, 0.0), (1, 0.0, 0, 0.0), (0, 0.9, 0, 0.0), (0, 0.0, 24, 0.0), (0, 0.0, 0, 1.0)])
 def test_a_training_interrupted_after_an_epoch_and_resumed_gives_the_uninterrupted_weights(
-        tmp_path: Path, workers: int, ema_decay: float, precise_bn: int) -> None:
-    cfg = CFG.model_copy(update={"num_workers": workers, "ema_decay": ema_decay, "precise_bn": precise_bn})
-    train, val = toy_slabs(64, 0), toy_slabs(32, 1)
+        tmp_path: Path, workers: int, ema_decay: float, precise_bn: int, aux: float) -> None:
+    cfg = CFG.model_copy(update={"num_workers": workers, "ema_decay": ema_decay, "precise_bn": precise_bn,
+                                 "aux_mask_weight": aux})
+    train, val = toy_slabs(64, 0, masks=aux > 0), toy_slabs(32, 1)
     whole = fit(train, val, cfg, tmp_path / "a.pt", seed=1)
     with pytest.raises(InterruptedError):
         fit(train, val, cfg, tmp_path / "b.pt", seed=1, stop_after=1)
