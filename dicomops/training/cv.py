@@ -184,7 +184,8 @@ def leave_one_vendor_out(layout: WorkLayout, cfg: TrainConfig, k: int, tracking_
                                                    {"held_out_vendor": str(vendor)})
             with mlflow_runs.closing(tracking_uri, run_id):
                 train_ids = list(series[series.vendor != vendor].SeriesInstanceUID)
-                result = fit(build_slab_set(layout, train_ids, k, cfg.input_size, masks=cfg.aux_mask_weight > 0), None, cfg, out / "checkpoint.pt",
+                data = build_slab_set(layout, train_ids, k, cfg.input_size, masks=cfg.aux_mask_weight > 0)
+                result = fit(data, None, cfg, out / "checkpoint.pt",
                              seed=cfg.seed + 2000, epochs=epochs, log=mlflow_runs.step_logger(
                                  tracking_uri, run_id, label=f"{cfg.architecture} without {vendor}", epochs=epochs))
                 preds = score_series(result.model, layout, held.reset_index(drop=True), k, cfg.input_size,
@@ -206,7 +207,8 @@ def leave_one_vendor_out(layout: WorkLayout, cfg: TrainConfig, k: int, tracking_
 def train_final(layout: WorkLayout, cfg: TrainConfig, k: int, tracking_uri: str) -> Path:
     """Train on every labelled series for the cross-validated number of epochs; save the weights."""
     summary = io.read_json(layout.train.summary)
-    data = build_slab_set(layout, list(layout.labelled_series().SeriesInstanceUID), k, cfg.input_size, masks=cfg.aux_mask_weight > 0)
+    data = build_slab_set(layout, list(layout.labelled_series().SeriesInstanceUID), k, cfg.input_size,
+                          masks=cfg.aux_mask_weight > 0)
     log = mlflow_runs.step_logger(tracking_uri, train_state.parent_run(layout), prefix="final.",
                                  label=f"final {cfg.architecture}", epochs=int(summary["final_epochs"]))
     result = fit(data, None, cfg, layout.train.final / "checkpoint.pt", seed=cfg.seed + 1000,

@@ -88,26 +88,19 @@ def forget_slabs() -> None:
     _SLABS_ROOT.clear()
 
 
-def _cached_slabs(pre_root: Path, path: Path, zs: tuple[int, ...], k: int, size: int) -> torch.Tensor:
+def _cached(pre_root: Path, path: Path, zs: tuple[int, ...], k: int, size: int) -> torch.Tensor:
+    """The slabs (depth `k`) or, for `k` 0, the nodule masks of slices `zs` of the volume at `path`."""
     if [pre_root] != _SLABS_ROOT:
         forget_slabs()
         _SLABS_ROOT.append(pre_root)
     stat = path.stat()
     key = (str(path), stat.st_size, stat.st_mtime_ns, k, size, zs)
     if key not in _SLABS:
-        _SLABS[key] = slabs_at(load_volume(path), np.asarray(zs), k, size).half()
-    return _SLABS[key]
-
-
-def _cached_masks(pre_root: Path, path: Path, zs: tuple[int, ...], size: int) -> torch.Tensor:
-    if [pre_root] != _SLABS_ROOT:
-        forget_slabs()
-        _SLABS_ROOT.append(pre_root)
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns, 0, size, zs)  # depth 0: the masks, not slabs
-    if key not in _SLABS:
-        with np.load(path) as npz:
-            _SLABS[key] = masks_at(npz["mask"], np.asarray(zs), size)
+        if k:
+            _SLABS[key] = slabs_at(load_volume(path), np.asarray(zs), k, size).half()
+        else:
+            with np.load(path) as npz:
+                _SLABS[key] = masks_at(npz["mask"], np.asarray(zs), size)
     return _SLABS[key]
 
 
@@ -121,9 +114,9 @@ def build_slab_set(layout: WorkLayout, series_ids: list[str], k: int, size: int,
     xs, series, zs, ms = [], [], [], []
     for uid, group in chosen.groupby("SeriesInstanceUID", sort=True):
         at = tuple(int(z) for z in group.z)
-        xs.append(_cached_slabs(pre.root.resolve(), pre.volume(paths[uid]), at, k, size))
+        xs.append(_cached(pre.root.resolve(), pre.volume(paths[uid]), at, k, size))
         if masks:
-            ms.append(_cached_masks(pre.root.resolve(), pre.volume(paths[uid]), at, size))
+            ms.append(_cached(pre.root.resolve(), pre.volume(paths[uid]), at, 0, size))
         series += [str(uid)] * len(group)
         zs.append(group.z.to_numpy())
     x = torch.cat(xs) if xs else torch.zeros((0, k, size, size), dtype=torch.float16)

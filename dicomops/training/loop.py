@@ -249,7 +249,9 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
     epoch's weights; without, trains ``epochs`` epochs. With ``cfg.precise_bn``, batch norm's
     statistics are recomputed before each epoch's validation (:func:`recompute_batch_norm`). With
     ``cfg.ema_decay`` above 0 the weights validated and returned are the moving average of every
-    step's weights (buffers included), not the last step's.
+    step's weights (buffers included), not the last step's. With ``cfg.aux_mask_weight`` above 0,
+    a :class:`NoduleMapHead` learns the centre slices' nodule maps (``train.masks``) beside the label,
+    its loss added at that weight; it is kept in the checkpoint and dropped from the returned model.
     `stop_after` ends the call after that many epochs of this call (a simulated interruption, for
     tests); the checkpoint then lets the next call continue.
     """

@@ -403,6 +403,28 @@ def test_student_distils_from_a_3d_teacher_fold_by_fold(train_work: Path, mlflow
     assert refused.exit_code == 2 and "no version 999 of distil-classifier" in refused.output
 
 
+def test_a_slab_sets_nodule_masks_are_its_centre_slices_and_a_training_runs_on_them(train_work: Path,
+                                                                                     tmp_path: Path) -> None:
+    from dicomops.training import data
+    from dicomops.training.loop import fit
+
+    layout = WorkLayout(_fresh(train_work, tmp_path))
+    ids = sorted(layout.labelled_series().SeriesInstanceUID)
+    data.forget_slabs()
+    slabs = data.build_slab_set(layout, ids, 3, 32, masks=True)
+    assert slabs.masks is not None and slabs.masks.shape == (len(slabs.y), 32, 32)
+    assert torch.equal(slabs.x, data.build_slab_set(layout, ids, 3, 32).x)  # the slabs as without masks
+    # Every positive slab shows its nodule; each mask is that of the cached volume's slice.
+    assert all(bool(slabs.masks[i].any()) for i in np.flatnonzero(slabs.y.numpy() == 1))
+    paths = layout.labelled_series().set_index("SeriesInstanceUID").path
+    uid = slabs.series[int(np.flatnonzero(slabs.y.numpy() == 1)[0])]
+    rows = np.flatnonzero(np.asarray(slabs.series) == uid)
+    with np.load(layout.preprocessed.volume(paths[uid])) as npz:
+        assert torch.equal(slabs.masks[rows], data.masks_at(npz["mask"], slabs.z[rows], 32))
+    result = fit(slabs, None, TINY.model_copy(update={"aux_mask_weight": 1.0}), tmp_path / "c.pt", seed=0)
+    assert np.isfinite(result.history[0]["train_loss"])
+
+
 def test_slab_sets_are_built_once_per_process_and_never_stale(train_work: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from dicomops.training import data
