@@ -282,7 +282,8 @@ class TrainConfig(_Section):
     aux_mask_weight: float = Field(0.0, ge=0, description=(
         "Weight of an auxiliary localisation loss (MONAI's DiceCELoss on a map of the slab's nodules from "
         "the ResNet's layer3 and layer4 features, training.model.NoduleMapHead); the head is dropped after "
-        "training. 0: the slice label alone."))
+        "training. 0: the slice label alone. On the demo's folds over four slab-sampling seeds, weight 1 "
+        "with the actionable target gave a mean CV AUC of 0.932 against 0.932 without (README), so 0."))
     aux_mask_target: Literal["nodules", "actionable"] = Field("nodules", description=(
         "What the auxiliary map marks: every annotated nodule, or only those on slabs labelled positive."))
     precision: Literal["auto", "fp32", "bf16"] = Field(
