@@ -29,7 +29,6 @@ from dicomops.training.model import (
     build_model,
     channels_last,
     class_weights,
-    mask_target,
 )
 
 EpochLogger = Callable[[int, dict[str, float]], None]
@@ -220,19 +219,14 @@ def _diverged(what: str, epoch: int, precision: Precision) -> str:
             "train.precision: fp32 if it ran in bf16; nothing of this training was registered.")
 
 
-def _aux_head(model: torch.nn.Module, train: SlabSet, cfg: TrainConfig,
-              precision: Precision) -> tuple[NoduleMapHead | None, torch.nn.Module | None]:
-    """With ``cfg.aux_mask_weight``, the auxiliary localisation head on `model` and its loss (MONAI's
-    ``DiceCELoss`` on sigmoid outputs, Dice over the whole batch: most slabs show no nodule)."""
+def _aux_head(model: torch.nn.Module, train: SlabSet, cfg: TrainConfig, precision: Precision) -> NoduleMapHead | None:
+    """With ``cfg.aux_mask_weight``, the auxiliary localisation head on `model`."""
     if cfg.aux_mask_weight <= 0:
-        return None, None
+        return None
     if train.masks is None:
         raise ValueError("train.aux_mask_weight needs the slabs' nodule masks: build the training set with "
                          "build_slab_set(..., masks=True)")
-    from monai.losses import DiceCELoss
-
-    head = NoduleMapHead(model).to(precision.device)
-    return head, DiceCELoss(sigmoid=True, batch=True)
+    return NoduleMapHead(model, actionable_only=cfg.aux_mask_target == "actionable").to(precision.device)
 
 
 def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path, *, seed: int,
@@ -267,7 +261,7 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
     ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update(cfg.ema_decay), use_buffers=True)
            if cfg.ema_decay > 0 else None)
     # After the average's copy of the model, which must not carry the head's hooks.
-    head, aux_loss = _aux_head(model, train, cfg, precision)
+    head = _aux_head(model, train, cfg, precision)
     if head is not None:
         optimizer.add_param_group({"params": list(head.parameters())})
     start, best_auc, best_epoch, bad, history = 0, -1.0, 0, 0, []
@@ -342,16 +336,13 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
             optimizer.zero_grad(set_to_none=True)
             with precision.autocast():
                 logits = model(x)
-                nodule_map = head() if head is not None else None
             # The loss in float32 whatever the forward ran in.
             if distil is not None:
                 loss = distil(logits.float(), y, extra[0].to(precision.device))
             else:
                 loss = criterion(logits.float(), y)
-            if nodule_map is not None and aux_loss is not None:
-                target = mask_target(extra[-1].to(precision.device), nodule_map.shape[-2:],
-                                     y if cfg.aux_mask_target == "actionable" else None)
-                loss = loss + cfg.aux_mask_weight * aux_loss(nodule_map.float(), target)
+            if head is not None:
+                loss = loss + cfg.aux_mask_weight * head.loss(extra[-1].to(precision.device), y)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.losses import DiceCELoss
 from monai.networks.nets import DenseNet121, ResNet, resnet10
 
 from dicomops.config import TrainConfig
@@ -98,9 +99,11 @@ class NoduleMapHead(torch.nn.Module):
     trained beside it (:func:`dicomops.training.loop.fit` with ``train.aux_mask_weight``) and thrown
     away, and what is saved, registered and exported is the plain network. The pixel-level target
     tells the network where the nodule is on the slices that have one, which the slice label alone
-    does not (README, *Where it fails*)."""
+    does not (README, *Where it fails*). Its loss (:meth:`loss`) is MONAI's ``DiceCELoss`` on sigmoid
+    outputs, Dice over the whole batch (most slabs show no nodule); with `actionable_only`, only the
+    slabs labelled positive are marked (:func:`mask_target`)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, actionable_only: bool = False) -> None:
         super().__init__()
         if not isinstance(model, ResNet):
             raise ValueError(f"train.aux_mask_weight needs a MONAI ResNet (resnet-slim, resnet10), not "
@@ -108,6 +111,8 @@ class NoduleMapHead(torch.nn.Module):
         width = [m.num_features for m in model.layer3.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1] + \
             [m.num_features for m in model.layer4.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1]
         self.conv = torch.nn.Conv2d(width, 1, kernel_size=1)
+        self.actionable_only = actionable_only
+        self.criterion = DiceCELoss(sigmoid=True, batch=True)
         self._features: dict[str, torch.Tensor] = {}
         self._hooks = [getattr(model, name).register_forward_hook(self._keep(name)) for name in ("layer3", "layer4")]
 
@@ -118,10 +123,19 @@ class NoduleMapHead(torch.nn.Module):
         return hook
 
     def forward(self) -> torch.Tensor:
-        """The (N, 1, h, w) map of the model's last forward pass."""
+        """The (N, 1, h, w) map of the model's last training-mode forward pass, in float32 whatever
+        precision that pass ran in (the 1x1 convolution over 12x12 cells costs next to nothing)."""
         fine, coarse = self._features.pop("layer3"), self._features.pop("layer4")
         coarse = torch.nn.functional.interpolate(coarse, size=fine.shape[-2:], mode="nearest")
-        return self.conv(torch.cat([fine, coarse], dim=1))
+        return self.conv(torch.cat([fine, coarse], dim=1).float())
+
+    def loss(self, masks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The head's loss for the model's last training-mode forward pass over slabs with nodule masks
+        `masks` (N, S, S) and slice labels `labels`."""
+        nodule_map = self()
+        target = mask_target(masks, nodule_map.shape[-2:], labels if self.actionable_only else None)
+        loss: torch.Tensor = self.criterion(nodule_map, target)
+        return loss
 
     def remove(self) -> None:
         """Detach the hooks from the classifier (before it is saved or scored)."""

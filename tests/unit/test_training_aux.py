@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from monai.losses import DiceCELoss
 
 from dicomops.config import TrainConfig
 from dicomops.training.augment import SlabAugmentation
@@ -62,6 +61,16 @@ def test_the_target_marks_every_nodule_or_only_those_of_positive_slabs() -> None
     assert every[:, 0].nonzero().tolist() == [[0, 0, 2], [1, 0, 2]]  # the 8-pixel cell (0, 2) of each
     actionable = mask_target(masks, torch.Size([4, 4]), torch.tensor([0, 1]))
     assert not actionable[0].any() and torch.equal(actionable[1], every[1])
+    # The head applies the rule it was built with: its loss on a negative slab's nodule differs.
+    model = build_model(TrainConfig(input_size=32), 3).train()
+    x = torch.rand(2, 3, 32, 32)
+    losses = []
+    for only in (False, True):
+        head = NoduleMapHead(model, actionable_only=only)
+        model(x)
+        losses.append(float(head.loss(masks, torch.tensor([0, 1]))))
+        head.remove()
+    assert losses[0] != losses[1]
 
 
 def test_the_head_learns_where_the_nodule_is_from_the_features_it_reads() -> None:
@@ -80,13 +89,12 @@ def test_the_head_learns_where_the_nodule_is_from_the_features_it_reads() -> Non
         return x, masks
 
     optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=3e-3)
-    loss_fn, g = DiceCELoss(sigmoid=True, batch=True), torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(1)
     model.train()
     for _ in range(60):
         x, masks = batch(32, g)
         model(x)
-        nodule_map = head()
-        loss = loss_fn(nodule_map, mask_target(masks, nodule_map.shape[-2:], None))
+        loss = head.loss(masks, torch.zeros(len(x), dtype=torch.long))  # every nodule: labels unread
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
