@@ -286,6 +286,9 @@ class TrainConfig(_Section):
         "with the actionable target gave a mean CV AUC of 0.932 against 0.932 without (README), so 0."))
     aux_mask_target: Literal["nodules", "actionable"] = Field("nodules", description=(
         "What the auxiliary map marks: every annotated nodule, or only those on slabs labelled positive."))
+    flip_axes: tuple[Literal[0, 1], ...] = Field((0,), max_length=2, description=(
+        "In-plane axes the training augmentation flips each slab along, each with probability 0.5 on its "
+        "own: 0 left-right, 1 front to back. (0,): left-right only."))
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: mixed precision on CUDA, bfloat16 autocast on CPUs with AMX/AVX-512 BF16, "
                             "else float32; the 3-D teacher (resnet3d-slim) stays float32 on CPU, where its "
@@ -313,6 +316,13 @@ class TrainConfig(_Section):
 
     # What a version logged before a field existed trained with, where today's default differs.
     _BEFORE_DEFAULTS: ClassVar[dict[str, object]] = {"stem_stride": 1, "series_rule": "top_k_mean"}
+
+    @field_validator("flip_axes")
+    @classmethod
+    def _distinct_flip_axes(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"flip_axes must name each axis once (0 left-right, 1 front to back), got {list(value)}")
+        return value
 
     @model_validator(mode="wrap")
     @classmethod

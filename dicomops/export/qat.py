@@ -30,6 +30,7 @@ import threading
 import time
 import types
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from dicomops import progress
 from dicomops.config import TrainConfig
 from dicomops.export import onnx_export, quantize
 from dicomops.export.contract import InputContract
+from dicomops.training.augment import FLIP_SPATIAL_AXIS
 from dicomops.training.data import AugmentedSlabs, SlabSet
 from dicomops.training.distill import distillation_loss
 from dicomops.training.model import class_weights
@@ -174,9 +176,10 @@ class Teacher:
 
 
 def finetune(model: torch.nn.Module, train: SlabSet, *, epochs: int, learning_rate: float, batch_size: int = 32,
-             seed: int = 0, teacher: Teacher | None = None,
-             fake_quantise: bool = True) -> tuple[torch.nn.Module, torch.fx.GraphModule]:
-    """Fine-tune `model` with fake quantisation on `train` (augmented, class-weighted cross-entropy;
+             seed: int = 0, teacher: Teacher | None = None, fake_quantise: bool = True,
+             flip_axes: Sequence[int] = (FLIP_SPATIAL_AXIS,)) -> tuple[torch.nn.Module, torch.fx.GraphModule]:
+    """Fine-tune `model` with fake quantisation on `train` (augmented as its training was, flipped
+    along `flip_axes` (``train.flip_axes``); class-weighted cross-entropy;
     with `teacher`, the distillation loss its training used,
     :func:`dicomops.training.distill.distillation_loss`).
 
@@ -205,7 +208,8 @@ def finetune(model: torch.nn.Module, train: SlabSet, *, epochs: int, learning_ra
     weight = class_weights(train.y)
     if teacher is not None and len(teacher.logits) != len(train.y):
         raise ValueError(f"{len(teacher.logits)} teacher outputs for {len(train.y)} training slabs")
-    dataset = AugmentedSlabs(train, train=True, teacher=None if teacher is None else teacher.logits)
+    dataset = AugmentedSlabs(train, train=True, teacher=None if teacher is None else teacher.logits,
+                             flip_axes=flip_axes)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=dataset.collate, shuffle=True,
                         generator=torch.Generator().manual_seed(seed),
                         drop_last=len(train.y) > batch_size)
@@ -297,13 +301,14 @@ def quantise_float_convolutions(src: Path, out: Path, calibration: np.ndarray) -
 
 def quantize_qat(model: torch.nn.Module, contract: InputContract, train: SlabSet, folder: Path, *, opset: int,
                  epochs: int, learning_rate: float, calibration: np.ndarray, seed: int = 0,
-                 teacher: Teacher | None = None) -> tuple[Path, Path]:
+                 teacher: Teacher | None = None, flip_axes: Sequence[int] = (FLIP_SPATIAL_AXIS,)) -> tuple[Path, Path]:
     """QAT on `train`; torchao's program exported as QDQ ONNX, and the same graph with the
     convolution outputs it leaves in float quantised at ranges over `calibration`
     (:func:`quantise_float_convolutions`), which ONNX Runtime runs integer end to end.
 
     Returns ``(int8 ONNX for ONNX Runtime, torchao's own QDQ export)``; both in `folder`."""
-    _, converted = finetune(model, train, epochs=epochs, learning_rate=learning_rate, seed=seed, teacher=teacher)
+    _, converted = finetune(model, train, epochs=epochs, learning_rate=learning_rate, seed=seed, teacher=teacher,
+                            flip_axes=flip_axes)
     return export_converted(converted, contract, folder, opset=opset, calibration=calibration)
 
 
@@ -422,7 +427,8 @@ def held_out(layout: Any, tracking_uri: str, run_id: str, contract: InputContrac
     rows: list[dict[str, Any]] = []
     for fold in range(folds.n_splits):
         model, raw = load_weights(tracking_uri, fold_run(tracking_uri, run_id, fold), model_from_config)
-        k, size, rule = int(raw["in_channels"]), int(raw["input_size"]), SeriesRule.of(TrainConfig.from_logged(raw))
+        logged = TrainConfig.from_logged(raw)
+        k, size, rule = int(raw["in_channels"]), int(raw["input_size"]), SeriesRule.of(logged)
         train = build_slab_set(layout, folds.train(fold), k, size)
         pick = np.sort(np.random.default_rng(fold).permutation(len(train.y))[:calibration_samples])
         calibration = train.x[pick].float().numpy()
@@ -430,12 +436,12 @@ def held_out(layout: Any, tracking_uri: str, run_id: str, contract: InputContrac
         where.mkdir(parents=True, exist_ok=True)
         fp32 = onnx_export.export_onnx(model, contract, where / "model.onnx", opset)
         engines = {"fp32": fp32, "int8-ptq": quantize.quantize_int8(fp32, where / "model.int8.onnx", calibration)}
-        teacher = teacher_of(layout, tracking_uri, run_id, TrainConfig.from_logged(raw), train, fold)
+        teacher = teacher_of(layout, tracking_uri, run_id, logged, train, fold)
         engines["int8-qat"] = quantize_qat(model, contract, train, where, opset=opset, epochs=epochs,
                                            learning_rate=learning_rate, calibration=calibration, seed=fold,
-                                           teacher=teacher)[0]
+                                           teacher=teacher, flip_axes=logged.flip_axes)[0]
         tuned, _ = finetune(model, train, epochs=epochs, learning_rate=learning_rate, seed=fold, teacher=teacher,
-                            fake_quantise=False)
+                            fake_quantise=False, flip_axes=logged.flip_axes)
         engines[FINETUNED] = onnx_export.export_onnx(tuned, contract, where / "model.finetuned.onnx", opset)
         for engine in ("int8-ptq", "int8-qat") if float_head else ():
             quantize.keep_in_float(engines[engine], engines[engine])

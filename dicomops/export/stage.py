@@ -264,7 +264,8 @@ def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportCo
         teacher = None if layout is None else qat.teacher_of(layout, tracking_uri, ref.run_id, train_cfg, calibration,
                                                              None)
         int8, _ = qat.quantize_qat(model, contract, calibration, folder, opset=cfg.opset, epochs=cfg.qat_epochs,
-                                   learning_rate=cfg.qat_learning_rate, calibration=calib_x, teacher=teacher)
+                                   learning_rate=cfg.qat_learning_rate, calibration=calib_x, teacher=teacher,
+                                   flip_axes=train_cfg.flip_axes)
         int8 = int8.replace(folder / "model.int8.onnx")
     else:
         int8 = quantize.quantize_int8(fp32, folder / "model.int8.onnx", calib_x)

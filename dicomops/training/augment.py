@@ -1,8 +1,8 @@
 """The training augmentation of 2.5D slabs: one chain of MONAI array ``Rand*`` transforms.
 
 A slab is a ``(k, S, S)`` float tensor in [0, 1], the k adjacent slices as channels. The chain
-flips it left-right with probability one half, clamps it to [0, 1], applies a random gamma and adds
-Gaussian noise, every time. It is the only augmentation of the project: preprocessing has none.
+flips it left-right with probability one half (and front to back, with ``flip_axes`` (0, 1)), clamps
+it to [0, 1], applies a random gamma and adds Gaussian noise, every time. It is the only augmentation of the project: preprocessing has none.
 
 MONAI's random transforms draw from their own numpy ``RandomState``, which nothing seeds. So that a
 run is reproducible and each epoch differs, :meth:`SlabAugmentation.__call__` takes a seed, which
@@ -39,6 +39,8 @@ from monai.transforms import (
 
 FLIP_PROB = 0.5
 FLIP_SPATIAL_AXIS = 0  # spatial axis 0 of a (k, S, S) slab is dim -2: left-right in RAS
+# Spatial axis 1 is dim -1: anterior-posterior. The in-plane axes a slab may be flipped along.
+IN_PLANE_AXES = (0, 1)
 GAMMA_RANGE = (0.85, 1.2)
 NOISE_STD = 0.02
 SEED_BOUND = 2**31  # seeds are drawn from [0, SEED_BOUND); numpy takes up to 2**32 - 1
@@ -73,14 +75,19 @@ class RandGaussianNoiseTorch(RandGaussianNoise):
         self.noise = noise.mul_(std).add_(self.mean if mean is None else mean)  # type: ignore[assignment]
 
 
-def build_augmentation() -> Compose:
-    """The chain, unseeded: flip, clamp to [0, 1], gamma, noise; a plain float tensor comes out.
+def build_augmentation(flip_axes: Sequence[int] = (FLIP_SPATIAL_AXIS,)) -> Compose:
+    """The chain, unseeded: a flip along each of `flip_axes` (each drawn on its own), clamp to
+    [0, 1], gamma, noise; a plain float tensor comes out.
 
     Gamma is MONAI's: ``((x - min) / range) ** gamma * range + min`` over the whole slab, which
     keeps the slab's minimum and maximum in place.
     """
+    axes = tuple(flip_axes)
+    if len(set(axes)) != len(axes) or any(a not in IN_PLANE_AXES for a in axes):
+        raise ValueError(f"flip_axes must be distinct in-plane axes among {IN_PLANE_AXES} (0 left-right, "
+                         f"1 front to back), got {list(axes)}")
     return Compose([
-        RandFlip(prob=FLIP_PROB, spatial_axis=FLIP_SPATIAL_AXIS),
+        *(RandFlip(prob=FLIP_PROB, spatial_axis=axis) for axis in axes),
         Lambda(func=partial(torch.clamp, min=0.0, max=1.0)),
         RandAdjustContrast(prob=1.0, gamma=GAMMA_RANGE),
         RandGaussianNoiseTorch(prob=1.0, mean=0.0, std=NOISE_STD, sample_std=False),
@@ -90,10 +97,10 @@ def build_augmentation() -> Compose:
 
 @dataclass(frozen=True)
 class SlabDraw:
-    """What the chain drew for one slab: a flip, a gamma (None: no contrast change), noise as
-    (spread, generator seed) or None."""
+    """What the chain drew for one slab: the spatial axes it flips along (none: no flip), a gamma
+    (None: no contrast change), noise as (spread, generator seed) or None."""
 
-    flip: bool
+    flips: tuple[int, ...]
     gamma: float | None
     noise: tuple[float, int] | None
 
@@ -106,8 +113,9 @@ class SlabAugmentation:
     is off during a call (process-wide, restored afterwards): slabs carry no affine.
     """
 
-    def __init__(self) -> None:
-        self.chain = build_augmentation()
+    def __init__(self, flip_axes: Sequence[int] = (FLIP_SPATIAL_AXIS,)) -> None:
+        self.flip_axes = tuple(flip_axes)
+        self.chain = build_augmentation(self.flip_axes)
         self.state = np.random.RandomState(0)
         for transform in self.chain.transforms:
             if isinstance(transform, Randomizable):
@@ -130,11 +138,12 @@ class SlabAugmentation:
 
     def draw(self, seed: int) -> SlabDraw:
         """The chain's draws for `seed`, in its order, by its own transforms."""
-        flip, _, contrast, noise, _ = self.chain.transforms
+        *flips, _, contrast, noise, _ = self.chain.transforms
         self.state.seed(seed)
-        flip.randomize(None)
+        for flip in flips:
+            flip.randomize(None)
         contrast.randomize()
-        return SlabDraw(flip=bool(flip._do_transform),
+        return SlabDraw(flips=tuple(a for a, f in zip(self.flip_axes, flips, strict=True) if f._do_transform),
                         gamma=float(contrast.gamma_value) if contrast._do_transform else None,
                         noise=noise.draw())
 
@@ -157,11 +166,16 @@ class SlabAugmentation:
             raise ValueError(f"expected one ({slabs.shape[-2]}, {slabs.shape[-1]}) mask per slab, got shape "
                              f"{tuple(masks.shape)} for slabs of shape {tuple(slabs.shape)}")
         draws = self._draws(slabs, seeds)
-        flipped = [i for i, d in enumerate(draws) if d.flip]
-        masks = masks.clone()
-        if flipped:
-            masks[flipped] = masks[flipped].flip(-2)
-        return self._apply(slabs, draws), masks
+        return self._apply(slabs, draws), self._flip(masks.clone(), draws)
+
+    def _flip(self, x: torch.Tensor, draws: list[SlabDraw]) -> torch.Tensor:
+        """Flip each of `x`'s items (slabs or masks, in place) along the axes its draw names:
+        spatial axis a is dimension a - 2."""
+        for axis in self.flip_axes:
+            flipped = [i for i, d in enumerate(draws) if axis in d.flips]
+            if flipped:
+                x[flipped] = x[flipped].flip(axis - 2)
+        return x
 
     def _draws(self, slabs: torch.Tensor, seeds: Sequence[int]) -> list[SlabDraw]:
         if slabs.ndim != 4 or len(slabs) != len(seeds):
@@ -172,10 +186,7 @@ class SlabAugmentation:
         return [self.draw(int(s)) for s in seeds]
 
     def _apply(self, slabs: torch.Tensor, draws: list[SlabDraw]) -> torch.Tensor:
-        x = slabs.to(torch.float32, copy=True)
-        flipped = [i for i, d in enumerate(draws) if d.flip]
-        if flipped:
-            x[flipped] = x[flipped].flip(-2)
+        x = self._flip(slabs.to(torch.float32, copy=True), draws)
         x.clamp_(0.0, 1.0)
         gamma = [i for i, d in enumerate(draws) if d.gamma is not None]
         if gamma:
@@ -188,7 +199,7 @@ class SlabAugmentation:
             part.sub_(low).div_(span + 1e-7).pow_(exponent).mul_(span).add_(low)
             if not every:
                 x[gamma] = part
-        noise_mean = float(self.chain.transforms[3].mean)
+        noise_mean = float(self.chain.transforms[-2].mean)
         noisy = [(i, d.noise) for i, d in enumerate(draws) if d.noise is not None]
         if noisy:
             noise = torch.empty((len(noisy), *x.shape[1:]), dtype=torch.float32)

@@ -7,6 +7,7 @@ disk or decompression. Evaluation scores every slice of a series.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from torch.utils.data import Dataset
 
 from dicomops.layout import WorkLayout
 from dicomops.preprocessing.slabs import slab_index
-from dicomops.training.augment import SlabAugmentation, draw_seed
+from dicomops.training.augment import FLIP_SPATIAL_AXIS, SlabAugmentation, draw_seed
 
 
 def load_volume(path: Path) -> np.ndarray:
@@ -133,9 +134,10 @@ class AugmentedSlabs(Dataset):
     when training, the seed its augmentation draws from; :meth:`collate` stacks a batch and augments
     it at once (:meth:`SlabAugmentation.batch`, the same slabs as augmenting each item alone)."""
 
-    def __init__(self, data: SlabSet, train: bool, teacher: torch.Tensor | None = None) -> None:
+    def __init__(self, data: SlabSet, train: bool, teacher: torch.Tensor | None = None,
+                 flip_axes: Sequence[int] = (FLIP_SPATIAL_AXIS,)) -> None:
         self.data, self.train, self.teacher = data, train, teacher
-        self.augment = SlabAugmentation() if train else None
+        self.augment = SlabAugmentation(flip_axes) if train else None
 
     def __len__(self) -> int:
         return len(self.data.y)

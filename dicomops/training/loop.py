@@ -311,7 +311,7 @@ def fit(train: SlabSet, val: SlabSet | None, cfg: TrainConfig, checkpoint: Path,
     # A fixed subset, drawn from its own generator: the global one's state is the checkpoint's.
     bn_slabs = (train.x[torch.randperm(len(train.y), generator=torch.Generator().manual_seed(seed))[:cfg.precise_bn]]
                 if cfg.precise_bn else None)
-    dataset = AugmentedSlabs(train, train=True, teacher=teacher)
+    dataset = AugmentedSlabs(train, train=True, teacher=teacher, flip_axes=cfg.flip_axes)
     workers = loader_workers(cfg, precision)
     # Not persistent: workers started each epoch take their seeds from `generator`, whose state the
     # checkpoint keeps; persistent ones would carry on from seeds a resumed run cannot restore.

@@ -40,6 +40,31 @@ def test_flip_is_left_right_on_dim_minus_2_half_the_time() -> None:
     assert 70 <= flipped <= 130  # p = 0.5: 200 draws land here with probability > 0.999
 
 
+def test_flips_front_to_back_too_each_axis_drawn_on_its_own() -> None:
+    """``flip_axes`` (0, 1): each slab is flipped left-right (dim -2) and front to back (dim -1)
+    independently, each half the time, and what comes out is the flip its draw names."""
+    aug, x = SlabAugmentation((0, 1)), _slab()
+    seen: dict[tuple[int, ...], int] = {}
+    for seed in range(200):
+        out, flips = aug(x, seed), aug.draw(seed).flips
+        dims = [axis - 2 for axis in flips]
+        expected = x.flip(dims) if dims else x
+        assert _corr(out, expected) > 0.95
+        assert all(abs(_corr(out, x.flip(d))) < 0.1 for d in ([-2], [-1], [-2, -1]) if d != dims)
+        seen[flips] = seen.get(flips, 0) + 1
+    assert set(seen) == {(), (0,), (1,), (0, 1)}
+    assert all(25 <= n <= 75 for n in seen.values())  # p = 0.25 each: 200 draws land here with p > 0.999
+
+
+def test_the_default_flips_left_right_only_and_bad_axes_are_refused() -> None:
+    assert {SlabAugmentation().draw(s).flips for s in range(50)} == {(), (0,)}
+    assert SlabAugmentation().flip_axes == (0,)
+    assert {SlabAugmentation(()).draw(s).flips for s in range(20)} == {()}
+    for axes in ((2,), (0, 0), (-1,)):
+        with pytest.raises(ValueError, match="flip_axes must be distinct in-plane axes"):
+            SlabAugmentation(axes)
+
+
 def test_gamma_in_range_every_time_and_noise_of_the_set_spread() -> None:
     aug, x = SlabAugmentation(), _slab(size=64)
     flip, _, gamma, _, _ = aug.chain.transforms
@@ -116,9 +141,18 @@ def test_a_batch_is_augmented_as_each_slab_alone_bit_for_bit() -> None:
     batch = aug.batch(x, seeds)
     alone = torch.stack([aug(slab.float(), seed) for slab, seed in zip(x, seeds, strict=True)])
     assert batch.dtype == torch.float32 and torch.equal(batch, alone)
-    assert 0 < sum(aug.draw(s).flip for s in seeds) < len(seeds)  # both branches are exercised
+    assert 0 < sum(bool(aug.draw(s).flips) for s in seeds) < len(seeds)  # both branches are exercised
     with pytest.raises(ValueError, match="seeds"):
         aug.batch(x, seeds[:-1])
+
+
+def test_a_batch_flipped_along_both_axes_is_each_slab_alone_bit_for_bit() -> None:
+    aug = SlabAugmentation((0, 1))
+    x = torch.from_numpy(np.random.default_rng(5).random((16, 3, 24, 24), dtype=np.float32)).half()
+    seeds = list(range(300, 316))
+    alone = torch.stack([aug(slab.float(), seed) for slab, seed in zip(x, seeds, strict=True)])
+    assert torch.equal(aug.batch(x, seeds), alone)
+    assert {aug.draw(s).flips for s in seeds} == {(), (0,), (1,), (0, 1)}  # every branch is exercised
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -153,6 +187,17 @@ def test_a_batch_where_some_slabs_keep_their_contrast_or_get_no_noise_is_still_e
     assert 0 < sum(d.gamma is None for d in draws) < 16 and 0 < sum(d.noise is None for d in draws) < 16
     alone = torch.stack([aug(slab.float(), seed) for slab, seed in zip(x, seeds, strict=True)])
     assert torch.equal(aug.batch(x, seeds), alone)
+
+
+def test_the_training_collate_flips_along_the_axes_it_was_given() -> None:
+    data = _slab_set()
+    dataset = AugmentedSlabs(data, train=True, flip_axes=(0, 1))
+    torch.manual_seed(9)
+    items = [dataset[i] for i in range(8)]
+    x, _ = dataset.collate(items)
+    aug = SlabAugmentation((0, 1))
+    assert torch.equal(x, torch.stack([aug(data.x[i].float(), int(item[2])) for i, item in enumerate(items)]))
+    assert not torch.equal(x, AugmentedSlabs(data, train=True).collate(items)[0])
 
 
 def test_the_training_collate_augments_each_item_with_its_own_seed() -> None:

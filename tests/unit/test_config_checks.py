@@ -146,3 +146,14 @@ def test_a_seed_numpy_cannot_take_is_refused_naming_the_setting(seed: int) -> No
     for section in (TrainConfig, SegmentConfig, PreprocessConfig):
         with pytest.raises(ValidationError, match="seed"):
             section(seed=seed)
+
+
+def test_flip_axes_from_yaml_are_the_in_plane_axes_and_others_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  flip_axes: [0, 1]\n")
+    assert PipelineConfig.from_yaml(path).train.flip_axes == (0, 1)
+    assert PipelineConfig().train.flip_axes == (0,)  # left-right only, as before the setting
+    for axes in ("[2]", "[0, 0]", "[0, 1, 0]"):
+        path.write_text(f"train:\n  flip_axes: {axes}\n")
+        with pytest.raises(pydantic.ValidationError, match="flip_axes"):
+            PipelineConfig.from_yaml(path)

@@ -327,12 +327,15 @@ def test_the_float_control_takes_the_qat_fine_tunes_steps_without_quantisation()
         return qat.finetune(model, data, epochs=1, learning_rate=3e-3, fake_quantise=fake_quantise)[0]
 
     control, again, quantised = tuned(False), tuned(False), tuned(True)
+    # Augmented as the version's training was: a version flipped front to back too is fine-tuned so.
+    both_axes = qat.finetune(model, data, epochs=1, learning_rate=3e-3, fake_quantise=False, flip_axes=(0, 1))[0]
     with torch.no_grad():
-        outputs = [net(x) for net in (model, control, again, quantised)]
+        outputs = [net(x) for net in (model, control, again, quantised, both_axes)]
     assert torch.equal(outputs[1], outputs[2])  # the same batches, augmentations and steps each time
     assert not torch.allclose(outputs[0], outputs[1], atol=1e-3)  # it learnt
     # QAT took the same steps through fake quantisation: other gradients, other weights.
     assert not torch.allclose(outputs[1], outputs[3], atol=1e-3)
+    assert not torch.allclose(outputs[1], outputs[4], atol=1e-5)  # other flips, other weights
 
 
 def test_qat_keeps_the_trained_networks_batch_norm_statistics() -> None:

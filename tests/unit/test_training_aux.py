@@ -21,8 +21,9 @@ CFG = TrainConfig(epochs=2, input_size=32, batch_size=16, patience=5, precision=
                   aux_mask_weight=1.0)
 
 
-def test_masks_flip_with_their_slabs_and_the_slabs_are_augmented_as_without_them() -> None:
-    aug = SlabAugmentation()
+@pytest.mark.parametrize("flip_axes", [(0,), (0, 1)])
+def test_masks_flip_with_their_slabs_and_the_slabs_are_augmented_as_without_them(flip_axes: tuple[int, ...]) -> None:
+    aug = SlabAugmentation(flip_axes)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(24, 3, 16, 16, generator=g)
     masks = torch.zeros(24, 16, 16, dtype=torch.bool)
@@ -30,10 +31,10 @@ def test_masks_flip_with_their_slabs_and_the_slabs_are_augmented_as_without_them
     seeds = list(range(100, 124))
     out, moved = aug.batch_with_masks(x, masks, seeds)
     assert torch.equal(out, aug.batch(x, seeds))
-    flips = [aug.draw(s).flip for s in seeds]
-    assert 0 < sum(flips) < len(flips)
-    for i, flipped in enumerate(flips):
-        assert torch.equal(moved[i], masks[i].flip(-2) if flipped else masks[i])
+    flips = [aug.draw(s).flips for s in seeds]
+    assert {axis for f in flips for axis in f} == set(flip_axes) and () in flips
+    for i, axes in enumerate(flips):
+        assert torch.equal(moved[i], masks[i].flip([a - 2 for a in axes]) if axes else masks[i])
     assert masks[:, 2:5, 9:11].all()  # the caller's masks are left as they were
     with pytest.raises(ValueError, match=r"one \(16, 16\) mask per slab"):
         aug.batch_with_masks(x, masks[:3], seeds)
