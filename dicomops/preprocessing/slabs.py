@@ -13,6 +13,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+# slabs.parquet's columns; ``repeat`` (since 2026-12-07): how many times training takes the slab.
+SLAB_COLUMNS = ["SeriesInstanceUID", "z", "slice_label", "series_label", "repeat"]
+
 
 def slice_labels(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     """1 for slices (last axis) whose mask (binary or instance ids) has at least `min_voxels` voxels."""
@@ -55,10 +58,21 @@ def slab(volume: np.ndarray, z: int, k: int) -> np.ndarray:
     return np.moveaxis(volume[..., slab_index(np.array([z]), k, volume.shape[-1])[0]], -1, 0)
 
 
+def slices_showing(mask: np.ndarray, ids: list[int], labels: np.ndarray, min_voxels: int) -> np.ndarray:
+    """The positive slices (``labels == 1``) on which one of the nodules `ids` of an instance mask
+    covers at least `min_voxels` voxels."""
+    shows = slice_labels(np.isin(mask, ids), min_voxels) if ids else np.zeros(len(labels), np.int8)
+    return np.flatnonzero((shows == 1) & (labels == 1))
+
+
 def sample_slabs(index: pd.DataFrame, labels_by_series: dict[str, np.ndarray], negative_ratio: float,
-                 seed: int, hard_by_series: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
+                 seed: int, hard_by_series: dict[str, np.ndarray] | None = None,
+                 repeat_by_series: dict[str, np.ndarray] | None = None, repeat: int = 1) -> pd.DataFrame:
     """The (series, z, slice_label, series_label) table that training draws from. `hard_by_series`:
-    negative slices each series contributes whatever the draw (the random ones come from the rest)."""
+    negative slices each series contributes whatever the draw (the random ones come from the rest).
+    `repeat_by_series`: positive slices each series marks with ``repeat`` = `repeat` (every other
+    row has 1): how many times training takes the slab (``build_slab_set(..., repeats=True)``, each
+    copy augmented on its own); the negatives drawn are as many as without them."""
     rng = np.random.default_rng(seed)
     rows = []
     positives_total = sum(int(v.sum()) for v in labels_by_series.values())
@@ -73,7 +87,9 @@ def sample_slabs(index: pd.DataFrame, labels_by_series: dict[str, np.ndarray], n
         n_neg = round(negative_ratio * len(pos)) if len(pos) else per_negative_series
         n_neg = min(max(n_neg, 1), len(neg))
         chosen_neg = rng.choice(neg, size=n_neg, replace=False) if n_neg else np.array([], int)
+        again = set(np.intersect1d((repeat_by_series or {}).get(row.SeriesInstanceUID, np.array([], int)), pos).tolist())
         for z in sorted(pos.tolist() + hard.tolist() + chosen_neg.tolist()):
             rows.append({"SeriesInstanceUID": row.SeriesInstanceUID, "z": int(z),
-                         "slice_label": int(lab[z]), "series_label": int(row.label)})
-    return pd.DataFrame(rows, columns=["SeriesInstanceUID", "z", "slice_label", "series_label"])
+                         "slice_label": int(lab[z]), "series_label": int(row.label),
+                         "repeat": repeat if z in again else 1})
+    return pd.DataFrame(rows, columns=SLAB_COLUMNS)

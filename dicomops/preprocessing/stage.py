@@ -26,7 +26,13 @@ from dicomops.dicom.parallel import map_isolated
 from dicomops.errors import PreprocessingFailedError, local_outage
 from dicomops.layout import PreprocessedPaths, WorkLayout
 from dicomops.preprocessing.features import HEADER_FEATURES
-from dicomops.preprocessing.slabs import central_slice_labels, sample_slabs, slice_labels
+from dicomops.preprocessing.slabs import (
+    SLAB_COLUMNS,
+    central_slice_labels,
+    sample_slabs,
+    slice_labels,
+    slices_showing,
+)
 from dicomops.synthetic.sidecars import (
     IPP_Z_ARRAY,
     LABELS_CSV,
@@ -333,10 +339,28 @@ def _write_tables(pre: PreprocessedPaths, cfg: PreprocessConfig, plan: list[tupl
     io.write_parquet(pre.index, index)
     io.write_parquet(pre.features, pd.DataFrame(feature_rows))
     labelled = index[index.label >= 0] if len(index) else index
-    slabs = sample_slabs(labelled, label_arrays, cfg.negative_ratio, cfg.seed, hard) if len(labelled) else \
-        pd.DataFrame(columns=["SeriesInstanceUID", "z", "slice_label", "series_label"])
+    wall = wall_positive_slices(pre, labelled, label_arrays, cfg) if cfg.wall_positive_repeat > 1 else {}
+    slabs = sample_slabs(labelled, label_arrays, cfg.negative_ratio, cfg.seed, hard, wall,
+                         cfg.wall_positive_repeat) if len(labelled) else \
+        pd.DataFrame(columns=SLAB_COLUMNS)
     io.write_parquet(pre.slabs, slabs)
     return withheld
+
+
+def wall_positive_slices(pre: PreprocessedPaths, labelled: pd.DataFrame, label_arrays: Mapping[str, np.ndarray],
+                         cfg: PreprocessConfig) -> dict[str, np.ndarray]:
+    """Each positive series' positive slices through a nodule that touches the chest wall, mediastinum
+    or diaphragm (:func:`dicomops.segmentation.data.wall_nodules`, read off the cached volume and
+    mask): the slices ``wall_positive_repeat`` samples more than once."""
+    from dicomops.segmentation.data import wall_nodules
+
+    out = {}
+    for row in labelled[labelled.label == 1].itertuples():
+        with np.load(pre.volume(row.path)) as npz:
+            image, mask = npz["image"], npz["mask"]
+        out[row.SeriesInstanceUID] = slices_showing(mask, wall_nodules(image, mask), label_arrays[row.SeriesInstanceUID],
+                                                    cfg.min_positive_voxels)
+    return out
 
 
 def corpus_content_hash(work: Path) -> str:

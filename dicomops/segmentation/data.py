@@ -39,6 +39,9 @@ BODY_STRIDE = 3  # other body centres on every 3rd: 34-41 % of the demo's backgr
 # rest of the body (mediastinum, diaphragm, liver dome in long series) is seen as often as it is scored
 BORDER_WIDTH = 2  # the lung border: voxels within 2 voxels (2 mm) of both lung and other body tissue
 BORDER_OPENING = 5  # structures thinner than 5 voxels (vessels, rims) are not a border
+# Soft tissue of the wall: 0.75 is about -225 HU, above ground glass and its ill-defined rim (-750 to
+# -300 HU), below fat (-100 HU) and muscle.
+WALL_LEVEL = 0.75
 
 
 @dataclass
@@ -154,6 +157,27 @@ def lung_border(image: np.ndarray, body: np.ndarray, width: int = BORDER_WIDTH) 
     near_tissue = _cube(_open(body & ~lung, BORDER_OPENING), size, grow=True)
     border[box] = body & near_lung & near_tissue
     return border
+
+
+def wall_nodules(image: np.ndarray, mask: np.ndarray, reach: int = BORDER_WIDTH) -> list[int]:
+    """The nodules of an instance mask (their ids) that touch the chest wall, mediastinum or
+    diaphragm: some voxel of theirs within `reach` voxels (a cube) of soft tissue (above
+    :data:`WALL_LEVEL`) that is no nodule, that tissue opened by :data:`BORDER_OPENING` first, as
+    :func:`lung_border`'s is, so that a vessel running into a nodule is no wall.
+
+    Each nodule is judged inside its own box grown by the filters' reach, the only place the answer
+    can come from."""
+    found = []
+    for value in np.unique(mask[mask > 0]):
+        box = mask_box(mask == value, BORDER_OPENING + reach + 1)
+        if box is None:
+            continue
+        part, ids = image[box], mask[box]
+        tissue = above(part, WALL_LEVEL) & (ids == 0)
+        wall = _cube(_open(tissue, BORDER_OPENING), 2 * reach + 1, grow=True)
+        if (wall & (ids == value)).any():
+            found.append(int(value))
+    return found
 
 
 def border_centres(others: np.ndarray, border: np.ndarray, share: float, seed: int) -> np.ndarray:

@@ -90,7 +90,8 @@ def run_fold(layout: WorkLayout, cfg: TrainConfig, k: int, fold: int, tracking_u
     with mlflow_runs.closing(tracking_uri, run_id):
         folds = layout.read_folds()
         series = layout.labelled_series().set_index("SeriesInstanceUID")
-        train = build_slab_set(layout, folds.train(fold), k, cfg.input_size, masks=cfg.aux_mask_weight > 0)
+        train = build_slab_set(layout, folds.train(fold), k, cfg.input_size, masks=cfg.aux_mask_weight > 0,
+                               repeats=True)
         val = build_slab_set(layout, folds.val(fold), k, cfg.input_size)
         mlflow_runs.log_results(tracking_uri, run_id, {}, [], tags={"precision": train_precision(cfg).name})
         result = fit(train, val, cfg, out / "checkpoint.pt", seed=cfg.seed + fold,
@@ -184,7 +185,8 @@ def leave_one_vendor_out(layout: WorkLayout, cfg: TrainConfig, k: int, tracking_
                                                    {"held_out_vendor": str(vendor)})
             with mlflow_runs.closing(tracking_uri, run_id):
                 train_ids = list(series[series.vendor != vendor].SeriesInstanceUID)
-                data = build_slab_set(layout, train_ids, k, cfg.input_size, masks=cfg.aux_mask_weight > 0)
+                data = build_slab_set(layout, train_ids, k, cfg.input_size, masks=cfg.aux_mask_weight > 0,
+                                      repeats=True)
                 result = fit(data, None, cfg, out / "checkpoint.pt",
                              seed=cfg.seed + 2000, epochs=epochs, log=mlflow_runs.step_logger(
                                  tracking_uri, run_id, label=f"{cfg.architecture} without {vendor}", epochs=epochs))
@@ -208,7 +210,7 @@ def train_final(layout: WorkLayout, cfg: TrainConfig, k: int, tracking_uri: str)
     """Train on every labelled series for the cross-validated number of epochs; save the weights."""
     summary = io.read_json(layout.train.summary)
     data = build_slab_set(layout, list(layout.labelled_series().SeriesInstanceUID), k, cfg.input_size,
-                          masks=cfg.aux_mask_weight > 0)
+                          masks=cfg.aux_mask_weight > 0, repeats=True)
     log = mlflow_runs.step_logger(tracking_uri, train_state.parent_run(layout), prefix="final.",
                                  label=f"final {cfg.architecture}", epochs=int(summary["final_epochs"]))
     result = fit(data, None, cfg, layout.train.final / "checkpoint.pt", seed=cfg.seed + 1000,

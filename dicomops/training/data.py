@@ -71,6 +71,12 @@ class SlabSet:
     z: np.ndarray
     masks: torch.Tensor | None = None  # (N, S, S) bool nodule masks of the centre slices (build_slab_set(masks=True))
 
+    def taken(self, rows: np.ndarray) -> SlabSet:
+        """The set of the slabs at `rows`, in that order (a row may come more than once)."""
+        at = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        return SlabSet(self.x[at], self.y[at], [self.series[i] for i in rows], self.z[rows],
+                       None if self.masks is None else self.masks[at])
+
 
 # Each series' sampled slabs, resized, kept per process: the four folds and the final model of one
 # cross-validation, the export's calibration and a student's teacher targets all read the same ones.
@@ -105,9 +111,12 @@ def _cached(pre_root: Path, path: Path, zs: tuple[int, ...], k: int, size: int) 
     return _SLABS[key]
 
 
-def build_slab_set(layout: WorkLayout, series_ids: list[str], k: int, size: int, masks: bool = False) -> SlabSet:
+def build_slab_set(layout: WorkLayout, series_ids: list[str], k: int, size: int, masks: bool = False,
+                   repeats: bool = False) -> SlabSet:
     """The sampled slabs of `series_ids`, extracted and resized once per process; with `masks`, the
-    nodule masks of their centre slices too (:func:`masks_at`)."""
+    nodule masks of their centre slices too (:func:`masks_at`). With `repeats` (a training set), a
+    slab the slab table marks with ``repeat`` n (``preprocess.wall_positive_repeat``) is in the set n
+    times, each copy then augmented on its own; a validation set takes each slab once."""
     pre = layout.preprocessed
     index, slabs = pre.read_index(), pre.read_slabs()
     paths = index.set_index("SeriesInstanceUID").path
@@ -122,8 +131,10 @@ def build_slab_set(layout: WorkLayout, series_ids: list[str], k: int, size: int,
         zs.append(group.z.to_numpy())
     x = torch.cat(xs) if xs else torch.zeros((0, k, size, size), dtype=torch.float16)
     mask_set = (torch.cat(ms) if ms else torch.zeros((0, size, size), dtype=torch.bool)) if masks else None
-    return SlabSet(x, torch.as_tensor(chosen.slice_label.to_numpy(), dtype=torch.long), series,
+    data = SlabSet(x, torch.as_tensor(chosen.slice_label.to_numpy(), dtype=torch.long), series,
                    np.concatenate(zs) if zs else np.zeros(0, int), mask_set)
+    times = chosen["repeat"].to_numpy() if repeats and "repeat" in chosen else None  # tables before 2026-12-07: once
+    return data if times is None or (times == 1).all() else data.taken(np.repeat(np.arange(len(times)), times))
 
 
 class AugmentedSlabs(Dataset):

@@ -125,7 +125,7 @@ def teacher_targets(layout: WorkLayout, tracking_uri: str, model_name: str, dist
         raise ValueError(f"version {version} of {name} has no weights for {what} (fold models are logged "
                          f"since issue 19; retrain the teacher): {err}") from err
     ids = list(dict.fromkeys(student.series))
-    own = build_slab_set(layout, ids, int(raw["in_channels"]), int(raw["input_size"]))
+    own = build_slab_set(layout, ids, int(raw["in_channels"]), int(raw["input_size"]), repeats=True)  # as the student's
     if own.series != student.series or not (own.z == student.z).all():
         raise RuntimeError("the teacher's slabs are not centred on the student's slices; the slab table changed")
     return logits(model, own.x)

@@ -18,7 +18,13 @@ from dicomops import ingest, io
 from dicomops.config import IngestConfig, PreprocessConfig
 from dicomops.preprocessing import stage
 from dicomops.preprocessing.features import image_features
-from dicomops.preprocessing.slabs import central_slice_labels, sample_slabs, slab, slice_labels
+from dicomops.preprocessing.slabs import (
+    central_slice_labels,
+    sample_slabs,
+    slab,
+    slice_labels,
+    slices_showing,
+)
 from dicomops.preprocessing.transforms import (
     FastSpacing,
     HUWindow,
@@ -263,6 +269,28 @@ def test_slabs_and_sampling() -> None:
         a, b = slabs[slabs.SeriesInstanceUID == "a"], slabs[slabs.SeriesInstanceUID == "b"]
         assert {3, 5} <= set(a.z) and len(a) == 5 and a.slice_label.sum() == 1
         assert {0, 1} <= set(b.z) and len(b) == 3 and not b.z.duplicated().any()
+
+
+def test_repeated_positives_are_marked_and_the_draw_is_unchanged() -> None:
+    labels = np.array([0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0], np.int8)
+    index = pd.DataFrame({"SeriesInstanceUID": ["a", "b"], "label": [1, 0]})
+    arrays = {"a": labels, "b": np.zeros(12, np.int8)}
+    plain = sample_slabs(index, arrays, 2.0, 3)
+    # Slice 0 is no positive and 7 is not in the table: neither is marked; slices 2 and 3 are.
+    marked = sample_slabs(index, arrays, 2.0, 3, repeat_by_series={"a": np.array([0, 2, 3, 7])}, repeat=4)
+    assert marked.drop(columns="repeat").equals(plain.drop(columns="repeat"))
+    assert set(plain.repeat) == {1}
+    a = marked[marked.SeriesInstanceUID == "a"]
+    assert dict(zip(a.z, a.repeat, strict=True)) == {z: 4 if z in (2, 3) else 1 for z in a.z}
+    assert {1, 2, 3} <= set(a.z)  # every positive, as always
+    assert (marked[marked.SeriesInstanceUID == "b"].repeat == 1).all()
+    # slices_showing: the positive slices on which the named nodules show.
+    mask = np.zeros((4, 4, 12), np.uint8)
+    mask[:2, :2, 1:4] = 1
+    mask[2:, 2:, 3:5] = 2
+    assert slices_showing(mask, [1], labels, 3).tolist() == [1, 2, 3]
+    assert slices_showing(mask, [2], labels, 3).tolist() == [3]  # slice 4 shows it but is no positive
+    assert slices_showing(mask, [], labels, 3).tolist() == []
 
 
 def test_caps_of_an_actionable_nodule_are_left_out() -> None:

@@ -23,6 +23,7 @@ from dicomops.segmentation.data import (
     nodule_refs,
     rank_positions,
     read_volume,
+    wall_nodules,
     zoomed_patch,
 )
 from dicomops.segmentation.model import (
@@ -95,6 +96,27 @@ def test_the_lung_border_is_the_band_where_lung_meets_tissue() -> None:
     assert not band[15, 2, 15] and not band[15, 3, 15]  # nor along the rim
     assert (image[band] > BODY_LEVEL).all()
     assert (image[band] < LUNG_LEVEL).any() and (image[band] >= LUNG_LEVEL).any()
+
+
+def test_wall_nodules_are_those_touching_the_chest_wall_not_a_vessel_or_only_the_lung() -> None:
+    image = np.full((40, 40, 30), 0.1, np.float32)  # air outside the patient
+    image[2:38, 2:38, 2:28] = 0.9  # soft tissue (about 0 HU in the lung window)
+    image[8:32, 8:32, 6:24] = 0.3  # aerated lung inside it
+    mask = np.zeros(image.shape, np.uint8)
+    grid = np.indices(image.shape)
+
+    def ball(centre: tuple[int, int, int], radius: float, value: int, level: float) -> None:
+        inside = sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)) <= radius ** 2
+        image[inside], mask[inside] = level, value
+
+    ball((10, 20, 15), 3.0, 1, 0.9)  # juxta-pleural: it reaches into the wall at x < 8
+    ball((20, 14, 15), 2.0, 2, 0.9)  # in the lung, on a vessel one voxel across that runs to the wall
+    image[20, 16:32, 15] = 0.9
+    ball((20, 28, 18), 2.0, 3, 0.5)  # ground glass (about -600 HU), its edge 2 voxels from the wall at y = 32
+    ball((20, 20, 10), 2.0, 4, 0.9)  # solid, in the middle of the lung
+    assert wall_nodules(image, mask) == [1, 3]  # within 2 voxels of the wall
+    assert wall_nodules(image, mask, reach=1) == [1]  # the ground glass is 2 voxels off
+    assert wall_nodules(image, np.zeros_like(mask)) == []
 
 
 def test_the_lung_border_inside_the_body_box_is_the_whole_volumes() -> None:
