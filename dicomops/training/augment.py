@@ -1,8 +1,9 @@
 """The training augmentation of 2.5D slabs: one chain of MONAI array ``Rand*`` transforms.
 
 A slab is a ``(k, S, S)`` float tensor in [0, 1], the k adjacent slices as channels. The chain
-flips it left-right with probability one half (and front to back, with ``flip_axes`` (0, 1)), clamps
-it to [0, 1], applies a random gamma and adds Gaussian noise, every time. It is the only augmentation of the project: preprocessing has none.
+flips it left-right with probability one half (and front to back, with ``flip_axes`` (0, 1)),
+clamps it to [0, 1], applies a random gamma and adds Gaussian noise, every time. It is the only
+augmentation of the project: preprocessing has none.
 
 MONAI's random transforms draw from their own numpy ``RandomState``, which nothing seeds. So that a
 run is reproducible and each epoch differs, :meth:`SlabAugmentation.__call__` takes a seed, which
