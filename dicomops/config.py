@@ -295,7 +295,7 @@ class TrainConfig(_Section):
     flip_axes: tuple[Literal[0, 1], ...] = Field((0,), max_length=2, description=(
         "In-plane axes the training augmentation flips each slab along, each with probability 0.5 on its "
         "own: 0 left-right, 1 front to back. On the demo's folds over four slab-sampling seeds, (0, 1) gave a "
-        "mean CV AUC of 0.947 against 0.939 and philips 0.854 against 0.799, canon 0.948 against 0.990 "
+        "mean CV AUC of 0.946 against 0.939 and philips 0.854 against 0.799, canon 0.948 against 0.990 "
         "(README), not yet checked on a held-out corpus, so (0,): left-right only."))
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: mixed precision on CUDA, bfloat16 autocast on CPUs with AMX/AVX-512 BF16, "
