@@ -125,7 +125,16 @@ def teacher_targets(layout: WorkLayout, tracking_uri: str, model_name: str, dist
         raise ValueError(f"version {version} of {name} has no weights for {what} (fold models are logged "
                          f"since issue 19; retrain the teacher): {err}") from err
     ids = list(dict.fromkeys(student.series))
-    own = build_slab_set(layout, ids, int(raw["in_channels"]), int(raw["input_size"]), repeats=True)  # as the student's
-    if own.series != student.series or not (own.z == student.z).all():
+    own = build_slab_set(layout, ids, int(raw["in_channels"]), int(raw["input_size"]))  # each slab once
+    return logits(model, own.x)[torch.as_tensor(rows_for(student, own))]
+
+
+def rows_for(student: SlabSet, own: SlabSet) -> list[int]:
+    """For each slab of `student`, the row of `own` centred on the same slice of the same series.
+    The student's set may take a slab more than once (``build_slab_set(repeats=True)``); `own`, the
+    teacher's slabs of the same series, must hold exactly the student's slices."""
+    row_of = {(s, int(z)): i for i, (s, z) in enumerate(zip(own.series, own.z, strict=True))}
+    wanted = list(zip(student.series, (int(z) for z in student.z), strict=True))
+    if set(wanted) != set(row_of) or len(row_of) != len(own.series):
         raise RuntimeError("the teacher's slabs are not centred on the student's slices; the slab table changed")
-    return logits(model, own.x)
+    return [row_of[w] for w in wanted]

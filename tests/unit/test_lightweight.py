@@ -611,3 +611,17 @@ def test_paired_difference_resolves_a_real_loss_and_not_noise() -> None:
     assert table.loc["worse", "vs_fp32_high"] < 0  # a loss, resolved
     same = table.loc["same"]
     assert same.vs_fp32_low <= 0 <= same.vs_fp32_high and same.vs_fp32_high - same.vs_fp32_low < 0.02
+
+
+def test_a_teacher_scores_each_row_of_a_student_set_that_takes_some_slabs_more_than_once() -> None:
+    from dicomops.training.distill import rows_for
+
+    own = SlabSet(torch.zeros(4, 3, 2, 2).half(), torch.tensor([0, 1, 1, 0]), ["a", "a", "b", "b"],
+                  np.array([3, 5, 2, 9]))
+    student = own.taken(np.array([0, 1, 1, 1, 2, 3]))  # slab (a, 5) three times, as wall_positive_repeat 3 does
+    assert rows_for(student, own) == [0, 1, 1, 1, 2, 3]
+    assert rows_for(own, own) == [0, 1, 2, 3]
+    with pytest.raises(RuntimeError, match="slab table changed"):
+        rows_for(own.taken(np.array([0, 1, 2])), own)  # the teacher holds a slice the student does not
+    with pytest.raises(RuntimeError, match="slab table changed"):
+        rows_for(student, own.taken(np.array([0, 1, 2])))
