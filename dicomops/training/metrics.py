@@ -10,9 +10,16 @@ from sklearn.metrics import cohen_kappa_score, f1_score, roc_auc_score, roc_curv
 
 
 def youden_threshold(y: np.ndarray, score: np.ndarray) -> float:
-    """The operating point maximising sensitivity + specificity - 1 on (y, score)."""
+    """The operating point maximising sensitivity + specificity - 1 on (y, score).
+
+    Where no threshold does better than calling every case negative (a model that ranks no positive
+    above a negative), that is the point: scikit-learn names it +inf, which a DICOM SR's numeric item
+    and a JSON answer cannot carry, so it is the smallest float above the highest score instead. The
+    same cases are called positive (none), and the threshold can be written down (a one-epoch model
+    of the tests did this on a CPU without AVX-512, and every SR of its studies failed)."""
     fpr, tpr, thresholds = roc_curve(y, score)
-    return float(thresholds[int(np.argmax(tpr - fpr))])
+    best = float(thresholds[int(np.argmax(tpr - fpr))])
+    return best if np.isfinite(best) else float(np.nextafter(np.max(np.asarray(score, dtype=float)), np.inf))
 
 
 def binary_metrics(y: np.ndarray, score: np.ndarray, threshold: float) -> dict[str, float]:

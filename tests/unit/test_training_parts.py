@@ -118,6 +118,17 @@ def test_youden_threshold_maximises_sensitivity_plus_specificity() -> None:
     assert youden_threshold(y[::-1], score[::-1]) == 0.30  # the order of the rows does not matter
 
 
+@pytest.mark.parametrize("score", [[0.9, 0.8, 0.2, 0.1], [0.5, 0.5, 0.5, 0.5], [-0.2, -0.2, -0.7, -0.9]])
+def test_a_model_no_threshold_helps_gets_a_finite_threshold_that_calls_nothing_positive(score: list[float]) -> None:
+    """Every negative at or above every positive: scikit-learn's best point is +inf, which an SR's
+    numeric item and a JSON answer cannot carry; the threshold is just above the highest score."""
+    y, s = np.array([0, 0, 1, 1]), np.array(score)
+    threshold = youden_threshold(y, s)
+    assert np.isfinite(threshold) and threshold > s.max() and threshold == np.nextafter(s.max(), np.inf)
+    m = binary_metrics(y, s, threshold)
+    assert (m["sensitivity"], m["specificity"]) == (0.0, 1.0)  # what +inf called: nothing positive
+
+
 def test_per_vendor_and_fold_summary() -> None:
     frame = pd.DataFrame({"vendor": ["a", "a", "b", "b"], "label": [0, 1, 0, 1], "score": [0.2, 0.8, 0.6, 0.4]})
     table = per_vendor_metrics(frame, 0.5).set_index("vendor")
