@@ -152,7 +152,15 @@ def test_flip_axes_from_yaml_are_the_in_plane_axes_and_others_are_refused(tmp_pa
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  flip_axes: [0, 1]\n")
     assert PipelineConfig.from_yaml(path).train.flip_axes == (0, 1)
-    assert PipelineConfig().train.flip_axes == (0,)  # left-right only, as before the setting
+    assert PipelineConfig().train.flip_axes == (0, 1)  # since 2026-12-07 (README, *Where it fails*)
+    # A version logged before the setting trained with left-right flips only, and its QAT fine-tune
+    # (export.qat, from TrainConfig.from_logged) augments as it did.
+    from dicomops.config import TrainConfig
+
+    logged = TrainConfig().model_dump(mode="json")
+    del logged["flip_axes"]
+    assert TrainConfig.from_logged(logged).flip_axes == (0,)
+    assert TrainConfig.from_logged(TrainConfig().model_dump(mode="json")).flip_axes == (0, 1)
     for axes in ("[2]", "[0, 0]", "[0, 1, 0]"):
         path.write_text(f"train:\n  flip_axes: {axes}\n")
         with pytest.raises(pydantic.ValidationError, match="flip_axes"):
