@@ -296,8 +296,8 @@ class TrainConfig(_Section):
         "In-plane axes the training augmentation flips each slab along, each with probability 0.5 on its "
         "own: 0 left-right, 1 front to back. Against (0,), left-right only (the setting before 2026-12-07): "
         "on the demo's folds over four slab-sampling seeds a mean CV AUC of 0.946 against 0.939 (philips "
-        "0.854 against 0.799, canon 0.948 against 0.990); on the held-out seed 20261202, two sampling seeds, "
-        "0.917 and 0.927 against 0.892 and 0.903, no vendor lower (README)."))
+        "0.854 against 0.799, canon 0.948 against 0.990); on held-out corpora 0.917 and 0.927 (seed 20261202, "
+        "two sampling seeds) and 0.895 (20261205) against 0.892, 0.903 and 0.856, no vendor lower (README)."))
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: mixed precision on CUDA, bfloat16 autocast on CPUs with AMX/AVX-512 BF16, "
                             "else float32; the 3-D teacher (resnet3d-slim) stays float32 on CPU, where its "
