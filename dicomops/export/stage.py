@@ -230,7 +230,9 @@ def export_from_work(layout: WorkLayout, tracking_uri: str, ref: ModelRef, cfg: 
 def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportConfig, calibration: SlabSet,
                    validation: SlabSet, threads: int = 2, layout: WorkLayout | None = None) -> ExportReport:
     """Export, check and package `ref` into `folder`: INT8 ranges calibrated on `calibration`, parity
-    and the INT8 AUC checked on `validation`. Raise :class:`ExportCheckError` when a check fails.
+    and the INT8 AUC checked on `validation`. Raise :class:`ExportCheckError` when a check of a file
+    fails; an INT8 engine whose own check fails (a series check, OpenVINO's slab check) refuses the
+    version instead, and the export stands.
     With ``cfg.int8_held_out``, also FP32, PTQ and QAT INT8 of each fold's model, and QAT's float
     control, on its held-out series (:func:`dicomops.export.qat.held_out`; `layout` is the training's
     work directory)."""
@@ -297,8 +299,13 @@ def export_version(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportCo
     report.metrics[f"export.ort_int8.speedup_b{cfg.max_batch}"] = quantize.relative_throughput(
         fp32, int8, contract.input_shape, cfg.max_batch, threads)
 
-    report.openvino = _openvino(contract, cfg, fp32, int8, parity_x, (val_x, val_y), int8_check, threads,
-                                report) if cfg.openvino else "skipped (export.openvino is false)"
+    report.openvino = "skipped (export.openvino is false)"
+    if cfg.openvino:
+        report.openvino, slab_refusal = _openvino(contract, cfg, fp32, int8, parity_x, (val_x, val_y), int8_check,
+                                                  threads, report)
+        if slab_refusal is not None:  # either check withholds OpenVINO's INT8; its tag quotes both
+            series_verdicts[quantize.OV_SERIES_CHECK_TAG] = (
+                f"{slab_refusal} (series check: {series_verdicts.get(quantize.OV_SERIES_CHECK_TAG, 'not run')})")
 
     if cfg.int8_held_out:
         report.metrics.update(_held_out(folder, tracking_uri, ref, cfg, layout, bool(head.kept)))
@@ -395,14 +402,21 @@ def _held_out(folder: Path, tracking_uri: str, ref: ModelRef, cfg: ExportConfig,
 
 def _openvino(contract: InputContract, cfg: ExportConfig, fp32: Path, int8: Path, parity_x: np.ndarray,
               check: tuple[np.ndarray, np.ndarray], int8_check: quantize.Int8Check, threads: int,
-              report: ExportReport) -> str:
+              report: ExportReport) -> tuple[str, str | None]:
     """Compile the two exported files with OpenVINO, check them against ONNX Runtime as the export
     checked ONNX Runtime's (FP32: parity within ``parity_tolerance``; INT8: the validation AUC lost
-    against FP32 within ``int8_max_auc_drop``), time them, and say what ran; or say exactly why not."""
+    against FP32 within ``int8_max_auc_drop``), time them, and say what ran, or say exactly why not;
+    with OpenVINO's INT8 verdict where its check failed, else None.
+
+    A failed FP32 parity fails the export: the file or the runtime is wrong. A failed INT8 check
+    does not: the INT8 file already passed on ONNX Runtime (:func:`quantize.check_int8`), and what
+    lost accuracy is OpenVINO's arithmetic on this CPU (the demo's classifier of 2026-12-07 on an
+    AVX2-only Zen 3: 0.9633 on ONNX Runtime, 0.9487 on OpenVINO), so, as for its series check
+    (:func:`_series_check`), OpenVINO's INT8 refuses the version and the export stands."""
     reason = openvino_engine.availability()
     if reason is not None:
         log.warning("openvino: skipped (%s)", reason)
-        return f"skipped ({reason})"
+        return f"skipped ({reason})", None
     import openvino as ov
 
     val_x, val_y = check
@@ -416,10 +430,13 @@ def _openvino(contract: InputContract, cfg: ExportConfig, fp32: Path, int8: Path
     p8 = openvino_engine.run_batches(ov8, val_x)[:, 1]
     auc8 = float(roc_auc_score(val_y, p8))
     drop = int8_check.auc_fp32 - auc8
+    refusal = None
     if drop > cfg.int8_max_auc_drop:
-        raise ExportCheckError(f"OpenVINO INT8 loses {drop:.4f} validation AUC ({int8_check.auc_fp32:.4f} → "
-                               f"{auc8:.4f}), more than the allowed {cfg.int8_max_auc_drop} (ONNX Runtime's INT8 "
-                               f"{int8_check.auc_int8:.4f}); set export.openvino: false to export without it")
+        refusal = (f"failed: validation slab AUC {int8_check.auc_fp32:.4f} -> {auc8:.4f} on {len(val_y)} slabs, a drop "
+                   f"of {drop:.4f} over the allowed {cfg.int8_max_auc_drop} (ONNX Runtime's INT8 of the same file "
+                   f"{int8_check.auc_int8:.4f}); OpenVINO's INT8 refuses the version: serve it with ov-fp32, ort-fp32 "
+                   "or ort-int8, or export it with --int8 qat")
+        log.warning("openvino INT8 check %s", refusal)
     ort8 = onnx_export.run_onnx(onnx_export.session(int8, threads), val_x)[:, 1]
     integer = openvino_engine.layers(ov8.compiled)
     report.metrics.update({"export.ov_fp32.parity_max_abs_diff": parity.max_abs_diff,
@@ -443,7 +460,8 @@ def _openvino(contract: InputContract, cfg: ExportConfig, fp32: Path, int8: Path
     log.info("openvino: FP32 parity %.1e; INT8 validation AUC %.4f (drop %.4f); INT8 layers %s; INT8 %.2fx ONNX Runtime "
              "FP32 at batch %d", parity.max_abs_diff, auc8, drop, integer.describe(),
              report.metrics[f"export.ov_int8.speedup_vs_ort_fp32_b{cfg.max_batch}"], cfg.max_batch)
-    return f"built fp32, int8 (OpenVINO {ov.__version__.split('-')[0]}; INT8 layers: {integer.describe()})"
+    return (f"built fp32, int8 (OpenVINO {ov.__version__.split('-')[0]}; INT8 layers: {integer.describe()}"
+            f"{'; INT8 refused: it lost validation AUC' if refusal else ''})", refusal)
 
 
 def _tensorrt(folder: Path, ref: ModelRef, cfg: ExportConfig, fp32: Path, calibration: np.ndarray,
