@@ -434,8 +434,8 @@ def _openvino(contract: InputContract, cfg: ExportConfig, fp32: Path, int8: Path
     if drop > cfg.int8_max_auc_drop:
         refusal = (f"failed: validation slab AUC {int8_check.auc_fp32:.4f} -> {auc8:.4f} on {len(val_y)} slabs, a drop "
                    f"of {drop:.4f} over the allowed {cfg.int8_max_auc_drop} (ONNX Runtime's INT8 of the same file "
-                   f"{int8_check.auc_int8:.4f}); OpenVINO's INT8 refuses the version: serve it with ov-fp32, ort-fp32 "
-                   "or ort-int8, or export it with --int8 qat")
+                   f"{int8_check.auc_int8:.4f}); OpenVINO's INT8 refuses the version: serve it with ov-fp32 or ort-fp32 "
+                   "(or ort-int8 where its own check passed), or export it with --int8 qat")
         log.warning("openvino INT8 check %s", refusal)
     ort8 = onnx_export.run_onnx(onnx_export.session(int8, threads), val_x)[:, 1]
     integer = openvino_engine.layers(ov8.compiled)
