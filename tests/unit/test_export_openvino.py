@@ -123,9 +123,8 @@ def test_an_int8_that_loses_accuracy_in_openvino_is_refused_and_the_export_stand
     engine refuses the version (as for its series check) while FP32 and ONNX Runtime still serve it."""
     fp32, int8, broken = files
     x, y, check = _check_set(fp32)
-    report = stage.ExportReport("1", str(tmp_path))
-    text, refusal = stage._openvino(CONTRACT, ExportConfig(max_batch=8, preferred_batch_sizes=(8,)), fp32, broken, _slabs(16), (x, y), check, 2,
-                                    report)
+    report, cfg = stage.ExportReport("1", str(tmp_path)), ExportConfig(max_batch=8, preferred_batch_sizes=(8,))
+    text, refusal = stage._openvino(CONTRACT, cfg, fp32, broken, _slabs(16), (x, y), check, 2, report)
     assert text.startswith("built fp32, int8 (OpenVINO ") and text.endswith("; INT8 refused: it lost validation AUC)")
     m = report.metrics
     assert refusal is not None and refusal.startswith("failed: validation slab AUC 1.0000 -> ")
@@ -134,7 +133,7 @@ def test_an_int8_that_loses_accuracy_in_openvino_is_refused_and_the_export_stand
     tags = {quantize.SERIES_CHECK_TAG: "passed: series AUC 1.0000 -> 1.0000", quantize.OV_SERIES_CHECK_TAG: refusal}
     assert quantize.int8_refusal(tags, "ov-int8") == refusal and quantize.int8_refusal(tags, "ort-int8") is None
     # A good INT8 file passes with no verdict to add.
-    assert stage._openvino(CONTRACT, ExportConfig(max_batch=8, preferred_batch_sizes=(8,)), fp32, int8, _slabs(16), (x, y), check, 2,
+    assert stage._openvino(CONTRACT, cfg, fp32, int8, _slabs(16), (x, y), check, 2,
                            stage.ExportReport("1", str(tmp_path)))[1] is None
 
 
